@@ -1,0 +1,292 @@
+"""Rounding to a number format's grid, emulated with integer ops on float32 bits.
+
+One generic ExMy emulation serves every float format. It works on the IEEE bits
+of float32 with integer arithmetic only, so it does not depend on how a backend
+treats float32 subnormals (XLA on CPU flushes them), and it agrees bit for bit
+with ml_dtypes for every type ml_dtypes has (tests/core/test_cast.py checks every
+representable value, every midpoint, overflow, underflow, subnormals, +-0, NaN and
++-inf).
+
+Stochastic rounding adds uniform random bits below the kept precision before
+truncation, so E[round(x)] = x (Connolly et al. 2021, "Stochastic rounding and
+its probabilistic backward error analysis").
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from lowbit_jax.formats import FloatFormat, Format, IntFormat, LookupFormat
+from lowbit_jax.formats import get as get_format
+
+_U32 = jnp.uint32
+
+
+def _f32_bits(x: jax.Array) -> jax.Array:
+  return lax.bitcast_convert_type(x.astype(jnp.float32), _U32)
+
+
+def _bits_f32(b: jax.Array) -> jax.Array:
+  return lax.bitcast_convert_type(b.astype(_U32), jnp.float32)
+
+
+def _max_bits(fmt: FloatFormat) -> int:
+  return int(np.float32(fmt.max).view(np.uint32))
+
+
+def _float_round_bits(a: jax.Array, fmt: FloatFormat, noise: Optional[jax.Array]):
+  """Rounds float32 magnitudes (bits ``a``, finite) to the format's precision.
+
+  The exponent range is unbounded above (overflow is handled by the caller), the
+  format's subnormal spacing applies below. Returns float32 magnitude bits.
+  """
+  m_bits = fmt.man_bits
+  e32 = (a >> 23).astype(jnp.int32)
+  m32 = a & 0x7FFFFF
+  is_sub = e32 == 0
+  # float32 subnormals keep exponent -126 (ml_dtypes does the same): this only
+  # matters for formats whose normal range reaches below 2**-126 (e8m0).
+  e_true = jnp.where(is_sub, -126, e32 - 127)
+  sig = jnp.where(is_sub, m32, m32 | 0x800000)  # value = sig * 2**(e_true - 23)
+  emin = fmt.min_exponent
+  d = 23 - m_bits + jnp.maximum(0, emin - e_true)
+  d = jnp.minimum(d, 25).astype(_U32)
+  q = sig >> d
+  rem = sig & ((_U32(1) << d) - 1)
+  if noise is None:
+    half = (_U32(1) << d) >> 1
+    up = (rem > half) | ((rem == half) & (half > 0) & ((q & 1) == 1))
+  else:
+    up = rem > (noise & ((_U32(1) << d) - 1))
+  q = q + up.astype(_U32)
+  qe = e_true - 23 + d.astype(jnp.int32)  # exponent of q's last bit
+  n = 31 - lax.clz(q).astype(jnp.int32)  # q < 2**24, so n <= 23
+  big_e = qe + n
+  normal_bits = (((big_e + 127).astype(_U32) << 23)
+                 | ((q << jnp.clip(23 - n, 0, 31).astype(_U32)) & 0x7FFFFF))
+  sub_shift = jnp.clip(qe + 149, 0, 31).astype(_U32)
+  sub_bits = q << sub_shift
+  out = jnp.where(big_e >= -126, normal_bits, sub_bits)
+  return jnp.where(q == 0, _U32(0), out)
+
+
+def _cast_float(x: jax.Array, fmt: FloatFormat, saturate: bool,
+                noise: Optional[jax.Array]) -> jax.Array:
+  u = _f32_bits(x)
+  s = u & _U32(0x80000000)
+  a = u & 0x7FFFFFFF
+  is_nan = a > 0x7F800000
+  is_inf = a == 0x7F800000
+  r = _float_round_bits(jnp.where(is_nan | is_inf, _U32(0), a), fmt, noise)
+  max_b = _U32(_max_bits(fmt))
+  overflow = (r > max_b) | is_inf
+  nan_b = _U32(0x7FC00000)
+  inf_b = _U32(0x7F800000)
+  sp = fmt.special
+  if sp == "e8m0":
+    # Unsigned and no zero: ml_dtypes maps negatives, zero, inf and NaN to NaN,
+    # and positive values below 2**-127 to the smallest code.
+    min_b = _U32(int(np.float32(fmt.min_subnormal).view(np.uint32)))
+    r = jnp.maximum(r, min_b)
+    bad = (s != 0) | (a == 0) | is_nan
+    if saturate:
+      r = jnp.where(overflow, max_b, r)
+      bad = bad & ~(is_inf & (s == 0))
+    else:
+      bad = bad | overflow
+    return _bits_f32(jnp.where(bad, nan_b, r)).astype(x.dtype)
+  if saturate:
+    mag = jnp.where(overflow, max_b, r)
+    mag = jnp.where(is_nan, nan_b, mag)
+  elif sp == "ieee":
+    mag = jnp.where(overflow, inf_b, r)
+    mag = jnp.where(is_nan, nan_b, mag)
+  elif sp in ("fn", "fnuz"):
+    mag = jnp.where(overflow | is_nan, nan_b, r)
+  else:  # "none": saturates; having no NaN code, ml_dtypes turns NaN into a zero
+    # of the opposite sign (+NaN -> -0.0).
+    mag = jnp.where(overflow, max_b, r)
+    mag = jnp.where(is_nan, _U32(0), mag)
+    s = jnp.where(is_nan, s ^ _U32(0x80000000), s)
+  if sp == "fnuz":
+    s = jnp.where(mag == 0, _U32(0), s)  # no negative zero
+  out = s | mag  # NaN keeps the input's sign, as ml_dtypes' codes do
+  return _bits_f32(out).astype(x.dtype)
+
+
+def _cast_int(x: jax.Array, fmt: IntFormat, saturate: bool, noise, lo=None, hi=None):
+  del saturate  # integers have no inf/NaN codes: they always clamp.
+  scale = float(1 << fmt.frac_bits)
+  y = x.astype(jnp.float32) * scale
+  if noise is None:
+    y = jnp.round(y)  # half to even
+  else:
+    u = (noise >> 8).astype(jnp.float32) * (1.0 / (1 << 24))  # U[0, 1)
+    y = jnp.floor(y + u)
+  lo = fmt.qmin if lo is None else lo
+  hi = fmt.qmax if hi is None else hi
+  y = jnp.clip(y, lo, hi) / scale
+  return y.astype(x.dtype)
+
+
+def lookup_round_index(x: jax.Array, fmt: LookupFormat, noise=None) -> jax.Array:
+  """Index of the nearest table entry (ties to the even index), as int32."""
+  table = jnp.asarray(fmt.table, jnp.float32)
+  xf = x.astype(jnp.float32)
+  # Index of the largest entry <= x (clamped into [0, n-2] so hi exists).
+  lo_idx = jnp.clip(jnp.searchsorted(table, xf, side="right") - 1, 0, len(fmt.table) - 2)
+  lo = table[lo_idx]
+  hi = table[lo_idx + 1]
+  if noise is None:
+    dl = jnp.abs(xf - lo)
+    dh = jnp.abs(hi - xf)
+    pick_hi = (dh < dl) | ((dh == dl) & (lo_idx % 2 == 1))
+  else:
+    u = (noise >> 8).astype(jnp.float32) * (1.0 / (1 << 24))
+    frac = jnp.clip((xf - lo) / (hi - lo), 0.0, 1.0)
+    pick_hi = u < frac
+  idx = jnp.where(pick_hi, lo_idx + 1, lo_idx)
+  idx = jnp.where(xf <= table[0], 0, idx)
+  idx = jnp.where(xf >= table[-1], len(fmt.table) - 1, idx)
+  return idx.astype(jnp.int32)
+
+
+def _cast_lookup(x, fmt: LookupFormat, noise):
+  idx = lookup_round_index(x, fmt, noise)
+  y = jnp.asarray(fmt.table, jnp.float32)[idx]
+  return jnp.where(jnp.isnan(x), jnp.nan, y).astype(x.dtype)
+
+
+def random_bits(key: jax.Array, shape) -> jax.Array:
+  """uint32 random bits for stochastic rounding."""
+  return jax.random.bits(key, shape, jnp.uint32)
+
+
+def cast(x: jax.Array, fmt: str | Format, saturate: bool = False, *,
+         rounding: str = "nearest", key: Optional[jax.Array] = None) -> jax.Array:
+  """Rounds ``x`` to the nearest value of an element format (no scale).
+
+  The result has x's dtype; rounding is done in float32.
+
+  Args:
+    x: a float array.
+    fmt: an element format or its name (``"fp8_e4m3"``, ``"e3m3"``, ``"int4"``,
+      ``"nf4"``...). Block formats are not element formats: use ``quantize``.
+    saturate: without it, overflow does what ml_dtypes does (inf or NaN as the
+      type defines; formats with neither saturate). With it, finite overflow and
+      inf clamp to +-max and NaN stays NaN.
+    rounding: "nearest" (half to even) or "stochastic" (needs ``key``).
+    key: PRNG key for stochastic rounding.
+
+  Returns:
+    The rounded array, dtype of x.
+
+  Raises:
+    ValueError: a block format, an unknown rounding, or stochastic without a key.
+  """
+  fmt = get_format(fmt)
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"cast() rounds float arrays; got dtype {x.dtype}. Convert with "
+                    "x.astype(jnp.float32) first")
+  noise = _noise(x.shape, rounding, key)
+  if isinstance(fmt, FloatFormat):
+    return _cast_float(x, fmt, saturate, noise)
+  if isinstance(fmt, IntFormat):
+    return _cast_int(x, fmt, saturate, noise)
+  if isinstance(fmt, LookupFormat):
+    return _cast_lookup(x, fmt, noise)
+  raise ValueError(f"cast() takes an element format; {fmt.name!r} is a block format "
+                   f"(use lowbit_jax.quantize / fake_quant with it, or cast to its "
+                   f"element format {fmt.element.name!r})")
+
+
+def _noise(shape, rounding: str, key):
+  if rounding == "nearest":
+    if key is not None:
+      raise ValueError("a key was given but rounding='nearest'; pass "
+                       "rounding='stochastic' to use it")
+    return None
+  if rounding == "stochastic":
+    if key is None:
+      raise ValueError("stochastic rounding needs an explicit PRNG key: "
+                       "key=jax.random.key(0)")
+    return random_bits(key, shape)
+  raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+
+
+# ---------------------------------------------------------------------------
+# Codes: the integer bit patterns a format stores.
+
+
+def encode(y: jax.Array, fmt: Format) -> jax.Array:
+  """Codes (uint32) of values already on the format's grid (output of ``cast``).
+
+  Floats: the IEEE-style bit pattern (NaN gets the format's NaN code; formats
+  without NaN code it as ml_dtypes does). Ints: two's complement in ``bits``
+  bits. Lookup: the table index.
+  """
+  if isinstance(fmt, IntFormat):
+    c = jnp.round(y.astype(jnp.float32) * (1 << fmt.frac_bits)).astype(jnp.int32)
+    c = jnp.where(jnp.isnan(y), 0, c)
+    return (c.astype(_U32) & ((1 << fmt.bits) - 1))
+  if isinstance(fmt, LookupFormat):
+    return lookup_round_index(y, fmt).astype(_U32)
+  if not isinstance(fmt, FloatFormat):
+    raise ValueError(f"encode() takes an element format, got {fmt.name!r}")
+  x_, y_ = fmt.exp_bits, fmt.man_bits
+  u = _f32_bits(y)
+  s = (u >> 31)
+  a = u & 0x7FFFFFFF
+  e32 = (a >> 23).astype(jnp.int32)
+  m32 = a & 0x7FFFFF
+  n_sub = 31 - lax.clz(jnp.maximum(m32, _U32(1))).astype(jnp.int32)
+  e_true = jnp.where(e32 == 0, n_sub - 149, e32 - 127)  # the value's own binade
+  sig = jnp.where(e32 == 0, m32 << jnp.clip(23 - n_sub, 0, 31).astype(_U32),
+                  m32 | 0x800000)  # value = sig * 2**(e_true - 23)
+  emin = fmt.min_exponent
+  normal = e_true >= emin
+  fe = jnp.where(normal, e_true + fmt.bias, 0).astype(_U32)
+  shift_n = 23 - y_
+  fm_n = (sig & 0x7FFFFF) >> shift_n
+  sub_shift = jnp.clip((emin - y_) - (e_true - 23), 0, 31).astype(_U32)
+  fm_s = sig >> sub_shift
+  fm = jnp.where(normal, fm_n, fm_s)
+  is_nan = a > 0x7F800000
+  is_inf = a == 0x7F800000
+  if fmt.special == "e8m0":
+    code = jnp.where(is_nan | (s == 1) | (a == 0), _U32(0xFF), fe)
+    return code
+  code = (s << (x_ + y_)) | (fe << y_) | fm
+  code = jnp.where(a == 0, s << (x_ + y_), code)
+  all_e = (1 << x_) - 1
+  if fmt.special == "ieee":
+    code = jnp.where(is_inf, (s << (x_ + y_)) | (all_e << y_), code)
+    code = jnp.where(is_nan, (s << (x_ + y_)) | (all_e << y_) | (1 << (y_ - 1)), code)
+  elif fmt.special == "fn":
+    code = jnp.where(is_nan | is_inf, (s << (x_ + y_)) | ((1 << (x_ + y_)) - 1), code)
+  elif fmt.special == "fnuz":
+    code = jnp.where(a == 0, _U32(0), code)
+    code = jnp.where(is_nan | is_inf, _U32(1 << (x_ + y_)), code)
+  else:  # no NaN code: as ml_dtypes, +NaN codes -0 and -NaN codes +0
+    code = jnp.where(is_nan, (1 - s) << (x_ + y_), code)
+  return code
+
+
+def decode(codes: jax.Array, fmt: Format) -> jax.Array:
+  """float32 values of codes (inverse of ``encode``)."""
+  codes = codes.astype(jnp.int32)
+  if isinstance(fmt, IntFormat):
+    c = codes & ((1 << fmt.bits) - 1)
+    if fmt.signed:
+      c = jnp.where(c >= (1 << (fmt.bits - 1)), c - (1 << fmt.bits), c)
+    return c.astype(jnp.float32) / (1 << fmt.frac_bits)
+  if isinstance(fmt, LookupFormat):
+    return jnp.asarray(fmt.table, jnp.float32)[codes]
+  if isinstance(fmt, FloatFormat):
+    return jnp.asarray(fmt.decode_table())[codes]
+  raise ValueError(f"decode() takes an element format, got {fmt.name!r}")

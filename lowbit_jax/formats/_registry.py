@@ -1,0 +1,148 @@
+"""The format registry: every format by name, plus bare ``eXmY`` names on demand."""
+from __future__ import annotations
+
+import re
+import statistics
+import threading
+
+from lowbit_jax.formats._formats import (BlockFormat, FloatFormat, Format, IntFormat,
+                                         LookupFormat)
+
+_LOCK = threading.Lock()
+_REGISTRY: dict[str, Format] = {}
+_ALIASES: dict[str, str] = {}
+_BARE = re.compile(r"^e(\d)m(\d{1,2})$")
+
+
+def _nf4_table() -> tuple:
+  """QLoRA's NormalFloat-4 levels, built from normal quantiles.
+
+  Dettmers et al. 2023 (QLoRA), Appendix E: 8 positive quantiles and 7 negative
+  ones of N(0, 1), taken at evenly spaced probabilities from 0.5 to
+  ``offset = (1 - 1/(2*15) + 1 - 1/(2*16)) / 2``, an exact zero, all scaled so
+  the extremes are +-1.
+  """
+  offset = 0.5 * ((1 - 1 / 30) + (1 - 1 / 32))
+  nd = statistics.NormalDist()
+
+  def lin(a, b, n):
+    return [a + (b - a) * i / (n - 1) for i in range(n)]
+
+  pos = [nd.inv_cdf(p) for p in lin(offset, 0.5, 9)[:-1]]
+  neg = [-nd.inv_cdf(p) for p in lin(offset, 0.5, 8)[:-1]]
+  vals = sorted(pos + neg + [0.0])
+  top = max(abs(v) for v in vals)
+  return tuple(v / top for v in vals)
+
+
+def register(fmt: Format, name: str | None = None, *, overwrite: bool = False) -> Format:
+  """Registers a format so that ``get(name)`` and every spec can use it.
+
+  Args:
+    fmt: the format (IntFormat, FloatFormat, LookupFormat or BlockFormat).
+    name: the name to register under; defaults to ``fmt.name``.
+    overwrite: allow replacing an existing name.
+
+  Returns:
+    The format.
+
+  Raises:
+    ValueError: the name is taken (pass overwrite=True) or malformed.
+    TypeError: fmt is not a Format.
+  """
+  if not isinstance(fmt, Format):
+    raise TypeError(f"register() takes a Format, got {type(fmt).__name__}")
+  name = name or fmt.name
+  if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name or ""):
+    raise ValueError(f"format names use letters, digits, '_', '.', '-'; got {name!r}")
+  with _LOCK:
+    if not overwrite and (name in _REGISTRY or name in _ALIASES):
+      raise ValueError(f"format {name!r} is already registered; pass overwrite=True "
+                       "to replace it")
+    _REGISTRY[name] = fmt
+  return fmt
+
+
+def names() -> list[str]:
+  """All registered format names (bare ``eXmY`` names also work with ``get``)."""
+  return sorted(_REGISTRY)
+
+
+def get(name: str | Format) -> Format:
+  """Looks up a format by name (a Format passes through unchanged).
+
+  Bare ``eXmY`` names build a float format: names ml_dtypes has (e4m3, e5m2,
+  e3m4, e2m1, e2m3, e3m2, e8m0) mean the registered type; others follow the OCP
+  FP6/FP4 convention (bias 2**(X-1) - 1, subnormals, no inf or NaN, saturating).
+
+  Raises:
+    KeyError: unknown name (the message lists the known ones).
+  """
+  if isinstance(name, Format):
+    return name
+  if not isinstance(name, str):
+    raise TypeError(f"a format is named by a string, got {type(name).__name__}")
+  if name in _REGISTRY:
+    return _REGISTRY[name]
+  if name in _ALIASES:
+    return _REGISTRY[_ALIASES[name]]
+  m = _BARE.match(name)
+  if m:
+    x, y = int(m.group(1)), int(m.group(2))
+    try:
+      return FloatFormat(x, y, name=name)
+    except ValueError as e:
+      raise KeyError(f"bare float name {name!r} is not a valid format: {e}") from None
+  raise KeyError(f"unknown format {name!r}. Known: {', '.join(names())}. Bare eXmY "
+                 "names such as 'e3m3' are built on demand; register your own with "
+                 "lowbit_jax.formats.register(...)")
+
+
+def _alias(alias: str, target: str) -> None:
+  _ALIASES[alias] = target
+
+
+def _register_builtins() -> None:
+  for b in (8, 4, 3, 2):
+    register(IntFormat(b, signed=True))
+  for b in (8, 4):
+    register(IntFormat(b, signed=False))
+  register(LookupFormat((-1.0, 1.0), name="binary", scale_method="mean_abs"))
+  register(LookupFormat((-1.0, 0.0, 1.0), name="ternary", scale_method="twn"))
+  register(LookupFormat(_nf4_table(), name="nf4", default_block=64))
+
+  floats = {
+      "fp8_e4m3": FloatFormat(4, 3, 7, "fn", name="fp8_e4m3"),
+      "fp8_e5m2": FloatFormat(5, 2, 15, "ieee", name="fp8_e5m2"),
+      "fp8_e4m3fnuz": FloatFormat(4, 3, 8, "fnuz", name="fp8_e4m3fnuz"),
+      "fp8_e5m2fnuz": FloatFormat(5, 2, 16, "fnuz", name="fp8_e5m2fnuz"),
+      "fp8_e4m3b11fnuz": FloatFormat(4, 3, 11, "fnuz", name="fp8_e4m3b11fnuz"),
+      "fp8_e3m4": FloatFormat(3, 4, 3, "ieee", name="fp8_e3m4"),
+      "fp8_e4m3ieee": FloatFormat(4, 3, 7, "ieee", name="fp8_e4m3ieee"),
+      "fp6_e2m3": FloatFormat(2, 3, 1, "none", name="fp6_e2m3"),
+      "fp6_e3m2": FloatFormat(3, 2, 3, "none", name="fp6_e3m2"),
+      "fp4_e2m1": FloatFormat(2, 1, 1, "none", name="fp4_e2m1"),
+      "e8m0": FloatFormat(8, 0, 127, "e8m0", name="e8m0"),
+  }
+  for n, f in floats.items():
+    register(f, n)
+  for bare, full in (("e4m3", "fp8_e4m3"), ("e5m2", "fp8_e5m2"), ("e3m4", "fp8_e3m4"),
+                     ("e2m1", "fp4_e2m1"), ("e2m3", "fp6_e2m3"), ("e3m2", "fp6_e3m2")):
+    _alias(bare, full)
+  # ml_dtypes' own names.
+  for n, f in floats.items():
+    if f.ml_dtype is not None:
+      _alias(f.ml_dtype.__name__, n)
+
+  register(BlockFormat(floats["fp8_e4m3"], "e8m0", 32, name="mxfp8_e4m3"))
+  register(BlockFormat(floats["fp8_e5m2"], "e8m0", 32, name="mxfp8_e5m2"))
+  register(BlockFormat(floats["fp6_e2m3"], "e8m0", 32, name="mxfp6_e2m3"))
+  register(BlockFormat(floats["fp6_e3m2"], "e8m0", 32, name="mxfp6_e3m2"))
+  register(BlockFormat(floats["fp4_e2m1"], "e8m0", 32, name="mxfp4"))
+  register(BlockFormat(IntFormat(8, True, frac_bits=6, name="int8_fixed6"), "e8m0", 32,
+                       name="mxint8"))
+  register(BlockFormat(floats["fp4_e2m1"], "fp8_e4m3", 16, tensor_scale=True,
+                       name="nvfp4"))
+
+
+_register_builtins()
