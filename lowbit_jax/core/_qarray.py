@@ -1,0 +1,192 @@
+"""QArray: packed codes + scales + zero points, a pytree that works under jit.
+
+Storage (``QArray.codes``), along ``pack_axis`` (the spec's axis, else the last):
+
+* 8-bit formats: one code per byte, as ``int8`` (signed ints), ``uint8``
+  (unsigned ints, lookup formats, fp6 codes would not land here) or the
+  jax float8 dtype of the format (fp8 formats, so XLA and kernels read them
+  natively).
+* 1, 2 and 4-bit codes: 8, 4 and 2 codes per byte (``uint8``), element ``i`` of a
+  byte in bits ``[b*i, b*(i+1))``: the first element in the low bits.
+* 3-bit codes: 8 codes in 3 bytes; 6-bit codes (FP6): 4 codes in 3 bytes; the
+  same little-endian bit order across the 24-bit word.
+* 5 and 7-bit codes: one per byte; 9 to 16-bit codes: one ``uint16`` each.
+
+Scales have one entry per block (``[d0 / b0, d1 / b1, ...]``): float32, bfloat16,
+float16, ``float8_e4m3fn``, or E8M0 as ``uint8`` biased exponents (255 = NaN).
+Zero points (asymmetric) are ``uint8`` (``uint16`` above 8 bits) codes on the
+same grid as the elements.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lowbit_jax.core._spec import TENSOR, QuantSpec
+from lowbit_jax.formats import FloatFormat, Format, IntFormat
+
+_PACK = {1: (8, 1), 2: (4, 1), 3: (8, 3), 4: (2, 1), 6: (4, 3)}  # bits: (codes, bytes)
+
+
+def storage_bits(fmt: Format) -> int:
+  """Bits one element occupies in a QArray."""
+  b = fmt.bits
+  if b in _PACK or b == 8:
+    return b
+  return 8 if b < 8 else 16
+
+
+def pack_unit(bits: int) -> tuple[int, int]:
+  """(codes, bytes) of one packing unit for ``bits``-wide codes."""
+  if bits in _PACK:
+    return _PACK[bits]
+  return (1, 1) if bits <= 8 else (1, 2)
+
+
+def normalize_axis(axis, ndim: int):
+  """Non-negative axis (or tuple); 'tensor' and None pass through."""
+  if axis is None or axis == TENSOR:
+    return axis
+  axes = axis if isinstance(axis, tuple) else (axis,)
+  out = []
+  for a in axes:
+    if not -ndim <= a < ndim:
+      raise ValueError(f"axis {a} is out of range for a {ndim}-d array")
+    out.append(a % ndim)
+  return tuple(out) if isinstance(axis, tuple) else out[0]
+
+
+def block_shape(spec: QuantSpec, shape: tuple) -> tuple:
+  """Elements per scale along each dim (a dim's full length where it is shared)."""
+  ndim = len(shape)
+  if spec.tile is not None:
+    if ndim < 2:
+      raise ValueError(f"tile={spec.tile} needs at least 2 dims, got shape {shape}")
+    return (1,) * (ndim - 2) + spec.tile
+  ax = normalize_axis(spec.axis, ndim)
+  if ax is None or ax == TENSOR:
+    return tuple(shape)
+  if isinstance(ax, tuple):
+    return tuple(d if i in ax else 1 for i, d in enumerate(shape))
+  b = [1] * ndim
+  b[ax] = spec.group_size if spec.group_size is not None else shape[ax]
+  return tuple(b)
+
+
+def default_pack_axis(spec: QuantSpec, ndim: int) -> int:
+  ax = normalize_axis(spec.axis, ndim)
+  if isinstance(ax, int) and spec.tile is None:
+    return ax
+  return ndim - 1
+
+
+def code_dtype(fmt: Format, symmetric: bool = True):
+  """dtype of unpacked one-code-per-element storage (8-bit and wider formats)."""
+  del symmetric
+  if isinstance(fmt, FloatFormat) and fmt.bits == 8 and fmt.ml_dtype is not None:
+    return jnp.dtype(fmt.ml_dtype)
+  if isinstance(fmt, IntFormat) and fmt.bits == 8:
+    return jnp.int8 if fmt.signed else jnp.uint8
+  return jnp.uint8 if fmt.bits <= 8 else jnp.uint16
+
+
+def pack(codes: jax.Array, fmt: Format, axis: int) -> jax.Array:
+  """Packs uint32 codes (already padded to whole units along ``axis``)."""
+  bits = fmt.bits
+  n_codes, n_bytes = pack_unit(bits)
+  if n_codes == 1:
+    dt = code_dtype(fmt)
+    if bits == 8:
+      return jax.lax.bitcast_convert_type(codes.astype(jnp.uint8), dt)
+    return codes.astype(dt)
+  c = jnp.moveaxis(codes, axis, -1)
+  lead = c.shape[:-1]
+  c = c.reshape(lead + (c.shape[-1] // n_codes, n_codes))
+  shifts = jnp.arange(n_codes, dtype=jnp.uint32) * bits
+  word = jnp.sum(c << shifts, axis=-1, dtype=jnp.uint32)
+  byts = jnp.stack([(word >> (8 * j)) & 0xFF for j in range(n_bytes)], axis=-1)
+  out = byts.reshape(lead + (-1,)).astype(jnp.uint8)
+  return jnp.moveaxis(out, -1, axis)
+
+
+def unpack(packed: jax.Array, fmt: Format, axis: int) -> jax.Array:
+  """Inverse of ``pack``: uint32 codes."""
+  bits = fmt.bits
+  n_codes, n_bytes = pack_unit(bits)
+  if n_codes == 1:
+    if packed.dtype.itemsize == 1:
+      return jax.lax.bitcast_convert_type(packed, jnp.uint8).astype(jnp.uint32)
+    return packed.astype(jnp.uint32)
+  p = jnp.moveaxis(packed, axis, -1).astype(jnp.uint32)
+  lead = p.shape[:-1]
+  p = p.reshape(lead + (p.shape[-1] // n_bytes, n_bytes))
+  word = jnp.zeros(p.shape[:-1], jnp.uint32)
+  for j in range(n_bytes):
+    word = word | (p[..., j] << (8 * j))
+  shifts = jnp.arange(n_codes, dtype=jnp.uint32) * bits
+  c = (word[..., None] >> shifts) & ((1 << bits) - 1)
+  c = c.reshape(lead + (-1,))
+  return jnp.moveaxis(c, -1, axis)
+
+
+@dataclasses.dataclass(frozen=True)
+class QArray:
+  """A quantized array: packed codes, scales, zero points and the static spec.
+
+  Attributes:
+    codes: packed element codes (see the module docstring).
+    scale: one scale per block (its dtype is the spec's scale dtype; E8M0 as
+      uint8 exponents).
+    zero_point: asymmetric zero points (None when symmetric).
+    tensor_scale: float32 scalar above the block scales (NVFP4), else None.
+    spec: the QuantSpec (axis normalized to non-negative).
+    shape: logical shape (before padding).
+    dtype: name of the original dtype, which ``dequantize`` returns.
+    pack_axis: the axis codes are packed along.
+  """
+  codes: jax.Array
+  scale: jax.Array
+  zero_point: Optional[jax.Array]
+  tensor_scale: Optional[jax.Array]
+  spec: QuantSpec
+  shape: tuple
+  dtype: str
+  pack_axis: int
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  @property
+  def size(self) -> int:
+    return math.prod(self.shape)
+
+  @property
+  def nbytes(self) -> int:
+    """True storage size in bytes: codes + scales + zero points + tensor scale."""
+    leaves = [self.codes, self.scale, self.zero_point, self.tensor_scale]
+    return int(sum(np.dtype(l.dtype).itemsize * math.prod(l.shape)
+                   for l in leaves if l is not None))
+
+  @property
+  def bits_per_element(self) -> float:
+    return 8.0 * self.nbytes / self.size
+
+  def dequantize(self) -> jax.Array:
+    from lowbit_jax.core._quantize import dequantize  # pylint: disable=g-import-not-at-top
+    return dequantize(self)
+
+  def __repr__(self) -> str:
+    return (f"QArray(shape={self.shape}, dtype={self.dtype}, format="
+            f"{self.spec.format.name}, codes={self.codes.dtype}{list(self.codes.shape)}"
+            f", scale={self.scale.dtype}{list(self.scale.shape)})")
+
+
+jax.tree_util.register_dataclass(
+    QArray, data_fields=["codes", "scale", "zero_point", "tensor_scale"],
+    meta_fields=["spec", "shape", "dtype", "pack_axis"])

@@ -1,0 +1,427 @@
+"""quantize / dequantize / fake_quant: pure functions over QuantSpec and QArray.
+
+The scale rules:
+
+* integers, symmetric: ``scale = amax / qmax`` (qmax = 2**(b-1) - 1; 1 where
+  amax is 0); codes round half to even and clamp to [-qmax, qmax].
+* integers, asymmetric (Jacob et al. 2018): ``scale = (max - min) / (2**b - 1)``
+  over a range widened to include 0, ``zero_point = round(-min / scale)``.
+* floats and codebooks: ``scale = amax / element_max``.
+* E8M0 scales (OCP Microscaling Formats v1.0): ``2**(floor(log2 amax) - emax)``
+  (``floor``), ``2**ceil(log2(amax / element_max))`` (``ceil``) or the nearest
+  power of two (``nearest``). A block holding NaN or inf gets the NaN scale.
+* NVFP4 (two-level): per-tensor ``t = amax / (6 * 448)`` (1 when amax is 0),
+  block ``s = e4m3(clamp(block_amax / 6 / t, 2**-6, 448))``, elements
+  ``fp4(clamp(x * ((1 / t) / s), -6, 6))``, value ``element * (t * s)``.
+* binary (BWN, Rastegari et al. 2016): ``scale = mean |x|``; ternary (TWN, Li &
+  Liu 2016): threshold ``0.7 * mean |x|``, scale the mean |x| above it.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from lowbit_jax.core import _cast
+from lowbit_jax.core._qarray import (QArray, block_shape, code_dtype, default_pack_axis,
+                                     normalize_axis, pack, pack_unit, unpack)
+from lowbit_jax.core._spec import TENSOR, QuantSpec, as_spec
+from lowbit_jax.formats import BlockFormat, FloatFormat, IntFormat, LookupFormat
+from lowbit_jax.formats import get as get_format
+
+_E4M3 = get_format("fp8_e4m3")
+_E8M0_BIAS = 127
+
+
+# ---------------------------------------------------------------------------
+# Blocks
+
+
+def _to_blocks(x: jax.Array, bs: tuple) -> jax.Array:
+  """[d0, d1, ...] -> [d0/b0, b0, d1/b1, b1, ...]."""
+  new = []
+  for d, b in zip(x.shape, bs):
+    new += [d // b, b]
+  return x.reshape(new)
+
+
+def _red_axes(ndim: int) -> tuple:
+  return tuple(range(1, 2 * ndim, 2))
+
+
+def _expand(s: jax.Array, bs: tuple, shape: tuple) -> jax.Array:
+  """Per-block array [n0, n1, ...] broadcast back to ``shape``."""
+  if s.ndim == 0:
+    return s
+  if all(n == 1 or b == 1 for n, b in zip(s.shape, bs)):
+    # Pure broadcast (per-tensor / per-channel): no repeat needed.
+    return s if all(n == d or n == 1 for n, d in zip(s.shape, shape)) else \
+        jnp.broadcast_to(s, shape)
+  inter = []
+  for n in s.shape:
+    inter += [n, 1]
+  s = s.reshape(inter)
+  full = []
+  for n, b in zip(s.shape[::2], bs):
+    full += [n, b]
+  return jnp.broadcast_to(s, full).reshape(shape)
+
+
+def _local_block_shape(scale_shape: tuple, shape: tuple) -> tuple:
+  return tuple(d // n if n else d for d, n in zip(shape, scale_shape))
+
+
+# ---------------------------------------------------------------------------
+# Scales
+
+
+def _floor_log2(a: jax.Array) -> jax.Array:
+  """floor(log2(a)) for positive finite float32, exactly, from the bits."""
+  u = lax.bitcast_convert_type(a.astype(jnp.float32), jnp.uint32)
+  e = ((u >> 23) & 0xFF).astype(jnp.int32)
+  m = u & 0x7FFFFF
+  n_sub = 31 - lax.clz(jnp.maximum(m, jnp.uint32(1))).astype(jnp.int32)
+  return jnp.where(e == 0, n_sub - 149, e - 127)
+
+
+def _is_pow2(a: jax.Array) -> jax.Array:
+  u = lax.bitcast_convert_type(a.astype(jnp.float32), jnp.uint32)
+  return (u & 0x7FFFFF) == 0
+
+
+def _e8m0_exponent(amax: jax.Array, elem, rounding: str) -> jax.Array:
+  """The E8M0 scale exponent (int32, in [-127, 127]) for each block amax."""
+  if rounding == "floor":
+    e = _floor_log2(amax) - elem.emax
+  else:
+    r = amax / np.float32(elem.max)
+    fl = _floor_log2(r)
+    if rounding == "ceil":
+      e = fl + jnp.where(_is_pow2(r), 0, 1)
+    else:  # nearest power of two in log domain
+      mant = r / jnp.ldexp(jnp.float32(1), fl)
+      e = fl + jnp.where(mant >= np.float32(math.sqrt(2.0)), 1, 0)
+  e = jnp.where(amax > 0, e, -_E8M0_BIAS)
+  return jnp.clip(e, -_E8M0_BIAS, _E8M0_BIAS)
+
+
+def _pow2(e: jax.Array) -> jax.Array:
+  return jnp.ldexp(jnp.ones(e.shape, jnp.float32), e)
+
+
+def _store_float_scale(s: jax.Array, dtype: str):
+  """(stored, float32 value) of a scale in a float scale dtype."""
+  if dtype == "float32":
+    return s, s
+  if dtype in ("bfloat16", "float16"):
+    st = s.astype(dtype)
+    return st, st.astype(jnp.float32)
+  if dtype == "fp8_e4m3":
+    v = _cast.cast(jnp.clip(s, _E4M3.min_subnormal, _E4M3.max), _E4M3, saturate=True)
+    return v.astype(jnp.float8_e4m3fn), v
+  raise ValueError(f"no float scale dtype {dtype!r}")
+
+
+def _scale_value(stored: jax.Array, dtype: str) -> jax.Array:
+  if dtype == "e8m0":
+    code = stored.astype(jnp.int32)
+    return jnp.where(code == 255, jnp.float32(jnp.nan), _pow2(code - _E8M0_BIAS))
+  return stored.astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------------
+# The core: grid values + scales, shared by quantize and fake_quant
+
+
+def _prepare(x, spec: QuantSpec):
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"quantize() takes a float array, got dtype {x.dtype}")
+  if x.ndim == 0:
+    raise ValueError("quantize() needs at least a 1-d array; reshape the scalar "
+                     "with x.reshape(1)")
+  if isinstance(spec.format, BlockFormat) and spec.axis is None and spec.tile is None:
+    raise ValueError(f"{spec.format.name!r} is a block format: say which axis its "
+                     f"blocks of {spec.group_size} run along, e.g. axis=-1 (the "
+                     "matmul's reduction axis)")
+  ax = normalize_axis(spec.axis, x.ndim)
+  if ax is not None and ax != spec.axis:
+    spec = spec.replace(axis=ax)
+  bs = block_shape(spec, x.shape)
+  padded = tuple(-(-d // b) * b for d, b in zip(x.shape, bs))
+  pa = default_pack_axis(spec, x.ndim)
+  n_codes, _ = pack_unit(spec.storage_format.bits)
+  if padded[pa] % n_codes:
+    # Packing needs whole units along the pack axis: pad codes only.
+    pass
+  if padded != x.shape and not spec.pad:
+    bad = [(i, d, b) for i, (d, b) in enumerate(zip(x.shape, bs)) if d % b]
+    i, d, b = bad[0]
+    raise ValueError(f"axis {i} has length {d}, not a multiple of the block size {b}; "
+                     "pass pad=True to zero-pad it (the result keeps x's shape), or "
+                     f"choose a group size that divides {d}")
+  valid = None
+  if padded != x.shape:
+    widths = [(0, p - d) for d, p in zip(x.shape, padded)]
+    valid = jnp.pad(jnp.ones(x.shape, bool), widths)
+    x = jnp.pad(x, widths)
+  return x, spec, bs, valid, pa
+
+
+def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin):
+  """Elements on the format's grid (float32), scales and zero points.
+
+  Returns:
+    (q, scale_f32 per block, stored scale, zero_point per block or None,
+     tensor scale or None, clipped mask)
+  """
+  fmt = spec.element
+  xf = x.astype(jnp.float32)
+  xb = _to_blocks(xf, bs)
+  red = _red_axes(xf.ndim)
+  vb = None if valid is None else _to_blocks(valid, bs)
+  noise = None
+  if spec.rounding == "stochastic":
+    if key is None:
+      raise ValueError("this spec rounds stochastically: pass key=jax.random.key(...)")
+    noise = _cast.random_bits(key, xf.shape)
+  elif key is not None:
+    raise ValueError("a key was given but the spec rounds to nearest; use "
+                     "QuantSpec(..., rounding='stochastic') to use it")
+
+  if not spec.symmetric:
+    return _grid_asym(xf, xb, red, vb, spec, bs, noise, amax, amin)
+
+  method = fmt.scale_method if isinstance(fmt, LookupFormat) else "absmax"
+  absx = jnp.abs(xb)
+  if amax is not None:
+    a = jnp.broadcast_to(jnp.asarray(amax, jnp.float32),
+                         tuple(d // b for d, b in zip(xf.shape, bs)))
+  elif method == "absmax":
+    a = jnp.max(absx, axis=red)
+  else:
+    cnt = (jnp.sum(vb, axis=red) if vb is not None
+           else math.prod(bs))
+    mean_abs = jnp.sum(absx, axis=red) / cnt
+    if method == "mean_abs":
+      a = mean_abs
+    else:  # twn
+      thr = 0.7 * mean_abs
+      sel = absx > jnp.expand_dims(thr, red)
+      n_sel = jnp.sum(sel, axis=red)
+      a = jnp.sum(jnp.where(sel, absx, 0.0), axis=red) / jnp.maximum(n_sel, 1)
+  a = a * np.float32(spec.clip_ratio)
+  bad = ~jnp.isfinite(a)
+
+  tscale = None
+  if spec.tensor_scale:
+    emax_t = jnp.max(jnp.abs(xf)) if amax is None else jnp.max(a)
+    smax = _E4M3.max if spec.scale_dtype == "fp8_e4m3" else 1.0
+    t = emax_t / np.float32(fmt.max * smax)
+    t = jnp.where(emax_t > 0, t, 1.0).astype(jnp.float32)
+    tscale = t
+    if spec.scale_dtype == "fp8_e4m3":
+      s_raw = jnp.clip(a / np.float32(fmt.max) / t, _E4M3.min_normal, _E4M3.max)
+      s_stored, s_val = _store_float_scale(s_raw, "fp8_e4m3")
+    else:
+      s_stored, s_val = _store_float_scale(
+          jnp.where(a > 0, a / np.float32(fmt.max) / t, 1.0), spec.scale_dtype)
+    s_val = jnp.where(bad, jnp.nan, s_val)
+    mult = (1.0 / t) / s_val
+    y = xb * jnp.expand_dims(mult, red)
+    total = t * s_val
+  elif spec.scale_dtype == "e8m0":
+    e = _e8m0_exponent(a, fmt, spec.scale_rounding)
+    s_stored = jnp.where(bad, 255, e + _E8M0_BIAS).astype(jnp.uint8)
+    s_val = jnp.where(bad, jnp.nan, _pow2(e))
+    y = xb * jnp.expand_dims(jnp.where(bad, jnp.nan, _pow2(-e)), red)
+    total = s_val
+  else:
+    s = jnp.where(a > 0, a / np.float32(fmt.max), 1.0)
+    s_stored, s_val = _store_float_scale(s, spec.scale_dtype)
+    s_val = jnp.where(bad, jnp.nan, s_val)
+    y = xb / jnp.expand_dims(s_val, red)
+    total = s_val
+
+  y = y.reshape(xf.shape)
+  clipped = jnp.abs(y) > np.float32(fmt.max)
+  if isinstance(fmt, IntFormat):
+    lim = fmt.qmax  # restricted symmetric range
+    q = _cast._cast_int(y, fmt, True, noise, lo=-lim, hi=lim)
+  elif isinstance(fmt, LookupFormat) and fmt.scale_method == "twn":
+    thr = _expand(0.7 * (jnp.sum(jnp.abs(xb), axis=red) / (
+        jnp.sum(vb, axis=red) if vb is not None else math.prod(bs))), bs, xf.shape)
+    q = jnp.where(jnp.abs(xf) > thr, jnp.sign(xf), 0.0)
+    q = jnp.where(jnp.isnan(y), jnp.nan, q)
+  elif isinstance(fmt, LookupFormat):
+    q = _cast._cast_lookup(y, fmt, noise)
+  else:
+    q = _cast._cast_float(y, fmt, True, noise)
+  return q, total, s_stored, None, tscale, clipped
+
+
+def _grid_asym(xf, xb, red, vb, spec, bs, noise, amax, amin):
+  fmt = spec.storage_format
+  levels = float(fmt.qmax)
+  if amax is not None or amin is not None:
+    if amax is None or amin is None:
+      raise ValueError("asymmetric static ranges need both amin and amax")
+    shp = tuple(d // b for d, b in zip(xf.shape, bs))
+    hi = jnp.broadcast_to(jnp.asarray(amax, jnp.float32), shp)
+    lo = jnp.broadcast_to(jnp.asarray(amin, jnp.float32), shp)
+  else:
+    src_hi = xb if vb is None else jnp.where(vb, xb, -jnp.inf)
+    src_lo = xb if vb is None else jnp.where(vb, xb, jnp.inf)
+    hi = jnp.max(src_hi, axis=red)
+    lo = jnp.min(src_lo, axis=red)
+  hi = jnp.maximum(hi, 0.0) * np.float32(spec.clip_ratio)
+  lo = jnp.minimum(lo, 0.0) * np.float32(spec.clip_ratio)
+  rng = hi - lo
+  s = jnp.where(rng > 0, rng / np.float32(levels), 1.0)
+  s_stored, s_val = _store_float_scale(s, spec.scale_dtype)
+  bad = ~(jnp.isfinite(hi) & jnp.isfinite(lo))
+  s_val = jnp.where(bad, jnp.nan, s_val)
+  zp = jnp.clip(jnp.round(-lo / s_val), 0, levels)
+  zp = jnp.where(bad, 0.0, zp)
+  y = xb / jnp.expand_dims(s_val, red) + jnp.expand_dims(zp, red)
+  y = y.reshape(xf.shape)
+  clipped = (y < -0.5) | (y > levels + 0.5)
+  q = _cast._cast_int(y, fmt, True, noise, lo=0, hi=int(levels))
+  zp_dtype = jnp.uint8 if fmt.bits <= 8 else jnp.uint16
+  return q, s_val, s_stored, zp.astype(zp_dtype), None, clipped
+
+
+def _values(q, total, zp, bs, shape):
+  """Dequantized float32 values from grid elements and per-block scales."""
+  if zp is not None:
+    q = q - _expand(zp.astype(jnp.float32), bs, shape)
+  return q * _expand(total, bs, shape)
+
+
+# ---------------------------------------------------------------------------
+# Public API
+
+
+def quantize(x: jax.Array, spec=None, *, key: Optional[jax.Array] = None,
+             amax: Optional[jax.Array] = None, amin: Optional[jax.Array] = None,
+             **spec_kwargs) -> QArray:
+  """Quantizes ``x`` to a packed QArray.
+
+  Args:
+    x: float array.
+    spec: a QuantSpec, or a format name with QuantSpec keywords in
+      ``spec_kwargs`` (``quantize(x, "int4", axis=-1, group_size=128)``).
+    key: PRNG key, needed by stochastic rounding.
+    amax: a static range (from calibration) instead of the data's: a scalar or
+      one value per block (broadcastable to the scale shape).
+    amin: the static minimum, with amax, for asymmetric specs.
+
+  Returns:
+    QArray whose ``dequantize()`` equals ``fake_quant(x, spec)``.
+
+  Raises:
+    ValueError: the spec does not fit x (axis not a multiple of the block size
+      without pad=True, a block format without an axis, ...).
+  """
+  spec = as_spec(spec, **spec_kwargs)
+  shape, dtype = tuple(jnp.shape(x)), jnp.asarray(x).dtype
+  xp, spec, bs, valid, pa = _prepare(x, spec)
+  q, total, s_stored, zp, tscale, _ = _grid(xp, spec, bs, valid, key, amax, amin)
+  fmt = spec.storage_format
+  codes = _cast.encode(q, fmt)
+  n_codes, _ = pack_unit(fmt.bits)
+  extra = (-codes.shape[pa]) % n_codes
+  if extra:
+    widths = [(0, 0)] * codes.ndim
+    widths[pa] = (0, extra)
+    codes = jnp.pad(codes, widths)
+  packed = pack(codes, fmt, pa)
+  return QArray(codes=packed, scale=s_stored, zero_point=zp,
+                tensor_scale=tscale, spec=spec, shape=shape, dtype=str(dtype),
+                pack_axis=pa)
+
+
+def dequantize(q: QArray) -> jax.Array:
+  """The float array a QArray stands for (dtype and shape of the original)."""
+  if not isinstance(q, QArray):
+    raise TypeError(f"dequantize() takes a QArray, got {type(q).__name__}")
+  spec = q.spec
+  fmt = spec.storage_format
+  codes = unpack(q.codes, fmt, q.pack_axis)
+  vals = _cast.decode(codes, fmt)
+  # Drop code padding along the pack axis (to the scale grid's extent).
+  n_blocks = q.scale.shape
+  full = list(vals.shape)
+  if q.scale.ndim == vals.ndim:
+    bs_guess = block_shape(spec, q.shape)
+    target = [max(n * b, 1) if n > 1 else (q.shape[i] if i == q.pack_axis else full[i])
+              for i, (n, b) in enumerate(zip(n_blocks, bs_guess))]
+    target = [min(t, f) if i != q.pack_axis else
+              (n_blocks[i] * bs_guess[i] if n_blocks[i] > 1 else min(q.shape[i], f))
+              for i, (t, f) in enumerate(zip(target, full))]
+    vals = vals[tuple(slice(0, t) for t in target)]
+  shape = vals.shape
+  bs = _local_block_shape(q.scale.shape, shape)
+  total = _scale_value(q.scale, spec.scale_dtype)
+  if q.tensor_scale is not None:
+    total = q.tensor_scale * total
+  out = _values(vals, total, q.zero_point, bs, shape)
+  out = out[tuple(slice(0, min(d, s)) for d, s in zip(q.shape, shape))]
+  return out.astype(q.dtype)
+
+
+def _fake_quant_impl(x, spec, key, amax, amin):
+  shape, dtype = x.shape, x.dtype
+  xp, spec, bs, valid, _ = _prepare(x, spec)
+  q, total, _, zp, _, clipped = _grid(xp, spec, bs, valid, key, amax, amin)
+  out = _values(q, total, zp, bs, xp.shape)
+  sl = tuple(slice(0, d) for d in shape)
+  return out[sl].astype(dtype), clipped[sl]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _fake_quant(x, spec, key, amax, amin):
+  return _fake_quant_impl(x, spec, key, amax, amin)[0]
+
+
+def _fq_fwd(x, spec, key, amax, amin):
+  y, clipped = _fake_quant_impl(x, spec, key, amax, amin)
+  return y, (clipped, key, amax, amin)
+
+
+def _fq_bwd(spec, res, g):
+  clipped, key, amax, amin = res
+  del spec
+  gx = jnp.where(clipped, jnp.zeros_like(g), g)
+  zero = lambda v: None if v is None else jnp.zeros_like(v)  # noqa: E731
+  key_ct = None if key is None else np.zeros(key.shape, jax.dtypes.float0)
+  return gx, key_ct, zero(amax), zero(amin)
+
+
+_fake_quant.defvjp(_fq_fwd, _fq_bwd)
+
+
+def fake_quant(x: jax.Array, spec=None, *, key: Optional[jax.Array] = None,
+               amax: Optional[jax.Array] = None, amin: Optional[jax.Array] = None,
+               **spec_kwargs) -> jax.Array:
+  """Quantize-dequantize with a straight-through gradient.
+
+  The values equal ``dequantize(quantize(x, spec))``. The gradient passes
+  straight through (Bengio et al. 2013) inside the representable range and is
+  zero where values were clipped; the scale is treated as a constant.
+
+  Args: as ``quantize``.
+
+  Returns:
+    An array of x's shape and dtype.
+  """
+  spec = as_spec(spec, **spec_kwargs)
+  x = jnp.asarray(x)
+  if key is not None and not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.wrap_key_data(key) if key.dtype == jnp.uint32 else key
+  return _fake_quant(x, spec, key, amax, amin)

@@ -1,0 +1,317 @@
+"""A Llama-style decoder-only language model in Flax Linen.
+
+The architecture follows Touvron et al., 2023, "LLaMA: Open and Efficient
+Foundation Language Models": pre-norm RMSNorm (Zhang & Sennrich, 2019), rotary
+position embeddings (Su et al., 2021, "RoFormer"), SwiGLU feed-forward layers
+(Shazeer, 2020, "GLU Variants Improve Transformer"), grouped-query attention
+(Ainslie et al., 2023, "GQA") and, optionally, a top-k routed mixture-of-experts
+feed-forward layer (Shazeer et al., 2017; load-balancing loss of Fedus et al.,
+2021, "Switch Transformers"; top-k renormalised routing as in Jiang et al., 2024,
+"Mixtral of Experts").
+
+Every weight matmul goes through ``flax.linen.Dense`` (attention and dense FFN
+projections, router, untied output head) or ``flax.linen.Einsum`` (expert
+weights, with a leading expert axis), so a quantization interceptor on those
+classes reaches all of them. The one exception is the *tied* output head
+(``tie_embeddings=True``), which reuses the embedding table through
+``nn.Embed.attend``. Parameter paths read as ``layers_0/attn/q_proj/kernel``,
+``layers_0/mlp/gate_proj/kernel``, ``layers_0/mlp/router/kernel``,
+``lm_head/kernel``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
+           "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Hyper-parameters of a ``Llama`` model (frozen, hashable).
+
+  Attributes:
+    vocab: vocabulary size.
+    d_model: residual stream width.
+    n_layers: number of decoder blocks.
+    n_heads: number of query heads; ``d_model`` must be a multiple.
+    n_kv_heads: number of key/value heads (grouped-query attention);
+      ``n_heads`` must be a multiple. ``n_kv_heads == n_heads`` is multi-head
+      attention, ``1`` is multi-query attention.
+    d_ff: hidden width of the SwiGLU feed-forward layer (of each expert).
+    max_len: longest sequence the model accepts.
+    rope_theta: base of the rotary frequencies.
+    norm_eps: RMSNorm epsilon.
+    n_experts: experts per MoE feed-forward layer; 0 means a dense FFN.
+    top_k: experts each token is routed to (MoE only).
+    tie_embeddings: reuse the embedding table as the output head.
+    dtype: compute dtype name (``"float32"``, ``"bfloat16"``, ``"float16"``);
+      parameters are always float32, logits are returned in float32.
+  """
+  vocab: int = 8192
+  d_model: int = 256
+  n_layers: int = 4
+  n_heads: int = 8
+  n_kv_heads: int = 4
+  d_ff: int = 704
+  max_len: int = 256
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-5
+  n_experts: int = 0
+  top_k: int = 2
+  tie_embeddings: bool = False
+  dtype: str = "float32"
+
+  def __post_init__(self):
+    for name in ("vocab", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
+                 "max_len"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"LlamaConfig.{name} must be a positive int, got "
+                         f"{value!r}.")
+    if self.d_model % self.n_heads:
+      raise ValueError(f"d_model={self.d_model} must be a multiple of n_heads="
+                       f"{self.n_heads}.")
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads="
+                       f"{self.n_kv_heads} (grouped-query attention).")
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim = d_model / n_heads = {self.head_dim} must be "
+                       "even for rotary embeddings.")
+    if self.n_experts < 0:
+      raise ValueError(f"n_experts must be >= 0 (0 = dense), got {self.n_experts}.")
+    if self.n_experts and not 1 <= self.top_k <= self.n_experts:
+      raise ValueError(f"top_k must be in [1, n_experts={self.n_experts}], got "
+                       f"{self.top_k}.")
+    if self.rope_theta <= 0 or self.norm_eps <= 0:
+      raise ValueError("rope_theta and norm_eps must be > 0, got "
+                       f"{self.rope_theta}, {self.norm_eps}.")
+    if self.dtype not in _DTYPES:
+      raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got "
+                       f"{self.dtype!r}.")
+
+  @property
+  def head_dim(self) -> int:
+    """Width of one attention head."""
+    return self.d_model // self.n_heads
+
+  @property
+  def compute_dtype(self) -> Any:
+    """The compute dtype as a jnp dtype."""
+    return _DTYPES[self.dtype]
+
+  def replace(self, **changes: Any) -> "LlamaConfig":
+    """Returns a copy with ``changes`` applied (validated again)."""
+    return dataclasses.replace(self, **changes)
+
+  @classmethod
+  def smoke(cls, **changes: Any) -> "LlamaConfig":
+    """A tiny model that trains in seconds on CPU (tests, smoke runs)."""
+    return cls(**{**dict(vocab=512, d_model=64, n_layers=2, n_heads=4,
+                         n_kv_heads=2, d_ff=176, max_len=64), **changes})
+
+  @classmethod
+  def small(cls, **changes: Any) -> "LlamaConfig":
+    """A real model of a few M parameters, trainable in ~10 min on 2 CPU cores."""
+    return cls(**{**dict(vocab=8192, d_model=256, n_layers=4, n_heads=8,
+                         n_kv_heads=4, d_ff=704, max_len=256), **changes})
+
+  @classmethod
+  def base(cls, **changes: Any) -> "LlamaConfig":
+    """A ~60M-parameter model for one GPU."""
+    return cls(**{**dict(vocab=8192, d_model=640, n_layers=10, n_heads=10,
+                         n_kv_heads=5, d_ff=1728, max_len=1024,
+                         dtype="bfloat16"), **changes})
+
+
+def rope_frequencies(head_dim: int, theta: float) -> jax.Array:
+  """Returns the rotary inverse frequencies ``theta ** (-2i / head_dim)``, i < head_dim/2."""
+  return theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotates feature pairs ``(x[i], x[i + D/2])`` by ``position * freq_i``.
+
+  Rotary position embedding (Su et al., 2021, "RoFormer"), "rotate half"
+  layout. The dot product of a rotated query at position m and a rotated key
+  at position n depends on positions only through ``m - n``.
+
+  Args:
+    x: ``[..., T, H, D]`` with ``D`` even.
+    positions: ``[T]`` or ``[..., T]`` integer positions, broadcastable
+      against ``x`` without its last two axes.
+    theta: rotary base.
+
+  Returns:
+    The rotated array, same shape and dtype as ``x`` (computed in float32).
+  """
+  d = x.shape[-1]
+  if d % 2:
+    raise ValueError(f"the last axis of x must be even for rotary embeddings, "
+                     f"got {d}.")
+  freqs = rope_frequencies(d, theta)
+  angles = positions.astype(jnp.float32)[..., None] * freqs  # [..., T, D/2]
+  cos = jnp.cos(angles)[..., None, :]  # [..., T, 1, D/2]
+  sin = jnp.sin(angles)[..., None, :]
+  xf = x.astype(jnp.float32)
+  x1, x2 = xf[..., : d // 2], xf[..., d // 2:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def _dense(features: int, name: str, dtype: Any) -> nn.Dense:
+  return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
+                  name=name)
+
+
+class Attention(nn.Module):
+  """Causal grouped-query self-attention with rotary positions."""
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    """Attends causally over ``x [B, T, d_model]`` at ``positions [T]``."""
+    cfg = self.config
+    b, t, _ = x.shape
+    hd, h, kvh = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+    dt = cfg.compute_dtype
+    q = _dense(h * hd, "q_proj", dt)(x).reshape(b, t, h, hd)
+    k = _dense(kvh * hd, "k_proj", dt)(x).reshape(b, t, kvh, hd)
+    v = _dense(kvh * hd, "v_proj", dt)(x).reshape(b, t, kvh, hd)
+    q = apply_rope(q, positions, cfg.rope_theta)
+    k = apply_rope(k, positions, cfg.rope_theta)
+    groups = h // kvh
+    q = q.reshape(b, t, kvh, groups, hd)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k,
+                        preferred_element_type=jnp.float32)
+    scores = scores * (hd ** -0.5)
+    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+    scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
+    out = out.reshape(b, t, h * hd)
+    return _dense(cfg.d_model, "o_proj", dt)(out)
+
+
+class MLP(nn.Module):
+  """SwiGLU feed-forward layer: ``down(silu(gate(x)) * up(x))``."""
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Applies the feed-forward layer to ``x [..., d_model]``."""
+    cfg = self.config
+    dt = cfg.compute_dtype
+    gate = _dense(cfg.d_ff, "gate_proj", dt)(x)
+    up = _dense(cfg.d_ff, "up_proj", dt)(x)
+    return _dense(cfg.d_model, "down_proj", dt)(nn.silu(gate) * up)
+
+
+class MoEMLP(nn.Module):
+  """Top-k routed mixture of SwiGLU experts (dense compute, masked combine).
+
+  Each token's router probabilities (softmax over experts) are restricted to
+  its top-k experts and renormalised; every expert runs on every token and the
+  outputs are combined with those weights (exact, and simple at small sizes).
+  The Switch-Transformer load-balancing loss
+  ``n_experts * sum_e fraction_e * mean_prob_e`` is sown into the ``"losses"``
+  collection as ``moe_aux_loss`` (collected when that collection is mutable).
+  """
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Applies the MoE layer to ``x [B, T, d_model]``."""
+    cfg = self.config
+    dt = cfg.compute_dtype
+    e, d, f = cfg.n_experts, cfg.d_model, cfg.d_ff
+    logits = nn.Dense(e, use_bias=False, dtype=jnp.float32,
+                      param_dtype=jnp.float32, name="router")(x)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)  # [B, T, E]
+    top_p, top_i = jax.lax.top_k(probs, cfg.top_k)  # [B, T, K]
+    top_p = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
+    assign = jax.nn.one_hot(top_i, e, dtype=jnp.float32)  # [B, T, K, E]
+    combine = jnp.einsum("btk,btke->bte", top_p, assign)
+    fraction = jnp.mean(jnp.sum(assign, axis=-2), axis=(0, 1)) / cfg.top_k
+    aux = e * jnp.sum(fraction * jnp.mean(probs, axis=(0, 1)))
+    self.sow("losses", "moe_aux_loss", aux)
+
+    init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                            in_axis=-2, out_axis=-1,
+                                            batch_axis=(0,))
+
+    def einsum(shape, name):
+      return nn.Einsum(shape, use_bias=False, dtype=dt, param_dtype=jnp.float32,
+                       kernel_init=init, name=name)
+
+    gate = einsum((e, d, f), "gate_proj")(x, "btd,edf->btef")
+    up = einsum((e, d, f), "up_proj")(x, "btd,edf->btef")
+    hidden = nn.silu(gate) * up
+    out = einsum((e, f, d), "down_proj")(hidden, "btef,efd->bted")
+    return jnp.einsum("bted,bte->btd", out, combine.astype(out.dtype))
+
+
+class Block(nn.Module):
+  """Pre-norm decoder block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    """Applies the block to the residual stream ``x [B, T, d_model]``."""
+    cfg = self.config
+    dt = cfg.compute_dtype
+    h = nn.RMSNorm(epsilon=cfg.norm_eps, dtype=dt, name="attn_norm")(x)
+    x = x + Attention(cfg, name="attn")(h, positions)
+    h = nn.RMSNorm(epsilon=cfg.norm_eps, dtype=dt, name="mlp_norm")(x)
+    mlp = MoEMLP(cfg, name="mlp") if cfg.n_experts else MLP(cfg, name="mlp")
+    return x + mlp(h)
+
+
+class Llama(nn.Module):
+  """Llama-style decoder LM: ``__call__(tokens [B, T] int32) -> logits [B, T, V]``.
+
+  Attributes:
+    config: the model's ``LlamaConfig``.
+  """
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    """Returns float32 next-token logits ``[B, T, vocab]`` for ``tokens [B, T]``.
+
+    Raises:
+      ValueError: if ``tokens`` is not 2-D integer or longer than ``max_len``.
+    """
+    cfg = self.config
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+      raise ValueError(f"tokens must be a [batch, time] integer array, got "
+                       f"{tokens.dtype}{list(tokens.shape)}.")
+    if tokens.shape[1] > cfg.max_len:
+      raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_len="
+                       f"{cfg.max_len}; raise LlamaConfig.max_len.")
+    dt = cfg.compute_dtype
+    # Unit-variance rows feed the residual stream; a tied table is scaled so
+    # that it also gives unit-variance logits from the normalised output.
+    std = cfg.d_model ** -0.5 if cfg.tie_embeddings else 1.0
+    embed = nn.Embed(cfg.vocab, cfg.d_model, dtype=dt, param_dtype=jnp.float32,
+                     embedding_init=nn.initializers.normal(std), name="embed")
+    x = embed(tokens)
+    positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
+    for i in range(cfg.n_layers):
+      x = Block(cfg, name=f"layers_{i}")(x, positions)
+    x = nn.RMSNorm(epsilon=cfg.norm_eps, dtype=dt, name="final_norm")(x)
+    if cfg.tie_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = _dense(cfg.vocab, "lm_head", dt)(x)
+    return logits.astype(jnp.float32)
+
+
+def num_params(params: Any) -> int:
+  """Returns the number of scalars in a parameter pytree."""
+  return sum(int(p.size) for p in jax.tree.leaves(params))
