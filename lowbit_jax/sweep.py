@@ -1,0 +1,198 @@
+"""Sweeps as data: expand a product of axes into points, run each point once,
+write one JSON line per point, then tables and plots.
+
+A rerun skips every point already in the results file (matched by its id, a
+hash of the point's canonical JSON), so an interrupted sweep resumes where it
+stopped and finished work is never lost: each line is flushed as it is written.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+import sys
+import time
+from typing import Callable, Iterable, Optional, Sequence
+
+
+def expand(axes: dict, exclude: Sequence[dict] = ()) -> list[dict]:
+  """The product of ``axes`` (name -> list of values), minus excluded points.
+
+  Args:
+    axes: ordered mapping from axis name to the values it takes.
+    exclude: partial points; a point matching every key of one is dropped.
+
+  Returns:
+    Points as dicts, in product order.
+  """
+  if not axes:
+    raise ValueError("a sweep needs at least one axis")
+  for k, v in axes.items():
+    if isinstance(v, (str, bytes)) or not isinstance(v, Iterable):
+      raise ValueError(f"axis {k!r} must be a list of values, got {v!r}")
+  names = list(axes)
+  pts = [dict(zip(names, vals)) for vals in itertools.product(*(list(axes[n])
+                                                                for n in names))]
+  return [p for p in pts
+          if not any(all(p.get(k) == v for k, v in ex.items()) for ex in exclude)]
+
+
+def point_id(point: dict) -> str:
+  """Stable id of a point: sha1 of its canonical JSON, 12 hex digits."""
+  return hashlib.sha1(json.dumps(point, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def load_results(path: str) -> list[dict]:
+  """Rows of a results file (a missing file gives []); a torn last line from a
+  killed run is ignored."""
+  if not os.path.exists(path):
+    return []
+  rows = []
+  with open(path) as f:
+    for line in f:
+      line = line.strip()
+      if not line:
+        continue
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return rows
+
+
+def run(points: Sequence[dict], fn: Callable[[dict], dict], results_path: str, *,
+        resume: bool = True, log: Callable[[str], None] = None) -> list[dict]:
+  """Runs ``fn`` on every point not yet in ``results_path``.
+
+  Args:
+    points: the points (dicts of JSON-able values).
+    fn: point -> metrics dict (JSON-able).
+    results_path: JSON-lines file; one row per point: the point's fields, its
+      ``id``, ``metrics`` and ``seconds``.
+    resume: skip points already present (by id).
+    log: progress printer (default: stderr).
+
+  Returns:
+    All rows for ``points`` (old and new), in point order.
+  """
+  log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+  os.makedirs(os.path.dirname(os.path.abspath(results_path)), exist_ok=True)
+  done = {r["id"]: r for r in load_results(results_path)} if resume else {}
+  todo = [p for p in points if point_id(p) not in done]
+  log(f"sweep: {len(points)} points, {len(points) - len(todo)} already done, "
+      f"{len(todo)} to run -> {results_path}")
+  t_start = time.time()
+  mode = "a" if resume else "w"
+  with open(results_path, mode) as f:
+    for i, p in enumerate(todo):
+      t0 = time.time()
+      metrics = fn(p)
+      row = dict(p, id=point_id(p), metrics=metrics, seconds=round(time.time() - t0, 3))
+      f.write(json.dumps(row, sort_keys=True) + "\n")
+      f.flush()
+      done[row["id"]] = row
+      el = time.time() - t_start
+      eta = el / (i + 1) * (len(todo) - i - 1)
+      log(f"[{i + 1}/{len(todo)}] {_label(p)}: " +
+          ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()
+                    if not isinstance(v, (dict, list))) +
+          f"  ({row['seconds']:.1f}s, eta {eta:.0f}s)")
+  return [done[point_id(p)] for p in points]
+
+
+def _label(p: dict) -> str:
+  return " ".join(f"{k}={v}" for k, v in p.items())
+
+
+def _fmt(v) -> str:
+  if isinstance(v, float):
+    if math.isinf(v) or math.isnan(v):
+      return str(v)
+    return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
+  return str(v)
+
+
+def markdown_table(rows: Sequence[dict], keys: Sequence[str],
+                   metrics: Sequence[str]) -> str:
+  """A markdown table: one row per result, ``keys`` then ``metrics`` columns."""
+  head = "| " + " | ".join(list(keys) + list(metrics)) + " |"
+  sep = "|" + "---|" * (len(keys) + len(metrics))
+  lines = [head, sep]
+  for r in rows:
+    m = r.get("metrics", {})
+    cells = [str(r.get(k, "")) for k in keys] + [_fmt(m.get(k, "")) for k in metrics]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def pareto_front(rows: Sequence[dict], x: str, y: str, *,
+                 maximize_y: bool = True) -> list[dict]:
+  """Rows not dominated in (lower ``x``, better ``y``), sorted by x."""
+  pts = sorted((r for r in rows if x in r["metrics"] and y in r["metrics"]),
+               key=lambda r: (r["metrics"][x],
+                              -r["metrics"][y] if maximize_y else r["metrics"][y]))
+  front, best = [], None
+  for r in pts:
+    v = r["metrics"][y]
+    if best is None or (v > best if maximize_y else v < best):
+      front.append(r)
+      best = v
+  return front
+
+
+def plot_tradeoff(rows: Sequence[dict], x: str, y: str, label_key: str,
+                  group_key: Optional[str], path: str, *, title: str = "",
+                  maximize_y: bool = True) -> str:
+  """Scatter of metric ``y`` vs ``x`` (bits per weight), Pareto front drawn."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  groups = sorted({r.get(group_key, "") for r in rows}) if group_key else [""]
+  markers = "os^Dvx"
+  for gi, g in enumerate(groups):
+    sel = [r for r in rows if (not group_key or r.get(group_key, "") == g)
+           and x in r["metrics"] and y in r["metrics"]]
+    ax.scatter([r["metrics"][x] for r in sel], [r["metrics"][y] for r in sel],
+               marker=markers[gi % len(markers)], label=str(g) if g else None)
+    for r in sel:
+      ax.annotate(str(r.get(label_key, "")), (r["metrics"][x], r["metrics"][y]),
+                  fontsize=7, xytext=(3, 3), textcoords="offset points")
+  front = pareto_front(rows, x, y, maximize_y=maximize_y)
+  ax.plot([r["metrics"][x] for r in front], [r["metrics"][y] for r in front], "k--",
+          lw=0.8, label="Pareto front")
+  ax.set_xlabel(x)
+  ax.set_ylabel(y)
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def plot_heatmap(matrix: Sequence[Sequence[float]], row_labels: Sequence[str],
+                 col_labels: Sequence[str], path: str, *, title: str = "",
+                 cbar_label: str = "SQNR (dB)") -> str:
+  """A heatmap (e.g. per-layer SQNR: rows = schemes, columns = layers)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  m = np.asarray(matrix, np.float64)
+  fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(col_labels) + 2),
+                                  max(3, 0.35 * len(row_labels) + 1.5)))
+  finite = m[np.isfinite(m)]
+  vmax = float(finite.max()) if finite.size else 1.0
+  im = ax.imshow(np.where(np.isfinite(m), m, vmax), aspect="auto", cmap="viridis")
+  ax.set_yticks(range(len(row_labels)), row_labels, fontsize=8)
+  ax.set_xticks(range(len(col_labels)), col_labels, rotation=90, fontsize=6)
+  ax.set_title(title)
+  fig.colorbar(im, ax=ax, label=cbar_label)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path

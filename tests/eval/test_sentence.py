@@ -1,0 +1,37 @@
+"""Embedding metrics against straightforward numpy definitions."""
+import numpy as np
+import pytest
+
+from lowbit_jax.eval import sentence
+
+
+def test_spearman_matches_pearson_of_ranks_with_ties():
+  rng = np.random.default_rng(0)
+  a = rng.integers(0, 5, 200).astype(float)  # many ties
+  b = a + rng.normal(0, 1, 200)
+  def ranks(x):
+    return np.array([np.mean(np.flatnonzero(np.sort(x) == v)) for v in x])
+  want = np.corrcoef(ranks(a), ranks(b))[0, 1]
+  assert sentence.spearman(a, b) == pytest.approx(want, abs=1e-12)
+
+
+def test_embedding_metrics_identity_and_noise():
+  rng = np.random.default_rng(1)
+  e = rng.normal(size=(50, 16))
+  m = sentence.embedding_metrics(e, e)
+  assert m["mean_cos"] == pytest.approx(1.0) and m["spearman"] == pytest.approx(1.0)
+  noisy = e + rng.normal(0, 0.5, e.shape)
+  m2 = sentence.embedding_metrics(e, noisy)
+  assert m2["worst_cos"] < m2["mean_cos"] < 1.0
+  assert 0 < m2["spearman"] < 1.0
+
+
+def test_sqnr_db():
+  x = np.ones(100)
+  assert sentence.sqnr_db(x, x * 1.1) == pytest.approx(20.0)
+  assert sentence.sqnr_db(x, x) == float("inf")
+
+
+def test_bad_shapes():
+  with pytest.raises(ValueError, match="same|one shape"):
+    sentence.embedding_metrics(np.zeros((4, 3)), np.zeros((5, 3)))

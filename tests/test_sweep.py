@@ -1,0 +1,74 @@
+"""The sweep runner: expansion, resume without redoing work, tables, plots."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from lowbit_jax import schemes, sweep
+
+
+def test_expand_product_and_exclude():
+  pts = sweep.expand({"a": [1, 2], "b": ["x", "y", "z"]}, exclude=[{"a": 2, "b": "y"}])
+  assert len(pts) == 5
+  assert {"a": 2, "b": "y"} not in pts
+  assert pts[0] == {"a": 1, "b": "x"}
+
+
+def test_expand_rejects_scalar_axis():
+  with pytest.raises(ValueError, match="must be a list"):
+    sweep.expand({"a": "abc"})
+
+
+def test_run_skips_finished_points(tmp_path):
+  path = str(tmp_path / "r.jsonl")
+  calls = []
+
+  def fn(p):
+    calls.append(p)
+    return {"v": p["a"] * 10.0}
+
+  pts = sweep.expand({"a": [1, 2, 3]})
+  rows = sweep.run(pts[:2], fn, path, log=lambda s: None)
+  assert [r["metrics"]["v"] for r in rows] == [10.0, 20.0]
+  rows = sweep.run(pts, fn, path, log=lambda s: None)
+  assert len(calls) == 3  # the first two were not rerun
+  assert [r["metrics"]["v"] for r in rows] == [10.0, 20.0, 30.0]
+  with open(path) as f:
+    assert len(f.readlines()) == 3
+
+
+def test_torn_line_is_ignored_and_point_rerun(tmp_path):
+  path = str(tmp_path / "r.jsonl")
+  p = {"a": 1}
+  with open(path, "w") as f:
+    f.write(json.dumps(dict(p, id=sweep.point_id(p), metrics={"v": 1.0})) + "\n")
+    f.write('{"a": 2, "id": "')  # killed mid-write
+  rows = sweep.load_results(path)
+  assert len(rows) == 1
+
+
+def test_pareto_front():
+  rows = [{"metrics": {"bits": b, "q": q}} for b, q in
+          [(4, 0.9), (8, 0.99), (6, 0.8), (2, 0.5), (32, 1.0)]]
+  front = sweep.pareto_front(rows, "bits", "q")
+  assert [r["metrics"]["bits"] for r in front] == [2, 4, 8, 32]
+
+
+def test_table_and_plots(tmp_path):
+  rows = [{"scheme": "int8", "target": "weights", "metrics": {"bits": 8.1, "q": 0.99}},
+          {"scheme": "mxfp4", "target": "weights", "metrics": {"bits": 4.25, "q": 0.9}}]
+  md = sweep.markdown_table(rows, ["scheme", "target"], ["bits", "q"])
+  assert md.splitlines()[0] == "| scheme | target | bits | q |"
+  assert "| mxfp4 | weights | 4.25 | 0.9 |" in md
+  p = sweep.plot_tradeoff(rows, "bits", "q", "scheme", "target", str(tmp_path / "a.png"))
+  h = sweep.plot_heatmap(np.array([[1.0, np.inf], [3.0, 4.0]]), ["a", "b"], ["l0", "l1"],
+                         str(tmp_path / "h.png"))
+  assert os.path.getsize(p) > 1000 and os.path.getsize(h) > 1000
+
+
+def test_scheme_bits():
+  assert schemes.weight_bits(schemes.get("int4_g128")) == pytest.approx(4 + 32 / 128)
+  assert schemes.weight_bits(schemes.get("mxfp4")) == pytest.approx(4 + 8 / 32)
+  with pytest.raises(KeyError, match="known"):
+    schemes.get("int5")
