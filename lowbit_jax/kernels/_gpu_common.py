@@ -1,0 +1,255 @@
+"""Shared pieces of the Mosaic GPU low-bit matmul kernels.
+
+Three kinds of helpers live here:
+
+* exact decoders of the stored codes (int4 / E2M1 nibbles, E8M0 and E4M3 scales)
+  written in plain ``jnp`` so the kernel references run on any backend;
+* small predicates used by every ``supports``: backend and device checks;
+* register-level building blocks for Mosaic GPU kernels (per-row / per-group
+  scaling of WGMMA-layout fragments, E2M1 -> bf16 conversion on Hopper, a masked
+  transposed store of a WGMMA accumulator). These import the Mosaic GPU modules
+  lazily, so importing this module never needs a GPU.
+
+Layouts follow ``lowbit_jax.kernels._api``: weights K-major ``[N, K]``, 4-bit codes
+packed two per byte along K with element ``2j`` in the low nibble.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lowbit_jax.kernels._api import MatmulOperands, MatmulProblem
+
+# E2M1 magnitudes indexed by the low three bits of a nibble (OCP MX spec v1.0).
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+# ----------------------------------------------------------------------------
+# Exact decoders (pure jnp; used by the references and tests).
+# ----------------------------------------------------------------------------
+
+def unpack_nibbles(codes: jax.Array) -> jax.Array:
+  """Splits packed 4-bit codes ``uint8 [..., K/2]`` into ``uint8 [..., K]``.
+
+  Args:
+    codes: bytes holding element ``2j`` in the low and ``2j+1`` in the high nibble.
+
+  Returns:
+    The nibbles (values 0..15) in element order.
+  """
+  codes = jnp.asarray(codes)
+  if codes.dtype != jnp.uint8:
+    raise TypeError(f"packed 4-bit codes must be uint8, got {codes.dtype}")
+  lo = codes & jnp.uint8(0xF)
+  hi = codes >> jnp.uint8(4)
+  return jnp.stack([lo, hi], axis=-1).reshape(*codes.shape[:-1],
+                                              codes.shape[-1] * 2)
+
+
+def decode_int4(nibbles: jax.Array) -> jax.Array:
+  """Two's-complement int4 nibbles (0..15) to float32 values in [-8, 7]."""
+  v = nibbles.astype(jnp.int32)
+  return jnp.where(v >= 8, v - 16, v).astype(jnp.float32)
+
+
+def decode_e2m1(nibbles: jax.Array) -> jax.Array:
+  """E2M1 nibbles (sign in bit 3) to float32 values (OCP MX spec, FP4 E2M1)."""
+  table = jnp.asarray(E2M1_VALUES, jnp.float32)
+  mag = table[(nibbles & 7).astype(jnp.int32)]
+  return jnp.where((nibbles & 8) != 0, -mag, mag)
+
+
+def decode_e8m0(codes: jax.Array) -> jax.Array:
+  """E8M0 scale codes (uint8) to float32: ``2 ** (code - 127)``, 255 is NaN.
+
+  Built from the float32 bit pattern, so code 0 is the exact subnormal 2**-127.
+  """
+  c = codes.astype(jnp.uint32)
+  bits = jnp.where(c == 0, jnp.uint32(0x00400000), c << 23)
+  bits = jnp.where(c == 255, jnp.uint32(0x7FC00000), bits)
+  return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def decode_e4m3_scale(scale: jax.Array) -> jax.Array:
+  """float8_e4m3fn scales to float32 (exact)."""
+  return scale.astype(jnp.float32)
+
+
+def expand_groups(scale: jax.Array, k: int) -> jax.Array:
+  """Repeats ``[R, K // g]`` group scales along the last axis to ``[R, K]``."""
+  groups = scale.shape[-1]
+  if k % groups:
+    raise ValueError(f"K={k} is not a multiple of the {groups} scale groups")
+  return jnp.repeat(scale, k // groups, axis=-1)
+
+
+def weight_group(problem: MatmulProblem) -> Optional[int]:
+  """The K group size of a weight's scales, ``None`` for per-channel.
+
+  Raises:
+    ValueError: for 2-D tile blocks (those are a W8A8 layout).
+  """
+  b = problem.w_block
+  if b is None or isinstance(b, int):
+    return b
+  raise ValueError(f"weight-only kernels take per-channel or 1-D groups, got "
+                   f"w_block={b}")
+
+
+def dequantize_weight(ops: MatmulOperands, problem: MatmulProblem) -> jax.Array:
+  """Float32 ``[N, K]`` weight decoded from its codes and scales (exact).
+
+  Args:
+    ops: the operands; ``w_codes`` in the storage layout of ``_api``.
+    problem: the static description (format and block).
+
+  Returns:
+    The dequantized weight in float32.
+  """
+  n, k = problem.n, problem.k
+  fmt = problem.w_format
+  codes = ops.w_codes
+  if fmt in ("int4", "fp4_e2m1", "mxfp4", "nvfp4"):
+    nib = unpack_nibbles(codes)
+    vals = decode_int4(nib) if fmt == "int4" else decode_e2m1(nib)
+  elif fmt == "int8":
+    vals = codes.astype(jnp.float32)
+  elif fmt in ("fp8_e4m3", "fp8_e5m2", "mxfp8_e4m3"):
+    vals = codes.astype(jnp.float32)
+  else:
+    raise ValueError(f"unknown weight format {fmt!r}")
+  if vals.shape != (n, k):
+    raise ValueError(f"weight codes decode to {vals.shape}, expected {(n, k)}")
+  if fmt in ("mxfp4", "mxfp8_e4m3"):
+    s = decode_e8m0(ops.w_scale)
+  elif fmt == "nvfp4":
+    s = decode_e4m3_scale(ops.w_scale)
+    if ops.w_tensor_scale is not None:
+      s = s * jnp.asarray(ops.w_tensor_scale, jnp.float32)
+  else:
+    s = ops.w_scale.astype(jnp.float32)
+  b = problem.w_block
+  if b is None:
+    s = jnp.broadcast_to(s.reshape(n, 1), (n, k))
+  elif isinstance(b, int):
+    s = expand_groups(s.reshape(n, k // b), k)
+  else:
+    tn, tk = b
+    s = jnp.repeat(jnp.repeat(s.reshape(n // tn, k // tk), tn, axis=0), tk, axis=1)
+  return vals * s
+
+
+def dequantize_activation(ops: MatmulOperands,
+                          problem: MatmulProblem) -> jax.Array:
+  """Float32 ``[M, K]`` activation decoded from its codes and scales (exact)."""
+  m, k = problem.m, problem.k
+  vals = ops.x.astype(jnp.float32)
+  if problem.x_format == "mxfp8_e4m3":
+    s = decode_e8m0(ops.x_scale)
+  else:
+    s = ops.x_scale.astype(jnp.float32)
+  if problem.x_block is None:
+    s = jnp.broadcast_to(s.reshape(m, 1), (m, k))
+  else:
+    s = expand_groups(s.reshape(m, k // problem.x_block), k)
+  return vals * s
+
+
+# ----------------------------------------------------------------------------
+# Predicates.
+# ----------------------------------------------------------------------------
+
+def on_hopper_gpu(problem: MatmulProblem) -> bool:
+  """Whether the problem targets a GPU and the default device is a Hopper GPU."""
+  if problem.backend != "gpu":
+    return False
+  try:
+    dev = jax.devices()[0]
+  except RuntimeError:
+    return False
+  if dev.platform != "gpu":
+    return False
+  cc = getattr(dev, "compute_capability", None)
+  return cc is not None and str(cc).startswith("9.")
+
+
+def num_sms() -> int:
+  """Streaming multiprocessors of the default GPU (132 on an H100 SXM)."""
+  dev = jax.devices()[0]
+  return int(getattr(dev, "core_count", 132) or 132)
+
+
+# ----------------------------------------------------------------------------
+# Register-level helpers for Mosaic GPU (lazy imports).
+# ----------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _mlir():
+  """Imports the MLIR / Mosaic GPU python modules on first use."""
+  from jax.experimental.mosaic import gpu as mgpu  # pylint: disable=g-import-not-at-top
+  from jax.experimental.mosaic.gpu import fragmented_array as fa  # pylint: disable=g-import-not-at-top
+  from jax._src.lib.mlir import ir  # pylint: disable=g-import-not-at-top
+  from jax._src.lib.mlir.dialects import arith, llvm, memref, vector  # pylint: disable=g-import-not-at-top
+  return mgpu, fa, ir, arith, llvm, memref, vector
+
+
+def wgmma_reg_rows_cols(shape: tuple[int, int]):
+  """For the WGMMA register layout, maps each register to (row key, col tile).
+
+  The WGMMA layout of a ``[64a, 8b]`` array has a register array of shape
+  ``(a, b, 1, 1, 2, 1, 1, 1, 1)``: index 0 picks the 64-row block, index 1 the
+  8-column tile and index 4 the 8-row half inside a warp's 16 rows. Each register
+  holds two adjacent columns of one row.
+
+  Args:
+    shape: the 2-D array shape.
+
+  Returns:
+    A list of ``(reg_index, row_key, col_tile)``; registers with equal
+    ``row_key`` hold the same row.
+  """
+  mgpu, _, _, _, _, _, _ = _mlir()
+  rs = mgpu.WGMMA_LAYOUT.registers_shape(shape)
+  expect = (shape[0] // 64, shape[1] // 8, 1, 1, 2, 1, 1, 1, 1)
+  if tuple(rs) != expect:
+    raise NotImplementedError(f"unexpected WGMMA register shape {rs} for {shape}")
+  return [(idx, (idx[0], idx[4]), idx[1]) for idx in np.ndindex(*rs)]
+
+
+def wgmma_row_index(shape: tuple[int, int]):
+  """MLIR index values of the rows held by this thread, keyed by row key."""
+  mgpu, _, _, _, _, _, _ = _mlir()
+  rows = {}
+  for (idx, key, _), mlir_idx in zip(wgmma_reg_rows_cols(shape),
+                                     mgpu.WGMMA_LAYOUT.thread_idxs(shape)):
+    rows.setdefault(key, mlir_idx[0])
+  return rows
+
+
+def thread_col_base(shape: tuple[int, int]):
+  """MLIR index of each register's first column, keyed by register index."""
+  mgpu, _, _, _, _, _, _ = _mlir()
+  out = {}
+  for (idx, _, _), mlir_idx in zip(wgmma_reg_rows_cols(shape),
+                                   mgpu.WGMMA_LAYOUT.thread_idxs(shape)):
+    out[idx] = (mlir_idx[0], mlir_idx[1])
+  return out
+
+
+def plgpu_load(ref, layout):
+  """``plgpu.load(ref, layout=...)`` on jax 0.10 (positional index) and 0.11."""
+  import inspect  # pylint: disable=g-import-not-at-top
+  import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+  idx_param = inspect.signature(plgpu.load).parameters.get("idx")
+  if idx_param is not None and idx_param.default is inspect.Parameter.empty:
+    return plgpu.load(ref, None, layout=layout)
+  return plgpu.load(ref, layout=layout)
+
+
+def transpose_ref(ref):
+  """A transposed view of a 2-D Pallas ref (``ref.T``; works on jax 0.10 and 0.11)."""
+  return ref.T

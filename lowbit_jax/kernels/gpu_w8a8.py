@@ -1,0 +1,541 @@
+"""W8A8 matmuls for Hopper GPUs in Mosaic GPU: fp8 e4m3 / int8 codes on both sides.
+
+``y[M, N] = (sx * x)[M, K] @ (sw * W)[N, K]^T`` with the scaling fused:
+
+* ``"channel"``: per-token ``sx [M, 1]`` x per-channel ``sw [N, 1]`` scales, applied
+  to the f32 (or int32) accumulator in the epilogue;
+* ``"block"``: 1 x 128 activation groups ``sx [M, K/128]`` and 128 x 128 weight
+  tiles ``sw [N/128, K/128]`` (the DeepSeek-V3 recipe, DeepSeek-AI 2024, "DeepSeek-V3
+  Technical Report", section 3.3): each 128-deep K step is one MMA into a fresh
+  accumulator, promoted into the f32 running sum with one FMA per element;
+* ``"mx"``: MXFP8 x MXFP8 (OCP Microscaling Formats v1.0: E4M3 elements, E8M0
+  scales per 32 along K on both sides) emulated on Hopper, which has no
+  block-scaled MMA: each 32-deep K block is one fp8 MMA into a fresh accumulator,
+  multiplied by ``2**(ex + ew - 254)`` and added to the running f32 sum in K order.
+  ``reference`` does the same arithmetic in the same order, so the two agree bit for
+  bit whenever the MMA's per-block sum is exact.
+
+Both operands are K-major (``x [M, K]``, ``W [N, K]``), the layout 8-bit WGMMA needs.
+The kernel is persistent and warp-specialized: one warpgroup issues TMA copies,
+two compute warpgroups each own a ``tile_m x tile_n`` half of the CTA tile.
+``supports`` only accepts cases measured faster than XLA on an H100
+(``MEASURED_WINS``; numbers in ``benchmarks/kernels_h100.md``): today the
+per-channel mode. The block and MX modes were measured slower than XLA with
+128 x 128 tiles per warpgroup (two f32 accumulators do not fit in registers);
+their current 64 x 128 tiling has not been run on a GPU yet.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lowbit_jax.kernels import _gpu_common as common
+from lowbit_jax.kernels._api import MatmulOperands, MatmulProblem
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Tiling of the W8A8 kernel.
+
+  Attributes:
+    tile_m: rows of x per compute warpgroup (multiple of 64).
+    tile_n: rows of W per compute warpgroup (multiple of 8, <= 256).
+    tile_k: K per pipeline step (128 for fp8 / int8 rows of 128 bytes).
+    stages: TMA pipeline depth.
+    grid_tile_width: width of the snake over output tiles (L2 reuse).
+    epi_n: columns per epilogue store tile.
+    wg_dim: "n" if the two compute warpgroups split the CTA tile along N, "m"
+      if along M.
+  """
+  tile_m: int = 128
+  tile_n: int = 128
+  tile_k: int = 128
+  stages: int = 4
+  grid_tile_width: int = 8
+  epi_n: int = 64
+  wg_dim: str = "n"
+
+
+def mode_of(problem: MatmulProblem) -> str:
+  """Which scaling scheme a problem uses: "channel", "block" or "mx".
+
+  Raises:
+    ValueError: if the combination of formats and blocks is not a W8A8 case.
+  """
+  wf, xf = problem.w_format, problem.x_format
+  if xf is None:
+    raise ValueError("gpu_w8a8 needs quantized activations (x_format set)")
+  if wf == "mxfp8_e4m3" or xf == "mxfp8_e4m3":
+    if wf != xf:
+      raise ValueError("MXFP8 needs mxfp8_e4m3 on both sides, got "
+                       f"w={wf!r} x={xf!r}")
+    if problem.w_block not in (32, None) or problem.x_block not in (32, None):
+      raise ValueError("MXFP8 blocks are 32 along K")
+    return "mx"
+  if wf not in ("fp8_e4m3", "int8") or xf != wf:
+    raise ValueError(f"gpu_w8a8 supports fp8_e4m3 x fp8_e4m3 and int8 x int8 "
+                     f"(and MXFP8), got w={wf!r} x={xf!r}")
+  if problem.w_block is None and problem.x_block is None:
+    return "channel"
+  if problem.w_block == (128, 128) and problem.x_block == 128:
+    return "block"
+  raise ValueError("W8A8 scales are per-token x per-channel (w_block=None, "
+                   "x_block=None) or 1x128 x 128x128 (x_block=128, "
+                   f"w_block=(128, 128)); got x_block={problem.x_block} "
+                   f"w_block={problem.w_block}")
+
+
+def _problem_for_decode(problem: MatmulProblem) -> MatmulProblem:
+  """The same problem with the MX blocks spelled out for the shared decoders."""
+  if mode_of(problem) == "mx":
+    return dataclasses.replace(problem, w_block=32, x_block=32)
+  return problem
+
+
+def reference(operands: MatmulOperands, problem: MatmulProblem) -> jax.Array:
+  """Pure-jnp definition of the W8A8 matmul.
+
+  ``channel`` and ``block``: exact f32 dequantization of both operands and one
+  f32 matmul at HIGHEST precision. ``mx``: for each 32-deep K block the f32 dot of
+  the decoded E4M3 elements, times ``2**(ex + ew - 254)``, accumulated in f32 in K
+  order (the kernel's arithmetic).
+
+  Args:
+    operands: codes ``x [M, K]``, ``w_codes [N, K]`` and their scales.
+    problem: the static description.
+
+  Returns:
+    ``[M, N]`` in ``problem.out_dtype``.
+  """
+  mode = mode_of(problem)
+  if mode != "mx":
+    x = common.dequantize_activation(operands, problem)
+    w = common.dequantize_weight(operands, problem)
+    y = jnp.dot(x, w.T, precision=lax.Precision.HIGHEST,
+                preferred_element_type=jnp.float32)
+    return y.astype(problem.out_dtype)
+  m, n, k = problem.m, problem.n, problem.k
+  nb = k // 32
+  xv = operands.x.astype(jnp.float32).reshape(m, nb, 32).transpose(1, 0, 2)
+  wv = operands.w_codes.astype(jnp.float32).reshape(n, nb, 32).transpose(1, 0, 2)
+  sx = common.decode_e8m0(operands.x_scale.reshape(m, nb)).T  # [nb, m]
+  sw = common.decode_e8m0(operands.w_scale.reshape(n, nb)).T  # [nb, n]
+
+  def body(acc, blk):
+    xb, wb, sxb, swb = blk
+    part = jnp.dot(xb, wb.T, precision=lax.Precision.HIGHEST,
+                   preferred_element_type=jnp.float32)
+    return acc + part * (sxb[:, None] * swb[None, :]), None
+
+  acc, _ = lax.scan(body, jnp.zeros((m, n), jnp.float32), (xv, wv, sx, sw))
+  return acc.astype(problem.out_dtype)
+
+
+def xla_matmul(operands: MatmulOperands, problem: MatmulProblem) -> jax.Array:
+  """XLA's best own path for the same math (what runs without a kernel).
+
+  ``channel``: a K-major 8-bit dot with f32 (int32) output, scaled afterwards (the
+  pattern XLA rewrites to cuBLASLt). ``block`` and ``mx``: dequantize to bf16, then
+  a bf16 dot.
+  """
+  mode = mode_of(problem)
+  nt = (((1,), (1,)), ((), ()))
+  if mode == "channel":
+    acc_t = jnp.int32 if problem.w_format == "int8" else jnp.float32
+    acc = lax.dot_general(operands.x, operands.w_codes, nt,
+                          preferred_element_type=acc_t).astype(jnp.float32)
+    y = acc * operands.x_scale.reshape(-1, 1).astype(jnp.float32) * (
+        operands.w_scale.reshape(1, -1).astype(jnp.float32))
+    return y.astype(problem.out_dtype)
+  p = _problem_for_decode(problem)
+  x = common.dequantize_activation(operands, p).astype(jnp.bfloat16)
+  w = common.dequantize_weight(operands, p).astype(jnp.bfloat16)
+  return lax.dot_general(x, w, nt, preferred_element_type=jnp.float32).astype(
+      problem.out_dtype)
+
+
+# ----------------------------------------------------------------------------
+# Dispatch policy.
+# ----------------------------------------------------------------------------
+
+def _default_config(problem: MatmulProblem) -> Config:
+  mode = mode_of(problem)
+  if mode == "mx":
+    # One 32-deep K block per pipeline step (a swizzled SMEM tile cannot be
+    # sliced below its 128-byte swizzle width). Two f32 accumulators (running
+    # sum and the block's partial) must fit in registers: 64 x 128 per
+    # warpgroup, the two warpgroups stacked along M.
+    return Config(tile_m=64, tile_n=128, tile_k=32, stages=8, wg_dim="m")
+  if mode == "block":
+    return Config(tile_m=64, tile_n=128, tile_k=128, stages=4, wg_dim="m")
+  return Config()
+
+
+def _cta_tile(cfg: Config) -> tuple[int, int]:
+  return (cfg.tile_m * (2 if cfg.wg_dim == "m" else 1),
+          cfg.tile_n * (2 if cfg.wg_dim == "n" else 1))
+
+
+def _shape_ok(problem: MatmulProblem, cfg: Config) -> bool:
+  m, n, k = problem.m, problem.n, problem.k
+  cta_m, cta_n = _cta_tile(cfg)
+  return (m % cta_m == 0 and n % cta_n == 0
+          and k % cfg.tile_k == 0 and cfg.tile_n % cfg.epi_n == 0)
+
+
+# Where the dispatcher may take the kernel: mode -> minimum (M, N, K). Measured on
+# an H100 at 4096 x 8192 x 8192 (benchmarks/kernels_h100.md): per-token x
+# per-channel fp8 1469 TFLOP/s (1.77x XLA bf16, 1.12x XLA's scaled fp8 dot) and
+# int8 1641 TOP/s (1.98x bf16, 1.33x XLA's int8 dot). Block-scaled and MXFP8 were
+# slower than XLA's dequantize-then-dot (0.61x and 0.22x) and are not claimed.
+MEASURED_WINS = {"channel": (4096, 8192, 8192)}
+
+
+def supports(problem: MatmulProblem) -> bool:
+  """Whether the kernel handles ``problem`` and beats XLA there (measured).
+
+  Args:
+    problem: the static description of the matmul.
+
+  Returns:
+    True only on a Hopper GPU, for shapes that tile evenly and the modes and
+    batch sizes where the H100 benchmark showed a win over XLA.
+  """
+  try:
+    mode = mode_of(problem)
+  except ValueError:
+    return False
+  win = MEASURED_WINS.get(mode)
+  if win is None:
+    return False
+  if any(d < w for d, w in zip((problem.m, problem.n, problem.k), win)):
+    return False
+  if problem.out_dtype not in ("bfloat16", "float32"):
+    return False
+  if not _shape_ok(problem, _default_config(problem)):
+    return False
+  return common.on_hopper_gpu(problem)
+
+
+# ----------------------------------------------------------------------------
+# Register helpers.
+# ----------------------------------------------------------------------------
+
+def _scale_channel(acc, sx_ref, sw_ref):
+  """acc[r, c] * sx[r] * sw[c] for an f32 WGMMA fragment; refs are 1-D f32."""
+  mgpu, fa, ir, arith, _, memref, vector = common._mlir()
+  f32 = ir.F32Type.get()
+  index = ir.IndexType.get()
+  shape = tuple(acc.shape)
+  bases = common.thread_col_base(shape)
+  rows = {}
+  cols = {}
+  new_regs = acc.registers.copy()
+  vty = ir.VectorType.get((2,), f32)
+  for idx, row_key, col_tile in common.wgmma_reg_rows_cols(shape):
+    row, col = bases[idx]
+    if row_key not in rows:
+      rows[row_key] = memref.load(sx_ref, [row])
+    if col_tile not in cols:
+      c0 = memref.load(sw_ref, [col])
+      c1 = memref.load(sw_ref, [arith.addi(col, arith.constant(index, 1))])
+      cols[col_tile] = vector.from_elements(vty, [c0, c1])
+    sr = vector.broadcast(vty, rows[row_key])
+    new_regs[idx] = arith.mulf(arith.mulf(acc.registers[idx], sr),
+                               cols[col_tile])
+  return fa.FragmentedArray(_registers=new_regs, _layout=acc.layout,
+                            _is_signed=None)
+
+
+def _promote_block(acc, part, sx_ref, sw_ref):
+  """acc + part * sx[r] * sw for the 1x128 x 128x128 scheme.
+
+  ``sx_ref`` is the ``[tile_m]`` f32 slice of this step's activation scales and
+  ``sw_ref`` a 1-element f32 ref with the weight tile's scale.
+  """
+  mgpu, fa, ir, arith, _, memref, vector = common._mlir()
+  f32 = ir.F32Type.get()
+  index = ir.IndexType.get()
+  shape = tuple(acc.shape)
+  rows = common.wgmma_row_index(shape)
+  sw = memref.load(sw_ref, [arith.constant(index, 0)])
+  vty = ir.VectorType.get((2,), f32)
+  cache = {}
+  new_regs = acc.registers.copy()
+  for idx, row_key, _ in common.wgmma_reg_rows_cols(shape):
+    if row_key not in cache:
+      s = arith.mulf(memref.load(sx_ref, [rows[row_key]]), sw)
+      cache[row_key] = vector.broadcast(vty, s)
+    p = part.registers[idx]
+    if ir.VectorType(p.type).element_type != f32:
+      p = arith.sitofp(vty, p)
+    new_regs[idx] = vector.fma(p, cache[row_key], acc.registers[idx])
+  return fa.FragmentedArray(_registers=new_regs, _layout=acc.layout,
+                            _is_signed=None)
+
+
+def _promote_mx(acc, part, sx_ref, sw_ref):
+  """acc + part * (sx[r] * sw[c]) with f32 scale refs (decoded E8M0 values).
+
+  One f32 product of the two scales and one FMA per element, exactly as
+  ``reference`` computes ``acc + p * (sx * sw)``.
+  """
+  mgpu, fa, ir, arith, _, memref, vector = common._mlir()
+  f32 = ir.F32Type.get()
+  shape = tuple(acc.shape)
+  bases = common.thread_col_base(shape)
+  vty = ir.VectorType.get((2,), f32)
+  rows = {}
+  cols = {}
+  new_regs = acc.registers.copy()
+  for idx, row_key, col_tile in common.wgmma_reg_rows_cols(shape):
+    row, col = bases[idx]
+    if row_key not in rows:
+      rows[row_key] = vector.broadcast(vty, memref.load(sx_ref, [row]))
+    if col_tile not in cols:
+      cols[col_tile] = vector.load(vty, sw_ref, [col])
+    s = arith.mulf(rows[row_key], cols[col_tile])
+    new_regs[idx] = vector.fma(part.registers[idx], s, acc.registers[idx])
+  return fa.FragmentedArray(_registers=new_regs, _layout=acc.layout,
+                            _is_signed=None)
+
+
+# ----------------------------------------------------------------------------
+# The kernel.
+# ----------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _build(mode: str, code: str, m: int, n: int, k: int, out_dtype: str,
+           cfg: Config):
+  import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
+  import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+
+  tile_m, tile_n, tile_k = cfg.tile_m, cfg.tile_n, cfg.tile_k
+  cta_m, cta_n = _cta_tile(cfg)
+  wg_m = cfg.wg_dim == "m"
+  m_iters, n_iters, k_iters = m // cta_m, n // cta_n, k // tile_k
+  is_int = code == "int8"
+  acc_dtype = jnp.int32 if is_int else jnp.float32
+  out_jdtype = jnp.dtype(out_dtype)
+  swz = plgpu.find_swizzle(tile_k * 8, "operand tile")
+  op_transforms = (plgpu.TilingTransform((8, swz)), plgpu.SwizzleTransform(swz))
+  epi_m = 64
+  epi_n = cfg.epi_n
+  out_swz = plgpu.find_swizzle(epi_n * out_jdtype.itemsize * 8, "out tile")
+  out_transforms = (
+      plgpu.TilingTransform((8, out_swz // out_jdtype.itemsize)),
+      plgpu.SwizzleTransform(out_swz))
+  sub_k = 32 if mode == "mx" else tile_k
+  if mode == "block" and tile_k != 128:
+    raise ValueError("block mode needs tile_k == 128")
+
+  def kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem):
+    in_specs = [
+        plgpu.BlockSpec((cta_m, tile_k), lambda kk: (0, kk),
+                        transforms=op_transforms, memory_space=plgpu.SMEM),
+        plgpu.BlockSpec((cta_n, tile_k), lambda kk: (0, kk),
+                        transforms=op_transforms, memory_space=plgpu.SMEM),
+    ]
+    if mode == "block":
+      # sx^T [K/128, M] and the weight scales expanded along N: [K/128, N].
+      in_specs += [
+          plgpu.BlockSpec((1, cta_m), lambda kk: (kk, 0),
+                          memory_space=plgpu.SMEM),
+          plgpu.BlockSpec((1, cta_n), lambda kk: (kk, 0),
+                          memory_space=plgpu.SMEM),
+      ]
+    elif mode == "mx":
+      nsub = tile_k // 32
+      in_specs += [
+          plgpu.BlockSpec((nsub, cta_m), lambda kk: (kk, 0),
+                          memory_space=plgpu.SMEM),
+          plgpu.BlockSpec((nsub, cta_n), lambda kk: (kk, 0),
+                          memory_space=plgpu.SMEM),
+      ]
+
+    def get_pipeline(body, compute_context):
+      return plgpu.emit_pipeline_warp_specialized(
+          body, grid=(k_iters,), memory_registers=40, in_specs=in_specs,
+          wg_axis="wg", num_compute_wgs=2,
+          max_concurrent_steps=cfg.stages, compute_context=compute_context)
+
+    ignore = lambda *_, **__: None
+    gm_args = lambda mi, ni: [
+        x_gmem.at[pl.ds(mi * cta_m, cta_m), :],
+        w_gmem.at[pl.ds(ni * cta_n, cta_n), :],
+    ] + ([] if mode == "channel" else [
+        sx_gmem.at[:, pl.ds(mi * cta_m, cta_m)],
+        sw_gmem.at[:, pl.ds(ni * cta_n, cta_n)],
+    ])
+
+    @functools.partial(
+        pl.run_scoped,
+        allocs=get_pipeline(ignore, ignore).get_allocations(*gm_args(0, 0)),
+        out_smem=plgpu.SMEM((2, epi_m, epi_n), out_jdtype,
+                            transforms=out_transforms),
+        collective_axes="wg",
+    )
+    def _scope(allocs, out_smem):
+      wg = lax.axis_index("wg")
+
+      @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+      def _loop(info):
+        (lin,) = info.index
+        mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), 1,
+                                    cfg.grid_tile_width)
+        if wg_m:
+          wg_m0 = mi * cta_m + wg * tile_m
+          wg_n0 = ni * cta_n
+          wg_rows = pl.ds(wg * tile_m, tile_m)
+          wg_cols = pl.ds(0, tile_n)
+        else:
+          wg_m0 = mi * cta_m
+          wg_n0 = ni * cta_n + wg * tile_n
+          wg_rows = pl.ds(0, tile_m)
+          wg_cols = pl.ds(wg * tile_n, tile_n)
+
+        def epilogue(acc):
+          if mode == "channel":
+            @plgpu.inline_mgpu(
+                arg_types=(plgpu.Layout.WGMMA, plgpu.RefType(), plgpu.RefType()),
+                return_type=plgpu.ShapeDtypeStruct(
+                    (tile_m, tile_n), jnp.float32, plgpu.Layout.WGMMA))
+            def scale(_, a, sx, sw):
+              if is_int:
+                a = a.astype(common._mlir()[2].F32Type.get())
+              return _scale_channel(a, sx, sw)
+            acc = scale(acc, sx_gmem.at[pl.ds(wg_m0, tile_m)],
+                        sw_gmem.at[pl.ds(wg_n0, tile_n)])
+          out = acc.astype(out_jdtype)
+          for em in range(tile_m // epi_m):
+            for en in range(tile_n // epi_n):
+              plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+              out_smem[wg] = out[em * epi_m:(em + 1) * epi_m,
+                                 en * epi_n:(en + 1) * epi_n]
+              plgpu.commit_smem()
+              plgpu.copy_smem_to_gmem(
+                  out_smem.at[wg],
+                  o_gmem.at[pl.ds(wg_m0 + em * epi_m, epi_m),
+                            pl.ds(wg_n0 + en * epi_n, epi_n)])
+
+        if mode == "channel":
+          def compute_context(run):
+            @functools.partial(pl.run_scoped,
+                               acc_ref=plgpu.ACC((tile_m, tile_n), acc_dtype))
+            def _acc(acc_ref):
+              run(acc_ref)
+              epilogue(acc_ref[...])
+
+          def body(_, x_smem, w_smem, acc_ref):
+            a = x_smem.at[wg_rows] if wg_m else x_smem
+            plgpu.wgmma(acc_ref, a,
+                        common.transpose_ref(w_smem.at[wg_cols]))
+            plgpu.wgmma_wait(0)
+            return acc_ref
+        else:
+          def compute_context(run):
+            init = plgpu.layout_cast(
+                jnp.zeros((tile_m, tile_n), jnp.float32), plgpu.Layout.WGMMA)
+            epilogue(run(init))
+
+          def body(_, x_smem, w_smem, sx_smem, sw_smem, acc):
+            for j in range(tile_k // sub_k):
+              ks = pl.ds(j * sub_k, sub_k)
+
+              def mma(part_ref):
+                plgpu.wgmma(part_ref, x_smem.at[wg_rows, ks],
+                            common.transpose_ref(w_smem.at[wg_cols, ks]))
+                plgpu.wgmma_wait(0)
+                return part_ref[...]
+              part = pl.run_scoped(mma, plgpu.ACC((tile_m, tile_n), acc_dtype))
+              if mode == "block":
+                @plgpu.inline_mgpu(
+                    arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA,
+                               plgpu.RefType(), plgpu.RefType()),
+                    return_type=plgpu.ShapeDtypeStruct(
+                        (tile_m, tile_n), jnp.float32, plgpu.Layout.WGMMA))
+                def promote(_, a, p, sx, sw):
+                  return _promote_block(a, p, sx, sw)
+                acc = promote(acc, part, sx_smem.at[0, wg_rows],
+                              sw_smem.at[0, pl.ds(wg_cols.start, 1)])
+              else:
+                @plgpu.inline_mgpu(
+                    arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA,
+                               plgpu.RefType(), plgpu.RefType()),
+                    return_type=plgpu.ShapeDtypeStruct(
+                        (tile_m, tile_n), jnp.float32, plgpu.Layout.WGMMA))
+                def promote(_, a, p, ex, ew):
+                  return _promote_mx(a, p, ex, ew)
+                acc = promote(acc, part, sx_smem.at[j, wg_rows],
+                              sw_smem.at[j, wg_cols])
+            return acc
+
+        get_pipeline(body, compute_context)(*gm_args(mi, ni), allocations=allocs)
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  kern = plgpu.kernel(
+      kernel,
+      out_type=jax.ShapeDtypeStruct((m, n), out_jdtype),
+      grid=(common.num_sms() if _on_gpu() else 132,),
+      grid_names=("sm",),
+      num_threads=3,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(
+          lowering_semantics=plgpu.LoweringSemantics.Lane),
+  )
+  return kern
+
+
+def _on_gpu() -> bool:
+  try:
+    return jax.devices()[0].platform == "gpu"
+  except RuntimeError:
+    return False
+
+
+def matmul(operands: MatmulOperands, problem: MatmulProblem, *,
+           config: Optional[Config] = None, interpret: bool = False) -> jax.Array:
+  """Runs the Mosaic GPU W8A8 kernel.
+
+  Args:
+    operands: ``x`` codes ``[M, K]``, ``w_codes [N, K]``, ``x_scale`` and
+      ``w_scale`` as described in the module docstring.
+    problem: the static description; ``supports(problem)`` should be True.
+    config: tiling override (benchmarks).
+    interpret: unsupported for Mosaic GPU kernels (must be False).
+
+  Returns:
+    ``[M, N]`` in ``problem.out_dtype``.
+
+  Raises:
+    ValueError: for unsupported formats or shapes that do not tile.
+  """
+  if interpret:
+    raise ValueError("gpu_w8a8 has no interpret mode; use reference()")
+  mode = mode_of(problem)
+  cfg = config or _default_config(problem)
+  if not _shape_ok(problem, cfg):
+    raise ValueError(f"shape M={problem.m} N={problem.n} K={problem.k} does not "
+                     f"fit the tiling {cfg}")
+  code = problem.w_format if mode != "mx" else "fp8_e4m3"
+  kern = _build(mode, code, problem.m, problem.n, problem.k, problem.out_dtype,
+                cfg)
+  m, n, k = problem.m, problem.n, problem.k
+  if mode == "channel":
+    sx = operands.x_scale.reshape(m).astype(jnp.float32)
+    sw = operands.w_scale.reshape(n).astype(jnp.float32)
+  elif mode == "block":
+    sx = operands.x_scale.reshape(m, k // 128).astype(jnp.float32).T
+    sw = jnp.repeat(operands.w_scale.reshape(n // 128, k // 128).astype(
+        jnp.float32), 128, axis=0).T
+  else:
+    # E8M0 -> f32 once per call (exact), transposed to [K/32, rows].
+    sx = common.decode_e8m0(operands.x_scale.reshape(m, k // 32)).T
+    sw = common.decode_e8m0(operands.w_scale.reshape(n, k // 32)).T
+  return kern(operands.x, operands.w_codes, sx, sw)

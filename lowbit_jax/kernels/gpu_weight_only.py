@@ -1,0 +1,699 @@
+"""Weight-only low-bit matmul (W4A16 / W8A16 family) for Hopper GPUs, in Mosaic GPU.
+
+Computes ``y[M, N] = x[M, K] @ dequant(W)[N, K]^T`` for bf16 activations and
+int4 / int8 (per channel or groups of 32, 64, 128 along K), fp4 E2M1 with
+per-channel or group scales, MXFP4 (E2M1 codes, E8M0 scales per 32) and NVFP4
+(E2M1 codes, E4M3 scales per 16, one float32 tensor scale) weights.
+
+The kernel swaps the operands, ``y^T = W x^T`` (the scheme of Marlin, Frantar et
+al. 2024, "MARLIN: Mixed-Precision Auto-Regressive Parallel Inference on Large
+Language Models"): a ``[tile_n, tile_k]`` weight tile is the WGMMA M side and is
+dequantized in registers (int4 -> bf16 through the magic-exponent trick Mosaic GPU
+implements; E2M1 -> bf16 by placing the three magnitude bits in the exponent/mantissa
+of a bf16 and multiplying by 2**126), while the activation tile ``[tile_m, K]``
+(tile_m = 8 .. 128) is the N side read transposed from shared memory. Weight and
+activation tiles stream through a TMA pipeline of several stages; group scales of a
+weight tile are loaded once per CTA and applied per register; per-channel and
+tensor scales are applied to the f32 accumulator. A K split adds parallelism for
+short N (partials in f32, summed by XLA).
+
+Two variants: the default runs one warpgroup per CTA (``Config(ws=False)``, the
+one measured on an H100); ``Config(ws=True)`` is warp-specialized (a TMA
+warpgroup and two compute warpgroups that each take half of every K step and add
+their partial sums through shared memory), lowered and tested on CPU but not yet
+run on a GPU.
+
+``supports`` only accepts cases measured faster than XLA's dequantize-then-dot on
+an H100 (``MEASURED_WINS``; numbers in ``benchmarks/kernels_h100.md``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import numpy as np
+
+from lowbit_jax.kernels import _gpu_common as common
+from lowbit_jax.kernels._api import MatmulOperands, MatmulProblem
+
+_FORMATS = ("int4", "int8", "fp4_e2m1", "mxfp4", "nvfp4")
+_GROUPS = {"int4": (None, 32, 64, 128), "int8": (None, 32, 64, 128),
+           "fp4_e2m1": (None, 32, 64, 128), "mxfp4": (32,), "nvfp4": (16,)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Tiling of the weight-only kernel.
+
+  Attributes:
+    tile_n: weight rows per CTA (a multiple of 64; the WGMMA M side).
+    tile_k: K elements per pipeline step.
+    tile_m: activation rows per CTA (multiple of 8, at most 128; WGMMA N side).
+    stages: pipeline depth (TMA copies in flight).
+    split_k: number of K slices computed by separate CTAs.
+    ws: warp-specialized (a TMA warpgroup and two compute warpgroups, each
+      taking half of every K step) instead of one warpgroup doing everything.
+  """
+  tile_n: int = 64
+  tile_k: int = 256
+  tile_m: int = 16
+  stages: int = 4
+  split_k: int = 1
+  ws: bool = False
+
+
+def _validate(problem: MatmulProblem) -> None:
+  if problem.x_format is not None:
+    raise ValueError("gpu_weight_only handles weight-only problems (x_format "
+                     f"None), got x_format={problem.x_format!r}")
+  if problem.w_format not in _FORMATS:
+    raise ValueError(f"gpu_weight_only supports {_FORMATS}, got "
+                     f"{problem.w_format!r}")
+  g = common.weight_group(problem)
+  if g not in _GROUPS[problem.w_format]:
+    raise ValueError(f"{problem.w_format} weights take w_block in "
+                     f"{_GROUPS[problem.w_format]}, got {g}")
+  if g is not None and problem.k % g:
+    raise ValueError(f"K={problem.k} is not a multiple of the group size {g}")
+
+
+def reference(operands: MatmulOperands, problem: MatmulProblem) -> jax.Array:
+  """Pure-jnp definition: exact float32 dequantization, float32 matmul.
+
+  Args:
+    operands: ``x [M, K]`` float, ``w_codes`` / ``w_scale`` (/ ``w_tensor_scale``
+      for NVFP4) in the layout of ``lowbit_jax.kernels._api``.
+    problem: the static description.
+
+  Returns:
+    ``[M, N]`` in ``problem.out_dtype``.
+
+  Raises:
+    ValueError: if the problem is not a weight-only format this module covers.
+  """
+  _validate(problem)
+  w = common.dequantize_weight(operands, problem)
+  y = jnp.dot(operands.x.astype(jnp.float32), w.T,
+              precision=lax.Precision.HIGHEST,
+              preferred_element_type=jnp.float32)
+  return y.astype(problem.out_dtype)
+
+
+def xla_dequant_matmul(operands: MatmulOperands,
+                       problem: MatmulProblem) -> jax.Array:
+  """XLA's own low-bit path: dequantize to bf16 in jnp, then one dot.
+
+  This is what runs without a kernel (and what the benchmark compares against):
+  codes are unpacked and scaled in bf16, the dot accumulates in f32.
+  """
+  _validate(problem)
+  w = common.dequantize_weight(operands, problem).astype(jnp.bfloat16)
+  y = lax.dot_general(operands.x.astype(jnp.bfloat16), w,
+                      (((1,), (1,)), ((), ())),
+                      preferred_element_type=jnp.float32)
+  return y.astype(problem.out_dtype)
+
+
+# ----------------------------------------------------------------------------
+# Dispatch policy.
+# ----------------------------------------------------------------------------
+
+def _decode_config(problem: MatmulProblem) -> Config:
+  """The tiling used for a problem.
+
+  Decode (M <= 16) uses the single-warpgroup kernel with a K split of 2: the
+  variant measured fastest on the H100 (``benchmarks/kernels_h100.md``, sweep).
+  The K split doubles further while there are fewer CTAs than SMs.
+  """
+  m, n, k = problem.m, problem.n, problem.k
+  if m <= 16:
+    tile_m, tile_k, stages = max(8, -(-m // 8) * 8), 256, 4
+  elif m <= 64:
+    tile_m, tile_k, stages = -(-m // 8) * 8, 256, 3
+  else:
+    tile_m, tile_k, stages = 128, 128, 3
+  cfg = Config(tile_n=64, tile_k=tile_k, tile_m=tile_m, stages=stages,
+               split_k=1, ws=False)
+  ctas = (n // 64) * (-(-m // tile_m))
+  while ((cfg.split_k < 2 and m <= 16) or ctas * cfg.split_k < 100) and (
+      cfg.split_k < 8):
+    trial = dataclasses.replace(cfg, split_k=cfg.split_k * 2)
+    if not _shape_ok(problem, trial):
+      break
+    cfg = trial
+  if not _shape_ok(problem, cfg) and tile_k == 256:
+    cfg = dataclasses.replace(cfg, tile_k=128)
+  return cfg
+
+
+def _shape_ok(problem: MatmulProblem, cfg: Config) -> bool:
+  """Whether the shape tiles evenly and every TMA box is legal."""
+  m, n, k = problem.m, problem.n, problem.k
+  if n % cfg.tile_n or k % (cfg.tile_k * cfg.split_k):
+    return False
+  if m > cfg.tile_m and m % cfg.tile_m:
+    return False
+  tkw = cfg.tile_k // (2 if cfg.ws else 1)
+  bits = 8 if problem.w_format == "int8" else 4
+  if (tkw * bits) % 1024 and (tkw * bits) % 512:
+    return False  # weight rows of a step must be 64 or 128 bytes (swizzle)
+  g = common.weight_group(problem)
+  if g is not None:
+    kps = k // cfg.split_k
+    if kps % g:
+      return False
+    if not (tkw % g == 0 or g % tkw == 0):
+      return False
+    itemsize = 1 if problem.w_format in ("mxfp4", "nvfp4") else 2
+    cw = math.gcd(kps // g, 256)
+    if (cw * itemsize) % 16:
+      return False
+  return True
+
+
+# Where the dispatcher may take the kernel: (format, group) -> (max M, min N*K).
+# Only cases measured on an H100 against XLA's dequantize-then-dot go here
+# (benchmarks/kernels_h100.md): int4 with groups of 128 at M = 1 and 16 on
+# 8192 x 8192 and 8192 x 28672, 14.8x / 17.9x faster than XLA's g128 path. The
+# other formats pass their correctness checks but have no timing yet; XLA fuses
+# per-channel int4 / int8 well, so those must be measured before they are
+# claimed.
+MEASURED_WINS = {("int4", 128): (16, 8192 * 8192)}
+
+
+def supports(problem: MatmulProblem) -> bool:
+  """Whether the kernel handles ``problem`` and beats XLA there (measured).
+
+  Args:
+    problem: the static description of the matmul.
+
+  Returns:
+    True only on a Hopper GPU, for bf16 activations, a (format, group) in
+    ``MEASURED_WINS`` at batch sizes and weight sizes inside the measured range,
+    and shapes that tile evenly.
+  """
+  try:
+    _validate(problem)
+  except ValueError:
+    return False
+  if problem.x_dtype != "bfloat16" or problem.out_dtype not in (
+      "bfloat16", "float32"):
+    return False
+  win = MEASURED_WINS.get((problem.w_format, common.weight_group(problem)))
+  if win is None:
+    return False
+  max_m, min_nk = win
+  if problem.m > max_m or problem.n * problem.k < min_nk:
+    return False
+  if not _shape_ok(problem, _decode_config(problem)):
+    return False
+  return common.on_hopper_gpu(problem)
+
+
+# ----------------------------------------------------------------------------
+# In-register dequantization (Mosaic GPU fragments).
+# ----------------------------------------------------------------------------
+
+def _bf16_const_vec(value_bits: int):
+  mgpu, _, ir, arith, _, _, _ = common._mlir()
+  bf16 = ir.BF16Type.get()
+  i16 = ir.IntegerType.get_signless(16)
+  scalar = arith.bitcast(bf16, arith.constant(i16, value_bits))
+  from jax._src.lib.mlir.dialects import vector  # pylint: disable=g-import-not-at-top
+  return vector.broadcast(ir.VectorType.get((2,), bf16), scalar)
+
+
+def _scale_to_bf16(val, kind: str):
+  """Converts one loaded scale (MLIR scalar) to bf16.
+
+  Args:
+    val: the scalar loaded from SMEM.
+    kind: "float" (bf16 / f32 scales), "e8m0" (uint8 codes) or "e4m3".
+  """
+  mgpu, _, ir, arith, _, _, _ = common._mlir()
+  bf16 = ir.BF16Type.get()
+  i8 = ir.IntegerType.get_signless(8)
+  i16 = ir.IntegerType.get_signless(16)
+  i32 = ir.IntegerType.get_signless(32)
+  f32 = ir.F32Type.get()
+  c16 = lambda v: arith.constant(i16, v)
+  c32 = lambda v: arith.constant(i32, v)
+  if kind == "float":
+    if val.type == bf16:
+      return val
+    return arith.truncf(bf16, val)
+  if kind == "e8m0":
+    # 2**(c - 127): bf16 bits c << 7 for 1 <= c <= 254; c == 0 is the bf16
+    # subnormal 2**-127 (0x0040); c == 255 is NaN.
+    code = arith.extui(i16, val)
+    bits = arith.shli(code, c16(7))
+    bits = arith.select(arith.cmpi(arith.CmpIPredicate.eq, code, c16(0)),
+                        c16(0x0040), bits)
+    bits = arith.select(arith.cmpi(arith.CmpIPredicate.eq, code, c16(255)),
+                        c16(0x7FC0), bits)
+    return arith.bitcast(bf16, bits)
+  if kind == "e4m3":
+    b = arith.extui(i32, arith.bitcast(i8, val))
+    sign = arith.andi(b, c32(0x80))
+    e = arith.andi(arith.shrui(b, c32(3)), c32(0xF))
+    m = arith.andi(b, c32(7))
+    # Normal: (e - 7 + 127) << 23 | m << 20 as float32 bits.
+    normal = arith.ori(arith.shli(arith.addi(e, c32(120)), c32(23)),
+                       arith.shli(m, c32(20)))
+    # Subnormal: m * 2**-9.
+    sub = arith.mulf(arith.uitofp(f32, m), arith.constant(f32, 2.0 ** -9))
+    mag = arith.select(arith.cmpi(arith.CmpIPredicate.eq, e, c32(0)),
+                       arith.bitcast(i32, sub), normal)
+    is_nan = arith.andi(
+        arith.cmpi(arith.CmpIPredicate.eq, e, c32(15)),
+        arith.cmpi(arith.CmpIPredicate.eq, m, c32(7)))
+    mag = arith.select(is_nan, c32(0x7FC00000), mag)
+    f = arith.bitcast(f32, arith.ori(mag, arith.shli(sign, c32(24))))
+    return arith.truncf(bf16, f)
+  raise ValueError(kind)
+
+
+def _e2m1_regs_to_bf16(w):
+  """E2M1 nibble pairs (an int4-typed WGMMA fragment) to exact bf16 values."""
+  mgpu, fa, ir, arith, _, _, _ = common._mlir()
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils  # pylint: disable=g-import-not-at-top
+  bf16 = ir.BF16Type.get()
+  i8 = ir.IntegerType.get_signless(8)
+  i32 = ir.IntegerType.get_signless(32)
+  c32 = lambda v: arith.constant(i32, v)
+  two126 = _bf16_const_vec(0x7E80)  # 2**126
+  new_regs = w.registers.copy()
+  for idx, reg in np.ndenumerate(w.registers):
+    u = arith.extui(i32, mgpu_utils.bitcast(reg, i8))
+    lo = arith.ori(arith.shli(arith.andi(u, c32(0x8)), c32(12)),
+                   arith.shli(arith.andi(u, c32(0x7)), c32(6)))
+    hi = arith.ori(arith.shli(arith.andi(u, c32(0x80)), c32(24)),
+                   arith.shli(arith.andi(u, c32(0x70)), c32(18)))
+    bits = arith.ori(lo, hi)
+    vec = mgpu_utils.bitcast(bits, ir.VectorType.get((2,), bf16))
+    new_regs[idx] = arith.mulf(vec, two126)
+  return fa.FragmentedArray(_registers=new_regs, _layout=w.layout,
+                            _is_signed=None)
+
+
+def _scale_regs(w, s_ref, group: Optional[int], tile_k_total: int, kind: str):
+  """Multiplies a bf16 WGMMA fragment ``[rows, cols]`` by per-row/group scales.
+
+  Args:
+    w: bf16 FragmentedArray in the WGMMA layout.
+    s_ref: SMEM memref ``[rows, ng]`` of scales for the groups this tile spans.
+    group: group size along K (columns), or None if ``s_ref`` has one column.
+    tile_k_total: number of columns of ``w``.
+    kind: scale encoding, see ``_scale_to_bf16``.
+  """
+  mgpu, fa, ir, arith, _, memref, vector = common._mlir()
+  bf16 = ir.BF16Type.get()
+  index = ir.IndexType.get()
+  shape = tuple(w.shape)
+  rows = common.wgmma_row_index(shape)
+  cache = {}
+  new_regs = w.registers.copy()
+  for idx, row_key, col_tile in common.wgmma_reg_rows_cols(shape):
+    gi = 0 if group is None or group >= tile_k_total else (col_tile * 8) // group
+    key = (row_key, gi)
+    if key not in cache:
+      s = memref.load(s_ref, [rows[row_key], arith.constant(index, gi)])
+      s = _scale_to_bf16(s, kind)
+      cache[key] = vector.broadcast(ir.VectorType.get((2,), bf16), s)
+    new_regs[idx] = arith.mulf(w.registers[idx], cache[key])
+  return fa.FragmentedArray(_registers=new_regs, _layout=w.layout,
+                            _is_signed=None)
+
+
+def _scale_acc_rows(acc, s_ref, kind: str, t_ref=None):
+  """Multiplies an f32 WGMMA accumulator by a per-row scale (and a scalar)."""
+  mgpu, fa, ir, arith, _, memref, vector = common._mlir()
+  f32 = ir.F32Type.get()
+  index = ir.IndexType.get()
+  shape = tuple(acc.shape)
+  rows = common.wgmma_row_index(shape)
+  vty = ir.VectorType.get((2,), f32)
+  t = None
+  if t_ref is not None:
+    t = memref.load(t_ref, [arith.constant(index, 0)])
+  cache = {}
+  new_regs = acc.registers.copy()
+  for idx, row_key, _ in common.wgmma_reg_rows_cols(shape):
+    if row_key not in cache:
+      if s_ref is not None:
+        s = memref.load(s_ref, [rows[row_key]])
+        s = arith.extf(f32, _scale_to_bf16(s, kind)) if s.type != f32 else s
+        if t is not None:
+          s = arith.mulf(s, t)
+      else:
+        s = t
+      cache[row_key] = vector.broadcast(vty, s)
+    new_regs[idx] = arith.mulf(acc.registers[idx], cache[row_key])
+  return fa.FragmentedArray(_registers=new_regs, _layout=acc.layout,
+                            _is_signed=None)
+
+
+def _store_acc_transposed(acc, o_ref, valid_cols: Optional[int]):
+  """Stores ``acc [rows, cols]`` (WGMMA layout) to ``o_ref [cols, rows]``.
+
+  Args:
+    acc: f32 FragmentedArray in the WGMMA layout.
+    o_ref: GMEM memref of shape ``[cols_or_less, rows]``.
+    valid_cols: if not None, only columns ``< valid_cols`` are written.
+  """
+  mgpu, fa, ir, arith, _, memref, vector = common._mlir()
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils  # pylint: disable=g-import-not-at-top
+  index = ir.IndexType.get()
+  out_ty = ir.MemRefType(o_ref.type).element_type
+  shape = tuple(acc.shape)
+  bases = common.thread_col_base(shape)
+  for idx, _, _ in common.wgmma_reg_rows_cols(shape):
+    row, col = bases[idx]
+    reg = acc.registers[idx]
+    for v in range(2):
+      val = vector.extract(reg, dynamic_position=[],
+                           static_position=ir.DenseI64ArrayAttr.get([v]))
+      if val.type != out_ty:
+        val = arith.truncf(out_ty, val)
+      c = arith.addi(col, arith.constant(index, v))
+      if valid_cols is None:
+        memref.store(val, o_ref, [c, row])
+      else:
+        ok = arith.cmpi(arith.CmpIPredicate.ult, c,
+                        arith.constant(index, valid_cols))
+        with mgpu_utils.when(ok):
+          memref.store(val, o_ref, [c, row])
+
+
+# ----------------------------------------------------------------------------
+# The kernel.
+# ----------------------------------------------------------------------------
+
+def _scale_kind(fmt: str) -> str:
+  return {"mxfp4": "e8m0", "nvfp4": "e4m3"}.get(fmt, "float")
+
+
+@functools.lru_cache(maxsize=None)
+def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
+           scale_dtype: str, out_dtype: str, cfg: Config):
+  """Builds the pallas kernel for one static problem; returns a callable.
+
+  With ``cfg.ws`` the kernel is warp-specialized: one warpgroup issues the TMA
+  copies and two compute warpgroups each dequantize and multiply one half of every
+  K step, their partial sums are added through shared memory at the end. Without
+  it one warpgroup does everything with a software pipeline.
+  """
+  import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
+  import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+
+  tile_n, tile_k, tile_m = cfg.tile_n, cfg.tile_k, cfg.tile_m
+  ws = cfg.ws
+  n_compute = 2 if ws else 1
+  tkw = tile_k // n_compute  # K columns each compute warpgroup handles per step
+  split = cfg.split_k
+  kps = k // split
+  k_steps = kps // tile_k
+  m_tiles = -(-m // tile_m)
+  n_tiles = n // tile_n
+  rows_out = min(tile_m, m)
+  valid_cols = None if m % tile_m == 0 else m - (m_tiles - 1) * tile_m
+  if m_tiles > 1 and valid_cols is not None:
+    raise NotImplementedError("M must be a multiple of tile_m when M > tile_m")
+  four_bit = fmt != "int8"
+  w_bits = 4 if four_bit else 8
+  w_swz = plgpu.find_swizzle(tkw * w_bits, "weight tile")
+  w_transforms = (plgpu.TilingTransform((8, w_swz * 8 // w_bits)),
+                  plgpu.SwizzleTransform(w_swz))
+  x_swz = plgpu.find_swizzle(tkw * 16, "activation tile")
+  x_transforms = (plgpu.TilingTransform((8, x_swz // 2)),
+                  plgpu.SwizzleTransform(x_swz))
+  kind = _scale_kind(fmt)
+  per_channel = group is None
+  ng_total = None if per_channel else kps // group
+  ng_step = None if per_channel else max(1, tkw // group)
+  acc_out_dtype = jnp.float32 if split > 1 else jnp.dtype(out_dtype)
+  s_jdtype = jnp.dtype(scale_dtype)
+  has_t = fmt == "nvfp4"
+  if per_channel:
+    scale_cw, n_scale_copies = 1, 1
+  else:
+    scale_cw = math.gcd(ng_total, 256)
+    n_scale_copies = ng_total // scale_cw
+
+  def load_w(w_ref):
+    layout = (plgpu.Layout.WGMMA_UPCAST_4X if four_bit
+              else plgpu.Layout.WGMMA_UPCAST_2X)
+    w = common.plgpu_load(w_ref, layout)
+    w = plgpu.layout_cast(w, plgpu.Layout.WGMMA)
+    if fmt in ("int4", "int8"):
+      return w.astype(jnp.bfloat16)
+
+    @plgpu.inline_mgpu(
+        arg_types=(plgpu.Layout.WGMMA,),
+        return_type=plgpu.ShapeDtypeStruct((tile_n, tkw), jnp.bfloat16,
+                                           plgpu.Layout.WGMMA))
+    def to_bf16(_, wf):
+      return _e2m1_regs_to_bf16(wf)
+    return to_bf16(w)
+
+  def scale_w(w, s_ref):
+    @plgpu.inline_mgpu(
+        arg_types=(plgpu.RefType(), plgpu.Layout.WGMMA),
+        return_type=plgpu.ShapeDtypeStruct((tile_n, tkw), jnp.bfloat16,
+                                           plgpu.Layout.WGMMA))
+    def apply(_, s, wf):
+      return _scale_regs(wf, s, group, tkw, kind)
+    return apply(s_ref, w)
+
+  def mma_step(kk, x_ref, w_ref, acc_ref, s_smem, s_bar, part):
+    """Dequantizes columns ``part`` of this step's tiles and accumulates."""
+    w = load_w(w_ref)
+    if not per_channel:
+      @pl.when(kk == 0)
+      def _():
+        plgpu.barrier_wait(s_bar.at[0])
+      col0 = kk * tile_k + part * tkw
+      g0 = col0 // group
+      w = scale_w(w, s_smem.at[g0 // scale_cw, :,
+                               pl.ds(g0 % scale_cw, ng_step)])
+    plgpu.wgmma(acc_ref, w, common.transpose_ref(x_ref))
+    # The A operand lives in registers that the next step overwrites: the MMA
+    # must be complete before the body returns.
+    plgpu.wgmma_wait(0)
+
+  def issue_scale_copy(s_gmem, s_smem, s_bar, n0, si):
+    if per_channel:
+      plgpu.copy_gmem_to_smem(s_gmem.at[pl.ds(n0, tile_n)], s_smem,
+                              s_bar.at[0])
+    else:
+      # TMA boxes are at most 256 elements along each dimension: the scales of
+      # a tile are copied in chunks of ``scale_cw`` groups.
+      for c in range(n_scale_copies):
+        plgpu.copy_gmem_to_smem(
+            s_gmem.at[pl.ds(n0, tile_n),
+                      pl.ds(si * ng_total + c * scale_cw, scale_cw)],
+            s_smem.at[c], s_bar.at[0])
+
+  def epilogue(acc, s_smem, s_bar, t_gmem, o_gmem, n0, mi, si):
+    if per_channel:
+      plgpu.barrier_wait(s_bar.at[0])
+    if per_channel or has_t:
+      arg_types = [plgpu.Layout.WGMMA, plgpu.RefType()]
+      args = [acc, s_smem]
+      if has_t:
+        arg_types.append(plgpu.RefType())
+        args.append(t_gmem)
+
+      @plgpu.inline_mgpu(
+          arg_types=tuple(arg_types),
+          return_type=plgpu.ShapeDtypeStruct((tile_n, tile_m), jnp.float32,
+                                             plgpu.Layout.WGMMA))
+      def epi(_, a, s, *t):
+        return _scale_acc_rows(a, s if per_channel else None, kind,
+                               t[0] if t else None)
+      acc = epi(*args)
+    if split > 1:
+      o_view = o_gmem.at[si, pl.ds(mi * tile_m, rows_out), pl.ds(n0, tile_n)]
+    else:
+      o_view = o_gmem.at[pl.ds(mi * tile_m, rows_out), pl.ds(n0, tile_n)]
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))
+    def store(_, a, o):
+      _store_acc_transposed(a, o, valid_cols)
+    store(acc, o_view)
+
+  def split_refs(refs):
+    if has_t:
+      x_gmem, w_gmem, s_gmem, t_gmem, o_gmem = refs[:5]
+      rest = refs[5:]
+    else:
+      x_gmem, w_gmem, s_gmem, o_gmem = refs[:4]
+      t_gmem = None
+      rest = refs[4:]
+    return x_gmem, w_gmem, s_gmem, t_gmem, o_gmem, rest
+
+  if per_channel:
+    s_scratch = plgpu.SMEM((tile_n,), s_jdtype)
+  else:
+    s_scratch = plgpu.SMEM((n_scale_copies, tile_n, scale_cw), s_jdtype)
+
+  def body_single(*refs):
+    x_gmem, w_gmem, s_gmem, t_gmem, o_gmem, (s_smem, s_bar) = split_refs(refs)
+    ni = lax.axis_index("n")
+    mi = lax.axis_index("m")
+    si = lax.axis_index("s")
+    n0 = pl.multiple_of(ni * tile_n, tile_n)
+    issue_scale_copy(s_gmem, s_smem, s_bar, n0, si)
+
+    def compute(acc_ref):
+      def step(idx, x_smem, w_smem):
+        mma_step(idx[0], x_smem, w_smem, acc_ref, s_smem, s_bar, 0)
+
+      xs = plgpu.BlockSpec((tile_m, tile_k), lambda kk: (mi, kk),
+                           transforms=x_transforms)
+      wsp = plgpu.BlockSpec((tile_n, tile_k), lambda kk: (0, kk),
+                            transforms=w_transforms)
+      plgpu.emit_pipeline(step, grid=(k_steps,), in_specs=[xs, wsp],
+                          max_concurrent_steps=cfg.stages)(
+                              x_gmem.at[:, pl.ds(si * kps, kps)],
+                              w_gmem.at[pl.ds(n0, tile_n), pl.ds(si * kps, kps)])
+      return acc_ref[...]
+
+    acc = pl.run_scoped(compute, plgpu.ACC((tile_n, tile_m), jnp.float32))
+    epilogue(acc, s_smem, s_bar, t_gmem, o_gmem, n0, mi, si)
+
+  def body_ws(*refs):
+    x_gmem, w_gmem, s_gmem, t_gmem, o_gmem, rest = split_refs(refs)
+    ni = lax.axis_index("n")
+    mi = lax.axis_index("m")
+    si = lax.axis_index("s")
+    wg = lax.axis_index("wg")
+    n0 = pl.multiple_of(ni * tile_n, tile_n)
+    xs = plgpu.BlockSpec((tile_m, tile_k), lambda kk: (mi, kk),
+                         transforms=x_transforms, memory_space=plgpu.SMEM)
+    wsp = plgpu.BlockSpec((tile_n, tile_k), lambda kk: (0, kk),
+                          transforms=w_transforms, memory_space=plgpu.SMEM)
+    x_view = x_gmem.at[:, pl.ds(si * kps, kps)]
+    w_view = w_gmem.at[pl.ds(n0, tile_n), pl.ds(si * kps, kps)]
+
+    def get_pipeline(body, compute_context):
+      return plgpu.emit_pipeline_warp_specialized(
+          body, grid=(k_steps,), memory_registers=40, in_specs=[xs, wsp],
+          wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=cfg.stages,
+          compute_context=compute_context)
+
+    ignore = lambda *_, **__: None
+
+    @functools.partial(
+        pl.run_scoped,
+        allocs=get_pipeline(ignore, ignore).get_allocations(x_view, w_view),
+        s_smem=s_scratch,
+        s_bar=plgpu.Barrier(num_arrivals=n_scale_copies, num_barriers=1),
+        red_smem=plgpu.SMEM((tile_n, tile_m), jnp.float32),
+        red_bar=plgpu.Barrier(num_barriers=1),
+        collective_axes="wg",
+    )
+    def _scope(allocs, s_smem, s_bar, red_smem, red_bar):
+      @pl.when(wg == 0)
+      def _():
+        issue_scale_copy(s_gmem, s_smem, s_bar, n0, si)
+
+      def compute_context(run):
+        @functools.partial(pl.run_scoped,
+                           acc_ref=plgpu.ACC((tile_n, tile_m), jnp.float32))
+        def _acc(acc_ref):
+          run(acc_ref)
+          acc = acc_ref[...]
+
+          @pl.when(wg == 1)
+          def _():
+            red_smem[...] = acc
+            plgpu.barrier_arrive(red_bar.at[0])
+
+          @pl.when(wg == 0)
+          def _():
+            plgpu.barrier_wait(red_bar.at[0])
+            total = acc + common.plgpu_load(red_smem, plgpu.Layout.WGMMA)
+            epilogue(total, s_smem, s_bar, t_gmem, o_gmem, n0, mi, si)
+
+      def body(idx, x_smem, w_smem, acc_ref):
+        ks = pl.ds(wg * tkw, tkw)
+        mma_step(idx[0], x_smem.at[:, ks], w_smem.at[:, ks], acc_ref, s_smem,
+                 s_bar, wg)
+        return acc_ref
+
+      get_pipeline(body, compute_context)(x_view, w_view, allocations=allocs)
+
+  out_shape = (split, m, n) if split > 1 else (m, n)
+  if ws:
+    kern = plgpu.kernel(
+        body_ws,
+        out_type=jax.ShapeDtypeStruct(out_shape, acc_out_dtype),
+        grid=(n_tiles, m_tiles, split),
+        grid_names=("n", "m", "s"),
+        num_threads=3,
+        thread_name="wg",
+    )
+  else:
+    kern = plgpu.kernel(
+        body_single,
+        out_type=jax.ShapeDtypeStruct(out_shape, acc_out_dtype),
+        scratch_types=[s_scratch,
+                       plgpu.Barrier(num_arrivals=n_scale_copies,
+                                     num_barriers=1)],
+        grid=(n_tiles, m_tiles, split),
+        grid_names=("n", "m", "s"),
+    )
+
+  def call(x, w_codes, w_scale, w_tensor_scale):
+    if four_bit:
+      w = lax.bitcast_convert_type(w_codes, jnp.int4).reshape(n, k)
+    else:
+      w = w_codes
+    s = w_scale.reshape(n) if per_channel else w_scale
+    args = [x.astype(jnp.bfloat16), w, s]
+    if has_t:
+      t = jnp.ones((1,), jnp.float32) if w_tensor_scale is None else (
+          jnp.asarray(w_tensor_scale, jnp.float32).reshape(1))
+      args.append(t)
+    out = kern(*args)
+    if split > 1:
+      out = out.sum(axis=0)
+    return out.astype(out_dtype)
+
+  return call
+
+
+def matmul(operands: MatmulOperands, problem: MatmulProblem, *,
+           config: Optional[Config] = None, interpret: bool = False) -> jax.Array:
+  """Runs the Mosaic GPU weight-only kernel.
+
+  Args:
+    operands: see ``reference``.
+    problem: the static description; ``supports(problem)`` should be True.
+    config: tiling override (benchmarks); default picks one from the shape.
+    interpret: unsupported for Mosaic GPU kernels (must be False).
+
+  Returns:
+    ``[M, N]`` in ``problem.out_dtype``.
+
+  Raises:
+    ValueError: for problems outside this kernel's formats or shapes.
+  """
+  if interpret:
+    raise ValueError("gpu_weight_only has no interpret mode; use reference()")
+  _validate(problem)
+  cfg = config or _decode_config(problem)
+  if not _shape_ok(problem, cfg):
+    raise ValueError(f"shape M={problem.m} N={problem.n} K={problem.k} does not "
+                     f"fit the tiling {cfg}")
+  g = common.weight_group(problem)
+  fn = _build(problem.w_format, g, problem.m, problem.n, problem.k,
+              jnp.dtype(operands.w_scale.dtype).name, problem.out_dtype, cfg)
+  return fn(operands.x, operands.w_codes, operands.w_scale,
+            operands.w_tensor_scale)

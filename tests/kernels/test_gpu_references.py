@@ -1,0 +1,419 @@
+"""CPU tests of the Mosaic GPU kernels' references, dispatch policy and lowering.
+
+Each ``reference`` is checked against an independent float64 numpy decode of the
+stored codes (bit manipulation, no shared helpers). ``supports`` is checked for its
+backend and measured-win logic. The kernels themselves only run on a Hopper GPU
+(tests/kernels/test_gpu_kernels.py), but they are traced and lowered to Mosaic GPU
+here, which catches layout, shape and shared-memory errors without a GPU.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lowbit_jax.kernels import _gpu_common as common
+from lowbit_jax.kernels import gpu_w8a8
+from lowbit_jax.kernels import gpu_weight_only
+from lowbit_jax.kernels._api import MatmulOperands, MatmulProblem
+
+
+# ----------------------------------------------------------------------------
+# Independent float64 decoders.
+# ----------------------------------------------------------------------------
+
+def np_unpack(codes):
+  c = np.asarray(codes).astype(np.int64)
+  out = np.empty(c.shape[:-1] + (2 * c.shape[-1],), np.int64)
+  out[..., 0::2] = c & 0xF
+  out[..., 1::2] = (c >> 4) & 0xF
+  return out
+
+
+def np_int4(nib):
+  return np.where(nib >= 8, nib - 16, nib).astype(np.float64)
+
+
+def np_e2m1(nib):
+  sign = np.where(nib & 8, -1.0, 1.0)
+  e = (nib >> 1) & 3
+  m = nib & 1
+  mag = np.where(e == 0, 0.5 * m, 2.0 ** (e - 1) * (1 + 0.5 * m))
+  return sign * mag
+
+
+def np_e8m0(codes):
+  c = np.asarray(codes).astype(np.float64)
+  return np.where(c == 255, np.nan, 2.0 ** (c - 127))
+
+
+def np_e4m3(arr):
+  b = np.asarray(arr).view(np.uint8).astype(np.int64)
+  sign = np.where(b & 0x80, -1.0, 1.0)
+  e = (b >> 3) & 0xF
+  m = b & 7
+  mag = np.where(e == 0, m / 8.0 * 2.0 ** -6, 2.0 ** (e - 7) * (1 + m / 8.0))
+  mag = np.where((e == 15) & (m == 7), np.nan, mag)
+  return sign * mag
+
+
+def np_weight(fmt, codes, scale, group, n, k, tscale=None):
+  if fmt == "int8":
+    vals = np.asarray(codes).astype(np.float64)
+  else:
+    nib = np_unpack(codes)
+    vals = np_int4(nib) if fmt == "int4" else np_e2m1(nib)
+  if fmt == "mxfp4":
+    s = np_e8m0(scale)
+  elif fmt == "nvfp4":
+    s = np_e4m3(scale) * float(tscale)
+  else:
+    s = np.asarray(scale).astype(np.float64)
+  if group is None:
+    s = np.broadcast_to(s.reshape(n, 1), (n, k))
+  else:
+    s = np.repeat(s.reshape(n, k // group), group, axis=1)
+  return vals * s
+
+
+def rel(a, b):
+  a = np.asarray(a, np.float64)
+  b = np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+# ----------------------------------------------------------------------------
+# Random operands.
+# ----------------------------------------------------------------------------
+
+WO_CASES = [("int4", None), ("int4", 32), ("int4", 64), ("int4", 128),
+            ("int8", None), ("int8", 32), ("int8", 128),
+            ("fp4_e2m1", None), ("fp4_e2m1", 32), ("fp4_e2m1", 128),
+            ("mxfp4", 32), ("nvfp4", 16)]
+
+
+def make_wo(key, fmt, group, m, n, k, out_dtype="float32"):
+  k1, k2, k3, k4 = jax.random.split(key, 4)
+  x = jax.random.normal(k1, (m, k), jnp.float32).astype(jnp.bfloat16)
+  if fmt == "int8":
+    codes = jax.random.randint(k2, (n, k), -127, 128).astype(jnp.int8)
+  else:
+    codes = jax.random.randint(k2, (n, k // 2), 0, 256).astype(jnp.uint8)
+  ng = 1 if group is None else k // group
+  ts = None
+  if fmt == "mxfp4":
+    scale = jax.random.randint(k3, (n, ng), 118, 136).astype(jnp.uint8)
+  elif fmt == "nvfp4":
+    scale = jax.random.uniform(k3, (n, ng), jnp.float32, 0.02, 3.0).astype(
+        jnp.float8_e4m3fn)
+    ts = jax.random.uniform(k4, (), jnp.float32, 0.5, 2.0)
+  else:
+    scale = jax.random.uniform(k3, (n, ng), jnp.float32, 0.01, 0.1).astype(
+        jnp.bfloat16)
+  prob = MatmulProblem(m=m, n=n, k=k, x_dtype="bfloat16", w_format=fmt,
+                       w_block=group, out_dtype=out_dtype)
+  return MatmulOperands(x=x, w_codes=codes, w_scale=scale,
+                        w_tensor_scale=ts), prob
+
+
+def make_w8(key, case, m, n, k, out_dtype="float32"):
+  k1, k2, k3, k4 = jax.random.split(key, 4)
+  if case.startswith("int8"):
+    fmt = "int8"
+    x = jax.random.randint(k1, (m, k), -127, 128).astype(jnp.int8)
+    w = jax.random.randint(k2, (n, k), -127, 128).astype(jnp.int8)
+  else:
+    fmt = "fp8_e4m3"
+    x = (jax.random.normal(k1, (m, k)) * 4).astype(jnp.float8_e4m3fn)
+    w = (jax.random.normal(k2, (n, k)) * 4).astype(jnp.float8_e4m3fn)
+  if case.endswith("channel"):
+    sx = jax.random.uniform(k3, (m, 1), jnp.float32, 0.01, 0.1)
+    sw = jax.random.uniform(k4, (n, 1), jnp.float32, 0.01, 0.1)
+    prob = MatmulProblem(m=m, n=n, k=k, x_dtype=fmt, w_format=fmt,
+                         x_format=fmt, out_dtype=out_dtype)
+  elif case.endswith("block"):
+    sx = jax.random.uniform(k3, (m, k // 128), jnp.float32, 0.01, 0.1)
+    sw = jax.random.uniform(k4, (n // 128, k // 128), jnp.float32, 0.01, 0.1)
+    prob = MatmulProblem(m=m, n=n, k=k, x_dtype=fmt, w_format=fmt,
+                         x_format=fmt, w_block=(128, 128), x_block=128,
+                         out_dtype=out_dtype)
+  else:
+    sx = jax.random.randint(k3, (m, k // 32), 110, 140).astype(jnp.uint8)
+    sw = jax.random.randint(k4, (n, k // 32), 110, 140).astype(jnp.uint8)
+    prob = MatmulProblem(m=m, n=n, k=k, x_dtype="fp8_e4m3",
+                         w_format="mxfp8_e4m3", x_format="mxfp8_e4m3",
+                         w_block=32, x_block=32, out_dtype=out_dtype)
+  return MatmulOperands(x=x, w_codes=w, w_scale=sw, x_scale=sx), prob
+
+
+# ----------------------------------------------------------------------------
+# Decoders and references.
+# ----------------------------------------------------------------------------
+
+def test_unpack_nibbles_low_nibble_is_even_element():
+  out = common.unpack_nibbles(jnp.array([[0x21, 0xF3]], jnp.uint8))
+  np.testing.assert_array_equal(out, [[1, 2, 3, 15]])
+
+
+def test_unpack_nibbles_rejects_signed_codes():
+  with pytest.raises(TypeError, match="uint8"):
+    common.unpack_nibbles(jnp.zeros((2, 2), jnp.int8))
+
+
+def test_e2m1_and_e8m0_decoders_match_numpy_on_every_code():
+  nib = jnp.arange(16, dtype=jnp.uint8)
+  np.testing.assert_array_equal(common.decode_e2m1(nib),
+                                np_e2m1(np.arange(16)))
+  codes = jnp.arange(256, dtype=jnp.int32).astype(jnp.uint8)
+  np.testing.assert_array_equal(common.decode_e8m0(codes),
+                                np_e8m0(np.arange(256)).astype(np.float32))
+
+
+@pytest.mark.parametrize("fmt,group", WO_CASES)
+def test_weight_only_reference_matches_float64_numpy(fmt, group):
+  m, n, k = 3, 64, 256
+  ops, prob = make_wo(jax.random.key(hash((fmt, group)) % 1000), fmt, group,
+                      m, n, k)
+  w = np_weight(fmt, ops.w_codes, ops.w_scale, group, n, k, ops.w_tensor_scale)
+  want = np.asarray(ops.x, np.float64) @ w.T
+  got = gpu_weight_only.reference(ops, prob)
+  assert got.dtype == jnp.float32 and got.shape == (m, n)
+  assert rel(got, want) < 1e-6
+
+
+@pytest.mark.parametrize("fmt,group", [("int4", 128), ("mxfp4", 32),
+                                       ("nvfp4", 16), ("int8", None)])
+def test_xla_dequant_path_agrees_with_reference(fmt, group):
+  ops, prob = make_wo(jax.random.key(3), fmt, group, 4, 128, 512,
+                      out_dtype="bfloat16")
+  got = gpu_weight_only.xla_dequant_matmul(ops, prob)
+  want = gpu_weight_only.reference(ops, prob)
+  assert got.dtype == jnp.bfloat16
+  assert rel(got, want) < 1e-2
+
+
+@pytest.mark.parametrize("case", ["fp8_channel", "int8_channel", "fp8_block",
+                                  "int8_block"])
+def test_w8a8_reference_matches_float64_numpy(case):
+  m, n, k = 16, 256, 512
+  ops, prob = make_w8(jax.random.key(len(case)), case, m, n, k)
+  if case.startswith("int8"):
+    xv = np.asarray(ops.x, np.float64)
+    wv = np.asarray(ops.w_codes, np.float64)
+  else:
+    xv = np_e4m3(ops.x)
+    wv = np_e4m3(ops.w_codes)
+  sx = np.asarray(ops.x_scale, np.float64)
+  sw = np.asarray(ops.w_scale, np.float64)
+  if case.endswith("channel"):
+    want = (xv * sx) @ (wv * sw).T
+  else:
+    xs = xv * np.repeat(sx, 128, axis=1)
+    ws = wv * np.repeat(np.repeat(sw, 128, axis=0), 128, axis=1)
+    want = xs @ ws.T
+  got = gpu_w8a8.reference(ops, prob)
+  assert rel(got, want) < 1e-6
+
+
+def test_mxfp8_reference_is_blockwise_scaled_sum():
+  m, n, k = 8, 64, 256
+  ops, prob = make_w8(jax.random.key(5), "mxfp8", m, n, k)
+  xv = np_e4m3(ops.x).reshape(m, k // 32, 32)
+  wv = np_e4m3(ops.w_codes).reshape(n, k // 32, 32)
+  sx = np_e8m0(ops.x_scale)
+  sw = np_e8m0(ops.w_scale)
+  want = np.einsum("mbk,nbk,mb,nb->mn", xv, wv, sx, sw)
+  got = gpu_w8a8.reference(ops, prob)
+  assert got.dtype == jnp.float32
+  assert rel(got, want) < 1e-6
+
+
+def test_mxfp8_reference_is_exact_when_block_sums_are_exact():
+  # Small-integer codes and scales near 1: every partial and the running sum
+  # are exact in float32, so the reference equals the float64 result exactly.
+  m, n, k = 4, 16, 128
+  x = jax.random.randint(jax.random.key(0), (m, k), -8, 9).astype(
+      jnp.float8_e4m3fn)
+  w = jax.random.randint(jax.random.key(1), (n, k), -8, 9).astype(
+      jnp.float8_e4m3fn)
+  sx = jax.random.randint(jax.random.key(2), (m, k // 32), 125, 130).astype(
+      jnp.uint8)
+  sw = jax.random.randint(jax.random.key(3), (n, k // 32), 125, 130).astype(
+      jnp.uint8)
+  prob = MatmulProblem(m=m, n=n, k=k, x_dtype="fp8_e4m3",
+                       w_format="mxfp8_e4m3", x_format="mxfp8_e4m3",
+                       w_block=32, x_block=32, out_dtype="float32")
+  got = gpu_w8a8.reference(
+      MatmulOperands(x=x, w_codes=w, w_scale=sw, x_scale=sx), prob)
+  want = np.einsum("mbk,nbk,mb,nb->mn",
+                   np_e4m3(x).reshape(m, 4, 32), np_e4m3(w).reshape(n, 4, 32),
+                   np_e8m0(sx), np_e8m0(sw))
+  np.testing.assert_array_equal(np.asarray(got), want.astype(np.float32))
+
+
+def test_w8a8_xla_paths_agree_with_reference():
+  for case in ("fp8_channel", "int8_channel", "fp8_block", "mxfp8"):
+    ops, prob = make_w8(jax.random.key(7), case, 128, 256, 512,
+                        out_dtype="bfloat16")
+    assert rel(gpu_w8a8.xla_matmul(ops, prob),
+               gpu_w8a8.reference(ops, prob)) < 1e-2, case
+
+
+# ----------------------------------------------------------------------------
+# Validation and dispatch policy.
+# ----------------------------------------------------------------------------
+
+def test_weight_only_rejects_bad_problems():
+  prob = MatmulProblem(m=1, n=64, k=256, x_dtype="bfloat16", w_format="mxfp4",
+                       w_block=128)
+  ops, _ = make_wo(jax.random.key(0), "mxfp4", 32, 1, 64, 256)
+  with pytest.raises(ValueError, match="w_block"):
+    gpu_weight_only.reference(ops, prob)
+  prob = MatmulProblem(m=1, n=64, k=256, x_dtype="int8", w_format="int8",
+                       x_format="int8")
+  with pytest.raises(ValueError, match="weight-only"):
+    gpu_weight_only.reference(ops, prob)
+  with pytest.raises(ValueError, match="interpret"):
+    gpu_weight_only.matmul(ops, prob, interpret=True)
+
+
+def test_w8a8_mode_of():
+  mk = lambda **kw: MatmulProblem(m=128, n=256, k=256, x_dtype="int8", **kw)
+  assert gpu_w8a8.mode_of(mk(w_format="int8", x_format="int8")) == "channel"
+  assert gpu_w8a8.mode_of(mk(w_format="fp8_e4m3", x_format="fp8_e4m3",
+                             w_block=(128, 128), x_block=128)) == "block"
+  assert gpu_w8a8.mode_of(mk(w_format="mxfp8_e4m3",
+                             x_format="mxfp8_e4m3")) == "mx"
+  with pytest.raises(ValueError, match="both sides"):
+    gpu_w8a8.mode_of(mk(w_format="mxfp8_e4m3", x_format="fp8_e4m3"))
+  with pytest.raises(ValueError, match="fp8_e4m3 x fp8_e4m3"):
+    gpu_w8a8.mode_of(mk(w_format="fp8_e4m3", x_format="int8"))
+  with pytest.raises(ValueError, match="per-token"):
+    gpu_w8a8.mode_of(mk(w_format="int8", x_format="int8", w_block=64))
+  with pytest.raises(ValueError, match="x_format"):
+    gpu_w8a8.mode_of(mk(w_format="int8"))
+
+
+def test_supports_is_false_without_a_hopper_gpu():
+  wo = MatmulProblem(m=1, n=8192, k=8192, x_dtype="bfloat16", w_format="int4",
+                     w_block=128)
+  w8 = MatmulProblem(m=4096, n=8192, k=8192, x_dtype="fp8_e4m3",
+                     w_format="fp8_e4m3", x_format="fp8_e4m3")
+  # This machine has no GPU: both must decline, for backend "gpu" too.
+  assert jax.default_backend() != "gpu"
+  assert not gpu_weight_only.supports(wo)
+  assert not gpu_w8a8.supports(w8)
+  assert not gpu_weight_only.supports(dataclasses.replace(wo, backend="cpu"))
+  assert not gpu_w8a8.supports(dataclasses.replace(w8, backend="tpu"))
+
+
+def test_supports_claims_only_measured_wins(monkeypatch):
+  monkeypatch.setattr(common, "on_hopper_gpu", lambda problem: True)
+  wo = lambda **kw: MatmulProblem(**{**dict(
+      m=1, n=8192, k=8192, x_dtype="bfloat16", w_format="int4", w_block=128),
+                                     **kw})
+  assert gpu_weight_only.supports(wo())
+  assert gpu_weight_only.supports(wo(m=16, n=28672))
+  assert gpu_weight_only.supports(wo(m=4, k=28672))
+  assert not gpu_weight_only.supports(wo(m=17))           # prefill: not measured
+  assert not gpu_weight_only.supports(wo(w_block=32))     # not timed yet
+  assert not gpu_weight_only.supports(wo(w_block=None))   # XLA fuses this well
+  assert not gpu_weight_only.supports(wo(w_format="nvfp4", w_block=16))
+  assert not gpu_weight_only.supports(wo(n=1024, k=2048))  # below measured size
+  assert not gpu_weight_only.supports(wo(x_dtype="float32"))
+  assert not gpu_weight_only.supports(wo(n=8200))          # does not tile
+  w8 = lambda **kw: MatmulProblem(**{**dict(
+      m=4096, n=8192, k=8192, x_dtype="fp8_e4m3", w_format="fp8_e4m3",
+      x_format="fp8_e4m3"), **kw})
+  assert gpu_w8a8.supports(w8())
+  assert gpu_w8a8.supports(w8(x_dtype="int8", w_format="int8", x_format="int8",
+                              n=28672))
+  assert not gpu_w8a8.supports(w8(m=512))                  # not measured
+  assert not gpu_w8a8.supports(w8(w_block=(128, 128), x_block=128))  # slower
+  assert not gpu_w8a8.supports(w8(w_format="mxfp8_e4m3",
+                                  x_format="mxfp8_e4m3"))  # slower
+  assert not gpu_w8a8.supports(w8(m=4100))                 # does not tile
+
+
+@pytest.mark.parametrize("k,n", [(8192, 8192), (8192, 28672), (28672, 8192),
+                                 (4096, 14336), (14336, 4096)])
+@pytest.mark.parametrize("m", [1, 4, 16, 64, 512])
+def test_default_weight_only_config_tiles_benchmark_shapes(k, n, m):
+  for fmt, group in WO_CASES:
+    prob = MatmulProblem(m=m, n=n, k=k, x_dtype="bfloat16", w_format=fmt,
+                         w_block=group)
+    cfg = gpu_weight_only._decode_config(prob)  # pylint: disable=protected-access
+    assert gpu_weight_only._shape_ok(prob, cfg), (fmt, group, cfg)  # pylint: disable=protected-access
+    if m <= 16:
+      assert cfg.split_k >= 2 and not cfg.ws
+
+
+# ----------------------------------------------------------------------------
+# Lowering to Mosaic GPU (no GPU needed).
+# ----------------------------------------------------------------------------
+
+def _sds(shape, dtype):
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _lower(fn, ops):
+  text = jax.jit(fn).trace(ops).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+  return text
+
+
+@pytest.mark.parametrize("fmt,group,m,ws", [
+    ("int4", 128, 1, False), ("int4", None, 16, False), ("int8", 64, 5, False),
+    ("fp4_e2m1", 32, 16, False), ("mxfp4", 32, 1, False), ("nvfp4", 16, 16, False),
+    ("int4", 128, 16, True), ("nvfp4", 16, 1, True)])
+def test_weight_only_kernel_lowers_to_mosaic_gpu(fmt, group, m, ws):
+  n, k = 1024, 4096
+  four = fmt != "int8"
+  sdt = {"mxfp4": jnp.uint8, "nvfp4": jnp.float8_e4m3fn}.get(fmt, jnp.bfloat16)
+  ops = MatmulOperands(
+      x=_sds((m, k), jnp.bfloat16),
+      w_codes=_sds((n, k // 2), jnp.uint8) if four else _sds((n, k), jnp.int8),
+      w_scale=_sds((n, 1 if group is None else k // group), sdt),
+      w_tensor_scale=_sds((), jnp.float32) if fmt == "nvfp4" else None)
+  prob = MatmulProblem(m=m, n=n, k=k, x_dtype="bfloat16", w_format=fmt,
+                       w_block=group)
+  cfg = gpu_weight_only._decode_config(prob)  # pylint: disable=protected-access
+  if ws:
+    cfg = dataclasses.replace(cfg, ws=True, tile_k=512, split_k=1)
+  _lower(lambda o: gpu_weight_only.matmul(o, prob, config=cfg), ops)
+
+
+@pytest.mark.parametrize("case", ["fp8_channel", "int8_channel", "fp8_block",
+                                  "mxfp8"])
+def test_w8a8_kernel_lowers_to_mosaic_gpu(case):
+  m, n, k = 256, 512, 1024
+  if case == "mxfp8":
+    prob = MatmulProblem(m=m, n=n, k=k, x_dtype="fp8_e4m3",
+                         w_format="mxfp8_e4m3", x_format="mxfp8_e4m3")
+    code, sx, sw = jnp.float8_e4m3fn, (m, k // 32), (n, k // 32)
+    sdt = jnp.uint8
+  else:
+    fmt = "int8" if case.startswith("int8") else "fp8_e4m3"
+    code = jnp.int8 if fmt == "int8" else jnp.float8_e4m3fn
+    blk = case.endswith("block")
+    prob = MatmulProblem(m=m, n=n, k=k, x_dtype=fmt, w_format=fmt,
+                         x_format=fmt, w_block=(128, 128) if blk else None,
+                         x_block=128 if blk else None)
+    sx = (m, k // 128) if blk else (m, 1)
+    sw = (n // 128, k // 128) if blk else (n, 1)
+    sdt = jnp.float32
+  ops = MatmulOperands(x=_sds((m, k), code), w_codes=_sds((n, k), code),
+                       w_scale=_sds(sw, sdt), x_scale=_sds(sx, sdt))
+  _lower(lambda o: gpu_w8a8.matmul(o, prob), ops)
+
+
+def test_weight_only_kernel_reports_smem_overflow():
+  prob = MatmulProblem(m=128, n=1024, k=4096, x_dtype="bfloat16",
+                       w_format="int4", w_block=128)
+  ops = MatmulOperands(x=_sds((128, 4096), jnp.bfloat16),
+                       w_codes=_sds((1024, 2048), jnp.uint8),
+                       w_scale=_sds((1024, 32), jnp.bfloat16))
+  cfg = gpu_weight_only.Config(tile_n=64, tile_k=512, tile_m=128, stages=8)
+  with pytest.raises(Exception, match="shared memory"):
+    _lower(lambda o: gpu_weight_only.matmul(o, prob, config=cfg), ops)
