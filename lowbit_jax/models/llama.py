@@ -130,7 +130,7 @@ class LlamaConfig:
 
 
 def rope_frequencies(head_dim: int, theta: float) -> jax.Array:
-  """Returns the rotary inverse frequencies ``theta ** (-2i / head_dim)``, i < head_dim/2."""
+  """Returns rotary inverse frequencies ``theta ** (-2i / head_dim)``, 2i < head_dim."""
   return theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
 
 

@@ -1,0 +1,4 @@
+"""Evaluation of (quantized) models."""
+from lowbit_jax.eval.perplexity import perplexity
+
+__all__ = ["perplexity"]

@@ -1,0 +1,213 @@
+"""Tests of the LM training library, its config and held-out perplexity."""
+import importlib.util
+import json
+import math
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lowbit_jax import train_lm
+from lowbit_jax.data import stdlib_corpus
+from lowbit_jax.eval import perplexity
+from lowbit_jax.models.llama import Llama, LlamaConfig
+
+_CONFIG_FILE = pathlib.Path(__file__).parents[1] / "configs" / "train_lm.py"
+
+
+def _get_config(arg):
+  spec = importlib.util.spec_from_file_location("train_lm_config", _CONFIG_FILE)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.fixture(scope="module")
+def data():
+  """A quick slice of the corpus: 120 training files, the whole held-out split."""
+  train_docs = stdlib_corpus.load_corpus("train")[::5][:120]
+  tok = stdlib_corpus.train_tokenizer((d.text for d in train_docs),
+                                      LlamaConfig.smoke().vocab)
+  return train_lm.LMData(
+      tokenizer=tok,
+      train_tokens=stdlib_corpus.encode_documents(train_docs, tok),
+      heldout_tokens=stdlib_corpus.encode_documents(
+          stdlib_corpus.load_corpus("heldout"), tok),
+      token_bytes=stdlib_corpus.token_byte_lengths(tok))
+
+
+def _smoke_config(**changes):
+  config = _get_config("smoke")
+  config.eval_every = 0
+  config.log_every = 1
+  config.eval_tokens = 2048
+  for k, v in changes.items():
+    setattr(config, k, v)
+  return config
+
+
+def _leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_config_variants_build_valid_models():
+  for variant in ("smoke", "small", "base"):
+    config = _get_config(variant)
+    cfg = train_lm.model_config(config)
+    assert cfg == getattr(LlamaConfig, variant)()
+    assert config.seq_len <= cfg.max_len
+  config = _get_config("small")
+  config.model.n_experts = 4
+  assert train_lm.model_config(config).n_experts == 4
+  with pytest.raises(ValueError, match="unknown variant"):
+    _get_config("huge")
+
+
+def test_loss_decreases_on_the_corpus(data):
+  cfg = LlamaConfig.smoke()
+  model = Llama(cfg)
+  steps = 30
+  tx = train_lm.make_optimizer(1e-2, 5, steps)
+  mesh = train_lm.make_mesh(1)
+  state = train_lm.replicate(train_lm.init_state(model, tx, jax.random.key(0)), mesh)
+  step_fn = train_lm.make_train_step(model, tx, mesh)
+  losses = []
+  for step in range(steps):
+    batch = stdlib_corpus.batch_at(data.train_tokens, step, 8, 64, seed=0)
+    state, metrics = step_fn(state, train_lm.shard_batch(batch, mesh))
+    losses.append(float(metrics["loss"]))
+  assert int(state.step) == steps
+  assert abs(losses[0] - math.log(cfg.vocab)) < 1.0
+  assert np.mean(losses[-5:]) < losses[0] - 1.0, losses
+
+
+@pytest.mark.parametrize("n_experts", [0, 4])
+def test_data_parallel_on_8_devices_matches_1_device(data, n_experts):
+  assert jax.device_count() == 8, "tests/conftest.py sets 8 fake CPU devices"
+  cfg = LlamaConfig.smoke(n_experts=n_experts)
+  model = Llama(cfg)
+  tx = train_lm.make_optimizer(1e-2, 2, 10)
+  results = {}
+  for n in (1, 8):
+    mesh = train_lm.make_mesh(n)
+    state = train_lm.replicate(
+        train_lm.init_state(model, tx, jax.random.key(0)), mesh)
+    step_fn = train_lm.make_train_step(model, tx, mesh, moe_aux_weight=0.01)
+    losses = []
+    for step in range(3):
+      batch = train_lm.shard_batch(
+          stdlib_corpus.batch_at(data.train_tokens, step, 8, 32, seed=1), mesh)
+      if n == 8:
+        assert len(batch.sharding.device_set) == 8
+      state, metrics = step_fn(state, batch)
+      losses.append(float(metrics["loss"]))
+    results[n] = (losses, state)
+  np.testing.assert_allclose(results[8][0], results[1][0], rtol=1e-5)
+  for a, b in zip(_leaves(results[8][1].params), _leaves(results[1][1].params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="multiple of the number of devices"):
+    train_lm.shard_batch(np.zeros((4, 33), np.int32), train_lm.make_mesh(8))
+
+
+def test_checkpoint_round_trip_is_bit_exact(tmp_path, data):
+  cfg = LlamaConfig.smoke()
+  model = Llama(cfg)
+  tx = train_lm.make_optimizer(1e-2, 2, 10)
+  mesh = train_lm.make_mesh(1)
+  state = train_lm.replicate(train_lm.init_state(model, tx, jax.random.key(0)), mesh)
+  step_fn = train_lm.make_train_step(model, tx, mesh)
+  for step in range(2):
+    batch = stdlib_corpus.batch_at(data.train_tokens, step, 8, 32, seed=0)
+    state, _ = step_fn(state, train_lm.shard_batch(batch, mesh))
+  manager = train_lm.checkpoint_manager(tmp_path / "ckpt")
+  train_lm.save_checkpoint(manager, state)
+  manager.wait_until_finished()
+  abstract = train_lm.abstract_state(model, tx, mesh)
+  restored = train_lm.restore_checkpoint(manager, abstract)
+  manager.close()
+  assert isinstance(restored, train_lm.TrainState) and int(restored.step) == 2
+  assert (jax.tree.structure(restored) == jax.tree.structure(state))
+  for a, b in zip(_leaves(restored), _leaves(state)):
+    assert a.dtype == b.dtype and np.array_equal(a, b)
+  empty = train_lm.checkpoint_manager(tmp_path / "none")
+  assert train_lm.restore_checkpoint(empty, abstract) is None
+  empty.close()
+
+
+def test_killed_run_resumes_at_the_right_step_and_matches(tmp_path, data):
+  config = _smoke_config(steps=12, ckpt_every=5, warmup_steps=2)
+  full = train_lm.train(config, tmp_path / "full", data=data)
+  assert full["step"] == 12 and full["final_eval"] is not None
+
+  stopped = train_lm.train(config, tmp_path / "killed", data=data, stop_at=8)
+  assert stopped["step"] == 8 and stopped["final_eval"] is None
+  resumed = train_lm.train(config, tmp_path / "killed", data=data)
+  assert resumed["step"] == 12
+
+  log = [json.loads(line) for line in
+         (tmp_path / "killed" / "log.jsonl").read_text().splitlines()]
+  starts = [r for r in log if r["event"] == "start"]
+  assert [s["resumed_from"] for s in starts] == [None, 5]
+  train_steps = [r["step"] for r in log if r["event"] == "train"]
+  assert train_steps == list(range(1, 9)) + list(range(6, 13))
+  full_log = [json.loads(line) for line in
+              (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+  full_loss = {r["step"]: r["loss"] for r in full_log if r["event"] == "train"}
+  resumed_loss = {r["step"]: r["loss"] for r in log if r["event"] == "train"}
+  assert resumed_loss == full_loss
+  assert resumed["final_eval"] == full["final_eval"]
+  final = json.loads((tmp_path / "killed" / "final_eval.json").read_text())
+  assert final["step"] == 12 and final["bits_per_byte"] > 0
+
+
+def _bigram_apply(table, x):
+  return table[x]
+
+
+def test_perplexity_scores_every_token_once():
+  rng = np.random.default_rng(0)
+  vocab = 7
+  table = jnp.asarray(rng.normal(size=(vocab, vocab)), jnp.float32)
+  tokens = rng.integers(0, vocab, size=101)
+  logp = np.asarray(jax.nn.log_softmax(table, axis=-1))
+  expected = -np.mean(logp[tokens[:-1], tokens[1:]])
+  for seq_len, batch in [(10, 3), (100, 1), (7, 4), (200, 2)]:
+    out = perplexity(_bigram_apply, table, tokens, seq_len, batch, num_bytes=50)
+    assert out["num_tokens"] == 100
+    np.testing.assert_allclose(out["loss"], expected, rtol=1e-5)
+    np.testing.assert_allclose(out["perplexity"], math.exp(expected), rtol=1e-5)
+    np.testing.assert_allclose(out["bits_per_byte"],
+                               expected * 100 / math.log(2) / 50, rtol=1e-5)
+  uniform = perplexity(lambda p, x: jnp.zeros(x.shape + (vocab,)), None, tokens,
+                       16, 2)
+  np.testing.assert_allclose(uniform["perplexity"], vocab, rtol=1e-5)
+  assert uniform["bits_per_byte"] is None
+  with pytest.raises(ValueError, match="at least 2 tokens"):
+    perplexity(_bigram_apply, table, tokens[:1], 4, 1)
+
+
+def test_optimizer_schedule_and_bad_config(tmp_path):
+  schedule = train_lm.make_schedule(1.0, 10, 110, min_lr_ratio=0.1)
+  assert float(schedule(0)) == 0.0
+  np.testing.assert_allclose(float(schedule(10)), 1.0)
+  np.testing.assert_allclose(float(schedule(110)), 0.1, rtol=1e-6)
+  tx = train_lm.make_optimizer(1.0, 1, 2, weight_decay=0.5, clip_norm=0.0)
+  params = {"w": jnp.ones((2, 2)), "scale": jnp.ones((2,))}
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  opt_state = tx.init(params)
+  new = params
+  for expected_w in (1.0, 0.5):  # lr is 0 at step 0, then 1: w -= lr * 0.5 * w
+    updates, opt_state = tx.update(zeros, opt_state, new)
+    new = optax.apply_updates(new, updates)
+    np.testing.assert_allclose(np.asarray(new["w"]), expected_w)
+    np.testing.assert_array_equal(np.asarray(new["scale"]), 1.0)  # never decayed
+  with pytest.raises(ValueError, match="warmup_steps"):
+    train_lm.make_schedule(1.0, 20, 10)
+  with pytest.raises(ValueError, match="seq_len"):
+    train_lm.train(_smoke_config(seq_len=1000), tmp_path / "run")
+  assert not (tmp_path / "run").exists()
+  with pytest.raises(ValueError, match="multiple of the number of devices"):
+    train_lm.train(_smoke_config(batch_size=6, num_devices=4), tmp_path / "run")
