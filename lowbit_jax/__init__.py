@@ -2,12 +2,21 @@
 
 >>> import lowbit_jax as lb
 >>> y = lb.fake_quant(x, "int4", axis=-1, group_size=128)
+
+Flax adapters live in ``lowbit_jax.flax`` and orbax checkpoints in
+``lowbit_jax.checkpoint``, so that importing the core needs neither.
 """
+from lowbit_jax import calibration
 from lowbit_jax import formats
+from lowbit_jax._function import QuantizedFunction, quantize_function
+from lowbit_jax._rules import (QuantConfig, QuantRule, QWeight, WeightPlan, plan_weight,
+                               quantize_params)
 from lowbit_jax.core import (TENSOR, QArray, QuantSpec, cast, dequantize, fake_quant,
                              ops, quantize)
 
 __version__ = "0.1.0"
 
-__all__ = ["formats", "cast", "quantize", "dequantize", "fake_quant", "QArray",
-           "QuantSpec", "TENSOR", "ops"]
+__all__ = ["formats", "calibration", "cast", "quantize", "dequantize", "fake_quant",
+           "QArray", "QuantSpec", "TENSOR", "ops", "QuantRule", "QuantConfig",
+           "QWeight", "WeightPlan", "plan_weight", "quantize_params",
+           "quantize_function", "QuantizedFunction"]

@@ -4,6 +4,7 @@ A scheme names what one sweep point quantizes with. ``rules(scheme, target)``
 turns it into QuantRules: ``target="weights"`` quantizes weights only,
 ``target="weights+acts"`` quantizes activations with the same format (per token
 for per-channel formats, groups/blocks along K otherwise), dynamically.
+Grouped specs zero-pad a contraction dim that is not a multiple of the group.
 """
 from __future__ import annotations
 
@@ -26,7 +27,10 @@ class Scheme:
 
 
 def _s(fmt, **kw):
-  return QuantSpec(fmt, **kw)
+  # pad=True: a model dim that is not a multiple of the block (e.g. d_ff=176
+  # with 32-element MX blocks) is zero-padded inside the quantizer; the padding
+  # never changes a block's range and the result keeps the tensor's shape.
+  return QuantSpec(fmt, pad=True, **kw)
 
 
 SCHEMES = {

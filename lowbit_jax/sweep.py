@@ -163,6 +163,9 @@ def plot_tradeoff(rows: Sequence[dict], x: str, y: str, label_key: str,
   front = pareto_front(rows, x, y, maximize_y=maximize_y)
   ax.plot([r["metrics"][x] for r in front], [r["metrics"][y] for r in front], "k--",
           lw=0.8, label="Pareto front")
+  xs = [r["metrics"][x] for r in rows if x in r["metrics"]]
+  if xs and min(xs) > 0 and max(xs) / min(xs) > 4:
+    ax.set_xscale("log", base=2)  # bits per weight: 2, 4, 8 ... 32 evenly spaced
   ax.set_xlabel(x)
   ax.set_ylabel(y)
   ax.set_title(title)

@@ -53,8 +53,14 @@ def _float_round_bits(a: jax.Array, fmt: FloatFormat, noise: Optional[jax.Array]
   e_true = jnp.where(is_sub, -126, e32 - 127)
   sig = jnp.where(is_sub, m32, m32 | 0x800000)  # value = sig * 2**(e_true - 23)
   emin = fmt.min_exponent
-  d = 23 - m_bits + jnp.maximum(0, emin - e_true)
-  d = jnp.minimum(d, 25).astype(_U32)
+  d_full = 23 - m_bits + jnp.maximum(0, emin - e_true)  # bits dropped from sig
+  # At most 31 bits are dropped at once (uint32 shifts). Beyond that the value
+  # is below 2**-7 of the format's smallest step: it rounds to 0 to nearest, and
+  # stochastically rounds up with probability sig / 2**d_full, which the low
+  # 31 bits of noise give for the pre-shifted sig.
+  pre = jnp.clip(d_full - 31, 0, 31).astype(_U32)
+  d = jnp.minimum(d_full, 31).astype(_U32)
+  sig = sig >> pre
   q = sig >> d
   rem = sig & ((_U32(1) << d) - 1)
   if noise is None:
@@ -63,7 +69,7 @@ def _float_round_bits(a: jax.Array, fmt: FloatFormat, noise: Optional[jax.Array]
   else:
     up = rem > (noise & ((_U32(1) << d) - 1))
   q = q + up.astype(_U32)
-  qe = e_true - 23 + d.astype(jnp.int32)  # exponent of q's last bit
+  qe = e_true - 23 + d_full  # exponent of q's last bit
   n = 31 - lax.clz(q).astype(jnp.int32)  # q < 2**24, so n <= 23
   big_e = qe + n
   normal_bits = (((big_e + 127).astype(_U32) << 23)
@@ -78,6 +84,10 @@ def _cast_float(x: jax.Array, fmt: FloatFormat, saturate: bool,
                 noise: Optional[jax.Array]) -> jax.Array:
   u = _f32_bits(x)
   s = u & _U32(0x80000000)
+  if jnp.dtype(x.dtype).itemsize == 2:
+    # The sign of a 16-bit NaN, from its own bits: converting to float32 may
+    # drop it (XLA on GPU), and formats without NaN code NaN by its sign.
+    s = (lax.bitcast_convert_type(x, jnp.uint16).astype(_U32) >> 15) << 31
   a = u & 0x7FFFFFFF
   is_nan = a > 0x7F800000
   is_inf = a == 0x7F800000
@@ -114,7 +124,10 @@ def _cast_float(x: jax.Array, fmt: FloatFormat, saturate: bool,
     s = jnp.where(is_nan, s ^ _U32(0x80000000), s)
   if sp == "fnuz":
     s = jnp.where(mag == 0, _U32(0), s)  # no negative zero
-  out = s | mag  # NaN keeps the input's sign, as ml_dtypes' codes do
+    # The only NaN code is 0b1000...0, the negative-zero pattern: ml_dtypes
+    # reads it back as a NaN with the sign bit set, whatever the input's sign.
+    s = jnp.where(mag == nan_b, _U32(0x80000000), s)
+  out = s | mag  # other NaNs keep the input's sign, as ml_dtypes' codes do
   return _bits_f32(out).astype(x.dtype)
 
 

@@ -9,8 +9,11 @@ The scale rules:
 * floats and codebooks: ``scale = amax / element_max``.
 * E8M0 scales (OCP Microscaling Formats v1.0): ``2**(floor(log2 amax) - emax)``
   (``floor``), ``2**ceil(log2(amax / element_max))`` (``ceil``) or the nearest
-  power of two (``nearest``). A block holding NaN or inf gets the NaN scale.
-* NVFP4 (two-level): per-tensor ``t = amax / (6 * 448)`` (1 when amax is 0),
+  power of two (``nearest``).
+* Any granularity: a block holding a NaN or an inf gets a NaN scale (E8M0: the
+  NaN code 255) and dequantizes to NaN; other blocks are unaffected.
+* NVFP4 (two-level): per-tensor ``t = amax / (6 * 448)`` (1 when amax is 0; the
+  amax over finite values),
   block ``s = e4m3(clamp(block_amax / 6 / t, 2**-6, 448))``, elements
   ``fp4(clamp(x * ((1 / t) / s), -6, 6))``, value ``element * (t * s)``.
 * binary (BWN, Rastegari et al. 2016): ``scale = mean |x|``; ternary (TWN, Li &
@@ -25,6 +28,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import custom_batching
 from jax import lax
 
 from lowbit_jax.core import _cast
@@ -35,6 +39,8 @@ from lowbit_jax.formats import BlockFormat, FloatFormat, IntFormat, LookupFormat
 from lowbit_jax.formats import get as get_format
 
 _E4M3 = get_format("fp8_e4m3")
+_HALF = {"float16": FloatFormat(5, 10, 15, "ieee", name="float16"),
+         "bfloat16": FloatFormat(8, 7, 127, "ieee", name="bfloat16")}
 _E8M0_BIAS = 127
 
 
@@ -76,36 +82,97 @@ def _local_block_shape(scale_shape: tuple, shape: tuple) -> tuple:
   return tuple(d // n if n else d for d, n in zip(shape, scale_shape))
 
 
+@custom_batching.custom_vmap
+def _div_exact(a: jax.Array, b: jax.Array) -> jax.Array:
+  return lax.div(a, lax.optimization_barrier(b))
+
+
+@_div_exact.def_vmap
+def _div_exact_vmap(axis_size, in_batched, a, b):
+  # Batch both operands before the barrier: a divisor broadcast by vmap after
+  # it would be rewritten again.
+  a = a if in_batched[0] else jnp.broadcast_to(a, (axis_size,) + a.shape)
+  b = b if in_batched[1] else jnp.broadcast_to(b, (axis_size,) + b.shape)
+  return _div_exact(a, b), True
+
+
+@jax.custom_jvp
+def _div_same_shape(a: jax.Array, b: jax.Array) -> jax.Array:
+  return _div_exact(a, b)
+
+
+@_div_same_shape.defjvp
+def _div_same_shape_jvp(primals, tangents):
+  a, b = primals
+  ta, tb = tangents
+  q = _div_same_shape(a, b)
+  return q, (ta - q * tb) / b
+
+
+def _div(a, b) -> jax.Array:
+  """IEEE float32 ``a / b``, also when ``b`` is a broadcast scalar or constant.
+
+  XLA rewrites a division by a broadcast (``x / scale``, ``amax / 7``) into a
+  multiplication by the rounded reciprocal, which is off by an ulp about a third
+  of the time: scales would not be ``amax / 7`` and the NVFP4 recipe would not
+  be followed bit for bit. Both operands are broadcast to one shape and the
+  divisor is hidden behind an optimization barrier (under vmap too), which
+  keeps a true division. (On GPU, XLA's float32 division itself is not
+  correctly rounded, so scales there can differ from CPU in the last bit.)
+  """
+  a = jnp.asarray(a, jnp.float32)
+  b = jnp.asarray(b, jnp.float32)
+  shape = jnp.broadcast_shapes(a.shape, b.shape)
+  return _div_same_shape(jnp.broadcast_to(a, shape), jnp.broadcast_to(b, shape))
+
+
 # ---------------------------------------------------------------------------
 # Scales
 
 
-def _floor_log2(a: jax.Array) -> jax.Array:
-  """floor(log2(a)) for positive finite float32, exactly, from the bits."""
+def _log2_parts(a: jax.Array):
+  """(floor(log2 a), the 23 fraction bits of a's significand), from the bits.
+
+  For positive finite float32 (subnormals are normalized), exactly.
+  """
   u = lax.bitcast_convert_type(a.astype(jnp.float32), jnp.uint32)
   e = ((u >> 23) & 0xFF).astype(jnp.int32)
   m = u & 0x7FFFFF
   n_sub = 31 - lax.clz(jnp.maximum(m, jnp.uint32(1))).astype(jnp.int32)
-  return jnp.where(e == 0, n_sub - 149, e - 127)
+  frac = jnp.where(e == 0, (m << jnp.clip(23 - n_sub, 0, 31).astype(jnp.uint32))
+                   & 0x7FFFFF, m)
+  return jnp.where(e == 0, n_sub - 149, e - 127), frac
 
 
-def _is_pow2(a: jax.Array) -> jax.Array:
-  u = lax.bitcast_convert_type(a.astype(jnp.float32), jnp.uint32)
-  return (u & 0x7FFFFF) == 0
+def _f32_ceil(v: float) -> np.float32:
+  """The smallest float32 >= v."""
+  f = np.float32(v)
+  return f if float(f) >= v else np.nextafter(f, np.float32(np.inf))
 
 
 def _e8m0_exponent(amax: jax.Array, elem, rounding: str) -> jax.Array:
-  """The E8M0 scale exponent (int32, in [-127, 127]) for each block amax."""
+  """The E8M0 scale exponent (int32, in [-127, 127]) for each block amax.
+
+  ceil and nearest compare significands instead of dividing amax by the
+  element max: amax / max = (sa / sm) * 2**(ea - em) with sa, sm in [1, 2).
+  A division would not do: XLA's float32 division is not correctly rounded on
+  GPU, and one ulp decides ceil at a power of two (the scale would then
+  saturate the block's largest element).
+  """
+  ea, fa = _log2_parts(amax)
   if rounding == "floor":
-    e = _floor_log2(amax) - elem.emax
+    e = ea - elem.emax
   else:
-    r = amax / np.float32(elem.max)
-    fl = _floor_log2(r)
-    if rounding == "ceil":
-      e = fl + jnp.where(_is_pow2(r), 0, 1)
-    else:  # nearest power of two in log domain
-      mant = r / jnp.ldexp(jnp.float32(1), fl)
-      e = fl + jnp.where(mant >= np.float32(math.sqrt(2.0)), 1, 0)
+    m, ex = math.frexp(float(np.float32(elem.max)))  # max = (2m) * 2**(ex - 1)
+    sm = 2.0 * m
+    k = ea - (ex - 1)
+    if rounding == "ceil":  # sa > sm: above sm * 2**k, so one binade up
+      e = k + jnp.where(fa > np.uint32(round((sm - 1.0) * 2 ** 23)), 1, 0)
+    else:  # nearest power of two of amax / max in the log domain
+      sa = lax.bitcast_convert_type(fa | np.uint32(0x3F800000), jnp.float32)
+      up = sa >= _f32_ceil(math.sqrt(2.0) * sm)  # sa / sm >= sqrt(2)
+      down = sa < _f32_ceil(sm / math.sqrt(2.0))  # sa / sm < 1 / sqrt(2)
+      e = k + jnp.where(up, 1, 0) - jnp.where(down, 1, 0)
   e = jnp.where(amax > 0, e, -_E8M0_BIAS)
   return jnp.clip(e, -_E8M0_BIAS, _E8M0_BIAS)
 
@@ -119,12 +186,32 @@ def _store_float_scale(s: jax.Array, dtype: str):
   if dtype == "float32":
     return s, s
   if dtype in ("bfloat16", "float16"):
-    st = s.astype(dtype)
-    return st, st.astype(jnp.float32)
+    # Rounded with the bit-exact emulation, not s.astype(dtype).astype(f32):
+    # XLA may elide that round trip (excess precision, on GPU), and the fake
+    # path would then use an unrounded scale that dequantize never sees.
+    v = _cast._cast_float(s, _HALF[dtype], False, None)
+    return v.astype(dtype), v
   if dtype == "fp8_e4m3":
     v = _cast.cast(jnp.clip(s, _E4M3.min_subnormal, _E4M3.max), _E4M3, saturate=True)
     return v.astype(jnp.float8_e4m3fn), v
   raise ValueError(f"no float scale dtype {dtype!r}")
+
+
+def _mark_bad(stored: jax.Array, value: jax.Array, bad: jax.Array):
+  """NaN scales (stored and value) for blocks that hold a NaN or an inf.
+
+  The stored scale must be NaN too, or ``dequantize(quantize(x))`` would read
+  the block back as finite numbers while ``fake_quant`` gives NaN.
+  """
+  stored = jnp.where(bad, jnp.asarray(jnp.nan, stored.dtype), stored)
+  return stored, jnp.where(bad, jnp.float32(jnp.nan), value)
+
+
+def _mean_abs(absx, red, vb, bs) -> jax.Array:
+  """Per-block mean of |x| over the valid (unpadded) elements."""
+  if vb is None:
+    return _div(jnp.sum(absx, axis=red), np.float32(math.prod(bs)))
+  return _div(jnp.sum(absx, axis=red), jnp.sum(vb, axis=red))
 
 
 def _scale_value(stored: jax.Array, dtype: str) -> jax.Array:
@@ -149,16 +236,16 @@ def _prepare(x, spec: QuantSpec):
     raise ValueError(f"{spec.format.name!r} is a block format: say which axis its "
                      f"blocks of {spec.group_size} run along, e.g. axis=-1 (the "
                      "matmul's reduction axis)")
+  if spec.group_size is not None and spec.axis is None and spec.tile is None:
+    raise ValueError(f"group_size={spec.group_size} needs the axis its groups run "
+                     "along, e.g. axis=-1 (an unset axis is filled in only by the "
+                     "quantized ops and rules)")
   ax = normalize_axis(spec.axis, x.ndim)
   if ax is not None and ax != spec.axis:
     spec = spec.replace(axis=ax)
   bs = block_shape(spec, x.shape)
   padded = tuple(-(-d // b) * b for d, b in zip(x.shape, bs))
   pa = default_pack_axis(spec, x.ndim)
-  n_codes, _ = pack_unit(spec.storage_format.bits)
-  if padded[pa] % n_codes:
-    # Packing needs whole units along the pack axis: pad codes only.
-    pass
   if padded != x.shape and not spec.pad:
     bad = [(i, d, b) for i, (d, b) in enumerate(zip(x.shape, bs)) if d % b]
     i, d, b = bad[0]
@@ -205,34 +292,39 @@ def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin):
   elif method == "absmax":
     a = jnp.max(absx, axis=red)
   else:
-    cnt = (jnp.sum(vb, axis=red) if vb is not None
-           else math.prod(bs))
-    mean_abs = jnp.sum(absx, axis=red) / cnt
+    mean_abs = _mean_abs(absx, red, vb, bs)
     if method == "mean_abs":
       a = mean_abs
     else:  # twn
       thr = 0.7 * mean_abs
       sel = absx > jnp.expand_dims(thr, red)
       n_sel = jnp.sum(sel, axis=red)
-      a = jnp.sum(jnp.where(sel, absx, 0.0), axis=red) / jnp.maximum(n_sel, 1)
+      a = _div(jnp.sum(jnp.where(sel, absx, 0.0), axis=red), jnp.maximum(n_sel, 1))
   a = a * np.float32(spec.clip_ratio)
-  bad = ~jnp.isfinite(a)
+  # A block holding a NaN or an inf gets a NaN scale. Tested on the elements:
+  # XLA's vectorized max on CPU can drop a NaN, so the amax alone cannot tell.
+  bad = ~jnp.isfinite(a) | jnp.any(~jnp.isfinite(xb), axis=red)
 
   tscale = None
   if spec.tensor_scale:
-    emax_t = jnp.max(jnp.abs(xf)) if amax is None else jnp.max(a)
+    # The per-tensor amax is over finite values: a NaN or inf block turns
+    # only itself into NaN.
+    emax_t = (jnp.max(jnp.where(jnp.isfinite(xf), jnp.abs(xf), 0.0)) if amax is None
+              else jnp.max(a))
     smax = _E4M3.max if spec.scale_dtype == "fp8_e4m3" else 1.0
-    t = emax_t / np.float32(fmt.max * smax)
-    t = jnp.where(emax_t > 0, t, 1.0).astype(jnp.float32)
+    t = _div(emax_t, np.float32(fmt.max * smax))
+    t = jnp.where(emax_t == 0, np.float32(1.0), t)  # 1 where the amax is 0
     tscale = t
     if spec.scale_dtype == "fp8_e4m3":
-      s_raw = jnp.clip(a / np.float32(fmt.max) / t, _E4M3.min_normal, _E4M3.max)
+      s_raw = jnp.clip(_div(_div(a, np.float32(fmt.max)), t), _E4M3.min_normal,
+                       _E4M3.max)
       s_stored, s_val = _store_float_scale(s_raw, "fp8_e4m3")
     else:
       s_stored, s_val = _store_float_scale(
-          jnp.where(a > 0, a / np.float32(fmt.max) / t, 1.0), spec.scale_dtype)
-    s_val = jnp.where(bad, jnp.nan, s_val)
-    mult = (1.0 / t) / s_val
+          jnp.where(a > 0, _div(_div(a, np.float32(fmt.max)), t), 1.0),
+          spec.scale_dtype)
+    s_stored, s_val = _mark_bad(s_stored, s_val, bad)
+    mult = _div(_div(np.float32(1.0), t), s_val)
     y = xb * jnp.expand_dims(mult, red)
     total = t * s_val
   elif spec.scale_dtype == "e8m0":
@@ -242,20 +334,32 @@ def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin):
     y = xb * jnp.expand_dims(jnp.where(bad, jnp.nan, _pow2(-e)), red)
     total = s_val
   else:
-    s = jnp.where(a > 0, a / np.float32(fmt.max), 1.0)
+    # Scale 1 where the amax is 0 (the block is all zeros and codes 0); a grid
+    # without 0 (binary) needs scale 0 there, or zeros would read back as +-1.
+    has_zero = not isinstance(fmt, LookupFormat) or 0.0 in fmt.table
+    zero_scale = 1.0 if has_zero else 0.0
+    s = jnp.where(a > 0, _div(a, np.float32(fmt.max)), zero_scale)
     s_stored, s_val = _store_float_scale(s, spec.scale_dtype)
-    s_val = jnp.where(bad, jnp.nan, s_val)
-    y = xb / jnp.expand_dims(s_val, red)
+    s_stored, s_val = _mark_bad(s_stored, s_val, bad)
+    y = _div(xb, jnp.expand_dims(jnp.where(s_val == 0, 1.0, s_val), red))
     total = s_val
 
   y = y.reshape(xf.shape)
-  clipped = jnp.abs(y) > np.float32(fmt.max)
+  if method == "absmax" and spec.scale_dtype != "e8m0":
+    # The scale maps [-a, a] onto the element range; only values beyond a (a
+    # clip_ratio < 1 or a static amax) are clipped. Comparing |y| with the max
+    # instead would flag the amax element itself whenever the rounded scale
+    # makes a / s land an ulp above it.
+    clipped = jnp.abs(xf) > _expand(a, bs, xf.shape)
+  else:
+    # E8M0 scales are powers of two, so y is exact: elements beyond the max
+    # saturate (OCP MX floor rounding can do that by design).
+    clipped = jnp.abs(y) > np.float32(fmt.max)
   if isinstance(fmt, IntFormat):
     lim = fmt.qmax  # restricted symmetric range
     q = _cast._cast_int(y, fmt, True, noise, lo=-lim, hi=lim)
   elif isinstance(fmt, LookupFormat) and fmt.scale_method == "twn":
-    thr = _expand(0.7 * (jnp.sum(jnp.abs(xb), axis=red) / (
-        jnp.sum(vb, axis=red) if vb is not None else math.prod(bs))), bs, xf.shape)
+    thr = _expand(0.7 * _mean_abs(jnp.abs(xb), red, vb, bs), bs, xf.shape)
     q = jnp.where(jnp.abs(xf) > thr, jnp.sign(xf), 0.0)
     q = jnp.where(jnp.isnan(y), jnp.nan, q)
   elif isinstance(fmt, LookupFormat):
@@ -282,13 +386,14 @@ def _grid_asym(xf, xb, red, vb, spec, bs, noise, amax, amin):
   hi = jnp.maximum(hi, 0.0) * np.float32(spec.clip_ratio)
   lo = jnp.minimum(lo, 0.0) * np.float32(spec.clip_ratio)
   rng = hi - lo
-  s = jnp.where(rng > 0, rng / np.float32(levels), 1.0)
+  s = jnp.where(rng > 0, _div(rng, np.float32(levels)), 1.0)
   s_stored, s_val = _store_float_scale(s, spec.scale_dtype)
-  bad = ~(jnp.isfinite(hi) & jnp.isfinite(lo))
-  s_val = jnp.where(bad, jnp.nan, s_val)
-  zp = jnp.clip(jnp.round(-lo / s_val), 0, levels)
+  bad = (~(jnp.isfinite(hi) & jnp.isfinite(lo))
+         | jnp.any(~jnp.isfinite(xb), axis=red))  # NaN/inf block: NaN scale
+  s_stored, s_val = _mark_bad(s_stored, s_val, bad)
+  zp = jnp.clip(jnp.round(_div(-lo, s_val)), 0, levels)
   zp = jnp.where(bad, 0.0, zp)
-  y = xb / jnp.expand_dims(s_val, red) + jnp.expand_dims(zp, red)
+  y = _div(xb, jnp.expand_dims(s_val, red)) + jnp.expand_dims(zp, red)
   y = y.reshape(xf.shape)
   clipped = (y < -0.5) | (y > levels + 0.5)
   q = _cast._cast_int(y, fmt, True, noise, lo=0, hi=int(levels))

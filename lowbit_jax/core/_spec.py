@@ -89,10 +89,17 @@ class QuantSpec:
         raise ValueError("give either group_size (1-D groups along axis) or tile "
                          "(2-D tiles of the last two dims), not both")
     gs = self.group_size
+    if isinstance(fmt, BlockFormat) and (isinstance(ax, tuple) or ax == TENSOR):
+      raise ValueError(f"{fmt.name!r} is a block format: its blocks of "
+                       f"{fmt.block_size} run along one axis; give a single axis, "
+                       f"e.g. axis=-1, not axis={ax!r}")
     if gs is None and self.tile is None:
       if isinstance(fmt, BlockFormat):
         gs = fmt.block_size
-      elif isinstance(fmt, LookupFormat) and fmt.default_block:
+      elif (isinstance(fmt, LookupFormat) and fmt.default_block
+            and not isinstance(ax, tuple) and ax != TENSOR):
+        # A codebook's default block (NF4: 64) applies along a single axis; an
+        # explicit per-tensor or multi-axis granularity overrides it.
         gs = fmt.default_block
     if gs is not None:
       if not isinstance(gs, int) or gs < 1:

@@ -17,7 +17,6 @@ supports the case), "never", or "always" (raise when none supports it).
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Optional, Sequence
 
 import jax
@@ -209,28 +208,64 @@ def _stoch(spec: Optional[QuantSpec]) -> bool:
   return spec is not None and spec.rounding == "stochastic"
 
 
+def _einsum_contracted(subscripts: str, lhs_nd: int, rhs_nd: int):
+  """Contraction axes of each operand of a two-operand einsum."""
+  if "->" not in subscripts:
+    raise ValueError(f"einsum needs an explicit output ('ab,bc->ac'), got "
+                     f"{subscripts!r}")
+  ins, out = subscripts.replace(" ", "").split("->")
+  parts = ins.split(",")
+  if len(parts) != 2 or "." in subscripts:
+    raise ValueError(f"quantized einsum takes two operands without ellipses, got "
+                     f"{subscripts!r}")
+  a, b = parts
+  if len(a) != lhs_nd or len(b) != rhs_nd:
+    raise ValueError(f"einsum {subscripts!r} does not fit operands of rank {lhs_nd} "
+                     f"and {rhs_nd}")
+  contracted = set(a) & set(b) - set(out)
+  return (tuple(i for i, c in enumerate(a) if c in contracted),
+          tuple(i for i, c in enumerate(b) if c in contracted))
+
+
 def einsum(subscripts: str, lhs, rhs, *, lhs_spec=None, rhs_spec=None,
            mode: str = "fake", key=None, lhs_amax=None, use_kernel: str = "auto",
            precision=None, preferred_element_type=None):
-  """Quantized two-operand ``jnp.einsum`` (contraction axes from the subscripts)."""
+  """Quantized two-operand ``jnp.einsum``.
+
+  Each operand is quantized on its own (an unset spec axis becomes that
+  operand's contracted labels) before ``jnp.einsum`` runs, so the specs stay
+  with their operands whatever order einsum contracts them in. Real mode runs
+  the reference (quantize, dequantize, float32-accumulating einsum); kernels
+  are reached through ``dot_general``.
+  """
   _check_mode(mode, use_kernel)
-  if isinstance(rhs, QArray):
-    rhs = dequantize(rhs)
-  if isinstance(lhs, QArray):
-    lhs = dequantize(lhs)
-  dg = functools.partial(dot_general, lhs_spec=lhs_spec, rhs_spec=rhs_spec, mode=mode,
-                         key=key, lhs_amax=lhs_amax, use_kernel=use_kernel)
-  return jnp.einsum(subscripts, lhs, rhs, precision=precision,
-                    preferred_element_type=preferred_element_type,
-                    _dot_general=_positional(dg))
+  lhs_nd, rhs_nd = len(lhs.shape), len(rhs.shape)
+  lc, rc = _einsum_contracted(subscripts, lhs_nd, rhs_nd)
+  k_l = k_r = None
+  if key is not None:
+    k_l, k_r = jax.random.split(key)
 
+  def prep(x, spec, contract, k, amax=None):
+    if isinstance(x, QArray):
+      return dequantize(x)
+    spec = _spec_for(spec, contract, len(x.shape)) if contract else (
+        as_spec(spec).with_axis("tensor") if spec is not None else None)
+    if spec is None:
+      return x
+    kk = k if _stoch(spec) else None
+    if mode == "fake":
+      return fake_quant(x, spec, key=kk, amax=amax)
+    return dequantize(quantize(x, spec, key=kk, amax=amax))
 
-def _positional(dg):
-  def f(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
-        **kw):
-    del kw
-    return dg(lhs, rhs, dimension_numbers, precision, preferred_element_type)
-  return f
+  out_dtype = jnp.dtype(lhs.dtype)
+  lv = prep(lhs, lhs_spec, lc, k_l, lhs_amax)
+  rv = prep(rhs, rhs_spec, rc, k_r)
+  if mode == "real":
+    y = jnp.einsum(subscripts, lv.astype(jnp.float32), rv.astype(jnp.float32),
+                   precision=precision, preferred_element_type=jnp.float32)
+    return y.astype(preferred_element_type or out_dtype)
+  return jnp.einsum(subscripts, lv, rv.astype(lv.dtype), precision=precision,
+                    preferred_element_type=preferred_element_type)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,

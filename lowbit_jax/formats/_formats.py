@@ -46,6 +46,12 @@ class Format:
     """All finite values the format can code, sorted, as float64."""
     raise NotImplementedError
 
+  @property
+  def emax(self) -> int:
+    """Exponent of the largest value, floor(log2(max)), as the OCP MX scale
+    rule uses it (MXINT8's fixed-point int8 has emax 0)."""
+    return math.floor(math.log2(self.max))
+
   def __str__(self) -> str:
     return self.name
 
@@ -373,11 +379,3 @@ _ML_DTYPE_BY_KEY = {
     (2, 1, 1, "none"): ml_dtypes.float4_e2m1fn,
     (8, 0, 127, "e8m0"): ml_dtypes.float8_e8m0fnu,
 }
-
-
-def _int_emax(self: IntFormat) -> int:
-  """Exponent of the largest value (MX scale rule: MXINT8 has emax 0)."""
-  return math.floor(math.log2(self.max))
-
-
-IntFormat.emax = property(_int_emax)  # type: ignore[attr-defined]

@@ -64,8 +64,13 @@ def register(fmt: Format, name: str | None = None, *, overwrite: bool = False) -
 
 
 def names() -> list[str]:
-  """All registered format names (bare ``eXmY`` names also work with ``get``)."""
-  return sorted(_REGISTRY)
+  """All registered format names, with the short ``eXmY`` aliases.
+
+  The aliases (``e4m3``, ``e5m2``, ``e3m4``, ``e2m1``, ``e2m3``, ``e3m2``) name the
+  same formats as their ``fp*_`` names. Any other bare ``eXmY`` name also works
+  with ``get``; so do ml_dtypes' type names (``float8_e4m3fn`` ...).
+  """
+  return sorted(set(_REGISTRY) | {a for a in _ALIASES if _BARE.match(a)})
 
 
 def get(name: str | Format) -> Format:
@@ -77,6 +82,8 @@ def get(name: str | Format) -> Format:
 
   Raises:
     KeyError: unknown name (the message lists the known ones).
+    ValueError: a bare ``eXmY`` name whose format cannot exist (e.g. ``e8m1``,
+      whose largest value overflows float32).
   """
   if isinstance(name, Format):
     return name
@@ -92,7 +99,9 @@ def get(name: str | Format) -> Format:
     try:
       return FloatFormat(x, y, name=name)
     except ValueError as e:
-      raise KeyError(f"bare float name {name!r} is not a valid format: {e}") from None
+      raise ValueError(f"bare float name {name!r} is not a valid format: {e}. Build "
+                       f"it with lowbit_jax.formats.FloatFormat({x}, {y}, bias=...) "
+                       "and register it under a name") from None
   raise KeyError(f"unknown format {name!r}. Known: {', '.join(names())}. Bare eXmY "
                  "names such as 'e3m3' are built on demand; register your own with "
                  "lowbit_jax.formats.register(...)")
@@ -126,6 +135,10 @@ def _register_builtins() -> None:
   }
   for n, f in floats.items():
     register(f, n)
+  # Bare eXmY formats ml_dtypes lacks, named in the format table (any other
+  # bare name is built on demand by get()).
+  for n in ("e3m3", "e2m2", "e5m3"):
+    register(FloatFormat(int(n[1]), int(n[3]), name=n))
   for bare, full in (("e4m3", "fp8_e4m3"), ("e5m2", "fp8_e5m2"), ("e3m4", "fp8_e3m4"),
                      ("e2m1", "fp4_e2m1"), ("e2m3", "fp6_e2m3"), ("e3m2", "fp6_e3m2")):
     _alias(bare, full)

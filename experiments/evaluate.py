@@ -1,0 +1,31 @@
+r"""Evaluates a real-quantized checkpoint (see configs/evaluate.py).
+
+  python -m experiments.evaluate --config configs/evaluate.py --config.checkpoint=DIR
+"""
+import json
+
+from absl import app
+from absl import logging
+from ml_collections import config_flags
+
+from lowbit_jax import pipelines
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/evaluate.py",
+                                          "evaluation config")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  c = _CONFIG.value
+  if not c.checkpoint:
+    raise app.UsageError("set --config.checkpoint=DIR (written by experiments/ptq.py "
+                         "with --config.save_dir)")
+  m = pipelines.minilm_evaluate_checkpoint(c.checkpoint, n_calib=c.n_calib,
+                                           n_eval=c.n_eval, use_kernel=c.use_kernel)
+  print(json.dumps(m, indent=1, sort_keys=True))
+
+
+if __name__ == "__main__":
+  app.run(main)

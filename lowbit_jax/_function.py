@@ -1,0 +1,697 @@
+"""Quantize any JAX function ``fn(params, *args)`` by rules, without editing it.
+
+``quantize_function`` traces ``fn`` to a jaxpr with its parameter pytree
+flattened with paths, follows the data flow from every parameter leaf, and
+re-interprets the jaxpr: each ``dot_general`` (``x @ w``, ``jnp.einsum``,
+``jnp.dot``, a Haiku/Equinox linear layer, ...) and ``conv_general_dilated``
+with an operand that flows from a parameter leaf runs through
+``lowbit_jax.core.ops`` instead, with the rule that matches that leaf's path.
+
+Data flow from a parameter passes through views of it: ``transpose``,
+``reshape``, ``convert_element_type``, ``broadcast_in_dim``, ``squeeze``,
+``expand_dims``, ``slice``, ``dynamic_slice`` (e.g. ``w[i]`` of stacked layers),
+``copy`` and sharding constraints; and into ``jit`` calls, ``custom_jvp`` /
+``custom_vjp`` functions, ``jax.checkpoint``, ``lax.scan`` (stacked weights
+scanned over), ``lax.cond`` and ``lax.while_loop``. A ``gather`` (an embedding
+lookup) or arithmetic on a weight ends it: what comes out is an activation.
+Nothing inside a ``pallas_call`` is ever rewritten, and other higher-order
+primitives (``shard_map``, ...) run unchanged.
+
+Rewriting inside a custom_jvp/custom_vjp function drops its custom derivative
+rule (the function is inlined; fake quantization brings its straight-through
+gradient); calls that contain nothing to quantize keep their rules.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import functools
+from typing import Callable, Optional
+
+import jax
+import jax.extend as jex
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from lowbit_jax import _rules
+from lowbit_jax._rules import QWeight, Site, WeightPlan
+from lowbit_jax.core._qarray import QArray
+
+_Literal = jex.core.Literal
+_DropVar = jex.core.DropVar
+
+# Primitives whose output is a view of their first operand.
+_VIEWS = frozenset({"transpose", "reshape", "convert_element_type", "broadcast_in_dim",
+                    "squeeze", "expand_dims", "slice", "dynamic_slice", "copy",
+                    "copy_p", "sharding_constraint", "reduce_precision"})
+# Views that a quantized leaf goes through without being dequantized.
+_QVIEWS = frozenset({"transpose", "convert_element_type", "copy", "copy_p",
+                     "sharding_constraint"})
+_CALLS = frozenset({"jit", "pjit", "closed_call", "core_call"})
+_CUSTOM = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"})
+_REMAT = frozenset({"remat2", "checkpoint", "remat"})
+_DOT_KINDS = ("dot_general", "einsum")
+
+
+class _Tag(collections.namedtuple("_Tag", ["path", "prequantized"])):
+  """Marks a value that flows from the parameter leaf at ``path``."""
+
+
+class _QRef:
+  """A quantized parameter leaf inside the interpreter (not a pytree)."""
+  __slots__ = ("q",)
+
+  def __init__(self, q: QArray):
+    self.q = q if isinstance(q, QWeight) else _rules.as_qweight(q, False)
+
+  def value(self) -> jax.Array:
+    return self.q.logical()
+
+
+def _mat(v):
+  return v.value() if isinstance(v, _QRef) else v
+
+
+def _bind(eqn, invals):
+  """Binds an equation unchanged (quantized leaves dequantized first)."""
+  bp = eqn.primitive.get_bind_params(eqn.params)
+  if isinstance(bp, tuple):  # older jax: (subfuns, params)
+    subfuns, params = bp
+  else:
+    subfuns, params = (), bp
+  ctx = getattr(getattr(eqn, "ctx", None), "manager", None)
+  with ctx if ctx is not None else contextlib.nullcontext():
+    out = eqn.primitive.bind(*subfuns, *[_mat(v) for v in invals], **params)
+  return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _closed(j):
+  """(jaxpr, consts) of a ClosedJaxpr or an open Jaxpr."""
+  if isinstance(j, jex.core.ClosedJaxpr) or (hasattr(j, "consts")
+                                              and hasattr(j, "jaxpr")):
+    return j.jaxpr, j.consts
+  return j, ()
+
+
+def _scan_counts(params) -> tuple:
+  """(number of consts, number of carries) of a scan equation."""
+  if "num_consts" in params:
+    return params["num_consts"], params["num_carry"]
+  ft = params["ft_in"]  # newer jax: a flat tree (consts, carry, xs)
+  groups = ft.unpack() if hasattr(ft, "unpack") else ft
+  return len(groups[0]), len(groups[1])
+
+
+def _is_static(x) -> bool:
+  """Whether a call argument is Python configuration rather than array data."""
+  if isinstance(x, bool) or isinstance(x, str):
+    return True
+  return not isinstance(x, (jax.Array, np.ndarray, np.generic, int, float, complex,
+                            jax.ShapeDtypeStruct))
+
+
+def _custom_jaxpr(params):
+  for k in ("call_jaxpr", "fun_jaxpr"):
+    if k in params:
+      return params[k]
+  return None
+
+
+class _Interpreter:
+  """Evaluates a jaxpr, quantizing the sites that a rule matches."""
+
+  def __init__(self, qf: "QuantizedFunction", stats_in: Optional[dict]):
+    self.qf = qf
+    self.config = qf.config
+    self.stats_in = dict(stats_in or {})
+    self.stats_out = dict(self.stats_in)
+    self._keys: dict[int, str] = {}
+    self._count: collections.Counter = collections.Counter()
+    self._traced_region = 0
+
+  # -- analysis ---------------------------------------------------------------
+
+  def _rule(self, tag: _Tag, kinds) -> Optional[_rules.QuantRule]:
+    i = self.config.find(_rules.candidates(tag.path), kinds)
+    if i is None:
+      return None
+    r = self.config.rules[i]
+    return None if r.is_float else r
+
+  def has_sites(self, jaxpr, tags) -> bool:
+    """Whether a quantized site is reachable from the tagged inputs."""
+    return self._flow(jaxpr, tags)[0]
+
+  def _flow(self, jaxpr, tags):
+    env = {v: t for v, t in zip(jaxpr.invars, tags) if t is not None}
+    found = False
+    for eqn in jaxpr.eqns:
+      it = [None if isinstance(v, _Literal) else env.get(v) for v in eqn.invars]
+      if not any(it):
+        continue
+      name = eqn.primitive.name
+      outs = [None] * len(eqn.outvars)
+      if name in _VIEWS:
+        outs[0] = it[0]
+      elif name == "dot_general":
+        t = it[1] or it[0]
+        found = found or self._rule(t, _DOT_KINDS) is not None
+      elif name == "conv_general_dilated":
+        found = found or (it[1] is not None
+                          and self._rule(it[1], ("conv",)) is not None)
+      elif name == "pallas_call":
+        pass
+      elif name in _CALLS:
+        f, outs = self._flow(_closed(eqn.params["jaxpr"])[0], it)
+        found = found or f
+      elif name in _CUSTOM and _custom_jaxpr(eqn.params) is not None:
+        found = found or self._flow(_closed(_custom_jaxpr(eqn.params))[0], it)[0]
+      elif name in _REMAT:
+        found = found or self._flow(_closed(eqn.params["jaxpr"])[0], it)[0]
+      elif name == "scan":
+        nc, ncar = _scan_counts(eqn.params)
+        inner = it[:nc] + [None] * ncar + it[nc + ncar:]
+        found = found or self._flow(_closed(eqn.params["jaxpr"])[0], inner)[0]
+      elif name == "cond":
+        found = found or any(self._flow(_closed(b)[0], it[1:])[0]
+                             for b in eqn.params["branches"])
+      elif name == "while":
+        p = eqn.params
+        cn, bn = p["cond_nconsts"], p["body_nconsts"]
+        ncarry = len(it) - cn - bn
+        found = (found or self._flow(_closed(p["cond_jaxpr"])[0],
+                                     it[:cn] + [None] * ncarry)[0]
+                 or self._flow(_closed(p["body_jaxpr"])[0],
+                               it[cn:cn + bn] + [None] * ncarry)[0])
+      for v, t in zip(eqn.outvars, outs):
+        if t is not None and not isinstance(v, _DropVar):
+          env[v] = t
+    out_tags = [None if isinstance(v, _Literal) else env.get(v) for v in jaxpr.outvars]
+    return found, out_tags
+
+  # -- evaluation -------------------------------------------------------------
+
+  def eval(self, jaxpr, consts, args, tags):
+    env, tenv = {}, {}
+
+    def read(v):
+      return v.val if isinstance(v, _Literal) else env[v]
+
+    def rtag(v):
+      return None if isinstance(v, _Literal) else tenv.get(v)
+
+    for v, c in zip(jaxpr.constvars, consts):
+      env[v] = c
+    for v, a, t in zip(jaxpr.invars, args, tags):
+      env[v] = a
+      if t is not None:
+        tenv[v] = t
+    for eqn in jaxpr.eqns:
+      invals = [read(v) for v in eqn.invars]
+      intags = [rtag(v) for v in eqn.invars]
+      outs, otags = self.eqn(eqn, invals, intags)
+      for v, o, t in zip(eqn.outvars, outs, otags):
+        if isinstance(v, _DropVar):
+          continue
+        env[v] = o
+        if t is not None:
+          tenv[v] = t
+    return [read(v) for v in jaxpr.outvars], [rtag(v) for v in jaxpr.outvars]
+
+  def eqn(self, eqn, invals, intags):
+    n_out = len(eqn.outvars)
+    none = [None] * n_out
+    if not any(intags):
+      return _bind(eqn, invals), none
+    name = eqn.primitive.name
+    if name in _VIEWS:
+      return self._view(eqn, invals, intags)
+    if name == "dot_general":
+      return self._dot(eqn, invals, intags), none
+    if name == "conv_general_dilated":
+      return self._conv(eqn, invals, intags), none
+    if name == "pallas_call":
+      return _bind(eqn, invals), none
+    if name in _CALLS:
+      j, consts = _closed(eqn.params["jaxpr"])
+      return self.eval(j, consts, invals, intags)
+    if name in _CUSTOM and _custom_jaxpr(eqn.params) is not None:
+      j, consts = _closed(_custom_jaxpr(eqn.params))
+      if self.has_sites(j, intags):
+        return self.eval(j, consts, invals, intags)[0], none
+      return _bind(eqn, invals), none
+    if name in _REMAT and self.has_sites(_closed(eqn.params["jaxpr"])[0], intags):
+      return self._remat(eqn, invals, intags), none
+    if name == "scan" and self.has_sites(_closed(eqn.params["jaxpr"])[0],
+                                         self._scan_tags(eqn, intags)):
+      return self._scan(eqn, invals, intags), none
+    if name == "cond" and any(self.has_sites(_closed(b)[0], intags[1:])
+                              for b in eqn.params["branches"]):
+      return self._cond(eqn, invals, intags), none
+    if name == "while" and self._flow_while(eqn, intags):
+      return self._while(eqn, invals, intags), none
+    return _bind(eqn, invals), none
+
+  def _view(self, eqn, invals, intags):
+    name = eqn.primitive.name
+    x, tag = invals[0], intags[0]
+    if tag is None:
+      return _bind(eqn, invals), [None]
+    if isinstance(x, _QRef) and name in _QVIEWS:
+      q = x.q
+      if name == "transpose":
+        if q.ndim == 2 and tuple(eqn.params["permutation"]) == (1, 0):
+          return [_QRef(dataclasses.replace(q, transposed=not q.transposed))], [tag]
+      elif name == "convert_element_type":
+        return [_QRef(dataclasses.replace(
+            q, dtype=str(jnp.dtype(eqn.params["new_dtype"]))))], [tag]
+      else:
+        return [x], [tag]
+    return _bind(eqn, invals), [tag]
+
+  def _key(self, eqn, path: str) -> str:
+    k = self._keys.get(id(eqn))
+    if k is None:
+      n = self._count[path]
+      self._count[path] += 1
+      k = path if n == 0 else f"{path}#{n}"
+      self._keys[id(eqn)] = k
+    return k
+
+  def _site(self, eqn, tag: _Tag, kinds, op: str, weight):
+    rule = self.config.match(_rules.candidates(tag.path), kinds)
+    if rule is None or rule.is_float:
+      return None, None
+    if tag.prequantized and not isinstance(weight, _QRef):
+      # Dequantized on the way (a view a QArray cannot take): do not
+      # quantize it a second time.
+      rule = dataclasses.replace(rule, weight=None)
+    site = Site(tag.path, op, rule, self.qf.mode, self.qf.use_kernel)
+    key = self._key(eqn, tag.path)
+    self.config.record_site(key, site)
+    return site, key
+
+  def _stats(self, site: Site, key: str, act):
+    if site.collects_stats:
+      if self._traced_region:
+        raise ValueError(
+            f"cannot calibrate {site.path!r}: it runs inside lax.scan, lax.cond or "
+            "lax.while_loop, whose body cannot hand statistics back. Calibrate a "
+            "version of the function with the loop unrolled (a Python loop), or "
+            "use a dynamic activation rule (static=False) there")
+      self.stats_out[key] = _rules.observe(site, self.stats_out.get(key), _mat(act))
+      return None
+    if site.needs_stats:
+      return self.stats_in.get(key)
+    return None
+
+  def _dot(self, eqn, invals, intags):
+    lhs, rhs = invals
+    lt, rt = intags
+    side, tag = ("rhs", rt) if rt is not None else ("lhs", lt)
+    weight = rhs if side == "rhs" else lhs
+    site, key = self._site(eqn, tag, _DOT_KINDS, "dot_general", weight)
+    if site is None:
+      return _bind(eqn, invals)
+    w = weight.q if isinstance(weight, _QRef) else weight
+    act = _mat(lhs if side == "rhs" else rhs)
+    lhs2, rhs2 = (act, w) if side == "rhs" else (w, act)
+    stats = self._stats(site, key, act)
+    p = eqn.params
+    return [_rules.site_dot_general(site, lhs2, rhs2, p["dimension_numbers"],
+                                    p.get("precision"),
+                                    p.get("preferred_element_type"),
+                                    weight_side=side, stats=stats)]
+
+  def _conv(self, eqn, invals, intags):
+    lhs, rhs = invals
+    if intags[1] is None:
+      return _bind(eqn, invals)
+    site, key = self._site(eqn, intags[1], ("conv",), "conv", rhs)
+    if site is None:
+      return _bind(eqn, invals)
+    w = rhs.q if isinstance(rhs, _QRef) else rhs
+    act = _mat(lhs)
+    stats = self._stats(site, key, act)
+    p = eqn.params
+    return [_rules.site_conv(site, act, w, p["window_strides"], p["padding"],
+                             p["lhs_dilation"], p["rhs_dilation"],
+                             p["dimension_numbers"], p["feature_group_count"],
+                             p["batch_group_count"], p.get("precision"),
+                             p.get("preferred_element_type"), stats=stats)]
+
+  @contextlib.contextmanager
+  def _region(self):
+    self._traced_region += 1
+    try:
+      yield
+    finally:
+      self._traced_region -= 1
+
+  def _scan_tags(self, eqn, intags):
+    nc, ncar = _scan_counts(eqn.params)
+    return intags[:nc] + [None] * ncar + intags[nc + ncar:]
+
+  def _scan(self, eqn, invals, intags):
+    p = eqn.params
+    nc, ncar = _scan_counts(p)
+    j, jc = _closed(p["jaxpr"])
+    consts = invals[:nc]
+    init = [_mat(v) for v in invals[nc:nc + ncar]]
+    xs = [_mat(v) for v in invals[nc + ncar:]]
+    tags = self._scan_tags(eqn, intags)
+
+    def body(carry, x):
+      with self._region():
+        outs, _ = self.eval(j, jc, list(consts) + list(carry) + list(x), tags)
+      outs = [_mat(o) for o in outs]
+      return outs[:ncar], outs[ncar:]
+
+    carry, ys = lax.scan(body, init, xs, length=p["length"], reverse=p["reverse"],
+                         unroll=p["unroll"])
+    return list(carry) + list(ys)
+
+  def _cond(self, eqn, invals, intags):
+    index, operands = invals[0], invals[1:]
+
+    def branch(b):
+      j, jc = _closed(b)
+
+      def run():
+        with self._region():
+          outs, _ = self.eval(j, jc, operands, intags[1:])
+        return [_mat(o) for o in outs]
+      return run
+
+    return list(lax.switch(index, [branch(b) for b in eqn.params["branches"]]))
+
+  def _flow_while(self, eqn, intags):
+    p = eqn.params
+    cn, bn = p["cond_nconsts"], p["body_nconsts"]
+    ncarry = len(intags) - cn - bn
+    return (self.has_sites(_closed(p["cond_jaxpr"])[0],
+                           intags[:cn] + [None] * ncarry)
+            or self.has_sites(_closed(p["body_jaxpr"])[0],
+                              intags[cn:cn + bn] + [None] * ncarry))
+
+  def _while(self, eqn, invals, intags):
+    p = eqn.params
+    cn, bn = p["cond_nconsts"], p["body_nconsts"]
+    cconsts, bconsts = invals[:cn], invals[cn:cn + bn]
+    ctags, btags = intags[:cn], intags[cn:cn + bn]
+    init = [_mat(v) for v in invals[cn + bn:]]
+    cj, cjc = _closed(p["cond_jaxpr"])
+    bj, bjc = _closed(p["body_jaxpr"])
+    blank = [None] * len(init)
+
+    def cond_fun(c):
+      with self._region():
+        return self.eval(cj, cjc, list(cconsts) + list(c), ctags + blank)[0][0]
+
+    def body_fun(c):
+      with self._region():
+        outs, _ = self.eval(bj, bjc, list(bconsts) + list(c), btags + blank)
+      return [_mat(o) for o in outs]
+
+    return list(lax.while_loop(cond_fun, body_fun, init))
+
+  def _remat(self, eqn, invals, intags):
+    p = eqn.params
+    j, jc = _closed(p["jaxpr"])
+    if self.qf.mode == "calibrate":
+      # Statistics cannot leave a checkpointed trace; calibration needs no
+      # rematerialization, so run the body inline.
+      return [_mat(o) for o in self.eval(j, jc, invals, intags)[0]]
+    arr_pos = [i for i, v in enumerate(invals) if not isinstance(v, _QRef)]
+
+    def body(*arrs):
+      vals = list(invals)
+      for i, a in zip(arr_pos, arrs):
+        vals[i] = a
+      with self._region():
+        outs, _ = self.eval(j, jc, vals, intags)
+      return [_mat(o) for o in outs]
+
+    ck = jax.checkpoint(body, prevent_cse=p.get("prevent_cse", True),
+                        policy=p.get("policy"))
+    return list(ck(*[invals[i] for i in arr_pos]))
+
+
+class QuantizedFunction:
+  """``fn(params, *args, **kwargs)`` with its weight matmuls quantized by rules.
+
+  Call it like ``fn``; it is jitted: array arguments are traced, while bools,
+  strings and other non-numeric Python objects (``train=False``, a callable)
+  are static, as if named in ``static_argnames`` (Python ints and floats are
+  traced, as ``jax.jit`` traces them: bind those with ``functools.partial``
+  when they are configuration). It works under ``jax.jit``, ``jax.grad``
+  (fake mode: straight-through gradients) and ``jax.vmap``.
+
+  Keyword-only extra argument: ``quant_stats``, the statistics of static rules
+  (from a ``"calibrate"`` run). In mode ``"calibrate"`` the call returns
+  ``(output, quant_stats)`` with the statistics updated; pass them back in on
+  the next calibration call, then to the fake/real function.
+
+  Attributes:
+    fn: the wrapped function.
+    mode: "fake", "real" or "calibrate".
+    config: the QuantConfig recording which rule matched which site.
+    use_kernel: kernel dispatch of the real-mode matmul.
+  """
+
+  def __init__(self, fn: Callable, rules, mode: str = "fake", *, strict: bool = False,
+               use_kernel: str = "auto"):
+    if not callable(fn):
+      raise TypeError(f"quantize_function takes a function, got {type(fn).__name__}")
+    self.fn = fn
+    self.mode = _rules.check_mode(mode)
+    self.config = _rules.as_config(rules, strict)
+    self.use_kernel = _rules.check_use_kernel(use_kernel)
+    functools.update_wrapper(self, fn)
+    self._jitted = jax.jit(self._run)
+    self._static_jits: dict = {}
+
+  def __call__(self, params, *args, quant_stats: Optional[dict] = None, **kwargs):
+    leaves, tdef = jax.tree.flatten((args, kwargs))
+    static = tuple(i for i, l in enumerate(leaves) if _is_static(l))
+    if static:
+      key = (tdef, static, tuple(leaves[i] for i in static))
+      fn = self._static_jits.get(key)
+      if fn is None:
+        fn = self._static_jits[key] = jax.jit(functools.partial(
+            self._run_static, tdef, dict(zip(static, key[2]))))
+      dyn = [l for i, l in enumerate(leaves) if i not in static]
+      out, stats = fn(params, dyn, quant_stats)
+    else:
+      out, stats = self._jitted(params, args, kwargs, quant_stats)
+    self.config.check()
+    if self.mode == "calibrate":
+      return out, stats
+    return out
+
+  def unused_rules(self) -> list:
+    """Rules that matched no site in the calls so far."""
+    return self.config.unused_rules()
+
+  # -- tracing ----------------------------------------------------------------
+
+  def _trace(self, params, args, kwargs):
+    """(jaxpr, output shape, param leaves, input tags, dynamic arg leaves)."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params,
+                                                         is_leaf=_rules.is_qarray)
+    paths = [_rules.path_str(kp) for kp, _ in flat]
+    leaves = [leaf for _, leaf in flat]
+    rest, rdef = jax.tree.flatten((args, kwargs))
+    static = {i: l for i, l in enumerate(rest) if _is_static(l)}
+    dyn = [l for i, l in enumerate(rest) if i not in static]
+
+    def abstract(leaf):
+      if isinstance(leaf, QArray):
+        return jax.ShapeDtypeStruct(_rules.logical_shape(leaf), jnp.dtype(leaf.dtype))
+      return leaf
+
+    def flat_fn(pleaves, dleaves):
+      it = iter(dleaves)
+      a, k = jax.tree.unflatten(rdef, [static[i] if i in static else next(it)
+                                       for i in range(len(rest))])
+      return self.fn(jax.tree_util.tree_unflatten(treedef, pleaves), *a, **k)
+
+    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(
+        [abstract(l) for l in leaves], dyn)
+    tags = []
+    for p, leaf in zip(paths, leaves):
+      dt = jnp.dtype(leaf.dtype) if hasattr(leaf, "dtype") else None
+      is_float = isinstance(leaf, QArray) or (
+          dt is not None and jnp.issubdtype(dt, jnp.inexact))
+      tags.append(_Tag(p, isinstance(leaf, QArray)) if is_float else None)
+    return closed, out_shape, leaves, tags + [None] * len(dyn), dyn
+
+  def _run_static(self, tdef, static: dict, params, dyn, quant_stats):
+    it = iter(dyn)
+    leaves = [static[i] if i in static else next(it) for i in range(tdef.num_leaves)]
+    args, kwargs = jax.tree.unflatten(tdef, leaves)
+    return self._run(params, args, kwargs, quant_stats)
+
+  def _run(self, params, args, kwargs, quant_stats):
+    closed, out_shape, leaves, tags, dyn = self._trace(params, args, kwargs)
+    vals = [_QRef(l) if isinstance(l, QArray) else l for l in leaves] + dyn
+    interp = _Interpreter(self, quant_stats)
+    outs, _ = interp.eval(closed.jaxpr, closed.consts, vals, tags)
+    out = jax.tree_util.tree_unflatten(jax.tree.structure(out_shape),
+                                       [_mat(o) for o in outs])
+    stats = interp.stats_out if self.mode == "calibrate" else None
+    return out, stats
+
+  # -- real quantization ahead of time -----------------------------------------
+
+  def plan(self, params, *args, **kwargs) -> dict:
+    """``{parameter path: WeightPlan}`` of the weights to store quantized.
+
+    A leaf is planned when every use of it is a quantized matmul or conv site
+    (through ``convert_element_type``, a 2-D ``transpose`` or a ``jit`` call);
+    a leaf with any other use (an embedding table that is also gathered, a
+    reshaped or sliced weight) stays in float and is quantized per call.
+
+    Args:
+      params, *args, **kwargs: as for the function (arrays or
+        ``jax.ShapeDtypeStruct`` s; nothing is computed).
+    """
+    closed, _, leaves, tags, _ = self._trace(params, args, kwargs)
+    uses: dict[str, list] = collections.defaultdict(list)
+    jaxpr = closed.jaxpr
+    for i, t in enumerate(tags[:len(leaves)]):
+      if t is not None:
+        self._collect_uses(jaxpr, jaxpr.invars[i], (), tuple(leaves[i].shape)
+                           if not isinstance(leaves[i], QArray) else
+                           _rules.logical_shape(leaves[i]), t.path, uses)
+    plan = {}
+    for path, us in uses.items():
+      if any(u is None for u in us):
+        continue
+      if len(set(us)) == 1:
+        plan[path] = us[0]
+    return plan
+
+  def _collect_uses(self, jaxpr, var, perm, shape, path, uses):
+    """Appends a WeightPlan (or None: another use) for each use of ``var``."""
+    if var in jaxpr.outvars:
+      uses[path].append(None)
+    for eqn in jaxpr.eqns:
+      for pos, v in enumerate(eqn.invars):
+        if v is not var:
+          continue
+        name = eqn.primitive.name
+        out = eqn.outvars[0] if eqn.outvars else None
+        if name in ("convert_element_type", "copy", "copy_p") and pos == 0:
+          self._collect_uses(jaxpr, out, perm, shape, path, uses)
+        elif (name == "transpose" and len(shape) == 2
+              and tuple(eqn.params["permutation"]) == (1, 0)):
+          self._collect_uses(jaxpr, out, (1, 0) if not perm else (), shape, path,
+                             uses)
+        elif name in _CALLS:
+          inner = _closed(eqn.params["jaxpr"])[0]
+          self._collect_uses(inner, inner.invars[pos], perm, shape, path, uses)
+        elif name == "dot_general":
+          uses[path].append(self._dot_plan(eqn, pos, perm, shape, path))
+        elif name == "conv_general_dilated" and pos == 1 and not perm:
+          rule = self._plan_rule(path, ("conv",))
+          if rule is None:
+            uses[path].append(None)
+          else:
+            dn = eqn.params["dimension_numbers"]
+            uses[path].append(_rules.plan_weight(rule.weight, shape, "conv",
+                                                 out_axis=dn.rhs_spec[0],
+                                                 in_axis=dn.rhs_spec[1]))
+        else:
+          uses[path].append(None)
+
+  def _plan_rule(self, path, kinds):
+    i = self.config.find(_rules.candidates(path), kinds)
+    if i is None:
+      return None
+    r = self.config.rules[i]
+    return r if r.weight is not None else None
+
+  def _dot_plan(self, eqn, pos, perm, shape, path) -> Optional[WeightPlan]:
+    rule = self._plan_rule(path, _DOT_KINDS)
+    if rule is None:
+      return None
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    other = eqn.invars[1 - pos]
+    if not isinstance(other, _Literal) and other is eqn.invars[pos]:
+      return None
+    contract, batch = (rc, rb) if pos == 1 else (lc, lb)
+    if perm:
+      contract = tuple(perm[c] for c in contract)
+      batch = tuple(perm[b] for b in batch)
+    return _rules.plan_weight(rule.weight, shape, "dot_general",
+                              contracting=tuple(contract), batch=tuple(batch))
+
+  def quantize_params(self, params, *args, donate: bool = False,
+                      on_step: Optional[Callable] = None, **kwargs):
+    """``params`` with every planned weight replaced by a QWeight, leaf by leaf.
+
+    Args:
+      params, *args, **kwargs: as for the function (example arguments; only
+        their shapes are used).
+      donate: delete each float leaf once it is quantized (see
+        ``lowbit_jax.quantize_params``).
+      on_step: ``on_step(path, qweight)`` after each leaf.
+
+    Returns:
+      The parameter pytree for mode ``"real"``.
+    """
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
+        if isinstance(x, jax.Array) else x, params)
+    plan = self.plan(abstract, *args, **kwargs)
+    return _rules.quantize_params(params, plan, donate=donate, on_step=on_step)
+
+  def finalize_stats(self, quant_stats: dict) -> dict:
+    """Observer states turned into ranges ``{"amax", "amin"}`` (done once).
+
+    Static rules accept either; finalized ranges skip the observer's finalize
+    (a histogram search for percentile/mse/kl) on every call.
+    """
+    out = {}
+    for key, st in quant_stats.items():
+      site = self.config.sites.get(key)
+      if site is None:
+        raise ValueError(f"no site {key!r} was calibrated by this function; known: "
+                         f"{sorted(self.config.sites)}")
+      out[key] = _rules.finalize_range(site, st)
+    return out
+
+
+def quantize_function(fn: Callable, rules, mode: str = "fake", *,
+                      strict: bool = False, use_kernel: str = "auto"
+                      ) -> QuantizedFunction:
+  """Quantizes the weight matmuls and convolutions of any JAX function.
+
+  >>> qf = lowbit_jax.quantize_function(apply, [QuantRule(".*", weight="int4")])
+  >>> y = qf(params, x)              # same signature as apply(params, x)
+  >>> qf.unused_rules()              # [] if every rule matched something
+
+  Args:
+    fn: ``fn(params, *args, **kwargs)`` with the parameter pytree first.
+    rules: a QuantRule or a sequence of them, matched on parameter paths
+      (pytree keys joined by ``/``) and their parent paths; first match wins.
+    mode: "fake" (simulated, differentiable), "real" (quantized weights: pass
+      ``qf.quantize_params(params, *args)``, or float params to quantize them on
+      every call) or "calibrate" (returns ``(output, quant_stats)``).
+    strict: raise after a call if a rule matched nothing.
+    use_kernel: real-mode kernel dispatch ("auto", "never", "always").
+
+  Returns:
+    A ``QuantizedFunction`` with fn's signature (see its docstring).
+
+  Raises:
+    ValueError: an unknown mode; at call time, a static rule without
+      statistics, or (strict) an unused rule.
+  """
+  return QuantizedFunction(fn, rules, mode, strict=strict, use_kernel=use_kernel)
+
+
+__all__ = ["quantize_function", "QuantizedFunction"]

@@ -1,0 +1,38 @@
+"""PTQ algorithms as pure functions over weights and calibration statistics.
+
+Every function takes Flax Dense kernels ``w[K, N]`` (K inputs, the contraction
+axis; ``y = x @ w``) and statistics of the layer's inputs, and never touches a
+model; ``lowbit_jax.flax.ptq.apply_ptq`` collects the statistics from a Linen
+model and folds the results back into its parameters.
+
+* ``rtn``: round to nearest (baseline).
+* ``gptq``: GPTQ (Frantar et al. 2023).
+* ``awq_search``: AWQ (Lin et al. 2024).
+* ``smoothquant_scales``: SmoothQuant (Xiao et al. 2023).
+* ``random_hadamard`` / ``rotate_weights``: QuaRot-style rotations (Ashkboos et
+  al. 2024).
+* ``allocate_bits``: per-layer format choice under a bits-per-weight budget.
+"""
+from lowbit_jax.algorithms.awq import AWQResult, awq_scales, awq_search
+from lowbit_jax.algorithms.gptq import GPTQResult, gptq, gram
+from lowbit_jax.algorithms.mixed_precision import (Allocation, allocate_bits,
+                                                   assignment_to_rules, rules_bits,
+                                                   spec_bits, weight_sensitivity)
+from lowbit_jax.algorithms.rotation import (hadamard_matrix, random_hadamard,
+                                            random_orthogonal, rotate_inputs,
+                                            rotate_weights, walsh_hadamard_transform)
+from lowbit_jax.algorithms.rtn import (hessian_error, kernel_spec, output_error, rtn,
+                                       sqnr_db)
+from lowbit_jax.algorithms.smoothquant import (smooth_inputs, smooth_weights,
+                                               smoothquant_scales)
+
+__all__ = [
+    "rtn", "kernel_spec", "sqnr_db", "output_error", "hessian_error",
+    "gptq", "GPTQResult", "gram",
+    "awq_search", "awq_scales", "AWQResult",
+    "smoothquant_scales", "smooth_weights", "smooth_inputs",
+    "hadamard_matrix", "walsh_hadamard_transform", "random_orthogonal",
+    "random_hadamard", "rotate_weights", "rotate_inputs",
+    "allocate_bits", "Allocation", "assignment_to_rules", "rules_bits", "spec_bits",
+    "weight_sensitivity",
+]

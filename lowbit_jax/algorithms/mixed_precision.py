@@ -1,0 +1,281 @@
+"""Mixed precision: choose a number format per layer under a bits-per-weight budget.
+
+Given an additive cost per layer and candidate format (e.g. the layer's output
+squared error, or the increase of the loss, when only that layer is quantized
+with that format) and each candidate's storage bits per weight, pick one
+candidate per layer minimizing the total cost subject to
+
+    sum_l size_l * bits_l(choice_l) <= budget * sum_l size_l.
+
+This is a multiple-choice knapsack. ``method="dp"`` solves it exactly by dynamic
+programming over the integerized bit budget (as in HAQ-style and HAWQ-V3
+bit allocation: Wang et al. 2019, "HAQ"; Yao et al. 2021, "HAWQ-V3", which
+solves the same problem as an integer program); ``method="greedy"`` upgrades
+the layer with the best cost decrease per extra bit until the budget is spent
+(the marginal-benefit rule of e.g. Dong et al. 2019, "HAWQ"). The result turns
+into QuantRules-like data with ``assignment_to_rules``.
+"""
+from __future__ import annotations
+
+import fractions
+import functools
+import math
+import re
+from typing import Mapping, NamedTuple, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lowbit_jax.algorithms.rtn import SpecLike, check_kernel, hessian_error, kernel_spec
+from lowbit_jax.core import fake_quant
+
+Bits = Union[Mapping[str, float], Mapping[str, Mapping[str, float]]]
+METHODS = ("auto", "dp", "greedy")
+
+
+class Allocation(NamedTuple):
+  """What ``allocate_bits`` returns.
+
+  Attributes:
+    assignment: layer -> chosen candidate name (in the input order of layers).
+    avg_bits: the resulting average bits per weight.
+    cost: the total cost of the assignment.
+  """
+  assignment: dict
+  avg_bits: float
+  cost: float
+
+
+def spec_bits(spec: Optional[SpecLike], shape: Sequence[int],
+              float_bits: float = 16.0) -> float:
+  """Storage bits per weight of a ``[K, N]`` kernel under ``spec``, scales included.
+
+  Args:
+    spec: a weight spec (unset axis: K), or None for a kernel kept in float.
+    shape: the kernel's shape.
+    float_bits: bits per weight of a kernel kept in float.
+
+  Returns:
+    Bits per element.
+  """
+  if spec is None:
+    return float(float_bits)
+  return float(kernel_spec(spec).bits_per_element(tuple(shape)))
+
+
+def weight_sensitivity(w: jax.Array, hessian: jax.Array,
+                       candidates: Mapping[str, Optional[SpecLike]]) -> dict:
+  """Output squared error ``trace(E^T H E)`` of RTN with each candidate format.
+
+  Args:
+    w: float kernel ``[K, N]``.
+    hessian: ``[K, K]`` Gram matrix ``X^T X`` of its calibration inputs.
+    candidates: name -> weight spec (None: keep float, cost 0).
+
+  Returns:
+    name -> float cost.
+  """
+  w = check_kernel(w)
+  out = {}
+  for name, spec in candidates.items():
+    if spec is None:
+      out[name] = 0.0
+    else:
+      out[name] = float(_rtn_error(w, jnp.asarray(hessian), spec=kernel_spec(spec)))
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _rtn_error(w, hessian, *, spec):
+  return hessian_error(hessian, w, fake_quant(w, spec))
+
+
+def _table(costs, sizes, bits):
+  layers = list(costs)
+  if not layers:
+    raise ValueError("costs is empty: give at least one layer")
+  missing = [l for l in layers if l not in sizes]
+  if missing:
+    raise ValueError(f"sizes lacks layers {missing[:5]}")
+  names, c_rows, w_rows = [], [], []
+  for l in layers:
+    cands = list(costs[l])
+    if not cands:
+      raise ValueError(f"layer {l!r} has no candidates")
+    size = sizes[l]
+    if not isinstance(size, (int, np.integer)) or size < 1:
+      raise ValueError(f"sizes[{l!r}] must be a positive int, got {size!r}")
+    row_bits = bits[l] if isinstance(bits.get(l), Mapping) else bits
+    for c in cands:
+      if c not in row_bits:
+        raise ValueError(f"no bits given for candidate {c!r} (layer {l!r})")
+    names.append(cands)
+    c_rows.append([float(costs[l][c]) for c in cands])
+    w_rows.append([float(row_bits[c]) * int(size) for c in cands])
+  return layers, names, c_rows, w_rows
+
+
+def _integerize(w_rows, capacity: float, max_states: int):
+  """Integer weights and capacity; exact when a small rational scaling exists."""
+  flat = [v for row in w_rows for v in row]
+  fr = [fractions.Fraction(v).limit_denominator(1 << 16) for v in flat]
+  if all(abs(float(f) - v) <= 1e-9 * max(1.0, abs(v)) for f, v in zip(fr, flat)):
+    den = math.lcm(*[f.denominator for f in fr])
+    ints = [int(f * den) for f in fr]
+    g = math.gcd(*ints) or 1
+    cap = math.floor(capacity * den / g * (1 + 1e-12))
+    if cap <= max_states:
+      it = iter(v // g for v in ints)
+      return [[next(it) for _ in row] for row in w_rows], cap
+  unit = capacity / max_states
+  return [[math.ceil(v / unit) for v in row] for row in w_rows], max_states
+
+
+def _dp(c_rows, wi, cap):
+  n_layers = len(c_rows)
+  dp = np.zeros(cap + 1, np.float64)
+  choice = np.zeros((n_layers, cap + 1), np.int16)
+  for l in range(n_layers):
+    best = np.full(cap + 1, np.inf)
+    arg = np.zeros(cap + 1, np.int16)
+    for j, (c, w) in enumerate(zip(c_rows[l], wi[l])):
+      if w > cap:
+        continue
+      cand = np.full(cap + 1, np.inf)
+      cand[w:] = dp[:cap + 1 - w] + c
+      better = cand < best
+      best = np.where(better, cand, best)
+      arg = np.where(better, j, arg)
+    dp, choice[l] = best, arg
+  if not np.isfinite(dp[cap]):
+    return None
+  picks, c = [], cap
+  for l in range(n_layers - 1, -1, -1):
+    j = int(choice[l, c])
+    picks.append(j)
+    c -= wi[l][j]
+  return picks[::-1]
+
+
+def _greedy(c_rows, w_rows, capacity):
+  picks = [int(np.argmin(w)) for w in w_rows]
+  used = sum(w[j] for w, j in zip(w_rows, picks))
+  if used > capacity * (1 + 1e-12):
+    return None
+  while True:
+    best, best_move = 0.0, None
+    for l, (cs, ws) in enumerate(zip(c_rows, w_rows)):
+      j0 = picks[l]
+      for j, (c, w) in enumerate(zip(cs, ws)):
+        gain, extra = cs[j0] - c, w - ws[j0]
+        if gain <= 0 or used + extra > capacity * (1 + 1e-12):
+          continue
+        ratio = gain / extra if extra > 0 else math.inf
+        if ratio > best:
+          best, best_move = ratio, (l, j, extra)
+    if best_move is None:
+      return picks
+    l, j, extra = best_move
+    picks[l] = j
+    used += extra
+
+
+def allocate_bits(costs: Mapping[str, Mapping[str, float]], sizes: Mapping[str, int],
+                  bits: Bits, budget: float, *, method: str = "auto",
+                  max_states: int = 200_000) -> Allocation:
+  """Chooses one candidate format per layer under an average bits-per-weight budget.
+
+  Args:
+    costs: layer -> candidate name -> additive cost (lower is better), e.g.
+      from ``weight_sensitivity``.
+    sizes: layer -> number of weights.
+    bits: candidate -> bits per weight, or layer -> candidate -> bits per
+      weight (scale overhead depends on the shape; see ``spec_bits``).
+    budget: the largest allowed average bits per weight.
+    method: "dp" (exact multiple-choice knapsack; exact when the bit budget
+      integerizes into at most ``max_states`` units, otherwise weights are
+      rounded up to ``budget_total / max_states`` units, which never exceeds
+      the budget), "greedy" (best cost decrease per extra bit first) or
+      "auto" (dp up to 512 layers, else greedy).
+    max_states: size of the dynamic program's budget axis.
+
+  Returns:
+    ``Allocation(assignment, avg_bits, cost)``.
+
+  Raises:
+    ValueError: no assignment fits the budget, or the tables are inconsistent.
+  """
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  layers, names, c_rows, w_rows = _table(costs, sizes, bits)
+  total = float(sum(int(sizes[l]) for l in layers))
+  capacity = float(budget) * total
+  cheapest = sum(min(w) for w in w_rows)
+  if cheapest > capacity * (1 + 1e-12):
+    raise ValueError(f"budget {budget} bits/weight is below the cheapest assignment "
+                     f"({cheapest / total:.4f} bits/weight); raise the budget or add "
+                     "a cheaper candidate")
+  if method == "auto":
+    method = "dp" if len(layers) <= 512 else "greedy"
+  if method == "dp":
+    wi, cap = _integerize(w_rows, capacity, max_states)
+    picks = _dp(c_rows, wi, cap)
+    if picks is None:  # conservative rounding made it infeasible
+      picks = _greedy(c_rows, w_rows, capacity)
+  else:
+    picks = _greedy(c_rows, w_rows, capacity)
+  assignment = {l: names[i][j] for i, (l, j) in enumerate(zip(layers, picks))}
+  used = sum(w_rows[i][j] for i, j in enumerate(picks))
+  cost = sum(c_rows[i][j] for i, j in enumerate(picks))
+  return Allocation(assignment, used / total, float(cost))
+
+
+def assignment_to_rules(assignment: Mapping[str, str],
+                        specs: Mapping[str, Optional[SpecLike]]) -> list:
+  """Turns a per-layer choice into ordered ``(path_regex, spec)`` rules.
+
+  Each regex matches one layer's path exactly (``re.escape``); a candidate
+  whose spec is None yields ``(regex, None)``: keep that layer in float.
+
+  Args:
+    assignment: layer path -> candidate name (``Allocation.assignment``).
+    specs: candidate name -> QuantSpec / format name / None.
+
+  Returns:
+    A list of ``(regex, QuantSpec or None)``.
+
+  Raises:
+    ValueError: a chosen candidate has no spec.
+  """
+  rules = []
+  for layer, cand in assignment.items():
+    if cand not in specs:
+      raise ValueError(f"candidate {cand!r} (layer {layer!r}) is not in specs")
+    s = specs[cand]
+    rules.append((re.escape(layer), None if s is None else kernel_spec(s)))
+  return rules
+
+
+def rules_bits(rules: Sequence[tuple], shapes: Mapping[str, Sequence[int]],
+               float_bits: float = 16.0) -> float:
+  """Average bits per weight that ``(regex, spec)`` rules give a set of kernels.
+
+  The first rule whose regex fully matches a path wins; unmatched kernels count
+  as float.
+
+  Args:
+    rules: ``[(regex, spec or None), ...]``.
+    shapes: layer path -> kernel shape.
+    float_bits: bits per weight of a float kernel.
+
+  Returns:
+    The weighted average bits per weight.
+  """
+  tot_bits = tot = 0.0
+  for path, shape in shapes.items():
+    spec = next((s for r, s in rules if re.fullmatch(r, path)), None)
+    n = float(np.prod(shape))
+    tot_bits += n * spec_bits(spec, shape, float_bits)
+    tot += n
+  return tot_bits / tot

@@ -1,0 +1,139 @@
+"""Round-to-nearest (RTN) weight quantization, the PTQ baseline, and shared helpers.
+
+RTN quantizes every weight to the nearest point of its block's grid, the scale
+chosen from the block's own range (as in e.g. Dettmers et al. 2022, "LLM.int8()",
+and the RTN baselines of Frantar et al. 2023, "GPTQ"). Every other algorithm in
+this package reduces to it in some limit (GPTQ with an identity Hessian, AWQ and
+SmoothQuant with unit scales).
+
+Weight layout everywhere in ``lowbit_jax.algorithms``: a Flax Dense kernel
+``w[K, N]``, K input features (the contraction axis), N outputs; ``y = x @ w``.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lowbit_jax.core import QuantSpec, as_spec, fake_quant
+from lowbit_jax.formats import Format
+
+SpecLike = Union[QuantSpec, str, Format]
+
+
+def kernel_spec(spec: SpecLike) -> QuantSpec:
+  """The spec of a ``[K, N]`` kernel, its unset axis filled with K (axis 0).
+
+  An unset axis means "the contraction axis" (as ``core.ops`` fills it): per
+  output channel, or groups of ``group_size`` along K.
+
+  Args:
+    spec: a QuantSpec or a format name.
+
+  Returns:
+    The spec with ``axis=0`` where it was unset (tiles are left as they are).
+
+  Raises:
+    TypeError: spec is neither a QuantSpec nor a format name.
+  """
+  spec = as_spec(spec)
+  if spec.axis is None and spec.tile is None:
+    spec = spec.replace(axis=0)
+  return spec
+
+
+def check_kernel(w: jax.Array, name: str = "w") -> jax.Array:
+  """Validates a 2-D float kernel ``[K, N]`` and returns it as a jax array.
+
+  Raises:
+    ValueError: not 2-D.
+    TypeError: not a float array.
+  """
+  w = jnp.asarray(w)
+  if w.ndim != 2:
+    raise ValueError(f"{name} must be a 2-d Dense kernel [in_features, out_features], "
+                     f"got shape {w.shape}; reshape it to 2-d first")
+  if not jnp.issubdtype(w.dtype, jnp.floating):
+    raise TypeError(f"{name} must be a float array, got dtype {w.dtype}")
+  return w
+
+
+def rtn(w: jax.Array, spec: SpecLike, *, key: Optional[jax.Array] = None) -> jax.Array:
+  """Round-to-nearest fake quantization of a kernel: the PTQ baseline.
+
+  Args:
+    w: float kernel ``[K, N]``.
+    spec: weight QuantSpec or format name; an unset axis becomes K (axis 0):
+      per output channel, or groups along K with ``group_size``.
+    key: PRNG key, only for a stochastically rounded spec.
+
+  Returns:
+    The fake-quantized kernel (w's shape and dtype).
+
+  Raises:
+    ValueError: w is not 2-d, or the spec does not fit its shape.
+  """
+  w = check_kernel(w)
+  return _rtn(w, key, spec=kernel_spec(spec))
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _rtn(w, key, *, spec: QuantSpec):
+  return fake_quant(w, spec, key=key)
+
+
+def sqnr_db(ref: jax.Array, approx: jax.Array) -> float:
+  """Signal-to-quantization-noise ratio ``10 log10(|ref|^2 / |ref - approx|^2)``.
+
+  Args:
+    ref: the exact values.
+    approx: their approximation, same shape.
+
+  Returns:
+    The SQNR in dB (``inf`` when they are equal).
+  """
+  r = np.asarray(ref, np.float64)
+  e = r - np.asarray(approx, np.float64)
+  num, den = float(np.sum(r * r)), float(np.sum(e * e))
+  if den == 0.0:
+    return float("inf")
+  if num == 0.0:
+    return float("-inf")
+  return float(10.0 * np.log10(num / den))
+
+
+def output_error(x: jax.Array, w: jax.Array, w_q: jax.Array) -> jax.Array:
+  """Squared output error ``||x w - x w_q||_F^2`` of a quantized kernel.
+
+  Args:
+    x: inputs ``[M, K]``.
+    w: exact kernel ``[K, N]``.
+    w_q: its approximation.
+
+  Returns:
+    A float32 scalar.
+  """
+  hi = jax.lax.Precision.HIGHEST
+  d = jnp.matmul(x.astype(jnp.float32), (w - w_q).astype(jnp.float32), precision=hi)
+  return jnp.sum(d * d)
+
+
+def hessian_error(gram: jax.Array, w: jax.Array, w_q: jax.Array) -> jax.Array:
+  """``trace(E^T G E)`` with ``E = w - w_q``: the output error for ``G = x^T x``.
+
+  Equals ``output_error(x, w, w_q)`` for ``gram = x.T @ x``, without the inputs.
+
+  Args:
+    gram: ``[K, K]`` Gram matrix of the layer's inputs.
+    w: exact kernel ``[K, N]``.
+    w_q: its approximation.
+
+  Returns:
+    A float32 scalar.
+  """
+  hi = jax.lax.Precision.HIGHEST
+  e = (w - w_q).astype(jnp.float32)
+  return jnp.sum(e * jnp.matmul(gram.astype(jnp.float32), e, precision=hi))

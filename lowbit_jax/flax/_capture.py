@@ -1,0 +1,232 @@
+"""Per-Dense-layer input statistics of an unmodified Linen model, for PTQ.
+
+``capture_dense_stats`` runs the model on calibration batches under
+``flax.linen.intercept_methods`` and, for every ``nn.Dense`` call, accumulates
+statistics of its input ``x[..., K]`` (flattened to rows):
+
+* ``gram``: ``X^T X`` ``[K, K]`` (GPTQ's Hessian, up to a factor),
+* ``absmax``: max |x_j| per input channel (SmoothQuant),
+* ``abssum``: sum of |x_j| (mean |x_j| = abssum / count; AWQ),
+* ``count``: number of rows (weighted by the token mask),
+* ``sample``: up to ``max_samples`` rows drawn at random (AWQ's search, reports).
+
+Layers are keyed by ``'/'.join(module.path)``, which is also the layer's path
+in the params tree (``params[p0][p1]...['kernel']``). The capture also records
+the model's structure as seen at the call boundaries: which Dense layers read
+the very same input array (they must share a smoothing or rotation), and which
+module produced that array when it came straight from an ``nn.LayerNorm``,
+``nn.RMSNorm`` or ``nn.Dense`` (a candidate to fold a transformation into).
+
+Each batch runs under ``jax.jit``; a new batch shape compiles again.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+_HI = jax.lax.Precision.HIGHEST
+NORM_TYPES = (nn.LayerNorm, nn.RMSNorm)
+
+
+class DenseStats(NamedTuple):
+  """Accumulated input statistics of one Dense layer (all float32).
+
+  Attributes:
+    gram: ``[K, K]`` sum over rows of ``x^T x``.
+    absmax: ``[K]`` max |x_j|.
+    abssum: ``[K]`` sum of |x_j|.
+    count: scalar, the number of rows (mask-weighted).
+    sample: ``[S, K]`` retained input rows (``S <= max_samples``).
+  """
+  gram: jax.Array
+  absmax: jax.Array
+  abssum: jax.Array
+  count: jax.Array
+  sample: jax.Array
+
+  @property
+  def mean_abs(self) -> jax.Array:
+    """Mean |x_j| per input channel."""
+    return self.abssum / jnp.maximum(self.count, 1.0)
+
+
+class Capture(NamedTuple):
+  """What ``capture_dense_stats`` returns.
+
+  Attributes:
+    stats: layer path -> DenseStats.
+    order: layer paths in the order of their first call.
+    groups: lists of layer paths that read the same input array (first call),
+      in call order; every captured layer is in exactly one group.
+    producers: layer path -> ``(kind, path)`` of the module whose output the
+      layer reads directly, ``kind`` being "norm" or "dense"; None when the
+      input came from anything else (an einsum, an activation, a reshape...).
+  """
+  stats: dict
+  order: list
+  groups: list
+  producers: dict
+
+
+def layer_path(module: nn.Module) -> str:
+  """The key of a module: ``'/'.join(module.path)``."""
+  return "/".join(str(p) for p in module.path)
+
+
+def split_batch(batch: Any) -> tuple:
+  """``(args, kwargs)`` for ``model.apply`` from a calibration batch.
+
+  A tuple or list is positional arguments, a dict keyword arguments, anything
+  else a single positional argument.
+  """
+  if isinstance(batch, (tuple, list)):
+    return tuple(batch), {}
+  if isinstance(batch, Mapping):
+    return (), dict(batch)
+  return (batch,), {}
+
+
+def _dense_input(args, kwargs):
+  if args:
+    return args[0]
+  if "inputs" in kwargs:
+    return kwargs["inputs"]
+  raise ValueError("an nn.Dense was called without inputs")
+
+
+def capture_dense_stats(model: nn.Module, params: Any, calib_batches: Sequence[Any], *,
+                        layers: str = ".*", token_mask: Optional[Callable] = None,
+                        max_samples: int = 512, seed: int = 0,
+                        apply_kwargs: Optional[Mapping[str, Any]] = None,
+                        other_variables: Optional[Mapping[str, Any]] = None
+                        ) -> Capture:
+  """Collects per-Dense input statistics of a Linen model over calibration batches.
+
+  Args:
+    model: the (unmodified) Linen module.
+    params: its params.
+    calib_batches: a sequence of batches; each is passed to ``model.apply`` as
+      positional arguments (tuple/list), keyword arguments (dict) or a single
+      argument.
+    layers: regex; only Dense layers whose path fully matches are captured.
+    token_mask: optional ``batch -> mask`` (e.g. ``lambda b: b[1]`` for an
+      attention mask): rows of a Dense input whose leading shape equals the
+      mask's shape are weighted by it (padding tokens count 0); inputs of
+      another leading shape are not masked.
+    max_samples: most input rows retained per layer (split evenly over the
+      batches, drawn at random among the unmasked rows).
+    seed: seed of the row sampling.
+    apply_kwargs: extra keyword arguments for ``model.apply`` (e.g.
+      ``{"method": ...}`` or ``{"train": False}``).
+    other_variables: variable collections besides params (e.g. batch_stats).
+
+  Returns:
+    A ``Capture``.
+
+  Raises:
+    ValueError: no batches, no Dense layer matched, or bad arguments.
+  """
+  batches = list(calib_batches)
+  if not batches:
+    raise ValueError("calib_batches is empty; pass at least one batch")
+  if not isinstance(max_samples, int) or max_samples < 0:
+    raise ValueError(f"max_samples must be an int >= 0, got {max_samples!r}")
+  pattern = re.compile(layers)
+  apply_kwargs = dict(apply_kwargs or {})
+  variables_extra = dict(other_variables or {})
+  per_batch = -(-max_samples // len(batches)) if max_samples else 0
+  # Python-side structure, filled while tracing (the same on every trace).
+  structure: dict = {}
+
+  def run(p, batch, key):
+    order, calls = [], {}
+    outputs = {}   # id(output array) -> (kind, path)
+    keep = []      # keeps traced arrays alive so ids are not reused
+    input_group = {}   # id(input) -> group index
+    groups, producers = [], {}
+
+    def interceptor(next_fun, args, kwargs, context):
+      mod = context.module
+      if context.method_name != "__call__":
+        return next_fun(*args, **kwargs)
+      if isinstance(mod, nn.Dense):
+        path = layer_path(mod)
+        x = _dense_input(args, kwargs)
+        out = next_fun(*args, **kwargs)
+        keep.extend([x, out])
+        outputs[id(out)] = ("dense", path)
+        if pattern.fullmatch(path):
+          if path not in calls:
+            order.append(path)
+            calls[path] = []
+            producers[path] = outputs.get(id(x))
+            g = input_group.setdefault(id(x), len(groups))
+            if g == len(groups):
+              groups.append([])
+            groups[g].append(path)
+          calls[path].append(x)
+        return out
+      if isinstance(mod, NORM_TYPES):
+        out = next_fun(*args, **kwargs)
+        keep.append(out)
+        outputs[id(out)] = ("norm", layer_path(mod))
+        return out
+      return next_fun(*args, **kwargs)
+
+    args, kwargs = split_batch(batch)
+    mask = None if token_mask is None else jnp.asarray(token_mask(batch))
+    with nn.intercept_methods(interceptor):
+      model.apply({"params": p, **variables_extra}, *args, **kwargs, **apply_kwargs)
+    structure.update(order=order, groups=groups, producers=producers)
+    result = {}
+    for i, path in enumerate(order):
+      rows, wts = [], []
+      for x in calls[path]:
+        k = x.shape[-1]
+        rows.append(x.reshape(-1, k).astype(jnp.float32))
+        if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]):
+          wts.append(mask.reshape(-1).astype(jnp.float32))
+        else:
+          wts.append(jnp.ones((math.prod(x.shape[:-1]),), jnp.float32))
+      xr = jnp.concatenate(rows)
+      wt = jnp.concatenate(wts)
+      xw = xr * wt[:, None]
+      gram = jnp.matmul(xw.T, xr, precision=_HI)
+      valid = wt > 0
+      absmax = jnp.max(jnp.where(valid[:, None], jnp.abs(xr), 0.0), axis=0)
+      abssum = jnp.sum(jnp.abs(xw), axis=0)
+      n_keep = min(per_batch, xr.shape[0])
+      score = jax.random.uniform(jax.random.fold_in(key, i), (xr.shape[0],)) + \
+          2.0 * valid
+      _, idx = jax.lax.top_k(score, n_keep)
+      result[path] = (gram, absmax, abssum, jnp.sum(wt), xr[idx], valid[idx])
+    return result
+
+  fwd = jax.jit(run)
+  base = jax.random.key(seed)
+  acc: dict = {}
+  samples: dict = {}
+  for b, batch in enumerate(batches):
+    out = fwd(params, batch, jax.random.fold_in(base, b))
+    for path, (gram, absmax, abssum, cnt, rows, valid) in out.items():
+      if path in acc:
+        g0, a0, s0, c0 = acc[path]
+        acc[path] = (g0 + gram, jnp.maximum(a0, absmax), s0 + abssum, c0 + cnt)
+      else:
+        acc[path] = (gram, absmax, abssum, cnt)
+      samples.setdefault(path, []).append(rows[jnp.asarray(valid)])
+  if not structure.get("order"):
+    raise ValueError(f"no nn.Dense layer whose path fully matches {layers!r} was "
+                     "called; check the regex against paths like 'block/query'")
+  stats = {}
+  for path in structure["order"]:
+    gram, absmax, abssum, cnt = acc[path]
+    sample = jnp.concatenate(samples[path])[:max_samples]
+    stats[path] = DenseStats(gram, absmax, abssum, cnt, sample)
+  return Capture(stats, list(structure["order"]),
+                 [list(g) for g in structure["groups"]], dict(structure["producers"]))

@@ -1,0 +1,487 @@
+"""Quantize an unmodified Flax Linen model by rules, through method interception.
+
+``quantize_linen(rules, mode)`` intercepts (``flax.linen.intercept_methods``,
+no patching) the calls of ``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv``,
+``nn.Einsum`` (and their subclasses) and ``nn.Embed.attend``. A matched layer
+runs its own code bound to its own scope (``module.clone(parent=scope, ...)``)
+with its op attribute (``dot_general`` / ``conv_general_dilated``) set to the
+quantized op of ``lowbit_jax.core.ops``; ``nn.Einsum`` (which has no op
+attribute) and ``Embed.attend`` are evaluated by the interceptor with the same
+parameters. A re-entrancy guard keeps the clone from being intercepted again.
+
+Paths: a layer's path is ``'/'.join(module.path)`` (``layers_0/mlp/up``), its
+weight's path that plus ``/kernel`` (``/embedding`` for ``attend``). A rule that
+matches a layer of any other type owning a ``kernel`` (``nn.ConvTranspose``,
+``nn.ConvLocal``, a custom layer) raises: quantize_linen cannot reach its matmul.
+
+Modes:
+
+* ``"fake"``: weights and activations fake-quantized (differentiable, STE).
+* ``"real"``: the matmul runs on packed weights. ``q.quantize_params(model,
+  variables, *example_args)`` replaces each matched kernel by a ``QWeight``
+  (leaf by leaf); call the model through ``q(model.apply)``, which presents the
+  QWeights to the layers. Float params also work (quantized on every call).
+* ``"calibrate"``: the model runs in float while static rules record activation
+  statistics in the ``quant_stats`` collection
+  (``q(model.apply)(variables, x, mutable=["quant_stats"])``); pass them back
+  with the variables in later calls.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import threading
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+from flax.core import meta
+from flax.linen import module as linen_module
+
+from lowbit_jax import _rules
+from lowbit_jax._rules import QWeight, Site
+from lowbit_jax.core._qarray import QArray
+
+STATS = "quant_stats"
+_STAT_NAME = "act"
+
+
+class QuantizedParam:
+  """What a layer's ``self.param`` returns for a quantized weight (not a pytree).
+
+  It carries the ``QWeight`` through the layer's dtype promotion to the
+  quantized op; ``shape``/``dtype`` are the weight's logical ones so Flax's
+  parameter shape check passes.
+  """
+  __slots__ = ("q", "shape", "dtype", "ndim")
+
+  def __init__(self, q: QArray):
+    self.q = q
+    self.shape = _rules.logical_shape(q)
+    self.dtype = jnp.dtype(q.dtype)
+    self.ndim = len(self.shape)
+
+  @property
+  def T(self):  # noqa: N802  (mirrors Array.T for Embed.attend)
+    q = self.q if isinstance(self.q, QWeight) else _rules.as_qweight(self.q)
+    if q.ndim != 2:
+      raise ValueError("only 2-d quantized weights can be transposed")
+    return QuantizedParam(dataclasses.replace(q, transposed=not q.transposed))
+
+
+class QBox(struct.PyTreeNode, meta.AxisMetadata):
+  """Boxes a QArray in a Linen variable tree; unboxes to a QuantizedParam."""
+  value: Any
+
+  def unbox(self) -> QuantizedParam:
+    return QuantizedParam(self.value)
+
+  def replace_boxed(self, val):
+    return self.replace(value=val)
+
+  def add_axis(self, index, params):
+    del index, params
+    raise ValueError("quantized (real-mode) parameters cannot cross nn.scan/nn.vmap; "
+                     "use mode='fake' for such models, or quantize_function")
+
+  def remove_axis(self, index, params):
+    return self.add_axis(index, params)
+
+
+def box_qarrays(variables):
+  """Wraps every QArray leaf of a variable tree in a ``QBox``."""
+  return jax.tree.map(lambda x: QBox(x) if isinstance(x, QArray) else x, variables,
+                      is_leaf=_rules.is_qarray)
+
+
+def _unwrap(x):
+  return x.q if isinstance(x, QuantizedParam) else x
+
+
+def promote_passing(orig: Callable, args: tuple, dtype=None, **kw) -> list:
+  """Runs a layer's ``promote_dtype`` on ``args``, passing quantized ones through."""
+  qpos = [i for i, a in enumerate(args) if isinstance(a, (QuantizedParam, QArray))]
+  if not qpos:
+    return list(orig(*args, dtype=dtype, **kw))
+  rest = [a for i, a in enumerate(args) if i not in qpos]
+  if dtype is None:
+    dts = [jnp.asarray(a).dtype for a in rest if a is not None]
+    dts += [jnp.dtype(args[i].dtype) for i in qpos]
+    dtype = jnp.result_type(*dts)
+  done = iter(orig(*rest, dtype=dtype, **kw) if rest else [])
+  return [args[i] if i in qpos else next(done) for i in range(len(args))]
+
+
+@dataclasses.dataclass(frozen=True)
+class _LinenPromote:
+  """``promote_dtype`` for a Linen layer that lets quantized weights through."""
+  orig: Callable
+
+  def __call__(self, *args, dtype=None, **kw):
+    return promote_passing(self.orig, args, dtype=dtype, **kw)
+
+
+def _layer_kind(mod, method: str) -> Optional[str]:
+  if method == "__call__":
+    if isinstance(mod, (nn.Dense, nn.DenseGeneral)):
+      return "dense"
+    if isinstance(mod, nn.Conv):
+      return "conv"
+    if isinstance(mod, nn.Einsum):
+      return "einsum"
+  elif method == "attend" and isinstance(mod, nn.Embed):
+    return "attend"
+  return None
+
+
+_OP = {"dense": "dot_general", "attend": "dot_general", "einsum": "einsum",
+       "conv": "conv"}
+
+
+class _SiteOp:
+  """The quantized op a matched Linen layer calls (or the interceptor runs)."""
+
+  def __init__(self, quantizer: "LinenQuantizer", mod, site: Site):
+    self.quantizer = quantizer
+    self.mod = mod
+    self.site = site
+
+  def _stats(self, act):
+    site, mod = self.site, self.mod
+    if site.collects_stats:
+      if not mod.is_mutable_collection(STATS):
+        raise ValueError(f"mode='calibrate' records statistics in the {STATS!r} "
+                         f"collection: call apply(..., mutable=[{STATS!r}])")
+      state = (mod.get_variable(STATS, _STAT_NAME)
+               if mod.has_variable(STATS, _STAT_NAME) else None)
+      mod.put_variable(STATS, _STAT_NAME, _rules.observe(site, state, act))
+      return None
+    if site.needs_stats:
+      if mod.has_variable(STATS, _STAT_NAME):
+        return mod.get_variable(STATS, _STAT_NAME)
+      return None
+    return None
+
+  def dot_general(self, lhs, rhs, dimension_numbers, precision=None,
+                  preferred_element_type=None, **kw):
+    if kw.get("out_sharding") is not None:
+      raise ValueError("quantized layers do not take out_sharding; shard the output "
+                       "with jax.lax.with_sharding_constraint instead")
+    rhs = _unwrap(rhs)
+    plan = self.quantizer._planning  # pylint: disable=protected-access
+    if plan is not None:
+      (_, rc), (_, rb) = dimension_numbers
+      if not isinstance(rhs, QArray) and self.site.weight is not None:
+        plan.setdefault(self.site.path, []).append(_rules.plan_weight(
+            self.site.weight, tuple(rhs.shape), self.site.op, contracting=rc,
+            batch=rb))
+      return jax.lax.dot_general(lhs, _rules.logical_value(rhs), dimension_numbers,
+                                 precision, preferred_element_type)
+    stats = self._stats(lhs)
+    return _rules.site_dot_general(self.site, lhs, rhs, dimension_numbers, precision,
+                                   preferred_element_type, stats=stats)
+
+  def conv_general_dilated(self, lhs, rhs, window_strides, padding, lhs_dilation=None,
+                           rhs_dilation=None, dimension_numbers=None,
+                           feature_group_count=1, batch_group_count=1,
+                           precision=None, preferred_element_type=None, **kw):
+    if kw.get("out_sharding") is not None:
+      raise ValueError("quantized layers do not take out_sharding")
+    rhs = _unwrap(rhs)
+    args = (window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+            feature_group_count, batch_group_count, precision, preferred_element_type)
+    plan = self.quantizer._planning  # pylint: disable=protected-access
+    if plan is not None:
+      if not isinstance(rhs, QArray) and self.site.weight is not None:
+        dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+        plan.setdefault(self.site.path, []).append(_rules.plan_weight(
+            self.site.weight, tuple(rhs.shape), "conv", out_axis=dn.rhs_spec[0],
+            in_axis=dn.rhs_spec[1]))
+      return jax.lax.conv_general_dilated(lhs, _rules.logical_value(rhs), *args)
+    stats = self._stats(lhs)
+    return _rules.site_conv(self.site, lhs, rhs, *args, stats=stats)
+
+  def einsum(self, subscripts, lhs, rhs, precision=None, preferred_element_type=None):
+    rhs = _unwrap(rhs)
+    plan = self.quantizer._planning  # pylint: disable=protected-access
+    if plan is not None:
+      if not isinstance(rhs, QArray) and self.site.weight is not None:
+        _, dn, _ = _rules.einsum_dims(subscripts, lhs.shape, rhs.shape)
+        (_, rc), (_, rb) = dn
+        plan.setdefault(self.site.path, []).append(_rules.plan_weight(
+            self.site.weight, tuple(rhs.shape), "einsum", contracting=rc, batch=rb))
+      return jnp.einsum(subscripts, lhs, _rules.logical_value(rhs), precision=precision,
+                        preferred_element_type=preferred_element_type)
+    stats = self._stats(lhs)
+    return _rules.site_einsum(self.site, subscripts, lhs, rhs, precision=precision,
+                              preferred_element_type=preferred_element_type,
+                              stats=stats)
+
+
+class LinenQuantizer:
+  """Quantizes Flax Linen models by rules (see the module docstring).
+
+  Use as a wrapper of ``apply`` (``q(model.apply)(variables, x)``, the only
+  form that takes quantized params) or as a context manager around Linen calls
+  with float params (``with q: model.apply(variables, x)``).
+
+  Attributes:
+    config: the QuantConfig (``unused_rules()``, ``sites``, ``report()``).
+    mode: "fake", "real" or "calibrate".
+    use_kernel: real-mode kernel dispatch.
+  """
+
+  def __init__(self, rules, mode: str = "fake", *, strict: bool = False,
+               use_kernel: str = "auto"):
+    self.mode = _rules.check_mode(mode)
+    self.config = _rules.as_config(rules, strict)
+    self.use_kernel = _rules.check_use_kernel(use_kernel)
+    self._local = threading.local()
+    self._planning: Optional[dict] = None
+    self._cms: list = []
+
+  # -- entry points -------------------------------------------------------------
+
+  def __call__(self, apply_fn: Callable) -> Callable:
+    """Wraps ``model.apply`` (or any function of ``variables`` first)."""
+
+    @functools.wraps(apply_fn)
+    def wrapped(variables, *args, **kwargs):
+      with nn.intercept_methods(self._intercept):
+        out = apply_fn(box_qarrays(variables), *args, **kwargs)
+      self.config.check()
+      return out
+
+    return wrapped
+
+  def apply(self, model: nn.Module, variables, *args, **kwargs):
+    """``model.apply(variables, *args, **kwargs)`` with quantization."""
+    return self(model.apply)(variables, *args, **kwargs)
+
+  def __enter__(self) -> "LinenQuantizer":
+    cm = nn.intercept_methods(self._intercept)
+    cm.__enter__()
+    self._cms.append(cm)
+    return self
+
+  def __exit__(self, *exc):
+    cm = self._cms.pop()
+    cm.__exit__(*exc)
+    if exc[0] is None:
+      self.config.check()
+    return False
+
+  def unused_rules(self) -> list:
+    """Rules that matched no layer so far."""
+    return self.config.unused_rules()
+
+  # -- real quantization ahead of time -----------------------------------------
+
+  def plan(self, model: nn.Module, variables, *args, **kwargs) -> dict:
+    """``{parameter path: WeightPlan}`` of the kernels to store quantized.
+
+    Traces ``model.apply`` abstractly (nothing is computed). A kernel is
+    planned when its layer is matched by a rule with a weight spec; a shared
+    layer called with different contraction layouts is left in float.
+    """
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
+        if isinstance(x, jax.Array) else x, variables)
+    self._planning = {}
+    try:
+      with nn.intercept_methods(self._intercept):
+        jax.eval_shape(lambda v: model.apply(v, *args, **kwargs), abstract)
+      found = self._planning
+    finally:
+      self._planning = None
+    plan = {}
+    for path, ps in found.items():
+      if len(set(ps)) == 1:
+        plan[path] = ps[0]
+    return plan
+
+  def quantize_params(self, model: nn.Module, variables, *args, donate: bool = False,
+                      on_step: Optional[Callable] = None, **kwargs):
+    """``variables`` with each matched kernel replaced by a QWeight, leaf by leaf.
+
+    Args:
+      model: the Linen module.
+      variables: its variables (``{"params": ...}``, other collections kept).
+      *args, **kwargs: example inputs of ``model.apply`` (only shapes are used).
+      donate: delete each float kernel once quantized (``variables`` is then
+        unusable); the peak is then the float params plus one quantized leaf.
+      on_step: ``on_step(path, qweight)`` after each leaf.
+
+    Returns:
+      The variables for mode "real".
+    """
+    plan = self.plan(model, variables, *args, **kwargs)
+    out = dict(variables)
+    out["params"] = _rules.quantize_params(variables["params"], plan, donate=donate,
+                                           on_step=on_step)
+    return out
+
+  def finalize_stats(self, quant_stats):
+    """Observer states in a ``quant_stats`` tree turned into ranges, once.
+
+    Static rules accept either; finalized ranges skip the observer's finalize
+    (a histogram search for percentile/mse/kl) on every call.
+    """
+    def walk(node, prefix):
+      if not isinstance(node, dict) and not hasattr(node, "items"):
+        return node
+      out = {}
+      for k, v in node.items():
+        p = f"{prefix}/{k}" if prefix else str(k)
+        if k == _STAT_NAME:
+          site = self._site_for_stats(prefix)
+          out[k] = _rules.finalize_range(site, v)
+        else:
+          out[k] = walk(v, p)
+      return out
+    return walk(quant_stats, "")
+
+  def _site_for_stats(self, module_path: str) -> Site:
+    for key, site in self.config.sites.items():
+      if _rules.candidates(key)[0] == module_path:
+        return site
+    raise ValueError(f"no calibrated layer at {module_path!r}; run the model in "
+                     "mode='calibrate' with this quantizer first")
+
+  # -- interception -------------------------------------------------------------
+
+  def _busy(self) -> set:
+    b = getattr(self._local, "busy", None)
+    if b is None:
+      b = self._local.busy = set()
+    return b
+
+  def _intercept(self, next_fun, args, kwargs, context):
+    mod = context.module
+    busy = self._busy()
+    if id(mod) in busy:
+      return next_fun(*args, **kwargs)
+    kind = _layer_kind(mod, context.method_name)
+    if kind is None:
+      if context.method_name == "__call__":
+        self._check_unsupported(mod)
+      return next_fun(*args, **kwargs)
+    path = "/".join(str(p) for p in mod.path)
+    wname = "embedding" if kind == "attend" else "kernel"
+    wpath = f"{path}/{wname}" if path else wname
+    rule = self.config.match((path, wpath), (_OP[kind],))
+    if rule is None or rule.is_float:
+      return next_fun(*args, **kwargs)
+    site = Site(wpath, _OP[kind], rule, self.mode, self.use_kernel)
+    self.config.record_site(wpath, site)
+    op = _SiteOp(self, mod, site)
+    if kind == "einsum":
+      return self._einsum(mod, op, *args, **kwargs)
+    if kind == "attend":
+      return self._attend(mod, op, *args, **kwargs)
+    if (mod.has_variable("params", "kernel")
+        and isinstance(mod.get_variable("params", "kernel"), QArray)):
+      raise ValueError("quantized params reach the layers only through the wrapped "
+                       "apply: use q(model.apply)(variables, ...) instead of the "
+                       "context manager")
+    if kind == "conv" and getattr(mod, "mask", None) is not None:
+      if self.mode == "real" or self._planning is not None:
+        raise ValueError(f"{path}: nn.Conv with a mask cannot use a real-mode "
+                         "quantized kernel; use mode='fake' or exclude the layer")
+    if kind == "dense":
+      over = {"dot_general": op.dot_general, "dot_general_cls": None}
+    else:
+      over = {"conv_general_dilated": op.conv_general_dilated,
+              "conv_general_dilated_cls": None}
+    over["promote_dtype"] = _LinenPromote(mod.promote_dtype)
+    clone = mod.clone(parent=mod.scope, **over)
+    busy.add(id(clone))
+    try:
+      return getattr(clone, context.method_name)(*args, **kwargs)
+    finally:
+      busy.discard(id(clone))
+
+  def _check_unsupported(self, mod) -> None:
+    if mod.scope is None:
+      return
+    try:
+      owns = mod.has_variable("params", "kernel")
+    except Exception:  # pylint: disable=broad-except
+      return
+    if not owns:
+      return
+    path = "/".join(str(p) for p in mod.path)
+    rule = self.config.match((path, f"{path}/kernel" if path else "kernel"),
+                             _rules.OPS)
+    if rule is None or rule.is_float:
+      return
+    raise ValueError(
+        f"rule {rule.path!r} matches {path!r}, a "
+        f"{type(mod).__name__} layer that quantize_linen cannot quantize (it reaches "
+        "nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, their subclasses and "
+        f"nn.Embed.attend). Put a float rule first to exclude it, "
+        f"QuantRule({path!r}), or quantize the whole apply function with "
+        "lowbit_jax.quantize_function")
+
+  def _einsum(self, mod, op: _SiteOp, inputs, einsum_str=None):
+    """nn.Einsum.__call__ with the quantized einsum (Einsum has no op hook)."""
+    if type(mod).__call__ is not nn.Einsum.__call__:
+      raise ValueError(f"{type(mod).__name__} overrides nn.Einsum.__call__, so its "
+                       "einsum cannot be reached; exclude it with a float rule or use "
+                       "lowbit_jax.quantize_function")
+    einsum_str = linen_module.merge_param("einsum_str", mod.einsum_str, einsum_str)
+    einsum_str = einsum_str.replace(" ", "")
+    if "->" not in einsum_str:
+      raise ValueError('`einsum_str` equation must be explicit and include "->".')
+    if einsum_str.count(",") != 1:
+      raise ValueError("`einsum_str` equation must have exactly two operands and "
+                       "therefore, exactly one comma character, instead of "
+                       f"{einsum_str.count(',')}")
+    kernel = mod.param("kernel", mod.kernel_init, mod.shape, mod.param_dtype)
+    bias = None
+    if mod.use_bias:
+      bias_shape, bshape = mod._get_bias_shape(  # pylint: disable=protected-access
+          einsum_str, inputs, jax.ShapeDtypeStruct(tuple(kernel.shape), kernel.dtype))
+      bias = mod.param("bias", mod.bias_init, bias_shape, mod.param_dtype)
+    inputs, kernel, bias = promote_passing(mod.promote_dtype, (inputs, kernel, bias),
+                                           dtype=mod.dtype)
+    y = op.einsum(einsum_str, inputs, kernel, precision=mod.precision,
+                  preferred_element_type=getattr(mod, "preferred_element_type", None))
+    if bias is not None:
+      y += jnp.reshape(bias, bshape)
+    return y
+
+  def _attend(self, mod, op: _SiteOp, query):
+    """nn.Embed.attend with the quantized matmul."""
+    query, embedding = promote_passing(mod.promote_dtype, (query, mod.embedding),
+                                       dtype=mod.dtype)
+    if op.quantizer._planning is not None:  # pylint: disable=protected-access
+      # The table is also gathered by __call__: it stays in float.
+      return jnp.dot(query, _rules.logical_value(_unwrap(embedding)).T)
+    return op.dot_general(query, embedding.T,
+                          (((query.ndim - 1,), (0,)), ((), ())))
+
+
+def quantize_linen(rules, mode: str = "fake", *, strict: bool = False,
+                   use_kernel: str = "auto") -> LinenQuantizer:
+  """A quantizer for Flax Linen models (see ``LinenQuantizer``).
+
+  >>> q = lowbit_jax.flax.quantize_linen([QuantRule(".*", weight="int4")])
+  >>> y = q(model.apply)(variables, x)           # fake quantization
+  >>> q.unused_rules()
+
+  Args:
+    rules: a QuantRule or a sequence of them (first full match wins).
+    mode: "fake", "real" or "calibrate".
+    strict: raise after a call if some rule matched nothing.
+    use_kernel: real-mode kernel dispatch ("auto", "never", "always").
+
+  Returns:
+    A LinenQuantizer.
+  """
+  return LinenQuantizer(rules, mode, strict=strict, use_kernel=use_kernel)
+
+
+__all__ = ["quantize_linen", "LinenQuantizer", "QBox", "QuantizedParam", "STATS"]

@@ -1,0 +1,301 @@
+"""Quantize an unmodified Flax NNX model by rules, by rewriting its module graph.
+
+``quantize_nnx(model, rules, mode)`` walks the module graph
+(``nnx.recursive_map``) and, in every ``nnx.Linear``, ``nnx.LinearGeneral``,
+``nnx.Einsum`` and ``nnx.Conv`` (or subclass) a rule matches, replaces the op
+attribute the layer calls (``dot_general``, ``einsum_op``,
+``conv_general_dilated``) by a ``QuantOp`` submodule running the quantized op of
+``lowbit_jax.core.ops``. The layer keeps its own Variables (same objects, same
+paths), so float checkpoints still load into the quantized model.
+
+Paths are the graph paths joined by ``/`` (``layers/0/mlp/up``); a weight's path
+adds ``/kernel``. A rule that matches another layer owning a ``kernel`` Param
+(``nnx.ConvTranspose``, a custom layer) raises.
+
+* ``"real"``: each matched kernel Variable's value becomes a ``QWeight`` in
+  place, one at a time (2-D ``nnx.Linear`` kernels K-major). The Variables are
+  shared with the input model, which then holds the QWeights too.
+* ``"calibrate"``: static rules record activation statistics in a ``QuantStat``
+  Variable of their QuantOp (``layers/0/mlp/up/dot_general/stats``). QuantStat
+  is not an ``nnx.Param``: ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` and
+  ``nnx.grad`` (which differentiates Params) leave it alone. Then
+  ``quantize_nnx(calibrated, rules, mode="fake"|"real")`` keeps the statistics
+  and uses them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lowbit_jax import _rules
+from lowbit_jax._rules import QuantConfig, Site
+from lowbit_jax.core._qarray import QArray
+from lowbit_jax.flax._linen import promote_passing
+
+
+class QuantStat(nnx.Variable):
+  """Calibration statistics of one quantized op (an observer state or a range).
+
+  Not an ``nnx.Param``: optimizers and gradients over Params never update it.
+  """
+
+
+_HOOKS = {"dot_general": "dot_general", "einsum": "einsum_op",
+          "conv": "conv_general_dilated"}
+_FLOAT_OPS = {"dot_general": jax.lax.dot_general, "einsum": jnp.einsum,
+              "conv": jax.lax.conv_general_dilated}
+
+
+_static = getattr(nnx, "static", lambda x: x)
+
+
+def _layer_op(node) -> Optional[str]:
+  if isinstance(node, (nnx.Linear, nnx.LinearGeneral)):
+    return "dot_general"
+  if isinstance(node, nnx.Einsum):
+    return "einsum"
+  if isinstance(node, nnx.Conv):
+    return "conv"
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _NNXPromote:
+  """``promote_dtype`` for an NNX layer that lets quantized weights through."""
+  orig: Callable
+
+  def __call__(self, args, /, *, dtype=None, **kw):
+    def orig(*a, **k):
+      return self.orig(tuple(a), **k)
+    return tuple(promote_passing(orig, tuple(args), dtype=dtype, **kw))
+
+
+class QuantOp(nnx.Module):
+  """The quantized op a matched NNX layer calls instead of its lax/jnp op.
+
+  Attributes:
+    site: the matched ``Site`` (static).
+    stats: ``QuantStat`` for static rules (None until calibrated), else None.
+  """
+
+  def __init__(self, site: Site, stats: Optional[QuantStat] = None):
+    self.site = site
+    if site.rule.static:
+      self.stats = stats if stats is not None else QuantStat(None)
+    else:
+      self.stats = None
+
+  def _stats(self, act):
+    site = self.site
+    if site.collects_stats:
+      self.stats.set_value(_rules.observe(site, self.stats.get_value(), act))
+      return None
+    if site.needs_stats:
+      return self.stats.get_value()
+    return None
+
+  def __call__(self, *args, **kwargs):
+    if kwargs.pop("out_sharding", None) is not None:
+      raise ValueError("quantized layers do not take out_sharding; shard the output "
+                       "with jax.lax.with_sharding_constraint instead")
+    op = self.site.op
+    if op == "dot_general":
+      return self._dot(*args, **kwargs)
+    if op == "einsum":
+      return self._einsum(*args, **kwargs)
+    return self._conv(*args, **kwargs)
+
+  def _dot(self, lhs, rhs, dimension_numbers, precision=None,
+           preferred_element_type=None):
+    stats = self._stats(lhs)
+    return _rules.site_dot_general(self.site, lhs, rhs, dimension_numbers, precision,
+                                   preferred_element_type, stats=stats)
+
+  def _einsum(self, subscripts, lhs, rhs, precision=None,
+              preferred_element_type=None):
+    stats = self._stats(lhs)
+    return _rules.site_einsum(self.site, subscripts, lhs, rhs, precision=precision,
+                              preferred_element_type=preferred_element_type,
+                              stats=stats)
+
+  def _conv(self, lhs, rhs, window_strides, padding, lhs_dilation=None,
+            rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+            batch_group_count=1, precision=None, preferred_element_type=None):
+    stats = self._stats(lhs)
+    return _rules.site_conv(self.site, lhs, rhs, window_strides, padding,
+                            lhs_dilation, rhs_dilation, dimension_numbers,
+                            feature_group_count, batch_group_count, precision,
+                            preferred_element_type, stats=stats)
+
+
+def _plan(node, op: str, spec) -> _rules.WeightPlan:
+  """The WeightPlan of a layer's kernel, from the layer's attributes."""
+  shape = tuple(node.kernel.get_value().shape)
+  if op == "conv":
+    if getattr(node, "mask", None) is not None:
+      raise ValueError("nnx.Conv with a mask cannot hold a real-mode quantized "
+                       "kernel; use mode='fake' or exclude the layer")
+    return _rules.plan_weight(spec, shape, "conv", out_axis=len(shape) - 1,
+                              in_axis=len(shape) - 2)
+  if isinstance(node, nnx.Linear):
+    return _rules.plan_weight(spec, shape, "dot_general", contracting=(0,))
+  if isinstance(node, nnx.LinearGeneral):
+    nb = len(node.batch_axis)
+    na = len(node.axis)
+    return _rules.plan_weight(spec, shape, "dot_general",
+                              contracting=tuple(range(nb, nb + na)),
+                              batch=tuple(range(nb)))
+  # Einsum
+  eq = node.einsum_str
+  if eq is None or "..." in eq:
+    raise ValueError("real-mode quantization of an nnx.Einsum needs its einsum_str "
+                     "at construction, without '...'; use mode='fake' otherwise")
+  ins = eq.split("->")[0].split(",")
+  lhs_shape = tuple(shape[ins[1].index(c)] if c in ins[1] else 1 for c in ins[0])
+  _, dn, _ = _rules.einsum_dims(eq, lhs_shape, shape)
+  (_, rc), (_, rb) = dn
+  return _rules.plan_weight(spec, shape, "einsum", contracting=rc, batch=rb)
+
+
+def _check_unsupported(node, path: str, config: QuantConfig) -> None:
+  kernel = getattr(node, "kernel", None)
+  if not isinstance(kernel, nnx.Param):
+    return
+  rule = config.match((path, f"{path}/kernel" if path else "kernel"), _rules.OPS)
+  if rule is None or rule.is_float:
+    return
+  raise ValueError(
+      f"rule {rule.path!r} matches {path!r}, a {type(node).__name__} "
+      "layer that quantize_nnx cannot quantize (it reaches nnx.Linear, "
+      "nnx.LinearGeneral, nnx.Einsum, nnx.Conv and their subclasses). Put a float "
+      f"rule first to exclude it, QuantRule({path!r}), or quantize a pure function "
+      "of the model's state with lowbit_jax.quantize_function")
+
+
+def _walk(fn, model):
+  if hasattr(nnx, "recursive_map"):
+    return nnx.recursive_map(fn, model)
+  # Older flax: rewrite the graph in place.
+  for path, node in list(nnx.iter_graph(model)):
+    fn(path, node)
+  return model
+
+
+def quantize_nnx(model: nnx.Module, rules, mode: str = "fake", *, strict: bool = False,
+                 use_kernel: str = "auto", donate: bool = False,
+                 on_step: Optional[Callable] = None) -> nnx.Module:
+  """Returns ``model`` with its matched layers running quantized ops.
+
+  >>> qmodel = lowbit_jax.flax.quantize_nnx(model, [QuantRule(".*", weight="int4")])
+  >>> y = qmodel(x)
+
+  Matching happens here. To list the rules that matched nothing, pass a
+  ``QuantConfig`` as ``rules`` and read ``config.unused_rules()`` afterwards.
+  Re-quantizing an already quantized model (e.g. after calibration) replaces
+  its QuantOps and keeps their statistics.
+
+  Args:
+    model: an NNX module (not modified, except that real mode quantizes the
+      Variables it shares with the result).
+    rules: a QuantRule, a sequence of them (first full match wins), or a
+      QuantConfig (which then records the matches).
+    mode: "fake", "real" or "calibrate".
+    strict: raise if some rule matched nothing.
+    use_kernel: real-mode kernel dispatch ("auto", "never", "always").
+    donate: real mode: delete each float kernel once quantized.
+    on_step: real mode: ``on_step(path, qweight)`` after each kernel.
+
+  Returns:
+    The rewritten model (a new graph sharing the Variables).
+
+  Raises:
+    ValueError: an unsupported layer matched, a bad mode, or (strict) unused
+      rules.
+  """
+  _rules.check_mode(mode)
+  _rules.check_use_kernel(use_kernel)
+  config = _rules.as_config(rules, strict)
+
+  def fn(path, node):
+    if not isinstance(node, nnx.Module) or isinstance(node, QuantOp):
+      return node
+    p = "/".join(str(k) for k in path)
+    op = _layer_op(node)
+    if op is None:
+      _check_unsupported(node, p, config)
+      return node
+    wpath = f"{p}/kernel" if p else "kernel"
+    hook = _HOOKS[op]
+    old = getattr(node, hook, None)
+    old_stats = old.stats if isinstance(old, QuantOp) else None
+    rule = config.match((p, wpath), (op,))
+    if rule is None or rule.is_float:
+      if isinstance(old, QuantOp):  # quantized before: back to the float op
+        setattr(node, hook, _static(_FLOAT_OPS[op]))
+        if isinstance(node.promote_dtype, _NNXPromote):
+          node.promote_dtype = node.promote_dtype.orig
+      return node
+    site = Site(wpath, op, rule, mode, use_kernel)
+    config.record_site(wpath, site)
+    setattr(node, hook, nnx.data(QuantOp(site, old_stats)))
+    if op == "dot_general" and hasattr(node, "dot_general_cls"):
+      node.dot_general_cls = None
+    if not isinstance(node.promote_dtype, _NNXPromote):
+      node.promote_dtype = _NNXPromote(node.promote_dtype)
+    if mode == "real" and rule.weight is not None:
+      var = node.kernel
+      w = var.get_value()
+      if not isinstance(w, QArray):
+        q = _rules.quantize_weight(w, _plan(node, op, rule.weight))
+        var.set_value(q)
+        if on_step is not None:
+          on_step(wpath, q)
+        if donate and isinstance(w, jax.Array):
+          w.delete()
+        del w
+    return node
+
+  out = _walk(fn, model)
+  config.check()
+  return out
+
+
+def finalize_nnx(model: nnx.Module) -> nnx.Module:
+  """Turns every QuantStat's observer state into a range ``{"amax", "amin"}``.
+
+  Static rules accept either; finalized ranges skip the observer's finalize (a
+  histogram search for percentile/mse/kl) on every call. In place.
+  """
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, QuantOp) and node.stats is not None:
+      st = node.stats.get_value()
+      if st is not None:
+        node.stats.set_value(_rules.finalize_range(node.site, st))
+  return model
+
+
+def nnx_stats(model: nnx.Module) -> dict:
+  """``{weight path: statistics}`` of a model's QuantOps (a plain dict)."""
+  out = {}
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, QuantOp) and node.stats is not None:
+      out[node.site.path] = node.stats.get_value()
+  return out
+
+
+def dequantize_nnx(model: nnx.Module) -> nnx.Module:
+  """Replaces every QWeight kernel value by its float weight (in place)."""
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, nnx.Variable):
+      v = node.get_value()
+      if isinstance(v, QArray):
+        node.set_value(_rules.logical_value(v))
+  return model
+
+
+__all__ = ["quantize_nnx", "QuantOp", "QuantStat", "finalize_nnx", "nnx_stats",
+           "dequantize_nnx"]

@@ -1,0 +1,462 @@
+"""Apply a PTQ algorithm to an unmodified Flax Linen model: ``apply_ptq``.
+
+The driver
+
+1. runs the model on calibration batches and collects, per ``nn.Dense``, input
+   statistics (``capture_dense_stats``: Gram matrix, per-channel absmax and
+   mean |x|, a retained sample of rows) and the structure seen at call
+   boundaries (which layers read the same array; which norm or Dense produced
+   it);
+2. for the transformation methods (SmoothQuant, AWQ, rotation) computes one
+   transformation per group of layers reading the same input and folds it into
+   the parameters where that is exact: the inverse scaling into the producing
+   ``nn.LayerNorm`` / ``nn.RMSNorm`` (scale and bias) or ``nn.Dense`` (kernel
+   columns and bias), the forward one into the consumers' kernel rows;
+3. quantizes every selected Dense kernel with RTN or GPTQ (on the transformed
+   kernel and the transformed Gram matrix) and returns float parameters whose
+   kernels hold the fake-quantized values.
+
+Foldability is checked, not assumed: a fold is applied only if a random
+transformation of the same kind folded the same way leaves the float model's
+output unchanged (relative error below ``fold_rtol``) on the first calibration
+batch. That rejects, for example, a LayerNorm whose output also feeds a
+residual connection (post-LN BERT: every LayerNorm), a rotation into a norm
+(only diagonal scalings fold into a norm), or a producer whose output is also
+read elsewhere. A group without an exact fold is skipped (its layers get the
+plain quantizer) unless ``unfoldable="simulate"``: then the kernel is returned
+as ``T^-1 Q(T w)``, which equals running the transformation online with
+weight-only quantization, but is not on the spec's grid and is not valid with
+activation quantization. Attention's value->output pair is linear per channel
+but passes through an einsum, so it is not seen at call boundaries; declare it
+with ``extra_folds={"…/out": "…/value"}`` (diagonal scalings fold exactly; a
+rotation needs ``rotation_block_size`` = the head size).
+
+Calibration statistics come from one pass of the float model (all layers
+calibrated in parallel, not sequentially on quantized predecessors).
+"""
+from __future__ import annotations
+
+import re
+import time
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lowbit_jax.algorithms.awq import awq_search
+from lowbit_jax.algorithms.gptq import gptq
+from lowbit_jax.algorithms.rotation import random_hadamard
+from lowbit_jax.algorithms.smoothquant import smoothquant_scales
+from lowbit_jax.algorithms.rtn import kernel_spec, rtn, sqnr_db
+from lowbit_jax.core import QuantSpec, as_spec, fake_quant
+from lowbit_jax.flax._capture import Capture, DenseStats, capture_dense_stats, split_batch
+from lowbit_jax.formats import Format
+
+METHODS = ("rtn", "gptq", "awq", "smoothquant", "rotation")
+QUANTIZERS = ("rtn", "gptq")
+_TRANSFORMS = ("awq", "smoothquant", "rotation")
+_HI = jax.lax.Precision.HIGHEST
+WeightSpec = Union[None, QuantSpec, str, Format, Sequence[tuple]]
+
+
+# ---------------------------------------------------------------------------
+# Params trees
+
+
+def _node(tree: Any, path: str) -> Any:
+  node = tree
+  for part in path.split("/") if path else []:
+    if not isinstance(node, Mapping) or part not in node:
+      return None
+    node = node[part]
+  return node
+
+
+def _with(tree: dict, path: str, **leaves) -> dict:
+  """A copy of ``tree`` with leaves of the node at ``path`` replaced (copy on write)."""
+  parts = path.split("/") if path else []
+  def rec(node, i):
+    node = dict(node)
+    if i == len(parts):
+      node.update(leaves)
+      return node
+    node[parts[i]] = rec(node[parts[i]], i + 1)
+    return node
+  return rec(tree, 0)
+
+
+# ---------------------------------------------------------------------------
+# Transformations: x' = x M, w' = M^-1 w
+
+
+class _Transform:
+  """A diagonal scaling (``x / s``, ``diag(s) w``) or a rotation (``x R``, ``R^T w``)."""
+
+  def __init__(self, s: Optional[jax.Array] = None, r: Optional[jax.Array] = None):
+    self.s, self.r = s, r
+
+  @property
+  def diagonal(self) -> bool:
+    return self.s is not None
+
+  def weight(self, w):
+    w32 = w.astype(jnp.float32)
+    if self.diagonal:
+      return (w32 * self.s[:, None]).astype(w.dtype)
+    return jnp.matmul(self.r.T, w32, precision=_HI).astype(w.dtype)
+
+  def unweight(self, w):
+    w32 = w.astype(jnp.float32)
+    if self.diagonal:
+      return (w32 / self.s[:, None]).astype(w.dtype)
+    return jnp.matmul(self.r, w32, precision=_HI).astype(w.dtype)
+
+  def inputs(self, x):
+    if self.diagonal:
+      return x / self.s
+    return jnp.matmul(x, self.r, precision=_HI)
+
+  def gram(self, g):
+    if self.diagonal:
+      return g / (self.s[:, None] * self.s[None, :])
+    return jnp.matmul(jnp.matmul(self.r.T, g, precision=_HI), self.r, precision=_HI)
+
+  def stats(self, st: DenseStats) -> DenseStats:
+    sample = self.inputs(st.sample)
+    if self.diagonal:
+      absmax, abssum = st.absmax / self.s, st.abssum / self.s
+    else:
+      # Not determined by the untransformed statistics: from the sample.
+      absmax = jnp.max(jnp.abs(sample), axis=0) if sample.shape[0] else st.absmax
+      abssum = (jnp.mean(jnp.abs(sample), axis=0) * st.count if sample.shape[0]
+                else st.abssum)
+    return DenseStats(self.gram(st.gram), absmax, abssum, st.count, sample)
+
+  def fold_into(self, params: dict, kind: str, path: str) -> dict:
+    """Folds the input-side transformation into the producer at ``path``."""
+    node = _node(params, path)
+    if kind == "norm":
+      new = {"scale": (node["scale"].astype(jnp.float32) / self.s).astype(
+          node["scale"].dtype)}
+      if "bias" in node:
+        new["bias"] = (node["bias"].astype(jnp.float32) / self.s).astype(
+            node["bias"].dtype)
+      return _with(params, path, **new)
+    k = node["kernel"]
+    if self.diagonal:
+      new = {"kernel": (k.astype(jnp.float32) / self.s[None, :]).astype(k.dtype)}
+      if "bias" in node:
+        new["bias"] = (node["bias"].astype(jnp.float32) / self.s).astype(
+            node["bias"].dtype)
+    else:
+      new = {"kernel": jnp.matmul(k.astype(jnp.float32), self.r,
+                                  precision=_HI).astype(k.dtype)}
+      if "bias" in node:
+        new["bias"] = jnp.matmul(node["bias"].astype(jnp.float32), self.r,
+                                 precision=_HI).astype(node["bias"].dtype)
+    return _with(params, path, **new)
+
+
+def _foldable_kind(params: dict, kind: str, path: str, k: int, diagonal: bool):
+  """None if a transformation of width k can fold into the producer, else why not."""
+  node = _node(params, path)
+  if node is None:
+    return f"producer {path!r} has no parameters"
+  if kind == "norm":
+    if not diagonal:
+      return "a rotation does not fold into a norm (only diagonal scalings do)"
+    if "scale" not in node:
+      return f"norm {path!r} has no scale parameter (use_scale=False)"
+    if tuple(node["scale"].shape) != (k,):
+      return f"norm {path!r} scale has shape {node['scale'].shape}, not ({k},)"
+    return None
+  if "kernel" not in node or node["kernel"].ndim != 2 or node["kernel"].shape[1] != k:
+    return f"producer {path!r} is not a 2-d Dense with {k} outputs"
+  return None
+
+
+# ---------------------------------------------------------------------------
+# Driver
+
+
+def _resolve_spec(weight_spec: WeightSpec, path: str) -> Optional[QuantSpec]:
+  if weight_spec is None:
+    return None
+  if isinstance(weight_spec, (list, tuple)):
+    for rule in weight_spec:
+      regex, spec = rule
+      if re.fullmatch(regex, path):
+        return None if spec is None else kernel_spec(spec)
+    return None
+  return kernel_spec(weight_spec)
+
+
+def _outputs_close(ref, out, rtol: float) -> bool:
+  ok = True
+  for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(out)):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.dtype.kind != "f":
+      continue
+    scale = max(float(np.max(np.abs(a))) if a.size else 0.0, 1e-6)
+    if not np.all(np.isfinite(b)) or float(np.max(np.abs(a - b))) > rtol * scale:
+      ok = False
+  return ok
+
+
+def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], method: str,
+              weight_spec: WeightSpec, act_spec: Optional[Any] = None, *,
+              quantizer: str = "rtn", layers: str = ".*", alpha: float = 0.5,
+              n_grid: int = 20, blocksize: int = 128, percdamp: float = 0.01,
+              act_order: bool = False, rotation_seed: int = 0,
+              rotation_block_size: Optional[int] = None,
+              extra_folds: Optional[Mapping[str, str]] = None,
+              unfoldable: str = "skip", token_mask: Optional[Callable] = None,
+              max_samples: int = 512, fold_rtol: float = 1e-3,
+              apply_kwargs: Optional[Mapping[str, Any]] = None,
+              other_variables: Optional[Mapping[str, Any]] = None
+              ) -> tuple[Any, dict]:
+  """Runs a PTQ method on a Linen model's Dense layers; returns new float params.
+
+  Methods: "rtn" (round to nearest), "gptq" (Frantar et al. 2023), "awq" (Lin
+  et al. 2024), "smoothquant" (Xiao et al. 2023), "rotation" (randomized
+  Hadamard, QuaRot: Ashkboos et al. 2024). See the module docstring for how
+  transformations are folded.
+
+  Args:
+    model: the Linen module (not modified).
+    params: its params (``model.apply({"params": params}, ...)``).
+    calib_batches: calibration batches; each is passed to ``model.apply`` as
+      positional arguments (tuple/list), keyword arguments (dict) or one
+      argument.
+    method: one of ``METHODS``.
+    weight_spec: the kernels' QuantSpec or format name (unset axis: the input
+      features, i.e. per output channel or groups along K), or ordered
+      ``(path_regex, spec or None)`` rules (first full match wins; no match or
+      None: the kernel stays float; e.g. ``assignment_to_rules`` output), or
+      None to only fold the transformation (no weight quantization).
+    act_spec: activation spec used at inference (applied by the caller, e.g. a
+      quantization interceptor); here it enters AWQ's objective and the
+      report's output SQNR. An unset axis means per token.
+    quantizer: how transformed kernels are rounded for awq/smoothquant/
+      rotation: "rtn" or "gptq".
+    layers: regex of the Dense paths to treat; other layers are untouched.
+    alpha: SmoothQuant migration strength.
+    n_grid: AWQ grid size.
+    blocksize, percdamp, act_order: GPTQ options (see ``algorithms.gptq``).
+    rotation_seed: seed of the random rotations (one per group).
+    rotation_block_size: block-diagonal rotations of this size (None: full).
+    extra_folds: consumer Dense path -> producer Dense path, for linear
+      per-channel links not visible at call boundaries (attention's value ->
+      out); still checked numerically before folding.
+    unfoldable: "skip" (no transformation where no exact fold exists) or
+      "simulate" (``T^-1 Q(T w)``: weight-only simulation of an online
+      transformation).
+    token_mask: ``batch -> mask`` weighting calibration rows (padding: 0).
+    max_samples: input rows retained per layer (AWQ search, report).
+    fold_rtol: tolerance of the foldability check, relative to the largest
+      model output.
+    apply_kwargs: extra keyword arguments for ``model.apply``.
+    other_variables: non-param variable collections (e.g. batch_stats).
+
+  Returns:
+    ``(new_params, report)``: params of the same structure with each treated
+    kernel replaced by its fake-quantized value (and folds applied), and a
+    report dict: ``layers`` (path -> spec, transform, weight_sqnr_db,
+    output_sqnr_db, seconds), ``folds`` (one entry per group), ``method``,
+    ``capture_seconds``, ``total_seconds``.
+
+  Raises:
+    ValueError: an unknown method/quantizer/unfoldable, an unusable spec, or
+      no Dense layer matched.
+  """
+  t_start = time.perf_counter()
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  if quantizer not in QUANTIZERS:
+    raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
+  if method in ("rtn", "gptq") and quantizer != "rtn":
+    raise ValueError(f"quantizer={quantizer!r} applies to awq/smoothquant/rotation; "
+                     f"method={method!r} is itself the quantizer")
+  if unfoldable not in ("skip", "simulate"):
+    raise ValueError(f"unfoldable must be 'skip' or 'simulate', got {unfoldable!r}")
+  if unfoldable == "simulate" and act_spec is not None:
+    raise ValueError("unfoldable='simulate' models an online transformation for "
+                     "weight-only quantization; with act_spec use unfoldable='skip'")
+  if method == "awq" and weight_spec is None:
+    raise ValueError("awq searches scales against a weight format: give weight_spec")
+  base_quant = "gptq" if method == "gptq" else quantizer
+  aspec = None
+  if act_spec is not None:
+    aspec = as_spec(act_spec)
+    if aspec.axis is None and aspec.tile is None:
+      aspec = aspec.replace(axis=-1)
+  extra_folds = dict(extra_folds or {})
+  calib_batches = list(calib_batches)
+  if not calib_batches:
+    raise ValueError("calib_batches is empty; pass at least one batch")
+  frozen = isinstance(params, flax.core.FrozenDict)
+  cur = flax.core.unfreeze(params) if frozen else jax.tree.map(lambda a: a, params)
+
+  t0 = time.perf_counter()
+  cap: Capture = capture_dense_stats(
+      model, cur, calib_batches, layers=layers, token_mask=token_mask,
+      max_samples=max_samples, apply_kwargs=apply_kwargs,
+      other_variables=other_variables)
+  capture_seconds = time.perf_counter() - t0
+  stats = dict(cap.stats)
+  selected = [p for p in cap.order
+              if _node(cur, p) is not None and "kernel" in _node(cur, p)
+              and _node(cur, p)["kernel"].ndim == 2]
+  specs = {p: _resolve_spec(weight_spec, p) for p in selected}
+  transforms: dict = {}   # path -> (_Transform, status)
+  folds = []
+
+  if method in _TRANSFORMS:
+    apply_kwargs_ = dict(apply_kwargs or {})
+    variables_extra = dict(other_variables or {})
+    args, kwargs = split_batch(calib_batches[0])
+
+    @jax.jit
+    def forward_(p):
+      return model.apply({"params": p, **variables_extra}, *args, **kwargs,
+                         **apply_kwargs_)
+
+    def forward(p):
+      # Full float32 matmuls, so that a fold's rounding stays far below the
+      # tolerance on backends whose default is TF32/bf16 passes.
+      with jax.default_matmul_precision("float32"):
+        return forward_(p)
+
+    ref_out = forward(cur)
+    probe_key = jax.random.key(rotation_seed + 1)
+    rot_key = jax.random.key(rotation_seed)
+    groups = _groups_with_extra(cap, extra_folds)
+    for gi, (members, producer) in enumerate(groups):
+      members = [m for m in members if m in specs]
+      if not members:
+        continue
+      k = _node(cur, members[0])["kernel"].shape[0]
+      diagonal = method != "rotation"
+      why = "no norm or Dense produces this input directly" if producer is None else \
+          _foldable_kind(cur, producer[0], producer[1], k, diagonal)
+      if why is None:
+        test = _probe_transform(jax.random.fold_in(probe_key, gi), k, diagonal,
+                                rotation_block_size)
+        trial = test.fold_into(cur, *producer)
+        for m in members:
+          trial = _with(trial, m, kernel=test.weight(_node(trial, m)["kernel"]))
+        if not _outputs_close(ref_out, forward(trial), fold_rtol):
+          why = (f"folding into {producer[1]!r} changes the model output (its output "
+                 "is used elsewhere too, e.g. by a residual connection)")
+      entry = {"layers": members, "producer": None if producer is None else producer[1]}
+      if method == "awq" and all(specs[m] is None for m in members):
+        folds.append({**entry, "status": "skipped",
+                      "reason": "weight_spec leaves all these layers in float"})
+        continue
+      if why is not None and unfoldable == "skip":
+        folds.append({**entry, "status": "skipped", "reason": why})
+        continue
+      st0 = stats[members[0]]
+      kernels = [_node(cur, m)["kernel"] for m in members]
+      if method == "smoothquant":
+        tr = _Transform(s=smoothquant_scales(st0.absmax, kernels, alpha))
+      elif method == "awq":
+        res = awq_search(st0.sample, kernels, [specs[m] for m in members],
+                         act_scale=st0.mean_abs, n_grid=n_grid, act_spec=aspec)
+        tr = _Transform(s=res.scales)
+        entry["alpha"] = float(res.alpha)
+      else:
+        tr = _Transform(r=random_hadamard(jax.random.fold_in(rot_key, gi), k,
+                                          block_size=rotation_block_size))
+      status = "folded" if why is None else "simulated"
+      if why is None:
+        cur = tr.fold_into(cur, *producer)
+        for m in members:
+          cur = _with(cur, m, kernel=tr.weight(_node(cur, m)["kernel"]))
+      else:
+        entry["reason"] = why
+      for m in members:
+        stats[m] = tr.stats(stats[m])
+        transforms[m] = (tr, status)
+      folds.append({**entry, "status": status})
+
+  report_layers = {}
+  for p in selected:
+    spec = specs[p]
+    t1 = time.perf_counter()
+    tr, status = transforms.get(p, (None, "none"))
+    simulated = status == "simulated"
+    w = _node(cur, p)["kernel"]
+    w_in = tr.weight(w) if simulated else w   # the kernel in the quantized domain
+    st = stats[p]
+    if spec is None:
+      w_q = w_in
+    elif base_quant == "gptq":
+      w_q = gptq(w_in, st.gram, spec, blocksize=blocksize, percdamp=percdamp,
+                 act_order=act_order).weight
+    else:
+      w_q = rtn(w_in, spec)
+    new_w = tr.unweight(w_q) if simulated else w_q
+    cur = _with(cur, p, kernel=new_w.astype(w.dtype))
+    # Quality, measured in the domain the kernel was quantized in; the weight
+    # SQNR maps rows back to the input's original scale.
+    to_orig = (lambda a: a) if tr is None else tr.unweight
+    entry = {"spec": None if spec is None else _spec_name(spec),
+             "transform": method if tr is not None else "none", "fold": status,
+             "weight_sqnr_db": sqnr_db(to_orig(w_in), to_orig(w_q))}
+    if st.sample.shape[0]:
+      x = st.sample
+      ref = jnp.matmul(x, w_in.astype(jnp.float32), precision=_HI)
+      xq = fake_quant(x, aspec) if aspec is not None else x
+      out = jnp.matmul(xq, w_q.astype(jnp.float32), precision=_HI)
+      entry["output_sqnr_db"] = sqnr_db(ref, out)
+    entry["seconds"] = time.perf_counter() - t1
+    report_layers[p] = entry
+
+  new_params = flax.core.freeze(cur) if frozen else cur
+  report = {"method": method, "quantizer": base_quant, "layers": report_layers,
+            "folds": folds, "capture_seconds": capture_seconds,
+            "total_seconds": time.perf_counter() - t_start}
+  return new_params, report
+
+
+def _spec_name(spec: QuantSpec) -> str:
+  parts = [spec.format.name]
+  if spec.tile is not None:
+    parts.append(f"tile{spec.tile[0]}x{spec.tile[1]}")
+  elif spec.group_size is not None:
+    parts.append(f"g{spec.group_size}")
+  elif spec.axis is not None:
+    parts.append(f"axis{spec.axis}")
+  if not spec.symmetric:
+    parts.append("asym")
+  return "_".join(parts)
+
+
+def _probe_transform(key, k: int, diagonal: bool, block: Optional[int]) -> _Transform:
+  if diagonal:
+    return _Transform(s=jnp.exp(jax.random.uniform(key, (k,), jnp.float32, -0.7, 0.7)))
+  return _Transform(r=random_hadamard(key, k, block_size=block))
+
+
+def _groups_with_extra(cap: Capture, extra_folds: Mapping[str, str]) -> list:
+  """``[(members, producer or None)]``: input groups, with declared producers."""
+  out = []
+  for members in cap.groups:
+    declared = {extra_folds[m] for m in members if m in extra_folds}
+    if len(declared) > 1:
+      raise ValueError(f"layers {members} read the same input but extra_folds names "
+                       f"different producers {sorted(declared)}")
+    if declared:
+      producer = ("dense", declared.pop())
+    else:
+      producer = cap.producers.get(members[0])
+    out.append((members, producer))
+  unknown = set(extra_folds) - {m for g in cap.groups for m in g}
+  if unknown:
+    raise ValueError(f"extra_folds names layers that were not called (or not "
+                     f"selected by layers=): {sorted(unknown)}")
+  return out

@@ -1,0 +1,396 @@
+"""End-to-end PTQ evaluation points: one (model, method, scheme, target) each.
+
+What the sweep experiments call. A point quantizes an unmodified model by rules
+(``lowbit_jax.flax.quantize_linen``), optionally after a PTQ method
+(``lowbit_jax.flax.ptq.apply_ptq``: GPTQ, AWQ, SmoothQuant, rotation), and
+measures it:
+
+* MiniLM (all-MiniLM-L6-v2, pretrained): cosine similarity of each sentence's
+  quantized embedding to the float32 one (mean and worst) and the Spearman
+  correlation of the pairwise similarity matrices, on held-out sentences.
+* Llama-style decoder (trained by ``experiments/train_lm``): held-out perplexity
+  and bits per byte.
+* Both: bits per weight measured from the packed QArrays (``nbytes``), and the
+  SQNR of every quantized weight and of every quantized layer input.
+
+Calibration sentences/tokens and evaluation data never overlap.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lowbit_jax import schemes as schemes_lib
+from lowbit_jax._rules import QuantRule
+from lowbit_jax.core import QuantSpec, fake_quant
+from lowbit_jax.eval.sentence import embedding_metrics, sqnr_db
+
+METHODS = ("rtn", "gptq", "awq", "smoothquant", "rotation")
+TARGETS = schemes_lib.TARGETS
+
+
+def _check(method: str, target: str):
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  if target not in TARGETS:
+    raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+
+
+def _rules(scheme, target: str, weights_in_params: bool) -> list:
+  act = scheme.activation if target == "weights+acts" else None
+  w = None if weights_in_params else scheme.weight
+  if w is None and act is None:
+    return []
+  return [QuantRule(".*", weight=w, activation=act)]
+
+
+def _kernels(params) -> dict:
+  """{path: kernel} of every 2-d Dense kernel in a params tree."""
+  out = {}
+  for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    path = "/".join(str(getattr(k, "key", k)) for k in kp)
+    if path.endswith("/kernel") and getattr(leaf, "ndim", 0) == 2:
+      out[path] = leaf
+  return out
+
+
+def layer_sqnr(params, qparams, scheme, target: str, capture=None) -> dict:
+  """Per-layer SQNR (dB): quantized weight vs float, and layer input vs its
+  quantized version (inputs retained by the calibration capture)."""
+  out = {"weight": {}, "activation": {}}
+  fw, qw = _kernels(params), _kernels(qparams)
+  wspec = scheme.weight
+  for path, w in fw.items():
+    if wspec is None:
+      continue
+    q = qw[path] if qw is not qparams else None
+    if q is None or q is w:
+      q = fake_quant(w, wspec.with_axis(0))
+    out["weight"][path] = sqnr_db(np.asarray(w), np.asarray(q))
+  if target == "weights+acts" and scheme.activation is not None and capture is not None:
+    for layer, st in capture.stats.items():
+      x = st.sample
+      if x.shape[0] == 0:
+        continue
+      xq = fake_quant(x, scheme.activation.with_axis(-1))
+      out["activation"][layer + "/kernel"] = sqnr_db(np.asarray(x), np.asarray(xq))
+  return out
+
+
+def measured_weight_bits(model, variables, scheme, example_args: tuple) -> float:
+  """Bits per quantized weight element, from real quantization's packed bytes."""
+  if scheme.weight is None:
+    return 32.0
+  from lowbit_jax.flax import quantize_linen  # pylint: disable=g-import-not-at-top
+  q = quantize_linen([QuantRule(".*", weight=scheme.weight)], mode="real")
+  qv = q.quantize_params(model, variables, *example_args)
+  nbytes, n = 0, 0
+  for leaf in jax.tree_util.tree_leaves(
+      qv["params"], is_leaf=lambda x: hasattr(x, "nbytes") and hasattr(x, "spec")):
+    if hasattr(leaf, "spec") and hasattr(leaf, "codes"):
+      nbytes += leaf.nbytes
+      n += math.prod(leaf.shape)
+  return 8.0 * nbytes / n if n else 32.0
+
+
+# ---------------------------------------------------------------------------
+# MiniLM
+
+
+@functools.lru_cache(maxsize=1)
+def _minilm():
+  from lowbit_jax.models import minilm  # pylint: disable=g-import-not-at-top
+  model, params = minilm.load_pretrained(precision=jax.lax.Precision.HIGHEST)
+  return minilm, model, params
+
+
+@functools.lru_cache(maxsize=4)
+def _minilm_data(n_calib: int, n_eval: int):
+  minilm, model, params = _minilm()
+  sents = minilm.sample_sentences()
+  if n_calib + 8 > len(sents):
+    raise ValueError(f"n_calib={n_calib} leaves too few of the {len(sents)} sample "
+                     "sentences to evaluate on")
+  calib, evals = sents[:n_calib], sents[n_calib:]
+  if n_eval:
+    evals = evals[:n_eval]
+  ref = minilm.encode(evals, model=model, params=params)
+  return calib, evals, ref
+
+
+def minilm_point(scheme: str, target: str = "weights", method: str = "rtn", *,
+                 n_calib: int = 32, n_eval: int = 0, gptq_act_order: bool = True
+                 ) -> dict:
+  """Quantizes all-MiniLM-L6-v2 and measures how far its embeddings move.
+
+  Args:
+    scheme: a name from ``lowbit_jax.schemes.SCHEMES``.
+    target: "weights" (weight-only) or "weights+acts".
+    method: one of ``METHODS`` (PTQ applied to the weights before evaluation).
+    n_calib: calibration sentences (the first ones of ``sample_sentences()``).
+    n_eval: evaluation sentences (0: all the others).
+    gptq_act_order: GPTQ's act-order option.
+
+  Returns:
+    Metrics: mean_cos, worst_cos, spearman, bits_per_weight, seconds of each
+    stage, and ``layers`` (per-layer SQNR).
+  """
+  _check(method, target)
+  sch = schemes_lib.get(scheme)
+  minilm, model, params = _minilm()
+  calib, evals, ref = _minilm_data(n_calib, n_eval)
+  t0 = time.time()
+  if sch.weight is None and (sch.activation is None or target == "weights"):
+    return {"mean_cos": 1.0, "worst_cos": 1.0, "spearman": 1.0, "bits_per_weight": 32.0,
+            "n_eval": len(evals), "layers": {"weight": {}, "activation": {}}}
+  batch = minilm.tokenize(calib)
+  calib_batches = [(batch["input_ids"], batch["attention_mask"],
+                    batch["token_type_ids"])]
+  from lowbit_jax.flax import quantize_linen  # pylint: disable=g-import-not-at-top
+  from lowbit_jax.flax import ptq as ptq_lib  # pylint: disable=g-import-not-at-top
+  from lowbit_jax.flax._capture import capture_dense_stats  # pylint: disable=g-import-not-at-top
+  mask = lambda b: b[1]  # noqa: E731  (padding tokens do not count)
+  capture = None
+  if target == "weights+acts":  # retained layer inputs give the activation SQNR
+    capture = capture_dense_stats(model, params, calib_batches, token_mask=mask,
+                                  max_samples=256)
+  qparams = params
+  report = {}
+  if method != "rtn" and sch.weight is not None:
+    act = sch.activation if target == "weights+acts" else None
+    qparams, report = ptq_lib.apply_ptq(
+        model, params, calib_batches, method, sch.weight, act, token_mask=mask,
+        act_order=gptq_act_order)
+  t_ptq = time.time() - t0
+  rules = _rules(sch, target, weights_in_params=(method != "rtn"))
+  t1 = time.time()
+  if rules:
+    q = quantize_linen(rules, mode="fake")
+    emb = minilm.encode(evals, model=model, params=qparams, apply_fn=q(model.apply))
+  else:
+    emb = minilm.encode(evals, model=model, params=qparams)
+  t_eval = time.time() - t1
+  m = embedding_metrics(ref, emb)
+  ex = tuple(jnp.asarray(v[:1]) for v in calib_batches[0])
+  m["bits_per_weight"] = measured_weight_bits(model, {"params": params}, sch, ex)
+  layers = layer_sqnr(params, qparams if method != "rtn" else params, sch, target,
+                      capture)
+  if layers["weight"]:
+    m["mean_weight_sqnr_db"] = _mean(layers["weight"].values())
+  if layers["activation"]:
+    m["mean_act_sqnr_db"] = _mean(layers["activation"].values())
+  m.update(n_eval=len(evals), seconds_ptq=round(t_ptq, 2), seconds_eval=round(t_eval, 2),
+           layers=layers)
+  if report:
+    m["ptq_report"] = {k: v for k, v in report.items()
+                       if isinstance(v, (int, float, str))}
+  return m
+
+
+def _mean(vals) -> float:
+  v = [x for x in vals if math.isfinite(x)]
+  return float(np.mean(v)) if v else float("inf")
+
+
+# ---------------------------------------------------------------------------
+# Decoder LM
+
+
+@functools.lru_cache(maxsize=2)
+def _llama(workdir: str, variant: str):
+  """A trained decoder: restored from ``workdir`` or trained there first."""
+  from lowbit_jax import train_lm  # pylint: disable=g-import-not-at-top
+  from lowbit_jax.models.llama import Llama  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  cfg_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "configs", "train_lm.py")
+  spec = importlib.util.spec_from_file_location("_train_lm_cfg", cfg_path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  config = mod.get_config(variant)
+  final = os.path.join(workdir, "final_eval.json")
+  if not os.path.exists(final):
+    train_lm.train(config, workdir)
+  mcfg = train_lm.model_config(config)
+  model = Llama(mcfg)
+  data = train_lm.load_data(config.data.vocab_size if "data" in config and
+                            "vocab_size" in config.data else mcfg.vocab)
+  tx = train_lm.make_optimizer(config.lr if "lr" in config else 1e-3, 1, 2)
+  mesh = train_lm.make_mesh(1)
+  mgr = train_lm.checkpoint_manager(os.path.join(workdir, "checkpoints"))
+  state = train_lm.restore_checkpoint(mgr, train_lm.abstract_state(model, tx, mesh))
+  return config, model, state.params, data
+
+
+def llama_point(scheme: str, target: str = "weights", method: str = "rtn", *,
+                workdir: str, variant: str = "smoke", seq_len: int = 128,
+                batch: int = 8, max_eval_tokens: int = 32768, n_calib: int = 8) -> dict:
+  """Quantizes the trained decoder LM and measures held-out perplexity."""
+  _check(method, target)
+  from lowbit_jax import train_lm  # pylint: disable=g-import-not-at-top
+  from lowbit_jax.flax import quantize_linen  # pylint: disable=g-import-not-at-top
+  from lowbit_jax.flax import ptq as ptq_lib  # pylint: disable=g-import-not-at-top
+  sch = schemes_lib.get(scheme)
+  config, model, params, data = _llama(workdir, variant)
+  t0 = time.time()
+  calib_tokens = np.asarray(data.train_tokens[: n_calib * seq_len]).astype(np.int32)
+  calib_batches = [(jnp.asarray(calib_tokens.reshape(n_calib, seq_len)),)]
+  qparams = params
+  if method != "rtn" and sch.weight is not None:
+    act = sch.activation if target == "weights+acts" else None
+    qparams, _ = ptq_lib.apply_ptq(model, params, calib_batches, method, sch.weight, act)
+  rules = _rules(sch, target, weights_in_params=(method != "rtn"))
+  if rules:
+    q = quantize_linen(rules, mode="fake")
+    apply = q(lambda p, t: model.apply({"params": p}, t))
+  else:
+    apply = lambda p, t: model.apply({"params": p}, t)  # noqa: E731
+  res = train_lm.evaluate(apply, qparams, data, seq_len=seq_len, batch=batch,
+                          max_tokens=max_eval_tokens)
+  m = {k: float(v) for k, v in res.items() if isinstance(v, (int, float))}
+  ex = (calib_batches[0][0][:1],)
+  m["bits_per_weight"] = measured_weight_bits(model, {"params": params}, sch, ex)
+  layers = layer_sqnr(params, qparams if method != "rtn" else params, sch, target)
+  if layers["weight"]:
+    m["mean_weight_sqnr_db"] = _mean(layers["weight"].values())
+  m["layers"] = layers
+  m["seconds"] = round(time.time() - t0, 2)
+  return m
+
+
+POINTS = {"minilm": minilm_point, "llama": llama_point}
+
+
+# ---------------------------------------------------------------------------
+# Sweeps from a config
+
+
+def _label(row: dict) -> str:
+  return f"{row.get('scheme')}/{'W' if row.get('target') == 'weights' else 'W+A'}" + (
+      f"/{row['method']}" if row.get("method", "rtn") != "rtn" else "")
+
+
+def run_sweep_config(config, log=None) -> dict:
+  """Runs the sweep a config describes; writes results, table and plots.
+
+  Config fields: ``model`` (a key of ``POINTS``), ``axes`` (name -> values;
+  each point's values become the point function's arguments), ``exclude``
+  (partial points to drop), ``point_kwargs`` (fixed keyword arguments),
+  ``out_dir``, ``metrics`` (table columns), ``plot.x``/``plot.y``/
+  ``plot.maximize``.
+
+  Returns:
+    dict with ``rows``, ``table`` (markdown) and the written ``paths``.
+  """
+  from lowbit_jax import sweep  # pylint: disable=g-import-not-at-top
+  if config.model not in POINTS:
+    raise ValueError(f"config.model must be one of {sorted(POINTS)}, got "
+                     f"{config.model!r}")
+  fn = POINTS[config.model]
+  axes = {k: list(v) for k, v in dict(config.axes).items()}
+  exclude = [dict(e) for e in config.get("exclude", [])]
+  points = [dict(p, model=config.model) for p in sweep.expand(axes, exclude)]
+  for p in points:  # fail on a typo before hours of work, not at that point
+    schemes_lib.get(p["scheme"])
+    _check(p.get("method", "rtn"), p.get("target", "weights"))
+  kwargs = dict(config.get("point_kwargs", {}))
+  os.makedirs(config.out_dir, exist_ok=True)
+  results = os.path.join(config.out_dir, "results.jsonl")
+
+  def run_point(p):
+    args = {k: v for k, v in p.items() if k != "model"}
+    return fn(**args, **kwargs)
+
+  rows = sweep.run(points, run_point, results, log=log)
+  metrics = list(config.metrics)
+  keys = [k for k in axes]
+  table = sweep.markdown_table(rows, keys, metrics)
+  paths = {"results": results}
+  with open(os.path.join(config.out_dir, "table.md"), "w") as f:
+    f.write(table + "\n")
+  paths["table"] = os.path.join(config.out_dir, "table.md")
+  px, py = config.plot.x, config.plot.y
+  for r in rows:
+    r["label"] = _label(r)
+  paths["tradeoff"] = sweep.plot_tradeoff(
+      rows, px, py, "label", "target" if "target" in axes else None,
+      os.path.join(config.out_dir, "tradeoff.png"),
+      title=f"{config.model}: {py} vs {px}", maximize_y=bool(config.plot.maximize))
+  for kind in ("weight", "activation"):
+    sel = [r for r in rows if r["metrics"].get("layers", {}).get(kind)]
+    if not sel:
+      continue
+    cols = list(sel[0]["metrics"]["layers"][kind])
+    mat = [[r["metrics"]["layers"][kind].get(c, float("nan")) for c in cols]
+           for r in sel]
+    short = [c.replace("/kernel", "").replace("encoder/", "") for c in cols]
+    paths[f"heatmap_{kind}"] = sweep.plot_heatmap(
+        mat, [r["label"] for r in sel], short,
+        os.path.join(config.out_dir, f"layer_sqnr_{kind}.png"),
+        title=f"per-layer {kind} SQNR (dB)")
+  return {"rows": rows, "table": table, "paths": paths}
+
+
+# ---------------------------------------------------------------------------
+# Real quantization to a checkpoint, and evaluating one
+
+
+def minilm_save_quantized(scheme: str, target: str, directory: str, *,
+                          force: bool = False) -> dict:
+  """Real-quantizes MiniLM (packed QArray weights) and saves it with orbax.
+
+  Returns:
+    dict with the fp32 and quantized parameter bytes and the bytes on disk.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  from lowbit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from lowbit_jax.flax import quantize_linen  # pylint: disable=g-import-not-at-top
+  _check("rtn", target)
+  sch = schemes_lib.get(scheme)
+  if sch.weight is None:
+    raise ValueError(f"scheme {scheme!r} has no weight format: nothing to quantize")
+  minilm, model, params = _minilm()
+  ex = minilm.tokenize(["calibration shape example"])
+  args = tuple(jnp.asarray(ex[k]) for k in ("input_ids", "attention_mask",
+                                            "token_type_ids"))
+  q = quantize_linen(_rules(sch, target, weights_in_params=False), mode="real")
+  qv = q.quantize_params(model, {"params": params}, *args)
+  checkpoint.save(directory, qv["params"], force=force)
+  with open(os.path.join(directory, "ptq_point.json"), "w") as f:
+    json.dump({"model": "minilm", "scheme": scheme, "target": target}, f)
+  fp_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
+  q_bytes = sum(int(getattr(x, "nbytes", 0)) for x in jax.tree_util.tree_leaves(
+      qv["params"], is_leaf=lambda x: hasattr(x, "codes")))
+  return {"fp32_param_bytes": int(fp_bytes), "quantized_param_bytes": int(q_bytes),
+          "disk_bytes": int(checkpoint.disk_bytes(directory)), "directory": directory}
+
+
+def minilm_evaluate_checkpoint(directory: str, *, n_calib: int = 32, n_eval: int = 0,
+                               use_kernel: str = "auto") -> dict:
+  """Evaluates a checkpoint saved by ``minilm_save_quantized`` in real mode."""
+  import json  # pylint: disable=g-import-not-at-top
+  from lowbit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from lowbit_jax.flax import quantize_linen  # pylint: disable=g-import-not-at-top
+  meta_path = os.path.join(directory, "ptq_point.json")
+  if not os.path.exists(meta_path):
+    raise FileNotFoundError(f"{meta_path} is missing: {directory} was not written by "
+                            "experiments/ptq.py (minilm_save_quantized)")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  sch = schemes_lib.get(meta["scheme"])
+  minilm, model, _ = _minilm()
+  _, evals, ref = _minilm_data(n_calib, n_eval)
+  qparams = checkpoint.restore(directory)
+  q = quantize_linen(_rules(sch, meta["target"], weights_in_params=False), mode="real",
+                     use_kernel=use_kernel)
+  emb = minilm.encode(evals, model=model, params=qparams, apply_fn=q(model.apply))
+  m = embedding_metrics(ref, emb)
+  m.update(meta)
+  return m

@@ -1,0 +1,217 @@
+"""Quantized dot_general / einsum / conv: fake vs real, unset axes, kernel dispatch."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import lowbit_jax as lb
+from lowbit_jax import ops
+
+DN = (((1,), (0,)), ((), ()))  # x [M, K] @ w [K, N]
+TOL = dict(rtol=2e-5, atol=2e-5)
+
+
+def _xw(m=8, k=256, n=48, seed=0):
+  kx, kw = jax.random.split(jax.random.key(seed))
+  return jax.random.normal(kx, (m, k)), jax.random.normal(kw, (k, n)) * 0.1
+
+
+@functools.lru_cache(maxsize=None)
+def _fq_fn(spec):
+  return jax.jit(lambda v: lb.fake_quant(v, spec))
+
+
+def _fq(x, spec, **kw):
+  """jit'd fake_quant (the references below; eager dispatch is slow to compile)."""
+  spec = spec.replace(**kw) if isinstance(spec, lb.QuantSpec) else lb.QuantSpec(spec, **kw)
+  return _fq_fn(spec)(x)
+
+
+@functools.lru_cache(maxsize=None)
+def _fake_real(lhs_spec, rhs_spec, dn=DN):
+  def run(x, w):
+    f = ops.dot_general(x, w, dn, lhs_spec=lhs_spec, rhs_spec=rhs_spec, mode="fake")
+    r = ops.dot_general(x, w, dn, lhs_spec=lhs_spec, rhs_spec=rhs_spec, mode="real")
+    return f, r
+  return jax.jit(run)
+
+
+CASES = [
+    (None, lb.QuantSpec("int4")),
+    (lb.QuantSpec("int8"), lb.QuantSpec("int4", group_size=128)),
+    (lb.QuantSpec("fp8_e4m3"), lb.QuantSpec("fp8_e4m3")),
+    (lb.QuantSpec("mxfp8_e4m3"), lb.QuantSpec("mxfp4")),
+    (None, lb.QuantSpec("nvfp4")),
+    (lb.QuantSpec("int8", scale_dtype="bfloat16"), lb.QuantSpec("nf4")),
+    (lb.QuantSpec("uint8"), lb.QuantSpec("uint4", group_size=64)),
+    (lb.QuantSpec("mxint8"), lb.QuantSpec("mxfp6_e3m2")),
+]
+
+
+@pytest.mark.parametrize("ls,rs", CASES, ids=[
+    f"{getattr(a, 'format', 'f32')}-{b.format}" for a, b in CASES])
+def test_dot_general_fake_equals_real_reference(ls, rs):
+  x, w = _xw()
+  f, r = _fake_real(ls, rs)(x, w)
+  np.testing.assert_allclose(np.asarray(f), np.asarray(r), **TOL)
+  # Both equal the float matmul of the fake-quantized operands: unset axes are
+  # the contraction axes (per token for x, per output channel / K-groups for w).
+  xq = x if ls is None else _fq(x, ls, axis=1)
+  wq = _fq(w, rs, axis=0)
+  np.testing.assert_allclose(np.asarray(f), np.asarray(xq @ wq), **TOL)
+
+
+def test_unset_axis_filled_with_contraction_axes():
+  x = jax.random.normal(jax.random.key(1), (2, 4, 8, 64))  # [B, T, H, D]
+  w = jax.random.normal(jax.random.key(2), (8, 64, 16))  # [H, D, N]
+  dn = (((2, 3), (0, 1)), ((), ()))
+  ls, rs = lb.QuantSpec("int8"), lb.QuantSpec("int4")
+  f, r = _fake_real(ls, rs, dn)(x, w)
+  xq = _fq(x, "int8", axis=(2, 3))
+  wq = _fq(w, "int4", axis=(0, 1))
+  ref = lax.dot_general(xq, wq, dn)
+  np.testing.assert_allclose(np.asarray(f), np.asarray(ref), **TOL)
+  np.testing.assert_allclose(np.asarray(r), np.asarray(ref), **TOL)
+  # With a group size, groups run along the last contraction axis.
+  rs = lb.QuantSpec("int4", group_size=32)
+  f, _ = _fake_real(None, rs, dn)(x, w)
+  wq = _fq(w, "int4", axis=1, group_size=32)
+  np.testing.assert_allclose(np.asarray(f), np.asarray(lax.dot_general(x, wq, dn)),
+                             **TOL)
+
+
+def test_batched_dot_general():
+  q = jax.random.normal(jax.random.key(3), (2, 16, 64))
+  k = jax.random.normal(jax.random.key(4), (2, 32, 64))
+  dn = (((2,), (2,)), ((0,), (0,)))
+  spec = lb.QuantSpec("fp8_e4m3")
+  f, r = _fake_real(spec, spec, dn)(q, k)
+  assert f.shape == (2, 16, 32)
+  np.testing.assert_allclose(np.asarray(f), np.asarray(r), **TOL)
+  ref = lax.dot_general(_fq(q, "fp8_e4m3", axis=2),
+                        _fq(k, "fp8_e4m3", axis=2), dn)
+  np.testing.assert_allclose(np.asarray(f), np.asarray(ref), **TOL)
+
+
+def test_einsum_fake_real_and_qarray_operand():
+  x, w = _xw(seed=5)
+  run = jax.jit(lambda a, b: (
+      ops.einsum("mk,kn->mn", a, b, lhs_spec="int8", rhs_spec="int4"),
+      ops.einsum("mk,kn->mn", a, b, lhs_spec="int8", rhs_spec="int4", mode="real"),
+      ops.dot_general(a, b, DN, lhs_spec="int8", rhs_spec="int4")))
+  e_fake, e_real, dg = run(x, w)
+  np.testing.assert_allclose(np.asarray(e_fake), np.asarray(dg), **TOL)
+  np.testing.assert_allclose(np.asarray(e_real), np.asarray(dg), **TOL)
+  # A weight quantized ahead of time.
+  qw = jax.jit(lambda v: lb.quantize(v, "int4", axis=0))(w)
+  e_q = jax.jit(lambda a, q: ops.einsum("mk,kn->mn", a, q, lhs_spec="int8"))(x, qw)
+  np.testing.assert_allclose(np.asarray(e_q), np.asarray(dg), **TOL)
+  # Batched einsum with the contraction in the middle.
+  a = jax.random.normal(jax.random.key(6), (2, 8, 32))
+  b = jax.random.normal(jax.random.key(7), (2, 32, 4))
+  y = jax.jit(lambda u, v: ops.einsum("bik,bkj->bij", u, v, lhs_spec="int8",
+                                      rhs_spec="int8"))(a, b)
+  ref = jnp.einsum("bik,bkj->bij", _fq(a, "int8", axis=2),
+                   _fq(b, "int8", axis=1))
+  np.testing.assert_allclose(np.asarray(y), np.asarray(ref), **TOL)
+
+
+def test_conv_fake_equals_real_and_per_channel_weights():
+  x = jax.random.normal(jax.random.key(8), (2, 12, 12, 16))
+  w = jax.random.normal(jax.random.key(9), (3, 3, 16, 8)) * 0.2
+  dn = ("NHWC", "HWIO", "NHWC")
+
+  @jax.jit
+  def run(a, b):
+    kw = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=dn,
+              lhs_spec="int8", rhs_spec="int4")
+    return (ops.conv_general_dilated(a, b, mode="fake", **kw),
+            ops.conv_general_dilated(a, b, mode="real", **kw))
+
+  f, r = run(x, w)
+  np.testing.assert_allclose(np.asarray(f), np.asarray(r), **TOL)
+  # Unset axes: weights per output channel (all but O share a scale), activations
+  # per spatial position (over the input features).
+  wq = _fq(w, "int4", axis=(0, 1, 2))
+  xq = _fq(x, "int8", axis=3)
+  ref = lax.conv_general_dilated(xq, wq, (1, 1), "SAME", dimension_numbers=dn)
+  np.testing.assert_allclose(np.asarray(f), np.asarray(ref), **TOL)
+
+
+def test_prepare_weight_is_k_major():
+  x, w = _xw(seed=10)
+  spec = lb.QuantSpec("int4", group_size=64)
+  qw = ops.prepare_weight(w, spec)
+  assert qw.shape == (48, 256) and qw.pack_axis == 1 and qw.spec.axis == 1
+  assert qw.codes.shape == (48, 128) and qw.scale.shape == (48, 4)
+  # A [N, K] weight (contracting=1) gives the same QArray.
+  qw2 = ops.prepare_weight(w.T, spec, contracting=1)
+  for a, b in zip(jax.tree.leaves(qw), jax.tree.leaves(qw2)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  dn = (((1,), (1,)), ((), ()))
+  y = ops.dot_general(x, qw, dn, mode="real", use_kernel="never")
+  y_auto = ops.dot_general(x, qw, dn, mode="real")  # no CPU kernel: the reference
+  ref = x @ _fq(w, "int4", axis=0, group_size=64)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(ref), **TOL)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(y_auto))
+  np.testing.assert_allclose(np.asarray(ops.dot_general(x, qw, dn, mode="fake")),
+                             np.asarray(ref), **TOL)
+  with pytest.raises(ValueError, match="2-d weight"):
+    ops.prepare_weight(jnp.ones((2, 3, 4)), spec)
+
+
+def test_use_kernel_always_without_a_kernel_raises_on_cpu():
+  x, w = _xw(seed=11)
+  qw = ops.prepare_weight(w, "int4")
+  dn = (((1,), (1,)), ((), ()))
+  with pytest.raises(ValueError, match="use_kernel='always'.*no kernel supports"):
+    ops.dot_general(x, qw, dn, mode="real", use_kernel="always")
+  with pytest.raises(ValueError, match="use_kernel='always'.*K-major"):
+    ops.dot_general(x, w, DN, rhs_spec="int4", mode="real", use_kernel="always")
+  with pytest.raises(ValueError, match="mode must be"):
+    ops.dot_general(x, w, DN, rhs_spec="int4", mode="int")
+  with pytest.raises(ValueError, match="use_kernel must be"):
+    ops.dot_general(x, w, DN, rhs_spec="int4", use_kernel="sometimes")
+
+
+def test_fake_mode_gradients_are_straight_through():
+  x, w = _xw(seed=12)
+
+  def loss(a, b):
+    return jnp.sum(ops.dot_general(a, b, DN, lhs_spec="int8", rhs_spec="int4") ** 2)
+
+  gx, gw = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
+  xq = _fq(x, "int8", axis=1)
+  wq = _fq(w, "int4", axis=0)
+  ref_gx, ref_gw = jax.grad(lambda a, b: jnp.sum((a @ b) ** 2), argnums=(0, 1))(xq, wq)
+  np.testing.assert_allclose(np.asarray(gx), np.asarray(ref_gx), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(gw), np.asarray(ref_gw), rtol=1e-4, atol=1e-4)
+
+
+def test_static_activation_range_and_stochastic_key():
+  x, w = _xw(seed=13)
+  y = ops.dot_general(x, w, DN, lhs_spec=lb.QuantSpec("int8", axis="tensor"),
+                      rhs_spec="int8", lhs_amax=1.0)
+  xq = lb.fake_quant(x, "int8", axis="tensor", amax=1.0)
+  np.testing.assert_allclose(np.asarray(y),
+                             np.asarray(xq @ _fq(w, "int8", axis=0)), **TOL)
+  sr = lb.QuantSpec("int4", rounding="stochastic")
+  k = jax.random.key(0)
+  a = ops.dot_general(x, w, DN, rhs_spec=sr, key=k)
+  b = ops.dot_general(x, w, DN, rhs_spec=sr, key=k, mode="real")
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), **TOL)
+  c = ops.dot_general(x, w, DN, rhs_spec=sr, key=jax.random.key(1))
+  assert not np.allclose(np.asarray(a), np.asarray(c))
+
+
+def test_bf16_operands_keep_their_dtype():
+  x, w = _xw(seed=14)
+  xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  f = ops.dot_general(xb, wb, DN, lhs_spec="int8", rhs_spec="int4")
+  r = ops.dot_general(xb, wb, DN, lhs_spec="int8", rhs_spec="int4", mode="real")
+  assert f.dtype == jnp.bfloat16 and r.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(f, np.float32), np.asarray(r, np.float32),
+                             rtol=2e-2, atol=2e-2)

@@ -1,0 +1,191 @@
+"""quantize_linen: method interception of Dense/DenseGeneral/Conv/Einsum/attend."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lowbit_jax as lb
+from lowbit_jax._rules import QuantRule, QWeight
+from lowbit_jax.flax import quantize_linen
+from tests import _toy_models as toy
+
+_fq = jax.jit(lb.fake_quant, static_argnums=1)
+INT8 = lb.QuantSpec("int8")
+
+
+def _axes(path):
+  """The contraction-axis fill of each toy kernel, for manual fake quant."""
+  name = path.split("/")[-2]
+  return {"o": (0, 1), "conv": (0, 1)}.get(name, 0)
+
+
+def _fake_params(params, spec):
+  def f(kp, x):
+    path = "/".join(k.key for k in kp)
+    if path.endswith("kernel"):
+      return _fq(x, spec.replace(axis=_axes(path)))
+    return x
+  return jax.tree_util.tree_map_with_path(f, params)
+
+
+@pytest.fixture(scope="module")
+def toy_model():
+  model, v = toy.init_linen()
+  return model, v, toy.tokens()
+
+
+def test_fake_weights_match_manual_and_grads_are_ste(toy_model):
+  model, v, t = toy_model
+  q = quantize_linen([QuantRule(".*", weight=INT8)])
+  got = jax.jit(q(model.apply))(v, t)
+  pq = _fake_params(v["params"], INT8)
+  want = jax.jit(model.apply)({"params": pq}, t)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert q.unused_rules() == []
+  assert len(q.config.sites) == 2 * 7 + 1
+  # Straight-through: the gradient w.r.t. w is the gradient at fake_quant(w).
+  loss = lambda fn: lambda p: jnp.sum(jnp.tanh(fn({"params": p}, t)))  # noqa: E731
+  g = jax.jit(jax.grad(loss(q(model.apply))))(v["params"])
+  g_ref = jax.jit(jax.grad(loss(model.apply)))(pq)
+  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_context_manager_equals_wrapper(toy_model):
+  model, v, t = toy_model
+  rules = [QuantRule(".*/(up|down)", weight="int4", activation="int8")]
+  q = quantize_linen(rules)
+  with q:
+    a = jax.jit(model.apply)(v, t)
+  b = jax.jit(quantize_linen(rules)(model.apply))(v, t)
+  np.testing.assert_array_equal(a, b)
+  assert sorted(q.config.sites) == [f"layers_{i}/{n}/kernel" for i in (0, 1)
+                                    for n in ("down", "up")]
+
+
+def test_real_params_are_packed_and_equal_fake(toy_model):
+  model, v, t = toy_model
+  rules = [QuantRule("head", weight="int8"),
+           QuantRule(".*", weight=lb.QuantSpec("int4", group_size=16),
+                     activation="int8")]
+  fake = jax.jit(quantize_linen(rules)(model.apply))(v, t)
+  q = quantize_linen(rules, mode="real")
+  qv = q.quantize_params(model, v, t)
+  qp = qv["params"]
+  up = qp["layers_0"]["up"]["kernel"]
+  assert isinstance(up, QWeight) and up.transposed and up.shape == (toy.FF, toy.D)
+  assert isinstance(qp["layers_0"]["o"]["kernel"], QWeight)   # 3-D, own layout
+  assert isinstance(qp["layers_0"]["conv"]["kernel"], QWeight)
+  assert isinstance(qp["head"]["kernel"], QWeight)
+  assert not isinstance(qp["layers_0"]["up"]["bias"], lb.QArray)
+  fp_k = sum(x.nbytes for kp, x in jax.tree_util.tree_leaves_with_path(v["params"])
+             if kp[-1].key == "kernel")
+  q_k = sum(x.nbytes for kp, x in jax.tree_util.tree_leaves_with_path(
+      qp, is_leaf=lambda a: isinstance(a, lb.QArray)) if kp[-1].key == "kernel")
+  assert q_k < 0.3 * fp_k, (q_k, fp_k)
+  real = jax.jit(q(model.apply))(qv, t)
+  np.testing.assert_allclose(real, fake, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="wrapped apply"):
+    with quantize_linen(rules, mode="real"):
+      model.apply(qv, t)
+
+
+def test_unsupported_layer_fails_clearly():
+  class WithTranspose(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.Dense(8, name="proj")(x)
+      return nn.ConvTranspose(4, (3,), name="up")(x)
+
+  m = WithTranspose()
+  x = jnp.ones((1, 6, 4))
+  v = m.init(jax.random.key(0), x)
+  with pytest.raises(ValueError,
+                     match="'up', a ConvTranspose layer.*QuantRule\\('up'\\)"):
+    quantize_linen([QuantRule(".*", weight="int8")])(m.apply)(v, x)
+  q = quantize_linen([QuantRule("up"), QuantRule(".*", weight="int8")])
+  q(m.apply)(v, x)
+  assert list(q.config.sites) == ["proj/kernel"]
+
+
+def test_strict_reports_typos():
+  m = nn.Dense(4)
+  x = jnp.ones((2, 8))
+  v = m.init(jax.random.key(0), x)
+  q = quantize_linen([QuantRule("dense", weight="int8")])  # the root path is ''
+  q(m.apply)(v, x)
+  assert [r.path for r in q.unused_rules()] == ["dense"]
+  with pytest.raises(ValueError, match="matched no layer"):
+    quantize_linen([QuantRule("dense", weight="int8")], strict=True)(m.apply)(v, x)
+  q = quantize_linen([QuantRule("|kernel", weight="int8")], strict=True)
+  q(m.apply)(v, x)
+
+
+class MoEHead(nn.Module):
+  """An expert einsum jnp.einsum evaluates with swapped operands, and attend."""
+
+  @nn.compact
+  def __call__(self, tok):
+    emb = nn.Embed(16, 32, name="embed")
+    x = emb(tok)                                            # [B, T, 32]
+    h = jnp.broadcast_to(x[:, :, None, :], x.shape[:2] + (4, 32))
+    y = nn.Einsum((4, 32, 32), use_bias=False, name="experts")(h, "btef,efd->bted")
+    return emb.attend(jnp.mean(y, axis=2))
+
+
+def test_swapped_einsum_and_attend():
+  m = MoEHead()
+  tok = jnp.array([[1, 2, 3], [4, 5, 6]])
+  v = m.init(jax.random.key(0), tok)
+  q = quantize_linen([QuantRule(".*", weight="int4")])
+  got = jax.jit(q(m.apply))(v, tok)
+  p = v["params"]
+  pq = {"embed": p["embed"],
+        "experts": {"kernel": _fq(p["experts"]["kernel"],
+                                  lb.QuantSpec("int4", axis=1))}}
+
+  def manual(params):
+    x = jnp.take(params["embed"]["embedding"], tok, axis=0)
+    h = jnp.broadcast_to(x[:, :, None, :], x.shape[:2] + (4, 32))
+    y = jnp.einsum("btef,efd->bted", h, params["experts"]["kernel"])
+    e = _fq(params["embed"]["embedding"], lb.QuantSpec("int4", axis=1))
+    return jnp.mean(y, axis=2) @ e.T
+  np.testing.assert_allclose(got, jax.jit(manual)(pq), rtol=1e-5, atol=1e-5)
+  assert sorted(q.config.sites) == ["embed/embedding", "experts/kernel"]
+  # Real mode: the expert kernel is packed; the embedding table (also gathered)
+  # stays in float and the tied head quantizes it per call.
+  r = quantize_linen([QuantRule(".*", weight="int4")], mode="real")
+  qv = r.quantize_params(m, v, tok)
+  assert isinstance(qv["params"]["experts"]["kernel"], QWeight)
+  assert not isinstance(qv["params"]["embed"]["embedding"], lb.QArray)
+  np.testing.assert_allclose(jax.jit(r(m.apply))(qv, tok), got, rtol=1e-5, atol=1e-5)
+
+
+def test_calibrate_collects_stats_then_static(toy_model):
+  model, v, _ = toy_model
+  rules = [QuantRule(".*/(up|down)", weight="int8", activation="int8", static=True)]
+  cal = quantize_linen(rules, mode="calibrate")
+  step = jax.jit(lambda v, t: cal(model.apply)(v, t, mutable=[lb.flax.STATS]))
+  stats = {}
+  for s in range(3):
+    y, upd = step({**v, "quant_stats": stats}, toy.tokens(s))
+    stats = upd["quant_stats"]
+  np.testing.assert_allclose(y, jax.jit(model.apply)(v, toy.tokens(2)), rtol=1e-6)
+  assert set(stats["layers_0"]) == {"up", "down"}
+  assert int(stats["layers_0"]["up"]["act"]["batches"]) == 3
+  with pytest.raises(ValueError, match="mutable=\\['quant_stats'\\]"):
+    cal(model.apply)(v, toy.tokens(0))
+  t = toy.tokens(0)
+  fq = quantize_linen(rules)
+  a = jax.jit(fq(model.apply))({**v, "quant_stats": stats}, t)
+  final = cal.finalize_stats(stats)
+  assert set(final["layers_0"]["up"]["act"]) == {"amax"}
+  b = jax.jit(fq(model.apply))({**v, "quant_stats": final}, t)
+  np.testing.assert_array_equal(a, b)
+  r = quantize_linen(rules, mode="real")
+  qv = r.quantize_params(model, v, t)
+  c = jax.jit(r(model.apply))({**qv, "quant_stats": final}, t)
+  np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="no calibration statistics"):
+    fq(model.apply)(v, t)

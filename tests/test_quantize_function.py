@@ -1,0 +1,262 @@
+"""quantize_function: jaxpr data flow from params, rewriting, modes, plans."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import lowbit_jax as lb
+from lowbit_jax._function import quantize_function
+from lowbit_jax._rules import QuantConfig, QuantRule, QWeight
+
+_fq = jax.jit(lb.fake_quant, static_argnums=1)
+INT4_G8 = lb.QuantSpec("int4", group_size=8)
+
+
+def _params(seed=0):
+  k = jax.random.split(jax.random.key(seed), 6)
+  return {"layers": [{"mlp": {"up": {"kernel": jax.random.normal(k[0], (16, 32))}}},
+                     {"mlp": {"up": {"kernel": jax.random.normal(k[1], (32, 16))}}}],
+          "emb": jax.random.normal(k[2], (10, 16)),
+          "experts": jax.random.normal(k[3], (4, 16, 8)),
+          "conv": jax.random.normal(k[4], (3, 16, 16)),
+          "stack": jax.random.normal(k[5], (2, 16, 16))}
+
+
+def _views(p, x):
+  """Weights reached through a jit, bf16 convert, transpose, einsum and conv."""
+  w0 = p["layers"][0]["mlp"]["up"]["kernel"]
+  h = jax.nn.relu(x @ w0)                                     # custom_jvp relu
+  h = jax.jit(lambda a, b: a @ b.T)(h, p["layers"][1]["mlp"]["up"]["kernel"].T)
+  e = jnp.einsum("bd,edf->bef", x, p["experts"])
+  c = lax.conv_general_dilated(x[None], p["conv"], (1,), "SAME",
+                               dimension_numbers=("NWC", "WIO", "NWC"))[0]
+  tied = x @ p["emb"].T                                       # tied output head
+  return h.sum(-1) + e.sum((-1, -2)) + c.sum(-1) + tied.sum(-1)
+
+
+def _manual(p, x, spec_w):
+  q = dict(p)
+  q["layers"] = [{"mlp": {"up": {"kernel": _fq(l["mlp"]["up"]["kernel"],
+                                               spec_w.replace(axis=0))}}}
+                 for l in p["layers"]]
+  q["experts"] = _fq(p["experts"], spec_w.replace(axis=1))
+  q["conv"] = _fq(p["conv"], spec_w.replace(axis=1))  # conv groups: input features
+  q["emb"] = _fq(p["emb"], spec_w.replace(axis=1))    # contraction axis of emb.T
+  return _views(q, x)
+
+
+def test_fake_quant_of_every_view_matches_manual():
+  p, x = _params(), jax.random.normal(jax.random.key(9), (5, 16))
+  qf = quantize_function(_views, [QuantRule(".*", weight=INT4_G8)])
+  got = qf(p, x)
+  np.testing.assert_allclose(got, jax.jit(_manual, static_argnums=2)(p, x, INT4_G8),
+                             rtol=1e-5, atol=1e-4)
+  assert not np.allclose(got, jax.jit(_views)(p, x), atol=1e-2)
+  assert sorted(qf.config.sites) == ["conv", "emb", "experts",
+                                     "layers/0/mlp/up/kernel",
+                                     "layers/1/mlp/up/kernel"]
+  assert qf.__name__ == "_views"
+
+
+def test_rules_match_param_or_parent_path_and_report_unused():
+  p, x = _params(), jnp.ones((2, 16))
+  rules = [QuantRule("layers/1/mlp/up", weight="int8"),        # layer (parent) path
+           QuantRule("layers/0/mlp/up/kernel", weight="int8"),  # parameter path
+           QuantRule("layers/./mlp/down", weight="int8")]       # a typo
+  qf = quantize_function(_views, rules)
+  qf(p, x)
+  assert qf.unused_rules() == [rules[2]]
+  assert set(qf.config.matched()[rules[0]]) == {"layers/1/mlp/up/kernel"}
+  strict = quantize_function(_views, rules, strict=True)
+  with pytest.raises(ValueError, match="layers/./mlp/down"):
+    strict(p, x)
+
+
+def test_unknown_mode_and_format():
+  with pytest.raises(ValueError, match="mode must be one of"):
+    quantize_function(_views, [], mode="int8")
+  with pytest.raises(ValueError, match="unknown format 'nvfp5'"):
+    quantize_function(_views, [QuantRule(".*", weight="nvfp5")])
+
+
+def test_grad_is_straight_through_in_fake_mode():
+  p, x = _params(), jax.random.normal(jax.random.key(1), (5, 16))
+  w = p["layers"][0]["mlp"]["up"]["kernel"]
+
+  def f(params, x):
+    return jnp.sum((x @ params["w"]) ** 2)
+
+  qf = quantize_function(f, [QuantRule("w", weight="int4")])
+  g = jax.jit(jax.grad(qf))({"w": w}, x)
+  wq = _fq(w, lb.QuantSpec("int4", axis=0))
+  # STE: d/dw of sum((x @ wq)^2) with dwq/dw = 1 (no clipping for absmax scales).
+  np.testing.assert_allclose(g["w"], 2 * x.T @ (x @ wq), rtol=1e-4, atol=1e-4)
+  gx = jax.grad(qf, argnums=1)({"w": w}, x)
+  np.testing.assert_allclose(gx, 2 * (x @ wq) @ wq.T, rtol=1e-4, atol=1e-4)
+
+
+def _loops(p, x):
+  def body(c, w):
+    return jnp.tanh(c @ w), None
+  y, _ = lax.scan(body, x, p["stack"])                        # stacked weights
+  z = jax.checkpoint(lambda a: a @ p["stack"][0])(x)          # remat
+  u = lax.cond(x.sum() > 0, lambda a: a @ p["stack"][1], lambda a: -a, x)
+
+  def wbody(c):
+    i, a = c
+    return i + 1, a @ p["stack"][i]                           # dynamic_slice
+  _, v = lax.while_loop(lambda c: c[0] < 2, wbody, (0, x))
+  return y + z + u + v
+
+
+def test_control_flow_is_rewritten():
+  p, x = _params(), jax.random.normal(jax.random.key(2), (3, 16))
+  qf = quantize_function(_loops, [QuantRule("stack", weight="int4")])
+  got = qf(p, x)
+  q = dict(p, stack=_fq(p["stack"], lb.QuantSpec("int4", axis=1)))
+  np.testing.assert_allclose(got, jax.jit(_loops)(q, x), rtol=1e-5, atol=1e-5)
+  assert len([k for k in qf.config.sites if k.startswith("stack")]) == 4
+
+
+def test_custom_vjp_without_sites_keeps_its_rule():
+  @jax.custom_vjp
+  def clip_grad(x):
+    return x
+
+  clip_grad.defvjp(lambda x: (x, None), lambda _, g: (jnp.clip(g, -0.1, 0.1),))
+
+  def f(p, x):
+    return jnp.sum(clip_grad(x @ p["w"]) * 3.0)
+
+  p = {"w": jnp.ones((4, 4))}
+  x = jnp.ones((2, 4))
+  qf = quantize_function(f, [QuantRule("w", weight="int8")])
+  g = jax.grad(qf, argnums=1)(p, x)
+  np.testing.assert_allclose(g, jnp.full((2, 4), 0.4), rtol=1e-6)
+
+
+def test_pallas_call_is_never_rewritten():
+  from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
+
+  def kern(x_ref, w_ref, o_ref):
+    o_ref[...] = jnp.dot(x_ref[...], w_ref[...])
+
+  def f(p, x):
+    inside = pl.pallas_call(kern, out_shape=jax.ShapeDtypeStruct((4, 8), jnp.float32),
+                            interpret=True)(x, p["w"])
+    return inside, x @ p["w"]
+
+  p = {"w": jax.random.normal(jax.random.key(3), (16, 8))}
+  x = jax.random.normal(jax.random.key(4), (4, 16))
+  inside, outside = quantize_function(f, [QuantRule("w", weight="int2")])(p, x)
+  np.testing.assert_allclose(inside, x @ p["w"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(outside, x @ _fq(p["w"], lb.QuantSpec("int2", axis=0)),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_gather_ends_data_flow():
+  def f(p, tok):
+    return jnp.take(p["emb"], tok, axis=0) @ p["w"]
+
+  p = {"emb": jax.random.normal(jax.random.key(5), (10, 16)),
+       "w": jax.random.normal(jax.random.key(6), (16, 4))}
+  qf = quantize_function(f, [QuantRule(".*", weight="int8")])
+  tok = jnp.array([1, 2, 3])
+  np.testing.assert_allclose(
+      qf(p, tok), p["emb"][tok] @ _fq(p["w"], lb.QuantSpec("int8", axis=0)),
+      rtol=1e-5, atol=1e-5)
+  assert list(qf.config.sites) == ["w"]
+
+
+def test_real_equals_fake_and_memory_drops():
+  p, x = _params(), jax.random.normal(jax.random.key(7), (5, 16))
+  rules = [QuantRule(".*", weight=INT4_G8, activation="int8")]
+  fake = quantize_function(_views, rules)(p, x)
+  real = quantize_function(_views, rules, mode="real")
+  qp = real.quantize_params(p, x)
+  for path in ("layers", "experts", "conv"):
+    for leaf in jax.tree.leaves(qp[path], is_leaf=lambda a: isinstance(a, QWeight)):
+      assert isinstance(leaf, QWeight)
+  assert qp["layers"][0]["mlp"]["up"]["kernel"].transposed
+  assert not isinstance(qp["stack"], QWeight)  # unused by _views: not planned
+  # emb is only used through a transpose: stored as is, contracted on axis 1.
+  assert isinstance(qp["emb"], QWeight) and not qp["emb"].transposed
+  q_bytes = sum(l.nbytes for l in (qp["experts"], qp["conv"], qp["emb"]))
+  f_bytes = sum(p[k].nbytes for k in ("experts", "conv", "emb"))
+  assert q_bytes <= 0.25 * f_bytes  # 4-bit codes + a float32 scale per 8
+  np.testing.assert_allclose(real(qp, x), fake, rtol=1e-5, atol=1e-4)
+  # Float params in real mode are quantized on every call, same numbers.
+  np.testing.assert_allclose(real(p, x), fake, rtol=1e-5, atol=1e-4)
+
+
+def test_plan_leaves_gathered_tables_in_float():
+  def f(p, tok):
+    h = jnp.take(p["emb"], tok, axis=0)
+    return h @ p["emb"].T
+
+  p = {"emb": jax.random.normal(jax.random.key(8), (10, 16))}
+  real = quantize_function(f, [QuantRule(".*", weight="int8")], mode="real")
+  assert real.plan(p, jnp.array([1, 2])) == {}
+
+
+def test_calibrate_then_static():
+  def f(p, x):
+    return jnp.tanh(x @ p["a"]) @ p["b"]
+
+  k = jax.random.split(jax.random.key(10), 3)
+  p = {"a": jax.random.normal(k[0], (16, 32)), "b": jax.random.normal(k[1], (32, 8))}
+  xs = [jax.random.normal(kk, (4, 16)) * (i + 1)
+        for i, kk in enumerate(jax.random.split(k[2], 3))]
+  rules = QuantConfig([QuantRule(".*", weight="int8", activation="int8", static=True)])
+  cal = quantize_function(f, rules, mode="calibrate")
+  stats = None
+  for x in xs:
+    y, stats = cal(p, x, quant_stats=stats)
+    np.testing.assert_allclose(y, f(p, x), rtol=1e-5)  # calibration runs in float
+  amax_a = max(float(jnp.abs(x).max()) for x in xs)
+  final = cal.finalize_stats(stats)
+  np.testing.assert_allclose(final["a"]["amax"], amax_a, rtol=1e-6)
+  qf = quantize_function(f, rules)
+  y_state = qf(p, xs[0], quant_stats=stats)
+  y_range = qf(p, xs[0], quant_stats=final)
+  np.testing.assert_array_equal(y_state, y_range)
+  xq = lb.fake_quant(xs[0], lb.QuantSpec("int8", axis="tensor"), amax=amax_a)
+  h = jnp.tanh(xq @ _fq(p["a"], lb.QuantSpec("int8", axis=0)))
+  hq = lb.fake_quant(h, lb.QuantSpec("int8", axis="tensor"),
+                     amax=final["b"]["amax"])
+  np.testing.assert_allclose(y_state, hq @ _fq(p["b"], lb.QuantSpec("int8", axis=0)),
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="no calibration statistics for 'a'"):
+    qf(p, xs[0])
+
+
+def test_calibrating_inside_scan_is_rejected():
+  p, x = _params(), jnp.ones((3, 16))
+  cal = quantize_function(_loops, [QuantRule("stack", activation="int8",
+                                             static=True)], mode="calibrate")
+  with pytest.raises(ValueError, match="inside lax.scan"):
+    cal(p, x)
+
+
+def test_python_config_arguments_are_static():
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False, act: str = "relu"):
+      x = nn.Dense(8)(x)
+      x = nn.Dropout(0.5, deterministic=not train)(x)
+      return getattr(jax.nn, act)(x)
+
+  m = Model()
+  x = jax.random.normal(jax.random.key(11), (2, 4))
+  v = m.init(jax.random.key(0), x)
+  qf = quantize_function(m.apply, [QuantRule(".*", weight="int8")])
+  w = _fq(v["params"]["Dense_0"]["kernel"], lb.QuantSpec("int8", axis=0))
+  h = x @ w + v["params"]["Dense_0"]["bias"]
+  np.testing.assert_allclose(qf(v, x, train=False), jax.nn.relu(h), rtol=1e-5,
+                             atol=1e-6)
+  np.testing.assert_allclose(qf(v, x, act="gelu"), jax.nn.gelu(h), rtol=1e-5,
+                             atol=1e-6)
+  assert list(qf.config.sites) == ["params/Dense_0/kernel"]
