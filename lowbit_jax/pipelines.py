@@ -21,7 +21,7 @@ import functools
 import math
 import os
 import time
-from typing import Optional
+
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +29,7 @@ import numpy as np
 
 from lowbit_jax import schemes as schemes_lib
 from lowbit_jax._rules import QuantRule
-from lowbit_jax.core import QuantSpec, fake_quant
+from lowbit_jax.core import fake_quant
 from lowbit_jax.eval.sentence import embedding_metrics, sqnr_db
 
 METHODS = ("rtn", "gptq", "awq", "smoothquant", "rotation")

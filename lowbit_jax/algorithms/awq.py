@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lowbit_jax.algorithms.rtn import SpecLike, check_kernel, kernel_spec
+from lowbit_jax.algorithms.rtn import SpecLike, as_kernels, kernel_spec
 from lowbit_jax.core import QuantSpec, as_spec, fake_quant
 
 _HI = lax.Precision.HIGHEST
@@ -46,20 +46,6 @@ class AWQResult(NamedTuple):
   alpha: jax.Array
   errors: jax.Array
   weights: tuple
-
-
-def _as_kernels(weights: Kernels) -> tuple:
-  if isinstance(weights, (list, tuple)):
-    ws = tuple(check_kernel(w, f"weights[{i}]") for i, w in enumerate(weights))
-  else:
-    ws = (check_kernel(weights, "weights"),)
-  if not ws:
-    raise ValueError("weights is empty; pass at least one [K, N] kernel")
-  k = ws[0].shape[0]
-  if any(w.shape[0] != k for w in ws):
-    raise ValueError("kernels that share an input must have the same number of "
-                     f"input features, got {[w.shape for w in ws]}")
-  return ws
 
 
 def awq_scales(act_scale: jax.Array, alpha) -> jax.Array:
@@ -133,7 +119,7 @@ def awq_search(x: jax.Array, weights: Kernels,
   Raises:
     ValueError: shapes disagree or n_grid < 1.
   """
-  ws = _as_kernels(weights)
+  ws = as_kernels(weights)
   k = ws[0].shape[0]
   x = jnp.asarray(x)
   if x.shape[-1] != k:

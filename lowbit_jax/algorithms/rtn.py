@@ -137,3 +137,17 @@ def hessian_error(gram: jax.Array, w: jax.Array, w_q: jax.Array) -> jax.Array:
   hi = jax.lax.Precision.HIGHEST
   e = (w - w_q).astype(jnp.float32)
   return jnp.sum(e * jnp.matmul(gram.astype(jnp.float32), e, precision=hi))
+
+
+def as_kernels(weights) -> tuple:
+  """One kernel or several sharing an input, checked: a tuple of [K, N_i]."""
+  if isinstance(weights, (list, tuple)):
+    ws = tuple(check_kernel(w, f"weights[{i}]") for i, w in enumerate(weights))
+  else:
+    ws = (check_kernel(weights, "weights"),)
+  if not ws:
+    raise ValueError("weights is empty; pass at least one [K, N] kernel")
+  if any(w.shape[0] != ws[0].shape[0] for w in ws):
+    raise ValueError("kernels that share an input must have the same number of "
+                     f"input features, got {[w.shape for w in ws]}")
+  return ws

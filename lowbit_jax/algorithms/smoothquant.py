@@ -23,22 +23,9 @@ from typing import Sequence, Union
 import jax
 import jax.numpy as jnp
 
-from lowbit_jax.algorithms.rtn import check_kernel
+from lowbit_jax.algorithms.rtn import as_kernels
 
 Kernels = Union[jax.Array, Sequence[jax.Array]]
-
-
-def _kernels(weights: Kernels) -> tuple:
-  if isinstance(weights, (list, tuple)):
-    ws = tuple(check_kernel(w, f"weights[{i}]") for i, w in enumerate(weights))
-  else:
-    ws = (check_kernel(weights, "weights"),)
-  if not ws:
-    raise ValueError("weights is empty; pass at least one [K, N] kernel")
-  if any(w.shape[0] != ws[0].shape[0] for w in ws):
-    raise ValueError("kernels that share an input must have the same number of "
-                     f"input features, got {[w.shape for w in ws]}")
-  return ws
 
 
 def smoothquant_scales(act_absmax: jax.Array, weights: Kernels, alpha: float = 0.5,
@@ -60,7 +47,7 @@ def smoothquant_scales(act_absmax: jax.Array, weights: Kernels, alpha: float = 0
   """
   if not 0.0 <= float(alpha) <= 1.0:
     raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
-  ws = _kernels(weights)
+  ws = as_kernels(weights)
   a = jnp.asarray(act_absmax, jnp.float32)
   if a.shape != (ws[0].shape[0],):
     raise ValueError(f"act_absmax must have shape ({ws[0].shape[0]},), got {a.shape}")
@@ -81,7 +68,7 @@ def smooth_weights(weights: Kernels, scales: jax.Array) -> tuple:
   Returns:
     A tuple of smoothed kernels (dtypes kept).
   """
-  ws = _kernels(weights)
+  ws = as_kernels(weights)
   s = jnp.asarray(scales, jnp.float32)
   return tuple((w.astype(jnp.float32) * s[:, None]).astype(w.dtype) for w in ws)
 

@@ -17,7 +17,7 @@ supports the case), "never", or "always" (raise when none supports it).
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -208,6 +208,19 @@ def _stoch(spec: Optional[QuantSpec]) -> bool:
   return spec is not None and spec.rounding == "stochastic"
 
 
+def _qdq_operand(x, spec: Optional[QuantSpec], key, mode: str, amax=None):
+  """An operand as the op sees it: dequantized QArray, float, or quantized
+  (fake: STE fake_quant; real: dequantize(quantize(x)))."""
+  if isinstance(x, QArray):
+    return dequantize(x)
+  if spec is None:
+    return x
+  k = key if _stoch(spec) else None
+  if mode == "fake":
+    return fake_quant(x, spec, key=k, amax=amax)
+  return dequantize(quantize(x, spec, key=k, amax=amax))
+
+
 def _einsum_contracted(subscripts: str, lhs_nd: int, rhs_nd: int):
   """Contraction axes of each operand of a two-operand einsum."""
   if "->" not in subscripts:
@@ -245,21 +258,14 @@ def einsum(subscripts: str, lhs, rhs, *, lhs_spec=None, rhs_spec=None,
   if key is not None:
     k_l, k_r = jax.random.split(key)
 
-  def prep(x, spec, contract, k, amax=None):
-    if isinstance(x, QArray):
-      return dequantize(x)
-    spec = _spec_for(spec, contract, len(x.shape)) if contract else (
-        as_spec(spec).with_axis("tensor") if spec is not None else None)
-    if spec is None:
-      return x
-    kk = k if _stoch(spec) else None
-    if mode == "fake":
-      return fake_quant(x, spec, key=kk, amax=amax)
-    return dequantize(quantize(x, spec, key=kk, amax=amax))
+  def spec(s, contract, nd):
+    if s is None:
+      return None
+    return _spec_for(s, contract, nd) if contract else as_spec(s).with_axis("tensor")
 
   out_dtype = jnp.dtype(lhs.dtype)
-  lv = prep(lhs, lhs_spec, lc, k_l, lhs_amax)
-  rv = prep(rhs, rhs_spec, rc, k_r)
+  lv = _qdq_operand(lhs, spec(lhs_spec, lc, lhs_nd), k_l, mode, lhs_amax)
+  rv = _qdq_operand(rhs, spec(rhs_spec, rc, rhs_nd), k_r, mode)
   if mode == "real":
     y = jnp.einsum(subscripts, lv.astype(jnp.float32), rv.astype(jnp.float32),
                    precision=precision, preferred_element_type=jnp.float32)
@@ -297,17 +303,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   k_l = k_r = None
   if key is not None:
     k_l, k_r = jax.random.split(key)
-  def prep(x, s, k, amax=None):
-    if isinstance(x, QArray):
-      return dequantize(x)
-    if s is None:
-      return x
-    kk = k if _stoch(s) else None
-    if mode == "fake":
-      return fake_quant(x, s, key=kk, amax=amax)
-    return dequantize(quantize(x, s, key=kk, amax=amax))
-  lv = prep(lhs, ls, k_l, lhs_amax)
-  rv = prep(rhs, rs, k_r)
+  lv = _qdq_operand(lhs, ls, k_l, mode, lhs_amax)
+  rv = _qdq_operand(rhs, rs, k_r, mode)
   return lax.conv_general_dilated(lv, rv.astype(lv.dtype), window_strides, padding,
                                   lhs_dilation, rhs_dilation, dimension_numbers,
                                   feature_group_count, batch_group_count, precision,
