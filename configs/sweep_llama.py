@@ -14,23 +14,23 @@ def get_config(arg: str = "default"):
   c = ml_collections.ConfigDict()
   c.model = "llama"
   c.axes = ml_collections.ConfigDict()
-  c.axes.method = ["rtn"]
-  c.axes.scheme = ["fp32", "int8", "int4_g128", "fp8_e4m3", "mxfp8", "mxfp6", "mxfp4",
-                   "nvfp4"]
-  c.axes.target = ["weights", "weights+acts"]
+  c.axes.method = ("rtn",)
+  c.axes.scheme = ("fp32", "int8", "int4_g128", "fp8_e4m3", "mxfp8", "mxfp6", "mxfp4",
+                   "nvfp4")
+  c.axes.target = ("weights", "weights+acts")
   c.exclude = [{"scheme": "fp32", "target": "weights+acts"}]
   c.point_kwargs = ml_collections.ConfigDict({
       "workdir": "results/train_lm_small", "variant": "small", "seq_len": 128,
       "batch": 8, "max_eval_tokens": 32768})
   c.out_dir = "results/sweep_llama"
-  c.metrics = ["bits_per_weight", "perplexity", "bits_per_byte", "mean_weight_sqnr_db"]
+  c.metrics = ("bits_per_weight", "perplexity", "bits_per_byte", "mean_weight_sqnr_db")
   c.plot = ml_collections.ConfigDict({"x": "bits_per_weight", "y": "perplexity",
                                       "maximize": False})
   if arg == "default":
     pass
   elif arg == "smoke":
-    c.axes.scheme = ["fp32", "int8", "mxfp4"]
-    c.axes.target = ["weights"]
+    c.axes.scheme = ("fp32", "int8", "mxfp4")
+    c.axes.target = ("weights",)
     c.exclude = []
     c.point_kwargs.workdir = "/tmp/lowbit_jax_lm_smoke"
     c.point_kwargs.variant = "smoke"
