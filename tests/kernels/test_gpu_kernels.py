@@ -15,7 +15,8 @@ import pytest
 
 from lowbit_jax.kernels import gpu_w8a8
 from lowbit_jax.kernels import gpu_weight_only
-from lowbit_jax.kernels._api import MatmulOperands, MatmulProblem
+from lowbit_jax.kernels._api import MatmulProblem
+from tests.kernels._gpu_operands import make_w8, make_wo
 
 pytestmark = pytest.mark.gpu
 
@@ -46,27 +47,8 @@ def _run_poisoned(fn, ops, shape, dtype):
 
 
 def _wo_ops(fmt, group, m, n, k):
-  k1, k2, k3, k4 = jax.random.split(_key(), 4)
-  x = jax.random.normal(k1, (m, k), jnp.float32).astype(jnp.bfloat16)
-  if fmt == "int8":
-    codes = jax.random.randint(k2, (n, k), -127, 128).astype(jnp.int8)
-  else:
-    codes = jax.random.randint(k2, (n, k // 2), 0, 256).astype(jnp.uint8)
-  ng = 1 if group is None else k // group
-  ts = None
-  if fmt == "mxfp4":
-    scale = jax.random.randint(k3, (n, ng), 118, 136).astype(jnp.uint8)
-  elif fmt == "nvfp4":
-    scale = jax.random.uniform(k3, (n, ng), jnp.float32, 0.02, 3.0).astype(
-        jnp.float8_e4m3fn)
-    ts = jax.random.uniform(k4, (), jnp.float32, 0.5, 2.0)
-  else:
-    scale = jax.random.uniform(k3, (n, ng), jnp.float32, 0.001, 0.02).astype(
-        jnp.bfloat16)
-  prob = MatmulProblem(m=m, n=n, k=k, x_dtype="bfloat16", w_format=fmt,
-                       w_block=group)
-  return MatmulOperands(x=x, w_codes=codes, w_scale=scale,
-                        w_tensor_scale=ts), prob
+  return make_wo(_key(), fmt, group, m, n, k, out_dtype="bfloat16",
+                 scale_range=(0.001, 0.02))
 
 
 WO_CASES = [("int4", 128), ("int4", 32), ("int4", None), ("int8", None),
@@ -96,37 +78,9 @@ def test_weight_only_kernel_real_shape(ws):
 
 
 def _w8_ops(case, m, n, k, exact=False):
-  k1, k2, k3, k4 = jax.random.split(_key(), 4)
-  if case.startswith("int8"):
-    fmt = "int8"
-    x = jax.random.randint(k1, (m, k), -127, 128).astype(jnp.int8)
-    w = jax.random.randint(k2, (n, k), -127, 128).astype(jnp.int8)
-  elif exact:
-    fmt = "fp8_e4m3"
-    x = jax.random.randint(k1, (m, k), -8, 9).astype(jnp.float8_e4m3fn)
-    w = jax.random.randint(k2, (n, k), -8, 9).astype(jnp.float8_e4m3fn)
-  else:
-    fmt = "fp8_e4m3"
-    x = (jax.random.normal(k1, (m, k)) * 4).astype(jnp.float8_e4m3fn)
-    w = (jax.random.normal(k2, (n, k)) * 4).astype(jnp.float8_e4m3fn)
-  if case.endswith("channel"):
-    sx = jax.random.uniform(k3, (m, 1), jnp.float32, 0.01, 0.1)
-    sw = jax.random.uniform(k4, (n, 1), jnp.float32, 0.01, 0.1)
-    prob = MatmulProblem(m=m, n=n, k=k, x_dtype=fmt, w_format=fmt,
-                         x_format=fmt)
-  elif case.endswith("block"):
-    sx = jax.random.uniform(k3, (m, k // 128), jnp.float32, 0.01, 0.1)
-    sw = jax.random.uniform(k4, (n // 128, k // 128), jnp.float32, 0.01, 0.1)
-    prob = MatmulProblem(m=m, n=n, k=k, x_dtype=fmt, w_format=fmt,
-                         x_format=fmt, w_block=(128, 128), x_block=128)
-  else:
-    sx = jax.random.randint(k3, (m, k // 32), 117, 137).astype(jnp.uint8)
-    sw = jax.random.randint(k4, (n, k // 32), 117, 137).astype(jnp.uint8)
-    prob = MatmulProblem(m=m, n=n, k=k, x_dtype="fp8_e4m3",
-                         w_format="mxfp8_e4m3", x_format="mxfp8_e4m3",
-                         w_block=32, x_block=32,
-                         out_dtype="float32" if exact else "bfloat16")
-  return MatmulOperands(x=x, w_codes=w, w_scale=sw, x_scale=sx), prob
+  out = "float32" if (exact and case == "mxfp8") else "bfloat16"
+  return make_w8(_key(), case, m, n, k, out_dtype=out, exact=exact,
+                 e8m0_range=(117, 137))
 
 
 @pytest.mark.parametrize("case", ["fp8_channel", "int8_channel", "fp8_block",
