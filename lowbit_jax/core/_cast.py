@@ -48,10 +48,16 @@ def _float_round_bits(a: jax.Array, fmt: FloatFormat, noise: Optional[jax.Array]
   e32 = (a >> 23).astype(jnp.int32)
   m32 = a & 0x7FFFFF
   is_sub = e32 == 0
-  # float32 subnormals keep exponent -126 (ml_dtypes does the same): this only
-  # matters for formats whose normal range reaches below 2**-126 (e8m0).
-  e_true = jnp.where(is_sub, -126, e32 - 127)
-  sig = jnp.where(is_sub, m32, m32 | 0x800000)  # value = sig * 2**(e_true - 23)
+  # float32 subnormals are normalized to their true exponent, so a format whose
+  # normal range reaches below 2**-126 (only e8m0) rounds them to the nearer of
+  # their two grid neighbours, as ml_dtypes >= 0.7 does (older ml_dtypes read
+  # them in the 2**-126 binade and sent everything in (2**-127, 2**-126) up).
+  # For every other format the result is the same either way: the extra
+  # left shift of ``sig`` is dropped again by the larger ``d_full``.
+  lead = 31 - lax.clz(jnp.maximum(m32, 1)).astype(jnp.int32)  # 0..22
+  e_true = jnp.where(is_sub, lead - 149, e32 - 127)
+  sig = jnp.where(is_sub, m32 << (23 - lead).astype(_U32),
+                  m32 | 0x800000)  # value = sig * 2**(e_true - 23)
   emin = fmt.min_exponent
   d_full = 23 - m_bits + jnp.maximum(0, emin - e_true)  # bits dropped from sig
   # At most 31 bits are dropped at once (uint32 shifts). Beyond that the value
