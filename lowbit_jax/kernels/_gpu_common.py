@@ -16,6 +16,7 @@ packed two per byte along K with element ``2j`` in the low nibble.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional
 
 import jax
@@ -181,6 +182,169 @@ def num_sms() -> int:
   """Streaming multiprocessors of the default GPU (132 on an H100 SXM)."""
   dev = jax.devices()[0]
   return int(getattr(dev, "core_count", 132) or 132)
+
+
+# ----------------------------------------------------------------------------
+# Mosaic GPU interpret mode (the kernels on CPU).
+# ----------------------------------------------------------------------------
+
+def interpret_params(interpret, **overrides):
+  """Mosaic GPU interpret-mode parameters for a kernel's ``interpret`` argument.
+
+  Pallas runs a Mosaic GPU kernel on the CPU when ``plgpu.kernel`` gets
+  ``InterpretGPUParams``: warpgroups become threads, shared memory, TMA copies
+  and barriers are simulated (uninitialised memory reads as NaN, and an optional
+  happens-before race detector watches every access).
+
+  Args:
+    interpret: False (compile for the GPU), True (default parameters plus
+      ``overrides``), or an ``InterpretGPUParams`` instance used as given.
+    **overrides: fields of ``InterpretGPUParams`` for ``interpret=True``, for
+      example ``detect_races=True``.
+
+  Returns:
+    None for False, else the parameters.
+
+  Raises:
+    RuntimeError: if this jax has no Mosaic GPU interpreter (jax < 0.10.2).
+  """
+  if interpret is False or interpret is None:
+    return None
+  import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+  cls = getattr(plgpu, "InterpretGPUParams", None)
+  if cls is None:
+    try:
+      from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as cls  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise RuntimeError(
+          f"jax {jax.__version__} has no Mosaic GPU interpreter; interpret mode "
+          "needs jax >= 0.10.2 (or run the kernel on a Hopper GPU)") from e
+  if interpret is True:
+    return cls(**overrides)
+  if not isinstance(interpret, cls):
+    raise TypeError(f"interpret must be a bool or {cls.__name__}, got "
+                    f"{type(interpret).__name__}")
+  return interpret
+
+
+# XLA's CPU scheduler that favours concurrency lets a computation continue on
+# the intra-op thread pool (one thread per core). The interpreter runs each
+# warpgroup as its own computation, and a warpgroup blocked at a barrier holds
+# a pool thread, so on a machine with fewer cores than warpgroups the
+# warpgroup that would release it never runs: the kernel hangs. Seen with the
+# three-warpgroup kernels on 2 cores (jax 0.10.2); this flag avoids it.
+INTERPRETER_XLA_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def check_interpreter_threads(num_threads: int) -> None:
+  """Refuses to interpret a multi-warpgroup kernel that could hang.
+
+  Args:
+    num_threads: warpgroups of the kernel.
+
+  Raises:
+    RuntimeError: for more than one warpgroup when ``XLA_FLAGS`` lacks
+      ``INTERPRETER_XLA_FLAG``. (Whether the hang needs few cores was not
+      established, so the flag is asked for on every machine.)
+  """
+  if num_threads <= 1 or INTERPRETER_XLA_FLAG in os.environ.get("XLA_FLAGS", ""):
+    return
+  raise RuntimeError(
+      f"interpreting a kernel of {num_threads} warpgroups can deadlock in XLA's "
+      "CPU runtime (seen on 2 cores). Start the process with "
+      f"XLA_FLAGS='{INTERPRETER_XLA_FLAG}' (set before jax initialises its "
+      "backend), as tests/conftest.py does.")
+
+
+def races_found() -> bool:
+  """Whether the Mosaic GPU interpreter's race detector saw a data race.
+
+  Meaningful after a kernel ran with ``detect_races=True``; the detector's
+  state lives until the next interpreted kernel starts.
+  """
+  from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc  # pylint: disable=g-import-not-at-top
+  try:
+    races = ipc.get_races()
+  except AssertionError:  # no kernel ran with race detection yet
+    return False
+  return bool(races.races_found)
+
+
+def run_interpreted(fn, *args):
+  """Calls an interpreted kernel; on error resets the interpreter's state.
+
+  The interpreter keeps global state (simulated shared memory) that an
+  exception leaves behind, which would break every later interpreted kernel
+  in the process.
+  """
+  try:
+    return fn(*args)
+  except Exception:
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc  # pylint: disable=g-import-not-at-top
+    ipc.reset_gpu_interpret_mode_state()
+    raise
+
+
+def interpret_wgmma(acc_ref, a: jax.Array, b_t: jax.Array, stage=None) -> None:
+  """``acc_ref += a @ b_t.T`` through ``plgpu.wgmma``, for the interpreter.
+
+  The interpreter's wgmma reads both operands from memory and takes no
+  transposed views, while the kernels feed A from registers and B as the
+  transpose of a K-major tile. In interpret mode the two values are staged
+  through SMEM refs (``b`` untransposed) and the same wgmma is issued.
+
+  Args:
+    acc_ref: the ``plgpu.ACC`` accumulator ref.
+    a: ``[M, K]`` value (a register tile, or a tile read from SMEM).
+    b_t: ``[N, K]`` value, K-major.
+    stage: ``(a_smem [M, K], b_smem [K, N])`` refs to stage through. Kernels
+      with several warpgroups must pass them (allocated collectively, one slot
+      per warpgroup): the interpreter allows only collective SMEM allocations
+      there. None allocates scratch refs here (single-warpgroup kernels).
+  """
+  import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
+  import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+  b = b_t.T
+
+  def body(a_smem, b_smem):
+    a_smem[...] = a
+    b_smem[...] = b
+    plgpu.wgmma(acc_ref, a_smem, b_smem)
+
+  if stage is not None:
+    body(*stage)
+  else:
+    pl.run_scoped(body, plgpu.SMEM(a.shape, a.dtype),
+                  plgpu.SMEM(b.shape, b.dtype))
+
+
+def bf16_from_e8m0(codes: jax.Array) -> jax.Array:
+  """E8M0 codes (uint8) to bfloat16 by bit construction, as the kernels do.
+
+  ``2**(c - 127)`` is bf16 bits ``c << 7``; code 0 is the bf16 subnormal
+  ``0x0040`` and 255 is NaN. Built from bits so that no backend's flush of
+  subnormals touches code 0.
+  """
+  c = codes.astype(jnp.uint16)
+  bits = jnp.where(c == 0, jnp.uint16(0x0040), c << 7)
+  bits = jnp.where(c == 255, jnp.uint16(0x7FC0), bits)
+  return jax.lax.bitcast_convert_type(bits, jnp.bfloat16)
+
+
+def e2m1_from_int4(vals: jax.Array) -> jax.Array:
+  """E2M1 values from int4-typed codes (the nibble's two's-complement reading).
+
+  The kernels move 4-bit codes as ``int4``; the nibble is ``v & 0xF``. Plain
+  arithmetic, no table: a kernel body may not capture array constants.
+  Returns float32.
+  """
+  nib = vals.astype(jnp.int32) & 0xF
+  e = (nib >> 1) & 3
+  m = (nib & 1).astype(jnp.float32)
+  # e == 0: 0.5 * m (zero or the subnormal 0.5); else 2**(e-1) * (1 + m / 2).
+  pow2 = jnp.left_shift(1, jnp.maximum(e - 1, 0)).astype(jnp.float32)
+  mag = jnp.where(e == 0, 0.5 * m, pow2 * (1.0 + 0.5 * m))
+  return jnp.where((nib & 8) != 0, -mag, mag)
 
 
 # ----------------------------------------------------------------------------

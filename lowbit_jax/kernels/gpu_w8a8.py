@@ -18,6 +18,10 @@
 Both operands are K-major (``x [M, K]``, ``W [N, K]``), the layout 8-bit WGMMA needs.
 The kernel is persistent and warp-specialized: one warpgroup issues TMA copies,
 two compute warpgroups each own a ``tile_m x tile_n`` half of the CTA tile.
+``matmul(..., interpret=True)`` runs it on the CPU in the Mosaic GPU interpreter
+(simulated shared memory, TMA and barriers; optional race detection), with the
+in-register scaling swapped for whole-tile jnp twins
+(``tests/kernels/test_gpu_interpret.py``).
 ``supports`` only accepts cases measured faster than XLA on an H100
 (``MEASURED_WINS``; numbers in ``benchmarks/kernels_h100.md``): today the
 per-channel mode. The block and MX modes were measured slower than XLA with
@@ -51,6 +55,8 @@ class Config:
     epi_n: columns per epilogue store tile.
     wg_dim: "n" if the two compute warpgroups split the CTA tile along N, "m"
       if along M.
+    ctas: persistent CTAs in the grid; None for one per SM (2 in interpret
+      mode, so that each CTA walks several output tiles).
   """
   tile_m: int = 128
   tile_n: int = 128
@@ -59,6 +65,7 @@ class Config:
   grid_tile_width: int = 8
   epi_n: int = 64
   wg_dim: str = "n"
+  ctas: Optional[int] = None
 
 
 def mode_of(problem: MatmulProblem) -> str:
@@ -306,12 +313,41 @@ def _promote_mx(acc, part, sx_ref, sw_ref):
 
 
 # ----------------------------------------------------------------------------
+# Interpret-mode twins of the register helpers above (whole-tile jnp).
+#
+# The Mosaic GPU interpreter cannot run ``inline_mgpu`` bodies; with
+# ``interpret`` the kernel calls these instead, on the same refs and indices.
+# The pipeline, the persistent tile loop, barriers and the epilogue's SMEM ->
+# GMEM copies are the compiled kernel's own code.
+# ----------------------------------------------------------------------------
+
+def _jnp_scale_channel(acc, sx, sw):
+  """``_scale_channel``: ``(acc * sx[r]) * sw[c]`` in f32 (int32 converted first)."""
+  return (acc.astype(jnp.float32) * sx[:, None]) * sw[None, :]
+
+
+def _jnp_promote(acc, part, sx, sw):
+  """``_promote_block`` / ``_promote_mx``: ``acc + part * (sx[r] * sw[c])``.
+
+  ``sw`` is ``[1]`` (one 128 x 128 weight tile) or ``[cols]`` (MX). The compiled
+  kernel fuses the last multiply-add (one rounding); this twin rounds twice, as
+  ``reference`` does.
+  """
+  return acc + part.astype(jnp.float32) * (sx[:, None] * sw[None, :])
+
+
+# ----------------------------------------------------------------------------
 # The kernel.
 # ----------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
 def _build(mode: str, code: str, m: int, n: int, k: int, out_dtype: str,
-           cfg: Config):
+           cfg: Config, interpret=None):
+  """Builds the persistent warp-specialized kernel for one static problem.
+
+  ``interpret`` (``InterpretGPUParams`` or None) runs it in the Mosaic GPU
+  interpreter, with the register helpers replaced by their ``_jnp_*`` twins.
+  """
   import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
   import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
 
@@ -331,6 +367,8 @@ def _build(mode: str, code: str, m: int, n: int, k: int, out_dtype: str,
       plgpu.TilingTransform((8, out_swz // out_jdtype.itemsize)),
       plgpu.SwizzleTransform(out_swz))
   sub_k = 32 if mode == "mx" else tile_k
+  interp = interpret is not None
+  code_jdtype = jnp.int8 if is_int else jnp.float8_e4m3fn
   if mode == "block" and tile_k != 128:
     raise ValueError("block mode needs tile_k == 128")
 
@@ -378,10 +416,16 @@ def _build(mode: str, code: str, m: int, n: int, k: int, out_dtype: str,
         allocs=get_pipeline(ignore, ignore).get_allocations(*gm_args(0, 0)),
         out_smem=plgpu.SMEM((2, epi_m, epi_n), out_jdtype,
                             transforms=out_transforms),
+        # Interpret mode only: per-warpgroup operand staging for the wgmma.
+        **({} if not interp else dict(
+            stage_a=plgpu.SMEM((2, tile_m, sub_k), code_jdtype),
+            stage_b=plgpu.SMEM((2, sub_k, tile_n), code_jdtype))),
         collective_axes="wg",
     )
-    def _scope(allocs, out_smem):
+    def _scope(allocs, out_smem, **stage_refs):
       wg = lax.axis_index("wg")
+      stage = (stage_refs["stage_a"].at[wg], stage_refs["stage_b"].at[wg]) if (
+          interp) else None
 
       @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
       def _loop(info):
@@ -400,7 +444,10 @@ def _build(mode: str, code: str, m: int, n: int, k: int, out_dtype: str,
           wg_cols = pl.ds(wg * tile_n, tile_n)
 
         def epilogue(acc):
-          if mode == "channel":
+          if mode == "channel" and interp:
+            acc = _jnp_scale_channel(acc, sx_gmem[pl.ds(wg_m0, tile_m)],
+                                     sw_gmem[pl.ds(wg_n0, tile_n)])
+          elif mode == "channel":
             @plgpu.inline_mgpu(
                 arg_types=(plgpu.Layout.WGMMA, plgpu.RefType(), plgpu.RefType()),
                 return_type=plgpu.ShapeDtypeStruct(
@@ -433,14 +480,19 @@ def _build(mode: str, code: str, m: int, n: int, k: int, out_dtype: str,
 
           def body(_, x_smem, w_smem, acc_ref):
             a = x_smem.at[wg_rows] if wg_m else x_smem
-            plgpu.wgmma(acc_ref, a,
-                        common.transpose_ref(w_smem.at[wg_cols]))
+            if interp:
+              common.interpret_wgmma(acc_ref, a[...], w_smem.at[wg_cols][...],
+                                     stage)
+            else:
+              plgpu.wgmma(acc_ref, a,
+                          common.transpose_ref(w_smem.at[wg_cols]))
             plgpu.wgmma_wait(0)
             return acc_ref
         else:
           def compute_context(run):
-            init = plgpu.layout_cast(
-                jnp.zeros((tile_m, tile_n), jnp.float32), plgpu.Layout.WGMMA)
+            init = jnp.zeros((tile_m, tile_n), jnp.float32)
+            if not interp:  # the interpreter has no layouts
+              init = plgpu.layout_cast(init, plgpu.Layout.WGMMA)
             epilogue(run(init))
 
           def body(_, x_smem, w_smem, sx_smem, sw_smem, acc):
@@ -448,12 +500,22 @@ def _build(mode: str, code: str, m: int, n: int, k: int, out_dtype: str,
               ks = pl.ds(j * sub_k, sub_k)
 
               def mma(part_ref):
-                plgpu.wgmma(part_ref, x_smem.at[wg_rows, ks],
-                            common.transpose_ref(w_smem.at[wg_cols, ks]))
+                if interp:
+                  common.interpret_wgmma(part_ref, x_smem.at[wg_rows, ks][...],
+                                         w_smem.at[wg_cols, ks][...], stage)
+                else:
+                  plgpu.wgmma(part_ref, x_smem.at[wg_rows, ks],
+                              common.transpose_ref(w_smem.at[wg_cols, ks]))
                 plgpu.wgmma_wait(0)
                 return part_ref[...]
               part = pl.run_scoped(mma, plgpu.ACC((tile_m, tile_n), acc_dtype))
-              if mode == "block":
+              if interp:
+                sw_cols = (pl.ds(wg_cols.start, 1) if mode == "block"
+                           else wg_cols)
+                acc = _jnp_promote(acc, part,
+                                   sx_smem[0 if mode == "block" else j, wg_rows],
+                                   sw_smem[0 if mode == "block" else j, sw_cols])
+              elif mode == "block":
                 @plgpu.inline_mgpu(
                     arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA,
                                plgpu.RefType(), plgpu.RefType()),
@@ -479,15 +541,18 @@ def _build(mode: str, code: str, m: int, n: int, k: int, out_dtype: str,
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
+  ctas = cfg.ctas or (2 if interp else (
+      common.num_sms() if _on_gpu() else 132))
   kern = plgpu.kernel(
       kernel,
       out_type=jax.ShapeDtypeStruct((m, n), out_jdtype),
-      grid=(common.num_sms() if _on_gpu() else 132,),
+      grid=(ctas,),
       grid_names=("sm",),
       num_threads=3,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Lane),
+      **({} if interpret is None else {"interpret": interpret}),
   )
   return kern
 
@@ -500,7 +565,7 @@ def _on_gpu() -> bool:
 
 
 def matmul(operands: MatmulOperands, problem: MatmulProblem, *,
-           config: Optional[Config] = None, interpret: bool = False) -> jax.Array:
+           config: Optional[Config] = None, interpret=False) -> jax.Array:
   """Runs the Mosaic GPU W8A8 kernel.
 
   Args:
@@ -508,7 +573,10 @@ def matmul(operands: MatmulOperands, problem: MatmulProblem, *,
       ``w_scale`` as described in the module docstring.
     problem: the static description; ``supports(problem)`` should be True.
     config: tiling override (benchmarks).
-    interpret: unsupported for Mosaic GPU kernels (must be False).
+    interpret: False to compile for a Hopper GPU; True (or an
+      ``InterpretGPUParams``, e.g. with ``detect_races=True``) to run the kernel
+      on the CPU in the Mosaic GPU interpreter, for testing. See
+      ``_gpu_common.interpret_params``.
 
   Returns:
     ``[M, N]`` in ``problem.out_dtype``.
@@ -516,16 +584,17 @@ def matmul(operands: MatmulOperands, problem: MatmulProblem, *,
   Raises:
     ValueError: for unsupported formats or shapes that do not tile.
   """
-  if interpret:
-    raise ValueError("gpu_w8a8 has no interpret mode; use reference()")
+  params = common.interpret_params(interpret)
   mode = mode_of(problem)
   cfg = config or _default_config(problem)
+  if params is not None:
+    common.check_interpreter_threads(3)
   if not _shape_ok(problem, cfg):
     raise ValueError(f"shape M={problem.m} N={problem.n} K={problem.k} does not "
                      f"fit the tiling {cfg}")
   code = problem.w_format if mode != "mx" else "fp8_e4m3"
   kern = _build(mode, code, problem.m, problem.n, problem.k, problem.out_dtype,
-                cfg)
+                cfg, params)
   m, n, k = problem.m, problem.n, problem.k
   if mode == "channel":
     sx = operands.x_scale.reshape(m).astype(jnp.float32)
@@ -538,4 +607,6 @@ def matmul(operands: MatmulOperands, problem: MatmulProblem, *,
     # E8M0 -> f32 once per call (exact), transposed to [K/32, rows].
     sx = common.decode_e8m0(operands.x_scale.reshape(m, k // 32)).T
     sw = common.decode_e8m0(operands.w_scale.reshape(n, k // 32)).T
-  return kern(operands.x, operands.w_codes, sx, sw)
+  if params is None:
+    return kern(operands.x, operands.w_codes, sx, sw)
+  return common.run_interpreted(kern, operands.x, operands.w_codes, sx, sw)

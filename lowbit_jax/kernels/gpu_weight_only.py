@@ -17,6 +17,11 @@ weight tile are loaded once per CTA and applied per register; per-channel and
 tensor scales are applied to the f32 accumulator. A K split adds parallelism for
 short N (partials in f32, summed by XLA).
 
+``matmul(..., interpret=True)`` runs the same kernel on the CPU in the Mosaic GPU
+interpreter (simulated shared memory, TMA and barriers, optional race detection);
+only the in-register helpers are swapped for whole-tile jnp twins there, because
+the interpreter cannot run raw MLIR (``tests/kernels/test_gpu_interpret.py``).
+
 Two variants: the default runs one warpgroup per CTA (``Config(ws=False)``, the
 one measured on an H100); ``Config(ws=True)`` is warp-specialized (a TMA
 warpgroup and two compute warpgroups that each take half of every K step and add
@@ -391,6 +396,49 @@ def _store_acc_transposed(acc, o_ref, valid_cols: Optional[int]):
 
 
 # ----------------------------------------------------------------------------
+# Interpret-mode twins of the register helpers above (whole-tile jnp).
+#
+# The Mosaic GPU interpreter runs a kernel's jaxpr on the CPU but cannot run
+# ``inline_mgpu`` bodies (raw MLIR on register fragments). With ``interpret``
+# the kernel calls these instead: the same arithmetic on whole tiles, read from
+# the same shared-memory refs at the same indices. Everything around them (TMA
+# pipeline, scale copies, barriers, split K, the warp-specialized reduction,
+# the output slicing) is the compiled kernel's own code.
+# ----------------------------------------------------------------------------
+
+def _jnp_scale_to_bf16(val, kind: str):
+  """Scales to bf16 as ``_scale_to_bf16`` converts them, on a whole array."""
+  if kind == "float":
+    return val.astype(jnp.bfloat16)
+  if kind == "e8m0":
+    return common.bf16_from_e8m0(val)
+  if kind == "e4m3":
+    return val.astype(jnp.float32).astype(jnp.bfloat16)
+  raise ValueError(kind)
+
+
+def _jnp_scale_regs(w, s, group: Optional[int], tile_k_total: int, kind: str):
+  """``_scale_regs`` on a whole ``[rows, cols]`` bf16 tile; ``s`` is ``[rows, ng]``."""
+  s = _jnp_scale_to_bf16(s, kind)
+  if group is None or group >= tile_k_total:
+    s = s[:, :1]
+  else:
+    s = jnp.repeat(s, group, axis=1)
+  return w * s
+
+
+def _jnp_scale_acc_rows(acc, s, kind: str, t):
+  """``_scale_acc_rows`` on a whole f32 tile: ``s`` per row (or None), ``t`` scalar."""
+  if s is not None:
+    s = s if s.dtype == jnp.float32 else _jnp_scale_to_bf16(s, kind).astype(
+        jnp.float32)
+    if t is not None:
+      s = s * t
+    return acc * s[:, None]
+  return acc * t
+
+
+# ----------------------------------------------------------------------------
 # The kernel.
 # ----------------------------------------------------------------------------
 
@@ -400,13 +448,16 @@ def _scale_kind(fmt: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
-           scale_dtype: str, out_dtype: str, cfg: Config):
+           scale_dtype: str, out_dtype: str, cfg: Config, interpret=None):
   """Builds the pallas kernel for one static problem; returns a callable.
 
   With ``cfg.ws`` the kernel is warp-specialized: one warpgroup issues the TMA
   copies and two compute warpgroups each dequantize and multiply one half of every
   K step, their partial sums are added through shared memory at the end. Without
   it one warpgroup does everything with a software pipeline.
+
+  ``interpret`` (``InterpretGPUParams`` or None) runs the kernel in the Mosaic GPU
+  interpreter, with the register helpers replaced by their ``_jnp_*`` twins.
   """
   import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
   import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
@@ -433,6 +484,7 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
   x_transforms = (plgpu.TilingTransform((8, x_swz // 2)),
                   plgpu.SwizzleTransform(x_swz))
   kind = _scale_kind(fmt)
+  interp = interpret is not None
   per_channel = group is None
   ng_total = None if per_channel else kps // group
   ng_step = None if per_channel else max(1, tkw // group)
@@ -446,6 +498,11 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
     n_scale_copies = ng_total // scale_cw
 
   def load_w(w_ref):
+    if interp:
+      w = w_ref[...]
+      if fmt in ("int4", "int8"):
+        return w.astype(jnp.bfloat16)
+      return common.e2m1_from_int4(w).astype(jnp.bfloat16)
     layout = (plgpu.Layout.WGMMA_UPCAST_4X if four_bit
               else plgpu.Layout.WGMMA_UPCAST_2X)
     w = common.plgpu_load(w_ref, layout)
@@ -462,6 +519,9 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
     return to_bf16(w)
 
   def scale_w(w, s_ref):
+    if interp:
+      return _jnp_scale_regs(w, s_ref[...], group, tkw, kind)
+
     @plgpu.inline_mgpu(
         arg_types=(plgpu.RefType(), plgpu.Layout.WGMMA),
         return_type=plgpu.ShapeDtypeStruct((tile_n, tkw), jnp.bfloat16,
@@ -470,7 +530,7 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
       return _scale_regs(wf, s, group, tkw, kind)
     return apply(s_ref, w)
 
-  def mma_step(kk, x_ref, w_ref, acc_ref, s_smem, s_bar, part):
+  def mma_step(kk, x_ref, w_ref, acc_ref, s_smem, s_bar, part, stage=None):
     """Dequantizes columns ``part`` of this step's tiles and accumulates."""
     w = load_w(w_ref)
     if not per_channel:
@@ -481,7 +541,10 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
       g0 = col0 // group
       w = scale_w(w, s_smem.at[g0 // scale_cw, :,
                                pl.ds(g0 % scale_cw, ng_step)])
-    plgpu.wgmma(acc_ref, w, common.transpose_ref(x_ref))
+    if interp:
+      common.interpret_wgmma(acc_ref, w, x_ref[...], stage)
+    else:
+      plgpu.wgmma(acc_ref, w, common.transpose_ref(x_ref))
     # The A operand lives in registers that the next step overwrites: the MMA
     # must be complete before the body returns.
     plgpu.wgmma_wait(0)
@@ -502,7 +565,10 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
   def epilogue(acc, s_smem, s_bar, t_gmem, o_gmem, n0, mi, si):
     if per_channel:
       plgpu.barrier_wait(s_bar.at[0])
-    if per_channel or has_t:
+    if interp and (per_channel or has_t):
+      acc = _jnp_scale_acc_rows(acc, s_smem[...] if per_channel else None, kind,
+                                t_gmem[0] if has_t else None)
+    elif per_channel or has_t:
       arg_types = [plgpu.Layout.WGMMA, plgpu.RefType()]
       args = [acc, s_smem]
       if has_t:
@@ -521,6 +587,10 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
       o_view = o_gmem.at[si, pl.ds(mi * tile_m, rows_out), pl.ds(n0, tile_n)]
     else:
       o_view = o_gmem.at[pl.ds(mi * tile_m, rows_out), pl.ds(n0, tile_n)]
+
+    if interp:
+      o_view[...] = acc.T[:rows_out].astype(acc_out_dtype)
+      return
 
     @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))
     def store(_, a, o):
@@ -596,9 +666,13 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
         s_bar=plgpu.Barrier(num_arrivals=n_scale_copies, num_barriers=1),
         red_smem=plgpu.SMEM((tile_n, tile_m), jnp.float32),
         red_bar=plgpu.Barrier(num_barriers=1),
+        # Interpret mode only: per-warpgroup operand staging for the wgmma.
+        **({} if not interp else dict(
+            stage_a=plgpu.SMEM((2, tile_n, tkw), jnp.bfloat16),
+            stage_b=plgpu.SMEM((2, tkw, tile_m), jnp.bfloat16))),
         collective_axes="wg",
     )
-    def _scope(allocs, s_smem, s_bar, red_smem, red_bar):
+    def _scope(allocs, s_smem, s_bar, red_smem, red_bar, **stage_refs):
       @pl.when(wg == 0)
       def _():
         issue_scale_copy(s_gmem, s_smem, s_bar, n0, si)
@@ -618,18 +692,23 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
           @pl.when(wg == 0)
           def _():
             plgpu.barrier_wait(red_bar.at[0])
-            total = acc + common.plgpu_load(red_smem, plgpu.Layout.WGMMA)
+            red = (red_smem[...] if interp
+                   else common.plgpu_load(red_smem, plgpu.Layout.WGMMA))
+            total = acc + red
             epilogue(total, s_smem, s_bar, t_gmem, o_gmem, n0, mi, si)
 
       def body(idx, x_smem, w_smem, acc_ref):
         ks = pl.ds(wg * tkw, tkw)
+        stage = (stage_refs["stage_a"].at[wg], stage_refs["stage_b"].at[wg]) if (
+            interp) else None
         mma_step(idx[0], x_smem.at[:, ks], w_smem.at[:, ks], acc_ref, s_smem,
-                 s_bar, wg)
+                 s_bar, wg, stage)
         return acc_ref
 
       get_pipeline(body, compute_context)(x_view, w_view, allocations=allocs)
 
   out_shape = (split, m, n) if split > 1 else (m, n)
+  extra = {} if interpret is None else {"interpret": interpret}
   if ws:
     kern = plgpu.kernel(
         body_ws,
@@ -638,6 +717,7 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
         grid_names=("n", "m", "s"),
         num_threads=3,
         thread_name="wg",
+        **extra,
     )
   else:
     kern = plgpu.kernel(
@@ -648,6 +728,7 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
                                      num_barriers=1)],
         grid=(n_tiles, m_tiles, split),
         grid_names=("n", "m", "s"),
+        **extra,
     )
 
   def call(x, w_codes, w_scale, w_tensor_scale):
@@ -661,7 +742,8 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
       t = jnp.ones((1,), jnp.float32) if w_tensor_scale is None else (
           jnp.asarray(w_tensor_scale, jnp.float32).reshape(1))
       args.append(t)
-    out = kern(*args)
+    out = kern(*args) if interpret is None else common.run_interpreted(
+        kern, *args)
     if split > 1:
       out = out.sum(axis=0)
     return out.astype(out_dtype)
@@ -670,14 +752,17 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
 
 
 def matmul(operands: MatmulOperands, problem: MatmulProblem, *,
-           config: Optional[Config] = None, interpret: bool = False) -> jax.Array:
+           config: Optional[Config] = None, interpret=False) -> jax.Array:
   """Runs the Mosaic GPU weight-only kernel.
 
   Args:
     operands: see ``reference``.
     problem: the static description; ``supports(problem)`` should be True.
     config: tiling override (benchmarks); default picks one from the shape.
-    interpret: unsupported for Mosaic GPU kernels (must be False).
+    interpret: False to compile for a Hopper GPU; True (or an
+      ``InterpretGPUParams``, e.g. with ``detect_races=True``) to run the kernel
+      on the CPU in the Mosaic GPU interpreter, for testing. See
+      ``_gpu_common.interpret_params``.
 
   Returns:
     ``[M, N]`` in ``problem.out_dtype``.
@@ -685,15 +770,17 @@ def matmul(operands: MatmulOperands, problem: MatmulProblem, *,
   Raises:
     ValueError: for problems outside this kernel's formats or shapes.
   """
-  if interpret:
-    raise ValueError("gpu_weight_only has no interpret mode; use reference()")
+  params = common.interpret_params(interpret)
   _validate(problem)
   cfg = config or _decode_config(problem)
+  if params is not None:
+    common.check_interpreter_threads(3 if cfg.ws else 1)
   if not _shape_ok(problem, cfg):
     raise ValueError(f"shape M={problem.m} N={problem.n} K={problem.k} does not "
                      f"fit the tiling {cfg}")
   g = common.weight_group(problem)
   fn = _build(problem.w_format, g, problem.m, problem.n, problem.k,
-              jnp.dtype(operands.w_scale.dtype).name, problem.out_dtype, cfg)
+              jnp.dtype(operands.w_scale.dtype).name, problem.out_dtype, cfg,
+              params)
   return fn(operands.x, operands.w_codes, operands.w_scale,
             operands.w_tensor_scale)

@@ -1,6 +1,12 @@
-"""Random operands for the GPU kernel tests (CPU reference tests and GPU runs)."""
+"""Operands and float64 decoders for the GPU kernel tests.
+
+Random operands serve the CPU reference tests, the interpreter tests and the GPU
+runs; the numpy decoders are independent of the library's (bit manipulation, no
+shared helpers).
+"""
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lowbit_jax.kernels._api import MatmulOperands, MatmulProblem
 
@@ -69,3 +75,113 @@ def make_w8(key, case, m, n, k, *, out_dtype="float32", exact=False,
                          w_format="mxfp8_e4m3", x_format="mxfp8_e4m3",
                          w_block=32, x_block=32, out_dtype=out_dtype)
   return MatmulOperands(x=x, w_codes=w, w_scale=sw, x_scale=sx), prob
+
+
+def np_unpack(codes):
+  c = np.asarray(codes).astype(np.int64)
+  out = np.empty(c.shape[:-1] + (2 * c.shape[-1],), np.int64)
+  out[..., 0::2] = c & 0xF
+  out[..., 1::2] = (c >> 4) & 0xF
+  return out
+
+
+def np_int4(nib):
+  return np.where(nib >= 8, nib - 16, nib).astype(np.float64)
+
+
+def np_e2m1(nib):
+  sign = np.where(nib & 8, -1.0, 1.0)
+  e = (nib >> 1) & 3
+  m = nib & 1
+  mag = np.where(e == 0, 0.5 * m, 2.0 ** (e - 1) * (1 + 0.5 * m))
+  return sign * mag
+
+
+def np_e8m0(codes):
+  c = np.asarray(codes).astype(np.float64)
+  return np.where(c == 255, np.nan, 2.0 ** (c - 127))
+
+
+def np_e4m3(arr):
+  b = np.asarray(arr).view(np.uint8).astype(np.int64)
+  sign = np.where(b & 0x80, -1.0, 1.0)
+  e = (b >> 3) & 0xF
+  m = b & 7
+  mag = np.where(e == 0, m / 8.0 * 2.0 ** -6, 2.0 ** (e - 7) * (1 + m / 8.0))
+  mag = np.where((e == 15) & (m == 7), np.nan, mag)
+  return sign * mag
+
+
+def np_weight(fmt, codes, scale, group, n, k, tscale=None):
+  if fmt == "int8":
+    vals = np.asarray(codes).astype(np.float64)
+  else:
+    nib = np_unpack(codes)
+    vals = np_int4(nib) if fmt == "int4" else np_e2m1(nib)
+  if fmt == "mxfp4":
+    s = np_e8m0(scale)
+  elif fmt == "nvfp4":
+    s = np_e4m3(scale) * float(tscale)
+  else:
+    s = np.asarray(scale).astype(np.float64)
+  if group is None:
+    s = np.broadcast_to(s.reshape(n, 1), (n, k))
+  else:
+    s = np.repeat(s.reshape(n, k // group), group, axis=1)
+  return vals * s
+
+
+def _bf16(a):
+  """float64 values rounded to bfloat16 (exact products first go to float32)."""
+  return np.asarray(a, np.float32).astype(jnp.bfloat16).astype(np.float64)
+
+
+def np_weight_only(ops, prob):
+  """float64 result of the weight-only kernel's arithmetic.
+
+  Group scales multiply the decoded codes in bfloat16 (one rounding, as the
+  kernel scales its bf16 weight tile); per-channel scales and NVFP4's tensor
+  scale multiply the accumulator. Everything else is exact here.
+  """
+  fmt, g, n, k = prob.w_format, prob.w_block, prob.n, prob.k
+  if fmt == "int8":
+    vals = np.asarray(ops.w_codes).astype(np.float64)
+  else:
+    nib = np_unpack(ops.w_codes)
+    vals = np_int4(nib) if fmt == "int4" else np_e2m1(nib)
+  if fmt == "mxfp4":
+    s = np_e8m0(ops.w_scale)
+  elif fmt == "nvfp4":
+    s = np_e4m3(ops.w_scale)
+  else:
+    s = _bf16(np.asarray(ops.w_scale, np.float32))
+  x = np.asarray(ops.x, np.float64)
+  if g is None:
+    y = (x @ vals.T) * s.reshape(1, n)
+  else:
+    y = x @ _bf16(vals * np.repeat(s.reshape(n, k // g), g, axis=1)).T
+  if ops.w_tensor_scale is not None:
+    y = y * float(ops.w_tensor_scale)
+  return y
+
+
+def np_w8a8(ops, prob):
+  """float64 W8A8 result from the codes and scales (all three scale modes)."""
+  m, n, k = prob.m, prob.n, prob.k
+  if prob.w_format == "int8":
+    xv = np.asarray(ops.x, np.float64)
+    wv = np.asarray(ops.w_codes, np.float64)
+  else:
+    xv = np_e4m3(ops.x)
+    wv = np_e4m3(ops.w_codes)
+  if prob.w_format == "mxfp8_e4m3":
+    return np.einsum("mbk,nbk,mb,nb->mn", xv.reshape(m, k // 32, 32),
+                     wv.reshape(n, k // 32, 32), np_e8m0(ops.x_scale),
+                     np_e8m0(ops.w_scale))
+  sx = np.asarray(ops.x_scale, np.float64)
+  sw = np.asarray(ops.w_scale, np.float64)
+  if prob.w_block is None:
+    return (xv * sx) @ (wv * sw).T
+  xs = xv * np.repeat(sx, 128, axis=1)
+  ws = wv * np.repeat(np.repeat(sw, 128, axis=0), 128, axis=1)
+  return xs @ ws.T

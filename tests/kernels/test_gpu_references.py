@@ -17,65 +17,8 @@ from lowbit_jax.kernels import _gpu_common as common
 from lowbit_jax.kernels import gpu_w8a8
 from lowbit_jax.kernels import gpu_weight_only
 from lowbit_jax.kernels._api import MatmulOperands, MatmulProblem
-from tests.kernels._gpu_operands import make_w8, make_wo
-
-
-# ----------------------------------------------------------------------------
-# Independent float64 decoders.
-# ----------------------------------------------------------------------------
-
-def np_unpack(codes):
-  c = np.asarray(codes).astype(np.int64)
-  out = np.empty(c.shape[:-1] + (2 * c.shape[-1],), np.int64)
-  out[..., 0::2] = c & 0xF
-  out[..., 1::2] = (c >> 4) & 0xF
-  return out
-
-
-def np_int4(nib):
-  return np.where(nib >= 8, nib - 16, nib).astype(np.float64)
-
-
-def np_e2m1(nib):
-  sign = np.where(nib & 8, -1.0, 1.0)
-  e = (nib >> 1) & 3
-  m = nib & 1
-  mag = np.where(e == 0, 0.5 * m, 2.0 ** (e - 1) * (1 + 0.5 * m))
-  return sign * mag
-
-
-def np_e8m0(codes):
-  c = np.asarray(codes).astype(np.float64)
-  return np.where(c == 255, np.nan, 2.0 ** (c - 127))
-
-
-def np_e4m3(arr):
-  b = np.asarray(arr).view(np.uint8).astype(np.int64)
-  sign = np.where(b & 0x80, -1.0, 1.0)
-  e = (b >> 3) & 0xF
-  m = b & 7
-  mag = np.where(e == 0, m / 8.0 * 2.0 ** -6, 2.0 ** (e - 7) * (1 + m / 8.0))
-  mag = np.where((e == 15) & (m == 7), np.nan, mag)
-  return sign * mag
-
-
-def np_weight(fmt, codes, scale, group, n, k, tscale=None):
-  if fmt == "int8":
-    vals = np.asarray(codes).astype(np.float64)
-  else:
-    nib = np_unpack(codes)
-    vals = np_int4(nib) if fmt == "int4" else np_e2m1(nib)
-  if fmt == "mxfp4":
-    s = np_e8m0(scale)
-  elif fmt == "nvfp4":
-    s = np_e4m3(scale) * float(tscale)
-  else:
-    s = np.asarray(scale).astype(np.float64)
-  if group is None:
-    s = np.broadcast_to(s.reshape(n, 1), (n, k))
-  else:
-    s = np.repeat(s.reshape(n, k // group), group, axis=1)
-  return vals * s
+from tests.kernels._gpu_operands import (make_w8, make_wo, np_e2m1, np_e4m3,
+                                         np_e8m0, np_w8a8, np_weight)
 
 
 def rel(a, b):
@@ -145,35 +88,16 @@ def test_xla_dequant_path_agrees_with_reference(fmt, group):
 def test_w8a8_reference_matches_float64_numpy(case):
   m, n, k = 16, 256, 512
   ops, prob = make_w8(jax.random.key(len(case)), case, m, n, k)
-  if case.startswith("int8"):
-    xv = np.asarray(ops.x, np.float64)
-    wv = np.asarray(ops.w_codes, np.float64)
-  else:
-    xv = np_e4m3(ops.x)
-    wv = np_e4m3(ops.w_codes)
-  sx = np.asarray(ops.x_scale, np.float64)
-  sw = np.asarray(ops.w_scale, np.float64)
-  if case.endswith("channel"):
-    want = (xv * sx) @ (wv * sw).T
-  else:
-    xs = xv * np.repeat(sx, 128, axis=1)
-    ws = wv * np.repeat(np.repeat(sw, 128, axis=0), 128, axis=1)
-    want = xs @ ws.T
   got = gpu_w8a8.reference(ops, prob)
-  assert rel(got, want) < 1e-6
+  assert rel(got, np_w8a8(ops, prob)) < 1e-6
 
 
 def test_mxfp8_reference_is_blockwise_scaled_sum():
   m, n, k = 8, 64, 256
   ops, prob = make_w8(jax.random.key(5), "mxfp8", m, n, k)
-  xv = np_e4m3(ops.x).reshape(m, k // 32, 32)
-  wv = np_e4m3(ops.w_codes).reshape(n, k // 32, 32)
-  sx = np_e8m0(ops.x_scale)
-  sw = np_e8m0(ops.w_scale)
-  want = np.einsum("mbk,nbk,mb,nb->mn", xv, wv, sx, sw)
   got = gpu_w8a8.reference(ops, prob)
   assert got.dtype == jnp.float32
-  assert rel(got, want) < 1e-6
+  assert rel(got, np_w8a8(ops, prob)) < 1e-6
 
 
 def test_mxfp8_reference_is_exact_when_block_sums_are_exact():
@@ -221,8 +145,10 @@ def test_weight_only_rejects_bad_problems():
                        x_format="int8")
   with pytest.raises(ValueError, match="weight-only"):
     gpu_weight_only.reference(ops, prob)
-  with pytest.raises(ValueError, match="interpret"):
+  with pytest.raises(ValueError, match="weight-only"):
     gpu_weight_only.matmul(ops, prob, interpret=True)
+  with pytest.raises(TypeError, match="interpret must be a bool"):
+    gpu_weight_only.matmul(ops, prob, interpret="yes")
 
 
 def test_w8a8_mode_of():

@@ -1,0 +1,251 @@
+"""The Mosaic GPU kernels run on the CPU in Pallas' Mosaic GPU interpreter.
+
+``matmul(..., interpret=...)`` runs the kernels' own jaxpr: the TMA pipelines,
+scale copies, barriers, split K, the persistent tile loop, the warp-specialized
+reduction and the output slicing, with warpgroups as threads, shared memory
+filled with NaN before first use, and the happens-before race detector on. Only
+the in-register helpers (raw MLIR through ``inline_mgpu``) are swapped for
+whole-tile jnp twins, which the GPU tests (test_gpu_kernels.py) cover instead.
+
+Each result is compared with a float64 model of the kernel's arithmetic
+(``np_weight_only``: bf16 rounding exactly where the kernel rounds; ``np_w8a8``),
+so a wrong scale, tile, K slice or masked row shows up as a large error; MXFP8
+is compared bit for bit with ``reference`` on inputs whose block sums are exact.
+"""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lowbit_jax.kernels import _gpu_common as common
+from lowbit_jax.kernels import gpu_w8a8
+from lowbit_jax.kernels import gpu_weight_only
+from tests.kernels._gpu_operands import make_w8, make_wo, np_w8a8, np_weight_only
+
+RACES = dict(detect_races=True)
+
+
+def _params(tail_rows=False):
+  """Race detection on; out-of-bounds reads raise unless the activation has a
+  ragged tail, where the TMA box runs past M (zero-filled by the hardware; the
+  interpreter fills NaN, which the masked store must keep out of the output)."""
+  return common.interpret_params(
+      True, **RACES, out_of_bounds_reads="uninitialized" if tail_rows else "raise")
+
+
+def _rel(a, b):
+  a = np.asarray(a, np.float64)
+  b = np.asarray(b, np.float64)
+  assert np.all(np.isfinite(a)), "kernel left unwritten (NaN) or inf elements"
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def _check_wo(fmt, group, m, n, k, cfg, *, seed=0, out_dtype="float32"):
+  ops, prob = make_wo(jax.random.key(seed), fmt, group, m, n, k,
+                      out_dtype=out_dtype)
+  out = gpu_weight_only.matmul(
+      ops, prob, config=cfg, interpret=_params(tail_rows=m % cfg.tile_m != 0))
+  assert not common.races_found()
+  assert out.shape == (m, n) and out.dtype == jnp.dtype(out_dtype)
+  want = np_weight_only(ops, prob)
+  tol = 1e-5 if out_dtype == "float32" else 8e-3
+  assert _rel(out, want) < tol, (fmt, group, cfg)
+  return ops, prob, out
+
+
+def _wo_cfg(**kw):
+  base = dict(tile_n=64, tile_k=256, tile_m=8, stages=2, split_k=1, ws=False)
+  return gpu_weight_only.Config(**{**base, **kw})
+
+
+WO_CASES = [("int4", None), ("int4", 32), ("int4", 64), ("int4", 128),
+            ("int8", None), ("int8", 32), ("int8", 128),
+            ("fp4_e2m1", None), ("fp4_e2m1", 32), ("fp4_e2m1", 128),
+            ("mxfp4", 32), ("nvfp4", 16)]
+
+
+# ----------------------------------------------------------------------------
+# Weight-only.
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt,group", WO_CASES)
+def test_weight_only_kernel_every_format(fmt, group):
+  # 4 K steps through a 2-deep pipeline (slots reused), 2 N tiles, and M = 5
+  # in an 8-row tile: the store must write exactly the 5 valid rows.
+  _check_wo(fmt, group, 5, 128, 1024, _wo_cfg())
+
+
+@pytest.mark.parametrize("fmt,group", [("int4", 128), ("int8", None),
+                                       ("mxfp4", 32), ("nvfp4", 16)])
+def test_weight_only_kernel_split_k(fmt, group):
+  # Two K slices per output tile, partial sums in f32 added after the kernel.
+  _check_wo(fmt, group, 16, 128, 2048, _wo_cfg(tile_m=16, split_k=2), seed=1)
+
+
+def test_weight_only_kernel_several_m_tiles():
+  _check_wo("int4", 64, 32, 64, 512, _wo_cfg(tile_m=16, stages=3), seed=2)
+
+
+def test_weight_only_kernel_group_wider_than_a_step():
+  # int8 with 128-element groups in 64-element K steps: one scale column
+  # serves two steps.
+  _check_wo("int8", 128, 8, 64, 1024, _wo_cfg(tile_k=64, stages=3), seed=3)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 256, 2048), (16, 512, 4096),
+                                   (64, 128, 1024), (128, 128, 1024)])
+def test_weight_only_kernel_default_configs(m, n, k):
+  # The tilings the dispatcher picks (decode split K, prefill tiles).
+  for fmt, group in [("int4", 128), ("nvfp4", 16)]:
+    ops, prob = make_wo(jax.random.key(m), fmt, group, m, n, k)
+    out = gpu_weight_only.matmul(ops, prob, interpret=_params(tail_rows=m < 8))
+    assert _rel(out, np_weight_only(ops, prob)) < 1e-5, (fmt, m, n, k)
+
+
+def test_weight_only_kernel_bf16_output():
+  _check_wo("int4", 128, 16, 128, 1024, _wo_cfg(tile_m=16), seed=4,
+            out_dtype="bfloat16")
+
+
+@pytest.mark.parametrize("fmt,group", [("int4", 128), ("int8", None),
+                                       ("mxfp4", 32), ("nvfp4", 16),
+                                       ("fp4_e2m1", 32)])
+def test_weight_only_warp_specialized_kernel(fmt, group):
+  # One TMA warpgroup, two compute warpgroups each taking half of every
+  # 512-deep K step; their partial sums meet in shared memory.
+  ops, prob = make_wo(jax.random.key(5), fmt, group, 16, 128, 2048)
+  cfg = _wo_cfg(tile_k=512, tile_m=16, ws=True)
+  out = gpu_weight_only.matmul(
+      ops, prob, config=cfg,
+      interpret=_params())
+  assert not common.races_found()
+  assert _rel(out, np_weight_only(ops, prob)) < 1e-5
+
+
+def test_weight_only_kernel_has_no_races():
+  ops, prob = make_wo(jax.random.key(6), "int4", 32, 16, 128, 2048)
+  out = gpu_weight_only.matmul(
+      ops, prob, config=_wo_cfg(tile_m=16, split_k=2, stages=3),
+      interpret=_params())
+  assert not common.races_found()
+  assert _rel(out, np_weight_only(ops, prob)) < 1e-5
+
+
+# ----------------------------------------------------------------------------
+# W8A8 (persistent, warp-specialized: 3 warpgroups).
+# ----------------------------------------------------------------------------
+
+def _check_w8(case, m, n, k, cfg=None, *, exact=False, out_dtype="float32",
+              seed=0):
+  ops, prob = make_w8(jax.random.key(seed), case, m, n, k, exact=exact,
+                      out_dtype=out_dtype)
+  out = gpu_w8a8.matmul(ops, prob, config=cfg,
+                        interpret=_params())
+  assert not common.races_found()
+  assert out.shape == (m, n) and out.dtype == jnp.dtype(out_dtype)
+  tol = 1e-6 if out_dtype == "float32" else 8e-3
+  assert _rel(out, np_w8a8(ops, prob)) < tol, (case, cfg)
+  return ops, prob, out
+
+
+@pytest.mark.parametrize("case", ["fp8_channel", "int8_channel"])
+def test_w8a8_channel_kernel(case):
+  # 128 x 256 CTA tiles: 3 x 2 = 6 output tiles over 2 persistent CTAs, 6 K
+  # steps through a 4-deep pipeline.
+  _check_w8(case, 384, 512, 768)
+
+
+@pytest.mark.parametrize("case", ["fp8_block", "int8_block"])
+def test_w8a8_block_scaled_kernel(case):
+  # 1x128 activation and 128x128 weight scales; 128 x 128 CTA tiles (two
+  # 64-row warpgroups): 3 x 2 tiles over 2 CTAs, 3 K steps.
+  _check_w8(case, 384, 256, 384, seed=1)
+
+
+def test_mxfp8_kernel_is_bit_exact_on_exact_block_sums():
+  # Small-integer E4M3 codes: every 32-deep block sum is exact, so the kernel
+  # must give the reference's bits. 3 tiles over 2 CTAs, 8 K blocks.
+  ops, prob, out = _check_w8("mxfp8", 384, 128, 256, exact=True, seed=2)
+  np.testing.assert_array_equal(np.asarray(out),
+                                np.asarray(gpu_w8a8.reference(ops, prob)))
+
+
+def test_mxfp8_kernel_random_codes():
+  _check_w8("mxfp8", 256, 256, 256, seed=3)
+
+
+@pytest.mark.parametrize("wg_dim,ctas", [("n", 1), ("m", 3)])
+def test_w8a8_channel_kernel_other_layouts(wg_dim, ctas):
+  # Warpgroups stacked along M, one CTA walking every tile, or more CTAs
+  # than some get tiles for.
+  cfg = gpu_w8a8.Config(tile_m=64 if wg_dim == "m" else 128, tile_n=128,
+                        stages=2, wg_dim=wg_dim, ctas=ctas)
+  _check_w8("int8_channel", 256, 256, 512, cfg, seed=4)
+
+
+def test_w8a8_kernel_bf16_output():
+  _check_w8("fp8_channel", 128, 256, 256, out_dtype="bfloat16", seed=5)
+
+
+# ----------------------------------------------------------------------------
+# The harness itself.
+# ----------------------------------------------------------------------------
+
+def _two_warpgroup_kernel(synchronized: bool):
+  import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
+  import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+
+  def body(x_gmem, o_gmem):
+    @functools.partial(pl.run_scoped, smem=plgpu.SMEM((64, 64), jnp.float32),
+                       bar=plgpu.Barrier(num_barriers=1), collective_axes="wg")
+    def _(smem, bar):
+      wg = jax.lax.axis_index("wg")
+
+      @pl.when(wg == 0)
+      def _():
+        smem[...] = x_gmem[...] * 2.0
+        if synchronized:
+          plgpu.barrier_arrive(bar.at[0])
+
+      @pl.when(wg == 1)
+      def _():
+        if synchronized:
+          plgpu.barrier_wait(bar.at[0])
+        o_gmem[...] = smem[...]
+
+  return plgpu.kernel(
+      body, out_type=jax.ShapeDtypeStruct((64, 64), jnp.float32), grid=(1,),
+      grid_names=("x",), num_threads=2, thread_name="wg",
+      interpret=_params())
+
+
+def test_race_detector_sees_a_planted_race():
+  x = jax.random.normal(jax.random.key(0), (64, 64), jnp.float32)
+  out = common.run_interpreted(_two_warpgroup_kernel(True), x)
+  assert not common.races_found()
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(x) * 2)
+  common.run_interpreted(_two_warpgroup_kernel(False), x)
+  assert common.races_found()
+
+
+def test_interpreting_three_warpgroups_needs_the_scheduler_flag(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  ops, prob = make_w8(jax.random.key(0), "int8_channel", 128, 256, 128)
+  with pytest.raises(RuntimeError, match="xla_cpu_enable_concurrency"):
+    gpu_w8a8.matmul(ops, prob, interpret=True)
+  ops, prob = make_wo(jax.random.key(0), "int4", 128, 16, 128, 1024)
+  with pytest.raises(RuntimeError, match="deadlock"):
+    gpu_weight_only.matmul(ops, prob, config=_wo_cfg(tile_k=512, ws=True),
+                           interpret=True)
+
+
+def test_interpret_argument_is_validated():
+  ops, prob = make_w8(jax.random.key(0), "int8_channel", 128, 256, 128)
+  with pytest.raises(TypeError, match="InterpretGPUParams"):
+    gpu_w8a8.matmul(ops, prob, interpret=1)
+  bad = dataclasses.replace(prob, n=200)
+  with pytest.raises(ValueError, match="does not fit the tiling"):
+    gpu_w8a8.matmul(ops, bad, interpret=True)
