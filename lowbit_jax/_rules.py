@@ -84,7 +84,9 @@ class QuantRule:
       "conv")``. ``quantize_function`` sees einsums as ``dot_general``, so there
       a rule with either name applies to every matmul.
     static: quantize activations with a static range from calibration (run the
-      model once in mode ``"calibrate"`` first) instead of per call.
+      model once in mode ``"calibrate"`` first) instead of per call. For a
+      two-level block format (NVFP4) the range fixes the tensor scale and the
+      block scales stay dynamic; for other block formats every block takes it.
 
   A rule with neither ``weight`` nor ``activation`` keeps the ops it matches in
   float; put it first to exclude a layer from a later catch-all rule.
@@ -124,6 +126,14 @@ class QuantRule:
       raise ValueError(f"QuantRule({self.path!r}): static=True quantizes activations "
                        "with calibrated ranges, so it needs an activation spec, e.g. "
                        "activation='int8'")
+    sa = self.static_activation
+    if sa is not None and sa.tensor_scale and sa.calibration in ("mse", "kl"):
+      raise ValueError(
+          f"QuantRule({self.path!r}): a static {sa.format.name} activation "
+          "calibrates only its tensor scale (its block scales stay dynamic), and "
+          f"calibration={sa.calibration!r} scores a per-element quantizer that this "
+          "two-level format does not use; use calibration='minmax', 'absmax_ema' "
+          "or 'percentile'")
 
   def matches(self, path: str) -> bool:
     """Whether the regex fully matches ``path``."""
@@ -599,20 +609,28 @@ def check_use_kernel(use_kernel: str) -> str:
 
 
 def _act(site: Site, x, rng: Optional[dict]):
-  """(activation operand, lhs_spec, lhs_amax) for ops, static ranges applied."""
+  """Activation operand and its static range for ops.
+
+  Returns:
+    ``(x, lhs_spec, {"lhs_amax" or "lhs_tensor_amax": range})``. A two-level
+    block format (NVFP4) takes its static range as the tensor scale's, its
+    block scales staying dynamic; other specs take it as every block's range.
+  """
   spec = site.activation
   if spec is None or site.mode == "calibrate":
-    return x, None, None
+    return x, None, {}
   if not site.static:
-    return x, spec, None
+    return x, spec, {}
   rng = static_range(site, rng)
   spec = site.rule.static_activation
+  if spec.tensor_scale:
+    return x, spec, {"lhs_tensor_amax": rng["amax"]}
   if spec.symmetric:
-    return x, spec, rng["amax"]
+    return x, spec, {"lhs_amax": rng["amax"]}
   # ops take only a static amax: quantize asymmetric ranges here (core calls).
   if site.mode == "fake":
-    return fake_quant(x, spec, amax=rng["amax"], amin=rng["amin"]), None, None
-  return quantize(x, spec, amax=rng["amax"], amin=rng["amin"]), None, None
+    return fake_quant(x, spec, amax=rng["amax"], amin=rng["amin"]), None, {}
+  return quantize(x, spec, amax=rng["amax"], amin=rng["amin"]), None, {}
 
 
 def _weight_dot(w, contract, batch):
@@ -682,13 +700,13 @@ def site_dot_general(site: Site, lhs, rhs, dimension_numbers, precision=None,
   # label letter), so groups run along the weight's last contraction axis.
   pairs = sorted(zip(lc, rc), key=lambda p: p[1])
   lc, rc = tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
-  x, lspec, amax = _act(site, lhs, stats)
+  x, lspec, static = _act(site, lhs, stats)
   w, rc2, rb2 = _weight_dot(rhs, tuple(rc), tuple(rb))
   return ops.dot_general(x, w, ((tuple(lc), rc2), (tuple(lb), rb2)), precision,
                          preferred_element_type, lhs_spec=lspec,
                          rhs_spec=None if isinstance(w, QArray) else site.weight,
-                         mode=site.mode, lhs_amax=amax,
-                         use_kernel=check_use_kernel(site.use_kernel))
+                         mode=site.mode, use_kernel=check_use_kernel(site.use_kernel),
+                         **static)
 
 
 def einsum_dims(subscripts: str, lhs_shape: tuple, rhs_shape: tuple):
@@ -767,7 +785,7 @@ def site_conv(site: Site, lhs, rhs, window_strides, padding, lhs_dilation=None,
                                     dimension_numbers, feature_group_count,
                                     batch_group_count, precision,
                                     preferred_element_type)
-  x, lspec, amax = _act(site, lhs, stats)
+  x, lspec, static = _act(site, lhs, stats)
   wspec = None
   if site.weight is not None and not isinstance(rhs, QArray):
     dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
@@ -776,7 +794,7 @@ def site_conv(site: Site, lhs, rhs, window_strides, padding, lhs_dilation=None,
       x, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
       dimension_numbers, feature_group_count, batch_group_count, precision,
       preferred_element_type, lhs_spec=lspec, rhs_spec=wspec, mode=site.mode,
-      lhs_amax=amax)
+      **static)
 
 
 __all__ = ["QuantRule", "QuantConfig", "Site", "QWeight", "WeightPlan", "OPS",

@@ -82,9 +82,14 @@ Granularity (static scales): the state follows the spec's granularity.
 * per-token (any other axis, e.g. the default ``axis=-1`` of an activation
   spec): rejected with a ValueError, since a static range cannot depend on
   each call's tokens; use a dynamic activation spec for that.
-* block/group/tile specs (MX, NVFP4, ``group_size``, ``tile``): one per-tensor
+* block/group/tile specs (MX, ``group_size``, ``tile``): one per-tensor
   range, which the core's block rule broadcasts to every block (all blocks then
-  share one scale; NVFP4's tensor scale is derived from it too).
+  share one scale).
+* two-level block formats (NVFP4): one per-tensor range that fixes the float32
+  tensor scale; every block's E4M3 scale stays dynamic (the rules pass it as
+  ``tensor_amax``). Only range observers fit here (minmax, absmax_ema,
+  percentile): mse and kl score a per-element quantizer, which this is not,
+  and ``QuantRule`` rejects them.
 
 Cost: per-tensor states are a few scalars (minmax, ema) or ``2 * bins``
 float32 counts (16 KiB at the default); per-channel states multiply that by K,

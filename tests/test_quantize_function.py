@@ -231,6 +231,37 @@ def test_calibrate_then_static():
     qf(p, xs[0])
 
 
+def test_static_nvfp4_fixes_the_tensor_scale_only():
+  # A static NVFP4 activation: calibration fixes the tensor scale, block
+  # scales stay dynamic (not one shared block scale).
+  def f(p, x):
+    return x @ p["a"]
+
+  k = jax.random.split(jax.random.key(12), 3)
+  p = {"a": jax.random.normal(k[0], (64, 8))}
+  x_cal = jax.random.normal(k[1], (8, 64)) * 4
+  x = jax.random.normal(k[2], (8, 64)) * jnp.linspace(0.01, 1.0, 64)
+  rules = QuantConfig([QuantRule(".*", activation="nvfp4", static=True)])
+  _, stats = quantize_function(f, rules, mode="calibrate")(p, x_cal)
+  amax = float(jnp.abs(x_cal).max())
+  y = quantize_function(f, rules)(p, x, quant_stats=stats)
+  spec = lb.QuantSpec("nvfp4", axis=-1)
+  want = lb.fake_quant(x, spec, tensor_amax=amax) @ p["a"]
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(want))
+  # Dynamic block scales: small rows keep their precision, unlike one static
+  # scale for every block (amax= broadcast to all blocks).
+  one_scale = lb.fake_quant(x, spec, amax=amax) @ p["a"]
+  err = lambda v: float(jnp.linalg.norm(v - x @ p["a"]))  # noqa: E731
+  assert err(y) < 0.5 * err(one_scale)
+  # Real mode stores the same numbers.
+  y_real = quantize_function(f, rules, mode="real")(p, x, quant_stats=stats)
+  np.testing.assert_allclose(np.asarray(y_real), np.asarray(want), rtol=1e-5,
+                             atol=1e-6)
+  with pytest.raises(ValueError, match="calibrates only its tensor scale"):
+    QuantRule(".*", activation=lb.QuantSpec("nvfp4", calibration="mse"),
+              static=True)
+
+
 def test_calibrating_inside_scan_is_rejected():
   p, x = _params(), jnp.ones((3, 16))
   cal = quantize_function(_loops, [QuantRule("stack", activation="int8",

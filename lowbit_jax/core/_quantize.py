@@ -260,8 +260,11 @@ def _prepare(x, spec: QuantSpec):
   return x, spec, bs, valid, pa
 
 
-def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin):
+def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None):
   """Elements on the format's grid (float32), scales and zero points.
+
+  ``tensor_amax`` (formats with a tensor scale only) fixes the per-tensor range
+  that sets the tensor scale; the block scales still follow the data.
 
   Returns:
     (q, scale_f32 per block, stored scale, zero_point per block or None,
@@ -306,16 +309,24 @@ def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin):
   bad = ~jnp.isfinite(a) | jnp.any(~jnp.isfinite(xb), axis=red)
 
   tscale = None
+  a_clip = a  # the range beyond which the straight-through gradient is zero
   if spec.tensor_scale:
     # The per-tensor amax is over finite values: a NaN or inf block turns
     # only itself into NaN.
-    emax_t = (jnp.max(jnp.where(jnp.isfinite(xf), jnp.abs(xf), 0.0)) if amax is None
-              else jnp.max(a))
+    if tensor_amax is not None:
+      emax_t = jnp.asarray(tensor_amax, jnp.float32) * np.float32(spec.clip_ratio)
+    elif amax is None:
+      emax_t = jnp.max(jnp.where(jnp.isfinite(xf), jnp.abs(xf), 0.0))
+    else:
+      emax_t = jnp.max(a)
     smax = _E4M3.max if spec.scale_dtype == "fp8_e4m3" else 1.0
     t = _div(emax_t, np.float32(fmt.max * smax))
     t = jnp.where(emax_t == 0, np.float32(1.0), t)  # 1 where the amax is 0
     tscale = t
     if spec.scale_dtype == "fp8_e4m3":
+      # E4M3 block scales clamp at 448, so nothing beyond the tensor range
+      # survives (only a static tensor_amax can lie below a block's amax).
+      a_clip = jnp.minimum(a, emax_t)
       s_raw = jnp.clip(_div(_div(a, np.float32(fmt.max)), t), _E4M3.min_normal,
                        _E4M3.max)
       s_stored, s_val = _store_float_scale(s_raw, "fp8_e4m3")
@@ -350,7 +361,7 @@ def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin):
     # clip_ratio < 1 or a static amax) are clipped. Comparing |y| with the max
     # instead would flag the amax element itself whenever the rounded scale
     # makes a / s land an ulp above it.
-    clipped = jnp.abs(xf) > _expand(a, bs, xf.shape)
+    clipped = jnp.abs(xf) > _expand(a_clip, bs, xf.shape)
   else:
     # E8M0 scales are powers of two, so y is exact: elements beyond the max
     # saturate (OCP MX floor rounding can do that by design).
@@ -412,9 +423,24 @@ def _values(q, total, zp, bs, shape):
 # Public API
 
 
+def _check_tensor_amax(spec: QuantSpec, amax, tensor_amax) -> None:
+  if tensor_amax is None:
+    return
+  if not spec.tensor_scale:
+    raise ValueError(f"tensor_amax sets the per-tensor scale of a two-level block "
+                     f"format (NVFP4); {spec.format.name!r} has none. Pass amax= "
+                     "for a static range instead")
+  if amax is not None:
+    raise ValueError("give amax (a static range for every block) or tensor_amax "
+                     "(a static tensor scale over dynamic block scales), not both")
+  if jnp.ndim(tensor_amax) != 0:
+    raise ValueError(f"tensor_amax must be a scalar, got shape "
+                     f"{jnp.shape(tensor_amax)}")
+
+
 def quantize(x: jax.Array, spec=None, *, key: Optional[jax.Array] = None,
              amax: Optional[jax.Array] = None, amin: Optional[jax.Array] = None,
-             **spec_kwargs) -> QArray:
+             tensor_amax: Optional[jax.Array] = None, **spec_kwargs) -> QArray:
   """Quantizes ``x`` to a packed QArray.
 
   Args:
@@ -425,6 +451,12 @@ def quantize(x: jax.Array, spec=None, *, key: Optional[jax.Array] = None,
     amax: a static range (from calibration) instead of the data's: a scalar or
       one value per block (broadcastable to the scale shape).
     amin: the static minimum, with amax, for asymmetric specs.
+    tensor_amax: for formats with a tensor scale (NVFP4), a static per-tensor
+      range: it fixes the float32 tensor scale while every block's E4M3 scale
+      still comes from the block's own amax (the two-level recipe: static
+      global scale from calibration, dynamic block scales). A scalar. Under
+      ``shard_map`` it also makes shards agree, e.g.
+      ``tensor_amax=lax.pmax(jnp.max(jnp.abs(x)), "data")``.
 
   Returns:
     QArray whose ``dequantize()`` equals ``fake_quant(x, spec)``.
@@ -434,9 +466,11 @@ def quantize(x: jax.Array, spec=None, *, key: Optional[jax.Array] = None,
       without pad=True, a block format without an axis, ...).
   """
   spec = as_spec(spec, **spec_kwargs)
+  _check_tensor_amax(spec, amax, tensor_amax)
   shape, dtype = tuple(jnp.shape(x)), jnp.asarray(x).dtype
   xp, spec, bs, valid, pa = _prepare(x, spec)
-  q, total, s_stored, zp, tscale, _ = _grid(xp, spec, bs, valid, key, amax, amin)
+  q, total, s_stored, zp, tscale, _ = _grid(xp, spec, bs, valid, key, amax, amin,
+                                            tensor_amax)
   fmt = spec.storage_format
   codes = _cast.encode(q, fmt)
   n_codes, _ = pack_unit(fmt.bits)
@@ -480,32 +514,33 @@ def dequantize(q: QArray) -> jax.Array:
   return out.astype(q.dtype)
 
 
-def _fake_quant_impl(x, spec, key, amax, amin):
+def _fake_quant_impl(x, spec, key, amax, amin, tensor_amax):
   shape, dtype = x.shape, x.dtype
   xp, spec, bs, valid, _ = _prepare(x, spec)
-  q, total, _, zp, _, clipped = _grid(xp, spec, bs, valid, key, amax, amin)
+  q, total, _, zp, _, clipped = _grid(xp, spec, bs, valid, key, amax, amin,
+                                      tensor_amax)
   out = _values(q, total, zp, bs, xp.shape)
   sl = tuple(slice(0, d) for d in shape)
   return out[sl].astype(dtype), clipped[sl]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _fake_quant(x, spec, key, amax, amin):
-  return _fake_quant_impl(x, spec, key, amax, amin)[0]
+def _fake_quant(x, spec, key, amax, amin, tensor_amax):
+  return _fake_quant_impl(x, spec, key, amax, amin, tensor_amax)[0]
 
 
-def _fq_fwd(x, spec, key, amax, amin):
-  y, clipped = _fake_quant_impl(x, spec, key, amax, amin)
-  return y, (clipped, key, amax, amin)
+def _fq_fwd(x, spec, key, amax, amin, tensor_amax):
+  y, clipped = _fake_quant_impl(x, spec, key, amax, amin, tensor_amax)
+  return y, (clipped, key, amax, amin, tensor_amax)
 
 
 def _fq_bwd(spec, res, g):
-  clipped, key, amax, amin = res
+  clipped, key, amax, amin, tensor_amax = res
   del spec
   gx = jnp.where(clipped, jnp.zeros_like(g), g)
   zero = lambda v: None if v is None else jnp.zeros_like(v)  # noqa: E731
   key_ct = None if key is None else np.zeros(key.shape, jax.dtypes.float0)
-  return gx, key_ct, zero(amax), zero(amin)
+  return gx, key_ct, zero(amax), zero(amin), zero(tensor_amax)
 
 
 _fake_quant.defvjp(_fq_fwd, _fq_bwd)
@@ -513,6 +548,7 @@ _fake_quant.defvjp(_fq_fwd, _fq_bwd)
 
 def fake_quant(x: jax.Array, spec=None, *, key: Optional[jax.Array] = None,
                amax: Optional[jax.Array] = None, amin: Optional[jax.Array] = None,
+               tensor_amax: Optional[jax.Array] = None,
                **spec_kwargs) -> jax.Array:
   """Quantize-dequantize with a straight-through gradient.
 
@@ -526,7 +562,8 @@ def fake_quant(x: jax.Array, spec=None, *, key: Optional[jax.Array] = None,
     An array of x's shape and dtype.
   """
   spec = as_spec(spec, **spec_kwargs)
+  _check_tensor_amax(spec, amax, tensor_amax)
   x = jnp.asarray(x)
   if key is not None and not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     key = jax.random.wrap_key_data(key) if key.dtype == jnp.uint32 else key
-  return _fake_quant(x, spec, key, amax, amin)
+  return _fake_quant(x, spec, key, amax, amin, tensor_amax)

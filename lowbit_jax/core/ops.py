@@ -148,7 +148,7 @@ def _run_kernel(lhs, rhs: QArray, prob, use_kernel: str):
 def dot_general(lhs, rhs, dimension_numbers, precision=None,
                 preferred_element_type=None, *, lhs_spec=None, rhs_spec=None,
                 mode: str = "fake", key: Optional[jax.Array] = None,
-                lhs_amax=None, use_kernel: str = "auto"):
+                lhs_amax=None, lhs_tensor_amax=None, use_kernel: str = "auto"):
   """Quantized ``lax.dot_general``.
 
   Args:
@@ -160,6 +160,8 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None,
     mode: "fake" or "real" (module docstring).
     key: PRNG key for stochastically rounded specs (split between operands).
     lhs_amax: static activation range from calibration (None: dynamic).
+    lhs_tensor_amax: static per-tensor range of a two-level block activation
+      (NVFP4): fixes its tensor scale, block scales stay dynamic.
     use_kernel: "auto", "never" or "always".
 
   Returns:
@@ -177,7 +179,8 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None,
   out_dtype = (lhs.dtype if not isinstance(lhs, QArray) else jnp.dtype(lhs.dtype))
   if mode == "fake":
     lv = dequantize(lhs) if isinstance(lhs, QArray) else (
-        fake_quant(lhs, ls, key=k_l if _stoch(ls) else None, amax=lhs_amax)
+        fake_quant(lhs, ls, key=k_l if _stoch(ls) else None, amax=lhs_amax,
+                   tensor_amax=lhs_tensor_amax)
         if ls is not None else lhs)
     rv = dequantize(rhs) if isinstance(rhs, QArray) else (
         fake_quant(rhs, rs, key=k_r if _stoch(rs) else None) if rs is not None else rhs)
@@ -187,7 +190,8 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None,
   rq = rhs if isinstance(rhs, QArray) else (
       quantize(rhs, rs, key=k_r if _stoch(rs) else None) if rs is not None else rhs)
   lq = lhs if isinstance(lhs, QArray) else (
-      quantize(lhs, ls, key=k_l if _stoch(ls) else None, amax=lhs_amax)
+      quantize(lhs, ls, key=k_l if _stoch(ls) else None, amax=lhs_amax,
+               tensor_amax=lhs_tensor_amax)
       if ls is not None else lhs)
   if isinstance(rq, QArray) and use_kernel != "never":
     prob, why = kernel_problem(lq, rq, dimension_numbers)
@@ -208,7 +212,8 @@ def _stoch(spec: Optional[QuantSpec]) -> bool:
   return spec is not None and spec.rounding == "stochastic"
 
 
-def _qdq_operand(x, spec: Optional[QuantSpec], key, mode: str, amax=None):
+def _qdq_operand(x, spec: Optional[QuantSpec], key, mode: str, amax=None,
+                 tensor_amax=None):
   """An operand as the op sees it: dequantized QArray, float, or quantized
   (fake: STE fake_quant; real: dequantize(quantize(x)))."""
   if isinstance(x, QArray):
@@ -217,8 +222,8 @@ def _qdq_operand(x, spec: Optional[QuantSpec], key, mode: str, amax=None):
     return x
   k = key if _stoch(spec) else None
   if mode == "fake":
-    return fake_quant(x, spec, key=k, amax=amax)
-  return dequantize(quantize(x, spec, key=k, amax=amax))
+    return fake_quant(x, spec, key=k, amax=amax, tensor_amax=tensor_amax)
+  return dequantize(quantize(x, spec, key=k, amax=amax, tensor_amax=tensor_amax))
 
 
 def _einsum_contracted(subscripts: str, lhs_nd: int, rhs_nd: int):
@@ -241,8 +246,8 @@ def _einsum_contracted(subscripts: str, lhs_nd: int, rhs_nd: int):
 
 
 def einsum(subscripts: str, lhs, rhs, *, lhs_spec=None, rhs_spec=None,
-           mode: str = "fake", key=None, lhs_amax=None, use_kernel: str = "auto",
-           precision=None, preferred_element_type=None):
+           mode: str = "fake", key=None, lhs_amax=None, lhs_tensor_amax=None,
+           use_kernel: str = "auto", precision=None, preferred_element_type=None):
   """Quantized two-operand ``jnp.einsum``.
 
   Each operand is quantized on its own (an unset spec axis becomes that
@@ -264,7 +269,8 @@ def einsum(subscripts: str, lhs, rhs, *, lhs_spec=None, rhs_spec=None,
     return _spec_for(s, contract, nd) if contract else as_spec(s).with_axis("tensor")
 
   out_dtype = jnp.dtype(lhs.dtype)
-  lv = _qdq_operand(lhs, spec(lhs_spec, lc, lhs_nd), k_l, mode, lhs_amax)
+  lv = _qdq_operand(lhs, spec(lhs_spec, lc, lhs_nd), k_l, mode, lhs_amax,
+                    lhs_tensor_amax)
   rv = _qdq_operand(rhs, spec(rhs_spec, rc, rhs_nd), k_r, mode)
   if mode == "real":
     y = jnp.einsum(subscripts, lv.astype(jnp.float32), rv.astype(jnp.float32),
@@ -278,7 +284,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None,
                          feature_group_count=1, batch_group_count=1, precision=None,
                          preferred_element_type=None, *, lhs_spec=None, rhs_spec=None,
-                         mode: str = "fake", key=None, lhs_amax=None):
+                         mode: str = "fake", key=None, lhs_amax=None,
+                         lhs_tensor_amax=None):
   """Quantized ``lax.conv_general_dilated``.
 
   An unset weight axis means per-output-channel (all kernel dims but the output
@@ -303,7 +310,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   k_l = k_r = None
   if key is not None:
     k_l, k_r = jax.random.split(key)
-  lv = _qdq_operand(lhs, ls, k_l, mode, lhs_amax)
+  lv = _qdq_operand(lhs, ls, k_l, mode, lhs_amax, lhs_tensor_amax)
   rv = _qdq_operand(rhs, rs, k_r, mode)
   return lax.conv_general_dilated(lv, rv.astype(lv.dtype), window_strides, padding,
                                   lhs_dilation, rhs_dilation, dimension_numbers,

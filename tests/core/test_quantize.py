@@ -213,10 +213,13 @@ def _pack_nibbles(c):
   return (c[..., 0::2] | (c[..., 1::2] << 4)).astype(np.uint8)
 
 
-def _nvfp4_reference(x):
-  """(values, tensor scale, e4m3 block scale bytes, packed fp4 codes)."""
+def _nvfp4_reference(x, tensor_amax=None):
+  """(values, tensor scale, e4m3 block scale bytes, packed fp4 codes).
+
+  ``tensor_amax`` replaces the data's amax in the tensor scale (static).
+  """
   x = np.asarray(x, F32)
-  amax = np.max(np.abs(x))
+  amax = np.max(np.abs(x)) if tensor_amax is None else F32(tensor_amax)
   t = F32(amax / F32(6 * 448)) if amax != 0 else F32(1.0)
   xb = x.reshape(x.shape[:-1] + (-1, 16))
   bam = np.max(np.abs(xb), axis=-1)
@@ -265,6 +268,46 @@ def test_nvfp4_matches_recipe_bit_exactly(case):
              np.asarray(jnp.asarray(val).astype(in_dtype).astype(jnp.float32)))
   if case == "zeros":
     assert float(q.tensor_scale) == 1.0 and np.all(y == 0)
+
+
+@cpu_only
+@pytest.mark.parametrize("ratio", [0.25, 1.0, 4.0])
+def test_nvfp4_static_tensor_scale_dynamic_block_scales(ratio):
+  # A calibrated tensor range fixes t; block scales still follow each block.
+  rng = np.random.default_rng(11)
+  x = rng.standard_t(4, (16, 128)).astype(F32)
+  ta = F32(np.max(np.abs(x)) * ratio)
+  spec = lb.QuantSpec("nvfp4", axis=-1)
+  q = lb.quantize(jnp.asarray(x), spec, tensor_amax=ta)
+  y = lb.fake_quant(jnp.asarray(x), spec, tensor_amax=ta)
+  val, t, s8, codes = _nvfp4_reference(x, tensor_amax=ta)
+  assert np.asarray(q.tensor_scale).view(np.uint32) == np.asarray(t).view(np.uint32)
+  np.testing.assert_array_equal(np.asarray(q.scale).view(np.uint8), s8)
+  np.testing.assert_array_equal(np.asarray(q.codes), codes)
+  _same_bits(np.asarray(y), val)
+  _same_bits(np.asarray(lb.dequantize(q)), val)
+  # Nothing exceeds the static range: block scales saturate at 448.
+  assert np.max(np.abs(val)) <= ta * (1 + 2 ** -20)
+  if ratio == 1.0:  # the data's own amax: exactly the dynamic result
+    _same_bits(np.asarray(y), np.asarray(lb.fake_quant(jnp.asarray(x), spec)))
+
+
+def test_nvfp4_tensor_amax_gradient_and_errors():
+  x = jax.random.normal(jax.random.key(0), (4, 64)) * 3
+  spec = lb.QuantSpec("nvfp4", axis=-1)
+  ta = jnp.float32(1.0)  # well below the data: large values clip
+  gx, gt = jax.grad(lambda v, t: jnp.sum(lb.fake_quant(v, spec, tensor_amax=t)),
+                    argnums=(0, 1))(x, ta)
+  big = np.abs(np.asarray(x)) > 1.0 + 1e-3
+  assert big.any() and np.all(np.asarray(gx)[big] == 0)
+  assert np.all(np.asarray(gx)[np.abs(np.asarray(x)) < 0.9] == 1)
+  assert float(gt) == 0.0
+  with pytest.raises(ValueError, match="tensor scale"):
+    lb.fake_quant(x, "int8", tensor_amax=ta)
+  with pytest.raises(ValueError, match="not both"):
+    lb.quantize(x, spec, amax=ta, tensor_amax=ta)
+  with pytest.raises(ValueError, match="scalar"):
+    lb.quantize(x, spec, tensor_amax=jnp.ones((4,)))
 
 
 # ---------------------------------------------------------------------------

@@ -81,6 +81,29 @@ def test_shard_map_rows_equals_global(spec):
   np.testing.assert_array_equal(np.asarray(deq), np.asarray(lb.dequantize(ref)))
 
 
+def test_shard_map_nvfp4_with_a_global_tensor_amax():
+  # Inside shard_map each shard sees only its rows, so NVFP4's tensor scale
+  # would be per shard; a pmax'ed tensor_amax makes it the global one.
+  x = jax.random.normal(jax.random.key(6), (64, 256)) * jnp.linspace(
+      0.1, 10.0, 64)[:, None]
+  spec = lb.QuantSpec("nvfp4", axis=-1)
+  ref = jax.jit(lambda v: lb.quantize(v, spec))(x)
+  mesh = _mesh()
+
+  def local(v):
+    ta = jax.lax.pmax(jnp.max(jnp.abs(v)), "d")
+    return lb.fake_quant(v, spec, tensor_amax=ta)
+
+  sm = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P("d"), out_specs=P("d")))
+  y = sm(jax.device_put(x, NamedSharding(mesh, P("d"))))
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(lb.dequantize(ref)))
+  # Without it the shards disagree with the global result.
+  per_shard = jax.jit(jax.shard_map(lambda v: lb.fake_quant(v, spec), mesh=mesh,
+                                    in_specs=P("d"), out_specs=P("d")))
+  assert not np.array_equal(np.asarray(per_shard(x)),
+                            np.asarray(lb.dequantize(ref)))
+
+
 def test_shard_map_along_the_quantized_axis():
   # K split over 8 devices, groups of 32 along K: each shard holds whole groups.
   x = jax.random.normal(jax.random.key(3), (16, 256))
