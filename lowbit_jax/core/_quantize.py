@@ -467,7 +467,14 @@ def quantize(x: jax.Array, spec=None, *, key: Optional[jax.Array] = None,
   """
   spec = as_spec(spec, **spec_kwargs)
   _check_tensor_amax(spec, amax, tensor_amax)
-  shape, dtype = tuple(jnp.shape(x)), jnp.asarray(x).dtype
+  # One jit per (spec, shape): run eagerly, the dozens of small ops would each
+  # compile on first use (seconds for a new shape); inside a trace it inlines.
+  return _quantize_jit(jnp.asarray(x), spec, key, amax, amin, tensor_amax)
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _quantize_jit(x, spec, key, amax, amin, tensor_amax):
+  shape, dtype = tuple(x.shape), x.dtype
   xp, spec, bs, valid, pa = _prepare(x, spec)
   q, total, s_stored, zp, tscale, _ = _grid(xp, spec, bs, valid, key, amax, amin,
                                             tensor_amax)
@@ -489,6 +496,11 @@ def dequantize(q: QArray) -> jax.Array:
   """The float array a QArray stands for (dtype and shape of the original)."""
   if not isinstance(q, QArray):
     raise TypeError(f"dequantize() takes a QArray, got {type(q).__name__}")
+  return _dequantize_jit(q)
+
+
+@jax.jit
+def _dequantize_jit(q: QArray) -> jax.Array:
   spec = q.spec
   fmt = spec.storage_format
   codes = unpack(q.codes, fmt, q.pack_axis)
