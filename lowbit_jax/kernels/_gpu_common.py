@@ -227,12 +227,14 @@ def interpret_params(interpret, **overrides):
   return interpret
 
 
-# XLA's CPU scheduler that favours concurrency lets a computation continue on
-# the intra-op thread pool (one thread per core). The interpreter runs each
-# warpgroup as its own computation, and a warpgroup blocked at a barrier holds
-# a pool thread, so on a machine with fewer cores than warpgroups the
-# warpgroup that would release it never runs: the kernel hangs. Seen with the
-# three-warpgroup kernels on 2 cores (jax 0.10.2); this flag avoids it.
+# The interpreter runs each warpgroup as its own XLA CPU computation on its own
+# thread. On 2 cores (jax 0.10.2) the three-warpgroup W8A8 block/MX kernels
+# hung once a CTA walked a second tile: the two compute warpgroups sat in
+# barrier waits, on XLA's worker threads rather than their own, and the TMA
+# warpgroup never made its first callback. With XLA's concurrency-optimized
+# CPU scheduler off, every case passes (tests/kernels/test_gpu_interpret.py).
+# The likely cause is blocked callbacks holding the CPU runtime's per-core
+# worker threads; that was inferred from the stacks, not proven.
 INTERPRETER_XLA_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 
