@@ -58,10 +58,18 @@ def decode_int4(nibbles: jax.Array) -> jax.Array:
 
 
 def decode_e2m1(nibbles: jax.Array) -> jax.Array:
-  """E2M1 nibbles (sign in bit 3) to float32 values (OCP MX spec, FP4 E2M1)."""
-  table = jnp.asarray(E2M1_VALUES, jnp.float32)
-  mag = table[(nibbles & 7).astype(jnp.int32)]
-  return jnp.where((nibbles & 8) != 0, -mag, mag)
+  """E2M1 nibbles (sign in bit 3) to float32 values (OCP MX spec, FP4 E2M1).
+
+  Plain arithmetic, no table (``E2M1_VALUES`` lists the magnitudes), so it also
+  runs inside a kernel body, which may not capture array constants.
+  """
+  nib = nibbles.astype(jnp.int32)
+  e = (nib >> 1) & 3
+  m = (nib & 1).astype(jnp.float32)
+  # e == 0: 0.5 * m (zero or the subnormal 0.5); else 2**(e-1) * (1 + m / 2).
+  pow2 = jnp.left_shift(1, jnp.maximum(e - 1, 0)).astype(jnp.float32)
+  mag = jnp.where(e == 0, 0.5 * m, pow2 * (1.0 + 0.5 * m))
+  return jnp.where((nib & 8) != 0, -mag, mag)
 
 
 def decode_e8m0(codes: jax.Array) -> jax.Array:
@@ -334,19 +342,11 @@ def bf16_from_e8m0(codes: jax.Array) -> jax.Array:
 
 
 def e2m1_from_int4(vals: jax.Array) -> jax.Array:
-  """E2M1 values from int4-typed codes (the nibble's two's-complement reading).
+  """E2M1 values (float32) from int4-typed codes, as the kernels move them.
 
-  The kernels move 4-bit codes as ``int4``; the nibble is ``v & 0xF``. Plain
-  arithmetic, no table: a kernel body may not capture array constants.
-  Returns float32.
+  The nibble is the code's two's-complement bits, ``v & 0xF``.
   """
-  nib = vals.astype(jnp.int32) & 0xF
-  e = (nib >> 1) & 3
-  m = (nib & 1).astype(jnp.float32)
-  # e == 0: 0.5 * m (zero or the subnormal 0.5); else 2**(e-1) * (1 + m / 2).
-  pow2 = jnp.left_shift(1, jnp.maximum(e - 1, 0)).astype(jnp.float32)
-  mag = jnp.where(e == 0, 0.5 * m, pow2 * (1.0 + 0.5 * m))
-  return jnp.where((nib & 8) != 0, -mag, mag)
+  return decode_e2m1(vals.astype(jnp.int32) & 0xF)
 
 
 # ----------------------------------------------------------------------------

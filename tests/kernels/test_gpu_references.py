@@ -55,6 +55,13 @@ def test_e2m1_and_e8m0_decoders_match_numpy_on_every_code():
   nib = jnp.arange(16, dtype=jnp.uint8)
   np.testing.assert_array_equal(common.decode_e2m1(nib),
                                 np_e2m1(np.arange(16)))
+  np.testing.assert_array_equal(np.abs(np.asarray(common.decode_e2m1(nib)))[:8],
+                                common.E2M1_VALUES)
+  # The kernels' int4 view of the same nibbles decodes alike.
+  as_int4 = jnp.arange(16, dtype=jnp.int32)
+  as_int4 = jnp.where(as_int4 >= 8, as_int4 - 16, as_int4).astype(jnp.int4)
+  np.testing.assert_array_equal(common.e2m1_from_int4(as_int4),
+                                np_e2m1(np.arange(16)))
   codes = jnp.arange(256, dtype=jnp.int32).astype(jnp.uint8)
   np.testing.assert_array_equal(common.decode_e8m0(codes),
                                 np_e8m0(np.arange(256)).astype(np.float32))
