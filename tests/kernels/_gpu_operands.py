@@ -11,6 +11,22 @@ import numpy as np
 from lowbit_jax.kernels._api import MatmulOperands, MatmulProblem
 
 
+# Every weight-only (format, group) the kernel implements.
+WO_CASES = [("int4", None), ("int4", 32), ("int4", 64), ("int4", 128),
+            ("int8", None), ("int8", 32), ("int8", 128),
+            ("fp4_e2m1", None), ("fp4_e2m1", 32), ("fp4_e2m1", 128),
+            ("mxfp4", 32), ("nvfp4", 16)]
+
+
+def rel_err(out, want):
+  """||out - want|| / ||want|| in float64; fails on NaN or inf in ``out``
+  (an unwritten, NaN-poisoned element)."""
+  a = np.asarray(out, np.float64)
+  b = np.asarray(want, np.float64)
+  assert np.all(np.isfinite(a)), "kernel left unwritten (NaN) or inf elements"
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
 def make_wo(key, fmt, group, m, n, k, *, out_dtype="float32",
             scale_range=(0.01, 0.1)):
   """Weight-only operands: bf16 x, K-major codes, per-format scales."""
@@ -112,12 +128,16 @@ def np_e4m3(arr):
   return sign * mag
 
 
-def np_weight(fmt, codes, scale, group, n, k, tscale=None):
+def np_weight_codes(fmt, codes):
+  """float64 values of stored weight codes (int8, int4 or E2M1 nibbles)."""
   if fmt == "int8":
-    vals = np.asarray(codes).astype(np.float64)
-  else:
-    nib = np_unpack(codes)
-    vals = np_int4(nib) if fmt == "int4" else np_e2m1(nib)
+    return np.asarray(codes).astype(np.float64)
+  nib = np_unpack(codes)
+  return np_int4(nib) if fmt == "int4" else np_e2m1(nib)
+
+
+def np_weight(fmt, codes, scale, group, n, k, tscale=None):
+  vals = np_weight_codes(fmt, codes)
   if fmt == "mxfp4":
     s = np_e8m0(scale)
   elif fmt == "nvfp4":
@@ -144,11 +164,7 @@ def np_weight_only(ops, prob):
   scale multiply the accumulator. Everything else is exact here.
   """
   fmt, g, n, k = prob.w_format, prob.w_block, prob.n, prob.k
-  if fmt == "int8":
-    vals = np.asarray(ops.w_codes).astype(np.float64)
-  else:
-    nib = np_unpack(ops.w_codes)
-    vals = np_int4(nib) if fmt == "int4" else np_e2m1(nib)
+  vals = np_weight_codes(fmt, ops.w_codes)
   if fmt == "mxfp4":
     s = np_e8m0(ops.w_scale)
   elif fmt == "nvfp4":

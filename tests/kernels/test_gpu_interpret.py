@@ -23,24 +23,15 @@ import pytest
 from lowbit_jax.kernels import _gpu_common as common
 from lowbit_jax.kernels import gpu_w8a8
 from lowbit_jax.kernels import gpu_weight_only
-from tests.kernels._gpu_operands import make_w8, make_wo, np_w8a8, np_weight_only
-
-RACES = dict(detect_races=True)
-
+from tests.kernels._gpu_operands import (WO_CASES, make_w8, make_wo, np_w8a8,
+                                         np_weight_only, rel_err)
 
 def _params(tail_rows=False):
   """Race detection on; out-of-bounds reads raise unless the activation has a
   ragged tail, where the TMA box runs past M (zero-filled by the hardware; the
   interpreter fills NaN, which the masked store must keep out of the output)."""
   return common.interpret_params(
-      True, **RACES, out_of_bounds_reads="uninitialized" if tail_rows else "raise")
-
-
-def _rel(a, b):
-  a = np.asarray(a, np.float64)
-  b = np.asarray(b, np.float64)
-  assert np.all(np.isfinite(a)), "kernel left unwritten (NaN) or inf elements"
-  return np.linalg.norm(a - b) / np.linalg.norm(b)
+      True, detect_races=True, out_of_bounds_reads="uninitialized" if tail_rows else "raise")
 
 
 def _check_wo(fmt, group, m, n, k, cfg, *, seed=0, out_dtype="float32"):
@@ -52,19 +43,13 @@ def _check_wo(fmt, group, m, n, k, cfg, *, seed=0, out_dtype="float32"):
   assert out.shape == (m, n) and out.dtype == jnp.dtype(out_dtype)
   want = np_weight_only(ops, prob)
   tol = 1e-5 if out_dtype == "float32" else 8e-3
-  assert _rel(out, want) < tol, (fmt, group, cfg)
+  assert rel_err(out, want) < tol, (fmt, group, cfg)
   return ops, prob, out
 
 
 def _wo_cfg(**kw):
   base = dict(tile_n=64, tile_k=256, tile_m=8, stages=2, split_k=1, ws=False)
   return gpu_weight_only.Config(**{**base, **kw})
-
-
-WO_CASES = [("int4", None), ("int4", 32), ("int4", 64), ("int4", 128),
-            ("int8", None), ("int8", 32), ("int8", 128),
-            ("fp4_e2m1", None), ("fp4_e2m1", 32), ("fp4_e2m1", 128),
-            ("mxfp4", 32), ("nvfp4", 16)]
 
 
 # ----------------------------------------------------------------------------
@@ -102,7 +87,7 @@ def test_weight_only_kernel_default_configs(m, n, k):
   for fmt, group in [("int4", 128), ("nvfp4", 16)]:
     ops, prob = make_wo(jax.random.key(m), fmt, group, m, n, k)
     out = gpu_weight_only.matmul(ops, prob, interpret=_params(tail_rows=m < 8))
-    assert _rel(out, np_weight_only(ops, prob)) < 1e-5, (fmt, m, n, k)
+    assert rel_err(out, np_weight_only(ops, prob)) < 1e-5, (fmt, m, n, k)
 
 
 def test_weight_only_kernel_bf16_output():
@@ -122,7 +107,7 @@ def test_weight_only_warp_specialized_kernel(fmt, group):
       ops, prob, config=cfg,
       interpret=_params())
   assert not common.races_found()
-  assert _rel(out, np_weight_only(ops, prob)) < 1e-5
+  assert rel_err(out, np_weight_only(ops, prob)) < 1e-5
 
 
 def test_weight_only_kernel_has_no_races():
@@ -131,7 +116,7 @@ def test_weight_only_kernel_has_no_races():
       ops, prob, config=_wo_cfg(tile_m=16, split_k=2, stages=3),
       interpret=_params())
   assert not common.races_found()
-  assert _rel(out, np_weight_only(ops, prob)) < 1e-5
+  assert rel_err(out, np_weight_only(ops, prob)) < 1e-5
 
 
 # ----------------------------------------------------------------------------
@@ -147,7 +132,7 @@ def _check_w8(case, m, n, k, cfg=None, *, exact=False, out_dtype="float32",
   assert not common.races_found()
   assert out.shape == (m, n) and out.dtype == jnp.dtype(out_dtype)
   tol = 1e-6 if out_dtype == "float32" else 8e-3
-  assert _rel(out, np_w8a8(ops, prob)) < tol, (case, cfg)
+  assert rel_err(out, np_w8a8(ops, prob)) < tol, (case, cfg)
   return ops, prob, out
 
 

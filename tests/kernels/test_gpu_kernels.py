@@ -16,7 +16,7 @@ import pytest
 from lowbit_jax.kernels import gpu_w8a8
 from lowbit_jax.kernels import gpu_weight_only
 from lowbit_jax.kernels._api import MatmulProblem
-from tests.kernels._gpu_operands import make_w8, make_wo
+from tests.kernels._gpu_operands import make_w8, make_wo, rel_err
 
 pytestmark = pytest.mark.gpu
 
@@ -30,13 +30,6 @@ def _needs_hopper():
 
 def _key():
   return jax.random.key(time.time_ns() % (2 ** 31))
-
-
-def _rel(a, b):
-  a = np.asarray(a, np.float64)
-  b = np.asarray(b, np.float64)
-  assert np.all(np.isfinite(a)), "kernel left unwritten (NaN) or inf elements"
-  return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 def _run_poisoned(fn, ops, shape, dtype):
@@ -64,7 +57,7 @@ def test_weight_only_kernel_matches_reference(fmt, group, m, n, k):
                       jnp.bfloat16)
   ref = gpu_weight_only.reference(ops, prob)
   assert out.shape == (m, n) and out.dtype == jnp.bfloat16
-  assert _rel(out, ref) < 1e-2
+  assert rel_err(out, ref) < 1e-2
 
 
 @pytest.mark.parametrize("ws", [False, True])
@@ -74,7 +67,7 @@ def test_weight_only_kernel_real_shape(ws):
                                stages=4, split_k=1 if ws else 2, ws=ws)
   out = _run_poisoned(lambda o: gpu_weight_only.matmul(o, prob, config=cfg),
                       ops, (16, 8192), jnp.bfloat16)
-  assert _rel(out, gpu_weight_only.reference(ops, prob)) < 1e-2
+  assert rel_err(out, gpu_weight_only.reference(ops, prob)) < 1e-2
 
 
 def _w8_ops(case, m, n, k, exact=False):
@@ -90,7 +83,7 @@ def test_w8a8_kernel_matches_reference(case, m, n, k):
   ops, prob = _w8_ops(case, m, n, k)
   out = _run_poisoned(lambda o: gpu_w8a8.matmul(o, prob), ops, (m, n),
                       jnp.bfloat16)
-  assert _rel(out, gpu_w8a8.reference(ops, prob)) < 1e-2
+  assert rel_err(out, gpu_w8a8.reference(ops, prob)) < 1e-2
 
 
 def test_mxfp8_kernel_is_bit_exact_on_exact_block_sums():

@@ -17,24 +17,9 @@ from lowbit_jax.kernels import _gpu_common as common
 from lowbit_jax.kernels import gpu_w8a8
 from lowbit_jax.kernels import gpu_weight_only
 from lowbit_jax.kernels._api import MatmulOperands, MatmulProblem
-from tests.kernels._gpu_operands import (make_w8, make_wo, np_e2m1, np_e4m3,
-                                         np_e8m0, np_w8a8, np_weight)
-
-
-def rel(a, b):
-  a = np.asarray(a, np.float64)
-  b = np.asarray(b, np.float64)
-  return np.linalg.norm(a - b) / np.linalg.norm(b)
-
-
-# ----------------------------------------------------------------------------
-# Random operands.
-# ----------------------------------------------------------------------------
-
-WO_CASES = [("int4", None), ("int4", 32), ("int4", 64), ("int4", 128),
-            ("int8", None), ("int8", 32), ("int8", 128),
-            ("fp4_e2m1", None), ("fp4_e2m1", 32), ("fp4_e2m1", 128),
-            ("mxfp4", 32), ("nvfp4", 16)]
+from tests.kernels._gpu_operands import (WO_CASES, make_w8, make_wo, np_e2m1,
+                                         np_e4m3, np_e8m0, np_w8a8, np_weight,
+                                         rel_err)
 
 
 # ----------------------------------------------------------------------------
@@ -76,7 +61,7 @@ def test_weight_only_reference_matches_float64_numpy(fmt, group):
   want = np.asarray(ops.x, np.float64) @ w.T
   got = gpu_weight_only.reference(ops, prob)
   assert got.dtype == jnp.float32 and got.shape == (m, n)
-  assert rel(got, want) < 1e-6
+  assert rel_err(got, want) < 1e-6
 
 
 @pytest.mark.parametrize("fmt,group", [("int4", 128), ("mxfp4", 32),
@@ -87,7 +72,7 @@ def test_xla_dequant_path_agrees_with_reference(fmt, group):
   got = gpu_weight_only.xla_dequant_matmul(ops, prob)
   want = gpu_weight_only.reference(ops, prob)
   assert got.dtype == jnp.bfloat16
-  assert rel(got, want) < 1e-2
+  assert rel_err(got, want) < 1e-2
 
 
 @pytest.mark.parametrize("case", ["fp8_channel", "int8_channel", "fp8_block",
@@ -96,7 +81,7 @@ def test_w8a8_reference_matches_float64_numpy(case):
   m, n, k = 16, 256, 512
   ops, prob = make_w8(jax.random.key(len(case)), case, m, n, k)
   got = gpu_w8a8.reference(ops, prob)
-  assert rel(got, np_w8a8(ops, prob)) < 1e-6
+  assert rel_err(got, np_w8a8(ops, prob)) < 1e-6
 
 
 def test_mxfp8_reference_is_blockwise_scaled_sum():
@@ -104,7 +89,7 @@ def test_mxfp8_reference_is_blockwise_scaled_sum():
   ops, prob = make_w8(jax.random.key(5), "mxfp8", m, n, k)
   got = gpu_w8a8.reference(ops, prob)
   assert got.dtype == jnp.float32
-  assert rel(got, np_w8a8(ops, prob)) < 1e-6
+  assert rel_err(got, np_w8a8(ops, prob)) < 1e-6
 
 
 def test_mxfp8_reference_is_exact_when_block_sums_are_exact():
@@ -134,7 +119,7 @@ def test_w8a8_xla_paths_agree_with_reference():
   for case in ("fp8_channel", "int8_channel", "fp8_block", "mxfp8"):
     ops, prob = make_w8(jax.random.key(7), case, 128, 256, 512,
                         out_dtype="bfloat16")
-    assert rel(gpu_w8a8.xla_matmul(ops, prob),
+    assert rel_err(gpu_w8a8.xla_matmul(ops, prob),
                gpu_w8a8.reference(ops, prob)) < 1e-2, case
 
 
