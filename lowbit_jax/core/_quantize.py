@@ -32,9 +32,9 @@ from jax import custom_batching
 from jax import lax
 
 from lowbit_jax.core import _cast
-from lowbit_jax.core._qarray import (QArray, block_shape, code_dtype, default_pack_axis,
+from lowbit_jax.core._qarray import (QArray, block_shape, default_pack_axis,
                                      normalize_axis, pack, pack_unit, unpack)
-from lowbit_jax.core._spec import TENSOR, QuantSpec, as_spec
+from lowbit_jax.core._spec import QuantSpec, as_spec
 from lowbit_jax.formats import BlockFormat, FloatFormat, IntFormat, LookupFormat
 from lowbit_jax.formats import get as get_format
 

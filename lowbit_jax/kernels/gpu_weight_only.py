@@ -135,7 +135,7 @@ def _decode_config(problem: MatmulProblem) -> Config:
   variant measured fastest on the H100 (``benchmarks/kernels_h100.md``, sweep).
   The K split doubles further while there are fewer CTAs than SMs.
   """
-  m, n, k = problem.m, problem.n, problem.k
+  m, n = problem.m, problem.n
   if m <= 16:
     tile_m, tile_k, stages = max(8, -(-m // 8) * 8), 256, 4
   elif m <= 64:
