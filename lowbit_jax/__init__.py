@@ -12,11 +12,12 @@ from lowbit_jax._function import QuantizedFunction, quantize_function
 from lowbit_jax._rules import (QuantConfig, QuantRule, QWeight, WeightPlan, plan_weight,
                                quantize_params)
 from lowbit_jax.core import (TENSOR, QArray, QuantSpec, cast, dequantize, fake_quant,
-                             ops, quantize)
+                             init_scale, ops, quantize, scale_shape, scaling)
 
 __version__ = "0.1.0"
 
 __all__ = ["formats", "calibration", "cast", "quantize", "dequantize", "fake_quant",
+           "scale_shape", "init_scale", "scaling",
            "QArray", "QuantSpec", "TENSOR", "ops", "QuantRule", "QuantConfig",
            "QWeight", "WeightPlan", "plan_weight", "quantize_params",
            "quantize_function", "QuantizedFunction"]

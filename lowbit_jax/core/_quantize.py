@@ -412,6 +412,149 @@ def _grid_asym(xf, xb, red, vb, spec, bs, noise, amax, amin):
   return q, s_val, s_stored, zp.astype(zp_dtype), None, clipped
 
 
+def _e8m0_round_scale(s: jax.Array, rounding: str) -> jax.Array:
+  """Exponent (int32, in [-127, 127]) of a given positive scale rounded to a
+  power of two: "floor" the largest power of two <= s, "ceil" the smallest
+  >= s, "nearest" the nearer one in the log domain. Non-positive scales get
+  the smallest code."""
+  e, frac = _log2_parts(s)
+  if rounding == "ceil":
+    e = e + jnp.where(frac > 0, 1, 0)
+  elif rounding == "nearest":
+    sig = lax.bitcast_convert_type(frac | np.uint32(0x3F800000), jnp.float32)
+    e = e + jnp.where(sig >= _f32_ceil(math.sqrt(2.0)), 1, 0)
+  e = jnp.where(s > 0, e, -_E8M0_BIAS)
+  return jnp.clip(e, -_E8M0_BIAS, _E8M0_BIAS)
+
+
+def _grid_bounds(spec: QuantSpec) -> tuple:
+  """(lowest, highest) grid element the scaled values are clipped to."""
+  fmt = spec.element
+  if not spec.symmetric:
+    return 0.0, float(spec.storage_format.qmax)
+  if isinstance(fmt, IntFormat):
+    return -float(fmt.qmax), float(fmt.qmax)
+  if isinstance(fmt, LookupFormat):
+    return float(fmt.table[0]), float(fmt.table[-1])
+  return -float(fmt.max), float(fmt.max)
+
+
+def _grid_scaled(xf, xb, red, spec: QuantSpec, bs, noise, scale, zero_point):
+  """``_grid`` with a given (learned) scale per block (LSQ / LSQ+).
+
+  Returns ``_grid``'s tuple plus ``dxds``: the derivative of each output value
+  with respect to its block's effective scale (Esser et al. 2019, eq. 3):
+  ``round(v) - v`` inside the grid, the clip bound outside (v = x / scale, and
+  ``- zero_point`` on both for asymmetric specs).
+  """
+  fmt = spec.element
+  grid = tuple(d // b for d, b in zip(xf.shape, bs))
+  s_in = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), grid)
+  bad = ~jnp.isfinite(s_in) | jnp.any(~jnp.isfinite(xb), axis=red)
+  tscale = None
+  zp = None
+  lo_b, hi_b = _grid_bounds(spec)
+  if not spec.symmetric:
+    s_stored, s_val = _store_float_scale(s_in, spec.scale_dtype)
+    s_stored, s_val = _mark_bad(s_stored, s_val, bad)
+    s_safe = jnp.where(s_val == 0, 1.0, s_val)
+    if zero_point is None:
+      lo = jnp.minimum(jnp.min(xb, axis=red), 0.0)
+      zp = jnp.clip(jnp.round(_div(-lo, s_safe)), lo_b, hi_b)
+    else:
+      zp = jnp.clip(jnp.round(jnp.broadcast_to(
+          jnp.asarray(zero_point, jnp.float32), grid)), lo_b, hi_b)
+    zp = jnp.where(bad, 0.0, zp)
+    total = s_val
+    y = _div(xb, jnp.expand_dims(s_safe, red)) + jnp.expand_dims(zp, red)
+  elif spec.tensor_scale:
+    smax = _E4M3.max if spec.scale_dtype == "fp8_e4m3" else 1.0
+    s_fin = jnp.where(bad, 0.0, s_in)
+    t = _div(jnp.max(s_fin), np.float32(smax))
+    t = jnp.where(t > 0, t, np.float32(1.0))
+    s_raw = _div(s_in, t)
+    if spec.scale_dtype == "fp8_e4m3":
+      s_raw = jnp.clip(s_raw, _E4M3.min_normal, _E4M3.max)
+    s_stored, s_val = _store_float_scale(s_raw, spec.scale_dtype)
+    s_stored, s_val = _mark_bad(s_stored, s_val, bad)
+    tscale = t
+    total = t * s_val
+    mult = _div(_div(np.float32(1.0), t), jnp.where(s_val == 0, 1.0, s_val))
+    y = xb * jnp.expand_dims(mult, red)
+  elif spec.scale_dtype == "e8m0":
+    e = _e8m0_round_scale(s_in, spec.scale_rounding)
+    s_stored = jnp.where(bad, 255, e + _E8M0_BIAS).astype(jnp.uint8)
+    total = jnp.where(bad, jnp.nan, _pow2(e))
+    y = xb * jnp.expand_dims(jnp.where(bad, jnp.nan, _pow2(-e)), red)
+  else:
+    s_stored, s_val = _store_float_scale(s_in, spec.scale_dtype)
+    s_stored, s_val = _mark_bad(s_stored, s_val, bad)
+    total = s_val
+    y = _div(xb, jnp.expand_dims(jnp.where(s_val == 0, 1.0, s_val), red))
+  y = y.reshape(xf.shape)
+  # The clip region is closed, as in LSQ (v <= -Qn, v >= Qp) and PACT.
+  clipped = (y <= lo_b) | (y >= hi_b)
+  if not spec.symmetric:
+    q = _cast._cast_int(y, spec.storage_format, True, noise, lo=int(lo_b),
+                        hi=int(hi_b))
+  elif isinstance(fmt, IntFormat):
+    q = _cast._cast_int(y, fmt, True, noise, lo=int(lo_b), hi=int(hi_b))
+  elif isinstance(fmt, LookupFormat):
+    q = _cast._cast_lookup(y, fmt, noise)
+  else:
+    q = _cast._cast_float(y, fmt, True, noise)
+  if zp is None:
+    dxds = q - jnp.where(clipped, 0.0, y)
+  else:
+    zpe = _expand(zp, bs, xf.shape)
+    dxds = (q - zpe) - jnp.where(clipped, 0.0, y - zpe)
+  zp_out = None
+  if zp is not None:
+    zp_out = zp.astype(jnp.uint8 if spec.storage_format.bits <= 8 else jnp.uint16)
+  return q, total, s_stored, zp_out, tscale, clipped, dxds
+
+
+def _pact_mask(xf, alpha_full, symmetric: bool):
+  """Where PACT (Choi et al. 2018) clips: |x| >= alpha, or (unsigned range
+  [0, alpha]) x < 0 or x >= alpha."""
+  if symmetric:
+    return jnp.abs(xf) >= alpha_full
+  return (xf < 0) | (xf >= alpha_full)
+
+
+def _grid_any(xp, spec, bs, valid, key, amax, amin, tensor_amax, scale, zero_point,
+              clip):
+  """``_grid`` for every keyword: (q, total, stored scale, zero point, tensor
+  scale, clipped mask, dxds or None)."""
+  if scale is not None:
+    noise = _noise_for(spec, key, xp.shape)
+    xf = xp.astype(jnp.float32)
+    return _grid_scaled(xf, _to_blocks(xf, bs), _red_axes(xf.ndim), spec, bs, noise,
+                        scale, zero_point)
+  if clip is not None:
+    grid = tuple(d // b for d, b in zip(xp.shape, bs))
+    alpha = jnp.broadcast_to(jnp.asarray(clip, jnp.float32), grid)
+    a_full = _expand(alpha, bs, xp.shape)
+    xf = xp.astype(jnp.float32)
+    lo = -a_full if spec.symmetric else 0.0
+    xc = jnp.clip(xf, lo, a_full)
+    out = _grid(xc, spec, bs, valid, key, alpha,
+                None if spec.symmetric else jnp.zeros_like(alpha))
+    return out[:5] + (_pact_mask(xf, a_full, spec.symmetric), None)
+  return _grid(xp, spec, bs, valid, key, amax, amin, tensor_amax) + (None,)
+
+
+def _noise_for(spec: QuantSpec, key, shape):
+  if spec.rounding == "stochastic":
+    if key is None:
+      raise ValueError("this spec rounds stochastically: pass key=jax.random.key(...)")
+    return _cast.random_bits(key, shape)
+  if key is not None:
+    raise ValueError("a key was given but the spec rounds to nearest; use "
+                     "QuantSpec(..., rounding='stochastic') to use it")
+  return None
+
+
 def _values(q, total, zp, bs, shape):
   """Dequantized float32 values from grid elements and per-block scales."""
   if zp is not None:
@@ -438,9 +581,91 @@ def _check_tensor_amax(spec: QuantSpec, amax, tensor_amax) -> None:
                      f"{jnp.shape(tensor_amax)}")
 
 
+def scale_shape(shape, spec=None, **spec_kwargs) -> tuple:
+  """The shape of the scale grid ``quantize`` stores for an array of ``shape``.
+
+  One entry per block along every dim: ``w[K, N]`` with ``axis=0`` (per output
+  channel) gives ``(1, N)``; ``group_size=g`` along axis 0 gives ``(K // g, N)``;
+  ``tile=(a, b)`` gives ``(K // a, N // b)``; per-tensor (``axis="tensor"`` or
+  unset) gives all ones, ``(1, 1)``. A padded axis (``pad=True``) counts its
+  last partial block. This is the shape ``fake_quant``'s ``scale``, ``clip`` and
+  ``zero_point`` take (any shape that broadcasts to it is accepted too, e.g.
+  ``()`` for per-tensor or ``(N,)`` for per-channel).
+
+  Args:
+    shape: the array's shape.
+    spec: a QuantSpec, or a format name with QuantSpec keywords.
+
+  Returns:
+    A tuple of ints, one per dim of ``shape``.
+
+  Raises:
+    ValueError: the spec needs an axis (block formats, group sizes) it lacks.
+  """
+  spec = as_spec(spec, **spec_kwargs)
+  shape = tuple(int(d) for d in shape)
+  if not shape:
+    raise ValueError("quantize() needs at least a 1-d array; reshape the scalar")
+  if spec.axis is None and spec.tile is None and (
+      isinstance(spec.format, BlockFormat) or spec.group_size is not None):
+    raise ValueError(f"{spec.format.name!r} with blocks of {spec.group_size} needs "
+                     "the axis they run along, e.g. axis=-1")
+  ax = normalize_axis(spec.axis, len(shape))
+  if ax is not None and ax != spec.axis:
+    spec = spec.replace(axis=ax)
+  bs = block_shape(spec, shape)
+  return tuple(-(-d // b) for d, b in zip(shape, bs))
+
+
+def _check_learned(spec: QuantSpec, x_shape, amax, amin, tensor_amax, scale,
+                   zero_point, clip):
+  """Validates the learned-range keywords; returns (scale, zero_point, clip) as
+  float32 arrays (or None)."""
+  if scale is not None and (amax is not None or amin is not None
+                            or tensor_amax is not None or clip is not None):
+    raise ValueError("scale sets the quantization step directly; it cannot be "
+                     "combined with amax, amin, tensor_amax or clip (drop those, or "
+                     "drop scale)")
+  if clip is not None and (amax is not None or amin is not None
+                           or tensor_amax is not None):
+    raise ValueError("clip (PACT) is the range itself; do not also pass amax, "
+                     "amin or tensor_amax")
+  if zero_point is not None:
+    if scale is None:
+      raise ValueError("zero_point (LSQ+) is learned together with scale; pass "
+                       "scale= too")
+    if spec.symmetric:
+      raise ValueError(f"zero_point needs an asymmetric spec; {spec.format.name!r} "
+                       "here is symmetric (use e.g. 'uint8' or symmetric=False)")
+  if scale is None and clip is None:
+    return None, None, None
+  grid = scale_shape(x_shape, spec)
+  out = []
+  for name, v in (("scale", scale), ("zero_point", zero_point), ("clip", clip)):
+    if v is None:
+      out.append(None)
+      continue
+    v = jnp.asarray(v)
+    if not jnp.issubdtype(v.dtype, jnp.floating):
+      v = v.astype(jnp.float32)
+    try:
+      ok = jnp.broadcast_shapes(v.shape, grid) == grid
+    except ValueError:
+      ok = False
+    if not ok:
+      raise ValueError(f"{name} has shape {v.shape}, which does not broadcast to "
+                       f"the scale grid {grid} of an array of shape "
+                       f"{tuple(x_shape)} under this spec; pass an array of shape "
+                       f"{grid} (lowbit_jax.scale_shape(x.shape, spec))")
+    out.append(v)
+  return tuple(out)
+
+
 def quantize(x: jax.Array, spec=None, *, key: Optional[jax.Array] = None,
              amax: Optional[jax.Array] = None, amin: Optional[jax.Array] = None,
-             tensor_amax: Optional[jax.Array] = None, **spec_kwargs) -> QArray:
+             tensor_amax: Optional[jax.Array] = None,
+             scale: Optional[jax.Array] = None, clip: Optional[jax.Array] = None,
+             zero_point: Optional[jax.Array] = None, **spec_kwargs) -> QArray:
   """Quantizes ``x`` to a packed QArray.
 
   Args:
@@ -457,27 +682,41 @@ def quantize(x: jax.Array, spec=None, *, key: Optional[jax.Array] = None,
       global scale from calibration, dynamic block scales). A scalar. Under
       ``shard_map`` it also makes shards agree, e.g.
       ``tensor_amax=lax.pmax(jnp.max(jnp.abs(x)), "data")``.
+    scale: an explicit (e.g. learned, LSQ) scale per block, shaped like
+      ``scale_shape(x.shape, spec)`` or broadcastable to it; stored rounded to
+      the spec's scale dtype (see ``fake_quant``).
+    clip: a PACT clipping level per block (see ``fake_quant``).
+    zero_point: with ``scale``, an asymmetric spec's zero point (rounded to the
+      grid, see ``fake_quant``).
 
   Returns:
-    QArray whose ``dequantize()`` equals ``fake_quant(x, spec)``.
+    QArray whose ``dequantize()`` equals ``fake_quant(x, spec)`` called with
+    the same keywords.
 
   Raises:
     ValueError: the spec does not fit x (axis not a multiple of the block size
-      without pad=True, a block format without an axis, ...).
+      without pad=True, a block format without an axis, ...), or the range
+      keywords conflict or have the wrong shape.
   """
   spec = as_spec(spec, **spec_kwargs)
+  x = jnp.asarray(x)
   _check_tensor_amax(spec, amax, tensor_amax)
+  scale, zero_point, clip = _check_learned(spec, x.shape, amax, amin, tensor_amax,
+                                           scale, zero_point, clip)
   # One jit per (spec, shape): run eagerly, the dozens of small ops would each
   # compile on first use (seconds for a new shape); inside a trace it inlines.
-  return _quantize_jit(jnp.asarray(x), spec, key, amax, amin, tensor_amax)
+  return _quantize_jit(x, spec, key, amax, amin, tensor_amax, scale, zero_point,
+                       clip)
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
-def _quantize_jit(x, spec, key, amax, amin, tensor_amax):
+def _quantize_jit(x, spec, key, amax, amin, tensor_amax, scale=None, zero_point=None,
+                  clip=None):
   shape, dtype = tuple(x.shape), x.dtype
   xp, spec, bs, valid, pa = _prepare(x, spec)
-  q, total, s_stored, zp, tscale, _ = _grid(xp, spec, bs, valid, key, amax, amin,
-                                            tensor_amax)
+  q, total, s_stored, zp, tscale, _, _ = _grid_any(
+      xp, spec, bs, valid, key, amax, amin, tensor_amax, scale, zero_point, clip)
+  del total
   fmt = spec.storage_format
   codes = _cast.encode(q, fmt)
   n_codes, _ = pack_unit(fmt.bits)
@@ -546,36 +785,237 @@ def _fq_fwd(x, spec, key, amax, amin, tensor_amax):
   return y, (clipped, key, amax, amin, tensor_amax)
 
 
+def _key_ct(key):
+  return None if key is None else np.zeros(key.shape, jax.dtypes.float0)
+
+
 def _fq_bwd(spec, res, g):
   clipped, key, amax, amin, tensor_amax = res
   del spec
   gx = jnp.where(clipped, jnp.zeros_like(g), g)
   zero = lambda v: None if v is None else jnp.zeros_like(v)  # noqa: E731
-  key_ct = None if key is None else np.zeros(key.shape, jax.dtypes.float0)
-  return gx, key_ct, zero(amax), zero(amin), zero(tensor_amax)
+  return gx, _key_ct(key), zero(amax), zero(amin), zero(tensor_amax)
 
 
 _fake_quant.defvjp(_fq_fwd, _fq_bwd)
 
 
+# -- learned ranges: LSQ / LSQ+ scales and PACT clipping ---------------------
+
+
+def _sum_to(v: jax.Array, shape: tuple) -> jax.Array:
+  """Sums a scale-grid array down to ``shape`` (which broadcasts to it)."""
+  lead = v.ndim - len(shape)
+  if lead:
+    v = jnp.sum(v, axis=tuple(range(lead)))
+  axes = tuple(i for i, (d, n) in enumerate(zip(shape, v.shape)) if d == 1 and n != 1)
+  if axes:
+    v = jnp.sum(v, axis=axes, keepdims=True)
+  return v.reshape(shape)
+
+
+def _block_sum(v: jax.Array, bs: tuple) -> jax.Array:
+  """float32 sum of each block of ``v`` (the scale grid's shape)."""
+  if all(b == 1 for b in bs):
+    return v.astype(jnp.float32)
+  return jnp.sum(_to_blocks(v, bs), axis=_red_axes(v.ndim), dtype=jnp.float32)
+
+
+def _learned_impl(x, spec, key, scale, zero_point, clip):
+  shape, dtype = x.shape, x.dtype
+  xp, spec, bs, valid, _ = _prepare(x, spec)
+  q, total, _, zp, _, clipped, dxds = _grid_any(
+      xp, spec, bs, valid, key, None, None, None, scale, zero_point, clip)
+  out = _values(q, total, zp, bs, xp.shape)
+  sl = tuple(slice(0, d) for d in shape)
+  # The LSQ factor is saved in x's dtype (float32 for wider ones): it is a
+  # gradient term, within half a grid step inside the range.
+  rdt = jnp.float32 if jnp.dtype(dtype).itemsize >= 4 else dtype
+  res = (clipped, None if dxds is None else dxds.astype(rdt), total)
+  return out[sl].astype(dtype), res
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _fake_quant_learned(x, spec, key, scale, zero_point, clip):
+  return _learned_impl(x, spec, key, scale, zero_point, clip)[0]
+
+
+def _fql_fwd(x, spec, key, scale, zero_point, clip):
+  y, (clipped, dxds, total) = _learned_impl(x, spec, key, scale, zero_point, clip)
+  res = (clipped, dxds, total if zero_point is not None else None,
+         x if clip is not None else None, key, scale, zero_point, clip)
+  return y, res
+
+
+def _fql_bwd(spec, res, g):
+  clipped, dxds, total, x, key, scale, zero_point, clip = res
+  shape = g.shape
+  ax = normalize_axis(spec.axis, len(shape))
+  bs = block_shape(spec if ax == spec.axis else spec.replace(axis=ax), clipped.shape)
+  if clipped.shape != shape:  # padded: pad the cotangent with zeros
+    g = jnp.pad(g, [(0, p - d) for d, p in zip(shape, clipped.shape)])
+  sl = tuple(slice(0, d) for d in shape)
+  gx = jnp.where(clipped, jnp.zeros_like(g), g)[sl]
+  gf = g.astype(jnp.float32)
+  g_scale = g_zp = g_clip = None
+  if scale is not None:
+    g_scale = _sum_to(_block_sum(gf * dxds.astype(jnp.float32), bs),
+                      scale.shape).astype(scale.dtype)
+  if zero_point is not None:
+    # d out / d zero_point = -scale where clipped, 0 inside (straight-through
+    # for the rounding of the zero point).
+    gz = -_block_sum(jnp.where(clipped, gf, 0.0), bs) * total
+    g_zp = _sum_to(gz, zero_point.shape).astype(zero_point.dtype)
+  if clip is not None:
+    xf = x.astype(jnp.float32)
+    if clipped.shape != shape:
+      xf = jnp.pad(xf, [(0, p - d) for d, p in zip(shape, clipped.shape)])
+    if spec.symmetric:
+      d_alpha = jnp.where(clipped, jnp.sign(xf), 0.0)
+    else:
+      d_alpha = jnp.where(clipped & (xf > 0), 1.0, 0.0)
+    g_clip = _sum_to(_block_sum(gf * d_alpha, bs), clip.shape).astype(clip.dtype)
+  return gx, _key_ct(key), g_scale, g_zp, g_clip
+
+
+_fake_quant_learned.defvjp(_fql_fwd, _fql_bwd)
+
+
+def _as_key(key):
+  if key is not None and not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.wrap_key_data(key) if key.dtype == jnp.uint32 else key
+  return key
+
+
 def fake_quant(x: jax.Array, spec=None, *, key: Optional[jax.Array] = None,
                amax: Optional[jax.Array] = None, amin: Optional[jax.Array] = None,
                tensor_amax: Optional[jax.Array] = None,
+               scale: Optional[jax.Array] = None, clip: Optional[jax.Array] = None,
+               zero_point: Optional[jax.Array] = None,
                **spec_kwargs) -> jax.Array:
-  """Quantize-dequantize with a straight-through gradient.
+  """Quantize-dequantize with a straight-through, LSQ or PACT gradient.
 
-  The values equal ``dequantize(quantize(x, spec))``. The gradient passes
-  straight through (Bengio et al. 2013) inside the representable range and is
-  zero where values were clipped; the scale is treated as a constant.
+  The values equal ``dequantize(quantize(x, spec, ...))`` with the same
+  keywords. Without ``scale``/``clip`` the gradient passes straight through
+  (Bengio et al. 2013) inside the representable range and is zero where values
+  were clipped; the range is treated as a constant.
 
-  Args: as ``quantize``.
+  Learned step size (LSQ; Esser et al. 2019, "Learned Step Size
+  Quantization"): with ``scale`` given, ``v = x / s`` is rounded to the grid
+  and clipped to its ends ``[-Qn, Qp]`` (integers: ``+-qmax``; floats, MX and
+  NVFP4 elements: ``+-element max``; asymmetric: ``[0, 2**b - 1]``), and the
+  gradient with respect to each block's ``s`` is the sum over the block of
+  ``g * (round(v) - v)`` where ``-Qn < v < Qp`` and ``g * bound`` (``-Qn`` or
+  ``Qp``) where v was clipped (eq. 3), without LSQ's gradient scale factor
+  (apply ``1 / sqrt(n * Qp)`` in the training recipe). "round" is the
+  format's own rounding (a float format's cast to its grid). The clip region
+  is closed, as in the paper: the x gradient is straight-through where
+  ``-Qn < v < Qp`` and zero elsewhere. The given scale is first rounded to the
+  spec's scale dtype as ``quantize`` stores it (bf16/fp16/E4M3: to the
+  nearest value; E8M0: to a power of two by the spec's ``scale_rounding``,
+  "floor" = the largest power of two <= s), straight-through for that
+  rounding. Scales must be positive (a zero scale reads the block back as 0).
+  NVFP4 (two-level): ``scale`` is each block's total scale; it splits into
+  the float32 tensor scale ``t = max(scale) / 448`` (1 if that is 0) and E4M3
+  block scales ``e4m3(clamp(scale / t, 2**-6, 448))``, so the largest block
+  scale is stored exactly; the LSQ gradient treats ``t * block`` as the
+  scale.
+
+  LSQ+ (Bhalgat et al. 2020): for asymmetric integer specs, ``zero_point`` is
+  a learned float offset in grid units; the forward uses it rounded and
+  clamped to ``[0, 2**b - 1]`` (as ``quantize`` stores it), ``out = (clip(
+  round(x / s + z), 0, 2**b - 1) - z) * s``; its gradient is straight-through
+  for that rounding: ``-s * g`` summed where clipped, 0 inside; the scale
+  gradient is eq. 3 with ``v = x / s``: ``round(v + z) - z - v`` inside,
+  ``q - z`` outside. With ``scale`` alone, the zero point comes from the data
+  as ``quantize`` chooses it (``round(-min(x, 0) / s)`` per block) and gets
+  no gradient.
+
+  PACT (Choi et al. 2018): ``clip=alpha`` (>= 0) clips x to ``[-alpha,
+  alpha]`` (asymmetric/unsigned specs: ``[0, alpha]``, as in the paper) and
+  quantizes with ``scale = alpha / element max``: the forward is
+  ``fake_quant(clip(x, -alpha, alpha), amax=alpha)`` (asymmetric:
+  ``amin=0``), which equals ``fake_quant(x, amax=alpha)`` whenever the scale
+  maps alpha onto the grid's end (float scale dtypes). The gradient with
+  respect to alpha is ``sign(x)`` where ``|x| >= alpha`` (asymmetric: 1 where
+  ``x >= alpha``), else 0, summed per block; the x gradient is
+  straight-through inside and zero where clipped.
+
+  Args:
+    x: float array.
+    spec: a QuantSpec, or a format name with QuantSpec keywords.
+    key: PRNG key, needed by stochastic rounding.
+    amax, amin, tensor_amax: static ranges, as ``quantize``.
+    scale: LSQ scale, float32, shaped ``scale_shape(x.shape, spec)`` (per
+      tensor: all ones, or ``()``) or broadcastable to it; its gradient is
+      summed back to its own shape. Not with amax/amin/tensor_amax/clip.
+    clip: PACT clipping level alpha, a scalar or broadcastable to the scale
+      grid. Not with amax/amin/tensor_amax.
+    zero_point: LSQ+ zero point (asymmetric specs, with ``scale``).
 
   Returns:
     An array of x's shape and dtype.
+
+  Raises:
+    ValueError: conflicting range keywords, a ``scale``/``clip``/
+      ``zero_point`` that does not broadcast to the scale grid, or a spec that
+      does not fit x.
   """
   spec = as_spec(spec, **spec_kwargs)
   _check_tensor_amax(spec, amax, tensor_amax)
   x = jnp.asarray(x)
-  if key is not None and not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    key = jax.random.wrap_key_data(key) if key.dtype == jnp.uint32 else key
-  return _fake_quant(x, spec, key, amax, amin, tensor_amax)
+  key = _as_key(key)
+  scale, zero_point, clip = _check_learned(spec, x.shape, amax, amin, tensor_amax,
+                                           scale, zero_point, clip)
+  if scale is None and clip is None:
+    return _fake_quant(x, spec, key, amax, amin, tensor_amax)
+  return _fake_quant_learned(x, spec, key, scale, zero_point, clip)
+
+
+def init_scale(x: jax.Array, spec=None, method: str = "lsq", **spec_kwargs) -> jax.Array:
+  """An initial learned scale per block, shaped ``scale_shape(x.shape, spec)``.
+
+  Args:
+    x: the tensor the scale will quantize (weights, or a calibration batch).
+    spec: a QuantSpec, or a format name with QuantSpec keywords.
+    method: "lsq": ``2 * mean|x| / sqrt(Qp)`` per block (Esser et al. 2019,
+      Qp = the grid's largest element: ``qmax`` for integers, ``2**b - 1``
+      unsigned, the element max for float formats); "amax": the scale
+      ``quantize`` would derive before rounding it to the scale dtype,
+      ``clip_ratio * amax / element max`` (asymmetric: ``(max(x, 0) -
+      min(x, 0)) / (2**b - 1)``).
+
+  Returns:
+    float32 array; blocks whose formula gives 0 (all zeros) get 1, NaN or inf
+    blocks give NaN or inf.
+
+  Raises:
+    ValueError: an unknown method, or a spec that does not fit x.
+  """
+  if method not in ("lsq", "amax"):
+    raise ValueError(f"method must be 'lsq' or 'amax', got {method!r}")
+  spec = as_spec(spec, **spec_kwargs)
+  x = jnp.asarray(x)
+  return _init_scale_jit(x, spec, method)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _init_scale_jit(x, spec, method):
+  xp, spec, bs, valid, _ = _prepare(x, spec)
+  xf = xp.astype(jnp.float32)
+  xb = _to_blocks(xf, bs)
+  red = _red_axes(xf.ndim)
+  vb = None if valid is None else _to_blocks(valid, bs)
+  lo_b, hi_b = _grid_bounds(spec)
+  if method == "lsq":
+    s = _mean_abs(jnp.abs(xb), red, vb, bs) * np.float32(2.0 / math.sqrt(hi_b))
+  elif spec.symmetric:
+    s = _div(jnp.max(jnp.abs(xb), axis=red) * np.float32(spec.clip_ratio),
+             np.float32(spec.element.max))
+  else:
+    hi = jnp.maximum(jnp.max(xb if vb is None else jnp.where(vb, xb, -jnp.inf),
+                             axis=red), 0.0)
+    lo = jnp.minimum(jnp.min(xb if vb is None else jnp.where(vb, xb, jnp.inf),
+                             axis=red), 0.0)
+    s = _div((hi - lo) * np.float32(spec.clip_ratio), np.float32(hi_b - lo_b))
+  return jnp.where(s == 0, np.float32(1.0), s)

@@ -3,41 +3,106 @@
 Three modes:
 
 * ``"fake"``: operands are fake-quantized (simulation; straight-through
-  gradients for QAT). A QArray operand is dequantized.
+  gradients for QAT, or LSQ/PACT gradients for learned ranges). A QArray
+  operand is dequantized.
 * ``"real"``: the weight is (or becomes) a packed QArray and activations are
   quantized per call; when a Pallas kernel ``supports`` the case (shapes,
   formats, backend) it runs, otherwise the reference: dequantize, then a
   float32-accumulating dot. Both equal fake quant to float rounding.
 
 A spec whose ``axis`` is unset gets the op's contraction axes: per-token for
-activations, per-output-channel (or groups along K) for weights.
+activations, per-output-channel (or groups along K) for weights
+(``operand_spec``).
+
+Low-bit training (fake mode): ``grad_spec`` quantizes the output cotangent
+``dy`` before both backward matmuls, ``dx = q(dy) . W_q^T`` and
+``dW = x_q^T . q(dy)``. Blocked specs (MX/NVFP4 block formats, any
+``group_size``) are re-blocked along each backward matmul's own contraction
+axes, as in the OCP Microscaling training recipe (Rouhani et al. 2023,
+"Microscaling Data Formats for Deep Learning"):
+
+* dx contracts over the rhs free axes (N): ``dy`` is blocked along N, and a
+  blocked W is re-quantized from the float W with its blocks along N;
+* dW contracts over the lhs free axes (tokens M): ``dy`` is blocked along M,
+  and a blocked x is re-quantized from the float x with its blocks along M.
+
+Blocks of several free axes run along the last of them. A tile spec keeps
+its forward values when its tile is square (its tiles block both axes) and is
+re-quantized with the transposed tile otherwise. Per-tensor / per-channel /
+per-token operand specs reuse the forward's fake-quantized values. A
+``grad_spec`` with an unset axis and no blocks quantizes ``dy`` per tensor,
+once for both matmuls (the Transformer Engine FP8 recipe: E5M2 gradients with
+a per-tensor scale); a ``grad_spec`` with an explicit axis quantizes ``dy``
+once, with that axis, for both. The x and W cotangents then pass through the
+forward quantizers' own gradients (straight-through / LSQ / PACT).
+
+Delayed scaling: ``amax_history={"lhs": h1, "rhs": h2, "grad": h3}`` (any of
+the keys; ``lowbit_jax.core.scaling``) quantizes each listed operand with the
+per-tensor range taken from its history and records the operand's current
+amax. The updated histories come back through the VJP, "overwrite with
+gradient" style (as flax's fp8_ops): the gradient ``jax.grad`` returns for
+each history IS the new history (rolled, this step's amax at index 0), so a
+training step must replace those leaves with their gradient rather than let
+an optimizer update them (and must not average them across devices with a
+mean: take a max). A history whose range is 0 (all zeros: the first step)
+falls back to the current amax for that step. An unset axis of an operand
+with a history means per tensor; other granularities are refused, except
+formats with a tensor scale (NVFP4), whose tensor scale then follows the
+history while the block scales stay dynamic.
+
+Randomness: ``key`` is split in three, for the lhs, the rhs and the gradient
+(the gradient's part is split again when dy is quantized twice); re-quantized
+operands in the backward pass use their operand's key folded with 1.
 
 Kernel dispatch is controlled by ``use_kernel``: "auto" (use one when it
 supports the case), "never", or "always" (raise when none supports it).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import functools
+from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lowbit_jax.core._qarray import QArray
-from lowbit_jax.core._quantize import dequantize, fake_quant, quantize
-from lowbit_jax.core._spec import QuantSpec, as_spec
+from lowbit_jax.core import scaling
+from lowbit_jax.core._qarray import QArray, block_shape, normalize_axis
+from lowbit_jax.core._quantize import (_as_key, _fake_quant_impl, _key_ct, dequantize,
+                                       fake_quant, quantize)
+from lowbit_jax.core._spec import TENSOR, QuantSpec, as_spec
 from lowbit_jax.formats import BlockFormat, FloatFormat, IntFormat
 
 MODES = ("fake", "real")
 _KERNEL_CHOICES = ("auto", "never", "always")
+_HISTORY_KEYS = ("lhs", "rhs", "grad")
 
 
-def _spec_for(spec, contract: Sequence[int], ndim: int) -> Optional[QuantSpec]:
+def operand_spec(spec, contract_axes: Sequence[int], ndim: int) -> Optional[QuantSpec]:
+  """The spec an operand is quantized with: an unset axis gets the contraction axes.
+
+  One contraction axis becomes ``axis=that axis``; several become a tuple, or,
+  with a group size, the last of them (groups run along one axis). A spec with
+  an axis or a tile is returned as it is. Front ends use it to compute the
+  scale grid of a learned scale: ``scale_shape(x.shape, operand_spec(spec,
+  contract, x.ndim))``.
+
+  Args:
+    spec: a QuantSpec, a format name, or None.
+    contract_axes: the operand's contraction axes (negative counts from the end).
+    ndim: the operand's rank.
+
+  Returns:
+    The filled QuantSpec (None for None).
+  """
   if spec is None:
     return None
   spec = as_spec(spec)
   if spec.axis is None and spec.tile is None:
-    axes = tuple(a % ndim for a in contract)
+    axes = tuple(a % ndim for a in contract_axes)
+    if not axes:
+      raise ValueError("the operand has no contraction axis to fill the spec's unset "
+                       "axis with; give the spec an axis (e.g. axis='tensor')")
     axis = axes[0] if len(axes) == 1 else axes
     if spec.group_size is not None and isinstance(axis, tuple):
       # Groups run along the last contraction axis.
@@ -46,11 +111,299 @@ def _spec_for(spec, contract: Sequence[int], ndim: int) -> Optional[QuantSpec]:
   return spec
 
 
+_spec_for = operand_spec  # the name the rules front end used before
+
+
 def _check_mode(mode: str, use_kernel: str):
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
   if use_kernel not in _KERNEL_CHOICES:
     raise ValueError(f"use_kernel must be one of {_KERNEL_CHOICES}, got {use_kernel!r}")
+
+
+def _blocked(spec: Optional[QuantSpec]) -> bool:
+  """Blocks or groups along an axis (block formats, group_size, tiles)."""
+  return spec is not None and (spec.group_size is not None or spec.tile is not None)
+
+
+def _per_tensor(spec: QuantSpec, ndim: int) -> bool:
+  if spec.tile is not None or spec.group_size is not None:
+    return False
+  ax = spec.axis
+  return ax == TENSOR or (isinstance(ax, tuple) and len(set(a % ndim for a in ax))
+                          == ndim) or (isinstance(ax, int) and ndim == 1)
+
+
+def _check_histories(amax_history, reduce: str, mode: str) -> dict:
+  if amax_history is None:
+    return {}
+  if not isinstance(amax_history, dict) or not set(amax_history) <= set(_HISTORY_KEYS):
+    raise ValueError(f"amax_history must be a dict with keys among {_HISTORY_KEYS}, "
+                     f"got {amax_history!r}")
+  if reduce not in scaling.REDUCTIONS:
+    raise ValueError(f"history_reduce must be one of {scaling.REDUCTIONS}, got "
+                     f"{reduce!r}")
+  if mode != "fake":
+    raise ValueError("amax_history (delayed scaling) is a training recipe: use "
+                     "mode='fake'; for inference pass a static lhs_amax instead")
+  for k, h in amax_history.items():
+    if jnp.ndim(h) != 1:
+      raise ValueError(f"amax_history[{k!r}] must be a 1-d history "
+                       f"(scaling.init_history(n)), got shape {jnp.shape(h)}")
+  return {k: v for k, v in amax_history.items() if v is not None}
+
+
+def _resolve(spec, contract, ndim: int, has_history: bool, name: str):
+  """An operand's spec: unset axis filled (per tensor with a history)."""
+  if spec is None:
+    if has_history:
+      raise ValueError(f"amax_history[{name!r}] was given but {name} has no spec")
+    return None
+  spec = as_spec(spec)
+  if (has_history and spec.axis is None and spec.tile is None
+      and spec.group_size is None):
+    spec = spec.replace(axis=TENSOR)
+  elif spec.axis is None and spec.tile is None and not contract:
+    spec = spec.with_axis(TENSOR) if spec.group_size is None else spec
+  else:
+    spec = operand_spec(spec, contract, ndim)
+  if has_history:
+    _check_history_spec(spec, ndim, name)
+  return spec
+
+
+def _check_history_spec(spec: QuantSpec, ndim: int, name: str):
+  if not spec.symmetric:
+    raise ValueError(f"amax_history[{name!r}]: delayed scaling takes a symmetric "
+                     f"range; {spec.format.name!r} is asymmetric here")
+  if not (spec.tensor_scale or _per_tensor(spec, ndim)):
+    raise ValueError(f"amax_history[{name!r}] gives one per-tensor range, but the "
+                     f"{name} spec has axis={spec.axis!r}, group_size="
+                     f"{spec.group_size}, tile={spec.tile}; use axis='tensor' (or "
+                     "leave it unset), or a format with a tensor scale (NVFP4)")
+
+
+def _stoch(spec: Optional[QuantSpec]) -> bool:
+  return spec is not None and spec.rounding == "stochastic"
+
+
+def _split_keys(key, specs):
+  """(lhs, rhs, grad) keys; checks that stochastic specs have one."""
+  if key is None:
+    for what, s in specs:
+      if _stoch(s):
+        raise ValueError(f"the {what} spec rounds stochastically: pass "
+                         "key=jax.random.key(...) to the op")
+    return None, None, None
+  key = _as_key(key)
+  k = jax.random.split(key, 3)
+  return k[0], k[1], k[2]
+
+
+# ---------------------------------------------------------------------------
+# Delayed scaling: fake quant with a range from a history
+
+
+def _history_range(history, reduce: str, x):
+  cur = scaling.current_amax(x)
+  a = scaling.amax_from_history(history, reduce)
+  return jnp.where(a > 0, a, cur), cur
+
+
+def _fq_values(x, spec: QuantSpec, key, amax=None):
+  """Fake-quantized values only (no gradient rule: used inside backward rules)."""
+  if spec.tensor_scale and amax is not None:
+    return _fake_quant_impl(x, spec, key, None, None, amax)[0]
+  return _fake_quant_impl(x, spec, key, amax, None, None)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fq_history(spec, reduce, x, history, key):
+  return _fq_history_fwd(spec, reduce, x, history, key)[0]
+
+
+def _fq_history_fwd(spec, reduce, x, history, key):
+  a, cur = _history_range(history, reduce, x)
+  if spec.tensor_scale:
+    y, clipped = _fake_quant_impl(x, spec, key, None, None, a)
+  else:
+    y, clipped = _fake_quant_impl(x, spec, key, a, None, None)
+  return y, (clipped, key, scaling.update_history(history, cur))
+
+
+def _fq_history_bwd(spec, reduce, res, g):
+  del spec, reduce
+  clipped, key, new_history = res
+  # The history's "gradient" is its update (overwrite-with-gradient).
+  return jnp.where(clipped, jnp.zeros_like(g), g), new_history, _key_ct(key)
+
+
+_fq_history.defvjp(_fq_history_fwd, _fq_history_bwd)
+
+
+def _qdq_operand(x, spec: Optional[QuantSpec], key, mode: str, amax=None,
+                 tensor_amax=None, scale=None, clip=None, history=None,
+                 reduce: str = "max", name: str = "lhs"):
+  """An operand as the op sees it: dequantized QArray, float, or quantized
+  (fake: fake_quant with its gradients; real: dequantize(quantize(x)))."""
+  learned = scale is not None or clip is not None
+  if isinstance(x, QArray):
+    if learned or history is not None:
+      raise ValueError(f"{name} is a QArray (quantized ahead of time): it takes no "
+                       f"{name}_scale, {name}_clip or amax history")
+    return dequantize(x)
+  if spec is None:
+    if learned:
+      raise ValueError(f"{name}_scale / {name}_clip need a {name}_spec")
+    return x
+  k = key if _stoch(spec) else None
+  if history is not None:
+    if learned or amax is not None or tensor_amax is not None:
+      raise ValueError(f"{name}: an amax history sets the range; do not also pass "
+                       f"{name}_amax, {name}_tensor_amax, {name}_scale or {name}_clip")
+    return _fq_history(spec, reduce, x, history, k)
+  if mode == "fake":
+    return fake_quant(x, spec, key=k, amax=amax, tensor_amax=tensor_amax, scale=scale,
+                      clip=clip)
+  return dequantize(quantize(x, spec, key=k, amax=amax, tensor_amax=tensor_amax,
+                             scale=scale, clip=clip))
+
+
+# ---------------------------------------------------------------------------
+# Quantized gradients (low-bit training)
+
+
+class _GradConfig(NamedTuple):
+  dn: tuple
+  precision: object
+  pet: object
+  g_dx: QuantSpec            # dy as the dx matmul reads it
+  g_dw: Optional[QuantSpec]  # dy as the dW matmul reads it (None: same as g_dx)
+  l_bwd: Optional[QuantSpec]  # lhs re-quantized for dW (None: forward values)
+  r_bwd: Optional[QuantSpec]  # rhs re-quantized for dx (None: forward values)
+  reduce: str
+
+
+def _check_fits(shape, spec: QuantSpec, what: str):
+  ax = normalize_axis(spec.axis, len(shape))
+  bs = block_shape(spec if ax == spec.axis else spec.replace(axis=ax), tuple(shape))
+  for i, (d, b) in enumerate(zip(shape, bs)):
+    if d % b and not spec.pad:
+      raise ValueError(f"{what}: axis {i} has length {d}, not a multiple of the "
+                       f"block size {b} the backward pass quantizes along; pass "
+                       "pad=True in that spec, or pick a block size that divides it")
+
+
+def _fill_bwd(spec: QuantSpec, axes, ndim: int, what: str) -> QuantSpec:
+  if not axes:
+    raise ValueError(f"{what}: this backward matmul contracts no axis, so a blocked "
+                     "spec has nothing to block along; use a per-tensor spec")
+  return operand_spec(spec, axes, ndim)
+
+
+def _bwd_operand_spec(spec: Optional[QuantSpec], free, ndim, what):
+  """How a forward operand is re-quantized for the backward matmul that
+  contracts over its free axes (None: reuse the forward's values)."""
+  if not _blocked(spec):
+    return None
+  if spec.tile is not None:
+    a, b = spec.tile
+    return None if a == b else spec.replace(tile=(b, a))
+  return _fill_bwd(spec.replace(axis=None), free, ndim, what)
+
+
+def _grad_config(dn, lhs_shape, rhs_shape, gs: QuantSpec, ls, rs, precision, pet,
+                 reduce, has_grad_history: bool, lhs_is_q: bool, rhs_is_q: bool):
+  (lc, rc), (lb, rb) = dn
+  lnd, rnd = len(lhs_shape), len(rhs_shape)
+  lf = tuple(i for i in range(lnd) if i not in lc and i not in lb)
+  rf = tuple(i for i in range(rnd) if i not in rc and i not in rb)
+  nb = len(lb)
+  out_nd = nb + len(lf) + len(rf)
+  out_shape = (tuple(lhs_shape[i] for i in lb) + tuple(lhs_shape[i] for i in lf)
+               + tuple(rhs_shape[i] for i in rf))
+  out_lf = tuple(range(nb, nb + len(lf)))
+  out_rf = tuple(range(nb + len(lf), out_nd))
+  g_dw = None
+  if gs.axis is None and gs.tile is None:
+    if gs.group_size is not None:
+      g_dx = _fill_bwd(gs, out_rf, out_nd, "grad_spec (dx = dy . W^T)")
+      g_dw = _fill_bwd(gs, out_lf, out_nd, "grad_spec (dW = x^T . dy)")
+    else:
+      g_dx = gs.replace(axis=TENSOR)
+  else:
+    g_dx = gs
+  if has_grad_history:
+    _check_history_spec(g_dx, out_nd, "grad")
+  for s, what in ((g_dx, "grad_spec (dx)"), (g_dw, "grad_spec (dW)")):
+    if s is not None:
+      _check_fits(out_shape, s, what)
+  l_bwd = None if lhs_is_q else _bwd_operand_spec(ls, lf, lnd, "lhs (dW = x^T . dy)")
+  r_bwd = None if rhs_is_q else _bwd_operand_spec(rs, rf, rnd, "rhs (dx = dy . W^T)")
+  if l_bwd is not None:
+    _check_fits(lhs_shape, l_bwd, "lhs re-quantized for dW")
+  if r_bwd is not None:
+    _check_fits(rhs_shape, r_bwd, "rhs re-quantized for dx")
+  return _GradConfig(dn=dn, precision=precision, pet=pet, g_dx=g_dx, g_dw=g_dw,
+                     l_bwd=l_bwd, r_bwd=r_bwd, reduce=reduce)
+
+
+def _aval(x):
+  return jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _qgrad_dot(cfg: _GradConfig, lv, rv, lsrc, rsrc, keys, g_history):
+  del lsrc, rsrc, keys, g_history
+  return lax.dot_general(lv, rv, cfg.dn, cfg.precision, cfg.pet)
+
+
+def _qgrad_dot_fwd(cfg, lv, rv, lsrc, rsrc, keys, g_history):
+  y = lax.dot_general(lv, rv, cfg.dn, cfg.precision, cfg.pet)
+  return y, (lv, rv, lsrc, rsrc, keys, g_history)
+
+
+def _quantize_cotangent(g, cfg, keys, g_history):
+  """q(dy) for the dx and dW matmuls, and the updated grad history."""
+  k_g, _, _ = keys
+  amax = new_history = None
+  if g_history is not None:
+    amax, cur = _history_range(g_history, cfg.reduce, g)
+    new_history = scaling.update_history(g_history, cur)
+  k_dx = k_dw = None
+  if k_g is not None:
+    if cfg.g_dw is not None:
+      k_dx, k_dw = jax.random.split(k_g)
+    else:
+      k_dx = k_g
+  g_dx = _fq_values(g, cfg.g_dx, k_dx if _stoch(cfg.g_dx) else None, amax)
+  g_dw = g_dx if cfg.g_dw is None else _fq_values(
+      g, cfg.g_dw, k_dw if _stoch(cfg.g_dw) else None, amax)
+  return g_dx, g_dw, new_history
+
+
+def _qgrad_dot_bwd(cfg, res, g):
+  lv, rv, lsrc, rsrc, keys, g_history = res
+  _, k_l, k_r = keys
+  g_dx, g_dw, new_history = _quantize_cotangent(g, cfg, keys, g_history)
+  w = rv
+  if cfg.r_bwd is not None:
+    k = jax.random.fold_in(k_r, 1) if _stoch(cfg.r_bwd) else None
+    w = _fq_values(rsrc, cfg.r_bwd, k).astype(rv.dtype)
+  x = lv
+  if cfg.l_bwd is not None:
+    k = jax.random.fold_in(k_l, 1) if _stoch(cfg.l_bwd) else None
+    x = _fq_values(lsrc, cfg.l_bwd, k).astype(lv.dtype)
+  dot = functools.partial(lax.dot_general, dimension_numbers=cfg.dn,
+                          precision=cfg.precision, preferred_element_type=cfg.pet)
+  # Transposes of the linear maps (no forward recomputed): dx = q(dy) . W^T,
+  # dW = x^T . q(dy).
+  dl, = jax.linear_transpose(lambda a: dot(a, w), _aval(lv))(g_dx.astype(g.dtype))
+  dr, = jax.linear_transpose(lambda b: dot(x, b), _aval(rv))(g_dw.astype(g.dtype))
+  return dl, dr, None, None, tuple(None for _ in keys), new_history
+
+
+_qgrad_dot.defvjp(_qgrad_dot_fwd, _qgrad_dot_bwd)
 
 
 # ---------------------------------------------------------------------------
@@ -145,10 +498,32 @@ def _run_kernel(lhs, rhs: QArray, prob, use_kernel: str):
 # Public ops
 
 
+def _grad_spec(grad_spec, mode: str) -> Optional[QuantSpec]:
+  if grad_spec is None:
+    return None
+  if mode != "fake":
+    raise ValueError("grad_spec quantizes gradients for low-bit training; it needs "
+                     "mode='fake' (mode='real' is the inference path and has no "
+                     "backward pass)")
+  return as_spec(grad_spec)
+
+
+def _norm_dn(dimension_numbers):
+  (lc, rc), (lb, rb) = dimension_numbers
+  t = lambda v: tuple(int(a) for a in v)  # noqa: E731
+  return ((t(lc), t(rc)), (t(lb), t(rb)))
+
+
+def _norm_precision(precision):
+  return tuple(precision) if isinstance(precision, list) else precision
+
+
 def dot_general(lhs, rhs, dimension_numbers, precision=None,
                 preferred_element_type=None, *, lhs_spec=None, rhs_spec=None,
-                mode: str = "fake", key: Optional[jax.Array] = None,
-                lhs_amax=None, lhs_tensor_amax=None, use_kernel: str = "auto"):
+                grad_spec=None, mode: str = "fake", key: Optional[jax.Array] = None,
+                lhs_amax=None, lhs_tensor_amax=None, lhs_scale=None, rhs_scale=None,
+                lhs_clip=None, amax_history: Optional[dict] = None,
+                history_reduce: str = "max", use_kernel: str = "auto"):
   """Quantized ``lax.dot_general``.
 
   Args:
@@ -156,45 +531,74 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None,
       time; its dims are its logical dims).
     dimension_numbers, precision, preferred_element_type: as lax.dot_general.
     lhs_spec, rhs_spec: QuantSpec or format name per operand (None: leave it in
-      float). An unset axis is filled with the operand's contraction axes.
+      float). An unset axis is filled with the operand's contraction axes
+      (``operand_spec``); with an amax history, an unset axis means per tensor.
+    grad_spec: fake mode only: quantize the output's cotangent before both
+      backward matmuls (module docstring: blocking, unset axes).
     mode: "fake" or "real" (module docstring).
-    key: PRNG key for stochastically rounded specs (split between operands).
+    key: PRNG key for stochastically rounded specs, split in three (lhs, rhs,
+      gradient).
     lhs_amax: static activation range from calibration (None: dynamic).
     lhs_tensor_amax: static per-tensor range of a two-level block activation
       (NVFP4): fixes its tensor scale, block scales stay dynamic.
+    lhs_scale, rhs_scale: learned (LSQ) scales, ``fake_quant``'s ``scale``:
+      shaped ``scale_shape(operand.shape, operand_spec(spec, contract, ndim))``.
+    lhs_clip: learned PACT clipping level of the activation (``fake_quant``'s
+      ``clip``).
+    amax_history: delayed scaling, a dict with any of "lhs", "rhs", "grad"
+      mapping to a ``scaling.init_history(n)`` array; the gradient jax.grad
+      returns for each is the updated history (module docstring).
+    history_reduce: "max" or "most_recent": how a history gives the range.
     use_kernel: "auto", "never" or "always".
 
   Returns:
     The product, in lhs's float dtype unless preferred_element_type is given.
+
+  Raises:
+    ValueError: grad_spec or amax_history in real mode, a stochastic spec
+      without a key, conflicting or ill-shaped ranges, a blocked backward
+      quantization along an axis its block size does not divide.
   """
   _check_mode(mode, use_kernel)
-  (lc, rc), _ = dimension_numbers
-  lhs_nd = len(lhs.shape)
-  rhs_nd = len(rhs.shape)
-  ls = _spec_for(lhs_spec, lc, lhs_nd) if not isinstance(lhs, QArray) else None
-  rs = _spec_for(rhs_spec, rc, rhs_nd) if not isinstance(rhs, QArray) else None
-  k_l = k_r = None
-  if key is not None:
-    k_l, k_r = jax.random.split(key)
-  out_dtype = (lhs.dtype if not isinstance(lhs, QArray) else jnp.dtype(lhs.dtype))
+  hist = _check_histories(amax_history, history_reduce, mode)
+  gs = _grad_spec(grad_spec, mode)
+  dn = _norm_dn(dimension_numbers)
+  (lc, rc), _ = dn
+  lhs_nd, rhs_nd = len(lhs.shape), len(rhs.shape)
+  l_is_q, r_is_q = isinstance(lhs, QArray), isinstance(rhs, QArray)
+  ls = None if l_is_q else _resolve(lhs_spec, lc, lhs_nd, "lhs" in hist, "lhs")
+  rs = None if r_is_q else _resolve(rhs_spec, rc, rhs_nd, "rhs" in hist, "rhs")
+  if "grad" in hist and gs is None:
+    raise ValueError("amax_history['grad'] needs a grad_spec")
+  k_l, k_r, k_g = _split_keys(key, (("lhs", ls), ("rhs", rs), ("grad", gs)))
+  out_dtype = (lhs.dtype if not l_is_q else jnp.dtype(lhs.dtype))
+  cfg = None
+  if gs is not None:  # validated before any work
+    pet = None if preferred_element_type is None else jnp.dtype(preferred_element_type)
+    cfg = _grad_config(dn, tuple(lhs.shape), tuple(rhs.shape), gs, ls, rs,
+                       _norm_precision(precision), pet, history_reduce,
+                       "grad" in hist, l_is_q, r_is_q)
   if mode == "fake":
-    lv = dequantize(lhs) if isinstance(lhs, QArray) else (
-        fake_quant(lhs, ls, key=k_l if _stoch(ls) else None, amax=lhs_amax,
-                   tensor_amax=lhs_tensor_amax)
-        if ls is not None else lhs)
-    rv = dequantize(rhs) if isinstance(rhs, QArray) else (
-        fake_quant(rhs, rs, key=k_r if _stoch(rs) else None) if rs is not None else rhs)
-    return lax.dot_general(lv, rv.astype(lv.dtype), dimension_numbers, precision,
-                           preferred_element_type)
+    lv = _qdq_operand(lhs, ls, k_l, mode, lhs_amax, lhs_tensor_amax, lhs_scale,
+                      lhs_clip, hist.get("lhs"), history_reduce, "lhs")
+    rv = _qdq_operand(rhs, rs, k_r, mode, None, None, rhs_scale, None,
+                      hist.get("rhs"), history_reduce, "rhs")
+    rv = rv.astype(lv.dtype)
+    if cfg is None:
+      return lax.dot_general(lv, rv, dn, precision, preferred_element_type)
+    lsrc = lhs if cfg.l_bwd is not None else None
+    rsrc = rhs if cfg.r_bwd is not None else None
+    return _qgrad_dot(cfg, lv, rv, lsrc, rsrc, (k_g, k_l, k_r), hist.get("grad"))
   # real
-  rq = rhs if isinstance(rhs, QArray) else (
-      quantize(rhs, rs, key=k_r if _stoch(rs) else None) if rs is not None else rhs)
-  lq = lhs if isinstance(lhs, QArray) else (
+  rq = rhs if r_is_q else (
+      quantize(rhs, rs, key=k_r if _stoch(rs) else None, scale=rhs_scale)
+      if rs is not None else rhs)
+  lq = lhs if l_is_q else (
       quantize(lhs, ls, key=k_l if _stoch(ls) else None, amax=lhs_amax,
-               tensor_amax=lhs_tensor_amax)
+               tensor_amax=lhs_tensor_amax, scale=lhs_scale, clip=lhs_clip)
       if ls is not None else lhs)
   if isinstance(rq, QArray) and use_kernel != "never":
-    prob, why = kernel_problem(lq, rq, dimension_numbers)
+    prob, why = kernel_problem(lq, rq, dn)
     if prob is not None:
       y = _run_kernel(lq, rq, prob, use_kernel)
       if y is not None:
@@ -203,31 +607,12 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None,
       raise ValueError(f"use_kernel='always' but this matmul cannot use a kernel: {why}")
   lv = dequantize(lq) if isinstance(lq, QArray) else lq
   rv = dequantize(rq) if isinstance(rq, QArray) else rq
-  y = lax.dot_general(lv.astype(jnp.float32), rv.astype(jnp.float32), dimension_numbers,
+  y = lax.dot_general(lv.astype(jnp.float32), rv.astype(jnp.float32), dn,
                       precision, preferred_element_type=jnp.float32)
   return y.astype(preferred_element_type or out_dtype)
 
 
-def _stoch(spec: Optional[QuantSpec]) -> bool:
-  return spec is not None and spec.rounding == "stochastic"
-
-
-def _qdq_operand(x, spec: Optional[QuantSpec], key, mode: str, amax=None,
-                 tensor_amax=None):
-  """An operand as the op sees it: dequantized QArray, float, or quantized
-  (fake: STE fake_quant; real: dequantize(quantize(x)))."""
-  if isinstance(x, QArray):
-    return dequantize(x)
-  if spec is None:
-    return x
-  k = key if _stoch(spec) else None
-  if mode == "fake":
-    return fake_quant(x, spec, key=k, amax=amax, tensor_amax=tensor_amax)
-  return dequantize(quantize(x, spec, key=k, amax=amax, tensor_amax=tensor_amax))
-
-
-def _einsum_contracted(subscripts: str, lhs_nd: int, rhs_nd: int):
-  """Contraction axes of each operand of a two-operand einsum."""
+def _einsum_parts(subscripts: str, lhs_nd: int, rhs_nd: int):
   if "->" not in subscripts:
     raise ValueError(f"einsum needs an explicit output ('ab,bc->ac'), got "
                      f"{subscripts!r}")
@@ -240,38 +625,92 @@ def _einsum_contracted(subscripts: str, lhs_nd: int, rhs_nd: int):
   if len(a) != lhs_nd or len(b) != rhs_nd:
     raise ValueError(f"einsum {subscripts!r} does not fit operands of rank {lhs_nd} "
                      f"and {rhs_nd}")
+  return a, b, out
+
+
+def _einsum_contracted(subscripts: str, lhs_nd: int, rhs_nd: int):
+  """Contraction axes of each operand of a two-operand einsum."""
+  a, b, out = _einsum_parts(subscripts, lhs_nd, rhs_nd)
   contracted = set(a) & set(b) - set(out)
   return (tuple(i for i, c in enumerate(a) if c in contracted),
           tuple(i for i, c in enumerate(b) if c in contracted))
 
 
-def einsum(subscripts: str, lhs, rhs, *, lhs_spec=None, rhs_spec=None,
+def _einsum_dot(subscripts: str, lhs_nd: int, rhs_nd: int):
+  """(dimension_numbers, output permutation) of an einsum as one dot_general."""
+  a, b, out = _einsum_parts(subscripts, lhs_nd, rhs_nd)
+  if len(set(a)) != len(a) or len(set(b)) != len(b) or len(set(out)) != len(out):
+    raise ValueError(f"einsum with grad_spec takes no repeated label within an "
+                     f"operand (traces, diagonals): {subscripts!r}")
+  for c in a + b:
+    if c not in out and not (c in a and c in b):
+      raise ValueError(f"einsum with grad_spec: label {c!r} of {subscripts!r} is "
+                       "summed inside one operand; sum it before the op")
+  for c in out:
+    if c not in a and c not in b:
+      raise ValueError(f"einsum output label {c!r} appears in no operand")
+  batch = [c for c in a if c in b and c in out]
+  contract = [c for c in a if c in b and c not in out]
+  dn = ((tuple(a.index(c) for c in contract), tuple(b.index(c) for c in contract)),
+        (tuple(a.index(c) for c in batch), tuple(b.index(c) for c in batch)))
+  dot_out = batch + [c for c in a if c not in b] + [c for c in b if c not in a]
+  perm = tuple(dot_out.index(c) for c in out)
+  return dn, perm
+
+
+def einsum(subscripts: str, lhs, rhs, *, lhs_spec=None, rhs_spec=None, grad_spec=None,
            mode: str = "fake", key=None, lhs_amax=None, lhs_tensor_amax=None,
+           lhs_scale=None, rhs_scale=None, lhs_clip=None,
+           amax_history: Optional[dict] = None, history_reduce: str = "max",
            use_kernel: str = "auto", precision=None, preferred_element_type=None):
   """Quantized two-operand ``jnp.einsum``.
 
   Each operand is quantized on its own (an unset spec axis becomes that
-  operand's contracted labels) before ``jnp.einsum`` runs, so the specs stay
-  with their operands whatever order einsum contracts them in. Real mode runs
-  the reference (quantize, dequantize, float32-accumulating einsum); kernels
-  are reached through ``dot_general``.
+  operand's contracted labels; per tensor when it has none, or when it has an
+  amax history) before the contraction, so the specs stay with their
+  operands whatever order einsum contracts them in; both operands may be
+  activations (attention's ``q.k`` and ``p.v``). With ``grad_spec`` the
+  einsum runs as one ``dot_general`` (batch, lhs-free, rhs-free) and a
+  transpose to the output's labels, and takes ``dot_general``'s backward
+  quantization. Real mode runs the reference (quantize, dequantize,
+  float32-accumulating einsum); kernels are reached through ``dot_general``.
+
+  Args: as ``dot_general``, with ``subscripts`` an explicit two-operand
+  einsum string ('bqhd,bkhd->bhqk').
+
+  Returns:
+    The einsum, in lhs's dtype unless preferred_element_type is given.
+
+  Raises:
+    ValueError: as ``dot_general``; with grad_spec also repeated labels
+      within an operand or labels summed inside one operand.
   """
   _check_mode(mode, use_kernel)
+  hist = _check_histories(amax_history, history_reduce, mode)
+  gs = _grad_spec(grad_spec, mode)
   lhs_nd, rhs_nd = len(lhs.shape), len(rhs.shape)
   lc, rc = _einsum_contracted(subscripts, lhs_nd, rhs_nd)
-  k_l = k_r = None
-  if key is not None:
-    k_l, k_r = jax.random.split(key)
-
-  def spec(s, contract, nd):
-    if s is None:
-      return None
-    return _spec_for(s, contract, nd) if contract else as_spec(s).with_axis("tensor")
-
+  ls = None if isinstance(lhs, QArray) else _resolve(lhs_spec, lc, lhs_nd,
+                                                     "lhs" in hist, "lhs")
+  rs = None if isinstance(rhs, QArray) else _resolve(rhs_spec, rc, rhs_nd,
+                                                     "rhs" in hist, "rhs")
+  if gs is not None:
+    dn, perm = _einsum_dot(subscripts, lhs_nd, rhs_nd)
+    y = dot_general(lhs, rhs, dn, precision, preferred_element_type, lhs_spec=ls,
+                    rhs_spec=rs, grad_spec=gs, mode=mode, key=key, lhs_amax=lhs_amax,
+                    lhs_tensor_amax=lhs_tensor_amax, lhs_scale=lhs_scale,
+                    rhs_scale=rhs_scale, lhs_clip=lhs_clip,
+                    amax_history=amax_history, history_reduce=history_reduce,
+                    use_kernel=use_kernel)
+    return y if perm == tuple(range(len(perm))) else jnp.transpose(y, perm)
+  if "grad" in hist:
+    raise ValueError("amax_history['grad'] needs a grad_spec")
+  k_l, k_r, _ = _split_keys(key, (("lhs", ls), ("rhs", rs)))
   out_dtype = jnp.dtype(lhs.dtype)
-  lv = _qdq_operand(lhs, spec(lhs_spec, lc, lhs_nd), k_l, mode, lhs_amax,
-                    lhs_tensor_amax)
-  rv = _qdq_operand(rhs, spec(rhs_spec, rc, rhs_nd), k_r, mode)
+  lv = _qdq_operand(lhs, ls, k_l, mode, lhs_amax, lhs_tensor_amax, lhs_scale, lhs_clip,
+                    hist.get("lhs"), history_reduce, "lhs")
+  rv = _qdq_operand(rhs, rs, k_r, mode, None, None, rhs_scale, None, hist.get("rhs"),
+                    history_reduce, "rhs")
   if mode == "real":
     y = jnp.einsum(subscripts, lv.astype(jnp.float32), rv.astype(jnp.float32),
                    precision=precision, preferred_element_type=jnp.float32)
@@ -280,20 +719,76 @@ def einsum(subscripts: str, lhs, rhs, *, lhs_spec=None, rhs_spec=None,
                     preferred_element_type=preferred_element_type)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _qgrad_conv(conv, g_spec, lv, rv, k_g):
+  del g_spec, k_g
+  return conv(lv, rv)
+
+
+def _qgrad_conv_fwd(conv, g_spec, lv, rv, k_g):
+  del g_spec
+  return conv(lv, rv), (lv, rv, k_g)
+
+
+def _qgrad_conv_bwd(conv, g_spec, res, g):
+  lv, rv, k_g = res
+  gq = _fq_values(g, g_spec, k_g if _stoch(g_spec) else None).astype(g.dtype)
+  dl, = jax.linear_transpose(lambda a: conv(a, rv), _aval(lv))(gq)
+  dr, = jax.linear_transpose(lambda b: conv(lv, b), _aval(rv))(gq)
+  return dl, dr, None
+
+
+_qgrad_conv.defvjp(_qgrad_conv_fwd, _qgrad_conv_bwd)
+
+
+class _Conv(NamedTuple):
+  """lax.conv_general_dilated with its static arguments bound (hashable)."""
+  window_strides: tuple
+  padding: object
+  lhs_dilation: object
+  rhs_dilation: object
+  dimension_numbers: object
+  feature_group_count: int
+  batch_group_count: int
+  precision: object
+  preferred_element_type: object
+
+  def __call__(self, lhs, rhs):
+    return lax.conv_general_dilated(lhs, rhs, *self)
+
+
+def _tuplify(v):
+  if isinstance(v, (list, tuple)):
+    return tuple(_tuplify(a) for a in v)
+  return v
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None,
                          feature_group_count=1, batch_group_count=1, precision=None,
                          preferred_element_type=None, *, lhs_spec=None, rhs_spec=None,
-                         mode: str = "fake", key=None, lhs_amax=None,
+                         grad_spec=None, mode: str = "fake", key=None, lhs_amax=None,
                          lhs_tensor_amax=None):
   """Quantized ``lax.conv_general_dilated``.
 
   An unset weight axis means per-output-channel (all kernel dims but the output
   feature dim share a scale); an unset activation axis means one scale per
   spatial position (its input-feature dim). Real mode runs the reference
-  (dequantize, then conv); no conv kernel exists yet.
+  (dequantize, then conv); no conv kernel exists yet. ``grad_spec`` (fake
+  mode) quantizes the output cotangent once, per tensor when its axis is
+  unset, before both backward convolutions, which use the forward's
+  fake-quantized operands; blocked grad specs (block formats, groups, tiles)
+  are refused. ``key`` is split in three (lhs, rhs, gradient).
   """
   _check_mode(mode, "auto")
+  gs = _grad_spec(grad_spec, mode)
+  if gs is not None and _blocked(gs):
+    raise ValueError(f"conv_general_dilated takes a per-tensor or per-axis "
+                     f"grad_spec; {gs.format.name!r} with group_size="
+                     f"{gs.group_size}, tile={gs.tile} blocks along an axis, which a "
+                     "convolution's backward pass does not contract along")
+  if gs is not None:
+    gs = gs.with_axis(TENSOR)
   dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
   lhs_feat = dn.lhs_spec[1]
   rhs_out = dn.rhs_spec[0]
@@ -307,15 +802,21 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     ls = as_spec(lhs_spec)
     if ls.axis is None and ls.tile is None:
       ls = ls.replace(axis=lhs_feat)
-  k_l = k_r = None
-  if key is not None:
-    k_l, k_r = jax.random.split(key)
+  k_l, k_r, k_g = _split_keys(key, (("lhs", ls), ("rhs", rs), ("grad", gs)))
   lv = _qdq_operand(lhs, ls, k_l, mode, lhs_amax, lhs_tensor_amax)
-  rv = _qdq_operand(rhs, rs, k_r, mode)
-  return lax.conv_general_dilated(lv, rv.astype(lv.dtype), window_strides, padding,
-                                  lhs_dilation, rhs_dilation, dimension_numbers,
-                                  feature_group_count, batch_group_count, precision,
-                                  preferred_element_type)
+  rv = _qdq_operand(rhs, rs, k_r, mode, name="rhs")
+  rv = rv.astype(lv.dtype)
+  if gs is None:
+    return lax.conv_general_dilated(lv, rv, window_strides, padding,
+                                    lhs_dilation, rhs_dilation, dimension_numbers,
+                                    feature_group_count, batch_group_count, precision,
+                                    preferred_element_type)
+  conv = _Conv(_tuplify(window_strides), _tuplify(padding), _tuplify(lhs_dilation),
+               _tuplify(rhs_dilation), dn, feature_group_count, batch_group_count,
+               _norm_precision(precision),
+               None if preferred_element_type is None
+               else jnp.dtype(preferred_element_type))
+  return _qgrad_conv(conv, gs, lv, rv, k_g)
 
 
 def prepare_weight(w: jax.Array, spec, contracting: int | Sequence[int] = 0) -> QArray:
@@ -336,6 +837,3 @@ def prepare_weight(w: jax.Array, spec, contracting: int | Sequence[int] = 0) -> 
   if spec.axis is None and spec.tile is None:
     spec = spec.replace(axis=1)
   return quantize(wt, spec)
-
-
-
