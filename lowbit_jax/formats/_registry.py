@@ -35,6 +35,60 @@ def _nf4_table() -> tuple:
   return tuple(v / top for v in vals)
 
 
+def _dynamic_table(bits: int, signed: bool) -> tuple:
+  """Dettmers' dynamic (tree) quantization map with ``bits``-bit codes.
+
+  Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization",
+  Section 2 and Appendix F: after the sign bit (signed maps only) a code is a
+  run of ``e`` zero bits (the decimal exponent), a one (the indicator) and the
+  remaining bits as a linear fraction. With ``n = bits - 1`` non-sign bits,
+  ``e`` runs over ``0 .. n-1`` and a code's magnitude is ``10**-e`` times the
+  midpoint of one of ``2**f`` equal bins of ``[0.1, 1]``, where ``f = n - 1 -
+  e`` for a signed map. An unsigned map keeps the same decades and uses the
+  freed sign bit as one more fraction bit (``f = n - e``). Zero and +1.0 (so
+  that a block's positive absmax is coded exactly; as in the paper there is no
+  -1.0) complete the map: ``2**bits`` values either way.
+
+  Args:
+    bits: code width (8 in the paper; 4 gives Li et al.'s "DE" map).
+    signed: a map for signed data (first moment) or non-negative data.
+
+  Returns:
+    The sorted values, zero included.
+  """
+  n = bits - 1
+  mags = []
+  for e in range(n):
+    f = n - 1 - e if signed else n - e
+    bins = 1 << f
+    width = 0.9 / bins
+    mags += [10.0 ** -e * (0.1 + width * (i + 0.5)) for i in range(bins)]
+  vals = mags + [0.0, 1.0] + ([-m for m in mags] if signed else [])
+  return tuple(sorted(vals))
+
+
+def _without_zero(table: tuple) -> tuple:
+  """A map with its zero code removed, for the second moment of Adam.
+
+  Li et al. 2023, "Memory Efficient Optimizers with 4-bit States", Section 4.1:
+  a second-moment entry that rounds to zero turns ``m / (sqrt(v) + eps)`` into
+  ``m / eps``, so the map for ``v`` must not contain zero ("DE-0"). A block
+  that is entirely zero still reads back as zero (its scale is 0).
+  """
+  return tuple(v for v in table if v != 0.0)
+
+
+def _linear_unsigned_table(bits: int) -> tuple:
+  """Li et al. 2023's zero-point-free linear map: ``(i + 1) / 2**bits``.
+
+  "Memory Efficient Optimizers with 4-bit States", Section 4.2 (the "Linear"
+  mapping they pair with rank-1 normalization): ``2**bits`` evenly spaced
+  levels whose smallest is ``1 / 2**bits`` of the block's absmax, never zero.
+  """
+  n = 1 << bits
+  return tuple((i + 1) / n for i in range(n))
+
+
 def register(fmt: Format, name: str | None = None, *, overwrite: bool = False) -> Format:
   """Registers a format so that ``get(name)`` and every spec can use it.
 
@@ -119,6 +173,16 @@ def _register_builtins() -> None:
   register(LookupFormat((-1.0, 1.0), name="binary", scale_method="mean_abs"))
   register(LookupFormat((-1.0, 0.0, 1.0), name="ternary", scale_method="twn"))
   register(LookupFormat(_nf4_table(), name="nf4", default_block=64))
+  # Optimizer-state maps (lowbit_jax.optim): Dettmers et al. 2022's dynamic
+  # maps and Li et al. 2023's 4-bit maps. The unsigned ones, meant for Adam's
+  # second moment, contain no zero, so a positive value never codes as 0.
+  register(LookupFormat(_dynamic_table(8, signed=True), name="dynamic8"))
+  register(LookupFormat(_without_zero(_dynamic_table(8, signed=False)),
+                        name="dynamic8_unsigned"))
+  register(LookupFormat(_dynamic_table(4, signed=True), name="dynamic4"))
+  register(LookupFormat(_without_zero(_dynamic_table(4, signed=False)),
+                        name="dynamic4_unsigned"))
+  register(LookupFormat(_linear_unsigned_table(4), name="linear4_unsigned"))
 
   floats = {
       "fp8_e4m3": FloatFormat(4, 3, 7, "fn", name="fp8_e4m3"),
