@@ -122,12 +122,23 @@ def _custom_jaxpr(params):
 class _Interpreter:
   """Evaluates a jaxpr, quantizing the sites that a rule matches."""
 
-  def __init__(self, qf: "QuantizedFunction", stats_in: Optional[dict]):
+  def __init__(self, qf: "QuantizedFunction", stats_in: Optional[dict],
+               scales_in: Optional[dict] = None, state_in: Optional[dict] = None,
+               rng=None, init: bool = False, metrics: bool = False):
     self.qf = qf
     self.config = qf.config
     self.stats_in = dict(stats_in or {})
     self.stats_out = dict(self.stats_in)
+    self.scales_in = dict(scales_in or {})
+    self.state_in = dict(state_in or {})
+    self.rng = rng
+    self.init = init
+    self.metrics = metrics
+    self.new_scales: dict = {}
+    self.new_state: dict = {}
+    self.metrics_out: dict = {}
     self._keys: dict[int, str] = {}
+    self._index: dict[str, int] = {}
     self._count: collections.Counter = collections.Counter()
     self._traced_region = 0
 
@@ -307,6 +318,33 @@ class _Interpreter:
       return self.stats_in.get(key)
     return None
 
+  def _call(self, site: Site, key: str, act) -> _rules.SiteCall:
+    """The SiteCall of a site: its entries of the dicts passed in, its key."""
+    stats = self._stats(site, key, act)
+    if stats is None and site.rule.learn_activation == "pact":
+      stats = self.stats_in.get(key)  # a calibrated range starts the clip
+    if self._traced_region and (site.scale_names() or site.history_names()
+                                or self.metrics):
+      raise ValueError(
+          f"{site.path!r} runs inside lax.scan, lax.cond or lax.while_loop, whose "
+          "body cannot hand learned scales, amax histories or metrics back; unroll "
+          "the loop (a Python loop), or use rules without learn_*, "
+          "scaling='delayed' and quant_metrics there")
+    rng = None
+    if site.stochastic and self.rng is not None:
+      idx = self._index.setdefault(key, len(self._index))
+      rng = jax.random.fold_in(self.rng, idx)  # its own key per site
+    return _rules.SiteCall(scales=self.scales_in.get(key), state=self.state_in.get(key),
+                           key=rng, stats=stats, init=self.init, metrics=self.metrics)
+
+  def _finish(self, key: str, call: _rules.SiteCall) -> None:
+    if call.new_scales:
+      self.new_scales.setdefault(key, {}).update(call.new_scales)
+    if call.new_state:
+      self.new_state.setdefault(key, {}).update(call.new_state)
+    if call.recorded:
+      self.metrics_out.setdefault(key, {}).update(call.recorded)
+
   def _dot(self, eqn, invals, intags):
     lhs, rhs = invals
     lt, rt = intags
@@ -318,12 +356,13 @@ class _Interpreter:
     w = weight.q if isinstance(weight, _QRef) else weight
     act = _mat(lhs if side == "rhs" else rhs)
     lhs2, rhs2 = (act, w) if side == "rhs" else (w, act)
-    stats = self._stats(site, key, act)
+    call = self._call(site, key, act)
     p = eqn.params
-    return [_rules.site_dot_general(site, lhs2, rhs2, p["dimension_numbers"],
-                                    p.get("precision"),
-                                    p.get("preferred_element_type"),
-                                    weight_side=side, stats=stats)]
+    out = _rules.site_dot_general(site, lhs2, rhs2, p["dimension_numbers"],
+                                  p.get("precision"), p.get("preferred_element_type"),
+                                  weight_side=side, call=call)
+    self._finish(key, call)
+    return [out]
 
   def _conv(self, eqn, invals, intags):
     lhs, rhs = invals
@@ -334,13 +373,15 @@ class _Interpreter:
       return _bind(eqn, invals)
     w = rhs.q if isinstance(rhs, _QRef) else rhs
     act = _mat(lhs)
-    stats = self._stats(site, key, act)
+    call = self._call(site, key, act)
     p = eqn.params
-    return [_rules.site_conv(site, act, w, p["window_strides"], p["padding"],
-                             p["lhs_dilation"], p["rhs_dilation"],
-                             p["dimension_numbers"], p["feature_group_count"],
-                             p["batch_group_count"], p.get("precision"),
-                             p.get("preferred_element_type"), stats=stats)]
+    out = _rules.site_conv(site, act, w, p["window_strides"], p["padding"],
+                           p["lhs_dilation"], p["rhs_dilation"],
+                           p["dimension_numbers"], p["feature_group_count"],
+                           p["batch_group_count"], p.get("precision"),
+                           p.get("preferred_element_type"), call=call)
+    self._finish(key, call)
+    return [out]
 
   @contextlib.contextmanager
   def _region(self):
@@ -363,9 +404,17 @@ class _Interpreter:
     xs = [_mat(v) for v in invals[nc + ncar:]]
     tags = self._scan_tags(eqn, intags)
 
+    outer = self.rng
+    xs = xs + [jnp.arange(p["length"])]
+
     def body(carry, x):
-      with self._region():
-        outs, _ = self.eval(j, jc, list(consts) + list(carry) + list(x), tags)
+      if outer is not None:  # stochastic rounding: new noise every iteration
+        self.rng = jax.random.fold_in(outer, x[-1])
+      try:
+        with self._region():
+          outs, _ = self.eval(j, jc, list(consts) + list(carry) + list(x[:-1]), tags)
+      finally:
+        self.rng = outer
       outs = [_mat(o) for o in outs]
       return outs[:ncar], outs[ncar:]
 
@@ -406,16 +455,23 @@ class _Interpreter:
     bj, bjc = _closed(p["body_jaxpr"])
     blank = [None] * len(init)
 
+    outer = self.rng
+
     def cond_fun(c):
       with self._region():
-        return self.eval(cj, cjc, list(cconsts) + list(c), ctags + blank)[0][0]
+        return self.eval(cj, cjc, list(cconsts) + list(c[:-1]), ctags + blank)[0][0]
 
     def body_fun(c):
-      with self._region():
-        outs, _ = self.eval(bj, bjc, list(bconsts) + list(c), btags + blank)
-      return [_mat(o) for o in outs]
+      if outer is not None:  # stochastic rounding: new noise every iteration
+        self.rng = jax.random.fold_in(outer, c[-1])
+      try:
+        with self._region():
+          outs, _ = self.eval(bj, bjc, list(bconsts) + list(c[:-1]), btags + blank)
+      finally:
+        self.rng = outer
+      return [_mat(o) for o in outs] + [c[-1] + 1]
 
-    return list(lax.while_loop(cond_fun, body_fun, init))
+    return list(lax.while_loop(cond_fun, body_fun, init + [jnp.int32(0)]))[:-1]
 
   def _remat(self, eqn, invals, intags):
     p = eqn.params
@@ -449,10 +505,34 @@ class QuantizedFunction:
   when they are configuration). It works under ``jax.jit``, ``jax.grad``
   (fake mode: straight-through gradients) and ``jax.vmap``.
 
-  Keyword-only extra argument: ``quant_stats``, the statistics of static rules
-  (from a ``"calibrate"`` run). In mode ``"calibrate"`` the call returns
-  ``(output, quant_stats)`` with the statistics updated; pass them back in on
-  the next calibration call, then to the fake/real function.
+  Keyword-only extra arguments:
+
+  * ``quant_stats``: the statistics of static rules (from a ``"calibrate"``
+    run). In mode ``"calibrate"`` the call returns ``(output, quant_stats)``
+    with the statistics updated; pass them back in on the next calibration
+    call, then to the fake/real function.
+  * ``quant_scales``: learned LSQ scales and PACT clips
+    (``{site: {"weight_scale" | "act_scale" | "act_clip": array}}``, from
+    ``init_quant_vars``); differentiate with respect to them as with params.
+  * ``quant_state``: amax histories of delayed scaling (``{site:
+    {"act_history" | "weight_history" | "grad_history": float32[L]}}``);
+    the gradient ``jax.grad`` returns for them is their next value
+    (overwrite-with-gradient): write it back instead of applying it.
+  * ``rng``: PRNG key for stochastic rounding (a rule spec with
+    ``rounding="stochastic"``); each site folds in its own index (and, inside
+    ``lax.scan`` / ``while_loop``, the iteration).
+  * ``quant_metrics=True``: also return ``{site: {"weight_clipped",
+    "act_clipped": fraction}}``, the fraction of values each site clipped;
+    the call then returns ``(output, metrics)`` (``(output, quant_stats,
+    metrics)`` when calibrating).
+
+  Sites are keyed by the weight's parameter path (``#n`` added for its n-th
+  further use). Learned scales, histories and metrics are not available to
+  sites inside ``lax.scan`` / ``lax.cond`` / ``lax.while_loop`` (unroll the
+  loop). Only matmuls with a weight are reached: activation x activation
+  matmuls (attention's q.k and p.v) have no parameter path to match, so
+  rules of kind ``"act_matmul"`` reach them through the Linen front end
+  (``lowbit_jax.flax.ActEinsum``) only.
 
   Attributes:
     fn: the wrapped function.
@@ -470,26 +550,57 @@ class QuantizedFunction:
     self.config = _rules.as_config(rules, strict)
     self.use_kernel = _rules.check_use_kernel(use_kernel)
     functools.update_wrapper(self, fn)
-    self._jitted = jax.jit(self._run)
-    self._static_jits: dict = {}
+    self._jits: dict = {}
 
-  def __call__(self, params, *args, quant_stats: Optional[dict] = None, **kwargs):
+  def __call__(self, params, *args, quant_stats: Optional[dict] = None,
+               quant_scales: Optional[dict] = None, quant_state: Optional[dict] = None,
+               rng: Optional[jax.Array] = None, quant_metrics: bool = False, **kwargs):
+    extras = {"stats": quant_stats, "scales": quant_scales, "state": quant_state,
+              "rng": rng}
+    out, aux = self._dispatch(params, args, kwargs, extras, False,
+                              bool(quant_metrics))
+    self.config.check()
+    res = (out,)
+    if self.mode == "calibrate":
+      res += (aux["stats"],)
+    if quant_metrics:
+      res += (aux["metrics"],)
+    return res[0] if len(res) == 1 else res
+
+  def init_quant_vars(self, params, *args, quant_stats: Optional[dict] = None,
+                      rng: Optional[jax.Array] = None, **kwargs) -> dict:
+    """The learned scales and amax histories of the function, from one batch.
+
+    Runs the function once: LSQ scales start from the weights and this batch
+    (the rule's ``scale_init``), PACT clips from the activation's amax (or its
+    calibrated range in ``quant_stats``), amax histories empty.
+
+    Args:
+      params, *args, **kwargs: as for the function (a real batch).
+      quant_stats: calibration statistics (static rules; PACT initialisation).
+      rng: key for stochastic rounding, if a rule uses it.
+
+    Returns:
+      ``{"quant_scales": {site: {name: array}}, "quant_state": {site: {name:
+      float32[L]}}}``, sites keyed as ``quant_stats`` (the weight's path, with
+      ``#n`` for its n-th further use); pass them back with
+      ``qfn(params, ..., quant_scales=..., quant_state=...)``.
+    """
+    extras = {"stats": quant_stats, "scales": None, "state": None, "rng": rng}
+    _, aux = self._dispatch(params, args, kwargs, extras, True, False)
+    self.config.check()
+    return {_rules.SCALES: aux["scales"], _rules.STATE: aux["state"]}
+
+  def _dispatch(self, params, args, kwargs, extras, init: bool, metrics: bool):
     leaves, tdef = jax.tree.flatten((args, kwargs))
     static = tuple(i for i, l in enumerate(leaves) if _is_static(l))
-    if static:
-      key = (tdef, static, tuple(leaves[i] for i in static))
-      fn = self._static_jits.get(key)
-      if fn is None:
-        fn = self._static_jits[key] = jax.jit(functools.partial(
-            self._run_static, tdef, dict(zip(static, key[2]))))
-      dyn = [l for i, l in enumerate(leaves) if i not in static]
-      out, stats = fn(params, dyn, quant_stats)
-    else:
-      out, stats = self._jitted(params, args, kwargs, quant_stats)
-    self.config.check()
-    if self.mode == "calibrate":
-      return out, stats
-    return out
+    key = (tdef, static, tuple(leaves[i] for i in static), init, metrics)
+    fn = self._jits.get(key)
+    if fn is None:
+      fn = self._jits[key] = jax.jit(functools.partial(
+          self._run_static, tdef, dict(zip(static, key[2])), init, metrics))
+    dyn = [l for i, l in enumerate(leaves) if i not in static]
+    return fn(params, dyn, extras)
 
   def unused_rules(self) -> list:
     """Rules that matched no site in the calls so far."""
@@ -528,21 +639,26 @@ class QuantizedFunction:
       tags.append(_Tag(p, isinstance(leaf, QArray)) if is_float else None)
     return closed, out_shape, leaves, tags + [None] * len(dyn), dyn
 
-  def _run_static(self, tdef, static: dict, params, dyn, quant_stats):
+  def _run_static(self, tdef, static: dict, init: bool, metrics: bool, params, dyn,
+                  extras):
     it = iter(dyn)
     leaves = [static[i] if i in static else next(it) for i in range(tdef.num_leaves)]
     args, kwargs = jax.tree.unflatten(tdef, leaves)
-    return self._run(params, args, kwargs, quant_stats)
+    return self._run(params, args, kwargs, extras, init, metrics)
 
-  def _run(self, params, args, kwargs, quant_stats):
+  def _run(self, params, args, kwargs, extras, init: bool = False,
+           metrics: bool = False):
     closed, out_shape, leaves, tags, dyn = self._trace(params, args, kwargs)
     vals = [_QRef(l) if isinstance(l, QArray) else l for l in leaves] + dyn
-    interp = _Interpreter(self, quant_stats)
+    interp = _Interpreter(self, extras["stats"], extras["scales"], extras["state"],
+                          extras["rng"], init, metrics)
     outs, _ = interp.eval(closed.jaxpr, closed.consts, vals, tags)
     out = jax.tree_util.tree_unflatten(jax.tree.structure(out_shape),
                                        [_mat(o) for o in outs])
-    stats = interp.stats_out if self.mode == "calibrate" else None
-    return out, stats
+    aux = {"stats": interp.stats_out if self.mode == "calibrate" else None,
+           "scales": interp.new_scales, "state": interp.new_state,
+           "metrics": interp.metrics_out}
+    return out, aux
 
   # -- real quantization ahead of time -----------------------------------------
 
@@ -601,7 +717,7 @@ class QuantizedFunction:
             uses[path].append(None)
           else:
             dn = eqn.params["dimension_numbers"]
-            uses[path].append(_rules.plan_weight(rule.weight, shape, "conv",
+            uses[path].append(_rules.plan_weight(rule.weight_spec, shape, "conv",
                                                  out_axis=dn.rhs_spec[0],
                                                  in_axis=dn.rhs_spec[1]))
         else:
@@ -612,7 +728,7 @@ class QuantizedFunction:
     if i is None:
       return None
     r = self.config.rules[i]
-    return r if r.weight is not None else None
+    return r if r.weight is not None else None  # (its weight_spec is planned)
 
   def _dot_plan(self, eqn, pos, perm, shape, path) -> Optional[WeightPlan]:
     rule = self._plan_rule(path, _DOT_KINDS)
@@ -626,11 +742,12 @@ class QuantizedFunction:
     if perm:
       contract = tuple(perm[c] for c in contract)
       batch = tuple(perm[b] for b in batch)
-    return _rules.plan_weight(rule.weight, shape, "dot_general",
+    return _rules.plan_weight(rule.weight_spec, shape, "dot_general",
                               contracting=tuple(contract), batch=tuple(batch))
 
   def quantize_params(self, params, *args, donate: bool = False,
-                      on_step: Optional[Callable] = None, **kwargs):
+                      on_step: Optional[Callable] = None,
+                      quant_scales: Optional[dict] = None, **kwargs):
     """``params`` with every planned weight replaced by a QWeight, leaf by leaf.
 
     Args:
@@ -639,6 +756,11 @@ class QuantizedFunction:
       donate: delete each float leaf once it is quantized (see
         ``lowbit_jax.quantize_params``).
       on_step: ``on_step(path, qweight)`` after each leaf.
+      quant_scales: a QAT run's learned scales: a planned weight with a
+        ``weight_scale`` is stored with exactly that scale. Keep passing
+        ``quant_scales`` to the real-mode function (activation scales and
+        PACT clips act as static ranges there; weight scales of QWeights are
+        not read).
 
     Returns:
       The parameter pytree for mode ``"real"``.
@@ -647,7 +769,15 @@ class QuantizedFunction:
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
         if isinstance(x, jax.Array) else x, params)
     plan = self.plan(abstract, *args, **kwargs)
-    return _rules.quantize_params(params, plan, donate=donate, on_step=on_step)
+    learned = None
+    if quant_scales is not None:
+      learned = {}
+      for path in plan:
+        ws = (quant_scales.get(path) or {}).get("weight_scale")
+        if ws is not None:
+          learned[path] = ws
+    return _rules.quantize_params(params, plan, donate=donate, on_step=on_step,
+                                  scales=learned)
 
   def finalize_stats(self, quant_stats: dict) -> dict:
     """Observer states turned into ranges ``{"amax", "amin"}`` (done once).

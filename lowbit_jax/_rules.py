@@ -21,6 +21,15 @@ paths and runs the same quantized ops from ``lowbit_jax.core.ops``:
   ``lowbit_jax.calibration`` records the activation statistics that static
   rules need).
 
+QAT and low-bit training use the same rules, sites and ops: a rule's
+``learn_weight`` / ``learn_activation`` (LSQ scales, PACT clips), ``grad``
+(the output cotangent's format) and ``scaling="delayed"`` (amax histories)
+make a site read variables that the front end keeps in the ``"quant_scales"``
+and ``"quant_state"`` collections and hands to ``site_*`` in a ``SiteCall``,
+with the site's PRNG key and a request for clipped-fraction metrics
+(``"quant_metrics"``). Activation x activation matmuls (``op="act_matmul"``)
+are sites too, reached by rules that name that op.
+
 Weights of real quantization are ``QWeight`` s: QArrays that also record
 whether they hold the *transpose* of the layer's weight. A 2-D weight ``W[K, N]``
 contracted on its first axis (``x @ W``, ``nn.Dense``) is stored K-major, as the
@@ -38,17 +47,30 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from opt_einsum.parser import parse_einsum_input
 
 from lowbit_jax import calibration
-from lowbit_jax.core import ops
-from lowbit_jax.core._qarray import QArray
-from lowbit_jax.core._quantize import dequantize, fake_quant, quantize
+from lowbit_jax.core import ops, scaling
+from lowbit_jax.core._qarray import QArray, block_shape
+from lowbit_jax.core._quantize import (dequantize, fake_quant, init_scale, quantize,
+                                       scale_shape)
 from lowbit_jax.core._spec import TENSOR, QuantSpec, as_spec
+from lowbit_jax.formats import BlockFormat, LookupFormat
 
-OPS = ("dot_general", "einsum", "conv")
+OPS = ("dot_general", "einsum", "conv")      # ops with a weight (default)
+ACT_OPS = ("act_matmul",)                    # activation x activation matmuls
+ALL_OPS = OPS + ACT_OPS
 MODES = ("fake", "real", "calibrate")
+LEARN_WEIGHT = (None, "lsq")
+LEARN_ACTIVATION = (None, "lsq", "pact")
+SCALE_INITS = ("lsq", "amax")
+SCALINGS = ("current", "delayed")
+AMAX_REDUCES = ("max", "most_recent")
+SCALES = "quant_scales"    # collection of learned scales and clips (trainable)
+STATE = "quant_state"      # collection of amax histories (overwrite-with-gradient)
+METRICS = "quant_metrics"  # collection of per-site clipped fractions
 _KERNEL_CHOICES = ("auto", "never", "always")
 
 SpecLike = Union[None, str, QuantSpec]
@@ -81,25 +103,94 @@ class QuantRule:
       operand), or None (weight-only). An unset ``axis`` means per token
       (dynamic) or per tensor (static).
     ops: the ops the rule applies to, a subset of ``("dot_general", "einsum",
-      "conv")``. ``quantize_function`` sees einsums as ``dot_general``, so there
-      a rule with either name applies to every matmul.
+      "conv", "act_matmul")``; the default is the three weight ops.
+      ``quantize_function`` sees einsums as ``dot_general``, so there a rule
+      with either name applies to every matmul with a weight.
     static: quantize activations with a static range from calibration (run the
       model once in mode ``"calibrate"`` first) instead of per call. For a
       two-level block format (NVFP4) the range fixes the tensor scale and the
       block scales stay dynamic; for other block formats every block takes it.
 
-  A rule with neither ``weight`` nor ``activation`` keeps the ops it matches in
-  float; put it first to exclude a layer from a later catch-all rule.
+    grad: QuantSpec or format name for the *output cotangent* of the matched
+      ops (low-bit training, e.g. ``weight="fp8_e4m3", activation="fp8_e4m3",
+      grad="fp8_e5m2"``): it is quantized before both backward matmuls; the
+      forward pass is unchanged. A stochastic spec needs a key (see below).
+      An unset axis means per tensor for convolutions. Block or grouped grad
+      formats need a matmul's contraction axis, so such a rule must leave
+      ``"conv"`` out of ``ops``.
+    learn_weight: ``"lsq"``: the weight's scales (one per block of the weight
+      spec's grid) are trainable variables, with the LSQ gradient (Esser et
+      al. 2020, "Learned Step Size Quantization", eq. 3, times its gradient
+      scale ``1 / sqrt(n * Qp)``, n = elements per scale); None keeps
+      scales from each call's amax. Block formats store the learned scale
+      rounded to their scale format (E8M0, NVFP4's two levels), see
+      ``lowbit_jax.fake_quant``; an asymmetric spec learns the scale while
+      its zero point follows the data.
+    learn_activation: ``"lsq"`` (a learned per-tensor step size, Esser et al.
+      2020, gradient scale ``1 / sqrt(n * Qp)`` with n the activation's
+      feature width) or ``"pact"`` (a learned per-tensor clipping value, Choi
+      et al. 2018, "PACT: Parameterized Clipping Activation"; an asymmetric
+      spec clips to ``[0, alpha]`` as the paper); None keeps dynamic (or
+      ``static`` calibrated) ranges. Needs a per-tensor, non-block
+      activation spec (an unset axis becomes ``"tensor"``).
+    scale_init: how LSQ scales start: ``"lsq"`` (``2 mean|x| / sqrt(Qp)``, as
+      the paper) or ``"amax"`` (``amax / Qp``: the scale of fixed-amax
+      quantization, so QAT starts from the PTQ model). A PACT clip starts at
+      the activation's amax, or at its calibrated range when the front end
+      has ``quant_stats`` for the site.
+    scaling: ``"current"`` (scales from the tensor being quantized) or
+      ``"delayed"`` (Transformer Engine's FP8 recipe, Micikevicius et al.
+      2022, "FP8 Formats for Deep Learning"): each quantized operand (and the
+      cotangent) takes its per-tensor range from a history of the amaxes of
+      earlier steps, kept in the ``"quant_state"`` collection. Needs specs
+      with a per-tensor range (an unset axis becomes ``"tensor"``; NVFP4's
+      tensor scale also qualifies) and runs on matmuls only.
+    amax_history_len: length of each amax history (delayed scaling).
+    amax_reduce: how the history becomes a range: ``"max"`` or
+      ``"most_recent"``.
+
+  Learned scales and PACT clips live in the ``"quant_scales"`` collection
+  (train them like parameters); amax histories live in ``"quant_state"``:
+  the gradient ``jax.grad`` returns for a history *is* the updated history
+  (overwrite-with-gradient), which the training step writes back in place
+  of applying it. Stochastic rounding (``rounding="stochastic"`` in any of
+  the specs) takes a key from the front end (Linen: the ``"quant"`` rng
+  stream; NNX: ``quantize_nnx(..., rngs=)``; ``quantize_function``:
+  ``rng=``), a different one for every site.
+
+  Activation x activation matmuls (attention's q.k and p.v, reached through
+  ``lowbit_jax.flax.ActEinsum``) are ops of kind ``"act_matmul"``, which a
+  rule reaches only when its ``ops`` name it (the default ``ops`` are the
+  weight ops, so catch-all rules keep attention in float). There both
+  operands take the ``activation`` spec (``weight`` is not used), the
+  cotangent ``grad``; ``learn_activation="lsq"`` learns one step size per
+  operand.
+
+  A rule with neither ``weight``, ``activation`` nor ``grad`` keeps the ops it
+  matches in float; put it first to exclude a layer from a later catch-all
+  rule.
 
   Raises:
     ValueError: a bad regex, an unknown format name, an unknown op, or
-      ``static=True`` without an activation spec.
+      options that do not fit together (``static=True`` or a learned
+      activation without an activation spec, a learned weight without a
+      weight spec, a learned activation range that is not per tensor, a block
+      grad format on a rule that reaches convolutions, delayed scaling with a
+      grouped spec that has no per-tensor range, or with learned or static
+      ranges).
   """
   path: str
   weight: SpecLike = None
   activation: SpecLike = None
   ops: tuple = OPS
   static: bool = False
+  grad: SpecLike = None
+  learn_weight: Optional[str] = None
+  learn_activation: Optional[str] = None
+  scale_init: str = "lsq"
+  scaling: str = "current"
+  amax_history_len: int = 16
+  amax_reduce: str = "max"
 
   def __post_init__(self):
     if not isinstance(self.path, str):
@@ -113,11 +204,12 @@ class QuantRule:
     object.__setattr__(self, "weight", _to_spec(self.weight, "weight", self.path))
     object.__setattr__(self, "activation",
                        _to_spec(self.activation, "activation", self.path))
+    object.__setattr__(self, "grad", _to_spec(self.grad, "grad", self.path))
     op_list = (self.ops,) if isinstance(self.ops, str) else tuple(self.ops)
-    bad = [o for o in op_list if o not in OPS]
+    bad = [o for o in op_list if o not in ALL_OPS]
     if bad or not op_list:
       raise ValueError(f"QuantRule({self.path!r}): ops must be a non-empty subset of "
-                       f"{OPS}, got {self.ops!r}")
+                       f"{ALL_OPS}, got {self.ops!r}")
     object.__setattr__(self, "ops", op_list)
     if not isinstance(self.static, bool):
       raise TypeError(f"QuantRule({self.path!r}): static must be a bool, got "
@@ -126,6 +218,7 @@ class QuantRule:
       raise ValueError(f"QuantRule({self.path!r}): static=True quantizes activations "
                        "with calibrated ranges, so it needs an activation spec, e.g. "
                        "activation='int8'")
+    self._check_training_options()
     sa = self.static_activation
     if sa is not None and sa.tensor_scale and sa.calibration in ("mse", "kl"):
       raise ValueError(
@@ -135,6 +228,79 @@ class QuantRule:
           "two-level format does not use; use calibration='minmax', 'absmax_ema' "
           "or 'percentile'")
 
+  def _check_training_options(self) -> None:
+    """Validates grad, learn_*, scale_init and the delayed-scaling options."""
+    name = f"QuantRule({self.path!r})"
+    if self.learn_weight not in LEARN_WEIGHT:
+      raise ValueError(f"{name}: learn_weight must be one of {LEARN_WEIGHT}, got "
+                       f"{self.learn_weight!r}")
+    if self.learn_activation not in LEARN_ACTIVATION:
+      raise ValueError(f"{name}: learn_activation must be one of "
+                       f"{LEARN_ACTIVATION}, got {self.learn_activation!r}")
+    if self.scale_init not in SCALE_INITS:
+      raise ValueError(f"{name}: scale_init must be one of {SCALE_INITS}, got "
+                       f"{self.scale_init!r}")
+    if self.scaling not in SCALINGS:
+      raise ValueError(f"{name}: scaling must be one of {SCALINGS}, got "
+                       f"{self.scaling!r}")
+    if self.amax_reduce not in AMAX_REDUCES:
+      raise ValueError(f"{name}: amax_reduce must be one of {AMAX_REDUCES}, got "
+                       f"{self.amax_reduce!r}")
+    n = self.amax_history_len
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+      raise ValueError(f"{name}: amax_history_len must be a positive int, got {n!r}")
+    if self.learn_weight is not None:
+      if self.weight is None:
+        raise ValueError(f"{name}: learn_weight={self.learn_weight!r} learns the "
+                         "weight's scales, so it needs a weight spec, e.g. "
+                         "weight='int4'")
+      _check_learnable(self.weight, name, "learn_weight", per_tensor=False)
+    if self.learn_activation is not None:
+      if self.activation is None:
+        raise ValueError(f"{name}: learn_activation={self.learn_activation!r} "
+                         "learns the activation's range, so it needs an activation "
+                         "spec, e.g. activation='int8'")
+      if self.static:
+        raise ValueError(f"{name}: learn_activation replaces static calibrated "
+                         "ranges (a calibrated range, when present, initialises "
+                         "the learned one); drop static=True")
+      _check_learnable(self.activation, name, "learn_activation", per_tensor=True)
+    if self.scale_init != "lsq" and "lsq" not in (self.learn_weight,
+                                                  self.learn_activation):
+      raise ValueError(f"{name}: scale_init={self.scale_init!r} chooses how LSQ "
+                       "scales start, but the rule learns none; set "
+                       "learn_weight='lsq' or learn_activation='lsq', or drop it")
+    g = self.grad
+    if g is not None and "conv" in self.ops and (
+        isinstance(g.format, BlockFormat) or g.group_size is not None
+        or g.tile is not None):
+      raise ValueError(f"{name}: grad={g.format.name!r} is a block/grouped format, "
+                       "whose blocks must run along a matmul's contraction axis; "
+                       "a convolution's two backward ops contract different "
+                       "axes. Leave conv out: ops=('dot_general', 'einsum'), or "
+                       "use a per-tensor grad format such as 'fp8_e5m2'")
+    if self.scaling == "delayed":
+      if self.weight is None and self.activation is None and g is None:
+        raise ValueError(f"{name}: scaling='delayed' needs something to quantize "
+                         "(weight, activation or grad)")
+      if self.static:
+        raise ValueError(f"{name}: scaling='delayed' takes the activation range "
+                         "from an amax history; static=True takes it from "
+                         "calibration. Use one")
+      if self.learn_weight is not None or self.learn_activation is not None:
+        raise ValueError(f"{name}: scaling='delayed' takes ranges from amax "
+                         "histories; learned scales (learn_weight / "
+                         "learn_activation) replace them. Use one")
+      for field, spec in (("weight", self.weight), ("activation", self.activation),
+                          ("grad", g)):
+        if spec is not None and not _has_tensor_range(spec):
+          raise ValueError(
+              f"{name}: scaling='delayed' keeps one amax history per tensor, but "
+              f"{field}={spec.format.name!r} (axis={spec.axis!r}, group_size="
+              f"{spec.group_size!r}, tile={spec.tile!r}) has no per-tensor "
+              "range; use a per-tensor spec (leave axis unset or 'tensor') or "
+              "scaling='current'")
+
   def matches(self, path: str) -> bool:
     """Whether the regex fully matches ``path``."""
     return _compiled(self.path).fullmatch(path) is not None
@@ -142,7 +308,35 @@ class QuantRule:
   @property
   def is_float(self) -> bool:
     """Whether this rule keeps what it matches in float."""
-    return self.weight is None and self.activation is None
+    return self.weight is None and self.activation is None and self.grad is None
+
+  @property
+  def delayed(self) -> bool:
+    """Whether ranges come from amax histories (``scaling="delayed"``)."""
+    return self.scaling == "delayed"
+
+  @property
+  def weight_spec(self) -> Optional[QuantSpec]:
+    """The weight spec as sites use it (delayed scaling: per tensor if unset)."""
+    return _tensor_if_unset(self.weight) if self.delayed else self.weight
+
+  @property
+  def activation_spec(self) -> Optional[QuantSpec]:
+    """The activation spec as sites use it.
+
+    Static, learned and delayed ranges are per tensor: an unset axis becomes
+    ``"tensor"``; otherwise the spec is the rule's own.
+    """
+    if self.static:
+      return self.static_activation
+    if self.learn_activation is not None or self.delayed:
+      return _tensor_if_unset(self.activation)
+    return self.activation
+
+  @property
+  def grad_spec(self) -> Optional[QuantSpec]:
+    """The cotangent spec as sites use it (delayed scaling: per tensor)."""
+    return _tensor_if_unset(self.grad) if self.delayed else self.grad
 
   @property
   def static_activation(self) -> Optional[QuantSpec]:
@@ -157,6 +351,37 @@ class QuantRule:
     if a.axis is None and a.tile is None and a.group_size is None:
       return a.replace(axis=TENSOR)
     return a
+
+
+def _tensor_if_unset(spec: Optional[QuantSpec]) -> Optional[QuantSpec]:
+  if spec is None or spec.axis is not None or spec.tile is not None:
+    return spec
+  if spec.group_size is not None:  # block formats: blocks along an op axis
+    return spec
+  return spec.replace(axis=TENSOR)
+
+
+def _has_tensor_range(spec: QuantSpec) -> bool:
+  """Whether a spec's range is one per tensor (or has a per-tensor scale)."""
+  if spec.tensor_scale:
+    return True
+  if spec.tile is not None or spec.group_size is not None:
+    return False
+  return spec.axis is None or spec.axis == TENSOR
+
+
+def _check_learnable(spec: QuantSpec, name: str, field: str, per_tensor: bool):
+  if isinstance(spec.format, LookupFormat) and spec.format.scale_method != "absmax":
+    raise ValueError(f"{name}: {field} cannot learn the scale of "
+                     f"{spec.format.name!r}, whose scale is a statistic of the "
+                     f"data ({spec.format.scale_method})")
+  if per_tensor and (isinstance(spec.format, BlockFormat) or not (
+      spec.axis in (None, TENSOR) and spec.group_size is None
+      and spec.tile is None)):
+    raise ValueError(f"{name}: {field} learns one range per tensor (a per-token "
+                     "range would change with every batch); leave the activation "
+                     f"axis unset or 'tensor', got axis={spec.axis!r}, "
+                     f"group_size={spec.group_size!r}, tile={spec.tile!r}")
 
 
 @functools.lru_cache(maxsize=1024)
@@ -204,17 +429,85 @@ class Site:
   mode: str
   use_kernel: str = "auto"
 
+  def __post_init__(self):
+    r = self.rule
+    if self.op == "act_matmul" and r.static and r.activation is not None:
+      raise ValueError(f"{self.path}: rule {r.path!r} is static, but activation x "
+                       "activation matmuls take dynamic, delayed or LSQ ranges (a "
+                       "static range per operand is not supported); drop "
+                       "static=True or keep 'act_matmul' out of the rule's ops")
+    if self.op == "act_matmul" and r.learn_activation == "pact":
+      raise ValueError(f"{self.path}: rule {r.path!r} learns a PACT clip, which "
+                       "activation x activation matmuls do not take; use "
+                       "learn_activation='lsq' or keep 'act_matmul' out of its ops")
+
+  @property
+  def is_act(self) -> bool:
+    """Whether this is an activation x activation matmul (no weight)."""
+    return self.op == "act_matmul"
+
   @property
   def weight(self) -> Optional[QuantSpec]:
-    return self.rule.weight
+    """The weight spec (``rule.weight_spec``); None at activation matmuls."""
+    return None if self.is_act else self.rule.weight_spec
 
   @property
   def activation(self) -> Optional[QuantSpec]:
-    return self.rule.activation
+    """The activation spec as the site uses it (``rule.activation_spec``)."""
+    return self.rule.activation_spec
+
+  @property
+  def grad(self) -> Optional[QuantSpec]:
+    """The output-cotangent spec (``rule.grad_spec``)."""
+    return self.rule.grad_spec
 
   @property
   def static(self) -> bool:
     return self.rule.static
+
+  @property
+  def stochastic(self) -> bool:
+    """Whether some spec of the site rounds stochastically (needs a key)."""
+    specs = (self.weight, self.activation, self.grad)
+    return self.mode != "calibrate" and any(
+        s is not None and s.rounding == "stochastic" for s in specs)
+
+  def scale_names(self) -> tuple:
+    """Names of the site's learned variables in ``"quant_scales"``."""
+    r = self.rule
+    if self.mode == "calibrate":
+      return ()
+    names = []
+    if self.is_act:
+      if r.learn_activation == "lsq" and r.activation is not None:
+        names += ["lhs_scale", "rhs_scale"]
+      return tuple(names)
+    if r.learn_weight and r.weight is not None:
+      names.append("weight_scale")
+    if r.learn_activation == "lsq":
+      names.append("act_scale")
+    elif r.learn_activation == "pact":
+      names.append("act_clip")
+    return tuple(names)
+
+  def history_names(self) -> dict:
+    """``{name in "quant_state": ops' history key}`` (delayed scaling)."""
+    r = self.rule
+    if not r.delayed or self.mode == "calibrate":
+      return {}
+    out = {}
+    if self.is_act:
+      if r.activation is not None:
+        out["lhs_history"] = "lhs"
+        out["rhs_history"] = "rhs"
+    else:
+      if r.activation is not None:
+        out["act_history"] = "lhs"
+      if r.weight is not None:
+        out["weight_history"] = "rhs"
+    if r.grad is not None:
+      out["grad_history"] = "grad"
+    return out
 
   @property
   def collects_stats(self) -> bool:
@@ -478,7 +771,7 @@ def plan_weight(spec: QuantSpec, shape: tuple, op: str, *, contracting=(),
   if op == "conv":
     return WeightPlan(conv_weight_spec(spec, ndim, out_axis, in_axis), False)
   contracting = tuple(sorted(c % ndim for c in contracting))
-  filled = ops._spec_for(spec, contracting, ndim)  # pylint: disable=protected-access
+  filled = ops.operand_spec(spec, contracting, ndim)
   kmajor = ndim == 2 and not batch and contracting == (0,)
   return WeightPlan(filled, kmajor)
 
@@ -491,16 +784,38 @@ def _quantize_leaf(w: jax.Array, plan: WeightPlan) -> QWeight:
   return as_qweight(quantize(w, plan.spec), transposed=False)
 
 
-def quantize_weight(w: jax.Array, plan: WeightPlan) -> QWeight:
-  """Quantizes one float weight as ``plan`` says (jitted per shape and plan)."""
+@functools.partial(jax.jit, static_argnums=1)
+def _quantize_leaf_scaled(w: jax.Array, plan: WeightPlan, scale) -> QWeight:
+  if plan.transpose:
+    q = quantize(w.T, _transpose_spec(plan.spec), scale=jnp.transpose(scale))
+    return as_qweight(q, transposed=True)
+  return as_qweight(quantize(w, plan.spec, scale=scale), transposed=False)
+
+
+def quantize_weight(w: jax.Array, plan: WeightPlan, scale=None) -> QWeight:
+  """Quantizes one float weight as ``plan`` says (jitted per shape and plan).
+
+  Args:
+    w: the float weight, in the layer's layout.
+    plan: its WeightPlan.
+    scale: a learned (LSQ) scale grid of ``plan.spec`` over ``w`` (the
+      ``weight_scale`` a QAT run trained): the QWeight then holds exactly
+      these scales. None: scales from the weight's amax.
+  """
   if isinstance(w, QArray):
     raise TypeError("this weight is already quantized")
-  return _quantize_leaf(w, plan)
+  if scale is None:
+    return _quantize_leaf(w, plan)
+  if plan.transpose and jnp.ndim(scale) != 2:
+    raise ValueError(f"a K-major weight takes a 2-d scale grid, got shape "
+                     f"{jnp.shape(scale)}")
+  return _quantize_leaf_scaled(w, plan, jnp.asarray(scale, jnp.float32))
 
 
 def quantize_params(params: Any, plan: Mapping[str, WeightPlan], *,
                     donate: bool = False,
-                    on_step: Optional[Callable[[str, QWeight], None]] = None) -> Any:
+                    on_step: Optional[Callable[[str, QWeight], None]] = None,
+                    scales: Optional[Mapping[str, jax.Array]] = None) -> Any:
   """Replaces the planned float leaves of ``params`` by QWeights, one at a time.
 
   Only one leaf is in flight at a time, so the peak memory is the float
@@ -516,6 +831,9 @@ def quantize_params(params: Any, plan: Mapping[str, WeightPlan], *,
       the float leaves, so the peak is float + quantized.
     on_step: called as ``on_step(path, qweight)`` after each leaf is quantized
       and before its float leaf is deleted (e.g. to measure memory).
+    scales: ``{parameter path: learned scale grid}`` (QAT with
+      ``learn_weight="lsq"``): those leaves are quantized with exactly these
+      scales (``quantize(..., scale=)``).
 
   Returns:
     ``params`` with the planned leaves replaced.
@@ -526,6 +844,10 @@ def quantize_params(params: Any, plan: Mapping[str, WeightPlan], *,
   flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_qarray)
   paths = [path_str(kp) for kp, _ in flat]
   missing = sorted(set(plan) - set(paths))
+  extra = sorted(set(scales or {}) - set(plan))
+  if extra:
+    raise ValueError(f"learned scales for {extra} have no planned weight; plan "
+                     "those weights (a rule with a weight spec must match them)")
   if missing:
     raise ValueError(f"planned weights {missing} are not leaves of params (its "
                      f"leaves include {paths[:6]}); build the plan from the same "
@@ -538,7 +860,7 @@ def quantize_params(params: Any, plan: Mapping[str, WeightPlan], *,
     leaf = leaves[i]
     if isinstance(leaf, QArray):
       raise ValueError(f"{p} is already quantized")
-    q = quantize_weight(leaf, plan[p])
+    q = quantize_weight(leaf, plan[p], None if scales is None else scales.get(p))
     leaves[i] = q
     if on_step is not None:
       on_step(p, q)
@@ -608,29 +930,350 @@ def check_use_kernel(use_kernel: str) -> str:
   return use_kernel
 
 
-def _act(site: Site, x, rng: Optional[dict]):
-  """Activation operand and its static range for ops.
+class SiteCall:
+  """What one call of a site reads, creates and records (built by a front end).
+
+  The front end fills it from its own storage (a Linen scope, NNX Variables,
+  the dicts passed to a ``QuantizedFunction``), passes it to ``site_*`` and
+  writes back what the call created and recorded.
+
+  Attributes:
+    scales: the site's ``"quant_scales"`` entries ``{name: array}`` (see
+      ``Site.scale_names``).
+    state: the site's ``"quant_state"`` entries ``{name: float32[L]}`` (see
+      ``Site.history_names``).
+    key: PRNG key for stochastic rounding (this site's own), or None.
+    stats: calibration statistics or range (static rules; they also start a
+      PACT clip).
+    init: create missing scales and histories from this call's data (sets
+      both ``init_scales`` and ``init_state``, which front ends may set
+      apart: a Linen collection is created only where it is mutable).
+    metrics: record the fraction of weight and activation values clipped.
+    new_scales, new_state: what the call created (``init``).
+    recorded: ``{name: scalar}`` clipped fractions (``metrics``), e.g.
+      ``{"weight_clipped": ..., "act_clipped": ...}``.
+  """
+
+  def __init__(self, *, scales=None, state=None, key=None, stats=None,
+               init: bool = False, metrics: bool = False):
+    self.scales = dict(scales or {})
+    self.state = dict(state or {})
+    self.key = key
+    self.stats = stats
+    self.init_scales = self.init_state = bool(init)
+    self.metrics = bool(metrics)
+    self.new_scales: dict = {}
+    self.new_state: dict = {}
+    self.recorded: dict = {}
+
+  def _missing(self, site: Site, what: str, name: str):
+    raise ValueError(
+        f"rule {site.rule.path!r} {what} here ({name!r}), but no value was passed. "
+        "Create the quantization variables first: Linen "
+        "q.init_quant_vars(model, variables, *args) (or apply(..., mutable="
+        f"[{SCALES!r}, {STATE!r}])), NNX lowbit_jax.flax.init_quant_nnx(model, "
+        "*args), quantize_function qfn.init_quant_vars(params, *args)")
+
+  def scale(self, site: Site, name: str, make: Callable[[], jax.Array]):
+    """The learned scale ``name``, created by ``make()`` when missing (init)."""
+    v = self.scales.get(name)
+    if v is not None:
+      return v
+    if not self.init_scales:
+      self._missing(site, "learns a scale", name)
+    v = lax.stop_gradient(jnp.asarray(make(), jnp.float32))
+    self.scales[name] = self.new_scales[name] = v
+    return v
+
+  def history(self, site: Site, name: str):
+    """The amax history ``name``, created empty when missing (init)."""
+    v = self.state.get(name)
+    if v is not None:
+      return v
+    if not self.init_state:
+      self._missing(site, "keeps an amax history (scaling='delayed')", name)
+    v = scaling.init_history(site.rule.amax_history_len)
+    self.state[name] = self.new_state[name] = v
+    return v
+
+  def record(self, name: str, value) -> None:
+    if self.metrics:
+      self.recorded[name] = lax.stop_gradient(value)
+
+
+def site_key(site: Site, call: SiteCall):
+  """The PRNG key of a site that rounds stochastically (None otherwise).
+
+  Raises:
+    ValueError: the site needs a key and none was supplied.
+  """
+  if not site.stochastic:
+    return None
+  if call.key is None:
+    raise ValueError(
+        f"rule {site.rule.path!r} rounds stochastically (rounding='stochastic' in "
+        "its weight, activation or grad spec) and needs a PRNG key: Linen "
+        "apply(..., rngs={'quant': key}); NNX quantize_nnx(..., rngs=nnx.Rngs("
+        "quant=0)); quantize_function qfn(..., rng=key)")
+  return call.key
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _scale_grad(x, factor: float):
+  return x
+
+
+def _sg_fwd(x, factor):
+  del factor
+  return x, None
+
+
+def _sg_bwd(factor, res, g):
+  del res
+  return (g * np.float32(factor),)
+
+
+_scale_grad.defvjp(_sg_fwd, _sg_bwd)
+
+
+def _qp(spec: QuantSpec) -> float:
+  """The grid's largest element Qp (LSQ's positive bound)."""
+  fmt = spec.element
+  if not spec.symmetric:
+    return float(spec.storage_format.qmax)
+  if isinstance(fmt, LookupFormat):
+    return float(fmt.table[-1])
+  return float(fmt.qmax) if hasattr(fmt, "qmax") else float(fmt.max)
+
+
+def _learned_scale(site: Site, call: SiteCall, name: str, x, spec: QuantSpec,
+                   per_tensor: bool, contract=()):
+  """A learned LSQ scale, shaped like ``spec``'s scale grid over ``x``.
+
+  The gradient reaching the stored scale is multiplied by LSQ's gradient
+  scale ``1 / sqrt(n * Qp)`` (Esser et al. 2020): n is the number of elements
+  per scale (weights) or the activation's feature width (the product of its
+  contraction dims).
+  """
+  shape = tuple(x.shape)
+  grid = tuple(scale_shape(shape, spec))
+
+  def make():
+    v = init_scale(lax.stop_gradient(_float(x)), spec, method=site.rule.scale_init)
+    return jnp.reshape(v, ()) if per_tensor else jnp.reshape(v, grid)
+  s = call.scale(site, name, make)
+  if per_tensor:
+    n = int(np.prod([shape[c] for c in contract])) if contract else 1
+  else:
+    n = max(1, int(np.prod(shape)) // max(1, int(np.prod(grid))))
+  s = _scale_grad(jnp.asarray(s, jnp.float32), 1.0 / float(np.sqrt(n * _qp(spec))))
+  return jnp.reshape(s, grid)
+
+
+def _pact_clip(site: Site, call: SiteCall, x):
+  """A learned PACT clip (a scalar), started at the calibrated or data amax."""
+  def make():
+    st = call.stats
+    if st is not None:
+      if is_range(st):
+        return jnp.reshape(jnp.asarray(st["amax"], jnp.float32), ())
+      spec = site.activation
+      return jnp.reshape(observer_for(spec).finalize(st, spec)["amax"], ())
+    return jnp.max(jnp.abs(lax.stop_gradient(_float(x)).astype(jnp.float32)))
+  return call.scale(site, "act_clip", make)
+
+
+def _expand_grid(s, shape):
+  """A per-block array broadcast to ``shape`` (blocks may pad the last one)."""
+  s = jnp.asarray(s, jnp.float32)
+  if s.ndim == 0:
+    return s
+  for i, (n, d) in enumerate(zip(s.shape, shape)):
+    if n not in (1, d):
+      s = jnp.repeat(s, -(-d // n), axis=i)
+      s = lax.slice_in_dim(s, 0, d, axis=i)
+  return s
+
+
+def _block_amax(x, spec: QuantSpec):
+  """Per-block max |x| broadcast back to x's shape."""
+  bs = block_shape(spec, tuple(x.shape))
+  ax = jnp.abs(x.astype(jnp.float32))
+  padded = tuple(-(-d // b) * b for d, b in zip(x.shape, bs))
+  if padded != tuple(x.shape):
+    ax = jnp.pad(ax, [(0, p - d) for d, p in zip(x.shape, padded)])
+  new = []
+  for d, b in zip(padded, bs):
+    new += [d // b, b]
+  m = jnp.max(ax.reshape(new), axis=tuple(range(1, len(new), 2)))
+  return _expand_grid(m, tuple(x.shape))
+
+
+def clipped_fraction(x, spec: QuantSpec, *, amax=None, tensor_amax=None, scale=None,
+                     clip=None) -> jax.Array:
+  """The fraction of ``x``'s values a quantizer clips (beyond its range).
+
+  Args:
+    x: the operand.
+    spec: its spec with the axis filled in (``ops.operand_spec``).
+    amax: a static or delayed range (scalar or per block).
+    tensor_amax: a static per-tensor range of a two-level format (NVFP4).
+    scale: a learned (LSQ) scale grid: the range is ``scale * Qp`` (for an
+      asymmetric spec this ignores the zero point's shift of the range).
+    clip: a learned PACT clip.
 
   Returns:
-    ``(x, lhs_spec, {"lhs_amax" or "lhs_tensor_amax": range})``. A two-level
-    block format (NVFP4) takes its static range as the tensor scale's, its
-    block scales staying dynamic; other specs take it as every block's range.
+    A float32 scalar in [0, 1]. Dynamic ranges clip only with a
+    ``clip_ratio`` below 1 (and MX's E8M0 floor scales may saturate the
+    largest elements of a block, which this does not count).
+  """
+  xs = _float(x).astype(jnp.float32)
+  xf = jnp.abs(xs)
+  if clip is not None:
+    thr = jnp.asarray(clip, jnp.float32)
+    if not spec.symmetric:  # PACT's unsigned range [0, alpha]
+      return jnp.mean(((xs < 0) | (xs > thr)).astype(jnp.float32))
+  elif scale is not None:
+    thr = _expand_grid(scale, tuple(x.shape)) * np.float32(_qp(spec))
+  else:
+    if amax is not None:
+      a = _expand_grid(amax, tuple(x.shape))
+    else:
+      a = _block_amax(x, spec)
+    if tensor_amax is not None:
+      a = jnp.minimum(a, jnp.asarray(tensor_amax, jnp.float32))
+    thr = a * np.float32(spec.clip_ratio)
+  return jnp.mean((xf > thr).astype(jnp.float32))
+
+
+def _fill(spec: QuantSpec, contract, ndim: int) -> QuantSpec:
+  """An operand's spec with an unset axis filled as the ops fill it."""
+  if not contract and spec.axis is None and spec.tile is None:
+    return spec if spec.group_size is not None else spec.replace(axis=TENSOR)
+  return ops.operand_spec(spec, contract, ndim)
+
+
+def _history_amax(site: Site, h):
+  return scaling.amax_from_history(h, site.rule.amax_reduce)
+
+
+def _act(site: Site, x, stats, call: Optional[SiteCall] = None, contract=(),
+         name: str = "act"):
+  """An activation operand, its spec, and the ops keywords for its range.
+
+  Returns:
+    ``(x, lhs_spec, kwargs)``, kwargs among ``lhs_amax`` / ``lhs_tensor_amax``
+    (static ranges: a two-level block format (NVFP4) takes its static range
+    as the tensor scale's, its block scales staying dynamic; other specs take
+    it as every block's range), ``lhs_scale`` (LSQ) and ``lhs_clip`` (PACT).
   """
   spec = site.activation
   if spec is None or site.mode == "calibrate":
     return x, None, {}
+  call = call if call is not None else SiteCall(stats=stats)
+  rule = site.rule
+  filled = _fill(spec, contract, len(x.shape))
+  if rule.learn_activation == "lsq":
+    sname = "act_scale" if name == "act" else f"{name}_scale"
+    s = _learned_scale(site, call, sname, x, filled, per_tensor=True,
+                       contract=tuple(c % len(x.shape) for c in contract))
+    if call.metrics:
+      call.record(f"{name}_clipped", clipped_fraction(x, filled, scale=s))
+    return x, spec, {"scale": s}
+  if rule.learn_activation == "pact":
+    c = _pact_clip(site, call, x)
+    if call.metrics:
+      call.record(f"{name}_clipped", clipped_fraction(x, filled, clip=c))
+    return x, spec, {"clip": c}
   if not site.static:
+    if call.metrics and not rule.delayed:
+      call.record(f"{name}_clipped", clipped_fraction(x, filled))
     return x, spec, {}
-  rng = static_range(site, rng)
-  spec = site.rule.static_activation
+  rng = static_range(site, stats)
+  if call.metrics:
+    if spec.tensor_scale:
+      call.record(f"{name}_clipped", clipped_fraction(x, filled,
+                                                      tensor_amax=rng["amax"]))
+    elif spec.symmetric:
+      call.record(f"{name}_clipped", clipped_fraction(x, filled, amax=rng["amax"]))
   if spec.tensor_scale:
-    return x, spec, {"lhs_tensor_amax": rng["amax"]}
+    return x, spec, {"tensor_amax": rng["amax"]}
   if spec.symmetric:
-    return x, spec, {"lhs_amax": rng["amax"]}
+    return x, spec, {"amax": rng["amax"]}
+  if call.metrics:
+    xf = _float(x)
+    call.record(f"{name}_clipped", jnp.mean(
+        ((xf > rng["amax"]) | (xf < rng["amin"])).astype(jnp.float32)))
   # ops take only a static amax: quantize asymmetric ranges here (core calls).
   if site.mode == "fake":
     return fake_quant(x, spec, amax=rng["amax"], amin=rng["amin"]), None, {}
   return quantize(x, spec, amax=rng["amax"], amin=rng["amin"]), None, {}
+
+
+def _weight(site: Site, w, call: SiteCall, contract, conv_spec=None):
+  """The weight spec and ops keywords (``scale``) of a float weight operand."""
+  if isinstance(w, QArray) or site.weight is None:
+    return None, {}
+  spec = site.weight if conv_spec is None else conv_spec
+  filled = spec if conv_spec is not None else _fill(spec, contract, len(w.shape))
+  if site.rule.learn_weight == "lsq":
+    s = _learned_scale(site, call, "weight_scale", w, filled, per_tensor=False)
+    if call.metrics:
+      call.record("weight_clipped", clipped_fraction(w, filled, scale=s))
+    return spec, {"scale": s}
+  if call.metrics and not site.rule.delayed:
+    call.record("weight_clipped", clipped_fraction(w, filled))
+  return spec, {}
+
+
+def _delayed_as_static(site: Site, hist: dict, x, lspec, w, wspec):
+  """Real mode of a delayed site: each history's range as a static range.
+
+  An all-zero history (never trained) falls back to the operand's own amax,
+  as the fake ops do on their first step. The activation's range goes to ops
+  as ``lhs_amax`` (``lhs_tensor_amax`` for NVFP4); a second activation (an
+  activation matmul) is quantized here. Float weights keep their amax (a
+  weight's range is its own).
+
+  Returns:
+    ``(x, lspec, w, wspec, ops keywords)``.
+  """
+
+  def rng(h, v):
+    a = scaling.amax_from_history(h, site.rule.amax_reduce)
+    return jnp.where(a > 0, a, scaling.current_amax(_float(v)))
+  kw = {}
+  if "lhs" in hist and lspec is not None:
+    a = rng(hist["lhs"], x)
+    kw["lhs_tensor_amax" if lspec.tensor_scale else "lhs_amax"] = a
+  if site.is_act and "rhs" in hist and wspec is not None:
+    a = rng(hist["rhs"], w)
+    k = "tensor_amax" if wspec.tensor_scale else "amax"
+    w = quantize(w, wspec, **{k: a})
+    wspec = None
+  return x, lspec, w, wspec, kw
+
+
+def _histories(site: Site, call: SiteCall, operands: dict) -> dict:
+  """``{"lhs"|"rhs"|"grad": history}`` of a delayed site (and its metrics).
+
+  Args:
+    operands: ``{ops key: (metric name, operand, filled spec)}`` of the
+      quantized operands, for the clipped fractions.
+  """
+  out = {}
+  for name, k in site.history_names().items():
+    if k != "grad" and k not in operands:  # e.g. a weight quantized ahead of time
+      continue
+    if k == "grad" and site.mode != "fake":
+      continue
+    h = call.history(site, name)
+    out[k] = h
+    if call.metrics and k in operands:
+      mname, x, spec = operands[k]
+      call.record(f"{mname}_clipped",
+                  clipped_fraction(x, spec, amax=_history_amax(site, h)))
+  return out
 
 
 def _weight_dot(w, contract, batch):
@@ -665,26 +1308,31 @@ def _with_path(fn):
 @_with_path
 def site_dot_general(site: Site, lhs, rhs, dimension_numbers, precision=None,
                      preferred_element_type=None, *, weight_side: str = "rhs",
-                     stats=None):
+                     stats=None, call: Optional[SiteCall] = None):
   """``lax.dot_general`` of one site through ``ops.dot_general``.
 
   Args:
     site: the matched site.
     lhs, rhs: the operands; the weight one may be a float array, a QArray or a
-      QWeight (in its stored layout).
+      QWeight (in its stored layout). At an activation matmul
+      (``site.is_act``) both are activations.
     dimension_numbers, precision, preferred_element_type: as lax.dot_general,
       in the operands' logical layout.
     weight_side: "rhs" or "lhs": which operand is the weight.
-    stats: the site's calibration state or range (static rules).
+    stats: the site's calibration state or range (static rules), when no
+      ``call`` is given.
+    call: the ``SiteCall`` with the site's learned scales, amax histories,
+      key and calibration statistics (QAT and low-bit training).
 
   Returns:
     The product, laid out as ``lax.dot_general`` lays it out.
   """
+  call = call if call is not None else SiteCall(stats=stats)
   (lc, rc), (lb, rb) = dimension_numbers
-  if weight_side == "lhs":
+  if weight_side == "lhs" and not site.is_act:
     # ops quantize the activation as lhs: swap, then restore the output order.
     out = site_dot_general(site, rhs, lhs, ((rc, lc), (rb, lb)), precision,
-                           preferred_element_type, weight_side="rhs", stats=stats)
+                           preferred_element_type, weight_side="rhs", call=call)
     nb = len(lb)
     nl = len(lhs.shape if not isinstance(lhs, QWeight) else lhs.logical_shape) \
         - len(lc) - nb
@@ -700,13 +1348,44 @@ def site_dot_general(site: Site, lhs, rhs, dimension_numbers, precision=None,
   # label letter), so groups run along the weight's last contraction axis.
   pairs = sorted(zip(lc, rc), key=lambda p: p[1])
   lc, rc = tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
-  x, lspec, static = _act(site, lhs, stats)
-  w, rc2, rb2 = _weight_dot(rhs, tuple(rc), tuple(rb))
+  if site.is_act:
+    x, lspec, lkw = _act(site, lhs, call.stats, call, lc, name="lhs")
+    w, wspec, wkw = _act(site, rhs, call.stats, call, rc, name="rhs")
+    rc2, rb2 = rc, tuple(rb)
+  else:
+    x, lspec, lkw = _act(site, lhs, call.stats, call, lc)
+    w, rc2, rb2 = _weight_dot(rhs, tuple(rc), tuple(rb))
+    wspec, wkw = _weight(site, w, call, rc2)
+  kw = {f"lhs_{k}": v for k, v in lkw.items()}
+  kw.update({f"rhs_{k}": v for k, v in wkw.items()})
+  if "rhs_clip" in kw or "rhs_amax" in kw or "rhs_tensor_amax" in kw:
+    raise ValueError(f"rule {site.rule.path!r}: activation matmuls take dynamic, "
+                     "delayed or LSQ ranges; static ranges and PACT clips are for "
+                     "matmuls with a weight")
+  operands = {}
+  if lspec is not None:
+    operands["lhs"] = ("lhs" if site.is_act else "act", x,
+                       _fill(lspec, lc, len(x.shape)))
+  if wspec is not None:
+    operands["rhs"] = ("rhs" if site.is_act else "weight", w,
+                       _fill(wspec, rc2, len(w.shape)))
+  hist = _histories(site, call, operands)
+  if hist and site.mode == "real":
+    # Inference: the histories' ranges act as static ranges.
+    x, lspec, w, wspec, more = _delayed_as_static(site, hist, x, lspec, w, wspec)
+    kw.update(more)
+  elif hist:
+    kw["amax_history"] = hist
+    kw["history_reduce"] = site.rule.amax_reduce
+  if site.grad is not None and site.mode == "fake":
+    kw["grad_spec"] = site.grad
+  key = site_key(site, call)
+  if key is not None:
+    kw["key"] = key
   return ops.dot_general(x, w, ((tuple(lc), rc2), (tuple(lb), rb2)), precision,
-                         preferred_element_type, lhs_spec=lspec,
-                         rhs_spec=None if isinstance(w, QArray) else site.weight,
+                         preferred_element_type, lhs_spec=lspec, rhs_spec=wspec,
                          mode=site.mode, use_kernel=check_use_kernel(site.use_kernel),
-                         **static)
+                         **kw)
 
 
 def einsum_dims(subscripts: str, lhs_shape: tuple, rhs_shape: tuple):
@@ -756,18 +1435,21 @@ def einsum_dims(subscripts: str, lhs_shape: tuple, rhs_shape: tuple):
 
 @_with_path
 def site_einsum(site: Site, subscripts: str, lhs, rhs, *, precision=None,
-                preferred_element_type=None, stats=None):
+                preferred_element_type=None, stats=None,
+                call: Optional[SiteCall] = None):
   """Two-operand ``jnp.einsum`` (weight = rhs) of one site.
 
   The einsum is lowered to one ``ops.dot_general`` with the weight as rhs (so
   each spec meets its own operand and 2-D weights can reach a kernel), then
-  transposed to the output order.
+  transposed to the output order. An activation matmul (``site.is_act``)
+  takes two activations.
   """
+  call = call if call is not None else SiteCall(stats=stats)
   lhs_sum, dn, perm = einsum_dims(subscripts, lhs.shape, logical_shape(rhs))
   if lhs_sum:
     lhs = jnp.sum(_float(lhs), axis=lhs_sum)
   y = site_dot_general(site, lhs, rhs, dn, precision, preferred_element_type,
-                       stats=stats)
+                       call=call)
   return y if perm == tuple(range(len(perm))) else jnp.transpose(y, perm)
 
 
@@ -775,8 +1457,15 @@ def site_einsum(site: Site, subscripts: str, lhs, rhs, *, precision=None,
 def site_conv(site: Site, lhs, rhs, window_strides, padding, lhs_dilation=None,
               rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
               batch_group_count=1, precision=None, preferred_element_type=None, *,
-              stats=None):
-  """``lax.conv_general_dilated`` (weight = rhs) of one site via ``ops``."""
+              stats=None, call: Optional[SiteCall] = None):
+  """``lax.conv_general_dilated`` (weight = rhs) of one site via ``ops``.
+
+  Learned scales and clips quantize their operand here (``fake_quant`` /
+  ``quantize`` with ``scale=`` / ``clip=``) before ``ops.conv_general_dilated``
+  runs; a ``grad`` spec quantizes the output cotangent per tensor (ops).
+  Delayed scaling runs on matmuls only.
+  """
+  call = call if call is not None else SiteCall(stats=stats)
   rhs = logical_value(rhs) if isinstance(rhs, QWeight) and rhs.transposed else rhs
   if site.mode == "calibrate":
     x = _float(lhs)
@@ -785,21 +1474,50 @@ def site_conv(site: Site, lhs, rhs, window_strides, padding, lhs_dilation=None,
                                     dimension_numbers, feature_group_count,
                                     batch_group_count, precision,
                                     preferred_element_type)
-  x, lspec, static = _act(site, lhs, stats)
+  if site.rule.delayed:
+    raise ValueError(f"rule {site.rule.path!r}: scaling='delayed' runs on matmuls "
+                     "only; leave conv out of the rule's ops, e.g. ops=("
+                     "'dot_general', 'einsum')")
+  dn = lax.conv_dimension_numbers(lhs.shape, logical_shape(rhs), dimension_numbers)
+  key = site_key(site, call)
+  k_l = k_r = k_ops = None
+  if key is not None:
+    k_l, k_r, k_ops = jax.random.split(key, 3)
+  x, lspec, static = _act(site, lhs, call.stats, call, (dn.lhs_spec[1],))
+  if lspec is not None and ("scale" in static or "clip" in static):
+    x = _quantize_operand(site, x, lspec, static, k_l)
+    lspec, static = None, {}
   wspec = None
   if site.weight is not None and not isinstance(rhs, QArray):
-    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     wspec = conv_weight_spec(site.weight, rhs.ndim, dn.rhs_spec[0], dn.rhs_spec[1])
+    wspec, wkw = _weight(site, rhs, call, (), conv_spec=wspec)
+    if wkw:
+      rhs = _quantize_operand(site, rhs, wspec, wkw, k_r)
+      wspec = None
+  kw = {f"lhs_{k}": v for k, v in static.items()}
+  if site.grad is not None and site.mode == "fake":
+    kw["grad_spec"] = site.grad
+  if k_ops is not None:
+    kw["key"] = k_ops
   return ops.conv_general_dilated(
       x, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
       dimension_numbers, feature_group_count, batch_group_count, precision,
-      preferred_element_type, lhs_spec=lspec, rhs_spec=wspec, mode=site.mode,
-      **static)
+      preferred_element_type, lhs_spec=lspec, rhs_spec=wspec, mode=site.mode, **kw)
 
 
-__all__ = ["QuantRule", "QuantConfig", "Site", "QWeight", "WeightPlan", "OPS",
-           "MODES", "as_config", "as_qweight", "candidates", "path_str",
+def _quantize_operand(site: Site, x, spec: QuantSpec, kw: dict, key):
+  """An operand quantized here with a learned scale or clip (conv sites)."""
+  k = key if spec.rounding == "stochastic" else None
+  if site.mode == "fake":
+    return fake_quant(x, spec, key=k, **kw)
+  return quantize(x, spec, key=k, **kw)
+
+
+__all__ = ["QuantRule", "QuantConfig", "Site", "SiteCall", "QWeight", "WeightPlan",
+           "OPS", "ACT_OPS", "ALL_OPS", "MODES", "SCALES", "STATE", "METRICS",
+           "as_config", "as_qweight", "candidates", "path_str",
            "plan_weight", "conv_weight_spec", "quantize_weight", "quantize_params",
            "logical_shape", "logical_value", "einsum_dims", "site_dot_general",
-           "site_einsum", "site_conv", "observe", "static_range", "finalize_range",
+           "site_einsum", "site_conv", "site_key",
+           "clipped_fraction", "observe", "static_range", "finalize_range",
            "check_mode", "check_use_kernel"]

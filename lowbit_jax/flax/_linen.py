@@ -25,6 +25,34 @@ Modes:
   statistics in the ``quant_stats`` collection
   (``q(model.apply)(variables, x, mutable=["quant_stats"])``); pass them back
   with the variables in later calls.
+
+QAT and low-bit training (rule fields ``learn_weight``, ``learn_activation``,
+``grad``, ``scaling="delayed"``) keep their variables in the matched layer's
+scope, in their own collections:
+
+* ``"quant_scales"``: learned LSQ scales (``weight_scale``, ``act_scale``;
+  ``lhs_scale``/``rhs_scale`` at an ``ActEinsum``) and PACT clips
+  (``act_clip``). Trainable: differentiate the loss with respect to them as
+  with params. Created by ``q(model.init)`` or by an apply with the collection
+  mutable (``q.init_quant_vars(model, variables, x)`` does that and returns
+  them, e.g. to start QAT from a float checkpoint).
+* ``"quant_state"``: amax histories of delayed scaling (``act_history``,
+  ``weight_history``, ``grad_history``; ``lhs_history``/``rhs_history`` at an
+  ``ActEinsum``). Overwrite-with-gradient: the gradient of the loss with
+  respect to this collection *is* its next value; write it back instead of
+  applying an optimizer to it. (A layer called twice in one step would sum
+  two updated histories: give each call its own layer.)
+* ``"quant_metrics"``: when mutable, each site sows the fraction of its weight
+  and activation values clipped (``weight_clipped``, ``act_clipped``).
+
+Stochastic rounding in any spec draws its keys from the rng stream ``"quant"``
+(``apply(..., rngs={"quant": key})``; ``init`` falls back to ``"params"``), a
+different key at every site and call.
+
+Real-mode conversion of a QAT model: ``q_real.quantize_params(model,
+variables, x)`` stores each learned ``weight_scale`` in its kernel's QWeight
+(and drops it from ``quant_scales``); learned activation scales and clips act
+as static ranges, so the real model computes the fake-quant forward pass.
 """
 from __future__ import annotations
 
@@ -45,6 +73,10 @@ from lowbit_jax._rules import QWeight, Site
 from lowbit_jax.core._qarray import QArray
 
 STATS = "quant_stats"
+SCALES = _rules.SCALES
+STATE = _rules.STATE
+METRICS = _rules.METRICS
+RNG = "quant"
 _STAT_NAME = "act"
 
 
@@ -123,8 +155,35 @@ class _LinenPromote:
     return promote_passing(self.orig, args, dtype=dtype, **kw)
 
 
+class ActEinsum(nn.Module):
+  """``jnp.einsum`` of two activations, as a named layer rules can reach.
+
+  A model that writes its activation x activation matmuls (attention's q.k
+  and p.v) with this module gives them a path (``layers_0/attn/qk``) that
+  ``quantize_linen`` matches against rules listing ``"act_matmul"`` in their
+  ``ops``; both operands then take the rule's ``activation`` spec and the
+  output cotangent its ``grad`` spec. Unquantized, it is exactly
+  ``jnp.einsum`` (no parameters, no variables).
+
+  Attributes:
+    einsum_str: the two-operand equation, e.g. ``"bqhd,bkhd->bhqk"``.
+    precision: as ``jnp.einsum``.
+    preferred_element_type: as ``jnp.einsum``.
+  """
+  einsum_str: str
+  precision: Any = None
+  preferred_element_type: Any = None
+
+  def __call__(self, lhs: jax.Array, rhs: jax.Array) -> jax.Array:
+    """``jnp.einsum(einsum_str, lhs, rhs)``."""
+    return jnp.einsum(self.einsum_str, lhs, rhs, precision=self.precision,
+                      preferred_element_type=self.preferred_element_type)
+
+
 def _layer_kind(mod, method: str) -> Optional[str]:
   if method == "__call__":
+    if isinstance(mod, ActEinsum):
+      return "act_einsum"
     if isinstance(mod, (nn.Dense, nn.DenseGeneral)):
       return "dense"
     if isinstance(mod, nn.Conv):
@@ -137,7 +196,7 @@ def _layer_kind(mod, method: str) -> Optional[str]:
 
 
 _OP = {"dense": "dot_general", "attend": "dot_general", "einsum": "einsum",
-       "conv": "conv"}
+       "conv": "conv", "act_einsum": "act_matmul"}
 
 
 class _SiteOp:
@@ -158,11 +217,39 @@ class _SiteOp:
                if mod.has_variable(STATS, _STAT_NAME) else None)
       mod.put_variable(STATS, _STAT_NAME, _rules.observe(site, state, act))
       return None
-    if site.needs_stats:
+    if site.needs_stats or site.rule.learn_activation == "pact":
+      # (A PACT clip starts at the calibrated range when there is one.)
       if mod.has_variable(STATS, _STAT_NAME):
         return mod.get_variable(STATS, _STAT_NAME)
       return None
     return None
+
+  def _call(self, act) -> _rules.SiteCall:
+    """The SiteCall of this call: variables from the layer's scope, its key."""
+    site, mod = self.site, self.mod
+    stats = self._stats(act)
+    scales = {n: mod.get_variable(SCALES, n) for n in site.scale_names()
+              if mod.has_variable(SCALES, n)}
+    state = {n: mod.get_variable(STATE, n) for n in site.history_names()
+             if mod.has_variable(STATE, n)}
+    key = None
+    if site.stochastic and (mod.scope.has_rng(RNG) or mod.scope.has_rng("params")):
+      key = mod.make_rng(RNG)  # own key per site and call (path, counter)
+    call = _rules.SiteCall(scales=scales, state=state, key=key, stats=stats,
+                           metrics=(mod.is_mutable_collection(METRICS)
+                                    and not mod.is_initializing()))
+    call.init_scales = mod.is_mutable_collection(SCALES)
+    call.init_state = mod.is_mutable_collection(STATE)
+    return call
+
+  def _finish(self, call: _rules.SiteCall) -> None:
+    mod = self.mod
+    for n, v in call.new_scales.items():
+      mod.put_variable(SCALES, n, v)
+    for n, v in call.new_state.items():
+      mod.put_variable(STATE, n, v)
+    for n, v in call.recorded.items():
+      mod.sow(METRICS, n, v)
 
   def dot_general(self, lhs, rhs, dimension_numbers, precision=None,
                   preferred_element_type=None, **kw):
@@ -179,9 +266,11 @@ class _SiteOp:
             batch=rb))
       return jax.lax.dot_general(lhs, _rules.logical_value(rhs), dimension_numbers,
                                  precision, preferred_element_type)
-    stats = self._stats(lhs)
-    return _rules.site_dot_general(self.site, lhs, rhs, dimension_numbers, precision,
-                                   preferred_element_type, stats=stats)
+    call = self._call(lhs)
+    y = _rules.site_dot_general(self.site, lhs, rhs, dimension_numbers, precision,
+                                preferred_element_type, call=call)
+    self._finish(call)
+    return y
 
   def conv_general_dilated(self, lhs, rhs, window_strides, padding, lhs_dilation=None,
                            rhs_dilation=None, dimension_numbers=None,
@@ -200,8 +289,10 @@ class _SiteOp:
             self.site.weight, tuple(rhs.shape), "conv", out_axis=dn.rhs_spec[0],
             in_axis=dn.rhs_spec[1]))
       return jax.lax.conv_general_dilated(lhs, _rules.logical_value(rhs), *args)
-    stats = self._stats(lhs)
-    return _rules.site_conv(self.site, lhs, rhs, *args, stats=stats)
+    call = self._call(lhs)
+    y = _rules.site_conv(self.site, lhs, rhs, *args, call=call)
+    self._finish(call)
+    return y
 
   def einsum(self, subscripts, lhs, rhs, precision=None, preferred_element_type=None):
     rhs = _unwrap(rhs)
@@ -214,10 +305,22 @@ class _SiteOp:
             self.site.weight, tuple(rhs.shape), "einsum", contracting=rc, batch=rb))
       return jnp.einsum(subscripts, lhs, _rules.logical_value(rhs), precision=precision,
                         preferred_element_type=preferred_element_type)
-    stats = self._stats(lhs)
-    return _rules.site_einsum(self.site, subscripts, lhs, rhs, precision=precision,
-                              preferred_element_type=preferred_element_type,
-                              stats=stats)
+    call = self._call(lhs)
+    y = _rules.site_einsum(self.site, subscripts, lhs, rhs, precision=precision,
+                           preferred_element_type=preferred_element_type, call=call)
+    self._finish(call)
+    return y
+
+  def act_einsum(self, subscripts, lhs, rhs, precision=None,
+                 preferred_element_type=None):
+    if self.quantizer._planning is not None:  # pylint: disable=protected-access
+      return jnp.einsum(subscripts, lhs, rhs, precision=precision,
+                        preferred_element_type=preferred_element_type)
+    call = self._call(lhs)
+    y = _rules.site_einsum(self.site, subscripts, lhs, rhs, precision=precision,
+                           preferred_element_type=preferred_element_type, call=call)
+    self._finish(call)
+    return y
 
 
 class LinenQuantizer:
@@ -319,9 +422,39 @@ class LinenQuantizer:
     """
     plan = self.plan(model, variables, *args, **kwargs)
     out = dict(variables)
+    scales, rest = _split_weight_scales(variables.get(SCALES), plan)
     out["params"] = _rules.quantize_params(variables["params"], plan, donate=donate,
-                                           on_step=on_step)
+                                           on_step=on_step, scales=scales)
+    if SCALES in variables:
+      out[SCALES] = rest
     return out
+
+  def init_quant_vars(self, model: nn.Module, variables, *args, **kwargs) -> dict:
+    """The ``"quant_scales"`` and ``"quant_state"`` of a model, from one batch.
+
+    Runs ``model.apply`` once with those collections mutable: missing learned
+    scales start from this batch and the weights (``scale_init``), PACT clips
+    from the activation's amax (or its calibrated range, when ``variables``
+    holds ``quant_stats``), amax histories empty. Parameters are not touched
+    (e.g. QAT starting from a float checkpoint). Entries already in
+    ``variables`` are kept.
+
+    Args:
+      model: the Linen module.
+      variables: its variables (``{"params": ...}``, optionally with
+        ``quant_stats`` / ``quant_scales`` / ``quant_state``).
+      *args, **kwargs: a batch for ``model.apply`` (pass ``rngs={"quant":
+        key}`` in kwargs when a rule rounds stochastically).
+
+    Returns:
+      ``{"quant_scales": ..., "quant_state": ...}`` (empty dicts where no
+      rule learns scales or keeps histories); merge it into ``variables``.
+    """
+    kwargs = dict(kwargs)
+    if "mutable" in kwargs:
+      raise ValueError("init_quant_vars sets mutable itself; do not pass it")
+    _, new = self(model.apply)(variables, *args, mutable=[SCALES, STATE], **kwargs)
+    return {SCALES: _plain(new.get(SCALES, {})), STATE: _plain(new.get(STATE, {}))}
 
   def finalize_stats(self, quant_stats):
     """Observer states in a ``quant_stats`` tree turned into ranges, once.
@@ -369,6 +502,13 @@ class LinenQuantizer:
         self._check_unsupported(mod)
       return next_fun(*args, **kwargs)
     path = "/".join(str(p) for p in mod.path)
+    if kind == "act_einsum":
+      rule = self.config.match((path,), (_OP[kind],))
+      if rule is None or (rule.activation is None and rule.grad is None):
+        return next_fun(*args, **kwargs)
+      site = Site(path, _OP[kind], rule, self.mode, self.use_kernel)
+      self.config.record_site(path, site)
+      return self._act_einsum(mod, _SiteOp(self, mod, site), *args, **kwargs)
     wname = "embedding" if kind == "attend" else "kernel"
     wpath = f"{path}/{wname}" if path else wname
     rule = self.config.match((path, wpath), (_OP[kind],))
@@ -453,6 +593,14 @@ class LinenQuantizer:
       y += jnp.reshape(bias, bshape)
     return y
 
+  def _act_einsum(self, mod, op: _SiteOp, lhs, rhs):
+    """ActEinsum.__call__ with the quantized einsum of two activations."""
+    if type(mod).__call__ is not ActEinsum.__call__:
+      raise ValueError(f"{type(mod).__name__} overrides ActEinsum.__call__, so its "
+                       "einsum cannot be reached; exclude it with a float rule")
+    return op.act_einsum(mod.einsum_str, lhs, rhs, precision=mod.precision,
+                         preferred_element_type=mod.preferred_element_type)
+
   def _attend(self, mod, op: _SiteOp, query):
     """nn.Embed.attend with the quantized matmul."""
     query, embedding = promote_passing(mod.promote_dtype, (query, mod.embedding),
@@ -462,6 +610,36 @@ class LinenQuantizer:
       return jnp.dot(query, _rules.logical_value(_unwrap(embedding)).T)
     return op.dot_general(query, embedding.T,
                           (((query.ndim - 1,), (0,)), ((), ())))
+
+
+def _plain(tree):
+  """Nested FrozenDicts as dicts."""
+  if hasattr(tree, "items"):
+    return {k: _plain(v) for k, v in tree.items()}
+  return tree
+
+
+def _split_weight_scales(scales, plan: dict):
+  """(``{weight path: learned scale}`` of planned weights, the other scales).
+
+  A learned ``weight_scale`` of a planned kernel goes into its QWeight (so it
+  leaves ``quant_scales``); the rest (activation scales, clips, weight scales
+  of kernels that stay float) stays.
+  """
+  if scales is None:
+    return None, None
+  rest = _plain(scales)
+  found = {}
+  for wpath in plan:
+    parts = wpath.split("/")[:-1]
+    node = rest
+    for p in parts:
+      node = node.get(p) if isinstance(node, dict) else None
+      if node is None:
+        break
+    if isinstance(node, dict) and "weight_scale" in node:
+      found[wpath] = node.pop("weight_scale")
+  return found, rest
 
 
 def quantize_linen(rules, mode: str = "fake", *, strict: bool = False,
@@ -484,4 +662,5 @@ def quantize_linen(rules, mode: str = "fake", *, strict: bool = False,
   return LinenQuantizer(rules, mode, strict=strict, use_kernel=use_kernel)
 
 
-__all__ = ["quantize_linen", "LinenQuantizer", "QBox", "QuantizedParam", "STATS"]
+__all__ = ["quantize_linen", "LinenQuantizer", "QBox", "QuantizedParam", "STATS",
+           "SCALES", "STATE", "METRICS", "RNG", "ActEinsum"]

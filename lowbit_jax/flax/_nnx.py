@@ -21,6 +21,17 @@ adds ``/kernel``. A rule that matches another layer owning a ``kernel`` Param
   ``nnx.grad`` (which differentiates Params) leave it alone. Then
   ``quantize_nnx(calibrated, rules, mode="fake"|"real")`` keeps the statistics
   and uses them.
+
+QAT and low-bit training: rules that learn scales (``learn_weight``,
+``learn_activation``) give their QuantOps ``QuantScale`` Variables (subclass
+of ``nnx.Param``: trained by ``nnx.grad`` and ``nnx.Optimizer(...,
+wrt=nnx.Param)``, filterable alone), set from data by ``init_quant_nnx(model,
+*batch)``; delayed scaling gives them ``QuantHistory`` Variables, updated by
+overwrite-with-gradient (``update_histories``); ``metrics=True`` adds
+``QuantMetric`` s with the clipped fractions of the last call; stochastic
+rounding draws keys from ``rngs=``. ``quantize_nnx(qat_model, rules,
+mode="real")`` converts a trained model (learned weight scales into the
+QWeights). Activation x activation matmuls are not reached in NNX models.
 """
 from __future__ import annotations
 
@@ -33,6 +44,7 @@ from flax import nnx
 
 from lowbit_jax import _rules
 from lowbit_jax._rules import QuantConfig, Site
+from lowbit_jax.core import scaling
 from lowbit_jax.core._qarray import QArray
 from lowbit_jax.flax._linen import promote_passing
 
@@ -42,6 +54,28 @@ class QuantStat(nnx.Variable):
 
   Not an ``nnx.Param``: optimizers and gradients over Params never update it.
   """
+
+
+class QuantScale(nnx.Param):
+  """A learned LSQ scale or PACT clip of one quantized op (trainable).
+
+  An ``nnx.Param``, so ``nnx.grad`` and ``nnx.Optimizer(..., wrt=nnx.Param)``
+  train it with the weights; filter it alone with ``QuantScale``. None until
+  ``init_quant_nnx`` sets it from data.
+  """
+
+
+class QuantHistory(nnx.Variable):
+  """An amax history of delayed scaling (overwrite-with-gradient).
+
+  Not an ``nnx.Param``: differentiate with respect to it explicitly
+  (``nnx.DiffState(0, QuantHistory)``) and write the gradient back as its new
+  value (``update_histories``).
+  """
+
+
+class QuantMetric(nnx.Variable):
+  """The fraction of a site's weight or activation values clipped last call."""
 
 
 _HOOKS = {"dot_general": "dot_general", "einsum": "einsum_op",
@@ -74,29 +108,73 @@ class _NNXPromote:
     return tuple(promote_passing(orig, tuple(args), dtype=dtype, **kw))
 
 
+_METRIC_NAMES = {False: ("weight_clipped", "act_clipped"),
+                 True: ("lhs_clipped", "rhs_clipped")}
+
+
 class QuantOp(nnx.Module):
   """The quantized op a matched NNX layer calls instead of its lax/jnp op.
 
   Attributes:
     site: the matched ``Site`` (static).
     stats: ``QuantStat`` for static rules (None until calibrated), else None.
+    weight_scale, act_scale, act_clip: ``QuantScale`` s of rules that learn
+      them (see ``Site.scale_names``).
+    weight_history, act_history, grad_history: ``QuantHistory`` s of delayed
+      scaling (see ``Site.history_names``).
+    weight_clipped, act_clipped: ``QuantMetric`` s (``metrics=True``).
+    rngs: the ``nnx.RngStream`` stochastic rounding draws keys from, or None.
   """
 
-  def __init__(self, site: Site, stats: Optional[QuantStat] = None):
+  def __init__(self, site: Site, stats: Optional[QuantStat] = None,
+               old: Optional["QuantOp"] = None, rngs=None, metrics: bool = False):
     self.site = site
-    if site.rule.static:
+    if site.rule.static or (site.rule.learn_activation == "pact"
+                            and stats is not None):
       self.stats = stats if stats is not None else QuantStat(None)
     else:
       self.stats = None
+    self._init = False
+    for n in site.scale_names():
+      prev = getattr(old, n, None) if old is not None else None
+      setattr(self, n, prev if isinstance(prev, QuantScale) else QuantScale(None))
+    for n in site.history_names():
+      prev = getattr(old, n, None) if old is not None else None
+      setattr(self, n, prev if isinstance(prev, QuantHistory) else
+              QuantHistory(scaling.init_history(site.rule.amax_history_len)))
+    self._metrics = bool(metrics)
+    if metrics:
+      for n in _METRIC_NAMES[site.is_act]:
+        setattr(self, n, QuantMetric(jnp.zeros((), jnp.float32)))
+    self.rngs = rngs
 
   def _stats(self, act):
     site = self.site
     if site.collects_stats:
       self.stats.set_value(_rules.observe(site, self.stats.get_value(), act))
       return None
-    if site.needs_stats:
+    if site.needs_stats or (site.rule.learn_activation == "pact"
+                            and self.stats is not None):
       return self.stats.get_value()
     return None
+
+  def _call(self, act) -> _rules.SiteCall:
+    site = self.site
+    # (A converted model's weight_scale lives in its QWeight.)
+    scales = {n: getattr(self, n).get_value() for n in site.scale_names()
+              if hasattr(self, n)}
+    state = {n: getattr(self, n).get_value() for n in site.history_names()}
+    key = self.rngs() if (site.stochastic and self.rngs is not None) else None
+    return _rules.SiteCall(scales=scales, state=state, key=key,
+                           stats=self._stats(act), init=self._init,
+                           metrics=self._metrics)
+
+  def _finish(self, call: _rules.SiteCall) -> None:
+    for n, v in list(call.new_scales.items()) + list(call.new_state.items()):
+      getattr(self, n).set_value(v)
+    for n, v in call.recorded.items():
+      if hasattr(self, n):
+        getattr(self, n).set_value(v)
 
   def __call__(self, *args, **kwargs):
     if kwargs.pop("out_sharding", None) is not None:
@@ -111,25 +189,30 @@ class QuantOp(nnx.Module):
 
   def _dot(self, lhs, rhs, dimension_numbers, precision=None,
            preferred_element_type=None):
-    stats = self._stats(lhs)
-    return _rules.site_dot_general(self.site, lhs, rhs, dimension_numbers, precision,
-                                   preferred_element_type, stats=stats)
+    call = self._call(lhs)
+    y = _rules.site_dot_general(self.site, lhs, rhs, dimension_numbers, precision,
+                                preferred_element_type, call=call)
+    self._finish(call)
+    return y
 
   def _einsum(self, subscripts, lhs, rhs, precision=None,
               preferred_element_type=None):
-    stats = self._stats(lhs)
-    return _rules.site_einsum(self.site, subscripts, lhs, rhs, precision=precision,
-                              preferred_element_type=preferred_element_type,
-                              stats=stats)
+    call = self._call(lhs)
+    y = _rules.site_einsum(self.site, subscripts, lhs, rhs, precision=precision,
+                           preferred_element_type=preferred_element_type, call=call)
+    self._finish(call)
+    return y
 
   def _conv(self, lhs, rhs, window_strides, padding, lhs_dilation=None,
             rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
             batch_group_count=1, precision=None, preferred_element_type=None):
-    stats = self._stats(lhs)
-    return _rules.site_conv(self.site, lhs, rhs, window_strides, padding,
-                            lhs_dilation, rhs_dilation, dimension_numbers,
-                            feature_group_count, batch_group_count, precision,
-                            preferred_element_type, stats=stats)
+    call = self._call(lhs)
+    y = _rules.site_conv(self.site, lhs, rhs, window_strides, padding,
+                         lhs_dilation, rhs_dilation, dimension_numbers,
+                         feature_group_count, batch_group_count, precision,
+                         preferred_element_type, call=call)
+    self._finish(call)
+    return y
 
 
 def _plan(node, op: str, spec) -> _rules.WeightPlan:
@@ -185,9 +268,29 @@ def _walk(fn, model):
   return model
 
 
+def _rng_stream(rngs):
+  """An nnx.RngStream from an nnx.Rngs (stream "quant", else "default"), a
+  stream, a key, or None."""
+  if rngs is None or isinstance(rngs, nnx.RngStream):
+    return rngs
+  if isinstance(rngs, nnx.Rngs):
+    for name in ("quant", "default"):
+      try:
+        return rngs[name]
+      except (KeyError, AttributeError):
+        continue
+    raise ValueError("quantize_nnx(rngs=...) draws stochastic-rounding keys from "
+                     "the stream 'quant' (or 'default'): pass nnx.Rngs(quant=0)")
+  if isinstance(rngs, (jax.Array, int)):
+    return nnx.Rngs(quant=rngs)["quant"]
+  raise TypeError(f"rngs must be an nnx.Rngs, an nnx.RngStream, a PRNG key or an "
+                  f"int seed, got {type(rngs).__name__}")
+
+
 def quantize_nnx(model: nnx.Module, rules, mode: str = "fake", *, strict: bool = False,
                  use_kernel: str = "auto", donate: bool = False,
-                 on_step: Optional[Callable] = None) -> nnx.Module:
+                 on_step: Optional[Callable] = None, rngs=None,
+                 metrics: bool = False) -> nnx.Module:
   """Returns ``model`` with its matched layers running quantized ops.
 
   >>> qmodel = lowbit_jax.flax.quantize_nnx(model, [QuantRule(".*", weight="int4")])
@@ -208,6 +311,22 @@ def quantize_nnx(model: nnx.Module, rules, mode: str = "fake", *, strict: bool =
     use_kernel: real-mode kernel dispatch ("auto", "never", "always").
     donate: real mode: delete each float kernel once quantized.
     on_step: real mode: ``on_step(path, qweight)`` after each kernel.
+    rngs: where stochastic rounding (``rounding="stochastic"`` in a weight,
+      activation or grad spec) draws keys: an ``nnx.Rngs`` (its ``"quant"``
+      stream, else ``"default"``), an ``nnx.RngStream``, or a key / int seed.
+      Every QuantOp shares the stream, so each site and call gets its own
+      key. Re-quantizing keeps the old stream unless a new one is given.
+    metrics: give every QuantOp ``QuantMetric`` s recording the fraction of
+      its weight and activation values clipped in the last call.
+
+  QAT and low-bit training: rules that learn scales give their QuantOps
+  ``QuantScale`` Params (``weight_scale``, ``act_scale``, ``act_clip``), None
+  until ``init_quant_nnx(model, *batch)`` sets them from data; delayed
+  scaling gives them ``QuantHistory`` s (``act_history``, ``weight_history``,
+  ``grad_history``), created empty here. Re-quantizing keeps both, so a QAT
+  model converts with ``quantize_nnx(model, rules, mode="real")``: each
+  learned ``weight_scale`` goes into its kernel's QWeight (and the QuantScale
+  is dropped), learned activation scales and clips stay as static ranges.
 
   Returns:
     The rewritten model (a new graph sharing the Variables).
@@ -219,6 +338,7 @@ def quantize_nnx(model: nnx.Module, rules, mode: str = "fake", *, strict: bool =
   _rules.check_mode(mode)
   _rules.check_use_kernel(use_kernel)
   config = _rules.as_config(rules, strict)
+  stream_in = _rng_stream(rngs)
 
   def fn(path, node):
     if not isinstance(node, nnx.Module) or isinstance(node, QuantOp):
@@ -231,7 +351,8 @@ def quantize_nnx(model: nnx.Module, rules, mode: str = "fake", *, strict: bool =
     wpath = f"{p}/kernel" if p else "kernel"
     hook = _HOOKS[op]
     old = getattr(node, hook, None)
-    old_stats = old.stats if isinstance(old, QuantOp) else None
+    old_op = old if isinstance(old, QuantOp) else None
+    old_stats = old_op.stats if old_op is not None else None
     rule = config.match((p, wpath), (op,))
     if rule is None or rule.is_float:
       if isinstance(old, QuantOp):  # quantized before: back to the float op
@@ -241,7 +362,14 @@ def quantize_nnx(model: nnx.Module, rules, mode: str = "fake", *, strict: bool =
       return node
     site = Site(wpath, op, rule, mode, use_kernel)
     config.record_site(wpath, site)
-    setattr(node, hook, nnx.data(QuantOp(site, old_stats)))
+    learned = None
+    if mode == "real" and rule.learn_weight and old_op is not None:
+      ws = getattr(old_op, "weight_scale", None)
+      learned = ws.get_value() if isinstance(ws, QuantScale) else None
+    stream = stream_in if stream_in is not None else (
+        old_op.rngs if old_op is not None else None)
+    qop = QuantOp(site, old_stats, old_op, stream, metrics)
+    setattr(node, hook, nnx.data(qop))
     if op == "dot_general" and hasattr(node, "dot_general_cls"):
       node.dot_general_cls = None
     if not isinstance(node.promote_dtype, _NNXPromote):
@@ -250,8 +378,10 @@ def quantize_nnx(model: nnx.Module, rules, mode: str = "fake", *, strict: bool =
       var = node.kernel
       w = var.get_value()
       if not isinstance(w, QArray):
-        q = _rules.quantize_weight(w, _plan(node, op, rule.weight))
+        q = _rules.quantize_weight(w, _plan(node, op, rule.weight_spec), learned)
         var.set_value(q)
+        if learned is not None:  # now inside the QWeight
+          del qop.weight_scale
         if on_step is not None:
           on_step(wpath, q)
         if donate and isinstance(w, jax.Array):
@@ -287,6 +417,53 @@ def nnx_stats(model: nnx.Module) -> dict:
   return out
 
 
+def init_quant_nnx(model: nnx.Module, *args, **kwargs) -> nnx.Module:
+  """Sets the model's missing learned scales from one forward pass.
+
+  Runs ``model(*args, **kwargs)`` once (eagerly) with every QuantOp creating
+  what it lacks: LSQ scales from the weights and this batch (the rule's
+  ``scale_init``), PACT clips from the activation's amax (or the calibrated
+  range, where a QuantOp holds calibration statistics). Call it before
+  building the optimizer, so that it sees the QuantScale Params. In place.
+
+  Returns:
+    ``model``.
+  """
+  qops = [n for _, n in nnx.iter_graph(model) if isinstance(n, QuantOp)]
+  for q in qops:
+    q._init = True  # pylint: disable=protected-access
+  try:
+    model(*args, **kwargs)
+  finally:
+    for q in qops:
+      q._init = False  # pylint: disable=protected-access
+  return model
+
+
+def update_histories(model: nnx.Module, grads):
+  """Writes the QuantHistory gradients into ``model``; returns the others.
+
+  Delayed scaling's convention: the gradient of the loss with respect to an
+  amax history is the updated history. Differentiate with respect to Params
+  and histories, then::
+
+      grads = nnx.grad(loss, argnums=nnx.DiffState(0, nnx.Any(nnx.Param,
+                                                              QuantHistory)))(model)
+      grads = update_histories(model, grads)   # histories written back
+      optimizer.update(model, grads)           # Params (and QuantScales) only
+
+  Args:
+    model: the quantized model.
+    grads: an ``nnx.State`` of gradients that may hold QuantHistory leaves.
+
+  Returns:
+    ``grads`` without the QuantHistory leaves.
+  """
+  hist, rest = nnx.split_state(grads, QuantHistory, ...)
+  nnx.update(model, hist)
+  return rest
+
+
 def dequantize_nnx(model: nnx.Module) -> nnx.Module:
   """Replaces every QWeight kernel value by its float weight (in place)."""
   for _, node in nnx.iter_graph(model):
@@ -297,5 +474,6 @@ def dequantize_nnx(model: nnx.Module) -> nnx.Module:
   return model
 
 
-__all__ = ["quantize_nnx", "QuantOp", "QuantStat", "finalize_nnx", "nnx_stats",
-           "dequantize_nnx"]
+__all__ = ["quantize_nnx", "QuantOp", "QuantStat", "QuantScale", "QuantHistory",
+           "QuantMetric", "finalize_nnx", "nnx_stats", "dequantize_nnx",
+           "init_quant_nnx", "update_histories"]

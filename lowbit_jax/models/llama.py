@@ -17,6 +17,12 @@ classes reaches all of them. The one exception is the *tied* output head
 ``nn.Embed.attend``. Parameter paths read as ``layers_0/attn/q_proj/kernel``,
 ``layers_0/mlp/gate_proj/kernel``, ``layers_0/mlp/router/kernel``,
 ``lm_head/kernel``.
+
+Attention's own matmuls (q.k and p.v) run through ``lowbit_jax.flax.ActEinsum``
+(plain ``jnp.einsum``, no parameters) at ``layers_0/attn/qk`` and
+``layers_0/attn/pv``, where a rule listing ``"act_matmul"`` in its ``ops``
+quantizes them, e.g. ``QuantRule(".*/attn/(qk|pv)", activation="fp8_e4m3",
+grad="fp8_e5m2", ops=("act_matmul",))``.
 """
 from __future__ import annotations
 
@@ -26,6 +32,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from lowbit_jax.flax._linen import ActEinsum
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
            "float16": jnp.float16}
@@ -187,13 +195,13 @@ class Attention(nn.Module):
     k = apply_rope(k, positions, cfg.rope_theta)
     groups = h // kvh
     q = q.reshape(b, t, kvh, groups, hd)
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k,
-                        preferred_element_type=jnp.float32)
+    scores = ActEinsum("bqkgd,bskd->bkgqs", preferred_element_type=jnp.float32,
+                       name="qk")(q, k)
     scores = scores * (hd ** -0.5)
     causal = jnp.tril(jnp.ones((t, t), dtype=bool))
     scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
+    out = ActEinsum("bkgqs,bskd->bqkgd", name="pv")(probs, v)
     out = out.reshape(b, t, h * hd)
     return _dense(cfg.d_model, "o_proj", dt)(out)
 
