@@ -8,6 +8,11 @@ Run (variants: smoke, small, base; every field can be overridden):
   python -m experiments.train_lm --config configs/train_lm.py:base \
       --workdir /tmp/lm_base --config.model.n_experts=4
 
+Sharded (fake CPU devices work too: XLA_FLAGS=--xla_force_host_platform_device_count=8):
+
+  python -m experiments.train_lm --config configs/train_lm.py:smoke --workdir /tmp/lm8 \
+      --config.mesh=data:2,fsdp:2,tensor:2 --config.optim.state_format=4bit
+
 ``smoke`` trains in seconds on CPU; ``small`` (7.1M parameters) learns the
 corpus in about ten minutes on 2 CPU cores; ``base`` (56M parameters, bfloat16
 compute) is for a GPU. Re-running with the same workdir resumes from the latest
@@ -57,7 +62,18 @@ def get_config(arg: str = "smoke") -> ml_collections.ConfigDict:
   c.clip_norm = 1.0
   c.moe_aux_weight = 0.01
   c.seed = 0
-  c.num_devices = 0  # 0: all devices, data parallel
+  c.optim = ml_collections.ConfigDict()
+  c.optim.state_format = "float32"  # or "int8", "fp8_e4m3", "4bit" (quantized moments)
+
+  # Devices: a mesh string over the axes data / fsdp / tensor, e.g.
+  # "data:2,fsdp:2,tensor:2" (the product is the number of devices used);
+  # "" = num_devices (0: all) data parallel.
+  c.mesh = ""
+  c.num_devices = 0
+  c.sharding = ml_collections.ConfigDict()
+  c.sharding.on_indivisible = "error"  # or "replicate" that dim
+  c.sharding.on_block_split = "error"  # quantized moments: or "replicate" that dim
+  c.init_from = ""  # workdir of a previous float run to start from
 
   # Logging, evaluation, checkpoints.
   c.log_every = 10

@@ -5,12 +5,11 @@
 from __future__ import annotations
 
 import json
-import logging as py_logging
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from lowbit_jax import train_lm
+from lowbit_jax.train import loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/train_lm.py",
                                           "Experiment config (file:variant).")
@@ -18,18 +17,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; resumes if it
                                "holds checkpoints.", required=True)
 
 
-class _QuietOrbax(py_logging.Filter):
-  """Drops Orbax's per-save INFO chatter; its warnings and errors still show."""
-
-  def filter(self, record: py_logging.LogRecord) -> bool:
-    return record.levelno >= py_logging.WARNING or "orbax" not in record.pathname
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_QuietOrbax())
-  result = train_lm.train(_CONFIG.value, _WORKDIR.value)
+  loop.quiet_orbax_logs()
+  result = loop.train(_CONFIG.value, _WORKDIR.value)
   print(json.dumps(result, indent=1))
 
 

@@ -1,0 +1,29 @@
+"""Quantization-aware / low-bit training of the LM (see configs/train_qat.py).
+
+  python -m experiments.train_qat --config configs/train_qat.py:smoke --workdir /tmp/qat
+"""
+from __future__ import annotations
+
+import json
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from lowbit_jax.train import loop
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/train_qat.py",
+                                          "Experiment config (file:variant).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; resumes if it "
+                               "holds checkpoints.", required=True)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  loop.quiet_orbax_logs()
+  result = loop.train(_CONFIG.value, _WORKDIR.value)
+  print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+  app.run(main)
