@@ -1,0 +1,272 @@
+r"""Device time of one QAT / low-bit training step of the decoder LM, vs bf16 and qwix.
+
+  # GPU (one device call; qwix from the carried wheels, see BUILD.md):
+  PYTHONPATH=/tmp/site:. python3 -m experiments.bench_qat --out $OUT/bench_qat.json \
+      --md benchmarks/qat_step_h200.md
+  # CPU check of every variant (tiny model, wall clock):
+  python3 -m experiments.bench_qat --smoke --out /tmp/bench_qat.json
+
+Every "ours" variant is the training step users run: ``lowbit_jax.train``'s
+``train_step`` (value_and_grad of the LM loss through ``quantize_linen`` fake
+quantization, learned-scale gradients, overwrite-with-gradient amax histories,
+AdamW with clipping, the recipe's ``optax.multi_transform``), jitted once,
+params float32, compute bf16 (``LlamaConfig.base``: 56M parameters, batch
+``--batch`` x ``--seq`` tokens). qwix's QAT (``qwix.QtProvider``) runs the same
+model under an equivalent step (value_and_grad + the same optimizer). Time per
+call on the GPU from CUPTI (``jax.experimental.mosaic.gpu.profiler.measure``,
+median of ``--iters`` calls; every kernel of a call counted); wall clock on
+the CPU. Each variant is in its own try/except and the JSON is rewritten after
+each one.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+import statistics
+import sys
+import time
+import traceback
+
+from absl import app, flags
+
+_OUT = flags.DEFINE_string("out", "/tmp/bench_qat.json", "JSON output.")
+_MD = flags.DEFINE_string("md", "", "Markdown table output ('' = none).")
+_SMOKE = flags.DEFINE_bool("smoke", False, "Tiny model (CPU check).")
+_ITERS = flags.DEFINE_integer("iters", 10, "Timed calls per variant.")
+_BATCH = flags.DEFINE_integer("batch", 16, "Sequences per step.")
+_SEQ = flags.DEFINE_integer("seq", 512, "Tokens per sequence.")
+_ONLY = flags.DEFINE_string("only", "", "Comma-separated variant names to run.")
+_QWIX = flags.DEFINE_bool("qwix", True, "Also time qwix's QAT where importable.")
+
+# name: (scheme of lowbit_jax.train.qat.SCHEMES, overrides of config.quant)
+OURS = {
+    "int8 W+A (STE)": ("w8a8", dict(learn_weight="none", learn_activation="none")),
+    "int8 W+A (LSQ)": ("w8a8", {}),
+    "W4A8 int4 g128 (LSQ)": ("w4a8", dict(group_size=128)),
+    "fp8 W+A": ("fp8", dict(grad="none")),
+    "fp8 training (e5m2 grads)": ("fp8", {}),
+    "fp8 training, delayed scaling": ("fp8_delayed", {}),
+    "MXFP8 training": ("mxfp8", {}),
+    "MXFP4 W+A": ("w4a4_mxfp4", {}),
+    "NVFP4 W+A": ("w4a4_nvfp4", {}),
+    "MXFP4 W (weight-only)": ("w4a4_mxfp4", dict(activation="none")),
+}
+TARGET = {"int8 W+A (STE)": 1.15, "int8 W+A (LSQ)": 1.15, "fp8 W+A": 1.15,
+          "fp8 training (e5m2 grads)": 1.15, "fp8 training, delayed scaling": 1.15,
+          "MXFP4 W+A": 1.3, "NVFP4 W+A": 1.3}
+DENSE_RE = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def _timer():
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.default_backend() == "gpu":
+    try:
+      from jax.experimental.mosaic.gpu import profiler  # pylint: disable=g-import-not-at-top
+      return profiler
+    except ImportError:
+      return None
+  return None
+
+
+def measure(fn, args, iters: int) -> dict:
+  """Median time per call of the jitted ``fn(*args)`` (CUPTI on GPU)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  t = time.perf_counter()
+  out = fn(*args)
+  jax.block_until_ready(out)
+  compile_s = time.perf_counter() - t
+  prof = _timer()
+  if prof is not None:
+    _, ts = prof.measure(fn, iterations=iters)(*args)
+    ts = ts if isinstance(ts, (list, tuple)) else [ts]
+    times, method = [float(v) * 1e3 for v in ts], "cupti"
+  else:
+    times = []
+    for _ in range(iters):
+      t = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times.append((time.perf_counter() - t) * 1e6)
+    method = "wallclock"
+  loss = out[1]["loss"] if isinstance(out, tuple) and isinstance(out[1], dict) else None
+  return dict(us=statistics.median(times), us_min=min(times), method=method,
+              iters=len(times), compile_s=round(compile_s, 2),
+              loss=None if loss is None else float(loss))
+
+
+def main(argv):
+  del argv
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from ml_collections import ConfigDict  # pylint: disable=g-import-not-at-top
+
+  from lowbit_jax.models.llama import Llama, LlamaConfig  # pylint: disable=g-import-not-at-top
+  from lowbit_jax.train import loop, qat, state as state_lib  # pylint: disable=g-import-not-at-top
+
+  if _SMOKE.value:
+    cfg = LlamaConfig.smoke(dtype="bfloat16")
+    batch_size, seq = 2, 32
+  else:
+    cfg = LlamaConfig.base()
+    batch_size, seq = _BATCH.value, _SEQ.value
+  model = Llama(cfg)
+  rng = np.random.default_rng(0)
+  batch = jnp.asarray(rng.integers(0, cfg.vocab, (batch_size, seq + 1)), jnp.int32)
+  dev = jax.devices()[0]
+  res = {"meta": dict(device=f"{dev.platform}: {getattr(dev, 'device_kind', '?')}",
+                      jax=jax.__version__, model=str(cfg),
+                      params=None, tokens_per_step=batch_size * seq,
+                      command="python3 -m experiments.bench_qat " + " ".join(sys.argv[1:]),
+                      step="lowbit_jax.train.train_step: value_and_grad of the LM "
+                           "loss + AdamW (clip 1.0, wd 0.1) [+ learned scales' "
+                           "optimizer]; params f32, compute bf16",
+                      quantized_layers="q/k/v/o, gate/up/down (lm_head and "
+                                       "attention einsums in bf16)"),
+         "rows": []}
+  out = pathlib.Path(_OUT.value)
+  out.parent.mkdir(parents=True, exist_ok=True)
+
+  def save():
+    out.write_text(json.dumps(res, indent=1))
+
+  only = set(filter(None, _ONLY.value.split(",")))
+
+  def run_config(scheme, overrides):
+    c = ConfigDict(dict(lr=1e-3, warmup_steps=10, steps=1000, min_lr_ratio=0.1,
+                        weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0,
+                        quant=dict(rules=scheme, weight="", activation="", grad="",
+                                   group_size=0, grad_stochastic=False, scaling="",
+                                   amax_history_len=16, learn_weight="",
+                                   learn_activation="", scale_lr_mult=1.0,
+                                   freeze_scales=False, lsq_grad_scale=True,
+                                   start_step=0, layers=DENSE_RE, exclude=""),
+                        optim=dict(state_format="float32")))
+    for k, v in overrides.items():
+      c.quant[k] = v
+    return c
+
+  params = state_lib.init_params(model, jax.random.key(0))
+  res["meta"]["params"] = int(sum(p.size for p in jax.tree.leaves(params)))
+  base_us = None
+
+  def ours(name, scheme, overrides):
+    c = run_config(scheme, overrides)
+    recipe = qat.recipe_from_config(c) if scheme != "none" else None
+    tx, schedule = loop.run_optimizer(c, recipe)
+    mesh = loop.make_mesh(1)
+    layout = loop.run_layout(c, mesh)
+    if recipe is None:
+      state = state_lib.init_state(model, tx, jax.random.key(1), params=params)
+    else:
+      scales, qstate = recipe.placeholder_vars(model, params)
+      state = state_lib.init_state(model, tx, jax.random.key(1), params=params,
+                                   quant_scales=scales, quant_state=qstate,
+                                   trainable=recipe.trainable)
+      state = recipe.init_from_data(model, state, batch[:, :-1], layout)
+    step = jax.jit(functools.partial(loop.train_step, model=model, tx=tx,
+                                     schedule=schedule, recipe=recipe))
+    st = measure(step, (state, batch), _ITERS.value)
+    st["rules"] = None if recipe is None else [repr(r) for r in recipe.rules]
+    return st
+
+  variants = [("bf16 (no quantization)", "none", {})] + [
+      (k, s, o) for k, (s, o) in OURS.items()]
+  for name, scheme, overrides in variants:
+    if only and name not in only and scheme != "none":
+      continue
+    row = {"name": name, "lib": "lowbit_jax"}
+    try:
+      row.update(ours(name, scheme, overrides))
+      if scheme == "none":
+        base_us = row["us"]
+      elif base_us:
+        row["ratio"] = row["us"] / base_us
+        if name in TARGET:
+          row["target"] = TARGET[name]
+          row["met"] = row["ratio"] <= TARGET[name]
+    except Exception as e:  # pylint: disable=broad-except
+      row["error"] = "".join(traceback.format_exception_only(type(e), e))[-800:]
+    print(json.dumps({k: v for k, v in row.items() if k != "rules"}), flush=True)
+    res["rows"].append(row)
+    save()
+
+  if _QWIX.value and not _SMOKE.value:
+    _qwix_rows(res, model, params, batch, base_us, save)
+  if _MD.value:
+    _markdown(res, _MD.value)
+  save()
+
+
+def _qwix_rows(res, model, params, batch, base_us, save):
+  """qwix.QtProvider QAT of the same layers, same loss and AdamW."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  try:
+    import qwix  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    res["meta"]["qwix"] = f"not importable: {e}"
+    return
+  res["meta"]["qwix"] = getattr(qwix, "__version__", "?")
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, 0.9, 0.95, 1e-8,
+                                                               0.1))
+  opt_state = tx.init(params)
+
+  def make_step(apply):
+    def loss_fn(p, b):
+      logits = apply({"params": p}, b[:, :-1])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, b[:, 1:]).mean()
+
+    def step(p, o, b):
+      loss, g = jax.value_and_grad(loss_fn)(p, b)
+      upd, o = tx.update(g, o, p)
+      return optax.apply_updates(p, upd), o, loss
+    return jax.jit(step)
+
+  plan = [("qwix int8 W+A", jnp.int8, jnp.int8, None),
+          ("qwix fp8 W+A", jnp.float8_e4m3fn, jnp.float8_e4m3fn, None),
+          ("qwix MXFP4 W (weight-only)", "mxfp4", None, 32)]
+  for name, wq, aq, tile in plan:
+    row = {"name": name, "lib": "qwix"}
+    try:
+      rule = qwix.QtRule(module_path=DENSE_RE, weight_qtype=wq, act_qtype=aq,
+                         tile_size=tile)
+      qm = qwix.quantize_model(model, qwix.QtProvider([rule]))
+      st = measure(make_step(qm.apply), (params, opt_state, batch), _ITERS.value)
+      row.update(st)
+      if base_us:
+        row["ratio"] = row["us"] / base_us
+    except Exception as e:  # pylint: disable=broad-except
+      row["error"] = "".join(traceback.format_exception_only(type(e), e))[-800:]
+    print(json.dumps(row), flush=True)
+    res["rows"].append(row)
+    save()
+
+
+def _markdown(res, path):
+  m = res["meta"]
+  lines = ["# One training step of the decoder LM: QAT and low-bit training vs bf16",
+           "", f"Device: {m['device']}; jax {m['jax']}; qwix {m.get('qwix', '-')}. "
+           f"Model: LlamaConfig.base ({m['params']:,} parameters), "
+           f"{m['tokens_per_step']} tokens per step. Step: {m['step']}. Quantized: "
+           f"{m['quantized_layers']}. Device time per step (median).", "",
+           f"Command: `{m['command']}`", "",
+           "| variant | us / step | vs bf16 | target | met |",
+           "|---|---|---|---|---|"]
+  for r in res["rows"]:
+    if "error" in r:
+      lines.append(f"| {r['name']} | error: {r['error'].splitlines()[-1][:120]} "
+                   "| | | |")
+      continue
+    ratio = f"{r['ratio']:.3f}x" if "ratio" in r else "1.000x"
+    tgt = f"<= {r['target']}x" if "target" in r else ""
+    met = ("yes" if r.get("met") else "no") if "met" in r else ""
+    lines.append(f"| {r['name']} | {r['us']:.0f} | {ratio} | {tgt} | {met} |")
+  pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+  pathlib.Path(path).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)
