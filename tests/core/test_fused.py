@@ -124,8 +124,26 @@ def _run(mod, x, spec, kw, w):
   return q, deq, fq, g
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+# Every format family and path once in the default run; the rest with --runslow.
+FAST = {"int8_ch", "int4_g128", "uint8_ch", "fp8_e4m3_ch", "fp6_e2m3_g32", "nf4",
+        "ternary_ax1", "mxfp8_e4m3", "mxfp4", "nvfp4", "int8_amax", "int4_stoch"}
+
+
+@pytest.mark.parametrize("case", [
+    c if c[0] in FAST else pytest.param(c, marks=pytest.mark.slow) for c in CASES],
+    ids=[c[0] for c in CASES])
 def test_fused_matches_reference(case):
+  _check_case(case)
+
+
+@pytest.mark.parametrize("case_id", ["fp8_e4m3_ch", "mxfp8_e5m2_ax1"])
+def test_fused_with_native_fp8_matches_reference(case_id, monkeypatch):
+  """The GPU/TPU path (XLA's float8 converts) on the whole pipeline."""
+  monkeypatch.setattr(_cast, "_NATIVE_ON_CPU", True)
+  _check_case(next(c for c in CASES if c[0] == case_id))
+
+
+def _check_case(case):
   _, name, skw, dtype, ckw = case
   spec = lb.QuantSpec(name, **skw)
   x = jnp.asarray(_inputs(dtype, seed=len(case[0])))
@@ -174,7 +192,7 @@ def test_fused_matches_reference(case):
 
 
 @pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2"])
-def test_native_fp8_rounding_matches_emulation(name):
+def test_native_fp8_rounding_matches_emulation(name, monkeypatch):
   """The native float8 convert (after the saturating clamp) is the emulation.
 
   Dense: every float32 pattern around each grid point of the format (the grid
@@ -196,9 +214,33 @@ def test_native_fp8_rounding_matches_emulation(name):
   mags = mags.astype(np.uint32)
   y = np.concatenate([mags, mags | np.uint32(0x80000000)]).view(np.float32)
   y = np.concatenate([y, np.array([np.nan, -np.nan, np.inf, -np.inf], np.float32)])
+  monkeypatch.setattr(_cast, "_NATIVE_ON_CPU", True)  # the GPU/TPU path, anywhere
+  assert _cast._native_dtype(fmt) is not None
   got = jax.jit(lambda v: _cast._cast_float(v, fmt, True, None))(y)
   want = jax.jit(lambda v: ref._cast_float(v, fmt, True, None))(y)
   _assert_same(got, want, f"{name} rounding")
   _assert_same(np.signbit(np.asarray(got)), np.signbit(np.asarray(want)), "NaN signs")
   codes = jax.jit(lambda v: _cast.encode(v, fmt))(want)
   _assert_same(codes, jax.jit(lambda v: ref.encode(v, fmt))(want), f"{name} codes")
+
+
+@pytest.mark.parametrize("name", ["nf4", "binary", "ternary"])
+def test_lookup_rounding_matches_reference(name):
+  """Table lookups without a binary search or a gather: same indices and values,
+  nearest (ties to even) and stochastic, at every entry and midpoint and one
+  to three ulps either side, NaN, +-inf, +-0 and random values."""
+  fmt = get_format(name)
+  t = np.asarray(fmt.table, np.float32)
+  pts = np.concatenate([t, (t[:-1] + t[1:]) / 2,
+                        [np.nan, -np.nan, np.inf, -np.inf, 0.0, -0.0, 5.0, -5.0]])
+  u = pts.astype(np.float32).view(np.uint32).astype(np.int64)
+  near = (u[:, None] + np.arange(-3, 4)).ravel().astype(np.uint32).view(np.float32)
+  rng = np.random.default_rng(0)
+  x = np.concatenate([near, rng.standard_normal(1 << 14).astype(np.float32) * 1.2])
+  noise = rng.integers(0, 2 ** 32, x.shape, dtype=np.uint32)
+  for noise_ in (None, noise):
+    got = jax.jit(lambda v, n: _cast.lookup_round_index(v, fmt, n))(x, noise_)
+    want = jax.jit(lambda v, n: ref.lookup_round_index(v, fmt, n))(x, noise_)
+    _assert_same(got, want, f"{name} indices")
+  got = jax.jit(lambda v: _cast._cast_lookup(v, fmt, None))(x)
+  _assert_same(got, jax.jit(lambda v: ref._cast_lookup(v, fmt, None))(x), name)
