@@ -6,7 +6,8 @@ Three modes:
   gradients for QAT). A QArray operand is dequantized.
 * ``"real"``: the weight is (or becomes) a packed QArray and activations are
   quantized per call; when a Pallas kernel ``supports`` the case (shapes,
-  formats, backend) it runs, otherwise the reference: dequantize, then a
+  formats, backend) it runs, otherwise the reference: dequantize into the
+  activation's dtype (bf16/f16 stay 16-bit, anything else float32), then a
   float32-accumulating dot. Both equal fake quant to float rounding.
 
 A spec whose ``axis`` is unset gets the op's contraction axes: per-token for
@@ -203,9 +204,18 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None,
       raise ValueError(f"use_kernel='always' but this matmul cannot use a kernel: {why}")
   lv = dequantize(lq) if isinstance(lq, QArray) else lq
   rv = dequantize(rq) if isinstance(rq, QArray) else rq
-  y = lax.dot_general(lv.astype(jnp.float32), rv.astype(jnp.float32), dimension_numbers,
+  ct = _compute_dtype(out_dtype)
+  y = lax.dot_general(lv.astype(ct), rv.astype(ct), dimension_numbers,
                       precision, preferred_element_type=jnp.float32)
   return y.astype(preferred_element_type or out_dtype)
+
+
+def _compute_dtype(activation_dtype):
+  """The dtype the reference dot runs in: the activation's 16-bit float dtype
+  (dequantized weights are cast into it, as a bf16 model's own dot would, and
+  XLA fuses that into the dot), else float32; it accumulates in float32."""
+  dt = jnp.dtype(activation_dtype)
+  return dt if dt in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) else jnp.float32
 
 
 def _stoch(spec: Optional[QuantSpec]) -> bool:
@@ -273,7 +283,8 @@ def einsum(subscripts: str, lhs, rhs, *, lhs_spec=None, rhs_spec=None,
                     lhs_tensor_amax)
   rv = _qdq_operand(rhs, spec(rhs_spec, rc, rhs_nd), k_r, mode)
   if mode == "real":
-    y = jnp.einsum(subscripts, lv.astype(jnp.float32), rv.astype(jnp.float32),
+    ct = _compute_dtype(out_dtype)
+    y = jnp.einsum(subscripts, lv.astype(ct), rv.astype(ct),
                    precision=precision, preferred_element_type=jnp.float32)
     return y.astype(preferred_element_type or out_dtype)
   return jnp.einsum(subscripts, lv, rv.astype(lv.dtype), precision=precision,
