@@ -7,8 +7,8 @@ Three modes:
 * ``"real"``: the weight is (or becomes) a packed QArray and activations are
   quantized per call; when a Pallas kernel ``supports`` the case (shapes,
   formats, backend) it runs, otherwise the reference: dequantize into the
-  activation's dtype (bf16/f16 stay 16-bit, anything else float32), then a
-  float32-accumulating dot. Both equal fake quant to float rounding.
+  activation's dtype (bf16/f16 stay 16-bit off the CPU, anything else
+  float32), then a float32-accumulating dot. Both equal fake quant to float rounding.
 
 A spec whose ``axis`` is unset gets the op's contraction axes: per-token for
 activations, per-output-channel (or groups along K) for weights.
@@ -211,10 +211,17 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None,
 
 
 def _compute_dtype(activation_dtype):
-  """The dtype the reference dot runs in: the activation's 16-bit float dtype
-  (dequantized weights are cast into it, as a bf16 model's own dot would, and
-  XLA fuses that into the dot), else float32; it accumulates in float32."""
+  """The dtype the reference dot runs in (it accumulates in float32).
+
+  On GPU and TPU, the activation's 16-bit float dtype: dequantized weights are
+  cast into it, as a bf16 model's own dot would, and XLA fuses the dequantize
+  into the dot. Float32 activations, and every dot on CPU, run in float32: XLA's
+  CPU dot is slower in bf16 than in float32 (1.2 to 1.4x at M >= 256 on
+  2048x2048, benchmarks/primitives_cpu.md's command).
+  """
   dt = jnp.dtype(activation_dtype)
+  if jax.default_backend() == "cpu":
+    return jnp.float32
   return dt if dt in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) else jnp.float32
 
 
