@@ -36,6 +36,9 @@ Run (repository root)::
 
 Writes ``primitives_<tag>.json`` and ``primitives_<tag>.md`` to ``--out_dir``
 (tag: ``h200`` / ``h100`` / ``gpu`` / ``cpu`` from the device, or ``--tag``).
+``--baseline=old.json`` adds an earlier run's times (e.g. the same command on
+an older commit) and the speedups; ``--report=run.json`` rebuilds the
+markdown from a JSON without timing anything.
 """
 from __future__ import annotations
 
@@ -68,6 +71,11 @@ _BUDGET = flags.DEFINE_float("time_budget_s", 330.0,
                              "start no new item after this many seconds")
 _HARD = flags.DEFINE_float("hard_limit_s", 0.0, "write what there is and exit at "
                            "this many seconds (default: budget + 30)")
+_BASELINE = flags.DEFINE_string("baseline", "", "JSON of an earlier run (e.g. of an "
+                                "older commit): the markdown adds its times and the "
+                                "speedup over it")
+_REPORT = flags.DEFINE_string("report", "", "rebuild the markdown from this JSON "
+                              "(with --baseline) without timing anything")
 
 T0 = time.time()
 L2_BYTES = 50 * 2 ** 20  # H100/H200 L2: matmul weight sets rotate past it
@@ -369,17 +377,60 @@ def markdown(res: dict) -> str:
                  f"{r['xla_bf16_us']:.0f} | {r['vs_bf16']:.2f} | "
                  f"{r.get('qwix_us', '')} | {r.get('vs_qwix', '')} |")
     out.append("")
+  base = res.get("baseline")
+  if base:
+    old = {(r["format"], r["op"]): r["us"] for r in base.get("prims", []) if "format" in r}
+    out += [f"Against the baseline run ({base.get('label', '')}: same command, "
+            f"jax {base.get('jax')}, started {base.get('started')}): baseline us -> "
+            "this run's us (speedup).", "",
+            "| format | " + " | ".join(ops) + " |", "|---" * (len(ops) + 1) + "|"]
+    for fid, d in rows.items():
+      cells = []
+      for op in ops:
+        r, o = d.get(op), old.get((fid, op))
+        cells.append(f"{o:.0f} -> {r['us']:.0f} ({o / r['us']:.1f}x)" if r and o else "")
+      out.append(f"| {fid} | " + " | ".join(cells) + " |")
+    bmm = {(r["weight"], r["m"]): r["ours_us"] for r in base.get("matmul", [])}
+    if mm and bmm:
+      out += ["", "| matmul weight | M | baseline ours | this run ours |",
+              "|---|---|---|---|"]
+      for r in mm:
+        o = bmm.get((r["weight"], r["m"]))
+        if o:
+          out.append(f"| {r['weight']} | {r['m']} | {o:.0f} | {r['ours_us']:.0f} |")
+    out.append("")
   if res.get("errors"):
     out += ["Errors and skipped items:", ""]
     out += [f"- {e['item']}: {e['error']}" for e in res["errors"]]
     out.append("")
+  if res.get("backend") == "cpu":
+    out += ["On CPU the `x * 2` ceiling is not a memory bound: XLA's CPU "
+            "elementwise bf16 arithmetic goes through float32 and this shared "
+            "2-core machine's load moves it by 2-4x between runs, so the % column "
+            "is only indicative here; compare the times.", ""]
   if res.get("notes"):
     out += ["Notes:", ""] + [f"- {s}" for s in res["notes"]] + [""]
   return "\n".join(out)
 
 
+def _load_baseline(path: str):
+  with open(path) as f:
+    base = json.load(f)
+  base["label"] = os.path.basename(path)
+  return {k: base.get(k) for k in ("prims", "matmul", "jax", "started", "label",
+                                   "command")}
+
+
 def main(argv):
   del argv
+  if _REPORT.value:
+    with open(_REPORT.value) as f:
+      res = json.load(f)
+    if _BASELINE.value:
+      res["baseline"] = _load_baseline(_BASELINE.value)
+    with open(os.path.splitext(_REPORT.value)[0] + ".md", "w") as f:
+      f.write(markdown(res))
+    return
   command = "python3 -m experiments.bench_primitives " + " ".join(sys.argv[1:])
   b = Bench(command.strip())
   hard = _HARD.value or _BUDGET.value + 30
@@ -391,6 +442,8 @@ def main(argv):
     os._exit(3)  # pylint: disable=protected-access
 
   threading.Thread(target=watchdog, daemon=True).start()
+  if _BASELINE.value:
+    b.res["baseline"] = _load_baseline(_BASELINE.value)
   qwix = _import_qwix()
   if qwix is None:
     b.note("qwix is not importable here: no qwix column")
