@@ -26,6 +26,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from lowbit_jax.core._spec import TENSOR, QuantSpec
 from lowbit_jax.formats import FloatFormat, Format, IntFormat
@@ -104,14 +105,21 @@ def pack(codes: jax.Array, fmt: Format, axis: int) -> jax.Array:
     if bits == 8:
       return jax.lax.bitcast_convert_type(codes.astype(jnp.uint8), dt)
     return codes.astype(dt)
-  c = jnp.moveaxis(codes, axis, -1)
-  lead = c.shape[:-1]
-  c = c.reshape(lead + (c.shape[-1] // n_codes, n_codes))
-  shifts = jnp.arange(n_codes, dtype=jnp.uint32) * bits
-  word = jnp.sum(c << shifts, axis=-1, dtype=jnp.uint32)
-  byts = jnp.stack([(word >> (8 * j)) & 0xFF for j in range(n_bytes)], axis=-1)
-  out = byts.reshape(lead + (-1,)).astype(jnp.uint8)
-  return jnp.moveaxis(out, -1, axis)
+  # Along the axis in place (a reshape, no transpose): [.., L, ..] ->
+  # [.., L / n, n, ..] -> words -> [.., L / n, n_bytes, ..] -> [.., L / n * n_bytes, ..].
+  axis = axis % codes.ndim
+  shp = codes.shape
+  c = codes.reshape(shp[:axis] + (shp[axis] // n_codes, n_codes) + shp[axis + 1:])
+  # An OR of shifted slices, not a sum over the unit axis: elementwise, so XLA
+  # emits a loop fusion (a reduce fusion of the whole quantizer runs many
+  # times slower on CPU). The codes are < 2**bits, so OR and sum agree.
+  word = lax.index_in_dim(c, 0, axis + 1, keepdims=False).astype(jnp.uint32)
+  for i in range(1, n_codes):
+    word = word | (lax.index_in_dim(c, i, axis + 1, keepdims=False).astype(jnp.uint32)
+                   << (bits * i))
+  byts = jnp.stack([(word >> (8 * j)) & 0xFF for j in range(n_bytes)], axis=axis + 1)
+  out_len = (shp[axis] // n_codes) * n_bytes
+  return byts.reshape(shp[:axis] + (out_len,) + shp[axis + 1:]).astype(jnp.uint8)
 
 
 def unpack(packed: jax.Array, fmt: Format, axis: int) -> jax.Array:
@@ -122,16 +130,18 @@ def unpack(packed: jax.Array, fmt: Format, axis: int) -> jax.Array:
     if packed.dtype.itemsize == 1:
       return jax.lax.bitcast_convert_type(packed, jnp.uint8).astype(jnp.uint32)
     return packed.astype(jnp.uint32)
-  p = jnp.moveaxis(packed, axis, -1).astype(jnp.uint32)
-  lead = p.shape[:-1]
-  p = p.reshape(lead + (p.shape[-1] // n_bytes, n_bytes))
-  word = jnp.zeros(p.shape[:-1], jnp.uint32)
+  axis = axis % packed.ndim
+  shp = packed.shape
+  p = packed.astype(jnp.uint32).reshape(
+      shp[:axis] + (shp[axis] // n_bytes, n_bytes) + shp[axis + 1:])
+  word = jnp.zeros(p.shape[:axis + 1] + p.shape[axis + 2:], jnp.uint32)
   for j in range(n_bytes):
-    word = word | (p[..., j] << (8 * j))
-  shifts = jnp.arange(n_codes, dtype=jnp.uint32) * bits
-  c = (word[..., None] >> shifts) & ((1 << bits) - 1)
-  c = c.reshape(lead + (-1,))
-  return jnp.moveaxis(c, -1, axis)
+    word = word | (lax.index_in_dim(p, j, axis + 1, keepdims=False) << (8 * j))
+  sh_shape = [1] * p.ndim
+  sh_shape[axis + 1] = n_codes
+  shifts = (jnp.arange(n_codes, dtype=jnp.uint32) * bits).reshape(sh_shape)
+  c = (jnp.expand_dims(word, axis + 1) >> shifts) & ((1 << bits) - 1)
+  return c.reshape(shp[:axis] + (shp[axis] // n_bytes * n_codes,) + shp[axis + 1:])
 
 
 @dataclasses.dataclass(frozen=True)

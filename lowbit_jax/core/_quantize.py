@@ -42,6 +42,10 @@ _E4M3 = get_format("fp8_e4m3")
 _HALF = {"float16": FloatFormat(5, 10, 15, "ieee", name="float16"),
          "bfloat16": FloatFormat(8, 7, 127, "ieee", name="bfloat16")}
 _E8M0_BIAS = 127
+# Input dtypes whose block amax is reduced without a float32 copy (they have
+# an inf, and their max converts to float32 exactly).
+_NATIVE_REDUCE = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16),
+                  jnp.dtype(jnp.float16))
 
 
 # ---------------------------------------------------------------------------
@@ -124,6 +128,28 @@ def _div(a, b) -> jax.Array:
   b = jnp.asarray(b, jnp.float32)
   shape = jnp.broadcast_shapes(a.shape, b.shape)
   return _div_same_shape(jnp.broadcast_to(a, shape), jnp.broadcast_to(b, shape))
+
+
+def _div_data(x: jax.Array, s: jax.Array) -> jax.Array:
+  """IEEE float32 ``x / s`` of full-size data by a per-block scale, fused.
+
+  ``_div`` keeps a true division by materializing the broadcast divisor
+  behind a barrier: fine for per-block arrays, a full extra pass over the
+  tensor here. Instead the divisor goes through a select on the data,
+  ``where(isnan(x), nan, s)``, which XLA cannot turn back into a broadcast
+  (so it does not rewrite the division into a reciprocal multiply), and the
+  division fuses with the block scale's broadcast and everything around it.
+  No value changes: a NaN dividend gives NaN over any divisor.
+
+  Args:
+    x: float32 data.
+    s: float32 scales, broadcastable to ``x``.
+
+  Returns:
+    ``x / s``, correctly rounded where the backend's division is.
+  """
+  s = jnp.broadcast_to(jnp.asarray(s, jnp.float32), x.shape)
+  return lax.div(x, jnp.where(jnp.isnan(x), np.float32(np.nan), s))
 
 
 # ---------------------------------------------------------------------------
@@ -285,28 +311,48 @@ def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None):
                      "QuantSpec(..., rounding='stochastic') to use it")
 
   if not spec.symmetric:
-    return _grid_asym(xf, xb, red, vb, spec, bs, noise, amax, amin)
+    return _grid_asym(x, xf, xb, red, vb, spec, bs, noise, amax, amin)
 
   method = fmt.scale_method if isinstance(fmt, LookupFormat) else "absmax"
-  absx = jnp.abs(xb)
+  nb = tuple(d // b for d, b in zip(xf.shape, bs))
+  # Reductions read x in its own dtype (abs, max and isfinite are exact there),
+  # so no float32 copy of x is ever materialized.
+  xn = _to_blocks(x if x.dtype in _NATIVE_REDUCE else xf, bs)
+  if method == "absmax" or amax is not None or spec.tensor_scale:
+    fin = jnp.isfinite(xn)
+    if spec.tensor_scale:
+      # The block amax over finite values also gives the tensor amax (over
+      # finite values: a NaN or inf block turns only itself into NaN).
+      a_fin = jnp.max(jnp.where(fin, jnp.abs(xn), 0), axis=red).astype(jnp.float32)
+      blk_bad = jnp.any(~fin, axis=red)
+      a_dyn = jnp.where(blk_bad, np.float32(np.inf), a_fin)
+    else:
+      # One reduction gives the amax and the bad-block flag: a NaN or an inf
+      # counts as inf (a max over NaN would not be reliable: XLA's vectorized
+      # max on CPU can drop one), and finite blocks have a finite amax.
+      a_dyn = jnp.max(jnp.where(fin, jnp.abs(xn), np.inf), axis=red).astype(
+          jnp.float32)
+      blk_bad = a_dyn == np.float32(np.inf)
   if amax is not None:
-    a = jnp.broadcast_to(jnp.asarray(amax, jnp.float32),
-                         tuple(d // b for d, b in zip(xf.shape, bs)))
+    a = jnp.broadcast_to(jnp.asarray(amax, jnp.float32), nb)
   elif method == "absmax":
-    a = jnp.max(absx, axis=red)
+    a = a_dyn
   else:
+    absx = jnp.abs(xb)
     mean_abs = _mean_abs(absx, red, vb, bs)
     if method == "mean_abs":
       a = mean_abs
+      # A block holding a NaN or an inf has a NaN or inf sum: no second pass.
+      blk_bad = ~jnp.isfinite(mean_abs)
     else:  # twn
       thr = 0.7 * mean_abs
       sel = absx > jnp.expand_dims(thr, red)
       n_sel = jnp.sum(sel, axis=red)
       a = _div(jnp.sum(jnp.where(sel, absx, 0.0), axis=red), jnp.maximum(n_sel, 1))
+      blk_bad = jnp.any(~jnp.isfinite(xn), axis=red)
   a = a * np.float32(spec.clip_ratio)
-  # A block holding a NaN or an inf gets a NaN scale. Tested on the elements:
-  # XLA's vectorized max on CPU can drop a NaN, so the amax alone cannot tell.
-  bad = ~jnp.isfinite(a) | jnp.any(~jnp.isfinite(xb), axis=red)
+  # A block holding a NaN or an inf gets a NaN scale.
+  bad = ~jnp.isfinite(a) | blk_bad
 
   tscale = None
   a_clip = a  # the range beyond which the straight-through gradient is zero
@@ -316,7 +362,7 @@ def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None):
     if tensor_amax is not None:
       emax_t = jnp.asarray(tensor_amax, jnp.float32) * np.float32(spec.clip_ratio)
     elif amax is None:
-      emax_t = jnp.max(jnp.where(jnp.isfinite(xf), jnp.abs(xf), 0.0))
+      emax_t = jnp.max(a_fin)
     else:
       emax_t = jnp.max(a)
     smax = _E4M3.max if spec.scale_dtype == "fp8_e4m3" else 1.0
@@ -352,7 +398,7 @@ def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None):
     s = jnp.where(a > 0, _div(a, np.float32(fmt.max)), zero_scale)
     s_stored, s_val = _store_float_scale(s, spec.scale_dtype)
     s_stored, s_val = _mark_bad(s_stored, s_val, bad)
-    y = _div(xb, jnp.expand_dims(jnp.where(s_val == 0, 1.0, s_val), red))
+    y = _div_data(xb, jnp.expand_dims(jnp.where(s_val == 0, 1.0, s_val), red))
     total = s_val
 
   y = y.reshape(xf.shape)
@@ -380,9 +426,21 @@ def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None):
   return q, total, s_stored, None, tscale, clipped
 
 
-def _grid_asym(xf, xb, red, vb, spec, bs, noise, amax, amin):
+def _grid_asym(x, xf, xb, red, vb, spec, bs, noise, amax, amin):
   fmt = spec.storage_format
   levels = float(fmt.qmax)
+  # One pass gives the range and the bad-block flag: a NaN or an inf counts as
+  # +inf for the max and -inf for the min, and only such blocks reach them.
+  xn = _to_blocks(x if x.dtype in _NATIVE_REDUCE else xf, bs)
+  fin = jnp.isfinite(xn)
+  src_hi = jnp.where(fin, xn, np.inf)
+  src_lo = jnp.where(fin, xn, -np.inf)
+  if vb is not None:
+    src_hi = jnp.where(vb, src_hi, -np.inf)
+    src_lo = jnp.where(vb, src_lo, np.inf)
+  d_hi = jnp.max(src_hi, axis=red).astype(jnp.float32)
+  d_lo = jnp.min(src_lo, axis=red).astype(jnp.float32)
+  blk_bad = (d_hi == np.float32(np.inf)) | (d_lo == np.float32(-np.inf))
   if amax is not None or amin is not None:
     if amax is None or amin is None:
       raise ValueError("asymmetric static ranges need both amin and amax")
@@ -390,21 +448,17 @@ def _grid_asym(xf, xb, red, vb, spec, bs, noise, amax, amin):
     hi = jnp.broadcast_to(jnp.asarray(amax, jnp.float32), shp)
     lo = jnp.broadcast_to(jnp.asarray(amin, jnp.float32), shp)
   else:
-    src_hi = xb if vb is None else jnp.where(vb, xb, -jnp.inf)
-    src_lo = xb if vb is None else jnp.where(vb, xb, jnp.inf)
-    hi = jnp.max(src_hi, axis=red)
-    lo = jnp.min(src_lo, axis=red)
+    hi, lo = d_hi, d_lo
   hi = jnp.maximum(hi, 0.0) * np.float32(spec.clip_ratio)
   lo = jnp.minimum(lo, 0.0) * np.float32(spec.clip_ratio)
   rng = hi - lo
   s = jnp.where(rng > 0, _div(rng, np.float32(levels)), 1.0)
   s_stored, s_val = _store_float_scale(s, spec.scale_dtype)
-  bad = (~(jnp.isfinite(hi) & jnp.isfinite(lo))
-         | jnp.any(~jnp.isfinite(xb), axis=red))  # NaN/inf block: NaN scale
+  bad = ~(jnp.isfinite(hi) & jnp.isfinite(lo)) | blk_bad  # NaN/inf: NaN scale
   s_stored, s_val = _mark_bad(s_stored, s_val, bad)
   zp = jnp.clip(jnp.round(_div(-lo, s_val)), 0, levels)
   zp = jnp.where(bad, 0.0, zp)
-  y = _div(xb, jnp.expand_dims(s_val, red)) + jnp.expand_dims(zp, red)
+  y = _div_data(xb, jnp.expand_dims(s_val, red)) + jnp.expand_dims(zp, red)
   y = y.reshape(xf.shape)
   clipped = (y < -0.5) | (y > levels + 0.5)
   q = _cast._cast_int(y, fmt, True, noise, lo=0, hi=int(levels))

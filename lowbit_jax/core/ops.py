@@ -7,8 +7,9 @@ Three modes:
   operand is dequantized.
 * ``"real"``: the weight is (or becomes) a packed QArray and activations are
   quantized per call; when a Pallas kernel ``supports`` the case (shapes,
-  formats, backend) it runs, otherwise the reference: dequantize, then a
-  float32-accumulating dot. Both equal fake quant to float rounding.
+  formats, backend) it runs, otherwise the reference: dequantize into the
+  activation's dtype (bf16/f16 stay 16-bit off the CPU, anything else
+  float32), then a float32-accumulating dot. Both equal fake quant to float rounding.
 
 A spec whose ``axis`` is unset gets the op's contraction axes: per-token for
 activations, per-output-channel (or groups along K) for weights
@@ -607,9 +608,25 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None,
       raise ValueError(f"use_kernel='always' but this matmul cannot use a kernel: {why}")
   lv = dequantize(lq) if isinstance(lq, QArray) else lq
   rv = dequantize(rq) if isinstance(rq, QArray) else rq
-  y = lax.dot_general(lv.astype(jnp.float32), rv.astype(jnp.float32), dn,
+  ct = _compute_dtype(out_dtype)
+  y = lax.dot_general(lv.astype(ct), rv.astype(ct), dn,
                       precision, preferred_element_type=jnp.float32)
   return y.astype(preferred_element_type or out_dtype)
+
+
+def _compute_dtype(activation_dtype):
+  """The dtype the reference dot runs in (it accumulates in float32).
+
+  On GPU and TPU, the activation's 16-bit float dtype: dequantized weights are
+  cast into it, as a bf16 model's own dot would, and XLA fuses the dequantize
+  into the dot. Float32 activations, and every dot on CPU, run in float32: XLA's
+  CPU dot is slower in bf16 than in float32 (1.2 to 1.4x at M >= 256 on
+  2048x2048, benchmarks/primitives_cpu.md's command).
+  """
+  dt = jnp.dtype(activation_dtype)
+  if jax.default_backend() == "cpu":
+    return jnp.float32
+  return dt if dt in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) else jnp.float32
 
 
 def _einsum_parts(subscripts: str, lhs_nd: int, rhs_nd: int):
@@ -712,7 +729,8 @@ def einsum(subscripts: str, lhs, rhs, *, lhs_spec=None, rhs_spec=None, grad_spec
   rv = _qdq_operand(rhs, rs, k_r, mode, None, None, rhs_scale, None, hist.get("rhs"),
                     history_reduce, "rhs")
   if mode == "real":
-    y = jnp.einsum(subscripts, lv.astype(jnp.float32), rv.astype(jnp.float32),
+    ct = _compute_dtype(out_dtype)
+    y = jnp.einsum(subscripts, lv.astype(ct), rv.astype(ct),
                    precision=precision, preferred_element_type=jnp.float32)
     return y.astype(preferred_element_type or out_dtype)
   return jnp.einsum(subscripts, lv, rv.astype(lv.dtype), precision=precision,

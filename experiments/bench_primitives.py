@@ -1,0 +1,461 @@
+r"""Times quantize / dequantize / fake_quant (and its gradient) against the roofline.
+
+For every format (int8/4/3/2 per channel and in groups of 128, uint8, fp8
+e4m3/e5m2, fp6, fp4, NF4, MXFP8/6/4, MXINT8, NVFP4, binary, ternary) on one
+bf16 ``[K, N]`` tensor with scales along axis 0 (as for a weight ``w[K, N]``),
+and ``x * 2`` of the same tensor as the bandwidth ceiling in the same run:
+
+* ``quantize(x)``, ``dequantize(q)``, ``fake_quant(x)``, and ``fwd+bwd``: the
+  fake-quant value and its straight-through gradient for a given cotangent
+  (``jax.vjp``), as one call.
+* % of roofline: the bytes that must move (input read + output written: bf16
+  in, packed codes + scales out, and back; fwd+bwd reads x and the cotangent
+  and writes the value and the gradient) over the ``x * 2`` bandwidth,
+  divided by the measured time.
+* qwix's figure where qwix computes the same thing (symmetric integers, per
+  channel or in groups; ``import qwix`` must work, else the column is empty).
+  qwix's integer scale is ``absmax / (qmax + 0.5)`` where ours is
+  ``absmax / qmax``: the same work, not the same numbers.
+* The real-mode matmul path that no kernel takes (``ops.dot_general(x,
+  QArray w, mode="real", use_kernel="never")``) at several M, next to XLA's
+  bf16 dot and qwix's ``dot_general`` on its own quantized weight.
+
+Time per call: on GPU the device time from CUPTI
+(``jax.experimental.mosaic.gpu.profiler.measure``, every kernel of a call
+counted; median of ``--iters`` calls); elsewhere the wall-clock median of
+``--iters`` calls after a warm-up call. Each item runs in its own try/except
+(the error goes into the JSON), the JSON and markdown are rewritten after
+every item, no item starts after ``--time_budget_s`` and a watchdog writes
+what there is and exits at ``--hard_limit_s``.
+
+Run (repository root)::
+
+  PYTHONPATH=. python3 -m experiments.bench_primitives            # CPU or GPU
+  PYTHONPATH=. python3 -m experiments.bench_primitives --time_budget_s=300 \
+      --out_dir=$OUT                                               # one GPU call
+
+Writes ``primitives_<tag>.json`` and ``primitives_<tag>.md`` to ``--out_dir``
+(tag: ``h200`` / ``h100`` / ``gpu`` / ``cpu`` from the device, or ``--tag``).
+``--baseline=old.json`` adds an earlier run's times (e.g. the same command on
+an older commit) and the speedups; ``--report=run.json`` rebuilds the
+markdown from a JSON without timing anything.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+import traceback
+
+from absl import app
+from absl import flags
+
+_SHAPE = flags.DEFINE_string("shape", "", "K x N of the tensor (default: 8192x8192 "
+                             "on GPU/TPU, 2048x2048 on CPU)")
+_FORMATS = flags.DEFINE_list("formats", [], "format ids to time (default: all)")
+_SECTIONS = flags.DEFINE_list("sections", ["prims", "matmul"], "what to run")
+_MM_KN = flags.DEFINE_string("matmul_kn", "", "K x N of the matmul weight "
+                             "(default: 8192x8192 on GPU/TPU, 2048x2048 on CPU)")
+_MM_M = flags.DEFINE_list("matmul_m", [], "M values (default: 1,16,256,4096 on "
+                          "GPU/TPU, 1,16,256,2048 on CPU)")
+_ITERS = flags.DEFINE_integer("iters", 0, "timed calls per measurement (default: "
+                              "30 on GPU/TPU, 5 on CPU)")
+_OUT_DIR = flags.DEFINE_string("out_dir", "benchmarks", "where results go")
+_TAG = flags.DEFINE_string("tag", "", "output file stem suffix (default: device)")
+_BUDGET = flags.DEFINE_float("time_budget_s", 330.0,
+                             "start no new item after this many seconds")
+_HARD = flags.DEFINE_float("hard_limit_s", 0.0, "write what there is and exit at "
+                           "this many seconds (default: budget + 30)")
+_BASELINE = flags.DEFINE_string("baseline", "", "JSON of an earlier run (e.g. of an "
+                                "older commit): the markdown adds its times and the "
+                                "speedup over it")
+_REPORT = flags.DEFINE_string("report", "", "rebuild the markdown from this JSON "
+                              "(with --baseline) without timing anything")
+
+T0 = time.time()
+L2_BYTES = 50 * 2 ** 20  # H100/H200 L2: matmul weight sets rotate past it
+
+# id -> (format, QuantSpec keywords besides axis=0). The issue's six first.
+FORMATS = {
+    "int8": ("int8", {}),
+    "int4_g128": ("int4", dict(group_size=128)),
+    "fp8_e4m3": ("fp8_e4m3", {}),
+    "mxfp8_e4m3": ("mxfp8_e4m3", {}),
+    "mxfp4": ("mxfp4", {}),
+    "nvfp4": ("nvfp4", {}),
+    "int8_g128": ("int8", dict(group_size=128)),
+    "int4": ("int4", {}),
+    "int3": ("int3", {}),
+    "int3_g128": ("int3", dict(group_size=128)),
+    "int2": ("int2", {}),
+    "int2_g128": ("int2", dict(group_size=128)),
+    "uint8": ("uint8", {}),
+    "fp8_e5m2": ("fp8_e5m2", {}),
+    "fp6_e2m3": ("fp6_e2m3", {}),
+    "fp4_e2m1_g32": ("fp4_e2m1", dict(group_size=32)),
+    "nf4": ("nf4", {}),
+    "mxfp6_e2m3": ("mxfp6_e2m3", {}),
+    "mxint8": ("mxint8", {}),
+    "binary": ("binary", {}),
+    "ternary": ("ternary", {}),
+}
+# Matmul weights: id -> (format, QuantSpec keywords; the axis is K).
+MM_FORMATS = {"int4_g128": ("int4", dict(group_size=128)), "int8": ("int8", {}),
+              "fp8_e4m3": ("fp8_e4m3", {})}
+
+
+class Bench:
+  """Results, the clock, the timer and the writers."""
+
+  def __init__(self, command: str):
+    import jax  # pylint: disable=g-import-not-at-top
+    self.jax = jax
+    self.backend = jax.default_backend()
+    dev = jax.devices()[0]
+    self.device = getattr(dev, "device_kind", str(dev))
+    self.gpu = self.backend == "gpu"
+    self.iters = _ITERS.value or (5 if self.backend == "cpu" else 30)
+    tag = _TAG.value
+    if not tag:
+      kind = self.device.lower()
+      tag = ("h200" if "h200" in kind else "h100" if "h100" in kind else
+             "cpu" if self.backend == "cpu" else self.backend)
+    self.stem = os.path.join(_OUT_DIR.value, f"primitives_{tag}")
+    self.res = dict(command=command, backend=self.backend, device=self.device,
+                    host=platform.node(), cpu_count=os.cpu_count(),
+                    jax=jax.__version__, started=time.strftime("%Y-%m-%d %H:%M:%S"),
+                    timer=("CUPTI device time per call (median)" if self.gpu else
+                           "wall-clock per call (median, block_until_ready)"),
+                    iters=self.iters, prims=[], matmul=[], errors=[], notes=[])
+    self.lock = threading.Lock()
+
+  def over_budget(self) -> bool:
+    return time.time() - T0 > _BUDGET.value
+
+  def time_us(self, f, *args, reps: int = 1) -> float:
+    """Median microseconds of one call of jit(f)(*args), divided by reps."""
+    jax = self.jax
+    jf = jax.jit(f)
+    jax.block_until_ready(jf(*args))
+    if self.gpu:
+      try:
+        from jax.experimental.mosaic.gpu import profiler  # pylint: disable=g-import-not-at-top
+        _, ts = profiler.measure(jf, iterations=self.iters)(*args)
+        if isinstance(ts, (list, tuple)) and ts:
+          return statistics.median(ts) * 1e3 / reps
+        return float(ts) * 1e3 / reps
+      except Exception as e:  # pylint: disable=broad-except
+        self.note(f"CUPTI timing failed ({type(e).__name__}: {e}); wall clock used")
+    ts = []
+    for _ in range(self.iters):
+      t = time.perf_counter()
+      jax.block_until_ready(jf(*args))
+      ts.append(time.perf_counter() - t)
+    return statistics.median(ts) * 1e6 / reps
+
+  def note(self, msg: str):
+    print(msg, flush=True)
+    if msg not in self.res["notes"]:
+      self.res["notes"].append(msg)
+
+  def item(self, section: str, name: str, fn):
+    """Runs fn() -> dict, records it (or its error), rewrites the outputs."""
+    if self.over_budget():
+      self.res["errors"].append(dict(item=name, error="skipped: time budget"))
+      return None
+    t = time.time()
+    try:
+      row = fn()
+    except Exception as e:  # pylint: disable=broad-except
+      traceback.print_exc()
+      row = None
+      self.res["errors"].append(dict(item=name, error=f"{type(e).__name__}: {e}"[:500]))
+    if row is not None:
+      row["item_s"] = round(time.time() - t, 1)
+      self.res[section].append(row)
+      print(json.dumps(row), flush=True)
+    self.write()
+    return row
+
+  def write(self):
+    with self.lock:
+      os.makedirs(_OUT_DIR.value, exist_ok=True)
+      self.res["elapsed_s"] = round(time.time() - T0, 1)
+      with open(self.stem + ".json", "w") as f:
+        json.dump(self.res, f, indent=1)
+      with open(self.stem + ".md", "w") as f:
+        f.write(markdown(self.res))
+
+
+def _shape(flag: str, backend: str, gpu_default: str, cpu_default: str) -> tuple:
+  s = flag or (cpu_default if backend == "cpu" else gpu_default)
+  k, n = (int(v) for v in s.lower().split("x"))
+  return k, n
+
+
+def _import_qwix():
+  try:
+    import qwix  # pylint: disable=g-import-not-at-top
+    return qwix
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def _qwix_cfg(fmt: str, kw: dict):
+  """qwix.quantize keywords for the same job on x[K, N] (scales along K), or None."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  qt = {"int8": jnp.int8, "int4": jnp.int4, "int3": "int3", "int2": "int2"}.get(fmt)
+  if qt is None:
+    return None
+  g = kw.get("group_size")
+  # qwix names the axes that get their own scales (ours: the axis that shares).
+  return dict(qtype=qt, channelwise_axes=(1,), tiled_axes={0: g} if g else {})
+
+
+def sec_prims(b: Bench, qwix):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import lowbit_jax as lb  # pylint: disable=g-import-not-at-top
+  k, n = _shape(_SHAPE.value, b.backend, "8192x8192", "2048x2048")
+  b.res["prims_shape"] = [k, n]
+  kx, kg = jax.random.split(jax.random.key(0))
+  x = jax.random.normal(kx, (k, n), jnp.float32).astype(jnp.bfloat16)
+  g = jax.random.normal(kg, (k, n), jnp.float32).astype(jnp.bfloat16)
+  xbytes = 2 * k * n
+
+  def ceiling():
+    us = b.time_us(lambda v: v * 2, x)
+    b.res["bandwidth_GBps"] = 2 * xbytes / us / 1e3
+    return dict(name="x * 2", us=round(us, 2), bytes=2 * xbytes,
+                GBps=round(2 * xbytes / us / 1e3, 1))
+
+  b.item("prims", "x*2", ceiling)
+  bw = b.res.get("bandwidth_GBps")
+  ids = _FORMATS.value or list(FORMATS)
+  for fid in ids:
+    fmt, kw = FORMATS[fid]
+    spec = lb.QuantSpec(fmt, axis=0, **kw)
+    qw_cfg = _qwix_cfg(fmt, kw) if qwix is not None else None
+
+    def one(op, spec=spec, qw_cfg=qw_cfg, fid=fid):
+      q = jax.jit(lambda v: lb.quantize(v, spec))(x)
+      qbytes = q.nbytes
+      if op == "quantize":
+        f, args, nbytes = (lambda v: lb.quantize(v, spec)), (x,), xbytes + qbytes
+      elif op == "dequantize":
+        f, args, nbytes = lb.dequantize, (q,), qbytes + xbytes
+      elif op == "fake_quant":
+        f, args, nbytes = (lambda v: lb.fake_quant(v, spec)), (x,), 2 * xbytes
+      else:
+        def f(v, ct):
+          y, vjp = jax.vjp(lambda u: lb.fake_quant(u, spec), v)
+          return y, vjp(ct)[0]
+        args, nbytes = (x, g), 4 * xbytes
+      us = b.time_us(f, *args)
+      row = dict(format=fid, op=op, us=round(us, 2), bytes=nbytes,
+                 roofline_pct=round(100 * nbytes / bw / 1e3 / us, 1) if bw else None)
+      if qw_cfg is not None:
+        row["qwix_us"] = round(_qwix_time(b, qwix, qw_cfg, op, x, g), 2)
+      return row
+
+    for op in ("quantize", "dequantize", "fake_quant", "fwd+bwd"):
+      b.item("prims", f"{fid} {op}", lambda op=op: one(op))
+
+
+def _qwix_time(b: Bench, qwix, cfg: dict, op: str, x, g) -> float:
+  """qwix doing the same job: quantize, dequantize, qdq with a straight-through
+  gradient (x + stop_gradient(qdq - x): absmax scales clip nothing)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  def fq(v):
+    return v + jax.lax.stop_gradient(qwix.dequantize(qwix.quantize(v, **cfg)) - v)
+
+  if op == "quantize":
+    return b.time_us(lambda v: qwix.quantize(v, **cfg), x)
+  if op == "dequantize":
+    q = jax.jit(lambda v: qwix.quantize(v, **cfg))(x)
+    return b.time_us(qwix.dequantize, q)
+  if op == "fake_quant":
+    return b.time_us(fq, x)
+
+  def fb(v, ct):
+    y, vjp = jax.vjp(fq, v)
+    return y, vjp(ct)[0]
+  return b.time_us(fb, x, g)
+
+
+def sec_matmul(b: Bench, qwix):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import lowbit_jax as lb  # pylint: disable=g-import-not-at-top
+  k, n = _shape(_MM_KN.value, b.backend, "8192x8192", "2048x2048")
+  ms = [int(m) for m in (_MM_M.value or (["1", "16", "256", "2048"] if b.backend == "cpu"
+                                          else ["1", "16", "256", "4096"]))]
+  b.res["matmul_kn"] = [k, n]
+  w = jax.random.normal(jax.random.key(1), (k, n), jnp.float32).astype(jnp.bfloat16)
+  dn_nt = (((1,), (1,)), ((), ()))  # x[M, K] . W[N, K] (our K-major QArray)
+  dn_kn = (((1,), (0,)), ((), ()))  # x[M, K] . W[K, N]
+  for fid, (fmt, kw) in MM_FORMATS.items():
+    spec = lb.QuantSpec(fmt, **kw)
+    qw = jax.jit(lambda v: lb.ops.prepare_weight(v, spec, 0))(w)
+    # Enough distinct weight sets that a call does not read its weight from L2.
+    reps = 1 if not b.gpu else max(1, min(8, math.ceil(2 * L2_BYTES / qw.nbytes)))
+    qws = [jax.jit(lambda v, i=i: lb.ops.prepare_weight(v + i, spec, 0))(w)
+           for i in range(reps)]
+    ws = [w + i for i in range(reps)]
+    qcfg = _qwix_cfg(fmt, kw) if qwix is not None else None
+    qq = ([jax.jit(lambda v: qwix.quantize(v, **qcfg))(v) for v in ws]
+          if qcfg is not None else None)
+    for m in ms:
+      x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
+
+      def run(m=m, x=x, qws=qws, ws=ws, qq=qq, fid=fid, reps=reps):
+        ours = b.time_us(lambda x_, ws_: [lb.ops.dot_general(
+            x_, q, dn_nt, mode="real", use_kernel="never") for q in ws_], x, qws, reps=reps)
+        bf16 = b.time_us(lambda x_, ws_: [x_ @ v for v in ws_], x, ws, reps=reps)
+        row = dict(weight=fid, m=m, k=k, n=n, ours_us=round(ours, 2),
+                   xla_bf16_us=round(bf16, 2), vs_bf16=round(bf16 / ours, 3))
+        if qq is not None:
+          qw_us = b.time_us(lambda x_, ws_: [qwix.dot_general(x_, q, dn_kn) for q in ws_],
+                            x, qq, reps=reps)
+          row.update(qwix_us=round(qw_us, 2), vs_qwix=round(qw_us / ours, 3))
+        return row
+
+      b.item("matmul", f"mm {fid} M={m}", run)
+
+
+def markdown(res: dict) -> str:
+  """The results as markdown tables."""
+  out = [f"# Primitives: {res['device']} ({res['backend']})", "",
+         f"Command: `{res['command']}`  ", f"jax {res['jax']}, {res['timer']}, "
+         f"{res['iters']} calls, started {res['started']}, host {res['host']} "
+         f"({res['cpu_count']} CPUs).", ""]
+  prims = res.get("prims", [])
+  ceil = next((r for r in prims if r.get("name") == "x * 2"), None)
+  if ceil:
+    k, n = res.get("prims_shape", ["?", "?"])
+    out += [f"bf16 [{k}, {n}] tensor, scales along axis 0. Bandwidth ceiling "
+            f"(`x * 2`, same run): {ceil['us']} us, {ceil['GBps']} GB/s. Each cell: "
+            "time in us (% of roofline: bytes that must move over that bandwidth)"
+            "; qwix's time after the slash where qwix does the same job.", ""]
+  ops = ("quantize", "dequantize", "fake_quant", "fwd+bwd")
+  rows = {}
+  for r in prims:
+    if "format" in r:
+      rows.setdefault(r["format"], {})[r["op"]] = r
+  if rows:
+    out += ["| format | " + " | ".join(ops) + " |", "|---" * (len(ops) + 1) + "|"]
+    for fid, d in rows.items():
+      cells = []
+      for op in ops:
+        r = d.get(op)
+        if r is None:
+          cells.append("")
+          continue
+        c = f"{r['us']:.0f} ({r['roofline_pct']:.0f}%)" if r.get("roofline_pct") \
+            else f"{r['us']:.0f}"
+        if "qwix_us" in r:
+          c += f" / {r['qwix_us']:.0f}"
+        cells.append(c)
+      out.append(f"| {fid} | " + " | ".join(cells) + " |")
+    out.append("")
+  mm = res.get("matmul", [])
+  if mm:
+    k, n = res.get("matmul_kn", ["?", "?"])
+    out += [f"Real-mode matmul without a kernel, x[M, {k}] bf16 @ W[{k}, {n}] "
+            "(`ops.dot_general(x, QArray, mode='real', use_kernel='never')`), us per "
+            "call; ratios > 1 mean ours is faster.", "",
+            "| weight | M | ours | XLA bf16 | bf16 / ours | qwix | qwix / ours |",
+            "|---|---|---|---|---|---|---|"]
+    for r in mm:
+      out.append(f"| {r['weight']} | {r['m']} | {r['ours_us']:.0f} | "
+                 f"{r['xla_bf16_us']:.0f} | {r['vs_bf16']:.2f} | "
+                 f"{r.get('qwix_us', '')} | {r.get('vs_qwix', '')} |")
+    out.append("")
+  base = res.get("baseline")
+  if base:
+    old = {(r["format"], r["op"]): r["us"] for r in base.get("prims", []) if "format" in r}
+    out += [f"Against the baseline run ({base.get('label', '')}: same command, "
+            f"jax {base.get('jax')}, started {base.get('started')}): baseline us -> "
+            "this run's us (speedup).", "",
+            "| format | " + " | ".join(ops) + " |", "|---" * (len(ops) + 1) + "|"]
+    for fid, d in rows.items():
+      cells = []
+      for op in ops:
+        r, o = d.get(op), old.get((fid, op))
+        cells.append(f"{o:.0f} -> {r['us']:.0f} ({o / r['us']:.1f}x)" if r and o else "")
+      out.append(f"| {fid} | " + " | ".join(cells) + " |")
+    bmm = {(r["weight"], r["m"]): r["ours_us"] for r in base.get("matmul", [])}
+    if mm and bmm:
+      out += ["", "| matmul weight | M | baseline ours | this run ours |",
+              "|---|---|---|---|"]
+      for r in mm:
+        o = bmm.get((r["weight"], r["m"]))
+        if o:
+          out.append(f"| {r['weight']} | {r['m']} | {o:.0f} | {r['ours_us']:.0f} |")
+    out.append("")
+  if res.get("errors"):
+    out += ["Errors and skipped items:", ""]
+    out += [f"- {e['item']}: {e['error']}" for e in res["errors"]]
+    out.append("")
+  if res.get("backend") == "cpu":
+    out += ["On CPU the `x * 2` ceiling is not a memory bound: XLA's CPU "
+            "elementwise bf16 arithmetic goes through float32 and this shared "
+            "2-core machine's load moves it by 2-4x between runs, so the % column "
+            "is only indicative here; compare the times.", ""]
+  if res.get("notes"):
+    out += ["Notes:", ""] + [f"- {s}" for s in res["notes"]] + [""]
+  return "\n".join(out)
+
+
+def _load_baseline(path: str):
+  with open(path) as f:
+    base = json.load(f)
+  base["label"] = os.path.basename(path)
+  return {k: base.get(k) for k in ("prims", "matmul", "jax", "started", "label",
+                                   "command")}
+
+
+def main(argv):
+  del argv
+  if _REPORT.value:
+    with open(_REPORT.value) as f:
+      res = json.load(f)
+    if _BASELINE.value:
+      res["baseline"] = _load_baseline(_BASELINE.value)
+    with open(os.path.splitext(_REPORT.value)[0] + ".md", "w") as f:
+      f.write(markdown(res))
+    return
+  command = "python3 -m experiments.bench_primitives " + " ".join(sys.argv[1:])
+  b = Bench(command.strip())
+  hard = _HARD.value or _BUDGET.value + 30
+
+  def watchdog():
+    time.sleep(max(1.0, hard - (time.time() - T0)))
+    b.note(f"hard limit {hard:.0f} s reached: results so far written")
+    b.write()
+    os._exit(3)  # pylint: disable=protected-access
+
+  threading.Thread(target=watchdog, daemon=True).start()
+  if _BASELINE.value:
+    b.res["baseline"] = _load_baseline(_BASELINE.value)
+  qwix = _import_qwix()
+  if qwix is None:
+    b.note("qwix is not importable here: no qwix column")
+  else:
+    b.res["qwix"] = getattr(qwix, "__version__", "?")
+  if "prims" in _SECTIONS.value:
+    sec_prims(b, qwix)
+  if "matmul" in _SECTIONS.value:
+    sec_matmul(b, qwix)
+  b.write()
+  print(markdown(b.res))
+
+
+if __name__ == "__main__":
+  app.run(main)

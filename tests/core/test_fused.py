@@ -1,0 +1,246 @@
+"""The fused quantize / dequantize / fake_quant against the unfused reference.
+
+``tests/core/_reference.py`` is the implementation as it was before the fused
+rewrite (issue 12). Every format and granularity is run on random inputs that
+hold NaN and inf blocks, an all-zero block, exact ties, tiny (subnormal) and
+huge values; codes, scales, zero points, dequantized values, fake-quant values
+and the straight-through gradient must agree bit for bit.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lowbit_jax as lb
+from lowbit_jax.core import _cast
+from lowbit_jax.formats import FloatFormat
+from lowbit_jax.formats import get as get_format
+from tests.core import _reference as ref
+
+SHAPE = (256, 96)
+
+# (id, format, QuantSpec keywords, input dtype, extra call keywords)
+CASES = [
+    ("int8_ch", "int8", dict(axis=0), "bfloat16", {}),
+    ("int8_g128", "int8", dict(axis=0, group_size=128), "bfloat16", {}),
+    ("int4_ch", "int4", dict(axis=0), "float32", {}),
+    ("int4_g128", "int4", dict(axis=0, group_size=128), "bfloat16", {}),
+    ("int4_g32_ax1", "int4", dict(axis=1, group_size=32), "float32", {}),
+    ("int3_g64", "int3", dict(axis=0, group_size=64), "bfloat16", {}),
+    ("int2_g32", "int2", dict(axis=0, group_size=32), "float32", {}),
+    ("uint8_ch", "uint8", dict(axis=0), "bfloat16", {}),
+    ("uint4_g32_ax1", "uint4", dict(axis=1, group_size=32), "float32", {}),
+    ("fp8_e4m3_ch", "fp8_e4m3", dict(axis=0), "bfloat16", {}),
+    ("fp8_e5m2_ax1", "fp8_e5m2", dict(axis=1), "float32", {}),
+    ("fp8_e4m3_tensor", "fp8_e4m3", dict(axis="tensor"), "float32", {}),
+    ("fp6_e2m3_g32", "fp6_e2m3", dict(axis=0, group_size=32), "bfloat16", {}),
+    ("fp6_e3m2_ch", "fp6_e3m2", dict(axis=0), "float32", {}),
+    ("fp4_g32", "fp4_e2m1", dict(axis=0, group_size=32), "bfloat16", {}),
+    ("nf4", "nf4", dict(axis=0), "bfloat16", {}),
+    ("binary", "binary", dict(axis=0), "float32", {}),
+    ("ternary_ax1", "ternary", dict(axis=1), "bfloat16", {}),
+    ("mxfp8_e4m3", "mxfp8_e4m3", dict(axis=0), "bfloat16", {}),
+    ("mxfp8_e5m2_ax1", "mxfp8_e5m2", dict(axis=1), "float32", {}),
+    ("mxfp6_e2m3", "mxfp6_e2m3", dict(axis=0), "bfloat16", {}),
+    ("mxfp6_e3m2", "mxfp6_e3m2", dict(axis=0), "float32", {}),
+    ("mxfp4", "mxfp4", dict(axis=0), "bfloat16", {}),
+    ("mxfp4_ax1_ceil", "mxfp4", dict(axis=1, scale_rounding="ceil"), "float32", {}),
+    ("mxint8", "mxint8", dict(axis=0), "bfloat16", {}),
+    ("nvfp4", "nvfp4", dict(axis=0), "bfloat16", {}),
+    ("nvfp4_ax1", "nvfp4", dict(axis=1), "float32", {}),
+    # Scale dtypes, static ranges, clipping, padding, tiles, stochastic rounding.
+    ("int8_bf16scale", "int8", dict(axis=0, scale_dtype="bfloat16"), "bfloat16", {}),
+    ("fp8_e4m3_fp8scale_g32", "fp8_e4m3",
+     dict(axis=0, group_size=32, scale_dtype="fp8_e4m3"), "float32", {}),
+    ("int4_clip", "int4", dict(axis=0, clip_ratio=0.8), "bfloat16", {}),
+    ("int8_amax", "int8", dict(axis=0), "float32", dict(amax=1.5)),
+    ("uint8_range", "uint8", dict(axis=0), "float32", dict(amax=2.0, amin=-1.0)),
+    ("nvfp4_tensor_amax", "nvfp4", dict(axis=0), "float32", dict(tensor_amax=3.0)),
+    ("int4_g128_pad", "int4", dict(axis=0, group_size=160, pad=True), "bfloat16", {}),
+    ("int8_tile", "int8", dict(tile=(32, 32)), "float32", {}),
+    ("int4_stoch", "int4", dict(axis=0, group_size=64, rounding="stochastic"),
+     "float32", dict(key=True)),
+    ("mxfp4_stoch", "mxfp4", dict(axis=1, rounding="stochastic"), "bfloat16",
+     dict(key=True)),
+]
+
+
+def _inputs(dtype: str, seed: int) -> np.ndarray:
+  """Random rows of very different magnitudes, with every hard case in it."""
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal(SHAPE).astype(np.float32)
+  # Per-column magnitudes from 2**-40 to 2**40 (huge and subnormal-ish blocks).
+  x *= np.exp2(rng.integers(-40, 41, size=(1, SHAPE[1]))).astype(np.float32)
+  x[:, 3] = 0.0  # an all-zero column
+  x[5, 7] = np.nan  # NaN blocks
+  x[200, 7] = -np.inf
+  x[17, 11] = np.inf  # inf blocks
+  x[40, 13] = -np.nan
+  x[:64, 20] = np.float32(3e38) * np.sign(x[:64, 20])  # near the top of float32
+  x[:, 21] = np.float32(1e-39) * rng.integers(-4, 5, SHAPE[0])  # float32 subnormals
+  # Exact ties on the integer grid: k + 0.5 times a power of two.
+  x[:, 22] = (rng.integers(-127, 127, SHAPE[0]) + 0.5) * np.float32(2.0 ** -3)
+  x[0, 22] = 127.0 / 8.0
+  x[1:, 23] = rng.integers(-7, 8, SHAPE[0] - 1).astype(np.float32)  # on the grid
+  x[0, 23] = 7.0
+  x[:, 24] = 0.0
+  x[9, 24] = -1e-30  # one tiny element in a zero block
+  if dtype == "bfloat16":
+    return np.asarray(jnp.asarray(x, jnp.bfloat16))
+  return x
+
+
+def _bits(a) -> np.ndarray:
+  a = np.asarray(a)
+  if a.dtype.itemsize == 4:
+    return a.view(np.uint32)
+  if a.dtype.itemsize == 2:
+    return a.view(np.uint16)
+  return a.view(np.uint8)
+
+
+def _assert_same(got, want, what: str):
+  """Bit-for-bit equality; any two NaNs count as equal."""
+  got, want = np.asarray(got), np.asarray(want)
+  assert got.shape == want.shape and got.dtype == want.dtype, (
+      what, got.shape, got.dtype, want.shape, want.dtype)
+  if jnp.issubdtype(got.dtype, jnp.floating):
+    gn = np.isnan(got.astype(np.float32))
+    wn = np.isnan(want.astype(np.float32))
+    np.testing.assert_array_equal(gn, wn, err_msg=f"{what}: NaN positions")
+    got, want = np.where(gn, 0, got), np.where(wn, 0, want)
+  bad = _bits(got) != _bits(want)
+  if bad.any():
+    idx = np.argwhere(bad)[:5]
+    raise AssertionError(f"{what}: {bad.sum()} elements differ, e.g. at {idx.tolist()}: "
+                         f"got {got[tuple(idx.T)]}, want {want[tuple(idx.T)]}")
+
+
+def _run(mod, x, spec, kw, w):
+  q = mod.quantize(x, spec, **kw)
+  deq = mod.dequantize(q)
+  fq, vjp = jax.vjp(lambda v: mod.fake_quant(v, spec, **kw), x)
+  (g,) = vjp(w)
+  return q, deq, fq, g
+
+
+# Every format family and path once in the default run; the rest with --runslow.
+FAST = {"int8_ch", "int4_g128", "uint8_ch", "fp8_e4m3_ch", "fp6_e2m3_g32", "nf4",
+        "ternary_ax1", "mxfp8_e4m3", "mxfp4", "nvfp4", "int8_amax", "int4_stoch"}
+
+
+@pytest.mark.parametrize("case", [
+    c if c[0] in FAST else pytest.param(c, marks=pytest.mark.slow) for c in CASES],
+    ids=[c[0] for c in CASES])
+def test_fused_matches_reference(case):
+  _check_case(case)
+
+
+@pytest.mark.parametrize("case_id", ["fp8_e4m3_ch", "mxfp8_e5m2_ax1"])
+def test_fused_with_native_fp8_matches_reference(case_id, monkeypatch):
+  """The GPU/TPU path (XLA's float8 converts) on the whole pipeline."""
+  monkeypatch.setattr(_cast, "_NATIVE_ON_CPU", True)
+  _check_case(next(c for c in CASES if c[0] == case_id))
+
+
+def _check_case(case):
+  _, name, skw, dtype, ckw = case
+  spec = lb.QuantSpec(name, **skw)
+  x = jnp.asarray(_inputs(dtype, seed=len(case[0])))
+  if "pad" in skw:
+    x = x[:200]
+  kw = dict(ckw)
+  if kw.pop("key", False):
+    kw["key"] = jax.random.key(7)
+  w = jnp.asarray(np.random.default_rng(1).standard_normal(x.shape), x.dtype)
+  got = jax.jit(lambda v, w_: _run(lb, v, spec, kw, w_))(x, w)
+  want = jax.jit(lambda v, w_: _run(ref, v, spec, kw, w_))(x, w)
+  gq, wq = got[0], want[0]
+  assert gq.spec == wq.spec and gq.pack_axis == wq.pack_axis and gq.shape == wq.shape
+  fmt = spec.storage_format
+  if isinstance(fmt, FloatFormat) and fmt.special == "none" and "pad" not in skw:
+    # A format without a NaN code stores a NaN as a zero whose sign is the
+    # NaN's: which NaN a product of two NaNs returns is the compiler's choice
+    # (operand order), so only there the sign bit may differ.
+    gc = ref.unpack(gq.codes, fmt, gq.pack_axis)
+    wc = ref.unpack(wq.codes, fmt, wq.pack_axis)
+    sign = np.uint32(1 << (fmt.bits - 1))
+    nan_in = np.isnan(np.asarray(x, np.float32))
+    _assert_same(np.where(nan_in, gc & ~sign, gc), np.where(nan_in, wc & ~sign, wc),
+                 "codes")
+  else:
+    _assert_same(gq.codes, wq.codes, "codes")
+  _assert_same(gq.scale, wq.scale, "scale")
+  for attr in ("zero_point", "tensor_scale"):
+    a, b = getattr(gq, attr), getattr(wq, attr)
+    assert (a is None) == (b is None), attr
+    if a is not None:
+      _assert_same(a, b, attr)
+  _assert_same(got[1], want[1], "dequantize")
+  _assert_same(got[2], want[2], "fake_quant")
+  # Outside NaN blocks the straight-through gradient is the reference's. In
+  # a NaN block the reference's clip mask depended on whether XLA's max kept
+  # the NaN (on CPU it can drop it); the fused version treats every NaN or
+  # inf block alike (its range is inf).
+  nan_out = np.isnan(np.asarray(want[2], np.float32))
+  _assert_same(np.where(nan_out, 0, got[3]), np.where(nan_out, 0, want[3]),
+               "fake_quant gradient")
+  # The fused dequantize equals the fused fake_quant (as numbers: integer
+  # codes do not keep the sign of a zero).
+  np.testing.assert_array_equal(np.asarray(got[1], np.float32),
+                                np.asarray(got[2], np.float32))
+
+
+@pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2"])
+def test_native_fp8_rounding_matches_emulation(name, monkeypatch):
+  """The native float8 convert (after the saturating clamp) is the emulation.
+
+  Dense: every float32 pattern around each grid point of the format (the grid
+  point, the midpoints to its neighbours and one ulp either side of them),
+  every binade edge down through the float32 subnormals, NaN, inf, and 2**18
+  random patterns over the whole range.
+  """
+  fmt = get_format(name)
+  grid = np.asarray(fmt.values(), np.float32)
+  grid = np.unique(np.abs(grid[np.isfinite(grid)]))
+  mids = (grid[:-1].astype(np.float64) + grid[1:]) / 2
+  pts = np.concatenate([grid, mids.astype(np.float32), [fmt.max * 1.5, 3e38]])
+  u = pts.astype(np.float32).view(np.uint32).astype(np.int64)
+  near = (u[:, None] + np.arange(-2, 3)[None, :]).ravel()
+  edges = (np.arange(0, 255, dtype=np.int64)[:, None] << 23) + np.array([0, 1, 2, 0x7FFFFF])
+  rng = np.random.default_rng(0)
+  rand = rng.integers(0, 0x7F800000, 1 << 18)
+  mags = np.concatenate([near, edges.ravel(), rand]).clip(0, 0x7F7FFFFF)
+  mags = mags.astype(np.uint32)
+  y = np.concatenate([mags, mags | np.uint32(0x80000000)]).view(np.float32)
+  y = np.concatenate([y, np.array([np.nan, -np.nan, np.inf, -np.inf], np.float32)])
+  monkeypatch.setattr(_cast, "_NATIVE_ON_CPU", True)  # the GPU/TPU path, anywhere
+  assert _cast._native_dtype(fmt) is not None
+  got = jax.jit(lambda v: _cast._cast_float(v, fmt, True, None))(y)
+  want = jax.jit(lambda v: ref._cast_float(v, fmt, True, None))(y)
+  _assert_same(got, want, f"{name} rounding")
+  _assert_same(np.signbit(np.asarray(got)), np.signbit(np.asarray(want)), "NaN signs")
+  codes = jax.jit(lambda v: _cast.encode(v, fmt))(want)
+  _assert_same(codes, jax.jit(lambda v: ref.encode(v, fmt))(want), f"{name} codes")
+
+
+@pytest.mark.parametrize("name", ["nf4", "binary", "ternary"])
+def test_lookup_rounding_matches_reference(name):
+  """Table lookups without a binary search or a gather: same indices and values,
+  nearest (ties to even) and stochastic, at every entry and midpoint and one
+  to three ulps either side, NaN, +-inf, +-0 and random values."""
+  fmt = get_format(name)
+  t = np.asarray(fmt.table, np.float32)
+  pts = np.concatenate([t, (t[:-1] + t[1:]) / 2,
+                        [np.nan, -np.nan, np.inf, -np.inf, 0.0, -0.0, 5.0, -5.0]])
+  u = pts.astype(np.float32).view(np.uint32).astype(np.int64)
+  near = (u[:, None] + np.arange(-3, 4)).ravel().astype(np.uint32).view(np.float32)
+  rng = np.random.default_rng(0)
+  x = np.concatenate([near, rng.standard_normal(1 << 14).astype(np.float32) * 1.2])
+  noise = rng.integers(0, 2 ** 32, x.shape, dtype=np.uint32)
+  for noise_ in (None, noise):
+    got = jax.jit(lambda v, n: _cast.lookup_round_index(v, fmt, n))(x, noise_)
+    want = jax.jit(lambda v, n: ref.lookup_round_index(v, fmt, n))(x, noise_)
+    _assert_same(got, want, f"{name} indices")
+  got = jax.jit(lambda v: _cast._cast_lookup(v, fmt, None))(x)
+  _assert_same(got, jax.jit(lambda v: ref._cast_lookup(v, fmt, None))(x), name)
