@@ -71,6 +71,9 @@ def get_config(arg: str = "smoke") -> ml_collections.ConfigDict:
   c.qat_methods = "rtn,ste,lsq"
   c.act_learn = "lsq"  # "lsq" or "pact": how activation ranges are learned
   c.scale_lr_mult = 10.0
+  c.scale_init = "amax"  # LSQ starts from the PTQ (amax) scales
+  # W4A8 is int4 in groups of 128 along K (the block formats have their own).
+  c.qat_group_size = ml_collections.ConfigDict({"w4a8": 128})
   c.scratch_schemes = "none,fp8,fp8_delayed,mxfp8,mxfp4"
   c.state_formats = "float32,int8,fp8_e4m3,4bit"
   c.report = "docs/results_qat.md"

@@ -34,6 +34,9 @@ Quantization fields (``config.quant``):
   ``amax_history_len``.
 * ``learn_weight`` ("lsq", "none") / ``learn_activation`` ("lsq", "pact",
   "none"); "" = the scheme's default.
+* ``scale_init``: how LSQ step sizes start, "lsq" (2 mean|x| / sqrt(Qp), the
+  paper's) or "amax" (the fixed-amax scale: QAT from a trained model then
+  starts exactly at its PTQ quantization).
 * ``scale_lr_mult``, ``freeze_scales``, ``lsq_grad_scale`` (LSQ's
   ``1/sqrt(N Qp)`` on step-size gradients, applied by the rules; False
   divides it out).
@@ -75,6 +78,7 @@ def get_config(arg: str = "smoke") -> ml_collections.ConfigDict:
   q.amax_history_len = 16
   q.learn_weight = ""
   q.learn_activation = ""
+  q.scale_init = "lsq"  # "amax": LSQ step sizes start at the PTQ scales
   q.scale_lr_mult = 1.0
   q.freeze_scales = False
   q.lsq_grad_scale = True

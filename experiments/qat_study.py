@@ -106,6 +106,11 @@ def _summary(res: dict, workdir: pathlib.Path) -> dict:
           "wall_s": res.get("wall_s")}
 
 
+def _save_partial(root: pathlib.Path, part: str, out: dict) -> None:
+  """Writes a part's results so far: a killed part still reports what ran."""
+  (root / f"{part}.json").write_text(json.dumps({part: out}, indent=1))
+
+
 def part_float(c, root: pathlib.Path) -> dict:
   wd = root / "float"
   res = _train(_run_config(c, steps=c.float_steps), wd)
@@ -132,6 +137,7 @@ def part_qat(c, root: pathlib.Path) -> dict:
                    warmup_steps=c.qat_warmup, save_quantized=False)
   wd = root / "qat_float_continued"
   out["float_continued"] = _summary(_train(rc, wd), wd)
+  _save_partial(root, "qat", out)
   methods = [m for m in c.qat_methods.split(",") if m]
   for scheme in [s for s in c.qat_schemes.split(",") if s]:
     for method in methods:
@@ -148,10 +154,12 @@ def part_qat(c, root: pathlib.Path) -> dict:
           c, steps=steps, init_from=str(fdir), lr=lr,
           warmup_steps=0 if method == "rtn" else c.qat_warmup,
           quant=dict(rules=scheme, learn_weight=learn_w, learn_activation=learn_a,
-                     scale_lr_mult=c.scale_lr_mult))
+                     scale_lr_mult=c.scale_lr_mult, scale_init=c.scale_init,
+                     group_size=c.qat_group_size.get(scheme, 0)))
       wd = root / f"qat_{scheme}_{method}"
       res = _train(rc, wd)
       out[f"{scheme}/{method}"] = _summary(res, wd)
+      _save_partial(root, "qat", out)
   return {"qat": out}
 
 
@@ -162,6 +170,7 @@ def part_scratch(c, root: pathlib.Path) -> dict:
     rc = _run_config(c, steps=c.float_steps, quant=dict(rules=scheme),
                      save_quantized=False)
     out[scheme] = _summary(_train(rc, wd), wd)
+    _save_partial(root, "scratch", out)
   return {"scratch": out}
 
 
@@ -181,6 +190,7 @@ def part_optim(c, root: pathlib.Path) -> dict:
                     state_format=fmt)
     summary["state_bytes"] = int(optim.state_nbytes(jax.eval_shape(tx.init, params)))
     out[fmt] = summary
+    _save_partial(root, "optim", out)
   return {"optim": out}
 
 

@@ -133,7 +133,9 @@ def make_rules(quant: Mapping[str, Any] | Any) -> list[QuantRule]:
   the format's blocks; weights only), ``grad_stochastic`` (stochastic rounding of the
   gradient), ``scaling``, ``amax_history_len``, ``learn_weight`` /
   ``learn_activation`` (``"lsq"``, ``"pact"``, ``"none"``; ``""``: the
-  scheme's default), ``layers`` (regex of the layers to quantize) and
+  scheme's default), ``scale_init`` (how LSQ step sizes start: ``"lsq"``,
+  the paper's ``2 mean|x| / sqrt(Qp)``, or ``"amax"``, the fixed-amax scale,
+  so QAT from a trained model starts from its PTQ quantization), ``layers`` (regex of the layers to quantize) and
   ``exclude`` (regex of layers kept in float).
 
   Raises:
@@ -161,6 +163,9 @@ def make_rules(quant: Mapping[str, Any] | Any) -> list[QuantRule]:
     raise ValueError("config.quant.learn_weight='pact' is not a thing: PACT learns "
                      "an activation clip. Use 'lsq' or 'none'.")
   scaling = _get(quant, "scaling", "") or scheme.scaling
+  scale_init = _get(quant, "scale_init", "") or "lsq"
+  if "lsq" not in (lw if weight else None, la if act else None):
+    scale_init = "lsq"  # nothing is an LSQ step size: the option has no subject
   rule = QuantRule(
       _get(quant, "layers", ".*"),
       weight=_spec(weight, gs),
@@ -170,6 +175,7 @@ def make_rules(quant: Mapping[str, Any] | Any) -> list[QuantRule]:
       learn_activation=la if act else None,
       scaling=scaling,
       amax_history_len=int(_get(quant, "amax_history_len", 16)),
+      scale_init=scale_init,
       ops=("dot_general", "einsum"))
   exclude = _get(quant, "exclude", "")
   return ([QuantRule(exclude)] if exclude else []) + [rule]
