@@ -167,7 +167,7 @@ def part_scratch(c, root: pathlib.Path) -> dict:
   out = {}
   for scheme in [s for s in c.scratch_schemes.split(",") if s]:
     wd = root / f"scratch_{scheme}"
-    rc = _run_config(c, steps=c.float_steps, quant=dict(rules=scheme),
+    rc = _run_config(c, steps=c.scratch_steps or c.float_steps, quant=dict(rules=scheme),
                      save_quantized=False)
     out[scheme] = _summary(_train(rc, wd), wd)
     _save_partial(root, "scratch", out)
@@ -183,7 +183,8 @@ def part_optim(c, root: pathlib.Path) -> dict:
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens)["params"])
   for fmt in [s for s in c.state_formats.split(",") if s]:
     wd = root / f"optim_{fmt}"
-    rc = _run_config(c, steps=c.float_steps, optim={"state_format": fmt})
+    rc = _run_config(c, steps=c.scratch_steps or c.float_steps,
+                     optim={"state_format": fmt})
     summary = _summary(_train(rc, wd), wd)
     tx = loop.adamw(1e-3, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
                     mask=jax.tree.map(lambda p: p.ndim >= 2, params),
@@ -217,7 +218,8 @@ def part_report(c, root: pathlib.Path) -> dict:
   lines += meta.get("commands", []) + ["```", ""]
   fl = res.get("float")
   if fl:
-    lines += [f"Float model: {c.float_steps} steps, held-out perplexity "
+    n_float = fl["curve"][-1][0] if fl.get("curve") else c.float_steps
+    lines += [f"Float model: {n_float} steps, held-out perplexity "
               f"{_fmt(fl['perplexity'])} (loss {_fmt(fl['loss'], 4)}).", ""]
   qat = res.get("qat")
   if qat and fl:
@@ -251,7 +253,8 @@ def part_report(c, root: pathlib.Path) -> dict:
   if sc:
     base = (sc.get("none") or {}).get("loss")
     lines += ["## Training from scratch, every matmul in its format", "",
-              f"{c.float_steps} steps from the same initialisation and batches. "
+              f"{c.scratch_steps or c.float_steps} steps from the same "
+              "initialisation and batches. "
               "`none` is the unquantized run (the model's compute dtype); the "
               "others quantize weights and activations in the forward pass and the "
               "output gradient in the backward pass (see lowbit_jax.train.qat."
