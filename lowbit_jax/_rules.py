@@ -133,6 +133,9 @@ class QuantRule:
       spec clips to ``[0, alpha]`` as the paper); None keeps dynamic (or
       ``static`` calibrated) ranges. Needs a per-tensor, non-block
       activation spec (an unset axis becomes ``"tensor"``).
+    lsq_grad_scale: multiply learned LSQ step sizes' gradients by LSQ's
+      gradient scale ``1 / sqrt(n * Qp)`` (True, the paper's recipe) or leave
+      the plain eq. 3 gradient (False).
     scale_init: how LSQ scales start: ``"lsq"`` (``2 mean|x| / sqrt(Qp)``, as
       the paper) or ``"amax"`` (``amax / Qp``: the scale of fixed-amax
       quantization, so QAT starts from the PTQ model). A PACT clip starts at
@@ -188,6 +191,7 @@ class QuantRule:
   learn_weight: Optional[str] = None
   learn_activation: Optional[str] = None
   scale_init: str = "lsq"
+  lsq_grad_scale: bool = True
   scaling: str = "current"
   amax_history_len: int = 16
   amax_reduce: str = "max"
@@ -1066,7 +1070,9 @@ def _learned_scale(site: Site, call: SiteCall, name: str, x, spec: QuantSpec,
     n = int(np.prod([shape[c] for c in contract])) if contract else 1
   else:
     n = max(1, int(np.prod(shape)) // max(1, int(np.prod(grid))))
-  s = _scale_grad(jnp.asarray(s, jnp.float32), 1.0 / float(np.sqrt(n * _qp(spec))))
+  s = jnp.asarray(s, jnp.float32)
+  if site.rule.lsq_grad_scale:
+    s = _scale_grad(s, 1.0 / float(np.sqrt(n * _qp(spec))))
   return jnp.reshape(s, grid)
 
 

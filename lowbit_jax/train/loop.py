@@ -191,8 +191,8 @@ def train_step(state: TrainState, batch: jax.Array, *, model: Llama,
 
   Float training (``recipe=None``) differentiates the loss with respect to
   the parameters. With a QAT recipe and ``quantized=True`` the forward pass is
-  fake-quantized, the learned scales are trained with the parameters (with or
-  without LSQ's gradient scale, ``Recipe.scale_gradients``), and the
+  fake-quantized, the learned scales are trained with the parameters (the rules
+  apply LSQ's gradient scale, ``QuantRule.lsq_grad_scale``), and the
   quantization state (amax histories) is overwritten by its gradient. With
   ``quantized=False`` (the float warm-up before ``quant.start_step``) the
   step is a float step that leaves scales, their optimizer state and the
@@ -224,7 +224,6 @@ def train_step(state: TrainState, batch: jax.Array, *, model: Llama,
         argnums=(0, 1, 2), has_aux=True)
     (_, metrics), (g_params, g_scales, new_quant_state) = grad_fn(
         state.params, state.quant_scales, state.quant_state)
-    g_scales = recipe.scale_gradients(g_scales, state.params, state.quant_scales)
     trainable = recipe.trainable(state.params, state.quant_scales)
     grads = recipe.trainable(g_params, g_scales)
     updates, opt_state = tx.update(grads, state.opt_state, trainable)

@@ -14,10 +14,9 @@ around them:
   frozen scales), without weight decay;
 * LSQ's gradient scale ``g = 1 / sqrt(N * Qp)`` on the step-size gradients
   (``N``: elements per weight scale, or the layer's input features for an
-  activation step size; ``Qp``: the format's largest level). The rules'
-  front end already multiplies the gradient reaching each learned scale by
-  ``g``; ``lsq_grad_scale=False`` divides it out again (the plain LSQ
-  gradient of eq. 3);
+  activation step size; ``Qp``: the format's largest level), applied by the
+  rules (``QuantRule.lsq_grad_scale``; ``quant.lsq_grad_scale=False`` gives
+  the plain LSQ gradient of eq. 3);
 * statistics to log (scale mean/min/max per layer; clipped fractions come
   from the quantizer's ``"quant_metrics"``);
 * the export: real-mode conversion with the learned scales, held-out
@@ -57,9 +56,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lowbit_jax._rules import OPS, QuantConfig, QuantRule, path_str
+from lowbit_jax._rules import QuantRule, path_str
 from lowbit_jax.core import QuantSpec
-from lowbit_jax.formats import BlockFormat, IntFormat, LookupFormat
+from lowbit_jax.formats import BlockFormat
 
 SCALES = "quant_scales"
 STATE = "quant_state"
@@ -176,19 +175,10 @@ def make_rules(quant: Mapping[str, Any] | Any) -> list[QuantRule]:
       scaling=scaling,
       amax_history_len=int(_get(quant, "amax_history_len", 16)),
       scale_init=scale_init,
+      lsq_grad_scale=bool(_get(quant, "lsq_grad_scale", True)),
       ops=("dot_general", "einsum"))
   exclude = _get(quant, "exclude", "")
   return ([QuantRule(exclude)] if exclude else []) + [rule]
-
-
-def _elem_max(spec: QuantSpec) -> float:
-  """Qp: the largest level of the spec's element grid (in scale units)."""
-  fmt = spec.element
-  if isinstance(fmt, LookupFormat):
-    return float(fmt.table[-1])
-  if isinstance(fmt, IntFormat):
-    return float(fmt.qmax)
-  return float(fmt.max)
 
 
 def recipe_from_config(config: Any) -> "Recipe | None":
@@ -206,13 +196,6 @@ def recipe_from_config(config: Any) -> "Recipe | None":
       freeze_scales=bool(_get(quant, "freeze_scales", False)),
       lsq_grad_scale=bool(_get(quant, "lsq_grad_scale", True)),
       settings=dict(quant.to_dict() if hasattr(quant, "to_dict") else quant))
-
-
-def _weight_site(layer: str, param_shapes: Mapping[str, tuple]) -> str | None:
-  for name in ("kernel", "embedding"):
-    if f"{layer}/{name}" in param_shapes:
-      return f"{layer}/{name}"
-  return None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -358,46 +341,6 @@ class Recipe:
     inner["scales"] = old.inner_states["scales"]
     return new._replace(inner_states=inner)
 
-  def scale_gradients(self, grads: Any, params: Any, quant_scales: Any) -> Any:
-    """Step-size gradients with or without LSQ's ``g = 1 / sqrt(N * Qp)``.
-
-    The quantizer already applies ``g`` to every learned LSQ scale
-    (``weight_scale``: ``N`` = weight elements per scale; ``act_scale`` /
-    ``lhs_scale`` / ``rhs_scale``: ``N`` = the layer's input features; ``Qp``
-    = the format's largest level). With ``lsq_grad_scale`` the gradients are
-    returned as they are; without it they are multiplied by ``1 / g``. PACT
-    clips are never scaled.
-    """
-    del quant_scales
-    if self.lsq_grad_scale:
-      return grads
-    shapes = {path_str(kp): tuple(x.shape) for kp, x in
-              jax.tree_util.tree_flatten_with_path(params)[0]}
-    config = QuantConfig(list(self.rules))
-
-    def one(kp, g):
-      path = path_str(kp)
-      layer, _, name = path.rpartition("/")
-      weight = _weight_site(layer, shapes)
-      if weight is None or name not in ("weight_scale", "act_scale", "lhs_scale",
-                                        "rhs_scale"):
-        return g
-      i = config.find((layer, weight), OPS)
-      if i is None:
-        return g
-      rule = self.rules[i]
-      wshape = shapes[weight]
-      if name == "weight_scale":
-        spec = rule.weight
-        n = max(1, math.prod(wshape) // max(1, g.size))
-      else:
-        spec = rule.activation
-        n = wshape[-2] if len(wshape) >= 2 else wshape[0]
-      if spec is None:
-        return g
-      return g * np.float32(math.sqrt(n * _elem_max(spec)))
-
-    return jax.tree_util.tree_map_with_path(one, grads)
 
   # -- evaluation and export ----------------------------------------------------
 

@@ -3,6 +3,7 @@ import importlib.util
 import math
 import pathlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -64,20 +65,23 @@ def test_config_variants():
 
 
 def test_lsq_gradient_scale_switch():
-  """The front end applies g = 1/sqrt(N Qp); lsq_grad_scale=False divides it out."""
-  params = {"blk": {"up": {"kernel": jnp.zeros((64, 32))}}}
-  ones = {"blk": {"up": {"weight_scale": jnp.ones((4, 32)),
-                         "act_scale": jnp.ones(()), "act_clip": jnp.ones(())}}}
-  on = train.recipe_from_config({"quant": {"rules": "w4a8", "group_size": 16}})
-  assert on.scale_gradients(ones, params, ones) is ones
-  off = train.recipe_from_config({"quant": {"rules": "w4a8", "group_size": 16,
-                                            "lsq_grad_scale": False}})
-  out = off.scale_gradients(ones, params, ones)["blk"]["up"]
-  # weight: N = 16 elements per scale, Qp = 7 (int4); activation: N = 64
-  # input features, Qp = 127 (int8); a PACT clip is left alone.
-  np.testing.assert_allclose(out["weight_scale"], math.sqrt(16 * 7), rtol=1e-6)
-  np.testing.assert_allclose(out["act_scale"], math.sqrt(64 * 127), rtol=1e-6)
-  np.testing.assert_array_equal(out["act_clip"], 1.0)
+  """The rules apply g = 1/sqrt(N Qp); quant.lsq_grad_scale=False leaves eq. 3."""
+  import lowbit_jax as lb  # pylint: disable=g-import-not-at-top
+  w = jax.random.normal(jax.random.key(0), (64, 32))
+  x = jax.random.normal(jax.random.key(1), (8, 64))
+  grads = {}
+  for on in (True, False):
+    rule = train.make_rules({"rules": "w4a8", "group_size": 16,
+                             "lsq_grad_scale": on, "exclude": ""})[0]
+    qfn = lb.quantize_function(lambda p, a: a @ p["w"], [rule])
+    scales = qfn.init_quant_vars({"w": w}, x)["quant_scales"]
+    grads[on] = jax.grad(lambda s: jnp.sum(
+        qfn({"w": w}, x, quant_scales=s) ** 2))(scales)
+  on, off = (jax.tree.leaves(grads[k]) for k in (True, False))
+  # Leaves in path order: act_scale (N = 64 input features, Qp = 127 for
+  # int8), then weight_scale (N = 16 elements per scale, Qp = 7 for int4).
+  np.testing.assert_allclose(off[0], on[0] * math.sqrt(64 * 127), rtol=1e-5)
+  np.testing.assert_allclose(off[1], on[1] * math.sqrt(16 * 7), rtol=1e-5)
 
 
 def test_scales_train_with_their_own_learning_rate():
