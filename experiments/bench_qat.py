@@ -88,7 +88,12 @@ def measure(fn, args, iters: int) -> dict:
       jax.block_until_ready(fn(*args))
       times.append((time.perf_counter() - t) * 1e6)
     method = "wallclock"
-  loss = out[1]["loss"] if isinstance(out, tuple) and isinstance(out[1], dict) else None
+  if isinstance(out, tuple) and isinstance(out[1], dict):
+    loss = out[1]["loss"]  # lowbit_jax.train.train_step: (state, metrics)
+  elif isinstance(out, tuple) and len(out) == 3:
+    loss = out[2]  # the qwix step: (params, opt_state, loss)
+  else:
+    loss = None
   return dict(us=statistics.median(times), us_min=min(times), method=method,
               iters=len(times), compile_s=round(compile_s, 2),
               loss=None if loss is None else float(loss))
@@ -149,7 +154,7 @@ def main(argv):
 
   params = state_lib.init_params(model, jax.random.key(0))
   res["meta"]["params"] = int(sum(p.size for p in jax.tree.leaves(params)))
-  base_us = None
+  base_us = base_loss = None
 
   def ours(name, scheme, overrides):
     c = run_config(scheme, overrides)
@@ -180,7 +185,11 @@ def main(argv):
     try:
       row.update(ours(name, scheme, overrides))
       if scheme == "none":
-        base_us = row["us"]
+        base_us, base_loss = row["us"], row["loss"]
+      elif row["loss"] == base_loss:
+        # The first step's loss is bit-identical to bf16's: the quantization
+        # did nothing (e.g. a compiler elided it), so the time says nothing.
+        row["error"] = "quantization had no effect: loss equals the bf16 step's"
       elif base_us:
         row["ratio"] = row["us"] / base_us
         if name in TARGET:
@@ -193,13 +202,13 @@ def main(argv):
     save()
 
   if _QWIX.value and not _SMOKE.value:
-    _qwix_rows(res, model, params, batch, base_us, save)
+    _qwix_rows(res, model, params, batch, base_us, base_loss, save)
   if _MD.value:
     _markdown(res, _MD.value)
   save()
 
 
-def _qwix_rows(res, model, params, batch, base_us, save):
+def _qwix_rows(res, model, params, batch, base_us, base_loss, save):
   """qwix.QtProvider QAT of the same layers, same loss and AdamW."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -238,6 +247,8 @@ def _qwix_rows(res, model, params, batch, base_us, save):
       row.update(st)
       if base_us:
         row["ratio"] = row["us"] / base_us
+      if row["loss"] == base_loss:
+        row["no_effect"] = True  # the same loss as bf16: nothing was quantized
     except Exception as e:  # pylint: disable=broad-except
       row["error"] = "".join(traceback.format_exception_only(type(e), e))[-800:]
     print(json.dumps(row), flush=True)
@@ -261,6 +272,8 @@ def _markdown(res, path):
                    "| | | |")
       continue
     ratio = f"{r['ratio']:.3f}x" if "ratio" in r else "1.000x"
+    if r.get("no_effect"):
+      ratio += " (loss = bf16's: not quantized)"
     tgt = f"<= {r['target']}x" if "target" in r else ""
     met = ("yes" if r.get("met") else "no") if "met" in r else ""
     lines.append(f"| {r['name']} | {r['us']:.0f} | {ratio} | {tgt} | {met} |")

@@ -1133,6 +1133,11 @@ def clipped_fraction(x, spec: QuantSpec, *, amax=None, tensor_amax=None, scale=N
     ``clip_ratio`` below 1 (and MX's E8M0 floor scales may saturate the
     largest elements of a block, which this does not count).
   """
+  if (clip is None and scale is None and amax is None and tensor_amax is None
+      and spec.clip_ratio >= 1.0):
+    # A dynamic range holds its whole block: nothing to count (and no second
+    # pass over x to find that out).
+    return jnp.zeros((), jnp.float32)
   xs = _float(x).astype(jnp.float32)
   xf = jnp.abs(xs)
   if clip is not None:

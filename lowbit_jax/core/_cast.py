@@ -86,14 +86,13 @@ def _float_round_bits(a: jax.Array, fmt: FloatFormat, noise: Optional[jax.Array]
   return jnp.where(q == 0, _U32(0), out)
 
 
-# Formats whose saturating round to nearest is XLA's own convert: after the
-# clamp to +-max it agrees bit for bit with the emulation on every float32
-# input (checked exhaustively on CPU over all patterns below 2 * max, float32
-# subnormals included; tests/core/test_fused.py checks every grid point,
-# midpoint and binade edge on any backend). XLA's CPU convert to the 6 and
-# 4-bit types does not compile today, so those keep the emulation. On CPU
-# the convert is slower than the vectorized emulation (measured: twice the
-# time on [2048, 2048]), so the CPU keeps the emulation unless asked.
+# Formats whose codes ``encode`` takes from XLA's own convert: grid values
+# (what ``encode`` is given) convert exactly, and the codes are a real output,
+# so the convert cannot be elided. Rounding onto the grid never uses it (see
+# ``_cast_float_rp``). XLA's CPU convert to the 6 and 4-bit types does not
+# compile today; on CPU the convert is slower than the vectorized emulation
+# (measured: twice the time on [2048, 2048]), so the CPU keeps the emulation
+# unless asked.
 _NATIVE_SATURATING = {("fp8_e4m3", 4, 3, 7, "fn"): jnp.float8_e4m3fn,
                       ("fp8_e5m2", 5, 2, 15, "ieee"): jnp.float8_e5m2}
 _NATIVE_ON_CPU = False  # tests set it to check the native path on CPU
@@ -109,6 +108,35 @@ def _native_dtype(fmt: Format):
                                  fmt.special))
 
 
+def _reduce_precision_ok(fmt: Format) -> bool:
+  """Whether ``_cast_float_rp`` rounds ``fmt`` (saturating, to nearest even)."""
+  return (isinstance(fmt, FloatFormat) and fmt.special in ("fn", "ieee")
+          and fmt.exp_bits <= 7)
+
+
+def _cast_float_rp(x: jax.Array, fmt: FloatFormat) -> jax.Array:
+  """Saturating round-to-nearest-even onto ``fmt``'s grid with XLA's ReducePrecision.
+
+  Bit-exact with the integer emulation below (tests/core/test_fused.py checks
+  it densely) and cheaper, on every backend. Normal values round with
+  ``lax.reduce_precision`` to ``fmt``'s mantissa in a type one exponent bit
+  wider (so no finite value of ``fmt`` overflows it, and its normals cover
+  ``fmt``'s subnormal binades); values below ``fmt``'s smallest normal round
+  onto the fixed subnormal spacing with ``round``. Not
+  ``x.astype(float8).astype(float32)``: XLA on the GPU elides a narrowing
+  convert that is converted straight back (it allows excess precision), so
+  that pair leaves the input unrounded; ReducePrecision is never elided.
+  """
+  m = np.float32(fmt.max)
+  y = jnp.clip(x, -m, m)
+  n = lax.reduce_precision(y, exponent_bits=min(fmt.exp_bits + 1, 8),
+                           mantissa_bits=fmt.man_bits)
+  k = fmt.bias - 1 + fmt.man_bits  # subnormals are multiples of 2**-k
+  sub = jnp.round(y * np.float32(2.0 ** k)) * np.float32(2.0 ** -k)
+  r = jnp.where(jnp.abs(y) < np.float32(fmt.min_normal), sub, n)
+  return jnp.where(jnp.isnan(x), _nan_with_sign(x), r)
+
+
 def _nan_with_sign(x: jax.Array) -> jax.Array:
   """The emulation's NaN for a float32 NaN input: quiet, with its sign."""
   return _bits_f32((_f32_bits(x) & _U32(0x80000000)) | _U32(0x7FC00000))
@@ -116,11 +144,8 @@ def _nan_with_sign(x: jax.Array) -> jax.Array:
 
 def _cast_float(x: jax.Array, fmt: FloatFormat, saturate: bool,
                 noise: Optional[jax.Array]) -> jax.Array:
-  native = _native_dtype(fmt)
-  if saturate and noise is None and native is not None and x.dtype == jnp.float32:
-    m = np.float32(fmt.max)
-    r = jnp.clip(x, -m, m).astype(native).astype(jnp.float32)
-    return jnp.where(jnp.isnan(x), _nan_with_sign(x), r)
+  if saturate and noise is None and _reduce_precision_ok(fmt) and x.dtype == jnp.float32:
+    return _cast_float_rp(x, fmt)
   u = _f32_bits(x)
   s = u & _U32(0x80000000)
   if jnp.dtype(x.dtype).itemsize == 2:

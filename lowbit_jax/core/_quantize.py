@@ -834,8 +834,27 @@ def _fake_quant(x, spec, key, amax, amin, tensor_amax):
   return _fake_quant_impl(x, spec, key, amax, amin, tensor_amax)[0]
 
 
+def _never_clips(spec: QuantSpec, amax, tensor_amax) -> bool:
+  """Whether ``spec`` with these ranges statically clips nothing.
+
+  A symmetric per-block absmax range taken from the data itself (no static
+  ``amax``, ``clip_ratio >= 1``) holds every element of its block, so the
+  straight-through gradient is the identity and no clip mask needs saving
+  for the backward pass (one byte per element written and read back). E8M0
+  scales (their floor rounding can saturate a block's largest elements) and
+  two-level formats (an inf clips against the tensor range) keep the mask.
+  """
+  fmt = spec.element
+  method = fmt.scale_method if isinstance(fmt, LookupFormat) else "absmax"
+  return (amax is None and tensor_amax is None and spec.symmetric
+          and method == "absmax" and not spec.tensor_scale
+          and spec.scale_dtype != "e8m0" and spec.clip_ratio >= 1.0)
+
+
 def _fq_fwd(x, spec, key, amax, amin, tensor_amax):
   y, clipped = _fake_quant_impl(x, spec, key, amax, amin, tensor_amax)
+  if _never_clips(spec, amax, tensor_amax):
+    clipped = None
   return y, (clipped, key, amax, amin, tensor_amax)
 
 
@@ -846,7 +865,7 @@ def _key_ct(key):
 def _fq_bwd(spec, res, g):
   clipped, key, amax, amin, tensor_amax = res
   del spec
-  gx = jnp.where(clipped, jnp.zeros_like(g), g)
+  gx = g if clipped is None else jnp.where(clipped, jnp.zeros_like(g), g)
   zero = lambda v: None if v is None else jnp.zeros_like(v)  # noqa: E731
   return gx, _key_ct(key), zero(amax), zero(amin), zero(tensor_amax)
 

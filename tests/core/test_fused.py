@@ -170,6 +170,17 @@ def _check_case(case):
                  "codes")
   else:
     _assert_same(gq.codes, wq.codes, "codes")
+  fmt_e = spec.element
+  if (jax.default_backend() != "cpu" and getattr(fmt_e, "scale_method", "absmax")
+      in ("mean_abs", "twn")):
+    # A mean's sum is reduced in an order of the compiler's choosing on the
+    # GPU (it differs between the two fusions): the scale may differ in its
+    # last bit there, and every value with it. Codes still agree exactly.
+    for a, b in ((gq.scale, wq.scale), (got[1], want[1]), (got[2], want[2])):
+      np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                 rtol=2.5e-7, atol=0)
+    np.testing.assert_array_equal(np.asarray(got[3]), np.asarray(want[3]))
+    return
   _assert_same(gq.scale, wq.scale, "scale")
   for attr in ("zero_point", "tensor_scale"):
     a, b = getattr(gq, attr), getattr(wq, attr)
@@ -191,9 +202,9 @@ def _check_case(case):
                                 np.asarray(got[2], np.float32))
 
 
-@pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2", "fp8_e3m4", "fp8_e4m3ieee"])
 def test_native_fp8_rounding_matches_emulation(name, monkeypatch):
-  """The native float8 convert (after the saturating clamp) is the emulation.
+  """ReducePrecision rounding (and the native float8 codes) are the emulation.
 
   Dense: every float32 pattern around each grid point of the format (the grid
   point, the midpoints to its neighbours and one ulp either side of them),
@@ -215,11 +226,13 @@ def test_native_fp8_rounding_matches_emulation(name, monkeypatch):
   y = np.concatenate([mags, mags | np.uint32(0x80000000)]).view(np.float32)
   y = np.concatenate([y, np.array([np.nan, -np.nan, np.inf, -np.inf], np.float32)])
   monkeypatch.setattr(_cast, "_NATIVE_ON_CPU", True)  # the GPU/TPU path, anywhere
-  assert _cast._native_dtype(fmt) is not None
+  assert _cast._reduce_precision_ok(fmt)
   got = jax.jit(lambda v: _cast._cast_float(v, fmt, True, None))(y)
   want = jax.jit(lambda v: ref._cast_float(v, fmt, True, None))(y)
   _assert_same(got, want, f"{name} rounding")
   _assert_same(np.signbit(np.asarray(got)), np.signbit(np.asarray(want)), "NaN signs")
+  if _cast._native_dtype(fmt) is None:
+    return  # no native float8 type: encode keeps the emulation
   codes = jax.jit(lambda v: _cast.encode(v, fmt))(want)
   _assert_same(codes, jax.jit(lambda v: ref.encode(v, fmt))(want), f"{name} codes")
 
