@@ -4,15 +4,17 @@ The only package of lowbit_jax (besides the reference models) that imports
 flax. Linen models are reached by method interception (``quantize_linen``),
 NNX models by rewriting their module graph (``quantize_nnx``); both match the
 same ``lowbit_jax.QuantRule`` s on the same paths as ``quantize_function``.
-``ActEinsum`` names an activation x activation einsum (attention's q.k and
-p.v) so that rules listing ``"act_matmul"`` reach it.
+``ActEinsum`` (Linen) and ``NnxActEinsum`` (NNX) name an activation x
+activation einsum (attention's q.k and p.v) so that rules listing
+``"act_matmul"`` reach it.
 """
 from lowbit_jax.flax._linen import (METRICS, RNG, SCALES, STATE, STATS, ActEinsum,
                                     LinenQuantizer, QBox, QuantizedParam,
                                     quantize_linen)
 from lowbit_jax.flax._capture import Capture, DenseStats, capture_dense_stats
 from lowbit_jax.flax.ptq import apply_ptq
-from lowbit_jax.flax._nnx import (QuantHistory, QuantMetric, QuantOp, QuantScale,
+from lowbit_jax.flax._nnx import (NnxActEinsum, QuantHistory, QuantMetric, QuantOp,
+                                  QuantScale,
                                   QuantStat, dequantize_nnx, finalize_nnx,
                                   init_quant_nnx, nnx_stats, quantize_nnx,
                                   update_histories)
@@ -22,4 +24,4 @@ __all__ = ["quantize_linen", "LinenQuantizer", "QBox", "QuantizedParam", "STATS"
            "apply_ptq", "capture_dense_stats", "Capture", "DenseStats",
            "quantize_nnx", "QuantOp", "QuantStat", "QuantScale", "QuantHistory",
            "QuantMetric", "finalize_nnx", "nnx_stats", "dequantize_nnx",
-           "init_quant_nnx", "update_histories"]
+           "init_quant_nnx", "update_histories", "NnxActEinsum"]

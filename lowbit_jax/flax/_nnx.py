@@ -31,7 +31,9 @@ overwrite-with-gradient (``update_histories``); ``metrics=True`` adds
 ``QuantMetric`` s with the clipped fractions of the last call; stochastic
 rounding draws keys from ``rngs=``. ``quantize_nnx(qat_model, rules,
 mode="real")`` converts a trained model (learned weight scales into the
-QWeights). Activation x activation matmuls are not reached in NNX models.
+QWeights). Activation x activation matmuls (attention's q.k and p.v) are
+reached where the model writes them with ``NnxActEinsum``, by rules listing
+``"act_matmul"`` in their ``ops``, forward and backward, as in Linen.
 """
 from __future__ import annotations
 
@@ -79,15 +81,50 @@ class QuantMetric(nnx.Variable):
 
 
 _HOOKS = {"dot_general": "dot_general", "einsum": "einsum_op",
-          "conv": "conv_general_dilated"}
+          "conv": "conv_general_dilated", "act_matmul": "einsum_op"}
 _FLOAT_OPS = {"dot_general": jax.lax.dot_general, "einsum": jnp.einsum,
-              "conv": jax.lax.conv_general_dilated}
+              "conv": jax.lax.conv_general_dilated, "act_matmul": jnp.einsum}
+
+
+class NnxActEinsum(nnx.Module):
+  """``jnp.einsum`` of two activations, as an NNX layer rules can reach.
+
+  The NNX counterpart of ``lowbit_jax.flax.ActEinsum``: a model that writes
+  attention's q.k and p.v with it gives them a graph path
+  (``layers/0/attn/qk``) that ``quantize_nnx`` matches against rules listing
+  ``"act_matmul"`` in their ``ops``; both operands then take the rule's
+  ``activation`` spec and the output cotangent its ``grad`` spec. Unquantized
+  it is exactly ``jnp.einsum`` and holds no Variables.
+
+  Attributes:
+    einsum_str: the two-operand equation, e.g. ``"bqhd,bkhd->bhqk"``.
+    precision: as ``jnp.einsum``.
+    preferred_element_type: as ``jnp.einsum``.
+    einsum_op: the op called (``jnp.einsum``; a ``QuantOp`` once quantized).
+  """
+
+  def __init__(self, einsum_str: str, *, precision=None,
+               preferred_element_type=None):
+    if not isinstance(einsum_str, str) or einsum_str.count(",") != 1 or "->" not in einsum_str:
+      raise ValueError(f"NnxActEinsum takes a two-operand equation with '->', e.g. "
+                       f"'bqhd,bkhd->bhqk', got {einsum_str!r}")
+    self.einsum_str = einsum_str
+    self.precision = precision
+    self.preferred_element_type = preferred_element_type
+    self.einsum_op = _static(jnp.einsum)
+
+  def __call__(self, lhs: jax.Array, rhs: jax.Array) -> jax.Array:
+    """``einsum_op(einsum_str, lhs, rhs)``."""
+    return self.einsum_op(self.einsum_str, lhs, rhs, precision=self.precision,
+                          preferred_element_type=self.preferred_element_type)
 
 
 _static = getattr(nnx, "static", lambda x: x)
 
 
 def _layer_op(node) -> Optional[str]:
+  if isinstance(node, NnxActEinsum):
+    return "act_matmul"
   if isinstance(node, (nnx.Linear, nnx.LinearGeneral)):
     return "dot_general"
   if isinstance(node, nnx.Einsum):
@@ -183,7 +220,7 @@ class QuantOp(nnx.Module):
     op = self.site.op
     if op == "dot_general":
       return self._dot(*args, **kwargs)
-    if op == "einsum":
+    if op in ("einsum", "act_matmul"):
       return self._einsum(*args, **kwargs)
     return self._conv(*args, **kwargs)
 
@@ -348,16 +385,17 @@ def quantize_nnx(model: nnx.Module, rules, mode: str = "fake", *, strict: bool =
     if op is None:
       _check_unsupported(node, p, config)
       return node
-    wpath = f"{p}/kernel" if p else "kernel"
+    act = op == "act_matmul"  # no kernel: the site is the layer itself
+    wpath = p if act else (f"{p}/kernel" if p else "kernel")
     hook = _HOOKS[op]
     old = getattr(node, hook, None)
     old_op = old if isinstance(old, QuantOp) else None
     old_stats = old_op.stats if old_op is not None else None
-    rule = config.match((p, wpath), (op,))
+    rule = config.match((p,) if act else (p, wpath), (op,))
     if rule is None or rule.is_float:
       if isinstance(old, QuantOp):  # quantized before: back to the float op
         setattr(node, hook, _static(_FLOAT_OPS[op]))
-        if isinstance(node.promote_dtype, _NNXPromote):
+        if isinstance(getattr(node, "promote_dtype", None), _NNXPromote):
           node.promote_dtype = node.promote_dtype.orig
       return node
     site = Site(wpath, op, rule, mode, use_kernel)
@@ -372,6 +410,8 @@ def quantize_nnx(model: nnx.Module, rules, mode: str = "fake", *, strict: bool =
     setattr(node, hook, nnx.data(qop))
     if op == "dot_general" and hasattr(node, "dot_general_cls"):
       node.dot_general_cls = None
+    if act:
+      return node
     if not isinstance(node.promote_dtype, _NNXPromote):
       node.promote_dtype = _NNXPromote(node.promote_dtype)
     if mode == "real" and rule.weight is not None:

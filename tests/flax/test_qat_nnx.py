@@ -1,6 +1,6 @@
 """QAT and low-bit training through quantize_nnx: QuantScale Params, grad specs,
-QuantHistory (overwrite-with-gradient), stochastic rounding keys, metrics and
-real-mode conversion."""
+QuantHistory (overwrite-with-gradient), stochastic rounding keys, metrics,
+real-mode conversion and NnxActEinsum (attention's activation matmuls)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,8 +11,8 @@ from flax import nnx
 import lowbit_jax as lb
 from lowbit_jax._rules import QuantRule, QWeight
 from lowbit_jax.core import init_scale, ops
-from lowbit_jax.flax import (QuantHistory, QuantMetric, QuantScale, init_quant_nnx,
-                             quantize_nnx, update_histories)
+from lowbit_jax.flax import (NnxActEinsum, QuantHistory, QuantMetric, QuantScale,
+                             init_quant_nnx, quantize_nnx, update_histories)
 
 DN = (((1,), (0,)), ((), ()))
 QAT = [QuantRule(".*", weight="int4", activation="int8", learn_weight="lsq",
@@ -158,3 +158,52 @@ def test_real_conversion_after_qat_and_metrics():
   np.testing.assert_array_equal(k.scale, learned.T)
   assert not hasattr(real.up.dot_general, "weight_scale")
   np.testing.assert_allclose(real(x), fake, rtol=1e-5, atol=1e-5)
+
+
+class NnxAttn(nnx.Module):
+  def __init__(self):
+    self.qk = NnxActEinsum("bqd,bkd->bqk")
+
+  def __call__(self, q, k):
+    return self.qk(q, k)
+
+
+def test_nnx_act_einsum_is_reached_only_by_act_matmul_rules():
+  kq, kk = jax.random.split(jax.random.key(9))
+  qa, ka = jax.random.normal(kq, (2, 5, 8)), jax.random.normal(kk, (2, 6, 8))
+  fp = NnxAttn()(qa, ka)
+  np.testing.assert_array_equal(fp, jnp.einsum("bqd,bkd->bqk", qa, ka))
+  config = lb.QuantConfig([QuantRule(".*", weight="int4", activation="int4")])
+  np.testing.assert_array_equal(quantize_nnx(NnxAttn(), config)(qa, ka), fp)
+  assert config.unused_rules()
+  rule = QuantRule(".*qk", activation="int4", grad="fp8_e5m2", ops=("act_matmul",))
+  config = lb.QuantConfig([rule])
+  qm = quantize_nnx(NnxAttn(), config)
+  assert list(config.sites) == ["qk"]
+  spec = lb.QuantSpec("int4")
+  ct = jnp.ones((2, 5, 6)) * 0.37
+  ref = lambda a, b: ops.einsum("bqd,bkd->bqk", a, b, lhs_spec=spec,  # noqa: E731
+                                rhs_spec=spec, grad_spec="fp8_e5m2")
+  out, pull = jax.vjp(lambda a, b: qm(a, b), qa, ka)
+  _, rpull = jax.vjp(ref, qa, ka)
+  want = jnp.einsum("bqd,bkd->bqk", lb.fake_quant(qa, spec.replace(axis=2)),
+                    lb.fake_quant(ka, spec.replace(axis=2)))
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+  assert float(jnp.max(jnp.abs(out - fp))) > 1e-3  # it did quantize
+  for a, b in zip(pull(ct), rpull(ct)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  # Back to float when the rules no longer match it.
+  np.testing.assert_array_equal(quantize_nnx(qm, [QuantRule("qk")])(qa, ka), fp)
+
+
+def test_nnx_act_einsum_learns_activation_scales():
+  kq, kk = jax.random.split(jax.random.key(3))
+  qa, ka = jax.random.normal(kq, (2, 5, 8)), jax.random.normal(kk, (2, 6, 8))
+  rule = QuantRule("qk", activation="int4", learn_activation="lsq", ops=("act_matmul",))
+  qm = quantize_nnx(NnxAttn(), [rule])
+  init_quant_nnx(qm, qa, ka)
+  scales = jax.tree.leaves(nnx.state(qm, QuantScale))
+  assert len(scales) == 2  # one per operand
+  grads = nnx.grad(lambda m: jnp.sum(m(qa, ka) ** 2))(qm)
+  g = jax.tree.leaves(nnx.state(grads, QuantScale))
+  assert len(g) == 2 and all(float(jnp.abs(v).sum()) > 0 for v in g)
