@@ -531,8 +531,8 @@ class QuantizedFunction:
   sites inside ``lax.scan`` / ``lax.cond`` / ``lax.while_loop`` (unroll the
   loop). Only matmuls with a weight are reached: activation x activation
   matmuls (attention's q.k and p.v) have no parameter path to match, so
-  rules of kind ``"act_matmul"`` reach them through the Linen front end
-  (``lowbit_jax.flax.ActEinsum``) only.
+  rules of kind ``"act_matmul"`` reach them through the Flax front ends
+  (``lowbit_jax.flax.ActEinsum`` in Linen, ``NnxActEinsum`` in NNX).
 
   Attributes:
     fn: the wrapped function.
