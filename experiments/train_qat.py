@@ -1,29 +1,25 @@
 """Quantization-aware / low-bit training of the LM (see configs/train_qat.py).
 
   python -m experiments.train_qat --config configs/train_qat.py:smoke --workdir /tmp/qat
+
+The same main as ``experiments.train_lm`` (one loop, ``lowbit_jax.train``),
+with ``configs/train_qat.py`` (the ``quant`` and ``optim`` fields) as the
+config when ``--config`` is not given.
 """
 from __future__ import annotations
 
-import json
-
-from absl import app, flags
-from ml_collections import config_flags
-
-from lowbit_jax.train import loop
-
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/train_qat.py",
-                                          "Experiment config (file:variant).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; resumes if it "
-                               "holds checkpoints.", required=True)
+import sys
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  loop.quiet_orbax_logs()
-  result = loop.train(_CONFIG.value, _WORKDIR.value)
-  print(json.dumps(result, indent=1))
+def _run() -> None:
+  # Before train_lm defines its flags: config_flags reads the --config.*
+  # overrides from sys.argv against the config file when the flag is defined.
+  if not any(a == "--config" or a.startswith("--config=") for a in sys.argv[1:]):
+    sys.argv.insert(1, "--config=configs/train_qat.py")
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from experiments import train_lm  # pylint: disable=g-import-not-at-top
+  app.run(train_lm.main)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _run()
