@@ -22,12 +22,14 @@ wrapped apply: ``apply_fn=quantize_linen(rules)(model.apply)``.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+import functools
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowbit_jax._rules import QuantRule
 from lowbit_jax.models import kv_cache as kv_lib
 
 
@@ -130,9 +132,7 @@ def make_generate(model, max_new_tokens: int, *, prompt_len: int, batch: int,
                   ("batch", batch)):
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
       raise ValueError(f"{name} must be a positive int, got {v!r}")
-  if not isinstance(temperature, (int, float)) or temperature < 0:
-    raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
-  _check_sampling(temperature, top_k, key=0)
+  _check_sampling(temperature, top_k, key=0)  # (the key comes with each call)
   slots = max_len if max_len is not None else prompt_len + max_new_tokens
   if prompt_len + max_new_tokens > slots:
     raise ValueError(f"prompt_len + max_new_tokens = {prompt_len + max_new_tokens} "
@@ -173,6 +173,15 @@ def make_generate(model, max_new_tokens: int, *, prompt_len: int, batch: int,
   return jax.jit(run)
 
 
+@functools.lru_cache(maxsize=32)
+def _cached_generate(model, max_new_tokens, prompt_len, batch, cache_rules, residual,
+                     rotate, temperature, top_k, max_len, apply_fn):
+  return make_generate(model, max_new_tokens, prompt_len=prompt_len, batch=batch,
+                       cache_rules=cache_rules, residual=residual, rotate=rotate,
+                       temperature=temperature, top_k=top_k, max_len=max_len,
+                       apply_fn=apply_fn)
+
+
 def generate(model, variables, tokens: jax.Array, lengths: jax.Array,
              max_new_tokens: int, *, key: Optional[jax.Array] = None,
              temperature: float = 0.0, top_k: Optional[int] = None,
@@ -193,14 +202,16 @@ def generate(model, variables, tokens: jax.Array, lengths: jax.Array,
 
   Returns:
     int32 ``[B, max_new_tokens]``.
+
+  The jitted function is kept (per model, shapes and options) for later calls.
   """
   _check_sampling(temperature, top_k, key)
   tokens = jnp.asarray(tokens, jnp.int32)
   b, p = tokens.shape
-  fn = make_generate(model, max_new_tokens, prompt_len=p, batch=b,
-                     cache_rules=cache_rules, residual=residual, rotate=rotate,
-                     temperature=temperature, top_k=top_k, max_len=max_len,
-                     apply_fn=apply_fn)
+  if cache_rules is not None and not isinstance(cache_rules, QuantRule):
+    cache_rules = tuple(cache_rules)
+  fn = _cached_generate(model, max_new_tokens, p, b, cache_rules, residual, rotate,
+                        temperature, top_k, max_len, apply_fn)
   if key is None:
     key = jax.random.key(0)  # unused: greedy
   return fn(variables, tokens, jnp.asarray(lengths, jnp.int32), key)

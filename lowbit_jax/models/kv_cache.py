@@ -243,9 +243,7 @@ def _token_block(spec: QuantSpec, shape: tuple) -> int:
   return shape[_TOKEN_AXIS] // max(q.scale.shape[_TOKEN_AXIS], 1)
 
 
-def _check_chunks(spec: QuantSpec, path: str, batch: int, slots: int, r: int,
-                  kvh: int, d: int, dtype) -> None:
-  """Raises unless chunks of ``r`` slots quantize into aligned store slices."""
+def _check_spec(spec: QuantSpec, path: str) -> None:
   if spec.tensor_scale:
     raise ValueError(f"{path}: {spec.format.name!r} keeps one float32 scale for the "
                      "whole tensor, which a cache filled chunk by chunk cannot keep; "
@@ -253,10 +251,27 @@ def _check_chunks(spec: QuantSpec, path: str, batch: int, slots: int, r: int,
   if spec.rounding == "stochastic":
     raise ValueError(f"{path}: stochastic rounding needs a key per chunk, which the "
                      "cache does not draw; use rounding='nearest'")
-  store = jax.eval_shape(lambda x: quantize(x, spec),
-                         jax.ShapeDtypeStruct((batch, slots, kvh, d), dtype))
-  chunk = jax.eval_shape(lambda x: quantize(x, spec),
-                         jax.ShapeDtypeStruct((batch, r, kvh, d), dtype))
+
+
+def _check_chunks(spec: QuantSpec, path: str, batch: int, slots: int, r: int,
+                  kvh: int, d: int, dtype) -> None:
+  """Raises unless chunks of ``r`` slots quantize into aligned store slices."""
+  desc = (f"the spec (format={spec.format.name!r}, axis={spec.axis!r}, group_size="
+          f"{spec.group_size!r}, tile={spec.tile!r}) does not split into "
+          f"independent chunks of residual={r} tokens of a [batch, slot, kv_head, "
+          f"head_dim] = {(batch, slots, kvh, d)} cache")
+  advice = ("A scale may span tokens only in groups that divide the residual "
+            "window: use axis=-1 (per token), or axis=1 with a group_size that "
+            "divides residual (per channel, KIVI), and a residual that is a "
+            "multiple of the packing unit (2 tokens for 4-bit codes packed along "
+            "tokens)")
+  try:
+    store = jax.eval_shape(lambda x: quantize(x, spec),
+                           jax.ShapeDtypeStruct((batch, slots, kvh, d), dtype))
+    chunk = jax.eval_shape(lambda x: quantize(x, spec),
+                           jax.ShapeDtypeStruct((batch, r, kvh, d), dtype))
+  except ValueError as e:
+    raise ValueError(f"{path}: {desc} ({e}). {advice}") from None
   n = slots // r
   for name in ("codes", "scale", "zero_point"):
     a, b = getattr(store, name), getattr(chunk, name)
@@ -265,17 +280,8 @@ def _check_chunks(spec: QuantSpec, path: str, batch: int, slots: int, r: int,
     ok = (a.ndim == b.ndim == 4 and a.shape[_TOKEN_AXIS] == n * b.shape[_TOKEN_AXIS]
           and all(a.shape[i] == b.shape[i] for i in (0, 2, 3)))
     if not ok:
-      raise ValueError(
-          f"{path}: the spec (format={spec.format.name!r}, axis={spec.axis!r}, "
-          f"group_size={spec.group_size!r}, tile={spec.tile!r}) does not split into "
-          f"independent chunks of residual={r} tokens of a [batch, slot, kv_head, "
-          f"head_dim] = {(batch, slots, kvh, d)} cache (its {name} is "
-          f"{list(a.shape)} for the store and {list(b.shape)} for one chunk). "
-          "A scale may span tokens only in groups that divide the residual "
-          "window: use axis=-1 (per token), or axis=1 with a group_size that "
-          "divides residual (per channel, KIVI), and a residual that is a "
-          "multiple of the packing unit (2 tokens for 4-bit codes packed along "
-          "tokens)")
+      raise ValueError(f"{path}: {desc} (its {name} is {list(a.shape)} for the store "
+                       f"and {list(b.shape)} for one chunk). {advice}")
 
 
 def init_cache(config, batch: int, *, rules=None, residual: Optional[int] = None,
@@ -318,6 +324,10 @@ def init_cache(config, batch: int, *, rules=None, residual: Optional[int] = None
                      f"which must be a power of two; head_dim is {d}")
   specs = cache_specs(n_layers, rules, strict=strict)
   quantized = [s for pair in specs for s in pair if s is not None]
+  for i, pair in enumerate(specs):
+    for which, spec in zip((KEY, VALUE), pair):
+      if spec is not None:
+        _check_spec(spec, cache_path(i, which))
   r = 0
   if quantized:
     if residual is None:
@@ -419,7 +429,6 @@ def append(t: CacheTensor, cache: KVCache, new: jax.Array) -> CacheTensor:
                                                 start), None)
   r = cache.residual
   spec = t.store.spec
-
   def flush(store, res, chunk_index):
     return _write_chunk(store, quantize(res, spec), chunk_index)
 
