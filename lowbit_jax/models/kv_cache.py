@@ -81,7 +81,8 @@ def kivi_rules(bits: int = 4, group_size: int = 32, *,
 
   Keys are quantized per channel in groups of ``group_size`` consecutive
   tokens, values per token (one range per token and head), both asymmetric
-  (``uint{bits}``, a scale and a zero point per group). Use with a residual
+  (``int{bits}`` on an unsigned grid, ``symmetric=False``: a scale and a
+  zero point per group). Use with a residual
   window that is a multiple of ``group_size`` (``init_cache`` defaults to
   ``group_size`` itself).
 
@@ -93,11 +94,12 @@ def kivi_rules(bits: int = 4, group_size: int = 32, *,
   Returns:
     Two rules with ``ops=("kv_cache",)``.
   """
-  fmt = f"uint{bits}"
+  fmt = f"int{bits}"
   return [QuantRule(f"{layers}/attn/cache/key", ops=(CACHE_OP,),
-                    activation=QuantSpec(fmt, axis=_TOKEN_AXIS, group_size=group_size)),
+                    activation=QuantSpec(fmt, axis=_TOKEN_AXIS, group_size=group_size,
+                                         symmetric=False)),
           QuantRule(f"{layers}/attn/cache/value", ops=(CACHE_OP,),
-                    activation=QuantSpec(fmt, axis=-1))]
+                    activation=QuantSpec(fmt, axis=-1, symmetric=False))]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,7 +353,11 @@ def init_cache(config, batch: int, *, rules=None, residual: Optional[int] = None
         tensors.append(CacheTensor(jnp.zeros((batch, slots, kvh, d), dt), None))
         continue
       _check_chunks(spec, cache_path(i, which), batch, q_slots, r, kvh, d, dt)
-      store = quantize(jnp.zeros((batch, q_slots, kvh, d), dt), spec)
+      # Zero leaves of the right layout (no quantize call: under jit it would
+      # be constant-folded); a slot is read only once its chunk is written.
+      store = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(
+          lambda x, spec=spec: quantize(x, spec),
+          jax.ShapeDtypeStruct((batch, q_slots, kvh, d), dt)))
       tensors.append(CacheTensor(store, jnp.zeros((batch, r, kvh, d), dt)))
     layers.append(LayerCache(*tensors))
   if pad is None:
