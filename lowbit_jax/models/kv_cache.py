@@ -333,7 +333,11 @@ def init_cache(config, batch: int, *, rules=None, residual: Optional[int] = None
   r = 0
   if quantized:
     if residual is None:
-      blocks = [_token_block(s, (batch, slots, kvh, d)) for s in quantized]
+      try:
+        blocks = [_token_block(s, (batch, slots, kvh, d)) for s in quantized]
+      except ValueError as e:
+        raise ValueError(f"a cache spec does not fit a [batch, slot, kv_head, "
+                         f"head_dim] = {(batch, slots, kvh, d)} cache: {e}") from None
       r = max(blocks) if max(blocks) > 1 else 32
       r = min(r, slots)
     else:

@@ -357,8 +357,9 @@ class Llama(nn.Module):
     Args:
       tokens: token ids.
       cache: decode with a ``KVCache``: ``tokens`` fill slots ``cache.index``
-        to ``cache.index + T - 1`` (which must fit in ``cache.max_len``; jit
-        cannot check it), row ``b`` at rotary positions ``slot - pad[b]``.
+        to ``cache.index + T - 1``, row ``b`` at rotary positions ``slot -
+        pad[b]``. Slots must fit in ``cache.max_len``; a call past the end
+        (which jit cannot reject) returns NaN logits.
 
     Returns:
       The logits, or with a cache ``(logits, cache with the tokens appended)``.
@@ -401,7 +402,12 @@ class Llama(nn.Module):
     else:
       logits = _dense(cfg.vocab, "lm_head", dt)(x)
     logits = logits.astype(jnp.float32)
-    return logits if cache is None else (logits, cache)
+    if cache is None:
+      return logits
+    # Writing past the last slot would clamp (dynamic_update_slice): make it
+    # visible instead of silently wrong.
+    logits = jnp.where(cache.index <= cache.max_len, logits, jnp.nan)
+    return logits, cache
 
 
 def _check_cache(cfg: LlamaConfig, cache: kv_lib.KVCache, tokens: jax.Array) -> None:
