@@ -38,6 +38,10 @@ _BATCH = flags.DEFINE_integer("batch", 16, "windows per call")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 16384, "held-out tokens scored")
 _SCHEMES = flags.DEFINE_list("schemes", None, "subset of the scheme names to run")
 _OUT = flags.DEFINE_string("out", "docs/results_kvcache.md", "markdown written here")
+_NOTES = flags.DEFINE_string("notes", "", "a paragraph added to the markdown")
+_REPORT_FROM = flags.DEFINE_string(
+    "report_from", "", "rebuild the markdown from this JSON (written by an earlier "
+    "run) instead of computing; --notes applies")
 
 
 def _schemes() -> dict:
@@ -93,7 +97,11 @@ def _load(workdir: str):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  import jax  # pylint: disable=g-import-not-at-top
+  if _REPORT_FROM.value:
+    with open(_REPORT_FROM.value) as f:
+      saved = json.load(f)
+    _render(saved["rows"], saved["meta"])
+    return
   from lowbit_jax.models import decode  # pylint: disable=g-import-not-at-top
   from lowbit_jax.models import kv_cache  # pylint: disable=g-import-not-at-top
   from lowbit_jax.train import loop  # pylint: disable=g-import-not-at-top
@@ -155,20 +163,29 @@ def _write(rows, model, run_cfg) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(os.path.splitext(out)[0] + ".json", "w") as f:
     json.dump({"meta": meta, "rows": rows}, f, indent=1)
+  _render(rows, meta)
+
+
+def _render(rows, meta) -> None:
+  """Writes the markdown table of ``rows`` to ``--out``."""
+  m = meta["model"]
   base = next((r["perplexity"] for r in rows if r["scheme"] == "float"), None)
   lines = [
       "# Quantized KV cache: perplexity of the decoder (teacher forced)", "",
-      f"Command: `{cmd}`. Device: {meta['device']}, jax {meta['jax']}, Python "
-      f"{meta['python']}, run on {meta['date']}.", "",
-      f"Model: `{_WORKDIR.value}` (LlamaConfig d_model={model.config.d_model}, "
-      f"{model.config.n_layers} layers, {model.config.n_kv_heads} KV heads of "
-      f"{model.config.head_dim}; trained {meta['train_steps']} steps). Held-out "
-      f"stream: the first {_MAX_TOKENS.value} tokens in windows of {_SEQ_LEN.value}; "
-      "every window is decoded one token at a time through the cache, so every "
-      "position attends to its past as the cache stores it. `store bits` are the "
-      "bits per cached element of the stores (codes, scales, zero points); "
-      "`cache bytes` also count the float window, for a cache of "
-      f"{_BATCH.value} rows x {_SEQ_LEN.value} slots.", "",
+      f"Command: `{meta['command']}`. Device: {meta['device']}, jax {meta['jax']}, "
+      f"Python {meta['python']}, run on {meta['date']}.", "",
+      f"Model: `{meta['workdir']}` (LlamaConfig d_model={m['d_model']}, "
+      f"{m['n_layers']} layers, {m['n_kv_heads']} KV heads of "
+      f"{m['d_model'] // m['n_heads']}; trained {meta['train_steps']} steps). "
+      f"Held-out stream: the first {meta['max_tokens']} tokens in windows of "
+      f"{meta['seq_len']}; every window is decoded one token at a time through the "
+      "cache, so every position attends to its past as the cache stores it. "
+      "`store bits` are the bits per cached element of the stores (codes, scales, "
+      "zero points); `cache bytes` also count the float window, for a cache of "
+      f"{meta['batch']} rows x {meta['seq_len']} slots.", ""]
+  if _NOTES.value:
+    lines += [_NOTES.value, ""]
+  lines += [
       "| scheme | description | store bits | cache bytes (vs float32) | perplexity "
       "| vs float cache | bits/byte |",
       "|---|---|---|---|---|---|---|"]
@@ -179,9 +196,9 @@ def _write(rows, model, run_cfg) -> None:
     rel = f"{100 * (r['perplexity'] / base - 1):+.2f}%" if base else ""
     lines.append(f"| {r['scheme']} | {r['description']} | {sb} | {cb} | "
                  f"{r['perplexity']:.3f} | {rel} | {r['bits_per_byte']:.4f} |")
-  with open(out, "w") as f:
+  with open(_OUT.value, "w") as f:
     f.write("\n".join(lines) + "\n")
-  print(f"wrote {out}")
+  print(f"wrote {_OUT.value}")
 
 
 if __name__ == "__main__":

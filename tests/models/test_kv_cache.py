@@ -265,3 +265,16 @@ def test_bfloat16_model_decodes_with_a_quantized_cache():
   assert c.layers[0].key.residual.dtype == jnp.bfloat16
   assert math.isclose(c.nbytes, sum(l.key.store.nbytes + l.value.store.nbytes
                                     + 2 * 2 * 4 * 2 * 8 * 2 for l in c.layers))
+
+
+@pytest.mark.slow
+def test_weight_quantized_model_decodes_through_its_quantizer(model_vars):
+  """``apply_fn`` = a quantizer's wrapped apply: the cache path keeps its numbers."""
+  from lowbit_jax.flax import quantize_linen  # pylint: disable=g-import-not-at-top
+  model, v, _ = model_vars
+  q = quantize_linen([QuantRule(".*", weight="int8", activation="int8")])
+  toks = _tokens(2, _T, seed=5)
+  full = q(model.apply)(v, toks)
+  got = decode.make_teacher_forced(model, _T, 2, prompt_len=_P,
+                                   apply_fn=q(model.apply))(v, toks)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(full), atol=2e-5, rtol=1e-5)
