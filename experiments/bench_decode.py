@@ -20,7 +20,8 @@ Run on a GPU (repository root)::
 CPU smoke run (seconds)::
 
   python -m experiments.bench_decode --config=tiny --prompt_len=16 \
-      --new_tokens=16 --residual=8 --iters=2 --out_dir=/tmp/bench_decode
+      --new_tokens=16 --residual=8 --kivi_group=8 --iters=2 \
+      --out_dir=/tmp/bench_decode
 
 Writes ``decode_<device>.json`` and ``decode_<device>.md`` to ``--out_dir``.
 """
@@ -45,6 +46,8 @@ _SCHEMES = flags.DEFINE_list("schemes", ["bf16", "int8", "fp8_e4m3", "int4", "ki
 _PROMPT = flags.DEFINE_integer("prompt_len", 512, "prompt tokens (prefilled)")
 _NEW = flags.DEFINE_integer("new_tokens", 256, "generated tokens (>= 2)")
 _RESIDUAL = flags.DEFINE_integer("residual", 32, "float window of quantized caches")
+_KIVI_GROUP = flags.DEFINE_integer("kivi_group", 32,
+                                   "tokens per KIVI key group (divides --residual)")
 _ITERS = flags.DEFINE_integer("iters", 10, "timed calls per measurement")
 _OUT_DIR = flags.DEFINE_string("out_dir", "benchmarks/decode", "where results go")
 
@@ -57,8 +60,9 @@ def _schemes() -> dict:
     return [QuantRule(r".*/attn/cache/(key|value)", ops=("kv_cache",),
                       activation=QuantSpec(fmt, axis=-1, **kw))]
   return {"bf16": None, "int8": per_token("int8"), "fp8_e4m3": per_token("fp8_e4m3"),
-          "int4": per_token("int4"), "kivi4": kv_cache.kivi_rules(4, 32),
-          "kivi2": kv_cache.kivi_rules(2, 32)}
+          "int4": per_token("int4"),
+          "kivi4": kv_cache.kivi_rules(4, _KIVI_GROUP.value),
+          "kivi2": kv_cache.kivi_rules(2, _KIVI_GROUP.value)}
 
 
 class _Timer:
@@ -102,6 +106,19 @@ def _model(jax, jnp):
   return model, {"params": params}
 
 
+def _rate(b: int, n: int, t_gen: float, t_pre: float):
+  """Decode tokens/s, or None when the timings cannot resolve the decode steps."""
+  return b * (n - 1) / (t_gen - t_pre) if t_gen > t_pre else None
+
+
+def _step_ms(n: int, t_gen: float, t_pre: float):
+  return 1e3 * (t_gen - t_pre) / (n - 1) if t_gen > t_pre else None
+
+
+def _fmt(v, spec: str) -> str:
+  return "n/a" if v is None else format(v, spec)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -142,14 +159,14 @@ def main(argv):
                                   max_len=p + n)
       row = {"scheme": name, "batch": b, "prompt_len": p, "new_tokens": n,
              "wall_generate_s": t_gen, "wall_prefill_s": t_pre,
-             "wall_decode_tokens_per_s": b * (n - 1) / max(t_gen - t_pre, 1e-12),
-             "wall_ms_per_step": 1e3 * (t_gen - t_pre) / (n - 1),
+             "wall_decode_tokens_per_s": _rate(b, n, t_gen, t_pre),
+             "wall_ms_per_step": _step_ms(n, t_gen, t_pre),
              "cache_bytes": cache.nbytes,
              "greedy_agreement_with_first_scheme": float(np.mean(out == ref_out))}
       if d_gen is not None:
         row.update(device_generate_s=d_gen, device_prefill_s=d_pre,
-                   device_decode_tokens_per_s=b * (n - 1) / max(d_gen - d_pre, 1e-12),
-                   device_ms_per_step=1e3 * (d_gen - d_pre) / (n - 1))
+                   device_decode_tokens_per_s=_rate(b, n, d_gen, d_pre),
+                   device_ms_per_step=_step_ms(n, d_gen, d_pre))
       print(json.dumps(row), flush=True)
       rows.append(row)
   _write(rows, cfg)
@@ -164,13 +181,14 @@ def _write(rows, cfg) -> None:
   meta = {"device": f"{dev.platform}: {dev.device_kind} x {jax.device_count()}",
           "jax": jax.__version__, "python": platform.python_version(),
           "command": cmd, "config": _CONFIG.value, "model": dataclasses.asdict(cfg),
-          "residual": _RESIDUAL.value, "iters": _ITERS.value,
+          "residual": _RESIDUAL.value, "kivi_group": _KIVI_GROUP.value,
+          "iters": _ITERS.value,
           "date": time.strftime("%Y-%m-%d")}
   os.makedirs(_OUT_DIR.value, exist_ok=True)
   base = os.path.join(_OUT_DIR.value, f"decode_{tag}")
   with open(base + ".json", "w") as f:
     json.dump({"meta": meta, "rows": rows}, f, indent=1)
-  dev_cols = any("device_decode_tokens_per_s" in r for r in rows)
+  dev_cols = any("device_generate_s" in r for r in rows)
   head = ("| scheme | batch | cache MB | decode tok/s (wall) | ms/step (wall) |"
           + (" decode tok/s (device) | ms/step (device) |" if dev_cols else "")
           + " greedy agreement |")
@@ -182,14 +200,17 @@ def _write(rows, cfg) -> None:
            f"a float window of {_RESIDUAL.value} tokens. Decode rate = batch x "
            "(new tokens - 1) / (generate time - prefill time); medians of "
            f"{_ITERS.value} calls. Greedy agreement: fraction of generated tokens "
-           "equal to the first scheme's (random weights, so only a sanity check).",
+           "equal to the first scheme's (random weights give nearly tied logits, so "
+           "only a sanity check). n/a: generate was not measurably slower than "
+           "prefill (noise).",
            "", head, "|" + "---|" * (head.count("|") - 1)]
   for r in rows:
     line = (f"| {r['scheme']} | {r['batch']} | {r['cache_bytes'] / 2**20:.2f} | "
-            f"{r['wall_decode_tokens_per_s']:.1f} | {r['wall_ms_per_step']:.3f} |")
+            f"{_fmt(r['wall_decode_tokens_per_s'], '.1f')} | "
+            f"{_fmt(r['wall_ms_per_step'], '.3f')} |")
     if dev_cols:
-      line += (f" {r.get('device_decode_tokens_per_s', float('nan')):.1f} | "
-               f"{r.get('device_ms_per_step', float('nan')):.3f} |")
+      line += (f" {_fmt(r.get('device_decode_tokens_per_s'), '.1f')} | "
+               f"{_fmt(r.get('device_ms_per_step'), '.3f')} |")
     line += f" {r['greedy_agreement_with_first_scheme']:.3f} |"
     lines.append(line)
   with open(base + ".md", "w") as f:
