@@ -90,7 +90,8 @@ def test_sampled_generate_is_reproducible_and_top_k_1_is_greedy(model_vars):
   toks, lens = decode.left_pad([[3, 17, 42], [11, 60, 5]])
   run = lambda k, t, top: decode.generate(  # noqa: E731
       model, v, toks, lens, 5, key=jax.random.key(k), temperature=t, top_k=top)
-  np.testing.assert_array_equal(np.asarray(run(7, 1.5, 20)), np.asarray(run(7, 1.5, 20)))
+  np.testing.assert_array_equal(np.asarray(run(7, 1.5, 20)),
+                                np.asarray(run(7, 1.5, 20)))
   assert not np.array_equal(np.asarray(run(7, 1.5, 20)), np.asarray(run(8, 1.5, 20)))
   np.testing.assert_array_equal(np.asarray(decode.generate(model, v, toks, lens, 5)),
                                 np.asarray(run(9, 0.7, 1)))
@@ -261,6 +262,12 @@ def test_bfloat16_model_decodes_with_a_quantized_cache():
   toks, lens = decode.left_pad([[3, 17, 42], [11, 60, 5]])
   out = decode.generate(model, v, toks, lens, 9, cache_rules=_KIVI4, residual=4)
   assert out.shape == (2, 9) and out.dtype == jnp.int32
+  # a call past the last slot gives NaN logits, not silently clamped writes
+  small = kv.init_cache(cfg, 2, max_len=3)
+  logits, full = jax.jit(model.apply)(v, toks, cache=small)
+  assert bool(jnp.all(jnp.isfinite(logits)))
+  logits, _ = jax.jit(model.apply)(v, toks[:, :1], cache=full)
+  assert bool(jnp.all(jnp.isnan(logits)))
   c = kv.init_cache(cfg, 2, rules=_KIVI4, residual=4, max_len=12)
   assert c.layers[0].key.residual.dtype == jnp.bfloat16
   assert math.isclose(c.nbytes, sum(l.key.store.nbytes + l.value.store.nbytes
