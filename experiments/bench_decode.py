@@ -23,7 +23,9 @@ CPU smoke run (seconds)::
       --new_tokens=16 --residual=8 --kivi_group=8 --iters=2 \
       --out_dir=/tmp/bench_decode
 
-Writes ``decode_<device>.json`` and ``decode_<device>.md`` to ``--out_dir``.
+Writes ``decode_<device>.json`` and ``decode_<device>.md`` (or ``--tag``) to
+``--out_dir``. One batch size per command keeps a run short: ``--batches=1
+--tag=decode_h200_b1``, then ``--batches=16 --tag=decode_h200_b16``.
 """
 from __future__ import annotations
 
@@ -48,7 +50,8 @@ _NEW = flags.DEFINE_integer("new_tokens", 256, "generated tokens (>= 2)")
 _RESIDUAL = flags.DEFINE_integer("residual", 32, "float window of quantized caches")
 _KIVI_GROUP = flags.DEFINE_integer("kivi_group", 32,
                                    "tokens per KIVI key group (divides --residual)")
-_ITERS = flags.DEFINE_integer("iters", 10, "timed calls per measurement")
+_ITERS = flags.DEFINE_integer("iters", 5, "timed calls per measurement")
+_TAG = flags.DEFINE_string("tag", "", "output file stem (default decode_<device>)")
 _OUT_DIR = flags.DEFINE_string("out_dir", "benchmarks/decode", "where results go")
 
 
@@ -185,7 +188,7 @@ def _write(rows, cfg) -> None:
           "iters": _ITERS.value,
           "date": time.strftime("%Y-%m-%d")}
   os.makedirs(_OUT_DIR.value, exist_ok=True)
-  base = os.path.join(_OUT_DIR.value, f"decode_{tag}")
+  base = os.path.join(_OUT_DIR.value, _TAG.value or f"decode_{tag}")
   with open(base + ".json", "w") as f:
     json.dump({"meta": meta, "rows": rows}, f, indent=1)
   dev_cols = any("device_generate_s" in r for r in rows)
