@@ -225,6 +225,11 @@ def test_cache_nbytes_shrink_by_the_expected_factor():
   keys = b * s * kvh * d // 2 + b * (s // 8) * kvh * d * (4 + 1)  # scale + zp
   values = b * s * kvh * d // 2 + b * s * kvh * (4 + 1)
   assert k4.nbytes == layers * (keys + values + 2 * res)
+  fp8 = kv.init_cache(_CFG, b, max_len=s, rules=_FP8, residual=8).layers[0].key.store
+  assert fp8.codes.dtype == jnp.float8_e4m3fn and fp8.scale.shape == (b, s, kvh, 1)
+  heads = kv.init_cache(_CFG, b, max_len=s, residual=8,
+                        rules=_rule(QuantSpec("int8", axis=(2, 3))))
+  assert heads.layers[0].value.store.scale.shape == (b, s, 1, 1)  # one per token
   # without the residual windows: int8 ~ 4x smaller, 4-bit ~ 8x minus scales
   quant = k4.nbytes - 2 * layers * res
   # float32 k + v: 8 bytes; 4-bit k + v: 1 byte, plus a scale and zero point
