@@ -61,7 +61,8 @@ from lowbit_jax.formats import BlockFormat, LookupFormat
 
 OPS = ("dot_general", "einsum", "conv")      # ops with a weight (default)
 ACT_OPS = ("act_matmul",)                    # activation x activation matmuls
-ALL_OPS = OPS + ACT_OPS
+CACHE_OPS = ("kv_cache",)                    # a decoder's key/value cache
+ALL_OPS = OPS + ACT_OPS + CACHE_OPS
 MODES = ("fake", "real", "calibrate")
 LEARN_WEIGHT = (None, "lsq")
 LEARN_ACTIVATION = (None, "lsq", "pact")
@@ -103,7 +104,10 @@ class QuantRule:
       operand), or None (weight-only). An unset ``axis`` means per token
       (dynamic) or per tensor (static).
     ops: the ops the rule applies to, a subset of ``("dot_general", "einsum",
-      "conv", "act_matmul")``; the default is the three weight ops.
+      "conv", "act_matmul", "kv_cache")``; the default is the three weight
+      ops. ``"kv_cache"`` rules choose how a decoder's key/value cache is
+      stored (``lowbit_jax.models.kv_cache``; paths
+      ``layers_0/attn/cache/key`` and ``.../value``, the ``activation`` spec).
       ``quantize_function`` sees einsums as ``dot_general``, so there a rule
       with either name applies to every matmul with a weight.
     static: quantize activations with a static range from calibration (run the
@@ -1525,7 +1529,7 @@ def _quantize_operand(site: Site, x, spec: QuantSpec, kw: dict, key):
 
 
 __all__ = ["QuantRule", "QuantConfig", "Site", "SiteCall", "QWeight", "WeightPlan",
-           "OPS", "ACT_OPS", "ALL_OPS", "MODES", "SCALES", "STATE", "METRICS",
+           "OPS", "ACT_OPS", "CACHE_OPS", "ALL_OPS", "MODES", "SCALES", "STATE", "METRICS",
            "as_config", "as_qweight", "candidates", "path_str",
            "plan_weight", "conv_weight_spec", "quantize_weight", "quantize_params",
            "logical_shape", "logical_value", "einsum_dims", "site_dot_general",

@@ -23,17 +23,24 @@ Attention's own matmuls (q.k and p.v) run through ``lowbit_jax.flax.ActEinsum``
 ``layers_0/attn/pv``, where a rule listing ``"act_matmul"`` in its ``ops``
 quantizes them, e.g. ``QuantRule(".*/attn/(qk|pv)", activation="fp8_e4m3",
 grad="fp8_e5m2", ops=("act_matmul",))``.
+
+Decoding: ``model.apply(variables, tokens, cache=cache)`` with a
+``lowbit_jax.models.kv_cache.KVCache`` runs ``tokens`` as the next positions
+after what the cache holds and returns ``(logits, new_cache)``; the cache may
+be stored quantized by rules (see ``kv_cache``), and
+``lowbit_jax.models.decode`` has the jitted prefill/generate loop.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from lowbit_jax.flax._linen import ActEinsum
+from lowbit_jax.models import kv_cache as kv_lib
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
            "float16": jnp.float16}
@@ -177,13 +184,33 @@ def _dense(features: int, name: str, dtype: Any) -> nn.Dense:
                   name=name)
 
 
+def _hadamard(x: jax.Array) -> jax.Array:
+  """``x @ H`` over the last axis (normalized Walsh-Hadamard, ``H @ H = I``)."""
+  from lowbit_jax.algorithms.rotation import walsh_hadamard_transform  # pylint: disable=g-import-not-at-top
+  return walsh_hadamard_transform(x)
+
+
 class Attention(nn.Module):
   """Causal grouped-query self-attention with rotary positions."""
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-    """Attends causally over ``x [B, T, d_model]`` at ``positions [T]``."""
+  def __call__(self, x: jax.Array, positions: jax.Array,
+               cache: Optional[kv_lib.KVCache] = None,
+               layer_cache: Optional[kv_lib.LayerCache] = None):
+    """Attends causally over ``x [B, T, d_model]`` at ``positions``.
+
+    Args:
+      x: the normalised residual stream.
+      positions: ``[T]`` or ``[B, T]`` rotary positions.
+      cache: with ``layer_cache``, decode: ``x`` holds the tokens of slots
+        ``cache.index ...``, which attend to the cached tokens and causally
+        to each other (padding slots masked, see ``kv_cache``).
+      layer_cache: this layer's keys and values.
+
+    Returns:
+      ``[B, T, d_model]``, or with a cache ``(that, updated layer_cache)``.
+    """
     cfg = self.config
     b, t, _ = x.shape
     hd, h, kvh = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
@@ -194,16 +221,38 @@ class Attention(nn.Module):
     q = apply_rope(q, positions, cfg.rope_theta)
     k = apply_rope(k, positions, cfg.rope_theta)
     groups = h // kvh
+    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+    if cache is None:
+      keys, values, mask = k, v, causal[None]
+    else:
+      if cache.rotate:
+        q, k, v = _hadamard(q), _hadamard(k), _hadamard(v)
+      slots = cache.index + jnp.arange(t, dtype=jnp.int32)
+      new_valid = slots[None] >= cache.pad[:, None]  # [B, T]: not padding
+      k = jnp.where(new_valid[:, :, None, None], k, jnp.zeros_like(k))
+      v = jnp.where(new_valid[:, :, None, None], v, jnp.zeros_like(v))
+      keys = jnp.concatenate([kv_lib.read(layer_cache.key, cache, dt), k], axis=1)
+      values = jnp.concatenate([kv_lib.read(layer_cache.value, cache, dt), v],
+                               axis=1)
+      old = jnp.broadcast_to(kv_lib.valid_slots(cache)[:, None],
+                             (b, t, cache.slots))
+      mask = jnp.concatenate([old, causal[None] & new_valid[:, None, :]], axis=2)
     q = q.reshape(b, t, kvh, groups, hd)
     scores = ActEinsum("bqkgd,bskd->bkgqs", preferred_element_type=jnp.float32,
-                       name="qk")(q, k)
+                       name="qk")(q, keys)
     scores = scores * (hd ** -0.5)
-    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
-    scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = ActEinsum("bkgqs,bskd->bqkgd", name="pv")(probs, v)
+    out = ActEinsum("bkgqs,bskd->bqkgd", name="pv")(probs, values)
+    if cache is not None and cache.rotate:
+      out = _hadamard(out)
     out = out.reshape(b, t, h * hd)
-    return _dense(cfg.d_model, "o_proj", dt)(out)
+    out = _dense(cfg.d_model, "o_proj", dt)(out)
+    if cache is None:
+      return out
+    new_layer = kv_lib.LayerCache(kv_lib.append(layer_cache.key, cache, k),
+                                  kv_lib.append(layer_cache.value, cache, v))
+    return out, new_layer
 
 
 class MLP(nn.Module):
@@ -269,15 +318,27 @@ class Block(nn.Module):
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-    """Applies the block to the residual stream ``x [B, T, d_model]``."""
+  def __call__(self, x: jax.Array, positions: jax.Array,
+               cache: Optional[kv_lib.KVCache] = None,
+               layer_cache: Optional[kv_lib.LayerCache] = None):
+    """Applies the block to the residual stream ``x [B, T, d_model]``.
+
+    With ``cache`` and ``layer_cache`` (see ``Attention``), returns
+    ``(x, updated layer_cache)``.
+    """
     cfg = self.config
     dt = cfg.compute_dtype
     h = nn.RMSNorm(epsilon=cfg.norm_eps, dtype=dt, name="attn_norm")(x)
-    x = x + Attention(cfg, name="attn")(h, positions)
+    new_layer = None
+    if cache is None:
+      x = x + Attention(cfg, name="attn")(h, positions)
+    else:
+      a, new_layer = Attention(cfg, name="attn")(h, positions, cache, layer_cache)
+      x = x + a
     h = nn.RMSNorm(epsilon=cfg.norm_eps, dtype=dt, name="mlp_norm")(x)
     mlp = MoEMLP(cfg, name="mlp") if cfg.n_experts else MLP(cfg, name="mlp")
-    return x + mlp(h)
+    x = x + mlp(h)
+    return x if cache is None else (x, new_layer)
 
 
 class Llama(nn.Module):
@@ -289,11 +350,23 @@ class Llama(nn.Module):
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, tokens: jax.Array) -> jax.Array:
+  def __call__(self, tokens: jax.Array, *,
+               cache: Optional[kv_lib.KVCache] = None):
     """Returns float32 next-token logits ``[B, T, vocab]`` for ``tokens [B, T]``.
 
+    Args:
+      tokens: token ids.
+      cache: decode with a ``KVCache``: ``tokens`` fill slots ``cache.index``
+        to ``cache.index + T - 1``, row ``b`` at rotary positions ``slot -
+        pad[b]``. Slots must fit in ``cache.max_len``; a call past the end
+        (which jit cannot reject) returns NaN logits.
+
+    Returns:
+      The logits, or with a cache ``(logits, cache with the tokens appended)``.
+
     Raises:
-      ValueError: if ``tokens`` is not 2-D integer or longer than ``max_len``.
+      ValueError: if ``tokens`` is not 2-D integer, longer than ``max_len``
+        (or than the cache), or the cache was built for another model.
     """
     cfg = self.config
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
@@ -309,15 +382,54 @@ class Llama(nn.Module):
     embed = nn.Embed(cfg.vocab, cfg.d_model, dtype=dt, param_dtype=jnp.float32,
                      embedding_init=nn.initializers.normal(std), name="embed")
     x = embed(tokens)
-    positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
-    for i in range(cfg.n_layers):
-      x = Block(cfg, name=f"layers_{i}")(x, positions)
+    t = tokens.shape[1]
+    if cache is None:
+      positions = jnp.arange(t, dtype=jnp.int32)
+      for i in range(cfg.n_layers):
+        x = Block(cfg, name=f"layers_{i}")(x, positions)
+    else:
+      _check_cache(cfg, cache, tokens)
+      positions = (cache.index + jnp.arange(t, dtype=jnp.int32))[None] \
+          - cache.pad[:, None]
+      layers = []
+      for i in range(cfg.n_layers):
+        x, lc = Block(cfg, name=f"layers_{i}")(x, positions, cache, cache.layers[i])
+        layers.append(lc)
+      cache = cache.replace(layers=tuple(layers), index=cache.index + t)
     x = nn.RMSNorm(epsilon=cfg.norm_eps, dtype=dt, name="final_norm")(x)
     if cfg.tie_embeddings:
       logits = embed.attend(x)
     else:
       logits = _dense(cfg.vocab, "lm_head", dt)(x)
-    return logits.astype(jnp.float32)
+    logits = logits.astype(jnp.float32)
+    if cache is None:
+      return logits
+    # Writing past the last slot would clamp (dynamic_update_slice): make it
+    # visible instead of silently wrong.
+    logits = jnp.where(cache.index <= cache.max_len, logits, jnp.nan)
+    return logits, cache
+
+
+def _check_cache(cfg: LlamaConfig, cache: kv_lib.KVCache, tokens: jax.Array) -> None:
+  if not isinstance(cache, kv_lib.KVCache):
+    raise TypeError(f"cache must be a KVCache (lowbit_jax.models.kv_cache."
+                    f"init_cache), got {type(cache).__name__}")
+  lc = cache.layers[0].key if cache.layers else None
+  shape = (lc.store.shape if lc is not None else None)
+  want = (cache.batch, cfg.n_kv_heads, cfg.head_dim)
+  if (len(cache.layers) != cfg.n_layers or shape is None
+      or (shape[0], shape[2], shape[3]) != want):
+    raise ValueError(f"the cache does not fit this model: it has "
+                     f"{len(cache.layers)} layers of shape {shape}, the model "
+                     f"{cfg.n_layers} layers of [batch={cache.batch}, slot, "
+                     f"{cfg.n_kv_heads}, {cfg.head_dim}]; build it with "
+                     "init_cache(model.config, batch)")
+  if tokens.shape[0] != cache.batch:
+    raise ValueError(f"tokens have batch {tokens.shape[0]}, the cache "
+                     f"{cache.batch}")
+  if tokens.shape[1] > cache.max_len:
+    raise ValueError(f"{tokens.shape[1]} tokens do not fit a cache of max_len="
+                     f"{cache.max_len}")
 
 
 def num_params(params: Any) -> int:

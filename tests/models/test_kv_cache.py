@@ -1,0 +1,292 @@
+"""Tests of the decoder's KV cache (float and quantized) and the decode loop."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lowbit_jax import QArray, QuantRule, QuantSpec, dequantize, fake_quant
+from lowbit_jax.models import decode
+from lowbit_jax.models import kv_cache as kv
+from lowbit_jax.models.llama import Llama, LlamaConfig
+
+_CFG = LlamaConfig.smoke(vocab=96, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64,
+                         max_len=32)
+
+
+@pytest.fixture(scope="module")
+def model_vars():
+  model = Llama(_CFG)
+  v = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+  return model, v, jax.jit(model.apply)
+
+
+def _tokens(b, t, seed=1):
+  return jax.random.randint(jax.random.key(seed), (b, t), 0, _CFG.vocab)
+
+
+def _rule(spec, path=".*/attn/cache/.*"):
+  return [QuantRule(path, activation=spec, ops=("kv_cache",))]
+
+
+_INT8 = _rule(QuantSpec("int8", axis=-1))
+_FP8 = _rule(QuantSpec("fp8_e4m3", axis=-1))
+_KIVI4 = kv.kivi_rules(4, group_size=4)
+_T, _P = 14, 9  # tokens per row, prompt (prefilled) tokens
+
+
+@pytest.mark.parametrize("rotate", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_float_cache_teacher_forced_equals_full_forward(model_vars, rotate):
+  model, v, apply = model_vars
+  toks = _tokens(2, _T)
+  full = apply(v, toks)
+  got = decode.make_teacher_forced(model, _T, 2, prompt_len=_P, rotate=rotate)(v, toks)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(full), atol=2e-5, rtol=1e-5)
+
+
+def test_greedy_decode_is_argmax_of_full_forward_and_padding_is_exact(model_vars):
+  model, v, apply = model_vars
+  prompts = [[3, 17, 42, 8, 9], [11, 60]]
+  toks, lens = decode.left_pad(prompts)
+  n = 6
+  out = decode.generate(model, v, toks, lens, n)
+  again = decode.generate(model, v, toks, lens, n)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(again))
+  # The reference: argmax of a full forward pass at each step, each row
+  # unpadded (right-filled to a fixed length, which causality ignores).
+  seqs = [list(p) for p in prompts]
+  for _ in range(n):
+    batch = np.zeros((2, _T), np.int32)
+    for r, s in enumerate(seqs):
+      batch[r, :len(s)] = s
+    logits = apply(v, jnp.asarray(batch))
+    for r, s in enumerate(seqs):
+      s.append(int(jnp.argmax(logits[r, len(s) - 1])))
+  for r, p in enumerate(prompts):
+    assert list(np.asarray(out[r])) == seqs[r][len(p):], r
+
+
+def test_sample_token_temperature_top_k_and_keys():
+  logits = jnp.asarray([[0.0, 3.0, 1.0, 2.9, -1.0]] * 4000)
+  sample = jax.jit(decode.sample_token, static_argnums=(2, 3))
+  greedy = sample(logits, None, 0.0, None)
+  np.testing.assert_array_equal(np.asarray(greedy), 1)
+  key = jax.random.key(5)
+  a = sample(logits, key, 1.0, 2)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(sample(logits, key, 1.0, 2)))
+  assert not np.array_equal(np.asarray(a),
+                            np.asarray(sample(logits, jax.random.key(6), 1.0, 2)))
+  assert set(np.unique(np.asarray(a))) == {1, 3}  # only the top 2
+  frac = float(jnp.mean(a == 1))
+  assert frac == pytest.approx(1 / (1 + math.exp(-0.1)), abs=0.03)
+  hot = sample(logits, key, 1.0, None)
+  assert set(np.unique(np.asarray(hot))) == {0, 1, 2, 3, 4}
+
+
+@pytest.mark.slow
+def test_sampled_generate_is_reproducible_and_top_k_1_is_greedy(model_vars):
+  model, v, _ = model_vars
+  toks, lens = decode.left_pad([[3, 17, 42], [11, 60, 5]])
+  run = lambda k, t, top: decode.generate(  # noqa: E731
+      model, v, toks, lens, 5, key=jax.random.key(k), temperature=t, top_k=top)
+  np.testing.assert_array_equal(np.asarray(run(7, 1.5, 20)),
+                                np.asarray(run(7, 1.5, 20)))
+  assert not np.array_equal(np.asarray(run(7, 1.5, 20)), np.asarray(run(8, 1.5, 20)))
+  np.testing.assert_array_equal(np.asarray(decode.generate(model, v, toks, lens, 5)),
+                                np.asarray(run(9, 0.7, 1)))
+
+
+def test_generate_needs_a_key_to_sample(model_vars):
+  model, v, _ = model_vars
+  with pytest.raises(ValueError, match="PRNG key"):
+    decode.generate(model, v, *decode.left_pad([[1, 2]]), 3, temperature=1.0)
+
+
+def _reference(apply, v, toks, pad, prompt_len, rules, residual):
+  """Decoding through a float cache whose full chunks are fake-quantized when read.
+
+  Chunks of ``residual`` tokens hold whole groups of every spec, so
+  fake-quantizing the slots below the last full chunk in one call quantizes
+  each chunk on its own.
+
+  Returns:
+    ``(logits [B, T, V], the float cache after the prompt and each step)``.
+  """
+  b, t = toks.shape
+  specs = kv.cache_specs(_CFG.n_layers, rules)
+  n_q_max = (t // residual) * residual
+
+  @jax.jit
+  def step(raw, piece):
+    n_q = (raw.index // residual) * residual
+    slots = jnp.arange(t)[None, :, None, None]
+
+    def view(tensor, spec):
+      if spec is None:
+        return tensor
+      x = tensor.store
+      fq = jnp.concatenate([fake_quant(x[:, :n_q_max], spec), x[:, n_q_max:]], axis=1)
+      return kv.CacheTensor(jnp.where(slots < n_q, fq, x), None)
+    layers = tuple(kv.LayerCache(view(l.key, ks), view(l.value, vs))
+                   for l, (ks, vs) in zip(raw.layers, specs))
+    logits, new = apply(v, piece, cache=raw.replace(layers=layers))
+    new_slot = (slots >= raw.index) & (slots < raw.index + piece.shape[1])
+
+    def keep(old, nw):  # the raw (unquantized) slots, plus the new tokens
+      return kv.CacheTensor(jnp.where(new_slot, nw.store, old.store), None)
+    return logits, new.replace(layers=tuple(
+        kv.LayerCache(keep(o.key, w.key), keep(o.value, w.value))
+        for o, w in zip(raw.layers, new.layers)))
+
+  raw = kv.init_cache(_CFG, b, max_len=t, pad=pad)
+  outs, raws = [], []
+  for piece in [toks[:, :prompt_len]] + [toks[:, i:i + 1]
+                                         for i in range(prompt_len, t)]:
+    logits, raw = step(raw, piece)
+    outs.append(logits)
+    raws.append(raw)
+  return jnp.concatenate(outs, axis=1), raws
+
+
+def _decode(apply, v, toks, cache, prompt_len):
+  """Prefill, then teacher-forced steps, through ``apply``; logits and caches."""
+  logits, cache = apply(v, toks[:, :prompt_len], cache=cache)
+  outs, caches = [logits], [cache]
+  for i in range(prompt_len, toks.shape[1]):
+    logits, cache = apply(v, toks[:, i:i + 1], cache=cache)
+    outs.append(logits)
+    caches.append(cache)
+  return jnp.concatenate(outs, axis=1), caches
+
+
+@pytest.mark.parametrize("name,rules,residual,prompt_len", [
+    ("kivi4", _KIVI4, 4, 1),  # one token at a time: one compile per path
+    pytest.param("kivi4", _KIVI4, 4, _P, marks=pytest.mark.slow),
+    pytest.param("int8", _INT8, 3, _P, marks=pytest.mark.slow),
+    pytest.param("fp8", _FP8, 2, _P, marks=pytest.mark.slow)])
+def test_quantized_cache_matches_fake_quant_reference(model_vars, name, rules,
+                                                      residual, prompt_len):
+  model, v, apply = model_vars
+  toks = _tokens(2, _T, seed=3)
+  pad = jnp.asarray([0, 3], jnp.int32)  # row 1: a prompt of 6 tokens, left-padded
+  cache = kv.init_cache(_CFG, 2, max_len=_T, pad=pad, rules=rules, residual=residual)
+  got, caches = _decode(apply, v, toks, cache, prompt_len)
+  ref, raws = _reference(apply, v, toks, pad, prompt_len, rules, residual)
+  # (padding positions' logits mean nothing: compare the real tokens')
+  np.testing.assert_allclose(np.asarray(got[0]), np.asarray(ref[0]), atol=1e-4,
+                             rtol=1e-4, err_msg=name)
+  np.testing.assert_allclose(np.asarray(got[1, 3:]), np.asarray(ref[1, 3:]),
+                             atol=1e-4, rtol=1e-4, err_msg=name)
+  full = apply(v, toks)
+  assert float(jnp.max(jnp.abs(got[0] - full[0]))) > 1e-4, name  # it did quantize
+
+  # Layer 0's keys and values depend on the tokens only: after _P tokens,
+  # its store holds exactly their chunk-wise quantization, its window the rest.
+  n_q = (_P // residual) * residual
+  at = _P - prompt_len  # the cache after _P tokens
+  for which in ("key", "value"):
+    ref_t = getattr(raws[at].layers[0], which).store
+    q_t = getattr(caches[at].layers[0], which)
+    assert isinstance(q_t.store, QArray)
+    np.testing.assert_array_equal(np.asarray(ref_t[1, :3]), 0.0)  # pads: zeros
+    want = kv.fake_quant_chunks(ref_t, q_t.store.spec, residual, _P)[:, :n_q]
+    np.testing.assert_allclose(np.asarray(dequantize(q_t.store)[:, :n_q]),
+                               np.asarray(want), rtol=1e-6, atol=1e-6)
+    assert not np.allclose(np.asarray(want), np.asarray(ref_t[:, :n_q]))
+    np.testing.assert_array_equal(np.asarray(q_t.residual[:, :_P - n_q]),
+                                  np.asarray(ref_t[:, n_q:_P]))
+
+
+@pytest.mark.slow
+def test_make_teacher_forced_with_a_quantized_cache(model_vars):
+  """The jitted teacher-forced loop computes what step-by-step apply does."""
+  model, v, apply = model_vars
+  toks = _tokens(2, _T, seed=4)
+  got = decode.make_teacher_forced(model, _T, 2, prompt_len=_P, cache_rules=_KIVI4,
+                                   residual=4)(v, toks)
+  cache = kv.init_cache(_CFG, 2, max_len=_T, rules=_KIVI4, residual=4)
+  want, _ = _decode(apply, v, toks, cache, _P)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+
+
+def test_cache_nbytes_shrink_by_the_expected_factor():
+  b, s, kvh, d, layers = 2, 32, _CFG.n_kv_heads, _CFG.head_dim, _CFG.n_layers
+  fl = kv.init_cache(_CFG, b, max_len=s)
+  assert fl.nbytes == 2 * layers * b * s * kvh * d * 4
+  res = b * 8 * kvh * d * 4  # one float32 residual window of 8 tokens
+  i8 = kv.init_cache(_CFG, b, max_len=s, rules=_INT8, residual=8)
+  per_tensor = b * s * kvh * d * 1 + b * s * kvh * 4 + res  # codes + scales
+  assert i8.nbytes == 2 * layers * per_tensor
+  k4 = kv.init_cache(_CFG, b, max_len=s, rules=kv.kivi_rules(4, group_size=8),
+                     residual=8)
+  store = k4.layers[0].key.store
+  assert store.codes.dtype == jnp.uint8 and store.codes.shape == (b, s // 2, kvh, d)
+  keys = b * s * kvh * d // 2 + b * (s // 8) * kvh * d * (4 + 1)  # scale + zp
+  values = b * s * kvh * d // 2 + b * s * kvh * (4 + 1)
+  assert k4.nbytes == layers * (keys + values + 2 * res)
+  fp8 = kv.init_cache(_CFG, b, max_len=s, rules=_FP8, residual=8).layers[0].key.store
+  assert fp8.codes.dtype == jnp.float8_e4m3fn and fp8.scale.shape == (b, s, kvh, 1)
+  heads = kv.init_cache(_CFG, b, max_len=s, residual=8,
+                        rules=_rule(QuantSpec("int8", axis=(2, 3))))
+  assert heads.layers[0].value.store.scale.shape == (b, s, 1, 1)  # one per token
+  # without the residual windows: int8 ~ 4x smaller, 4-bit ~ 8x minus scales
+  quant = k4.nbytes - 2 * layers * res
+  # float32 k + v: 8 bytes; 4-bit k + v: 1 byte, plus a scale and zero point
+  # (5 bytes) per 8 key tokens and per value token and head
+  assert fl.nbytes / quant == pytest.approx(8 / (1 + 5 / 8 + 5 / d), rel=1e-9)
+
+
+def test_rules_choose_layers_and_reject_what_a_cache_cannot_store():
+  rules = [QuantRule("layers_0/attn/cache/key", activation="int8", ops=("kv_cache",))]
+  c = kv.init_cache(_CFG, 1, max_len=16, rules=rules, residual=4)
+  assert isinstance(c.layers[0].key.store, QArray)
+  assert not isinstance(c.layers[0].value.store, QArray)
+  assert not isinstance(c.layers[1].key.store, QArray)
+  assert c.layers[0].key.store.spec.axis == 3  # unset axis: per token and head
+  with pytest.raises(ValueError, match="matched no cache path"):
+    kv.init_cache(_CFG, 1, rules=_rule("int8", "attn/cache/k"), strict=True)
+  with pytest.raises(ValueError, match="does not use"):
+    kv.init_cache(_CFG, 1, rules=[QuantRule(".*cache.*", weight="int8",
+                                            activation="int8", ops=("kv_cache",))])
+  with pytest.raises(ValueError, match="independent chunks"):  # one scale for all
+    kv.init_cache(_CFG, 1, rules=_rule(QuantSpec("int8", axis="tensor")), residual=8)
+  with pytest.raises(ValueError, match="independent chunks"):  # group 4, window 6
+    kv.init_cache(_CFG, 1, rules=_KIVI4, residual=6)
+  with pytest.raises(ValueError, match="tensor"):
+    kv.init_cache(_CFG, 1, rules=_rule(QuantSpec("nvfp4", axis=-1)))
+  # rules for the weights leave the cache alone
+  assert kv.init_cache(_CFG, 1, rules=[QuantRule(".*", weight="int4")]).residual == 0
+
+
+@pytest.mark.slow
+def test_bfloat16_model_decodes_with_a_quantized_cache():
+  cfg = _CFG.replace(dtype="bfloat16")
+  model = Llama(cfg)
+  v = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+  toks, lens = decode.left_pad([[3, 17, 42], [11, 60, 5]])
+  out = decode.generate(model, v, toks, lens, 9, cache_rules=_KIVI4, residual=4)
+  assert out.shape == (2, 9) and out.dtype == jnp.int32
+  # a call past the last slot gives NaN logits, not silently clamped writes
+  small = kv.init_cache(cfg, 2, max_len=3)
+  logits, full = jax.jit(model.apply)(v, toks, cache=small)
+  assert bool(jnp.all(jnp.isfinite(logits)))
+  logits, _ = jax.jit(model.apply)(v, toks[:, :1], cache=full)
+  assert bool(jnp.all(jnp.isnan(logits)))
+  c = kv.init_cache(cfg, 2, rules=_KIVI4, residual=4, max_len=12)
+  assert c.layers[0].key.residual.dtype == jnp.bfloat16
+  assert math.isclose(c.nbytes, sum(l.key.store.nbytes + l.value.store.nbytes
+                                    + 2 * 2 * 4 * 2 * 8 * 2 for l in c.layers))
+
+
+@pytest.mark.slow
+def test_weight_quantized_model_decodes_through_its_quantizer(model_vars):
+  """``apply_fn`` = a quantizer's wrapped apply: the cache path keeps its numbers."""
+  from lowbit_jax.flax import quantize_linen  # pylint: disable=g-import-not-at-top
+  model, v, _ = model_vars
+  q = quantize_linen([QuantRule(".*", weight="int8", activation="int8")])
+  toks = _tokens(2, _T, seed=5)
+  full = q(model.apply)(v, toks)
+  got = decode.make_teacher_forced(model, _T, 2, prompt_len=_P,
+                                   apply_fn=q(model.apply))(v, toks)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(full), atol=2e-5, rtol=1e-5)
