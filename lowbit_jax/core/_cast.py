@@ -210,6 +210,9 @@ def _cast_int(x: jax.Array, fmt: IntFormat, saturate: bool, noise, lo=None, hi=N
   return y.astype(x.dtype)
 
 
+_SHORT_TABLE = 32  # lookup tables up to this long round with fused select chains
+
+
 def _table_at(table: tuple, idx: jax.Array, start: int = 0) -> jax.Array:
   """``table[idx + start]`` (float32) for int32 indices in range, as a select chain.
 
@@ -227,13 +230,25 @@ def lookup_round_index(x: jax.Array, fmt: LookupFormat, noise=None) -> jax.Array
   table = fmt.table
   n = len(table)
   xf = x.astype(jnp.float32)
-  # Index of the largest entry <= x (clamped into [0, n-2] so hi exists): a
-  # count of comparisons, fused (a binary search would loop over the array).
-  count = sum((xf >= np.float32(t)).astype(jnp.int32) for t in table)
+  # Index of the largest entry <= x (clamped into [0, n-2] so hi exists).
+  if n <= _SHORT_TABLE:
+    # A count of comparisons and select chains: fused, no loop, no gather.
+    count = sum((xf >= np.float32(t)).astype(jnp.int32) for t in table)
+  else:
+    # Long tables (8-bit codebooks: 256 entries) would make that thousands of
+    # ops per element, and an HLO so large that compiling an optimizer over a
+    # model's moments takes minutes and gigabytes: an unrolled binary search
+    # (log2 n compares) and a gather instead. Same indices.
+    t32 = jnp.asarray(table, jnp.float32)
+    count = jnp.searchsorted(t32, xf, side="right", method="scan_unrolled").astype(
+        jnp.int32)
   count = jnp.where(jnp.isnan(xf), n, count)  # searchsorted puts NaN last
   lo_idx = jnp.clip(count - 1, 0, n - 2)
-  lo = _table_at(table, lo_idx)
-  hi = _table_at(table, lo_idx, start=1)
+  if n <= _SHORT_TABLE:
+    lo = _table_at(table, lo_idx)
+    hi = _table_at(table, lo_idx, start=1)
+  else:
+    lo, hi = jnp.take(t32, lo_idx), jnp.take(t32, lo_idx + 1)
   if noise is None:
     dl = jnp.abs(xf - lo)
     dh = jnp.abs(hi - xf)
@@ -250,7 +265,10 @@ def lookup_round_index(x: jax.Array, fmt: LookupFormat, noise=None) -> jax.Array
 
 def _cast_lookup(x, fmt: LookupFormat, noise):
   idx = lookup_round_index(x, fmt, noise)
-  y = _table_at(fmt.table, idx)
+  if len(fmt.table) <= _SHORT_TABLE:
+    y = _table_at(fmt.table, idx)
+  else:
+    y = jnp.take(jnp.asarray(fmt.table, jnp.float32), idx)
   return jnp.where(jnp.isnan(x), jnp.nan, y).astype(x.dtype)
 
 

@@ -237,7 +237,7 @@ def test_native_fp8_rounding_matches_emulation(name, monkeypatch):
   _assert_same(codes, jax.jit(lambda v: ref.encode(v, fmt))(want), f"{name} codes")
 
 
-@pytest.mark.parametrize("name", ["nf4", "binary", "ternary"])
+@pytest.mark.parametrize("name", ["nf4", "binary", "ternary", "dynamic8"])
 def test_lookup_rounding_matches_reference(name):
   """Table lookups without a binary search or a gather: same indices and values,
   nearest (ties to even) and stochastic, at every entry and midpoint and one
