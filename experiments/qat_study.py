@@ -107,8 +107,15 @@ def _summary(res: dict, workdir: pathlib.Path) -> dict:
 
 
 def _save_partial(root: pathlib.Path, part: str, out: dict) -> None:
-  """Writes a part's results so far: a killed part still reports what ran."""
-  (root / f"{part}.json").write_text(json.dumps({part: out}, indent=1))
+  """Writes a part's results so far: a killed part still reports what ran.
+
+  Entries of an earlier run of the part that this run did not redo are kept,
+  so one part can be split over several processes or device calls (e.g.
+  ``--config.state_formats=float32`` then ``=int8,4bit``).
+  """
+  path = root / f"{part}.json"
+  old = json.loads(path.read_text()).get(part, {}) if path.exists() else {}
+  path.write_text(json.dumps({part: {**old, **out}}, indent=1))
 
 
 def part_float(c, root: pathlib.Path) -> dict:
