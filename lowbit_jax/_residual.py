@@ -425,8 +425,9 @@ def find_residual_stream(fn: Callable, params: Any, *args, **kwargs) -> Residual
           writer_of(other, eqn)
           st[out] = "stream"
       elif any(isinstance(s, tuple) for s in (sa, sb)):
-        fail(eqn, "a value is added to a norm's output (a LayerNorm bias, or a "
-             "post-norm residual)")
+        g = sa[1] if isinstance(sa, tuple) else sb[1]
+        fail(eqn, f"a value is added to the output of the norm with gain {g!r} (a "
+             "LayerNorm bias, or a post-norm residual)")
       else:
         fail(eqn, f"{sa} {name} {sb}")
     elif name == "mul":

@@ -42,7 +42,7 @@ from lowbit_jax import _rules
 from lowbit_jax._residual import (ResidualStream, find_residual_stream,
                                   matmul_input_axes, param_path)
 from lowbit_jax.algorithms.rtn import check_kernel
-from lowbit_jax.core._hadamard import hadamard, hadamard_factors, hadamard_transform
+from lowbit_jax.core._hadamard import hadamard, hadamard_factors
 
 Kernels = Union[jax.Array, Sequence[jax.Array]]
 
@@ -197,17 +197,22 @@ def rotate_inputs(x: jax.Array, r: jax.Array) -> jax.Array:
 # QuaRot on a whole model
 
 
-def _rotate_axis(w: jax.Array, axis: int, q: jax.Array) -> jax.Array:
-  """``w`` with ``axis`` multiplied by ``q`` (``w'[.., j, ..] = sum_i w[.., i, ..] q[i, j]``)."""
-  w32 = jnp.asarray(w).astype(jnp.float32)
-  out = jnp.tensordot(w32, q, axes=((axis,), (0,)), precision=jax.lax.Precision.HIGHEST)
-  return jnp.moveaxis(out, -1, axis).astype(w.dtype)
+def _rotate_axis(w: jax.Array, axis: int, q) -> jax.Array:
+  """``w`` with ``axis`` multiplied by ``q`` (``w'[.., j, ..] = sum_i w[.., i, ..] q[i, j]``).
+
+  In float64 on the host (a one-off transformation of the weights).
+  """
+  w64 = np.asarray(w, np.float64)
+  out = np.moveaxis(np.tensordot(w64, np.asarray(q, np.float64), axes=((axis,), (0,))),
+                    -1, axis)
+  return jnp.asarray(out, dtype=w.dtype)
 
 
 def _scale_axis(w: jax.Array, axis: int, g: jax.Array) -> jax.Array:
   shape = [1] * w.ndim
   shape[axis] = w.shape[axis]
-  return (w.astype(jnp.float32) * g.astype(jnp.float32).reshape(shape)).astype(w.dtype)
+  out = np.asarray(w, np.float64) * np.asarray(g, np.float64).reshape(shape)
+  return jnp.asarray(out, dtype=w.dtype)
 
 
 def _map_leaves(params: Any, updates: dict) -> Any:
@@ -358,8 +363,8 @@ def rotate_model(fn: Callable, params: Any, *args, key: jax.Array,
       if any(r == (p, a) for r in stream.rotate):
         raise ValueError(f"{p}: reads the residual stream, which is rotated by the "
                          "fold already; leave it out of online")
-      hadamard_factors(int(cur[p].shape[a]))   # raises with the sizes it can build
-      upd[p] = hadamard_transform(cur[p], a)
+      # H^T W along axis a (raises naming the sizes it can build).
+      upd[p] = _rotate_axis(cur[p], a, hadamard(int(cur[p].shape[a])))
       done.append((p, a))
     new = _map_leaves(new, upd)
   return new, RotatedModel(stream, tuple(done), q)
