@@ -154,3 +154,22 @@ def test_input_rotation_rule_validation():
   with pytest.raises(ValueError, match="input_rotation must be one of"):
     QuantRule(".*", input_rotation="random")
   assert not QuantRule(".*", input_rotation="hadamard").is_float
+
+
+@pytest.mark.slow
+def test_apply_ptq_quarot_with_gptq(llama):
+  """The Linen PTQ driver: rotate, check, GPTQ on the rotated kernels, W4A4."""
+  from lowbit_jax.flax import apply_ptq
+  model, params, toks, ref, _, _ = llama
+  w4a4 = [QuantRule(".*", weight="int4", activation="int4")]
+  plain = jax.jit(quantize_linen(w4a4)(model.apply))({"params": params}, toks)
+  qparams, rep = apply_ptq(model, params, [(toks,)], "quarot", "int4", "int4",
+                           quantizer="gptq", online=".*/down_proj/kernel")
+  assert rep["rotation"].online_paths == ("layers_0/mlp/down_proj/kernel",
+                                          "layers_1/mlp/down_proj/kernel")
+  a4 = [QuantRule(".*", activation="int4")]   # weights are in qparams
+  out = jax.jit(quantize_linen(rep["rotation"].rules(a4))(model.apply))(
+      {"params": qparams}, toks)
+  assert _rel(out, ref) < 0.75 * _rel(plain, ref)
+  with pytest.raises(ValueError, match="online= applies to method='quarot'"):
+    apply_ptq(model, params, [(toks,)], "gptq", "int4", online=".*")
