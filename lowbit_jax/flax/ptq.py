@@ -61,7 +61,8 @@ from lowbit_jax.algorithms.rotation import random_hadamard, rotate_model
 from lowbit_jax.core import hadamard
 from lowbit_jax.algorithms.smoothquant import smoothquant_scales
 from lowbit_jax.algorithms.rtn import kernel_spec, rtn, sqnr_db
-from lowbit_jax.core import QuantSpec, as_spec, fake_quant
+from lowbit_jax._rules import _expand_grid
+from lowbit_jax.core import QuantSpec, as_spec, fake_quant, init_scale
 from lowbit_jax.flax._capture import Capture, DenseStats, capture_dense_stats, split_batch
 from lowbit_jax.formats import Format
 
@@ -280,8 +281,15 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
     kernel replaced by its fake-quantized value (and folds applied), and a
     report dict: ``layers`` (path -> spec, transform, weight_sqnr_db,
     output_sqnr_db, seconds), ``folds`` (one entry per group), ``method``,
-    ``capture_seconds``, ``total_seconds``; for "quarot" also ``rotation``
-    (the ``RotatedModel``: run inference with ``rotation.rules(rules)``).
+    ``capture_seconds``, ``total_seconds``, ``quant_scales`` (the scale grid
+    each quantized kernel was rounded with, for symmetric specs, nested as
+    the ``"quant_scales"`` collection: ``{"layer": {"weight_scale": s}}``;
+    pass ``{"params": new_params, "quant_scales": report["quant_scales"]}``
+    to ``LinenQuantizer.quantize_params`` for real mode, whose codes then
+    equal the PTQ result exactly: re-deriving a scale from a GPTQ kernel's
+    amax changes some codes, since a group's final values need not reach the
+    range it was rounded with); for "quarot" also ``rotation`` (the
+    ``RotatedModel``: run inference with ``rotation.rules(rules)``).
 
   Raises:
     ValueError: an unknown method/quantizer/unfoldable, an unusable spec, or
@@ -412,6 +420,7 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
       folds.append({**entry, "status": status})
 
   report_layers = {}
+  weight_scales = {}
   for p in selected:
     spec = specs[p]
     t1 = time.perf_counter()
@@ -420,13 +429,21 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
     w = _node(cur, p)["kernel"]
     w_in = tr.weight(w) if simulated else w   # the kernel in the quantized domain
     st = stats[p]
+    scale = None
     if spec is None:
       w_q = w_in
     elif base_quant == "gptq":
-      w_q = gptq(w_in, st.gram, spec, blocksize=blocksize, percdamp=percdamp,
-                 act_order=act_order).weight
+      res = gptq(w_in, st.gram, spec, blocksize=blocksize, percdamp=percdamp,
+                 act_order=act_order)
+      w_q = res.weight
+      if spec.symmetric:   # the range each block was rounded with
+        scale = init_scale(_expand_grid(res.amax, w_in.shape), spec, "amax")
     else:
       w_q = rtn(w_in, spec)
+      if spec.symmetric:
+        scale = init_scale(w_in, spec, "amax")
+    if scale is not None and not simulated:
+      weight_scales[p] = scale
     new_w = tr.unweight(w_q) if simulated else w_q
     cur = _with(cur, p, kernel=new_w.astype(w.dtype))
     # Quality, measured in the domain the kernel was quantized in; the weight
@@ -450,7 +467,20 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
             "total_seconds": time.perf_counter() - t_start}
   if rotated is not None:
     report["rotation"] = rotated
+  report["quant_scales"] = _nest({f"{p}/weight_scale": v for p, v in
+                                  weight_scales.items()})
   return new_params, report
+
+
+def _nest(flat: Mapping[str, Any]) -> dict:
+  out: dict = {}
+  for path, v in flat.items():
+    node = out
+    parts = path.split("/")
+    for part in parts[:-1]:
+      node = node.setdefault(part, {})
+    node[parts[-1]] = v
+  return out
 
 
 def _quarot(model, params, batch, seed: int, online: Optional[str], rtol: float,
