@@ -61,7 +61,7 @@ from lowbit_jax.algorithms.rotation import random_hadamard, rotate_model
 from lowbit_jax.core import hadamard
 from lowbit_jax.algorithms.smoothquant import smoothquant_scales
 from lowbit_jax.algorithms.rtn import kernel_spec, rtn, sqnr_db
-from lowbit_jax._rules import _expand_grid
+from lowbit_jax._rules import QuantRule, _expand_grid
 from lowbit_jax.core import QuantSpec, as_spec, fake_quant, init_scale
 from lowbit_jax.flax._capture import Capture, DenseStats, capture_dense_stats, split_batch
 from lowbit_jax.formats import Format
@@ -198,6 +198,10 @@ def _resolve_spec(weight_spec: WeightSpec, path: str) -> Optional[QuantSpec]:
     return None
   if isinstance(weight_spec, (list, tuple)):
     for rule in weight_spec:
+      if isinstance(rule, QuantRule):
+        if rule.matches(path) or rule.matches(path + "/kernel"):
+          return None if rule.weight is None else kernel_spec(rule.weight)
+        continue
       regex, spec = rule
       if re.fullmatch(regex, path):
         return None if spec is None else kernel_spec(spec)
@@ -246,8 +250,9 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
     method: one of ``METHODS``.
     weight_spec: the kernels' QuantSpec or format name (unset axis: the input
       features, i.e. per output channel or groups along K), or ordered
-      ``(path_regex, spec or None)`` rules (first full match wins; no match or
-      None: the kernel stays float; e.g. ``assignment_to_rules`` output), or
+      ``(path_regex, spec or None)`` rules or ``QuantRule`` s (their weight
+      spec; first full match wins; no match or None: the kernel stays float;
+      e.g. ``assignment_to_rules`` output), or
       None to only fold the transformation (no weight quantization).
     act_spec: activation spec used at inference (applied by the caller, e.g. a
       quantization interceptor); here it enters AWQ's objective and the

@@ -39,3 +39,14 @@ def test_real_mode_equals_ptq_result(setup, method):
     qv2 = q.quantize_params(m, {"params": qp}, x)
     assert np.any(np.asarray(qv2["params"]["a"]["kernel"].logical())
                   != np.asarray(qp["a"]["kernel"]))
+
+
+def test_quant_rules_as_weight_spec(setup):
+  """QuantRules (e.g. from assignment_to_rules) select and spec the kernels."""
+  m, params, x = setup
+  qp, rep = apply_ptq(m, params, [x], "rtn", [QuantRule("a", weight="int4"),
+                                              QuantRule(".*")])
+  assert rep["layers"]["a"]["spec"] == "int4_axis0"
+  assert rep["layers"]["b"]["spec"] is None
+  np.testing.assert_array_equal(qp["b"]["kernel"], params["b"]["kernel"])
+  assert len(np.unique(np.asarray(qp["a"]["kernel"])[:, 0])) <= 16
