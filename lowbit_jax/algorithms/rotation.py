@@ -310,8 +310,21 @@ class RotatedModel:
     return tuple(head) + tuple(base)
 
 
+def _rotate_heads(w: jax.Array, axis: int, head_dim: int, h) -> jax.Array:
+  """``w`` with each ``head_dim`` block of ``axis`` multiplied by ``h``."""
+  n = w.shape[axis]
+  if n % head_dim:
+    raise ValueError(f"axis {axis} of a {tuple(w.shape)} kernel is not a whole "
+                     f"number of heads of {head_dim}")
+  w64 = np.moveaxis(np.asarray(w, np.float64), axis, -1)
+  lead = w64.shape[:-1]
+  out = (w64.reshape(lead + (n // head_dim, head_dim)) @ np.asarray(h, np.float64))
+  return jnp.asarray(np.moveaxis(out.reshape(lead + (n,)), -1, axis), dtype=w.dtype)
+
+
 def rotate_model(fn: Callable, params: Any, *args, key: jax.Array,
-                 online: Optional[str] = None, **kwargs) -> tuple:
+                 online: Optional[str] = None,
+                 heads: Optional[tuple] = None, **kwargs) -> tuple:
   """QuaRot's rotation of a pre-norm model, found from its jaxpr (Ashkboos et al. 2024).
 
   Finds the residual stream of ``fn(params, *args, **kwargs)``, fuses each
@@ -332,6 +345,15 @@ def rotate_model(fn: Callable, params: Any, *args, key: jax.Array,
     key: PRNG key of the random signs (and of the orthogonal factor for a
       width ``core.hadamard`` does not build).
     online: regex of kernel paths that take an online Hadamard transform.
+    heads: ``(value_regex, out_regex, head_dim)``: fold a Hadamard of order
+      ``head_dim`` into every head of each value projection's output and of
+      the matching output projection's input (QuaRot's per-head rotation,
+      exact offline because attention only mixes tokens within a head; with
+      grouped-query attention every head uses the same matrix). The i-th
+      value kernel (sorted by path) pairs with the i-th output kernel; the
+      value kernel's output is its last axis and the output kernel's input
+      its first. Use it only where that holds (check the float outputs, as
+      ``apply_ptq`` does).
 
   Returns:
     ``(new_params, RotatedModel)``.
@@ -366,5 +388,21 @@ def rotate_model(fn: Callable, params: Any, *args, key: jax.Array,
       # H^T W along axis a (raises naming the sizes it can build).
       upd[p] = _rotate_axis(cur[p], a, hadamard(int(cur[p].shape[a])))
       done.append((p, a))
+    new = _map_leaves(new, upd)
+  if heads is not None:
+    v_rx, o_rx, head_dim = heads
+    cur = _leaves(new)
+    vs = sorted(p for p in cur if re.fullmatch(v_rx, p))
+    os_ = sorted(p for p in cur if re.fullmatch(o_rx, p))
+    if not vs or len(vs) != len(os_):
+      raise ValueError(f"heads: {v_rx!r} matches {len(vs)} kernels and {o_rx!r} "
+                       f"{len(os_)}; they must match the same positive number")
+    h = hadamard(int(head_dim))
+    upd = {}
+    for vp, op in zip(vs, os_):
+      if vp in dict(done) or op in dict(done):
+        raise ValueError(f"heads: {vp!r} / {op!r} also take an online Hadamard")
+      upd[vp] = _rotate_heads(cur[vp], cur[vp].ndim - 1, int(head_dim), h)
+      upd[op] = _rotate_heads(cur[op], 0, int(head_dim), h)
     new = _map_leaves(new, upd)
   return new, RotatedModel(stream, tuple(done), q)

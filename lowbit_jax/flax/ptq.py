@@ -232,7 +232,7 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
               max_samples: int = 512, fold_rtol: float = 1e-3,
               apply_kwargs: Optional[Mapping[str, Any]] = None,
               other_variables: Optional[Mapping[str, Any]] = None,
-              online: Optional[str] = None
+              online: Optional[str] = None, heads: Optional[tuple] = None
               ) -> tuple[Any, dict]:
   """Runs a PTQ method on a Linen model's Dense layers; returns new float params.
 
@@ -280,6 +280,9 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
     online: method "quarot": regex of kernel paths that take an online
       Hadamard transform of their input (QuaRot's down projection:
       ``".*/down_proj/kernel"``); None: none.
+    heads: method "quarot": ``(value_regex, out_regex, head_dim)``, a
+      per-head Hadamard folded into value and output projections (see
+      ``algorithms.rotate_model``); checked with the rest of the rotation.
 
   Returns:
     ``(new_params, report)``: params of the same structure with each treated
@@ -305,8 +308,8 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
   if quantizer not in QUANTIZERS:
     raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
-  if online is not None and method != "quarot":
-    raise ValueError(f"online= applies to method='quarot', not {method!r}")
+  if (online is not None or heads is not None) and method != "quarot":
+    raise ValueError(f"online= and heads= apply to method='quarot', not {method!r}")
   if method in ("rtn", "gptq") and quantizer != "rtn":
     raise ValueError(f"quantizer={quantizer!r} applies to awq/smoothquant/rotation; "
                      f"method={method!r} is itself the quantizer")
@@ -333,7 +336,7 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
   rotated = None
   if method == "quarot":
     cur, rotated = _quarot(model, cur, calib_batches[0], rotation_seed, online,
-                           fold_rtol, apply_kwargs, other_variables)
+                           heads, fold_rtol, apply_kwargs, other_variables)
   t0 = time.perf_counter()
   cap: Capture = capture_dense_stats(
       model, cur, calib_batches, layers=layers, token_mask=token_mask,
@@ -488,8 +491,8 @@ def _nest(flat: Mapping[str, Any]) -> dict:
   return out
 
 
-def _quarot(model, params, batch, seed: int, online: Optional[str], rtol: float,
-            apply_kwargs, other_variables):
+def _quarot(model, params, batch, seed: int, online: Optional[str], heads,
+            rtol: float, apply_kwargs, other_variables):
   """QuaRot's fold on a Linen model, checked against the float model's output."""
   from lowbit_jax.flax._linen import quantize_linen  # pylint: disable=g-import-not-at-top
   args, kwargs = split_batch(batch)
@@ -502,7 +505,7 @@ def _quarot(model, params, batch, seed: int, online: Optional[str], rtol: float,
   with jax.default_matmul_precision("float32"):
     ref = jax.jit(fn)(params, *args)
     new, rotated = rotate_model(fn, params, *args, key=jax.random.key(seed),
-                                online=online)
+                                online=online, heads=heads)
     q = quantize_linen(rotated.rules())
     out = jax.jit(q(fn))(new, *args)
   if not _outputs_close(ref, out, rtol):

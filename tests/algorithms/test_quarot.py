@@ -57,7 +57,9 @@ def llama():
   params = jax.tree_util.tree_map_with_path(perturb, params)
   fn = lambda p, t: model.apply({"params": p}, t)
   new, info = rotate_model(fn, params, toks, key=jax.random.key(3),
-                           online=".*/down_proj/kernel")
+                           online=".*/down_proj/kernel",
+                           heads=(".*/v_proj/kernel", ".*/o_proj/kernel",
+                                  cfg.head_dim))
   return model, params, toks, fn(params, toks), new, info
 
 
@@ -169,5 +171,5 @@ def test_apply_ptq_quarot_with_gptq(llama):
   out = jax.jit(quantize_linen(rep["rotation"].rules(a4))(model.apply))(
       {"params": qparams}, toks)
   assert _rel(out, ref) < 0.75 * _rel(plain, ref)
-  with pytest.raises(ValueError, match="online= applies to method='quarot'"):
+  with pytest.raises(ValueError, match="online= and heads= apply to method="):
     apply_ptq(model, params, [(toks,)], "gptq", "int4", online=".*")
