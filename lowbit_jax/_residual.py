@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import jax
 import jax.extend as jex
@@ -480,7 +480,7 @@ def find_residual_stream(fn: Callable, params: Any, *args, **kwargs) -> Residual
     elif name in ("reshape", "broadcast_in_dim", "squeeze", "expand_dims",
                   "transpose", "pad", "slice", "select_n", "concatenate",
                   "dynamic_slice", "dynamic_update_slice"):
-      if s0 == "square" or (name in ("select_n",) and False):
+      if s0 == "square":
         fail(eqn, "a view of the stream's square")
       nd_out = len(out.aval.shape)
       keeps = out.aval.shape and out.aval.shape[-1] == width[0]

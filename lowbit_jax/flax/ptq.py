@@ -445,7 +445,8 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
                  act_order=act_order)
       w_q = res.weight
       if spec.symmetric:   # the range each block was rounded with
-        scale = init_scale(_expand_grid(res.amax, w_in.shape), spec, "amax")
+        full = jnp.broadcast_to(_expand_grid(res.amax, w_in.shape), w_in.shape)
+        scale = init_scale(full, spec, "amax")
     else:
       w_q = rtn(w_in, spec)
       if spec.symmetric:

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from tests import _toy_models as toy
-from lowbit_jax import QuantRule, quantize_function
+from lowbit_jax import QuantRule
 from lowbit_jax.algorithms import rotate_model
 from lowbit_jax.core import hadamard, hadamard_transform
 from lowbit_jax.flax import quantize_linen, quantize_nnx
