@@ -53,6 +53,7 @@ from opt_einsum.parser import parse_einsum_input
 
 from lowbit_jax import calibration
 from lowbit_jax.core import ops, scaling
+from lowbit_jax.core._hadamard import hadamard_transform
 from lowbit_jax.core._qarray import QArray, block_shape
 from lowbit_jax.core._quantize import (dequantize, fake_quant, init_scale, quantize,
                                        scale_shape)
@@ -68,6 +69,7 @@ LEARN_WEIGHT = (None, "lsq")
 LEARN_ACTIVATION = (None, "lsq", "pact")
 SCALE_INITS = ("lsq", "amax")
 SCALINGS = ("current", "delayed")
+INPUT_ROTATIONS = (None, "hadamard")
 AMAX_REDUCES = ("max", "most_recent")
 SCALES = "quant_scales"    # collection of learned scales and clips (trainable)
 STATE = "quant_state"      # collection of amax histories (overwrite-with-gradient)
@@ -155,6 +157,16 @@ class QuantRule:
     amax_history_len: length of each amax history (delayed scaling).
     amax_reduce: how the history becomes a range: ``"max"`` or
       ``"most_recent"``.
+    input_rotation: ``"hadamard"``: an online Hadamard transform (QuaRot,
+      Ashkboos et al. 2024) of the activation along the op's (single)
+      contraction axis, ``x -> x @ H`` with ``H = core.hadamard(K)``, before
+      it is quantized; the weight must hold ``H^T W`` (the rotation pass,
+      ``lowbit_jax.algorithms.rotate_model``, writes it), so the float
+      product is unchanged while the quantized operands have no outlier
+      channels. K must be an order ``core.hadamard`` builds (2^k or b * 2^k,
+      b in 12, 20, 28, 44, ...). A rule with only ``input_rotation`` runs the
+      op in float with the transform. Matmuls only (``dot_general`` /
+      ``einsum``), not convolutions or activation matmuls.
 
   Learned scales and PACT clips live in the ``"quant_scales"`` collection
   (train them like parameters); amax histories live in ``"quant_state"``:
@@ -199,6 +211,7 @@ class QuantRule:
   scaling: str = "current"
   amax_history_len: int = 16
   amax_reduce: str = "max"
+  input_rotation: Optional[str] = None
 
   def __post_init__(self):
     if not isinstance(self.path, str):
@@ -254,6 +267,9 @@ class QuantRule:
     if self.amax_reduce not in AMAX_REDUCES:
       raise ValueError(f"{name}: amax_reduce must be one of {AMAX_REDUCES}, got "
                        f"{self.amax_reduce!r}")
+    if self.input_rotation not in INPUT_ROTATIONS:
+      raise ValueError(f"{name}: input_rotation must be one of {INPUT_ROTATIONS}, "
+                       f"got {self.input_rotation!r}")
     n = self.amax_history_len
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
       raise ValueError(f"{name}: amax_history_len must be a positive int, got {n!r}")
@@ -315,8 +331,9 @@ class QuantRule:
 
   @property
   def is_float(self) -> bool:
-    """Whether this rule keeps what it matches in float."""
-    return self.weight is None and self.activation is None and self.grad is None
+    """Whether this rule leaves what it matches untouched (float, no rotation)."""
+    return (self.weight is None and self.activation is None and self.grad is None
+            and self.input_rotation is None)
 
   @property
   def delayed(self) -> bool:
@@ -444,6 +461,11 @@ class Site:
                        "activation matmuls take dynamic, delayed or LSQ ranges (a "
                        "static range per operand is not supported); drop "
                        "static=True or keep 'act_matmul' out of the rule's ops")
+    if self.op in ("act_matmul", "conv") and r.input_rotation is not None:
+      raise ValueError(f"{self.path}: rule {r.path!r} has input_rotation="
+                       f"{r.input_rotation!r}, which applies to matmuls with a "
+                       f"weight, not to a {self.op}; narrow the rule's ops to "
+                       "('dot_general', 'einsum') or its path")
     if self.op == "act_matmul" and r.learn_activation == "pact":
       raise ValueError(f"{self.path}: rule {r.path!r} learns a PACT clip, which "
                        "activation x activation matmuls do not take; use "
@@ -888,9 +910,15 @@ def observer_for(spec: QuantSpec) -> calibration.Observer:
 
 
 def observe(site: Site, state, x: jax.Array):
-  """Folds one activation batch into ``state`` (None: start a new state)."""
+  """Folds one activation batch into ``state`` (None: start a new state).
+
+  A rule with ``input_rotation`` observes the rotated activation (rotated
+  along its last axis, the contraction axis of Dense-like layers).
+  """
   spec = site.rule.static_activation
   obs = observer_for(spec)
+  if site.rule.input_rotation is not None:
+    x = hadamard_transform(_float(x), -1)
   if state is None:
     state = obs.init(x, spec)
   return obs.update(state, x)
@@ -1355,6 +1383,12 @@ def site_dot_general(site: Site, lhs, rhs, dimension_numbers, precision=None,
     perm = (tuple(range(nb)) + tuple(range(nb + nr, nb + nr + nl))
             + tuple(range(nb, nb + nr)))
     return jnp.transpose(out, perm)
+  if site.rule.input_rotation is not None and not site.is_act:
+    if len(lc) != 1:
+      raise ValueError(f"rule {site.rule.path!r}: input_rotation rotates one "
+                       f"contraction axis, but this op contracts {len(lc)} axes of "
+                       "the activation")
+    lhs = hadamard_transform(_float(lhs), lc[0])
   if site.mode == "calibrate":
     return lax.dot_general(_float(lhs), _float(rhs).astype(_float(lhs).dtype),
                            dimension_numbers, precision, preferred_element_type)

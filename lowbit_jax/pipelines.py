@@ -32,7 +32,9 @@ from lowbit_jax._rules import QuantRule
 from lowbit_jax.core import fake_quant
 from lowbit_jax.eval.sentence import embedding_metrics, sqnr_db
 
-METHODS = ("rtn", "gptq", "awq", "smoothquant", "rotation")
+METHODS = ("rtn", "gptq", "awq", "smoothquant", "rotation", "quarot")
+# QuaRot's online Hadamard sites in the decoder LM (no fold exists there).
+LLAMA_ONLINE = ".*/down_proj/kernel"
 TARGETS = schemes_lib.TARGETS
 
 
@@ -243,10 +245,15 @@ def llama_point(scheme: str, target: str = "weights", method: str = "rtn", *,
   calib_tokens = np.asarray(data.train_tokens[: n_calib * seq_len]).astype(np.int32)
   calib_batches = [(jnp.asarray(calib_tokens.reshape(n_calib, seq_len)),)]
   qparams = params
+  report = {}
   if method != "rtn" and sch.weight is not None:
     act = sch.activation if target == "weights+acts" else None
-    qparams, _ = ptq_lib.apply_ptq(model, params, calib_batches, method, sch.weight, act)
+    qparams, report = ptq_lib.apply_ptq(
+        model, params, calib_batches, method, sch.weight, act,
+        online=LLAMA_ONLINE if method == "quarot" else None)
   rules = _rules(sch, target, weights_in_params=(method != "rtn"))
+  if "rotation" in report:   # QuaRot: online Hadamards at the down projections
+    rules = list(report["rotation"].rules(rules))
   if rules:
     q = quantize_linen(rules, mode="fake")
     apply = q(lambda p, t: model.apply({"params": p}, t))
@@ -257,7 +264,11 @@ def llama_point(scheme: str, target: str = "weights", method: str = "rtn", *,
   m = {k: float(v) for k, v in res.items() if isinstance(v, (int, float))}
   ex = (calib_batches[0][0][:1],)
   m["bits_per_weight"] = measured_weight_bits(model, {"params": params}, sch, ex)
-  layers = layer_sqnr(params, qparams if method != "rtn" else params, sch, target)
+  if "rotation" in report:   # rotated kernels: SQNR in the rotated domain
+    layers = {"weight": {p: e["weight_sqnr_db"] for p, e in report["layers"].items()},
+              "activation": {}}
+  else:
+    layers = layer_sqnr(params, qparams if method != "rtn" else params, sch, target)
   if layers["weight"]:
     m["mean_weight_sqnr_db"] = _mean(layers["weight"].values())
   m["layers"] = layers

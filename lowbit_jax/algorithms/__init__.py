@@ -10,7 +10,8 @@ model and folds the results back into its parameters.
 * ``awq_search``: AWQ (Lin et al. 2024).
 * ``smoothquant_scales``: SmoothQuant (Xiao et al. 2023).
 * ``random_hadamard`` / ``rotate_weights``: QuaRot-style rotations (Ashkboos et
-  al. 2024).
+  al. 2024); ``rotate_model``: the whole QuaRot fold on any pre-norm model
+  (residual stream found from its jaxpr, online Hadamard sites).
 * ``allocate_bits``: per-layer format choice under a bits-per-weight budget.
 """
 from lowbit_jax.algorithms.awq import AWQResult, awq_scales, awq_search
@@ -18,9 +19,11 @@ from lowbit_jax.algorithms.gptq import GPTQResult, gptq, gram
 from lowbit_jax.algorithms.mixed_precision import (Allocation, allocate_bits,
                                                    assignment_to_rules, rules_bits,
                                                    spec_bits, weight_sensitivity)
-from lowbit_jax.algorithms.rotation import (hadamard_matrix, random_hadamard,
-                                            random_orthogonal, rotate_inputs,
-                                            rotate_weights, walsh_hadamard_transform)
+from lowbit_jax.algorithms.rotation import (RotatedModel, hadamard_matrix,
+                                            random_hadamard, random_orthogonal,
+                                            rotate_inputs, rotate_model,
+                                            rotate_residual, rotate_weights,
+                                            walsh_hadamard_transform)
 from lowbit_jax.algorithms.rtn import (hessian_error, kernel_spec, output_error, rtn,
                                        sqnr_db)
 from lowbit_jax.algorithms.smoothquant import (smooth_inputs, smooth_weights,
@@ -32,7 +35,8 @@ __all__ = [
     "awq_search", "awq_scales", "AWQResult",
     "smoothquant_scales", "smooth_weights", "smooth_inputs",
     "hadamard_matrix", "walsh_hadamard_transform", "random_orthogonal",
-    "random_hadamard", "rotate_weights", "rotate_inputs",
+    "random_hadamard", "rotate_weights", "rotate_inputs", "rotate_model",
+    "rotate_residual", "RotatedModel",
     "allocate_bits", "Allocation", "assignment_to_rules", "rules_bits", "spec_bits",
     "weight_sensitivity",
 ]

@@ -232,29 +232,51 @@ def allocate_bits(costs: Mapping[str, Mapping[str, float]], sizes: Mapping[str, 
 
 
 def assignment_to_rules(assignment: Mapping[str, str],
-                        specs: Mapping[str, Optional[SpecLike]]) -> list:
-  """Turns a per-layer choice into ordered ``(path_regex, spec)`` rules.
+                        specs: Mapping[str, Optional[SpecLike]], *,
+                        activation: Optional[SpecLike] = None) -> list:
+  """Turns a per-layer choice into ordered ``QuantRule`` s for any front end.
 
-  Each regex matches one layer's path exactly (``re.escape``); a candidate
-  whose spec is None yields ``(regex, None)``: keep that layer in float.
+  Each rule's regex matches one layer's path exactly (``re.escape``; a rule
+  matches a layer's path or its kernel's), so the list works unchanged with
+  ``quantize_linen``, ``quantize_nnx``, ``quantize_function`` and
+  ``apply_ptq``. A candidate whose spec is None gives a float rule (that
+  layer stays float). An unset weight axis means the contraction axis, as in
+  every rule.
 
   Args:
     assignment: layer path -> candidate name (``Allocation.assignment``).
     specs: candidate name -> QuantSpec / format name / None.
+    activation: an activation spec for every quantized layer (None:
+      weight-only).
 
   Returns:
-    A list of ``(regex, QuantSpec or None)``.
+    A list of ``QuantRule``.
 
   Raises:
     ValueError: a chosen candidate has no spec.
   """
+  from lowbit_jax._rules import QuantRule  # pylint: disable=g-import-not-at-top
   rules = []
   for layer, cand in assignment.items():
     if cand not in specs:
       raise ValueError(f"candidate {cand!r} (layer {layer!r}) is not in specs")
     s = specs[cand]
-    rules.append((re.escape(layer), None if s is None else kernel_spec(s)))
+    rules.append(QuantRule(re.escape(layer), weight=s,
+                           activation=None if s is None else activation))
   return rules
+
+
+def _rule_pairs(rules) -> list:
+  """``[(matches(path) -> bool, spec or None)]`` of QuantRules or (regex, spec) pairs."""
+  from lowbit_jax._rules import QuantRule  # pylint: disable=g-import-not-at-top
+  out = []
+  for r in rules:
+    if isinstance(r, QuantRule):
+      out.append((lambda p, r=r: r.matches(p) or r.matches(p + "/kernel"), r.weight))
+    else:
+      regex, spec = r
+      out.append((lambda p, regex=regex: re.fullmatch(regex, p) is not None, spec))
+  return out
 
 
 def rules_bits(rules: Sequence[tuple], shapes: Mapping[str, Sequence[int]],
@@ -265,7 +287,7 @@ def rules_bits(rules: Sequence[tuple], shapes: Mapping[str, Sequence[int]],
   as float.
 
   Args:
-    rules: ``[(regex, spec or None), ...]``.
+    rules: QuantRules (``assignment_to_rules``) or ``[(regex, spec or None)]``.
     shapes: layer path -> kernel shape.
     float_bits: bits per weight of a float kernel.
 
@@ -274,7 +296,8 @@ def rules_bits(rules: Sequence[tuple], shapes: Mapping[str, Sequence[int]],
   """
   tot_bits = tot = 0.0
   for path, shape in shapes.items():
-    spec = next((s for r, s in rules if re.fullmatch(r, path)), None)
+    spec = next((s for m, s in _rule_pairs(rules) if m(path)), None)
+    spec = None if spec is None else kernel_spec(spec)
     n = float(np.prod(shape))
     tot_bits += n * spec_bits(spec, shape, float_bits)
     tot += n

@@ -11,23 +11,38 @@ An orthogonal ``R`` leaves a linear layer unchanged,
 channels over all of them, so that per-token activation scales and per-group
 weight scales fit the bulk of the values. ``R`` is a Walsh-Hadamard matrix
 (Sylvester's construction, normalized) with random signs on its rows. For a
-dimension ``n = 2^a * m`` with odd ``m > 1`` there is no Sylvester Hadamard; the
-rotation is then ``H_{2^a} kron Q_m`` with ``Q_m`` a random orthogonal ``m x m``
-block (Haar, from a QR decomposition), still with random signs; for odd ``n``
-it is a plain random orthogonal matrix. ``block_size`` builds a block-diagonal
+dimension ``n = b * 2^a`` with ``b`` a Paley order (12, 20, 28, 44, ...) it is
+``H_b kron H_{2^a}`` (``lowbit_jax.core.hadamard``); for other ``n = 2^a * m``
+(odd ``m > 1``) the rotation is ``H_{2^a} kron Q_m`` with ``Q_m`` a random
+orthogonal ``m x m`` block (Haar, from a QR decomposition), still with random
+signs; for odd ``n`` it is a plain random orthogonal matrix.
+
+``rotate_model`` is the whole QuaRot pass on any pre-norm model given as a
+function of its parameters: it finds the residual stream in the function's
+jaxpr (``lowbit_jax._residual``), fuses the norm gains into the layers that
+read them, folds one randomized Hadamard ``Q`` into every reader and writer of
+the stream, and pre-rotates the kernels that take an *online* Hadamard
+transform of their input (``QuantRule(input_rotation="hadamard")``, e.g. the
+down projection, whose input has no fold). ``block_size`` builds a block-diagonal
 rotation (one independent rotation per block), which keeps channels within a
 block, e.g. within an attention head.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Optional, Sequence, Union
+import re
+from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowbit_jax import _rules
+from lowbit_jax._residual import (ResidualStream, find_residual_stream,
+                                  matmul_input_axes, param_path)
 from lowbit_jax.algorithms.rtn import check_kernel
+from lowbit_jax.core._hadamard import hadamard, hadamard_factors
 
 Kernels = Union[jax.Array, Sequence[jax.Array]]
 
@@ -101,6 +116,13 @@ def random_orthogonal(key: jax.Array, n: int) -> jax.Array:
 
 def _one_block(key: jax.Array, n: int) -> jax.Array:
   k_sign, k_orth = jax.random.split(key)
+  try:
+    hadamard_factors(n)
+  except ValueError:
+    pass
+  else:   # a true Hadamard matrix (Sylvester, or Paley kron Sylvester)
+    signs = jax.random.rademacher(k_sign, (n,), jnp.float32)
+    return signs[:, None] * jnp.asarray(hadamard(n))
   p = _pow2_part(n)
   m = n // p
   h = jnp.asarray(hadamard_matrix(p))
@@ -169,3 +191,218 @@ def rotate_inputs(x: jax.Array, r: jax.Array) -> jax.Array:
   x = jnp.asarray(x)
   return jnp.matmul(x.astype(jnp.float32), r,
                     precision=jax.lax.Precision.HIGHEST).astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------
+# QuaRot on a whole model
+
+
+def _rotate_axis(w: jax.Array, axis: int, q) -> jax.Array:
+  """``w`` with ``axis`` multiplied by ``q`` (``w'[.., j, ..] = sum_i w[.., i, ..] q[i, j]``).
+
+  In float64 on the host (a one-off transformation of the weights).
+  """
+  w64 = np.asarray(w, np.float64)
+  out = np.moveaxis(np.tensordot(w64, np.asarray(q, np.float64), axes=((axis,), (0,))),
+                    -1, axis)
+  return jnp.asarray(out, dtype=w.dtype)
+
+
+def _scale_axis(w: jax.Array, axis: int, g: jax.Array) -> jax.Array:
+  shape = [1] * w.ndim
+  shape[axis] = w.shape[axis]
+  out = np.asarray(w, np.float64) * np.asarray(g, np.float64).reshape(shape)
+  return jnp.asarray(out, dtype=w.dtype)
+
+
+def _map_leaves(params: Any, updates: dict) -> Any:
+  def f(kp, leaf):
+    p = param_path(kp)
+    return updates.get(p, leaf)
+  return jax.tree_util.tree_map_with_path(f, params)
+
+
+def _leaves(params: Any) -> dict:
+  flat, _ = jax.tree_util.tree_flatten_with_path(params)
+  return {param_path(kp): leaf for kp, leaf in flat}
+
+
+def rotate_residual(params: Any, stream: ResidualStream, q: jax.Array) -> Any:
+  """Fuses the norm gains and folds ``Q`` into every reader and writer of the stream.
+
+  Args:
+    params: the parameter pytree (any pytree; paths as ``_rules.path_str``).
+    stream: the structure (``find_residual_stream``).
+    q: orthogonal ``[d, d]``, d = ``stream.width``.
+
+  Returns:
+    Params of the same structure: each gain in ``stream.fusions`` is ones and
+    its readers hold ``diag(g) W``; each ``(path, axis)`` of ``stream.rotate``
+    is multiplied by ``q`` along that axis.
+
+  Raises:
+    ValueError: q's shape does not match the stream's width.
+  """
+  d = stream.width
+  if tuple(q.shape) != (d, d):
+    raise ValueError(f"the rotation must be [{d}, {d}] (the stream's width), got "
+                     f"{tuple(q.shape)}")
+  cur = dict(_leaves(params))
+  for f in stream.fusions:
+    g = cur[f.gain]
+    for path, axis in f.readers:
+      cur[path] = _scale_axis(cur[path], axis, g)
+    cur[f.gain] = jnp.ones_like(g)
+  for path, axis in stream.rotate:
+    cur[path] = _rotate_axis(cur[path], axis, q)
+  return _map_leaves(params, cur)
+
+
+@dataclasses.dataclass(frozen=True)
+class RotatedModel:
+  """What ``rotate_model`` did (data).
+
+  Attributes:
+    stream: the residual stream's structure.
+    online: ``(kernel path, axis)`` of the kernels pre-rotated for an online
+      Hadamard transform of their input (``H^T W`` along that axis); the model
+      must run with ``QuantRule(input_rotation="hadamard")`` there (see
+      ``rules``).
+    rotation: the residual rotation ``Q`` ``[d, d]``.
+  """
+  stream: ResidualStream
+  online: tuple
+  rotation: jax.Array
+
+  @property
+  def online_paths(self) -> tuple:
+    """The kernel paths that take an online Hadamard transform."""
+    return tuple(p for p, _ in self.online)
+
+  def rules(self, rules: Sequence = ()) -> tuple:
+    """``rules`` with ``input_rotation="hadamard"`` at the online kernels.
+
+    For each online kernel, a rule for exactly that path is put first: a copy
+    of the first rule of ``rules`` that matches it (its path or its layer's),
+    with the rotation set, or a float rule that only rotates.
+
+    Args:
+      rules: ordered QuantRules (or anything ``QuantConfig`` accepts).
+
+    Returns:
+      A tuple of QuantRules for any front end.
+    """
+    base = _rules.as_rules(rules)
+    head = []
+    for path in self.online_paths:
+      cands = _rules.candidates(path)
+      match = next((r for r in base if any(r.matches(c) for c in cands)
+                    and set(r.ops) & {"dot_general", "einsum"}), None)
+      layer = cands[-1] if len(cands) > 1 else path
+      rx = re.escape(layer) + "(/kernel)?" if layer != path else re.escape(path)
+      if match is None:
+        head.append(_rules.QuantRule(rx, ops=("dot_general", "einsum"),
+                                     input_rotation="hadamard"))
+      else:
+        head.append(dataclasses.replace(match, path=rx, ops=tuple(
+            o for o in match.ops if o in ("dot_general", "einsum")),
+            input_rotation="hadamard"))
+    return tuple(head) + tuple(base)
+
+
+def _rotate_heads(w: jax.Array, axis: int, head_dim: int, h) -> jax.Array:
+  """``w`` with each ``head_dim`` block of ``axis`` multiplied by ``h``."""
+  n = w.shape[axis]
+  if n % head_dim:
+    raise ValueError(f"axis {axis} of a {tuple(w.shape)} kernel is not a whole "
+                     f"number of heads of {head_dim}")
+  w64 = np.moveaxis(np.asarray(w, np.float64), axis, -1)
+  lead = w64.shape[:-1]
+  out = (w64.reshape(lead + (n // head_dim, head_dim)) @ np.asarray(h, np.float64))
+  return jnp.asarray(np.moveaxis(out.reshape(lead + (n,)), -1, axis), dtype=w.dtype)
+
+
+def rotate_model(fn: Callable, params: Any, *args, key: jax.Array,
+                 online: Optional[str] = None,
+                 heads: Optional[tuple] = None, **kwargs) -> tuple:
+  """QuaRot's rotation of a pre-norm model, found from its jaxpr (Ashkboos et al. 2024).
+
+  Finds the residual stream of ``fn(params, *args, **kwargs)``, fuses each
+  RMS norm's gain into the layers that read it, and folds one randomized
+  Hadamard rotation ``Q`` (``random_hadamard(key, d)``) into the embedding,
+  every reader's input axis and every writer's output axis (and biases), so
+  that the float function is unchanged. Kernels whose path fully matches
+  ``online`` are pre-rotated to ``H^T W`` along their contracted axis, for an
+  online Hadamard transform of their input at run time
+  (``QuantRule(input_rotation="hadamard")``; ``RotatedModel.rules`` adds it
+  to a rule list), e.g. ``online=".*/down_proj/kernel"`` (QuaRot's
+  down-projection Hadamard).
+
+  Args:
+    fn: the model as a function of its parameter pytree.
+    params: the parameters (float).
+    *args, **kwargs: example inputs for tracing.
+    key: PRNG key of the random signs (and of the orthogonal factor for a
+      width ``core.hadamard`` does not build).
+    online: regex of kernel paths that take an online Hadamard transform.
+    heads: ``(value_regex, out_regex, head_dim)``: fold a Hadamard of order
+      ``head_dim`` into every head of each value projection's output and of
+      the matching output projection's input (QuaRot's per-head rotation,
+      exact offline because attention only mixes tokens within a head; with
+      grouped-query attention every head uses the same matrix). The i-th
+      value kernel (sorted by path) pairs with the i-th output kernel; the
+      value kernel's output is its last axis and the output kernel's input
+      its first. Use it only where that holds (check the float outputs, as
+      ``apply_ptq`` does).
+
+  Returns:
+    ``(new_params, RotatedModel)``.
+
+  Raises:
+    ValueError: the model's residual stream cannot be rotated (the message
+      names the operation and module); ``online`` matches no kernel, a kernel
+      contracted on several axes, or one whose input width has no Hadamard
+      matrix here.
+  """
+  stream = find_residual_stream(fn, params, *args, **kwargs)
+  q = random_hadamard(key, stream.width)
+  new = rotate_residual(params, stream, q)
+  done = []
+  if online is not None:
+    axes = matmul_input_axes(fn, params, *args, **kwargs)
+    hits = sorted(p for p in axes if re.fullmatch(online, p))
+    if not hits:
+      raise ValueError(f"online={online!r} matches no parameter that a matmul "
+                       f"uses; matmul parameters include {sorted(axes)[:6]}")
+    cur = _leaves(new)
+    upd = {}
+    for p in hits:
+      ax = axes[p]
+      if len(ax) != 1 or None in ax:
+        raise ValueError(f"{p}: an online Hadamard needs a kernel contracted on "
+                         f"exactly one of its own axes, found {sorted(ax, key=str)}")
+      a = next(iter(ax))
+      if any(r == (p, a) for r in stream.rotate):
+        raise ValueError(f"{p}: reads the residual stream, which is rotated by the "
+                         "fold already; leave it out of online")
+      # H^T W along axis a (raises naming the sizes it can build).
+      upd[p] = _rotate_axis(cur[p], a, hadamard(int(cur[p].shape[a])))
+      done.append((p, a))
+    new = _map_leaves(new, upd)
+  if heads is not None:
+    v_rx, o_rx, head_dim = heads
+    cur = _leaves(new)
+    vs = sorted(p for p in cur if re.fullmatch(v_rx, p))
+    os_ = sorted(p for p in cur if re.fullmatch(o_rx, p))
+    if not vs or len(vs) != len(os_):
+      raise ValueError(f"heads: {v_rx!r} matches {len(vs)} kernels and {o_rx!r} "
+                       f"{len(os_)}; they must match the same positive number")
+    h = hadamard(int(head_dim))
+    upd = {}
+    for vp, op in zip(vs, os_):
+      if vp in dict(done) or op in dict(done):
+        raise ValueError(f"heads: {vp!r} / {op!r} also take an online Hadamard")
+      upd[vp] = _rotate_heads(cur[vp], cur[vp].ndim - 1, int(head_dim), h)
+      upd[op] = _rotate_heads(cur[op], 0, int(head_dim), h)
+    new = _map_leaves(new, upd)
+  return new, RotatedModel(stream, tuple(done), q)

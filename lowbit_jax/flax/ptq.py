@@ -31,6 +31,15 @@ but passes through an einsum, so it is not seen at call boundaries; declare it
 with ``extra_folds={"…/out": "…/value"}`` (diagonal scalings fold exactly; a
 rotation needs ``rotation_block_size`` = the head size).
 
+Method ``"quarot"`` is QuaRot's whole-model rotation instead (Ashkboos et al.
+2024, ``lowbit_jax.algorithms.rotate_model``): the residual stream is found in
+the jaxpr of ``model.apply``, every RMS norm gain is fused into the layers that
+read it, one randomized Hadamard is folded into every reader and writer of the
+stream, and the kernels matching ``online`` (e.g. ``".*/down_proj/kernel"``)
+are pre-rotated for an online Hadamard of their input. The float model with
+``report["rotation"].rules()`` is checked to equal the original before any
+quantization; inference must run with ``report["rotation"].rules(rules)``.
+
 Calibration statistics come from one pass of the float model (all layers
 calibrated in parallel, not sequentially on quantized predecessors).
 """
@@ -48,14 +57,16 @@ import numpy as np
 
 from lowbit_jax.algorithms.awq import awq_search
 from lowbit_jax.algorithms.gptq import gptq
-from lowbit_jax.algorithms.rotation import random_hadamard
+from lowbit_jax.algorithms.rotation import random_hadamard, rotate_model
+from lowbit_jax.core import hadamard
 from lowbit_jax.algorithms.smoothquant import smoothquant_scales
 from lowbit_jax.algorithms.rtn import kernel_spec, rtn, sqnr_db
-from lowbit_jax.core import QuantSpec, as_spec, fake_quant
+from lowbit_jax._rules import QuantRule, _expand_grid
+from lowbit_jax.core import QuantSpec, as_spec, fake_quant, init_scale
 from lowbit_jax.flax._capture import Capture, DenseStats, capture_dense_stats, split_batch
 from lowbit_jax.formats import Format
 
-METHODS = ("rtn", "gptq", "awq", "smoothquant", "rotation")
+METHODS = ("rtn", "gptq", "awq", "smoothquant", "rotation", "quarot")
 QUANTIZERS = ("rtn", "gptq")
 _TRANSFORMS = ("awq", "smoothquant", "rotation")
 _HI = jax.lax.Precision.HIGHEST
@@ -187,6 +198,10 @@ def _resolve_spec(weight_spec: WeightSpec, path: str) -> Optional[QuantSpec]:
     return None
   if isinstance(weight_spec, (list, tuple)):
     for rule in weight_spec:
+      if isinstance(rule, QuantRule):
+        if rule.matches(path) or rule.matches(path + "/kernel"):
+          return None if rule.weight is None else kernel_spec(rule.weight)
+        continue
       regex, spec = rule
       if re.fullmatch(regex, path):
         return None if spec is None else kernel_spec(spec)
@@ -216,7 +231,8 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
               unfoldable: str = "skip", token_mask: Optional[Callable] = None,
               max_samples: int = 512, fold_rtol: float = 1e-3,
               apply_kwargs: Optional[Mapping[str, Any]] = None,
-              other_variables: Optional[Mapping[str, Any]] = None
+              other_variables: Optional[Mapping[str, Any]] = None,
+              online: Optional[str] = None, heads: Optional[tuple] = None
               ) -> tuple[Any, dict]:
   """Runs a PTQ method on a Linen model's Dense layers; returns new float params.
 
@@ -234,8 +250,9 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
     method: one of ``METHODS``.
     weight_spec: the kernels' QuantSpec or format name (unset axis: the input
       features, i.e. per output channel or groups along K), or ordered
-      ``(path_regex, spec or None)`` rules (first full match wins; no match or
-      None: the kernel stays float; e.g. ``assignment_to_rules`` output), or
+      ``(path_regex, spec or None)`` rules or ``QuantRule`` s (their weight
+      spec; first full match wins; no match or None: the kernel stays float;
+      e.g. ``assignment_to_rules`` output), or
       None to only fold the transformation (no weight quantization).
     act_spec: activation spec used at inference (applied by the caller, e.g. a
       quantization interceptor); here it enters AWQ's objective and the
@@ -260,13 +277,27 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
       model output.
     apply_kwargs: extra keyword arguments for ``model.apply``.
     other_variables: non-param variable collections (e.g. batch_stats).
+    online: method "quarot": regex of kernel paths that take an online
+      Hadamard transform of their input (QuaRot's down projection:
+      ``".*/down_proj/kernel"``); None: none.
+    heads: method "quarot": ``(value_regex, out_regex, head_dim)``, a
+      per-head Hadamard folded into value and output projections (see
+      ``algorithms.rotate_model``); checked with the rest of the rotation.
 
   Returns:
     ``(new_params, report)``: params of the same structure with each treated
     kernel replaced by its fake-quantized value (and folds applied), and a
     report dict: ``layers`` (path -> spec, transform, weight_sqnr_db,
     output_sqnr_db, seconds), ``folds`` (one entry per group), ``method``,
-    ``capture_seconds``, ``total_seconds``.
+    ``capture_seconds``, ``total_seconds``, ``quant_scales`` (the scale grid
+    each quantized kernel was rounded with, for symmetric specs, nested as
+    the ``"quant_scales"`` collection: ``{"layer": {"weight_scale": s}}``;
+    pass ``{"params": new_params, "quant_scales": report["quant_scales"]}``
+    to ``LinenQuantizer.quantize_params`` for real mode, whose codes then
+    equal the PTQ result exactly: re-deriving a scale from a GPTQ kernel's
+    amax changes some codes, since a group's final values need not reach the
+    range it was rounded with); for "quarot" also ``rotation`` (the
+    ``RotatedModel``: run inference with ``rotation.rules(rules)``).
 
   Raises:
     ValueError: an unknown method/quantizer/unfoldable, an unusable spec, or
@@ -277,6 +308,8 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
   if quantizer not in QUANTIZERS:
     raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
+  if (online is not None or heads is not None) and method != "quarot":
+    raise ValueError(f"online= and heads= apply to method='quarot', not {method!r}")
   if method in ("rtn", "gptq") and quantizer != "rtn":
     raise ValueError(f"quantizer={quantizer!r} applies to awq/smoothquant/rotation; "
                      f"method={method!r} is itself the quantizer")
@@ -300,6 +333,10 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
   frozen = isinstance(params, flax.core.FrozenDict)
   cur = flax.core.unfreeze(params) if frozen else jax.tree.map(lambda a: a, params)
 
+  rotated = None
+  if method == "quarot":
+    cur, rotated = _quarot(model, cur, calib_batches[0], rotation_seed, online,
+                           heads, fold_rtol, apply_kwargs, other_variables)
   t0 = time.perf_counter()
   cap: Capture = capture_dense_stats(
       model, cur, calib_batches, layers=layers, token_mask=token_mask,
@@ -313,6 +350,13 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
   specs = {p: _resolve_spec(weight_spec, p) for p in selected}
   transforms: dict = {}   # path -> (_Transform, status)
   folds = []
+  if rotated is not None:
+    # The capture ran without the online transforms: rotate those inputs' stats.
+    for p, axis in rotated.online:
+      if p.endswith("/kernel") and p[: -len("/kernel")] in stats:
+        lp = p[: -len("/kernel")]
+        n = _node(cur, lp)["kernel"].shape[axis]
+        stats[lp] = _Transform(r=jnp.asarray(hadamard(n))).stats(stats[lp])
 
   if method in _TRANSFORMS:
     apply_kwargs_ = dict(apply_kwargs or {})
@@ -384,6 +428,7 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
       folds.append({**entry, "status": status})
 
   report_layers = {}
+  weight_scales = {}
   for p in selected:
     spec = specs[p]
     t1 = time.perf_counter()
@@ -392,13 +437,22 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
     w = _node(cur, p)["kernel"]
     w_in = tr.weight(w) if simulated else w   # the kernel in the quantized domain
     st = stats[p]
+    scale = None
     if spec is None:
       w_q = w_in
     elif base_quant == "gptq":
-      w_q = gptq(w_in, st.gram, spec, blocksize=blocksize, percdamp=percdamp,
-                 act_order=act_order).weight
+      res = gptq(w_in, st.gram, spec, blocksize=blocksize, percdamp=percdamp,
+                 act_order=act_order)
+      w_q = res.weight
+      if spec.symmetric:   # the range each block was rounded with
+        full = jnp.broadcast_to(_expand_grid(res.amax, w_in.shape), w_in.shape)
+        scale = init_scale(full, spec, "amax")
     else:
       w_q = rtn(w_in, spec)
+      if spec.symmetric:
+        scale = init_scale(w_in, spec, "amax")
+    if scale is not None and not simulated:
+      weight_scales[p] = scale
     new_w = tr.unweight(w_q) if simulated else w_q
     cur = _with(cur, p, kernel=new_w.astype(w.dtype))
     # Quality, measured in the domain the kernel was quantized in; the weight
@@ -420,7 +474,46 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
   report = {"method": method, "quantizer": base_quant, "layers": report_layers,
             "folds": folds, "capture_seconds": capture_seconds,
             "total_seconds": time.perf_counter() - t_start}
+  if rotated is not None:
+    report["rotation"] = rotated
+  report["quant_scales"] = _nest({f"{p}/weight_scale": v for p, v in
+                                  weight_scales.items()})
   return new_params, report
+
+
+def _nest(flat: Mapping[str, Any]) -> dict:
+  out: dict = {}
+  for path, v in flat.items():
+    node = out
+    parts = path.split("/")
+    for part in parts[:-1]:
+      node = node.setdefault(part, {})
+    node[parts[-1]] = v
+  return out
+
+
+def _quarot(model, params, batch, seed: int, online: Optional[str], heads,
+            rtol: float, apply_kwargs, other_variables):
+  """QuaRot's fold on a Linen model, checked against the float model's output."""
+  from lowbit_jax.flax._linen import quantize_linen  # pylint: disable=g-import-not-at-top
+  args, kwargs = split_batch(batch)
+  kwargs = {**kwargs, **dict(apply_kwargs or {})}
+  extra = dict(other_variables or {})
+
+  def fn(p, *a):
+    return model.apply({"params": p, **extra}, *a, **kwargs)
+
+  with jax.default_matmul_precision("float32"):
+    ref = jax.jit(fn)(params, *args)
+    new, rotated = rotate_model(fn, params, *args, key=jax.random.key(seed),
+                                online=online, heads=heads)
+    q = quantize_linen(rotated.rules())
+    out = jax.jit(q(fn))(new, *args)
+  if not _outputs_close(ref, out, rtol):
+    raise ValueError("the QuaRot rotation changed the float model's output beyond "
+                     f"fold_rtol={rtol}; the model's structure is not what the "
+                     "rotation assumes (report this model)")
+  return new, rotated
 
 
 def _spec_name(spec: QuantSpec) -> str:

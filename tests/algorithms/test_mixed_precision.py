@@ -6,6 +6,8 @@ import jax
 import numpy as np
 import pytest
 
+from lowbit_jax import QuantConfig, QuantRule
+
 from lowbit_jax.algorithms import (allocate_bits, assignment_to_rules, gram, rules_bits,
                                    spec_bits, weight_sensitivity)
 from lowbit_jax.core import QuantSpec
@@ -90,7 +92,12 @@ def test_from_real_sensitivities_to_rules():
   sizes = {p: int(np.prod(s)) for p, s in shapes.items()}
   res = allocate_bits(costs, sizes, bits, 5.0)
   rules = assignment_to_rules(res.assignment, cands)
-  assert [r for r, _ in rules] == [re.escape(p) for p in shapes]
-  assert all(isinstance(s, QuantSpec) and s.axis == 0 for _, s in rules)
+  assert [r.path for r in rules] == [re.escape(p) for p in shapes]
+  assert all(isinstance(r, QuantRule) and isinstance(r.weight, QuantSpec)
+             for r in rules)
+  # Every front end takes them: the rules match the kernels of those layers.
+  cfg = QuantConfig(rules)
+  for p in shapes:
+    assert cfg.find((p, p + "/kernel"), ("dot_general",)) is not None
   np.testing.assert_allclose(rules_bits(rules, shapes), res.avg_bits)
   assert res.avg_bits <= 5.0

@@ -1,0 +1,57 @@
+"""PTQ methods on the decoder LM: RTN, GPTQ, AWQ, SmoothQuant, QuaRot (issue 14).
+
+Trains the model first if ``point_kwargs.workdir`` holds no finished run (the
+``small`` model of ``configs/train_lm.py``, as docs/results_llama.md). Run:
+
+  python -m experiments.sweep --config configs/sweep_llama_methods.py
+
+Rows: W4A16 g128 (``int4_g128``, weights), W3A16 g128 (``int3_g128``,
+weights), W8A8 (``int8``), W4A8 (``w4a8``: int4 g128 weights, int8 per-token
+activations), W4A4 (``int4`` per channel / per token, ``mxfp4``, ``nvfp4``),
+each under every method. SmoothQuant only runs with activations (it migrates
+activation range into the weights). QuaRot folds one randomized Hadamard into
+the residual stream and runs an online Hadamard at the down projections
+(``lowbit_jax.pipelines.LLAMA_ONLINE``); its kernels are rounded by RTN.
+
+Variants: ``default`` (the small model: ~50 min of training plus ~30 min of
+sweep on a busy 2-core VM); ``smoke`` (the same rows on the smoke model of
+``configs/train_lm.py:smoke``, 2 layers of width 64 trained for 60 steps;
+about 20 min on a busy 2-core VM).
+"""
+import ml_collections
+
+_WEIGHT_ONLY = ("int4_g128", "int3_g128")
+_WITH_ACTS = ("int8", "w4a8", "int4", "mxfp4", "nvfp4")
+
+
+def get_config(arg: str = "default"):
+  c = ml_collections.ConfigDict()
+  c.model = "llama"
+  c.axes = ml_collections.ConfigDict()
+  c.axes.method = ("rtn", "gptq", "awq", "smoothquant", "quarot")
+  c.axes.scheme = ("fp32",) + _WEIGHT_ONLY + _WITH_ACTS
+  c.axes.target = ("weights", "weights+acts")
+  c.exclude = ([{"scheme": "fp32", "method": m} for m in c.axes.method[1:]]
+               + [{"scheme": "fp32", "target": "weights+acts"}]
+               + [{"scheme": s, "target": "weights+acts"} for s in _WEIGHT_ONLY]
+               + [{"scheme": s, "target": "weights"} for s in _WITH_ACTS]
+               + [{"method": "smoothquant", "target": "weights"}])
+  c.point_kwargs = ml_collections.ConfigDict({
+      "workdir": "results/train_lm_small", "variant": "small", "seq_len": 128,
+      "batch": 8, "max_eval_tokens": 16384})
+  c.out_dir = "results/sweep_llama_methods"
+  c.metrics = ("bits_per_weight", "perplexity", "bits_per_byte", "mean_weight_sqnr_db",
+               "seconds")
+  c.plot = ml_collections.ConfigDict({"x": "bits_per_weight", "y": "perplexity",
+                                      "maximize": False})
+  if arg == "default":
+    pass
+  elif arg == "smoke":   # every row, on the smoke model (2 layers, d=64)
+    c.point_kwargs.workdir = "/tmp/lowbit_jax_lm_smoke"
+    c.point_kwargs.variant = "smoke"
+    c.point_kwargs.seq_len = 64
+    c.point_kwargs.max_eval_tokens = 2048
+    c.out_dir = "/tmp/lowbit_jax_sweep_llama_methods_smoke"
+  else:
+    raise ValueError(f"unknown variant {arg!r}: default or smoke")
+  return c

@@ -1,0 +1,175 @@
+"""QuaRot that folds: residual stream from the jaxpr, gains fused, online Hadamard."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tests import _toy_models as toy
+from lowbit_jax import QuantRule
+from lowbit_jax.algorithms import rotate_model
+from lowbit_jax.core import hadamard, hadamard_transform
+from lowbit_jax.flax import quantize_linen, quantize_nnx
+from lowbit_jax.models.llama import Llama, LlamaConfig
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _float32_matmuls():
+  with jax.default_matmul_precision("float32"):
+    yield
+
+
+def test_hadamard_orders_and_fast_transform():
+  for n in (28, 704):   # Paley II; Paley I (44) x Walsh-Hadamard 16
+    h = np.asarray(hadamard(n), np.float64)
+    np.testing.assert_allclose(h @ h.T, np.eye(n), atol=1e-6)
+    np.testing.assert_allclose(np.abs(h), 1 / np.sqrt(n), rtol=1e-6)
+    x = np.asarray(jax.random.normal(jax.random.key(0), (3, n, 2)))
+    np.testing.assert_allclose(np.asarray(hadamard_transform(x, axis=1)),
+                               np.einsum("anb,nk->akb", x, h), rtol=1e-5, atol=1e-5)
+
+
+def test_hadamard_order_without_construction():
+  with pytest.raises(ValueError, match="no Hadamard matrix of order 172"):
+    hadamard(172)
+
+
+@pytest.fixture(scope="module")
+def llama():
+  """The smoke decoder with non-trivial gains and planted outlier channels.
+
+  Trained LLMs have a few residual channels far larger than the rest; here
+  four embedding columns are scaled by 25.
+  """
+  cfg = LlamaConfig.smoke()
+  model = Llama(cfg)
+  toks = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab)
+  params = model.init(jax.random.key(0), toks)["params"]
+  keys = iter(jax.random.split(jax.random.key(7), 64))
+
+  def perturb(kp, x):
+    if kp[-1].key == "scale":
+      return x + 0.3 * jax.random.normal(next(keys), x.shape)
+    if kp[-1].key == "embedding":
+      return x.at[:, :4].multiply(25.0)
+    return x
+  params = jax.tree_util.tree_map_with_path(perturb, params)
+  fn = lambda p, t: model.apply({"params": p}, t)
+  new, info = rotate_model(fn, params, toks, key=jax.random.key(3),
+                           online=".*/down_proj/kernel",
+                           heads=(".*/v_proj/kernel", ".*/o_proj/kernel",
+                                  cfg.head_dim))
+  return model, params, toks, fn(params, toks), new, info
+
+
+def _rel(a, b):
+  return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+def test_llama_rotation_keeps_float_outputs(llama):
+  model, params, toks, ref, new, info = llama
+  s = info.stream
+  assert s.width == 64
+  # Every Dense reads or writes the stream, or takes the online Hadamard.
+  assert {p for p, _ in s.rotate} | set(info.online_paths) == {
+      "embed/embedding", "lm_head/kernel"} | {
+          f"layers_{i}/{m}/kernel" for i in range(2) for m in (
+              "attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj",
+              "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj")}
+  assert {f.gain for f in s.fusions} == {"final_norm/scale"} | {
+      f"layers_{i}/{n}/scale" for i in range(2) for n in ("attn_norm", "mlp_norm")}
+  np.testing.assert_array_equal(new["final_norm"]["scale"], 1.0)
+  # The weights really changed, the function did not.
+  assert _rel(new["layers_0"]["attn"]["q_proj"]["kernel"],
+              params["layers_0"]["attn"]["q_proj"]["kernel"]) > 0.5
+  out = jax.jit(quantize_linen(info.rules())(model.apply))({"params": new}, toks)
+  assert _rel(out, ref) < 1e-5
+  # Without the online transform the down projections are wrong.
+  assert _rel(model.apply({"params": new}, toks), ref) > 1e-2
+
+
+def test_llama_w4a4_error_lower_after_rotation(llama):
+  model, params, toks, ref, new, info = llama
+  w4a4 = [QuantRule(".*", weight="int4", activation="int4")]
+  plain = jax.jit(quantize_linen(w4a4)(model.apply))({"params": params}, toks)
+  rotated = jax.jit(quantize_linen(info.rules(w4a4))(model.apply))({"params": new},
+                                                                   toks)
+  e_plain, e_rot = _rel(plain, ref), _rel(rotated, ref)
+  assert e_rot < 0.75 * e_plain, (e_plain, e_rot)   # measured 0.24 -> 0.15
+
+
+def test_toy_model_plain_function():
+  model, variables = toy.init_linen()
+  params, toks = variables["params"], toy.tokens()
+  ref = model.apply(variables, toks)
+  new, info = rotate_model(toy.toy_apply, params, toks, key=jax.random.key(3))
+  # conv (after norm1) and up read the stream; o, down (+ biases) write it.
+  assert ("layers_0/conv/kernel", 1) in info.stream.rotate
+  assert ("layers_0/o/kernel", 2) in info.stream.rotate
+  assert ("layers_0/down/bias", 0) in info.stream.rotate
+  assert _rel(toy.toy_apply(new, toks), ref) < 1e-5
+
+
+@pytest.mark.slow
+def test_toy_model_nnx():
+  model, variables = toy.init_linen()
+  params, toks = variables["params"], toy.tokens()
+  ref = model.apply(variables, toks)
+  nm = toy.nnx_from_linen(params)
+  gd, state = nnx.split(nm)
+  new, info = rotate_model(lambda s, t: nnx.merge(gd, s)(t), state, toks,
+                           key=jax.random.key(4), online=".*/down/kernel")
+  nnx.update(nm, new)
+  assert _rel(quantize_nnx(nm, info.rules())(toks), ref) < 1e-5
+
+
+class _LayerNormLM(nn.Module):
+  post_norm: bool = False
+
+  @nn.compact
+  def __call__(self, t):
+    x = nn.Embed(16, 8, name="embed")(t)
+    if self.post_norm:   # two post-norm blocks
+      x = nn.RMSNorm(name="norm")(x + nn.Dense(8, name="ff")(x))
+      x = nn.RMSNorm(name="norm2")(x + nn.Dense(8, name="ff2")(x))
+    else:
+      x = x + nn.Dense(8, name="ff")(nn.LayerNorm(name="ln")(x))
+    return nn.Dense(16, name="head")(x)
+
+
+@pytest.mark.parametrize("post_norm,match", [
+    (False, "reduce_sum.*ln.*mean subtraction"),
+    (True, "added to the output of the norm with gain 'norm/scale'"),
+])
+def test_models_that_cannot_rotate_name_the_layer(post_norm, match):
+  m = _LayerNormLM(post_norm)
+  t = jnp.zeros((1, 4), jnp.int32)
+  p = m.init(jax.random.key(0), t)["params"]
+  with pytest.raises(ValueError, match=match):
+    rotate_model(lambda p, t: m.apply({"params": p}, t), p, t, key=jax.random.key(0))
+
+
+def test_input_rotation_rule_validation():
+  with pytest.raises(ValueError, match="input_rotation must be one of"):
+    QuantRule(".*", input_rotation="random")
+  assert not QuantRule(".*", input_rotation="hadamard").is_float
+
+
+@pytest.mark.slow
+def test_apply_ptq_quarot_with_gptq(llama):
+  """The Linen PTQ driver: rotate, check, GPTQ on the rotated kernels, W4A4."""
+  from lowbit_jax.flax import apply_ptq
+  model, params, toks, ref, _, _ = llama
+  w4a4 = [QuantRule(".*", weight="int4", activation="int4")]
+  plain = jax.jit(quantize_linen(w4a4)(model.apply))({"params": params}, toks)
+  qparams, rep = apply_ptq(model, params, [(toks,)], "quarot", "int4", "int4",
+                           quantizer="gptq", online=".*/down_proj/kernel")
+  assert rep["rotation"].online_paths == ("layers_0/mlp/down_proj/kernel",
+                                          "layers_1/mlp/down_proj/kernel")
+  a4 = [QuantRule(".*", activation="int4")]   # weights are in qparams
+  out = jax.jit(quantize_linen(rep["rotation"].rules(a4))(model.apply))(
+      {"params": qparams}, toks)
+  assert _rel(out, ref) < 0.75 * _rel(plain, ref)
+  with pytest.raises(ValueError, match="online= and heads= apply to method="):
+    apply_ptq(model, params, [(toks,)], "gptq", "int4", online=".*")

@@ -1,0 +1,52 @@
+"""PTQ results carry their scales: real mode reproduces the fake-quantized kernels."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lowbit_jax import QuantRule, QuantSpec
+from lowbit_jax.flax import apply_ptq, quantize_linen
+
+
+class _MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(128, name="a")(nn.RMSNorm(name="norm")(x))
+    return nn.Dense(64, name="b")(jax.nn.gelu(h))
+
+
+@pytest.fixture(scope="module")
+def setup():
+  m = _MLP()
+  x = jax.random.normal(jax.random.key(0), (64, 96)) * jnp.linspace(0.1, 4, 96)
+  return m, m.init(jax.random.key(1), x)["params"], x
+
+
+@pytest.mark.parametrize("method", ["gptq", "smoothquant"])
+def test_real_mode_equals_ptq_result(setup, method):
+  m, params, x = setup
+  spec = QuantSpec("int4", group_size=32)
+  qp, rep = apply_ptq(m, params, [x], method, spec)
+  assert set(rep["quant_scales"]) == {"a", "b"}
+  q = quantize_linen([QuantRule(".*", weight=spec)], mode="real")
+  qv = q.quantize_params(m, {"params": qp, "quant_scales": rep["quant_scales"]}, x)
+  for layer in ("a", "b"):   # the stored codes give back the PTQ kernel exactly
+    np.testing.assert_array_equal(qv["params"][layer]["kernel"].logical(),
+                                  qp[layer]["kernel"])
+  np.testing.assert_array_equal(q(m.apply)(qv, x), m.apply({"params": qp}, x))
+  if method == "gptq":   # re-deriving the scales from the kernel changes codes
+    qv2 = q.quantize_params(m, {"params": qp}, x)
+    assert np.any(np.asarray(qv2["params"]["a"]["kernel"].logical())
+                  != np.asarray(qp["a"]["kernel"]))
+
+
+def test_quant_rules_as_weight_spec(setup):
+  """QuantRules (e.g. from assignment_to_rules) select and spec the kernels."""
+  m, params, x = setup
+  qp, rep = apply_ptq(m, params, [x], "rtn", [QuantRule("a", weight="int4"),
+                                              QuantRule(".*")])
+  assert rep["layers"]["a"]["spec"] == "int4_axis0"
+  assert rep["layers"]["b"]["spec"] is None
+  np.testing.assert_array_equal(qp["b"]["kernel"], params["b"]["kernel"])
+  assert len(np.unique(np.asarray(qp["a"]["kernel"])[:, 0])) <= 16
