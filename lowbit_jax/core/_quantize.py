@@ -207,6 +207,42 @@ def _pow2(e: jax.Array) -> jax.Array:
   return jnp.ldexp(jnp.ones(e.shape, jnp.float32), e)
 
 
+def _pow2_pair(e: jax.Array):
+  """``2**e`` (int32 ``e`` in [-252, 252]) as two normal float32 factors.
+
+  ``x * f1 * f2`` equals ``x * 2**e`` rounded once, without ever forming
+  ``2**e`` itself: an E8M0 scale of ``2**-127`` is a float32 subnormal, which
+  XLA flushes to zero on CPU (and ``2**127``'s inverse likewise), though the
+  scaled value is a normal number.
+  """
+  h = jnp.floor_divide(e, 2)
+  return _pow2(h), _pow2(e - h)
+
+
+# The smallest scale a float scale dtype holds as a normal number: a smaller
+# (subnormal) scale would be flushed to zero by XLA, so a tensor or block whose
+# amax / element max lies below it uses this scale (and fewer grid levels).
+_MIN_SCALE = {"float32": np.float32(2.0 ** -126), "bfloat16": np.float32(2.0 ** -126),
+              "float16": np.float32(2.0 ** -14)}
+
+
+def _clamp_scale(s: jax.Array, dtype: str) -> jax.Array:
+  lo = _MIN_SCALE.get(dtype)
+  return s if lo is None else jnp.maximum(s, lo)
+
+
+def _sum_div(v: jax.Array, red, n) -> jax.Array:
+  """``sum(v) / n`` over ``red`` for ``v >= 0``, also where the sum overflows.
+
+  A block of values near the float32 maximum has an infinite sum but a finite
+  mean: there the sum is taken of ``v * 2**-64`` and the mean scaled back.
+  """
+  total = jnp.sum(v, axis=red)
+  small = _div(jnp.sum(v * np.float32(2.0 ** -64), axis=red), n) * np.float32(2.0 ** 64)
+  return jnp.where((total == np.float32(np.inf)) & jnp.isfinite(small), small,
+                   _div(total, n))
+
+
 def _store_float_scale(s: jax.Array, dtype: str):
   """(stored, float32 value) of a scale in a float scale dtype."""
   if dtype == "float32":
@@ -236,8 +272,8 @@ def _mark_bad(stored: jax.Array, value: jax.Array, bad: jax.Array):
 def _mean_abs(absx, red, vb, bs) -> jax.Array:
   """Per-block mean of |x| over the valid (unpadded) elements."""
   if vb is None:
-    return _div(jnp.sum(absx, axis=red), np.float32(math.prod(bs)))
-  return _div(jnp.sum(absx, axis=red), jnp.sum(vb, axis=red))
+    return _sum_div(absx, red, np.float32(math.prod(bs)))
+  return _sum_div(absx, red, jnp.sum(vb, axis=red))
 
 
 def _scale_value(stored: jax.Array, dtype: str) -> jax.Array:
@@ -348,7 +384,7 @@ def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None):
       thr = 0.7 * mean_abs
       sel = absx > jnp.expand_dims(thr, red)
       n_sel = jnp.sum(sel, axis=red)
-      a = _div(jnp.sum(jnp.where(sel, absx, 0.0), axis=red), jnp.maximum(n_sel, 1))
+      a = _sum_div(jnp.where(sel, absx, 0.0), red, jnp.maximum(n_sel, 1))
       blk_bad = jnp.any(~jnp.isfinite(xn), axis=red)
   a = a * np.float32(spec.clip_ratio)
   # A block holding a NaN or an inf gets a NaN scale.
@@ -366,7 +402,7 @@ def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None):
     else:
       emax_t = jnp.max(a)
     smax = _E4M3.max if spec.scale_dtype == "fp8_e4m3" else 1.0
-    t = _div(emax_t, np.float32(fmt.max * smax))
+    t = _clamp_scale(_div(emax_t, np.float32(fmt.max * smax)), "float32")
     t = jnp.where(emax_t == 0, np.float32(1.0), t)  # 1 where the amax is 0
     tscale = t
     if spec.scale_dtype == "fp8_e4m3":
@@ -387,15 +423,19 @@ def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None):
   elif spec.scale_dtype == "e8m0":
     e = _e8m0_exponent(a, fmt, spec.scale_rounding)
     s_stored = jnp.where(bad, 255, e + _E8M0_BIAS).astype(jnp.uint8)
-    s_val = jnp.where(bad, jnp.nan, _pow2(e))
-    y = xb * jnp.expand_dims(jnp.where(bad, jnp.nan, _pow2(-e)), red)
-    total = s_val
+    # Two power-of-two factors each way (_pow2_pair): exact at e = +-127.
+    i1, i2 = _pow2_pair(-e)
+    y = (xb * jnp.expand_dims(jnp.where(bad, jnp.nan, i1), red)
+         * jnp.expand_dims(i2, red))
+    t1, t2 = _pow2_pair(e)
+    total = (jnp.where(bad, jnp.nan, t1), t2)
   else:
     # Scale 1 where the amax is 0 (the block is all zeros and codes 0); a grid
     # without 0 (binary) needs scale 0 there, or zeros would read back as +-1.
     has_zero = not isinstance(fmt, LookupFormat) or 0.0 in fmt.table
     zero_scale = 1.0 if has_zero else 0.0
-    s = jnp.where(a > 0, _div(a, np.float32(fmt.max)), zero_scale)
+    s = jnp.where(a > 0, _clamp_scale(_div(a, np.float32(fmt.max)), spec.scale_dtype),
+                  zero_scale)
     s_stored, s_val = _store_float_scale(s, spec.scale_dtype)
     s_stored, s_val = _mark_bad(s_stored, s_val, bad)
     y = _div_data(xb, jnp.expand_dims(jnp.where(s_val == 0, 1.0, s_val), red))
@@ -452,7 +492,11 @@ def _grid_asym(x, xf, xb, red, vb, spec, bs, noise, amax, amin):
   hi = jnp.maximum(hi, 0.0) * np.float32(spec.clip_ratio)
   lo = jnp.minimum(lo, 0.0) * np.float32(spec.clip_ratio)
   rng = hi - lo
-  s = jnp.where(rng > 0, _div(rng, np.float32(levels)), 1.0)
+  s = _div(rng, np.float32(levels))
+  # A range wider than the float32 maximum (hi and lo near +-3.4e38): split.
+  s = jnp.where(rng == np.float32(np.inf), _div(hi, np.float32(levels))
+                - _div(lo, np.float32(levels)), s)
+  s = jnp.where(rng > 0, _clamp_scale(s, spec.scale_dtype), 1.0)
   s_stored, s_val = _store_float_scale(s, spec.scale_dtype)
   bad = ~(jnp.isfinite(hi) & jnp.isfinite(lo)) | blk_bad  # NaN/inf: NaN scale
   s_stored, s_val = _mark_bad(s_stored, s_val, bad)
@@ -610,9 +654,15 @@ def _noise_for(spec: QuantSpec, key, shape):
 
 
 def _values(q, total, zp, bs, shape):
-  """Dequantized float32 values from grid elements and per-block scales."""
+  """Dequantized float32 values from grid elements and per-block scales.
+
+  ``total`` is a float32 array, or a pair of them (E8M0 scales as two
+  power-of-two factors, ``_pow2_pair``) applied one after the other.
+  """
   if zp is not None:
     q = q - _expand(zp.astype(jnp.float32), bs, shape)
+  if isinstance(total, tuple):
+    return q * _expand(total[0], bs, shape) * _expand(total[1], bs, shape)
   return q * _expand(total, bs, shape)
 
 
@@ -811,9 +861,16 @@ def _dequantize_jit(q: QArray) -> jax.Array:
     vals = vals[tuple(slice(0, t) for t in target)]
   shape = vals.shape
   bs = _local_block_shape(q.scale.shape, shape)
-  total = _scale_value(q.scale, spec.scale_dtype)
-  if q.tensor_scale is not None:
-    total = q.tensor_scale * total
+  if spec.scale_dtype == "e8m0":
+    code = q.scale.astype(jnp.int32)
+    t1, t2 = _pow2_pair(code - _E8M0_BIAS)
+    if q.tensor_scale is not None:
+      t1 = q.tensor_scale * t1
+    total = (jnp.where(code == 255, jnp.float32(jnp.nan), t1), t2)
+  else:
+    total = _scale_value(q.scale, spec.scale_dtype)
+    if q.tensor_scale is not None:
+      total = q.tensor_scale * total
   out = _values(vals, total, q.zero_point, bs, shape)
   out = out[tuple(slice(0, min(d, s)) for d, s in zip(q.shape, shape))]
   return out.astype(q.dtype)
