@@ -560,6 +560,13 @@ class QuantizedFunction:
     out, aux = self._dispatch(params, args, kwargs, extras, False,
                               bool(quant_metrics))
     self.config.check()
+    if self.mode != "calibrate" and isinstance(quant_stats, dict):
+      # Calibrated ranges are checked here, on concrete values (inside the
+      # trace they are not): a range of 0 or below names its layer.
+      for key, st in quant_stats.items():
+        site = self.config.sites.get(key)
+        if site is not None and site.static and _rules.is_range(st):
+          _rules.static_range(site, st)
     res = (out,)
     if self.mode == "calibrate":
       res += (aux["stats"],)
@@ -785,14 +792,14 @@ class QuantizedFunction:
     Static rules accept either; finalized ranges skip the observer's finalize
     (a histogram search for percentile/mse/kl) on every call.
     """
-    out = {}
+    items = []
     for key, st in quant_stats.items():
       site = self.config.sites.get(key)
       if site is None:
         raise ValueError(f"no site {key!r} was calibrated by this function; known: "
                          f"{sorted(self.config.sites)}")
-      out[key] = _rules.finalize_range(site, st)
-    return out
+      items.append((key, site, st))
+    return _rules.finalize_ranges(items)
 
 
 def quantize_function(fn: Callable, rules, mode: str = "fake", *,

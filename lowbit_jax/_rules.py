@@ -54,7 +54,8 @@ from opt_einsum.parser import parse_einsum_input
 from lowbit_jax import calibration
 from lowbit_jax.core import ops, scaling
 from lowbit_jax.core._qarray import QArray, block_shape
-from lowbit_jax.core._quantize import (dequantize, fake_quant, init_scale, quantize,
+from lowbit_jax.core._quantize import (check_static_range, dequantize, fake_quant,
+                                       init_scale, quantize,
                                        scale_shape)
 from lowbit_jax.core._spec import TENSOR, QuantSpec, as_spec
 from lowbit_jax.formats import BlockFormat, LookupFormat
@@ -908,18 +909,53 @@ def static_range(site: Site, stats) -> dict:
         f"rule {site.rule.path!r} is static but there are no calibration statistics "
         f"for {site.path!r}: run the model with mode='calibrate' over some batches "
         "first and pass the statistics it recorded")
-  if is_range(stats):
-    return {"amax": stats["amax"], "amin": stats.get("amin")}
   spec = site.rule.static_activation
-  return observer_for(spec).finalize(stats, spec)
+  if is_range(stats):
+    r = {"amax": stats["amax"], "amin": stats.get("amin")}
+  else:
+    r = observer_for(spec).finalize(stats, spec)
+  check_static_range(r["amax"], r.get("amin"), symmetric=spec.symmetric,
+                     where=f"layer {site.path!r} (rule {site.rule.path!r}): ")
+  return r
 
 
 def finalize_range(site: Site, stats) -> dict:
-  """The finalized range of an observer state (kept as is if already one)."""
+  """The finalized range of an observer state (kept as is if already one).
+
+  Raises:
+    ValueError: the range is 0 or below somewhere (the layer saw no data, or
+      only zeros or non-finite values), naming the layer.
+  """
+  r = static_range(site, stats)
   if is_range(stats):
     return dict(stats)
-  r = static_range(site, stats)
   return {k: v for k, v in r.items() if v is not None}
+
+
+def finalize_ranges(items) -> dict:
+  """``finalize_range`` over ``(key, site, stats)`` triples, all at once.
+
+  Returns:
+    ``{key: range}``.
+
+  Raises:
+    ValueError: listing every layer whose calibrated range is 0 or below or
+      not finite (it saw no data, or only zeros, NaN or inf).
+  """
+  out, bad = {}, []
+  for key, site, st in items:
+    try:
+      out[key] = finalize_range(site, st)
+    except ValueError as e:
+      if "must be positive and finite" not in str(e):
+        raise
+      bad.append(site.path)
+  if bad:
+    raise ValueError(f"{len(bad)} layer(s) have no usable calibrated range (the "
+                     f"observer saw no data there, or only zeros, NaN or inf): "
+                     f"{sorted(bad)}. Calibrate on batches that reach them, or "
+                     "exclude them from the static rule")
+  return out
 
 
 # ---------------------------------------------------------------------------
@@ -1525,5 +1561,5 @@ __all__ = ["QuantRule", "QuantConfig", "Site", "SiteCall", "QWeight", "WeightPla
            "plan_weight", "conv_weight_spec", "quantize_weight", "quantize_params",
            "logical_shape", "logical_value", "einsum_dims", "site_dot_general",
            "site_einsum", "site_conv", "site_key",
-           "clipped_fraction", "observe", "static_range", "finalize_range",
+           "clipped_fraction", "observe", "static_range", "finalize_range", "finalize_ranges",
            "check_mode", "check_use_kernel"]

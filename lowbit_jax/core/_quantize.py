@@ -670,7 +670,40 @@ def _values(q, total, zp, bs, shape):
 # Public API
 
 
-def _check_tensor_amax(spec: QuantSpec, amax, tensor_amax) -> None:
+def check_static_range(amax, amin=None, tensor_amax=None, *, symmetric=True,
+                       where: str = "") -> None:
+  """Refuses a static range that cannot give a scale (concrete values only).
+
+  A range of zero or below (what an observer returns for a layer that saw no
+  data, or only zeros, NaN or inf) would silently fall back to a scale of 1.
+  Traced values (inside jit) are not checked here; the front ends check
+  calibrated ranges when they are finalized.
+
+  Raises:
+    ValueError: some ``amax`` (or ``tensor_amax``, or ``amax - amin`` for an
+      asymmetric range) entry is not a positive finite number.
+  """
+  checks = [("tensor_amax", tensor_amax)]
+  if symmetric or amin is None:
+    checks.append(("amax", amax))
+  elif not isinstance(amax, jax.core.Tracer) and not isinstance(amin, jax.core.Tracer):
+    checks.append(("amax - amin", np.asarray(amax, np.float64) - np.asarray(
+        amin, np.float64)))
+  for name, v in checks:
+    if v is None or isinstance(v, jax.core.Tracer):
+      continue
+    a = np.asarray(v, np.float64)
+    bad = ~(np.isfinite(a) & (a > 0))
+    if bad.any():
+      raise ValueError(
+          f"{where}{name} must be positive and finite; {int(bad.sum())} of {a.size} "
+          f"entries are not (e.g. {a[bad].ravel()[0]!r}): a calibrated range of 0 "
+          "or below means the observer saw no data, or only zeros, NaN or inf. "
+          "Calibrate on batches that reach this tensor, or leave it dynamic")
+
+
+def _check_tensor_amax(spec: QuantSpec, amax, tensor_amax, amin=None) -> None:
+  check_static_range(amax, amin, tensor_amax, symmetric=spec.symmetric)
   if tensor_amax is None:
     return
   if not spec.tensor_scale:
@@ -804,7 +837,7 @@ def quantize(x: jax.Array, spec=None, *, key: Optional[jax.Array] = None,
   """
   spec = as_spec(spec, **spec_kwargs)
   x = jnp.asarray(x)
-  _check_tensor_amax(spec, amax, tensor_amax)
+  _check_tensor_amax(spec, amax, tensor_amax, amin)
   scale, zero_point, clip = _check_learned(spec, x.shape, amax, amin, tensor_amax,
                                            scale, zero_point, clip)
   # One jit per (spec, shape): run eagerly, the dozens of small ops would each
@@ -1073,7 +1106,7 @@ def fake_quant(x: jax.Array, spec=None, *, key: Optional[jax.Array] = None,
       does not fit x.
   """
   spec = as_spec(spec, **spec_kwargs)
-  _check_tensor_amax(spec, amax, tensor_amax)
+  _check_tensor_amax(spec, amax, tensor_amax, amin)
   x = jnp.asarray(x)
   key = _as_key(key)
   scale, zero_point, clip = _check_learned(spec, x.shape, amax, amin, tensor_amax,

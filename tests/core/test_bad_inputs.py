@@ -87,3 +87,49 @@ def test_spec_takes_numpy_integers_and_bools():
   np.testing.assert_array_equal(lb.fake_quant(x, s),
                                 lb.fake_quant(x, lb.QuantSpec("int4", axis=-1,
                                                               group_size=32)))
+
+
+# ---------------------------------------------------------------------------
+# Static ranges of zero or below
+
+
+@pytest.mark.parametrize("kw", [dict(amax=0.0), dict(amax=jnp.array([1.0, -1.0, 2.0, 1.0])[:, None]),
+                                dict(amax=np.nan)])
+def test_non_positive_static_amax_is_refused(kw):
+  x = jax.random.normal(jax.random.key(0), (4, 8))
+  spec = lb.QuantSpec("int8", axis=-1)
+  for fn in (lb.fake_quant, lb.quantize):
+    with pytest.raises(ValueError, match="amax must be positive and finite"):
+      fn(x, spec, **kw)
+
+
+def test_non_positive_tensor_amax_and_asymmetric_range_are_refused():
+  x = jax.random.normal(jax.random.key(0), (4, 32))
+  with pytest.raises(ValueError, match="tensor_amax must be positive"):
+    lb.fake_quant(x, lb.QuantSpec("nvfp4", axis=-1), tensor_amax=0.0)
+  with pytest.raises(ValueError, match=r"amax - amin must be positive"):
+    lb.fake_quant(x, lb.QuantSpec("uint8", axis="tensor"), amax=0.0, amin=0.0)
+  # A positive range still works, under jit too.
+  y = jax.jit(lambda v, a: lb.fake_quant(v, lb.QuantSpec("int8", axis="tensor"),
+                                         amax=a))(x, 2.0)
+  assert np.all(np.isfinite(y))
+
+
+def test_finalize_names_every_layer_that_saw_no_data():
+  from lowbit_jax._function import quantize_function
+  from lowbit_jax._rules import QuantConfig, QuantRule
+
+  def f(p, x):
+    return jnp.maximum(x @ p["a"], 0.0) @ p["b"]
+
+  p = {"a": -jnp.ones((4, 8)), "b": jnp.ones((8, 2))}
+  x = jnp.ones((2, 4))  # relu(x @ a) is all zeros: "b" sees only zeros
+  rules = QuantConfig([QuantRule(".*", activation="int8", static=True)])
+  cal = quantize_function(f, rules, mode="calibrate")
+  _, stats = cal(p, x)
+  with pytest.raises(ValueError, match=r"no usable calibrated range .*\['b'\]"):
+    cal.finalize_stats(stats)
+  qf = quantize_function(f, rules)
+  with pytest.raises(ValueError, match="layer 'b'.*amax must be positive"):
+    qf(p, x, quant_stats={"a": {"amax": jnp.float32(1.0)},
+                          "b": {"amax": jnp.float32(0.0)}})
