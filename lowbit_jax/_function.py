@@ -551,6 +551,7 @@ class QuantizedFunction:
     self.use_kernel = _rules.check_use_kernel(use_kernel)
     functools.update_wrapper(self, fn)
     self._jits: dict = {}
+    self._logs: dict = {}
 
   def __call__(self, params, *args, quant_stats: Optional[dict] = None,
                quant_scales: Optional[dict] = None, quant_state: Optional[dict] = None,
@@ -607,7 +608,21 @@ class QuantizedFunction:
       fn = self._jits[key] = jax.jit(functools.partial(
           self._run_static, tdef, dict(zip(static, key[2])), init, metrics))
     dyn = [l for i, l in enumerate(leaves) if i not in static]
-    return fn(params, dyn, extras)
+    # What this trace matched, replayed on a cache hit (which traces nothing)
+    # so unused_rules() is right after config.reset().
+    sig = (key, jax.tree.structure((params, dyn, extras)),
+           tuple((jnp.shape(l), jnp.result_type(l)) for l in
+                 jax.tree.leaves((params, dyn, extras))))
+    self.config.begin_log()
+    try:
+      out = fn(params, dyn, extras)
+    finally:
+      log = self.config.end_log()
+    if log:
+      self._logs[sig] = log
+    else:
+      self.config.replay(self._logs.get(sig, []))
+    return out
 
   def unused_rules(self) -> list:
     """Rules that matched no site in the calls so far."""

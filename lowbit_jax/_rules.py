@@ -542,6 +542,25 @@ class QuantConfig:
     self.strict = bool(strict)
     self._hits: dict[int, list[str]] = {i: [] for i in range(len(self.rules))}
     self.sites: dict[str, Site] = {}
+    self._log: Optional[list] = None
+
+  def begin_log(self) -> None:
+    """Starts logging matches and sites (``end_log`` returns them)."""
+    self._log = []
+
+  def end_log(self) -> list:
+    """The matches and sites recorded since ``begin_log``."""
+    log, self._log = self._log or [], None
+    return log
+
+  def replay(self, log: list) -> None:
+    """Records again what a trace recorded (a jit cache hit traces nothing)."""
+    for kind, a, b in log:
+      if kind == "match":
+        if b not in self._hits[a]:
+          self._hits[a].append(b)
+      else:
+        self.sites[a] = b
 
   def find(self, candidates: Sequence[str], op_kinds: Iterable[str]) -> Optional[int]:
     """Index of the first rule that applies, without recording anything."""
@@ -564,12 +583,16 @@ class QuantConfig:
     if i is None:
       return None
     key = candidates[-1]
+    if self._log is not None:
+      self._log.append(("match", i, key))
     if key not in self._hits[i]:
       self._hits[i].append(key)
     return self.rules[i]
 
   def record_site(self, key: str, site: Site) -> None:
     """Remembers a quantized site under ``key``."""
+    if self._log is not None:
+      self._log.append(("site", key, site))
     self.sites[key] = site
 
   def matched(self) -> dict:
@@ -596,7 +619,12 @@ class QuantConfig:
           "strict=False to allow unused rules")
 
   def reset(self) -> None:
-    """Forgets all recorded matches."""
+    """Forgets all recorded matches.
+
+    ``quantize_function`` replays the matches of its cached traces on every
+    call, so its report is right after a reset whether or not it retraces; a
+    function the caller jitted records its matches only when it is traced.
+    """
     self._hits = {i: [] for i in range(len(self.rules))}
     self.sites = {}
 

@@ -133,3 +133,28 @@ def test_finalize_names_every_layer_that_saw_no_data():
   with pytest.raises(ValueError, match="layer 'b'.*amax must be positive"):
     qf(p, x, quant_stats={"a": {"amax": jnp.float32(1.0)},
                           "b": {"amax": jnp.float32(0.0)}})
+
+
+# ---------------------------------------------------------------------------
+# The unused-rules report after config.reset()
+
+
+def test_unused_rules_report_is_right_after_reset_on_a_jit_cache_hit():
+  from lowbit_jax._function import quantize_function
+  from lowbit_jax._rules import QuantRule
+  p, x = {"w": _w()}, jnp.ones((2, 8))
+  qf = quantize_function(lambda p, a: a @ p["w"], [
+      QuantRule("w", weight="int8"), QuantRule("nothing", weight="int4")], strict=False)
+  qf(p, x)
+  assert [r.path for r in qf.unused_rules()] == ["nothing"]
+  qf.config.reset()
+  assert len(qf.unused_rules()) == 2
+  qf(p, x)  # a jit cache hit: nothing is traced
+  assert [r.path for r in qf.unused_rules()] == ["nothing"]
+  assert "w" in qf.config.sites
+  strict = quantize_function(lambda p, a: a @ p["w"], [QuantRule("w", weight="int8")],
+                             strict=True)
+  strict(p, x)
+  strict.config.reset()
+  strict(p, x)  # a cache hit: the rule that matched is not reported unused
+  assert strict.unused_rules() == []
