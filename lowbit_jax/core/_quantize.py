@@ -291,6 +291,12 @@ def _prepare(x, spec: QuantSpec):
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(f"quantize() takes a float array, got dtype {x.dtype}")
+  if x.dtype == jnp.float64:
+    # Scales and grids are computed in float32: float64 values beyond its
+    # range (1e300, 1e-300) would come back as NaN or 0.
+    raise TypeError("quantize() and fake_quant() compute in float32 and do not take "
+                    "float64 arrays (jax_enable_x64): cast with x.astype(jnp.float32) "
+                    "first, after checking the values fit float32's range")
   if x.ndim == 0:
     raise ValueError("quantize() needs at least a 1-d array; reshape the scalar "
                      "with x.reshape(1)")
