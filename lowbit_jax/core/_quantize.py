@@ -693,8 +693,11 @@ def check_static_range(amax, amin=None, tensor_amax=None, *, symmetric=True,
   if symmetric or amin is None:
     checks.append(("amax", amax))
   elif not isinstance(amax, jax.core.Tracer) and not isinstance(amin, jax.core.Tracer):
-    checks.append(("amax - amin", np.asarray(amax, np.float64) - np.asarray(
-        amin, np.float64)))
+    try:
+      checks.append(("amax - amin", np.asarray(amax, np.float64) - np.asarray(
+          amin, np.float64)))
+    except ValueError:
+      pass  # shapes that do not broadcast: _check_range_shapes names them
   for name, v in checks:
     if v is None or isinstance(v, jax.core.Tracer):
       continue
@@ -760,6 +763,36 @@ def scale_shape(shape, spec=None, **spec_kwargs) -> tuple:
   return tuple(-(-d // b) for d, b in zip(shape, bs))
 
 
+def _check_range_shapes(spec: QuantSpec, x_shape, amax, amin) -> None:
+  """A static amax/amin must broadcast to the scale grid (one per block)."""
+  if amax is None and amin is None:
+    return
+  try:
+    grid = scale_shape(x_shape, spec)
+  except (ValueError, ZeroDivisionError):
+    return  # the spec does not fit x: _prepare says why
+  for name, v in (("amax", amax), ("amin", amin)):
+    if v is None:
+      continue
+    shp = tuple(jnp.shape(v))
+    try:
+      ok = jnp.broadcast_shapes(shp, grid) == grid
+    except ValueError:
+      ok = False
+    if not ok:
+      raise ValueError(f"{name} has shape {shp}, which does not broadcast to the scale "
+                       f"grid {grid} of an array of shape {tuple(x_shape)} under this "
+                       f"spec (one range per block); pass {name} of shape {grid}, or a "
+                       "scalar for one range everywhere")
+
+
+def _check_empty(x, what: str) -> None:
+  if x.size == 0:
+    raise ValueError(f"{what}() got an empty array of shape {tuple(x.shape)}: a "
+                     "QArray needs at least one element per block; skip empty "
+                     "inputs (fake_quant and the quantized ops return them as is)")
+
+
 def _check_learned(spec: QuantSpec, x_shape, amax, amin, tensor_amax, scale,
                    zero_point, clip):
   """Validates the learned-range keywords; returns (scale, zero_point, clip) as
@@ -781,6 +814,7 @@ def _check_learned(spec: QuantSpec, x_shape, amax, amin, tensor_amax, scale,
       raise ValueError(f"zero_point needs an asymmetric spec; {spec.format.name!r} "
                        "here is symmetric (use e.g. 'uint8' or symmetric=False)")
   if scale is None and clip is None:
+    _check_range_shapes(spec, x_shape, amax, amin)
     return None, None, None
   grid = scale_shape(x_shape, spec)
   out = []
@@ -844,6 +878,7 @@ def quantize(x: jax.Array, spec=None, *, key: Optional[jax.Array] = None,
   spec = as_spec(spec, **spec_kwargs)
   x = jnp.asarray(x)
   _check_tensor_amax(spec, amax, tensor_amax, amin)
+  _check_empty(x, "quantize")
   scale, zero_point, clip = _check_learned(spec, x.shape, amax, amin, tensor_amax,
                                            scale, zero_point, clip)
   # One jit per (spec, shape): run eagerly, the dozens of small ops would each
@@ -1115,6 +1150,8 @@ def fake_quant(x: jax.Array, spec=None, *, key: Optional[jax.Array] = None,
   _check_tensor_amax(spec, amax, tensor_amax, amin)
   x = jnp.asarray(x)
   key = _as_key(key)
+  if x.size == 0 and x.ndim > 0 and jnp.issubdtype(x.dtype, jnp.floating):
+    return x  # nothing to quantize: an empty array is its own fake quantization
   scale, zero_point, clip = _check_learned(spec, x.shape, amax, amin, tensor_amax,
                                            scale, zero_point, clip)
   if scale is None and clip is None:

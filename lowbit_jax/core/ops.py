@@ -257,6 +257,8 @@ def _qdq_operand(x, spec: Optional[QuantSpec], key, mode: str, amax=None,
     if learned:
       raise ValueError(f"{name}_scale / {name}_clip need a {name}_spec")
     return x
+  if x.size == 0:
+    return x  # an empty operand (e.g. an empty batch): nothing to quantize
   k = key if _stoch(spec) else None
   if history is not None:
     if learned or amax is not None or tensor_amax is not None:
@@ -593,11 +595,11 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None,
   # real
   rq = rhs if r_is_q else (
       quantize(rhs, rs, key=k_r if _stoch(rs) else None, scale=rhs_scale)
-      if rs is not None else rhs)
+      if rs is not None and rhs.size else rhs)
   lq = lhs if l_is_q else (
       quantize(lhs, ls, key=k_l if _stoch(ls) else None, amax=lhs_amax,
                tensor_amax=lhs_tensor_amax, scale=lhs_scale, clip=lhs_clip)
-      if ls is not None else lhs)
+      if ls is not None and lhs.size else lhs)  # empty: nothing to quantize
   if isinstance(rq, QArray) and use_kernel != "never":
     prob, why = kernel_problem(lq, rq, dn)
     if prob is not None:

@@ -158,3 +158,36 @@ def test_unused_rules_report_is_right_after_reset_on_a_jit_cache_hit():
   strict.config.reset()
   strict(p, x)  # a cache hit: the rule that matched is not reported unused
   assert strict.unused_rules() == []
+
+
+# ---------------------------------------------------------------------------
+# Empty arrays and ill-shaped ranges
+
+
+@pytest.mark.parametrize("fmt", ["int8", "uint8", "mxfp4", "nvfp4", "nf4", "binary"])
+def test_empty_arrays(fmt):
+  x = jnp.zeros((0, 128))
+  spec = lb.QuantSpec(fmt, axis=-1)
+  assert lb.fake_quant(x, spec).shape == (0, 128)
+  for ax in (0, -1):
+    with pytest.raises(ValueError, match=r"empty array of shape \(0, 128\)"):
+      lb.quantize(x, lb.QuantSpec(fmt, axis=ax))
+  dn = (((1,), (0,)), ((), ()))
+  for mode in ("fake", "real"):
+    y = ops.dot_general(x, jnp.ones((128, 4)), dn, lhs_spec=fmt, rhs_spec="int8",
+                        mode=mode)
+    assert y.shape == (0, 4)
+    y = ops.einsum("bk,kn->bn", x, jnp.ones((128, 4)), lhs_spec=fmt, mode=mode)
+    assert y.shape == (0, 4)
+
+
+def test_amax_of_the_wrong_shape_names_amax_and_the_grid():
+  x = jnp.ones((4, 8))
+  with pytest.raises(ValueError, match=r"amax has shape \(3,\).*scale grid \(4, 1\)"):
+    lb.fake_quant(x, lb.QuantSpec("int8", axis=-1), amax=jnp.ones((3,)))
+  with pytest.raises(ValueError, match=r"amin has shape \(2, 2\)"):
+    lb.quantize(x, lb.QuantSpec("uint8", axis=-1), amax=jnp.ones((4, 1)),
+                amin=-jnp.ones((2, 2)))
+  # Shapes that broadcast to the grid are fine.
+  lb.fake_quant(x, lb.QuantSpec("int8", axis=-1), amax=jnp.ones((4, 1)))
+  lb.fake_quant(x, lb.QuantSpec("int8", axis=-1), amax=2.0)
