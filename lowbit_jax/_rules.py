@@ -1360,18 +1360,19 @@ def _float(x):
 
 
 def _with_path(fn):
-  """Prefixes a site's ValueErrors with its path, so they name the layer."""
+  """Prefixes a site's ValueErrors and TypeErrors with its path, so they name
+  the layer."""
 
   @functools.wraps(fn)
   def wrapped(site, *args, **kwargs):
     try:
       return fn(site, *args, **kwargs)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
       msg = str(e)
       prefix = f"{site.path}: "
-      if msg.startswith(prefix):
+      if msg.startswith(prefix) or type(e) not in (ValueError, TypeError):
         raise
-      raise ValueError(f"{prefix}{msg}") from e
+      raise type(e)(f"{prefix}{msg}") from e
   return wrapped
 
 

@@ -191,3 +191,13 @@ def test_amax_of_the_wrong_shape_names_amax_and_the_grid():
   # Shapes that broadcast to the grid are fine.
   lb.fake_quant(x, lb.QuantSpec("int8", axis=-1), amax=jnp.ones((4, 1)))
   lb.fake_quant(x, lb.QuantSpec("int8", axis=-1), amax=2.0)
+
+
+def test_a_type_error_inside_a_rule_names_the_layer():
+  from lowbit_jax._function import quantize_function
+  from lowbit_jax._rules import QuantRule
+  p, a = {"emb": {"w": _w()}}, _ids()
+  qf = quantize_function(lambda p, a: jnp.dot(a, p["emb"]["w"]),
+                         [QuantRule(".*", weight="int8", activation="int8")])
+  with pytest.raises(TypeError, match=r"^emb/w: quantize\(\) takes a float array"):
+    qf(p, a)
