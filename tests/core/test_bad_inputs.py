@@ -201,3 +201,16 @@ def test_a_type_error_inside_a_rule_names_the_layer():
                          [QuantRule(".*", weight="int8", activation="int8")])
   with pytest.raises(TypeError, match=r"^emb/w: quantize\(\) takes a float array"):
     qf(p, a)
+
+
+def test_cast_nan_behaviour_is_documented():
+  from lowbit_jax.core._cast import cast
+  x = jnp.array([np.nan], jnp.float32)
+  # What the docstring and docs/formats.md say: no NaN code -> -0.0 unless saturate.
+  assert np.signbit(np.asarray(cast(x, "fp4_e2m1")))[0]
+  assert np.asarray(cast(x, "fp4_e2m1"))[0] == 0.0
+  assert np.isnan(np.asarray(cast(x, "fp4_e2m1", saturate=True)))[0]
+  assert "opposite sign" in cast.__doc__
+  import pathlib
+  doc = (pathlib.Path(__file__).parents[2] / "docs" / "formats.md").read_text()
+  assert "## NaN and inf" in doc and "| fp4_e2m1 | False | -0 | 0 |" in doc
