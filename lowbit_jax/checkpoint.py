@@ -41,6 +41,7 @@ import ctypes
 import dataclasses
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -521,13 +522,18 @@ def _damaged_files(directory: str, manifest: dict) -> list:
   return bad
 
 
+@functools.lru_cache(maxsize=1024)
+def _expected_fields(spec: QuantSpec, shape: tuple, dtype: str) -> QArray:
+  """The abstract QArray ``quantize`` makes (one trace per spec and shape)."""
+  from lowbit_jax.core._quantize import quantize  # pylint: disable=g-import-not-at-top
+  return jax.eval_shape(lambda x: quantize(x, spec), jax.ShapeDtypeStruct(shape, dtype))
+
+
 def _check_spec(name: str, m: dict, meta_path: str) -> None:
   """The stored arrays of a QArray leaf have the shapes its spec implies."""
-  from lowbit_jax.core._quantize import quantize  # pylint: disable=g-import-not-at-top
   try:
     spec = spec_from_json(m["spec"])
-    expect = jax.eval_shape(lambda x: quantize(x, spec),
-                            jax.ShapeDtypeStruct(tuple(m["shape"]), m["dtype"]))
+    expect = _expected_fields(spec, tuple(m["shape"]), str(m["dtype"]))
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointCorruptedError(
         f"{meta_path} is damaged: leaf {name!r} has a spec or shape that cannot "
