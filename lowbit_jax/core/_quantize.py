@@ -219,11 +219,13 @@ def _pow2_pair(e: jax.Array):
   return _pow2(h), _pow2(e - h)
 
 
-# The smallest scale a float scale dtype holds as a normal number: a smaller
-# (subnormal) scale would be flushed to zero by XLA, so a tensor or block whose
-# amax / element max lies below it uses this scale (and fewer grid levels).
+# The smallest scale a float scale dtype holds that is a normal float32: a
+# smaller one would be a float32 subnormal, which XLA flushes to zero, or (fp16)
+# would round to zero, so a tensor or block whose amax / element max lies below
+# it uses this scale (and fewer grid levels). float16's subnormals (down to
+# 2**-24) are normal float32 numbers and stay usable.
 _MIN_SCALE = {"float32": np.float32(2.0 ** -126), "bfloat16": np.float32(2.0 ** -126),
-              "float16": np.float32(2.0 ** -14)}
+              "float16": np.float32(2.0 ** -24)}
 
 
 def _clamp_scale(s: jax.Array, dtype: str) -> jax.Array:
