@@ -164,7 +164,7 @@ def test_unused_rules_report_is_right_after_reset_on_a_jit_cache_hit():
 # Empty arrays and ill-shaped ranges
 
 
-@pytest.mark.parametrize("fmt", ["int8", "uint8", "mxfp4", "nvfp4", "nf4", "binary"])
+@pytest.mark.parametrize("fmt", ["int8", "uint8", "nvfp4"])  # format-independent paths
 def test_empty_arrays(fmt):
   x = jnp.zeros((0, 128))
   spec = lb.QuantSpec(fmt, axis=-1)
