@@ -6,7 +6,9 @@
   python -m experiments.ptq --config configs/ptq.py:smoke
 
 With ``save_dir`` set, the weights are also real-quantized (packed QArrays) and
-saved with orbax; ``experiments/evaluate.py`` evaluates such a checkpoint.
+saved with orbax; ``experiments/evaluate.py`` evaluates such a checkpoint. An
+existing ``save_dir`` is an error (checked before anything runs) unless
+``--config.force=True``.
 """
 import ml_collections
 
@@ -19,6 +21,7 @@ def get_config(arg: str = "default"):
   c.method = "gptq"
   c.point_kwargs = ml_collections.ConfigDict({"n_calib": 32, "n_eval": 0})
   c.save_dir = ""
+  c.force = False  # replace an existing save_dir
   if arg == "smoke":
     c.method = "rtn"
     c.point_kwargs.n_calib = 8

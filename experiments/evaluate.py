@@ -9,13 +9,13 @@ perplexity of the packed Llama model).
 import json
 import os
 
+import experiments
 from absl import app
 from absl import logging
-from ml_collections import config_flags
 
 from lowbit_jax import pipelines
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/evaluate.py",
+_CONFIG = experiments.define_config("configs/evaluate.py",
                                           "evaluation config")
 
 
@@ -39,4 +39,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  experiments.run(main)

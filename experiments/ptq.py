@@ -3,14 +3,15 @@ r"""Runs one PTQ point and prints its metrics as JSON (see configs/ptq.py).
   python -m experiments.ptq --config configs/ptq.py
 """
 import json
+import os
 
+import experiments
 from absl import app
 from absl import logging
-from ml_collections import config_flags
 
 from lowbit_jax import pipelines
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/ptq.py", "PTQ config")
+_CONFIG = experiments.define_config("configs/ptq.py", "PTQ config")
 
 
 def main(argv):
@@ -20,15 +21,19 @@ def main(argv):
   c = _CONFIG.value
   if c.model not in pipelines.POINTS:
     raise app.UsageError(f"--config.model must be one of {sorted(pipelines.POINTS)}")
+  if c.save_dir:  # checked before any computing
+    if c.model != "minilm" or c.method != "rtn":
+      raise app.UsageError("save_dir is supported for model=minilm, method=rtn")
+    if os.path.exists(c.save_dir) and not c.force:
+      raise FileExistsError(f"--config.save_dir={c.save_dir} exists; pass "
+                            "--config.force=True to replace it")
   m = pipelines.POINTS[c.model](c.scheme, c.target, c.method, **dict(c.point_kwargs))
   m.pop("layers", None)
   print(json.dumps(m, indent=1, sort_keys=True))
   if c.save_dir:
-    if c.model != "minilm" or c.method != "rtn":
-      raise app.UsageError("save_dir is supported for model=minilm, method=rtn")
-    print(json.dumps(pipelines.minilm_save_quantized(c.scheme, c.target, c.save_dir),
-                     indent=1))
+    print(json.dumps(pipelines.minilm_save_quantized(c.scheme, c.target, c.save_dir,
+                                                     force=c.force), indent=1))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  experiments.run(main)

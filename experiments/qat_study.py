@@ -22,13 +22,14 @@ from typing import Any
 
 import jax
 import numpy as np
+import experiments
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
 from lowbit_jax import optim
 from lowbit_jax.train import loop
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/qat_study.py",
+_CONFIG = experiments.define_config("configs/qat_study.py",
                                           "Study config (file:variant).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (shared by the "
                                "parts; runs that finished are not redone).",
@@ -359,4 +360,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  experiments.run(main)

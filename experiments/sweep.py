@@ -6,13 +6,13 @@ r"""Runs a PTQ sweep from a config: one JSON line per point, a table, plots.
 
 Rerunning skips finished points (results/<name>/results.jsonl).
 """
+import experiments
 from absl import app
 from absl import logging
-from ml_collections import config_flags
 
 from lowbit_jax import pipelines
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/sweep_minilm.py",
+_CONFIG = experiments.define_config("configs/sweep_minilm.py",
                                           "sweep config (configs/sweep_*.py[:variant])")
 
 
@@ -27,4 +27,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  experiments.run(main)

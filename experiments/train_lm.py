@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 
+import experiments
 from absl import app, flags
-from ml_collections import config_flags
 
 from lowbit_jax.train import loop
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/train_lm.py",
-                                          "Experiment config (file:variant).")
+_CONFIG = experiments.define_config("configs/train_lm.py",
+                                    "Experiment config (file:variant).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; resumes if it "
                                "holds checkpoints.", required=True)
 
@@ -26,4 +26,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  experiments.run(main)

@@ -16,9 +16,9 @@ def _run() -> None:
   # overrides from sys.argv against the config file when the flag is defined.
   if not any(a == "--config" or a.startswith("--config=") for a in sys.argv[1:]):
     sys.argv.insert(1, "--config=configs/train_qat.py")
-  from absl import app  # pylint: disable=g-import-not-at-top
+  import experiments  # pylint: disable=g-import-not-at-top
   from experiments import train_lm  # pylint: disable=g-import-not-at-top
-  app.run(train_lm.main)
+  experiments.run(train_lm.main)
 
 
 if __name__ == "__main__":

@@ -551,6 +551,7 @@ class QuantizedFunction:
     self.use_kernel = _rules.check_use_kernel(use_kernel)
     functools.update_wrapper(self, fn)
     self._jits: dict = {}
+    self._logs: dict = {}
 
   def __call__(self, params, *args, quant_stats: Optional[dict] = None,
                quant_scales: Optional[dict] = None, quant_state: Optional[dict] = None,
@@ -560,6 +561,13 @@ class QuantizedFunction:
     out, aux = self._dispatch(params, args, kwargs, extras, False,
                               bool(quant_metrics))
     self.config.check()
+    if self.mode != "calibrate" and isinstance(quant_stats, dict):
+      # Calibrated ranges are checked here, on concrete values (inside the
+      # trace they are not): a range of 0 or below names its layer.
+      for key, st in quant_stats.items():
+        site = self.config.sites.get(key)
+        if site is not None and site.static and _rules.is_range(st):
+          _rules.static_range(site, st)
     res = (out,)
     if self.mode == "calibrate":
       res += (aux["stats"],)
@@ -600,7 +608,21 @@ class QuantizedFunction:
       fn = self._jits[key] = jax.jit(functools.partial(
           self._run_static, tdef, dict(zip(static, key[2])), init, metrics))
     dyn = [l for i, l in enumerate(leaves) if i not in static]
-    return fn(params, dyn, extras)
+    # What this trace matched, replayed on a cache hit (which traces nothing)
+    # so unused_rules() is right after config.reset().
+    sig = (key, jax.tree.structure((params, dyn, extras)),
+           tuple((jnp.shape(l), jnp.result_type(l)) for l in
+                 jax.tree.leaves((params, dyn, extras))))
+    self.config.begin_log()
+    try:
+      out = fn(params, dyn, extras)
+    finally:
+      log = self.config.end_log()
+    if log:
+      self._logs[sig] = log
+    else:
+      self.config.replay(self._logs.get(sig, []))
+    return out
 
   def unused_rules(self) -> list:
     """Rules that matched no site in the calls so far."""
@@ -785,14 +807,14 @@ class QuantizedFunction:
     Static rules accept either; finalized ranges skip the observer's finalize
     (a histogram search for percentile/mse/kl) on every call.
     """
-    out = {}
+    items = []
     for key, st in quant_stats.items():
       site = self.config.sites.get(key)
       if site is None:
         raise ValueError(f"no site {key!r} was calibrated by this function; known: "
                          f"{sorted(self.config.sites)}")
-      out[key] = _rules.finalize_range(site, st)
-    return out
+      items.append((key, site, st))
+    return _rules.finalize_ranges(items)
 
 
 def quantize_function(fn: Callable, rules, mode: str = "fake", *,

@@ -55,7 +55,8 @@ from lowbit_jax import calibration
 from lowbit_jax.core import ops, scaling
 from lowbit_jax.core._hadamard import hadamard_transform
 from lowbit_jax.core._qarray import QArray, block_shape
-from lowbit_jax.core._quantize import (dequantize, fake_quant, init_scale, quantize,
+from lowbit_jax.core._quantize import (check_static_range, dequantize, fake_quant,
+                                       init_scale, quantize,
                                        scale_shape)
 from lowbit_jax.core._spec import TENSOR, QuantSpec, as_spec
 from lowbit_jax.formats import BlockFormat, LookupFormat
@@ -567,6 +568,25 @@ class QuantConfig:
     self.strict = bool(strict)
     self._hits: dict[int, list[str]] = {i: [] for i in range(len(self.rules))}
     self.sites: dict[str, Site] = {}
+    self._log: Optional[list] = None
+
+  def begin_log(self) -> None:
+    """Starts logging matches and sites (``end_log`` returns them)."""
+    self._log = []
+
+  def end_log(self) -> list:
+    """The matches and sites recorded since ``begin_log``."""
+    log, self._log = self._log or [], None
+    return log
+
+  def replay(self, log: list) -> None:
+    """Records again what a trace recorded (a jit cache hit traces nothing)."""
+    for kind, a, b in log:
+      if kind == "match":
+        if b not in self._hits[a]:
+          self._hits[a].append(b)
+      else:
+        self.sites[a] = b
 
   def find(self, candidates: Sequence[str], op_kinds: Iterable[str]) -> Optional[int]:
     """Index of the first rule that applies, without recording anything."""
@@ -589,12 +609,16 @@ class QuantConfig:
     if i is None:
       return None
     key = candidates[-1]
+    if self._log is not None:
+      self._log.append(("match", i, key))
     if key not in self._hits[i]:
       self._hits[i].append(key)
     return self.rules[i]
 
   def record_site(self, key: str, site: Site) -> None:
     """Remembers a quantized site under ``key``."""
+    if self._log is not None:
+      self._log.append(("site", key, site))
     self.sites[key] = site
 
   def matched(self) -> dict:
@@ -621,7 +645,12 @@ class QuantConfig:
           "strict=False to allow unused rules")
 
   def reset(self) -> None:
-    """Forgets all recorded matches."""
+    """Forgets all recorded matches.
+
+    ``quantize_function`` replays the matches of its cached traces on every
+    call, so its report is right after a reset whether or not it retraces; a
+    function the caller jitted records its matches only when it is traced.
+    """
     self._hits = {i: [] for i in range(len(self.rules))}
     self.sites = {}
 
@@ -940,18 +969,53 @@ def static_range(site: Site, stats) -> dict:
         f"rule {site.rule.path!r} is static but there are no calibration statistics "
         f"for {site.path!r}: run the model with mode='calibrate' over some batches "
         "first and pass the statistics it recorded")
-  if is_range(stats):
-    return {"amax": stats["amax"], "amin": stats.get("amin")}
   spec = site.rule.static_activation
-  return observer_for(spec).finalize(stats, spec)
+  if is_range(stats):
+    r = {"amax": stats["amax"], "amin": stats.get("amin")}
+  else:
+    r = observer_for(spec).finalize(stats, spec)
+  check_static_range(r["amax"], r.get("amin"), symmetric=spec.symmetric,
+                     where=f"layer {site.path!r} (rule {site.rule.path!r}): ")
+  return r
 
 
 def finalize_range(site: Site, stats) -> dict:
-  """The finalized range of an observer state (kept as is if already one)."""
+  """The finalized range of an observer state (kept as is if already one).
+
+  Raises:
+    ValueError: the range is 0 or below somewhere (the layer saw no data, or
+      only zeros or non-finite values), naming the layer.
+  """
+  r = static_range(site, stats)
   if is_range(stats):
     return dict(stats)
-  r = static_range(site, stats)
   return {k: v for k, v in r.items() if v is not None}
+
+
+def finalize_ranges(items) -> dict:
+  """``finalize_range`` over ``(key, site, stats)`` triples, all at once.
+
+  Returns:
+    ``{key: range}``.
+
+  Raises:
+    ValueError: listing every layer whose calibrated range is 0 or below or
+      not finite (it saw no data, or only zeros, NaN or inf).
+  """
+  out, bad = {}, []
+  for key, site, st in items:
+    try:
+      out[key] = finalize_range(site, st)
+    except ValueError as e:
+      if "must be positive and finite" not in str(e):
+        raise
+      bad.append(site.path)
+  if bad:
+    raise ValueError(f"{len(bad)} layer(s) have no usable calibrated range (the "
+                     f"observer saw no data there, or only zeros, NaN or inf): "
+                     f"{sorted(bad)}. Calibrate on batches that reach them, or "
+                     "exclude them from the static rule")
+  return out
 
 
 # ---------------------------------------------------------------------------
@@ -1333,18 +1397,19 @@ def _float(x):
 
 
 def _with_path(fn):
-  """Prefixes a site's ValueErrors with its path, so they name the layer."""
+  """Prefixes a site's ValueErrors and TypeErrors with its path, so they name
+  the layer."""
 
   @functools.wraps(fn)
   def wrapped(site, *args, **kwargs):
     try:
       return fn(site, *args, **kwargs)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
       msg = str(e)
       prefix = f"{site.path}: "
-      if msg.startswith(prefix):
+      if msg.startswith(prefix) or type(e) not in (ValueError, TypeError):
         raise
-      raise ValueError(f"{prefix}{msg}") from e
+      raise type(e)(f"{prefix}{msg}") from e
   return wrapped
 
 
@@ -1568,5 +1633,5 @@ __all__ = ["QuantRule", "QuantConfig", "Site", "SiteCall", "QWeight", "WeightPla
            "plan_weight", "conv_weight_spec", "quantize_weight", "quantize_params",
            "logical_shape", "logical_value", "einsum_dims", "site_dot_general",
            "site_einsum", "site_conv", "site_key",
-           "clipped_fraction", "observe", "static_range", "finalize_range",
+           "clipped_fraction", "observe", "static_range", "finalize_range", "finalize_ranges",
            "check_mode", "check_use_kernel"]

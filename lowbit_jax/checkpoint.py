@@ -13,16 +13,42 @@ Layout of ``directory``::
 
   arrays/               the orbax checkpoint: {"leaf_<i>": array or
                         {"codes", "scale", "zero_point", "tensor_scale"}}
-  lowbit_jax.json       format version, tree skeleton, per-leaf metadata
+  lowbit_jax.json       format version, tree skeleton, per-leaf metadata with a
+                        SHA-256 of every stored array, a SHA-256 of every file
+                        under arrays/, and a SHA-256 of the metadata itself
 
 8-bit float codes and scales (``float8_*``) are stored bit-cast to ``uint8``
 and cast back on restore, so no tensorstore float8 support is needed.
+
+Crash safety: ``save`` writes the whole checkpoint into a hidden sibling
+directory (``.<name>.tmp-*``), flushes it to disk, and only then puts it in
+place: on Linux by atomically exchanging it with the old directory
+(``renameat2(RENAME_EXCHANGE)``), elsewhere by two renames that ``restore`` and
+the next ``save`` undo if a crash falls between them. A save killed at any
+moment leaves the old checkpoint or the new one, never neither. Saves to the
+same directory are serialized by an advisory lock (``.<name>.lowbit_jax.lock``
+beside it): a second concurrent save raises ``SaveInProgressError``.
+
+Integrity: ``restore`` verifies the metadata's checksum, every file's checksum
+and every restored array's checksum (``verify=False`` skips the last two, which
+read everything once more), and checks each QArray's spec against the shapes
+and dtypes of its stored arrays. A damaged checkpoint raises
+``CheckpointCorruptedError`` naming the damaged files and leaves.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import errno
+import fcntl
+import functools
+import hashlib
 import json
 import os
+import re
+import shutil
+import sys
+import uuid
 from typing import Any, Callable, Union
 
 import jax
@@ -35,7 +61,7 @@ from lowbit_jax import formats as _formats
 from lowbit_jax.core._qarray import QArray
 from lowbit_jax.core._spec import QuantSpec
 
-VERSION = 1
+VERSION = 2
 _META = "lowbit_jax.json"
 _ARRAYS = "arrays"
 _FIELDS = ("codes", "scale", "zero_point", "tensor_scale")
@@ -168,20 +194,209 @@ def _to_json_tree(params, what: str):
   return skeleton, leaves
 
 
+class CheckpointCorruptedError(ValueError):
+  """A checkpoint whose files or arrays do not match their stored checksums."""
+
+
+class SaveInProgressError(RuntimeError):
+  """Another ``save`` to the same directory holds its lock."""
+
+
+def _sha256_array(x) -> str:
+  a = np.ascontiguousarray(np.asarray(jax.device_get(x)))
+  return hashlib.sha256(a.reshape(-1).view(np.uint8)).hexdigest()
+
+
+def _sha256_file(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 22), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def _file_manifest(root: str) -> dict:
+  """{relative path: {"size", "sha256"}} of every file under ``root``."""
+  out = {}
+  for dirpath, _, files in os.walk(root):
+    for name in files:
+      p = os.path.join(dirpath, name)
+      out[os.path.relpath(p, root)] = {"size": os.path.getsize(p),
+                                       "sha256": _sha256_file(p)}
+  return out
+
+
+def _meta_digest(meta: dict) -> str:
+  body = {k: v for k, v in meta.items() if k != "sha256"}
+  return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _fsync_tree(root: str) -> None:
+  """Flushes every file and directory under ``root`` to disk."""
+  for dirpath, _, files in os.walk(root):
+    for name in files:
+      fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+      try:
+        os.fsync(fd)
+      finally:
+        os.close(fd)
+    _fsync_dir(dirpath)
+
+
+def _fsync_dir(path: str) -> None:
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  except OSError:  # some filesystems cannot fsync a directory
+    pass
+  finally:
+    os.close(fd)
+
+
+# ---------------------------------------------------------------------------
+# Atomic replacement and the save lock
+
+
+def _sibling(directory: str, kind: str) -> str:
+  parent, name = os.path.split(directory)
+  return os.path.join(parent, f".{name}.{kind}")
+
+
+def _leftovers(directory: str, kind: str) -> list:
+  parent, name = os.path.split(directory)
+  prefix = f".{name}.{kind}-"
+  try:
+    entries = os.listdir(parent)
+  except FileNotFoundError:
+    return []
+  return sorted(os.path.join(parent, e) for e in entries if e.startswith(prefix))
+
+
+def _exchange_fn():
+  """``renameat2(..., RENAME_EXCHANGE)`` from libc, or None where it is missing."""
+  if not sys.platform.startswith("linux"):
+    return None
+  try:
+    fn = ctypes.CDLL(None, use_errno=True).renameat2
+  except (OSError, AttributeError):
+    return None
+  fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                 ctypes.c_uint]
+  fn.restype = ctypes.c_int
+  return fn
+
+
+_RENAMEAT2 = _exchange_fn()
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _exchange(a: str, b: str) -> bool:
+  """Atomically swaps two directories; False where the system cannot."""
+  if _RENAMEAT2 is None:
+    return False
+  if _RENAMEAT2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b),
+                _RENAME_EXCHANGE) == 0:
+    return True
+  err = ctypes.get_errno()
+  if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+    return False
+  raise OSError(err, f"cannot exchange {a} and {b}: {os.strerror(err)}")
+
+
+def _replace(tmp: str, directory: str) -> None:
+  """Puts the complete checkpoint ``tmp`` at ``directory`` atomically."""
+  if not os.path.exists(directory):
+    os.rename(tmp, directory)
+  elif _exchange(tmp, directory):
+    shutil.rmtree(tmp)  # the old checkpoint, now at tmp
+  else:
+    # Two renames; a crash between them leaves the old checkpoint at `old`,
+    # which restore() reads and the next save() moves back (_recover).
+    old = f"{_sibling(directory, 'old')}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    os.rename(directory, old)
+    os.rename(tmp, directory)
+    shutil.rmtree(old)
+  _fsync_dir(os.path.dirname(directory))
+
+
+def _is_checkpoint(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, _META))
+
+
+def _recover(directory: str) -> None:
+  """Under the save lock: undoes a crash of an earlier save."""
+  if not os.path.exists(directory):
+    olds = [p for p in _leftovers(directory, "old") if _is_checkpoint(p)]
+    if olds:
+      os.rename(olds[-1], directory)
+  for p in _leftovers(directory, "tmp") + _leftovers(directory, "old"):
+    shutil.rmtree(p, ignore_errors=True)
+
+
+class _SaveLock:
+  """An exclusive ``flock`` on ``.<name>.lowbit_jax.lock`` beside the checkpoint.
+
+  The kernel drops the lock when its holder dies, so a killed save never
+  blocks the next one.
+  """
+
+  def __init__(self, directory: str):
+    self.directory = directory
+    self.path = _sibling(directory, "lowbit_jax.lock")
+    self.fd = None
+
+  def __enter__(self):
+    while True:
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        os.close(fd)
+        raise SaveInProgressError(
+            f"another save to {self.directory} is in progress (it holds "
+            f"{self.path}); wait for it to finish or save elsewhere") from None
+      try:
+        same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+      except FileNotFoundError:
+        same = False
+      if same:  # else the previous holder removed the file after we opened it
+        self.fd = fd
+        return self
+      os.close(fd)
+
+  def __exit__(self, *exc):
+    try:
+      os.unlink(self.path)
+    finally:
+      os.close(self.fd)
+
+
+# ---------------------------------------------------------------------------
+# Save and restore
+
+
 def save(directory: str, params: Any, *, force: bool = False) -> None:
-  """Saves a parameter pytree (arrays and QArrays) to ``directory``.
+  """Saves a parameter pytree (arrays and QArrays) to ``directory``, atomically.
+
+  The checkpoint is written completely beside ``directory`` and then put in
+  its place in one step (see the module docstring): if the process dies at
+  any moment, ``directory`` holds the old checkpoint or the new one.
 
   Args:
     directory: a path that does not exist yet (or ``force=True``).
     params: nested dicts/lists/tuples of arrays, QArrays and QWeights (use
       ``nnx.State.to_pure_dict()`` or ``flax.core.unfreeze`` for other
       containers; restore with ``target=`` to get them back).
-    force: overwrite an existing checkpoint.
+    force: replace an existing checkpoint (the whole directory: files other
+      code wrote into it are not kept).
 
   Raises:
     TypeError: a leaf that is not an array or QArray, or an unsupported
       container.
     FileExistsError: ``directory`` exists and ``force`` is False.
+    ValueError: ``force`` is True but ``directory`` is a non-empty directory
+      that is not a lowbit_jax checkpoint (it is never deleted).
+    SaveInProgressError: another save to ``directory`` is running.
   """
   directory = os.path.abspath(os.fspath(directory))
   if os.path.exists(directory) and not force:
@@ -203,21 +418,55 @@ def save(directory: str, params: Any, *, force: bool = False) -> None:
                    "transposed": bool(getattr(leaf, "transposed", False)),
                    "fields": {f: {"shape": list(fields[f].shape),
                                   "stored": jnp.dtype(fields[f].dtype).name,
-                                  "dtype": dtypes[f]} for f in fields}})
+                                  "dtype": dtypes[f],
+                                  "sha256": _sha256_array(fields[f])}
+                              for f in fields}})
     elif isinstance(leaf, (jax.Array, np.ndarray)):
       arr, name = _storable(jnp.asarray(leaf))
       tree[key] = arr
       meta.append({"kind": "array", "shape": list(arr.shape),
-                   "stored": jnp.dtype(arr.dtype).name, "dtype": name})
+                   "stored": jnp.dtype(arr.dtype).name, "dtype": name,
+                   "sha256": _sha256_array(arr)})
     else:
       raise TypeError(f"save: leaf {i} is a {type(leaf).__name__}; only arrays and "
                       "QArrays can be saved")
-  os.makedirs(directory, exist_ok=True)
+  os.makedirs(os.path.dirname(directory), exist_ok=True)
+  with _SaveLock(directory):
+    _recover(directory)
+    if os.path.exists(directory):
+      if not force:
+        raise FileExistsError(f"{directory} exists; pass force=True to overwrite it")
+      if not os.path.isdir(directory) or (os.listdir(directory)
+                                          and not _is_checkpoint(directory)
+                                          and not os.path.isdir(
+                                              os.path.join(directory, _ARRAYS))):
+        raise ValueError(f"{directory} exists and is not a lowbit_jax checkpoint; "
+                         "save() replaces the whole directory, so it refuses to "
+                         "delete it: remove it yourself or save elsewhere")
+    tmp = f"{_sibling(directory, 'tmp')}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    os.makedirs(tmp)
+    try:
+      _write_arrays(os.path.join(tmp, _ARRAYS), tree)
+      record = {"version": VERSION, "skeleton": skeleton, "leaves": meta,
+                "files": _file_manifest(os.path.join(tmp, _ARRAYS))}
+      record["sha256"] = _meta_digest(record)
+      _write_meta(os.path.join(tmp, _META), record)
+      _fsync_tree(tmp)
+      _replace(tmp, directory)
+    except BaseException:
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise
+
+
+def _write_arrays(path: str, tree: dict) -> None:
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(directory, _ARRAYS), tree, force=force)
+    ckptr.save(path, tree)
     ckptr.wait_until_finished()
-  with open(os.path.join(directory, _META), "w") as f:
-    json.dump({"version": VERSION, "skeleton": skeleton, "leaves": meta}, f)
+
+
+def _write_meta(path: str, record: dict) -> None:
+  with open(path, "w") as f:
+    json.dump(record, f)
 
 
 def _sharding_for(sharding: ShardingLike, path: str, shape: tuple, dtype):
@@ -235,9 +484,84 @@ def _sharding_for(sharding: ShardingLike, path: str, shape: tuple, dtype):
                   f"(path, shape, dtype) -> Sharding; got {type(sharding).__name__}")
 
 
+def _read_meta(directory: str) -> dict:
+  meta_path = os.path.join(directory, _META)
+  try:
+    with open(meta_path, "rb") as f:
+      meta = json.loads(f.read().decode("utf-8"))
+    if not isinstance(meta, dict):
+      raise ValueError(f"a JSON {type(meta).__name__}, not an object")
+  except (ValueError, UnicodeDecodeError) as e:
+    raise CheckpointCorruptedError(
+        f"{meta_path} is damaged (not valid JSON metadata: {e}); the checkpoint in "
+        f"{directory} cannot be read") from None
+  version = meta.get("version", 0)
+  if not isinstance(version, int):
+    raise CheckpointCorruptedError(f"{meta_path} is damaged (version {version!r})")
+  if version > VERSION:
+    raise ValueError(f"checkpoint format version {version} is newer than this "
+                     f"lowbit_jax reads ({VERSION}); upgrade lowbit_jax")
+  if version >= 2 and meta.get("sha256") != _meta_digest(meta):
+    raise CheckpointCorruptedError(
+        f"{meta_path} is damaged: its contents do not match its checksum")
+  if not isinstance(meta.get("skeleton"), (dict, type(None))) or not isinstance(
+      meta.get("leaves"), list):
+    raise CheckpointCorruptedError(f"{meta_path} is damaged (no skeleton or leaves)")
+  return meta
+
+
+def _damaged_files(directory: str, manifest: dict) -> list:
+  root = os.path.join(directory, _ARRAYS)
+  bad = []
+  for rel, want in sorted(manifest.items()):
+    p = os.path.join(root, rel)
+    if not os.path.isfile(p):
+      bad.append(f"{p} (missing)")
+    elif os.path.getsize(p) != want["size"] or _sha256_file(p) != want["sha256"]:
+      bad.append(f"{p} (checksum mismatch)")
+  return bad
+
+
+@functools.lru_cache(maxsize=1024)
+def _expected_fields(spec: QuantSpec, shape: tuple, dtype: str) -> QArray:
+  """The abstract QArray ``quantize`` makes (one trace per spec and shape)."""
+  from lowbit_jax.core._quantize import quantize  # pylint: disable=g-import-not-at-top
+  return jax.eval_shape(lambda x: quantize(x, spec), jax.ShapeDtypeStruct(shape, dtype))
+
+
+def _check_spec(name: str, m: dict, meta_path: str) -> None:
+  """The stored arrays of a QArray leaf have the shapes its spec implies."""
+  try:
+    spec = spec_from_json(m["spec"])
+    expect = _expected_fields(spec, tuple(m["shape"]), str(m["dtype"]))
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointCorruptedError(
+        f"{meta_path} is damaged: leaf {name!r} has a spec or shape that cannot "
+        f"be quantized ({type(e).__name__}: {e})") from None
+  for f in _FIELDS:
+    want, got = getattr(expect, f), m["fields"].get(f)
+    if (want is None) != (got is None) or (want is not None and (
+        tuple(got["shape"]) != tuple(want.shape)
+        or jnp.dtype(got["dtype"]) != jnp.dtype(want.dtype))):
+      desc = None if got is None else (tuple(got["shape"]), got["dtype"])
+      exp = None if want is None else (tuple(want.shape), jnp.dtype(want.dtype).name)
+      raise CheckpointCorruptedError(
+          f"{meta_path} is damaged: leaf {name!r} stores {f} as {desc} but its spec "
+          f"{spec} of a {tuple(m['shape'])} array gives {exp}")
+
+
+def _locate(directory: str) -> str:
+  """``directory``, or the old checkpoint a crashed two-rename swap left beside it."""
+  if not os.path.exists(directory):
+    olds = [p for p in _leftovers(directory, "old") if _is_checkpoint(p)]
+    if olds:
+      return olds[-1]
+  return directory
+
+
 def restore(directory: str, *, sharding: ShardingLike = None,
-            target: Any = None) -> Any:
-  """Restores a pytree saved by ``save``, bit for bit.
+            target: Any = None, verify: bool = True) -> Any:
+  """Restores a pytree saved by ``save``, bit for bit, checking its integrity.
 
   Args:
     directory: the checkpoint directory.
@@ -249,6 +573,9 @@ def restore(directory: str, *, sharding: ShardingLike = None,
     target: optional pytree with the saved structure (any container types,
       e.g. an ``nnx.State``); its leaves at the saved paths are replaced by the
       restored ones. Without it the saved dict/list/tuple skeleton is rebuilt.
+    verify: check the SHA-256 of every file and of every restored array
+      against the ones ``save`` stored (reads everything once more; pass False
+      for speed). The metadata's own checksum and the specs are always checked.
 
   Returns:
     The restored pytree (QArrays and QWeights rebuilt with their specs).
@@ -256,20 +583,33 @@ def restore(directory: str, *, sharding: ShardingLike = None,
   Raises:
     ValueError: not a lowbit_jax checkpoint, a newer format version, or a
       ``target`` whose paths differ from the saved ones.
+    CheckpointCorruptedError: (a ValueError) damaged metadata, files or
+      arrays; the message names the files and leaves.
   """
-  directory = os.path.abspath(os.fspath(directory))
+  directory = _locate(os.path.abspath(os.fspath(directory)))
   meta_path = os.path.join(directory, _META)
   if not os.path.exists(meta_path):
     raise ValueError(f"{directory} is not a lowbit_jax checkpoint (no {_META}); "
                      "write it with lowbit_jax.checkpoint.save")
-  with open(meta_path) as f:
-    meta = json.load(f)
-  if meta.get("version", 0) > VERSION:
-    raise ValueError(f"checkpoint format version {meta['version']} is newer than this "
-                     f"lowbit_jax reads ({VERSION}); upgrade lowbit_jax")
+  meta = _read_meta(directory)
   skeleton, leaf_meta = meta["skeleton"], meta["leaves"]
   names = [None] * len(leaf_meta)
-  _leaf_paths(skeleton, "", names)
+  try:
+    _leaf_paths(skeleton, "", names)
+    for i, m in enumerate(leaf_meta):
+      if m["kind"] != "array":
+        _check_spec(names[i], m, meta_path)
+  except (KeyError, TypeError, IndexError, AttributeError) as e:
+    raise CheckpointCorruptedError(
+        f"{meta_path} is damaged (malformed metadata: {type(e).__name__} {e})"
+    ) from None
+  if verify and "files" in meta:
+    bad_files = _damaged_files(directory, meta["files"])
+    if bad_files:  # orbax is not asked to read them: it would fail noisily or not at all
+      raise CheckpointCorruptedError(
+          f"the checkpoint in {directory} is damaged: files {', '.join(bad_files)} "
+          "do not match the checksums save() stored (orbax data files hold "
+          "several leaves: do not trust any array of this checkpoint)")
 
   def sds(path, m):
     shape = tuple(m["shape"])
@@ -284,8 +624,34 @@ def restore(directory: str, *, sharding: ShardingLike = None,
       abstract[key] = sds(names[i], m)
     else:
       abstract[key] = {f: sds(f"{names[i]}/{f}", fm) for f, fm in m["fields"].items()}
-  with ocp.StandardCheckpointer() as ckptr:
-    tree = ckptr.restore(os.path.join(directory, _ARRAYS), abstract)
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      tree = ckptr.restore(os.path.join(directory, _ARRAYS), abstract)
+  except Exception as e:  # pylint: disable=broad-except
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    leaves_named = sorted({names[int(k)] + (f"/{f}" if f else "")
+                           for k, f in re.findall(r"leaf_(\d+)(?:\.(\w+))?", str(e))
+                           if int(k) < len(names)})
+    raise CheckpointCorruptedError(
+        f"cannot read the arrays of the checkpoint in {directory}"
+        + (f"; leaves: {', '.join(map(repr, leaves_named))}" if leaves_named else "")
+        + f" ({type(e).__name__}: {first})") from None
+  bad_leaves = []
+  if verify:
+    for i, m in enumerate(leaf_meta):
+      stored = tree[f"leaf_{i}"]
+      if m["kind"] == "array":
+        pairs = [(names[i], stored, m)]
+      else:
+        pairs = [(f"{names[i]}/{f}", stored[f], fm) for f, fm in m["fields"].items()]
+      for name, arr, fm in pairs:
+        if "sha256" in fm and _sha256_array(arr) != fm["sha256"]:
+          bad_leaves.append(name)
+  if bad_leaves:
+    raise CheckpointCorruptedError(
+        f"the checkpoint in {directory} is damaged: leaves "
+        f"{', '.join(map(repr, bad_leaves))} do not match their stored checksums "
+        f"(in {os.path.join(directory, _ARRAYS)})")
   leaves = []
   for i, m in enumerate(leaf_meta):
     stored = tree[f"leaf_{i}"]
@@ -340,4 +706,5 @@ def disk_bytes(directory: str) -> int:
   return total
 
 
-__all__ = ["save", "restore", "disk_bytes", "spec_to_json", "spec_from_json"]
+__all__ = ["save", "restore", "disk_bytes", "spec_to_json", "spec_from_json",
+           "CheckpointCorruptedError", "SaveInProgressError"]

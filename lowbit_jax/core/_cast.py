@@ -288,8 +288,11 @@ def cast(x: jax.Array, fmt: str | Format, saturate: bool = False, *,
     fmt: an element format or its name (``"fp8_e4m3"``, ``"e3m3"``, ``"int4"``,
       ``"nf4"``...). Block formats are not element formats: use ``quantize``.
     saturate: without it, overflow does what ml_dtypes does (inf or NaN as the
-      type defines; formats with neither saturate). With it, finite overflow and
-      inf clamp to +-max and NaN stays NaN.
+      type defines; formats with neither saturate), and NaN in a format without
+      a NaN code (FP6, FP4) becomes a zero of the opposite sign (+NaN -> -0.0),
+      as ml_dtypes converts it. With it, finite overflow and inf clamp to +-max
+      and NaN stays NaN in every format. Integer formats and codebooks keep NaN.
+      The table per format is in docs/formats.md ("NaN and inf").
     rounding: "nearest" (half to even) or "stochastic" (needs ``key``).
     key: PRNG key for stochastic rounding.
 

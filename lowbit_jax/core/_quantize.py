@@ -207,6 +207,44 @@ def _pow2(e: jax.Array) -> jax.Array:
   return jnp.ldexp(jnp.ones(e.shape, jnp.float32), e)
 
 
+def _pow2_pair(e: jax.Array):
+  """``2**e`` (int32 ``e`` in [-252, 252]) as two normal float32 factors.
+
+  ``x * f1 * f2`` equals ``x * 2**e`` rounded once, without ever forming
+  ``2**e`` itself: an E8M0 scale of ``2**-127`` is a float32 subnormal, which
+  XLA flushes to zero on CPU (and ``2**127``'s inverse likewise), though the
+  scaled value is a normal number.
+  """
+  h = jnp.floor_divide(e, 2)
+  return _pow2(h), _pow2(e - h)
+
+
+# The smallest scale a float scale dtype holds that is a normal float32: a
+# smaller one would be a float32 subnormal, which XLA flushes to zero, or (fp16)
+# would round to zero, so a tensor or block whose amax / element max lies below
+# it uses this scale (and fewer grid levels). float16's subnormals (down to
+# 2**-24) are normal float32 numbers and stay usable.
+_MIN_SCALE = {"float32": np.float32(2.0 ** -126), "bfloat16": np.float32(2.0 ** -126),
+              "float16": np.float32(2.0 ** -24)}
+
+
+def _clamp_scale(s: jax.Array, dtype: str) -> jax.Array:
+  lo = _MIN_SCALE.get(dtype)
+  return s if lo is None else jnp.maximum(s, lo)
+
+
+def _sum_div(v: jax.Array, red, n) -> jax.Array:
+  """``sum(v) / n`` over ``red`` for ``v >= 0``, also where the sum overflows.
+
+  A block of values near the float32 maximum has an infinite sum but a finite
+  mean: there the sum is taken of ``v * 2**-64`` and the mean scaled back.
+  """
+  total = jnp.sum(v, axis=red)
+  small = _div(jnp.sum(v * np.float32(2.0 ** -64), axis=red), n) * np.float32(2.0 ** 64)
+  return jnp.where((total == np.float32(np.inf)) & jnp.isfinite(small), small,
+                   _div(total, n))
+
+
 def _store_float_scale(s: jax.Array, dtype: str):
   """(stored, float32 value) of a scale in a float scale dtype."""
   if dtype == "float32":
@@ -236,8 +274,8 @@ def _mark_bad(stored: jax.Array, value: jax.Array, bad: jax.Array):
 def _mean_abs(absx, red, vb, bs) -> jax.Array:
   """Per-block mean of |x| over the valid (unpadded) elements."""
   if vb is None:
-    return _div(jnp.sum(absx, axis=red), np.float32(math.prod(bs)))
-  return _div(jnp.sum(absx, axis=red), jnp.sum(vb, axis=red))
+    return _sum_div(absx, red, np.float32(math.prod(bs)))
+  return _sum_div(absx, red, jnp.sum(vb, axis=red))
 
 
 def _scale_value(stored: jax.Array, dtype: str) -> jax.Array:
@@ -255,6 +293,12 @@ def _prepare(x, spec: QuantSpec):
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(f"quantize() takes a float array, got dtype {x.dtype}")
+  if x.dtype == jnp.float64:
+    # Scales and grids are computed in float32: float64 values beyond its
+    # range (1e300, 1e-300) would come back as NaN or 0.
+    raise TypeError("quantize() and fake_quant() compute in float32 and do not take "
+                    "float64 arrays (jax_enable_x64): cast with x.astype(jnp.float32) "
+                    "first, after checking the values fit float32's range")
   if x.ndim == 0:
     raise ValueError("quantize() needs at least a 1-d array; reshape the scalar "
                      "with x.reshape(1)")
@@ -348,7 +392,7 @@ def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None):
       thr = 0.7 * mean_abs
       sel = absx > jnp.expand_dims(thr, red)
       n_sel = jnp.sum(sel, axis=red)
-      a = _div(jnp.sum(jnp.where(sel, absx, 0.0), axis=red), jnp.maximum(n_sel, 1))
+      a = _sum_div(jnp.where(sel, absx, 0.0), red, jnp.maximum(n_sel, 1))
       blk_bad = jnp.any(~jnp.isfinite(xn), axis=red)
   a = a * np.float32(spec.clip_ratio)
   # A block holding a NaN or an inf gets a NaN scale.
@@ -366,7 +410,7 @@ def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None):
     else:
       emax_t = jnp.max(a)
     smax = _E4M3.max if spec.scale_dtype == "fp8_e4m3" else 1.0
-    t = _div(emax_t, np.float32(fmt.max * smax))
+    t = _clamp_scale(_div(emax_t, np.float32(fmt.max * smax)), "float32")
     t = jnp.where(emax_t == 0, np.float32(1.0), t)  # 1 where the amax is 0
     tscale = t
     if spec.scale_dtype == "fp8_e4m3":
@@ -387,15 +431,19 @@ def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None):
   elif spec.scale_dtype == "e8m0":
     e = _e8m0_exponent(a, fmt, spec.scale_rounding)
     s_stored = jnp.where(bad, 255, e + _E8M0_BIAS).astype(jnp.uint8)
-    s_val = jnp.where(bad, jnp.nan, _pow2(e))
-    y = xb * jnp.expand_dims(jnp.where(bad, jnp.nan, _pow2(-e)), red)
-    total = s_val
+    # Two power-of-two factors each way (_pow2_pair): exact at e = +-127.
+    i1, i2 = _pow2_pair(-e)
+    y = (xb * jnp.expand_dims(jnp.where(bad, jnp.nan, i1), red)
+         * jnp.expand_dims(i2, red))
+    t1, t2 = _pow2_pair(e)
+    total = (jnp.where(bad, jnp.nan, t1), t2)
   else:
     # Scale 1 where the amax is 0 (the block is all zeros and codes 0); a grid
     # without 0 (binary) needs scale 0 there, or zeros would read back as +-1.
     has_zero = not isinstance(fmt, LookupFormat) or 0.0 in fmt.table
     zero_scale = 1.0 if has_zero else 0.0
-    s = jnp.where(a > 0, _div(a, np.float32(fmt.max)), zero_scale)
+    s = jnp.where(a > 0, _clamp_scale(_div(a, np.float32(fmt.max)), spec.scale_dtype),
+                  zero_scale)
     s_stored, s_val = _store_float_scale(s, spec.scale_dtype)
     s_stored, s_val = _mark_bad(s_stored, s_val, bad)
     y = _div_data(xb, jnp.expand_dims(jnp.where(s_val == 0, 1.0, s_val), red))
@@ -452,7 +500,11 @@ def _grid_asym(x, xf, xb, red, vb, spec, bs, noise, amax, amin):
   hi = jnp.maximum(hi, 0.0) * np.float32(spec.clip_ratio)
   lo = jnp.minimum(lo, 0.0) * np.float32(spec.clip_ratio)
   rng = hi - lo
-  s = jnp.where(rng > 0, _div(rng, np.float32(levels)), 1.0)
+  s = _div(rng, np.float32(levels))
+  # A range wider than the float32 maximum (hi and lo near +-3.4e38): split.
+  s = jnp.where(rng == np.float32(np.inf), _div(hi, np.float32(levels))
+                - _div(lo, np.float32(levels)), s)
+  s = jnp.where(rng > 0, _clamp_scale(s, spec.scale_dtype), 1.0)
   s_stored, s_val = _store_float_scale(s, spec.scale_dtype)
   bad = ~(jnp.isfinite(hi) & jnp.isfinite(lo)) | blk_bad  # NaN/inf: NaN scale
   s_stored, s_val = _mark_bad(s_stored, s_val, bad)
@@ -610,9 +662,15 @@ def _noise_for(spec: QuantSpec, key, shape):
 
 
 def _values(q, total, zp, bs, shape):
-  """Dequantized float32 values from grid elements and per-block scales."""
+  """Dequantized float32 values from grid elements and per-block scales.
+
+  ``total`` is a float32 array, or a pair of them (E8M0 scales as two
+  power-of-two factors, ``_pow2_pair``) applied one after the other.
+  """
   if zp is not None:
     q = q - _expand(zp.astype(jnp.float32), bs, shape)
+  if isinstance(total, tuple):
+    return q * _expand(total[0], bs, shape) * _expand(total[1], bs, shape)
   return q * _expand(total, bs, shape)
 
 
@@ -620,7 +678,43 @@ def _values(q, total, zp, bs, shape):
 # Public API
 
 
-def _check_tensor_amax(spec: QuantSpec, amax, tensor_amax) -> None:
+def check_static_range(amax, amin=None, tensor_amax=None, *, symmetric=True,
+                       where: str = "") -> None:
+  """Refuses a static range that cannot give a scale (concrete values only).
+
+  A range of zero or below (what an observer returns for a layer that saw no
+  data, or only zeros, NaN or inf) would silently fall back to a scale of 1.
+  Traced values (inside jit) are not checked here; the front ends check
+  calibrated ranges when they are finalized.
+
+  Raises:
+    ValueError: some ``amax`` (or ``tensor_amax``, or ``amax - amin`` for an
+      asymmetric range) entry is not a positive finite number.
+  """
+  checks = [("tensor_amax", tensor_amax)]
+  if symmetric or amin is None:
+    checks.append(("amax", amax))
+  elif not isinstance(amax, jax.core.Tracer) and not isinstance(amin, jax.core.Tracer):
+    try:
+      checks.append(("amax - amin", np.asarray(amax, np.float64) - np.asarray(
+          amin, np.float64)))
+    except ValueError:
+      pass  # shapes that do not broadcast: _check_range_shapes names them
+  for name, v in checks:
+    if v is None or isinstance(v, jax.core.Tracer):
+      continue
+    a = np.asarray(v, np.float64)
+    bad = ~(np.isfinite(a) & (a > 0))
+    if bad.any():
+      raise ValueError(
+          f"{where}{name} must be positive and finite; {int(bad.sum())} of {a.size} "
+          f"entries are not (e.g. {a[bad].ravel()[0]!r}): a calibrated range of 0 "
+          "or below means the observer saw no data, or only zeros, NaN or inf. "
+          "Calibrate on batches that reach this tensor, or leave it dynamic")
+
+
+def _check_tensor_amax(spec: QuantSpec, amax, tensor_amax, amin=None) -> None:
+  check_static_range(amax, amin, tensor_amax, symmetric=spec.symmetric)
   if tensor_amax is None:
     return
   if not spec.tensor_scale:
@@ -671,6 +765,36 @@ def scale_shape(shape, spec=None, **spec_kwargs) -> tuple:
   return tuple(-(-d // b) for d, b in zip(shape, bs))
 
 
+def _check_range_shapes(spec: QuantSpec, x_shape, amax, amin) -> None:
+  """A static amax/amin must broadcast to the scale grid (one per block)."""
+  if amax is None and amin is None:
+    return
+  try:
+    grid = scale_shape(x_shape, spec)
+  except (ValueError, ZeroDivisionError):
+    return  # the spec does not fit x: _prepare says why
+  for name, v in (("amax", amax), ("amin", amin)):
+    if v is None:
+      continue
+    shp = tuple(jnp.shape(v))
+    try:
+      ok = jnp.broadcast_shapes(shp, grid) == grid
+    except ValueError:
+      ok = False
+    if not ok:
+      raise ValueError(f"{name} has shape {shp}, which does not broadcast to the scale "
+                       f"grid {grid} of an array of shape {tuple(x_shape)} under this "
+                       f"spec (one range per block); pass {name} of shape {grid}, or a "
+                       "scalar for one range everywhere")
+
+
+def _check_empty(x, what: str) -> None:
+  if x.size == 0:
+    raise ValueError(f"{what}() got an empty array of shape {tuple(x.shape)}: a "
+                     "QArray needs at least one element per block; skip empty "
+                     "inputs (fake_quant and the quantized ops return them as is)")
+
+
 def _check_learned(spec: QuantSpec, x_shape, amax, amin, tensor_amax, scale,
                    zero_point, clip):
   """Validates the learned-range keywords; returns (scale, zero_point, clip) as
@@ -692,6 +816,7 @@ def _check_learned(spec: QuantSpec, x_shape, amax, amin, tensor_amax, scale,
       raise ValueError(f"zero_point needs an asymmetric spec; {spec.format.name!r} "
                        "here is symmetric (use e.g. 'uint8' or symmetric=False)")
   if scale is None and clip is None:
+    _check_range_shapes(spec, x_shape, amax, amin)
     return None, None, None
   grid = scale_shape(x_shape, spec)
   out = []
@@ -754,7 +879,8 @@ def quantize(x: jax.Array, spec=None, *, key: Optional[jax.Array] = None,
   """
   spec = as_spec(spec, **spec_kwargs)
   x = jnp.asarray(x)
-  _check_tensor_amax(spec, amax, tensor_amax)
+  _check_tensor_amax(spec, amax, tensor_amax, amin)
+  _check_empty(x, "quantize")
   scale, zero_point, clip = _check_learned(spec, x.shape, amax, amin, tensor_amax,
                                            scale, zero_point, clip)
   # One jit per (spec, shape): run eagerly, the dozens of small ops would each
@@ -811,9 +937,16 @@ def _dequantize_jit(q: QArray) -> jax.Array:
     vals = vals[tuple(slice(0, t) for t in target)]
   shape = vals.shape
   bs = _local_block_shape(q.scale.shape, shape)
-  total = _scale_value(q.scale, spec.scale_dtype)
-  if q.tensor_scale is not None:
-    total = q.tensor_scale * total
+  if spec.scale_dtype == "e8m0":
+    code = q.scale.astype(jnp.int32)
+    t1, t2 = _pow2_pair(code - _E8M0_BIAS)
+    if q.tensor_scale is not None:
+      t1 = q.tensor_scale * t1
+    total = (jnp.where(code == 255, jnp.float32(jnp.nan), t1), t2)
+  else:
+    total = _scale_value(q.scale, spec.scale_dtype)
+    if q.tensor_scale is not None:
+      total = q.tensor_scale * total
   out = _values(vals, total, q.zero_point, bs, shape)
   out = out[tuple(slice(0, min(d, s)) for d, s in zip(q.shape, shape))]
   return out.astype(q.dtype)
@@ -1035,9 +1168,11 @@ def fake_quant(x: jax.Array, spec=None, *, key: Optional[jax.Array] = None,
       does not fit x.
   """
   spec = as_spec(spec, **spec_kwargs)
-  _check_tensor_amax(spec, amax, tensor_amax)
+  _check_tensor_amax(spec, amax, tensor_amax, amin)
   x = jnp.asarray(x)
   key = _as_key(key)
+  if x.size == 0 and x.ndim > 0 and jnp.issubdtype(x.dtype, jnp.floating):
+    return x  # nothing to quantize: an empty array is its own fake quantization
   scale, zero_point, clip = _check_learned(spec, x.shape, amax, amin, tensor_amax,
                                            scale, zero_point, clip)
   if scale is None and clip is None:

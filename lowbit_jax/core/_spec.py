@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Union
 
+import numpy as np
+
 from lowbit_jax.formats import BlockFormat, FloatFormat, Format, IntFormat, LookupFormat
 from lowbit_jax.formats import SCALE_DTYPES
 from lowbit_jax.formats import get as get_format
@@ -11,6 +13,24 @@ from lowbit_jax.formats import get as get_format
 Axis = Union[None, int, tuple, str]
 TENSOR = "tensor"
 CALIBRATIONS = ("minmax", "absmax_ema", "percentile", "mse", "kl")
+
+
+def _as_int(name: str, v) -> int:
+  """``v`` as a Python int: ints and numpy integer scalars, never bools."""
+  if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+    raise TypeError(f"QuantSpec field {name} takes ints, got {type(v).__name__} {v!r}")
+  return int(v)
+
+
+def _as_bool(name: str, v, none_ok: bool = False):
+  """``v`` as a Python bool: True/False or a numpy bool only."""
+  if v is None and none_ok:
+    return None
+  if not isinstance(v, (bool, np.bool_)):
+    raise TypeError(f"QuantSpec field {name} must be True or False"
+                    + (" (or None for the format's default)" if none_ok else "")
+                    + f", got {type(v).__name__} {v!r}")
+  return bool(v)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +80,33 @@ class QuantSpec:
   calibration: str = "minmax"
 
   def __post_init__(self):
+    for name in ("symmetric", "pad"):
+      object.__setattr__(self, name, _as_bool(name, getattr(self, name),
+                                              none_ok=name == "symmetric"))
+    for name in ("scale_dtype", "scale_rounding", "rounding", "calibration"):
+      v = getattr(self, name)
+      if v is not None and not isinstance(v, str):
+        raise TypeError(f"QuantSpec field {name} must be a str, got "
+                        f"{type(v).__name__} {v!r}")
+    if not isinstance(self.format, (str, Format)):
+      raise TypeError(f"QuantSpec field format must be a format name or a Format, got "
+                      f"{type(self.format).__name__} {self.format!r}")
+    if isinstance(self.clip_ratio, (bool, np.bool_)) or not isinstance(
+        self.clip_ratio, (int, float, np.integer, np.floating)):
+      raise TypeError(f"QuantSpec field clip_ratio must be a number, got "
+                      f"{type(self.clip_ratio).__name__} {self.clip_ratio!r}")
+    if self.group_size is not None:
+      object.__setattr__(self, "group_size", _as_int("group_size", self.group_size))
+    ax = self.axis
+    if isinstance(ax, (list, tuple)):
+      object.__setattr__(self, "axis", tuple(_as_int("axis", a) for a in ax))
+    elif ax is not None and not isinstance(ax, str):
+      object.__setattr__(self, "axis", _as_int("axis", ax))
+    if self.tile is not None:
+      if not isinstance(self.tile, (list, tuple)):
+        raise TypeError(f"QuantSpec field tile must be a pair of ints, got "
+                        f"{type(self.tile).__name__} {self.tile!r}")
+      object.__setattr__(self, "tile", tuple(_as_int("tile", v) for v in self.tile))
     try:
       fmt = get_format(self.format)
     except KeyError as e:
@@ -141,7 +188,7 @@ class QuantSpec:
     if self.rounding not in ("nearest", "stochastic"):
       raise ValueError(f"rounding must be 'nearest' or 'stochastic', got "
                        f"{self.rounding!r}")
-    if not (isinstance(self.clip_ratio, (int, float)) and 0 < self.clip_ratio <= 1):
+    if not 0 < float(self.clip_ratio) <= 1:
       raise ValueError(f"clip_ratio must be in (0, 1], got {self.clip_ratio!r}")
     object.__setattr__(self, "clip_ratio", float(self.clip_ratio))
     if self.calibration not in CALIBRATIONS:

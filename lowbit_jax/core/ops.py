@@ -257,6 +257,8 @@ def _qdq_operand(x, spec: Optional[QuantSpec], key, mode: str, amax=None,
     if learned:
       raise ValueError(f"{name}_scale / {name}_clip need a {name}_spec")
     return x
+  if x.size == 0:
+    return x  # an empty operand (e.g. an empty batch): nothing to quantize
   k = key if _stoch(spec) else None
   if history is not None:
     if learned or amax is not None or tensor_amax is not None:
@@ -572,7 +574,7 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None,
   if "grad" in hist and gs is None:
     raise ValueError("amax_history['grad'] needs a grad_spec")
   k_l, k_r, k_g = _split_keys(key, (("lhs", ls), ("rhs", rs), ("grad", gs)))
-  out_dtype = (lhs.dtype if not l_is_q else jnp.dtype(lhs.dtype))
+  out_dtype = _common_dtype(lhs.dtype, rhs.dtype)
   cfg = None
   if gs is not None:  # validated before any work
     pet = None if preferred_element_type is None else jnp.dtype(preferred_element_type)
@@ -584,7 +586,7 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None,
                       lhs_clip, hist.get("lhs"), history_reduce, "lhs")
     rv = _qdq_operand(rhs, rs, k_r, mode, None, None, rhs_scale, None,
                       hist.get("rhs"), history_reduce, "rhs")
-    rv = rv.astype(lv.dtype)
+    lv, rv = lv.astype(out_dtype), rv.astype(out_dtype)
     if cfg is None:
       return lax.dot_general(lv, rv, dn, precision, preferred_element_type)
     lsrc = lhs if cfg.l_bwd is not None else None
@@ -593,11 +595,11 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None,
   # real
   rq = rhs if r_is_q else (
       quantize(rhs, rs, key=k_r if _stoch(rs) else None, scale=rhs_scale)
-      if rs is not None else rhs)
+      if rs is not None and rhs.size else rhs)
   lq = lhs if l_is_q else (
       quantize(lhs, ls, key=k_l if _stoch(ls) else None, amax=lhs_amax,
                tensor_amax=lhs_tensor_amax, scale=lhs_scale, clip=lhs_clip)
-      if ls is not None else lhs)
+      if ls is not None and lhs.size else lhs)  # empty: nothing to quantize
   if isinstance(rq, QArray) and use_kernel != "never":
     prob, why = kernel_problem(lq, rq, dn)
     if prob is not None:
@@ -612,6 +614,18 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None,
   y = lax.dot_general(lv.astype(ct), rv.astype(ct), dn,
                       precision, preferred_element_type=jnp.float32)
   return y.astype(preferred_element_type or out_dtype)
+
+
+def _common_dtype(lhs_dtype, rhs_dtype):
+  """The dtype both operands of a quantized op are cast to: lhs's float dtype.
+
+  An integer lhs (token ids, masks) never pulls a float weight down to
+  integers: the two are promoted as ``jnp.dot`` would.
+  """
+  lt = jnp.dtype(lhs_dtype)
+  if jnp.issubdtype(lt, jnp.inexact):
+    return lt
+  return jnp.promote_types(lt, jnp.dtype(rhs_dtype))
 
 
 def _compute_dtype(activation_dtype):
@@ -723,7 +737,7 @@ def einsum(subscripts: str, lhs, rhs, *, lhs_spec=None, rhs_spec=None, grad_spec
   if "grad" in hist:
     raise ValueError("amax_history['grad'] needs a grad_spec")
   k_l, k_r, _ = _split_keys(key, (("lhs", ls), ("rhs", rs)))
-  out_dtype = jnp.dtype(lhs.dtype)
+  out_dtype = _common_dtype(lhs.dtype, rhs.dtype)
   lv = _qdq_operand(lhs, ls, k_l, mode, lhs_amax, lhs_tensor_amax, lhs_scale, lhs_clip,
                     hist.get("lhs"), history_reduce, "lhs")
   rv = _qdq_operand(rhs, rs, k_r, mode, None, None, rhs_scale, None, hist.get("rhs"),
@@ -733,8 +747,8 @@ def einsum(subscripts: str, lhs, rhs, *, lhs_spec=None, rhs_spec=None, grad_spec
     y = jnp.einsum(subscripts, lv.astype(ct), rv.astype(ct),
                    precision=precision, preferred_element_type=jnp.float32)
     return y.astype(preferred_element_type or out_dtype)
-  return jnp.einsum(subscripts, lv, rv.astype(lv.dtype), precision=precision,
-                    preferred_element_type=preferred_element_type)
+  return jnp.einsum(subscripts, lv.astype(out_dtype), rv.astype(out_dtype),
+                    precision=precision, preferred_element_type=preferred_element_type)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -823,7 +837,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   k_l, k_r, k_g = _split_keys(key, (("lhs", ls), ("rhs", rs), ("grad", gs)))
   lv = _qdq_operand(lhs, ls, k_l, mode, lhs_amax, lhs_tensor_amax)
   rv = _qdq_operand(rhs, rs, k_r, mode, name="rhs")
-  rv = rv.astype(lv.dtype)
+  ct = _common_dtype(lhs.dtype, rhs.dtype)
+  lv, rv = lv.astype(ct), rv.astype(ct)
   if gs is None:
     return lax.conv_general_dilated(lv, rv, window_strides, padding,
                                     lhs_dilation, rhs_dilation, dimension_numbers,

@@ -462,17 +462,27 @@ class LinenQuantizer:
     Static rules accept either; finalized ranges skip the observer's finalize
     (a histogram search for percentile/mse/kl) on every call.
     """
+    items = []
+
+    def collect(node, prefix):
+      if not isinstance(node, dict) and not hasattr(node, "items"):
+        return
+      for k, v in node.items():
+        p = f"{prefix}/{k}" if prefix else str(k)
+        if k == _STAT_NAME:
+          items.append((p, self._site_for_stats(prefix), v))
+        else:
+          collect(v, p)
+    collect(quant_stats, "")
+    ranges = _rules.finalize_ranges(items)  # every empty layer named at once
+
     def walk(node, prefix):
       if not isinstance(node, dict) and not hasattr(node, "items"):
         return node
       out = {}
       for k, v in node.items():
         p = f"{prefix}/{k}" if prefix else str(k)
-        if k == _STAT_NAME:
-          site = self._site_for_stats(prefix)
-          out[k] = _rules.finalize_range(site, v)
-        else:
-          out[k] = walk(v, p)
+        out[k] = ranges[p] if k == _STAT_NAME else walk(v, p)
       return out
     return walk(quant_stats, "")
 

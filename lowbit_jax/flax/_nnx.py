@@ -440,11 +440,13 @@ def finalize_nnx(model: nnx.Module) -> nnx.Module:
   Static rules accept either; finalized ranges skip the observer's finalize (a
   histogram search for percentile/mse/kl) on every call. In place.
   """
-  for _, node in nnx.iter_graph(model):
-    if isinstance(node, QuantOp) and node.stats is not None:
-      st = node.stats.get_value()
-      if st is not None:
-        node.stats.set_value(_rules.finalize_range(node.site, st))
+  nodes = [node for _, node in nnx.iter_graph(model)
+           if isinstance(node, QuantOp) and node.stats is not None
+           and node.stats.get_value() is not None]
+  ranges = _rules.finalize_ranges(  # every empty layer named at once
+      (i, node.site, node.stats.get_value()) for i, node in enumerate(nodes))
+  for i, node in enumerate(nodes):
+    node.stats.set_value(ranges[i])
   return model
 
 

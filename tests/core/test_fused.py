@@ -146,7 +146,15 @@ def test_fused_with_native_fp8_matches_reference(case_id, monkeypatch):
 def _check_case(case):
   _, name, skw, dtype, ckw = case
   spec = lb.QuantSpec(name, **skw)
-  x = jnp.asarray(_inputs(dtype, seed=len(case[0])))
+  x = np.array(_inputs(dtype, seed=len(case[0])))
+  if (not spec.symmetric or spec.element.name in ("binary", "ternary")
+      or spec.scale_dtype == "e8m0"):
+    # The frozen reference overflows where the range hi - lo or the sum of
+    # |x| exceeds the float32 maximum, and flushes E8M0 scales of 2**+-127
+    # (issue 11 fixed the library there; tests/core/test_extreme_ranges.py
+    # checks it): keep column 20 below that.
+    x[:, 20] = np.asarray(np.asarray(x[:, 20], np.float32) * np.float32(1e-3), x.dtype)
+  x = jnp.asarray(x)
   if "pad" in skw:
     x = x[:200]
   kw = dict(ckw)

@@ -1,0 +1,270 @@
+"""Checkpoints never lose the last good state, and damage is detected.
+
+Fault injection (an exception or a SIGKILL at every step of ``save``), byte
+flips in every file, concurrent saves, and metadata that contradicts the
+stored arrays.
+"""
+import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lowbit_jax as lb
+from lowbit_jax import checkpoint
+
+
+@functools.lru_cache(maxsize=None)
+def _tree(seed):
+  x = jax.random.normal(jax.random.key(seed), (32, 64))
+  return {"w": lb.quantize(x, lb.QuantSpec("int4", axis=-1, group_size=32)),
+          "m": lb.quantize(x, lb.QuantSpec("mxfp4", axis=-1)),
+          "b": jnp.arange(8.0) + seed}
+
+
+def _which(restored):
+  """0 or 1: which of _tree(0), _tree(1) ``restored`` is (asserts it is one)."""
+  b = np.asarray(restored["b"])
+  seed = int(b[0])
+  assert seed in (0, 1), b
+  want = _tree(seed)
+  for k in ("w", "m"):
+    np.testing.assert_array_equal(np.asarray(restored[k].codes),
+                                  np.asarray(want[k].codes))
+    np.testing.assert_array_equal(np.asarray(restored[k].scale),
+                                  np.asarray(want[k].scale))
+  return seed
+
+
+class _Boom(Exception):
+  pass
+
+
+_STEPS = [("checkpoint", "_write_arrays"), ("checkpoint", "_write_meta"),
+          ("checkpoint", "_fsync_tree"), ("checkpoint", "_exchange"),
+          ("os", "rename"), ("shutil", "rmtree"), ("checkpoint", "_fsync_dir")]
+
+
+def _inject(monkeypatch, fail_at):
+  """Makes the ``fail_at``-th call to any save step raise (after doing half)."""
+  calls = [0]
+  for mod_name, fn_name in _STEPS:
+    mod = {"checkpoint": checkpoint, "os": checkpoint.os,
+           "shutil": checkpoint.shutil}[mod_name]
+    orig = getattr(mod, fn_name)
+
+    def wrapped(*a, _orig=orig, _name=fn_name, **kw):
+      calls[0] += 1
+      if calls[0] == fail_at:
+        if _name == "_write_meta":  # a truncated metadata file
+          with open(a[0], "w") as f:
+            f.write(json.dumps(a[1])[:50])
+        raise _Boom(_name)
+      return _orig(*a, **kw)
+    monkeypatch.setattr(mod, fn_name, wrapped)
+  return calls
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two_renames"])
+def test_save_failing_at_any_step_keeps_old_or_new(tmp_path, monkeypatch, exchange):
+  if not exchange:
+    monkeypatch.setattr(checkpoint, "_RENAMEAT2", None)
+  d, old = tmp_path / "ck", tmp_path / "old"
+  checkpoint.save(old, _tree(0))
+  shutil.copytree(old, d)
+  new = _tree(1)
+  seen, k = set(), 1
+  while True:
+    with monkeypatch.context() as m:
+      calls = _inject(m, k)
+      try:
+        checkpoint.save(d, new, force=True)
+        finished = True
+      except _Boom:
+        finished = False
+    seen.add(_which(checkpoint.restore(d)))
+    if finished:
+      assert calls[0] < k  # every step has been failed once
+      break
+    if k % 3 == 0:  # the next save cleans up after the failed one and succeeds
+      checkpoint.save(d, _tree(0), force=True)
+      assert _which(checkpoint.restore(d)) == 0
+    else:
+      shutil.rmtree(d, ignore_errors=True)
+      shutil.copytree(old, d)
+    k += 1
+  assert k >= 6 and seen == {0, 1}
+  assert _which(checkpoint.restore(d)) == 1
+  checkpoint.save(d, new, force=True)
+  leftovers = sorted(os.listdir(tmp_path))
+  assert leftovers == ["ck", "old"], leftovers
+
+
+def test_crash_between_two_renames_restores_old_and_next_save_recovers(
+    tmp_path, monkeypatch):
+  monkeypatch.setattr(checkpoint, "_RENAMEAT2", None)
+  d = tmp_path / "ck"
+  checkpoint.save(d, _tree(0))
+  orig = os.rename
+
+  def rename(a, b):
+    if ".ck.tmp-" in str(a) and str(b) == str(d):
+      raise _Boom()  # the old one moved aside, the new one not yet in place
+    orig(a, b)
+  monkeypatch.setattr(checkpoint.os, "rename", rename)
+  with pytest.raises(_Boom):
+    checkpoint.save(d, _tree(1), force=True)
+  monkeypatch.setattr(checkpoint.os, "rename", orig)
+  assert not d.exists()
+  assert _which(checkpoint.restore(d)) == 0
+  with pytest.raises(FileExistsError):  # the old checkpoint is still there
+    checkpoint.save(d, _tree(1))
+  assert d.exists() and _which(checkpoint.restore(d)) == 0
+
+
+_WORKER = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {root!r})
+    from lowbit_jax import checkpoint
+    trees = [checkpoint.restore({src!r} + str(i)) for i in (0, 1)]
+    print("ready", flush=True)
+    i = 1
+    while True:
+      checkpoint.save({d!r}, trees[i % 2], force=True)
+      i += 1
+""")
+
+
+def _kill_during_saves(tmp_path, delays):
+  d, src = str(tmp_path / "ck"), str(tmp_path / "src")
+  checkpoint.save(d, _tree(0))
+  checkpoint.save(src + "0", _tree(0))
+  checkpoint.save(src + "1", _tree(1))
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  seen = []
+  for delay in delays:
+    with subprocess.Popen(
+        [sys.executable, "-c", _WORKER.format(root=root, d=d, src=src)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env) as p:
+      assert p.stdout.readline().strip() == b"ready"
+      time.sleep(delay)
+      p.kill()
+    seen.append(_which(checkpoint.restore(d)))
+  checkpoint.save(d, _tree(0), force=True)  # a killed save never blocks the next
+  assert sorted(os.listdir(tmp_path)) == ["ck", "src0", "src1"]
+  return seen
+
+
+@pytest.mark.slow
+def test_killed_save_keeps_old_or_new(tmp_path):
+  _kill_during_saves(tmp_path, [0.35])
+
+
+@pytest.mark.slow
+def test_killed_save_at_many_points_keeps_old_or_new(tmp_path):
+  seen = _kill_during_saves(tmp_path, [0.03 * i for i in range(1, 11)])
+  assert set(seen) == {0, 1}
+
+
+def _flip(path, offset):
+  with open(path, "rb") as f:
+    data = bytearray(f.read())
+  data[offset % len(data)] ^= 0xFF
+  with open(path, "wb") as f:
+    f.write(data)
+
+
+def test_a_flipped_byte_in_any_file_is_detected(tmp_path):
+  good = tmp_path / "good"
+  checkpoint.save(good, _tree(0))
+  files = sorted(os.path.relpath(os.path.join(r, f), good)
+                 for r, _, fs in os.walk(good) for f in fs)
+  assert len(files) >= 8 and "lowbit_jax.json" in files
+  for rel in files:
+    for where in (0.5, 0.9):
+      bad = tmp_path / "bad"
+      shutil.rmtree(bad, ignore_errors=True)
+      shutil.copytree(good, bad)
+      _flip(bad / rel, int(os.path.getsize(bad / rel) * where))
+      with pytest.raises(checkpoint.CheckpointCorruptedError) as e:
+        checkpoint.restore(bad)
+      msg = str(e.value)
+      assert os.path.basename(rel) in msg, (rel, msg)
+      assert len(msg.splitlines()) == 1, msg
+  _which(checkpoint.restore(good))
+
+
+def test_damaged_data_is_caught_by_leaf_checksums(tmp_path, monkeypatch):
+  d = tmp_path / "ck"
+  checkpoint.save(d, _tree(0))
+  meta = json.loads((d / "lowbit_jax.json").read_text())
+  # Another writer's checksum for leaf "w": files match, the array does not.
+  meta["leaves"][0]["fields"]["codes"]["sha256"] = "0" * 64
+  meta["sha256"] = checkpoint._meta_digest(meta)
+  (d / "lowbit_jax.json").write_text(json.dumps(meta))
+  with pytest.raises(checkpoint.CheckpointCorruptedError, match=r"leaves 'w/codes'"):
+    checkpoint.restore(d)
+  _which(checkpoint.restore(d, verify=False))  # verification can be skipped
+
+
+def test_metadata_that_contradicts_the_arrays_is_rejected(tmp_path):
+  d = tmp_path / "ck"
+  checkpoint.save(d, _tree(0))
+  meta = json.loads((d / "lowbit_jax.json").read_text())
+  leaf = next(m for m in meta["leaves"] if m["kind"] != "array"
+              and m["spec"]["format"] == {"format": "int4"})
+  leaf["spec"]["group_size"] = 16  # the stored scales are per 32
+  meta["sha256"] = checkpoint._meta_digest(meta)
+  (d / "lowbit_jax.json").write_text(json.dumps(meta))
+  with pytest.raises(checkpoint.CheckpointCorruptedError,
+                     match=r"leaf 'w' stores scale as \(\(32, 2\)"):
+    checkpoint.restore(d)
+  (d / "lowbit_jax.json").write_text("{not json")
+  with pytest.raises(checkpoint.CheckpointCorruptedError,
+                     match="lowbit_jax.json is damaged"):
+    checkpoint.restore(d)
+
+
+def test_concurrent_saves_one_wins_the_other_is_told(tmp_path, monkeypatch):
+  d = tmp_path / "ck"
+  checkpoint.save(d, _tree(0))
+  inside, go = threading.Event(), threading.Event()
+  orig = checkpoint._write_arrays
+
+  def slow_write(*a):
+    inside.set()
+    assert go.wait(30)
+    orig(*a)
+  monkeypatch.setattr(checkpoint, "_write_arrays", slow_write)
+  errors = []
+  t = threading.Thread(target=lambda: errors.append(
+      checkpoint.save(d, _tree(1), force=True)))
+  t.start()
+  assert inside.wait(30)
+  with pytest.raises(checkpoint.SaveInProgressError,
+                     match="another save to .*ck is in progress"):
+    checkpoint.save(d, _tree(0), force=True)
+  go.set()
+  t.join()
+  assert errors == [None]
+  assert _which(checkpoint.restore(d)) == 1
+  assert sorted(os.listdir(tmp_path)) == ["ck"]
+
+
+def test_force_never_deletes_a_directory_that_is_not_a_checkpoint(tmp_path):
+  d = tmp_path / "mine"
+  d.mkdir()
+  (d / "notes.txt").write_text("keep me")
+  with pytest.raises(ValueError, match="not a lowbit_jax checkpoint"):
+    checkpoint.save(d, _tree(0), force=True)
+  assert (d / "notes.txt").read_text() == "keep me"

@@ -1,0 +1,47 @@
+"""The mains' user errors: one line on stderr, non-zero exit, before any work."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(code_or_module, *args, module=False):
+  cmd = [sys.executable] + (["-m", code_or_module] if module else ["-c", code_or_module])
+  return subprocess.run(cmd + list(args), cwd=ROOT, capture_output=True, text=True,
+                        timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+_DEFINE = ("import experiments\n"
+           "c = experiments.define_config('configs/ptq.py')\n"
+           "from absl import flags\n"
+           "import sys\n"
+           "flags.FLAGS(sys.argv)\n"
+           "print(c.value.point_kwargs.n_calib)\n")
+
+
+def test_unknown_config_field_is_one_line_with_close_matches():
+  r = _run(_DEFINE, "--config.point_kwargs.n_calb=3")
+  assert r.returncode == 2
+  assert r.stderr.strip().splitlines() == [
+      "error: --config.point_kwargs.n_calb is not a field of the config; close "
+      "matches: --config.point_kwargs.n_calib, --config.point_kwargs.n_eval, "
+      "--config.point_kwargs"]
+  r = _run(_DEFINE, "--config.modle=llama")
+  assert r.returncode == 2 and "close matches: --config.model" in r.stderr
+  assert len(r.stderr.strip().splitlines()) == 1
+  r = _run(_DEFINE, "--config.point_kwargs.n_calib=3")
+  assert r.returncode == 0 and r.stdout.strip() == "3"
+
+
+@pytest.mark.slow  # imports the whole pipeline stack in a subprocess (~20 s on CI)
+def test_ptq_checks_save_dir_before_computing(tmp_path):
+  (tmp_path / "out").mkdir()
+  r = _run("experiments.ptq", f"--config.save_dir={tmp_path / 'out'}",
+           "--config.method=rtn", module=True)
+  assert r.returncode == 2, r.stderr
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and "exists; pass --config.force=True" in lines[0], lines
+  assert r.stdout == ""  # nothing was computed
