@@ -29,10 +29,59 @@ def _backend() -> str:
   return jax.default_backend()
 
 
+# Cases run only with --runslow to keep the CI suite under its 15 minutes on
+# 2 cores: the slowest members of parametrized families (and tests covered
+# again by a faster test), each family keeping fast cases in CI. Chosen from
+# per-test durations of the whole suite (2026-12-03).
+SLOW_CASES = frozenset({
+    "tests/kernels/test_gpu_interpret.py::test_weight_only_kernel_default_configs[16-512-4096]",
+    "tests/kernels/test_gpu_interpret.py::test_weight_only_kernel_default_configs[1-256-2048]",
+    "tests/kernels/test_gpu_interpret.py::test_mxfp8_kernel_random_codes",
+    "tests/kernels/test_gpu_interpret.py::test_w8a8_block_scaled_kernel[int8_block]",
+    "tests/kernels/test_gpu_interpret.py::test_w8a8_channel_kernel[int8_channel]",
+    "tests/kernels/test_gpu_interpret.py::test_weight_only_warp_specialized_kernel[int8-None]",
+    "tests/kernels/test_gpu_interpret.py::test_weight_only_warp_specialized_kernel[fp4_e2m1-32]",
+    "tests/kernels/test_gpu_interpret.py::test_weight_only_kernel_split_k[mxfp4-32]",
+    "tests/kernels/test_gpu_interpret.py::test_weight_only_kernel_split_k[nvfp4-16]",
+    "tests/algorithms/test_gptq.py::test_dead_inputs_and_padding",
+    "tests/algorithms/test_gptq.py::test_jit_and_dtype",
+    "tests/algorithms/test_gptq.py::test_singular_hessian_is_damped",
+    "tests/algorithms/test_gptq.py::test_result_stores_exactly_with_its_ranges[int4_tile]",
+    "tests/algorithms/test_gptq.py::test_result_stores_exactly_with_its_ranges[uint4_g64_asym]",
+    "tests/algorithms/test_gptq.py::test_identity_hessian_is_exactly_rtn[uint4_g64]",
+    "tests/algorithms/test_gptq.py::test_identity_hessian_is_exactly_rtn[nvfp4]",
+    "tests/algorithms/test_gptq.py::test_gptq_beats_rtn_on_correlated_inputs[int4_g128_act_order]",
+    "tests/algorithms/test_gptq.py::test_gptq_beats_rtn_on_correlated_inputs[int3_g128]",
+    "tests/flax/test_ptq_driver.py::test_gptq_beats_rtn_on_the_block",
+    "tests/core/test_lowbit_grad.py::test_attention_einsum_both_operands_quantized",
+    "tests/core/test_lowbit_grad.py::test_per_tensor_grad_spec_matches_reference[int8-int8-int8]",
+    "tests/algorithms/test_rotation.py::test_hadamard_matrix_and_fast_transform",
+    "tests/algorithms/test_rotation.py::test_rotation_lowers_int4_error_on_outliers",
+    "tests/algorithms/test_rotation.py::test_random_hadamard_is_orthogonal[7-None]",
+    "tests/algorithms/test_rotation.py::test_random_hadamard_is_orthogonal[256-None]",
+    "tests/algorithms/test_rotation.py::test_random_hadamard_is_orthogonal[384-None]",
+    "tests/core/test_ops.py::test_dot_general_fake_equals_real_reference[int8-nf4]",
+    "tests/core/test_ops.py::test_dot_general_fake_equals_real_reference[uint8-uint4]",
+    "tests/core/test_ops.py::test_dot_general_fake_equals_real_reference[f32-nvfp4]",
+    "tests/core/test_ops.py::test_dot_general_fake_equals_real_reference[int8-int4]",
+    "tests/core/test_properties.py::test_stochastic_rounding_is_unbiased[uint4]",
+    "tests/core/test_properties.py::test_stochastic_rounding_is_unbiased[nf4]",
+    "tests/core/test_properties.py::test_stochastic_rounding_is_unbiased[nvfp4]",
+    "tests/core/test_quantize.py::test_vmap_equals_per_example[uint4]",
+    "tests/core/test_quantize.py::test_vmap_equals_per_example[nvfp4]",
+    "tests/core/test_quantize.py::test_vmap_equals_per_example[mxfp4]",
+    "tests/core/test_quantize.py::test_gradient_zero_where_clipped_by_static_amax[nf4]",
+    "tests/formats/test_formats.py::test_user_registered_formats_work_end_to_end[u_lut5]",
+    "tests/formats/test_formats.py::test_user_registered_formats_work_end_to_end[u_int5]",
+})
+
+
 def pytest_collection_modifyitems(config, items):
   run_slow = config.getoption("--runslow")
   backend = _backend()
   for item in items:
+    if item.nodeid in SLOW_CASES:
+      item.add_marker(pytest.mark.slow)
     if "slow" in item.keywords and not run_slow:
       item.add_marker(pytest.mark.skip(reason="slow: pass --runslow"))
     if "gpu" in item.keywords and backend != "gpu":
