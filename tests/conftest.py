@@ -73,13 +73,45 @@ SLOW_CASES = frozenset({
     "tests/core/test_quantize.py::test_gradient_zero_where_clipped_by_static_amax[nf4]",
     "tests/formats/test_formats.py::test_user_registered_formats_work_end_to_end[u_lut5]",
     "tests/formats/test_formats.py::test_user_registered_formats_work_end_to_end[u_int5]",
+    "tests/test_pipelines.py::test_minilm_points_order_formats_sensibly",
+    "tests/test_train_lm.py::test_killed_run_resumes_at_the_right_step_and_matches",
+    "tests/test_train_lm.py::test_data_parallel_on_8_devices_matches_1_device[4]",
+    "tests/flax/test_ptq_driver.py::test_smoothquant_fold_is_exact_and_helps_w8a8",
+    "tests/flax/test_ptq_driver.py::test_declared_value_to_out_folds",
+    "tests/flax/test_three_paths.py::test_fake_and_real_identical_across_paths[w8a8_head_fp]",
+    "tests/models/test_llama.py::test_every_weight_matmul_goes_through_dense_or_einsum[moe]",
+    "tests/models/test_minilm.py::test_batch_order_invariance",
+    "tests/test_quantize_function.py::test_static_nvfp4_fixes_the_tensor_scale_only",
+})
+
+# Long parametrized families: every other case (in collection order) runs
+# with --runslow only, so CI still sweeps half of each.
+SLOW_EVERY_OTHER = frozenset({
+    "tests/kernels/test_tpu_kernels.py::test_kernel_exact_on_dyadic_inputs",
+    "tests/kernels/test_tpu_kernels.py::test_m_not_a_multiple_of_the_block_is_padded",
+    "tests/kernels/test_tpu_kernels.py::test_kernel_matches_reference_random",
+    "tests/kernels/test_gpu_interpret.py::test_weight_only_kernel_every_format",
+    "tests/kernels/test_gpu_references.py::test_weight_only_reference_matches_float64_numpy",
+    "tests/models/test_llama.py::test_shapes_and_causality",
+    "tests/core/test_sharding.py::test_sharded_jit_equals_single_device",
+    "tests/core/test_quantize.py::test_mx_other_scale_roundings",
+    "tests/core/test_quantize.py::test_pad_never_changes_a_blocks_range",
+    "tests/core/test_properties.py::test_error_within_half_a_step_times_the_scale",
+    "tests/test_calibration.py::test_scan_over_batches_equals_python_loop",
+    "tests/formats/test_formats.py::test_user_registered_formats_work_end_to_end",
 })
 
 
 def pytest_collection_modifyitems(config, items):
   run_slow = config.getoption("--runslow")
   backend = _backend()
+  seen: dict = {}
   for item in items:
+    family = item.nodeid.split("[", 1)[0]
+    if family in SLOW_EVERY_OTHER:
+      seen[family] = seen.get(family, 0) + 1
+      if seen[family] % 2 == 0:
+        item.add_marker(pytest.mark.slow)
     if item.nodeid in SLOW_CASES:
       item.add_marker(pytest.mark.slow)
     if "slow" in item.keywords and not run_slow:
