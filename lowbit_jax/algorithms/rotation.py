@@ -42,7 +42,7 @@ from lowbit_jax import _rules
 from lowbit_jax._residual import (ResidualStream, find_residual_stream,
                                   matmul_input_axes, param_path)
 from lowbit_jax.algorithms.rtn import check_kernel
-from lowbit_jax.core._hadamard import hadamard, hadamard_factors
+from lowbit_jax.core._hadamard import _fwht_unnormalized, hadamard, hadamard_factors
 
 Kernels = Union[jax.Array, Sequence[jax.Array]]
 
@@ -88,15 +88,8 @@ def walsh_hadamard_transform(x: jax.Array) -> jax.Array:
   n = x.shape[-1]
   if n < 1 or n & (n - 1):
     raise ValueError(f"the last axis must be a power of two, got {n}")
-  lead = x.shape[:-1]
-  y = x.astype(jnp.float32)
-  h = 1
-  while h < n:
-    y = y.reshape(lead + (n // (2 * h), 2, h))
-    a, b = y[..., 0, :], y[..., 1, :]
-    y = jnp.stack([a + b, a - b], axis=-2)
-    h *= 2
-  return (y.reshape(lead + (n,)) / np.float32(math.sqrt(n))).astype(x.dtype)
+  y = _fwht_unnormalized(x.astype(jnp.float32))
+  return (y / np.float32(math.sqrt(n))).astype(x.dtype)
 
 
 def random_orthogonal(key: jax.Array, n: int) -> jax.Array:
