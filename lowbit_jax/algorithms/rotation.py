@@ -30,7 +30,6 @@ block, e.g. within an attention head.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -42,7 +41,7 @@ from lowbit_jax import _rules
 from lowbit_jax._residual import (ResidualStream, find_residual_stream,
                                   matmul_input_axes, param_path)
 from lowbit_jax.algorithms.rtn import check_kernel
-from lowbit_jax.core._hadamard import _fwht_unnormalized, hadamard, hadamard_factors
+from lowbit_jax.core._hadamard import hadamard, hadamard_factors, hadamard_transform
 
 Kernels = Union[jax.Array, Sequence[jax.Array]]
 
@@ -66,10 +65,7 @@ def hadamard_matrix(n: int) -> np.ndarray:
   if not isinstance(n, int) or n < 1 or n & (n - 1):
     raise ValueError(f"a Walsh-Hadamard matrix needs a power-of-two size, got {n!r}; "
                      "use random_hadamard for other sizes")
-  h = np.ones((1, 1), np.float64)
-  while h.shape[0] < n:
-    h = np.block([[h, h], [h, -h]])
-  return (h / math.sqrt(n)).astype(np.float32)
+  return hadamard(n)  # Sylvester's construction at powers of two
 
 
 def walsh_hadamard_transform(x: jax.Array) -> jax.Array:
@@ -88,8 +84,7 @@ def walsh_hadamard_transform(x: jax.Array) -> jax.Array:
   n = x.shape[-1]
   if n < 1 or n & (n - 1):
     raise ValueError(f"the last axis must be a power of two, got {n}")
-  y = _fwht_unnormalized(x.astype(jnp.float32))
-  return (y / np.float32(math.sqrt(n))).astype(x.dtype)
+  return hadamard_transform(x, -1)
 
 
 def random_orthogonal(key: jax.Array, n: int) -> jax.Array:

@@ -39,6 +39,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lowbit_jax.core._hadamard import hadamard_transform
 from lowbit_jax.flax._linen import ActEinsum
 from lowbit_jax.models import kv_cache as kv_lib
 
@@ -186,8 +187,7 @@ def _dense(features: int, name: str, dtype: Any) -> nn.Dense:
 
 def _hadamard(x: jax.Array) -> jax.Array:
   """``x @ H`` over the last axis (normalized Walsh-Hadamard, ``H @ H = I``)."""
-  from lowbit_jax.algorithms.rotation import walsh_hadamard_transform  # pylint: disable=g-import-not-at-top
-  return walsh_hadamard_transform(x)
+  return hadamard_transform(x, -1)
 
 
 class Attention(nn.Module):
