@@ -178,6 +178,7 @@ def part_scratch(c, root: pathlib.Path) -> dict:
     rc = _run_config(c, steps=c.scratch_steps or c.float_steps, quant=dict(rules=scheme),
                      save_quantized=False)
     out[scheme] = _summary(_train(rc, wd), wd)
+    out[scheme]["steps"] = c.scratch_steps or c.float_steps
     _save_partial(root, "scratch", out)
   return {"scratch": out}
 
@@ -260,8 +261,11 @@ def part_report(c, root: pathlib.Path) -> dict:
   sc = res.get("scratch")
   if sc:
     base = (sc.get("none") or {}).get("loss")
+    # The steps the runs were trained for (older JSON lacks it: the curve's last step).
+    steps = {r.get("steps") or (r.get("curve") or [[c.scratch_steps or c.float_steps]])[-1][0]
+             for r in sc.values()}
     lines += ["## Training from scratch, every matmul in its format", "",
-              f"{c.scratch_steps or c.float_steps} steps from the same "
+              f"{'/'.join(str(s) for s in sorted(steps))} steps from the same "
               "initialisation and batches. "
               "`none` is the unquantized run (the model's compute dtype); the "
               "others quantize weights and activations in the forward pass and the "
@@ -342,9 +346,10 @@ def main(argv: list[str]) -> None:
   meta_f = root / "meta.json"
   meta = json.loads(meta_f.read_text()) if meta_f.exists() else {"commands": []}
   dev = jax.devices()[0]
-  meta.update(device=f"{dev.platform}: {getattr(dev, 'device_kind', '?')} x "
-              f"{jax.device_count()}", jax=jax.__version__,
-              python=platform.python_version())
+  if any(p != "report" for p in parts):  # a report-only run keeps the producer's device
+    meta.update(device=f"{dev.platform}: {getattr(dev, 'device_kind', '?')} x "
+                f"{jax.device_count()}", jax=jax.__version__,
+                python=platform.python_version())
   cmd = c.command or "python -m experiments.qat_study " + " ".join(
       shlex.quote(a) for a in sys.argv[1:])
   if cmd not in meta["commands"]:
