@@ -14,7 +14,10 @@ the residual stream and runs an online Hadamard at the down projections
 (``lowbit_jax.pipelines.LLAMA_ONLINE``); its kernels are rounded by RTN.
 
 Variants: ``default`` (the small model: ~50 min of training plus ~30 min of
-sweep on a busy 2-core VM); ``smoke`` (the same rows on the smoke model of
+sweep on a busy 2-core VM); ``base`` (the 56M-parameter ``base`` model of
+``configs/train_lm.py``, trained for 400 steps in the same run on one GPU,
+about a minute on an H200, then swept; sequences of 512, 65536 held-out
+tokens); ``smoke`` (the same rows on the smoke model of
 ``configs/train_lm.py:smoke``, 2 layers of width 64 trained for 60 steps;
 about 20 min on a busy 2-core VM).
 """
@@ -46,6 +49,14 @@ def get_config(arg: str = "default"):
                                       "maximize": False})
   if arg == "default":
     pass
+  elif arg == "base":    # on one GPU: trains base (400 steps) first, then sweeps
+    c.point_kwargs.workdir = "/tmp/lowbit_jax_lm_base"
+    c.point_kwargs.variant = "base"
+    c.point_kwargs.seq_len = 512
+    c.point_kwargs.batch = 16
+    c.point_kwargs.max_eval_tokens = 65536
+    c.point_kwargs.train_steps = 400
+    c.out_dir = "results/sweep_llama_methods_base"
   elif arg == "smoke":   # every row, on the smoke model (2 layers, d=64)
     c.point_kwargs.workdir = "/tmp/lowbit_jax_lm_smoke"
     c.point_kwargs.variant = "smoke"
@@ -53,5 +64,5 @@ def get_config(arg: str = "default"):
     c.point_kwargs.max_eval_tokens = 2048
     c.out_dir = "/tmp/lowbit_jax_sweep_llama_methods_smoke"
   else:
-    raise ValueError(f"unknown variant {arg!r}: default or smoke")
+    raise ValueError(f"unknown variant {arg!r}: default, base or smoke")
   return c

@@ -741,7 +741,8 @@ class QuantizedFunction:
             dn = eqn.params["dimension_numbers"]
             uses[path].append(_rules.plan_weight(rule.weight_spec, shape, "conv",
                                                  out_axis=dn.rhs_spec[0],
-                                                 in_axis=dn.rhs_spec[1]))
+                                                 in_axis=dn.rhs_spec[1],
+                                                 compute_dtype=eqn.invars[1].aval.dtype))
         else:
           uses[path].append(None)
 
@@ -765,7 +766,8 @@ class QuantizedFunction:
       contract = tuple(perm[c] for c in contract)
       batch = tuple(perm[b] for b in batch)
     return _rules.plan_weight(rule.weight_spec, shape, "dot_general",
-                              contracting=tuple(contract), batch=tuple(batch))
+                              contracting=tuple(contract), batch=tuple(batch),
+                              compute_dtype=eqn.invars[pos].aval.dtype)
 
   def quantize_params(self, params, *args, donate: bool = False,
                       on_step: Optional[Callable] = None,

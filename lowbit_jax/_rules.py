@@ -789,9 +789,16 @@ class WeightPlan:
     spec: the weight spec with the op's axis filled in, in the weight's own
       (logical) layout.
     transpose: store the 2-D weight K-major (the QArray of its transpose).
+    compute_dtype: the dtype the op sees the weight in when that is narrower
+      than the stored parameter (a Linen/NNX layer with ``dtype=bfloat16``
+      promotes its float32 kernel before the matmul): fake mode quantizes
+      those rounded values, so real mode rounds the weight to this dtype
+      before quantizing it too (the QWeight keeps the parameter's dtype).
+      None: the weight is quantized as stored.
   """
   spec: QuantSpec
   transpose: bool = False
+  compute_dtype: Optional[str] = None
 
 
 def conv_weight_spec(spec: QuantSpec, ndim: int, out_axis: int,
@@ -811,7 +818,7 @@ def conv_weight_spec(spec: QuantSpec, ndim: int, out_axis: int,
 
 def plan_weight(spec: QuantSpec, shape: tuple, op: str, *, contracting=(),
                 batch=(), out_axis: Optional[int] = None,
-                in_axis: Optional[int] = None) -> WeightPlan:
+                in_axis: Optional[int] = None, compute_dtype=None) -> WeightPlan:
   """The WeightPlan of a weight of ``shape`` used by one op.
 
   Args:
@@ -821,22 +828,35 @@ def plan_weight(spec: QuantSpec, shape: tuple, op: str, *, contracting=(),
     contracting: the weight's contraction axes (matmuls).
     batch: the weight's batch axes (matmuls).
     out_axis, in_axis: the kernel's output- and input-feature axes (conv).
+    compute_dtype: the dtype of the weight as the op receives it (after the
+      layer's dtype promotion), or None (as stored).
 
   Returns:
     The plan; its spec fills an unset axis exactly as ``lowbit_jax.core.ops``
     does for a float weight, so real quantization equals fake quantization.
   """
   ndim = len(shape)
+  cd = None if compute_dtype is None else jnp.dtype(compute_dtype).name
   if op == "conv":
-    return WeightPlan(conv_weight_spec(spec, ndim, out_axis, in_axis), False)
+    return WeightPlan(conv_weight_spec(spec, ndim, out_axis, in_axis), False, cd)
   contracting = tuple(sorted(c % ndim for c in contracting))
   filled = ops.operand_spec(spec, contracting, ndim)
   kmajor = ndim == 2 and not batch and contracting == (0,)
-  return WeightPlan(filled, kmajor)
+  return WeightPlan(filled, kmajor, cd)
+
+
+def _as_op_sees(w: jax.Array, plan: WeightPlan) -> jax.Array:
+  """``w`` rounded to the dtype its op computes in (``plan.compute_dtype``)."""
+  cd = plan.compute_dtype
+  if (cd is None or not jnp.issubdtype(w.dtype, jnp.floating)
+      or jnp.dtype(cd).itemsize >= jnp.dtype(w.dtype).itemsize):
+    return w
+  return w.astype(cd).astype(w.dtype)
 
 
 @functools.partial(jax.jit, static_argnums=1)
 def _quantize_leaf(w: jax.Array, plan: WeightPlan) -> QWeight:
+  w = _as_op_sees(w, plan)
   if plan.transpose:
     q = ops.prepare_weight(w, _transpose_spec(plan.spec), contracting=0)
     return as_qweight(q, transposed=True)
@@ -845,6 +865,7 @@ def _quantize_leaf(w: jax.Array, plan: WeightPlan) -> QWeight:
 
 @functools.partial(jax.jit, static_argnums=1)
 def _quantize_leaf_scaled(w: jax.Array, plan: WeightPlan, scale) -> QWeight:
+  w = _as_op_sees(w, plan)
   if plan.transpose:
     q = quantize(w.T, _transpose_spec(plan.spec), scale=jnp.transpose(scale))
     return as_qweight(q, transposed=True)

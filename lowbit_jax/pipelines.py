@@ -206,8 +206,12 @@ def _mean(vals) -> float:
 
 
 @functools.lru_cache(maxsize=2)
-def _llama(workdir: str, variant: str):
-  """A trained decoder: restored from ``workdir`` or trained there first."""
+def _llama(workdir: str, variant: str, train_steps: int = 0):
+  """A trained decoder: restored from ``workdir`` or trained there first.
+
+  ``train_steps`` (> 0) shortens the variant's training (warm-up at most a
+  tenth of it), e.g. the ``base`` model trained and swept in one GPU call.
+  """
   from lowbit_jax import train_lm  # pylint: disable=g-import-not-at-top
   from lowbit_jax.models.llama import Llama  # pylint: disable=g-import-not-at-top
   import importlib.util  # pylint: disable=g-import-not-at-top
@@ -217,6 +221,9 @@ def _llama(workdir: str, variant: str):
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   config = mod.get_config(variant)
+  if train_steps:
+    config.steps = int(train_steps)
+    config.warmup_steps = min(config.warmup_steps, max(1, config.steps // 10))
   final = os.path.join(workdir, "final_eval.json")
   if not os.path.exists(final):
     train_lm.train(config, workdir)
@@ -233,14 +240,20 @@ def _llama(workdir: str, variant: str):
 
 def llama_point(scheme: str, target: str = "weights", method: str = "rtn", *,
                 workdir: str, variant: str = "smoke", seq_len: int = 128,
-                batch: int = 8, max_eval_tokens: int = 32768, n_calib: int = 8) -> dict:
-  """Quantizes the trained decoder LM and measures held-out perplexity."""
+                batch: int = 8, max_eval_tokens: int = 32768, n_calib: int = 8,
+                train_steps: int = 0) -> dict:
+  """Quantizes the trained decoder LM and measures held-out perplexity.
+
+  The model is restored from ``workdir`` or, when that holds no finished run,
+  trained there first (``configs/train_lm.py:<variant>``, ``train_steps`` > 0
+  overriding its steps).
+  """
   _check(method, target)
   from lowbit_jax import train_lm  # pylint: disable=g-import-not-at-top
   from lowbit_jax.flax import quantize_linen  # pylint: disable=g-import-not-at-top
   from lowbit_jax.flax import ptq as ptq_lib  # pylint: disable=g-import-not-at-top
   sch = schemes_lib.get(scheme)
-  config, model, params, data = _llama(workdir, variant)
+  config, model, params, data = _llama(workdir, variant, train_steps)
   t0 = time.time()
   calib_tokens = np.asarray(data.train_tokens[: n_calib * seq_len]).astype(np.int32)
   calib_batches = [(jnp.asarray(calib_tokens.reshape(n_calib, seq_len)),)]

@@ -263,7 +263,7 @@ class _SiteOp:
       if not isinstance(rhs, QArray) and self.site.weight is not None:
         plan.setdefault(self.site.path, []).append(_rules.plan_weight(
             self.site.weight, tuple(rhs.shape), self.site.op, contracting=rc,
-            batch=rb))
+            batch=rb, compute_dtype=rhs.dtype))
       return jax.lax.dot_general(lhs, _rules.logical_value(rhs), dimension_numbers,
                                  precision, preferred_element_type)
     call = self._call(lhs)
@@ -287,7 +287,7 @@ class _SiteOp:
         dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
         plan.setdefault(self.site.path, []).append(_rules.plan_weight(
             self.site.weight, tuple(rhs.shape), "conv", out_axis=dn.rhs_spec[0],
-            in_axis=dn.rhs_spec[1]))
+            in_axis=dn.rhs_spec[1], compute_dtype=rhs.dtype))
       return jax.lax.conv_general_dilated(lhs, _rules.logical_value(rhs), *args)
     call = self._call(lhs)
     y = _rules.site_conv(self.site, lhs, rhs, *args, call=call)
@@ -302,7 +302,8 @@ class _SiteOp:
         _, dn, _ = _rules.einsum_dims(subscripts, lhs.shape, rhs.shape)
         (_, rc), (_, rb) = dn
         plan.setdefault(self.site.path, []).append(_rules.plan_weight(
-            self.site.weight, tuple(rhs.shape), "einsum", contracting=rc, batch=rb))
+            self.site.weight, tuple(rhs.shape), "einsum", contracting=rc, batch=rb,
+            compute_dtype=rhs.dtype))
       return jnp.einsum(subscripts, lhs, _rules.logical_value(rhs), precision=precision,
                         preferred_element_type=preferred_element_type)
     call = self._call(lhs)

@@ -255,20 +255,24 @@ class QuantOp(nnx.Module):
 def _plan(node, op: str, spec) -> _rules.WeightPlan:
   """The WeightPlan of a layer's kernel, from the layer's attributes."""
   shape = tuple(node.kernel.get_value().shape)
+  # The layer promotes its kernel to its dtype before the op (fake mode
+  # quantizes those values); None: the kernel reaches the op as stored.
+  cd = getattr(node, "dtype", None)
   if op == "conv":
     if getattr(node, "mask", None) is not None:
       raise ValueError("nnx.Conv with a mask cannot hold a real-mode quantized "
                        "kernel; use mode='fake' or exclude the layer")
     return _rules.plan_weight(spec, shape, "conv", out_axis=len(shape) - 1,
-                              in_axis=len(shape) - 2)
+                              in_axis=len(shape) - 2, compute_dtype=cd)
   if isinstance(node, nnx.Linear):
-    return _rules.plan_weight(spec, shape, "dot_general", contracting=(0,))
+    return _rules.plan_weight(spec, shape, "dot_general", contracting=(0,),
+                              compute_dtype=cd)
   if isinstance(node, nnx.LinearGeneral):
     nb = len(node.batch_axis)
     na = len(node.axis)
     return _rules.plan_weight(spec, shape, "dot_general",
                               contracting=tuple(range(nb, nb + na)),
-                              batch=tuple(range(nb)))
+                              batch=tuple(range(nb)), compute_dtype=cd)
   # Einsum
   eq = node.einsum_str
   if eq is None or "..." in eq:
@@ -278,7 +282,8 @@ def _plan(node, op: str, spec) -> _rules.WeightPlan:
   lhs_shape = tuple(shape[ins[1].index(c)] if c in ins[1] else 1 for c in ins[0])
   _, dn, _ = _rules.einsum_dims(eq, lhs_shape, shape)
   (_, rc), (_, rb) = dn
-  return _rules.plan_weight(spec, shape, "einsum", contracting=rc, batch=rb)
+  return _rules.plan_weight(spec, shape, "einsum", contracting=rc, batch=rb,
+                            compute_dtype=cd)
 
 
 def _check_unsupported(node, path: str, config: QuantConfig) -> None:

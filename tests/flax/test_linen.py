@@ -189,3 +189,25 @@ def test_calibrate_collects_stats_then_static(toy_model):
   np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="no calibration statistics"):
     fq(model.apply)(v, t)
+
+
+def test_real_mode_quantizes_the_weight_the_bf16_layer_computes_with():
+  """A bf16 layer promotes its float32 kernel before the matmul, so fake mode
+  quantizes bf16 values: real mode must store the codes of those values (its
+  dequantized weight equals fake mode's), not of the float32 kernel."""
+  layer = nn.Dense(64, use_bias=False, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+  x = jax.random.normal(jax.random.key(0), (4, 256), jnp.bfloat16)
+  v = layer.init(jax.random.key(1), x)
+  # A kernel whose float32 values round differently in bf16 (low mantissa bits set).
+  k = v["params"]["kernel"] * (1 + 2.0 ** -9)
+  v = {"params": {"kernel": k}}
+  rules = [QuantRule(".*", weight=lb.QuantSpec("int4", group_size=32))]
+  qr = quantize_linen(rules, mode="real")
+  qw = qr.quantize_params(layer, v, x)["params"]["kernel"]
+  assert isinstance(qw, QWeight) and qw.transposed
+  seen = k.astype(jnp.bfloat16).astype(jnp.float32)
+  want = lb.dequantize(lb.quantize(seen.T, lb.QuantSpec("int4", group_size=32, axis=1)))
+  got = lb.dequantize(qw)
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+  from_f32 = lb.dequantize(lb.quantize(k.T, lb.QuantSpec("int4", group_size=32, axis=1)))
+  assert not np.array_equal(np.asarray(from_f32), np.asarray(want))  # the test can fail
