@@ -28,15 +28,22 @@ warpgroup and two compute warpgroups that each take half of every K step and add
 their partial sums through shared memory), lowered and tested on CPU but not yet
 run on a GPU.
 
-``supports`` only accepts cases measured faster than XLA's dequantize-then-dot on
-an H100 (``MEASURED_WINS``; numbers in ``benchmarks/kernels_h100.md``).
+Dispatch is data: ``gpu_tuned_configs.json`` beside this file (written by
+``experiments/bench_kernels.py --mode=tune``) holds, per weight case (``int4_g128``,
+``int8_pc``, ...), shape class (``shape_class``) and M bucket (``m_bucket``), the
+tiling measured fastest and whether it beat XLA's own fused path
+(``xla_fused_matmul``) there. ``supports`` says yes only where the table says the
+kernel won; everywhere else the quantized ``dot_general`` keeps the XLA path.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
-from typing import Optional
+import os
+import threading
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -124,6 +131,79 @@ def xla_dequant_matmul(operands: MatmulOperands,
   return y.astype(problem.out_dtype)
 
 
+def _codes_to_bf16(operands: MatmulOperands, problem: MatmulProblem,
+                   decode: str) -> jax.Array:
+  """The ``[N, K]`` weight codes as bf16 values (no scale applied)."""
+  n, k = problem.n, problem.k
+  fmt = problem.w_format
+  codes = operands.w_codes
+  if fmt == "int8":
+    return codes.astype(jnp.bfloat16)
+  if decode == "native":
+    # Bitcasts to the 4-bit dtypes XLA converts (and fuses into the dot).
+    narrow = jnp.int4 if fmt == "int4" else jnp.float4_e2m1fn
+    return lax.bitcast_convert_type(codes, narrow).reshape(n, k).astype(
+        jnp.bfloat16)
+  if decode == "arith":
+    nib = common.unpack_nibbles(codes)
+    vals = common.decode_int4(nib) if fmt == "int4" else common.decode_e2m1(nib)
+    return vals.astype(jnp.bfloat16)
+  raise ValueError(f"decode must be 'native' or 'arith', got {decode!r}")
+
+
+def _scales_f32(operands: MatmulOperands, problem: MatmulProblem,
+                decode: str) -> jax.Array:
+  """Weight scales as float32 ``[N, groups]`` (NVFP4's tensor scale folded in)."""
+  fmt = problem.w_format
+  s = operands.w_scale
+  if fmt == "mxfp4":
+    s = (lax.bitcast_convert_type(s, jnp.float8_e8m0fnu).astype(jnp.float32)
+         if decode == "native" else common.decode_e8m0(s))
+  else:
+    s = s.astype(jnp.float32)
+  if fmt == "nvfp4" and operands.w_tensor_scale is not None:
+    s = s * jnp.asarray(operands.w_tensor_scale, jnp.float32)
+  return s.reshape(problem.n, -1)
+
+
+def xla_fused_matmul(operands: MatmulOperands, problem: MatmulProblem, *,
+                     decode: str = "native") -> jax.Array:
+  """XLA's best plain-jnp weight-only path: ``(x @ w.astype(bf16)) * scale``.
+
+  The code-to-bf16 convert feeds the dot directly, so XLA fuses it into the GEMM
+  (the weight is read once, in its stored width). Per-channel scales multiply the
+  f32 result; group scales cannot leave the sum, so they multiply the bf16
+  weight (``w.reshape(N, K/g, g) * s``) inside the same fusion. This is the
+  baseline a kernel must beat (issue 13), and what runs where ``supports`` says
+  no.
+
+  Args:
+    operands: as for ``reference``.
+    problem: the static description.
+    decode: "native" bitcasts packed codes to ``int4`` / ``float4_e2m1fn`` (and
+      E8M0 scales to ``float8_e8m0fnu``) and lets XLA convert them; "arith"
+      decodes them with integer arithmetic (for backends without those types).
+
+  Returns:
+    ``[M, N]`` in ``problem.out_dtype``.
+  """
+  _validate(problem)
+  n, k = problem.n, problem.k
+  w = _codes_to_bf16(operands, problem, decode)
+  s = _scales_f32(operands, problem, decode)
+  g = common.weight_group(problem)
+  x = operands.x.astype(jnp.bfloat16)
+  dn = (((1,), (1,)), ((), ()))
+  if g is None:
+    y = lax.dot_general(x, w, dn, preferred_element_type=jnp.float32)
+    y = y * s.reshape(1, n)
+  else:
+    w = (w.reshape(n, k // g, g) * s.astype(jnp.bfloat16)[:, :, None]).reshape(
+        n, k)
+    y = lax.dot_general(x, w, dn, preferred_element_type=jnp.float32)
+  return y.astype(problem.out_dtype)
+
+
 # ----------------------------------------------------------------------------
 # Dispatch policy.
 # ----------------------------------------------------------------------------
@@ -181,26 +261,138 @@ def _shape_ok(problem: MatmulProblem, cfg: Config) -> bool:
   return True
 
 
-# Where the dispatcher may take the kernel: (format, group) -> (max M, min N*K).
-# Only cases measured on an H100 against XLA's dequantize-then-dot go here
-# (benchmarks/kernels_h100.md): int4 with groups of 128 at M = 1 and 16 on
-# 8192 x 8192 and 8192 x 28672, 14.8x / 17.9x faster than XLA's g128 path. The
-# other formats pass their correctness checks but have no timing yet; XLA fuses
-# per-channel int4 / int8 well, so those must be measured before they are
-# claimed.
-MEASURED_WINS = {("int4", 128): (16, 8192 * 8192)}
+# ----------------------------------------------------------------------------
+# The tuned table (data, measured by experiments/bench_kernels.py --mode=tune).
+# ----------------------------------------------------------------------------
+
+M_BUCKETS = (1, 4, 16, 64, 256, 512, 4096)
+TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                          "gpu_tuned_configs.json")
+_table_lock = threading.Lock()
+_table: Optional[dict] = None
+
+
+def case_name(fmt: str, group: Optional[int]) -> str:
+  """The table's name of a weight case: ``int4_g128``, ``int8_pc``, ``mxfp4``."""
+  if fmt in ("mxfp4", "nvfp4"):
+    return fmt
+  short = {"fp4_e2m1": "fp4"}.get(fmt, fmt)
+  return f"{short}_pc" if group is None else f"{short}_g{group}"
+
+
+def m_bucket(m: int) -> int:
+  """The smallest of ``M_BUCKETS`` at or above ``m`` (the last one above it)."""
+  for b in M_BUCKETS:
+    if m <= b:
+      return b
+  return M_BUCKETS[-1]
+
+
+def _dim_class(d: int) -> str:
+  for lim, name in ((1024, "1k"), (4096, "4k"), (8192, "8k"), (16384, "16k")):
+    if d <= lim:
+      return name
+  return "32k"
+
+
+def shape_class(k: int, n: int) -> str:
+  """The table's class of a ``K x N`` weight: K and N each rounded up to one of
+  1k, 4k, 8k, 16k, 32k (so 8192x28672 is ``k8k_n32k``)."""
+  return f"k{_dim_class(k)}_n{_dim_class(n)}"
+
+
+def _config_from_json(value) -> Optional[Config]:
+  if value is None:
+    return None
+  if isinstance(value, dict):
+    return Config(**value)
+  return Config(*value)
+
+
+def load_table(path: Optional[str] = None) -> dict:
+  """Reads a tuned table (JSON written by ``bench_kernels.py --mode=tune``).
+
+  Args:
+    path: the file; default ``TABLE_PATH``.
+
+  Returns:
+    ``{"meta": {...}, "entries": {case: {shape_class: {str(bucket): entry}}}}``.
+
+  Raises:
+    ValueError: if the file is not such a table.
+  """
+  path = path or TABLE_PATH
+  with open(path) as f:
+    table = json.load(f)
+  if not isinstance(table, dict) or not isinstance(table.get("entries"), dict):
+    raise ValueError(f"{path} is not a tuned kernel table (no 'entries' dict); "
+                     "regenerate it with experiments/bench_kernels.py --mode=tune")
+  for case, classes in table["entries"].items():
+    for cls, buckets in classes.items():
+      for b, e in buckets.items():
+        if int(b) not in M_BUCKETS or "use_kernel" not in e:
+          raise ValueError(f"{path}: bad entry {case}/{cls}/{b}: {e}")
+        _config_from_json(e.get("config"))
+  return table
+
+
+def set_table(table: Optional[dict]) -> None:
+  """Replaces the table the dispatcher reads (``None``: reload the file)."""
+  global _table
+  with _table_lock:
+    _table = table
+
+
+def get_table() -> dict:
+  """The table the dispatcher reads (loaded from ``TABLE_PATH`` once)."""
+  global _table
+  with _table_lock:
+    if _table is None:
+      _table = (load_table() if os.path.exists(TABLE_PATH)
+                else {"meta": {}, "entries": {}})
+    return _table
+
+
+def tuned_entry(problem: MatmulProblem) -> Optional[dict[str, Any]]:
+  """The table's entry for ``problem`` (its case, shape class, M bucket), or None."""
+  try:
+    g = common.weight_group(problem)
+  except ValueError:
+    return None
+  entries = get_table()["entries"]
+  by_class = entries.get(case_name(problem.w_format, g), {})
+  return by_class.get(shape_class(problem.k, problem.n), {}).get(
+      str(m_bucket(problem.m)))
+
+
+def tuned_config(problem: MatmulProblem) -> Config:
+  """The tiling for ``problem``: the table's (its tile_m fitted to M), else
+  ``_decode_config``."""
+  e = tuned_entry(problem)
+  cfg = _config_from_json(e.get("config")) if e else None
+  if cfg is None:
+    return _decode_config(problem)
+  tm = min(cfg.tile_m, max(8, -(-problem.m // 8) * 8))
+  return dataclasses.replace(cfg, tile_m=tm)
+
+
+def table_says_kernel(problem: MatmulProblem) -> bool:
+  """Whether the table measured the kernel faster than XLA's path for this case."""
+  e = tuned_entry(problem)
+  return bool(e and e.get("use_kernel"))
 
 
 def supports(problem: MatmulProblem) -> bool:
-  """Whether the kernel handles ``problem`` and beats XLA there (measured).
+  """Whether the kernel handles ``problem`` and was measured faster than XLA there.
 
   Args:
     problem: the static description of the matmul.
 
   Returns:
-    True only on a Hopper GPU, for bf16 activations, a (format, group) in
-    ``MEASURED_WINS`` at batch sizes and weight sizes inside the measured range,
-    and shapes that tile evenly.
+    True only on a Hopper GPU, for bf16 activations, where the tuned table
+    (``gpu_tuned_configs.json``) has an entry for this weight case, shape class
+    and M bucket that beat ``xla_fused_matmul``, and the shape tiles evenly
+    with that entry's tiling.
   """
   try:
     _validate(problem)
@@ -209,13 +401,9 @@ def supports(problem: MatmulProblem) -> bool:
   if problem.x_dtype != "bfloat16" or problem.out_dtype not in (
       "bfloat16", "float32"):
     return False
-  win = MEASURED_WINS.get((problem.w_format, common.weight_group(problem)))
-  if win is None:
+  if not table_says_kernel(problem):
     return False
-  max_m, min_nk = win
-  if problem.m > max_m or problem.n * problem.k < min_nk:
-    return False
-  if not _shape_ok(problem, _decode_config(problem)):
+  if not _shape_ok(problem, tuned_config(problem)):
     return False
   return common.on_hopper_gpu(problem)
 
@@ -758,7 +946,8 @@ def matmul(operands: MatmulOperands, problem: MatmulProblem, *,
   Args:
     operands: see ``reference``.
     problem: the static description; ``supports(problem)`` should be True.
-    config: tiling override (benchmarks); default picks one from the shape.
+    config: tiling override (benchmarks); default: the tuned table's
+      (``tuned_config``), else one picked from the shape.
     interpret: False to compile for a Hopper GPU; True (or an
       ``InterpretGPUParams``, e.g. with ``detect_races=True``) to run the kernel
       on the CPU in the Mosaic GPU interpreter, for testing. See
@@ -772,7 +961,11 @@ def matmul(operands: MatmulOperands, problem: MatmulProblem, *,
   """
   params = common.interpret_params(interpret)
   _validate(problem)
-  cfg = config or _decode_config(problem)
+  cfg = config
+  if cfg is None:
+    cfg = tuned_config(problem)
+    if not _shape_ok(problem, cfg):
+      cfg = _decode_config(problem)
   if params is not None:
     common.check_interpreter_threads(3 if cfg.ws else 1)
   if not _shape_ok(problem, cfg):
