@@ -1,0 +1,102 @@
+"""CPU tests of the weight-only dispatch table and of XLA's fused baseline path.
+
+The table (``lowbit_jax/kernels/gpu_tuned_configs.json``, written by
+``experiments/bench_kernels.py --mode=tune``) decides per weight case, shape class
+and M bucket whether the kernel runs and with which tiling; ``xla_fused_matmul``
+is what runs everywhere else.
+"""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from lowbit_jax.kernels import _gpu_common as common
+from lowbit_jax.kernels import gpu_weight_only as wo
+from lowbit_jax.kernels._api import MatmulProblem
+from tests.kernels._gpu_operands import make_wo, np_weight, rel_err
+
+
+@pytest.fixture(autouse=True)
+def _restore_table():
+  yield
+  wo.set_table(None)
+
+
+def _prob(**kw):
+  return MatmulProblem(**{**dict(m=1, n=8192, k=8192, x_dtype="bfloat16",
+                                 w_format="int4", w_block=128), **kw})
+
+
+def _entry(use, config=None, m=1):
+  return dict(use_kernel=use, config=config, shape="8192x8192", m=m,
+              kernel_us=10.0, xla_us=20.0, bf16_us=30.0)
+
+
+def test_names_buckets_and_shape_classes():
+  assert wo.case_name("int4", 128) == "int4_g128"
+  assert wo.case_name("int8", None) == "int8_pc"
+  assert wo.case_name("fp4_e2m1", 32) == "fp4_g32"
+  assert wo.case_name("mxfp4", 32) == "mxfp4"
+  assert [wo.m_bucket(m) for m in (1, 2, 4, 5, 16, 17, 64, 65, 300, 513, 9000)] == [
+      1, 4, 4, 16, 16, 64, 64, 256, 512, 4096, 4096]
+  assert wo.shape_class(8192, 28672) == "k8k_n32k"
+  assert wo.shape_class(14336, 4096) == "k16k_n4k"
+  assert wo.shape_class(4096, 1024) == "k4k_n1k"
+
+
+def test_supports_follows_the_table(monkeypatch):
+  monkeypatch.setattr(common, "on_hopper_gpu", lambda problem: True)
+  wo.set_table({"meta": {}, "entries": {"int4_g128": {"k8k_n8k": {
+      "1": _entry(True, [64, 512, 16, 3, 2, False]),
+      "16": _entry(False, m=16)}}}})
+  assert wo.supports(_prob())
+  # The table's tile_m (16) is fitted to M = 1 (8 rows).
+  assert wo.tuned_config(_prob()) == wo.Config(64, 512, 8, 3, 2, False)
+  assert not wo.supports(_prob(m=16))          # measured slower than XLA
+  assert not wo.supports(_prob(m=4))           # bucket not in the table
+  assert not wo.supports(_prob(w_block=64))    # case not in the table
+  assert not wo.supports(_prob(n=4096))        # shape class not in the table
+  assert not wo.supports(_prob(n=8192 + 64 * 3, k=8192))  # class ok, no tiling
+  # Without a table entry, matmul's default tiling is the built-in one.
+  assert wo.tuned_config(_prob(m=4)) == wo._decode_config(_prob(m=4))  # pylint: disable=protected-access
+
+
+def test_supports_needs_a_hopper_gpu_even_where_the_table_wins():
+  wo.set_table({"meta": {}, "entries": {"int4_g128": {"k8k_n8k": {
+      "1": _entry(True)}}}})
+  assert jax.default_backend() != "gpu"
+  assert not wo.supports(_prob())
+
+
+def test_load_table_reads_the_shipped_file_and_rejects_bad_ones(tmp_path):
+  table = wo.load_table()
+  assert table["entries"], "the shipped table is empty"
+  for case, classes in table["entries"].items():
+    for buckets in classes.values():
+      for b, e in buckets.items():
+        assert int(b) in wo.M_BUCKETS and isinstance(e["use_kernel"], bool), case
+  bad = tmp_path / "t.json"
+  bad.write_text(json.dumps({"entries": {"int4_g128": {"k8k_n8k": {"3": {
+      "use_kernel": True}}}}}))
+  with pytest.raises(ValueError, match="bad entry"):
+    wo.load_table(str(bad))
+  bad.write_text(json.dumps({"rows": []}))
+  with pytest.raises(ValueError, match="--mode=tune"):
+    wo.load_table(str(bad))
+
+
+@pytest.mark.parametrize("fmt,group,decode", [
+    ("int4", 128, "native"), ("int4", None, "native"), ("int8", None, "native"),
+    ("fp4_e2m1", 32, "native"), ("mxfp4", 32, "native"), ("nvfp4", 16, "native"),
+    ("int4", 64, "arith"), ("mxfp4", 32, "arith")])
+def test_xla_fused_path_matches_float64(fmt, group, decode):
+  m, n, k = 3, 64, 256
+  ops, prob = make_wo(jax.random.key(len(fmt) + (group or 0)), fmt, group, m, n,
+                      k, out_dtype="float32")
+  w = np_weight(fmt, ops.w_codes, ops.w_scale, group, n, k, ops.w_tensor_scale)
+  want = np.asarray(ops.x, np.float64) @ w.T
+  got = jax.jit(lambda o: wo.xla_fused_matmul(o, prob, decode=decode))(ops)
+  assert got.shape == (m, n)
+  # bf16 weights (group scales applied in bf16): bf16-operand accuracy.
+  assert rel_err(got, want) < 1e-2
