@@ -83,7 +83,7 @@ _SHAPES = flags.DEFINE_list(
 _BATCHES = flags.DEFINE_list("batches", ["1", "4", "16", "64", "256", "512",
                                          "4096"], "M values")
 _REF_BATCHES = flags.DEFINE_list(
-    "ref_batches", ["1", "16", "4096"],
+    "ref_batches", ["1"],
     "M values at which the dequantize-then-dot reference is timed")
 _KERNELS = flags.DEFINE_list(
     "kernels", ["int4_g128", "int4_pc", "int8_pc", "fp4_g32", "mxfp4", "nvfp4"],
@@ -92,6 +92,9 @@ _W8A8 = flags.DEFINE_list(
     "w8a8", ["fp8_channel", "int8_channel", "fp8_block", "mxfp8"],
     "W8A8 cases timed at M=4096 on 8192x8192 (empty: none)")
 _TOKAMAX = flags.DEFINE_bool("tokamax", True, "time tokamax's ragged_dot")
+_PHASES = flags.DEFINE_list(
+    "phases", [], "run only these of base, tokamax, w8a8, tune (default: all; "
+    "tune needs base rows of the same run)")
 _PEER_WHEELS = flags.DEFINE_string(
     "peer_wheels", ".whl", "folder of the qwix/tokamax wheels (and their deps)")
 _BLOCK8B = flags.DEFINE_bool("block8b", True, "time the Llama-3-8B block shapes")
@@ -148,6 +151,7 @@ class Bench:
         table=None)
     self.rows = {}      # (case, m, k, n) -> weight-only result row
     self.ref_out = {}   # (case, m, k, n) -> the fused XLA path's output
+    self.bf16 = {}      # (k, n, m) -> XLA bf16 us
     self.lock = threading.Lock()
     self.written = False
 
@@ -363,21 +367,20 @@ def run_shape(b: Bench, wo, api, k: int, n: int, ms, cases, stage: str):
   kx = jax.random.key(k * 31 + n)
   xs = {m: jax.random.normal(jax.random.fold_in(kx, m), (m, k), jnp.float32
                              ).astype(jnp.bfloat16) for m in ms}
-  bf16 = {}
+  # One batch of jobs for the whole shape (all cases): the compiles of a batch
+  # run in parallel.
+  jobs, tail, touched = [], [], []
   if stage == "base":
     # XLA bf16, weight [K, N] as an unquantized model stores it.
     rb = _reps(k * n * 2, b.smoke)
     wb = [jax.random.normal(jax.random.fold_in(kx, 100 + i), (k, n), jnp.float32
                             ).astype(jnp.bfloat16) for i in range(rb)]
-    jobs = []
     for m in ms:
       def done_b(us, out, m=m):
-        bf16[m] = us
+        b.bf16[(k, n, m)] = us
       jobs.append(dict(name=f"bf16 {k}x{n} M={m}",
                        fn=lambda x, ws: [x @ w for w in ws],
                        args=(xs[m], wb), reps=rb, done=done_b))
-    b.run_jobs(jobs)
-    del wb
   interp = False
   if b.smoke:
     from lowbit_jax.kernels import _gpu_common  # pylint: disable=g-import-not-at-top
@@ -397,7 +400,6 @@ def run_shape(b: Bench, wo, api, k: int, n: int, ms, cases, stage: str):
                            group, n, k) for i in range(r - 1)]
     mk = lambda x, w: api.MatmulOperands(x=x, w_codes=w[0], w_scale=w[1],
                                          w_tensor_scale=w[2])
-    jobs, tail, touched = [], [], []
     for m in ms:
       prob = api.MatmulProblem(m=m, n=n, k=k, x_dtype="bfloat16", w_format=fmt,
                                w_block=group)
@@ -406,7 +408,6 @@ def run_shape(b: Bench, wo, api, k: int, n: int, ms, cases, stage: str):
         flops = 2 * m * n * k
         b.rows[key] = dict(
             kernel=case, m=m, k=k, n=n, reps=r, weight_bytes=wbytes,
-            bf16_us=bf16.get(m),
             roofline_us=roofline_us(b, wbytes + m * k * 2 + m * n * 2, flops),
             bf16_roofline_us=roofline_us(b, k * n * 2 + m * k * 2 + m * n * 2,
                                          flops),
@@ -416,19 +417,20 @@ def run_shape(b: Bench, wo, api, k: int, n: int, ms, cases, stage: str):
       row = b.rows[key]
       touched.append(row)
 
-      def fused_fn(x, ws_, prob=prob, decode="native"):
+      def fused_fn(x, ws_, prob=prob, decode="native", mk=mk):
         return [wo.xla_fused_matmul(mk(x, w), prob, decode=decode) for w in ws_]
 
       def done_x(us, out, row=row, key=key):
         row["xla_fused_us"] = us
         b.ref_out[key] = out[0]
 
-      def failed_x(e, row=row, prob=prob, m=m, done_x=done_x):
+      def failed_x(e, row=row, prob=prob, m=m, done_x=done_x, ws=ws,
+                   fused_fn=fused_fn, r=r):
         # A backend without the 4-bit dtypes: the arithmetic decode, later.
         row["xla_fused_note"] = f"native decode failed ({type(e).__name__}); arith"
         tail.append(dict(
-            name=f"xla_fused(arith) {case} {k}x{n} M={m}",
-            fn=lambda x, ws_, prob=prob: fused_fn(x, ws_, prob, "arith"),
+            name=f"xla_fused(arith) {row['kernel']} {k}x{n} M={m}",
+            fn=lambda x, ws_: fused_fn(x, ws_, prob, "arith"),
             args=(xs[m], ws), reps=r, done=done_x))
       if stage == "base":
         jobs.append(dict(name=f"xla_fused {case} {k}x{n} M={m}", fn=fused_fn,
@@ -438,8 +440,8 @@ def run_shape(b: Bench, wo, api, k: int, n: int, ms, cases, stage: str):
             row["dequant_ref_us"] = us
           jobs.append(dict(
               name=f"dequant_ref {case} {k}x{n} M={m}",
-              fn=lambda x, ws_, prob=prob: [wo.xla_dequant_matmul(mk(x, w), prob)
-                                            for w in ws_],
+              fn=lambda x, ws_, prob=prob, mk=mk: [
+                  wo.xla_dequant_matmul(mk(x, w), prob) for w in ws_],
               args=(xs[m], ws), reps=r, done=done_r))
       cands = candidates(wo, prob, stage == "tune", few=b.smoke)
       if stage == "base":
@@ -461,14 +463,14 @@ def run_shape(b: Bench, wo, api, k: int, n: int, ms, cases, stage: str):
               us=us, rel_err=err, config=list(dataclasses.astuple(cfg)))
         jobs.append(dict(
             name=f"kernel {case} {k}x{n} M={m} {dataclasses.astuple(cfg)}",
-            fn=lambda x, ws_, inner=inner: [inner(mk(x, w)) for w in ws_],
+            fn=lambda x, ws_, inner=inner, mk=mk: [inner(mk(x, w)) for w in ws_],
             args=(xs[m], ws), reps=r, done=done_k))
-    b.run_jobs(jobs)
-    if tail:
-      b.run_jobs(tail)
-    for row in touched:
-      finish_row(b, row)
-    del ws
+  b.run_jobs(jobs)
+  if tail:
+    b.run_jobs(tail)
+  for row in touched:
+    row["bf16_us"] = b.bf16.get((k, n, row["m"]))
+    finish_row(b, row)
 
 
 def finish_row(b: Bench, row: dict):
@@ -992,24 +994,28 @@ def main(argv):
   mid = [m for m in batches if 16 < m <= 256]
   big = [m for m in batches if m > 256]
   tune_m = [m for m in decode if m != 4]
-  # Priority order (the time budget cuts the tail): what the decode
-  # targets need, then the 8B block, the peer, small prefill, tuning at
-  # decode, large M, W8A8.
+  # Priority order (the time budget cuts the tail): every table row first
+  # (decode, the 8B block, the peer, prefill, large M, W8A8) with the table's
+  # or the default tiling, then the other candidate tilings (decode on the two
+  # main shapes first).
   phases = [("base", shapes, decode)]
   if extra:
     phases.append(("base", extra, [1, 16]))
   phases.append(("tokamax", None, None))
   if mid:
     phases.append(("base", shapes, mid))
+  if big:
+    phases.append(("base", shapes, big))
+  if _W8A8.value:
+    phases.append(("w8a8", None, None))
   if tune:
     phases.append(("tune", shapes[:2], tune_m))
     phases.append(("tune", shapes[2:] + extra, tune_m))
     if mid:
       phases.append(("tune", shapes, mid))
-  if big:
-    phases.append(("base", shapes, big))
-  if _W8A8.value:
-    phases.append(("w8a8", None, None))
+  only = set(_PHASES.value)
+  if only:
+    phases = [p for p in phases if p[0] in only]
   b.res["meta"]["phases"] = [(p, [f"{k}x{n}" for k, n in (sh or [])], ms)
                              for p, sh, ms in phases]
   try:
