@@ -31,14 +31,26 @@ compared with the fused XLA path's (relative error; a candidate over 2e-2 is nev
 chosen). Functions are compiled ahead, ``--compile_threads`` at a time, one chunk
 (weight shape) at a time, and timed afterwards with nothing else running.
 
-Time: work is done in priority order (decode batches on the default shapes; the
-8B block's other shapes; tokamax; M = 64 .. 4096; W8A8). No new measurement
-starts after ``--time_budget_s`` (default 240 s); a watchdog writes the files and
-exits at ``--hard_limit_s`` (default 285 s). Skipped work is listed in the report.
-Estimate for the default command on an H200: stream + GEMM rate ~5 s; about 20
-Mosaic compiles per (format, shape) at ~0.3-1 s each and 15 XLA compiles at
-~0.3 s, shared over the threads, plus timing (~0.1 s per job): the decode phase
-(6 formats x 5 shapes) ~100-180 s, the rest until the budget.
+Time: work runs in priority order, every row first with the table's (or the
+default) tiling: decode M = 1, 4, 16 on the default shapes; the 8B block's other
+shapes at M = 1, 16; tokamax; M = 64, 256; M = 512, 4096; W8A8; then the other
+candidate tilings (decode on 8192x8192 and 8192x28672 first). No new
+measurement starts after ``--time_budget_s`` (default 240 s); a watchdog writes
+the files and exits at ``--hard_limit_s`` (default 285 s). What was skipped is
+listed in the report. The table only gets entries for rows that were measured
+(the rest keep XLA's path).
+
+Estimate (not measured here: no GPU): an XLA weight-only dot took ~3 s per
+measurement in ../shared/bench/xla_weight_only.py (40 in ~2 min, serial, GPU
+autotuning included), a Mosaic kernel ~1 s in the H100 sweep (32 tilings + 8 XLA
+in ~45 s); tracing + lowering one kernel costs 0.8-1.5 s of Python on this 2-core
+CPU (GIL-bound, not parallel). Compiles of one shape run 8 at a time, so take
+~1 s per XLA job and ~0.6 s per kernel job: the decode phase (15 bf16, 90 fused,
+30 reference, 90 kernel jobs) ~150 s, the 8B shapes ~30 s, tokamax ~20 s; the
+rest of the 240 s goes to M = 64 / 256. Everything (all phases, tuning) needs
+about 3x that: run ``--phases=base --batches=64,256,512,4096 --tokamax=false``
+(and ``--phases=tune``) in later calls, each writing its own JSON, and merge
+them with ``--mode=report``.
 
 Run on the GPU machine (repository root; the wheels of ../shared/wheels copied
 to ``.whl/`` and carried)::
@@ -288,21 +300,30 @@ def _nbytes(tree) -> int:
 # Candidate tilings.
 # ----------------------------------------------------------------------------
 
-def candidates(wo, prob, tune: bool, few: bool = False):
-  """Tilings to time for one problem: the table's/default first.
+def candidates(wo, prob, tune: bool, few: bool = False, fast=None):
+  """Tilings to time for one problem.
 
   Args:
     wo: the gpu_weight_only module.
     prob: the problem.
-    tune: False: only the table's (or the default) tiling.
-    few: at most three (M=4, whose tile_m equals M=1's).
+    tune: False: the table's (or the default) tiling, and for E2M1 weights the
+      same with ``fast_decode``; True: also the other candidates.
+    few: at most three.
+    fast: ``fast_decode`` for the other candidates of E2M1 weights (None: the
+      first ones' setting, False).
+
+  Returns:
+    Configs, the table's / default first (then its fast_decode twin).
   """
   out = []
   for base in (wo.tuned_config(prob), wo._decode_config(prob)):  # pylint: disable=protected-access
     if wo._shape_ok(prob, base):  # pylint: disable=protected-access
       out.append(base)
       break
-  if tune:
+  e2m1 = prob.w_format in ("fp4_e2m1", "mxfp4", "nvfp4")
+  if out and e2m1:
+    out.append(dataclasses.replace(out[0], fast_decode=not out[0].fast_decode))
+  if tune and out:
     C = wo.Config
     m, n = prob.m, prob.n
     tm = max(8, -(-m // 8) * 8) if m <= 128 else 128
@@ -316,7 +337,9 @@ def candidates(wo, prob, tune: bool, few: bool = False):
     else:
       cands = [C(64, 128, 128, 3, 1), C(128, 128, 128, 3, 1),
                C(128, 64, 128, 4, 1)]
+    f = bool(fast) if fast is not None else out[0].fast_decode
     for c in cands:
+      c = dataclasses.replace(c, fast_decode=f and e2m1)
       if c not in out and wo._shape_ok(prob, c):  # pylint: disable=protected-access
         out.append(c)
   return out[:3] if few else out
@@ -370,12 +393,12 @@ def run_shape(b: Bench, wo, api, k: int, n: int, ms, cases, stage: str):
   # One batch of jobs for the whole shape (all cases): the compiles of a batch
   # run in parallel.
   jobs, tail, touched = [], [], []
-  if stage == "base":
+  if any((k, n, m) not in b.bf16 for m in ms):
     # XLA bf16, weight [K, N] as an unquantized model stores it.
     rb = _reps(k * n * 2, b.smoke)
     wb = [jax.random.normal(jax.random.fold_in(kx, 100 + i), (k, n), jnp.float32
                             ).astype(jnp.bfloat16) for i in range(rb)]
-    for m in ms:
+    for m in [m for m in ms if (k, n, m) not in b.bf16]:
       def done_b(us, out, m=m):
         b.bf16[(k, n, m)] = us
       jobs.append(dict(name=f"bf16 {k}x{n} M={m}",
@@ -404,7 +427,9 @@ def run_shape(b: Bench, wo, api, k: int, n: int, ms, cases, stage: str):
       prob = api.MatmulProblem(m=m, n=n, k=k, x_dtype="bfloat16", w_format=fmt,
                                w_block=group)
       key = (case, m, k, n)
-      if stage == "base":
+      # A tuning run without base rows measures them itself.
+      do_base = stage == "base" or key not in b.rows or key not in b.ref_out
+      if do_base:
         flops = 2 * m * n * k
         b.rows[key] = dict(
             kernel=case, m=m, k=k, n=n, reps=r, weight_bytes=wbytes,
@@ -412,8 +437,6 @@ def run_shape(b: Bench, wo, api, k: int, n: int, ms, cases, stage: str):
             bf16_roofline_us=roofline_us(b, k * n * 2 + m * k * 2 + m * n * 2,
                                          flops),
             variants={})
-      elif key not in b.rows or key not in b.ref_out:
-        continue
       row = b.rows[key]
       touched.append(row)
 
@@ -432,7 +455,7 @@ def run_shape(b: Bench, wo, api, k: int, n: int, ms, cases, stage: str):
             name=f"xla_fused(arith) {row['kernel']} {k}x{n} M={m}",
             fn=lambda x, ws_: fused_fn(x, ws_, prob, "arith"),
             args=(xs[m], ws), reps=r, done=done_x))
-      if stage == "base":
+      if do_base:
         jobs.append(dict(name=f"xla_fused {case} {k}x{n} M={m}", fn=fused_fn,
                          args=(xs[m], ws), reps=r, done=done_x, failed=failed_x))
         if str(m) in _REF_BATCHES.value:
@@ -443,13 +466,18 @@ def run_shape(b: Bench, wo, api, k: int, n: int, ms, cases, stage: str):
               fn=lambda x, ws_, prob=prob, mk=mk: [
                   wo.xla_dequant_matmul(mk(x, w), prob) for w in ws_],
               args=(xs[m], ws), reps=r, done=done_r))
-      cands = candidates(wo, prob, stage == "tune", few=b.smoke)
+      best = min(((v["us"], v["config"]) for v in row["variants"].values()
+                  if v["rel_err"] is not None and v["rel_err"] < MAX_REL_ERR),
+                 default=None)
+      fast = None if best is None or len(best[1]) < 7 else bool(best[1][6])
+      cands = candidates(wo, prob, stage == "tune", few=b.smoke, fast=fast)
+      if not cands:
+        row["kernel_note"] = "no tiling fits this shape"
+      n_base = 2 if fmt in ("fp4_e2m1", "mxfp4", "nvfp4") else 1
       if stage == "base":
-        cands = cands[:1]
-        if not cands:
-          row["kernel_note"] = "no tiling fits this shape"
-      else:
-        cands = cands[1:]
+        cands = cands[:n_base]
+      elif not do_base:
+        cands = cands[n_base:]
       for cfg in cands:
         # One inner jit: the kernel is traced and lowered once per job, not
         # once per weight set.
@@ -830,8 +858,8 @@ def write_outputs(res, out_dir: str, tag: str):
               f"TB/s (1 GiB f32 read + write), bf16 GEMM {c['gemm_n']}^3 "
               f"{c['bf16_gemm_TFLOPs']:.0f} TFLOP/s. Roofline = max(bytes that must "
               "move / bandwidth, FLOPs / that GEMM rate).", ""]
-  lines += ["Command (GPU machine, repository root):", "", f"    {meta['command']}",
-            ""]
+  lines += ["Commands (GPU machine, repository root):", ""]
+  lines += [f"    {c}" for c in meta.get("commands", [meta["command"]])] + [""]
   if meta.get("report_command"):
     lines += [f"Rebuilt with `{meta['report_command']}`.", ""]
   if meta.get("elapsed_s"):
@@ -845,7 +873,7 @@ def write_outputs(res, out_dir: str, tag: str):
             "| weight | K x N | M | XLA bf16 | XLA fused | dequant ref | kernel | "
             "dispatched | roofline | % roofline (kernel) | kernel vs bf16 | kernel "
             "vs fused | kernel vs ref | config (tile_n, tile_k, tile_m, stages, "
-            "split_k, ws) |",
+            "split_k, ws, fast_decode) |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for x in sorted(res["wo"], key=lambda r: (r["kernel"], r["k"], r["n"], r["m"])):
     ku = x.get("kernel_us")
@@ -941,16 +969,37 @@ def main(argv):
                                "--xla_cpu_enable_concurrency_optimized_scheduler"
                                "=false").strip()
   if _MODE.value == "report":
-    res = None
+    res, rows, cmds = None, {}, []
     for path in _INPUTS.value:
       with open(path) as f:
         d = json.load(f)
+      cmds.append(d["meta"]["command"])
       if res is None:
-        res = d
+        res = {**d, "wo": []}
       else:
-        for key in ("wo", "tokamax", "w8a8", "skipped", "errors"):
+        for key in ("tokamax", "w8a8", "skipped", "errors"):
           res[key] += d.get(key, [])
+        if not res.get("ceilings"):
+          res["ceilings"] = d.get("ceilings", {})
+      for row in d.get("wo", []):
+        key = (row["kernel"], row["m"], row["k"], row["n"])
+        if key not in rows:
+          rows[key] = row
+        else:  # the same row from two runs: keep every tiling timed
+          rows[key]["variants"].update(row["variants"])
+          for f_ in ("bf16_us", "xla_fused_us", "dequant_ref_us"):
+            if rows[key].get(f_) is None:
+              rows[key][f_] = row.get(f_)
+    rb = Bench(command)
+    rb.res = res
+    for row in rows.values():
+      finish_row(rb, row)
+    res["wo"] = list(rows.values())
     res["meta"]["report_command"] = command
+    res["meta"]["commands"] = cmds
+    wo, _, _ = _import_kernels()
+    rb.rows = rows
+    write_table(rb, wo, os.path.join(out_dir, "gpu_tuned_configs.json"))
     write_outputs(res, out_dir, _TAG.value)
     return
   b = Bench(command)

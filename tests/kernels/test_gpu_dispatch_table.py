@@ -100,3 +100,47 @@ def test_xla_fused_path_matches_float64(fmt, group, decode):
   assert got.shape == (m, n)
   # bf16 weights (group scales applied in bf16): bf16-operand accuracy.
   assert rel_err(got, want) < 1e-2
+
+
+def _prmt(a, b, sel):
+  """PTX ``prmt.b32`` (default mode) on Python ints."""
+  src = [(a >> (8 * i)) & 0xFF for i in range(4)] + [
+      (b >> (8 * i)) & 0xFF for i in range(4)]
+  out = 0
+  for i in range(4):
+    s = (sel >> (4 * i)) & 0xF
+    v = src[s & 7]
+    if s & 8:  # sign-replicate mode
+      v = 0xFF if v & 0x80 else 0
+    out |= v << (8 * i)
+  return out
+
+
+def _lop3(a, b, c, lut):
+  """PTX ``lop3.b32``: bit i of the result is lut[(a_i << 2) | (b_i << 1) | c_i]."""
+  return sum(((lut >> ((((a >> i) & 1) << 2) | (((b >> i) & 1) << 1)
+                       | ((c >> i) & 1))) & 1) << i for i in range(32))
+
+
+def test_e2m1_byte_permute_decode_is_exact_on_random_words():
+  # A model of _E2M1_PTX (prmt / shl / and / prmt / lop3, then x 2**126) with
+  # the kernel's own selectors, against the exact decoder, for all 4 byte
+  # positions of random words and every byte value.
+  from lowbit_jax.kernels import _gpu_common as common  # pylint: disable=g-import-not-at-top
+  import ml_dtypes  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  words = [int(v) for v in rng.integers(0, 2 ** 32, 64, dtype=np.uint64)]
+  words += list(range(256))  # one byte, zero-extended (the fallback path)
+  for w in words:
+    nib = np.array([(w >> (4 * i)) & 0xF for i in range(8)], np.uint8)
+    want = np.asarray(common.decode_e2m1(nib))
+    for part in range(4 if w > 255 else 1):
+      sel_mag, sel_sign = wo.e2m1_prmt_selectors(part)
+      t = ((_prmt(w, w >> 4, sel_mag) << 6) & 0xFFFFFFFF) & 0x01C001C0
+      g = _prmt((w << 4) & 0xFFFFFFFF, w, sel_sign)
+      r = _lop3(t, g, 0x80008000, 0xF8)
+      got = np.array([r & 0xFFFF, r >> 16], np.uint16).view(
+          ml_dtypes.bfloat16).astype(np.float32) * np.float32(2.0 ** 126)
+      np.testing.assert_array_equal(got, want[2 * part: 2 * part + 2])
+  with pytest.raises(ValueError, match="0..3"):
+    wo.e2m1_prmt_selectors(4)

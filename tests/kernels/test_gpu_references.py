@@ -232,7 +232,8 @@ def _lower(fn, ops):
 @pytest.mark.parametrize("fmt,group,m,ws", [
     ("int4", 128, 1, False), ("int4", None, 16, False), ("int8", 64, 5, False),
     ("fp4_e2m1", 32, 16, False), ("mxfp4", 32, 1, False), ("nvfp4", 16, 16, False),
-    ("int4", 128, 16, True), ("nvfp4", 16, 1, True)])
+    ("int4", 128, 16, True), ("nvfp4", 16, 1, True), ("mxfp4", 32, 16, "fast"),
+    ("nvfp4", 16, 1, "fast")])
 def test_weight_only_kernel_lowers_to_mosaic_gpu(fmt, group, m, ws):
   n, k = 1024, 4096
   four = fmt != "int8"
@@ -245,7 +246,9 @@ def test_weight_only_kernel_lowers_to_mosaic_gpu(fmt, group, m, ws):
   prob = MatmulProblem(m=m, n=n, k=k, x_dtype="bfloat16", w_format=fmt,
                        w_block=group)
   cfg = gpu_weight_only._decode_config(prob)  # pylint: disable=protected-access
-  if ws:
+  if ws == "fast":
+    cfg = dataclasses.replace(cfg, fast_decode=True)
+  elif ws:
     cfg = dataclasses.replace(cfg, ws=True, tile_k=512, split_k=1)
   _lower(lambda o: gpu_weight_only.matmul(o, prob, config=cfg), ops)
 
