@@ -1053,6 +1053,7 @@ def main(argv):
     res["meta"]["commands"] = cmds
     wo, _, _ = _import_kernels()
     rb.rows = rows
+    os.makedirs(out_dir, exist_ok=True)
     write_table(rb, wo, os.path.join(out_dir, "gpu_tuned_configs.json"))
     write_outputs(res, out_dir, _TAG.value)
     return
