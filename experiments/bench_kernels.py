@@ -12,15 +12,18 @@ tuning modes, the dispatch table ``<out_dir>/gpu_tuned_configs.json`` (copy it t
   for the quantized weight (``gpu_weight_only.xla_fused_matmul``:
   ``(x @ w.astype(bf16)) * scale``, the convert fused into the dot); our
   dequantize-then-dot reference (``xla_dequant_matmul``, at ``--ref_batches``);
-  the Mosaic GPU kernel (in the tuning modes every candidate tiling, the fastest
-  kept); what the dispatcher would run (the kernel where the table says it wins,
+  the Mosaic GPU kernel (the table's or the default tiling, for E2M1 weights
+  also with the other ``fast_decode``; in the tuning phases every candidate
+  tiling; the fastest correct one kept); what the dispatcher would run (the kernel where the table says it wins,
   else the fused path); roofline and % of roofline;
 * the issue's targets marked met / missed;
 * the decode matmuls of one Llama-3-8B block (q, k, v, o: 4096x4096, 4096x1024 x2,
   4096x4096; gate, up: 4096x14336; down: 14336x4096) at M = 1 and 16, summed;
 * tokamax 0.0.17's Mosaic GPU quantized ``ragged_dot`` (one group, qwix-quantized
-  int4 g128 / int8 per-channel weight), skipped with the reason when tokamax or
-  qwix cannot be imported (wheels: ``--peer_wheels``, default ``.whl``);
+  int4 g128 / int8 per-channel weight; its heuristic tiling and 16-row tiles;
+  M = 1, 16, 4096 on 8192x8192 and 8192x28672), run in a child process whose
+  path starts with the wheels of ``--peer_wheels`` (default ``.whl``), skipped
+  with the reason when they are absent or fail to import;
 * W8A8 kernels at M = 4096 (``--w8a8``).
 
 Timing: device time per call from CUPTI (``jax.experimental.mosaic.gpu.profiler``,
