@@ -238,10 +238,47 @@ def _decode_config(problem: MatmulProblem) -> Config:
     cfg = trial
   if not _shape_ok(problem, cfg) and tile_k == 256:
     cfg = dataclasses.replace(cfg, tile_k=128)
+  # Group scales of a long K are held in shared memory for the whole K slice:
+  # split K further until they fit.
+  while _tiles_ok(problem, cfg) and not _smem_ok(problem, cfg) and (
+      cfg.split_k < 8):
+    trial = dataclasses.replace(cfg, split_k=cfg.split_k * 2)
+    if not _tiles_ok(problem, trial):
+      break
+    cfg = trial
   return cfg
 
 
+# Shared memory a CTA may use on Hopper (227 KiB), less a little for barriers.
+MAX_SMEM_BYTES = 232448 - 512
+
+
+def smem_bytes(problem: MatmulProblem, cfg: Config) -> int:
+  """Shared memory of one CTA: the pipeline's weight and activation tiles, the
+  weight scales of the CTA's rows for its whole K slice, the warp-specialized
+  reduction buffer."""
+  bits = 8 if problem.w_format == "int8" else 4
+  per_stage = cfg.tile_n * cfg.tile_k * bits // 8 + cfg.tile_m * cfg.tile_k * 2
+  g = common.weight_group(problem)
+  itemsize = 1 if problem.w_format in ("mxfp4", "nvfp4") else 2
+  groups = 1 if g is None else problem.k // cfg.split_k // g
+  total = cfg.stages * per_stage + cfg.tile_n * groups * itemsize
+  if cfg.ws:
+    total += cfg.tile_n * cfg.tile_m * 4
+  return total
+
+
+def _smem_ok(problem: MatmulProblem, cfg: Config) -> bool:
+  return smem_bytes(problem, cfg) <= MAX_SMEM_BYTES
+
+
 def _shape_ok(problem: MatmulProblem, cfg: Config) -> bool:
+  """Whether the shape tiles evenly, every TMA box is legal and the CTA's
+  shared memory fits."""
+  return _tiles_ok(problem, cfg) and _smem_ok(problem, cfg)
+
+
+def _tiles_ok(problem: MatmulProblem, cfg: Config) -> bool:
   """Whether the shape tiles evenly and every TMA box is legal."""
   m, n, k = problem.m, problem.n, problem.k
   if n % cfg.tile_n or k % (cfg.tile_k * cfg.split_k):
@@ -1071,9 +1108,15 @@ def matmul(operands: MatmulOperands, problem: MatmulProblem, *,
       cfg = _decode_config(problem)
   if params is not None:
     common.check_interpreter_threads(3 if cfg.ws else 1)
-  if not _shape_ok(problem, cfg):
+  if not _tiles_ok(problem, cfg):
     raise ValueError(f"shape M={problem.m} N={problem.n} K={problem.k} does not "
                      f"fit the tiling {cfg}")
+  if not _smem_ok(problem, cfg):
+    raise ValueError(
+        f"the tiling {cfg} needs {smem_bytes(problem, cfg)} bytes of shared "
+        f"memory for M={problem.m} N={problem.n} K={problem.k}, more than the "
+        f"{MAX_SMEM_BYTES} a Hopper CTA may use; lower stages or tile_k, or "
+        "raise split_k")
   g = common.weight_group(problem)
   fn = _build(problem.w_format, g, problem.m, problem.n, problem.k,
               jnp.dtype(operands.w_scale.dtype).name, problem.out_dtype, cfg,
