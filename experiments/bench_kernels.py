@@ -1,172 +1,751 @@
-r"""Device-timed benchmark (and correctness check) of the Mosaic GPU low-bit kernels.
+r"""Device-timed benchmark, tuner and correctness check of the low-bit GPU kernels.
 
-Every kernel is timed next to XLA bf16, XLA's own low-bit path (dequantize-then-dot,
-or the scaled fp8/int8 dot for W8A8) and the bandwidth / compute roofline. Times
-are device times per call from CUPTI (``jax.experimental.mosaic.gpu.profiler.measure``):
-every GPU kernel of one call is counted (a split-K sum or a bitcast copy too), the
-median over ``--iters`` calls is reported. Weights are jit arguments; when one
-weight set fits in L2, ``R`` distinct weight sets are used round-robin inside one
-call (time divided by ``R``) so that no call reads its weight from cache.
+One process measures everything issue 13 asks for and writes
+``<out_dir>/<tag>.json`` and ``<tag>.md`` (default ``kernels_h200``), plus, in the
+tuning modes, the dispatch table ``<out_dir>/gpu_tuned_configs.json`` (copy it to
+``lowbit_jax/kernels/`` to make the dispatcher use it):
 
-Run on the GPU machine (repository root)::
+* the stream bandwidth (1 GiB f32 read + write) and the bf16 GEMM rate (8192^3),
+  both measured in the same run, which give every row's roofline;
+* per weight format (``--kernels``), weight shape (``--shapes``, K x N) and batch
+  (``--batches``): XLA bf16 (``x @ w``, weight [K, N]); XLA's best plain-jnp path
+  for the quantized weight (``gpu_weight_only.xla_fused_matmul``:
+  ``(x @ w.astype(bf16)) * scale``, the convert fused into the dot); our
+  dequantize-then-dot reference (``xla_dequant_matmul``, at ``--ref_batches``);
+  the Mosaic GPU kernel (the table's or the default tiling, for E2M1 weights
+  also with the other ``fast_decode``; in the tuning phases every candidate
+  tiling; the fastest correct one kept); what the dispatcher would run (the kernel where the table says it wins,
+  else the fused path); roofline and % of roofline;
+* the issue's targets marked met / missed;
+* the decode matmuls of one Llama-3-8B block (q, k, v, o: 4096x4096, 4096x1024 x2,
+  4096x4096; gate, up: 4096x14336; down: 14336x4096) at M = 1 and 16, summed;
+* tokamax 0.0.17's Mosaic GPU quantized ``ragged_dot`` (one group, qwix-quantized
+  int4 g128 / int8 per-channel weight; its heuristic tiling and 16-row tiles;
+  M = 1, 16, 4096 on 8192x8192 and 8192x28672), run in a child process whose
+  path starts with the wheels of ``--peer_wheels`` (default ``.whl``), skipped
+  with the reason when they are absent or fail to import;
+* W8A8 kernels at M = 4096 (``--w8a8``).
 
-  PYTHONPATH=. python experiments/bench_kernels.py --mode=bench \
-      --out_dir=benchmarks
+Timing: device time per call from CUPTI (``jax.experimental.mosaic.gpu.profiler``,
+median of ``--iters`` calls, every kernel of a call counted). Weights are jit
+arguments; when one weight set fits in L2 several distinct sets are used
+round-robin inside one call (time divided by their number). Each kernel output is
+compared with the fused XLA path's (relative error; a candidate over 2e-2 is never
+chosen). Functions are compiled ahead, ``--compile_threads`` at a time, one chunk
+(weight shape) at a time, and timed afterwards with nothing else running.
 
-``--mode=check`` only runs the correctness checks (fresh random inputs, output
-compared with ``reference`` in float64); ``--mode=sweep`` times tiling variants.
-Writes ``kernels_h100.json`` and ``kernels_h100.md`` to ``--out_dir``.
+Time: work runs in priority order, every row first with the table's (or the
+default) tiling: decode M = 1, 4, 16 on the default shapes; the 8B block's other
+shapes at M = 1, 16; tokamax; M = 64, 256; M = 512, 4096; W8A8; then the other
+candidate tilings (decode on 8192x8192 and 8192x28672 first). No new
+measurement starts after ``--time_budget_s`` (default 240 s); a watchdog writes
+the files and exits at ``--hard_limit_s`` (default 285 s). What was skipped is
+listed in the report. The table only gets entries for rows that were measured
+(the rest keep XLA's path).
+
+Estimate (not measured here: no GPU): an XLA weight-only dot took ~3 s per
+measurement in ../shared/bench/xla_weight_only.py (40 in ~2 min, serial, GPU
+autotuning included), a Mosaic kernel ~1 s in the H100 sweep (32 tilings + 8 XLA
+in ~45 s); tracing + lowering one kernel costs 0.8-1.5 s of Python on this 2-core
+CPU (GIL-bound, not parallel). Compiles of one shape run 8 at a time, so take
+~1 s per XLA job and ~0.6 s per kernel job: the decode phase (15 bf16, 90 fused,
+30 reference, 90 kernel jobs) ~150 s, the 8B shapes ~30 s, tokamax ~20 s; the
+rest of the 240 s goes to M = 64 / 256. Everything (all phases, tuning) needs
+about 3x that: run ``--phases=base --batches=64,256,512,4096 --tokamax=false``
+(and ``--phases=tune``) in later calls, each writing its own JSON, and merge
+them with ``--mode=report``.
+
+Run on the GPU machine (repository root; the wheels of ../shared/wheels copied
+to ``.whl/`` and carried)::
+
+  PYTHONPATH=. python3 experiments/bench_kernels.py --mode=all --out_dir=$OUT
+
+``--mode=tune`` = ``all``; ``--mode=bench`` times only the table's tiling (no
+candidates, no table written); ``--mode=report --inputs=a.json,...`` rebuilds the
+markdown from result JSON on any machine; ``--smoke`` runs every step on tiny
+shapes on the CPU (kernels in the Mosaic GPU interpreter, wall-clock timing).
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
+import concurrent.futures
+import dataclasses
+import glob
 import json
 import math
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
+import threading
 import time
 import traceback
 import types
+import zlib
 
 from absl import app
 from absl import flags
 
-_MODE = flags.DEFINE_enum(
-    "mode", "bench", ["check", "sweep", "bench", "all", "report"],
-    "what to run; 'report' rebuilds the JSON/markdown from --inputs (no GPU)")
+_MODE = flags.DEFINE_enum("mode", "all", ["all", "tune", "bench", "report"],
+                          "all/tune: time candidate tilings, write the table; "
+                          "bench: only the table's tiling; report: rebuild md")
+_SMOKE = flags.DEFINE_bool("smoke", False,
+                           "tiny shapes on CPU (interpreter, wall clock)")
 _INPUTS = flags.DEFINE_list("inputs", [], "result JSON files for --mode=report")
-_NOTES = flags.DEFINE_string("notes_file", "",
-                             "markdown appended to the report (--mode=report)")
 _SHAPES = flags.DEFINE_list(
     "shapes", ["8192x8192", "8192x28672", "28672x8192", "4096x14336",
                "14336x4096"], "K x N of the weight (x[M, K] @ W[K, N])")
-_BATCHES = flags.DEFINE_list("batches", ["1", "4", "16", "64", "512", "4096"],
-                             "M values")
+_BATCHES = flags.DEFINE_list("batches", ["1", "4", "16", "64", "256", "512",
+                                         "4096"], "M values")
+_REF_BATCHES = flags.DEFINE_list(
+    "ref_batches", ["1"],
+    "M values at which the dequantize-then-dot reference is timed")
 _KERNELS = flags.DEFINE_list(
-    "kernels", ["int4_g128", "int4_pc", "int8_pc", "int8_g128", "fp4_g32",
-                "mxfp4", "nvfp4", "fp8_channel", "int8_channel", "fp8_block",
-                "mxfp8"], "kernel cases to time")
-_ITERS = flags.DEFINE_integer("iters", 30, "timed calls per measurement")
+    "kernels", ["int4_g128", "int4_pc", "int8_pc", "fp4_g32", "mxfp4", "nvfp4"],
+    "weight cases (int4_g32, int4_g64, int8_g128, fp4_pc also exist)")
+_W8A8 = flags.DEFINE_list(
+    "w8a8", ["fp8_channel", "int8_channel", "fp8_block", "mxfp8"],
+    "W8A8 cases timed at M=4096 on 8192x8192 (empty: none)")
+_TOKAMAX = flags.DEFINE_bool("tokamax", True, "time tokamax's ragged_dot")
+_TOKAMAX_ONLY = flags.DEFINE_bool(
+    "tokamax_only", False, "internal: the child process that times tokamax")
+_PHASES = flags.DEFINE_list(
+    "phases", [], "run only these of base, tokamax, w8a8, tune (default: all; "
+    "tune needs base rows of the same run)")
+_PEER_WHEELS = flags.DEFINE_string(
+    "peer_wheels", ".whl", "folder of the qwix/tokamax wheels (and their deps)")
+_BLOCK8B = flags.DEFINE_bool("block8b", True, "time the Llama-3-8B block shapes")
+_ITERS = flags.DEFINE_integer("iters", 20, "timed calls per measurement")
 _OUT_DIR = flags.DEFINE_string("out_dir", "benchmarks", "where results go")
-_BUDGET = flags.DEFINE_float("time_budget_s", 480.0,
-                             "stop starting new measurements after this")
-_TAG = flags.DEFINE_string("tag", "kernels_h100", "output file stem")
-_WRITE_MD = flags.DEFINE_bool("write_md", True, "also write the markdown table")
+_TAG = flags.DEFINE_string("tag", "kernels_h200", "output file stem")
+_BUDGET = flags.DEFINE_float("time_budget_s", 240.0,
+                             "start no new measurement after this")
+_HARD = flags.DEFINE_float("hard_limit_s", 285.0,
+                           "write what exists and exit(3) at this time")
+_THREADS = flags.DEFINE_integer("compile_threads", 8,
+                                "parallel ahead-of-time compiles (0: serial)")
+_MARGIN = flags.DEFINE_float(
+    "win_margin", 0.97, "the table takes the kernel where kernel_us <= margin x "
+    "the fused XLA path's time")
 
-# Weight-only kernel cases: format, group.
+# Weight-only cases: (format, group).
 WO_CASES = {
-    "int4_g128": ("int4", 128), "int4_g32": ("int4", 32),
-    "int4_g64": ("int4", 64), "int4_pc": ("int4", None),
+    "int4_g128": ("int4", 128), "int4_g64": ("int4", 64),
+    "int4_g32": ("int4", 32), "int4_pc": ("int4", None),
     "int8_pc": ("int8", None), "int8_g128": ("int8", 128),
-    "fp4_g32": ("fp4_e2m1", 32), "mxfp4": ("mxfp4", 32), "nvfp4": ("nvfp4", 16),
+    "fp4_g32": ("fp4_e2m1", 32), "fp4_pc": ("fp4_e2m1", None),
+    "mxfp4": ("mxfp4", 32), "nvfp4": ("nvfp4", 16),
 }
-W8_CASES = {"fp8_channel": "fp8_channel", "int8_channel": "int8_channel",
-            "fp8_block": "fp8_block", "int8_block": "int8_block",
-            "mxfp8": "mxfp8"}
+FOUR_BIT = ("int4", "fp4_e2m1", "mxfp4", "nvfp4")
+DECODE_M = (1, 4, 16)
+BLOCK_8B = (("q", 4096, 4096), ("k", 4096, 1024), ("v", 4096, 1024),
+            ("o", 4096, 4096), ("gate", 4096, 14336), ("up", 4096, 14336),
+            ("down", 14336, 4096))
+L2_BYTES = 50 * 2 ** 20
+MAX_REL_ERR = 2e-2
 
 
-def _import_kernels():
-  """Imports the kernel modules, bypassing package __init__ files if broken."""
-  try:
-    wo = importlib.import_module("lowbit_jax.kernels.gpu_weight_only")
-    w8 = importlib.import_module("lowbit_jax.kernels.gpu_w8a8")
-    api = importlib.import_module("lowbit_jax.kernels._api")
-    return wo, w8, api
-  except Exception:  # pylint: disable=broad-except
-    traceback.print_exc()
-    print("package import failed; loading kernel modules by path", flush=True)
-  root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-  for name in ("lowbit_jax", "lowbit_jax.kernels"):
-    for k in list(sys.modules):
-      if k == name or k.startswith(name + "."):
-        del sys.modules[k]
-    mod = types.ModuleType(name)
-    mod.__path__ = [os.path.join(root, *name.split("."))]
-    sys.modules[name] = mod
-  mods = []
-  for name in ("_api", "_gpu_common", "gpu_weight_only", "gpu_w8a8"):
-    full = f"lowbit_jax.kernels.{name}"
-    spec = importlib.util.spec_from_file_location(
-        full, os.path.join(root, "lowbit_jax", "kernels", name + ".py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[full] = mod
-    spec.loader.exec_module(mod)
-    mods.append(mod)
-  return mods[2], mods[3], mods[0]
+# ----------------------------------------------------------------------------
+# State, timing, compiling.
+# ----------------------------------------------------------------------------
 
+class Bench:
+  """Results, the clock, and the compile/measure machinery."""
 
-class Runner:
-  """Holds results, the time budget and the measuring helpers."""
-
-  def __init__(self):
+  def __init__(self, command: str):
     import jax  # pylint: disable=g-import-not-at-top
     self.jax = jax
     self.t0 = time.time()
-    self.results = []
-    self.checks = []
-    self.log_lines = []
-    self.bw = None
+    self.command = command
+    self.smoke = _SMOKE.value
+    self.res = dict(
+        meta=dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
+                  platform=jax.default_backend(), command=command,
+                  iters=_ITERS.value, smoke=self.smoke, mode=_MODE.value,
+                  timing=("wall clock (CPU smoke run: not a performance figure)"
+                          if self.smoke else "CUPTI device time per call")),
+        ceilings={}, wo=[], tokamax=[], w8a8=[], skipped=[], errors=[],
+        table=None)
+    self.rows = {}      # (case, m, k, n) -> weight-only result row
+    self.ref_out = {}   # (case, m, k, n) -> the fused XLA path's output
+    self.bf16 = {}      # (k, n, m) -> XLA bf16 us
+    self.lock = threading.Lock()
+    self.written = False
+
+  def elapsed(self) -> float:
+    return time.time() - self.t0
 
   def over_budget(self) -> bool:
-    return time.time() - self.t0 > _BUDGET.value
+    return self.elapsed() > _BUDGET.value
 
   def log(self, msg: str):
-    print(msg, flush=True)
-    self.log_lines.append(msg)
+    print(f"[{self.elapsed():6.1f}s] {msg}", flush=True)
 
-  def measure(self, f, *args, reps: int = 1):
-    """Median device microseconds of one call of ``f`` divided by ``reps``."""
-    from jax.experimental.mosaic.gpu import profiler  # pylint: disable=g-import-not-at-top
-    jf = self.jax.jit(f)
-    out = jf(*args)
-    self.jax.block_until_ready(out)
-    _, ts = profiler.measure(jf, iterations=_ITERS.value)(*args)
-    return statistics.median(ts) * 1e3 / reps
+  def error(self, what: str, e: BaseException):
+    text = f"{type(e).__name__}: {str(e)[:600]}"
+    self.res["errors"].append(dict(what=what, error=text))
+    self.log(f"ERROR {what}: {text}")
 
-  def breakdown(self, f, *args):
-    """Per-kernel device times (us) of one call."""
-    from jax.experimental.mosaic.gpu import profiler  # pylint: disable=g-import-not-at-top
-    jf = self.jax.jit(f)
-    _, ts = profiler.measure(jf, aggregate=False)(*args)
-    return [(name[:60], round(t * 1e3, 2)) for name, t in (ts or [])]
+  def compile(self, fn, args):
+    """jit + lower + compile ``fn`` for ``args`` (thread-safe)."""
+    return self.jax.jit(fn).lower(*args).compile()
+
+  def measure(self, compiled, args, reps: int = 1):
+    """(median microseconds per call / reps, first output)."""
+    jax = self.jax
+    if self.smoke:
+      out = jax.block_until_ready(compiled(*args))
+      ts = []
+      for _ in range(min(2, max(1, _ITERS.value))):
+        t = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        ts.append((time.perf_counter() - t) * 1e3)
+    else:
+      from jax.experimental.mosaic.gpu import profiler  # pylint: disable=g-import-not-at-top
+      out, ts = profiler.measure(compiled, iterations=_ITERS.value)(*args)
+      if ts is None:
+        raise RuntimeError("CUPTI saw no kernel launch")
+      if not isinstance(ts, list):
+        ts = [ts]
+    return statistics.median(ts) * 1e3 / reps, out
+
+  def run_jobs(self, jobs):
+    """Compiles ``jobs`` (ahead, in threads) then times them one by one.
+
+    Args:
+      jobs: list of dicts with ``fn``, ``args``, ``reps``, ``name`` and
+        ``done(us, out)`` (called with the time and the first output).
+    """
+    def comp(j):
+      try:
+        return self.compile(j["fn"], j["args"]), None
+      except Exception as e:  # pylint: disable=broad-except
+        return None, e
+
+    if _THREADS.value > 0 and len(jobs) > 1 and not self.smoke:
+      with concurrent.futures.ThreadPoolExecutor(_THREADS.value) as pool:
+        compiled = list(pool.map(comp, jobs))
+    else:
+      compiled = [comp(j) for j in jobs]
+    for j, (c, e) in zip(jobs, compiled):
+      if self.over_budget():
+        self.res["skipped"].append(j["name"] + " (time budget)")
+        continue
+      if c is None and _THREADS.value > 0 and not self.smoke:
+        c, e = comp(j)  # a threaded compile failure is retried alone
+      if c is None:
+        self.error(f"compile {j['name']}", e)
+        if j.get("failed"):
+          j["failed"](e)
+        continue
+      try:
+        us, out = self.measure(c, j["args"], j.get("reps", 1))
+      except Exception as e2:  # pylint: disable=broad-except
+        self.error(f"run {j['name']}", e2)
+        if self.smoke:  # the interpreter keeps state an exception leaves behind
+          from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc  # pylint: disable=g-import-not-at-top
+          ipc.reset_gpu_interpret_mode_state()
+        if j.get("failed"):
+          j["failed"](e2)
+        continue
+      j["done"](us, out)
+      del out
+
+
+def _reps(nbytes: int, smoke: bool) -> int:
+  if smoke:
+    return 1
+  return max(1, min(8, math.ceil(3 * L2_BYTES / max(nbytes, 1))))
+
+
+def rel_err(out, ref) -> float:
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  o = np.asarray(out, np.float64)
+  r = np.asarray(ref, np.float64)
+  if not np.all(np.isfinite(o)):
+    return float("inf")
+  return float(np.linalg.norm(o - r) / max(np.linalg.norm(r), 1e-30))
 
 
 # ----------------------------------------------------------------------------
-# Random operands.
+# Operands.
 # ----------------------------------------------------------------------------
 
-def wo_operands(api, key, fmt, group, m, n, k):
-  """Random weight-only operands in the _api storage layout (never zeros)."""
+def wo_weight(key, fmt, group, n, k):
+  """Random weight-only codes/scales in the kernels' [N, K] layout (never zero)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  k1, k2, k3, k4 = jax.random.split(key, 4)
-  x = jax.random.normal(k1, (m, k), jnp.float32).astype(jnp.bfloat16)
+  k2, k3, k4 = jax.random.split(key, 3)
   if fmt == "int8":
     codes = jax.random.randint(k2, (n, k), -127, 128, jnp.int32).astype(jnp.int8)
   else:
     codes = jax.random.randint(k2, (n, k // 2), 0, 256, jnp.int32).astype(
         jnp.uint8)
   ng = 1 if group is None else k // group
+  ts = None
   if fmt == "mxfp4":
-    scale = jax.random.randint(k3, (n, ng), 120, 132, jnp.int32).astype(jnp.uint8)
+    scale = jax.random.randint(k3, (n, ng), 120, 132, jnp.int32).astype(
+        jnp.uint8)
   elif fmt == "nvfp4":
     scale = jax.random.uniform(k3, (n, ng), jnp.float32, 0.05, 2.0).astype(
         jnp.float8_e4m3fn)
+    ts = jax.random.uniform(k4, (), jnp.float32, 0.5, 2.0)
   else:
     scale = jax.random.uniform(k3, (n, ng), jnp.float32, 0.001, 0.02).astype(
         jnp.bfloat16)
-  ts = None
-  if fmt == "nvfp4":
-    ts = jax.random.uniform(k4, (), jnp.float32, 0.5, 2.0)
-  prob = api.MatmulProblem(m=m, n=n, k=k, x_dtype="bfloat16", w_format=fmt,
-                           w_block=group)
-  return api.MatmulOperands(x=x, w_codes=codes, w_scale=scale,
-                            w_tensor_scale=ts), prob
+  return (codes, scale, ts)
 
 
-def w8_operands(api, key, case, m, n, k, exact_mx=False):
+def _nbytes(tree) -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  return sum(int(a.nbytes) for a in jax.tree_util.tree_leaves(tree))
+
+
+# ----------------------------------------------------------------------------
+# Candidate tilings.
+# ----------------------------------------------------------------------------
+
+def candidates(wo, prob, tune: bool, few: bool = False, fast=None):
+  """Tilings to time for one problem.
+
+  Args:
+    wo: the gpu_weight_only module.
+    prob: the problem.
+    tune: False: the table's (or the default) tiling, and for E2M1 weights the
+      same with ``fast_decode``; True: also the other candidates.
+    few: at most three.
+    fast: ``fast_decode`` for the other candidates of E2M1 weights (None: the
+      first ones' setting, False).
+
+  Returns:
+    Configs, the table's / default first (then its fast_decode twin).
+  """
+  out = []
+  for base in (wo.tuned_config(prob), wo._decode_config(prob)):  # pylint: disable=protected-access
+    if wo._shape_ok(prob, base):  # pylint: disable=protected-access
+      out.append(base)
+      break
+  e2m1 = prob.w_format in ("fp4_e2m1", "mxfp4", "nvfp4")
+  if out and e2m1:
+    out.append(dataclasses.replace(out[0], fast_decode=not out[0].fast_decode))
+  if tune and out:
+    C = wo.Config
+    m, n = prob.m, prob.n
+    tm = max(8, -(-m // 8) * 8) if m <= 128 else 128
+    if m <= 16:
+      cands = [C(64, 256, tm, 4, 2), C(64, 512, tm, 3, 2), C(64, 256, tm, 4, 4),
+               C(64, 256, tm, 4, 1)]
+      if n // 64 < 66:
+        cands.append(C(64, 256, tm, 4, 8))
+    elif m <= 64:
+      cands = [C(64, 256, tm, 3, 1), C(64, 256, tm, 3, 2), C(128, 256, tm, 3, 1)]
+    else:
+      cands = [C(64, 128, 128, 3, 1), C(128, 128, 128, 3, 1),
+               C(128, 64, 128, 4, 1)]
+    f = bool(fast) if fast is not None else out[0].fast_decode
+    for c in cands:
+      c = dataclasses.replace(c, fast_decode=f and e2m1)
+      if c not in out and wo._shape_ok(prob, c):  # pylint: disable=protected-access
+        out.append(c)
+  return out[:3] if few else out
+
+
+# ----------------------------------------------------------------------------
+# Phases.
+# ----------------------------------------------------------------------------
+
+def measure_ceilings(b: Bench):
+  jax = b.jax
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  n = (1 << 20) if b.smoke else (1 << 28)
+  big = jax.random.normal(jax.random.key(1), (n,), jnp.float32)
+  us, _ = b.measure(b.compile(lambda a: a * 1.0001, (big,)), (big,))
+  bw = 2 * big.nbytes / us / 1e6
+  del big
+  s = 256 if b.smoke else 8192
+  ka, kb = jax.random.split(jax.random.key(2))
+  x = jax.random.normal(ka, (s, s), jnp.float32).astype(jnp.bfloat16)
+  w = jax.random.normal(kb, (s, s), jnp.float32).astype(jnp.bfloat16)
+  us2, _ = b.measure(b.compile(lambda a, c: a @ c, (x, w)), (x, w))
+  rate = 2 * s ** 3 / us2 / 1e6
+  b.res["ceilings"] = dict(stream_TBps=bw, stream_us=us,
+                           bf16_gemm_TFLOPs=rate, bf16_gemm_us=us2, gemm_n=s)
+  b.log(f"stream {bw:.2f} TB/s; bf16 GEMM {s}^3 {rate:.0f} TFLOP/s")
+
+
+def roofline_us(b: Bench, nbytes: float, flops: float) -> float:
+  c = b.res["ceilings"]
+  return max(nbytes / (c["stream_TBps"] * 1e6), flops / (c["bf16_gemm_TFLOPs"] * 1e6))
+
+
+def run_shape(b: Bench, wo, api, k: int, n: int, ms, cases, stage: str):
+  """Weight-only measurements of one K x N weight at the batches ``ms``.
+
+  Args:
+    b: the bench.
+    wo, api: the kernel module and the kernel API module.
+    k, n: the weight shape.
+    ms: batch sizes.
+    cases: weight cases (keys of ``WO_CASES``).
+    stage: "base": the baselines and the table's (or the default) tiling;
+      "tune": the other candidate tilings of rows measured in "base".
+  """
+  jax = b.jax
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  kx = jax.random.key(k * 31 + n)
+  xs = {m: jax.random.normal(jax.random.fold_in(kx, m), (m, k), jnp.float32
+                             ).astype(jnp.bfloat16) for m in ms}
+  # One batch of jobs for the whole shape (all cases): the compiles of a batch
+  # run in parallel.
+  jobs, tail, touched = [], [], []
+  if any((k, n, m) not in b.bf16 for m in ms):
+    # XLA bf16, weight [K, N] as an unquantized model stores it.
+    rb = _reps(k * n * 2, b.smoke)
+    wb = [jax.random.normal(jax.random.fold_in(kx, 100 + i), (k, n), jnp.float32
+                            ).astype(jnp.bfloat16) for i in range(rb)]
+    for m in [m for m in ms if (k, n, m) not in b.bf16]:
+      def done_b(us, out, m=m):
+        b.bf16[(k, n, m)] = us
+      jobs.append(dict(name=f"bf16 {k}x{n} M={m}",
+                       fn=lambda x, ws: [x @ w for w in ws],
+                       args=(xs[m], wb), reps=rb, done=done_b))
+  interp = False
+  if b.smoke:
+    from lowbit_jax.kernels import _gpu_common  # pylint: disable=g-import-not-at-top
+    # Rows past M inside an 8-row tile are read from outside the activation
+    # (zero-filled by the TMA unit on a GPU, NaN here, never stored).
+    interp = _gpu_common.interpret_params(True, out_of_bounds_reads="uninitialized")
+  for case in cases:
+    if b.over_budget():
+      b.res["skipped"].append(f"{stage}: {case} {k}x{n} M={ms} (time budget)")
+      continue
+    fmt, group = WO_CASES[case]
+    seed = zlib.crc32(case.encode()) % 100000
+    w0 = wo_weight(jax.random.fold_in(kx, seed), fmt, group, n, k)
+    wbytes = _nbytes(w0[:2])
+    r = _reps(wbytes, b.smoke)
+    ws = [w0] + [wo_weight(jax.random.fold_in(kx, seed + 100001 * (i + 1)), fmt,
+                           group, n, k) for i in range(r - 1)]
+    mk = lambda x, w: api.MatmulOperands(x=x, w_codes=w[0], w_scale=w[1],
+                                         w_tensor_scale=w[2])
+    for m in ms:
+      prob = api.MatmulProblem(m=m, n=n, k=k, x_dtype="bfloat16", w_format=fmt,
+                               w_block=group)
+      key = (case, m, k, n)
+      # A tuning run without base rows measures them itself.
+      do_base = stage == "base" or key not in b.rows or key not in b.ref_out
+      if do_base:
+        flops = 2 * m * n * k
+        b.rows[key] = dict(
+            kernel=case, m=m, k=k, n=n, reps=r, weight_bytes=wbytes,
+            roofline_us=roofline_us(b, wbytes + m * k * 2 + m * n * 2, flops),
+            bf16_roofline_us=roofline_us(b, k * n * 2 + m * k * 2 + m * n * 2,
+                                         flops),
+            variants={})
+      row = b.rows[key]
+      touched.append(row)
+
+      def fused_fn(x, ws_, prob=prob, decode="native", mk=mk):
+        return [wo.xla_fused_matmul(mk(x, w), prob, decode=decode) for w in ws_]
+
+      def done_x(us, out, row=row, key=key):
+        row["xla_fused_us"] = us
+        b.ref_out[key] = out[0]
+
+      def failed_x(e, row=row, prob=prob, m=m, done_x=done_x, ws=ws,
+                   fused_fn=fused_fn, r=r):
+        # A backend without the 4-bit dtypes: the arithmetic decode, later.
+        row["xla_fused_note"] = f"native decode failed ({type(e).__name__}); arith"
+        tail.append(dict(
+            name=f"xla_fused(arith) {row['kernel']} {k}x{n} M={m}",
+            fn=lambda x, ws_: fused_fn(x, ws_, prob, "arith"),
+            args=(xs[m], ws), reps=r, done=done_x))
+      if do_base:
+        jobs.append(dict(name=f"xla_fused {case} {k}x{n} M={m}", fn=fused_fn,
+                         args=(xs[m], ws), reps=r, done=done_x, failed=failed_x))
+        if str(m) in _REF_BATCHES.value:
+          def done_r(us, out, row=row):
+            row["dequant_ref_us"] = us
+          jobs.append(dict(
+              name=f"dequant_ref {case} {k}x{n} M={m}",
+              fn=lambda x, ws_, prob=prob, mk=mk: [
+                  wo.xla_dequant_matmul(mk(x, w), prob) for w in ws_],
+              args=(xs[m], ws), reps=r, done=done_r))
+      best = min(((v["us"], v["config"]) for v in row["variants"].values()
+                  if v["rel_err"] is not None and v["rel_err"] < MAX_REL_ERR),
+                 default=None)
+      fast = None if best is None or len(best[1]) < 7 else bool(best[1][6])
+      cands = candidates(wo, prob, stage == "tune", few=b.smoke, fast=fast)
+      if not cands:
+        row["kernel_note"] = "no tiling fits this shape"
+      n_base = 2 if fmt in ("fp4_e2m1", "mxfp4", "nvfp4") else 1
+      if stage == "base":
+        cands = cands[:n_base]
+      elif not do_base:
+        cands = cands[n_base:]
+      for cfg in cands:
+        # One inner jit: the kernel is traced and lowered once per job, not
+        # once per weight set.
+        inner = jax.jit(lambda o, prob=prob, cfg=cfg: wo.matmul(
+            o, prob, config=cfg, interpret=interp))
+
+        def done_k(us, out, row=row, cfg=cfg, key=key):
+          ref = b.ref_out.get(key)
+          err = None if ref is None else rel_err(out[0], ref)
+          row["variants"][str(dataclasses.astuple(cfg))] = dict(
+              us=us, rel_err=err, config=list(dataclasses.astuple(cfg)))
+        jobs.append(dict(
+            name=f"kernel {case} {k}x{n} M={m} {dataclasses.astuple(cfg)}",
+            fn=lambda x, ws_, inner=inner, mk=mk: [inner(mk(x, w)) for w in ws_],
+            args=(xs[m], ws), reps=r, done=done_k))
+  b.run_jobs(jobs)
+  if tail:
+    b.run_jobs(tail)
+  for row in touched:
+    row["bf16_us"] = b.bf16.get((k, n, row["m"]))
+    finish_row(b, row)
+
+
+def finish_row(b: Bench, row: dict):
+  """Picks the best correct tiling and the dispatcher's choice; logs the row."""
+  good = [(v["us"], c, v["config"]) for c, v in row["variants"].items()
+          if v["rel_err"] is not None and v["rel_err"] < MAX_REL_ERR]
+  bad = [(c, v["rel_err"]) for c, v in row["variants"].items()
+         if v["rel_err"] is None or v["rel_err"] >= MAX_REL_ERR]
+  row["bad_variants"] = bad
+  xla = row.get("xla_fused_us")
+  row.pop("kernel_us", None)
+  if good:
+    us, cfg, cfg_list = min(good)
+    row["kernel_us"], row["config"], row["config_list"] = us, cfg, cfg_list
+  use = bool(good) and xla is not None and row["kernel_us"] <= _MARGIN.value * xla
+  row["table_use_kernel"] = use
+  row["dispatched_us"] = row["kernel_us"] if use else xla
+  row["dispatched"] = "kernel" if use else "xla_fused"
+  f = lambda v: "-" if v is None else f"{v:.1f}"
+  b.log(f"WO {row['kernel']:9s} {row['k']}x{row['n']} M={row['m']:<5d} "
+        f"bf16={f(row.get('bf16_us'))} fused={f(xla)} "
+        f"ref={f(row.get('dequant_ref_us'))} kernel={f(row.get('kernel_us'))} "
+        f"roof={f(row['roofline_us'])} -> {row['dispatched']} "
+        f"{row.get('config', '')} ({len(row['variants'])} tilings)")
+
+
+def table_entries(wo, rows) -> dict:
+  """The dispatch table from the measured rows (only M at a bucket's top)."""
+  entries = {}
+  for row in rows:
+    if row.get("xla_fused_us") is None or wo.m_bucket(row["m"]) != row["m"]:
+      continue
+    cls = wo.shape_class(row["k"], row["n"])
+    entries.setdefault(row["kernel"], {}).setdefault(cls, {})[str(row["m"])] = dict(
+        use_kernel=row["table_use_kernel"], config=row.get("config_list"),
+        shape=f"{row['k']}x{row['n']}", m=row["m"], kernel_us=row.get("kernel_us"),
+        xla_us=row["xla_fused_us"], bf16_us=row.get("bf16_us"))
+  return entries
+
+
+def import_peers(b: Bench):
+  """Imports qwix and tokamax (installed, or put on sys.path by the parent)."""
+  try:
+    import xprof.cli.tools  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    stub = False
+  except Exception:  # pylint: disable=broad-except
+    # tokamax imports xprof at import time, for its own benchmarking helpers
+    # only; nothing measured here uses it.
+    stub = True
+    for name in ("xprof", "xprof.cli", "xprof.cli.tools"):
+      sys.modules.setdefault(name, types.ModuleType(name))
+    sys.modules["xprof.cli.tools"].get_kernel_stats_tool = None
+  import qwix  # pylint: disable=g-import-not-at-top
+  import tokamax  # pylint: disable=g-import-not-at-top
+  b.res["meta"]["peers"] = dict(qwix=qwix.__version__, tokamax=tokamax.__version__,
+                                xprof_stub=stub)
+  return qwix, tokamax
+
+
+def run_tokamax_subprocess(b: Bench, out_dir: str):
+  """Runs the tokamax rows in a child process and merges its results.
+
+  The wheels (``--peer_wheels``) go to a temporary folder put first on the
+  child's PYTHONPATH: they must shadow older installed copies (pydantic needs a
+  newer typing_extensions than the image's), which cannot be done in a process
+  that has imported them already. The child may use 20% of the GPU memory.
+  """
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ)
+  wheels = sorted(glob.glob(os.path.join(_PEER_WHEELS.value, "*.whl")))
+  if importlib.util.find_spec("tokamax") is None:
+    if not wheels:
+      b.res["tokamax_skipped"] = (f"tokamax is not installed and --peer_wheels="
+                                  f"{_PEER_WHEELS.value} holds no wheels")
+      b.log(f"tokamax skipped: {b.res['tokamax_skipped']}")
+      return
+    target = os.path.join(tempfile.gettempdir(), "bench_kernels_peers")
+    try:
+      if not os.path.isdir(os.path.join(target, "tokamax")):
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                        "--no-index", "--target", target] + wheels, check=True,
+                       timeout=120)
+    except Exception as e:  # pylint: disable=broad-except
+      b.res["tokamax_skipped"] = f"installing the wheels failed: {e}"
+      b.log(f"tokamax skipped: {b.res['tokamax_skipped']}")
+      return
+    env["PYTHONPATH"] = os.pathsep.join(
+        [target, os.getcwd()] + [p for p in [env.get("PYTHONPATH")] if p])
+  env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = "0.2"
+  env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+  child_out = os.path.join(out_dir, "tokamax_child")
+  left = max(30.0, _BUDGET.value - b.elapsed())
+  cmd = [sys.executable, os.path.abspath(__file__), "--tokamax_only",
+         f"--out_dir={child_out}", f"--iters={_ITERS.value}",
+         f"--time_budget_s={min(90.0, left)}",
+         f"--hard_limit_s={min(90.0, left) + 30}"] + (
+             ["--smoke"] if b.smoke else [])
+  b.log("tokamax: " + " ".join(cmd))
+  try:
+    proc = subprocess.run(cmd, env=env, timeout=min(90.0, left) + 60,
+                          capture_output=True, text=True)
+    tail = (proc.stdout + proc.stderr)[-3000:]
+    with open(os.path.join(out_dir, "tokamax_child.log"), "w") as f:
+      f.write(proc.stdout + proc.stderr)
+  except subprocess.TimeoutExpired:
+    tail = "timed out"
+  path = os.path.join(child_out, _TAG.value + ".json")
+  if not os.path.exists(path):
+    b.res["tokamax_skipped"] = f"the tokamax child wrote nothing: {tail[-600:]}"
+    b.log(f"tokamax skipped: {b.res['tokamax_skipped']}")
+    return
+  with open(path) as f:
+    d = json.load(f)
+  b.res["tokamax"] += d.get("tokamax", [])
+  b.res["errors"] += d.get("errors", [])
+  b.res["skipped"] += d.get("skipped", [])
+  if d.get("tokamax_skipped"):
+    b.res["tokamax_skipped"] = d["tokamax_skipped"]
+  if d["meta"].get("peers"):
+    b.res["meta"]["peers"] = d["meta"]["peers"]
+
+
+def run_tokamax(b: Bench):
+  """tokamax.ragged_dot, one group, qwix-quantized [K, N] weight."""
+  jax = b.jax
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  try:
+    qwix, tokamax = import_peers(b)
+  except Exception as e:  # pylint: disable=broad-except
+    b.res["tokamax_skipped"] = f"{type(e).__name__}: {str(e)[:300]}"
+    b.log(f"tokamax skipped: {b.res['tokamax_skipped']}")
+    return
+  shapes = [(512, 256)] if b.smoke else [(8192, 8192), (8192, 28672)]
+  ms = (1, 16) if b.smoke else (1, 16, 4096)
+  block_ms = (None,) if b.smoke else (None, 16)
+  try:
+    from tokamax._src.ops.ragged_dot import api as tk_api  # pylint: disable=g-import-not-at-top
+    from tokamax._src.ops.ragged_dot import pallas_mosaic_gpu_common as tk_common  # pylint: disable=g-import-not-at-top
+  except Exception:  # pylint: disable=broad-except
+    tk_api = tk_common = None
+  for (k, n) in shapes:
+    for case, qtype, tile in (("int4_g128", jnp.int4, 128),
+                              ("int8_pc", jnp.int8, None)):
+      if b.over_budget():
+        b.res["skipped"].append(f"tokamax {case} {k}x{n} (time budget)")
+        continue
+      kk = jax.random.key(n + k + (tile or 0))
+      w = (jax.random.normal(kk, (k, n), jnp.float32) * 0.02).astype(jnp.bfloat16)
+      # Codes stored [1, N, K]: the kernel reads the rhs K-major, so the swap
+      # inside the jitted call and the kernel's own transpose cancel.
+      q = qwix.quantize(w.T[None], qtype, channelwise_axes=(0, 1),
+                        tiled_axes={2: tile} if tile else {})
+      packs = [(q.qvalue, jnp.swapaxes(q.scale, 1, 2))]
+      r = _reps(_nbytes(packs[0]), b.smoke)
+      for i in range(1, r):
+        wi = (jax.random.normal(jax.random.fold_in(kk, i), (k, n), jnp.float32)
+              * 0.02).astype(jnp.bfloat16)
+        qi = qwix.quantize(wi.T[None], qtype, channelwise_axes=(0, 1),
+                           tiled_axes={2: tile} if tile else {})
+        packs.append((qi.qvalue, jnp.swapaxes(qi.scale, 1, 2)))
+      deq = qwix.dequantize(q)[0].astype(jnp.float32)  # [N, K]
+      jobs = []
+      for m in ms:
+        x = jax.random.normal(jax.random.fold_in(kk, 7 + m), (m, k), jnp.float32
+                              ).astype(jnp.bfloat16)
+        gs = jnp.array([m], jnp.int32)
+        ref = jnp.dot(x.astype(jnp.float32), deq.T)
+        for bm in block_ms:
+          impl = "mosaic_gpu"
+          if bm is not None:
+            if tk_common is None or m > 64:
+              continue
+            cfg = tk_common.Config(block_m=bm, block_n=64,
+                                   block_k=min(tile or 256, 256), num_stages=4,
+                                   split_k=1, persistent=True,
+                                   grid_minor_dim=tk_common.MatmulDimension.M,
+                                   grid_tile_width=1)
+            impl = (dataclasses.replace(tk_api.IMPLEMENTATIONS["mosaic_gpu"],
+                                        config=cfg),)
+
+          def fn(x, gs, packs, impl=impl):
+            return [tokamax.ragged_dot(
+                x, qwix.QArray(qvalue=jnp.swapaxes(c, 1, 2), scale=s,
+                               qtype=qtype), gs, implementation=impl)
+                    for c, s in packs]
+
+          def done(us, out, m=m, bm=bm, ref=ref, case=case, k=k, n=n, r=r):
+            row = dict(kernel=case, m=m, k=k, n=n, block_m=bm or "heuristic",
+                       tokamax_us=us, rel_err=rel_err(out[0], ref), reps=r)
+            b.res["tokamax"].append(row)
+            b.log(f"tokamax {case} {k}x{n} M={m} block_m={row['block_m']}: "
+                  f"{us:.1f} us (rel_err {row['rel_err']:.1e})")
+          jobs.append(dict(name=f"tokamax {case} {k}x{n} M={m} bm={bm}", fn=fn,
+                           args=(x, gs, packs), reps=r, done=done))
+      b.run_jobs(jobs)
+
+
+def run_w8a8(b: Bench, w8, api):
+  """The W8A8 kernels at M=4096 on 8192x8192 (XLA bf16, XLA's own path, ours)."""
+  jax = b.jax
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  m, n, k = (256, 256, 512) if b.smoke else (4096, 8192, 8192)
+  kk = jax.random.key(3)
+  ka, kb = jax.random.split(kk)
+  xb = jax.random.normal(ka, (m, k), jnp.float32).astype(jnp.bfloat16)
+  wb = jax.random.normal(kb, (k, n), jnp.float32).astype(jnp.bfloat16)
+  flops = 2 * m * n * k
+  rows = {}
+  jobs = []
+  for case in _W8A8.value:
+    ops, prob = w8_operands(api, jax.random.fold_in(kk, len(case)), case, m, n, k)
+    row = dict(kernel=case, m=m, k=k, n=n)
+    rows[case] = row
+    st = {}
+
+    def d_b(us, out, row=row):
+      row["bf16_us"] = us
+
+    def d_x(us, out, row=row, st=st):
+      row["xla_us"] = us
+      st["ref"] = out
+
+    def d_k(us, out, row=row, st=st):
+      row["kernel_us"] = us
+      row["rel_err"] = rel_err(out, st["ref"]) if "ref" in st else None
+    jobs += [dict(name=f"w8a8 bf16 {case}", fn=lambda a, c: a @ c, args=(xb, wb),
+                  done=d_b),
+             dict(name=f"w8a8 xla {case}", fn=lambda o, p=prob: w8.xla_matmul(o, p),
+                  args=(ops,), done=d_x),
+             dict(name=f"w8a8 kernel {case}",
+                  fn=lambda o, p=prob: w8.matmul(o, p, interpret=b.smoke),
+                  args=(ops,), done=d_k)]
+  b.run_jobs(jobs)
+  for case, row in rows.items():
+    for key in ("bf16_us", "xla_us", "kernel_us"):
+      if row.get(key):
+        row[key.replace("_us", "_tflops")] = flops / row[key] / 1e6
+    b.res["w8a8"].append(row)
+    b.log(f"W8A8 {case}: {row}")
+
+
+def w8_operands(api, key, case, m, n, k):
   """Random W8A8 operands (codes, scales) for one case."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -175,18 +754,9 @@ def w8_operands(api, key, case, m, n, k, exact_mx=False):
     x = jax.random.randint(k1, (m, k), -127, 128, jnp.int32).astype(jnp.int8)
     w = jax.random.randint(k2, (n, k), -127, 128, jnp.int32).astype(jnp.int8)
     fmt = "int8"
-  elif exact_mx:
-    # Small integers: every 32-element block dot is exact in any accumulator.
-    x = jax.random.randint(k1, (m, k), -8, 9, jnp.int32).astype(
-        jnp.float8_e4m3fn)
-    w = jax.random.randint(k2, (n, k), -8, 9, jnp.int32).astype(
-        jnp.float8_e4m3fn)
-    fmt = "fp8_e4m3"
   else:
-    x = (jax.random.normal(k1, (m, k), jnp.float32) * 3).astype(
-        jnp.float8_e4m3fn)
-    w = (jax.random.normal(k2, (n, k), jnp.float32) * 3).astype(
-        jnp.float8_e4m3fn)
+    x = (jax.random.normal(k1, (m, k), jnp.float32) * 3).astype(jnp.float8_e4m3fn)
+    w = (jax.random.normal(k2, (n, k), jnp.float32) * 3).astype(jnp.float8_e4m3fn)
     fmt = "fp8_e4m3"
   if case.endswith("channel"):
     sx = jax.random.uniform(k3, (m, 1), jnp.float32, 0.01, 0.1)
@@ -198,453 +768,399 @@ def w8_operands(api, key, case, m, n, k, exact_mx=False):
     sw = jax.random.uniform(k4, (n // 128, k // 128), jnp.float32, 0.01, 0.1)
     prob = api.MatmulProblem(m=m, n=n, k=k, x_dtype=fmt, w_format=fmt,
                              x_format=fmt, w_block=(128, 128), x_block=128)
-  else:
-    sx = jax.random.randint(k3, (m, k // 32), 117, 137, jnp.int32).astype(
-        jnp.uint8)
-    sw = jax.random.randint(k4, (n, k // 32), 117, 137, jnp.int32).astype(
-        jnp.uint8)
+  elif case == "mxfp8":
+    sx = jax.random.randint(k3, (m, k // 32), 117, 137, jnp.int32).astype(jnp.uint8)
+    sw = jax.random.randint(k4, (n, k // 32), 117, 137, jnp.int32).astype(jnp.uint8)
     prob = api.MatmulProblem(m=m, n=n, k=k, x_dtype="fp8_e4m3",
                              w_format="mxfp8_e4m3", x_format="mxfp8_e4m3",
-                             w_block=32, x_block=32,
-                             out_dtype="float32" if exact_mx else "bfloat16")
+                             w_block=32, x_block=32)
+  else:
+    raise ValueError(f"unknown W8A8 case {case!r}")
   return api.MatmulOperands(x=x, w_codes=w, w_scale=sw, x_scale=sx), prob
 
 
-def rel_err(out, ref):
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  o = np.asarray(out, np.float64)
-  r = np.asarray(ref, np.float64)
-  if not np.all(np.isfinite(o)):
-    return float("inf")
-  return float(np.linalg.norm(o - r) / max(np.linalg.norm(r), 1e-30))
-
-
-def run_poisoned(jax, f, ops, out_shape, out_dtype):
-  """Runs ``f`` right after freeing a NaN buffer of the output's size."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  poison = jnp.full(out_shape, jnp.nan, out_dtype)
-  poison.block_until_ready()
-  poison.delete()
-  out = f(ops)
-  return jax.block_until_ready(out)
-
-
 # ----------------------------------------------------------------------------
-# Checks.
+# Report.
 # ----------------------------------------------------------------------------
 
-def do_checks(r: Runner, wo, w8, api):
-  jax = r.jax
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  key = jax.random.key(int(time.time()))
-  wo_shapes = [(1, 512, 2048), (5, 1024, 4096), (16, 8192, 8192),
-               (64, 1024, 2048), (1, 4096, 14336)]
-  for name, (fmt, group) in WO_CASES.items():
-    if name not in _KERNELS.value:
-      continue
-    for (m, n, k) in wo_shapes:
-      if r.over_budget():
-        return
-      key, sub = jax.random.split(key)
-      ops, prob = wo_operands(api, sub, fmt, group, m, n, k)
-      try:
-        f = jax.jit(lambda o, p=prob: wo.matmul(o, p))
-        out = run_poisoned(jax, f, ops, (m, n), jnp.bfloat16)
-        ref = jax.jit(lambda o, p=prob: wo.reference(o, p))(ops)
-        err = rel_err(out, ref)
-        ok = err < 1e-2
-      except Exception as e:  # pylint: disable=broad-except
-        err, ok = repr(e)[:300], False
-        traceback.print_exc()
-      r.checks.append(dict(kernel=name, m=m, n=n, k=k, rel_err=err, ok=ok))
-      r.log(f"CHECK wo {name:10s} M={m:<5d} N={n:<6d} K={k:<6d} "
-            f"rel_err={err} {'OK' if ok else 'FAIL'}")
-  # The single-warpgroup variant, on the shapes that exposed a register race.
-  for name in ("int4_pc", "int8_pc", "int4_g128"):
-    if name not in _KERNELS.value or r.over_budget():
-      continue
-    fmt, group = WO_CASES[name]
-    key, sub = jax.random.split(key)
-    ops, prob = wo_operands(api, sub, fmt, group, 16, 8192, 8192)
-    cfg = wo.Config(64, 256, 16, 4, 2, False)
-    try:
-      f = jax.jit(lambda o, p=prob, c=cfg: wo.matmul(o, p, config=c))
-      out = run_poisoned(jax, f, ops, (16, 8192), jnp.bfloat16)
-      ref = jax.jit(lambda o, p=prob: wo.reference(o, p))(ops)
-      err = rel_err(out, ref)
-      ok = err < 1e-2
-    except Exception as e:  # pylint: disable=broad-except
-      err, ok = repr(e)[:300], False
-    r.checks.append(dict(kernel=name + "_single_wg", m=16, n=8192, k=8192,
-                         rel_err=err, ok=ok))
-    r.log(f"CHECK wo {name}_single_wg M=16 N=8192 K=8192 rel_err={err} "
-          f"{'OK' if ok else 'FAIL'}")
-  w8_shapes = [(256, 512, 1024), (512, 1024, 2048)]
-  for case in W8_CASES:
-    if case not in _KERNELS.value:
-      continue
-    for (m, n, k) in w8_shapes:
-      for exact in ((False, True) if case == "mxfp8" else (False,)):
-        if r.over_budget():
-          return
-        key, sub = jax.random.split(key)
-        ops, prob = w8_operands(api, sub, case, m, n, k, exact_mx=exact)
-        try:
-          f = jax.jit(lambda o, p=prob: w8.matmul(o, p))
-          out = run_poisoned(jax, f, ops, (m, n), jnp.dtype(prob.out_dtype))
-          ref = jax.jit(lambda o, p=prob: w8.reference(o, p))(ops)
-          if exact:
-            nbad = int(np.sum(np.asarray(out) != np.asarray(ref)))
-            err, ok = f"{nbad} elements differ", nbad == 0
-          else:
-            err = rel_err(out, ref)
-            ok = err < 1e-2
-        except Exception as e:  # pylint: disable=broad-except
-          err, ok = repr(e)[:300], False
-          traceback.print_exc()
-        label = case + ("_exact" if exact else "")
-        r.checks.append(dict(kernel=label, m=m, n=n, k=k, rel_err=err, ok=ok))
-        r.log(f"CHECK w8 {label:14s} M={m:<5d} N={n:<6d} K={k:<6d} "
-              f"rel_err={err} {'OK' if ok else 'FAIL'}")
+def _f(v, fmt="{:.1f}"):
+  return "-" if v is None else fmt.format(v)
 
 
-# ----------------------------------------------------------------------------
-# Timing.
-# ----------------------------------------------------------------------------
-
-L2_BYTES = 50 * 2 ** 20
-
-
-def _reps(nbytes: int) -> int:
-  return max(1, min(8, math.ceil(3 * L2_BYTES / max(nbytes, 1))))
-
-
-def stream_bw(r: Runner) -> float:
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  big = r.jax.random.normal(r.jax.random.key(1), (1 << 28,), jnp.float32)
-  us = r.measure(lambda a: a * 1.0001, big)
-  bw = 2 * big.nbytes / us / 1e6
-  r.log(f"stream 1 GiB f32 read+write: {us:.1f} us = {bw:.2f} TB/s")
-  del big
-  return bw
-
-
-def time_weight_only(r: Runner, wo, api, name, m, k, n, configs=None):
-  """Times one weight-only case; returns the result dict (or None)."""
-  jax = r.jax
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from jax import lax  # pylint: disable=g-import-not-at-top
-  fmt, group = WO_CASES[name]
-  keys = jax.random.split(jax.random.key(m * 7 + n * 13 + k), 9)
-  ops0, prob = wo_operands(api, keys[0], fmt, group, m, n, k)
-  wbytes = ops0.w_codes.nbytes + ops0.w_scale.nbytes
-  reps = _reps(wbytes)
-  ops = [ops0] + [wo_operands(api, keys[i + 1], fmt, group, m, n, k)[0]
-                  for i in range(reps - 1)]
-  x = ops0.x
-  res = dict(kernel=name, m=m, k=k, n=n, reps=reps, weight_bytes=wbytes)
-  nbytes = wbytes + x.nbytes + m * n * 2
-  res["roofline_us"] = nbytes / (r.bw * 1e6)
-  # XLA bf16 (weights [K, N] as an unquantized model stores them).
-  wb = [jax.random.normal(keys[i], (k, n), jnp.float32).astype(jnp.bfloat16)
-        for i in range(_reps(k * n * 2))]
-  res["xla_bf16_us"] = r.measure(lambda x, ws: [x @ w for w in ws], x, wb,
-                                 reps=len(wb))
-  del wb
-  res["xla_lowbit_us"] = r.measure(
-      lambda os_: [wo.xla_dequant_matmul(o, prob) for o in os_], ops, reps=reps)
-  cfgs = configs or [None]
-  best = None
-  for cfg in cfgs:
-    if r.over_budget():
-      break
-    try:
-      us = r.measure(
-          lambda os_, c=cfg: [wo.matmul(o, prob, config=c) for o in os_], ops,
-          reps=reps)
-    except Exception as e:  # pylint: disable=broad-except
-      r.log(f"  config {cfg} failed: {repr(e)[:400]}")
-      continue
-    tag = "default" if cfg is None else str(cfg)
-    res.setdefault("variants", {})[tag] = us
-    if best is None or us < best[0]:
-      best = (us, tag, cfg)
-  if best is None:
-    return None
-  res["kernel_us"], res["config"], best_cfg = best
-  if best_cfg is None:
-    res["config"] = str(wo._decode_config(prob))  # pylint: disable=protected-access
-  try:
-    res["breakdown"] = r.breakdown(
-        lambda o: wo.matmul(o, prob, config=best_cfg), ops0)
-  except Exception:  # pylint: disable=broad-except
-    pass
-  r.results.append(res)
-  r.log(f"WO {name:10s} M={m:<5d} K={k:<6d} N={n:<6d} bf16={res['xla_bf16_us']:8.1f}"
-        f" xla_lowbit={res['xla_lowbit_us']:8.1f} kernel={res['kernel_us']:8.1f}"
-        f" roof={res['roofline_us']:7.1f}  ({res['config']})")
-  return res
-
-
-def time_w8a8(r: Runner, w8, api, case, m, k, n):
-  jax = r.jax
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from jax import lax  # pylint: disable=g-import-not-at-top
-  key = jax.random.key(m + n + k)
-  ops, prob = w8_operands(api, key, case, m, n, k)
-  res = dict(kernel=case, m=m, k=k, n=n)
-  flops = 2 * m * n * k
-  nbytes = ops.x.nbytes + ops.w_codes.nbytes + m * n * 2
-  res["roofline_us"] = max(flops / 1979e12 * 1e6, nbytes / (r.bw * 1e6))
-  k1, k2 = jax.random.split(key)
-  xb = jax.random.normal(k1, (m, k), jnp.float32).astype(jnp.bfloat16)
-  wb = jax.random.normal(k2, (k, n), jnp.float32).astype(jnp.bfloat16)
-  res["xla_bf16_us"] = r.measure(lambda a, b: a @ b, xb, wb)
-  del xb, wb
-  res["xla_lowbit_us"] = r.measure(lambda o: w8.xla_matmul(o, prob), ops)
-  try:
-    res["kernel_us"] = r.measure(lambda o: w8.matmul(o, prob), ops)
-  except Exception as e:  # pylint: disable=broad-except
-    r.log(f"  {case} M={m} failed: {repr(e)[:400]}")
-    traceback.print_exc()
-    return None
-  try:
-    res["breakdown"] = r.breakdown(lambda o: w8.matmul(o, prob), ops)
-  except Exception:  # pylint: disable=broad-except
-    pass
-  for key_ in ("xla_bf16_us", "xla_lowbit_us", "kernel_us"):
-    res[key_.replace("_us", "_tflops")] = flops / res[key_] / 1e6
-  r.results.append(res)
-  r.log(f"W8 {case:12s} M={m:<5d} K={k:<6d} N={n:<6d} bf16={res['xla_bf16_us']:8.1f}"
-        f" xla_lowbit={res['xla_lowbit_us']:8.1f} kernel={res['kernel_us']:8.1f}"
-        f" ({res['kernel_tflops']:.0f} TFLOP/s)")
-  return res
-
-
-def do_sweep(r: Runner, wo, w8, api):
-  """Times tiling variants of the int4 g128 decode kernel on the key shapes."""
-  C = wo.Config
-  for (k, n) in ((8192, 8192), (8192, 28672)):
-    for m in (1, 16):
-      if r.over_budget():
-        return
-      tm = 8 if m <= 8 else 16
-      cfgs = [C(64, 512, tm, 4, 1, True), C(64, 512, tm, 6, 1, True),
-              C(64, 256, tm, 6, 1, True), C(64, 512, tm, 4, 2, True),
-              C(128, 512, tm, 4, 1, True), C(64, 256, tm, 4, 2, False)]
-      time_weight_only(r, wo, api, "int4_g128", m, k, n, configs=cfgs)
-
-
-def do_bench(r: Runner, wo, w8, api):
-  shapes = [tuple(int(v) for v in s.split("x")) for s in _SHAPES.value]
-  batches = [int(b) for b in _BATCHES.value]
-  for name in _KERNELS.value:
-    for (k, n) in shapes:
-      for m in batches:
-        if r.over_budget():
-          r.log("time budget reached")
-          return
-        try:
-          if name in WO_CASES:
-            if m > 64:
-              continue
-            time_weight_only(r, wo, api, name, m, k, n)
-          elif name in W8_CASES:
-            if m < 512:
-              continue
-            time_w8a8(r, w8, api, name, m, k, n)
-        except Exception as e:  # pylint: disable=broad-except
-          r.log(f"ERROR {name} M={m} K={k} N={n}: {repr(e)[:500]}")
-          traceback.print_exc()
-
-
-def write_outputs(r: Runner, command: str, sources=None):
-  """Writes ``<tag>.json`` and ``<tag>.md``.
-
-  Args:
-    r: the runner holding results and checks.
-    command: the command that produced them (one run).
-    sources: for --mode=report, the metadata of each merged input file.
-  """
-  jax = r.jax
-  out_dir = _OUT_DIR.value
-  os.makedirs(out_dir, exist_ok=True)
-  if sources:
-    device = sources[0]["device"]
-    jax_version = sources[0]["jax"]
-    iters = sources[0]["iters"]
-    commands = [m["command"] for m in sources]
-  else:
-    device = jax.devices()[0].device_kind
-    jax_version = jax.__version__
-    iters = _ITERS.value
-    commands = [command]
-  meta = dict(device=device, jax=jax_version, commands=commands,
-              stream_TBps=r.bw, iters=iters)
-  if sources:
-    meta["report_command"] = command
-  with open(os.path.join(out_dir, _TAG.value + ".json"), "w") as f:
-    json.dump(dict(meta=meta, checks=r.checks, results=r.results), f, indent=1,
-              default=str)
-  lines = [f"# Low-bit kernels on {device}", "",
-           f"jax {jax_version}; device time per call from CUPTI "
-           f"(median of {iters} calls, every kernel of a call counted); "
-           f"stream bandwidth measured in the same run: {r.bw:.2f} TB/s "
-           "(roofline = bytes that must move / that bandwidth).", "",
-           "Commands (run on the GPU machine, repository root):", ""]
-  lines += [f"- `{c}`" for c in commands]
-  if sources:
-    lines += ["", f"Tables rebuilt from those runs' JSON with `{command}`."]
-  lines.append("")
-  lines += _target_lines(r)
-  wo_rows = [x for x in r.results if x["kernel"] in WO_CASES]
-  if wo_rows:
-    lines += ["## Weight-only (bf16 activations)", "",
-              "| kernel | M | K | N | XLA bf16 us | XLA low-bit us | kernel us | "
-              "roofline us | vs bf16 | vs XLA low-bit | % roofline | config |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for x in wo_rows:
-      lines.append(
-          f"| {x['kernel']} | {x['m']} | {x['k']} | {x['n']} | "
-          f"{x['xla_bf16_us']:.1f} | {x['xla_lowbit_us']:.1f} | "
-          f"{x['kernel_us']:.1f} | {x['roofline_us']:.1f} | "
-          f"{x['xla_bf16_us'] / x['kernel_us']:.2f}x | "
-          f"{x['xla_lowbit_us'] / x['kernel_us']:.2f}x | "
-          f"{100 * x['roofline_us'] / x['kernel_us']:.0f}% | {x['config']} |")
-    lines.append("")
-  swept = [x for x in wo_rows if len(x.get("variants", {})) > 1]
-  if swept:
-    lines += ["## Tiling sweep (kernel us per variant; Config(tile_n, tile_k, "
-              "tile_m, stages, split_k[, ws]))", ""]
-    for x in swept:
-      lines.append(f"- {x['kernel']} M={x['m']} K={x['k']} N={x['n']}: " +
-                   "; ".join(f"{v:.1f} {c.replace('Config', '')}"
-                             for c, v in x["variants"].items()))
-      if x.get("breakdown"):
-        lines.append("  - kernels of one call of the best variant (us): " +
-                     ", ".join(f"{n} {t}" for n, t in x["breakdown"]))
-    lines.append("")
-  w8_rows = [x for x in r.results if x["kernel"] in W8_CASES]
-  if w8_rows:
-    lines += ["## W8A8", "",
-              "| kernel | M | K | N | XLA bf16 us (TFLOP/s) | XLA low-bit us "
-              "(TFLOP/s) | kernel us (TFLOP/s) | vs bf16 | vs XLA low-bit |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for x in w8_rows:
-      lines.append(
-          f"| {x['kernel']} | {x['m']} | {x['k']} | {x['n']} | "
-          f"{x['xla_bf16_us']:.1f} ({x['xla_bf16_tflops']:.0f}) | "
-          f"{x['xla_lowbit_us']:.1f} ({x['xla_lowbit_tflops']:.0f}) | "
-          f"{x['kernel_us']:.1f} ({x['kernel_tflops']:.0f}) | "
-          f"{x['xla_bf16_us'] / x['kernel_us']:.2f}x | "
-          f"{x['xla_lowbit_us'] / x['kernel_us']:.2f}x |")
-    lines.append("")
-  if r.checks:
-    lines += ["## Correctness (fresh random inputs vs `reference`)", "",
-              "| kernel | M | N | K | rel. error / mismatches | ok |",
-              "|---|---|---|---|---|---|"]
-    for c in r.checks:
-      lines.append(f"| {c['kernel']} | {c['m']} | {c['n']} | {c['k']} | "
-                   f"{c['rel_err']} | {c['ok']} |")
-    lines.append("")
-  if sources and _NOTES.value:
-    with open(_NOTES.value) as f:
-      lines += [f.read()]
-  if _WRITE_MD.value:
-    with open(os.path.join(out_dir, _TAG.value + ".md"), "w") as f:
-      f.write("\n".join(lines))
-
-
-def _find(results, kernel, m, k, n):
-  for x in results:
-    if (x["kernel"], x["m"], x["k"], x["n"]) == (kernel, m, k, n):
+def _find(rows, case, m, k, n):
+  for x in rows:
+    if (x["kernel"], x["m"], x["k"], x["n"]) == (case, m, k, n):
       return x
   return None
 
 
-def _target_lines(r: Runner):
-  """The issue's H100 targets next to what was measured (only measured rows)."""
+def target_rows(res) -> list[str]:
+  """Issue 13's targets next to what was measured (measured rows only)."""
   rows = []
-  res = r.results
+  wo = res["wo"]
 
   def add(target, measured, ok):
     rows.append(f"| {target} | {measured} | {'met' if ok else 'MISSED'} |")
 
-  for name in ("int4_g128", "mxfp4", "nvfp4"):
-    a1 = _find(res, name, 1, 8192, 8192)
-    a16 = _find(res, name, 16, 8192, 8192)
-    b1 = _find(res, name, 1, 8192, 28672)
-    b16 = _find(res, name, 16, 8192, 28672)
-    for x in (a1, a16):
-      if x:
-        v = x["xla_bf16_us"] / x["kernel_us"]
-        add(f"{name} M={x['m']} 8192x8192: >= 2.5x XLA bf16",
-            f"{v:.2f}x ({x['kernel_us']:.1f} vs {x['xla_bf16_us']:.1f} us)",
-            v >= 2.5)
-        v = x["xla_lowbit_us"] / x["kernel_us"]
-        add(f"{name} M={x['m']} 8192x8192: >= 5x XLA's own low-bit path",
-            f"{v:.1f}x ({x['xla_lowbit_us']:.1f} us)", v >= 5)
-    for x in (b1, b16):
-      if x:
-        v = x["roofline_us"] / x["kernel_us"]
-        add(f"{name} M={x['m']} 8192x28672: >= 70% of bandwidth roofline",
-            f"{100 * v:.0f}% ({x['kernel_us']:.1f} vs {x['roofline_us']:.1f} us)",
-            v >= 0.7)
-    for lo, hi in ((a1, a16), (b1, b16)):
-      if lo and hi:
-        v = hi["kernel_us"] / lo["kernel_us"]
-        add(f"{name} {lo['k']}x{lo['n']}: batch 16 <= 1.2x batch 1",
-            f"{v:.2f}x", v <= 1.2)
-  for name, tgt in (("fp8_channel", 1.6), ("int8_channel", 1.6),
-                    ("fp8_block", 1.4), ("int8_block", 1.4), ("mxfp8", 1.2)):
-    for x in res:
-      if x["kernel"] == name:
-        v = x["xla_bf16_us"] / x["kernel_us"]
-        add(f"{name} M={x['m']} {x['k']}x{x['n']}: >= {tgt}x XLA bf16",
-            f"{v:.2f}x ({x['kernel_tflops']:.0f} TFLOP/s; XLA's own path "
-            f"{x['xla_lowbit_tflops']:.0f})", v >= tgt)
+  for case in sorted({x["kernel"] for x in wo}):
+    fmt = WO_CASES[case][0]
+    for m in DECODE_M:
+      a = _find(wo, case, m, 8192, 8192)
+      if a and a.get("kernel_us") and a.get("bf16_us") and fmt != "int8":
+        v = a["bf16_us"] / a["kernel_us"]
+        add(f"{case} M={m} 8192x8192: >= 2.5x XLA bf16",
+            f"{v:.2f}x ({a['kernel_us']:.1f} vs {a['bf16_us']:.1f} us)", v >= 2.5)
+      c = _find(wo, case, m, 8192, 28672)
+      if c and c.get("kernel_us"):
+        need = 0.8 if fmt in FOUR_BIT else 0.9
+        v = c["roofline_us"] / c["kernel_us"]
+        add(f"{case} M={m} 8192x28672: >= {need:.0%} of roofline",
+            f"{v:.0%} ({c['kernel_us']:.1f} vs {c['roofline_us']:.1f} us)",
+            v >= need)
+    for (k, n) in sorted({(x["k"], x["n"]) for x in wo if x["kernel"] == case}):
+      a = _find(wo, case, 64, k, n)
+      if a and a.get("kernel_us") and a.get("bf16_us"):
+        v = a["bf16_us"] / a["kernel_us"]
+        add(f"{case} M=64 {k}x{n}: kernel >= 1.5x XLA bf16", f"{v:.2f}x", v >= 1.5)
+      a = _find(wo, case, 256, k, n)
+      if a and a.get("dispatched_us") and a.get("bf16_us"):
+        v = a["bf16_us"] / a["dispatched_us"]
+        add(f"{case} M=256 {k}x{n}: dispatched path >= 1.0x XLA bf16",
+            f"{v:.2f}x ({a['dispatched']})", v >= 1.0)
+  slow = [x for x in wo if x.get("dispatched_us") and x.get("xla_fused_us")
+          and x["dispatched_us"] > 1.03 * x["xla_fused_us"]]
+  n_rows = len([x for x in wo if x.get("dispatched_us")])
+  if n_rows:
+    add("dispatch never slower than the XLA path it replaces (all rows, 3% noise)",
+        f"{n_rows - len(slow)} of {n_rows} rows", not slow)
+  best_tk = {}
+  for t in res["tokamax"]:
+    key = (t["kernel"], t["m"], t["k"], t["n"])
+    if key not in best_tk or t["tokamax_us"] < best_tk[key]["tokamax_us"]:
+      best_tk[key] = t
+  for key, t in sorted(best_tk.items()):
+    ours = _find(wo, *key)
+    if ours and ours.get("dispatched_us"):
+      v = t["tokamax_us"] / ours["dispatched_us"]
+      add(f"beat tokamax (its best tiling): {t['kernel']} {t['k']}x{t['n']} "
+          f"M={t['m']}", f"{v:.2f}x ({ours['dispatched_us']:.1f} vs "
+          f"{t['tokamax_us']:.1f} us)", v > 1.0)
+  for x in res["w8a8"]:
+    tgt = {"fp8_block": 1.6, "mxfp8": 1.0, "fp8_channel": 1.6,
+           "int8_channel": 1.6}.get(x["kernel"])
+    if tgt and x.get("kernel_us") and x.get("bf16_us"):
+      v = x["bf16_us"] / x["kernel_us"]
+      add(f"{x['kernel']} M={x['m']} {x['k']}x{x['n']}: >= {tgt}x XLA bf16",
+          f"{v:.2f}x ({x['kernel_tflops']:.0f} TFLOP/s)", v >= tgt)
   if not rows:
     return []
-  return ["## Targets (issue 6) vs measured", "",
-          "| target | measured | |", "|---|---|---|"] + rows + [""]
+  return ["## Targets (issue 13) vs measured", "", "| target | measured | |",
+          "|---|---|---|"] + rows + [""]
 
 
-def report(r: Runner):
-  """Merges result JSON files (--inputs) into one report."""
-  sources = []
-  for path in _INPUTS.value:
-    with open(path) as f:
-      d = json.load(f)
-    sources.append(d["meta"])
-    r.checks += d.get("checks", [])
-    r.results += d.get("results", [])
-  r.bw = statistics.median(m["stream_TBps"] for m in sources)
-  return sources
+def block_rows(res) -> list[str]:
+  """The Llama-3-8B block's decode matmuls at M = 1 and 16, summed."""
+  wo = res["wo"]
+  lines = []
+  for m in (1, 16):
+    hdr = False
+    for case in sorted({x["kernel"] for x in wo}):
+      sums = dict(bf16=0.0, fused=0.0, kernel=0.0, disp=0.0, roof=0.0)
+      ok = True
+      for _, k, n in BLOCK_8B:
+        x = _find(wo, case, m, k, n)
+        if not x or None in (x.get("bf16_us"), x.get("xla_fused_us"),
+                             x.get("dispatched_us")):
+          ok = False
+          break
+        sums["bf16"] += x["bf16_us"]
+        sums["fused"] += x["xla_fused_us"]
+        sums["kernel"] += x.get("kernel_us") or float("nan")
+        sums["disp"] += x["dispatched_us"]
+        sums["roof"] += x["roofline_us"]
+      if not ok:
+        continue
+      if not hdr:
+        lines += [f"### M = {m}", "",
+                  "| weight | XLA bf16 us | XLA fused us | kernel us | dispatched us "
+                  "| roofline us | dispatched vs bf16 | % roofline |",
+                  "|---|---|---|---|---|---|---|---|"]
+        hdr = True
+      lines.append(
+          f"| {case} | {sums['bf16']:.1f} | {sums['fused']:.1f} | "
+          f"{sums['kernel']:.1f} | {sums['disp']:.1f} | {sums['roof']:.1f} | "
+          f"{sums['bf16'] / sums['disp']:.2f}x | "
+          f"{100 * sums['roof'] / sums['disp']:.0f}% |")
+    if hdr:
+      lines.append("")
+  if not lines:
+    return []
+  return ["## Llama-3-8B block, decode matmuls summed",
+          "", "q, o: 4096x4096; k, v: 4096x1024; gate, up: 4096x14336; down: "
+          "14336x4096 (K x N). Dispatched = the kernel where the tuned table "
+          "takes it, else XLA's fused path.", ""] + lines
+
+
+def write_outputs(res, out_dir: str, tag: str):
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, tag + ".json"), "w") as f:
+    json.dump(res, f, indent=1, default=str)
+  meta, c = res["meta"], res["ceilings"]
+  lines = [f"# Low-bit GPU kernels on {meta['device']}", "",
+           f"jax {meta['jax']}; {meta['timing']}, median of {meta['iters']} calls "
+           "(every kernel of a call counted); weights are jit arguments, several "
+           "distinct weight sets per call where one fits in L2.", ""]
+  if c:
+    lines += [f"Measured in the same run: stream bandwidth {c['stream_TBps']:.2f} "
+              f"TB/s (1 GiB f32 read + write), bf16 GEMM {c['gemm_n']}^3 "
+              f"{c['bf16_gemm_TFLOPs']:.0f} TFLOP/s. Roofline = max(bytes that must "
+              "move / bandwidth, FLOPs / that GEMM rate).", ""]
+  lines += ["Commands (GPU machine, repository root):", ""]
+  lines += [f"    {c}" for c in meta.get("commands", [meta["command"]])] + [""]
+  if meta.get("report_command"):
+    lines += [f"Rebuilt with `{meta['report_command']}`.", ""]
+  if meta.get("elapsed_s"):
+    lines += [f"Run time {meta['elapsed_s']:.0f} s.", ""]
+  lines += target_rows(res)
+  lines += ["## Weight-only (bf16 activations), us per call", "",
+            "XLA fused = `(x @ w.astype(bf16)) * scale` (`xla_fused_matmul`, the "
+            "convert fused into the dot; what runs without a kernel). Dequant ref = "
+            "our dequantize-then-dot (`xla_dequant_matmul`). Kernel = fastest "
+            "correct tiling timed. Dispatched = what the tuned table picks.", "",
+            "| weight | K x N | M | XLA bf16 | XLA fused | dequant ref | kernel | "
+            "dispatched | roofline | % roofline (kernel) | kernel vs bf16 | kernel "
+            "vs fused | kernel vs ref | config (tile_n, tile_k, tile_m, stages, "
+            "split_k, ws, fast_decode) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for x in sorted(res["wo"], key=lambda r: (r["kernel"], r["k"], r["n"], r["m"])):
+    ku = x.get("kernel_us")
+    ratio = lambda a: "-" if (a is None or ku is None) else f"{a / ku:.2f}x"
+    pct = "-" if ku is None else f"{100 * x['roofline_us'] / ku:.0f}%"
+    lines.append(
+        f"| {x['kernel']} | {x['k']}x{x['n']} | {x['m']} | {_f(x.get('bf16_us'))} | "
+        f"{_f(x.get('xla_fused_us'))} | {_f(x.get('dequant_ref_us'))} | {_f(ku)} | "
+        f"{_f(x.get('dispatched_us'))} ({x.get('dispatched', '-')}) | "
+        f"{_f(x['roofline_us'])} | "
+        f"{pct} | "
+        f"{ratio(x.get('bf16_us'))} | {ratio(x.get('xla_fused_us'))} | "
+        f"{ratio(x.get('dequant_ref_us'))} | {x.get('config', '-')} |")
+  lines.append("")
+  lines += block_rows(res)
+  lines += ["## tokamax 0.0.17 (Mosaic GPU quantized ragged_dot, one group)", ""]
+  if res.get("tokamax_skipped"):
+    lines += [f"Skipped: {res['tokamax_skipped']}", ""]
+  elif res["tokamax"]:
+    lines += ["| weight | K x N | M | block_m | tokamax us | ours (kernel) us | "
+              "ours (dispatched) us | rel. err |", "|---|---|---|---|---|---|---|---|"]
+    for t in res["tokamax"]:
+      ours = _find(res["wo"], t["kernel"], t["m"], t["k"], t["n"]) or {}
+      lines.append(f"| {t['kernel']} | {t['k']}x{t['n']} | {t['m']} | {t['block_m']} "
+                   f"| {t['tokamax_us']:.1f} | {_f(ours.get('kernel_us'))} | "
+                   f"{_f(ours.get('dispatched_us'))} | {t['rel_err']:.1e} |")
+    lines.append("")
+  if res["w8a8"]:
+    lines += ["## W8A8, us (TFLOP/s)", "",
+              "| case | M x K x N | XLA bf16 | XLA's own path | kernel | kernel vs "
+              "bf16 | rel. err vs XLA |", "|---|---|---|---|---|---|---|"]
+    for x in res["w8a8"]:
+      t = lambda k_: (f"{x[k_ + '_us']:.1f} ({x[k_ + '_tflops']:.0f})"
+                      if x.get(k_ + "_us") else "-")
+      v = (f"{x['bf16_us'] / x['kernel_us']:.2f}x"
+           if x.get("kernel_us") and x.get("bf16_us") else "-")
+      lines.append(f"| {x['kernel']} | {x['m']}x{x['k']}x{x['n']} | {t('bf16')} | "
+                   f"{t('xla')} | {t('kernel')} | {v} | {_f(x.get('rel_err'), '{:.1e}')} |")
+    lines.append("")
+  bad = [x for x in res["wo"] if x.get("bad_variants")]
+  if bad:
+    lines += ["## Tilings rejected (rel. error vs the fused XLA path >= "
+              f"{MAX_REL_ERR})", ""]
+    lines += [f"- {x['kernel']} {x['k']}x{x['n']} M={x['m']}: {x['bad_variants']}"
+              for x in bad] + [""]
+  if res.get("table"):
+    lines += ["## Tuned table", "", f"Written to `{res['table']}`; copy it to "
+              "`lowbit_jax/kernels/gpu_tuned_configs.json` to make the dispatcher "
+              "use it.", ""]
+  if res["skipped"]:
+    lines += ["## Not measured (time budget)", ""] + [
+        f"- {s}" for s in res["skipped"]] + [""]
+  if res["errors"]:
+    lines += ["## Errors", ""] + [f"- {e['what']}: `{e['error'][:300]}`"
+                                  for e in res["errors"]] + [""]
+  with open(os.path.join(out_dir, tag + ".md"), "w") as f:
+    f.write("\n".join(lines))
+
+
+def write_table(b: Bench, wo, path: str):
+  meta = dict(device=b.res["meta"]["device"], jax=b.res["meta"]["jax"],
+              command=b.command, margin=_MARGIN.value,
+              source=("experiments/bench_kernels.py --mode=tune: per case, shape "
+                      "class and M bucket, the fastest correct tiling timed and "
+                      "whether it beat xla_fused_matmul by the margin"))
+  table = dict(meta=meta, entries=table_entries(wo, b.rows.values()))
+  with open(path, "w") as f:
+    json.dump(table, f, indent=1)
+  b.res["table"] = path
+  return table
+
+
+# ----------------------------------------------------------------------------
+# Main.
+# ----------------------------------------------------------------------------
+
+def _import_kernels():
+  import importlib  # pylint: disable=g-import-not-at-top
+  wo = importlib.import_module("lowbit_jax.kernels.gpu_weight_only")
+  w8 = importlib.import_module("lowbit_jax.kernels.gpu_w8a8")
+  api = importlib.import_module("lowbit_jax.kernels._api")
+  return wo, w8, api
 
 
 def main(argv):
   del argv
-  command = "PYTHONPATH=. python " + " ".join(sys.argv)
+  command = "PYTHONPATH=. python3 " + " ".join(sys.argv)
+  out_dir = _OUT_DIR.value
+  if _SMOKE.value:
+    # The interpreter runs multi-warpgroup kernels only with this flag (see
+    # _gpu_common.check_interpreter_threads); jax reads it at backend start.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " "
+                               "--xla_cpu_enable_concurrency_optimized_scheduler"
+                               "=false").strip()
   if _MODE.value == "report":
-    r = Runner()
-    write_outputs(r, command, sources=report(r))
+    res, rows, cmds = None, {}, []
+    for path in _INPUTS.value:
+      with open(path) as f:
+        d = json.load(f)
+      cmds.append(d["meta"]["command"])
+      if res is None:
+        res = {**d, "wo": []}
+      else:
+        for key in ("tokamax", "w8a8", "skipped", "errors"):
+          res[key] += d.get(key, [])
+        if not res.get("ceilings"):
+          res["ceilings"] = d.get("ceilings", {})
+      for row in d.get("wo", []):
+        key = (row["kernel"], row["m"], row["k"], row["n"])
+        if key not in rows:
+          rows[key] = row
+        else:  # the same row from two runs: keep every tiling timed
+          rows[key]["variants"].update(row["variants"])
+          for f_ in ("bf16_us", "xla_fused_us", "dequant_ref_us"):
+            if rows[key].get(f_) is None:
+              rows[key][f_] = row.get(f_)
+    rb = Bench(command)
+    rb.res = res
+    for row in rows.values():
+      finish_row(rb, row)
+    res["wo"] = list(rows.values())
+    res["meta"]["report_command"] = command
+    res["meta"]["commands"] = cmds
+    wo, _, _ = _import_kernels()
+    rb.rows = rows
+    os.makedirs(out_dir, exist_ok=True)
+    write_table(rb, wo, os.path.join(out_dir, "gpu_tuned_configs.json"))
+    write_outputs(res, out_dir, _TAG.value)
     return
-  r = Runner()
-  jax = r.jax
-  r.log(f"jax {jax.__version__} device {jax.devices()[0].device_kind}")
+  b = Bench(command)
+  if _TOKAMAX_ONLY.value:
+    os.makedirs(out_dir, exist_ok=True)
+    try:
+      run_tokamax(b)
+    finally:
+      write_outputs(b.res, out_dir, _TAG.value)
+    return
+  tune = _MODE.value in ("all", "tune")
   wo, w8, api = _import_kernels()
-  r.bw = stream_bw(r)
+
+  def flush():
+    with b.lock:
+      b.res["meta"]["elapsed_s"] = b.elapsed()
+      b.res["wo"] = list(b.rows.values())
+      if tune and b.rows:
+        write_table(b, wo, os.path.join(out_dir, "gpu_tuned_configs.json"))
+      write_outputs(b.res, out_dir, _TAG.value)
+
+  def watchdog():
+    time.sleep(max(1.0, _HARD.value))
+    b.log("hard time limit: writing results and exiting")
+    b.res["skipped"].append("everything after the hard limit "
+                            f"({_HARD.value:.0f} s)")
+    try:
+      flush()
+    finally:
+      os._exit(3)  # pylint: disable=protected-access
+
+  os.makedirs(out_dir, exist_ok=True)
+  if not b.smoke:
+    threading.Thread(target=watchdog, daemon=True).start()
+  b.log(f"jax {b.jax.__version__} on {b.res['meta']['device']}")
+  if b.smoke:
+    shapes, batches, extra = [(2048, 256)], [1, 16], []
+  else:
+    shapes = [tuple(int(v) for v in s.split("x")) for s in _SHAPES.value]
+    batches = [int(v) for v in _BATCHES.value]
+    extra = sorted({(k, n) for _, k, n in BLOCK_8B if (k, n) not in shapes}
+                   ) if _BLOCK8B.value else []
+  cases = list(_KERNELS.value)
+  for c in cases:
+    if c not in WO_CASES:
+      raise app.UsageError(f"unknown --kernels case {c!r}; one of {sorted(WO_CASES)}")
+  decode = [m for m in batches if m <= 16]
+  mid = [m for m in batches if 16 < m <= 256]
+  big = [m for m in batches if m > 256]
+  tune_m = [m for m in decode if m != 4]
+  # Priority order (the time budget cuts the tail): every table row first
+  # (decode, the 8B block, the peer, prefill, large M, W8A8) with the table's
+  # or the default tiling, then the other candidate tilings (decode on the two
+  # main shapes first).
+  phases = [("base", shapes, decode)]
+  if extra:
+    phases.append(("base", extra, [1, 16]))
+  phases.append(("tokamax", None, None))
+  if mid:
+    phases.append(("base", shapes, mid))
+  if big:
+    phases.append(("base", shapes, big))
+  if _W8A8.value:
+    phases.append(("w8a8", None, None))
+  if tune:
+    phases.append(("tune", shapes[:2], tune_m))
+    phases.append(("tune", shapes[2:] + extra, tune_m))
+    if mid:
+      phases.append(("tune", shapes, mid))
+  only = set(_PHASES.value)
+  if only:
+    phases = [p for p in phases if p[0] in only]
+  b.res["meta"]["phases"] = [(p, [f"{k}x{n}" for k, n in (sh or [])], ms)
+                             for p, sh, ms in phases]
   try:
-    if _MODE.value in ("check", "all"):
-      do_checks(r, wo, w8, api)
-    if _MODE.value in ("sweep", "all"):
-      do_sweep(r, wo, w8, api)
-    if _MODE.value in ("bench", "all"):
-      do_bench(r, wo, w8, api)
+    measure_ceilings(b)
+    flush()
+    for stage, what, ms in phases:
+      if stage == "tokamax":
+        if _TOKAMAX.value:
+          run_tokamax_subprocess(b, out_dir)
+      elif stage == "w8a8":
+        if b.over_budget():
+          b.res["skipped"].append("W8A8 (time budget)")
+        else:
+          run_w8a8(b, w8, api)
+      else:
+        for (k, n) in what:
+          if b.over_budget():
+            b.res["skipped"].append(f"{stage}: {k}x{n} M={ms} (time budget)")
+            continue
+          try:
+            run_shape(b, wo, api, k, n, ms, cases, stage)
+          except Exception as e:  # pylint: disable=broad-except
+            traceback.print_exc()
+            b.error(f"{stage} {k}x{n} M={ms}", e)
+      flush()
   finally:
-    write_outputs(r, command)
-    r.log(f"total {time.time() - r.t0:.0f} s")
+    flush()
+    b.log(f"done in {b.elapsed():.0f} s; wrote {out_dir}/{_TAG.value}.md")
+  # Last lines of the output: the target table.
+  for line in target_rows(b.res):
+    print(line)
 
 
 if __name__ == "__main__":

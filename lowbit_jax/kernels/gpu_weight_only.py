@@ -28,15 +28,22 @@ warpgroup and two compute warpgroups that each take half of every K step and add
 their partial sums through shared memory), lowered and tested on CPU but not yet
 run on a GPU.
 
-``supports`` only accepts cases measured faster than XLA's dequantize-then-dot on
-an H100 (``MEASURED_WINS``; numbers in ``benchmarks/kernels_h100.md``).
+Dispatch is data: ``gpu_tuned_configs.json`` beside this file (written by
+``experiments/bench_kernels.py --mode=tune``) holds, per weight case (``int4_g128``,
+``int8_pc``, ...), shape class (``shape_class``) and M bucket (``m_bucket``), the
+tiling measured fastest and whether it beat XLA's own fused path
+(``xla_fused_matmul``) there. ``supports`` says yes only where the table says the
+kernel won; everywhere else the quantized ``dot_general`` keeps the XLA path.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
-from typing import Optional
+import os
+import threading
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -63,6 +70,10 @@ class Config:
     split_k: number of K slices computed by separate CTAs.
     ws: warp-specialized (a TMA warpgroup and two compute warpgroups, each
       taking half of every K step) instead of one warpgroup doing everything.
+    fast_decode: for E2M1 weights (fp4_e2m1, MXFP4, NVFP4), decode two codes
+      with byte permutes (``_E2M1_PTX``, about half the instructions of the
+      bit-by-bit path) and convert NVFP4's E4M3 scales with the hardware
+      ``cvt`` (``_E4M3_PTX``); no effect on int4 / int8.
   """
   tile_n: int = 64
   tile_k: int = 256
@@ -70,6 +81,7 @@ class Config:
   stages: int = 4
   split_k: int = 1
   ws: bool = False
+  fast_decode: bool = False
 
 
 def _validate(problem: MatmulProblem) -> None:
@@ -124,6 +136,79 @@ def xla_dequant_matmul(operands: MatmulOperands,
   return y.astype(problem.out_dtype)
 
 
+def _codes_to_bf16(operands: MatmulOperands, problem: MatmulProblem,
+                   decode: str) -> jax.Array:
+  """The ``[N, K]`` weight codes as bf16 values (no scale applied)."""
+  n, k = problem.n, problem.k
+  fmt = problem.w_format
+  codes = operands.w_codes
+  if fmt == "int8":
+    return codes.astype(jnp.bfloat16)
+  if decode == "native":
+    # Bitcasts to the 4-bit dtypes XLA converts (and fuses into the dot).
+    narrow = jnp.int4 if fmt == "int4" else jnp.float4_e2m1fn
+    return lax.bitcast_convert_type(codes, narrow).reshape(n, k).astype(
+        jnp.bfloat16)
+  if decode == "arith":
+    nib = common.unpack_nibbles(codes)
+    vals = common.decode_int4(nib) if fmt == "int4" else common.decode_e2m1(nib)
+    return vals.astype(jnp.bfloat16)
+  raise ValueError(f"decode must be 'native' or 'arith', got {decode!r}")
+
+
+def _scales_f32(operands: MatmulOperands, problem: MatmulProblem,
+                decode: str) -> jax.Array:
+  """Weight scales as float32 ``[N, groups]`` (NVFP4's tensor scale folded in)."""
+  fmt = problem.w_format
+  s = operands.w_scale
+  if fmt == "mxfp4":
+    s = (lax.bitcast_convert_type(s, jnp.float8_e8m0fnu).astype(jnp.float32)
+         if decode == "native" else common.decode_e8m0(s))
+  else:
+    s = s.astype(jnp.float32)
+  if fmt == "nvfp4" and operands.w_tensor_scale is not None:
+    s = s * jnp.asarray(operands.w_tensor_scale, jnp.float32)
+  return s.reshape(problem.n, -1)
+
+
+def xla_fused_matmul(operands: MatmulOperands, problem: MatmulProblem, *,
+                     decode: str = "native") -> jax.Array:
+  """XLA's best plain-jnp weight-only path: ``(x @ w.astype(bf16)) * scale``.
+
+  The code-to-bf16 convert feeds the dot directly, so XLA fuses it into the GEMM
+  (the weight is read once, in its stored width). Per-channel scales multiply the
+  f32 result; group scales cannot leave the sum, so they multiply the bf16
+  weight (``w.reshape(N, K/g, g) * s``) inside the same fusion. This is the
+  baseline a kernel must beat (issue 13), and what runs where ``supports`` says
+  no.
+
+  Args:
+    operands: as for ``reference``.
+    problem: the static description.
+    decode: "native" bitcasts packed codes to ``int4`` / ``float4_e2m1fn`` (and
+      E8M0 scales to ``float8_e8m0fnu``) and lets XLA convert them; "arith"
+      decodes them with integer arithmetic (for backends without those types).
+
+  Returns:
+    ``[M, N]`` in ``problem.out_dtype``.
+  """
+  _validate(problem)
+  n, k = problem.n, problem.k
+  w = _codes_to_bf16(operands, problem, decode)
+  s = _scales_f32(operands, problem, decode)
+  g = common.weight_group(problem)
+  x = operands.x.astype(jnp.bfloat16)
+  dn = (((1,), (1,)), ((), ()))
+  if g is None:
+    y = lax.dot_general(x, w, dn, preferred_element_type=jnp.float32)
+    y = y * s.reshape(1, n)
+  else:
+    w = (w.reshape(n, k // g, g) * s.astype(jnp.bfloat16)[:, :, None]).reshape(
+        n, k)
+    y = lax.dot_general(x, w, dn, preferred_element_type=jnp.float32)
+  return y.astype(problem.out_dtype)
+
+
 # ----------------------------------------------------------------------------
 # Dispatch policy.
 # ----------------------------------------------------------------------------
@@ -153,10 +238,47 @@ def _decode_config(problem: MatmulProblem) -> Config:
     cfg = trial
   if not _shape_ok(problem, cfg) and tile_k == 256:
     cfg = dataclasses.replace(cfg, tile_k=128)
+  # Group scales of a long K are held in shared memory for the whole K slice:
+  # split K further until they fit.
+  while _tiles_ok(problem, cfg) and not _smem_ok(problem, cfg) and (
+      cfg.split_k < 8):
+    trial = dataclasses.replace(cfg, split_k=cfg.split_k * 2)
+    if not _tiles_ok(problem, trial):
+      break
+    cfg = trial
   return cfg
 
 
+# Shared memory a CTA may use on Hopper (227 KiB), less a little for barriers.
+MAX_SMEM_BYTES = 232448 - 512
+
+
+def smem_bytes(problem: MatmulProblem, cfg: Config) -> int:
+  """Shared memory of one CTA: the pipeline's weight and activation tiles, the
+  weight scales of the CTA's rows for its whole K slice, the warp-specialized
+  reduction buffer."""
+  bits = 8 if problem.w_format == "int8" else 4
+  per_stage = cfg.tile_n * cfg.tile_k * bits // 8 + cfg.tile_m * cfg.tile_k * 2
+  g = common.weight_group(problem)
+  itemsize = 1 if problem.w_format in ("mxfp4", "nvfp4") else 2
+  groups = 1 if g is None else problem.k // cfg.split_k // g
+  total = cfg.stages * per_stage + cfg.tile_n * groups * itemsize
+  if cfg.ws:
+    total += cfg.tile_n * cfg.tile_m * 4
+  return total
+
+
+def _smem_ok(problem: MatmulProblem, cfg: Config) -> bool:
+  return smem_bytes(problem, cfg) <= MAX_SMEM_BYTES
+
+
 def _shape_ok(problem: MatmulProblem, cfg: Config) -> bool:
+  """Whether the shape tiles evenly, every TMA box is legal and the CTA's
+  shared memory fits."""
+  return _tiles_ok(problem, cfg) and _smem_ok(problem, cfg)
+
+
+def _tiles_ok(problem: MatmulProblem, cfg: Config) -> bool:
   """Whether the shape tiles evenly and every TMA box is legal."""
   m, n, k = problem.m, problem.n, problem.k
   if n % cfg.tile_n or k % (cfg.tile_k * cfg.split_k):
@@ -181,26 +303,138 @@ def _shape_ok(problem: MatmulProblem, cfg: Config) -> bool:
   return True
 
 
-# Where the dispatcher may take the kernel: (format, group) -> (max M, min N*K).
-# Only cases measured on an H100 against XLA's dequantize-then-dot go here
-# (benchmarks/kernels_h100.md): int4 with groups of 128 at M = 1 and 16 on
-# 8192 x 8192 and 8192 x 28672, 14.8x / 17.9x faster than XLA's g128 path. The
-# other formats pass their correctness checks but have no timing yet; XLA fuses
-# per-channel int4 / int8 well, so those must be measured before they are
-# claimed.
-MEASURED_WINS = {("int4", 128): (16, 8192 * 8192)}
+# ----------------------------------------------------------------------------
+# The tuned table (data, measured by experiments/bench_kernels.py --mode=tune).
+# ----------------------------------------------------------------------------
+
+M_BUCKETS = (1, 4, 16, 64, 256, 512, 4096)
+TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                          "gpu_tuned_configs.json")
+_table_lock = threading.Lock()
+_table: Optional[dict] = None
+
+
+def case_name(fmt: str, group: Optional[int]) -> str:
+  """The table's name of a weight case: ``int4_g128``, ``int8_pc``, ``mxfp4``."""
+  if fmt in ("mxfp4", "nvfp4"):
+    return fmt
+  short = {"fp4_e2m1": "fp4"}.get(fmt, fmt)
+  return f"{short}_pc" if group is None else f"{short}_g{group}"
+
+
+def m_bucket(m: int) -> int:
+  """The smallest of ``M_BUCKETS`` at or above ``m`` (the last one above it)."""
+  for b in M_BUCKETS:
+    if m <= b:
+      return b
+  return M_BUCKETS[-1]
+
+
+def _dim_class(d: int) -> str:
+  for lim, name in ((1024, "1k"), (4096, "4k"), (8192, "8k"), (16384, "16k")):
+    if d <= lim:
+      return name
+  return "32k"
+
+
+def shape_class(k: int, n: int) -> str:
+  """The table's class of a ``K x N`` weight: K and N each rounded up to one of
+  1k, 4k, 8k, 16k, 32k (so 8192x28672 is ``k8k_n32k``)."""
+  return f"k{_dim_class(k)}_n{_dim_class(n)}"
+
+
+def _config_from_json(value) -> Optional[Config]:
+  if value is None:
+    return None
+  if isinstance(value, dict):
+    return Config(**value)
+  return Config(*value)
+
+
+def load_table(path: Optional[str] = None) -> dict:
+  """Reads a tuned table (JSON written by ``bench_kernels.py --mode=tune``).
+
+  Args:
+    path: the file; default ``TABLE_PATH``.
+
+  Returns:
+    ``{"meta": {...}, "entries": {case: {shape_class: {str(bucket): entry}}}}``.
+
+  Raises:
+    ValueError: if the file is not such a table.
+  """
+  path = path or TABLE_PATH
+  with open(path) as f:
+    table = json.load(f)
+  if not isinstance(table, dict) or not isinstance(table.get("entries"), dict):
+    raise ValueError(f"{path} is not a tuned kernel table (no 'entries' dict); "
+                     "regenerate it with experiments/bench_kernels.py --mode=tune")
+  for case, classes in table["entries"].items():
+    for cls, buckets in classes.items():
+      for b, e in buckets.items():
+        if int(b) not in M_BUCKETS or "use_kernel" not in e:
+          raise ValueError(f"{path}: bad entry {case}/{cls}/{b}: {e}")
+        _config_from_json(e.get("config"))
+  return table
+
+
+def set_table(table: Optional[dict]) -> None:
+  """Replaces the table the dispatcher reads (``None``: reload the file)."""
+  global _table
+  with _table_lock:
+    _table = table
+
+
+def get_table() -> dict:
+  """The table the dispatcher reads (loaded from ``TABLE_PATH`` once)."""
+  global _table
+  with _table_lock:
+    if _table is None:
+      _table = (load_table() if os.path.exists(TABLE_PATH)
+                else {"meta": {}, "entries": {}})
+    return _table
+
+
+def tuned_entry(problem: MatmulProblem) -> Optional[dict[str, Any]]:
+  """The table's entry for ``problem`` (its case, shape class, M bucket), or None."""
+  try:
+    g = common.weight_group(problem)
+  except ValueError:
+    return None
+  entries = get_table()["entries"]
+  by_class = entries.get(case_name(problem.w_format, g), {})
+  return by_class.get(shape_class(problem.k, problem.n), {}).get(
+      str(m_bucket(problem.m)))
+
+
+def tuned_config(problem: MatmulProblem) -> Config:
+  """The tiling for ``problem``: the table's (its tile_m fitted to M), else
+  ``_decode_config``."""
+  e = tuned_entry(problem)
+  cfg = _config_from_json(e.get("config")) if e else None
+  if cfg is None:
+    return _decode_config(problem)
+  tm = min(cfg.tile_m, max(8, -(-problem.m // 8) * 8))
+  return dataclasses.replace(cfg, tile_m=tm)
+
+
+def table_says_kernel(problem: MatmulProblem) -> bool:
+  """Whether the table measured the kernel faster than XLA's path for this case."""
+  e = tuned_entry(problem)
+  return bool(e and e.get("use_kernel"))
 
 
 def supports(problem: MatmulProblem) -> bool:
-  """Whether the kernel handles ``problem`` and beats XLA there (measured).
+  """Whether the kernel handles ``problem`` and was measured faster than XLA there.
 
   Args:
     problem: the static description of the matmul.
 
   Returns:
-    True only on a Hopper GPU, for bf16 activations, a (format, group) in
-    ``MEASURED_WINS`` at batch sizes and weight sizes inside the measured range,
-    and shapes that tile evenly.
+    True only on a Hopper GPU, for bf16 activations, where the tuned table
+    (``gpu_tuned_configs.json``) has an entry for this weight case, shape class
+    and M bucket that beat ``xla_fused_matmul``, and the shape tiles evenly
+    with that entry's tiling.
   """
   try:
     _validate(problem)
@@ -209,13 +443,9 @@ def supports(problem: MatmulProblem) -> bool:
   if problem.x_dtype != "bfloat16" or problem.out_dtype not in (
       "bfloat16", "float32"):
     return False
-  win = MEASURED_WINS.get((problem.w_format, common.weight_group(problem)))
-  if win is None:
+  if not table_says_kernel(problem):
     return False
-  max_m, min_nk = win
-  if problem.m > max_m or problem.n * problem.k < min_nk:
-    return False
-  if not _shape_ok(problem, _decode_config(problem)):
+  if not _shape_ok(problem, tuned_config(problem)):
     return False
   return common.on_hopper_gpu(problem)
 
@@ -233,14 +463,33 @@ def _bf16_const_vec(value_bits: int):
   return vector.broadcast(ir.VectorType.get((2,), bf16), scalar)
 
 
-def _scale_to_bf16(val, kind: str):
+# E4M3 -> f32 in two instructions (sm_89+): the hardware converts the byte pair
+# to f16x2 exactly (every E4M3 value, subnormals and NaN included, is an f16),
+# and the low f16 widens to f32 exactly. Replaces ~20 integer ops per scale.
+_E4M3_PTX = """{
+.reg .b32 t;
+.reg .b16 lo, hi;
+cvt.rn.f16x2.e4m3x2 t, $1;
+mov.b32 {lo, hi}, t;
+cvt.f32.f16 $0, lo;
+}"""
+
+
+def _scale_to_bf16(val, kind: str, fast: bool = False):
   """Converts one loaded scale (MLIR scalar) to bf16.
 
   Args:
     val: the scalar loaded from SMEM.
     kind: "float" (bf16 / f32 scales), "e8m0" (uint8 codes) or "e4m3".
+    fast: E4M3 through the hardware conversion (``_E4M3_PTX``).
   """
-  mgpu, _, ir, arith, _, _, _ = common._mlir()
+  mgpu, _, ir, arith, llvm, _, _ = common._mlir()
+  if kind == "e4m3" and fast:
+    i8 = ir.IntegerType.get_signless(8)
+    i16 = ir.IntegerType.get_signless(16)
+    b16 = arith.extui(i16, arith.bitcast(i8, val))
+    f = llvm.inline_asm(ir.F32Type.get(), [b16], _E4M3_PTX, "=f,h")
+    return arith.truncf(ir.BF16Type.get(), f)
   bf16 = ir.BF16Type.get()
   i8 = ir.IntegerType.get_signless(8)
   i16 = ir.IntegerType.get_signless(16)
@@ -306,7 +555,83 @@ def _e2m1_regs_to_bf16(w):
                             _is_signed=None)
 
 
-def _scale_regs(w, s_ref, group: Optional[int], tile_k_total: int, kind: str):
+def e2m1_prmt_selectors(part: int) -> tuple[int, int]:
+  """``prmt`` selectors of ``_E2M1_PTX`` for byte ``part`` (0..3) of a word.
+
+  The first puts byte ``part`` of the codes in lane 0 and of the codes >> 4 in
+  lane 1 (each lane's element in its low nibble); the second fills the high
+  byte of each lane with copies of that element's sign bit (sign-replicate
+  mode on byte ``part`` of the codes << 4, whose top bit is element 2j's sign,
+  and of the codes, whose top bit is element 2j+1's).
+  """
+  if not 0 <= part < 4:
+    raise ValueError(f"part must be in 0..3, got {part}")
+  sel_mag = part | (part << 4) | ((4 + part) << 8) | ((4 + part) << 12)
+  sel_sign = ((8 | part) << 4) | ((8 | 4 | part) << 12)
+  return sel_mag, sel_sign
+
+
+# Two E2M1 codes (byte ``part`` of a word of eight) to the bit patterns of two
+# bf16 values scaled by 2**-126: lane = (mag << 6) | (sign << 15), so that the
+# three magnitude bits land on the exponent's two low bits and the mantissa's
+# top bit, and one multiply by 2**126 gives the exact value (0.5 through the
+# subnormal 2**-127). $1 = codes, $2 = codes >> 4, $3 = codes << 4.
+_E2M1_PTX = """{{
+.reg .b32 t, g;
+prmt.b32 t, $1, $2, {sel_mag};
+shl.b32 t, t, 6;
+and.b32 t, t, 0x01C001C0;
+prmt.b32 g, $3, $1, {sel_sign};
+lop3.b32 $0, t, g, 0x80008000, 0xF8;
+}}"""
+
+
+def _e2m1_regs_to_bf16_prmt(w):
+  """``_e2m1_regs_to_bf16`` with byte permutes on whole 32-bit words.
+
+  Where a register is a slice of a 32-bit vector (as after a relayout from
+  ``WGMMA_UPCAST_4X``), the shifts of the word are shared by its four byte
+  pairs; otherwise each byte is widened on its own.
+  """
+  mgpu, fa, ir, arith, llvm, _, vector = common._mlir()
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils  # pylint: disable=g-import-not-at-top
+  bf16 = ir.BF16Type.get()
+  i8 = ir.IntegerType.get_signless(8)
+  i32 = ir.IntegerType.get_signless(32)
+  c32 = lambda v: arith.constant(i32, v)
+  two126 = _bf16_const_vec(0x7E80)  # 2**126
+  words = {}
+  new_regs = w.registers.copy()
+  for idx, reg in np.ndenumerate(w.registers):
+    op = getattr(reg.owner, "opview", None)
+    if (isinstance(op, vector.ExtractStridedSliceOp)
+        and mgpu_utils.bitwidth(op.source.type) == 32
+        and op.strides[0].value == 1):
+      src, part = op.source, op.offsets[0].value // 2
+    else:
+      src, part = reg, None
+    shifted = words.get(src) if part is not None else None
+    if shifted is None:
+      if part is None:
+        word = arith.extui(i32, mgpu_utils.bitcast(reg, i8))
+      else:
+        word = mgpu_utils.bitcast(src, i32)
+      shifted = (word, arith.shrui(word, c32(4)), arith.shli(word, c32(4)))
+      if part is not None:
+        words[src] = shifted
+    sel_mag, sel_sign = e2m1_prmt_selectors(part or 0)
+    bits = llvm.inline_asm(
+        i32, list(shifted),
+        _E2M1_PTX.format(sel_mag=hex(sel_mag), sel_sign=hex(sel_sign)),
+        "=r,r,r,r")
+    vec = mgpu_utils.bitcast(bits, ir.VectorType.get((2,), bf16))
+    new_regs[idx] = arith.mulf(vec, two126)
+  return fa.FragmentedArray(_registers=new_regs, _layout=w.layout,
+                            _is_signed=None)
+
+
+def _scale_regs(w, s_ref, group: Optional[int], tile_k_total: int, kind: str,
+                fast: bool = False):
   """Multiplies a bf16 WGMMA fragment ``[rows, cols]`` by per-row/group scales.
 
   Args:
@@ -315,6 +640,7 @@ def _scale_regs(w, s_ref, group: Optional[int], tile_k_total: int, kind: str):
     group: group size along K (columns), or None if ``s_ref`` has one column.
     tile_k_total: number of columns of ``w``.
     kind: scale encoding, see ``_scale_to_bf16``.
+    fast: E4M3 scales through the hardware conversion.
   """
   mgpu, fa, ir, arith, _, memref, vector = common._mlir()
   bf16 = ir.BF16Type.get()
@@ -328,7 +654,7 @@ def _scale_regs(w, s_ref, group: Optional[int], tile_k_total: int, kind: str):
     key = (row_key, gi)
     if key not in cache:
       s = memref.load(s_ref, [rows[row_key], arith.constant(index, gi)])
-      s = _scale_to_bf16(s, kind)
+      s = _scale_to_bf16(s, kind, fast)
       cache[key] = vector.broadcast(ir.VectorType.get((2,), bf16), s)
     new_regs[idx] = arith.mulf(w.registers[idx], cache[key])
   return fa.FragmentedArray(_registers=new_regs, _layout=w.layout,
@@ -515,6 +841,8 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
         return_type=plgpu.ShapeDtypeStruct((tile_n, tkw), jnp.bfloat16,
                                            plgpu.Layout.WGMMA))
     def to_bf16(_, wf):
+      if cfg.fast_decode:
+        return _e2m1_regs_to_bf16_prmt(wf)
       return _e2m1_regs_to_bf16(wf)
     return to_bf16(w)
 
@@ -527,7 +855,7 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
         return_type=plgpu.ShapeDtypeStruct((tile_n, tkw), jnp.bfloat16,
                                            plgpu.Layout.WGMMA))
     def apply(_, s, wf):
-      return _scale_regs(wf, s, group, tkw, kind)
+      return _scale_regs(wf, s, group, tkw, kind, cfg.fast_decode)
     return apply(s_ref, w)
 
   def mma_step(kk, x_ref, w_ref, acc_ref, s_smem, s_bar, part, stage=None):
@@ -758,7 +1086,8 @@ def matmul(operands: MatmulOperands, problem: MatmulProblem, *,
   Args:
     operands: see ``reference``.
     problem: the static description; ``supports(problem)`` should be True.
-    config: tiling override (benchmarks); default picks one from the shape.
+    config: tiling override (benchmarks); default: the tuned table's
+      (``tuned_config``), else one picked from the shape.
     interpret: False to compile for a Hopper GPU; True (or an
       ``InterpretGPUParams``, e.g. with ``detect_races=True``) to run the kernel
       on the CPU in the Mosaic GPU interpreter, for testing. See
@@ -772,12 +1101,22 @@ def matmul(operands: MatmulOperands, problem: MatmulProblem, *,
   """
   params = common.interpret_params(interpret)
   _validate(problem)
-  cfg = config or _decode_config(problem)
+  cfg = config
+  if cfg is None:
+    cfg = tuned_config(problem)
+    if not _shape_ok(problem, cfg):
+      cfg = _decode_config(problem)
   if params is not None:
     common.check_interpreter_threads(3 if cfg.ws else 1)
-  if not _shape_ok(problem, cfg):
+  if not _tiles_ok(problem, cfg):
     raise ValueError(f"shape M={problem.m} N={problem.n} K={problem.k} does not "
                      f"fit the tiling {cfg}")
+  if not _smem_ok(problem, cfg):
+    raise ValueError(
+        f"the tiling {cfg} needs {smem_bytes(problem, cfg)} bytes of shared "
+        f"memory for M={problem.m} N={problem.n} K={problem.k}, more than the "
+        f"{MAX_SMEM_BYTES} a Hopper CTA may use; lower stages or tile_k, or "
+        "raise split_k")
   g = common.weight_group(problem)
   fn = _build(problem.w_format, g, problem.m, problem.n, problem.k,
               jnp.dtype(operands.w_scale.dtype).name, problem.out_dtype, cfg,

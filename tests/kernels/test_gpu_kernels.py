@@ -6,6 +6,7 @@ NaN or a large error), and compares with the module's ``reference``. Needs a
 Hopper GPU (sm_90); skipped elsewhere (tests/conftest.py skips ``gpu`` tests
 without a GPU backend, and the fixture below skips non-Hopper GPUs).
 """
+import dataclasses
 import time
 
 import jax
@@ -70,6 +71,25 @@ def test_weight_only_kernel_real_shape(ws):
   assert rel_err(out, gpu_weight_only.reference(ops, prob)) < 1e-2
 
 
+@pytest.mark.parametrize("fmt,group", [("fp4_e2m1", 32), ("mxfp4", 32),
+                                       ("nvfp4", 16)])
+@pytest.mark.parametrize("m,n,k", [(1, 1024, 2048), (16, 4096, 8192)])
+def test_weight_only_fast_decode_matches_reference(fmt, group, m, n, k):
+  # The byte-permute E2M1 decode and the hardware E4M3 scale conversion
+  # (Config.fast_decode), on every E4M3 scale code but NaN (subnormals too).
+  ops, prob = _wo_ops(fmt, group, m, n, k)
+  if fmt == "nvfp4":
+    codes = jax.random.randint(_key(), ops.w_scale.shape, 1, 0x7F).astype(
+        jnp.uint8)
+    ops = dataclasses.replace(ops, w_scale=jax.lax.bitcast_convert_type(
+        codes, jnp.float8_e4m3fn))
+  cfg = dataclasses.replace(gpu_weight_only._decode_config(prob),  # pylint: disable=protected-access
+                            fast_decode=True)
+  out = _run_poisoned(lambda o: gpu_weight_only.matmul(o, prob, config=cfg),
+                      ops, (m, n), jnp.bfloat16)
+  assert rel_err(out, gpu_weight_only.reference(ops, prob)) < 1e-2
+
+
 def _w8_ops(case, m, n, k, exact=False):
   out = "float32" if (exact and case == "mxfp8") else "bfloat16"
   return make_w8(_key(), case, m, n, k, out_dtype=out, exact=exact,
@@ -95,8 +115,11 @@ def test_mxfp8_kernel_is_bit_exact_on_exact_block_sums():
 
 
 def test_supports_measured_cases_on_hopper():
-  assert gpu_weight_only.supports(MatmulProblem(
-      m=1, n=8192, k=8192, x_dtype="bfloat16", w_format="int4", w_block=128))
+  prob = MatmulProblem(m=1, n=8192, k=8192, x_dtype="bfloat16",
+                       w_format="int4", w_block=128)
+  # Weight-only dispatch is whatever the tuned table says for this case.
+  assert gpu_weight_only.supports(prob) == gpu_weight_only.table_says_kernel(
+      prob)
   assert gpu_w8a8.supports(MatmulProblem(
       m=4096, n=8192, k=8192, x_dtype="fp8_e4m3", w_format="fp8_e4m3",
       x_format="fp8_e4m3"))

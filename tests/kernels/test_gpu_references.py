@@ -2,7 +2,7 @@
 
 Each ``reference`` is checked against an independent float64 numpy decode of the
 stored codes (bit manipulation, no shared helpers). ``supports`` is checked for its
-backend and measured-win logic. The kernels themselves only run on a Hopper GPU
+backend and measured-win (tuned table) logic. The kernels themselves only run on a Hopper GPU
 (tests/kernels/test_gpu_kernels.py), but they are traced and lowered to Mosaic GPU
 here, which catches layout, shape and shared-memory errors without a GPU.
 """
@@ -174,18 +174,19 @@ def test_supports_is_false_without_a_hopper_gpu():
 
 
 def test_supports_claims_only_measured_wins(monkeypatch):
+  # Weight-only dispatch follows the tuned table (tests/kernels/
+  # test_gpu_dispatch_table.py); the shipped table takes the kernel only for
+  # the cases measured faster than XLA's fused path.
   monkeypatch.setattr(common, "on_hopper_gpu", lambda problem: True)
+  gpu_weight_only.set_table(None)
   wo = lambda **kw: MatmulProblem(**{**dict(
       m=1, n=8192, k=8192, x_dtype="bfloat16", w_format="int4", w_block=128),
                                      **kw})
-  assert gpu_weight_only.supports(wo())
-  assert gpu_weight_only.supports(wo(m=16, n=28672))
-  assert gpu_weight_only.supports(wo(m=4, k=28672))
-  assert not gpu_weight_only.supports(wo(m=17))           # prefill: not measured
-  assert not gpu_weight_only.supports(wo(w_block=32))     # not timed yet
-  assert not gpu_weight_only.supports(wo(w_block=None))   # XLA fuses this well
-  assert not gpu_weight_only.supports(wo(w_format="nvfp4", w_block=16))
-  assert not gpu_weight_only.supports(wo(n=1024, k=2048))  # below measured size
+  for prob in (wo(), wo(m=16, n=28672), wo(m=4)):
+    assert gpu_weight_only.supports(prob) == gpu_weight_only.table_says_kernel(
+        prob)
+  assert not gpu_weight_only.supports(wo(m=4096))          # not in the table
+  assert not gpu_weight_only.supports(wo(n=1024, k=2048))  # no such shape class
   assert not gpu_weight_only.supports(wo(x_dtype="float32"))
   assert not gpu_weight_only.supports(wo(n=8200))          # does not tile
   w8 = lambda **kw: MatmulProblem(**{**dict(
@@ -231,7 +232,8 @@ def _lower(fn, ops):
 @pytest.mark.parametrize("fmt,group,m,ws", [
     ("int4", 128, 1, False), ("int4", None, 16, False), ("int8", 64, 5, False),
     ("fp4_e2m1", 32, 16, False), ("mxfp4", 32, 1, False), ("nvfp4", 16, 16, False),
-    ("int4", 128, 16, True), ("nvfp4", 16, 1, True)])
+    ("int4", 128, 16, True), ("nvfp4", 16, 1, True), ("mxfp4", 32, 16, "fast"),
+    ("nvfp4", 16, 1, "fast")])
 def test_weight_only_kernel_lowers_to_mosaic_gpu(fmt, group, m, ws):
   n, k = 1024, 4096
   four = fmt != "int8"
@@ -244,7 +246,9 @@ def test_weight_only_kernel_lowers_to_mosaic_gpu(fmt, group, m, ws):
   prob = MatmulProblem(m=m, n=n, k=k, x_dtype="bfloat16", w_format=fmt,
                        w_block=group)
   cfg = gpu_weight_only._decode_config(prob)  # pylint: disable=protected-access
-  if ws:
+  if ws == "fast":
+    cfg = dataclasses.replace(cfg, fast_decode=True)
+  elif ws:
     cfg = dataclasses.replace(cfg, ws=True, tile_k=512, split_k=1)
   _lower(lambda o: gpu_weight_only.matmul(o, prob, config=cfg), ops)
 

@@ -1,0 +1,146 @@
+"""CPU tests of the weight-only dispatch table and of XLA's fused baseline path.
+
+The table (``lowbit_jax/kernels/gpu_tuned_configs.json``, written by
+``experiments/bench_kernels.py --mode=tune``) decides per weight case, shape class
+and M bucket whether the kernel runs and with which tiling; ``xla_fused_matmul``
+is what runs everywhere else.
+"""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from lowbit_jax.kernels import _gpu_common as common
+from lowbit_jax.kernels import gpu_weight_only as wo
+from lowbit_jax.kernels._api import MatmulProblem
+from tests.kernels._gpu_operands import make_wo, np_weight, rel_err
+
+
+@pytest.fixture(autouse=True)
+def _restore_table():
+  yield
+  wo.set_table(None)
+
+
+def _prob(**kw):
+  return MatmulProblem(**{**dict(m=1, n=8192, k=8192, x_dtype="bfloat16",
+                                 w_format="int4", w_block=128), **kw})
+
+
+def _entry(use, config=None, m=1):
+  return dict(use_kernel=use, config=config, shape="8192x8192", m=m,
+              kernel_us=10.0, xla_us=20.0, bf16_us=30.0)
+
+
+def test_names_buckets_and_shape_classes():
+  assert wo.case_name("int4", 128) == "int4_g128"
+  assert wo.case_name("int8", None) == "int8_pc"
+  assert wo.case_name("fp4_e2m1", 32) == "fp4_g32"
+  assert wo.case_name("mxfp4", 32) == "mxfp4"
+  assert [wo.m_bucket(m) for m in (1, 2, 4, 5, 16, 17, 64, 65, 300, 513, 9000)] == [
+      1, 4, 4, 16, 16, 64, 64, 256, 512, 4096, 4096]
+  assert wo.shape_class(8192, 28672) == "k8k_n32k"
+  assert wo.shape_class(14336, 4096) == "k16k_n4k"
+  assert wo.shape_class(4096, 1024) == "k4k_n1k"
+
+
+def test_supports_follows_the_table(monkeypatch):
+  monkeypatch.setattr(common, "on_hopper_gpu", lambda problem: True)
+  wo.set_table({"meta": {}, "entries": {"int4_g128": {"k8k_n8k": {
+      "1": _entry(True, [64, 512, 16, 3, 2, False]),
+      "16": _entry(False, m=16)}}}})
+  assert wo.supports(_prob())
+  # The table's tile_m (16) is fitted to M = 1 (8 rows).
+  assert wo.tuned_config(_prob()) == wo.Config(64, 512, 8, 3, 2, False)
+  assert not wo.supports(_prob(m=16))          # measured slower than XLA
+  assert not wo.supports(_prob(m=4))           # bucket not in the table
+  assert not wo.supports(_prob(w_block=64))    # case not in the table
+  assert not wo.supports(_prob(n=4096))        # shape class not in the table
+  assert not wo.supports(_prob(n=8192 + 64 * 3, k=8192))  # class ok, no tiling
+  # Without a table entry, matmul's default tiling is the built-in one.
+  assert wo.tuned_config(_prob(m=4)) == wo._decode_config(_prob(m=4))  # pylint: disable=protected-access
+
+
+def test_supports_needs_a_hopper_gpu_even_where_the_table_wins():
+  wo.set_table({"meta": {}, "entries": {"int4_g128": {"k8k_n8k": {
+      "1": _entry(True)}}}})
+  assert jax.default_backend() != "gpu"
+  assert not wo.supports(_prob())
+
+
+def test_load_table_reads_the_shipped_file_and_rejects_bad_ones(tmp_path):
+  table = wo.load_table()
+  assert table["entries"], "the shipped table is empty"
+  for case, classes in table["entries"].items():
+    for buckets in classes.values():
+      for b, e in buckets.items():
+        assert int(b) in wo.M_BUCKETS and isinstance(e["use_kernel"], bool), case
+  bad = tmp_path / "t.json"
+  bad.write_text(json.dumps({"entries": {"int4_g128": {"k8k_n8k": {"3": {
+      "use_kernel": True}}}}}))
+  with pytest.raises(ValueError, match="bad entry"):
+    wo.load_table(str(bad))
+  bad.write_text(json.dumps({"rows": []}))
+  with pytest.raises(ValueError, match="--mode=tune"):
+    wo.load_table(str(bad))
+
+
+@pytest.mark.parametrize("fmt,group,decode", [
+    ("int4", 128, "native"), ("nvfp4", 16, "native"), ("mxfp4", 32, "arith"),
+    pytest.param("int8", None, "native", marks=pytest.mark.slow),
+    pytest.param("fp4_e2m1", None, "arith", marks=pytest.mark.slow)])
+def test_xla_fused_path_matches_float64(fmt, group, decode):
+  m, n, k = 3, 64, 256
+  ops, prob = make_wo(jax.random.key(len(fmt) + (group or 0)), fmt, group, m, n,
+                      k, out_dtype="float32")
+  w = np_weight(fmt, ops.w_codes, ops.w_scale, group, n, k, ops.w_tensor_scale)
+  want = np.asarray(ops.x, np.float64) @ w.T
+  got = jax.jit(lambda o: wo.xla_fused_matmul(o, prob, decode=decode))(ops)
+  assert got.shape == (m, n)
+  # bf16 weights (group scales applied in bf16): bf16-operand accuracy.
+  assert rel_err(got, want) < 1e-2
+
+
+def _prmt(a, b, sel):
+  """PTX ``prmt.b32`` (default mode) on Python ints."""
+  src = [(a >> (8 * i)) & 0xFF for i in range(4)] + [
+      (b >> (8 * i)) & 0xFF for i in range(4)]
+  out = 0
+  for i in range(4):
+    s = (sel >> (4 * i)) & 0xF
+    v = src[s & 7]
+    if s & 8:  # sign-replicate mode
+      v = 0xFF if v & 0x80 else 0
+    out |= v << (8 * i)
+  return out
+
+
+def _lop3(a, b, c, lut):
+  """PTX ``lop3.b32``: bit i of the result is lut[(a_i << 2) | (b_i << 1) | c_i]."""
+  return sum(((lut >> ((((a >> i) & 1) << 2) | (((b >> i) & 1) << 1)
+                       | ((c >> i) & 1))) & 1) << i for i in range(32))
+
+
+def test_e2m1_byte_permute_decode_is_exact_on_random_words():
+  # A model of _E2M1_PTX (prmt / shl / and / prmt / lop3, then x 2**126) with
+  # the kernel's own selectors, against the exact decoder, for all 4 byte
+  # positions of random words and every byte value.
+  from lowbit_jax.kernels import _gpu_common as common  # pylint: disable=g-import-not-at-top
+  import ml_dtypes  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  words = [int(v) for v in rng.integers(0, 2 ** 32, 64, dtype=np.uint64)]
+  words += list(range(256))  # one byte, zero-extended (the fallback path)
+  for w in words:
+    nib = np.array([(w >> (4 * i)) & 0xF for i in range(8)], np.uint8)
+    want = np.asarray(common.decode_e2m1(nib))
+    for part in range(4 if w > 255 else 1):
+      sel_mag, sel_sign = wo.e2m1_prmt_selectors(part)
+      t = ((_prmt(w, w >> 4, sel_mag) << 6) & 0xFFFFFFFF) & 0x01C001C0
+      g = _prmt((w << 4) & 0xFFFFFFFF, w, sel_sign)
+      r = _lop3(t, g, 0x80008000, 0xF8)
+      got = np.array([r & 0xFFFF, r >> 16], np.uint16).view(
+          ml_dtypes.bfloat16).astype(np.float32) * np.float32(2.0 ** 126)
+      np.testing.assert_array_equal(got, want[2 * part: 2 * part + 2])
+  with pytest.raises(ValueError, match="0..3"):
+    wo.e2m1_prmt_selectors(4)
