@@ -387,10 +387,29 @@ def sec_matmul(b: Bench, qwix):
             x_, q, dn_nt, mode="real", use_kernel="never") for q in ws_], x, qws,
                          reps=reps, stats=st)
         bf16 = b.time_us(lambda x_, ws_: [x_ @ v for v in ws_], x, ws, reps=reps)
+        # The other order of the reference dot (codes into the dot, scales on
+        # its output, vs dequantize first), where the weight allows both.
+        other = None
+        ct = lb.ops._compute_dtype(jnp.bfloat16)  # pylint: disable=protected-access
+        both = lb.ops._scale_after_dot(qws[0], dn_nt, ct) is not None  # pylint: disable=protected-access
+        if both:
+          thr = lb.ops._CODES_IN_DOT_MAX_ROWS  # pylint: disable=protected-access
+          lb.ops._CODES_IN_DOT_MAX_ROWS = -1 if m <= thr else 1 << 62  # pylint: disable=protected-access
+          try:
+            other = b.time_us(lambda x_, ws_: [lb.ops.dot_general(
+                x_, q, dn_nt, mode="real", use_kernel="never") for q in ws_], x, qws,
+                              reps=reps)
+          finally:
+            lb.ops._CODES_IN_DOT_MAX_ROWS = thr  # pylint: disable=protected-access
         row = dict(weight=fid, m=m, k=k, n=n, ours_us=round(ours, 2),
                    xla_bf16_us=round(bf16, 2), vs_bf16=round(bf16 / ours, 3),
                    kernels_per_weight=round(st["kernels"] / reps, 1),
-                   top_kernels=st.get("top_kernels"))
+                   top_kernels=st.get("top_kernels"),
+                   order=("codes in the dot" if both
+                          and m <= lb.ops._CODES_IN_DOT_MAX_ROWS  # pylint: disable=protected-access
+                          else "dequantize first"))
+        if other is not None:
+          row["other_order_us"] = round(other, 2)
         if qq is not None:
           qw_us = b.time_us(lambda x_, ws_: [qwix.dot_general(x_, q, dn_kn) for q in ws_],
                             x, qq, reps=reps)
@@ -445,12 +464,20 @@ def markdown(res: dict) -> str:
     out += [f"Real-mode matmul without a kernel, x[M, {k}] bf16 @ W[{k}, {n}] "
             "(`ops.dot_general(x, QArray, mode='real', use_kernel='never')`), us per "
             "call; ratios > 1 mean ours is faster.", "",
-            "| weight | M | ours | XLA bf16 | bf16 / ours | qwix | qwix / ours |",
-            "|---|---|---|---|---|---|---|"]
+            "| weight | M | ours | XLA bf16 | bf16 / ours | qwix | qwix / ours | "
+            "ours, other order |", "|---|---|---|---|---|---|---|---|"]
     for r in mm:
+      oth = r.get("other_order_us")
       out.append(f"| {r['weight']} | {r['m']} | {r['ours_us']:.0f} | "
                  f"{r['xla_bf16_us']:.0f} | {r['vs_bf16']:.2f} | "
-                 f"{r.get('qwix_us', '')} | {r.get('vs_qwix', '')} |")
+                 f"{r.get('qwix_us', '')} | {r.get('vs_qwix', '')} | "
+                 + (f"{oth:.0f} |" if oth is not None else " |"))
+    out += ["", "Ours runs the order in the JSON's `order` (up to "
+            "`ops._CODES_IN_DOT_MAX_ROWS` rows, int8/fp8 per-channel codes go into "
+            "the 16-bit dot and the scales onto its output; otherwise the weight "
+            "is dequantized first); 'other order' times the other one. On CPU the "
+            "reference dot runs in float32 and dequantizes first: no other order "
+            "there."]
     out.append("")
   base = res.get("baseline")
   if base:
