@@ -30,9 +30,17 @@ what there is and exits at ``--hard_limit_s``.
 
 Run (repository root)::
 
+  PYTHONPATH=. python3 -m experiments.bench_primitives --smoke --out_dir=/tmp/smoke
+                                   # every item on 256x256 in about a minute (CPU)
   PYTHONPATH=. python3 -m experiments.bench_primitives            # CPU or GPU
-  PYTHONPATH=. python3 -m experiments.bench_primitives --time_budget_s=300 \
-      --out_dir=$OUT                                               # one GPU call
+
+One GPU call (about 5 minutes; qwix 0.1.8 from ``../shared/wheels`` copied
+into a git-ignored ``.peer/`` named in the call's carry; without it the qwix
+columns stay empty)::
+
+  python3 -m pip install -q --no-deps --no-index --target /tmp/site .peer/qwix-*.whl
+  PYTHONPATH=/tmp/site:. python3 -m experiments.bench_primitives \
+      --time_budget_s=270 --hard_limit_s=290 --out_dir=$OUT
 
 Writes ``primitives_<tag>.json`` and ``primitives_<tag>.md`` to ``--out_dir``
 (tag: ``h200`` / ``h100`` / ``gpu`` / ``cpu`` from the device, or ``--tag``).
@@ -55,6 +63,8 @@ import traceback
 from absl import app
 from absl import flags
 
+from experiments._primitive_formats import FORMATS, MM_FORMATS
+
 _SHAPE = flags.DEFINE_string("shape", "", "K x N of the tensor (default: 8192x8192 "
                              "on GPU/TPU, 2048x2048 on CPU)")
 _FORMATS = flags.DEFINE_list("formats", [], "format ids to time (default: all)")
@@ -76,38 +86,12 @@ _BASELINE = flags.DEFINE_string("baseline", "", "JSON of an earlier run (e.g. of
                                 "speedup over it")
 _REPORT = flags.DEFINE_string("report", "", "rebuild the markdown from this JSON "
                               "(with --baseline) without timing anything")
+_SMOKE = flags.DEFINE_bool("smoke", False, "a dry run of every item in seconds: "
+                           "256x256 tensors, matmul M in {1, 16}, 2 calls each, "
+                           "tag 'smoke' (checks the script end to end on CPU)")
 
 T0 = time.time()
 L2_BYTES = 50 * 2 ** 20  # H100/H200 L2: matmul weight sets rotate past it
-
-# id -> (format, QuantSpec keywords besides axis=0). The issue's six first.
-FORMATS = {
-    "int8": ("int8", {}),
-    "int4_g128": ("int4", dict(group_size=128)),
-    "fp8_e4m3": ("fp8_e4m3", {}),
-    "mxfp8_e4m3": ("mxfp8_e4m3", {}),
-    "mxfp4": ("mxfp4", {}),
-    "nvfp4": ("nvfp4", {}),
-    "int8_g128": ("int8", dict(group_size=128)),
-    "int4": ("int4", {}),
-    "int3": ("int3", {}),
-    "int3_g128": ("int3", dict(group_size=128)),
-    "int2": ("int2", {}),
-    "int2_g128": ("int2", dict(group_size=128)),
-    "uint8": ("uint8", {}),
-    "fp8_e5m2": ("fp8_e5m2", {}),
-    "fp6_e2m3": ("fp6_e2m3", {}),
-    "fp4_e2m1_g32": ("fp4_e2m1", dict(group_size=32)),
-    "nf4": ("nf4", {}),
-    "mxfp6_e2m3": ("mxfp6_e2m3", {}),
-    "mxint8": ("mxint8", {}),
-    "binary": ("binary", {}),
-    "ternary": ("ternary", {}),
-}
-# Matmul weights: id -> (format, QuantSpec keywords; the axis is K).
-MM_FORMATS = {"int4_g128": ("int4", dict(group_size=128)), "int8": ("int8", {}),
-              "fp8_e4m3": ("fp8_e4m3", {})}
-
 
 class Bench:
   """Results, the clock, the timer and the writers."""
@@ -119,8 +103,9 @@ class Bench:
     dev = jax.devices()[0]
     self.device = getattr(dev, "device_kind", str(dev))
     self.gpu = self.backend == "gpu"
-    self.iters = _ITERS.value or (5 if self.backend == "cpu" else 30)
-    tag = _TAG.value
+    self.iters = _ITERS.value or (2 if _SMOKE.value else
+                                  5 if self.backend == "cpu" else 30)
+    tag = _TAG.value or ("smoke" if _SMOKE.value else "")
     if not tag:
       kind = self.device.lower()
       tag = ("h200" if "h200" in kind else "h100" if "h100" in kind else
@@ -137,18 +122,35 @@ class Bench:
   def over_budget(self) -> bool:
     return time.time() - T0 > _BUDGET.value
 
-  def time_us(self, f, *args, reps: int = 1) -> float:
-    """Median microseconds of one call of jit(f)(*args), divided by reps."""
+  def time_us(self, f, *args, reps: int = 1, stats: dict | None = None) -> float:
+    """Median microseconds of one call of jit(f)(*args), divided by reps.
+
+    ``stats`` (a dict) receives what the compiled program launches: ``kernels``
+    (top-level ops of the optimized HLO that run on the device: fusions,
+    copies, transposes, custom calls...), ``transposes`` (transpose ops
+    anywhere in it), and on GPU ``top_kernels``: the costliest kernels of one
+    call by CUPTI device time (name, us).
+    """
     jax = self.jax
-    jf = jax.jit(f)
+    jf = jax.jit(f).lower(*args).compile()
+    if stats is not None:
+      stats.update(hlo_stats(jf.as_text()))
     jax.block_until_ready(jf(*args))
     if self.gpu:
       try:
         from jax.experimental.mosaic.gpu import profiler  # pylint: disable=g-import-not-at-top
         _, ts = profiler.measure(jf, iterations=self.iters)(*args)
-        if isinstance(ts, (list, tuple)) and ts:
-          return statistics.median(ts) * 1e3 / reps
-        return float(ts) * 1e3 / reps
+        if ts is None:
+          raise RuntimeError("CUPTI recorded no kernel launch")
+        us = (statistics.median(ts) if isinstance(ts, (list, tuple)) else float(ts))
+        if stats is not None:
+          _, kt = profiler.measure(jf, aggregate=False)(*args)
+          agg = {}
+          for name, t in kt or []:
+            agg[str(name)[:80]] = agg.get(str(name)[:80], 0.0) + float(t) * 1e3 / reps
+          stats["top_kernels"] = sorted(([k, round(v, 1)] for k, v in agg.items()),
+                                        key=lambda kv: -kv[1])[:4]
+        return us * 1e3 / reps
       except Exception as e:  # pylint: disable=broad-except
         self.note(f"CUPTI timing failed ({type(e).__name__}: {e}); wall clock used")
     ts = []
@@ -192,7 +194,31 @@ class Bench:
         f.write(markdown(self.res))
 
 
+_NO_KERNEL = ("parameter", "constant", "tuple", "get-tuple-element", "bitcast")
+
+
+def hlo_stats(text: str) -> dict:
+  """What an optimized HLO module launches (``compiled.as_text()``).
+
+  ``kernels``: top-level ops of the entry computation that do work on the
+  device (fusions, copies, transposes, reduces, custom calls; not parameters,
+  constants, tuples or bitcasts); ``transposes``: transpose ops anywhere in
+  the module (inside fusions too).
+  """
+  import re  # pylint: disable=g-import-not-at-top
+  i = text.find("\nENTRY")
+  entry = text[i:] if i >= 0 else text
+  n = 0
+  for line in entry.split("\n")[1:]:
+    m = re.match(r"\s*(?:ROOT )?%?[\w.\-]+ = .+? ([a-z][\w\-]*)\(", line)
+    if m and m.group(1) not in _NO_KERNEL:
+      n += 1
+  return dict(kernels=n, transposes=len(re.findall(r"\btranspose\(", text)))
+
+
 def _shape(flag: str, backend: str, gpu_default: str, cpu_default: str) -> tuple:
+  if _SMOKE.value and not flag:
+    return 256, 256
   s = flag or (cpu_default if backend == "cpu" else gpu_default)
   k, n = (int(v) for v in s.lower().split("x"))
   return k, n
@@ -217,10 +243,12 @@ def _qwix_cfg(fmt: str, kw: dict):
   return dict(qtype=qt, channelwise_axes=(1,), tiled_axes={0: g} if g else {})
 
 
-def sec_prims(b: Bench, qwix):
+def _prims_data(b: Bench):
+  """The tensor, the cotangent and the bandwidth ceiling (measured once)."""
+  if getattr(b, "prims_data", None) is not None:
+    return b.prims_data
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import lowbit_jax as lb  # pylint: disable=g-import-not-at-top
   k, n = _shape(_SHAPE.value, b.backend, "8192x8192", "2048x2048")
   b.res["prims_shape"] = [k, n]
   kx, kg = jax.random.split(jax.random.key(0))
@@ -235,19 +263,28 @@ def sec_prims(b: Bench, qwix):
                 GBps=round(2 * xbytes / us / 1e3, 1))
 
   b.item("prims", "x*2", ceiling)
+  b.prims_data = (x, g, xbytes)
+  return b.prims_data
+
+
+def sec_prims(b: Bench, qwix, ids):
+  """quantize / dequantize / fake_quant / fwd+bwd of the formats ``ids``."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import lowbit_jax as lb  # pylint: disable=g-import-not-at-top
+  x, g, xbytes = _prims_data(b)
   bw = b.res.get("bandwidth_GBps")
-  ids = _FORMATS.value or list(FORMATS)
   for fid in ids:
     fmt, kw = FORMATS[fid]
     spec = lb.QuantSpec(fmt, axis=0, **kw)
     qw_cfg = _qwix_cfg(fmt, kw) if qwix is not None else None
 
-    def one(op, spec=spec, qw_cfg=qw_cfg, fid=fid):
-      q = jax.jit(lambda v: lb.quantize(v, spec))(x)
-      qbytes = q.nbytes
+    def one(op, spec=spec, qw_cfg=qw_cfg):
+      # The QArray's size from its shapes alone (no compile).
+      qbytes = jax.eval_shape(lambda v: lb.quantize(v, spec), x).nbytes
       if op == "quantize":
         f, args, nbytes = (lambda v: lb.quantize(v, spec)), (x,), xbytes + qbytes
       elif op == "dequantize":
+        q = jax.jit(lambda v: lb.quantize(v, spec))(x)
         f, args, nbytes = lb.dequantize, (q,), qbytes + xbytes
       elif op == "fake_quant":
         f, args, nbytes = (lambda v: lb.fake_quant(v, spec)), (x,), 2 * xbytes
@@ -256,15 +293,17 @@ def sec_prims(b: Bench, qwix):
           y, vjp = jax.vjp(lambda u: lb.fake_quant(u, spec), v)
           return y, vjp(ct)[0]
         args, nbytes = (x, g), 4 * xbytes
-      us = b.time_us(f, *args)
+      st = {}
+      us = b.time_us(f, *args, stats=st)
       row = dict(format=fid, op=op, us=round(us, 2), bytes=nbytes,
-                 roofline_pct=round(100 * nbytes / bw / 1e3 / us, 1) if bw else None)
+                 roofline_pct=round(100 * nbytes / bw / 1e3 / us, 1) if bw else None,
+                 **st)
       if qw_cfg is not None:
         row["qwix_us"] = round(_qwix_time(b, qwix, qw_cfg, op, x, g), 2)
       return row
 
     for op in ("quantize", "dequantize", "fake_quant", "fwd+bwd"):
-      b.item("prims", f"{fid} {op}", lambda op=op: one(op))
+      b.item("prims", f"{fid} {op}", lambda op=op, one=one: one(op))
 
 
 def _qwix_time(b: Bench, qwix, cfg: dict, op: str, x, g) -> float:
@@ -294,7 +333,8 @@ def sec_matmul(b: Bench, qwix):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import lowbit_jax as lb  # pylint: disable=g-import-not-at-top
   k, n = _shape(_MM_KN.value, b.backend, "8192x8192", "2048x2048")
-  ms = [int(m) for m in (_MM_M.value or (["1", "16", "256", "2048"] if b.backend == "cpu"
+  ms = [int(m) for m in (_MM_M.value or (["1", "16"] if _SMOKE.value else
+                                          ["1", "16", "256", "2048"] if b.backend == "cpu"
                                           else ["1", "16", "256", "4096"]))]
   b.res["matmul_kn"] = [k, n]
   w = jax.random.normal(jax.random.key(1), (k, n), jnp.float32).astype(jnp.bfloat16)
@@ -302,24 +342,47 @@ def sec_matmul(b: Bench, qwix):
   dn_kn = (((1,), (0,)), ((), ()))  # x[M, K] . W[K, N]
   for fid, (fmt, kw) in MM_FORMATS.items():
     spec = lb.QuantSpec(fmt, **kw)
-    qw = jax.jit(lambda v: lb.ops.prepare_weight(v, spec, 0))(w)
+    prep = jax.jit(lambda v, spec=spec: lb.ops.prepare_weight(v, spec, 0))
+    qbytes = jax.eval_shape(prep, w).nbytes
     # Enough distinct weight sets that a call does not read its weight from L2.
-    reps = 1 if not b.gpu else max(1, min(8, math.ceil(2 * L2_BYTES / qw.nbytes)))
-    qws = [jax.jit(lambda v, i=i: lb.ops.prepare_weight(v + i, spec, 0))(w)
-           for i in range(reps)]
+    reps = 1 if not b.gpu else max(1, min(8, math.ceil(2 * L2_BYTES / qbytes)))
     ws = [w + i for i in range(reps)]
+    qws = [prep(v) for v in ws]
     qcfg = _qwix_cfg(fmt, kw) if qwix is not None else None
-    qq = ([jax.jit(lambda v: qwix.quantize(v, **qcfg))(v) for v in ws]
-          if qcfg is not None else None)
+    qprep = None if qcfg is None else jax.jit(lambda v, c=qcfg: qwix.quantize(v, **c))
+    qq = [qprep(v) for v in ws] if qprep is not None else None
     for m in ms:
       x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
 
       def run(m=m, x=x, qws=qws, ws=ws, qq=qq, fid=fid, reps=reps):
+        st = {}
         ours = b.time_us(lambda x_, ws_: [lb.ops.dot_general(
-            x_, q, dn_nt, mode="real", use_kernel="never") for q in ws_], x, qws, reps=reps)
+            x_, q, dn_nt, mode="real", use_kernel="never") for q in ws_], x, qws,
+                         reps=reps, stats=st)
         bf16 = b.time_us(lambda x_, ws_: [x_ @ v for v in ws_], x, ws, reps=reps)
+        # The other order of the reference dot (codes into the dot, scales on
+        # its output, vs dequantize first), where the weight allows both.
+        other = None
+        ct = lb.ops._compute_dtype(jnp.bfloat16)  # pylint: disable=protected-access
+        both = lb.ops._scale_after_dot(qws[0], dn_nt, ct) is not None  # pylint: disable=protected-access
+        if both:
+          thr = lb.ops._CODES_IN_DOT_MAX_ROWS  # pylint: disable=protected-access
+          lb.ops._CODES_IN_DOT_MAX_ROWS = -1 if m <= thr else 1 << 62  # pylint: disable=protected-access
+          try:
+            other = b.time_us(lambda x_, ws_: [lb.ops.dot_general(
+                x_, q, dn_nt, mode="real", use_kernel="never") for q in ws_], x, qws,
+                              reps=reps)
+          finally:
+            lb.ops._CODES_IN_DOT_MAX_ROWS = thr  # pylint: disable=protected-access
         row = dict(weight=fid, m=m, k=k, n=n, ours_us=round(ours, 2),
-                   xla_bf16_us=round(bf16, 2), vs_bf16=round(bf16 / ours, 3))
+                   xla_bf16_us=round(bf16, 2), vs_bf16=round(bf16 / ours, 3),
+                   kernels_per_weight=round(st["kernels"] / reps, 1),
+                   top_kernels=st.get("top_kernels"),
+                   order=("codes in the dot" if both
+                          and m <= lb.ops._CODES_IN_DOT_MAX_ROWS  # pylint: disable=protected-access
+                          else "dequantize first"))
+        if other is not None:
+          row["other_order_us"] = round(other, 2)
         if qq is not None:
           qw_us = b.time_us(lambda x_, ws_: [qwix.dot_general(x_, q, dn_kn) for q in ws_],
                             x, qq, reps=reps)
@@ -342,7 +405,9 @@ def markdown(res: dict) -> str:
     out += [f"bf16 [{k}, {n}] tensor, scales along axis 0. Bandwidth ceiling "
             f"(`x * 2`, same run): {ceil['us']} us, {ceil['GBps']} GB/s. Each cell: "
             "time in us (% of roofline: bytes that must move over that bandwidth)"
-            "; qwix's time after the slash where qwix does the same job.", ""]
+            ", then `Nk`: the N device ops (kernels) the compiled program "
+            "launches; qwix's time after the slash where qwix does the same job.",
+            ""]
   ops = ("quantize", "dequantize", "fake_quant", "fwd+bwd")
   rows = {}
   for r in prims:
@@ -359,6 +424,8 @@ def markdown(res: dict) -> str:
           continue
         c = f"{r['us']:.0f} ({r['roofline_pct']:.0f}%)" if r.get("roofline_pct") \
             else f"{r['us']:.0f}"
+        if r.get("kernels") is not None:
+          c += f" {r['kernels']}k"
         if "qwix_us" in r:
           c += f" / {r['qwix_us']:.0f}"
         cells.append(c)
@@ -370,12 +437,20 @@ def markdown(res: dict) -> str:
     out += [f"Real-mode matmul without a kernel, x[M, {k}] bf16 @ W[{k}, {n}] "
             "(`ops.dot_general(x, QArray, mode='real', use_kernel='never')`), us per "
             "call; ratios > 1 mean ours is faster.", "",
-            "| weight | M | ours | XLA bf16 | bf16 / ours | qwix | qwix / ours |",
-            "|---|---|---|---|---|---|---|"]
+            "| weight | M | ours | XLA bf16 | bf16 / ours | qwix | qwix / ours | "
+            "ours, other order |", "|---|---|---|---|---|---|---|---|"]
     for r in mm:
+      oth = r.get("other_order_us")
       out.append(f"| {r['weight']} | {r['m']} | {r['ours_us']:.0f} | "
                  f"{r['xla_bf16_us']:.0f} | {r['vs_bf16']:.2f} | "
-                 f"{r.get('qwix_us', '')} | {r.get('vs_qwix', '')} |")
+                 f"{r.get('qwix_us', '')} | {r.get('vs_qwix', '')} | "
+                 + (f"{oth:.0f} |" if oth is not None else " |"))
+    out += ["", "Ours runs the order in the JSON's `order` (up to "
+            "`ops._CODES_IN_DOT_MAX_ROWS` rows, int8/fp8 per-channel codes go into "
+            "the 16-bit dot and the scales onto its output; otherwise the weight "
+            "is dequantized first); 'other order' times the other one. On CPU the "
+            "reference dot runs in float32 and dequantizes first: no other order "
+            "there."]
     out.append("")
   base = res.get("baseline")
   if base:
@@ -449,10 +524,19 @@ def main(argv):
     b.note("qwix is not importable here: no qwix column")
   else:
     b.res["qwix"] = getattr(qwix, "__version__", "?")
+  # The issue's six formats, then the matmul table, then the other formats:
+  # what a time budget cuts off is the least needed.
+  ids = _FORMATS.value or list(FORMATS)
+  for fid in ids:
+    if fid not in FORMATS:
+      raise app.UsageError(f"--formats: unknown format id {fid!r}; known: "
+                           f"{', '.join(FORMATS)}")
   if "prims" in _SECTIONS.value:
-    sec_prims(b, qwix)
+    sec_prims(b, qwix, ids[:6])
   if "matmul" in _SECTIONS.value:
     sec_matmul(b, qwix)
+  if "prims" in _SECTIONS.value:
+    sec_prims(b, qwix, ids[6:])
   b.write()
   print(markdown(b.res))
 

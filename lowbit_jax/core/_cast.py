@@ -401,6 +401,22 @@ def encode(y: jax.Array, fmt: Format) -> jax.Array:
   return code
 
 
+def encode_grid(q: jax.Array, fmt: Format) -> jax.Array:
+  """``encode`` for what ``quantize`` rounds: finite grid values and NaN.
+
+  The values were rounded saturating (no inf), so with a native float8 type
+  the codes are XLA's convert alone: one use of ``q``, which lets XLA fuse the
+  rounding into the kernel that writes the codes (``encode``'s separate NaN
+  and inf selects made it write the rounded values out and read them back, on
+  the GPU). A NaN converts to one of the type's NaN codes; which sign it keeps
+  is the compiler's (as a NaN's sign after a division already is).
+  """
+  native = _native_dtype(fmt)
+  if native is not None and q.dtype == jnp.float32:
+    return lax.bitcast_convert_type(q.astype(native), jnp.uint8).astype(_U32)
+  return encode(q, fmt)
+
+
 def decode(codes: jax.Array, fmt: Format) -> jax.Array:
   """float32 values of codes (inverse of ``encode``)."""
   codes = codes.astype(jnp.int32)

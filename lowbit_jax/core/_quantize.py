@@ -130,6 +130,25 @@ def _div(a, b) -> jax.Array:
   return _div_same_shape(jnp.broadcast_to(a, shape), jnp.broadcast_to(b, shape))
 
 
+def _div_computed(a, b) -> jax.Array:
+  """``_div`` for a dividend that is computed array data of the full shape.
+
+  Per-block arrays reduced from x (a block amax, never a broadcast) divided
+  by a constant or a scalar: ``_div_data``'s select keeps the true division
+  and fuses, where ``_div``'s barrier writes the broadcast divisor out as an
+  array of its own. A ``b`` of ``a``'s shape that is itself computed from
+  such data (never a broadcast) is divided directly. Not for broadcast data
+  (a static range): XLA could then see through the select.
+  """
+  a = jnp.asarray(a, jnp.float32)
+  b = jnp.asarray(b, jnp.float32)
+  if b.shape == a.shape and a.ndim:
+    return lax.div(a, b)
+  if a.ndim and jnp.broadcast_shapes(a.shape, b.shape) == a.shape:
+    return _div_data(a, b)
+  return _div(a, b)
+
+
 def _div_data(x: jax.Array, s: jax.Array) -> jax.Array:
   """IEEE float32 ``x / s`` of full-size data by a per-block scale, fused.
 
@@ -367,8 +386,14 @@ def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None):
     if spec.tensor_scale:
       # The block amax over finite values also gives the tensor amax (over
       # finite values: a NaN or inf block turns only itself into NaN).
-      a_fin = jnp.max(jnp.where(fin, jnp.abs(xn), 0), axis=red).astype(jnp.float32)
-      blk_bad = jnp.any(~fin, axis=red)
+      # Both from one pass over x: a two-operand reduction (max, or) that
+      # XLA emits as one kernel (two separate reductions were fused one
+      # into the reduction and one into the scale kernel, reading x twice).
+      a_fin, blk_bad = lax.reduce(
+          (jnp.where(fin, jnp.abs(xn), jnp.zeros((), xn.dtype)), ~fin),
+          (np.array(0, xn.dtype), np.array(False)),
+          lambda a, b: (lax.max(a[0], b[0]), lax.bitwise_or(a[1], b[1])), red)
+      a_fin = a_fin.astype(jnp.float32)
       a_dyn = jnp.where(blk_bad, np.float32(np.inf), a_fin)
     else:
       # One reduction gives the amax and the bad-block flag: a NaN or an inf
@@ -413,19 +438,23 @@ def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None):
     t = _clamp_scale(_div(emax_t, np.float32(fmt.max * smax)), "float32")
     t = jnp.where(emax_t == 0, np.float32(1.0), t)  # 1 where the amax is 0
     tscale = t
+    # Block amaxes reduced from x (no static amax) divide without a barrier.
+    bdiv = _div if amax is not None else _div_computed
     if spec.scale_dtype == "fp8_e4m3":
       # E4M3 block scales clamp at 448, so nothing beyond the tensor range
       # survives (only a static tensor_amax can lie below a block's amax).
       a_clip = jnp.minimum(a, emax_t)
-      s_raw = jnp.clip(_div(_div(a, np.float32(fmt.max)), t), _E4M3.min_normal,
+      s_raw = jnp.clip(bdiv(bdiv(a, np.float32(fmt.max)), t), _E4M3.min_normal,
                        _E4M3.max)
       s_stored, s_val = _store_float_scale(s_raw, "fp8_e4m3")
     else:
       s_stored, s_val = _store_float_scale(
-          jnp.where(a > 0, _div(_div(a, np.float32(fmt.max)), t), 1.0),
+          jnp.where(a > 0, bdiv(bdiv(a, np.float32(fmt.max)), t), 1.0),
           spec.scale_dtype)
     s_stored, s_val = _mark_bad(s_stored, s_val, bad)
-    mult = _div(_div(np.float32(1.0), t), s_val)
+    inv_t = _div(np.float32(1.0), t)
+    mult = (lax.div(jnp.broadcast_to(inv_t, s_val.shape), s_val)
+            if amax is None else _div(inv_t, s_val))
     y = xb * jnp.expand_dims(mult, red)
     total = t * s_val
   elif spec.scale_dtype == "e8m0":
@@ -898,7 +927,7 @@ def _quantize_jit(x, spec, key, amax, amin, tensor_amax, scale=None, zero_point=
       xp, spec, bs, valid, key, amax, amin, tensor_amax, scale, zero_point, clip)
   del total
   fmt = spec.storage_format
-  codes = _cast.encode(q, fmt)
+  codes = _cast.encode_grid(q, fmt)
   n_codes, _ = pack_unit(fmt.bits)
   extra = (-codes.shape[pa]) % n_codes
   if extra:

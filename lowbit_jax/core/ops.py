@@ -609,11 +609,87 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None,
     elif use_kernel == "always":
       raise ValueError(f"use_kernel='always' but this matmul cannot use a kernel: {why}")
   lv = dequantize(lq) if isinstance(lq, QArray) else lq
-  rv = dequantize(rq) if isinstance(rq, QArray) else rq
   ct = _compute_dtype(out_dtype)
+  rows = lv.size // max(1, _prod(lv.shape[a] for a in dn[0][0]))
+  post = (_scale_after_dot(rq, dn, ct)
+          if isinstance(rq, QArray) and rows <= _CODES_IN_DOT_MAX_ROWS else None)
+  if post is not None:
+    # Codes converted straight into the dot (XLA fuses the convert into the
+    # GEMM's operand load), the per-channel scales applied to its output.
+    codes, scale = post
+    y = lax.dot_general(lv.astype(ct), codes.astype(ct), dn, precision,
+                        preferred_element_type=jnp.float32)
+    return (y * scale).astype(preferred_element_type or out_dtype)
+  rv = dequantize(rq) if isinstance(rq, QArray) else rq
   y = lax.dot_general(lv.astype(ct), rv.astype(ct), dn,
                       precision, preferred_element_type=jnp.float32)
   return y.astype(preferred_element_type or out_dtype)
+
+
+# Up to this many activation rows the reference dot takes per-channel 8-bit
+# codes directly (_scale_after_dot): XLA then fuses their convert into one
+# GEMM kernel that reads the weight once (a GEMV at decode reads 1 byte per
+# weight instead of 1 + 2 + 2). Above it the weight is dequantized first and
+# the dot runs on XLA's plain 16-bit GEMM: at large M XLA's fused-convert GEMM
+# has run slower than that GEMM by more than a dequantize pass costs.
+# experiments/bench_primitives.py times both orders at each M ("other order").
+_CODES_IN_DOT_MAX_ROWS = 64
+
+
+def _prod(v) -> int:
+  n = 1
+  for d in v:
+    n *= int(d)
+  return n
+
+
+def _holds(ct, fmt: FloatFormat) -> bool:
+  """Whether every finite value of ``fmt`` is exactly a value of ``ct``."""
+  fi = jnp.finfo(ct)
+  return (fmt.man_bits <= fi.nmant and float(fmt.max) <= float(fi.max)
+          and float(fmt.min_subnormal) >= float(fi.smallest_subnormal))
+
+
+def _scale_after_dot(rq: QArray, dn, ct):
+  """(codes, output scale) when a 16-bit dot can take ``rq``'s codes directly.
+
+  ``x . (codes * s) == (x . codes) * s`` when ``s`` is constant along the
+  contraction (per output channel or per tensor): the codes then go into the
+  dot as they are stored, and XLA fuses their convert into the GEMM instead of
+  writing a dequantized copy of the weight first. Only for 8-bit codes stored
+  one per byte whose value is the code itself (integers without fraction
+  bits, float8 types: exact in bfloat16 and float16), float scales, no zero
+  point, tensor scale or padding, and a 16-bit compute dtype: the product then
+  rounds like the dequantize-first path does (one rounding of each product
+  to float32 accumulation, then one to the output), not bit for bit. Float32
+  compute keeps the dequantize-first order, which equals fake quantization
+  exactly.
+
+  Returns:
+    None, or (codes, scale broadcastable to the dot's output).
+  """
+  if jnp.dtype(ct).itemsize != 2:
+    return None
+  spec = rq.spec
+  fmt = spec.storage_format
+  (_, rc), (_, rb) = dn
+  if (rb or rq.zero_point is not None or rq.tensor_scale is not None
+      or spec.scale_dtype == "e8m0" or tuple(rq.codes.shape) != tuple(rq.shape)
+      or rq.codes.dtype.itemsize != 1 or fmt.bits != 8):
+    return None
+  if isinstance(fmt, IntFormat):
+    if fmt.frac_bits or rq.codes.dtype != (jnp.int8 if fmt.signed else jnp.uint8):
+      return None
+  elif not (isinstance(fmt, FloatFormat) and jnp.issubdtype(rq.codes.dtype, jnp.floating)
+            and _holds(ct, fmt)):
+    return None
+  sshape = tuple(rq.scale.shape)
+  if len(sshape) != rq.ndim or any(sshape[i] != 1 for i in rc) or any(
+      n not in (1, d) for n, d in zip(sshape, rq.shape)):
+    return None
+  free = tuple(i for i in range(rq.ndim) if i not in rc)
+  s = rq.scale.astype(jnp.float32).reshape(tuple(sshape[i] for i in free))
+  return rq.codes, s
 
 
 def _common_dtype(lhs_dtype, rhs_dtype):

@@ -163,6 +163,33 @@ def test_prepare_weight_is_k_major():
     ops.prepare_weight(jnp.ones((2, 3, 4)), spec)
 
 
+@pytest.mark.parametrize("fmt,kw,after", [
+    ("int8", {}, True), ("fp8_e4m3", {}, True), ("fp8_e5m2", dict(axis="tensor"), True),
+    ("int4", {}, False), ("int8", dict(group_size=64), False), ("uint8", {}, False)])
+def test_16bit_reference_dot_scales_after_the_dot(fmt, kw, after, monkeypatch):
+  """A bf16 dot (the path off the CPU) takes per-channel 8-bit codes as they are
+  stored and scales its output; other weights are dequantized first."""
+  monkeypatch.setattr(ops, "_compute_dtype", lambda dt: jnp.bfloat16)
+  x, w = _xw(m=4, k=128, n=24, seed=12)
+  xb = x.astype(jnp.bfloat16)
+  w = w.at[:, 5].set(jnp.nan)  # a NaN channel stays NaN
+  qw = ops.prepare_weight(w, lb.QuantSpec(fmt, **kw))
+  dn = (((1,), (1,)), ((), ()))
+  assert (ops._scale_after_dot(qw, dn, jnp.bfloat16) is not None) == after
+  assert ops._scale_after_dot(qw, dn, jnp.float32) is None  # float32: exact order
+  y = jax.jit(lambda a, q: ops.dot_general(a, q, dn, mode="real",
+                                           use_kernel="never"))(xb, qw)
+  assert y.dtype == jnp.bfloat16
+  wq = np.asarray(lb.dequantize(qw), np.float64)  # [N, K]
+  ref = np.asarray(xb, np.float64) @ wq.T
+  got = np.asarray(y, np.float64)
+  np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+  assert np.isnan(got[:, 5]).all()
+  ok = ~np.isnan(ref)
+  # bf16 output rounding (and, dequantizing first, the bf16 weight's).
+  np.testing.assert_allclose(got[ok], ref[ok], rtol=2e-2, atol=2e-2)
+
+
 def test_use_kernel_always_without_a_kernel_raises_on_cpu():
   x, w = _xw(seed=11)
   qw = ops.prepare_weight(w, "int4")

@@ -1,0 +1,184 @@
+r"""What XLA's GPU compiler makes of the primitives, on a machine without a GPU.
+
+Compiles quantize / dequantize / fake_quant / fake_quant fwd+bwd of a bf16
+``[K, N]`` tensor (scales along axis 0, the formats of
+``experiments/bench_primitives.py``) and the non-kernel real-mode matmul for an
+H100/H200-class target with XLA's deviceless (ahead-of-time) GPU compiler, and
+reports for each program: the device ops it launches (fusions, copies, custom
+calls), the bytes those ops read and write (operand and result sizes of each
+top-level op of the optimized HLO: an upper bound of the traffic, since a
+broadcast operand counts at its stored size) and that traffic's time at
+``--bandwidth``, and the transposes anywhere in it. It shows where a
+primitive writes an intermediate out and reads it back, before any GPU time
+is spent; the times themselves come from bench_primitives on the GPU.
+
+Needs the CUDA PJRT plugin of the installed jax (compile-only: no driver,
+cuDNN or GPU), installed outside the project's environment, e.g.::
+
+  pip download --no-deps -d /tmp/cuda_whl "jax-cuda13-pjrt==$(python3 -c \
+      'import jax; print(jax.__version__)')" "jax-cuda13-plugin==$(python3 -c \
+      'import jax; print(jax.__version__)')"
+  pip install --no-deps --target /tmp/cuda_site /tmp/cuda_whl/*.whl
+  PYTHONPATH=. python3 -m experiments.gpu_fusion_survey \
+      --plugin_site=/tmp/cuda_site --out=/tmp/survey.md
+
+Code that picks a path by backend (``jax.default_backend()``) is traced as on
+the GPU: the script reports "gpu" for it while the process itself runs on CPU.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+from absl import app
+from absl import flags
+
+_SITE = flags.DEFINE_string("plugin_site", "", "folder holding jax_plugins/xla_cuda*")
+_FORMATS = flags.DEFINE_list("formats", [], "format ids (default: all of "
+                             "bench_primitives.FORMATS)")
+_OPS = flags.DEFINE_list("ops", ["quantize", "dequantize", "fake_quant", "fwd+bwd"],
+                         "which primitives")
+_SHAPE = flags.DEFINE_string("shape", "8192x8192", "K x N")
+_MATMUL_M = flags.DEFINE_list("matmul_m", ["1", "16", "4096"], "M of the matmul "
+                              "programs (x[M, K] @ a [K, N] weight); empty: none")
+_BW = flags.DEFINE_float("bandwidth", 4.3e12, "bytes/s for the time column (the "
+                         "H200's measured copy rate)")
+_OUT = flags.DEFINE_string("out", "", "markdown file to write (default: print)")
+
+# An H200-like compile target (HBM3e bandwidth, 132 SMs, sm_90).
+TARGET = """
+gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32
+  shared_memory_per_block: 49152 shared_memory_per_core: 233472
+  threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: 4800000000000 l2_cache_size: 52428800 clock_rate_ghz: 1.98
+  device_memory_size: 150000000000 shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 }
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}
+runtime_version { major: 13 }
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 10 }
+device_description_str: "NVIDIA H200"
+"""
+
+_BYTES = dict(bf16=2, f16=2, f32=4, f64=8, s8=1, u8=1, s16=2, u16=2, s32=4, u32=4,
+              s64=8, u64=8, pred=1, f8e4m3fn=1, f8e5m2=1, s4=0.5, u4=0.5)
+_FREE = ("parameter", "constant", "tuple", "get-tuple-element", "bitcast")
+
+
+def _size(shape: str) -> float:
+  total = 0.0
+  for dt, dims in re.findall(r"(\w+)\[([\d,]*)\]", shape):
+    n = 1
+    for d in dims.split(","):
+      n *= int(d) if d else 1
+    total += n * _BYTES.get(dt, 0)
+  return total
+
+
+def program_stats(text: str) -> dict:
+  """Device ops, bytes they move and transposes of an optimized HLO module."""
+  entry = text[text.index("\nENTRY"):]
+  shapes, ops = {}, []
+  for line in entry.split("\n")[1:]:
+    m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (.+?) ([a-z][\w\-]*)\((.*)$", line)
+    if not m:
+      continue
+    name, shape, op, rest = m.groups()
+    shapes[name] = shape
+    if op in _FREE:
+      continue
+    args = re.findall(r"%([\w.\-]+)", rest.split(")")[0])
+    kind = re.search(r"kind=(k\w+)", rest)
+    ops.append((op + (":" + kind.group(1) if kind else ""),
+                sum(_size(shapes.get(a, "")) for a in args) + _size(shape)))
+  moved = sum(b for _, b in ops)
+  return dict(kernels=len(ops), MB=round(moved / 1e6, 1),
+              est_us=round(moved / _BW.value * 1e6, 1),
+              transposes=len(re.findall(r"\btranspose\(", text)),
+              ops=[(k, round(b / 1e6, 1)) for k, b in ops])
+
+
+def main(argv):
+  del argv
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+  if _SITE.value:
+    sys.path.insert(0, _SITE.value)
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  try:
+    topo = topologies.get_topology_desc(platform="cuda", target_config=TARGET,
+                                        topology="1x1x1")
+  except (NotImplementedError, RuntimeError) as e:
+    raise app.UsageError(f"no CUDA compiler plugin found ({e}); install "
+                         "jax-cuda13-pjrt/-plugin of jax's version into a folder "
+                         "and pass it as --plugin_site (module docstring)") from e
+  jax.default_backend = lambda: "gpu"  # trace the GPU paths of lowbit_jax
+  import lowbit_jax as lb  # pylint: disable=g-import-not-at-top
+  from experiments._primitive_formats import FORMATS, MM_FORMATS  # pylint: disable=g-import-not-at-top
+  sh = jax.sharding.SingleDeviceSharding(topo.devices[0])
+
+  def compiled(f, *args):
+    args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                        list(args))
+    return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).compile().as_text()
+
+  k, n = (int(v) for v in _SHAPE.value.lower().split("x"))
+  x = jax.ShapeDtypeStruct((k, n), jnp.bfloat16)
+  rows = []
+  for fid in _FORMATS.value or list(FORMATS):
+    fmt, kw = FORMATS[fid]
+    spec = lb.QuantSpec(fmt, axis=0, **kw)
+    for op in _OPS.value:
+      if op == "quantize":
+        text = compiled(lambda v, s=spec: lb.quantize(v, s), x)
+      elif op == "dequantize":
+        q = jax.eval_shape(lambda v, s=spec: lb.quantize(v, s), x)
+        text = compiled(lb.dequantize, q)
+      elif op == "fake_quant":
+        text = compiled(lambda v, s=spec: lb.fake_quant(v, s), x)
+      else:
+        def fb(v, ct, s=spec):
+          y, vjp = jax.vjp(lambda u: lb.fake_quant(u, s), v)
+          return y, vjp(ct)[0]
+        text = compiled(fb, x, x)
+      rows.append((fid, op, program_stats(text)))
+      print(fid, op, rows[-1][2], flush=True)
+  dn = (((1,), (1,)), ((), ()))
+  for fid, (fmt, kw) in MM_FORMATS.items():
+    if not _MATMUL_M.value:
+      break
+    spec = lb.QuantSpec(fmt, **kw)
+    qw = jax.eval_shape(lambda v, s=spec: lb.ops.prepare_weight(v, s, 0), x)
+    for m in _MATMUL_M.value:
+      a = jax.ShapeDtypeStruct((int(m), k), jnp.bfloat16)
+      text = compiled(lambda a_, q_: lb.ops.dot_general(
+          a_, q_, dn, mode="real", use_kernel="never"), a, qw)
+      rows.append((fid, f"matmul M={m}", program_stats(text)))
+      print(fid, m, rows[-1][2], flush=True)
+  out = [f"# XLA GPU programs of the primitives (deviceless compile, jax "
+         f"{jax.__version__}, H200-like target)", "",
+         f"Command: `python3 -m experiments.gpu_fusion_survey {' '.join(sys.argv[1:])}`",
+         "", f"bf16 [{k}, {n}], scales along axis 0. MB: bytes the top-level ops "
+         f"read and write; us: that traffic at {_BW.value / 1e12:.1f} TB/s.", "",
+         "| format | program | kernels | MB | us | transposes | ops (MB each) |",
+         "|---|---|---|---|---|---|---|"]
+  for fid, op, r in rows:
+    ops = ", ".join(f"{o.split(':')[-1]} {b}" for o, b in r["ops"])
+    out.append(f"| {fid} | {op} | {r['kernels']} | {r['MB']} | {r['est_us']} | "
+               f"{r['transposes']} | {ops} |")
+  text = "\n".join(out) + "\n"
+  if _OUT.value:
+    with open(_OUT.value, "w") as f:
+      f.write(text)
+  else:
+    print(text)
+
+
+if __name__ == "__main__":
+  app.run(main)
