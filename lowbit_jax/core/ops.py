@@ -621,8 +621,11 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None,
                         preferred_element_type=jnp.float32)
     return (y * scale).astype(preferred_element_type or out_dtype)
   rv = dequantize(rq) if isinstance(rq, QArray) else rq
-  y = lax.dot_general(lv.astype(ct), rv.astype(ct), dn,
-                      precision, preferred_element_type=jnp.float32)
+  # Dequantized operands round to the activation's dtype first, as fake mode's
+  # operands do, so a bf16 model's real mode equals its fake mode also where
+  # the dot itself runs in float32 (CPU).
+  y = lax.dot_general(lv.astype(out_dtype).astype(ct), rv.astype(out_dtype).astype(ct),
+                      dn, precision, preferred_element_type=jnp.float32)
   return y.astype(preferred_element_type or out_dtype)
 
 
