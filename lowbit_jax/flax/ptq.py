@@ -63,7 +63,8 @@ from lowbit_jax.algorithms.smoothquant import smoothquant_scales
 from lowbit_jax.algorithms.rtn import kernel_spec, rtn, sqnr_db
 from lowbit_jax._rules import QuantRule, _expand_grid
 from lowbit_jax.core import QuantSpec, as_spec, fake_quant, init_scale
-from lowbit_jax.flax._capture import Capture, DenseStats, capture_dense_stats, split_batch
+from lowbit_jax.flax._capture import (Capture, DenseStats, ExpertStats,
+                                     capture_dense_stats, split_batch)
 from lowbit_jax.formats import Format
 
 METHODS = ("rtn", "gptq", "awq", "smoothquant", "rotation", "quarot")
@@ -346,7 +347,9 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
   stats = dict(cap.stats)
   selected = [p for p in cap.order
               if _node(cur, p) is not None and "kernel" in _node(cur, p)
-              and _node(cur, p)["kernel"].ndim == 2]
+              and _node(cur, p)["kernel"].ndim == 2
+              and not isinstance(stats[p], ExpertStats)]
+  expert_layers = [p for p in cap.order if isinstance(stats[p], ExpertStats)]
   specs = {p: _resolve_spec(weight_spec, p) for p in selected}
   transforms: dict = {}   # path -> (_Transform, status)
   folds = []
@@ -429,6 +432,21 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
 
   report_layers = {}
   weight_scales = {}
+  for p in expert_layers:
+    if method in _TRANSFORMS:
+      folds.append({"layers": [p], "producer": None, "status": "skipped",
+                    "reason": "expert inputs are the routed tokens (a gather of the "
+                              "norm output): a per-expert transformation has no "
+                              "exact fold; the experts get the plain quantizer"})
+    spec = _resolve_spec(weight_spec, p)
+    new_w, entry, scale = _quantize_experts(
+        _node(cur, p)["kernel"], stats[p], spec, base_quant, aspec,
+        blocksize=blocksize, percdamp=percdamp, act_order=act_order)
+    cur = _with(cur, p, kernel=new_w)
+    if scale is not None:
+      weight_scales[p] = scale
+    entry["transform"] = "none"
+    report_layers[p] = entry
   for p in selected:
     spec = specs[p]
     t1 = time.perf_counter()
@@ -479,6 +497,66 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
   report["quant_scales"] = _nest({f"{p}/weight_scale": v for p, v in
                                   weight_scales.items()})
   return new_params, report
+
+
+def _expert_spec(spec: QuantSpec) -> QuantSpec:
+  """A ``[K, N]`` kernel spec as the spec of the ``[G, K, N]`` expert stack."""
+  ax = spec.axis
+  if isinstance(ax, int):
+    return spec.replace(axis=ax % 2 + 1)
+  if isinstance(ax, tuple):
+    return spec.replace(axis=tuple(a % 2 + 1 for a in ax))
+  return spec
+
+
+def _quantize_experts(w: jax.Array, st: ExpertStats, spec: Optional[QuantSpec],
+                      quant: str, aspec: Optional[QuantSpec], *, blocksize: int,
+                      percdamp: float, act_order: bool):
+  """RTN or GPTQ of each expert of a ``[G, K, N]`` kernel, each on its own tokens.
+
+  GPTQ takes expert ``g``'s Hessian from the tokens routed to it
+  (``st.gram[g]``); an expert that received no calibration token has none
+  and is rounded to nearest (listed in ``rtn_fallback``).
+
+  Returns:
+    ``(new kernel, report entry, scale grid over [G, K, N] or None)``.
+  """
+  g = w.shape[0]
+  counts = [int(c) for c in np.asarray(st.count)]
+  entry = {"spec": None if spec is None else _spec_name(spec), "fold": "none",
+           "experts": g, "calibration_tokens": counts, "rtn_fallback": []}
+  t0 = time.perf_counter()
+  if spec is None:
+    entry.update(weight_sqnr_db=float("inf"), seconds=time.perf_counter() - t0)
+    return w, entry, None
+  outs, amaxs = [], []
+  for e in range(g):
+    we = w[e]
+    if quant == "gptq" and counts[e] > 0:
+      res = gptq(we, st.gram[e], spec, blocksize=blocksize, percdamp=percdamp,
+                 act_order=act_order)
+      outs.append(res.weight)
+      amaxs.append(jnp.broadcast_to(_expand_grid(res.amax, we.shape), we.shape))
+    else:
+      if quant == "gptq":
+        entry["rtn_fallback"].append(e)
+      outs.append(rtn(we, spec))
+      amaxs.append(jnp.abs(we))
+  w_q = jnp.stack(outs).astype(w.dtype)
+  scale = None
+  if spec.symmetric and spec.tile is None:
+    # The range each block was rounded with (GPTQ's, or the weight's own).
+    scale = init_scale(jnp.stack(amaxs), _expert_spec(spec), "amax")
+  entry["weight_sqnr_db"] = sqnr_db(w, w_q)
+  if st.sample.shape[0]:
+    x = st.sample
+    sel = st.sample_group
+    ref = jnp.einsum("sk,skn->sn", x, w[sel].astype(jnp.float32), precision=_HI)
+    xq = fake_quant(x, aspec) if aspec is not None else x
+    out = jnp.einsum("sk,skn->sn", xq, w_q[sel].astype(jnp.float32), precision=_HI)
+    entry["output_sqnr_db"] = sqnr_db(ref, out)
+  entry["seconds"] = time.perf_counter() - t0
+  return w_q, entry, scale
 
 
 def _nest(flat: Mapping[str, Any]) -> dict:
