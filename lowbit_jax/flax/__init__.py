@@ -15,7 +15,7 @@ from lowbit_jax.flax._linen import (METRICS, RNG, SCALES, STATE, STATS, ActEinsu
                                     RaggedDense, quantize_linen)
 from lowbit_jax.flax._capture import Capture, DenseStats, capture_dense_stats
 from lowbit_jax.flax.ptq import apply_ptq
-from lowbit_jax.flax._nnx import (NnxActEinsum, QuantHistory, QuantMetric, QuantOp,
+from lowbit_jax.flax._nnx import (NnxActEinsum, NnxRaggedDense, QuantHistory, QuantMetric, QuantOp,
                                   QuantScale,
                                   QuantStat, dequantize_nnx, finalize_nnx,
                                   init_quant_nnx, nnx_stats, quantize_nnx,
@@ -26,4 +26,4 @@ __all__ = ["quantize_linen", "LinenQuantizer", "QBox", "QuantizedParam", "STATS"
            "RaggedDense", "apply_ptq", "capture_dense_stats", "Capture", "DenseStats",
            "quantize_nnx", "QuantOp", "QuantStat", "QuantScale", "QuantHistory",
            "QuantMetric", "finalize_nnx", "nnx_stats", "dequantize_nnx",
-           "init_quant_nnx", "update_histories", "NnxActEinsum"]
+           "init_quant_nnx", "update_histories", "NnxActEinsum", "NnxRaggedDense"]
