@@ -40,6 +40,21 @@ are pre-rotated for an online Hadamard of their input. The float model with
 ``report["rotation"].rules()`` is checked to equal the original before any
 quantization; inference must run with ``report["rotation"].rules(rules)``.
 
+MoE experts (``lowbit_jax.flax.RaggedDense``: a grouped matmul with a
+``[G, K, N]`` kernel, e.g. the decoder's ``moe_impl="ragged"`` experts) are
+quantized per expert: the capture builds expert ``g``'s Hessian (Gram matrix)
+from only the tokens routed to it, GPTQ runs on each expert with its own
+Hessian, RTN rounds each expert on its own grid (scales per expert and output
+channel, or groups along K), and ``report["quant_scales"]`` carries the
+``[G, ...]`` scale grid so real mode stores exactly those codes. An expert
+that received no calibration token has no Hessian: it is rounded to nearest
+and listed in its layer's ``report["layers"][path]["rtn_fallback"]`` (with
+``calibration_tokens``, the tokens each expert saw). The transformation
+methods (AWQ, SmoothQuant, rotation) do not transform experts: their input is
+a gather of the routed tokens, into which no per-expert transformation folds
+exactly; ``report["folds"]`` lists them as skipped and they take the plain
+quantizer (``quantizer="rtn"`` or ``"gptq"``).
+
 Calibration statistics come from one pass of the float model (all layers
 calibrated in parallel, not sequentially on quantized predecessors).
 """
@@ -235,7 +250,7 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
               other_variables: Optional[Mapping[str, Any]] = None,
               online: Optional[str] = None, heads: Optional[tuple] = None
               ) -> tuple[Any, dict]:
-  """Runs a PTQ method on a Linen model's Dense layers; returns new float params.
+  """Runs a PTQ method on a Linen model's Dense (and MoE expert) layers.
 
   Methods: "rtn" (round to nearest), "gptq" (Frantar et al. 2023), "awq" (Lin
   et al. 2024), "smoothquant" (Xiao et al. 2023), "rotation" (randomized
@@ -260,7 +275,8 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
       report's output SQNR. An unset axis means per token.
     quantizer: how transformed kernels are rounded for awq/smoothquant/
       rotation: "rtn" or "gptq".
-    layers: regex of the Dense paths to treat; other layers are untouched.
+    layers: regex of the Dense / RaggedDense paths to treat; other layers are
+      untouched. Experts are quantized per expert (module docstring).
     alpha: SmoothQuant migration strength.
     n_grid: AWQ grid size.
     blocksize, percdamp, act_order: GPTQ options (see ``algorithms.gptq``).
@@ -289,7 +305,9 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
     ``(new_params, report)``: params of the same structure with each treated
     kernel replaced by its fake-quantized value (and folds applied), and a
     report dict: ``layers`` (path -> spec, transform, weight_sqnr_db,
-    output_sqnr_db, seconds), ``folds`` (one entry per group), ``method``,
+    output_sqnr_db, seconds; for an expert layer also ``experts``,
+    ``calibration_tokens`` per expert and ``rtn_fallback``, the experts GPTQ
+    rounded to nearest for want of calibration tokens), ``folds`` (one entry per group), ``method``,
     ``capture_seconds``, ``total_seconds``, ``quant_scales`` (the scale grid
     each quantized kernel was rounded with, for symmetric specs, nested as
     the ``"quant_scales"`` collection: ``{"layer": {"weight_scale": s}}``;
