@@ -107,7 +107,7 @@ def main(argv):
         "jitted calls.",
         "",
         "| forward | dense ms | ragged ms | speed-up | max abs diff |",
-        "|---|---|---|---|---|", *rows, ""]
+        "|---|---|---|---|---|", *rows, "", ""]
   with open(os.path.join(_OUT_DIR.value, tag + ".md"), "w") as f:
     f.write("\n".join(md))
   print("\n".join(md))
