@@ -445,7 +445,7 @@ class Site:
   Attributes:
     path: the weight's parameter path (the key its statistics are stored under
       where a front end keeps them flat).
-    op: "dot_general", "einsum" or "conv".
+    op: "dot_general", "einsum", "conv", "ragged_dot" or "act_matmul".
     rule: the rule that matched.
     mode: "fake", "real" or "calibrate".
     use_kernel: kernel dispatch of ``ops.dot_general`` ("auto", "never",
