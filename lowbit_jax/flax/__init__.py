@@ -13,7 +13,8 @@ reach as ``"ragged_dot"`` sites.
 from lowbit_jax.flax._linen import (METRICS, RNG, SCALES, STATE, STATS, ActEinsum,
                                     LinenQuantizer, QBox, QuantizedParam,
                                     RaggedDense, quantize_linen)
-from lowbit_jax.flax._capture import Capture, DenseStats, capture_dense_stats
+from lowbit_jax.flax._capture import (Capture, DenseStats, ExpertStats,
+                                     capture_dense_stats)
 from lowbit_jax.flax.ptq import apply_ptq
 from lowbit_jax.flax._nnx import (NnxActEinsum, NnxRaggedDense, QuantHistory, QuantMetric, QuantOp,
                                   QuantScale,
@@ -23,7 +24,7 @@ from lowbit_jax.flax._nnx import (NnxActEinsum, NnxRaggedDense, QuantHistory, Qu
 
 __all__ = ["quantize_linen", "LinenQuantizer", "QBox", "QuantizedParam", "STATS",
            "SCALES", "STATE", "METRICS", "RNG", "ActEinsum",
-           "RaggedDense", "apply_ptq", "capture_dense_stats", "Capture", "DenseStats",
+           "RaggedDense", "apply_ptq", "capture_dense_stats", "Capture", "DenseStats", "ExpertStats",
            "quantize_nnx", "QuantOp", "QuantStat", "QuantScale", "QuantHistory",
            "QuantMetric", "finalize_nnx", "nnx_stats", "dequantize_nnx",
            "init_quant_nnx", "update_histories", "NnxActEinsum", "NnxRaggedDense"]
