@@ -3,8 +3,11 @@
 ``quantize_function`` traces ``fn`` to a jaxpr with its parameter pytree
 flattened with paths, follows the data flow from every parameter leaf, and
 re-interprets the jaxpr: each ``dot_general`` (``x @ w``, ``jnp.einsum``,
-``jnp.dot``, a Haiku/Equinox linear layer, ...) and ``conv_general_dilated``
-with an operand that flows from a parameter leaf runs through
+``jnp.dot``, a Haiku/Equinox linear layer, ...), ``conv_general_dilated`` and
+``jax.lax.ragged_dot`` (grouped matmuls of MoE experts, weight ``[G, K, N]``
+quantized per group; matched by rules listing ``"ragged_dot"``,
+``"dot_general"`` or ``"einsum"``) with an operand that flows from a parameter
+leaf runs through
 ``lowbit_jax.core.ops`` instead, with the rule that matches that leaf's path.
 
 Data flow from a parameter passes through views of it: ``transpose``,
@@ -53,6 +56,8 @@ _CALLS = frozenset({"jit", "pjit", "closed_call", "core_call"})
 _CUSTOM = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"})
 _REMAT = frozenset({"remat2", "checkpoint", "remat"})
 _DOT_KINDS = ("dot_general", "einsum")
+_RAGGED = "ragged_dot_general"
+_RAGGED_KINDS = ("ragged_dot",) + _DOT_KINDS
 
 
 class _Tag(collections.namedtuple("_Tag", ["path", "prequantized"])):
@@ -85,6 +90,19 @@ def _bind(eqn, invals):
   with ctx if ctx is not None else contextlib.nullcontext():
     out = eqn.primitive.bind(*subfuns, *[_mat(v) for v in invals], **params)
   return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _ragged_layout_problem(params, n_in: int) -> Optional[str]:
+  """None if a ragged_dot_general is ``lax.ragged_dot``'s layout, else why not."""
+  rdn = params["ragged_dot_dimension_numbers"]
+  if n_in != 3 or params.get("group_offset") is not None:
+    return "it has a group offset"
+  if (tuple(map(tuple, rdn.dot_dimension_numbers[0])) != ((1,), (1,))
+      or any(rdn.dot_dimension_numbers[1])
+      or tuple(rdn.lhs_ragged_dimensions) != (0,)
+      or tuple(rdn.rhs_group_dimensions) != (0,)):
+    return f"its dimension numbers are {rdn}"
+  return None
 
 
 def _closed(j):
@@ -172,6 +190,9 @@ class _Interpreter:
       elif name == "conv_general_dilated":
         found = found or (it[1] is not None
                           and self._rule(it[1], ("conv",)) is not None)
+      elif name == _RAGGED:
+        found = found or (it[1] is not None
+                          and self._rule(it[1], _RAGGED_KINDS) is not None)
       elif name == "pallas_call":
         pass
       elif name in _CALLS:
@@ -243,6 +264,8 @@ class _Interpreter:
       return self._dot(eqn, invals, intags), none
     if name == "conv_general_dilated":
       return self._conv(eqn, invals, intags), none
+    if name == _RAGGED:
+      return self._ragged(eqn, invals, intags), none
     if name == "pallas_call":
       return _bind(eqn, invals), none
     if name in _CALLS:
@@ -380,6 +403,28 @@ class _Interpreter:
                            p["dimension_numbers"], p["feature_group_count"],
                            p["batch_group_count"], p.get("precision"),
                            p.get("preferred_element_type"), call=call)
+    self._finish(key, call)
+    return [out]
+
+  def _ragged(self, eqn, invals, intags):
+    """``jax.lax.ragged_dot`` with a weight ``[G, K, N]`` (MoE experts)."""
+    lhs, rhs, group_sizes = invals[:3]
+    if intags[1] is None or intags[0] is not None:
+      return _bind(eqn, invals)
+    site, key = self._site(eqn, intags[1], _RAGGED_KINDS, "ragged_dot", rhs)
+    if site is None:
+      return _bind(eqn, invals)
+    p = eqn.params
+    why = _ragged_layout_problem(p, len(invals))
+    if why is not None:
+      raise ValueError(f"{site.path}: a ragged_dot_general reading this weight is "
+                       f"not jax.lax.ragged_dot(x [M, K], w [G, K, N], group_sizes) "
+                       f"({why}); exclude the weight with a float rule")
+    w = rhs.q if isinstance(rhs, _QRef) else rhs
+    act = _mat(lhs)
+    call = self._call(site, key, act)
+    out = _rules.site_ragged_dot(site, act, w, group_sizes, p.get("precision"),
+                                 p.get("preferred_element_type"), call=call)
     self._finish(key, call)
     return [out]
 
@@ -733,6 +778,12 @@ class QuantizedFunction:
           self._collect_uses(inner, inner.invars[pos], perm, shape, path, uses)
         elif name == "dot_general":
           uses[path].append(self._dot_plan(eqn, pos, perm, shape, path))
+        elif name == _RAGGED and pos == 1 and not perm:
+          rule = self._plan_rule(path, _RAGGED_KINDS)
+          ok = _ragged_layout_problem(eqn.params, len(eqn.invars)) is None
+          uses[path].append(None if rule is None or not ok else _rules.plan_weight(
+              rule.weight_spec, shape, "ragged_dot", contracting=(1,),
+              compute_dtype=eqn.invars[1].aval.dtype))
         elif name == "conv_general_dilated" and pos == 1 and not perm:
           rule = self._plan_rule(path, ("conv",))
           if rule is None:

@@ -61,7 +61,7 @@ from lowbit_jax.core._quantize import (check_static_range, dequantize, fake_quan
 from lowbit_jax.core._spec import TENSOR, QuantSpec, as_spec
 from lowbit_jax.formats import BlockFormat, LookupFormat
 
-OPS = ("dot_general", "einsum", "conv")      # ops with a weight (default)
+OPS = ("dot_general", "einsum", "conv", "ragged_dot")  # ops with a weight (default)
 ACT_OPS = ("act_matmul",)                    # activation x activation matmuls
 CACHE_OPS = ("kv_cache",)                    # a decoder's key/value cache
 ALL_OPS = OPS + ACT_OPS + CACHE_OPS
@@ -107,8 +107,10 @@ class QuantRule:
       operand), or None (weight-only). An unset ``axis`` means per token
       (dynamic) or per tensor (static).
     ops: the ops the rule applies to, a subset of ``("dot_general", "einsum",
-      "conv", "act_matmul", "kv_cache")``; the default is the three weight
-      ops. ``"kv_cache"`` rules choose how a decoder's key/value cache is
+      "conv", "ragged_dot", "act_matmul", "kv_cache")``; the default is the
+      four weight ops. ``"ragged_dot"`` is a grouped matmul (MoE experts,
+      ``jax.lax.ragged_dot``); a rule listing ``"einsum"`` also applies to it
+      (experts were einsums before). ``"kv_cache"`` rules choose how a decoder's key/value cache is
       stored (``lowbit_jax.models.kv_cache``; paths
       ``layers_0/attn/cache/key`` and ``.../value``, the ``activation`` spec).
       ``quantize_function`` sees einsums as ``dot_general``, so there a rule
@@ -443,7 +445,7 @@ class Site:
   Attributes:
     path: the weight's parameter path (the key its statistics are stored under
       where a front end keeps them flat).
-    op: "dot_general", "einsum" or "conv".
+    op: "dot_general", "einsum", "conv", "ragged_dot" or "act_matmul".
     rule: the rule that matched.
     mode: "fake", "real" or "calibrate".
     use_kernel: kernel dispatch of ``ops.dot_general`` ("auto", "never",
@@ -824,8 +826,9 @@ def plan_weight(spec: QuantSpec, shape: tuple, op: str, *, contracting=(),
   Args:
     spec: the rule's weight spec.
     shape: the weight's (logical) shape.
-    op: "dot_general", "einsum" or "conv".
-    contracting: the weight's contraction axes (matmuls).
+    op: "dot_general", "einsum", "ragged_dot" or "conv".
+    contracting: the weight's contraction axes (matmuls; 1 for ragged_dot's
+      ``[G, K, N]`` weight: one scale per group and output channel).
     batch: the weight's batch axes (matmuls).
     out_axis, in_axis: the kernel's output- and input-feature axes (conv).
     compute_dtype: the dtype of the weight as the op receives it (after the
@@ -1589,6 +1592,52 @@ def site_einsum(site: Site, subscripts: str, lhs, rhs, *, precision=None,
 
 
 @_with_path
+def site_ragged_dot(site: Site, lhs, rhs, group_sizes, precision=None,
+                    preferred_element_type=None, *, stats=None,
+                    call: Optional[SiteCall] = None):
+  """``jax.lax.ragged_dot`` (weight = rhs ``[G, K, N]``) of one site via ``ops``.
+
+  The weight is quantized per group (``ops.ragged_dot``: its spec's unset
+  axis becomes K), the activation ``[M, K]`` per row; learned scales, PACT
+  clips, static ranges, amax histories and ``grad`` specs as at a
+  ``dot_general`` site (a static range is one range over all groups' rows).
+  """
+  call = call if call is not None else SiteCall(stats=stats)
+  if isinstance(rhs, QWeight) and rhs.transposed:
+    rhs = rhs.logical()
+  if site.rule.input_rotation is not None:
+    lhs = hadamard_transform(_float(lhs), 1)
+  if site.mode == "calibrate":
+    x = _float(lhs)
+    return lax.ragged_dot(x, _float(rhs).astype(x.dtype), group_sizes,
+                          precision=precision,
+                          preferred_element_type=preferred_element_type)
+  x, lspec, lkw = _act(site, lhs, call.stats, call, (1,))
+  wspec, wkw = _weight(site, rhs, call, (1,))
+  kw = {f"lhs_{k}": v for k, v in lkw.items()}
+  kw.update({f"rhs_{k}": v for k, v in wkw.items()})
+  operands = {}
+  if lspec is not None:
+    operands["lhs"] = ("act", x, _fill(lspec, (1,), 2))
+  if wspec is not None:
+    operands["rhs"] = ("weight", rhs, _fill(wspec, (1,), 3))
+  hist = _histories(site, call, operands)
+  if hist and site.mode == "real":
+    x, lspec, rhs, wspec, more = _delayed_as_static(site, hist, x, lspec, rhs, wspec)
+    kw.update(more)
+  elif hist:
+    kw["amax_history"] = hist
+    kw["history_reduce"] = site.rule.amax_reduce
+  if site.grad is not None and site.mode == "fake":
+    kw["grad_spec"] = site.grad
+  key = site_key(site, call)
+  if key is not None:
+    kw["key"] = key
+  return ops.ragged_dot(x, rhs, group_sizes, precision, preferred_element_type,
+                        lhs_spec=lspec, rhs_spec=wspec, mode=site.mode, **kw)
+
+
+@_with_path
 def site_conv(site: Site, lhs, rhs, window_strides, padding, lhs_dilation=None,
               rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
               batch_group_count=1, precision=None, preferred_element_type=None, *,
@@ -1653,6 +1702,6 @@ __all__ = ["QuantRule", "QuantConfig", "Site", "SiteCall", "QWeight", "WeightPla
            "as_config", "as_qweight", "candidates", "path_str",
            "plan_weight", "conv_weight_spec", "quantize_weight", "quantize_params",
            "logical_shape", "logical_value", "einsum_dims", "site_dot_general",
-           "site_einsum", "site_conv", "site_key",
+           "site_einsum", "site_conv", "site_ragged_dot", "site_key",
            "clipped_fraction", "observe", "static_range", "finalize_range", "finalize_ranges",
            "check_mode", "check_use_kernel"]

@@ -1,4 +1,5 @@
-"""The quantized ops every model path goes through: dot_general, einsum, conv.
+"""The quantized ops every model path goes through: dot_general, einsum, conv,
+ragged_dot (grouped matmuls: MoE experts).
 
 Three modes:
 
@@ -828,6 +829,138 @@ def einsum(subscripts: str, lhs, rhs, *, lhs_spec=None, rhs_spec=None, grad_spec
     return y.astype(preferred_element_type or out_dtype)
   return jnp.einsum(subscripts, lv.astype(out_dtype), rv.astype(out_dtype),
                     precision=precision, preferred_element_type=preferred_element_type)
+
+
+class _RaggedGradConfig(NamedTuple):
+  """Backward quantization of ``ragged_dot`` (the fields ``_quantize_cotangent`` reads)."""
+  precision: object
+  pet: object
+  g_dx: QuantSpec
+  g_dw: Optional[QuantSpec]
+  reduce: str
+
+
+def _ragged(lv, rv, group_sizes, precision, pet):
+  return lax.ragged_dot(lv, rv, group_sizes, precision=precision,
+                        preferred_element_type=pet)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _qgrad_ragged(cfg: _RaggedGradConfig, lv, rv, group_sizes, keys, g_history):
+  del keys, g_history
+  return _ragged(lv, rv, group_sizes, cfg.precision, cfg.pet)
+
+
+def _qgrad_ragged_fwd(cfg, lv, rv, group_sizes, keys, g_history):
+  y = _ragged(lv, rv, group_sizes, cfg.precision, cfg.pet)
+  return y, (lv, rv, group_sizes, keys, g_history)
+
+
+def _qgrad_ragged_bwd(cfg, res, g):
+  lv, rv, group_sizes, keys, g_history = res
+  g_dx, g_dw, new_history = _quantize_cotangent(g, cfg, keys, g_history)
+  dot = functools.partial(_ragged, group_sizes=group_sizes, precision=cfg.precision,
+                          pet=cfg.pet)
+  dl, = jax.linear_transpose(lambda a: dot(a, rv), _aval(lv))(g_dx.astype(g.dtype))
+  dr, = jax.linear_transpose(lambda b: dot(lv, b), _aval(rv))(g_dw.astype(g.dtype))
+  return dl, dr, None, tuple(None for _ in keys), new_history
+
+
+_qgrad_ragged.defvjp(_qgrad_ragged_fwd, _qgrad_ragged_bwd)
+
+
+def ragged_dot(lhs, rhs, group_sizes, precision=None, preferred_element_type=None, *,
+               lhs_spec=None, rhs_spec=None, grad_spec=None, mode: str = "fake",
+               key=None, lhs_amax=None, lhs_tensor_amax=None, lhs_scale=None,
+               rhs_scale=None, lhs_clip=None, amax_history: Optional[dict] = None,
+               history_reduce: str = "max"):
+  """Quantized ``jax.lax.ragged_dot``: a grouped matmul (MoE experts).
+
+  ``lhs [M, K]`` holds rows sorted by group (tokens sorted by expert),
+  ``group_sizes [G]`` how many rows each group has (their sum at most M; rows
+  past it give zeros), and ``rhs [G, K, N]`` one weight per group: row ``m``
+  of group ``g`` gives ``lhs[m] @ rhs[g]``.
+
+  The weight is quantized per group: an unset ``rhs_spec`` axis becomes K
+  (axis 1), i.e. one scale per group and output channel, or groups of
+  ``group_size`` along K, exactly as each ``rhs[g]`` would be quantized as a
+  ``[K, N]`` weight of ``dot_general``; a QArray ``rhs`` (real mode, stored
+  ahead of time) is used as it is. An unset ``lhs_spec`` axis means per token
+  (axis 1). Fake mode fake-quantizes both operands (straight-through, LSQ or
+  PACT gradients as ``dot_general``); real mode quantizes, dequantizes into
+  the compute dtype and runs a float32-accumulating ``ragged_dot`` (no Pallas
+  kernel reaches grouped matmuls yet).
+
+  ``grad_spec`` (fake mode) quantizes the output cotangent once, per tensor
+  when its axis is unset, before both backward grouped matmuls, which read
+  the forward's quantized operands; grouped and block gradient formats are
+  refused (their blocks would cross expert boundaries along M). Amax
+  histories (``"lhs"``, ``"rhs"``, ``"grad"``) work as in ``dot_general``.
+
+  Args:
+    lhs: ``[M, K]`` activations, rows sorted by group.
+    rhs: ``[G, K, N]`` float weights or a QArray of that shape.
+    group_sizes: ``[G]`` integer row counts.
+    precision, preferred_element_type: as ``jax.lax.ragged_dot``.
+    lhs_spec, rhs_spec, grad_spec, mode, key, lhs_amax, lhs_tensor_amax,
+      lhs_scale, rhs_scale, lhs_clip, amax_history, history_reduce: as
+      ``dot_general`` (a learned ``rhs_scale`` has the weight spec's grid over
+      ``[G, K, N]``).
+
+  Returns:
+    ``[M, N]``, in lhs's float dtype unless preferred_element_type is given.
+
+  Raises:
+    ValueError: operands of the wrong rank or shape, a blocked grad_spec, or
+      as ``dot_general``.
+  """
+  _check_mode(mode, "auto")
+  hist = _check_histories(amax_history, history_reduce, mode)
+  gs = _grad_spec(grad_spec, mode)
+  rshape = tuple(rhs.shape)
+  if len(lhs.shape) != 2 or len(rshape) != 3 or lhs.shape[1] != rshape[1]:
+    raise ValueError(f"ragged_dot takes lhs [M, K] and rhs [G, K, N]; got lhs "
+                     f"{tuple(lhs.shape)} and rhs {rshape}")
+  if tuple(jnp.shape(group_sizes)) != (rshape[0],):
+    raise ValueError(f"group_sizes must have shape ({rshape[0]},) (one count per "
+                     f"group of rhs), got {tuple(jnp.shape(group_sizes))}")
+  l_is_q, r_is_q = isinstance(lhs, QArray), isinstance(rhs, QArray)
+  ls = None if l_is_q else _resolve(lhs_spec, (1,), 2, "lhs" in hist, "lhs")
+  rs = None if r_is_q else _resolve(rhs_spec, (1,), 3, "rhs" in hist, "rhs")
+  if "grad" in hist and gs is None:
+    raise ValueError("amax_history['grad'] needs a grad_spec")
+  if gs is not None:
+    if _blocked(gs):
+      raise ValueError(f"ragged_dot takes a per-tensor or per-axis grad_spec; "
+                       f"{gs.format.name!r} with group_size={gs.group_size}, tile="
+                       f"{gs.tile} blocks along an axis, whose blocks would cross "
+                       "group (expert) boundaries in the weight gradient")
+    if gs.axis is None:
+      gs = gs.replace(axis=TENSOR)
+    if "grad" in hist:
+      _check_history_spec(gs, 2, "grad")
+  k_l, k_r, k_g = _split_keys(key, (("lhs", ls), ("rhs", rs), ("grad", gs)))
+  out_dtype = _common_dtype(lhs.dtype, rhs.dtype)
+  group_sizes = jnp.asarray(group_sizes, jnp.int32)
+  if mode == "fake":
+    lv = _qdq_operand(lhs, ls, k_l, mode, lhs_amax, lhs_tensor_amax, lhs_scale,
+                      lhs_clip, hist.get("lhs"), history_reduce, "lhs")
+    rv = _qdq_operand(rhs, rs, k_r, mode, None, None, rhs_scale, None,
+                      hist.get("rhs"), history_reduce, "rhs")
+    lv, rv = lv.astype(out_dtype), rv.astype(out_dtype)
+    if gs is None:
+      return _ragged(lv, rv, group_sizes, precision, preferred_element_type)
+    cfg = _RaggedGradConfig(_norm_precision(precision),
+                            None if preferred_element_type is None
+                            else jnp.dtype(preferred_element_type),
+                            gs, None, history_reduce)
+    return _qgrad_ragged(cfg, lv, rv, group_sizes, (k_g, k_l, k_r), hist.get("grad"))
+  lv = _qdq_operand(lhs, ls, k_l, mode, lhs_amax, lhs_tensor_amax, lhs_scale, lhs_clip,
+                    name="lhs")
+  rv = _qdq_operand(rhs, rs, k_r, mode, None, None, rhs_scale, name="rhs")
+  ct = _compute_dtype(out_dtype)
+  y = _ragged(lv.astype(ct), rv.astype(ct), group_sizes, precision, jnp.float32)
+  return y.astype(preferred_element_type or out_dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))

@@ -17,10 +17,18 @@ the very same input array (they must share a smoothing or rotation), and which
 module produced that array when it came straight from an ``nn.LayerNorm``,
 ``nn.RMSNorm`` or ``nn.Dense`` (a candidate to fold a transformation into).
 
+Grouped matmuls (``lowbit_jax.flax.RaggedDense``: MoE experts, rows sorted by
+expert) are captured per group as ``ExpertStats``: the Gram matrix, absmax,
+mean |x| and row count of each expert are built from only the rows (tokens)
+routed to it, read from the call's ``group_sizes``; the retained sample keeps
+each row's expert. Their rows are (token, expert) pairs, so ``token_mask``
+does not apply to them.
+
 Each batch runs under ``jax.jit``; a new batch shape compiles again.
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
@@ -28,6 +36,8 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from lowbit_jax.flax._linen import RaggedDense
 
 _HI = jax.lax.Precision.HIGHEST
 NORM_TYPES = (nn.LayerNorm, nn.RMSNorm)
@@ -55,11 +65,46 @@ class DenseStats(NamedTuple):
     return self.abssum / jnp.maximum(self.count, 1.0)
 
 
+class ExpertStats(NamedTuple):
+  """Accumulated input statistics of a grouped matmul, one set per group (expert).
+
+  Attributes:
+    gram: ``[G, K, K]``: ``gram[g]`` sums ``x^T x`` over the rows routed to
+      group ``g`` only.
+    absmax: ``[G, K]`` max |x_j| per group.
+    abssum: ``[G, K]`` sum of |x_j| per group.
+    count: ``[G]`` rows routed to each group.
+    sample: ``[S, K]`` retained input rows (all groups).
+    sample_group: ``[S]`` the group of each retained row.
+  """
+  gram: jax.Array
+  absmax: jax.Array
+  abssum: jax.Array
+  count: jax.Array
+  sample: jax.Array
+  sample_group: jax.Array
+
+  @property
+  def mean_abs(self) -> jax.Array:
+    """Mean |x_j| per group and input channel (0 for a group without rows)."""
+    return self.abssum / jnp.maximum(self.count, 1.0)[:, None]
+
+
+def _group_ids(group_sizes: jax.Array, m: int):
+  """(group of each of ``m`` sorted rows, whether the row is in a group)."""
+  gs = jnp.asarray(group_sizes, jnp.int32)
+  ends = jnp.cumsum(gs)
+  rows = jnp.arange(m)
+  gid = jnp.searchsorted(ends, rows, side="right")
+  valid = rows < ends[-1]
+  return jnp.minimum(gid, gs.shape[0] - 1), valid
+
+
 class Capture(NamedTuple):
   """What ``capture_dense_stats`` returns.
 
   Attributes:
-    stats: layer path -> DenseStats.
+    stats: layer path -> DenseStats (``ExpertStats`` for a ``RaggedDense``).
     order: layer paths in the order of their first call.
     groups: lists of layer paths that read the same input array (first call),
       in call order; every captured layer is in exactly one group.
@@ -144,7 +189,7 @@ def capture_dense_stats(model: nn.Module, params: Any, calib_batches: Sequence[A
   structure: dict = {}
 
   def run(p, batch, key):
-    order, calls = [], {}
+    order, calls, ragged = [], {}, {}
     outputs = {}   # id(output array) -> (kind, path)
     keep = []      # keeps traced arrays alive so ids are not reused
     input_group = {}   # id(input) -> group index
@@ -171,6 +216,22 @@ def capture_dense_stats(model: nn.Module, params: Any, calib_batches: Sequence[A
             groups[g].append(path)
           calls[path].append(x)
         return out
+      if isinstance(mod, RaggedDense):
+        path = layer_path(mod)
+        x, group_sizes = _ragged_inputs(args, kwargs)
+        out = next_fun(*args, **kwargs)
+        keep.extend([x, out])
+        if pattern.fullmatch(path):
+          if path not in ragged:
+            order.append(path)
+            ragged[path] = []
+            producers[path] = outputs.get(id(x))
+            g = input_group.setdefault(id(x), len(groups))
+            if g == len(groups):
+              groups.append([])
+            groups[g].append(path)
+          ragged[path].append((x, group_sizes))
+        return out
       if isinstance(mod, NORM_TYPES):
         out = next_fun(*args, **kwargs)
         keep.append(out)
@@ -185,6 +246,10 @@ def capture_dense_stats(model: nn.Module, params: Any, calib_batches: Sequence[A
     structure.update(order=order, groups=groups, producers=producers)
     result = {}
     for i, path in enumerate(order):
+      if path in ragged:
+        result[path] = _expert_batch_stats(ragged[path], per_batch,
+                                           jax.random.fold_in(key, i))
+        continue
       rows, wts = [], []
       for x in calls[path]:
         k = x.shape[-1]
@@ -213,7 +278,11 @@ def capture_dense_stats(model: nn.Module, params: Any, calib_batches: Sequence[A
   samples: dict = {}
   for b, batch in enumerate(batches):
     out = fwd(params, batch, jax.random.fold_in(base, b))
-    for path, (gram, absmax, abssum, cnt, rows, valid) in out.items():
+    for path, res in out.items():
+      if len(res) == 7:  # a grouped matmul
+        _accumulate_experts(acc, samples, path, res)
+        continue
+      gram, absmax, abssum, cnt, rows, valid = res
       if path in acc:
         g0, a0, s0, c0 = acc[path]
         acc[path] = (g0 + gram, jnp.maximum(a0, absmax), s0 + abssum, c0 + cnt)
@@ -221,12 +290,66 @@ def capture_dense_stats(model: nn.Module, params: Any, calib_batches: Sequence[A
         acc[path] = (gram, absmax, abssum, cnt)
       samples.setdefault(path, []).append(rows[jnp.asarray(valid)])
   if not structure.get("order"):
-    raise ValueError(f"no nn.Dense layer whose path fully matches {layers!r} was "
-                     "called; check the regex against paths like 'block/query'")
+    raise ValueError(f"no nn.Dense (or RaggedDense) layer whose path fully matches "
+                     f"{layers!r} was called; check the regex against paths like "
+                     "'block/query'")
   stats = {}
   for path in structure["order"]:
+    if len(acc[path]) == 5:  # a grouped matmul
+      gram, absmax, abssum, cnt, _ = acc[path]
+      rows = jnp.concatenate([r for r, _ in samples[path]])[:max_samples]
+      gids = jnp.concatenate([g for _, g in samples[path]])[:max_samples]
+      stats[path] = ExpertStats(gram, absmax, abssum, cnt, rows, gids)
+      continue
     gram, absmax, abssum, cnt = acc[path]
     sample = jnp.concatenate(samples[path])[:max_samples]
     stats[path] = DenseStats(gram, absmax, abssum, cnt, sample)
   return Capture(stats, list(structure["order"]),
                  [list(g) for g in structure["groups"]], dict(structure["producers"]))
+
+
+def _ragged_inputs(args, kwargs):
+  names = ("x", "group_sizes")
+  vals = list(args) + [kwargs[n] for n in names[len(args):] if n in kwargs]
+  if len(vals) != 2:
+    raise ValueError("a RaggedDense was called without (x, group_sizes)")
+  return vals[0], vals[1]
+
+
+def _expert_batch_stats(calls, n_keep: int, key):
+  """Per-group statistics of one batch's calls of a grouped matmul."""
+  grams, amaxs, asums, cnts, rows_all, gids_all, valid_all = [], [], [], [], [], [], []
+  for x, group_sizes in calls:
+    m, k = x.shape
+    g = group_sizes.shape[0]
+    gid, valid = _group_ids(group_sizes, m)
+    xr = x.reshape(m, k).astype(jnp.float32)
+    onehot = ((gid[:, None] == jnp.arange(g)[None]) & valid[:, None]).astype(
+        jnp.float32)                                       # [M, G]
+    xg = onehot.T[:, :, None] * xr[None]                   # [G, M, K]
+    grams.append(jnp.einsum("gmk,gmj->gkj", xg, xg, precision=_HI))
+    amaxs.append(jnp.max(jnp.abs(xg), axis=1))
+    asums.append(jnp.sum(jnp.abs(xg), axis=1))
+    cnts.append(jnp.sum(onehot, axis=0))
+    rows_all.append(xr)
+    gids_all.append(gid)
+    valid_all.append(valid)
+  xr = jnp.concatenate(rows_all)
+  gid = jnp.concatenate(gids_all)
+  valid = jnp.concatenate(valid_all)
+  n = min(n_keep, xr.shape[0])
+  score = jax.random.uniform(key, (xr.shape[0],)) + 2.0 * valid
+  _, idx = jax.lax.top_k(score, n)
+  return (sum(grams), functools.reduce(jnp.maximum, amaxs), sum(asums), sum(cnts),
+          xr[idx], gid[idx], valid[idx])
+
+
+def _accumulate_experts(acc: dict, samples: dict, path: str, res) -> None:
+  gram, absmax, abssum, cnt, rows, gid, valid = res
+  if path in acc:
+    g0, a0, s0, c0, _ = acc[path]
+    acc[path] = (g0 + gram, jnp.maximum(a0, absmax), s0 + abssum, c0 + cnt, None)
+  else:
+    acc[path] = (gram, absmax, abssum, cnt, None)
+  keep = jnp.asarray(valid)
+  samples.setdefault(path, []).append((rows[keep], gid[keep]))

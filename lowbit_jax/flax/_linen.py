@@ -2,11 +2,12 @@
 
 ``quantize_linen(rules, mode)`` intercepts (``flax.linen.intercept_methods``,
 no patching) the calls of ``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv``,
-``nn.Einsum`` (and their subclasses) and ``nn.Embed.attend``. A matched layer
+``nn.Einsum`` (and their subclasses), ``nn.Embed.attend`` and this package's
+``RaggedDense`` (grouped matmuls of MoE experts, ``jax.lax.ragged_dot``). A matched layer
 runs its own code bound to its own scope (``module.clone(parent=scope, ...)``)
 with its op attribute (``dot_general`` / ``conv_general_dilated``) set to the
-quantized op of ``lowbit_jax.core.ops``; ``nn.Einsum`` (which has no op
-attribute) and ``Embed.attend`` are evaluated by the interceptor with the same
+quantized op of ``lowbit_jax.core.ops``; ``nn.Einsum`` and ``RaggedDense`` (which have no
+op attribute) and ``Embed.attend`` are evaluated by the interceptor with the same
 parameters. A re-entrancy guard keeps the clone from being intercepted again.
 
 Paths: a layer's path is ``'/'.join(module.path)`` (``layers_0/mlp/up``), its
@@ -180,6 +181,51 @@ class ActEinsum(nn.Module):
                       preferred_element_type=self.preferred_element_type)
 
 
+_EXPERT_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                                in_axis=-2, out_axis=-1,
+                                                batch_axis=(0,))
+
+
+class RaggedDense(nn.Module):
+  """One ``[K, N]`` weight per group of rows: ``jax.lax.ragged_dot`` (MoE experts).
+
+  ``__call__(x [M, K], group_sizes [G])`` multiplies the rows of group ``g``
+  (rows sorted by group: the first ``group_sizes[0]`` rows are group 0, ...)
+  by ``kernel[g]`` (``kernel [G, K, N]``); rows past ``sum(group_sizes)``
+  give zeros. Compared with an einsum of every group on every row, it does
+  ``1/G`` of the work. ``quantize_linen`` reaches it as a ``"ragged_dot"``
+  site (rules listing ``"ragged_dot"`` or ``"einsum"`` in their ``ops``): the
+  weight is quantized per group (scales per group and output channel, or
+  groups along K), activations per row; real mode stores the kernel packed.
+
+  Attributes:
+    num_groups: G, the number of weights (experts).
+    features: N, the output width.
+    dtype: compute dtype (None: from the inputs).
+    param_dtype: the kernel's dtype.
+    precision: as ``jax.lax.ragged_dot``.
+    kernel_init: initializer of the ``[G, K, N]`` kernel (fan-in scaled per
+      group by default).
+    promote_dtype: as ``nn.Dense``'s.
+  """
+  num_groups: int
+  features: int
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  precision: Any = None
+  kernel_init: Callable = _EXPERT_INIT
+  promote_dtype: Callable = nn.dtypes.promote_dtype
+
+  @nn.compact
+  def __call__(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """``jax.lax.ragged_dot(x, kernel, group_sizes)``, in ``dtype``."""
+    kernel = self.param("kernel", self.kernel_init,
+                        (self.num_groups, x.shape[-1], self.features),
+                        self.param_dtype)
+    x, kernel = self.promote_dtype(x, kernel, dtype=self.dtype)
+    return jax.lax.ragged_dot(x, kernel, group_sizes, precision=self.precision)
+
+
 def _layer_kind(mod, method: str) -> Optional[str]:
   if method == "__call__":
     if isinstance(mod, ActEinsum):
@@ -190,13 +236,18 @@ def _layer_kind(mod, method: str) -> Optional[str]:
       return "conv"
     if isinstance(mod, nn.Einsum):
       return "einsum"
+    if isinstance(mod, RaggedDense):
+      return "ragged"
   elif method == "attend" and isinstance(mod, nn.Embed):
     return "attend"
   return None
 
 
 _OP = {"dense": "dot_general", "attend": "dot_general", "einsum": "einsum",
-       "conv": "conv", "act_einsum": "act_matmul"}
+       "conv": "conv", "act_einsum": "act_matmul", "ragged": "ragged_dot"}
+# The op kinds a layer's site matches in rules' ``ops``: grouped matmuls also
+# match "einsum" rules (MoE experts were einsums before they were ragged).
+_KINDS = {"ragged": ("ragged_dot", "einsum")}
 
 
 class _SiteOp:
@@ -309,6 +360,21 @@ class _SiteOp:
     call = self._call(lhs)
     y = _rules.site_einsum(self.site, subscripts, lhs, rhs, precision=precision,
                            preferred_element_type=preferred_element_type, call=call)
+    self._finish(call)
+    return y
+
+  def ragged_dot(self, lhs, rhs, group_sizes, precision=None):
+    rhs = _unwrap(rhs)
+    plan = self.quantizer._planning  # pylint: disable=protected-access
+    if plan is not None:
+      if not isinstance(rhs, QArray) and self.site.weight is not None:
+        plan.setdefault(self.site.path, []).append(_rules.plan_weight(
+            self.site.weight, tuple(rhs.shape), "ragged_dot", contracting=(1,),
+            compute_dtype=rhs.dtype))
+      return jax.lax.ragged_dot(lhs, _rules.logical_value(rhs).astype(lhs.dtype),
+                                group_sizes, precision=precision)
+    call = self._call(lhs)
+    y = _rules.site_ragged_dot(self.site, lhs, rhs, group_sizes, precision, call=call)
     self._finish(call)
     return y
 
@@ -522,7 +588,7 @@ class LinenQuantizer:
       return self._act_einsum(mod, _SiteOp(self, mod, site), *args, **kwargs)
     wname = "embedding" if kind == "attend" else "kernel"
     wpath = f"{path}/{wname}" if path else wname
-    rule = self.config.match((path, wpath), (_OP[kind],))
+    rule = self.config.match((path, wpath), _KINDS.get(kind, (_OP[kind],)))
     if rule is None or rule.is_float:
       return next_fun(*args, **kwargs)
     site = Site(wpath, _OP[kind], rule, self.mode, self.use_kernel)
@@ -530,6 +596,8 @@ class LinenQuantizer:
     op = _SiteOp(self, mod, site)
     if kind == "einsum":
       return self._einsum(mod, op, *args, **kwargs)
+    if kind == "ragged":
+      return self._ragged(mod, op, *args, **kwargs)
     if kind == "attend":
       return self._attend(mod, op, *args, **kwargs)
     if (mod.has_variable("params", "kernel")
@@ -604,6 +672,16 @@ class LinenQuantizer:
       y += jnp.reshape(bias, bshape)
     return y
 
+  def _ragged(self, mod, op: _SiteOp, x, group_sizes):
+    """RaggedDense.__call__ with the quantized grouped matmul."""
+    if type(mod).__call__ is not RaggedDense.__call__:
+      raise ValueError(f"{type(mod).__name__} overrides RaggedDense.__call__, so its "
+                       "matmul cannot be reached; exclude it with a float rule")
+    kernel = mod.param("kernel", mod.kernel_init,
+                       (mod.num_groups, x.shape[-1], mod.features), mod.param_dtype)
+    x, kernel = promote_passing(mod.promote_dtype, (x, kernel), dtype=mod.dtype)
+    return op.ragged_dot(x, kernel, group_sizes, precision=mod.precision)
+
   def _act_einsum(self, mod, op: _SiteOp, lhs, rhs):
     """ActEinsum.__call__ with the quantized einsum of two activations."""
     if type(mod).__call__ is not ActEinsum.__call__:
@@ -674,4 +752,4 @@ def quantize_linen(rules, mode: str = "fake", *, strict: bool = False,
 
 
 __all__ = ["quantize_linen", "LinenQuantizer", "QBox", "QuantizedParam", "STATS",
-           "SCALES", "STATE", "METRICS", "RNG", "ActEinsum"]
+           "SCALES", "STATE", "METRICS", "RNG", "ActEinsum", "RaggedDense"]

@@ -2,9 +2,10 @@
 
 ``quantize_nnx(model, rules, mode)`` walks the module graph
 (``nnx.recursive_map``) and, in every ``nnx.Linear``, ``nnx.LinearGeneral``,
-``nnx.Einsum`` and ``nnx.Conv`` (or subclass) a rule matches, replaces the op
-attribute the layer calls (``dot_general``, ``einsum_op``,
-``conv_general_dilated``) by a ``QuantOp`` submodule running the quantized op of
+``nnx.Einsum``, ``nnx.Conv`` (or subclass) and ``NnxRaggedDense`` (grouped
+matmuls of MoE experts) a rule matches, replaces the op attribute the layer
+calls (``dot_general``, ``einsum_op``, ``conv_general_dilated``,
+``ragged_dot_op``) by a ``QuantOp`` submodule running the quantized op of
 ``lowbit_jax.core.ops``. The layer keeps its own Variables (same objects, same
 paths), so float checkpoints still load into the quantized model.
 
@@ -81,9 +82,13 @@ class QuantMetric(nnx.Variable):
 
 
 _HOOKS = {"dot_general": "dot_general", "einsum": "einsum_op",
-          "conv": "conv_general_dilated", "act_matmul": "einsum_op"}
+          "conv": "conv_general_dilated", "act_matmul": "einsum_op",
+          "ragged_dot": "ragged_dot_op"}
 _FLOAT_OPS = {"dot_general": jax.lax.dot_general, "einsum": jnp.einsum,
-              "conv": jax.lax.conv_general_dilated, "act_matmul": jnp.einsum}
+              "conv": jax.lax.conv_general_dilated, "act_matmul": jnp.einsum,
+              "ragged_dot": jax.lax.ragged_dot}
+# Rule op kinds a site matches: grouped matmuls also match "einsum" rules.
+_KINDS = {"ragged_dot": ("ragged_dot", "einsum")}
 
 
 class NnxActEinsum(nnx.Module):
@@ -122,9 +127,48 @@ class NnxActEinsum(nnx.Module):
 _static = getattr(nnx, "static", lambda x: x)
 
 
+class NnxRaggedDense(nnx.Module):
+  """One ``[K, N]`` weight per group of rows (``jax.lax.ragged_dot``), for NNX.
+
+  The NNX counterpart of ``lowbit_jax.flax.RaggedDense`` (MoE experts):
+  ``__call__(x [M, K], group_sizes [G])`` multiplies the rows of group ``g``
+  (rows sorted by group) by ``kernel[g]``. ``quantize_nnx`` reaches it as a
+  ``"ragged_dot"`` site (rules listing ``"ragged_dot"`` or ``"einsum"``):
+  weight quantized per group and output channel (or groups along K),
+  activations per row; real mode stores the kernel as a packed QWeight.
+
+  Attributes:
+    kernel: ``nnx.Param`` ``[G, K, N]``.
+    precision: as ``jax.lax.ragged_dot``.
+    dtype: compute dtype (None: from the inputs).
+    ragged_dot_op: the op called (``jax.lax.ragged_dot``; a ``QuantOp`` once
+      quantized).
+  """
+
+  def __init__(self, num_groups: int, in_features: int, out_features: int, *,
+               dtype=None, param_dtype=jnp.float32, precision=None,
+               kernel_init: Optional[Callable] = None, rngs: nnx.Rngs):
+    init = kernel_init or jax.nn.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,))
+    self.kernel = nnx.Param(init(rngs.params(), (num_groups, in_features,
+                                                 out_features), param_dtype))
+    self.dtype = dtype
+    self.precision = precision
+    self.promote_dtype = nnx.nn.dtypes.promote_dtype
+    self.ragged_dot_op = _static(jax.lax.ragged_dot)
+
+  def __call__(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """``ragged_dot_op(x, kernel, group_sizes)``."""
+    x, kernel = self.promote_dtype((x, self.kernel[...]), dtype=self.dtype)
+    return self.ragged_dot_op(x, kernel, group_sizes, precision=self.precision)
+
+
+
 def _layer_op(node) -> Optional[str]:
   if isinstance(node, NnxActEinsum):
     return "act_matmul"
+  if isinstance(node, NnxRaggedDense):
+    return "ragged_dot"
   if isinstance(node, (nnx.Linear, nnx.LinearGeneral)):
     return "dot_general"
   if isinstance(node, nnx.Einsum):
@@ -222,7 +266,17 @@ class QuantOp(nnx.Module):
       return self._dot(*args, **kwargs)
     if op in ("einsum", "act_matmul"):
       return self._einsum(*args, **kwargs)
+    if op == "ragged_dot":
+      return self._ragged(*args, **kwargs)
     return self._conv(*args, **kwargs)
+
+  def _ragged(self, lhs, rhs, group_sizes, precision=None,
+              preferred_element_type=None):
+    call = self._call(lhs)
+    y = _rules.site_ragged_dot(self.site, lhs, rhs, group_sizes, precision,
+                               preferred_element_type, call=call)
+    self._finish(call)
+    return y
 
   def _dot(self, lhs, rhs, dimension_numbers, precision=None,
            preferred_element_type=None):
@@ -267,6 +321,9 @@ def _plan(node, op: str, spec) -> _rules.WeightPlan:
   if isinstance(node, nnx.Linear):
     return _rules.plan_weight(spec, shape, "dot_general", contracting=(0,),
                               compute_dtype=cd)
+  if isinstance(node, NnxRaggedDense):
+    return _rules.plan_weight(spec, shape, "ragged_dot", contracting=(1,),
+                              compute_dtype=cd)
   if isinstance(node, nnx.LinearGeneral):
     nb = len(node.batch_axis)
     na = len(node.axis)
@@ -296,7 +353,7 @@ def _check_unsupported(node, path: str, config: QuantConfig) -> None:
   raise ValueError(
       f"rule {rule.path!r} matches {path!r}, a {type(node).__name__} "
       "layer that quantize_nnx cannot quantize (it reaches nnx.Linear, "
-      "nnx.LinearGeneral, nnx.Einsum, nnx.Conv and their subclasses). Put a float "
+      "nnx.LinearGeneral, nnx.Einsum, nnx.Conv, their subclasses and NnxRaggedDense). Put a float "
       f"rule first to exclude it, QuantRule({path!r}), or quantize a pure function "
       "of the model's state with lowbit_jax.quantize_function")
 
@@ -396,7 +453,7 @@ def quantize_nnx(model: nnx.Module, rules, mode: str = "fake", *, strict: bool =
     old = getattr(node, hook, None)
     old_op = old if isinstance(old, QuantOp) else None
     old_stats = old_op.stats if old_op is not None else None
-    rule = config.match((p,) if act else (p, wpath), (op,))
+    rule = config.match((p,) if act else (p, wpath), _KINDS.get(op, (op,)))
     if rule is None or rule.is_float:
       if isinstance(old, QuantOp):  # quantized before: back to the float op
         setattr(node, hook, _static(_FLOAT_OPS[op]))

@@ -40,6 +40,21 @@ are pre-rotated for an online Hadamard of their input. The float model with
 ``report["rotation"].rules()`` is checked to equal the original before any
 quantization; inference must run with ``report["rotation"].rules(rules)``.
 
+MoE experts (``lowbit_jax.flax.RaggedDense``: a grouped matmul with a
+``[G, K, N]`` kernel, e.g. the decoder's ``moe_impl="ragged"`` experts) are
+quantized per expert: the capture builds expert ``g``'s Hessian (Gram matrix)
+from only the tokens routed to it, GPTQ runs on each expert with its own
+Hessian, RTN rounds each expert on its own grid (scales per expert and output
+channel, or groups along K), and ``report["quant_scales"]`` carries the
+``[G, ...]`` scale grid so real mode stores exactly those codes. An expert
+that received no calibration token has no Hessian: it is rounded to nearest
+and listed in its layer's ``report["layers"][path]["rtn_fallback"]`` (with
+``calibration_tokens``, the tokens each expert saw). The transformation
+methods (AWQ, SmoothQuant, rotation) do not transform experts: their input is
+a gather of the routed tokens, into which no per-expert transformation folds
+exactly; ``report["folds"]`` lists them as skipped and they take the plain
+quantizer (``quantizer="rtn"`` or ``"gptq"``).
+
 Calibration statistics come from one pass of the float model (all layers
 calibrated in parallel, not sequentially on quantized predecessors).
 """
@@ -63,7 +78,8 @@ from lowbit_jax.algorithms.smoothquant import smoothquant_scales
 from lowbit_jax.algorithms.rtn import kernel_spec, rtn, sqnr_db
 from lowbit_jax._rules import QuantRule, _expand_grid
 from lowbit_jax.core import QuantSpec, as_spec, fake_quant, init_scale
-from lowbit_jax.flax._capture import Capture, DenseStats, capture_dense_stats, split_batch
+from lowbit_jax.flax._capture import (Capture, DenseStats, ExpertStats,
+                                     capture_dense_stats, split_batch)
 from lowbit_jax.formats import Format
 
 METHODS = ("rtn", "gptq", "awq", "smoothquant", "rotation", "quarot")
@@ -234,7 +250,7 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
               other_variables: Optional[Mapping[str, Any]] = None,
               online: Optional[str] = None, heads: Optional[tuple] = None
               ) -> tuple[Any, dict]:
-  """Runs a PTQ method on a Linen model's Dense layers; returns new float params.
+  """Runs a PTQ method on a Linen model's Dense (and MoE expert) layers.
 
   Methods: "rtn" (round to nearest), "gptq" (Frantar et al. 2023), "awq" (Lin
   et al. 2024), "smoothquant" (Xiao et al. 2023), "rotation" (randomized
@@ -259,7 +275,8 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
       report's output SQNR. An unset axis means per token.
     quantizer: how transformed kernels are rounded for awq/smoothquant/
       rotation: "rtn" or "gptq".
-    layers: regex of the Dense paths to treat; other layers are untouched.
+    layers: regex of the Dense / RaggedDense paths to treat; other layers are
+      untouched. Experts are quantized per expert (module docstring).
     alpha: SmoothQuant migration strength.
     n_grid: AWQ grid size.
     blocksize, percdamp, act_order: GPTQ options (see ``algorithms.gptq``).
@@ -288,7 +305,9 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
     ``(new_params, report)``: params of the same structure with each treated
     kernel replaced by its fake-quantized value (and folds applied), and a
     report dict: ``layers`` (path -> spec, transform, weight_sqnr_db,
-    output_sqnr_db, seconds), ``folds`` (one entry per group), ``method``,
+    output_sqnr_db, seconds; for an expert layer also ``experts``,
+    ``calibration_tokens`` per expert and ``rtn_fallback``, the experts GPTQ
+    rounded to nearest for want of calibration tokens), ``folds`` (one entry per group), ``method``,
     ``capture_seconds``, ``total_seconds``, ``quant_scales`` (the scale grid
     each quantized kernel was rounded with, for symmetric specs, nested as
     the ``"quant_scales"`` collection: ``{"layer": {"weight_scale": s}}``;
@@ -346,7 +365,9 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
   stats = dict(cap.stats)
   selected = [p for p in cap.order
               if _node(cur, p) is not None and "kernel" in _node(cur, p)
-              and _node(cur, p)["kernel"].ndim == 2]
+              and _node(cur, p)["kernel"].ndim == 2
+              and not isinstance(stats[p], ExpertStats)]
+  expert_layers = [p for p in cap.order if isinstance(stats[p], ExpertStats)]
   specs = {p: _resolve_spec(weight_spec, p) for p in selected}
   transforms: dict = {}   # path -> (_Transform, status)
   folds = []
@@ -429,6 +450,21 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
 
   report_layers = {}
   weight_scales = {}
+  for p in expert_layers:
+    if method in _TRANSFORMS:
+      folds.append({"layers": [p], "producer": None, "status": "skipped",
+                    "reason": "expert inputs are the routed tokens (a gather of the "
+                              "norm output): a per-expert transformation has no "
+                              "exact fold; the experts get the plain quantizer"})
+    spec = _resolve_spec(weight_spec, p)
+    new_w, entry, scale = _quantize_experts(
+        _node(cur, p)["kernel"], stats[p], spec, base_quant, aspec,
+        blocksize=blocksize, percdamp=percdamp, act_order=act_order)
+    cur = _with(cur, p, kernel=new_w)
+    if scale is not None:
+      weight_scales[p] = scale
+    entry["transform"] = "none"
+    report_layers[p] = entry
   for p in selected:
     spec = specs[p]
     t1 = time.perf_counter()
@@ -479,6 +515,66 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
   report["quant_scales"] = _nest({f"{p}/weight_scale": v for p, v in
                                   weight_scales.items()})
   return new_params, report
+
+
+def _expert_spec(spec: QuantSpec) -> QuantSpec:
+  """A ``[K, N]`` kernel spec as the spec of the ``[G, K, N]`` expert stack."""
+  ax = spec.axis
+  if isinstance(ax, int):
+    return spec.replace(axis=ax % 2 + 1)
+  if isinstance(ax, tuple):
+    return spec.replace(axis=tuple(a % 2 + 1 for a in ax))
+  return spec
+
+
+def _quantize_experts(w: jax.Array, st: ExpertStats, spec: Optional[QuantSpec],
+                      quant: str, aspec: Optional[QuantSpec], *, blocksize: int,
+                      percdamp: float, act_order: bool):
+  """RTN or GPTQ of each expert of a ``[G, K, N]`` kernel, each on its own tokens.
+
+  GPTQ takes expert ``g``'s Hessian from the tokens routed to it
+  (``st.gram[g]``); an expert that received no calibration token has none
+  and is rounded to nearest (listed in ``rtn_fallback``).
+
+  Returns:
+    ``(new kernel, report entry, scale grid over [G, K, N] or None)``.
+  """
+  g = w.shape[0]
+  counts = [int(c) for c in np.asarray(st.count)]
+  entry = {"spec": None if spec is None else _spec_name(spec), "fold": "none",
+           "experts": g, "calibration_tokens": counts, "rtn_fallback": []}
+  t0 = time.perf_counter()
+  if spec is None:
+    entry.update(weight_sqnr_db=float("inf"), seconds=time.perf_counter() - t0)
+    return w, entry, None
+  outs, amaxs = [], []
+  for e in range(g):
+    we = w[e]
+    if quant == "gptq" and counts[e] > 0:
+      res = gptq(we, st.gram[e], spec, blocksize=blocksize, percdamp=percdamp,
+                 act_order=act_order)
+      outs.append(res.weight)
+      amaxs.append(jnp.broadcast_to(_expand_grid(res.amax, we.shape), we.shape))
+    else:
+      if quant == "gptq":
+        entry["rtn_fallback"].append(e)
+      outs.append(rtn(we, spec))
+      amaxs.append(jnp.abs(we))
+  w_q = jnp.stack(outs).astype(w.dtype)
+  scale = None
+  if spec.symmetric and spec.tile is None:
+    # The range each block was rounded with (GPTQ's, or the weight's own).
+    scale = init_scale(jnp.stack(amaxs), _expert_spec(spec), "amax")
+  entry["weight_sqnr_db"] = sqnr_db(w, w_q)
+  if st.sample.shape[0]:
+    x = st.sample
+    sel = st.sample_group
+    ref = jnp.einsum("sk,skn->sn", x, w[sel].astype(jnp.float32), precision=_HI)
+    xq = fake_quant(x, aspec) if aspec is not None else x
+    out = jnp.einsum("sk,skn->sn", xq, w_q[sel].astype(jnp.float32), precision=_HI)
+    entry["output_sqnr_db"] = sqnr_db(ref, out)
+  entry["seconds"] = time.perf_counter() - t0
+  return w_q, entry, scale
 
 
 def _nest(flat: Mapping[str, Any]) -> dict:

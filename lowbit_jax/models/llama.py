@@ -10,9 +10,14 @@ feed-forward layer (Shazeer et al., 2017; load-balancing loss of Fedus et al.,
 "Mixtral of Experts").
 
 Every weight matmul goes through ``flax.linen.Dense`` (attention and dense FFN
-projections, router, untied output head) or ``flax.linen.Einsum`` (expert
-weights, with a leading expert axis), so a quantization interceptor on those
-classes reaches all of them. The one exception is the *tied* output head
+projections, router, untied output head) or, for the expert weights (with a
+leading expert axis), ``lowbit_jax.flax.RaggedDense`` (a grouped matmul,
+``jax.lax.ragged_dot``, over the tokens routed to each expert; default) or
+``flax.linen.Einsum`` (``moe_impl="dense"``), so a quantization interceptor on
+those classes reaches all of them: ``quantize_linen`` quantizes expert
+weights per expert (scales per expert and output channel, or groups along K),
+in fake and real mode, and ``apply_ptq`` runs RTN/GPTQ per expert with a
+Hessian built from only the tokens routed to it. The one exception is the *tied* output head
 (``tie_embeddings=True``), which reuses the embedding table through
 ``nn.Embed.attend``. Parameter paths read as ``layers_0/attn/q_proj/kernel``,
 ``layers_0/mlp/gate_proj/kernel``, ``layers_0/mlp/router/kernel``,
@@ -40,9 +45,10 @@ import jax
 import jax.numpy as jnp
 
 from lowbit_jax.core._hadamard import hadamard_transform
-from lowbit_jax.flax._linen import ActEinsum
+from lowbit_jax.flax._linen import ActEinsum, RaggedDense
 from lowbit_jax.models import kv_cache as kv_lib
 
+MOE_IMPLS = ("ragged", "dense")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
            "float16": jnp.float16}
 
@@ -65,6 +71,10 @@ class LlamaConfig:
     norm_eps: RMSNorm epsilon.
     n_experts: experts per MoE feed-forward layer; 0 means a dense FFN.
     top_k: experts each token is routed to (MoE only).
+    moe_impl: how the experts run (MoE only): ``"ragged"`` (tokens sorted by
+      expert, one grouped matmul per projection, ``jax.lax.ragged_dot``) or
+      ``"dense"`` (every expert on every token, masked combine; for checking).
+      Both have the same parameters and equal outputs up to float rounding.
     tie_embeddings: reuse the embedding table as the output head.
     dtype: compute dtype name (``"float32"``, ``"bfloat16"``, ``"float16"``);
       parameters are always float32, logits are returned in float32.
@@ -80,6 +90,7 @@ class LlamaConfig:
   norm_eps: float = 1e-5
   n_experts: int = 0
   top_k: int = 2
+  moe_impl: str = "ragged"
   tie_embeddings: bool = False
   dtype: str = "float32"
 
@@ -104,6 +115,9 @@ class LlamaConfig:
     if self.n_experts and not 1 <= self.top_k <= self.n_experts:
       raise ValueError(f"top_k must be in [1, n_experts={self.n_experts}], got "
                        f"{self.top_k}.")
+    if self.moe_impl not in MOE_IMPLS:
+      raise ValueError(f"moe_impl must be one of {MOE_IMPLS}, got "
+                       f"{self.moe_impl!r}.")
     if self.rope_theta <= 0 or self.norm_eps <= 0:
       raise ValueError("rope_theta and norm_eps must be > 0, got "
                        f"{self.rope_theta}, {self.norm_eps}.")
@@ -270,11 +284,20 @@ class MLP(nn.Module):
 
 
 class MoEMLP(nn.Module):
-  """Top-k routed mixture of SwiGLU experts (dense compute, masked combine).
+  """Top-k routed mixture of SwiGLU experts.
 
   Each token's router probabilities (softmax over experts) are restricted to
-  its top-k experts and renormalised; every expert runs on every token and the
-  outputs are combined with those weights (exact, and simple at small sizes).
+  its top-k experts and renormalised. With ``moe_impl="ragged"`` (default)
+  the ``B*T*top_k`` (token, expert) pairs are sorted by expert, each
+  projection is one grouped matmul (``RaggedDense``, ``jax.lax.ragged_dot``,
+  group sizes = tokens routed to each expert) and the outputs are scattered
+  back to their tokens weighted by the routing probabilities: each expert
+  runs only on its tokens. ``moe_impl="dense"`` runs every expert on every
+  token (``nn.Einsum``) and combines with a mask: the same parameters and
+  outputs (up to float summation order), ``n_experts / top_k`` times the
+  FFN work. Expert kernels are ``[E, d_model, d_ff]`` (gate, up) and
+  ``[E, d_ff, d_model]`` (down) either way.
+
   The Switch-Transformer load-balancing loss
   ``n_experts * sum_e fraction_e * mean_prob_e`` is sown into the ``"losses"``
   collection as ``moe_aux_loss`` (collected when that collection is mutable).
@@ -285,22 +308,44 @@ class MoEMLP(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """Applies the MoE layer to ``x [B, T, d_model]``."""
     cfg = self.config
-    dt = cfg.compute_dtype
-    e, d, f = cfg.n_experts, cfg.d_model, cfg.d_ff
+    e = cfg.n_experts
     logits = nn.Dense(e, use_bias=False, dtype=jnp.float32,
                       param_dtype=jnp.float32, name="router")(x)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)  # [B, T, E]
     top_p, top_i = jax.lax.top_k(probs, cfg.top_k)  # [B, T, K]
     top_p = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
     assign = jax.nn.one_hot(top_i, e, dtype=jnp.float32)  # [B, T, K, E]
-    combine = jnp.einsum("btk,btke->bte", top_p, assign)
     fraction = jnp.mean(jnp.sum(assign, axis=-2), axis=(0, 1)) / cfg.top_k
     aux = e * jnp.sum(fraction * jnp.mean(probs, axis=(0, 1)))
     self.sow("losses", "moe_aux_loss", aux)
+    if cfg.moe_impl == "dense":
+      return self._dense(x, top_p, assign)
+    return self._ragged(x, top_p, top_i)
 
-    init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
-                                            in_axis=-2, out_axis=-1,
-                                            batch_axis=(0,))
+  def _ragged(self, x, top_p, top_i):
+    cfg = self.config
+    dt = cfg.compute_dtype
+    e, d, f, k = cfg.n_experts, cfg.d_model, cfg.d_ff, cfg.top_k
+    b, t, _ = x.shape
+    flat = top_i.reshape(-1)                      # [B*T*K] expert of each pair
+    order = jnp.argsort(flat, stable=True)        # pairs sorted by expert
+    token = order // k                            # the token of each sorted pair
+    group_sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
+    xs = x.reshape(b * t, d)[token]               # [B*T*K, d]
+    gate = RaggedDense(e, f, dtype=dt, name="gate_proj")(xs, group_sizes)
+    up = RaggedDense(e, f, dtype=dt, name="up_proj")(xs, group_sizes)
+    out = RaggedDense(e, d, dtype=dt, name="down_proj")(nn.silu(gate) * up,
+                                                        group_sizes)
+    weight = top_p.reshape(-1)[order].astype(out.dtype)
+    y = jnp.zeros((b * t, d), out.dtype).at[token].add(out * weight[:, None])
+    return y.reshape(b, t, d)
+
+  def _dense(self, x, top_p, assign):
+    cfg = self.config
+    dt = cfg.compute_dtype
+    e, d, f = cfg.n_experts, cfg.d_model, cfg.d_ff
+    combine = jnp.einsum("btk,btke->bte", top_p, assign)
+    init = RaggedDense.kernel_init
 
     def einsum(shape, name):
       return nn.Einsum(shape, use_bias=False, dtype=dt, param_dtype=jnp.float32,

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lowbit_jax.flax import RaggedDense
 from lowbit_jax.models.llama import Llama, LlamaConfig, apply_rope, num_params
 
 _VARIANTS = {
@@ -75,13 +76,14 @@ def test_parameter_paths_and_shapes():
 
 @pytest.mark.parametrize("name", ["gqa", "moe"])
 def test_every_weight_matmul_goes_through_dense_or_einsum(name):
-  """An interceptor on Dense/Einsum sees every kernel parameter of the model."""
+  """An interceptor on Dense/Einsum/RaggedDense sees every kernel parameter."""
   cfg = _VARIANTS[name]
   model, params = _init(cfg)
   seen = set()
 
   def interceptor(next_fun, args, kwargs, context):
-    if (isinstance(context.module, (nn.Dense, nn.DenseGeneral, nn.Einsum))
+    if (isinstance(context.module, (nn.Dense, nn.DenseGeneral, nn.Einsum,
+                                    RaggedDense))
         and context.method_name == "__call__"):
       seen.add("/".join(context.module.path))
     return next_fun(*args, **kwargs)
