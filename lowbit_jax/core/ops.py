@@ -633,11 +633,13 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None,
 # Up to this many activation rows the reference dot takes per-channel 8-bit
 # codes directly (_scale_after_dot): XLA then fuses their convert into one
 # GEMM kernel that reads the weight once (a GEMV at decode reads 1 byte per
-# weight instead of 1 + 2 + 2). Above it the weight is dequantized first and
-# the dot runs on XLA's plain 16-bit GEMM: at large M XLA's fused-convert GEMM
-# has run slower than that GEMM by more than a dequantize pass costs.
-# experiments/bench_primitives.py times both orders at each M ("other order").
-_CODES_IN_DOT_MAX_ROWS = 64
+# weight instead of 1 + 2 + 2); above it the weight would be dequantized first.
+# Measured on the H200 (benchmarks/primitives_h200.md, "other order" column,
+# x[M, 8192] @ W[8192, 8192]): codes in the dot won at every M timed, int8
+# 29/27/99/796 us against 122/123/134/813 us dequantizing first at M = 1, 16,
+# 256, 4096 (fp8: 24/23/70/780 against 125/124/134/813), so there is no limit.
+# experiments/bench_primitives.py times both orders at each M.
+_CODES_IN_DOT_MAX_ROWS = 1 << 62
 
 
 def _prod(v) -> int:
