@@ -196,6 +196,12 @@ class SpinQuantConfig:
       first argument's tokens shifted by one) or ``loss(output, args) ->
       scalar``.
     seed: PRNG seed of the randomized Hadamard start.
+    select_every: every this many steps (and after the last), the mean
+      quantized loss over all calibration batches is measured and the
+      rotations with the lowest one (the start included) are kept: the STE
+      loss is noisy on small models, and this never returns rotations worse
+      than the start on the calibration data. 0: keep the last iterate (the
+      paper's choice).
   """
   steps: int = 100
   learning_rate: float = 1.5
@@ -203,6 +209,7 @@ class SpinQuantConfig:
   learn: tuple = LEARNABLE
   loss: Union[str, Callable] = "next_token"
   seed: int = 0
+  select_every: int = 10
 
   def __post_init__(self):
     if not isinstance(self.steps, int) or self.steps < 0:
@@ -219,6 +226,9 @@ class SpinQuantConfig:
       raise ValueError(f"SpinQuantConfig.learn must be a non-empty subset of "
                        f"{LEARNABLE}, got {self.learn!r}")
     object.__setattr__(self, "learn", learn)
+    if not isinstance(self.select_every, int) or self.select_every < 0:
+      raise ValueError("SpinQuantConfig.select_every must be an int >= 0, got "
+                       f"{self.select_every!r}")
     if not callable(self.loss) and self.loss not in LOSSES:
       raise ValueError(f"SpinQuantConfig.loss must be one of {LOSSES} or a callable "
                        f"loss(output, args), got {self.loss!r}")
@@ -269,8 +279,10 @@ def spinquant_model(fn: Callable, params: Any, batches: Sequence[Any], rules: An
     ``(new_params, RotatedModel, history)``: the folded float params, what
     was folded (the learned ``rotation`` and ``head_rotations``; run the
     model with ``RotatedModel.rules(rules)``), and a dict: ``loss`` (per
-    step), ``calib_before`` / ``calib_after`` (mean quantized loss over
-    ``batches`` at the start rotations and the learned ones),
+    step), ``selected`` (``(step, mean calibration loss)`` at each
+    selection point), ``best_step`` (the step whose rotations were kept; 0:
+    the start), ``calib_before`` / ``calib_after`` (mean quantized loss
+    over ``batches`` at the start rotations and the returned ones),
     ``eval_before`` / ``eval_after`` (over ``eval_batches``, if any),
     ``seconds``.
 
@@ -336,11 +348,21 @@ def spinquant_model(fn: Callable, params: Any, batches: Sequence[Any], rules: An
 
   history = {"calib_before": mean_loss(learned, batches),
              "eval_before": mean_loss(learned, eval_batches)}
-  losses = []
+  best, best_loss, best_step = learned, history["calib_before"], 0
+  losses, selected = [], []
   for i in range(steps):
     learned, opt_state, val = step(learned, opt_state, base, batches[i % len(batches)])
     losses.append(float(val))
-  history.update(loss=losses, calib_after=mean_loss(learned, batches),
+    if config.select_every and ((i + 1) % config.select_every == 0 or i + 1 == steps):
+      cur = mean_loss(learned, batches)
+      selected.append((i + 1, cur))
+      if cur < best_loss:
+        best, best_loss, best_step = learned, cur, i + 1
+  if config.select_every:
+    learned = best
+  history.update(loss=losses, selected=selected,
+                 best_step=best_step if config.select_every else steps,
+                 calib_after=mean_loss(learned, batches),
                  eval_after=mean_loss(learned, eval_batches))
   # (4) The fold of the learned rotations, QuaRot's code path.
   r = {**fixed, **learned}
