@@ -335,16 +335,24 @@ def spinquant_model(fn: Callable, params: Any, batches: Sequence[Any], rules: An
   opt = cayley_sgd(sched, config.momentum)
   opt_state = opt.init(learned)
 
-  @jax.jit
-  def step(learn, state, p_base, args):
-    val, grads = jax.value_and_grad(objective)(learn, p_base, args)
-    upd, state = opt.update(grads, state, learn)
-    return optax.apply_updates(learn, upd), state, val
+  # One compiled program of the quantized model (loss and gradient), used for
+  # the steps and for the loss evaluations alike; the update is tiny.
+  value_and_grad = jax.jit(jax.value_and_grad(objective))
 
-  eval_loss = jax.jit(objective)
+  @jax.jit
+  def update(learn, state, grads):
+    upd, state = opt.update(grads, state, learn)
+    return optax.apply_updates(learn, upd), state
+
+  def step(learn, state, p_base, args):
+    val, grads = value_and_grad(learn, p_base, args)
+    learn, state = update(learn, state, grads)
+    return learn, state, val
 
   def mean_loss(learn, bs):
-    return float(np.mean([float(eval_loss(learn, base, a)) for a in bs])) if bs else None
+    if not bs:
+      return None
+    return float(np.mean([float(value_and_grad(learn, base, a)[0]) for a in bs]))
 
   history = {"calib_before": mean_loss(learned, batches),
              "eval_before": mean_loss(learned, eval_batches)}
