@@ -191,7 +191,8 @@ class SpinQuantConfig:
     momentum: Cayley SGD momentum.
     learn: which rotations are learned: ``"residual"`` (R1) and/or
       ``"heads"`` (R2, one per value/output pair; needs ``heads``); the
-      others stay at QuaRot's start.
+      others stay at QuaRot's start. None: R1, and R2 where ``heads`` is
+      given.
     loss: ``"next_token"`` (cross entropy of the output logits against the
       first argument's tokens shifted by one) or ``loss(output, args) ->
       scalar``.
@@ -206,7 +207,7 @@ class SpinQuantConfig:
   steps: int = 100
   learning_rate: float = 1.5
   momentum: float = 0.0
-  learn: tuple = LEARNABLE
+  learn: Optional[tuple] = None
   loss: Union[str, Callable] = "next_token"
   seed: int = 0
   select_every: int = 10
@@ -220,12 +221,13 @@ class SpinQuantConfig:
     if not 0 <= self.momentum < 1:
       raise ValueError(f"SpinQuantConfig.momentum must be in [0, 1), got "
                        f"{self.momentum!r}")
-    learn = (self.learn,) if isinstance(self.learn, str) else tuple(self.learn)
-    bad = [x for x in learn if x not in LEARNABLE]
-    if bad or not learn:
-      raise ValueError(f"SpinQuantConfig.learn must be a non-empty subset of "
-                       f"{LEARNABLE}, got {self.learn!r}")
-    object.__setattr__(self, "learn", learn)
+    if self.learn is not None:
+      learn = (self.learn,) if isinstance(self.learn, str) else tuple(self.learn)
+      bad = [x for x in learn if x not in LEARNABLE]
+      if bad or not learn:
+        raise ValueError(f"SpinQuantConfig.learn must be None or a non-empty subset "
+                         f"of {LEARNABLE}, got {self.learn!r}")
+      object.__setattr__(self, "learn", learn)
     if not isinstance(self.select_every, int) or self.select_every < 0:
       raise ValueError("SpinQuantConfig.select_every must be an int >= 0, got "
                        f"{self.select_every!r}")
@@ -298,7 +300,9 @@ def spinquant_model(fn: Callable, params: Any, batches: Sequence[Any], rules: An
   eval_batches = [_as_args(b) for b in eval_batches]
   if not batches:
     raise ValueError("spinquant_model needs at least one calibration batch")
-  if "heads" in config.learn and heads is None:
+  learn_which = config.learn if config.learn is not None else (
+      ("residual",) if heads is None else LEARNABLE)
+  if "heads" in learn_which and heads is None:
     raise ValueError("learning the per-head rotations needs heads=(value_regex, "
                      "out_regex, head_dim); or SpinQuantConfig(learn=('residual',))")
   t0 = time.perf_counter()
@@ -317,9 +321,10 @@ def spinquant_model(fn: Callable, params: Any, batches: Sequence[Any], rules: An
     pairs = head_pairs(base, heads)
     rots["heads"] = jnp.broadcast_to(jnp.asarray(hadamard(head_dim)),
                                      (len(pairs), head_dim, head_dim))
-  learned = {k: v for k, v in rots.items() if k in config.learn}
-  fixed = {k: v for k, v in rots.items() if k not in config.learn}
-  qfn = quantize(fn, rot0.rules(rules))
+  learned = {k: v for k, v in rots.items() if k in learn_which}
+  fixed = {k: v for k, v in rots.items() if k not in learn_which}
+  qfn_rules = rot0.rules(rules)
+  qfn = quantize(fn, qfn_rules)
   loss_of = config.loss if callable(config.loss) else (
       lambda out, args: next_token_loss(out, args[0]))
 
@@ -356,6 +361,17 @@ def spinquant_model(fn: Callable, params: Any, batches: Sequence[Any], rules: An
 
   history = {"calib_before": mean_loss(learned, batches),
              "eval_before": mean_loss(learned, eval_batches)}
+  # An online Hadamard rule that reached no op would leave its pre-rotated
+  # kernel without the transform: a wrong model, not a worse one.
+  unused = getattr(qfn, "unused_rules", None)
+  if unused is not None:
+    n_online = len(rot0.online)
+    missed = [r.path for r in unused() if any(
+        r == h for h in qfn_rules[:n_online])]
+    if missed:
+      raise ValueError(f"the online Hadamard rules {missed} reached no matmul of the "
+                       "quantized function (its parameter paths differ from "
+                       "rotate_model's); pass quantize= for this front end")
   best, best_loss, best_step = learned, history["calib_before"], 0
   losses, selected = [], []
   for i in range(steps):

@@ -299,7 +299,8 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
       projections (see ``algorithms.rotate_model``; SpinQuant learns them);
       checked with the rest of the rotation.
     spinquant: method "spinquant": a ``SpinQuantConfig`` (steps, learning
-      rate, which rotations, loss; default ``SpinQuantConfig()``). The
+      rate, which rotations, loss, seed of the Hadamard start; default
+      ``SpinQuantConfig(seed=rotation_seed)``). The
       calibration batches must be positional arguments; the default loss
       (next-token cross entropy) needs tokens as the first.
 

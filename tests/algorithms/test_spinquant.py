@@ -152,7 +152,7 @@ def test_apply_ptq_spinquant_real_mode_equals_fake_mode():
   params = m.init(jax.random.key(1), t)["params"]
   qp, rep = apply_ptq(m, params, [(t,)], "spinquant", "int4", "int8",
                       online="down/kernel",
-                      spinquant=SpinQuantConfig(steps=3, learn="residual"))
+                      spinquant=SpinQuantConfig(steps=3))
   hist = rep["spinquant"]
   assert len(hist["loss"]) == 3 and hist["calib_after"] <= hist["calib_before"]
   assert rep["rotation"].online_paths == ("down/kernel",)
@@ -167,11 +167,12 @@ def test_apply_ptq_spinquant_real_mode_equals_fake_mode():
   with pytest.raises(ValueError, match="spinquant= applies to method='spinquant'"):
     apply_ptq(m, params, [(t,)], "quarot", "int4", spinquant=SpinQuantConfig())
   with pytest.raises(ValueError, match="learning the per-head rotations needs heads"):
-    apply_ptq(m, params, [(t,)], "spinquant", "int4")
+    apply_ptq(m, params, [(t,)], "spinquant", "int4",
+              spinquant=SpinQuantConfig(learn=("residual", "heads")))
 
 
 def test_config_validation():
-  with pytest.raises(ValueError, match="learn must be a non-empty subset"):
+  with pytest.raises(ValueError, match="learn must be None or a non-empty subset"):
     SpinQuantConfig(learn=("r3",))
   with pytest.raises(ValueError, match="loss must be one of"):
     SpinQuantConfig(loss="mse")
