@@ -46,14 +46,16 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from lowbit_jax import QuantRule, pipelines, schemes  # pylint: disable=g-import-not-at-top
-  from lowbit_jax.algorithms import SpinQuantConfig, spinquant_model  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from lowbit_jax import QuantRule, pipelines, schemes
+  from lowbit_jax.algorithms import SpinQuantConfig, spinquant_model
   from lowbit_jax.core import as_spec  # pylint: disable=g-import-not-at-top
   from lowbit_jax.flax import quantize_linen  # pylint: disable=g-import-not-at-top
 
   t0 = time.time()
   sch = schemes.get(_SCHEME.value)
-  _, model, params, data = pipelines._llama(_WORKDIR.value, _VARIANT.value)  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  _, model, params, data = pipelines._llama(_WORKDIR.value, _VARIANT.value)
   n, t = _N_CALIB.value, _SEQ_LEN.value
   toks = np.asarray(data.train_tokens[: 2 * n * t]).astype(np.int32).reshape(2 * n, t)
   calib, held = jnp.asarray(toks[:n]), jnp.asarray(toks[n:])

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lowbit_jax._function import quantize_function
 from lowbit_jax._residual import find_residual_stream
 from lowbit_jax.algorithms.rotation import (head_pairs, random_hadamard, rotate_heads,
                                             rotate_model, rotate_residual)
@@ -52,7 +53,7 @@ def _mm(a, b):
 
 
 class CayleySGDState(NamedTuple):
-  """State of ``cayley_sgd``: the momentum (a tangent vector per matrix) and a step count."""
+  """State of ``cayley_sgd``: the momentum (a tangent vector per matrix), a step count."""
   momentum: Any
   count: jax.Array
 
@@ -294,7 +295,6 @@ def spinquant_model(fn: Callable, params: Any, batches: Sequence[Any], rules: An
       residual stream cannot be rotated: the message names the layer).
   """
   if quantize is None:
-    from lowbit_jax._function import quantize_function  # pylint: disable=g-import-not-at-top
     quantize = quantize_function
   batches = [_as_args(b) for b in batches]
   eval_batches = [_as_args(b) for b in eval_batches]
