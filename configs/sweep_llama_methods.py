@@ -1,4 +1,4 @@
-"""PTQ methods on the decoder LM: RTN, GPTQ, AWQ, SmoothQuant, QuaRot (issue 14).
+"""PTQ methods on the decoder LM: RTN, GPTQ, AWQ, SmoothQuant, QuaRot, SpinQuant (issue 14).
 
 Trains the model first if ``point_kwargs.workdir`` holds no finished run (the
 ``small`` model of ``configs/train_lm.py``, as docs/results_llama.md). Run:
@@ -12,6 +12,9 @@ each under every method. SmoothQuant only runs with activations (it migrates
 activation range into the weights). QuaRot folds one randomized Hadamard into
 the residual stream and runs an online Hadamard at the down projections
 (``lowbit_jax.pipelines.LLAMA_ONLINE``); its kernels are rounded by RTN.
+SpinQuant starts there (plus a Hadamard per head between value and output
+projections, ``LLAMA_HEADS``), learns both rotations with Cayley SGD on the
+calibration batch (``SpinQuantConfig()``: 100 steps) and rounds by RTN.
 
 Variants: ``default`` (the small model: ~50 min of training plus ~30 min of
 sweep on a busy 2-core VM); ``base`` (the 56M-parameter ``base`` model of
@@ -31,7 +34,7 @@ def get_config(arg: str = "default"):
   c = ml_collections.ConfigDict()
   c.model = "llama"
   c.axes = ml_collections.ConfigDict()
-  c.axes.method = ("rtn", "gptq", "awq", "smoothquant", "quarot")
+  c.axes.method = ("rtn", "gptq", "awq", "smoothquant", "quarot", "spinquant")
   c.axes.scheme = ("fp32",) + _WEIGHT_ONLY + _WITH_ACTS
   c.axes.target = ("weights", "weights+acts")
   c.exclude = ([{"scheme": "fp32", "method": m} for m in c.axes.method[1:]]

@@ -32,9 +32,11 @@ from lowbit_jax._rules import QuantRule
 from lowbit_jax.core import fake_quant
 from lowbit_jax.eval.sentence import embedding_metrics, sqnr_db
 
-METHODS = ("rtn", "gptq", "awq", "smoothquant", "rotation", "quarot")
+METHODS = ("rtn", "gptq", "awq", "smoothquant", "rotation", "quarot", "spinquant")
 # QuaRot's online Hadamard sites in the decoder LM (no fold exists there).
 LLAMA_ONLINE = ".*/down_proj/kernel"
+# SpinQuant's per-head rotation R2 in the decoder LM: value -> output projection.
+LLAMA_HEADS = (".*/v_proj/kernel", ".*/o_proj/kernel")
 TARGETS = schemes_lib.TARGETS
 
 
@@ -261,9 +263,13 @@ def llama_point(scheme: str, target: str = "weights", method: str = "rtn", *,
   report = {}
   if method != "rtn" and sch.weight is not None:
     act = sch.activation if target == "weights+acts" else None
+    rot = {}
+    if method in ("quarot", "spinquant"):
+      rot["online"] = LLAMA_ONLINE
+    if method == "spinquant":   # learns R1 and R2 (Liu et al. 2024)
+      rot["heads"] = LLAMA_HEADS + (model.config.head_dim,)
     qparams, report = ptq_lib.apply_ptq(
-        model, params, calib_batches, method, sch.weight, act,
-        online=LLAMA_ONLINE if method == "quarot" else None)
+        model, params, calib_batches, method, sch.weight, act, **rot)
   rules = _rules(sch, target, weights_in_params=(method != "rtn"))
   if "rotation" in report:   # QuaRot: online Hadamards at the down projections
     rules = list(report["rotation"].rules(rules))
@@ -285,6 +291,9 @@ def llama_point(scheme: str, target: str = "weights", method: str = "rtn", *,
   if layers["weight"]:
     m["mean_weight_sqnr_db"] = _mean(layers["weight"].values())
   m["layers"] = layers
+  if "spinquant" in report:   # the quantized calibration loss before/after learning
+    m.update({f"spinquant_{k}": report["spinquant"][k]
+              for k in ("calib_before", "calib_after", "best_step")})
   m["seconds"] = round(time.time() - t0, 2)
   return m
 

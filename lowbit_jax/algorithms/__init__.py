@@ -12,6 +12,8 @@ model and folds the results back into its parameters.
 * ``random_hadamard`` / ``rotate_weights``: QuaRot-style rotations (Ashkboos et
   al. 2024); ``rotate_model``: the whole QuaRot fold on any pre-norm model
   (residual stream found from its jaxpr, online Hadamard sites).
+* ``spinquant_model`` / ``cayley_sgd``: SpinQuant's learned rotations (Liu et
+  al. 2024), optimised with Cayley SGD (Li et al. 2020) and folded as QuaRot.
 * ``allocate_bits``: per-layer format choice under a bits-per-weight budget.
 """
 from lowbit_jax.algorithms.awq import AWQResult, awq_scales, awq_search
@@ -19,11 +21,15 @@ from lowbit_jax.algorithms.gptq import GPTQResult, gptq, gram
 from lowbit_jax.algorithms.mixed_precision import (Allocation, allocate_bits,
                                                    assignment_to_rules, rules_bits,
                                                    spec_bits, weight_sensitivity)
-from lowbit_jax.algorithms.rotation import (RotatedModel, hadamard_matrix,
-                                            random_hadamard, random_orthogonal,
+from lowbit_jax.algorithms.rotation import (RotatedModel, fuse_gains, hadamard_matrix,
+                                            head_pairs, random_hadamard,
+                                            random_orthogonal, rotate_heads,
                                             rotate_inputs, rotate_model,
                                             rotate_residual, rotate_weights,
                                             walsh_hadamard_transform)
+from lowbit_jax.algorithms.spinquant import (CayleySGDState, SpinQuantConfig,
+                                             cayley_sgd, cayley_step, next_token_loss,
+                                             orthogonality_error, spinquant_model)
 from lowbit_jax.algorithms.rtn import (hessian_error, kernel_spec, output_error, rtn,
                                        sqnr_db)
 from lowbit_jax.algorithms.smoothquant import (smooth_inputs, smooth_weights,
@@ -36,7 +42,9 @@ __all__ = [
     "smoothquant_scales", "smooth_weights", "smooth_inputs",
     "hadamard_matrix", "walsh_hadamard_transform", "random_orthogonal",
     "random_hadamard", "rotate_weights", "rotate_inputs", "rotate_model",
-    "rotate_residual", "RotatedModel",
+    "rotate_residual", "RotatedModel", "fuse_gains", "head_pairs", "rotate_heads",
+    "spinquant_model", "SpinQuantConfig", "cayley_sgd", "cayley_step",
+    "CayleySGDState", "next_token_loss", "orthogonality_error",
     "allocate_bits", "Allocation", "assignment_to_rules", "rules_bits", "spec_bits",
     "weight_sensitivity",
 ]

@@ -185,11 +185,17 @@ def rotate_inputs(x: jax.Array, r: jax.Array) -> jax.Array:
 # QuaRot on a whole model
 
 
-def _rotate_axis(w: jax.Array, axis: int, q) -> jax.Array:
+def _rotate_axis(w: jax.Array, axis: int, q, traceable: bool = False) -> jax.Array:
   """``w`` with ``axis`` multiplied by ``q`` (``w'[.., j, ..] = sum_i w[.., i, ..] q[i, j]``).
 
-  In float64 on the host (a one-off transformation of the weights).
+  In float64 on the host (a one-off transformation of the weights), or, with
+  ``traceable``, in float32 jax ops (full-precision matmul) that jit and
+  ``jax.grad`` see through (SpinQuant's training objective).
   """
+  if traceable:
+    out = jnp.tensordot(jnp.asarray(w, jnp.float32), jnp.asarray(q, jnp.float32),
+                        axes=((axis,), (0,)), precision=jax.lax.Precision.HIGHEST)
+    return jnp.moveaxis(out, -1, axis).astype(w.dtype)
   w64 = np.asarray(w, np.float64)
   out = np.moveaxis(np.tensordot(w64, np.asarray(q, np.float64), axes=((axis,), (0,))),
                     -1, axis)
@@ -215,13 +221,40 @@ def _leaves(params: Any) -> dict:
   return {param_path(kp): leaf for kp, leaf in flat}
 
 
-def rotate_residual(params: Any, stream: ResidualStream, q: jax.Array) -> Any:
+def fuse_gains(params: Any, stream: ResidualStream) -> Any:
+  """Fuses each norm gain of ``stream.fusions`` into the kernels that read it.
+
+  Args:
+    params: the parameter pytree.
+    stream: the structure (``find_residual_stream``).
+
+  Returns:
+    Params of the same structure: each gain is ones and its readers hold
+    ``diag(g) W`` (along the axis the fusion names); the float function is
+    unchanged.
+  """
+  cur = dict(_leaves(params))
+  for f in stream.fusions:
+    g = cur[f.gain]
+    for path, axis in f.readers:
+      cur[path] = _scale_axis(cur[path], axis, g)
+    cur[f.gain] = jnp.ones_like(g)
+  return _map_leaves(params, cur)
+
+
+def rotate_residual(params: Any, stream: ResidualStream, q: jax.Array, *,
+                    fuse: bool = True, traceable: bool = False) -> Any:
   """Fuses the norm gains and folds ``Q`` into every reader and writer of the stream.
 
   Args:
     params: the parameter pytree (any pytree; paths as ``_rules.path_str``).
     stream: the structure (``find_residual_stream``).
     q: orthogonal ``[d, d]``, d = ``stream.width``.
+    fuse: fuse the norm gains first (``fuse_gains``); False for params whose
+      gains are fused already.
+    traceable: fold with float32 jax ops (differentiable in ``q`` and
+      ``params``, usable under jit) instead of float64 on the host; the
+      gains are never fused in this mode (fuse them first, on the host).
 
   Returns:
     Params of the same structure: each gain in ``stream.fusions`` is ones and
@@ -229,20 +262,21 @@ def rotate_residual(params: Any, stream: ResidualStream, q: jax.Array) -> Any:
     is multiplied by ``q`` along that axis.
 
   Raises:
-    ValueError: q's shape does not match the stream's width.
+    ValueError: q's shape does not match the stream's width, or fuse and
+      traceable are both set.
   """
   d = stream.width
   if tuple(q.shape) != (d, d):
     raise ValueError(f"the rotation must be [{d}, {d}] (the stream's width), got "
                      f"{tuple(q.shape)}")
+  if fuse and traceable:
+    raise ValueError("rotate_residual(traceable=True) does not fuse norm gains: call "
+                     "fuse_gains(params, stream) first and pass fuse=False")
+  if fuse:
+    params = fuse_gains(params, stream)
   cur = dict(_leaves(params))
-  for f in stream.fusions:
-    g = cur[f.gain]
-    for path, axis in f.readers:
-      cur[path] = _scale_axis(cur[path], axis, g)
-    cur[f.gain] = jnp.ones_like(g)
   for path, axis in stream.rotate:
-    cur[path] = _rotate_axis(cur[path], axis, q)
+    cur[path] = _rotate_axis(cur[path], axis, q, traceable)
   return _map_leaves(params, cur)
 
 
@@ -257,10 +291,14 @@ class RotatedModel:
       must run with ``QuantRule(input_rotation="hadamard")`` there (see
       ``rules``).
     rotation: the residual rotation ``Q`` ``[d, d]``.
+    head_rotations: the per-head rotation(s) folded with ``heads`` (one
+      ``[head_dim, head_dim]`` for all pairs, or ``[n_pairs, head_dim,
+      head_dim]``), or None.
   """
   stream: ResidualStream
   online: tuple
   rotation: jax.Array
+  head_rotations: Optional[jax.Array] = None
 
   @property
   def online_paths(self) -> tuple:
@@ -298,21 +336,95 @@ class RotatedModel:
     return tuple(head) + tuple(base)
 
 
-def _rotate_heads(w: jax.Array, axis: int, head_dim: int, h) -> jax.Array:
+def _rotate_heads(w: jax.Array, axis: int, head_dim: int, h,
+                  traceable: bool = False) -> jax.Array:
   """``w`` with each ``head_dim`` block of ``axis`` multiplied by ``h``."""
   n = w.shape[axis]
   if n % head_dim:
     raise ValueError(f"axis {axis} of a {tuple(w.shape)} kernel is not a whole "
                      f"number of heads of {head_dim}")
+  if traceable:
+    w32 = jnp.moveaxis(jnp.asarray(w, jnp.float32), axis, -1)
+    lead = w32.shape[:-1]
+    out = jnp.matmul(w32.reshape(lead + (n // head_dim, head_dim)),
+                     jnp.asarray(h, jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    return jnp.moveaxis(out.reshape(lead + (n,)), -1, axis).astype(w.dtype)
   w64 = np.moveaxis(np.asarray(w, np.float64), axis, -1)
   lead = w64.shape[:-1]
   out = (w64.reshape(lead + (n // head_dim, head_dim)) @ np.asarray(h, np.float64))
   return jnp.asarray(np.moveaxis(out.reshape(lead + (n,)), -1, axis), dtype=w.dtype)
 
 
-def rotate_model(fn: Callable, params: Any, *args, key: jax.Array,
+def head_pairs(params: Any, heads: tuple) -> tuple:
+  """The ``(value kernel, output kernel)`` path pairs that ``heads`` names.
+
+  Args:
+    params: the parameter pytree.
+    heads: ``(value_regex, out_regex, head_dim)`` (see ``rotate_model``).
+
+  Returns:
+    A tuple of path pairs: the i-th value kernel (sorted by path) with the
+    i-th output kernel.
+
+  Raises:
+    ValueError: the regexes match different (or zero) numbers of parameters.
+  """
+  v_rx, o_rx, _ = heads
+  cur = _leaves(params)
+  vs = sorted(p for p in cur if re.fullmatch(v_rx, p))
+  os_ = sorted(p for p in cur if re.fullmatch(o_rx, p))
+  if not vs or len(vs) != len(os_):
+    raise ValueError(f"heads: {v_rx!r} matches {len(vs)} kernels and {o_rx!r} "
+                     f"{len(os_)}; they must match the same positive number")
+  return tuple(zip(vs, os_))
+
+
+def rotate_heads(params: Any, pairs: Sequence[tuple], head_dim: int, hs, *,
+                 traceable: bool = False) -> Any:
+  """Folds a per-head rotation into value outputs and output-projection inputs.
+
+  For each pair, every ``head_dim`` block of the value kernel's last axis is
+  multiplied by ``h`` (each head's values become ``v h``) and every block of
+  the output kernel's first axis by ``h`` too (``W_o -> h^T W_o`` per head):
+  attention mixes tokens within a head, so ``(p v h)(h^T W_o) = p v W_o`` and
+  the output is unchanged for an orthogonal ``h``.
+
+  Args:
+    params: the parameter pytree.
+    pairs: ``(value path, output path)`` pairs (``head_pairs``).
+    head_dim: the head width.
+    hs: one orthogonal ``[head_dim, head_dim]`` matrix for all pairs, or one
+      per pair (``[len(pairs), head_dim, head_dim]``).
+    traceable: fold with float32 jax ops (differentiable, jit-able) instead of
+      float64 on the host.
+
+  Returns:
+    Params of the same structure.
+
+  Raises:
+    ValueError: hs has the wrong shape, or a kernel is not a whole number of
+      heads.
+  """
+  n = len(pairs)
+  if tuple(hs.shape) == (head_dim, head_dim):
+    hs = [hs] * n
+  elif tuple(hs.shape) != (n, head_dim, head_dim):
+    raise ValueError(f"head rotations must be [{head_dim}, {head_dim}] or [{n}, "
+                     f"{head_dim}, {head_dim}] (one per pair), got {tuple(hs.shape)}")
+  cur = _leaves(params)
+  upd = {}
+  for i, (vp, op) in enumerate(pairs):
+    h = hs[i]
+    upd[vp] = _rotate_heads(cur[vp], cur[vp].ndim - 1, int(head_dim), h, traceable)
+    upd[op] = _rotate_heads(cur[op], 0, int(head_dim), h, traceable)
+  return _map_leaves(params, upd)
+
+
+def rotate_model(fn: Callable, params: Any, *args, key: Optional[jax.Array] = None,
                  online: Optional[str] = None,
-                 heads: Optional[tuple] = None, **kwargs) -> tuple:
+                 heads: Optional[tuple] = None,
+                 rotation: Optional[jax.Array] = None,
+                 head_rotations: Optional[jax.Array] = None, **kwargs) -> tuple:
   """QuaRot's rotation of a pre-norm model, found from its jaxpr (Ashkboos et al. 2024).
 
   Finds the residual stream of ``fn(params, *args, **kwargs)``, fuses each
@@ -324,14 +436,16 @@ def rotate_model(fn: Callable, params: Any, *args, key: jax.Array,
   online Hadamard transform of their input at run time
   (``QuantRule(input_rotation="hadamard")``; ``RotatedModel.rules`` adds it
   to a rule list), e.g. ``online=".*/down_proj/kernel"`` (QuaRot's
-  down-projection Hadamard).
+  down-projection Hadamard). ``rotation`` / ``head_rotations`` fold given
+  orthogonal matrices instead of the Hadamards, the same way (SpinQuant's
+  learned rotations, ``lowbit_jax.algorithms.spinquant``).
 
   Args:
     fn: the model as a function of its parameter pytree.
     params: the parameters (float).
     *args, **kwargs: example inputs for tracing.
     key: PRNG key of the random signs (and of the orthogonal factor for a
-      width ``core.hadamard`` does not build).
+      width ``core.hadamard`` does not build); not used with ``rotation``.
     online: regex of kernel paths that take an online Hadamard transform.
     heads: ``(value_regex, out_regex, head_dim)``: fold a Hadamard of order
       ``head_dim`` into every head of each value projection's output and of
@@ -342,6 +456,11 @@ def rotate_model(fn: Callable, params: Any, *args, key: jax.Array,
       value kernel's output is its last axis and the output kernel's input
       its first. Use it only where that holds (check the float outputs, as
       ``apply_ptq`` does).
+    rotation: an orthogonal ``[d, d]`` residual rotation to fold instead of
+      ``random_hadamard(key, d)``.
+    head_rotations: with ``heads``: orthogonal ``[head_dim, head_dim]`` (all
+      pairs) or ``[n_pairs, head_dim, head_dim]`` (one per pair, in
+      ``head_pairs`` order) instead of the Hadamard.
 
   Returns:
     ``(new_params, RotatedModel)``.
@@ -350,10 +469,17 @@ def rotate_model(fn: Callable, params: Any, *args, key: jax.Array,
     ValueError: the model's residual stream cannot be rotated (the message
       names the operation and module); ``online`` matches no kernel, a kernel
       contracted on several axes, or one whose input width has no Hadamard
-      matrix here.
+      matrix here; neither ``key`` nor ``rotation`` is given, or
+      ``head_rotations`` without ``heads``.
   """
+  if key is None and rotation is None:
+    raise ValueError("rotate_model needs key= (a random Hadamard rotation) or "
+                     "rotation= (a given orthogonal matrix)")
+  if head_rotations is not None and heads is None:
+    raise ValueError("head_rotations= needs heads=(value_regex, out_regex, head_dim)")
   stream = find_residual_stream(fn, params, *args, **kwargs)
-  q = random_hadamard(key, stream.width)
+  q = random_hadamard(key, stream.width) if rotation is None else jnp.asarray(
+      rotation, jnp.float32)
   new = rotate_residual(params, stream, q)
   done = []
   if online is not None:
@@ -377,20 +503,14 @@ def rotate_model(fn: Callable, params: Any, *args, key: jax.Array,
       upd[p] = _rotate_axis(cur[p], a, hadamard(int(cur[p].shape[a])))
       done.append((p, a))
     new = _map_leaves(new, upd)
+  hs = None
   if heads is not None:
-    v_rx, o_rx, head_dim = heads
-    cur = _leaves(new)
-    vs = sorted(p for p in cur if re.fullmatch(v_rx, p))
-    os_ = sorted(p for p in cur if re.fullmatch(o_rx, p))
-    if not vs or len(vs) != len(os_):
-      raise ValueError(f"heads: {v_rx!r} matches {len(vs)} kernels and {o_rx!r} "
-                       f"{len(os_)}; they must match the same positive number")
-    h = hadamard(int(head_dim))
-    upd = {}
-    for vp, op in zip(vs, os_):
+    head_dim = int(heads[2])
+    pairs = head_pairs(new, heads)
+    for vp, op in pairs:
       if vp in dict(done) or op in dict(done):
         raise ValueError(f"heads: {vp!r} / {op!r} also take an online Hadamard")
-      upd[vp] = _rotate_heads(cur[vp], cur[vp].ndim - 1, int(head_dim), h)
-      upd[op] = _rotate_heads(cur[op], 0, int(head_dim), h)
-    new = _map_leaves(new, upd)
-  return new, RotatedModel(stream, tuple(done), q)
+    hs = (jnp.asarray(hadamard(head_dim)) if head_rotations is None
+          else jnp.asarray(head_rotations, jnp.float32))
+    new = rotate_heads(new, pairs, head_dim, hs)
+  return new, RotatedModel(stream, tuple(done), q, hs)

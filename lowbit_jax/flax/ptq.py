@@ -40,6 +40,15 @@ are pre-rotated for an online Hadamard of their input. The float model with
 ``report["rotation"].rules()`` is checked to equal the original before any
 quantization; inference must run with ``report["rotation"].rules(rules)``.
 
+Method ``"spinquant"`` learns those rotations instead (Liu et al. 2024,
+``lowbit_jax.algorithms.spinquant_model``): starting from QuaRot's, the
+residual rotation (and with ``heads`` the per-head value/output rotations) are
+optimised with Cayley SGD on the calibration batches to minimise the
+quantized model's loss (``weight_spec`` RTN weights and ``act_spec``
+activations, fake-quantized with straight-through gradients; next-token cross
+entropy by default), then folded exactly as QuaRot folds them and checked the
+same way; ``report["spinquant"]`` holds the quantized loss before and after.
+
 MoE experts (``lowbit_jax.flax.RaggedDense``: a grouped matmul with a
 ``[G, K, N]`` kernel, e.g. the decoder's ``moe_impl="ragged"`` experts) are
 quantized per expert: the capture builds expert ``g``'s Hessian (Gram matrix)
@@ -60,6 +69,7 @@ calibrated in parallel, not sequentially on quantized predecessors).
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -73,6 +83,7 @@ import numpy as np
 from lowbit_jax.algorithms.awq import awq_search
 from lowbit_jax.algorithms.gptq import gptq
 from lowbit_jax.algorithms.rotation import random_hadamard, rotate_model
+from lowbit_jax.algorithms.spinquant import SpinQuantConfig, spinquant_model
 from lowbit_jax.core import hadamard
 from lowbit_jax.algorithms.smoothquant import smoothquant_scales
 from lowbit_jax.algorithms.rtn import kernel_spec, rtn, sqnr_db
@@ -82,7 +93,8 @@ from lowbit_jax.flax._capture import (Capture, DenseStats, ExpertStats,
                                      capture_dense_stats, split_batch)
 from lowbit_jax.formats import Format
 
-METHODS = ("rtn", "gptq", "awq", "smoothquant", "rotation", "quarot")
+METHODS = ("rtn", "gptq", "awq", "smoothquant", "rotation", "quarot", "spinquant")
+_WHOLE_MODEL_ROTATIONS = ("quarot", "spinquant")
 QUANTIZERS = ("rtn", "gptq")
 _TRANSFORMS = ("awq", "smoothquant", "rotation")
 _HI = jax.lax.Precision.HIGHEST
@@ -248,14 +260,16 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
               max_samples: int = 512, fold_rtol: float = 1e-3,
               apply_kwargs: Optional[Mapping[str, Any]] = None,
               other_variables: Optional[Mapping[str, Any]] = None,
-              online: Optional[str] = None, heads: Optional[tuple] = None
+              online: Optional[str] = None, heads: Optional[tuple] = None,
+              spinquant: Optional[SpinQuantConfig] = None
               ) -> tuple[Any, dict]:
   """Runs a PTQ method on a Linen model's Dense (and MoE expert) layers.
 
   Methods: "rtn" (round to nearest), "gptq" (Frantar et al. 2023), "awq" (Lin
   et al. 2024), "smoothquant" (Xiao et al. 2023), "rotation" (randomized
-  Hadamard, QuaRot: Ashkboos et al. 2024). See the module docstring for how
-  transformations are folded.
+  Hadamard, QuaRot: Ashkboos et al. 2024), "quarot" (QuaRot's whole-model
+  fold), "spinquant" (SpinQuant's learned rotations: Liu et al. 2024). See
+  the module docstring for how transformations are folded.
 
   Args:
     model: the Linen module (not modified).
@@ -294,12 +308,18 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
       model output.
     apply_kwargs: extra keyword arguments for ``model.apply``.
     other_variables: non-param variable collections (e.g. batch_stats).
-    online: method "quarot": regex of kernel paths that take an online
-      Hadamard transform of their input (QuaRot's down projection:
+    online: methods "quarot"/"spinquant": regex of kernel paths that take an
+      online Hadamard transform of their input (QuaRot's down projection:
       ``".*/down_proj/kernel"``); None: none.
-    heads: method "quarot": ``(value_regex, out_regex, head_dim)``, a
-      per-head Hadamard folded into value and output projections (see
-      ``algorithms.rotate_model``); checked with the rest of the rotation.
+    heads: methods "quarot"/"spinquant": ``(value_regex, out_regex,
+      head_dim)``, a per-head Hadamard folded into value and output
+      projections (see ``algorithms.rotate_model``; SpinQuant learns them);
+      checked with the rest of the rotation.
+    spinquant: method "spinquant": a ``SpinQuantConfig`` (steps, learning
+      rate, which rotations, loss, seed of the Hadamard start; default
+      ``SpinQuantConfig(seed=rotation_seed)``). The
+      calibration batches must be positional arguments; the default loss
+      (next-token cross entropy) needs tokens as the first.
 
   Returns:
     ``(new_params, report)``: params of the same structure with each treated
@@ -315,8 +335,10 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
     to ``LinenQuantizer.quantize_params`` for real mode, whose codes then
     equal the PTQ result exactly: re-deriving a scale from a GPTQ kernel's
     amax changes some codes, since a group's final values need not reach the
-    range it was rounded with); for "quarot" also ``rotation`` (the
-    ``RotatedModel``: run inference with ``rotation.rules(rules)``).
+    range it was rounded with); for "quarot" and "spinquant" also
+    ``rotation`` (the ``RotatedModel``: run inference with
+    ``rotation.rules(rules)``); for "spinquant" ``spinquant`` (the learning
+    history of ``spinquant_model``: quantized loss before/after).
 
   Raises:
     ValueError: an unknown method/quantizer/unfoldable, an unusable spec, or
@@ -327,8 +349,11 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
   if quantizer not in QUANTIZERS:
     raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
-  if (online is not None or heads is not None) and method != "quarot":
-    raise ValueError(f"online= and heads= apply to method='quarot', not {method!r}")
+  if (online is not None or heads is not None) and method not in _WHOLE_MODEL_ROTATIONS:
+    raise ValueError(f"online= and heads= apply to method='quarot' or 'spinquant', "
+                     f"not {method!r}")
+  if spinquant is not None and method != "spinquant":
+    raise ValueError(f"spinquant= applies to method='spinquant', not {method!r}")
   if method in ("rtn", "gptq") and quantizer != "rtn":
     raise ValueError(f"quantizer={quantizer!r} applies to awq/smoothquant/rotation; "
                      f"method={method!r} is itself the quantizer")
@@ -353,9 +378,15 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
   cur = flax.core.unfreeze(params) if frozen else jax.tree.map(lambda a: a, params)
 
   rotated = None
+  spin_history = None
   if method == "quarot":
     cur, rotated = _quarot(model, cur, calib_batches[0], rotation_seed, online,
                            heads, fold_rtol, apply_kwargs, other_variables)
+  elif method == "spinquant":
+    cur, rotated, spin_history = _spinquant(
+        model, cur, calib_batches, _loss_rules(weight_spec, aspec, layers),
+        spinquant or SpinQuantConfig(seed=rotation_seed), online, heads, fold_rtol,
+        apply_kwargs, other_variables)
   t0 = time.perf_counter()
   cap: Capture = capture_dense_stats(
       model, cur, calib_batches, layers=layers, token_mask=token_mask,
@@ -512,6 +543,8 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
             "total_seconds": time.perf_counter() - t_start}
   if rotated is not None:
     report["rotation"] = rotated
+  if spin_history is not None:
+    report["spinquant"] = spin_history
   report["quant_scales"] = _nest({f"{p}/weight_scale": v for p, v in
                                   weight_scales.items()})
   return new_params, report
@@ -591,6 +624,36 @@ def _nest(flat: Mapping[str, Any]) -> dict:
 def _quarot(model, params, batch, seed: int, online: Optional[str], heads,
             rtol: float, apply_kwargs, other_variables):
   """QuaRot's fold on a Linen model, checked against the float model's output."""
+  def rotate(fn, args):
+    return rotate_model(fn, params, *args, key=jax.random.key(seed), online=online,
+                        heads=heads)
+  new, rotated, _ = _checked_rotation(model, params, batch, rotate, rtol, apply_kwargs,
+                                      other_variables, "QuaRot")
+  return new, rotated
+
+
+def _spinquant(model, params, batches, rules, config: SpinQuantConfig,
+               online: Optional[str], heads, rtol: float, apply_kwargs,
+               other_variables):
+  """SpinQuant's learned rotations on a Linen model, checked like QuaRot's."""
+  from lowbit_jax.flax._linen import quantize_linen  # pylint: disable=g-import-not-at-top
+  for b in batches:
+    if split_batch(b)[1]:
+      raise ValueError("method='spinquant' needs calibration batches of positional "
+                       "arguments (a tuple or one array), not keyword arguments")
+
+  def rotate(fn, args):
+    new, rotated, hist = spinquant_model(
+        fn, params, [split_batch(b)[0] for b in batches], rules, config=config,
+        online=online, heads=heads, quantize=lambda f, r: quantize_linen(r)(f))
+    return new, rotated, hist
+  return _checked_rotation(model, params, batches[0], rotate, rtol, apply_kwargs,
+                           other_variables, "SpinQuant")
+
+
+def _checked_rotation(model, params, batch, rotate, rtol: float, apply_kwargs,
+                      other_variables, name: str):
+  """``rotate(fn, args)`` on a Linen model, checked against the float output."""
   from lowbit_jax.flax._linen import quantize_linen  # pylint: disable=g-import-not-at-top
   args, kwargs = split_batch(batch)
   kwargs = {**kwargs, **dict(apply_kwargs or {})}
@@ -601,15 +664,37 @@ def _quarot(model, params, batch, seed: int, online: Optional[str], heads,
 
   with jax.default_matmul_precision("float32"):
     ref = jax.jit(fn)(params, *args)
-    new, rotated = rotate_model(fn, params, *args, key=jax.random.key(seed),
-                                online=online, heads=heads)
+    res = rotate(fn, args)
+    new, rotated = res[0], res[1]
     q = quantize_linen(rotated.rules())
     out = jax.jit(q(fn))(new, *args)
   if not _outputs_close(ref, out, rtol):
-    raise ValueError("the QuaRot rotation changed the float model's output beyond "
+    raise ValueError(f"the {name} rotation changed the float model's output beyond "
                      f"fold_rtol={rtol}; the model's structure is not what the "
                      "rotation assumes (report this model)")
-  return new, rotated
+  return new, rotated, (res[2] if len(res) > 2 else None)
+
+
+def _loss_rules(weight_spec: WeightSpec, aspec: Optional[QuantSpec], layers: str) -> list:
+  """The rules SpinQuant's quantized loss runs with: weight_spec and act_spec."""
+  def rx(path):
+    return path if layers == ".*" else f"(?=(?:{layers})(?:/kernel)?$)(?:{path})"
+  if weight_spec is None:
+    return [] if aspec is None else [QuantRule(rx(".*"), activation=aspec)]
+  if not isinstance(weight_spec, (list, tuple)):
+    return [QuantRule(rx(".*"), weight=weight_spec, activation=aspec)]
+  out = []
+  for rule in weight_spec:
+    if isinstance(rule, QuantRule) and rule.weight is None and rule.activation is None:
+      out.append(dataclasses.replace(rule, path=rx(rule.path)))   # stays float
+    elif isinstance(rule, QuantRule):
+      out.append(dataclasses.replace(rule, path=rx(rule.path), activation=(
+          rule.activation if rule.activation is not None else aspec)))
+    else:
+      regex, spec = rule
+      out.append(QuantRule(rx(f"(?:{regex})(?:/kernel)?"), weight=spec,
+                           activation=aspec))
+  return out
 
 
 def _spec_name(spec: QuantSpec) -> str:
