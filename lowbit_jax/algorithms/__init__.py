@@ -7,14 +7,16 @@ model and folds the results back into its parameters.
 
 * ``rtn``: round to nearest (baseline).
 * ``gptq``: GPTQ (Frantar et al. 2023).
-* ``awq_search``: AWQ (Lin et al. 2024).
+* ``awq_search`` / ``awq_clip_search``: AWQ's scale and clip searches (Lin et
+  al. 2024).
 * ``smoothquant_scales``: SmoothQuant (Xiao et al. 2023).
 * ``random_hadamard`` / ``rotate_weights``: QuaRot-style rotations (Ashkboos et
   al. 2024); ``rotate_model``: the whole QuaRot fold on any pre-norm model
   (residual stream found from its jaxpr, online Hadamard sites).
 * ``allocate_bits``: per-layer format choice under a bits-per-weight budget.
 """
-from lowbit_jax.algorithms.awq import AWQResult, awq_scales, awq_search
+from lowbit_jax.algorithms.awq import (AWQClipResult, AWQResult, awq_clip_search,
+                                       awq_scales, awq_search, clip_ratios)
 from lowbit_jax.algorithms.gptq import GPTQResult, gptq, gram
 from lowbit_jax.algorithms.mixed_precision import (Allocation, allocate_bits,
                                                    assignment_to_rules, rules_bits,
@@ -25,14 +27,15 @@ from lowbit_jax.algorithms.rotation import (RotatedModel, hadamard_matrix,
                                             rotate_residual, rotate_weights,
                                             walsh_hadamard_transform)
 from lowbit_jax.algorithms.rtn import (hessian_error, kernel_spec, output_error, rtn,
-                                       sqnr_db)
+                                       rtn_scale, sqnr_db)
 from lowbit_jax.algorithms.smoothquant import (smooth_inputs, smooth_weights,
                                                smoothquant_scales)
 
 __all__ = [
-    "rtn", "kernel_spec", "sqnr_db", "output_error", "hessian_error",
+    "rtn", "rtn_scale", "kernel_spec", "sqnr_db", "output_error", "hessian_error",
     "gptq", "GPTQResult", "gram",
-    "awq_search", "awq_scales", "AWQResult",
+    "awq_search", "awq_scales", "AWQResult", "awq_clip_search", "AWQClipResult",
+    "clip_ratios",
     "smoothquant_scales", "smooth_weights", "smooth_inputs",
     "hadamard_matrix", "walsh_hadamard_transform", "random_orthogonal",
     "random_hadamard", "rotate_weights", "rotate_inputs", "rotate_model",
