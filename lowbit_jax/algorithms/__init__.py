@@ -13,6 +13,9 @@ model and folds the results back into its parameters.
 * ``random_hadamard`` / ``rotate_weights``: QuaRot-style rotations (Ashkboos et
   al. 2024); ``rotate_model``: the whole QuaRot fold on any pre-norm model
   (residual stream found from its jaxpr, online Hadamard sites).
+* ``omniquant_block`` / ``OmniQuantOptions``: OmniQuant's learnable weight
+  clipping and equivalent transforms on one block (Shao et al. 2024);
+  ``lwc_quant`` / ``let_fold`` its two parts.
 * ``allocate_bits``: per-layer format choice under a bits-per-weight budget.
 """
 from lowbit_jax.algorithms.awq import (AWQClipResult, AWQResult, awq_clip_search,
@@ -21,6 +24,10 @@ from lowbit_jax.algorithms.gptq import GPTQResult, gptq, gram
 from lowbit_jax.algorithms.mixed_precision import (Allocation, allocate_bits,
                                                    assignment_to_rules, rules_bits,
                                                    spec_bits, weight_sensitivity)
+from lowbit_jax.algorithms.omniquant import (LETGroup, OmniQuantBlockResult,
+                                             OmniQuantOptions, let_fold, let_init,
+                                             lwc_init, lwc_quant, lwc_step,
+                                             omniquant_block)
 from lowbit_jax.algorithms.rotation import (RotatedModel, hadamard_matrix,
                                             random_hadamard, random_orthogonal,
                                             rotate_inputs, rotate_model,
@@ -37,6 +44,8 @@ __all__ = [
     "awq_search", "awq_scales", "AWQResult", "awq_clip_search", "AWQClipResult",
     "clip_ratios",
     "smoothquant_scales", "smooth_weights", "smooth_inputs",
+    "omniquant_block", "OmniQuantOptions", "OmniQuantBlockResult", "LETGroup",
+    "lwc_init", "lwc_step", "lwc_quant", "let_init", "let_fold",
     "hadamard_matrix", "walsh_hadamard_transform", "random_orthogonal",
     "random_hadamard", "rotate_weights", "rotate_inputs", "rotate_model",
     "rotate_residual", "RotatedModel",

@@ -360,6 +360,18 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
   frozen = isinstance(params, flax.core.FrozenDict)
   cur = flax.core.unfreeze(params) if frozen else jax.tree.map(lambda a: a, params)
 
+  if method == "omniquant":
+    from lowbit_jax.flax import _omniquant  # pylint: disable=g-import-not-at-top
+    if quantizer != "rtn" or unfoldable != "skip":
+      raise ValueError("omniquant learns its own rounding ranges: leave quantizer and "
+                       "unfoldable at their defaults")
+    cur, report = _omniquant.run(
+        model, cur, calib_batches, weight_spec, aspec, layers=layers,
+        extra_folds=extra_folds, token_mask=token_mask, max_samples=max_samples,
+        fold_rtol=fold_rtol, apply_kwargs=apply_kwargs,
+        other_variables=other_variables, options=omniquant)
+    report["total_seconds"] = time.perf_counter() - t_start
+    return (flax.core.freeze(cur) if frozen else cur), report
   rotated = None
   if method == "quarot":
     cur, rotated = _quarot(model, cur, calib_batches[0], rotation_seed, online,
