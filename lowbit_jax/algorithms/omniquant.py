@@ -41,6 +41,7 @@ fake mode; asymmetric specs take their zero point back from the kernel).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
@@ -384,6 +385,76 @@ def _quantize_kernels(params, specs, logits):
   return params, scales
 
 
+@functools.lru_cache(maxsize=16)
+def _compiled(apply_fn, spec_key: tuple, group_key: tuple, opts: OmniQuantOptions,
+              n: int, bsz: int):
+  """The jitted pieces of ``omniquant_block`` for one block structure.
+
+  Cached, so that blocks of one shape (the layers of a decoder) compile once.
+  """
+  specs = dict(spec_key)
+  lwc = opts.lwc
+
+  def groups_of(garrs):
+    return [LETGroup(prod, cons, a, sh) for (prod, cons, _), (a, sh)
+            in zip(group_key, garrs)]
+
+  def init(params, garrs):
+    return {"lwc": ({p: lwc_init(_get(params, p)["kernel"], s, opts.lwc_init)
+                     for p, s in specs.items()} if lwc else {}),
+            "let": [let_init(params, g, opts.let_alpha) for g in groups_of(garrs)]}
+
+  def loss_fn(th, params, garrs, x, y, rtn=False):
+    p = params if rtn else let_fold(params, groups_of(garrs), th["let"])
+    p, _ = _quantize_kernels(p, specs, None if (rtn or not lwc) else th["lwc"])
+    d = apply_fn(p, x).astype(jnp.float32) - y.astype(jnp.float32)
+    return jnp.mean(d * d)
+
+  def take(inputs, idx):
+    return jax.tree.map(lambda a: a[idx], inputs)
+
+  def full_loss(th, params, inputs, targets, garrs, rtn):
+    tot = jnp.float32(0)
+    for i in range(0, n, bsz):
+      m = min(bsz, n - i)
+      tot = tot + m * loss_fn(th, params, garrs, take(inputs, slice(i, i + m)),
+                              targets[i:i + m], rtn)
+    return tot / n
+
+  def losses0(params, inputs, targets, garrs, th):
+    return (full_loss(th, params, inputs, targets, garrs, True),
+            full_loss(th, params, inputs, targets, garrs, False))
+
+  tx = optax.multi_transform(
+      {"lwc": optax.adamw(opts.lwc_lr, weight_decay=opts.weight_decay),
+       "let": optax.adamw(opts.let_lr, weight_decay=opts.weight_decay)},
+      {"lwc": "lwc", "let": "let"})
+
+  def step(params, inputs, targets, garrs, th, st, idx):
+    loss, grads = jax.value_and_grad(loss_fn)(th, params, garrs, take(inputs, idx),
+                                              targets[idx])
+    upd, st = tx.update(grads, st, th)
+    return optax.apply_updates(th, upd), st, loss
+
+  def finalize(params, inputs, targets, garrs, th):
+    p = folded = let_fold(params, groups_of(garrs), th["let"])
+    scales, clip = {}, {}
+    for path, spec in specs.items():
+      k = _get(p, path)["kernel"]
+      if lwc:
+        s, z = lwc_step(k, spec, th["lwc"][path])
+        clip[path] = jnp.mean(jax.nn.sigmoid(th["lwc"][path]["gamma"]))
+      else:
+        s, z = rtn_scale(k, spec), None
+        clip[path] = jnp.float32(1.0)
+      q = fake_quant(k, spec, scale=s, zero_point=z)
+      p = _set(p, path, kernel=q.astype(k.dtype))
+      scales[path] = s
+    return p, folded, scales, clip, full_loss(th, params, inputs, targets, garrs, False)
+
+  return (jax.jit(init), jax.jit(losses0), jax.jit(step), jax.jit(finalize), tx)
+
+
 def omniquant_block(apply_fn: Callable, params: Any, inputs: jax.Array,
                     targets: jax.Array, specs: Mapping[str, Any], *,
                     groups: Sequence[LETGroup] = (),
@@ -433,47 +504,19 @@ def omniquant_block(apply_fn: Callable, params: Any, inputs: jax.Array,
     _grid_layout(spec, tuple(_get(params, p)["kernel"].shape))
   groups = tuple(groups) if opts.uses_let(with_activations) else ()
   lwc = opts.lwc
-
-  theta = {"lwc": ({p: lwc_init(_get(params, p)["kernel"], s, opts.lwc_init)
-                    for p, s in specs.items()} if lwc else {}),
-           "let": [let_init(params, g, opts.let_alpha) for g in groups]}
-
-  def forward(th, x, rtn=False):
-    p = params if rtn else let_fold(params, groups, th["let"])
-    p, _ = _quantize_kernels(p, specs, None if (rtn or not lwc) else th["lwc"])
-    return apply_fn(p, x)
-
-  def loss_fn(th, x, y, rtn=False):
-    d = forward(th, x, rtn).astype(jnp.float32) - y.astype(jnp.float32)
-    return jnp.mean(d * d)
-
   n = targets.shape[0]
-  take = lambda idx: jax.tree.map(lambda a: a[idx], inputs)  # noqa: E731
   bsz = min(opts.batch_size, n)
-
-  def full_loss_(th, rtn):
-    tot = jnp.float32(0)
-    for i in range(0, n, bsz):
-      m = min(bsz, n - i)
-      tot = tot + loss_fn(th, take(slice(i, i + m)), targets[i:i + m], rtn) * m
-    return tot / n
-
-  full_loss = jax.jit(lambda th: full_loss_(th, False))
-  loss_rtn = float(jax.jit(lambda th: full_loss_(th, True))(theta))
-  loss_init = float(full_loss(theta))
-  tx = optax.multi_transform(
-      {"lwc": optax.adamw(opts.lwc_lr, weight_decay=opts.weight_decay),
-       "let": optax.adamw(opts.let_lr, weight_decay=opts.weight_decay)},
-      {"lwc": "lwc", "let": "let"})
+  spec_key = tuple(specs.items())
+  group_key = tuple((g.producer, tuple(g.consumers), g.shift is not None) for g in groups)
+  garrs = [(jnp.asarray(g.absmax, jnp.float32),
+            None if g.shift is None else jnp.asarray(g.shift, jnp.float32))
+           for g in groups]
+  init_fn, losses0_fn, step_fn, finalize_fn, tx = _compiled(
+      apply_fn, spec_key, group_key, opts, n, bsz)
+  theta = init_fn(params, garrs)
+  loss_rtn, loss_init = (float(v) for v in losses0_fn(params, inputs, targets, garrs,
+                                                       theta))
   state = tx.init(theta)
-
-  @jax.jit
-  def step(th, st, idx):
-    x, y = take(idx), targets[idx]
-    loss, grads = jax.value_and_grad(loss_fn)(th, x, y)
-    upd, st = tx.update(grads, st, th)
-    return optax.apply_updates(th, upd), st, loss
-
   losses = []
   if opts.steps and (lwc or groups):
     rng = np.random.default_rng(opts.seed)
@@ -482,29 +525,19 @@ def omniquant_block(apply_fn: Callable, params: Any, inputs: jax.Array,
       if order.size < bsz:
         order = np.concatenate([order, rng.permutation(n).astype(np.int32)])
       idx, order = order[:bsz], order[bsz:]
-      theta, state, loss = step(theta, state, jnp.asarray(idx))
+      theta, state, loss = step_fn(params, inputs, targets, garrs, theta, state,
+                                   jnp.asarray(idx))
       losses.append(loss)
     losses = np.asarray(jax.device_get(losses), np.float32)
     if not np.all(np.isfinite(losses)):
       raise ValueError(f"OmniQuant's block loss became non-finite (first at step "
                        f"{int(np.argmin(np.isfinite(losses)))}); lower lwc_lr / "
                        "let_lr")
-  loss = float(full_loss(theta))
 
   # The result: LET folded, kernels on LWC's grid, and their steps.
-  p = folded = let_fold(params, groups, theta["let"])
-  scales, clip = {}, {}
-  for path, spec in specs.items():
-    k = _get(p, path)["kernel"]
-    if lwc:
-      s, z = lwc_step(k, spec, theta["lwc"][path])
-      clip[path] = float(jnp.mean(jax.nn.sigmoid(theta["lwc"][path]["gamma"])))
-    else:
-      s, z = rtn_scale(k, spec), None
-      clip[path] = 1.0
-    q = fake_quant(k, spec, scale=s, zero_point=z)
-    p = _set(p, path, kernel=q.astype(k.dtype))
-    scales[path] = s
+  p, folded, scales, clip, loss = finalize_fn(params, inputs, targets, garrs, theta)
+  loss = float(loss)
+  clip = {k: float(v) for k, v in clip.items()}
   let_scales = {g.producer[1]: jnp.maximum(tp["scale"], 1e-5)
                 for g, tp in zip(groups, theta["let"])}
   return OmniQuantBlockResult(p, folded, scales, clip, let_scales, loss_rtn, loss_init,

@@ -215,38 +215,47 @@ def run(model, cur, calib_batches, weight_spec, aspec, *, layers: str,
   act_q = (quantize_linen([QuantRule(".*", activation=aspec)], mode="fake")
            if aspec is not None else None)
   report_layers, weight_scales, blocks_report = {}, {}, {}
+  chunk = max(1, min(opts.batch_size, x_fp[0].shape[0]))
+  fns = {}   # blocks of one structure share their functions (and compilations)
+
+  def block_fns(module, args, kwargs, other_b):
+    key = (module, tuple(id(a) for a, bt in zip(args, batched) if not bt),
+           tuple((k, id(v)) for k, v in sorted(kwargs.items())),
+           tuple((c, id(v)) for c, v in sorted(other_b.items())))
+    if key not in fns:
+      def block_fn(p, inp):
+        it = iter(inp)
+        full = [next(it) if bt else a for a, bt in zip(args, batched)]
+        return module.apply({"params": p, **other_b}, *full, **kwargs)
+      q_fn = block_fn if act_q is None else act_q(block_fn)
+      fns[key] = (block_fn, q_fn, jax.jit(block_fn), jax.jit(q_fn))
+    return fns[key]
+
+  def run_chunks(f, p, inp):
+    n = inp[0].shape[0]
+    return jnp.concatenate([f(p, jax.tree.map(lambda a, i=i: a[i:i + chunk], inp))
+                            for i in range(0, n, chunk)], axis=0)
+
   for bi, b in enumerate(paths):
     t1 = time.perf_counter()
     module, args, kwargs = recs[0][bi][1], recs[0][bi][2], recs[0][bi][3]
     other_b = {c: _subtree(v, b) for c, v in other.items() if _subtree(v, b) is not None}
-
-    def block_fn(p, inp, module=module, args=args, kwargs=kwargs, other_b=other_b):
-      it = iter(inp)
-      full = [next(it) if bt else a for a, bt in zip(args, batched)]
-      return module.apply({"params": p, **other_b}, *full, **kwargs)
-
-    q_fn = block_fn if act_q is None else act_q(block_fn)
+    block_fn, q_fn, block_jit, q_jit = block_fns(module, args, kwargs, other_b)
+    del block_fn
     bparams = _subtree(cur, b)
-    chunk = max(1, min(opts.batch_size, x_fp[0].shape[0]))
 
-    def run_chunks(fn, p, inp):
-      f = jax.jit(fn)
-      n = inp[0].shape[0]
-      return jnp.concatenate([f(p, jax.tree.map(lambda a, i=i: a[i:i + chunk], inp))
-                              for i in range(0, n, chunk)], axis=0)
-
-    y_fp = run_chunks(block_fn, bparams, x_fp)
+    y_fp = run_chunks(block_jit, bparams, x_fp)
     cut = len(b) + 1
     bspecs = {p[cut:]: specs[p] for p in selected
               if in_block.get(p) == b and specs[p] is not None}
     if not bspecs:
       x_fp = (y_fp,) + tuple(x_fp[1:])
-      x_q = (run_chunks(q_fn, bparams, x_q),) + tuple(x_q[1:])
+      x_q = (run_chunks(q_jit, bparams, x_q),) + tuple(x_q[1:])
       continue
     res = omniquant_block(q_fn, bparams, x_q, y_fp, bspecs, groups=let_groups[b],
                           options=opts, with_activations=aspec is not None)
     cur = _replace(cur, b, res.params)
-    x_q = (run_chunks(q_fn, res.params, x_q),) + tuple(x_q[1:])
+    x_q = (run_chunks(q_jit, res.params, x_q),) + tuple(x_q[1:])
     x_fp = (y_fp,) + tuple(x_fp[1:])
     for rel, spec in bspecs.items():
       full = f"{b}/{rel}"
