@@ -1,4 +1,4 @@
-"""PTQ methods on the decoder LM: RTN, GPTQ, AWQ, SmoothQuant, QuaRot (issue 14).
+"""PTQ methods on the decoder LM: RTN, GPTQ, AWQ, SmoothQuant, QuaRot, OmniQuant.
 
 Trains the model first if ``point_kwargs.workdir`` holds no finished run (the
 ``small`` model of ``configs/train_lm.py``, as docs/results_llama.md). Run:
@@ -12,6 +12,11 @@ each under every method. SmoothQuant only runs with activations (it migrates
 activation range into the weights). QuaRot folds one randomized Hadamard into
 the residual stream and runs an online Hadamard at the down projections
 (``lowbit_jax.pipelines.LLAMA_ONLINE``); its kernels are rounded by RTN.
+AWQ runs its scale search and then its clip search (``awq``; ``awq_noclip``:
+the scale search alone). OmniQuant (``omniquant``) learns weight clipping
+(LWC) block by block, and with activations also the equivalent transforms
+(LET) after each RMSNorm and between up and down projections, 200 AdamW
+steps per block (``point_kwargs.omniquant_steps``).
 
 Variants: ``default`` (the small model: ~50 min of training plus ~30 min of
 sweep on a busy 2-core VM); ``smoke`` (the same rows on the smoke model of
@@ -28,7 +33,8 @@ def get_config(arg: str = "default"):
   c = ml_collections.ConfigDict()
   c.model = "llama"
   c.axes = ml_collections.ConfigDict()
-  c.axes.method = ("rtn", "gptq", "awq", "smoothquant", "quarot")
+  c.axes.method = ("rtn", "gptq", "awq", "awq_noclip", "smoothquant", "quarot",
+                   "omniquant")
   c.axes.scheme = ("fp32",) + _WEIGHT_ONLY + _WITH_ACTS
   c.axes.target = ("weights", "weights+acts")
   c.exclude = ([{"scheme": "fp32", "method": m} for m in c.axes.method[1:]]
@@ -41,7 +47,7 @@ def get_config(arg: str = "default"):
       "batch": 8, "max_eval_tokens": 16384})
   c.out_dir = "results/sweep_llama_methods"
   c.metrics = ("bits_per_weight", "perplexity", "bits_per_byte", "mean_weight_sqnr_db",
-               "seconds")
+               "awq_clip_error_vs_rtn", "block_mse_rtn", "block_mse", "seconds")
   c.plot = ml_collections.ConfigDict({"x": "bits_per_weight", "y": "perplexity",
                                       "maximize": False})
   if arg == "default":
