@@ -239,7 +239,11 @@ def _clip_search(x, w, *, spec: QuantSpec, n_grid: int, max_shrink: float):
   best = jnp.argmin(errs, axis=0)      # ties: the first, i.e. the larger ratio
   chosen = ratios[best]
   clipped, _ = quant(_from_grid(chosen, bs, (k, n)) * amax_full)
-  return chosen, clipped, jnp.sum(errs, axis=(1, 2))
+  scale = rtn_scale(clipped, spec)
+  weight = fake_quant(clipped, spec, scale=scale)
+  return (chosen, clipped.astype(w.dtype), weight.astype(w.dtype), scale,
+          jnp.sum(errs, axis=(1, 2)), output_error(x, w, weight),
+          output_error(x, w, fake_quant(w, spec)))
 
 
 def awq_clip_search(x: jax.Array, w: jax.Array, spec: SpecLike, *, n_grid: int = 20,
@@ -292,10 +296,5 @@ def awq_clip_search(x: jax.Array, w: jax.Array, spec: SpecLike, *, n_grid: int =
                      f"output channel, groups or MX/NV blocks of a [K, N] kernel) "
                      f"or one per tensor; this spec's blocks are {bs} (axis "
                      f"{sp.axis}, tile {sp.tile}): use axis=0 (or leave it unset)")
-  ratios, clipped, errors = _clip_search(x, w, spec=sp, n_grid=n_grid,
-                                         max_shrink=float(max_shrink))
-  scale = rtn_scale(clipped, sp)
-  weight = fake_quant(clipped, sp, scale=scale)
-  return AWQClipResult(ratios, clipped.astype(w.dtype), weight.astype(w.dtype), scale,
-                       errors, output_error(x, w, weight),
-                       output_error(x, w, fake_quant(w, sp)))
+  return AWQClipResult(*_clip_search(x, w, spec=sp, n_grid=n_grid,
+                                     max_shrink=float(max_shrink)))

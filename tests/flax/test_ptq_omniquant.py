@@ -33,11 +33,13 @@ def setup():
   gain = np.exp(rng.normal(0, 1.0, 32)).astype(np.float32)   # outlier channels
   x = jnp.asarray(rng.standard_normal((12, 8, 32)).astype(np.float32) * gain)
   m = _Net()
-  params = jax.jit(m.init)(jax.random.key(1), x)["params"]
-  # Heavy-tailed weights and non-zero biases, as trained layers have.
+  # Heavy-tailed weights and non-zero biases, as trained layers have (drawn
+  # in numpy on the model's parameter shapes: nothing to compile).
+  shapes = jax.eval_shape(m.init, jax.random.key(1), x)["params"]
   params = jax.tree.map(
-      lambda p: p * (1 + jnp.asarray(np.abs(rng.standard_t(3.0, p.shape)), p.dtype))
-      + 0.05, params)
+      lambda a: jnp.asarray((rng.standard_t(3.0, a.shape) / np.sqrt(a.shape[0])
+                             if len(a.shape) == 2 else 1.0 + 0.1 * rng.standard_normal(
+                                 a.shape)).astype(np.float32)), shapes)
   return m, params, x
 
 
