@@ -54,7 +54,6 @@ from lowbit_jax.algorithms.rtn import kernel_spec, rtn_scale
 from lowbit_jax.core import QuantSpec, fake_quant, scale_shape
 from lowbit_jax.core._qarray import block_shape
 from lowbit_jax.core._quantize import _grid_bounds
-from lowbit_jax.formats import IntFormat
 
 _HI = jax.lax.Precision.HIGHEST
 

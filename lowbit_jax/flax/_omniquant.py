@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any, Mapping, Optional
+from typing import Mapping, Optional
 
 import flax.linen as nn
 import jax
