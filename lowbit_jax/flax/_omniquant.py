@@ -10,9 +10,11 @@ Shao et al. 2024, "OmniQuant" (ICLR 2024); the algorithm on one block is
    declares links the capture cannot see, e.g. ``{".../down_proj":
    ".../up_proj"}``);
 2. records the modules whose path matches ``OmniQuantOptions.blocks`` and
-   their inputs on the calibration batches (their first argument; the other
-   arguments, e.g. rotary positions, are passed as they were), and checks
-   that each block reads the previous block's output;
+   their inputs on the calibration batches (their first argument, and any
+   array argument with one row per example, e.g. a mask, as the first block
+   received it; the other arguments, e.g. rotary positions, as each block
+   received them on the first batch; they must agree across batches), and
+   checks that each block reads the previous block's output;
 3. trains the blocks in order, each on the quantized model's inputs to it
    (the outputs of the blocks already quantized, activation quantization
    included) against the float block's outputs on the float model's inputs,

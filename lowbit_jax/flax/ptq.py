@@ -316,7 +316,11 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
     equal the PTQ result exactly: re-deriving a scale from a GPTQ kernel's
     amax changes some codes, since a group's final values need not reach the
     range it was rounded with); for "quarot" also ``rotation`` (the
-    ``RotatedModel``: run inference with ``rotation.rules(rules)``).
+    ``RotatedModel``: run inference with ``rotation.rules(rules)``); for
+    "awq" each clipped layer's entry has ``clip_mean_ratio`` and
+    ``clip_error_vs_rtn``; for "omniquant" also ``blocks`` (block path ->
+    ``loss_rtn``, ``loss_init``, ``loss``: block output MSE with RTN, at the
+    start and after training) and ``omniquant`` (the options used).
 
   Raises:
     ValueError: an unknown method/quantizer/unfoldable, an unusable spec, or
