@@ -1,4 +1,5 @@
-"""PTQ methods on the decoder LM: RTN, GPTQ, AWQ, SmoothQuant, QuaRot, SpinQuant (issue 14).
+"""PTQ methods on the decoder LM: RTN, GPTQ, AWQ, SmoothQuant, QuaRot, SpinQuant, OmniQuant
+(issue 14).
 
 Trains the model first if ``point_kwargs.workdir`` holds no finished run (the
 ``small`` model of ``configs/train_lm.py``, as docs/results_llama.md). Run:
@@ -15,6 +16,11 @@ the residual stream and runs an online Hadamard at the down projections
 SpinQuant starts there (plus a Hadamard per head between value and output
 projections, ``LLAMA_HEADS``), learns both rotations with Cayley SGD on the
 calibration batch (``SpinQuantConfig()``: 100 steps) and rounds by RTN.
+AWQ runs its scale search and then its clip search (``awq``; ``awq_noclip``:
+the scale search alone). OmniQuant (``omniquant``) learns weight clipping
+(LWC) block by block, and with activations also the equivalent transforms
+(LET) after each RMSNorm and between up and down projections, 200 AdamW
+steps per block (``point_kwargs.omniquant_steps``).
 
 Variants: ``default`` (the small model: ~50 min of training plus ~30 min of
 sweep on a busy 2-core VM); ``base`` (the 56M-parameter ``base`` model of
@@ -34,7 +40,8 @@ def get_config(arg: str = "default"):
   c = ml_collections.ConfigDict()
   c.model = "llama"
   c.axes = ml_collections.ConfigDict()
-  c.axes.method = ("rtn", "gptq", "awq", "smoothquant", "quarot", "spinquant")
+  c.axes.method = ("rtn", "gptq", "awq", "awq_noclip", "smoothquant", "quarot",
+                   "spinquant", "omniquant")
   c.axes.scheme = ("fp32",) + _WEIGHT_ONLY + _WITH_ACTS
   c.axes.target = ("weights", "weights+acts")
   c.exclude = ([{"scheme": "fp32", "method": m} for m in c.axes.method[1:]]
@@ -47,7 +54,7 @@ def get_config(arg: str = "default"):
       "batch": 8, "max_eval_tokens": 16384})
   c.out_dir = "results/sweep_llama_methods"
   c.metrics = ("bits_per_weight", "perplexity", "bits_per_byte", "mean_weight_sqnr_db",
-               "seconds")
+               "awq_clip_error_vs_rtn", "block_mse_rtn", "block_mse", "seconds")
   c.plot = ml_collections.ConfigDict({"x": "bits_per_weight", "y": "perplexity",
                                       "maximize": False})
   if arg == "default":

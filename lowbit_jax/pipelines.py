@@ -32,12 +32,23 @@ from lowbit_jax._rules import QuantRule
 from lowbit_jax.core import fake_quant
 from lowbit_jax.eval.sentence import embedding_metrics, sqnr_db
 
-METHODS = ("rtn", "gptq", "awq", "smoothquant", "rotation", "quarot", "spinquant")
+METHODS = ("rtn", "gptq", "awq", "awq_noclip", "smoothquant", "rotation", "quarot",
+           "spinquant", "omniquant")
 # QuaRot's online Hadamard sites in the decoder LM (no fold exists there).
 LLAMA_ONLINE = ".*/down_proj/kernel"
 # SpinQuant's per-head rotation R2 in the decoder LM: value -> output projection.
 LLAMA_HEADS = (".*/v_proj/kernel", ".*/o_proj/kernel")
 TARGETS = schemes_lib.TARGETS
+# OmniQuant on the decoder LM: its blocks, and the up -> down link (down reads
+# silu(gate) * up, linear in up's output channels) for LET.
+LLAMA_BLOCKS = r"layers_\d+"
+
+
+def _ptq_method(method: str) -> tuple:
+  """(apply_ptq method, extra apply_ptq keywords) of a sweep method name."""
+  if method == "awq_noclip":   # AWQ's scale search alone (no clip search)
+    return "awq", {"awq_clip": False}
+  return method, {}
 
 
 def _check(method: str, target: str):
@@ -167,11 +178,15 @@ def minilm_point(scheme: str, target: str = "weights", method: str = "rtn", *,
                                   max_samples=256)
   qparams = params
   report = {}
+  if method == "omniquant":
+    raise ValueError("method 'omniquant' is wired for the decoder LM (llama_point); "
+                     "MiniLM's post-LN blocks would need their own block regex")
   if method != "rtn" and sch.weight is not None:
     act = sch.activation if target == "weights+acts" else None
+    name, extra = _ptq_method(method)
     qparams, report = ptq_lib.apply_ptq(
-        model, params, calib_batches, method, sch.weight, act, token_mask=mask,
-        act_order=gptq_act_order)
+        model, params, calib_batches, name, sch.weight, act, token_mask=mask,
+        act_order=gptq_act_order, **extra)
   t_ptq = time.time() - t0
   rules = _rules(sch, target, weights_in_params=(method != "rtn"))
   t1 = time.time()
@@ -243,12 +258,15 @@ def _llama(workdir: str, variant: str, train_steps: int = 0):
 def llama_point(scheme: str, target: str = "weights", method: str = "rtn", *,
                 workdir: str, variant: str = "smoke", seq_len: int = 128,
                 batch: int = 8, max_eval_tokens: int = 32768, n_calib: int = 8,
-                train_steps: int = 0) -> dict:
+                train_steps: int = 0, omniquant_steps: int = 200) -> dict:
   """Quantizes the trained decoder LM and measures held-out perplexity.
 
   The model is restored from ``workdir`` or, when that holds no finished run,
   trained there first (``configs/train_lm.py:<variant>``, ``train_steps`` > 0
-  overriding its steps).
+  overriding its steps). ``method="omniquant"`` trains LWC (and, with
+  activations, LET between each RMSNorm and its readers and between up and
+  down projections) for ``omniquant_steps`` AdamW steps per block (Shao et
+  al. 2024).
   """
   _check(method, target)
   from lowbit_jax import train_lm  # pylint: disable=g-import-not-at-top
@@ -263,13 +281,19 @@ def llama_point(scheme: str, target: str = "weights", method: str = "rtn", *,
   report = {}
   if method != "rtn" and sch.weight is not None:
     act = sch.activation if target == "weights+acts" else None
-    rot = {}
+    name, extra = _ptq_method(method)
     if method in ("quarot", "spinquant"):
-      rot["online"] = LLAMA_ONLINE
+      extra["online"] = LLAMA_ONLINE
     if method == "spinquant":   # learns R1 and R2 (Liu et al. 2024)
-      rot["heads"] = LLAMA_HEADS + (model.config.head_dim,)
+      extra["heads"] = LLAMA_HEADS + (model.config.head_dim,)
+    if method == "omniquant":
+      from lowbit_jax.algorithms import OmniQuantOptions  # pylint: disable=g-import-not-at-top
+      extra["omniquant"] = OmniQuantOptions(steps=omniquant_steps, blocks=LLAMA_BLOCKS)
+      extra["extra_folds"] = {f"layers_{i}/mlp/down_proj": f"layers_{i}/mlp/up_proj"
+                              for i in range(model.config.n_layers)
+                              if not model.config.n_experts}
     qparams, report = ptq_lib.apply_ptq(
-        model, params, calib_batches, method, sch.weight, act, **rot)
+        model, params, calib_batches, name, sch.weight, act, **extra)
   rules = _rules(sch, target, weights_in_params=(method != "rtn"))
   if "rotation" in report:   # QuaRot: online Hadamards at the down projections
     rules = list(report["rotation"].rules(rules))
@@ -283,14 +307,22 @@ def llama_point(scheme: str, target: str = "weights", method: str = "rtn", *,
   m = {k: float(v) for k, v in res.items() if isinstance(v, (int, float))}
   ex = (calib_batches[0][0][:1],)
   m["bits_per_weight"] = measured_weight_bits(model, {"params": params}, sch, ex)
-  if "rotation" in report:   # rotated kernels: SQNR in the rotated domain
-    layers = {"weight": {p: e["weight_sqnr_db"] for p, e in report["layers"].items()},
+  if "rotation" in report or method == "omniquant":   # SQNR in the folded domain
+    layers = {"weight": {p: e["weight_sqnr_db"] for p, e in report["layers"].items()
+                         if "weight_sqnr_db" in e},
               "activation": {}}
   else:
     layers = layer_sqnr(params, qparams if method != "rtn" else params, sch, target)
   if layers["weight"]:
     m["mean_weight_sqnr_db"] = _mean(layers["weight"].values())
   m["layers"] = layers
+  clip = [e["clip_error_vs_rtn"] for e in report.get("layers", {}).values()
+          if "clip_error_vs_rtn" in e]
+  if clip:   # AWQ's clip search: layer output error vs RTN of the scaled kernel
+    m["awq_clip_error_vs_rtn"] = float(np.mean(clip))
+  if "blocks" in report:   # OmniQuant: block output MSE, RTN vs learned
+    m["block_mse_rtn"] = float(np.mean([b["loss_rtn"] for b in report["blocks"].values()]))
+    m["block_mse"] = float(np.mean([b["loss"] for b in report["blocks"].values()]))
   if "spinquant" in report:   # the quantized calibration loss before/after learning
     m.update({f"spinquant_{k}": report["spinquant"][k]
               for k in ("calib_before", "calib_after", "best_step")})

@@ -15,6 +15,14 @@ layer's output error on a sample of calibration inputs. ``alpha = 0`` gives
 The division by ``s`` is folded into the layer before (a norm's scale, or a
 linear layer's output columns); layers that share an input (q, k, v after one
 LayerNorm) must share ``s``, so ``awq_search`` takes all their kernels at once.
+
+After the scale search the paper's recipe also clips the weights
+(``auto_clip`` in its code; ``awq_clip_search`` here): per output channel and
+group, the weight range ``[-a, a]`` is shrunk to ``[-r a, r a]`` with ``r``
+from a grid over ``[1 - max_shrink, 1]`` chosen to minimise that group's
+contribution to the output error on calibration inputs. The clipped kernel
+is then quantized as usual, so its scales come from the clipped range and
+real mode stores it exactly.
 """
 from __future__ import annotations
 
@@ -25,8 +33,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lowbit_jax.algorithms.rtn import SpecLike, as_kernels, kernel_spec
-from lowbit_jax.core import QuantSpec, as_spec, fake_quant
+from lowbit_jax.algorithms.rtn import (SpecLike, as_kernels, check_kernel, kernel_spec,
+                                       output_error, rtn_scale)
+from lowbit_jax.core import QuantSpec, as_spec, fake_quant, scale_shape
+from lowbit_jax.core._qarray import block_shape
 
 _HI = lax.Precision.HIGHEST
 Kernels = Union[jax.Array, Sequence[jax.Array]]
@@ -149,3 +159,142 @@ def awq_search(x: jax.Array, weights: Kernels,
   if all(s is None for s in specs):
     raise ValueError("every spec is None: nothing to quantize")
   return _search(x, ws, act_scale, specs=specs, act_spec=aspec, n_grid=n_grid)
+
+
+class AWQClipResult(NamedTuple):
+  """What ``awq_clip_search`` returns.
+
+  Attributes:
+    ratios: ``[nK, nN]`` (the scale grid of the kernel under the spec) the
+      chosen shrink ratio of each block's range, in ``(0, 1]``.
+    clipped: the float kernel clamped to ``[-r a, r a]`` per block: quantize
+      this one (RTN or GPTQ); its range is the clipped range.
+    weight: ``fake_quant(clipped, spec, scale=scale)``: the RTN result.
+    scale: the scale grid RTN rounded ``clipped`` with (``rtn_scale``):
+      ``quantize(weight, spec, scale=scale)`` stores ``weight`` exactly.
+    errors: ``[n_ratios]`` the blocks' errors on ``x`` (summed; no cross
+      terms between groups) with one ratio for every block (the grid, from 1
+      down).
+    error: output error on ``x`` of ``weight``.
+    rtn_error: output error on ``x`` of plain RTN (ratio 1 everywhere).
+  """
+  ratios: jax.Array
+  clipped: jax.Array
+  weight: jax.Array
+  scale: jax.Array
+  errors: jax.Array
+  error: jax.Array
+  rtn_error: jax.Array
+
+
+def clip_ratios(n_grid: int, max_shrink: float) -> jax.Array:
+  """AWQ's clip grid: ``1 - i / n_grid`` for ``i < max_shrink * n_grid`` (1 first)."""
+  n = max(int(max_shrink * n_grid), 1)
+  return 1.0 - jnp.arange(n, dtype=jnp.float32) / n_grid
+
+
+def _blocks_of(a, bs, grid):
+  """``[K, N]`` -> ``[nK, bk, nN, bn]`` (zero-padded to whole blocks)."""
+  (bk, bn), (nk, nn) = bs, grid
+  pad = [(0, nk * bk - a.shape[0]), (0, nn * bn - a.shape[1])]
+  return jnp.pad(a, pad).reshape(nk, bk, nn, bn)
+
+
+def _from_grid(v, bs, shape):
+  """A ``[nK, nN]`` grid array repeated over its blocks, cut to ``shape``."""
+  v = jnp.repeat(jnp.repeat(v, bs[0], axis=0), bs[1], axis=1)
+  return v[: shape[0], : shape[1]]
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "n_grid", "max_shrink"))
+def _clip_search(x, w, *, spec: QuantSpec, n_grid: int, max_shrink: float):
+  k, n = w.shape
+  bs = block_shape(spec, (k, n))
+  grid = scale_shape((k, n), spec)
+  if len(grid) != 2:
+    grid = (1, 1)
+  wf = w.astype(jnp.float32)
+  amax = jnp.max(jnp.abs(_blocks_of(wf, bs, grid)), axis=(1, 3))   # [nK, nN]
+  amax_full = _from_grid(amax, bs, (k, n))
+  nk, bk = grid[0], bs[0]
+  xb = jnp.pad(x.astype(jnp.float32), [(0, 0), (0, nk * bk - k)]).reshape(-1, nk, bk)
+  ratios = clip_ratios(n_grid, max_shrink)
+
+  def quant(lim):
+    wc = jnp.clip(wf, -lim, lim)
+    return wc, fake_quant(wc, spec)
+
+  def block_err(wq):
+    e = jnp.pad(wq - wf, [(0, nk * bk - k), (0, 0)]).reshape(nk, bk, n)
+    out = jnp.einsum("mgj,gjn->mgn", xb, e, precision=_HI)
+    sq = jnp.sum(out * out, axis=0)                                 # [nK, N]
+    nn_, bn = grid[1], bs[1]
+    sq = jnp.pad(sq, [(0, 0), (0, nn_ * bn - n)]).reshape(nk, nn_, bn)
+    return jnp.sum(sq, axis=2)                                      # [nK, nN]
+
+  def err(r):
+    return block_err(quant(r * amax_full)[1])
+
+  errs = lax.map(err, ratios)                                       # [R, nK, nN]
+  best = jnp.argmin(errs, axis=0)      # ties: the first, i.e. the larger ratio
+  chosen = ratios[best]
+  clipped, _ = quant(_from_grid(chosen, bs, (k, n)) * amax_full)
+  scale = rtn_scale(clipped, spec)
+  weight = fake_quant(clipped, spec, scale=scale)
+  return (chosen, clipped.astype(w.dtype), weight.astype(w.dtype), scale,
+          jnp.sum(errs, axis=(1, 2)), output_error(x, w, weight),
+          output_error(x, w, fake_quant(w, spec)))
+
+
+def awq_clip_search(x: jax.Array, w: jax.Array, spec: SpecLike, *, n_grid: int = 20,
+                    max_shrink: float = 0.5) -> AWQClipResult:
+  """Grid-searches a per-block weight clipping ratio (AWQ's ``auto_clip``).
+
+  For every block of the kernel's scale grid (an output channel, or a group of
+  ``group_size`` inputs of one output channel) and every ratio ``r`` of
+  ``clip_ratios(n_grid, max_shrink)``, the block is clamped to ``[-r a, r
+  a]`` (``a`` its max |w|), quantized, and its contribution ``sum_m (x_g .
+  (Q(w_g) - w_g))^2`` to the output error on ``x`` is measured; each block
+  keeps its best ratio (ties: the larger). For per-channel kernels that is
+  the whole output error of the channel, so the result is never worse than
+  RTN on ``x``; with groups the blocks' errors add up to the output error
+  only up to cross terms between groups, as in the paper (Lin et al. 2024,
+  AWQ, section 3.3 and its ``auto_clip``).
+
+  Args:
+    x: calibration inputs ``[M, K]`` (or ``[..., K]``), e.g. 512 tokens (the
+      paper's sample); with AWQ's scales, the scaled inputs ``x / s``.
+    w: float kernel ``[K, N]`` (the scaled one, ``diag(s) w``).
+    spec: weight QuantSpec or format name (unset axis: K). Blocks must run
+      along K (per channel, groups, MX/NV blocks) or cover the tensor.
+    n_grid: grid resolution: ratios ``1 - i / n_grid``.
+    max_shrink: the smallest ratio is ``1 - max_shrink`` (about); in (0, 1).
+
+  Returns:
+    ``AWQClipResult``.
+
+  Raises:
+    ValueError: shapes disagree, no rows, a bad grid, or a spec whose blocks
+      do not run along K.
+  """
+  w = check_kernel(w, "w")
+  sp = kernel_spec(spec)
+  k = w.shape[0]
+  x = jnp.asarray(x)
+  if x.shape[-1] != k:
+    raise ValueError(f"x has {x.shape[-1]} features but the kernel takes {k}")
+  x = x.reshape(-1, k)
+  if x.shape[0] == 0:
+    raise ValueError("x has no rows; the clip search needs calibration inputs")
+  if not isinstance(n_grid, int) or isinstance(n_grid, bool) or n_grid < 1:
+    raise ValueError(f"n_grid must be a positive int, got {n_grid!r}")
+  if not 0.0 < float(max_shrink) < 1.0:
+    raise ValueError(f"max_shrink must be in (0, 1), got {max_shrink!r}")
+  bs = block_shape(sp, tuple(w.shape))
+  if sp.tile is not None or (bs[1] != 1 and bs != tuple(w.shape)):
+    raise ValueError(f"the clip search needs blocks along the input axis K (per "
+                     f"output channel, groups or MX/NV blocks of a [K, N] kernel) "
+                     f"or one per tensor; this spec's blocks are {bs} (axis "
+                     f"{sp.axis}, tile {sp.tile}): use axis=0 (or leave it unset)")
+  return AWQClipResult(*_clip_search(x, w, spec=sp, n_grid=n_grid,
+                                     max_shrink=float(max_shrink)))

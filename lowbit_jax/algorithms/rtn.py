@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowbit_jax.core import QuantSpec, as_spec, fake_quant
+from lowbit_jax.core import QuantSpec, as_spec, fake_quant, init_scale, quantize
 from lowbit_jax.formats import Format
 
 SpecLike = Union[QuantSpec, str, Format]
@@ -151,3 +151,32 @@ def as_kernels(weights) -> tuple:
     raise ValueError("kernels that share an input must have the same number of "
                      f"input features, got {[w.shape for w in ws]}")
   return ws
+
+
+def rtn_scale(w: jax.Array, spec: SpecLike) -> jax.Array:
+  """The scale grid RTN rounds a kernel with, as ``quantize(..., scale=)`` takes it.
+
+  ``fake_quant(w, spec, scale=rtn_scale(w, spec))`` equals ``rtn(w, spec)``,
+  and re-quantizing that result with the same scale reproduces its codes, so
+  a PTQ result can be stored packed exactly (real mode equals fake mode).
+  For most specs this is ``init_scale(w, spec, "amax")``; power-of-two (E8M0,
+  OCP MX) scales follow the format's own rule ``2**(floor(log2 amax) -
+  emax)``, which ``amax / element max`` rounded down to a power of two is not,
+  so their stored exponents are decoded instead.
+
+  Args:
+    w: float kernel ``[K, N]``.
+    spec: weight QuantSpec or format name (unset axis: K).
+
+  Returns:
+    float32 scales shaped ``scale_shape(w.shape, spec)``.
+  """
+  spec = kernel_spec(spec)
+  if spec.scale_dtype == "e8m0":
+    q = quantize(w, spec)
+    code = q.scale.astype(jnp.int32)
+    s = jnp.exp2((code - 127).astype(jnp.float32))
+    if q.tensor_scale is not None:
+      s = s * q.tensor_scale
+    return jnp.where(code == 255, jnp.nan, s)
+  return init_scale(w, spec, "amax")

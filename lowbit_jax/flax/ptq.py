@@ -80,21 +80,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowbit_jax.algorithms.awq import awq_search
+from lowbit_jax.algorithms.awq import awq_clip_search, awq_search
 from lowbit_jax.algorithms.gptq import gptq
 from lowbit_jax.algorithms.rotation import random_hadamard, rotate_model
 from lowbit_jax.algorithms.spinquant import SpinQuantConfig, spinquant_model
 from lowbit_jax.core import hadamard
 from lowbit_jax.algorithms.smoothquant import smoothquant_scales
-from lowbit_jax.algorithms.rtn import kernel_spec, rtn, sqnr_db
+from lowbit_jax.algorithms.rtn import kernel_spec, rtn, rtn_scale, sqnr_db
 from lowbit_jax._rules import QuantRule, _expand_grid
 from lowbit_jax.core import QuantSpec, as_spec, fake_quant, init_scale
 from lowbit_jax.flax._capture import (Capture, DenseStats, ExpertStats,
                                      capture_dense_stats, split_batch)
 from lowbit_jax.formats import Format
 
-METHODS = ("rtn", "gptq", "awq", "smoothquant", "rotation", "quarot", "spinquant")
+METHODS = ("rtn", "gptq", "awq", "smoothquant", "rotation", "quarot", "spinquant",
+           "omniquant")
 _WHOLE_MODEL_ROTATIONS = ("quarot", "spinquant")
+# AWQ's clip search skips the query and key projections (their error passes
+# through q.k and a softmax, which the layer-wise objective does not see; the
+# paper's code does the same).
+AWQ_CLIP_SKIP = r".*(q_proj|k_proj|query|key)"
 QUANTIZERS = ("rtn", "gptq")
 _TRANSFORMS = ("awq", "smoothquant", "rotation")
 _HI = jax.lax.Precision.HIGHEST
@@ -261,15 +266,19 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
               apply_kwargs: Optional[Mapping[str, Any]] = None,
               other_variables: Optional[Mapping[str, Any]] = None,
               online: Optional[str] = None, heads: Optional[tuple] = None,
-              spinquant: Optional[SpinQuantConfig] = None
-              ) -> tuple[Any, dict]:
+              spinquant: Optional[SpinQuantConfig] = None,
+              awq_clip: bool = True, awq_clip_skip: Optional[str] = AWQ_CLIP_SKIP,
+              omniquant: Optional[Any] = None) -> tuple[Any, dict]:
   """Runs a PTQ method on a Linen model's Dense (and MoE expert) layers.
 
   Methods: "rtn" (round to nearest), "gptq" (Frantar et al. 2023), "awq" (Lin
-  et al. 2024), "smoothquant" (Xiao et al. 2023), "rotation" (randomized
-  Hadamard, QuaRot: Ashkboos et al. 2024), "quarot" (QuaRot's whole-model
-  fold), "spinquant" (SpinQuant's learned rotations: Liu et al. 2024). See
-  the module docstring for how transformations are folded.
+  et al. 2024: scale search, then by default its clip search), "smoothquant"
+  (Xiao et al. 2023), "rotation" (randomized Hadamard, QuaRot: Ashkboos et al.
+  2024), "quarot" (QuaRot's whole-model fold), "spinquant" (SpinQuant's
+  learned rotations: Liu et al. 2024), "omniquant" (Shao et al. 2024: learnable
+  weight clipping and equivalent transforms trained block by block; see
+  ``lowbit_jax.flax._omniquant``). See the module docstring for how
+  transformations are folded.
 
   Args:
     model: the Linen module (not modified).
@@ -320,6 +329,17 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
       ``SpinQuantConfig(seed=rotation_seed)``). The
       calibration batches must be positional arguments; the default loss
       (next-token cross entropy) needs tokens as the first.
+    awq_clip: method "awq": after the scale search, clip each block of each
+      kernel by AWQ's grid search (``algorithms.awq_clip_search``, on the
+      scaled inputs); the quantizer then rounds the clipped kernel and the
+      scales in ``quant_scales`` are the clipped ranges. On by default, as in
+      the paper's recipe; False: scales only.
+    awq_clip_skip: regex of Dense paths the clip search leaves alone (default
+      ``AWQ_CLIP_SKIP``: query and key projections, as the paper's code);
+      None: clip every layer.
+    omniquant: method "omniquant": an ``algorithms.OmniQuantOptions`` (steps,
+      learning rates, lwc / let on or off, the block regex, ...); None: its
+      defaults.
 
   Returns:
     ``(new_params, report)``: params of the same structure with each treated
@@ -338,7 +358,11 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
     range it was rounded with); for "quarot" and "spinquant" also
     ``rotation`` (the ``RotatedModel``: run inference with
     ``rotation.rules(rules)``); for "spinquant" ``spinquant`` (the learning
-    history of ``spinquant_model``: quantized loss before/after).
+    history of ``spinquant_model``: quantized loss before/after); for
+    "awq" each clipped layer's entry has ``clip_mean_ratio`` and
+    ``clip_error_vs_rtn``; for "omniquant" also ``blocks`` (block path ->
+    ``loss_rtn``, ``loss_init``, ``loss``: block output MSE with RTN, at the
+    start and after training) and ``omniquant`` (the options used).
 
   Raises:
     ValueError: an unknown method/quantizer/unfoldable, an unusable spec, or
@@ -364,6 +388,14 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
                      "weight-only quantization; with act_spec use unfoldable='skip'")
   if method == "awq" and weight_spec is None:
     raise ValueError("awq searches scales against a weight format: give weight_spec")
+  if not isinstance(awq_clip, bool):
+    raise TypeError(f"awq_clip must be True or False, got {awq_clip!r}")
+  if method != "awq" and not awq_clip:
+    raise ValueError(f"awq_clip applies to method='awq', not {method!r}")
+  if awq_clip_skip is not None:
+    re.compile(awq_clip_skip)
+  if omniquant is not None and method != "omniquant":
+    raise ValueError(f"omniquant= options apply to method='omniquant', not {method!r}")
   base_quant = "gptq" if method == "gptq" else quantizer
   aspec = None
   if act_spec is not None:
@@ -377,6 +409,18 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
   frozen = isinstance(params, flax.core.FrozenDict)
   cur = flax.core.unfreeze(params) if frozen else jax.tree.map(lambda a: a, params)
 
+  if method == "omniquant":
+    from lowbit_jax.flax import _omniquant  # pylint: disable=g-import-not-at-top
+    if quantizer != "rtn" or unfoldable != "skip":
+      raise ValueError("omniquant learns its own rounding ranges: leave quantizer and "
+                       "unfoldable at their defaults")
+    cur, report = _omniquant.run(
+        model, cur, calib_batches, weight_spec, aspec, layers=layers,
+        extra_folds=extra_folds, token_mask=token_mask, max_samples=max_samples,
+        fold_rtol=fold_rtol, apply_kwargs=apply_kwargs,
+        other_variables=other_variables, options=omniquant)
+    report["total_seconds"] = time.perf_counter() - t_start
+    return (flax.core.freeze(cur) if frozen else cur), report
   rotated = None
   spin_history = None
   if method == "quarot":
@@ -503,21 +547,26 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
     simulated = status == "simulated"
     w = _node(cur, p)["kernel"]
     w_in = tr.weight(w) if simulated else w   # the kernel in the quantized domain
+    w_ref = w_in   # before any clipping
     st = stats[p]
     scale = None
     if spec is None:
       w_q = w_in
     elif base_quant == "gptq":
+      w_in, clip_entry = _awq_clip(method == "awq" and awq_clip, awq_clip_skip, p,
+                                   st, w_in, spec)
       res = gptq(w_in, st.gram, spec, blocksize=blocksize, percdamp=percdamp,
                  act_order=act_order)
       w_q = res.weight
       if spec.symmetric:   # the range each block was rounded with
         full = jnp.broadcast_to(_expand_grid(res.amax, w_in.shape), w_in.shape)
-        scale = init_scale(full, spec, "amax")
+        scale = rtn_scale(full, spec)
     else:
+      w_in, clip_entry = _awq_clip(method == "awq" and awq_clip, awq_clip_skip, p,
+                                   st, w_in, spec)
       w_q = rtn(w_in, spec)
       if spec.symmetric:
-        scale = init_scale(w_in, spec, "amax")
+        scale = rtn_scale(w_in, spec)
     if scale is not None and not simulated:
       weight_scales[p] = scale
     new_w = tr.unweight(w_q) if simulated else w_q
@@ -527,10 +576,12 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
     to_orig = (lambda a: a) if tr is None else tr.unweight
     entry = {"spec": None if spec is None else _spec_name(spec),
              "transform": method if tr is not None else "none", "fold": status,
-             "weight_sqnr_db": sqnr_db(to_orig(w_in), to_orig(w_q))}
+             "weight_sqnr_db": sqnr_db(to_orig(w_ref), to_orig(w_q))}
+    if spec is not None:
+      entry.update(clip_entry)
     if st.sample.shape[0]:
       x = st.sample
-      ref = jnp.matmul(x, w_in.astype(jnp.float32), precision=_HI)
+      ref = jnp.matmul(x, w_ref.astype(jnp.float32), precision=_HI)
       xq = fake_quant(x, aspec) if aspec is not None else x
       out = jnp.matmul(xq, w_q.astype(jnp.float32), precision=_HI)
       entry["output_sqnr_db"] = sqnr_db(ref, out)
@@ -608,6 +659,21 @@ def _quantize_experts(w: jax.Array, st: ExpertStats, spec: Optional[QuantSpec],
     entry["output_sqnr_db"] = sqnr_db(ref, out)
   entry["seconds"] = time.perf_counter() - t0
   return w_q, entry, scale
+
+
+def _awq_clip(on: bool, skip: Optional[str], path: str, st: DenseStats, w, spec):
+  """(kernel to quantize, report entries): AWQ's clip search where it applies."""
+  if not on or (skip is not None and re.fullmatch(skip, path)):
+    return w, {}
+  if st.sample.shape[0] == 0:
+    raise ValueError(f"layer {path!r} kept no calibration rows for AWQ's clip "
+                     "search (max_samples=0?); raise max_samples or pass "
+                     "awq_clip=False")
+  res = awq_clip_search(st.sample, w, spec)
+  rtn_err = float(res.rtn_error)
+  return res.clipped, {"clip_mean_ratio": float(jnp.mean(res.ratios)),
+                       "clip_error_vs_rtn": (float(res.error) / rtn_err
+                                             if rtn_err > 0 else 1.0)}
 
 
 def _nest(flat: Mapping[str, Any]) -> dict:

@@ -4,8 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lowbit_jax.algorithms import awq_scales, awq_search, output_error, rtn
-from lowbit_jax.core import QuantSpec
+from lowbit_jax.algorithms import (awq_clip_search, awq_scales, awq_search,
+                                   clip_ratios, output_error, rtn, rtn_scale)
+from lowbit_jax.core import QuantSpec, dequantize, fake_quant, quantize
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -84,3 +85,72 @@ def test_bad_arguments(data):
     awq_search(x, [w, w[:10]], "int4")
   with pytest.raises(ValueError, match="specs"):
     awq_search(x, [w, w], ["int4"])
+
+
+# -- clip search (AWQ's auto_clip) -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def heavy():
+  """Student-t (3 dof) weights: a few large entries widen each channel's range."""
+  rng = np.random.default_rng(7)
+  w = jnp.asarray(0.02 * rng.standard_t(3.0, (128, 64)), jnp.float32)
+  x = jnp.asarray(rng.standard_normal((1024, 128)), jnp.float32)
+  return x[:512], x[512:], w
+
+
+@pytest.mark.parametrize("spec", [
+    QuantSpec("int3"),
+    pytest.param(QuantSpec("mxfp4"), marks=pytest.mark.slow)],
+    ids=["int3_channel", "mxfp4"])
+def test_clip_search_lowers_output_error_and_repacks_exactly(heavy, spec):
+  x, x_test, w = heavy
+  res = awq_clip_search(x, w, spec)
+  assert res.ratios.shape == res.scale.shape == (1 if spec.format.name == "int3" else 4,
+                                                64)
+  assert float(jnp.min(res.ratios)) >= 0.5 and float(jnp.max(res.ratios)) <= 1.0
+  # Per channel, never worse than RTN on its own sample (each channel's whole
+  # error is searched); with groups only up to the cross terms between groups
+  # (MX blocks of 32). Clearly better on held-out inputs where clipping pays
+  # (integer grid; MX's power-of-two steps clip in coarse jumps).
+  per_channel = spec.format.name == "int3"
+  assert float(res.error) <= float(res.rtn_error) * (1 + 1e-5 if per_channel else 1.02)
+  e_rtn = float(output_error(x_test, w, rtn(w, spec)))
+  e_clip = float(output_error(x_test, w, res.weight))
+  if per_channel:
+    assert e_clip < 0.8 * e_rtn, (e_clip, e_rtn)
+  else:
+    assert e_clip <= 1.02 * e_rtn, (e_clip, e_rtn)
+  # Real mode stores exactly what the search returns.
+  sp = spec.replace(axis=0)
+  np.testing.assert_array_equal(dequantize(quantize(res.weight, sp, scale=res.scale)),
+                                res.weight)
+  np.testing.assert_array_equal(res.weight, rtn(res.clipped, spec))
+
+
+def test_clip_grid_and_bad_arguments(heavy):
+  x, _, w = heavy
+  np.testing.assert_allclose(clip_ratios(20, 0.5), 1.0 - np.arange(10) / 20)
+  with pytest.raises(ValueError, match="max_shrink"):
+    awq_clip_search(x, w, "int4", max_shrink=1.0)
+  with pytest.raises(ValueError, match="n_grid"):
+    awq_clip_search(x, w, "int4", n_grid=0)
+  with pytest.raises(ValueError, match="blocks along the input axis"):
+    awq_clip_search(x, w, QuantSpec("int4", axis=1))
+  with pytest.raises(ValueError, match="features"):
+    awq_clip_search(x[:, :10], w, "int4")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", [QuantSpec("mxfp4", pad=True),
+                                  QuantSpec("int4", group_size=32, symmetric=False,
+                                            pad=True)],
+                         ids=["mxfp4", "uint4_g32"])
+def test_rtn_scale_reproduces_rtn(heavy, spec):
+  """The scale a PTQ result reports gives back RTN's values (MX: the OCP E8M0
+  rule, which amax / 6 rounded down to a power of two is not)."""
+  w = heavy[2][:100]
+  s = rtn_scale(w, spec)
+  q = fake_quant(w, spec.replace(axis=0), scale=s)
+  np.testing.assert_array_equal(q, rtn(w, spec))
+  np.testing.assert_array_equal(dequantize(quantize(q, spec.replace(axis=0), scale=s)), q)

@@ -23,11 +23,14 @@ def setup():
   return m, m.init(jax.random.key(1), x)["params"], x
 
 
-@pytest.mark.parametrize("method", ["gptq", "smoothquant"])
+@pytest.mark.parametrize("method", ["gptq", "smoothquant", "awq"])
 def test_real_mode_equals_ptq_result(setup, method):
   m, params, x = setup
   spec = QuantSpec("int4", group_size=32)
   qp, rep = apply_ptq(m, params, [x], method, spec)
+  if method == "awq":   # the clip search ran and its ranges are what is stored
+    assert all(0.5 <= rep["layers"][p]["clip_mean_ratio"] <= 1.0 for p in ("a", "b"))
+    assert rep["layers"]["b"]["clip_error_vs_rtn"] <= 1.02
   assert set(rep["quant_scales"]) == {"a", "b"}
   q = quantize_linen([QuantRule(".*", weight=spec)], mode="real")
   qv = q.quantize_params(m, {"params": qp, "quant_scales": rep["quant_scales"]}, x)
