@@ -31,9 +31,14 @@ beside it): a second concurrent save raises ``SaveInProgressError``.
 
 Integrity: ``restore`` verifies the metadata's checksum, every file's checksum
 and every restored array's checksum (``verify=False`` skips the last two, which
-read everything once more), and checks each QArray's spec against the shapes
-and dtypes of its stored arrays. A damaged checkpoint raises
-``CheckpointCorruptedError`` naming the damaged files and leaves.
+read everything once more, and checks only that every file is there with its
+saved size), and checks each QArray's spec against the shapes and dtypes of its
+stored arrays. A damaged checkpoint raises ``CheckpointCorruptedError``, one
+line naming the damaged files and the leaves (pytree paths) whose arrays they
+ruin: each stored array is then read on its own and checked, since an orbax
+data file holds several arrays. ``restore`` never returns an array that differs
+from the one saved, except with ``verify=False`` and a byte changed inside a
+file without changing its size.
 """
 from __future__ import annotations
 
@@ -510,16 +515,80 @@ def _read_meta(directory: str) -> dict:
   return meta
 
 
-def _damaged_files(directory: str, manifest: dict) -> list:
+def _damaged_files(directory: str, manifest: dict, *, contents: bool = True) -> list:
+  """The files under arrays/ that are missing, resized or (``contents``) changed."""
   root = os.path.join(directory, _ARRAYS)
   bad = []
   for rel, want in sorted(manifest.items()):
     p = os.path.join(root, rel)
     if not os.path.isfile(p):
       bad.append(f"{p} (missing)")
-    elif os.path.getsize(p) != want["size"] or _sha256_file(p) != want["sha256"]:
+    elif os.path.getsize(p) != want["size"]:
+      bad.append(f"{p} (size {os.path.getsize(p)}, saved {want['size']})")
+    elif contents and _sha256_file(p) != want["sha256"]:
       bad.append(f"{p} (checksum mismatch)")
   return bad
+
+
+def _stored_arrays(leaf_meta: list, names: list):
+  """(orbax key, leaf path, field metadata) of every stored array."""
+  for i, m in enumerate(leaf_meta):
+    if m["kind"] == "array":
+      yield f"leaf_{i}", names[i], m
+    else:
+      for f, fm in m["fields"].items():
+        yield f"leaf_{i}.{f}", f"{names[i]}/{f}", fm
+
+
+def _damaged_leaves(directory: str, leaf_meta: list, names: list) -> list:
+  """Which leaves a damaged checkpoint still reads back right.
+
+  Orbax's data files hold several arrays each, so a damaged file does not by
+  itself say which leaves it ruins: every stored array is read on its own
+  (tensorstore directly, the way orbax lays them out) and checked against its
+  SHA-256. Only called once a file is known to be damaged.
+
+  Returns:
+    ``["'path' (why)", ...]`` for the arrays that cannot be read or read back
+    different from what was saved; [] if every array still matches.
+  """
+  import tensorstore as ts  # pylint: disable=g-import-not-at-top
+  root = os.path.join(directory, _ARRAYS)
+  out = []
+  for key, name, fm in _stored_arrays(leaf_meta, names):
+    spec = {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{root}/",
+                                          "path": f"{key}/"}}
+    try:
+      arr = ts.open(spec, open=True, read=True).result().read().result()
+    except Exception:  # pylint: disable=broad-except
+      out.append(f"{name!r} (unreadable)")
+      continue
+    if (tuple(arr.shape) != tuple(fm["shape"]) or "sha256" not in fm
+        or _sha256_array(arr) != fm["sha256"]):
+      out.append(f"{name!r} (reads back different)")
+  return out
+
+
+def _damage_report(directory: str, bad_files: list, leaf_meta: list,
+                   names: list) -> str:
+  """One line naming the damaged files and the leaves they ruin."""
+  try:
+    leaves = _damaged_leaves(directory, leaf_meta, names)
+  except Exception as e:  # pylint: disable=broad-except
+    leaves = None
+    why = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+  msg = (f"the checkpoint in {directory} is damaged: files {', '.join(bad_files)} do "
+         "not match what save() stored; ")
+  if leaves is None:
+    return msg + (f"the leaves they hold could not be checked one by one ({why}): "
+                  "do not trust any array of this checkpoint")
+  if leaves:
+    n = sum(1 for _ in _stored_arrays(leaf_meta, names))
+    return msg + (f"{len(leaves)} of its {n} stored arrays are ruined: "
+                  f"{', '.join(leaves)}")
+  return msg + ("every leaf's array still reads back matching its checksum (the "
+                "damage is in orbax's bookkeeping files); restore(..., verify=False) "
+                "skips the checksums and may still read it")
 
 
 @functools.lru_cache(maxsize=1024)
@@ -575,7 +644,8 @@ def restore(directory: str, *, sharding: ShardingLike = None,
       restored ones. Without it the saved dict/list/tuple skeleton is rebuilt.
     verify: check the SHA-256 of every file and of every restored array
       against the ones ``save`` stored (reads everything once more; pass False
-      for speed). The metadata's own checksum and the specs are always checked.
+      for speed). The metadata's own checksum, the specs and the files' sizes
+      are always checked.
 
   Returns:
     The restored pytree (QArrays and QWeights rebuilt with their specs).
@@ -603,13 +673,11 @@ def restore(directory: str, *, sharding: ShardingLike = None,
     raise CheckpointCorruptedError(
         f"{meta_path} is damaged (malformed metadata: {type(e).__name__} {e})"
     ) from None
-  if verify and "files" in meta:
-    bad_files = _damaged_files(directory, meta["files"])
+  if "files" in meta:  # without verify, only missing and resized files (no reads)
+    bad_files = _damaged_files(directory, meta["files"], contents=verify)
     if bad_files:  # orbax is not asked to read them: it would fail noisily or not at all
-      raise CheckpointCorruptedError(
-          f"the checkpoint in {directory} is damaged: files {', '.join(bad_files)} "
-          "do not match the checksums save() stored (orbax data files hold "
-          "several leaves: do not trust any array of this checkpoint)")
+      raise CheckpointCorruptedError(_damage_report(directory, bad_files, leaf_meta,
+                                                    names))
 
   def sds(path, m):
     shape = tuple(m["shape"])
@@ -628,6 +696,11 @@ def restore(directory: str, *, sharding: ShardingLike = None,
     with ocp.StandardCheckpointer() as ckptr:
       tree = ckptr.restore(os.path.join(directory, _ARRAYS), abstract)
   except Exception as e:  # pylint: disable=broad-except
+    bad_files = (_damaged_files(directory, meta["files"]) if not verify and "files"
+                 in meta else [])
+    if bad_files:  # verify=False skipped the file checksums: name files and leaves
+      raise CheckpointCorruptedError(_damage_report(directory, bad_files, leaf_meta,
+                                                    names)) from None
     first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
     leaves_named = sorted({names[int(k)] + (f"/{f}" if f else "")
                            for k, f in re.findall(r"leaf_(\d+)(?:\.(\w+))?", str(e))

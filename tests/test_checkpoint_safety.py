@@ -7,6 +7,7 @@ stored arrays.
 import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -190,8 +191,10 @@ def test_a_flipped_byte_in_any_file_is_detected(tmp_path):
   files = sorted(os.path.relpath(os.path.join(r, f), good)
                  for r, _, fs in os.walk(good) for f in fs)
   assert len(files) >= 8 and "lowbit_jax.json" in files
+  stored = {"w/codes", "w/scale", "m/codes", "m/scale", "b"}
+  named = []
   for rel in files:
-    for where in (0.5, 0.9):
+    for where in (0.1, 0.5):
       bad = tmp_path / "bad"
       shutil.rmtree(bad, ignore_errors=True)
       shutil.copytree(good, bad)
@@ -201,7 +204,29 @@ def test_a_flipped_byte_in_any_file_is_detected(tmp_path):
       msg = str(e.value)
       assert os.path.basename(rel) in msg, (rel, msg)
       assert len(msg.splitlines()) == 1, msg
+      if rel.startswith("arrays"):  # the leaves the damage ruins are named
+        leaves = set(re.findall(
+            r"'([\w/]+)' \((?:unreadable|reads back different)\)", msg))
+        assert leaves <= stored, msg
+        assert leaves or "every leaf's array still reads back" in msg, msg
+        named.append(leaves)
+  # Some damage ruins one array and not the others, and the message says which.
+  assert any(0 < len(n) < len(stored) for n in named), named
   _which(checkpoint.restore(good))
+
+
+def test_a_truncated_file_is_caught_without_checksums(tmp_path):
+  good = tmp_path / "good"
+  checkpoint.save(good, _tree(0))
+  for rel in ("arrays/manifest.ocdbt", "arrays/_METADATA"):
+    bad = tmp_path / "bad"
+    shutil.rmtree(bad, ignore_errors=True)
+    shutil.copytree(good, bad)
+    with open(bad / rel, "r+b") as f:
+      f.truncate(os.path.getsize(bad / rel) // 2)
+    with pytest.raises(checkpoint.CheckpointCorruptedError,
+                       match=os.path.basename(rel) + r" \(size \d+, saved \d+\)"):
+      checkpoint.restore(bad, verify=False)  # sizes are checked without reading
 
 
 def test_damaged_data_is_caught_by_leaf_checksums(tmp_path, monkeypatch):
