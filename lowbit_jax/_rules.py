@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental import checkify
 from opt_einsum.parser import parse_einsum_input
 
 from lowbit_jax import calibration
@@ -985,8 +986,18 @@ def is_range(stats) -> bool:
 def static_range(site: Site, stats) -> dict:
   """``{"amax", "amin"}`` for a static site from an observer state or a range.
 
+  A concrete range of 0 or below, or not finite, raises here, naming the
+  layer. A traced one (ranges or observer states passed as arguments into a
+  jitted function) cannot be checked while tracing: the quantizer turns every
+  block it would get wrong into NaN (``quantize``'s rule for static ranges),
+  so the layer's output is NaN, never silently wrong; and a
+  ``jax.experimental.checkify`` check names the layer when the call runs under
+  ``checkify.checkify`` (e.g. ``err, y = checkify.checkify(jax.jit(f))(...)``;
+  ``err.throw()``). Outside checkify that check costs nothing.
+
   Raises:
-    ValueError: no statistics were recorded for the site.
+    ValueError: no statistics were recorded for the site, or a concrete range
+      is not positive and finite (naming the layer).
   """
   if stats is None:
     raise ValueError(
@@ -998,9 +1009,26 @@ def static_range(site: Site, stats) -> dict:
     r = {"amax": stats["amax"], "amin": stats.get("amin")}
   else:
     r = observer_for(spec).finalize(stats, spec)
-  check_static_range(r["amax"], r.get("amin"), symmetric=spec.symmetric,
-                     where=f"layer {site.path!r} (rule {site.rule.path!r}): ")
+  where = f"layer {site.path!r} (rule {site.rule.path!r}): "
+  check_static_range(r["amax"], r.get("amin"), symmetric=spec.symmetric, where=where)
+  _check_traced_range(r, spec, where)
   return r
+
+
+def _check_traced_range(r: dict, spec: QuantSpec, where: str) -> None:
+  """A checkify check (named for the layer) that a traced range is usable."""
+  amax, amin = r["amax"], r.get("amin")
+  if not any(isinstance(v, jax.core.Tracer) for v in (amax, amin)):
+    return
+  hi = jnp.asarray(amax, jnp.float32)
+  width = hi if spec.symmetric or amin is None else hi - jnp.asarray(amin, jnp.float32)
+  checkify.debug_check(
+      jnp.all(jnp.isfinite(width) & (width > 0)),
+      where.replace("{", "{{").replace("}", "}}") + "the static range (amax"
+      + ("" if spec.symmetric or amin is None else " - amin") + ") must be positive "
+      "and finite, got {} somewhere (the observer saw no data, or only zeros, NaN "
+      "or inf); where it cannot scale the data the output is NaN. Calibrate on "
+      "batches that reach this layer, or leave it dynamic", jnp.min(width))
 
 
 def finalize_range(site: Site, stats) -> dict:

@@ -404,6 +404,10 @@ def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None):
       blk_bad = a_dyn == np.float32(np.inf)
   if amax is not None:
     a = jnp.broadcast_to(jnp.asarray(amax, jnp.float32), nb)
+    # A static range of 0 or below (concrete ones are refused by
+    # check_static_range; traced ones get here) cannot scale nonzero data:
+    # those blocks become NaN instead of silently using a scale of 1.
+    blk_bad = blk_bad | ((a <= 0) & (a_dyn > 0))
   elif method == "absmax":
     a = a_dyn
   else:
@@ -430,6 +434,7 @@ def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None):
     # only itself into NaN.
     if tensor_amax is not None:
       emax_t = jnp.asarray(tensor_amax, jnp.float32) * np.float32(spec.clip_ratio)
+      bad = bad | (~(emax_t > 0) & (a > 0))  # a traced static range <= 0 or NaN
     elif amax is None:
       emax_t = jnp.max(a_fin)
     else:
@@ -536,6 +541,8 @@ def _grid_asym(x, xf, xb, red, vb, spec, bs, noise, amax, amin):
   s = jnp.where(rng > 0, _clamp_scale(s, spec.scale_dtype), 1.0)
   s_stored, s_val = _store_float_scale(s, spec.scale_dtype)
   bad = ~(jnp.isfinite(hi) & jnp.isfinite(lo)) | blk_bad  # NaN/inf: NaN scale
+  if amax is not None:  # a traced static range of width 0 cannot hold nonzero data
+    bad = bad | ((rng <= 0) & ((d_hi > 0) | (d_lo < 0)))
   s_stored, s_val = _mark_bad(s_stored, s_val, bad)
   zp = jnp.clip(jnp.round(_div(-lo, s_val)), 0, levels)
   zp = jnp.where(bad, 0.0, zp)
@@ -713,8 +720,10 @@ def check_static_range(amax, amin=None, tensor_amax=None, *, symmetric=True,
 
   A range of zero or below (what an observer returns for a layer that saw no
   data, or only zeros, NaN or inf) would silently fall back to a scale of 1.
-  Traced values (inside jit) are not checked here; the front ends check
-  calibrated ranges when they are finalized.
+  Traced values (inside jit) are not checked here: the quantizer turns every
+  block whose static range is 0 or below (or NaN) while it holds nonzero data
+  into NaN, and the rules add a ``checkify`` check naming the layer (see
+  docs/formats.md, "NaN and inf").
 
   Raises:
     ValueError: some ``amax`` (or ``tensor_amax``, or ``amax - amin`` for an

@@ -1,4 +1,6 @@
 """Issue 11: bad and edge-case inputs give the right numbers or a clear error."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -133,6 +135,62 @@ def test_finalize_names_every_layer_that_saw_no_data():
   with pytest.raises(ValueError, match="layer 'b'.*amax must be positive"):
     qf(p, x, quant_stats={"a": {"amax": jnp.float32(1.0)},
                           "b": {"amax": jnp.float32(0.0)}})
+
+
+def test_traced_static_range_that_cannot_scale_gives_nan_not_wrong_numbers():
+  # Inside jit the range is not known while tracing: the blocks it would get
+  # wrong are NaN (a concrete range is refused, see above). Row 1 is all zeros:
+  # a range of 0 (or below) is right for it and it stays exact.
+  x = jax.random.normal(jax.random.key(0), (3, 64)).at[1].set(0.0)
+
+  def outs(v, a, spec):
+    return (lb.fake_quant(v, spec, amax=a),
+            lb.dequantize(lb.quantize(v, spec, amax=a)))
+
+  for fmt in ("int8", "mxfp4"):  # a float scale and an E8M0 scale
+    f = jax.jit(functools.partial(outs, spec=lb.QuantSpec(fmt, axis=-1)))
+    for bad in (0.0, -1.0, np.nan, np.inf):  # one compilation for all of them
+      for out in f(x, jnp.array([2.0, bad, bad])[:, None]):
+        out = np.asarray(out)
+        assert np.isfinite(out[0]).all(), (fmt, bad)
+        assert np.isnan(out[2]).all(), (fmt, bad)  # data, no usable range
+        if bad <= 0:
+          np.testing.assert_array_equal(out[1], 0.0)  # no data: 0 is right
+  two_level = jax.jit(lambda v, a: lb.fake_quant(v, lb.QuantSpec("nvfp4", axis=-1),
+                                                 tensor_amax=a))
+  asym = jax.jit(lambda v, a: lb.fake_quant(v, lb.QuantSpec("uint8", axis="tensor"),
+                                            amax=a, amin=a))
+  for bad in (0.0, -1.0, np.nan):
+    t = np.asarray(two_level(x, jnp.float32(bad)))
+    assert np.isnan(t[[0, 2]]).all(), bad
+    if bad == 0:  # an asymmetric range of width 0 (ranges always hold 0)
+      assert np.isnan(np.asarray(asym(x, jnp.float32(bad)))[[0, 2]]).all(), bad
+
+
+@pytest.mark.parametrize("mode", ["fake", "real"])
+def test_traced_bad_range_in_a_rule_is_nan_and_checkify_names_the_layer(mode):
+  from jax.experimental import checkify
+  from lowbit_jax._function import quantize_function
+  from lowbit_jax._rules import QuantConfig, QuantRule
+
+  def f(p, x):
+    return jnp.maximum(x @ p["a"], 0.0) @ p["b"]
+
+  p = {"a": jnp.ones((4, 8)), "b": jnp.ones((8, 2))}
+  x = jnp.ones((2, 4))
+  qf = quantize_function(f, QuantConfig([QuantRule(".*", activation="int8",
+                                                   static=True)]), mode=mode)
+  run = jax.jit(lambda p, x, st: qf(p, x, quant_stats=st))
+  good = {"a": {"amax": jnp.float32(1.0)}, "b": {"amax": jnp.float32(4.0)}}
+  bad = {"a": {"amax": jnp.float32(1.0)}, "b": {"amax": jnp.float32(0.0)}}
+  assert np.isfinite(np.asarray(run(p, x, good))).all()
+  assert np.isnan(np.asarray(run(p, x, bad))).all()  # never silently wrong
+  err, _ = checkify.checkify(run)(p, x, good)
+  err.throw()
+  err, _ = checkify.checkify(run)(p, x, bad)
+  with pytest.raises(checkify.JaxRuntimeError,
+                     match=r"layer 'b' .*static range \(amax\) must be positive"):
+    err.throw()
 
 
 # ---------------------------------------------------------------------------
