@@ -76,6 +76,13 @@ def _kernels(params) -> dict:
   return out
 
 
+@functools.lru_cache(maxsize=64)
+def _jit_fake_quant(spec):
+  """``fake_quant(., spec)`` compiled once per spec and shape (called eagerly,
+  it would dispatch and compile op by op for every layer)."""
+  return jax.jit(functools.partial(fake_quant, spec=spec))
+
+
 def layer_sqnr(params, qparams, scheme, target: str, capture=None) -> dict:
   """Per-layer SQNR (dB): quantized weight vs float, and layer input vs its
   quantized version (inputs retained by the calibration capture)."""
@@ -87,14 +94,14 @@ def layer_sqnr(params, qparams, scheme, target: str, capture=None) -> dict:
       continue
     q = qw[path] if qw is not qparams else None
     if q is None or q is w:
-      q = fake_quant(w, wspec.with_axis(0))
+      q = _jit_fake_quant(wspec.with_axis(0))(w)
     out["weight"][path] = sqnr_db(np.asarray(w), np.asarray(q))
   if target == "weights+acts" and scheme.activation is not None and capture is not None:
     for layer, st in capture.stats.items():
       x = st.sample
       if x.shape[0] == 0:
         continue
-      xq = fake_quant(x, scheme.activation.with_axis(-1))
+      xq = _jit_fake_quant(scheme.activation.with_axis(-1))(x)
       out["activation"][layer + "/kernel"] = sqnr_db(np.asarray(x), np.asarray(xq))
   return out
 
@@ -136,8 +143,85 @@ def _minilm_data(n_calib: int, n_eval: int):
   calib, evals = sents[:n_calib], sents[n_calib:]
   if n_eval:
     evals = evals[:n_eval]
-  ref = minilm.encode(evals, model=model, params=params)
+  ref = _encode(evals, model=model, params=params)
   return calib, evals, ref
+
+
+def _length_groups(sentences: list) -> list:
+  """At most two groups of sentence indices, each run as one padded batch.
+
+  Every distinct batch shape costs a trace and an XLA compilation of the
+  quantized model at every sweep point, which on CPU takes longer than running
+  the batch. The sentences are sorted by token count and cut where the padded
+  token count (rows x length rounded up to 16, as ``minilm.encode`` pads) of
+  the two groups is smallest: e.g. most of the sample sentences in one
+  [190, 32] batch and the few long ones in an [8, 80] batch.
+  """
+  from lowbit_jax.models import minilm  # pylint: disable=g-import-not-at-top
+  lens = np.asarray(minilm.tokenize(list(sentences))["attention_mask"]).sum(axis=1)
+  order = np.argsort(lens, kind="stable")
+  n = len(order)
+  padded = np.minimum(-(-lens[order] // 16) * 16, minilm.MAX_SEQ_LENGTH)
+  cost = [k * padded[k - 1] + (n - k) * padded[-1] for k in range(1, n + 1)]
+  k = int(np.argmin(cost)) + 1
+  return [order[:k].tolist()] + ([order[k:].tolist()] if k < n else [])
+
+
+def _encode(sentences: list, **kwargs) -> np.ndarray:
+  """``minilm.encode`` in at most two batches (``_length_groups``); rows in
+  input order. Per-token and per-block quantization give the same embeddings
+  in any batching; a per-tensor activation scale (NVFP4's) is the batch's."""
+  from lowbit_jax.models import minilm  # pylint: disable=g-import-not-at-top
+  out = None
+  for idx in _length_groups(sentences):
+    emb = minilm.encode([sentences[i] for i in idx], batch_size=len(idx), **kwargs)
+    if out is None:
+      out = np.zeros((len(sentences), emb.shape[1]), emb.dtype)
+    out[idx] = emb
+  return out
+
+
+@functools.lru_cache(maxsize=2)
+def _minilm_capture(n_calib: int):
+  """The float model's Dense inputs on the calibration sentences (the same for
+  every scheme: captured once per sweep)."""
+  from lowbit_jax.flax._capture import capture_dense_stats  # pylint: disable=g-import-not-at-top
+  minilm, model, params = _minilm()
+  batch = minilm.tokenize(minilm.sample_sentences()[:n_calib])
+  batches = [(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])]
+  return capture_dense_stats(model, params, batches, token_mask=lambda b: b[1],
+                             max_samples=256)
+
+
+def rtn_weights(params, spec):
+  """``params`` with every 2-d Dense kernel fake-quantized along its input axis,
+  as a rule ``QuantRule(".*", weight=spec)`` quantizes it inside the model."""
+  fq = _jit_fake_quant(spec.with_axis(0))
+
+  def one(kp, leaf):
+    path = "/".join(str(getattr(k, "key", k)) for k in kp)
+    if path.endswith("/kernel") and getattr(leaf, "ndim", 0) == 2:
+      return fq(leaf)
+    return leaf
+  return jax.tree_util.tree_map_with_path(one, params)
+
+
+@functools.lru_cache(maxsize=2)
+def _minilm_rtn_params(scheme: str):
+  """MiniLM's params with RTN-quantized kernels (the weight-only and
+  weights+acts points of a scheme share them)."""
+  return rtn_weights(_minilm()[2], schemes_lib.get(scheme).weight)
+
+
+@functools.lru_cache(maxsize=32)
+def _minilm_weight_bits(scheme: str) -> float:
+  """``measured_weight_bits`` of MiniLM under a scheme (once per scheme: the
+  weight-only and weights+acts points share it)."""
+  minilm, model, params = _minilm()
+  ex = minilm.tokenize(["calibration shape example"])
+  args = tuple(jnp.asarray(ex[k]) for k in ("input_ids", "attention_mask",
+                                            "token_type_ids"))
+  return measured_weight_bits(model, {"params": params}, schemes_lib.get(scheme), args)
 
 
 def minilm_point(scheme: str, target: str = "weights", method: str = "rtn", *,
@@ -170,12 +254,10 @@ def minilm_point(scheme: str, target: str = "weights", method: str = "rtn", *,
                     batch["token_type_ids"])]
   from lowbit_jax.flax import quantize_linen  # pylint: disable=g-import-not-at-top
   from lowbit_jax.flax import ptq as ptq_lib  # pylint: disable=g-import-not-at-top
-  from lowbit_jax.flax._capture import capture_dense_stats  # pylint: disable=g-import-not-at-top
   mask = lambda b: b[1]  # noqa: E731  (padding tokens do not count)
   capture = None
   if target == "weights+acts":  # retained layer inputs give the activation SQNR
-    capture = capture_dense_stats(model, params, calib_batches, token_mask=mask,
-                                  max_samples=256)
+    capture = _minilm_capture(n_calib)
   qparams = params
   report = {}
   if method == "omniquant":
@@ -187,20 +269,23 @@ def minilm_point(scheme: str, target: str = "weights", method: str = "rtn", *,
     qparams, report = ptq_lib.apply_ptq(
         model, params, calib_batches, name, sch.weight, act, token_mask=mask,
         act_order=gptq_act_order, **extra)
+  elif sch.weight is not None:
+    # RTN: the weights fake-quantized once, ahead of the model (the same
+    # fake_quant the rule would apply inside it): a weight-only point then runs
+    # the float model already compiled for the reference embeddings.
+    qparams = _minilm_rtn_params(scheme)
   t_ptq = time.time() - t0
-  rules = _rules(sch, target, weights_in_params=(method != "rtn"))
+  rules = _rules(sch, target, weights_in_params=True)
   t1 = time.time()
   if rules:
     q = quantize_linen(rules, mode="fake")
-    emb = minilm.encode(evals, model=model, params=qparams, apply_fn=q(model.apply))
+    emb = _encode(evals, model=model, params=qparams, apply_fn=q(model.apply))
   else:
-    emb = minilm.encode(evals, model=model, params=qparams)
+    emb = _encode(evals, model=model, params=qparams)
   t_eval = time.time() - t1
   m = embedding_metrics(ref, emb)
-  ex = tuple(jnp.asarray(v[:1]) for v in calib_batches[0])
-  m["bits_per_weight"] = measured_weight_bits(model, {"params": params}, sch, ex)
-  layers = layer_sqnr(params, qparams if method != "rtn" else params, sch, target,
-                      capture)
+  m["bits_per_weight"] = _minilm_weight_bits(scheme)
+  layers = layer_sqnr(params, qparams, sch, target, capture)
   if layers["weight"]:
     m["mean_weight_sqnr_db"] = _mean(layers["weight"].values())
   if layers["activation"]:
@@ -455,7 +540,7 @@ def minilm_evaluate_checkpoint(directory: str, *, n_calib: int = 32, n_eval: int
   qparams = checkpoint.restore(directory)
   q = quantize_linen(_rules(sch, meta["target"], weights_in_params=False), mode="real",
                      use_kernel=use_kernel)
-  emb = minilm.encode(evals, model=model, params=qparams, apply_fn=q(model.apply))
+  emb = _encode(evals, model=model, params=qparams, apply_fn=q(model.apply))
   m = embedding_metrics(ref, emb)
   m.update(meta)
   return m

@@ -70,7 +70,9 @@ def run(points: Sequence[dict], fn: Callable[[dict], dict], results_path: str, *
     points: the points (dicts of JSON-able values).
     fn: point -> metrics dict (JSON-able).
     results_path: JSON-lines file; one row per point: the point's fields, its
-      ``id``, ``metrics`` and ``seconds``.
+      ``id``, ``metrics``, ``seconds`` (wall clock) and ``cpu_seconds`` (this
+      process's CPU time, all threads: on a shared machine it moves less with
+      the load than the wall clock does).
     resume: skip points already present (by id).
     log: progress printer (default: stderr).
 
@@ -87,9 +89,10 @@ def run(points: Sequence[dict], fn: Callable[[dict], dict], results_path: str, *
   mode = "a" if resume else "w"
   with open(results_path, mode) as f:
     for i, p in enumerate(todo):
-      t0 = time.time()
+      t0, c0 = time.time(), time.process_time()
       metrics = fn(p)
-      row = dict(p, id=point_id(p), metrics=metrics, seconds=round(time.time() - t0, 3))
+      row = dict(p, id=point_id(p), metrics=metrics, seconds=round(time.time() - t0, 3),
+                 cpu_seconds=round(time.process_time() - c0, 3))
       f.write(json.dumps(row, sort_keys=True) + "\n")
       f.flush()
       done[row["id"]] = row

@@ -53,6 +53,40 @@ def test_sweep_config_smoke_runs_and_resumes(tmp_path):
   with open(out["paths"]["results"]) as f:
     rows = [json.loads(l) for l in f]
   assert len(rows) == 2
+  assert all(r["cpu_seconds"] > 0 and r["seconds"] > 0 for r in rows)
+
+
+def test_rtn_weights_ahead_equal_the_rule_inside_the_model():
+  # The sweep quantizes RTN weights once, ahead of the model; the numbers must
+  # be the ones a weight rule gives inside it.
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import lowbit_jax as lb
+  from lowbit_jax.flax import quantize_linen
+
+  class Mlp(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(48)(jax.nn.gelu(nn.Dense(96)(x)))
+
+  x = jax.random.normal(jax.random.key(1), (4, 80))
+  params = Mlp().init(jax.random.key(0), x)["params"]
+  for spec in (lb.QuantSpec("int4", group_size=32, pad=True),
+               lb.QuantSpec("nvfp4", pad=True)):
+    inside = jax.jit(quantize_linen([lb.QuantRule(".*", weight=spec)], mode="fake")(
+        Mlp().apply))({"params": params}, x)
+    ahead = jax.jit(Mlp().apply)({"params": pipelines.rtn_weights(params, spec)}, x)
+    np.testing.assert_array_equal(np.asarray(inside), np.asarray(ahead))
+
+
+def test_length_groups_cover_every_sentence_once():
+  sents = ["a b"] * 5 + ["word " * 40] + ["x y z " * 3] * 4
+  groups = pipelines._length_groups(sents)
+  assert 1 <= len(groups) <= 2
+  assert sorted(i for g in groups for i in g) == list(range(len(sents)))
+  assert groups[-1] == [5]  # the long sentence runs apart from the short ones
 
 
 def test_bad_point_arguments():
