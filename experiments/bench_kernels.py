@@ -60,6 +60,22 @@ to ``.whl/`` and carried)::
 
   PYTHONPATH=. python3 experiments/bench_kernels.py --mode=all --out_dir=$OUT
 
+Crash isolation (``--isolate``, on for GPU runs): XLA's compiler can abort the
+process on a failed CHECK instead of raising (jax 0.11.2 did, in GemmFusion, on
+per-channel int4 ``xla_fused_matmul`` before its barrier fix), which would lose
+the whole call. So the process is a parent that runs the measurements in a
+child (the parent never touches the GPU); the child writes its results after
+every weight shape and the jobs in flight to ``<tag>.inflight``. When the child
+dies, the parent records what was in flight (``<tag>.crashes.json``) and starts
+a new child that resumes after the rows written, on the same clock: a job that
+was alone in flight is skipped from then on (its row falls back as for any
+failure, e.g. the fused path to its arithmetic decode) and listed in the report
+with XLA's message; several (threaded compiles) are compiled one at a time
+first, so a second abort names the culprit. A restart costs a few seconds of
+start-up plus the crashed shape's work. ``experiments/xla_gemm_fusion_check.py``
+compiles every XLA program of the default lists for an H200 target on a
+machine without a GPU, one process each, to find such aborts beforehand.
+
 ``--mode=tune`` = ``all``; ``--mode=bench`` times only the table's tiling (no
 candidates, no table written); ``--mode=report --inputs=a.json,...`` rebuilds the
 markdown from result JSON on any machine; ``--smoke`` runs every step on tiny
@@ -1174,7 +1190,8 @@ def supervise(argv) -> int:
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
     try:
-      rc = proc.wait(timeout=max(5.0, _HARD.value + 20 - (time.time() - t0)))
+      # The child's watchdog exits at the hard limit; 10 s more for a hung one.
+      rc = proc.wait(timeout=max(5.0, _HARD.value + 10 - (time.time() - t0)))
     except subprocess.TimeoutExpired:
       proc.kill()
       rc = proc.wait()
