@@ -60,6 +60,22 @@ to ``.whl/`` and carried)::
 
   PYTHONPATH=. python3 experiments/bench_kernels.py --mode=all --out_dir=$OUT
 
+Crash isolation (``--isolate``, on for GPU runs): XLA's compiler can abort the
+process on a failed CHECK instead of raising (jax 0.11.2 did, in GemmFusion, on
+per-channel int4 ``xla_fused_matmul`` before its barrier fix), which would lose
+the whole call. So the process is a parent that runs the measurements in a
+child (the parent never touches the GPU); the child writes its results after
+every weight shape and the jobs in flight to ``<tag>.inflight``. When the child
+dies, the parent records what was in flight (``<tag>.crashes.json``) and starts
+a new child that resumes after the rows written, on the same clock: a job that
+was alone in flight is skipped from then on (its row falls back as for any
+failure, e.g. the fused path to its arithmetic decode) and listed in the report
+with XLA's message; several (threaded compiles) are compiled one at a time
+first, so a second abort names the culprit. A restart costs a few seconds of
+start-up plus the crashed shape's work. ``experiments/xla_gemm_fusion_check.py``
+compiles every XLA program of the default lists for an H200 target on a
+machine without a GPU, one process each, to find such aborts beforehand.
+
 ``--mode=tune`` = ``all``; ``--mode=bench`` times only the table's tiling (no
 candidates, no table written); ``--mode=report --inputs=a.json,...`` rebuilds the
 markdown from result JSON on any machine; ``--smoke`` runs every step on tiny
@@ -73,6 +89,7 @@ import glob
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -124,6 +141,18 @@ _HARD = flags.DEFINE_float("hard_limit_s", 285.0,
                            "write what exists and exit(3) at this time")
 _THREADS = flags.DEFINE_integer("compile_threads", 8,
                                 "parallel ahead-of-time compiles (0: serial)")
+_ISOLATE = flags.DEFINE_enum(
+    "isolate", "auto", ["auto", "true", "false"],
+    "measure in a child process; when XLA aborts it (a failed CHECK kills the "
+    "process), restart it, resuming after the work written so far and skipping "
+    "the program that crashed (auto: on GPU runs, off with --smoke)")
+_ABORT_ON = flags.DEFINE_string(
+    "abort_on", "", "testing: abort the process (as XLA's failed CHECK does) "
+    "when compiling a job whose name contains this")
+_CHILD = flags.DEFINE_bool("child", False, "internal: the measuring child")
+_T0 = flags.DEFINE_float("t0", 0.0, "internal: the parent's start (epoch s)")
+_MAX_RESTARTS = flags.DEFINE_integer("max_restarts", 6,
+                                     "child restarts after crashes")
 _MARGIN = flags.DEFINE_float(
     "win_margin", 0.97, "the table takes the kernel where kernel_us <= margin x "
     "the fused XLA path's time")
@@ -155,7 +184,7 @@ class Bench:
   def __init__(self, command: str):
     import jax  # pylint: disable=g-import-not-at-top
     self.jax = jax
-    self.t0 = time.time()
+    self.t0 = _T0.value or time.time()
     self.command = command
     self.smoke = _SMOKE.value
     self.res = dict(
@@ -171,6 +200,22 @@ class Bench:
     self.bf16 = {}      # (k, n, m) -> XLA bf16 us
     self.lock = threading.Lock()
     self.written = False
+    self.inflight = set()
+    self.inflight_path = None   # set in a supervised child
+    self.crashed, self.suspects = {}, set()
+    self.done_chunks = set()
+
+  def set_inflight(self, name: str, on: bool):
+    """Records the jobs compiling / running now (read by the parent after an
+    abort)."""
+    if self.inflight_path is None:
+      return
+    with self.lock:
+      (self.inflight.add if on else self.inflight.discard)(name)
+      tmp = self.inflight_path + ".tmp"
+      with open(tmp, "w") as f:
+        json.dump(sorted(self.inflight), f)
+      os.replace(tmp, self.inflight_path)
 
   def elapsed(self) -> float:
     return time.time() - self.t0
@@ -217,17 +262,41 @@ class Bench:
         ``done(us, out)`` (called with the time and the first output).
     """
     def comp(j):
+      self.set_inflight("compile " + j["name"], True)
+      if _ABORT_ON.value and _ABORT_ON.value in j["name"]:
+        print(f"F0000 00:00:00.000000 0 bench_kernels.py] Check failed: "
+              f"--abort_on {j['name']}", file=sys.stderr, flush=True)
+        os.abort()
       try:
         return self.compile(j["fn"], j["args"]), None
       except Exception as e:  # pylint: disable=broad-except
         return None, e
+      finally:
+        self.set_inflight("compile " + j["name"], False)
 
-    if _THREADS.value > 0 and len(jobs) > 1 and not self.smoke:
+    live = []
+    for j in jobs:
+      why = (self.crashed.get("compile " + j["name"])
+             or self.crashed.get("run " + j["name"]))
+      if why is None:
+        live.append(j)
+        continue
+      self.log(f"SKIP {j['name']}: it aborted the process before ({why})")
+      if j.get("failed"):
+        j["failed"](RuntimeError(f"aborted the process: {why}"))
+    jobs = live
+    # Jobs in flight at an earlier abort compile alone (so a second abort names
+    # the culprit), before the others compile in threads.
+    first = [j for j in jobs if "compile " + j["name"] in self.suspects]
+    rest = [j for j in jobs if "compile " + j["name"] not in self.suspects]
+    compiled = {id(j): comp(j) for j in first}
+    if _THREADS.value > 0 and len(rest) > 1 and not self.smoke:
       with concurrent.futures.ThreadPoolExecutor(_THREADS.value) as pool:
-        compiled = list(pool.map(comp, jobs))
+        compiled.update(zip(map(id, rest), pool.map(comp, rest)))
     else:
-      compiled = [comp(j) for j in jobs]
-    for j, (c, e) in zip(jobs, compiled):
+      compiled.update((id(j), comp(j)) for j in rest)
+    for j in jobs:
+      c, e = compiled[id(j)]
       if self.over_budget():
         self.res["skipped"].append(j["name"] + " (time budget)")
         continue
@@ -238,9 +307,11 @@ class Bench:
         if j.get("failed"):
           j["failed"](e)
         continue
+      self.set_inflight("run " + j["name"], True)
       try:
         us, out = self.measure(c, j["args"], j.get("reps", 1))
       except Exception as e2:  # pylint: disable=broad-except
+        self.set_inflight("run " + j["name"], False)
         self.error(f"run {j['name']}", e2)
         if self.smoke:  # the interpreter keeps state an exception leaves behind
           from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc  # pylint: disable=g-import-not-at-top
@@ -248,6 +319,7 @@ class Bench:
         if j.get("failed"):
           j["failed"](e2)
         continue
+      self.set_inflight("run " + j["name"], False)
       j["done"](us, out)
       del out
 
@@ -983,6 +1055,13 @@ def write_outputs(res, out_dir: str, tag: str):
   if res["skipped"]:
     lines += ["## Not measured (time budget)", ""] + [
         f"- {s}" for s in res["skipped"]] + [""]
+  if res.get("crashed") or res.get("crash_suspects"):
+    lines += ["## Aborted the process (skipped after a restart)", "",
+              "XLA aborted the measuring process (a failed CHECK); the "
+              "parent restarted it after the rows written, without these:", ""]
+    lines += [f"- {c['job']}: `{c['reason']}`" for c in res.get("crashed", [])]
+    lines += [f"- in flight at an abort, not isolated: {s}"
+              for s in res.get("crash_suspects", [])] + [""]
   if res["errors"]:
     lines += ["## Errors", ""] + [f"- {e['what']}: `{e['error'][:300]}`"
                                   for e in res["errors"]] + [""]
@@ -1007,6 +1086,165 @@ def write_table(b: Bench, wo, path: str):
 # Main.
 # ----------------------------------------------------------------------------
 
+# ----------------------------------------------------------------------------
+# Crash isolation: a parent process restarts the measuring child after an abort.
+# ----------------------------------------------------------------------------
+
+def crash_reason(rc: int, lines) -> str:
+  """A one-line reason for a child that died: XLA's failed CHECK if printed.
+
+  Args:
+    rc: the child's exit status (negative: killed by that signal).
+    lines: the last lines of its stderr.
+
+  Returns:
+    E.g. ``"signal 6: triton_tiling_propagation.cc:557] Check failed: ..."``.
+  """
+  how = f"signal {-rc}" if rc < 0 else f"exit status {rc}"
+  for line in lines:
+    if "Check failed" in line or re.match(r"F\d{4} ", line):
+      # Drop glog's "F1203 17:15:09.266184     716 " prefix.
+      return f"{how}: " + re.sub(r"^F\d{4} [\d:.]+\s+\d+\s+", "",
+                                 line.strip())[:240]
+  for line in reversed(lines):
+    if line.strip():
+      return f"{how}: {line.strip()[:200]}"
+  return how
+
+
+def update_crash_state(state: dict, inflight, reason: str) -> dict:
+  """The crash record after one more abort of the child.
+
+  A job alone in flight when the process died is the culprit: it goes to
+  ``crashed`` (skipped from then on). Several jobs in flight (threaded
+  compiles) all become ``suspects``, which the next child compiles one at a
+  time first, so a repeated abort names one job. An abort with nothing in
+  flight counts in ``outside``.
+
+  Args:
+    state: the previous record (``{}`` at first).
+    inflight: names of the jobs in flight at the abort (``"compile <job>"`` /
+      ``"run <job>"``).
+    reason: what killed it (``crash_reason``).
+
+  Returns:
+    The new record: ``crashed`` (list of ``{"job", "reason"}``), ``suspects``
+    (sorted names) and ``outside`` (count).
+  """
+  crashed = list(state.get("crashed", []))
+  suspects = set(state.get("suspects", []))
+  outside = state.get("outside", 0)
+  inflight = sorted(set(inflight))
+  if len(inflight) == 1:
+    crashed.append(dict(job=inflight[0], reason=reason))
+    suspects.discard(inflight[0])
+  elif inflight:
+    suspects.update(inflight)
+  else:
+    outside += 1
+  return dict(crashed=crashed, suspects=sorted(suspects), outside=outside,
+              last_reason=reason)
+
+
+def _paths(out_dir: str, tag: str):
+  base = os.path.join(out_dir, tag)
+  return base + ".json", base + ".crashes.json", base + ".inflight"
+
+
+def supervise(argv) -> int:
+  """Runs the benchmark in a child process, restarting it after an abort.
+
+  The child writes its results after every weight shape (and phase) and the
+  jobs in flight to ``<tag>.inflight``; when it dies (XLA aborts the process on
+  a failed CHECK), the crash is recorded (``update_crash_state``) in
+  ``<tag>.crashes.json`` and a new child resumes after the work written, with
+  the job that crashed skipped (and listed in the report), while the time
+  budget lasts. The clock is the parent's: the budget and the hard limit hold
+  for the whole call.
+
+  Args:
+    argv: the command line (``sys.argv``).
+
+  Returns:
+    The exit status: the last child's (0 done, 3 hard limit).
+  """
+  t0 = time.time()
+  out_dir, tag = _OUT_DIR.value, _TAG.value
+  res_path, state_path, inflight_path = _paths(out_dir, tag)
+  os.makedirs(out_dir, exist_ok=True)
+  for path in (res_path, state_path, inflight_path):
+    if os.path.exists(path):
+      os.remove(path)
+  state, rc = {}, 0
+  for attempt in range(_MAX_RESTARTS.value + 1):
+    cmd = [sys.executable] + list(argv) + ["--child", f"--t0={t0}"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True,
+                            errors="replace")
+    tail = []
+
+    def pump(proc=proc, tail=tail):
+      for line in proc.stderr:
+        sys.stderr.write(line)
+        tail.append(line)
+        del tail[:-400]
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+      # The child's watchdog exits at the hard limit; 10 s more for a hung one.
+      rc = proc.wait(timeout=max(5.0, _HARD.value + 10 - (time.time() - t0)))
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      rc = proc.wait()
+      tail.append("killed by the parent: past the hard limit")
+    reader.join(timeout=5)
+    if 0 <= rc <= 3:
+      # 0: done; 3: the child's hard limit; 1, 2: a Python / usage error it
+      # reported (a restart would repeat it). Aborts are signals (rc < 0).
+      break
+    inflight = []
+    if os.path.exists(inflight_path):
+      with open(inflight_path) as f:
+        inflight = json.load(f)
+      os.remove(inflight_path)
+    reason = crash_reason(rc, tail[-60:])
+    state = update_crash_state(state, inflight, reason)
+    with open(state_path, "w") as f:
+      json.dump(state, f, indent=1)
+    print(f"[{time.time() - t0:6.1f}s] child died ({reason}); in flight: "
+          f"{inflight or 'nothing'}", flush=True)
+    if (time.time() - t0 > _BUDGET.value or state["outside"] > 1
+        or attempt == _MAX_RESTARTS.value):
+      break
+    print(f"[{time.time() - t0:6.1f}s] restarting (attempt {attempt + 2})",
+          flush=True)
+  if state and os.path.exists(res_path):
+    with open(res_path) as f:
+      res = json.load(f)
+    res["crashed"] = state["crashed"]
+    res["crash_suspects"] = state["suspects"]
+    if rc not in (0, 3):
+      res["skipped"].append(f"everything after the last abort ({state.get('last_reason')})")
+    write_outputs(res, out_dir, tag)
+  return rc
+
+
+def resume(b: Bench, path: str):
+  """Loads the results a crashed child wrote, to continue after them."""
+  with open(path) as f:
+    d = json.load(f)
+  b.res["ceilings"] = d.get("ceilings") or {}
+  for key in ("tokamax", "w8a8", "errors", "skipped"):
+    b.res[key] = d.get(key, [])
+  if d.get("tokamax_skipped"):
+    b.res["tokamax_skipped"] = d["tokamax_skipped"]
+  for row in d.get("wo", []):
+    b.rows[(row["kernel"], row["m"], row["k"], row["n"])] = row
+  for k, n, m, us in d.get("bf16", []):
+    b.bf16[(k, n, m)] = us
+  b.done_chunks = set(d["meta"].get("done_chunks", []))
+  b.res["meta"]["restarts"] = d["meta"].get("restarts", 0) + 1
+
+
 def _import_kernels():
   import importlib  # pylint: disable=g-import-not-at-top
   wo = importlib.import_module("lowbit_jax.kernels.gpu_weight_only")
@@ -1017,7 +1255,8 @@ def _import_kernels():
 
 def main(argv):
   del argv
-  command = "PYTHONPATH=. python3 " + " ".join(sys.argv)
+  command = "PYTHONPATH=. python3 " + " ".join(
+      a for a in sys.argv if a != "--child" and not a.startswith("--t0="))
   out_dir = _OUT_DIR.value
   if _SMOKE.value:
     # The interpreter runs multi-warpgroup kernels only with this flag (see
@@ -1060,6 +1299,11 @@ def main(argv):
     write_table(rb, wo, os.path.join(out_dir, "gpu_tuned_configs.json"))
     write_outputs(res, out_dir, _TAG.value)
     return
+  isolate = (_ISOLATE.value == "true"
+             or (_ISOLATE.value == "auto" and not _SMOKE.value))
+  if isolate and not _CHILD.value and not _TOKAMAX_ONLY.value:
+    # The parent never initializes the GPU (the child needs its memory).
+    sys.exit(supervise(sys.argv))
   b = Bench(command)
   if _TOKAMAX_ONLY.value:
     os.makedirs(out_dir, exist_ok=True)
@@ -1070,17 +1314,32 @@ def main(argv):
     return
   tune = _MODE.value in ("all", "tune")
   wo, w8, api = _import_kernels()
+  res_path, state_path, inflight_path = _paths(out_dir, _TAG.value)
+  if _CHILD.value:
+    b.inflight_path = inflight_path
+    if os.path.exists(state_path):
+      with open(state_path) as f:
+        state = json.load(f)
+      b.crashed = {c["job"]: c["reason"] for c in state["crashed"]}
+      b.suspects = set(state["suspects"])
+      b.res["crashed"] = state["crashed"]
+      if os.path.exists(res_path):
+        resume(b, res_path)
+        b.log(f"resumed after an abort: {sorted(b.done_chunks)} done; "
+              f"skipping {sorted(b.crashed)}; alone first: {sorted(b.suspects)}")
 
   def flush():
     with b.lock:
       b.res["meta"]["elapsed_s"] = b.elapsed()
       b.res["wo"] = list(b.rows.values())
+      b.res["bf16"] = [[k, n, m, us] for (k, n, m), us in b.bf16.items()]
+      b.res["meta"]["done_chunks"] = sorted(b.done_chunks)
       if tune and b.rows:
         write_table(b, wo, os.path.join(out_dir, "gpu_tuned_configs.json"))
       write_outputs(b.res, out_dir, _TAG.value)
 
   def watchdog():
-    time.sleep(max(1.0, _HARD.value))
+    time.sleep(max(1.0, _HARD.value - b.elapsed()))
     b.log("hard time limit: writing results and exiting")
     b.res["skipped"].append("everything after the hard limit "
                             f"({_HARD.value:.0f} s)")
@@ -1133,9 +1392,12 @@ def main(argv):
   b.res["meta"]["phases"] = [(p, [f"{k}x{n}" for k, n in (sh or [])], ms)
                              for p, sh, ms in phases]
   try:
-    measure_ceilings(b)
+    if not b.res["ceilings"]:
+      measure_ceilings(b)
     flush()
     for stage, what, ms in phases:
+      if stage in b.done_chunks:
+        continue
       if stage == "tokamax":
         if _TOKAMAX.value:
           run_tokamax_subprocess(b, out_dir)
@@ -1146,14 +1408,21 @@ def main(argv):
           run_w8a8(b, w8, api)
       else:
         for (k, n) in what:
+          chunk = f"{stage} {k}x{n} M={ms}"
+          if chunk in b.done_chunks:
+            continue
           if b.over_budget():
-            b.res["skipped"].append(f"{stage}: {k}x{n} M={ms} (time budget)")
+            b.res["skipped"].append(f"{chunk} (time budget)")
             continue
           try:
             run_shape(b, wo, api, k, n, ms, cases, stage)
           except Exception as e:  # pylint: disable=broad-except
             traceback.print_exc()
-            b.error(f"{stage} {k}x{n} M={ms}", e)
+            b.error(chunk, e)
+          b.done_chunks.add(chunk)
+          flush()
+      if stage in ("tokamax", "w8a8"):
+        b.done_chunks.add(stage)
       flush()
   finally:
     flush()

@@ -145,10 +145,19 @@ def _codes_to_bf16(operands: MatmulOperands, problem: MatmulProblem,
   if fmt == "int8":
     return codes.astype(jnp.bfloat16)
   if decode == "native":
-    # Bitcasts to the 4-bit dtypes XLA converts (and fuses into the dot).
+    # Bitcasts to the 4-bit dtypes XLA converts (and fuses into the dot). The
+    # barrier keeps the uint8 -> 4-bit bitcast out of the dot's fusion: XLA's
+    # GPU GemmFusion (jax 0.10.2 and 0.11.2) aborts the process
+    # (triton_tiling_propagation "Check failed: dst_dim_it != dst_dim_end")
+    # when it traces a fused convert back through the element-count-changing
+    # bitcast ``u8[N, K/2] -> s4[N, K/2, 2]`` to a parameter (per-channel int4
+    # at every M; experiments/xla_gemm_fusion_check.py). Behind the barrier the
+    # fusion's operand is the 4-bit ``[N, K]`` array itself, still converted
+    # inside the GEMM (read in its stored width); the barrier copies nothing.
     narrow = jnp.int4 if fmt == "int4" else jnp.float4_e2m1fn
-    return lax.bitcast_convert_type(codes, narrow).reshape(n, k).astype(
-        jnp.bfloat16)
+    w4 = lax.optimization_barrier(
+        lax.bitcast_convert_type(codes, narrow).reshape(n, k))
+    return w4.astype(jnp.bfloat16)
   if decode == "arith":
     nib = common.unpack_nibbles(codes)
     vals = common.decode_int4(nib) if fmt == "int4" else common.decode_e2m1(nib)
