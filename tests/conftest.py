@@ -40,6 +40,7 @@ SLOW_CASES = frozenset({
     "tests/flax/test_moe.py::test_nnx_and_function_front_ends_quantize_experts",
     "tests/flax/test_moe.py::test_linen_model_experts_fake_equals_real_and_dense_path",
     "tests/flax/test_ptq_omniquant.py::test_omniquant_lwc_let_lowers_block_error_and_repacks_exactly",
+    "tests/algorithms/test_spinquant.py::test_learned_rotation_lowers_quantized_loss_and_folds_exactly",
     "tests/kernels/test_gpu_interpret.py::test_weight_only_kernel_default_configs[16-512-4096]",
     "tests/kernels/test_gpu_interpret.py::test_weight_only_kernel_default_configs[1-256-2048]",
     "tests/kernels/test_gpu_interpret.py::test_mxfp8_kernel_random_codes",
