@@ -277,3 +277,25 @@ def test_act_einsum_is_reached_only_by_act_matmul_rules():
   with pytest.raises(ValueError, match="static"):
     quantize_linen([QuantRule("qk", activation="int8", static=True,
                               ops=("act_matmul",))])(model.apply)(v, qa, ka)
+
+
+@pytest.mark.parametrize("scheme", ["w4a8", "w4a4_mxfp4", "w4a4_nvfp4"])
+def test_bf16_decoder_real_mode_equals_fake_mode_under_jit(scheme):
+  """A bf16 decoder converted to real mode (packed weights) gives the fake-quant
+  forward pass's logits bit for bit (as the jitted evaluation runs them): the
+  weights are quantized as the bf16 layers see them and the dequantized
+  operands round to bf16 as fake mode's do."""
+  from lowbit_jax.models.llama import Llama, LlamaConfig
+  from lowbit_jax.train import qat
+  cfg = LlamaConfig(vocab=128, d_model=64, n_layers=1, n_heads=4, n_kv_heads=2,
+                    d_ff=128, max_len=32, dtype="bfloat16")
+  model = Llama(cfg)
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 128)
+  v = model.init(jax.random.key(0), tokens)
+  rules = qat.make_rules(dict(rules=scheme, learn_weight="none",
+                              learn_activation="none"))
+  fake = jax.jit(quantize_linen(rules, mode="fake")(model.apply))(v, tokens)
+  qr = quantize_linen(rules, mode="real")
+  real = jax.jit(qr(model.apply))(qr.quantize_params(model, v, tokens), tokens)
+  assert fake.dtype == real.dtype
+  np.testing.assert_array_equal(np.asarray(real, np.float32), np.asarray(fake, np.float32))
