@@ -1385,6 +1385,29 @@ def _weight(site: Site, w, call: SiteCall, contract, conv_spec=None):
   return spec, {}
 
 
+def _history_grad_key(site: Site, call: Optional[SiteCall], operands: dict, x, lspec,
+                      w, wspec, kw: dict):
+  """The amax histories, gradient spec and PRNG key of one matmul site's call.
+
+  Adds the op keywords to ``kw`` (``amax_history``/``history_reduce`` in fake
+  mode; in real mode the histories' ranges act as static ranges, which may
+  replace the operands and specs) and returns ``(x, lspec, w, wspec)``.
+  """
+  hist = _histories(site, call, operands)
+  if hist and site.mode == "real":
+    x, lspec, w, wspec, more = _delayed_as_static(site, hist, x, lspec, w, wspec)
+    kw.update(more)
+  elif hist:
+    kw["amax_history"] = hist
+    kw["history_reduce"] = site.rule.amax_reduce
+  if site.grad is not None and site.mode == "fake":
+    kw["grad_spec"] = site.grad
+  key = site_key(site, call)
+  if key is not None:
+    kw["key"] = key
+  return x, lspec, w, wspec
+
+
 def _delayed_as_static(site: Site, hist: dict, x, lspec, w, wspec):
   """Real mode of a delayed site: each history's range as a static range.
 
@@ -1535,19 +1558,7 @@ def site_dot_general(site: Site, lhs, rhs, dimension_numbers, precision=None,
   if wspec is not None:
     operands["rhs"] = ("rhs" if site.is_act else "weight", w,
                        _fill(wspec, rc2, len(w.shape)))
-  hist = _histories(site, call, operands)
-  if hist and site.mode == "real":
-    # Inference: the histories' ranges act as static ranges.
-    x, lspec, w, wspec, more = _delayed_as_static(site, hist, x, lspec, w, wspec)
-    kw.update(more)
-  elif hist:
-    kw["amax_history"] = hist
-    kw["history_reduce"] = site.rule.amax_reduce
-  if site.grad is not None and site.mode == "fake":
-    kw["grad_spec"] = site.grad
-  key = site_key(site, call)
-  if key is not None:
-    kw["key"] = key
+  x, lspec, w, wspec = _history_grad_key(site, call, operands, x, lspec, w, wspec, kw)
   return ops.dot_general(x, w, ((tuple(lc), rc2), (tuple(lb), rb2)), precision,
                          preferred_element_type, lhs_spec=lspec, rhs_spec=wspec,
                          mode=site.mode, use_kernel=check_use_kernel(site.use_kernel),
@@ -1649,18 +1660,8 @@ def site_ragged_dot(site: Site, lhs, rhs, group_sizes, precision=None,
     operands["lhs"] = ("act", x, _fill(lspec, (1,), 2))
   if wspec is not None:
     operands["rhs"] = ("weight", rhs, _fill(wspec, (1,), 3))
-  hist = _histories(site, call, operands)
-  if hist and site.mode == "real":
-    x, lspec, rhs, wspec, more = _delayed_as_static(site, hist, x, lspec, rhs, wspec)
-    kw.update(more)
-  elif hist:
-    kw["amax_history"] = hist
-    kw["history_reduce"] = site.rule.amax_reduce
-  if site.grad is not None and site.mode == "fake":
-    kw["grad_spec"] = site.grad
-  key = site_key(site, call)
-  if key is not None:
-    kw["key"] = key
+  x, lspec, rhs, wspec = _history_grad_key(site, call, operands, x, lspec, rhs, wspec,
+                                           kw)
   return ops.ragged_dot(x, rhs, group_sizes, precision, preferred_element_type,
                         lhs_spec=lspec, rhs_spec=wspec, mode=site.mode, **kw)
 

@@ -58,6 +58,17 @@ class AWQResult(NamedTuple):
   weights: tuple
 
 
+def _calibration_rows(x, k: int, who: str) -> jax.Array:
+  """Calibration inputs ``x[..., K]`` as rows ``[n, K]``, checked for ``who``."""
+  x = jnp.asarray(x)
+  if x.shape[-1] != k:
+    raise ValueError(f"x has {x.shape[-1]} features but the kernels take {k}")
+  x = x.reshape(-1, k)
+  if x.shape[0] == 0:
+    raise ValueError(f"x has no rows; {who} needs a sample of calibration inputs")
+  return x
+
+
 def awq_scales(act_scale: jax.Array, alpha) -> jax.Array:
   """The AWQ scales ``a^alpha``, clamped at 1e-4, normalized by ``sqrt(max min)``.
 
@@ -131,12 +142,7 @@ def awq_search(x: jax.Array, weights: Kernels,
   """
   ws = as_kernels(weights)
   k = ws[0].shape[0]
-  x = jnp.asarray(x)
-  if x.shape[-1] != k:
-    raise ValueError(f"x has {x.shape[-1]} features but the kernels take {k}")
-  x = x.reshape(-1, k)
-  if x.shape[0] == 0:
-    raise ValueError("x has no rows; AWQ needs a sample of calibration inputs")
+  x = _calibration_rows(x, k, "AWQ's scale search")
   if not isinstance(n_grid, int) or n_grid < 1:
     raise ValueError(f"n_grid must be a positive int, got {n_grid!r}")
   if act_scale is None:
@@ -280,12 +286,7 @@ def awq_clip_search(x: jax.Array, w: jax.Array, spec: SpecLike, *, n_grid: int =
   w = check_kernel(w, "w")
   sp = kernel_spec(spec)
   k = w.shape[0]
-  x = jnp.asarray(x)
-  if x.shape[-1] != k:
-    raise ValueError(f"x has {x.shape[-1]} features but the kernel takes {k}")
-  x = x.reshape(-1, k)
-  if x.shape[0] == 0:
-    raise ValueError("x has no rows; the clip search needs calibration inputs")
+  x = _calibration_rows(x, k, "the clip search")
   if not isinstance(n_grid, int) or isinstance(n_grid, bool) or n_grid < 1:
     raise ValueError(f"n_grid must be a positive int, got {n_grid!r}")
   if not 0.0 < float(max_shrink) < 1.0:

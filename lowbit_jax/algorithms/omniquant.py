@@ -54,6 +54,7 @@ from lowbit_jax.algorithms.rtn import kernel_spec, rtn_scale
 from lowbit_jax.core import QuantSpec, fake_quant, scale_shape
 from lowbit_jax.core._qarray import block_shape
 from lowbit_jax.core._quantize import _grid_bounds
+from lowbit_jax.algorithms._tree import with_leaves
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -188,19 +189,6 @@ def _get(tree, path: str):
   for part in path.split("/"):
     node = node[part]
   return node
-
-
-def _set(tree, path: str, **leaves):
-  parts = path.split("/")
-
-  def rec(node, i):
-    node = dict(node)
-    if i == len(parts):
-      node.update(leaves)
-      return node
-    node[parts[i]] = rec(node[parts[i]], i + 1)
-    return node
-  return rec(tree, 0)
 
 
 # ---------------------------------------------------------------------------
@@ -353,7 +341,7 @@ def let_fold(params, groups: Sequence[LETGroup], let: Sequence[Mapping]) -> Any:
       new["bias"] = (node["bias"] - (0.0 if d is None else d)) / s
     elif d is not None:
       raise ValueError(f"a LET shift needs a bias on the producer {path!r}")
-    params = _set(params, path, **new)
+    params = with_leaves(params, path, **new)
     for c in group.consumers:
       node = _get(params, c)
       k = node["kernel"]
@@ -362,7 +350,7 @@ def let_fold(params, groups: Sequence[LETGroup], let: Sequence[Mapping]) -> Any:
         if "bias" not in node:
           raise ValueError(f"a LET shift needs a bias on the reader {c!r}")
         new["bias"] = node["bias"] + jnp.matmul(d, k, precision=_HI)
-      params = _set(params, c, **new)
+      params = with_leaves(params, c, **new)
   return params
 
 
@@ -379,7 +367,7 @@ def _quantize_kernels(params, specs, logits):
       s = None
     else:
       q, s = lwc_quant(k, spec, logits[path])
-    params = _set(params, path, kernel=q.astype(k.dtype))
+    params = with_leaves(params, path, kernel=q.astype(k.dtype))
     scales[path] = s
   return params, scales
 
@@ -447,7 +435,7 @@ def _compiled(apply_fn, spec_key: tuple, group_key: tuple, opts: OmniQuantOption
         s, z = rtn_scale(k, spec), None
         clip[path] = jnp.float32(1.0)
       q = fake_quant(k, spec, scale=s, zero_point=z)
-      p = _set(p, path, kernel=q.astype(k.dtype))
+      p = with_leaves(p, path, kernel=q.astype(k.dtype))
       scales[path] = s
     return p, folded, scales, clip, full_loss(th, params, inputs, targets, garrs, False)
 

@@ -42,6 +42,7 @@ from lowbit_jax._rules import QuantRule
 from lowbit_jax.algorithms.omniquant import LETGroup, OmniQuantOptions, omniquant_block
 from lowbit_jax.algorithms.rtn import rtn, rtn_scale, sqnr_db
 from lowbit_jax.flax._capture import capture_dense_stats, layer_path, split_batch
+from lowbit_jax.algorithms._tree import with_leaves
 
 
 def _record_blocks(model, params, batch, regex: str, apply_kwargs, other_variables):
@@ -62,21 +63,13 @@ def _record_blocks(model, params, batch, regex: str, apply_kwargs, other_variabl
   return rec
 
 
-def _subtree(tree, path: str):
-  node = tree
-  for part in path.split("/"):
-    if not isinstance(node, Mapping) or part not in node:
-      return None
-    node = node[part]
-  return node
-
-
 def run(model, cur, calib_batches, weight_spec, aspec, *, layers: str,
         extra_folds: Mapping[str, str], token_mask, max_samples: int, fold_rtol: float,
         apply_kwargs, other_variables, options: Optional[OmniQuantOptions]):
   """OmniQuant over a Linen model; returns ``(new params, report)`` (see apply_ptq)."""
   # pylint: disable=g-import-not-at-top
   from lowbit_jax.flax import ptq as ptq_lib
+  node_at = ptq_lib._node  # pylint: disable=protected-access
   from lowbit_jax.flax._linen import quantize_linen
   t_start = time.perf_counter()
   opts = options if options is not None else OmniQuantOptions()
@@ -94,8 +87,8 @@ def run(model, cur, calib_batches, weight_spec, aspec, *, layers: str,
                             apply_kwargs=apply_kwargs, other_variables=other_variables)
   capture_seconds = time.perf_counter() - t0
   selected = [p for p in cap.order
-              if _subtree(cur, p) is not None and "kernel" in _subtree(cur, p)
-              and _subtree(cur, p)["kernel"].ndim == 2]
+              if node_at(cur, p) is not None and "kernel" in node_at(cur, p)
+              and node_at(cur, p)["kernel"].ndim == 2]
   specs = {p: ptq_lib._resolve_spec(weight_spec, p) for p in selected}  # pylint: disable=protected-access
 
   # Blocks and their inputs.
@@ -180,7 +173,7 @@ def run(model, cur, calib_batches, weight_spec, aspec, *, layers: str,
         continue
       blk = in_block.get(members[0])
       entry = {"layers": members, "producer": None if producer is None else producer[1]}
-      k = _subtree(cur, members[0])["kernel"].shape[0]
+      k = node_at(cur, members[0])["kernel"].shape[0]
       why = None
       if blk is None or any(in_block.get(m) != blk for m in members):
         why = "the layers are not all inside one block"
@@ -195,7 +188,7 @@ def run(model, cur, calib_batches, weight_spec, aspec, *, layers: str,
                                         None)
         trial = test.fold_into(cur, *producer)
         for m in members:
-          trial = ptq_lib._with(trial, m, kernel=test.weight(_subtree(trial, m)["kernel"]))  # pylint: disable=protected-access
+          trial = with_leaves(trial, m, kernel=test.weight(node_at(trial, m)["kernel"]))
         if not ptq_lib._outputs_close(ref_out, forward(trial), fold_rtol):  # pylint: disable=protected-access
           why = (f"folding into {producer[1]!r} changes the model output (its output "
                  "is used elsewhere too, e.g. by a residual connection)")
@@ -203,9 +196,9 @@ def run(model, cur, calib_batches, weight_spec, aspec, *, layers: str,
         folds.append({**entry, "status": "skipped", "reason": why})
         continue
       st = cap.stats[members[0]]
-      prod_node = _subtree(cur, producer[1])
+      prod_node = node_at(cur, producer[1])
       shift = None
-      if "bias" in prod_node and all("bias" in _subtree(cur, m) for m in members) \
+      if "bias" in prod_node and all("bias" in node_at(cur, m) for m in members) \
           and st.sample.shape[0]:
         shift = 0.5 * (jnp.max(st.sample, axis=0) + jnp.min(st.sample, axis=0))
       cut = len(blk) + 1
@@ -241,10 +234,10 @@ def run(model, cur, calib_batches, weight_spec, aspec, *, layers: str,
   for bi, b in enumerate(paths):
     t1 = time.perf_counter()
     module, args, kwargs = recs[0][bi][1], recs[0][bi][2], recs[0][bi][3]
-    other_b = {c: _subtree(v, b) for c, v in other.items() if _subtree(v, b) is not None}
+    other_b = {c: node_at(v, b) for c, v in other.items() if node_at(v, b) is not None}
     block_fn, q_fn, block_jit, q_jit = block_fns(module, args, kwargs, other_b)
     del block_fn
-    bparams = _subtree(cur, b)
+    bparams = node_at(cur, b)
 
     y_fp = run_chunks(block_jit, bparams, x_fp)
     cut = len(b) + 1
@@ -262,12 +255,12 @@ def run(model, cur, calib_batches, weight_spec, aspec, *, layers: str,
     for rel, spec in bspecs.items():
       full = f"{b}/{rel}"
       weight_scales[full] = res.scales[rel]
-      wf = _subtree(res.folded, rel)["kernel"]
+      wf = node_at(res.folded, rel)["kernel"]
       report_layers[full] = {
           "spec": ptq_lib._spec_name(spec), "transform": "omniquant",  # pylint: disable=protected-access
           "fold": "let" if any(rel in g.consumers for g in let_groups[b]) else "none",
           "lwc_mean_clip": res.clip[rel],
-          "weight_sqnr_db": sqnr_db(wf, _subtree(res.params, rel)["kernel"])}
+          "weight_sqnr_db": sqnr_db(wf, node_at(res.params, rel)["kernel"])}
     blocks_report[b] = {"loss_rtn": res.loss_rtn, "loss_init": res.loss_init,
                         "loss": res.loss, "steps": int(res.losses.shape[0]),
                         "let_groups": len(let_groups[b]) if use_let else 0,
@@ -280,10 +273,10 @@ def run(model, cur, calib_batches, weight_spec, aspec, *, layers: str,
       if spec is None:
         report_layers[p] = {"spec": None, "transform": "none", "fold": "none"}
       continue
-    w = _subtree(cur, p)["kernel"]
+    w = node_at(cur, p)["kernel"]
     s = rtn_scale(w, spec)
     wq = rtn(w, spec)
-    cur = ptq_lib._with(cur, p, kernel=wq.astype(w.dtype))  # pylint: disable=protected-access
+    cur = with_leaves(cur, p, kernel=wq.astype(w.dtype))
     weight_scales[p] = s
     report_layers[p] = {"spec": ptq_lib._spec_name(spec), "transform": "none",  # pylint: disable=protected-access
                         "fold": "none", "weight_sqnr_db": sqnr_db(w, wq)}
@@ -298,13 +291,5 @@ def run(model, cur, calib_batches, weight_spec, aspec, *, layers: str,
 
 def _replace(tree: dict, path: str, value) -> dict:
   """A copy of ``tree`` with the node at ``path`` replaced by ``value``."""
-  parts = path.split("/")
-
-  def rec(node, i):
-    node = dict(node)
-    if i == len(parts) - 1:
-      node[parts[i]] = value
-      return node
-    node[parts[i]] = rec(node[parts[i]], i + 1)
-    return node
-  return rec(tree, 0)
+  parent, _, name = path.rpartition("/")
+  return with_leaves(tree, parent, **{name: value})

@@ -92,6 +92,7 @@ from lowbit_jax.core import QuantSpec, as_spec, fake_quant, init_scale
 from lowbit_jax.flax._capture import (Capture, DenseStats, ExpertStats,
                                      capture_dense_stats, split_batch)
 from lowbit_jax.formats import Format
+from lowbit_jax.algorithms._tree import with_leaves
 
 METHODS = ("rtn", "gptq", "awq", "smoothquant", "rotation", "quarot", "spinquant",
            "omniquant")
@@ -117,19 +118,6 @@ def _node(tree: Any, path: str) -> Any:
       return None
     node = node[part]
   return node
-
-
-def _with(tree: dict, path: str, **leaves) -> dict:
-  """A copy of ``tree`` with leaves of the node at ``path`` replaced (copy on write)."""
-  parts = path.split("/") if path else []
-  def rec(node, i):
-    node = dict(node)
-    if i == len(parts):
-      node.update(leaves)
-      return node
-    node[parts[i]] = rec(node[parts[i]], i + 1)
-    return node
-  return rec(tree, 0)
 
 
 # ---------------------------------------------------------------------------
@@ -188,7 +176,7 @@ class _Transform:
       if "bias" in node:
         new["bias"] = (node["bias"].astype(jnp.float32) / self.s).astype(
             node["bias"].dtype)
-      return _with(params, path, **new)
+      return with_leaves(params, path, **new)
     k = node["kernel"]
     if self.diagonal:
       new = {"kernel": (k.astype(jnp.float32) / self.s[None, :]).astype(k.dtype)}
@@ -201,7 +189,7 @@ class _Transform:
       if "bias" in node:
         new["bias"] = jnp.matmul(node["bias"].astype(jnp.float32), self.r,
                                  precision=_HI).astype(node["bias"].dtype)
-    return _with(params, path, **new)
+    return with_leaves(params, path, **new)
 
 
 def _foldable_kind(params: dict, kind: str, path: str, k: int, diagonal: bool):
@@ -487,7 +475,7 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
                                 rotation_block_size)
         trial = test.fold_into(cur, *producer)
         for m in members:
-          trial = _with(trial, m, kernel=test.weight(_node(trial, m)["kernel"]))
+          trial = with_leaves(trial, m, kernel=test.weight(_node(trial, m)["kernel"]))
         if not _outputs_close(ref_out, forward(trial), fold_rtol):
           why = (f"folding into {producer[1]!r} changes the model output (its output "
                  "is used elsewhere too, e.g. by a residual connection)")
@@ -515,7 +503,7 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
       if why is None:
         cur = tr.fold_into(cur, *producer)
         for m in members:
-          cur = _with(cur, m, kernel=tr.weight(_node(cur, m)["kernel"]))
+          cur = with_leaves(cur, m, kernel=tr.weight(_node(cur, m)["kernel"]))
       else:
         entry["reason"] = why
       for m in members:
@@ -535,7 +523,7 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
     new_w, entry, scale = _quantize_experts(
         _node(cur, p)["kernel"], stats[p], spec, base_quant, aspec,
         blocksize=blocksize, percdamp=percdamp, act_order=act_order)
-    cur = _with(cur, p, kernel=new_w)
+    cur = with_leaves(cur, p, kernel=new_w)
     if scale is not None:
       weight_scales[p] = scale
     entry["transform"] = "none"
@@ -570,7 +558,7 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
     if scale is not None and not simulated:
       weight_scales[p] = scale
     new_w = tr.unweight(w_q) if simulated else w_q
-    cur = _with(cur, p, kernel=new_w.astype(w.dtype))
+    cur = with_leaves(cur, p, kernel=new_w.astype(w.dtype))
     # Quality, measured in the domain the kernel was quantized in; the weight
     # SQNR maps rows back to the input's original scale.
     to_orig = (lambda a: a) if tr is None else tr.unweight
