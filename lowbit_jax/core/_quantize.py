@@ -42,6 +42,7 @@ _E4M3 = get_format("fp8_e4m3")
 _HALF = {"float16": FloatFormat(5, 10, 15, "ieee", name="float16"),
          "bfloat16": FloatFormat(8, 7, 127, "ieee", name="bfloat16")}
 _E8M0_BIAS = 127
+_F32_MAX = np.finfo(np.float32).max
 # Input dtypes whose block amax is reduced without a float32 copy (they have
 # an inf, and their max converts to float32 exactly).
 _NATIVE_REDUCE = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16),
@@ -576,9 +577,13 @@ def _grid_asym(x, xf, xb, red, vb, spec, bs, noise, amax, amin):
   lo = jnp.minimum(lo, 0.0) * np.float32(spec.clip_ratio)
   rng = hi - lo
   s = _div(rng, np.float32(levels))
-  # A range wider than the float32 maximum (hi and lo near +-3.4e38): split.
-  s = jnp.where(rng == np.float32(np.inf), _div(hi, np.float32(levels))
-                - _div(lo, np.float32(levels)), s)
+  # A range wider than the float32 maximum (hi and lo near +-3.4e38): halved
+  # and doubled back, which rounds as rng / levels would (power-of-two
+  # scaling is exact; a half of hi or lo small enough to be subnormal is
+  # below the rounding of the other).
+  s = jnp.where(rng == np.float32(np.inf),
+                _div(hi * np.float32(0.5) - lo * np.float32(0.5), np.float32(levels))
+                * np.float32(2.0), s)
   s = jnp.where(pos, _clamp_scale(s, spec.scale_dtype), 1.0)
   s_stored, s_val = _store_float_scale(s, spec.scale_dtype)
   bad = ~(jnp.isfinite(hi) & jnp.isfinite(lo)) | blk_bad  # NaN/inf: NaN scale
@@ -750,8 +755,13 @@ def _values(q, total, zp, bs, shape):
   if zp is not None:
     q = q - _expand(zp.astype(jnp.float32), bs, shape)
   if isinstance(total, tuple):
-    return q * _expand(total[0], bs, shape) * _expand(total[1], bs, shape)
-  return q * _expand(total, bs, shape)
+    out = q * _expand(total[0], bs, shape) * _expand(total[1], bs, shape)
+  else:
+    out = q * _expand(total, bs, shape)
+  # A range within an ulp of the float32 maximum (scale = amax / max rounded
+  # up) can put the largest grid value a rounding beyond it: saturate there
+  # instead of returning inf for finite data. NaN stays NaN.
+  return jnp.clip(out, -_F32_MAX, _F32_MAX)
 
 
 # ---------------------------------------------------------------------------
