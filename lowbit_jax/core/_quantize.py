@@ -18,6 +18,13 @@ The scale rules:
   ``fp4(clamp(x * ((1 / t) / s), -6, 6))``, value ``element * (t * s)``.
 * binary (BWN, Rastegari et al. 2016): ``scale = mean |x|``; ternary (TWN, Li &
   Liu 2016): threshold ``0.7 * mean |x|``, scale the mean |x| above it.
+* Tiny and huge ranges (docs/formats.md, "Tiny and huge ranges"): float32 and
+  bfloat16 scales are at least 2**-126 (float16: 2**-24, at most 65504;
+  bfloat16 at most its maximum), NVFP4's tensor scale at least 2**-126;
+  NVFP4 computes on the tensor scale's significand and applies its power of
+  two last, E8M0 scales apply as two power-of-two factors, so no
+  intermediate is subnormal or inf where the result is a normal number;
+  values beyond the float32 maximum saturate.
 """
 from __future__ import annotations
 
@@ -266,9 +273,18 @@ _MIN_SCALE = {"float32": np.float32(2.0 ** -126), "bfloat16": np.float32(2.0 ** 
               "float16": np.float32(2.0 ** -24)}
 
 
+# The largest scale a half-precision scale dtype holds: a larger one would
+# round to inf there (float16 above 65504, bfloat16 within its last rounding
+# of the float32 maximum), and the block would read back as NaN; it is held
+# at the maximum instead, and the block's largest elements saturate.
+_MAX_SCALE = {"float16": np.float32(65504.0),
+              "bfloat16": np.float32((2.0 - 2.0 ** -7) * 2.0 ** 127)}
+
+
 def _clamp_scale(s: jax.Array, dtype: str) -> jax.Array:
-  lo = _MIN_SCALE.get(dtype)
-  return s if lo is None else jnp.maximum(s, lo)
+  lo, hi = _MIN_SCALE.get(dtype), _MAX_SCALE.get(dtype)
+  s = s if lo is None else jnp.maximum(s, lo)
+  return s if hi is None else jnp.minimum(s, hi)
 
 
 def _sum_div(v: jax.Array, red, n) -> jax.Array:

@@ -213,3 +213,36 @@ def test_every_binade_matches_the_scaled_reference(name):
           and not np.array_equal(codes[i], want_codes[i])):
       failures.append((int(k), "codes"))
   assert not failures, f"{name}: {len(failures)} binades fail: {failures[:8]}"
+
+
+@pytest.mark.parametrize("scale_dtype,amax,scale", [
+    ("float16", 1e38, 65504.0),  # beyond float16: held at its maximum
+    ("float16", 1e10, 65504.0),
+    ("float16", 1e-30, 2.0 ** -24),  # below float16: its smallest subnormal
+    ("bfloat16", 2.0 ** -126 * 1.5, 2.0 ** -126),  # a float32 subnormal scale
+])
+def test_half_precision_scales_clamp_at_their_ends(scale_dtype, amax, scale):
+  """A scale beyond the scale dtype's range is held at its end (never inf:
+  the block would read back as NaN), the same in quantize and fake_quant."""
+  x = (np.float32(amax) * np.linspace(-1, 1, 32, dtype=np.float32))[None]
+  x = np.where(np.abs(x) < TINY, np.float32(0), x)  # normal inputs only
+  spec = lb.QuantSpec("int8", axis=-1, scale_dtype=scale_dtype)
+  q = lb.quantize(jnp.asarray(x), spec)
+  fq = np.asarray(lb.fake_quant(jnp.asarray(x), spec))
+  assert float(np.asarray(q.scale, np.float32)[0, 0]) == scale
+  s = np.float32(scale)
+  want = np.clip(np.rint(x / s), -127, 127) * s
+  np.testing.assert_array_equal(fq, want)
+  np.testing.assert_array_equal(np.asarray(lb.dequantize(q)), fq)
+
+
+def test_bfloat16_scale_at_the_float32_maximum_saturates():
+  """binary at +-3.4e38: the mean rounds to bfloat16's inf; the scale is
+  held at bfloat16's maximum instead."""
+  x = np.full((1, 32), _F32_MAX, np.float32)
+  x[0, 1::2] *= -1
+  spec = lb.QuantSpec("binary", axis=-1, scale_dtype="bfloat16")
+  fq = np.asarray(lb.fake_quant(jnp.asarray(x), spec))
+  bf16_max = np.float32((2.0 - 2.0 ** -7) * 2.0 ** 127)
+  np.testing.assert_array_equal(fq, np.sign(x) * bf16_max)
+  np.testing.assert_array_equal(np.asarray(lb.dequantize(lb.quantize(x, spec))), fq)
