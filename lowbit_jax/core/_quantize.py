@@ -691,8 +691,12 @@ def _grid_scaled(xf, xb, red, spec: QuantSpec, bs, noise, scale, zero_point):
   elif spec.scale_dtype == "e8m0":
     e = _e8m0_round_scale(s_in, spec.scale_rounding)
     s_stored = jnp.where(bad, 255, e + _E8M0_BIAS).astype(jnp.uint8)
-    total = jnp.where(bad, jnp.nan, _pow2(e))
-    y = xb * jnp.expand_dims(jnp.where(bad, jnp.nan, _pow2(-e)), red)
+    # Two power-of-two factors each way, as in _grid: exact at e = +-127.
+    t1, t2 = _pow2_pair(e)
+    total = (jnp.where(bad, jnp.nan, t1), t2)
+    i1, i2 = _pow2_pair(-e)
+    y = (xb * jnp.expand_dims(jnp.where(bad, jnp.nan, i1), red)
+         * jnp.expand_dims(i2, red))
   else:
     s_stored, s_val = _store_float_scale(s_in, spec.scale_dtype)
     s_stored, s_val = _mark_bad(s_stored, s_val, bad)

@@ -38,11 +38,14 @@ SPECS = [
     ("fp8_e4m3", dict(format="fp8_e4m3", axis=-1)),
     ("fp8_e5m2_tensor", dict(format="fp8_e5m2", axis="tensor")),
     ("fp6_e3m2", dict(format="fp6_e3m2", axis=-1, group_size=32)),
+    ("fp4_e2m1", dict(format="fp4_e2m1", axis=-1, group_size=32)),
+    ("int2", dict(format="int2", axis=-1)),
     ("nf4", dict(format="nf4", axis=-1, group_size=32)),
     ("int8_bf16_scale", dict(format="int8", axis=-1, scale_dtype="bfloat16")),
     ("binary", dict(format="binary", axis=-1)),
     ("ternary", dict(format="ternary", axis=-1)),
     ("mxfp8", dict(format="mxfp8_e4m3", axis=-1)),
+    ("mxfp8_e5m2", dict(format="mxfp8_e5m2", axis=-1)),
     ("mxfp6", dict(format="mxfp6_e3m2", axis=-1)),
     ("mxfp4", dict(format="mxfp4", axis=-1)),
     ("mxint8", dict(format="mxint8", axis=-1)),
@@ -246,3 +249,60 @@ def test_bfloat16_scale_at_the_float32_maximum_saturates():
   bf16_max = np.float32((2.0 - 2.0 ** -7) * 2.0 ** 127)
   np.testing.assert_array_equal(fq, np.sign(x) * bf16_max)
   np.testing.assert_array_equal(np.asarray(lb.dequantize(lb.quantize(x, spec))), fq)
+
+
+@pytest.mark.parametrize("name", [
+    s[0] if s[0] in FAST else pytest.param(s[0], marks=pytest.mark.slow)
+    for s in SPECS])
+def test_tiny_beside_huge_matches_the_reference(name):
+  """Blocks holding the float32 maximum, 2**100 or 2**-40 beside elements
+  of 2**-126 (NVFP4: 16-blocks of 2**-126 alone in a tensor holding the
+  maximum). The tiny elements change no scale (they vanish in a sum with the
+  large ones) and round to 0, so the result is the reference's for the large
+  elements alone, computed 2**64 lower (where its sums and ranges do not
+  overflow and its E8M0 scales are normal) and scaled back."""
+  spec = lb.QuantSpec(**dict(SPECS)[name])
+  x = np.full((4, 64), np.float32(1.5 * TINY))
+  x[:, ::3] = np.float32(-TINY)
+  x[0, 0] = x[0, 32] = _F32_MAX
+  x[0, 5] = x[0, 40] = np.float32(-3e38)
+  x[1, ::16] = np.float32(2.0 ** 100)
+  x[2, :] = np.float32(2.0 ** 127) * np.linspace(-1, 1, 64, dtype=np.float32)
+  x[3, 1::16] = np.float32(-2.0 ** -40)
+  f = jax.jit(lambda v: (lb.fake_quant(v, spec), lb.dequantize(lb.quantize(v, spec))))
+  fq, dq = (np.asarray(v) for v in f(jnp.asarray(x)))
+  assert np.all(np.isfinite(fq))
+  np.testing.assert_array_equal(fq, dq)
+  z = np.where(np.abs(x) > 2.0 ** -100, x.astype(np.float64) * 2.0 ** -64, 0.0)
+  want = np.asarray(_ref_fn(spec, None)(jnp.asarray(z, jnp.float32)[None])[1])[0]
+  want = np.clip(want.astype(np.float64) * 2.0 ** 64, -_F32_MAX, _F32_MAX)
+  if spec.element.name in ("binary", "ternary"):
+    np.testing.assert_allclose(fq, want, rtol=2e-7)
+  else:
+    np.testing.assert_array_equal(fq, want)
+  if spec.element.name != "binary":  # binary has no 0: tiny ones read +-scale
+    assert np.all(fq[0][np.abs(x[0]) < 1] == 0)  # 2**-126 beside 3.4e38
+
+
+@pytest.mark.parametrize("name,scale,amax", [
+    ("mxfp8_e4m3", 2.0 ** -127, 2.0 ** -120),  # E8M0's smallest (subnormal)
+    ("mxint8", 2.0 ** 127, 2.0 ** 127),
+    ("nvfp4", 2.0 ** -126, 2.0 ** -124),  # the tensor scale held at 2**-126
+])
+def test_learned_scales_at_the_ends_of_the_range(name, scale, amax):
+  """An explicit (LSQ) scale at the ends of the range: the values are
+  ``grid(x / scale) * scale`` exactly, in fake_quant and in dequantize."""
+  spec = lb.QuantSpec(name, axis=-1)
+  x = (np.float32(amax) * np.linspace(-1, 1, 32, dtype=np.float32))[None]
+  x = np.where(np.abs(x) < TINY, np.float32(0), x)
+  s = jnp.full(lb.scale_shape(x.shape, spec), np.float32(scale))
+  fq = np.asarray(lb.fake_quant(jnp.asarray(x), spec, scale=s))
+  dq = np.asarray(lb.dequantize(lb.quantize(jnp.asarray(x), spec, scale=s)))
+  np.testing.assert_array_equal(fq, dq)
+  y = x.astype(np.float64) / scale  # exact: scale is a power of two
+  grid = np.asarray(lb.cast(jnp.asarray(y, jnp.float32), spec.element, saturate=True))
+  if name == "mxint8":
+    grid = np.clip(np.rint(y * 64) / 64, -127 / 64, 127 / 64)
+  want = _flush(grid.astype(np.float64) * scale)
+  np.testing.assert_array_equal(_flush(fq), want)
+  assert np.count_nonzero(fq) > 16
