@@ -18,6 +18,13 @@ The scale rules:
   ``fp4(clamp(x * ((1 / t) / s), -6, 6))``, value ``element * (t * s)``.
 * binary (BWN, Rastegari et al. 2016): ``scale = mean |x|``; ternary (TWN, Li &
   Liu 2016): threshold ``0.7 * mean |x|``, scale the mean |x| above it.
+* Tiny and huge ranges (docs/formats.md, "Tiny and huge ranges"): float32 and
+  bfloat16 scales are at least 2**-126 (float16: 2**-24, at most 65504;
+  bfloat16 at most its maximum), NVFP4's tensor scale at least 2**-126;
+  NVFP4 computes on the tensor scale's significand and applies its power of
+  two last, E8M0 scales apply as two power-of-two factors, so no
+  intermediate is subnormal or inf where the result is a normal number;
+  values beyond the float32 maximum saturate.
 """
 from __future__ import annotations
 
@@ -42,6 +49,7 @@ _E4M3 = get_format("fp8_e4m3")
 _HALF = {"float16": FloatFormat(5, 10, 15, "ieee", name="float16"),
          "bfloat16": FloatFormat(8, 7, 127, "ieee", name="bfloat16")}
 _E8M0_BIAS = 127
+_F32_MAX = np.finfo(np.float32).max
 # Input dtypes whose block amax is reduced without a float32 copy (they have
 # an inf, and their max converts to float32 exactly).
 _NATIVE_REDUCE = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16),
@@ -238,6 +246,24 @@ def _pow2_pair(e: jax.Array):
   return _pow2(h), _pow2(e - h)
 
 
+def _split_pow2(t: jax.Array):
+  """``(tn, 2**-p, 2**p)`` with ``t = tn * 2**p`` and ``tn`` in [1, 2).
+
+  For a positive normal float32 ``t`` (NVFP4's tensor scale, at least
+  2**-126) all three are exact normal numbers (``p`` in [-126, 126]). The
+  tensor-scale arithmetic runs on ``tn`` and applies ``2**p`` last: ``t *
+  s`` and ``(1 / t) / s`` themselves would be subnormal or infinite for a
+  tensor scale near either end of the float32 range, though the scaled
+  values are normal numbers. Where they are normal, the result equals the
+  unsplit one bit for bit (power-of-two scaling is exact). NaN and inf stay
+  NaN and inf in ``tn``.
+  """
+  p, _ = _log2_parts(t)
+  p = jnp.clip(p, -126, 126)
+  down = _pow2(-p)
+  return t * down, down, _pow2(p)
+
+
 # The smallest scale a float scale dtype holds that is a normal float32: a
 # smaller one would be a float32 subnormal, which XLA flushes to zero, or (fp16)
 # would round to zero, so a tensor or block whose amax / element max lies below
@@ -247,9 +273,18 @@ _MIN_SCALE = {"float32": np.float32(2.0 ** -126), "bfloat16": np.float32(2.0 ** 
               "float16": np.float32(2.0 ** -24)}
 
 
+# The largest scale a half-precision scale dtype holds: a larger one would
+# round to inf there (float16 above 65504, bfloat16 within its last rounding
+# of the float32 maximum), and the block would read back as NaN; it is held
+# at the maximum instead, and the block's largest elements saturate.
+_MAX_SCALE = {"float16": np.float32(65504.0),
+              "bfloat16": np.float32((2.0 - 2.0 ** -7) * 2.0 ** 127)}
+
+
 def _clamp_scale(s: jax.Array, dtype: str) -> jax.Array:
-  lo = _MIN_SCALE.get(dtype)
-  return s if lo is None else jnp.maximum(s, lo)
+  lo, hi = _MIN_SCALE.get(dtype), _MAX_SCALE.get(dtype)
+  s = s if lo is None else jnp.maximum(s, lo)
+  return s if hi is None else jnp.minimum(s, hi)
 
 
 def _sum_div(v: jax.Array, red, n) -> jax.Array:
@@ -423,6 +458,11 @@ def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None):
       n_sel = jnp.sum(sel, axis=red)
       a = _sum_div(jnp.where(sel, absx, 0.0), red, jnp.maximum(n_sel, 1))
       blk_bad = jnp.any(~jnp.isfinite(xn), axis=red)
+  # Whether the block has a range, taken before clip_ratio and from the sum
+  # for a mean: a mean (or a clipped amax) of normal numbers can be a float32
+  # subnormal, which XLA flushes to zero on CPU, though the block is not zero.
+  pos = (jnp.sum(absx, axis=red) > 0) if (method == "mean_abs" and amax is None) \
+      else a > 0
   a = a * np.float32(spec.clip_ratio)
   # A block holding a NaN or an inf gets a NaN scale.
   bad = ~jnp.isfinite(a) | blk_bad
@@ -433,35 +473,46 @@ def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None):
     # The per-tensor amax is over finite values: a NaN or inf block turns
     # only itself into NaN.
     if tensor_amax is not None:
-      emax_t = jnp.asarray(tensor_amax, jnp.float32) * np.float32(spec.clip_ratio)
-      bad = bad | (~(emax_t > 0) & (a > 0))  # a traced static range <= 0 or NaN
+      t_amax = jnp.asarray(tensor_amax, jnp.float32)
+      emax_t = t_amax * np.float32(spec.clip_ratio)
+      t_pos = t_amax > 0
+      bad = bad | (~t_pos & (a > 0))  # a traced static range <= 0 or NaN
     elif amax is None:
       emax_t = jnp.max(a_fin)
+      t_pos = emax_t > 0
     else:
       emax_t = jnp.max(a)
+      t_pos = jnp.any(pos)
     smax = _E4M3.max if spec.scale_dtype == "fp8_e4m3" else 1.0
+    # The tensor scale is a normal float32 (at least 2**-126).
     t = _clamp_scale(_div(emax_t, np.float32(fmt.max * smax)), "float32")
-    t = jnp.where(emax_t == 0, np.float32(1.0), t)  # 1 where the amax is 0
+    t = jnp.where(t_pos, t, np.float32(1.0))  # 1 where the amax is 0
     tscale = t
+    # Everything below runs on tn = t / 2**p in [1, 2) (_split_pow2): t * s
+    # and (1 / t) / s would leave float32's normal range for a tensor scale
+    # near either end of it.
+    tn, p_down, p_up = _split_pow2(t)
+    a_n = a * p_down
     # Block amaxes reduced from x (no static amax) divide without a barrier.
     bdiv = _div if amax is not None else _div_computed
     if spec.scale_dtype == "fp8_e4m3":
       # E4M3 block scales clamp at 448, so nothing beyond the tensor range
       # survives (only a static tensor_amax can lie below a block's amax).
       a_clip = jnp.minimum(a, emax_t)
-      s_raw = jnp.clip(bdiv(bdiv(a, np.float32(fmt.max)), t), _E4M3.min_normal,
+      s_raw = jnp.clip(bdiv(bdiv(a_n, np.float32(fmt.max)), tn), _E4M3.min_normal,
                        _E4M3.max)
       s_stored, s_val = _store_float_scale(s_raw, "fp8_e4m3")
     else:
       s_stored, s_val = _store_float_scale(
-          jnp.where(a > 0, bdiv(bdiv(a, np.float32(fmt.max)), t), 1.0),
+          jnp.where(pos, bdiv(bdiv(a_n, np.float32(fmt.max)), tn), 1.0),
           spec.scale_dtype)
     s_stored, s_val = _mark_bad(s_stored, s_val, bad)
-    inv_t = _div(np.float32(1.0), t)
+    inv_t = _div(np.float32(1.0), tn)
     mult = (lax.div(jnp.broadcast_to(inv_t, s_val.shape), s_val)
             if amax is None else _div(inv_t, s_val))
-    y = xb * jnp.expand_dims(mult, red)
-    total = t * s_val
+    # x * 2**-p first: exact, and no larger than the tensor range over tn.
+    y = (xb * p_down) * jnp.expand_dims(mult, red)
+    total = (tn * s_val, p_up)
   elif spec.scale_dtype == "e8m0":
     e = _e8m0_exponent(a, fmt, spec.scale_rounding)
     s_stored = jnp.where(bad, 255, e + _E8M0_BIAS).astype(jnp.uint8)
@@ -476,11 +527,15 @@ def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None):
     # without 0 (binary) needs scale 0 there, or zeros would read back as +-1.
     has_zero = not isinstance(fmt, LookupFormat) or 0.0 in fmt.table
     zero_scale = 1.0 if has_zero else 0.0
-    s = jnp.where(a > 0, _clamp_scale(_div(a, np.float32(fmt.max)), spec.scale_dtype),
+    s = jnp.where(pos, _clamp_scale(_div(a, np.float32(fmt.max)), spec.scale_dtype),
                   zero_scale)
     s_stored, s_val = _store_float_scale(s, spec.scale_dtype)
     s_stored, s_val = _mark_bad(s_stored, s_val, bad)
     y = _div_data(xb, jnp.expand_dims(jnp.where(s_val == 0, 1.0, s_val), red))
+    if not has_zero:
+      # An all-zero block (scale 0) reads back as zeros of x's sign: +0 picks
+      # the grid's positive end (a tie between -1 and 1 would pick -1: -0).
+      y = jnp.where(jnp.expand_dims(s_val == 0, red), jnp.copysign(1.0, xb), y)
     total = s_val
 
   y = y.reshape(xf.shape)
@@ -531,14 +586,21 @@ def _grid_asym(x, xf, xb, red, vb, spec, bs, noise, amax, amin):
     lo = jnp.broadcast_to(jnp.asarray(amin, jnp.float32), shp)
   else:
     hi, lo = d_hi, d_lo
+  # Whether the range is wider than 0, before clip_ratio: a clipped range of
+  # normal numbers can be a float32 subnormal (flushed to 0 on CPU).
+  pos = (hi > 0) | (lo < 0)
   hi = jnp.maximum(hi, 0.0) * np.float32(spec.clip_ratio)
   lo = jnp.minimum(lo, 0.0) * np.float32(spec.clip_ratio)
   rng = hi - lo
   s = _div(rng, np.float32(levels))
-  # A range wider than the float32 maximum (hi and lo near +-3.4e38): split.
-  s = jnp.where(rng == np.float32(np.inf), _div(hi, np.float32(levels))
-                - _div(lo, np.float32(levels)), s)
-  s = jnp.where(rng > 0, _clamp_scale(s, spec.scale_dtype), 1.0)
+  # A range wider than the float32 maximum (hi and lo near +-3.4e38): halved
+  # and doubled back, which rounds as rng / levels would (power-of-two
+  # scaling is exact; a half of hi or lo small enough to be subnormal is
+  # below the rounding of the other).
+  s = jnp.where(rng == np.float32(np.inf),
+                _div(hi * np.float32(0.5) - lo * np.float32(0.5), np.float32(levels))
+                * np.float32(2.0), s)
+  s = jnp.where(pos, _clamp_scale(s, spec.scale_dtype), 1.0)
   s_stored, s_val = _store_float_scale(s, spec.scale_dtype)
   bad = ~(jnp.isfinite(hi) & jnp.isfinite(lo)) | blk_bad  # NaN/inf: NaN scale
   if amax is not None:  # a traced static range of width 0 cannot hold nonzero data
@@ -612,22 +674,29 @@ def _grid_scaled(xf, xb, red, spec: QuantSpec, bs, noise, scale, zero_point):
   elif spec.tensor_scale:
     smax = _E4M3.max if spec.scale_dtype == "fp8_e4m3" else 1.0
     s_fin = jnp.where(bad, 0.0, s_in)
-    t = _div(jnp.max(s_fin), np.float32(smax))
-    t = jnp.where(t > 0, t, np.float32(1.0))
-    s_raw = _div(s_in, t)
+    s_top = jnp.max(s_fin)
+    t = _clamp_scale(_div(s_top, np.float32(smax)), "float32")
+    t = jnp.where(s_top > 0, t, np.float32(1.0))
+    tscale = t
+    # On tn = t / 2**p, as in _grid: t * s and 1 / (t * s) stay normal.
+    tn, p_down, p_up = _split_pow2(t)
+    s_raw = _div(s_in * p_down, tn)
     if spec.scale_dtype == "fp8_e4m3":
       s_raw = jnp.clip(s_raw, _E4M3.min_normal, _E4M3.max)
     s_stored, s_val = _store_float_scale(s_raw, spec.scale_dtype)
     s_stored, s_val = _mark_bad(s_stored, s_val, bad)
-    tscale = t
-    total = t * s_val
-    mult = _div(_div(np.float32(1.0), t), jnp.where(s_val == 0, 1.0, s_val))
-    y = xb * jnp.expand_dims(mult, red)
+    total = (tn * s_val, p_up)
+    mult = _div(_div(np.float32(1.0), tn), jnp.where(s_val == 0, 1.0, s_val))
+    y = (xb * p_down) * jnp.expand_dims(mult, red)
   elif spec.scale_dtype == "e8m0":
     e = _e8m0_round_scale(s_in, spec.scale_rounding)
     s_stored = jnp.where(bad, 255, e + _E8M0_BIAS).astype(jnp.uint8)
-    total = jnp.where(bad, jnp.nan, _pow2(e))
-    y = xb * jnp.expand_dims(jnp.where(bad, jnp.nan, _pow2(-e)), red)
+    # Two power-of-two factors each way, as in _grid: exact at e = +-127.
+    t1, t2 = _pow2_pair(e)
+    total = (jnp.where(bad, jnp.nan, t1), t2)
+    i1, i2 = _pow2_pair(-e)
+    y = (xb * jnp.expand_dims(jnp.where(bad, jnp.nan, i1), red)
+         * jnp.expand_dims(i2, red))
   else:
     s_stored, s_val = _store_float_scale(s_in, spec.scale_dtype)
     s_stored, s_val = _mark_bad(s_stored, s_val, bad)
@@ -706,8 +775,13 @@ def _values(q, total, zp, bs, shape):
   if zp is not None:
     q = q - _expand(zp.astype(jnp.float32), bs, shape)
   if isinstance(total, tuple):
-    return q * _expand(total[0], bs, shape) * _expand(total[1], bs, shape)
-  return q * _expand(total, bs, shape)
+    out = q * _expand(total[0], bs, shape) * _expand(total[1], bs, shape)
+  else:
+    out = q * _expand(total, bs, shape)
+  # A range within an ulp of the float32 maximum (scale = amax / max rounded
+  # up) can put the largest grid value a rounding beyond it: saturate there
+  # instead of returning inf for finite data. NaN stays NaN.
+  return jnp.clip(out, -_F32_MAX, _F32_MAX)
 
 
 # ---------------------------------------------------------------------------
@@ -984,7 +1058,8 @@ def _dequantize_jit(q: QArray) -> jax.Array:
   else:
     total = _scale_value(q.scale, spec.scale_dtype)
     if q.tensor_scale is not None:
-      total = q.tensor_scale * total
+      tn, _, p_up = _split_pow2(q.tensor_scale)  # as _grid applies it
+      total = (tn * total, p_up)
   out = _values(vals, total, q.zero_point, bs, shape)
   out = out[tuple(slice(0, min(d, s)) for d, s in zip(q.shape, shape))]
   return out.astype(q.dtype)
