@@ -467,7 +467,10 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
       if p.endswith("/kernel") and p[: -len("/kernel")] in stats:
         lp = p[: -len("/kernel")]
         n = _node(cur, lp)["kernel"].shape[axis]
-        stats[lp] = _Transform(r=jnp.asarray(hadamard(n))).stats(stats[lp])
+        h = jnp.asarray(hadamard(n))
+        stats[lp] = (_rotate_expert_stats(stats[lp], h)
+                     if isinstance(stats[lp], ExpertStats)
+                     else _Transform(r=h).stats(stats[lp]))
 
   expert_done = set()   # expert layers an awq/smoothquant fold transformed
   if method in _TRANSFORMS:
@@ -668,6 +671,19 @@ def _scale_expert_stats(st: ExpertStats, s: jax.Array) -> ExpertStats:
     sample = sample / s[jnp.clip(st.sample_group, 0, s.shape[0] - 1)]
   return st._replace(gram=st.gram / (s[:, :, None] * s[:, None, :]),
                      absmax=st.absmax / s, abssum=st.abssum / s, sample=sample)
+
+
+def _rotate_expert_stats(st: ExpertStats, r: jax.Array) -> ExpertStats:
+  """Statistics of the inputs ``x @ r`` of a grouped matmul (an online rotation)."""
+  gram = jnp.einsum("ki,gkl,lj->gij", r, st.gram, r, precision=_HI)
+  sample = jnp.matmul(st.sample, r, precision=_HI)
+  absmax, abssum = st.absmax, st.abssum
+  if sample.shape[0]:   # not determined by the unrotated statistics: from the sample
+    onehot = jax.nn.one_hot(st.sample_group, st.count.shape[0], dtype=jnp.float32)
+    absmax = jnp.max(onehot[:, :, None] * jnp.abs(sample)[:, None, :], axis=0)
+    frac = st.count / jnp.maximum(jnp.sum(onehot, axis=0), 1.0)
+    abssum = jnp.einsum("sg,sk->gk", onehot, jnp.abs(sample)) * frac[:, None]
+  return st._replace(gram=gram, absmax=absmax, abssum=abssum, sample=sample)
 
 
 def _parent(path: str) -> str:

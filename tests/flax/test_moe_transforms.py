@@ -1,12 +1,13 @@
-"""AWQ and SmoothQuant on MoE experts: shared scales folded into the norm,
-per-expert scales folded between each expert's up and down projections."""
+"""AWQ, SmoothQuant and QuaRot on MoE experts: shared scales folded into the
+norm, per-expert scales folded between each expert's up and down projections,
+the residual rotation folded into every expert (online Hadamard at down)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lowbit_jax import QuantSpec
-from lowbit_jax.flax import apply_ptq
+from lowbit_jax import QuantRule, QuantSpec
+from lowbit_jax.flax import apply_ptq, quantize_linen
 from lowbit_jax.models.llama import Llama, LlamaConfig
 
 _CFG = LlamaConfig.smoke(vocab=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1,
@@ -65,3 +66,35 @@ def test_awq_on_experts_beats_rtn(moe_lm):
   assert rep["layers"]["layers_0/mlp/gate_proj"]["transform"] == "awq"
   err_rtn, err_awq = _err(model, params, rtn_p, toks), _err(model, params, awq_p, toks)
   assert err_awq < 0.8 * err_rtn, (err_awq, err_rtn)
+
+
+@pytest.mark.slow
+def test_quarot_rotates_every_expert_and_leaves_float_moe_unchanged(moe_lm):
+  model, params, toks = moe_lm
+  new, rep = apply_ptq(model, params, [(toks,)], "quarot", None,
+                       online=r".*/down_proj/kernel")
+  rot = rep["rotation"]
+  for name in ("gate_proj", "up_proj", "router"):
+    assert f"layers_0/mlp/{name}/kernel" in rot.stream.readers
+  assert "layers_0/mlp/down_proj/kernel" in rot.stream.writers
+  assert rot.online == (("layers_0/mlp/down_proj/kernel", 1),)   # per expert, along F
+  ref = jax.jit(model.apply)({"params": params}, toks)
+  out = jax.jit(quantize_linen(rot.rules())(model.apply))({"params": new}, toks)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_quarot_on_experts_beats_rtn_at_w4a4(moe_lm):
+  model, params, toks = moe_lm
+  spec = QuantSpec("int4")
+  rules = [QuantRule(".*", weight=spec, activation=QuantSpec("int4", axis=-1))]
+  rtn_out = jax.jit(quantize_linen(rules)(model.apply))({"params": params}, toks)
+  new, rep = apply_ptq(model, params, [(toks,)], "quarot", spec, "int4",
+                       online=r".*/down_proj/kernel")
+  act = [QuantRule(".*", activation=QuantSpec("int4", axis=-1))]
+  rot_out = jax.jit(quantize_linen(rep["rotation"].rules(act))(model.apply))(
+      {"params": new}, toks)
+  ref = jax.jit(model.apply)({"params": params}, toks)
+  err_rtn = float(jnp.mean(jnp.square(rtn_out - ref)))
+  err_rot = float(jnp.mean(jnp.square(rot_out - ref)))
+  assert err_rot < 0.8 * err_rtn, (err_rot, err_rtn)
