@@ -114,7 +114,8 @@ def main(argv):
     h_cal = layer_grams(model, (dtype, n_calib), calib)
     h_out = layer_grams(model, (dtype, "heldout"), batches(far, _HELDOUT_SEQS.value))
     ratios = {"calib": [], "heldout": []}
-    for p in sorted(h_cal):
+    layer_paths = sorted(h_cal)
+    for p in layer_paths:
       node_w = params
       node_q, node_r = qp, rtn_q[rkey]
       for part in p.split("/"):
@@ -131,7 +132,10 @@ def main(argv):
            "layer_error_vs_rtn_calib": float(np.mean(ratios["calib"])),
            "layer_error_vs_rtn_heldout": float(np.mean(ratios["heldout"])),
            "layers_worse_than_rtn_heldout": int(sum(r > 1 for r in ratios["heldout"])),
-           "n_layers": len(ratios["heldout"]), "seconds": round(time.time() - t0, 1)}
+           "n_layers": len(ratios["heldout"]),
+           "layers_worse_heldout": [p for p, r in zip(layer_paths, ratios["heldout"])
+                                    if r > 1],
+           "seconds": round(time.time() - t0, 1)}
     print(json.dumps(row), flush=True)
     with open(path, "a") as f:
       f.write(json.dumps(row) + "\n")
