@@ -71,9 +71,13 @@ elementwise product) takes one scaling *per expert*, from only the tokens
 routed to that expert (SmoothQuant: their absmax; AWQ: the grid search on
 their retained rows), folded into that expert's producer columns; an expert
 with no routed token keeps scale 1 (``unscaled_experts`` in the fold entry).
-AWQ's clip search does not run on experts. The rotation method does not
-transform experts (a rotation folds into neither the norm nor the elementwise
-product); ``report["folds"]`` lists what was skipped and why.
+AWQ's clip search does not run on experts. The per-group rotation method
+("rotation") does not transform experts (a rotation folds into neither the
+norm nor the elementwise product); ``report["folds"]`` lists what was skipped
+and why. QuaRot ("quarot") does: the residual stream is followed through the
+gather of routed tokens into the experts, so its rotation folds into every
+expert's gate/up (readers) and down (writers) kernels, and ``online`` puts
+the Hadamard in front of each down expert (a ``ragged_dot`` site).
 
 Calibration statistics come from one pass of the float model (all layers
 calibrated in parallel, not sequentially on quantized predecessors).

@@ -17,8 +17,9 @@ leading expert axis), ``lowbit_jax.flax.RaggedDense`` (a grouped matmul,
 those classes reaches all of them: ``quantize_linen`` quantizes expert
 weights per expert (scales per expert and output channel, or groups along K),
 in fake and real mode, and ``apply_ptq`` runs RTN/GPTQ per expert with a
-Hessian built from only the tokens routed to it. The one exception is the *tied* output head
-(``tie_embeddings=True``), which reuses the embedding table through
+Hessian built from only the tokens routed to it (AWQ/SmoothQuant scalings and
+QuaRot's rotation fold into the experts too). The one exception is the *tied*
+output head (``tie_embeddings=True``), which reuses the embedding table through
 ``nn.Embed.attend``. Parameter paths read as ``layers_0/attn/q_proj/kernel``,
 ``layers_0/mlp/gate_proj/kernel``, ``layers_0/mlp/router/kernel``,
 ``lm_head/kernel``.
