@@ -4,7 +4,8 @@ Every held-out window is decoded token by token through the cache
 (``lowbit_jax.models.decode.make_teacher_forced`` with a one-token prompt), so
 each position attends to its past as the cache stores it: float, int8, fp8,
 int4/int2 per token, KIVI (keys per channel in groups of 32 tokens, values per
-token, a float window of the 32 newest tokens), optionally Hadamard-rotated.
+token, a float window of the 32 newest tokens), optionally Hadamard-rotated
+(q, k and v; or SpinQuant's R3, queries and keys only: the ``*_r3`` rows).
 The ``no_cache`` row is the model's ordinary full forward pass.
 
 The model is a trained run's workdir (``experiments/train_lm.py`` or the float
@@ -47,7 +48,11 @@ _REPORT_FROM = flags.DEFINE_string(
 def _schemes() -> dict:
   """``{name: (cache rules or None, residual, rotate, description)}``."""
   from lowbit_jax import QuantRule, QuantSpec  # pylint: disable=g-import-not-at-top
+  from lowbit_jax.algorithms import r3_rules  # pylint: disable=g-import-not-at-top
   from lowbit_jax.models import kv_cache  # pylint: disable=g-import-not-at-top
+
+  def r3(rules):   # SpinQuant's R3 on the cached keys (and the queries)
+    return list(r3_rules(rules, qk=None))
 
   def per_token(fmt, **kw):
     return [QuantRule(r".*/attn/cache/(key|value)", ops=("kv_cache",),
@@ -61,15 +66,22 @@ def _schemes() -> dict:
       "int4": (per_token("int4"), 32, False, "int4 per token, 32-token window"),
       "int4_hadamard": (per_token("int4"), 32, True,
                         "int4 per token, Hadamard-rotated q/k/v, 32-token window"),
+      "int4_r3": (r3(per_token("int4")), 32, False,
+                  "int4 per token, keys Hadamard-rotated with the queries (SpinQuant "
+                  "R3), 32-token window"),
       "int4_no_window": (per_token("int4"), 1, False,
                          "int4 per token, no float window (each token quantized "
                          "after its step)"),
+      "int4_no_window_r3": (r3(per_token("int4")), 1, False,
+                            "int4 per token, no float window, keys R3-rotated"),
       "kivi4": (kv_cache.kivi_rules(4, 32), 32, False,
                 "KIVI 4-bit: keys per channel (groups of 32 tokens), values per "
                 "token, asymmetric, 32-token window"),
       "kivi2": (kv_cache.kivi_rules(2, 32), 32, False, "KIVI 2-bit, as above"),
       "int2": (per_token("int2", symmetric=False), 32, False,
                "int2 asymmetric per token (keys too), 32-token window"),
+      "int2_r3": (r3(per_token("int2", symmetric=False)), 32, False,
+                  "int2 asymmetric per token, keys R3-rotated, 32-token window"),
   }
 
 

@@ -87,6 +87,40 @@ class _Unsupported(ValueError):
   pass
 
 
+_RAGGED = frozenset({"ragged_dot_general", "ragged_dot"})
+
+
+def _ragged_dims(eqn):
+  """``((lhs contracting, rhs contracting), (lhs batch, rhs batch))`` of a ragged dot."""
+  dn = eqn.params.get("ragged_dot_dimension_numbers")
+  if dn is not None:
+    return dn.dot_dimension_numbers
+  return (((1,), (1,)), ((), ()))   # jax.lax.ragged_dot: [M, K] x [G, K, N]
+
+
+def _row_gather(eqn) -> bool:
+  """Whether a gather takes whole last-axis slices, kept last (a row selection)."""
+  dn = eqn.params["dimension_numbers"]
+  nd_in = len(eqn.invars[0].aval.shape)
+  nd_out = len(eqn.outvars[0].aval.shape)
+  sizes = eqn.params["slice_sizes"]
+  return (sizes[-1] == eqn.invars[0].aval.shape[-1]
+          and nd_in - 1 not in dn.collapsed_slice_dims
+          and nd_in - 1 not in dn.start_index_map
+          and tuple(dn.offset_dims)[-1:] == (nd_out - 1,))
+
+
+def _row_scatter(eqn) -> bool:
+  """Whether a scatter-add adds whole last-axis rows of its updates, kept last."""
+  dn = eqn.params["dimension_numbers"]
+  nd_op = len(eqn.invars[0].aval.shape)
+  nd_up = len(eqn.invars[2].aval.shape)
+  return (eqn.invars[0].aval.shape[-1] == eqn.invars[2].aval.shape[-1]
+          and nd_op - 1 not in dn.inserted_window_dims
+          and nd_op - 1 not in dn.scatter_dims_to_operand_dims
+          and tuple(dn.update_window_dims)[-1:] == (nd_up - 1,))
+
+
 class _VDict(dict):
   """A dict keyed by jaxpr variables (literals are never in it)."""
 
@@ -324,6 +358,34 @@ def find_residual_stream(fn: Callable, params: Any, *args, **kwargs) -> Residual
       writers.append(path)
       st[out] = "stream"
       continue
+    # Grouped matmuls (MoE experts, ``ragged_dot``): rows of the stream (a
+    # gather of routed tokens) times one [G, K, N] parameter per group.
+    if name in _RAGGED:
+      x, w = ins[0], ins[1]
+      (lc, rc), _ = _ragged_dims(eqn)
+      sx = state(x)
+      if w not in pview or state(w) is not None:
+        if sx is None and state(w) is None:
+          continue
+        fail(eqn, "a grouped matmul of the stream whose weight is not a parameter")
+      path, amap = pview[w]
+      free = [i for i in range(len(w.aval.shape)) if i not in rc and i != 0]
+      if sx is None:
+        if free and amap[free[-1]] is not None:
+          lin[out] = [(path, amap[free[-1]])]
+        continue
+      if sx != "stream" and not (isinstance(sx, tuple) and sx[0] == "gained"):
+        fail(eqn, "a grouped matmul of a value derived from the stream")
+      if list(lc) != [len(x.aval.shape) - 1] or amap[rc[0]] is None:
+        fail(eqn, f"the grouped matmul with {path!r} does not contract (only) the "
+             "stream's feature axis")
+      add_rotate(path, amap[rc[0]], "reader")
+      readers.append(path)
+      if isinstance(sx, tuple):
+        fusion.setdefault(sx[1], set()).add((path, amap[rc[0]]))
+      if free and amap[free[-1]] is not None:
+        lin[out] = [(path, amap[free[-1]])]
+      continue
     # Matmuls with a parameter: readers of the stream, or linear outputs.
     if name in ("dot_general", "conv_general_dilated"):
       x, w = ins[0], ins[1]
@@ -390,6 +452,15 @@ def find_residual_stream(fn: Callable, params: Any, *args, **kwargs) -> Residual
       elif name == "reshape" and ins[0] in lin and (
           ins[0].aval.shape[-1] == out.aval.shape[-1]):
         lin[out] = lin[ins[0]]
+      elif name == "mul" and any(v in lin for v in ins):
+        # Rows of a linear output weighted per row (MoE routing weights).
+        l_, o = (ins[0], ins[1]) if ins[0] in lin else (ins[1], ins[0])
+        if is_uniform(o) and o not in lin:
+          lin[out] = lin[l_]
+      elif name == "scatter-add" and len(ins) == 3 and ins[2] in lin and (
+          is_zero(ins[0]) and _row_scatter(eqn)):
+        # Rows of a linear output added into zeros (an MoE combine).
+        lin[out] = lin[ins[2]]
       elif name == "add":
         a, b = ins
         for l_, o in ((a, b), (b, a)):
@@ -466,6 +537,10 @@ def find_residual_stream(fn: Callable, params: Any, *args, **kwargs) -> Residual
         st[out] = s0
       else:
         fail(eqn, "something is divided by the stream")
+    elif name == "gather":
+      if s0 == "square" or states[1] is not None or not _row_gather(eqn):
+        fail(eqn, "a gather that is not a selection of whole rows of the stream")
+      st[out] = s0
     elif name in ("square", "integer_pow"):
       if s0 != "stream" or (name == "integer_pow" and eqn.params["y"] != 2):
         fail(eqn, "a power of the stream other than its square")
@@ -576,8 +651,9 @@ def matmul_input_axes(fn: Callable, params: Any, *args, **kwargs) -> dict:
     elif name == "transpose" and ins[0] in pview:
       path, amap = pview[ins[0]]
       pview[outs[0]] = (path, tuple(amap[i] for i in eqn.params["permutation"]))
-    elif name == "dot_general":
-      (lc, rc), _ = eqn.params["dimension_numbers"]
+    elif name == "dot_general" or name in _RAGGED:
+      (lc, rc), _ = (eqn.params["dimension_numbers"] if name == "dot_general"
+                     else _ragged_dims(eqn))
       for v, c in ((ins[0], lc), (ins[1], rc)):
         if not isinstance(v, _Literal) and v in pview:
           path, amap = pview[v]

@@ -169,8 +169,14 @@ class QuantRule:
       product is unchanged while the quantized operands have no outlier
       channels. K must be an order ``core.hadamard`` builds (2^k or b * 2^k,
       b in 12, 20, 28, 44, ...). A rule with only ``input_rotation`` runs the
-      op in float with the transform. Matmuls only (``dot_general`` /
-      ``einsum``), not convolutions or activation matmuls.
+      op in float with the transform. At an activation matmul
+      (``"act_matmul"``) *both* operands are rotated along their contraction
+      axis, which leaves the product unchanged with no weight to pre-rotate:
+      on attention's q.k (``.*/attn/qk``, after the rotary embedding) this is
+      SpinQuant's R3 (Liu et al. 2024, Sec. 3), so quantized queries and
+      keys see no outlier channels. On a ``"kv_cache"`` rule it stores that
+      cached tensor in the Hadamard domain over ``head_dim`` (see
+      ``lowbit_jax.models.kv_cache``; keys: R3). Not convolutions.
 
   Learned scales and PACT clips live in the ``"quant_scales"`` collection
   (train them like parameters); amax histories live in ``"quant_state"``:
@@ -465,11 +471,11 @@ class Site:
                        "activation matmuls take dynamic, delayed or LSQ ranges (a "
                        "static range per operand is not supported); drop "
                        "static=True or keep 'act_matmul' out of the rule's ops")
-    if self.op in ("act_matmul", "conv") and r.input_rotation is not None:
+    if self.op == "conv" and r.input_rotation is not None:
       raise ValueError(f"{self.path}: rule {r.path!r} has input_rotation="
-                       f"{r.input_rotation!r}, which applies to matmuls with a "
-                       f"weight, not to a {self.op}; narrow the rule's ops to "
-                       "('dot_general', 'einsum') or its path")
+                       f"{r.input_rotation!r}, which applies to matmuls, not to a "
+                       "conv; narrow the rule's ops to ('dot_general', 'einsum', "
+                       "'act_matmul') or its path")
     if self.op == "act_matmul" and r.learn_activation == "pact":
       raise ValueError(f"{self.path}: rule {r.path!r} learns a PACT clip, which "
                        "activation x activation matmuls do not take; use "
@@ -1523,12 +1529,14 @@ def site_dot_general(site: Site, lhs, rhs, dimension_numbers, precision=None,
     perm = (tuple(range(nb)) + tuple(range(nb + nr, nb + nr + nl))
             + tuple(range(nb, nb + nr)))
     return jnp.transpose(out, perm)
-  if site.rule.input_rotation is not None and not site.is_act:
+  if site.rule.input_rotation is not None:
     if len(lc) != 1:
       raise ValueError(f"rule {site.rule.path!r}: input_rotation rotates one "
                        f"contraction axis, but this op contracts {len(lc)} axes of "
                        "the activation")
     lhs = hadamard_transform(_float(lhs), lc[0])
+    if site.is_act:   # both operands: (x H)(y H)^T = x y^T (SpinQuant's R3 on q.k)
+      rhs = hadamard_transform(_float(rhs), rc[0])
   if site.mode == "calibrate":
     return lax.dot_general(_float(lhs), _float(rhs).astype(_float(lhs).dtype),
                            dimension_numbers, precision, preferred_element_type)

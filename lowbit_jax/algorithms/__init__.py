@@ -12,7 +12,8 @@ model and folds the results back into its parameters.
 * ``smoothquant_scales``: SmoothQuant (Xiao et al. 2023).
 * ``random_hadamard`` / ``rotate_weights``: QuaRot-style rotations (Ashkboos et
   al. 2024); ``rotate_model``: the whole QuaRot fold on any pre-norm model
-  (residual stream found from its jaxpr, online Hadamard sites).
+  (residual stream found from its jaxpr, online Hadamard sites); ``r3_rules``:
+  SpinQuant's online Hadamard on queries and keys (R3).
 * ``spinquant_model`` / ``cayley_sgd``: SpinQuant's learned rotations (Liu et
   al. 2024), optimised with Cayley SGD (Li et al. 2020) and folded as QuaRot.
 * ``omniquant_block`` / ``OmniQuantOptions``: OmniQuant's learnable weight
@@ -30,7 +31,8 @@ from lowbit_jax.algorithms.omniquant import (LETGroup, OmniQuantBlockResult,
                                              OmniQuantOptions, let_fold, let_init,
                                              lwc_init, lwc_quant, lwc_step,
                                              omniquant_block)
-from lowbit_jax.algorithms.rotation import (RotatedModel, fuse_gains, hadamard_matrix,
+from lowbit_jax.algorithms.rotation import (R3_PATHS, RotatedModel, fuse_gains,
+                                            hadamard_matrix, r3_rules,
                                             head_pairs, random_hadamard,
                                             random_orthogonal, rotate_heads,
                                             rotate_inputs, rotate_model,
@@ -54,7 +56,8 @@ __all__ = [
     "lwc_init", "lwc_step", "lwc_quant", "let_init", "let_fold",
     "hadamard_matrix", "walsh_hadamard_transform", "random_orthogonal",
     "random_hadamard", "rotate_weights", "rotate_inputs", "rotate_model",
-    "rotate_residual", "RotatedModel", "fuse_gains", "head_pairs", "rotate_heads",
+    "rotate_residual", "RotatedModel", "r3_rules", "R3_PATHS", "fuse_gains",
+    "head_pairs", "rotate_heads",
     "spinquant_model", "SpinQuantConfig", "cayley_sgd", "cayley_step",
     "CayleySGDState", "next_token_loss", "orthogonality_error",
     "allocate_bits", "Allocation", "assignment_to_rules", "rules_bits", "spec_bits",

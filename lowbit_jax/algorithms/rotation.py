@@ -294,11 +294,15 @@ class RotatedModel:
     head_rotations: the per-head rotation(s) folded with ``heads`` (one
       ``[head_dim, head_dim]`` for all pairs, or ``[n_pairs, head_dim,
       head_dim]``), or None.
+    r3: ``(qk_regex, cache_key_regex)``: SpinQuant's R3, an online Hadamard on
+      queries and keys after the rotary embedding, which ``rules`` adds (see
+      ``r3_rules``); None: none.
   """
   stream: ResidualStream
   online: tuple
   rotation: jax.Array
   head_rotations: Optional[jax.Array] = None
+  r3: Optional[tuple] = None
 
   @property
   def online_paths(self) -> tuple:
@@ -315,10 +319,16 @@ class RotatedModel:
     Args:
       rules: ordered QuantRules (or anything ``QuantConfig`` accepts).
 
+    With ``r3`` set, the result also carries SpinQuant's R3 (``r3_rules``):
+    pass the same call's result as the KV cache's rules to rotate the cached
+    keys too.
+
     Returns:
       A tuple of QuantRules for any front end.
     """
     base = _rules.as_rules(rules)
+    if self.r3 is not None:
+      base = r3_rules(base, *self.r3)
     head = []
     for path in self.online_paths:
       cands = _rules.candidates(path)
@@ -334,6 +344,55 @@ class RotatedModel:
             o for o in match.ops if o in ("dot_general", "einsum")),
             input_rotation="hadamard"))
     return tuple(head) + tuple(base)
+
+
+R3_PATHS = (r".*/attn/qk", r".*/attn/cache/key")
+
+
+def r3_rules(rules: Sequence = (), qk: Optional[str] = R3_PATHS[0],
+             cache_key: Optional[str] = R3_PATHS[1]) -> tuple:
+  """``rules`` with SpinQuant's R3: a Hadamard on queries and keys per head.
+
+  Liu et al. 2024, "SpinQuant: LLM Quantization with Learned Rotations",
+  Sec. 3: after the rotary embedding, queries and keys are both multiplied by
+  a Hadamard matrix over ``head_dim`` (``(q H)(k H)^T = q k^T``, so attention
+  is unchanged in exact arithmetic), which spreads outlier channels before a
+  quantized KV cache or a quantized ``q.k`` sees them. No weight changes: it
+  is an online rotation, expressed here as ``input_rotation="hadamard"`` on
+
+  * every rule with ``"act_matmul"`` in its ops, restricted to ``qk`` (both
+    operands of ``q.k`` rotated inside the quantized op), and
+  * every rule with ``"kv_cache"`` in its ops, restricted to ``cache_key``
+    (the cache stores rotated keys and the model rotates the queries to
+    match, ``lowbit_jax.models.kv_cache``),
+
+  each copy put before the rules (a path restricted by a lookahead, so it
+  matches what both regexes match), plus a rotation-only rule for each regex
+  in case none of ``rules`` reaches it (a float ``q.k`` is left as it is; a
+  float cache stores the rotated keys). Pass the result both to the model's
+  quantizer and as the cache rules.
+
+  Args:
+    rules: ordered QuantRules (or anything ``QuantConfig`` accepts).
+    qk: regex of the attention score matmuls (``ActEinsum`` paths); None:
+      leave them.
+    cache_key: regex of the cached keys; None: leave the cache.
+
+  Returns:
+    A tuple of QuantRules.
+  """
+  base = _rules.as_rules(rules)
+  head = []
+  for target, op in ((qk, "act_matmul"), (cache_key, "kv_cache")):
+    if target is None:
+      continue
+    re.compile(target)
+    for r in base:
+      if op in r.ops and r.input_rotation is None:
+        head.append(dataclasses.replace(r, path=f"(?=(?:{target})\\Z)(?:{r.path})",
+                                        ops=(op,), input_rotation="hadamard"))
+    head.append(_rules.QuantRule(target, ops=(op,), input_rotation="hadamard"))
+  return tuple(head) + tuple(base)
 
 
 def _rotate_heads(w: jax.Array, axis: int, head_dim: int, h,

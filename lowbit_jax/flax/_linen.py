@@ -170,10 +170,15 @@ class ActEinsum(nn.Module):
     einsum_str: the two-operand equation, e.g. ``"bqhd,bkhd->bhqk"``.
     precision: as ``jnp.einsum``.
     preferred_element_type: as ``jnp.einsum``.
+    operands_rotated: the caller already multiplied both operands by a
+      Hadamard matrix along the contraction axis (a KV cache that stores
+      rotated keys, SpinQuant's R3), so a rule's ``input_rotation`` does not
+      rotate them again.
   """
   einsum_str: str
   precision: Any = None
   preferred_element_type: Any = None
+  operands_rotated: bool = False
 
   def __call__(self, lhs: jax.Array, rhs: jax.Array) -> jax.Array:
     """``jnp.einsum(einsum_str, lhs, rhs)``."""
@@ -583,6 +588,8 @@ class LinenQuantizer:
       rule = self.config.match((path,), (_OP[kind],))
       if rule is None or (rule.activation is None and rule.grad is None):
         return next_fun(*args, **kwargs)
+      if rule.input_rotation is not None and mod.operands_rotated:
+        rule = dataclasses.replace(rule, input_rotation=None)
       site = Site(path, _OP[kind], rule, self.mode, self.use_kernel)
       self.config.record_site(path, site)
       return self._act_einsum(mod, _SiteOp(self, mod, site), *args, **kwargs)

@@ -58,11 +58,26 @@ channel, or groups along K), and ``report["quant_scales"]`` carries the
 ``[G, ...]`` scale grid so real mode stores exactly those codes. An expert
 that received no calibration token has no Hessian: it is rounded to nearest
 and listed in its layer's ``report["layers"][path]["rtn_fallback"]`` (with
-``calibration_tokens``, the tokens each expert saw). The transformation
-methods (AWQ, SmoothQuant, rotation) do not transform experts: their input is
-a gather of the routed tokens, into which no per-expert transformation folds
-exactly; ``report["folds"]`` lists them as skipped and they take the plain
-quantizer (``quantizer="rtn"`` or ``"gptq"``).
+``calibration_tokens``, the tokens each expert saw). AWQ and SmoothQuant
+transform experts in two exact folds, both checked numerically like every
+other fold: (1) the experts whose input is a gather of a norm's output (the
+gate and up projections) join the group of that norm's other readers (the
+router): one scaling shared by all experts (a per-expert one has no exact
+fold into the shared norm), searched with every expert's kernel, folded into
+the norm gain, the router and every expert's input rows; (2) an expert
+layer whose input is produced per expert by another expert layer of the same
+module (the down projection, from the up projection across SwiGLU's
+elementwise product) takes one scaling *per expert*, from only the tokens
+routed to that expert (SmoothQuant: their absmax; AWQ: the grid search on
+their retained rows), folded into that expert's producer columns; an expert
+with no routed token keeps scale 1 (``unscaled_experts`` in the fold entry).
+AWQ's clip search does not run on experts. The per-group rotation method
+("rotation") does not transform experts (a rotation folds into neither the
+norm nor the elementwise product); ``report["folds"]`` lists what was skipped
+and why. QuaRot ("quarot") does: the residual stream is followed through the
+gather of routed tokens into the experts, so its rotation folds into every
+expert's gate/up (readers) and down (writers) kernels, and ``online`` puts
+the Hadamard in front of each down expert (a ``ragged_dot`` site).
 
 Calibration statistics come from one pass of the float model (all layers
 calibrated in parallel, not sequentially on quantized predecessors).
@@ -82,7 +97,7 @@ import numpy as np
 
 from lowbit_jax.algorithms.awq import awq_clip_search, awq_search
 from lowbit_jax.algorithms.gptq import gptq
-from lowbit_jax.algorithms.rotation import random_hadamard, rotate_model
+from lowbit_jax.algorithms.rotation import R3_PATHS, random_hadamard, rotate_model
 from lowbit_jax.algorithms.spinquant import SpinQuantConfig, spinquant_model
 from lowbit_jax.core import hadamard
 from lowbit_jax.algorithms.smoothquant import smoothquant_scales
@@ -256,7 +271,8 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
               online: Optional[str] = None, heads: Optional[tuple] = None,
               spinquant: Optional[SpinQuantConfig] = None,
               awq_clip: bool = True, awq_clip_skip: Optional[str] = AWQ_CLIP_SKIP,
-              omniquant: Optional[Any] = None) -> tuple[Any, dict]:
+              omniquant: Optional[Any] = None,
+              r3: Union[bool, tuple] = False) -> tuple[Any, dict]:
   """Runs a PTQ method on a Linen model's Dense (and MoE expert) layers.
 
   Methods: "rtn" (round to nearest), "gptq" (Frantar et al. 2023), "awq" (Lin
@@ -328,6 +344,14 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
     omniquant: method "omniquant": an ``algorithms.OmniQuantOptions`` (steps,
       learning rates, lwc / let on or off, the block regex, ...); None: its
       defaults.
+    r3: methods "quarot"/"spinquant": SpinQuant's R3 (Liu et al. 2024, Sec. 3),
+      an online Hadamard on queries and keys after the rotary embedding (no
+      weight changes): True for the decoder's paths
+      (``algorithms.rotation.R3_PATHS``: ``.*/attn/qk`` and
+      ``.*/attn/cache/key``), or ``(qk_regex, cache_key_regex)`` (either
+      None). ``report["rotation"].rules(rules)`` then adds it to the
+      attention ``"act_matmul"`` rules, and ``.rules(cache_rules)`` to the KV
+      cache rules (``algorithms.r3_rules``).
 
   Returns:
     ``(new_params, report)``: params of the same structure with each treated
@@ -364,6 +388,11 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
   if (online is not None or heads is not None) and method not in _WHOLE_MODEL_ROTATIONS:
     raise ValueError(f"online= and heads= apply to method='quarot' or 'spinquant', "
                      f"not {method!r}")
+  if not isinstance(r3, bool) and not (isinstance(r3, tuple) and len(r3) == 2):
+    raise TypeError(f"r3 must be True/False or a (qk_regex, cache_key_regex) pair, "
+                    f"got {r3!r}")
+  if r3 is not False and method not in _WHOLE_MODEL_ROTATIONS:
+    raise ValueError(f"r3= applies to method='quarot' or 'spinquant', not {method!r}")
   if spinquant is not None and method != "spinquant":
     raise ValueError(f"spinquant= applies to method='spinquant', not {method!r}")
   if method in ("rtn", "gptq") and quantizer != "rtn":
@@ -419,6 +448,8 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
         model, cur, calib_batches, _loss_rules(weight_spec, aspec, layers),
         spinquant or SpinQuantConfig(seed=rotation_seed), online, heads, fold_rtol,
         apply_kwargs, other_variables)
+  if r3 is not False:
+    rotated = dataclasses.replace(rotated, r3=R3_PATHS if r3 is True else r3)
   t0 = time.perf_counter()
   cap: Capture = capture_dense_stats(
       model, cur, calib_batches, layers=layers, token_mask=token_mask,
@@ -440,8 +471,12 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
       if p.endswith("/kernel") and p[: -len("/kernel")] in stats:
         lp = p[: -len("/kernel")]
         n = _node(cur, lp)["kernel"].shape[axis]
-        stats[lp] = _Transform(r=jnp.asarray(hadamard(n))).stats(stats[lp])
+        h = jnp.asarray(hadamard(n))
+        stats[lp] = (_rotate_expert_stats(stats[lp], h)
+                     if isinstance(stats[lp], ExpertStats)
+                     else _Transform(r=h).stats(stats[lp]))
 
+  expert_done = set()   # expert layers an awq/smoothquant fold transformed
   if method in _TRANSFORMS:
     apply_kwargs_ = dict(apply_kwargs or {})
     variables_extra = dict(other_variables or {})
@@ -462,8 +497,17 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
     probe_key = jax.random.key(rotation_seed + 1)
     rot_key = jax.random.key(rotation_seed)
     groups = _groups_with_extra(cap, extra_folds)
+    # MoE experts reading the routed tokens of a norm's output (a gather):
+    # a diagonal scaling shared by all experts folds into that norm.
+    expert_down = ({} if method == "rotation" else
+                   _expert_down_pairs(cur, stats, expert_layers, forward, ref_out,
+                                      probe_key, fold_rtol))
+    attached = ({} if method == "rotation" else
+                _attach_expert_readers(cur, cap, groups, expert_layers,
+                                       set(expert_down)))
     for gi, (members, producer) in enumerate(groups):
       members = [m for m in members if m in specs]
+      experts_here = attached.get(gi, [])
       if not members:
         continue
       k = _node(cur, members[0])["kernel"].shape[0]
@@ -476,11 +520,17 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
         trial = test.fold_into(cur, *producer)
         for m in members:
           trial = with_leaves(trial, m, kernel=test.weight(_node(trial, m)["kernel"]))
+        for m in experts_here:
+          trial = with_leaves(trial, m, kernel=_scale_rows(_node(trial, m)["kernel"],
+                                                           test.s))
         if not _outputs_close(ref_out, forward(trial), fold_rtol):
           why = (f"folding into {producer[1]!r} changes the model output (its output "
                  "is used elsewhere too, e.g. by a residual connection)")
-      entry = {"layers": members, "producer": None if producer is None else producer[1]}
-      if method == "awq" and all(specs[m] is None for m in members):
+      if why is not None:
+        experts_here = []
+      entry = {"layers": members + experts_here,
+               "producer": None if producer is None else producer[1]}
+      if method == "awq" and all(specs[m] is None for m in members) and not experts_here:
         folds.append({**entry, "status": "skipped",
                       "reason": "weight_spec leaves all these layers in float"})
         continue
@@ -489,10 +539,15 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
         continue
       st0 = stats[members[0]]
       kernels = [_node(cur, m)["kernel"] for m in members]
+      kspecs = [specs[m] for m in members]
+      for m in experts_here:   # every expert's kernel, searched on all tokens
+        w = _node(cur, m)["kernel"]
+        kernels += [w[e] for e in range(w.shape[0])]
+        kspecs += [_resolve_spec(weight_spec, m)] * w.shape[0]
       if method == "smoothquant":
         tr = _Transform(s=smoothquant_scales(st0.absmax, kernels, alpha))
       elif method == "awq":
-        res = awq_search(st0.sample, kernels, [specs[m] for m in members],
+        res = awq_search(st0.sample, kernels, kspecs,
                          act_scale=st0.mean_abs, n_grid=n_grid, act_spec=aspec)
         tr = _Transform(s=res.scales)
         entry["alpha"] = float(res.alpha)
@@ -504,6 +559,10 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
         cur = tr.fold_into(cur, *producer)
         for m in members:
           cur = with_leaves(cur, m, kernel=tr.weight(_node(cur, m)["kernel"]))
+        for m in experts_here:
+          cur = with_leaves(cur, m, kernel=_scale_rows(_node(cur, m)["kernel"], tr.s))
+          stats[m] = _scale_expert_stats(stats[m], tr.s)
+          expert_done.add(m)
       else:
         entry["reason"] = why
       for m in members:
@@ -511,14 +570,26 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
         transforms[m] = (tr, status)
       folds.append({**entry, "status": status})
 
+    # Each expert's down projection: a scaling per expert, from the tokens
+    # routed to it, folded into that expert's up-projection columns.
+    for p, producer_p in expert_down.items():
+      cur, stats[p], entry = _expert_down_transform(
+          method, cur, stats[p], p, producer_p, _resolve_spec(weight_spec, p), aspec,
+          alpha, n_grid)
+      folds.append(entry)
+      expert_done.add(p)
+
   report_layers = {}
   weight_scales = {}
   for p in expert_layers:
-    if method in _TRANSFORMS:
+    if method in _TRANSFORMS and p not in expert_done:
       folds.append({"layers": [p], "producer": None, "status": "skipped",
-                    "reason": "expert inputs are the routed tokens (a gather of the "
-                              "norm output): a per-expert transformation has no "
-                              "exact fold; the experts get the plain quantizer"})
+                    "reason": ("a rotation of the routed tokens has no exact fold "
+                               "(only diagonal scalings fold into the norm, and the "
+                               "product before the down projection is elementwise)")
+                    if method == "rotation" else
+                    ("no norm or expert layer produces these experts' input in a "
+                     "way a scaling folds into exactly (checked numerically)")})
     spec = _resolve_spec(weight_spec, p)
     new_w, entry, scale = _quantize_experts(
         _node(cur, p)["kernel"], stats[p], spec, base_quant, aspec,
@@ -526,7 +597,7 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
     cur = with_leaves(cur, p, kernel=new_w)
     if scale is not None:
       weight_scales[p] = scale
-    entry["transform"] = "none"
+    entry["transform"] = method if p in expert_done else "none"
     report_layers[p] = entry
   for p in selected:
     spec = specs[p]
@@ -587,6 +658,129 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
   report["quant_scales"] = _nest({f"{p}/weight_scale": v for p, v in
                                   weight_scales.items()})
   return new_params, report
+
+
+def _scale_rows(w: jax.Array, s: jax.Array) -> jax.Array:
+  """An expert stack ``[G, K, N]`` with input row ``j`` times ``s[j]`` (or ``s[g, j]``)."""
+  s = jnp.asarray(s, jnp.float32)
+  s = s[None, :, None] if s.ndim == 1 else s[:, :, None]
+  return (w.astype(jnp.float32) * s).astype(w.dtype)
+
+
+def _scale_expert_stats(st: ExpertStats, s: jax.Array) -> ExpertStats:
+  """Statistics of the inputs ``x / s`` (``s [K]`` shared, or ``[G, K]`` per expert)."""
+  s = jnp.broadcast_to(jnp.asarray(s, jnp.float32), st.absmax.shape)
+  sample = st.sample
+  if sample.shape[0]:
+    sample = sample / s[jnp.clip(st.sample_group, 0, s.shape[0] - 1)]
+  return st._replace(gram=st.gram / (s[:, :, None] * s[:, None, :]),
+                     absmax=st.absmax / s, abssum=st.abssum / s, sample=sample)
+
+
+def _rotate_expert_stats(st: ExpertStats, r: jax.Array) -> ExpertStats:
+  """Statistics of the inputs ``x @ r`` of a grouped matmul (an online rotation)."""
+  gram = jnp.einsum("ki,gkl,lj->gij", r, st.gram, r, precision=_HI)
+  sample = jnp.matmul(st.sample, r, precision=_HI)
+  absmax, abssum = st.absmax, st.abssum
+  if sample.shape[0]:   # not determined by the unrotated statistics: from the sample
+    onehot = jax.nn.one_hot(st.sample_group, st.count.shape[0], dtype=jnp.float32)
+    absmax = jnp.max(onehot[:, :, None] * jnp.abs(sample)[:, None, :], axis=0)
+    frac = st.count / jnp.maximum(jnp.sum(onehot, axis=0), 1.0)
+    abssum = jnp.einsum("sg,sk->gk", onehot, jnp.abs(sample)) * frac[:, None]
+  return st._replace(gram=gram, absmax=absmax, abssum=abssum, sample=sample)
+
+
+def _parent(path: str) -> str:
+  return path.rsplit("/", 1)[0] if "/" in path else ""
+
+
+def _expert_down_pairs(params, stats, expert_layers, forward, ref_out, key,
+                       rtol: float) -> dict:
+  """``{consumer expert layer: producer expert layer}`` with an exact per-expert fold.
+
+  A consumer ``[G, K, N]`` pairs with a producer ``[G, *, K]`` of the same
+  parent module when a random per-expert diagonal scaling, divided out of the
+  producer's output columns and multiplied into the consumer's input rows,
+  leaves the model output unchanged (SwiGLU: ``down`` with ``up``, not with
+  ``gate``, whose output passes through the SiLU).
+  """
+  pairs = {}
+  for i, p in enumerate(expert_layers):
+    wp = _node(params, p)["kernel"]
+    g, k = wp.shape[0], wp.shape[1]
+    for q in expert_layers:
+      wq = _node(params, q)["kernel"]
+      if q == p or _parent(q) != _parent(p) or wq.shape[0] != g or wq.shape[2] != k:
+        continue
+      s = jnp.exp(jax.random.uniform(jax.random.fold_in(key, 1000 + i), (g, k),
+                                     jnp.float32, -0.7, 0.7))
+      trial = with_leaves(params, q, kernel=(wq.astype(jnp.float32)
+                                             / s[:, None, :]).astype(wq.dtype))
+      trial = with_leaves(trial, p, kernel=_scale_rows(wp, s))
+      if _outputs_close(ref_out, forward(trial), rtol):
+        pairs[p] = q
+        break
+  return pairs
+
+
+def _attach_expert_readers(params, cap: Capture, groups, expert_layers,
+                           consumers: set) -> dict:
+  """``{group index: expert layers}``: experts that read the routed rows of a norm.
+
+  An expert layer whose input has no producer (a gather of routed tokens)
+  and that is not the consumer of a per-expert fold is attached to the
+  norm-produced group of a Dense of the same parent module (the router);
+  the fold is then checked numerically with the group's.
+  """
+  out: dict = {}
+  for p in expert_layers:
+    if p in consumers or cap.producers.get(p) is not None:
+      continue
+    k = _node(params, p)["kernel"].shape[1]
+    for gi, (members, producer) in enumerate(groups):
+      if (producer is not None and producer[0] == "norm"
+          and any(_parent(m) == _parent(p) and m not in expert_layers
+                  and _node(params, m)["kernel"].shape[0] == k for m in members)):
+        out.setdefault(gi, []).append(p)
+        break
+  return out
+
+
+def _expert_down_transform(method: str, params, st: ExpertStats, path: str,
+                           producer: str, spec: Optional[QuantSpec],
+                           aspec: Optional[QuantSpec], alpha: float, n_grid: int):
+  """AWQ or SmoothQuant scales per expert of ``path``, folded into ``producer``.
+
+  Expert ``g``'s scales come from the rows routed to it only (SmoothQuant: its
+  activation absmax; AWQ: the grid search on its retained rows); an expert
+  without calibration rows keeps scale 1.
+
+  Returns:
+    ``(params, transformed stats, fold report entry)``.
+  """
+  w = _node(params, path)["kernel"]
+  g, k = w.shape[0], w.shape[1]
+  counts = np.asarray(st.count)
+  groups = np.asarray(st.sample_group)
+  scales, unscaled = [], []
+  for e in range(g):
+    rows = st.sample[groups == e] if st.sample.shape[0] else st.sample
+    if counts[e] == 0 or (method == "awq" and (rows.shape[0] == 0 or spec is None)):
+      scales.append(jnp.ones((k,), jnp.float32))
+      unscaled.append(e)
+    elif method == "smoothquant":
+      scales.append(smoothquant_scales(st.absmax[e], [w[e]], alpha))
+    else:
+      scales.append(awq_search(rows, [w[e]], [spec], act_scale=st.mean_abs[e],
+                               n_grid=n_grid, act_spec=aspec).scales)
+  s = jnp.stack(scales)
+  wq = _node(params, producer)["kernel"]
+  params = with_leaves(params, producer, kernel=(wq.astype(jnp.float32)
+                                                 / s[:, None, :]).astype(wq.dtype))
+  params = with_leaves(params, path, kernel=_scale_rows(w, s))
+  entry = {"layers": [path], "producer": producer, "status": "folded",
+           "per_expert": True, "unscaled_experts": unscaled}
+  return params, _scale_expert_stats(st, s), entry
 
 
 def _expert_spec(spec: QuantSpec) -> QuantSpec:

@@ -35,7 +35,13 @@ Optionally (``rotate=True``) queries, keys and values are multiplied by the
 normalized Walsh-Hadamard matrix over ``head_dim`` before they meet the cache
 and the attention output by it afterwards, which leaves attention unchanged in
 exact arithmetic and spreads outlier channels before quantization (as QuaRot,
-Ashkboos et al., 2024, does for the KV cache).
+Ashkboos et al., 2024, does for the KV cache). Per tensor, a cache rule with
+``input_rotation="hadamard"`` does the same for what it matches: on
+``.../cache/key`` the keys are stored in the Hadamard domain and the queries
+rotated to match (after the rotary embedding), so ``q.k`` is unchanged and
+the values are untouched: SpinQuant's R3 (Liu et al., 2024, "SpinQuant",
+Sec. 3); on ``.../cache/value`` the values are stored rotated and the
+attention output rotated back.
 """
 from __future__ import annotations
 
@@ -49,6 +55,7 @@ import numpy as np
 from jax import lax
 
 from lowbit_jax._rules import CACHE_OPS, QuantConfig, QuantRule
+from lowbit_jax.core._hadamard import hadamard
 from lowbit_jax.core._qarray import QArray
 from lowbit_jax.core._quantize import dequantize, fake_quant, quantize
 from lowbit_jax.core._spec import QuantSpec
@@ -123,9 +130,20 @@ class CacheTensor:
 
 @dataclasses.dataclass(frozen=True)
 class LayerCache:
-  """Keys and values of one decoder layer."""
+  """Keys and values of one decoder layer.
+
+  Attributes:
+    key: the cached keys.
+    value: the cached values.
+    rotate_key: keys are stored Hadamard-rotated over ``head_dim`` and the
+      queries are rotated to match (static; SpinQuant's R3).
+    rotate_value: values are stored Hadamard-rotated and the attention output
+      rotated back (static).
+  """
   key: CacheTensor
   value: CacheTensor
+  rotate_key: bool = False
+  rotate_value: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +191,7 @@ class KVCache:
 jax.tree_util.register_dataclass(CacheTensor, data_fields=["store", "residual"],
                                  meta_fields=[])
 jax.tree_util.register_dataclass(LayerCache, data_fields=["key", "value"],
-                                 meta_fields=[])
+                                 meta_fields=["rotate_key", "rotate_value"])
 jax.tree_util.register_dataclass(KVCache, data_fields=["layers", "index", "pad"],
                                  meta_fields=["max_len", "residual", "rotate"])
 
@@ -199,6 +217,29 @@ def _check_rule(rule: QuantRule, path: str) -> None:
                      "axis=-1), ops=('kv_cache',))")
 
 
+def _cache_rules(n_layers: int, rules, strict: bool) -> tuple:
+  """``((key_rule, value_rule), ...)`` per layer: the matched rules or None."""
+  if rules is None or (not isinstance(rules, QuantRule) and not list(rules)):
+    return tuple((None, None) for _ in range(n_layers))
+  config = QuantConfig(rules)
+  out = []
+  for i in range(n_layers):
+    pair = []
+    for which in (KEY, VALUE):
+      path = cache_path(i, which)
+      rule = config.match((path,), (CACHE_OP,))
+      if rule is not None:
+        _check_rule(rule, path)
+      pair.append(rule)
+    out.append(tuple(pair))
+  unused = [r for r in config.unused_rules() if CACHE_OP in r.ops]
+  if strict and unused:
+    raise ValueError("these KV-cache rules matched no cache path: "
+                     + ", ".join(repr(r.path) for r in unused) + ". Cache paths "
+                     "read 'layers_0/attn/cache/key' and 'layers_0/attn/cache/value'")
+  return tuple(out)
+
+
 def cache_specs(n_layers: int, rules, *, strict: bool = False) -> tuple:
   """``((key_spec, value_spec), ...)`` per layer from rules (None = float).
 
@@ -212,30 +253,26 @@ def cache_specs(n_layers: int, rules, *, strict: bool = False) -> tuple:
     ValueError: a matched rule sets options a cache does not use, or (strict)
       a cache rule matched nothing.
   """
-  if rules is None or (not isinstance(rules, QuantRule) and not list(rules)):
-    return tuple((None, None) for _ in range(n_layers))
-  config = QuantConfig(rules)
   out = []
-  for i in range(n_layers):
-    pair = []
-    for which in (KEY, VALUE):
-      path = cache_path(i, which)
-      rule = config.match((path,), (CACHE_OP,))
-      if rule is None:
-        pair.append(None)
-        continue
-      _check_rule(rule, path)
-      spec = rule.activation
+  for pair in _cache_rules(n_layers, rules, strict):
+    specs = []
+    for rule in pair:
+      spec = None if rule is None else rule.activation
       if spec is not None and spec.axis is None and spec.tile is None:
         spec = spec.replace(axis=-1)
-      pair.append(spec)
-    out.append(tuple(pair))
-  unused = [r for r in config.unused_rules() if CACHE_OP in r.ops]
-  if strict and unused:
-    raise ValueError("these KV-cache rules matched no cache path: "
-                     + ", ".join(repr(r.path) for r in unused) + ". Cache paths "
-                     "read 'layers_0/attn/cache/key' and 'layers_0/attn/cache/value'")
+      specs.append(spec)
+    out.append(tuple(specs))
   return tuple(out)
+
+
+def cache_rotations(n_layers: int, rules) -> tuple:
+  """``((rotate_key, rotate_value), ...)`` per layer: rules with ``input_rotation``.
+
+  A ``"kv_cache"`` rule with ``input_rotation="hadamard"`` stores the tensor
+  it matches Hadamard-rotated over ``head_dim`` (keys: SpinQuant's R3).
+  """
+  return tuple(tuple(r is not None and r.input_rotation is not None for r in pair)
+               for pair in _cache_rules(n_layers, rules, False))
 
 
 def _token_block(spec: QuantSpec, shape: tuple) -> int:
@@ -302,7 +339,9 @@ def init_cache(config, batch: int, *, rules=None, residual: Optional[int] = None
     max_len: slots (default ``config.max_len``); prompt plus generated tokens
       must fit.
     pad: int32 ``[batch]`` left padding of each row (default none).
-    rotate: Hadamard-rotate q, k, v over ``head_dim`` (a power of two).
+    rotate: Hadamard-rotate q, k, v over ``head_dim`` (a power of two) in
+      every layer. Cache rules with ``input_rotation="hadamard"`` rotate only
+      what they match (keys: R3, any order ``core.hadamard`` builds).
     dtype: float dtype of float stores and residuals (default the model's
       compute dtype); the dtype dequantized keys and values come back in.
     strict: raise if a cache rule matched nothing.
@@ -314,17 +353,28 @@ def init_cache(config, batch: int, *, rules=None, residual: Optional[int] = None
 
   Raises:
     ValueError: a spec that cannot be filled chunk by chunk, a residual that
-      does not fit, a head_dim that is not a power of two with rotate=True.
+      does not fit, a head_dim no Hadamard matrix exists for with a rotation.
   """
   n_layers, kvh, d = config.n_layers, config.n_kv_heads, config.head_dim
   slots = int(max_len if max_len is not None else config.max_len)
   if slots < 1:
     raise ValueError(f"max_len must be positive, got {slots}")
   dt = jnp.dtype(dtype if dtype is not None else config.compute_dtype)
-  if rotate and d & (d - 1):
-    raise ValueError(f"rotate=True uses a Walsh-Hadamard matrix over head_dim, "
-                     f"which must be a power of two; head_dim is {d}")
   specs = cache_specs(n_layers, rules, strict=strict)
+  rotations = tuple((bool(rotate) or k, bool(rotate) or v)
+                    for k, v in cache_rotations(n_layers, rules))
+  if any(v for _, v in rotations) and d & (d - 1):
+    raise ValueError(f"rotating the cached values (rotate=True or a value rule with "
+                     f"input_rotation) rotates the attention output back with the "
+                     f"same symmetric Walsh-Hadamard matrix, which needs head_dim a "
+                     f"power of two; head_dim is {d} (rotate only the keys: a key "
+                     f"rule with input_rotation)")
+  if any(k for k, _ in rotations):
+    try:
+      hadamard(d)
+    except ValueError as e:
+      raise ValueError(f"rotating the cached keys needs a Hadamard matrix over "
+                       f"head_dim={d}: {e}") from None
   quantized = [s for pair in specs for s in pair if s is not None]
   for i, pair in enumerate(specs):
     for which, spec in zip((KEY, VALUE), pair):
@@ -363,7 +413,7 @@ def init_cache(config, batch: int, *, rules=None, residual: Optional[int] = None
           lambda x, spec=spec: quantize(x, spec),
           jax.ShapeDtypeStruct((batch, q_slots, kvh, d), dt)))
       tensors.append(CacheTensor(store, jnp.zeros((batch, r, kvh, d), dt)))
-    layers.append(LayerCache(*tensors))
+    layers.append(LayerCache(*tensors, *rotations[i]))
   if pad is None:
     pad = jnp.zeros((batch,), jnp.int32)
   pad = jnp.asarray(pad, jnp.int32)
@@ -477,5 +527,5 @@ def fake_quant_chunks(x: jax.Array, spec: QuantSpec, residual: int,
 
 
 __all__ = ["CACHE_OP", "KVCache", "LayerCache", "CacheTensor", "cache_path",
-           "cache_specs", "kivi_rules", "init_cache", "read", "valid_slots", "append",
+           "cache_specs", "cache_rotations", "kivi_rules", "init_cache", "read", "valid_slots", "append",
            "fake_quant_chunks"]

@@ -17,8 +17,9 @@ leading expert axis), ``lowbit_jax.flax.RaggedDense`` (a grouped matmul,
 those classes reaches all of them: ``quantize_linen`` quantizes expert
 weights per expert (scales per expert and output channel, or groups along K),
 in fake and real mode, and ``apply_ptq`` runs RTN/GPTQ per expert with a
-Hessian built from only the tokens routed to it. The one exception is the *tied* output head
-(``tie_embeddings=True``), which reuses the embedding table through
+Hessian built from only the tokens routed to it (AWQ/SmoothQuant scalings and
+QuaRot's rotation fold into the experts too). The one exception is the *tied*
+output head (``tie_embeddings=True``), which reuses the embedding table through
 ``nn.Embed.attend``. Parameter paths read as ``layers_0/attn/q_proj/kernel``,
 ``layers_0/mlp/gate_proj/kernel``, ``layers_0/mlp/router/kernel``,
 ``lm_head/kernel``.
@@ -200,7 +201,8 @@ def _dense(features: int, name: str, dtype: Any) -> nn.Dense:
 
 
 def _hadamard(x: jax.Array) -> jax.Array:
-  """``x @ H`` over the last axis (normalized Walsh-Hadamard, ``H @ H = I``)."""
+  """``x @ H`` over the last axis (normalized Hadamard; Walsh-Hadamard for a
+  power of two, where ``H @ H = I``)."""
   return hadamard_transform(x, -1)
 
 
@@ -239,8 +241,10 @@ class Attention(nn.Module):
     if cache is None:
       keys, values, mask = k, v, causal[None]
     else:
-      if cache.rotate:
-        q, k, v = _hadamard(q), _hadamard(k), _hadamard(v)
+      if layer_cache.rotate_key:    # SpinQuant's R3: q.k unchanged
+        q, k = _hadamard(q), _hadamard(k)
+      if layer_cache.rotate_value:
+        v = _hadamard(v)
       slots = cache.index + jnp.arange(t, dtype=jnp.int32)
       new_valid = slots[None] >= cache.pad[:, None]  # [B, T]: not padding
       k = jnp.where(new_valid[:, :, None, None], k, jnp.zeros_like(k))
@@ -253,19 +257,21 @@ class Attention(nn.Module):
       mask = jnp.concatenate([old, causal[None] & new_valid[:, None, :]], axis=2)
     q = q.reshape(b, t, kvh, groups, hd)
     scores = ActEinsum("bqkgd,bskd->bkgqs", preferred_element_type=jnp.float32,
+                       operands_rotated=cache is not None and layer_cache.rotate_key,
                        name="qk")(q, keys)
     scores = scores * (hd ** -0.5)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     out = ActEinsum("bkgqs,bskd->bqkgd", name="pv")(probs, values)
-    if cache is not None and cache.rotate:
+    if cache is not None and layer_cache.rotate_value:
       out = _hadamard(out)
     out = out.reshape(b, t, h * hd)
     out = _dense(cfg.d_model, "o_proj", dt)(out)
     if cache is None:
       return out
-    new_layer = kv_lib.LayerCache(kv_lib.append(layer_cache.key, cache, k),
-                                  kv_lib.append(layer_cache.value, cache, v))
+    new_layer = dataclasses.replace(
+        layer_cache, key=kv_lib.append(layer_cache.key, cache, k),
+        value=kv_lib.append(layer_cache.value, cache, v))
     return out, new_layer
 
 

@@ -1,0 +1,100 @@
+"""AWQ, SmoothQuant and QuaRot on MoE experts: shared scales folded into the
+norm, per-expert scales folded between each expert's up and down projections,
+the residual rotation folded into every expert (online Hadamard at down)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lowbit_jax import QuantRule, QuantSpec
+from lowbit_jax.flax import apply_ptq, quantize_linen
+from lowbit_jax.models.llama import Llama, LlamaConfig
+
+_CFG = LlamaConfig.smoke(vocab=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1,
+                         d_ff=32, max_len=32, n_experts=4, top_k=2)
+_SPEC = QuantSpec("int3", group_size=16)
+_EXPERTS = r"layers_0/mlp/(gate|up|down)_proj"
+
+
+@pytest.fixture(scope="module")
+def moe_lm():
+  model = Llama(_CFG)
+  toks = jax.random.randint(jax.random.key(1), (4, 32), 0, _CFG.vocab)
+  params = jax.jit(model.init)(jax.random.key(0), toks[:1])["params"]
+  # Outlier channels, as trained LLMs have: in the norm's output (read by the
+  # router and every expert's gate/up) and in the experts' hidden units.
+  p = jax.tree.map(lambda a: a, params)
+  mlp = p["layers_0"]
+  mlp["mlp_norm"]["scale"] = mlp["mlp_norm"]["scale"].at[jnp.array([3, 11])].mul(12.0)
+  up = mlp["mlp"]["up_proj"]["kernel"]
+  mlp["mlp"]["up_proj"]["kernel"] = up.at[:, :, jnp.array([2, 7, 20])].mul(10.0)
+  return model, p, toks
+
+
+def _err(model, params, qparams, toks):
+  apply = jax.jit(model.apply)
+  ref = apply({"params": params}, toks)
+  return float(jnp.mean(jnp.square(apply({"params": qparams}, toks) - ref)))
+
+
+def test_smoothquant_fold_leaves_float_moe_unchanged(moe_lm):
+  model, params, toks = moe_lm
+  new, rep = apply_ptq(model, params, [(toks,)], "smoothquant", None)
+  ref = jax.jit(model.apply)({"params": params}, toks)
+  out = jax.jit(model.apply)({"params": new}, toks)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
+  folded = {tuple(f["layers"]): f for f in rep["folds"] if f["status"] == "folded"}
+  shared = next(f for k, f in folded.items() if "layers_0/mlp/gate_proj" in k)
+  assert shared["producer"] == "layers_0/mlp_norm"
+  assert "layers_0/mlp/up_proj" in shared["layers"]
+  down = folded[("layers_0/mlp/down_proj",)]
+  assert down["producer"] == "layers_0/mlp/up_proj" and down["per_expert"]
+  # The kernels really changed (scales are not all one).
+  w0 = params["layers_0"]["mlp"]["down_proj"]["kernel"]
+  assert float(jnp.max(jnp.abs(new["layers_0"]["mlp"]["down_proj"]["kernel"] - w0))) > 0
+  assert not any(f["status"] == "skipped" and "mlp/" in f["layers"][0]
+                 and "proj" in f["layers"][0] for f in rep["folds"])
+
+
+@pytest.mark.slow
+def test_awq_on_experts_beats_rtn(moe_lm):
+  model, params, toks = moe_lm
+  rules = [(_EXPERTS, _SPEC)]
+  rtn_p, _ = apply_ptq(model, params, [(toks,)], "rtn", rules)
+  awq_p, rep = apply_ptq(model, params, [(toks,)], "awq", rules, awq_clip=False)
+  assert rep["layers"]["layers_0/mlp/down_proj"]["transform"] == "awq"
+  assert rep["layers"]["layers_0/mlp/gate_proj"]["transform"] == "awq"
+  err_rtn, err_awq = _err(model, params, rtn_p, toks), _err(model, params, awq_p, toks)
+  assert err_awq < 0.8 * err_rtn, (err_awq, err_rtn)
+
+
+@pytest.mark.slow
+def test_quarot_rotates_every_expert_and_leaves_float_moe_unchanged(moe_lm):
+  model, params, toks = moe_lm
+  new, rep = apply_ptq(model, params, [(toks,)], "quarot", None,
+                       online=r".*/down_proj/kernel")
+  rot = rep["rotation"]
+  for name in ("gate_proj", "up_proj", "router"):
+    assert f"layers_0/mlp/{name}/kernel" in rot.stream.readers
+  assert "layers_0/mlp/down_proj/kernel" in rot.stream.writers
+  assert rot.online == (("layers_0/mlp/down_proj/kernel", 1),)   # per expert, along F
+  ref = jax.jit(model.apply)({"params": params}, toks)
+  out = jax.jit(quantize_linen(rot.rules())(model.apply))({"params": new}, toks)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_quarot_on_experts_beats_rtn_at_w4a4(moe_lm):
+  model, params, toks = moe_lm
+  spec = QuantSpec("int4")
+  rules = [QuantRule(".*", weight=spec, activation=QuantSpec("int4", axis=-1))]
+  rtn_out = jax.jit(quantize_linen(rules)(model.apply))({"params": params}, toks)
+  new, rep = apply_ptq(model, params, [(toks,)], "quarot", spec, "int4",
+                       online=r".*/down_proj/kernel")
+  act = [QuantRule(".*", activation=QuantSpec("int4", axis=-1))]
+  rot_out = jax.jit(quantize_linen(rep["rotation"].rules(act))(model.apply))(
+      {"params": new}, toks)
+  ref = jax.jit(model.apply)({"params": params}, toks)
+  err_rtn = float(jnp.mean(jnp.square(rtn_out - ref)))
+  err_rot = float(jnp.mean(jnp.square(rot_out - ref)))
+  assert err_rot < 0.8 * err_rtn, (err_rot, err_rtn)
