@@ -17,6 +17,7 @@ Calibration sentences/tokens and evaluation data never overlap.
 """
 from __future__ import annotations
 
+import fcntl
 import functools
 import math
 import os
@@ -327,8 +328,18 @@ def _llama(workdir: str, variant: str, train_steps: int = 0):
     config.steps = int(train_steps)
     config.warmup_steps = min(config.warmup_steps, max(1, config.steps // 10))
   final = os.path.join(workdir, "final_eval.json")
-  if not os.path.exists(final):
-    train_lm.train(config, workdir)
+  # Sweep processes sharing a GPU (one per method) all find the model
+  # missing at once: the first takes the lock and trains, the others wait on
+  # it and then restore, instead of training concurrently into one workdir
+  # (which ran the GPU out of memory and left no restorable checkpoint).
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, ".train.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      if not os.path.exists(final):
+        train_lm.train(config, workdir)
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
   mcfg = train_lm.model_config(config)
   model = Llama(mcfg)
   data = train_lm.load_data(config.data.vocab_size if "data" in config and
@@ -337,6 +348,13 @@ def _llama(workdir: str, variant: str, train_steps: int = 0):
   mesh = train_lm.make_mesh(1)
   mgr = train_lm.checkpoint_manager(os.path.join(workdir, "checkpoints"))
   state = train_lm.restore_checkpoint(mgr, train_lm.abstract_state(model, tx, mesh))
+  if state is None:
+    raise FileNotFoundError(
+        f"{workdir} has final_eval.json but no checkpoint under "
+        f"{os.path.join(workdir, 'checkpoints')} to restore: the training that "
+        "wrote it was interrupted or its checkpoints were removed. Delete "
+        f"{final} (or the whole workdir) to train again, or point "
+        "point_kwargs.workdir at a finished run.")
   return config, model, state.params, data
 
 

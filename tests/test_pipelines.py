@@ -98,3 +98,13 @@ def test_bad_point_arguments():
   c.axes.scheme = ["int8", "mxfp44"]
   with pytest.raises(KeyError, match="mxfp44"):
     pipelines.run_sweep_config(c, log=lambda s: None)
+
+
+def test_llama_workdir_with_a_final_eval_but_no_checkpoint_says_so(tmp_path):
+  # What concurrent trainers left behind on the GPU machine: the sweep must
+  # name the workdir and the fix, not fail on `None.params`.
+  (tmp_path / "final_eval.json").write_text(json.dumps({"step": 60}))
+  pipelines._llama.cache_clear()
+  with pytest.raises(FileNotFoundError, match="no checkpoint.*Delete"):
+    pipelines._llama(str(tmp_path), "smoke")
+  assert (tmp_path / ".train.lock").exists()
