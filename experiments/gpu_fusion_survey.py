@@ -45,6 +45,8 @@ _MATMUL_M = flags.DEFINE_list("matmul_m", ["1", "16", "4096"], "M of the matmul 
 _BW = flags.DEFINE_float("bandwidth", 4.3e12, "bytes/s for the time column (the "
                          "H200's measured copy rate)")
 _OUT = flags.DEFINE_string("out", "", "markdown file to write (default: print)")
+_DUMP = flags.DEFINE_string("dump_dir", "", "also write each program's optimized "
+                            "HLO there, as <format>_<program>.txt")
 
 # An H200-like compile target (HBM3e bandwidth, 132 SMs, sm_90).
 TARGET = """
@@ -102,6 +104,14 @@ def program_stats(text: str) -> dict:
               ops=[(k, round(b / 1e6, 1)) for k, b in ops])
 
 
+def _dump(name: str, text: str):
+  if _DUMP.value:
+    os.makedirs(_DUMP.value, exist_ok=True)
+    with open(os.path.join(_DUMP.value, re.sub(r"[^\w.+-]", "_", name) + ".txt"),
+              "w") as f:
+      f.write(text)
+
+
 def main(argv):
   del argv
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -148,6 +158,7 @@ def main(argv):
           return y, vjp(ct)[0]
         text = compiled(fb, x, x)
       rows.append((fid, op, program_stats(text)))
+      _dump(f"{fid}_{op}", text)
       print(fid, op, rows[-1][2], flush=True)
   dn = (((1,), (1,)), ((), ()))
   for fid, (fmt, kw) in MM_FORMATS.items():

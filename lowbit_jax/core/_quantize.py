@@ -223,7 +223,15 @@ def _e8m0_exponent(amax: jax.Array, elem, rounding: str) -> jax.Array:
 
 
 def _pow2(e: jax.Array) -> jax.Array:
-  return jnp.ldexp(jnp.ones(e.shape, jnp.float32), e)
+  """``2.0**e`` (float32) for int32 ``e``: exact for -126 <= e <= 127, 0 below
+  (a float32 subnormal, flushed as XLA's CPU ``ldexp`` does) and inf above.
+
+  Built from the exponent bits: ``jnp.ldexp`` lowers to a ``pow`` per element,
+  which also keeps XLA's GPU loop emitter from vectorizing the fusion.
+  """
+  e = jnp.asarray(e, jnp.int32)
+  bits = (jnp.clip(e, -127, 128) + 127).astype(jnp.uint32) << 23
+  return lax.bitcast_convert_type(bits, jnp.float32)
 
 
 def _pow2_pair(e: jax.Array):
