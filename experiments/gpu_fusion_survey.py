@@ -45,6 +45,8 @@ _MATMUL_M = flags.DEFINE_list("matmul_m", ["1", "16", "4096"], "M of the matmul 
 _BW = flags.DEFINE_float("bandwidth", 4.3e12, "bytes/s for the time column (the "
                          "H200's measured copy rate)")
 _OUT = flags.DEFINE_string("out", "", "markdown file to write (default: print)")
+_JSON = flags.DEFINE_string("json_out", "", "also write the rows as JSON there "
+                            "(tests/core/test_fusion.py reads it)")
 _DUMP = flags.DEFINE_string("dump_dir", "", "also write each program's optimized "
                             "HLO there, as <format>_<program>.txt")
 
@@ -184,6 +186,12 @@ def main(argv):
     out.append(f"| {fid} | {op} | {r['kernels']} | {r['MB']} | {r['est_us']} | "
                f"{r['transposes']} | {ops} |")
   text = "\n".join(out) + "\n"
+  if _JSON.value:
+    import json  # pylint: disable=g-import-not-at-top
+    with open(_JSON.value, "w") as f:
+      json.dump([dict(format=fid, program=op, kernels=r["kernels"], MB=r["MB"],
+                      transposes=r["transposes"], ops=r["ops"])
+                 for fid, op, r in rows], f, indent=1)
   if _OUT.value:
     with open(_OUT.value, "w") as f:
       f.write(text)
