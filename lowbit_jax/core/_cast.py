@@ -463,6 +463,12 @@ def encode(y: jax.Array, fmt: Format) -> jax.Array:
 def encode_grid(q: jax.Array, fmt: Format) -> jax.Array:
   """``encode`` for what ``quantize`` rounds: finite grid values and NaN.
 
+  With a native float8 type, float32 values within the format's range need
+  not be on the grid: the convert rounds them to nearest even (XLA's CPU
+  convert and the GPU's ``cvt.rn.satfinite`` round once from float32;
+  tests/core/test_fused.py and test_fused_gpu.py check it against the
+  emulation).
+
   The values were rounded saturating (no inf), so with a native float8 type
   the codes are XLA's convert alone: one use of ``q``, which lets XLA fuse the
   rounding into the kernel that writes the codes (``encode``'s separate NaN

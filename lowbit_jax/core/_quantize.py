@@ -383,11 +383,19 @@ def _prepare(x, spec: QuantSpec):
   return x, spec, bs, valid, pa
 
 
-def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None):
+def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None,
+          for_codes=False):
   """Elements on the format's grid (float32), scales and zero points.
 
   ``tensor_amax`` (formats with a tensor scale only) fixes the per-tensor range
   that sets the tensor scale; the block scales still follow the data.
+  ``for_codes``: the elements only go to ``_cast.encode_grid`` (quantize).
+  Float formats with a native type (``_cast._native_dtype``: FP8 on GPU and
+  TPU) then come back as the scaled values clamped to the format's range,
+  unrounded: XLA's convert to the float8 type rounds them to nearest even in
+  one step (on the H200 one ``cvt.rn.satfinite`` per pair), where the
+  ReducePrecision chain would spend about half of the quantize kernel's
+  instructions.
 
   Returns:
     (q, scale_f32 per block, stored scale, zero_point per block or None,
@@ -537,6 +545,8 @@ def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None):
     q = jnp.where(jnp.isnan(y), jnp.nan, q)
   elif isinstance(fmt, LookupFormat):
     q = _cast._cast_lookup(y, fmt, noise)
+  elif for_codes and noise is None and _cast._native_dtype(fmt) is not None:
+    q = jnp.clip(y, np.float32(-fmt.max), np.float32(fmt.max))
   else:
     q = _cast._cast_float(y, fmt, True, noise)
   return q, total, s_stored, None, tscale, clipped
@@ -699,7 +709,7 @@ def _pact_mask(xf, alpha_full, symmetric: bool):
 
 
 def _grid_any(xp, spec, bs, valid, key, amax, amin, tensor_amax, scale, zero_point,
-              clip):
+              clip, for_codes=False):
   """``_grid`` for every keyword: (q, total, stored scale, zero point, tensor
   scale, clipped mask, dxds or None)."""
   if scale is not None:
@@ -717,7 +727,8 @@ def _grid_any(xp, spec, bs, valid, key, amax, amin, tensor_amax, scale, zero_poi
     out = _grid(xc, spec, bs, valid, key, alpha,
                 None if spec.symmetric else jnp.zeros_like(alpha))
     return out[:5] + (_pact_mask(xf, a_full, spec.symmetric), None)
-  return _grid(xp, spec, bs, valid, key, amax, amin, tensor_amax) + (None,)
+  return _grid(xp, spec, bs, valid, key, amax, amin, tensor_amax,
+               for_codes=for_codes) + (None,)
 
 
 def _noise_for(spec: QuantSpec, key, shape):
@@ -967,7 +978,8 @@ def _quantize_jit(x, spec, key, amax, amin, tensor_amax, scale=None, zero_point=
   shape, dtype = tuple(x.shape), x.dtype
   xp, spec, bs, valid, pa = _prepare(x, spec)
   q, total, s_stored, zp, tscale, _, _ = _grid_any(
-      xp, spec, bs, valid, key, amax, amin, tensor_amax, scale, zero_point, clip)
+      xp, spec, bs, valid, key, amax, amin, tensor_amax, scale, zero_point, clip,
+      for_codes=True)
   del total
   fmt = spec.storage_format
   codes = _cast.encode_grid(q, fmt)

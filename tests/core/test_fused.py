@@ -258,6 +258,13 @@ def test_native_fp8_rounding_matches_emulation(name, monkeypatch):
     return  # no native float8 type: encode keeps the emulation
   codes = jax.jit(lambda v: _cast.encode(v, fmt))(want)
   _assert_same(codes, want_codes, f"{name} codes")
+  # quantize's codes straight from the clamped, unrounded values (the
+  # convert rounds): the emulation's codes of the rounded values.
+  m = np.float32(fmt.max)
+  direct = jax.jit(lambda v: _cast.encode_grid(jnp.clip(v, -m, m), fmt))(y)
+  fin = ~np.isnan(y)
+  _assert_same(np.where(fin, direct, 0), np.where(fin, want_codes, 0),
+               f"{name} codes of unrounded values")
 
 
 @pytest.mark.parametrize("name", ["nf4", "binary", "ternary", "dynamic8"])
