@@ -97,7 +97,7 @@ def program_stats(text: str) -> dict:
       continue
     args = re.findall(r"%([\w.\-]+)", rest.split(")")[0])
     kind = re.search(r"kind=(k\w+)", rest)
-    ops.append((op + (":" + kind.group(1) if kind else ""),
+    ops.append((op + (":" + kind.group(1) if kind else "") + ":" + name,
                 sum(_size(shapes.get(a, "")) for a in args) + _size(shape)))
   moved = sum(b for _, b in ops)
   return dict(kernels=len(ops), MB=round(moved / 1e6, 1),
