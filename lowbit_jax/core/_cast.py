@@ -278,6 +278,11 @@ def _nearest_thresholds(table: tuple) -> np.ndarray:
   return np.asarray(out, np.float32)
 
 
+def _threshold_index(xf: jax.Array, table: tuple) -> jax.Array:
+  """Nearest-entry index (int32) of float32 ``xf`` in a short table; NaN -> 0."""
+  return sum((xf >= c).astype(jnp.int32) for c in _nearest_thresholds(table))
+
+
 def lookup_round_index(x: jax.Array, fmt: LookupFormat, noise=None) -> jax.Array:
   """Index of the nearest table entry (ties to the even index), as int32."""
   table = fmt.table
@@ -287,8 +292,7 @@ def lookup_round_index(x: jax.Array, fmt: LookupFormat, noise=None) -> jax.Array
     # One comparison per gap against its precomputed threshold: the same
     # index as the distance comparison below (_nearest_thresholds), at a
     # fifth of the ops (NF4's quantize was compute-bound on the GPU).
-    idx = sum((xf >= c).astype(jnp.int32) for c in _nearest_thresholds(table))
-    return jnp.where(jnp.isnan(xf), n - 2, idx).astype(jnp.int32)
+    return jnp.where(jnp.isnan(xf), n - 2, _threshold_index(xf, table))
   # Index of the largest entry <= x (clamped into [0, n-2] so hi exists).
   if n <= _SHORT_TABLE:
     # A count of comparisons and select chains: fused, no loop, no gather.
@@ -323,6 +327,11 @@ def lookup_round_index(x: jax.Array, fmt: LookupFormat, noise=None) -> jax.Array
 
 
 def _cast_lookup(x, fmt: LookupFormat, noise):
+  if noise is None and len(fmt.table) <= _SHORT_TABLE:
+    # NaN's index does not matter here (its value is NaN): one isnan, or XLA
+    # writes the isnan mask out and reads it back (binary on the GPU).
+    y = _table_at(fmt.table, _threshold_index(x.astype(jnp.float32), fmt.table))
+    return jnp.where(jnp.isnan(x), jnp.nan, y).astype(x.dtype)
   idx = lookup_round_index(x, fmt, noise)
   if len(fmt.table) <= _SHORT_TABLE:
     y = _table_at(fmt.table, idx)
