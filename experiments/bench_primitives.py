@@ -41,13 +41,15 @@ Run (repository root)::
                                    # every item on 256x256 in about a minute (CPU)
   PYTHONPATH=. python3 -m experiments.bench_primitives            # CPU or GPU
 
-One GPU call (about 5 minutes; qwix 0.1.8 from ``../shared/wheels`` copied
-into a git-ignored ``.peer/`` named in the call's carry; without it the qwix
-columns stay empty)::
+One GPU call (qwix 0.1.8 from ``../shared/wheels`` copied into a git-ignored
+``.peer/`` named in the call's carry; without it the qwix columns stay empty.
+Timing the jnp reference as well, the default, about doubles the run:
+``--noreference`` leaves it out)::
 
   python3 -m pip install -q --no-deps --no-index --target /tmp/site .peer/qwix-*.whl
   PYTHONPATH=/tmp/site:. python3 -m experiments.bench_primitives \
-      --time_budget_s=270 --hard_limit_s=290 --out_dir=$OUT
+      --time_budget_s=480 --hard_limit_s=540 \
+      --baseline=benchmarks/primitives_h200.json --out_dir=$OUT
 
 Writes ``primitives_<tag>.json`` and ``primitives_<tag>.md`` to ``--out_dir``
 (tag: ``h200`` / ``h100`` / ``gpu`` / ``cpu`` from the device, or ``--tag``).
