@@ -488,6 +488,8 @@ def encode_grid(q: jax.Array, fmt: Format) -> jax.Array:
   native = _native_dtype(fmt)
   if native is not None and q.dtype == jnp.float32:
     return lax.bitcast_convert_type(q.astype(native), jnp.uint8).astype(_U32)
+  if _rounds_by_thresholds(fmt) and q.dtype == jnp.float32:
+    return encode_nearest(q, fmt)
   if (isinstance(fmt, FloatFormat) and fmt.special in ("fn", "ieee", "none")
       and fmt.man_bits >= 1 and q.dtype == jnp.float32
       and fmt.min_exponent - fmt.man_bits >= -126):
@@ -499,6 +501,39 @@ def encode_grid(q: jax.Array, fmt: Format) -> jax.Array:
     idx = sum((q >= np.float32(v)).astype(jnp.int32) for v in t[1:])
     return jnp.where(jnp.isnan(q), len(t) - 2, idx).astype(_U32)
   return encode(q, fmt)
+
+
+def _rounds_by_thresholds(fmt: Format) -> bool:
+  """Whether ``encode_nearest`` takes ``fmt``'s codes (FP4: 8 magnitudes)."""
+  return (isinstance(fmt, FloatFormat) and fmt.special == "none"
+          and fmt.exp_bits + fmt.man_bits <= 3)
+
+
+def encode_nearest(y: jax.Array, fmt: FloatFormat) -> jax.Array:
+  """Codes (uint32) of float32 ``y`` within ``+-fmt.max`` (or NaN), rounded to
+  nearest even, by comparing ``|y|`` with the midpoints of the grid.
+
+  For formats of a few magnitudes (FP4) this is cheaper than rounding onto
+  the grid and encoding the result: quantize needs only the codes. A
+  magnitude's code is its index among the format's magnitudes, so the count
+  of midpoints below ``|y|`` is the code; at a midpoint itself the tie goes
+  to the even code (``>=`` where the upper code is even). Grid values give
+  their own codes, so ``encode_grid`` takes this path for them as well. NaN
+  codes as ``encode`` does (no NaN code: +NaN -> -0, -NaN -> +0).
+  """
+  e_, m_ = fmt.exp_bits, fmt.man_bits
+  mags = np.unique(np.abs(np.asarray(fmt.decode_table(), np.float64)))
+  mags = mags[np.isfinite(mags)]
+  a = jnp.abs(y)
+  code = None
+  for k in range(1, len(mags)):
+    mid = np.float32((mags[k - 1] + mags[k]) / 2)  # exact: a few bits each
+    up = (a >= mid) if k % 2 == 0 else (a > mid)
+    term = up.astype(_U32)
+    code = term if code is None else code + term
+  s = _f32_bits(y) >> 31
+  code = (s << (e_ + m_)) | code
+  return jnp.where(jnp.isnan(y), (1 - s) << (e_ + m_), code)
 
 
 def _encode_float_grid(q: jax.Array, fmt: FloatFormat) -> jax.Array:

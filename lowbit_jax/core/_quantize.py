@@ -545,7 +545,10 @@ def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None,
     q = jnp.where(jnp.isnan(y), jnp.nan, q)
   elif isinstance(fmt, LookupFormat):
     q = _cast._cast_lookup(y, fmt, noise)
-  elif for_codes and noise is None and _cast._native_dtype(fmt) is not None:
+  elif for_codes and noise is None and (_cast._native_dtype(fmt) is not None
+                                        or _cast._rounds_by_thresholds(fmt)):
+    # The codes round (encode_grid: a native float8 convert, or FP4's
+    # comparisons with the grid's midpoints).
     q = jnp.clip(y, np.float32(-fmt.max), np.float32(fmt.max))
   else:
     q = _cast._cast_float(y, fmt, True, noise)

@@ -254,13 +254,16 @@ def test_native_fp8_rounding_matches_emulation(name, monkeypatch):
   codes = jax.jit(lambda v: _cast.encode_grid(v, fmt))(want)
   ok = ~np.isnan(np.asarray(want)) | (_cast._native_dtype(fmt) is None)
   _assert_same(np.where(ok, codes, 0), np.where(ok, want_codes, 0), f"{name} grid codes")
+  m = np.float32(fmt.max)
+  if _cast._rounds_by_thresholds(fmt):  # FP4: codes from the grid's midpoints
+    direct = jax.jit(lambda v: _cast.encode_grid(jnp.clip(v, -m, m), fmt))(y)
+    _assert_same(direct, want_codes, f"{name} codes of unrounded values")
   if _cast._native_dtype(fmt) is None:
     return  # no native float8 type: encode keeps the emulation
   codes = jax.jit(lambda v: _cast.encode(v, fmt))(want)
   _assert_same(codes, want_codes, f"{name} codes")
   # quantize's codes straight from the clamped, unrounded values (the
   # convert rounds): the emulation's codes of the rounded values.
-  m = np.float32(fmt.max)
   direct = jax.jit(lambda v: _cast.encode_grid(jnp.clip(v, -m, m), fmt))(y)
   fin = ~np.isnan(y)
   _assert_same(np.where(fin, direct, 0), np.where(fin, want_codes, 0),
