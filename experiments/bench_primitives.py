@@ -12,8 +12,15 @@ and ``x * 2`` of the same tensor as the bandwidth ceiling in the same run:
   in, packed codes + scales out, and back; fwd+bwd reads x and the cotangent
   and writes the value and the gradient) over the ``x * 2`` bandwidth,
   divided by the measured time.
+* The jnp reference: the unfused implementation frozen in
+  ``tests/core/_reference.py`` (what the library was before the fused
+  rewrite; the tests check the library against it bit for bit), timed in the
+  same run on the same tensor (skipped when ``tests/`` is not importable, e.g.
+  outside a checkout).
 * qwix's figure where qwix computes the same thing (symmetric integers, per
-  channel or in groups; ``import qwix`` must work, else the column is empty).
+  channel or in groups; ``import qwix`` must work, else the column is empty:
+  e.g. ``pip install --no-deps --target /tmp/qwix_site qwix==0.1.8`` and
+  ``PYTHONPATH=/tmp/qwix_site:.``).
   qwix's integer scale is ``absmax / (qmax + 0.5)`` where ours is
   ``absmax / qmax``: the same work, not the same numbers.
 * The real-mode matmul path that no kernel takes (``ops.dot_general(x,
@@ -34,13 +41,15 @@ Run (repository root)::
                                    # every item on 256x256 in about a minute (CPU)
   PYTHONPATH=. python3 -m experiments.bench_primitives            # CPU or GPU
 
-One GPU call (about 5 minutes; qwix 0.1.8 from ``../shared/wheels`` copied
-into a git-ignored ``.peer/`` named in the call's carry; without it the qwix
-columns stay empty)::
+One GPU call (qwix 0.1.8 from ``../shared/wheels`` copied into a git-ignored
+``.peer/`` named in the call's carry; without it the qwix columns stay empty.
+Timing the jnp reference as well, the default, about doubles the run:
+``--noreference`` leaves it out)::
 
   python3 -m pip install -q --no-deps --no-index --target /tmp/site .peer/qwix-*.whl
   PYTHONPATH=/tmp/site:. python3 -m experiments.bench_primitives \
-      --time_budget_s=270 --hard_limit_s=290 --out_dir=$OUT
+      --time_budget_s=480 --hard_limit_s=540 \
+      --baseline=benchmarks/primitives_h200.json --out_dir=$OUT
 
 Writes ``primitives_<tag>.json`` and ``primitives_<tag>.md`` to ``--out_dir``
 (tag: ``h200`` / ``h100`` / ``gpu`` / ``cpu`` from the device, or ``--tag``).
@@ -84,6 +93,8 @@ _HARD = flags.DEFINE_float("hard_limit_s", 0.0, "write what there is and exit at
 _BASELINE = flags.DEFINE_string("baseline", "", "JSON of an earlier run (e.g. of an "
                                 "older commit): the markdown adds its times and the "
                                 "speedup over it")
+_REFERENCE = flags.DEFINE_bool("reference", True, "also time the unfused jnp "
+                               "reference (tests/core/_reference.py) when importable")
 _REPORT = flags.DEFINE_string("report", "", "rebuild the markdown from this JSON "
                               "(with --baseline) without timing anything")
 _SMOKE = flags.DEFINE_bool("smoke", False, "a dry run of every item in seconds: "
@@ -116,7 +127,8 @@ class Bench:
                     jax=jax.__version__, started=time.strftime("%Y-%m-%d %H:%M:%S"),
                     timer=("CUPTI device time per call (median)" if self.gpu else
                            "wall-clock per call (median, block_until_ready)"),
-                    iters=self.iters, prims=[], matmul=[], errors=[], notes=[])
+                    iters=self.iters, prims=[], matmul=[], errors=[], notes=[],
+                    loadavg_start=_loadavg())
     self.lock = threading.Lock()
 
   def over_budget(self) -> bool:
@@ -188,10 +200,19 @@ class Bench:
     with self.lock:
       os.makedirs(_OUT_DIR.value, exist_ok=True)
       self.res["elapsed_s"] = round(time.time() - T0, 1)
+      self.res["loadavg_end"] = _loadavg()
       with open(self.stem + ".json", "w") as f:
         json.dump(self.res, f, indent=1)
       with open(self.stem + ".md", "w") as f:
         f.write(markdown(self.res))
+
+
+def _loadavg():
+  """The host's 1-minute load average (how busy a shared machine was), or None."""
+  try:
+    return round(os.getloadavg()[0], 2)
+  except OSError:
+    return None
 
 
 _NO_KERNEL = ("parameter", "constant", "tuple", "get-tuple-element", "bitcast")
@@ -232,6 +253,32 @@ def _import_qwix():
     return None
 
 
+def _import_reference():
+  """The frozen unfused jnp implementation (tests/core/_reference.py), or None."""
+  try:
+    from tests.core import _reference  # pylint: disable=g-import-not-at-top
+    return _reference
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def _ref_time(b: Bench, ref, spec, op: str, x, g) -> float:
+  """The reference implementation doing the same job as ours."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if op == "quantize":
+    return b.time_us(lambda v: ref.quantize(v, spec), x)
+  if op == "dequantize":
+    q = jax.jit(lambda v: ref.quantize(v, spec))(x)
+    return b.time_us(ref.dequantize, q)
+  if op == "fake_quant":
+    return b.time_us(lambda v: ref.fake_quant(v, spec), x)
+
+  def fb(v, ct):
+    y, vjp = jax.vjp(lambda u: ref.fake_quant(u, spec), v)
+    return y, vjp(ct)[0]
+  return b.time_us(fb, x, g)
+
+
 def _qwix_cfg(fmt: str, kw: dict):
   """qwix.quantize keywords for the same job on x[K, N] (scales along K), or None."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -267,7 +314,7 @@ def _prims_data(b: Bench):
   return b.prims_data
 
 
-def sec_prims(b: Bench, qwix, ids):
+def sec_prims(b: Bench, qwix, ids, ref=None):
   """quantize / dequantize / fake_quant / fwd+bwd of the formats ``ids``."""
   import jax  # pylint: disable=g-import-not-at-top
   import lowbit_jax as lb  # pylint: disable=g-import-not-at-top
@@ -298,6 +345,8 @@ def sec_prims(b: Bench, qwix, ids):
       row = dict(format=fid, op=op, us=round(us, 2), bytes=nbytes,
                  roofline_pct=round(100 * nbytes / bw / 1e3 / us, 1) if bw else None,
                  **st)
+      if ref is not None:
+        row["ref_us"] = round(_ref_time(b, ref, spec, op, x, g), 2)
       if qw_cfg is not None:
         row["qwix_us"] = round(_qwix_time(b, qwix, qw_cfg, op, x, g), 2)
       return row
@@ -397,17 +446,23 @@ def markdown(res: dict) -> str:
   out = [f"# Primitives: {res['device']} ({res['backend']})", "",
          f"Command: `{res['command']}`  ", f"jax {res['jax']}, {res['timer']}, "
          f"{res['iters']} calls, started {res['started']}, host {res['host']} "
-         f"({res['cpu_count']} CPUs).", ""]
+         f"({res['cpu_count']} CPUs)."
+         + (f" Host load average (1 min): {res['loadavg_start']} at the start, "
+            f"{res.get('loadavg_end')} at the end (a load above the CPU count "
+            "means other jobs shared the machine and the times are inflated)."
+            if res.get("loadavg_start") is not None else ""), ""]
   prims = res.get("prims", [])
   ceil = next((r for r in prims if r.get("name") == "x * 2"), None)
   if ceil:
     k, n = res.get("prims_shape", ["?", "?"])
     out += [f"bf16 [{k}, {n}] tensor, scales along axis 0. Bandwidth ceiling "
             f"(`x * 2`, same run): {ceil['us']} us, {ceil['GBps']} GB/s. Each cell: "
-            "time in us (% of roofline: bytes that must move over that bandwidth)"
-            ", then `Nk`: the N device ops (kernels) the compiled program "
-            "launches; qwix's time after the slash where qwix does the same job.",
-            ""]
+            "our time in us (% of roofline: bytes that must move over that "
+            "bandwidth), then `Nk`: the N device ops (kernels) the compiled "
+            "program launches; then, where timed in the same run, `ref`: the "
+            "unfused jnp reference (tests/core/_reference.py) and `qwix`: qwix "
+            f"{res.get('qwix', '')} where it does the same job; `(Nx)` is "
+            "their time over ours (> 1: ours is faster).", ""]
   ops = ("quantize", "dequantize", "fake_quant", "fwd+bwd")
   rows = {}
   for r in prims:
@@ -426,8 +481,9 @@ def markdown(res: dict) -> str:
             else f"{r['us']:.0f}"
         if r.get("kernels") is not None:
           c += f" {r['kernels']}k"
-        if "qwix_us" in r:
-          c += f" / {r['qwix_us']:.0f}"
+        for key, label in (("ref_us", "ref"), ("qwix_us", "qwix")):
+          if r.get(key):
+            c += f" / {label} {r[key]:.0f} ({r[key] / r['us']:.1f}x)"
         cells.append(c)
       out.append(f"| {fid} | " + " | ".join(cells) + " |")
     out.append("")
@@ -531,12 +587,15 @@ def main(argv):
     if fid not in FORMATS:
       raise app.UsageError(f"--formats: unknown format id {fid!r}; known: "
                            f"{', '.join(FORMATS)}")
+  ref = _import_reference() if _REFERENCE.value else None
+  if ref is None:
+    b.note("the jnp reference (tests/core/_reference.py) is not timed here")
   if "prims" in _SECTIONS.value:
-    sec_prims(b, qwix, ids[:6])
+    sec_prims(b, qwix, ids[:6], ref)
   if "matmul" in _SECTIONS.value:
     sec_matmul(b, qwix)
   if "prims" in _SECTIONS.value:
-    sec_prims(b, qwix, ids[6:])
+    sec_prims(b, qwix, ids[6:], ref)
   b.write()
   print(markdown(b.res))
 

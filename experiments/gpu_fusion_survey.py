@@ -45,6 +45,17 @@ _MATMUL_M = flags.DEFINE_list("matmul_m", ["1", "16", "4096"], "M of the matmul 
 _BW = flags.DEFINE_float("bandwidth", 4.3e12, "bytes/s for the time column (the "
                          "H200's measured copy rate)")
 _OUT = flags.DEFINE_string("out", "", "markdown file to write (default: print)")
+_JSON = flags.DEFINE_string("json_out", "", "also write the rows as JSON there "
+                            "(tests/core/test_fusion.py reads it)")
+_PTX = flags.DEFINE_bool("ptx", False, "also count the PTX instructions of each "
+                         "kernel (XLA's dump of the compile, in a temporary "
+                         "folder): where a kernel is compute-bound, not memory-bound")
+_BASE = flags.DEFINE_string("baseline", "", "--json_out of an earlier run (e.g. "
+                            "an older commit): adds a before -> after table")
+_BASE_LABEL = flags.DEFINE_string("baseline_label", "", "what the baseline is "
+                                  "(default: its file name)")
+_DUMP = flags.DEFINE_string("dump_dir", "", "also write each program's optimized "
+                            "HLO there, as <format>_<program>.txt")
 
 # An H200-like compile target (HBM3e bandwidth, 132 SMs, sm_90).
 TARGET = """
@@ -93,7 +104,7 @@ def program_stats(text: str) -> dict:
       continue
     args = re.findall(r"%([\w.\-]+)", rest.split(")")[0])
     kind = re.search(r"kind=(k\w+)", rest)
-    ops.append((op + (":" + kind.group(1) if kind else ""),
+    ops.append((op + (":" + kind.group(1) if kind else "") + ":" + name,
                 sum(_size(shapes.get(a, "")) for a in args) + _size(shape)))
   moved = sum(b for _, b in ops)
   return dict(kernels=len(ops), MB=round(moved / 1e6, 1),
@@ -102,12 +113,53 @@ def program_stats(text: str) -> dict:
               ops=[(k, round(b / 1e6, 1)) for k, b in ops])
 
 
+def ptx_instructions(text: str) -> dict:
+  """Kernel name -> instructions in its body, for a PTX module.
+
+  A loop kernel handles a few elements per thread (its vector width), so
+  compare kernels of the same shape, or per element with that in mind.
+  """
+  out = {}
+  for m in re.finditer(r"\.entry (\w+)\((?:.*?)\n\{(.*?)\n\}", text, re.S):
+    body = [ln.strip() for ln in m.group(2).split("\n")]
+    out[m.group(1)] = sum(1 for ln in body if ln.endswith(";")
+                          and not ln.startswith((".reg", ".shared", ".local", "//")))
+  return out
+
+
+def _kname(op_label: str) -> str:
+  """The PTX kernel name of an HLO fusion (``a_fusion.1`` -> ``a_fusion_1``)."""
+  return op_label.split(":")[-1].replace(".", "_")
+
+
+def _main_ptx(row: dict):
+  """PTX instructions of the kernel that moves the most bytes, or None."""
+  if not row.get("ops") or not row.get("ptx"):
+    return None
+  label = max(row["ops"], key=lambda ob: ob[1])[0]
+  return row["ptx"].get(_kname(label))
+
+
+def _dump(name: str, text: str):
+  if _DUMP.value:
+    os.makedirs(_DUMP.value, exist_ok=True)
+    with open(os.path.join(_DUMP.value, re.sub(r"[^\w.+-]", "_", name) + ".txt"),
+              "w") as f:
+      f.write(text)
+
+
 def main(argv):
   del argv
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
   if _SITE.value:
     sys.path.insert(0, _SITE.value)
+  ptx_dir = None
+  if _PTX.value:
+    import tempfile  # pylint: disable=g-import-not-at-top
+    ptx_dir = tempfile.mkdtemp(prefix="survey_ptx_")
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + f" --xla_dump_to={ptx_dir}").strip()
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
@@ -126,7 +178,19 @@ def main(argv):
   def compiled(f, *args):
     args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                         list(args))
-    return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).compile().as_text()
+    before = set(os.listdir(ptx_dir)) if ptx_dir else set()
+    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).compile().as_text()
+    if ptx_dir:
+      counts = {}
+      for fn in sorted(set(os.listdir(ptx_dir)) - before):
+        if fn.endswith(".ptx"):
+          with open(os.path.join(ptx_dir, fn)) as fh:
+            counts.update(ptx_instructions(fh.read()))
+      last_ptx.clear()
+      last_ptx.update(counts)
+    return text
+
+  last_ptx = {}
 
   k, n = (int(v) for v in _SHAPE.value.lower().split("x"))
   x = jax.ShapeDtypeStruct((k, n), jnp.bfloat16)
@@ -147,7 +211,8 @@ def main(argv):
           y, vjp = jax.vjp(lambda u: lb.fake_quant(u, s), v)
           return y, vjp(ct)[0]
         text = compiled(fb, x, x)
-      rows.append((fid, op, program_stats(text)))
+      rows.append((fid, op, dict(program_stats(text), ptx=dict(last_ptx))))
+      _dump(f"{fid}_{op}", text)
       print(fid, op, rows[-1][2], flush=True)
   dn = (((1,), (1,)), ((), ()))
   for fid, (fmt, kw) in MM_FORMATS.items():
@@ -159,20 +224,51 @@ def main(argv):
       a = jax.ShapeDtypeStruct((int(m), k), jnp.bfloat16)
       text = compiled(lambda a_, q_: lb.ops.dot_general(
           a_, q_, dn, mode="real", use_kernel="never"), a, qw)
-      rows.append((fid, f"matmul M={m}", program_stats(text)))
+      rows.append((fid, f"matmul M={m}", dict(program_stats(text), ptx=dict(last_ptx))))
       print(fid, m, rows[-1][2], flush=True)
   out = [f"# XLA GPU programs of the primitives (deviceless compile, jax "
          f"{jax.__version__}, H200-like target)", "",
          f"Command: `python3 -m experiments.gpu_fusion_survey {' '.join(sys.argv[1:])}`",
          "", f"bf16 [{k}, {n}], scales along axis 0. MB: bytes the top-level ops "
-         f"read and write; us: that traffic at {_BW.value / 1e12:.1f} TB/s.", "",
+         f"read and write; us: that traffic at {_BW.value / 1e12:.1f} TB/s."
+         + (" `(N ins)`: the kernel's PTX instructions (a loop kernel handles "
+            "2 to 8 elements per thread; about 100 per 4 bf16 elements is where "
+            "the H200 turns compute-bound: int8 fake_quant's 61 runs at the copy "
+            "rate, fp8's 150 at 60% of it)." if _PTX.value else ""), "",
          "| format | program | kernels | MB | us | transposes | ops (MB each) |",
          "|---|---|---|---|---|---|---|"]
   for fid, op, r in rows:
-    ops = ", ".join(f"{o.split(':')[-1]} {b}" for o, b in r["ops"])
+    ptx = r.get("ptx") or {}
+    ops = ", ".join(f"{o.split(':')[-1]} {b}"
+                    + (f" ({ptx[_kname(o)]} ins)" if _kname(o) in ptx else "")
+                    for o, b in r["ops"])
     out.append(f"| {fid} | {op} | {r['kernels']} | {r['MB']} | {r['est_us']} | "
                f"{r['transposes']} | {ops} |")
+  if _BASE.value:
+    import json  # pylint: disable=g-import-not-at-top
+    with open(_BASE.value) as f:
+      old = {(r["format"], r["program"]): r for r in json.load(f)}
+    out += ["", f"Against `{os.path.basename(_BASE.value)}` "
+            f"({_BASE_LABEL.value or 'an earlier run of this command'}): before -> "
+            "after. PTX: the instructions of the kernel that "
+            "moves the most bytes (the elementwise pass, as a rule).", "",
+            "| format | program | kernels | MB | PTX of the main kernel |",
+            "|---|---|---|---|---|"]
+    for fid, op, r in rows:
+      o = old.get((fid, op))
+      if o is None:
+        continue
+      px_new, px_old = _main_ptx(r), _main_ptx(o)
+      out.append(f"| {fid} | {op} | {o['kernels']} -> {r['kernels']} | "
+                 f"{o['MB']} -> {r['MB']} | "
+                 + (f"{px_old} -> {px_new} |" if px_new and px_old else " |"))
   text = "\n".join(out) + "\n"
+  if _JSON.value:
+    import json  # pylint: disable=g-import-not-at-top
+    with open(_JSON.value, "w") as f:
+      json.dump([dict(format=fid, program=op, kernels=r["kernels"], MB=r["MB"],
+                      transposes=r["transposes"], ops=r["ops"], ptx=r.get("ptx"))
+                 for fid, op, r in rows], f, indent=1)
   if _OUT.value:
     with open(_OUT.value, "w") as f:
       f.write(text)

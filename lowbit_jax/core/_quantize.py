@@ -72,6 +72,32 @@ def _red_axes(ndim: int) -> tuple:
   return tuple(range(1, 2 * ndim, 2))
 
 
+def _block_reduce(v: jax.Array, red: tuple, op) -> jax.Array:
+  """``jnp.max`` / ``jnp.min`` (``op``) of a blocked array over its block axes.
+
+  Blocks of 17 to 32 along a non-minor axis (MX and FP4 g32 blocks of a
+  ``[K, N]`` weight along K) are reduced in two halves whose results are
+  combined elementwise: XLA's GPU emitter gives a column reduction of fewer
+  than 32 rows to its loop emitter (each thread reads its column's rows in
+  turn, at memory bandwidth), but from 32 rows on it uses the tiled column
+  reduction, which for so few rows spends its time in shared memory and warp
+  shuffles (126 us on the H200 for a bf16 [8192, 8192] in blocks of 32,
+  against 47 us for whole columns). Max and min are exact in any order, so
+  the result is the same.
+  """
+  big = [a for a in red if v.shape[a] > 1]
+  if (len(big) == 1 and 16 < v.shape[big[0]] <= 32
+      and any(d > 1 for d in v.shape[big[0] + 1:])):
+    a = big[0]
+    parts = [lax.slice_in_dim(v, i, i + 1, axis=a) for i in range(v.shape[a])]
+    while len(parts) > 1:  # a balanced tree of elementwise max / min
+      pair = jnp.maximum if op is jnp.max else jnp.minimum
+      parts = [pair(parts[i], parts[i + 1]) if i + 1 < len(parts) else parts[i]
+               for i in range(0, len(parts), 2)]
+    v = parts[0]
+  return op(v, axis=red)
+
+
 def _expand(s: jax.Array, bs: tuple, shape: tuple) -> jax.Array:
   """Per-block array [n0, n1, ...] broadcast back to ``shape``."""
   if s.ndim == 0:
@@ -231,7 +257,15 @@ def _e8m0_exponent(amax: jax.Array, elem, rounding: str) -> jax.Array:
 
 
 def _pow2(e: jax.Array) -> jax.Array:
-  return jnp.ldexp(jnp.ones(e.shape, jnp.float32), e)
+  """``2.0**e`` (float32) for int32 ``e``: exact for -126 <= e <= 127, 0 below
+  (a float32 subnormal, flushed as XLA's CPU ``ldexp`` does) and inf above.
+
+  Built from the exponent bits: ``jnp.ldexp`` lowers to a ``pow`` per element,
+  which also keeps XLA's GPU loop emitter from vectorizing the fusion.
+  """
+  e = jnp.asarray(e, jnp.int32)
+  bits = (jnp.clip(e, -127, 128) + 127).astype(jnp.uint32) << 23
+  return lax.bitcast_convert_type(bits, jnp.float32)
 
 
 def _pow2_pair(e: jax.Array):
@@ -384,11 +418,19 @@ def _prepare(x, spec: QuantSpec):
   return x, spec, bs, valid, pa
 
 
-def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None):
+def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None,
+          for_codes=False):
   """Elements on the format's grid (float32), scales and zero points.
 
   ``tensor_amax`` (formats with a tensor scale only) fixes the per-tensor range
   that sets the tensor scale; the block scales still follow the data.
+  ``for_codes``: the elements only go to ``_cast.encode_grid`` (quantize).
+  Float formats with a native type (``_cast._native_dtype``: FP8 on GPU and
+  TPU) then come back as the scaled values clamped to the format's range,
+  unrounded: XLA's convert to the float8 type rounds them to nearest even in
+  one step (on the H200 one ``cvt.rn.satfinite`` per pair), where the
+  ReducePrecision chain would spend about half of the quantize kernel's
+  instructions.
 
   Returns:
     (q, scale_f32 per block, stored scale, zero_point per block or None,
@@ -434,8 +476,8 @@ def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None):
       # One reduction gives the amax and the bad-block flag: a NaN or an inf
       # counts as inf (a max over NaN would not be reliable: XLA's vectorized
       # max on CPU can drop one), and finite blocks have a finite amax.
-      a_dyn = jnp.max(jnp.where(fin, jnp.abs(xn), np.inf), axis=red).astype(
-          jnp.float32)
+      a_dyn = _block_reduce(jnp.where(fin, jnp.abs(xn), np.inf), red,
+                            jnp.max).astype(jnp.float32)
       blk_bad = a_dyn == np.float32(np.inf)
   if amax is not None:
     a = jnp.broadcast_to(jnp.asarray(amax, jnp.float32), nb)
@@ -558,6 +600,11 @@ def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None):
     q = jnp.where(jnp.isnan(y), jnp.nan, q)
   elif isinstance(fmt, LookupFormat):
     q = _cast._cast_lookup(y, fmt, noise)
+  elif for_codes and noise is None and (_cast._native_dtype(fmt) is not None
+                                        or _cast._rounds_by_thresholds(fmt)):
+    # The codes round (encode_grid: a native float8 convert, or FP4's
+    # comparisons with the grid's midpoints).
+    q = jnp.clip(y, np.float32(-fmt.max), np.float32(fmt.max))
   else:
     q = _cast._cast_float(y, fmt, True, noise)
   return q, total, s_stored, None, tscale, clipped
@@ -575,8 +622,8 @@ def _grid_asym(x, xf, xb, red, vb, spec, bs, noise, amax, amin):
   if vb is not None:
     src_hi = jnp.where(vb, src_hi, -np.inf)
     src_lo = jnp.where(vb, src_lo, np.inf)
-  d_hi = jnp.max(src_hi, axis=red).astype(jnp.float32)
-  d_lo = jnp.min(src_lo, axis=red).astype(jnp.float32)
+  d_hi = _block_reduce(src_hi, red, jnp.max).astype(jnp.float32)
+  d_lo = _block_reduce(src_lo, red, jnp.min).astype(jnp.float32)
   blk_bad = (d_hi == np.float32(np.inf)) | (d_lo == np.float32(-np.inf))
   if amax is not None or amin is not None:
     if amax is None or amin is None:
@@ -734,7 +781,7 @@ def _pact_mask(xf, alpha_full, symmetric: bool):
 
 
 def _grid_any(xp, spec, bs, valid, key, amax, amin, tensor_amax, scale, zero_point,
-              clip):
+              clip, for_codes=False):
   """``_grid`` for every keyword: (q, total, stored scale, zero point, tensor
   scale, clipped mask, dxds or None)."""
   if scale is not None:
@@ -752,7 +799,8 @@ def _grid_any(xp, spec, bs, valid, key, amax, amin, tensor_amax, scale, zero_poi
     out = _grid(xc, spec, bs, valid, key, alpha,
                 None if spec.symmetric else jnp.zeros_like(alpha))
     return out[:5] + (_pact_mask(xf, a_full, spec.symmetric), None)
-  return _grid(xp, spec, bs, valid, key, amax, amin, tensor_amax) + (None,)
+  return _grid(xp, spec, bs, valid, key, amax, amin, tensor_amax,
+               for_codes=for_codes) + (None,)
 
 
 def _noise_for(spec: QuantSpec, key, shape):
@@ -1007,7 +1055,8 @@ def _quantize_jit(x, spec, key, amax, amin, tensor_amax, scale=None, zero_point=
   shape, dtype = tuple(x.shape), x.dtype
   xp, spec, bs, valid, pa = _prepare(x, spec)
   q, total, s_stored, zp, tscale, _, _ = _grid_any(
-      xp, spec, bs, valid, key, amax, amin, tensor_amax, scale, zero_point, clip)
+      xp, spec, bs, valid, key, amax, amin, tensor_amax, scale, zero_point, clip,
+      for_codes=True)
   del total
   fmt = spec.storage_format
   codes = _cast.encode_grid(q, fmt)

@@ -218,9 +218,11 @@ def _check_case(case):
                                 np.asarray(got[2], np.float32))
 
 
-@pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2", "fp8_e3m4", "fp8_e4m3ieee"])
+@pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2", "fp8_e3m4", "fp8_e4m3ieee",
+                                  "fp6_e2m3", "fp6_e3m2", "fp4_e2m1"])
 def test_native_fp8_rounding_matches_emulation(name, monkeypatch):
-  """ReducePrecision rounding (and the native float8 codes) are the emulation.
+  """ReducePrecision rounding (and the native float8 codes, or the codes from
+  the float32 bits) are the emulation.
 
   Dense: every float32 pattern around each grid point of the format (the grid
   point, the midpoints to its neighbours and one ulp either side of them),
@@ -247,10 +249,25 @@ def test_native_fp8_rounding_matches_emulation(name, monkeypatch):
   want = jax.jit(lambda v: ref._cast_float(v, fmt, True, None))(y)
   _assert_same(got, want, f"{name} rounding")
   _assert_same(np.signbit(np.asarray(got)), np.signbit(np.asarray(want)), "NaN signs")
+  want_codes = jax.jit(lambda v: ref.encode(v, fmt))(want)
+  # What quantize stores: the codes of saturated grid values and NaN.
+  codes = jax.jit(lambda v: _cast.encode_grid(v, fmt))(want)
+  ok = ~np.isnan(np.asarray(want)) | (_cast._native_dtype(fmt) is None)
+  _assert_same(np.where(ok, codes, 0), np.where(ok, want_codes, 0), f"{name} grid codes")
+  m = np.float32(fmt.max)
+  if _cast._rounds_by_thresholds(fmt):  # FP4: codes from the grid's midpoints
+    direct = jax.jit(lambda v: _cast.encode_grid(jnp.clip(v, -m, m), fmt))(y)
+    _assert_same(direct, want_codes, f"{name} codes of unrounded values")
   if _cast._native_dtype(fmt) is None:
     return  # no native float8 type: encode keeps the emulation
   codes = jax.jit(lambda v: _cast.encode(v, fmt))(want)
-  _assert_same(codes, jax.jit(lambda v: ref.encode(v, fmt))(want), f"{name} codes")
+  _assert_same(codes, want_codes, f"{name} codes")
+  # quantize's codes straight from the clamped, unrounded values (the
+  # convert rounds): the emulation's codes of the rounded values.
+  direct = jax.jit(lambda v: _cast.encode_grid(jnp.clip(v, -m, m), fmt))(y)
+  fin = ~np.isnan(y)
+  _assert_same(np.where(fin, direct, 0), np.where(fin, want_codes, 0),
+               f"{name} codes of unrounded values")
 
 
 @pytest.mark.parametrize("name", ["nf4", "binary", "ternary", "dynamic8"])
