@@ -292,8 +292,10 @@ def _split_pow2(t: jax.Array):
   unsplit one bit for bit (power-of-two scaling is exact). NaN and inf stay
   NaN and inf in ``tn``.
   """
-  p, _ = _log2_parts(t)
-  p = jnp.clip(p, -126, 126)
+  # The exponent field alone (no count-leading-zeros: ``t`` is normal, and
+  # XLA recomputes this scalar inside the per-element pass it fuses into).
+  u = lax.bitcast_convert_type(t.astype(jnp.float32), jnp.uint32)
+  p = jnp.clip(((u >> 23) & 0xFF).astype(jnp.int32) - 127, -126, 126)
   down = _pow2(-p)
   return t * down, down, _pow2(p)
 
