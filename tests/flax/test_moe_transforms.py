@@ -135,3 +135,39 @@ def test_spinquant_folds_learned_rotation_into_router_and_every_expert(moe_lm):
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-4, atol=1e-4)
   qloss = next_token_loss(jax.jit(quantize_linen(rot.rules(rules))(fn))(new, toks), toks)
   np.testing.assert_allclose(float(qloss), hist["calib_after"], rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_rotation_method_on_experts_skips_or_simulates_per_expert(moe_lm):
+  model, params, toks = moe_lm
+  down = params["layers_0"]["mlp"]["down_proj"]["kernel"]
+  # Outlier input rows of each down expert: a rotation along K spreads them.
+  params = jax.tree.map(lambda a: a, params)
+  params["layers_0"]["mlp"]["down_proj"]["kernel"] = down.at[:, jnp.array([1, 9])].mul(
+      8.0)
+  down = params["layers_0"]["mlp"]["down_proj"]["kernel"]
+  rules = [(r"layers_0/mlp/down_proj", _SPEC)]
+  _, rep = apply_ptq(model, params, [(toks,)], "rotation", rules)
+  f = next(f for f in rep["folds"] if f["layers"] == ["layers_0/mlp/down_proj"])
+  assert f["status"] == "skipped" and "elementwise product" in f["reason"]
+  assert rep["layers"]["layers_0/mlp/down_proj"]["transform"] == "none"
+  # simulate: R Q(R^T w_e) per expert. Unquantized it is the identity (R
+  # orthogonal): the float model is unchanged.
+  same, _ = apply_ptq(model, params, [(toks,)], "rotation", None, unfoldable="simulate")
+  np.testing.assert_allclose(np.asarray(same["layers_0"]["mlp"]["down_proj"]["kernel"]),
+                             np.asarray(down), atol=1e-5)
+  sim, rep = apply_ptq(model, params, [(toks,)], "rotation", rules,
+                       unfoldable="simulate")
+  rtn_p, _ = apply_ptq(model, params, [(toks,)], "rtn", rules)
+  f = next(f for f in rep["folds"] if f["layers"] == ["layers_0/mlp/down_proj"])
+  assert f["status"] == "simulated"
+  entry = rep["layers"]["layers_0/mlp/down_proj"]
+  assert entry["transform"] == "rotation" and entry["fold"] == "simulated"
+  # Off the spec's grid: no scales for real mode to store.
+  assert "down_proj" not in rep["quant_scales"].get("layers_0", {}).get("mlp", {})
+  w_sim = sim["layers_0"]["mlp"]["down_proj"]["kernel"]
+  w_rtn = rtn_p["layers_0"]["mlp"]["down_proj"]["kernel"]
+  for e in range(_CFG.n_experts):   # every expert's kernel error drops
+    err_sim = float(jnp.sum(jnp.square(w_sim[e] - down[e])))
+    err_rtn = float(jnp.sum(jnp.square(w_rtn[e] - down[e])))
+    assert err_sim < 0.8 * err_rtn, (e, err_sim, err_rtn)
