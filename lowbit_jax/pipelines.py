@@ -395,8 +395,10 @@ def llama_point(scheme: str, target: str = "weights", method: str = "rtn", *,
   ``act_matmul`` site ``layers_*/attn/qk``); ``r3`` adds SpinQuant's R3 (Liu
   et al. 2024, Sec. 3: a Hadamard on queries and keys over ``head_dim``; the
   cache stores rotated keys), through ``apply_ptq(r3=True)`` for
-  ``quarot``/``spinquant`` (SpinQuant then learns with it in its loss) and
-  ``algorithms.r3_rules`` for the other methods.
+  ``quarot``/``spinquant`` and ``algorithms.r3_rules`` for the other methods.
+  SpinQuant's learning loss quantizes weights and linear-layer inputs only
+  (not the cache or ``q.k``), so its R1/R2 are learned the same with or
+  without ``kv``/``qk``/``r3``; R3 is a fixed Hadamard, as in the paper.
 
   Raises:
     ValueError: an unknown method or target, ``kv``/``qk`` not ``"none"`` or
