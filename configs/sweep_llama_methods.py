@@ -22,6 +22,13 @@ the scale search alone). OmniQuant (``omniquant``) learns weight clipping
 (LET) after each RMSNorm and between up and down projections, 200 AdamW
 steps per block (``point_kwargs.omniquant_steps``).
 
+Attention rows (``kv``, ``qk``, ``r3`` axes; ``lowbit_jax.pipelines.llama_point``):
+float weights (``fp32``/``rtn``) and W4A4 (``int4``) under RTN, QuaRot and
+SpinQuant, each with an int4 KV cache (per token, 32-token float window,
+perplexity teacher forced through the cache) or int4 ``q.k`` operands, without
+and with SpinQuant's R3 (a Hadamard on queries and keys; the cache stores
+rotated keys). All other rows have ``kv="none"``, ``qk="none"``, ``r3=False``.
+
 Variants: ``default`` (the small model: ~50 min of training plus ~30 min of
 sweep on a busy 2-core VM); ``base`` (the 56M-parameter ``base`` model of
 ``configs/train_lm.py``, trained for 400 steps in the same run on one GPU,
@@ -34,21 +41,42 @@ import ml_collections
 
 _WEIGHT_ONLY = ("int4_g128", "int3_g128")
 _WITH_ACTS = ("int8", "w4a8", "int4", "mxfp4", "nvfp4")
+_METHODS = ("rtn", "gptq", "awq", "awq_noclip", "smoothquant", "quarot", "spinquant",
+            "omniquant")
+# Attention rows: these (scheme, method) pairs, with an int4 KV cache or int4
+# q.k, each without and with R3.
+_ATTN_POINTS = (("fp32", "rtn"), ("int4", "rtn"), ("int4", "quarot"),
+                ("int4", "spinquant"))
+
+
+def _attention_excludes() -> list:
+  """Partial points that keep the kv/qk/r3 axes to ``_ATTN_POINTS``."""
+  schemes = {s for s, _ in _ATTN_POINTS}
+  out = [{"kv": "int4", "qk": "int4"}, {"r3": True, "kv": "none", "qk": "none"}]
+  for axis in ("kv", "qk"):
+    out += [{axis: "int4", "scheme": s} for s in ("fp32",) + _WEIGHT_ONLY + _WITH_ACTS
+            if s not in schemes]
+    out += [{axis: "int4", "scheme": s, "method": m} for s in schemes
+            for m in _METHODS if (s, m) not in _ATTN_POINTS]
+  return out
 
 
 def get_config(arg: str = "default"):
   c = ml_collections.ConfigDict()
   c.model = "llama"
   c.axes = ml_collections.ConfigDict()
-  c.axes.method = ("rtn", "gptq", "awq", "awq_noclip", "smoothquant", "quarot",
-                   "spinquant", "omniquant")
+  c.axes.method = _METHODS
   c.axes.scheme = ("fp32",) + _WEIGHT_ONLY + _WITH_ACTS
   c.axes.target = ("weights", "weights+acts")
+  c.axes.kv = ("none", "int4")
+  c.axes.qk = ("none", "int4")
+  c.axes.r3 = (False, True)
   c.exclude = ([{"scheme": "fp32", "method": m} for m in c.axes.method[1:]]
                + [{"scheme": "fp32", "target": "weights+acts"}]
                + [{"scheme": s, "target": "weights+acts"} for s in _WEIGHT_ONLY]
                + [{"scheme": s, "target": "weights"} for s in _WITH_ACTS]
-               + [{"method": "smoothquant", "target": "weights"}])
+               + [{"method": "smoothquant", "target": "weights"}]
+               + _attention_excludes())
   c.point_kwargs = ml_collections.ConfigDict({
       "workdir": "results/train_lm_small", "variant": "small", "seq_len": 128,
       "batch": 8, "max_eval_tokens": 16384})

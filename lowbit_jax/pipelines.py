@@ -67,6 +67,19 @@ def _rules(scheme, target: str, weights_in_params: bool) -> list:
   return [QuantRule(".*", weight=w, activation=act)]
 
 
+def _attn_rules(kv: str, qk: str) -> list:
+  """Rules of a quantized KV cache (per token) and ``q.k`` (per head vector)."""
+  from lowbit_jax.core import QuantSpec  # pylint: disable=g-import-not-at-top
+  out = []
+  if kv != "none":
+    out.append(QuantRule(r".*/attn/cache/(key|value)", ops=("kv_cache",),
+                         activation=QuantSpec(kv, axis=-1)))
+  if qk != "none":
+    out.append(QuantRule(r".*/attn/qk", ops=("act_matmul",),
+                         activation=QuantSpec(qk, axis=-1)))
+  return out
+
+
 def _kernels(params) -> dict:
   """{path: kernel} of every 2-d Dense kernel in a params tree."""
   out = {}
@@ -361,7 +374,9 @@ def _llama(workdir: str, variant: str, train_steps: int = 0):
 def llama_point(scheme: str, target: str = "weights", method: str = "rtn", *,
                 workdir: str, variant: str = "smoke", seq_len: int = 128,
                 batch: int = 8, max_eval_tokens: int = 32768, n_calib: int = 8,
-                train_steps: int = 0, omniquant_steps: int = 200) -> dict:
+                train_steps: int = 0, omniquant_steps: int = 200,
+                kv: str = "none", qk: str = "none", r3: bool = False,
+                kv_window: int = 32) -> dict:
   """Quantizes the trained decoder LM and measures held-out perplexity.
 
   The model is restored from ``workdir`` or, when that holds no finished run,
@@ -370,11 +385,40 @@ def llama_point(scheme: str, target: str = "weights", method: str = "rtn", *,
   activations, LET between each RMSNorm and its readers and between up and
   down projections) for ``omniquant_steps`` AdamW steps per block (Shao et
   al. 2024).
+
+  Attention quantization (``kv``, ``qk``, ``r3``): ``kv`` a format name
+  stores the KV cache quantized per token (keys and values, one scale per
+  head vector, a float window of the newest ``kv_window`` tokens) and the
+  perplexity is then measured teacher forced through the cache
+  (``decode.make_teacher_forced``, one-token prompt); ``qk`` a format name
+  quantizes both operands of attention's ``q.k`` per head vector (the
+  ``act_matmul`` site ``layers_*/attn/qk``); ``r3`` adds SpinQuant's R3 (Liu
+  et al. 2024, Sec. 3: a Hadamard on queries and keys over ``head_dim``; the
+  cache stores rotated keys), through ``apply_ptq(r3=True)`` for
+  ``quarot``/``spinquant`` and ``algorithms.r3_rules`` for the other methods.
+  SpinQuant's learning loss quantizes weights and linear-layer inputs only
+  (not the cache or ``q.k``), so its R1/R2 are learned the same with or
+  without ``kv``/``qk``/``r3``; R3 is a fixed Hadamard, as in the paper.
+
+  Raises:
+    ValueError: an unknown method or target, ``kv``/``qk`` not ``"none"`` or
+      a registered format, or ``r3`` without ``kv`` or ``qk`` (it would
+      change nothing).
   """
   _check(method, target)
+  from lowbit_jax import formats  # pylint: disable=g-import-not-at-top
+  for name, val in (("kv", kv), ("qk", qk)):
+    if val != "none" and val not in formats.names():
+      raise ValueError(f"{name} must be 'none' or a registered format name "
+                       f"(lowbit_jax.formats.names()), got {val!r}")
+  if r3 and kv == "none" and qk == "none":
+    raise ValueError("r3=True rotates the queries and keys for a quantized KV cache "
+                     "or q.k; set kv= or qk= to a format name (or r3=False)")
   from lowbit_jax import train_lm  # pylint: disable=g-import-not-at-top
   from lowbit_jax.flax import quantize_linen  # pylint: disable=g-import-not-at-top
   from lowbit_jax.flax import ptq as ptq_lib  # pylint: disable=g-import-not-at-top
+  from lowbit_jax.algorithms import r3_rules  # pylint: disable=g-import-not-at-top
+  from lowbit_jax.models import decode  # pylint: disable=g-import-not-at-top
   sch = schemes_lib.get(scheme)
   config, model, params, data = _llama(workdir, variant, train_steps)
   t0 = time.time()
@@ -395,16 +439,25 @@ def llama_point(scheme: str, target: str = "weights", method: str = "rtn", *,
       extra["extra_folds"] = {f"layers_{i}/mlp/down_proj": f"layers_{i}/mlp/up_proj"
                               for i in range(model.config.n_layers)
                               if not model.config.n_experts}
+    if r3 and method in ("quarot", "spinquant"):
+      extra["r3"] = True
     qparams, report = ptq_lib.apply_ptq(
         model, params, calib_batches, name, sch.weight, act, **extra)
-  rules = _rules(sch, target, weights_in_params=(method != "rtn"))
+  rules = _rules(sch, target, weights_in_params=(method != "rtn")) + _attn_rules(kv, qk)
   if "rotation" in report:   # QuaRot: online Hadamards at the down projections
-    rules = list(report["rotation"].rules(rules))
+    rules = list(report["rotation"].rules(rules))   # (and R3 where r3 was given)
+  if r3 and ("rotation" not in report or report["rotation"].r3 is None):
+    rules = list(r3_rules(rules))
   if rules:
     q = quantize_linen(rules, mode="fake")
     apply = q(lambda p, t: model.apply({"params": p}, t))
   else:
     apply = lambda p, t: model.apply({"params": p}, t)  # noqa: E731
+  if kv != "none":   # teacher forced through the quantized cache
+    forced = decode.make_teacher_forced(model, seq_len, batch, prompt_len=1,
+                                        cache_rules=rules, residual=kv_window,
+                                        apply_fn=q(model.apply))
+    apply = lambda p, t: forced({"params": p}, t)  # noqa: E731
   res = train_lm.evaluate(apply, qparams, data, seq_len=seq_len, batch=batch,
                           max_tokens=max_eval_tokens)
   m = {k: float(v) for k, v in res.items() if isinstance(v, (int, float))}
@@ -441,8 +494,10 @@ POINTS = {"minilm": minilm_point, "llama": llama_point}
 
 
 def _label(row: dict) -> str:
+  attn = "".join(f"/{k}:{row[k]}" for k in ("kv", "qk")
+                 if row.get(k, "none") != "none") + ("/R3" if row.get("r3") else "")
   return f"{row.get('scheme')}/{'W' if row.get('target') == 'weights' else 'W+A'}" + (
-      f"/{row['method']}" if row.get("method", "rtn") != "rtn" else "")
+      f"/{row['method']}" if row.get("method", "rtn") != "rtn" else "") + attn
 
 
 def run_sweep_config(config, log=None) -> dict:

@@ -108,3 +108,27 @@ def test_llama_workdir_with_a_final_eval_but_no_checkpoint_says_so(tmp_path):
   with pytest.raises(FileNotFoundError, match="no checkpoint.*Delete"):
     pipelines._llama(str(tmp_path), "smoke")
   assert (tmp_path / ".train.lock").exists()
+
+
+def test_llama_methods_attention_rows_and_arguments(tmp_path):
+  from lowbit_jax import sweep
+  c = _config("sweep_llama_methods", "smoke")
+  pts = sweep.expand({k: list(v) for k, v in c.axes.items()},
+                     [dict(e) for e in c.exclude])
+  attn = [p for p in pts if p["kv"] != "none" or p["qk"] != "none"]
+  # fp32/rtn and W4A4 under rtn, quarot, spinquant; kv or qk; without and with R3.
+  assert len(attn) == 16 and not any(p["kv"] != "none" and p["qk"] != "none"
+                                     for p in attn)
+  assert {(p["scheme"], p["method"]) for p in attn} == {
+      ("fp32", "rtn"), ("int4", "rtn"), ("int4", "quarot"), ("int4", "spinquant")}
+  assert not any(p["r3"] for p in pts if p not in attn)
+  labels = {pipelines._label(p) for p in attn}
+  assert "int4/W+A/spinquant/kv:int4/R3" in labels and len(labels) == 16
+  kw = {"workdir": str(tmp_path)}   # arguments are checked before any model loads
+  with pytest.raises(ValueError, match="kv must be 'none' or a registered format"):
+    pipelines.llama_point("int4", "weights+acts", "quarot", kv="int44", **kw)
+  with pytest.raises(ValueError, match="r3=True rotates"):
+    pipelines.llama_point("int4", "weights+acts", "quarot", r3=True, **kw)
+  rules = pipelines._attn_rules("int4", "fp8_e4m3")
+  assert rules[0].matches("layers_1/attn/cache/value") and rules[0].ops == ("kv_cache",)
+  assert rules[1].matches("layers_0/attn/qk") and not rules[1].matches("layers_0/attn/pv")

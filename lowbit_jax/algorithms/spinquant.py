@@ -259,7 +259,10 @@ def spinquant_model(fn: Callable, params: Any, batches: Sequence[Any], rules: An
      straight-through gradients, the weights held fixed.
   4. Folds the learned rotations into ``params`` with
      ``rotate_model(..., rotation=R1, head_rotations=R2)`` (float64 on the
-     host), the same code path as QuaRot.
+     host), the same code path as QuaRot. On MoE layers R1 folds into the
+     router and into every expert's kernels (``[E, d, F]`` readers along d,
+     ``[E, F, d]`` writers along d), in the traced loss as in the final fold,
+     so the loss learned on is the folded model's.
 
   Args:
     fn: the model as a function of its parameter pytree, ``fn(params, *args)``.

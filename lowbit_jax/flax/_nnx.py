@@ -105,23 +105,43 @@ class NnxActEinsum(nnx.Module):
     einsum_str: the two-operand equation, e.g. ``"bqhd,bkhd->bhqk"``.
     precision: as ``jnp.einsum``.
     preferred_element_type: as ``jnp.einsum``.
+    operands_rotated: the caller already multiplied both operands by a
+      Hadamard matrix along the contraction axis (a KV cache that stores
+      rotated keys, SpinQuant's R3), so a rule's ``input_rotation`` does not
+      rotate them again. ``__call__(..., operands_rotated=)`` overrides it
+      per call (a layer used both with and without a rotated cache), as
+      Linen's ``ActEinsum(operands_rotated=)`` is set per call.
     einsum_op: the op called (``jnp.einsum``; a ``QuantOp`` once quantized).
   """
 
   def __init__(self, einsum_str: str, *, precision=None,
-               preferred_element_type=None):
+               preferred_element_type=None, operands_rotated: bool = False):
     if not isinstance(einsum_str, str) or einsum_str.count(",") != 1 or "->" not in einsum_str:
       raise ValueError(f"NnxActEinsum takes a two-operand equation with '->', e.g. "
                        f"'bqhd,bkhd->bhqk', got {einsum_str!r}")
     self.einsum_str = einsum_str
     self.precision = precision
     self.preferred_element_type = preferred_element_type
+    self.operands_rotated = bool(operands_rotated)
     self.einsum_op = _static(jnp.einsum)
 
-  def __call__(self, lhs: jax.Array, rhs: jax.Array) -> jax.Array:
-    """``einsum_op(einsum_str, lhs, rhs)``."""
+  def __call__(self, lhs: jax.Array, rhs: jax.Array, *,
+               operands_rotated: Optional[bool] = None) -> jax.Array:
+    """``einsum_op(einsum_str, lhs, rhs)``.
+
+    Args:
+      lhs: first operand.
+      rhs: second operand.
+      operands_rotated: this call's operands are already rotated (None: the
+        ``operands_rotated`` attribute); a quantized op then skips its rule's
+        ``input_rotation``. A float op ignores it.
+    """
+    rotated = self.operands_rotated if operands_rotated is None else bool(
+        operands_rotated)
+    kw = {"operands_rotated": True} if (
+        rotated and isinstance(self.einsum_op, QuantOp)) else {}
     return self.einsum_op(self.einsum_str, lhs, rhs, precision=self.precision,
-                          preferred_element_type=self.preferred_element_type)
+                          preferred_element_type=self.preferred_element_type, **kw)
 
 
 _static = getattr(nnx, "static", lambda x: x)
@@ -287,9 +307,14 @@ class QuantOp(nnx.Module):
     return y
 
   def _einsum(self, subscripts, lhs, rhs, precision=None,
-              preferred_element_type=None):
+              preferred_element_type=None, operands_rotated=False):
+    site = self.site
+    if operands_rotated and site.rule.input_rotation is not None:
+      # The caller rotated both operands (NnxActEinsum, R3): not again here.
+      site = dataclasses.replace(
+          site, rule=dataclasses.replace(site.rule, input_rotation=None))
     call = self._call(lhs)
-    y = _rules.site_einsum(self.site, subscripts, lhs, rhs, precision=precision,
+    y = _rules.site_einsum(site, subscripts, lhs, rhs, precision=precision,
                            preferred_element_type=preferred_element_type, call=call)
     self._finish(call)
     return y

@@ -72,9 +72,17 @@ routed to that expert (SmoothQuant: their absmax; AWQ: the grid search on
 their retained rows), folded into that expert's producer columns; an expert
 with no routed token keeps scale 1 (``unscaled_experts`` in the fold entry).
 AWQ's clip search does not run on experts. The per-group rotation method
-("rotation") does not transform experts (a rotation folds into neither the
-norm nor the elementwise product); ``report["folds"]`` lists what was skipped
-and why. QuaRot ("quarot") does: the residual stream is followed through the
+("rotation") cannot fold into experts exactly: the gate/up experts read a
+gather of a norm's output (a rotation does not fold into a norm's elementwise
+gain) and the down experts read an elementwise product, which a rotation does
+not commute with. With ``unfoldable="skip"`` they are left unrotated and
+``report["folds"]`` says why; with ``unfoldable="simulate"`` each expert
+layer's kernel ``[G, K, N]`` gets a randomized Hadamard ``R`` along K applied
+to every expert on its own (the rotation acts on K, the same axis for each
+expert, so the experts are independent): ``R Q(R^T w_e)``, quantized with
+RTN or with GPTQ on the rotated per-expert Hessian ``R^T H_e R``, which equals
+running ``x R`` online before a weight-only quantized expert (fold status
+``"simulated"``; no stored scales, the kernel is off the spec's grid). QuaRot ("quarot") does: the residual stream is followed through the
 gather of routed tokens into the experts, so its rotation folds into every
 expert's gate/up (readers) and down (writers) kernels, and ``online`` puts
 the Hadamard in front of each down expert (a ``ragged_dot`` site).
@@ -581,23 +589,35 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
 
   report_layers = {}
   weight_scales = {}
-  for p in expert_layers:
+  for i, p in enumerate(expert_layers):
+    sim = None   # "rotation" with unfoldable="simulate": R per expert layer
     if method in _TRANSFORMS and p not in expert_done:
-      folds.append({"layers": [p], "producer": None, "status": "skipped",
-                    "reason": ("a rotation of the routed tokens has no exact fold "
-                               "(only diagonal scalings fold into the norm, and the "
-                               "product before the down projection is elementwise)")
-                    if method == "rotation" else
+      if method == "rotation" and unfoldable == "simulate":
+        sim = random_hadamard(jax.random.fold_in(jax.random.key(rotation_seed + 2), i),
+                              _node(cur, p)["kernel"].shape[1],
+                              block_size=rotation_block_size)
+      folds.append({"layers": [p], "producer": None,
+                    "status": "skipped" if sim is None else "simulated",
+                    "reason": _EXPERT_ROTATION_WHY if method == "rotation" else
                     ("no norm or expert layer produces these experts' input in a "
                      "way a scaling folds into exactly (checked numerically)")})
     spec = _resolve_spec(weight_spec, p)
+    w, st = _node(cur, p)["kernel"], stats[p]
+    if sim is not None:   # each expert's kernel in the rotated domain: R^T w_e
+      w = jnp.einsum("kj,gkn->gjn", sim, w.astype(jnp.float32), precision=_HI)
+      st = _rotate_expert_stats(st, sim)
     new_w, entry, scale = _quantize_experts(
-        _node(cur, p)["kernel"], stats[p], spec, base_quant, aspec,
+        w, st, spec, base_quant, aspec,
         blocksize=blocksize, percdamp=percdamp, act_order=act_order)
+    if sim is not None:   # back: R Q(R^T w_e), off the spec's grid (no scale)
+      new_w = jnp.einsum("jk,gkn->gjn", sim, new_w.astype(jnp.float32),
+                         precision=_HI).astype(_node(cur, p)["kernel"].dtype)
+      scale = None
+      entry["fold"] = "simulated"
     cur = with_leaves(cur, p, kernel=new_w)
     if scale is not None:
       weight_scales[p] = scale
-    entry["transform"] = method if p in expert_done else "none"
+    entry["transform"] = method if (p in expert_done or sim is not None) else "none"
     report_layers[p] = entry
   for p in selected:
     spec = specs[p]
@@ -658,6 +678,16 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
   report["quant_scales"] = _nest({f"{p}/weight_scale": v for p, v in
                                   weight_scales.items()})
   return new_params, report
+
+
+_EXPERT_ROTATION_WHY = (
+    "a rotation of an expert's input has no exact fold: the gate/up experts read "
+    "a gather of a norm's output (a rotation does not fold into a norm's "
+    "elementwise gain, and their group's router reads the same norm), and the "
+    "down experts read silu(gate) * up (an elementwise product, which a rotation "
+    "does not commute with); unfoldable='simulate' rotates each expert's kernel "
+    "on its own (R Q(R^T w_e), weight-only); method='quarot' folds a residual "
+    "rotation into every expert exactly")
 
 
 def _scale_rows(w: jax.Array, s: jax.Array) -> jax.Array:
