@@ -22,9 +22,12 @@ def _row(amax):
 
 @pytest.mark.parametrize("fmt,kw,amax,scale", [
     ("int8", {}, 1.5 * 2.0 ** -126, 2.0 ** -126),          # was 1
-    ("int8", dict(scale_dtype="float16"), 1e10, 65504.0),  # was beyond float16
-    ("int8", dict(scale_dtype="float16"), 1e-30, 2.0 ** -24),
-    ("nf4", dict(scale_dtype="bfloat16", group_size=32), _F32_MAX, _BF16_MAX),  # rounded to inf
+    pytest.param("int8", dict(scale_dtype="float16"), 1e10, 65504.0,  # beyond float16
+                 marks=pytest.mark.slow),
+    pytest.param("int8", dict(scale_dtype="float16"), 1e-30, 2.0 ** -24,
+                 marks=pytest.mark.slow),
+    pytest.param("nf4", dict(scale_dtype="bfloat16", group_size=32), _F32_MAX,
+                 _BF16_MAX, marks=pytest.mark.slow),  # rounded to inf
     ("mxfp8_e4m3", {}, 2.0 ** -120, 2.0 ** -127),          # was 1
     ("uint8", dict(symmetric=False), 1e-37, 2.0 ** -126),  # was 1
 ])
