@@ -174,9 +174,15 @@ def rtn_scale(w: jax.Array, spec: SpecLike) -> jax.Array:
   spec = kernel_spec(spec)
   if spec.scale_dtype == "e8m0":
     q = quantize(w, spec)
-    code = q.scale.astype(jnp.int32)
-    s = jnp.exp2((code - 127).astype(jnp.float32))
-    if q.tensor_scale is not None:
-      s = s * q.tensor_scale
-    return jnp.where(code == 255, jnp.nan, s)
+    if q.tensor_scale is not None:  # quantize refuses these today
+      raise NotImplementedError("rtn_scale: E8M0 block scales under a tensor "
+                                "scale have no single float32 scale per block")
+    # 2**(code - 127) from its float32 bits: exact for every code (code 0 is
+    # the subnormal 2**-127). exp2 is not: XLA's CPU exp2 misses most integer
+    # powers of two by an ulp (a floor-rounded scale then drops a binade) and
+    # flushes 2**-127 to 0.
+    code = q.scale.astype(jnp.uint32)
+    bits = jnp.where(code == 0, jnp.uint32(0x00400000), code << 23)
+    bits = jnp.where(code == 255, jnp.uint32(0x7FC00000), bits)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
   return init_scale(w, spec, "amax")

@@ -1358,8 +1358,16 @@ def init_scale(x: jax.Array, spec=None, method: str = "lsq", **spec_kwargs) -> j
       min(x, 0)) / (2**b - 1)``).
 
   Returns:
-    float32 array; blocks whose formula gives 0 (all zeros) get 1, NaN or inf
-    blocks give NaN or inf.
+    float32 array; all-zero blocks get 1, blocks holding a NaN or an inf give
+    NaN or inf. Other scales are held within the scale dtype's range as
+    ``quantize`` holds its own (docs/formats.md, "Tiny and huge ranges"):
+    float32, bfloat16 and tensor-scaled (NVFP4) specs at least 2**-126,
+    float16 within [2**-24, 65504], bfloat16 at most its maximum, E8M0 within
+    [2**-127, 2**127] (below 2**-126: 2**-127, built from its bits), E4M3
+    scales without a tensor scale within [2**-9, 448], and
+    every scale at most the float32 maximum (an ``lsq`` mean times
+    ``2 / sqrt(Qp)`` can overflow). A tiny block thus never starts at a scale
+    that flushes to 0 or that reads back as 1.
 
   Raises:
     ValueError: an unknown method, or a spec that does not fit x.
@@ -1379,15 +1387,35 @@ def _init_scale_jit(x, spec, method):
   red = _red_axes(xf.ndim)
   vb = None if valid is None else _to_blocks(valid, bs)
   lo_b, hi_b = _grid_bounds(spec)
+  absx = jnp.abs(xb)
+  # Whether the block holds a nonzero, and a NaN or an inf: a scale of
+  # normal data can underflow to 0 (or a subnormal, flushed on CPU) or
+  # overflow, and must then be clamped, not read as "all zeros" (1).
+  nonzero = jnp.any(absx > 0, axis=red)
+  bad = jnp.any(~jnp.isfinite(xb), axis=red)
   if method == "lsq":
-    s = _mean_abs(jnp.abs(xb), red, vb, bs) * np.float32(2.0 / math.sqrt(hi_b))
+    s = _mean_abs(absx, red, vb, bs) * np.float32(2.0 / math.sqrt(hi_b))
   elif spec.symmetric:
-    s = _div(jnp.max(jnp.abs(xb), axis=red) * np.float32(spec.clip_ratio),
+    s = _div(jnp.max(absx, axis=red) * np.float32(spec.clip_ratio),
              np.float32(spec.element.max))
   else:
     hi = jnp.maximum(jnp.max(xb if vb is None else jnp.where(vb, xb, -jnp.inf),
-                             axis=red), 0.0)
+                             axis=red), 0.0) * np.float32(spec.clip_ratio)
     lo = jnp.minimum(jnp.min(xb if vb is None else jnp.where(vb, xb, jnp.inf),
-                             axis=red), 0.0)
-    s = _div((hi - lo) * np.float32(spec.clip_ratio), np.float32(hi_b - lo_b))
-  return jnp.where(s == 0, np.float32(1.0), s)
+                             axis=red), 0.0) * np.float32(spec.clip_ratio)
+    levels = np.float32(hi_b - lo_b)
+    # A range beyond the float32 maximum: halved and doubled back, as _grid_asym.
+    s = jnp.where(hi - lo == np.float32(np.inf),
+                  _div(hi * np.float32(0.5) - lo * np.float32(0.5), levels)
+                  * np.float32(2.0), _div(hi - lo, levels))
+  raw = s
+  if spec.scale_dtype == "e8m0":
+    # E8M0 holds 2**-127 .. 2**127; 2**-127 is a float32 subnormal (from bits).
+    s = jnp.where(s >= np.float32(2.0 ** -126), jnp.minimum(s, np.float32(2.0 ** 127)),
+                  lax.bitcast_convert_type(jnp.uint32(0x00400000), jnp.float32))
+  elif spec.scale_dtype == "fp8_e4m3" and not spec.tensor_scale:
+    s = jnp.clip(s, _E4M3.min_subnormal, _E4M3.max)
+  else:
+    s = jnp.minimum(_clamp_scale(s, "float32" if spec.tensor_scale
+                                 else spec.scale_dtype), _F32_MAX)
+  return jnp.where(bad, raw, jnp.where(nonzero, s, np.float32(1.0)))

@@ -83,6 +83,43 @@ def decode_e8m0(codes: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
+def _pow2_f32(e: jax.Array) -> jax.Array:
+  """``2**e`` as float32 from its bits, for int32 ``e`` in [-126, 127]."""
+  return jax.lax.bitcast_convert_type(
+      (e.astype(jnp.int32) + 127).astype(jnp.uint32) << 23, jnp.float32)
+
+
+def e8m0_factors(codes: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """E8M0 scale codes as two normal float32 powers of two, ``f1 * f2 = 2**(c - 127)``.
+
+  ``v * f1 * f2`` is ``v * 2**(c - 127)`` rounded once, and never forms a
+  subnormal on the way where the result is normal: code 0 (2**-127) is a
+  float32 subnormal itself, which XLA's CPU backend flushes to 0. The split is
+  core's (``f1 = 2**floor(e / 2)``), so the values are core ``dequantize``'s
+  bit for bit. Code 255 gives NaN in ``f1``.
+  """
+  c = codes.astype(jnp.int32)
+  e = c - 127
+  h = jnp.floor_divide(e, 2)
+  f1 = jnp.where(c == 255, jnp.float32(jnp.nan), _pow2_f32(h))
+  return f1, _pow2_f32(e - h)
+
+
+def split_tensor_scale(t: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(tn, 2**p)`` with ``t = tn * 2**p`` and ``tn`` in [1, 2) (exact).
+
+  NVFP4's float32 tensor scale can be as small as 2**-126; its product with an
+  E4M3 block scale is then a float32 subnormal (flushed to 0 by XLA on CPU)
+  though the weights it scales are normal numbers. Multiplying by ``tn *
+  block scale`` first and by ``2**p`` last is exact there, and equals core
+  ``dequantize``'s arithmetic bit for bit. NaN and inf stay in ``tn``.
+  """
+  t = jnp.asarray(t, jnp.float32)
+  u = jax.lax.bitcast_convert_type(t, jnp.uint32)
+  p = jnp.clip(((u >> 23) & 0xFF).astype(jnp.int32) - 127, -126, 126)
+  return t * _pow2_f32(-p), _pow2_f32(p)
+
+
 def decode_e4m3_scale(scale: jax.Array) -> jax.Array:
   """float8_e4m3fn scales to float32 (exact)."""
   return scale.astype(jnp.float32)
@@ -133,23 +170,30 @@ def dequantize_weight(ops: MatmulOperands, problem: MatmulProblem) -> jax.Array:
     raise ValueError(f"unknown weight format {fmt!r}")
   if vals.shape != (n, k):
     raise ValueError(f"weight codes decode to {vals.shape}, expected {(n, k)}")
+  # Scales as factors applied one after the other (exact: see e8m0_factors
+  # and split_tensor_scale), as core dequantize applies them.
   if fmt in ("mxfp4", "mxfp8_e4m3"):
-    s = decode_e8m0(ops.w_scale)
+    factors = e8m0_factors(ops.w_scale)
   elif fmt == "nvfp4":
     s = decode_e4m3_scale(ops.w_scale)
+    factors = (s,)
     if ops.w_tensor_scale is not None:
-      s = s * jnp.asarray(ops.w_tensor_scale, jnp.float32)
+      tn, p_up = split_tensor_scale(ops.w_tensor_scale)
+      factors = (tn * s, jnp.broadcast_to(p_up, s.shape))
   else:
-    s = ops.w_scale.astype(jnp.float32)
+    factors = (ops.w_scale.astype(jnp.float32),)
   b = problem.w_block
-  if b is None:
-    s = jnp.broadcast_to(s.reshape(n, 1), (n, k))
-  elif isinstance(b, int):
-    s = expand_groups(s.reshape(n, k // b), k)
-  else:
-    tn, tk = b
-    s = jnp.repeat(jnp.repeat(s.reshape(n // tn, k // tk), tn, axis=0), tk, axis=1)
-  return vals * s
+  out = vals
+  for s in factors:
+    if b is None:
+      s = jnp.broadcast_to(s.reshape(n, 1), (n, k))
+    elif isinstance(b, int):
+      s = expand_groups(s.reshape(n, k // b), k)
+    else:
+      bn, bk = b
+      s = jnp.repeat(jnp.repeat(s.reshape(n // bn, k // bk), bn, axis=0), bk, axis=1)
+    out = out * s
+  return out
 
 
 def dequantize_activation(ops: MatmulOperands,
@@ -158,14 +202,16 @@ def dequantize_activation(ops: MatmulOperands,
   m, k = problem.m, problem.k
   vals = ops.x.astype(jnp.float32)
   if problem.x_format == "mxfp8_e4m3":
-    s = decode_e8m0(ops.x_scale)
+    factors = e8m0_factors(ops.x_scale)  # exact at code 0 (2**-127)
   else:
-    s = ops.x_scale.astype(jnp.float32)
-  if problem.x_block is None:
-    s = jnp.broadcast_to(s.reshape(m, 1), (m, k))
-  else:
-    s = expand_groups(s.reshape(m, k // problem.x_block), k)
-  return vals * s
+    factors = (ops.x_scale.astype(jnp.float32),)
+  for s in factors:
+    if problem.x_block is None:
+      s = jnp.broadcast_to(s.reshape(m, 1), (m, k))
+    else:
+      s = expand_groups(s.reshape(m, k // problem.x_block), k)
+    vals = vals * s
+  return vals
 
 
 # ----------------------------------------------------------------------------

@@ -166,8 +166,16 @@ def _codes_to_bf16(operands: MatmulOperands, problem: MatmulProblem,
 
 
 def _scales_f32(operands: MatmulOperands, problem: MatmulProblem,
-                decode: str) -> jax.Array:
-  """Weight scales as float32 ``[N, groups]`` (NVFP4's tensor scale folded in)."""
+                decode: str) -> tuple:
+  """Weight scales as float32 ``[N, groups]``, and a scale for the output.
+
+  Returns:
+    ``(scale, post)``: ``post`` is NVFP4's tensor scale (else None), applied
+    to the dot's float32 output, as the kernel applies it: folded into the
+    E4M3 block scales it made their product a float32 subnormal for a tensor
+    scale near 2**-126 (flushed to 0 by XLA on CPU, so the weight read as 0),
+    and rounded that product to bf16's 8 bits.
+  """
   fmt = problem.w_format
   s = operands.w_scale
   if fmt == "mxfp4":
@@ -175,9 +183,10 @@ def _scales_f32(operands: MatmulOperands, problem: MatmulProblem,
          if decode == "native" else common.decode_e8m0(s))
   else:
     s = s.astype(jnp.float32)
+  post = None
   if fmt == "nvfp4" and operands.w_tensor_scale is not None:
-    s = s * jnp.asarray(operands.w_tensor_scale, jnp.float32)
-  return s.reshape(problem.n, -1)
+    post = jnp.asarray(operands.w_tensor_scale, jnp.float32)
+  return s.reshape(problem.n, -1), post
 
 
 def xla_fused_matmul(operands: MatmulOperands, problem: MatmulProblem, *,
@@ -187,9 +196,11 @@ def xla_fused_matmul(operands: MatmulOperands, problem: MatmulProblem, *,
   The code-to-bf16 convert feeds the dot directly, so XLA fuses it into the GEMM
   (the weight is read once, in its stored width). Per-channel scales multiply the
   f32 result; group scales cannot leave the sum, so they multiply the bf16
-  weight (``w.reshape(N, K/g, g) * s``) inside the same fusion. This is the
-  baseline a kernel must beat (issue 13), and what runs where ``supports`` says
-  no.
+  weight (``w.reshape(N, K/g, g) * s``) inside the same fusion. NVFP4's
+  tensor scale multiplies the f32 result, as the kernel applies it. This is
+  the baseline a kernel must beat (issue 13), and what runs where
+  ``supports`` says no. (MXFP4's E8M0 code 0, 2**-127, is a subnormal scale
+  here: exact on GPU, flushed to 0 by XLA on CPU.)
 
   Args:
     operands: as for ``reference``.
@@ -204,7 +215,7 @@ def xla_fused_matmul(operands: MatmulOperands, problem: MatmulProblem, *,
   _validate(problem)
   n, k = problem.n, problem.k
   w = _codes_to_bf16(operands, problem, decode)
-  s = _scales_f32(operands, problem, decode)
+  s, post = _scales_f32(operands, problem, decode)
   g = common.weight_group(problem)
   x = operands.x.astype(jnp.bfloat16)
   dn = (((1,), (1,)), ((), ()))
@@ -215,6 +226,10 @@ def xla_fused_matmul(operands: MatmulOperands, problem: MatmulProblem, *,
     w = (w.reshape(n, k // g, g) * s.astype(jnp.bfloat16)[:, :, None]).reshape(
         n, k)
     y = lax.dot_general(x, w, dn, preferred_element_type=jnp.float32)
+  if post is not None:
+    # The barrier keeps XLA's algebraic simplifier from moving the scalar into
+    # the dot's smaller operand (x * t), which would be subnormal again.
+    y = lax.optimization_barrier(y) * post
   return y.astype(problem.out_dtype)
 
 
