@@ -102,7 +102,7 @@ from lowbit_jax.algorithms.spinquant import SpinQuantConfig, spinquant_model
 from lowbit_jax.core import hadamard
 from lowbit_jax.algorithms.smoothquant import smoothquant_scales
 from lowbit_jax.algorithms.rtn import kernel_spec, rtn, rtn_scale, sqnr_db
-from lowbit_jax._rules import QuantRule, _expand_grid
+from lowbit_jax._rules import QuantRule, _expand_grid, conv_weight_spec
 from lowbit_jax.core import QuantSpec, as_spec, fake_quant, init_scale
 from lowbit_jax.flax._capture import (Capture, DenseStats, ExpertStats,
                                      capture_dense_stats, split_batch)
@@ -460,6 +460,7 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
   selected = [p for p in cap.order
               if _node(cur, p) is not None and "kernel" in _node(cur, p)
               and _node(cur, p)["kernel"].ndim == 2
+              and p not in cap.convs
               and not isinstance(stats[p], ExpertStats)]
   expert_layers = [p for p in cap.order if isinstance(stats[p], ExpertStats)]
   specs = {p: _resolve_spec(weight_spec, p) for p in selected}
@@ -581,6 +582,9 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
 
   report_layers = {}
   weight_scales = {}
+  cur = _quantize_convs(cur, cap, method, weight_spec, base_quant, aspec, folds,
+                        report_layers, weight_scales, blocksize=blocksize,
+                        percdamp=percdamp, act_order=act_order)
   for p in expert_layers:
     if method in _TRANSFORMS and p not in expert_done:
       folds.append({"layers": [p], "producer": None, "status": "skipped",
@@ -658,6 +662,88 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
   report["quant_scales"] = _nest({f"{p}/weight_scale": v for p, v in
                                   weight_scales.items()})
   return new_params, report
+
+
+def _conv_spec(spec: QuantSpec, path: str, shape: tuple) -> QuantSpec:
+  """The 4-d (n-d) spec real mode uses for a conv kernel whose ``[K, N]`` spec is ``spec``.
+
+  Per output channel, or groups along the input channels (``conv_weight_spec``);
+  groups along the flattened ``(*window, cin)`` K are the same groups only
+  when ``group_size`` divides ``cin``.
+  """
+  if spec.tile is not None or spec.axis not in (0, (0,)):
+    raise ValueError(f"conv {path!r}: only specs with an unset axis (per output "
+                     f"channel, or groups along the input channels) apply to convs, "
+                     f"got axis={spec.axis!r} tile={spec.tile!r}; give a rule "
+                     "without axis/tile for this layer")
+  cin = shape[-2]
+  if spec.group_size is not None and cin % spec.group_size:
+    raise ValueError(f"conv {path!r}: group_size {spec.group_size} does not divide its "
+                     f"{cin} input channels (real mode groups along them); use a "
+                     "group size dividing cin or a per-channel spec for this layer")
+  return conv_weight_spec(spec.replace(axis=None), len(shape), len(shape) - 1,
+                          len(shape) - 2)
+
+
+def _quantize_convs(cur, cap: Capture, method: str, weight_spec: WeightSpec,
+                    base_quant: str, aspec, folds: list, report_layers: dict,
+                    weight_scales: dict, **gptq_kw):
+  """RTN/GPTQ on the captured ``nn.Conv`` kernels as ``[prod(window)*cin, cout]`` matmuls.
+
+  The kernel is reshaped to the matmul its im2col patches meet (features in
+  ``(*window, cin)`` order, as the capture builds them), quantized with the
+  patches' Gram matrix as GPTQ's Hessian, and reshaped back. Transformation
+  methods leave convs untransformed (listed in ``folds`` as skipped) and
+  quantize them with the plain quantizer. Fills ``folds``, ``report_layers``
+  and ``weight_scales`` (the n-d scale grid real mode stores) in place.
+
+  Returns:
+    The params with each conv kernel replaced by its fake-quantized value.
+  """
+  for p, why in sorted((cap.skipped or {}).items()):
+    folds.append({"layers": [p], "producer": None, "status": "skipped",
+                  "reason": f"nn.Conv not quantized by apply_ptq: {why}"})
+  for p in cap.convs:
+    node = _node(cur, p)
+    if node is None or "kernel" not in node:
+      continue
+    t1 = time.perf_counter()
+    w = node["kernel"]
+    spec = _resolve_spec(weight_spec, p)
+    if method not in ("rtn", "gptq"):
+      folds.append({"layers": [p], "producer": None, "status": "skipped",
+                    "reason": f"nn.Conv: {method} is not applied to convs (a "
+                              "per-input-channel transformation of im2col patches "
+                              "has no exact fold into the producer here); "
+                              f"quantized with {base_quant} only"})
+    if spec is None:
+      report_layers[p] = {"spec": None, "transform": "none", "fold": "none",
+                          "conv": True}
+      continue
+    spec_n = _conv_spec(spec, p, tuple(w.shape))
+    w2 = w.reshape(-1, w.shape[-1])
+    st = cap.stats[p]
+    if base_quant == "gptq":
+      res = gptq(w2, st.gram, spec, **gptq_kw)
+      w_q = res.weight
+      full = jnp.broadcast_to(_expand_grid(res.amax, w2.shape), w2.shape)
+    else:
+      w_q = rtn(w2, spec)
+      full = w2
+    if spec.symmetric:
+      weight_scales[p] = rtn_scale(full.reshape(w.shape), spec_n)
+    cur = with_leaves(cur, p, kernel=w_q.reshape(w.shape).astype(w.dtype))
+    entry = {"spec": _spec_name(spec), "transform": "none", "fold": "none",
+             "conv": True, "weight_sqnr_db": sqnr_db(w2, w_q)}
+    if st.sample.shape[0]:
+      x = st.sample
+      ref = jnp.matmul(x, w2.astype(jnp.float32), precision=_HI)
+      xq = fake_quant(x, aspec) if aspec is not None else x
+      entry["output_sqnr_db"] = sqnr_db(
+          ref, jnp.matmul(xq, w_q.astype(jnp.float32), precision=_HI))
+    entry["seconds"] = time.perf_counter() - t1
+    report_layers[p] = entry
+  return cur
 
 
 def _scale_rows(w: jax.Array, s: jax.Array) -> jax.Array:
