@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from lowbit_jax import QuantRule, QuantSpec
+from lowbit_jax.algorithms.mixed_precision import (allocate_bits, assignment_to_rules,
+                                                   weight_sensitivity)
 from lowbit_jax.flax import apply_ptq, quantize_linen
 from lowbit_jax.flax._capture import capture_dense_stats, conv_patches
 
@@ -18,24 +20,52 @@ class _CNN(nn.Module):
     h = nn.relu(nn.Conv(32, (3, 3), strides=(2, 1), name="c1")(x))
     if self.depthwise:
       h = nn.Conv(32, (3, 3), feature_group_count=32, name="dw")(h)
-    h = nn.relu(nn.Conv(32, (3, 2), padding="CIRCULAR", kernel_dilation=(1, 2),
+    h = nn.relu(nn.Conv(16, (3, 2), padding="CIRCULAR", kernel_dilation=(1, 2),
                         name="c2")(h))
     return nn.Dense(10, name="head")(h.reshape(h.shape[0], -1))
+
+
+_RNG = np.random.default_rng(0)
+
+
+def _normal(*shape):
+  """Host random numbers (compiling jax.random for each shape costs seconds)."""
+  return jnp.asarray(_RNG.standard_normal(shape), jnp.float32)
+
+
+def _init(m, x):
+  """Random params of ``m`` (cheaper than compiling ``m.init``'s initializers)."""
+  shapes = jax.eval_shape(m.init, jax.random.key(0), x)["params"]
+  return jax.tree.map(lambda l: _normal(*l.shape) / np.sqrt(np.prod(l.shape[:-1])),
+                      shapes)
 
 
 @pytest.fixture(scope="module")
 def setup():
   m = _CNN()
-  x = jax.random.normal(jax.random.key(0), (16, 8, 8, 8)) * jnp.linspace(0.2, 3, 8)
-  return m, m.init(jax.random.key(1), x)["params"], x
+  x = _normal(8, 8, 8, 8) * np.linspace(0.2, 3, 8, dtype=np.float32)
+  return m, _init(m, x), x
+
+
+@pytest.fixture(scope="module")
+def cap(setup):
+  m, params, x = setup
+  return capture_dense_stats(m, params, [x])
+
+
+def _layer_error(params, cap, p, wq):
+  """GPTQ's objective on the patches: trace((Wq - W)^T (X^T X) (Wq - W))."""
+  w = params[p]["kernel"].reshape(-1, params[p]["kernel"].shape[-1])
+  d = wq.reshape(w.shape) - w
+  return float(jnp.trace(d.T @ cap.stats[p].gram @ d))
 
 
 @pytest.mark.parametrize("padding,strides,lhs_dil,rhs_dil", [
     ("SAME", (2, 1), (1, 1), (1, 2)), (((1, 2), (0, 1)), (1, 2), (2, 1), (1, 1))])
 def test_patches_times_reshaped_kernel_is_the_conv(padding, strides, lhs_dil, rhs_dil):
   """conv_patches reorders features to kernel.reshape(-1, cout)'s (window, cin)."""
-  x = jax.random.normal(jax.random.key(2), (2, 7, 6, 3))
-  w = jax.random.normal(jax.random.key(3), (3, 2, 3, 5))
+  x = _normal(2, 7, 6, 3)
+  w = _normal(3, 2, 3, 5)
   dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
   y = jax.lax.conv_general_dilated(x, w, strides, padding, lhs_dil, rhs_dil, dn,
                                    precision=jax.lax.Precision.HIGHEST)
@@ -43,53 +73,80 @@ def test_patches_times_reshaped_kernel_is_the_conv(padding, strides, lhs_dil, rh
   np.testing.assert_allclose(p @ w.reshape(-1, 5), y, rtol=1e-5, atol=1e-5)
 
 
-def test_capture_conv_stats(setup):
-  m, params, x = setup
-  cap = capture_dense_stats(m, params, [x])
+def test_capture_conv_stats(cap):
   assert cap.convs == ("c1", "c2") and cap.skipped == {}
   assert cap.stats["c1"].gram.shape == (72, 72)    # 3*3*8
   assert cap.stats["c2"].gram.shape == (192, 192)  # 3*2*32
-  assert float(cap.stats["c1"].count) == 16 * 4 * 8   # output positions
+  assert float(cap.stats["c1"].count) == 8 * 4 * 8   # output positions
   # Zero padding rows: the SAME-padded corners have zero features.
   assert float(jnp.min(cap.stats["c1"].absmax)) > 0
 
 
-@pytest.mark.parametrize("spec", [QuantSpec("int4", group_size=8), "int4"])
-def test_gptq_conv_real_equals_fake_and_beats_rtn(setup, spec):
+@pytest.mark.parametrize("spec", [
+    QuantSpec("int4", group_size=8),
+    pytest.param(QuantSpec("int4"), marks=pytest.mark.slow)])
+def test_gptq_conv_real_equals_fake_and_beats_rtn(setup, cap, spec):
   m, params, x = setup
-  qp, rep = apply_ptq(m, params, [x], "gptq", spec)
-  qr, rep_r = apply_ptq(m, params, [x], "rtn", spec)
-  assert set(rep["quant_scales"]) == {"c1", "c2", "head"}
-  cap = capture_dense_stats(m, params, [x])
+  qp, rep = apply_ptq(m, params, [x], "gptq", spec, layers="c.")
+  qr, _ = apply_ptq(m, params, [x], "rtn", spec, layers="c.")
+  assert set(rep["quant_scales"]) == {"c1", "c2"}
   for p in ("c1", "c2"):
     assert qp[p]["kernel"].shape == params[p]["kernel"].shape
     assert rep["layers"][p]["conv"]
-    # GPTQ's layer-wise objective on the patches: below RTN's.
-    w = params[p]["kernel"].reshape(-1, params[p]["kernel"].shape[-1])
-    g = cap.stats[p].gram
-
-    def err(wq):
-      d = wq.reshape(w.shape) - w
-      return float(jnp.trace(d.T @ g @ d))
-    assert err(qp[p]["kernel"]) < err(qr[p]["kernel"]), p
-  q = quantize_linen([QuantRule(".*", weight=spec)], mode="real")
+    assert (_layer_error(params, cap, p, qp[p]["kernel"])
+            < _layer_error(params, cap, p, qr[p]["kernel"])), p
+  q = quantize_linen([QuantRule("c.", weight=spec)], mode="real")
   qv = q.quantize_params(m, {"params": qp, "quant_scales": rep["quant_scales"]}, x)
-  for p in ("c1", "c2", "head"):
+  for p in ("c1", "c2"):   # the stored codes give back the PTQ kernels
     np.testing.assert_array_equal(qv["params"][p]["kernel"].logical(),
                                   qp[p]["kernel"])
   np.testing.assert_allclose(q(m.apply)(qv, x), m.apply({"params": qp}, x),
                              rtol=1e-5, atol=1e-5)
 
 
-def test_transforms_and_grouped_convs_are_reported_skipped():
+def test_mixed_precision_on_conv_statistics(setup, cap):
+  """Bit allocation reads a conv's patch Gram matrix; its rules drive apply_ptq."""
+  m, params, x = setup
+  cands = {"int2": QuantSpec("int2", group_size=8), "int8": "int8"}
+  costs, sizes = {}, {}
+  for p in ("c1", "c2"):
+    w = params[p]["kernel"].reshape(-1, params[p]["kernel"].shape[-1])
+    costs[p] = weight_sensitivity(w, cap.stats[p].gram, cands)
+    sizes[p] = w.size
+    assert costs[p]["int2"] > 100 * costs[p]["int8"] > 0
+  alloc = allocate_bits(costs, sizes, {"int2": 2.5, "int8": 8.0}, budget=5.0)
+  assert sorted(alloc.assignment.values()) == ["int2", "int8"]
+  rules = assignment_to_rules(alloc.assignment, cands)
+  qp, rep = apply_ptq(m, params, [x], "rtn", rules)
+  for p, cand in alloc.assignment.items():
+    assert rep["layers"][p]["spec"].startswith(cand)
+    n_levels = len(np.unique(np.asarray(qp[p]["kernel"])[..., 0]))
+    assert n_levels <= (4 * params[p]["kernel"][..., 0].size // 8 if cand == "int2"
+                        else 256)
+  np.testing.assert_array_equal(qp["head"]["kernel"], params["head"]["kernel"])
+
+
+def test_transforms_skip_convs_with_a_reason(setup):
+  m, params, x = setup
+  qp, rep = apply_ptq(m, params, [x], "smoothquant", "int8", layers="c1")
+  (fold,) = rep["folds"]
+  assert fold["layers"] == ["c1"] and fold["status"] == "skipped"
+  assert "smoothquant is not applied to convs" in fold["reason"]
+  assert rep["layers"]["c1"]["transform"] == "none"
+  assert not np.array_equal(qp["c1"]["kernel"], params["c1"]["kernel"])
+  np.testing.assert_array_equal(qp["c2"]["kernel"], params["c2"]["kernel"])
+
+
+@pytest.mark.slow
+def test_grouped_convs_are_reported_skipped():
   m = _CNN(depthwise=True)
-  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 8))
-  params = m.init(jax.random.key(1), x)["params"]
-  qp, rep = apply_ptq(m, params, [x], "smoothquant", "int8")
+  x = _normal(2, 6, 6, 8)
+  params = _init(m, x)
+  qp, rep = apply_ptq(m, params, [x], "awq", "int4")
   reasons = {f["layers"][0]: f["reason"] for f in rep["folds"]
              if f["status"] == "skipped"}
   assert "feature_group_count=32" in reasons["dw"]
-  assert "smoothquant is not applied to convs" in reasons["c1"]
+  assert "awq is not applied to convs" in reasons["c1"]
   np.testing.assert_array_equal(qp["dw"]["kernel"], params["dw"]["kernel"])
   assert "dw" not in rep["layers"]
   assert not np.array_equal(qp["c1"]["kernel"], params["c1"]["kernel"])
