@@ -79,6 +79,28 @@ gather of routed tokens into the experts, so its rotation folds into every
 expert's gate/up (readers) and down (writers) kernels, and ``online`` puts
 the Hadamard in front of each down expert (a ``ragged_dot`` site).
 
+Convolutions (``nn.Conv``) are captured as the matmul their kernel performs
+(``capture_dense_stats``: rows are the im2col patches of the input, features
+in ``kernel.reshape(-1, cout)``'s ``(*window, cin)`` order). RTN and GPTQ run
+on that ``[prod(window)*cin, cout]`` kernel (GPTQ's Hessian is the patches'
+Gram matrix) with the grid the conv rule uses in real mode (per output
+channel, or groups along the input channels: ``group_size`` must divide
+``cin``), and the kernel is reshaped back; ``report["quant_scales"]`` holds
+the kernel-shaped scale grid, so real mode equals the PTQ result. Rules from
+mixed precision (``weight_sensitivity`` on the reshaped kernel and the same
+Gram matrix) apply to convs as to Dense layers. AWQ, SmoothQuant and the
+per-group rotation do not transform convs: a scaling of the conv's input
+channels must fold into whatever produced that input (e.g. a preceding conv's
+output channels or a BatchNorm, through a ReLU for positive scales), and the
+capture does not record a conv input's producer, so no fold is found or
+checked; each conv gets one ``report["folds"]`` entry with status "skipped"
+and the reason, and is quantized with the plain quantizer (``quantizer``).
+"quarot"/"spinquant" rotate no conv kernel (their rotation folds into
+matmul readers and writers only) and RTN/GPTQ convs the same way, also
+reported; "omniquant" leaves convs float. Grouped/depthwise (``feature_group_count > 1``), masked and
+unshared convs are not captured: they stay float, each listed in
+``report["folds"]`` as skipped with the reason.
+
 Calibration statistics come from one pass of the float model (all layers
 calibrated in parallel, not sequentially on quantized predecessors).
 """
@@ -273,7 +295,7 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
               awq_clip: bool = True, awq_clip_skip: Optional[str] = AWQ_CLIP_SKIP,
               omniquant: Optional[Any] = None,
               r3: Union[bool, tuple] = False) -> tuple[Any, dict]:
-  """Runs a PTQ method on a Linen model's Dense (and MoE expert) layers.
+  """Runs a PTQ method on a Linen model's Dense, MoE expert and Conv layers.
 
   Methods: "rtn" (round to nearest), "gptq" (Frantar et al. 2023), "awq" (Lin
   et al. 2024: scale search, then by default its clip search), "smoothquant"
@@ -282,7 +304,9 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
   learned rotations: Liu et al. 2024), "omniquant" (Shao et al. 2024: learnable
   weight clipping and equivalent transforms trained block by block; see
   ``lowbit_jax.flax._omniquant``). See the module docstring for how
-  transformations are folded.
+  transformations are folded. ``nn.Conv`` layers get RTN or GPTQ on their
+  im2col-patch statistics (every method but "omniquant"); the transformation
+  methods skip them with a reason in ``report["folds"]`` (module docstring).
 
   Args:
     model: the Linen module (not modified).
@@ -377,8 +401,9 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
     start and after training) and ``omniquant`` (the options used).
 
   Raises:
-    ValueError: an unknown method/quantizer/unfoldable, an unusable spec, or
-      no Dense layer matched.
+    ValueError: an unknown method/quantizer/unfoldable, an unusable spec (for
+      a conv: an axis or tile set, or a group size not dividing its input
+      channels), or no Dense layer matched.
   """
   t_start = time.perf_counter()
   if method not in METHODS:
@@ -712,10 +737,10 @@ def _quantize_convs(cur, cap: Capture, method: str, weight_spec: WeightSpec,
     spec = _resolve_spec(weight_spec, p)
     if method not in ("rtn", "gptq"):
       folds.append({"layers": [p], "producer": None, "status": "skipped",
-                    "reason": f"nn.Conv: {method} is not applied to convs (a "
-                              "per-input-channel transformation of im2col patches "
-                              "has no exact fold into the producer here); "
-                              f"quantized with {base_quant} only"})
+                    "reason": f"nn.Conv: {method} is not applied to convs (the "
+                              "producer of a conv's input is not captured, so no "
+                              "exact fold of a per-input-channel transformation "
+                              f"is found); quantized with {base_quant} only"})
     if spec is None:
       report_layers[p] = {"spec": None, "transform": "none", "fold": "none",
                           "conv": True}
