@@ -69,7 +69,8 @@ def weight_sensitivity(w: jax.Array, hessian: jax.Array,
   """Output squared error ``trace(E^T H E)`` of RTN with each candidate format.
 
   Args:
-    w: float kernel ``[K, N]``.
+    w: float kernel ``[K, N]`` (a conv's: ``kernel.reshape(-1, cout)``, with
+      the Gram matrix of its im2col patches from ``capture_dense_stats``).
     hessian: ``[K, K]`` Gram matrix ``X^T X`` of its calibration inputs.
     candidates: name -> weight spec (None: keep float, cost 0).
 

@@ -24,6 +24,17 @@ routed to it, read from the call's ``group_sizes``; the retained sample keeps
 each row's expert. Their rows are (token, expert) pairs, so ``token_mask``
 does not apply to them.
 
+Convolutions (``nn.Conv``) are captured as the matmul the kernel performs:
+each row is one output position's im2col patch
+(``lax.conv_general_dilated_patches`` of the input as the layer hands it to
+``lax.conv_general_dilated``: after its CIRCULAR/REFLECT/CAUSAL padding, with
+its strides, padding and dilations), its features reordered from the patches'
+(input channel, window position) order to the kernel's, so that
+``patches @ kernel.reshape(-1, features)`` equals the conv output (checked on
+every batch). Grouped/depthwise convs (``feature_group_count > 1``), masked
+convs and unshared (``ConvLocal``) ones are not captured; they are listed in
+``Capture.skipped`` with the reason.
+
 Each batch runs under ``jax.jit``; a new batch shape compiles again.
 """
 from __future__ import annotations
@@ -111,11 +122,17 @@ class Capture(NamedTuple):
     producers: layer path -> ``(kind, path)`` of the module whose output the
       layer reads directly, ``kind`` being "norm" or "dense"; None when the
       input came from anything else (an einsum, an activation, a reshape...).
+    convs: the captured ``nn.Conv`` paths (their stats are of im2col patches,
+      features in the order of ``kernel.reshape(-1, features)``).
+    skipped: layer path -> why a layer matching ``layers`` was not captured
+      (grouped, masked or unshared convs).
   """
   stats: dict
   order: list
   groups: list
   producers: dict
+  convs: tuple = ()
+  skipped: Optional[dict] = None
 
 
 def layer_path(module: nn.Module) -> str:
@@ -194,11 +211,33 @@ def capture_dense_stats(model: nn.Module, params: Any, calib_batches: Sequence[A
     keep = []      # keeps traced arrays alive so ids are not reused
     input_group = {}   # id(input) -> group index
     groups, producers = [], {}
+    convs, skipped, errs, busy = [], {}, [], set()
 
     def interceptor(next_fun, args, kwargs, context):
       mod = context.module
       if context.method_name != "__call__":
         return next_fun(*args, **kwargs)
+      if isinstance(mod, nn.Conv) and id(mod) not in busy:
+        path = layer_path(mod)
+        if not pattern.fullmatch(path):
+          return next_fun(*args, **kwargs)
+        why = _conv_unsupported(mod)
+        if why is not None:
+          skipped[path] = why
+          return next_fun(*args, **kwargs)
+        got = []
+        out = _call_conv_recording(mod, busy, got, args, kwargs)
+        x, err = got[0]
+        errs.append((path, err))
+        keep.append(out)
+        if path not in calls:
+          order.append(path)
+          calls[path] = []
+          convs.append(path)
+          producers[path] = None
+          groups.append([path])
+        calls[path].append(x)
+        return out
       if isinstance(mod, nn.Dense):
         path = layer_path(mod)
         x = _dense_input(args, kwargs)
@@ -243,7 +282,8 @@ def capture_dense_stats(model: nn.Module, params: Any, calib_batches: Sequence[A
     mask = None if token_mask is None else jnp.asarray(token_mask(batch))
     with nn.intercept_methods(interceptor):
       model.apply({"params": p, **variables_extra}, *args, **kwargs, **apply_kwargs)
-    structure.update(order=order, groups=groups, producers=producers)
+    structure.update(order=order, groups=groups, producers=producers, convs=convs,
+                     skipped=skipped)
     result = {}
     for i, path in enumerate(order):
       if path in ragged:
@@ -270,14 +310,20 @@ def capture_dense_stats(model: nn.Module, params: Any, calib_batches: Sequence[A
           2.0 * valid
       _, idx = jax.lax.top_k(score, n_keep)
       result[path] = (gram, absmax, abssum, jnp.sum(wt), xr[idx], valid[idx])
-    return result
+    return result, {p: e for p, e in errs}
 
   fwd = jax.jit(run)
   base = jax.random.key(seed)
   acc: dict = {}
   samples: dict = {}
   for b, batch in enumerate(batches):
-    out = fwd(params, batch, jax.random.fold_in(base, b))
+    out, conv_errs = fwd(params, batch, jax.random.fold_in(base, b))
+    for path, err in conv_errs.items():
+      if not float(err) <= _PATCH_RTOL:
+        raise ValueError(
+            f"nn.Conv {path!r}: its im2col patches times the reshaped kernel differ "
+            f"from the conv output (relative error {float(err):.3g}); this conv's "
+            "configuration is not supported by the capture: exclude it with layers=")
     for path, res in out.items():
       if len(res) == 7:  # a grouped matmul
         _accumulate_experts(acc, samples, path, res)
@@ -305,7 +351,89 @@ def capture_dense_stats(model: nn.Module, params: Any, calib_batches: Sequence[A
     sample = jnp.concatenate(samples[path])[:max_samples]
     stats[path] = DenseStats(gram, absmax, abssum, cnt, sample)
   return Capture(stats, list(structure["order"]),
-                 [list(g) for g in structure["groups"]], dict(structure["producers"]))
+                 [list(g) for g in structure["groups"]], dict(structure["producers"]),
+                 tuple(structure["convs"]), dict(structure["skipped"]))
+
+
+# Largest relative error of patches @ kernel against the conv output (float32
+# accumulation on both sides; a wrong feature order or padding gives O(1)).
+_PATCH_RTOL = 2e-2
+
+
+def _conv_unsupported(mod: nn.Module) -> Optional[str]:
+  """Why an ``nn.Conv`` cannot be captured as one matmul, or None."""
+  if mod.feature_group_count != 1:
+    return (f"grouped/depthwise conv (feature_group_count="
+            f"{mod.feature_group_count}): its kernel is not one [kh*kw*cin, cout] "
+            "matmul; exclude it or quantize it with RTN through quantize_linen")
+  if getattr(mod, "mask", None) is not None:
+    return "masked conv (mask=...): the kernel the input meets is kernel * mask"
+  if not getattr(mod, "shared_weights", True):
+    return "unshared (ConvLocal) weights"
+  return None
+
+
+def conv_patches(lhs: jax.Array, kernel_shape: tuple, window_strides, padding,
+                 lhs_dilation=None, rhs_dilation=None,
+                 dimension_numbers=None) -> jax.Array:
+  """im2col patches of a channels-last conv input, in the kernel's feature order.
+
+  Args:
+    lhs: the conv input ``[N, *spatial, cin]`` (as ``lax.conv_general_dilated``
+      receives it).
+    kernel_shape: ``(*window, cin, cout)`` (HWIO-style, channels last).
+    window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers:
+      the conv's ``lax.conv_general_dilated`` arguments.
+
+  Returns:
+    ``[N, *out_spatial, prod(window) * cin]`` such that ``patches @
+    kernel.reshape(-1, cout)`` is the conv output (``feature_group_count=1``).
+  """
+  window = tuple(kernel_shape[:-2])
+  cin = kernel_shape[-2]
+  p = jax.lax.conv_general_dilated_patches(
+      lhs, window, window_strides, padding, lhs_dilation, rhs_dilation,
+      dimension_numbers, precision=_HI)
+  # conv_general_dilated_patches orders features (input channel, window).
+  lead = p.shape[:-1]
+  p = p.reshape(lead + (cin, math.prod(window)))
+  return jnp.swapaxes(p, -1, -2).reshape(lead + (math.prod(window) * cin,))
+
+
+def _call_conv_recording(mod: nn.Module, busy: set, got: list, args, kwargs):
+  """Runs ``mod`` with its lax conv recorded: appends ``(patches, rel_error)``."""
+  inner = mod.conv_general_dilated or jax.lax.conv_general_dilated
+
+  def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+           dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+           precision=None, preferred_element_type=None):
+    y = inner(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+              dimension_numbers, feature_group_count, batch_group_count, precision,
+              preferred_element_type)
+    dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    if (tuple(dn.lhs_spec) != (0, lhs.ndim - 1) + tuple(range(1, lhs.ndim - 1))
+        or tuple(dn.rhs_spec) != (rhs.ndim - 1, rhs.ndim - 2)
+        + tuple(range(rhs.ndim - 2))):
+      raise ValueError(f"nn.Conv {layer_path(mod)!r}: only channels-last inputs and "
+                       "(*window, cin, cout) kernels are captured")
+    x = conv_patches(lhs.astype(jnp.float32), tuple(rhs.shape), window_strides,
+                     padding, lhs_dilation, rhs_dilation, dimension_numbers)
+    w2 = rhs.astype(jnp.float32).reshape(-1, rhs.shape[-1])
+    ref = jax.lax.conv_general_dilated(
+        lhs.astype(jnp.float32), rhs.astype(jnp.float32), window_strides, padding,
+        lhs_dilation, rhs_dilation, dimension_numbers, precision=_HI)
+    diff = jnp.max(jnp.abs(jnp.matmul(x, w2, precision=_HI) - ref))
+    err = diff / jnp.maximum(jnp.max(jnp.abs(ref)), 1e-30)
+    got.append((x, err))
+    return y
+
+  clone = mod.clone(parent=mod.scope, conv_general_dilated=conv,
+                    conv_general_dilated_cls=None)
+  busy.add(id(clone))
+  try:
+    return clone(*args, **kwargs)
+  finally:
+    busy.discard(id(clone))
 
 
 def _ragged_inputs(args, kwargs):

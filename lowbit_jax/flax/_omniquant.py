@@ -161,7 +161,12 @@ def run(model, cur, calib_batches, weight_spec, aspec, *, layers: str,
     with jax.default_matmul_precision("float32"):
       return forward_(p)
 
-  folds = []
+  folds = [{"layers": [p], "producer": None, "status": "skipped",
+            "reason": "nn.Conv: omniquant does not treat convs; the kernel stays float"}
+           for p in cap.convs]
+  folds += [{"layers": [p], "producer": None, "status": "skipped",
+             "reason": f"nn.Conv not quantized by apply_ptq: {why}"}
+            for p, why in sorted((cap.skipped or {}).items())]
   let_groups = {b: [] for b in paths}
   if use_let:
     ref_out = forward(cur)

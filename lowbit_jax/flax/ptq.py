@@ -87,6 +87,28 @@ gather of routed tokens into the experts, so its rotation folds into every
 expert's gate/up (readers) and down (writers) kernels, and ``online`` puts
 the Hadamard in front of each down expert (a ``ragged_dot`` site).
 
+Convolutions (``nn.Conv``) are captured as the matmul their kernel performs
+(``capture_dense_stats``: rows are the im2col patches of the input, features
+in ``kernel.reshape(-1, cout)``'s ``(*window, cin)`` order). RTN and GPTQ run
+on that ``[prod(window)*cin, cout]`` kernel (GPTQ's Hessian is the patches'
+Gram matrix) with the grid the conv rule uses in real mode (per output
+channel, or groups along the input channels: ``group_size`` must divide
+``cin``), and the kernel is reshaped back; ``report["quant_scales"]`` holds
+the kernel-shaped scale grid, so real mode equals the PTQ result. Rules from
+mixed precision (``weight_sensitivity`` on the reshaped kernel and the same
+Gram matrix) apply to convs as to Dense layers. AWQ, SmoothQuant and the
+per-group rotation do not transform convs: a scaling of the conv's input
+channels must fold into whatever produced that input (e.g. a preceding conv's
+output channels or a BatchNorm, through a ReLU for positive scales), and the
+capture does not record a conv input's producer, so no fold is found or
+checked; each conv gets one ``report["folds"]`` entry with status "skipped"
+and the reason, and is quantized with the plain quantizer (``quantizer``).
+"quarot"/"spinquant" rotate no conv kernel (their rotation folds into
+matmul readers and writers only) and RTN/GPTQ convs the same way, also
+reported; "omniquant" leaves convs float. Grouped/depthwise (``feature_group_count > 1``), masked and
+unshared convs are not captured: they stay float, each listed in
+``report["folds"]`` as skipped with the reason.
+
 Calibration statistics come from one pass of the float model (all layers
 calibrated in parallel, not sequentially on quantized predecessors).
 """
@@ -110,7 +132,7 @@ from lowbit_jax.algorithms.spinquant import SpinQuantConfig, spinquant_model
 from lowbit_jax.core import hadamard
 from lowbit_jax.algorithms.smoothquant import smoothquant_scales
 from lowbit_jax.algorithms.rtn import kernel_spec, rtn, rtn_scale, sqnr_db
-from lowbit_jax._rules import QuantRule, _expand_grid
+from lowbit_jax._rules import QuantRule, _expand_grid, conv_weight_spec
 from lowbit_jax.core import QuantSpec, as_spec, fake_quant, init_scale
 from lowbit_jax.flax._capture import (Capture, DenseStats, ExpertStats,
                                      capture_dense_stats, split_batch)
@@ -281,7 +303,7 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
               awq_clip: bool = True, awq_clip_skip: Optional[str] = AWQ_CLIP_SKIP,
               omniquant: Optional[Any] = None,
               r3: Union[bool, tuple] = False) -> tuple[Any, dict]:
-  """Runs a PTQ method on a Linen model's Dense (and MoE expert) layers.
+  """Runs a PTQ method on a Linen model's Dense, MoE expert and Conv layers.
 
   Methods: "rtn" (round to nearest), "gptq" (Frantar et al. 2023), "awq" (Lin
   et al. 2024: scale search, then by default its clip search), "smoothquant"
@@ -290,7 +312,9 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
   learned rotations: Liu et al. 2024), "omniquant" (Shao et al. 2024: learnable
   weight clipping and equivalent transforms trained block by block; see
   ``lowbit_jax.flax._omniquant``). See the module docstring for how
-  transformations are folded.
+  transformations are folded. ``nn.Conv`` layers get RTN or GPTQ on their
+  im2col-patch statistics (every method but "omniquant"); the transformation
+  methods skip them with a reason in ``report["folds"]`` (module docstring).
 
   Args:
     model: the Linen module (not modified).
@@ -385,8 +409,9 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
     start and after training) and ``omniquant`` (the options used).
 
   Raises:
-    ValueError: an unknown method/quantizer/unfoldable, an unusable spec, or
-      no Dense layer matched.
+    ValueError: an unknown method/quantizer/unfoldable, an unusable spec (for
+      a conv: an axis or tile set, or a group size not dividing its input
+      channels), or no Dense layer matched.
   """
   t_start = time.perf_counter()
   if method not in METHODS:
@@ -468,6 +493,7 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
   selected = [p for p in cap.order
               if _node(cur, p) is not None and "kernel" in _node(cur, p)
               and _node(cur, p)["kernel"].ndim == 2
+              and p not in cap.convs
               and not isinstance(stats[p], ExpertStats)]
   expert_layers = [p for p in cap.order if isinstance(stats[p], ExpertStats)]
   specs = {p: _resolve_spec(weight_spec, p) for p in selected}
@@ -589,6 +615,9 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
 
   report_layers = {}
   weight_scales = {}
+  cur = _quantize_convs(cur, cap, method, weight_spec, base_quant, aspec, folds,
+                        report_layers, weight_scales, blocksize=blocksize,
+                        percdamp=percdamp, act_order=act_order)
   for i, p in enumerate(expert_layers):
     sim = None   # "rotation" with unfoldable="simulate": R per expert layer
     if method in _TRANSFORMS and p not in expert_done:
@@ -688,6 +717,88 @@ _EXPERT_ROTATION_WHY = (
     "does not commute with); unfoldable='simulate' rotates each expert's kernel "
     "on its own (R Q(R^T w_e), weight-only); method='quarot' folds a residual "
     "rotation into every expert exactly")
+
+
+def _conv_spec(spec: QuantSpec, path: str, shape: tuple) -> QuantSpec:
+  """The 4-d (n-d) spec real mode uses for a conv kernel whose ``[K, N]`` spec is ``spec``.
+
+  Per output channel, or groups along the input channels (``conv_weight_spec``);
+  groups along the flattened ``(*window, cin)`` K are the same groups only
+  when ``group_size`` divides ``cin``.
+  """
+  if spec.tile is not None or spec.axis not in (0, (0,)):
+    raise ValueError(f"conv {path!r}: only specs with an unset axis (per output "
+                     f"channel, or groups along the input channels) apply to convs, "
+                     f"got axis={spec.axis!r} tile={spec.tile!r}; give a rule "
+                     "without axis/tile for this layer")
+  cin = shape[-2]
+  if spec.group_size is not None and cin % spec.group_size:
+    raise ValueError(f"conv {path!r}: group_size {spec.group_size} does not divide its "
+                     f"{cin} input channels (real mode groups along them); use a "
+                     "group size dividing cin or a per-channel spec for this layer")
+  return conv_weight_spec(spec.replace(axis=None), len(shape), len(shape) - 1,
+                          len(shape) - 2)
+
+
+def _quantize_convs(cur, cap: Capture, method: str, weight_spec: WeightSpec,
+                    base_quant: str, aspec, folds: list, report_layers: dict,
+                    weight_scales: dict, **gptq_kw):
+  """RTN/GPTQ on the captured ``nn.Conv`` kernels as ``[prod(window)*cin, cout]`` matmuls.
+
+  The kernel is reshaped to the matmul its im2col patches meet (features in
+  ``(*window, cin)`` order, as the capture builds them), quantized with the
+  patches' Gram matrix as GPTQ's Hessian, and reshaped back. Transformation
+  methods leave convs untransformed (listed in ``folds`` as skipped) and
+  quantize them with the plain quantizer. Fills ``folds``, ``report_layers``
+  and ``weight_scales`` (the n-d scale grid real mode stores) in place.
+
+  Returns:
+    The params with each conv kernel replaced by its fake-quantized value.
+  """
+  for p, why in sorted((cap.skipped or {}).items()):
+    folds.append({"layers": [p], "producer": None, "status": "skipped",
+                  "reason": f"nn.Conv not quantized by apply_ptq: {why}"})
+  for p in cap.convs:
+    node = _node(cur, p)
+    if node is None or "kernel" not in node:
+      continue
+    t1 = time.perf_counter()
+    w = node["kernel"]
+    spec = _resolve_spec(weight_spec, p)
+    if method not in ("rtn", "gptq"):
+      folds.append({"layers": [p], "producer": None, "status": "skipped",
+                    "reason": f"nn.Conv: {method} is not applied to convs (the "
+                              "producer of a conv's input is not captured, so no "
+                              "exact fold of a per-input-channel transformation "
+                              f"is found); quantized with {base_quant} only"})
+    if spec is None:
+      report_layers[p] = {"spec": None, "transform": "none", "fold": "none",
+                          "conv": True}
+      continue
+    spec_n = _conv_spec(spec, p, tuple(w.shape))
+    w2 = w.reshape(-1, w.shape[-1])
+    st = cap.stats[p]
+    if base_quant == "gptq":
+      res = gptq(w2, st.gram, spec, **gptq_kw)
+      w_q = res.weight
+      full = jnp.broadcast_to(_expand_grid(res.amax, w2.shape), w2.shape)
+    else:
+      w_q = rtn(w2, spec)
+      full = w2
+    if spec.symmetric:
+      weight_scales[p] = rtn_scale(full.reshape(w.shape), spec_n)
+    cur = with_leaves(cur, p, kernel=w_q.reshape(w.shape).astype(w.dtype))
+    entry = {"spec": _spec_name(spec), "transform": "none", "fold": "none",
+             "conv": True, "weight_sqnr_db": sqnr_db(w2, w_q)}
+    if st.sample.shape[0]:
+      x = st.sample
+      ref = jnp.matmul(x, w2.astype(jnp.float32), precision=_HI)
+      xq = fake_quant(x, aspec) if aspec is not None else x
+      entry["output_sqnr_db"] = sqnr_db(
+          ref, jnp.matmul(xq, w_q.astype(jnp.float32), precision=_HI))
+    entry["seconds"] = time.perf_counter() - t1
+    report_layers[p] = entry
+  return cur
 
 
 def _scale_rows(w: jax.Array, s: jax.Array) -> jax.Array:
