@@ -213,6 +213,18 @@ def capture_dense_stats(model: nn.Module, params: Any, calib_batches: Sequence[A
     groups, producers = [], {}
     convs, skipped, errs, busy = [], {}, [], set()
 
+    def first_seen(path, x, store):
+      """``store[path]``, registered (order, producer, input group) on first use."""
+      if path not in store:
+        order.append(path)
+        store[path] = []
+        producers[path] = outputs.get(id(x))
+        g = input_group.setdefault(id(x), len(groups))
+        if g == len(groups):
+          groups.append([])
+        groups[g].append(path)
+      return store[path]
+
     def interceptor(next_fun, args, kwargs, context):
       mod = context.module
       if context.method_name != "__call__":
@@ -245,15 +257,7 @@ def capture_dense_stats(model: nn.Module, params: Any, calib_batches: Sequence[A
         keep.extend([x, out])
         outputs[id(out)] = ("dense", path)
         if pattern.fullmatch(path):
-          if path not in calls:
-            order.append(path)
-            calls[path] = []
-            producers[path] = outputs.get(id(x))
-            g = input_group.setdefault(id(x), len(groups))
-            if g == len(groups):
-              groups.append([])
-            groups[g].append(path)
-          calls[path].append(x)
+          first_seen(path, x, calls).append(x)
         return out
       if isinstance(mod, RaggedDense):
         path = layer_path(mod)
@@ -261,15 +265,7 @@ def capture_dense_stats(model: nn.Module, params: Any, calib_batches: Sequence[A
         out = next_fun(*args, **kwargs)
         keep.extend([x, out])
         if pattern.fullmatch(path):
-          if path not in ragged:
-            order.append(path)
-            ragged[path] = []
-            producers[path] = outputs.get(id(x))
-            g = input_group.setdefault(id(x), len(groups))
-            if g == len(groups):
-              groups.append([])
-            groups[g].append(path)
-          ragged[path].append((x, group_sizes))
+          first_seen(path, x, ragged).append((x, group_sizes))
         return out
       if isinstance(mod, NORM_TYPES):
         out = next_fun(*args, **kwargs)
