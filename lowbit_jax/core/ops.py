@@ -243,6 +243,18 @@ def _fq_history_bwd(spec, reduce, res, g):
 _fq_history.defvjp(_fq_history_fwd, _fq_history_bwd)
 
 
+def _qdq_operands(lhs, rhs, ls, rs, k_l, k_r, mode: str, lhs_amax, lhs_tensor_amax,
+                  lhs_scale, lhs_clip, rhs_scale, hist: dict, history_reduce):
+  """Both operands of a matmul through ``_qdq_operand``: the activation (lhs)
+  with its static range, learned scale, clip and history; the weight (rhs)
+  with its learned scale and history."""
+  lv = _qdq_operand(lhs, ls, k_l, mode, lhs_amax, lhs_tensor_amax, lhs_scale,
+                    lhs_clip, hist.get("lhs"), history_reduce, "lhs")
+  rv = _qdq_operand(rhs, rs, k_r, mode, None, None, rhs_scale, None,
+                    hist.get("rhs"), history_reduce, "rhs")
+  return lv, rv
+
+
 def _qdq_operand(x, spec: Optional[QuantSpec], key, mode: str, amax=None,
                  tensor_amax=None, scale=None, clip=None, history=None,
                  reduce: str = "max", name: str = "lhs"):
@@ -583,10 +595,9 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None,
                        _norm_precision(precision), pet, history_reduce,
                        "grad" in hist, l_is_q, r_is_q)
   if mode == "fake":
-    lv = _qdq_operand(lhs, ls, k_l, mode, lhs_amax, lhs_tensor_amax, lhs_scale,
-                      lhs_clip, hist.get("lhs"), history_reduce, "lhs")
-    rv = _qdq_operand(rhs, rs, k_r, mode, None, None, rhs_scale, None,
-                      hist.get("rhs"), history_reduce, "rhs")
+    lv, rv = _qdq_operands(lhs, rhs, ls, rs, k_l, k_r, mode, lhs_amax,
+                            lhs_tensor_amax, lhs_scale, lhs_clip, rhs_scale,
+                            hist, history_reduce)
     lv, rv = lv.astype(out_dtype), rv.astype(out_dtype)
     if cfg is None:
       return lax.dot_general(lv, rv, dn, precision, preferred_element_type)
@@ -820,10 +831,9 @@ def einsum(subscripts: str, lhs, rhs, *, lhs_spec=None, rhs_spec=None, grad_spec
     raise ValueError("amax_history['grad'] needs a grad_spec")
   k_l, k_r, _ = _split_keys(key, (("lhs", ls), ("rhs", rs)))
   out_dtype = _common_dtype(lhs.dtype, rhs.dtype)
-  lv = _qdq_operand(lhs, ls, k_l, mode, lhs_amax, lhs_tensor_amax, lhs_scale, lhs_clip,
-                    hist.get("lhs"), history_reduce, "lhs")
-  rv = _qdq_operand(rhs, rs, k_r, mode, None, None, rhs_scale, None, hist.get("rhs"),
-                    history_reduce, "rhs")
+  lv, rv = _qdq_operands(lhs, rhs, ls, rs, k_l, k_r, mode, lhs_amax,
+                          lhs_tensor_amax, lhs_scale, lhs_clip, rhs_scale,
+                          hist, history_reduce)
   if mode == "real":
     ct = _compute_dtype(out_dtype)
     y = jnp.einsum(subscripts, lv.astype(ct), rv.astype(ct),
@@ -945,10 +955,9 @@ def ragged_dot(lhs, rhs, group_sizes, precision=None, preferred_element_type=Non
   out_dtype = _common_dtype(lhs.dtype, rhs.dtype)
   group_sizes = jnp.asarray(group_sizes, jnp.int32)
   if mode == "fake":
-    lv = _qdq_operand(lhs, ls, k_l, mode, lhs_amax, lhs_tensor_amax, lhs_scale,
-                      lhs_clip, hist.get("lhs"), history_reduce, "lhs")
-    rv = _qdq_operand(rhs, rs, k_r, mode, None, None, rhs_scale, None,
-                      hist.get("rhs"), history_reduce, "rhs")
+    lv, rv = _qdq_operands(lhs, rhs, ls, rs, k_l, k_r, mode, lhs_amax,
+                            lhs_tensor_amax, lhs_scale, lhs_clip, rhs_scale,
+                            hist, history_reduce)
     lv, rv = lv.astype(out_dtype), rv.astype(out_dtype)
     if gs is None:
       return _ragged(lv, rv, group_sizes, precision, preferred_element_type)
