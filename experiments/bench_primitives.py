@@ -59,6 +59,8 @@ markdown from a JSON without timing anything.
 """
 from __future__ import annotations
 
+import contextlib
+
 import json
 import math
 import os
@@ -377,6 +379,32 @@ def _qwix_time(b: Bench, qwix, cfg: dict, op: str, x, g) -> float:
   return b.time_us(fb, x, g)
 
 
+_ORDER_NAMES = {"codes": "codes in the dot", "fused": "dequantize fused into the dot",
+                "materialize": "dequantize, then the dot"}
+
+
+def _reference_order(ops, m, both, ct):
+  """Which order ``ops.dot_general``'s reference dot runs at M rows."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  # pylint: disable=protected-access
+  if ct != jnp.float32 and m >= ops._MATERIALIZE_MIN_ROWS:
+    return "materialize"
+  return "codes" if both and m <= ops._CODES_IN_DOT_MAX_ROWS else "fused"
+
+
+@contextlib.contextmanager
+def _order_forced(ops, name):
+  """Forces the reference dot's order (module thresholds) for one timing."""
+  # pylint: disable=protected-access
+  old = ops._CODES_IN_DOT_MAX_ROWS, ops._MATERIALIZE_MIN_ROWS
+  ops._CODES_IN_DOT_MAX_ROWS = -1 if name != "codes" else 1 << 62
+  ops._MATERIALIZE_MIN_ROWS = 0 if name == "materialize" else 1 << 62
+  try:
+    yield
+  finally:
+    ops._CODES_IN_DOT_MAX_ROWS, ops._MATERIALIZE_MIN_ROWS = old
+
+
 def sec_matmul(b: Bench, qwix):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -409,29 +437,25 @@ def sec_matmul(b: Bench, qwix):
             x_, q, dn_nt, mode="real", use_kernel="never") for q in ws_], x, qws,
                          reps=reps, stats=st)
         bf16 = b.time_us(lambda x_, ws_: [x_ @ v for v in ws_], x, ws, reps=reps)
-        # The other order of the reference dot (codes into the dot, scales on
-        # its output, vs dequantize first), where the weight allows both.
-        other = None
+        # Every order of the reference dot this weight allows: codes into the
+        # dot with the scales on its output, dequantize fused into the dot,
+        # dequantize materialized before the dot (ops._MATERIALIZE_MIN_ROWS).
         ct = lb.ops._compute_dtype(jnp.bfloat16)  # pylint: disable=protected-access
         both = lb.ops._scale_after_dot(qws[0], dn_nt, ct) is not None  # pylint: disable=protected-access
-        if both:
-          thr = lb.ops._CODES_IN_DOT_MAX_ROWS  # pylint: disable=protected-access
-          lb.ops._CODES_IN_DOT_MAX_ROWS = -1 if m <= thr else 1 << 62  # pylint: disable=protected-access
-          try:
-            other = b.time_us(lambda x_, ws_: [lb.ops.dot_general(
+        cur = _reference_order(lb.ops, m, both, ct)
+        orders = {cur: ours}
+        for name in (("codes", "fused", "materialize") if both else ("fused", "materialize")):
+          if name in orders or (name == "materialize" and ct == jnp.float32):
+            continue
+          with _order_forced(lb.ops, name):
+            orders[name] = round(b.time_us(lambda x_, ws_: [lb.ops.dot_general(
                 x_, q, dn_nt, mode="real", use_kernel="never") for q in ws_], x, qws,
-                              reps=reps)
-          finally:
-            lb.ops._CODES_IN_DOT_MAX_ROWS = thr  # pylint: disable=protected-access
+                                           reps=reps), 2)
         row = dict(weight=fid, m=m, k=k, n=n, ours_us=round(ours, 2),
                    xla_bf16_us=round(bf16, 2), vs_bf16=round(bf16 / ours, 3),
                    kernels_per_weight=round(st["kernels"] / reps, 1),
-                   top_kernels=st.get("top_kernels"),
-                   order=("codes in the dot" if both
-                          and m <= lb.ops._CODES_IN_DOT_MAX_ROWS  # pylint: disable=protected-access
-                          else "dequantize first"))
-        if other is not None:
-          row["other_order_us"] = round(other, 2)
+                   top_kernels=st.get("top_kernels"), order=cur,
+                   orders_us=orders, best_order=min(orders, key=orders.get))
         if qq is not None:
           qw_us = b.time_us(lambda x_, ws_: [qwix.dot_general(x_, q, dn_kn) for q in ws_],
                             x, qq, reps=reps)
@@ -494,19 +518,22 @@ def markdown(res: dict) -> str:
             "(`ops.dot_general(x, QArray, mode='real', use_kernel='never')`), us per "
             "call; ratios > 1 mean ours is faster.", "",
             "| weight | M | ours | XLA bf16 | bf16 / ours | qwix | qwix / ours | "
-            "ours, other order |", "|---|---|---|---|---|---|---|---|"]
+            "codes in dot | fused | materialized |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in mm:
-      oth = r.get("other_order_us")
+      od = r.get("orders_us") or {}
+      if not od and r.get("other_order_us") is not None:  # runs before the three orders
+        od = {"codes" if r.get("order") != "codes in the dot" else "fused": r["other_order_us"]}
+      cells = [f"{od[o]:.0f}" if o in od else "" for o in ("codes", "fused", "materialize")]
       out.append(f"| {r['weight']} | {r['m']} | {r['ours_us']:.0f} | "
                  f"{r['xla_bf16_us']:.0f} | {r['vs_bf16']:.2f} | "
                  f"{r.get('qwix_us', '')} | {r.get('vs_qwix', '')} | "
-                 + (f"{oth:.0f} |" if oth is not None else " |"))
-    out += ["", "Ours runs the order in the JSON's `order` (up to "
-            "`ops._CODES_IN_DOT_MAX_ROWS` rows, int8/fp8 per-channel codes go into "
-            "the 16-bit dot and the scales onto its output; otherwise the weight "
-            "is dequantized first); 'other order' times the other one. On CPU the "
-            "reference dot runs in float32 and dequantizes first: no other order "
-            "there."]
+                 + " | ".join(cells) + " |")
+    out += ["", "Ours runs the order in the JSON's `order`; the last three columns "
+            "time every order the weight allows: int8/fp8 per-channel codes into the "
+            "16-bit dot with the scales on its output (`ops._CODES_IN_DOT_MAX_ROWS`), "
+            "the dequantize fused into the dot, and the dequantize written out "
+            "before the dot (`ops._MATERIALIZE_MIN_ROWS`). On CPU the reference dot "
+            "runs in float32 and dequantizes first."]
     out.append("")
   base = res.get("baseline")
   if base:

@@ -623,8 +623,10 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None,
   lv = dequantize(lq) if isinstance(lq, QArray) else lq
   ct = _compute_dtype(out_dtype)
   rows = lv.size // max(1, _prod(lv.shape[a] for a in dn[0][0]))
+  materialize = isinstance(rq, QArray) and rows >= _MATERIALIZE_MIN_ROWS and ct != jnp.float32
   post = (_scale_after_dot(rq, dn, ct)
-          if isinstance(rq, QArray) and rows <= _CODES_IN_DOT_MAX_ROWS else None)
+          if isinstance(rq, QArray) and rows <= _CODES_IN_DOT_MAX_ROWS
+          and not materialize else None)
   if post is not None:
     # Codes converted straight into the dot (XLA fuses the convert into the
     # GEMM's operand load), the per-channel scales applied to its output.
@@ -636,9 +638,24 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None,
   # Dequantized operands round to the activation's dtype first, as fake mode's
   # operands do, so a bf16 model's real mode equals its fake mode also where
   # the dot itself runs in float32 (CPU).
-  y = lax.dot_general(lv.astype(out_dtype).astype(ct), rv.astype(out_dtype).astype(ct),
+  rv = rv.astype(out_dtype).astype(ct)
+  if materialize:
+    # Write the dequantized weight once and run the library GEMM on it: at
+    # large M a dequantize fused into the GEMM's operand load (XLA's Triton
+    # GEMM fusion) is slower than the plain 16-bit GEMM by more than the cost
+    # of the extra pass (_MATERIALIZE_MIN_ROWS).
+    rv = lax.optimization_barrier(rv)
+  y = lax.dot_general(lv.astype(out_dtype).astype(ct), rv,
                       dn, precision, preferred_element_type=jnp.float32)
   return y.astype(preferred_element_type or out_dtype)
+
+
+# From this many activation rows on (16-bit compute only) the reference dot
+# dequantizes the weight into its own pass and runs the GEMM on the result
+# (``optimization_barrier`` keeps XLA from fusing the dequantize into the GEMM).
+# experiments/bench_primitives.py times the three orders (codes in the dot,
+# dequantize fused into the dot, dequantize materialized) at every M.
+_MATERIALIZE_MIN_ROWS = 1 << 62
 
 
 # Up to this many activation rows the reference dot takes per-channel 8-bit
