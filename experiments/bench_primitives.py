@@ -387,9 +387,9 @@ def _reference_order(ops, m, both, ct):
   """Which order ``ops.dot_general``'s reference dot runs at M rows."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   # pylint: disable=protected-access
-  if ct != jnp.float32 and m >= ops._MATERIALIZE_MIN_ROWS:
-    return "materialize"
-  return "codes" if both and m <= ops._CODES_IN_DOT_MAX_ROWS else "fused"
+  if both and m <= ops._CODES_IN_DOT_MAX_ROWS:
+    return "codes"
+  return "materialize" if ct != jnp.float32 and m >= ops._MATERIALIZE_MIN_ROWS else "fused"
 
 
 @contextlib.contextmanager

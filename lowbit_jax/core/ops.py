@@ -623,10 +623,10 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None,
   lv = dequantize(lq) if isinstance(lq, QArray) else lq
   ct = _compute_dtype(out_dtype)
   rows = lv.size // max(1, _prod(lv.shape[a] for a in dn[0][0]))
-  materialize = isinstance(rq, QArray) and rows >= _MATERIALIZE_MIN_ROWS and ct != jnp.float32
   post = (_scale_after_dot(rq, dn, ct)
-          if isinstance(rq, QArray) and rows <= _CODES_IN_DOT_MAX_ROWS
-          and not materialize else None)
+          if isinstance(rq, QArray) and rows <= _CODES_IN_DOT_MAX_ROWS else None)
+  materialize = (post is None and isinstance(rq, QArray) and ct != jnp.float32
+                 and rows >= _MATERIALIZE_MIN_ROWS)
   if post is not None:
     # Codes converted straight into the dot (XLA fuses the convert into the
     # GEMM's operand load), the per-channel scales applied to its output.
@@ -650,12 +650,16 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None,
   return y.astype(preferred_element_type or out_dtype)
 
 
-# From this many activation rows on (16-bit compute only) the reference dot
-# dequantizes the weight into its own pass and runs the GEMM on the result
-# (``optimization_barrier`` keeps XLA from fusing the dequantize into the GEMM).
-# experiments/bench_primitives.py times the three orders (codes in the dot,
-# dequantize fused into the dot, dequantize materialized) at every M.
-_MATERIALIZE_MIN_ROWS = 1 << 62
+# From this many activation rows on (16-bit compute only), a weight whose codes
+# cannot go into the dot directly is dequantized in its own pass and the GEMM
+# runs on the result (``optimization_barrier`` keeps XLA from fusing the
+# dequantize into the GEMM's operand load). Measured on the H200
+# (benchmarks/primitives_h200.md, x[M, 8192] @ W[8192, 8192], int4 g128):
+# fused 104/239/796 us, materialized 104/239/778 us at M = 256, 1024, 4096;
+# per-channel int8/fp8 codes in the dot stay faster than materializing at
+# every M (int8 791 vs 816 us at 4096), so they keep that order.
+# experiments/bench_primitives.py times the three orders at every M.
+_MATERIALIZE_MIN_ROWS = 2048
 
 
 # Up to this many activation rows the reference dot takes per-channel 8-bit

@@ -190,6 +190,30 @@ def test_16bit_reference_dot_scales_after_the_dot(fmt, kw, after, monkeypatch):
   np.testing.assert_allclose(got[ok], ref[ok], rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("fmt,kw,materialized", [
+    ("int4", dict(group_size=32), True), ("int8", {}, False)])
+def test_16bit_reference_dot_materializes_the_weight_at_large_m(fmt, kw, materialized,
+                                                                 monkeypatch):
+  """From _MATERIALIZE_MIN_ROWS rows on, a weight whose codes cannot go into the
+  dot is dequantized behind an optimization barrier (its own pass before the
+  GEMM): same numbers as the fused order, and the barrier is in the program."""
+  monkeypatch.setattr(ops, "_compute_dtype", lambda dt: jnp.bfloat16)
+  x, w = _xw(m=16, k=128, n=24, seed=13)
+  xb = x.astype(jnp.bfloat16)
+  qw = ops.prepare_weight(w, lb.QuantSpec(fmt, **kw))
+  dn = (((1,), (1,)), ((), ()))
+  f = jax.jit(lambda a, q: ops.dot_general(a, q, dn, mode="real", use_kernel="never"))
+  monkeypatch.setattr(ops, "_MATERIALIZE_MIN_ROWS", 1 << 62)
+  y_fused = f(xb, qw)
+  assert "optimization_barrier" not in f.lower(xb, qw).as_text()
+  monkeypatch.setattr(ops, "_MATERIALIZE_MIN_ROWS", 16)
+  f = jax.jit(lambda a, q: ops.dot_general(a, q, dn, mode="real", use_kernel="never"))
+  assert ("optimization_barrier" in f.lower(xb, qw).as_text()) == materialized
+  np.testing.assert_array_equal(np.asarray(f(xb, qw), np.float32),
+                                np.asarray(y_fused, np.float32))
+  assert "optimization_barrier" not in f.lower(xb[:15], qw).as_text()  # 15 rows: fused
+
+
 def test_use_kernel_always_without_a_kernel_raises_on_cpu():
   x, w = _xw(seed=11)
   qw = ops.prepare_weight(w, "int4")
