@@ -79,7 +79,7 @@ def get_config(arg: str = "default"):
                + _attention_excludes())
   c.point_kwargs = ml_collections.ConfigDict({
       "workdir": "results/train_lm_small", "variant": "small", "seq_len": 128,
-      "batch": 8, "max_eval_tokens": 16384})
+      "batch": 8, "max_eval_tokens": 16384, "n_calib": 8})
   c.out_dir = "results/sweep_llama_methods"
   c.metrics = ("bits_per_weight", "perplexity", "bits_per_byte", "mean_weight_sqnr_db",
                "awq_clip_error_vs_rtn", "block_mse_rtn", "block_mse", "seconds")

@@ -79,7 +79,8 @@ from experiments._primitive_formats import FORMATS, MM_FORMATS
 _SHAPE = flags.DEFINE_string("shape", "", "K x N of the tensor (default: 8192x8192 "
                              "on GPU/TPU, 2048x2048 on CPU)")
 _FORMATS = flags.DEFINE_list("formats", [], "format ids to time (default: all)")
-_SECTIONS = flags.DEFINE_list("sections", ["prims", "matmul"], "what to run")
+_SECTIONS = flags.DEFINE_list("sections", ["prims", "matmul", "qat"],
+                               "what to run: prims, matmul, qat (the QAT step)")
 _MM_KN = flags.DEFINE_string("matmul_kn", "", "K x N of the matmul weight "
                              "(default: 8192x8192 on GPU/TPU, 2048x2048 on CPU)")
 _MM_M = flags.DEFINE_list("matmul_m", [], "M values (default: 1,16,256,4096 on "
@@ -465,6 +466,51 @@ def sec_matmul(b: Bench, qwix):
       b.item("matmul", f"mm {fid} M={m}", run)
 
 
+# The QAT step variants of experiments/bench_qat.py this table reports: fake
+# quantization of every projection of the decoder LM (base config, bf16
+# compute), as a ratio to the unquantized step.
+QAT_VARIANTS = ("int8 W+A (STE)", "fp8 W+A", "MXFP4 W+A", "NVFP4 W+A",
+                "MXFP4 W (weight-only)")
+
+
+def sec_qat(b: Bench, hard: float):
+  """The decoder LM's QAT training step per format vs the bf16 step.
+
+  Runs experiments/bench_qat.py in a child process (a fresh GPU allocator; its
+  own CUPTI timing) for the variants of ``QAT_VARIANTS`` and copies its rows.
+  """
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  left = hard - (time.time() - T0) - 5
+  if b.over_budget() or left < 30:
+    b.res["errors"].append(dict(item="qat step", error="skipped: time budget"))
+    return
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, "qat.json")
+    cmd = [sys.executable, "-m", "experiments.bench_qat", "--only",
+           ",".join(QAT_VARIANTS), "--iters", "5", "--noqwix", "--out", out]
+    if _SMOKE.value or not b.gpu:
+      cmd.append("--smoke")
+    t = time.time()
+    try:
+      proc = subprocess.run(cmd, capture_output=True, text=True, timeout=left,
+                            check=False)
+      err = None if proc.returncode == 0 else proc.stderr[-800:]
+    except subprocess.TimeoutExpired:
+      err = f"bench_qat did not finish in {left:.0f} s"
+    rows = []
+    if os.path.exists(out):
+      with open(out) as f:
+        data = json.load(f)
+      rows = data.get("rows", data) if isinstance(data, dict) else data
+    b.res["qat"] = dict(command=" ".join(["python3"] + cmd[1:-2] + ["--out", "..."]),
+                        rows=rows, seconds=round(time.time() - t, 1),
+                        model="LlamaConfig." + ("smoke" if "--smoke" in cmd else "base"))
+    if err:
+      b.res["errors"].append(dict(item="qat step", error=err))
+  b.write()
+
+
 def markdown(res: dict) -> str:
   """The results as markdown tables."""
   out = [f"# Primitives: {res['device']} ({res['backend']})", "",
@@ -534,6 +580,21 @@ def markdown(res: dict) -> str:
             "the dequantize fused into the dot, and the dequantize written out "
             "before the dot (`ops._MATERIALIZE_MIN_ROWS`). On CPU the reference dot "
             "runs in float32 and dequantizes first."]
+    out.append("")
+  qat = res.get("qat")
+  if qat and qat.get("rows"):
+    out += [f"QAT training step of the decoder LM ({qat['model']}, params float32, "
+            "compute bf16, AdamW; every projection fake-quantized), device time per "
+            f"step and its ratio to the unquantized step; `{qat['command']}`.", "",
+            "| variant | us / step | vs bf16 |", "|---|---|---|"]
+    for r in qat["rows"]:
+      if r.get("lib", "lowbit_jax") != "lowbit_jax":
+        continue
+      ratio = r.get("ratio")
+      us = f"{r['us']:.0f}" if r.get("us") else "-"
+      out.append(f"| {r['name']} | {us} | "
+                 + (f"{ratio:.3f}x |" if ratio else ("1.000x |" if r["name"].startswith(
+                     "bf16") else f"{r.get('error', '')[:80]} |")))
     out.append("")
   base = res.get("baseline")
   if base:
@@ -623,6 +684,8 @@ def main(argv):
     sec_matmul(b, qwix)
   if "prims" in _SECTIONS.value:
     sec_prims(b, qwix, ids[6:], ref)
+  if "qat" in _SECTIONS.value:
+    sec_qat(b, hard)
   b.write()
   print(markdown(b.res))
 
