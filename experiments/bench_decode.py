@@ -88,6 +88,11 @@ _KIVI_GROUP = flags.DEFINE_integer("kivi_group", 32,
 _ITERS = flags.DEFINE_integer("iters", 5, "timed calls per measurement")
 _TAG = flags.DEFINE_string("tag", "", "output file stem (default decode_<device>)")
 _OUT_DIR = flags.DEFINE_string("out_dir", "benchmarks/decode", "where results go")
+_BUDGET = flags.DEFINE_float("time_budget_s", 0.0, "start no further weight scheme "
+                             "once this many seconds have passed since main "
+                             "started (0: no limit; the first scheme always "
+                             "runs); results so far are written after every "
+                             "weight scheme")
 
 # The projections of a Llama block that weight schemes quantize.
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -393,7 +398,11 @@ def _weight_order(names) -> list:
   return sorted(names, key=lambda w: w != "bf16")
 
 
+_START = [time.perf_counter()]
+
+
 def main(argv):
+  _START[0] = time.perf_counter()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _NEW.value < 2:
@@ -418,7 +427,12 @@ def main(argv):
   batches = [int(x) for x in _BATCHES.value]
   rows = []
   bf16_out = {}   # (batch, cache scheme) -> tokens of the bf16-weight model
+  skipped = []
   for wname in weights:
+    if (rows and _BUDGET.value
+        and time.perf_counter() - _START[0] > _BUDGET.value):
+      skipped.append(wname)
+      continue
     t0 = time.perf_counter()
     variables, apply = quantize_weights(model, float_vars, wname,
                                         jnp.zeros((1, 8), jnp.int32))
@@ -488,8 +502,12 @@ def main(argv):
         del gen, pre, gen_hlo, pre_hlo
     if wname != "bf16":
       del variables
-  _speedups(rows)
-  _write(rows, cfg, weights)
+    _speedups(rows)
+    _write(rows, cfg, weights, skipped)
+  if skipped:
+    _write(rows, cfg, weights, skipped)
+    print(f"--time_budget_s={_BUDGET.value} reached: skipped weight schemes "
+          f"{skipped}", flush=True)
 
 
 def _speedups(rows) -> None:
@@ -503,7 +521,7 @@ def _speedups(rows) -> None:
       r[f"{kind}_speedup_vs_bf16_weights"] = (mine / ref if mine and ref else None)
 
 
-def _write(rows, cfg, weights) -> None:
+def _write(rows, cfg, weights, skipped) -> None:
   import dataclasses  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   dev = jax.devices()[0]
@@ -513,7 +531,8 @@ def _write(rows, cfg, weights) -> None:
           "jax": jax.__version__, "python": platform.python_version(),
           "command": cmd, "config": _CONFIG.value, "model": dataclasses.asdict(cfg),
           "residual": _RESIDUAL.value, "kivi_group": _KIVI_GROUP.value,
-          "iters": _ITERS.value, "weights": weights,
+          "iters": _ITERS.value, "weights": weights, "skipped_weights": skipped,
+          "elapsed_s": time.perf_counter() - _START[0],
           "weight_specs": {w: repr(weight_spec(w)) for w in weights},
           "date": time.strftime("%Y-%m-%d")}
   os.makedirs(_OUT_DIR.value, exist_ok=True)
@@ -522,6 +541,9 @@ def _write(rows, cfg, weights) -> None:
     json.dump({"meta": meta, "rows": rows}, f, indent=1)
   lines = (_cache_table(rows, meta, cmd) if weights == ["bf16"]
            else _weights_tables(rows, meta, cmd, cfg))
+  if skipped:
+    lines += ["", f"Not run (--time_budget_s={_BUDGET.value} reached): "
+              f"{', '.join(skipped)}."]
   with open(base + ".md", "w") as f:
     f.write("\n".join(lines) + "\n")
   print(f"wrote {base}.json and {base}.md")
@@ -605,7 +627,8 @@ def _weights_tables(rows, meta, cmd, cfg) -> list:
     if dev_cols:
       line += (f" {_fmt(r.get('device_decode_tokens_per_s'), '.1f')} | "
                f"{_fmt(r.get('device_ms_per_step'), '.3f')} |")
-    line += (f" {_fmt(r.get(f'{kind}_speedup_vs_bf16_weights'), '.2f')}x |"
+    ratio = r.get(f"{kind}_speedup_vs_bf16_weights")
+    line += (f" {_fmt(ratio, '.2f')}{'' if ratio is None else 'x'} |"
              f" {_fmt(agree, '.3f')} |"
              f" {r['greedy_agreement_with_first_scheme']:.3f} |")
     lines.append(line)
