@@ -22,8 +22,10 @@ from lowbit_jax.kernels import MatmulProblem, gpu_weight_only
 from lowbit_jax.models import decode
 from lowbit_jax.models.llama import Llama, LlamaConfig
 
+# Two projection shapes only (64x64 and the k/v 64x32), so quantizing the
+# parameters compiles twice.
 _CFG = LlamaConfig.smoke(vocab=96, d_model=64, n_layers=1, n_heads=4, n_kv_heads=2,
-                         d_ff=128, max_len=32, dtype="bfloat16")
+                         d_ff=64, max_len=32, dtype="bfloat16")
 _P, _N, _B = 6, 5, 2
 # Greedy tokens may differ from the reference only where its top two logits
 # are this close (bf16 rounding of real vs fake quantization's products).
@@ -148,3 +150,37 @@ def test_cli_writes_weight_rows(tmp_path):
   assert rows[1]["projections"] == 7
   md = (tmp_path / "t.md").read_text()
   assert "## Kernel dispatch" in md and "| int4 | bf16 | 2 |" in md
+
+
+def test_llama8b_decode_step_lowers_one_mosaic_call_per_dispatched_projection(
+    monkeypatch):
+  """The model's real-mode decode, lowered for a GPU (no GPU needed): every
+  projection the dispatcher sends to the kernel is one Mosaic GPU call."""
+  from lowbit_jax.kernels import _gpu_common  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(_gpu_common, "on_hopper_gpu", lambda prob: True)
+  cfg = bd.llama8b_config(1, vocab=256, max_len=16)
+  model = Llama(cfg)
+  toks = jnp.zeros((1, 8), jnp.int32)
+  params = jax.eval_shape(lambda k: jax.tree.map(
+      lambda p: p.astype(jnp.bfloat16), model.init(k, toks)["params"]),
+                          jax.random.key(0))
+  holder = {}
+
+  def quantize(p):
+    qv, holder["apply"] = bd.quantize_weights(model, {"params": p}, "int8", toks)
+    return qv
+  qv = jax.eval_shape(quantize, params)
+  b, p = 16, 8
+  disp = bd.projection_dispatch(qv["params"], b)
+  want = sum(e["kernel"] == "gpu_weight_only" for e in disp.values())
+  assert want == 5   # the table: k/v and gate/up/down, not q/o (XLA's faster)
+  args = (qv, jax.ShapeDtypeStruct((b, p), jnp.int32),
+          jax.ShapeDtypeStruct((b,), jnp.int32), jax.random.key(0))
+  counts = []
+  for n in (2, 1):
+    fn = decode.make_generate(model, n, prompt_len=p, batch=b,
+                              apply_fn=holder["apply"])
+    text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    counts.append(bd.count_mosaic_calls(text))
+  # generate(2) = prefill (M = 128: XLA) + one decode step.
+  assert counts == [want, 0]
