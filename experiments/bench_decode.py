@@ -328,6 +328,37 @@ class _Timer:
     ts = ts if isinstance(ts, (list, tuple)) else [ts]
     return statistics.median(ts) * 1e-3  # ms -> s
 
+  def kernels(self, fn, *args):
+    """``[(kernel name, ms)]`` of one call, in launch order (CUPTI); None off GPU."""
+    if not self.gpu:
+      return None
+    from jax.experimental.mosaic.gpu import profiler  # pylint: disable=g-import-not-at-top
+    _, ts = profiler.measure(fn, aggregate=False)(*args)
+    return list(ts or [])
+
+
+def step_kernels(launches, steps: int) -> dict:
+  """Microseconds per decode step of each kernel the decode loop launches.
+
+  A kernel name launched at least ``steps`` times in one generate call is the
+  loop's (prefill kernels are launched once per call or per layer; XLA's
+  kernel names are unique within a program, Mosaic GPU kernels of one body
+  share a name); its total time is spread over the ``steps`` decode steps.
+
+  Args:
+    launches: ``[(kernel name, ms)]`` of one generate call (``_Timer.kernels``).
+    steps: the decode steps in that call (new tokens - 1).
+
+  Returns:
+    ``{kernel name: us per step}``, largest first.
+  """
+  total, count = {}, {}
+  for name, ms in launches:
+    total[name] = total.get(name, 0.0) + ms
+    count[name] = count.get(name, 0) + 1
+  per = {k: 1e3 * total[k] / steps for k in total if count[k] >= steps}
+  return dict(sorted(per.items(), key=lambda kv: -kv[1]))
+
 
 def llama8b_config(layers: int = 2, **changes: Any):
   """LlamaConfig with Llama-3-8B's block dims (Grattafiori et al., 2024, "The
@@ -496,6 +527,10 @@ def main(argv):
           row.update(device_generate_s=d_gen, device_prefill_s=d_pre,
                      device_decode_tokens_per_s=_rate(b, n, d_gen, d_pre),
                      device_ms_per_step=_step_ms(n, d_gen, d_pre))
+          pre_launches = (timer.kernels(pre, *args)
+                          if row.get("mosaic_calls_prefill_hlo") else None)
+          row.update(_step_breakdown(timer.kernels(gen, *args), pre_launches, n,
+                                     cfg, row))
         print(json.dumps({k: v for k, v in row.items() if k != "dispatch_detail"}),
               flush=True)
         rows.append(row)
@@ -508,6 +543,31 @@ def main(argv):
     _write(rows, cfg, weights, skipped)
     print(f"--time_budget_s={_BUDGET.value} reached: skipped weight schemes "
           f"{skipped}", flush=True)
+
+
+def _step_breakdown(launches, pre_launches, n: int, cfg, row) -> dict:
+  """The decode loop's kernels per step (device), and the Mosaic GPU share.
+
+  Only where the loop's launches can be told from the prefill's (more decode
+  steps than four launches per block). Mosaic kernels are those whose CUPTI
+  name contains "mosaic" (None, not a wrong zero, when the lowered step has
+  Mosaic calls but no launch carries such a name); Mosaic kernels of one body
+  share a name, so where the prefill launches some too, the prefill call's
+  (``pre_launches``) are subtracted.
+  """
+  steps = n - 1
+  if not launches or steps <= 4 * cfg.n_layers:
+    return {}
+  per = step_kernels(launches, steps)
+  for name, ms in pre_launches or []:
+    if name in per and "mosaic" in name.lower():
+      per[name] -= 1e3 * ms / steps
+  mosaic = sum(v for k, v in per.items() if "mosaic" in k.lower())
+  if mosaic == 0 and row.get("mosaic_calls_decode_step_hlo"):
+    mosaic = None
+  return {"device_step_kernels_us": dict(list(per.items())[:24]),
+          "device_step_kernels_total_us": sum(per.values()),
+          "device_step_mosaic_us": mosaic}
 
 
 def _speedups(rows) -> None:
@@ -586,7 +646,8 @@ def _weights_tables(rows, meta, cmd, cfg) -> list:
   head = ("| weights | cache | batch | params MB | projections MB | cache MB |"
           " Mosaic projections (decode) |"
           " decode tok/s (wall) | ms/step (wall) |"
-          + (" decode tok/s (device) | ms/step (device) |" if dev_cols else "")
+          + (" decode tok/s (device) | ms/step (device) | Mosaic us/step |"
+             if dev_cols else "")
           + f" vs bf16 weights ({kind}) | greedy agreement vs bf16 weights |"
           " greedy agreement vs first cache |")
   lines = [f"# Decode throughput, {_CONFIG.value} model ({cfg.n_layers} blocks, "
@@ -601,8 +662,11 @@ def _weights_tables(rows, meta, cmd, cfg) -> list:
            "embedding and lm_head bf16. Mosaic projections: how many of the "
            "model's projections the dispatcher sends to a Mosaic GPU kernel at the "
            "decode step (M = batch)"
-           + (", checked against the Mosaic custom calls in the lowered decode "
-              "step" if dev_cols else "") + ". "
+           + (" (HLO: the Mosaic custom calls in the lowered decode step, "
+              "a check); Mosaic us/step: device time per decode step of the "
+              "Mosaic GPU kernels (CUPTI, the decode loop's launches; the JSON "
+              "rows list every loop kernel's time per step)" if dev_cols else "")
+           + ". "
            f"Prompt {rows[0]['prompt_len']} tokens, {rows[0]['new_tokens']} "
            "generated (greedy, one jit: prefill + lax.scan). Decode rate = batch x "
            "(new tokens - 1) / (generate time - prefill time); medians of "
@@ -626,7 +690,8 @@ def _weights_tables(rows, meta, cmd, cfg) -> list:
             f"{_fmt(r['wall_ms_per_step'], '.3f')} |")
     if dev_cols:
       line += (f" {_fmt(r.get('device_decode_tokens_per_s'), '.1f')} | "
-               f"{_fmt(r.get('device_ms_per_step'), '.3f')} |")
+               f"{_fmt(r.get('device_ms_per_step'), '.3f')} | "
+               f"{_fmt(r.get('device_step_mosaic_us'), '.1f')} |")
     ratio = r.get(f"{kind}_speedup_vs_bf16_weights")
     line += (f" {_fmt(ratio, '.2f')}{'' if ratio is None else 'x'} |"
              f" {_fmt(agree, '.3f')} |"

@@ -184,3 +184,17 @@ def test_llama8b_decode_step_lowers_one_mosaic_call_per_dispatched_projection(
     counts.append(bd.count_mosaic_calls(text))
   # generate(2) = prefill (M = 128: XLA) + one decode step.
   assert counts == [want, 0]
+
+
+def test_step_kernels_keep_the_decode_loops_launches():
+  steps = 7
+  launches = ([("prefill_fusion", 2.0), ("body_mosaic_gpu_kernel", 0.5)]
+              + [("body_mosaic_gpu_kernel", 0.01), ("loop_fusion", 0.002)]
+              * (2 * steps))
+  per = bd.step_kernels(launches, steps)
+  assert list(per) == ["body_mosaic_gpu_kernel", "loop_fusion"]
+  np.testing.assert_allclose(per["loop_fusion"], 1e3 * 0.002 * 2)
+  # (a name the prefill shares is spread over the steps too: the bench checks
+  # the prefill lowers no Mosaic call, mosaic_calls_prefill_hlo)
+  np.testing.assert_allclose(per["body_mosaic_gpu_kernel"],
+                             1e3 * (0.5 + 0.01 * 2 * steps) / steps)
