@@ -37,12 +37,16 @@ Run on a GPU (repository root)::
 
   python -m experiments.bench_decode --config=base --out_dir=benchmarks/decode
 
-The Llama-3-8B-shaped model (2 blocks), every weight format, bf16 cache::
+The Llama-3-8B-shaped model (2 blocks), the weight formats, bf16 cache (each
+weight scheme and batch compiles a generate and a prefill, their seconds are
+in the rows; ``--time_budget_s`` starts no weight scheme after that many
+seconds and every scheme's rows are written as soon as it finishes)::
 
   python -m experiments.bench_decode --config=llama8b --layers=2 \
-      --weights=bf16,int8,int4_g128,int4,mxfp4,nvfp4 --schemes=bf16 \
+      --weights=bf16,int4_g128,int8,int4,mxfp4,nvfp4 --schemes=bf16 \
       --batches=1,16 --prompt_len=128 --new_tokens=64 --iters=5 \
-      --out_dir=benchmarks/decode --tag=decode_weights_llama8b_h200
+      --time_budget_s=110 --out_dir=benchmarks/decode \
+      --tag=decode_weights_llama8b_h200
 
 CPU smoke run (seconds)::
 
