@@ -92,6 +92,11 @@ _KIVI_GROUP = flags.DEFINE_integer("kivi_group", 32,
 _ITERS = flags.DEFINE_integer("iters", 5, "timed calls per measurement")
 _TAG = flags.DEFINE_string("tag", "", "output file stem (default decode_<device>)")
 _OUT_DIR = flags.DEFINE_string("out_dir", "benchmarks/decode", "where results go")
+_CHECK = flags.DEFINE_bool(
+    "check_kernels", False, "per quantized weight scheme and batch where the "
+    "dispatcher picks a kernel at the decode step: one forward pass of one "
+    "token per row (M = batch, as a decode step) with the kernels against the "
+    "same with use_kernel='never' (XLA), logits compared (two more compiles)")
 _BUDGET = flags.DEFINE_float("time_budget_s", 0.0, "start no further weight scheme "
                              "once this many seconds have passed since main "
                              "started (0: no limit; the first scheme always "
@@ -288,6 +293,33 @@ def _dispatch_summary(d: dict) -> dict:
   return {p: sorted(v) for p, v in out.items()}
 
 
+def kernel_check(model, variables, apply, name: str, tokens) -> dict:
+  """Logits of one forward pass with the dispatcher's kernels vs XLA's path.
+
+  Args:
+    model: the ``Llama``.
+    variables: its quantized variables (``quantize_weights``).
+    apply: their wrapped apply (``use_kernel="auto"``).
+    name: the weight scheme.
+    tokens: int32 ``[B, 1]``: one token per row, so every projection has
+      ``M = B`` rows, as at a decode step.
+
+  Returns:
+    ``{"kernel_vs_xla_logits_max_abs_err", "kernel_vs_xla_logits_max_abs",
+    "kernel_vs_xla_argmax_agreement"}``.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from lowbit_jax.flax import quantize_linen  # pylint: disable=g-import-not-at-top
+  xla = quantize_linen(weight_rules(name), mode="real", use_kernel="never")
+  got = np.asarray(jax.jit(apply)(variables, tokens), np.float32)
+  want = np.asarray(jax.jit(xla(model.apply))(variables, tokens), np.float32)
+  return {"kernel_vs_xla_logits_max_abs_err": float(np.abs(got - want).max()),
+          "kernel_vs_xla_logits_max_abs": float(np.abs(want).max()),
+          "kernel_vs_xla_argmax_agreement": float(np.mean(
+              got.argmax(-1) == want.argmax(-1)))}
+
+
 def count_mosaic_calls(hlo_text: str) -> int:
   """Mosaic GPU kernel launches written in a lowered module's text."""
   return sum(1 for line in hlo_text.splitlines()
@@ -479,6 +511,9 @@ def main(argv):
       lengths = jnp.full((b,), p, jnp.int32)
       disp = {"decode": projection_dispatch(variables["params"], b),
               "prefill": projection_dispatch(variables["params"], b * p)}
+      check = (kernel_check(model, variables, apply, wname, tokens[:, :1])
+               if _CHECK.value and wname != "bf16" and any(
+                   e["kernel"] for e in disp["decode"].values()) else {})
       ref_out = None
       for name in _SCHEMES.value:
         rules = schemes[name]
@@ -509,7 +544,7 @@ def main(argv):
                "greedy_agreement_vs_bf16_weights": (
                    None if base is None else float(np.mean(out == base))),
                "compile_generate_s": c_gen, "compile_prefill_s": c_pre,
-               "quantize_weights_s": quantize_s}
+               "quantize_weights_s": quantize_s, **check}
         if wname != "bf16":
           row["dispatch_decode"] = _dispatch_summary(disp["decode"])
           row["dispatch_prefill"] = _dispatch_summary(disp["prefill"])
@@ -646,6 +681,7 @@ def _cache_table(rows, meta, cmd) -> list:
 def _weights_tables(rows, meta, cmd, cfg) -> list:
   """The weight-scheme table (and its cache columns) plus the dispatch table."""
   dev_cols = any("device_generate_s" in r for r in rows)
+  chk_cols = any("kernel_vs_xla_logits_max_abs_err" in r for r in rows)
   kind = "device" if dev_cols else "wall"
   head = ("| weights | cache | batch | params MB | projections MB | cache MB |"
           " Mosaic projections (decode) |"
@@ -653,7 +689,8 @@ def _weights_tables(rows, meta, cmd, cfg) -> list:
           + (" decode tok/s (device) | ms/step (device) | Mosaic us/step |"
              if dev_cols else "")
           + f" vs bf16 weights ({kind}) | greedy agreement vs bf16 weights |"
-          " greedy agreement vs first cache |")
+          " greedy agreement vs first cache |"
+          + (" kernel vs XLA logits: max err / max |logit| |" if chk_cols else ""))
   lines = [f"# Decode throughput, {_CONFIG.value} model ({cfg.n_layers} blocks, "
            f"d_model {cfg.d_model}, d_ff {cfg.d_ff}, {cfg.n_heads}/{cfg.n_kv_heads} "
            f"heads, vocab {cfg.vocab}), weight-only schemes in real mode", "",
@@ -677,7 +714,11 @@ def _weights_tables(rows, meta, cmd, cfg) -> list:
            f"{_ITERS.value} calls. Greedy agreement: fraction of generated tokens "
            "equal to the bf16-weight model's (same cache, batch) and to the first "
            "cache scheme's (same weights); random weights give nearly tied logits, "
-           "so only a sanity check. n/a: not measured or not resolvable (noise).",
+           "so only a sanity check. n/a: not measured or not resolvable (noise)."
+           + (" Kernel vs XLA (--check_kernels): one forward pass of one token "
+              "per row (M = batch) with the dispatched kernels against "
+              "use_kernel='never', largest logit difference over the largest "
+              "logit (-: no kernel dispatched)." if chk_cols else ""),
            "", head, "|" + "---|" * (head.count("|") - 1)]
   for r in rows:
     if r["weights"] == "bf16":
@@ -700,6 +741,10 @@ def _weights_tables(rows, meta, cmd, cfg) -> list:
     line += (f" {_fmt(ratio, '.2f')}{'' if ratio is None else 'x'} |"
              f" {_fmt(agree, '.3f')} |"
              f" {r['greedy_agreement_with_first_scheme']:.3f} |")
+    if chk_cols:
+      err = r.get("kernel_vs_xla_logits_max_abs_err")
+      line += (" - |" if err is None else
+               f" {err:.3g} / {r['kernel_vs_xla_logits_max_abs']:.3g} |")
     lines.append(line)
   lines += _dispatch_table(rows)
   return lines
