@@ -224,11 +224,16 @@ def _conv_transpose_conv(lhs_shape, rhs_shape, dtype, strides, padding, rhs_dila
           tuple(p["lhs_dilation"]), tuple(p["rhs_dilation"]))
 
 
-def conv_transpose_lowering(mod: nn.ConvTranspose, inputs) -> ConvTransposeLowering:
+def conv_transpose_lowering(mod: nn.ConvTranspose, inputs,
+                            params: Optional[dict] = None) -> ConvTransposeLowering:
   """The conv an ``nn.ConvTranspose`` call computes (see ``ConvTransposeLowering``).
 
-  Reads (or creates) the layer's params through ``mod.param``: call it from
-  inside the bound layer's scope (an interceptor of its ``__call__``).
+  Args:
+    mod: the bound layer.
+    inputs: its call's input.
+    params: ``{"kernel": ..., "bias": ...}`` to use; None: read (or create)
+      them through ``mod.param`` (from an interceptor of its ``__call__``,
+      in place of the layer's own call).
 
   Raises:
     ValueError: a masked layer (its kernel is ``kernel * mask``).
@@ -248,11 +253,14 @@ def conv_transpose_lowering(mod: nn.ConvTranspose, inputs) -> ConvTransposeLower
   cin = inputs.shape[-1]
   tk = bool(mod.transpose_kernel)
   kshape = ks + ((mod.features, cin) if tk else (cin, mod.features))
-  kernel = mod.param("kernel", mod.kernel_init, kshape, mod.param_dtype)
+  if params is None:
+    kernel = mod.param("kernel", mod.kernel_init, kshape, mod.param_dtype)
+    bias = (mod.param("bias", mod.bias_init, (mod.features,), mod.param_dtype)
+            if mod.use_bias else None)
+  else:
+    kernel, bias = params["kernel"], params.get("bias") if mod.use_bias else None
   circular = isinstance(mod.padding, str) and mod.padding == "CIRCULAR"
   padding = "VALID" if circular else flax_linear.canonicalize_padding(mod.padding, n)
-  bias = (mod.param("bias", mod.bias_init, (mod.features,), mod.param_dtype)
-          if mod.use_bias else None)
   inputs, kernel, bias = promote_passing(mod.promote_dtype, (inputs, kernel, bias),
                                          dtype=mod.dtype)
   if not isinstance(padding, str):
