@@ -192,7 +192,8 @@ def capture_dense_stats(model: nn.Module, params: Any, calib_batches: Sequence[A
     calib_batches: a sequence of batches; each is passed to ``model.apply`` as
       positional arguments (tuple/list), keyword arguments (dict) or a single
       argument.
-    layers: regex; only Dense layers whose path fully matches are captured.
+    layers: regex; only Dense, RaggedDense and conv layers whose path fully
+      matches are captured.
     token_mask: optional ``batch -> mask`` (e.g. ``lambda b: b[1]`` for an
       attention mask): rows of a Dense input whose leading shape equals the
       mask's shape are weighted by it (padding tokens count 0); inputs of

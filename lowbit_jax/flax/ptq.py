@@ -87,27 +87,42 @@ gather of routed tokens into the experts, so its rotation folds into every
 expert's gate/up (readers) and down (writers) kernels, and ``online`` puts
 the Hadamard in front of each down expert (a ``ragged_dot`` site).
 
-Convolutions (``nn.Conv``) are captured as the matmul their kernel performs
-(``capture_dense_stats``: rows are the im2col patches of the input, features
-in ``kernel.reshape(-1, cout)``'s ``(*window, cin)`` order). RTN and GPTQ run
-on that ``[prod(window)*cin, cout]`` kernel (GPTQ's Hessian is the patches'
-Gram matrix) with the grid the conv rule uses in real mode (per output
-channel, or groups along the input channels: ``group_size`` must divide
-``cin``), and the kernel is reshaped back; ``report["quant_scales"]`` holds
-the kernel-shaped scale grid, so real mode equals the PTQ result. Rules from
-mixed precision (``weight_sensitivity`` on the reshaped kernel and the same
-Gram matrix) apply to convs as to Dense layers. AWQ, SmoothQuant and the
-per-group rotation do not transform convs: a scaling of the conv's input
-channels must fold into whatever produced that input (e.g. a preceding conv's
-output channels or a BatchNorm, through a ReLU for positive scales), and the
-capture does not record a conv input's producer, so no fold is found or
-checked; each conv gets one ``report["folds"]`` entry with status "skipped"
-and the reason, and is quantized with the plain quantizer (``quantizer``).
-"quarot"/"spinquant" rotate no conv kernel (their rotation folds into
-matmul readers and writers only) and RTN/GPTQ convs the same way, also
-reported; "omniquant" leaves convs float. Grouped/depthwise (``feature_group_count > 1``), masked and
-unshared convs are not captured: they stay float, each listed in
-``report["folds"]`` as skipped with the reason.
+Convolutions (``nn.Conv`` and ``nn.ConvTranspose``; docs/ptq_convolutions.md)
+are captured as the matmul their kernel performs (``capture_dense_stats``:
+rows are the im2col patches of the input, features in ``conv_matrix(kernel)``'s
+``(*window, cin)`` order; a transposed conv's are the patches of the
+input-dilated conv ``lax.conv_transpose`` lowers to, taken through its
+``transpose_kernel`` flip and its CIRCULAR wrap, so the rows times the
+kernel matrix are the layer's output). RTN and GPTQ run on that
+``[prod(window)*cin, cout]`` kernel (GPTQ's Hessian is the patches' Gram
+matrix) with the grid the conv rule uses in real mode (per output channel,
+or groups along the input channels: ``group_size`` must divide ``cin``), and
+the kernel is reshaped back; ``report["quant_scales"]`` holds the
+kernel-shaped scale grid, so real mode (``quantize_linen``, which reaches
+``nn.ConvTranspose`` through the same lowering) equals the PTQ result. Rules
+from mixed precision (``weight_sensitivity`` on the kernel matrix and the
+same Gram matrix) apply to convs as to Dense layers. AWQ and SmoothQuant
+scale a conv's input channels: the convs reading one input share one
+``s[cin]`` (their kernels' input-channel axis times ``s``, the patches
+divided by ``s`` tiled over the window), folded into the module that
+produced the input: a norm's scale and bias (LayerNorm, RMSNorm, BatchNorm,
+GroupNorm), a Dense's output columns or a conv's output channels and bias,
+taken either as the module that returned the input or, through elementwise
+ops, as the latest one whose output has the input's shape; like every fold
+it is kept only if a random positive scaling folded the same way leaves the
+float output unchanged (a ReLU between passes; a GELU, a residual
+connection, a conv whose input is the model's input do not: skipped, with
+the reason in ``report["folds"]``, and quantized with ``quantizer`` alone).
+SmoothQuant takes ``s`` from the per-channel absmax of the input and of the
+kernels' rows; AWQ grid-searches ``alpha`` with the error summed over the
+group's convs, each on its own patches, then runs its clip search on each
+kernel matrix. The per-group rotation method does not transform convs
+(reported); "quarot"/"spinquant" rotate no conv kernel (their rotation
+folds into matmul readers and writers only) and RTN/GPTQ convs the same
+way, also reported; "omniquant" leaves convs float. Grouped/depthwise
+(``feature_group_count > 1``), masked and unshared convs are not captured:
+they stay float, each listed in ``report["folds"]`` as skipped with the
+reason (a depthwise conv can still be the producer a scaling folds into).
 
 Calibration statistics come from one pass of the float model (all layers
 calibrated in parallel, not sequentially on quantized predecessors).
@@ -314,9 +329,11 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
   learned rotations: Liu et al. 2024), "omniquant" (Shao et al. 2024: learnable
   weight clipping and equivalent transforms trained block by block; see
   ``lowbit_jax.flax._omniquant``). See the module docstring for how
-  transformations are folded. ``nn.Conv`` layers get RTN or GPTQ on their
-  im2col-patch statistics (every method but "omniquant"); the transformation
-  methods skip them with a reason in ``report["folds"]`` (module docstring).
+  transformations are folded. ``nn.Conv`` and ``nn.ConvTranspose`` layers get
+  RTN or GPTQ on their im2col-patch statistics (every method but
+  "omniquant"); AWQ and SmoothQuant fold a scaling of their input channels
+  into the producing conv, Dense or norm where that is exact, else skip them
+  with a reason in ``report["folds"]`` (module docstring).
 
   Args:
     model: the Linen module (not modified).
@@ -336,7 +353,7 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
       report's output SQNR. An unset axis means per token.
     quantizer: how transformed kernels are rounded for awq/smoothquant/
       rotation: "rtn" or "gptq".
-    layers: regex of the Dense / RaggedDense paths to treat; other layers are
+    layers: regex of the Dense / RaggedDense / conv paths to treat; other layers are
       untouched. Experts are quantized per expert (module docstring).
     alpha: SmoothQuant migration strength.
     n_grid: AWQ grid size.
