@@ -260,8 +260,12 @@ def test_gptq_mixed_precision_conv_transpose_real_equals_fake(up_setup, up_cap):
                              atol=1e-4)
 
 
-def test_scalings_fold_into_norm_and_convs_exactly(up_setup):
-  """A scaling of a conv's input folds into a BatchNorm or a (transposed) conv."""
+def test_smoothquant_folds_into_norm_and_convs_exactly(up_setup, up_cap):
+  """A scaling of a conv's input folds into a BatchNorm or a (transposed) conv.
+
+  The float model is unchanged, and the smoothed transposed conv has a lower
+  W8A8 (per-row int8 activations) output error than the plain one.
+  """
   m, params, x, stats = up_setup
   qp, rep = apply_ptq(m, params, [x], "smoothquant", None, other_variables=stats)
   folds = {f["layers"][0]: f for f in rep["folds"]}
@@ -275,6 +279,18 @@ def test_scalings_fold_into_norm_and_convs_exactly(up_setup):
     ref = m.apply({"params": params, **stats}, x)
     out = m.apply({"params": qp, **stats}, x)
   np.testing.assert_allclose(out, ref, rtol=2e-4, atol=2e-4 * float(jnp.max(ref)))
+
+  # SmoothQuant's objective: W8A8 error of up2 on its original patches.
+  wspec, aspec = kernel_spec(QuantSpec("int8")), QuantSpec("int8", axis=-1)
+  s, _ = _scaled_up2(params, qp)
+  xs = up_cap.stats["up2"].sample
+  w2 = conv_matrix(params["up2"]["kernel"])
+  ref = xs @ w2
+  plain = fake_quant(xs, aspec) @ rtn(w2, wspec)
+  smooth = (fake_quant(xs / jnp.tile(s, 3), aspec)
+            @ rtn(conv_matrix(qp["up2"]["kernel"]), wspec))
+  assert (float(jnp.sum((smooth - ref) ** 2))
+          < 0.5 * float(jnp.sum((plain - ref) ** 2)))
 
 
 def _scaled_up2(params, qp):
@@ -290,7 +306,7 @@ def test_awq_on_a_transposed_conv_lowers_its_error(up_setup, up_cap):
                       other_variables=stats)
   (fold,) = [f for f in rep["folds"] if f["layers"] == ["up2"]]
   assert fold["status"] == "folded" and fold["alpha"] > 0
-  s, w_eff = _scaled_up2(params, qp)
+  _, w_eff = _scaled_up2(params, qp)
   w2 = conv_matrix(params["up2"]["kernel"])
   g = up_cap.stats["up2"].gram
   err = lambda wq: float(jnp.trace((wq - w2).T @ g @ (wq - w2)))  # noqa: E731
@@ -301,18 +317,3 @@ def test_awq_on_a_transposed_conv_lowers_its_error(up_setup, up_cap):
                              **stats}, x)
   np.testing.assert_array_equal(qv["params"]["up2"]["kernel"].logical(),
                                 qp["up2"]["kernel"])
-
-
-def test_smoothquant_on_a_transposed_conv_lowers_w8a8_error(up_setup, up_cap):
-  m, params, x, stats = up_setup
-  wspec, aspec = QuantSpec("int8"), QuantSpec("int8", axis=-1)
-  qp, _ = apply_ptq(m, params, [x], "smoothquant", wspec, aspec, layers="up2",
-                    other_variables=stats)
-  s, _ = _scaled_up2(params, qp)
-  xs = up_cap.stats["up2"].sample          # original patches
-  w = params["up2"]["kernel"]
-  ref = xs @ conv_matrix(w)
-  plain = fake_quant(xs, aspec) @ rtn(conv_matrix(w), kernel_spec(wspec))
-  smooth = fake_quant(xs / jnp.tile(s, 3), aspec) @ conv_matrix(qp["up2"]["kernel"])
-  e_plain = float(jnp.sum((plain - ref) ** 2))
-  assert float(jnp.sum((smooth - ref) ** 2)) < 0.5 * e_plain
