@@ -260,9 +260,9 @@ def test_gptq_mixed_precision_conv_transpose_real_equals_fake(up_setup, up_cap):
   for p in ("up", "up2"):   # the stored codes give back the PTQ kernels
     np.testing.assert_array_equal(qv["params"][p]["kernel"].logical(),
                                   qp[p]["kernel"])
-  np.testing.assert_allclose(q(m.apply)(qv, x),
-                             m.apply({"params": qp, **stats}, x), rtol=1e-4,
-                             atol=1e-4)
+  real = jax.jit(lambda v: q(m.apply)(v, x))(qv)
+  fake = jax.jit(lambda p: m.apply({"params": p, **stats}, x))(qp)
+  np.testing.assert_allclose(real, fake, rtol=1e-4, atol=1e-4)
 
 
 def test_smoothquant_folds_into_norm_and_convs_exactly(up_setup, up_cap):
@@ -280,22 +280,24 @@ def test_smoothquant_folds_into_norm_and_convs_exactly(up_setup, up_cap):
   for p in ("bn", "up", "up2"):   # transformed, not merely copied
     assert not np.allclose(qp[p]["bias"] if p != "up2" else qp[p]["kernel"],
                            params[p]["bias"] if p != "up2" else params[p]["kernel"])
+  fwd = jax.jit(lambda p: m.apply({"params": p, **stats}, x))   # one compile
   with jax.default_matmul_precision("float32"):
-    ref = m.apply({"params": params, **stats}, x)
-    out = m.apply({"params": qp, **stats}, x)
+    ref, out = fwd(params), fwd(qp)
   np.testing.assert_allclose(out, ref, rtol=2e-4, atol=2e-4 * float(jnp.max(ref)))
 
   # SmoothQuant's objective: W8A8 error of up2 on its original patches.
   wspec, aspec = kernel_spec(QuantSpec("int8")), QuantSpec("int8", axis=-1)
+
+  @jax.jit
+  def w8a8_error(xs, w2, y):
+    return jnp.sum((fake_quant(xs, aspec) @ rtn(w2, wspec) - y) ** 2)
+
   s, _ = _scaled_up2(params, qp)
   xs = up_cap.stats["up2"].sample
-  w2 = conv_matrix(params["up2"]["kernel"])
-  ref = xs @ w2
-  plain = fake_quant(xs, aspec) @ rtn(w2, wspec)
-  smooth = (fake_quant(xs / jnp.tile(s, 3), aspec)
-            @ rtn(conv_matrix(qp["up2"]["kernel"]), wspec))
-  assert (float(jnp.sum((smooth - ref) ** 2))
-          < 0.8 * float(jnp.sum((plain - ref) ** 2)))
+  y = xs @ conv_matrix(params["up2"]["kernel"])
+  plain = w8a8_error(xs, conv_matrix(params["up2"]["kernel"]), y)
+  smooth = w8a8_error(xs / jnp.tile(s, 3), conv_matrix(qp["up2"]["kernel"]), y)
+  assert float(smooth) < 0.8 * float(plain)
 
 
 def _scaled_up2(params, qp):
