@@ -112,7 +112,8 @@ ops, as the latest one whose output has the input's shape; like every fold
 it is kept only if a random positive scaling folded the same way leaves the
 float output unchanged (a ReLU between passes; a GELU, a residual
 connection, a conv whose input is the model's input do not: skipped, with
-the reason in ``report["folds"]``, and quantized with ``quantizer`` alone).
+the reason in ``report["folds"]``, and quantized with ``quantizer`` alone;
+``unfoldable="simulate"`` does not apply to convs).
 SmoothQuant takes ``s`` from the per-channel absmax of the input and of the
 kernels' rows; AWQ grid-searches ``alpha`` with the error summed over the
 group's convs, each on its own patches, then runs its clip search on each
