@@ -31,9 +31,16 @@ each row is one output position's im2col patch
 its strides, padding and dilations), its features reordered from the patches'
 (input channel, window position) order to the kernel's, so that
 ``patches @ kernel.reshape(-1, features)`` equals the conv output (checked on
-every batch). Grouped/depthwise convs (``feature_group_count > 1``), masked
-convs and unshared (``ConvLocal``) ones are not captured; they are listed in
-``Capture.skipped`` with the reason.
+every batch). A transposed conv (``nn.ConvTranspose``) is captured as the
+input-dilated conv ``lax.conv_transpose`` lowers to (unit strides, the input
+dilated by the layer's strides, ``conv_transpose_lowering``): its rows are
+that conv's patches taken through the same spatial map as its output (the
+flip of ``transpose_kernel``, the periodic wrap of ``padding="CIRCULAR"``,
+which sums patch rows), so ``rows @ conv_matrix(kernel, in_axis, out_axis)``
+plus the bias equals the layer's output (checked on every batch against the
+layer's own output). Grouped/depthwise convs (``feature_group_count > 1``),
+masked convs and unshared (``ConvLocal``) ones are not captured; they are
+listed in ``Capture.skipped`` with the reason.
 
 Each batch runs under ``jax.jit``; a new batch shape compiles again.
 """
@@ -48,10 +55,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lowbit_jax.flax._linen import RaggedDense
+from lowbit_jax.flax._linen import RaggedDense, conv_transpose_lowering
 
 _HI = jax.lax.Precision.HIGHEST
-NORM_TYPES = (nn.LayerNorm, nn.RMSNorm)
+NORM_TYPES = (nn.LayerNorm, nn.RMSNorm, nn.BatchNorm, nn.GroupNorm)
 
 
 class DenseStats(NamedTuple):
@@ -120,12 +127,21 @@ class Capture(NamedTuple):
     groups: lists of layer paths that read the same input array (first call),
       in call order; every captured layer is in exactly one group.
     producers: layer path -> ``(kind, path)`` of the module whose output the
-      layer reads directly, ``kind`` being "norm" or "dense"; None when the
-      input came from anything else (an einsum, an activation, a reshape...).
-    convs: the captured ``nn.Conv`` paths (their stats are of im2col patches,
-      features in the order of ``kernel.reshape(-1, features)``).
+      layer reads directly, ``kind`` being "norm" (LayerNorm, RMSNorm,
+      BatchNorm, GroupNorm), "dense" or "conv"; None when the input came from
+      anything else (an einsum, an activation, a reshape...). For a conv see
+      ``convs``.
+    convs: the captured ``nn.Conv`` / ``nn.ConvTranspose`` paths (their stats
+      are of im2col patches, features in the row order of
+      ``conv_matrix(kernel, *conv_axes[path])``). A conv's producer is the
+      module that returned its input or, failing that, the latest conv,
+      Dense or norm whose output has the input's shape (e.g. before a ReLU):
+      a candidate for a fold, to be checked numerically. Convs reading the
+      same input array share a group.
     skipped: layer path -> why a layer matching ``layers`` was not captured
       (grouped, masked or unshared convs).
+    conv_axes: conv path (every conv called, captured or not) -> its
+      kernel's ``(in_axis, out_axis)``.
   """
   stats: dict
   order: list
@@ -133,6 +149,7 @@ class Capture(NamedTuple):
   producers: dict
   convs: tuple = ()
   skipped: Optional[dict] = None
+  conv_axes: Optional[dict] = None
 
 
 def layer_path(module: nn.Module) -> str:
@@ -175,7 +192,8 @@ def capture_dense_stats(model: nn.Module, params: Any, calib_batches: Sequence[A
     calib_batches: a sequence of batches; each is passed to ``model.apply`` as
       positional arguments (tuple/list), keyword arguments (dict) or a single
       argument.
-    layers: regex; only Dense layers whose path fully matches are captured.
+    layers: regex; only Dense, RaggedDense and conv layers whose path fully
+      matches are captured.
     token_mask: optional ``batch -> mask`` (e.g. ``lambda b: b[1]`` for an
       attention mask): rows of a Dense input whose leading shape equals the
       mask's shape are weighted by it (padding tokens count 0); inputs of
@@ -212,6 +230,8 @@ def capture_dense_stats(model: nn.Module, params: Any, calib_batches: Sequence[A
     input_group = {}   # id(input) -> group index
     groups, producers = [], {}
     convs, skipped, errs, busy = [], {}, [], set()
+    recent = []    # (output shape, kind, path) of convs, Dense layers, norms
+    conv_axes = {}   # conv path -> its kernel's (in_axis, out_axis)
 
     def first_seen(path, x, store):
       """``store[path]``, registered (order, producer, input group) on first use."""
@@ -225,30 +245,61 @@ def capture_dense_stats(model: nn.Module, params: Any, calib_batches: Sequence[A
         groups[g].append(path)
       return store[path]
 
+    def conv_output(mod, out):
+      """Registers a conv's output as a fold candidate (its output channels)."""
+      keep.append(out)
+      ks = mod.kernel_size
+      conv_axes[layer_path(mod)] = conv_transpose_axes(
+          mod, (1 if isinstance(ks, int) else len(ks)) + 2)
+      if getattr(mod, "mask", None) is None:
+        outputs[id(out)] = ("conv", layer_path(mod))
+        recent.append((tuple(out.shape), "conv", layer_path(mod)))
+
+    def conv_producer(path, x):
+      """The module whose output channels a scaling of conv ``path``'s input folds into.
+
+      The module that returned ``x`` itself or else the latest conv, Dense or
+      norm whose output has ``x``'s shape (``x`` may be it after elementwise
+      ops, e.g. a ReLU); the fold is checked numerically before it is used.
+      """
+      if id(x) in outputs:
+        return outputs[id(x)]
+      for shape, kind, prod in reversed(recent):
+        if shape == tuple(x.shape) and prod != path:
+          return (kind, prod)
+      return None
+
     def interceptor(next_fun, args, kwargs, context):
       mod = context.module
       if context.method_name != "__call__":
         return next_fun(*args, **kwargs)
-      if isinstance(mod, nn.Conv) and id(mod) not in busy:
+      conv_t = isinstance(mod, nn.ConvTranspose)
+      if (isinstance(mod, nn.Conv) or conv_t) and id(mod) not in busy:
         path = layer_path(mod)
-        if not pattern.fullmatch(path):
-          return next_fun(*args, **kwargs)
         why = _conv_unsupported(mod)
-        if why is not None:
-          skipped[path] = why
-          return next_fun(*args, **kwargs)
-        got = []
-        out = _call_conv_recording(mod, busy, got, args, kwargs)
-        x, err = got[0]
+        if not pattern.fullmatch(path) or why is not None:
+          if pattern.fullmatch(path):
+            skipped[path] = why
+          out = next_fun(*args, **kwargs)
+          conv_output(mod, out)
+          return out
+        x_in = _dense_input(args, kwargs)
+        if conv_t:
+          out = next_fun(*args, **kwargs)
+          x, err = _conv_transpose_patches(mod, x_in, out)
+        else:
+          got = []
+          out = _call_conv_recording(mod, busy, got, args, kwargs)
+          x, err = got[0]
         errs.append((path, err))
-        keep.append(out)
-        if path not in calls:
-          order.append(path)
-          calls[path] = []
+        keep.extend([x_in, x])
+        new = path not in calls
+        first_seen(path, x_in, calls).append(x)
+        if new:
           convs.append(path)
-          producers[path] = None
-          groups.append([path])
-        calls[path].append(x)
+          if producers[path] is None:
+            producers[path] = conv_producer(path, x_in)
+        conv_output(mod, out)
         return out
       if isinstance(mod, nn.Dense):
         path = layer_path(mod)
@@ -256,6 +307,7 @@ def capture_dense_stats(model: nn.Module, params: Any, calib_batches: Sequence[A
         out = next_fun(*args, **kwargs)
         keep.extend([x, out])
         outputs[id(out)] = ("dense", path)
+        recent.append((tuple(out.shape), "dense", path))
         if pattern.fullmatch(path):
           first_seen(path, x, calls).append(x)
         return out
@@ -271,6 +323,7 @@ def capture_dense_stats(model: nn.Module, params: Any, calib_batches: Sequence[A
         out = next_fun(*args, **kwargs)
         keep.append(out)
         outputs[id(out)] = ("norm", layer_path(mod))
+        recent.append((tuple(out.shape), "norm", layer_path(mod)))
         return out
       return next_fun(*args, **kwargs)
 
@@ -279,7 +332,7 @@ def capture_dense_stats(model: nn.Module, params: Any, calib_batches: Sequence[A
     with nn.intercept_methods(interceptor):
       model.apply({"params": p, **variables_extra}, *args, **kwargs, **apply_kwargs)
     structure.update(order=order, groups=groups, producers=producers, convs=convs,
-                     skipped=skipped)
+                     skipped=skipped, conv_axes=conv_axes)
     result = {}
     for i, path in enumerate(order):
       if path in ragged:
@@ -317,7 +370,7 @@ def capture_dense_stats(model: nn.Module, params: Any, calib_batches: Sequence[A
     for path, err in conv_errs.items():
       if not float(err) <= _PATCH_RTOL:
         raise ValueError(
-            f"nn.Conv {path!r}: its im2col patches times the reshaped kernel differ "
+            f"conv {path!r}: its im2col patches times the reshaped kernel differ "
             f"from the conv output (relative error {float(err):.3g}); this conv's "
             "configuration is not supported by the capture: exclude it with layers=")
     for path, res in out.items():
@@ -348,7 +401,8 @@ def capture_dense_stats(model: nn.Module, params: Any, calib_batches: Sequence[A
     stats[path] = DenseStats(gram, absmax, abssum, cnt, sample)
   return Capture(stats, list(structure["order"]),
                  [list(g) for g in structure["groups"]], dict(structure["producers"]),
-                 tuple(structure["convs"]), dict(structure["skipped"]))
+                 tuple(structure["convs"]), dict(structure["skipped"]),
+                 dict(structure["conv_axes"]))
 
 
 # Largest relative error of patches @ kernel against the conv output (float32
@@ -357,8 +411,8 @@ _PATCH_RTOL = 2e-2
 
 
 def _conv_unsupported(mod: nn.Module) -> Optional[str]:
-  """Why an ``nn.Conv`` cannot be captured as one matmul, or None."""
-  if mod.feature_group_count != 1:
+  """Why an ``nn.Conv`` / ``nn.ConvTranspose`` cannot be captured as one matmul, or None."""
+  if getattr(mod, "feature_group_count", 1) != 1:
     return (f"grouped/depthwise conv (feature_group_count="
             f"{mod.feature_group_count}): its kernel is not one [kh*kw*cin, cout] "
             "matmul; exclude it or quantize it with RTN through quantize_linen")
@@ -430,6 +484,69 @@ def _call_conv_recording(mod: nn.Module, busy: set, got: list, args, kwargs):
     return clone(*args, **kwargs)
   finally:
     busy.discard(id(clone))
+
+
+def conv_matrix(kernel: jax.Array, in_axis: int = -2, out_axis: int = -1) -> jax.Array:
+  """A conv kernel as the ``[prod(window) * cin, cout]`` matrix its im2col patches meet.
+
+  Rows in ``(*window, cin)`` order (``conv_patches``); ``in_axis`` /
+  ``out_axis`` are the kernel's channel axes (``(-2, -1)`` for ``nn.Conv``
+  and ``nn.ConvTranspose``, ``(-1, -2)`` for a ``transpose_kernel``
+  ConvTranspose, whose spatial flip the capture moves onto the patches).
+  """
+  k = jnp.moveaxis(kernel, (in_axis, out_axis), (-2, -1))
+  return k.reshape(-1, k.shape[-1])
+
+
+def conv_unmatrix(w2: jax.Array, shape: tuple, in_axis: int = -2,
+                  out_axis: int = -1) -> jax.Array:
+  """``conv_matrix``'s inverse: the matrix back in the kernel's ``shape``."""
+  nd = len(shape)
+  ia, oa = in_axis % nd, out_axis % nd
+  window = tuple(d for i, d in enumerate(shape) if i not in (ia, oa))
+  k = w2.reshape(window + (shape[ia], shape[oa]))
+  return jnp.moveaxis(k, (-2, -1), (ia, oa))
+
+
+def conv_transpose_axes(mod: nn.Module, ndim: int) -> tuple:
+  """``(in_axis, out_axis)`` of a conv layer's kernel of ``ndim`` dims."""
+  if isinstance(mod, nn.ConvTranspose) and mod.transpose_kernel:
+    return ndim - 1, ndim - 2
+  return ndim - 2, ndim - 1
+
+
+def _conv_transpose_patches(mod: nn.ConvTranspose, x, out):
+  """(rows of the matmul an ``nn.ConvTranspose`` performs, relative error).
+
+  The patches are those of the input-dilated conv the layer lowers to
+  (``conv_transpose_lowering``), taken through the same linear spatial map
+  as its output (the flip back of ``transpose_kernel``, the wrap of
+  ``padding="CIRCULAR"``), so that ``rows @ conv_matrix(kernel)`` plus the
+  bias is the layer's output (checked against it).
+  """
+  params = {"kernel": mod.get_variable("params", "kernel")}
+  if mod.use_bias:
+    params["bias"] = mod.get_variable("params", "bias")
+  low = conv_transpose_lowering(mod, x, params)
+  kernel = jnp.asarray(low.kernel, jnp.float32)
+  n = kernel.ndim - 2
+  w2 = conv_matrix(kernel, low.in_axis, low.out_axis)
+  window = tuple(kernel.shape[:n])
+  cin = kernel.shape[low.in_axis]
+  spatial = tuple(range(1, n + 1))
+  dn = jax.lax.ConvDimensionNumbers((0, n + 1) + spatial,
+                                    (n + 1, n) + tuple(range(n)),
+                                    (0, n + 1) + spatial)
+  a = low.conv_args
+  p = conv_patches(low.lhs.astype(jnp.float32), window + (cin, w2.shape[-1]),
+                   a["window_strides"], a["padding"], a["lhs_dilation"],
+                   a["rhs_dilation"], dn)
+  rows = low.post(p)
+  y = out.astype(jnp.float32).reshape(rows.shape[:-1] + (w2.shape[-1],))
+  if mod.use_bias:
+    y = y - params["bias"].astype(jnp.float32)
+  diff = jnp.max(jnp.abs(jnp.matmul(rows, w2, precision=_HI) - y))
+  return rows, diff / jnp.maximum(jnp.max(jnp.abs(y)), 1e-30)
 
 
 def _ragged_inputs(args, kwargs):

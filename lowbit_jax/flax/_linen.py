@@ -2,18 +2,23 @@
 
 ``quantize_linen(rules, mode)`` intercepts (``flax.linen.intercept_methods``,
 no patching) the calls of ``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv``,
-``nn.Einsum`` (and their subclasses), ``nn.Embed.attend`` and this package's
-``RaggedDense`` (grouped matmuls of MoE experts, ``jax.lax.ragged_dot``). A matched layer
-runs its own code bound to its own scope (``module.clone(parent=scope, ...)``)
-with its op attribute (``dot_general`` / ``conv_general_dilated``) set to the
-quantized op of ``lowbit_jax.core.ops``; ``nn.Einsum`` and ``RaggedDense`` (which have no
-op attribute) and ``Embed.attend`` are evaluated by the interceptor with the same
-parameters. A re-entrancy guard keeps the clone from being intercepted again.
+``nn.ConvTranspose``, ``nn.Einsum`` (and their subclasses), ``nn.Embed.attend``
+and this package's ``RaggedDense`` (grouped matmuls of MoE experts,
+``jax.lax.ragged_dot``). A matched layer runs its own code bound to its own
+scope (``module.clone(parent=scope, ...)``) with its op attribute
+(``dot_general`` / ``conv_general_dilated``) set to the quantized op of
+``lowbit_jax.core.ops``; ``nn.Einsum``, ``nn.ConvTranspose`` and
+``RaggedDense`` (which have no op attribute) and ``Embed.attend`` are evaluated
+by the interceptor with the same parameters (a transposed conv as the
+input-dilated conv ``lax.conv_transpose`` lowers to, ``conv_transpose_lowering``;
+its kernel keeps its own layout, per output channel = per ``features``). A
+re-entrancy guard keeps the clone from being intercepted again.
 
 Paths: a layer's path is ``'/'.join(module.path)`` (``layers_0/mlp/up``), its
 weight's path that plus ``/kernel`` (``/embedding`` for ``attend``). A rule that
-matches a layer of any other type owning a ``kernel`` (``nn.ConvTranspose``,
-``nn.ConvLocal``, a custom layer) raises: quantize_linen cannot reach its matmul.
+matches a layer of any other type owning a ``kernel`` (``nn.ConvLocal``, a
+custom layer) raises: quantize_linen cannot reach its matmul; so does a
+masked ``nn.ConvTranspose``.
 
 Modes:
 
@@ -60,13 +65,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import threading
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import struct
 from flax.core import meta
+from flax.linen import linear as flax_linear
 from flax.linen import module as linen_module
 
 from lowbit_jax import _rules
@@ -156,6 +162,150 @@ class _LinenPromote:
     return promote_passing(self.orig, args, dtype=dtype, **kw)
 
 
+
+class ConvTransposeLowering(NamedTuple):
+  """An ``nn.ConvTranspose`` call as one ``lax.conv_general_dilated`` on its own kernel.
+
+  The layer's output is ``finish(post(lax.conv_general_dilated(lhs, kernel,
+  **conv_args)))``. The conv is the input-dilated conv that
+  ``lax.conv_transpose`` lowers to (unit window strides, ``lhs_dilation`` =
+  the layer's strides, the padding jax computes for it), run on the kernel as
+  stored: ``(*window, cin, features)``, or ``(*window, features, cin)`` with
+  ``transpose_kernel`` (then the conv reads the kernel's channel axes swapped
+  through ``dimension_numbers``, and its spatial flip is moved onto the input
+  and the output: a conv with a flipped kernel is the flipped conv of the
+  flipped input, with the padding mirrored).
+
+  Attributes:
+    lhs: the conv input ``[N, *spatial, cin]`` (batch dims flattened, dtype
+      promoted, spatially flipped with ``transpose_kernel``).
+    kernel: the layer's kernel (after dtype promotion; a quantized weight
+      passes through).
+    conv_args: ``window_strides``, ``padding``, ``lhs_dilation``,
+      ``rhs_dilation``, ``dimension_numbers`` of the conv.
+    post: a linear map acting on the spatial axes only (the flip back with
+      ``transpose_kernel``, the periodic wrap of ``padding="CIRCULAR"``); it
+      applies to the conv output and equally to its im2col patches.
+    finish: adds the bias and restores the input's batch dims.
+    in_axis, out_axis: the kernel's input- and output-channel axes.
+  """
+  lhs: jax.Array
+  kernel: Any
+  conv_args: dict
+  post: Callable
+  finish: Callable
+  in_axis: int
+  out_axis: int
+
+
+def _as_tuple(v, n: int) -> tuple:
+  if v is None:
+    return (1,) * n
+  if isinstance(v, int):
+    return (v,) * n
+  return tuple(v)
+
+
+@functools.lru_cache(maxsize=256)
+def _conv_transpose_conv(lhs_shape, rhs_shape, dtype, strides, padding, rhs_dilation):
+  """The ``lax.conv_general_dilated`` parameters ``lax.conv_transpose`` lowers to."""
+  jaxpr = jax.make_jaxpr(lambda l, r: jax.lax.conv_transpose(
+      l, r, strides, padding, rhs_dilation=rhs_dilation))(
+          jax.ShapeDtypeStruct(lhs_shape, dtype), jax.ShapeDtypeStruct(rhs_shape, dtype))
+  eqns = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+  if len(eqns) != 1:
+    raise ValueError("lax.conv_transpose did not lower to one conv_general_dilated; "
+                     "this jax version is not supported by the ConvTranspose lowering")
+  p = eqns[0].params
+  if tuple(p["window_strides"]) != (1,) * len(strides):
+    raise ValueError("lax.conv_transpose lowered to a strided conv; this jax version "
+                     "is not supported by the ConvTranspose lowering")
+  return (tuple(tuple(int(a) for a in pad) for pad in p["padding"]),
+          tuple(p["lhs_dilation"]), tuple(p["rhs_dilation"]))
+
+
+def conv_transpose_lowering(mod: nn.ConvTranspose, inputs,
+                            params: Optional[dict] = None) -> ConvTransposeLowering:
+  """The conv an ``nn.ConvTranspose`` call computes (see ``ConvTransposeLowering``).
+
+  Args:
+    mod: the bound layer.
+    inputs: its call's input.
+    params: ``{"kernel": ..., "bias": ...}`` to use; None: read (or create)
+      them through ``mod.param`` (from an interceptor of its ``__call__``,
+      in place of the layer's own call).
+
+  Raises:
+    ValueError: a masked layer (its kernel is ``kernel * mask``).
+  """
+  if mod.mask is not None:
+    raise ValueError(f"{'/'.join(map(str, mod.path))}: a masked nn.ConvTranspose "
+                     "(mask=...) is not supported; exclude it with a float rule")
+  ks = ((mod.kernel_size,) if isinstance(mod.kernel_size, int)
+        else tuple(mod.kernel_size))
+  n = len(ks)
+  nb = inputs.ndim - (n + 1)
+  batch_shape = inputs.shape[:nb]
+  if nb != 1:
+    inputs = jnp.reshape(inputs, (-1,) + inputs.shape[nb:])
+  strides = _as_tuple(mod.strides, n)
+  kdil = _as_tuple(mod.kernel_dilation, n)
+  cin = inputs.shape[-1]
+  tk = bool(mod.transpose_kernel)
+  kshape = ks + ((mod.features, cin) if tk else (cin, mod.features))
+  if params is None:
+    kernel = mod.param("kernel", mod.kernel_init, kshape, mod.param_dtype)
+    bias = (mod.param("bias", mod.bias_init, (mod.features,), mod.param_dtype)
+            if mod.use_bias else None)
+  else:
+    kernel, bias = params["kernel"], params.get("bias") if mod.use_bias else None
+  circular = isinstance(mod.padding, str) and mod.padding == "CIRCULAR"
+  padding = "VALID" if circular else flax_linear.canonicalize_padding(mod.padding, n)
+  inputs, kernel, bias = promote_passing(mod.promote_dtype, (inputs, kernel, bias),
+                                         dtype=mod.dtype)
+  if not isinstance(padding, str):
+    padding = tuple(tuple(int(a) for a in pad) for pad in padding)
+  pads, lhs_dil, rhs_dil = _conv_transpose_conv(
+      tuple(inputs.shape), ks + (cin, mod.features), jnp.dtype(jnp.float32).name,
+      strides, padding, kdil)
+  spatial = tuple(range(1, n + 1))
+  in_axis, out_axis = (n + 1, n) if tk else (n, n + 1)
+  if tk:   # conv(x, flip(k), (a, b)) = flip(conv(flip(x), k, (b, a)))
+    inputs = jnp.flip(inputs, axis=spatial)
+    pads = tuple((b, a) for a, b in pads)
+  dn = jax.lax.ConvDimensionNumbers(
+      lhs_spec=(0, n + 1) + spatial, rhs_spec=(out_axis, in_axis) + tuple(range(n)),
+      out_spec=(0, n + 1) + spatial)
+  periods = tuple(d * s for d, s in zip(inputs.shape[1:-1], strides))
+
+  def post(y):
+    if tk:
+      y = jnp.flip(y, axis=spatial)
+    if circular:
+      # Pad each spatial dim to a whole number of periods (the input placed at
+      # a period boundary) and sum the periods: the periodic wrap.
+      pad = [(0, 0)]
+      for size, per in zip(y.shape[1:-1], periods):
+        d = (per - size) % (2 * per)
+        pad.append((d // 2, d - d // 2) if tk else (d - d // 2, d // 2))
+      y = jnp.pad(y, pad + [(0, 0)])
+      for i, per in zip(spatial, periods):
+        y = jnp.sum(y.reshape(y.shape[:i] + (-1, per) + y.shape[i + 1:]), axis=i)
+    return y
+
+  def finish(y):
+    if bias is not None:
+      y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+    if nb != 1:
+      y = jnp.reshape(y, batch_shape + y.shape[1:])
+    return y
+
+  conv_args = {"window_strides": (1,) * n, "padding": pads, "lhs_dilation": lhs_dil,
+               "rhs_dilation": rhs_dil, "dimension_numbers": dn}
+  return ConvTransposeLowering(inputs, kernel, conv_args, post, finish,
+                               in_axis, out_axis)
+
+
 class ActEinsum(nn.Module):
   """``jnp.einsum`` of two activations, as a named layer rules can reach.
 
@@ -239,6 +389,8 @@ def _layer_kind(mod, method: str) -> Optional[str]:
       return "dense"
     if isinstance(mod, nn.Conv):
       return "conv"
+    if isinstance(mod, nn.ConvTranspose):
+      return "conv_transpose"
     if isinstance(mod, nn.Einsum):
       return "einsum"
     if isinstance(mod, RaggedDense):
@@ -249,7 +401,8 @@ def _layer_kind(mod, method: str) -> Optional[str]:
 
 
 _OP = {"dense": "dot_general", "attend": "dot_general", "einsum": "einsum",
-       "conv": "conv", "act_einsum": "act_matmul", "ragged": "ragged_dot"}
+       "conv": "conv", "conv_transpose": "conv", "act_einsum": "act_matmul",
+       "ragged": "ragged_dot"}
 # The op kinds a layer's site matches in rules' ``ops``: grouped matmuls also
 # match "einsum" rules (MoE experts were einsums before they were ragged).
 _KINDS = {"ragged": ("ragged_dot", "einsum")}
@@ -607,6 +760,8 @@ class LinenQuantizer:
       return self._ragged(mod, op, *args, **kwargs)
     if kind == "attend":
       return self._attend(mod, op, *args, **kwargs)
+    if kind == "conv_transpose":
+      return self._conv_transpose(mod, op, *args, **kwargs)
     if (mod.has_variable("params", "kernel")
         and isinstance(mod.get_variable("params", "kernel"), QArray)):
       raise ValueError("quantized params reach the layers only through the wrapped "
@@ -646,7 +801,8 @@ class LinenQuantizer:
     raise ValueError(
         f"rule {rule.path!r} matches {path!r}, a "
         f"{type(mod).__name__} layer that quantize_linen cannot quantize (it reaches "
-        "nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, their subclasses and "
+        "nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.ConvTranspose, their "
+        "subclasses and "
         f"nn.Embed.attend). Put a float rule first to exclude it, "
         f"QuantRule({path!r}), or quantize the whole apply function with "
         "lowbit_jax.quantize_function")
@@ -678,6 +834,18 @@ class LinenQuantizer:
     if bias is not None:
       y += jnp.reshape(bias, bshape)
     return y
+
+  def _conv_transpose(self, mod, op: _SiteOp, inputs):
+    """nn.ConvTranspose.__call__ with the quantized conv it lowers to."""
+    if type(mod).__call__ is not nn.ConvTranspose.__call__:
+      raise ValueError(f"{type(mod).__name__} overrides nn.ConvTranspose.__call__, so "
+                       "its conv cannot be reached; exclude it with a float rule or use "
+                       "lowbit_jax.quantize_function")
+    low = conv_transpose_lowering(mod, inputs)
+    y = op.conv_general_dilated(low.lhs, low.kernel, **low.conv_args,
+                                precision=mod.precision,
+                                preferred_element_type=mod.preferred_element_type)
+    return low.finish(low.post(y))
 
   def _ragged(self, mod, op: _SiteOp, x, group_sizes):
     """RaggedDense.__call__ with the quantized grouped matmul."""

@@ -87,27 +87,43 @@ gather of routed tokens into the experts, so its rotation folds into every
 expert's gate/up (readers) and down (writers) kernels, and ``online`` puts
 the Hadamard in front of each down expert (a ``ragged_dot`` site).
 
-Convolutions (``nn.Conv``) are captured as the matmul their kernel performs
-(``capture_dense_stats``: rows are the im2col patches of the input, features
-in ``kernel.reshape(-1, cout)``'s ``(*window, cin)`` order). RTN and GPTQ run
-on that ``[prod(window)*cin, cout]`` kernel (GPTQ's Hessian is the patches'
-Gram matrix) with the grid the conv rule uses in real mode (per output
-channel, or groups along the input channels: ``group_size`` must divide
-``cin``), and the kernel is reshaped back; ``report["quant_scales"]`` holds
-the kernel-shaped scale grid, so real mode equals the PTQ result. Rules from
-mixed precision (``weight_sensitivity`` on the reshaped kernel and the same
-Gram matrix) apply to convs as to Dense layers. AWQ, SmoothQuant and the
-per-group rotation do not transform convs: a scaling of the conv's input
-channels must fold into whatever produced that input (e.g. a preceding conv's
-output channels or a BatchNorm, through a ReLU for positive scales), and the
-capture does not record a conv input's producer, so no fold is found or
-checked; each conv gets one ``report["folds"]`` entry with status "skipped"
-and the reason, and is quantized with the plain quantizer (``quantizer``).
-"quarot"/"spinquant" rotate no conv kernel (their rotation folds into
-matmul readers and writers only) and RTN/GPTQ convs the same way, also
-reported; "omniquant" leaves convs float. Grouped/depthwise (``feature_group_count > 1``), masked and
-unshared convs are not captured: they stay float, each listed in
-``report["folds"]`` as skipped with the reason.
+Convolutions (``nn.Conv`` and ``nn.ConvTranspose``; docs/ptq_convolutions.md)
+are captured as the matmul their kernel performs (``capture_dense_stats``:
+rows are the im2col patches of the input, features in ``conv_matrix(kernel)``'s
+``(*window, cin)`` order; a transposed conv's are the patches of the
+input-dilated conv ``lax.conv_transpose`` lowers to, taken through its
+``transpose_kernel`` flip and its CIRCULAR wrap, so the rows times the
+kernel matrix are the layer's output). RTN and GPTQ run on that
+``[prod(window)*cin, cout]`` kernel (GPTQ's Hessian is the patches' Gram
+matrix) with the grid the conv rule uses in real mode (per output channel,
+or groups along the input channels: ``group_size`` must divide ``cin``), and
+the kernel is reshaped back; ``report["quant_scales"]`` holds the
+kernel-shaped scale grid, so real mode (``quantize_linen``, which reaches
+``nn.ConvTranspose`` through the same lowering) equals the PTQ result. Rules
+from mixed precision (``weight_sensitivity`` on the kernel matrix and the
+same Gram matrix) apply to convs as to Dense layers. AWQ and SmoothQuant
+scale a conv's input channels: the convs reading one input share one
+``s[cin]`` (their kernels' input-channel axis times ``s``, the patches
+divided by ``s`` tiled over the window), folded into the module that
+produced the input: a norm's scale and bias (LayerNorm, RMSNorm, BatchNorm,
+GroupNorm), a Dense's output columns or a conv's output channels and bias,
+taken either as the module that returned the input or, through elementwise
+ops, as the latest one whose output has the input's shape; like every fold
+it is kept only if a random positive scaling folded the same way leaves the
+float output unchanged (a ReLU between passes; a GELU, a residual
+connection, a conv whose input is the model's input do not: skipped, with
+the reason in ``report["folds"]``, and quantized with ``quantizer`` alone;
+``unfoldable="simulate"`` does not apply to convs).
+SmoothQuant takes ``s`` from the per-channel absmax of the input and of the
+kernels' rows; AWQ grid-searches ``alpha`` with the error summed over the
+group's convs, each on its own patches, then runs its clip search on each
+kernel matrix. The per-group rotation method does not transform convs
+(reported); "quarot"/"spinquant" rotate no conv kernel (their rotation
+folds into matmul readers and writers only) and RTN/GPTQ convs the same
+way, also reported; "omniquant" leaves convs float. Grouped/depthwise
+(``feature_group_count > 1``), masked and unshared convs are not captured:
+they stay float, each listed in ``report["folds"]`` as skipped with the
+reason (a depthwise conv can still be the producer a scaling folds into).
 
 Calibration statistics come from one pass of the float model (all layers
 calibrated in parallel, not sequentially on quantized predecessors).
@@ -115,6 +131,7 @@ calibrated in parallel, not sequentially on quantized predecessors).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -125,7 +142,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowbit_jax.algorithms.awq import awq_clip_search, awq_search
+from lowbit_jax.algorithms.awq import awq_clip_search, awq_scales, awq_search
 from lowbit_jax.algorithms.gptq import gptq
 from lowbit_jax.algorithms.rotation import R3_PATHS, random_hadamard, rotate_model
 from lowbit_jax.algorithms.spinquant import SpinQuantConfig, spinquant_model
@@ -135,7 +152,8 @@ from lowbit_jax.algorithms.rtn import kernel_spec, rtn, rtn_scale, sqnr_db
 from lowbit_jax._rules import QuantRule, _expand_grid, conv_weight_spec
 from lowbit_jax.core import QuantSpec, as_spec, fake_quant, init_scale
 from lowbit_jax.flax._capture import (Capture, DenseStats, ExpertStats,
-                                     capture_dense_stats, split_batch)
+                                     capture_dense_stats, conv_matrix, conv_unmatrix,
+                                     split_batch)
 from lowbit_jax.formats import Format
 from lowbit_jax.algorithms._tree import with_leaves
 
@@ -312,9 +330,11 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
   learned rotations: Liu et al. 2024), "omniquant" (Shao et al. 2024: learnable
   weight clipping and equivalent transforms trained block by block; see
   ``lowbit_jax.flax._omniquant``). See the module docstring for how
-  transformations are folded. ``nn.Conv`` layers get RTN or GPTQ on their
-  im2col-patch statistics (every method but "omniquant"); the transformation
-  methods skip them with a reason in ``report["folds"]`` (module docstring).
+  transformations are folded. ``nn.Conv`` and ``nn.ConvTranspose`` layers get
+  RTN or GPTQ on their im2col-patch statistics (every method but
+  "omniquant"); AWQ and SmoothQuant fold a scaling of their input channels
+  into the producing conv, Dense or norm where that is exact, else skip them
+  with a reason in ``report["folds"]`` (module docstring).
 
   Args:
     model: the Linen module (not modified).
@@ -334,7 +354,7 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
       report's output SQNR. An unset axis means per token.
     quantizer: how transformed kernels are rounded for awq/smoothquant/
       rotation: "rtn" or "gptq".
-    layers: regex of the Dense / RaggedDense paths to treat; other layers are
+    layers: regex of the Dense / RaggedDense / conv paths to treat; other layers are
       untouched. Experts are quantized per expert (module docstring).
     alpha: SmoothQuant migration strength.
     n_grid: AWQ grid size.
@@ -511,6 +531,7 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
                      else _Transform(r=h).stats(stats[lp]))
 
   expert_done = set()   # expert layers an awq/smoothquant fold transformed
+  conv_scalings: dict = {}   # conv path -> its folded input scaling s[cin]
   if method in _TRANSFORMS:
     apply_kwargs_ = dict(apply_kwargs or {})
     variables_extra = dict(other_variables or {})
@@ -530,6 +551,9 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
     ref_out = forward(cur)
     probe_key = jax.random.key(rotation_seed + 1)
     rot_key = jax.random.key(rotation_seed)
+    cur = _conv_transforms(cur, cap, stats, method, weight_spec, aspec, forward,
+                           ref_out, jax.random.fold_in(probe_key, 7919), fold_rtol,
+                           alpha, n_grid, folds, conv_scalings)
     groups = _groups_with_extra(cap, extra_folds)
     # MoE experts reading the routed tokens of a norm's output (a gather):
     # a diagonal scaling shared by all experts folds into that norm.
@@ -615,9 +639,10 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
 
   report_layers = {}
   weight_scales = {}
-  cur = _quantize_convs(cur, cap, method, weight_spec, base_quant, aspec, folds,
-                        report_layers, weight_scales, blocksize=blocksize,
-                        percdamp=percdamp, act_order=act_order)
+  cur = _quantize_convs(cur, cap, stats, method, weight_spec, base_quant, aspec,
+                        folds, report_layers, weight_scales, conv_scalings,
+                        method == "awq" and awq_clip, awq_clip_skip,
+                        blocksize=blocksize, percdamp=percdamp, act_order=act_order)
   for i, p in enumerate(expert_layers):
     sim = None   # "rotation" with unfoldable="simulate": R per expert layer
     if method in _TRANSFORMS and p not in expert_done:
@@ -719,45 +744,202 @@ _EXPERT_ROTATION_WHY = (
     "rotation into every expert exactly")
 
 
-def _conv_spec(spec: QuantSpec, path: str, shape: tuple) -> QuantSpec:
-  """The 4-d (n-d) spec real mode uses for a conv kernel whose ``[K, N]`` spec is ``spec``.
+def _conv_spec(spec: QuantSpec, path: str, shape: tuple, axes: tuple) -> QuantSpec:
+  """The n-d spec real mode uses for a conv kernel whose ``[K, N]`` spec is ``spec``.
 
   Per output channel, or groups along the input channels (``conv_weight_spec``);
   groups along the flattened ``(*window, cin)`` K are the same groups only
-  when ``group_size`` divides ``cin``.
+  when ``group_size`` divides ``cin``. ``axes``: the kernel's
+  ``(in_axis, out_axis)``.
   """
   if spec.tile is not None or spec.axis not in (0, (0,)):
     raise ValueError(f"conv {path!r}: only specs with an unset axis (per output "
                      f"channel, or groups along the input channels) apply to convs, "
                      f"got axis={spec.axis!r} tile={spec.tile!r}; give a rule "
                      "without axis/tile for this layer")
-  cin = shape[-2]
+  in_axis, out_axis = axes
+  cin = shape[in_axis]
   if spec.group_size is not None and cin % spec.group_size:
     raise ValueError(f"conv {path!r}: group_size {spec.group_size} does not divide its "
                      f"{cin} input channels (real mode groups along them); use a "
                      "group size dividing cin or a per-channel spec for this layer")
-  return conv_weight_spec(spec.replace(axis=None), len(shape), len(shape) - 1,
-                          len(shape) - 2)
+  return conv_weight_spec(spec.replace(axis=None), len(shape), out_axis, in_axis)
 
 
-def _quantize_convs(cur, cap: Capture, method: str, weight_spec: WeightSpec,
-                    base_quant: str, aspec, folds: list, report_layers: dict,
-                    weight_scales: dict, **gptq_kw):
-  """RTN/GPTQ on the captured ``nn.Conv`` kernels as ``[prod(window)*cin, cout]`` matmuls.
+def _conv_axes(cap: Capture, path: str, ndim: int) -> tuple:
+  return (cap.conv_axes or {}).get(path, (ndim - 2, ndim - 1))
 
-  The kernel is reshaped to the matmul its im2col patches meet (features in
-  ``(*window, cin)`` order, as the capture builds them), quantized with the
-  patches' Gram matrix as GPTQ's Hessian, and reshaped back. Transformation
-  methods leave convs untransformed (listed in ``folds`` as skipped) and
-  quantize them with the plain quantizer. Fills ``folds``, ``report_layers``
-  and ``weight_scales`` (the n-d scale grid real mode stores) in place.
+
+def _scale_axis(w: jax.Array, s: jax.Array, axis: int, divide: bool) -> jax.Array:
+  """``w`` with index ``j`` of ``axis`` times (or divided by) ``s[j]``."""
+  shape = [1] * w.ndim
+  shape[axis] = -1
+  s = jnp.reshape(jnp.asarray(s, jnp.float32), shape)
+  w32 = w.astype(jnp.float32)
+  return (w32 / s if divide else w32 * s).astype(w.dtype)
+
+
+def _conv_fold_why(params, cap: Capture, producer, cin: int) -> Optional[str]:
+  """None if a scaling of ``cin`` channels can fold into ``producer``, else why not."""
+  if producer is None:
+    return ("no conv, Dense or norm produces this input (directly or through "
+            "elementwise ops: none returned an array of its shape)")
+  kind, path = producer
+  if kind == "norm":
+    return _foldable_kind(params, kind, path, cin, True)
+  node = _node(params, path)
+  if node is None or "kernel" not in node:
+    return f"producer {path!r} has no kernel"
+  k = node["kernel"]
+  if kind == "dense":
+    if k.ndim != 2 or k.shape[1] != cin:
+      return f"producer {path!r} is not a 2-d Dense with {cin} outputs"
+    return None
+  out_axis = _conv_axes(cap, path, k.ndim)[1]
+  if k.shape[out_axis] != cin:
+    return f"producer conv {path!r} has {k.shape[out_axis]} output channels, not {cin}"
+  return None
+
+
+def _conv_fold(params, cap: Capture, producer, members, s) -> dict:
+  """Divides ``producer``'s output channels by ``s``, multiplies the members' inputs."""
+  kind, path = producer
+  node = _node(params, path)
+  new = {}
+  if kind == "norm":
+    new["scale"] = _scale_axis(node["scale"], s, 0, True)
+  else:
+    k = node["kernel"]
+    out_axis = k.ndim - 1 if kind == "dense" else _conv_axes(cap, path, k.ndim)[1]
+    new["kernel"] = _scale_axis(k, s, out_axis, True)
+  if "bias" in node:
+    new["bias"] = _scale_axis(node["bias"], s, 0, True)
+  params = with_leaves(params, path, **new)
+  for m in members:
+    k = _node(params, m)["kernel"]
+    params = with_leaves(params, m, kernel=_scale_axis(
+        k, s, _conv_axes(cap, m, k.ndim)[0], False))
+  return params
+
+
+def _conv_transforms(cur, cap: Capture, stats: dict, method: str,
+                     weight_spec: WeightSpec, aspec, forward, ref_out, key,
+                     rtol: float, alpha: float, n_grid: int, folds: list,
+                     scalings: dict):
+  """AWQ / SmoothQuant scalings of conv inputs, folded exactly where they can be.
+
+  A group of convs reading the same input takes one per-input-channel scaling
+  ``s[cin]`` (the kernels' input-channel axis times ``s``, their im2col
+  patches divided by ``s`` tiled over the window positions), folded into the
+  module that produced the input: a norm's scale and bias (LayerNorm,
+  RMSNorm, BatchNorm, GroupNorm), a Dense's output columns, or a conv's
+  output channels (and bias), found through elementwise ops by shape
+  (``Capture.convs``). The fold is checked as Dense folds are: a random
+  positive scaling folded the same way must leave the float model's output
+  unchanged (a ReLU between passes, a GELU or a residual connection does
+  not). SmoothQuant's ``s`` comes from the per-channel absmax of the input
+  and of the kernels' rows; AWQ's from the grid search of ``alpha`` with
+  ``s = mean|x|^alpha`` (normalized), the error summed over the group's
+  convs, each on its own retained patches. The rotation method does not
+  transform convs (only diagonal scalings commute with ReLU and fold into a
+  norm). Fills ``folds``, ``stats`` (transformed patches) and ``scalings``
+  in place.
+
+  Returns:
+    The params with every exact fold applied.
+  """
+  convs = set(cap.convs)
+  for members in cap.groups:
+    here = [m for m in members if m in convs]
+    if not here:
+      continue
+    others = [m for m in members if m not in convs]
+    producer = cap.producers.get(here[0])
+    entry = {"layers": here, "producer": None if producer is None else producer[1],
+             "conv": True}
+    specs = {m: _resolve_spec(weight_spec, m) for m in here}
+    kernels = {m: _node(cur, m)["kernel"] for m in here}
+    axes = {m: _conv_axes(cap, m, kernels[m].ndim) for m in here}
+    cins = {kernels[m].shape[axes[m][0]] for m in here}
+    why = None
+    if method == "rotation":
+      why = ("the rotation method does not transform convs: a rotation of a conv's "
+             "input channels does not commute with the ReLU or fold into the norm "
+             "that usually precedes it (only diagonal scalings do)")
+    elif others:
+      why = (f"this input is also read by non-conv layers {others}, which a conv "
+             "fold would not scale")
+    elif method == "awq" and all(specs[m] is None for m in here):
+      why = "weight_spec leaves all these layers in float"
+    elif len(cins) != 1:
+      why = f"the convs reading this input disagree on its channels {sorted(cins)}"
+    else:
+      why = _conv_fold_why(cur, cap, producer, cins.pop())
+    cin = kernels[here[0]].shape[axes[here[0]][0]]
+    if why is None:
+      probe = jnp.exp(jax.random.uniform(jax.random.fold_in(key, len(folds)), (cin,),
+                                         jnp.float32, -0.7, 0.7))
+      if not _outputs_close(ref_out, forward(_conv_fold(cur, cap, producer, here,
+                                                        probe)), rtol):
+        why = (f"folding into {producer[1]!r} changes the model output (its output "
+               "is also used elsewhere, e.g. by a residual connection, or passes "
+               "through an op a positive scaling does not commute with, e.g. GELU)")
+    if why is not None:
+      folds.append({**entry, "status": "skipped", "reason": why})
+      continue
+    mats = {m: conv_matrix(kernels[m], *axes[m]) for m in here}
+    windows = {m: mats[m].shape[0] // cin for m in here}
+    if method == "smoothquant":
+      amax = functools.reduce(jnp.maximum, [
+          jnp.max(stats[m].absmax.reshape(windows[m], cin), axis=0) for m in here])
+      rows = [jnp.swapaxes(mats[m].reshape(windows[m], cin, -1), 0, 1).reshape(cin, -1)
+              for m in here]
+      scale = smoothquant_scales(amax, rows, alpha)
+    else:
+      m0 = here[0]
+      act = jnp.mean(stats[m0].mean_abs.reshape(windows[m0], cin), axis=0)
+      errors = 0.0
+      for m in here:
+        if specs[m] is None:
+          continue
+        if stats[m].sample.shape[0] == 0:
+          raise ValueError(f"conv {m!r} kept no calibration rows for AWQ's search "
+                           "(max_samples=0?); raise max_samples")
+        errors = errors + awq_search(stats[m].sample, mats[m], specs[m],
+                                     act_scale=jnp.tile(act, windows[m]),
+                                     n_grid=n_grid, act_spec=aspec).errors
+      best = float(jnp.linspace(0.0, 1.0, n_grid)[int(jnp.argmin(errors))])
+      scale = awq_scales(act, best)
+      entry["alpha"] = best
+    cur = _conv_fold(cur, cap, producer, here, scale)
+    for m in here:
+      stats[m] = _Transform(s=jnp.tile(scale, windows[m])).stats(stats[m])
+      scalings[m] = scale
+    folds.append({**entry, "status": "folded"})
+  return cur
+
+
+def _quantize_convs(cur, cap: Capture, stats: dict, method: str,
+                    weight_spec: WeightSpec, base_quant: str, aspec, folds: list,
+                    report_layers: dict, weight_scales: dict, scalings: dict,
+                    awq_clip: bool, awq_clip_skip: Optional[str], **gptq_kw):
+  """RTN/GPTQ on the captured conv kernels as ``[prod(window)*cin, cout]`` matmuls.
+
+  The kernel is reshaped to the matmul its im2col patches meet
+  (``conv_matrix``: rows in ``(*window, cin)`` order, as the capture builds
+  them; a ConvTranspose's is that of the conv it lowers to), quantized with
+  the patches' Gram matrix as GPTQ's Hessian (after an AWQ/SmoothQuant fold:
+  the scaled kernel and the scaled patches' statistics), and reshaped back.
+  With ``awq_clip`` the AWQ clip search runs first (as for Dense). Fills
+  ``folds``, ``report_layers`` and ``weight_scales`` (the n-d scale grid real
+  mode stores) in place.
 
   Returns:
     The params with each conv kernel replaced by its fake-quantized value.
   """
   for p, why in sorted((cap.skipped or {}).items()):
     folds.append({"layers": [p], "producer": None, "status": "skipped",
-                  "reason": f"nn.Conv not quantized by apply_ptq: {why}"})
+                  "reason": f"conv not quantized by apply_ptq: {why}"})
   for p in cap.convs:
     node = _node(cur, p)
     if node is None or "kernel" not in node:
@@ -765,31 +947,38 @@ def _quantize_convs(cur, cap: Capture, method: str, weight_spec: WeightSpec,
     t1 = time.perf_counter()
     w = node["kernel"]
     spec = _resolve_spec(weight_spec, p)
-    if method not in ("rtn", "gptq"):
+    folded = p in scalings
+    if method in _WHOLE_MODEL_ROTATIONS:
       folds.append({"layers": [p], "producer": None, "status": "skipped",
-                    "reason": f"nn.Conv: {method} is not applied to convs (the "
-                              "producer of a conv's input is not captured, so no "
-                              "exact fold of a per-input-channel transformation "
-                              f"is found); quantized with {base_quant} only"})
+                    "conv": True,
+                    "reason": f"conv: {method} rotates the residual stream of "
+                              "matmul readers and writers only; quantized with "
+                              f"{base_quant} unrotated"})
     if spec is None:
-      report_layers[p] = {"spec": None, "transform": "none", "fold": "none",
-                          "conv": True}
+      report_layers[p] = {"spec": None, "transform": method if folded else "none",
+                          "fold": "folded" if folded else "none", "conv": True}
       continue
-    spec_n = _conv_spec(spec, p, tuple(w.shape))
-    w2 = w.reshape(-1, w.shape[-1])
-    st = cap.stats[p]
+    axes = _conv_axes(cap, p, w.ndim)
+    spec_n = _conv_spec(spec, p, tuple(w.shape), axes)
+    w2 = conv_matrix(w, *axes)
+    st = stats[p]
+    w_in, clip_entry = _awq_clip(awq_clip, awq_clip_skip, p, st, w2, spec)
     if base_quant == "gptq":
-      res = gptq(w2, st.gram, spec, **gptq_kw)
+      res = gptq(w_in, st.gram, spec, **gptq_kw)
       w_q = res.weight
       full = jnp.broadcast_to(_expand_grid(res.amax, w2.shape), w2.shape)
     else:
-      w_q = rtn(w2, spec)
-      full = w2
+      w_q = rtn(w_in, spec)
+      full = w_in
     if spec.symmetric:
-      weight_scales[p] = rtn_scale(full.reshape(w.shape), spec_n)
-    cur = with_leaves(cur, p, kernel=w_q.reshape(w.shape).astype(w.dtype))
-    entry = {"spec": _spec_name(spec), "transform": "none", "fold": "none",
-             "conv": True, "weight_sqnr_db": sqnr_db(w2, w_q)}
+      weight_scales[p] = rtn_scale(conv_unmatrix(full, w.shape, *axes), spec_n)
+    cur = with_leaves(cur, p, kernel=conv_unmatrix(w_q, w.shape, *axes).astype(w.dtype))
+    # The weight SQNR with the rows at the input's original scale.
+    s_rows = (jnp.tile(scalings[p], w2.shape[0] // scalings[p].shape[0])[:, None]
+              if folded else 1.0)
+    entry = {"spec": _spec_name(spec), "transform": method if folded else "none",
+             "fold": "folded" if folded else "none", "conv": True,
+             "weight_sqnr_db": sqnr_db(w2 / s_rows, w_q / s_rows), **clip_entry}
     if st.sample.shape[0]:
       x = st.sample
       ref = jnp.matmul(x, w2.astype(jnp.float32), precision=_HI)
@@ -1116,7 +1305,8 @@ def _groups_with_extra(cap: Capture, extra_folds: Mapping[str, str]) -> list:
     if declared:
       producer = ("dense", declared.pop())
     else:
-      producer = cap.producers.get(members[0])
+      producer = cap.producers.get(next((m for m in members if m not in cap.convs),
+                                        members[0]))
     out.append((members, producer))
   unknown = set(extra_folds) - {m for g in cap.groups for m in g}
   if unknown:

@@ -92,17 +92,17 @@ def test_real_params_are_packed_and_equal_fake(toy_model):
 
 
 def test_unsupported_layer_fails_clearly():
-  class WithTranspose(nn.Module):
+  class WithLocal(nn.Module):
     @nn.compact
     def __call__(self, x):
       x = nn.Dense(8, name="proj")(x)
-      return nn.ConvTranspose(4, (3,), name="up")(x)
+      return nn.ConvLocal(4, (3,), name="up")(x)
 
-  m = WithTranspose()
+  m = WithLocal()
   x = jnp.ones((1, 6, 4))
   v = m.init(jax.random.key(0), x)
   with pytest.raises(ValueError,
-                     match="'up', a ConvTranspose layer.*QuantRule\\('up'\\)"):
+                     match="'up', a ConvLocal layer.*QuantRule\\('up'\\)"):
     quantize_linen([QuantRule(".*", weight="int8")])(m.apply)(v, x)
   q = quantize_linen([QuantRule("up"), QuantRule(".*", weight="int8")])
   q(m.apply)(v, x)
