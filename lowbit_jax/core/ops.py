@@ -644,7 +644,14 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None,
     # large M a dequantize fused into the GEMM's operand load (XLA's Triton
     # GEMM fusion) is slower than the plain 16-bit GEMM by more than the cost
     # of the extra pass (_MATERIALIZE_MIN_ROWS).
-    rv = lax.optimization_barrier(rv)
+    (lcon, rcon), (lb_, rb_) = dn
+    if _MATERIALIZE_TRANSPOSED and rv.ndim == 2 and not rb_ and tuple(rcon) == (1,):
+      # Written out as [K, N], the layout of a plain ``x @ w`` (the GEMM then
+      # reads its weight as a bf16 model's would).
+      rv = lax.optimization_barrier(rv.T)
+      dn = ((lcon, (0,)), (lb_, rb_))
+    else:
+      rv = lax.optimization_barrier(rv)
   y = lax.dot_general(lv.astype(out_dtype).astype(ct), rv,
                       dn, precision, preferred_element_type=jnp.float32)
   return y.astype(preferred_element_type or out_dtype)
@@ -660,6 +667,9 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None,
 # every M (int8 791 vs 816 us at 4096), so they keep that order.
 # experiments/bench_primitives.py times the three orders at every M.
 _MATERIALIZE_MIN_ROWS = 2048
+# Whether the materialized [N, K] weight is written transposed ([K, N]);
+# experiments/bench_primitives.py times both ("materialize" / "materialize_t").
+_MATERIALIZE_TRANSPOSED = False
 
 
 # Up to this many activation rows the reference dot takes per-channel 8-bit
