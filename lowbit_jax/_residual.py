@@ -27,6 +27,7 @@ import math
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import jax.extend as jex
 import numpy as np
 
@@ -223,7 +224,7 @@ def find_residual_stream(fn: Callable, params: Any, *args, **kwargs) -> Residual
   used_gain_elsewhere: set = set()
 
   for v, p, (_, leaf) in zip(jaxpr.invars, paths, flat):
-    if np.issubdtype(np.dtype(leaf.dtype), np.inexact):
+    if jnp.issubdtype(leaf.dtype, jnp.inexact):
       pview[v] = (p, tuple(range(np.ndim(leaf))))
 
   def state(v):
@@ -349,7 +350,7 @@ def find_residual_stream(fn: Callable, params: Any, *args, **kwargs) -> Residual
       gainf[out] = gainf[ins[0]]
     # The embedding lookup starts a stream.
     if name == "gather" and ins[0] in pview and len(ins[0].aval.shape) == 2 and (
-        np.issubdtype(ins[0].aval.dtype, np.floating)) and not tainted:
+        jnp.issubdtype(ins[0].aval.dtype, jnp.floating)) and not tainted:
       path, amap = pview[ins[0]]
       if amap[1] is None:
         fail(eqn, f"embedding {path!r} is looked up through a reshape")
@@ -634,7 +635,7 @@ def matmul_input_axes(fn: Callable, params: Any, *args, **kwargs) -> dict:
   closed = jax.make_jaxpr(lambda p: fn(p, *args, **kwargs))(params)
   pview = _VDict()
   for v, p, (_, leaf) in zip(closed.jaxpr.invars, paths, flat):
-    if np.issubdtype(np.dtype(leaf.dtype), np.inexact):
+    if jnp.issubdtype(leaf.dtype, jnp.inexact):
       pview[v] = (p, tuple(range(np.ndim(leaf))))
   found: dict = {}
   for item in _walk(closed.jaxpr, closed.consts, {}):

@@ -173,3 +173,35 @@ def test_apply_ptq_quarot_with_gptq(llama):
   assert _rel(out, ref) < 0.75 * _rel(plain, ref)
   with pytest.raises(ValueError, match="online= and heads= apply to method="):
     apply_ptq(model, params, [(toks,)], "gptq", "int4", online=".*")
+
+
+def test_bf16_llama_quarot_folds_and_stays_within_bf16_noise():
+  """A model computing in bfloat16 (the decoder on a GPU): the embedding lookup
+  is found through the bf16 cast of its table (ml_dtypes' bfloat16 is no numpy
+  floating type), the fold check allows bf16 rounding, and the rotated float
+  model stays within a few bf16 ulps of the original."""
+  from lowbit_jax import pipelines
+  from lowbit_jax.flax import ptq as ptq_lib
+  cfg = LlamaConfig.smoke(dtype="bfloat16")
+  m = Llama(cfg)
+  p = m.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  t = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab)
+  q, _ = ptq_lib.apply_ptq(m, p, [(t,)], "quarot", None, None,
+                           online=pipelines.LLAMA_ONLINE)
+  rotated = [k for k, v in jax.tree_util.tree_leaves_with_path(q)
+             if not np.array_equal(np.asarray(v),
+                                   np.asarray(_leaf(p, k)))]
+  assert rotated, "nothing was rotated"
+  assert ptq_lib._compute_eps(lambda pp, tt: m.apply({"params": pp}, tt), p, (t,)) == (
+      float(jnp.finfo(jnp.bfloat16).eps))
+  with pytest.raises(ValueError, match="no embedding lookup"):
+    # An integer table is no embedding: still refused.
+    from lowbit_jax._residual import find_residual_stream
+    find_residual_stream(lambda pp, tt: pp["w"][tt] @ pp["w"].T.astype(jnp.float32),
+                         {"w": jnp.ones((8, 4), jnp.int32)}, jnp.zeros((2,), jnp.int32))
+
+
+def _leaf(tree, path):
+  for k in path:
+    tree = tree[k.key]
+  return tree
