@@ -174,20 +174,36 @@ def supported_kinds() -> tuple:
 # Tiling
 
 
-def default_config(kind: str, k: int, n: int, x_dtype) -> Optional[Config]:
+def default_config(kind: str, k: int, n: int, x_dtype,
+                   values: bool = False) -> Optional[Config]:
   """A tiling for ``[k, n]`` (None where none fits).
 
-  Rows per step: 64 (128 for blocks of 128; 32 for float32 inputs in blocks
-  of 16/32, to keep two stages of the input tile in shared memory). Rows per
-  CTA: as many steps as keep the grid at about 4 CTAs per SM on 132 SMs.
+  Rows per step: 64 (the block where it is longer; 32 for float32 inputs in
+  blocks of 16/32); 256 columns, or 128 where two stages of 256 would not fit
+  in shared memory (fake_quant of blocks of 128 holds an input and an output
+  tile per stage). Rows per CTA: as many steps as keep the grid at 4 CTAs
+  per SM or more on 132 SMs.
+
+  Args:
+    kind: an id of ``supported_kinds()``.
+    k, n: the array's rows and (flattened) columns.
+    x_dtype: bfloat16 or float32.
+    values: the fake_quant forward (values out) instead of quantize (codes
+      and scales out).
   """
   block = _block_of(kind)
-  tn = 256 if n % 256 == 0 else 128 if n % 128 == 0 else None
-  if tn is None:
-    return None
   wide = jnp.dtype(x_dtype).itemsize == 4
   tk = max(block, 32 if wide else 64)
   if k % tk:
+    return None
+  for tn, st in ((256, 2), (128, 2), (128, 1)):
+    if n % tn:
+      continue
+    cfg = Config(tile_n=tn, tile_k=tk, k_per_cta=tk, stages=st)
+    if _smem(block, _bits_of(kind), kind.endswith(tuple(f"_g{g}" for g in _GROUPS)),
+             x_dtype, cfg, not values, values) <= MAX_SMEM_BYTES:
+      break
+  else:
     return None
   n_tiles, steps = n // tn, k // tk
   # Steps per CTA: the largest divisor of the step count that leaves at least
@@ -196,7 +212,13 @@ def default_config(kind: str, k: int, n: int, x_dtype) -> Optional[Config]:
   for d in range(1, steps + 1):
     if steps % d == 0 and n_tiles * (steps // d) >= 4 * 132:
       per = d
-  return Config(tile_n=tn, tile_k=tk, k_per_cta=tk * per, stages=2)
+  return dataclasses.replace(cfg, k_per_cta=tk * per)
+
+
+def _bits_of(kind: str) -> int:
+  if kind in ("mxfp4", "nvfp4") or kind.startswith(("fp4_", "int4_")):
+    return 4
+  return 6 if kind == "mxfp6_e2m3" else 8
 
 
 def _block_of(kind: str) -> int:
@@ -212,14 +234,15 @@ def _units(bits: int) -> tuple:
   return {8: (1, 1), 4: (2, 1), 6: (4, 3)}[bits]
 
 
-def smem_bytes(kd: _Kind, x_dtype, cfg: Config, codes: bool, values: bool) -> int:
+def _smem(block: int, bits: int, f32_scale: bool, x_dtype, cfg: Config,
+          codes: bool, values: bool) -> int:
   """Shared memory one CTA uses."""
   xb = jnp.dtype(x_dtype).itemsize
   per = cfg.tile_k * cfg.tile_n * xb
   if codes:
-    ui, uo = _units(kd.bits)
+    ui, uo = _units(bits)
     per += cfg.tile_k * uo // ui * cfg.tile_n
-    per += cfg.tile_k // kd.block * cfg.tile_n * (4 if kd.scale == "float32" else 1)
+    per += cfg.tile_k // block * cfg.tile_n * (4 if f32_scale else 1)
   if values:
     per += cfg.tile_k * cfg.tile_n * xb
   return cfg.stages * per + 1024
@@ -240,7 +263,8 @@ def _check_config(kd: _Kind, k: int, n: int, x_dtype, cfg: Config, codes: bool,
                      "multiple of k_per_cta (itself of tile_k) and N of tile_n")
   if cfg.stages < 1:
     raise ValueError(f"stages must be at least 1, got {cfg.stages}")
-  need = smem_bytes(kd, x_dtype, cfg, codes, values)
+  need = _smem(kd.block, kd.bits, kd.scale == "float32", x_dtype, cfg, codes,
+               values)
   if need > MAX_SMEM_BYTES:
     raise ValueError(f"the tiling {cfg} needs {need} bytes of shared memory, "
                      f"more than {MAX_SMEM_BYTES}; lower tile_k or stages")
@@ -399,7 +423,9 @@ def _block_scale(kd: _Kind, amax, scal, interp: bool, tn: int):
   s_val = jnp.where(bad, np.float32(np.nan), s8.astype(jnp.float32))
   # Stored as the E4M3 bits (uint8, bitcast back after the kernel): the NaN
   # code 0x7F is jnp's float8_e4m3fn NaN, as core's _mark_bad stores it.
-  stored = jnp.where(bad, np.uint8(0x7F), lax.bitcast_convert_type(s8, jnp.uint8))
+  # (Selected in int32: Mosaic GPU has no 8-bit select.)
+  bits8 = lax.bitcast_convert_type(s8, jnp.uint8).astype(jnp.int32)
+  stored = jnp.where(bad, 0x7F, bits8).astype(jnp.uint8)
   mult = _div_full(jnp.where(bad, np.float32(np.nan), zero) + inv_t, s_val, interp, tn)
   tot = tnorm * s_val
   return stored, (lambda r: (r * p_down) * mult), (lambda q: (q * tot) * p_up)
@@ -643,7 +669,7 @@ def _nvfp4_scalars(x2, tensor_amax):
 # Public entry points
 
 
-def _setup(x, spec, tensor_amax, config):
+def _setup(x, spec, tensor_amax, config, values: bool):
   spec = as_spec(spec) if not isinstance(spec, QuantSpec) else spec
   x = jnp.asarray(x)
   kd = _kind(spec, x.ndim)
@@ -661,7 +687,7 @@ def _setup(x, spec, tensor_amax, config):
     spec = spec.replace(axis=ax)
   k = x.shape[0]
   n = math.prod(x.shape[1:])
-  cfg = config or default_config(kd.kind, k, n, x.dtype)
+  cfg = config or default_config(kd.kind, k, n, x.dtype, values)
   if cfg is None:
     raise ValueError(f"no tiling fits [{k}, {n}] (N must be a multiple of 128 "
                      f"and K of {max(kd.block, 32)})")
@@ -670,7 +696,7 @@ def _setup(x, spec, tensor_amax, config):
 
 def _run(x, spec, tensor_amax, config, interpret, codes: bool, values: bool):
   params = common.interpret_params(interpret)
-  spec, x, kd, k, n, cfg = _setup(x, spec, tensor_amax, config)
+  spec, x, kd, k, n, cfg = _setup(x, spec, tensor_amax, config, values)
   _check_config(kd, k, n, x.dtype, cfg, codes, values)
   x2 = x.reshape(k, n)
   t = scal = None
@@ -756,9 +782,11 @@ def _enabled_kinds() -> frozenset:
   return ENABLED if k is None else k
 
 
-def dispatch(x, spec: QuantSpec, *, key=None, amax=None, amin=None,
-             tensor_amax=None, scale=None, clip=None, zero_point=None) -> bool:
-  """Whether ``lowbit_jax.quantize``/``fake_quant`` should run the kernel.
+def dispatch(x, spec: QuantSpec, *, values: bool = False, key=None, amax=None,
+             amin=None, tensor_amax=None, scale=None, clip=None,
+             zero_point=None) -> bool:
+  """Whether ``lowbit_jax.quantize`` (``values=False``) or ``fake_quant``'s
+  forward (``values=True``) should run the kernel.
 
   True only on a GPU backend, for an enabled format (``ENABLED``), bfloat16 or
   float32 ``x`` of rank >= 2 whose shape fits ``default_config``, round to
@@ -790,5 +818,5 @@ def dispatch(x, spec: QuantSpec, *, key=None, amax=None, amin=None,
   if tensor_amax is not None and kd.scale != "nvfp4":
     return False
   k, n = shape[0], math.prod(shape[1:])
-  return default_config(kd.kind, k, n, dt) is not None
+  return default_config(kd.kind, k, n, dt, values) is not None
 
