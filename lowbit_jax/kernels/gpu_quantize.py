@@ -56,6 +56,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import custom_batching
 from jax import lax
 
 from lowbit_jax.core import _cast
@@ -694,17 +695,55 @@ def _setup(x, spec, tensor_amax, config, values: bool):
   return spec, x, kd, k, n, cfg
 
 
-def _run(x, spec, tensor_amax, config, interpret, codes: bool, values: bool):
+def _run(x, spec, tensor_amax, config, interpret, values: bool):
+  """The kernel's outputs in their final shapes: ``(codes, scale, tensor
+  scale or None)`` for quantize, ``(values,)`` for fake_quant.
+
+  Under ``vmap`` (the kernel itself has no batching rule for a batch of
+  more than one) the jnp path runs instead, vmapped: the same numbers.
+  """
   params = common.interpret_params(interpret)
   spec, x, kd, k, n, cfg = _setup(x, spec, tensor_amax, config, values)
-  _check_config(kd, k, n, x.dtype, cfg, codes, values)
-  x2 = x.reshape(k, n)
-  t = scal = None
-  if kd.scale == "nvfp4":
-    t, scal = _nvfp4_scalars(x2, tensor_amax)
-  fn = _build(kd, k, n, jnp.dtype(x.dtype).name, codes,
-              values, cfg, params)
-  return spec, x, kd, t, fn(x2, scal)
+  _check_config(kd, k, n, x.dtype, cfg, not values, values)
+  fn = _build(kd, k, n, jnp.dtype(x.dtype).name, not values, values, cfg, params)
+  ui, uo = _units(kd.bits)
+  rest = x.shape[1:]
+  nvfp4 = kd.scale == "nvfp4"
+
+  def kernel(xa, *ta):
+    x2 = xa.reshape(k, n)
+    t = scal = None
+    if nvfp4:
+      t, scal = _nvfp4_scalars(x2, ta[0] if ta else None)
+    outs = fn(x2, scal)
+    if values:
+      return (outs[0].reshape(xa.shape),)
+    codes, scale = outs
+    codes = codes.reshape((k * uo // ui,) + rest)
+    scale = scale.reshape((k // kd.block,) + rest)
+    if nvfp4:
+      scale = lax.bitcast_convert_type(scale, jnp.float8_e4m3fn)
+      return codes, scale, t
+    return codes, scale
+
+  def reference(xa, *ta):
+    t_amax = ta[0] if ta else None
+    if values:
+      return (_q._fake_quant_impl(xa, spec, None, None, None, t_amax)[0],)  # pylint: disable=protected-access
+    q = _q._quantize_jit(xa, spec, None, None, None, t_amax)  # pylint: disable=protected-access
+    return (q.codes, q.scale, q.tensor_scale) if nvfp4 else (q.codes, q.scale)
+
+  f = custom_batching.custom_vmap(kernel)
+
+  @f.def_vmap
+  def _vmap_rule(axis_size, in_batched, *args):
+    args = [a if b else jnp.broadcast_to(a, (axis_size,) + jnp.shape(a))
+            for a, b in zip(args, in_batched)]
+    out = jax.vmap(reference)(*args)
+    return out, [True] * len(out)
+
+  extra = () if tensor_amax is None else (jnp.asarray(tensor_amax, jnp.float32),)
+  return spec, x, kd, f(x, *extra)
 
 
 def quantize(x: jax.Array, spec, *, tensor_amax: Optional[jax.Array] = None,
@@ -731,15 +770,9 @@ def quantize(x: jax.Array, spec, *, tensor_amax: Optional[jax.Array] = None,
     ValueError: a spec, dtype or shape the kernel does not take, or a tiling
       that does not fit.
   """
-  spec, x, kd, t, (codes, scale) = _run(x, spec, tensor_amax, config, interpret,
-                                        True, False)
-  ui, uo = _units(kd.bits)
-  rest = x.shape[1:]
-  codes = codes.reshape((x.shape[0] * uo // ui,) + rest)
-  scale = scale.reshape((x.shape[0] // kd.block,) + rest)
-  if kd.scale == "nvfp4":
-    scale = lax.bitcast_convert_type(scale, jnp.float8_e4m3fn)
-  return QArray(codes=codes, scale=scale, zero_point=None, tensor_scale=t,
+  spec, x, kd, outs = _run(x, spec, tensor_amax, config, interpret, False)
+  t = outs[2] if kd.scale == "nvfp4" else None
+  return QArray(codes=outs[0], scale=outs[1], zero_point=None, tensor_scale=t,
                 spec=spec, shape=tuple(x.shape), dtype=str(x.dtype), pack_axis=0)
 
 
@@ -754,8 +787,8 @@ def fake_quant_forward(x: jax.Array, spec, *, tensor_amax: Optional[jax.Array] =
     An array of x's shape and dtype, equal to ``fake_quant``'s value bit for
     bit (NaN signs aside).
   """
-  _, x, _, _, (vals,) = _run(x, spec, tensor_amax, config, interpret, False, True)
-  return vals.reshape(x.shape)
+  _, _, _, (vals,) = _run(x, spec, tensor_amax, config, interpret, True)
+  return vals
 
 
 # ---------------------------------------------------------------------------
