@@ -594,8 +594,11 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
       cs = c_smem.at[slot] if want_codes else None
       ss = s_smem.at[slot] if want_codes else None
       vs = v_smem.at[slot] if want_values else None
-      for b in range(nb):
+      def blk(b, carry):
         do_block(xs, cs, ss, vs, b, scal)
+        return carry
+
+      _loop(0, nb, blk, 0, unroll)
       plgpu.commit_smem()
       r = row0 + i * tk
       if want_codes:
@@ -630,13 +633,14 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
   kern = plgpu.kernel(body, out_type=tuple(out_types), scratch_types=scratch,
                       grid=(n // tn, k // kc), grid_names=("n", "k"), **extra)
 
+  @jax.jit
   def call(x, scal):
     args = (x,) if scal is None else (x, scal)
-    if interpret is None:
-      return kern(*args)
-    return common.run_interpreted(kern, *args)
+    return kern(*args)
 
-  return call
+  if interpret is None:
+    return call
+  return lambda x, scal: common.run_interpreted(call, x, scal)
 
 
 # ---------------------------------------------------------------------------
@@ -649,9 +653,8 @@ def _nvfp4_scalars(x2, tensor_amax):
   split into ``tn * 2**p``, and ``1 / tn``; the last flags an invalid static
   range (``tensor_amax <= 0`` or NaN), which turns blocks with data into NaN."""
   if tensor_amax is None:
-    a = jnp.abs(x2)
-    emax = jnp.max(jnp.where(a <= jnp.asarray(_F32_MAX, a.dtype), a,
-                             jnp.zeros((), a.dtype))).astype(jnp.float32)
+    emax = jnp.max(jnp.where(jnp.isfinite(x2), jnp.abs(x2),
+                             jnp.zeros((), x2.dtype))).astype(jnp.float32)
     t_pos = emax > 0
     t_bad = jnp.float32(0.0)
   else:
@@ -695,17 +698,20 @@ def _setup(x, spec, tensor_amax, config, values: bool):
   return spec, x, kd, k, n, cfg
 
 
-def _run(x, spec, tensor_amax, config, interpret, values: bool):
-  """The kernel's outputs in their final shapes: ``(codes, scale, tensor
-  scale or None)`` for quantize, ``(values,)`` for fake_quant.
+def _run(x, spec, tensor_amax, config, interpret, values: bool,
+         codes: Optional[bool] = None):
+  """The kernel's outputs in their final shapes: ``(codes, scale[, tensor
+  scale])`` for quantize, then ``(values,)`` for fake_quant (``codes`` and
+  ``values`` both: one kernel writing both, which the tests use).
 
   Under ``vmap`` (the kernel itself has no batching rule for a batch of
   more than one) the jnp path runs instead, vmapped: the same numbers.
   """
   params = common.interpret_params(interpret)
+  codes = (not values) if codes is None else codes
   spec, x, kd, k, n, cfg = _setup(x, spec, tensor_amax, config, values)
-  _check_config(kd, k, n, x.dtype, cfg, not values, values)
-  fn = _build(kd, k, n, jnp.dtype(x.dtype).name, not values, values, cfg, params)
+  _check_config(kd, k, n, x.dtype, cfg, codes, values)
+  fn = _build(kd, k, n, jnp.dtype(x.dtype).name, codes, values, cfg, params)
   ui, uo = _units(kd.bits)
   rest = x.shape[1:]
   nvfp4 = kd.scale == "nvfp4"
@@ -716,22 +722,28 @@ def _run(x, spec, tensor_amax, config, interpret, values: bool):
     if nvfp4:
       t, scal = _nvfp4_scalars(x2, ta[0] if ta else None)
     outs = fn(x2, scal)
+    res = ()
+    if codes:
+      c, scale = outs[0], outs[1]
+      c = c.reshape((k * uo // ui,) + rest)
+      scale = scale.reshape((k // kd.block,) + rest)
+      if nvfp4:
+        res = (c, lax.bitcast_convert_type(scale, jnp.float8_e4m3fn), t)
+      else:
+        res = (c, scale)
     if values:
-      return (outs[0].reshape(xa.shape),)
-    codes, scale = outs
-    codes = codes.reshape((k * uo // ui,) + rest)
-    scale = scale.reshape((k // kd.block,) + rest)
-    if nvfp4:
-      scale = lax.bitcast_convert_type(scale, jnp.float8_e4m3fn)
-      return codes, scale, t
-    return codes, scale
+      res += (outs[-1].reshape(xa.shape),)
+    return res
 
   def reference(xa, *ta):
     t_amax = ta[0] if ta else None
+    res = ()
+    if codes:
+      q = _q._quantize_jit(xa, spec, None, None, None, t_amax)  # pylint: disable=protected-access
+      res = (q.codes, q.scale, q.tensor_scale) if nvfp4 else (q.codes, q.scale)
     if values:
-      return (_q._fake_quant_impl(xa, spec, None, None, None, t_amax)[0],)  # pylint: disable=protected-access
-    q = _q._quantize_jit(xa, spec, None, None, None, t_amax)  # pylint: disable=protected-access
-    return (q.codes, q.scale, q.tensor_scale) if nvfp4 else (q.codes, q.scale)
+      res += (_q._fake_quant_impl(xa, spec, None, None, None, t_amax)[0],)  # pylint: disable=protected-access
+    return res
 
   f = custom_batching.custom_vmap(kernel)
 
@@ -740,7 +752,7 @@ def _run(x, spec, tensor_amax, config, interpret, values: bool):
     args = [a if b else jnp.broadcast_to(a, (axis_size,) + jnp.shape(a))
             for a, b in zip(args, in_batched)]
     out = jax.vmap(reference)(*args)
-    return out, [True] * len(out)
+    return out, tuple([True] * len(out))
 
   extra = () if tensor_amax is None else (jnp.asarray(tensor_amax, jnp.float32),)
   return spec, x, kd, f(x, *extra)
@@ -774,6 +786,15 @@ def quantize(x: jax.Array, spec, *, tensor_amax: Optional[jax.Array] = None,
   t = outs[2] if kd.scale == "nvfp4" else None
   return QArray(codes=outs[0], scale=outs[1], zero_point=None, tensor_scale=t,
                 spec=spec, shape=tuple(x.shape), dtype=str(x.dtype), pack_axis=0)
+
+
+def _quantize_and_values(x, spec, *, tensor_amax=None, config=None, interpret=False):
+  """(QArray, fake-quant values) from one kernel that writes both (tests)."""
+  spec, x, kd, outs = _run(x, spec, tensor_amax, config, interpret, True, True)
+  t = outs[2] if kd.scale == "nvfp4" else None
+  q = QArray(codes=outs[0], scale=outs[1], zero_point=None, tensor_scale=t,
+             spec=spec, shape=tuple(x.shape), dtype=str(x.dtype), pack_axis=0)
+  return q, outs[-1]
 
 
 def fake_quant_forward(x: jax.Array, spec, *, tensor_amax: Optional[jax.Array] = None,
