@@ -179,11 +179,12 @@ def default_config(kind: str, k: int, n: int, x_dtype,
                    values: bool = False) -> Optional[Config]:
   """A tiling for ``[k, n]`` (None where none fits).
 
-  Rows per step: 64 (the block where it is longer; 32 for float32 inputs in
-  blocks of 16/32); 256 columns, or 128 where two stages of 256 would not fit
-  in shared memory (fake_quant of blocks of 128 holds an input and an output
-  tile per stage). Rows per CTA: as many steps as keep the grid at 4 CTAs
-  per SM or more on 132 SMs.
+  One block per step (at least 32 rows), so that a CTA's shared memory stays
+  small and several CTAs share an SM (one warpgroup each); 256 columns (128
+  for blocks of 128, whose tiles are four times taller), or 128 where two
+  stages would not fit in shared memory. Rows per CTA: as many steps as keep
+  the grid at 4 CTAs per SM or more on 132 SMs. Not tuned on a GPU yet:
+  ``experiments/bench_gpu_quantize.py --configs`` times others.
 
   Args:
     kind: an id of ``supported_kinds()``.
@@ -193,11 +194,11 @@ def default_config(kind: str, k: int, n: int, x_dtype,
       and scales out).
   """
   block = _block_of(kind)
-  wide = jnp.dtype(x_dtype).itemsize == 4
-  tk = max(block, 32 if wide else 64)
+  tk = max(block, 32)
   if k % tk:
     return None
-  for tn, st in ((256, 2), (128, 2), (128, 1)):
+  wide = (256, 128) if block <= 64 else (128,)
+  for tn, st in [(t, 2) for t in wide] + [(128, 1)]:
     if n % tn:
       continue
     cfg = Config(tile_n=tn, tile_k=tk, k_per_cta=tk, stages=st)
