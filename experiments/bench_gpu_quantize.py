@@ -135,7 +135,8 @@ def markdown(res: dict) -> str:
               f"(`x * 2`, same run): {c['us']:.2f} us, {c['gbps']:.1f} GB/s. Each "
               "cell: us per call (% of roofline = bytes that must move over that "
               "bandwidth). exact: the kernel's output equals XLA's bit for bit.", ""]
-  lines += ["| format | op | tiling | XLA | kernel | speedup | exact |",
+  lines += ["Tiling: tile_n:tile_k:k_per_cta:stages (`gpu_quantize.Config`).", "",
+            "| format | op | tiling | XLA | kernel | speedup | exact |",
             "|---|---|---|---|---|---|---|"]
   for r in res["rows"]:
     def cell(t):
@@ -145,7 +146,9 @@ def markdown(res: dict) -> str:
       return f"{t:.1f}{pct}"
     sp = (f"{r['xla_us'] / r['kernel_us']:.2f}x" if r.get("xla_us") and r.get("kernel_us")
           else "-")
-    lines.append(f"| {r['kind']} | {r['op']} | {r['tiling']} | {cell(r.get('xla_us'))} "
+    til = r["tiling"] + (f" ({r['tiling_used']})" if r["tiling"] == "default"
+                         and r.get("tiling_used") else "")
+    lines.append(f"| {r['kind']} | {r['op']} | {til} | {cell(r.get('xla_us'))} "
                  f"| {cell(r.get('kernel_us'))} | {sp} | {r.get('exact')} |")
   wins = enabled_from(res)
   lines += ["", "Formats where the kernel (default tiling) was exact and faster than "
@@ -266,8 +269,9 @@ def main(argv):
             got = jax.block_until_ready(f_k(x))
             exact = ref is not None and _same(got, ref)
           row["exact"] = bool(exact)
-          row["tiling_used"] = str(cfg or gq.default_config(
-              kind, k, n, x.dtype, op == "fake_quant"))
+          used = cfg or gq.default_config(kind, k, n, x.dtype, op == "fake_quant")
+          row["tiling_used"] = (f"{used.tile_n}:{used.tile_k}:{used.k_per_cta}:"
+                                f"{used.stages}")
           row["kernel_us"] = run.time_us(f_k, x)
         except Exception as err:  # pylint: disable=broad-except
           traceback.print_exc()
