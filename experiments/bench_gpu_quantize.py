@@ -9,6 +9,9 @@ two ways in one process:
   (``gpu_quantize.forced(())``), the jnp path;
 * kernel: ``gpu_quantize.quantize`` / ``fake_quant_forward`` (default tiling,
   and any ``--configs``);
+* fwd+bwd (GPU only): ``fake_quant``'s value and straight-through gradient
+  through ``jax.vjp``, dispatch off and dispatch forced to the kernel (which
+  then also writes the clip mask where the gradient needs one);
 
 checks that the kernel's codes, scales (and NVFP4's tensor scale) or values
 equal XLA's bit for bit on the same input (blocks of 16 rows scaled by 2**-8
@@ -19,7 +22,8 @@ calls; every kernel of a call counted); on CPU (``--smoke``) the wall clock of
 the interpreter, for checking the script only.
 
 Roofline: the bytes that must move (input read + codes and scales written for
-quantize; input read + values written for fake_quant) over the ``x * 2``
+quantize; input read + values written for fake_quant; x and the cotangent
+read, value and gradient written for fwd+bwd) over the ``x * 2``
 bandwidth; the issue's target is 70% of it. The markdown ends with the
 formats where the kernel won both operations and was exact: the value for
 ``gpu_quantize.ENABLED``.
@@ -162,12 +166,49 @@ def markdown(res: dict) -> str:
 def enabled_from(res: dict) -> set:
   ok = {}
   for r in res["rows"]:
-    if r["tiling"] != "default":
+    if r["tiling"] != "default" or r["op"] == "fwd+bwd":
       continue
     win = bool(r.get("exact")) and r.get("kernel_us") and r.get("xla_us") and (
         r["kernel_us"] < r["xla_us"])
     ok.setdefault(r["kind"], []).append(bool(win))
   return {k for k, v in ok.items() if len(v) == 2 and all(v)}
+
+
+def fwd_bwd(run, lj, gq, kind, spec, x, xbytes, bw):
+  """``fake_quant``'s value and straight-through gradient (``jax.vjp``), as a
+  QAT step runs it: XLA's path, then with the dispatch sent to the kernel
+  (which writes the clip mask too where the gradient needs one). GPU only:
+  elsewhere the dispatch never takes the kernel."""
+  jax = run.jax
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  g = jnp.ones_like(x)
+
+  def f(a, ct, s=spec):
+    y, vjp = jax.vjp(lambda b: lj.fake_quant(b, s), a)
+    return y, vjp(ct)[0]
+
+  # Bytes that must move: x and the cotangent read, value and gradient written.
+  row = dict(kind=kind, op="fwd+bwd", tiling="default",
+             roof_us=4 * xbytes / bw / 1e3 if bw else None)
+  t = time.time()
+  try:
+    with gq.forced(()):
+      fx = jax.jit(f)
+      want = jax.block_until_ready(fx(x, g))
+      row["xla_us"] = run.time_us(fx, x, g)
+    with gq.forced((kind,)):
+      fk = jax.jit(f)
+      got = jax.block_until_ready(fk(x, g))
+      row["kernel_us"] = run.time_us(fk, x, g)
+    row["exact"] = bool(_same(got[0], want[0]) and _same(got[1], want[1]))
+  except Exception as err:  # pylint: disable=broad-except
+    traceback.print_exc()
+    row["error"] = f"{type(err).__name__}: {err}"[:400]
+    run.res["errors"].append(dict(item=f"{kind} fwd+bwd", error=row["error"]))
+  row["item_s"] = round(time.time() - t, 1)
+  run.res["rows"].append(row)
+  print(json.dumps(row), flush=True)
+  run.write()
 
 
 def _same(a, b) -> bool:
@@ -225,12 +266,16 @@ def main(argv):
   for kind in _FORMATS.value or list(KINDS):
     fmt, kw = KINDS[kind]
     spec = lj.QuantSpec(fmt, axis=0, **kw)
-    for op in ("quantize", "fake_quant"):
+    for op in ("quantize", "fake_quant", "fwd+bwd"):
       if time.time() - T0 > _BUDGET.value:
         run.res["errors"].append(dict(item=f"{kind} {op}", error="skipped: time budget"))
         continue
       ref = None
       xla_us = None
+      if op == "fwd+bwd":
+        if run.gpu or _SMOKE.value:  # (smoke: the dispatch stays on XLA's path)
+          fwd_bwd(run, lj, gq, kind, spec, x, xbytes, bw)
+        continue
       try:
         with gq.forced(()):
           if op == "quantize":

@@ -1184,11 +1184,17 @@ def _never_clips(spec: QuantSpec, amax, tensor_amax) -> bool:
 
 
 def _fq_fwd(x, spec, key, amax, amin, tensor_amax):
-  if _never_clips(spec, amax, tensor_amax):
-    # No clip mask to save: the kernel's value will do where it applies.
-    y = _fake_quant_kernel(x, spec, key, amax, amin, tensor_amax)
-    if y is not None:
+  if _kernel_ok(x, spec, True, key=key, amax=amax, amin=amin,
+                tensor_amax=tensor_amax):
+    # The one-pass GPU kernel: the value, and the clip mask where the
+    # gradient needs one (uint8, 1 where clipped).
+    from lowbit_jax.kernels import gpu_quantize  # pylint: disable=g-import-not-at-top
+    if _never_clips(spec, amax, tensor_amax):
+      y = gpu_quantize.fake_quant_forward(x, spec, tensor_amax=tensor_amax)
       return y, (None, key, amax, amin, tensor_amax)
+    y, clipped = gpu_quantize.fake_quant_forward_with_mask(
+        x, spec, tensor_amax=tensor_amax)
+    return y, (clipped, key, amax, amin, tensor_amax)
   y, clipped = _fake_quant_impl(x, spec, key, amax, amin, tensor_amax)
   if _never_clips(spec, amax, tensor_amax):
     clipped = None
@@ -1202,6 +1208,8 @@ def _key_ct(key):
 def _fq_bwd(spec, res, g):
   clipped, key, amax, amin, tensor_amax = res
   del spec
+  if clipped is not None and clipped.dtype != jnp.bool_:
+    clipped = clipped != 0  # the GPU kernel's uint8 mask
   gx = g if clipped is None else jnp.where(clipped, jnp.zeros_like(g), g)
   zero = lambda v: None if v is None else jnp.zeros_like(v)  # noqa: E731
   return gx, _key_ct(key), zero(amax), zero(amin), zero(tensor_amax)

@@ -203,7 +203,7 @@ def default_config(kind: str, k: int, n: int, x_dtype,
       continue
     cfg = Config(tile_n=tn, tile_k=tk, k_per_cta=tk, stages=st)
     if _smem(block, _bits_of(kind), kind.endswith(tuple(f"_g{g}" for g in _GROUPS)),
-             x_dtype, cfg, not values, values) <= MAX_SMEM_BYTES:
+             x_dtype, cfg, not values, values, values) <= MAX_SMEM_BYTES:
       break
   else:
     return None
@@ -237,7 +237,7 @@ def _units(bits: int) -> tuple:
 
 
 def _smem(block: int, bits: int, f32_scale: bool, x_dtype, cfg: Config,
-          codes: bool, values: bool) -> int:
+          codes: bool, values: bool, mask: bool = False) -> int:
   """Shared memory one CTA uses."""
   xb = jnp.dtype(x_dtype).itemsize
   per = cfg.tile_k * cfg.tile_n * xb
@@ -247,11 +247,13 @@ def _smem(block: int, bits: int, f32_scale: bool, x_dtype, cfg: Config,
     per += cfg.tile_k // block * cfg.tile_n * (4 if f32_scale else 1)
   if values:
     per += cfg.tile_k * cfg.tile_n * xb
+  if mask:
+    per += cfg.tile_k * cfg.tile_n
   return cfg.stages * per + 1024
 
 
 def _check_config(kd: _Kind, k: int, n: int, x_dtype, cfg: Config, codes: bool,
-                  values: bool) -> None:
+                  values: bool, mask: bool = False) -> None:
   if cfg.tile_n not in (128, 256):
     raise ValueError(f"tile_n must be 128 or 256, got {cfg.tile_n}")
   if cfg.tile_k % kd.block or cfg.tile_k > 256:
@@ -266,7 +268,7 @@ def _check_config(kd: _Kind, k: int, n: int, x_dtype, cfg: Config, codes: bool,
   if cfg.stages < 1:
     raise ValueError(f"stages must be at least 1, got {cfg.stages}")
   need = _smem(kd.block, kd.bits, kd.scale == "float32", x_dtype, cfg, codes,
-               values)
+               values, mask)
   if need > MAX_SMEM_BYTES:
     raise ValueError(f"the tiling {cfg} needs {need} bytes of shared memory, "
                      f"more than {MAX_SMEM_BYTES}; lower tile_k or stages")
@@ -397,8 +399,9 @@ def _block_scale(kd: _Kind, amax, scal, interp: bool, tn: int):
   holds a NaN or an inf).
 
   Returns:
-    (stored scale row or None, ``to_grid(row) -> y``, ``from_grid(q) -> value``
-    before the float32-max clamp)
+    (stored scale row, ``to_grid(row) -> y``, ``from_grid(q) -> value``
+    before the float32-max clamp, ``clipped(row, y) -> bool row``: where
+    core's straight-through gradient is zero)
   """
   bad = amax == np.float32(np.inf)
   if kd.scale == "e8m0":
@@ -408,14 +411,18 @@ def _block_scale(kd: _Kind, amax, scal, interp: bool, tn: int):
     f1 = jnp.where(bad, np.float32(np.nan), i1)
     t1, t2 = _pow2_pair(e)
     g1 = jnp.where(bad, np.float32(np.nan), t1)
-    return stored, (lambda r: r * f1 * i2), (lambda q: q * g1 * t2)
+    lim = np.float32(kd.fmt.max)
+    return (stored, (lambda r: r * f1 * i2), (lambda q: q * g1 * t2),
+            (lambda r, y: jnp.abs(y) > lim))
   if kd.scale == "float32":
     s = _div_full(amax, float(kd.fmt.max), interp, tn)
     s = jnp.where(amax > 0, jnp.maximum(s, np.float32(2.0 ** -126)), np.float32(1.0))
     s = jnp.where(bad, np.float32(np.nan), s)
-    return s, (lambda r: _div_full(r, s, interp, tn)), (lambda q: q * s)
-  # NVFP4: scal = (tn, 2**-p, 2**p, 1 / tn, tensor scale invalid: 1.0 / 0.0).
-  tnorm, p_down, p_up, inv_t, t_bad = scal
+    return (s, (lambda r: _div_full(r, s, interp, tn)), (lambda q: q * s),
+            (lambda r, y: jnp.abs(r) > amax))
+  # NVFP4: scal = (tn, 2**-p, 2**p, 1 / tn, tensor scale invalid: 1.0 / 0.0,
+  # tensor amax).
+  tnorm, p_down, p_up, inv_t, t_bad, emax_t = scal
   bad = bad | ((t_bad > 0) & (amax > 0))
   a_n = amax * p_down
   zero = amax * np.float32(0.0)  # a row of zeros (inf: NaN, masked below)
@@ -430,7 +437,9 @@ def _block_scale(kd: _Kind, amax, scal, interp: bool, tn: int):
   stored = jnp.where(bad, 0x7F, bits8).astype(jnp.uint8)
   mult = _div_full(jnp.where(bad, np.float32(np.nan), zero) + inv_t, s_val, interp, tn)
   tot = tnorm * s_val
-  return stored, (lambda r: (r * p_down) * mult), (lambda q: (q * tot) * p_up)
+  a_clip = jnp.minimum(amax, emax_t)
+  return (stored, (lambda r: (r * p_down) * mult), (lambda q: (q * tot) * p_up),
+          (lambda r, y: jnp.abs(r) > a_clip))
 
 
 def _elem_codes_values(kd: _Kind, y, want_codes: bool, want_values: bool):
@@ -508,7 +517,7 @@ def _loop(lo: int, hi: int, body, init, unroll: bool):
 
 @functools.lru_cache(maxsize=None)
 def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
-           want_values: bool, cfg: Config, interpret):
+           want_values: bool, want_mask: bool, cfg: Config, interpret):
   import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
   import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
   interp = interpret is not None
@@ -525,7 +534,7 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
   def row(ref, r):
     return ref[r].astype(jnp.float32)
 
-  def do_block(x_ref, c_ref, s_ref, v_ref, b, scal):
+  def do_block(x_ref, c_ref, s_ref, v_ref, m_ref, b, scal):
     r0 = b * bs
 
     def amax_body(r, m):
@@ -535,7 +544,7 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
     a0 = jnp.abs(row(x_ref, r0))
     m = jnp.where(a0 <= _F32_MAX, a0, np.float32(np.inf))
     m = _loop(1, bs, amax_body, m, unroll)
-    stored, to_grid, from_grid = _block_scale(kd, m, scal, interp, tn)
+    stored, to_grid, from_grid, clip = _block_scale(kd, m, scal, interp, tn)
     if want_codes:
       s_ref[b] = stored.astype(s_ref.dtype)
 
@@ -543,8 +552,11 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
       codes = []
       for j in range(ui):
         r = r0 + u * ui + j
-        y = to_grid(row(x_ref, r))
+        xr = row(x_ref, r)
+        y = to_grid(xr)
         c, v = _elem_codes_values(kd, y, want_codes, want_values)
+        if want_mask:
+          m_ref[r] = clip(xr, y).astype(jnp.uint8)
         if want_values:
           out = jnp.clip(from_grid(v), -_F32_MAX, _F32_MAX)
           v_ref[r] = out.astype(v_ref.dtype)
@@ -565,12 +577,14 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
       c_gmem, s_gmem = refs.pop(0), refs.pop(0)
     if want_values:
       v_gmem = refs.pop(0)
+    m_gmem = refs.pop(0) if want_mask else None
     x_smem = refs.pop(0)
     c_smem = s_smem = v_smem = None
     if want_codes:
       c_smem, s_smem = refs.pop(0), refs.pop(0)
     if want_values:
       v_smem = refs.pop(0)
+    m_smem = refs.pop(0) if want_mask else None
     bar = refs.pop(0)
     ni = lax.axis_index("n")
     ki = lax.axis_index("k")
@@ -578,7 +592,7 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
     row0 = ki * kc
     scal = None
     if has_scal:
-      scal = tuple(sc_gmem[i] for i in range(5))
+      scal = tuple(sc_gmem[i] for i in range(6))
 
     def fetch(i, slot):
       plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(row0 + i * tk, tk), col],
@@ -595,8 +609,10 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
       cs = c_smem.at[slot] if want_codes else None
       ss = s_smem.at[slot] if want_codes else None
       vs = v_smem.at[slot] if want_values else None
+      ms = m_smem.at[slot] if want_mask else None
+
       def blk(b, carry):
-        do_block(xs, cs, ss, vs, b, scal)
+        do_block(xs, cs, ss, vs, ms, b, scal)
         return carry
 
       _loop(0, nb, blk, 0, unroll)
@@ -609,6 +625,9 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
             ss, s_gmem.at[pl.ds(r // bs, nb), col], commit_group=False)
       if want_values:
         plgpu.copy_smem_to_gmem(vs, v_gmem.at[pl.ds(r, tk), col],
+                                commit_group=False)
+      if want_mask:
+        plgpu.copy_smem_to_gmem(ms, m_gmem.at[pl.ds(r, tk), col],
                                 commit_group=False)
       plgpu.commit_smem_to_gmem_group()
 
@@ -629,6 +648,9 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
   if want_values:
     out_types.append(jax.ShapeDtypeStruct((k, n), xdt))
     scratch.append(plgpu.SMEM((st, tk, tn), xdt))
+  if want_mask:
+    out_types.append(jax.ShapeDtypeStruct((k, n), jnp.uint8))
+    scratch.append(plgpu.SMEM((st, tk, tn), jnp.uint8))
   scratch.append(plgpu.Barrier(num_arrivals=1, num_barriers=st))
   extra = {} if interpret is None else {"interpret": interpret}
   kern = plgpu.kernel(body, out_type=tuple(out_types), scratch_types=scratch,
@@ -651,22 +673,23 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
 def _nvfp4_scalars(x2, tensor_amax):
   """(tensor scale, the kernel's float32[5] scalars) as core's ``_grid``
   derives them: ``t = max(amax / (6 * 448), 2**-126)`` (1 for a zero amax),
-  split into ``tn * 2**p``, and ``1 / tn``; the last flags an invalid static
-  range (``tensor_amax <= 0`` or NaN), which turns blocks with data into NaN."""
+  split into ``tn * 2**p``, and ``1 / tn``; then a flag for an invalid static
+  range (``tensor_amax <= 0`` or NaN), which turns blocks with data into NaN,
+  and the tensor amax (the clip range of the straight-through gradient)."""
   if tensor_amax is None:
     emax = jnp.max(jnp.where(jnp.isfinite(x2), jnp.abs(x2),
                              jnp.zeros((), x2.dtype))).astype(jnp.float32)
     t_pos = emax > 0
     t_bad = jnp.float32(0.0)
   else:
-    emax = jnp.asarray(tensor_amax, jnp.float32)
+    emax = jnp.asarray(tensor_amax, jnp.float32) * np.float32(1.0)
     t_pos = emax > 0
     t_bad = jnp.where(t_pos, np.float32(0.0), np.float32(1.0))
   t = _q._clamp_scale(_q._div(emax, np.float32(6.0 * _E4M3_MAX)), "float32")
   t = jnp.where(t_pos, t, np.float32(1.0))
   tnorm, p_down, p_up = _q._split_pow2(t)
   inv_t = _q._div(np.float32(1.0), tnorm)
-  scal = jnp.stack([tnorm, p_down, p_up, inv_t, t_bad]).astype(jnp.float32)
+  scal = jnp.stack([tnorm, p_down, p_up, inv_t, t_bad, emax]).astype(jnp.float32)
   return t, scal
 
 
@@ -700,7 +723,7 @@ def _setup(x, spec, tensor_amax, config, values: bool):
 
 
 def _run(x, spec, tensor_amax, config, interpret, values: bool,
-         codes: Optional[bool] = None):
+         codes: Optional[bool] = None, mask: bool = False):
   """The kernel's outputs in their final shapes: ``(codes, scale[, tensor
   scale])`` for quantize, then ``(values,)`` for fake_quant (``codes`` and
   ``values`` both: one kernel writing both, which the tests use).
@@ -711,8 +734,8 @@ def _run(x, spec, tensor_amax, config, interpret, values: bool,
   params = common.interpret_params(interpret)
   codes = (not values) if codes is None else codes
   spec, x, kd, k, n, cfg = _setup(x, spec, tensor_amax, config, values)
-  _check_config(kd, k, n, x.dtype, cfg, codes, values)
-  fn = _build(kd, k, n, jnp.dtype(x.dtype).name, codes, values, cfg, params)
+  _check_config(kd, k, n, x.dtype, cfg, codes, values, mask)
+  fn = _build(kd, k, n, jnp.dtype(x.dtype).name, codes, values, mask, cfg, params)
   ui, uo = _units(kd.bits)
   rest = x.shape[1:]
   nvfp4 = kd.scale == "nvfp4"
@@ -733,6 +756,8 @@ def _run(x, spec, tensor_amax, config, interpret, values: bool,
       else:
         res = (c, scale)
     if values:
+      res += (outs[2 if codes else 0].reshape(xa.shape),)
+    if mask:
       res += (outs[-1].reshape(xa.shape),)
     return res
 
@@ -743,7 +768,8 @@ def _run(x, spec, tensor_amax, config, interpret, values: bool,
       q = _q._quantize_jit(xa, spec, None, None, None, t_amax)  # pylint: disable=protected-access
       res = (q.codes, q.scale, q.tensor_scale) if nvfp4 else (q.codes, q.scale)
     if values:
-      res += (_q._fake_quant_impl(xa, spec, None, None, None, t_amax)[0],)  # pylint: disable=protected-access
+      v, clipped = _q._fake_quant_impl(xa, spec, None, None, None, t_amax)  # pylint: disable=protected-access
+      res += (v,) + ((clipped.astype(jnp.uint8),) if mask else ())
     return res
 
   f = custom_batching.custom_vmap(kernel)
@@ -790,12 +816,14 @@ def quantize(x: jax.Array, spec, *, tensor_amax: Optional[jax.Array] = None,
 
 
 def _quantize_and_values(x, spec, *, tensor_amax=None, config=None, interpret=False):
-  """(QArray, fake-quant values) from one kernel that writes both (tests)."""
-  spec, x, kd, outs = _run(x, spec, tensor_amax, config, interpret, True, True)
+  """(QArray, fake-quant values, clip mask) from one kernel that writes all
+  three (tests)."""
+  spec, x, kd, outs = _run(x, spec, tensor_amax, config, interpret, True, True,
+                           mask=True)
   t = outs[2] if kd.scale == "nvfp4" else None
   q = QArray(codes=outs[0], scale=outs[1], zero_point=None, tensor_scale=t,
              spec=spec, shape=tuple(x.shape), dtype=str(x.dtype), pack_axis=0)
-  return q, outs[-1]
+  return q, outs[-2], outs[-1]
 
 
 def fake_quant_forward(x: jax.Array, spec, *, tensor_amax: Optional[jax.Array] = None,
@@ -811,6 +839,27 @@ def fake_quant_forward(x: jax.Array, spec, *, tensor_amax: Optional[jax.Array] =
   """
   _, _, _, (vals,) = _run(x, spec, tensor_amax, config, interpret, True)
   return vals
+
+
+def fake_quant_forward_with_mask(x: jax.Array, spec, *,
+                                 tensor_amax: Optional[jax.Array] = None,
+                                 config: Optional[Config] = None,
+                                 interpret=False) -> tuple:
+  """``fake_quant_forward`` and the straight-through gradient's clip mask.
+
+  For ``fake_quant``'s forward pass under differentiation where the
+  gradient needs a mask (E8M0 scales, whose floor rounding can saturate a
+  block's largest elements; NVFP4, where values beyond the tensor range
+  clip): one read of ``x``, the values and the mask written.
+
+  Returns:
+    ``(values, clipped)``: values as ``fake_quant_forward``; ``clipped`` a
+    uint8 array of x's shape, 1 where core's ``fake_quant`` zeroes the
+    gradient (its ``clipped`` mask, bit for bit).
+  """
+  _, _, _, (vals, mask) = _run(x, spec, tensor_amax, config, interpret, True,
+                               mask=True)
+  return vals, mask
 
 
 # ---------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 import lowbit_jax as lj
+import lowbit_jax.core._quantize as core
 from lowbit_jax.kernels import gpu_quantize as gq
 
 # id -> (format, QuantSpec keywords besides axis=0)
@@ -130,18 +131,23 @@ def _check_values(got, want):
 
 def _case(kind, x, **kw):
   spec = _spec(kind)
-  q, v = gq._quantize_and_values(x, spec, config=CFG, interpret=True, **kw)  # pylint: disable=protected-access
+  q, v, m = gq._quantize_and_values(x, spec, config=CFG, interpret=True, **kw)  # pylint: disable=protected-access
   _check_codes(kind, q, lj.quantize(x, spec, **kw), x)
-  _check_values(v, jax.jit(lambda a: lj.fake_quant(a, spec, **kw))(x))
-  return q, v
+  want_v, want_m = jax.jit(lambda a: core._fake_quant_impl(  # pylint: disable=protected-access
+      a, spec, None, None, None, kw.get("tensor_amax")))(x)
+  _check_values(v, want_v)
+  np.testing.assert_array_equal(np.asarray(m), np.asarray(want_m).astype(np.uint8))
+  return q, v, m
 
 
 @pytest.mark.parametrize("kind", [
     k if k in FAST else pytest.param(k, marks=pytest.mark.slow) for k in KINDS])
 def test_kernel_equals_core_bit_for_bit(kind):
   x = _edge_cases()
-  q, _ = _case(kind, x)
+  q, _, m = _case(kind, x)
   assert np.asarray(q.codes).any()  # not a vacuous comparison
+  if kind.startswith("mx"):
+    assert np.asarray(m).any()  # E8M0 floor scales saturate some elements
   if kind == "nvfp4":
     # A static tensor range (NaN and inf blocks turned finite): every block
     # gets its own E4M3 scale, some clamped at 448.
@@ -244,7 +250,6 @@ def test_dispatch_takes_only_what_the_kernel_computes(monkeypatch):
 def test_core_quantize_uses_the_kernel_where_dispatched(monkeypatch):
   # The wiring only: the kernel entry points are stood in for by the jnp
   # path (their numbers are the tests above), recording each call.
-  import lowbit_jax.core._quantize as core  # pylint: disable=g-import-not-at-top
   calls = []
 
   def q(x, spec, tensor_amax=None):
@@ -255,8 +260,14 @@ def test_core_quantize_uses_the_kernel_where_dispatched(monkeypatch):
     calls.append("fake_quant")
     return core._fake_quant_impl(x, spec, None, None, None, tensor_amax)[0] * 2  # pylint: disable=protected-access
 
+  def fm(x, spec, tensor_amax=None):
+    calls.append("fake_quant+mask")
+    v, c = core._fake_quant_impl(x, spec, None, None, None, tensor_amax)  # pylint: disable=protected-access
+    return v, c.astype(jnp.uint8)
+
   monkeypatch.setattr(gq, "quantize", q)
   monkeypatch.setattr(gq, "fake_quant_forward", f)
+  monkeypatch.setattr(gq, "fake_quant_forward_with_mask", fm)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   x = jax.random.normal(jax.random.key(0), (K, N), jnp.bfloat16)
   spec = _spec("int4_g128")
@@ -266,17 +277,23 @@ def test_core_quantize_uses_the_kernel_where_dispatched(monkeypatch):
     assert calls == ["quantize"]
     y = jax.jit(lambda a: lj.fake_quant(a, spec))(x)     # the kernel's value
     assert calls == ["quantize", "fake_quant"]
-    # Under grad the value comes from the kernel where no clip mask is kept
-    # (int4 g128), the gradient stays straight-through.
+    # Under grad: int4 g128 never clips (no mask kept), the gradient stays
+    # straight-through.
     v, g = jax.value_and_grad(lambda a: jnp.sum(
         lj.fake_quant(a, spec).astype(jnp.float32)))(x)
     assert calls == ["quantize", "fake_quant", "fake_quant"]
     np.testing.assert_array_equal(np.asarray(g, np.float32), 1.0)
-    # MXFP4 keeps a clip mask for its gradient: the jnp path runs under grad.
-    jax.eval_shape(jax.grad(lambda a: jnp.sum(lj.fake_quant(a, _spec("mxfp4")).astype(
-        jnp.float32))), x)
-    assert calls == ["quantize", "fake_quant", "fake_quant"]
+    # MXFP4 keeps a clip mask for its gradient: the kernel writes it (uint8).
+    mx = _spec("mxfp4")
+    big = x.at[0, 0].set(100.0).at[1, 0].set(97.0)  # 97 saturates (floor scale)
+    g = jax.jit(jax.grad(lambda a: jnp.sum(lj.fake_quant(a, mx).astype(
+        jnp.float32))))(big)
+    assert calls[-1] == "fake_quant+mask"
   monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  want_g = jax.jit(jax.grad(lambda a: jnp.sum(lj.fake_quant(a, mx).astype(
+      jnp.float32))))(big)
+  np.testing.assert_array_equal(np.asarray(g), np.asarray(want_g))
+  assert float(np.asarray(g, np.float32).min()) == 0.0  # something clipped
   want = jax.jit(lambda a: lj.fake_quant(a, spec))(x)
   _check_values(y, want * 2)  # the stand-in's value reached the caller
   np.testing.assert_allclose(float(v), float(jnp.sum(want.astype(jnp.float32) * 2)),
@@ -304,15 +321,16 @@ def _lower(fn, *args):
   assert "mosaic_gpu" in text
 
 
-@pytest.mark.parametrize("kind,values", [
-    ("mxfp8_e4m3", False), ("nvfp4", True)] + [
-        pytest.param(k, v, marks=pytest.mark.slow)
-        for k in KINDS for v in (False, True)
-        if (k, v) not in (("mxfp8_e4m3", False), ("nvfp4", True))])
-def test_kernel_lowers_to_mosaic_gpu(kind, values):
+@pytest.mark.parametrize("kind,mode", [
+    ("mxfp8_e4m3", "quantize"), ("nvfp4", "mask")] + [
+        pytest.param(k, m, marks=pytest.mark.slow)
+        for k in KINDS for m in ("quantize", "values", "mask")
+        if (k, m) not in (("mxfp8_e4m3", "quantize"), ("nvfp4", "mask"))])
+def test_kernel_lowers_to_mosaic_gpu(kind, mode):
   # The GPU build (inline div.full.f32, unrolled rows, default tiling).
   x = jax.ShapeDtypeStruct((1024, 1024), jnp.bfloat16)
-  fn = gq.fake_quant_forward if values else gq.quantize
+  fn = {"quantize": gq.quantize, "values": gq.fake_quant_forward,
+        "mask": gq.fake_quant_forward_with_mask}[mode]
   _lower(lambda a: fn(a, _spec(kind)), x)
 
 
@@ -335,6 +353,10 @@ def test_compiled_kernel_matches_jnp_path(kind, shape):
     want_v = jax.jit(lambda a: lj.fake_quant(a, spec))(x)
   got_q = jax.jit(lambda a: gq.quantize(a, spec))(x)
   got_v = jax.jit(lambda a: gq.fake_quant_forward(a, spec))(x)
+  got_v2, got_m = jax.jit(lambda a: gq.fake_quant_forward_with_mask(a, spec))(x)
+  _, want_m = jax.jit(lambda a: core._fake_quant_impl(a, spec, None, None, None, None))(x)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(np.asarray(got_m), np.asarray(want_m).astype(np.uint8))
+  _check_values(got_v2, want_v)
   bs = spec.group_size
   xb = np.asarray(x.astype(jnp.float32)).reshape(k // bs, bs, n)
   bad = np.broadcast_to(~np.isfinite(xb).all(1, keepdims=True), xb.shape).reshape(k, n)
