@@ -41,8 +41,13 @@ ask on every call: a kernel runs only on a GPU backend, for a format in
 ``experiments/bench_gpu_quantize.py``), for the default keywords only (no
 static ranges, learned scales, clipping, stochastic rounding, padding), where
 the shape fits the tiling. The jnp path stays the reference, and is what runs
-on CPU and TPU. ``quantize(..., interpret=True)`` runs the kernel in Pallas'
-Mosaic GPU interpreter on the CPU (tests/kernels/test_gpu_quantize.py).
+on CPU and TPU. Under ``vmap`` the jnp path runs (the kernel has no batching
+rule). Inside ``shard_map`` the kernel sees the local shard. Under ``jit``
+with sharded operands (not tried): the kernel is a custom call without a
+partitioning rule, which XLA's SPMD partitioner can only run on a replicated
+operand, so quantize inside ``shard_map`` there. ``quantize(...,
+interpret=True)`` runs the kernel in Pallas' Mosaic GPU interpreter on the
+CPU (tests/kernels/test_gpu_quantize.py).
 """
 from __future__ import annotations
 
