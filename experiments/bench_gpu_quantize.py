@@ -263,10 +263,14 @@ def main(argv):
     tn, tk, kpc, st = (int(v) for v in c.split(":"))
     configs.append((c, gq.Config(tile_n=tn, tile_k=tk, k_per_cta=kpc, stages=st)))
 
-  for kind in _FORMATS.value or list(KINDS):
+  # quantize and fake_quant of every format first (they decide ENABLED),
+  # then fwd+bwd of every format.
+  order = [(kind, ops) for ops in (("quantize", "fake_quant"), ("fwd+bwd",))
+           for kind in (_FORMATS.value or list(KINDS))]
+  for kind, ops in order:
     fmt, kw = KINDS[kind]
     spec = lj.QuantSpec(fmt, axis=0, **kw)
-    for op in ("quantize", "fake_quant", "fwd+bwd"):
+    for op in ops:
       if time.time() - T0 > _BUDGET.value:
         run.res["errors"].append(dict(item=f"{kind} {op}", error="skipped: time budget"))
         continue
