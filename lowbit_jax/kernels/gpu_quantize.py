@@ -283,13 +283,9 @@ def _check_config(kd: _Kind, k: int, n: int, x_dtype, cfg: Config, codes: bool,
 # Row arithmetic (register vectors of tile_n columns)
 
 
-def _f32_hex(v: float) -> str:
-  return "0f%08X" % int(np.float32(v).view(np.uint32))
-
-
 def _div_full_regs(a, b):
   """Elementwise ``div.full.f32`` of two Mosaic GPU fragmented arrays (or of
-  one and a Python float, as an immediate)."""
+  one and a Python float, held in a register)."""
   _, fa, ir, _, llvm, _, vector = common._mlir()
   f32 = ir.F32Type.get()
   i32 = ir.IntegerType.get_signless(32)
@@ -301,12 +297,11 @@ def _div_full_regs(a, b):
     for j in range(n_el):
       pos = llvm.ConstantOp(i32, ir.IntegerAttr.get(i32, j)).result
       x = llvm.extractelement(reg, pos)
-      if breg is None:
-        r = llvm.inline_asm(f32, [x], f"div.full.f32 $0, $1, {_f32_hex(b)};",
-                            "=f,f")
+      if breg is None:  # the constant divisor in a register
+        y = llvm.ConstantOp(f32, ir.FloatAttr.get(f32, b)).result
       else:
         y = llvm.extractelement(breg, pos)
-        r = llvm.inline_asm(f32, [x, y], "div.full.f32 $0, $1, $2;", "=f,f,f")
+      r = llvm.inline_asm(f32, [x, y], "div.full.f32 $0, $1, $2;", "=f,f,f")
       out = llvm.insertelement(out, r, pos)
     new[idx] = out
   del vector
