@@ -41,7 +41,13 @@ KINDS = {
 }
 FAST = ("mxfp8_e4m3", "mxfp4", "nvfp4", "int4_g128")
 K, N = 128, 128
-CFG = gq.Config(tile_n=128, tile_k=128, k_per_cta=128, stages=1, unroll=False)
+def _cfg(kind):
+  """Two pipeline steps through two slots where the block allows (64 rows a
+  step), one step of 128 rows for blocks of 128."""
+  block = _spec(kind).group_size
+  tk = max(64, block)
+  return gq.Config(tile_n=128, tile_k=tk, k_per_cta=K, stages=K // tk,
+                   unroll=False)
 
 
 def _spec(kind):
@@ -131,7 +137,7 @@ def _check_values(got, want):
 
 def _case(kind, x, **kw):
   spec = _spec(kind)
-  q, v, m = gq._quantize_and_values(x, spec, config=CFG, interpret=True, **kw)  # pylint: disable=protected-access
+  q, v, m = gq._quantize_and_values(x, spec, config=_cfg(kind), interpret=True, **kw)  # pylint: disable=protected-access
   _check_codes(kind, q, lj.quantize(x, spec, **kw), x)
   want_v, want_m = jax.jit(lambda a: core._fake_quant_impl(  # pylint: disable=protected-access
       a, spec, None, None, None, kw.get("tensor_amax")))(x)
@@ -167,6 +173,7 @@ def _two_by_two():
   return jnp.concatenate([x, x * 2.0 ** -20], axis=0)
 
 
+@pytest.mark.slow
 def test_quantize_kernel_equals_core():
   # The production quantize kernel (codes and scales only), pipeline slots
   # reused across steps.
