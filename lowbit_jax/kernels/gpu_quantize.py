@@ -286,7 +286,7 @@ def _check_config(kd: _Kind, k: int, n: int, x_dtype, cfg: Config, codes: bool,
 def _div_full_regs(a, b):
   """Elementwise ``div.full.f32`` of two Mosaic GPU fragmented arrays (or of
   one and a Python float, held in a register)."""
-  _, fa, ir, _, llvm, _, vector = common._mlir()
+  _, fa, ir, _, llvm, _, _ = common._mlir()  # pylint: disable=protected-access
   f32 = ir.F32Type.get()
   i32 = ir.IntegerType.get_signless(32)
   new = np.empty_like(a.registers)
@@ -304,7 +304,6 @@ def _div_full_regs(a, b):
       r = llvm.inline_asm(f32, [x, y], "div.full.f32 $0, $1, $2;", "=f,f,f")
       out = llvm.insertelement(out, r, pos)
     new[idx] = out
-  del vector
   return fa.FragmentedArray(_registers=new, _layout=a.layout, _is_signed=None)
 
 
@@ -312,17 +311,21 @@ def _div_full(a: jax.Array, b, interp: bool, tn: int) -> jax.Array:
   """``a / b`` for float32 rows, rounded as XLA's GPU division rounds.
 
   XLA's GPU backend emits ``div.full.f32`` for a float32 division (within 2
-  ulp, not IEEE); the kernel emits the same instruction through inline PTX,
-  so ``amax / 7`` and ``x / scale`` are the XLA path's numbers. In the
-  interpreter (CPU) it is an IEEE division behind an optimization barrier (XLA
-  on CPU would turn a division by a constant into a multiplication by its
-  rounded reciprocal), as the CPU reference divides.
+  ulp, not IEEE; seen in the PTX of XLA's deviceless compile of ``a / b``
+  for an H200 target, jax 0.10.2); the kernel emits the same instruction
+  through inline PTX, so ``amax / 7`` and ``x / scale`` are the XLA path's
+  numbers. In the interpreter (CPU) it is an IEEE division behind an
+  optimization barrier (XLA on CPU would turn a division by a constant into
+  a multiplication by its rounded reciprocal), as the CPU reference divides.
 
   Args:
     a: float32 ``[tn]`` row.
     b: float32 ``[tn]`` row of the same layout, or a Python float.
     interp: interpreter (CPU) or GPU build.
     tn: the row length.
+
+  Returns:
+    The float32 ``[tn]`` quotient row.
   """
   if interp:
     bb = jnp.broadcast_to(jnp.asarray(b, jnp.float32), a.shape)
