@@ -18,7 +18,9 @@ tile_n]`` tile of ``x`` once (TMA into shared memory, a pipeline of
    even on the float32 bits, integers by ``round``), packs 4-bit codes two rows
    to a byte and 6-bit codes four rows to three bytes (``QArray``'s layout
    along axis 0), and writes codes and scales (``quantize``) or the
-   dequantized values (``fake_quant``'s forward) through TMA.
+   dequantized values (``fake_quant``'s forward; under differentiation also
+   the straight-through gradient's clip mask, where core keeps one) through
+   TMA.
 
 The results equal ``lowbit_jax.quantize`` / ``fake_quant`` bit for bit (codes,
 scales, tensor scale; the values of the fake-quant forward), except for which
