@@ -9,10 +9,14 @@ amax near 2**-126 and 2**127, subnormals, grid midpoints, NaN and inf). In a
 block holding a NaN or an inf only the scale (NaN) and the NaN-ness of the
 values are compared: which NaN code its elements get is the compiler's.
 
-Each case builds one kernel that writes codes, scales and values together
-(``_quantize_and_values``), so one interpreter compile checks both
-operations; ``quantize`` and ``fake_quant_forward`` themselves (their own
-kernels) are checked on one format each. The interpreter compiles each kernel
+Each case builds one kernel that writes codes, scales, values and the
+gradient's clip mask together (``_quantize_and_values``), so one interpreter
+compile checks every output; ``quantize`` and ``fake_quant_forward``
+themselves (their own kernels) are checked on one format each. The
+interpreter compiles the kernel with XLA, whose algebraic simplifier rewrites
+it as it rewrites the reference, which the Mosaic GPU build never is: the
+kernel's row arithmetic is therefore also run op by op
+(``test_row_arithmetic_equals_core_without_xla_rewrites``). The interpreter compiles each kernel
 for seconds: the formats beyond the issue's first four run with --runslow.
 The compiled kernel is checked against the jnp path on a GPU
 (``test_compiled_kernel_matches_jnp_path``, marked gpu).
