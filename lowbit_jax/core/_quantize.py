@@ -835,6 +835,23 @@ def _values(q, total, zp, bs, shape):
 
 
 # ---------------------------------------------------------------------------
+# The one-pass GPU kernel (lowbit_jax.kernels.gpu_quantize)
+
+
+def _kernel_ok(x, spec: QuantSpec, values: bool, **kw) -> bool:
+  """Whether the one-pass Mosaic GPU quantizer takes this call (GPU backend,
+  a format its ``ENABLED`` lists, default keywords; ``gpu_quantize.dispatch``).
+  The jnp path below stays the reference and runs everywhere else."""
+  try:
+    if jax.default_backend() != "gpu":
+      return False
+  except RuntimeError:
+    return False
+  from lowbit_jax.kernels import gpu_quantize  # pylint: disable=g-import-not-at-top
+  return gpu_quantize.dispatch(x, spec, values=values, **kw)
+
+
+# ---------------------------------------------------------------------------
 # Public API
 
 
@@ -1043,6 +1060,11 @@ def quantize(x: jax.Array, spec=None, *, key: Optional[jax.Array] = None,
   x = jnp.asarray(x)
   _check_tensor_amax(spec, amax, tensor_amax, amin)
   _check_empty(x, "quantize")
+  if _kernel_ok(x, spec, False, key=key, amax=amax, amin=amin,
+                tensor_amax=tensor_amax, scale=scale, clip=clip,
+                zero_point=zero_point):
+    from lowbit_jax.kernels import gpu_quantize  # pylint: disable=g-import-not-at-top
+    return gpu_quantize.quantize(x, spec, tensor_amax=tensor_amax)
   scale, zero_point, clip = _check_learned(spec, x.shape, amax, amin, tensor_amax,
                                            scale, zero_point, clip)
   # One jit per (spec, shape): run eagerly, the dozens of small ops would each
@@ -1126,8 +1148,21 @@ def _fake_quant_impl(x, spec, key, amax, amin, tensor_amax):
   return out[sl].astype(dtype), clipped[sl]
 
 
+def _fake_quant_kernel(x, spec, key, amax, amin, tensor_amax):
+  """The forward value from the one-pass GPU kernel, or None where it does
+  not apply (the gradient rules below are unchanged either way)."""
+  if not _kernel_ok(x, spec, True, key=key, amax=amax, amin=amin,
+                    tensor_amax=tensor_amax):
+    return None
+  from lowbit_jax.kernels import gpu_quantize  # pylint: disable=g-import-not-at-top
+  return gpu_quantize.fake_quant_forward(x, spec, tensor_amax=tensor_amax)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _fake_quant(x, spec, key, amax, amin, tensor_amax):
+  y = _fake_quant_kernel(x, spec, key, amax, amin, tensor_amax)
+  if y is not None:
+    return y
   return _fake_quant_impl(x, spec, key, amax, amin, tensor_amax)[0]
 
 
@@ -1149,6 +1184,17 @@ def _never_clips(spec: QuantSpec, amax, tensor_amax) -> bool:
 
 
 def _fq_fwd(x, spec, key, amax, amin, tensor_amax):
+  if _kernel_ok(x, spec, True, key=key, amax=amax, amin=amin,
+                tensor_amax=tensor_amax):
+    # The one-pass GPU kernel: the value, and the clip mask where the
+    # gradient needs one (uint8, 1 where clipped).
+    from lowbit_jax.kernels import gpu_quantize  # pylint: disable=g-import-not-at-top
+    if _never_clips(spec, amax, tensor_amax):
+      y = gpu_quantize.fake_quant_forward(x, spec, tensor_amax=tensor_amax)
+      return y, (None, key, amax, amin, tensor_amax)
+    y, clipped = gpu_quantize.fake_quant_forward_with_mask(
+        x, spec, tensor_amax=tensor_amax)
+    return y, (clipped, key, amax, amin, tensor_amax)
   y, clipped = _fake_quant_impl(x, spec, key, amax, amin, tensor_amax)
   if _never_clips(spec, amax, tensor_amax):
     clipped = None
@@ -1162,6 +1208,8 @@ def _key_ct(key):
 def _fq_bwd(spec, res, g):
   clipped, key, amax, amin, tensor_amax = res
   del spec
+  if clipped is not None and clipped.dtype != jnp.bool_:
+    clipped = clipped != 0  # the GPU kernel's uint8 mask
   gx = g if clipped is None else jnp.where(clipped, jnp.zeros_like(g), g)
   zero = lambda v: None if v is None else jnp.zeros_like(v)  # noqa: E731
   return gx, _key_ct(key), zero(amax), zero(amin), zero(tensor_amax)

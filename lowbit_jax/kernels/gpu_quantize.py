@@ -1,0 +1,934 @@
+"""One-pass quantize and fake_quant for block scales along axis 0, in Mosaic GPU.
+
+``lowbit_jax.quantize(x, spec)`` of a ``[K, N]`` array whose scale blocks run
+along axis 0 in short groups (MX formats, NVFP4, ``group_size`` 16..128) is, on
+XLA's GPU path, a reduction pass for the block amax and an elementwise pass that
+reads ``x`` again (3 to 6 kernels in all). Here one kernel reads each ``[tile_k,
+tile_n]`` tile of ``x`` once (TMA into shared memory, a pipeline of
+``Config.stages``), and for each block of rows:
+
+1. takes the per-column amax as an elementwise max over the block's rows (each
+   row is a register vector of ``tile_n`` columns, so no cross-thread
+   reduction is needed);
+2. computes the block scale exactly as ``lowbit_jax.core._quantize._grid``
+   does (E8M0 exponents from the amax's bits; float32 scales ``amax / max``;
+   NVFP4's E4M3 block scale over the tensor scale);
+3. scales, rounds and encodes each row (E4M3 through the hardware convert,
+   E2M1 by comparisons with the grid's midpoints, E2M3 by a round-to-nearest-
+   even on the float32 bits, integers by ``round``), packs 4-bit codes two rows
+   to a byte and 6-bit codes four rows to three bytes (``QArray``'s layout
+   along axis 0), and writes codes and scales (``quantize``) or the
+   dequantized values (``fake_quant``'s forward; under differentiation also
+   the straight-through gradient's clip mask, where core keeps one) through
+   TMA.
+
+The results equal ``lowbit_jax.quantize`` / ``fake_quant`` bit for bit (codes,
+scales, tensor scale; the values of the fake-quant forward), except for which
+NaN a block holding a NaN or an inf gets (its scale is NaN either way, the
+E8M0 code 255 or an E4M3 NaN, so it dequantizes to NaN). Divisions use the
+instruction XLA's GPU backend emits for a float32 ``/`` (``div.full.f32``,
+not correctly rounded; ``_div_full``), so a scale such as ``amax / 7`` is the
+same number the XLA path computes on the same GPU; in the interpreter (CPU)
+they are IEEE divisions, as the CPU reference's.
+
+NVFP4's tensor scale needs the amax of the whole tensor before any block can
+be scaled: XLA reduces it first (one read of ``x``), the kernel takes the
+derived scalars, so NVFP4 costs two reads of ``x`` against one for the other
+formats. Per-channel and per-tensor scales (``int8`` per channel, ``fp8``
+per channel) need the whole axis for their amax: they are not taken here.
+
+``dispatch(x, spec, ...)`` is what ``lowbit_jax.quantize`` and ``fake_quant``
+ask on every call: a kernel runs only on a GPU backend, for a format in
+``ENABLED`` (the formats a measured run found faster than XLA's path; see
+``experiments/bench_gpu_quantize.py``), for the default keywords only (no
+static ranges, learned scales, clipping, stochastic rounding, padding), where
+the shape fits the tiling. The jnp path stays the reference, and is what runs
+on CPU and TPU. Under ``vmap`` the jnp path runs (the kernel has no batching
+rule). Inside ``shard_map`` the kernel sees the local shard. Under ``jit``
+with sharded operands (not tried): the kernel is a custom call without a
+partitioning rule, which XLA's SPMD partitioner can only run on a replicated
+operand, so quantize inside ``shard_map`` there. ``quantize(...,
+interpret=True)`` runs the kernel in Pallas' Mosaic GPU interpreter on the
+CPU (tests/kernels/test_gpu_quantize.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+import threading
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import custom_batching
+from jax import lax
+
+from lowbit_jax.core import _cast
+from lowbit_jax.core import _quantize as _q
+from lowbit_jax.core._qarray import QArray, normalize_axis
+from lowbit_jax.core._spec import QuantSpec, as_spec
+from lowbit_jax.formats import BlockFormat, FloatFormat, IntFormat
+from lowbit_jax.kernels import _gpu_common as common
+
+# Formats the dispatcher sends to the kernel: those a GPU run of
+# experiments/bench_gpu_quantize.py measured faster than XLA's path for both
+# quantize and fake_quant (ids as ``kind_of`` gives them). Empty until that
+# run: nothing is dispatched to a kernel that has not been timed on a GPU.
+ENABLED: frozenset = frozenset()
+
+_F32_MAX = np.float32(np.finfo(np.float32).max)
+_E4M3_MAX = 448.0
+_GROUPS = (16, 32, 64, 128)
+_INT_FORMATS = ("int4", "int8")
+MAX_SMEM_BYTES = 227 * 1024  # what one Hopper CTA may use
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Tiling of the quantizer.
+
+  Attributes:
+    tile_n: columns per tile (128 or 256: a TMA box is at most 256 wide, and
+      a row must split evenly over the warpgroup's 128 threads).
+    tile_k: rows per pipeline step (a multiple of the block size).
+    k_per_cta: rows each CTA walks (a multiple of ``tile_k``); the grid is
+      ``(N / tile_n, K / k_per_cta)``.
+    stages: input tiles in flight (TMA loads ahead of the compute).
+    unroll: unroll the row loops in Python (the GPU build; the interpreter
+      compiles faster with loops).
+  """
+  tile_n: int = 256
+  tile_k: int = 64
+  k_per_cta: int = 512
+  stages: int = 2
+  unroll: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class _Kind:
+  """What the kernel computes for one format (static)."""
+  kind: str        # the id, e.g. "mxfp8_e4m3", "int4_g128"
+  scale: str       # "e8m0" | "float32" | "nvfp4"
+  elem: str        # "fp8" | "fp4" | "fp6" | "int"
+  block: int       # rows per scale block
+  fmt: object      # the element Format
+  bits: int        # stored bits per code (8, 6 or 4)
+  rounding: str    # E8M0 scale rounding
+
+
+def kind_of(spec: QuantSpec, ndim: int = 2) -> Optional[str]:
+  """The kernel's id for a spec with blocks along axis 0, or None.
+
+  Args:
+    spec: a QuantSpec.
+    ndim: the rank of the array it quantizes.
+
+  Returns:
+    "mxfp8_e4m3", "mxfp4", "mxfp6_e2m3", "mxint8", "nvfp4", or
+    "<int4|int8|fp4_e2m1>_g<16|32|64|128>"; None for anything else (other
+    axes, per-channel or per-tensor scales, asymmetric specs, tiles).
+  """
+  k = _kind(spec, ndim)
+  return None if k is None else k.kind
+
+
+def _kind(spec: QuantSpec, ndim: int) -> Optional[_Kind]:
+  if spec.tile is not None or not spec.symmetric or ndim < 2:
+    return None
+  try:
+    ax = normalize_axis(spec.axis, ndim)
+  except ValueError:
+    return None
+  if ax != 0 or spec.group_size not in _GROUPS:
+    return None
+  fmt = spec.format
+  g = spec.group_size
+  if isinstance(fmt, BlockFormat):
+    el = fmt.element
+    name = fmt.name
+    if fmt.tensor_scale:
+      if (name == "nvfp4" and spec.scale_dtype == "fp8_e4m3" and g == 16
+          and el.name == "fp4_e2m1"):
+        return _Kind("nvfp4", "nvfp4", "fp4", g, el, 4, "floor")
+      return None
+    if spec.scale_dtype != "e8m0" or g != 32:
+      return None
+    elem = {"fp8_e4m3": "fp8", "fp4_e2m1": "fp4", "fp6_e2m3": "fp6",
+            "int8_fixed6": "int"}.get(el.name)
+    if elem is None or name not in ("mxfp8_e4m3", "mxfp4", "mxfp6_e2m3", "mxint8"):
+      return None
+    return _Kind(name, "e8m0", elem, g, el, el.bits, spec.scale_rounding)
+  if spec.scale_dtype != "float32":
+    return None
+  if isinstance(fmt, IntFormat) and fmt.name in _INT_FORMATS:
+    return _Kind(f"{fmt.name}_g{g}", "float32", "int", g, fmt, fmt.bits, "floor")
+  if isinstance(fmt, FloatFormat) and fmt.name == "fp4_e2m1":
+    return _Kind(f"fp4_e2m1_g{g}", "float32", "fp4", g, fmt, 4, "floor")
+  return None
+
+
+def supported_kinds() -> tuple:
+  """Every id ``kind_of`` can return (what the kernel computes exactly)."""
+  out = ["mxfp8_e4m3", "mxfp4", "nvfp4"]
+  out += [f"fp4_e2m1_g{g}" for g in _GROUPS]
+  out += [f"{f}_g{g}" for f in _INT_FORMATS for g in _GROUPS]
+  return tuple(out + ["mxint8", "mxfp6_e2m3"])
+
+
+# ---------------------------------------------------------------------------
+# Tiling
+
+
+def default_config(kind: str, k: int, n: int, x_dtype,
+                   values: bool = False) -> Optional[Config]:
+  """A tiling for ``[k, n]`` (None where none fits).
+
+  One block per step (at least 32 rows), so that a CTA's shared memory stays
+  small and several CTAs share an SM (one warpgroup each); 256 columns (128
+  for blocks of 128, whose tiles are four times taller), or 128 where two
+  stages would not fit in shared memory. Rows per CTA: as many steps as keep
+  the grid at 4 CTAs per SM or more on 132 SMs. Not tuned on a GPU yet:
+  ``experiments/bench_gpu_quantize.py --configs`` times others.
+
+  Args:
+    kind: an id of ``supported_kinds()``.
+    k, n: the array's rows and (flattened) columns.
+    x_dtype: bfloat16 or float32.
+    values: the fake_quant forward (values out) instead of quantize (codes
+      and scales out).
+  """
+  block = _block_of(kind)
+  tk = max(block, 32)
+  if k % tk:
+    return None
+  wide = (256, 128) if block <= 64 else (128,)
+  for tn, st in [(t, 2) for t in wide] + [(128, 1)]:
+    if n % tn:
+      continue
+    cfg = Config(tile_n=tn, tile_k=tk, k_per_cta=tk, stages=st)
+    if _smem(block, _bits_of(kind), kind.endswith(tuple(f"_g{g}" for g in _GROUPS)),
+             x_dtype, cfg, not values, values, values) <= MAX_SMEM_BYTES:
+      break
+  else:
+    return None
+  n_tiles, steps = n // tn, k // tk
+  # Steps per CTA: the largest divisor of the step count that leaves at least
+  # 4 * 132 CTAs (at least one step).
+  per = 1
+  for d in range(1, steps + 1):
+    if steps % d == 0 and n_tiles * (steps // d) >= 4 * 132:
+      per = d
+  return dataclasses.replace(cfg, k_per_cta=tk * per)
+
+
+def _bits_of(kind: str) -> int:
+  if kind in ("mxfp4", "nvfp4") or kind.startswith(("fp4_", "int4_")):
+    return 4
+  return 6 if kind == "mxfp6_e2m3" else 8
+
+
+def _block_of(kind: str) -> int:
+  if kind == "nvfp4":
+    return 16
+  if kind.startswith("mx"):
+    return 32
+  return int(kind.rsplit("_g", 1)[1])
+
+
+def _units(bits: int) -> tuple:
+  """(rows in, rows out) of one packing unit along axis 0."""
+  return {8: (1, 1), 4: (2, 1), 6: (4, 3)}[bits]
+
+
+def _smem(block: int, bits: int, f32_scale: bool, x_dtype, cfg: Config,
+          codes: bool, values: bool, mask: bool = False) -> int:
+  """Shared memory one CTA uses."""
+  xb = jnp.dtype(x_dtype).itemsize
+  per = cfg.tile_k * cfg.tile_n * xb
+  if codes:
+    ui, uo = _units(bits)
+    per += cfg.tile_k * uo // ui * cfg.tile_n
+    per += cfg.tile_k // block * cfg.tile_n * (4 if f32_scale else 1)
+  if values:
+    per += cfg.tile_k * cfg.tile_n * xb
+  if mask:
+    per += cfg.tile_k * cfg.tile_n
+  return cfg.stages * per + 1024
+
+
+def _check_config(kd: _Kind, k: int, n: int, x_dtype, cfg: Config, codes: bool,
+                  values: bool, mask: bool = False) -> None:
+  if cfg.tile_n not in (128, 256):
+    raise ValueError(f"tile_n must be 128 or 256, got {cfg.tile_n}")
+  if cfg.tile_k % kd.block or cfg.tile_k > 256:
+    raise ValueError(f"tile_k={cfg.tile_k} must be a multiple of the block "
+                     f"{kd.block} and at most 256")
+  ui, _ = _units(kd.bits)
+  if cfg.tile_k % ui:
+    raise ValueError(f"tile_k={cfg.tile_k} must be a multiple of {ui}")
+  if cfg.k_per_cta % cfg.tile_k or k % cfg.k_per_cta or n % cfg.tile_n:
+    raise ValueError(f"[{k}, {n}] does not fit the tiling {cfg}: K must be a "
+                     "multiple of k_per_cta (itself of tile_k) and N of tile_n")
+  if cfg.stages < 1:
+    raise ValueError(f"stages must be at least 1, got {cfg.stages}")
+  need = _smem(kd.block, kd.bits, kd.scale == "float32", x_dtype, cfg, codes,
+               values, mask)
+  if need > MAX_SMEM_BYTES:
+    raise ValueError(f"the tiling {cfg} needs {need} bytes of shared memory, "
+                     f"more than {MAX_SMEM_BYTES}; lower tile_k or stages")
+
+
+# ---------------------------------------------------------------------------
+# Row arithmetic (register vectors of tile_n columns)
+
+
+def _div_full_regs(a, b):
+  """Elementwise ``div.full.f32`` of two Mosaic GPU fragmented arrays (or of
+  one and a Python float, held in a register)."""
+  _, fa, ir, _, llvm, _, _ = common._mlir()  # pylint: disable=protected-access
+  f32 = ir.F32Type.get()
+  i32 = ir.IntegerType.get_signless(32)
+  new = np.empty_like(a.registers)
+  for idx, reg in np.ndenumerate(a.registers):
+    n_el = ir.VectorType(reg.type).shape[0]
+    breg = None if isinstance(b, float) else b.registers[idx]
+    out = llvm.mlir_undef(reg.type)
+    for j in range(n_el):
+      pos = llvm.ConstantOp(i32, ir.IntegerAttr.get(i32, j)).result
+      x = llvm.extractelement(reg, pos)
+      if breg is None:  # the constant divisor in a register
+        y = llvm.ConstantOp(f32, ir.FloatAttr.get(f32, b)).result
+      else:
+        y = llvm.extractelement(breg, pos)
+      r = llvm.inline_asm(f32, [x, y], "div.full.f32 $0, $1, $2;", "=f,f,f")
+      out = llvm.insertelement(out, r, pos)
+    new[idx] = out
+  return fa.FragmentedArray(_registers=new, _layout=a.layout, _is_signed=None)
+
+
+def _div_full(a: jax.Array, b, interp: bool, tn: int) -> jax.Array:
+  """``a / b`` for float32 rows, rounded as XLA's GPU division rounds.
+
+  XLA's GPU backend emits ``div.full.f32`` for a float32 division (within 2
+  ulp, not IEEE; seen in the PTX of XLA's deviceless compile of ``a / b``
+  for an H200 target, jax 0.10.2); the kernel emits the same instruction
+  through inline PTX, so ``amax / 7`` and ``x / scale`` are the XLA path's
+  numbers. In the interpreter (CPU) it is an IEEE division behind an
+  optimization barrier (XLA on CPU would turn a division by a constant into
+  a multiplication by its rounded reciprocal), as the CPU reference divides.
+
+  Args:
+    a: float32 ``[tn]`` row.
+    b: float32 ``[tn]`` row of the same layout, or a Python float.
+    interp: interpreter (CPU) or GPU build.
+    tn: the row length.
+
+  Returns:
+    The float32 ``[tn]`` quotient row.
+  """
+  if interp:
+    bb = jnp.broadcast_to(jnp.asarray(b, jnp.float32), a.shape)
+    return lax.div(a, lax.optimization_barrier(bb))
+  import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+  lay = plgpu.Layout.WG_STRIDED((tn,), vec_size=tn // 128)
+  ret = plgpu.ShapeDtypeStruct((tn,), jnp.float32, lay)
+  if isinstance(b, (float, int, np.floating)):
+    bf = float(b)
+
+    @plgpu.inline_mgpu(arg_types=(lay,), return_type=ret)
+    def div_c(_, av):
+      return _div_full_regs(av, bf)
+    return div_c(a)
+
+  @plgpu.inline_mgpu(arg_types=(lay, lay), return_type=ret)
+  def div_v(_, av, bv):
+    return _div_full_regs(av, bv)
+  return div_v(a, b)
+
+
+def _pow2(e):
+  """``2.0**e`` from the exponent bits (core's ``_pow2``)."""
+  bits = (jnp.clip(e, -127, 128) + 127).astype(jnp.uint32) << 23
+  return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _pow2_pair(e):
+  """Core's ``_pow2_pair`` (``floor(e / 2)`` as an arithmetic shift)."""
+  h = lax.shift_right_arithmetic(e, jnp.int32(1))
+  return _pow2(h), _pow2(e - h)
+
+
+def _rne_mantissa(v, man_bits: int):
+  """Rounds finite normal float32 ``v`` to ``man_bits`` mantissa bits,
+  half to even, on the bits (what ``lax.reduce_precision`` does there)."""
+  u = lax.bitcast_convert_type(v, jnp.uint32)
+  sh = 23 - man_bits
+  lsb = (u >> np.uint32(sh)) & np.uint32(1)
+  u = u + (np.uint32((1 << (sh - 1)) - 1) + lsb)
+  u = u & np.uint32(~((1 << sh) - 1) & 0xFFFFFFFF)
+  return lax.bitcast_convert_type(u, jnp.float32)
+
+
+def _round_float_grid(y, fmt: FloatFormat):
+  """``_cast._cast_float_rp`` of finite-or-NaN ``y`` without ReducePrecision:
+  clamp to the format's max, round normals on the bits, subnormals on their
+  fixed spacing with ``round`` (half to even)."""
+  m = np.float32(fmt.max)
+  c = jnp.clip(y, -m, m)
+  k = fmt.bias - 1 + fmt.man_bits
+  sub = jnp.round(c * np.float32(2.0 ** k)) * np.float32(2.0 ** -k)
+  nrm = _rne_mantissa(c, fmt.man_bits)
+  return jnp.where(jnp.abs(c) < np.float32(fmt.min_normal), sub, nrm)
+
+
+def _fp4_codes(y, fmt):
+  """E2M1 codes (uint32) of float32 ``y``: ``_cast.encode_nearest`` of the
+  clamped values (NaN codes as there)."""
+  return _cast.encode_nearest(jnp.clip(y, np.float32(-6.0), np.float32(6.0)), fmt)
+
+
+def _fp4_values(codes):
+  """float32 values of E2M1 codes (uint32), ``-0.0`` for code 8."""
+  return common.decode_e2m1(codes.astype(jnp.int32))
+
+
+# ---------------------------------------------------------------------------
+# The kernel
+
+
+def _block_scale(kd: _Kind, amax, scal, interp: bool, tn: int):
+  """Per-column scale of one block from its amax row (inf where the block
+  holds a NaN or an inf).
+
+  Returns:
+    (stored scale row, ``to_grid(row) -> y``, ``from_grid(q) -> value``
+    before the float32-max clamp, ``clipped(row, y) -> bool row``: where
+    core's straight-through gradient is zero)
+  """
+  bad = amax == np.float32(np.inf)
+  if kd.scale == "e8m0":
+    e = _q._e8m0_exponent(amax, kd.fmt, kd.rounding)
+    stored = jnp.where(bad, 255, e + 127).astype(jnp.uint8)
+    i1, i2 = _pow2_pair(-e)
+    f1 = jnp.where(bad, np.float32(np.nan), i1)
+    t1, t2 = _pow2_pair(e)
+    g1 = jnp.where(bad, np.float32(np.nan), t1)
+    lim = np.float32(kd.fmt.max)
+    return (stored, (lambda r: r * f1 * i2), (lambda q: q * g1 * t2),
+            (lambda r, y: jnp.abs(y) > lim))
+  if kd.scale == "float32":
+    s = _div_full(amax, float(kd.fmt.max), interp, tn)
+    s = jnp.where(amax > 0, jnp.maximum(s, np.float32(2.0 ** -126)), np.float32(1.0))
+    s = jnp.where(bad, np.float32(np.nan), s)
+    return (s, (lambda r: _div_full(r, s, interp, tn)), (lambda q: q * s),
+            (lambda r, y: jnp.abs(r) > amax))
+  # NVFP4: scal = (tn, 2**-p, 2**p, 1 / tn, tensor scale invalid: 1.0 / 0.0,
+  # tensor amax).
+  tnorm, p_down, p_up, inv_t, t_bad, emax_t = scal
+  bad = bad | ((t_bad > 0) & (amax > 0))
+  a_n = amax * p_down
+  zero = amax * np.float32(0.0)  # a row of zeros (inf: NaN, masked below)
+  # Core writes (a_n / 6) / tn; XLA's algebraic simplifier rewrites it to
+  # a_n / (6 * tn) on CPU and GPU alike (seen in the optimized HLO of both,
+  # jax 0.10.2): one division by the rounded product, as here.
+  s_raw = _div_full(a_n, zero + np.float32(6.0) * tnorm, interp, tn)
+  s_raw = jnp.clip(s_raw, np.float32(2.0 ** -6), np.float32(_E4M3_MAX))
+  s8 = s_raw.astype(jnp.float8_e4m3fn)
+  s_val = jnp.where(bad, np.float32(np.nan), s8.astype(jnp.float32))
+  # Stored as the E4M3 bits (uint8, bitcast back after the kernel): the NaN
+  # code 0x7F is jnp's float8_e4m3fn NaN, as core's _mark_bad stores it.
+  # (Selected in int32: Mosaic GPU has no 8-bit select.)
+  bits8 = lax.bitcast_convert_type(s8, jnp.uint8).astype(jnp.int32)
+  stored = jnp.where(bad, 0x7F, bits8).astype(jnp.uint8)
+  mult = _div_full(jnp.where(bad, np.float32(np.nan), zero) + inv_t, s_val, interp, tn)
+  tot = tnorm * s_val
+  a_clip = jnp.minimum(amax, emax_t)
+  return (stored, (lambda r: (r * p_down) * mult), (lambda q: (q * tot) * p_up),
+          (lambda r, y: jnp.abs(r) > a_clip))
+
+
+def _elem_codes_values(kd: _Kind, y, want_codes: bool, want_values: bool):
+  """(codes, grid values) of scaled rows ``y`` (either may be None)."""
+  fmt = kd.fmt
+  codes = vals = None
+  if kd.elem == "fp8":
+    c8 = jnp.clip(y, np.float32(-_E4M3_MAX), np.float32(_E4M3_MAX)).astype(
+        jnp.float8_e4m3fn)
+    codes = c8
+    if want_values:
+      vals = c8.astype(jnp.float32)
+  elif kd.elem == "fp4":
+    c = _fp4_codes(y, fmt)
+    codes = c
+    if want_values:
+      vals = _fp4_values(c)
+  elif kd.elem == "fp6":
+    q = _round_float_grid(y, fmt)
+    vals = q
+    if want_codes:
+      codes = _cast._encode_float_grid(q, fmt)
+  else:  # integers (int4 / int8; MXINT8's int8 with 6 fraction bits)
+    f = float(1 << fmt.frac_bits)
+    lim = float(fmt.qmax)
+    q = jnp.clip(jnp.round(y * np.float32(f)), np.float32(-lim), np.float32(lim))
+    if want_codes:
+      ci = jnp.where(jnp.isnan(q), np.float32(0.0), q).astype(jnp.int32)
+      codes = ci.astype(jnp.int8) if kd.bits == 8 else (
+          ci.astype(jnp.uint32) & np.uint32((1 << kd.bits) - 1))
+    if want_values:
+      vals = q * np.float32(1.0 / f)
+  return codes, vals
+
+
+def _pack_rows(kd: _Kind, codes: list) -> list:
+  """Stored rows of one packing unit of code rows (``QArray``'s layout)."""
+  if kd.bits == 8:
+    return codes
+  if kd.bits == 4:
+    return [(codes[0] | (codes[1] << np.uint32(4))).astype(jnp.uint8)]
+  out = []  # 6-bit: four codes in three bytes, little-endian bit order
+  for j in range(3):
+    acc = None
+    for i in range(4):
+      lo = 6 * i - 8 * j
+      if lo >= 8 or lo + 6 <= 0:
+        continue
+      term = codes[i] << np.uint32(lo) if lo >= 0 else codes[i] >> np.uint32(-lo)
+      acc = term if acc is None else acc | term
+    out.append((acc & np.uint32(0xFF)).astype(jnp.uint8))
+  return out
+
+
+def _code_dtype(kd: _Kind):
+  if kd.elem == "fp8":
+    return jnp.float8_e4m3fn
+  if kd.bits == 8:
+    return jnp.int8
+  return jnp.uint8
+
+
+def _scale_dtype(kd: _Kind):
+  return jnp.float32 if kd.scale == "float32" else jnp.uint8
+
+
+def _loop(lo: int, hi: int, body, init, unroll: bool):
+  if unroll:
+    c = init
+    for i in range(lo, hi):
+      c = body(i, c)
+    return c
+  return lax.fori_loop(lo, hi, body, init)
+
+
+@functools.lru_cache(maxsize=None)
+def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
+           want_values: bool, want_mask: bool, cfg: Config, interpret):
+  import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
+  import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+  interp = interpret is not None
+  xdt = jnp.dtype(x_dtype)
+  tn, tk, kc, st = cfg.tile_n, cfg.tile_k, cfg.k_per_cta, cfg.stages
+  bs = kd.block
+  nb = tk // bs
+  steps = kc // tk
+  ui, uo = _units(kd.bits)
+  crow = tk * uo // ui
+  has_scal = kd.scale == "nvfp4"
+  unroll = cfg.unroll and not interp
+
+  def row(ref, r):
+    return ref[r].astype(jnp.float32)
+
+  def do_block(x_ref, c_ref, s_ref, v_ref, m_ref, b, scal):
+    r0 = b * bs
+
+    def amax_body(r, m):
+      a = jnp.abs(row(x_ref, r0 + r))
+      return jnp.maximum(m, jnp.where(a <= _F32_MAX, a, np.float32(np.inf)))
+
+    a0 = jnp.abs(row(x_ref, r0))
+    m = jnp.where(a0 <= _F32_MAX, a0, np.float32(np.inf))
+    m = _loop(1, bs, amax_body, m, unroll)
+    stored, to_grid, from_grid, clip = _block_scale(kd, m, scal, interp, tn)
+    if want_codes:
+      s_ref[b] = stored.astype(s_ref.dtype)
+
+    def unit_body(u, carry):
+      codes = []
+      for j in range(ui):
+        r = r0 + u * ui + j
+        xr = row(x_ref, r)
+        y = to_grid(xr)
+        c, v = _elem_codes_values(kd, y, want_codes, want_values)
+        if want_mask:
+          m_ref[r] = clip(xr, y).astype(jnp.uint8)
+        if want_values:
+          out = jnp.clip(from_grid(v), -_F32_MAX, _F32_MAX)
+          v_ref[r] = out.astype(v_ref.dtype)
+        codes.append(c)
+      if want_codes:
+        for j, pr in enumerate(_pack_rows(kd, codes)):
+          c_ref[(r0 // ui + u) * uo + j] = pr.astype(c_ref.dtype)
+      return carry
+
+    _loop(0, bs // ui, unit_body, 0, unroll)
+
+  def body(*refs):
+    refs = list(refs)
+    x_gmem = refs.pop(0)
+    sc_gmem = refs.pop(0) if has_scal else None
+    c_gmem = s_gmem = v_gmem = None
+    if want_codes:
+      c_gmem, s_gmem = refs.pop(0), refs.pop(0)
+    if want_values:
+      v_gmem = refs.pop(0)
+    m_gmem = refs.pop(0) if want_mask else None
+    x_smem = refs.pop(0)
+    c_smem = s_smem = v_smem = None
+    if want_codes:
+      c_smem, s_smem = refs.pop(0), refs.pop(0)
+    if want_values:
+      v_smem = refs.pop(0)
+    m_smem = refs.pop(0) if want_mask else None
+    bar = refs.pop(0)
+    ni = lax.axis_index("n")
+    ki = lax.axis_index("k")
+    col = pl.ds(pl.multiple_of(ni * tn, tn), tn)
+    row0 = ki * kc
+    scal = None
+    if has_scal:
+      scal = tuple(sc_gmem[i] for i in range(6))
+
+    def fetch(i, slot):
+      plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(row0 + i * tk, tk), col],
+                              x_smem.at[slot], bar.at[slot])
+
+    for i in range(min(st, steps)):
+      fetch(i, i)
+
+    def step(i, carry):
+      slot = lax.rem(i, st)
+      plgpu.barrier_wait(bar.at[slot])
+      plgpu.wait_smem_to_gmem(st - 1, wait_read_only=True)
+      xs = x_smem.at[slot]
+      cs = c_smem.at[slot] if want_codes else None
+      ss = s_smem.at[slot] if want_codes else None
+      vs = v_smem.at[slot] if want_values else None
+      ms = m_smem.at[slot] if want_mask else None
+
+      def blk(b, carry):
+        do_block(xs, cs, ss, vs, ms, b, scal)
+        return carry
+
+      _loop(0, nb, blk, 0, unroll)
+      plgpu.commit_smem()
+      r = row0 + i * tk
+      if want_codes:
+        plgpu.copy_smem_to_gmem(
+            cs, c_gmem.at[pl.ds(r // ui * uo, crow), col], commit_group=False)
+        plgpu.copy_smem_to_gmem(
+            ss, s_gmem.at[pl.ds(r // bs, nb), col], commit_group=False)
+      if want_values:
+        plgpu.copy_smem_to_gmem(vs, v_gmem.at[pl.ds(r, tk), col],
+                                commit_group=False)
+      if want_mask:
+        plgpu.copy_smem_to_gmem(ms, m_gmem.at[pl.ds(r, tk), col],
+                                commit_group=False)
+      plgpu.commit_smem_to_gmem_group()
+
+      @pl.when(i + st < steps)
+      def _():
+        fetch(i + st, slot)
+      return carry
+
+    lax.fori_loop(0, steps, step, 0)
+    plgpu.wait_smem_to_gmem(0)
+
+  out_types, scratch = [], [plgpu.SMEM((st, tk, tn), xdt)]
+  if want_codes:
+    out_types += [jax.ShapeDtypeStruct((k * uo // ui, n), _code_dtype(kd)),
+                  jax.ShapeDtypeStruct((k // bs, n), _scale_dtype(kd))]
+    scratch += [plgpu.SMEM((st, crow, tn), _code_dtype(kd)),
+                plgpu.SMEM((st, nb, tn), _scale_dtype(kd))]
+  if want_values:
+    out_types.append(jax.ShapeDtypeStruct((k, n), xdt))
+    scratch.append(plgpu.SMEM((st, tk, tn), xdt))
+  if want_mask:
+    out_types.append(jax.ShapeDtypeStruct((k, n), jnp.uint8))
+    scratch.append(plgpu.SMEM((st, tk, tn), jnp.uint8))
+  scratch.append(plgpu.Barrier(num_arrivals=1, num_barriers=st))
+  extra = {} if interpret is None else {"interpret": interpret}
+  kern = plgpu.kernel(body, out_type=tuple(out_types), scratch_types=scratch,
+                      grid=(n // tn, k // kc), grid_names=("n", "k"), **extra)
+
+  @jax.jit
+  def call(x, scal):
+    args = (x,) if scal is None else (x, scal)
+    return kern(*args)
+
+  if interpret is None:
+    return call
+  return lambda x, scal: common.run_interpreted(call, x, scal)
+
+
+# ---------------------------------------------------------------------------
+# NVFP4's tensor scale (XLA, before the kernel)
+
+
+def _nvfp4_scalars(x2, tensor_amax):
+  """(tensor scale, the kernel's float32[5] scalars) as core's ``_grid``
+  derives them: ``t = max(amax / (6 * 448), 2**-126)`` (1 for a zero amax),
+  split into ``tn * 2**p``, and ``1 / tn``; then a flag for an invalid static
+  range (``tensor_amax <= 0`` or NaN), which turns blocks with data into NaN,
+  and the tensor amax (the clip range of the straight-through gradient)."""
+  if tensor_amax is None:
+    emax = jnp.max(jnp.where(jnp.isfinite(x2), jnp.abs(x2),
+                             jnp.zeros((), x2.dtype))).astype(jnp.float32)
+    t_pos = emax > 0
+    t_bad = jnp.float32(0.0)
+  else:
+    emax = jnp.asarray(tensor_amax, jnp.float32) * np.float32(1.0)
+    t_pos = emax > 0
+    t_bad = jnp.where(t_pos, np.float32(0.0), np.float32(1.0))
+  t = _q._clamp_scale(_q._div(emax, np.float32(6.0 * _E4M3_MAX)), "float32")
+  t = jnp.where(t_pos, t, np.float32(1.0))
+  tnorm, p_down, p_up = _q._split_pow2(t)
+  inv_t = _q._div(np.float32(1.0), tnorm)
+  scal = jnp.stack([tnorm, p_down, p_up, inv_t, t_bad, emax]).astype(jnp.float32)
+  return t, scal
+
+
+# ---------------------------------------------------------------------------
+# Public entry points
+
+
+def _setup(x, spec, tensor_amax, config, values: bool):
+  spec = as_spec(spec) if not isinstance(spec, QuantSpec) else spec
+  x = jnp.asarray(x)
+  kd = _kind(spec, x.ndim)
+  if kd is None:
+    raise ValueError(f"the one-pass quantizer takes block scales along axis 0 "
+                     f"(MX, NVFP4, int4/int8/fp4 groups of {_GROUPS}); got "
+                     f"{spec}")
+  if x.dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
+    raise ValueError(f"the one-pass quantizer takes bfloat16 or float32 arrays, "
+                     f"got {x.dtype}; use lowbit_jax.quantize")
+  if tensor_amax is not None and kd.scale != "nvfp4":
+    raise ValueError(f"tensor_amax applies to NVFP4 only, not {kd.kind}")
+  ax = normalize_axis(spec.axis, x.ndim)
+  if ax != spec.axis:
+    spec = spec.replace(axis=ax)
+  k = x.shape[0]
+  n = math.prod(x.shape[1:])
+  cfg = config or default_config(kd.kind, k, n, x.dtype, values)
+  if cfg is None:
+    raise ValueError(f"no tiling fits [{k}, {n}] (N must be a multiple of 128 "
+                     f"and K of {max(kd.block, 32)})")
+  return spec, x, kd, k, n, cfg
+
+
+def _run(x, spec, tensor_amax, config, interpret, values: bool,
+         codes: Optional[bool] = None, mask: bool = False):
+  """The kernel's outputs in their final shapes: ``(codes, scale[, tensor
+  scale])`` for quantize, then ``(values,)`` for fake_quant (``codes`` and
+  ``values`` both: one kernel writing both, which the tests use).
+
+  Under ``vmap`` (the kernel itself has no batching rule for a batch of
+  more than one) the jnp path runs instead, vmapped: the same numbers.
+  """
+  params = common.interpret_params(interpret)
+  codes = (not values) if codes is None else codes
+  spec, x, kd, k, n, cfg = _setup(x, spec, tensor_amax, config, values)
+  _check_config(kd, k, n, x.dtype, cfg, codes, values, mask)
+  fn = _build(kd, k, n, jnp.dtype(x.dtype).name, codes, values, mask, cfg, params)
+  ui, uo = _units(kd.bits)
+  rest = x.shape[1:]
+  nvfp4 = kd.scale == "nvfp4"
+
+  def kernel(xa, *ta):
+    x2 = xa.reshape(k, n)
+    t = scal = None
+    if nvfp4:
+      t, scal = _nvfp4_scalars(x2, ta[0] if ta else None)
+    outs = fn(x2, scal)
+    res = ()
+    if codes:
+      c, scale = outs[0], outs[1]
+      c = c.reshape((k * uo // ui,) + rest)
+      scale = scale.reshape((k // kd.block,) + rest)
+      if nvfp4:
+        res = (c, lax.bitcast_convert_type(scale, jnp.float8_e4m3fn), t)
+      else:
+        res = (c, scale)
+    if values:
+      res += (outs[2 if codes else 0].reshape(xa.shape),)
+    if mask:
+      res += (outs[-1].reshape(xa.shape),)
+    return res
+
+  def reference(xa, *ta):
+    t_amax = ta[0] if ta else None
+    res = ()
+    if codes:
+      q = _q._quantize_jit(xa, spec, None, None, None, t_amax)  # pylint: disable=protected-access
+      res = (q.codes, q.scale, q.tensor_scale) if nvfp4 else (q.codes, q.scale)
+    if values:
+      v, clipped = _q._fake_quant_impl(xa, spec, None, None, None, t_amax)  # pylint: disable=protected-access
+      res += (v,) + ((clipped.astype(jnp.uint8),) if mask else ())
+    return res
+
+  f = custom_batching.custom_vmap(kernel)
+
+  @f.def_vmap
+  def _vmap_rule(axis_size, in_batched, *args):
+    args = [a if b else jnp.broadcast_to(a, (axis_size,) + jnp.shape(a))
+            for a, b in zip(args, in_batched)]
+    out = jax.vmap(reference)(*args)
+    return out, tuple([True] * len(out))
+
+  extra = () if tensor_amax is None else (jnp.asarray(tensor_amax, jnp.float32),)
+  return spec, x, kd, f(x, *extra)
+
+
+def quantize(x: jax.Array, spec, *, tensor_amax: Optional[jax.Array] = None,
+             config: Optional[Config] = None, interpret=False) -> QArray:
+  """``lowbit_jax.quantize(x, spec)`` in one pass over ``x`` (same QArray).
+
+  Args:
+    x: bfloat16 or float32 array of rank >= 2 (dims after the first are
+      flattened: ``[K, ...]`` is quantized as ``[K, prod(...)]``).
+    spec: a QuantSpec with blocks along axis 0 (``kind_of(spec)`` not None).
+    tensor_amax: NVFP4's static tensor range, as ``lowbit_jax.quantize``
+      takes it (otherwise the amax of ``x`` over finite values, reduced by
+      XLA before the kernel).
+    config: tiling (default: ``default_config``).
+    interpret: False (compile for a Hopper GPU), True or an
+      ``InterpretGPUParams`` (the Mosaic GPU interpreter, on CPU).
+
+  Returns:
+    The QArray ``lowbit_jax.quantize`` returns: the same codes, scales and
+    tensor scale, bit for bit (NaN codes of a block holding a NaN or an inf
+    may differ in sign; that block's scale is NaN either way).
+
+  Raises:
+    ValueError: a spec, dtype or shape the kernel does not take, or a tiling
+      that does not fit.
+  """
+  spec, x, kd, outs = _run(x, spec, tensor_amax, config, interpret, False)
+  t = outs[2] if kd.scale == "nvfp4" else None
+  return QArray(codes=outs[0], scale=outs[1], zero_point=None, tensor_scale=t,
+                spec=spec, shape=tuple(x.shape), dtype=str(x.dtype), pack_axis=0)
+
+
+def _quantize_and_values(x, spec, *, tensor_amax=None, config=None, interpret=False):
+  """(QArray, fake-quant values, clip mask) from one kernel that writes all
+  three (tests)."""
+  spec, x, kd, outs = _run(x, spec, tensor_amax, config, interpret, True, True,
+                           mask=True)
+  t = outs[2] if kd.scale == "nvfp4" else None
+  q = QArray(codes=outs[0], scale=outs[1], zero_point=None, tensor_scale=t,
+             spec=spec, shape=tuple(x.shape), dtype=str(x.dtype), pack_axis=0)
+  return q, outs[-2], outs[-1]
+
+
+def fake_quant_forward(x: jax.Array, spec, *, tensor_amax: Optional[jax.Array] = None,
+                       config: Optional[Config] = None, interpret=False) -> jax.Array:
+  """The value of ``lowbit_jax.fake_quant(x, spec)``: one read, one write.
+
+  Quantizes and dequantizes in registers (no gradient rule: ``fake_quant``
+  wraps this in its own straight-through VJP). Arguments as ``quantize``.
+
+  Returns:
+    An array of x's shape and dtype, equal to ``fake_quant``'s value bit for
+    bit (NaN signs aside).
+  """
+  _, _, _, (vals,) = _run(x, spec, tensor_amax, config, interpret, True)
+  return vals
+
+
+def fake_quant_forward_with_mask(x: jax.Array, spec, *,
+                                 tensor_amax: Optional[jax.Array] = None,
+                                 config: Optional[Config] = None,
+                                 interpret=False) -> tuple:
+  """``fake_quant_forward`` and the straight-through gradient's clip mask.
+
+  For ``fake_quant``'s forward pass under differentiation where the
+  gradient needs a mask (E8M0 scales, whose floor rounding can saturate a
+  block's largest elements; NVFP4, where values beyond the tensor range
+  clip): one read of ``x``, the values and the mask written.
+
+  Returns:
+    ``(values, clipped)``: values as ``fake_quant_forward``; ``clipped`` a
+    uint8 array of x's shape, 1 where core's ``fake_quant`` zeroes the
+    gradient (its ``clipped`` mask, bit for bit).
+  """
+  _, _, _, (vals, mask) = _run(x, spec, tensor_amax, config, interpret, True,
+                               mask=True)
+  return vals, mask
+
+
+# ---------------------------------------------------------------------------
+# Dispatch from lowbit_jax.quantize / fake_quant
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def forced(kinds):
+  """Within the block, dispatch uses ``kinds`` (an iterable of ids, e.g.
+  ``supported_kinds()``, or ``()`` to keep every call on the XLA path) instead
+  of ``ENABLED``; for benchmarks and tests. Thread-local."""
+  prev = getattr(_state, "kinds", None)
+  _state.kinds = frozenset(kinds)
+  try:
+    yield
+  finally:
+    _state.kinds = prev
+
+
+def _enabled_kinds() -> frozenset:
+  k = getattr(_state, "kinds", None)
+  return ENABLED if k is None else k
+
+
+def dispatch(x, spec: QuantSpec, *, values: bool = False, key=None, amax=None,
+             amin=None, tensor_amax=None, scale=None, clip=None,
+             zero_point=None) -> bool:
+  """Whether ``lowbit_jax.quantize`` (``values=False``) or ``fake_quant``'s
+  forward (``values=True``) should run the kernel.
+
+  True only on a GPU backend, for an enabled format (``ENABLED``), bfloat16 or
+  float32 ``x`` of rank >= 2 whose shape fits ``default_config``, round to
+  nearest, ``clip_ratio`` 1, no padding, and none of the range keywords
+  (NVFP4 may take ``tensor_amax``).
+  """
+  kinds = _enabled_kinds()
+  if not kinds:
+    return False
+  try:
+    if jax.default_backend() != "gpu":
+      return False
+  except RuntimeError:
+    return False
+  from lowbit_jax import kernels  # pylint: disable=g-import-not-at-top
+  if not kernels._enabled:  # pylint: disable=protected-access
+    return False
+  if any(v is not None for v in (key, amax, amin, scale, clip, zero_point)):
+    return False
+  if spec.rounding != "nearest" or spec.clip_ratio != 1.0 or spec.pad:
+    return False
+  shape = tuple(jnp.shape(x))
+  dt = jnp.result_type(x)
+  if len(shape) < 2 or dt not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
+    return False
+  kd = _kind(spec, len(shape))
+  if kd is None or kd.kind not in kinds:
+    return False
+  if tensor_amax is not None and kd.scale != "nvfp4":
+    return False
+  k, n = shape[0], math.prod(shape[1:])
+  return default_config(kd.kind, k, n, dt, values) is not None
+

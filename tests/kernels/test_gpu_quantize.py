@@ -1,0 +1,478 @@
+"""The one-pass Mosaic GPU quantizer (lowbit_jax.kernels.gpu_quantize).
+
+On CPU the kernel runs in Pallas' Mosaic GPU interpreter (its own jaxpr: the
+TMA pipeline, shared memory, barriers, the row arithmetic) and must equal
+``lowbit_jax.quantize`` / ``fake_quant`` bit for bit: codes, scales, NVFP4's
+tensor scale and the fake-quant values, on blocks with their own magnitudes
+and on the edge cases (all-zero blocks, one huge element, negative zeros,
+amax near 2**-126 and 2**127, subnormals, grid midpoints, NaN and inf). In a
+block holding a NaN or an inf only the scale (NaN) and the NaN-ness of the
+values are compared: which NaN code its elements get is the compiler's.
+
+Each case builds one kernel that writes codes, scales, values and the
+gradient's clip mask together (``_quantize_and_values``), so one interpreter
+compile checks every output; ``quantize`` and ``fake_quant_forward``
+themselves (their own kernels) are checked on one format each. The
+interpreter compiles the kernel with XLA, whose algebraic simplifier rewrites
+it as it rewrites the reference, which the Mosaic GPU build never is: the
+kernel's row arithmetic is therefore also run op by op
+(``test_row_arithmetic_equals_core_without_xla_rewrites``). The interpreter compiles each kernel
+for seconds: the formats beyond the issue's first four run with --runslow.
+The compiled kernel is checked against the jnp path on a GPU
+(``test_compiled_kernel_matches_jnp_path``, marked gpu).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lowbit_jax as lj
+import lowbit_jax.core._quantize as core
+from lowbit_jax.kernels import gpu_quantize as gq
+
+# id -> (format, QuantSpec keywords besides axis=0)
+KINDS = {
+    "mxfp8_e4m3": ("mxfp8_e4m3", {}),
+    "mxfp4": ("mxfp4", {}),
+    "nvfp4": ("nvfp4", {}),
+    "int4_g128": ("int4", dict(group_size=128)),
+    "fp4_e2m1_g32": ("fp4_e2m1", dict(group_size=32)),
+    "int8_g128": ("int8", dict(group_size=128)),
+    "mxint8": ("mxint8", {}),
+    "mxfp6_e2m3": ("mxfp6_e2m3", {}),
+    "int4_g32": ("int4", dict(group_size=32)),
+    "fp4_e2m1_g16": ("fp4_e2m1", dict(group_size=16)),
+}
+FAST = ("mxfp8_e4m3", "mxfp4", "nvfp4", "int4_g128")
+K, N = 128, 128
+def _cfg(kind):
+  """Two pipeline steps through two slots where the block allows (64 rows a
+  step), one step of 128 rows for blocks of 128."""
+  block = _spec(kind).group_size
+  tk = max(64, block)
+  return gq.Config(tile_n=128, tile_k=tk, k_per_cta=K, stages=K // tk,
+                   unroll=False)
+
+
+def _spec(kind):
+  fmt, kw = KINDS[kind]
+  return lj.QuantSpec(fmt, axis=0, **kw)
+
+
+def _edge_cases(dtype=jnp.bfloat16):
+  """[128, 128]: random blocks of 16 rows scaled by 2**-30 .. 2**30, and edge
+  cases in columns 0..15."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((K, N)).astype(np.float32)
+  x *= np.exp2(rng.integers(-30, 31, (K // 16, 1, N))).repeat(16, 0).reshape(K, N)
+  x[:, 0] = 0.0                                   # all-zero blocks
+  x[:, 1] = -0.0                                  # negative zeros
+  x[:, 2] = rng.standard_normal(K) * 1e-3
+  x[5, 2] = 3e38                                  # one huge element
+  x[:, 3] = rng.standard_normal(K) * 2.0 ** -126  # amax near 2**-126
+  x[:, 4] = rng.standard_normal(K) * 2.0 ** 126   # amax near 2**127
+  x[::2, 4] = 1.7e38
+  x[:, 5] = rng.standard_normal(K) * 1e-40        # subnormals
+  grid = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -2.5, 6.0,
+                   0.5, 1.5, 2.0, 3.0, 4.0, -6.0], np.float32)
+  x[:, 6] = np.resize(grid, K)                    # E2M1 midpoints and values
+  x[:, 7] = np.resize(np.arange(-7.5, 8.0, 0.5, dtype=np.float32), K)  # int ties
+  x[:, 7][::16] = 7.0
+  x[3, 8] = np.nan                                # a NaN block
+  x[40, 9] = np.inf                               # inf blocks
+  x[70, 10] = -np.inf
+  x[:, 11] = np.float32(2.0 ** -133) * rng.integers(-3, 4, K)  # bf16 subnormals
+  x[:16, 12] = 0.0                                # zero block next to others
+  x[16:, 12] = 448.0 * 2.0 ** rng.integers(-3, 3, K - 16)
+  return jnp.asarray(x).astype(dtype)
+
+
+def _bits(a):
+  a = np.asarray(a)
+  return a.reshape(-1).view(np.uint8 if a.dtype.itemsize == 1 else
+                            np.uint16 if a.dtype.itemsize == 2 else np.uint32)
+
+
+def _bad_rows_mask(kind, x):
+  """[K, N] True where the element's block holds a NaN or an inf."""
+  bs = _spec(kind).group_size
+  xb = np.asarray(x.astype(jnp.float32)).reshape(K // bs, bs, N)
+  bad = ~np.isfinite(xb).all(axis=1, keepdims=True)
+  return np.broadcast_to(bad, xb.shape).reshape(K, N)
+
+
+def _keep_code_rows(bad, rows):
+  """Code rows ([rows, N]) whose packing unit holds no element of ``bad``."""
+  k, n = bad.shape
+  ui, uo = {k: (1, 1), k // 2: (2, 1), 3 * k // 4: (4, 3)}[rows]
+  unit_bad = bad.reshape(k // ui, ui, n).any(axis=1)
+  return ~np.repeat(unit_bad, uo, axis=0)
+
+
+def _check_codes(kind, got, want, x):
+  assert got.codes.dtype == want.codes.dtype and got.codes.shape == want.codes.shape
+  assert got.scale.dtype == want.scale.dtype and got.scale.shape == want.scale.shape
+  assert got.spec == want.spec and got.pack_axis == want.pack_axis
+  assert got.shape == want.shape and got.dtype == want.dtype
+  gs, ws = np.asarray(got.scale), np.asarray(want.scale)
+  if gs.dtype == np.float32:
+    np.testing.assert_array_equal(np.isnan(gs), np.isnan(ws))
+    gs, ws = np.nan_to_num(gs, nan=-1.0), np.nan_to_num(ws, nan=-1.0)
+  np.testing.assert_array_equal(_bits(gs), _bits(ws))
+  if want.tensor_scale is not None:
+    np.testing.assert_array_equal(_bits(got.tensor_scale), _bits(want.tensor_scale))
+  else:
+    assert got.tensor_scale is None
+  # Codes outside blocks holding a NaN or an inf: bit for bit.
+  bad = _bad_rows_mask(kind, x)
+  keep = _keep_code_rows(bad, got.codes.shape[0])
+  gc = np.asarray(got.codes).view(np.uint8)[keep]
+  wc = np.asarray(want.codes).view(np.uint8)[keep]
+  np.testing.assert_array_equal(gc, wc)
+
+
+def _check_values(got, want):
+  g, w = np.asarray(got), np.asarray(want)
+  assert got.dtype == want.dtype and got.shape == want.shape
+  gn, wn = np.isnan(g.astype(np.float32)), np.isnan(w.astype(np.float32))
+  np.testing.assert_array_equal(gn, wn)
+  np.testing.assert_array_equal(_bits(g)[~gn.reshape(-1)], _bits(w)[~wn.reshape(-1)])
+
+
+def _case(kind, x, **kw):
+  spec = _spec(kind)
+  q, v, m = gq._quantize_and_values(x, spec, config=_cfg(kind), interpret=True, **kw)  # pylint: disable=protected-access
+  _check_codes(kind, q, lj.quantize(x, spec, **kw), x)
+  want_v, want_m = jax.jit(lambda a: core._fake_quant_impl(  # pylint: disable=protected-access
+      a, spec, None, None, None, kw.get("tensor_amax")))(x)
+  _check_values(v, want_v)
+  np.testing.assert_array_equal(np.asarray(m), np.asarray(want_m).astype(np.uint8))
+  return q, v, m
+
+
+@pytest.mark.parametrize("kind", [
+    k if k in FAST else pytest.param(k, marks=pytest.mark.slow) for k in KINDS])
+def test_kernel_equals_core_bit_for_bit(kind):
+  x = _edge_cases()
+  q, _, m = _case(kind, x)
+  assert np.asarray(q.codes).any()  # not a vacuous comparison
+  if kind.startswith("mx"):
+    assert np.asarray(m).any()  # E8M0 floor scales saturate some elements
+  if kind == "nvfp4":
+    # A static tensor range (NaN and inf blocks turned finite): every block
+    # gets its own E4M3 scale, some clamped at 448.
+    x2 = x.at[:, 2:5].set(1.0).at[:, 8:11].set(2.0)
+    _case(kind, x2, tensor_amax=jnp.float32(3.0))
+
+
+def _nvfp4_ties(k=K, n=N):
+  """A tensor amax of 912 and block amaxes where core's ``(a / 6) / tn``,
+  rounded twice, lands on an E4M3 midpoint (336 -> 320) while XLA's rewrite
+  ``a / (6 * tn)`` lands an ulp above it (-> 352): the two differ in the
+  stored scale."""
+  x = np.asarray(jax.random.normal(jax.random.key(3), (k, n), jnp.float32)) * 0.1
+  x[0, 0] = 912.0
+  x[0, 1:8] = [10.6875, 21.375, 42.75, 85.5, 171.0, 342.0, 684.0]
+  return jnp.asarray(x).astype(jnp.bfloat16)
+
+
+def _rows_op_by_op(kind, x, tensor_amax=None):
+  """The kernel's row arithmetic (``_block_scale``, ``_elem_codes_values``,
+  ``_pack_rows``, as ``_build``'s ``do_block`` chains them) run op by op,
+  outside any XLA program: no algebraic simplifier sees it, as none sees the
+  Mosaic GPU build, while the jnp reference it is compared with is
+  simplified by XLA (on CPU as on the GPU). All blocks at once: row ``j`` of
+  every block is one ``[K / block, N]`` array."""
+  spec = _spec(kind)
+  kd = gq._kind(spec, 2)  # pylint: disable=protected-access
+  bs = kd.block
+  xb = jnp.asarray(x).astype(jnp.float32).reshape(K // bs, bs, N)
+  scal = None
+  if kd.scale == "nvfp4":
+    _, sc = gq._nvfp4_scalars(jnp.asarray(x), tensor_amax)  # pylint: disable=protected-access
+    scal = tuple(sc[i] for i in range(6))
+  with jax.disable_jit():
+    rows = [xb[:, j] for j in range(bs)]
+    m = None
+    for r in rows:
+      a = jnp.abs(r)
+      a = jnp.where(a <= np.float32(np.finfo(np.float32).max), a, np.float32(np.inf))
+      m = a if m is None else jnp.maximum(m, a)
+    stored, to_grid, from_grid, clip = gq._block_scale(kd, m, scal, True, N)  # pylint: disable=protected-access
+    codes, vals, masks = [], [], []
+    ui, _ = gq._units(kd.bits)  # pylint: disable=protected-access
+    for u in range(bs // ui):
+      unit = []
+      for j in range(ui):
+        r = rows[u * ui + j]
+        y = to_grid(r)
+        c, v = gq._elem_codes_values(kd, y, True, True)  # pylint: disable=protected-access
+        vals.append(jnp.clip(from_grid(v), -np.finfo(np.float32).max,
+                             np.finfo(np.float32).max).astype(x.dtype))
+        masks.append(clip(r, y))
+        unit.append(c)
+      codes += gq._pack_rows(kd, unit)  # pylint: disable=protected-access
+  codes = jnp.stack([jnp.asarray(c).view(jnp.uint8) if c.dtype.itemsize == 1
+                     else c.astype(jnp.uint8) for c in codes], 1)
+  codes = codes.reshape(-1, N)  # block-major, as QArray stores them
+  vals = jnp.stack(vals, 1).reshape(K, N)
+  masks = jnp.stack(masks, 1).reshape(K, N)
+  return stored, codes, vals, masks
+
+
+@pytest.mark.parametrize("kind", [
+    k if k == "nvfp4" else pytest.param(k, marks=pytest.mark.slow)
+    for k in KINDS])
+def test_row_arithmetic_equals_core_without_xla_rewrites(kind):
+  # The interpreter runs the kernel through XLA's CPU compiler, whose
+  # algebraic simplifier rewrites the kernel as it rewrites the reference
+  # (NVFP4's (a / 6) / tn became a / (6 * tn) in both, so a kernel that
+  # divided twice passed there but would differ on a GPU, where Mosaic does
+  # no such rewrite). Here the row arithmetic runs op by op.
+  for x in [_edge_cases()] + ([_nvfp4_ties()] if kind == "nvfp4" else []):
+    _rows_check(kind, x)
+
+
+def _rows_check(kind, x):
+  spec = _spec(kind)
+  stored, codes, vals, masks = _rows_op_by_op(kind, x)
+  want = lj.quantize(x, spec)
+  want_v, want_m = jax.jit(lambda a: core._fake_quant_impl(  # pylint: disable=protected-access
+      a, spec, None, None, None, None))(x)
+  ws = np.asarray(want.scale)
+  gs = np.asarray(stored)
+  if ws.dtype == np.float32:
+    np.testing.assert_array_equal(np.isnan(gs), np.isnan(ws))
+    np.testing.assert_array_equal(np.nan_to_num(gs, nan=-1.0), np.nan_to_num(ws, nan=-1.0))
+  else:
+    np.testing.assert_array_equal(gs.view(np.uint8), ws.view(np.uint8))
+  keep = _keep_code_rows(_bad_rows_mask(kind, x), want.codes.shape[0])
+  np.testing.assert_array_equal(np.asarray(codes)[keep],
+                                np.asarray(want.codes).view(np.uint8)[keep])
+  _check_values(vals, want_v)
+  np.testing.assert_array_equal(np.asarray(masks), np.asarray(want_m))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["mxfp4", "int8_g128", "nvfp4"])
+def test_kernel_equals_core_on_float32_input(kind):
+  _case(kind, _edge_cases(jnp.float32))
+
+
+def _two_by_two():
+  """[256, 256] of edge cases: two CTAs along N, two pipeline steps each."""
+  x = jnp.concatenate([_edge_cases(), _edge_cases()[::-1]], axis=1)
+  return jnp.concatenate([x, x * 2.0 ** -20], axis=0)
+
+
+@pytest.mark.slow
+def test_quantize_kernel_equals_core():
+  # The production quantize kernel (codes and scales only), pipeline slots
+  # reused across steps.
+  x = _two_by_two()
+  cfg = gq.Config(tile_n=128, tile_k=64, k_per_cta=128, stages=2, unroll=False)
+  spec = _spec("mxfp8_e4m3")
+  got = gq.quantize(x, spec, config=cfg, interpret=True)
+  want = lj.quantize(x, spec)
+  np.testing.assert_array_equal(np.asarray(got.scale), np.asarray(want.scale))
+  fin = np.isfinite(np.asarray(x, np.float32)).reshape(8, 32, 256).all(1)
+  keep = np.broadcast_to(fin[:, None], (8, 32, 256)).reshape(256, 256)
+  np.testing.assert_array_equal(np.asarray(got.codes).view(np.uint8)[keep],
+                                np.asarray(want.codes).view(np.uint8)[keep])
+
+
+@pytest.mark.slow
+def test_fake_quant_kernel_equals_core():
+  # The production fake_quant kernel (values only).
+  x = _two_by_two()
+  spec = _spec("int4_g128")
+  cfg = gq.Config(tile_n=128, tile_k=128, k_per_cta=256, stages=2, unroll=False)
+  _check_values(gq.fake_quant_forward(x, spec, config=cfg, interpret=True),
+                jax.jit(lambda a: lj.fake_quant(a, spec))(x))
+
+
+def test_vmap_runs_the_jnp_path():
+  # The kernel has no batching rule: under vmap the jnp path gives the same
+  # numbers (nothing is interpreted here).
+  xs = jnp.stack([_edge_cases(), _edge_cases() * 3.0])
+  spec = _spec("nvfp4")
+  got = jax.jit(jax.vmap(lambda a: gq.quantize(a, spec, interpret=True)))(xs)
+  want = jax.jit(jax.vmap(lambda a: lj.quantize(a, spec)))(xs)
+  np.testing.assert_array_equal(_bits(got.codes), _bits(want.codes))
+  np.testing.assert_array_equal(_bits(got.tensor_scale), _bits(want.tensor_scale))
+  v = jax.jit(jax.vmap(lambda a: gq.fake_quant_forward(a, _spec("mxfp4"),
+                                                       interpret=True)))(xs)
+  _check_values(v, jax.jit(jax.vmap(lambda a: lj.fake_quant(a, _spec("mxfp4"))))(xs))
+
+
+def test_kind_of_names_only_the_formats_it_computes():
+  assert gq.kind_of(_spec("mxfp8_e4m3")) == "mxfp8_e4m3"
+  assert gq.kind_of(lj.QuantSpec("int4", axis=-2, group_size=64)) == "int4_g64"
+  assert gq.kind_of(lj.QuantSpec("nvfp4", axis=0)) == "nvfp4"
+  for spec in (lj.QuantSpec("int8", axis=0),                  # per channel
+               lj.QuantSpec("mxfp4", axis=1),                 # other axis
+               lj.QuantSpec("int4", axis=0, group_size=256),  # long groups
+               lj.QuantSpec("uint4", axis=0, group_size=128),  # asymmetric
+               lj.QuantSpec("int4", axis=0, group_size=128, scale_dtype="bfloat16"),
+               lj.QuantSpec("fp8_e4m3", axis=0, group_size=32),
+               lj.QuantSpec("nf4", axis=0, group_size=64)):
+    assert gq.kind_of(spec) is None, spec
+  assert set(gq.kind_of(_spec(k)) for k in KINDS) <= set(gq.supported_kinds())
+
+
+def test_dispatch_takes_only_what_the_kernel_computes(monkeypatch):
+  spec = _spec("mxfp4")
+  x = jax.ShapeDtypeStruct((1024, 512), jnp.bfloat16)
+  assert not gq.dispatch(x, spec)  # on the CPU backend: never
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert not gq.dispatch(x, spec)  # not in ENABLED
+  with gq.forced(gq.supported_kinds()):
+    assert gq.dispatch(x, spec) and gq.dispatch(x, spec, values=True)
+    assert gq.dispatch(jax.ShapeDtypeStruct((256, 4, 64), jnp.float32), spec)
+    no = [dict(x=jax.ShapeDtypeStruct((1024, 500), jnp.bfloat16)),   # N
+          dict(x=jax.ShapeDtypeStruct((1000, 512), jnp.bfloat16)),   # K
+          dict(x=jax.ShapeDtypeStruct((1024,), jnp.bfloat16)),       # 1-d
+          dict(x=jax.ShapeDtypeStruct((1024, 512), jnp.float16)),    # dtype
+          dict(spec=spec.replace(rounding="stochastic")),
+          dict(spec=spec.replace(clip_ratio=0.9)),
+          dict(spec=lj.QuantSpec("int8", axis=0)),
+          dict(amax=jnp.ones(())), dict(scale=jnp.ones(())),
+          dict(clip=jnp.ones(())), dict(tensor_amax=jnp.ones(()))]
+    for case in no:
+      kw = {k: v for k, v in case.items() if k not in ("x", "spec")}
+      assert not gq.dispatch(case.get("x", x), case.get("spec", spec), **kw), case
+    assert gq.dispatch(x, _spec("nvfp4"), tensor_amax=jnp.ones(()))
+  with gq.forced(()):
+    assert not gq.dispatch(x, spec)
+
+
+def test_core_quantize_uses_the_kernel_where_dispatched(monkeypatch):
+  # The wiring only: the kernel entry points are stood in for by the jnp
+  # path (their numbers are the tests above), recording each call.
+  calls = []
+
+  def q(x, spec, tensor_amax=None):
+    calls.append("quantize")
+    return core._quantize_jit(x, spec, None, None, None, tensor_amax)  # pylint: disable=protected-access
+
+  def f(x, spec, tensor_amax=None):
+    calls.append("fake_quant")
+    return core._fake_quant_impl(x, spec, None, None, None, tensor_amax)[0] * 2  # pylint: disable=protected-access
+
+  def fm(x, spec, tensor_amax=None):
+    calls.append("fake_quant+mask")
+    v, c = core._fake_quant_impl(x, spec, None, None, None, tensor_amax)  # pylint: disable=protected-access
+    return v, c.astype(jnp.uint8)
+
+  monkeypatch.setattr(gq, "quantize", q)
+  monkeypatch.setattr(gq, "fake_quant_forward", f)
+  monkeypatch.setattr(gq, "fake_quant_forward_with_mask", fm)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  x = jax.random.normal(jax.random.key(0), (K, N), jnp.bfloat16)
+  spec = _spec("int4_g128")
+  with gq.forced(["int4_g128", "mxfp4"]):
+    jax.eval_shape(lambda a: lj.quantize(a, spec), x)
+    jax.eval_shape(lambda a: lj.quantize(a, spec, amax=jnp.float32(1.0)), x)  # jnp path
+    assert calls == ["quantize"]
+    y = jax.jit(lambda a: lj.fake_quant(a, spec))(x)     # the kernel's value
+    assert calls == ["quantize", "fake_quant"]
+    # Under grad: int4 g128 never clips (no mask kept), the gradient stays
+    # straight-through.
+    v, g = jax.value_and_grad(lambda a: jnp.sum(
+        lj.fake_quant(a, spec).astype(jnp.float32)))(x)
+    assert calls == ["quantize", "fake_quant", "fake_quant"]
+    np.testing.assert_array_equal(np.asarray(g, np.float32), 1.0)
+    # MXFP4 keeps a clip mask for its gradient: the kernel writes it (uint8).
+    mx = _spec("mxfp4")
+    big = x.at[0, 0].set(100.0).at[1, 0].set(97.0)  # 97 saturates (floor scale)
+    g = jax.jit(jax.grad(lambda a: jnp.sum(lj.fake_quant(a, mx).astype(
+        jnp.float32))))(big)
+    assert calls[-1] == "fake_quant+mask"
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  want_g = jax.jit(jax.grad(lambda a: jnp.sum(lj.fake_quant(a, mx).astype(
+      jnp.float32))))(big)
+  np.testing.assert_array_equal(np.asarray(g), np.asarray(want_g))
+  assert float(np.asarray(g, np.float32).min()) == 0.0  # something clipped
+  want = jax.jit(lambda a: lj.fake_quant(a, spec))(x)
+  _check_values(y, want * 2)  # the stand-in's value reached the caller
+  np.testing.assert_allclose(float(v), float(jnp.sum(want.astype(jnp.float32) * 2)),
+                             rtol=1e-5)
+
+
+def test_shapes_and_tilings_that_do_not_fit_are_refused():
+  x = jnp.ones((128, 96), jnp.bfloat16)
+  with pytest.raises(ValueError, match="tiling"):
+    gq.quantize(x, _spec("mxfp4"), interpret=True)
+  with pytest.raises(ValueError, match="block scales along axis 0"):
+    gq.quantize(jnp.ones((128, 128), jnp.bfloat16), lj.QuantSpec("int8", axis=0))
+  with pytest.raises(ValueError, match="bfloat16 or float32"):
+    gq.quantize(jnp.ones((128, 128), jnp.float16), _spec("mxfp4"))
+  with pytest.raises(ValueError, match="shared memory"):
+    gq.quantize(jnp.ones((256, 256), jnp.float32), _spec("int4_g128"),
+                config=gq.Config(tile_n=256, tile_k=256, k_per_cta=256, stages=2))
+  assert gq.default_config("mxfp4", 8192, 100, jnp.bfloat16) is None
+  cfg = gq.default_config("mxfp8_e4m3", 8192, 8192, jnp.bfloat16)
+  assert (8192 // cfg.tile_n) * (8192 // cfg.k_per_cta) >= 4 * 132
+
+
+def _lower(fn, *args):
+  text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("kind,mode", [
+    ("mxfp8_e4m3", "quantize"), ("nvfp4", "mask")] + [
+        pytest.param(k, m, marks=pytest.mark.slow)
+        for k in KINDS for m in ("quantize", "values", "mask")
+        if (k, m) not in (("mxfp8_e4m3", "quantize"), ("nvfp4", "mask"))])
+def test_kernel_lowers_to_mosaic_gpu(kind, mode):
+  # The GPU build (inline div.full.f32, unrolled rows, default tiling).
+  x = jax.ShapeDtypeStruct((1024, 1024), jnp.bfloat16)
+  fn = {"quantize": gq.quantize, "values": gq.fake_quant_forward,
+        "mask": gq.fake_quant_forward_with_mask}[mode]
+  _lower(lambda a: fn(a, _spec(kind)), x)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(1024, 1024), (8192, 8192)])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_compiled_kernel_matches_jnp_path(kind, shape):
+  if jax.default_backend() != "gpu":
+    pytest.skip("needs a GPU")
+  k, n = shape
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((k, n)).astype(np.float32)
+  x *= np.exp2(rng.integers(-30, 31, (k // 16, 1, n))).repeat(16, 0).reshape(k, n)
+  x = jnp.asarray(x).astype(jnp.bfloat16)
+  if k == 1024:  # the edge cases in the first columns
+    x = x.at[:K, :N].set(_edge_cases())
+  spec = _spec(kind)
+  with gq.forced(()):
+    want_q = jax.jit(lambda a: lj.quantize(a, spec))(x)
+    want_v = jax.jit(lambda a: lj.fake_quant(a, spec))(x)
+  got_q = jax.jit(lambda a: gq.quantize(a, spec))(x)
+  got_v = jax.jit(lambda a: gq.fake_quant_forward(a, spec))(x)
+  got_v2, got_m = jax.jit(lambda a: gq.fake_quant_forward_with_mask(a, spec))(x)
+  _, want_m = jax.jit(lambda a: core._fake_quant_impl(a, spec, None, None, None, None))(x)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(np.asarray(got_m), np.asarray(want_m).astype(np.uint8))
+  _check_values(got_v2, want_v)
+  bs = spec.group_size
+  xb = np.asarray(x.astype(jnp.float32)).reshape(k // bs, bs, n)
+  bad = np.broadcast_to(~np.isfinite(xb).all(1, keepdims=True), xb.shape).reshape(k, n)
+  keep = _keep_code_rows(bad, got_q.codes.shape[0])
+  np.testing.assert_array_equal(np.asarray(got_q.codes).view(np.uint8)[keep],
+                                np.asarray(want_q.codes).view(np.uint8)[keep])
+  gs, ws = np.asarray(got_q.scale), np.asarray(want_q.scale)
+  if gs.dtype == np.float32:
+    np.testing.assert_array_equal(np.isnan(gs), np.isnan(ws))
+    gs, ws = np.nan_to_num(gs, nan=-1.0), np.nan_to_num(ws, nan=-1.0)
+  np.testing.assert_array_equal(_bits(gs), _bits(ws))
+  if want_q.tensor_scale is not None:
+    np.testing.assert_array_equal(_bits(got_q.tensor_scale), _bits(want_q.tensor_scale))
+  _check_values(got_v, want_v)
+  if kind == "nvfp4" and k == 1024:
+    xt = _nvfp4_ties(k, n)
+    with gq.forced(()):
+      want_t = jax.jit(lambda a: lj.quantize(a, spec))(xt)
+    got_t = jax.jit(lambda a: gq.quantize(a, spec))(xt)
+    np.testing.assert_array_equal(_bits(got_t.scale), _bits(want_t.scale))
