@@ -15,10 +15,11 @@ Post-Training Quantization for Generative Pre-trained Transformers") or RTN --
 and returns the new parameters, the scale grid each weight was rounded with
 (so real mode stores exactly those codes) and a per-layer report.
 
-The capture runs the model eagerly (``jax.disable_jit``): each site's Hessian
-is accumulated from concrete arrays, so it works the same whatever the front
-end jits. Sites inside ``lax.scan`` / ``lax.cond`` / ``lax.while_loop`` bodies
-(traced even then) raise an error naming the layer; grouped matmuls
+The capture traces one calibrate-mode call of the model per batch shape under
+``jax.jit`` (the front end's own un-jitted body), every site's Hessian being an
+output of that trace. Sites inside ``lax.scan`` / ``lax.cond`` /
+``lax.while_loop`` bodies or a nested ``jax.jit`` cannot hand a Hessian back
+and raise an error naming the layer; grouped matmuls
 (``ragged_dot``: MoE experts) and grouped convs are not captured here and are
 listed in ``Capture.skipped``.
 """
@@ -149,21 +150,27 @@ class _Recorder:
   """Accumulates ``SiteStats`` from the sites' inputs (concrete arrays)."""
 
   def __init__(self):
-    self.acc: dict = {}
     self.sites: dict = {}
     self.skipped: dict = {}
-    self.mask = None
+    self.meta: dict = {}
+    self.begin(None, None)
+
+  def begin(self, mask, trace) -> None:
+    """Starts one traced batch: its mask (traced) and the trace it runs in."""
+    self.acc: dict = {}
+    self.mask = mask
+    self.trace = trace
 
   def __call__(self, site, op, x, w, params):
     if site.weight is None:
       return
     path = site.path
-    if isinstance(x, jax.core.Tracer):
+    if getattr(x, "_trace", None) is not self.trace:
       raise ValueError(
-          f"{path}: its input is traced (the site runs inside jax.jit, lax.scan, "
-          "lax.cond or lax.while_loop), so its Hessian cannot be accumulated here; "
-          "unroll loops into Python loops, and do not jit the function passed to "
-          "capture_hessians / ptq_params")
+          f"{path}: this site runs inside lax.scan, lax.cond, lax.while_loop or a "
+          "nested jax.jit, whose body cannot hand its Hessian back; capture a "
+          "version of the model with the loop unrolled (a Python loop) and without "
+          "an inner jit")
     shape = _rules.logical_shape(w)
     if op == "ragged_dot":
       self.skipped[path] = ("grouped matmul (ragged_dot): per-expert Hessians are "
@@ -216,44 +223,47 @@ class _Recorder:
     else:
       h = jnp.matmul((xm * wts[:, None]).T, xm, precision=_HI)
       n = jnp.sum(wts)
+    meta = (op, *st_extra, tuple(shape))
+    if self.meta.get(path, meta) != meta or (
+        path in self.acc and self.acc[path][0].shape != h.shape):
+      raise ValueError(f"{path}: the weight is used by ops with different "
+                       "contraction features; one Hessian cannot serve both")
+    self.meta[path] = meta
     prev = self.acc.get(path)
     if prev is not None:
-      if prev.hessian.shape != h.shape:
-        raise ValueError(f"{path}: the weight is used by ops with different "
-                         f"contraction features ({prev.hessian.shape[0]} and "
-                         f"{h.shape[0]}); one Hessian cannot serve both")
-      h, n = prev.hessian + h, prev.count + n
-    self.acc[path] = SiteStats(h, n, op, *st_extra, tuple(shape))
+      h, n = prev[0] + h, prev[1] + n
+    self.acc[path] = (h, n)
     self.sites[path] = site
 
 
 def _runner(model, params, rules, front: str):
-  """``(run(batch), params tree, site-path prefix handling)`` in calibrate mode."""
+  """``(run(args, kwargs), state)``: one calibrate-mode call of the model, to
+  trace inside ``jax.jit`` (``state`` is what the call reads as an argument)."""
   crules = _capture_rules(rules)
   if front == "function":
     from lowbit_jax._function import quantize_function
     qf = quantize_function(model, crules, mode="calibrate")
+    extras = {"stats": None, "scales": None, "state": None, "rng": None}
 
-    def run(batch):
-      args, kwargs = _split_batch(batch)
-      qf(params, *args, **kwargs)
-    return run
+    def run(p, args, kwargs):
+      qf._run(p, args, kwargs, extras)   # its un-jitted body: traced here
+    return run, params
   if front == "linen":
     from lowbit_jax.flax import quantize_linen
     variables = params if "params" in params else {"params": params}
     fn = quantize_linen(crules, mode="calibrate")(model.apply)
 
-    def run(batch):
-      args, kwargs = _split_batch(batch)
-      fn(variables, *args, **kwargs, mutable=["quant_stats"])
-    return run
+    def run(v, args, kwargs):
+      fn(v, *args, **kwargs, mutable=["quant_stats"])
+    return run, variables
+  from flax import nnx
   from lowbit_jax.flax import quantize_nnx
-  qm = quantize_nnx(model, crules, mode="calibrate")
+  graph, state = nnx.split(quantize_nnx(model, crules, mode="calibrate"))
 
-  def run(batch):
-    args, kwargs = _split_batch(batch)
-    qm(*args, **kwargs)
-  return run
+  def run(st, args, kwargs):
+    m = nnx.merge(graph, st)
+    m(*args, **kwargs)
+  return run, state
 
 
 def capture_hessians(model, params, calib_batches: Sequence[Any], rules, *,
@@ -287,13 +297,25 @@ def capture_hessians(model, params, calib_batches: Sequence[Any], rules, *,
     raise ValueError("an NNX model holds its parameters: pass params=None")
   if front != "nnx" and params is None:
     raise ValueError("pass the parameter pytree as params (None is for NNX models)")
-  run = _runner(model, params, rules, front)
+  run, state = _runner(model, params, rules, front)
   rec = _Recorder()
-  with jax.disable_jit(), _rules.recording_inputs(rec):
-    for b in batches:
-      rec.mask = None if token_mask is None else np.asarray(token_mask(b))
-      run(b)
-  if not rec.acc:
+
+  @jax.jit
+  def step(st, args, kwargs, mask):
+    rec.begin(mask, getattr(jax.tree.leaves((st, args, kwargs))[0], "_trace", None))
+    with _rules.recording_inputs(rec):
+      run(st, args, kwargs)
+    return rec.acc
+
+  total: dict = {}
+  for b in batches:
+    args, kwargs = _split_batch(b)
+    mask = None if token_mask is None else jnp.asarray(token_mask(b))
+    for path, (h, n) in step(state, args, kwargs, mask).items():
+      if path in total:
+        h, n = total[path][0] + h, total[path][1] + n
+      total[path] = (h, n)
+  if not total:
     names = [r.path for r in _rules.as_rules(rules) if r.weight is not None]
     why = (f"; not captured: {rec.skipped}" if rec.skipped else "")
     raise ValueError(
@@ -301,7 +323,8 @@ def capture_hessians(model, params, calib_batches: Sequence[Any], rules, *,
         f"matched no dot_general, einsum or conv with a parameter operand{why}. "
         "Rules match parameter paths such as 'layers_0/mlp/up/kernel' or their "
         "layer path ('layers_0/mlp/up'); give a rule a weight spec")
-  return Capture(dict(rec.acc), dict(rec.sites), dict(rec.skipped))
+  stats = {p: SiteStats(h, n, *rec.meta[p]) for p, (h, n) in total.items()}
+  return Capture(stats, {p: rec.sites[p] for p in stats}, dict(rec.skipped))
 
 
 def _plan(st: SiteStats, spec: QuantSpec) -> _rules.WeightPlan:
