@@ -26,6 +26,7 @@ listed in ``Capture.skipped``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
@@ -363,31 +364,63 @@ def quantize_site(method: str, w: jax.Array, st: SiteStats, spec: QuantSpec, *,
     asymmetric specs.
 
   Raises:
-    ValueError: a spec GPTQ cannot take as a matrix, or the scales do not
-      reproduce the codes (the spec's blocks straddle the weight's axes).
+    ValueError: an unknown method, a spec GPTQ cannot take as a matrix, or
+      scales that do not reproduce the codes (the spec's blocks straddle the
+      weight's axes).
   """
-  plan = _plan(st, spec)
-  if method == "rtn":
-    wq = fake_quant(w, plan.spec)
-    return wq, (rtn_scale(w, plan.spec) if plan.spec.symmetric else None)
-  if method != "gptq":
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-  mspec = _matrix_spec(spec, path)
-  res = gptq(st.as_matrix(w), st.hessian, mspec, blocksize=blocksize,
-             percdamp=percdamp, act_order=act_order)
-  wq = st.from_matrix(res.weight).astype(w.dtype)
-  if not plan.spec.symmetric:
-    return wq, None
-  bk, bn = res.weight.shape[0] // res.amax.shape[0], res.weight.shape[1] // res.amax.shape[1]
-  full = jnp.repeat(jnp.repeat(res.amax, bk, axis=0), bn, axis=1)
-  scale = rtn_scale(st.from_matrix(full.astype(jnp.float32)), plan.spec)
-  again = fake_quant(wq, plan.spec, scale=scale)
-  if not bool(jnp.array_equal(again, wq)):
+  wq, scale, exact, _, _ = _site(w, st.hessian, st.count, method=method,
+                                 meta=tuple(st[2:]), spec=spec, path=path,
+                                 opts=(blocksize, float(percdamp), bool(act_order)))
+  if not bool(exact):
     raise ValueError(
         f"{path}: the scales GPTQ chose do not reproduce its codes in the weight's "
         f"layout (spec {spec}); the spec's blocks do not map onto the [K, N] matrix "
         "(a group_size must divide the last contraction axis)")
   return wq, scale
+
+
+def _site(w, hessian, count, *, method, meta, spec, path, opts):
+  """``(w_q, scale, codes reproduced, error, RTN's error)`` of one site.
+
+  GPTQ runs on its own (``algorithms.gptq`` compiles once per matrix shape and
+  spec); what comes before and after it is jitted per site.
+  """
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  if method == "rtn":
+    return _finish(w, None, None, hessian, count, meta=meta, spec=spec)
+  blocksize, percdamp, act_order = opts
+  res = gptq(_as_matrix(w, meta=meta), hessian, _matrix_spec(spec, path),
+             blocksize=blocksize, percdamp=percdamp, act_order=act_order)
+  return _finish(w, res.weight, res.amax, hessian, count, meta=meta, spec=spec)
+
+
+@functools.partial(jax.jit, static_argnames=("meta",))
+def _as_matrix(w, *, meta):
+  return SiteStats(None, None, *meta).as_matrix(w)
+
+
+@functools.partial(jax.jit, static_argnames=("meta", "spec"))
+def _finish(w, wq_matrix, amax, hessian, count, *, meta, spec):
+  """The quantized weight in its layout, its scales, and the errors (jitted)."""
+  st = SiteStats(hessian, count, *meta)
+  plan = _plan(st, spec)
+  rtn_w = fake_quant(w, plan.spec)
+  if wq_matrix is None:   # RTN
+    wq, scale = rtn_w, (rtn_scale(w, plan.spec) if plan.spec.symmetric else None)
+  else:
+    wq, scale = st.from_matrix(wq_matrix).astype(w.dtype), None
+    if plan.spec.symmetric:   # the range each block was rounded with
+      bk = wq_matrix.shape[0] // amax.shape[0]
+      bn = wq_matrix.shape[1] // amax.shape[1]
+      full = jnp.repeat(jnp.repeat(amax, bk, axis=0), bn, axis=1)
+      scale = rtn_scale(st.from_matrix(full.astype(jnp.float32)), plan.spec)
+  exact = (jnp.array_equal(fake_quant(wq, plan.spec, scale=scale), wq)
+           if scale is not None else jnp.bool_(True))
+  mw, rows = st.as_matrix(w), jnp.maximum(count, 1.0)
+  err = hessian_error(hessian, mw, st.as_matrix(wq)) / rows
+  rerr = hessian_error(hessian, mw, st.as_matrix(rtn_w)) / rows
+  return wq, scale, exact, err, rerr
 
 
 def _get_path(tree, path: str):
@@ -443,18 +476,22 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
   else:
     tree = params["params"] if "params" in params else params
   new_leaves, scales, layers = {}, {}, {}
+  opts = (blocksize, float(percdamp), bool(act_order))
   for path, st in cap.stats.items():
     spec = cap.sites[path].weight
     w = _rules.logical_value(_get_path(tree, path))
-    wq, scale = quantize_site(method, w, st, spec, path=path, blocksize=blocksize,
-                              percdamp=percdamp, act_order=act_order)
+    wq, scale, exact, err, rerr = _site(w, st.hessian, st.count, method=method,
+                                        meta=tuple(st[2:]), spec=spec, path=path,
+                                        opts=opts)
+    if not bool(exact):
+      raise ValueError(
+          f"{path}: the scales {method} chose do not reproduce its codes in the "
+          f"weight's layout (spec {spec}); the spec's blocks do not map onto the "
+          "[K, N] matrix (a group_size must divide the last contraction axis)")
     new_leaves[path] = wq
     if scale is not None:
       scales[path] = scale
-    mw, rows = st.as_matrix(w), jnp.maximum(st.count, 1.0)
-    err = float(hessian_error(st.hessian, mw, st.as_matrix(wq)) / rows)
-    rtn_w = fake_quant(w, _plan(st, spec).spec)
-    rerr = float(hessian_error(st.hessian, mw, st.as_matrix(rtn_w)) / rows)
+    err, rerr = float(err), float(rerr)
     layers[path] = {"spec": str(spec), "error": err, "rtn_error": rerr,
                     "error_vs_rtn": err / rerr if rerr > 0 else 1.0,
                     "rows": float(st.count)}

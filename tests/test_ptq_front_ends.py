@@ -1,0 +1,146 @@
+"""PTQ through the rules machinery: the same Hessians and GPTQ on Linen, NNX and a function."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import lowbit_jax as lb
+from lowbit_jax._rules import QuantRule, QWeight, is_qarray, path_str
+from lowbit_jax.flax import quantize_linen, quantize_nnx
+from lowbit_jax.flax._capture import capture_dense_stats
+from tests import _toy_models as toy
+
+# q (DenseGeneral to heads) and o (two contraction axes): GPTQ runs on one
+# [32, 32] matrix shape, which keeps its compiles few (Dense and conv: RTN below).
+RULES = [QuantRule(".*/(q|o)", weight=lb.QuantSpec("int4", group_size=16))]
+W4_ALL = [QuantRule("head"), QuantRule(".*", weight=lb.QuantSpec("int4", group_size=16))]
+ALL_WEIGHTS = [QuantRule("head"), QuantRule(".*", weight="int8")]
+
+
+def _mask(batch):
+  return (jnp.arange(toy.SEQ)[None, :] < jnp.array([[toy.SEQ], [5]])).astype(jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def setup():
+  model, v = toy.init_linen()
+  return model, v, [toy.tokens(s) for s in range(2)]
+
+
+@pytest.fixture(scope="module")
+def fn_result(setup):
+  _, v, batches = setup
+  return lb.ptq_params(toy.toy_apply, v["params"], batches, RULES)
+
+
+def _leaves(tree) -> dict:
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_qarray)
+  return {path_str(k): leaf for k, leaf in flat}
+
+
+def test_hessians_equal_on_every_front_end_and_the_linen_capture(setup):
+  model, v, batches = setup
+  cf = lb.capture_hessians(toy.toy_apply, v["params"], batches, ALL_WEIGHTS,
+                           token_mask=_mask)
+  cl = lb.capture_hessians(model, v, batches, ALL_WEIGHTS, token_mask=_mask)
+  cn = lb.capture_hessians(toy.nnx_from_linen(v["params"]), None, batches,
+                           ALL_WEIGHTS, token_mask=_mask)
+  # Every weight site but the float head: conv, q/k/v/o (einsum), up/down.
+  names = ("conv", "q", "k", "v", "o", "up", "down")
+  assert sorted(cf.stats) == sorted(f"layers_{i}/{n}/kernel" for i in range(2)
+                                    for n in names)
+  assert sorted(cl.stats) == sorted(cn.stats) == sorted(cf.stats)
+  for p, st in cf.stats.items():
+    for other in (cl, cn):
+      np.testing.assert_allclose(other.stats[p].hessian, st.hessian, rtol=1e-6,
+                                 atol=1e-6)
+      assert float(other.stats[p].count) == float(st.count)
+  assert cf.stats["layers_0/o/kernel"].hessian.shape == (32, 32)  # heads x head_dim
+  assert cf.stats["layers_0/conv/kernel"].hessian.shape == (3 * toy.D, 3 * toy.D)
+  # The Linen capture (call boundaries of Dense and Conv) gives the same numbers.
+  ref = capture_dense_stats(model, v["params"], batches, token_mask=_mask)
+  for layer, st in ref.stats.items():
+    mine = cf.stats[f"{layer}/kernel"]
+    np.testing.assert_allclose(mine.hessian, st.gram, rtol=1e-6, atol=1e-6)
+    assert float(mine.count) == float(st.count) == 2 * (toy.SEQ + 5)
+
+
+def test_gptq_lowers_every_layer_error_vs_rtn_on_a_function(fn_result):
+  layers = fn_result.report["layers"]
+  assert sorted(layers) == sorted(f"layers_{i}/{n}/kernel" for i in range(2)
+                                  for n in ("q", "o"))
+  for p, e in layers.items():
+    assert e["error"] < 0.8 * e["rtn_error"], (p, e)
+
+
+def test_function_real_mode_stores_exactly_the_gptq_codes(setup, fn_result):
+  _, v, _ = setup
+  t = toy.tokens(7)
+  qr = lb.quantize_function(toy.toy_apply, RULES, mode="real")
+  rp = qr.quantize_params(fn_result.params, t,
+                          **lb.real_mode_kwargs(fn_result, "function"))
+  stored, gp = _leaves(rp), _leaves(fn_result.params)
+  for p in fn_result.report["layers"]:
+    assert isinstance(stored[p], QWeight)
+    np.testing.assert_array_equal(stored[p].logical(), gp[p])
+  np.testing.assert_allclose(qr(rp, t), toy.toy_apply(fn_result.params, t),
+                             rtol=1e-5, atol=1e-5)
+  # Without the scales, real mode re-derives them and changes codes.
+  plain = _leaves(qr.quantize_params(fn_result.params, t))
+  assert any(not np.array_equal(plain[p].logical(), gp[p])
+             for p in fn_result.report["layers"])
+
+
+def test_nnx_gptq_matches_the_function_and_real_equals_fake(setup, fn_result):
+  _, v, batches = setup
+  m = toy.nnx_from_linen(v["params"])
+  res = lb.ptq_params(m, None, batches, RULES)
+  for p, e in res.report["layers"].items():
+    np.testing.assert_allclose(e["error"], fn_result.report["layers"][p]["error"],
+                               rtol=1e-4)
+  # The model's own Params were updated in place.
+  np.testing.assert_array_equal(m.layers_0.up.kernel.get_value(),
+                                fn_result.params["layers_0"]["up"]["kernel"])
+  t = toy.tokens(7)
+  fake = nnx.jit(lambda m, t: m(t))(m, t)
+  q = quantize_nnx(m, RULES, mode="real", **lb.real_mode_kwargs(res, "nnx"))
+  assert isinstance(q.layers_1.o.kernel.get_value(), QWeight)
+  np.testing.assert_array_equal(q.layers_1.o.kernel.get_value().logical(),
+                                fn_result.params["layers_1"]["o"]["kernel"])
+  np.testing.assert_allclose(nnx.jit(lambda m, t: m(t))(q, t), fake, rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_linen_real_mode_with_the_returned_scales(setup):
+  model, v, batches = setup
+  res = lb.ptq_params(model, v, batches, W4_ALL, method="rtn")
+  assert len(res.report["layers"]) == 14   # conv, q, k, v, o, up, down per block
+  assert all(e["error"] == e["rtn_error"] for e in res.report["layers"].values())
+  t = toy.tokens(7)
+  ql = quantize_linen(W4_ALL, mode="real")
+  rv = ql.quantize_params(model, {**res.params, **lb.real_mode_kwargs(res, "linen")}, t)
+  stored, rp = _leaves(rv["params"]), _leaves(res.params["params"])
+  for p in res.report["layers"]:
+    np.testing.assert_array_equal(stored[p].logical(), rp[p])
+  np.testing.assert_allclose(ql(model.apply)(rv, t), model.apply(res.params, t),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_clear_errors(setup):
+  _, v, batches = setup
+  with pytest.raises(ValueError, match="no weight site was captured"):
+    lb.ptq_params(toy.toy_apply, v["params"], batches,
+                  [QuantRule(".*/nothing_here", weight="int4")])
+  with pytest.raises(ValueError, match="method must be one of"):
+    lb.ptq_params(toy.toy_apply, v["params"], batches, RULES, method="awq")
+  with pytest.raises(ValueError, match="NNX model holds its parameters"):
+    lb.capture_hessians(toy.nnx_from_linen(v["params"]), v["params"], batches, RULES)
+
+  def scanned(params, x):
+    def body(h, w):
+      return jnp.tanh(h @ w), None
+    return jax.lax.scan(body, x, params["w"])[0]
+  with pytest.raises(ValueError, match="w: this site runs inside lax.scan"):
+    lb.capture_hessians(scanned, {"w": jnp.ones((2, 4, 4))}, [jnp.ones((3, 4))],
+                        [QuantRule(".*", weight="int8")])
