@@ -40,7 +40,7 @@ from lowbit_jax import _rules
 from lowbit_jax.algorithms.gptq import gptq
 from lowbit_jax.algorithms.rtn import hessian_error, kernel_spec, rtn_scale
 from lowbit_jax.core import fake_quant
-from lowbit_jax.core._spec import QuantSpec
+from lowbit_jax.core._spec import QuantSpec, as_spec
 
 _HI = lax.Precision.HIGHEST
 METHODS = ("gptq", "rtn")
@@ -423,6 +423,14 @@ def _finish(w, wq_matrix, amax, hessian, count, *, meta, spec):
   return wq, scale, exact, err, rerr
 
 
+def _param_tree(model, params, front: str):
+  """The nested dict of parameters the sites' paths index."""
+  if front == "nnx":
+    from flax import nnx
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  return params["params"] if "params" in params else params
+
+
 def _get_path(tree, path: str):
   node = tree
   for k in path.split("/"):
@@ -471,10 +479,7 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
       model, params, calib_batches, rules, token_mask=token_mask)
   if front == "nnx":
     from flax import nnx
-    state = nnx.state(model, nnx.Param)
-    tree = nnx.to_pure_dict(state)
-  else:
-    tree = params["params"] if "params" in params else params
+  tree = _param_tree(model, params, front)
   new_leaves, scales, layers = {}, {}, {}
   opts = (blocksize, float(percdamp), bool(act_order))
   for path, st in cap.stats.items():
@@ -513,6 +518,52 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
   return PTQResult(out, scales, report)
 
 
+def mixed_precision_rules(model, params, capture: Capture,
+                          candidates: Mapping[str, Any], budget: float, *,
+                          method: str = "auto", activation: Any = None,
+                          float_bits: float = 16.0) -> tuple:
+  """A per-layer format choice under a bits-per-weight budget, as rules for any front end.
+
+  Each captured weight's sensitivity to each candidate is the output error of
+  rounding it to nearest, ``tr(dW^T H dW)`` with the captured Hessian
+  (``algorithms.mixed_precision.weight_sensitivity``); ``allocate_bits``
+  picks one candidate per weight minimizing the summed error under the
+  budget; ``assignment_to_rules`` turns the choice into QuantRules whose
+  regexes name each parameter path exactly, which ``quantize_linen``,
+  ``quantize_nnx``, ``quantize_function`` and ``ptq_params`` all accept.
+
+  Args:
+    model, params: as for ``capture_hessians`` (the weights are read there).
+    capture: the ``capture_hessians`` result.
+    candidates: name -> weight spec (unset axis) or None (keep float).
+    budget: the largest average bits per weight (scales included).
+    method: ``allocate_bits``'s method ("auto", "dp", "greedy").
+    activation: an activation spec for every quantized layer, or None.
+    float_bits: bits per weight of a float candidate.
+
+  Returns:
+    ``(rules, allocation)``: the QuantRules and the ``Allocation``
+    (``assignment``, ``avg_bits``, ``cost``).
+
+  Raises:
+    ValueError: no assignment fits the budget, or a candidate's spec has an
+      axis set (see ``ptq_params``).
+  """
+  from lowbit_jax.algorithms import mixed_precision as mp
+  tree = _param_tree(model, params, _front_end(model))
+  costs, sizes, bits = {}, {}, {}
+  for path, st in capture.stats.items():
+    mat = st.as_matrix(_rules.logical_value(_get_path(tree, path)))
+    specs = {n: None if c is None else _matrix_spec(as_spec(c), path)
+             for n, c in candidates.items()}
+    costs[path] = mp.weight_sensitivity(mat, st.hessian, specs)
+    sizes[path] = int(mat.size)
+    bits[path] = {n: mp.spec_bits(sp, mat.shape, float_bits) for n, sp in specs.items()}
+  alloc = mp.allocate_bits(costs, sizes, bits, budget, method=method)
+  return mp.assignment_to_rules(alloc.assignment, candidates,
+                                activation=activation), alloc
+
+
 def real_mode_kwargs(result: PTQResult, front: str) -> dict:
   """The keyword arguments that make real mode store exactly ``result``'s codes.
 
@@ -543,4 +594,4 @@ def real_mode_kwargs(result: PTQResult, front: str) -> dict:
 
 
 __all__ = ["SiteStats", "Capture", "PTQResult", "capture_hessians", "quantize_site",
-           "ptq_params", "real_mode_kwargs"]
+           "ptq_params", "mixed_precision_rules", "real_mode_kwargs"]

@@ -14,7 +14,7 @@ from tests import _toy_models as toy
 # q (DenseGeneral to heads) and o (two contraction axes): GPTQ runs on one
 # [32, 32] matrix shape, which keeps its compiles few (Dense and conv: RTN below).
 RULES = [QuantRule(".*/(q|o)", weight=lb.QuantSpec("int4", group_size=16))]
-W4_ALL = [QuantRule("head"), QuantRule(".*", weight=lb.QuantSpec("int4", group_size=16))]
+CONV_DENSE = [QuantRule(".*/(conv|up)", weight=lb.QuantSpec("int4", group_size=16))]
 ALL_WEIGHTS = [QuantRule("head"), QuantRule(".*", weight="int8")]
 
 
@@ -25,12 +25,12 @@ def _mask(batch):
 @pytest.fixture(scope="module")
 def setup():
   model, v = toy.init_linen()
-  return model, v, [toy.tokens(s) for s in range(2)]
+  return model, v, [toy.tokens(s) for s in range(2)], toy.nnx_from_linen(v["params"])
 
 
 @pytest.fixture(scope="module")
 def fn_result(setup):
-  _, v, batches = setup
+  _, v, batches, _ = setup
   return lb.ptq_params(toy.toy_apply, v["params"], batches, RULES)
 
 
@@ -40,12 +40,11 @@ def _leaves(tree) -> dict:
 
 
 def test_hessians_equal_on_every_front_end_and_the_linen_capture(setup):
-  model, v, batches = setup
+  model, v, batches, nm = setup
   cf = lb.capture_hessians(toy.toy_apply, v["params"], batches, ALL_WEIGHTS,
                            token_mask=_mask)
   cl = lb.capture_hessians(model, v, batches, ALL_WEIGHTS, token_mask=_mask)
-  cn = lb.capture_hessians(toy.nnx_from_linen(v["params"]), None, batches,
-                           ALL_WEIGHTS, token_mask=_mask)
+  cn = lb.capture_hessians(nm, None, batches, ALL_WEIGHTS, token_mask=_mask)
   # Every weight site but the float head: conv, q/k/v/o (einsum), up/down.
   names = ("conv", "q", "k", "v", "o", "up", "down")
   assert sorted(cf.stats) == sorted(f"layers_{i}/{n}/kernel" for i in range(2)
@@ -59,7 +58,8 @@ def test_hessians_equal_on_every_front_end_and_the_linen_capture(setup):
   assert cf.stats["layers_0/o/kernel"].hessian.shape == (32, 32)  # heads x head_dim
   assert cf.stats["layers_0/conv/kernel"].hessian.shape == (3 * toy.D, 3 * toy.D)
   # The Linen capture (call boundaries of Dense and Conv) gives the same numbers.
-  ref = capture_dense_stats(model, v["params"], batches, token_mask=_mask)
+  ref = capture_dense_stats(model, v["params"], batches, token_mask=_mask,
+                            max_samples=0)
   for layer, st in ref.stats.items():
     mine = cf.stats[f"{layer}/kernel"]
     np.testing.assert_allclose(mine.hessian, st.gram, rtol=1e-6, atol=1e-6)
@@ -75,7 +75,7 @@ def test_gptq_lowers_every_layer_error_vs_rtn_on_a_function(fn_result):
 
 
 def test_function_real_mode_stores_exactly_the_gptq_codes(setup, fn_result):
-  _, v, _ = setup
+  _, v, _, _ = setup
   t = toy.tokens(7)
   qr = lb.quantize_function(toy.toy_apply, RULES, mode="real")
   rp = qr.quantize_params(fn_result.params, t,
@@ -93,8 +93,8 @@ def test_function_real_mode_stores_exactly_the_gptq_codes(setup, fn_result):
 
 
 def test_nnx_gptq_matches_the_function_and_real_equals_fake(setup, fn_result):
-  _, v, batches = setup
-  m = toy.nnx_from_linen(v["params"])
+  _, v, batches, nm = setup
+  m = nnx.clone(nm)
   res = lb.ptq_params(m, None, batches, RULES)
   for p, e in res.report["layers"].items():
     np.testing.assert_allclose(e["error"], fn_result.report["layers"][p]["error"],
@@ -113,12 +113,12 @@ def test_nnx_gptq_matches_the_function_and_real_equals_fake(setup, fn_result):
 
 
 def test_linen_real_mode_with_the_returned_scales(setup):
-  model, v, batches = setup
-  res = lb.ptq_params(model, v, batches, W4_ALL, method="rtn")
-  assert len(res.report["layers"]) == 14   # conv, q, k, v, o, up, down per block
+  model, v, batches, nm = setup
+  res = lb.ptq_params(model, v, batches, CONV_DENSE, method="rtn")
+  assert len(res.report["layers"]) == 4
   assert all(e["error"] == e["rtn_error"] for e in res.report["layers"].values())
   t = toy.tokens(7)
-  ql = quantize_linen(W4_ALL, mode="real")
+  ql = quantize_linen(CONV_DENSE, mode="real")
   rv = ql.quantize_params(model, {**res.params, **lb.real_mode_kwargs(res, "linen")}, t)
   stored, rp = _leaves(rv["params"]), _leaves(res.params["params"])
   for p in res.report["layers"]:
@@ -128,14 +128,14 @@ def test_linen_real_mode_with_the_returned_scales(setup):
 
 
 def test_clear_errors(setup):
-  _, v, batches = setup
+  _, v, batches, nm = setup
   with pytest.raises(ValueError, match="no weight site was captured"):
     lb.ptq_params(toy.toy_apply, v["params"], batches,
                   [QuantRule(".*/nothing_here", weight="int4")])
   with pytest.raises(ValueError, match="method must be one of"):
     lb.ptq_params(toy.toy_apply, v["params"], batches, RULES, method="awq")
   with pytest.raises(ValueError, match="NNX model holds its parameters"):
-    lb.capture_hessians(toy.nnx_from_linen(v["params"]), v["params"], batches, RULES)
+    lb.capture_hessians(nm, v["params"], batches, RULES)
 
   def scanned(params, x):
     def body(h, w):
@@ -144,3 +144,21 @@ def test_clear_errors(setup):
   with pytest.raises(ValueError, match="w: this site runs inside lax.scan"):
     lb.capture_hessians(scanned, {"w": jnp.ones((2, 4, 4))}, [jnp.ones((3, 4))],
                         [QuantRule(".*", weight="int8")])
+
+
+def test_mixed_precision_rules_run_on_every_front_end(setup):
+  _, v, batches, nm = setup
+  cap = lb.capture_hessians(toy.toy_apply, v["params"], batches, RULES)
+  cands = {"int4": lb.QuantSpec("int4", group_size=16), "int8": "int8", "float": None}
+  rules, alloc = lb.mixed_precision_rules(toy.toy_apply, v["params"], cap, cands, 7.5)
+  assert alloc.avg_bits <= 7.5 and set(alloc.assignment) == set(cap.stats)
+  assert len(set(alloc.assignment.values())) > 1   # a real trade-off, not one format
+  # The NNX model gives the same sensitivities, hence the same choice.
+  cap_n = lb.capture_hessians(nm, None, batches, RULES)
+  _, alloc_n = lb.mixed_precision_rules(nm, None, cap_n, cands, 7.5)
+  assert alloc_n.assignment == alloc.assignment
+  t = toy.tokens(7)
+  a = lb.quantize_function(toy.toy_apply, rules, mode="fake", strict=True)(v["params"], t)
+  b = nnx.jit(lambda m, t: m(t))(quantize_nnx(nm, rules, mode="fake", strict=True), t)
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(a, toy.toy_apply(v["params"], t), atol=1e-4)
