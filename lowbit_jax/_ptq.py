@@ -251,7 +251,7 @@ def _runner(model, params, rules, front: str):
     return run, params
   if front == "linen":
     from lowbit_jax.flax import quantize_linen
-    variables = params if "params" in params else {"params": params}
+    variables = params if _is_variables(params, front) else {"params": params}
     fn = quantize_linen(crules, mode="calibrate")(model.apply)
 
     def run(v, args, kwargs):
@@ -423,18 +423,23 @@ def _finish(w, wq_matrix, amax, hessian, count, *, meta, spec):
   return wq, scale, exact, err, rerr
 
 
+def _is_variables(params, front: str) -> bool:
+  """Whether Linen ``params`` are variables (``{"params": ..., ...}``)."""
+  return front == "linen" and isinstance(params, Mapping) and "params" in params
+
+
 def _param_tree(model, params, front: str):
   """The nested dict of parameters the sites' paths index."""
   if front == "nnx":
     from flax import nnx
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  return params["params"] if "params" in params else params
+  return params["params"] if _is_variables(params, front) else params
 
 
 def _get_path(tree, path: str):
   node = tree
   for k in path.split("/"):
-    node = node[k]
+    node = node[int(k)] if isinstance(node, (list, tuple)) else node[k]
   return node
 
 
@@ -504,15 +509,16 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
     for path, wq in new_leaves.items():
       node = model
       for k in path.split("/"):
-        node = getattr(node, k)
+        node = node[int(k)] if k.isdigit() and not hasattr(node, k) else getattr(node, k)
       node.set_value(wq)
     out = nnx.state(model, nnx.Param)
   else:
     def put(kp, leaf):
       p = _rules.path_str(kp)
       return new_leaves.get(p, leaf)
-    new_tree = jax.tree_util.tree_map_with_path(put, tree)
-    out = ({**params, "params": new_tree} if "params" in params else new_tree)
+    new_tree = jax.tree_util.tree_map_with_path(put, tree, is_leaf=_rules.is_qarray)
+    out = ({**params, "params": new_tree} if _is_variables(params, front)
+           else new_tree)
   report = {"method": method, "layers": layers, "skipped": dict(cap.skipped),
             "seconds": time.perf_counter() - t0}
   return PTQResult(out, scales, report)
