@@ -166,3 +166,18 @@ def test_mixed_precision_rules_run_on_every_front_end(setup):
   plan = lb.quantize_function(toy.toy_apply, rules, strict=True).plan(
       v["params"], toy.tokens(7))
   assert set(plan) == quantized
+
+
+@pytest.mark.slow
+def test_linen_gptq_equals_apply_ptq_bit_for_bit(setup):
+  from lowbit_jax.flax import apply_ptq
+  model, v, batches, _ = setup
+  spec = lb.QuantSpec("int4", group_size=16)
+  qp, rep = apply_ptq(model, v["params"], batches, "gptq", spec, layers=".*/(up|down)")
+  res = lb.ptq_params(model, v, batches, [QuantRule(".*/(up|down)", weight=spec)])
+  for i in range(toy.LAYERS):
+    for n in ("up", "down"):
+      np.testing.assert_array_equal(res.params["params"][f"layers_{i}"][n]["kernel"],
+                                    qp[f"layers_{i}"][n]["kernel"])
+      np.testing.assert_array_equal(res.weight_scales[f"layers_{i}/{n}/kernel"],
+                                    rep["quant_scales"][f"layers_{i}"][n]["weight_scale"])
