@@ -390,8 +390,12 @@ def _site(w, hessian, count, *, method, meta, spec, path, opts):
   if method == "rtn":
     return _finish(w, None, None, hessian, count, meta=meta, spec=spec)
   blocksize, percdamp, act_order = opts
-  res = gptq(_as_matrix(w, meta=meta), hessian, _matrix_spec(spec, path),
-             blocksize=blocksize, percdamp=percdamp, act_order=act_order)
+  try:
+    res = gptq(_as_matrix(w, meta=meta), hessian, _matrix_spec(spec, path),
+               blocksize=blocksize, percdamp=percdamp, act_order=act_order)
+  except ValueError as e:
+    msg = str(e)
+    raise ValueError(msg if msg.startswith(f"{path}: ") else f"{path}: {msg}") from e
   return _finish(w, res.weight, res.amax, hessian, count, meta=meta, spec=spec)
 
 

@@ -181,3 +181,29 @@ def test_linen_gptq_equals_apply_ptq_bit_for_bit(setup):
                                     qp[f"layers_{i}"][n]["kernel"])
       np.testing.assert_array_equal(res.weight_scales[f"layers_{i}/{n}/kernel"],
                                     rep["quant_scales"][f"layers_{i}"][n]["weight_scale"])
+
+
+@pytest.mark.slow
+def test_gptq_after_quarot_on_the_decoder_as_a_function():
+  """QuaRot's fold (rotate_model) then ptq_params with its online-Hadamard rules."""
+  from lowbit_jax.algorithms import rotate_model
+  from lowbit_jax.models.llama import Llama, LlamaConfig
+  cfg = LlamaConfig.smoke()
+  model = Llama(cfg)
+  toks = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab)
+  fn = lambda p, t: model.apply({"params": p}, t)
+  params = jax.jit(model.init)(jax.random.key(0), toks)["params"]
+  new, info = rotate_model(fn, params, toks, key=jax.random.key(3),
+                           online=".*/down_proj/kernel")
+  rules = info.rules([QuantRule("lm_head"),
+                      QuantRule(".*", weight=lb.QuantSpec("int4", group_size=16))])
+  res = lb.ptq_params(fn, new, [toks], rules)
+  assert len(res.report["layers"]) == 14
+  for p, e in res.report["layers"].items():
+    assert e["error"] < 0.5 * e["rtn_error"], (p, e)
+  # The down projections' Hessians are of their Hadamard-rotated inputs, so
+  # real mode (online transform, GPTQ's codes) equals the rotated float model.
+  qr = lb.quantize_function(fn, rules, mode="real")
+  rp = qr.quantize_params(res.params, toks, **lb.real_mode_kwargs(res, "function"))
+  ref = lb.quantize_function(fn, info.rules())(res.params, toks)
+  np.testing.assert_allclose(qr(rp, toks), ref, rtol=1e-5, atol=1e-5)
