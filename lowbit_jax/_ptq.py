@@ -141,6 +141,8 @@ def _front_end(model) -> str:
 
 def _capture_rules(rules):
   """The rules with static ranges switched off (the capture records no ranges)."""
+  if isinstance(rules, _rules.QuantConfig):
+    rules = rules.rules
   out = []
   for r in _rules.as_rules(rules):
     out.append(dataclasses.replace(r, static=False) if r.static else r)
@@ -148,7 +150,12 @@ def _capture_rules(rules):
 
 
 class _Recorder:
-  """Accumulates ``SiteStats`` from the sites' inputs (concrete arrays)."""
+  """Accumulates each site's Hessian and row count inside one traced batch.
+
+  ``acc`` holds the traced ``(hessian, count)`` per parameter path (outputs of
+  the trace); ``meta`` the static layout data of ``SiteStats``; ``skipped``
+  the matched sites that cannot be captured, with the reason.
+  """
 
   def __init__(self):
     self.sites: dict = {}
@@ -166,7 +173,7 @@ class _Recorder:
     if site.weight is None:
       return
     path = site.path
-    if getattr(x, "_trace", None) is not self.trace:
+    if isinstance(x, jax.core.Tracer) and getattr(x, "_trace", None) is not self.trace:
       raise ValueError(
           f"{path}: this site runs inside lax.scan, lax.cond, lax.while_loop or a "
           "nested jax.jit, whose body cannot hand its Hessian back; capture a "
@@ -317,7 +324,7 @@ def capture_hessians(model, params, calib_batches: Sequence[Any], rules, *,
         h, n = total[path][0] + h, total[path][1] + n
       total[path] = (h, n)
   if not total:
-    names = [r.path for r in _rules.as_rules(rules) if r.weight is not None]
+    names = [r.path for r in _capture_rules(rules) if r.weight is not None]
     why = (f"; not captured: {rec.skipped}" if rec.skipped else "")
     raise ValueError(
         f"no weight site was captured: rules with a weight spec ({names or 'none'}) "
