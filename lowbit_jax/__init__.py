@@ -9,6 +9,9 @@ Flax adapters live in ``lowbit_jax.flax`` and orbax checkpoints in
 from lowbit_jax import calibration
 from lowbit_jax import formats
 from lowbit_jax._function import QuantizedFunction, quantize_function
+from lowbit_jax._ptq import (Capture, PTQResult, SiteStats, capture_hessians,
+                             mixed_precision_rules, ptq_params, quantize_site,
+                             real_mode_kwargs)
 from lowbit_jax._rules import (QuantConfig, QuantRule, QWeight, WeightPlan, plan_weight,
                                quantize_params)
 from lowbit_jax.core import (TENSOR, QArray, QuantSpec, cast, dequantize, fake_quant,
@@ -20,4 +23,6 @@ __all__ = ["formats", "calibration", "cast", "quantize", "dequantize", "fake_qua
            "scale_shape", "init_scale", "scaling",
            "QArray", "QuantSpec", "TENSOR", "ops", "QuantRule", "QuantConfig",
            "QWeight", "WeightPlan", "plan_weight", "quantize_params",
-           "quantize_function", "QuantizedFunction"]
+           "quantize_function", "QuantizedFunction", "capture_hessians", "ptq_params",
+           "quantize_site", "real_mode_kwargs", "mixed_precision_rules", "SiteStats",
+           "Capture", "PTQResult"]

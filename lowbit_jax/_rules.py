@@ -40,9 +40,11 @@ never held twice.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import re
+import threading
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import jax
@@ -1077,6 +1079,34 @@ def finalize_ranges(items) -> dict:
 
 
 # ---------------------------------------------------------------------------
+# Input recording (PTQ statistics on every front end)
+
+_RECORDING = threading.local()
+
+
+def input_recorder() -> Optional[Callable]:
+  """The active input recorder of calibrate mode, or None.
+
+  ``lowbit_jax.ptq.capture_hessians`` sets one (``recording_inputs``) while
+  it runs a model in calibrate mode; every weight site then calls it as
+  ``rec(site, op, activation, weight, op_params)`` before running its float op,
+  on Linen, NNX and ``quantize_function`` alike.
+  """
+  return getattr(_RECORDING, "fn", None)
+
+
+@contextlib.contextmanager
+def recording_inputs(fn: Callable):
+  """Makes ``fn`` the input recorder of calibrate-mode sites in this thread."""
+  prev = input_recorder()
+  _RECORDING.fn = fn
+  try:
+    yield
+  finally:
+    _RECORDING.fn = prev
+
+
+# ---------------------------------------------------------------------------
 # The quantized ops of a site
 
 
@@ -1538,6 +1568,10 @@ def site_dot_general(site: Site, lhs, rhs, dimension_numbers, precision=None,
     if site.is_act:   # both operands: (x H)(y H)^T = x y^T (SpinQuant's R3 on q.k)
       rhs = hadamard_transform(_float(rhs), rc[0])
   if site.mode == "calibrate":
+    rec = input_recorder()
+    if rec is not None and not site.is_act:
+      rec(site, "dot_general", _float(lhs), rhs, {"dimension_numbers": (
+          (tuple(lc), tuple(rc)), (tuple(lb), tuple(rb)))})
     return lax.dot_general(_float(lhs), _float(rhs).astype(_float(lhs).dtype),
                            dimension_numbers, precision, preferred_element_type)
   # Contraction pairs in weight-axis order: the result does not depend on it,
@@ -1656,6 +1690,9 @@ def site_ragged_dot(site: Site, lhs, rhs, group_sizes, precision=None,
     lhs = hadamard_transform(_float(lhs), 1)
   if site.mode == "calibrate":
     x = _float(lhs)
+    rec = input_recorder()
+    if rec is not None:
+      rec(site, "ragged_dot", x, rhs, {"group_sizes": group_sizes})
     return lax.ragged_dot(x, _float(rhs).astype(x.dtype), group_sizes,
                           precision=precision,
                           preferred_element_type=preferred_element_type)
@@ -1690,6 +1727,14 @@ def site_conv(site: Site, lhs, rhs, window_strides, padding, lhs_dilation=None,
   rhs = logical_value(rhs) if isinstance(rhs, QWeight) and rhs.transposed else rhs
   if site.mode == "calibrate":
     x = _float(lhs)
+    rec = input_recorder()
+    if rec is not None:
+      rec(site, "conv", x, rhs, {
+          "window_strides": window_strides, "padding": padding,
+          "lhs_dilation": lhs_dilation, "rhs_dilation": rhs_dilation,
+          "dimension_numbers": dimension_numbers,
+          "feature_group_count": feature_group_count,
+          "batch_group_count": batch_group_count})
     return lax.conv_general_dilated(x, _float(rhs).astype(x.dtype), window_strides,
                                     padding, lhs_dilation, rhs_dilation,
                                     dimension_numbers, feature_group_count,

@@ -39,7 +39,7 @@ reached where the model writes them with ``NnxActEinsum``, by rules listing
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -414,7 +414,9 @@ def _rng_stream(rngs):
 def quantize_nnx(model: nnx.Module, rules, mode: str = "fake", *, strict: bool = False,
                  use_kernel: str = "auto", donate: bool = False,
                  on_step: Optional[Callable] = None, rngs=None,
-                 metrics: bool = False) -> nnx.Module:
+                 metrics: bool = False,
+                 weight_scales: Optional[Mapping[str, jax.Array]] = None
+                 ) -> nnx.Module:
   """Returns ``model`` with its matched layers running quantized ops.
 
   >>> qmodel = lowbit_jax.flax.quantize_nnx(model, [QuantRule(".*", weight="int4")])
@@ -442,6 +444,10 @@ def quantize_nnx(model: nnx.Module, rules, mode: str = "fake", *, strict: bool =
       key. Re-quantizing keeps the old stream unless a new one is given.
     metrics: give every QuantOp ``QuantMetric`` s recording the fraction of
       its weight and activation values clipped in the last call.
+    weight_scales: real mode: ``{kernel path: scale grid}`` a PTQ algorithm
+      rounded those kernels with (``lowbit_jax.ptq_params``'s
+      ``weight_scales``); each is stored with exactly that scale, so the codes
+      equal the PTQ result's.
 
   QAT and low-bit training: rules that learn scales give their QuantOps
   ``QuantScale`` Params (``weight_scale``, ``act_scale``, ``act_clip``), None
@@ -493,6 +499,8 @@ def quantize_nnx(model: nnx.Module, rules, mode: str = "fake", *, strict: bool =
       learned = ws.get_value() if isinstance(ws, QuantScale) else None
     stream = stream_in if stream_in is not None else (
         old_op.rngs if old_op is not None else None)
+    if mode == "real" and weight_scales is not None and wpath in weight_scales:
+      learned = weight_scales[wpath]
     qop = QuantOp(site, old_stats, old_op, stream, metrics)
     setattr(node, hook, nnx.data(qop))
     if op == "dot_general" and hasattr(node, "dot_general_cls"):
@@ -507,7 +515,7 @@ def quantize_nnx(model: nnx.Module, rules, mode: str = "fake", *, strict: bool =
       if not isinstance(w, QArray):
         q = _rules.quantize_weight(w, _plan(node, op, rule.weight_spec), learned)
         var.set_value(q)
-        if learned is not None:  # now inside the QWeight
+        if learned is not None and hasattr(qop, "weight_scale"):  # now in the QWeight
           del qop.weight_scale
         if on_step is not None:
           on_step(wpath, q)
@@ -518,6 +526,14 @@ def quantize_nnx(model: nnx.Module, rules, mode: str = "fake", *, strict: bool =
 
   out = _walk(fn, model)
   config.check()
+  if weight_scales is not None:
+    used = {p for p, st in config.sites.items()
+            if mode == "real" and st.weight is not None}
+    extra = sorted(set(weight_scales) - used)
+    if extra:
+      raise ValueError(f"weight_scales for {extra} match no kernel quantized in real "
+                       "mode here; pass mode='real' and rules with a weight spec "
+                       "for those layers")
   return out
 
 

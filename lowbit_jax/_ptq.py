@@ -1,0 +1,614 @@
+"""PTQ on every front end: Hessians from the rules' sites, GPTQ/RTN as pure functions.
+
+``capture_hessians`` runs a model in calibrate mode through the rules machinery
+(Linen ``quantize_linen``, NNX ``quantize_nnx`` or ``quantize_function``) and,
+at every weight site a rule matched (``dot_general`` / ``einsum`` / conv with a
+parameter operand: the same sites and paths fake and real mode quantize),
+accumulates the input Hessian ``H = sum x x^T`` over the op's contraction
+features (float32, rows optionally weighted by a token mask) and the number of
+rows. A conv's rows are its im2col patches, features in the kernel's own
+layout order (the output-feature axis left out).
+
+``ptq_params`` then runs an algorithm per site as a pure function of
+(weight, statistics, spec) -- GPTQ (Frantar et al. 2023, "GPTQ: Accurate
+Post-Training Quantization for Generative Pre-trained Transformers") or RTN --
+and returns the new parameters, the scale grid each weight was rounded with
+(so real mode stores exactly those codes) and a per-layer report.
+
+The capture traces one calibrate-mode call of the model per batch shape under
+``jax.jit`` (the front end's own un-jitted body), every site's Hessian being an
+output of that trace. Sites inside ``lax.scan`` / ``lax.cond`` /
+``lax.while_loop`` bodies or a nested ``jax.jit`` cannot hand a Hessian back
+and raise an error naming the layer; grouped matmuls
+(``ragged_dot``: MoE experts) and grouped convs are not captured here and are
+listed in ``Capture.skipped``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from lowbit_jax import _rules
+from lowbit_jax.algorithms.gptq import gptq
+from lowbit_jax.algorithms.rtn import hessian_error, kernel_spec, rtn_scale
+from lowbit_jax.core import fake_quant
+from lowbit_jax.core._spec import QuantSpec, as_spec
+
+_HI = lax.Precision.HIGHEST
+METHODS = ("gptq", "rtn")
+
+
+class SiteStats(NamedTuple):
+  """Input statistics of one weight site (what ``capture_hessians`` returns).
+
+  Attributes:
+    hessian: float32 ``[K, K]``: ``sum x x^T`` over the rows (token-mask
+      weighted), features in the order of ``as_matrix(weight)``'s rows.
+    count: float32 scalar, the number of rows (mask-weighted).
+    op: "dot_general" or "conv".
+    contract: the weight's contraction axes (a conv: every axis but the
+      output-feature one), ascending; the matrix's rows flatten them in order.
+    out_axis: a conv kernel's output-feature axis (None for matmuls).
+    in_axis: a conv kernel's input-feature axis (None for matmuls).
+    shape: the weight's logical shape.
+  """
+  hessian: jax.Array
+  count: jax.Array
+  op: str
+  contract: tuple
+  out_axis: Optional[int]
+  in_axis: Optional[int]
+  shape: tuple
+
+  def as_matrix(self, w: jax.Array) -> jax.Array:
+    """The weight as the ``[K, N]`` matrix the site's inputs meet (``x @ W``)."""
+    rest = tuple(i for i in range(w.ndim) if i not in self.contract)
+    m = jnp.transpose(w, self.contract + rest)
+    k = math.prod(w.shape[i] for i in self.contract)
+    return m.reshape(k, -1)
+
+  def from_matrix(self, m: jax.Array) -> jax.Array:
+    """Inverse of ``as_matrix``: the ``[K, N]`` matrix back in the weight's layout."""
+    rest = tuple(i for i in range(len(self.shape)) if i not in self.contract)
+    perm = self.contract + rest
+    t = m.reshape(tuple(self.shape[i] for i in perm))
+    return jnp.transpose(t, np.argsort(perm))
+
+
+class Capture(NamedTuple):
+  """What ``capture_hessians`` returns.
+
+  Attributes:
+    stats: parameter path -> ``SiteStats``, in the order sites first ran.
+    sites: parameter path -> the matched ``Site`` (its rule and weight spec).
+    skipped: parameter path -> why a matched weight site was not captured.
+  """
+  stats: dict
+  sites: dict
+  skipped: dict
+
+
+class PTQResult(NamedTuple):
+  """What ``ptq_params`` returns.
+
+  Attributes:
+    params: the parameters with each treated weight replaced by its
+      fake-quantized value (the same pytree kind as given; for an NNX model
+      its ``nnx.State`` of Params, the model being updated in place).
+    weight_scales: ``{parameter path: scale grid}`` (symmetric specs): the
+      scales each weight was rounded with, in the weight's own layout, as real
+      mode takes them (``real_mode_kwargs`` puts them in each front end's form).
+    report: ``{"method", "seconds", "layers": {path: {"spec", "error",
+      "rtn_error", "error_vs_rtn", "rows"}}, "skipped"}``; ``error`` is the
+      output error on the captured inputs, ``tr(dW^T H dW) / rows``.
+  """
+  params: Any
+  weight_scales: dict
+  report: dict
+
+
+def _split_batch(batch: Any) -> tuple:
+  if isinstance(batch, (tuple, list)):
+    return tuple(batch), {}
+  if isinstance(batch, Mapping):
+    return (), dict(batch)
+  return (batch,), {}
+
+
+def _front_end(model) -> str:
+  try:
+    from flax import nnx
+    import flax.linen as nn
+  except ImportError:   # flax is optional: only plain functions then
+    return "function"
+  if isinstance(model, nnx.Module):
+    return "nnx"
+  if isinstance(model, nn.Module):
+    return "linen"
+  if not callable(model):
+    raise TypeError(f"expected a function fn(params, *batch), a Linen module or an "
+                    f"NNX module, got {type(model).__name__}")
+  return "function"
+
+
+def _capture_rules(rules):
+  """The rules with static ranges switched off (the capture records no ranges)."""
+  if isinstance(rules, _rules.QuantConfig):
+    rules = rules.rules
+  out = []
+  for r in _rules.as_rules(rules):
+    out.append(dataclasses.replace(r, static=False) if r.static else r)
+  return out
+
+
+class _Recorder:
+  """Accumulates each site's Hessian and row count inside one traced batch.
+
+  ``acc`` holds the traced ``(hessian, count)`` per parameter path (outputs of
+  the trace); ``meta`` the static layout data of ``SiteStats``; ``skipped``
+  the matched sites that cannot be captured, with the reason.
+  """
+
+  def __init__(self):
+    self.sites: dict = {}
+    self.skipped: dict = {}
+    self.meta: dict = {}
+    self.begin(None, None)
+
+  def begin(self, mask, trace) -> None:
+    """Starts one traced batch: its mask (traced) and the trace it runs in."""
+    self.acc: dict = {}
+    self.mask = mask
+    self.trace = trace
+
+  def __call__(self, site, op, x, w, params):
+    if site.weight is None:
+      return
+    path = site.path
+    if isinstance(x, jax.core.Tracer) and getattr(x, "_trace", None) is not self.trace:
+      raise ValueError(
+          f"{path}: this site runs inside lax.scan, lax.cond, lax.while_loop or a "
+          "nested jax.jit, whose body cannot hand its Hessian back; capture a "
+          "version of the model with the loop unrolled (a Python loop) and without "
+          "an inner jit")
+    shape = _rules.logical_shape(w)
+    if op == "ragged_dot":
+      self.skipped[path] = ("grouped matmul (ragged_dot): per-expert Hessians are "
+                            "captured by the Linen driver (apply_ptq) only")
+      return
+    if op == "dot_general":
+      (lc, rc), (lb, rb) = params["dimension_numbers"]
+      if rb:
+        self.skipped[path] = (f"the weight has batch axes {tuple(rb)} (one matrix "
+                              "per batch index): not captured")
+        return
+      pairs = sorted(zip(lc, rc), key=lambda p: p[1])
+      lcs, contract = tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+      nd = x.ndim
+      free = tuple(i for i in range(nd) if i not in lcs)
+      rows_shape = tuple(x.shape[i] for i in free)
+      xm = jnp.transpose(x, free + lcs).reshape(math.prod(rows_shape), -1)
+      st_extra = (contract, None, None)
+    else:
+      if params["feature_group_count"] != 1 or params["batch_group_count"] != 1:
+        self.skipped[path] = ("grouped conv (feature_group_count or "
+                              "batch_group_count > 1): not captured")
+        return
+      dn = lax.conv_dimension_numbers(x.shape, shape, params["dimension_numbers"])
+      out_axis, in_axis = dn.rhs_spec[0], dn.rhs_spec[1]
+      contract = tuple(i for i in range(len(shape)) if i != out_axis)
+      k = math.prod(shape[i] for i in contract)
+      # The identity kernel: output feature f is the one-hot of kernel entry f
+      # (the non-output axes flattened in layout order), so the conv gives each
+      # output position's patch in the kernel's row order.
+      eye = jnp.eye(k, dtype=jnp.float32).reshape(
+          tuple(shape[i] for i in contract) + (k,))
+      eye = jnp.moveaxis(eye, -1, out_axis)
+      patches = lax.conv_general_dilated(
+          x.astype(jnp.float32), eye, params["window_strides"], params["padding"],
+          params["lhs_dilation"], params["rhs_dilation"],
+          params["dimension_numbers"], precision=_HI)
+      fo = dn.out_spec[1]
+      patches = jnp.moveaxis(patches, fo, -1)
+      rows_shape = patches.shape[:-1]
+      xm = patches.reshape(-1, k)
+      st_extra = (contract, out_axis, in_axis)
+    xm = xm.astype(jnp.float32)
+    wts = None
+    if self.mask is not None and tuple(self.mask.shape) == tuple(rows_shape):
+      wts = jnp.asarray(self.mask, jnp.float32).reshape(-1)
+    if wts is None:
+      h = jnp.matmul(xm.T, xm, precision=_HI)
+      n = jnp.float32(xm.shape[0])
+    else:
+      h = jnp.matmul((xm * wts[:, None]).T, xm, precision=_HI)
+      n = jnp.sum(wts)
+    meta = (op, *st_extra, tuple(shape))
+    if self.meta.get(path, meta) != meta or (
+        path in self.acc and self.acc[path][0].shape != h.shape):
+      raise ValueError(f"{path}: the weight is used by ops with different "
+                       "contraction features; one Hessian cannot serve both")
+    self.meta[path] = meta
+    prev = self.acc.get(path)
+    if prev is not None:
+      h, n = prev[0] + h, prev[1] + n
+    self.acc[path] = (h, n)
+    self.sites[path] = site
+
+
+def _runner(model, params, rules, front: str):
+  """``(run(args, kwargs), state)``: one calibrate-mode call of the model, to
+  trace inside ``jax.jit`` (``state`` is what the call reads as an argument)."""
+  crules = _capture_rules(rules)
+  if front == "function":
+    from lowbit_jax._function import quantize_function
+    qf = quantize_function(model, crules, mode="calibrate")
+    extras = {"stats": None, "scales": None, "state": None, "rng": None}
+
+    def run(p, args, kwargs):
+      qf._run(p, args, kwargs, extras)   # its un-jitted body: traced here
+    return run, params
+  if front == "linen":
+    from lowbit_jax.flax import quantize_linen
+    variables = params if _is_variables(params, front) else {"params": params}
+    fn = quantize_linen(crules, mode="calibrate")(model.apply)
+
+    def run(v, args, kwargs):
+      fn(v, *args, **kwargs, mutable=["quant_stats"])
+    return run, variables
+  from flax import nnx
+  from lowbit_jax.flax import quantize_nnx
+  graph, state = nnx.split(quantize_nnx(model, crules, mode="calibrate"))
+
+  def run(st, args, kwargs):
+    m = nnx.merge(graph, st)
+    m(*args, **kwargs)
+  return run, state
+
+
+def capture_hessians(model, params, calib_batches: Sequence[Any], rules, *,
+                     token_mask: Optional[Callable] = None) -> Capture:
+  """Input Hessians of every weight site the rules match, on any front end.
+
+  Args:
+    model: a function ``fn(params, *batch)`` (``quantize_function``'s front
+      end), a Linen module (``params`` its params or variables) or an NNX
+      module (``params`` None: the model holds them; not modified).
+    params: the parameter pytree (function, Linen) or None (NNX).
+    calib_batches: batches; a tuple/list is positional arguments, a dict
+      keyword arguments, anything else one argument.
+    rules: QuantRules (or a QuantConfig); sites whose rule has a weight spec
+      are captured.
+    token_mask: optional ``batch -> mask``: rows of a site whose leading
+      (non-contraction) shape equals the mask's are weighted by it; other
+      sites are not masked.
+
+  Returns:
+    A ``Capture`` (``stats``, ``sites``, ``skipped``).
+
+  Raises:
+    ValueError: no batches, or no weight site matched (naming the rules).
+  """
+  batches = list(calib_batches)
+  if not batches:
+    raise ValueError("calib_batches is empty; pass at least one batch")
+  front = _front_end(model)
+  if front == "nnx" and params is not None:
+    raise ValueError("an NNX model holds its parameters: pass params=None")
+  if front != "nnx" and params is None:
+    raise ValueError("pass the parameter pytree as params (None is for NNX models)")
+  run, state = _runner(model, params, rules, front)
+  rec = _Recorder()
+
+  @jax.jit
+  def step(st, args, kwargs, mask):
+    rec.begin(mask, getattr(jax.tree.leaves((st, args, kwargs))[0], "_trace", None))
+    with _rules.recording_inputs(rec):
+      run(st, args, kwargs)
+    return rec.acc
+
+  total: dict = {}
+  for b in batches:
+    args, kwargs = _split_batch(b)
+    mask = None if token_mask is None else jnp.asarray(token_mask(b))
+    for path, (h, n) in step(state, args, kwargs, mask).items():
+      if path in total:
+        h, n = total[path][0] + h, total[path][1] + n
+      total[path] = (h, n)
+  if not total:
+    names = [r.path for r in _capture_rules(rules) if r.weight is not None]
+    why = (f"; not captured: {rec.skipped}" if rec.skipped else "")
+    raise ValueError(
+        f"no weight site was captured: rules with a weight spec ({names or 'none'}) "
+        f"matched no dot_general, einsum or conv with a parameter operand{why}. "
+        "Rules match parameter paths such as 'layers_0/mlp/up/kernel' or their "
+        "layer path ('layers_0/mlp/up'); give a rule a weight spec")
+  stats = {p: SiteStats(h, n, *rec.meta[p]) for p, (h, n) in total.items()}
+  return Capture(stats, {p: rec.sites[p] for p in stats}, dict(rec.skipped))
+
+
+def _plan(st: SiteStats, spec: QuantSpec) -> _rules.WeightPlan:
+  if st.op == "conv":
+    return _rules.plan_weight(spec, st.shape, "conv", out_axis=st.out_axis,
+                              in_axis=st.in_axis)
+  return _rules.plan_weight(spec, st.shape, "dot_general", contracting=st.contract)
+
+
+def _matrix_spec(spec: QuantSpec, path: str) -> QuantSpec:
+  if spec.axis is not None or spec.tile is not None:
+    raise ValueError(
+        f"{path}: ptq_params runs GPTQ on the weight as a [K, N] matrix and needs a "
+        "weight spec with an unset axis (per output channel, or group_size groups "
+        f"along the contraction), got axis={spec.axis!r}, tile={spec.tile!r}")
+  return kernel_spec(spec)
+
+
+def quantize_site(method: str, w: jax.Array, st: SiteStats, spec: QuantSpec, *,
+                  path: str = "", blocksize: int = 128, percdamp: float = 0.01,
+                  act_order: bool = False) -> tuple:
+  """One site's weight by ``method``: a pure ``(weight, stats, spec) -> (weight, scale)``.
+
+  Args:
+    method: "gptq" or "rtn".
+    w: the float weight in its own layout.
+    st: its ``SiteStats``.
+    spec: the rule's weight spec.
+    path: the parameter path (for errors).
+    blocksize, percdamp, act_order: GPTQ's options (``algorithms.gptq``).
+
+  Returns:
+    ``(w_q, scale)``: the fake-quantized weight (w's layout and dtype) and the
+    scale grid it was rounded with in the layout real mode stores
+    (``quantize_weight(w_q, plan, scale)`` reproduces its codes), or None for
+    asymmetric specs.
+
+  Raises:
+    ValueError: an unknown method, a spec GPTQ cannot take as a matrix, or
+      scales that do not reproduce the codes (the spec's blocks straddle the
+      weight's axes).
+  """
+  wq, scale, exact, _, _ = _site(w, st.hessian, st.count, method=method,
+                                 meta=tuple(st[2:]), spec=spec, path=path,
+                                 opts=(blocksize, float(percdamp), bool(act_order)))
+  if not bool(exact):
+    raise ValueError(
+        f"{path}: the scales GPTQ chose do not reproduce its codes in the weight's "
+        f"layout (spec {spec}); the spec's blocks do not map onto the [K, N] matrix "
+        "(a group_size must divide the last contraction axis)")
+  return wq, scale
+
+
+def _site(w, hessian, count, *, method, meta, spec, path, opts):
+  """``(w_q, scale, codes reproduced, error, RTN's error)`` of one site.
+
+  GPTQ runs on its own (``algorithms.gptq`` compiles once per matrix shape and
+  spec); what comes before and after it is jitted per site.
+  """
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  if method == "rtn":
+    return _finish(w, None, None, hessian, count, meta=meta, spec=spec)
+  blocksize, percdamp, act_order = opts
+  try:
+    res = gptq(_as_matrix(w, meta=meta), hessian, _matrix_spec(spec, path),
+               blocksize=blocksize, percdamp=percdamp, act_order=act_order)
+  except ValueError as e:
+    msg = str(e)
+    raise ValueError(msg if msg.startswith(f"{path}: ") else f"{path}: {msg}") from e
+  return _finish(w, res.weight, res.amax, hessian, count, meta=meta, spec=spec)
+
+
+@functools.partial(jax.jit, static_argnames=("meta",))
+def _as_matrix(w, *, meta):
+  return SiteStats(None, None, *meta).as_matrix(w)
+
+
+@functools.partial(jax.jit, static_argnames=("meta", "spec"))
+def _finish(w, wq_matrix, amax, hessian, count, *, meta, spec):
+  """The quantized weight in its layout, its scales, and the errors (jitted)."""
+  st = SiteStats(hessian, count, *meta)
+  plan = _plan(st, spec)
+  rtn_w = fake_quant(w, plan.spec)
+  if wq_matrix is None:   # RTN
+    wq, scale = rtn_w, (rtn_scale(w, plan.spec) if plan.spec.symmetric else None)
+  else:
+    wq, scale = st.from_matrix(wq_matrix).astype(w.dtype), None
+    if plan.spec.symmetric:   # the range each block was rounded with
+      bk = wq_matrix.shape[0] // amax.shape[0]
+      bn = wq_matrix.shape[1] // amax.shape[1]
+      full = jnp.repeat(jnp.repeat(amax, bk, axis=0), bn, axis=1)
+      scale = rtn_scale(st.from_matrix(full.astype(jnp.float32)), plan.spec)
+  exact = (jnp.array_equal(fake_quant(wq, plan.spec, scale=scale), wq)
+           if scale is not None else jnp.bool_(True))
+  mw, rows = st.as_matrix(w), jnp.maximum(count, 1.0)
+  err = hessian_error(hessian, mw, st.as_matrix(wq)) / rows
+  rerr = hessian_error(hessian, mw, st.as_matrix(rtn_w)) / rows
+  return wq, scale, exact, err, rerr
+
+
+def _is_variables(params, front: str) -> bool:
+  """Whether Linen ``params`` are variables (``{"params": ..., ...}``)."""
+  return front == "linen" and isinstance(params, Mapping) and "params" in params
+
+
+def _param_tree(model, params, front: str):
+  """The nested dict of parameters the sites' paths index."""
+  if front == "nnx":
+    from flax import nnx
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  return params["params"] if _is_variables(params, front) else params
+
+
+def _get_path(tree, path: str):
+  node = tree
+  for k in path.split("/"):
+    node = node[int(k)] if isinstance(node, (list, tuple)) else node[k]
+  return node
+
+
+def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
+               method: str = "gptq", token_mask: Optional[Callable] = None,
+               blocksize: int = 128, percdamp: float = 0.01,
+               act_order: bool = False, capture: Optional[Capture] = None
+               ) -> PTQResult:
+  """Post-training quantization of every weight site the rules match, any front end.
+
+  GPTQ (Frantar et al. 2023) or RTN per site, from the Hessians
+  ``capture_hessians`` records through the rules machinery: the same sites and
+  parameter paths fake and real mode use, on a plain function
+  (``quantize_function``), a Linen module or an NNX module. Each weight is
+  rounded on the grid of its rule's weight spec; activation specs are not
+  applied during the capture (inputs are float).
+
+  Args:
+    model: ``fn(params, *batch)``, a Linen module, or an NNX module.
+    params: the parameter pytree (function; Linen params or variables), or
+      None for an NNX model (whose Params are updated in place).
+    calib_batches: calibration batches (see ``capture_hessians``).
+    rules: QuantRules or a QuantConfig (those with a weight spec are treated).
+    method: "gptq" or "rtn".
+    token_mask: optional ``batch -> mask`` (see ``capture_hessians``).
+    blocksize, percdamp, act_order: GPTQ's options.
+    capture: a ``Capture`` from an earlier ``capture_hessians`` to reuse.
+
+  Returns:
+    A ``PTQResult``; run real mode with ``real_mode_kwargs``'s scales so the
+    stored codes equal these.
+
+  Raises:
+    ValueError: an unknown method, no weight site matched, or a spec GPTQ
+      cannot take.
+  """
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  t0 = time.perf_counter()
+  front = _front_end(model)
+  cap = capture if capture is not None else capture_hessians(
+      model, params, calib_batches, rules, token_mask=token_mask)
+  if front == "nnx":
+    from flax import nnx
+  tree = _param_tree(model, params, front)
+  new_leaves, scales, layers = {}, {}, {}
+  opts = (blocksize, float(percdamp), bool(act_order))
+  for path, st in cap.stats.items():
+    spec = cap.sites[path].weight
+    w = _rules.logical_value(_get_path(tree, path))
+    wq, scale, exact, err, rerr = _site(w, st.hessian, st.count, method=method,
+                                        meta=tuple(st[2:]), spec=spec, path=path,
+                                        opts=opts)
+    if not bool(exact):
+      raise ValueError(
+          f"{path}: the scales {method} chose do not reproduce its codes in the "
+          f"weight's layout (spec {spec}); the spec's blocks do not map onto the "
+          "[K, N] matrix (a group_size must divide the last contraction axis)")
+    new_leaves[path] = wq
+    if scale is not None:
+      scales[path] = scale
+    err, rerr = float(err), float(rerr)
+    layers[path] = {"spec": str(spec), "error": err, "rtn_error": rerr,
+                    "error_vs_rtn": err / rerr if rerr > 0 else 1.0,
+                    "rows": float(st.count)}
+  if front == "nnx":
+    for path, wq in new_leaves.items():
+      node = model
+      for k in path.split("/"):
+        node = node[int(k)] if k.isdigit() and not hasattr(node, k) else getattr(node, k)
+      node.set_value(wq)
+    out = nnx.state(model, nnx.Param)
+  else:
+    def put(kp, leaf):
+      p = _rules.path_str(kp)
+      return new_leaves.get(p, leaf)
+    new_tree = jax.tree_util.tree_map_with_path(put, tree, is_leaf=_rules.is_qarray)
+    out = ({**params, "params": new_tree} if _is_variables(params, front)
+           else new_tree)
+  report = {"method": method, "layers": layers, "skipped": dict(cap.skipped),
+            "seconds": time.perf_counter() - t0}
+  return PTQResult(out, scales, report)
+
+
+def mixed_precision_rules(model, params, capture: Capture,
+                          candidates: Mapping[str, Any], budget: float, *,
+                          method: str = "auto", activation: Any = None,
+                          float_bits: float = 16.0) -> tuple:
+  """A per-layer format choice under a bits-per-weight budget, as rules for any front end.
+
+  Each captured weight's sensitivity to each candidate is the output error of
+  rounding it to nearest, ``tr(dW^T H dW)`` with the captured Hessian
+  (``algorithms.mixed_precision.weight_sensitivity``); ``allocate_bits``
+  picks one candidate per weight minimizing the summed error under the
+  budget; ``assignment_to_rules`` turns the choice into QuantRules whose
+  regexes name each parameter path exactly, which ``quantize_linen``,
+  ``quantize_nnx``, ``quantize_function`` and ``ptq_params`` all accept.
+
+  Args:
+    model, params: as for ``capture_hessians`` (the weights are read there).
+    capture: the ``capture_hessians`` result.
+    candidates: name -> weight spec (unset axis) or None (keep float).
+    budget: the largest average bits per weight (scales included).
+    method: ``allocate_bits``'s method ("auto", "dp", "greedy").
+    activation: an activation spec for every quantized layer, or None.
+    float_bits: bits per weight of a float candidate.
+
+  Returns:
+    ``(rules, allocation)``: the QuantRules and the ``Allocation``
+    (``assignment``, ``avg_bits``, ``cost``).
+
+  Raises:
+    ValueError: no assignment fits the budget, or a candidate's spec has an
+      axis set (see ``ptq_params``).
+  """
+  from lowbit_jax.algorithms import mixed_precision as mp
+  tree = _param_tree(model, params, _front_end(model))
+  costs, sizes, bits = {}, {}, {}
+  for path, st in capture.stats.items():
+    mat = st.as_matrix(_rules.logical_value(_get_path(tree, path)))
+    specs = {n: None if c is None else _matrix_spec(as_spec(c), path)
+             for n, c in candidates.items()}
+    costs[path] = mp.weight_sensitivity(mat, st.hessian, specs)
+    sizes[path] = int(mat.size)
+    bits[path] = {n: mp.spec_bits(sp, mat.shape, float_bits) for n, sp in specs.items()}
+  alloc = mp.allocate_bits(costs, sizes, bits, budget, method=method)
+  return mp.assignment_to_rules(alloc.assignment, candidates,
+                                activation=activation), alloc
+
+
+def real_mode_kwargs(result: PTQResult, front: str) -> dict:
+  """The keyword arguments that make real mode store exactly ``result``'s codes.
+
+  Args:
+    result: a ``PTQResult``.
+    front: "function" (``QuantizedFunction.quantize_params(...,
+      quant_scales=...)``), "linen" (the ``"quant_scales"`` collection to add
+      to the variables passed to ``LinenQuantizer.quantize_params``) or "nnx"
+      (``quantize_nnx(model, rules, mode="real", weight_scales=...)``).
+
+  Returns:
+    ``{"quant_scales": ...}`` or ``{"weight_scales": ...}``.
+  """
+  if front == "function":
+    return {"quant_scales": {p: {"weight_scale": s}
+                             for p, s in result.weight_scales.items()}}
+  if front == "linen":
+    nested: dict = {}
+    for p, s in result.weight_scales.items():
+      node = nested
+      for k in p.split("/")[:-1]:
+        node = node.setdefault(k, {})
+      node["weight_scale"] = s
+    return {"quant_scales": nested}
+  if front == "nnx":
+    return {"weight_scales": dict(result.weight_scales)}
+  raise ValueError(f"front must be 'function', 'linen' or 'nnx', got {front!r}")
+
+
+__all__ = ["SiteStats", "Capture", "PTQResult", "capture_hessians", "quantize_site",
+           "ptq_params", "mixed_precision_rules", "real_mode_kwargs"]

@@ -1,0 +1,212 @@
+"""PTQ through the rules machinery: the same Hessians and GPTQ on Linen, NNX and a function."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import lowbit_jax as lb
+from lowbit_jax._rules import QuantRule, QWeight, is_qarray, path_str
+from lowbit_jax.flax import quantize_linen, quantize_nnx
+from lowbit_jax.flax._capture import capture_dense_stats
+from tests import _toy_models as toy
+
+# q (DenseGeneral to heads) and o (two contraction axes): GPTQ runs on one
+# [32, 32] matrix shape, which keeps its compiles few (Dense and conv: RTN below).
+RULES = [QuantRule(".*/(q|o)", weight=lb.QuantSpec("int4", group_size=16))]
+CONV_DENSE = [QuantRule(".*/(conv|up)", weight=lb.QuantSpec("int4", group_size=16))]
+ALL_WEIGHTS = [QuantRule("head"), QuantRule(".*", weight="int8")]
+
+
+def _mask(batch):
+  return (jnp.arange(toy.SEQ)[None, :] < jnp.array([[toy.SEQ], [5]])).astype(jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def setup():
+  model, v = toy.init_linen()
+  return model, v, [toy.tokens(s) for s in range(2)], toy.nnx_from_linen(v["params"])
+
+
+@pytest.fixture(scope="module")
+def fn_result(setup):
+  _, v, batches, _ = setup
+  return lb.ptq_params(toy.toy_apply, v["params"], batches, RULES)
+
+
+def _leaves(tree) -> dict:
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_qarray)
+  return {path_str(k): leaf for k, leaf in flat}
+
+
+def test_hessians_equal_on_every_front_end_and_the_linen_capture(setup):
+  model, v, batches, nm = setup
+  cf = lb.capture_hessians(toy.toy_apply, v["params"], batches, ALL_WEIGHTS,
+                           token_mask=_mask)
+  cl = lb.capture_hessians(model, v, batches, ALL_WEIGHTS, token_mask=_mask)
+  cn = lb.capture_hessians(nm, None, batches, ALL_WEIGHTS, token_mask=_mask)
+  # Every weight site but the float head: conv, q/k/v/o (einsum), up/down.
+  names = ("conv", "q", "k", "v", "o", "up", "down")
+  assert sorted(cf.stats) == sorted(f"layers_{i}/{n}/kernel" for i in range(2)
+                                    for n in names)
+  assert sorted(cl.stats) == sorted(cn.stats) == sorted(cf.stats)
+  for p, st in cf.stats.items():
+    for other in (cl, cn):
+      np.testing.assert_allclose(other.stats[p].hessian, st.hessian, rtol=1e-6,
+                                 atol=1e-6)
+      assert float(other.stats[p].count) == float(st.count)
+  assert cf.stats["layers_0/o/kernel"].hessian.shape == (32, 32)  # heads x head_dim
+  assert cf.stats["layers_0/conv/kernel"].hessian.shape == (3 * toy.D, 3 * toy.D)
+  # The Linen capture (call boundaries of Dense and Conv) gives the same numbers.
+  ref = capture_dense_stats(model, v["params"], batches, token_mask=_mask,
+                            max_samples=0)
+  for layer, st in ref.stats.items():
+    mine = cf.stats[f"{layer}/kernel"]
+    np.testing.assert_allclose(mine.hessian, st.gram, rtol=1e-6, atol=1e-6)
+    assert float(mine.count) == float(st.count) == 2 * (toy.SEQ + 5)
+
+
+def test_gptq_lowers_every_layer_error_vs_rtn_on_a_function(fn_result):
+  layers = fn_result.report["layers"]
+  assert sorted(layers) == sorted(f"layers_{i}/{n}/kernel" for i in range(2)
+                                  for n in ("q", "o"))
+  for p, e in layers.items():
+    assert e["error"] < 0.8 * e["rtn_error"], (p, e)
+
+
+def test_function_real_mode_stores_exactly_the_gptq_codes(setup, fn_result):
+  _, v, _, _ = setup
+  t = toy.tokens(7)
+  qr = lb.quantize_function(toy.toy_apply, RULES, mode="real")
+  rp = qr.quantize_params(fn_result.params, t,
+                          **lb.real_mode_kwargs(fn_result, "function"))
+  stored, gp = _leaves(rp), _leaves(fn_result.params)
+  for p in fn_result.report["layers"]:
+    assert isinstance(stored[p], QWeight)
+    np.testing.assert_array_equal(stored[p].logical(), gp[p])
+  np.testing.assert_allclose(qr(rp, t), jax.jit(toy.toy_apply)(fn_result.params, t),
+                             rtol=1e-5, atol=1e-5)
+  # Without the scales, real mode re-derives them and changes codes.
+  plain = _leaves(qr.quantize_params(fn_result.params, t))
+  assert any(not np.array_equal(plain[p].logical(), gp[p])
+             for p in fn_result.report["layers"])
+
+
+def test_nnx_gptq_matches_the_function_and_real_equals_fake(setup, fn_result):
+  _, v, batches, nm = setup
+  m = nnx.clone(nm)
+  res = lb.ptq_params(m, None, batches, RULES)
+  for p, e in res.report["layers"].items():
+    np.testing.assert_allclose(e["error"], fn_result.report["layers"][p]["error"],
+                               rtol=1e-4)
+  # The model's own Params were updated in place.
+  np.testing.assert_array_equal(m.layers_0.up.kernel.get_value(),
+                                fn_result.params["layers_0"]["up"]["kernel"])
+  t = toy.tokens(7)
+  fake = nnx.jit(lambda m, t: m(t))(m, t)
+  q = quantize_nnx(m, RULES, mode="real", **lb.real_mode_kwargs(res, "nnx"))
+  assert isinstance(q.layers_1.o.kernel.get_value(), QWeight)
+  np.testing.assert_array_equal(q.layers_1.o.kernel.get_value().logical(),
+                                fn_result.params["layers_1"]["o"]["kernel"])
+  np.testing.assert_allclose(nnx.jit(lambda m, t: m(t))(q, t), fake, rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_linen_real_mode_with_the_returned_scales(setup):
+  model, v, batches, nm = setup
+  res = lb.ptq_params(model, v, batches, CONV_DENSE, method="rtn")
+  assert len(res.report["layers"]) == 4
+  assert all(e["error"] == e["rtn_error"] for e in res.report["layers"].values())
+  t = toy.tokens(7)
+  ql = quantize_linen(CONV_DENSE, mode="real")
+  rv = ql.quantize_params(model, {**res.params, **lb.real_mode_kwargs(res, "linen")}, t)
+  stored, rp = _leaves(rv["params"]), _leaves(res.params["params"])
+  for p in res.report["layers"]:
+    np.testing.assert_array_equal(stored[p].logical(), rp[p])
+  np.testing.assert_allclose(jax.jit(ql(model.apply))(rv, t),
+                             jax.jit(model.apply)(res.params, t),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_clear_errors(setup):
+  _, v, batches, nm = setup
+  with pytest.raises(ValueError, match="no weight site was captured"):
+    lb.ptq_params(toy.toy_apply, v["params"], batches,
+                  [QuantRule(".*/nothing_here", weight="int4")])
+  with pytest.raises(ValueError, match="method must be one of"):
+    lb.ptq_params(toy.toy_apply, v["params"], batches, RULES, method="awq")
+  with pytest.raises(ValueError, match=r"weight_scales for \['layers_0/q/kernel'\]"):
+    quantize_nnx(nm, RULES, mode="fake",
+                 weight_scales={"layers_0/q/kernel": jnp.ones((2, 2, 16))})
+  with pytest.raises(ValueError, match="NNX model holds its parameters"):
+    lb.capture_hessians(nm, v["params"], batches, RULES)
+
+  def scanned(params, x):
+    def body(h, w):
+      return jnp.tanh(h @ w), None
+    return jax.lax.scan(body, x, params["w"])[0]
+  with pytest.raises(ValueError, match="w: this site runs inside lax.scan"):
+    lb.capture_hessians(scanned, {"w": jnp.ones((2, 4, 4))}, [jnp.ones((3, 4))],
+                        [QuantRule(".*", weight="int8")])
+
+
+def test_mixed_precision_rules_run_on_every_front_end(setup):
+  _, v, batches, nm = setup
+  cap = lb.capture_hessians(toy.toy_apply, v["params"], batches, RULES)
+  cands = {"int4": lb.QuantSpec("int4", group_size=16), "int8": "int8", "float": None}
+  rules, alloc = lb.mixed_precision_rules(toy.toy_apply, v["params"], cap, cands, 7.5)
+  assert alloc.avg_bits <= 7.5 and set(alloc.assignment) == set(cap.stats)
+  assert len(set(alloc.assignment.values())) > 1   # a real trade-off, not one format
+  # The NNX model gives the same sensitivities, hence the same choice.
+  cap_n = lb.capture_hessians(nm, None, batches, RULES)
+  _, alloc_n = lb.mixed_precision_rules(nm, None, cap_n, cands, 7.5)
+  assert alloc_n.assignment == alloc.assignment
+  # The rules match exactly the chosen weights on every front end.
+  quantized = {p for p, c in alloc.assignment.items() if cands[c] is not None}
+  cfg = lb.QuantConfig(rules, strict=True)
+  quantize_nnx(nm, cfg, mode="fake")
+  assert {p for p, st in cfg.sites.items() if st.weight is not None} == quantized
+  plan = lb.quantize_function(toy.toy_apply, rules, strict=True).plan(
+      v["params"], toy.tokens(7))
+  assert set(plan) == quantized
+
+
+@pytest.mark.slow
+def test_linen_gptq_equals_apply_ptq_bit_for_bit(setup):
+  from lowbit_jax.flax import apply_ptq
+  model, v, batches, _ = setup
+  spec = lb.QuantSpec("int4", group_size=16)
+  qp, rep = apply_ptq(model, v["params"], batches, "gptq", spec, layers=".*/(up|down)")
+  res = lb.ptq_params(model, v, batches, [QuantRule(".*/(up|down)", weight=spec)])
+  for i in range(toy.LAYERS):
+    for n in ("up", "down"):
+      np.testing.assert_array_equal(res.params["params"][f"layers_{i}"][n]["kernel"],
+                                    qp[f"layers_{i}"][n]["kernel"])
+      np.testing.assert_array_equal(res.weight_scales[f"layers_{i}/{n}/kernel"],
+                                    rep["quant_scales"][f"layers_{i}"][n]["weight_scale"])
+
+
+@pytest.mark.slow
+def test_gptq_after_quarot_on_the_decoder_as_a_function():
+  """QuaRot's fold (rotate_model) then ptq_params with its online-Hadamard rules."""
+  from lowbit_jax.algorithms import rotate_model
+  from lowbit_jax.models.llama import Llama, LlamaConfig
+  cfg = LlamaConfig.smoke()
+  model = Llama(cfg)
+  toks = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab)
+  fn = lambda p, t: model.apply({"params": p}, t)
+  params = jax.jit(model.init)(jax.random.key(0), toks)["params"]
+  new, info = rotate_model(fn, params, toks, key=jax.random.key(3),
+                           online=".*/down_proj/kernel")
+  rules = info.rules([QuantRule("lm_head"),
+                      QuantRule(".*", weight=lb.QuantSpec("int4", group_size=16))])
+  res = lb.ptq_params(fn, new, [toks], rules)
+  assert len(res.report["layers"]) == 14
+  for p, e in res.report["layers"].items():
+    assert e["error"] < 0.5 * e["rtn_error"], (p, e)
+  # The down projections' Hessians are of their Hadamard-rotated inputs, so
+  # real mode (online transform, GPTQ's codes) equals the rotated float model.
+  qr = lb.quantize_function(fn, rules, mode="real")
+  rp = qr.quantize_params(res.params, toks, **lb.real_mode_kwargs(res, "function"))
+  ref = lb.quantize_function(fn, info.rules())(res.params, toks)
+  np.testing.assert_allclose(qr(rp, toks), ref, rtol=1e-5, atol=1e-5)
