@@ -325,7 +325,10 @@ def test_dispatch_takes_only_what_the_kernel_computes(monkeypatch):
   x = jax.ShapeDtypeStruct((1024, 512), jnp.bfloat16)
   assert not gq.dispatch(x, spec)  # on the CPU backend: never
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert not gq.dispatch(x, spec)  # not a Hopper GPU
+  monkeypatch.setattr(gq, "_on_hopper", lambda: True)
   assert not gq.dispatch(x, spec)  # not in ENABLED
+  assert gq.dispatch(x, _spec("mxfp8_e4m3"))  # measured on the H200: enabled
   with gq.forced(gq.supported_kinds()):
     assert gq.dispatch(x, spec) and gq.dispatch(x, spec, values=True)
     assert gq.dispatch(jax.ShapeDtypeStruct((256, 4, 64), jnp.float32), spec)
@@ -368,6 +371,7 @@ def test_core_quantize_uses_the_kernel_where_dispatched(monkeypatch):
   monkeypatch.setattr(gq, "fake_quant_forward", f)
   monkeypatch.setattr(gq, "fake_quant_forward_with_mask", fm)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(gq, "_on_hopper", lambda: True)
   x = jax.random.normal(jax.random.key(0), (K, N), jnp.bfloat16)
   spec = _spec("int4_g128")
   with gq.forced(["int4_g128", "mxfp4"]):
