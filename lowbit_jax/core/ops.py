@@ -660,13 +660,13 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None,
 # From this many activation rows on (16-bit compute only), a weight whose codes
 # cannot go into the dot directly is dequantized in its own pass and the GEMM
 # runs on the result (``optimization_barrier`` keeps XLA from fusing the
-# dequantize into the GEMM's operand load). Measured on the H200
-# (benchmarks/primitives_h200.md, x[M, 8192] @ W[8192, 8192], int4 g128):
-# fused 104/239/796 us, materialized 104/239/778 us at M = 256, 1024, 4096;
-# per-channel int8/fp8 codes in the dot stay faster than materializing at
-# every M (int8 791 vs 816 us at 4096), so they keep that order.
-# experiments/bench_primitives.py times the three orders at every M.
-_MATERIALIZE_MIN_ROWS = 2048
+# dequantize into the GEMM's operand load). Off: two H200 runs of
+# experiments/bench_primitives.py (benchmarks/primitives_h200.md and
+# benchmarks/primitives_h200_mm4096.md, x[4096, 8192] @ W[8192, 8192], int4
+# g128) disagree: materialized 778 vs fused 796 us in one, 865 (826 written as
+# [K, N]) vs 798 us in the other; per-channel int8/fp8 codes in the dot were
+# the fastest order in both. The benchmark times every order at every M.
+_MATERIALIZE_MIN_ROWS = 1 << 62
 # Whether the materialized [N, K] weight is written transposed ([K, N]);
 # experiments/bench_primitives.py times both ("materialize" / "materialize_t").
 _MATERIALIZE_TRANSPOSED = False
