@@ -71,37 +71,45 @@ from typing import Any, Optional
 from absl import app
 from absl import flags
 
-_CONFIG = flags.DEFINE_enum("config", "base", ["base", "small", "tiny", "llama8b"],
-                            "LlamaConfig variant, bf16 compute (tiny: "
-                            "LlamaConfig.smoke; llama8b: Llama-3-8B's block dims "
-                            "with a 32000-token vocabulary)")
-_LAYERS = flags.DEFINE_integer("layers", None, "decoder blocks (default: the "
-                               "config's own; llama8b: 2)")
-_BATCHES = flags.DEFINE_list("batches", ["1", "16"], "batch sizes")
-_SCHEMES = flags.DEFINE_list("schemes", ["bf16", "int8", "fp8_e4m3", "int4", "kivi4",
-                                         "kivi2"], "cache schemes")
-_WEIGHTS = flags.DEFINE_list("weights", ["bf16"], "weight schemes of the "
-                             "projections (bf16 or weight-only: " +
-                             ", ".join(("int8", "int4_g128", "int4", "fp4_g32",
-                                        "mxfp4", "nvfp4")) + ")")
-_PROMPT = flags.DEFINE_integer("prompt_len", 512, "prompt tokens (prefilled)")
-_NEW = flags.DEFINE_integer("new_tokens", 256, "generated tokens (>= 2)")
-_RESIDUAL = flags.DEFINE_integer("residual", 32, "float window of quantized caches")
-_KIVI_GROUP = flags.DEFINE_integer("kivi_group", 32,
-                                   "tokens per KIVI key group (divides --residual)")
-_ITERS = flags.DEFINE_integer("iters", 5, "timed calls per measurement")
-_TAG = flags.DEFINE_string("tag", "", "output file stem (default decode_<device>)")
-_OUT_DIR = flags.DEFINE_string("out_dir", "benchmarks/decode", "where results go")
-_CHECK = flags.DEFINE_bool(
-    "check_kernels", False, "per quantized weight scheme and batch where the "
-    "dispatcher picks a kernel at the decode step: one forward pass of one "
-    "token per row (M = batch, as a decode step) with the kernels against the "
-    "same with use_kernel='never' (XLA), logits compared (two more compiles)")
-_BUDGET = flags.DEFINE_float("time_budget_s", 0.0, "start no further weight scheme "
-                             "once this many seconds have passed since main "
-                             "started (0: no limit; the first scheme always "
-                             "runs); results so far are written after every "
-                             "weight scheme")
+
+def _define_flags() -> None:
+  """Defines the command-line flags (only when run as a program: tests import
+  this module's helpers beside other experiments whose flags share names)."""
+  # pylint: disable=global-statement
+  global _CONFIG, _LAYERS, _BATCHES, _SCHEMES, _WEIGHTS, _PROMPT, _NEW, _RESIDUAL
+  global _KIVI_GROUP, _ITERS, _TAG, _OUT_DIR, _CHECK, _BUDGET
+  _CONFIG = flags.DEFINE_enum("config", "base", ["base", "small", "tiny", "llama8b"],
+                              "LlamaConfig variant, bf16 compute (tiny: "
+                              "LlamaConfig.smoke; llama8b: Llama-3-8B's block dims "
+                              "with a 32000-token vocabulary)")
+  _LAYERS = flags.DEFINE_integer("layers", None, "decoder blocks (default: the "
+                                 "config's own; llama8b: 2)")
+  _BATCHES = flags.DEFINE_list("batches", ["1", "16"], "batch sizes")
+  _SCHEMES = flags.DEFINE_list("schemes", ["bf16", "int8", "fp8_e4m3", "int4", "kivi4",
+                                           "kivi2"], "cache schemes")
+  _WEIGHTS = flags.DEFINE_list("weights", ["bf16"], "weight schemes of the "
+                               "projections (bf16 or weight-only: " +
+                               ", ".join(("int8", "int4_g128", "int4", "fp4_g32",
+                                          "mxfp4", "nvfp4")) + ")")
+  _PROMPT = flags.DEFINE_integer("prompt_len", 512, "prompt tokens (prefilled)")
+  _NEW = flags.DEFINE_integer("new_tokens", 256, "generated tokens (>= 2)")
+  _RESIDUAL = flags.DEFINE_integer("residual", 32, "float window of quantized caches")
+  _KIVI_GROUP = flags.DEFINE_integer("kivi_group", 32,
+                                     "tokens per KIVI key group (divides --residual)")
+  _ITERS = flags.DEFINE_integer("iters", 5, "timed calls per measurement")
+  _TAG = flags.DEFINE_string("tag", "", "output file stem (default decode_<device>)")
+  _OUT_DIR = flags.DEFINE_string("out_dir", "benchmarks/decode", "where results go")
+  _CHECK = flags.DEFINE_bool(
+      "check_kernels", False, "per quantized weight scheme and batch where the "
+      "dispatcher picks a kernel at the decode step: one forward pass of one "
+      "token per row (M = batch, as a decode step) with the kernels against the "
+      "same with use_kernel='never' (XLA), logits compared (two more compiles)")
+  _BUDGET = flags.DEFINE_float("time_budget_s", 0.0, "start no further weight scheme "
+                               "once this many seconds have passed since main "
+                               "started (0: no limit; the first scheme always "
+                               "runs); results so far are written after every "
+                               "weight scheme")
+
 
 # The projections of a Llama block that weight schemes quantize.
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -789,4 +797,5 @@ def _dispatch_table(rows) -> list:
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
