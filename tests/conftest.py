@@ -34,6 +34,25 @@ def _backend() -> str:
 # again by a faster test), each family keeping fast cases in CI. Chosen from
 # per-test durations of the whole suite (2026-12-03).
 SLOW_CASES = frozenset({
+    # Stop 20 (the suite reached 898 s on 2 cores): each family keeps a fast
+    # member or a covering test. dequantize(quantize) == fake_quant per format
+    # is checked at every binade by tests/core/test_extreme_ranges.py; the other
+    # KIVI/shape/layout/calibrator members stay; the bf16 real == fake check
+    # keeps NVFP4; Linen calibration and delayed scaling keep
+    # test_three_paths / the core history tests.
+    "tests/core/test_quantize.py::test_fake_quant_equals_dequantize_quantize_every_format",
+    "tests/flax/test_qat_linen.py::test_lsq_pact_created_on_init_initialised_and_trained",
+    "tests/flax/test_qat_linen.py::test_bf16_decoder_real_mode_equals_fake_mode_under_jit[w4a4_mxfp4]",
+    "tests/flax/test_qat_linen.py::test_init_quant_vars_from_float_checkpoint_amax_init",
+    "tests/flax/test_qat_linen.py::test_delayed_scaling_histories_overwrite_with_gradient",
+    "tests/flax/test_nnx.py::test_calibrate_stats_are_not_params",
+    "tests/flax/test_linen.py::test_calibrate_collects_stats_then_static",
+    "tests/models/test_kv_cache.py::test_quantized_cache_matches_fake_quant_reference[kivi4-rules0-4-1]",
+    "tests/models/test_llama.py::test_shapes_and_causality[mqa]",
+    "tests/models/test_llama.py::test_gqa_equals_mha_with_repeated_kv_heads",
+    "tests/kernels/test_gpu_quantize.py::test_kernel_equals_core_bit_for_bit[nvfp4]",
+    "tests/kernels/test_gpu_interpret.py::test_w8a8_channel_kernel_other_layouts[n-1]",
+    "tests/test_calibration.py::test_scan_over_batches_equals_python_loop[percentile]",
     # Stop 19's R3 / MoE-transform additions: the float-unchanged R3 check and
     # the NNX R3 test stay fast; these two compile a model each.
     "tests/algorithms/test_r3.py::test_r3_lowers_qk_quantization_error_with_outlier_channels",
