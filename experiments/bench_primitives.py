@@ -380,35 +380,26 @@ def _qwix_time(b: Bench, qwix, cfg: dict, op: str, x, g) -> float:
   return b.time_us(fb, x, g)
 
 
-_ORDER_NAMES = {"codes": "codes in the dot", "fused": "dequantize fused into the dot",
-                "materialize": "dequantize, then the dot",
-                "materialize_t": "dequantize into [K, N], then the dot"}
-
-
 def _reference_order(ops, m, both, ct):
   """Which order ``ops.dot_general``'s reference dot runs at M rows."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   # pylint: disable=protected-access
   if both and m <= ops._CODES_IN_DOT_MAX_ROWS:
     return "codes"
-  if ct != jnp.float32 and m >= ops._MATERIALIZE_MIN_ROWS:
-    return "materialize_t" if ops._MATERIALIZE_TRANSPOSED else "materialize"
-  return "fused"
+  return "materialize" if ct != jnp.float32 and m >= ops._MATERIALIZE_MIN_ROWS else "fused"
 
 
 @contextlib.contextmanager
 def _order_forced(ops, name):
   """Forces the reference dot's order (module thresholds) for one timing."""
   # pylint: disable=protected-access
-  old = ops._CODES_IN_DOT_MAX_ROWS, ops._MATERIALIZE_MIN_ROWS, ops._MATERIALIZE_TRANSPOSED
+  old = ops._CODES_IN_DOT_MAX_ROWS, ops._MATERIALIZE_MIN_ROWS
   ops._CODES_IN_DOT_MAX_ROWS = -1 if name != "codes" else 1 << 62
-  ops._MATERIALIZE_MIN_ROWS = 0 if name.startswith("materialize") else 1 << 62
-  ops._MATERIALIZE_TRANSPOSED = name == "materialize_t"
+  ops._MATERIALIZE_MIN_ROWS = 0 if name == "materialize" else 1 << 62
   try:
     yield
   finally:
-    (ops._CODES_IN_DOT_MAX_ROWS, ops._MATERIALIZE_MIN_ROWS,
-     ops._MATERIALIZE_TRANSPOSED) = old
+    ops._CODES_IN_DOT_MAX_ROWS, ops._MATERIALIZE_MIN_ROWS = old
 
 
 def sec_matmul(b: Bench, qwix):
@@ -450,9 +441,8 @@ def sec_matmul(b: Bench, qwix):
         both = lb.ops._scale_after_dot(qws[0], dn_nt, ct) is not None  # pylint: disable=protected-access
         cur = _reference_order(lb.ops, m, both, ct)
         orders = {cur: ours}
-        names = ("fused", "materialize", "materialize_t")
-        for name in (("codes",) + names if both else names):
-          if name in orders or (name.startswith("materialize") and ct == jnp.float32):
+        for name in (("codes", "fused", "materialize") if both else ("fused", "materialize")):
+          if name in orders or (name == "materialize" and ct == jnp.float32):
             continue
           with _order_forced(lb.ops, name):
             orders[name] = round(b.time_us(lambda x_, ws_: [lb.ops.dot_general(
@@ -570,14 +560,13 @@ def markdown(res: dict) -> str:
             "(`ops.dot_general(x, QArray, mode='real', use_kernel='never')`), us per "
             "call; ratios > 1 mean ours is faster.", "",
             "| weight | M | ours | XLA bf16 | bf16 / ours | qwix | qwix / ours | "
-            "codes in dot | fused | materialized | materialized [K, N] |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "codes in dot | fused | materialized |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in mm:
       od = r.get("orders_us") or {}
       if not od and r.get("other_order_us") is not None:  # runs before the three orders
         od = {"codes" if r.get("order") != "codes in the dot" else "fused": r["other_order_us"]}
-      cells = [f"{od[o]:.0f}" if o in od else ""
-               for o in ("codes", "fused", "materialize", "materialize_t")]
+      cells = [f"{od[o]:.0f}" if o in od else "" for o in ("codes", "fused", "materialize")]
       out.append(f"| {r['weight']} | {r['m']} | {r['ours_us']:.0f} | "
                  f"{r['xla_bf16_us']:.0f} | {r['vs_bf16']:.2f} | "
                  f"{r.get('qwix_us', '')} | {r.get('vs_qwix', '')} | "
@@ -586,8 +575,7 @@ def markdown(res: dict) -> str:
             "time every order the weight allows: int8/fp8 per-channel codes into the "
             "16-bit dot with the scales on its output (`ops._CODES_IN_DOT_MAX_ROWS`), "
             "the dequantize fused into the dot, and the dequantize written out "
-            "before the dot (`ops._MATERIALIZE_MIN_ROWS`), as stored ([N, K]) or "
-            "transposed to [K, N] (`ops._MATERIALIZE_TRANSPOSED`). On CPU the reference dot "
+            "before the dot (`ops._MATERIALIZE_MIN_ROWS`). On CPU the reference dot "
             "runs in float32 and dequantizes first."]
     out.append("")
   qat = res.get("qat")

@@ -644,14 +644,7 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None,
     # large M a dequantize fused into the GEMM's operand load (XLA's Triton
     # GEMM fusion) is slower than the plain 16-bit GEMM by more than the cost
     # of the extra pass (_MATERIALIZE_MIN_ROWS).
-    (lcon, rcon), (lb_, rb_) = dn
-    if _MATERIALIZE_TRANSPOSED and rv.ndim == 2 and not rb_ and tuple(rcon) == (1,):
-      # Written out as [K, N], the layout of a plain ``x @ w`` (the GEMM then
-      # reads its weight as a bf16 model's would).
-      rv = lax.optimization_barrier(rv.T)
-      dn = ((lcon, (0,)), (lb_, rb_))
-    else:
-      rv = lax.optimization_barrier(rv)
+    rv = lax.optimization_barrier(rv)
   y = lax.dot_general(lv.astype(out_dtype).astype(ct), rv,
                       dn, precision, preferred_element_type=jnp.float32)
   return y.astype(preferred_element_type or out_dtype)
@@ -663,13 +656,11 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None,
 # dequantize into the GEMM's operand load). Off: two H200 runs of
 # experiments/bench_primitives.py (benchmarks/primitives_h200.md and
 # benchmarks/primitives_h200_mm4096.md, x[4096, 8192] @ W[8192, 8192], int4
-# g128) disagree: materialized 778 vs fused 796 us in one, 865 (826 written as
-# [K, N]) vs 798 us in the other; per-channel int8/fp8 codes in the dot were
-# the fastest order in both. The benchmark times every order at every M.
+# g128) disagree: materialized 778 vs fused 796 us in one, 865 vs 798 us in
+# the other (writing it transposed as [K, N], tried at commit 657192d: 826);
+# per-channel int8/fp8 codes in the dot were the fastest order in both. The
+# benchmark times every order at every M.
 _MATERIALIZE_MIN_ROWS = 1 << 62
-# Whether the materialized [N, K] weight is written transposed ([K, N]);
-# experiments/bench_primitives.py times both ("materialize" / "materialize_t").
-_MATERIALIZE_TRANSPOSED = False
 
 
 # Up to this many activation rows the reference dot takes per-channel 8-bit

@@ -212,10 +212,6 @@ def test_16bit_reference_dot_materializes_the_weight_at_large_m(fmt, kw, materia
   np.testing.assert_array_equal(np.asarray(f(xb, qw), np.float32),
                                 np.asarray(y_fused, np.float32))
   assert "optimization_barrier" not in f.lower(xb[:15], qw).as_text()  # 15 rows: fused
-  monkeypatch.setattr(ops, "_MATERIALIZE_TRANSPOSED", True)  # written as [K, N]
-  f = jax.jit(lambda a, q: ops.dot_general(a, q, dn, mode="real", use_kernel="never"))
-  np.testing.assert_array_equal(np.asarray(f(xb, qw), np.float32),
-                                np.asarray(y_fused, np.float32))
 
 
 def test_use_kernel_always_without_a_kernel_raises_on_cpu():
