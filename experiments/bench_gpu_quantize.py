@@ -119,6 +119,19 @@ class Run:
       ts.append(time.perf_counter() - t)
     return statistics.median(ts) * 1e6
 
+  def failed(self, row: dict, item: str, err: Exception):
+    """Marks ``row`` (and the run's error list) with what ``item`` raised."""
+    traceback.print_exc()
+    row["error"] = f"{type(err).__name__}: {err}"[:400]
+    self.res["errors"].append(dict(item=item, error=row["error"]))
+
+  def record(self, row: dict, t0: float):
+    """Adds a finished row (its wall seconds since ``t0``) and rewrites the files."""
+    row["item_s"] = round(time.time() - t0, 1)
+    self.res["rows"].append(row)
+    print(json.dumps(row), flush=True)
+    self.write()
+
   def write(self):
     with self.lock:
       os.makedirs(_OUT_DIR.value, exist_ok=True)
@@ -202,13 +215,8 @@ def fwd_bwd(run, lj, gq, kind, spec, x, xbytes, bw):
       row["kernel_us"] = run.time_us(fk, x, g)
     row["exact"] = bool(_same(got[0], want[0]) and _same(got[1], want[1]))
   except Exception as err:  # pylint: disable=broad-except
-    traceback.print_exc()
-    row["error"] = f"{type(err).__name__}: {err}"[:400]
-    run.res["errors"].append(dict(item=f"{kind} fwd+bwd", error=row["error"]))
-  row["item_s"] = round(time.time() - t, 1)
-  run.res["rows"].append(row)
-  print(json.dumps(row), flush=True)
-  run.write()
+    run.failed(row, f"{kind} fwd+bwd", err)
+  run.record(row, t)
 
 
 def _same(a, b) -> bool:
@@ -323,13 +331,8 @@ def main(argv):
                                 f"{used.stages}")
           row["kernel_us"] = run.time_us(f_k, x)
         except Exception as err:  # pylint: disable=broad-except
-          traceback.print_exc()
-          row["error"] = f"{type(err).__name__}: {err}"[:400]
-          run.res["errors"].append(dict(item=f"{kind} {op} {label}", error=row["error"]))
-        row["item_s"] = round(time.time() - t, 1)
-        run.res["rows"].append(row)
-        print(json.dumps(row), flush=True)
-        run.write()
+          run.failed(row, f"{kind} {op} {label}", err)
+        run.record(row, t)
   run.res["enabled"] = sorted(enabled_from(run.res))
   run.write()
   print(f"wrote {run.stem}.md/.json in {time.time() - T0:.0f} s", flush=True)

@@ -422,9 +422,8 @@ def _finish(w, wq_matrix, amax, hessian, count, *, meta, spec):
   else:
     wq, scale = st.from_matrix(wq_matrix).astype(w.dtype), None
     if plan.spec.symmetric:   # the range each block was rounded with
-      bk = wq_matrix.shape[0] // amax.shape[0]
-      bn = wq_matrix.shape[1] // amax.shape[1]
-      full = jnp.repeat(jnp.repeat(amax, bk, axis=0), bn, axis=1)
+      full = jnp.broadcast_to(_rules._expand_grid(amax, wq_matrix.shape),  # pylint: disable=protected-access
+                              wq_matrix.shape)
       scale = rtn_scale(st.from_matrix(full.astype(jnp.float32)), plan.spec)
   exact = (jnp.array_equal(fake_quant(wq, plan.spec, scale=scale), wq)
            if scale is not None else jnp.bool_(True))

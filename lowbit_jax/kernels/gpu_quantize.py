@@ -582,21 +582,21 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
 
   def body(*refs):
     refs = list(refs)
+
+    def outputs():
+      """(codes, scales, values, mask) refs, None for those not produced."""
+      c = s = v = None
+      if want_codes:
+        c, s = refs.pop(0), refs.pop(0)
+      if want_values:
+        v = refs.pop(0)
+      return c, s, v, (refs.pop(0) if want_mask else None)
+
     x_gmem = refs.pop(0)
     sc_gmem = refs.pop(0) if has_scal else None
-    c_gmem = s_gmem = v_gmem = None
-    if want_codes:
-      c_gmem, s_gmem = refs.pop(0), refs.pop(0)
-    if want_values:
-      v_gmem = refs.pop(0)
-    m_gmem = refs.pop(0) if want_mask else None
+    c_gmem, s_gmem, v_gmem, m_gmem = outputs()
     x_smem = refs.pop(0)
-    c_smem = s_smem = v_smem = None
-    if want_codes:
-      c_smem, s_smem = refs.pop(0), refs.pop(0)
-    if want_values:
-      v_smem = refs.pop(0)
-    m_smem = refs.pop(0) if want_mask else None
+    c_smem, s_smem, v_smem, m_smem = outputs()
     bar = refs.pop(0)
     ni = lax.axis_index("n")
     ki = lax.axis_index("k")

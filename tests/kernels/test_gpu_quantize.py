@@ -109,11 +109,9 @@ def _keep_code_rows(bad, rows):
   return ~np.repeat(unit_bad, uo, axis=0)
 
 
-def _check_codes(kind, got, want, x):
-  assert got.codes.dtype == want.codes.dtype and got.codes.shape == want.codes.shape
-  assert got.scale.dtype == want.scale.dtype and got.scale.shape == want.scale.shape
-  assert got.spec == want.spec and got.pack_axis == want.pack_axis
-  assert got.shape == want.shape and got.dtype == want.dtype
+def _check_scales(got, want):
+  """Block scales bit for bit (NaN where the reference has NaN), and the
+  tensor scale."""
   gs, ws = np.asarray(got.scale), np.asarray(want.scale)
   if gs.dtype == np.float32:
     np.testing.assert_array_equal(np.isnan(gs), np.isnan(ws))
@@ -123,6 +121,14 @@ def _check_codes(kind, got, want, x):
     np.testing.assert_array_equal(_bits(got.tensor_scale), _bits(want.tensor_scale))
   else:
     assert got.tensor_scale is None
+
+
+def _check_codes(kind, got, want, x):
+  assert got.codes.dtype == want.codes.dtype and got.codes.shape == want.codes.shape
+  assert got.scale.dtype == want.scale.dtype and got.scale.shape == want.scale.shape
+  assert got.spec == want.spec and got.pack_axis == want.pack_axis
+  assert got.shape == want.shape and got.dtype == want.dtype
+  _check_scales(got, want)
   # Codes outside blocks holding a NaN or an inf: bit for bit.
   bad = _bad_rows_mask(kind, x)
   keep = _keep_code_rows(bad, got.codes.shape[0])
@@ -466,13 +472,7 @@ def test_compiled_kernel_matches_jnp_path(kind, shape):
   keep = _keep_code_rows(bad, got_q.codes.shape[0])
   np.testing.assert_array_equal(np.asarray(got_q.codes).view(np.uint8)[keep],
                                 np.asarray(want_q.codes).view(np.uint8)[keep])
-  gs, ws = np.asarray(got_q.scale), np.asarray(want_q.scale)
-  if gs.dtype == np.float32:
-    np.testing.assert_array_equal(np.isnan(gs), np.isnan(ws))
-    gs, ws = np.nan_to_num(gs, nan=-1.0), np.nan_to_num(ws, nan=-1.0)
-  np.testing.assert_array_equal(_bits(gs), _bits(ws))
-  if want_q.tensor_scale is not None:
-    np.testing.assert_array_equal(_bits(got_q.tensor_scale), _bits(want_q.tensor_scale))
+  _check_scales(got_q, want_q)
   _check_values(got_v, want_v)
   if kind == "nvfp4" and k == 1024:
     xt = _nvfp4_ties(k, n)
