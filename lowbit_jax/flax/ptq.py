@@ -1278,8 +1278,8 @@ def _checked_rotation(model, params, batch, rotate, rtol: float, apply_kwargs,
     q = quantize_linen(rotated.rules())
     out = jax.jit(q(fn))(new, *args)
   # A model computing in a 16-bit float dtype rounds the rotated activations
-  # differently from the original ones (a bf16 Llama: ~1% of the largest logit
-  # after a QuaRot fold); a wrong fold changes the output by order one.
+  # differently from the original ones, by a few of that dtype's epsilons
+  # relative to the largest output; a wrong fold changes it by order one.
   eps = _compute_eps(fn, params, args)
   tol = max(rtol, _LOW_PRECISION_ULPS * eps)
   if not _outputs_close(ref, out, tol):
