@@ -1,0 +1,251 @@
+"""AWQ and SmoothQuant on every front end: scale searches over exact folds.
+
+``ptq_params(..., method="awq" | "awq_noclip" | "smoothquant")`` runs here.
+The folds come from the model's jaxpr (``_fold.find_scaling_folds``: a norm
+gain, or the previous linear layer through views, ``p @ v`` attention and
+gated products); the statistics from the rules' calibrate-mode capture
+(``_ptq.capture_hessians`` with ``max_samples``); the scales from the
+algorithms' own functions (``algorithms.awq``: Lin et al. 2024, "AWQ:
+Activation-aware Weight Quantization for On-Device LLM Compression and
+Acceleration"; ``algorithms.smoothquant``: Xiao et al. 2023, "SmoothQuant:
+Accurate and Efficient Post-Training Quantization for Large Language Models").
+
+Every group of readers of one producer shares one scaling ``s`` over the
+producer's features. A reader whose rows repeat a feature (a conv's window
+taps, GQA's query heads sharing a value head) takes ``s`` of its feature on
+each row; its per-feature activation magnitude is the mean (AWQ) or max
+(SmoothQuant) over those rows. The readers' kernels become ``diag(s) W``, the
+producer's parameters ``/ s``; the float model is checked unchanged on the
+first calibration batch, then every weight site is rounded to nearest (after
+AWQ's clip search for "awq") on its rule's grid, and the scales it was
+rounded with are returned for real mode.
+"""
+from __future__ import annotations
+
+import re
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lowbit_jax import _rules
+from lowbit_jax._fold import apply_scaling, feature_index, find_scaling_folds
+from lowbit_jax.algorithms.awq import awq_clip_search, awq_scales, awq_search
+from lowbit_jax.algorithms.rtn import hessian_error, rtn_scale
+from lowbit_jax.algorithms.smoothquant import smoothquant_scales
+from lowbit_jax.core import fake_quant
+
+SCALING_METHODS = ("awq", "awq_noclip", "smoothquant")
+# As in flax/ptq.py's apply_ptq: the clip search leaves the query and key
+# projections alone (their error passes through q.k and a softmax).
+AWQ_CLIP_SKIP = r".*(q_proj|k_proj|query|key)"
+
+
+def as_function(model, params, front: str):
+  """``(fn, tree)``: the model as ``fn(tree, *args, **kwargs)`` of its parameter tree."""
+  from lowbit_jax import _ptq
+  if front == "function":
+    return model, params
+  if front == "linen":
+    if _ptq._is_variables(params, front):   # pylint: disable=protected-access
+      rest = {k: v for k, v in params.items() if k != "params"}
+      tree = params["params"]
+    else:
+      rest, tree = {}, params
+
+    def fn(p, *args, **kwargs):
+      return model.apply({**rest, "params": p}, *args, **kwargs)
+    return fn, tree
+  from flax import nnx
+  graph, pstate, rest = nnx.split(model, nnx.Param, ...)
+
+  def fn(p, *args, **kwargs):
+    st = jax.tree.map(lambda x: x, pstate)
+    nnx.replace_by_pure_dict(st, p)
+    return nnx.merge(graph, st, rest)(*args, **kwargs)
+  return fn, nnx.to_pure_dict(pstate)
+
+
+def _put(tree, new: dict):
+  if not new:
+    return tree
+  return jax.tree_util.tree_map_with_path(
+      lambda kp, x: new.get(_rules.path_str(kp), x), tree, is_leaf=_rules.is_qarray)
+
+
+def _row_features(st, layout, shape) -> np.ndarray:
+  """The feature of each row of ``st.as_matrix(w)`` (a reader's input rows)."""
+  idx = feature_index(shape, layout)
+  return np.asarray(st.as_matrix(jnp.asarray(idx)))[:, 0]
+
+
+def _per_feature(v, rows: np.ndarray, n: int, how: str) -> jax.Array:
+  seg = jnp.asarray(rows)
+  if how == "max":
+    return jax.ops.segment_max(v, seg, num_segments=n)
+  tot = jax.ops.segment_sum(v, seg, num_segments=n)
+  return tot / jax.ops.segment_sum(jnp.ones_like(v), seg, num_segments=n)
+
+
+def group_scales(method: str, mats: list, specs: list, inputs: list, counts: list,
+                 rows: list, size: int, *, alpha: float, n_grid: int) -> tuple:
+  """One group's scaling ``s[size]``: a pure function of (weights, statistics, spec).
+
+  Args:
+    method: "awq", "awq_noclip" or "smoothquant".
+    mats: each reader's kernel as its ``[K_i, N_i]`` matrix.
+    specs: each reader's ``[K, N]`` weight spec (``_ptq._matrix_spec``).
+    inputs: each reader's ``InputStats``.
+    counts: each reader's row count.
+    rows: each reader's ``[K_i]`` feature of every matrix row.
+    size: the number of features.
+    alpha: SmoothQuant's migration strength.
+    n_grid: AWQ's grid size over its exponent.
+
+  Returns:
+    ``(s, alpha)``: float32 ``s[size]`` and the exponent used (AWQ: the
+    searched one).
+  """
+  if method == "smoothquant":
+    amax = _per_feature(inputs[0].abs_max, rows[0], size, "max")
+    wmax = [_per_feature(jnp.max(jnp.abs(m.astype(jnp.float32)), axis=1), r, size,
+                         "max")[:, None] for m, r in zip(mats, rows)]
+    return smoothquant_scales(amax, wmax, alpha), float(alpha)
+  act = _per_feature(inputs[0].abs_sum / jnp.maximum(counts[0], 1.0), rows[0], size,
+                     "mean")
+  errors = jnp.zeros((n_grid,), jnp.float32)
+  for m, sp, inp, r in zip(mats, specs, inputs, rows):
+    errors = errors + awq_search(inp.sample, m, sp, act_scale=act[jnp.asarray(r)],
+                                 n_grid=n_grid).errors
+  best = float(jnp.linspace(0.0, 1.0, n_grid)[int(jnp.argmin(errors))])
+  return awq_scales(act, best), best
+
+
+def _close(ref, out, rtol: float) -> bool:
+  ref = [np.asarray(a, np.float32) for a in jax.tree.leaves(ref)]
+  out = [np.asarray(a, np.float32) for a in jax.tree.leaves(out)]
+  return all(np.max(np.abs(a - b), initial=0.0) <= rtol * max(np.max(np.abs(a),
+                                                                      initial=0.0), 1e-6)
+             for a, b in zip(ref, out))
+
+
+def scaling_ptq(model, params, batches: list, rules, *, method: str, front: str,
+                token_mask, alpha: float, n_grid: int, max_samples: int, seed: int,
+                fold_rtol: float, awq_clip_skip: Optional[str]):
+  """``ptq_params``'s AWQ/SmoothQuant path (see the module docstring).
+
+  Returns:
+    ``(changed, weight_scales, report)``: parameter path -> new value of
+    every folded or quantized parameter, the scales, and the report.
+
+  Raises:
+    ValueError: no rows retained, a spec the matrix search cannot take, or a
+      fold that changes the float model on the first batch (naming it).
+  """
+  from lowbit_jax import _ptq
+  t0 = time.perf_counter()
+  cap = _ptq.capture_hessians(model, params, batches, rules, token_mask=token_mask,
+                              max_samples=max_samples, seed=seed)
+  fn, tree0 = as_function(model, params, front)
+  args, kwargs = _ptq._split_batch(batches[0])   # pylint: disable=protected-access
+  plan = find_scaling_folds(fn, tree0, *args, **kwargs)
+  get = _ptq._get_path   # pylint: disable=protected-access
+  tree = tree0
+  row_s: dict = {}     # reader path -> s per matrix row
+  folds_report, applied = [], []
+  for producer, fold in plan.folds.items():
+    members = [p for p, _ in fold.readers if p in cap.stats]
+    entry = {"producer": producer, "kind": fold.kind,
+             "readers": [p for p, _ in fold.readers]}
+    if not members:
+      folds_report.append({**entry, "status": "skipped",
+                           "reason": "no reader is quantized by the rules"})
+      continue
+    lays = dict(fold.readers)
+    mats, specs, inputs, counts, rows = [], [], [], [], []
+    for p in members:
+      st = cap.stats[p]
+      w = _rules.logical_value(get(tree, p))
+      mats.append(st.as_matrix(w))
+      specs.append(_ptq._matrix_spec(cap.sites[p].weight, p))  # pylint: disable=protected-access
+      if method != "smoothquant" and cap.inputs[p].sample.shape[0] == 0:
+        raise ValueError(f"{p}: no calibration rows were retained for AWQ's search; "
+                         "raise max_samples")
+      inputs.append(cap.inputs[p])
+      counts.append(st.count)
+      rows.append(_row_features(st, lays[p], st.shape))
+    s, a = group_scales(method, mats, specs, inputs, counts, rows, fold.size,
+                        alpha=alpha, n_grid=n_grid)
+    tree = apply_scaling(tree, fold, s, get, _put)
+    applied.append(fold)
+    for p, r in zip(members, rows):
+      row_s[p] = s[jnp.asarray(r)]
+    folds_report.append({**entry, "status": "folded", "alpha": a, "scales": s})
+
+  # The float model must be unchanged by the folds (before any rounding).
+  fwd = jax.jit(lambda p: fn(p, *args, **kwargs))
+  with jax.default_matmul_precision("float32"):
+    ref = fwd(tree0)
+    if not _close(ref, fwd(tree), fold_rtol):
+      for fold, fr in zip(applied, [f for f in folds_report if f["status"] == "folded"]):
+        alone = apply_scaling(tree0, fold, fr["scales"], get, _put)
+        if not _close(ref, fwd(alone), fold_rtol):
+          raise ValueError(
+              f"folding the {method} scaling of {list(fr['readers'])} into "
+              f"{fold.producer!r} changes the float model's output beyond "
+              f"rtol={fold_rtol}; the fold analysis missed a use of it: exclude "
+              "these layers from the rules or report the model")
+      raise ValueError(f"the {method} folds together change the float model's "
+                       f"output beyond rtol={fold_rtol}")
+
+  new, scales, layers = {}, {}, {}
+  clip_skip = re.compile(awq_clip_skip) if awq_clip_skip else None
+  for p, st in cap.stats.items():
+    spec = cap.sites[p].weight
+    plan_w = _ptq._plan(st, spec)   # pylint: disable=protected-access
+    w = _rules.logical_value(get(tree, p))
+    sr = row_s.get(p)
+    mat = st.as_matrix(w).astype(jnp.float32)
+    ref_m = mat if sr is None else mat / sr[:, None]   # the kernel on unscaled inputs
+    w_in, entry = w, {}
+    layer = p.rsplit("/", 1)[0]
+    if method == "awq" and not (clip_skip and clip_skip.fullmatch(layer)):
+      x = cap.inputs[p].sample
+      if x.shape[0] == 0:
+        raise ValueError(f"{p}: no calibration rows were retained for AWQ's clip "
+                         "search; raise max_samples or use method='awq_noclip'")
+      x = x if sr is None else x / sr
+      res = awq_clip_search(x, mat, _ptq._matrix_spec(spec, p))  # pylint: disable=protected-access
+      w_in = st.from_matrix(res.clipped).astype(w.dtype)
+      entry["clip_mean_ratio"] = float(jnp.mean(res.ratios))
+    wq = fake_quant(w_in, plan_w.spec)
+    scale = rtn_scale(w_in, plan_w.spec) if plan_w.spec.symmetric else None
+    if scale is not None and not bool(jnp.array_equal(
+        fake_quant(wq, plan_w.spec, scale=scale), wq)):
+      raise ValueError(f"{p}: rounding with its own scales does not reproduce the "
+                       f"codes (spec {spec})")
+    new[p] = wq
+    if scale is not None:
+      scales[p] = scale
+    qm = st.as_matrix(wq).astype(jnp.float32)
+    qm = qm if sr is None else qm / sr[:, None]
+    rtn_m = st.as_matrix(fake_quant(st.from_matrix(ref_m), plan_w.spec))
+    rows_n = max(float(st.count), 1.0)
+    err = float(hessian_error(st.hessian, ref_m, qm)) / rows_n
+    rerr = float(hessian_error(st.hessian, ref_m, rtn_m)) / rows_n
+    entry.update({"spec": str(spec), "error": err, "rtn_error": rerr,
+                  "error_vs_rtn": err / rerr if rerr > 0 else 1.0,
+                  "rows": float(st.count), "fold": plan.reader_of.get(p)})
+    if p not in row_s:
+      entry["fold"] = None
+      entry["reason"] = plan.skipped.get(
+          p, "not read as a matmul kernel in the model's jaxpr" if p not in
+          plan.reader_of else "the group's readers are all float")
+    layers[p] = entry
+  changed = {p: get(tree, p) for f in applied for p, _ in f.divide + f.readers}
+  changed.update(new)
+  report = {"method": method, "layers": layers, "folds": folds_report,
+            "skipped": dict(cap.skipped), "seconds": time.perf_counter() - t0}
+  return changed, scales, report
