@@ -559,14 +559,16 @@ def apply_scaling(tree: Any, fold: ScalingFold, s: jax.Array, get, put) -> Any:
   Returns:
     The new pytree (the float function unchanged in exact arithmetic).
   """
-  s = jnp.asarray(s, jnp.float32)
+  s = np.asarray(s, np.float32)   # host arithmetic: no compile per shape
   new = {}
   for path, lay in fold.divide:
     w = get(tree, path)
-    new[path] = (w.astype(jnp.float32) / scaling_for(w.shape, lay, s)).astype(w.dtype)
+    v = np.asarray(w, np.float32) / s[feature_index(w.shape, lay)]
+    new[path] = jnp.asarray(v).astype(w.dtype)
   for path, lay in fold.readers:
     w = get(tree, path)
-    new[path] = (w.astype(jnp.float32) * scaling_for(w.shape, lay, s)).astype(w.dtype)
+    v = np.asarray(w, np.float32) * s[feature_index(w.shape, lay)]
+    new[path] = jnp.asarray(v).astype(w.dtype)
   return put(tree, new)
 
 

@@ -22,6 +22,7 @@ rounded with are returned for real mode.
 """
 from __future__ import annotations
 
+import functools
 import re
 import time
 from typing import Any, Optional
@@ -81,12 +82,16 @@ def _row_features(st, layout, shape) -> np.ndarray:
   return np.asarray(st.as_matrix(jnp.asarray(idx)))[:, 0]
 
 
-def _per_feature(v, rows: np.ndarray, n: int, how: str) -> jax.Array:
-  seg = jnp.asarray(rows)
+def _per_feature(v, rows: np.ndarray, n: int, how: str) -> np.ndarray:
+  """Per-row values reduced to features (max, or mean over a feature's rows)."""
+  v = np.asarray(v, np.float32)
   if how == "max":
-    return jax.ops.segment_max(v, seg, num_segments=n)
-  tot = jax.ops.segment_sum(v, seg, num_segments=n)
-  return tot / jax.ops.segment_sum(jnp.ones_like(v), seg, num_segments=n)
+    out = np.full((n,), -np.inf, np.float32)
+    np.maximum.at(out, rows, v)
+    return out
+  tot = np.zeros((n,), np.float32)
+  np.add.at(tot, rows, v)
+  return tot / np.bincount(rows, minlength=n).astype(np.float32)
 
 
 def group_scales(method: str, mats: list, specs: list, inputs: list, counts: list,
@@ -110,17 +115,17 @@ def group_scales(method: str, mats: list, specs: list, inputs: list, counts: lis
   """
   if method == "smoothquant":
     amax = _per_feature(inputs[0].abs_max, rows[0], size, "max")
-    wmax = [_per_feature(jnp.max(jnp.abs(m.astype(jnp.float32)), axis=1), r, size,
+    wmax = [_per_feature(np.max(np.abs(np.asarray(m, np.float32)), axis=1), r, size,
                          "max")[:, None] for m, r in zip(mats, rows)]
     return smoothquant_scales(amax, wmax, alpha), float(alpha)
-  act = _per_feature(inputs[0].abs_sum / jnp.maximum(counts[0], 1.0), rows[0], size,
-                     "mean")
+  act = _per_feature(np.asarray(inputs[0].abs_sum) / max(float(counts[0]), 1.0),
+                     rows[0], size, "mean")
   errors = jnp.zeros((n_grid,), jnp.float32)
   for m, sp, inp, r in zip(mats, specs, inputs, rows):
-    errors = errors + awq_search(inp.sample, m, sp, act_scale=act[jnp.asarray(r)],
+    errors = errors + awq_search(inp.sample, m, sp, act_scale=act[r],
                                  n_grid=n_grid).errors
-  best = float(jnp.linspace(0.0, 1.0, n_grid)[int(jnp.argmin(errors))])
-  return awq_scales(act, best), best
+  best = float(np.linspace(0.0, 1.0, n_grid, dtype=np.float32)[int(jnp.argmin(errors))])
+  return np.asarray(awq_scales(act, best)), best
 
 
 def _close(ref, out, rtol: float) -> bool:
@@ -129,6 +134,33 @@ def _close(ref, out, rtol: float) -> bool:
   return all(np.max(np.abs(a - b), initial=0.0) <= rtol * max(np.max(np.abs(a),
                                                                       initial=0.0), 1e-6)
              for a, b in zip(ref, out))
+
+
+@functools.partial(jax.jit, static_argnames=("meta",))
+def _from_matrix(m, *, meta):
+  from lowbit_jax import _ptq
+  return _ptq.SiteStats(None, None, *meta).from_matrix(m)
+
+
+@functools.partial(jax.jit, static_argnames=("meta", "spec"))
+def _round(w_in, w, sr, hessian, count, *, meta, spec):
+  """RTN of one (scaled, clipped) kernel ``w_in``: ``(w_q, scale, codes reproduced,
+  error, RTN's error)``. The errors are those of ``w_q / s`` and of plain RTN
+  against the float kernel on unscaled inputs (``w / s``, ``w`` unclipped),
+  ``tr(dW^T H dW) / rows`` (jitted per site kind)."""
+  from lowbit_jax import _ptq
+  st = _ptq.SiteStats(hessian, count, *meta)
+  plan = _ptq._plan(st, spec)   # pylint: disable=protected-access
+  wq = fake_quant(w_in, plan.spec)
+  scale = rtn_scale(w_in, plan.spec) if plan.spec.symmetric else None
+  exact = (jnp.array_equal(fake_quant(wq, plan.spec, scale=scale), wq)
+           if scale is not None else jnp.bool_(True))
+  ref = st.as_matrix(w).astype(jnp.float32) / sr[:, None]
+  qm = st.as_matrix(wq).astype(jnp.float32) / sr[:, None]
+  rtn_m = st.as_matrix(fake_quant(st.from_matrix(ref), plan.spec))
+  rows = jnp.maximum(count, 1.0)
+  return (wq, scale, exact, hessian_error(hessian, ref, qm) / rows,
+          hessian_error(hessian, ref, rtn_m) / rows)
 
 
 def scaling_ptq(model, params, batches: list, rules, *, method: str, front: str,
@@ -146,6 +178,9 @@ def scaling_ptq(model, params, batches: list, rules, *, method: str, front: str,
   """
   from lowbit_jax import _ptq
   t0 = time.perf_counter()
+  if not isinstance(max_samples, int) or max_samples < 1:
+    raise ValueError(f"{method} needs calibration rows: max_samples must be an int "
+                     f">= 1, got {max_samples!r}; raise max_samples")
   cap = _ptq.capture_hessians(model, params, batches, rules, token_mask=token_mask,
                               max_samples=max_samples, seed=seed)
   fn, tree0 = as_function(model, params, front)
@@ -168,7 +203,7 @@ def scaling_ptq(model, params, batches: list, rules, *, method: str, front: str,
     for p in members:
       st = cap.stats[p]
       w = _rules.logical_value(get(tree, p))
-      mats.append(st.as_matrix(w))
+      mats.append(_ptq._as_matrix(w, meta=tuple(st[2:])))  # pylint: disable=protected-access
       specs.append(_ptq._matrix_spec(cap.sites[p].weight, p))  # pylint: disable=protected-access
       if method != "smoothquant" and cap.inputs[p].sample.shape[0] == 0:
         raise ValueError(f"{p}: no calibration rows were retained for AWQ's search; "
@@ -181,7 +216,7 @@ def scaling_ptq(model, params, batches: list, rules, *, method: str, front: str,
     tree = apply_scaling(tree, fold, s, get, _put)
     applied.append(fold)
     for p, r in zip(members, rows):
-      row_s[p] = s[jnp.asarray(r)]
+      row_s[p] = np.asarray(s, np.float32)[r]
     folds_report.append({**entry, "status": "folded", "alpha": a, "scales": s})
 
   # The float model must be unchanged by the folds (before any rounding).
@@ -204,11 +239,9 @@ def scaling_ptq(model, params, batches: list, rules, *, method: str, front: str,
   clip_skip = re.compile(awq_clip_skip) if awq_clip_skip else None
   for p, st in cap.stats.items():
     spec = cap.sites[p].weight
-    plan_w = _ptq._plan(st, spec)   # pylint: disable=protected-access
     w = _rules.logical_value(get(tree, p))
     sr = row_s.get(p)
-    mat = st.as_matrix(w).astype(jnp.float32)
-    ref_m = mat if sr is None else mat / sr[:, None]   # the kernel on unscaled inputs
+    mat = _ptq._as_matrix(w, meta=tuple(st[2:]))   # pylint: disable=protected-access
     w_in, entry = w, {}
     layer = p.rsplit("/", 1)[0]
     if method == "awq" and not (clip_skip and clip_skip.fullmatch(layer)):
@@ -216,25 +249,20 @@ def scaling_ptq(model, params, batches: list, rules, *, method: str, front: str,
       if x.shape[0] == 0:
         raise ValueError(f"{p}: no calibration rows were retained for AWQ's clip "
                          "search; raise max_samples or use method='awq_noclip'")
-      x = x if sr is None else x / sr
+      x = x if sr is None else jnp.asarray(np.asarray(x, np.float32) / sr)
       res = awq_clip_search(x, mat, _ptq._matrix_spec(spec, p))  # pylint: disable=protected-access
-      w_in = st.from_matrix(res.clipped).astype(w.dtype)
+      w_in = _from_matrix(res.clipped, meta=tuple(st[2:])).astype(w.dtype)
       entry["clip_mean_ratio"] = float(jnp.mean(res.ratios))
-    wq = fake_quant(w_in, plan_w.spec)
-    scale = rtn_scale(w_in, plan_w.spec) if plan_w.spec.symmetric else None
-    if scale is not None and not bool(jnp.array_equal(
-        fake_quant(wq, plan_w.spec, scale=scale), wq)):
+    ones = np.ones((mat.shape[0],), np.float32)
+    wq, scale, exact, err, rerr = _round(w_in, w, ones if sr is None else sr,
+                                         st.hessian, st.count, meta=tuple(st[2:]), spec=spec)
+    if not bool(exact):
       raise ValueError(f"{p}: rounding with its own scales does not reproduce the "
                        f"codes (spec {spec})")
     new[p] = wq
     if scale is not None:
       scales[p] = scale
-    qm = st.as_matrix(wq).astype(jnp.float32)
-    qm = qm if sr is None else qm / sr[:, None]
-    rtn_m = st.as_matrix(fake_quant(st.from_matrix(ref_m), plan_w.spec))
-    rows_n = max(float(st.count), 1.0)
-    err = float(hessian_error(st.hessian, ref_m, qm)) / rows_n
-    rerr = float(hessian_error(st.hessian, ref_m, rtn_m)) / rows_n
+    err, rerr = float(err), float(rerr)
     entry.update({"spec": str(spec), "error": err, "rtn_error": rerr,
                   "error_vs_rtn": err / rerr if rerr > 0 else 1.0,
                   "rows": float(st.count), "fold": plan.reader_of.get(p)})
