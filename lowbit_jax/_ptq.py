@@ -704,5 +704,5 @@ def real_mode_kwargs(result: PTQResult, front: str) -> dict:
   raise ValueError(f"front must be 'function', 'linen' or 'nnx', got {front!r}")
 
 
-__all__ = ["SiteStats", "Capture", "PTQResult", "capture_hessians", "quantize_site",
+__all__ = ["SiteStats", "InputStats", "Capture", "PTQResult", "capture_hessians", "quantize_site",
            "ptq_params", "mixed_precision_rules", "real_mode_kwargs"]
