@@ -37,6 +37,7 @@ import numpy as np
 from jax import lax
 
 from lowbit_jax import _rules
+from lowbit_jax._ptq_scaling import AWQ_CLIP_SKIP
 from lowbit_jax.algorithms.gptq import gptq
 from lowbit_jax.algorithms.rtn import hessian_error, kernel_spec, rtn_scale
 from lowbit_jax.core import fake_quant
@@ -511,7 +512,7 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
                act_order: bool = False, capture: Optional[Capture] = None,
                alpha: float = 0.5, n_grid: int = 20, max_samples: int = 512,
                seed: int = 0, fold_rtol: float = 1e-3,
-               awq_clip_skip: Optional[str] = None) -> PTQResult:
+               awq_clip_skip: Optional[str] = AWQ_CLIP_SKIP) -> PTQResult:
   """Post-training quantization of every weight site the rules match, any front end.
 
   GPTQ (Frantar et al. 2023) or RTN per site, from the Hessians
@@ -548,9 +549,9 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
     fold_rtol: the largest relative change of the float model's output the
       folds may cause (float rounding) before an error is raised.
     awq_clip_skip: regex of layer paths (a parameter path without its last
-      part) AWQ's clip search leaves alone, e.g.
-      ``_ptq_scaling.AWQ_CLIP_SKIP`` (query and key projections, as
-      ``apply_ptq`` does by default); None: clip every site.
+      part) AWQ's clip search leaves alone; by default the query and key
+      projections, as ``apply_ptq`` does (their error passes through q.k and
+      a softmax); None: clip every site.
 
   Returns:
     A ``PTQResult``; run real mode with ``real_mode_kwargs``'s scales so the

@@ -199,6 +199,13 @@ def test_clear_errors(setup):
     cap = lb.capture_hessians(toy.toy_apply, v["params"], batches, RULES)
     lb.ptq_params(toy.toy_apply, v["params"], batches, RULES, method="awq",
                   capture=cap)
+  # A fold that moves the float output (here: any rounding, fold_rtol=0) is an
+  # error naming the producer and its readers.
+  with pytest.raises(ValueError, match=r"\['layers_0/up/kernel'\] into "
+                     r"'layers_0/norm2/scale' changes the float model"):
+    lb.ptq_params(toy.toy_apply, v["params"], batches,
+                  [QuantRule(".*/up", weight="int8")], method="smoothquant",
+                  fold_rtol=0.0)
   with pytest.raises(ValueError, match="raise max_samples"):
     lb.ptq_params(toy.toy_apply, v["params"], batches,
                   [QuantRule(".*/up", weight=SPEC)], method="awq", max_samples=0)
