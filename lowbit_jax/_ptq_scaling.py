@@ -269,8 +269,7 @@ def scaling_ptq(model, params, batches: list, rules, *, method: str, front: str,
     if p not in row_s:
       entry["fold"] = None
       entry["reason"] = plan.skipped.get(
-          p, "not read as a matmul kernel in the model's jaxpr" if p not in
-          plan.reader_of else "the group's readers are all float")
+          p, "not read as the kernel of a matmul or conv in the model's jaxpr")
     layers[p] = entry
   changed = {p: get(tree, p) for f in applied for p, _ in f.divide + f.readers}
   changed.update(new)
