@@ -13,7 +13,10 @@ layout order (the output-feature axis left out).
 (weight, statistics, spec) -- GPTQ (Frantar et al. 2023, "GPTQ: Accurate
 Post-Training Quantization for Generative Pre-trained Transformers") or RTN --
 and returns the new parameters, the scale grid each weight was rounded with
-(so real mode stores exactly those codes) and a per-layer report.
+(so real mode stores exactly those codes) and a per-layer report. AWQ and
+SmoothQuant, whose scalings must be folded into each input's producer, run in
+``_ptq_scaling`` over the folds ``_fold.find_scaling_folds`` finds in the
+model's jaxpr.
 
 The capture traces one calibrate-mode call of the model per batch shape under
 ``jax.jit`` (the front end's own un-jitted body), every site's Hessian being an

@@ -155,7 +155,7 @@ def test_function_real_mode_equals_fake_mode_after_awq(setup, fn_awq):
 
 def test_nnx_awq_matches_the_function_and_real_equals_fake(setup, nnx_model, fn_awq):
   batches = setup[2]
-  m = nnx_model
+  m = nnx.clone(nnx_model)
   res = lb.ptq_params(m, None, batches, RULES, method="awq")
   for p, e in res.report["layers"].items():
     np.testing.assert_allclose(e["error"], fn_awq.report["layers"][p]["error"],
