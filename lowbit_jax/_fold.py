@@ -63,12 +63,18 @@ class ScalingFold:
       its bias).
     readers: ``(kernel path, layout)`` pairs multiplied by ``s`` along their
       input rows.
+    rotation_why: None if an orthogonal ``R`` over the features folds too
+      (``x -> x R``: a linear producer whose output reaches its readers only
+      through views, zero padding, negation and bias or same-scaled
+      additions; parameters ``P -> P R`` over their features, see
+      ``rotate_param``), else why not.
   """
   producer: str
   kind: str
   size: int
   divide: tuple
   readers: tuple
+  rotation_why: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +146,8 @@ class _Src:
   def __init__(self, path, kind, size, divide):
     self.path, self.kind, self.size = path, kind, size
     self.divide, self.readers, self.why = [divide], [], None
+    self.rot_why = ("a rotation does not fold into a norm's elementwise gain"
+                    if kind == "gain" else None)
 
 
 def find_scaling_folds(fn: Callable, params: Any, *args, **kwargs) -> FoldPlan:
@@ -211,6 +219,10 @@ def find_scaling_folds(fn: Callable, params: Any, *args, **kwargs) -> FoldPlan:
     srcs[path] = _Src(path, kind, size, (path, layout_param))
     return True
 
+  def no_rot(sid, why, eqn):
+    if srcs[sid].rot_why is None:
+      srcs[sid].rot_why = f"{why}{where(eqn)}"
+
   def poison(eqn, d, why):
     for sid, lay in d.items():
       if lay is not None:
@@ -272,6 +284,9 @@ def find_scaling_folds(fn: Callable, params: Any, *args, **kwargs) -> FoldPlan:
         d[sid] = None if lay is None else _regroup(lay, out.aval.shape)
         if lay is not None and d[sid] is None:
           bad(sid, f"a reshape{where(eqn)} splits its features unevenly")
+        elif d[sid] is not None and any(_nonzero(ax) and any(
+            st == 0 and n > 1 for n, st in ax) for ax in d[sid]):
+          no_rot(sid, "a reshape merges repeated copies of the features (GQA)", eqn)
       dep[out] = d
     elif name == "transpose":
       perm = eqn.params["permutation"]
@@ -323,6 +338,9 @@ def find_scaling_folds(fn: Callable, params: Any, *args, **kwargs) -> FoldPlan:
           poison(eqn, {k: db[k]}, "something is divided by it")
         else:
           d[k] = da.get(k, db.get(k))
+          other = b if k in da else a
+          if not isinstance(other, _Literal) and other.aval.shape:
+            no_rot(k, "an elementwise product does not commute with a rotation", eqn)
       # A 1-d parameter times a value: a gain (RMSNorm/LayerNorm scale).
       for g, o in ((b, a), (a, b)):
         if name != "mul" or g not in pview or deps(g) or o in pview:
@@ -404,6 +422,8 @@ def find_scaling_folds(fn: Callable, params: Any, *args, **kwargs) -> FoldPlan:
           d[k] = None
           bad(k, f"a matmul{where(eqn)} contracts only part of its features")
           continue
+        no_rot(k, "a matmul that keeps the features (attention's p @ v) commutes "
+               "with a rotation only within each of its batch slices", eqn)
         zb = _zero(b.aval.shape) if x is a else _zero(a.aval.shape)
         if x is a:
           d[k] = (tuple(lay[i] for i in lb) + tuple(lay[i] for i in nfree_a)
@@ -526,8 +546,13 @@ def find_scaling_folds(fn: Callable, params: Any, *args, **kwargs) -> FoldPlan:
       for path, _ in src.readers:
         skipped[path] = f"its input's producer {sid!r} cannot take the scaling: {why}"
       continue
+    rot_why = src.rot_why
+    for path, lay in src.divide + src.readers:
+      if rot_why is None and any(n > 1 and st == 0 for ax in lay if _nonzero(ax)
+                                 for n, st in ax):
+        rot_why = f"parameter {path!r} repeats features along an axis"
     folds[sid] = ScalingFold(sid, src.kind, src.size, tuple(src.divide),
-                             tuple(src.readers))
+                             tuple(src.readers), rot_why)
     for path, _ in src.readers:
       reader_of[path] = sid
   for path, (x, eqn) in unread.items():
@@ -572,5 +597,34 @@ def apply_scaling(tree: Any, fold: ScalingFold, s: jax.Array, get, put) -> Any:
   return put(tree, new)
 
 
-__all__ = ["ScalingFold", "FoldPlan", "find_scaling_folds", "apply_scaling",
+def rotate_param(w: jax.Array, layout, r: jax.Array) -> jax.Array:
+  """``w`` with its features rotated, ``P -> P R`` in ``[other, feature]`` form.
+
+  For a producer (``x @ W``, a bias) this is ``W R``; for a reader it is
+  ``R^T W`` (its features are its rows), so the float function is unchanged
+  when both are applied with the same orthogonal ``R``.
+
+  Args:
+    w: a parameter whose feature axes cover the features once per slice.
+    layout: its layout (``ScalingFold.divide`` / ``readers``).
+    r: ``[n, n]`` orthogonal.
+
+  Returns:
+    The rotated parameter (dtype kept).
+  """
+  hot = [i for i, ax in enumerate(layout) if _nonzero(ax)]
+  cold = [i for i in range(w.ndim) if i not in hot]
+  idx = feature_index(w.shape, layout).transpose(cold + hot)
+  n = r.shape[0]
+  idx = idx.reshape(-1, n)
+  order = idx[0]
+  t = np.asarray(w, np.float32).transpose(cold + hot).reshape(-1, n)
+  inv = np.argsort(order)
+  t = (t[:, inv] @ np.asarray(r, np.float32))[:, order]
+  shape = [w.shape[i] for i in cold + hot]
+  out = t.reshape(shape).transpose(np.argsort(cold + hot))
+  return jnp.asarray(out).astype(w.dtype)
+
+
+__all__ = ["ScalingFold", "FoldPlan", "find_scaling_folds", "apply_scaling", "rotate_param",
            "feature_index", "scaling_for"]

@@ -40,6 +40,7 @@ import numpy as np
 from jax import lax
 
 from lowbit_jax import _rules
+from lowbit_jax import _ptq_scaling
 from lowbit_jax._ptq_scaling import AWQ_CLIP_SKIP
 from lowbit_jax.algorithms.gptq import gptq
 from lowbit_jax.algorithms.rtn import hessian_error, kernel_spec, rtn_scale
@@ -47,7 +48,7 @@ from lowbit_jax.core import fake_quant
 from lowbit_jax.core._spec import QuantSpec, as_spec
 
 _HI = lax.Precision.HIGHEST
-METHODS = ("gptq", "rtn", "awq", "awq_noclip", "smoothquant")
+METHODS = ("gptq", "rtn", "awq", "awq_noclip", "smoothquant", "rotation")
 
 
 class SiteStats(NamedTuple):
@@ -515,7 +516,8 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
                act_order: bool = False, capture: Optional[Capture] = None,
                alpha: float = 0.5, n_grid: int = 20, max_samples: int = 512,
                seed: int = 0, fold_rtol: float = 1e-3,
-               awq_clip_skip: Optional[str] = AWQ_CLIP_SKIP) -> PTQResult:
+               awq_clip_skip: Optional[str] = AWQ_CLIP_SKIP,
+               rotation_block_size: Optional[int] = None) -> PTQResult:
   """Post-training quantization of every weight site the rules match, any front end.
 
   GPTQ (Frantar et al. 2023) or RTN per site, from the Hessians
@@ -532,7 +534,11 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
   gain, or the previous linear layer through views, attention's ``p @ v`` or
   a gated product); other sites are reported with the reason and only
   rounded. The float model is checked unchanged on the first batch, then each
-  weight is rounded to nearest on its grid (see ``_ptq_scaling``).
+  weight is rounded to nearest on its grid (see ``_ptq_scaling``). "rotation"
+  (the per-layer randomized Hadamard of ``apply_ptq``) folds an orthogonal
+  ``R`` instead, where the jaxpr shows it folds exactly: into a linear
+  producer whose output reaches its readers only through views and bias
+  additions (``ScalingFold.rotation_why`` says why not elsewhere).
 
   Args:
     model: ``fn(params, *batch)``, a Linen module, or an NNX module.
@@ -540,7 +546,7 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
       None for an NNX model (whose Params are updated in place).
     calib_batches: calibration batches (see ``capture_hessians``).
     rules: QuantRules or a QuantConfig (those with a weight spec are treated).
-    method: "gptq", "rtn", "awq", "awq_noclip" or "smoothquant".
+    method: "gptq", "rtn", "awq", "awq_noclip", "smoothquant" or "rotation".
     token_mask: optional ``batch -> mask`` (see ``capture_hessians``).
     blocksize, percdamp, act_order: GPTQ's options.
     capture: a ``Capture`` from an earlier ``capture_hessians`` to reuse
@@ -555,6 +561,8 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
       part) AWQ's clip search leaves alone; by default the query and key
       projections, as ``apply_ptq`` does (their error passes through q.k and
       a softmax); None: clip every site.
+    rotation_block_size: "rotation": the block size of the block-diagonal
+      randomized Hadamard (None: one block).
 
   Returns:
     A ``PTQResult``; run real mode with ``real_mode_kwargs``'s scales so the
@@ -571,8 +579,7 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
   t0 = time.perf_counter()
   front = _front_end(model)
-  if method in ("awq", "awq_noclip", "smoothquant"):
-    from lowbit_jax import _ptq_scaling
+  if method in _ptq_scaling.SCALING_METHODS:
     if capture is not None:
       raise ValueError(f"capture= is for gptq/rtn; {method} captures input samples "
                        "itself (max_samples=)")
@@ -582,7 +589,8 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
     changed, scales, report = _ptq_scaling.scaling_ptq(
         model, params, batches, rules, method=method, front=front,
         token_mask=token_mask, alpha=alpha, n_grid=n_grid, max_samples=max_samples,
-        seed=seed, fold_rtol=fold_rtol, awq_clip_skip=awq_clip_skip)
+        seed=seed, fold_rtol=fold_rtol, awq_clip_skip=awq_clip_skip,
+        rotation_block_size=rotation_block_size)
     return PTQResult(_write_back(model, params, front, changed), scales, report)
   cap = capture if capture is not None else capture_hessians(
       model, params, calib_batches, rules, token_mask=token_mask)

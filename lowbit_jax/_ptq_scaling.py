@@ -32,13 +32,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowbit_jax import _rules
-from lowbit_jax._fold import apply_scaling, feature_index, find_scaling_folds
+from lowbit_jax._fold import apply_scaling, feature_index, find_scaling_folds, rotate_param
 from lowbit_jax.algorithms.awq import awq_clip_search, awq_scales, awq_search
 from lowbit_jax.algorithms.rtn import hessian_error, rtn_scale
+from lowbit_jax.algorithms.rotation import random_hadamard
 from lowbit_jax.algorithms.smoothquant import smoothquant_scales
 from lowbit_jax.core import fake_quant
 
-SCALING_METHODS = ("awq", "awq_noclip", "smoothquant")
+SCALING_METHODS = ("awq", "awq_noclip", "smoothquant", "rotation")
 # As in flax/ptq.py's apply_ptq: the clip search leaves the query and key
 # projections alone (their error passes through q.k and a softmax).
 AWQ_CLIP_SKIP = r".*(q_proj|k_proj|query|key)"
@@ -163,9 +164,23 @@ def _round(w_in, w, sr, hessian, count, *, meta, spec):
           hessian_error(hessian, ref, rtn_m) / rows)
 
 
+@functools.partial(jax.jit, static_argnames=("meta", "spec"))
+def _rot_errors(w, back, hessian, count, *, meta, spec):
+  """Errors of a rotated site in the original domain: ``R Q(R^T W)`` and RTN of ``W``."""
+  from lowbit_jax import _ptq
+  st = _ptq.SiteStats(hessian, count, *meta)
+  plan = _ptq._plan(st, spec)   # pylint: disable=protected-access
+  ref = st.as_matrix(w).astype(jnp.float32)
+  rows = jnp.maximum(count, 1.0)
+  rtn_m = st.as_matrix(fake_quant(w, plan.spec)).astype(jnp.float32)
+  return (hessian_error(hessian, ref, st.as_matrix(back).astype(jnp.float32)) / rows,
+          hessian_error(hessian, ref, rtn_m) / rows)
+
+
 def scaling_ptq(model, params, batches: list, rules, *, method: str, front: str,
                 token_mask, alpha: float, n_grid: int, max_samples: int, seed: int,
-                fold_rtol: float, awq_clip_skip: Optional[str]):
+                fold_rtol: float, awq_clip_skip: Optional[str],
+                rotation_block_size: Optional[int] = None):
   """``ptq_params``'s AWQ/SmoothQuant path (see the module docstring).
 
   Returns:
@@ -189,14 +204,33 @@ def scaling_ptq(model, params, batches: list, rules, *, method: str, front: str,
   get = _ptq._get_path   # pylint: disable=protected-access
   tree = tree0
   row_s: dict = {}     # reader path -> s per matrix row
+  rot: dict = {}       # reader path -> (layout, R, its float kernel before R)
+  rot_skipped: dict = {}
   folds_report, applied = [], []
-  for producer, fold in plan.folds.items():
+  for gi, (producer, fold) in enumerate(plan.folds.items()):
     members = [p for p, _ in fold.readers if p in cap.stats]
     entry = {"producer": producer, "kind": fold.kind,
              "readers": [p for p, _ in fold.readers]}
     if not members:
       folds_report.append({**entry, "status": "skipped",
                            "reason": "no reader is quantized by the rules"})
+      continue
+    if method == "rotation":
+      if fold.rotation_why is not None:
+        folds_report.append({**entry, "status": "skipped",
+                             "reason": fold.rotation_why})
+        for p in members:
+          rot_skipped[p] = f"its input's producer {producer!r}: {fold.rotation_why}"
+        continue
+      r = np.asarray(random_hadamard(jax.random.fold_in(jax.random.key(seed), gi),
+                                     fold.size, block_size=rotation_block_size))
+      for p, lay in fold.readers:
+        if p in cap.stats:
+          rot[p] = (lay, r, get(tree, p))
+      tree = _put(tree, {p: rotate_param(get(tree, p), lay, r)
+                         for p, lay in fold.divide + fold.readers})
+      applied.append(fold)
+      folds_report.append({**entry, "status": "folded", "rotation": r})
       continue
     lays = dict(fold.readers)
     mats, specs, inputs, counts, rows = [], [], [], [], []
@@ -225,7 +259,10 @@ def scaling_ptq(model, params, batches: list, rules, *, method: str, front: str,
     ref = fwd(tree0)
     if not _close(ref, fwd(tree), fold_rtol):
       for fold, fr in zip(applied, [f for f in folds_report if f["status"] == "folded"]):
-        alone = apply_scaling(tree0, fold, fr["scales"], get, _put)
+        alone = (apply_scaling(tree0, fold, fr["scales"], get, _put)
+                 if "scales" in fr else _put(tree0, {
+                     p: rotate_param(get(tree0, p), lay, fr["rotation"])
+                     for p, lay in fold.divide + fold.readers}))
         if not _close(ref, fwd(alone), fold_rtol):
           raise ValueError(
               f"folding the {method} scaling of {list(fr['readers'])} into "
@@ -262,11 +299,18 @@ def scaling_ptq(model, params, batches: list, rules, *, method: str, front: str,
     new[p] = wq
     if scale is not None:
       scales[p] = scale
+    if p in rot:   # errors in the original domain: R Q(R^T W) against W
+      lay, r, pre = rot[p]
+      err, rerr = _rot_errors(pre, rotate_param(wq, lay, r.T), st.hessian, st.count,
+                              meta=tuple(st[2:]), spec=spec)
     err, rerr = float(err), float(rerr)
     entry.update({"spec": str(spec), "error": err, "rtn_error": rerr,
                   "error_vs_rtn": err / rerr if rerr > 0 else 1.0,
                   "rows": float(st.count), "fold": plan.reader_of.get(p)})
-    if p not in row_s:
+    if p in rot_skipped:
+      entry["fold"] = None
+      entry["reason"] = rot_skipped[p]
+    elif p not in row_s and p not in rot:
       entry["fold"] = None
       entry["reason"] = plan.skipped.get(
           p, "not read as the kernel of a matmul or conv in the model's jaxpr")

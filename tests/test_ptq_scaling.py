@@ -1,4 +1,4 @@
-"""AWQ and SmoothQuant through ptq_params on Linen, NNX and a plain function."""
+"""AWQ, SmoothQuant and the per-layer rotation through ptq_params on every front end."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -191,6 +191,28 @@ def test_smoothquant_w8a8_on_linen_folds_and_real_equals_fake(setup):
   fake = jax.jit(quantize_linen(rules, mode="fake")(model.apply))(res.params, t)
   np.testing.assert_allclose(jax.jit(ql(model.apply))(rv, t), fake, rtol=1e-5,
                              atol=1e-5)
+
+
+def test_rotation_folds_only_into_a_linear_producer_and_real_equals_fake(setup):
+  _, v, batches = setup
+  rules = [QuantRule(".*/(q|o|up)", weight=SPEC)]
+  res = lb.ptq_params(toy.toy_apply, v["params"], batches, rules, method="rotation")
+  layers = res.report["layers"]
+  for i in range(toy.LAYERS):
+    # conv (kernel and bias) -> q/k/v: the conv's output columns take R.
+    assert layers[f"layers_{i}/q/kernel"]["fold"] == f"layers_{i}/conv/kernel"
+    assert "does not fold into a norm's elementwise gain" in layers[
+        f"layers_{i}/up/kernel"]["reason"]
+    assert "p @ v" in layers[f"layers_{i}/o/kernel"]["reason"]
+  r = next(f["rotation"] for f in res.report["folds"] if f["status"] == "folded")
+  np.testing.assert_allclose(r @ r.T, np.eye(r.shape[0]), atol=1e-5)
+  # The float model is unchanged (checked inside), and real mode stores the
+  # returned codes of the rotated kernels.
+  t = toy.tokens(7)
+  qr = lb.quantize_function(toy.toy_apply, rules, mode="real")
+  rp = qr.quantize_params(res.params, t, **lb.real_mode_kwargs(res, "function"))
+  fake = lb.quantize_function(toy.toy_apply, rules)(res.params, t)
+  np.testing.assert_allclose(qr(rp, t), fake, rtol=1e-5, atol=1e-5)
 
 
 def test_clear_errors(setup):
