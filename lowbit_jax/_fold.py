@@ -28,6 +28,12 @@ nonlinearity, a residual addition, the model's output, a matmul that contracts
 the features against something that is not a parameter, a parameter used
 twice) makes the producer unfoldable, with the primitive and module named; its
 readers are reported skipped with that reason.
+
+An orthogonal ``R`` over the features (the per-layer rotation) folds in a
+subset of those places: into a linear producer (never a gain) whose output
+reaches its readers only through views, zero padding, negation and bias or
+same-rotated additions (``ScalingFold.rotation_why`` says why not otherwise);
+``rotate_param`` applies it.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""AWQ and SmoothQuant on every front end: scale searches over exact folds.
+"""AWQ, SmoothQuant and the per-layer rotation on every front end, over exact folds.
 
 ``ptq_params(..., method="awq" | "awq_noclip" | "smoothquant")`` runs here.
 The folds come from the model's jaxpr (``_fold.find_scaling_folds``: a norm
@@ -19,6 +19,11 @@ producer's parameters ``/ s``; the float model is checked unchanged on the
 first calibration batch, then every weight site is rounded to nearest (after
 AWQ's clip search for "awq") on its rule's grid, and the scales it was
 rounded with are returned for real mode.
+
+"rotation" folds a randomized Hadamard (``algorithms.random_hadamard``, as
+``apply_ptq``'s per-layer rotation) into the folds where a rotation is exact
+(``ScalingFold.rotation_why`` is None), rounds the rotated kernels to nearest
+and reports their errors in the original domain.
 """
 from __future__ import annotations
 
