@@ -13,7 +13,10 @@ layout order (the output-feature axis left out).
 (weight, statistics, spec) -- GPTQ (Frantar et al. 2023, "GPTQ: Accurate
 Post-Training Quantization for Generative Pre-trained Transformers") or RTN --
 and returns the new parameters, the scale grid each weight was rounded with
-(so real mode stores exactly those codes) and a per-layer report.
+(so real mode stores exactly those codes) and a per-layer report. AWQ and
+SmoothQuant, whose scalings must be folded into each input's producer, run in
+``_ptq_scaling`` over the folds ``_fold.find_scaling_folds`` finds in the
+model's jaxpr.
 
 The capture traces one calibrate-mode call of the model per batch shape under
 ``jax.jit`` (the front end's own un-jitted body), every site's Hessian being an
@@ -37,13 +40,15 @@ import numpy as np
 from jax import lax
 
 from lowbit_jax import _rules
+from lowbit_jax import _ptq_scaling
+from lowbit_jax._ptq_scaling import AWQ_CLIP_SKIP
 from lowbit_jax.algorithms.gptq import gptq
 from lowbit_jax.algorithms.rtn import hessian_error, kernel_spec, rtn_scale
 from lowbit_jax.core import fake_quant
 from lowbit_jax.core._spec import QuantSpec, as_spec
 
 _HI = lax.Precision.HIGHEST
-METHODS = ("gptq", "rtn")
+METHODS = ("gptq", "rtn", "awq", "awq_noclip", "smoothquant", "rotation")
 
 
 class SiteStats(NamedTuple):
@@ -83,6 +88,21 @@ class SiteStats(NamedTuple):
     return jnp.transpose(t, np.argsort(perm))
 
 
+class InputStats(NamedTuple):
+  """Per-row magnitudes of a site's inputs and a sample of them (AWQ, SmoothQuant).
+
+  Rows are the ``[K]`` features of ``SiteStats.as_matrix``'s rows.
+
+  Attributes:
+    abs_sum: ``[K]`` sum of |x| over the rows (mask-weighted).
+    abs_max: ``[K]`` max |x| over the (unmasked) rows.
+    sample: ``[S, K]`` retained input rows (chosen at random per batch).
+  """
+  abs_sum: jax.Array
+  abs_max: jax.Array
+  sample: jax.Array
+
+
 class Capture(NamedTuple):
   """What ``capture_hessians`` returns.
 
@@ -90,10 +110,12 @@ class Capture(NamedTuple):
     stats: parameter path -> ``SiteStats``, in the order sites first ran.
     sites: parameter path -> the matched ``Site`` (its rule and weight spec).
     skipped: parameter path -> why a matched weight site was not captured.
+    inputs: parameter path -> ``InputStats`` (``max_samples`` > 0 only).
   """
   stats: dict
   sites: dict
   skipped: dict
+  inputs: dict = {}
 
 
 class PTQResult(NamedTuple):
@@ -163,11 +185,14 @@ class _Recorder:
     self.meta: dict = {}
     self.begin(None, None)
 
-  def begin(self, mask, trace) -> None:
-    """Starts one traced batch: its mask (traced) and the trace it runs in."""
+  def begin(self, mask, trace, key=None, keep: int = 0) -> None:
+    """Starts one traced batch: its mask (traced), the trace it runs in, and
+    (``keep`` > 0) the key choosing the ``keep`` rows of each input to retain."""
     self.acc: dict = {}
     self.mask = mask
     self.trace = trace
+    self.key = key
+    self.keep = keep
 
   def __call__(self, site, op, x, w, params):
     if site.weight is None:
@@ -239,8 +264,20 @@ class _Recorder:
     self.meta[path] = meta
     prev = self.acc.get(path)
     if prev is not None:
+      if self.keep:
+        raise ValueError(f"{path}: the weight is used by several ops; AWQ and "
+                         "SmoothQuant need one input per weight")
       h, n = prev[0] + h, prev[1] + n
     self.acc[path] = (h, n)
+    if self.keep:   # AWQ/SmoothQuant: per-row magnitudes and a row sample
+      valid = (jnp.ones((xm.shape[0],), bool) if wts is None else wts > 0)
+      w_ = jnp.ones((xm.shape[0],), jnp.float32) if wts is None else wts
+      ax = jnp.abs(xm)
+      abs_sum = jnp.sum(ax * w_[:, None], axis=0)
+      abs_max = jnp.max(jnp.where(valid[:, None], ax, 0.0), axis=0)
+      score = jax.random.uniform(self.key, (xm.shape[0],)) + 2.0 * valid
+      _, idx = lax.top_k(score, min(self.keep, xm.shape[0]))
+      self.acc[path] = (h, n, (abs_sum, abs_max, xm[idx], valid[idx]))
     self.sites[path] = site
 
 
@@ -275,7 +312,8 @@ def _runner(model, params, rules, front: str):
 
 
 def capture_hessians(model, params, calib_batches: Sequence[Any], rules, *,
-                     token_mask: Optional[Callable] = None) -> Capture:
+                     token_mask: Optional[Callable] = None, max_samples: int = 0,
+                     seed: int = 0) -> Capture:
   """Input Hessians of every weight site the rules match, on any front end.
 
   Args:
@@ -290,9 +328,13 @@ def capture_hessians(model, params, calib_batches: Sequence[Any], rules, *,
     token_mask: optional ``batch -> mask``: rows of a site whose leading
       (non-contraction) shape equals the mask's are weighted by it; other
       sites are not masked.
+    max_samples: if > 0, also record each site's ``InputStats`` with up to
+      this many rows retained (split evenly over the batches, chosen at
+      random among the unmasked rows, as the Linen capture does).
+    seed: the key of that choice.
 
   Returns:
-    A ``Capture`` (``stats``, ``sites``, ``skipped``).
+    A ``Capture`` (``stats``, ``sites``, ``skipped``, ``inputs``).
 
   Raises:
     ValueError: no batches, or no weight site matched (naming the rules).
@@ -305,24 +347,38 @@ def capture_hessians(model, params, calib_batches: Sequence[Any], rules, *,
     raise ValueError("an NNX model holds its parameters: pass params=None")
   if front != "nnx" and params is None:
     raise ValueError("pass the parameter pytree as params (None is for NNX models)")
+  if not isinstance(max_samples, int) or max_samples < 0:
+    raise ValueError(f"max_samples must be an int >= 0, got {max_samples!r}")
+  keep = -(-max_samples // len(batches)) if max_samples else 0
   run, state = _runner(model, params, rules, front)
   rec = _Recorder()
 
   @jax.jit
-  def step(st, args, kwargs, mask):
-    rec.begin(mask, getattr(jax.tree.leaves((st, args, kwargs))[0], "_trace", None))
+  def step(st, args, kwargs, mask, key):
+    rec.begin(mask, getattr(jax.tree.leaves((st, args, kwargs))[0], "_trace", None),
+              key, keep)
     with _rules.recording_inputs(rec):
       run(st, args, kwargs)
     return rec.acc
 
   total: dict = {}
-  for b in batches:
+  inputs: dict = {}
+  for i, b in enumerate(batches):
     args, kwargs = _split_batch(b)
     mask = None if token_mask is None else jnp.asarray(token_mask(b))
-    for path, (h, n) in step(state, args, kwargs, mask).items():
+    key = jax.random.fold_in(jax.random.key(seed), i)
+    for path, (h, n, *extra) in step(state, args, kwargs, mask, key).items():
       if path in total:
         h, n = total[path][0] + h, total[path][1] + n
       total[path] = (h, n)
+      if extra:
+        a_sum, a_max, rows, valid = extra[0]
+        rows = rows[np.asarray(valid)]
+        if path in inputs:
+          s0, m0, r0 = inputs[path]
+          a_sum, a_max, rows = s0 + a_sum, jnp.maximum(m0, a_max), jnp.concatenate(
+              [r0, rows])
+        inputs[path] = (a_sum, a_max, rows)
   if not total:
     names = [r.path for r in _capture_rules(rules) if r.weight is not None]
     why = (f"; not captured: {rec.skipped}" if rec.skipped else "")
@@ -332,7 +388,8 @@ def capture_hessians(model, params, calib_batches: Sequence[Any], rules, *,
         "Rules match parameter paths such as 'layers_0/mlp/up/kernel' or their "
         "layer path ('layers_0/mlp/up'); give a rule a weight spec")
   stats = {p: SiteStats(h, n, *rec.meta[p]) for p, (h, n) in total.items()}
-  return Capture(stats, {p: rec.sites[p] for p in stats}, dict(rec.skipped))
+  inputs = {p: InputStats(a, m, r[:max_samples]) for p, (a, m, r) in inputs.items()}
+  return Capture(stats, {p: rec.sites[p] for p in stats}, dict(rec.skipped), inputs)
 
 
 def _plan(st: SiteStats, spec: QuantSpec) -> _rules.WeightPlan:
@@ -456,8 +513,11 @@ def _get_path(tree, path: str):
 def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
                method: str = "gptq", token_mask: Optional[Callable] = None,
                blocksize: int = 128, percdamp: float = 0.01,
-               act_order: bool = False, capture: Optional[Capture] = None
-               ) -> PTQResult:
+               act_order: bool = False, capture: Optional[Capture] = None,
+               alpha: float = 0.5, n_grid: int = 20, max_samples: int = 512,
+               seed: int = 0, fold_rtol: float = 1e-3,
+               awq_clip_skip: Optional[str] = AWQ_CLIP_SKIP,
+               rotation_block_size: Optional[int] = None) -> PTQResult:
   """Post-training quantization of every weight site the rules match, any front end.
 
   GPTQ (Frantar et al. 2023) or RTN per site, from the Hessians
@@ -467,20 +527,49 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
   rounded on the grid of its rule's weight spec; activation specs are not
   applied during the capture (inputs are float).
 
+  "awq" (Lin et al. 2024: scale search, then its clip search), "awq_noclip"
+  and "smoothquant" (Xiao et al. 2023) first rescale each group of weights
+  that read one producer's output, folding ``1/s`` into the producer where the
+  model's jaxpr shows the fold is exact (``_fold.find_scaling_folds``: a norm
+  gain, or the previous linear layer through views, attention's ``p @ v`` or
+  a gated product); other sites are reported with the reason and only
+  rounded. The float model is checked unchanged on the first batch, then each
+  weight is rounded to nearest on its grid (see ``_ptq_scaling``). "rotation"
+  (the per-layer randomized Hadamard of ``apply_ptq``) folds an orthogonal
+  ``R`` instead, where the jaxpr shows it folds exactly: into a linear
+  producer whose output reaches its readers only through views and bias
+  additions (``ScalingFold.rotation_why`` says why not elsewhere).
+
   Args:
     model: ``fn(params, *batch)``, a Linen module, or an NNX module.
     params: the parameter pytree (function; Linen params or variables), or
       None for an NNX model (whose Params are updated in place).
     calib_batches: calibration batches (see ``capture_hessians``).
     rules: QuantRules or a QuantConfig (those with a weight spec are treated).
-    method: "gptq" or "rtn".
+    method: "gptq", "rtn", "awq", "awq_noclip", "smoothquant" or "rotation".
     token_mask: optional ``batch -> mask`` (see ``capture_hessians``).
     blocksize, percdamp, act_order: GPTQ's options.
-    capture: a ``Capture`` from an earlier ``capture_hessians`` to reuse.
+    capture: a ``Capture`` from an earlier ``capture_hessians`` to reuse
+      (gptq/rtn only).
+    alpha: SmoothQuant's migration strength.
+    n_grid: AWQ's grid size over its exponent.
+    max_samples: input rows retained per site for AWQ's searches.
+    seed: the key choosing those rows.
+    fold_rtol: the largest relative change of the float model's output the
+      folds may cause (float rounding) before an error is raised.
+    awq_clip_skip: regex of layer paths (a parameter path without its last
+      part) AWQ's clip search leaves alone; by default the query and key
+      projections, as ``apply_ptq`` does (their error passes through q.k and
+      a softmax); None: clip every site.
+    rotation_block_size: "rotation": the block size of the block-diagonal
+      randomized Hadamard (None: one block).
 
   Returns:
     A ``PTQResult``; run real mode with ``real_mode_kwargs``'s scales so the
-    stored codes equal these.
+    stored codes equal these. For the scaling methods ``params`` also holds
+    the folded producers, the report has ``"folds"`` (producer, readers,
+    status, ``alpha``, ``scales``) and each layer its ``"fold"`` (producer or
+    None, with a ``"reason"``).
 
   Raises:
     ValueError: an unknown method, no weight site matched, or a spec GPTQ
@@ -490,10 +579,21 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
   t0 = time.perf_counter()
   front = _front_end(model)
+  if method in _ptq_scaling.SCALING_METHODS:
+    if capture is not None:
+      raise ValueError(f"capture= is for gptq/rtn; {method} captures input samples "
+                       "itself (max_samples=)")
+    batches = list(calib_batches)
+    if not batches:
+      raise ValueError("calib_batches is empty; pass at least one batch")
+    changed, scales, report = _ptq_scaling.scaling_ptq(
+        model, params, batches, rules, method=method, front=front,
+        token_mask=token_mask, alpha=alpha, n_grid=n_grid, max_samples=max_samples,
+        seed=seed, fold_rtol=fold_rtol, awq_clip_skip=awq_clip_skip,
+        rotation_block_size=rotation_block_size)
+    return PTQResult(_write_back(model, params, front, changed), scales, report)
   cap = capture if capture is not None else capture_hessians(
       model, params, calib_batches, rules, token_mask=token_mask)
-  if front == "nnx":
-    from flax import nnx
   tree = _param_tree(model, params, front)
   new_leaves, scales, layers = {}, {}, {}
   opts = (blocksize, float(percdamp), bool(act_order))
@@ -515,23 +615,30 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
     layers[path] = {"spec": str(spec), "error": err, "rtn_error": rerr,
                     "error_vs_rtn": err / rerr if rerr > 0 else 1.0,
                     "rows": float(st.count)}
+  report = {"method": method, "layers": layers, "skipped": dict(cap.skipped),
+            "seconds": time.perf_counter() - t0}
+  return PTQResult(_write_back(model, params, front, new_leaves), scales, report)
+
+
+def _write_back(model, params, front: str, new_leaves: dict):
+  """The parameters with ``new_leaves`` (path -> value) in the front end's structure.
+
+  An NNX model's Params are updated in place and its ``nnx.State`` returned.
+  """
   if front == "nnx":
+    from flax import nnx
     for path, wq in new_leaves.items():
       node = model
       for k in path.split("/"):
         node = node[int(k)] if k.isdigit() and not hasattr(node, k) else getattr(node, k)
       node.set_value(wq)
-    out = nnx.state(model, nnx.Param)
-  else:
-    def put(kp, leaf):
-      p = _rules.path_str(kp)
-      return new_leaves.get(p, leaf)
-    new_tree = jax.tree_util.tree_map_with_path(put, tree, is_leaf=_rules.is_qarray)
-    out = ({**params, "params": new_tree} if _is_variables(params, front)
-           else new_tree)
-  report = {"method": method, "layers": layers, "skipped": dict(cap.skipped),
-            "seconds": time.perf_counter() - t0}
-  return PTQResult(out, scales, report)
+    return nnx.state(model, nnx.Param)
+  tree = _param_tree(model, params, front)
+
+  def put(kp, leaf):
+    return new_leaves.get(_rules.path_str(kp), leaf)
+  new_tree = jax.tree_util.tree_map_with_path(put, tree, is_leaf=_rules.is_qarray)
+  return {**params, "params": new_tree} if _is_variables(params, front) else new_tree
 
 
 def mixed_precision_rules(model, params, capture: Capture,
@@ -609,5 +716,5 @@ def real_mode_kwargs(result: PTQResult, front: str) -> dict:
   raise ValueError(f"front must be 'function', 'linen' or 'nnx', got {front!r}")
 
 
-__all__ = ["SiteStats", "Capture", "PTQResult", "capture_hessians", "quantize_site",
+__all__ = ["SiteStats", "InputStats", "Capture", "PTQResult", "capture_hessians", "quantize_site",
            "ptq_params", "mixed_precision_rules", "real_mode_kwargs"]

@@ -1,0 +1,327 @@
+"""AWQ, SmoothQuant and the per-layer rotation on every front end, over exact folds.
+
+``ptq_params(..., method="awq" | "awq_noclip" | "smoothquant")`` runs here.
+The folds come from the model's jaxpr (``_fold.find_scaling_folds``: a norm
+gain, or the previous linear layer through views, ``p @ v`` attention and
+gated products); the statistics from the rules' calibrate-mode capture
+(``_ptq.capture_hessians`` with ``max_samples``); the scales from the
+algorithms' own functions (``algorithms.awq``: Lin et al. 2024, "AWQ:
+Activation-aware Weight Quantization for On-Device LLM Compression and
+Acceleration"; ``algorithms.smoothquant``: Xiao et al. 2023, "SmoothQuant:
+Accurate and Efficient Post-Training Quantization for Large Language Models").
+
+Every group of readers of one producer shares one scaling ``s`` over the
+producer's features. A reader whose rows repeat a feature (a conv's window
+taps, GQA's query heads sharing a value head) takes ``s`` of its feature on
+each row; its per-feature activation magnitude is the mean (AWQ) or max
+(SmoothQuant) over those rows. The readers' kernels become ``diag(s) W``, the
+producer's parameters ``/ s``; the float model is checked unchanged on the
+first calibration batch, then every weight site is rounded to nearest (after
+AWQ's clip search for "awq") on its rule's grid, and the scales it was
+rounded with are returned for real mode.
+
+"rotation" folds a randomized Hadamard (``algorithms.random_hadamard``, as
+``apply_ptq``'s per-layer rotation) into the folds where a rotation is exact
+(``ScalingFold.rotation_why`` is None), rounds the rotated kernels to nearest
+and reports their errors in the original domain.
+"""
+from __future__ import annotations
+
+import functools
+import re
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lowbit_jax import _rules
+from lowbit_jax._fold import apply_scaling, feature_index, find_scaling_folds, rotate_param
+from lowbit_jax.algorithms.awq import awq_clip_search, awq_scales, awq_search
+from lowbit_jax.algorithms.rtn import hessian_error, rtn_scale
+from lowbit_jax.algorithms.rotation import random_hadamard
+from lowbit_jax.algorithms.smoothquant import smoothquant_scales
+from lowbit_jax.core import fake_quant
+
+SCALING_METHODS = ("awq", "awq_noclip", "smoothquant", "rotation")
+# As in flax/ptq.py's apply_ptq: the clip search leaves the query and key
+# projections alone (their error passes through q.k and a softmax).
+AWQ_CLIP_SKIP = r".*(q_proj|k_proj|query|key)"
+
+
+def as_function(model, params, front: str):
+  """``(fn, tree)``: the model as ``fn(tree, *args, **kwargs)`` of its parameter tree."""
+  from lowbit_jax import _ptq
+  if front == "function":
+    return model, params
+  if front == "linen":
+    if _ptq._is_variables(params, front):   # pylint: disable=protected-access
+      rest = {k: v for k, v in params.items() if k != "params"}
+      tree = params["params"]
+    else:
+      rest, tree = {}, params
+
+    def fn(p, *args, **kwargs):
+      return model.apply({**rest, "params": p}, *args, **kwargs)
+    return fn, tree
+  from flax import nnx
+  graph, pstate, rest = nnx.split(model, nnx.Param, ...)
+
+  def fn(p, *args, **kwargs):
+    st = jax.tree.map(lambda x: x, pstate)
+    nnx.replace_by_pure_dict(st, p)
+    return nnx.merge(graph, st, rest)(*args, **kwargs)
+  return fn, nnx.to_pure_dict(pstate)
+
+
+def _put(tree, new: dict):
+  if not new:
+    return tree
+  return jax.tree_util.tree_map_with_path(
+      lambda kp, x: new.get(_rules.path_str(kp), x), tree, is_leaf=_rules.is_qarray)
+
+
+def _row_features(st, layout, shape) -> np.ndarray:
+  """The feature of each row of ``st.as_matrix(w)`` (a reader's input rows)."""
+  idx = feature_index(shape, layout)
+  return np.asarray(st.as_matrix(jnp.asarray(idx)))[:, 0]
+
+
+def _per_feature(v, rows: np.ndarray, n: int, how: str) -> np.ndarray:
+  """Per-row values reduced to features (max, or mean over a feature's rows)."""
+  v = np.asarray(v, np.float32)
+  if how == "max":
+    out = np.full((n,), -np.inf, np.float32)
+    np.maximum.at(out, rows, v)
+    return out
+  tot = np.zeros((n,), np.float32)
+  np.add.at(tot, rows, v)
+  return tot / np.bincount(rows, minlength=n).astype(np.float32)
+
+
+def group_scales(method: str, mats: list, specs: list, inputs: list, counts: list,
+                 rows: list, size: int, *, alpha: float, n_grid: int) -> tuple:
+  """One group's scaling ``s[size]``: a pure function of (weights, statistics, spec).
+
+  Args:
+    method: "awq", "awq_noclip" or "smoothquant".
+    mats: each reader's kernel as its ``[K_i, N_i]`` matrix.
+    specs: each reader's ``[K, N]`` weight spec (``_ptq._matrix_spec``).
+    inputs: each reader's ``InputStats``.
+    counts: each reader's row count.
+    rows: each reader's ``[K_i]`` feature of every matrix row.
+    size: the number of features.
+    alpha: SmoothQuant's migration strength.
+    n_grid: AWQ's grid size over its exponent.
+
+  Returns:
+    ``(s, alpha)``: float32 ``s[size]`` and the exponent used (AWQ: the
+    searched one).
+  """
+  if method == "smoothquant":
+    amax = _per_feature(inputs[0].abs_max, rows[0], size, "max")
+    wmax = [_per_feature(np.max(np.abs(np.asarray(m, np.float32)), axis=1), r, size,
+                         "max")[:, None] for m, r in zip(mats, rows)]
+    return smoothquant_scales(amax, wmax, alpha), float(alpha)
+  act = _per_feature(np.asarray(inputs[0].abs_sum) / max(float(counts[0]), 1.0),
+                     rows[0], size, "mean")
+  errors = jnp.zeros((n_grid,), jnp.float32)
+  for m, sp, inp, r in zip(mats, specs, inputs, rows):
+    errors = errors + awq_search(inp.sample, m, sp, act_scale=act[r],
+                                 n_grid=n_grid).errors
+  best = float(np.linspace(0.0, 1.0, n_grid, dtype=np.float32)[int(jnp.argmin(errors))])
+  return np.asarray(awq_scales(act, best)), best
+
+
+def _close(ref, out, rtol: float) -> bool:
+  ref = [np.asarray(a, np.float32) for a in jax.tree.leaves(ref)]
+  out = [np.asarray(a, np.float32) for a in jax.tree.leaves(out)]
+  return all(np.max(np.abs(a - b), initial=0.0) <= rtol * max(np.max(np.abs(a),
+                                                                      initial=0.0), 1e-6)
+             for a, b in zip(ref, out))
+
+
+@functools.partial(jax.jit, static_argnames=("meta",))
+def _from_matrix(m, *, meta):
+  from lowbit_jax import _ptq
+  return _ptq.SiteStats(None, None, *meta).from_matrix(m)
+
+
+@functools.partial(jax.jit, static_argnames=("meta", "spec"))
+def _round(w_in, w, sr, hessian, count, *, meta, spec):
+  """RTN of one (scaled, clipped) kernel ``w_in``: ``(w_q, scale, codes reproduced,
+  error, RTN's error)``. The errors are those of ``w_q / s`` and of plain RTN
+  against the float kernel on unscaled inputs (``w / s``, ``w`` unclipped),
+  ``tr(dW^T H dW) / rows`` (jitted per site kind)."""
+  from lowbit_jax import _ptq
+  st = _ptq.SiteStats(hessian, count, *meta)
+  plan = _ptq._plan(st, spec)   # pylint: disable=protected-access
+  wq = fake_quant(w_in, plan.spec)
+  scale = rtn_scale(w_in, plan.spec) if plan.spec.symmetric else None
+  exact = (jnp.array_equal(fake_quant(wq, plan.spec, scale=scale), wq)
+           if scale is not None else jnp.bool_(True))
+  ref = st.as_matrix(w).astype(jnp.float32) / sr[:, None]
+  qm = st.as_matrix(wq).astype(jnp.float32) / sr[:, None]
+  rtn_m = st.as_matrix(fake_quant(st.from_matrix(ref), plan.spec))
+  rows = jnp.maximum(count, 1.0)
+  return (wq, scale, exact, hessian_error(hessian, ref, qm) / rows,
+          hessian_error(hessian, ref, rtn_m) / rows)
+
+
+@functools.partial(jax.jit, static_argnames=("meta", "spec"))
+def _rot_errors(w, back, hessian, count, *, meta, spec):
+  """Errors of a rotated site in the original domain: ``R Q(R^T W)`` and RTN of ``W``."""
+  from lowbit_jax import _ptq
+  st = _ptq.SiteStats(hessian, count, *meta)
+  plan = _ptq._plan(st, spec)   # pylint: disable=protected-access
+  ref = st.as_matrix(w).astype(jnp.float32)
+  rows = jnp.maximum(count, 1.0)
+  rtn_m = st.as_matrix(fake_quant(w, plan.spec)).astype(jnp.float32)
+  return (hessian_error(hessian, ref, st.as_matrix(back).astype(jnp.float32)) / rows,
+          hessian_error(hessian, ref, rtn_m) / rows)
+
+
+def scaling_ptq(model, params, batches: list, rules, *, method: str, front: str,
+                token_mask, alpha: float, n_grid: int, max_samples: int, seed: int,
+                fold_rtol: float, awq_clip_skip: Optional[str],
+                rotation_block_size: Optional[int] = None):
+  """``ptq_params``'s AWQ/SmoothQuant path (see the module docstring).
+
+  Returns:
+    ``(changed, weight_scales, report)``: parameter path -> new value of
+    every folded or quantized parameter, the scales, and the report.
+
+  Raises:
+    ValueError: no rows retained, a spec the matrix search cannot take, or a
+      fold that changes the float model on the first batch (naming it).
+  """
+  from lowbit_jax import _ptq
+  t0 = time.perf_counter()
+  if not isinstance(max_samples, int) or max_samples < 1:
+    raise ValueError(f"{method} needs calibration rows: max_samples must be an int "
+                     f">= 1, got {max_samples!r}; raise max_samples")
+  cap = _ptq.capture_hessians(model, params, batches, rules, token_mask=token_mask,
+                              max_samples=max_samples, seed=seed)
+  fn, tree0 = as_function(model, params, front)
+  args, kwargs = _ptq._split_batch(batches[0])   # pylint: disable=protected-access
+  plan = find_scaling_folds(fn, tree0, *args, **kwargs)
+  get = _ptq._get_path   # pylint: disable=protected-access
+  tree = tree0
+  row_s: dict = {}     # reader path -> s per matrix row
+  rot: dict = {}       # reader path -> (layout, R, its float kernel before R)
+  rot_skipped: dict = {}
+  folds_report, applied = [], []
+  for gi, (producer, fold) in enumerate(plan.folds.items()):
+    members = [p for p, _ in fold.readers if p in cap.stats]
+    entry = {"producer": producer, "kind": fold.kind,
+             "readers": [p for p, _ in fold.readers]}
+    if not members:
+      folds_report.append({**entry, "status": "skipped",
+                           "reason": "no reader is quantized by the rules"})
+      continue
+    if method == "rotation":
+      if fold.rotation_why is not None:
+        folds_report.append({**entry, "status": "skipped",
+                             "reason": fold.rotation_why})
+        for p in members:
+          rot_skipped[p] = f"its input's producer {producer!r}: {fold.rotation_why}"
+        continue
+      r = np.asarray(random_hadamard(jax.random.fold_in(jax.random.key(seed), gi),
+                                     fold.size, block_size=rotation_block_size))
+      for p, lay in fold.readers:
+        if p in cap.stats:
+          rot[p] = (lay, r, get(tree, p))
+      tree = _put(tree, {p: rotate_param(get(tree, p), lay, r)
+                         for p, lay in fold.divide + fold.readers})
+      applied.append(fold)
+      folds_report.append({**entry, "status": "folded", "rotation": r})
+      continue
+    lays = dict(fold.readers)
+    mats, specs, inputs, counts, rows = [], [], [], [], []
+    for p in members:
+      st = cap.stats[p]
+      w = _rules.logical_value(get(tree, p))
+      mats.append(_ptq._as_matrix(w, meta=tuple(st[2:])))  # pylint: disable=protected-access
+      specs.append(_ptq._matrix_spec(cap.sites[p].weight, p))  # pylint: disable=protected-access
+      if method != "smoothquant" and cap.inputs[p].sample.shape[0] == 0:
+        raise ValueError(f"{p}: no calibration rows were retained for AWQ's search; "
+                         "raise max_samples")
+      inputs.append(cap.inputs[p])
+      counts.append(st.count)
+      rows.append(_row_features(st, lays[p], st.shape))
+    s, a = group_scales(method, mats, specs, inputs, counts, rows, fold.size,
+                        alpha=alpha, n_grid=n_grid)
+    tree = apply_scaling(tree, fold, s, get, _put)
+    applied.append(fold)
+    for p, r in zip(members, rows):
+      row_s[p] = np.asarray(s, np.float32)[r]
+    folds_report.append({**entry, "status": "folded", "alpha": a, "scales": s})
+
+  # The float model must be unchanged by the folds (before any rounding).
+  fwd = jax.jit(lambda p: fn(p, *args, **kwargs))
+  with jax.default_matmul_precision("float32"):
+    ref = fwd(tree0)
+    if not _close(ref, fwd(tree), fold_rtol):
+      for fold, fr in zip(applied, [f for f in folds_report if f["status"] == "folded"]):
+        alone = (apply_scaling(tree0, fold, fr["scales"], get, _put)
+                 if "scales" in fr else _put(tree0, {
+                     p: rotate_param(get(tree0, p), lay, fr["rotation"])
+                     for p, lay in fold.divide + fold.readers}))
+        if not _close(ref, fwd(alone), fold_rtol):
+          raise ValueError(
+              f"folding the {method} scaling of {list(fr['readers'])} into "
+              f"{fold.producer!r} changes the float model's output beyond "
+              f"rtol={fold_rtol}; the fold analysis missed a use of it: exclude "
+              "these layers from the rules or report the model")
+      raise ValueError(f"the {method} folds together change the float model's "
+                       f"output beyond rtol={fold_rtol}")
+
+  new, scales, layers = {}, {}, {}
+  clip_skip = re.compile(awq_clip_skip) if awq_clip_skip else None
+  for p, st in cap.stats.items():
+    spec = cap.sites[p].weight
+    w = _rules.logical_value(get(tree, p))
+    sr = row_s.get(p)
+    mat = _ptq._as_matrix(w, meta=tuple(st[2:]))   # pylint: disable=protected-access
+    w_in, entry = w, {}
+    layer = p.rsplit("/", 1)[0]
+    if method == "awq" and not (clip_skip and clip_skip.fullmatch(layer)):
+      x = cap.inputs[p].sample
+      if x.shape[0] == 0:
+        raise ValueError(f"{p}: no calibration rows were retained for AWQ's clip "
+                         "search; raise max_samples or use method='awq_noclip'")
+      x = x if sr is None else jnp.asarray(np.asarray(x, np.float32) / sr)
+      res = awq_clip_search(x, mat, _ptq._matrix_spec(spec, p))  # pylint: disable=protected-access
+      w_in = _from_matrix(res.clipped, meta=tuple(st[2:])).astype(w.dtype)
+      entry["clip_mean_ratio"] = float(jnp.mean(res.ratios))
+    ones = np.ones((mat.shape[0],), np.float32)
+    wq, scale, exact, err, rerr = _round(w_in, w, ones if sr is None else sr,
+                                         st.hessian, st.count, meta=tuple(st[2:]), spec=spec)
+    if not bool(exact):
+      raise ValueError(f"{p}: rounding with its own scales does not reproduce the "
+                       f"codes (spec {spec})")
+    new[p] = wq
+    if scale is not None:
+      scales[p] = scale
+    if p in rot:   # errors in the original domain: R Q(R^T W) against W
+      lay, r, pre = rot[p]
+      err, rerr = _rot_errors(pre, rotate_param(wq, lay, r.T), st.hessian, st.count,
+                              meta=tuple(st[2:]), spec=spec)
+    err, rerr = float(err), float(rerr)
+    entry.update({"spec": str(spec), "error": err, "rtn_error": rerr,
+                  "error_vs_rtn": err / rerr if rerr > 0 else 1.0,
+                  "rows": float(st.count), "fold": plan.reader_of.get(p)})
+    if p in rot_skipped:
+      entry["fold"] = None
+      entry["reason"] = rot_skipped[p]
+    elif p not in row_s and p not in rot:
+      entry["fold"] = None
+      entry["reason"] = plan.skipped.get(
+          p, "not read as the kernel of a matmul or conv in the model's jaxpr")
+    layers[p] = entry
+  changed = {p: get(tree, p) for f in applied for p, _ in f.divide + f.readers}
+  changed.update(new)
+  report = {"method": method, "layers": layers, "folds": folds_report,
+            "skipped": dict(cap.skipped), "seconds": time.perf_counter() - t0}
+  return changed, scales, report
