@@ -56,7 +56,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import math
+import os
 import threading
 from typing import Optional
 
@@ -182,20 +184,61 @@ def supported_kinds() -> tuple:
   return tuple(out + ["mxint8", "mxfp6_e2m3"])
 
 
+def spec_for(kind: str) -> QuantSpec:
+  """The QuantSpec (blocks along axis 0) whose ``kind_of`` is ``kind``.
+
+  Raises:
+    ValueError: ``kind`` is not one of ``supported_kinds()``.
+  """
+  if kind not in supported_kinds():
+    raise ValueError(f"unknown kernel format {kind!r}; one of {supported_kinds()}")
+  if "_g" in kind:
+    fmt, g = kind.rsplit("_g", 1)
+    return QuantSpec(fmt, axis=0, group_size=int(g))
+  return QuantSpec(kind, axis=0)
+
+
+@functools.lru_cache(maxsize=None)
+def _kind_by_id(kind: str) -> _Kind:
+  return _kind(spec_for(kind), 2)
+
+
 # ---------------------------------------------------------------------------
 # Tiling
 
 
+TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                          "gpu_quantize_configs.json")
+
+
+@functools.lru_cache(maxsize=None)
+def _table() -> dict:
+  """The measured tilings (``gpu_quantize_configs.json`` beside this file,
+  written by ``experiments/bench_gpu_quantize.py --write_configs``); empty
+  where there is none."""
+  if not os.path.exists(TABLE_PATH):
+    return {}
+  with open(TABLE_PATH) as f:
+    return json.load(f)
+
+
+def _fits(kind: str, k: int, n: int, x_dtype, cfg: Config, values: bool) -> bool:
+  """Whether ``cfg`` tiles ``[k, n]`` within the kernel's limits."""
+  kd = _kind_by_id(kind)
+  try:
+    _check_config(kd, k, n, x_dtype, cfg, not values, values, values)
+  except ValueError:
+    return False
+  return True
+
+
 def default_config(kind: str, k: int, n: int, x_dtype,
                    values: bool = False) -> Optional[Config]:
-  """A tiling for ``[k, n]`` (None where none fits).
+  """The tiling for ``[k, n]`` (None where none fits).
 
-  One block per step (at least 32 rows), so that a CTA's shared memory stays
-  small and several CTAs share an SM (one warpgroup each); 256 columns (128
-  for blocks of 128, whose tiles are four times taller), or 128 where two
-  stages would not fit in shared memory. Rows per CTA: as many steps as keep
-  the grid at 4 CTAs per SM or more on 132 SMs. Not tuned on a GPU yet:
-  ``experiments/bench_gpu_quantize.py --configs`` times others.
+  The measured one where ``gpu_quantize_configs.json`` (see ``_table``) has an
+  entry for the format and operation that fits this shape, otherwise
+  ``heuristic_config``.
 
   Args:
     kind: an id of ``supported_kinds()``.
@@ -203,6 +246,30 @@ def default_config(kind: str, k: int, n: int, x_dtype,
     x_dtype: bfloat16 or float32.
     values: the fake_quant forward (values out) instead of quantize (codes
       and scales out).
+  """
+  ent = _table().get("entries", {}).get(kind, {}).get(
+      "fake_quant" if values else "quantize")
+  if ent:
+    cfg = Config(tile_n=ent["tile_n"], tile_k=ent["tile_k"],
+                 k_per_cta=ent["k_per_cta"], stages=ent["stages"])
+    if _fits(kind, k, n, x_dtype, cfg, values):
+      return cfg
+  return heuristic_config(kind, k, n, x_dtype, values)
+
+
+def heuristic_config(kind: str, k: int, n: int, x_dtype,
+                     values: bool = False) -> Optional[Config]:
+  """A tiling for ``[k, n]`` from the kernel's limits alone (None where none
+  fits).
+
+  One block per step (at least 32 rows), so that a CTA's shared memory stays
+  small and several CTAs share an SM (one warpgroup each); 256 columns (128
+  for blocks of 128, whose tiles are four times taller), or 128 where two
+  stages would not fit in shared memory. Rows per CTA: as many steps as keep
+  the grid at 4 CTAs per SM or more on 132 SMs.
+
+  Args:
+    As ``default_config``.
   """
   block = _block_of(kind)
   tk = max(block, 32)
@@ -226,6 +293,28 @@ def default_config(kind: str, k: int, n: int, x_dtype,
     if steps % d == 0 and n_tiles * (steps // d) >= 4 * 132:
       per = d
   return dataclasses.replace(cfg, k_per_cta=tk * per)
+
+
+def candidate_configs(kind: str, k: int, n: int, x_dtype, values: bool = False,
+                      limit: int = 4) -> list:
+  """Tilings worth timing for ``[k, n]`` (at most ``limit``, the heuristic's
+  first): the heuristic, the table's entry, then one more and one fewer
+  stage (more CTAs per SM), the other ``tile_n``, and twice the rows per CTA;
+  only those within the kernel's shared-memory and shape limits."""
+  base = heuristic_config(kind, k, n, x_dtype, values)
+  if base is None:
+    return []
+  out = [base]
+  tab = default_config(kind, k, n, x_dtype, values)
+  rep = dataclasses.replace
+  for c in (tab, rep(base, stages=1), rep(base, stages=3),
+            rep(base, tile_n=384 - base.tile_n),
+            rep(base, k_per_cta=2 * base.k_per_cta)):
+    if len(out) >= limit:
+      break
+    if c is not None and c not in out and _fits(kind, k, n, x_dtype, c, values):
+      out.append(c)
+  return out
 
 
 def _bits_of(kind: str) -> int:
