@@ -1,41 +1,53 @@
 r"""Times the one-pass Mosaic GPU quantizer against XLA's path (issue 12).
 
-For each format the kernel takes (``lowbit_jax.kernels.gpu_quantize``: MXFP8,
-MXFP4, NVFP4, fp4 g32, int4/int8 g128, MXINT8, MXFP6, scales along axis 0 of a
-bf16 ``[K, N]`` tensor), times ``quantize`` and ``fake_quant``'s forward value
-two ways in one process:
+For every format the kernel takes (``gpu_quantize.supported_kinds()``; scales
+along axis 0 of a bf16 ``[K, N]`` tensor), times ``quantize`` and
+``fake_quant``'s forward value in one process:
 
 * XLA: ``lowbit_jax.quantize`` / ``fake_quant`` with the kernel dispatch off
   (``gpu_quantize.forced(())``), the jnp path;
-* kernel: ``gpu_quantize.quantize`` / ``fake_quant_forward`` (default tiling,
-  and any ``--configs``);
-* fwd+bwd (GPU only): ``fake_quant``'s value and straight-through gradient
-  through ``jax.vjp``, dispatch off and dispatch forced to the kernel (which
-  then also writes the clip mask where the gradient needs one);
+* kernel: ``gpu_quantize.quantize`` / ``fake_quant_forward`` with each tiling
+  of ``gpu_quantize.candidate_configs`` (up to 4 within the kernel's shared
+  memory and shape limits, the heuristic's first; ``--nosweep``: that one
+  only), and any ``--configs``;
+* fwd+bwd (GPU only, the formats of ``KINDS``): ``fake_quant``'s value and
+  straight-through gradient through ``jax.vjp``, dispatch off and dispatch
+  forced to the kernel (which then also writes the clip mask where the
+  gradient needs one);
 
-checks that the kernel's codes, scales (and NVFP4's tensor scale) or values
-equal XLA's bit for bit on the same input (blocks of 16 rows scaled by 2**-8
-.. 2**8, so every block has its own scale), and measures the bandwidth
-ceiling ``x * 2`` in the same run. Device time per call from CUPTI
-(``jax.experimental.mosaic.gpu.profiler.measure``, median of ``--iters``
-calls; every kernel of a call counted); on CPU (``--smoke``) the wall clock of
-the interpreter, for checking the script only.
+checks on the device that the kernel's codes, scales (and NVFP4's tensor
+scale) or values equal XLA's bit for bit on the same input (blocks of 16 rows
+scaled by 2**-8 .. 2**8, so every block has its own scale; one bool comes
+back), and measures the bandwidth ceiling ``x * 2`` in the same run. Device
+time per call from CUPTI (``jax.experimental.mosaic.gpu.profiler.measure``,
+median of ``--iters`` calls; every kernel of a call counted); on CPU
+(``--smoke``) the wall clock of the interpreter, for checking the script only.
+
+Where the time goes: an earlier version spent 11-43 s per item, nearly all of
+it compiling each kernel twice (once to check it, once more to time it; the
+Mosaic GPU compile of a kernel with blocks of 128 unrolled rows is the
+slowest). Here each variant compiles once, in ``--workers`` threads that run
+ahead of the timing loop; the input is built once.
 
 Roofline: the bytes that must move (input read + codes and scales written for
 quantize; input read + values written for fake_quant; x and the cotangent
 read, value and gradient written for fwd+bwd) over the ``x * 2``
 bandwidth; the issue's target is 70% of it. The markdown ends with the
-formats where the kernel won both operations and was exact: the value for
-``gpu_quantize.ENABLED``.
+formats where the kernel's fastest exact tiling won both operations: the
+value for ``gpu_quantize.ENABLED``. ``--write_configs`` also writes
+``gpu_quantize_configs.json``: per format and operation the fastest exact
+tiling and the formats to enable, the data ``gpu_quantize.default_config``
+and ``ENABLED`` read once it is copied to ``lowbit_jax/kernels/``.
 
-Run on the GPU machine (repository root; one call, about a minute)::
+Run on the GPU machine (repository root; under 4 minutes)::
 
-  PYTHONPATH=. python3 experiments/bench_gpu_quantize.py --out_dir=$OUT
+  PYTHONPATH=. python3 experiments/bench_gpu_quantize.py --out_dir=$OUT \
+      --write_configs --time_budget_s=195 --hard_limit_s=225
 
 Writes ``gpu_quantize_<tag>.json`` and ``.md`` to ``--out_dir`` after every
 item; no item starts after ``--time_budget_s``; a watchdog writes what there is
-and exits at ``--hard_limit_s``. ``--smoke`` runs every item in the Mosaic GPU
-interpreter on a 256x256 tensor on the CPU.
+and exits at ``--hard_limit_s``. ``--smoke`` runs the main formats in the
+Mosaic GPU interpreter on a 256x256 tensor on the CPU.
 """
 from __future__ import annotations
 

@@ -82,8 +82,10 @@ from lowbit_jax.kernels import _gpu_common as common
 # quantize 134.3 -> 57.5 us, fake_quant 187.3 -> 79.4 us, both exact. int4 g128
 # quantize was exact and 1.18x faster (122.4 -> 103.8 us) but its fake_quant
 # was not timed (the run's time budget), and the other formats were not
-# reached: they stay on XLA's path until measured.
-ENABLED: frozenset = frozenset({"mxfp8_e4m3"})
+# reached: they stay on XLA's path until measured. Where the measured tiling
+# table (gpu_quantize_configs.json, ``_table``) exists, its "enabled" list,
+# written by the same bench (--write_configs) from a whole run, replaces it.
+_ENABLED_MEASURED = frozenset({"mxfp8_e4m3"})
 
 _F32_MAX = np.float32(np.finfo(np.float32).max)
 _E4M3_MAX = 448.0
@@ -293,6 +295,10 @@ def heuristic_config(kind: str, k: int, n: int, x_dtype,
     if steps % d == 0 and n_tiles * (steps // d) >= 4 * 132:
       per = d
   return dataclasses.replace(cfg, k_per_cta=tk * per)
+
+
+# The formats the dispatcher sends to the kernel (see _ENABLED_MEASURED).
+ENABLED: frozenset = frozenset(_table().get("enabled", _ENABLED_MEASURED))
 
 
 def candidate_configs(kind: str, k: int, n: int, x_dtype, values: bool = False,

@@ -425,6 +425,37 @@ def test_shapes_and_tilings_that_do_not_fit_are_refused():
   assert (8192 // cfg.tile_n) * (8192 // cfg.k_per_cta) >= 4 * 132
 
 
+def test_spec_for_names_each_kind():
+  for kind in gq.supported_kinds():
+    assert gq.kind_of(gq.spec_for(kind)) == kind
+  with pytest.raises(ValueError, match="unknown kernel format"):
+    gq.spec_for("int8_pc")
+
+
+def test_candidate_configs_fit_and_start_with_the_heuristic():
+  for kind in ("mxfp8_e4m3", "int4_g128", "nvfp4", "int8_g64"):
+    for values in (False, True):
+      cands = gq.candidate_configs(kind, 8192, 8192, jnp.bfloat16, values)
+      assert cands[0] == gq.heuristic_config(kind, 8192, 8192, jnp.bfloat16, values)
+      assert 2 <= len(cands) <= 4 and len(set(cands)) == len(cands)
+      for c in cands:  # each within the kernel's limits (else ValueError)
+        gq._check_config(gq._kind_by_id(kind), 8192, 8192, jnp.bfloat16, c,  # pylint: disable=protected-access
+                         not values, values, values)
+
+
+def test_default_config_takes_the_measured_table(monkeypatch):
+  ent = dict(tile_n=128, tile_k=32, k_per_cta=1024, stages=3)
+  table = {"entries": {"mxfp4": {"quantize": ent}}}
+  monkeypatch.setattr(gq, "_table", lambda: table)
+  assert gq.default_config("mxfp4", 8192, 8192, jnp.bfloat16) == gq.Config(
+      tile_n=128, tile_k=32, k_per_cta=1024, stages=3)
+  # Not for the other op, nor where the entry does not tile the shape.
+  heur = gq.heuristic_config("mxfp4", 8192, 8192, jnp.bfloat16, True)
+  assert gq.default_config("mxfp4", 8192, 8192, jnp.bfloat16, True) == heur
+  assert gq.default_config("mxfp4", 512, 8192, jnp.bfloat16) == gq.heuristic_config(
+      "mxfp4", 512, 8192, jnp.bfloat16)
+
+
 def _lower(fn, *args):
   text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
