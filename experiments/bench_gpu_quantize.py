@@ -86,8 +86,8 @@ _WRITE_CONFIGS = flags.DEFINE_bool("write_configs", False, "also write "
 
 # The main formats (ids of gpu_quantize.kind_of): timed first, swept first,
 # and the only ones with a fwd+bwd row; the rest of supported_kinds() follow.
-KINDS = ("mxfp8_e4m3", "int4_g128", "mxfp4", "nvfp4", "fp4_e2m1_g32", "int8_g128",
-         "mxint8", "mxfp6_e2m3")
+KINDS = ("mxfp8_e4m3", "int8_pc", "int4_g128", "fp8_e4m3_pc", "int4_pc", "mxfp4",
+         "nvfp4", "int8_pt", "fp4_e2m1_g32", "int8_g128", "mxint8", "mxfp6_e2m3")
 
 T0 = time.time()
 
@@ -174,7 +174,8 @@ def markdown(res: dict) -> str:
               "time: us per call (% of roofline = bytes that must move over that "
               "bandwidth). exact: the kernel's outputs equal XLA's bit for bit "
               "(checked on the device).", ""]
-  lines += ["Tiling: tile_n:tile_k:k_per_cta:stages (`gpu_quantize.Config`); "
+  lines += ["Tiling: tile_n:tile_k:k_per_cta:stages[:rev] (`gpu_quantize.Config`; rev: "
+            "the grid walked in reverse); "
             "default = `heuristic_config`. fwd+bwd: `fake_quant`'s value and "
             "straight-through gradient, the dispatch forced off (XLA) and to the "
             "kernel.", "",
@@ -253,7 +254,8 @@ def _leaves(out) -> list:
 
 
 def _cfg_str(c) -> str:
-  return f"{c.tile_n}:{c.tile_k}:{c.k_per_cta}:{c.stages}"
+  return f"{c.tile_n}:{c.tile_k}:{c.k_per_cta}:{c.stages}" + (":rev" if c.reverse
+                                                              else "")
 
 
 def plan(gq, k: int, n: int, dtype, formats: list, extra: list, sweep: bool,
@@ -419,9 +421,11 @@ def config_table(res: dict) -> dict:
       continue
     cur = ent.setdefault(r["kind"], {}).get(r["op"])
     if cur is None or r["us"] < cur["kernel_us"]:
-      tn, tk, kpc, st = (int(v) for v in r["tiling_used"].split(":"))
+      parts = r["tiling_used"].split(":")
+      tn, tk, kpc, st = (int(v) for v in parts[:4])
       ent[r["kind"]][r["op"]] = dict(tile_n=tn, tile_k=tk, k_per_cta=kpc,
-                                     stages=st, kernel_us=round(r["us"], 2),
+                                     stages=st, reverse=parts[4:] == ["rev"],
+                                     kernel_us=round(r["us"], 2),
                                      xla_us=_xla_us(res, r["kind"], r["op"]))
   return dict(device=res["device"], jax=res["jax"], command=res["command"],
               shape=res.get("shape"), started=res["started"],

@@ -315,7 +315,13 @@ def test_kind_of_names_only_the_formats_it_computes():
   assert gq.kind_of(_spec("mxfp8_e4m3")) == "mxfp8_e4m3"
   assert gq.kind_of(lj.QuantSpec("int4", axis=-2, group_size=64)) == "int4_g64"
   assert gq.kind_of(lj.QuantSpec("nvfp4", axis=0)) == "nvfp4"
-  for spec in (lj.QuantSpec("int8", axis=0),                  # per channel
+  assert gq.kind_of(lj.QuantSpec("int8", axis=0)) == "int8_pc"  # per channel
+  assert gq.kind_of(lj.QuantSpec("int3", axis=-2)) == "int3_pc"
+  assert gq.kind_of(lj.QuantSpec("fp8_e5m2")) == "fp8_e5m2_pt"  # per tensor
+  for spec in (lj.QuantSpec("int8", axis=1),                  # channels of axis 1
+               lj.QuantSpec("int4"),                          # packed along -1
+               lj.QuantSpec("int8", axis=0, scale_dtype="bfloat16"),
+               lj.QuantSpec("uint8", axis=0),                 # asymmetric
                lj.QuantSpec("mxfp4", axis=1),                 # other axis
                lj.QuantSpec("int4", axis=0, group_size=256),  # long groups
                lj.QuantSpec("uint4", axis=0, group_size=128),  # asymmetric
@@ -338,13 +344,15 @@ def test_dispatch_takes_only_what_the_kernel_computes(monkeypatch):
   with gq.forced(gq.supported_kinds()):
     assert gq.dispatch(x, spec) and gq.dispatch(x, spec, values=True)
     assert gq.dispatch(jax.ShapeDtypeStruct((256, 4, 64), jnp.float32), spec)
+    assert gq.dispatch(x, lj.QuantSpec("int4", axis=0), values=True)  # per channel
+    assert gq.dispatch(x, lj.QuantSpec("fp8_e4m3"))                   # per tensor
     no = [dict(x=jax.ShapeDtypeStruct((1024, 500), jnp.bfloat16)),   # N
           dict(x=jax.ShapeDtypeStruct((1000, 512), jnp.bfloat16)),   # K
           dict(x=jax.ShapeDtypeStruct((1024,), jnp.bfloat16)),       # 1-d
           dict(x=jax.ShapeDtypeStruct((1024, 512), jnp.float16)),    # dtype
           dict(spec=spec.replace(rounding="stochastic")),
           dict(spec=spec.replace(clip_ratio=0.9)),
-          dict(spec=lj.QuantSpec("int8", axis=0)),
+          dict(spec=lj.QuantSpec("int8", axis=1)),
           dict(amax=jnp.ones(())), dict(scale=jnp.ones(())),
           dict(clip=jnp.ones(())), dict(tensor_amax=jnp.ones(()))]
     for case in no:
@@ -414,7 +422,7 @@ def test_shapes_and_tilings_that_do_not_fit_are_refused():
   with pytest.raises(ValueError, match="tiling"):
     gq.quantize(x, _spec("mxfp4"), interpret=True)
   with pytest.raises(ValueError, match="block scales along axis 0"):
-    gq.quantize(jnp.ones((128, 128), jnp.bfloat16), lj.QuantSpec("int8", axis=0))
+    gq.quantize(jnp.ones((128, 128), jnp.bfloat16), lj.QuantSpec("int8", axis=1))
   with pytest.raises(ValueError, match="bfloat16 or float32"):
     gq.quantize(jnp.ones((128, 128), jnp.float16), _spec("mxfp4"))
   with pytest.raises(ValueError, match="shared memory"):
@@ -429,7 +437,7 @@ def test_spec_for_names_each_kind():
   for kind in gq.supported_kinds():
     assert gq.kind_of(gq.spec_for(kind)) == kind
   with pytest.raises(ValueError, match="unknown kernel format"):
-    gq.spec_for("int8_pc")
+    gq.spec_for("uint8_pc")
 
 
 def test_candidate_configs_fit_and_start_with_the_heuristic():
