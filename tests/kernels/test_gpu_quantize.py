@@ -433,6 +433,56 @@ def test_shapes_and_tilings_that_do_not_fit_are_refused():
   assert (8192 // cfg.tile_n) * (8192 // cfg.k_per_cta) >= 4 * 132
 
 
+# Per-channel (a scale per column of axis 0) and per-tensor scales: XLA
+# reduces the scale with core's own code, the kernel scales, rounds, packs and
+# writes in one pass. Each column of _edge_cases() is one channel.
+GIVEN_FAST = ("int4_pc", "int3_pc")
+GIVEN = GIVEN_FAST + ("fp8_e5m2_pt", "int8_pc", "int2_pc", "fp8_e4m3_pc", "fp8_e5m2_pc", "int8_pt",
+                      "fp8_e4m3_pt")
+
+
+@pytest.mark.parametrize("kind", [
+    k if k in GIVEN_FAST else pytest.param(k, marks=pytest.mark.slow) for k in GIVEN])
+def test_given_scale_kernel_equals_core_bit_for_bit(kind):
+  spec = gq.spec_for(kind)
+  x = _edge_cases()
+  if kind.endswith("_pt"):  # one scale for all: no NaN or inf but one column
+    x = x.at[:, 8:11].set(jnp.asarray([1.0, -2.0, 3e-3], jnp.bfloat16))
+  cfg = gq.Config(tile_n=128, tile_k=64, k_per_cta=K, stages=2, unroll=False,
+                  reverse=kind == "int3_pc")
+  q, v, m = gq._quantize_and_values(x, spec, config=cfg, interpret=True)  # pylint: disable=protected-access
+  assert m is None  # never clips: no mask
+  want = lj.quantize(x, spec)
+  assert q.codes.dtype == want.codes.dtype and q.codes.shape == want.codes.shape
+  assert q.pack_axis == want.pack_axis and q.spec == want.spec
+  _check_scales(q, want)
+  # Codes bit for bit outside channels holding a NaN or an inf (NaN codes).
+  bad = ~np.isfinite(np.asarray(x.astype(jnp.float32))).all(axis=0)
+  gc, wc = np.asarray(q.codes).view(np.uint8), np.asarray(want.codes).view(np.uint8)
+  np.testing.assert_array_equal(gc[:, ~bad], wc[:, ~bad])
+  _check_values(v, lj.fake_quant(x, spec))
+  if kind.endswith("_pt"):  # a NaN anywhere: every value NaN, as core's
+    xn = x.at[3, 100].set(jnp.nan)
+    _, vn, _ = gq._quantize_and_values(xn, spec, config=cfg, interpret=True)  # pylint: disable=protected-access
+    _check_values(vn, lj.fake_quant(xn, spec))
+    assert bool(jnp.isnan(vn).all())
+
+
+@pytest.mark.slow
+def test_given_scale_kernel_takes_higher_rank_and_float32():
+  spec = lj.QuantSpec("int4", axis=0)
+  x = (_edge_cases(jnp.float32)[:64] * 3.0).reshape(64, 4, 32)
+  got = gq.quantize(x, spec, config=gq.Config(tile_n=128, tile_k=32, k_per_cta=64,
+                                              stages=2, unroll=False), interpret=True)
+  want = lj.quantize(x, spec)
+  assert got.scale.shape == want.scale.shape == (1, 4, 32)
+  bad = ~np.isfinite(np.asarray(x)).all(axis=0).reshape(-1)
+  gc = np.asarray(got.codes).reshape(32, -1)
+  wc = np.asarray(want.codes).reshape(32, -1)
+  np.testing.assert_array_equal(gc[:, ~bad], wc[:, ~bad])
+  _check_scales(got, want)
+
+
 def test_spec_for_names_each_kind():
   for kind in gq.supported_kinds():
     assert gq.kind_of(gq.spec_for(kind)) == kind
@@ -470,7 +520,11 @@ def _lower(fn, *args):
 
 
 @pytest.mark.parametrize("kind,mode", [
-    ("mxfp8_e4m3", "quantize"), ("nvfp4", "mask")] + [
+    ("mxfp8_e4m3", "quantize"), ("nvfp4", "mask"), ("int3_pc", "quantize"),
+    ("fp8_e5m2_pt", "values")] + [
+        pytest.param(k, m, marks=pytest.mark.slow)
+        for k in GIVEN for m in ("quantize", "values")
+        if (k, m) not in (("int3_pc", "quantize"), ("fp8_e5m2_pt", "values"))] + [
         pytest.param(k, m, marks=pytest.mark.slow)
         for k in KINDS for m in ("quantize", "values", "mask")
         if (k, m) not in (("mxfp8_e4m3", "quantize"), ("nvfp4", "mask"))])
@@ -479,7 +533,7 @@ def test_kernel_lowers_to_mosaic_gpu(kind, mode):
   x = jax.ShapeDtypeStruct((1024, 1024), jnp.bfloat16)
   fn = {"quantize": gq.quantize, "values": gq.fake_quant_forward,
         "mask": gq.fake_quant_forward_with_mask}[mode]
-  _lower(lambda a: fn(a, _spec(kind)), x)
+  _lower(lambda a: fn(a, gq.spec_for(kind)), x)
 
 
 @pytest.mark.gpu
@@ -519,3 +573,32 @@ def test_compiled_kernel_matches_jnp_path(kind, shape):
       want_t = jax.jit(lambda a: lj.quantize(a, spec))(xt)
     got_t = jax.jit(lambda a: gq.quantize(a, spec))(xt)
     np.testing.assert_array_equal(_bits(got_t.scale), _bits(want_t.scale))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(1024, 1024), (8192, 8192)])
+@pytest.mark.parametrize("kind", GIVEN)
+def test_compiled_given_scale_kernel_matches_jnp_path(kind, shape):
+  if jax.default_backend() != "gpu":
+    pytest.skip("needs a GPU")
+  k, n = shape
+  rng = np.random.default_rng(2)
+  x = rng.standard_normal((k, n)).astype(np.float32)
+  x *= np.exp2(rng.integers(-30, 31, (1, n)))  # every channel its own range
+  x = jnp.asarray(x).astype(jnp.bfloat16)
+  if k == 1024 and kind.endswith("_pc"):  # the edge cases in the first columns
+    x = x.at[:K, :N].set(_edge_cases())
+  spec = gq.spec_for(kind)
+  with gq.forced(()):
+    want_q = jax.jit(lambda a: lj.quantize(a, spec))(x)
+    want_v = jax.jit(lambda a: lj.fake_quant(a, spec))(x)
+  for cfg in (None, gq.Config(tile_n=128, tile_k=64, k_per_cta=256, stages=3,
+                              reverse=True)):
+    got_q = jax.jit(lambda a, c=cfg: gq.quantize(a, spec, config=c))(x)
+    got_v = jax.jit(lambda a, c=cfg: gq.fake_quant_forward(a, spec, config=c))(x)
+    bad = ~np.isfinite(np.asarray(x.astype(jnp.float32))).all(axis=0)
+    gc = np.asarray(got_q.codes).view(np.uint8)
+    wc = np.asarray(want_q.codes).view(np.uint8)
+    np.testing.assert_array_equal(gc[:, ~bad], wc[:, ~bad])
+    _check_scales(got_q, want_q)
+    _check_values(got_v, want_v)
