@@ -33,9 +33,17 @@ they are IEEE divisions, as the CPU reference's.
 
 NVFP4's tensor scale needs the amax of the whole tensor before any block can
 be scaled: XLA reduces it first (one read of ``x``), the kernel takes the
-derived scalars, so NVFP4 costs two reads of ``x`` against one for the other
-formats. Per-channel and per-tensor scales (``int8`` per channel, ``fp8``
-per channel) need the whole axis for their amax: they are not taken here.
+derived scalars, so NVFP4 costs two reads of ``x`` against one for the block
+formats. Per-channel scales (one per column of axis 0's whole length:
+``int8``/``int4``/``int3``/``int2``, ``fp8_e4m3``/``fp8_e5m2``; ids
+``<format>_pc``) and per-tensor ones (the 8-bit formats; ``<format>_pt``)
+likewise: their block does not fit on chip, so core's own ``_grid`` computes
+the scale (XLA keeps only its amax reduction and scale arithmetic, so the
+scale is the reference's bit for bit), and the kernel divides by it
+(``div.full.f32``, as XLA's ``x / s``), rounds, packs along axis 0 as
+``_qarray.pack`` does (two int4, four int2 or eight int3 codes per unit) and
+writes codes or values in one pass (``Config.reverse`` walks the grid from
+the last rows, which the amax pass may have left in L2).
 
 ``dispatch(x, spec, ...)`` is what ``lowbit_jax.quantize`` and ``fake_quant``
 ask on every call: a kernel runs only on a GPU backend, for a format in
