@@ -134,7 +134,8 @@ class _Kind:
   kind: str        # the id, e.g. "mxfp8_e4m3", "int4_g128", "int8_pc"
   scale: str       # "e8m0" | "float32" | "nvfp4" | "given" (per channel or
                    # per tensor: XLA computes it before the kernel)
-  elem: str        # "fp8" | "fp4" | "fp6" | "int"
+  elem: str        # "fp8" | "fp4" | "fp6" | "int" | "uint" (asymmetric, with
+                   # a zero point)
   block: int       # rows per scale block (0: all of them)
   fmt: object      # the element Format
   bits: int        # stored bits per code (8, 6 or 4)
@@ -161,13 +162,25 @@ _GIVEN_INTS = ("int8", "int4", "int3", "int2")
 _GIVEN_FP8 = ("fp8_e4m3", "fp8_e5m2")
 
 
+def _never_clips(kd: _Kind) -> bool:
+  """Whether the straight-through gradient needs no clip mask (core's
+  ``_never_clips`` for the default keywords): symmetric per-channel and
+  per-tensor scales hold their whole range."""
+  return kd.scale == "given" and kd.elem != "uint"
+
+
 def _given_kind(spec: QuantSpec, ax) -> Optional[_Kind]:
   """Per-channel (one scale per column of axis 0's whole length) and
   per-tensor float32 scales: ``<format>_pc`` / ``<format>_pt``."""
   fmt = spec.format
   if spec.scale_dtype != "float32" or spec.group_size is not None:
     return None
-  if isinstance(fmt, IntFormat) and fmt.name in _GIVEN_INTS:
+  if not spec.symmetric:  # uint8 with a zero point
+    if fmt.name != "uint8" or spec.storage_format.name != "uint8":
+      return None
+    fmt = spec.storage_format
+    elem = "uint"
+  elif isinstance(fmt, IntFormat) and fmt.name in _GIVEN_INTS:
     elem = "int"
   elif isinstance(fmt, FloatFormat) and fmt.name in _GIVEN_FP8:
     elem = "fp8"
@@ -181,7 +194,7 @@ def _given_kind(spec: QuantSpec, ax) -> Optional[_Kind]:
 
 
 def _kind(spec: QuantSpec, ndim: int) -> Optional[_Kind]:
-  if spec.tile is not None or not spec.symmetric or ndim < 2:
+  if spec.tile is not None or ndim < 2:
     return None
   try:
     ax = normalize_axis(spec.axis, ndim)
@@ -189,7 +202,7 @@ def _kind(spec: QuantSpec, ndim: int) -> Optional[_Kind]:
     return None
   if spec.group_size is None and (ax == 0 or ax is None):
     return _given_kind(spec, ax)
-  if ax != 0 or spec.group_size not in _GROUPS:
+  if not spec.symmetric or ax != 0 or spec.group_size not in _GROUPS:
     return None
   fmt = spec.format
   g = spec.group_size
@@ -222,8 +235,8 @@ def supported_kinds() -> tuple:
   out = ["mxfp8_e4m3", "mxfp4", "nvfp4"]
   out += [f"fp4_e2m1_g{g}" for g in _GROUPS]
   out += [f"{f}_g{g}" for f in _INT_FORMATS for g in _GROUPS]
-  out += [f"{f}_pc" for f in _GIVEN_INTS + _GIVEN_FP8]
-  out += [f"{f}_pt" for f in ("int8",) + _GIVEN_FP8]
+  out += [f"{f}_pc" for f in _GIVEN_INTS + _GIVEN_FP8 + ("uint8",)]
+  out += [f"{f}_pt" for f in ("int8",) + _GIVEN_FP8 + ("uint8",)]
   return tuple(out + ["mxint8", "mxfp6_e2m3"])
 
 
@@ -274,7 +287,7 @@ def _fits(kind: str, k: int, n: int, x_dtype, cfg: Config, values: bool) -> bool
   kd = _kind_by_id(kind)
   try:
     _check_config(kd, k, n, x_dtype, cfg, not values, values,
-                  values and kd.scale != "given")
+                  values and not _never_clips(kd))
   except ValueError:
     return False
   return True
@@ -420,7 +433,7 @@ def _check_config(kd: _Kind, k: int, n: int, x_dtype, cfg: Config, codes: bool,
   if (kd.block and cfg.tile_k % kd.block) or cfg.tile_k > 256:
     raise ValueError(f"tile_k={cfg.tile_k} must be a multiple of the block "
                      f"{kd.block} and at most 256")
-  if mask and kd.scale == "given":
+  if mask and _never_clips(kd):
     raise ValueError(f"{kd.kind} never clips (its scale holds the whole axis): "
                      "there is no clip mask to write")
   ui, _ = _units(kd.bits)
@@ -627,13 +640,14 @@ def _elem_codes_values(kd: _Kind, y, want_codes: bool, want_values: bool):
     vals = q
     if want_codes:
       codes = _cast._encode_float_grid(q, fmt)
-  else:  # integers (int4 / int8; MXINT8's int8 with 6 fraction bits)
+  else:  # integers (int2..int8; MXINT8's int8 with 6 fraction bits; uint8)
     f = float(1 << fmt.frac_bits)
     lim = float(fmt.qmax)
-    q = jnp.clip(jnp.round(y * np.float32(f)), np.float32(-lim), np.float32(lim))
+    lo = np.float32(0.0 if kd.elem == "uint" else -lim)
+    q = jnp.clip(jnp.round(y * np.float32(f)), lo, np.float32(lim))
     if want_codes:
       ci = jnp.where(jnp.isnan(q), np.float32(0.0), q).astype(jnp.int32)
-      codes = ci.astype(jnp.int8) if kd.bits == 8 else (
+      codes = ci.astype(_code_dtype(kd)) if kd.bits == 8 else (
           ci.astype(jnp.uint32) & np.uint32((1 << kd.bits) - 1))
     if want_values:
       vals = q * np.float32(1.0 / f)
@@ -666,7 +680,7 @@ def _pack_rows(kd: _Kind, codes: list) -> list:
 def _code_dtype(kd: _Kind):
   if kd.elem == "fp8":
     return jnp.dtype(kd.fmt.ml_dtype)
-  if kd.bits == 8:
+  if kd.bits == 8 and kd.elem != "uint":
     return jnp.int8
   return jnp.uint8
 
@@ -700,6 +714,7 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
   crow = tk * uo // ui
   has_scal = kd.scale in ("nvfp4", "given")
   scale_out = want_codes and not given
+  g_rows = 2 if kd.elem == "uint" else 1  # (scale, zero point) rows
   unroll = cfg.unroll and not interp
 
   def row(ref, r):
@@ -712,7 +727,15 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
       a = jnp.abs(row(x_ref, r0 + r))
       return jnp.maximum(m, jnp.where(a <= _F32_MAX, a, np.float32(np.inf)))
 
-    if given:
+    if given and kd.elem == "uint":
+      # Scale and zero-point rows from XLA (core's _grid_asym): y = x / s +
+      # zp, values (q - zp) * s, clipped where y leaves [-0.5, max + 0.5].
+      sv, zp = scal
+      hi = np.float32(kd.fmt.qmax + 0.5)
+      to_grid = lambda r: _div_full(r, sv, interp, tn) + zp  # noqa: E731
+      from_grid = lambda q: (q - zp) * sv  # noqa: E731
+      clip = lambda r, y: (y < np.float32(-0.5)) | (y > hi)  # noqa: E731
+    elif given:
       # The scale row XLA computed (core's own code): y = x / s as core's
       # _div_data divides, values q * s as core's _values.
       to_grid = lambda r: _div_full(r, scal, interp, tn)  # noqa: E731
@@ -775,9 +798,10 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
     scal = None
     if given:  # the scale row of this CTA's columns, read once
       sc_smem, sc_bar = refs.pop(0), refs.pop(0)
-      plgpu.copy_gmem_to_smem(sc_gmem.at[pl.ds(0, 1), col], sc_smem, sc_bar.at[0])
+      plgpu.copy_gmem_to_smem(sc_gmem.at[pl.ds(0, g_rows), col], sc_smem,
+                              sc_bar.at[0])
       plgpu.barrier_wait(sc_bar.at[0])
-      scal = sc_smem[0]
+      scal = sc_smem[0] if g_rows == 1 else (sc_smem[0], sc_smem[1])
     elif has_scal:
       scal = tuple(sc_gmem[i] for i in range(6))
 
@@ -842,7 +866,7 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
     scratch.append(plgpu.SMEM((st, tk, tn), jnp.uint8))
   scratch.append(plgpu.Barrier(num_arrivals=1, num_barriers=st))
   if given:
-    scratch += [plgpu.SMEM((1, tn), jnp.float32),
+    scratch += [plgpu.SMEM((g_rows, tn), jnp.float32),
                 plgpu.Barrier(num_arrivals=1, num_barriers=1)]
   extra = {} if interpret is None else {"interpret": interpret}
   kern = plgpu.kernel(body, out_type=tuple(out_types), scratch_types=scratch,
@@ -890,18 +914,23 @@ def _nvfp4_scalars(x2, tensor_amax):
 
 
 def _given_scale(x, spec: QuantSpec, n: int):
-  """(stored scale, float32 ``[1, n]`` scale row) of a per-channel or
-  per-tensor spec, from core's own ``_grid``: XLA keeps only its amax
-  reduction and scale arithmetic (the rest of ``_grid`` is unused and
-  removed), so the scale is the reference's bit for bit. ``n``: the columns
-  of ``x`` flattened to ``[K, n]``."""
+  """(stored scale, zero point or None, float32 ``[rows, n]`` kernel input)
+  of a per-channel or per-tensor spec, from core's own ``_grid``: XLA keeps
+  only its range reduction and scale arithmetic (the rest of ``_grid`` is
+  unused and removed), so scale and zero point are the reference's bit for
+  bit. The kernel input holds the scale row, and for asymmetric specs the
+  zero point's row under it. ``n``: the columns of ``x`` flattened to
+  ``[K, n]``."""
   xp, spec, bs, valid, _ = _q._prepare(x, spec)  # pylint: disable=protected-access
-  _, total, stored, _, _, _ = _q._grid(xp, spec, bs, valid, None, None, None,  # pylint: disable=protected-access
-                                       for_codes=True)
-  # core divides by where(s == 0, 1, s); s is never 0 for these formats
-  # (1 where the amax is 0), kept for the same numbers.
+  _, total, stored, zp, _, _ = _q._grid(xp, spec, bs, valid, None, None, None,  # pylint: disable=protected-access
+                                        for_codes=True)
+  # core divides by where(s == 0, 1, s) (symmetric) or s; s is never 0 for
+  # these formats (1 where the range is 0), kept for the same numbers.
   s = jnp.where(total == 0, np.float32(1.0), total)
-  return stored, jnp.broadcast_to(s.reshape(1, -1), (1, n))
+  rows = [jnp.broadcast_to(s.reshape(1, -1), (1, n))]
+  if zp is not None:
+    rows.append(jnp.broadcast_to(zp.astype(jnp.float32).reshape(1, -1), (1, n)))
+  return stored, zp, jnp.concatenate(rows, axis=0)
 
 
 # ---------------------------------------------------------------------------
@@ -952,14 +981,15 @@ def _run(x, spec, tensor_amax, config, interpret, values: bool,
   rest = x.shape[1:]
   nvfp4 = kd.scale == "nvfp4"
   given = kd.scale == "given"
+  asym = kd.elem == "uint"
 
   def kernel(xa, *ta):
     x2 = xa.reshape(k, n)
-    t = scal = stored = None
+    t = scal = stored = zp = None
     if nvfp4:
       t, scal = _nvfp4_scalars(x2, ta[0] if ta else None)
     if given:
-      stored, scal = _given_scale(xa, spec, n)
+      stored, zp, scal = _given_scale(xa, spec, n)
     outs = list(fn(x2, scal))
     res = ()
     if codes:
@@ -967,6 +997,8 @@ def _run(x, spec, tensor_amax, config, interpret, values: bool,
       scale = stored if given else outs.pop(0).reshape((k // kd.block,) + rest)
       if nvfp4:
         res = (c, lax.bitcast_convert_type(scale, jnp.float8_e4m3fn), t)
+      elif zp is not None:
+        res = (c, scale, zp)
       else:
         res = (c, scale)
     if values:
@@ -980,7 +1012,8 @@ def _run(x, spec, tensor_amax, config, interpret, values: bool,
     res = ()
     if codes:
       q = _q._quantize_jit(xa, spec, None, None, None, t_amax)  # pylint: disable=protected-access
-      res = (q.codes, q.scale, q.tensor_scale) if nvfp4 else (q.codes, q.scale)
+      res = (q.codes, q.scale, q.tensor_scale) if nvfp4 else (
+          (q.codes, q.scale, q.zero_point) if asym else (q.codes, q.scale))
     if values:
       v, clipped = _q._fake_quant_impl(xa, spec, None, None, None, t_amax)  # pylint: disable=protected-access
       res += (v,) + ((clipped.astype(jnp.uint8),) if mask else ())
@@ -1025,7 +1058,8 @@ def quantize(x: jax.Array, spec, *, tensor_amax: Optional[jax.Array] = None,
   """
   spec, x, kd, outs = _run(x, spec, tensor_amax, config, interpret, False)
   t = outs[2] if kd.scale == "nvfp4" else None
-  return QArray(codes=outs[0], scale=outs[1], zero_point=None, tensor_scale=t,
+  zp = outs[2] if kd.elem == "uint" else None
+  return QArray(codes=outs[0], scale=outs[1], zero_point=zp, tensor_scale=t,
                 spec=spec, shape=tuple(x.shape), dtype=str(x.dtype),
                 pack_axis=default_pack_axis(spec, x.ndim))
 
@@ -1036,11 +1070,12 @@ def _quantize_and_values(x, spec, *, tensor_amax=None, config=None, interpret=Fa
   write no mask: None)."""
   sp = as_spec(spec) if not isinstance(spec, QuantSpec) else spec
   kd = _kind(sp, jnp.ndim(x))
-  mask = kd is None or kd.scale != "given"
+  mask = kd is None or not _never_clips(kd)
   spec, x, kd, outs = _run(x, spec, tensor_amax, config, interpret, True, True,
                            mask=mask)
   t = outs[2] if kd.scale == "nvfp4" else None
-  q = QArray(codes=outs[0], scale=outs[1], zero_point=None, tensor_scale=t,
+  zp = outs[2] if kd.elem == "uint" else None
+  q = QArray(codes=outs[0], scale=outs[1], zero_point=zp, tensor_scale=t,
              spec=spec, shape=tuple(x.shape), dtype=str(x.dtype),
              pack_axis=default_pack_axis(spec, x.ndim))
   return (q, outs[-2], outs[-1]) if mask else (q, outs[-1], None)

@@ -318,10 +318,11 @@ def test_kind_of_names_only_the_formats_it_computes():
   assert gq.kind_of(lj.QuantSpec("int8", axis=0)) == "int8_pc"  # per channel
   assert gq.kind_of(lj.QuantSpec("int3", axis=-2)) == "int3_pc"
   assert gq.kind_of(lj.QuantSpec("fp8_e5m2")) == "fp8_e5m2_pt"  # per tensor
+  assert gq.kind_of(lj.QuantSpec("uint8", axis=0)) == "uint8_pc"  # zero point
   for spec in (lj.QuantSpec("int8", axis=1),                  # channels of axis 1
                lj.QuantSpec("int4"),                          # packed along -1
                lj.QuantSpec("int8", axis=0, scale_dtype="bfloat16"),
-               lj.QuantSpec("uint8", axis=0),                 # asymmetric
+               lj.QuantSpec("uint4", axis=0),                 # asymmetric 4-bit
                lj.QuantSpec("mxfp4", axis=1),                 # other axis
                lj.QuantSpec("int4", axis=0, group_size=256),  # long groups
                lj.QuantSpec("uint4", axis=0, group_size=128),  # asymmetric
@@ -346,6 +347,7 @@ def test_dispatch_takes_only_what_the_kernel_computes(monkeypatch):
     assert gq.dispatch(jax.ShapeDtypeStruct((256, 4, 64), jnp.float32), spec)
     assert gq.dispatch(x, lj.QuantSpec("int4", axis=0), values=True)  # per channel
     assert gq.dispatch(x, lj.QuantSpec("fp8_e4m3"))                   # per tensor
+    assert gq.dispatch(x, lj.QuantSpec("uint8", axis=0), values=True)  # zero point
     no = [dict(x=jax.ShapeDtypeStruct((1024, 500), jnp.bfloat16)),   # N
           dict(x=jax.ShapeDtypeStruct((1000, 512), jnp.bfloat16)),   # K
           dict(x=jax.ShapeDtypeStruct((1024,), jnp.bfloat16)),       # 1-d
@@ -436,9 +438,9 @@ def test_shapes_and_tilings_that_do_not_fit_are_refused():
 # Per-channel (a scale per column of axis 0) and per-tensor scales: XLA
 # reduces the scale with core's own code, the kernel scales, rounds, packs and
 # writes in one pass. Each column of _edge_cases() is one channel.
-GIVEN_FAST = ("int4_pc", "int3_pc")
-GIVEN = GIVEN_FAST + ("fp8_e5m2_pt", "int8_pc", "int2_pc", "fp8_e4m3_pc", "fp8_e5m2_pc", "int8_pt",
-                      "fp8_e4m3_pt")
+GIVEN_FAST = ("int4_pc", "uint8_pc")
+GIVEN = GIVEN_FAST + ("int3_pc", "fp8_e5m2_pt", "uint8_pt", "int8_pc", "int2_pc",
+                      "fp8_e4m3_pc", "fp8_e5m2_pc", "int8_pt", "fp8_e4m3_pt")
 
 
 @pytest.mark.parametrize("kind", [
@@ -448,11 +450,19 @@ def test_given_scale_kernel_equals_core_bit_for_bit(kind):
   x = _edge_cases()
   if kind.endswith("_pt"):  # one scale for all: no NaN or inf but one column
     x = x.at[:, 8:11].set(jnp.asarray([1.0, -2.0, 3e-3], jnp.bfloat16))
+  x = x.at[:, 20].set(jnp.abs(x[:, 20]) + 1)   # one-signed channels (zero
+  x = x.at[:, 21].set(-jnp.abs(x[:, 21]) - 1)  # point at an end of the range)
   cfg = gq.Config(tile_n=128, tile_k=64, k_per_cta=K, stages=2, unroll=False,
-                  reverse=kind == "int3_pc")
+                  reverse=kind == "int4_pc")
   q, v, m = gq._quantize_and_values(x, spec, config=cfg, interpret=True)  # pylint: disable=protected-access
-  assert m is None  # never clips: no mask
   want = lj.quantize(x, spec)
+  if spec.symmetric:
+    assert m is None  # never clips: no mask
+  else:  # the gradient's clip mask, and the zero point
+    _, want_m = jax.jit(lambda a: core._fake_quant_impl(a, spec, None, None, None, None))(x)  # pylint: disable=protected-access
+    np.testing.assert_array_equal(np.asarray(m), np.asarray(want_m).astype(np.uint8))
+    np.testing.assert_array_equal(np.asarray(q.zero_point), np.asarray(want.zero_point))
+    assert q.zero_point.dtype == want.zero_point.dtype
   assert q.codes.dtype == want.codes.dtype and q.codes.shape == want.codes.shape
   assert q.pack_axis == want.pack_axis and q.spec == want.spec
   _check_scales(q, want)
@@ -487,7 +497,7 @@ def test_spec_for_names_each_kind():
   for kind in gq.supported_kinds():
     assert gq.kind_of(gq.spec_for(kind)) == kind
   with pytest.raises(ValueError, match="unknown kernel format"):
-    gq.spec_for("uint8_pc")
+    gq.spec_for("uint4_pc")
 
 
 def test_candidate_configs_fit_and_start_with_the_heuristic():
