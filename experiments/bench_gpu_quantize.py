@@ -296,8 +296,14 @@ def plan(gq, k: int, n: int, dtype, formats: list, extra: list, sweep: bool,
 
 
 def build(run, lj, gq, job, x, interp):
-  """Compiles one job (in a worker thread): the compiled callable and its
-  arguments."""
+  """Compiles one job (in a worker thread): (the compiled callable, its
+  arguments, seconds the compile took)."""
+  t = time.time()
+  fn, args = _compile(run, lj, gq, job, x, interp)
+  return fn, args, time.time() - t
+
+
+def _compile(run, lj, gq, job, x, interp):
   jax = run.jax
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   kind, op, label, cfg = job
@@ -385,8 +391,12 @@ def main(argv):
     t = time.time()
     row = dict(kind=kind, op=op, tiling=label)
     try:
-      fn, args = fut.result()
+      fn, args, row["compile_s"] = fut.result()
+      row["wait_s"] = round(time.time() - t, 2)  # for the compile, after the last item
+      t1 = time.time()
       out = jax.block_until_ready(fn(*args))
+      row["first_call_s"] = round(time.time() - t1, 2)
+      row["compile_s"] = round(row["compile_s"], 2)
       if label == "xla":
         refs[(kind, op)] = out
         if op == "quantize":
