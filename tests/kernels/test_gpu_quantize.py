@@ -390,6 +390,16 @@ def test_core_quantize_uses_the_kernel_where_dispatched(monkeypatch):
   monkeypatch.setattr(gq, "_on_hopper", lambda: True)
   x = jax.random.normal(jax.random.key(0), (K, N), jnp.bfloat16)
   spec = _spec("int4_g128")
+  with gq.forced(["int8_pc", "uint8_pc"]):
+    # Per channel: symmetric int8 keeps no mask, uint8 (zero point) one.
+    for fmt, want_call in (("int8", "fake_quant"), ("uint8", "fake_quant+mask")):
+      pc = lj.QuantSpec(fmt, axis=0)
+      jax.eval_shape(jax.grad(lambda a, s=pc: jnp.sum(lj.fake_quant(a, s).astype(
+          jnp.float32))), x)
+      assert calls[-1] == want_call
+      jax.eval_shape(lambda a, s=pc: lj.quantize(a, s), x)
+      assert calls[-1] == "quantize"
+    calls.clear()
   with gq.forced(["int4_g128", "mxfp4"]):
     jax.eval_shape(lambda a: lj.quantize(a, spec), x)
     jax.eval_shape(lambda a: lj.quantize(a, spec, amax=jnp.float32(1.0)), x)  # jnp path
