@@ -363,9 +363,11 @@ ENABLED: frozenset = frozenset(_table().get("enabled", _ENABLED_MEASURED))
 def candidate_configs(kind: str, k: int, n: int, x_dtype, values: bool = False,
                       limit: int = 4) -> list:
   """Tilings worth timing for ``[k, n]`` (at most ``limit``, the heuristic's
-  first): the heuristic, the table's entry, then one more and one fewer
-  stage (more CTAs per SM), the other ``tile_n``, and twice the rows per CTA;
-  only those within the kernel's shared-memory and shape limits."""
+  first): the heuristic, the table's entry, then (per-channel and per-tensor
+  formats) the grid reversed, (blocks of 128) one stage and 256 columns, and
+  one more and one fewer stage (more CTAs per SM), the other ``tile_n``, and
+  twice the rows per CTA; only those within the kernel's shared-memory and
+  shape limits."""
   base = heuristic_config(kind, k, n, x_dtype, values)
   if base is None:
     return []
@@ -376,6 +378,11 @@ def candidate_configs(kind: str, k: int, n: int, x_dtype, values: bool = False,
           rep(base, tile_n=384 - base.tile_n), rep(base, k_per_cta=2 * base.k_per_cta)]
   if _block_of(kind) == 0:  # a scale reduced by XLA first: its L2 lines
     more = [rep(base, reverse=True), rep(base, tile_k=64, reverse=True)] + more
+  elif _block_of(kind) >= 128:
+    # Tall tiles: two stages of 128 x 128 allow 2 CTAs per SM of one column
+    # per thread; one stage, 5 of them; 256 columns, two columns per thread.
+    more = [rep(base, stages=1), rep(base, tile_n=256, stages=1),
+            rep(base, tile_n=256)] + more
   for c in [tab] + more:
     if len(out) >= limit:
       break
