@@ -111,7 +111,8 @@ class Run:
                     host=platform.node(), started=time.strftime("%Y-%m-%d %H:%M:%S"),
                     timer=("CUPTI device time per call (median)" if self.gpu else
                            "wall clock per call (median; interpreter)"),
-                    iters=self.iters, ceiling=None, rows=[], errors=[])
+                    iters=self.iters, ceiling=None, rows=[], errors=[],
+                    skipped=[])
     self.lock = threading.Lock()
 
   def log(self, msg: str):
@@ -201,6 +202,9 @@ def markdown(res: dict) -> str:
   lines += ["", "Formats where the kernel's fastest exact tiling beat XLA for both "
             "quantize and fake_quant, i.e. the value for `gpu_quantize.ENABLED` "
             f"this run supports: `{sorted(wins)}`."]
+  if res.get("skipped"):
+    lines += ["", f"Not reached within --time_budget_s: {len(res['skipped'])} jobs "
+              f"(kind op tiling): {', '.join(res['skipped'])}."]
   if res["errors"]:
     lines += ["", "Errors:", ""] + [f"- {e['item']}: {e['error']}" for e in res["errors"]]
   return "\n".join(lines) + "\n"
@@ -385,8 +389,7 @@ def main(argv):
   for job, fut in zip(jobs, futs):
     kind, op, label, cfg = job
     if time.time() - T0 > _BUDGET.value:
-      run.res["errors"].append(dict(item=f"{kind} {op} {label}",
-                                    error="skipped: time budget"))
+      run.res["skipped"].append(f"{kind} {op} {label}")
       continue
     t = time.time()
     row = dict(kind=kind, op=op, tiling=label)
