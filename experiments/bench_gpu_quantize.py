@@ -23,11 +23,15 @@ time per call from CUPTI (``jax.experimental.mosaic.gpu.profiler.measure``,
 median of ``--iters`` calls; every kernel of a call counted); on CPU
 (``--smoke``) the wall clock of the interpreter, for checking the script only.
 
-Where the time goes: an earlier version spent 11-43 s per item, nearly all of
-it compiling each kernel twice (once to check it, once more to time it; the
-Mosaic GPU compile of a kernel with blocks of 128 unrolled rows is the
-slowest). Here each variant compiles once, in ``--workers`` threads that run
-ahead of the timing loop; the input is built once.
+Where the time goes: an earlier version spent 11-43 s per item
+(benchmarks/gpu_quantize_h200.md's run). It compiled each kernel twice (once
+to check it, once more to time it), compared the outputs on the host (two
+copies of up to 128 MB each), and the Python lowering alone of a kernel with
+blocks of 128 unrolled rows takes seconds (3-8 s on a CPU here). Here each
+variant compiles once, in ``--workers`` threads that run ahead of the timing
+loop, the comparison runs on the device, the input is built once, and each
+row records ``compile_s``, ``wait_s`` (how long the timing loop waited for
+that compile) and ``first_call_s``, so a run shows where its time went.
 
 Roofline: the bytes that must move (input read + codes and scales written for
 quantize; input read + values written for fake_quant; x and the cotangent

@@ -43,7 +43,10 @@ scale is the reference's bit for bit), and the kernel divides by it
 (``div.full.f32``, as XLA's ``x / s``), rounds, packs along axis 0 as
 ``_qarray.pack`` does (two int4, four int2 or eight int3 codes per unit) and
 writes codes or values in one pass (``Config.reverse`` walks the grid from
-the last rows, which the amax pass may have left in L2).
+the last rows, which the amax pass may have left in L2). Two passes read
+``x`` twice: bf16 int8 per channel moves 2 + 2 + 1 bytes per element against
+the roofline's 2 + 1, so its quantize reaches at most 60% of the roofline
+unless the L2 serves part of the second read (fake_quant: 6 against 4, 67%).
 
 ``dispatch(x, spec, ...)`` is what ``lowbit_jax.quantize`` and ``fake_quant``
 ask on every call: a kernel runs only on a GPU backend, for a format in
