@@ -179,8 +179,9 @@ def markdown(res: dict) -> str:
               "time: us per call (% of roofline = bytes that must move over that "
               "bandwidth). exact: the kernel's outputs equal XLA's bit for bit "
               "(checked on the device).", ""]
-  lines += ["Tiling: tile_n:tile_k:k_per_cta:stages[:rev] (`gpu_quantize.Config`; rev: "
-            "the grid walked in reverse); "
+  lines += ["Tiling: tile_n:tile_k:k_per_cta:stages[:rev][:loop] "
+            "(`gpu_quantize.Config`; rev: the grid walked in reverse; loop: rows in "
+            "a loop, not unrolled); "
             "default = `heuristic_config`. fwd+bwd: `fake_quant`'s value and "
             "straight-through gradient, the dispatch forced off (XLA) and to the "
             "kernel.", "",
@@ -272,8 +273,8 @@ def _leaves(out) -> list:
 
 
 def _cfg_str(c) -> str:
-  return f"{c.tile_n}:{c.tile_k}:{c.k_per_cta}:{c.stages}" + (":rev" if c.reverse
-                                                              else "")
+  return (f"{c.tile_n}:{c.tile_k}:{c.k_per_cta}:{c.stages}"
+          + (":rev" if c.reverse else "") + ("" if c.unroll else ":loop"))
 
 
 def plan(gq, k: int, n: int, dtype, formats: list, extra: list, sweep: bool,
@@ -451,7 +452,8 @@ def config_table(res: dict) -> dict:
       parts = r["tiling_used"].split(":")
       tn, tk, kpc, st = (int(v) for v in parts[:4])
       ent[r["kind"]][r["op"]] = dict(tile_n=tn, tile_k=tk, k_per_cta=kpc,
-                                     stages=st, reverse=parts[4:] == ["rev"],
+                                     stages=st, reverse="rev" in parts[4:],
+                                     unroll="loop" not in parts[4:],
                                      kernel_us=round(r["us"], 2),
                                      xla_us=_xla_us(res, r["kind"], r["op"]))
   return dict(device=res["device"], jax=res["jax"], command=res["command"],

@@ -316,7 +316,8 @@ def default_config(kind: str, k: int, n: int, x_dtype,
   if ent:
     cfg = Config(tile_n=ent["tile_n"], tile_k=ent["tile_k"],
                  k_per_cta=ent["k_per_cta"], stages=ent["stages"],
-                 reverse=bool(ent.get("reverse", False)))
+                 reverse=bool(ent.get("reverse", False)),
+                 unroll=bool(ent.get("unroll", True)))
     if _fits(kind, k, n, x_dtype, cfg, values):
       return cfg
   return heuristic_config(kind, k, n, x_dtype, values)
@@ -367,7 +368,8 @@ def candidate_configs(kind: str, k: int, n: int, x_dtype, values: bool = False,
                       limit: int = 4) -> list:
   """Tilings worth timing for ``[k, n]`` (at most ``limit``, the heuristic's
   first): the heuristic, the table's entry, then (per-channel and per-tensor
-  formats) the grid reversed, (blocks of 128) one stage and 256 columns, and
+  formats) the grid reversed, (blocks of 64 and 128) the rows in a loop,
+  (blocks of 128) one stage and 256 columns, and
   one more and one fewer stage (more CTAs per SM), the other ``tile_n``, and
   twice the rows per CTA; only those within the kernel's shared-memory and
   shape limits."""
@@ -382,10 +384,14 @@ def candidate_configs(kind: str, k: int, n: int, x_dtype, values: bool = False,
   if _block_of(kind) == 0:  # a scale reduced by XLA first: its L2 lines
     more = [rep(base, reverse=True), rep(base, tile_k=64, reverse=True)] + more
   elif _block_of(kind) >= 128:
-    # Tall tiles: two stages of 128 x 128 allow 2 CTAs per SM of one column
-    # per thread; one stage, 5 of them; 256 columns, two columns per thread.
-    more = [rep(base, stages=1), rep(base, tile_n=256, stages=1),
-            rep(base, tile_n=256)] + more
+    # Tall tiles: rows in a loop, not unrolled (a block of 128 unrolled rows
+    # is some 10x the code of the loop: the instruction cache); two stages
+    # of 128 x 128 allow 2 CTAs per SM of one column per thread, one stage
+    # 5 of them; 256 columns, two columns per thread.
+    more = [rep(base, unroll=False), rep(base, stages=1),
+            rep(base, tile_n=256, stages=1), rep(base, tile_n=256)] + more
+  elif _block_of(kind) >= 64:
+    more = [rep(base, unroll=False)] + more
   for c in [tab] + more:
     if len(out) >= limit:
       break
