@@ -522,11 +522,12 @@ def test_candidate_configs_fit_and_start_with_the_heuristic():
 
 
 def test_default_config_takes_the_measured_table(monkeypatch):
-  ent = dict(tile_n=128, tile_k=32, k_per_cta=1024, stages=3)
+  ent = dict(tile_n=128, tile_k=32, k_per_cta=1024, stages=3, reverse=True,
+             unroll=False)
   table = {"entries": {"mxfp4": {"quantize": ent}}}
   monkeypatch.setattr(gq, "_table", lambda: table)
   assert gq.default_config("mxfp4", 8192, 8192, jnp.bfloat16) == gq.Config(
-      tile_n=128, tile_k=32, k_per_cta=1024, stages=3)
+      tile_n=128, tile_k=32, k_per_cta=1024, stages=3, reverse=True, unroll=False)
   # Not for the other op, nor where the entry does not tile the shape.
   heur = gq.heuristic_config("mxfp4", 8192, 8192, jnp.bfloat16, True)
   assert gq.default_config("mxfp4", 8192, 8192, jnp.bfloat16, True) == heur
