@@ -623,3 +623,11 @@ def test_compiled_given_scale_kernel_matches_jnp_path(kind, shape):
     np.testing.assert_array_equal(gc[:, ~bad], wc[:, ~bad])
     _check_scales(got_q, want_q)
     _check_values(got_v, want_v)
+    if not spec.symmetric:  # the zero point, and the gradient's clip mask
+      np.testing.assert_array_equal(np.asarray(got_q.zero_point),
+                                    np.asarray(want_q.zero_point))
+      got_v2, got_m = jax.jit(lambda a, c=cfg: gq.fake_quant_forward_with_mask(
+          a, spec, config=c))(x)
+      _, want_m = jax.jit(lambda a: core._fake_quant_impl(a, spec, None, None, None, None))(x)  # pylint: disable=protected-access
+      np.testing.assert_array_equal(np.asarray(got_m), np.asarray(want_m).astype(np.uint8))
+      _check_values(got_v2, want_v)
