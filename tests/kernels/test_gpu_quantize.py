@@ -340,6 +340,8 @@ def test_dispatch_takes_only_what_the_kernel_computes(monkeypatch):
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   assert not gq.dispatch(x, spec)  # not a Hopper GPU
   monkeypatch.setattr(gq, "_on_hopper", lambda: True)
+  # (As the code's default; a shipped table's "enabled" may say otherwise.)
+  monkeypatch.setattr(gq, "ENABLED", frozenset({"mxfp8_e4m3"}))
   assert not gq.dispatch(x, spec)  # not in ENABLED
   assert gq.dispatch(x, _spec("mxfp8_e4m3"))  # measured on the H200: enabled
   with gq.forced(gq.supported_kinds()):
@@ -441,7 +443,7 @@ def test_shapes_and_tilings_that_do_not_fit_are_refused():
     gq.quantize(jnp.ones((256, 256), jnp.float32), _spec("int4_g128"),
                 config=gq.Config(tile_n=256, tile_k=256, k_per_cta=256, stages=2))
   assert gq.default_config("mxfp4", 8192, 100, jnp.bfloat16) is None
-  cfg = gq.default_config("mxfp8_e4m3", 8192, 8192, jnp.bfloat16)
+  cfg = gq.heuristic_config("mxfp8_e4m3", 8192, 8192, jnp.bfloat16)
   assert (8192 // cfg.tile_n) * (8192 // cfg.k_per_cta) >= 4 * 132
 
 
@@ -533,6 +535,27 @@ def test_default_config_takes_the_measured_table(monkeypatch):
   assert gq.default_config("mxfp4", 8192, 8192, jnp.bfloat16, True) == heur
   assert gq.default_config("mxfp4", 512, 8192, jnp.bfloat16) == gq.heuristic_config(
       "mxfp4", 512, 8192, jnp.bfloat16)
+
+
+def test_the_shipped_tiling_table_is_consistent():
+  # lowbit_jax/kernels/gpu_quantize_configs.json (bench_gpu_quantize.py
+  # --write_configs, copied in after a GPU run): every entry a tiling within
+  # the kernel's limits for the shape it was measured on, every enabled format
+  # one the kernel computes and measured exact for both operations.
+  import os  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(gq.TABLE_PATH):
+    pytest.skip("no measured table shipped yet")
+  table = gq._table()  # pylint: disable=protected-access
+  k, n = table["shape"]
+  assert set(table["enabled"]) <= set(gq.supported_kinds())
+  assert gq.ENABLED == frozenset(table["enabled"])
+  for kind in table["enabled"]:
+    assert set(table["entries"][kind]) == {"quantize", "fake_quant"}
+  for kind, ops in table["entries"].items():
+    for op, e in ops.items():
+      cfg = gq.Config(tile_n=e["tile_n"], tile_k=e["tile_k"], k_per_cta=e["k_per_cta"],
+                      stages=e["stages"], reverse=e["reverse"], unroll=e["unroll"])
+      assert gq.default_config(kind, k, n, jnp.bfloat16, op == "fake_quant") == cfg
 
 
 def _lower(fn, *args):
