@@ -1,44 +1,61 @@
 r"""Times the one-pass Mosaic GPU quantizer against XLA's path (issue 12).
 
-For each format the kernel takes (``lowbit_jax.kernels.gpu_quantize``: MXFP8,
-MXFP4, NVFP4, fp4 g32, int4/int8 g128, MXINT8, MXFP6, scales along axis 0 of a
-bf16 ``[K, N]`` tensor), times ``quantize`` and ``fake_quant``'s forward value
-two ways in one process:
+For every format the kernel takes (``gpu_quantize.supported_kinds()``; scales
+along axis 0 of a bf16 ``[K, N]`` tensor), times ``quantize`` and
+``fake_quant``'s forward value in one process:
 
 * XLA: ``lowbit_jax.quantize`` / ``fake_quant`` with the kernel dispatch off
   (``gpu_quantize.forced(())``), the jnp path;
-* kernel: ``gpu_quantize.quantize`` / ``fake_quant_forward`` (default tiling,
-  and any ``--configs``);
-* fwd+bwd (GPU only): ``fake_quant``'s value and straight-through gradient
-  through ``jax.vjp``, dispatch off and dispatch forced to the kernel (which
-  then also writes the clip mask where the gradient needs one);
+* kernel: ``gpu_quantize.quantize`` / ``fake_quant_forward`` with each tiling
+  of ``gpu_quantize.candidate_configs`` (up to 4 within the kernel's shared
+  memory and shape limits, the heuristic's first; ``--nosweep``: that one
+  only), and any ``--configs``;
+* fwd+bwd (GPU only, the formats of ``KINDS``): ``fake_quant``'s value and
+  straight-through gradient through ``jax.vjp``, dispatch off and dispatch
+  forced to the kernel (which then also writes the clip mask where the
+  gradient needs one);
 
-checks that the kernel's codes, scales (and NVFP4's tensor scale) or values
-equal XLA's bit for bit on the same input (blocks of 16 rows scaled by 2**-8
-.. 2**8, so every block has its own scale), and measures the bandwidth
-ceiling ``x * 2`` in the same run. Device time per call from CUPTI
-(``jax.experimental.mosaic.gpu.profiler.measure``, median of ``--iters``
-calls; every kernel of a call counted); on CPU (``--smoke``) the wall clock of
-the interpreter, for checking the script only.
+checks on the device that the kernel's codes, scales (and NVFP4's tensor
+scale) or values equal XLA's bit for bit on the same input (blocks of 16 rows
+scaled by 2**-8 .. 2**8, so every block has its own scale; one bool comes
+back), and measures the bandwidth ceiling ``x * 2`` in the same run. Device
+time per call from CUPTI (``jax.experimental.mosaic.gpu.profiler.measure``,
+median of ``--iters`` calls; every kernel of a call counted); on CPU
+(``--smoke``) the wall clock of the interpreter, for checking the script only.
+
+Where the time goes: an earlier version spent 11-43 s per item
+(benchmarks/gpu_quantize_h200.md's run). It compiled each kernel twice (once
+to check it, once more to time it), compared the outputs on the host (two
+copies of up to 128 MB each), and the Python lowering alone of a kernel with
+blocks of 128 unrolled rows takes seconds (3-8 s on a CPU here). Here each
+variant compiles once, in ``--workers`` threads that run ahead of the timing
+loop, the comparison runs on the device, the input is built once, and each
+row records ``compile_s``, ``wait_s`` (how long the timing loop waited for
+that compile) and ``first_call_s``, so a run shows where its time went.
 
 Roofline: the bytes that must move (input read + codes and scales written for
 quantize; input read + values written for fake_quant; x and the cotangent
 read, value and gradient written for fwd+bwd) over the ``x * 2``
 bandwidth; the issue's target is 70% of it. The markdown ends with the
-formats where the kernel won both operations and was exact: the value for
-``gpu_quantize.ENABLED``.
+formats where the kernel's fastest exact tiling won both operations: the
+value for ``gpu_quantize.ENABLED``. ``--write_configs`` also writes
+``gpu_quantize_configs.json``: per format and operation the fastest exact
+tiling and the formats to enable, the data ``gpu_quantize.default_config``
+and ``ENABLED`` read once it is copied to ``lowbit_jax/kernels/``.
 
-Run on the GPU machine (repository root; one call, about a minute)::
+Run on the GPU machine (repository root; under 4 minutes)::
 
-  PYTHONPATH=. python3 experiments/bench_gpu_quantize.py --out_dir=$OUT
+  PYTHONPATH=. python3 experiments/bench_gpu_quantize.py --out_dir=$OUT \
+      --write_configs --time_budget_s=195 --hard_limit_s=225
 
 Writes ``gpu_quantize_<tag>.json`` and ``.md`` to ``--out_dir`` after every
 item; no item starts after ``--time_budget_s``; a watchdog writes what there is
-and exits at ``--hard_limit_s``. ``--smoke`` runs every item in the Mosaic GPU
-interpreter on a 256x256 tensor on the CPU.
+and exits at ``--hard_limit_s``. ``--smoke`` runs the main formats in the
+Mosaic GPU interpreter on a 256x256 tensor on the CPU.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import platform
@@ -63,18 +80,18 @@ _HARD = flags.DEFINE_float("hard_limit_s", 115.0, "write what there is and exit"
 _TAG = flags.DEFINE_string("tag", "", "file stem suffix (default: from the device)")
 _SMOKE = flags.DEFINE_bool("smoke", False, "CPU dry run in the interpreter (256x256, "
                            "2 calls)")
+_SWEEP = flags.DEFINE_bool("sweep", True, "time gpu_quantize.candidate_configs "
+                           "(up to 4 tilings per format and op), not the heuristic's only")
+_WORKERS = flags.DEFINE_integer("workers", 6, "compile threads (compiles run ahead "
+                                "of the timing)")
+_WRITE_CONFIGS = flags.DEFINE_bool("write_configs", False, "also write "
+                                   "<out_dir>/gpu_quantize_configs.json (copy it "
+                                   "to lowbit_jax/kernels/ for the dispatcher)")
 
-# The formats timed by default (ids of gpu_quantize.kind_of) and their specs.
-KINDS = {
-    "mxfp8_e4m3": ("mxfp8_e4m3", {}),
-    "int4_g128": ("int4", dict(group_size=128)),
-    "mxfp4": ("mxfp4", {}),
-    "nvfp4": ("nvfp4", {}),
-    "fp4_e2m1_g32": ("fp4_e2m1", dict(group_size=32)),
-    "int8_g128": ("int8", dict(group_size=128)),
-    "mxint8": ("mxint8", {}),
-    "mxfp6_e2m3": ("mxfp6_e2m3", {}),
-}
+# The main formats (ids of gpu_quantize.kind_of): timed first, swept first,
+# and the only ones with a fwd+bwd row; the rest of supported_kinds() follow.
+KINDS = ("mxfp8_e4m3", "int8_pc", "int4_g128", "fp8_e4m3_pc", "int4_pc", "mxfp4",
+         "nvfp4", "int8_pt", "fp4_e2m1_g32", "int8_g128", "mxint8", "mxfp6_e2m3")
 
 T0 = time.time()
 
@@ -98,13 +115,22 @@ class Run:
                     host=platform.node(), started=time.strftime("%Y-%m-%d %H:%M:%S"),
                     timer=("CUPTI device time per call (median)" if self.gpu else
                            "wall clock per call (median; interpreter)"),
-                    iters=self.iters, ceiling=None, rows=[], errors=[])
+                    iters=self.iters, ceiling=None, rows=[], errors=[],
+                    skipped=[])
     self.lock = threading.Lock()
 
+  def log(self, msg: str):
+    print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
+
   def time_us(self, f, *args) -> float:
+    """Compiles ``f`` and times it (``time_us_compiled``)."""
+    jf = self.jax.jit(f).lower(*args).compile()
+    self.jax.block_until_ready(jf(*args))
+    return self.time_us_compiled(jf, *args)
+
+  def time_us_compiled(self, jf, *args) -> float:
+    """Device us per call of the compiled ``jf`` (already run once)."""
     jax = self.jax
-    jf = jax.jit(f).lower(*args).compile()
-    jax.block_until_ready(jf(*args))
     if self.gpu:
       from jax.experimental.mosaic.gpu import profiler  # pylint: disable=g-import-not-at-top
       _, ts = profiler.measure(jf, iterations=self.iters)(*args)
@@ -150,81 +176,165 @@ def markdown(res: dict) -> str:
   if c:
     lines += [f"bf16 [{c['k']}, {c['n']}], scales along axis 0. Bandwidth ceiling "
               f"(`x * 2`, same run): {c['us']:.2f} us, {c['gbps']:.1f} GB/s. Each "
-              "cell: us per call (% of roofline = bytes that must move over that "
-              "bandwidth). exact: the kernel's output equals XLA's bit for bit.", ""]
-  lines += ["Tiling: tile_n:tile_k:k_per_cta:stages (`gpu_quantize.Config`).", "",
-            "| format | op | tiling | XLA | kernel | speedup | exact |",
+              "time: us per call (% of roofline = bytes that must move over that "
+              "bandwidth). exact: the kernel's outputs equal XLA's bit for bit "
+              "(checked on the device).", ""]
+  lines += ["Tiling: tile_n:tile_k:k_per_cta:stages[:rev][:loop] "
+            "(`gpu_quantize.Config`; rev: the grid walked in reverse; loop: rows in "
+            "a loop, not unrolled); "
+            "default = `heuristic_config`. fwd+bwd: `fake_quant`'s value and "
+            "straight-through gradient, the dispatch forced off (XLA) and to the "
+            "kernel.", "",
+            "| format | op | XLA | kernel: tiling | kernel | speedup | exact |",
             "|---|---|---|---|---|---|---|"]
+  xla = {(r["kind"], r["op"]): r for r in res["rows"] if r["tiling"] == "xla"}
+
+  def cell(t, roof):
+    if t is None:
+      return "-"
+    return f"{t:.1f}" + (f" ({100 * roof / t:.0f}%)" if roof else "")
   for r in res["rows"]:
-    def cell(t):
-      if t is None:
-        return "-"
-      pct = f" ({100 * r['roof_us'] / t:.0f}%)" if r.get("roof_us") else ""
-      return f"{t:.1f}{pct}"
-    sp = (f"{r['xla_us'] / r['kernel_us']:.2f}x" if r.get("xla_us") and r.get("kernel_us")
-          else "-")
+    if r["tiling"] == "xla":
+      continue
+    xr = xla.get((r["kind"], r["op"]), {})
+    roof, xu = xr.get("roof_us"), xr.get("us")
+    sp = f"{xu / r['us']:.2f}x" if xu and r.get("us") else "-"
     til = r["tiling"] + (f" ({r['tiling_used']})" if r["tiling"] == "default"
                          and r.get("tiling_used") else "")
-    lines.append(f"| {r['kind']} | {r['op']} | {til} | {cell(r.get('xla_us'))} "
-                 f"| {cell(r.get('kernel_us'))} | {sp} | {r.get('exact')} |")
+    lines.append(f"| {r['kind']} | {r['op']} | {cell(xu, roof)} | {til} "
+                 f"| {cell(r.get('us'), roof)} | {sp} | {r.get('exact')} |")
   wins = enabled_from(res)
-  lines += ["", "Formats where the kernel (default tiling) was exact and faster than "
-            "XLA for both quantize and fake_quant, i.e. the value for "
-            f"`gpu_quantize.ENABLED`: `{sorted(wins)}`."]
+  lines += ["", "Formats where the kernel's fastest exact tiling beat XLA for both "
+            "quantize and fake_quant, i.e. the value for `gpu_quantize.ENABLED` "
+            f"this run supports: `{sorted(wins)}`."]
+  if res.get("skipped"):
+    lines += ["", f"Not reached within --time_budget_s: {len(res['skipped'])} jobs "
+              f"(kind op tiling): {', '.join(res['skipped'])}."]
   if res["errors"]:
     lines += ["", "Errors:", ""] + [f"- {e['item']}: {e['error']}" for e in res["errors"]]
   return "\n".join(lines) + "\n"
 
 
 def enabled_from(res: dict) -> set:
-  ok = {}
+  """Formats whose fastest exact kernel tiling beat XLA in both quantize and
+  fake_quant."""
+  best, xla = {}, {}
   for r in res["rows"]:
-    if r["tiling"] != "default" or r["op"] == "fwd+bwd":
+    if r["op"] == "fwd+bwd" or r.get("us") is None:
       continue
-    win = bool(r.get("exact")) and r.get("kernel_us") and r.get("xla_us") and (
-        r["kernel_us"] < r["xla_us"])
-    ok.setdefault(r["kind"], []).append(bool(win))
-  return {k for k, v in ok.items() if len(v) == 2 and all(v)}
+    key = (r["kind"], r["op"])
+    if r["tiling"] == "xla":
+      xla[key] = r["us"]
+    elif r.get("exact"):
+      best[key] = min(best.get(key, float("inf")), r["us"])
+  kinds = {k for k, _ in best}
+  return {k for k in kinds if all(
+      (k, op) in best and (k, op) in xla and best[(k, op)] < xla[(k, op)]
+      for op in ("quantize", "fake_quant"))}
 
 
-def fwd_bwd(run, lj, gq, kind, spec, x, xbytes, bw):
-  """``fake_quant``'s value and straight-through gradient (``jax.vjp``), as a
-  QAT step runs it: XLA's path, then with the dispatch sent to the kernel
-  (which writes the clip mask too where the gradient needs one). GPU only:
-  elsewhere the dispatch never takes the kernel."""
+def _bits_equal(pairs) -> bool:
+  """Whether every (got, want) pair is equal bit for bit: shapes and dtypes
+  on the host, the bits on the device (one jitted comparison, cached by
+  shapes; one bool comes back)."""
+  for a, b in pairs:
+    if a.shape != b.shape or a.dtype != b.dtype:
+      return False
+  return bool(_eq_jit()(tuple(pairs)))
+
+
+_EQ = []
+
+
+def _eq_jit():
+  if not _EQ:
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+    def bits(a):
+      u = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[a.dtype.itemsize]
+      return a if a.dtype == u else jax.lax.bitcast_convert_type(a, u)
+
+    @jax.jit
+    def eq(ps):
+      ok = jnp.asarray(True)
+      for a, b in ps:
+        ok = ok & jnp.array_equal(bits(a), bits(b))
+      return ok
+    _EQ.append(eq)
+  return _EQ[0]
+
+
+def _leaves(out) -> list:
+  """The arrays of a quantize result (codes, scale, tensor scale) or values."""
+  if hasattr(out, "codes"):
+    return [a for a in (out.codes, out.scale, out.tensor_scale) if a is not None]
+  return list(out) if isinstance(out, tuple) else [out]
+
+
+def _cfg_str(c) -> str:
+  return (f"{c.tile_n}:{c.tile_k}:{c.k_per_cta}:{c.stages}"
+          + (":rev" if c.reverse else "") + ("" if c.unroll else ":loop"))
+
+
+def plan(gq, k: int, n: int, dtype, formats: list, extra: list, sweep: bool,
+         smoke: bool) -> list:
+  """The jobs in the order they run: (kind, op, label, config or None for
+  XLA's path). First XLA and the heuristic tiling for quantize and fake_quant
+  of every format (they decide ENABLED), then the tiling sweep of the main
+  formats (``KINDS``), fwd+bwd of those, then the sweep of the rest."""
+  main = [f for f in formats if f in KINDS]
+  rest = [f for f in formats if f not in KINDS]
+  first, sweep_main, fb, sweep_rest = [], [], [], []
+  for kind in main + rest:
+    for op in ("quantize", "fake_quant"):
+      values = op == "fake_quant"
+      cands = gq.candidate_configs(kind, k, n, dtype, values,
+                                   limit=4 if sweep else 1)
+      cands += [c for c in extra if c not in cands]
+      first.append((kind, op, "xla", None))
+      if not cands:
+        continue
+      first.append((kind, op, "default", cands[0]))
+      (sweep_main if kind in KINDS else sweep_rest).extend(
+          (kind, op, _cfg_str(c), c) for c in cands[1:])
+    if kind in KINDS and not smoke:
+      fb.append((kind, "fwd+bwd", "xla", None))
+      fb.append((kind, "fwd+bwd", "kernel", None))
+  return first + sweep_main + fb + sweep_rest
+
+
+def build(run, lj, gq, job, x, interp):
+  """Compiles one job (in a worker thread): (the compiled callable, its
+  arguments, seconds the compile took)."""
+  t = time.time()
+  fn, args = _compile(run, lj, gq, job, x, interp)
+  return fn, args, time.time() - t
+
+
+def _compile(run, lj, gq, job, x, interp):
   jax = run.jax
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  g = jnp.ones_like(x)
+  kind, op, label, cfg = job
+  spec = gq.spec_for(kind)
+  if op == "fwd+bwd":
+    g = jnp.ones_like(x)
 
-  def f(a, ct, s=spec):
-    y, vjp = jax.vjp(lambda b: lj.fake_quant(b, s), a)
-    return y, vjp(ct)[0]
-
-  # Bytes that must move: x and the cotangent read, value and gradient written.
-  row = dict(kind=kind, op="fwd+bwd", tiling="default",
-             roof_us=4 * xbytes / bw / 1e3 if bw else None)
-  t = time.time()
-  try:
+    def f(a, ct):
+      y, vjp = jax.vjp(lambda b: lj.fake_quant(b, spec), a)
+      return y, vjp(ct)[0]
+    with gq.forced(() if label == "xla" else (kind,)):
+      return jax.jit(f).lower(x, g).compile(), (x, g)
+  if label == "xla":
+    f = ((lambda a: lj.quantize(a, spec)) if op == "quantize"
+         else (lambda a: lj.fake_quant(a, spec)))
     with gq.forced(()):
-      fx = jax.jit(f)
-      want = jax.block_until_ready(fx(x, g))
-      row["xla_us"] = run.time_us(fx, x, g)
-    with gq.forced((kind,)):
-      fk = jax.jit(f)
-      got = jax.block_until_ready(fk(x, g))
-      row["kernel_us"] = run.time_us(fk, x, g)
-    row["exact"] = bool(_same(got[0], want[0]) and _same(got[1], want[1]))
-  except Exception as err:  # pylint: disable=broad-except
-    run.failed(row, f"{kind} fwd+bwd", err)
-  run.record(row, t)
-
-
-def _same(a, b) -> bool:
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  a, b = np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)
-  if a.shape != b.shape or a.dtype != b.dtype:
-    return False
-  return a.view(np.uint8).tobytes() == b.view(np.uint8).tobytes()
+      return jax.jit(f).lower(x).compile(), (x,)
+  if op == "quantize":
+    f = lambda a: gq.quantize(a, spec, config=cfg, interpret=interp)
+  else:
+    f = lambda a: gq.fake_quant_forward(a, spec, config=cfg, interpret=interp)
+  return jax.jit(f).lower(x).compile(), (x,)
 
 
 def main(argv):
@@ -238,16 +348,16 @@ def main(argv):
     print("hard limit reached: writing and exiting", flush=True)
     try:
       run.res["errors"].append(dict(item="watchdog", error="hard limit reached"))
-      run.write()
+      finish(run, gq)
     finally:
       os._exit(0)
 
   run = Run()
-  threading.Thread(target=watchdog, daemon=True).start()
   jax = run.jax
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import lowbit_jax as lj  # pylint: disable=g-import-not-at-top
   from lowbit_jax.kernels import gpu_quantize as gq  # pylint: disable=g-import-not-at-top
+  threading.Thread(target=watchdog, daemon=True).start()
 
   k, n = (256, 256) if _SMOKE.value else (int(v) for v in _SHAPE.value.split("x"))
   interp = not run.gpu
@@ -257,6 +367,7 @@ def main(argv):
   x = (x.reshape(k // 16, 16, n) * jnp.exp2(e.astype(jnp.float32))).reshape(k, n)
   x = jax.block_until_ready(x.astype(jnp.bfloat16))
   xbytes = k * n * 2
+  run.res["shape"] = [k, n]
 
   try:
     us = run.time_us(lambda a: a * 2, x)
@@ -266,76 +377,95 @@ def main(argv):
   run.write()
   bw = (run.res["ceiling"] or {}).get("gbps")
 
-  configs = [("default", None)]
+  extra = []
   for c in _CONFIGS.value:
     tn, tk, kpc, st = (int(v) for v in c.split(":"))
-    configs.append((c, gq.Config(tile_n=tn, tile_k=tk, k_per_cta=kpc, stages=st)))
-
-  # quantize and fake_quant of every format first (they decide ENABLED),
-  # then fwd+bwd of every format.
-  order = [(kind, ops) for ops in (("quantize", "fake_quant"), ("fwd+bwd",))
-           for kind in (_FORMATS.value or list(KINDS))]
-  for kind, ops in order:
-    fmt, kw = KINDS[kind]
-    spec = lj.QuantSpec(fmt, axis=0, **kw)
-    for op in ops:
-      if time.time() - T0 > _BUDGET.value:
-        run.res["errors"].append(dict(item=f"{kind} {op}", error="skipped: time budget"))
-        continue
-      ref = None
-      xla_us = None
-      if op == "fwd+bwd":
-        if run.gpu or _SMOKE.value:  # (smoke: the dispatch stays on XLA's path)
-          fwd_bwd(run, lj, gq, kind, spec, x, xbytes, bw)
-        continue
-      try:
-        with gq.forced(()):
-          if op == "quantize":
-            f_xla = jax.jit(lambda a, s=spec: lj.quantize(a, s))
-          else:
-            f_xla = jax.jit(lambda a, s=spec: lj.fake_quant(a, s))
-          ref = jax.block_until_ready(f_xla(x))
-          xla_us = run.time_us(f_xla, x) if run.gpu or _SMOKE.value else None
-      except Exception as err:  # pylint: disable=broad-except
-        traceback.print_exc()
-        run.res["errors"].append(dict(item=f"{kind} {op} xla",
-                                      error=f"{type(err).__name__}: {err}"[:400]))
-      if op == "quantize" and ref is not None:
-        out_bytes = ref.codes.size * ref.codes.dtype.itemsize + (
-            ref.scale.size * ref.scale.dtype.itemsize)
+    extra.append(gq.Config(tile_n=tn, tile_k=tk, k_per_cta=kpc, stages=st))
+  formats = _FORMATS.value or (list(KINDS) if _SMOKE.value else
+                               list(KINDS) + [f for f in gq.supported_kinds()
+                                              if f not in KINDS])
+  jobs = plan(gq, k, n, x.dtype, formats, extra, _SWEEP.value, _SMOKE.value)
+  run.log(f"{len(jobs)} jobs")
+  # Compiles run ahead in worker threads (each variant compiled once); the
+  # main thread checks and times them in order, one at a time on the device.
+  pool = concurrent.futures.ThreadPoolExecutor(max_workers=_WORKERS.value)
+  futs = [pool.submit(build, run, lj, gq, j, x, interp) for j in jobs]
+  refs = {}   # (kind, op) -> XLA's outputs
+  for job, fut in zip(jobs, futs):
+    kind, op, label, cfg = job
+    if time.time() - T0 > _BUDGET.value:
+      run.res["skipped"].append(f"{kind} {op} {label}")
+      continue
+    t = time.time()
+    row = dict(kind=kind, op=op, tiling=label)
+    try:
+      fn, args, row["compile_s"] = fut.result()
+      row["wait_s"] = round(time.time() - t, 2)  # for the compile, after the last item
+      t1 = time.time()
+      out = jax.block_until_ready(fn(*args))
+      row["first_call_s"] = round(time.time() - t1, 2)
+      row["compile_s"] = round(row["compile_s"], 2)
+      if label == "xla":
+        refs[(kind, op)] = out
+        if op == "quantize":
+          ob = sum(a.size * a.dtype.itemsize for a in _leaves(out)[:2])
+        else:
+          ob = xbytes * (3 if op == "fwd+bwd" else 1)
+        row["roof_us"] = (xbytes + ob) / bw / 1e3 if bw else None
       else:
-        out_bytes = xbytes
-      roof_us = (xbytes + out_bytes) / bw / 1e3 if bw else None
-      for label, cfg in configs:
-        if time.time() - T0 > _BUDGET.value:
-          break
-        row = dict(kind=kind, op=op, tiling=label, xla_us=xla_us, roof_us=roof_us)
-        t = time.time()
-        try:
-          if op == "quantize":
-            f_k = jax.jit(lambda a, s=spec, c=cfg: gq.quantize(a, s, config=c,
-                                                               interpret=interp))
-            got = jax.block_until_ready(f_k(x))
-            exact = ref is not None and _same(got.codes, ref.codes) and _same(
-                got.scale, ref.scale) and (
-                    (got.tensor_scale is None and ref.tensor_scale is None)
-                    or _same(got.tensor_scale, ref.tensor_scale))
-          else:
-            f_k = jax.jit(lambda a, s=spec, c=cfg: gq.fake_quant_forward(
-                a, s, config=c, interpret=interp))
-            got = jax.block_until_ready(f_k(x))
-            exact = ref is not None and _same(got, ref)
-          row["exact"] = bool(exact)
-          used = cfg or gq.default_config(kind, k, n, x.dtype, op == "fake_quant")
-          row["tiling_used"] = (f"{used.tile_n}:{used.tile_k}:{used.k_per_cta}:"
-                                f"{used.stages}")
-          row["kernel_us"] = run.time_us(f_k, x)
-        except Exception as err:  # pylint: disable=broad-except
-          run.failed(row, f"{kind} {op} {label}", err)
-        run.record(row, t)
+        ref = refs.get((kind, op if op != "fwd+bwd" else "fwd+bwd"))
+        row["exact"] = ref is not None and _bits_equal(
+            list(zip(_leaves(out), _leaves(ref))))
+        if cfg is not None:
+          row["tiling_used"] = _cfg_str(cfg)
+      if run.gpu or _SMOKE.value:
+        row["us"] = run.time_us_compiled(fn, *args)
+    except Exception as err:  # pylint: disable=broad-except
+      run.failed(row, f"{kind} {op} {label}", err)
+    run.record(row, t)
+  pool.shutdown(wait=False, cancel_futures=True)
+  finish(run, gq)
+  print(f"wrote {run.stem}.md/.json in {time.time() - T0:.0f} s", flush=True)
+  os._exit(0)  # (compiles of skipped jobs may still be running)
+
+
+def finish(run, gq):
+  """Final files: ENABLED in the results, and the tiling table."""
   run.res["enabled"] = sorted(enabled_from(run.res))
   run.write()
-  print(f"wrote {run.stem}.md/.json in {time.time() - T0:.0f} s", flush=True)
+  if _WRITE_CONFIGS.value:
+    path = os.path.join(_OUT_DIR.value, "gpu_quantize_configs.json")
+    with open(path, "w") as f:
+      json.dump(config_table(run.res), f, indent=1)
+
+
+def config_table(res: dict) -> dict:
+  """The dispatcher's data (``gpu_quantize_configs.json``): per format and
+  operation the fastest exact tiling of the run, and the formats to enable."""
+  ent = {}
+  for r in res["rows"]:
+    if r["op"] == "fwd+bwd" or r["tiling"] == "xla" or not r.get("exact") or (
+        r.get("us") is None):
+      continue
+    cur = ent.setdefault(r["kind"], {}).get(r["op"])
+    if cur is None or r["us"] < cur["kernel_us"]:
+      parts = r["tiling_used"].split(":")
+      tn, tk, kpc, st = (int(v) for v in parts[:4])
+      ent[r["kind"]][r["op"]] = dict(tile_n=tn, tile_k=tk, k_per_cta=kpc,
+                                     stages=st, reverse="rev" in parts[4:],
+                                     unroll="loop" not in parts[4:],
+                                     kernel_us=round(r["us"], 2),
+                                     xla_us=_xla_us(res, r["kind"], r["op"]))
+  return dict(device=res["device"], jax=res["jax"], command=res["command"],
+              shape=res.get("shape"), started=res["started"],
+              enabled=sorted(enabled_from(res)), entries=ent)
+
+
+def _xla_us(res, kind, op):
+  for r in res["rows"]:
+    if r["kind"] == kind and r["op"] == op and r["tiling"] == "xla":
+      return r.get("us")
+  return None
 
 
 if __name__ == "__main__":

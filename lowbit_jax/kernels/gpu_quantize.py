@@ -33,9 +33,20 @@ they are IEEE divisions, as the CPU reference's.
 
 NVFP4's tensor scale needs the amax of the whole tensor before any block can
 be scaled: XLA reduces it first (one read of ``x``), the kernel takes the
-derived scalars, so NVFP4 costs two reads of ``x`` against one for the other
-formats. Per-channel and per-tensor scales (``int8`` per channel, ``fp8``
-per channel) need the whole axis for their amax: they are not taken here.
+derived scalars, so NVFP4 costs two reads of ``x`` against one for the block
+formats. Per-channel scales (one per column of axis 0's whole length:
+``int8``/``int4``/``int3``/``int2``, ``fp8_e4m3``/``fp8_e5m2``; ids
+``<format>_pc``) and per-tensor ones (the 8-bit formats; ``<format>_pt``)
+likewise: their block does not fit on chip, so core's own ``_grid`` computes
+the scale (XLA keeps only its amax reduction and scale arithmetic, so the
+scale is the reference's bit for bit), and the kernel divides by it
+(``div.full.f32``, as XLA's ``x / s``), rounds, packs along axis 0 as
+``_qarray.pack`` does (two int4, four int2 or eight int3 codes per unit) and
+writes codes or values in one pass (``Config.reverse`` walks the grid from
+the last rows, which the amax pass may have left in L2). Two passes read
+``x`` twice: bf16 int8 per channel moves 2 + 2 + 1 bytes per element against
+the roofline's 2 + 1, so its quantize reaches at most 60% of the roofline
+unless the L2 serves part of the second read (fake_quant: 6 against 4, 67%).
 
 ``dispatch(x, spec, ...)`` is what ``lowbit_jax.quantize`` and ``fake_quant``
 ask on every call: a kernel runs only on a GPU backend, for a format in
@@ -56,7 +67,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import math
+import os
 import threading
 from typing import Optional
 
@@ -68,7 +81,7 @@ from jax import lax
 
 from lowbit_jax.core import _cast
 from lowbit_jax.core import _quantize as _q
-from lowbit_jax.core._qarray import QArray, normalize_axis
+from lowbit_jax.core._qarray import QArray, default_pack_axis, normalize_axis, pack_unit
 from lowbit_jax.core._spec import QuantSpec, as_spec
 from lowbit_jax.formats import BlockFormat, FloatFormat, IntFormat
 from lowbit_jax.kernels import _gpu_common as common
@@ -80,8 +93,10 @@ from lowbit_jax.kernels import _gpu_common as common
 # quantize 134.3 -> 57.5 us, fake_quant 187.3 -> 79.4 us, both exact. int4 g128
 # quantize was exact and 1.18x faster (122.4 -> 103.8 us) but its fake_quant
 # was not timed (the run's time budget), and the other formats were not
-# reached: they stay on XLA's path until measured.
-ENABLED: frozenset = frozenset({"mxfp8_e4m3"})
+# reached: they stay on XLA's path until measured. Where the measured tiling
+# table (gpu_quantize_configs.json, ``_table``) exists, its "enabled" list,
+# written by the same bench (--write_configs) from a whole run, replaces it.
+_ENABLED_MEASURED = frozenset({"mxfp8_e4m3"})
 
 _F32_MAX = np.float32(np.finfo(np.float32).max)
 _E4M3_MAX = 448.0
@@ -103,21 +118,28 @@ class Config:
     stages: input tiles in flight (TMA loads ahead of the compute).
     unroll: unroll the row loops in Python (the GPU build; the interpreter
       compiles faster with loops).
+    reverse: walk the grid in reverse order (last rows first). For the
+      per-channel and per-tensor formats, whose scale XLA reduces first in
+      its own pass over ``x``: the kernel's first reads may then hit the L2
+      lines that reduction read last.
   """
   tile_n: int = 256
   tile_k: int = 64
   k_per_cta: int = 512
   stages: int = 2
   unroll: bool = True
+  reverse: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class _Kind:
   """What the kernel computes for one format (static)."""
-  kind: str        # the id, e.g. "mxfp8_e4m3", "int4_g128"
-  scale: str       # "e8m0" | "float32" | "nvfp4"
-  elem: str        # "fp8" | "fp4" | "fp6" | "int"
-  block: int       # rows per scale block
+  kind: str        # the id, e.g. "mxfp8_e4m3", "int4_g128", "int8_pc"
+  scale: str       # "e8m0" | "float32" | "nvfp4" | "given" (per channel or
+                   # per tensor: XLA computes it before the kernel)
+  elem: str        # "fp8" | "fp4" | "fp6" | "int" | "uint" (asymmetric, with
+                   # a zero point)
+  block: int       # rows per scale block (0: all of them)
   fmt: object      # the element Format
   bits: int        # stored bits per code (8, 6 or 4)
   rounding: str    # E8M0 scale rounding
@@ -139,14 +161,51 @@ def kind_of(spec: QuantSpec, ndim: int = 2) -> Optional[str]:
   return None if k is None else k.kind
 
 
+_GIVEN_INTS = ("int8", "int4", "int3", "int2")
+_GIVEN_FP8 = ("fp8_e4m3", "fp8_e5m2")
+
+
+def _never_clips(kd: _Kind) -> bool:
+  """Whether the straight-through gradient needs no clip mask (core's
+  ``_never_clips`` for the default keywords): symmetric per-channel and
+  per-tensor scales hold their whole range."""
+  return kd.scale == "given" and kd.elem != "uint"
+
+
+def _given_kind(spec: QuantSpec, ax) -> Optional[_Kind]:
+  """Per-channel (one scale per column of axis 0's whole length) and
+  per-tensor float32 scales: ``<format>_pc`` / ``<format>_pt``."""
+  fmt = spec.format
+  if spec.scale_dtype != "float32" or spec.group_size is not None:
+    return None
+  if not spec.symmetric:  # uint8 with a zero point
+    if fmt.name != "uint8" or spec.storage_format.name != "uint8":
+      return None
+    fmt = spec.storage_format
+    elem = "uint"
+  elif isinstance(fmt, IntFormat) and fmt.name in _GIVEN_INTS:
+    elem = "int"
+  elif isinstance(fmt, FloatFormat) and fmt.name in _GIVEN_FP8:
+    elem = "fp8"
+  else:
+    return None
+  if ax == 0:
+    return _Kind(f"{fmt.name}_pc", "given", elem, 0, fmt, fmt.bits, "floor")
+  if ax is None and fmt.bits == 8:  # (packed codes run along the last axis)
+    return _Kind(f"{fmt.name}_pt", "given", elem, 0, fmt, fmt.bits, "floor")
+  return None
+
+
 def _kind(spec: QuantSpec, ndim: int) -> Optional[_Kind]:
-  if spec.tile is not None or not spec.symmetric or ndim < 2:
+  if spec.tile is not None or ndim < 2:
     return None
   try:
     ax = normalize_axis(spec.axis, ndim)
   except ValueError:
     return None
-  if ax != 0 or spec.group_size not in _GROUPS:
+  if spec.group_size is None and (ax == 0 or ax is None):
+    return _given_kind(spec, ax)
+  if not spec.symmetric or ax != 0 or spec.group_size not in _GROUPS:
     return None
   fmt = spec.format
   g = spec.group_size
@@ -179,23 +238,71 @@ def supported_kinds() -> tuple:
   out = ["mxfp8_e4m3", "mxfp4", "nvfp4"]
   out += [f"fp4_e2m1_g{g}" for g in _GROUPS]
   out += [f"{f}_g{g}" for f in _INT_FORMATS for g in _GROUPS]
+  out += [f"{f}_pc" for f in _GIVEN_INTS + _GIVEN_FP8 + ("uint8",)]
+  out += [f"{f}_pt" for f in ("int8",) + _GIVEN_FP8 + ("uint8",)]
   return tuple(out + ["mxint8", "mxfp6_e2m3"])
+
+
+def spec_for(kind: str) -> QuantSpec:
+  """The QuantSpec (blocks along axis 0) whose ``kind_of`` is ``kind``.
+
+  Raises:
+    ValueError: ``kind`` is not one of ``supported_kinds()``.
+  """
+  if kind not in supported_kinds():
+    raise ValueError(f"unknown kernel format {kind!r}; one of {supported_kinds()}")
+  if kind.endswith("_pc"):
+    return QuantSpec(kind[:-3], axis=0)
+  if kind.endswith("_pt"):
+    return QuantSpec(kind[:-3])
+  if "_g" in kind:
+    fmt, g = kind.rsplit("_g", 1)
+    return QuantSpec(fmt, axis=0, group_size=int(g))
+  return QuantSpec(kind, axis=0)
+
+
+@functools.lru_cache(maxsize=None)
+def _kind_by_id(kind: str) -> _Kind:
+  return _kind(spec_for(kind), 2)
 
 
 # ---------------------------------------------------------------------------
 # Tiling
 
 
+TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                          "gpu_quantize_configs.json")
+
+
+@functools.lru_cache(maxsize=None)
+def _table() -> dict:
+  """The measured tilings (``gpu_quantize_configs.json`` beside this file,
+  written by ``experiments/bench_gpu_quantize.py --write_configs``); empty
+  where there is none."""
+  if not os.path.exists(TABLE_PATH):
+    return {}
+  with open(TABLE_PATH) as f:
+    return json.load(f)
+
+
+def _fits(kind: str, k: int, n: int, x_dtype, cfg: Config, values: bool) -> bool:
+  """Whether ``cfg`` tiles ``[k, n]`` within the kernel's limits."""
+  kd = _kind_by_id(kind)
+  try:
+    _check_config(kd, k, n, x_dtype, cfg, not values, values,
+                  values and not _never_clips(kd))
+  except ValueError:
+    return False
+  return True
+
+
 def default_config(kind: str, k: int, n: int, x_dtype,
                    values: bool = False) -> Optional[Config]:
-  """A tiling for ``[k, n]`` (None where none fits).
+  """The tiling for ``[k, n]`` (None where none fits).
 
-  One block per step (at least 32 rows), so that a CTA's shared memory stays
-  small and several CTAs share an SM (one warpgroup each); 256 columns (128
-  for blocks of 128, whose tiles are four times taller), or 128 where two
-  stages would not fit in shared memory. Rows per CTA: as many steps as keep
-  the grid at 4 CTAs per SM or more on 132 SMs. Not tuned on a GPU yet:
-  ``experiments/bench_gpu_quantize.py --configs`` times others.
+  The measured one where ``gpu_quantize_configs.json`` (see ``_table``) has an
+  entry for the format and operation that fits this shape, otherwise
+  ``heuristic_config``.
 
   Args:
     kind: an id of ``supported_kinds()``.
@@ -203,6 +310,32 @@ def default_config(kind: str, k: int, n: int, x_dtype,
     x_dtype: bfloat16 or float32.
     values: the fake_quant forward (values out) instead of quantize (codes
       and scales out).
+  """
+  ent = _table().get("entries", {}).get(kind, {}).get(
+      "fake_quant" if values else "quantize")
+  if ent:
+    cfg = Config(tile_n=ent["tile_n"], tile_k=ent["tile_k"],
+                 k_per_cta=ent["k_per_cta"], stages=ent["stages"],
+                 reverse=bool(ent.get("reverse", False)),
+                 unroll=bool(ent.get("unroll", True)))
+    if _fits(kind, k, n, x_dtype, cfg, values):
+      return cfg
+  return heuristic_config(kind, k, n, x_dtype, values)
+
+
+def heuristic_config(kind: str, k: int, n: int, x_dtype,
+                     values: bool = False) -> Optional[Config]:
+  """A tiling for ``[k, n]`` from the kernel's limits alone (None where none
+  fits).
+
+  One block per step (at least 32 rows), so that a CTA's shared memory stays
+  small and several CTAs share an SM (one warpgroup each); 256 columns (128
+  for blocks of 128, whose tiles are four times taller), or 128 where two
+  stages would not fit in shared memory. Rows per CTA: as many steps as keep
+  the grid at 4 CTAs per SM or more on 132 SMs.
+
+  Args:
+    As ``default_config``.
   """
   block = _block_of(kind)
   tk = max(block, 32)
@@ -213,8 +346,7 @@ def default_config(kind: str, k: int, n: int, x_dtype,
     if n % tn:
       continue
     cfg = Config(tile_n=tn, tile_k=tk, k_per_cta=tk, stages=st)
-    if _smem(block, _bits_of(kind), kind.endswith(tuple(f"_g{g}" for g in _GROUPS)),
-             x_dtype, cfg, not values, values, values) <= MAX_SMEM_BYTES:
+    if _fits(kind, k, n, x_dtype, dataclasses.replace(cfg, k_per_cta=k), values):
       break
   else:
     return None
@@ -228,13 +360,58 @@ def default_config(kind: str, k: int, n: int, x_dtype,
   return dataclasses.replace(cfg, k_per_cta=tk * per)
 
 
+# The formats the dispatcher sends to the kernel (see _ENABLED_MEASURED).
+ENABLED: frozenset = frozenset(_table().get("enabled", _ENABLED_MEASURED))
+
+
+def candidate_configs(kind: str, k: int, n: int, x_dtype, values: bool = False,
+                      limit: int = 4) -> list:
+  """Tilings worth timing for ``[k, n]`` (at most ``limit``, the heuristic's
+  first): the heuristic, the table's entry, then (per-channel and per-tensor
+  formats) the grid reversed, (blocks of 64 and 128) the rows in a loop,
+  (blocks of 128) one stage and 256 columns, and
+  one more and one fewer stage (more CTAs per SM), the other ``tile_n``, and
+  twice the rows per CTA; only those within the kernel's shared-memory and
+  shape limits."""
+  base = heuristic_config(kind, k, n, x_dtype, values)
+  if base is None:
+    return []
+  out = [base]
+  tab = default_config(kind, k, n, x_dtype, values)
+  rep = dataclasses.replace
+  more = [rep(base, stages=1), rep(base, stages=3),
+          rep(base, tile_n=384 - base.tile_n), rep(base, k_per_cta=2 * base.k_per_cta)]
+  if _block_of(kind) == 0:  # a scale reduced by XLA first: its L2 lines
+    more = [rep(base, reverse=True), rep(base, tile_k=64, reverse=True)] + more
+  elif _block_of(kind) >= 128:
+    # Tall tiles: rows in a loop, not unrolled (a block of 128 unrolled rows
+    # is some 10x the code of the loop: the instruction cache); two stages
+    # of 128 x 128 allow 2 CTAs per SM of one column per thread, one stage
+    # 5 of them; 256 columns, two columns per thread.
+    more = [rep(base, unroll=False), rep(base, stages=1),
+            rep(base, tile_n=256, stages=1), rep(base, tile_n=256)] + more
+  elif _block_of(kind) >= 64:
+    more = [rep(base, unroll=False)] + more
+  for c in [tab] + more:
+    if len(out) >= limit:
+      break
+    if c is not None and c not in out and _fits(kind, k, n, x_dtype, c, values):
+      out.append(c)
+  return out
+
+
 def _bits_of(kind: str) -> int:
   if kind in ("mxfp4", "nvfp4") or kind.startswith(("fp4_", "int4_")):
     return 4
+  if kind.startswith(("int3_", "int2_")):
+    return int(kind[3])
   return 6 if kind == "mxfp6_e2m3" else 8
 
 
 def _block_of(kind: str) -> int:
+  """Rows per scale block (0: a scale given for the whole axis)."""
+  if kind.endswith(("_pc", "_pt")):
+    return 0
   if kind == "nvfp4":
     return 16
   if kind.startswith("mx"):
@@ -243,8 +420,8 @@ def _block_of(kind: str) -> int:
 
 
 def _units(bits: int) -> tuple:
-  """(rows in, rows out) of one packing unit along axis 0."""
-  return {8: (1, 1), 4: (2, 1), 6: (4, 3)}[bits]
+  """(rows in, rows out) of one packing unit along axis 0 (``QArray``'s)."""
+  return pack_unit(bits) if bits != 8 else (1, 1)
 
 
 def _smem(block: int, bits: int, f32_scale: bool, x_dtype, cfg: Config,
@@ -255,21 +432,26 @@ def _smem(block: int, bits: int, f32_scale: bool, x_dtype, cfg: Config,
   if codes:
     ui, uo = _units(bits)
     per += cfg.tile_k * uo // ui * cfg.tile_n
-    per += cfg.tile_k // block * cfg.tile_n * (4 if f32_scale else 1)
+    if block:
+      per += cfg.tile_k // block * cfg.tile_n * (4 if f32_scale else 1)
   if values:
     per += cfg.tile_k * cfg.tile_n * xb
   if mask:
     per += cfg.tile_k * cfg.tile_n
-  return cfg.stages * per + 1024
+  given = 0 if block else cfg.tile_n * 4  # the scale row, read once
+  return cfg.stages * per + given + 1024
 
 
 def _check_config(kd: _Kind, k: int, n: int, x_dtype, cfg: Config, codes: bool,
                   values: bool, mask: bool = False) -> None:
   if cfg.tile_n not in (128, 256):
     raise ValueError(f"tile_n must be 128 or 256, got {cfg.tile_n}")
-  if cfg.tile_k % kd.block or cfg.tile_k > 256:
+  if (kd.block and cfg.tile_k % kd.block) or cfg.tile_k > 256:
     raise ValueError(f"tile_k={cfg.tile_k} must be a multiple of the block "
                      f"{kd.block} and at most 256")
+  if mask and _never_clips(kd):
+    raise ValueError(f"{kd.kind} never clips (its scale holds the whole axis): "
+                     "there is no clip mask to write")
   ui, _ = _units(kd.bits)
   if cfg.tile_k % ui:
     raise ValueError(f"tile_k={cfg.tile_k} must be a multiple of {ui}")
@@ -459,8 +641,8 @@ def _elem_codes_values(kd: _Kind, y, want_codes: bool, want_values: bool):
   fmt = kd.fmt
   codes = vals = None
   if kd.elem == "fp8":
-    c8 = jnp.clip(y, np.float32(-_E4M3_MAX), np.float32(_E4M3_MAX)).astype(
-        jnp.float8_e4m3fn)
+    m = np.float32(fmt.max)
+    c8 = jnp.clip(y, -m, m).astype(_code_dtype(kd))
     codes = c8
     if want_values:
       vals = c8.astype(jnp.float32)
@@ -474,13 +656,14 @@ def _elem_codes_values(kd: _Kind, y, want_codes: bool, want_values: bool):
     vals = q
     if want_codes:
       codes = _cast._encode_float_grid(q, fmt)
-  else:  # integers (int4 / int8; MXINT8's int8 with 6 fraction bits)
+  else:  # integers (int2..int8; MXINT8's int8 with 6 fraction bits; uint8)
     f = float(1 << fmt.frac_bits)
     lim = float(fmt.qmax)
-    q = jnp.clip(jnp.round(y * np.float32(f)), np.float32(-lim), np.float32(lim))
+    lo = np.float32(0.0 if kd.elem == "uint" else -lim)
+    q = jnp.clip(jnp.round(y * np.float32(f)), lo, np.float32(lim))
     if want_codes:
       ci = jnp.where(jnp.isnan(q), np.float32(0.0), q).astype(jnp.int32)
-      codes = ci.astype(jnp.int8) if kd.bits == 8 else (
+      codes = ci.astype(_code_dtype(kd)) if kd.bits == 8 else (
           ci.astype(jnp.uint32) & np.uint32((1 << kd.bits) - 1))
     if want_values:
       vals = q * np.float32(1.0 / f)
@@ -493,12 +676,16 @@ def _pack_rows(kd: _Kind, codes: list) -> list:
     return codes
   if kd.bits == 4:
     return [(codes[0] | (codes[1] << np.uint32(4))).astype(jnp.uint8)]
-  out = []  # 6-bit: four codes in three bytes, little-endian bit order
-  for j in range(3):
+  # _qarray.pack's layout: a unit's codes little-endian in its bytes (6-bit:
+  # four codes in three bytes; 3-bit: eight in three; 2-bit: four in one).
+  n_codes, n_bytes = pack_unit(kd.bits)
+  b = kd.bits
+  out = []
+  for j in range(n_bytes):
     acc = None
-    for i in range(4):
-      lo = 6 * i - 8 * j
-      if lo >= 8 or lo + 6 <= 0:
+    for i in range(n_codes):
+      lo = b * i - 8 * j
+      if lo >= 8 or lo + b <= 0:
         continue
       term = codes[i] << np.uint32(lo) if lo >= 0 else codes[i] >> np.uint32(-lo)
       acc = term if acc is None else acc | term
@@ -508,8 +695,8 @@ def _pack_rows(kd: _Kind, codes: list) -> list:
 
 def _code_dtype(kd: _Kind):
   if kd.elem == "fp8":
-    return jnp.float8_e4m3fn
-  if kd.bits == 8:
+    return jnp.dtype(kd.fmt.ml_dtype)
+  if kd.bits == 8 and kd.elem != "uint":
     return jnp.int8
   return jnp.uint8
 
@@ -535,12 +722,15 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
   interp = interpret is not None
   xdt = jnp.dtype(x_dtype)
   tn, tk, kc, st = cfg.tile_n, cfg.tile_k, cfg.k_per_cta, cfg.stages
-  bs = kd.block
+  given = kd.scale == "given"  # per channel / tensor: one tile is one "block"
+  bs = kd.block or tk
   nb = tk // bs
   steps = kc // tk
   ui, uo = _units(kd.bits)
   crow = tk * uo // ui
-  has_scal = kd.scale == "nvfp4"
+  has_scal = kd.scale in ("nvfp4", "given")
+  scale_out = want_codes and not given
+  g_rows = 2 if kd.elem == "uint" else 1  # (scale, zero point) rows
   unroll = cfg.unroll and not interp
 
   def row(ref, r):
@@ -553,12 +743,27 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
       a = jnp.abs(row(x_ref, r0 + r))
       return jnp.maximum(m, jnp.where(a <= _F32_MAX, a, np.float32(np.inf)))
 
-    a0 = jnp.abs(row(x_ref, r0))
-    m = jnp.where(a0 <= _F32_MAX, a0, np.float32(np.inf))
-    m = _loop(1, bs, amax_body, m, unroll)
-    stored, to_grid, from_grid, clip = _block_scale(kd, m, scal, interp, tn)
-    if want_codes:
-      s_ref[b] = stored.astype(s_ref.dtype)
+    if given and kd.elem == "uint":
+      # Scale and zero-point rows from XLA (core's _grid_asym): y = x / s +
+      # zp, values (q - zp) * s, clipped where y leaves [-0.5, max + 0.5].
+      sv, zp = scal
+      hi = np.float32(kd.fmt.qmax + 0.5)
+      to_grid = lambda r: _div_full(r, sv, interp, tn) + zp  # noqa: E731
+      from_grid = lambda q: (q - zp) * sv  # noqa: E731
+      clip = lambda r, y: (y < np.float32(-0.5)) | (y > hi)  # noqa: E731
+    elif given:
+      # The scale row XLA computed (core's own code): y = x / s as core's
+      # _div_data divides, values q * s as core's _values.
+      to_grid = lambda r: _div_full(r, scal, interp, tn)  # noqa: E731
+      from_grid = lambda q: q * scal  # noqa: E731
+      clip = None
+    else:
+      a0 = jnp.abs(row(x_ref, r0))
+      m = jnp.where(a0 <= _F32_MAX, a0, np.float32(np.inf))
+      m = _loop(1, bs, amax_body, m, unroll)
+      stored, to_grid, from_grid, clip = _block_scale(kd, m, scal, interp, tn)
+      if want_codes:
+        s_ref[b] = stored.astype(s_ref.dtype)
 
     def unit_body(u, carry):
       codes = []
@@ -587,7 +792,8 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
       """(codes, scales, values, mask) refs, None for those not produced."""
       c = s = v = None
       if want_codes:
-        c, s = refs.pop(0), refs.pop(0)
+        c = refs.pop(0)
+        s = refs.pop(0) if scale_out else None
       if want_values:
         v = refs.pop(0)
       return c, s, v, (refs.pop(0) if want_mask else None)
@@ -600,10 +806,19 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
     bar = refs.pop(0)
     ni = lax.axis_index("n")
     ki = lax.axis_index("k")
+    if cfg.reverse:
+      ni = n // tn - 1 - ni
+      ki = k // kc - 1 - ki
     col = pl.ds(pl.multiple_of(ni * tn, tn), tn)
     row0 = ki * kc
     scal = None
-    if has_scal:
+    if given:  # the scale row of this CTA's columns, read once
+      sc_smem, sc_bar = refs.pop(0), refs.pop(0)
+      plgpu.copy_gmem_to_smem(sc_gmem.at[pl.ds(0, g_rows), col], sc_smem,
+                              sc_bar.at[0])
+      plgpu.barrier_wait(sc_bar.at[0])
+      scal = sc_smem[0] if g_rows == 1 else (sc_smem[0], sc_smem[1])
+    elif has_scal:
       scal = tuple(sc_gmem[i] for i in range(6))
 
     def fetch(i, slot):
@@ -619,7 +834,7 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
       plgpu.wait_smem_to_gmem(st - 1, wait_read_only=True)
       xs = x_smem.at[slot]
       cs = c_smem.at[slot] if want_codes else None
-      ss = s_smem.at[slot] if want_codes else None
+      ss = s_smem.at[slot] if scale_out else None
       vs = v_smem.at[slot] if want_values else None
       ms = m_smem.at[slot] if want_mask else None
 
@@ -633,6 +848,7 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
       if want_codes:
         plgpu.copy_smem_to_gmem(
             cs, c_gmem.at[pl.ds(r // ui * uo, crow), col], commit_group=False)
+      if scale_out:
         plgpu.copy_smem_to_gmem(
             ss, s_gmem.at[pl.ds(r // bs, nb), col], commit_group=False)
       if want_values:
@@ -653,10 +869,11 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
 
   out_types, scratch = [], [plgpu.SMEM((st, tk, tn), xdt)]
   if want_codes:
-    out_types += [jax.ShapeDtypeStruct((k * uo // ui, n), _code_dtype(kd)),
-                  jax.ShapeDtypeStruct((k // bs, n), _scale_dtype(kd))]
-    scratch += [plgpu.SMEM((st, crow, tn), _code_dtype(kd)),
-                plgpu.SMEM((st, nb, tn), _scale_dtype(kd))]
+    out_types.append(jax.ShapeDtypeStruct((k * uo // ui, n), _code_dtype(kd)))
+    scratch.append(plgpu.SMEM((st, crow, tn), _code_dtype(kd)))
+  if scale_out:
+    out_types.append(jax.ShapeDtypeStruct((k // bs, n), _scale_dtype(kd)))
+    scratch.append(plgpu.SMEM((st, nb, tn), _scale_dtype(kd)))
   if want_values:
     out_types.append(jax.ShapeDtypeStruct((k, n), xdt))
     scratch.append(plgpu.SMEM((st, tk, tn), xdt))
@@ -664,6 +881,9 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
     out_types.append(jax.ShapeDtypeStruct((k, n), jnp.uint8))
     scratch.append(plgpu.SMEM((st, tk, tn), jnp.uint8))
   scratch.append(plgpu.Barrier(num_arrivals=1, num_barriers=st))
+  if given:
+    scratch += [plgpu.SMEM((g_rows, tn), jnp.float32),
+                plgpu.Barrier(num_arrivals=1, num_barriers=1)]
   extra = {} if interpret is None else {"interpret": interpret}
   kern = plgpu.kernel(body, out_type=tuple(out_types), scratch_types=scratch,
                       grid=(n // tn, k // kc), grid_names=("n", "k"), **extra)
@@ -706,6 +926,30 @@ def _nvfp4_scalars(x2, tensor_amax):
 
 
 # ---------------------------------------------------------------------------
+# Per-channel and per-tensor scales (XLA, before the kernel)
+
+
+def _given_scale(x, spec: QuantSpec, n: int):
+  """(stored scale, zero point or None, float32 ``[rows, n]`` kernel input)
+  of a per-channel or per-tensor spec, from core's own ``_grid``: XLA keeps
+  only its range reduction and scale arithmetic (the rest of ``_grid`` is
+  unused and removed), so scale and zero point are the reference's bit for
+  bit. The kernel input holds the scale row, and for asymmetric specs the
+  zero point's row under it. ``n``: the columns of ``x`` flattened to
+  ``[K, n]``."""
+  xp, spec, bs, valid, _ = _q._prepare(x, spec)  # pylint: disable=protected-access
+  _, total, stored, zp, _, _ = _q._grid(xp, spec, bs, valid, None, None, None,  # pylint: disable=protected-access
+                                        for_codes=True)
+  # core divides by where(s == 0, 1, s) (symmetric) or s; s is never 0 for
+  # these formats (1 where the range is 0), kept for the same numbers.
+  s = jnp.where(total == 0, np.float32(1.0), total)
+  rows = [jnp.broadcast_to(s.reshape(1, -1), (1, n))]
+  if zp is not None:
+    rows.append(jnp.broadcast_to(zp.astype(jnp.float32).reshape(1, -1), (1, n)))
+  return stored, zp, jnp.concatenate(rows, axis=0)
+
+
+# ---------------------------------------------------------------------------
 # Public entry points
 
 
@@ -715,8 +959,9 @@ def _setup(x, spec, tensor_amax, config, values: bool):
   kd = _kind(spec, x.ndim)
   if kd is None:
     raise ValueError(f"the one-pass quantizer takes block scales along axis 0 "
-                     f"(MX, NVFP4, int4/int8/fp4 groups of {_GROUPS}); got "
-                     f"{spec}")
+                     f"(MX, NVFP4, int4/int8/fp4 groups of {_GROUPS}), "
+                     f"per-channel scales of axis 0 ({_GIVEN_INTS + _GIVEN_FP8}) "
+                     f"or per-tensor 8-bit ones; got {spec}")
   if x.dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
     raise ValueError(f"the one-pass quantizer takes bfloat16 or float32 arrays, "
                      f"got {x.dtype}; use lowbit_jax.quantize")
@@ -751,26 +996,31 @@ def _run(x, spec, tensor_amax, config, interpret, values: bool,
   ui, uo = _units(kd.bits)
   rest = x.shape[1:]
   nvfp4 = kd.scale == "nvfp4"
+  given = kd.scale == "given"
+  asym = kd.elem == "uint"
 
   def kernel(xa, *ta):
     x2 = xa.reshape(k, n)
-    t = scal = None
+    t = scal = stored = zp = None
     if nvfp4:
       t, scal = _nvfp4_scalars(x2, ta[0] if ta else None)
-    outs = fn(x2, scal)
+    if given:
+      stored, zp, scal = _given_scale(xa, spec, n)
+    outs = list(fn(x2, scal))
     res = ()
     if codes:
-      c, scale = outs[0], outs[1]
-      c = c.reshape((k * uo // ui,) + rest)
-      scale = scale.reshape((k // kd.block,) + rest)
+      c = outs.pop(0).reshape((k * uo // ui,) + rest)
+      scale = stored if given else outs.pop(0).reshape((k // kd.block,) + rest)
       if nvfp4:
         res = (c, lax.bitcast_convert_type(scale, jnp.float8_e4m3fn), t)
+      elif zp is not None:
+        res = (c, scale, zp)
       else:
         res = (c, scale)
     if values:
-      res += (outs[2 if codes else 0].reshape(xa.shape),)
+      res += (outs.pop(0).reshape(xa.shape),)
     if mask:
-      res += (outs[-1].reshape(xa.shape),)
+      res += (outs.pop(0).reshape(xa.shape),)
     return res
 
   def reference(xa, *ta):
@@ -778,7 +1028,8 @@ def _run(x, spec, tensor_amax, config, interpret, values: bool,
     res = ()
     if codes:
       q = _q._quantize_jit(xa, spec, None, None, None, t_amax)  # pylint: disable=protected-access
-      res = (q.codes, q.scale, q.tensor_scale) if nvfp4 else (q.codes, q.scale)
+      res = (q.codes, q.scale, q.tensor_scale) if nvfp4 else (
+          (q.codes, q.scale, q.zero_point) if asym else (q.codes, q.scale))
     if values:
       v, clipped = _q._fake_quant_impl(xa, spec, None, None, None, t_amax)  # pylint: disable=protected-access
       res += (v,) + ((clipped.astype(jnp.uint8),) if mask else ())
@@ -823,19 +1074,27 @@ def quantize(x: jax.Array, spec, *, tensor_amax: Optional[jax.Array] = None,
   """
   spec, x, kd, outs = _run(x, spec, tensor_amax, config, interpret, False)
   t = outs[2] if kd.scale == "nvfp4" else None
-  return QArray(codes=outs[0], scale=outs[1], zero_point=None, tensor_scale=t,
-                spec=spec, shape=tuple(x.shape), dtype=str(x.dtype), pack_axis=0)
+  zp = outs[2] if kd.elem == "uint" else None
+  return QArray(codes=outs[0], scale=outs[1], zero_point=zp, tensor_scale=t,
+                spec=spec, shape=tuple(x.shape), dtype=str(x.dtype),
+                pack_axis=default_pack_axis(spec, x.ndim))
 
 
 def _quantize_and_values(x, spec, *, tensor_amax=None, config=None, interpret=False):
   """(QArray, fake-quant values, clip mask) from one kernel that writes all
-  three (tests)."""
+  three (tests; the per-channel and per-tensor formats, which never clip,
+  write no mask: None)."""
+  sp = as_spec(spec) if not isinstance(spec, QuantSpec) else spec
+  kd = _kind(sp, jnp.ndim(x))
+  mask = kd is None or not _never_clips(kd)
   spec, x, kd, outs = _run(x, spec, tensor_amax, config, interpret, True, True,
-                           mask=True)
+                           mask=mask)
   t = outs[2] if kd.scale == "nvfp4" else None
-  q = QArray(codes=outs[0], scale=outs[1], zero_point=None, tensor_scale=t,
-             spec=spec, shape=tuple(x.shape), dtype=str(x.dtype), pack_axis=0)
-  return q, outs[-2], outs[-1]
+  zp = outs[2] if kd.elem == "uint" else None
+  q = QArray(codes=outs[0], scale=outs[1], zero_point=zp, tensor_scale=t,
+             spec=spec, shape=tuple(x.shape), dtype=str(x.dtype),
+             pack_axis=default_pack_axis(spec, x.ndim))
+  return (q, outs[-2], outs[-1]) if mask else (q, outs[-1], None)
 
 
 def fake_quant_forward(x: jax.Array, spec, *, tensor_amax: Optional[jax.Array] = None,

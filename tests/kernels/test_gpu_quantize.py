@@ -315,7 +315,14 @@ def test_kind_of_names_only_the_formats_it_computes():
   assert gq.kind_of(_spec("mxfp8_e4m3")) == "mxfp8_e4m3"
   assert gq.kind_of(lj.QuantSpec("int4", axis=-2, group_size=64)) == "int4_g64"
   assert gq.kind_of(lj.QuantSpec("nvfp4", axis=0)) == "nvfp4"
-  for spec in (lj.QuantSpec("int8", axis=0),                  # per channel
+  assert gq.kind_of(lj.QuantSpec("int8", axis=0)) == "int8_pc"  # per channel
+  assert gq.kind_of(lj.QuantSpec("int3", axis=-2)) == "int3_pc"
+  assert gq.kind_of(lj.QuantSpec("fp8_e5m2")) == "fp8_e5m2_pt"  # per tensor
+  assert gq.kind_of(lj.QuantSpec("uint8", axis=0)) == "uint8_pc"  # zero point
+  for spec in (lj.QuantSpec("int8", axis=1),                  # channels of axis 1
+               lj.QuantSpec("int4"),                          # packed along -1
+               lj.QuantSpec("int8", axis=0, scale_dtype="bfloat16"),
+               lj.QuantSpec("uint4", axis=0),                 # asymmetric 4-bit
                lj.QuantSpec("mxfp4", axis=1),                 # other axis
                lj.QuantSpec("int4", axis=0, group_size=256),  # long groups
                lj.QuantSpec("uint4", axis=0, group_size=128),  # asymmetric
@@ -333,18 +340,23 @@ def test_dispatch_takes_only_what_the_kernel_computes(monkeypatch):
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   assert not gq.dispatch(x, spec)  # not a Hopper GPU
   monkeypatch.setattr(gq, "_on_hopper", lambda: True)
+  # (As the code's default; a shipped table's "enabled" may say otherwise.)
+  monkeypatch.setattr(gq, "ENABLED", frozenset({"mxfp8_e4m3"}))
   assert not gq.dispatch(x, spec)  # not in ENABLED
   assert gq.dispatch(x, _spec("mxfp8_e4m3"))  # measured on the H200: enabled
   with gq.forced(gq.supported_kinds()):
     assert gq.dispatch(x, spec) and gq.dispatch(x, spec, values=True)
     assert gq.dispatch(jax.ShapeDtypeStruct((256, 4, 64), jnp.float32), spec)
+    assert gq.dispatch(x, lj.QuantSpec("int4", axis=0), values=True)  # per channel
+    assert gq.dispatch(x, lj.QuantSpec("fp8_e4m3"))                   # per tensor
+    assert gq.dispatch(x, lj.QuantSpec("uint8", axis=0), values=True)  # zero point
     no = [dict(x=jax.ShapeDtypeStruct((1024, 500), jnp.bfloat16)),   # N
           dict(x=jax.ShapeDtypeStruct((1000, 512), jnp.bfloat16)),   # K
           dict(x=jax.ShapeDtypeStruct((1024,), jnp.bfloat16)),       # 1-d
           dict(x=jax.ShapeDtypeStruct((1024, 512), jnp.float16)),    # dtype
           dict(spec=spec.replace(rounding="stochastic")),
           dict(spec=spec.replace(clip_ratio=0.9)),
-          dict(spec=lj.QuantSpec("int8", axis=0)),
+          dict(spec=lj.QuantSpec("int8", axis=1)),
           dict(amax=jnp.ones(())), dict(scale=jnp.ones(())),
           dict(clip=jnp.ones(())), dict(tensor_amax=jnp.ones(()))]
     for case in no:
@@ -380,6 +392,16 @@ def test_core_quantize_uses_the_kernel_where_dispatched(monkeypatch):
   monkeypatch.setattr(gq, "_on_hopper", lambda: True)
   x = jax.random.normal(jax.random.key(0), (K, N), jnp.bfloat16)
   spec = _spec("int4_g128")
+  with gq.forced(["int8_pc", "uint8_pc"]):
+    # Per channel: symmetric int8 keeps no mask, uint8 (zero point) one.
+    for fmt, want_call in (("int8", "fake_quant"), ("uint8", "fake_quant+mask")):
+      pc = lj.QuantSpec(fmt, axis=0)
+      jax.eval_shape(jax.grad(lambda a, s=pc: jnp.sum(lj.fake_quant(a, s).astype(
+          jnp.float32))), x)
+      assert calls[-1] == want_call
+      jax.eval_shape(lambda a, s=pc: lj.quantize(a, s), x)
+      assert calls[-1] == "quantize"
+    calls.clear()
   with gq.forced(["int4_g128", "mxfp4"]):
     jax.eval_shape(lambda a: lj.quantize(a, spec), x)
     jax.eval_shape(lambda a: lj.quantize(a, spec, amax=jnp.float32(1.0)), x)  # jnp path
@@ -414,15 +436,126 @@ def test_shapes_and_tilings_that_do_not_fit_are_refused():
   with pytest.raises(ValueError, match="tiling"):
     gq.quantize(x, _spec("mxfp4"), interpret=True)
   with pytest.raises(ValueError, match="block scales along axis 0"):
-    gq.quantize(jnp.ones((128, 128), jnp.bfloat16), lj.QuantSpec("int8", axis=0))
+    gq.quantize(jnp.ones((128, 128), jnp.bfloat16), lj.QuantSpec("int8", axis=1))
   with pytest.raises(ValueError, match="bfloat16 or float32"):
     gq.quantize(jnp.ones((128, 128), jnp.float16), _spec("mxfp4"))
   with pytest.raises(ValueError, match="shared memory"):
     gq.quantize(jnp.ones((256, 256), jnp.float32), _spec("int4_g128"),
                 config=gq.Config(tile_n=256, tile_k=256, k_per_cta=256, stages=2))
   assert gq.default_config("mxfp4", 8192, 100, jnp.bfloat16) is None
-  cfg = gq.default_config("mxfp8_e4m3", 8192, 8192, jnp.bfloat16)
+  cfg = gq.heuristic_config("mxfp8_e4m3", 8192, 8192, jnp.bfloat16)
   assert (8192 // cfg.tile_n) * (8192 // cfg.k_per_cta) >= 4 * 132
+
+
+# Per-channel (a scale per column of axis 0) and per-tensor scales: XLA
+# reduces the scale with core's own code, the kernel scales, rounds, packs and
+# writes in one pass. Each column of _edge_cases() is one channel.
+GIVEN_FAST = ("int4_pc", "uint8_pc")
+GIVEN = GIVEN_FAST + ("int3_pc", "fp8_e5m2_pt", "uint8_pt", "int8_pc", "int2_pc",
+                      "fp8_e4m3_pc", "fp8_e5m2_pc", "int8_pt", "fp8_e4m3_pt")
+
+
+@pytest.mark.parametrize("kind", [
+    k if k in GIVEN_FAST else pytest.param(k, marks=pytest.mark.slow) for k in GIVEN])
+def test_given_scale_kernel_equals_core_bit_for_bit(kind):
+  spec = gq.spec_for(kind)
+  x = _edge_cases()
+  if kind.endswith("_pt"):  # one scale for all: no NaN or inf but one column
+    x = x.at[:, 8:11].set(jnp.asarray([1.0, -2.0, 3e-3], jnp.bfloat16))
+  x = x.at[:, 20].set(jnp.abs(x[:, 20]) + 1)   # one-signed channels (zero
+  x = x.at[:, 21].set(-jnp.abs(x[:, 21]) - 1)  # point at an end of the range)
+  cfg = gq.Config(tile_n=128, tile_k=64, k_per_cta=K, stages=2, unroll=False,
+                  reverse=kind == "int4_pc")
+  q, v, m = gq._quantize_and_values(x, spec, config=cfg, interpret=True)  # pylint: disable=protected-access
+  want = lj.quantize(x, spec)
+  if spec.symmetric:
+    assert m is None  # never clips: no mask
+  else:  # the gradient's clip mask, and the zero point
+    _, want_m = jax.jit(lambda a: core._fake_quant_impl(a, spec, None, None, None, None))(x)  # pylint: disable=protected-access
+    np.testing.assert_array_equal(np.asarray(m), np.asarray(want_m).astype(np.uint8))
+    np.testing.assert_array_equal(np.asarray(q.zero_point), np.asarray(want.zero_point))
+    assert q.zero_point.dtype == want.zero_point.dtype
+  assert q.codes.dtype == want.codes.dtype and q.codes.shape == want.codes.shape
+  assert q.pack_axis == want.pack_axis and q.spec == want.spec
+  _check_scales(q, want)
+  # Codes bit for bit outside channels holding a NaN or an inf (NaN codes).
+  bad = ~np.isfinite(np.asarray(x.astype(jnp.float32))).all(axis=0)
+  gc, wc = np.asarray(q.codes).view(np.uint8), np.asarray(want.codes).view(np.uint8)
+  np.testing.assert_array_equal(gc[:, ~bad], wc[:, ~bad])
+  _check_values(v, lj.fake_quant(x, spec))
+  if kind.endswith("_pt"):  # a NaN anywhere: every value NaN, as core's
+    xn = x.at[3, 100].set(jnp.nan)
+    _, vn, _ = gq._quantize_and_values(xn, spec, config=cfg, interpret=True)  # pylint: disable=protected-access
+    _check_values(vn, lj.fake_quant(xn, spec))
+    assert bool(jnp.isnan(vn).all())
+
+
+@pytest.mark.slow
+def test_given_scale_kernel_takes_higher_rank_and_float32():
+  spec = lj.QuantSpec("int4", axis=0)
+  x = (_edge_cases(jnp.float32)[:64] * 3.0).reshape(64, 4, 32)
+  got = gq.quantize(x, spec, config=gq.Config(tile_n=128, tile_k=32, k_per_cta=64,
+                                              stages=2, unroll=False), interpret=True)
+  want = lj.quantize(x, spec)
+  assert got.scale.shape == want.scale.shape == (1, 4, 32)
+  bad = ~np.isfinite(np.asarray(x)).all(axis=0).reshape(-1)
+  gc = np.asarray(got.codes).reshape(32, -1)
+  wc = np.asarray(want.codes).reshape(32, -1)
+  np.testing.assert_array_equal(gc[:, ~bad], wc[:, ~bad])
+  _check_scales(got, want)
+
+
+def test_spec_for_names_each_kind():
+  for kind in gq.supported_kinds():
+    assert gq.kind_of(gq.spec_for(kind)) == kind
+  with pytest.raises(ValueError, match="unknown kernel format"):
+    gq.spec_for("uint4_pc")
+
+
+def test_candidate_configs_fit_and_start_with_the_heuristic():
+  for kind in ("mxfp8_e4m3", "int4_g128", "nvfp4", "int8_g64"):
+    for values in (False, True):
+      cands = gq.candidate_configs(kind, 8192, 8192, jnp.bfloat16, values)
+      assert cands[0] == gq.heuristic_config(kind, 8192, 8192, jnp.bfloat16, values)
+      assert 2 <= len(cands) <= 4 and len(set(cands)) == len(cands)
+      for c in cands:  # each within the kernel's limits (else ValueError)
+        gq._check_config(gq._kind_by_id(kind), 8192, 8192, jnp.bfloat16, c,  # pylint: disable=protected-access
+                         not values, values, values)
+
+
+def test_default_config_takes_the_measured_table(monkeypatch):
+  ent = dict(tile_n=128, tile_k=32, k_per_cta=1024, stages=3, reverse=True,
+             unroll=False)
+  table = {"entries": {"mxfp4": {"quantize": ent}}}
+  monkeypatch.setattr(gq, "_table", lambda: table)
+  assert gq.default_config("mxfp4", 8192, 8192, jnp.bfloat16) == gq.Config(
+      tile_n=128, tile_k=32, k_per_cta=1024, stages=3, reverse=True, unroll=False)
+  # Not for the other op, nor where the entry does not tile the shape.
+  heur = gq.heuristic_config("mxfp4", 8192, 8192, jnp.bfloat16, True)
+  assert gq.default_config("mxfp4", 8192, 8192, jnp.bfloat16, True) == heur
+  assert gq.default_config("mxfp4", 512, 8192, jnp.bfloat16) == gq.heuristic_config(
+      "mxfp4", 512, 8192, jnp.bfloat16)
+
+
+def test_the_shipped_tiling_table_is_consistent():
+  # lowbit_jax/kernels/gpu_quantize_configs.json (bench_gpu_quantize.py
+  # --write_configs, copied in after a GPU run): every entry a tiling within
+  # the kernel's limits for the shape it was measured on, every enabled format
+  # one the kernel computes and measured exact for both operations.
+  import os  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(gq.TABLE_PATH):
+    pytest.skip("no measured table shipped yet")
+  table = gq._table()  # pylint: disable=protected-access
+  k, n = table["shape"]
+  assert set(table["enabled"]) <= set(gq.supported_kinds())
+  assert gq.ENABLED == frozenset(table["enabled"])
+  for kind in table["enabled"]:
+    assert set(table["entries"][kind]) == {"quantize", "fake_quant"}
+  for kind, ops in table["entries"].items():
+    for op, e in ops.items():
+      cfg = gq.Config(tile_n=e["tile_n"], tile_k=e["tile_k"], k_per_cta=e["k_per_cta"],
+                      stages=e["stages"], reverse=e["reverse"], unroll=e["unroll"])
+      assert gq.default_config(kind, k, n, jnp.bfloat16, op == "fake_quant") == cfg
 
 
 def _lower(fn, *args):
@@ -431,7 +564,11 @@ def _lower(fn, *args):
 
 
 @pytest.mark.parametrize("kind,mode", [
-    ("mxfp8_e4m3", "quantize"), ("nvfp4", "mask")] + [
+    ("mxfp8_e4m3", "quantize"), ("nvfp4", "mask"), ("int3_pc", "quantize"),
+    ("fp8_e5m2_pt", "values")] + [
+        pytest.param(k, m, marks=pytest.mark.slow)
+        for k in GIVEN for m in ("quantize", "values")
+        if (k, m) not in (("int3_pc", "quantize"), ("fp8_e5m2_pt", "values"))] + [
         pytest.param(k, m, marks=pytest.mark.slow)
         for k in KINDS for m in ("quantize", "values", "mask")
         if (k, m) not in (("mxfp8_e4m3", "quantize"), ("nvfp4", "mask"))])
@@ -440,7 +577,7 @@ def test_kernel_lowers_to_mosaic_gpu(kind, mode):
   x = jax.ShapeDtypeStruct((1024, 1024), jnp.bfloat16)
   fn = {"quantize": gq.quantize, "values": gq.fake_quant_forward,
         "mask": gq.fake_quant_forward_with_mask}[mode]
-  _lower(lambda a: fn(a, _spec(kind)), x)
+  _lower(lambda a: fn(a, gq.spec_for(kind)), x)
 
 
 @pytest.mark.gpu
@@ -480,3 +617,40 @@ def test_compiled_kernel_matches_jnp_path(kind, shape):
       want_t = jax.jit(lambda a: lj.quantize(a, spec))(xt)
     got_t = jax.jit(lambda a: gq.quantize(a, spec))(xt)
     np.testing.assert_array_equal(_bits(got_t.scale), _bits(want_t.scale))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(1024, 1024), (8192, 8192)])
+@pytest.mark.parametrize("kind", GIVEN)
+def test_compiled_given_scale_kernel_matches_jnp_path(kind, shape):
+  if jax.default_backend() != "gpu":
+    pytest.skip("needs a GPU")
+  k, n = shape
+  rng = np.random.default_rng(2)
+  x = rng.standard_normal((k, n)).astype(np.float32)
+  x *= np.exp2(rng.integers(-30, 31, (1, n)))  # every channel its own range
+  x = jnp.asarray(x).astype(jnp.bfloat16)
+  if k == 1024 and kind.endswith("_pc"):  # the edge cases in the first columns
+    x = x.at[:K, :N].set(_edge_cases())
+  spec = gq.spec_for(kind)
+  with gq.forced(()):
+    want_q = jax.jit(lambda a: lj.quantize(a, spec))(x)
+    want_v = jax.jit(lambda a: lj.fake_quant(a, spec))(x)
+  for cfg in (None, gq.Config(tile_n=128, tile_k=64, k_per_cta=256, stages=3,
+                              reverse=True)):
+    got_q = jax.jit(lambda a, c=cfg: gq.quantize(a, spec, config=c))(x)
+    got_v = jax.jit(lambda a, c=cfg: gq.fake_quant_forward(a, spec, config=c))(x)
+    bad = ~np.isfinite(np.asarray(x.astype(jnp.float32))).all(axis=0)
+    gc = np.asarray(got_q.codes).view(np.uint8)
+    wc = np.asarray(want_q.codes).view(np.uint8)
+    np.testing.assert_array_equal(gc[:, ~bad], wc[:, ~bad])
+    _check_scales(got_q, want_q)
+    _check_values(got_v, want_v)
+    if not spec.symmetric:  # the zero point, and the gradient's clip mask
+      np.testing.assert_array_equal(np.asarray(got_q.zero_point),
+                                    np.asarray(want_q.zero_point))
+      got_v2, got_m = jax.jit(lambda a, c=cfg: gq.fake_quant_forward_with_mask(
+          a, spec, config=c))(x)
+      _, want_m = jax.jit(lambda a: core._fake_quant_impl(a, spec, None, None, None, None))(x)  # pylint: disable=protected-access
+      np.testing.assert_array_equal(np.asarray(got_m), np.asarray(want_m).astype(np.uint8))
+      _check_values(got_v2, want_v)
