@@ -71,6 +71,8 @@ from typing import Any, Optional
 from absl import app
 from absl import flags
 
+from experiments import _cupti
+
 
 def _define_flags() -> None:
   """Defines the command-line flags (only when run as a program: tests import
@@ -366,20 +368,8 @@ class _Timer:
   def device(self, fn, *args):
     if not self.gpu:
       return None
-    from jax.experimental.mosaic.gpu import profiler  # pylint: disable=g-import-not-at-top
     self.jax.block_until_ready(fn(*args))
-    try:
-      _, ts = profiler.measure(fn, iterations=_ITERS.value)(*args)
-    except RuntimeError as e:
-      # The profiler matches kernels across iterations by name; a program
-      # whose launches differ between calls (seen on the base model's decode
-      # loop on the H200) is measured one call at a time instead.
-      if "not consistent" not in str(e):
-        raise
-      ts = [profiler.measure(fn, iterations=1)(*args)[1] for _ in range(_ITERS.value)]
-      ts = [t[0] if isinstance(t, (list, tuple)) else t for t in ts]
-    ts = ts if isinstance(ts, (list, tuple)) else [ts]
-    return statistics.median(ts) * 1e-3  # ms -> s
+    return _cupti.median_ms(fn, *args, iters=_ITERS.value) * 1e-3  # ms -> s
 
   def kernels(self, fn, *args):
     """``[(kernel name, ms)]`` of one call, in launch order (CUPTI); None off GPU."""

@@ -68,6 +68,8 @@ import traceback
 from absl import app
 from absl import flags
 
+from experiments import _cupti
+
 _OUT_DIR = flags.DEFINE_string("out_dir", "/tmp/bench_gpu_quantize", "where results go")
 _SHAPE = flags.DEFINE_string("shape", "8192x8192", "K x N of the bf16 tensor")
 _FORMATS = flags.DEFINE_list("formats", [], "kinds to time (default: all of "
@@ -132,12 +134,7 @@ class Run:
     """Device us per call of the compiled ``jf`` (already run once)."""
     jax = self.jax
     if self.gpu:
-      from jax.experimental.mosaic.gpu import profiler  # pylint: disable=g-import-not-at-top
-      _, ts = profiler.measure(jf, iterations=self.iters)(*args)
-      if ts is None:
-        raise RuntimeError("CUPTI recorded no kernel launch")
-      t = statistics.median(ts) if isinstance(ts, (list, tuple)) else float(ts)
-      return t * 1e3
+      return _cupti.median_ms(jf, *args, iters=self.iters) * 1e3
     ts = []
     for _ in range(self.iters):
       t = time.perf_counter()

@@ -74,6 +74,7 @@ import traceback
 from absl import app
 from absl import flags
 
+from experiments import _cupti
 from experiments._primitive_formats import FORMATS, MM_FORMATS
 
 _SHAPE = flags.DEFINE_string("shape", "", "K x N of the tensor (default: 8192x8192 "
@@ -154,10 +155,7 @@ class Bench:
     if self.gpu:
       try:
         from jax.experimental.mosaic.gpu import profiler  # pylint: disable=g-import-not-at-top
-        _, ts = profiler.measure(jf, iterations=self.iters)(*args)
-        if ts is None:
-          raise RuntimeError("CUPTI recorded no kernel launch")
-        us = (statistics.median(ts) if isinstance(ts, (list, tuple)) else float(ts))
+        us = _cupti.median_ms(jf, *args, iters=self.iters)
         if stats is not None:
           _, kt = profiler.measure(jf, aggregate=False)(*args)
           agg = {}
