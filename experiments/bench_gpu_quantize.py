@@ -41,7 +41,10 @@ formats where the kernel's fastest exact tiling won both operations: the
 value for ``gpu_quantize.ENABLED``. ``--write_configs`` also writes
 ``gpu_quantize_configs.json``: per format and operation the fastest exact
 tiling and the formats to enable, the data ``gpu_quantize.default_config``
-and ``ENABLED`` read once it is copied to ``lowbit_jax/kernels/``.
+and ``ENABLED`` read once it is copied to ``lowbit_jax/kernels/``. With
+``--merge_configs=lowbit_jax/kernels/gpu_quantize_configs.json`` a run over a
+few ``--formats`` replaces only those formats in the shipped table, so partial
+runs accumulate.
 
 Run on the GPU machine (repository root; under 4 minutes)::
 
@@ -89,6 +92,10 @@ _WORKERS = flags.DEFINE_integer("workers", 6, "compile threads (compiles run ahe
 _WRITE_CONFIGS = flags.DEFINE_bool("write_configs", False, "also write "
                                    "<out_dir>/gpu_quantize_configs.json (copy it "
                                    "to lowbit_jax/kernels/ for the dispatcher)")
+_MERGE_CONFIGS = flags.DEFINE_string(
+    "merge_configs", "", "with --write_configs: a table of earlier runs (e.g. "
+    "lowbit_jax/kernels/gpu_quantize_configs.json) whose formats this run did not "
+    "time are kept; the formats it timed are replaced")
 
 # The main formats (ids of gpu_quantize.kind_of): timed first, swept first,
 # and the only ones with a fwd+bwd row; the rest of supported_kinds() follow.
@@ -431,9 +438,48 @@ def finish(run, gq):
   run.res["enabled"] = sorted(enabled_from(run.res))
   run.write()
   if _WRITE_CONFIGS.value:
+    table = config_table(run.res)
+    if _MERGE_CONFIGS.value:
+      with open(_MERGE_CONFIGS.value) as f:
+        table = merge_tables(json.load(f), table, timed_kinds(run.res))
     path = os.path.join(_OUT_DIR.value, "gpu_quantize_configs.json")
     with open(path, "w") as f:
-      json.dump(config_table(run.res), f, indent=1)
+      json.dump(table, f, indent=1)
+
+
+def timed_kinds(res: dict) -> set:
+  """The formats whose XLA and kernel rows this run timed for both ops."""
+  timed = {}
+  for r in res["rows"]:
+    if r["op"] in ("quantize", "fake_quant") and r.get("us") is not None:
+      timed.setdefault(r["kind"], set()).add((r["op"], r["tiling"] == "xla"))
+  return {k for k, v in timed.items() if len(v) == 4}
+
+
+def merge_tables(old: dict, new: dict, timed: set) -> dict:
+  """``new`` over ``old``: the formats in ``timed`` (fully measured by the new
+  run) take the new run's entries and enabled state; the others keep the old
+  table's. Each entry records the run it came from (``started``); the table
+  lists every run's command."""
+  def runs(t):
+    return t.get("runs") or [dict(command=t.get("command"), started=t.get("started"),
+                                  device=t.get("device"), jax=t.get("jax"))]
+  if old.get("shape") != new.get("shape"):
+    raise ValueError(f"--merge_configs: the old table was measured on shape "
+                     f"{old.get('shape')}, this run on {new.get('shape')}; tilings "
+                     "for different shapes do not merge")
+  entries, enabled = {}, set()
+  for kind, ops in old.get("entries", {}).items():
+    if kind not in timed:
+      entries[kind] = {op: {"started": old.get("started"), **e} for op, e in ops.items()}
+  enabled |= {k for k in old.get("enabled", []) if k not in timed}
+  for kind, ops in new.get("entries", {}).items():
+    if kind in timed:
+      entries[kind] = {op: {**e, "started": new.get("started")} for op, e in ops.items()}
+  enabled |= {k for k in new.get("enabled", []) if k in timed}
+  out = dict(new, entries=entries, enabled=sorted(enabled))
+  out["runs"] = [r for r in runs(old) if r not in runs(new)] + runs(new)
+  return out
 
 
 def config_table(res: dict) -> dict:

@@ -654,3 +654,35 @@ def test_compiled_given_scale_kernel_matches_jnp_path(kind, shape):
       _, want_m = jax.jit(lambda a: core._fake_quant_impl(a, spec, None, None, None, None))(x)  # pylint: disable=protected-access
       np.testing.assert_array_equal(np.asarray(got_m), np.asarray(want_m).astype(np.uint8))
       _check_values(got_v2, want_v)
+
+
+def test_bench_merges_a_partial_run_into_the_table():
+  # bench_gpu_quantize --write_configs --merge_configs=OLD: the formats the new
+  # run timed (XLA and kernel, both ops) replace the old table's entries and
+  # enabled state; the others are kept, with the run each came from.
+  from experiments import bench_gpu_quantize as bgq  # pylint: disable=g-import-not-at-top
+
+  def ent(us):
+    return dict(tile_n=256, tile_k=32, k_per_cta=256, stages=2, reverse=False,
+                unroll=True, kernel_us=us, xla_us=100.0)
+  old = dict(device="H200", jax="0.11.2", command="run 1", shape=[8192, 8192],
+             started="t1", enabled=["mxfp8_e4m3", "int4_pc"],
+             entries={"mxfp8_e4m3": {"quantize": ent(57.0), "fake_quant": ent(80.0)},
+                      "int4_pc": {"quantize": ent(99.0), "fake_quant": ent(98.0)}})
+  rows = [dict(kind=kd, op=op, tiling=t, us=1.0) for kd in ("int4_pc", "mxfp4")
+          for op in ("quantize", "fake_quant") for t in ("xla", "default")]
+  rows.append(dict(kind="nvfp4", op="quantize", tiling="xla", us=1.0))  # half timed
+  timed = bgq.timed_kinds({"rows": rows})
+  assert timed == {"int4_pc", "mxfp4"}
+  new = dict(device="H200", jax="0.11.2", command="run 2", shape=[8192, 8192],
+             started="t2", enabled=["mxfp4"],
+             entries={"int4_pc": {"quantize": ent(120.0)},
+                      "mxfp4": {"quantize": ent(60.0), "fake_quant": ent(70.0)}})
+  out = bgq.merge_tables(old, new, timed)
+  assert out["enabled"] == ["mxfp4", "mxfp8_e4m3"]   # int4_pc lost in run 2
+  assert out["entries"]["mxfp8_e4m3"]["quantize"]["started"] == "t1"
+  assert out["entries"]["int4_pc"] == {"quantize": {**ent(120.0), "started": "t2"}}
+  assert out["entries"]["mxfp4"]["fake_quant"]["kernel_us"] == 70.0
+  assert [r["command"] for r in out["runs"]] == ["run 1", "run 2"]
+  with pytest.raises(ValueError, match="shape"):
+    bgq.merge_tables(old, dict(new, shape=[4096, 4096]), timed)
