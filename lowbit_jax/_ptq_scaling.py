@@ -24,6 +24,20 @@ rounded with are returned for real mode.
 ``apply_ptq``'s per-layer rotation) into the folds where a rotation is exact
 (``ScalingFold.rotation_why`` is None), rounds the rotated kernels to nearest
 and reports their errors in the original domain.
+
+MoE experts (``ragged_dot`` sites, weight ``[E, K, N]``) are not scaled or
+rotated here: each expert is rounded to nearest on its own grid (errors from
+its own Hessian, as ``ptq_params``'s RTN) and the layer's report entry says
+why (``EXPERT_REASON``). A per-expert scaling of the gate/up experts has no
+exact fold: all experts read rows of one producer's output (a gather of the
+routed tokens), so the only exact fold is one scale per input channel shared
+by every expert and by the producer's other readers (the router), searched
+with the statistics of all routed tokens. The jaxpr fold analysis
+(``_fold``) does not follow that gather into the grouped matmul, so no fold
+is found and rather than guess one the experts are left unscaled; the down
+experts' per-expert fold into the up experts' columns (across SwiGLU's
+product) is likewise not derived from the jaxpr. ``apply_ptq`` makes both
+folds on Linen models.
 """
 from __future__ import annotations
 
@@ -48,6 +62,13 @@ SCALING_METHODS = ("awq", "awq_noclip", "smoothquant", "rotation")
 # As in flax/ptq.py's apply_ptq: the clip search leaves the query and key
 # projections alone (their error passes through q.k and a softmax).
 AWQ_CLIP_SKIP = r".*(q_proj|k_proj|query|key)"
+EXPERT_REASON = (
+    "MoE experts (ragged_dot) are rounded to nearest per expert without a "
+    "scaling: all experts read rows of one producer's output (a gather of the "
+    "routed tokens), so an exact fold needs one scale per input channel shared by "
+    "every expert and the producer's other readers, and the jaxpr fold analysis "
+    "does not follow that gather into the grouped matmul (apply_ptq folds experts "
+    "on Linen models)")
 
 
 def as_function(model, params, front: str):
@@ -282,6 +303,17 @@ def scaling_ptq(model, params, batches: list, rules, *, method: str, front: str,
   for p, st in cap.stats.items():
     spec = cap.sites[p].weight
     w = _rules.logical_value(get(tree, p))
+    if st.op == "ragged_dot":   # experts: RTN per expert, unscaled (EXPERT_REASON)
+      new[p], scale, exact, err, rerr = _ptq._finish_experts(  # pylint: disable=protected-access
+          w, None, None, st.hessian, st.count, meta=tuple(st[2:]), spec=spec)
+      if scale is not None:
+        scales[p] = scale
+      err, rerr, extra = _ptq._expert_entry(p, st, err, rerr, "rtn", {})  # pylint: disable=protected-access
+      layers[p] = {"spec": str(spec), "error": err, "rtn_error": rerr,
+                   "error_vs_rtn": err / rerr if rerr > 0 else 1.0,
+                   "rows": float(jnp.sum(st.count)), "fold": None,
+                   "reason": EXPERT_REASON, **extra}
+      continue
     sr = row_s.get(p)
     mat = _ptq._as_matrix(w, meta=tuple(st[2:]))   # pylint: disable=protected-access
     w_in, entry = w, {}
