@@ -182,14 +182,17 @@ def test_linen_equals_apply_ptq_and_real_equals_fake(setup):
   ref = capture_dense_stats(model, params, batches, layers="(up|down)", max_samples=0)
   for layer in ("up", "down"):
     st = cap.stats[f"{layer}/kernel"]
-    np.testing.assert_allclose(st.hessian, ref.stats[layer].gram, rtol=1e-6, atol=1e-5)
+    np.testing.assert_array_equal(st.hessian, ref.stats[layer].gram)   # shared math
     np.testing.assert_array_equal(st.count, ref.stats[layer].count)
+  # GPTQ per expert: apply_ptq's weights and scale grids, bit for bit.
   res = lb.ptq_params(model, {"params": params}, batches, RULES)
   qp, rep = apply_ptq(model, params, batches, "gptq", SPEC, layers="(up|down)")
   for layer in ("up", "down"):
     assert rep["layers"][layer]["rtn_fallback"] == [STARVED]
-    np.testing.assert_allclose(res.params["params"][layer]["kernel"],
-                               qp[layer]["kernel"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(res.params["params"][layer]["kernel"],
+                                  qp[layer]["kernel"])
+    np.testing.assert_array_equal(res.weight_scales[f"{layer}/kernel"],
+                                  rep["quant_scales"][layer]["weight_scale"])
   x = _batch(9)
   ql = quantize_linen(RULES, mode="real")
   rv = ql.quantize_params(model, {**res.params, **lb.real_mode_kwargs(res, "linen")}, x)
@@ -198,3 +201,44 @@ def test_linen_equals_apply_ptq_and_real_equals_fake(setup):
     np.testing.assert_array_equal(stored[p].logical(), fake[p])
   np.testing.assert_allclose(jax.jit(ql(model.apply))(rv, x),
                              jax.jit(model.apply)(res.params, x), rtol=1e-5, atol=1e-5)
+
+
+def test_scaling_methods_round_experts_unscaled_with_the_reason(setup):
+  from lowbit_jax._ptq_scaling import EXPERT_REASON
+  _, params, batches, _ = setup
+  rtn = lb.ptq_params(moe_fn, params, batches, RULES, method="rtn")
+  x = _batch(9)
+  qr = lb.quantize_function(moe_fn, RULES, mode="real")
+  for method in ("awq", "smoothquant"):
+    res = lb.ptq_params(moe_fn, params, batches, RULES, method=method, max_samples=64)
+    for p in ("up/kernel", "down/kernel"):
+      e = res.report["layers"][p]
+      assert e["fold"] is None and e["reason"] == EXPERT_REASON, (method, e)
+      assert e["error"] == e["rtn_error"] and e["calibration_tokens"][STARVED] == 0
+      layer = p.split("/")[0]
+      np.testing.assert_array_equal(res.params[layer]["kernel"],
+                                    rtn.params[layer]["kernel"])
+    rp = qr.quantize_params(res.params, x, **lb.real_mode_kwargs(res, "function"))
+    np.testing.assert_allclose(qr(rp, x), jax.jit(moe_fn)(res.params, x),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_precision_sums_each_experts_sensitivity(setup):
+  from lowbit_jax.algorithms.mixed_precision import weight_sensitivity
+  _, params, batches, _ = setup
+  cap = lb.capture_hessians(moe_fn, params, batches, RULES)
+  cands = {"int4": SPEC, "int8": "int8"}
+  rules, alloc = lb.mixed_precision_rules(moe_fn, params, cap, cands, 7.6)
+  assert set(alloc.assignment) == {"up/kernel", "down/kernel"}
+  assert sorted(alloc.assignment.values()) == ["int4", "int8"]
+  # The chosen int8 layer is the one whose summed per-expert error drops most.
+  gain = {}
+  for p, st in cap.stats.items():
+    w = params[p.split("/")[0]]["kernel"]
+    c = [weight_sensitivity(w[e], st.hessian[e], {"int4": SPEC, "int8": "int8"})
+         for e in range(E)]
+    gain[p] = sum(ce["int4"] - ce["int8"] for ce in c)
+  assert alloc.assignment[max(gain, key=gain.get)] == "int8"
+  # The rules quantize the experts on the function front end.
+  res = lb.ptq_params(moe_fn, params, batches, rules)
+  assert sorted(res.report["layers"]) == ["down/kernel", "up/kernel"]
