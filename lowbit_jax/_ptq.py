@@ -121,10 +121,14 @@ class InputStats(NamedTuple):
     abs_sum: ``[K]`` sum of |x| over the rows (mask-weighted).
     abs_max: ``[K]`` max |x| over the (unmasked) rows.
     sample: ``[S, K]`` retained input rows (chosen at random per batch).
+    sample_group: experts (``ragged_dot``) only: ``[S]`` the expert each
+      retained row was routed to (the magnitudes are over all routed rows);
+      None elsewhere.
   """
   abs_sum: jax.Array
   abs_max: jax.Array
   sample: jax.Array
+  sample_group: Optional[jax.Array] = None
 
 
 class Capture(NamedTuple):
@@ -222,6 +226,12 @@ class _Recorder:
     """A grouped matmul: one Hessian and row count per expert (``_experts``)."""
     path = site.path
     h, n = _experts.expert_hessians(x, group_sizes)
+    if self.keep:   # AWQ/SmoothQuant: magnitudes over all routed rows, a sample
+      xr, _, _, gid, valid = _experts.routed_rows(x, group_sizes)
+      ax = jnp.abs(xr) * valid[:, None]
+      score = jax.random.uniform(self.key, (xr.shape[0],)) + 2.0 * valid
+      _, idx = lax.top_k(score, min(self.keep, xr.shape[0]))
+      extra = (jnp.sum(ax, axis=0), jnp.max(ax, axis=0), xr[idx], valid[idx], gid[idx])
     meta = ("ragged_dot", (1,), None, None, shape)
     if self.meta.get(path, meta) != meta:
       raise ValueError(f"{path}: the weight is used by ops with different "
@@ -229,8 +239,11 @@ class _Recorder:
     self.meta[path] = meta
     prev = self.acc.get(path)
     if prev is not None:
+      if self.keep:
+        raise ValueError(f"{path}: the weight is used by several ops; AWQ and "
+                         "SmoothQuant need one input per weight")
       h, n = prev[0] + h, prev[1] + n
-    self.acc[path] = (h, n)
+    self.acc[path] = (h, n, extra) if self.keep else (h, n)
     self.sites[path] = site
 
   def __call__(self, site, op, x, w, params):
@@ -410,13 +423,14 @@ def capture_hessians(model, params, calib_batches: Sequence[Any], rules, *,
         h, n = total[path][0] + h, total[path][1] + n
       total[path] = (h, n)
       if extra:
-        a_sum, a_max, rows, valid = extra[0]
-        rows = rows[np.asarray(valid)]
+        a_sum, a_max, rows, valid, *grp = extra[0]   # grp: experts' row groups
+        rows, grp = rows[np.asarray(valid)], [g[np.asarray(valid)] for g in grp]
         if path in inputs:
-          s0, m0, r0 = inputs[path]
+          s0, m0, r0, *g0 = inputs[path]
           a_sum, a_max, rows = s0 + a_sum, jnp.maximum(m0, a_max), jnp.concatenate(
               [r0, rows])
-        inputs[path] = (a_sum, a_max, rows)
+          grp = [jnp.concatenate([a, b]) for a, b in zip(g0, grp)]
+        inputs[path] = (a_sum, a_max, rows, *grp)
   if not total:
     names = [r.path for r in _capture_rules(rules) if r.weight is not None]
     why = (f"; not captured: {rec.skipped}" if rec.skipped else "")
@@ -426,7 +440,8 @@ def capture_hessians(model, params, calib_batches: Sequence[Any], rules, *,
         "Rules match parameter paths such as 'layers_0/mlp/up/kernel' or their "
         "layer path ('layers_0/mlp/up'); give a rule a weight spec")
   stats = {p: SiteStats(h, n, *rec.meta[p]) for p, (h, n) in total.items()}
-  inputs = {p: InputStats(a, m, r[:max_samples]) for p, (a, m, r) in inputs.items()}
+  inputs = {p: InputStats(a, m, r[:max_samples], *[g[:max_samples] for g in grp])
+            for p, (a, m, r, *grp) in inputs.items()}
   return Capture(stats, {p: rec.sites[p] for p in stats}, dict(rec.skipped), inputs)
 
 
