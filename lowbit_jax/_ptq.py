@@ -643,9 +643,12 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
   ``"rtn_fallback"``); an expert layer's report entry also has ``"experts"``,
   ``"calibration_tokens"`` (rows per expert), ``"expert_errors"`` and
   ``"expert_rtn_errors"`` (``tr(dW_e^T H_e dW_e) / rows_e``), its ``"error"``
-  being their row-weighted mean. The scaling methods do not scale or rotate
-  experts (they have no exact fold the jaxpr analysis finds; see
-  ``_ptq_scaling``): each is rounded to nearest, with the reason in its entry.
+  being their row-weighted mean. AWQ and SmoothQuant scale experts with one
+  scale per input channel shared by all experts, folded into the producer
+  every expert reads through the token gather (a per-expert scaling has no
+  exact fold there; see ``_ptq_scaling``), then round each expert to nearest;
+  experts without such a fold are rounded unscaled, with the reason in their
+  entry; the rotation does not rotate experts.
 
   Args:
     model: ``fn(params, *batch)``, a Linen module, or an NNX module.
