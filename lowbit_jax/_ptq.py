@@ -469,7 +469,8 @@ def quantize_site(method: str, w: jax.Array, st: SiteStats, spec: QuantSpec, *,
   Args:
     method: "gptq" or "rtn".
     w: the float weight in its own layout.
-    st: its ``SiteStats``.
+    st: its ``SiteStats`` (MoE experts: each expert of the ``[E, K, N]``
+      stack with its own Hessian; an expert without rows rounded to nearest).
     spec: the rule's weight spec.
     path: the parameter path (for errors).
     blocksize, percdamp, act_order: GPTQ's options (``algorithms.gptq``).
