@@ -139,6 +139,12 @@ def test_gptq_lowers_each_experts_error_and_the_starved_expert_falls_back(setup)
     np.testing.assert_array_equal(res.params[p.split("/")[0]]["kernel"][STARVED],
                                   rtn.params[p.split("/")[0]]["kernel"][STARVED])
   assert not rtn.report["skipped"]
+  # The pure per-site function gives the same stack and scales.
+  cap = lb.capture_hessians(moe_fn, params, batches, RULES)
+  wq, scale = lb.quantize_site("gptq", params["up"]["kernel"], cap.stats["up/kernel"],
+                               SPEC, path="up/kernel")
+  np.testing.assert_array_equal(wq, res.params["up"]["kernel"])
+  np.testing.assert_array_equal(scale, res.weight_scales["up/kernel"])
 
 
 def test_function_real_mode_equals_fake_after_gptq_and_rtn(setup):
