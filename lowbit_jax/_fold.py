@@ -29,6 +29,15 @@ the features against something that is not a parameter, a parameter used
 twice) makes the producer unfoldable, with the primitive and module named; its
 readers are reported skipped with that reason.
 
+MoE experts: a ``gather`` that picks whole rows (the tokens routed to the
+experts) passes the scaling on, and a grouped matmul
+(``jax.lax.ragged_dot(x [M, K], w [E, K, N], group_sizes)``) whose input
+features are scaled is a reader: its kernel's rows ``w[:, k, :]`` take
+``s_k`` for every expert (one scale per input channel shared by all experts,
+the only fold that is exact when every expert reads rows of the same
+producer). A grouped matmul is never a producer (each expert's output would
+need its own scaling).
+
 An orthogonal ``R`` over the features (the per-layer rotation) folds in a
 subset of those places: into a linear producer (never a gain) whose output
 reaches its readers only through views, zero padding, negation and bias or
@@ -45,8 +54,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowbit_jax._residual import (_CALLS, _SAME, _VDict, _axis_map_reshape, _walk,
-                                  _Literal, param_path)
+from lowbit_jax._residual import (_CALLS, _RAGGED, _SAME, _VDict, _axis_map_reshape,
+                                  _ragged_dims, _walk, _Literal, param_path)
 
 _VIEWS = frozenset(_SAME - {"neg"}) | {"reshape", "transpose", "broadcast_in_dim"}
 _HIGHER = frozenset({"scan", "while", "cond"}) | _CALLS
@@ -496,6 +505,54 @@ def find_scaling_folds(fn: Callable, params: Any, *args, **kwargs) -> FoldPlan:
             bad(path, "its kernel reaches the convolution through a reshape")
           d[path] = tuple(lay_o)
       dep[out] = d
+    elif name == "gather" and not deps(ins[1]):
+      # Rows picked by index (MoE: the tokens routed to the experts): the
+      # features ride along when every feature axis is kept whole.
+      gdn, sizes, opnd = eqn.params["dimension_numbers"], eqn.params["slice_sizes"], ins[0]
+      drop = set(gdn.collapsed_slice_dims) | set(gdn.operand_batching_dims)
+      kept = [i for i in range(opnd.aval.ndim) if i not in drop]
+      d = {}
+      for k, lay in ds[0].items():
+        hot = [] if lay is None else [i for i, ax in enumerate(lay) if _nonzero(ax)]
+        if lay is not None and all(i in kept and i not in gdn.start_index_map
+                                   and sizes[i] == opnd.aval.shape[i] for i in hot):
+          new = list(_zero(out.aval.shape))
+          for i, od in zip(kept, gdn.offset_dims):
+            new[od] = lay[i]
+          d[k] = tuple(new)
+        else:
+          d[k] = None
+          if lay is not None:
+            bad(k, f"a gather{where(eqn)} that selects among its features")
+      dep[out] = d
+    elif name in _RAGGED:
+      # A grouped matmul (MoE experts): an [E, K, N] kernel whose rows read
+      # the scaled features is a reader (one scale per feature, all experts).
+      x, w = ins[0], ins[1]
+      rdn = eqn.params.get("ragged_dot_dimension_numbers")
+      (rc, rb) = _ragged_dims(eqn)
+      plain = (tuple(map(tuple, rc)) == ((1,), (1,)) and not any(rb)
+               and x.aval.ndim == 2 and w.aval.ndim == 3
+               and (rdn is None or (tuple(rdn.lhs_ragged_dimensions) == (0,)
+                                    and tuple(rdn.rhs_group_dimensions) == (0,))))
+      if w in pview and not deps(w):
+        unread.setdefault(pview[w][0], (x, eqn))
+      for k, lay in deps(x).items():
+        if lay is None:
+          continue
+        hot = [i for i, ax in enumerate(lay) if _nonzero(ax)]
+        if plain and hot == [1] and w in pview and not deps(w):
+          lay_w = list(_zero(w.aval.shape))
+          lay_w[1] = lay[1]
+          reader(eqn, k, w, lay_w)
+        else:
+          bad(k, f"it reaches a grouped matmul{where(eqn)} other than as the input "
+              "features of a parameter kernel")
+      for v in ins[1:]:
+        poison(eqn, deps(v), "it is a grouped matmul's kernel or group sizes")
+      dep[out] = {}
+      blocked[out] = (f"the grouped matmul{where(eqn)}: its experts' outputs would "
+                      "each need their own scaling, which is not folded here")
     else:
       d = merged(*ds)
       poison(eqn, d, "an operation that does not commute with a per-channel "

@@ -22,9 +22,21 @@ The capture traces one calibrate-mode call of the model per batch shape under
 ``jax.jit`` (the front end's own un-jitted body), every site's Hessian being an
 output of that trace. Sites inside ``lax.scan`` / ``lax.cond`` /
 ``lax.while_loop`` bodies or a nested ``jax.jit`` cannot hand a Hessian back
-and raise an error naming the layer; grouped matmuls
-(``ragged_dot``: MoE experts) and grouped convs are not captured here and are
-listed in ``Capture.skipped``.
+and raise an error naming the layer; grouped convs are not captured here and
+are listed in ``Capture.skipped``.
+
+Grouped matmuls (``jax.lax.ragged_dot(x [M, K], w [E, K, N], group_sizes
+[E])``: MoE experts) are captured per expert: expert ``e``'s Hessian sums
+``x x^T`` over exactly the rows of ``x`` in its group (the tokens routed to
+it), accumulated over the batches with the rows each expert saw
+(``SiteStats`` with ``op="ragged_dot"``, ``hessian [E, K, K]``, ``count
+[E]``; ``_experts``, the same math as ``apply_ptq``'s Linen capture). Their
+rows are (token, expert) pairs, so ``token_mask`` does not apply to them.
+GPTQ then runs on each expert's ``[K, N]`` matrix with its own Hessian, RTN
+rounds each expert on its own grid, and the ``[E, ...]`` scale grid is
+returned so real mode stores exactly those codes; an expert no calibration
+token reached has no Hessian: it is rounded to nearest and reported (see
+``ptq_params``).
 """
 from __future__ import annotations
 
@@ -39,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from lowbit_jax import _experts
 from lowbit_jax import _rules
 from lowbit_jax import _ptq_scaling
 from lowbit_jax._ptq_scaling import AWQ_CLIP_SKIP
@@ -54,11 +67,18 @@ METHODS = ("gptq", "rtn", "awq", "awq_noclip", "smoothquant", "rotation")
 class SiteStats(NamedTuple):
   """Input statistics of one weight site (what ``capture_hessians`` returns).
 
+  A grouped matmul (``op="ragged_dot"``, MoE experts, weight ``[E, K, N]``)
+  has one Hessian per expert: ``hessian [E, K, K]`` and ``count [E]`` from
+  the rows routed to each expert only; its ``as_matrix`` is the ``[E, K, N]``
+  stack itself (expert ``e``'s ``[K, N]`` matrix at ``[e]``).
+
   Attributes:
     hessian: float32 ``[K, K]``: ``sum x x^T`` over the rows (token-mask
-      weighted), features in the order of ``as_matrix(weight)``'s rows.
-    count: float32 scalar, the number of rows (mask-weighted).
-    op: "dot_general" or "conv".
+      weighted), features in the order of ``as_matrix(weight)``'s rows
+      (``[E, K, K]`` for experts).
+    count: float32 scalar, the number of rows (mask-weighted; ``[E]`` for
+      experts).
+    op: "dot_general", "conv" or "ragged_dot".
     contract: the weight's contraction axes (a conv: every axis but the
       output-feature one), ascending; the matrix's rows flatten them in order.
     out_axis: a conv kernel's output-feature axis (None for matmuls).
@@ -75,6 +95,8 @@ class SiteStats(NamedTuple):
 
   def as_matrix(self, w: jax.Array) -> jax.Array:
     """The weight as the ``[K, N]`` matrix the site's inputs meet (``x @ W``)."""
+    if self.op == "ragged_dot":
+      return w
     rest = tuple(i for i in range(w.ndim) if i not in self.contract)
     m = jnp.transpose(w, self.contract + rest)
     k = math.prod(w.shape[i] for i in self.contract)
@@ -82,6 +104,8 @@ class SiteStats(NamedTuple):
 
   def from_matrix(self, m: jax.Array) -> jax.Array:
     """Inverse of ``as_matrix``: the ``[K, N]`` matrix back in the weight's layout."""
+    if self.op == "ragged_dot":
+      return m
     rest = tuple(i for i in range(len(self.shape)) if i not in self.contract)
     perm = self.contract + rest
     t = m.reshape(tuple(self.shape[i] for i in perm))
@@ -97,10 +121,14 @@ class InputStats(NamedTuple):
     abs_sum: ``[K]`` sum of |x| over the rows (mask-weighted).
     abs_max: ``[K]`` max |x| over the (unmasked) rows.
     sample: ``[S, K]`` retained input rows (chosen at random per batch).
+    sample_group: experts (``ragged_dot``) only: ``[S]`` the expert each
+      retained row was routed to (the magnitudes are over all routed rows);
+      None elsewhere.
   """
   abs_sum: jax.Array
   abs_max: jax.Array
   sample: jax.Array
+  sample_group: Optional[jax.Array] = None
 
 
 class Capture(NamedTuple):
@@ -194,6 +222,30 @@ class _Recorder:
     self.key = key
     self.keep = keep
 
+  def _experts(self, site, x, group_sizes, shape):
+    """A grouped matmul: one Hessian and row count per expert (``_experts``)."""
+    path = site.path
+    h, n = _experts.expert_hessians(x, group_sizes)
+    if self.keep:   # AWQ/SmoothQuant: magnitudes over all routed rows, a sample
+      xr, _, _, gid, valid = _experts.routed_rows(x, group_sizes)
+      ax = jnp.abs(xr) * valid[:, None]
+      score = jax.random.uniform(self.key, (xr.shape[0],)) + 2.0 * valid
+      _, idx = lax.top_k(score, min(self.keep, xr.shape[0]))
+      extra = (jnp.sum(ax, axis=0), jnp.max(ax, axis=0), xr[idx], valid[idx], gid[idx])
+    meta = ("ragged_dot", (1,), None, None, shape)
+    if self.meta.get(path, meta) != meta:
+      raise ValueError(f"{path}: the weight is used by ops with different "
+                       "contraction features; one Hessian cannot serve both")
+    self.meta[path] = meta
+    prev = self.acc.get(path)
+    if prev is not None:
+      if self.keep:
+        raise ValueError(f"{path}: the weight is used by several ops; AWQ and "
+                         "SmoothQuant need one input per weight")
+      h, n = prev[0] + h, prev[1] + n
+    self.acc[path] = (h, n, extra) if self.keep else (h, n)
+    self.sites[path] = site
+
   def __call__(self, site, op, x, w, params):
     if site.weight is None:
       return
@@ -206,8 +258,7 @@ class _Recorder:
           "an inner jit")
     shape = _rules.logical_shape(w)
     if op == "ragged_dot":
-      self.skipped[path] = ("grouped matmul (ragged_dot): per-expert Hessians are "
-                            "captured by the Linen driver (apply_ptq) only")
+      self._experts(site, x, params["group_sizes"], tuple(shape))
       return
     if op == "dot_general":
       (lc, rc), (lb, rb) = params["dimension_numbers"]
@@ -372,13 +423,14 @@ def capture_hessians(model, params, calib_batches: Sequence[Any], rules, *,
         h, n = total[path][0] + h, total[path][1] + n
       total[path] = (h, n)
       if extra:
-        a_sum, a_max, rows, valid = extra[0]
-        rows = rows[np.asarray(valid)]
+        a_sum, a_max, rows, valid, *grp = extra[0]   # grp: experts' row groups
+        rows, grp = rows[np.asarray(valid)], [g[np.asarray(valid)] for g in grp]
         if path in inputs:
-          s0, m0, r0 = inputs[path]
+          s0, m0, r0, *g0 = inputs[path]
           a_sum, a_max, rows = s0 + a_sum, jnp.maximum(m0, a_max), jnp.concatenate(
               [r0, rows])
-        inputs[path] = (a_sum, a_max, rows)
+          grp = [jnp.concatenate([a, b]) for a, b in zip(g0, grp)]
+        inputs[path] = (a_sum, a_max, rows, *grp)
   if not total:
     names = [r.path for r in _capture_rules(rules) if r.weight is not None]
     why = (f"; not captured: {rec.skipped}" if rec.skipped else "")
@@ -388,7 +440,8 @@ def capture_hessians(model, params, calib_batches: Sequence[Any], rules, *,
         "Rules match parameter paths such as 'layers_0/mlp/up/kernel' or their "
         "layer path ('layers_0/mlp/up'); give a rule a weight spec")
   stats = {p: SiteStats(h, n, *rec.meta[p]) for p, (h, n) in total.items()}
-  inputs = {p: InputStats(a, m, r[:max_samples]) for p, (a, m, r) in inputs.items()}
+  inputs = {p: InputStats(a, m, r[:max_samples], *[g[:max_samples] for g in grp])
+            for p, (a, m, r, *grp) in inputs.items()}
   return Capture(stats, {p: rec.sites[p] for p in stats}, dict(rec.skipped), inputs)
 
 
@@ -416,7 +469,8 @@ def quantize_site(method: str, w: jax.Array, st: SiteStats, spec: QuantSpec, *,
   Args:
     method: "gptq" or "rtn".
     w: the float weight in its own layout.
-    st: its ``SiteStats``.
+    st: its ``SiteStats`` (MoE experts: each expert of the ``[E, K, N]``
+      stack with its own Hessian; an expert without rows rounded to nearest).
     spec: the rule's weight spec.
     path: the parameter path (for errors).
     blocksize, percdamp, act_order: GPTQ's options (``algorithms.gptq``).
@@ -451,6 +505,9 @@ def _site(w, hessian, count, *, method, meta, spec, path, opts):
   """
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  if meta[0] == "ragged_dot":
+    return _expert_site(w, hessian, count, method=method, meta=meta, spec=spec,
+                        path=path, opts=opts)
   if method == "rtn":
     return _finish(w, None, None, hessian, count, meta=meta, spec=spec)
   blocksize, percdamp, act_order = opts
@@ -461,6 +518,43 @@ def _site(w, hessian, count, *, method, meta, spec, path, opts):
     msg = str(e)
     raise ValueError(msg if msg.startswith(f"{path}: ") else f"{path}: {msg}") from e
   return _finish(w, res.weight, res.amax, hessian, count, meta=meta, spec=spec)
+
+
+def _expert_site(w, hessian, count, *, method, meta, spec, path, opts):
+  """``_site`` of a grouped matmul: each expert on its own Hessian.
+
+  The errors are per expert, ``[E]``: ``tr(dW_e^T H_e dW_e) / rows_e`` (0
+  for an expert without rows).
+  """
+  if method == "rtn":
+    return _finish_experts(w, None, None, hessian, count, meta=meta, spec=spec)
+  blocksize, percdamp, act_order = opts
+  try:
+    wq, amax, _ = _experts.quantize_experts(
+        w, hessian, count, _matrix_spec(spec, path), method, blocksize=blocksize,
+        percdamp=percdamp, act_order=act_order)
+  except ValueError as e:
+    msg = str(e)
+    raise ValueError(msg if msg.startswith(f"{path}: ") else f"{path}: {msg}") from e
+  return _finish_experts(w, wq, amax, hessian, count, meta=meta, spec=spec)
+
+
+@functools.partial(jax.jit, static_argnames=("meta", "spec"))
+def _finish_experts(w, wq, amax, hessian, count, *, meta, spec):
+  """``_finish`` of an expert stack ``[E, K, N]`` (jitted); per-expert errors."""
+  plan = _plan(SiteStats(hessian, count, *meta), spec)
+  rtn_w = fake_quant(w, plan.spec)
+  if wq is None:   # RTN
+    wq, scale = rtn_w, (rtn_scale(w, plan.spec) if plan.spec.symmetric else None)
+  else:   # the range each block was rounded with (GPTQ's, or the weight's own)
+    wq = wq.astype(w.dtype)
+    scale = rtn_scale(amax, plan.spec) if plan.spec.symmetric else None
+  exact = (jnp.array_equal(fake_quant(wq, plan.spec, scale=scale), wq)
+           if scale is not None else jnp.bool_(True))
+  rows = jnp.maximum(count, 1.0)
+  err = jax.vmap(hessian_error)(hessian, w, wq) / rows
+  rerr = jax.vmap(hessian_error)(hessian, w, rtn_w) / rows
+  return wq, scale, exact, err, rerr
 
 
 @functools.partial(jax.jit, static_argnames=("meta",))
@@ -540,6 +634,23 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
   producer whose output reaches its readers only through views and bias
   additions (``ScalingFold.rotation_why`` says why not elsewhere).
 
+  MoE experts (``jax.lax.ragged_dot`` with an ``[E, K, N]`` weight) are
+  quantized per expert: GPTQ runs on each expert's ``[K, N]`` matrix with the
+  Hessian of only the tokens routed to it (``capture_hessians``), RTN rounds
+  each expert on its own grid, and ``weight_scales`` holds the ``[E, ...]``
+  grid, so real mode stores exactly those codes. An expert that no
+  calibration token reached is rounded to nearest and listed in
+  ``report["skipped"]`` as ``"path[e]"`` (and in its layer's
+  ``"rtn_fallback"``); an expert layer's report entry also has ``"experts"``,
+  ``"calibration_tokens"`` (rows per expert), ``"expert_errors"`` and
+  ``"expert_rtn_errors"`` (``tr(dW_e^T H_e dW_e) / rows_e``), its ``"error"``
+  being their row-weighted mean. AWQ and SmoothQuant scale experts with one
+  scale per input channel shared by all experts, folded into the producer
+  every expert reads through the token gather (a per-expert scaling has no
+  exact fold there; see ``_ptq_scaling``), then round each expert to nearest;
+  experts without such a fold are rounded unscaled, with the reason in their
+  entry; the rotation does not rotate experts.
+
   Args:
     model: ``fn(params, *batch)``, a Linen module, or an NNX module.
     params: the parameter pytree (function; Linen params or variables), or
@@ -596,6 +707,7 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
       model, params, calib_batches, rules, token_mask=token_mask)
   tree = _param_tree(model, params, front)
   new_leaves, scales, layers = {}, {}, {}
+  skipped = dict(cap.skipped)
   opts = (blocksize, float(percdamp), bool(act_order))
   for path, st in cap.stats.items():
     spec = cap.sites[path].weight
@@ -611,13 +723,34 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
     new_leaves[path] = wq
     if scale is not None:
       scales[path] = scale
+    extra = {}
+    if st.op == "ragged_dot":
+      err, rerr, extra = _expert_entry(path, st, err, rerr, method, skipped)
     err, rerr = float(err), float(rerr)
     layers[path] = {"spec": str(spec), "error": err, "rtn_error": rerr,
                     "error_vs_rtn": err / rerr if rerr > 0 else 1.0,
-                    "rows": float(st.count)}
-  report = {"method": method, "layers": layers, "skipped": dict(cap.skipped),
+                    "rows": float(jnp.sum(st.count)), **extra}
+  report = {"method": method, "layers": layers, "skipped": skipped,
             "seconds": time.perf_counter() - t0}
   return PTQResult(_write_back(model, params, front, new_leaves), scales, report)
+
+
+def _expert_entry(path: str, st: SiteStats, err, rerr, method: str,
+                  skipped: dict) -> tuple:
+  """``(error, RTN's error, report fields)`` of an expert layer from its
+  per-expert errors; the experts GPTQ rounded to nearest for want of routed
+  tokens go into ``skipped`` as ``path[e]``."""
+  counts = np.asarray(st.count, np.float64)
+  err, rerr = np.asarray(err, np.float64), np.asarray(rerr, np.float64)
+  rows = max(float(counts.sum()), 1.0)
+  empty = [e for e, c in enumerate(counts) if c == 0] if method == "gptq" else []
+  for name, e in zip(_experts.expert_names(path, empty), empty):
+    skipped[name] = (f"no calibration token was routed to expert {e}: it has no "
+                     "Hessian and was rounded to nearest (RTN) instead of GPTQ")
+  extra = {"experts": len(counts), "calibration_tokens": [int(c) for c in counts],
+           "rtn_fallback": empty, "expert_errors": err.tolist(),
+           "expert_rtn_errors": rerr.tolist()}
+  return float((err * counts).sum() / rows), float((rerr * counts).sum() / rows), extra
 
 
 def _write_back(model, params, front: str, new_leaves: dict):
@@ -651,7 +784,9 @@ def mixed_precision_rules(model, params, capture: Capture,
   rounding it to nearest, ``tr(dW^T H dW)`` with the captured Hessian
   (``algorithms.mixed_precision.weight_sensitivity``); ``allocate_bits``
   picks one candidate per weight minimizing the summed error under the
-  budget; ``assignment_to_rules`` turns the choice into QuantRules whose
+  budget (an expert layer's error is the sum over its experts, each with its
+  own Hessian; one format for all its experts); ``assignment_to_rules``
+  turns the choice into QuantRules whose
   regexes name each parameter path exactly, which ``quantize_linen``,
   ``quantize_nnx``, ``quantize_function`` and ``ptq_params`` all accept.
 
@@ -679,9 +814,15 @@ def mixed_precision_rules(model, params, capture: Capture,
     mat = st.as_matrix(_rules.logical_value(_get_path(tree, path)))
     specs = {n: None if c is None else _matrix_spec(as_spec(c), path)
              for n, c in candidates.items()}
-    costs[path] = mp.weight_sensitivity(mat, st.hessian, specs)
+    if st.op == "ragged_dot":   # experts: each on its own Hessian, summed
+      per = [mp.weight_sensitivity(mat[e], st.hessian[e], specs)
+             for e in range(mat.shape[0])]
+      costs[path] = {n: sum(c[n] for c in per) for n in specs}
+    else:
+      costs[path] = mp.weight_sensitivity(mat, st.hessian, specs)
     sizes[path] = int(mat.size)
-    bits[path] = {n: mp.spec_bits(sp, mat.shape, float_bits) for n, sp in specs.items()}
+    bits[path] = {n: mp.spec_bits(sp, mat.shape[-2:], float_bits)
+                  for n, sp in specs.items()}
   alloc = mp.allocate_bits(costs, sizes, bits, budget, method=method)
   return mp.assignment_to_rules(alloc.assignment, candidates,
                                 activation=activation), alloc

@@ -24,9 +24,27 @@ rounded with are returned for real mode.
 ``apply_ptq``'s per-layer rotation) into the folds where a rotation is exact
 (``ScalingFold.rotation_why`` is None), rounds the rotated kernels to nearest
 and reports their errors in the original domain.
+
+MoE experts (``ragged_dot`` sites, weight ``[E, K, N]``): every expert reads
+rows of one producer's output (a gather of the routed tokens), so a scaling
+per expert has no exact fold into that producer; the exact fold is one scale
+per input channel shared by all experts and the producer's other readers
+(the router). AWQ and SmoothQuant use that: the experts join the producer's
+group (``_fold`` follows the token gather into the grouped matmul), their
+statistics are those of all routed tokens (SmoothQuant: the absmax over them,
+and each input row's max over every expert's kernel; AWQ: mean |x| over
+them, and the grid's error summed over the experts, each on the retained
+rows routed to it), and every expert's rows take ``s``. Each expert is then
+rounded to nearest on its own grid (AWQ's clip search does not run on
+experts, as in ``apply_ptq``). An expert layer without such a fold (the down
+experts, whose input is produced per expert; the per-expert fold into the up
+experts' columns is ``apply_ptq``'s) is rounded to nearest unscaled, with the
+reason (``EXPERT_REASON``) in its entry. The rotation does not rotate
+experts.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 import time
@@ -48,6 +66,11 @@ SCALING_METHODS = ("awq", "awq_noclip", "smoothquant", "rotation")
 # As in flax/ptq.py's apply_ptq: the clip search leaves the query and key
 # projections alone (their error passes through q.k and a softmax).
 AWQ_CLIP_SKIP = r".*(q_proj|k_proj|query|key)"
+EXPERT_REASON = (
+    "MoE experts (ragged_dot) without an exact shared fold are rounded to nearest "
+    "per expert, unscaled (a scaling per expert has no exact fold into a producer "
+    "all experts read; apply_ptq folds per-expert scalings into producing experts "
+    "on Linen models)")
 
 
 def as_function(model, params, front: str):
@@ -85,6 +108,8 @@ def _put(tree, new: dict):
 def _row_features(st, layout, shape) -> np.ndarray:
   """The feature of each row of ``st.as_matrix(w)`` (a reader's input rows)."""
   idx = feature_index(shape, layout)
+  if st.op == "ragged_dot":   # an expert stack [E, K, N]: every expert's rows
+    return np.asarray(idx)[0, :, 0]
   return np.asarray(st.as_matrix(jnp.asarray(idx)))[:, 0]
 
 
@@ -106,7 +131,9 @@ def group_scales(method: str, mats: list, specs: list, inputs: list, counts: lis
 
   Args:
     method: "awq", "awq_noclip" or "smoothquant".
-    mats: each reader's kernel as its ``[K_i, N_i]`` matrix.
+    mats: each reader's kernel as its ``[K_i, N_i]`` matrix (MoE experts: the
+      ``[E, K, N]`` stack; its errors are summed over the experts, each on
+      the retained rows routed to it, ``InputStats.sample_group``).
     specs: each reader's ``[K, N]`` weight spec (``_ptq._matrix_spec``).
     inputs: each reader's ``InputStats``.
     counts: each reader's row count.
@@ -119,15 +146,25 @@ def group_scales(method: str, mats: list, specs: list, inputs: list, counts: lis
     ``(s, alpha)``: float32 ``s[size]`` and the exponent used (AWQ: the
     searched one).
   """
+  def row_max(m):   # max |w| of each input row (of every expert of a stack)
+    m = np.abs(np.asarray(m, np.float32))
+    return np.max(m, axis=(0, 2)) if m.ndim == 3 else np.max(m, axis=1)
+
   if method == "smoothquant":
     amax = _per_feature(inputs[0].abs_max, rows[0], size, "max")
-    wmax = [_per_feature(np.max(np.abs(np.asarray(m, np.float32)), axis=1), r, size,
-                         "max")[:, None] for m, r in zip(mats, rows)]
+    wmax = [_per_feature(row_max(m), r, size, "max")[:, None]
+            for m, r in zip(mats, rows)]
     return smoothquant_scales(amax, wmax, alpha), float(alpha)
-  act = _per_feature(np.asarray(inputs[0].abs_sum) / max(float(counts[0]), 1.0),
-                     rows[0], size, "mean")
+  act = _per_feature(np.asarray(inputs[0].abs_sum)
+                     / max(float(np.sum(counts[0])), 1.0), rows[0], size, "mean")
   errors = jnp.zeros((n_grid,), jnp.float32)
   for m, sp, inp, r in zip(mats, specs, inputs, rows):
+    if np.ndim(m) == 3:   # experts: each on the rows routed to it
+      grp = np.asarray(inp.sample_group)
+      for e in np.unique(grp):
+        errors = errors + awq_search(inp.sample[grp == e], m[e], sp,
+                                     act_scale=act[r], n_grid=n_grid).errors
+      continue
     errors = errors + awq_search(inp.sample, m, sp, act_scale=act[r],
                                  n_grid=n_grid).errors
   best = float(np.linspace(0.0, 1.0, n_grid, dtype=np.float32)[int(jnp.argmin(errors))])
@@ -167,6 +204,24 @@ def _round(w_in, w, sr, hessian, count, *, meta, spec):
   rows = jnp.maximum(count, 1.0)
   return (wq, scale, exact, hessian_error(hessian, ref, qm) / rows,
           hessian_error(hessian, ref, rtn_m) / rows)
+
+
+@functools.partial(jax.jit, static_argnames=("meta", "spec"))
+def _round_experts(w, sr, hessian, count, *, meta, spec):
+  """``_round`` of an expert stack ``[E, K, N]`` whose rows were scaled by ``sr``
+  (no clip search): per-expert errors against the unscaled float experts."""
+  from lowbit_jax import _ptq
+  plan = _ptq._plan(_ptq.SiteStats(hessian, count, *meta), spec)   # pylint: disable=protected-access
+  wq = fake_quant(w, plan.spec)
+  scale = rtn_scale(w, plan.spec) if plan.spec.symmetric else None
+  exact = (jnp.array_equal(fake_quant(wq, plan.spec, scale=scale), wq)
+           if scale is not None else jnp.bool_(True))
+  inv = 1.0 / sr[None, :, None]
+  ref = w.astype(jnp.float32) * inv
+  rtn_w = fake_quant(ref, plan.spec)
+  rows = jnp.maximum(count, 1.0)
+  err = jax.vmap(hessian_error)(hessian, ref, wq.astype(jnp.float32) * inv) / rows
+  return wq, scale, exact, err, jax.vmap(hessian_error)(hessian, ref, rtn_w) / rows
 
 
 @functools.partial(jax.jit, static_argnames=("meta", "spec"))
@@ -221,6 +276,10 @@ def scaling_ptq(model, params, batches: list, rules, *, method: str, front: str,
                            "reason": "no reader is quantized by the rules"})
       continue
     if method == "rotation":
+      if fold.rotation_why is None and any(cap.stats[p].op == "ragged_dot"
+                                           for p in members):
+        fold = dataclasses.replace(fold, rotation_why=(
+            "ptq_params does not rotate MoE experts (ragged_dot)"))
       if fold.rotation_why is not None:
         folds_report.append({**entry, "status": "skipped",
                              "reason": fold.rotation_why})
@@ -243,6 +302,10 @@ def scaling_ptq(model, params, batches: list, rules, *, method: str, front: str,
       st = cap.stats[p]
       w = _rules.logical_value(get(tree, p))
       mats.append(_ptq._as_matrix(w, meta=tuple(st[2:])))  # pylint: disable=protected-access
+      if st.op == "ragged_dot" and method != "smoothquant":
+        if cap.inputs[p].sample.shape[0] == 0:
+          raise ValueError(f"{p}: no calibration rows were routed to its experts "
+                           "for AWQ's search; raise max_samples")
       specs.append(_ptq._matrix_spec(cap.sites[p].weight, p))  # pylint: disable=protected-access
       if method != "smoothquant" and cap.inputs[p].sample.shape[0] == 0:
         raise ValueError(f"{p}: no calibration rows were retained for AWQ's search; "
@@ -282,6 +345,26 @@ def scaling_ptq(model, params, batches: list, rules, *, method: str, front: str,
   for p, st in cap.stats.items():
     spec = cap.sites[p].weight
     w = _rules.logical_value(get(tree, p))
+    if st.op == "ragged_dot":   # experts: RTN per expert (no clip search)
+      sr = row_s.get(p, np.ones((st.shape[1],), np.float32))
+      new[p], scale, exact, err, rerr = _round_experts(
+          w, sr, st.hessian, st.count, meta=tuple(st[2:]), spec=spec)
+      if not bool(exact):
+        raise ValueError(f"{p}: rounding with its own scales does not reproduce the "
+                         f"codes (spec {spec})")
+      if scale is not None:
+        scales[p] = scale
+      err, rerr, extra = _ptq._expert_entry(p, st, err, rerr, "rtn", {})  # pylint: disable=protected-access
+      layers[p] = {"spec": str(spec), "error": err, "rtn_error": rerr,
+                   "error_vs_rtn": err / rerr if rerr > 0 else 1.0,
+                   "rows": float(jnp.sum(st.count)), **extra}
+      if p in row_s:
+        layers[p]["fold"] = plan.reader_of.get(p)
+      else:
+        layers[p]["fold"] = None
+        layers[p]["reason"] = rot_skipped.get(p) or (
+            f"{EXPERT_REASON}: {plan.skipped[p]}" if p in plan.skipped else EXPERT_REASON)
+      continue
     sr = row_s.get(p)
     mat = _ptq._as_matrix(w, meta=tuple(st[2:]))   # pylint: disable=protected-access
     w_in, entry = w, {}

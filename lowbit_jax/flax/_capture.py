@@ -55,6 +55,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lowbit_jax._experts import routed_rows
 from lowbit_jax.flax._linen import RaggedDense, conv_transpose_lowering
 
 _HI = jax.lax.Precision.HIGHEST
@@ -106,16 +107,6 @@ class ExpertStats(NamedTuple):
   def mean_abs(self) -> jax.Array:
     """Mean |x_j| per group and input channel (0 for a group without rows)."""
     return self.abssum / jnp.maximum(self.count, 1.0)[:, None]
-
-
-def _group_ids(group_sizes: jax.Array, m: int):
-  """(group of each of ``m`` sorted rows, whether the row is in a group)."""
-  gs = jnp.asarray(group_sizes, jnp.int32)
-  ends = jnp.cumsum(gs)
-  rows = jnp.arange(m)
-  gid = jnp.searchsorted(ends, rows, side="right")
-  valid = rows < ends[-1]
-  return jnp.minimum(gid, gs.shape[0] - 1), valid
 
 
 class Capture(NamedTuple):
@@ -561,13 +552,7 @@ def _expert_batch_stats(calls, n_keep: int, key):
   """Per-group statistics of one batch's calls of a grouped matmul."""
   grams, amaxs, asums, cnts, rows_all, gids_all, valid_all = [], [], [], [], [], [], []
   for x, group_sizes in calls:
-    m, k = x.shape
-    g = group_sizes.shape[0]
-    gid, valid = _group_ids(group_sizes, m)
-    xr = x.reshape(m, k).astype(jnp.float32)
-    onehot = ((gid[:, None] == jnp.arange(g)[None]) & valid[:, None]).astype(
-        jnp.float32)                                       # [M, G]
-    xg = onehot.T[:, :, None] * xr[None]                   # [G, M, K]
+    xr, xg, onehot, gid, valid = routed_rows(x, group_sizes)
     grams.append(jnp.einsum("gmk,gmj->gkj", xg, xg, precision=_HI))
     amaxs.append(jnp.max(jnp.abs(xg), axis=1))
     asums.append(jnp.sum(jnp.abs(xg), axis=1))

@@ -157,6 +157,7 @@ from lowbit_jax.flax._capture import (Capture, DenseStats, ExpertStats,
                                      split_batch)
 from lowbit_jax.formats import Format
 from lowbit_jax.algorithms._tree import with_leaves
+from lowbit_jax._experts import expert_spec, quantize_experts
 
 METHODS = ("rtn", "gptq", "awq", "smoothquant", "rotation", "quarot", "spinquant",
            "omniquant")
@@ -1144,16 +1145,6 @@ def _expert_down_transform(method: str, params, st: ExpertStats, path: str,
   return params, _scale_expert_stats(st, s), entry
 
 
-def _expert_spec(spec: QuantSpec) -> QuantSpec:
-  """A ``[K, N]`` kernel spec as the spec of the ``[G, K, N]`` expert stack."""
-  ax = spec.axis
-  if isinstance(ax, int):
-    return spec.replace(axis=ax % 2 + 1)
-  if isinstance(ax, tuple):
-    return spec.replace(axis=tuple(a % 2 + 1 for a in ax))
-  return spec
-
-
 def _quantize_experts(w: jax.Array, st: ExpertStats, spec: Optional[QuantSpec],
                       quant: str, aspec: Optional[QuantSpec], *, blocksize: int,
                       percdamp: float, act_order: bool):
@@ -1174,24 +1165,14 @@ def _quantize_experts(w: jax.Array, st: ExpertStats, spec: Optional[QuantSpec],
   if spec is None:
     entry.update(weight_sqnr_db=float("inf"), seconds=time.perf_counter() - t0)
     return w, entry, None
-  outs, amaxs = [], []
-  for e in range(g):
-    we = w[e]
-    if quant == "gptq" and counts[e] > 0:
-      res = gptq(we, st.gram[e], spec, blocksize=blocksize, percdamp=percdamp,
-                 act_order=act_order)
-      outs.append(res.weight)
-      amaxs.append(jnp.broadcast_to(_expand_grid(res.amax, we.shape), we.shape))
-    else:
-      if quant == "gptq":
-        entry["rtn_fallback"].append(e)
-      outs.append(rtn(we, spec))
-      amaxs.append(jnp.abs(we))
-  w_q = jnp.stack(outs).astype(w.dtype)
+  w_q, amaxs, entry["rtn_fallback"] = quantize_experts(
+      w, st.gram, st.count, spec, quant, blocksize=blocksize, percdamp=percdamp,
+      act_order=act_order)
+  w_q = w_q.astype(w.dtype)
   scale = None
   if spec.symmetric and spec.tile is None:
     # The range each block was rounded with (GPTQ's, or the weight's own).
-    scale = init_scale(jnp.stack(amaxs), _expert_spec(spec), "amax")
+    scale = init_scale(amaxs, expert_spec(spec), "amax")
   entry["weight_sqnr_db"] = sqnr_db(w, w_q)
   if st.sample.shape[0]:
     x = st.sample

@@ -1,0 +1,113 @@
+"""Per-expert PTQ math of grouped matmuls (``jax.lax.ragged_dot``: MoE experts).
+
+Shared by both PTQ drivers (``flax.ptq.apply_ptq``'s Linen capture and
+``_ptq.ptq_params`` on every front end), so both build the same numbers: a
+grouped matmul ``ragged_dot(x [M, K], w [G, K, N], group_sizes [G])`` takes
+rows sorted by group (the first ``group_sizes[0]`` rows are expert 0's, ...;
+rows past ``sum(group_sizes)`` belong to none). Expert ``g``'s Hessian is the
+Gram matrix of only the rows routed to it, and GPTQ (Frantar et al. 2023)
+runs on each expert's ``[K, N]`` matrix with that Hessian; an expert that
+received no calibration row has none and is rounded to nearest.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lowbit_jax._rules import _expand_grid
+from lowbit_jax.algorithms.gptq import gptq
+from lowbit_jax.algorithms.rtn import rtn
+from lowbit_jax.core._spec import QuantSpec
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+def group_ids(group_sizes: jax.Array, m: int):
+  """(group of each of ``m`` sorted rows, whether the row is in a group)."""
+  gs = jnp.asarray(group_sizes, jnp.int32)
+  ends = jnp.cumsum(gs)
+  rows = jnp.arange(m)
+  gid = jnp.searchsorted(ends, rows, side="right")
+  valid = rows < ends[-1]
+  return jnp.minimum(gid, gs.shape[0] - 1), valid
+
+
+def routed_rows(x: jax.Array, group_sizes: jax.Array):
+  """``(xr [M, K] float32, xg [G, M, K], onehot [M, G], gid [M], valid [M])``.
+
+  ``xg[g]`` is ``xr`` with every row not routed to group ``g`` zeroed; the
+  one-hot is zero on rows past the groups.
+  """
+  m, k = x.shape
+  g = group_sizes.shape[0]
+  gid, valid = group_ids(group_sizes, m)
+  xr = x.reshape(m, k).astype(jnp.float32)
+  onehot = ((gid[:, None] == jnp.arange(g)[None]) & valid[:, None]).astype(
+      jnp.float32)                                       # [M, G]
+  xg = onehot.T[:, :, None] * xr[None]                   # [G, M, K]
+  return xr, xg, onehot, gid, valid
+
+
+def expert_hessians(x: jax.Array, group_sizes: jax.Array) -> tuple:
+  """``(gram [G, K, K], count [G])`` of one call: ``gram[g] = sum x x^T`` over
+  the rows routed to group ``g`` only, ``count[g]`` their number (float32)."""
+  _, xg, onehot, _, _ = routed_rows(x, group_sizes)
+  return (jnp.einsum("gmk,gmj->gkj", xg, xg, precision=_HI),
+          jnp.sum(onehot, axis=0))
+
+
+def expert_spec(spec: QuantSpec) -> QuantSpec:
+  """A ``[K, N]`` kernel spec as the spec of the ``[G, K, N]`` expert stack."""
+  ax = spec.axis
+  if isinstance(ax, int):
+    return spec.replace(axis=ax % 2 + 1)
+  if isinstance(ax, tuple):
+    return spec.replace(axis=tuple(a % 2 + 1 for a in ax))
+  return spec
+
+
+def quantize_experts(w: jax.Array, grams: jax.Array, counts, spec: QuantSpec,
+                     method: str, *, blocksize: int = 128, percdamp: float = 0.01,
+                     act_order: bool = False) -> tuple:
+  """RTN or GPTQ of each expert of a ``[G, K, N]`` stack, each with its own Hessian.
+
+  Args:
+    w: the float expert stack ``[G, K, N]``.
+    grams: ``[G, K, K]``, expert ``g``'s Hessian from the rows routed to it.
+    counts: ``[G]`` rows routed to each expert.
+    spec: the ``[K, N]`` kernel spec (``algorithms.rtn.kernel_spec``: axis set).
+    method: "gptq" or "rtn".
+    blocksize, percdamp, act_order: GPTQ's options.
+
+  Returns:
+    ``(w_q [G, K, N] float32, amax [G, K, N], fallback)``: the fake-quantized
+    stack, the range each element's block was rounded with (GPTQ's, or the
+    weight's own magnitude for RTN; ``init_scale(amax, expert_spec(spec),
+    "amax")`` is the stack's scale grid), and the experts GPTQ rounded to
+    nearest because no calibration row reached them.
+  """
+  counts = [float(c) for c in np.asarray(counts)]
+  outs, amaxs, fallback = [], [], []
+  for e in range(w.shape[0]):
+    we = w[e]
+    if method == "gptq" and counts[e] > 0:
+      res = gptq(we, grams[e], spec, blocksize=blocksize, percdamp=percdamp,
+                 act_order=act_order)
+      outs.append(res.weight)
+      amaxs.append(jnp.broadcast_to(_expand_grid(res.amax, we.shape), we.shape))
+    else:
+      if method == "gptq":
+        fallback.append(e)
+      outs.append(rtn(we, spec))
+      amaxs.append(jnp.abs(we))
+  return jnp.stack(outs), jnp.stack(amaxs), fallback
+
+
+def expert_names(path: str, experts) -> list:
+  """The report names of some experts of the layer at ``path``: ``path[e]``."""
+  return [f"{path}[{e}]" for e in experts]
+
+
+__all__ = ["group_ids", "routed_rows", "expert_hessians", "expert_spec",
+           "quantize_experts", "expert_names"]
