@@ -50,6 +50,9 @@ def fn_omni(setup, heavy):  # noqa: F811
 
 def test_lwc_and_let_lower_every_sites_error_vs_rtn(fn_omni):
   layers = fn_omni.report["layers"]
+  print("error / RTN's, objective / RTN's:", {
+      p: (round(e["error_vs_rtn"], 3), round(e["objective"] / e["objective_rtn"], 3))
+      for p, e in layers.items()})
   assert sorted(layers) == sorted(f"layers_{i}/{n}/kernel" for i in range(toy.LAYERS)
                                   for n in ("up", "down"))
   for p, e in layers.items():
@@ -103,6 +106,8 @@ def test_let_with_lwc_beats_lwc_alone_on_outlier_channels(setup, heavy, fn_omni)
   for i in range(toy.LAYERS):
     p = f"layers_{i}/up/kernel"
     alone, both = lwc.report["layers"][p], fn_omni.report["layers"][p]
+    print(p, "objective / RTN's: LWC", alone["objective"] / alone["objective_rtn"],
+          "LET+LWC", both["objective"] / both["objective_rtn"])
     assert not alone["let"] and "let=False" in alone["reason"]
     assert alone["objective"] < alone["objective_rtn"]
     # Migrating the outlier channels' range into the weights, learned with the
@@ -190,3 +195,37 @@ def test_clear_errors(setup, heavy):  # noqa: F811
   with pytest.raises(ValueError, match="raise max_samples"):
     lb.ptq_params(toy.toy_apply, heavy, batches, RULES, method="omniquant",
                   max_samples=0)
+
+
+@pytest.mark.slow
+def test_layer_wise_against_the_linen_block_wise_omniquant():
+  """The same model, options and weights as tests/flax/test_ptq_omniquant.py:
+  ``apply_ptq``'s block-wise OmniQuant and ``ptq_params``'s layer-wise one on
+  the blocks' Dense layers (the head float), by the model output's MSE
+  against the float model on the calibration batch and a held-out one."""
+  from lowbit_jax.flax import apply_ptq
+  from tests.flax.test_ptq_omniquant import _Net
+  rng = np.random.default_rng(0)
+  gain = np.exp(rng.normal(0, 1.0, 32)).astype(np.float32)   # outlier channels
+  x = jnp.asarray(rng.standard_normal((12, 8, 32)).astype(np.float32) * gain)
+  m = _Net()
+  shapes = jax.eval_shape(m.init, jax.random.key(1), x)["params"]
+  params = jax.tree.map(
+      lambda a: jnp.asarray((rng.standard_t(3.0, a.shape) / np.sqrt(a.shape[0])
+                             if len(a.shape) == 2 else 1.0 + 0.1 * rng.standard_normal(
+                                 a.shape)).astype(np.float32)), shapes)
+  held = jnp.asarray(rng.standard_normal((12, 8, 32)).astype(np.float32) * gain)
+  layers = r"blocks_\d+/fc\d"
+  rules = [QuantRule(layers, weight=SPEC)]
+  opts = OmniQuantOptions(steps=200, let=True, blocks=r"blocks_\d+")
+  block, _ = apply_ptq(m, params, [x], "omniquant", SPEC, omniquant=opts, layers=layers)
+  layer = lb.ptq_params(m, {"params": params}, [x], rules, method="omniquant",
+                        omniquant=opts).params["params"]
+  rtn = lb.ptq_params(m, {"params": params}, [x], rules, method="rtn").params["params"]
+  f = jax.jit(lambda p, x: m.apply({"params": p}, x))
+  mse = {name: [float(jnp.mean((f(p, b) - f(params, b)) ** 2)) for b in (x, held)]
+         for name, p in (("rtn", rtn), ("block-wise", block), ("layer-wise", layer))}
+  print("model output MSE (calibration, held-out):", mse)
+  for i in range(2):
+    assert mse["layer-wise"][i] < 0.6 * mse["rtn"][i], mse
+    assert mse["block-wise"][i] < 0.6 * mse["rtn"][i], mse
