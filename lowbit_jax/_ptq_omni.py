@@ -37,8 +37,11 @@ producer: its output columns are divided) has its LWC trained again on the
 final kernel, from its learned logits. The float model is checked unchanged
 by the folds on the first batch (``fold_rtol``), then each kernel is
 fake-quantized with its learned step, which is returned as its scale grid so
-real mode stores exactly these codes. Each stage keeps the iterate with the
-lowest objective (the start included).
+real mode stores exactly these codes. Each training keeps its iterate with
+the lowest objective (the start included); where none beats round to nearest
+(no LET, no clipping) on the objective, the group is not folded (its readers
+get LWC alone) and a site is rounded to nearest (``rtn_fallback``), so no
+site ends above RTN's objective on the retained rows.
 """
 from __future__ import annotations
 
@@ -59,13 +62,12 @@ from lowbit_jax._ptq_scaling import (_put, _row_features, as_function, check_fol
                                      group_scales)
 from lowbit_jax.algorithms.omniquant import (OmniQuantOptions, _grid_layout, lwc_init,
                                              lwc_quant, lwc_step)
-from lowbit_jax.algorithms.rtn import hessian_error
+from lowbit_jax.algorithms.rtn import hessian_error, rtn_scale
 from lowbit_jax.core import fake_quant, scale_shape
 from lowbit_jax.core._qarray import block_shape
 
 _HI = lax.Precision.HIGHEST
 _S_FLOOR = 1e-5            # as let_fold: LET scales are floored there
-_NO_CLIP = 30.0            # logit whose sigmoid is 1.0 in float32 (lwc=False)
 
 
 def _member_error(x, m, y, r, s, logits, *, kspec, aspec, lwc):
@@ -86,7 +88,8 @@ def _train(xs, ms, ys, rs, s0, logits0, *, kspecs, aspecs, lwc, steps, lwc_lr, l
            wd):
   """AdamW on ``{"lwc": logits per member, "let": s or None}`` over the members'
   summed layer-wise errors; returns ``(best theta, loss at start, best loss,
-  losses per step)`` (jitted per group structure: equal layers compile once)."""
+  losses per step, RTN's loss)`` (RTN: no LET, no clipping; jitted per group
+  structure: equal layers compile once)."""
 
   def loss(th):
     return sum(_member_error(x, m, y, r, th["let"], lg, kspec=ks, aspec=as_, lwc=lwc)
@@ -114,7 +117,9 @@ def _train(xs, ms, ys, rs, s0, logits0, *, kspecs, aspecs, lwc, steps, lwc_lr, l
   last = loss(th)
   keep = last < best
   best_th = jax.tree.map(lambda a, b: jnp.where(keep, a, b), th, best_th)
-  return best_th, l0, jnp.minimum(last, best), losses
+  rtn = sum(_member_error(x, m, y, r, None, None, kspec=ks, aspec=as_, lwc=False)
+            for x, m, y, r, ks, as_ in zip(xs, ms, ys, rs, kspecs, aspecs))
+  return best_th, l0, jnp.minimum(last, best), losses, rtn
 
 
 def _grid_max(full, spec, shape):
@@ -130,11 +135,12 @@ def _grid_max(full, spec, shape):
   return g.reshape(scale_shape(tuple(shape), spec))
 
 
-@functools.partial(jax.jit, static_argnames=("meta", "spec", "kspec", "aspec", "lwc"))
-def _finish(w, logits, sr, hessian, count, x, *, meta, spec, kspec, aspec, lwc):
+@functools.partial(jax.jit, static_argnames=("meta", "spec", "kspec", "aspec", "rtn"))
+def _finish(w, logits, sr, hessian, count, x, *, meta, spec, kspec, aspec, rtn):
   """The site's result: ``(w_q, scale, codes reproduced, error, RTN's error,
   objective, RTN's objective, mean clipping strength)``.
 
+  ``rtn``: round to nearest (no clipping) instead of the logits' steps.
   Errors are ``tr(dW^T H dW) / rows`` in the unscaled input domain (the
   kernel ``W / s`` against ``Q(W) / s``); objectives the layer-wise error on
   the retained rows with activation quantization, against RTN of ``W / s``.
@@ -143,8 +149,11 @@ def _finish(w, logits, sr, hessian, count, x, *, meta, spec, kspec, aspec, lwc):
   st = _ptq.SiteStats(hessian, count, *meta)
   plan = _ptq._plan(st, spec)   # pylint: disable=protected-access
   m = st.as_matrix(w).astype(jnp.float32)
-  lg = logits if lwc else jax.tree.map(lambda a: jnp.full_like(a, _NO_CLIP), logits)
-  step, z = lwc_step(m, kspec, lg)
+  if rtn:
+    step, z, clip = rtn_scale(m, kspec), None, jnp.float32(1.0)
+  else:
+    step, z = lwc_step(m, kspec, logits)
+    clip = jnp.mean(jax.nn.sigmoid(logits["gamma"]))
   qm = fake_quant(m, kspec, scale=step, zero_point=z)
   wq = st.from_matrix(qm).astype(w.dtype)
   full = jnp.broadcast_to(_rules._expand_grid(step, m.shape), m.shape)  # pylint: disable=protected-access
@@ -160,7 +169,6 @@ def _finish(w, logits, sr, hessian, count, x, *, meta, spec, kspec, aspec, lwc):
   xr = x if aspec is None else fake_quant(x, aspec)
   obj = jnp.mean(jnp.sum((jnp.matmul(xa, qm, precision=_HI) - y) ** 2, axis=1))
   obj_rtn = jnp.mean(jnp.sum((jnp.matmul(xr, rtn_m, precision=_HI) - y) ** 2, axis=1))
-  clip = jnp.mean(jax.nn.sigmoid(lg["gamma"]))
   return (wq, scale, exact, hessian_error(hessian, ref, q_ref) / rows,
           hessian_error(hessian, ref, rtn_m) / rows, obj, obj_rtn, clip)
 
@@ -272,12 +280,21 @@ def omniquant_ptq(model, params, batches: list, rules, *, front: str, token_mask
                          [cap.inputs[p] for p in members], [], rows, fold.size,
                          alpha=float(opts.let_alpha), n_grid=1)
     lg0 = tuple(lwc_init(m, site[p][2], opts.lwc_init) for p, m in zip(members, mats))
-    th, l0, loss, losses = _train(
+    th, l0, loss, losses, rtn = _train(
         tuple(xs), tuple(mats), tuple(ys), tuple(jnp.asarray(r, jnp.int32) for r in rows),
         jnp.asarray(s0, jnp.float32), lg0,
         kspecs=tuple(site[p][2] for p in members),
         aspecs=tuple(site[p][3] for p in members), **train_kw)
     check(losses, f"the readers of {producer!r}")
+    if not float(loss) < float(rtn):
+      why = (f"LET + LWC (objective {float(loss):.4g}) did not beat round to nearest "
+             f"({float(rtn):.4g}) on the readers' layer-wise objective: not folded")
+      folds_report.append({**entry, "status": "skipped", "reason": why,
+                           "loss_start": float(l0), "loss": float(loss),
+                           "loss_rtn": float(rtn)})
+      for p in members:
+        no_let[p] = why
+      continue
     s = np.maximum(np.asarray(th["let"], np.float32), _S_FLOOR)
     tree = apply_scaling(tree, fold, s, get, _put)
     applied.append(fold)
@@ -286,14 +303,15 @@ def omniquant_ptq(model, params, batches: list, rules, *, front: str, token_mask
       logits[p] = lg
       stage_w[p] = np.asarray(get(tree, p))
     folds_report.append({**entry, "status": "folded", "scales": s, "shift": None,
-                         "loss_start": float(l0), "loss": float(loss)})
+                         "loss_start": float(l0), "loss": float(loss),
+                         "loss_rtn": float(rtn)})
 
   check_folds(fn, args, kwargs, tree0, tree, applied, folds_report,
               fold_rtol=fold_rtol, method="omniquant")
 
   # LWC alone: sites without LET, and LET readers whose kernel a later fold
   # changed (from their learned logits), on the final kernels.
-  retrained = set()
+  retrained, rtn_sites = set(), set()
   for p in cap.stats:
     if p in logits and np.array_equal(np.asarray(get(tree, p)), stage_w[p]):
       continue
@@ -308,11 +326,13 @@ def omniquant_ptq(model, params, batches: list, rules, *, front: str, token_mask
       lg0 = lwc_init(m, kspec, opts.lwc_init)
     else:
       retrained.add(p)
-    th, _, _, losses = _train(
+    th, _, loss, losses, rtn = _train(
         (xin,), (m,), (jnp.matmul(xin, m, precision=_HI),), (None,), None, (lg0,),
         kspecs=(kspec,), aspecs=(aspec,), **train_kw)
     check(losses, repr(p))
     logits[p] = th["lwc"][0]
+    if not float(loss) < float(rtn):
+      rtn_sites.add(p)
 
   new, scales, layers = {}, {}, {}
   for p, st in cap.stats.items():
@@ -320,12 +340,11 @@ def omniquant_ptq(model, params, batches: list, rules, *, front: str, token_mask
     w = _rules.logical_value(get(tree, p))
     sr = row_s.get(p)
     ones = np.ones((math.prod(st.shape[i] for i in st.contract),), np.float32)
-    lg = logits.get(p)
-    if lg is None:   # lwc=False and no LET: round to nearest
-      lg = lwc_init(matrix(tree, p), kspec, _NO_CLIP)
+    rtn = not opts.lwc or p in rtn_sites
+    lg = None if rtn else logits[p]
     wq, scale, exact, err, rerr, obj, orr, clip = _finish(
         w, lg, jnp.asarray(ones if sr is None else sr), st.hessian, st.count, x,
-        meta=meta, spec=spec, kspec=kspec, aspec=aspec, lwc=opts.lwc)
+        meta=meta, spec=spec, kspec=kspec, aspec=aspec, rtn=rtn)
     if not bool(exact):
       raise ValueError(f"{p}: the learned steps do not reproduce the codes in the "
                        f"weight's layout (spec {spec}); a group_size must divide the "
@@ -337,6 +356,7 @@ def omniquant_ptq(model, params, batches: list, rules, *, front: str, token_mask
              "error_vs_rtn": err / rerr if rerr > 0 else 1.0, "rows": float(st.count),
              "objective": float(obj), "objective_rtn": float(orr),
              "clip_mean": float(clip), "let": sr is not None,
+             "rtn_fallback": p in rtn_sites,
              "lwc_retrained": p in retrained, "fold": plan.reader_of.get(p)}
     if sr is None:
       entry["fold"] = None

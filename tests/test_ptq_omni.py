@@ -181,6 +181,31 @@ def test_attention_fold_and_a_reader_that_is_also_a_producer(setup, heavy):  # n
                              rtol=1e-5, atol=1e-5)
 
 
+def test_falls_back_to_rtn_where_training_does_not_beat_it(setup):  # noqa: F811
+  """No steps, LET started at SmoothQuant's alpha = 1 (all activation range
+  moved into the weights) and MXFP4's power-of-two steps (a strength of 0.98
+  keeps RTN's step): neither the group nor the site beats round to nearest,
+  so the fold is skipped and the site rounded to nearest, real == fake."""
+  _, v, batches = setup
+  rules = [QuantRule(".*/up", weight="mxfp4")]
+  res = lb.ptq_params(toy.toy_apply, v["params"], batches, rules, method="omniquant",
+                      omniquant=OPTS.replace(let=True, steps=0, let_alpha=1.0))
+  folds = {f["producer"]: f for f in res.report["folds"]}
+  for i in range(toy.LAYERS):
+    f = folds[f"layers_{i}/norm2/scale"]
+    assert f["status"] == "skipped" and f["loss"] > f["loss_rtn"], f
+    e = res.report["layers"][f"layers_{i}/up/kernel"]
+    assert e["rtn_fallback"] and not e["let"] and "round to nearest" in e["reason"]
+    assert e["clip_mean"] == 1.0 and e["error_vs_rtn"] == pytest.approx(1.0)
+  np.testing.assert_array_equal(res.params["layers_0"]["norm2"]["scale"],
+                                v["params"]["layers_0"]["norm2"]["scale"])
+  t = toy.tokens(7)
+  qr = lb.quantize_function(toy.toy_apply, rules, mode="real")
+  rp = qr.quantize_params(res.params, t, **lb.real_mode_kwargs(res, "function"))
+  np.testing.assert_allclose(qr(rp, t), jax.jit(toy.toy_apply)(res.params, t),
+                             rtol=1e-5, atol=1e-5)
+
+
 def test_clear_errors(setup, heavy):  # noqa: F811
   batches = setup[2]
   with pytest.raises(ValueError, match="apply to method='omniquant'"):
