@@ -16,7 +16,8 @@ and returns the new parameters, the scale grid each weight was rounded with
 (so real mode stores exactly those codes) and a per-layer report. AWQ and
 SmoothQuant, whose scalings must be folded into each input's producer, run in
 ``_ptq_scaling`` over the folds ``_fold.find_scaling_folds`` finds in the
-model's jaxpr.
+model's jaxpr; OmniQuant (layer-wise LWC, and LET over the same folds) in
+``_ptq_omni``.
 
 The capture traces one calibrate-mode call of the model per batch shape under
 ``jax.jit`` (the front end's own un-jitted body), every site's Hessian being an
