@@ -16,7 +16,8 @@ and returns the new parameters, the scale grid each weight was rounded with
 (so real mode stores exactly those codes) and a per-layer report. AWQ and
 SmoothQuant, whose scalings must be folded into each input's producer, run in
 ``_ptq_scaling`` over the folds ``_fold.find_scaling_folds`` finds in the
-model's jaxpr.
+model's jaxpr; OmniQuant (layer-wise LWC, and LET over the same folds) in
+``_ptq_omni``.
 
 The capture traces one calibrate-mode call of the model per batch shape under
 ``jax.jit`` (the front end's own un-jitted body), every site's Hessian being an
@@ -61,7 +62,7 @@ from lowbit_jax.core import fake_quant
 from lowbit_jax.core._spec import QuantSpec, as_spec
 
 _HI = lax.Precision.HIGHEST
-METHODS = ("gptq", "rtn", "awq", "awq_noclip", "smoothquant", "rotation")
+METHODS = ("gptq", "rtn", "awq", "awq_noclip", "smoothquant", "rotation", "omniquant")
 
 
 class SiteStats(NamedTuple):
@@ -611,7 +612,8 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
                alpha: float = 0.5, n_grid: int = 20, max_samples: int = 512,
                seed: int = 0, fold_rtol: float = 1e-3,
                awq_clip_skip: Optional[str] = AWQ_CLIP_SKIP,
-               rotation_block_size: Optional[int] = None) -> PTQResult:
+               rotation_block_size: Optional[int] = None,
+               omniquant: Optional[Any] = None) -> PTQResult:
   """Post-training quantization of every weight site the rules match, any front end.
 
   GPTQ (Frantar et al. 2023) or RTN per site, from the Hessians
@@ -657,7 +659,8 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
       None for an NNX model (whose Params are updated in place).
     calib_batches: calibration batches (see ``capture_hessians``).
     rules: QuantRules or a QuantConfig (those with a weight spec are treated).
-    method: "gptq", "rtn", "awq", "awq_noclip", "smoothquant" or "rotation".
+    method: "gptq", "rtn", "awq", "awq_noclip", "smoothquant", "rotation" or
+      "omniquant".
     token_mask: optional ``batch -> mask`` (see ``capture_hessians``).
     blocksize, percdamp, act_order: GPTQ's options.
     capture: a ``Capture`` from an earlier ``capture_hessians`` to reuse
@@ -674,6 +677,10 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
       a softmax); None: clip every site.
     rotation_block_size: "rotation": the block size of the block-diagonal
       randomized Hadamard (None: one block).
+    omniquant: "omniquant": an ``algorithms.OmniQuantOptions`` (steps,
+      learning rates, LWC/LET switches; None: defaults). OmniQuant (Shao et
+      al. 2024) runs layer-wise here (``_ptq_omni``): LWC on every site, LET
+      jointly with it where an exact fold exists.
 
   Returns:
     A ``PTQResult``; run real mode with ``real_mode_kwargs``'s scales so the
@@ -688,8 +695,22 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
   """
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  if omniquant is not None and method != "omniquant":
+    raise ValueError(f"omniquant= options apply to method='omniquant', not {method!r}")
   t0 = time.perf_counter()
   front = _front_end(model)
+  if method == "omniquant":
+    from lowbit_jax import _ptq_omni   # pylint: disable=g-import-not-at-top
+    if capture is not None:
+      raise ValueError("capture= is for gptq/rtn; omniquant captures input samples "
+                       "itself (max_samples=)")
+    batches = list(calib_batches)
+    if not batches:
+      raise ValueError("calib_batches is empty; pass at least one batch")
+    changed, scales, report = _ptq_omni.omniquant_ptq(
+        model, params, batches, rules, front=front, token_mask=token_mask,
+        options=omniquant, max_samples=max_samples, seed=seed, fold_rtol=fold_rtol)
+    return PTQResult(_write_back(model, params, front, changed), scales, report)
   if method in _ptq_scaling.SCALING_METHODS:
     if capture is not None:
       raise ValueError(f"capture= is for gptq/rtn; {method} captures input samples "

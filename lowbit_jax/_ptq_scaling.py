@@ -237,6 +237,46 @@ def _rot_errors(w, back, hessian, count, *, meta, spec):
           hessian_error(hessian, ref, rtn_m) / rows)
 
 
+def check_folds(fn, args, kwargs, tree0, tree, applied: list, folds_report: list, *,
+                fold_rtol: float, method: str) -> None:
+  """Raises unless the folded ``tree`` gives ``tree0``'s float output on one batch.
+
+  Args:
+    fn, args, kwargs: the model as a function of its parameter tree, and the
+      batch it is checked on.
+    tree0, tree: the parameters before and after the folds.
+    applied: the ``ScalingFold`` s folded, in order.
+    folds_report: report entries; those with ``status == "folded"`` match
+      ``applied`` in order and hold their ``"scales"`` or ``"rotation"``.
+    fold_rtol: the largest relative change of any output (float rounding).
+    method: the method's name (for the error).
+
+  Raises:
+    ValueError: naming the first fold that changes the output on its own, or
+      saying that the folds do together.
+  """
+  from lowbit_jax import _ptq
+  get = _ptq._get_path   # pylint: disable=protected-access
+  fwd = jax.jit(lambda p: fn(p, *args, **kwargs))
+  with jax.default_matmul_precision("float32"):
+    ref = fwd(tree0)
+    if _close(ref, fwd(tree), fold_rtol):
+      return
+    for fold, fr in zip(applied, [f for f in folds_report if f["status"] == "folded"]):
+      alone = (apply_scaling(tree0, fold, fr["scales"], get, _put)
+               if "scales" in fr else _put(tree0, {
+                   p: rotate_param(get(tree0, p), lay, fr["rotation"])
+                   for p, lay in fold.divide + fold.readers}))
+      if not _close(ref, fwd(alone), fold_rtol):
+        raise ValueError(
+            f"folding the {method} scaling of {list(fr['readers'])} into "
+            f"{fold.producer!r} changes the float model's output beyond "
+            f"rtol={fold_rtol}; the fold analysis missed a use of it: exclude "
+            "these layers from the rules or report the model")
+    raise ValueError(f"the {method} folds together change the float model's "
+                     f"output beyond rtol={fold_rtol}")
+
+
 def scaling_ptq(model, params, batches: list, rules, *, method: str, front: str,
                 token_mask, alpha: float, n_grid: int, max_samples: int, seed: int,
                 fold_rtol: float, awq_clip_skip: Optional[str],
@@ -322,23 +362,8 @@ def scaling_ptq(model, params, batches: list, rules, *, method: str, front: str,
     folds_report.append({**entry, "status": "folded", "alpha": a, "scales": s})
 
   # The float model must be unchanged by the folds (before any rounding).
-  fwd = jax.jit(lambda p: fn(p, *args, **kwargs))
-  with jax.default_matmul_precision("float32"):
-    ref = fwd(tree0)
-    if not _close(ref, fwd(tree), fold_rtol):
-      for fold, fr in zip(applied, [f for f in folds_report if f["status"] == "folded"]):
-        alone = (apply_scaling(tree0, fold, fr["scales"], get, _put)
-                 if "scales" in fr else _put(tree0, {
-                     p: rotate_param(get(tree0, p), lay, fr["rotation"])
-                     for p, lay in fold.divide + fold.readers}))
-        if not _close(ref, fwd(alone), fold_rtol):
-          raise ValueError(
-              f"folding the {method} scaling of {list(fr['readers'])} into "
-              f"{fold.producer!r} changes the float model's output beyond "
-              f"rtol={fold_rtol}; the fold analysis missed a use of it: exclude "
-              "these layers from the rules or report the model")
-      raise ValueError(f"the {method} folds together change the float model's "
-                       f"output beyond rtol={fold_rtol}")
+  check_folds(fn, args, kwargs, tree0, tree, applied, folds_report,
+              fold_rtol=fold_rtol, method=method)
 
   new, scales, layers = {}, {}, {}
   clip_skip = re.compile(awq_clip_skip) if awq_clip_skip else None

@@ -134,7 +134,7 @@ def test_clear_errors(setup):
     lb.ptq_params(toy.toy_apply, v["params"], batches,
                   [QuantRule(".*/nothing_here", weight="int4")])
   with pytest.raises(ValueError, match="method must be one of"):
-    lb.ptq_params(toy.toy_apply, v["params"], batches, RULES, method="omniquant")
+    lb.ptq_params(toy.toy_apply, v["params"], batches, RULES, method="no_such_method")
   with pytest.raises(ValueError, match=r"weight_scales for \['layers_0/q/kernel'\]"):
     quantize_nnx(nm, RULES, mode="fake",
                  weight_scales={"layers_0/q/kernel": jnp.ones((2, 2, 16))})

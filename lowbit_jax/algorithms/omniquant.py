@@ -33,7 +33,9 @@ float block's output (on the float model's inputs), with AdamW:
 ``omniquant_block`` is the algorithm on one block, a pure function of the
 block's apply function, its float parameters, its calibration inputs and
 targets, and the specs; ``lowbit_jax.flax.apply_ptq(..., "omniquant")``
-drives it over a Linen model's blocks in sequence. The final kernels are
+drives it over a Linen model's blocks in sequence; ``ptq_params(...,
+method="omniquant")`` (``lowbit_jax._ptq_omni``) uses ``lwc_init`` /
+``lwc_quant`` / ``lwc_step`` layer-wise on any front end. The final kernels are
 ``fake_quant(w', spec, scale=step)`` with the learned step returned too, so
 ``quantize(kernel, spec, scale=step)`` stores them exactly (real mode equals
 fake mode; asymmetric specs take their zero point back from the kernel).
