@@ -58,7 +58,8 @@ from jax import lax
 
 from lowbit_jax import _rules
 from lowbit_jax._fold import apply_scaling, find_scaling_folds
-from lowbit_jax._ptq_scaling import (_put, _row_features, as_function, check_folds,
+from lowbit_jax._ptq_scaling import (_put, _round_experts, _row_features, as_function,
+                                     check_folds,
                                      group_scales)
 from lowbit_jax.algorithms.omniquant import (OmniQuantOptions, _grid_layout, lwc_init,
                                              lwc_quant, lwc_step)
@@ -173,6 +174,11 @@ def _finish(w, logits, sr, hessian, count, x, *, meta, spec, kspec, aspec, rtn):
           hessian_error(hessian, ref, rtn_m) / rows, obj, obj_rtn, clip)
 
 
+OMNI_EXPERT_REASON = (
+    "OmniQuant does not train MoE experts (ragged_dot): they are rounded to nearest "
+    "per expert; GPTQ, AWQ and SmoothQuant in ptq_params treat experts")
+
+
 def omniquant_ptq(model, params, batches: list, rules, *, front: str, token_mask,
                   options: Optional[OmniQuantOptions], max_samples: int, seed: int,
                   fold_rtol: float):
@@ -220,7 +226,10 @@ def omniquant_ptq(model, params, batches: list, rules, *, front: str, token_mask
                   let_lr=float(opts.let_lr), wd=float(opts.weight_decay))
 
   site = {}   # path -> (meta, weight spec, [K, N] spec, matrix activation spec, x)
+  experts = [p for p, st in cap.stats.items() if st.op == "ragged_dot"]
   for p, st in cap.stats.items():
+    if st.op == "ragged_dot":
+      continue
     spec = cap.sites[p].weight
     kspec = _ptq._matrix_spec(spec, p)   # pylint: disable=protected-access
     k = math.prod(st.shape[i] for i in st.contract)
@@ -258,6 +267,13 @@ def omniquant_ptq(model, params, batches: list, rules, *, front: str, token_mask
     if not members:
       folds_report.append({**entry, "status": "skipped",
                            "reason": "no reader is quantized by the rules"})
+      continue
+    if any(p in experts for p in members):
+      why = (f"{OMNI_EXPERT_REASON}; this producer's readers include experts, so no "
+             "equivalent transform is learned for it")
+      folds_report.append({**entry, "status": "skipped", "reason": why})
+      for p in members:
+        no_let[p] = why
       continue
     with_act = any(site[p][3] is not None for p in members)
     if not opts.uses_let(with_act):
@@ -312,7 +328,7 @@ def omniquant_ptq(model, params, batches: list, rules, *, front: str, token_mask
   # LWC alone: sites without LET, and LET readers whose kernel a later fold
   # changed (from their learned logits), on the final kernels.
   retrained, rtn_sites = set(), set()
-  for p in cap.stats:
+  for p in site:
     if p in logits and np.array_equal(np.asarray(get(tree, p)), stage_w[p]):
       continue
     if not opts.lwc:
@@ -335,7 +351,24 @@ def omniquant_ptq(model, params, batches: list, rules, *, front: str, token_mask
       rtn_sites.add(p)
 
   new, scales, layers = {}, {}, {}
+  for p in experts:   # round to nearest per expert (unscaled: no fold was applied)
+    st = cap.stats[p]
+    new[p], scale, exact, err, rerr = _round_experts(
+        _rules.logical_value(get(tree, p)), np.ones((st.shape[1],), np.float32),
+        st.hessian, st.count, meta=tuple(st[2:]), spec=cap.sites[p].weight)
+    if not bool(exact):
+      raise ValueError(f"{p}: rounding with its own scales does not reproduce the "
+                       f"codes (spec {cap.sites[p].weight})")
+    if scale is not None:
+      scales[p] = scale
+    err, rerr, extra = _ptq._expert_entry(p, st, err, rerr, "rtn", {})  # pylint: disable=protected-access
+    layers[p] = {"spec": str(cap.sites[p].weight), "error": err, "rtn_error": rerr,
+                 "error_vs_rtn": err / rerr if rerr > 0 else 1.0,
+                 "rows": float(jnp.sum(st.count)), "fold": None,
+                 "reason": OMNI_EXPERT_REASON, **extra}
   for p, st in cap.stats.items():
+    if p in experts:
+      continue
     meta, spec, kspec, aspec, x = site[p]
     w = _rules.logical_value(get(tree, p))
     sr = row_s.get(p)

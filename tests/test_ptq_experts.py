@@ -291,3 +291,16 @@ def test_awq_and_smoothquant_fold_one_shared_scale_into_the_norm_before_the_expe
                                   res.params["moe"]["up"]["kernel"])
     np.testing.assert_allclose(qr(rp, x), jax.jit(fn)(res.params, x),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_omniquant_rounds_experts_to_nearest_and_says_so(setup):
+  # ptq_params' OmniQuant trains dense sites only: expert stacks are rounded to
+  # nearest per expert (RTN's own codes and scales) and reported with the reason.
+  _, params, batches, _ = setup
+  res = lb.ptq_params(moe_fn, params, batches, RULES, method="omniquant")
+  ref = lb.ptq_params(moe_fn, params, batches, RULES, method="rtn")
+  out, want = _leaves(res.params), _leaves(ref.params)
+  for p in ("up/kernel", "down/kernel"):
+    np.testing.assert_array_equal(out[p], want[p])
+    assert "does not train MoE experts" in res.report["layers"][p]["reason"]
+    assert res.report["layers"][p]["experts"] == E
