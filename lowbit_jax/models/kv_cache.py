@@ -158,6 +158,11 @@ class KVCache:
     residual: float window length of quantized tensors (static; 0 when all
       tensors are float).
     rotate: whether q, k, v are Hadamard-rotated (static).
+    defer_flush: the caller quantizes full windows (static): ``append``
+      takes one token at a time into the window and never writes the store;
+      the caller calls ``flush`` each time ``index`` reaches a multiple of
+      ``residual`` (the decode loops do, at a static cadence, so a step has
+      no data-dependent branch and quantizes nothing).
   """
   layers: tuple
   index: jax.Array
@@ -165,6 +170,7 @@ class KVCache:
   max_len: int
   residual: int
   rotate: bool
+  defer_flush: bool = False
 
   @property
   def batch(self) -> int:
@@ -193,7 +199,8 @@ jax.tree_util.register_dataclass(CacheTensor, data_fields=["store", "residual"],
 jax.tree_util.register_dataclass(LayerCache, data_fields=["key", "value"],
                                  meta_fields=["rotate_key", "rotate_value"])
 jax.tree_util.register_dataclass(KVCache, data_fields=["layers", "index", "pad"],
-                                 meta_fields=["max_len", "residual", "rotate"])
+                                 meta_fields=["max_len", "residual", "rotate",
+                                              "defer_flush"])
 
 
 # ---------------------------------------------------------------------------
@@ -492,6 +499,9 @@ def append(t: CacheTensor, cache: KVCache, new: jax.Array) -> CacheTensor:
   store only where it did complete (a masked ``dynamic_update_slice``). Slot
   ``s`` of the window holds the newest token at ``s % residual``, as if the
   tokens had been written one by one.
+
+  With ``cache.defer_flush`` (one token per call) the token only goes into
+  the window; ``flush`` quantizes it when it is full.
   """
   idx = cache.index
   if not t.quantized:
@@ -502,6 +512,13 @@ def append(t: CacheTensor, cache: KVCache, new: jax.Array) -> CacheTensor:
   spec = t.store.spec
   n = new.shape[_TOKEN_AXIS]
   res = t.residual
+  if cache.defer_flush:
+    if n != 1:
+      raise ValueError(f"a cache with defer_flush=True takes one token per call "
+                       f"(the caller flushes every residual={r} tokens), got {n}; "
+                       "append several tokens to cache.replace(defer_flush=False)")
+    return CacheTensor(t.store, lax.dynamic_update_slice_in_dim(
+        res, new.astype(res.dtype), idx % r, axis=_TOKEN_AXIS))
   off = idx % r                       # the window's first slot is idx - off
   most = (r - 1 + n) // r             # chunks that can complete (static)
   shape = list(res.shape)
@@ -523,6 +540,32 @@ def append(t: CacheTensor, cache: KVCache, new: jax.Array) -> CacheTensor:
   pos = jnp.arange(r, dtype=jnp.int32)[None, :, None, None]
   res = jnp.where(pos < off + n - full * r, cur, prev)
   return CacheTensor(store, res)
+
+
+def flush(cache: KVCache) -> KVCache:
+  """Quantizes the full residual window of every quantized tensor into its store.
+
+  For a cache with ``defer_flush`` (whose ``append`` never flushes): call it
+  right after the step that makes ``index`` a multiple of ``residual``; the
+  window's ``residual`` tokens are quantized as one chunk, the chunk that
+  ends at ``index``, as ``append`` without ``defer_flush`` would have done.
+  The window keeps its tokens (they are read from the store from now on, and
+  overwritten by the next ones).
+  """
+  if not cache.residual:
+    return cache
+  c = cache.index // cache.residual - 1
+  true = jnp.ones((), bool)
+
+  def one(t):
+    if not t.quantized:
+      return t
+    chunk = quantize(t.residual, t.store.spec)
+    return CacheTensor(_write_chunk(t.store, chunk, c, true), t.residual)
+
+  return cache.replace(layers=tuple(
+      dataclasses.replace(l, key=one(l.key), value=one(l.value))
+      for l in cache.layers))
 
 
 def update(t: CacheTensor, cache: KVCache, new: jax.Array,
@@ -552,9 +595,10 @@ def update(t: CacheTensor, cache: KVCache, new: jax.Array,
     src, exact = written, written.store.dtype == dtype
   elif new.shape[_TOKEN_AXIS] == 1:
     # One token: the written tensor read below the old index's last full
-    # chunk is the old one plus the token (the chunk it may complete is
-    # written into the store above that bound, and the window still holds
-    # the chunk). Reading it, not ``t``, lets the store be updated in place.
+    # chunk is the old one plus the token (the chunk it may complete, if
+    # any, is written into the store above that bound, and the window still
+    # holds the chunk). Reading it, not ``t``, lets the store be updated in
+    # place.
     src, exact = written, written.residual.dtype == dtype
   else:
     src, exact = t, False
@@ -587,4 +631,4 @@ def fake_quant_chunks(x: jax.Array, spec: QuantSpec, residual: int,
 
 __all__ = ["CACHE_OP", "KVCache", "LayerCache", "CacheTensor", "cache_path",
            "cache_specs", "cache_rotations", "kivi_rules", "init_cache", "read",
-           "valid_slots", "append", "update", "fake_quant_chunks"]
+           "valid_slots", "append", "flush", "update", "fake_quant_chunks"]

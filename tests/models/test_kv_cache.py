@@ -221,6 +221,30 @@ def test_appending_tokens_together_equals_one_by_one():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(w))
 
 
+def test_decode_loop_flushing_at_a_static_cadence_equals_per_step_flushes(model_vars):
+  """The jitted loop (deferred windows, a flush per ``residual`` steps:
+  a head, whole windows and a tail) computes what per-call ``apply`` does."""
+  model, v, apply = model_vars
+  toks = _tokens(2, _T, seed=6)  # 13 steps from slot 1, window 4: 3 + 2 * 4 + 2
+  got = decode.make_teacher_forced(model, _T, 2, prompt_len=1, cache_rules=_KIVI4,
+                                   residual=4)(v, toks)
+  cache = kv.init_cache(_CFG, 2, max_len=_T, rules=_KIVI4, residual=4)
+  want, caches = _decode(apply, v, toks, cache, 1)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+  deferred = caches[-1].replace(defer_flush=True)
+  with pytest.raises(ValueError, match="one token per call"):
+    apply(v, toks[:, :2], cache=deferred)
+  # a deferred step writes the window only; flush then quantizes it
+  full = caches[2]  # index 3: the next token completes the first window
+  _, a = apply(v, toks[:, 3:4], cache=full.replace(defer_flush=True))
+  _, b = apply(v, toks[:, 3:4], cache=full)
+  assert not np.array_equal(np.asarray(a.layers[0].key.store.codes),
+                            np.asarray(b.layers[0].key.store.codes))
+  for x, y in zip(jax.tree.leaves(kv.flush(a.replace(defer_flush=False))),
+                  jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def test_decode_step_has_no_conditional_and_no_cache_concatenation(model_vars):
   """The decode loop lowers with no ``case``/``if`` (a GPU copies a
   conditional's predicate to the host every step) and concatenates nothing
