@@ -29,7 +29,10 @@ as real data: a ``QArray`` whose codes are packed (two 4-bit codes a byte) and
 whose scales and zero points have one entry per block, so the cache is really
 smaller (``KVCache.nbytes``). At every step, tokens in quantized chunks are
 read dequantized, the rest (including the current token) in float;
-``kivi_rules`` builds the paper's recipe.
+``kivi_rules`` builds the paper's recipe. Nothing branches on the data:
+``append`` writes completed chunks with masked updates, and the decode loops
+defer flushes (``KVCache.defer_flush``) to ``flush`` calls at a static
+cadence, once per window.
 
 Optionally (``rotate=True``) queries, keys and values are multiplied by the
 normalized Walsh-Hadamard matrix over ``head_dim`` before they meet the cache
