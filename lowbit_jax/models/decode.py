@@ -5,6 +5,10 @@ one forward pass (its tokens attend to each other in float), then tokens are
 generated one at a time inside a ``jax.lax.scan`` of fixed length, each step
 reading the cache (dequantizing quantized chunks, see
 ``lowbit_jax.models.kv_cache``) and appending the new token's keys and values.
+With a quantized cache the scan is nested at a static cadence: an outer scan
+over windows of ``residual`` steps quantizes each full window once, after an
+inner scan of steps that only write into the float window, so no step
+branches on the data or quantizes.
 
 Prompts of different lengths are left-padded (``left_pad``): every row then
 writes the same cache slot at each step, pads are masked out of attention, and
@@ -95,6 +99,60 @@ def _check_sampling(temperature, top_k, key) -> None:
                      "key=jax.random.key(seed)")
 
 
+def _scan_steps(step: Callable, carry: tuple, xs, *, start: int, residual: int):
+  """``jax.lax.scan(step, carry, xs)`` over decode steps, ``carry[-1]`` the cache.
+
+  With a quantized cache (``residual > 0``) the steps run with
+  ``defer_flush`` and full windows are quantized (``kv_cache.flush``) at a
+  static cadence: a scan up to the first slot that is a multiple of
+  ``residual``, an outer scan over chunks of ``residual`` steps (an inner
+  scan, then a flush), then the remaining steps. The tokens land where
+  ``append`` with a per-step flush puts them, but no step branches on the
+  data (XLA GPU copies a conditional's predicate to the host) or quantizes.
+
+  Args:
+    step: the scan body, ``(carry, x) -> (carry, y)``, one token per step.
+    carry: the initial carry, its last element the ``KVCache``.
+    xs: the per-step inputs (a pytree of arrays with a leading step axis).
+    start: the cache's ``index`` before the first step (static).
+    residual: the cache's window length (static; 0 for a float cache).
+
+  Returns:
+    ``(carry, ys)`` as ``lax.scan`` returns them; the cache in the carry
+    holds every step's token, as with per-step flushes.
+  """
+  if not residual:
+    return jax.lax.scan(step, carry, xs)
+  n = jax.tree.leaves(xs)[0].shape[0]
+  with_cache = lambda c, cache: c[:-1] + (cache,)  # noqa: E731
+  carry = with_cache(carry, carry[-1].replace(defer_flush=True))
+  head = min(-start % residual, n)     # steps up to the first window's end
+  body = (n - head) // residual        # whole windows
+  tail = n - head - body * residual
+  take = lambda a, b: jax.tree.map(lambda x: x[a:b], xs)  # noqa: E731
+  flush = lambda c: with_cache(c, kv_lib.flush(c[-1]))  # noqa: E731
+  ys = []
+  if head:
+    carry, y = jax.lax.scan(step, carry, take(0, head))
+    ys.append(y)
+    if head == -start % residual:
+      carry = flush(carry)
+  if body:
+    def window(c, x):
+      c, y = jax.lax.scan(step, c, x)
+      return flush(c), y
+    chunks = jax.tree.map(
+        lambda x: x.reshape((body, residual) + x.shape[1:]),
+        take(head, head + body * residual))
+    carry, y = jax.lax.scan(window, carry, chunks)
+    ys.append(jax.tree.map(lambda x: x.reshape((body * residual,) + x.shape[2:]), y))
+  if tail:
+    carry, y = jax.lax.scan(step, carry, take(n - tail, n))
+    ys.append(y)
+  carry = with_cache(carry, carry[-1].replace(defer_flush=False))
+  return carry, jax.tree.map(lambda *a: jnp.concatenate(a), *ys)
+
+
 def make_generate(model, max_new_tokens: int, *, prompt_len: int, batch: int,
                   cache_rules=None, residual: Optional[int] = None,
                   rotate: bool = False, temperature: float = 0.0,
@@ -139,8 +197,8 @@ def make_generate(model, max_new_tokens: int, *, prompt_len: int, batch: int,
                      f"exceeds max_len={slots}")
   apply = apply_fn if apply_fn is not None else model.apply
   # Validate the cache layout now, outside the trace (errors name the rule).
-  kv_lib.init_cache(cfg, batch, rules=cache_rules, residual=residual,
-                    max_len=slots, rotate=rotate)
+  window = kv_lib.init_cache(cfg, batch, rules=cache_rules, residual=residual,
+                             max_len=slots, rotate=rotate).residual
 
   def run(variables, tokens, lengths, key):
     if tokens.shape != (batch, prompt_len):
@@ -167,7 +225,8 @@ def make_generate(model, max_new_tokens: int, *, prompt_len: int, batch: int,
       step_fn = lambda c, _: step(c, None)  # noqa: E731
     else:
       step_fn = step
-    (last, _), toks = jax.lax.scan(step_fn, (first, cache), xs)
+    (last, _), toks = _scan_steps(step_fn, (first, cache), xs, start=prompt_len,
+                                  residual=window)
     return jnp.concatenate([toks.T, last[:, None]], axis=1)
 
   return jax.jit(run)
@@ -245,8 +304,8 @@ def make_teacher_forced(model, seq_len: int, batch: int, *, prompt_len: int = 1,
   if not 1 <= prompt_len <= seq_len:
     raise ValueError(f"prompt_len must be in [1, seq_len={seq_len}], got {prompt_len}")
   apply = apply_fn if apply_fn is not None else model.apply
-  kv_lib.init_cache(cfg, batch, rules=cache_rules, residual=residual,
-                    max_len=seq_len, rotate=rotate)
+  window = kv_lib.init_cache(cfg, batch, rules=cache_rules, residual=residual,
+                             max_len=seq_len, rotate=rotate).residual
 
   def run(variables, tokens):
     cache = kv_lib.init_cache(cfg, batch, rules=cache_rules, residual=residual,
@@ -255,11 +314,12 @@ def make_teacher_forced(model, seq_len: int, batch: int, *, prompt_len: int = 1,
     if prompt_len == seq_len:
       return logits
 
-    def step(cache, tok):
-      out, cache = apply(variables, tok[:, None], cache=cache)
-      return cache, out[:, 0]
+    def step(carry, tok):
+      out, cache = apply(variables, tok[:, None], cache=carry[0])
+      return (cache,), out[:, 0]
 
-    _, rest = jax.lax.scan(step, cache, tokens[:, prompt_len:].T)
+    _, rest = _scan_steps(step, (cache,), tokens[:, prompt_len:].T,
+                          start=prompt_len, residual=window)
     return jnp.concatenate([logits, jnp.moveaxis(rest, 0, 1)], axis=1)
 
   return jax.jit(run)

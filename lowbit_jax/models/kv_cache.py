@@ -29,7 +29,10 @@ as real data: a ``QArray`` whose codes are packed (two 4-bit codes a byte) and
 whose scales and zero points have one entry per block, so the cache is really
 smaller (``KVCache.nbytes``). At every step, tokens in quantized chunks are
 read dequantized, the rest (including the current token) in float;
-``kivi_rules`` builds the paper's recipe.
+``kivi_rules`` builds the paper's recipe. Nothing branches on the data:
+``append`` writes completed chunks with masked updates, and the decode loops
+defer flushes (``KVCache.defer_flush``) to ``flush`` calls at a static
+cadence, once per window.
 
 Optionally (``rotate=True``) queries, keys and values are multiplied by the
 normalized Walsh-Hadamard matrix over ``head_dim`` before they meet the cache
@@ -158,6 +161,11 @@ class KVCache:
     residual: float window length of quantized tensors (static; 0 when all
       tensors are float).
     rotate: whether q, k, v are Hadamard-rotated (static).
+    defer_flush: the caller quantizes full windows (static): ``append``
+      takes one token at a time into the window and never writes the store;
+      the caller calls ``flush`` each time ``index`` reaches a multiple of
+      ``residual`` (the decode loops do, at a static cadence, so a step has
+      no data-dependent branch and quantizes nothing).
   """
   layers: tuple
   index: jax.Array
@@ -165,6 +173,7 @@ class KVCache:
   max_len: int
   residual: int
   rotate: bool
+  defer_flush: bool = False
 
   @property
   def batch(self) -> int:
@@ -193,7 +202,8 @@ jax.tree_util.register_dataclass(CacheTensor, data_fields=["store", "residual"],
 jax.tree_util.register_dataclass(LayerCache, data_fields=["key", "value"],
                                  meta_fields=["rotate_key", "rotate_value"])
 jax.tree_util.register_dataclass(KVCache, data_fields=["layers", "index", "pad"],
-                                 meta_fields=["max_len", "residual", "rotate"])
+                                 meta_fields=["max_len", "residual", "rotate",
+                                              "defer_flush"])
 
 
 # ---------------------------------------------------------------------------
@@ -460,15 +470,20 @@ def valid_slots(cache: KVCache) -> jax.Array:
   return (slots < cache.index) & (slots >= cache.pad[:, None])
 
 
-def _write_chunk(store: QArray, chunk: QArray, c: jax.Array) -> QArray:
-  """``store`` with chunk number ``c`` (of equal-size chunks) replaced."""
+def _write_chunk(store: QArray, chunk: QArray, c: jax.Array,
+                 write: jax.Array) -> QArray:
+  """``store`` with chunk number ``c`` (of equal-size chunks) replaced where
+  ``write`` (a bool scalar) holds, else unchanged (no branch: the chunk's old
+  contents are written back; an out-of-range ``c`` is clamped the same way by
+  the read and the write, so a masked write is a no-op there too)."""
 
   def put(a, b):
     if a is None:
       return None
     start = [jnp.zeros((), jnp.int32)] * a.ndim
     start[_TOKEN_AXIS] = (c * b.shape[_TOKEN_AXIS]).astype(jnp.int32)
-    return lax.dynamic_update_slice(a, b.astype(a.dtype), start)
+    old = lax.dynamic_slice(a, start, b.shape)
+    return lax.dynamic_update_slice(a, jnp.where(write, b.astype(a.dtype), old), start)
 
   return dataclasses.replace(store, codes=put(store.codes, chunk.codes),
                              scale=put(store.scale, chunk.scale),
@@ -478,9 +493,18 @@ def _write_chunk(store: QArray, chunk: QArray, c: jax.Array) -> QArray:
 def append(t: CacheTensor, cache: KVCache, new: jax.Array) -> CacheTensor:
   """``t`` with ``new [B, T, KVH, D]`` written at slots ``index ...``.
 
-  A float store takes the tokens in place. A quantized tensor takes them one
-  by one into its residual window; each time the window fills, its tokens are
-  quantized as one chunk into the store.
+  A float store takes the tokens in place. A quantized tensor takes them into
+  its residual window; each time the window fills, its ``residual`` tokens
+  are quantized as one chunk into the store. There is no branch on the data
+  (no ``lax.cond``, whose predicate a GPU copies to the host): the tokens go
+  into a float buffer of the window plus enough chunks for ``T`` more tokens,
+  every chunk that may complete is quantized, and each is written into the
+  store only where it did complete (a masked ``dynamic_update_slice``). Slot
+  ``s`` of the window holds the newest token at ``s % residual``, as if the
+  tokens had been written one by one.
+
+  With ``cache.defer_flush`` (one token per call) the token only goes into
+  the window; ``flush`` quantizes it when it is full.
   """
   idx = cache.index
   if not t.quantized:
@@ -489,20 +513,102 @@ def append(t: CacheTensor, cache: KVCache, new: jax.Array) -> CacheTensor:
                                                 start), None)
   r = cache.residual
   spec = t.store.spec
-  def flush(store, res, chunk_index):
-    return _write_chunk(store, quantize(res, spec), chunk_index)
-
-  def one(carry, x):
-    store, res, s = carry
-    res = lax.dynamic_update_slice_in_dim(res, x[:, None].astype(res.dtype), s % r,
-                                          axis=_TOKEN_AXIS)
-    full = (s + 1) % r == 0
-    store = lax.cond(full, flush, lambda st, _, __: st, store, res, s // r)
-    return (store, res, s + 1), None
-
-  (store, res, _), _ = lax.scan(one, (t.store, t.residual, idx),
-                                jnp.moveaxis(new, _TOKEN_AXIS, 0))
+  n = new.shape[_TOKEN_AXIS]
+  res = t.residual
+  if cache.defer_flush:
+    if n != 1:
+      raise ValueError(f"a cache with defer_flush=True takes one token per call "
+                       f"(the caller flushes every residual={r} tokens), got {n}; "
+                       "append several tokens to cache.replace(defer_flush=False)")
+    return CacheTensor(t.store, lax.dynamic_update_slice_in_dim(
+        res, new.astype(res.dtype), idx % r, axis=_TOKEN_AXIS))
+  off = idx % r                       # the window's first slot is idx - off
+  most = (r - 1 + n) // r             # chunks that can complete (static)
+  shape = list(res.shape)
+  shape[_TOKEN_AXIS] = (most + 1) * r
+  buf = lax.dynamic_update_slice_in_dim(jnp.zeros(shape, res.dtype), res, 0,
+                                        axis=_TOKEN_AXIS)
+  buf = lax.dynamic_update_slice_in_dim(buf, new.astype(res.dtype), off,
+                                        axis=_TOKEN_AXIS)
+  full = (off + n) // r               # chunks completed by these tokens
+  store = t.store
+  for j in range(most):
+    chunk = quantize(lax.slice_in_dim(buf, j * r, (j + 1) * r, axis=_TOKEN_AXIS), spec)
+    store = _write_chunk(store, chunk, idx // r + j, j < full)
+  # The new window: the open chunk's tokens, and where it has none yet the
+  # last complete chunk's (what writing token by token leaves there).
+  cur = lax.dynamic_slice_in_dim(buf, full * r, r, axis=_TOKEN_AXIS)
+  prev = lax.dynamic_slice_in_dim(buf, jnp.maximum(full - 1, 0) * r, r,
+                                  axis=_TOKEN_AXIS)
+  pos = jnp.arange(r, dtype=jnp.int32)[None, :, None, None]
+  res = jnp.where(pos < off + n - full * r, cur, prev)
   return CacheTensor(store, res)
+
+
+def flush(cache: KVCache) -> KVCache:
+  """Quantizes the full residual window of every quantized tensor into its store.
+
+  For a cache with ``defer_flush`` (whose ``append`` never flushes): call it
+  right after the step that makes ``index`` a multiple of ``residual``; the
+  window's ``residual`` tokens are quantized as one chunk, the chunk that
+  ends at ``index``, as ``append`` without ``defer_flush`` would have done.
+  The window keeps its tokens (they are read from the store from now on, and
+  overwritten by the next ones).
+  """
+  if not cache.residual:
+    return cache
+  c = cache.index // cache.residual - 1
+  true = jnp.ones((), bool)
+
+  def one(t):
+    if not t.quantized:
+      return t
+    chunk = quantize(t.residual, t.store.spec)
+    return CacheTensor(_write_chunk(t.store, chunk, c, true), t.residual)
+
+  return cache.replace(layers=tuple(
+      dataclasses.replace(l, key=one(l.key), value=one(l.value))
+      for l in cache.layers))
+
+
+def update(t: CacheTensor, cache: KVCache, new: jax.Array,
+           dtype) -> tuple[jax.Array, CacheTensor]:
+  """Appends ``new`` and returns what attention reads: old slots and new tokens.
+
+  The decode step's keys (or values) without concatenating the cache and the
+  new tokens: the tokens are written into the cache (in place) and the cache
+  is read; where the stored dtype is not ``dtype`` (or several tokens may
+  complete chunks of a quantized tensor) they are written again, exactly,
+  into the array ``read`` returns. Slot ``index + i`` holds ``new[:, i]``
+  exactly, the slots below ``index`` what ``read`` gives for ``t``.
+
+  Args:
+    t: one layer's keys or values.
+    cache: the cache before the tokens (``index`` is their first slot).
+    new: ``[B, T, KVH, D]`` tokens of slots ``index ... index + T - 1``.
+    dtype: dtype of the returned values.
+
+  Returns:
+    ``(values [B, cache.slots, KVH, D], t with new appended)``; which slots
+    hold tokens: ``slot < index + T`` and not padding.
+  """
+  dtype = jnp.dtype(dtype)
+  written = append(t, cache, new)
+  if not t.quantized:  # (read of a float store of ``dtype``: the store itself)
+    src, exact = written, written.store.dtype == dtype
+  elif new.shape[_TOKEN_AXIS] == 1:
+    # One token: the written tensor read below the old index's last full
+    # chunk is the old one plus the token (the chunk it may complete, if
+    # any, is written into the store above that bound, and the window still
+    # holds the chunk). Reading it, not ``t``, lets the store be updated in
+    # place.
+    src, exact = written, written.residual.dtype == dtype
+  else:
+    src, exact = t, False
+  vals = read(src, cache, dtype)
+  if not exact:
+    vals = lax.dynamic_update_slice(vals, new.astype(dtype), (0, cache.index, 0, 0))
+  return vals, written
 
 
 def fake_quant_chunks(x: jax.Array, spec: QuantSpec, residual: int,
@@ -527,5 +633,5 @@ def fake_quant_chunks(x: jax.Array, spec: QuantSpec, residual: int,
 
 
 __all__ = ["CACHE_OP", "KVCache", "LayerCache", "CacheTensor", "cache_path",
-           "cache_specs", "cache_rotations", "kivi_rules", "init_cache", "read", "valid_slots", "append",
-           "fake_quant_chunks"]
+           "cache_specs", "cache_rotations", "kivi_rules", "init_cache", "read",
+           "valid_slots", "append", "flush", "update", "fake_quant_chunks"]

@@ -249,12 +249,14 @@ class Attention(nn.Module):
       new_valid = slots[None] >= cache.pad[:, None]  # [B, T]: not padding
       k = jnp.where(new_valid[:, :, None, None], k, jnp.zeros_like(k))
       v = jnp.where(new_valid[:, :, None, None], v, jnp.zeros_like(v))
-      keys = jnp.concatenate([kv_lib.read(layer_cache.key, cache, dt), k], axis=1)
-      values = jnp.concatenate([kv_lib.read(layer_cache.value, cache, dt), v],
-                               axis=1)
-      old = jnp.broadcast_to(kv_lib.valid_slots(cache)[:, None],
-                             (b, t, cache.slots))
-      mask = jnp.concatenate([old, causal[None] & new_valid[:, None, :]], axis=2)
+      # The new tokens are written into the cache first and attention reads
+      # all slots (no concatenation of the cache and the new tokens): query i
+      # (slot index + i) sees the slots up to its own that are not padding.
+      keys, new_key = kv_lib.update(layer_cache.key, cache, k, dt)
+      values, new_value = kv_lib.update(layer_cache.value, cache, v, dt)
+      all_slots = jnp.arange(cache.slots, dtype=jnp.int32)[None, None]
+      mask = ((all_slots <= slots[None, :, None])
+              & (all_slots >= cache.pad[:, None, None]))
     q = q.reshape(b, t, kvh, groups, hd)
     scores = ActEinsum("bqkgd,bskd->bkgqs", preferred_element_type=jnp.float32,
                        operands_rotated=cache is not None and layer_cache.rotate_key,
@@ -269,9 +271,7 @@ class Attention(nn.Module):
     out = _dense(cfg.d_model, "o_proj", dt)(out)
     if cache is None:
       return out
-    new_layer = dataclasses.replace(
-        layer_cache, key=kv_lib.append(layer_cache.key, cache, k),
-        value=kv_lib.append(layer_cache.value, cache, v))
+    new_layer = dataclasses.replace(layer_cache, key=new_key, value=new_value)
     return out, new_layer
 
 

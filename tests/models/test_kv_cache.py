@@ -1,5 +1,6 @@
 """Tests of the decoder's KV cache (float and quantized) and the decode loop."""
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -196,6 +197,69 @@ def test_quantized_cache_matches_fake_quant_reference(model_vars, name, rules,
     assert not np.allclose(np.asarray(want), np.asarray(ref_t[:, :n_q]))
     np.testing.assert_array_equal(np.asarray(q_t.residual[:, :_P - n_q]),
                                   np.asarray(ref_t[:, n_q:_P]))
+
+
+def test_appending_tokens_together_equals_one_by_one():
+  """``append`` of T tokens at once (prefill: chunks quantized together, no
+  branch) leaves the cache that T single-token appends leave, bit for bit."""
+  b, r = 2, 4
+  cache = kv.init_cache(_CFG, b, max_len=24, rules=_KIVI4, residual=r)
+  t = cache.layers[0].key
+  x = jax.random.normal(jax.random.key(7), (b, 20, _CFG.n_kv_heads, _CFG.head_dim))
+  append = jax.jit(kv.append)
+  for start, pieces in ((0, (20,)), (3, (1, 9, 2, 5)), (1, (3, 1, 1, 4))):
+    one = together = t
+    idx = 0
+    for n in (start,) + pieces:  # (the first piece only moves the index)
+      c = cache.replace(index=jnp.asarray(idx, jnp.int32))
+      together = append(together, c, x[:, idx:idx + n])
+      for i in range(n):
+        c = cache.replace(index=jnp.asarray(idx + i, jnp.int32))
+        one = append(one, c, x[:, idx + i:idx + i + 1])
+      idx += n
+      for a, w in zip(jax.tree.leaves(together), jax.tree.leaves(one)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(w))
+
+
+def test_decode_loop_flushing_at_a_static_cadence_equals_per_step_flushes(model_vars):
+  """The jitted loop (deferred windows, a flush per ``residual`` steps:
+  a head, whole windows and a tail) computes what per-call ``apply`` does."""
+  model, v, apply = model_vars
+  toks = _tokens(2, _T, seed=6)  # 13 steps from slot 1, window 4: 3 + 2 * 4 + 2
+  got = decode.make_teacher_forced(model, _T, 2, prompt_len=1, cache_rules=_KIVI4,
+                                   residual=4)(v, toks)
+  cache = kv.init_cache(_CFG, 2, max_len=_T, rules=_KIVI4, residual=4)
+  want, caches = _decode(apply, v, toks, cache, 1)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+  deferred = caches[-1].replace(defer_flush=True)
+  with pytest.raises(ValueError, match="one token per call"):
+    apply(v, toks[:, :2], cache=deferred)
+  # a deferred step writes the window only; flush then quantizes it
+  full = caches[2]  # index 3: the next token completes the first window
+  _, a = apply(v, toks[:, 3:4], cache=full.replace(defer_flush=True))
+  _, b = apply(v, toks[:, 3:4], cache=full)
+  assert not np.array_equal(np.asarray(a.layers[0].key.store.codes),
+                            np.asarray(b.layers[0].key.store.codes))
+  for x, y in zip(jax.tree.leaves(kv.flush(a.replace(defer_flush=False))),
+                  jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_decode_step_has_no_conditional_and_no_cache_concatenation(model_vars):
+  """The decode loop lowers with no ``case``/``if`` (a GPU copies a
+  conditional's predicate to the host every step) and concatenates nothing
+  of a cache's length (the cache is written in place and read whole)."""
+  model, v, _ = model_vars
+  slots = 32
+  for rules, residual in ((None, None), (_KIVI4, 4), (_INT8, 3)):
+    fn = decode.make_generate(model, 6, prompt_len=9, batch=2, cache_rules=rules,
+                              residual=residual, max_len=slots)
+    txt = fn.lower(v, _tokens(2, 9), jnp.full((2,), 9, jnp.int32),
+                   jax.random.key(0)).as_text()
+    assert "stablehlo.while" in txt
+    assert not re.search(r"stablehlo\.(case|if)\b", txt), residual
+    shapes = re.findall(r"stablehlo\.concatenate[^\n]*-> tensor<([0-9x]+)x[a-z]", txt)
+    assert all(max(int(d) for d in s.split("x")) < slots for s in shapes), shapes
 
 
 @pytest.mark.slow
