@@ -660,7 +660,7 @@ def test_bench_merges_a_partial_run_into_the_table():
   # bench_gpu_quantize --write_configs --merge_configs=OLD: the formats the new
   # run timed (XLA and kernel, both ops) replace the old table's entries and
   # enabled state; the others are kept, with the run each came from.
-  from experiments import bench_gpu_quantize as bgq  # pylint: disable=g-import-not-at-top
+  from experiments import _quantize_table as bgq  # pylint: disable=g-import-not-at-top
 
   def ent(us):
     return dict(tile_n=256, tile_k=32, k_per_cta=256, stages=2, reverse=False,
