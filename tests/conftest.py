@@ -34,6 +34,18 @@ def _backend() -> str:
 # again by a faster test), each family keeping fast cases in CI. Chosen from
 # per-test durations of the whole suite (2026-12-03).
 SLOW_CASES = frozenset({
+    # Stop 22 (the suite reached 933 s on 2 cores with the PTQ front-end
+    # additions): OmniQuant keeps LWC/LET vs RTN, LET vs LWC alone and real ==
+    # fake on the function and NNX; experts keep per-expert Hessians on every
+    # front end, GPTQ per expert with the starved-expert fallback, real == fake
+    # on the function and NNX and AWQ/SmoothQuant's shared fold; AWQ keeps the
+    # function and Linen real == fake checks.
+    "tests/test_ptq_omni.py::test_linen_real_equals_fake",
+    "tests/test_ptq_omni.py::test_falls_back_to_rtn_where_training_does_not_beat_it",
+    "tests/test_ptq_experts.py::test_scaling_methods_round_experts_without_a_producer_unscaled",
+    "tests/test_ptq_experts.py::test_linen_equals_apply_ptq_and_real_equals_fake",
+    "tests/test_ptq_experts.py::test_mixed_precision_sums_each_experts_sensitivity",
+    "tests/test_ptq_scaling.py::test_nnx_awq_matches_the_function_and_real_equals_fake",
     # Stop 20 (the suite reached 898 s on 2 cores): each family keeps a fast
     # member or a covering test. dequantize(quantize) == fake_quant per format
     # is checked at every binade by tests/core/test_extreme_ranges.py; the other
