@@ -42,6 +42,12 @@ the lowest objective (the start included); where none beats round to nearest
 (no LET, no clipping) on the objective, the group is not folded (its readers
 get LWC alone) and a site is rounded to nearest (``rtn_fallback``), so no
 site ends above RTN's objective on the retained rows.
+
+MoE experts (``ragged_dot`` stacks ``[E, K, N]``, captured with one Hessian
+per expert) are not trained: each expert is rounded to nearest with its own
+scales and the report says so (``OMNI_EXPERT_REASON``); a fold read by
+experts learns no LET, since its scale would have to be shared by every
+expert's objective, which this layer-wise training does not assemble.
 """
 from __future__ import annotations
 
@@ -59,8 +65,7 @@ from jax import lax
 from lowbit_jax import _rules
 from lowbit_jax._fold import apply_scaling, find_scaling_folds
 from lowbit_jax._ptq_scaling import (_put, _round_experts, _row_features, as_function,
-                                     check_folds,
-                                     group_scales)
+                                     check_folds, group_scales)
 from lowbit_jax.algorithms.omniquant import (OmniQuantOptions, _grid_layout, lwc_init,
                                              lwc_quant, lwc_step)
 from lowbit_jax.algorithms.rtn import hessian_error, rtn_scale
