@@ -225,16 +225,22 @@ class _Recorder:
 
   def _experts(self, site, x, group_sizes, shape):
     """A grouped matmul: one Hessian and row count per expert (``_experts``)."""
-    path = site.path
     h, n = _experts.expert_hessians(x, group_sizes)
+    extra = None
     if self.keep:   # AWQ/SmoothQuant: magnitudes over all routed rows, a sample
       xr, _, _, gid, valid = _experts.routed_rows(x, group_sizes)
       ax = jnp.abs(xr) * valid[:, None]
       score = jax.random.uniform(self.key, (xr.shape[0],)) + 2.0 * valid
       _, idx = lax.top_k(score, min(self.keep, xr.shape[0]))
       extra = (jnp.sum(ax, axis=0), jnp.max(ax, axis=0), xr[idx], valid[idx], gid[idx])
-    meta = ("ragged_dot", (1,), None, None, shape)
-    if self.meta.get(path, meta) != meta:
+    self._add(site, ("ragged_dot", (1,), None, None, shape), h, n, extra)
+
+  def _add(self, site, meta, h, n, extra) -> None:
+    """Adds one use's Hessian and row count to its path (``extra``: the
+    AWQ/SmoothQuant statistics, only with ``keep``)."""
+    path = site.path
+    if self.meta.get(path, meta) != meta or (
+        path in self.acc and self.acc[path][0].shape != h.shape):
       raise ValueError(f"{path}: the weight is used by ops with different "
                        "contraction features; one Hessian cannot serve both")
     self.meta[path] = meta
@@ -244,7 +250,7 @@ class _Recorder:
         raise ValueError(f"{path}: the weight is used by several ops; AWQ and "
                          "SmoothQuant need one input per weight")
       h, n = prev[0] + h, prev[1] + n
-    self.acc[path] = (h, n, extra) if self.keep else (h, n)
+    self.acc[path] = (h, n) if extra is None else (h, n, extra)
     self.sites[path] = site
 
   def __call__(self, site, op, x, w, params):
@@ -308,19 +314,7 @@ class _Recorder:
     else:
       h = jnp.matmul((xm * wts[:, None]).T, xm, precision=_HI)
       n = jnp.sum(wts)
-    meta = (op, *st_extra, tuple(shape))
-    if self.meta.get(path, meta) != meta or (
-        path in self.acc and self.acc[path][0].shape != h.shape):
-      raise ValueError(f"{path}: the weight is used by ops with different "
-                       "contraction features; one Hessian cannot serve both")
-    self.meta[path] = meta
-    prev = self.acc.get(path)
-    if prev is not None:
-      if self.keep:
-        raise ValueError(f"{path}: the weight is used by several ops; AWQ and "
-                         "SmoothQuant need one input per weight")
-      h, n = prev[0] + h, prev[1] + n
-    self.acc[path] = (h, n)
+    extra = None
     if self.keep:   # AWQ/SmoothQuant: per-row magnitudes and a row sample
       valid = (jnp.ones((xm.shape[0],), bool) if wts is None else wts > 0)
       w_ = jnp.ones((xm.shape[0],), jnp.float32) if wts is None else wts
@@ -329,8 +323,8 @@ class _Recorder:
       abs_max = jnp.max(jnp.where(valid[:, None], ax, 0.0), axis=0)
       score = jax.random.uniform(self.key, (xm.shape[0],)) + 2.0 * valid
       _, idx = lax.top_k(score, min(self.keep, xm.shape[0]))
-      self.acc[path] = (h, n, (abs_sum, abs_max, xm[idx], valid[idx]))
-    self.sites[path] = site
+      extra = (abs_sum, abs_max, xm[idx], valid[idx])
+    self._add(site, (op, *st_extra, tuple(shape)), h, n, extra)
 
 
 def _runner(model, params, rules, front: str):
