@@ -63,9 +63,9 @@ import optax
 from jax import lax
 
 from lowbit_jax import _rules
-from lowbit_jax._fold import apply_scaling, find_scaling_folds
-from lowbit_jax._ptq_scaling import (_put, _round_experts, _row_features, as_function,
-                                     check_folds, group_scales)
+from lowbit_jax._fold import apply_scaling
+from lowbit_jax._ptq_scaling import (_put, _round_experts, _row_features,
+                                     capture_with_folds, check_folds, group_scales)
 from lowbit_jax.algorithms.omniquant import (OmniQuantOptions, _grid_layout, lwc_init,
                                              lwc_quant, lwc_step)
 from lowbit_jax.algorithms.rtn import hessian_error, rtn_scale
@@ -218,14 +218,9 @@ def omniquant_ptq(model, params, batches: list, rules, *, front: str, token_mask
   if not isinstance(opts, OmniQuantOptions):
     raise TypeError(f"omniquant= takes an algorithms.OmniQuantOptions, got "
                     f"{type(opts).__name__}")
-  if not isinstance(max_samples, int) or max_samples < 1:
-    raise ValueError(f"omniquant trains on calibration rows: max_samples must be an "
-                     f"int >= 1, got {max_samples!r}; raise max_samples")
-  cap = _ptq.capture_hessians(model, params, batches, rules, token_mask=token_mask,
-                              max_samples=max_samples, seed=seed)
-  fn, tree0 = as_function(model, params, front)
-  args, kwargs = _ptq._split_batch(batches[0])   # pylint: disable=protected-access
-  plan = find_scaling_folds(fn, tree0, *args, **kwargs)
+  cap, fn, tree0, args, kwargs, plan = capture_with_folds(
+      model, params, batches, rules, who="omniquant", front=front,
+      token_mask=token_mask, max_samples=max_samples, seed=seed)
   get = _ptq._get_path   # pylint: disable=protected-access
   train_kw = dict(lwc=opts.lwc, steps=opts.steps, lwc_lr=float(opts.lwc_lr),
                   let_lr=float(opts.let_lr), wd=float(opts.weight_decay))

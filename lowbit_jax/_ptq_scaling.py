@@ -277,6 +277,28 @@ def check_folds(fn, args, kwargs, tree0, tree, applied: list, folds_report: list
                      f"output beyond rtol={fold_rtol}")
 
 
+def capture_with_folds(model, params, batches: list, rules, *, who: str, front: str,
+                       token_mask, max_samples: int, seed: int) -> tuple:
+  """What the fold-based methods start from: ``(capture, fn, tree, args,
+  kwargs, plan)``, the rules' capture with ``max_samples`` retained input rows
+  per site, the model as a function of its parameter tree, the first batch
+  and the exact folds ``find_scaling_folds`` finds on it.
+
+  Raises:
+    ValueError: ``max_samples`` is not an int >= 1 (``who`` names the method).
+  """
+  from lowbit_jax import _ptq
+  if not isinstance(max_samples, int) or max_samples < 1:
+    raise ValueError(f"{who} needs calibration rows: max_samples must be an int "
+                     f">= 1, got {max_samples!r}; raise max_samples")
+  cap = _ptq.capture_hessians(model, params, batches, rules, token_mask=token_mask,
+                              max_samples=max_samples, seed=seed)
+  fn, tree0 = as_function(model, params, front)
+  args, kwargs = _ptq._split_batch(batches[0])   # pylint: disable=protected-access
+  plan = find_scaling_folds(fn, tree0, *args, **kwargs)
+  return cap, fn, tree0, args, kwargs, plan
+
+
 def scaling_ptq(model, params, batches: list, rules, *, method: str, front: str,
                 token_mask, alpha: float, n_grid: int, max_samples: int, seed: int,
                 fold_rtol: float, awq_clip_skip: Optional[str],
@@ -293,14 +315,9 @@ def scaling_ptq(model, params, batches: list, rules, *, method: str, front: str,
   """
   from lowbit_jax import _ptq
   t0 = time.perf_counter()
-  if not isinstance(max_samples, int) or max_samples < 1:
-    raise ValueError(f"{method} needs calibration rows: max_samples must be an int "
-                     f">= 1, got {max_samples!r}; raise max_samples")
-  cap = _ptq.capture_hessians(model, params, batches, rules, token_mask=token_mask,
-                              max_samples=max_samples, seed=seed)
-  fn, tree0 = as_function(model, params, front)
-  args, kwargs = _ptq._split_batch(batches[0])   # pylint: disable=protected-access
-  plan = find_scaling_folds(fn, tree0, *args, **kwargs)
+  cap, fn, tree0, args, kwargs, plan = capture_with_folds(
+      model, params, batches, rules, who=method, front=front, token_mask=token_mask,
+      max_samples=max_samples, seed=seed)
   get = _ptq._get_path   # pylint: disable=protected-access
   tree = tree0
   row_s: dict = {}     # reader path -> s per matrix row
