@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowbit_jax._residual import (_CALLS, _RAGGED, _SAME, _VDict, _axis_map_reshape,
-                                  _ragged_dims, _walk, _Literal, param_path)
+                                  _ragged_dims, _walk_top, _Literal, param_path)
 
 _VIEWS = frozenset(_SAME - {"neg"}) | {"reshape", "transpose", "broadcast_in_dim"}
 _HIGHER = frozenset({"scan", "while", "cond"}) | _CALLS
@@ -561,11 +561,7 @@ def find_scaling_folds(fn: Callable, params: Any, *args, **kwargs) -> FoldPlan:
         dep[o] = {k: None for k in d}
 
   top_alias = {}
-  for item in _walk(jaxpr, closed.consts, {}):
-    if item[0] == "__alias__":
-      top_alias = item[1]
-      continue
-    eqn, ins, outs = item
+  for eqn, ins, outs in _walk_top(jaxpr, closed.consts, top_alias):
     name = eqn.primitive.name
     out = outs[0] if outs else None
     killed.clear()

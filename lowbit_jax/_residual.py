@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -190,6 +190,17 @@ def _walk(jaxpr, consts_vals, env_in):
   yield "__alias__", {v: canon(v) for v in jaxpr.outvars if not isinstance(v, _Literal)}
 
 
+def _walk_top(jaxpr, consts_vals, aliases: Optional[dict] = None):
+  """``_walk`` of a top-level jaxpr: yields ``(eqn, invars, outvars)``; once the
+  walk ends, ``aliases`` (when given) maps each output var to its canonical var."""
+  for item in _walk(jaxpr, consts_vals, {}):
+    if item[0] == "__alias__":
+      if aliases is not None:
+        aliases.update(item[1])
+      continue
+    yield item
+
+
 def find_residual_stream(fn: Callable, params: Any, *args, **kwargs) -> ResidualStream:
   """Traces ``fn(params, *args, **kwargs)`` and returns its residual stream's structure.
 
@@ -285,11 +296,7 @@ def find_residual_stream(fn: Callable, params: Any, *args, **kwargs) -> Residual
   lin = _VDict()   # var -> [(path, axis)] params whose last axis makes its last axis
 
   top_alias = {}
-  for item in _walk(jaxpr, closed.consts, {}):
-    if item[0] == "__alias__":
-      top_alias = item[1]
-      continue
-    eqn, ins, outs = item
+  for eqn, ins, outs in _walk_top(jaxpr, closed.consts, top_alias):
     name = eqn.primitive.name
     states = [state(v) for v in ins]
     out = outs[0] if outs else None
@@ -638,10 +645,7 @@ def matmul_input_axes(fn: Callable, params: Any, *args, **kwargs) -> dict:
     if jnp.issubdtype(leaf.dtype, jnp.inexact):
       pview[v] = (p, tuple(range(np.ndim(leaf))))
   found: dict = {}
-  for item in _walk(closed.jaxpr, closed.consts, {}):
-    if item[0] == "__alias__":
-      continue
-    eqn, ins, outs = item
+  for eqn, ins, outs in _walk_top(closed.jaxpr, closed.consts):
     name = eqn.primitive.name
     if name in _SAME and ins and ins[0] in pview and name != "neg":
       pview[outs[0]] = pview[ins[0]]
