@@ -13,7 +13,8 @@ from lowbit_jax._rules import QuantRule, QWeight
 from lowbit_jax.algorithms import OmniQuantOptions
 from lowbit_jax.flax import quantize_linen, quantize_nnx
 from tests import _toy_models as toy
-from tests.test_ptq_scaling import _leaves, setup  # noqa: F401  (the toy model fixture)
+from tests.test_ptq_scaling import (  # noqa: F401  (setup: the toy model fixture)
+    _leaves, check_function_real_equals_fake, setup)
 
 SPEC = lb.QuantSpec("int4", group_size=16)
 # W4A8: with activations quantized LET runs by default (the paper's recipe).
@@ -118,14 +119,8 @@ def test_let_with_lwc_beats_lwc_alone_on_outlier_channels(setup, heavy, fn_omni)
 
 def test_function_real_mode_equals_fake_mode(fn_omni):
   t = toy.tokens(7)
-  qr = lb.quantize_function(toy.toy_apply, RULES, mode="real")
-  rp = qr.quantize_params(fn_omni.params, t, **lb.real_mode_kwargs(fn_omni, "function"))
-  stored, gp = _leaves(rp), _leaves(fn_omni.params)
-  for p in fn_omni.report["layers"]:
-    assert isinstance(stored[p], QWeight)
-    np.testing.assert_array_equal(stored[p].logical(), gp[p])
-  fake = lb.quantize_function(toy.toy_apply, RULES)(fn_omni.params, t)
-  np.testing.assert_allclose(qr(rp, t), fake, rtol=1e-5, atol=1e-5)
+  check_function_real_equals_fake(
+      fn_omni, RULES, t, lb.quantize_function(toy.toy_apply, RULES)(fn_omni.params, t))
 
 
 def test_nnx_matches_the_function_and_real_equals_fake(setup, heavy, fn_omni):  # noqa: F811
@@ -229,17 +224,8 @@ def test_layer_wise_against_the_linen_block_wise_omniquant():
   the blocks' Dense layers (the head float), by the model output's MSE
   against the float model on the calibration batch and a held-out one."""
   from lowbit_jax.flax import apply_ptq
-  from tests.flax.test_ptq_omniquant import _Net
-  rng = np.random.default_rng(0)
-  gain = np.exp(rng.normal(0, 1.0, 32)).astype(np.float32)   # outlier channels
-  x = jnp.asarray(rng.standard_normal((12, 8, 32)).astype(np.float32) * gain)
-  m = _Net()
-  shapes = jax.eval_shape(m.init, jax.random.key(1), x)["params"]
-  params = jax.tree.map(
-      lambda a: jnp.asarray((rng.standard_t(3.0, a.shape) / np.sqrt(a.shape[0])
-                             if len(a.shape) == 2 else 1.0 + 0.1 * rng.standard_normal(
-                                 a.shape)).astype(np.float32)), shapes)
-  held = jnp.asarray(rng.standard_normal((12, 8, 32)).astype(np.float32) * gain)
+  from tests.flax.test_ptq_omniquant import net_and_params
+  m, params, x, held = net_and_params()
   layers = r"blocks_\d+/fc\d"
   rules = [QuantRule(layers, weight=SPEC)]
   opts = OmniQuantOptions(steps=200, let=True, blocks=r"blocks_\d+")

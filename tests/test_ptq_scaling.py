@@ -141,16 +141,23 @@ def test_awq_on_a_function_lowers_the_folded_layers_error(fn_awq):
   assert folds["layers_0/v/kernel"]["scales"].shape == (toy.HEADS * toy.HEAD_DIM,)
 
 
-def test_function_real_mode_equals_fake_mode_after_awq(setup, fn_awq):
-  t = toy.tokens(7)
-  qr = lb.quantize_function(toy.toy_apply, RULES, mode="real")
-  rp = qr.quantize_params(fn_awq.params, t, **lb.real_mode_kwargs(fn_awq, "function"))
-  stored, gp = _leaves(rp), _leaves(fn_awq.params)
-  for p in fn_awq.report["layers"]:
+def check_function_real_equals_fake(res, rules, t, want):
+  """Real mode of the toy function stores ``res``'s weights exactly (every
+  reported layer a QWeight whose values equal the fake-quantized kernel) and
+  its output equals ``want``."""
+  qr = lb.quantize_function(toy.toy_apply, rules, mode="real")
+  rp = qr.quantize_params(res.params, t, **lb.real_mode_kwargs(res, "function"))
+  stored, gp = _leaves(rp), _leaves(res.params)
+  for p in res.report["layers"]:
     assert isinstance(stored[p], QWeight)
     np.testing.assert_array_equal(stored[p].logical(), gp[p])
-  np.testing.assert_allclose(qr(rp, t), jax.jit(toy.toy_apply)(fn_awq.params, t),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(qr(rp, t), want, rtol=1e-5, atol=1e-5)
+
+
+def test_function_real_mode_equals_fake_mode_after_awq(setup, fn_awq):
+  t = toy.tokens(7)
+  check_function_real_equals_fake(fn_awq, RULES, t,
+                                  jax.jit(toy.toy_apply)(fn_awq.params, t))
 
 
 def test_nnx_awq_matches_the_function_and_real_equals_fake(setup, nnx_model, fn_awq):

@@ -27,8 +27,9 @@ class _Net(nn.Module):
     return nn.Dense(8, name="head")(x)
 
 
-@pytest.fixture(scope="module")
-def setup():
+def net_and_params():
+  """``(model, params, x, held)``: the model, heavy-tailed weights, an input
+  batch with outlier channels and a held-out batch like it."""
   rng = np.random.default_rng(0)
   gain = np.exp(rng.normal(0, 1.0, 32)).astype(np.float32)   # outlier channels
   x = jnp.asarray(rng.standard_normal((12, 8, 32)).astype(np.float32) * gain)
@@ -40,7 +41,13 @@ def setup():
       lambda a: jnp.asarray((rng.standard_t(3.0, a.shape) / np.sqrt(a.shape[0])
                              if len(a.shape) == 2 else 1.0 + 0.1 * rng.standard_normal(
                                  a.shape)).astype(np.float32)), shapes)
-  return m, params, x
+  held = jnp.asarray(rng.standard_normal((12, 8, 32)).astype(np.float32) * gain)
+  return m, params, x, held
+
+
+@pytest.fixture(scope="module")
+def setup():
+  return net_and_params()[:3]
 
 
 W_SPEC = QuantSpec("int4", group_size=16)
