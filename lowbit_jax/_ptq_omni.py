@@ -65,7 +65,8 @@ from jax import lax
 from lowbit_jax import _rules
 from lowbit_jax._fold import apply_scaling
 from lowbit_jax._ptq_scaling import (_put, _round_experts, _row_features,
-                                     capture_with_folds, check_folds, group_scales)
+                                     capture_with_folds, check_folds, group_scales,
+                                     quantized_folds)
 from lowbit_jax.algorithms.omniquant import (OmniQuantOptions, _grid_layout, lwc_init,
                                              lwc_quant, lwc_step)
 from lowbit_jax.algorithms.rtn import hessian_error, rtn_scale
@@ -260,14 +261,7 @@ def omniquant_ptq(model, params, batches: list, rules, *, front: str, token_mask
   stage_w: dict = {}   # LET reader path -> its kernel when its logits were learned
   no_let: dict = {}    # path -> why it got LWC alone
   folds_report, applied = [], []
-  for producer, fold in plan.folds.items():
-    members = [p for p, _ in fold.readers if p in cap.stats]
-    entry = {"producer": producer, "kind": fold.kind,
-             "readers": [p for p, _ in fold.readers]}
-    if not members:
-      folds_report.append({**entry, "status": "skipped",
-                           "reason": "no reader is quantized by the rules"})
-      continue
+  for _, producer, fold, members, entry in quantized_folds(plan, cap, folds_report):
     if any(p in experts for p in members):
       why = (f"{OMNI_EXPERT_REASON}; this producer's readers include experts, so no "
              "equivalent transform is learned for it")

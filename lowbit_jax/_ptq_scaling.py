@@ -299,6 +299,21 @@ def capture_with_folds(model, params, batches: list, rules, *, who: str, front: 
   return cap, fn, tree0, args, kwargs, plan
 
 
+def quantized_folds(plan, cap, folds_report: list):
+  """The plan's folds with a reader the rules quantize: ``(index, producer,
+  fold, quantized readers, report entry)``; the others go into
+  ``folds_report`` as skipped."""
+  for gi, (producer, fold) in enumerate(plan.folds.items()):
+    members = [p for p, _ in fold.readers if p in cap.stats]
+    entry = {"producer": producer, "kind": fold.kind,
+             "readers": [p for p, _ in fold.readers]}
+    if not members:
+      folds_report.append({**entry, "status": "skipped",
+                           "reason": "no reader is quantized by the rules"})
+      continue
+    yield gi, producer, fold, members, entry
+
+
 def scaling_ptq(model, params, batches: list, rules, *, method: str, front: str,
                 token_mask, alpha: float, n_grid: int, max_samples: int, seed: int,
                 fold_rtol: float, awq_clip_skip: Optional[str],
@@ -324,14 +339,7 @@ def scaling_ptq(model, params, batches: list, rules, *, method: str, front: str,
   rot: dict = {}       # reader path -> (layout, R, its float kernel before R)
   rot_skipped: dict = {}
   folds_report, applied = [], []
-  for gi, (producer, fold) in enumerate(plan.folds.items()):
-    members = [p for p, _ in fold.readers if p in cap.stats]
-    entry = {"producer": producer, "kind": fold.kind,
-             "readers": [p for p, _ in fold.readers]}
-    if not members:
-      folds_report.append({**entry, "status": "skipped",
-                           "reason": "no reader is quantized by the rules"})
-      continue
+  for gi, producer, fold, members, entry in quantized_folds(plan, cap, folds_report):
     if method == "rotation":
       if fold.rotation_why is None and any(cap.stats[p].op == "ragged_dot"
                                            for p in members):
