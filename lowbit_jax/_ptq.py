@@ -693,30 +693,24 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
     raise ValueError(f"omniquant= options apply to method='omniquant', not {method!r}")
   t0 = time.perf_counter()
   front = _front_end(model)
-  if method == "omniquant":
-    from lowbit_jax import _ptq_omni   # pylint: disable=g-import-not-at-top
-    if capture is not None:
-      raise ValueError("capture= is for gptq/rtn; omniquant captures input samples "
-                       "itself (max_samples=)")
-    batches = list(calib_batches)
-    if not batches:
-      raise ValueError("calib_batches is empty; pass at least one batch")
-    changed, scales, report = _ptq_omni.omniquant_ptq(
-        model, params, batches, rules, front=front, token_mask=token_mask,
-        options=omniquant, max_samples=max_samples, seed=seed, fold_rtol=fold_rtol)
-    return PTQResult(_write_back(model, params, front, changed), scales, report)
-  if method in _ptq_scaling.SCALING_METHODS:
+  if method == "omniquant" or method in _ptq_scaling.SCALING_METHODS:
     if capture is not None:
       raise ValueError(f"capture= is for gptq/rtn; {method} captures input samples "
                        "itself (max_samples=)")
     batches = list(calib_batches)
     if not batches:
       raise ValueError("calib_batches is empty; pass at least one batch")
-    changed, scales, report = _ptq_scaling.scaling_ptq(
-        model, params, batches, rules, method=method, front=front,
-        token_mask=token_mask, alpha=alpha, n_grid=n_grid, max_samples=max_samples,
-        seed=seed, fold_rtol=fold_rtol, awq_clip_skip=awq_clip_skip,
-        rotation_block_size=rotation_block_size)
+    if method == "omniquant":
+      from lowbit_jax import _ptq_omni   # pylint: disable=g-import-not-at-top
+      changed, scales, report = _ptq_omni.omniquant_ptq(
+          model, params, batches, rules, front=front, token_mask=token_mask,
+          options=omniquant, max_samples=max_samples, seed=seed, fold_rtol=fold_rtol)
+    else:
+      changed, scales, report = _ptq_scaling.scaling_ptq(
+          model, params, batches, rules, method=method, front=front,
+          token_mask=token_mask, alpha=alpha, n_grid=n_grid, max_samples=max_samples,
+          seed=seed, fold_rtol=fold_rtol, awq_clip_skip=awq_clip_skip,
+          rotation_block_size=rotation_block_size)
     return PTQResult(_write_back(model, params, front, changed), scales, report)
   cap = capture if capture is not None else capture_hessians(
       model, params, calib_batches, rules, token_mask=token_mask)
