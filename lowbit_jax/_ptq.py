@@ -54,6 +54,7 @@ from jax import lax
 
 from lowbit_jax import _experts
 from lowbit_jax import _rules
+from lowbit_jax import _ptq_rotation
 from lowbit_jax import _ptq_scaling
 from lowbit_jax._ptq_scaling import AWQ_CLIP_SKIP
 from lowbit_jax.algorithms.gptq import gptq
@@ -62,7 +63,8 @@ from lowbit_jax.core import fake_quant
 from lowbit_jax.core._spec import QuantSpec, as_spec
 
 _HI = lax.Precision.HIGHEST
-METHODS = ("gptq", "rtn", "awq", "awq_noclip", "smoothquant", "rotation", "omniquant")
+METHODS = ("gptq", "rtn", "awq", "awq_noclip", "smoothquant", "rotation", "omniquant",
+           "quarot", "spinquant")
 
 
 class SiteStats(NamedTuple):
@@ -160,10 +162,15 @@ class PTQResult(NamedTuple):
     report: ``{"method", "seconds", "layers": {path: {"spec", "error",
       "rtn_error", "error_vs_rtn", "rows"}}, "skipped"}``; ``error`` is the
       output error on the captured inputs, ``tr(dW^T H dW) / rows``.
+    rules: "quarot" / "spinquant": the rules fake and real mode must run the
+      rotated model with (``report["rotation"].rules(rules)``: the online
+      Hadamard rules, then the given rules); None for the other methods (run
+      with the given rules).
   """
   params: Any
   weight_scales: dict
   report: dict
+  rules: Optional[tuple] = None
 
 
 def _split_batch(batch: Any) -> tuple:
@@ -607,7 +614,9 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
                seed: int = 0, fold_rtol: float = 1e-3,
                awq_clip_skip: Optional[str] = AWQ_CLIP_SKIP,
                rotation_block_size: Optional[int] = None,
-               omniquant: Optional[Any] = None) -> PTQResult:
+               omniquant: Optional[Any] = None, quantizer: str = "rtn",
+               online: Optional[str] = None, heads: Optional[tuple] = None,
+               spinquant: Optional[Any] = None) -> PTQResult:
   """Post-training quantization of every weight site the rules match, any front end.
 
   GPTQ (Frantar et al. 2023) or RTN per site, from the Hessians
@@ -629,6 +638,21 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
   ``R`` instead, where the jaxpr shows it folds exactly: into a linear
   producer whose output reaches its readers only through views and bias
   additions (``ScalingFold.rotation_why`` says why not elsewhere).
+
+  "quarot" (Ashkboos et al. 2024) and "spinquant" (Liu et al. 2024) rotate
+  the whole model instead (``_ptq_rotation``, the driver ``apply_ptq``'s
+  methods of the same names share): the residual stream is found in the jaxpr
+  of the model as a function of its parameters, the RMS norm gains are fused
+  into their readers, one randomized Hadamard (SpinQuant: learned with
+  Cayley SGD on the quantized loss under ``rules``) is folded into every
+  reader and writer of the stream, the ``online`` kernels are pre-rotated for
+  an online Hadamard of their input and ``heads`` adds per-head rotations
+  (``algorithms.rotate_model`` / ``spinquant_model``). The rotated float
+  model is checked against the original on the first batch, then every
+  weight site the rules match is rounded by ``quantizer`` (RTN or GPTQ on
+  the Hessians of the inputs each op sees, online Hadamards included).
+  Inference must run with ``PTQResult.rules`` (the online-Hadamard rules
+  before ``rules``), in fake and in real mode (with ``real_mode_kwargs``).
 
   MoE experts (``jax.lax.ragged_dot`` with an ``[E, K, N]`` weight) are
   quantized per expert: GPTQ runs on each expert's ``[K, N]`` matrix with the
@@ -653,8 +677,8 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
       None for an NNX model (whose Params are updated in place).
     calib_batches: calibration batches (see ``capture_hessians``).
     rules: QuantRules or a QuantConfig (those with a weight spec are treated).
-    method: "gptq", "rtn", "awq", "awq_noclip", "smoothquant", "rotation" or
-      "omniquant".
+    method: "gptq", "rtn", "awq", "awq_noclip", "smoothquant", "rotation",
+      "omniquant", "quarot" or "spinquant".
     token_mask: optional ``batch -> mask`` (see ``capture_hessians``).
     blocksize, percdamp, act_order: GPTQ's options.
     capture: a ``Capture`` from an earlier ``capture_hessians`` to reuse
@@ -662,9 +686,11 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
     alpha: SmoothQuant's migration strength.
     n_grid: AWQ's grid size over its exponent.
     max_samples: input rows retained per site for AWQ's searches.
-    seed: the key choosing those rows.
+    seed: the key choosing those rows; "quarot": the randomized Hadamard's
+      seed ("spinquant": that of its start, unless ``spinquant`` is given).
     fold_rtol: the largest relative change of the float model's output the
-      folds may cause (float rounding) before an error is raised.
+      folds (or the whole-model rotation: widened to a few epsilons of a
+      16-bit compute dtype) may cause before an error is raised.
     awq_clip_skip: regex of layer paths (a parameter path without its last
       part) AWQ's clip search leaves alone; by default the query and key
       projections, as ``apply_ptq`` does (their error passes through q.k and
@@ -675,24 +701,51 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
       learning rates, LWC/LET switches; None: defaults). OmniQuant (Shao et
       al. 2024) runs layer-wise here (``_ptq_omni``): LWC on every site, LET
       jointly with it where an exact fold exists.
+    quantizer: "quarot"/"spinquant": how the rotated weights are rounded,
+      "rtn" or "gptq".
+    online: "quarot"/"spinquant": regex of kernel paths that take an online
+      Hadamard of their input (QuaRot's down projection:
+      ``".*/down_proj/kernel"``); None: none.
+    heads: "quarot"/"spinquant": ``(value_regex, out_regex, head_dim)``, a
+      per-head rotation of value and output projections
+      (``algorithms.rotate_model``; SpinQuant learns them).
+    spinquant: "spinquant": an ``algorithms.SpinQuantConfig`` (None:
+      ``SpinQuantConfig(seed=seed)``); its calibration batches must be
+      positional arguments, and the default loss (next-token cross entropy)
+      needs tokens as the first.
 
   Returns:
     A ``PTQResult``; run real mode with ``real_mode_kwargs``'s scales so the
     stored codes equal these. For the scaling methods ``params`` also holds
     the folded producers, the report has ``"folds"`` (producer, readers,
     status, ``alpha``, ``scales``) and each layer its ``"fold"`` (producer or
-    None, with a ``"reason"``).
+    None, with a ``"reason"``). For "quarot"/"spinquant" ``params`` holds
+    every rotated parameter, ``rules`` the rules to run with, and the report
+    ``"quantizer"``, ``"rotation"`` (the ``RotatedModel``) and, for
+    SpinQuant, ``"spinquant"`` (quantized loss before and after learning).
 
   Raises:
-    ValueError: an unknown method, no weight site matched, or a spec GPTQ
-      cannot take.
+    ValueError: an unknown method, no weight site matched, a spec GPTQ
+      cannot take, options of another method, or a model the whole-model
+      rotation cannot handle (naming the layer, or saying the rotation
+      changed the float output).
   """
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
   if omniquant is not None and method != "omniquant":
     raise ValueError(f"omniquant= options apply to method='omniquant', not {method!r}")
+  _check_rotation_options(method, quantizer, online, heads, spinquant, capture)
   t0 = time.perf_counter()
   front = _front_end(model)
+  if method in _ptq_rotation.METHODS:
+    batches = list(calib_batches)
+    if not batches:
+      raise ValueError("calib_batches is empty; pass at least one batch")
+    return _ptq_rotation.rotation_ptq(
+        model, params, batches, rules, front=front, method=method, quantizer=quantizer,
+        seed=seed, online=online, heads=heads, config=spinquant, fold_rtol=fold_rtol,
+        token_mask=token_mask, blocksize=blocksize, percdamp=percdamp,
+        act_order=act_order)
   if method == "omniquant" or method in _ptq_scaling.SCALING_METHODS:
     if capture is not None:
       raise ValueError(f"capture= is for gptq/rtn; {method} captures input samples "
@@ -742,6 +795,28 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
   report = {"method": method, "layers": layers, "skipped": skipped,
             "seconds": time.perf_counter() - t0}
   return PTQResult(_write_back(model, params, front, new_leaves), scales, report)
+
+
+def _check_rotation_options(method: str, quantizer: str, online, heads, spinquant,
+                            capture) -> None:
+  """Raises unless the whole-model rotation options fit ``method``."""
+  if method not in _ptq_rotation.METHODS:
+    given = [n for n, v in (("online", online), ("heads", heads),
+                            ("spinquant", spinquant)) if v is not None]
+    if quantizer != "rtn":
+      given.append("quantizer")
+    if given:
+      raise ValueError(f"{'=, '.join(given)}= apply to method='quarot' or "
+                       f"'spinquant', not {method!r}")
+    return
+  if quantizer not in _ptq_rotation.QUANTIZERS:
+    raise ValueError(f"quantizer must be one of {_ptq_rotation.QUANTIZERS}, got "
+                     f"{quantizer!r}")
+  if spinquant is not None and method != "spinquant":
+    raise ValueError(f"spinquant= applies to method='spinquant', not {method!r}")
+  if capture is not None:
+    raise ValueError(f"capture= is for gptq/rtn; {method} captures the rotated "
+                     "model itself")
 
 
 def _expert_entry(path: str, st: SiteStats, err, rerr, method: str,

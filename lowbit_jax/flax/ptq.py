@@ -48,6 +48,10 @@ quantized model's loss (``weight_spec`` RTN weights and ``act_spec``
 activations, fake-quantized with straight-through gradients; next-token cross
 entropy by default), then folded exactly as QuaRot folds them and checked the
 same way; ``report["spinquant"]`` holds the quantized loss before and after.
+Both rotations run in ``lowbit_jax._ptq_rotation.rotate_checked``, the
+rotation driver ``ptq_params(..., method="quarot" | "spinquant")`` uses on
+every front end; this driver then captures and rounds the rotated Linen
+model itself (Dense, expert and conv layers, as below).
 
 MoE experts (``lowbit_jax.flax.RaggedDense``: a grouped matmul with a
 ``[G, K, N]`` kernel, e.g. the decoder's ``moe_impl="ragged"`` experts) are
@@ -140,13 +144,12 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.extend import core as jex_core
 import numpy as np
 
 from lowbit_jax.algorithms.awq import awq_clip_search, awq_scales, awq_search
 from lowbit_jax.algorithms.gptq import gptq
-from lowbit_jax.algorithms.rotation import R3_PATHS, random_hadamard, rotate_model
-from lowbit_jax.algorithms.spinquant import SpinQuantConfig, spinquant_model
+from lowbit_jax.algorithms.rotation import R3_PATHS, random_hadamard
+from lowbit_jax.algorithms.spinquant import SpinQuantConfig
 from lowbit_jax.core import hadamard
 from lowbit_jax.algorithms.smoothquant import smoothquant_scales
 from lowbit_jax.algorithms.rtn import kernel_spec, rtn, rtn_scale, sqnr_db
@@ -158,15 +161,16 @@ from lowbit_jax.flax._capture import (Capture, DenseStats, ExpertStats,
 from lowbit_jax.formats import Format
 from lowbit_jax.algorithms._tree import with_leaves
 from lowbit_jax._experts import expert_spec, quantize_experts
+from lowbit_jax import _ptq_rotation
 
 METHODS = ("rtn", "gptq", "awq", "smoothquant", "rotation", "quarot", "spinquant",
            "omniquant")
-_WHOLE_MODEL_ROTATIONS = ("quarot", "spinquant")
+_WHOLE_MODEL_ROTATIONS = _ptq_rotation.METHODS
 # AWQ's clip search skips the query and key projections (their error passes
 # through q.k and a softmax, which the layer-wise objective does not see; the
 # paper's code does the same).
 AWQ_CLIP_SKIP = r".*(q_proj|k_proj|query|key)"
-QUANTIZERS = ("rtn", "gptq")
+QUANTIZERS = _ptq_rotation.QUANTIZERS
 _TRANSFORMS = ("awq", "smoothquant", "rotation")
 _HI = jax.lax.Precision.HIGHEST
 WeightSpec = Union[None, QuantSpec, str, Format, Sequence[tuple]]
@@ -293,36 +297,6 @@ def _resolve_spec(weight_spec: WeightSpec, path: str) -> Optional[QuantSpec]:
         return None if spec is None else kernel_spec(spec)
     return None
   return kernel_spec(weight_spec)
-
-
-# How many of its compute dtype's epsilons a low-precision model's output may
-# move under an exact (in real arithmetic) rotation: 8 for bfloat16 is 6.25%
-# of the largest output.
-_LOW_PRECISION_ULPS = 8
-
-
-def _compute_eps(fn, params, args) -> float:
-  """Machine epsilon of the lowest-precision float dtype any matmul of ``fn`` takes."""
-  closed = jax.make_jaxpr(fn)(params, *args)
-  eps = 0.0
-
-  def walk(jaxpr):
-    nonlocal eps
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name in ("dot_general", "conv_general_dilated", "ragged_dot"):
-        for v in eqn.invars:
-          dt = getattr(getattr(v, "aval", None), "dtype", None)
-          if dt is not None and jnp.issubdtype(dt, jnp.floating):
-            eps = max(eps, float(jnp.finfo(dt).eps))
-      for val in eqn.params.values():
-        for sub in (val if isinstance(val, (tuple, list)) else (val,)):
-          if isinstance(sub, jex_core.ClosedJaxpr):
-            walk(sub.jaxpr)
-          elif isinstance(sub, jex_core.Jaxpr):
-            walk(sub)
-
-  walk(closed.jaxpr)
-  return eps
 
 
 def _outputs_close(ref, out, rtol: float) -> bool:
@@ -525,14 +499,12 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
     return (flax.core.freeze(cur) if frozen else cur), report
   rotated = None
   spin_history = None
-  if method == "quarot":
-    cur, rotated = _quarot(model, cur, calib_batches[0], rotation_seed, online,
-                           heads, fold_rtol, apply_kwargs, other_variables)
-  elif method == "spinquant":
-    cur, rotated, spin_history = _spinquant(
-        model, cur, calib_batches, _loss_rules(weight_spec, aspec, layers),
-        spinquant or SpinQuantConfig(seed=rotation_seed), online, heads, fold_rtol,
-        apply_kwargs, other_variables)
+  if method in _WHOLE_MODEL_ROTATIONS:
+    cur, rotated, spin_history = _ptq_rotation.rotate_checked(
+        _linen_fn(model, apply_kwargs, other_variables), cur, calib_batches, method,
+        rules=_loss_rules(weight_spec, aspec, layers) if method == "spinquant" else (),
+        seed=rotation_seed, online=online, heads=heads, config=spinquant,
+        rtol=fold_rtol, quantize=_ptq_rotation.quantizer_for("linen"))
   if r3 is not False:
     rotated = dataclasses.replace(rotated, r3=R3_PATHS if r3 is True else r3)
   t0 = time.perf_counter()
@@ -1211,66 +1183,14 @@ def _nest(flat: Mapping[str, Any]) -> dict:
   return out
 
 
-def _quarot(model, params, batch, seed: int, online: Optional[str], heads,
-            rtol: float, apply_kwargs, other_variables):
-  """QuaRot's fold on a Linen model, checked against the float model's output."""
-  def rotate(fn, args):
-    return rotate_model(fn, params, *args, key=jax.random.key(seed), online=online,
-                        heads=heads)
-  new, rotated, _ = _checked_rotation(model, params, batch, rotate, rtol, apply_kwargs,
-                                      other_variables, "QuaRot")
-  return new, rotated
+def _linen_fn(model: nn.Module, apply_kwargs, other_variables) -> Callable:
+  """The Linen model as ``fn(params, *args, **kwargs)`` (``apply_kwargs`` and
+  the non-param collections bound)."""
+  extra, more = dict(other_variables or {}), dict(apply_kwargs or {})
 
-
-def _spinquant(model, params, batches, rules, config: SpinQuantConfig,
-               online: Optional[str], heads, rtol: float, apply_kwargs,
-               other_variables):
-  """SpinQuant's learned rotations on a Linen model, checked like QuaRot's."""
-  from lowbit_jax.flax._linen import quantize_linen  # pylint: disable=g-import-not-at-top
-  for b in batches:
-    if split_batch(b)[1]:
-      raise ValueError("method='spinquant' needs calibration batches of positional "
-                       "arguments (a tuple or one array), not keyword arguments")
-
-  def rotate(fn, args):
-    new, rotated, hist = spinquant_model(
-        fn, params, [split_batch(b)[0] for b in batches], rules, config=config,
-        online=online, heads=heads, quantize=lambda f, r: quantize_linen(r)(f))
-    return new, rotated, hist
-  return _checked_rotation(model, params, batches[0], rotate, rtol, apply_kwargs,
-                           other_variables, "SpinQuant")
-
-
-def _checked_rotation(model, params, batch, rotate, rtol: float, apply_kwargs,
-                      other_variables, name: str):
-  """``rotate(fn, args)`` on a Linen model, checked against the float output."""
-  from lowbit_jax.flax._linen import quantize_linen  # pylint: disable=g-import-not-at-top
-  args, kwargs = split_batch(batch)
-  kwargs = {**kwargs, **dict(apply_kwargs or {})}
-  extra = dict(other_variables or {})
-
-  def fn(p, *a):
-    return model.apply({"params": p, **extra}, *a, **kwargs)
-
-  with jax.default_matmul_precision("float32"):
-    ref = jax.jit(fn)(params, *args)
-    res = rotate(fn, args)
-    new, rotated = res[0], res[1]
-    q = quantize_linen(rotated.rules())
-    out = jax.jit(q(fn))(new, *args)
-  # A model computing in a 16-bit float dtype rounds the rotated activations
-  # differently from the original ones, by a few of that dtype's epsilons
-  # relative to the largest output; a wrong fold changes it by order one.
-  eps = _compute_eps(fn, params, args)
-  tol = max(rtol, _LOW_PRECISION_ULPS * eps)
-  if not _outputs_close(ref, out, tol):
-    raise ValueError(f"the {name} rotation changed the float model's output beyond "
-                     f"fold_rtol={rtol}" + (f" (widened to {tol:.3g} for the model's "
-                                            f"{eps:.3g}-epsilon compute dtype)"
-                                            if tol > rtol else "")
-                     + "; the model's structure is not what the rotation assumes "
-                     "(report this model)")
-  return new, rotated, (res[2] if len(res) > 2 else None)
+  def fn(p, *args, **kwargs):
+    return model.apply({"params": p, **extra}, *args, **kwargs, **more)
+  return fn
 
 
 def _loss_rules(weight_spec: WeightSpec, aspec: Optional[QuantSpec], layers: str) -> list:

@@ -180,7 +180,7 @@ def test_bf16_llama_quarot_folds_and_stays_within_bf16_noise():
   is found through the bf16 cast of its table (ml_dtypes' bfloat16 is no numpy
   floating type), the fold check allows bf16 rounding, and the rotated float
   model stays within a few bf16 ulps of the original."""
-  from lowbit_jax import pipelines
+  from lowbit_jax import _ptq_rotation, pipelines
   from lowbit_jax.flax import ptq as ptq_lib
   cfg = LlamaConfig.smoke(dtype="bfloat16")
   m = Llama(cfg)
@@ -192,8 +192,8 @@ def test_bf16_llama_quarot_folds_and_stays_within_bf16_noise():
              if not np.array_equal(np.asarray(v),
                                    np.asarray(_leaf(p, k)))]
   assert rotated, "nothing was rotated"
-  assert ptq_lib._compute_eps(lambda pp, tt: m.apply({"params": pp}, tt), p, (t,)) == (
-      float(jnp.finfo(jnp.bfloat16).eps))
+  assert _ptq_rotation.compute_eps(lambda pp, tt: m.apply({"params": pp}, tt), p,
+                                   (t,)) == float(jnp.finfo(jnp.bfloat16).eps)
   with pytest.raises(ValueError, match="no embedding lookup"):
     # An integer table is no embedding: still refused.
     from lowbit_jax._residual import find_residual_stream
