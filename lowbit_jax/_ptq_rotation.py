@@ -108,7 +108,7 @@ def rotate_checked(fn: Callable, params: Any, batches: Sequence[Any], method: st
       SpinQuant batches of keyword arguments.
   """
   from lowbit_jax import _ptq   # pylint: disable=g-import-not-at-top
-  from lowbit_jax._ptq_scaling import _close   # pylint: disable=g-import-not-at-top
+  from lowbit_jax._ptq_scaling import _close   # pylint: disable=g-import-not-at-top,protected-access
   split = [_ptq._split_batch(b) for b in batches]   # pylint: disable=protected-access
   args, kwargs = split[0]
   if method == "spinquant" and any(kw for _, kw in split):
@@ -142,17 +142,31 @@ def rotate_checked(fn: Callable, params: Any, batches: Sequence[Any], method: st
   return new, rotated, history
 
 
+def _by_path(tree) -> dict:
+  return {_rules.path_str(kp): v for kp, v in
+          jax.tree_util.tree_flatten_with_path(tree, is_leaf=_rules.is_qarray)[0]}
+
+
 def rotation_ptq(model, params, batches: list, rules, *, front: str, method: str,
                  quantizer: str, seed: int, online: Optional[str],
                  heads: Optional[tuple], config: Optional[SpinQuantConfig],
-                 fold_rtol: float, **round_kwargs):
+                 fold_rtol: float, token_mask: Optional[Callable], blocksize: int,
+                 percdamp: float, act_order: bool):
   """``ptq_params``'s "quarot" / "spinquant": rotate, check, then round.
 
   The model is rotated as a function of its parameter tree
   (``rotate_checked``), the rotated parameters written back in the front
-  end's structure (an NNX model's Params in place), and every weight site
-  the rules match rounded by ``ptq_params(method=quantizer)`` under
+  end's structure (an NNX model: into a clone, the model's own Params being
+  updated only once the rounding is done too), and every weight site the
+  rules match rounded by ``ptq_params(method=quantizer)`` under
   ``RotatedModel.rules(rules)``.
+
+  Args:
+    model, params, batches, rules, front: as ``ptq_params`` has them.
+    method: "quarot" or "spinquant".
+    quantizer: "rtn" or "gptq".
+    seed, online, heads, config, fold_rtol: the rotation's (``rotate_checked``).
+    token_mask, blocksize, percdamp, act_order: the rounding's (``ptq_params``).
 
   Returns:
     A ``PTQResult`` whose ``rules`` are those inference runs with; its report
@@ -166,14 +180,21 @@ def rotation_ptq(model, params, batches: list, rules, *, front: str, method: str
   new, rotated, history = rotate_checked(
       fn, tree, batches, method, rules=base, seed=seed, online=online, heads=heads,
       config=config, rtol=fold_rtol, quantize=quantizer_for(front))
-  leaves = {_rules.path_str(kp): v for kp, v in
-            jax.tree_util.tree_flatten_with_path(new, is_leaf=_rules.is_qarray)[0]}
-  rotated_params = _ptq._write_back(model, params, front, leaves)   # pylint: disable=protected-access
+  target = model
+  if front == "nnx":
+    from flax import nnx   # pylint: disable=g-import-not-at-top
+    target = nnx.clone(model)
+  write_back = _ptq._write_back   # pylint: disable=protected-access
+  rotated_params = write_back(target, params, front, _by_path(new))
   run_rules = rotated.rules(base)
-  res = _ptq.ptq_params(model, None if front == "nnx" else rotated_params, batches,
-                        run_rules, method=quantizer, **round_kwargs)
+  res = _ptq.ptq_params(target, None if front == "nnx" else rotated_params, batches,
+                        run_rules, method=quantizer, token_mask=token_mask,
+                        blocksize=blocksize, percdamp=percdamp, act_order=act_order)
+  out = res.params
+  if front == "nnx":
+    out = write_back(model, None, front, _by_path(nnx.to_pure_dict(out)))
   report = {**res.report, "method": method, "quantizer": quantizer,
             "rotation": rotated, "seconds": time.perf_counter() - t0}
   if history is not None:
     report["spinquant"] = history
-  return res._replace(report=report, rules=run_rules)
+  return res._replace(params=out, report=report, rules=run_rules)

@@ -93,10 +93,14 @@ def test_rotated_float_model_equals_the_original_on_every_front_end(setup):
 
 
 def test_three_front_ends_give_the_same_rotated_weights(setup):
+  fronts = _fronts(setup)
   res = {f: lb.ptq_params(m, p, setup[2], W4A8, method="quarot", online=ONLINE,
                           seed=3)
-         for f, (m, p) in _fronts(setup).items()}
+         for f, (m, p) in fronts.items()}
   want = _flat(res["function"].params)
+  # The NNX model's own Params were updated in place.
+  np.testing.assert_array_equal(fronts["nnx"][0].layers_1.down.kernel.get_value(),
+                                want["layers_1/down/kernel"])
   for front, tree in (("linen", res["linen"].params["params"]),
                       ("nnx", nnx.to_pure_dict(res["nnx"].params))):
     got = _flat(tree)
