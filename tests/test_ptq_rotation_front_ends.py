@@ -92,6 +92,22 @@ def test_rotated_float_model_equals_the_original_on_every_front_end(setup):
     assert _rel(toy.toy_apply(tree, t), ref) > 1e-2
 
 
+def test_apply_ptq_runs_the_same_rotation(setup):
+  """The Linen driver's "quarot" folds the very rotation ptq_params does."""
+  from lowbit_jax.flax import apply_ptq
+  model, v, batches = setup
+  rotated, rep = apply_ptq(model, v["params"], batches, "quarot", None,
+                           online=ONLINE, rotation_seed=5)
+  res = lb.ptq_params(model, v, batches, [QuantRule("layers_0/q", weight="int4")],
+                      method="quarot", online=ONLINE, seed=5)
+  np.testing.assert_array_equal(rep["rotation"].rotation,
+                                res.report["rotation"].rotation)
+  want, got = _flat(rotated), _flat(res.params["params"])
+  for k, x in want.items():
+    if k != "layers_0/q/kernel":
+      np.testing.assert_array_equal(got[k], x, err_msg=k)
+
+
 def test_three_front_ends_give_the_same_rotated_weights(setup):
   fronts = _fronts(setup)
   res = {f: lb.ptq_params(m, p, setup[2], W4A8, method="quarot", online=ONLINE,
