@@ -35,12 +35,27 @@ statistics are those of all routed tokens (SmoothQuant: the absmax over them,
 and each input row's max over every expert's kernel; AWQ: mean |x| over
 them, and the grid's error summed over the experts, each on the retained
 rows routed to it), and every expert's rows take ``s``. Each expert is then
-rounded to nearest on its own grid (AWQ's clip search does not run on
-experts, as in ``apply_ptq``). An expert layer without such a fold (the down
-experts, whose input is produced per expert; the per-expert fold into the up
-experts' columns is ``apply_ptq``'s) is rounded to nearest unscaled, with the
-reason (``EXPERT_REASON``) in its entry. The rotation does not rotate
-experts.
+rounded to nearest on its own grid; for "awq" after AWQ's clip search run on
+each expert with only the retained rows routed to it (``x / s``;
+``_experts.clip_experts``, the same function ``apply_ptq`` uses), so its
+clipped range is the scale real mode stores. An expert none of whose rows
+was retained (one the router never picked) is rounded unclipped, listed in
+its layer's ``"clip_rtn_fallback"`` and in ``report["skipped"]`` as
+``"path[e]"``; ``awq_clip_skip`` applies to expert layers as to dense ones.
+An expert layer without such a fold (the down experts, whose input is
+produced per expert; the per-expert fold into the up experts' columns is
+``apply_ptq``'s) is rounded to nearest unscaled (still clipped by "awq"),
+with the reason (``EXPERT_REASON``) in its entry.
+
+The rotation rotates experts where it folds exactly: when every expert reads
+rows of a linear producer's output through the row gather (and the fold
+analysis finds nothing else a rotation does not commute with), one ``R`` is
+shared by all experts and the producer's other readers: the producer's
+output features take ``R`` (``W R``, ``b R``) and every expert's ``[K, N]``
+slice becomes ``R^T w_e``; each expert is rounded to nearest on its own grid
+and its error is reported in the original domain (``R Q(R^T w_e)`` against
+``w_e``, on its own Hessian). Elsewhere (a norm's gain producing the experts'
+input, the down experts) the experts are rounded unrotated with the reason.
 """
 from __future__ import annotations
 

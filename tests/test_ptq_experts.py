@@ -371,8 +371,8 @@ def _check_real_equals_fake(front: str, model, res, x) -> None:
   kw = lb.real_mode_kwargs(res, front)
   if front == "function":
     qr = lb.quantize_function(model, PROJ_RULES, mode="real")
-    stored = _leaves(qr.quantize_params(res.params, x, **kw))
-    out, fake = qr(qr.quantize_params(res.params, x, **kw), x), jax.jit(model)(res.params, x)
+    rp = qr.quantize_params(res.params, x, **kw)
+    stored, out, fake = _leaves(rp), qr(rp, x), jax.jit(model)(res.params, x)
   elif front == "linen":
     ql = quantize_linen(PROJ_RULES, mode="real")
     rv = ql.quantize_params(model, {**res.params, **kw}, x)
@@ -381,8 +381,8 @@ def _check_real_equals_fake(front: str, model, res, x) -> None:
   else:
     fake = nnx.jit(lambda m, x: m(x))(model, x)
     q = quantize_nnx(model, PROJ_RULES, mode="real", **kw)
-    stored = {p: q.moe.up.kernel.get_value() if "up" in p else q.moe.down.kernel.get_value()
-              for p in ("moe/up/kernel", "moe/down/kernel")}
+    stored = {f"moe/{n}/kernel": getattr(q.moe, n).kernel.get_value()
+              for n in ("up", "down")}
     out = nnx.jit(lambda m, x: m(x))(q, x)
   for p in ("moe/up/kernel", "moe/down/kernel"):
     assert isinstance(stored[p], QWeight), (front, p)
@@ -439,3 +439,20 @@ def test_rotation_rotates_experts_reading_a_linear_producer(proj_setup, front):
                                            lb.QuantSpec("int4", axis=1)),
                              atol=1e-6)
   _check_real_equals_fake(front, model, res, x)
+
+
+def test_linen_awq_clips_each_expert_as_apply_ptq_does(setup):
+  # The up experts read the model input (no fold in either driver): both run
+  # AWQ's clip search per expert on all its routed rows (_experts.clip_experts).
+  model, params, batches, _ = setup
+  res = lb.ptq_params(model, {"params": params}, batches, RULES, method="awq",
+                      max_samples=1024)
+  qp, rep = apply_ptq(model, params, batches, "awq", SPEC, layers="up", max_samples=1024)
+  e, r = res.report["layers"]["up/kernel"], rep["layers"]["up"]
+  assert e["clip_rtn_fallback"] == r["clip_rtn_fallback"] == [STARVED]
+  assert e["clip_mean_ratio"] < 1.0
+  assert e["clip_mean_ratio"] == pytest.approx(r["clip_mean_ratio"])
+  assert "up/kernel[3]" in res.report["skipped"]
+  np.testing.assert_array_equal(res.params["params"]["up"]["kernel"], qp["up"]["kernel"])
+  np.testing.assert_array_equal(res.weight_scales["up/kernel"],
+                                rep["quant_scales"]["up"]["weight_scale"])
