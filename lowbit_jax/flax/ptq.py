@@ -459,7 +459,9 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
     ``rotation.rules(rules)``); for "spinquant" ``spinquant`` (the learning
     history of ``spinquant_model``: quantized loss before/after); for
     "awq" each clipped layer's entry has ``clip_mean_ratio`` and
-    ``clip_error_vs_rtn``; for "omniquant" also ``blocks`` (block path ->
+    ``clip_error_vs_rtn`` (an expert layer: ``clip_mean_ratio`` over its
+    clipped experts and ``clip_rtn_fallback``, those without retained rows);
+    for "omniquant" also ``blocks`` (block path ->
     ``loss_rtn``, ``loss_init``, ``loss``: block output MSE with RTN, at the
     start and after training) and ``omniquant`` (the options used).
 
