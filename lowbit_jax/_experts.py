@@ -127,9 +127,8 @@ def clip_experts(w: jax.Array, x, groups, spec: QuantSpec) -> tuple:
     ``(clipped [G, K, N] in w's dtype, {g: mean clip ratio of expert g's
     blocks} for the searched experts, the experts without rows)``.
   """
-  x, groups = np.asarray(x, np.float32), np.asarray(groups)
-  n = np.bincount(groups, minlength=w.shape[0]) if groups.size else np.zeros(
-      (w.shape[0],), np.int64)
+  x, groups = np.asarray(x, np.float32), np.asarray(groups, np.int64)
+  n = np.bincount(groups, minlength=w.shape[0])
   pad = np.zeros((max(int(n.max()), 1), w.shape[1]), np.float32)
   outs, ratios, empty = [], {}, []
   for e in range(w.shape[0]):
