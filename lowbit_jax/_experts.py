@@ -7,7 +7,9 @@ rows sorted by group (the first ``group_sizes[0]`` rows are expert 0's, ...;
 rows past ``sum(group_sizes)`` belong to none). Expert ``g``'s Hessian is the
 Gram matrix of only the rows routed to it, and GPTQ (Frantar et al. 2023)
 runs on each expert's ``[K, N]`` matrix with that Hessian; an expert that
-received no calibration row has none and is rounded to nearest.
+received no calibration row has none and is rounded to nearest. AWQ's clip
+search (Lin et al. 2024) likewise runs on each expert's matrix with only the
+retained rows routed to it (``clip_experts``).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowbit_jax._rules import _expand_grid
+from lowbit_jax.algorithms.awq import awq_clip_search
 from lowbit_jax.algorithms.gptq import gptq
 from lowbit_jax.algorithms.rtn import rtn
 from lowbit_jax.core._spec import QuantSpec
@@ -104,10 +107,47 @@ def quantize_experts(w: jax.Array, grams: jax.Array, counts, spec: QuantSpec,
   return jnp.stack(outs), jnp.stack(amaxs), fallback
 
 
+def clip_experts(w: jax.Array, x, groups, spec: QuantSpec) -> tuple:
+  """AWQ's clip search on each expert of a ``[G, K, N]`` stack, on its own rows.
+
+  Expert ``g`` is searched (``algorithms.awq.awq_clip_search``: Lin et al.
+  2024, "AWQ: Activation-aware Weight Quantization for On-Device LLM
+  Compression and Acceleration") on the rows of ``x`` routed to it, zero-padded
+  to the largest expert's row count (a zero row adds nothing to a block's
+  error, so the search compiles once per stack); an expert without rows keeps
+  its kernel (rounded to nearest afterwards).
+
+  Args:
+    w: the expert stack ``[G, K, N]`` (AWQ-scaled: ``diag(s) w_g``).
+    x: ``[S, K]`` retained input rows in the same domain (``x / s``).
+    groups: ``[S]`` the expert each row was routed to.
+    spec: the ``[K, N]`` kernel spec (``algorithms.rtn.kernel_spec``: axis set).
+
+  Returns:
+    ``(clipped [G, K, N] in w's dtype, {g: mean clip ratio of expert g's
+    blocks} for the searched experts, the experts without rows)``.
+  """
+  x, groups = np.asarray(x, np.float32), np.asarray(groups, np.int64)
+  n = np.bincount(groups, minlength=w.shape[0])
+  pad = np.zeros((max(int(n.max()), 1), w.shape[1]), np.float32)
+  outs, ratios, empty = [], {}, []
+  for e in range(w.shape[0]):
+    if n[e] == 0:
+      empty.append(e)
+      outs.append(w[e])
+      continue
+    xe = pad.copy()
+    xe[: n[e]] = x[groups == e]
+    res = awq_clip_search(xe, w[e], spec)
+    outs.append(res.clipped)
+    ratios[e] = float(jnp.mean(res.ratios))
+  return jnp.stack(outs).astype(w.dtype), ratios, empty
+
+
 def expert_names(path: str, experts) -> list:
   """The report names of some experts of the layer at ``path``: ``path[e]``."""
   return [f"{path}[{e}]" for e in experts]
 
 
 __all__ = ["group_ids", "routed_rows", "expert_hessians", "expert_spec",
-           "quantize_experts", "expert_names"]
+           "quantize_experts", "clip_experts", "expert_names"]

@@ -667,9 +667,14 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
   being their row-weighted mean. AWQ and SmoothQuant scale experts with one
   scale per input channel shared by all experts, folded into the producer
   every expert reads through the token gather (a per-expert scaling has no
-  exact fold there; see ``_ptq_scaling``), then round each expert to nearest;
-  experts without such a fold are rounded unscaled, with the reason in their
-  entry; the rotation does not rotate experts.
+  exact fold there; see ``_ptq_scaling``), then round each expert to nearest
+  ("awq": after AWQ's clip search on each expert's own routed rows; an expert
+  with none retained is rounded unclipped, in ``"clip_rtn_fallback"`` and
+  ``report["skipped"]``); experts without such a fold are rounded unscaled,
+  with the reason in their entry. The rotation rotates experts that read a
+  linear producer through the token gather (one ``R`` for all experts,
+  folded into that producer) and reports their errors in the original
+  domain; other experts are rounded unrotated, with the reason.
 
   Args:
     model: ``fn(params, *batch)``, a Linen module, or an NNX module.

@@ -64,7 +64,7 @@ from jax import lax
 
 from lowbit_jax import _rules
 from lowbit_jax._fold import apply_scaling
-from lowbit_jax._ptq_scaling import (_put, _round_experts, _row_features,
+from lowbit_jax._ptq_scaling import (_expert_layer, _put, _row_features,
                                      capture_with_folds, check_folds, group_scales,
                                      quantized_folds)
 from lowbit_jax.algorithms.omniquant import (OmniQuantOptions, _grid_layout, lwc_init,
@@ -347,19 +347,12 @@ def omniquant_ptq(model, params, batches: list, rules, *, front: str, token_mask
   new, scales, layers = {}, {}, {}
   for p in experts:   # round to nearest per expert (unscaled: no fold was applied)
     st = cap.stats[p]
-    new[p], scale, exact, err, rerr = _round_experts(
-        _rules.logical_value(get(tree, p)), np.ones((st.shape[1],), np.float32),
-        st.hessian, st.count, meta=tuple(st[2:]), spec=cap.sites[p].weight)
-    if not bool(exact):
-      raise ValueError(f"{p}: rounding with its own scales does not reproduce the "
-                       f"codes (spec {cap.sites[p].weight})")
+    new[p], scale, layers[p], _ = _expert_layer(
+        p, st, cap.sites[p].weight, _rules.logical_value(get(tree, p)),
+        np.ones((st.shape[1],), np.float32), sample=None, rot=None)
     if scale is not None:
       scales[p] = scale
-    err, rerr, extra = _ptq._expert_entry(p, st, err, rerr, "rtn", {})  # pylint: disable=protected-access
-    layers[p] = {"spec": str(cap.sites[p].weight), "error": err, "rtn_error": rerr,
-                 "error_vs_rtn": err / rerr if rerr > 0 else 1.0,
-                 "rows": float(jnp.sum(st.count)), "fold": None,
-                 "reason": OMNI_EXPERT_REASON, **extra}
+    layers[p].update(fold=None, reason=OMNI_EXPERT_REASON)
   for p, st in cap.stats.items():
     if p in experts:
       continue

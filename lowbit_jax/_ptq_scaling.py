@@ -35,16 +35,30 @@ statistics are those of all routed tokens (SmoothQuant: the absmax over them,
 and each input row's max over every expert's kernel; AWQ: mean |x| over
 them, and the grid's error summed over the experts, each on the retained
 rows routed to it), and every expert's rows take ``s``. Each expert is then
-rounded to nearest on its own grid (AWQ's clip search does not run on
-experts, as in ``apply_ptq``). An expert layer without such a fold (the down
-experts, whose input is produced per expert; the per-expert fold into the up
-experts' columns is ``apply_ptq``'s) is rounded to nearest unscaled, with the
-reason (``EXPERT_REASON``) in its entry. The rotation does not rotate
-experts.
+rounded to nearest on its own grid; for "awq" after AWQ's clip search run on
+each expert with only the retained rows routed to it (``x / s``;
+``_experts.clip_experts``, the same function ``apply_ptq`` uses), so its
+clipped range is the scale real mode stores. An expert none of whose rows
+was retained (one the router never picked) is rounded unclipped, listed in
+its layer's ``"clip_rtn_fallback"`` and in ``report["skipped"]`` as
+``"path[e]"``; ``awq_clip_skip`` applies to expert layers as to dense ones.
+An expert layer without such a fold (the down experts, whose input is
+produced per expert; the per-expert fold into the up experts' columns is
+``apply_ptq``'s) is rounded to nearest unscaled (still clipped by "awq"),
+with the reason (``EXPERT_REASON``) in its entry.
+
+The rotation rotates experts where it folds exactly: when every expert reads
+rows of a linear producer's output through the row gather (and the fold
+analysis finds nothing else a rotation does not commute with), one ``R`` is
+shared by all experts and the producer's other readers: the producer's
+output features take ``R`` (``W R``, ``b R``) and every expert's ``[K, N]``
+slice becomes ``R^T w_e``; each expert is rounded to nearest on its own grid
+and its error is reported in the original domain (``R Q(R^T w_e)`` against
+``w_e``, on its own Hessian). Elsewhere (a norm's gain producing the experts'
+input, the down experts) the experts are rounded unrotated with the reason.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import re
 import time
@@ -54,6 +68,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowbit_jax import _experts
 from lowbit_jax import _rules
 from lowbit_jax._fold import apply_scaling, feature_index, find_scaling_folds, rotate_param
 from lowbit_jax.algorithms.awq import awq_clip_search, awq_scales, awq_search
@@ -207,13 +222,14 @@ def _round(w_in, w, sr, hessian, count, *, meta, spec):
 
 
 @functools.partial(jax.jit, static_argnames=("meta", "spec"))
-def _round_experts(w, sr, hessian, count, *, meta, spec):
+def _round_experts(w_in, w, sr, hessian, count, *, meta, spec):
   """``_round`` of an expert stack ``[E, K, N]`` whose rows were scaled by ``sr``
-  (no clip search): per-expert errors against the unscaled float experts."""
+  (``w_in``: ``w`` after any clip search): per-expert errors against the
+  unscaled float experts."""
   from lowbit_jax import _ptq
   plan = _ptq._plan(_ptq.SiteStats(hessian, count, *meta), spec)   # pylint: disable=protected-access
-  wq = fake_quant(w, plan.spec)
-  scale = rtn_scale(w, plan.spec) if plan.spec.symmetric else None
+  wq = fake_quant(w_in, plan.spec)
+  scale = rtn_scale(w_in, plan.spec) if plan.spec.symmetric else None
   exact = (jnp.array_equal(fake_quant(wq, plan.spec, scale=scale), wq)
            if scale is not None else jnp.bool_(True))
   inv = 1.0 / sr[None, :, None]
@@ -226,15 +242,59 @@ def _round_experts(w, sr, hessian, count, *, meta, spec):
 
 @functools.partial(jax.jit, static_argnames=("meta", "spec"))
 def _rot_errors(w, back, hessian, count, *, meta, spec):
-  """Errors of a rotated site in the original domain: ``R Q(R^T W)`` and RTN of ``W``."""
+  """Errors of a rotated site in the original domain: ``R Q(R^T W)`` and RTN of
+  ``W`` (an expert stack: per expert, each on its own Hessian)."""
   from lowbit_jax import _ptq
   st = _ptq.SiteStats(hessian, count, *meta)
   plan = _ptq._plan(st, spec)   # pylint: disable=protected-access
+  err = jax.vmap(hessian_error) if st.op == "ragged_dot" else hessian_error
   ref = st.as_matrix(w).astype(jnp.float32)
   rows = jnp.maximum(count, 1.0)
   rtn_m = st.as_matrix(fake_quant(w, plan.spec)).astype(jnp.float32)
-  return (hessian_error(hessian, ref, st.as_matrix(back).astype(jnp.float32)) / rows,
-          hessian_error(hessian, ref, rtn_m) / rows)
+  return (err(hessian, ref, st.as_matrix(back).astype(jnp.float32)) / rows,
+          err(hessian, ref, rtn_m) / rows)
+
+
+def _expert_layer(p: str, st, spec, w, sr, *, sample, rot) -> tuple:
+  """One expert stack's rounding: ``(w_q, scale, report entry, skipped)``.
+
+  ``w`` is the stack as folded: rows scaled by ``sr``, or rotated (``rot`` =
+  ``(layout, R, the float stack before R)``; errors in the original domain).
+  With a ``sample`` (AWQ's clip search), each expert is clipped on the
+  retained rows routed to it (``x / sr``, ``_experts.clip_experts``); an
+  expert none of whose rows was retained is rounded to nearest, listed in
+  ``"clip_rtn_fallback"`` and in ``skipped`` as ``"path[e]"``.
+
+  Raises:
+    ValueError: the scales do not reproduce the codes.
+  """
+  from lowbit_jax import _ptq
+  w_in, entry, skipped = w, {}, {}
+  if sample is not None:
+    x = np.asarray(sample.sample, np.float32) / sr
+    w_in, ratios, empty = _experts.clip_experts(
+        w, x, sample.sample_group, _ptq._matrix_spec(spec, p))  # pylint: disable=protected-access
+    entry["clip_rtn_fallback"] = empty
+    if ratios:
+      entry["clip_mean_ratio"] = float(np.mean(list(ratios.values())))
+    for name, e in zip(_experts.expert_names(p, empty), empty):
+      skipped[name] = (f"no calibration row routed to expert {e} was retained: AWQ's "
+                       "clip search did not run on it; rounded to nearest (RTN)")
+  meta = tuple(st[2:])
+  wq, scale, exact, err, rerr = _round_experts(w_in, w, sr, st.hessian, st.count,
+                                               meta=meta, spec=spec)
+  if not bool(exact):
+    raise ValueError(f"{p}: rounding with its own scales does not reproduce the "
+                     f"codes (spec {spec})")
+  if rot is not None:
+    lay, r, pre = rot
+    err, rerr = _rot_errors(pre, rotate_param(wq, lay, r.T), st.hessian, st.count,
+                            meta=meta, spec=spec)
+  err, rerr, extra = _ptq._expert_entry(p, st, err, rerr, "rtn", {})  # pylint: disable=protected-access
+  entry.update({"spec": str(spec), "error": err, "rtn_error": rerr,
+                "error_vs_rtn": err / rerr if rerr > 0 else 1.0,
+                "rows": float(jnp.sum(st.count)), **extra})
+  return wq, scale, entry, skipped
 
 
 def check_folds(fn, args, kwargs, tree0, tree, applied: list, folds_report: list, *,
@@ -341,10 +401,6 @@ def scaling_ptq(model, params, batches: list, rules, *, method: str, front: str,
   folds_report, applied = [], []
   for gi, producer, fold, members, entry in quantized_folds(plan, cap, folds_report):
     if method == "rotation":
-      if fold.rotation_why is None and any(cap.stats[p].op == "ragged_dot"
-                                           for p in members):
-        fold = dataclasses.replace(fold, rotation_why=(
-            "ptq_params does not rotate MoE experts (ragged_dot)"))
       if fold.rotation_why is not None:
         folds_report.append({**entry, "status": "skipped",
                              "reason": fold.rotation_why})
@@ -390,25 +446,21 @@ def scaling_ptq(model, params, batches: list, rules, *, method: str, front: str,
   check_folds(fn, args, kwargs, tree0, tree, applied, folds_report,
               fold_rtol=fold_rtol, method=method)
 
-  new, scales, layers = {}, {}, {}
+  new, scales, layers, skipped = {}, {}, {}, dict(cap.skipped)
   clip_skip = re.compile(awq_clip_skip) if awq_clip_skip else None
   for p, st in cap.stats.items():
     spec = cap.sites[p].weight
     w = _rules.logical_value(get(tree, p))
-    if st.op == "ragged_dot":   # experts: RTN per expert (no clip search)
+    layer = p.rsplit("/", 1)[0]
+    clip = method == "awq" and not (clip_skip and clip_skip.fullmatch(layer))
+    if st.op == "ragged_dot":   # experts: per expert (clip search on its own rows)
       sr = row_s.get(p, np.ones((st.shape[1],), np.float32))
-      new[p], scale, exact, err, rerr = _round_experts(
-          w, sr, st.hessian, st.count, meta=tuple(st[2:]), spec=spec)
-      if not bool(exact):
-        raise ValueError(f"{p}: rounding with its own scales does not reproduce the "
-                         f"codes (spec {spec})")
+      new[p], scale, layers[p], why = _expert_layer(
+          p, st, spec, w, sr, sample=cap.inputs[p] if clip else None, rot=rot.get(p))
+      skipped.update(why)
       if scale is not None:
         scales[p] = scale
-      err, rerr, extra = _ptq._expert_entry(p, st, err, rerr, "rtn", {})  # pylint: disable=protected-access
-      layers[p] = {"spec": str(spec), "error": err, "rtn_error": rerr,
-                   "error_vs_rtn": err / rerr if rerr > 0 else 1.0,
-                   "rows": float(jnp.sum(st.count)), **extra}
-      if p in row_s:
+      if p in row_s or p in rot:
         layers[p]["fold"] = plan.reader_of.get(p)
       else:
         layers[p]["fold"] = None
@@ -418,8 +470,7 @@ def scaling_ptq(model, params, batches: list, rules, *, method: str, front: str,
     sr = row_s.get(p)
     mat = _ptq._as_matrix(w, meta=tuple(st[2:]))   # pylint: disable=protected-access
     w_in, entry = w, {}
-    layer = p.rsplit("/", 1)[0]
-    if method == "awq" and not (clip_skip and clip_skip.fullmatch(layer)):
+    if clip:
       x = cap.inputs[p].sample
       if x.shape[0] == 0:
         raise ValueError(f"{p}: no calibration rows were retained for AWQ's clip "
@@ -456,5 +507,5 @@ def scaling_ptq(model, params, batches: list, rules, *, method: str, front: str,
   changed = {p: get(tree, p) for f in applied for p, _ in f.divide + f.readers}
   changed.update(new)
   report = {"method": method, "layers": layers, "folds": folds_report,
-            "skipped": dict(cap.skipped), "seconds": time.perf_counter() - t0}
+            "skipped": skipped, "seconds": time.perf_counter() - t0}
   return changed, scales, report

@@ -215,7 +215,7 @@ def test_scaling_methods_round_experts_without_a_producer_unscaled(setup):
   rtn = lb.ptq_params(moe_fn, params, batches, RULES, method="rtn")
   x = _batch(9)
   qr = lb.quantize_function(moe_fn, RULES, mode="real")
-  for method in ("awq", "smoothquant"):
+  for method in ("awq_noclip", "smoothquant"):   # "awq" also clips each expert
     res = lb.ptq_params(moe_fn, params, batches, RULES, method=method, max_samples=64)
     for p in ("up/kernel", "down/kernel"):
       e = res.report["layers"][p]
@@ -304,3 +304,155 @@ def test_omniquant_rounds_experts_to_nearest_and_says_so(setup):
     np.testing.assert_array_equal(out[p], want[p])
     assert "does not train MoE experts" in res.report["layers"][p]["reason"]
     assert res.report["layers"][p]["experts"] == E
+
+
+class ProjMoE(nn.Module):
+  """A linear layer, then ``LinenMoE``: the router and the up experts read its output."""
+
+  @nn.compact
+  def __call__(self, x):
+    return LinenMoE(name="moe")(nn.Dense(K, name="proj")(x))
+
+
+class NnxProjMoE(nnx.Module):
+  """``ProjMoE`` in NNX (same parameter paths)."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.proj = nnx.Linear(K, K, rngs=rngs)
+    self.moe = NnxMoE(rngs)
+
+  def __call__(self, x):
+    return self.moe(self.proj(x))
+
+
+PROJ_RULES = [QuantRule(".*(up|down)", weight=lb.QuantSpec("int4"))]   # per channel
+
+
+@pytest.fixture(scope="module")
+def proj_setup():
+  """``(fronts, params, batches)``: ``ProjMoE`` with ``STARVED`` never routed to
+  and a few outlier input rows in every up expert, as a function, a Linen and
+  an NNX model (``fronts[f] = (model, params)``)."""
+  model = ProjMoE()
+  batches = [_batch(i) for i in range(2)]
+  params = jax.jit(model.init)(jax.random.key(3), batches[0])["params"]
+  moe = params["moe"]
+  bias = moe["router"]["bias"].at[STARVED].set(-1e4)
+  up = moe["up"]["kernel"].at[:, :2].multiply(8.0)
+  params = {**params, "moe": {**moe, "router": {**moe["router"], "bias": bias},
+                              "up": {"kernel": up}}}
+  nm = NnxProjMoE(nnx.Rngs(0))
+  for path, leaf in _leaves(params).items():
+    node = nm
+    for k in path.split("/"):
+      node = getattr(node, k)
+    node.set_value(leaf)
+  fronts = {"function": (lambda p, x: model.apply({"params": p}, x), params),
+            "linen": (model, {"params": params}), "nnx": (nm, None)}
+  return fronts, params, batches
+
+
+def _ptq(fronts, front, **kw):
+  model, params = fronts[front]
+  model = nnx.clone(model) if front == "nnx" else model
+  return model, lb.ptq_params(model, params, kw.pop("batches"), PROJ_RULES, **kw)
+
+
+def _fake(res, front: str) -> dict:
+  if front == "nnx":
+    return _leaves(nnx.to_pure_dict(res.params))
+  return _leaves(res.params["params"] if front == "linen" else res.params)
+
+
+def _check_real_equals_fake(front: str, model, res, x) -> None:
+  """Real mode with ``res``'s scales stores exactly its expert codes and gives
+  the fake-quantized model's output."""
+  want = _fake(res, front)
+  kw = lb.real_mode_kwargs(res, front)
+  if front == "function":
+    qr = lb.quantize_function(model, PROJ_RULES, mode="real")
+    rp = qr.quantize_params(res.params, x, **kw)
+    stored, out, fake = _leaves(rp), qr(rp, x), jax.jit(model)(res.params, x)
+  elif front == "linen":
+    ql = quantize_linen(PROJ_RULES, mode="real")
+    rv = ql.quantize_params(model, {**res.params, **kw}, x)
+    stored = _leaves(rv["params"])
+    out, fake = jax.jit(ql(model.apply))(rv, x), jax.jit(model.apply)(res.params, x)
+  else:
+    fake = nnx.jit(lambda m, x: m(x))(model, x)
+    q = quantize_nnx(model, PROJ_RULES, mode="real", **kw)
+    stored = {f"moe/{n}/kernel": getattr(q.moe, n).kernel.get_value()
+              for n in ("up", "down")}
+    out = nnx.jit(lambda m, x: m(x))(q, x)
+  for p in ("moe/up/kernel", "moe/down/kernel"):
+    assert isinstance(stored[p], QWeight), (front, p)
+    np.testing.assert_array_equal(stored[p].logical(), want[p])
+  np.testing.assert_allclose(out, fake, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("front", ["function", "linen", "nnx"])
+def test_awq_clip_search_runs_per_expert_on_its_rows(proj_setup, front):
+  fronts, _, batches = proj_setup
+  model, res = _ptq(fronts, front, batches=batches, method="awq", max_samples=1024)
+  _, ref = _ptq(fronts, front, batches=batches, method="awq_noclip", max_samples=1024)
+  fold, = [f for f in res.report["folds"] if f["status"] == "folded"]
+  assert fold["producer"] == "proj/kernel" and "moe/up/kernel" in fold["readers"]
+  out, base = _fake(res, front), _fake(ref, front)
+  for p in ("moe/up/kernel", "moe/down/kernel"):
+    e, r = res.report["layers"][p], ref.report["layers"][p]
+    # Every routed row is retained and the spec is per channel: each expert's
+    # clip search is never worse than no clipping on its own rows.
+    assert e["clip_rtn_fallback"] == [STARVED] and e["clip_mean_ratio"] < 1.0, e
+    for i in range(E):
+      assert e["expert_errors"][i] <= r["expert_errors"][i] * (1 + 1e-5) + 1e-9, (p, i)
+    assert e["error"] < r["error"], (p, e["error"], r["error"])
+    assert e["rtn_error"] == r["rtn_error"] and e["fold"] == r["fold"]
+    # The unrouted expert keeps AWQ's scaled RTN and is named.
+    assert f"{p}[{STARVED}]" in res.report["skipped"]
+    np.testing.assert_array_equal(out[p][STARVED], base[p][STARVED])
+  _check_real_equals_fake(front, model, res, _batch(9))
+
+
+@pytest.mark.parametrize("front", ["function", "linen", "nnx"])
+def test_rotation_rotates_experts_reading_a_linear_producer(proj_setup, front):
+  fronts, params, batches = proj_setup
+  model, res = _ptq(fronts, front, batches=batches, method="rotation")
+  fold, = [f for f in res.report["folds"] if f["status"] == "folded"]
+  assert fold["producer"] == "proj/kernel"
+  assert sorted(fold["readers"]) == ["moe/router/kernel", "moe/up/kernel"]
+  up, down = res.report["layers"]["moe/up/kernel"], res.report["layers"]["moe/down/kernel"]
+  assert up["fold"] == "proj/kernel" and "reason" not in up
+  assert down["fold"] is None and down["reason"]   # its input is made per expert
+  assert up["error"] < up["rtn_error"] and down["error"] == down["rtn_error"]
+  # The same R folded by hand into the float model leaves its output unchanged,
+  # and every expert was rounded to nearest in the rotated domain.
+  r = np.asarray(fold["rotation"], np.float32)
+  moe = params["moe"]
+  rot = {"proj": {"kernel": params["proj"]["kernel"] @ r, "bias": params["proj"]["bias"] @ r},
+         "moe": {**moe, "router": {**moe["router"], "kernel": r.T @ moe["router"]["kernel"]},
+                 "up": {"kernel": jnp.einsum("kj,ekn->ejn", r, moe["up"]["kernel"])}}}
+  fn = jax.jit(fronts["function"][0])
+  x = _batch(9)
+  np.testing.assert_allclose(fn(rot, x), fn(params, x), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(_fake(res, front)["moe/up/kernel"],
+                             lb.fake_quant(rot["moe"]["up"]["kernel"],
+                                           lb.QuantSpec("int4", axis=1)),
+                             atol=1e-6)
+  _check_real_equals_fake(front, model, res, x)
+
+
+def test_linen_awq_clips_each_expert_as_apply_ptq_does(setup):
+  # The up experts read the model input (no fold in either driver): both run
+  # AWQ's clip search per expert on all its routed rows (_experts.clip_experts).
+  model, params, batches, _ = setup
+  res = lb.ptq_params(model, {"params": params}, batches, RULES, method="awq",
+                      max_samples=1024)
+  qp, rep = apply_ptq(model, params, batches, "awq", SPEC, layers="up", max_samples=1024)
+  e, r = res.report["layers"]["up/kernel"], rep["layers"]["up"]
+  assert e["clip_rtn_fallback"] == r["clip_rtn_fallback"] == [STARVED]
+  assert e["clip_mean_ratio"] < 1.0
+  assert e["clip_mean_ratio"] == pytest.approx(r["clip_mean_ratio"])
+  assert "up/kernel[3]" in res.report["skipped"]
+  np.testing.assert_array_equal(res.params["params"]["up"]["kernel"], qp["up"]["kernel"])
+  np.testing.assert_array_equal(res.weight_scales["up/kernel"],
+                                rep["quant_scales"]["up"]["weight_scale"])

@@ -75,7 +75,10 @@ elementwise product) takes one scaling *per expert*, from only the tokens
 routed to that expert (SmoothQuant: their absmax; AWQ: the grid search on
 their retained rows), folded into that expert's producer columns; an expert
 with no routed token keeps scale 1 (``unscaled_experts`` in the fold entry).
-AWQ's clip search does not run on experts. The per-group rotation method
+AWQ's clip search runs on each expert with only the retained rows routed to
+it (``_experts.clip_experts``, as ``ptq_params`` does; an expert without such
+rows is rounded unclipped and listed in ``clip_rtn_fallback``). The per-group
+rotation method
 ("rotation") cannot fold into experts exactly: the gate/up experts read a
 gather of a norm's output (a rotation does not fold into a norm's elementwise
 gain) and the down experts read an elementwise product, which a rotation does
@@ -160,7 +163,7 @@ from lowbit_jax.flax._capture import (Capture, DenseStats, ExpertStats,
                                      split_batch)
 from lowbit_jax.formats import Format
 from lowbit_jax.algorithms._tree import with_leaves
-from lowbit_jax._experts import expert_spec, quantize_experts
+from lowbit_jax._experts import clip_experts, expert_spec, quantize_experts
 from lowbit_jax import _ptq_rotation
 
 METHODS = ("rtn", "gptq", "awq", "smoothquant", "rotation", "quarot", "spinquant",
@@ -430,7 +433,9 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
     ``rotation.rules(rules)``); for "spinquant" ``spinquant`` (the learning
     history of ``spinquant_model``: quantized loss before/after); for
     "awq" each clipped layer's entry has ``clip_mean_ratio`` and
-    ``clip_error_vs_rtn``; for "omniquant" also ``blocks`` (block path ->
+    ``clip_error_vs_rtn`` (an expert layer: ``clip_mean_ratio`` over its
+    clipped experts and ``clip_rtn_fallback``, those without retained rows);
+    for "omniquant" also ``blocks`` (block path ->
     ``loss_rtn``, ``loss_init``, ``loss``: block output MSE with RTN, at the
     start and after training) and ``omniquant`` (the options used).
 
@@ -664,9 +669,12 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
     if sim is not None:   # each expert's kernel in the rotated domain: R^T w_e
       w = jnp.einsum("kj,gkn->gjn", sim, w.astype(jnp.float32), precision=_HI)
       st = _rotate_expert_stats(st, sim)
+    w_in, clip_entry = _awq_clip_experts(method == "awq" and awq_clip, awq_clip_skip,
+                                         p, st, w, spec)
     new_w, entry, scale = _quantize_experts(
-        w, st, spec, base_quant, aspec,
+        w_in, st, spec, base_quant, aspec, ref=w,
         blocksize=blocksize, percdamp=percdamp, act_order=act_order)
+    entry.update(clip_entry)
     if sim is not None:   # back: R Q(R^T w_e), off the spec's grid (no scale)
       new_w = jnp.einsum("jk,gkn->gjn", sim, new_w.astype(jnp.float32),
                          precision=_HI).astype(_node(cur, p)["kernel"].dtype)
@@ -1119,12 +1127,14 @@ def _expert_down_transform(method: str, params, st: ExpertStats, path: str,
 
 def _quantize_experts(w: jax.Array, st: ExpertStats, spec: Optional[QuantSpec],
                       quant: str, aspec: Optional[QuantSpec], *, blocksize: int,
-                      percdamp: float, act_order: bool):
+                      percdamp: float, act_order: bool, ref: Optional[jax.Array] = None):
   """RTN or GPTQ of each expert of a ``[G, K, N]`` kernel, each on its own tokens.
 
   GPTQ takes expert ``g``'s Hessian from the tokens routed to it
   (``st.gram[g]``); an expert that received no calibration token has none
-  and is rounded to nearest (listed in ``rtn_fallback``).
+  and is rounded to nearest (listed in ``rtn_fallback``). ``ref``: the float
+  kernel the SQNRs are measured against (``w`` before AWQ's clip search;
+  None: ``w``).
 
   Returns:
     ``(new kernel, report entry, scale grid over [G, K, N] or None)``.
@@ -1145,6 +1155,7 @@ def _quantize_experts(w: jax.Array, st: ExpertStats, spec: Optional[QuantSpec],
   if spec.symmetric and spec.tile is None:
     # The range each block was rounded with (GPTQ's, or the weight's own).
     scale = init_scale(amaxs, expert_spec(spec), "amax")
+  w = w if ref is None else ref
   entry["weight_sqnr_db"] = sqnr_db(w, w_q)
   if st.sample.shape[0]:
     x = st.sample
@@ -1170,6 +1181,24 @@ def _awq_clip(on: bool, skip: Optional[str], path: str, st: DenseStats, w, spec)
   return res.clipped, {"clip_mean_ratio": float(jnp.mean(res.ratios)),
                        "clip_error_vs_rtn": (float(res.error) / rtn_err
                                              if rtn_err > 0 else 1.0)}
+
+
+def _awq_clip_experts(on: bool, skip: Optional[str], path: str, st: ExpertStats, w,
+                      spec: Optional[QuantSpec]):
+  """(stack to quantize, report entries): AWQ's clip search on each expert, on
+  the retained rows routed to it (``_experts.clip_experts``, as ``ptq_params``);
+  an expert without such rows is listed in ``clip_rtn_fallback``."""
+  if not on or spec is None or (skip is not None and re.fullmatch(skip, path)):
+    return w, {}
+  if st.sample.shape[0] == 0:
+    raise ValueError(f"layer {path!r} kept no calibration rows for AWQ's clip "
+                     "search (max_samples=0?); raise max_samples or pass "
+                     "awq_clip=False")
+  clipped, ratios, empty = clip_experts(w, st.sample, st.sample_group, spec)
+  entry = {"clip_rtn_fallback": empty}
+  if ratios:
+    entry["clip_mean_ratio"] = float(np.mean(list(ratios.values())))
+  return clipped, entry
 
 
 def _nest(flat: Mapping[str, Any]) -> dict:
