@@ -34,6 +34,15 @@ def _backend() -> str:
 # again by a faster test), each family keeping fast cases in CI. Chosen from
 # per-test durations of the whole suite (2026-12-03).
 SLOW_CASES = frozenset({
+    # Stop 23 (QuaRot/SpinQuant through ptq_params: ~190 s of test time on 2
+    # loaded cores): real == fake keeps one case per front end, method and
+    # rounding (linen-quarot-rtn, nnx-quarot-gptq, function-spinquant-rtn);
+    # the float-model check runs inside every ptq_params rotation (it raises)
+    # and the three front ends' equal rotated weights stay.
+    "tests/test_ptq_rotation_front_ends.py::test_rotated_float_model_equals_the_original_on_every_front_end",
+    "tests/test_ptq_rotation_front_ends.py::test_real_mode_equals_fake_mode[function-quarot-gptq]",
+    "tests/test_ptq_rotation_front_ends.py::test_real_mode_equals_fake_mode[linen-spinquant-gptq]",
+    "tests/test_ptq_rotation_front_ends.py::test_real_mode_equals_fake_mode[nnx-spinquant-rtn]",
     # Stop 22 (the suite reached 933 s on 2 cores with the PTQ front-end
     # additions): OmniQuant keeps LWC/LET vs RTN, LET vs LWC alone and real ==
     # fake on the function and NNX; experts keep per-expert Hessians on every
