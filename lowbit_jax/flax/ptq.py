@@ -1,14 +1,35 @@
 """Apply a PTQ algorithm to an unmodified Flax Linen model: ``apply_ptq``.
 
-The driver
+``apply_ptq`` is the Linen front door of the one PTQ driver,
+``lowbit_jax.ptq_params`` (docs/ptq_front_ends.md). Its arguments
+(``weight_spec`` / ``layers``) choose a spec per Dense, conv and RaggedDense
+layer, and
+
+* "rtn" and "gptq" run ``ptq_params`` on those layers' sites
+  (``capture_hessians`` through the rules machinery, then GPTQ/RTN per site as
+  pure functions): the kernels and scales are the ones ``ptq_params`` gives a
+  Linen model with the same rules, bit for bit (tests/flax/test_ptq_front_door.py);
+* "quarot" and "spinquant" rotate with ``_ptq_rotation.rotate_checked`` (the
+  rotation driver of ``ptq_params(..., method="quarot" | "spinquant")``), then
+  round the rotated model the same way, captured under the online-Hadamard
+  rules as ``ptq_params`` does;
+* "awq", "smoothquant" and "rotation" stay a Linen-only extension (below:
+  ``capture_dense_stats`` at call boundaries, folds checked numerically, with
+  ``act_spec`` in AWQ's objective, ``quantizer="gptq"``, ``extra_folds``,
+  ``unfoldable="simulate"``, per-expert folds and folds into conv producers),
+  and "omniquant" the block-wise driver ``flax._omniquant``: ``ptq_params``
+  finds its folds in the jaxpr instead, which folds in more places, so these
+  methods give different kernels there (``apply_ptq``'s docstring says where).
+
+The Linen-only extension
 
 1. runs the model on calibration batches and collects, per ``nn.Dense``, input
    statistics (``capture_dense_stats``: Gram matrix, per-channel absmax and
    mean |x|, a retained sample of rows) and the structure seen at call
    boundaries (which layers read the same array; which norm or Dense produced
    it);
-2. for the transformation methods (SmoothQuant, AWQ, rotation) computes one
-   transformation per group of layers reading the same input and folds it into
+2. computes one transformation (SmoothQuant, AWQ, rotation) per group of
+   layers reading the same input and folds it into
    the parameters where that is exact: the inverse scaling into the producing
    ``nn.LayerNorm`` / ``nn.RMSNorm`` (scale and bias) or ``nn.Dense`` (kernel
    columns and bias), the forward one into the consumers' kernel rows;
@@ -48,10 +69,9 @@ quantized model's loss (``weight_spec`` RTN weights and ``act_spec``
 activations, fake-quantized with straight-through gradients; next-token cross
 entropy by default), then folded exactly as QuaRot folds them and checked the
 same way; ``report["spinquant"]`` holds the quantized loss before and after.
-Both rotations run in ``lowbit_jax._ptq_rotation.rotate_checked``, the
-rotation driver ``ptq_params(..., method="quarot" | "spinquant")`` uses on
-every front end; this driver then captures and rounds the rotated Linen
-model itself (Dense, expert and conv layers, as below).
+Both rotations run in ``lowbit_jax._ptq_rotation.rotate_checked``; the
+rotated model's Dense, expert and conv layers are then rounded by
+``ptq_params`` (the shared path above).
 
 MoE experts (``lowbit_jax.flax.RaggedDense``: a grouped matmul with a
 ``[G, K, N]`` kernel, e.g. the decoder's ``moe_impl="ragged"`` experts) are
@@ -95,8 +115,9 @@ expert's gate/up (readers) and down (writers) kernels, and ``online`` puts
 the Hadamard in front of each down expert (a ``ragged_dot`` site).
 
 Convolutions (``nn.Conv`` and ``nn.ConvTranspose``; docs/ptq_convolutions.md)
-are captured as the matmul their kernel performs (``capture_dense_stats``:
-rows are the im2col patches of the input, features in ``conv_matrix(kernel)``'s
+are captured as the matmul their kernel performs (``capture_hessians`` on
+the shared path, ``capture_dense_stats`` on the Linen-only one, with the same
+rows: the im2col patches of the input, features in ``conv_matrix(kernel)``'s
 ``(*window, cin)`` order; a transposed conv's are the patches of the
 input-dilated conv ``lax.conv_transpose`` lowers to, taken through its
 ``transpose_kernel`` flip and its CIRCULAR wrap, so the rows times the
@@ -153,7 +174,6 @@ from lowbit_jax.algorithms.awq import awq_clip_search, awq_scales, awq_search
 from lowbit_jax.algorithms.gptq import gptq
 from lowbit_jax.algorithms.rotation import R3_PATHS, random_hadamard
 from lowbit_jax.algorithms.spinquant import SpinQuantConfig
-from lowbit_jax.core import hadamard
 from lowbit_jax.algorithms.smoothquant import smoothquant_scales
 from lowbit_jax.algorithms.rtn import kernel_spec, rtn, rtn_scale, sqnr_db
 from lowbit_jax._rules import QuantRule, _expand_grid, conv_weight_spec
@@ -164,17 +184,20 @@ from lowbit_jax.flax._capture import (Capture, DenseStats, ExpertStats,
 from lowbit_jax.formats import Format
 from lowbit_jax.algorithms._tree import with_leaves
 from lowbit_jax._experts import clip_experts, expert_spec, quantize_experts
-from lowbit_jax import _ptq_rotation
+from lowbit_jax import _ptq, _ptq_rotation
 
 METHODS = ("rtn", "gptq", "awq", "smoothquant", "rotation", "quarot", "spinquant",
            "omniquant")
 _WHOLE_MODEL_ROTATIONS = _ptq_rotation.METHODS
+# The methods apply_ptq runs through ptq_params (the shared driver), and those
+# that stay Linen-only (apply_ptq's docstring says why).
+SHARED_METHODS = ("rtn", "gptq") + _WHOLE_MODEL_ROTATIONS
+_LINEN_METHODS = tuple(m for m in METHODS if m not in SHARED_METHODS)
 # AWQ's clip search skips the query and key projections (their error passes
 # through q.k and a softmax, which the layer-wise objective does not see; the
 # paper's code does the same).
 AWQ_CLIP_SKIP = r".*(q_proj|k_proj|query|key)"
 QUANTIZERS = _ptq_rotation.QUANTIZERS
-_TRANSFORMS = ("awq", "smoothquant", "rotation")
 _HI = jax.lax.Precision.HIGHEST
 WeightSpec = Union[None, QuantSpec, str, Format, Sequence[tuple]]
 
@@ -286,20 +309,27 @@ def _foldable_kind(params: dict, kind: str, path: str, k: int, diagonal: bool):
 # Driver
 
 
-def _resolve_spec(weight_spec: WeightSpec, path: str) -> Optional[QuantSpec]:
+def _rule_spec(weight_spec: WeightSpec, path: str) -> Optional[QuantSpec]:
+  """The spec ``weight_spec`` gives the layer at ``path`` (first match), or None."""
   if weight_spec is None:
     return None
   if isinstance(weight_spec, (list, tuple)):
     for rule in weight_spec:
       if isinstance(rule, QuantRule):
         if rule.matches(path) or rule.matches(path + "/kernel"):
-          return None if rule.weight is None else kernel_spec(rule.weight)
+          return rule.weight
         continue
       regex, spec = rule
       if re.fullmatch(regex, path):
-        return None if spec is None else kernel_spec(spec)
+        return None if spec is None else as_spec(spec)
     return None
-  return kernel_spec(weight_spec)
+  return as_spec(weight_spec)
+
+
+def _resolve_spec(weight_spec: WeightSpec, path: str) -> Optional[QuantSpec]:
+  """``_rule_spec`` as the spec of a ``[K, N]`` kernel (``kernel_spec``)."""
+  spec = _rule_spec(weight_spec, path)
+  return None if spec is None else kernel_spec(spec)
 
 
 def _outputs_close(ref, out, rtol: float) -> bool:
@@ -345,6 +375,39 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
   into the producing conv, Dense or norm where that is exact, else skip them
   with a reason in ``report["folds"]`` (module docstring).
 
+  The shared driver and the Linen-only extension. "rtn", "gptq", "quarot"
+  and "spinquant" (``SHARED_METHODS``) translate ``weight_spec`` / ``layers``
+  into per-site rules and run ``lowbit_jax.ptq_params`` (after
+  ``rotate_checked`` for the rotations): the kernels and scales equal
+  ``ptq_params``' on the same model and rules bit for bit (on the toy model
+  of tests/_toy_models.py and the smoke Llama, RTN and GPTQ, QuaRot and
+  SpinQuant with RTN or GPTQ). The treated layers are the sites whose
+  parameter is a ``kernel``: 2-d matmul kernels (``nn.Dense``, and an
+  ``nn.DenseGeneral`` over one axis: the same matmul), convs and
+  ``RaggedDense`` experts; an ``nn.Einsum``, a DenseGeneral over several axes
+  and an Embed's ``attend`` stay float, as before. These stay on the
+  Linen-only extension, because ``ptq_params`` computes something else:
+
+  * "awq", "smoothquant": ``ptq_params`` finds its folds in the jaxpr (a norm
+    written as any module, attention's ``p @ v`` into value -> output, a
+    gated product into up -> down), this path at call boundaries (Linen
+    norms, Dense and conv producers, ``extra_folds``), checked numerically.
+    Where both fold the same group (the smoke Llama's RMSNorm into gate/up)
+    they agree to float tolerance (tests/test_ptq_scaling.py), but on the
+    smoke Llama ``ptq_params`` also folds v/o and up/down (8 of its 14
+    kernels differ) and on the toy model the custom norm into up. Only here:
+    ``act_spec`` in AWQ's objective, ``quantizer="gptq"`` after the scaling,
+    ``extra_folds``, ``unfoldable="simulate"``, the per-expert scaling of
+    down experts folded into the up experts' columns, folds into BatchNorm,
+    GroupNorm and conv producers.
+  * "rotation": the same kernels where neither finds a fold (the toy model,
+    the smoke Llama), but the folds are found differently (as above) and
+    each group's ``R`` is keyed by its index in this path's groups; only
+    here: ``unfoldable="simulate"`` (also on experts), ``quantizer="gptq"``,
+    ``rotation_block_size`` for ``extra_folds``.
+  * "omniquant": block-wise (LWC and LET with shifts, trained on each block's
+    output, ``flax._omniquant``); ``ptq_params``' is layer-wise.
+
   Args:
     model: the Linen module (not modified).
     params: its params (``model.apply({"params": params}, ...)``).
@@ -380,7 +443,9 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
     max_samples: input rows retained per layer (AWQ search, report).
     fold_rtol: tolerance of the foldability check, relative to the largest
       model output.
-    apply_kwargs: extra keyword arguments for ``model.apply``.
+    apply_kwargs: extra keyword arguments for ``model.apply`` (the
+      Linen-only methods; ``ptq_params`` calls the model with each batch's
+      arguments only).
     other_variables: non-param variable collections (e.g. batch_stats).
     online: methods "quarot"/"spinquant": regex of kernel paths that take an
       online Hadamard transform of their input (QuaRot's down projection:
@@ -417,10 +482,13 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
   Returns:
     ``(new_params, report)``: params of the same structure with each treated
     kernel replaced by its fake-quantized value (and folds applied), and a
-    report dict: ``layers`` (path -> spec, transform, weight_sqnr_db,
-    output_sqnr_db, seconds; for an expert layer also ``experts``,
-    ``calibration_tokens`` per expert and ``rtn_fallback``, the experts GPTQ
-    rounded to nearest for want of calibration tokens), ``folds`` (one entry per group), ``method``,
+    report dict: ``layers`` (layer path -> spec, transform, fold,
+    weight_sqnr_db, output_sqnr_db (on the retained input rows), seconds; for
+    an expert layer also ``experts``, ``calibration_tokens`` per expert and
+    ``rtn_fallback``, the experts GPTQ rounded to nearest for want of
+    calibration tokens; on the shared path also ``ptq_params``' ``error``,
+    ``rtn_error``, ``error_vs_rtn`` and ``rows``; a layer the spec leaves
+    float: its spec None), ``folds`` (one entry per group), ``method``,
     ``capture_seconds``, ``total_seconds``, ``quant_scales`` (the scale grid
     each quantized kernel was rounded with, for symmetric specs, nested as
     the ``"quant_scales"`` collection: ``{"layer": {"weight_scale": s}}``;
@@ -445,6 +513,51 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
       channels), or no Dense layer matched.
   """
   t_start = time.perf_counter()
+  _check_options(method, weight_spec, act_spec, quantizer=quantizer,
+                 unfoldable=unfoldable, online=online, heads=heads, r3=r3,
+                 spinquant=spinquant, awq_clip=awq_clip, awq_clip_skip=awq_clip_skip,
+                 omniquant=omniquant, apply_kwargs=apply_kwargs)
+  aspec = None
+  if act_spec is not None:
+    aspec = as_spec(act_spec)
+    if aspec.axis is None and aspec.tile is None:
+      aspec = aspec.replace(axis=-1)
+  calib_batches = list(calib_batches)
+  if not calib_batches:
+    raise ValueError("calib_batches is empty; pass at least one batch")
+  frozen = isinstance(params, flax.core.FrozenDict)
+  cur = flax.core.unfreeze(params) if frozen else jax.tree.map(lambda a: a, params)
+  if method in SHARED_METHODS:
+    cur, report = _shared_ptq(
+        model, cur, calib_batches, method, weight_spec, aspec, quantizer=quantizer,
+        layers=layers, token_mask=token_mask, max_samples=max_samples,
+        seed=rotation_seed, online=online, heads=heads, spinquant=spinquant, r3=r3,
+        fold_rtol=fold_rtol, other_variables=other_variables,
+        gptq_kw={"blocksize": blocksize, "percdamp": percdamp, "act_order": act_order})
+  elif method == "omniquant":
+    from lowbit_jax.flax import _omniquant  # pylint: disable=g-import-not-at-top
+    cur, report = _omniquant.run(
+        model, cur, calib_batches, weight_spec, aspec, layers=layers,
+        extra_folds=dict(extra_folds or {}), token_mask=token_mask,
+        max_samples=max_samples, fold_rtol=fold_rtol, apply_kwargs=apply_kwargs,
+        other_variables=other_variables, options=omniquant)
+  else:
+    cur, report = _linen_ptq(
+        model, cur, calib_batches, method, weight_spec, aspec, quantizer=quantizer,
+        layers=layers, alpha=alpha, n_grid=n_grid, rotation_seed=rotation_seed,
+        rotation_block_size=rotation_block_size, extra_folds=dict(extra_folds or {}),
+        unfoldable=unfoldable, token_mask=token_mask, max_samples=max_samples,
+        fold_rtol=fold_rtol, apply_kwargs=apply_kwargs, other_variables=other_variables,
+        awq_clip=awq_clip, awq_clip_skip=awq_clip_skip,
+        gptq_kw={"blocksize": blocksize, "percdamp": percdamp, "act_order": act_order})
+  report["total_seconds"] = time.perf_counter() - t_start
+  return (flax.core.freeze(cur) if frozen else cur), report
+
+
+def _check_options(method: str, weight_spec, act_spec, *, quantizer: str,
+                   unfoldable: str, online, heads, r3, spinquant, awq_clip: bool,
+                   awq_clip_skip: Optional[str], omniquant, apply_kwargs) -> None:
+  """Raises unless ``apply_ptq``'s options fit ``method`` (messages say how to fix)."""
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
   if quantizer not in QUANTIZERS:
@@ -477,41 +590,165 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
     re.compile(awq_clip_skip)
   if omniquant is not None and method != "omniquant":
     raise ValueError(f"omniquant= options apply to method='omniquant', not {method!r}")
-  base_quant = "gptq" if method == "gptq" else quantizer
-  aspec = None
-  if act_spec is not None:
-    aspec = as_spec(act_spec)
-    if aspec.axis is None and aspec.tile is None:
-      aspec = aspec.replace(axis=-1)
-  extra_folds = dict(extra_folds or {})
-  calib_batches = list(calib_batches)
-  if not calib_batches:
-    raise ValueError("calib_batches is empty; pass at least one batch")
-  frozen = isinstance(params, flax.core.FrozenDict)
-  cur = flax.core.unfreeze(params) if frozen else jax.tree.map(lambda a: a, params)
+  if method == "omniquant" and (quantizer != "rtn" or unfoldable != "skip"):
+    raise ValueError("omniquant learns its own rounding ranges: leave quantizer and "
+                     "unfoldable at their defaults")
+  if method in SHARED_METHODS and apply_kwargs:
+    raise ValueError(f"apply_kwargs= applies to {_LINEN_METHODS}; {method!r} runs "
+                     "through ptq_params, which calls model.apply with each batch's "
+                     "arguments only: put them in the batches (a dict batch is "
+                     "keyword arguments) or in the module's attributes")
 
-  if method == "omniquant":
-    from lowbit_jax.flax import _omniquant  # pylint: disable=g-import-not-at-top
-    if quantizer != "rtn" or unfoldable != "skip":
-      raise ValueError("omniquant learns its own rounding ranges: leave quantizer and "
-                       "unfoldable at their defaults")
-    cur, report = _omniquant.run(
-        model, cur, calib_batches, weight_spec, aspec, layers=layers,
-        extra_folds=extra_folds, token_mask=token_mask, max_samples=max_samples,
-        fold_rtol=fold_rtol, apply_kwargs=apply_kwargs,
-        other_variables=other_variables, options=omniquant)
-    report["total_seconds"] = time.perf_counter() - t_start
-    return (flax.core.freeze(cur) if frozen else cur), report
-  rotated = None
-  spin_history = None
+
+# ---------------------------------------------------------------------------
+# The shared path: ptq_params on the layers apply_ptq treats
+
+
+def _shared_ptq(model: nn.Module, params: dict, batches: list, method: str,
+                weight_spec: WeightSpec, aspec: Optional[QuantSpec], *, quantizer: str,
+                layers: str, token_mask, max_samples: int, seed: int, online, heads,
+                spinquant, r3, fold_rtol: float, other_variables, gptq_kw: dict):
+  """``apply_ptq``'s rtn/gptq/quarot/spinquant: ``ptq_params`` on its layers.
+
+  QuaRot/SpinQuant rotate first (``_ptq_rotation.rotate_checked``, as
+  ``ptq_params`` does); then every Dense (2-d kernel), conv and RaggedDense
+  layer ``layers`` selects is captured with ``capture_hessians`` (through the
+  online-Hadamard rules after a rotation) and its ``weight_spec`` spec
+  rounded by ``ptq_params(capture=...)``.
+
+  Returns:
+    ``(new params, apply_ptq's report)``.
+  """
+  quant = "gptq" if method == "gptq" else quantizer
+  report: dict = {"method": method, "quantizer": quant, "folds": []}
+  extra = dict(other_variables or {})
+  select = [QuantRule(layers, weight=_CAPTURED)]
   if method in _WHOLE_MODEL_ROTATIONS:
-    cur, rotated, spin_history = _ptq_rotation.rotate_checked(
-        _linen_fn(model, apply_kwargs, other_variables), cur, calib_batches, method,
+    params, rotated, history = _ptq_rotation.rotate_checked(
+        _linen_fn(model, None, other_variables), params, batches, method,
         rules=_loss_rules(weight_spec, aspec, layers) if method == "spinquant" else (),
-        seed=rotation_seed, online=online, heads=heads, config=spinquant,
-        rtol=fold_rtol, quantize=_ptq_rotation.quantizer_for("linen"))
-  if r3 is not False:
-    rotated = dataclasses.replace(rotated, r3=R3_PATHS if r3 is True else r3)
+        seed=seed, online=online, heads=heads, config=spinquant, rtol=fold_rtol,
+        quantize=_ptq_rotation.quantizer_for("linen"))
+    if r3 is not False:
+      rotated = dataclasses.replace(rotated, r3=R3_PATHS if r3 is True else r3)
+    report["rotation"] = rotated
+    if history is not None:
+      report["spinquant"] = history
+    select = list(rotated.rules(select))
+  t0 = time.perf_counter()
+  cap = _capture_layers(model, {"params": params, **extra}, batches, select, layers,
+                        token_mask=token_mask, max_samples=max_samples, seed=seed)
+  report["capture_seconds"] = time.perf_counter() - t0
+  specs = {p: _rule_spec(weight_spec, _layer(p)) for p in cap.stats}
+  for p, st in cap.stats.items():
+    if st.op == "conv" and specs[p] is not None:   # real mode's grid, or why not
+      _conv_spec(kernel_spec(specs[p]), _layer(p), st.shape, (st.in_axis, st.out_axis))
+  res = _ptq.ptq_params(model, {"params": params, **extra}, batches, [], method=quant,
+                        capture=_with_specs(cap, specs), **gptq_kw)
+  new = res.params["params"]
+  report["folds"] = [{"layers": [_layer(p)], "producer": None, "status": "skipped",
+                      "reason": f"conv not quantized by apply_ptq: {why}"}
+                     for p, why in sorted(cap.skipped.items())]
+  if method in _WHOLE_MODEL_ROTATIONS:
+    report["folds"] += [
+        {"layers": [_layer(p)], "producer": None, "status": "skipped", "conv": True,
+         "reason": f"conv: {method} rotates the residual stream of matmul readers and "
+                   f"writers only; quantized with {quant} unrotated"}
+        for p, st in cap.stats.items() if st.op == "conv"]
+  report["layers"] = {
+      _layer(p): _layer_entry(st, specs[p], res.report["layers"].get(p, {}),
+                              _node(params, p), _node(new, p), cap.inputs.get(p), aspec)
+      for p, st in cap.stats.items()}
+  report["quant_scales"] = _ptq.real_mode_kwargs(res, "linen")["quant_scales"]
+  return new, report
+
+
+# Any spec: it only marks the sites capture_hessians records (the capture does
+# not depend on it); each layer's own spec comes from weight_spec.
+_CAPTURED = "int8"
+_NO_LAYER = ("no nn.Dense (or RaggedDense) layer whose path fully matches {!r} was "
+             "called; check the regex against paths like 'layers_0/mlp/up'")
+
+
+def _layer(param_path: str) -> str:
+  return param_path[: -len("/kernel")]
+
+
+def _is_linen_layer(path: str, st: _ptq.SiteStats, op: str) -> bool:
+  """Whether a captured site is one ``apply_ptq`` treats: an nn.Dense (a 2-d
+  kernel), a conv or a RaggedDense (not an Einsum, a DenseGeneral over several
+  axes or an Embed's attend)."""
+  if not path.endswith("/kernel"):
+    return False
+  return op in ("conv", "ragged_dot") or (op == "dot_general" and len(st.shape) == 2)
+
+
+def _capture_layers(model, variables, batches, rules, layers: str, *, token_mask,
+                    max_samples: int, seed: int) -> _ptq.Capture:
+  """``capture_hessians`` of the Dense, conv and expert layers ``layers`` selects."""
+  try:
+    cap = _ptq.capture_hessians(model, variables, batches, rules, token_mask=token_mask,
+                                max_samples=max_samples, seed=seed)
+  except ValueError as e:
+    if str(e).startswith("no weight site was captured"):
+      raise ValueError(_NO_LAYER.format(layers)) from e
+    raise
+  keep = [p for p, st in cap.stats.items() if _is_linen_layer(p, st, cap.sites[p].op)]
+  if not keep:
+    raise ValueError(_NO_LAYER.format(layers))
+  return cap._replace(stats={p: cap.stats[p] for p in keep},
+                      sites={p: cap.sites[p] for p in keep},
+                      inputs={p: v for p, v in cap.inputs.items() if p in keep},
+                      skipped={p: w for p, w in cap.skipped.items()
+                               if p.endswith("/kernel")})
+
+
+def _with_specs(cap: _ptq.Capture, specs: Mapping[str, Optional[QuantSpec]]):
+  """The capture of the quantized sites only, each with its own weight spec."""
+  sites = {p: dataclasses.replace(cap.sites[p], rule=QuantRule(re.escape(p), weight=s))
+           for p, s in specs.items() if s is not None}
+  return cap._replace(stats={p: cap.stats[p] for p in sites}, sites=sites)
+
+
+def _layer_entry(st: _ptq.SiteStats, spec: Optional[QuantSpec], shared: dict, w, wq,
+                 inputs: Optional[_ptq.InputStats], aspec) -> dict:
+  """``apply_ptq``'s report entry of one layer ``ptq_params`` rounded (or left
+  float): spec name, SQNRs of the kernel and of the outputs on the retained
+  input rows, and ``ptq_params``' own fields (errors, rows, experts)."""
+  entry = {**shared, "spec": None if spec is None else _spec_name(kernel_spec(spec)),
+           "transform": "none", "fold": "none"}
+  if st.op == "conv":
+    entry["conv"] = True
+  if spec is None:
+    return entry
+  entry["weight_sqnr_db"] = sqnr_db(w, wq)
+  if inputs is not None and inputs.sample.shape[0]:
+    x = inputs.sample
+    xq = fake_quant(x, aspec) if aspec is not None else x
+    if st.op == "ragged_dot":
+      sel = inputs.sample_group
+      ref = jnp.einsum("sk,skn->sn", x, w[sel].astype(jnp.float32), precision=_HI)
+      out = jnp.einsum("sk,skn->sn", xq, wq[sel].astype(jnp.float32), precision=_HI)
+    else:
+      ref = jnp.matmul(x, st.as_matrix(w).astype(jnp.float32), precision=_HI)
+      out = jnp.matmul(xq, st.as_matrix(wq).astype(jnp.float32), precision=_HI)
+    entry["output_sqnr_db"] = sqnr_db(ref, out)
+  return entry
+
+
+# ---------------------------------------------------------------------------
+# The Linen-only path: transforms folded at call boundaries
+
+
+def _linen_ptq(model: nn.Module, cur: dict, calib_batches: list, method: str,
+               weight_spec: WeightSpec, aspec: Optional[QuantSpec], *, quantizer: str,
+               layers: str, alpha: float, n_grid: int, rotation_seed: int,
+               rotation_block_size: Optional[int], extra_folds: dict, unfoldable: str,
+               token_mask, max_samples: int, fold_rtol: float, apply_kwargs,
+               other_variables, awq_clip: bool, awq_clip_skip: Optional[str],
+               gptq_kw: dict):
+  """``apply_ptq``'s awq/smoothquant/rotation on ``capture_dense_stats``'s
+  call-boundary capture (module docstring); returns ``(new params, report)``."""
   t0 = time.perf_counter()
   cap: Capture = capture_dense_stats(
       model, cur, calib_batches, layers=layers, token_mask=token_mask,
@@ -528,133 +765,122 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
   specs = {p: _resolve_spec(weight_spec, p) for p in selected}
   transforms: dict = {}   # path -> (_Transform, status)
   folds = []
-  if rotated is not None:
-    # The capture ran without the online transforms: rotate those inputs' stats.
-    for p, axis in rotated.online:
-      if p.endswith("/kernel") and p[: -len("/kernel")] in stats:
-        lp = p[: -len("/kernel")]
-        n = _node(cur, lp)["kernel"].shape[axis]
-        h = jnp.asarray(hadamard(n))
-        stats[lp] = (_rotate_expert_stats(stats[lp], h)
-                     if isinstance(stats[lp], ExpertStats)
-                     else _Transform(r=h).stats(stats[lp]))
 
   expert_done = set()   # expert layers an awq/smoothquant fold transformed
   conv_scalings: dict = {}   # conv path -> its folded input scaling s[cin]
-  if method in _TRANSFORMS:
-    apply_kwargs_ = dict(apply_kwargs or {})
-    variables_extra = dict(other_variables or {})
-    args, kwargs = split_batch(calib_batches[0])
+  apply_kwargs_ = dict(apply_kwargs or {})
+  variables_extra = dict(other_variables or {})
+  args, kwargs = split_batch(calib_batches[0])
 
-    @jax.jit
-    def forward_(p):
-      return model.apply({"params": p, **variables_extra}, *args, **kwargs,
-                         **apply_kwargs_)
+  @jax.jit
+  def forward_(p):
+    return model.apply({"params": p, **variables_extra}, *args, **kwargs,
+                       **apply_kwargs_)
 
-    def forward(p):
-      # Full float32 matmuls, so that a fold's rounding stays far below the
-      # tolerance on backends whose default is TF32/bf16 passes.
-      with jax.default_matmul_precision("float32"):
-        return forward_(p)
+  def forward(p):
+    # Full float32 matmuls, so that a fold's rounding stays far below the
+    # tolerance on backends whose default is TF32/bf16 passes.
+    with jax.default_matmul_precision("float32"):
+      return forward_(p)
 
-    ref_out = forward(cur)
-    probe_key = jax.random.key(rotation_seed + 1)
-    rot_key = jax.random.key(rotation_seed)
-    cur = _conv_transforms(cur, cap, stats, method, weight_spec, aspec, forward,
-                           ref_out, jax.random.fold_in(probe_key, 7919), fold_rtol,
-                           alpha, n_grid, folds, conv_scalings)
-    groups = _groups_with_extra(cap, extra_folds)
-    # MoE experts reading the routed tokens of a norm's output (a gather):
-    # a diagonal scaling shared by all experts folds into that norm.
-    expert_down = ({} if method == "rotation" else
-                   _expert_down_pairs(cur, stats, expert_layers, forward, ref_out,
-                                      probe_key, fold_rtol))
-    attached = ({} if method == "rotation" else
-                _attach_expert_readers(cur, cap, groups, expert_layers,
-                                       set(expert_down)))
-    for gi, (members, producer) in enumerate(groups):
-      members = [m for m in members if m in specs]
-      experts_here = attached.get(gi, [])
-      if not members:
-        continue
-      k = _node(cur, members[0])["kernel"].shape[0]
-      diagonal = method != "rotation"
-      why = "no norm or Dense produces this input directly" if producer is None else \
-          _foldable_kind(cur, producer[0], producer[1], k, diagonal)
-      if why is None:
-        test = _probe_transform(jax.random.fold_in(probe_key, gi), k, diagonal,
-                                rotation_block_size)
-        trial = test.fold_into(cur, *producer)
-        for m in members:
-          trial = with_leaves(trial, m, kernel=test.weight(_node(trial, m)["kernel"]))
-        for m in experts_here:
-          trial = with_leaves(trial, m, kernel=_scale_rows(_node(trial, m)["kernel"],
-                                                           test.s))
-        if not _outputs_close(ref_out, forward(trial), fold_rtol):
-          why = (f"folding into {producer[1]!r} changes the model output (its output "
-                 "is used elsewhere too, e.g. by a residual connection)")
-      if why is not None:
-        experts_here = []
-      entry = {"layers": members + experts_here,
-               "producer": None if producer is None else producer[1]}
-      if method == "awq" and all(specs[m] is None for m in members) and not experts_here:
-        folds.append({**entry, "status": "skipped",
-                      "reason": "weight_spec leaves all these layers in float"})
-        continue
-      if why is not None and unfoldable == "skip":
-        folds.append({**entry, "status": "skipped", "reason": why})
-        continue
-      st0 = stats[members[0]]
-      kernels = [_node(cur, m)["kernel"] for m in members]
-      kspecs = [specs[m] for m in members]
-      for m in experts_here:   # every expert's kernel, searched on all tokens
-        w = _node(cur, m)["kernel"]
-        kernels += [w[e] for e in range(w.shape[0])]
-        kspecs += [_resolve_spec(weight_spec, m)] * w.shape[0]
-      if method == "smoothquant":
-        tr = _Transform(s=smoothquant_scales(st0.absmax, kernels, alpha))
-      elif method == "awq":
-        res = awq_search(st0.sample, kernels, kspecs,
-                         act_scale=st0.mean_abs, n_grid=n_grid, act_spec=aspec)
-        tr = _Transform(s=res.scales)
-        entry["alpha"] = float(res.alpha)
-      else:
-        tr = _Transform(r=random_hadamard(jax.random.fold_in(rot_key, gi), k,
-                                          block_size=rotation_block_size))
-      status = "folded" if why is None else "simulated"
-      if why is None:
-        cur = tr.fold_into(cur, *producer)
-        for m in members:
-          cur = with_leaves(cur, m, kernel=tr.weight(_node(cur, m)["kernel"]))
-        for m in experts_here:
-          cur = with_leaves(cur, m, kernel=_scale_rows(_node(cur, m)["kernel"], tr.s))
-          stats[m] = _scale_expert_stats(stats[m], tr.s)
-          expert_done.add(m)
-      else:
-        entry["reason"] = why
+  ref_out = forward(cur)
+  probe_key = jax.random.key(rotation_seed + 1)
+  rot_key = jax.random.key(rotation_seed)
+  cur = _conv_transforms(cur, cap, stats, method, weight_spec, aspec, forward,
+                         ref_out, jax.random.fold_in(probe_key, 7919), fold_rtol,
+                         alpha, n_grid, folds, conv_scalings)
+  groups = _groups_with_extra(cap, extra_folds)
+  # MoE experts reading the routed tokens of a norm's output (a gather):
+  # a diagonal scaling shared by all experts folds into that norm.
+  expert_down = ({} if method == "rotation" else
+                 _expert_down_pairs(cur, stats, expert_layers, forward, ref_out,
+                                    probe_key, fold_rtol))
+  attached = ({} if method == "rotation" else
+              _attach_expert_readers(cur, cap, groups, expert_layers,
+                                     set(expert_down)))
+  for gi, (members, producer) in enumerate(groups):
+    members = [m for m in members if m in specs]
+    experts_here = attached.get(gi, [])
+    if not members:
+      continue
+    k = _node(cur, members[0])["kernel"].shape[0]
+    diagonal = method != "rotation"
+    why = "no norm or Dense produces this input directly" if producer is None else \
+        _foldable_kind(cur, producer[0], producer[1], k, diagonal)
+    if why is None:
+      test = _probe_transform(jax.random.fold_in(probe_key, gi), k, diagonal,
+                              rotation_block_size)
+      trial = test.fold_into(cur, *producer)
       for m in members:
-        stats[m] = tr.stats(stats[m])
-        transforms[m] = (tr, status)
-      folds.append({**entry, "status": status})
+        trial = with_leaves(trial, m, kernel=test.weight(_node(trial, m)["kernel"]))
+      for m in experts_here:
+        trial = with_leaves(trial, m, kernel=_scale_rows(_node(trial, m)["kernel"],
+                                                         test.s))
+      if not _outputs_close(ref_out, forward(trial), fold_rtol):
+        why = (f"folding into {producer[1]!r} changes the model output (its output "
+               "is used elsewhere too, e.g. by a residual connection)")
+    if why is not None:
+      experts_here = []
+    entry = {"layers": members + experts_here,
+             "producer": None if producer is None else producer[1]}
+    if method == "awq" and all(specs[m] is None for m in members) and not experts_here:
+      folds.append({**entry, "status": "skipped",
+                    "reason": "weight_spec leaves all these layers in float"})
+      continue
+    if why is not None and unfoldable == "skip":
+      folds.append({**entry, "status": "skipped", "reason": why})
+      continue
+    st0 = stats[members[0]]
+    kernels = [_node(cur, m)["kernel"] for m in members]
+    kspecs = [specs[m] for m in members]
+    for m in experts_here:   # every expert's kernel, searched on all tokens
+      w = _node(cur, m)["kernel"]
+      kernels += [w[e] for e in range(w.shape[0])]
+      kspecs += [_resolve_spec(weight_spec, m)] * w.shape[0]
+    if method == "smoothquant":
+      tr = _Transform(s=smoothquant_scales(st0.absmax, kernels, alpha))
+    elif method == "awq":
+      res = awq_search(st0.sample, kernels, kspecs,
+                       act_scale=st0.mean_abs, n_grid=n_grid, act_spec=aspec)
+      tr = _Transform(s=res.scales)
+      entry["alpha"] = float(res.alpha)
+    else:
+      tr = _Transform(r=random_hadamard(jax.random.fold_in(rot_key, gi), k,
+                                        block_size=rotation_block_size))
+    status = "folded" if why is None else "simulated"
+    if why is None:
+      cur = tr.fold_into(cur, *producer)
+      for m in members:
+        cur = with_leaves(cur, m, kernel=tr.weight(_node(cur, m)["kernel"]))
+      for m in experts_here:
+        cur = with_leaves(cur, m, kernel=_scale_rows(_node(cur, m)["kernel"], tr.s))
+        stats[m] = _scale_expert_stats(stats[m], tr.s)
+        expert_done.add(m)
+    else:
+      entry["reason"] = why
+    for m in members:
+      stats[m] = tr.stats(stats[m])
+      transforms[m] = (tr, status)
+    folds.append({**entry, "status": status})
 
-    # Each expert's down projection: a scaling per expert, from the tokens
-    # routed to it, folded into that expert's up-projection columns.
-    for p, producer_p in expert_down.items():
-      cur, stats[p], entry = _expert_down_transform(
-          method, cur, stats[p], p, producer_p, _resolve_spec(weight_spec, p), aspec,
-          alpha, n_grid)
-      folds.append(entry)
-      expert_done.add(p)
+  # Each expert's down projection: a scaling per expert, from the tokens
+  # routed to it, folded into that expert's up-projection columns.
+  for p, producer_p in expert_down.items():
+    cur, stats[p], entry = _expert_down_transform(
+        method, cur, stats[p], p, producer_p, _resolve_spec(weight_spec, p), aspec,
+        alpha, n_grid)
+    folds.append(entry)
+    expert_done.add(p)
 
   report_layers = {}
   weight_scales = {}
-  cur = _quantize_convs(cur, cap, stats, method, weight_spec, base_quant, aspec,
+  cur = _quantize_convs(cur, cap, stats, method, weight_spec, quantizer, aspec,
                         folds, report_layers, weight_scales, conv_scalings,
                         method == "awq" and awq_clip, awq_clip_skip,
-                        blocksize=blocksize, percdamp=percdamp, act_order=act_order)
+                        **gptq_kw)
   for i, p in enumerate(expert_layers):
     sim = None   # "rotation" with unfoldable="simulate": R per expert layer
-    if method in _TRANSFORMS and p not in expert_done:
+    if p not in expert_done:
       if method == "rotation" and unfoldable == "simulate":
         sim = random_hadamard(jax.random.fold_in(jax.random.key(rotation_seed + 2), i),
                               _node(cur, p)["kernel"].shape[1],
@@ -672,8 +898,8 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
     w_in, clip_entry = _awq_clip_experts(method == "awq" and awq_clip, awq_clip_skip,
                                          p, st, w, spec)
     new_w, entry, scale = _quantize_experts(
-        w_in, st, spec, base_quant, aspec, ref=w,
-        blocksize=blocksize, percdamp=percdamp, act_order=act_order)
+        w_in, st, spec, quantizer, aspec, ref=w,
+        **gptq_kw)
     entry.update(clip_entry)
     if sim is not None:   # back: R Q(R^T w_e), off the spec's grid (no scale)
       new_w = jnp.einsum("jk,gkn->gjn", sim, new_w.astype(jnp.float32),
@@ -697,11 +923,10 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
     scale = None
     if spec is None:
       w_q = w_in
-    elif base_quant == "gptq":
+    elif quantizer == "gptq":
       w_in, clip_entry = _awq_clip(method == "awq" and awq_clip, awq_clip_skip, p,
                                    st, w_in, spec)
-      res = gptq(w_in, st.gram, spec, blocksize=blocksize, percdamp=percdamp,
-                 act_order=act_order)
+      res = gptq(w_in, st.gram, spec, **gptq_kw)
       w_q = res.weight
       if spec.symmetric:   # the range each block was rounded with
         full = jnp.broadcast_to(_expand_grid(res.amax, w_in.shape), w_in.shape)
@@ -733,17 +958,10 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
     entry["seconds"] = time.perf_counter() - t1
     report_layers[p] = entry
 
-  new_params = flax.core.freeze(cur) if frozen else cur
-  report = {"method": method, "quantizer": base_quant, "layers": report_layers,
-            "folds": folds, "capture_seconds": capture_seconds,
-            "total_seconds": time.perf_counter() - t_start}
-  if rotated is not None:
-    report["rotation"] = rotated
-  if spin_history is not None:
-    report["spinquant"] = spin_history
-  report["quant_scales"] = _nest({f"{p}/weight_scale": v for p, v in
-                                  weight_scales.items()})
-  return new_params, report
+  return cur, {"method": method, "quantizer": quantizer, "layers": report_layers,
+               "folds": folds, "capture_seconds": capture_seconds,
+               "quant_scales": _nest({f"{p}/weight_scale": v
+                                      for p, v in weight_scales.items()})}
 
 
 _EXPERT_ROTATION_WHY = (
@@ -960,12 +1178,6 @@ def _quantize_convs(cur, cap: Capture, stats: dict, method: str,
     w = node["kernel"]
     spec = _resolve_spec(weight_spec, p)
     folded = p in scalings
-    if method in _WHOLE_MODEL_ROTATIONS:
-      folds.append({"layers": [p], "producer": None, "status": "skipped",
-                    "conv": True,
-                    "reason": f"conv: {method} rotates the residual stream of "
-                              "matmul readers and writers only; quantized with "
-                              f"{base_quant} unrotated"})
     if spec is None:
       report_layers[p] = {"spec": None, "transform": method if folded else "none",
                           "fold": "folded" if folded else "none", "conv": True}
