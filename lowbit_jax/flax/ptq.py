@@ -79,10 +79,11 @@ to every expert on its own (the rotation acts on K, the same axis for each
 expert, so the experts are independent): ``R Q(R^T w_e)``, quantized with
 RTN or with GPTQ on the rotated per-expert Hessian ``R^T H_e R``, which equals
 running ``x R`` online before a weight-only quantized expert (fold status
-``"simulated"``; no stored scales, the kernel is off the spec's grid). QuaRot ("quarot") does: the residual stream is followed through the
-gather of routed tokens into the experts, so its rotation folds into every
-expert's gate/up (readers) and down (writers) kernels, and ``online`` puts
-the Hadamard in front of each down expert (a ``ragged_dot`` site).
+``"simulated"``; no stored scales, the kernel is off the spec's grid).
+QuaRot ("quarot") does: the residual stream is followed through the gather
+of routed tokens into the experts, so its rotation folds into every expert's
+gate/up (readers) and down (writers) kernels, and ``online`` puts the
+Hadamard in front of each down expert (a ``ragged_dot`` site).
 
 Convolutions (``nn.Conv`` and ``nn.ConvTranspose``; docs/ptq_convolutions.md)
 are captured as the matmul their kernel performs (``capture_hessians`` on
@@ -155,8 +156,8 @@ SHARED_METHODS = ("rtn", "gptq") + _WHOLE_MODEL_ROTATIONS
 _LINEN_METHODS = tuple(m for m in METHODS if m not in SHARED_METHODS)
 # AWQ's clip search skips the query and key projections (their error passes
 # through q.k and a softmax, which the layer-wise objective does not see; the
-# paper's code does the same).
-AWQ_CLIP_SKIP = r".*(q_proj|k_proj|query|key)"
+# paper's code does the same): ptq_params' default.
+AWQ_CLIP_SKIP = _ptq.AWQ_CLIP_SKIP
 QUANTIZERS = _ptq_rotation.QUANTIZERS
 _HI = jax.lax.Precision.HIGHEST
 WeightSpec = Union[None, QuantSpec, str, Format, Sequence[tuple]]
