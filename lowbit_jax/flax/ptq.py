@@ -369,7 +369,9 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
   Raises:
     ValueError: an unknown method/quantizer/unfoldable, an unusable spec (for
       a conv: an axis or tile set, or a group size not dividing its input
-      channels), or no Dense layer matched.
+      channels; for GPTQ through ``ptq_params``: scales that would not
+      reproduce its codes, e.g. a ``pad=True`` group size not dividing K),
+      ``apply_kwargs`` with a shared method, or no Dense layer matched.
   """
   t_start = time.perf_counter()
   _check_options(method, weight_spec, act_spec, quantizer=quantizer,
