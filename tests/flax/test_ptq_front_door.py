@@ -4,9 +4,6 @@
 model ``apply_ptq``'s kernels and scales equal ``ptq_params``' with the same
 rules bit for bit (exact equality, no tolerance).
 """
-import sys
-from pathlib import Path
-
 import jax
 import numpy as np
 import pytest
@@ -15,9 +12,7 @@ import lowbit_jax as lb
 from lowbit_jax import QuantRule, QuantSpec
 from lowbit_jax.flax import apply_ptq
 from lowbit_jax.flax.ptq import SHARED_METHODS
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import _toy_models as toy  # noqa: E402  pylint: disable=g-import-not-at-top
+from tests import _toy_models as toy
 
 SPEC = QuantSpec("int4", group_size=16)
 
@@ -59,8 +54,8 @@ def test_rtn_and_gptq_equal_ptq_params_on_the_toy_model(toy_setup, method):
   assert set(rep["layers"]) == {f"layers_{i}/{n}" for i in range(toy.LAYERS)
                                 for n in ("conv", "up", "down")}
   for p, e in rep["layers"].items():
-    assert e["spec"] == "int4_g16" and e["error"] == res.report["layers"][p + "/kernel"][
-        "error"]
+    assert e["spec"] == "int4_g16"
+    assert e["error"] == res.report["layers"][p + "/kernel"]["error"]
     assert e["weight_sqnr_db"] > 10 and e["output_sqnr_db"] > 10
     assert e.get("conv", False) == p.endswith("conv")
   for n in ("q", "k", "v", "o"):
