@@ -1,10 +1,11 @@
 """Per-expert PTQ math of grouped matmuls (``jax.lax.ragged_dot``: MoE experts).
 
-Shared by both PTQ drivers (``flax.ptq.apply_ptq``'s Linen capture and
-``_ptq.ptq_params`` on every front end), so both build the same numbers: a
-grouped matmul ``ragged_dot(x [M, K], w [G, K, N], group_sizes [G])`` takes
-rows sorted by group (the first ``group_sizes[0]`` rows are expert 0's, ...;
-rows past ``sum(group_sizes)`` belong to none). Expert ``g``'s Hessian is the
+Shared by ``_ptq.ptq_params`` on every front end (which ``flax.apply_ptq``
+runs for RTN/GPTQ/QuaRot/SpinQuant) and ``apply_ptq``'s Linen-only extension
+(``flax._ptq_linen``: AWQ, SmoothQuant, rotation), so both build the same
+numbers: a grouped matmul ``ragged_dot(x [M, K], w [G, K, N], group_sizes
+[G])`` takes rows sorted by group (the first ``group_sizes[0]`` rows are
+expert 0's, ...; rows past ``sum(group_sizes)`` belong to none). Expert ``g``'s Hessian is the
 Gram matrix of only the rows routed to it, and GPTQ (Frantar et al. 2023)
 runs on each expert's ``[K, N]`` matrix with that Hessian; an expert that
 received no calibration row has none and is rounded to nearest. AWQ's clip

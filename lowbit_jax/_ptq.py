@@ -160,7 +160,8 @@ class PTQResult(NamedTuple):
       scales each weight was rounded with, in the weight's own layout, as real
       mode takes them (``real_mode_kwargs`` puts them in each front end's form).
     report: ``{"method", "seconds", "layers": {path: {"spec", "error",
-      "rtn_error", "error_vs_rtn", "rows"}}, "skipped"}``; ``error`` is the
+      "rtn_error", "error_vs_rtn", "rows", "seconds"}}, "skipped"}`` (a
+      layer's ``seconds``: gptq/rtn only); ``error`` is the
       output error on the captured inputs, ``tr(dW^T H dW) / rows``.
     rules: "quarot" / "spinquant": the rules fake and real mode must run the
       rotated model with (``report["rotation"].rules(rules)``: the online
@@ -777,6 +778,7 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
   skipped = dict(cap.skipped)
   opts = (blocksize, float(percdamp), bool(act_order))
   for path, st in cap.stats.items():
+    t_site = time.perf_counter()
     spec = cap.sites[path].weight
     w = _rules.logical_value(_get_path(tree, path))
     wq, scale, exact, err, rerr = _site(w, st.hessian, st.count, method=method,
@@ -796,7 +798,8 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
     err, rerr = float(err), float(rerr)
     layers[path] = {"spec": str(spec), "error": err, "rtn_error": rerr,
                     "error_vs_rtn": err / rerr if rerr > 0 else 1.0,
-                    "rows": float(jnp.sum(st.count)), **extra}
+                    "rows": float(jnp.sum(st.count)), **extra,
+                    "seconds": time.perf_counter() - t_site}
   report = {"method": method, "layers": layers, "skipped": skipped,
             "seconds": time.perf_counter() - t0}
   return PTQResult(_write_back(model, params, front, new_leaves), scales, report)

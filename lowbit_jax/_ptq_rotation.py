@@ -14,7 +14,7 @@ per-head rotation is folded into each value/output pair
 ``rotate_checked`` does that on any ``fn(params, *args, **kwargs)`` and checks
 the rotated float model (run with the online-Hadamard rules) against the
 original on the first batch: the one rotation driver of ``ptq_params`` (every
-front end, through ``_ptq_scaling.as_function``) and of the Linen
+front end, through ``_ptq_scaling.as_function``) and so of the Linen
 ``apply_ptq``. ``rotation_ptq`` then rounds every rule-matched weight of the
 rotated model with GPTQ or RTN through ``ptq_params``'s per-site machinery,
 the rules carrying the online Hadamards, so that the captured Hessians are of

@@ -78,8 +78,8 @@ from lowbit_jax.algorithms.smoothquant import smoothquant_scales
 from lowbit_jax.core import fake_quant
 
 SCALING_METHODS = ("awq", "awq_noclip", "smoothquant", "rotation")
-# As in flax/ptq.py's apply_ptq: the clip search leaves the query and key
-# projections alone (their error passes through q.k and a softmax).
+# The clip search leaves the query and key projections alone (their error
+# passes through q.k and a softmax); apply_ptq's default too.
 AWQ_CLIP_SKIP = r".*(q_proj|k_proj|query|key)"
 EXPERT_REASON = (
     "MoE experts (ragged_dot) without an exact shared fold are rounded to nearest "

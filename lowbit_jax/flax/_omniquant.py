@@ -68,6 +68,7 @@ def run(model, cur, calib_batches, weight_spec, aspec, *, layers: str,
         apply_kwargs, other_variables, options: Optional[OmniQuantOptions]):
   """OmniQuant over a Linen model; returns ``(new params, report)`` (see apply_ptq)."""
   # pylint: disable=g-import-not-at-top
+  from lowbit_jax.flax import _ptq_linen
   from lowbit_jax.flax import ptq as ptq_lib
   node_at = ptq_lib._node  # pylint: disable=protected-access
   from lowbit_jax.flax._linen import quantize_linen
@@ -171,7 +172,7 @@ def run(model, cur, calib_batches, weight_spec, aspec, *, layers: str,
   if use_let:
     ref_out = forward(cur)
     probe_key = jax.random.key(opts.seed + 1)
-    for gi, (members, producer) in enumerate(ptq_lib._groups_with_extra(  # pylint: disable=protected-access
+    for gi, (members, producer) in enumerate(_ptq_linen._groups_with_extra(  # pylint: disable=protected-access
         cap, extra_folds)):
       members = [m for m in members if m in specs]
       if not members or all(specs[m] is None for m in members):
@@ -187,14 +188,14 @@ def run(model, cur, calib_batches, weight_spec, aspec, *, layers: str,
       elif not producer[1].startswith(blk + "/"):
         why = f"the producer {producer[1]!r} is outside block {blk!r}"
       else:
-        why = ptq_lib._foldable_kind(cur, producer[0], producer[1], k, True)  # pylint: disable=protected-access
+        why = _ptq_linen._foldable_kind(cur, producer[0], producer[1], k, True)  # pylint: disable=protected-access
       if why is None:
-        test = ptq_lib._probe_transform(jax.random.fold_in(probe_key, gi), k, True,  # pylint: disable=protected-access
+        test = _ptq_linen._probe_transform(jax.random.fold_in(probe_key, gi), k, True,  # pylint: disable=protected-access
                                         None)
         trial = test.fold_into(cur, *producer)
         for m in members:
           trial = with_leaves(trial, m, kernel=test.weight(node_at(trial, m)["kernel"]))
-        if not ptq_lib._outputs_close(ref_out, forward(trial), fold_rtol):  # pylint: disable=protected-access
+        if not _ptq_linen._outputs_close(ref_out, forward(trial), fold_rtol):  # pylint: disable=protected-access
           why = (f"folding into {producer[1]!r} changes the model output (its output "
                  "is used elsewhere too, e.g. by a residual connection)")
       if why is not None:
@@ -289,7 +290,7 @@ def run(model, cur, calib_batches, weight_spec, aspec, *, layers: str,
             "folds": folds, "blocks": blocks_report, "capture_seconds": capture_seconds,
             "omniquant": {"lwc": opts.lwc, "let": use_let, "steps": opts.steps},
             "total_seconds": time.perf_counter() - t_start,
-            "quant_scales": ptq_lib._nest({f"{p}/weight_scale": v  # pylint: disable=protected-access
+            "quant_scales": _ptq_linen._nest({f"{p}/weight_scale": v  # pylint: disable=protected-access
                                            for p, v in weight_scales.items()})}
   return cur, report
 
