@@ -155,7 +155,11 @@ def test_grouped_convs_are_reported_skipped(setup):
   # c2 reads relu(dw(.)): its scaling folds into the depthwise conv's outputs.
   (c2,) = [f for f in rep["folds"] if f["layers"] == ["c2"]]
   assert c2["status"] == "folded" and c2["producer"] == "dw"
-  np.testing.assert_array_equal(qp["dw"]["kernel"], params["dw"]["kernel"])
+  # dw itself is not quantized: its kernel is the original up to the fold's
+  # per-output-channel scaling (AWQ's search may pick alpha = 0, s = 1).
+  ratio = np.asarray(qp["dw"]["kernel"]) / np.asarray(params["dw"]["kernel"])
+  np.testing.assert_allclose(ratio, np.broadcast_to(ratio[:1, :1, :1], ratio.shape),
+                             rtol=1e-6)
   assert "dw" not in rep["layers"]
   assert not np.array_equal(qp["c1"]["kernel"], params["c1"]["kernel"])
 
