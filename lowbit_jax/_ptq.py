@@ -65,6 +65,8 @@ from lowbit_jax.core._spec import QuantSpec, as_spec
 _HI = lax.Precision.HIGHEST
 METHODS = ("gptq", "rtn", "awq", "awq_noclip", "smoothquant", "rotation", "omniquant",
            "quarot", "spinquant")
+# What rounds one site (quantize_site); the others transform weights first.
+ROUNDING = ("gptq", "rtn")
 
 
 class SiteStats(NamedTuple):
@@ -506,8 +508,10 @@ def _site(w, hessian, count, *, method, meta, spec, path, opts):
   GPTQ runs on its own (``algorithms.gptq`` compiles once per matrix shape and
   spec); what comes before and after it is jitted per site.
   """
-  if method not in METHODS:
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  if method not in ROUNDING:
+    raise ValueError(f"a site is rounded by one of {ROUNDING}, got {method!r} "
+                     "(the other methods transform weights before rounding: "
+                     "ptq_params)")
   if meta[0] == "ragged_dot":
     return _expert_site(w, hessian, count, method=method, meta=meta, spec=spec,
                         path=path, opts=opts)

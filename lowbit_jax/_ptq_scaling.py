@@ -82,10 +82,10 @@ SCALING_METHODS = ("awq", "awq_noclip", "smoothquant", "rotation")
 # passes through q.k and a softmax); apply_ptq's default too.
 AWQ_CLIP_SKIP = r".*(q_proj|k_proj|query|key)"
 EXPERT_REASON = (
-    "MoE experts (ragged_dot) without an exact shared fold are rounded to nearest "
-    "per expert, unscaled (a scaling per expert has no exact fold into a producer "
-    "all experts read; apply_ptq folds per-expert scalings into producing experts "
-    "on Linen models)")
+    "MoE experts (ragged_dot) without an exact shared fold are rounded per expert, "
+    "unscaled (AWQ: after its clip search on each expert's rows; a scaling per "
+    "expert has no exact fold into a producer all experts read; apply_ptq folds "
+    "per-expert scalings into producing experts on Linen models)")
 
 
 def as_function(model, params, front: str):
@@ -423,13 +423,10 @@ def scaling_ptq(model, params, batches: list, rules, *, method: str, front: str,
       st = cap.stats[p]
       w = _rules.logical_value(get(tree, p))
       mats.append(_ptq._as_matrix(w, meta=tuple(st[2:])))  # pylint: disable=protected-access
-      if st.op == "ragged_dot" and method != "smoothquant":
-        if cap.inputs[p].sample.shape[0] == 0:
-          raise ValueError(f"{p}: no calibration rows were routed to its experts "
-                           "for AWQ's search; raise max_samples")
       specs.append(_ptq._matrix_spec(cap.sites[p].weight, p))  # pylint: disable=protected-access
       if method != "smoothquant" and cap.inputs[p].sample.shape[0] == 0:
-        raise ValueError(f"{p}: no calibration rows were retained for AWQ's search; "
+        what = ("routed to its experts" if st.op == "ragged_dot" else "retained")
+        raise ValueError(f"{p}: no calibration rows were {what} for AWQ's search; "
                          "raise max_samples")
       inputs.append(cap.inputs[p])
       counts.append(st.count)
