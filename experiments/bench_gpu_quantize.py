@@ -59,6 +59,7 @@ Mosaic GPU interpreter on a 256x256 tensor on the CPU.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import os
 import platform
@@ -89,6 +90,11 @@ _SMOKE = flags.DEFINE_bool("smoke", False, "CPU dry run in the interpreter (256x
                            "2 calls)")
 _SWEEP = flags.DEFINE_bool("sweep", True, "time gpu_quantize.candidate_configs "
                            "(up to 4 tilings per format and op), not the heuristic's only")
+_UNROLL = flags.DEFINE_bool("unroll", True, "time the kernels with their row loops "
+                            "unrolled (the heuristic's choice); --nounroll: every tiling "
+                            "with its rows in a loop, which compiles in a fraction of "
+                            "the time (the unrolled MXFP4 kernels took 139-281 s to "
+                            "compile on the H200 machine)")
 _WORKERS = flags.DEFINE_integer("workers", 6, "compile threads (compiles run ahead "
                                 "of the timing)")
 _WRITE_CONFIGS = flags.DEFINE_bool("write_configs", False, "also write "
@@ -266,11 +272,12 @@ def _cfg_str(c) -> str:
 
 
 def plan(gq, k: int, n: int, dtype, formats: list, extra: list, sweep: bool,
-         smoke: bool) -> list:
+         smoke: bool, unroll: bool = True) -> list:
   """The jobs in the order they run: (kind, op, label, config or None for
   XLA's path). First XLA and the heuristic tiling for quantize and fake_quant
   of every format (they decide ENABLED), then the tiling sweep of the main
-  formats (``KINDS``), fwd+bwd of those, then the sweep of the rest."""
+  formats (``KINDS``), fwd+bwd of those, then the sweep of the rest. With
+  ``unroll=False`` every kernel tiling has its rows in a loop."""
   main = [f for f in formats if f in KINDS]
   rest = [f for f in formats if f not in KINDS]
   first, sweep_main, fb, sweep_rest = [], [], [], []
@@ -280,6 +287,8 @@ def plan(gq, k: int, n: int, dtype, formats: list, extra: list, sweep: bool,
       cands = gq.candidate_configs(kind, k, n, dtype, values,
                                    limit=4 if sweep else 1)
       cands += [c for c in extra if c not in cands]
+      if not unroll:
+        cands = list(dict.fromkeys(dataclasses.replace(c, unroll=False) for c in cands))
       first.append((kind, op, "xla", None))
       if not cands:
         continue
@@ -372,7 +381,8 @@ def main(argv):
   formats = _FORMATS.value or (list(KINDS) if _SMOKE.value else
                                list(KINDS) + [f for f in gq.supported_kinds()
                                               if f not in KINDS])
-  jobs = plan(gq, k, n, x.dtype, formats, extra, _SWEEP.value, _SMOKE.value)
+  jobs = plan(gq, k, n, x.dtype, formats, extra, _SWEEP.value, _SMOKE.value,
+              _UNROLL.value)
   run.log(f"{len(jobs)} jobs")
   # Compiles run ahead in worker threads (each variant compiled once); the
   # main thread checks and times them in order, one at a time on the device.
