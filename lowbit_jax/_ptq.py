@@ -65,8 +65,9 @@ from lowbit_jax.core._spec import QuantSpec, as_spec
 _HI = lax.Precision.HIGHEST
 METHODS = ("gptq", "rtn", "awq", "awq_noclip", "smoothquant", "rotation", "omniquant",
            "quarot", "spinquant")
-# What rounds one site (quantize_site); the others transform weights first.
-ROUNDING = ("gptq", "rtn")
+# What rounds one site (quantize_site, and the rotations' quantizer=); the
+# others transform weights first.
+ROUNDING = ("rtn", "gptq")
 
 
 class SiteStats(NamedTuple):
@@ -821,8 +822,8 @@ def _check_rotation_options(method: str, quantizer: str, online, heads, spinquan
       raise ValueError(f"{'=, '.join(given)}= apply to method='quarot' or "
                        f"'spinquant', not {method!r}")
     return
-  if quantizer not in _ptq_rotation.QUANTIZERS:
-    raise ValueError(f"quantizer must be one of {_ptq_rotation.QUANTIZERS}, got "
+  if quantizer not in ROUNDING:
+    raise ValueError(f"quantizer must be one of {ROUNDING}, got "
                      f"{quantizer!r}")
   if spinquant is not None and method != "spinquant":
     raise ValueError(f"spinquant= applies to method='spinquant', not {method!r}")

@@ -34,7 +34,6 @@ from lowbit_jax.algorithms.rotation import rotate_model
 from lowbit_jax.algorithms.spinquant import SpinQuantConfig, spinquant_model
 
 METHODS = ("quarot", "spinquant")
-QUANTIZERS = ("rtn", "gptq")
 _NAMES = {"quarot": "QuaRot", "spinquant": "SpinQuant"}
 # A model computing in a 16-bit float dtype rounds rotated activations
 # differently from the original ones, by a few of that dtype's epsilons

@@ -145,7 +145,7 @@ def test_gptq_lowers_each_experts_error_and_the_starved_expert_falls_back(setup)
                                SPEC, path="up/kernel")
   np.testing.assert_array_equal(wq, res.params["up"]["kernel"])
   np.testing.assert_array_equal(scale, res.weight_scales["up/kernel"])
-  with pytest.raises(ValueError, match=r"rounded by one of \('gptq', 'rtn'\)"):
+  with pytest.raises(ValueError, match=r"rounded by one of \('rtn', 'gptq'\)"):
     lb.quantize_site("awq", params["up"]["kernel"], cap.stats["up/kernel"], SPEC)
 
 

@@ -158,7 +158,7 @@ _LINEN_METHODS = tuple(m for m in METHODS if m not in SHARED_METHODS)
 # through q.k and a softmax, which the layer-wise objective does not see; the
 # paper's code does the same): ptq_params' default.
 AWQ_CLIP_SKIP = _ptq.AWQ_CLIP_SKIP
-QUANTIZERS = _ptq_rotation.QUANTIZERS
+QUANTIZERS = _ptq.ROUNDING
 _HI = jax.lax.Precision.HIGHEST
 WeightSpec = Union[None, QuantSpec, str, Format, Sequence[tuple]]
 
