@@ -68,6 +68,7 @@ def run(model, cur, calib_batches, weight_spec, aspec, *, layers: str,
         apply_kwargs, other_variables, options: Optional[OmniQuantOptions]):
   """OmniQuant over a Linen model; returns ``(new params, report)`` (see apply_ptq)."""
   # pylint: disable=g-import-not-at-top
+  from lowbit_jax._ptq_scaling import _close
   from lowbit_jax.flax import _ptq_linen
   from lowbit_jax.flax import ptq as ptq_lib
   node_at = ptq_lib._node  # pylint: disable=protected-access
@@ -195,7 +196,7 @@ def run(model, cur, calib_batches, weight_spec, aspec, *, layers: str,
         trial = test.fold_into(cur, *producer)
         for m in members:
           trial = with_leaves(trial, m, kernel=test.weight(node_at(trial, m)["kernel"]))
-        if not _ptq_linen._outputs_close(ref_out, forward(trial), fold_rtol):  # pylint: disable=protected-access
+        if not _close(ref_out, forward(trial), fold_rtol):
           why = (f"folding into {producer[1]!r} changes the model output (its output "
                  "is used elsewhere too, e.g. by a residual connection)")
       if why is not None:

@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowbit_jax._experts import clip_experts, expert_spec, quantize_experts
+from lowbit_jax._ptq_scaling import _close
 from lowbit_jax._rules import _expand_grid
 from lowbit_jax.algorithms._tree import with_leaves
 from lowbit_jax.algorithms.awq import awq_clip_search, awq_scales, awq_search
@@ -60,12 +61,12 @@ from lowbit_jax.algorithms.gptq import gptq
 from lowbit_jax.algorithms.rotation import random_hadamard
 from lowbit_jax.algorithms.rtn import rtn, rtn_scale, sqnr_db
 from lowbit_jax.algorithms.smoothquant import smoothquant_scales
-from lowbit_jax.core import QuantSpec, fake_quant, init_scale
+from lowbit_jax.core import QuantSpec, init_scale
 from lowbit_jax.flax._capture import (Capture, DenseStats, ExpertStats,
                                      capture_dense_stats, conv_matrix, conv_unmatrix,
                                      split_batch)
 from lowbit_jax.flax.ptq import (_HI, WeightSpec, _conv_spec, _node, _resolve_spec,
-                                 _spec_name)
+                                 _spec_name, output_sqnr)
 
 # ---------------------------------------------------------------------------
 # Transformations: x' = x M, w' = M^-1 w
@@ -155,18 +156,6 @@ def _foldable_kind(params: dict, kind: str, path: str, k: int, diagonal: bool):
   if "kernel" not in node or node["kernel"].ndim != 2 or node["kernel"].shape[1] != k:
     return f"producer {path!r} is not a 2-d Dense with {k} outputs"
   return None
-
-
-def _outputs_close(ref, out, rtol: float) -> bool:
-  ok = True
-  for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(out)):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if a.dtype.kind != "f":
-      continue
-    scale = max(float(np.max(np.abs(a))) if a.size else 0.0, 1e-6)
-    if not np.all(np.isfinite(b)) or float(np.max(np.abs(a - b))) > rtol * scale:
-      ok = False
-  return ok
 
 
 # ---------------------------------------------------------------------------
@@ -351,7 +340,7 @@ def _fold_why(params, producer, members: list, experts: list, diagonal: bool, ke
     trial = with_leaves(trial, m, kernel=probe.weight(_node(trial, m)["kernel"]))
   for m in experts:
     trial = with_leaves(trial, m, kernel=_scale_rows(_node(trial, m)["kernel"], probe.s))
-  if not _outputs_close(ref_out, forward(trial), rtol):
+  if not _close(ref_out, forward(trial), rtol):
     return (f"folding into {producer[1]!r} changes the model output (its output "
             "is used elsewhere too, e.g. by a residual connection)")
   return None
@@ -410,11 +399,7 @@ def _quantize_dense(path: str, w: jax.Array, st: DenseStats, spec: Optional[Quan
            "transform": method if tr is not None else "none", "fold": status,
            "weight_sqnr_db": sqnr_db(to_orig(w_ref), to_orig(w_q)), **clip_entry}
   if st.sample.shape[0]:
-    x = st.sample
-    ref = jnp.matmul(x, w_ref.astype(jnp.float32), precision=_HI)
-    xq = fake_quant(x, aspec) if aspec is not None else x
-    out = jnp.matmul(xq, w_q.astype(jnp.float32), precision=_HI)
-    entry["output_sqnr_db"] = sqnr_db(ref, out)
+    entry["output_sqnr_db"] = output_sqnr(st.sample, w_ref, w_q, aspec)
   entry["seconds"] = time.perf_counter() - t1
   return (tr.unweight(w_q) if simulated else w_q), entry, scale
 
@@ -570,7 +555,7 @@ def _conv_transforms(cur, cap: Capture, stats: dict, method: str,
     if why is None:
       probe = jnp.exp(jax.random.uniform(jax.random.fold_in(key, len(folds)), (cin,),
                                          jnp.float32, -0.7, 0.7))
-      if not _outputs_close(ref_out, forward(_conv_fold(cur, cap, producer, here,
+      if not _close(ref_out, forward(_conv_fold(cur, cap, producer, here,
                                                         probe)), rtol):
         why = (f"folding into {producer[1]!r} changes the model output (its output "
                "is also used elsewhere, e.g. by a residual connection, or passes "
@@ -665,11 +650,7 @@ def _quantize_convs(cur, cap: Capture, stats: dict, method: str,
              "fold": "folded" if folded else "none", "conv": True,
              "weight_sqnr_db": sqnr_db(w2 / s_rows, w_q / s_rows), **clip_entry}
     if st.sample.shape[0]:
-      x = st.sample
-      ref = jnp.matmul(x, w2.astype(jnp.float32), precision=_HI)
-      xq = fake_quant(x, aspec) if aspec is not None else x
-      entry["output_sqnr_db"] = sqnr_db(
-          ref, jnp.matmul(xq, w_q.astype(jnp.float32), precision=_HI))
+      entry["output_sqnr_db"] = output_sqnr(st.sample, w2, w_q, aspec)
     entry["seconds"] = time.perf_counter() - t1
     report_layers[p] = entry
   return cur
@@ -732,7 +713,7 @@ def _expert_down_pairs(params, stats, expert_layers, forward, ref_out, key,
       trial = with_leaves(params, q, kernel=(wq.astype(jnp.float32)
                                              / s[:, None, :]).astype(wq.dtype))
       trial = with_leaves(trial, p, kernel=_scale_rows(wp, s))
-      if _outputs_close(ref_out, forward(trial), rtol):
+      if _close(ref_out, forward(trial), rtol):
         pairs[p] = q
         break
   return pairs
@@ -831,12 +812,8 @@ def _quantize_experts(w: jax.Array, st: ExpertStats, spec: Optional[QuantSpec],
   w = w if ref is None else ref
   entry["weight_sqnr_db"] = sqnr_db(w, w_q)
   if st.sample.shape[0]:
-    x = st.sample
-    sel = st.sample_group
-    ref = jnp.einsum("sk,skn->sn", x, w[sel].astype(jnp.float32), precision=_HI)
-    xq = fake_quant(x, aspec) if aspec is not None else x
-    out = jnp.einsum("sk,skn->sn", xq, w_q[sel].astype(jnp.float32), precision=_HI)
-    entry["output_sqnr_db"] = sqnr_db(ref, out)
+    entry["output_sqnr_db"] = output_sqnr(st.sample, w, w_q, aspec,
+                                          groups=st.sample_group)
   entry["seconds"] = time.perf_counter() - t0
   return w_q, entry, scale
 

@@ -592,17 +592,28 @@ def _layer_entry(st: _ptq.SiteStats, spec: Optional[QuantSpec], shared: dict, w,
     return entry
   entry["weight_sqnr_db"] = sqnr_db(w, wq)
   if inputs is not None and inputs.sample.shape[0]:
-    x = inputs.sample
-    xq = fake_quant(x, aspec) if aspec is not None else x
     if st.op == "ragged_dot":
-      sel = inputs.sample_group
-      ref = jnp.einsum("sk,skn->sn", x, w[sel].astype(jnp.float32), precision=_HI)
-      out = jnp.einsum("sk,skn->sn", xq, wq[sel].astype(jnp.float32), precision=_HI)
+      entry["output_sqnr_db"] = output_sqnr(inputs.sample, w, wq, aspec,
+                                            groups=inputs.sample_group)
     else:
-      ref = jnp.matmul(x, st.as_matrix(w).astype(jnp.float32), precision=_HI)
-      out = jnp.matmul(xq, st.as_matrix(wq).astype(jnp.float32), precision=_HI)
-    entry["output_sqnr_db"] = sqnr_db(ref, out)
+      entry["output_sqnr_db"] = output_sqnr(inputs.sample, st.as_matrix(w),
+                                            st.as_matrix(wq), aspec)
   return entry
+
+
+def output_sqnr(x: jax.Array, w: jax.Array, w_q: jax.Array, aspec: Optional[QuantSpec],
+                groups: Optional[jax.Array] = None) -> float:
+  """SQNR (dB) of a layer's outputs on retained input rows ``x [S, K]``: ``x @ w``
+  against ``fake_quant(x, aspec) @ w_q`` (``[K, N]`` kernels), or for an expert
+  stack ``[E, K, N]`` each row against the kernel of its expert ``groups[s]``."""
+  xq = fake_quant(x, aspec) if aspec is not None else x
+  if groups is None:
+    def mm(a, k):
+      return jnp.matmul(a, k.astype(jnp.float32), precision=_HI)
+  else:
+    def mm(a, k):
+      return jnp.einsum("sk,skn->sn", a, k[groups].astype(jnp.float32), precision=_HI)
+  return sqnr_db(mm(x, w), mm(xq, w_q))
 
 
 def _conv_spec(spec: QuantSpec, path: str, shape: tuple, axes: tuple) -> QuantSpec:
