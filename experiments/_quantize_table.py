@@ -5,38 +5,67 @@ table. No flags here, so tests can import it beside other benches.
 """
 
 
-def enabled_from(res: dict) -> set:
-  """Formats whose fastest exact kernel tiling beat XLA in both quantize and
-  fake_quant."""
+# The dispatcher's operations (``gpu_quantize.OPS``) and the benchmark row
+# that decides each: fake_quant under differentiation by the fwd+bwd rows.
+OPS = {"quantize": "quantize", "fake_quant": "fake_quant",
+       "fake_quant_grad": "fwd+bwd"}
+
+# A kernel is enabled for an operation only where it was at least this much
+# faster than XLA's path: closer than that, two runs disagree (int8 per
+# tensor's fake_quant: 121.1 against 121.5 us in one run).
+MARGIN = 0.02
+
+
+def _best_and_xla(res: dict):
   best, xla = {}, {}
   for r in res["rows"]:
-    if r["op"] == "fwd+bwd" or r.get("us") is None:
+    if r.get("us") is None:
       continue
     key = (r["kind"], r["op"])
     if r["tiling"] == "xla":
       xla[key] = r["us"]
     elif r.get("exact"):
       best[key] = min(best.get(key, float("inf")), r["us"])
-  kinds = {k for k, _ in best}
-  return {k for k in kinds if all(
-      (k, op) in best and (k, op) in xla and best[(k, op)] < xla[(k, op)]
-      for op in ("quantize", "fake_quant"))}
+  return best, xla
 
 
-def timed_kinds(res: dict) -> set:
-  """The formats whose XLA and kernel rows this run timed for both ops."""
+def enabled_from(res: dict) -> dict:
+  """``{op: sorted formats}``: per dispatcher operation, the formats whose
+  fastest exact kernel tiling was at least ``MARGIN`` faster than XLA's path
+  in the rows that decide it (``OPS``)."""
+  best, xla = _best_and_xla(res)
+  out = {}
+  for op, row_op in OPS.items():
+    out[op] = sorted(k for (k, o) in best if o == row_op and (k, o) in xla
+                     and best[(k, o)] < (1.0 - MARGIN) * xla[(k, o)])
+  return out
+
+
+def timed_kinds(res: dict) -> dict:
+  """``{op: formats}``: those whose XLA and kernel rows this run timed for
+  that operation (the rows ``OPS`` names)."""
   timed = {}
   for r in res["rows"]:
-    if r["op"] in ("quantize", "fake_quant") and r.get("us") is not None:
-      timed.setdefault(r["kind"], set()).add((r["op"], r["tiling"] == "xla"))
-  return {k for k, v in timed.items() if len(v) == 4}
+    if r.get("us") is not None:
+      timed.setdefault((r["kind"], r["op"]), set()).add(r["tiling"] == "xla")
+  return {op: {k for (k, o), v in timed.items() if o == row_op and len(v) == 2}
+          for op, row_op in OPS.items()}
 
 
-def merge_tables(old: dict, new: dict, timed: set) -> dict:
-  """``new`` over ``old``: the formats in ``timed`` (fully measured by the new
-  run) take the new run's entries and enabled state; the others keep the old
-  table's. Each entry records the run it came from (``started``); the table
-  lists every run's command."""
+def _enabled_of(table: dict) -> dict:
+  """A table's "enabled" as ``{op: set}`` (a list, from tables written before
+  the operations were decided separately, covers quantize and fake_quant)."""
+  e = table.get("enabled", {})
+  if isinstance(e, (list, tuple)):
+    e = {"quantize": e, "fake_quant": e}
+  return {op: set(e.get(op, ())) for op in OPS}
+
+
+def merge_tables(old: dict, new: dict, timed: dict) -> dict:
+  """``new`` over ``old``, per operation: the formats in ``timed[op]``
+  (measured by the new run for that operation) take the new run's entry and
+  enabled state for it; the others keep the old table's. Each entry records
+  the run it came from (``started``); the table lists every run's command."""
   def runs(t):
     return t.get("runs") or [dict(command=t.get("command"), started=t.get("started"),
                                   device=t.get("device"), jax=t.get("jax"))]
@@ -44,16 +73,20 @@ def merge_tables(old: dict, new: dict, timed: set) -> dict:
     raise ValueError(f"--merge_configs: the old table was measured on shape "
                      f"{old.get('shape')}, this run on {new.get('shape')}; tilings "
                      "for different shapes do not merge")
-  entries, enabled = {}, set()
+  entries = {}
   for kind, ops in old.get("entries", {}).items():
-    if kind not in timed:
-      entries[kind] = {op: {"started": old.get("started"), **e} for op, e in ops.items()}
-  enabled |= {k for k in old.get("enabled", []) if k not in timed}
+    for op, e in ops.items():
+      if kind not in timed.get(op, ()):
+        entries.setdefault(kind, {})[op] = {"started": old.get("started"), **e}
   for kind, ops in new.get("entries", {}).items():
-    if kind in timed:
-      entries[kind] = {op: {**e, "started": new.get("started")} for op, e in ops.items()}
-  enabled |= {k for k in new.get("enabled", []) if k in timed}
-  out = dict(new, entries=entries, enabled=sorted(enabled))
+    for op, e in ops.items():
+      if kind in timed.get(op, ()):
+        entries.setdefault(kind, {})[op] = {**e, "started": new.get("started")}
+  was, now = _enabled_of(old), _enabled_of(new)
+  enabled = {op: sorted({k for k in was[op] if k not in timed.get(op, ())}
+                        | {k for k in now[op] if k in timed.get(op, ())})
+             for op in OPS}
+  out = dict(new, entries=entries, enabled=enabled)
   out["runs"] = [r for r in runs(old) if r not in runs(new)] + runs(new)
   return out
 
@@ -77,7 +110,7 @@ def config_table(res: dict) -> dict:
                                      xla_us=_xla_us(res, r["kind"], r["op"]))
   return dict(device=res["device"], jax=res["jax"], command=res["command"],
               shape=res.get("shape"), started=res["started"],
-              enabled=sorted(enabled_from(res)), entries=ent)
+              enabled=enabled_from(res), entries=ent)
 
 
 def _xla_us(res, kind, op):

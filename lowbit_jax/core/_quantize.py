@@ -838,7 +838,7 @@ def _values(q, total, zp, bs, shape):
 # The one-pass GPU kernel (lowbit_jax.kernels.gpu_quantize)
 
 
-def _kernel_ok(x, spec: QuantSpec, values: bool, **kw) -> bool:
+def _kernel_ok(x, spec: QuantSpec, values: bool, grad: bool = False, **kw) -> bool:
   """Whether the one-pass Mosaic GPU quantizer takes this call (GPU backend,
   a format its ``ENABLED`` lists, default keywords; ``gpu_quantize.dispatch``).
   The jnp path below stays the reference and runs everywhere else."""
@@ -848,7 +848,7 @@ def _kernel_ok(x, spec: QuantSpec, values: bool, **kw) -> bool:
   except RuntimeError:
     return False
   from lowbit_jax.kernels import gpu_quantize  # pylint: disable=g-import-not-at-top
-  return gpu_quantize.dispatch(x, spec, values=values, **kw)
+  return gpu_quantize.dispatch(x, spec, values=values, grad=grad, **kw)
 
 
 # ---------------------------------------------------------------------------
@@ -1184,7 +1184,7 @@ def _never_clips(spec: QuantSpec, amax, tensor_amax) -> bool:
 
 
 def _fq_fwd(x, spec, key, amax, amin, tensor_amax):
-  if _kernel_ok(x, spec, True, key=key, amax=amax, amin=amin,
+  if _kernel_ok(x, spec, True, grad=True, key=key, amax=amax, amin=amin,
                 tensor_amax=tensor_amax):
     # The one-pass GPU kernel: the value, and the clip mask where the
     # gradient needs one (uint8, 1 where clipped).

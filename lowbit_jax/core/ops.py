@@ -645,34 +645,54 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None,
     # GEMM fusion) is slower than the plain 16-bit GEMM by more than the cost
     # of the extra pass (_MATERIALIZE_MIN_ROWS).
     rv = lax.optimization_barrier(rv)
+  res = jnp.dtype(preferred_element_type or out_dtype)
   y = lax.dot_general(lv.astype(out_dtype).astype(ct), rv,
-                      dn, precision, preferred_element_type=jnp.float32)
-  return y.astype(preferred_element_type or out_dtype)
+                      dn, precision, preferred_element_type=_dot_dtype(ct, res))
+  return y.astype(res)
+
+
+def _dot_dtype(ct, result_dtype):
+  """The dtype the reference dot writes its product in.
+
+  The dot accumulates in float32 in every case. With 16-bit operands whose
+  result is wanted in that same 16-bit dtype (a bf16 model on GPU or TPU), the
+  dot writes it directly: XLA's GPU GEMMs (cuBLAS with a float32 compute type,
+  its Triton GEMMs) and the TPU's MXU accumulate a 16-bit dot in float32 and
+  round once to the output, the value a float32 product converted to 16 bits
+  has, without writing the float32 product and converting it in a second pass
+  (on the H200, x[4096, 8192] @ W[8192, 8192]: a 49 us convert and a slower
+  GEMM writing 128 MB instead of 64, benchmarks/primitives_h200.md's
+  ``top_kernels``). Otherwise (float32 compute, a float32 result asked for) the
+  product is float32.
+  """
+  ct, result_dtype = jnp.dtype(ct), jnp.dtype(result_dtype)
+  return ct if ct.itemsize == 2 and result_dtype == ct else jnp.dtype(jnp.float32)
 
 
 # From this many activation rows on (16-bit compute only), a weight whose codes
 # cannot go into the dot directly is dequantized in its own pass and the GEMM
 # runs on the result (``optimization_barrier`` keeps XLA from fusing the
-# dequantize into the GEMM's operand load). Off: two H200 runs of
-# experiments/bench_primitives.py (benchmarks/primitives_h200.md and
-# benchmarks/primitives_h200_mm4096.md, x[4096, 8192] @ W[8192, 8192], int4
-# g128) disagree: materialized 778 vs fused 796 us in one, 865 vs 798 us in
-# the other (writing it transposed as [K, N], tried at commit 657192d: 826);
-# per-channel int8/fp8 codes in the dot were the fastest order in both. The
-# benchmark times every order at every M.
+# dequantize into the GEMM's operand load). Off: at the M where it could pay,
+# XLA already writes the dequantized weight in its own fusion and runs the
+# library GEMM on it. H200, x[M, 8192] @ W[8192, 8192] int4 g128, the dot
+# writing bf16 (benchmarks/primitives_h200_mm_s24.md): fused 225 / 735 us,
+# materialized 225 / 736 us at M = 1024 / 4096. The benchmark times every
+# order at every M.
 _MATERIALIZE_MIN_ROWS = 1 << 62
 
 
 # Up to this many activation rows the reference dot takes per-channel 8-bit
 # codes directly (_scale_after_dot): XLA then fuses their convert into one
 # GEMM kernel that reads the weight once (a GEMV at decode reads 1 byte per
-# weight instead of 1 + 2 + 2); above it the weight would be dequantized first.
-# Measured on the H200 (benchmarks/primitives_h200.md, "other order" column,
-# x[M, 8192] @ W[8192, 8192]): codes in the dot won at every M timed, int8
-# 29/27/99/796 us against 122/123/134/813 us dequantizing first at M = 1, 16,
-# 256, 4096 (fp8: 24/23/70/780 against 125/124/134/813), so there is no limit.
-# experiments/bench_primitives.py times both orders at each M.
-_CODES_IN_DOT_MAX_ROWS = 1 << 62
+# weight instead of 1 + 2 + 2); above it the weight is dequantized first and
+# the GEMM writes the 16-bit result directly (``_dot_dtype``). H200,
+# x[M, 8192] @ W[8192, 8192] (benchmarks/primitives_h200_mm_s24.md), codes
+# against dequantize-first: int8 29 / 26 / 99 / 251 / 799 us against
+# 121 / 123 / 129 / 251 / 760 at M = 1, 16, 256, 1024, 4096; fp8 24 / 23 /
+# 69 / 224 / 777 against 122 / 123 / 130 / 252 / 758. At M = 4096 XLA converts
+# the codes in a pass of their own (81 us) and the GEMM writes float32 for the
+# scale to multiply. Between 1024 and 4096 not timed.
+_CODES_IN_DOT_MAX_ROWS = 1024
 
 
 def _prod(v) -> int:
@@ -858,9 +878,10 @@ def einsum(subscripts: str, lhs, rhs, *, lhs_spec=None, rhs_spec=None, grad_spec
                           hist, history_reduce)
   if mode == "real":
     ct = _compute_dtype(out_dtype)
+    res = jnp.dtype(preferred_element_type or out_dtype)
     y = jnp.einsum(subscripts, lv.astype(ct), rv.astype(ct),
-                   precision=precision, preferred_element_type=jnp.float32)
-    return y.astype(preferred_element_type or out_dtype)
+                   precision=precision, preferred_element_type=_dot_dtype(ct, res))
+    return y.astype(res)
   return jnp.einsum(subscripts, lv.astype(out_dtype), rv.astype(out_dtype),
                     precision=precision, preferred_element_type=preferred_element_type)
 
@@ -992,8 +1013,9 @@ def ragged_dot(lhs, rhs, group_sizes, precision=None, preferred_element_type=Non
                     name="lhs")
   rv = _qdq_operand(rhs, rs, k_r, mode, None, None, rhs_scale, name="rhs")
   ct = _compute_dtype(out_dtype)
-  y = _ragged(lv.astype(ct), rv.astype(ct), group_sizes, precision, jnp.float32)
-  return y.astype(preferred_element_type or out_dtype)
+  res = jnp.dtype(preferred_element_type or out_dtype)
+  y = _ragged(lv.astype(ct), rv.astype(ct), group_sizes, precision, _dot_dtype(ct, res))
+  return y.astype(res)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))

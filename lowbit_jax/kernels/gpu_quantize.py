@@ -49,9 +49,10 @@ the roofline's 2 + 1, so its quantize reaches at most 60% of the roofline
 unless the L2 serves part of the second read (fake_quant: 6 against 4, 67%).
 
 ``dispatch(x, spec, ...)`` is what ``lowbit_jax.quantize`` and ``fake_quant``
-ask on every call: a kernel runs only on a GPU backend, for a format in
-``ENABLED`` (the formats a measured run found faster than XLA's path; see
-``experiments/bench_gpu_quantize.py``), for the default keywords only (no
+ask on every call: a kernel runs only on a GPU backend, for a format
+``ENABLED`` lists for that operation (quantize, fake_quant, fake_quant under
+differentiation: the formats a measured run found faster than XLA's path for
+it; see ``experiments/bench_gpu_quantize.py``), for the default keywords only (no
 static ranges, learned scales, clipping, stochastic rounding, padding), where
 the shape fits the tiling. The jnp path stays the reference, and is what runs
 on CPU and TPU. Under ``vmap`` the jnp path runs (the kernel has no batching
@@ -85,18 +86,6 @@ from lowbit_jax.core._qarray import QArray, default_pack_axis, normalize_axis, p
 from lowbit_jax.core._spec import QuantSpec, as_spec
 from lowbit_jax.formats import BlockFormat, FloatFormat, IntFormat
 from lowbit_jax.kernels import _gpu_common as common
-
-# Formats the dispatcher sends to the kernel: those a GPU run of
-# experiments/bench_gpu_quantize.py measured faster than XLA's path for both
-# quantize and fake_quant, bit-exact (ids as ``kind_of`` gives them). H200,
-# jax 0.11.2, bf16 [8192, 8192] (benchmarks/gpu_quantize_h200.md): MXFP8
-# quantize 134.3 -> 57.5 us, fake_quant 187.3 -> 79.4 us, both exact. int4 g128
-# quantize was exact and 1.18x faster (122.4 -> 103.8 us) but its fake_quant
-# was not timed (the run's time budget), and the other formats were not
-# reached: they stay on XLA's path until measured. Where the measured tiling
-# table (gpu_quantize_configs.json, ``_table``) exists, its "enabled" list,
-# written by the same bench (--write_configs) from a whole run, replaces it.
-_ENABLED_MEASURED = frozenset({"mxfp8_e4m3"})
 
 _F32_MAX = np.float32(np.finfo(np.float32).max)
 _E4M3_MAX = 448.0
@@ -311,6 +300,9 @@ def default_config(kind: str, k: int, n: int, x_dtype,
     values: the fake_quant forward (values out) instead of quantize (codes
       and scales out).
   """
+  forced_cfg = (getattr(_state, "configs", None) or {}).get(kind)
+  if forced_cfg is not None and _fits(kind, k, n, x_dtype, forced_cfg, values):
+    return forced_cfg
   ent = _table().get("entries", {}).get(kind, {}).get(
       "fake_quant" if values else "quantize")
   if ent:
@@ -360,8 +352,39 @@ def heuristic_config(kind: str, k: int, n: int, x_dtype,
   return dataclasses.replace(cfg, k_per_cta=tk * per)
 
 
-# The formats the dispatcher sends to the kernel (see _ENABLED_MEASURED).
-ENABLED: frozenset = frozenset(_table().get("enabled", _ENABLED_MEASURED))
+# The three operations the dispatcher decides separately, because a kernel
+# can win one and lose another (H200, benchmarks/gpu_quantize_h200_s24.md:
+# MXFP4's fake_quant 191.0 -> 172.1 us with the kernel, but its forward under
+# differentiation, which also writes the clip mask the straight-through
+# gradient reads, makes fwd+bwd 214.7 -> 315.9 us): ``quantize`` (codes and
+# scales out), ``fake_quant`` (the value, not differentiated) and
+# ``fake_quant_grad`` (fake_quant's forward under ``jax.grad``/``vjp``).
+OPS = ("quantize", "fake_quant", "fake_quant_grad")
+
+
+def _enabled(table: dict) -> dict:
+  """``{op: formats}`` from the measured table's "enabled" entry.
+
+  A list (tables written before the operations were decided separately)
+  enables its formats for ``quantize`` and ``fake_quant``, the two it was
+  measured for; ``fake_quant_grad`` then stays on XLA's path. No table: no
+  format.
+  """
+  e = table.get("enabled", {})
+  if isinstance(e, (list, tuple)):
+    e = {"quantize": e, "fake_quant": e}
+  unknown = set(e) - set(OPS)
+  if unknown:
+    raise ValueError(f"{TABLE_PATH}: 'enabled' names unknown operations "
+                     f"{sorted(unknown)}; expected some of {OPS}")
+  return {op: frozenset(e.get(op, ())) for op in OPS}
+
+
+# What the dispatcher sends to the kernel, per operation: the formats a GPU
+# run of experiments/bench_gpu_quantize.py (--write_configs) measured
+# bit-exact and at least 2% faster than XLA's path for that operation
+# (``gpu_quantize_configs.json``; BUILD.md has the runs and their figures).
+ENABLED: dict = _enabled(_table())
 
 
 def candidate_configs(kind: str, k: int, n: int, x_dtype, values: bool = False,
@@ -1140,21 +1163,24 @@ _state = threading.local()
 
 
 @contextlib.contextmanager
-def forced(kinds):
-  """Within the block, dispatch uses ``kinds`` (an iterable of ids, e.g.
-  ``supported_kinds()``, or ``()`` to keep every call on the XLA path) instead
-  of ``ENABLED``; for benchmarks and tests. Thread-local."""
-  prev = getattr(_state, "kinds", None)
+def forced(kinds, configs: Optional[dict] = None):
+  """Within the block, dispatch sends ``kinds`` (an iterable of ids, e.g.
+  ``supported_kinds()``, or ``()`` to keep every call on the XLA path) to the
+  kernel for every operation, instead of ``ENABLED``; ``configs`` (``{kind:
+  Config}``) replaces ``default_config``'s tiling for those kinds where it
+  fits. For benchmarks and tests. Thread-local."""
+  prev = getattr(_state, "kinds", None), getattr(_state, "configs", None)
   _state.kinds = frozenset(kinds)
+  _state.configs = dict(configs or {})
   try:
     yield
   finally:
-    _state.kinds = prev
+    _state.kinds, _state.configs = prev
 
 
-def _enabled_kinds() -> frozenset:
+def _enabled_kinds(op: str) -> frozenset:
   k = getattr(_state, "kinds", None)
-  return ENABLED if k is None else k
+  return ENABLED[op] if k is None else k
 
 
 def _on_hopper() -> bool:
@@ -1167,18 +1193,24 @@ def _on_hopper() -> bool:
   return dev.platform == "gpu" and cc is not None and str(cc).startswith("9.")
 
 
-def dispatch(x, spec: QuantSpec, *, values: bool = False, key=None, amax=None,
-             amin=None, tensor_amax=None, scale=None, clip=None,
-             zero_point=None) -> bool:
+def dispatch(x, spec: QuantSpec, *, values: bool = False, grad: bool = False,
+             key=None, amax=None, amin=None, tensor_amax=None, scale=None,
+             clip=None, zero_point=None) -> bool:
   """Whether ``lowbit_jax.quantize`` (``values=False``) or ``fake_quant``'s
-  forward (``values=True``) should run the kernel.
+  forward (``values=True``; ``grad=True`` under differentiation) should run
+  the kernel.
 
-  True only on a GPU backend, for an enabled format (``ENABLED``), bfloat16 or
+  True only on a GPU backend, for a format enabled for that operation
+  (``ENABLED["quantize" | "fake_quant" | "fake_quant_grad"]``), bfloat16 or
   float32 ``x`` of rank >= 2 whose shape fits ``default_config``, round to
   nearest, ``clip_ratio`` 1, no padding, and none of the range keywords
   (NVFP4 may take ``tensor_amax``).
   """
-  kinds = _enabled_kinds()
+  if grad and not values:
+    raise ValueError("dispatch: grad=True is fake_quant's forward under "
+                     "differentiation; pass values=True with it")
+  kinds = _enabled_kinds(
+      "quantize" if not values else "fake_quant_grad" if grad else "fake_quant")
   if not kinds:
     return False
   try:
