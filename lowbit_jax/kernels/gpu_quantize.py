@@ -320,18 +320,22 @@ def heuristic_config(kind: str, k: int, n: int, x_dtype,
   """A tiling for ``[k, n]`` from the kernel's limits alone (None where none
   fits).
 
-  One block per step (at least 32 rows) and one stage, so that a CTA's
-  shared memory stays small and several CTAs share an SM (one warpgroup
-  each); 256 columns (128 for blocks of 128, whose tiles are four times
+  One block per step (at least 32 rows), so that a CTA's shared memory stays
+  small and several CTAs share an SM (one warpgroup each): one stage for the
+  block formats, two for a scale given for the whole axis (per channel, per
+  tensor); 256 columns (128 for blocks of 128, whose tiles are four times
   taller), or 128 where 256 would not fit; the rows in a loop, not unrolled.
   Rows per CTA: as many steps as keep the grid at 4 CTAs per SM or more on
-  132 SMs. Measured on the H200 (bf16 8192x8192,
-  benchmarks/gpu_quantize_h200_s24c.md): one stage beat two for every block
-  format swept (int4 g128 quantize 120.1 -> 81.8 us and fake_quant 337.4 ->
-  147.0, fp4 g64 fake_quant 443.0 -> 185.5, MXFP8 quantize 62.0 -> 59.0);
-  rows in a loop compile in 1-4 s where unrolled ones took 35-280 s
-  (benchmarks/gpu_quantize_h200_s23.json's ``compile_s``), and ran as fast
-  or faster except MXFP8 (unrolled 57.5 / 80.0 us against 59.0 / 93.4).
+  132 SMs. Measured on the H200 (bf16 8192x8192): one stage beat two for
+  every block format swept (benchmarks/gpu_quantize_h200_s24c.md: int4 g128
+  quantize 120.1 -> 81.8 us and fake_quant 337.4 -> 147.0, fp4 g64
+  fake_quant 443.0 -> 185.5, MXFP8 quantize 62.0 -> 59.0) but lost for per
+  channel (int4 fake_quant 129.2 with two stages in
+  benchmarks/gpu_quantize_h200_s24b.md, 137.5 with one in ..._s24d.md; int8
+  132.8 against 137.2); rows in a loop compile in 1-4 s where unrolled ones
+  took 35-280 s (benchmarks/gpu_quantize_h200_s23.json's ``compile_s``), and
+  ran as fast or faster except MXFP8 (unrolled 57.5 / 80.0 us against 59.0
+  / 93.4).
 
   Args:
     As ``default_config``.
@@ -344,7 +348,8 @@ def heuristic_config(kind: str, k: int, n: int, x_dtype,
   for tn in wide:
     if n % tn:
       continue
-    cfg = Config(tile_n=tn, tile_k=tk, k_per_cta=tk, stages=1, unroll=False)
+    cfg = Config(tile_n=tn, tile_k=tk, k_per_cta=tk, stages=1 if block else 2,
+                 unroll=False)
     if _fits(kind, k, n, x_dtype, dataclasses.replace(cfg, k_per_cta=k), values):
       break
   else:
@@ -398,8 +403,8 @@ def candidate_configs(kind: str, k: int, n: int, x_dtype, values: bool = False,
                       limit: int = 4) -> list:
   """Tilings worth timing for ``[k, n]`` (at most ``limit``, the heuristic's
   first): the heuristic, the table's entry, then (per-channel and per-tensor
-  formats) the grid reversed, (blocks of 128) 256 columns, then two and
-  three stages, the other ``tile_n``, twice the rows per CTA, and the rows
+  formats) the grid reversed, (blocks of 128) 256 columns, then the other
+  of one and two stages, three stages, the other ``tile_n``, twice the rows per CTA, and the rows
   unrolled; only those within the kernel's shared-memory and shape
   limits."""
   base = heuristic_config(kind, k, n, x_dtype, values)
@@ -408,7 +413,7 @@ def candidate_configs(kind: str, k: int, n: int, x_dtype, values: bool = False,
   out = [base]
   tab = default_config(kind, k, n, x_dtype, values)
   rep = dataclasses.replace
-  more = [rep(base, stages=2), rep(base, stages=3),
+  more = [rep(base, stages=3 - base.stages), rep(base, stages=3),
           rep(base, tile_n=384 - base.tile_n), rep(base, k_per_cta=2 * base.k_per_cta),
           rep(base, unroll=True)]
   if _block_of(kind) == 0:  # a scale reduced by XLA first: its L2 lines

@@ -651,8 +651,11 @@ def test_compiled_given_scale_kernel_matches_jnp_path(kind, shape):
   with gq.forced(()):
     want_q = jax.jit(lambda a: lj.quantize(a, spec))(x)
     want_v = jax.jit(lambda a: lj.fake_quant(a, spec))(x)
+  # The table's (or heuristic's) tiling, and another with three stages, the
+  # grid reversed and (on the small shape, where the compile is short) the
+  # rows unrolled.
   for cfg in (None, gq.Config(tile_n=128, tile_k=64, k_per_cta=256, stages=3,
-                              reverse=True)):
+                              reverse=True, unroll=k == 1024)):
     got_q = jax.jit(lambda a, c=cfg: gq.quantize(a, spec, config=c))(x)
     got_v = jax.jit(lambda a, c=cfg: gq.fake_quant_forward(a, spec, config=c))(x)
     bad = ~np.isfinite(np.asarray(x.astype(jnp.float32))).all(axis=0)
