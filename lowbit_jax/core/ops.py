@@ -661,7 +661,7 @@ def _dot_dtype(ct, result_dtype):
   round once to the output, the value a float32 product converted to 16 bits
   has, without writing the float32 product and converting it in a second pass
   (on the H200, x[4096, 8192] @ W[8192, 8192]: a 49 us convert and a slower
-  GEMM writing 128 MB instead of 64, benchmarks/primitives_h200.md's
+  GEMM writing 128 MB instead of 64, benchmarks/primitives_h200_20261203_2239.json's
   ``top_kernels``). Otherwise (float32 compute, a float32 result asked for) the
   product is float32.
   """
