@@ -328,11 +328,23 @@ def _sum_div(v: jax.Array, red, n) -> jax.Array:
 
   A block of values near the float32 maximum has an infinite sum but a finite
   mean: there the sum is taken of ``v * 2**-64`` and the mean scaled back.
+  On the CPU that second sum runs only when some block's sum overflowed (a
+  ``lax.cond``; the same numbers either way): XLA's CPU reductions each write
+  their input out first, so an unconditional second sum made ternary
+  fake_quant 1.8x slower than the jnp reference (benchmarks/primitives_cpu.md).
+  On GPU and TPU both sums fuse into one pass over ``v``, and a conditional
+  would cost a device-to-host sync, so both always run there.
   """
   total = jnp.sum(v, axis=red)
-  small = _div(jnp.sum(v * np.float32(2.0 ** -64), axis=red), n) * np.float32(2.0 ** 64)
-  return jnp.where((total == np.float32(np.inf)) & jnp.isfinite(small), small,
-                   _div(total, n))
+
+  def rescaled():
+    small = _div(jnp.sum(v * np.float32(2.0 ** -64), axis=red), n) * np.float32(2.0 ** 64)
+    return jnp.where((total == np.float32(np.inf)) & jnp.isfinite(small), small,
+                     _div(total, n))
+  if jax.default_backend() == "cpu":
+    return lax.cond(jnp.any(total == np.float32(np.inf)), rescaled,
+                    lambda: _div(total, n))
+  return rescaled()
 
 
 def _store_float_scale(s: jax.Array, dtype: str):
@@ -499,7 +511,9 @@ def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None,
     else:  # twn
       thr = 0.7 * mean_abs
       sel = absx > jnp.expand_dims(thr, red)
-      n_sel = jnp.sum(sel, axis=red)
+      # Counted in float32 (exact below 2**24 elements per block): XLA's CPU
+      # sums an int32 array through a slow tree of reduce-windows.
+      n_sel = jnp.sum(sel.astype(jnp.float32), axis=red)
       a = _sum_div(jnp.where(sel, absx, 0.0), red, jnp.maximum(n_sel, 1))
       blk_bad = jnp.any(~jnp.isfinite(xn), axis=red)
   # Whether the block has a range, taken before clip_ratio and from the sum
