@@ -687,9 +687,9 @@ def test_compiled_given_scale_kernel_matches_jnp_path(kind, shape):
 
 
 def test_bench_merges_a_partial_run_into_the_table():
-  # bench_gpu_quantize --write_configs --merge_configs=OLD: the formats the new
-  # run timed (XLA and kernel, both ops) replace the old table's entries and
-  # enabled state; the others are kept, with the run each came from.
+  # bench_gpu_quantize --write_configs --merge_configs=OLD: per operation, the
+  # formats the new run timed (XLA and kernel rows) replace the old table's
+  # entry and enabled state; the others are kept, with the run each came from.
   from experiments import _quantize_table as bgq  # pylint: disable=g-import-not-at-top
 
   def ent(us):
