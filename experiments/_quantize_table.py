@@ -3,12 +3,12 @@ from ``experiments/bench_gpu_quantize.py``'s rows: which formats to enable,
 each format's fastest exact tiling, and merging a partial run into an earlier
 table. No flags here, so tests can import it beside other benches.
 """
+from lowbit_jax.kernels import gpu_quantize
 
 
-# The dispatcher's operations (``gpu_quantize.OPS``) and the benchmark row
-# that decides each: fake_quant under differentiation by the fwd+bwd rows.
-OPS = {"quantize": "quantize", "fake_quant": "fake_quant",
-       "fake_quant_grad": "fwd+bwd"}
+# The dispatcher's operations and the benchmark row that decides each:
+# fake_quant under differentiation by the fwd+bwd rows.
+OPS = dict(zip(gpu_quantize.OPS, ("quantize", "fake_quant", "fwd+bwd")))
 
 # A kernel is enabled for an operation only where it was at least this much
 # faster than XLA's path: closer than that, two runs disagree (int8 per
@@ -52,15 +52,6 @@ def timed_kinds(res: dict) -> dict:
           for op, row_op in OPS.items()}
 
 
-def _enabled_of(table: dict) -> dict:
-  """A table's "enabled" as ``{op: set}`` (a list, from tables written before
-  the operations were decided separately, covers quantize and fake_quant)."""
-  e = table.get("enabled", {})
-  if isinstance(e, (list, tuple)):
-    e = {"quantize": e, "fake_quant": e}
-  return {op: set(e.get(op, ())) for op in OPS}
-
-
 def merge_tables(old: dict, new: dict, timed: dict) -> dict:
   """``new`` over ``old``, per operation: the formats in ``timed[op]``
   (measured by the new run for that operation) take the new run's entry and
@@ -82,7 +73,8 @@ def merge_tables(old: dict, new: dict, timed: dict) -> dict:
     for op, e in ops.items():
       if kind in timed.get(op, ()):
         entries.setdefault(kind, {})[op] = {**e, "started": new.get("started")}
-  was, now = _enabled_of(old), _enabled_of(new)
+  was = gpu_quantize.enabled_of(old, "--merge_configs' old table")
+  now = gpu_quantize.enabled_of(new, "this run's table")
   enabled = {op: sorted({k for k in was[op] if k not in timed.get(op, ())}
                         | {k for k in now[op] if k in timed.get(op, ())})
              for op in OPS}

@@ -374,20 +374,25 @@ def heuristic_config(kind: str, k: int, n: int, x_dtype,
 OPS = ("quantize", "fake_quant", "fake_quant_grad")
 
 
-def _enabled(table: dict) -> dict:
-  """``{op: formats}`` from the measured table's "enabled" entry.
+def enabled_of(table: dict, where: str = TABLE_PATH) -> dict:
+  """``{op: frozenset of formats}`` from a tiling table's "enabled" entry
+  (the shipped one, or one ``experiments/bench_gpu_quantize.py`` merges).
 
   A list (tables written before the operations were decided separately)
   enables its formats for ``quantize`` and ``fake_quant``, the two it was
   measured for; ``fake_quant_grad`` then stays on XLA's path. No table: no
   format.
+
+  Raises:
+    ValueError: "enabled" names an operation not in ``OPS`` (``where`` names
+      the table in the message).
   """
   e = table.get("enabled", {})
   if isinstance(e, (list, tuple)):
     e = {"quantize": e, "fake_quant": e}
   unknown = set(e) - set(OPS)
   if unknown:
-    raise ValueError(f"{TABLE_PATH}: 'enabled' names unknown operations "
+    raise ValueError(f"{where}: 'enabled' names unknown operations "
                      f"{sorted(unknown)}; expected some of {OPS}")
   return {op: frozenset(e.get(op, ())) for op in OPS}
 
@@ -396,7 +401,7 @@ def _enabled(table: dict) -> dict:
 # run of experiments/bench_gpu_quantize.py (--write_configs) measured
 # bit-exact and at least 2% faster than XLA's path for that operation
 # (``gpu_quantize_configs.json``; BUILD.md has the runs and their figures).
-ENABLED: dict = _enabled(_table())
+ENABLED: dict = enabled_of(_table())
 
 
 def candidate_configs(kind: str, k: int, n: int, x_dtype, values: bool = False,

@@ -343,7 +343,7 @@ def test_dispatch_takes_only_what_the_kernel_computes(monkeypatch):
   assert not gq.dispatch(x, spec)  # not a Hopper GPU
   monkeypatch.setattr(gq, "_on_hopper", lambda: True)
   # Each operation has its own formats (a kernel may win one and lose another).
-  monkeypatch.setattr(gq, "ENABLED", gq._enabled(  # pylint: disable=protected-access
+  monkeypatch.setattr(gq, "ENABLED", gq.enabled_of(
       {"enabled": {"quantize": ["mxfp8_e4m3", "mxfp4"], "fake_quant": ["mxfp8_e4m3"]}}))
   assert not gq.dispatch(x, spec, values=True)  # not enabled for fake_quant
   assert gq.dispatch(x, spec)                   # enabled for quantize
@@ -353,10 +353,10 @@ def test_dispatch_takes_only_what_the_kernel_computes(monkeypatch):
     gq.dispatch(x, spec, grad=True)
   # A table written before the operations were separate: its list covers
   # quantize and fake_quant, not the differentiated forward.
-  old = gq._enabled({"enabled": ["mxfp4"]})  # pylint: disable=protected-access
+  old = gq.enabled_of({"enabled": ["mxfp4"]})
   assert old == {"quantize": {"mxfp4"}, "fake_quant": {"mxfp4"}, "fake_quant_grad": set()}
   with pytest.raises(ValueError, match="unknown operations"):
-    gq._enabled({"enabled": {"fwd": []}})  # pylint: disable=protected-access
+    gq.enabled_of({"enabled": {"fwd": []}})
   with gq.forced(gq.supported_kinds()):
     assert gq.dispatch(x, spec) and gq.dispatch(x, spec, values=True)
     assert gq.dispatch(jax.ShapeDtypeStruct((256, 4, 64), jnp.float32), spec)
