@@ -25,14 +25,14 @@ with the device, jax version and command.
 """
 from __future__ import annotations
 
-import json
-import os
 import platform
 import sys
 import time
 
 from absl import app
 from absl import flags
+
+from experiments import _report
 
 _BATCH = flags.DEFINE_integer("batch", 8, "images per batch")
 _SIZE = flags.DEFINE_integer("size", 16, "image height and width")
@@ -166,9 +166,6 @@ def main(argv):
   meta = {"device": jax.devices()[0].device_kind, "platform": platform.platform(),
           "jax": jax.__version__, "command": cmd, "batch": b, "size": n,
           "spread": _SPREAD.value, "seed": _SEED.value}
-  os.makedirs(_OUT_DIR.value, exist_ok=True)
-  with open(os.path.join(_OUT_DIR.value, stem + ".json"), "w") as f:
-    json.dump({"meta": meta, "rows": rows}, f, indent=1)
   lines = [f"# PTQ on convolutions ({device}, jax {jax.__version__})", "",
            f"`{cmd}`", "",
            f"Random conv net (`experiments/ptq_conv.py`), per-channel magnitudes "
@@ -176,8 +173,9 @@ def main(argv):
            f"channels), the rest groups of 16 input channels where marked g16, "
            f"activations per pixel; {b} images of {n}x{n}x3 to calibrate, "
            f"{b} others to evaluate. Model SQNR: held-out output in real mode "
-           "against float. Layer SQNR: each conv's output on its calibration "
-           "patches (`report['layers'][p]['output_sqnr_db']`). Folds: the "
+           "against float. Layer SQNR: each conv's output on the calibration "
+           "patches the PTQ capture retains "
+           "(`report['layers'][p]['output_sqnr_db']`). Folds: the "
            "scaling of each conv's input (enc1 reads the image: nothing to "
            "fold into; dec2's input passes a ReLU; out's a GELU: skipped). Codes "
            "exact: real mode's stored kernels (`quantize_params` with "
@@ -194,8 +192,7 @@ def main(argv):
     lines.append(f"| {r['label']} | {r['model_sqnr_db']:.2f} | " + " | ".join(ls)
                  + f" | {folds} | {r['codes_exact']} | {r['real_vs_fake_rel']:.1e} | "
                  f"{r['seconds']:.1f} |")
-  with open(os.path.join(_OUT_DIR.value, stem + ".md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
+  _report.write(_OUT_DIR.value, stem, meta, rows, lines)
 
 
 if __name__ == "__main__":

@@ -19,13 +19,13 @@ Writes ``ptq_front_door_<device>.json`` and ``.md`` (or ``--tag``) to
 """
 from __future__ import annotations
 
-import json
-import os
 import platform
 import sys
 
 from absl import app
 from absl import flags
+
+from experiments import _report
 
 _SEED = flags.DEFINE_integer("seed", 0, "seed of weights and tokens")
 _TAG = flags.DEFINE_string("tag", "", "output file stem (default ptq_front_door_<device>)")
@@ -103,9 +103,6 @@ def main(argv):
   meta = {"device": device, "jax": jax.__version__, "python": platform.python_version(),
           "command": "python -m experiments.ptq_front_door " + " ".join(sys.argv[1:]),
           "seed": _SEED.value, "model": "LlamaConfig.smoke()"}
-  os.makedirs(_OUT_DIR.value, exist_ok=True)
-  with open(os.path.join(_OUT_DIR.value, stem + ".json"), "w") as f:
-    json.dump({"meta": meta, "rows": rows}, f, indent=1)
   lines = [f"# apply_ptq against ptq_params on the smoke decoder ({device})", "",
            f"`{meta['command']}` (jax {meta['jax']}; random weights, int4 g16 on "
            "every linear, one calibration batch of 2x16 tokens).", "",
@@ -115,8 +112,7 @@ def main(argv):
     lines.append(f"| {r['point']} | {r['params_differing']} / {r['params']} | "
                  f"{r['max_rel_param_difference']:.2e} | {r['scales_differing']} / "
                  f"{r['scales']} | {r['max_rel_scale_difference']:.2e} |")
-  with open(os.path.join(_OUT_DIR.value, stem + ".md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
+  _report.write(_OUT_DIR.value, stem, meta, rows, lines)
 
 
 if __name__ == "__main__":

@@ -27,13 +27,14 @@ Writes ``ptq_scaling_front_ends_<device>.json`` and ``.md`` (or ``--tag``) to
 from __future__ import annotations
 
 import json
-import os
 import platform
 import sys
 import time
 
 from absl import app
 from absl import flags
+
+from experiments import _report
 
 _SPREAD = flags.DEFINE_float("spread", 20.0, "per-channel norm gain spread")
 _SEED = flags.DEFINE_integer("seed", 0, "seed of weights and tokens")
@@ -128,9 +129,6 @@ def main(argv):
           "command": "python -m experiments.ptq_scaling_front_ends " +
                      " ".join(sys.argv[1:]),
           "spread": _SPREAD.value, "seed": _SEED.value, "model": "LlamaConfig.smoke()"}
-  os.makedirs(_OUT_DIR.value, exist_ok=True)
-  with open(os.path.join(_OUT_DIR.value, stem + ".json"), "w") as f:
-    json.dump({"meta": meta, "rows": rows}, f, indent=1)
   lines = [f"# AWQ / SmoothQuant through ptq_params on the smoke decoder ({device})", "",
            f"`{meta['command']}` (jax {meta['jax']}; random weights, norm gain "
            f"spread {_SPREAD.value}; calibration 4x32 tokens, evaluation another "
@@ -145,8 +143,7 @@ def main(argv):
                    f"{e['mean_error_vs_rtn']:.3f} | {e['output_sqnr_db']:.2f} | "
                    f"{e['real_minus_fake']:.2e} | "
                    f"{'' if ap is None or front != 'linen' else f'{ap:.2f}'} |")
-  with open(os.path.join(_OUT_DIR.value, stem + ".md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
+  _report.write(_OUT_DIR.value, stem, meta, rows, lines)
 
 
 if __name__ == "__main__":
