@@ -405,19 +405,25 @@ def candidates(wo, prob, tune: bool, few: bool = False, fast=None):
     m, n = prob.m, prob.n
     tm = max(8, -(-m // 8) * 8) if m <= 128 else 128
     if m <= 16:
+      # The last five trade pipeline depth for CTAs per SM: Nsight Compute on
+      # the H200 (experiments/ncu_probe.py, 8192x28672, M = 1) found the
+      # 4-stage tilings limited by shared memory to 2 CTAs per SM (int8, 83 KB
+      # each; 1.9 warps per scheduler) and 4 (int4 g128, 53 KB), with issue
+      # slots 53-63% busy.
       cands = [C(64, 256, tm, 4, 2), C(64, 512, tm, 3, 2), C(64, 256, tm, 4, 4),
-               C(64, 256, tm, 4, 1)]
+               C(64, 256, tm, 4, 1), C(64, 256, tm, 3, 2), C(64, 256, tm, 2, 2),
+               C(64, 128, tm, 4, 2), C(64, 128, tm, 6, 2), C(64, 128, tm, 4, 4)]
       if n // 64 < 66:
         cands.append(C(64, 256, tm, 4, 8))
     elif m <= 64:
-      cands = [C(64, 256, tm, 3, 1), C(64, 256, tm, 3, 2), C(128, 256, tm, 3, 1)]
+      cands = [C(64, 256, tm, 3, 1), C(64, 256, tm, 3, 2), C(128, 256, tm, 3, 1),
+               C(64, 128, tm, 4, 1), C(64, 256, tm, 2, 1)]
     else:
       cands = [C(64, 128, 128, 3, 1), C(128, 128, 128, 3, 1),
                C(128, 64, 128, 4, 1)]
-    # The warp-specialized variant (a TMA warpgroup, two consumer warpgroups
-    # that split each K step: dequantization overlapped with the loads) of
-    # the first two candidates.
-    cands += [dataclasses.replace(c, ws=True) for c in cands[:2]]
+    # The warp-specialized variant (Config(ws=True)) is no longer a candidate:
+    # it was slower on all 24 rows it was timed on (benchmarks/
+    # kernels_h200_runs/run_tune2.md).
     f = bool(fast) if fast is not None else out[0].fast_decode
     for c in cands:
       c = dataclasses.replace(c, fast_decode=f and e2m1)
