@@ -594,7 +594,10 @@ def markdown(res: dict) -> str:
   base = res.get("baseline")
   if base:
     old = {(r["format"], r["op"]): r["us"] for r in base.get("prims", []) if "format" in r}
-    out += [f"Against the baseline run ({base.get('label', '')}: same command, "
+    cmd = base.get("command")
+    how = (f"its command `{cmd}`" if cmd and cmd != res.get("command")
+           else "same command")
+    out += [f"Against the baseline run ({base.get('label', '')}: {how}, "
             f"jax {base.get('jax')}, started {base.get('started')}): baseline us -> "
             "this run's us (speedup).", "",
             "| format | " + " | ".join(ops) + " |", "|---" * (len(ops) + 1) + "|"]

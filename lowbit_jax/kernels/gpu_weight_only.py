@@ -25,8 +25,9 @@ the interpreter cannot run raw MLIR (``tests/kernels/test_gpu_interpret.py``).
 Two variants: the default runs one warpgroup per CTA (``Config(ws=False)``, the
 one measured on an H100); ``Config(ws=True)`` is warp-specialized (a TMA
 warpgroup and two compute warpgroups that each take half of every K step and add
-their partial sums through shared memory), lowered and tested on CPU but not yet
-run on a GPU.
+their partial sums through shared memory), tested on CPU and the H200, where it
+was slower than the default on every decode row timed
+(benchmarks/kernels_h200_runs/run_tune2.md); the tuner no longer tries it.
 
 Dispatch is data: ``gpu_tuned_configs.json`` beside this file (written by
 ``experiments/bench_kernels.py --mode=tune``) holds, per weight case (``int4_g128``,
