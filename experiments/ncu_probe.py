@@ -16,9 +16,10 @@ profiles only the kernels of those launches (operands are made on the host).
 On the H200 this took 46 s for seven cases with nine sections. A first
 attempt with XLA's default preallocated memory pool and every launch of the
 process profiled (random-number kernels included) got through five
-two-microsecond kernels in 330 s and left the process holding the GPU; the
-kernel replay saves and restores the memory a kernel may touch, which the
-pool makes the whole pool (not isolated further). Case syntax:
+two-microsecond kernels in 330 s and left the process holding the GPU (which
+of the two changes fixed it was not isolated; a likely cause is the kernel
+replay's save and restore of the memory a kernel may touch, with the pool
+all of it). Case syntax:
 
 * ``wo:<case>:<K>x<N>:<M>[:<tile_n>,<tile_k>,<tile_m>,<stages>,<split_k>]``: the
   weight-only kernel (``experiments/bench_kernels.WO_CASES`` names), with the

@@ -214,7 +214,10 @@ def _rows_op_by_op(kind, x, tensor_amax=None):
       for j in range(ui):
         r = rows[u * ui + j]
         y = to_grid(r)
-        c, v = gq._elem_codes_values(kd, y, True, True)  # pylint: disable=protected-access
+        # As the kernel asks: codes for quantize, values for fake_quant (FP4
+        # values then come from the grid, not from decoding the codes).
+        c, _ = gq._elem_codes_values(kd, y, True, False)  # pylint: disable=protected-access
+        _, v = gq._elem_codes_values(kd, y, False, True)  # pylint: disable=protected-access
         vals.append(jnp.clip(from_grid(v), -np.finfo(np.float32).max,
                              np.finfo(np.float32).max).astype(x.dtype))
         masks.append(clip(r, y))
@@ -226,6 +229,33 @@ def _rows_op_by_op(kind, x, tensor_amax=None):
   vals = jnp.stack(vals, 1).reshape(K, N)
   masks = jnp.stack(masks, 1).reshape(K, N)
   return stored, codes, vals, masks
+
+
+def test_fp4_codes_and_grid_values_equal_the_reference_encoding():
+  # The kernel's E2M1 codes come from the float32 bits and its fake_quant
+  # values from rounding onto the grid; the reference encodes by comparing
+  # with the midpoints and decodes the codes. Every float32 within 64 ulps
+  # of a grid value or midpoint (both signs), random values, and specials.
+  fmt = gq._kind(gq.spec_for("mxfp4"), 2).fmt  # pylint: disable=protected-access
+  pts = np.float32([0, .25, .5, .75, 1, 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 5,
+                    6, 7])
+  near = (pts.view(np.uint32).astype(np.int64)[:, None]
+          + np.arange(-64, 65)[None, :]).clip(0).astype(np.uint32).view(np.float32)
+  rng = np.random.default_rng(0)
+  y = np.concatenate([near.ravel(), -near.ravel(),
+                      rng.standard_normal(100_000).astype(np.float32) * 3,
+                      np.float32([np.inf, -np.inf, 1e-45, -1e-45, 3e38]),
+                      np.uint32([0x7FFFFFFF, 0xFFFFFFFF, 0x7FC00000,
+                                 0xFFC00000]).view(np.float32)])
+  y = jnp.asarray(y)
+  from lowbit_jax.core import _cast  # pylint: disable=g-import-not-at-top
+  want = _cast.encode_nearest(jnp.clip(y, -6.0, 6.0), fmt)
+  np.testing.assert_array_equal(np.asarray(gq._fp4_codes(y, fmt)),  # pylint: disable=protected-access
+                                np.asarray(want))
+  got_v = np.asarray(gq._round_float_grid(y, fmt)).view(np.uint32)  # pylint: disable=protected-access
+  want_v = np.asarray(gq._fp4_values(want)).view(np.uint32)  # pylint: disable=protected-access
+  fin = np.isfinite(np.asarray(y))  # NaN sits in a NaN-scaled block
+  np.testing.assert_array_equal(got_v[fin], want_v[fin])
 
 
 @pytest.mark.parametrize("kind", [
