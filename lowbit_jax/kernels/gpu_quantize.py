@@ -9,7 +9,8 @@ tile_n]`` tile of ``x`` once (TMA into shared memory, a pipeline of
 
 1. takes the per-column amax as an elementwise max over the block's rows (each
    row is a register vector of ``tile_n`` columns, so no cross-thread
-   reduction is needed);
+   reduction is needed; rows are read from shared memory in chunks of
+   ``Config.rows``, every load of a chunk before any arithmetic or store);
 2. computes the block scale exactly as ``lowbit_jax.core._quantize._grid``
    does (E8M0 exponents from the amax's bits; float32 scales ``amax / max``;
    NVFP4's E4M3 block scale over the tensor scale);
