@@ -97,6 +97,12 @@ def _quantizer(spec: str):
 def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
+  if jax.default_backend() != "gpu":
+    raise app.UsageError("ncu_probe runs Mosaic GPU kernels for Nsight Compute: "
+                         "it needs a Hopper GPU, and jax's default backend here "
+                         f"is {jax.default_backend()!r}")
+  if not _CASES.value:
+    raise app.UsageError("give --cases (the module docstring lists the syntax)")
   built = []
   for spec in _CASES.value:
     maker = _weight_only if spec.startswith("wo:") else _quantizer
