@@ -633,18 +633,13 @@ def _fp4_codes(y, fmt):
   c = jnp.clip(y, np.float32(-6.0), np.float32(6.0))
   u = lax.bitcast_convert_type(c, jnp.uint32)
   s = u >> np.uint32(31)
-  a = u & np.uint32(0x7FFFFFFF)
-  lsb = (a >> np.uint32(22)) & np.uint32(1)
-  code_n = ((a + (np.uint32(0x1FFFFF) + lsb)) >> np.uint32(22)) - np.uint32(252)
-  af = lax.bitcast_convert_type(a, jnp.float32)
+  af = jnp.abs(c)
+  # (The mask _rne_mantissa ends with clears bits the shift drops anyway.)
+  code_n = (lax.bitcast_convert_type(_rne_mantissa(af, 1), jnp.uint32)
+            >> np.uint32(22)) - np.uint32(252)
   code_s = jnp.round(af * np.float32(2.0)).astype(jnp.int32).astype(jnp.uint32)
   code = (s << np.uint32(3)) | jnp.where(af >= np.float32(1.0), code_n, code_s)
   return jnp.where(jnp.isnan(c), (np.uint32(1) - s) << np.uint32(3), code)
-
-
-def _fp4_values(codes):
-  """float32 values of E2M1 codes (uint32), ``-0.0`` for code 8."""
-  return common.decode_e2m1(codes.astype(jnp.int32))
 
 
 # ---------------------------------------------------------------------------
@@ -716,12 +711,12 @@ def _elem_codes_values(kd: _Kind, y, want_codes: bool, want_values: bool):
     if want_codes:
       codes = _fp4_codes(y, fmt)
     if want_values:
-      # Rounded onto the grid directly (fp6's path; values as
-      # decode(encode_nearest) gives them for finite y, and a NaN y sits in a
-      # block whose scale is NaN): about 14 operations against encoding (25)
-      # and decoding (12).
-      vals = (_fp4_values(codes) if want_codes
-              else _round_float_grid(y, fmt))
+      # Rounded onto the grid directly, also where codes are written (one
+      # path, the one fake_quant runs): fp6's path; the values
+      # decode(encode_nearest) gives for finite y (a NaN y sits in a block
+      # whose scale is NaN), in about 14 operations against encoding (25) and
+      # decoding (12).
+      vals = _round_float_grid(y, fmt)
   elif kd.elem == "fp6":
     q = _round_float_grid(y, fmt)
     vals = q
