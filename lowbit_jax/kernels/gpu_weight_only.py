@@ -322,20 +322,18 @@ def _tiles_ok(problem: MatmulProblem, cfg: Config) -> bool:
     if not (tkw % g == 0 or g % tkw == 0):
       return False
     itemsize = 1 if problem.w_format in ("mxfp4", "nvfp4") else 2
-    cw = scale_chunk(kps // g, max(1, tkw // g), itemsize,
-                     problem.w_format == "nvfp4")
+    cw = scale_chunk(problem.w_format, kps // g, max(1, tkw // g), itemsize)
     if (cw * itemsize) % 16:
       return False
   return True
 
 
-def scale_chunk(ng_total: int, ng_step: int, itemsize: int,
-                narrow: bool) -> int:
+def scale_chunk(fmt: str, ng_total: int, ng_step: int, itemsize: int) -> int:
   """Groups per row of one shared-memory copy of a CTA's group scales.
 
   The scales land in shared memory as ``[copies, tile_n, chunk]`` (one TMA box
   a copy), and each thread reads one scale at a time for two rows eight apart
-  while the warp's eight row pairs read the same group. ``narrow``: rows of
+  while the warp's eight row pairs read the same group. NVFP4: rows of
   16 bytes (or one step's groups where that is more), where those eight reads
   fall in eight different banks; otherwise the whole K slice in as few chunks
   as TMA boxes allow (``gcd(ng_total, 256)``), rows of 64 to 512 bytes, where
@@ -348,7 +346,7 @@ def scale_chunk(ng_total: int, ng_step: int, itemsize: int,
   fp4 g32 and MXFP4 1-9% slower (more TMA copies per CTA, fewer excess
   wavefronts to remove: 12-19%), so only NVFP4 takes them.
   """
-  if narrow:
+  if fmt == "nvfp4":
     cw = max(16 // itemsize, ng_step)
     if ng_total % cw == 0:
       return cw
@@ -872,8 +870,7 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
   if per_channel:
     scale_cw, n_scale_copies = 1, 1
   else:
-    scale_cw = scale_chunk(ng_total, ng_step, s_jdtype.itemsize,
-                           fmt == "nvfp4")
+    scale_cw = scale_chunk(fmt, ng_total, ng_step, s_jdtype.itemsize)
     n_scale_copies = ng_total // scale_cw
 
   def load_w(w_ref):
