@@ -8,7 +8,7 @@ from lowbit_jax.kernels import gpu_quantize
 
 # The dispatcher's operations and the benchmark row that decides each:
 # fake_quant under differentiation by the fwd+bwd rows.
-OPS = dict(zip(gpu_quantize.OPS, ("quantize", "fake_quant", "fwd+bwd")))
+ROW_OF = dict(zip(gpu_quantize.OPS, ("quantize", "fake_quant", "fwd+bwd")))
 
 # A kernel is enabled for an operation only where it was at least this much
 # faster than XLA's path: closer than that, two runs disagree (int8 per
@@ -32,10 +32,10 @@ def _best_and_xla(res: dict):
 def enabled_from(res: dict) -> dict:
   """``{op: sorted formats}``: per dispatcher operation, the formats whose
   fastest exact kernel tiling was at least ``MARGIN`` faster than XLA's path
-  in the rows that decide it (``OPS``)."""
+  in the rows that decide it (``ROW_OF``)."""
   best, xla = _best_and_xla(res)
   out = {}
-  for op, row_op in OPS.items():
+  for op, row_op in ROW_OF.items():
     out[op] = sorted(k for (k, o) in best if o == row_op and (k, o) in xla
                      and best[(k, o)] < (1.0 - MARGIN) * xla[(k, o)])
   return out
@@ -43,13 +43,13 @@ def enabled_from(res: dict) -> dict:
 
 def timed_kinds(res: dict) -> dict:
   """``{op: formats}``: those whose XLA and kernel rows this run timed for
-  that operation (the rows ``OPS`` names)."""
+  that operation (the rows ``ROW_OF`` names)."""
   timed = {}
   for r in res["rows"]:
     if r.get("us") is not None:
       timed.setdefault((r["kind"], r["op"]), set()).add(r["tiling"] == "xla")
   return {op: {k for (k, o), v in timed.items() if o == row_op and len(v) == 2}
-          for op, row_op in OPS.items()}
+          for op, row_op in ROW_OF.items()}
 
 
 def merge_tables(old: dict, new: dict, timed: dict) -> dict:
@@ -77,7 +77,7 @@ def merge_tables(old: dict, new: dict, timed: dict) -> dict:
   now = gpu_quantize.enabled_of(new, "this run's table")
   enabled = {op: sorted({k for k in was[op] if k not in timed.get(op, ())}
                         | {k for k in now[op] if k in timed.get(op, ())})
-             for op in OPS}
+             for op in gpu_quantize.OPS}
   out = dict(new, entries=entries, enabled=enabled)
   out["runs"] = [r for r in runs(old) if r not in runs(new)] + runs(new)
   return out
