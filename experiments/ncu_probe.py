@@ -33,64 +33,72 @@ Runs on a Hopper GPU only (the kernels are Mosaic GPU).
 """
 from __future__ import annotations
 
-import sys
-
 from absl import app
 from absl import flags
 
 _CASES = flags.DEFINE_list("cases", [], "cases (module docstring)")
+_SYNTAX = ("wo:<case>:<K>x<N>:<M>[:<tile_n>,<tile_k>,<tile_m>,<stages>,<split_k>], "
+           "q:<kind>:<K>x<N> or fq:<kind>:<K>x<N>")
 
 
-def _weight_only(spec: str):
+def _parse(spec: str):
+  """(op, name, k, n, rest) of one case, or a UsageError saying what is wrong."""
+  parts = spec.split(":")
+  op = parts[0]
+  want = {"wo": (4, 5), "q": (3,), "fq": (3,)}.get(op)
+  if want is None or len(parts) not in want:
+    raise app.UsageError(f"--cases: {spec!r} is not {_SYNTAX}")
+  try:
+    k, n = (int(v) for v in parts[2].split("x"))
+    rest = [int(v) for v in parts[3:4]] + [
+        [int(v) for v in p.split(",")] for p in parts[4:]]
+  except ValueError as e:
+    raise app.UsageError(f"--cases: {spec!r}: {e}; the syntax is {_SYNTAX}") from e
+  return op, parts[1], k, n, rest
+
+
+def _weight_only(name, k, n, rest):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from experiments import bench_kernels as bk  # pylint: disable=g-import-not-at-top
   from lowbit_jax.kernels import _api as api  # pylint: disable=g-import-not-at-top
   from lowbit_jax.kernels import gpu_weight_only as wo  # pylint: disable=g-import-not-at-top
-  parts = spec.split(":")
-  case, shape, m = parts[1], parts[2], int(parts[3])
-  k, n = (int(v) for v in shape.split("x"))
-  fmt, group = bk.WO_CASES[case]
+  if name not in bk.WO_CASES:
+    raise app.UsageError(f"--cases: unknown weight case {name!r}; one of "
+                         f"{sorted(bk.WO_CASES)}")
+  m = rest[0]
+  fmt, group = bk.WO_CASES[name]
   with jax.default_device(jax.devices("cpu")[0]):
     codes, scale, ts = bk.wo_weight(jax.random.key(0), fmt, group, n, k)
-  cpu = lambda a: None if a is None else np.asarray(a)
-  host = [cpu(codes), cpu(scale), cpu(ts)]
-  x = np.random.default_rng(0).standard_normal((m, k)).astype(np.float32)
-  dev = jax.device_put([x.astype(jax.numpy.bfloat16)] + host[:2] + (
-      [host[2]] if host[2] is not None else []))
-  ops = api.MatmulOperands(x=dev[0], w_codes=dev[1], w_scale=dev[2],
-                           w_tensor_scale=dev[3] if len(dev) > 3 else None)
+  x = np.random.default_rng(0).standard_normal((m, k)).astype(jax.numpy.bfloat16)
+  ops = jax.device_put(api.MatmulOperands(x=x, w_codes=codes, w_scale=scale,
+                                          w_tensor_scale=ts), jax.devices()[0])
   prob = api.MatmulProblem(m=m, n=n, k=k, x_dtype="bfloat16", w_format=fmt,
                            w_block=group)
-  cfg = None
-  if len(parts) > 4:
-    vals = [int(v) for v in parts[4].split(",")]
-    cfg = wo.Config(*vals)
+  cfg = wo.Config(*rest[1]) if len(rest) > 1 else None
   fn = jax.jit(lambda o: wo.matmul(o, prob, config=cfg))
   return fn, (ops,), f"config={cfg or wo.tuned_config(prob)}"
 
 
-def _quantizer(spec: str):
+def _quantizer(op, kind, k, n):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import lowbit_jax  # pylint: disable=g-import-not-at-top
   from lowbit_jax.kernels import gpu_quantize as gq  # pylint: disable=g-import-not-at-top
-  op, kind, shape = spec.split(":")
-  k, n = (int(v) for v in shape.split("x"))
+  if kind not in gq.supported_kinds():
+    raise app.UsageError(f"--cases: unknown quantizer kind {kind!r}; one of "
+                         f"{sorted(gq.supported_kinds())}")
   qs = gq.spec_for(kind)
   x = jax.device_put(np.random.default_rng(1).standard_normal(
-      (k, n)).astype(np.float32).astype(jnp.bfloat16))
-  if op == "q":
-    f = lambda a: lowbit_jax.quantize(a, qs)
-  else:
-    f = lambda a: lowbit_jax.fake_quant(a, qs)
-  fn = jax.jit(f)
+      (k, n)).astype(jnp.bfloat16))
+  fn = jax.jit(lambda a: (lowbit_jax.quantize if op == "q" else
+                          lowbit_jax.fake_quant)(a, qs))
 
   def run(a):
-    with gq.forced([kind]):
+    with gq.forced([kind]):  # the kernel, with the tiling dispatch would use
       return fn(a)
-  cfg = gq.heuristic_config(kind, k, n, jnp.bfloat16, values=op == "fq")
+  cfg = gq.default_config(kind, k, n, jnp.bfloat16, values=op == "fq")
   return run, (x,), f"config={cfg}"
 
 
@@ -102,11 +110,12 @@ def main(argv):
                          "it needs a Hopper GPU, and jax's default backend here "
                          f"is {jax.default_backend()!r}")
   if not _CASES.value:
-    raise app.UsageError("give --cases (the module docstring lists the syntax)")
+    raise app.UsageError(f"give --cases: {_SYNTAX}")
   built = []
   for spec in _CASES.value:
-    maker = _weight_only if spec.startswith("wo:") else _quantizer
-    fn, args, note = maker(spec)
+    op, name, k, n, rest = _parse(spec)
+    fn, args, note = (_weight_only(name, k, n, rest) if op == "wo"
+                      else _quantizer(op, name, k, n))
     jax.block_until_ready(fn(*args))  # compile + first launch
     built.append((spec, fn, args, note))
   import ctypes  # pylint: disable=g-import-not-at-top
@@ -117,7 +126,6 @@ def main(argv):
     jax.block_until_ready(fn(*args))
   cuda.cuProfilerStop()
   print("done", flush=True)
-  sys.stdout.flush()
 
 
 if __name__ == "__main__":

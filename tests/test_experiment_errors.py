@@ -45,3 +45,16 @@ def test_ptq_checks_save_dir_before_computing(tmp_path):
   lines = r.stderr.strip().splitlines()
   assert len(lines) == 1 and "exists; pass --config.force=True" in lines[0], lines
   assert r.stdout == ""  # nothing was computed
+
+
+def test_ncu_probe_names_the_case_syntax_for_a_bad_case():
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from experiments import ncu_probe  # pylint: disable=g-import-not-at-top
+  assert ncu_probe._parse("wo:int4_g128:8192x28672:16:64,256,16,4,2") == (  # pylint: disable=protected-access
+      "wo", "int4_g128", 8192, 28672, [16, [64, 256, 16, 4, 2]])
+  assert ncu_probe._parse("fq:mxfp4:4096x1024") == ("fq", "mxfp4", 4096, 1024, [])  # pylint: disable=protected-access
+  for bad in ("x:mxfp4:8x8", "q:mxfp4:8x8:1", "wo:int4_pc:8192:1", "fq:mxfp4:8xz"):
+    with pytest.raises(app.UsageError, match="q:<kind>:<K>x<N>"):
+      ncu_probe._parse(bad)  # pylint: disable=protected-access
+  r = _run("experiments.ncu_probe", "--cases=fq:mxfp4:8x8", module=True)
+  assert r.returncode != 0 and "needs a Hopper GPU" in r.stderr
