@@ -92,11 +92,12 @@ _SMOKE = flags.DEFINE_bool("smoke", False, "CPU dry run in the interpreter (256x
                            "2 calls)")
 _SWEEP = flags.DEFINE_bool("sweep", True, "time gpu_quantize.candidate_configs "
                            "(up to 4 tilings per format and op), not the heuristic's only")
-_UNROLL = flags.DEFINE_bool("unroll", True, "time the kernels with their row loops "
-                            "unrolled (the heuristic's choice); --nounroll: every tiling "
-                            "with its rows in a loop, which compiles in a fraction of "
-                            "the time (the unrolled MXFP4 kernels took 139-281 s to "
-                            "compile on the H200 machine)")
+_UNROLL = flags.DEFINE_bool("unroll", True, "time each candidate tiling as "
+                            "candidate_configs gives it (the heuristic's rows are in a "
+                            "loop; the sweep includes an unrolled one); --nounroll: "
+                            "every tiling with its rows in a loop, which compiles in a "
+                            "fraction of the time (the unrolled MXFP4 kernels took "
+                            "139-281 s to compile on the H200 machine)")
 _WORKERS = flags.DEFINE_integer("workers", 6, "compile threads (compiles run ahead "
                                 "of the timing)")
 _WRITE_CONFIGS = flags.DEFINE_bool("write_configs", False, "also write "
