@@ -421,3 +421,39 @@ def test_cast_argument_errors():
     lb.cast(jnp.ones(4, jnp.int32), "fp8_e4m3")
   with pytest.raises(KeyError):
     lb.cast(x, "no_such_format")
+
+
+def _code_table(f):
+  """float32 value of every code, from the format's definition (numpy)."""
+  codes = np.arange(2 ** f.bits)
+  if isinstance(f, F.FloatFormat):
+    return f.decode_table().astype(np.float32)
+  if isinstance(f, F.LookupFormat):  # codes past the table clamp to its end
+    t = np.asarray(f.table, np.float32)
+    return t[np.minimum(codes, len(t) - 1)]
+  v = np.where(f.signed & (codes >= 2 ** (f.bits - 1)), codes - 2 ** f.bits, codes)
+  return (v * 2.0 ** -f.frac_bits).astype(np.float32)
+
+
+def _element_formats():
+  out = []
+  for name in F.names():
+    f = F.get(name)
+    if isinstance(f, (F.IntFormat, F.FloatFormat, F.LookupFormat)) and f.bits <= 8 and not (
+        isinstance(f, F.FloatFormat) and f.special == "e8m0"):
+      out.append(name)
+  return out
+
+
+@pytest.mark.parametrize("name", _element_formats())
+def test_decoders_equal_the_format_table_on_every_code(name):
+  # decode_arith (gather-free: the GPU dequantizer's, and decode's for floats
+  # below 8 bits) and decode itself give the table's float32 bits.
+  from lowbit_jax.core import _cast  # pylint: disable=g-import-not-at-top
+  f = F.get(name)
+  c = jnp.arange(2 ** f.bits, dtype=jnp.uint32)
+  want = _code_table(f)
+  for got in (np.asarray(_cast.decode_arith(c, f)), np.asarray(decode(c, f))):
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    ok = ~np.isnan(want)
+    np.testing.assert_array_equal(got[ok].view(np.uint32), want[ok].view(np.uint32))
