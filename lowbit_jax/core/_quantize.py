@@ -1122,8 +1122,30 @@ def dequantize(q: QArray) -> jax.Array:
   return _dequantize_jit(q)
 
 
+def _dequant_kernel_ok(q: QArray) -> bool:
+  """Whether the Mosaic GPU dequantizer takes this call (GPU backend, a
+  format its ``ENABLED`` lists; ``gpu_dequantize.dispatch``). The jnp path
+  below stays the reference and runs everywhere else."""
+  try:
+    if jax.default_backend() != "gpu":
+      return False
+  except RuntimeError:
+    return False
+  from lowbit_jax.kernels import gpu_dequantize  # pylint: disable=g-import-not-at-top
+  return gpu_dequantize.dispatch(q)
+
+
 @jax.jit
 def _dequantize_jit(q: QArray) -> jax.Array:
+  if _dequant_kernel_ok(q):
+    from lowbit_jax.kernels import gpu_dequantize  # pylint: disable=g-import-not-at-top
+    return gpu_dequantize.dequantize(q)
+  return dequantize_jnp(q)
+
+
+def dequantize_jnp(q: QArray) -> jax.Array:
+  """``dequantize``'s jnp path (the reference the GPU kernel is checked
+  against; what runs on CPU and TPU)."""
   spec = q.spec
   fmt = spec.storage_format
   codes = unpack(q.codes, fmt, q.pack_axis)

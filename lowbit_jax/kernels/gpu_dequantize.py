@@ -1,0 +1,603 @@
+"""Dequantize of QArrays with codes packed along axis 0, in Mosaic GPU (issue 12).
+
+``lowbit_jax.dequantize(q)`` of a ``[K, ...]`` QArray whose codes are packed
+along axis 0 and whose scales are shared along axis 0 (blocks of 16..128 rows,
+MX and NVFP4 blocks, NF4's blocks, per-channel and per-tensor scales) is, on
+XLA's GPU path, one or two fusions that write the float array at 53-76% of the
+memory roofline on the H200 (``benchmarks/primitives_h200_s25.md``: MXFP4 93 us
+and int4 per channel 81 us for bf16 8192x8192, where ``x * 2`` takes 81). The
+kernel here reads each ``[tile_k, tile_n]`` tile's codes once (TMA into shared
+memory, ``Config.stages`` in flight) with the scales of the CTA's rows, and for
+each chunk of rows (``Config.rows``; every load of a chunk before any
+arithmetic or store, as in ``gpu_quantize``):
+
+1. unpacks the codes (``QArray``'s layout: a packing unit's codes little-endian
+   in its bytes, e.g. two int4 rows to a byte, eight int3 rows to three);
+2. decodes them to float32 with ``decode_codes`` (integers by sign extension,
+   8-bit floats by the hardware convert of their float8 storage, narrower
+   floats from their sign / exponent / mantissa fields, codebooks (NF4,
+   binary, ternary) by a tree of selects);
+3. subtracts the zero point and multiplies by the scale exactly as core's
+   ``dequantize`` does (E8M0 scales as two power-of-two factors, a tensor scale
+   split as ``_split_pow2`` splits it), saturates at the float32 range, and
+   writes the original dtype through TMA.
+
+The output equals ``lowbit_jax.dequantize(q)`` bit for bit (NaN payloads
+aside); ``decode_codes`` (core's ``_cast.decode_arith``) is checked against
+each format's own table on every code of every registered format, and the kernel against the jnp path in the Mosaic GPU
+interpreter (tests/kernels/test_gpu_dequantize.py) and on the GPU.
+
+``dispatch(q)`` is what ``lowbit_jax.dequantize`` asks on every call: the
+kernel runs only on a Hopper GPU, for a format ``ENABLED`` lists (those an H200
+run of ``experiments/bench_gpu_dequantize.py --write_configs`` measured bit-exact
+and at least 2% faster than XLA's path), where the shape fits the tiling. The
+jnp path stays the reference and is what runs on CPU and TPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import os
+import threading
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from lowbit_jax.core import _cast
+from lowbit_jax.core._qarray import QArray, pack_unit
+from lowbit_jax.formats import BlockFormat, FloatFormat, IntFormat, LookupFormat
+from lowbit_jax.kernels import _gpu_common as common
+
+_F32_MAX = np.float32(np.finfo(np.float32).max)
+MAX_SMEM_BYTES = 227 * 1024  # what one Hopper CTA may use
+_OUT_DTYPES = ("bfloat16", "float16", "float32")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Tiling of the dequantizer.
+
+  Attributes:
+    tile_n: columns per tile (128 or 256; a TMA box is at most 256 wide and a
+      row splits evenly over the warpgroup's 128 threads).
+    tile_k: output rows per pipeline step (a multiple of the packing unit and
+      of the scale block, or a divisor of the block; at most 256).
+    k_per_cta: rows each CTA walks (a multiple of ``tile_k``; the scale block
+      divides it or it divides the block). The grid is ``(N / tile_n, K /
+      k_per_cta)``.
+    stages: code tiles in flight (TMA loads ahead of the compute), and output
+      tiles in flight to global memory.
+    rows: output rows decoded per chunk (loads of the chunk first; 0: as many
+      as give each thread 16 elements), cut to a divisor of the rows a scale
+      row covers within a step and a multiple of the packing unit.
+  """
+  tile_n: int = 256
+  tile_k: int = 64
+  k_per_cta: int = 512
+  stages: int = 2
+  rows: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """What the kernel computes for one QArray layout (static)."""
+  kind: str          # the id, e.g. "int4_g128", "mxfp4", "int8_pc", "nf4_g64"
+  fmt: object        # the element (storage) Format
+  bits: int          # stored bits per code
+  code_dtype: str    # dtype of q.codes
+  scale: str         # "float" | "e8m0"
+  scale_dtype: str   # dtype of q.scale
+  block: int         # rows per scale block (K for per-channel / per-tensor)
+  zp_dtype: Optional[str]  # dtype of q.zero_point, None when symmetric
+  has_t: bool        # a tensor scale above the block scales
+  out_dtype: str
+
+
+# ---------------------------------------------------------------------------
+# Code -> value: core's gather-free decoder (``_cast.decode_arith``), which a
+# kernel body can run (it can neither gather nor capture array constants).
+
+decode_codes = _cast.decode_arith
+
+
+def _decode_row(plan: _Plan, raw):
+  """float32 values of one stored row (8-bit codes in their storage dtype)."""
+  dt = jnp.dtype(plan.code_dtype)
+  if jnp.issubdtype(dt, jnp.floating):  # float8 storage: the hardware convert
+    return raw.astype(jnp.float32)
+  if dt == jnp.dtype(jnp.int8) and isinstance(plan.fmt, IntFormat):
+    v = raw.astype(jnp.int32).astype(jnp.float32)  # already sign-extended
+    fb = plan.fmt.frac_bits
+    return v * np.float32(2.0 ** -fb) if fb else v
+  return decode_codes(raw.astype(jnp.uint32), plan.fmt)
+
+
+# ---------------------------------------------------------------------------
+# Which QArrays the kernel takes
+
+
+def _kind_name(q: QArray) -> str:
+  spec = q.spec
+  name = spec.format.name
+  if isinstance(spec.format, BlockFormat):
+    return name
+  if spec.group_size is not None:
+    return f"{name}_g{spec.group_size}"
+  if getattr(spec.format, "default_block", None):
+    return f"{name}_g{spec.format.default_block}"
+  return f"{name}_pt" if spec.axis is None else f"{name}_pc"
+
+
+def plan_of(q: QArray) -> tuple[Optional[_Plan], str]:
+  """``(plan, "")`` where the kernel computes ``dequantize(q)`` exactly,
+  else ``(None, why not)``."""
+  if not isinstance(q, QArray):
+    return None, f"not a QArray: {type(q).__name__}"
+  spec = q.spec
+  if len(q.shape) < 2:
+    return None, "rank below 2"
+  if spec.tile is not None:
+    return None, "tiled scales"
+  if q.dtype not in _OUT_DTYPES:
+    return None, f"output dtype {q.dtype}"
+  fmt = spec.storage_format
+  if not isinstance(fmt, (IntFormat, FloatFormat, LookupFormat)) or fmt.bits > 8:
+    return None, f"element format {fmt.name}"
+  if q.pack_axis != 0 and fmt.bits != 8:  # 8-bit codes are not packed
+    return None, f"codes packed along axis {q.pack_axis}, not 0"
+  if isinstance(fmt, FloatFormat) and fmt.special == "e8m0":
+    return None, "E8M0 elements"
+  k = q.shape[0]
+  n = math.prod(q.shape[1:])
+  uc, ub = pack_unit(fmt.bits)
+  if k % uc or q.codes.shape != (k // uc * ub,) + tuple(q.shape[1:]):
+    return None, "padded codes"
+  sd = jnp.dtype(q.scale.dtype)
+  if spec.scale_dtype == "e8m0":
+    if sd != jnp.dtype(jnp.uint8):
+      return None, f"E8M0 scales stored as {sd}"
+    scale = "e8m0"
+  elif sd.name in ("float32", "bfloat16", "float16", "float8_e4m3fn",
+                   "float8_e5m2"):
+    scale = "float"
+  else:
+    return None, f"scale dtype {sd}"
+  if q.scale.size == 1:  # per tensor
+    srows = 1
+  elif (q.scale.ndim == len(q.shape)
+        and tuple(q.scale.shape[1:]) == tuple(q.shape[1:])):
+    srows = q.scale.shape[0]
+  else:
+    return None, (f"scale shape {tuple(q.scale.shape)}: blocked along more "
+                  "than axis 0")
+  if k % srows:
+    return None, "scale blocks do not tile axis 0"
+  zp = q.zero_point
+  if zp is not None and zp.shape != q.scale.shape:
+    return None, f"zero point shape {zp.shape}"
+  if q.tensor_scale is not None and q.tensor_scale.size != 1:
+    return None, "tensor scale not a scalar"
+  del n
+  return _Plan(kind=_kind_name(q), fmt=fmt, bits=fmt.bits,
+               code_dtype=jnp.dtype(q.codes.dtype).name, scale=scale,
+               scale_dtype=sd.name, block=k // srows,
+               zp_dtype=None if zp is None else jnp.dtype(zp.dtype).name,
+               has_t=q.tensor_scale is not None, out_dtype=q.dtype), ""
+
+
+def kind_of(q: QArray) -> Optional[str]:
+  """The kernel's id for ``q`` (e.g. "int4_g128", "mxfp4", "int8_pc"), or
+  None where the kernel does not take it."""
+  p, _ = plan_of(q)
+  return None if p is None else p.kind
+
+
+# ---------------------------------------------------------------------------
+# Tiling
+
+
+TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                          "gpu_dequantize_configs.json")
+
+
+@functools.lru_cache(maxsize=None)
+def _table() -> dict:
+  """The measured tilings and the enabled formats
+  (``gpu_dequantize_configs.json`` beside this file, written by
+  ``experiments/bench_gpu_dequantize.py --write_configs``); empty where there
+  is none."""
+  if not os.path.exists(TABLE_PATH):
+    return {}
+  with open(TABLE_PATH) as f:
+    return json.load(f)
+
+
+def _smem(plan: _Plan, n_srows: int, cfg: Config) -> int:
+  uc, ub = pack_unit(plan.bits)
+  out_b = jnp.dtype(plan.out_dtype).itemsize
+  per = cfg.tile_k // uc * ub * cfg.tile_n + cfg.tile_k * cfg.tile_n * out_b
+  side = n_srows * cfg.tile_n * jnp.dtype(plan.scale_dtype).itemsize
+  if plan.zp_dtype is not None:
+    side += n_srows * cfg.tile_n * jnp.dtype(plan.zp_dtype).itemsize
+  return cfg.stages * per + side + 1024
+
+
+def _scale_rows(plan: _Plan, cfg: Config) -> int:
+  """Scale rows one CTA holds."""
+  return max(1, cfg.k_per_cta // plan.block)
+
+
+def check_config(plan: _Plan, k: int, n: int, cfg: Config) -> None:
+  """Raises ValueError where ``cfg`` does not tile ``[k, n]`` for ``plan``."""
+  uc, _ = pack_unit(plan.bits)
+  bs = plan.block
+  if cfg.tile_n not in (128, 256):
+    raise ValueError(f"tile_n must be 128 or 256, got {cfg.tile_n}")
+  if cfg.tile_k > 256 or cfg.tile_k % max(uc, 8):
+    raise ValueError(f"tile_k={cfg.tile_k} must be at most 256 and a multiple "
+                     f"of {max(uc, 8)}")
+  if cfg.tile_k % bs and bs % cfg.tile_k:
+    raise ValueError(f"tile_k={cfg.tile_k} and the scale block {bs} must "
+                     "divide one another")
+  if cfg.k_per_cta % cfg.tile_k or k % cfg.k_per_cta or n % cfg.tile_n:
+    raise ValueError(f"[{k}, {n}] does not fit the tiling {cfg}: K must be a "
+                     "multiple of k_per_cta (itself of tile_k) and N of tile_n")
+  if cfg.k_per_cta % bs and bs % cfg.k_per_cta:
+    raise ValueError(f"k_per_cta={cfg.k_per_cta} and the scale block {bs} must "
+                     "divide one another")
+  if _scale_rows(plan, cfg) > 256:
+    raise ValueError(f"k_per_cta={cfg.k_per_cta} spans more than 256 scale "
+                     "rows (a TMA box); lower it")
+  if cfg.stages < 1:
+    raise ValueError(f"stages must be at least 1, got {cfg.stages}")
+  need = _smem(plan, _scale_rows(plan, cfg), cfg)
+  if need > MAX_SMEM_BYTES:
+    raise ValueError(f"the tiling {cfg} needs {need} bytes of shared memory, "
+                     f"more than {MAX_SMEM_BYTES}; lower tile_k or stages")
+
+
+def _fits(plan: _Plan, k: int, n: int, cfg: Config) -> bool:
+  try:
+    check_config(plan, k, n, cfg)
+  except ValueError:
+    return False
+  return True
+
+
+def heuristic_config(plan: _Plan, k: int, n: int) -> Optional[Config]:
+  """A tiling from the kernel's limits alone (None where none fits): 64 rows
+  a step (the block where that is longer, up to 128), 256 columns (128 where
+  that does not fit), two stages, and as many steps per CTA as keep at least
+  4 CTAs per SM on 132 SMs."""
+  uc, _ = pack_unit(plan.bits)
+  bs = plan.block
+  for tk in (64, 128, 32, 16, 256):
+    if (tk % bs == 0 or bs % tk == 0) and tk % max(uc, 8) == 0 and k % tk == 0:
+      break
+  else:
+    return None
+  for tn in (256, 128):
+    if n % tn:
+      continue
+    cfg = Config(tile_n=tn, tile_k=tk, k_per_cta=tk, stages=2)
+    if _fits(plan, k, n, cfg):
+      break
+  else:
+    return None
+  n_tiles, steps = n // tn, k // tk
+  best = cfg
+  for d in range(1, steps + 1):
+    trial = dataclasses.replace(cfg, k_per_cta=tk * d)
+    if steps % d == 0 and n_tiles * (steps // d) >= 4 * 132 and _fits(
+        plan, k, n, trial):
+      best = trial
+  return best
+
+
+def candidate_configs(plan: _Plan, k: int, n: int, limit: int = 4) -> list:
+  """Tilings worth timing (the heuristic's first): the table's entry, three
+  stages, twice the rows a step, one stage, the other ``tile_n``, longer
+  row chunks; only those that fit."""
+  base = heuristic_config(plan, k, n)
+  if base is None:
+    return []
+  out = [base]
+  rep = dataclasses.replace
+  more = [_table_config(plan, k, n), rep(base, stages=3),
+          rep(base, tile_k=2 * base.tile_k, k_per_cta=2 * base.k_per_cta),
+          rep(base, stages=1), rep(base, tile_n=384 - base.tile_n),
+          rep(base, rows=2 * (base.rows or 8))]
+  for c in more:
+    if len(out) >= limit:
+      break
+    if c is not None and c not in out and _fits(plan, k, n, c):
+      out.append(c)
+  return out
+
+
+def _table_config(plan: _Plan, k: int, n: int) -> Optional[Config]:
+  ent = _table().get("entries", {}).get(plan.kind)
+  if not ent:
+    return None
+  cfg = Config(**{f: ent[f] for f in ("tile_n", "tile_k", "k_per_cta", "stages")
+                  if f in ent}, rows=ent.get("rows", 0))
+  return cfg if _fits(plan, k, n, cfg) else None
+
+
+def default_config(plan: _Plan, k: int, n: int) -> Optional[Config]:
+  """The forced tiling (``forced``), else the table's, else the heuristic's."""
+  forced_cfg = (getattr(_state, "configs", None) or {}).get(plan.kind)
+  if forced_cfg is not None and _fits(plan, k, n, forced_cfg):
+    return forced_cfg
+  return _table_config(plan, k, n) or heuristic_config(plan, k, n)
+
+
+# ---------------------------------------------------------------------------
+# The kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _build(plan: _Plan, k: int, n: int, cfg: Config, interpret):
+  import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
+  import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+  tn, tk, kc, st = cfg.tile_n, cfg.tile_k, cfg.k_per_cta, cfg.stages
+  uc, ub = pack_unit(plan.bits)
+  bs = plan.block
+  crow = tk // uc * ub              # stored code rows a step
+  steps = kc // tk
+  n_sr = _scale_rows(plan, cfg)     # scale rows a CTA holds
+  span = min(bs, tk)                # output rows one scale row covers in a step
+  nb = tk // span                   # scale rows a step uses
+  rch = cfg.rows or max(1, 16 * 128 // tn)
+  rch = math.gcd(rch, span)
+  rch = rch * uc // math.gcd(rch, uc)  # uc divides span, so rch still does
+  out_dt = jnp.dtype(plan.out_dtype)
+  has_zp = plan.zp_dtype is not None
+  mask = np.uint32((1 << plan.bits) - 1)
+
+  def scale_factors(s_smem, z_smem, scal, r):
+    """(zero point, f1, f2) of scale row ``r`` (f2 None: one factor)."""
+    zp = z_smem[r].astype(jnp.float32) if has_zp else None
+    raw = s_smem[r]
+    if plan.scale == "e8m0":
+      code = raw.astype(jnp.int32)
+      f1, f2 = _pow2_pair(code - 127)
+      if plan.has_t:
+        f1 = scal[0] * f1
+      f1 = jnp.where(code == 255, np.float32(np.nan), f1)
+      return zp, f1, f2
+    s = raw.astype(jnp.float32)
+    if plan.has_t:  # core: (tn * s) then 2**p (_split_pow2)
+      return zp, scal[1] * s, jnp.full(s.shape, scal[2])
+    return zp, s, None
+
+  def unpack(c_smem, u):
+    """The uc code rows of packing unit ``u`` (stored rows, then uint32)."""
+    if uc == 1:
+      return [c_smem[u]]
+    word = None
+    for j in range(ub):
+      b = c_smem[u * ub + j].astype(jnp.uint32)
+      b = b if j == 0 else b << np.uint32(8 * j)
+      word = b if word is None else word | b
+    return [(word >> np.uint32(plan.bits * i)) & mask if i else word & mask
+            for i in range(uc)]
+
+  def do_span(c_smem, v_smem, r0, factors):
+    zp, f1, f2 = factors
+
+    def chunk(ci, carry):
+      base = r0 + ci * rch
+      raws = []
+      for u in range(rch // uc):
+        raws += unpack(c_smem, (base // uc) + u)
+      outs = []
+      for raw in raws:
+        v = _decode_row(plan, raw)
+        if zp is not None:
+          v = v - zp
+        v = v * f1
+        if f2 is not None:
+          v = v * f2
+        outs.append(jnp.clip(v, -_F32_MAX, _F32_MAX).astype(out_dt))
+      for j, o in enumerate(outs):
+        v_smem[base + j] = o
+      return carry
+
+    lax.fori_loop(0, span // rch, chunk, 0)
+
+  def body(*refs):
+    refs = list(refs)
+    c_gmem, s_gmem = refs.pop(0), refs.pop(0)
+    z_gmem = refs.pop(0) if has_zp else None
+    t_gmem = refs.pop(0) if plan.has_t else None
+    o_gmem = refs.pop(0)
+    c_smem, v_smem, s_smem = refs.pop(0), refs.pop(0), refs.pop(0)
+    z_smem = refs.pop(0) if has_zp else None
+    bar, s_bar = refs.pop(0), refs.pop(0)
+    ni = lax.axis_index("n")
+    ki = lax.axis_index("k")
+    col = pl.ds(pl.multiple_of(ni * tn, tn), tn)
+    row0 = ki * kc
+    srow0 = row0 // bs
+    plgpu.copy_gmem_to_smem(s_gmem.at[pl.ds(srow0, n_sr), col], s_smem,
+                            s_bar.at[0])
+    if has_zp:
+      plgpu.copy_gmem_to_smem(z_gmem.at[pl.ds(srow0, n_sr), col], z_smem,
+                              s_bar.at[0])
+    scal = None
+    if plan.has_t:
+      scal = tuple(t_gmem[i] for i in range(3))
+
+    def fetch(i, slot):
+      plgpu.copy_gmem_to_smem(
+          c_gmem.at[pl.ds((row0 + i * tk) // uc * ub, crow), col],
+          c_smem.at[slot], bar.at[slot])
+
+    for i in range(min(st, steps)):
+      fetch(i, i)
+    plgpu.barrier_wait(s_bar.at[0])
+
+    def step(i, carry):
+      slot = lax.rem(i, st)
+      plgpu.barrier_wait(bar.at[slot])
+      plgpu.wait_smem_to_gmem(st - 1, wait_read_only=True)
+      cs, vs = c_smem.at[slot], v_smem.at[slot]
+      for b in range(nb):
+        r = (i * tk + b * span) // bs  # the scale row, relative to the CTA's
+        do_span(cs, vs, b * span, scale_factors(s_smem, z_smem, scal, r))
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(vs, o_gmem.at[pl.ds(row0 + i * tk, tk), col],
+                              commit_group=False)
+      plgpu.commit_smem_to_gmem_group()
+
+      @pl.when(i + st < steps)
+      def _():
+        fetch(i + st, slot)
+      return carry
+
+    lax.fori_loop(0, steps, step, 0)
+    plgpu.wait_smem_to_gmem(0)
+
+  scratch = [plgpu.SMEM((st, crow, tn), jnp.dtype(plan.code_dtype)),
+             plgpu.SMEM((st, tk, tn), out_dt),
+             plgpu.SMEM((n_sr, tn), jnp.dtype(plan.scale_dtype))]
+  if has_zp:
+    scratch.append(plgpu.SMEM((n_sr, tn), jnp.dtype(plan.zp_dtype)))
+  scratch += [plgpu.Barrier(num_arrivals=1, num_barriers=st),
+              plgpu.Barrier(num_arrivals=2 if has_zp else 1, num_barriers=1)]
+  extra = {} if interpret is None else {"interpret": interpret}
+  kern = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((k, n), out_dt),
+                      scratch_types=scratch, grid=(n // tn, k // kc),
+                      grid_names=("n", "k"), **extra)
+  return kern
+
+
+def _pow2(e):
+  """``2.0**e`` from the exponent bits (core's ``_pow2``)."""
+  bits = (jnp.clip(e, -127, 128) + 127).astype(jnp.uint32) << 23
+  return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _pow2_pair(e):
+  """Core's ``_pow2_pair`` (``floor(e / 2)`` as an arithmetic shift)."""
+  h = lax.shift_right_arithmetic(e, jnp.int32(1))
+  return _pow2(h), _pow2(e - h)
+
+
+def _tensor_scalars(t):
+  """float32[3]: the tensor scale, then core's ``_split_pow2`` of it (``tn``
+  and ``2**p``)."""
+  t = jnp.asarray(t, jnp.float32).reshape(())
+  u = lax.bitcast_convert_type(t, jnp.uint32)
+  p = jnp.clip(((u >> 23) & 0xFF).astype(jnp.int32) - 127, -126, 126)
+  return jnp.stack([t, t * _pow2(-p), _pow2(p)])
+
+
+def dequantize(q: QArray, *, config: Optional[Config] = None,
+               interpret=False) -> jax.Array:
+  """``lowbit_jax.dequantize(q)`` in one pass over the codes (same array).
+
+  Args:
+    q: a QArray with codes packed along axis 0 and scales shared along axis 0
+      (``plan_of(q)`` says which; rank >= 2, dims after the first flattened).
+    config: tiling (default: ``default_config``).
+    interpret: False (compile for a Hopper GPU), True or an
+      ``InterpretGPUParams`` (the Mosaic GPU interpreter, on CPU).
+
+  Returns:
+    The float array ``lowbit_jax.dequantize(q)`` returns, bit for bit.
+
+  Raises:
+    ValueError: a QArray the kernel does not take, or a tiling that does not
+      fit; the message says which.
+  """
+  params = common.interpret_params(interpret)
+  plan, why = plan_of(q)
+  if plan is None:
+    raise ValueError(f"the GPU dequantizer does not take this QArray ({why}): "
+                     f"{q!r}; use lowbit_jax.dequantize")
+  k = q.shape[0]
+  n = math.prod(q.shape[1:])
+  cfg = config or default_config(plan, k, n)
+  if cfg is None:
+    raise ValueError(f"no tiling fits [{k}, {n}] for {plan.kind} (N must be a "
+                     "multiple of 128)")
+  check_config(plan, k, n, cfg)
+  kern = _build(plan, k, n, cfg, params)
+  uc, ub = pack_unit(plan.bits)
+  srows = k // plan.block
+  def rows(a):  # scales / zero points as [scale rows, n]
+    return jnp.broadcast_to(a.reshape(1, 1), (1, n)) if a.size == 1 else (
+        a.reshape(srows, n))
+
+  args = [q.codes.reshape(k // uc * ub, n), rows(q.scale)]
+  if plan.zp_dtype is not None:
+    args.append(rows(q.zero_point))
+  if plan.has_t:
+    args.append(_tensor_scalars(q.tensor_scale))
+  out = kern(*args) if params is None else common.run_interpreted(kern, *args)
+  return out.reshape(q.shape)
+
+
+# ---------------------------------------------------------------------------
+# Dispatch from lowbit_jax.dequantize
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def forced(kinds, configs: Optional[dict] = None):
+  """Within the block, dispatch sends ``kinds`` (ids, or ``()`` for none) to
+  the kernel instead of ``ENABLED``; ``configs`` (``{kind: Config}``) replaces
+  ``default_config``'s tiling where it fits. For benchmarks and tests.
+  Thread-local."""
+  prev = getattr(_state, "kinds", None), getattr(_state, "configs", None)
+  _state.kinds = frozenset(kinds)
+  _state.configs = dict(configs or {})
+  try:
+    yield
+  finally:
+    _state.kinds, _state.configs = prev
+
+
+def _enabled_of(table: dict) -> frozenset:
+  e = table.get("enabled", ())
+  if not isinstance(e, (list, tuple)):
+    raise ValueError(f"{TABLE_PATH}: 'enabled' must be a list of format ids, "
+                     f"got {type(e).__name__}")
+  return frozenset(e)
+
+
+# The formats an H200 run measured bit-exact and at least 2% faster than
+# XLA's path (``gpu_dequantize_configs.json``; BUILD.md has the runs).
+ENABLED: frozenset = _enabled_of(_table())
+
+
+def dispatch(q: QArray) -> bool:
+  """Whether ``lowbit_jax.dequantize(q)`` should run the kernel: on a Hopper
+  GPU, for a format enabled (``ENABLED`` or ``forced``) whose shape fits a
+  tiling."""
+  kinds = getattr(_state, "kinds", None)
+  kinds = ENABLED if kinds is None else kinds
+  if not kinds:
+    return False
+  try:
+    if jax.default_backend() != "gpu":
+      return False
+  except RuntimeError:
+    return False
+  from lowbit_jax import kernels  # pylint: disable=g-import-not-at-top
+  from lowbit_jax.kernels import gpu_quantize  # pylint: disable=g-import-not-at-top
+  if not kernels._enabled or not gpu_quantize._on_hopper():  # pylint: disable=protected-access
+    return False
+  plan, _ = plan_of(q)
+  if plan is None or plan.kind not in kinds:
+    return False
+  return default_config(plan, q.shape[0], math.prod(q.shape[1:])) is not None

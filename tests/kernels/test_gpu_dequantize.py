@@ -1,0 +1,141 @@
+"""The Mosaic GPU dequantizer (lowbit_jax.kernels.gpu_dequantize).
+
+The kernel decodes codes with core's gather-free ``_cast.decode_arith``
+(checked against every format's table in tests/core/test_cast.py). On CPU the
+kernel runs in Pallas' Mosaic GPU interpreter (its own
+jaxpr: TMA pipeline, shared memory, barriers, unpacking, scales) and must
+equal ``lowbit_jax.dequantize`` bit for bit for every format bench_primitives
+times, in bf16 and float32, on blocks with their own magnitudes and on edge
+cases (zero, NaN and inf blocks, the extreme E8M0 and E4M3 scales). Lowering
+for CUDA checks what the interpreter cannot (the Mosaic GPU build of each
+format). The compiled kernel is checked on a GPU (marked gpu).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lowbit_jax as lj
+from lowbit_jax.core import _quantize as core
+from lowbit_jax.kernels import gpu_dequantize as gd
+
+from experiments._primitive_formats import FORMATS
+
+
+def _spec(fid):
+  fmt, kw = FORMATS[fid]
+  return lj.QuantSpec(fmt, axis=0, **kw)
+
+
+def _input(k, n, seed=0):
+  """Normal noise whose 16-row blocks are scaled by 2**-20 .. 2**20, with a
+  zero block, a block holding NaN and one holding inf in the first columns."""
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((k, n)).astype(np.float32)
+  x *= np.exp2(rng.integers(-20, 21, (k // 16, 1, n))).repeat(16, 0).reshape(k, n)
+  x[:16, :8] = 0.0
+  x[16, 0] = np.nan
+  x[48, 1] = np.inf
+  x[64:80, 2] *= np.float32(2.0 ** 100)  # large scales (E8M0 codes near 254)
+  x[80:96, 3] *= np.float32(2.0 ** -110)  # tiny ones (codes near 0)
+  return jnp.asarray(x)
+
+
+def _same(a, b):
+  assert a.dtype == b.dtype and a.shape == b.shape
+  a32 = np.asarray(a.astype(jnp.float32))
+  b32 = np.asarray(b.astype(jnp.float32))
+  np.testing.assert_array_equal(np.isnan(a32), np.isnan(b32))
+  ok = ~np.isnan(a32)
+  np.testing.assert_array_equal(a32[ok].view(np.uint32), b32[ok].view(np.uint32))
+
+
+@pytest.mark.parametrize("fid", list(FORMATS))
+def test_interpreted_kernel_equals_dequantize(fid):
+  x = _input(256, 256).astype(jnp.bfloat16)
+  q = lj.quantize(x, _spec(fid))
+  plan, why = gd.plan_of(q)
+  assert plan is not None, why
+  # Two steps of 64 rows through two slots per CTA, two CTAs along K.
+  cfg = gd.Config(tile_n=128, tile_k=64, k_per_cta=128, stages=2)
+  if gd._fits(plan, 256, 256, cfg):  # pylint: disable=protected-access
+    got = gd.dequantize(q, config=cfg, interpret=True)
+  else:  # blocks of 256 rows (per channel): the heuristic's tiling
+    got = gd.dequantize(q, interpret=True)
+  _same(got, core.dequantize_jnp(q))
+
+
+@pytest.mark.parametrize("fid", ["int4_g128", "mxfp4", "nvfp4", "uint8"])
+def test_interpreted_kernel_float32_and_3d(fid):
+  x = _input(128, 256).astype(jnp.float32).reshape(128, 16, 16)
+  q = lj.quantize(x, _spec(fid))
+  got = gd.dequantize(q, interpret=True)
+  assert got.shape == (128, 16, 16) and got.dtype == jnp.float32
+  _same(got, core.dequantize_jnp(q))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3"])
+def test_interpreted_kernel_per_tensor(fmt):
+  x = _input(128, 128).astype(jnp.bfloat16)
+  q = lj.quantize(x, lj.QuantSpec(fmt))
+  assert gd.kind_of(q) == f"{fmt}_pt"
+  _same(gd.dequantize(q, interpret=True), core.dequantize_jnp(q))
+
+
+def test_plan_refuses_with_the_reason():
+  x = jnp.ones((100, 128), jnp.bfloat16)
+  q = lj.quantize(x, lj.QuantSpec("int3", axis=0))  # 100 rows: padded codes
+  assert gd.plan_of(q) == (None, "padded codes")
+  with pytest.raises(ValueError, match="padded codes"):
+    gd.dequantize(q, interpret=True)
+  q = lj.quantize(jnp.ones((128, 128), jnp.bfloat16), lj.QuantSpec("int4", axis=1))
+  assert gd.plan_of(q)[0] is None and "axis" in gd.plan_of(q)[1]
+  q = lj.quantize(jnp.ones((256,), jnp.bfloat16), lj.QuantSpec("int8", axis=0))
+  assert gd.plan_of(q) == (None, "rank below 2")
+
+
+def test_bad_tiling_is_refused_with_a_fix():
+  q = lj.quantize(jnp.ones((256, 256), jnp.bfloat16), _spec("int4_g128"))
+  with pytest.raises(ValueError, match="tile_n must be 128 or 256"):
+    gd.dequantize(q, config=gd.Config(tile_n=64), interpret=True)
+  with pytest.raises(ValueError, match="must divide one another"):
+    gd.dequantize(q, config=gd.Config(tile_n=128, tile_k=48, k_per_cta=96),
+                  interpret=True)
+  with pytest.raises(ValueError, match="does not fit the tiling"):
+    gd.dequantize(q, config=gd.Config(tile_n=128, tile_k=64, k_per_cta=192),
+                  interpret=True)
+
+
+def test_dispatch_is_off_on_cpu_and_dequantize_unchanged():
+  x = _input(128, 128).astype(jnp.bfloat16)
+  q = lj.quantize(x, _spec("mxfp4"))
+  with gd.forced(["mxfp4"]):
+    assert not gd.dispatch(q)  # CPU backend
+    _same(lj.dequantize(q), core.dequantize_jnp(q))
+
+
+@pytest.mark.parametrize("fid", ["int4_g128", "mxfp4", "nvfp4", "uint8", "nf4",
+                                 "fp6_e2m3", "int3_g128", "fp8_e4m3"])
+def test_kernel_lowers_to_mosaic_gpu(fid):
+  x = jax.ShapeDtypeStruct((1024, 1024), jnp.bfloat16)
+  q = jax.eval_shape(lambda a: lj.quantize(a, _spec(fid)), x)
+  text = jax.jit(gd.dequantize).trace(q).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fid,dtype", [(f, "bfloat16") for f in FORMATS] + [
+    (f, "float32") for f in ("int4_g128", "mxfp4", "nvfp4", "uint8")])
+def test_compiled_kernel_equals_dequantize(fid, dtype):
+  if jax.default_backend() != "gpu":
+    pytest.skip("needs a GPU")
+  x = _input(1024, 512).astype(dtype)
+  q = jax.jit(lambda a: lj.quantize(a, _spec(fid)))(x)
+  want = jax.jit(core.dequantize_jnp)(q)
+  # The dispatcher's tiling and the second candidate (another stage count).
+  for cfg in [None] + gd.candidate_configs(gd.plan_of(q)[0], 1024, 512)[1:2]:
+    got = jax.jit(lambda qq, cfg=cfg: gd.dequantize(qq, config=cfg))(q)
+    _same(got, want)
+  with gd.forced([gd.kind_of(q)]):  # through lowbit_jax.dequantize
+    _same(jax.jit(lj.dequantize)(q), want)
