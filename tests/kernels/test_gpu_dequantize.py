@@ -114,14 +114,17 @@ def test_dispatch_is_off_on_cpu_and_dequantize_unchanged():
     _same(lj.dequantize(q), core.dequantize_jnp(q))
 
 
-@pytest.mark.parametrize("fid", ["int4_g128", "mxfp4", "nvfp4", "uint8", "nf4",
-                                 "fp6_e2m3", "int3_g128", "fp8_e4m3"])
+@pytest.mark.parametrize("fid", list(FORMATS))
 def test_kernel_lowers_to_mosaic_gpu(fid):
-  x = jax.ShapeDtypeStruct((1024, 1024), jnp.bfloat16)
-  q = jax.eval_shape(lambda a: lj.quantize(a, _spec(fid)), x)
-  text = jax.jit(gd.dequantize).trace(q).lower(
-      lowering_platforms=("cuda",)).as_text()
-  assert "mosaic_gpu" in text
+  # The GPU build at the benchmark's shape, every candidate tiling, bf16 and
+  # float32 out (the interpreter runs another lowering).
+  for dtype in (jnp.bfloat16, jnp.float32):
+    x = jax.ShapeDtypeStruct((8192, 8192), dtype)
+    q = jax.eval_shape(lambda a: lj.quantize(a, _spec(fid)), x)
+    for cfg in gd.candidate_configs(gd.plan_of(q)[0], 8192, 8192, limit=6):
+      text = jax.jit(lambda qq, cfg=cfg: gd.dequantize(qq, config=cfg)).trace(
+          q).lower(lowering_platforms=("cuda",)).as_text()
+      assert "mosaic_gpu" in text
 
 
 @pytest.mark.gpu
