@@ -1137,10 +1137,19 @@ def _dequant_kernel_ok(q: QArray) -> bool:
 
 @jax.jit
 def _dequantize_jit(q: QArray) -> jax.Array:
+  return dequantize_as(q, q.dtype)
+
+
+@functools.partial(jax.jit, static_argnames="dtype")
+def dequantize_as(q: QArray, dtype) -> jax.Array:
+  """``dequantize(q).astype(dtype)`` (what the real-mode matmul asks for):
+  where the GPU dequantizer takes ``q``, one kernel writes ``dtype`` directly
+  (no float32 array written and converted for a float32-weight QArray in a
+  bf16 model); elsewhere the jnp path, whose cast XLA fuses."""
   if _dequant_kernel_ok(q):
     from lowbit_jax.kernels import gpu_dequantize  # pylint: disable=g-import-not-at-top
-    return gpu_dequantize.dequantize(q)
-  return dequantize_jnp(q)
+    return gpu_dequantize.dequantize(q, dtype=dtype)
+  return dequantize_jnp(q).astype(dtype)
 
 
 def dequantize_jnp(q: QArray) -> jax.Array:

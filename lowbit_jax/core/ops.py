@@ -71,6 +71,7 @@ from jax import lax
 from lowbit_jax.core import scaling
 from lowbit_jax.core._qarray import QArray, block_shape, normalize_axis
 from lowbit_jax.core._quantize import (_as_key, _fake_quant_impl, _key_ct, dequantize,
+                                       dequantize_as,
                                        fake_quant, quantize)
 from lowbit_jax.core._spec import TENSOR, QuantSpec, as_spec
 from lowbit_jax.formats import BlockFormat, FloatFormat, IntFormat
@@ -634,7 +635,7 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None,
     y = lax.dot_general(lv.astype(ct), codes.astype(ct), dn, precision,
                         preferred_element_type=jnp.float32)
     return (y * scale).astype(preferred_element_type or out_dtype)
-  rv = dequantize(rq) if isinstance(rq, QArray) else rq
+  rv = dequantize_as(rq, out_dtype) if isinstance(rq, QArray) else rq
   # Dequantized operands round to the activation's dtype first, as fake mode's
   # operands do, so a bf16 model's real mode equals its fake mode also where
   # the dot itself runs in float32 (CPU).

@@ -96,7 +96,8 @@ class _Plan:
   block: int         # rows per scale block (K for per-channel / per-tensor)
   zp_dtype: Optional[str]  # dtype of q.zero_point, None when symmetric
   has_t: bool        # a tensor scale above the block scales
-  out_dtype: str
+  out_dtype: str     # what the kernel writes
+  val_dtype: str     # q.dtype: values round to it first (dequantize's result)
 
 
 # ---------------------------------------------------------------------------
@@ -188,7 +189,8 @@ def plan_of(q: QArray) -> tuple[Optional[_Plan], str]:
                code_dtype=jnp.dtype(q.codes.dtype).name, scale=scale,
                scale_dtype=sd.name, block=k // srows,
                zp_dtype=None if zp is None else jnp.dtype(zp.dtype).name,
-               has_t=q.tensor_scale is not None, out_dtype=q.dtype), ""
+               has_t=q.tensor_scale is not None, out_dtype=q.dtype,
+               val_dtype=q.dtype), ""
 
 
 def kind_of(q: QArray) -> Optional[str]:
@@ -358,6 +360,7 @@ def _build(plan: _Plan, k: int, n: int, cfg: Config, interpret):
   rch = math.gcd(rch, span)
   rch = rch * uc // math.gcd(rch, uc)  # uc divides span, so rch still does
   out_dt = jnp.dtype(plan.out_dtype)
+  val_dt = jnp.dtype(plan.val_dtype)
   has_zp = plan.zp_dtype is not None
   mask = np.uint32((1 << plan.bits) - 1)
 
@@ -405,7 +408,8 @@ def _build(plan: _Plan, k: int, n: int, cfg: Config, interpret):
         v = v * f1
         if f2 is not None:
           v = v * f2
-        outs.append(jnp.clip(v, -_F32_MAX, _F32_MAX).astype(out_dt))
+        o = jnp.clip(v, -_F32_MAX, _F32_MAX).astype(val_dt)
+        outs.append(o if val_dt == out_dt else o.astype(out_dt))
       for j, o in enumerate(outs):
         v_smem[base + j] = o
       return carry
@@ -500,13 +504,17 @@ def _tensor_scalars(t):
   return jnp.stack([t, t * _pow2(-p), _pow2(p)])
 
 
-def dequantize(q: QArray, *, config: Optional[Config] = None,
+def dequantize(q: QArray, *, dtype=None, config: Optional[Config] = None,
                interpret=False) -> jax.Array:
   """``lowbit_jax.dequantize(q)`` in one pass over the codes (same array).
 
   Args:
     q: a QArray with codes packed along axis 0 and scales shared along axis 0
       (``plan_of(q)`` says which; rank >= 2, dims after the first flattened).
+    dtype: what to write (bfloat16, float16 or float32; default ``q.dtype``):
+      ``dequantize(q).astype(dtype)`` bit for bit, in one pass (the real-mode
+      matmul asks for its compute dtype, e.g. a float32-weight QArray in a
+      bf16 model, instead of writing float32 and converting).
     config: tiling (default: ``default_config``).
     interpret: False (compile for a Hopper GPU), True or an
       ``InterpretGPUParams`` (the Mosaic GPU interpreter, on CPU).
@@ -523,6 +531,11 @@ def dequantize(q: QArray, *, config: Optional[Config] = None,
   if plan is None:
     raise ValueError(f"the GPU dequantizer does not take this QArray ({why}): "
                      f"{q!r}; use lowbit_jax.dequantize")
+  if dtype is not None:
+    name = jnp.dtype(dtype).name
+    if name not in _OUT_DTYPES:
+      raise ValueError(f"dtype must be one of {_OUT_DTYPES}, got {name}")
+    plan = dataclasses.replace(plan, out_dtype=name)
   k = q.shape[0]
   n = math.prod(q.shape[1:])
   cfg = config or default_config(plan, k, n)

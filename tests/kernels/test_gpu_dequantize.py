@@ -142,3 +142,17 @@ def test_compiled_kernel_equals_dequantize(fid, dtype):
     _same(got, want)
   with gd.forced([gd.kind_of(q)]):  # through lowbit_jax.dequantize
     _same(jax.jit(lj.dequantize)(q), want)
+
+
+@pytest.mark.parametrize("fid", ["int4_g128", "mxfp4", "nvfp4"])
+@pytest.mark.parametrize("src,dst", [("float32", "bfloat16"), ("bfloat16", "float32")])
+def test_interpreted_kernel_writes_another_dtype(fid, src, dst):
+  # dequantize(q).astype(dtype) in one kernel: the values round to q's dtype
+  # first (a bf16 QArray written as float32 holds bf16 values).
+  x = _input(128, 256).astype(src)
+  q = lj.quantize(x, _spec(fid))
+  got = gd.dequantize(q, dtype=dst, interpret=True)
+  _same(got, core.dequantize_jnp(q).astype(dst))
+  _same(core.dequantize_as(q, dst), core.dequantize_jnp(q).astype(dst))
+  with pytest.raises(ValueError, match="dtype must be one of"):
+    gd.dequantize(q, dtype=jnp.int8, interpret=True)
