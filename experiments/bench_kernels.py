@@ -425,8 +425,12 @@ def candidates(wo, prob, tune: bool, few: bool = False, fast=None):
     # it was slower on all 24 rows it was timed on (benchmarks/
     # kernels_h200_runs/run_tune2.md).
     f = bool(fast) if fast is not None else out[0].fast_decode
+    cands = [dataclasses.replace(c, fast_decode=f and e2m1) for c in cands]
+    # Each K step in two column chunks (Config.k_chunks: chunk c's MMA in
+    # flight while chunk c + 1 is decoded), for the first tiling and the
+    # first three candidates; not yet timed on a GPU.
+    cands += [dataclasses.replace(c, k_chunks=2) for c in [out[0]] + cands[:3]]
     for c in cands:
-      c = dataclasses.replace(c, fast_decode=f and e2m1)
       if c not in out and wo._shape_ok(prob, c):  # pylint: disable=protected-access
         out.append(c)
   return out[:3] if few else out
@@ -1027,7 +1031,7 @@ def write_outputs(res, out_dir: str, tag: str):
             "| weight | K x N | M | XLA bf16 | XLA fused | dequant ref | kernel | "
             "dispatched | roofline | % roofline (kernel) | kernel vs bf16 | kernel "
             "vs fused | kernel vs ref | config (tile_n, tile_k, tile_m, stages, "
-            "split_k, ws, fast_decode) |",
+            "split_k, ws, fast_decode[, k_chunks]) |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for x in sorted(res["wo"], key=lambda r: (r["kernel"], r["k"], r["n"], r["m"])):
     ku = x.get("kernel_us")

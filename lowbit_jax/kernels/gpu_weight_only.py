@@ -75,6 +75,13 @@ class Config:
       with byte permutes (``_E2M1_PTX``, about half the instructions of the
       bit-by-bit path) and convert NVFP4's E4M3 scales with the hardware
       ``cvt`` (``_E4M3_PTX``); no effect on int4 / int8.
+    k_chunks: each K step's weight tile is dequantized and multiplied in this
+      many column chunks, every chunk's WGMMA issued before the next chunk is
+      decoded and one wait at the end of the step, so the tensor cores work
+      on chunk c while the warpgroup decodes chunk c + 1 (with 1, every
+      step's decode waits for the previous step's MMA). The registers in
+      flight are the same (the step's whole tile is held either way); the
+      shared-memory tiles are swizzled by the chunk's width.
   """
   tile_n: int = 64
   tile_k: int = 256
@@ -83,6 +90,7 @@ class Config:
   split_k: int = 1
   ws: bool = False
   fast_decode: bool = False
+  k_chunks: int = 1
 
 
 def _validate(problem: MatmulProblem) -> None:
@@ -311,18 +319,21 @@ def _tiles_ok(problem: MatmulProblem, cfg: Config) -> bool:
   if m > cfg.tile_m and m % cfg.tile_m:
     return False
   tkw = cfg.tile_k // (2 if cfg.ws else 1)
+  if cfg.k_chunks < 1 or tkw % cfg.k_chunks:
+    return False
+  ckw = tkw // cfg.k_chunks  # columns dequantized and multiplied at a time
   bits = 8 if problem.w_format == "int8" else 4
-  if (tkw * bits) % 1024 and (tkw * bits) % 512:
-    return False  # weight rows of a step must be 64 or 128 bytes (swizzle)
+  if ckw < 64 or (ckw * bits) % 512:
+    return False  # weight rows of a chunk must be 64 or 128 bytes (swizzle)
   g = common.weight_group(problem)
   if g is not None:
     kps = k // cfg.split_k
     if kps % g:
       return False
-    if not (tkw % g == 0 or g % tkw == 0):
+    if not (ckw % g == 0 or g % ckw == 0):
       return False
     itemsize = 1 if problem.w_format in ("mxfp4", "nvfp4") else 2
-    cw = scale_chunk(problem.w_format, kps // g, max(1, tkw // g), itemsize)
+    cw = scale_chunk(problem.w_format, kps // g, max(1, ckw // g), itemsize)
     if (cw * itemsize) % 16:
       return False
   return True
@@ -842,6 +853,8 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
   ws = cfg.ws
   n_compute = 2 if ws else 1
   tkw = tile_k // n_compute  # K columns each compute warpgroup handles per step
+  kch = cfg.k_chunks
+  ckw = tkw // kch  # K columns dequantized and multiplied at a time
   split = cfg.split_k
   kps = k // split
   k_steps = kps // tile_k
@@ -853,17 +866,17 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
     raise NotImplementedError("M must be a multiple of tile_m when M > tile_m")
   four_bit = fmt != "int8"
   w_bits = 4 if four_bit else 8
-  w_swz = plgpu.find_swizzle(tkw * w_bits, "weight tile")
+  w_swz = plgpu.find_swizzle(ckw * w_bits, "weight tile")
   w_transforms = (plgpu.TilingTransform((8, w_swz * 8 // w_bits)),
                   plgpu.SwizzleTransform(w_swz))
-  x_swz = plgpu.find_swizzle(tkw * 16, "activation tile")
+  x_swz = plgpu.find_swizzle(ckw * 16, "activation tile")
   x_transforms = (plgpu.TilingTransform((8, x_swz // 2)),
                   plgpu.SwizzleTransform(x_swz))
   kind = _scale_kind(fmt)
   interp = interpret is not None
   per_channel = group is None
   ng_total = None if per_channel else kps // group
-  ng_step = None if per_channel else max(1, tkw // group)
+  ng_step = None if per_channel else max(1, ckw // group)
   acc_out_dtype = jnp.float32 if split > 1 else jnp.dtype(out_dtype)
   s_jdtype = jnp.dtype(scale_dtype)
   has_t = fmt == "nvfp4"
@@ -888,7 +901,7 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
 
     @plgpu.inline_mgpu(
         arg_types=(plgpu.Layout.WGMMA,),
-        return_type=plgpu.ShapeDtypeStruct((tile_n, tkw), jnp.bfloat16,
+        return_type=plgpu.ShapeDtypeStruct((tile_n, ckw), jnp.bfloat16,
                                            plgpu.Layout.WGMMA))
     def to_bf16(_, wf):
       if cfg.fast_decode:
@@ -898,33 +911,40 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
 
   def scale_w(w, s_ref):
     if interp:
-      return _jnp_scale_regs(w, s_ref[...], group, tkw, kind)
+      return _jnp_scale_regs(w, s_ref[...], group, ckw, kind)
 
     @plgpu.inline_mgpu(
         arg_types=(plgpu.RefType(), plgpu.Layout.WGMMA),
-        return_type=plgpu.ShapeDtypeStruct((tile_n, tkw), jnp.bfloat16,
+        return_type=plgpu.ShapeDtypeStruct((tile_n, ckw), jnp.bfloat16,
                                            plgpu.Layout.WGMMA))
     def apply(_, s, wf):
-      return _scale_regs(wf, s, group, tkw, kind, cfg.fast_decode)
+      return _scale_regs(wf, s, group, ckw, kind, cfg.fast_decode)
     return apply(s_ref, w)
 
   def mma_step(kk, x_ref, w_ref, acc_ref, s_smem, s_bar, part, stage=None):
-    """Dequantizes columns ``part`` of this step's tiles and accumulates."""
-    w = load_w(w_ref)
+    """Dequantizes columns ``part`` of this step's tiles and accumulates,
+    ``k_chunks`` column chunks at a time (each chunk's MMA in flight while
+    the next is decoded)."""
     if not per_channel:
       @pl.when(kk == 0)
       def _():
         plgpu.barrier_wait(s_bar.at[0])
-      col0 = kk * tile_k + part * tkw
-      g0 = col0 // group
-      w = scale_w(w, s_smem.at[g0 // scale_cw, :,
-                               pl.ds(g0 % scale_cw, ng_step)])
-    if interp:
-      common.interpret_wgmma(acc_ref, w, x_ref[...], stage)
-    else:
-      plgpu.wgmma(acc_ref, w, common.transpose_ref(x_ref))
-    # The A operand lives in registers that the next step overwrites: the MMA
-    # must be complete before the body returns.
+    for c in range(kch):
+      cols = pl.ds(c * ckw, ckw)
+      wc = w_ref if kch == 1 else w_ref.at[:, cols]
+      xc = x_ref if kch == 1 else x_ref.at[:, cols]
+      w = load_w(wc)
+      if not per_channel:
+        col0 = kk * tile_k + part * tkw + c * ckw
+        g0 = col0 // group
+        w = scale_w(w, s_smem.at[g0 // scale_cw, :,
+                                 pl.ds(g0 % scale_cw, ng_step)])
+      if interp:
+        common.interpret_wgmma(acc_ref, w, xc[...], stage)
+      else:
+        plgpu.wgmma(acc_ref, w, common.transpose_ref(xc))
+    # The A operands live in registers that the next step overwrites: the
+    # MMAs must be complete before the body returns.
     plgpu.wgmma_wait(0)
 
   def issue_scale_copy(s_gmem, s_smem, s_bar, n0, si):
@@ -1046,8 +1066,8 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
         red_bar=plgpu.Barrier(num_barriers=1),
         # Interpret mode only: per-warpgroup operand staging for the wgmma.
         **({} if not interp else dict(
-            stage_a=plgpu.SMEM((2, tile_n, tkw), jnp.bfloat16),
-            stage_b=plgpu.SMEM((2, tkw, tile_m), jnp.bfloat16))),
+            stage_a=plgpu.SMEM((2, tile_n, ckw), jnp.bfloat16),
+            stage_b=plgpu.SMEM((2, ckw, tile_m), jnp.bfloat16))),
         collective_axes="wg",
     )
     def _scope(allocs, s_smem, s_bar, red_smem, red_bar, **stage_refs):

@@ -90,19 +90,40 @@ def test_weight_only_kernel_default_configs(m, n, k):
     assert rel_err(out, np_weight_only(ops, prob)) < 1e-5, (fmt, m, n, k)
 
 
+@pytest.mark.parametrize("fmt,group,tile_k,chunks", [
+    ("int4", 128, 256, 2), ("int4", None, 512, 4), ("int8", None, 256, 2),
+    ("int8", 128, 256, 4), ("mxfp4", 32, 256, 2), ("nvfp4", 16, 512, 4),
+    ("fp4_e2m1", 128, 512, 4)])
+def test_weight_only_kernel_k_chunks(fmt, group, tile_k, chunks):
+  # Each step decoded and multiplied in 2 or 4 column chunks of 64 (8-bit)
+  # or 128 (4-bit) columns (each chunk's group scales; groups wider than a
+  # chunk), one wait a step.
+  _check_wo(fmt, group, 5, 128, 1024, _wo_cfg(tile_k=tile_k, k_chunks=chunks),
+            seed=7)
+
+
+def test_weight_only_k_chunks_are_refused_where_they_do_not_tile():
+  ops, prob = make_wo(jax.random.key(8), "int4", 128, 8, 128, 1024)
+  # 3 does not divide 256; chunks of 64 int4 columns are 32-byte rows.
+  for cfg in (_wo_cfg(k_chunks=3), _wo_cfg(k_chunks=4), _wo_cfg(k_chunks=0)):
+    assert not gpu_weight_only._tiles_ok(prob, cfg)  # pylint: disable=protected-access
+    with pytest.raises(ValueError, match="does not fit the tiling"):
+      gpu_weight_only.matmul(ops, prob, config=cfg, interpret=True)
+
+
 def test_weight_only_kernel_bf16_output():
   _check_wo("int4", 128, 16, 128, 1024, _wo_cfg(tile_m=16), seed=4,
             out_dtype="bfloat16")
 
 
-@pytest.mark.parametrize("fmt,group", [("int4", 128), ("int8", None),
-                                       ("mxfp4", 32), ("nvfp4", 16),
-                                       ("fp4_e2m1", 32)])
-def test_weight_only_warp_specialized_kernel(fmt, group):
+@pytest.mark.parametrize("fmt,group,chunks", [
+    ("int4", 128, 1), ("int8", None, 1), ("mxfp4", 32, 1), ("nvfp4", 16, 1),
+    ("fp4_e2m1", 32, 1), ("int4", 128, 2)])
+def test_weight_only_warp_specialized_kernel(fmt, group, chunks):
   # One TMA warpgroup, two compute warpgroups each taking half of every
   # 512-deep K step; their partial sums meet in shared memory.
   ops, prob = make_wo(jax.random.key(5), fmt, group, 16, 128, 2048)
-  cfg = _wo_cfg(tile_k=512, tile_m=16, ws=True)
+  cfg = _wo_cfg(tile_k=512, tile_m=16, ws=True, k_chunks=chunks)
   out = gpu_weight_only.matmul(
       ops, prob, config=cfg,
       interpret=_params())

@@ -90,6 +90,22 @@ def test_weight_only_fast_decode_matches_reference(fmt, group, m, n, k):
   assert rel_err(out, gpu_weight_only.reference(ops, prob)) < 1e-2
 
 
+@pytest.mark.parametrize("fmt,group", WO_CASES)
+@pytest.mark.parametrize("m,n,k", [(1, 1024, 2048), (16, 4096, 8192)])
+def test_weight_only_k_chunks_matches_reference(fmt, group, m, n, k):
+  # Each K step decoded and multiplied in two column chunks, the first
+  # chunk's asynchronous WGMMA reading its registers while the second is
+  # decoded (Config.k_chunks; ptxas must keep them apart); with fast_decode
+  # for E2M1 weights.
+  ops, prob = _wo_ops(fmt, group, m, n, k)
+  cfg = dataclasses.replace(gpu_weight_only._decode_config(prob), k_chunks=2,  # pylint: disable=protected-access
+                            fast_decode=fmt in ("fp4_e2m1", "mxfp4", "nvfp4"))
+  assert gpu_weight_only._shape_ok(prob, cfg)  # pylint: disable=protected-access
+  out = _run_poisoned(lambda o: gpu_weight_only.matmul(o, prob, config=cfg),
+                      ops, (m, n), jnp.bfloat16)
+  assert rel_err(out, gpu_weight_only.reference(ops, prob)) < 1e-2
+
+
 def _w8_ops(case, m, n, k, exact=False):
   out = "float32" if (exact and case == "mxfp8") else "bfloat16"
   return make_w8(_key(), case, m, n, k, out_dtype=out, exact=exact,

@@ -233,7 +233,9 @@ def _lower(fn, ops):
     ("int4", 128, 1, False), ("int4", None, 16, False), ("int8", 64, 5, False),
     ("fp4_e2m1", 32, 16, False), ("mxfp4", 32, 1, False), ("nvfp4", 16, 16, False),
     ("int4", 128, 16, True), ("nvfp4", 16, 1, True), ("mxfp4", 32, 16, "fast"),
-    ("nvfp4", 16, 1, "fast")])
+    ("nvfp4", 16, 1, "fast"), ("int4", 128, 1, "chunks"), ("int4", None, 16, "chunks"),
+    ("int8", None, 1, "chunks"), ("mxfp4", 32, 1, "fast+chunks"),
+    ("nvfp4", 16, 16, "fast+chunks")])
 def test_weight_only_kernel_lowers_to_mosaic_gpu(fmt, group, m, ws):
   n, k = 1024, 4096
   four = fmt != "int8"
@@ -246,8 +248,10 @@ def test_weight_only_kernel_lowers_to_mosaic_gpu(fmt, group, m, ws):
   prob = MatmulProblem(m=m, n=n, k=k, x_dtype="bfloat16", w_format=fmt,
                        w_block=group)
   cfg = gpu_weight_only._decode_config(prob)  # pylint: disable=protected-access
-  if ws == "fast":
-    cfg = dataclasses.replace(cfg, fast_decode=True)
+  if isinstance(ws, str):  # fast_decode and / or two K chunks a step
+    cfg = dataclasses.replace(cfg, fast_decode="fast" in ws,
+                              k_chunks=2 if "chunks" in ws else 1)
+    assert gpu_weight_only._shape_ok(prob, cfg)  # pylint: disable=protected-access
   elif ws:
     cfg = dataclasses.replace(cfg, ws=True, tile_k=512, split_k=1)
   _lower(lambda o: gpu_weight_only.matmul(o, prob, config=cfg), ops)
