@@ -15,8 +15,10 @@ packed two per byte along K with element ``2j`` in the low nibble.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import threading
 from typing import Optional
 
 import jax
@@ -27,6 +29,36 @@ from lowbit_jax.kernels._api import MatmulOperands, MatmulProblem
 
 # E2M1 magnitudes indexed by the low three bits of a nibble (OCP MX spec v1.0).
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+class ForcedDispatch:
+  """Thread-local override of a kernel dispatcher (benchmarks and tests):
+  within ``forced(kinds, configs)`` the dispatcher sends ``kinds`` (ids, or
+  ``()`` for none) to its kernel instead of its measured ``ENABLED`` set, and
+  ``configs`` (``{kind: Config}``) replaces its tiling where it fits."""
+
+  def __init__(self):
+    self._state = threading.local()
+
+  @contextlib.contextmanager
+  def forced(self, kinds, configs=None):
+    st = self._state
+    prev = getattr(st, "kinds", None), getattr(st, "configs", None)
+    st.kinds = frozenset(kinds)
+    st.configs = dict(configs or {})
+    try:
+      yield
+    finally:
+      st.kinds, st.configs = prev
+
+  def kinds(self, enabled):
+    """The forced kinds, else ``enabled``."""
+    k = getattr(self._state, "kinds", None)
+    return enabled if k is None else k
+
+  def config(self, kind):
+    """The forced tiling of ``kind``, or None."""
+    return (getattr(self._state, "configs", None) or {}).get(kind)
 
 
 # ----------------------------------------------------------------------------
@@ -450,6 +482,39 @@ def thread_col_base(shape: tuple[int, int]):
                                    mgpu.WGMMA_LAYOUT.thread_idxs(shape)):
     out[idx] = (mlir_idx[0], mlir_idx[1])
   return out
+
+
+def tma_stream(steps: int, stages: int, bar, fetch, body) -> None:
+  """The streaming loop of the quantizer and dequantizer kernels.
+
+  Issues ``fetch(i, slot)`` (a TMA copy into shared-memory slot ``slot``
+  arriving on ``bar.at[slot]``) for the first ``stages`` steps, then for each
+  step waits for its slot, waits until at most ``stages - 1`` earlier TMA
+  stores still read shared memory (so the step may overwrite the output slot
+  it shares with step ``i - stages``), runs ``body(i, slot)`` (the compute,
+  ``commit_smem`` and the step's ``copy_smem_to_gmem(..., commit_group=False)``
+  calls), commits those stores as one group and refills the slot with step
+  ``i + stages``; at the end waits for every store.
+  """
+  import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
+  import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+  for i in range(min(stages, steps)):
+    fetch(i, i)
+
+  def step(i, carry):
+    slot = jax.lax.rem(i, stages)
+    plgpu.barrier_wait(bar.at[slot])
+    plgpu.wait_smem_to_gmem(stages - 1, wait_read_only=True)
+    body(i, slot)
+    plgpu.commit_smem_to_gmem_group()
+
+    @pl.when(i + stages < steps)
+    def _():
+      fetch(i + stages, slot)
+    return carry
+
+  jax.lax.fori_loop(0, steps, step, 0)
+  plgpu.wait_smem_to_gmem(0)
 
 
 def plgpu_load(ref, layout):

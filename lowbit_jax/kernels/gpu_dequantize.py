@@ -35,13 +35,11 @@ jnp path stays the reference and is what runs on CPU and TPU.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
 import math
 import os
-import threading
 from typing import Optional
 
 import jax
@@ -50,9 +48,12 @@ import numpy as np
 from jax import lax
 
 from lowbit_jax.core import _cast
+from lowbit_jax.core import _quantize as _q
 from lowbit_jax.core._qarray import QArray, pack_unit
 from lowbit_jax.formats import BlockFormat, FloatFormat, IntFormat, LookupFormat
 from lowbit_jax.kernels import _gpu_common as common
+from lowbit_jax.kernels import gpu_quantize
+from lowbit_jax.kernels.gpu_quantize import _pow2_pair
 
 _F32_MAX = np.float32(np.finfo(np.float32).max)
 MAX_SMEM_BYTES = 227 * 1024  # what one Hopper CTA may use
@@ -334,7 +335,7 @@ def _table_config(plan: _Plan, k: int, n: int) -> Optional[Config]:
 
 def default_config(plan: _Plan, k: int, n: int) -> Optional[Config]:
   """The forced tiling (``forced``), else the table's, else the heuristic's."""
-  forced_cfg = (getattr(_state, "configs", None) or {}).get(plan.kind)
+  forced_cfg = _forced.config(plan.kind)
   if forced_cfg is not None and _fits(plan, k, n, forced_cfg):
     return forced_cfg
   return _table_config(plan, k, n) or heuristic_config(plan, k, n)
@@ -444,14 +445,10 @@ def _build(plan: _Plan, k: int, n: int, cfg: Config, interpret):
           c_gmem.at[pl.ds((row0 + i * tk) // uc * ub, crow), col],
           c_smem.at[slot], bar.at[slot])
 
-    for i in range(min(st, steps)):
-      fetch(i, i)
-    plgpu.barrier_wait(s_bar.at[0])
-
-    def step(i, carry):
-      slot = lax.rem(i, st)
-      plgpu.barrier_wait(bar.at[slot])
-      plgpu.wait_smem_to_gmem(st - 1, wait_read_only=True)
+    def step(i, slot):
+      @pl.when(i == 0)
+      def _():
+        plgpu.barrier_wait(s_bar.at[0])  # the scale rows
       cs, vs = c_smem.at[slot], v_smem.at[slot]
       for b in range(nb):
         r = (i * tk + b * span) // bs  # the scale row, relative to the CTA's
@@ -459,15 +456,8 @@ def _build(plan: _Plan, k: int, n: int, cfg: Config, interpret):
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(vs, o_gmem.at[pl.ds(row0 + i * tk, tk), col],
                               commit_group=False)
-      plgpu.commit_smem_to_gmem_group()
 
-      @pl.when(i + st < steps)
-      def _():
-        fetch(i + st, slot)
-      return carry
-
-    lax.fori_loop(0, steps, step, 0)
-    plgpu.wait_smem_to_gmem(0)
+    common.tma_stream(steps, st, bar, fetch, step)
 
   scratch = [plgpu.SMEM((st, crow, tn), jnp.dtype(plan.code_dtype)),
              plgpu.SMEM((st, tk, tn), out_dt),
@@ -483,25 +473,12 @@ def _build(plan: _Plan, k: int, n: int, cfg: Config, interpret):
   return kern
 
 
-def _pow2(e):
-  """``2.0**e`` from the exponent bits (core's ``_pow2``)."""
-  bits = (jnp.clip(e, -127, 128) + 127).astype(jnp.uint32) << 23
-  return lax.bitcast_convert_type(bits, jnp.float32)
-
-
-def _pow2_pair(e):
-  """Core's ``_pow2_pair`` (``floor(e / 2)`` as an arithmetic shift)."""
-  h = lax.shift_right_arithmetic(e, jnp.int32(1))
-  return _pow2(h), _pow2(e - h)
-
-
 def _tensor_scalars(t):
   """float32[3]: the tensor scale, then core's ``_split_pow2`` of it (``tn``
   and ``2**p``)."""
   t = jnp.asarray(t, jnp.float32).reshape(())
-  u = lax.bitcast_convert_type(t, jnp.uint32)
-  p = jnp.clip(((u >> 23) & 0xFF).astype(jnp.int32) - 127, -126, 126)
-  return jnp.stack([t, t * _pow2(-p), _pow2(p)])
+  tn, _, up = _q._split_pow2(t)  # pylint: disable=protected-access
+  return jnp.stack([t, tn, up])
 
 
 def dequantize(q: QArray, *, dtype=None, config: Optional[Config] = None,
@@ -562,22 +539,15 @@ def dequantize(q: QArray, *, dtype=None, config: Optional[Config] = None,
 # ---------------------------------------------------------------------------
 # Dispatch from lowbit_jax.dequantize
 
-_state = threading.local()
+_forced = common.ForcedDispatch()
 
 
-@contextlib.contextmanager
 def forced(kinds, configs: Optional[dict] = None):
   """Within the block, dispatch sends ``kinds`` (ids, or ``()`` for none) to
   the kernel instead of ``ENABLED``; ``configs`` (``{kind: Config}``) replaces
   ``default_config``'s tiling where it fits. For benchmarks and tests.
   Thread-local."""
-  prev = getattr(_state, "kinds", None), getattr(_state, "configs", None)
-  _state.kinds = frozenset(kinds)
-  _state.configs = dict(configs or {})
-  try:
-    yield
-  finally:
-    _state.kinds, _state.configs = prev
+  return _forced.forced(kinds, configs)
 
 
 def _enabled_of(table: dict) -> frozenset:
@@ -597,18 +567,8 @@ def dispatch(q: QArray) -> bool:
   """Whether ``lowbit_jax.dequantize(q)`` should run the kernel: on a Hopper
   GPU, for a format enabled (``ENABLED`` or ``forced``) whose shape fits a
   tiling."""
-  kinds = getattr(_state, "kinds", None)
-  kinds = ENABLED if kinds is None else kinds
-  if not kinds:
-    return False
-  try:
-    if jax.default_backend() != "gpu":
-      return False
-  except RuntimeError:
-    return False
-  from lowbit_jax import kernels  # pylint: disable=g-import-not-at-top
-  from lowbit_jax.kernels import gpu_quantize  # pylint: disable=g-import-not-at-top
-  if not kernels._enabled or not gpu_quantize._on_hopper():  # pylint: disable=protected-access
+  kinds = _forced.kinds(ENABLED)
+  if not kinds or not gpu_quantize.kernels_usable():
     return False
   plan, _ = plan_of(q)
   if plan is None or plan.kind not in kinds:

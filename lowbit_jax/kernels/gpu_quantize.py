@@ -66,13 +66,11 @@ CPU (tests/kernels/test_gpu_quantize.py).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
 import math
 import os
-import threading
 from typing import Optional
 
 import jax
@@ -313,7 +311,7 @@ def default_config(kind: str, k: int, n: int, x_dtype,
     values: the fake_quant forward (values out) instead of quantize (codes
       and scales out).
   """
-  forced_cfg = (getattr(_state, "configs", None) or {}).get(kind)
+  forced_cfg = _forced.config(kind)
   if forced_cfg is not None and _fits(kind, k, n, x_dtype, forced_cfg, values):
     return forced_cfg
   ent = _table().get("entries", {}).get(kind, {}).get(
@@ -912,13 +910,7 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
       plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(row0 + i * tk, tk), col],
                               x_smem.at[slot], bar.at[slot])
 
-    for i in range(min(st, steps)):
-      fetch(i, i)
-
-    def step(i, carry):
-      slot = lax.rem(i, st)
-      plgpu.barrier_wait(bar.at[slot])
-      plgpu.wait_smem_to_gmem(st - 1, wait_read_only=True)
+    def step(i, slot):
       xs = x_smem.at[slot]
       cs = c_smem.at[slot] if want_codes else None
       ss = s_smem.at[slot] if scale_out else None
@@ -944,15 +936,8 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
       if want_mask:
         plgpu.copy_smem_to_gmem(ms, m_gmem.at[pl.ds(r, tk), col],
                                 commit_group=False)
-      plgpu.commit_smem_to_gmem_group()
 
-      @pl.when(i + st < steps)
-      def _():
-        fetch(i + st, slot)
-      return carry
-
-    lax.fori_loop(0, steps, step, 0)
-    plgpu.wait_smem_to_gmem(0)
+    common.tma_stream(steps, st, bar, fetch, step)
 
   out_types, scratch = [], [plgpu.SMEM((st, tk, tn), xdt)]
   if want_codes:
@@ -1223,28 +1208,20 @@ def fake_quant_forward_with_mask(x: jax.Array, spec, *,
 # ---------------------------------------------------------------------------
 # Dispatch from lowbit_jax.quantize / fake_quant
 
-_state = threading.local()
+_forced = common.ForcedDispatch()
 
 
-@contextlib.contextmanager
 def forced(kinds, configs: Optional[dict] = None):
   """Within the block, dispatch sends ``kinds`` (an iterable of ids, e.g.
   ``supported_kinds()``, or ``()`` to keep every call on the XLA path) to the
   kernel for every operation, instead of ``ENABLED``; ``configs`` (``{kind:
   Config}``) replaces ``default_config``'s tiling for those kinds where it
   fits. For benchmarks and tests. Thread-local."""
-  prev = getattr(_state, "kinds", None), getattr(_state, "configs", None)
-  _state.kinds = frozenset(kinds)
-  _state.configs = dict(configs or {})
-  try:
-    yield
-  finally:
-    _state.kinds, _state.configs = prev
+  return _forced.forced(kinds, configs)
 
 
 def _enabled_kinds(op: str) -> frozenset:
-  k = getattr(_state, "kinds", None)
-  return ENABLED[op] if k is None else k
+  return _forced.kinds(ENABLED[op])
 
 
 def _on_hopper() -> bool:
@@ -1255,6 +1232,19 @@ def _on_hopper() -> bool:
     return False
   cc = getattr(dev, "compute_capability", None)
   return dev.platform == "gpu" and cc is not None and str(cc).startswith("9.")
+
+
+def kernels_usable() -> bool:
+  """A GPU backend, ``lowbit_jax.kernels`` enabled (``set_enabled``) and a
+  Hopper device: where the dispatchers of this kernel and of
+  ``gpu_dequantize`` may send a call to a kernel at all."""
+  try:
+    if jax.default_backend() != "gpu":
+      return False
+  except RuntimeError:
+    return False
+  from lowbit_jax import kernels  # pylint: disable=g-import-not-at-top
+  return kernels._enabled and _on_hopper()  # pylint: disable=protected-access
 
 
 def dispatch(x, spec: QuantSpec, *, values: bool = False, grad: bool = False,
@@ -1275,15 +1265,7 @@ def dispatch(x, spec: QuantSpec, *, values: bool = False, grad: bool = False,
                      "differentiation; pass values=True with it")
   kinds = _enabled_kinds(
       "quantize" if not values else "fake_quant_grad" if grad else "fake_quant")
-  if not kinds:
-    return False
-  try:
-    if jax.default_backend() != "gpu":
-      return False
-  except RuntimeError:
-    return False
-  from lowbit_jax import kernels  # pylint: disable=g-import-not-at-top
-  if not kernels._enabled or not _on_hopper():  # pylint: disable=protected-access
+  if not kinds or not kernels_usable():
     return False
   if any(v is not None for v in (key, amax, amin, scale, clip, zero_point)):
     return False
