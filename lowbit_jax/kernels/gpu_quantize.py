@@ -163,6 +163,9 @@ def kind_of(spec: QuantSpec, ndim: int = 2) -> Optional[str]:
 
 _GIVEN_INTS = ("int8", "int4", "int3", "int2")
 _GIVEN_FP8 = ("fp8_e4m3", "fp8_e5m2")
+# Per channel only (their codes are packed along axis 0): the block path's
+# grid rounding (FP6's on the bits, FP4's codes from the float32 bits).
+_GIVEN_NARROW = ("fp6_e2m3", "fp6_e3m2", "fp4_e2m1")
 
 
 def _never_clips(kd: _Kind) -> bool:
@@ -187,6 +190,8 @@ def _given_kind(spec: QuantSpec, ax) -> Optional[_Kind]:
     elem = "int"
   elif isinstance(fmt, FloatFormat) and fmt.name in _GIVEN_FP8:
     elem = "fp8"
+  elif isinstance(fmt, FloatFormat) and fmt.name in _GIVEN_NARROW and ax == 0:
+    elem = "fp6" if fmt.bits == 6 else "fp4"
   else:
     return None
   if ax == 0:
@@ -238,7 +243,7 @@ def supported_kinds() -> tuple:
   out = ["mxfp8_e4m3", "mxfp4", "nvfp4"]
   out += [f"fp4_e2m1_g{g}" for g in _GROUPS]
   out += [f"{f}_g{g}" for f in _INT_FORMATS for g in _GROUPS]
-  out += [f"{f}_pc" for f in _GIVEN_INTS + _GIVEN_FP8 + ("uint8",)]
+  out += [f"{f}_pc" for f in _GIVEN_INTS + _GIVEN_FP8 + _GIVEN_NARROW + ("uint8",)]
   out += [f"{f}_pt" for f in ("int8",) + _GIVEN_FP8 + ("uint8",)]
   return tuple(out + ["mxint8", "mxfp6_e2m3"])
 
@@ -449,7 +454,7 @@ def _bits_of(kind: str) -> int:
     return 4
   if kind.startswith(("int3_", "int2_")):
     return int(kind[3])
-  return 6 if kind == "mxfp6_e2m3" else 8
+  return 6 if kind.startswith(("mxfp6_", "fp6_")) else 8
 
 
 def _block_of(kind: str) -> int:
@@ -1032,7 +1037,7 @@ def _setup(x, spec, tensor_amax, config, values: bool):
   if kd is None:
     raise ValueError(f"the one-pass quantizer takes block scales along axis 0 "
                      f"(MX, NVFP4, int4/int8/fp4 groups of {_GROUPS}), "
-                     f"per-channel scales of axis 0 ({_GIVEN_INTS + _GIVEN_FP8}) "
+                     f"per-channel scales of axis 0 ({_GIVEN_INTS + _GIVEN_FP8 + _GIVEN_NARROW}) "
                      f"or per-tensor 8-bit ones; got {spec}")
   if x.dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
     raise ValueError(f"the one-pass quantizer takes bfloat16 or float32 arrays, "

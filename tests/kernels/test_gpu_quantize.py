@@ -494,9 +494,10 @@ def test_shapes_and_tilings_that_do_not_fit_are_refused():
 # Per-channel (a scale per column of axis 0) and per-tensor scales: XLA
 # reduces the scale with core's own code, the kernel scales, rounds, packs and
 # writes in one pass. Each column of _edge_cases() is one channel.
-GIVEN_FAST = ("int4_pc", "uint8_pc")
+GIVEN_FAST = ("int4_pc", "uint8_pc", "fp6_e2m3_pc")
 GIVEN = GIVEN_FAST + ("int3_pc", "fp8_e5m2_pt", "uint8_pt", "int8_pc", "int2_pc",
-                      "fp8_e4m3_pc", "fp8_e5m2_pc", "int8_pt", "fp8_e4m3_pt")
+                      "fp8_e4m3_pc", "fp8_e5m2_pc", "int8_pt", "fp8_e4m3_pt",
+                      "fp6_e3m2_pc", "fp4_e2m1_pc")
 
 
 @pytest.mark.parametrize("kind", [
