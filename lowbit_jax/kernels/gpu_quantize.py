@@ -83,7 +83,7 @@ from lowbit_jax.core import _cast
 from lowbit_jax.core import _quantize as _q
 from lowbit_jax.core._qarray import QArray, default_pack_axis, normalize_axis, pack_unit
 from lowbit_jax.core._spec import QuantSpec, as_spec
-from lowbit_jax.formats import BlockFormat, FloatFormat, IntFormat
+from lowbit_jax.formats import BlockFormat, FloatFormat, IntFormat, LookupFormat
 from lowbit_jax.kernels import _gpu_common as common
 
 _F32_MAX = np.float32(np.finfo(np.float32).max)
@@ -138,7 +138,7 @@ class _Kind:
   scale: str       # "e8m0" | "float32" | "nvfp4" | "given" (per channel or
                    # per tensor: XLA computes it before the kernel)
   elem: str        # "fp8" | "fp4" | "fp6" | "int" | "uint" (asymmetric, with
-                   # a zero point)
+                   # a zero point) | "lookup" (NF4's codebook)
   block: int       # rows per scale block (0: all of them)
   fmt: object      # the element Format
   bits: int        # stored bits per code (8, 6 or 4)
@@ -153,9 +153,10 @@ def kind_of(spec: QuantSpec, ndim: int = 2) -> Optional[str]:
     ndim: the rank of the array it quantizes.
 
   Returns:
-    "mxfp8_e4m3", "mxfp4", "mxfp6_e2m3", "mxint8", "nvfp4", or
-    "<int4|int8|fp4_e2m1>_g<16|32|64|128>"; None for anything else (other
-    axes, per-channel or per-tensor scales, asymmetric specs, tiles).
+    "mxfp8_e4m3", "mxfp4", "mxfp6_e2m3", "mxint8", "nvfp4",
+    "<int4|int8|fp4_e2m1|nf4>_g<16|32|64|128>", "<format>_pc" (per-channel
+    scales of axis 0) or "<format>_pt" (per tensor; see ``supported_kinds``);
+    None for anything else (other axes, other asymmetric specs, tiles).
   """
   k = _kind(spec, ndim)
   return None if k is None else k.kind
@@ -235,6 +236,9 @@ def _kind(spec: QuantSpec, ndim: int) -> Optional[_Kind]:
     return _Kind(f"{fmt.name}_g{g}", "float32", "int", g, fmt, fmt.bits, "floor")
   if isinstance(fmt, FloatFormat) and fmt.name == "fp4_e2m1":
     return _Kind(f"fp4_e2m1_g{g}", "float32", "fp4", g, fmt, 4, "floor")
+  if (isinstance(fmt, LookupFormat) and fmt.name == "nf4"
+      and fmt.scale_method == "absmax"):
+    return _Kind(f"nf4_g{g}", "float32", "lookup", g, fmt, 4, "floor")
   return None
 
 
@@ -243,6 +247,7 @@ def supported_kinds() -> tuple:
   out = ["mxfp8_e4m3", "mxfp4", "nvfp4"]
   out += [f"fp4_e2m1_g{g}" for g in _GROUPS]
   out += [f"{f}_g{g}" for f in _INT_FORMATS for g in _GROUPS]
+  out += [f"nf4_g{g}" for g in _GROUPS]
   out += [f"{f}_pc" for f in _GIVEN_INTS + _GIVEN_FP8 + _GIVEN_NARROW + ("uint8",)]
   out += [f"{f}_pt" for f in ("int8",) + _GIVEN_FP8 + ("uint8",)]
   return tuple(out + ["mxint8", "mxfp6_e2m3"])
@@ -450,7 +455,7 @@ def candidate_configs(kind: str, k: int, n: int, x_dtype, values: bool = False,
 
 
 def _bits_of(kind: str) -> int:
-  if kind in ("mxfp4", "nvfp4") or kind.startswith(("fp4_", "int4_")):
+  if kind in ("mxfp4", "nvfp4") or kind.startswith(("fp4_", "int4_", "nf4_")):
     return 4
   if kind.startswith(("int3_", "int2_")):
     return int(kind[3])
@@ -720,6 +725,22 @@ def _elem_codes_values(kd: _Kind, y, want_codes: bool, want_values: bool):
       # whose scale is NaN), in about 14 operations against encoding (25) and
       # decoding (12).
       vals = _round_float_grid(y, fmt)
+  elif kd.elem == "lookup":
+    # core's _cast_lookup: the index is the count of nearest-rounding
+    # thresholds at or below y (_cast._threshold_index), the value the table
+    # entry there (_table_at); each comparison serves both.
+    t = [np.float32(v) for v in fmt.table]
+    idx, v = None, None
+    for i, c in enumerate(_cast._nearest_thresholds(fmt.table)):  # pylint: disable=protected-access
+      up = y >= np.float32(c)
+      if want_codes:
+        b = up.astype(jnp.uint32)
+        idx = b if idx is None else idx + b
+      if want_values:
+        v = (jnp.where(up, t[1], t[0]) if v is None
+             else jnp.where(up, t[i + 1], v))
+    codes = idx
+    vals = v
   elif kd.elem == "fp6":
     q = _round_float_grid(y, fmt)
     vals = q

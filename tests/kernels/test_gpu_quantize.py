@@ -44,8 +44,9 @@ KINDS = {
     "mxfp6_e2m3": ("mxfp6_e2m3", {}),
     "int4_g32": ("int4", dict(group_size=32)),
     "fp4_e2m1_g16": ("fp4_e2m1", dict(group_size=16)),
+    "nf4_g64": ("nf4", dict(group_size=64)),
 }
-FAST = ("mxfp8_e4m3", "mxfp4", "nvfp4", "int4_g128")
+FAST = ("mxfp8_e4m3", "mxfp4", "nvfp4", "int4_g128", "nf4_g64")
 K, N = 128, 128
 def _cfg(kind):
   """Two pipeline steps through two slots where the block allows (64 rows a
@@ -361,8 +362,12 @@ def test_kind_of_names_only_the_formats_it_computes():
                lj.QuantSpec("uint4", axis=0, group_size=128),  # asymmetric
                lj.QuantSpec("int4", axis=0, group_size=128, scale_dtype="bfloat16"),
                lj.QuantSpec("fp8_e4m3", axis=0, group_size=32),
-               lj.QuantSpec("nf4", axis=0, group_size=64)):
+               lj.QuantSpec("nf4", axis=0, group_size=64, scale_dtype="bfloat16"),
+               lj.QuantSpec("fp6_e2m3"),                      # packed along -1
+               lj.QuantSpec("ternary", axis=0)):              # TWN scales
     assert gq.kind_of(spec) is None, spec
+  assert gq.kind_of(lj.QuantSpec("nf4", axis=0)) == "nf4_g64"  # its block
+  assert gq.kind_of(lj.QuantSpec("fp6_e2m3", axis=0)) == "fp6_e2m3_pc"
   assert set(gq.kind_of(_spec(k)) for k in KINDS) <= set(gq.supported_kinds())
 
 
