@@ -173,7 +173,7 @@ def _never_clips(kd: _Kind) -> bool:
   """Whether the straight-through gradient needs no clip mask (core's
   ``_never_clips`` for the default keywords): symmetric per-channel and
   per-tensor scales hold their whole range."""
-  return kd.scale == "given" and kd.elem != "uint"
+  return kd.scale == "given" and kd.elem not in ("uint", "ternary")
 
 
 def _given_kind(spec: QuantSpec, ax) -> Optional[_Kind]:
@@ -193,6 +193,11 @@ def _given_kind(spec: QuantSpec, ax) -> Optional[_Kind]:
     elem = "fp8"
   elif isinstance(fmt, FloatFormat) and fmt.name in _GIVEN_NARROW and ax == 0:
     elem = "fp6" if fmt.bits == 6 else "fp4"
+  elif (isinstance(fmt, LookupFormat) and fmt.scale_method == "twn"
+        and fmt.table == (-1.0, 0.0, 1.0) and ax == 0):
+    # TWN (ternary): XLA reduces the scale and the threshold 0.7 * mean |x|
+    # (core's own code); the kernel compares |x| with the threshold.
+    elem = "ternary"
   else:
     return None
   if ax == 0:
@@ -248,7 +253,8 @@ def supported_kinds() -> tuple:
   out += [f"fp4_e2m1_g{g}" for g in _GROUPS]
   out += [f"{f}_g{g}" for f in _INT_FORMATS for g in _GROUPS]
   out += [f"nf4_g{g}" for g in _GROUPS]
-  out += [f"{f}_pc" for f in _GIVEN_INTS + _GIVEN_FP8 + _GIVEN_NARROW + ("uint8",)]
+  out += [f"{f}_pc" for f in _GIVEN_INTS + _GIVEN_FP8 + _GIVEN_NARROW
+          + ("uint8", "ternary")]
   out += [f"{f}_pt" for f in ("int8",) + _GIVEN_FP8 + ("uint8",)]
   return tuple(out + ["mxint8", "mxfp6_e2m3"])
 
@@ -459,6 +465,8 @@ def _bits_of(kind: str) -> int:
     return 4
   if kind.startswith(("int3_", "int2_")):
     return int(kind[3])
+  if kind.startswith("ternary"):
+    return 2
   return 6 if kind.startswith(("mxfp6_", "fp6_")) else 8
 
 
@@ -820,7 +828,8 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
   crow = tk * uo // ui
   has_scal = kd.scale in ("nvfp4", "given")
   scale_out = want_codes and not given
-  g_rows = 2 if kd.elem == "uint" else 1  # (scale, zero point) rows
+  # (scale, zero point) rows; (scale, threshold) for ternary
+  g_rows = 2 if kd.elem in ("uint", "ternary") else 1
   unroll = cfg.unroll and not interp
 
   def row(ref, r):
@@ -857,6 +866,13 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
       to_grid = lambda r: _div_full(r, sv, interp, tn) + zp  # noqa: E731
       from_grid = lambda q: (q - zp) * sv  # noqa: E731
       clip = lambda r, y: (y < np.float32(-0.5)) | (y > hi)  # noqa: E731
+    elif given and kd.elem == "ternary":
+      # Scale and threshold rows from XLA (core's TWN): q = sign(x) where
+      # |x| > threshold, else 0; values q * s; clipped where |x / s| > 1.
+      sv, thr = scal
+      to_grid = lambda r: _div_full(r, sv, interp, tn)  # noqa: E731
+      from_grid = lambda q: q * sv  # noqa: E731
+      clip = lambda r, y: jnp.abs(y) > np.float32(1.0)  # noqa: E731
     elif given:
       # The scale row XLA computed (core's own code): y = x / s as core's
       # _div_data divides, values q * s as core's _values.
@@ -880,7 +896,12 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
           r = base + u * ui + j
           xr = xs[u * ui + j]
           y = to_grid(xr)
-          c, v = _elem_codes_values(kd, y, want_codes, want_values)
+          if kd.elem == "ternary":
+            q = jnp.where(jnp.abs(xr) > thr, jnp.sign(xr), np.float32(0.0))
+            c = (q + np.float32(1.0)).astype(jnp.int32).astype(jnp.uint32)
+            v = q
+          else:
+            c, v = _elem_codes_values(kd, y, want_codes, want_values)
           if want_mask:
             stores.append((m_ref, r, clip(xr, y).astype(jnp.uint8)))
           if want_values:
@@ -1044,6 +1065,14 @@ def _given_scale(x, spec: QuantSpec, n: int):
   rows = [jnp.broadcast_to(s.reshape(1, -1), (1, n))]
   if zp is not None:
     rows.append(jnp.broadcast_to(zp.astype(jnp.float32).reshape(1, -1), (1, n)))
+  fmt = spec.element
+  if isinstance(fmt, LookupFormat) and fmt.scale_method == "twn":
+    # core's threshold, the same expression (_grid's twn branch)
+    xb = _q._to_blocks(xp.astype(jnp.float32), bs)  # pylint: disable=protected-access
+    red = _q._red_axes(xp.ndim)  # pylint: disable=protected-access
+    vb = None if valid is None else _q._to_blocks(valid, bs)  # pylint: disable=protected-access
+    thr = 0.7 * _q._mean_abs(jnp.abs(xb), red, vb, bs)  # pylint: disable=protected-access
+    rows.append(jnp.broadcast_to(thr.reshape(1, -1), (1, n)))
   return stored, zp, jnp.concatenate(rows, axis=0)
 
 

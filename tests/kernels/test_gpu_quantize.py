@@ -364,10 +364,11 @@ def test_kind_of_names_only_the_formats_it_computes():
                lj.QuantSpec("fp8_e4m3", axis=0, group_size=32),
                lj.QuantSpec("nf4", axis=0, group_size=64, scale_dtype="bfloat16"),
                lj.QuantSpec("fp6_e2m3"),                      # packed along -1
-               lj.QuantSpec("ternary", axis=0)):              # TWN scales
+               lj.QuantSpec("binary", axis=0)):               # mean |x| scales
     assert gq.kind_of(spec) is None, spec
   assert gq.kind_of(lj.QuantSpec("nf4", axis=0)) == "nf4_g64"  # its block
   assert gq.kind_of(lj.QuantSpec("fp6_e2m3", axis=0)) == "fp6_e2m3_pc"
+  assert gq.kind_of(lj.QuantSpec("ternary", axis=0)) == "ternary_pc"
   assert set(gq.kind_of(_spec(k)) for k in KINDS) <= set(gq.supported_kinds())
 
 
@@ -502,7 +503,7 @@ def test_shapes_and_tilings_that_do_not_fit_are_refused():
 GIVEN_FAST = ("int4_pc", "uint8_pc", "fp6_e2m3_pc")
 GIVEN = GIVEN_FAST + ("int3_pc", "fp8_e5m2_pt", "uint8_pt", "int8_pc", "int2_pc",
                       "fp8_e4m3_pc", "fp8_e5m2_pc", "int8_pt", "fp8_e4m3_pt",
-                      "fp6_e3m2_pc", "fp4_e2m1_pc")
+                      "fp6_e3m2_pc", "fp4_e2m1_pc", "ternary_pc")
 
 
 @pytest.mark.parametrize("kind", [
@@ -518,11 +519,12 @@ def test_given_scale_kernel_equals_core_bit_for_bit(kind):
                   reverse=kind == "int4_pc")
   q, v, m = gq._quantize_and_values(x, spec, config=cfg, interpret=True)  # pylint: disable=protected-access
   want = lj.quantize(x, spec)
-  if spec.symmetric:
+  if gq._never_clips(gq._kind_by_id(kind)):  # pylint: disable=protected-access
     assert m is None  # never clips: no mask
-  else:  # the gradient's clip mask, and the zero point
+  else:  # the gradient's clip mask (zero point and TWN ranges clip)
     _, want_m = jax.jit(lambda a: core._fake_quant_impl(a, spec, None, None, None, None))(x)  # pylint: disable=protected-access
     np.testing.assert_array_equal(np.asarray(m), np.asarray(want_m).astype(np.uint8))
+  if not spec.symmetric:  # the zero point
     np.testing.assert_array_equal(np.asarray(q.zero_point), np.asarray(want.zero_point))
     assert q.zero_point.dtype == want.zero_point.dtype
   assert q.codes.dtype == want.codes.dtype and q.codes.shape == want.codes.shape
