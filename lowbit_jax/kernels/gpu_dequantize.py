@@ -49,7 +49,7 @@ from jax import lax
 
 from lowbit_jax.core import _cast
 from lowbit_jax.core import _quantize as _q
-from lowbit_jax.core._qarray import QArray, pack_unit
+from lowbit_jax.core._qarray import QArray, code_dtype, pack_unit
 from lowbit_jax.formats import BlockFormat, FloatFormat, IntFormat, LookupFormat
 from lowbit_jax.kernels import _gpu_common as common
 from lowbit_jax.kernels import gpu_quantize
@@ -155,9 +155,12 @@ def plan_of(q: QArray) -> tuple[Optional[_Plan], str]:
     return None, f"codes packed along axis {q.pack_axis}, not 0"
   if isinstance(fmt, FloatFormat) and fmt.special == "e8m0":
     return None, "E8M0 elements"
+  uc, ub = pack_unit(fmt.bits)
+  want = jnp.dtype(code_dtype(fmt)) if uc == 1 else jnp.dtype(jnp.uint8)
+  if jnp.dtype(q.codes.dtype) != want:
+    return None, f"codes stored as {q.codes.dtype}, not {want.name}"
   k = q.shape[0]
   n = math.prod(q.shape[1:])
-  uc, ub = pack_unit(fmt.bits)
   if k % uc or q.codes.shape != (k // uc * ub,) + tuple(q.shape[1:]):
     return None, "padded codes"
   sd = jnp.dtype(q.scale.dtype)

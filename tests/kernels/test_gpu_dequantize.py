@@ -10,6 +10,8 @@ cases (zero, NaN and inf blocks, the extreme E8M0 and E4M3 scales). Lowering
 for CUDA checks what the interpreter cannot (the Mosaic GPU build of each
 format). The compiled kernel is checked on a GPU (marked gpu).
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,6 +94,9 @@ def test_plan_refuses_with_the_reason():
   assert gd.plan_of(q)[0] is None and "axis" in gd.plan_of(q)[1]
   q = lj.quantize(jnp.ones((256,), jnp.bfloat16), lj.QuantSpec("int8", axis=0))
   assert gd.plan_of(q) == (None, "rank below 2")
+  q = lj.quantize(jnp.ones((128, 128), jnp.bfloat16), lj.QuantSpec("int4", axis=0))
+  bad = dataclasses.replace(q, codes=q.codes.astype(jnp.int32))  # hand-built
+  assert gd.plan_of(bad) == (None, "codes stored as int32, not uint8")
 
 
 def test_bad_tiling_is_refused_with_a_fix():
