@@ -160,7 +160,6 @@ def plan_of(q: QArray) -> tuple[Optional[_Plan], str]:
   if jnp.dtype(q.codes.dtype) != want:
     return None, f"codes stored as {q.codes.dtype}, not {want.name}"
   k = q.shape[0]
-  n = math.prod(q.shape[1:])
   if k % uc or q.codes.shape != (k // uc * ub,) + tuple(q.shape[1:]):
     return None, "padded codes"
   sd = jnp.dtype(q.scale.dtype)
@@ -188,7 +187,6 @@ def plan_of(q: QArray) -> tuple[Optional[_Plan], str]:
     return None, f"zero point shape {zp.shape}"
   if q.tensor_scale is not None and q.tensor_scale.size != 1:
     return None, "tensor scale not a scalar"
-  del n
   return _Plan(kind=_kind_name(q), fmt=fmt, bits=fmt.bits,
                code_dtype=jnp.dtype(q.codes.dtype).name, scale=scale,
                scale_dtype=sd.name, block=k // srows,
