@@ -45,6 +45,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import custom_batching
 from jax import lax
 
 from lowbit_jax.core import _cast
@@ -524,17 +525,36 @@ def dequantize(q: QArray, *, dtype=None, config: Optional[Config] = None,
   kern = _build(plan, k, n, cfg, params)
   uc, ub = pack_unit(plan.bits)
   srows = k // plan.block
+  out_dt = jnp.dtype(plan.out_dtype)
+
   def rows(a):  # scales / zero points as [scale rows, n]
     return jnp.broadcast_to(a.reshape(1, 1), (1, n)) if a.size == 1 else (
         a.reshape(srows, n))
 
-  args = [q.codes.reshape(k // uc * ub, n), rows(q.scale)]
-  if plan.zp_dtype is not None:
-    args.append(rows(q.zero_point))
-  if plan.has_t:
-    args.append(_tensor_scalars(q.tensor_scale))
-  out = kern(*args) if params is None else common.run_interpreted(kern, *args)
-  return out.reshape(q.shape)
+  def kernel(qq):
+    args = [qq.codes.reshape(k // uc * ub, n), rows(qq.scale)]
+    if plan.zp_dtype is not None:
+      args.append(rows(qq.zero_point))
+    if plan.has_t:
+      args.append(_tensor_scalars(qq.tensor_scale))
+    out = kern(*args) if params is None else common.run_interpreted(kern, *args)
+    return out.reshape(qq.shape)
+
+  # Under vmap (the kernel has no batching rule) the jnp path runs, vmapped:
+  # the same numbers.
+  leaves, tree = jax.tree.flatten(q)
+  f = custom_batching.custom_vmap(
+      lambda *ls: kernel(jax.tree.unflatten(tree, ls)))
+
+  @f.def_vmap
+  def _vmap_rule(axis_size, in_batched, *ls):
+    ls = [a if b else jnp.broadcast_to(a, (axis_size,) + jnp.shape(a))
+          for a, b in zip(ls, in_batched)]
+    ref = lambda *xs: _q.dequantize_jnp(jax.tree.unflatten(tree, xs)).astype(  # noqa: E731
+        out_dt)
+    return jax.vmap(ref)(*ls), True
+
+  return f(*leaves)
 
 
 # ---------------------------------------------------------------------------

@@ -161,3 +161,13 @@ def test_interpreted_kernel_writes_another_dtype(fid, src, dst):
   _same(core.dequantize_as(q, dst), core.dequantize_jnp(q).astype(dst))
   with pytest.raises(ValueError, match="dtype must be one of"):
     gd.dequantize(q, dtype=jnp.int8, interpret=True)
+
+
+def test_vmap_runs_the_jnp_path():
+  # The kernel has no batching rule: under vmap the jnp path runs, vmapped.
+  x = _input(256, 256).astype(jnp.bfloat16).reshape(2, 128, 256)
+  spec = _spec("int4_g128")
+  qs = jax.vmap(lambda a: lj.quantize(a, spec))(x)
+  got = jax.vmap(lambda qq: gd.dequantize(qq, interpret=True))(qs)
+  want = jax.vmap(core.dequantize_jnp)(qs)
+  _same(got, want)
