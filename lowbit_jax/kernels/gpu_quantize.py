@@ -173,7 +173,7 @@ def _never_clips(kd: _Kind) -> bool:
   """Whether the straight-through gradient needs no clip mask (core's
   ``_never_clips`` for the default keywords): symmetric per-channel and
   per-tensor scales hold their whole range."""
-  return kd.scale == "given" and kd.elem not in ("uint", "ternary")
+  return kd.scale == "given" and kd.elem not in ("uint", "ternary", "binary")
 
 
 def _given_kind(spec: QuantSpec, ax) -> Optional[_Kind]:
@@ -198,6 +198,12 @@ def _given_kind(spec: QuantSpec, ax) -> Optional[_Kind]:
     # TWN (ternary): XLA reduces the scale and the threshold 0.7 * mean |x|
     # (core's own code); the kernel compares |x| with the threshold.
     elem = "ternary"
+  elif (isinstance(fmt, LookupFormat) and fmt.scale_method == "mean_abs"
+        and fmt.table == (-1.0, 1.0) and ax == 0):
+    # BWN (binary): XLA reduces mean |x|; nearest of -1, 1 by the rounding
+    # threshold (_cast._nearest_thresholds: 2**-25 and an ulp, a normal
+    # float32), an all-zero channel (scale 0) reads as +-0.
+    elem = "binary"
   else:
     return None
   if ax == 0:
@@ -254,7 +260,7 @@ def supported_kinds() -> tuple:
   out += [f"{f}_g{g}" for f in _INT_FORMATS for g in _GROUPS]
   out += [f"nf4_g{g}" for g in _GROUPS]
   out += [f"{f}_pc" for f in _GIVEN_INTS + _GIVEN_FP8 + _GIVEN_NARROW
-          + ("uint8", "ternary")]
+          + ("uint8", "ternary", "binary")]
   out += [f"{f}_pt" for f in ("int8",) + _GIVEN_FP8 + ("uint8",)]
   return tuple(out + ["mxint8", "mxfp6_e2m3"])
 
@@ -467,6 +473,8 @@ def _bits_of(kind: str) -> int:
     return int(kind[3])
   if kind.startswith("ternary"):
     return 2
+  if kind.startswith("binary"):
+    return 1
   return 6 if kind.startswith(("mxfp6_", "fp6_")) else 8
 
 
@@ -733,7 +741,7 @@ def _elem_codes_values(kd: _Kind, y, want_codes: bool, want_values: bool):
       # whose scale is NaN), in about 14 operations against encoding (25) and
       # decoding (12).
       vals = _round_float_grid(y, fmt)
-  elif kd.elem == "lookup":
+  elif kd.elem in ("lookup", "binary"):
     # core's _cast_lookup: the index is the count of nearest-rounding
     # thresholds at or below y (_cast._threshold_index), the value the table
     # entry there (_table_at); each comparison serves both.
@@ -829,7 +837,7 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
   has_scal = kd.scale in ("nvfp4", "given")
   scale_out = want_codes and not given
   # (scale, zero point) rows; (scale, threshold) for ternary
-  g_rows = 2 if kd.elem in ("uint", "ternary") else 1
+  g_rows = 2 if kd.elem in ("uint", "ternary", "binary") else 1
   unroll = cfg.unroll and not interp
 
   def row(ref, r):
@@ -871,6 +879,18 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
       # |x| > threshold, else 0; values q * s; clipped where |x / s| > 1.
       sv, thr = scal
       to_grid = lambda r: _div_full(r, sv, interp, tn)  # noqa: E731
+      from_grid = lambda q: q * sv  # noqa: E731
+      clip = lambda r, y: jnp.abs(y) > np.float32(1.0)  # noqa: E731
+    elif given and kd.elem == "binary":
+      # Divisor (1 where the scale is 0) and scale rows from XLA (core's
+      # BWN): y = x / divisor, +-1 by x's sign bit where the scale is 0;
+      # values q * s; clipped where |y| > 1.
+      dv, sv = scal
+
+      def to_grid(r):
+        sign = lax.bitcast_convert_type(r, jnp.uint32) & np.uint32(0x80000000)
+        one = lax.bitcast_convert_type(sign | np.uint32(0x3F800000), jnp.float32)
+        return jnp.where(sv == np.float32(0.0), one, _div_full(r, dv, interp, tn))
       from_grid = lambda q: q * sv  # noqa: E731
       clip = lambda r, y: jnp.abs(y) > np.float32(1.0)  # noqa: E731
     elif given:
@@ -1066,6 +1086,9 @@ def _given_scale(x, spec: QuantSpec, n: int):
   if zp is not None:
     rows.append(jnp.broadcast_to(zp.astype(jnp.float32).reshape(1, -1), (1, n)))
   fmt = spec.element
+  if isinstance(fmt, LookupFormat) and fmt.scale_method == "mean_abs":
+    # core divides by 1 where the scale is 0 and multiplies the values by 0
+    rows.append(jnp.broadcast_to(total.reshape(1, -1), (1, n)))
   if isinstance(fmt, LookupFormat) and fmt.scale_method == "twn":
     # core's threshold, the same expression (_grid's twn branch)
     xb = _q._to_blocks(xp.astype(jnp.float32), bs)  # pylint: disable=protected-access

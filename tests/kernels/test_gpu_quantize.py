@@ -364,11 +364,12 @@ def test_kind_of_names_only_the_formats_it_computes():
                lj.QuantSpec("fp8_e4m3", axis=0, group_size=32),
                lj.QuantSpec("nf4", axis=0, group_size=64, scale_dtype="bfloat16"),
                lj.QuantSpec("fp6_e2m3"),                      # packed along -1
-               lj.QuantSpec("binary", axis=0)):               # mean |x| scales
+               lj.QuantSpec("binary", axis=1)):               # channels of axis 1
     assert gq.kind_of(spec) is None, spec
   assert gq.kind_of(lj.QuantSpec("nf4", axis=0)) == "nf4_g64"  # its block
   assert gq.kind_of(lj.QuantSpec("fp6_e2m3", axis=0)) == "fp6_e2m3_pc"
   assert gq.kind_of(lj.QuantSpec("ternary", axis=0)) == "ternary_pc"
+  assert gq.kind_of(lj.QuantSpec("binary", axis=0)) == "binary_pc"
   assert set(gq.kind_of(_spec(k)) for k in KINDS) <= set(gq.supported_kinds())
 
 
@@ -503,7 +504,7 @@ def test_shapes_and_tilings_that_do_not_fit_are_refused():
 GIVEN_FAST = ("int4_pc", "uint8_pc", "fp6_e2m3_pc")
 GIVEN = GIVEN_FAST + ("int3_pc", "fp8_e5m2_pt", "uint8_pt", "int8_pc", "int2_pc",
                       "fp8_e4m3_pc", "fp8_e5m2_pc", "int8_pt", "fp8_e4m3_pt",
-                      "fp6_e3m2_pc", "fp4_e2m1_pc", "ternary_pc")
+                      "fp6_e3m2_pc", "fp4_e2m1_pc", "ternary_pc", "binary_pc")
 
 
 @pytest.mark.parametrize("kind", [
