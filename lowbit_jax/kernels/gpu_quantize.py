@@ -173,7 +173,8 @@ def _never_clips(kd: _Kind) -> bool:
   """Whether the straight-through gradient needs no clip mask (core's
   ``_never_clips`` for the default keywords): symmetric per-channel and
   per-tensor scales hold their whole range."""
-  return kd.scale == "given" and kd.elem not in ("uint", "ternary", "binary")
+  return (kd.scale == "row" or kd.scale == "given"
+          and kd.elem not in ("uint", "ternary", "binary"))
 
 
 def _given_kind(spec: QuantSpec, ax) -> Optional[_Kind]:
@@ -213,6 +214,21 @@ def _given_kind(spec: QuantSpec, ax) -> Optional[_Kind]:
   return None
 
 
+_ROW_FORMATS = ("int8", "fp8_e4m3", "fp8_e5m2")
+
+
+def _row_kind(spec: QuantSpec) -> Optional[_Kind]:
+  """Per-row scales of the last axis (per token: ``axis=-1``), 8-bit:
+  ``<format>_tok``. The kernel reduces each row's amax itself (a row is at
+  most a few tiles), so the codes take one read of ``x``."""
+  fmt = spec.format
+  if (spec.group_size is not None or not spec.symmetric
+      or spec.scale_dtype != "float32" or fmt.name not in _ROW_FORMATS):
+    return None
+  elem = "int" if isinstance(fmt, IntFormat) else "fp8"
+  return _Kind(f"{fmt.name}_tok", "row", elem, 0, fmt, 8, "floor")
+
+
 def _kind(spec: QuantSpec, ndim: int) -> Optional[_Kind]:
   if spec.tile is not None or ndim < 2:
     return None
@@ -220,6 +236,8 @@ def _kind(spec: QuantSpec, ndim: int) -> Optional[_Kind]:
     ax = normalize_axis(spec.axis, ndim)
   except ValueError:
     return None
+  if ax == ndim - 1:
+    return _row_kind(spec)
   if spec.group_size is None and (ax == 0 or ax is None):
     return _given_kind(spec, ax)
   if not spec.symmetric or ax != 0 or spec.group_size not in _GROUPS:
@@ -262,6 +280,7 @@ def supported_kinds() -> tuple:
   out += [f"{f}_pc" for f in _GIVEN_INTS + _GIVEN_FP8 + _GIVEN_NARROW
           + ("uint8", "ternary", "binary")]
   out += [f"{f}_pt" for f in ("int8",) + _GIVEN_FP8 + ("uint8",)]
+  out += [f"{f}_tok" for f in _ROW_FORMATS]
   return tuple(out + ["mxint8", "mxfp6_e2m3"])
 
 
@@ -277,6 +296,8 @@ def spec_for(kind: str) -> QuantSpec:
     return QuantSpec(kind[:-3], axis=0)
   if kind.endswith("_pt"):
     return QuantSpec(kind[:-3])
+  if kind.endswith("_tok"):
+    return QuantSpec(kind[:-4], axis=-1)
   if "_g" in kind:
     fmt, g = kind.rsplit("_g", 1)
     return QuantSpec(fmt, axis=0, group_size=int(g))
@@ -373,6 +394,8 @@ def heuristic_config(kind: str, k: int, n: int, x_dtype,
   Args:
     As ``default_config``.
   """
+  if kind.endswith("_tok"):
+    return _row_heuristic(kind, k, n, x_dtype, values)
   block = _block_of(kind)
   tk = max(block, 32)
   if k % tk:
@@ -451,6 +474,17 @@ def candidate_configs(kind: str, k: int, n: int, x_dtype, values: bool = False,
   out = [base]
   tab = default_config(kind, k, n, x_dtype, values)
   rep = dataclasses.replace
+  if kind.endswith("_tok"):  # rows a step, stages, rows a CTA
+    more = [rep(base, tile_k=2 * base.tile_k, k_per_cta=2 * base.k_per_cta),
+            rep(base, stages=3 - base.stages),
+            rep(base, tile_k=max(4, base.tile_k // 2)),
+            rep(base, k_per_cta=2 * base.k_per_cta)]
+    for c in [tab] + more:
+      if len(out) >= limit:
+        break
+      if c is not None and c not in out and _fits(kind, k, n, x_dtype, c, values):
+        out.append(c)
+    return out
   more = [rep(base, stages=3 - base.stages), rep(base, stages=3),
           rep(base, tile_n=384 - base.tile_n), rep(base, k_per_cta=2 * base.k_per_cta),
           rep(base, unroll=True)]
@@ -479,8 +513,9 @@ def _bits_of(kind: str) -> int:
 
 
 def _block_of(kind: str) -> int:
-  """Rows per scale block (0: a scale given for the whole axis)."""
-  if kind.endswith(("_pc", "_pt")):
+  """Rows per scale block (0: a scale given for the whole axis, or per row
+  of the last axis)."""
+  if kind.endswith(("_pc", "_pt", "_tok")):
     return 0
   if kind == "nvfp4":
     return 16
@@ -512,8 +547,66 @@ def _smem(block: int, bits: int, f32_scale: bool, x_dtype, cfg: Config,
   return cfg.stages * per + given + 1024
 
 
+def _row_smem(n: int, x_dtype, cfg: Config, codes: bool, values: bool) -> int:
+  xb = jnp.dtype(x_dtype).itemsize
+  per = cfg.tile_k * n * (xb + (1 if codes else 0) + (xb if values else 0))
+  return cfg.stages * (per + cfg.tile_k * 4) + 1024
+
+
+def _check_row_config(kd: _Kind, k: int, n: int, x_dtype, cfg: Config,
+                      codes: bool, values: bool, mask: bool) -> None:
+  """Per-row kinds: ``tile_k`` rows a step (each row whole, in chunks of
+  ``_ROW_CHUNK`` columns), ``k_per_cta`` rows a CTA."""
+  if mask:
+    raise ValueError(f"{kd.kind} never clips: there is no clip mask to write")
+  if n % _ROW_CHUNK:
+    raise ValueError(f"rows of {n} elements: the per-row kernel needs a "
+                     f"multiple of {_ROW_CHUNK}")
+  if (not 4 <= cfg.tile_k <= 256 or cfg.tile_k % 4 or cfg.k_per_cta % cfg.tile_k
+      or k % cfg.k_per_cta):
+    raise ValueError(f"{k} rows do not fit the tiling {cfg}: rows a step "
+                     "(tile_k, a multiple of 4 up to 256: the step's float32 "
+                     "scales are one TMA box of at least 16 bytes) must divide "
+                     "the rows a CTA (k_per_cta), which must divide the rows")
+  if cfg.stages < 1:
+    raise ValueError(f"stages must be at least 1, got {cfg.stages}")
+  need = _row_smem(n, x_dtype, cfg, codes, values)
+  if need > MAX_SMEM_BYTES:
+    raise ValueError(f"the tiling {cfg} needs {need} bytes of shared memory "
+                     f"for rows of {n}, more than {MAX_SMEM_BYTES}; lower "
+                     "tile_k (rows a step) or stages")
+
+
+_ROW_CHUNK = 256  # columns per TMA box of the per-row kernel
+
+
+def _row_heuristic(kind: str, k: int, n: int, x_dtype, values: bool):
+  """Per-row kinds: the most rows a step (8 or 4) whose two stages fit (one
+  where two do not), then as many rows a CTA as keep at least 4 CTAs per SM
+  on 132 SMs."""
+  kd = _kind_by_id(kind)
+  for st in (2, 1):
+    for r in (8, 4):
+      cfg = Config(tile_n=_ROW_CHUNK, tile_k=r, k_per_cta=r, stages=st,
+                   unroll=False)
+      try:
+        _check_row_config(kd, k, n, x_dtype, cfg, not values, values, False)
+      except ValueError:
+        continue
+      steps = k // r
+      per = 1
+      for d in range(1, steps + 1):
+        if steps % d == 0 and steps // d >= 4 * 132:
+          per = d
+      return dataclasses.replace(cfg, k_per_cta=r * per)
+  return None
+
+
 def _check_config(kd: _Kind, k: int, n: int, x_dtype, cfg: Config, codes: bool,
                   values: bool, mask: bool = False) -> None:
+  if kd.scale == "row":
+    _check_row_config(kd, k, n, x_dtype, cfg, codes, values, mask)
+    return
   if cfg.tile_n not in (128, 256):
     raise ValueError(f"tile_n must be 128 or 256, got {cfg.tile_n}")
   if (kd.block and cfg.tile_k % kd.block) or cfg.tile_k > 256:
@@ -1037,6 +1130,107 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
   return lambda x, scal: common.run_interpreted(call, x, scal)
 
 
+@functools.lru_cache(maxsize=None)
+def _build_rows(kd: _Kind, m: int, n: int, x_dtype: str, want_codes: bool,
+                want_values: bool, cfg: Config, interpret):
+  """The per-row kernel (``<format>_tok``): ``cfg.tile_k`` whole rows a step
+  (TMA boxes of ``_ROW_CHUNK`` columns), each row's amax reduced across the
+  warpgroup, its scale as the block path computes it (``_block_scale``),
+  then the row scaled, rounded and written; one read of ``x``."""
+  import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
+  import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+  interp = interpret is not None
+  xdt = jnp.dtype(x_dtype)
+  tn, rr, rc, st = _ROW_CHUNK, cfg.tile_k, cfg.k_per_cta, cfg.stages
+  nc = n // tn
+  steps = rc // rr
+  kf = dataclasses.replace(kd, scale="float32")  # the block path's scale
+
+  def body(*refs):
+    refs = list(refs)
+    x_gmem = refs.pop(0)
+    c_gmem = refs.pop(0) if want_codes else None
+    s_gmem = refs.pop(0) if want_codes else None
+    v_gmem = refs.pop(0) if want_values else None
+    x_smem = refs.pop(0)
+    c_smem = refs.pop(0) if want_codes else None
+    s_smem = refs.pop(0) if want_codes else None
+    v_smem = refs.pop(0) if want_values else None
+    bar = refs.pop(0)
+    row0 = lax.axis_index("m") * rc
+
+    def fetch(i, slot):
+      for c in range(nc):
+        plgpu.copy_gmem_to_smem(
+            x_gmem.at[pl.ds(row0 + i * rr, rr), pl.ds(c * tn, tn)],
+            x_smem.at[slot, c], bar.at[slot])
+
+    def step(i, slot):
+      def one_row(r, carry):
+        rows = [x_smem[slot, c, r].astype(jnp.float32) for c in range(nc)]
+        a = None
+        for v in rows:  # inf where any element is NaN or inf, as core's
+          av = jnp.abs(v)
+          av = jnp.where(av <= _F32_MAX, av, np.float32(np.inf))
+          a = av if a is None else jnp.maximum(a, av)
+        amax = jnp.zeros_like(rows[0]) + jnp.max(a)
+        if not interp:  # a splat otherwise; the inline division takes rows
+          amax = plgpu.layout_cast(
+              amax, plgpu.Layout.WG_STRIDED((tn,), vec_size=tn // 128))
+        stored, to_grid, from_grid, _ = _block_scale(kf, amax, None, interp, tn)
+        if want_codes:
+          s_smem[slot, r] = jnp.max(stored)  # every lane holds the scale
+        for c, v in enumerate(rows):
+          y = to_grid(v)
+          code, val = _elem_codes_values(kd, y, want_codes, want_values)
+          if want_codes:
+            c_smem[slot, c, r] = code.astype(c_smem.dtype)
+          if want_values:
+            out = jnp.clip(from_grid(val), -_F32_MAX, _F32_MAX)
+            v_smem[slot, c, r] = out.astype(xdt)
+        return carry
+
+      lax.fori_loop(0, rr, one_row, 0)
+      plgpu.commit_smem()
+      rows_g = pl.ds(row0 + i * rr, rr)
+      for c in range(nc):
+        cols = pl.ds(c * tn, tn)
+        if want_codes:
+          plgpu.copy_smem_to_gmem(c_smem.at[slot, c], c_gmem.at[rows_g, cols],
+                                  commit_group=False)
+        if want_values:
+          plgpu.copy_smem_to_gmem(v_smem.at[slot, c], v_gmem.at[rows_g, cols],
+                                  commit_group=False)
+      if want_codes:
+        plgpu.copy_smem_to_gmem(s_smem.at[slot], s_gmem.at[rows_g],
+                                commit_group=False)
+
+    common.tma_stream(steps, st, bar, fetch, step)
+
+  out_types, scratch = [], [plgpu.SMEM((st, nc, rr, tn), xdt)]
+  if want_codes:
+    out_types += [jax.ShapeDtypeStruct((m, n), _code_dtype(kd)),
+                  jax.ShapeDtypeStruct((m,), jnp.float32)]
+    scratch += [plgpu.SMEM((st, nc, rr, tn), _code_dtype(kd)),
+                plgpu.SMEM((st, rr), jnp.float32)]
+  if want_values:
+    out_types.append(jax.ShapeDtypeStruct((m, n), xdt))
+    scratch.append(plgpu.SMEM((st, nc, rr, tn), xdt))
+  scratch.append(plgpu.Barrier(num_arrivals=nc, num_barriers=st))
+  extra = {} if interpret is None else {"interpret": interpret}
+  kern = plgpu.kernel(body, out_type=tuple(out_types), scratch_types=scratch,
+                      grid=(m // rc,), grid_names=("m",), **extra)
+
+  @jax.jit
+  def call(x, scal):
+    del scal
+    return kern(x)
+
+  if interpret is None:
+    return call
+  return lambda x, scal: common.run_interpreted(call, x, scal)
+
+
 # ---------------------------------------------------------------------------
 # NVFP4's tensor scale (XLA, before the kernel)
 
@@ -1109,9 +1303,10 @@ def _setup(x, spec, tensor_amax, config, values: bool):
   kd = _kind(spec, x.ndim)
   if kd is None:
     raise ValueError(f"the one-pass quantizer takes block scales along axis 0 "
-                     f"(MX, NVFP4, int4/int8/fp4 groups of {_GROUPS}), "
-                     f"per-channel scales of axis 0 ({_GIVEN_INTS + _GIVEN_FP8 + _GIVEN_NARROW}) "
-                     f"or per-tensor 8-bit ones; got {spec}")
+                     f"(MX, NVFP4, int4/int8/fp4/NF4 groups of {_GROUPS}), "
+                     f"per-channel scales of axis 0 ({_GIVEN_INTS + _GIVEN_FP8 + _GIVEN_NARROW}"
+                     f", uint8, ternary, binary), per-tensor 8-bit ones or "
+                     f"per-row ones of the last axis ({_ROW_FORMATS}); got {spec}")
   if x.dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
     raise ValueError(f"the one-pass quantizer takes bfloat16 or float32 arrays, "
                      f"got {x.dtype}; use lowbit_jax.quantize")
@@ -1120,12 +1315,17 @@ def _setup(x, spec, tensor_amax, config, values: bool):
   ax = normalize_axis(spec.axis, x.ndim)
   if ax != spec.axis:
     spec = spec.replace(axis=ax)
-  k = x.shape[0]
-  n = math.prod(x.shape[1:])
+  if kd.scale == "row":  # rows of the last axis
+    k, n = math.prod(x.shape[:-1]), x.shape[-1]
+  else:
+    k, n = x.shape[0], math.prod(x.shape[1:])
   cfg = config or default_config(kd.kind, k, n, x.dtype, values)
   if cfg is None:
-    raise ValueError(f"no tiling fits [{k}, {n}] (N must be a multiple of 128 "
-                     f"and K of {max(kd.block, 32)})")
+    raise ValueError(
+        f"no tiling fits [{k}, {n}] (" + (
+            f"rows of a multiple of {_ROW_CHUNK} elements, a multiple of 4 rows"
+            if kd.scale == "row" else
+            f"N must be a multiple of 128 and K of {max(kd.block, 32)}") + ")")
   return spec, x, kd, k, n, cfg
 
 
@@ -1142,7 +1342,13 @@ def _run(x, spec, tensor_amax, config, interpret, values: bool,
   codes = (not values) if codes is None else codes
   spec, x, kd, k, n, cfg = _setup(x, spec, tensor_amax, config, values)
   _check_config(kd, k, n, x.dtype, cfg, codes, values, mask)
-  fn = _build(kd, k, n, jnp.dtype(x.dtype).name, codes, values, mask, cfg, params)
+  row = kd.scale == "row"
+  if row:
+    fn = _build_rows(kd, k, n, jnp.dtype(x.dtype).name, codes, values, cfg,
+                     params)
+  else:
+    fn = _build(kd, k, n, jnp.dtype(x.dtype).name, codes, values, mask, cfg,
+                params)
   ui, uo = _units(kd.bits)
   rest = x.shape[1:]
   nvfp4 = kd.scale == "nvfp4"
@@ -1158,7 +1364,10 @@ def _run(x, spec, tensor_amax, config, interpret, values: bool,
       stored, zp, scal = _given_scale(xa, spec, n)
     outs = list(fn(x2, scal))
     res = ()
-    if codes:
+    if codes and row:
+      res = (outs.pop(0).reshape(xa.shape),
+             outs.pop(0).reshape(xa.shape[:-1] + (1,)))
+    elif codes:
       c = outs.pop(0).reshape((k * uo // ui,) + rest)
       scale = stored if given else outs.pop(0).reshape((k // kd.block,) + rest)
       if nvfp4:
@@ -1358,6 +1567,9 @@ def dispatch(x, spec: QuantSpec, *, values: bool = False, grad: bool = False,
     return False
   if tensor_amax is not None and kd.scale != "nvfp4":
     return False
-  k, n = shape[0], math.prod(shape[1:])
+  if kd.scale == "row":
+    k, n = math.prod(shape[:-1]), shape[-1]
+  else:
+    k, n = shape[0], math.prod(shape[1:])
   return default_config(kd.kind, k, n, dt, values) is not None
 

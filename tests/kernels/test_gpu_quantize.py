@@ -353,7 +353,10 @@ def test_kind_of_names_only_the_formats_it_computes():
   assert gq.kind_of(lj.QuantSpec("int3", axis=-2)) == "int3_pc"
   assert gq.kind_of(lj.QuantSpec("fp8_e5m2")) == "fp8_e5m2_pt"  # per tensor
   assert gq.kind_of(lj.QuantSpec("uint8", axis=0)) == "uint8_pc"  # zero point
-  for spec in (lj.QuantSpec("int8", axis=1),                  # channels of axis 1
+  assert gq.kind_of(lj.QuantSpec("int8", axis=1), 3) is None  # a middle axis
+  assert gq.kind_of(lj.QuantSpec("int8", axis=-1)) == "int8_tok"  # per row
+  assert gq.kind_of(lj.QuantSpec("fp8_e4m3", axis=1)) == "fp8_e4m3_tok"
+  for spec in (lj.QuantSpec("int4", axis=-1),                 # 4-bit rows
                lj.QuantSpec("int4"),                          # packed along -1
                lj.QuantSpec("int8", axis=0, scale_dtype="bfloat16"),
                lj.QuantSpec("uint4", axis=0),                 # asymmetric 4-bit
@@ -400,6 +403,9 @@ def test_dispatch_takes_only_what_the_kernel_computes(monkeypatch):
     assert gq.dispatch(jax.ShapeDtypeStruct((256, 4, 64), jnp.float32), spec)
     assert gq.dispatch(x, lj.QuantSpec("int4", axis=0), values=True)  # per channel
     assert gq.dispatch(x, lj.QuantSpec("fp8_e4m3"))                   # per tensor
+    assert gq.dispatch(x, lj.QuantSpec("int8", axis=-1), values=True)  # per row
+    assert gq.dispatch(jax.ShapeDtypeStruct((2, 64, 512), jnp.bfloat16),
+                       lj.QuantSpec("fp8_e4m3", axis=-1))
     assert gq.dispatch(x, lj.QuantSpec("uint8", axis=0), values=True)  # zero point
     no = [dict(x=jax.ShapeDtypeStruct((1024, 500), jnp.bfloat16)),   # N
           dict(x=jax.ShapeDtypeStruct((1000, 512), jnp.bfloat16)),   # K
@@ -407,7 +413,7 @@ def test_dispatch_takes_only_what_the_kernel_computes(monkeypatch):
           dict(x=jax.ShapeDtypeStruct((1024, 512), jnp.float16)),    # dtype
           dict(spec=spec.replace(rounding="stochastic")),
           dict(spec=spec.replace(clip_ratio=0.9)),
-          dict(spec=lj.QuantSpec("int8", axis=1)),
+          dict(spec=lj.QuantSpec("int4", axis=1)),
           dict(amax=jnp.ones(())), dict(scale=jnp.ones(())),
           dict(clip=jnp.ones(())), dict(tensor_amax=jnp.ones(()))]
     for case in no:
@@ -487,7 +493,7 @@ def test_shapes_and_tilings_that_do_not_fit_are_refused():
   with pytest.raises(ValueError, match="tiling"):
     gq.quantize(x, _spec("mxfp4"), interpret=True)
   with pytest.raises(ValueError, match="block scales along axis 0"):
-    gq.quantize(jnp.ones((128, 128), jnp.bfloat16), lj.QuantSpec("int8", axis=1))
+    gq.quantize(jnp.ones((128, 128), jnp.bfloat16), lj.QuantSpec("int4", axis=1))
   with pytest.raises(ValueError, match="bfloat16 or float32"):
     gq.quantize(jnp.ones((128, 128), jnp.float16), _spec("mxfp4"))
   with pytest.raises(ValueError, match="shared memory"):
@@ -496,6 +502,85 @@ def test_shapes_and_tilings_that_do_not_fit_are_refused():
   assert gq.default_config("mxfp4", 8192, 100, jnp.bfloat16) is None
   cfg = gq.heuristic_config("mxfp8_e4m3", 8192, 8192, jnp.bfloat16)
   assert (8192 // cfg.tile_n) * (8192 // cfg.k_per_cta) >= 4 * 132
+
+
+ROW_KINDS = ("int8_tok", "fp8_e4m3_tok", "fp8_e5m2_tok")
+
+
+def _row_cases(dtype=jnp.bfloat16):
+  """Rows of their own magnitudes (2**-20 .. 2**20) and edge rows: zeros,
+  negative zeros, a NaN, an inf, 2**100 and 2**-110 scaled rows."""
+  rng = np.random.default_rng(4)
+  x = rng.standard_normal((24, 512)).astype(np.float32)
+  x *= np.exp2(rng.integers(-20, 21, (24, 1)))
+  x[0] = 0.0
+  x[1] = -0.0
+  x[2, 5] = np.nan
+  x[3, 7] = np.inf
+  x[4] *= np.float32(2.0 ** 100)
+  x[5] *= np.float32(2.0 ** -110)
+  return jnp.asarray(x).astype(dtype)
+
+
+@pytest.mark.parametrize("kind", ROW_KINDS)
+def test_row_kernel_equals_core_bit_for_bit(kind):
+  # Per-row scales of the last axis (per token): two steps of 4 rows a CTA,
+  # three CTAs; codes, scales and fake-quant values against core.
+  spec = gq.spec_for(kind)
+  for x in (_row_cases(), _row_cases(jnp.float32).reshape(2, 12, 512)):
+    cfg = gq.Config(tile_n=256, tile_k=4, k_per_cta=8, stages=2, unroll=False)
+    q, v, m = gq._quantize_and_values(x, spec, config=cfg, interpret=True)  # pylint: disable=protected-access
+    want = lj.quantize(x, spec)
+    assert m is None  # never clips
+    assert q.scale.shape == want.scale.shape == x.shape[:-1] + (1,)
+    assert q.codes.dtype == want.codes.dtype and q.pack_axis == want.pack_axis
+    _check_scales(q, want)
+    bad = ~np.isfinite(np.asarray(x.astype(jnp.float32))).all(axis=-1)
+    gc = np.asarray(q.codes).view(np.uint8)
+    wc = np.asarray(want.codes).view(np.uint8)
+    np.testing.assert_array_equal(gc[~bad], wc[~bad])
+    _check_values(v, lj.fake_quant(x, spec))
+
+
+def test_row_kernel_refuses_what_it_does_not_tile():
+  spec = gq.spec_for("int8_tok")
+  with pytest.raises(ValueError, match="multiple of 256"):
+    gq.quantize(jnp.ones((8, 384), jnp.bfloat16), spec, interpret=True)
+  with pytest.raises(ValueError, match="multiple of 4"):
+    gq.quantize(jnp.ones((8, 512), jnp.bfloat16), spec, interpret=True,
+                config=gq.Config(tile_n=256, tile_k=2, k_per_cta=2, stages=1))
+
+
+@pytest.mark.parametrize("kind", ROW_KINDS[:2])
+def test_row_kernel_lowers_to_mosaic_gpu(kind):
+  x = jax.ShapeDtypeStruct((4096, 8192), jnp.bfloat16)
+  for fn, values in ((gq.quantize, False), (gq.fake_quant_forward, True)):
+    for cfg in gq.candidate_configs(kind, 4096, 8192, jnp.bfloat16, values):
+      _lower(lambda a, fn=fn, cfg=cfg: fn(a, gq.spec_for(kind), config=cfg), x)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ROW_KINDS)
+def test_compiled_row_kernel_matches_jnp_path(kind):
+  if jax.default_backend() != "gpu":
+    pytest.skip("needs a GPU")
+  rng = np.random.default_rng(5)
+  x = rng.standard_normal((4096, 8192)).astype(np.float32)
+  x *= np.exp2(rng.integers(-30, 31, (4096, 1)))  # every row its own range
+  x = jnp.asarray(x).astype(jnp.bfloat16).at[:24, :512].set(_row_cases())
+  spec = gq.spec_for(kind)
+  with gq.forced(()):
+    want_q = jax.jit(lambda a: lj.quantize(a, spec))(x)
+    want_v = jax.jit(lambda a: lj.fake_quant(a, spec))(x)
+  bad = ~np.isfinite(np.asarray(x.astype(jnp.float32))).all(axis=-1)
+  for cfg in gq.candidate_configs(kind, 4096, 8192, jnp.bfloat16):
+    got_q = jax.jit(lambda a, cfg=cfg: gq.quantize(a, spec, config=cfg))(x)
+    np.testing.assert_array_equal(np.asarray(got_q.codes).view(np.uint8)[~bad],
+                                  np.asarray(want_q.codes).view(np.uint8)[~bad])
+    _check_scales(got_q, want_q)
+  for cfg in gq.candidate_configs(kind, 4096, 8192, jnp.bfloat16, True):
+    got_v = jax.jit(lambda a, cfg=cfg: gq.fake_quant_forward(a, spec, config=cfg))(x)
+    _check_values(got_v, want_v)
 
 
 # Per-channel (a scale per column of axis 0) and per-tensor scales: XLA
