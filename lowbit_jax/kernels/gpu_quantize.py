@@ -467,7 +467,8 @@ def candidate_configs(kind: str, k: int, n: int, x_dtype, values: bool = False,
   formats) the grid reversed, (blocks of 128) 256 columns, then the other
   of one and two stages, three stages, the other ``tile_n``, twice the rows per CTA, and the rows
   unrolled; only those within the kernel's shared-memory and shape
-  limits."""
+  limits (per-row kinds: twice the rows a step, the other of one and two
+  stages, half the rows a step, twice the rows a CTA)."""
   base = heuristic_config(kind, k, n, x_dtype, values)
   if base is None:
     return []
@@ -479,19 +480,14 @@ def candidate_configs(kind: str, k: int, n: int, x_dtype, values: bool = False,
             rep(base, stages=3 - base.stages),
             rep(base, tile_k=max(4, base.tile_k // 2)),
             rep(base, k_per_cta=2 * base.k_per_cta)]
-    for c in [tab] + more:
-      if len(out) >= limit:
-        break
-      if c is not None and c not in out and _fits(kind, k, n, x_dtype, c, values):
-        out.append(c)
-    return out
-  more = [rep(base, stages=3 - base.stages), rep(base, stages=3),
-          rep(base, tile_n=384 - base.tile_n), rep(base, k_per_cta=2 * base.k_per_cta),
-          rep(base, unroll=True)]
-  if _block_of(kind) == 0:  # a scale reduced by XLA first: its L2 lines
-    more = [rep(base, reverse=True)] + more
-  elif _block_of(kind) >= 128:
-    more = [rep(base, tile_n=256)] + more  # two columns per thread
+  else:
+    more = [rep(base, stages=3 - base.stages), rep(base, stages=3),
+            rep(base, tile_n=384 - base.tile_n),
+            rep(base, k_per_cta=2 * base.k_per_cta), rep(base, unroll=True)]
+    if _block_of(kind) == 0:  # a scale reduced by XLA first: its L2 lines
+      more = [rep(base, reverse=True)] + more
+    elif _block_of(kind) >= 128:
+      more = [rep(base, tile_n=256)] + more  # two columns per thread
   for c in [tab] + more:
     if len(out) >= limit:
       break
