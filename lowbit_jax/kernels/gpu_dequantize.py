@@ -196,6 +196,18 @@ def plan_of(q: QArray) -> tuple[Optional[_Plan], str]:
                val_dtype=q.dtype), ""
 
 
+def supports(q: QArray) -> bool:
+  """Whether the kernel computes ``dequantize(q)`` exactly (any backend; the
+  dispatcher adds the device and the measured table: ``dispatch``)."""
+  return plan_of(q)[0] is not None
+
+
+def reference(q: QArray, dtype=None) -> jax.Array:
+  """The pure-jnp reference: core's ``dequantize`` path (in ``dtype``)."""
+  out = _q.dequantize_jnp(q)
+  return out if dtype is None else out.astype(dtype)
+
+
 def kind_of(q: QArray) -> Optional[str]:
   """The kernel's id for ``q`` (e.g. "int4_g128", "mxfp4", "int8_pc"), or
   None where the kernel does not take it."""
@@ -550,8 +562,7 @@ def dequantize(q: QArray, *, dtype=None, config: Optional[Config] = None,
   def _vmap_rule(axis_size, in_batched, *ls):
     ls = [a if b else jnp.broadcast_to(a, (axis_size,) + jnp.shape(a))
           for a, b in zip(ls, in_batched)]
-    ref = lambda *xs: _q.dequantize_jnp(jax.tree.unflatten(tree, xs)).astype(  # noqa: E731
-        out_dt)
+    ref = lambda *xs: reference(jax.tree.unflatten(tree, xs), out_dt)  # noqa: E731
     return jax.vmap(ref)(*ls), True
 
   return f(*leaves)

@@ -57,7 +57,7 @@ def test_interpreted_kernel_equals_dequantize(fid):
   x = _input(256, 256).astype(jnp.bfloat16)
   q = lj.quantize(x, _spec(fid))
   plan, why = gd.plan_of(q)
-  assert plan is not None, why
+  assert plan is not None and gd.supports(q), why
   # Two steps of 64 rows through two slots per CTA, two CTAs along K.
   cfg = gd.Config(tile_n=128, tile_k=64, k_per_cta=128, stages=2)
   if gd._fits(plan, 256, 256, cfg):  # pylint: disable=protected-access
@@ -87,7 +87,7 @@ def test_interpreted_kernel_per_tensor(fmt):
 def test_plan_refuses_with_the_reason():
   x = jnp.ones((100, 128), jnp.bfloat16)
   q = lj.quantize(x, lj.QuantSpec("int3", axis=0))  # 100 rows: padded codes
-  assert gd.plan_of(q) == (None, "padded codes")
+  assert gd.plan_of(q) == (None, "padded codes") and not gd.supports(q)
   with pytest.raises(ValueError, match="padded codes"):
     gd.dequantize(q, interpret=True)
   q = lj.quantize(jnp.ones((128, 128), jnp.bfloat16), lj.QuantSpec("int4", axis=1))
