@@ -1,7 +1,7 @@
-"""One-pass quantize and fake_quant for block scales along axis 0, in Mosaic GPU.
+"""One-pass quantize and fake_quant for scales along axis 0 (and per row), in Mosaic GPU.
 
 ``lowbit_jax.quantize(x, spec)`` of a ``[K, N]`` array whose scale blocks run
-along axis 0 in short groups (MX formats, NVFP4, ``group_size`` 16..128) is, on
+along axis 0 in short groups (MX formats, NVFP4, int, fp4 and NF4 ``group_size`` 16..128) is, on
 XLA's GPU path, a reduction pass for the block amax and an elementwise pass that
 reads ``x`` again (3 to 6 kernels in all). Here one kernel reads each ``[tile_k,
 tile_n]`` tile of ``x`` once (TMA into shared memory, a pipeline of
@@ -36,9 +36,10 @@ NVFP4's tensor scale needs the amax of the whole tensor before any block can
 be scaled: XLA reduces it first (one read of ``x``), the kernel takes the
 derived scalars, so NVFP4 costs two reads of ``x`` against one for the block
 formats. Per-channel scales (one per column of axis 0's whole length:
-``int8``/``int4``/``int3``/``int2``, ``fp8_e4m3``/``fp8_e5m2``; ids
-``<format>_pc``) and per-tensor ones (the 8-bit formats; ``<format>_pt``)
-likewise: their block does not fit on chip, so core's own ``_grid`` computes
+``int8``/``int4``/``int3``/``int2``, ``fp8_e4m3``/``fp8_e5m2``, fp6 and fp4,
+uint8 with a zero point, ternary (TWN: XLA also reduces its threshold) and
+binary (BWN); ids ``<format>_pc``) and per-tensor ones (the 8-bit formats;
+``<format>_pt``) likewise: their block does not fit on chip, so core's own ``_grid`` computes
 the scale (XLA keeps only its amax reduction and scale arithmetic, so the
 scale is the reference's bit for bit), and the kernel divides by it
 (``div.full.f32``, as XLA's ``x / s``), rounds, packs along axis 0 as
@@ -48,6 +49,12 @@ the last rows, which the amax pass may have left in L2). Two passes read
 ``x`` twice: bf16 int8 per channel moves 2 + 2 + 1 bytes per element against
 the roofline's 2 + 1, so its quantize reaches at most 60% of the roofline
 unless the L2 serves part of the second read (fake_quant: 6 against 4, 67%).
+
+Per-row scales of the last axis (per token, ``axis=-1``: int8 and fp8; ids
+``<format>_tok``) run in their own kernel (``_build_rows``): a CTA holds a
+few whole rows a step, reduces each row's amax across the warpgroup and
+derives the scale as the block path does, so the codes take one read of
+``x`` where XLA's path reads it twice.
 
 ``dispatch(x, spec, ...)`` is what ``lowbit_jax.quantize`` and ``fake_quant``
 ask on every call: a kernel runs only on a GPU backend, for a format
@@ -155,8 +162,9 @@ def kind_of(spec: QuantSpec, ndim: int = 2) -> Optional[str]:
   Returns:
     "mxfp8_e4m3", "mxfp4", "mxfp6_e2m3", "mxint8", "nvfp4",
     "<int4|int8|fp4_e2m1|nf4>_g<16|32|64|128>", "<format>_pc" (per-channel
-    scales of axis 0) or "<format>_pt" (per tensor; see ``supported_kinds``);
-    None for anything else (other axes, other asymmetric specs, tiles).
+    scales of axis 0), "<format>_pt" (per tensor) or "<format>_tok" (per-row
+    scales of the last axis; see ``supported_kinds``); None for anything else
+    (other axes, other asymmetric specs, tiles).
   """
   k = _kind(spec, ndim)
   return None if k is None else k.kind
