@@ -111,7 +111,8 @@ _MERGE_CONFIGS = flags.DEFINE_string(
 # The main formats (ids of gpu_quantize.kind_of): timed first, swept first,
 # and the only ones with a fwd+bwd row; the rest of supported_kinds() follow.
 KINDS = ("mxfp8_e4m3", "int8_pc", "int4_g128", "fp8_e4m3_pc", "int4_pc", "mxfp4",
-         "nvfp4", "int8_pt", "fp4_e2m1_g32", "int8_g128", "mxint8", "mxfp6_e2m3")
+         "nvfp4", "int8_pt", "fp4_e2m1_g32", "int8_g128", "mxint8", "mxfp6_e2m3",
+         "int8_tok", "fp8_e4m3_tok")
 
 T0 = time.time()
 
