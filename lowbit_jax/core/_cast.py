@@ -599,20 +599,19 @@ def _lookup_decode(c: jax.Array, fmt: LookupFormat) -> jax.Array:
       level = [jnp.where(bit, level[i + 1], level[i])
                for i in range(0, len(level), 2)]
     return level[0]
-  v = jnp.where(c == np.uint32(len(t) - 2), t[-2], t[-1])
-  for i in range(len(t) - 3, -1, -1):
-    v = jnp.where(c == np.uint32(i), t[i], v)
-  return v
+  return _table_at(fmt.table, jnp.minimum(c, np.uint32(len(t) - 1)).astype(jnp.int32))
 
 
 def decode_arith(codes: jax.Array, fmt: Format) -> jax.Array:
   """``decode`` from arithmetic and selects only, no gather: what a Pallas
   kernel body can run (lowbit_jax.kernels.gpu_dequantize), and what
-  ``decode`` uses for floats narrower than 8 bits, where XLA's CPU backend
-  ran a table gather about 3x slower (bf16 2048x2048 MXFP4: unpack and
-  decode 2.8 -> 0.94 ms, 2 cores). Integers by sign extension, floats from
-  their fields (``decode_table``'s inf and NaN codes patched in), codebooks
-  by selects (more than 16 entries: a chain of up to 255).
+  ``decode`` uses for integers and for floats narrower than 8 bits, where
+  XLA's CPU backend ran a table gather slower (dequantize of MXFP4, fp4,
+  fp6, MXFP6 and NVFP4 1.3-4.1x faster without it:
+  benchmarks/cpu_decode_s26/README.md). Integers by sign extension, floats
+  from their fields (``decode_table``'s inf and NaN codes patched in),
+  codebooks by a tree of selects on the code's bits where the table fills
+  the code space, else ``_table_at``'s chain on the clamped code.
 
   Args:
     codes: unsigned codes below ``2**fmt.bits`` (any integer dtype).
@@ -636,10 +635,7 @@ def decode(codes: jax.Array, fmt: Format) -> jax.Array:
   """float32 values of codes (inverse of ``encode``)."""
   codes = codes.astype(jnp.int32)
   if isinstance(fmt, IntFormat):
-    c = codes & ((1 << fmt.bits) - 1)
-    if fmt.signed:
-      c = jnp.where(c >= (1 << (fmt.bits - 1)), c - (1 << fmt.bits), c)
-    return c.astype(jnp.float32) / (1 << fmt.frac_bits)
+    return decode_arith(codes & ((1 << fmt.bits) - 1), fmt)
   if isinstance(fmt, LookupFormat):
     return jnp.asarray(fmt.table, jnp.float32)[codes]
   if isinstance(fmt, FloatFormat):
