@@ -1122,17 +1122,18 @@ def dequantize(q: QArray) -> jax.Array:
   return _dequantize_jit(q)
 
 
-def _dequant_kernel_ok(q: QArray) -> bool:
-  """Whether the Mosaic GPU dequantizer takes this call (GPU backend, a
-  format its ``ENABLED`` lists; ``gpu_dequantize.dispatch``). The jnp path
-  below stays the reference and runs everywhere else."""
+def _dequant_kernel(q: QArray):
+  """The Mosaic GPU dequantizer module where it takes this call (GPU backend,
+  a format its ``ENABLED`` lists; ``gpu_dequantize.dispatch``), else None (the
+  kernels are not imported off the GPU). The jnp path stays the reference
+  and runs everywhere else."""
   try:
     if jax.default_backend() != "gpu":
-      return False
+      return None
   except RuntimeError:
-    return False
+    return None
   from lowbit_jax.kernels import gpu_dequantize  # pylint: disable=g-import-not-at-top
-  return gpu_dequantize.dispatch(q)
+  return gpu_dequantize if gpu_dequantize.dispatch(q) else None
 
 
 @jax.jit
@@ -1146,9 +1147,9 @@ def dequantize_as(q: QArray, dtype) -> jax.Array:
   where the GPU dequantizer takes ``q``, one kernel writes ``dtype`` directly
   (no float32 array written and converted for a float32-weight QArray in a
   bf16 model); elsewhere the jnp path, whose cast XLA fuses."""
-  if _dequant_kernel_ok(q):
-    from lowbit_jax.kernels import gpu_dequantize  # pylint: disable=g-import-not-at-top
-    return gpu_dequantize.dequantize(q, dtype=dtype)
+  kernel = _dequant_kernel(q)
+  if kernel is not None:
+    return kernel.dequantize(q, dtype=dtype)
   return dequantize_jnp(q).astype(dtype)
 
 

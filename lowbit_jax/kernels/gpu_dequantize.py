@@ -114,11 +114,8 @@ def _decode_row(plan: _Plan, raw):
   dt = jnp.dtype(plan.code_dtype)
   if jnp.issubdtype(dt, jnp.floating):  # float8 storage: the hardware convert
     return raw.astype(jnp.float32)
-  if dt == jnp.dtype(jnp.int8) and isinstance(plan.fmt, IntFormat):
-    v = raw.astype(jnp.int32).astype(jnp.float32)  # already sign-extended
-    fb = plan.fmt.frac_bits
-    return v * np.float32(2.0 ** -fb) if fb else v
-  return decode_codes(raw.astype(jnp.uint32), plan.fmt)
+  # int8 storage sign-extends; decode_codes' sign test then leaves it alone.
+  return decode_codes(raw.astype(jnp.int32), plan.fmt)
 
 
 # ---------------------------------------------------------------------------
