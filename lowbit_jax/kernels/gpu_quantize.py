@@ -419,13 +419,17 @@ def heuristic_config(kind: str, k: int, n: int, x_dtype,
   else:
     return None
   n_tiles, steps = n // tn, k // tk
-  # Steps per CTA: the largest divisor of the step count that leaves at least
-  # 4 * 132 CTAs (at least one step).
+  return dataclasses.replace(cfg, k_per_cta=tk * _steps_per_cta(steps, n_tiles))
+
+
+def _steps_per_cta(steps: int, n_tiles: int) -> int:
+  """The largest divisor of the step count that leaves at least 4 * 132 CTAs
+  (4 per SM of an H100/H200) over ``n_tiles`` column tiles; at least 1."""
   per = 1
   for d in range(1, steps + 1):
     if steps % d == 0 and n_tiles * (steps // d) >= 4 * 132:
       per = d
-  return dataclasses.replace(cfg, k_per_cta=tk * per)
+  return per
 
 
 # The three operations the dispatcher decides separately, because a kernel
@@ -597,12 +601,7 @@ def _row_heuristic(kind: str, k: int, n: int, x_dtype, values: bool):
         _check_row_config(kd, k, n, x_dtype, cfg, not values, values, False)
       except ValueError:
         continue
-      steps = k // r
-      per = 1
-      for d in range(1, steps + 1):
-        if steps % d == 0 and steps // d >= 4 * 132:
-          per = d
-      return dataclasses.replace(cfg, k_per_cta=r * per)
+      return dataclasses.replace(cfg, k_per_cta=r * _steps_per_cta(k // r, 1))
   return None
 
 
