@@ -304,14 +304,9 @@ def heuristic_config(plan: _Plan, k: int, n: int) -> Optional[Config]:
       break
   else:
     return None
-  n_tiles, steps = n // tn, k // tk
-  best = cfg
-  for d in range(1, steps + 1):
-    trial = dataclasses.replace(cfg, k_per_cta=tk * d)
-    if steps % d == 0 and n_tiles * (steps // d) >= 4 * 132 and _fits(
-        plan, k, n, trial):
-      best = trial
-  return best
+  trial = dataclasses.replace(
+      cfg, k_per_cta=tk * gpu_quantize._steps_per_cta(k // tk, n // tn))  # pylint: disable=protected-access
+  return trial if _fits(plan, k, n, trial) else cfg
 
 
 def candidate_configs(plan: _Plan, k: int, n: int, limit: int = 4) -> list:
