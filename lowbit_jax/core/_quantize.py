@@ -116,6 +116,29 @@ def _expand(s: jax.Array, bs: tuple, shape: tuple) -> jax.Array:
   return jnp.broadcast_to(s, full).reshape(shape)
 
 
+def _per_block(t: jax.Array) -> jax.Array:
+  """``t``, a small per-block array (a scale, its inverse, a zero point), that
+  XLA's CPU compiler computes once instead of once per element.
+
+  XLA's CPU fusion pulls the cheap elementwise producers of a broadcast
+  operand into the full-size loop that consumes it: an E8M0 scale's
+  ``_pow2_pair`` (a floor division, two clamps, two shifts) then ran for each
+  of the 4M elements of a [2048, 2048] MXINT8 dequantize instead of for its
+  131k blocks, and made it 1.6x slower than the unfused jnp reference
+  (benchmarks/primitives_cpu.md). A gather is never fused into its consumer
+  there, so an identity gather (its indices behind an optimization barrier,
+  which keeps the simplifier from seeing an iota) writes ``t`` out once. The
+  values are the same bits. On GPU and TPU the recomputation costs nothing
+  next to memory traffic, and a separate kernel would: ``t`` is returned
+  unchanged there.
+  """
+  if jnp.ndim(t) == 0 or jax.default_backend() != "cpu":
+    return t
+  flat = t.reshape(-1)
+  idx = lax.optimization_barrier(lax.iota(jnp.int32, flat.size))
+  return flat[idx].reshape(t.shape)
+
+
 def _local_block_shape(scale_shape: tuple, shape: tuple) -> tuple:
   return tuple(d // n if n else d for d, n in zip(shape, scale_shape))
 
@@ -477,13 +500,19 @@ def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None,
     if spec.tensor_scale:
       # The block amax over finite values also gives the tensor amax (over
       # finite values: a NaN or inf block turns only itself into NaN).
-      # Both from one pass over x: a two-operand reduction (max, or) that
-      # XLA emits as one kernel (two separate reductions were fused one
-      # into the reduction and one into the scale kernel, reading x twice).
-      a_fin, blk_bad = lax.reduce(
-          (jnp.where(fin, jnp.abs(xn), jnp.zeros((), xn.dtype)), ~fin),
-          (np.array(0, xn.dtype), np.array(False)),
-          lambda a, b: (lax.max(a[0], b[0]), lax.bitwise_or(a[1], b[1])), red)
+      # Both from one pass over x on GPU and TPU: a two-operand reduction
+      # (max, or) that XLA emits as one kernel (two separate reductions were
+      # fused one into the reduction and one into the scale kernel, reading
+      # x twice). XLA's CPU backend does not vectorize a two-operand
+      # reduction: there it took 8.6 ms of NVFP4's 10 ms fake_quant on a
+      # bf16 [2048, 2048] tensor, and two plain reductions take 1.8 ms.
+      a_src = jnp.where(fin, jnp.abs(xn), jnp.zeros((), xn.dtype))
+      if jax.default_backend() == "cpu":
+        a_fin, blk_bad = jnp.max(a_src, axis=red), jnp.any(~fin, axis=red)
+      else:
+        a_fin, blk_bad = lax.reduce(
+            (a_src, ~fin), (np.array(0, xn.dtype), np.array(False)),
+            lambda a, b: (lax.max(a[0], b[0]), lax.bitwise_or(a[1], b[1])), red)
       a_fin = a_fin.astype(jnp.float32)
       a_dyn = jnp.where(blk_bad, np.float32(np.inf), a_fin)
     else:
@@ -569,15 +598,15 @@ def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None,
     mult = (lax.div(jnp.broadcast_to(inv_t, s_val.shape), s_val)
             if amax is None else _div(inv_t, s_val))
     # x * 2**-p first: exact, and no larger than the tensor range over tn.
-    y = (xb * p_down) * jnp.expand_dims(mult, red)
+    y = (xb * p_down) * jnp.expand_dims(_per_block(mult), red)
     total = (tn * s_val, p_up)
   elif spec.scale_dtype == "e8m0":
     e = _e8m0_exponent(a, fmt, spec.scale_rounding)
     s_stored = jnp.where(bad, 255, e + _E8M0_BIAS).astype(jnp.uint8)
     # Two power-of-two factors each way (_pow2_pair): exact at e = +-127.
     i1, i2 = _pow2_pair(-e)
-    y = (xb * jnp.expand_dims(jnp.where(bad, jnp.nan, i1), red)
-         * jnp.expand_dims(i2, red))
+    y = (xb * jnp.expand_dims(_per_block(jnp.where(bad, jnp.nan, i1)), red)
+         * jnp.expand_dims(_per_block(i2), red))
     t1, t2 = _pow2_pair(e)
     total = (jnp.where(bad, jnp.nan, t1), t2)
   else:
@@ -589,7 +618,8 @@ def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None,
                   zero_scale)
     s_stored, s_val = _store_float_scale(s, spec.scale_dtype)
     s_stored, s_val = _mark_bad(s_stored, s_val, bad)
-    y = _div_data(xb, jnp.expand_dims(jnp.where(s_val == 0, 1.0, s_val), red))
+    y = _div_data(xb, jnp.expand_dims(_per_block(jnp.where(s_val == 0, 1.0, s_val)),
+                                      red))
     if not has_zero:
       # An all-zero block (scale 0) reads back as zeros of x's sign: +0 picks
       # the grid's positive end (a tie between -1 and 1 would pick -1: -0).
@@ -602,7 +632,7 @@ def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None,
     # clip_ratio < 1 or a static amax) are clipped. Comparing |y| with the max
     # instead would flag the amax element itself whenever the rounded scale
     # makes a / s land an ulp above it.
-    clipped = jnp.abs(xf) > _expand(a_clip, bs, xf.shape)
+    clipped = jnp.abs(xf) > _expand(_per_block(a_clip), bs, xf.shape)
   else:
     # E8M0 scales are powers of two, so y is exact: elements beyond the max
     # saturate (OCP MX floor rounding can do that by design).
@@ -676,7 +706,8 @@ def _grid_asym(x, xf, xb, red, vb, spec, bs, noise, amax, amin):
   s_stored, s_val = _mark_bad(s_stored, s_val, bad)
   zp = jnp.clip(jnp.round(_div(-lo, s_val)), 0, levels)
   zp = jnp.where(bad, 0.0, zp)
-  y = _div_data(xb, jnp.expand_dims(s_val, red)) + jnp.expand_dims(zp, red)
+  y = (_div_data(xb, jnp.expand_dims(_per_block(s_val), red))
+       + jnp.expand_dims(_per_block(zp), red))
   y = y.reshape(xf.shape)
   clipped = (y < -0.5) | (y > levels + 0.5)
   q = _cast._cast_int(y, fmt, True, noise, lo=0, hi=int(levels))
@@ -755,7 +786,7 @@ def _grid_scaled(xf, xb, red, spec: QuantSpec, bs, noise, scale, zero_point):
     s_stored, s_val = _mark_bad(s_stored, s_val, bad)
     total = (tn * s_val, p_up)
     mult = _div(_div(np.float32(1.0), tn), jnp.where(s_val == 0, 1.0, s_val))
-    y = (xb * p_down) * jnp.expand_dims(mult, red)
+    y = (xb * p_down) * jnp.expand_dims(_per_block(mult), red)
   elif spec.scale_dtype == "e8m0":
     e = _e8m0_round_scale(s_in, spec.scale_rounding)
     s_stored = jnp.where(bad, 255, e + _E8M0_BIAS).astype(jnp.uint8)
@@ -763,8 +794,8 @@ def _grid_scaled(xf, xb, red, spec: QuantSpec, bs, noise, scale, zero_point):
     t1, t2 = _pow2_pair(e)
     total = (jnp.where(bad, jnp.nan, t1), t2)
     i1, i2 = _pow2_pair(-e)
-    y = (xb * jnp.expand_dims(jnp.where(bad, jnp.nan, i1), red)
-         * jnp.expand_dims(i2, red))
+    y = (xb * jnp.expand_dims(_per_block(jnp.where(bad, jnp.nan, i1)), red)
+         * jnp.expand_dims(_per_block(i2), red))
   else:
     s_stored, s_val = _store_float_scale(s_in, spec.scale_dtype)
     s_stored, s_val = _mark_bad(s_stored, s_val, bad)
@@ -842,11 +873,12 @@ def _values(q, total, zp, bs, shape):
   power-of-two factors, ``_pow2_pair``) applied one after the other.
   """
   if zp is not None:
-    q = q - _expand(zp.astype(jnp.float32), bs, shape)
+    q = q - _expand(_per_block(zp.astype(jnp.float32)), bs, shape)
   if isinstance(total, tuple):
-    out = q * _expand(total[0], bs, shape) * _expand(total[1], bs, shape)
+    out = (q * _expand(_per_block(total[0]), bs, shape)
+           * _expand(_per_block(total[1]), bs, shape))
   else:
-    out = q * _expand(total, bs, shape)
+    out = q * _expand(_per_block(total), bs, shape)
   # A range within an ulp of the float32 maximum (scale = amax / max rounded
   # up) can put the largest grid value a rounding beyond it: saturate there
   # instead of returning inf for finite data. NaN stays NaN.

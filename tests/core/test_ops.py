@@ -205,13 +205,17 @@ def test_16bit_reference_dot_materializes_the_weight_at_large_m(fmt, kw, materia
   f = jax.jit(lambda a, q: ops.dot_general(a, q, dn, mode="real", use_kernel="never"))
   monkeypatch.setattr(ops, "_MATERIALIZE_MIN_ROWS", 1 << 62)
   y_fused = f(xb, qw)
-  assert "optimization_barrier" not in f.lower(xb, qw).as_text()
+  # The dequantize itself may hold barriers (core._quantize._per_block on
+  # CPU): the materialized order adds one.
+  def barriers(a):
+    return f.lower(a, qw).as_text().count("optimization_barrier")
+  n_fused = barriers(xb)
   monkeypatch.setattr(ops, "_MATERIALIZE_MIN_ROWS", 16)
   f = jax.jit(lambda a, q: ops.dot_general(a, q, dn, mode="real", use_kernel="never"))
-  assert ("optimization_barrier" in f.lower(xb, qw).as_text()) == materialized
+  assert (barriers(xb) > n_fused) == materialized
   np.testing.assert_array_equal(np.asarray(f(xb, qw), np.float32),
                                 np.asarray(y_fused, np.float32))
-  assert "optimization_barrier" not in f.lower(xb[:15], qw).as_text()  # 15 rows: fused
+  assert barriers(xb[:15]) == n_fused  # 15 rows: fused
 
 
 def test_use_kernel_always_without_a_kernel_raises_on_cpu():
