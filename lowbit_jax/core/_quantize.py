@@ -346,7 +346,7 @@ def _clamp_scale(s: jax.Array, dtype: str) -> jax.Array:
   return s if hi is None else jnp.minimum(s, hi)
 
 
-def _sum_div(v: jax.Array, red, n) -> jax.Array:
+def _sum_div(v: jax.Array, red, n, rebuild=None) -> jax.Array:
   """``sum(v) / n`` over ``red`` for ``v >= 0``, also where the sum overflows.
 
   A block of values near the float32 maximum has an infinite sum but a finite
@@ -357,11 +357,18 @@ def _sum_div(v: jax.Array, red, n) -> jax.Array:
   fake_quant 1.8x slower than the jnp reference (benchmarks/primitives_cpu.md).
   On GPU and TPU both sums fuse into one pass over ``v``, and a conditional
   would cost a device-to-host sync, so both always run there.
+
+  ``rebuild`` (optional) returns ``v`` again from arrays already in memory
+  (the input x): the conditional's operands are written out before it runs,
+  taken or not, and closing over ``v`` itself wrote a float32 copy of it on
+  every call (3.5 of ternary fake_quant's 17 ms on a bf16 [2048, 2048] on
+  CPU).
   """
   total = jnp.sum(v, axis=red)
 
   def rescaled():
-    small = _div(jnp.sum(v * np.float32(2.0 ** -64), axis=red), n) * np.float32(2.0 ** 64)
+    vv = v if rebuild is None else rebuild()
+    small = _div(jnp.sum(vv * np.float32(2.0 ** -64), axis=red), n) * np.float32(2.0 ** 64)
     return jnp.where((total == np.float32(np.inf)) & jnp.isfinite(small), small,
                      _div(total, n))
   if jax.default_backend() == "cpu":
@@ -396,11 +403,12 @@ def _mark_bad(stored: jax.Array, value: jax.Array, bad: jax.Array):
   return stored, jnp.where(bad, jnp.float32(jnp.nan), value)
 
 
-def _mean_abs(absx, red, vb, bs) -> jax.Array:
-  """Per-block mean of |x| over the valid (unpadded) elements."""
+def _mean_abs(absx, red, vb, bs, rebuild=None) -> jax.Array:
+  """Per-block mean of |x| over the valid (unpadded) elements (``rebuild``:
+  ``_sum_div``'s)."""
   if vb is None:
-    return _sum_div(absx, red, np.float32(math.prod(bs)))
-  return _sum_div(absx, red, jnp.sum(vb, axis=red))
+    return _sum_div(absx, red, np.float32(math.prod(bs)), rebuild)
+  return _sum_div(absx, red, jnp.sum(vb, axis=red), rebuild)
 
 
 def _scale_value(stored: jax.Array, dtype: str) -> jax.Array:
@@ -495,6 +503,11 @@ def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None,
   # Reductions read x in its own dtype (abs, max and isfinite are exact there),
   # so no float32 copy of x is ever materialized.
   xn = _to_blocks(x if x.dtype in _NATIVE_REDUCE else xf, bs)
+
+  def abs_x():
+    # |x| in float32 from x itself (abs is exact in x's dtype): the
+    # rescaled sums' rebuild (_sum_div).
+    return jnp.abs(xn).astype(jnp.float32)
   if method == "absmax" or amax is not None or spec.tensor_scale:
     fin = jnp.isfinite(xn)
     if spec.tensor_scale:
@@ -532,7 +545,7 @@ def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None,
     a = a_dyn
   else:
     absx = jnp.abs(xb)
-    mean_abs = _mean_abs(absx, red, vb, bs)
+    mean_abs = _mean_abs(absx, red, vb, bs, rebuild=abs_x)
     if method == "mean_abs":
       a = mean_abs
       # A block holding a NaN or an inf has a NaN or inf sum: no second pass.
@@ -543,8 +556,16 @@ def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None,
       # Counted in float32 (exact below 2**24 elements per block): XLA's CPU
       # sums an int32 array through a slow tree of reduce-windows.
       n_sel = jnp.sum(sel.astype(jnp.float32), axis=red)
-      a = _sum_div(jnp.where(sel, absx, 0.0), red, jnp.maximum(n_sel, 1))
-      blk_bad = jnp.any(~jnp.isfinite(xn), axis=red)
+
+      def selected():
+        ax = abs_x()
+        return jnp.where(ax > jnp.expand_dims(thr, red), ax, 0.0)
+      a = _sum_div(jnp.where(sel, absx, 0.0), red, jnp.maximum(n_sel, 1), selected)
+      # As for mean_abs: a block's mean of |x| is NaN or inf exactly where it
+      # holds a NaN or an inf (an overflowing sum of finite values is
+      # rescaled to a finite mean), so no pass of its own over x (XLA's CPU
+      # backend spent 3.3 ms of ternary's 17 on that any()).
+      blk_bad = ~jnp.isfinite(mean_abs)
   # Whether the block has a range, taken before clip_ratio and from the sum
   # for a mean: a mean (or a clipped amax) of normal numbers can be a float32
   # subnormal, which XLA flushes to zero on CPU, though the block is not zero.
@@ -641,7 +662,8 @@ def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None,
     lim = fmt.qmax  # restricted symmetric range
     q = _cast._cast_int(y, fmt, True, noise, lo=-lim, hi=lim)
   elif isinstance(fmt, LookupFormat) and fmt.scale_method == "twn":
-    thr = _expand(0.7 * _mean_abs(jnp.abs(xb), red, vb, bs), bs, xf.shape)
+    thr = _expand(0.7 * _mean_abs(jnp.abs(xb), red, vb, bs, rebuild=abs_x), bs,
+                  xf.shape)
     q = jnp.where(jnp.abs(xf) > thr, jnp.sign(xf), 0.0)
     # NaN where y is: the blocks holding a NaN or an inf (their scale is NaN;
     # elsewhere the scale is positive and finite, so x / s is never NaN).
