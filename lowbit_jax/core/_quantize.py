@@ -56,6 +56,7 @@ _NATIVE_REDUCE = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16),
                   jnp.dtype(jnp.float16))
 
 
+
 # ---------------------------------------------------------------------------
 # Blocks
 
@@ -116,9 +117,17 @@ def _expand(s: jax.Array, bs: tuple, shape: tuple) -> jax.Array:
   return jnp.broadcast_to(s, full).reshape(shape)
 
 
-def _per_block(t: jax.Array) -> jax.Array:
-  """``t``, a small per-block array (a scale, its inverse, a zero point), that
-  XLA's CPU compiler computes once instead of once per element.
+# From this many elements of the full-size array on, _per_block materializes.
+# Below it the per-element recomputation costs less than each gather adds to
+# the compile: the MiniLM sweep (experiments/sweep.py, compile-bound: small
+# weights, [6144, 384] activations, a program per scheme) spent 10% more CPU
+# time with it from 2**20 on, none from 2**22 on.
+_PER_BLOCK_MIN_ELEMENTS = 1 << 22
+
+
+def _per_block(n: int, t: jax.Array) -> jax.Array:
+  """``t``, a per-block array (a scale, its inverse, a zero point), computed
+  once instead of once per element on CPU.
 
   XLA's CPU fusion pulls the cheap elementwise producers of a broadcast
   operand into the full-size loop that consumes it: an E8M0 scale's
@@ -128,15 +137,21 @@ def _per_block(t: jax.Array) -> jax.Array:
   (benchmarks/primitives_cpu.md). A gather is never fused into its consumer
   there, so an identity gather (its indices behind an optimization barrier,
   which keeps the simplifier from seeing an iota) writes ``t`` out once. The
-  values are the same bits. On GPU and TPU the recomputation costs nothing
-  next to memory traffic, and a separate kernel would: ``t`` is returned
-  unchanged there.
+  values are the same bits. One gather per array: a single gather of several
+  arrays stacked pulled the block reduction they came from into itself once
+  per array (MXFP4 fake_quant 4.3 -> 26 ms).
+
+  ``n`` is the element count of the full-size array that consumes ``t``:
+  below ``_PER_BLOCK_MIN_ELEMENTS`` it is returned as it is. On GPU and TPU
+  the recomputation costs nothing next to memory traffic, and a separate
+  kernel would: ``t`` is returned unchanged there.
   """
-  if jnp.ndim(t) == 0 or jax.default_backend() != "cpu":
+  if (jax.default_backend() != "cpu" or n < _PER_BLOCK_MIN_ELEMENTS
+      or jnp.ndim(t) == 0):
     return t
-  flat = t.reshape(-1)
+  flat = jnp.asarray(t).reshape(-1)
   idx = lax.optimization_barrier(lax.iota(jnp.int32, flat.size))
-  return flat[idx].reshape(t.shape)
+  return flat[idx].reshape(jnp.shape(t))
 
 
 def _local_block_shape(scale_shape: tuple, shape: tuple) -> tuple:
@@ -506,26 +521,26 @@ def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None,
 
   def abs_x():
     # |x| in float32 from x itself (abs is exact in x's dtype): the
-    # rescaled sums' rebuild (_sum_div).
+    # rescaled sums' rebuild (_sum_div), whose operand is then x as it lies
+    # in memory.
     return jnp.abs(xn).astype(jnp.float32)
   if method == "absmax" or amax is not None or spec.tensor_scale:
     fin = jnp.isfinite(xn)
     if spec.tensor_scale:
       # The block amax over finite values also gives the tensor amax (over
       # finite values: a NaN or inf block turns only itself into NaN).
-      # Both from one pass over x on GPU and TPU: a two-operand reduction
-      # (max, or) that XLA emits as one kernel (two separate reductions were
-      # fused one into the reduction and one into the scale kernel, reading
-      # x twice). XLA's CPU backend does not vectorize a two-operand
-      # reduction: there it took 8.6 ms of NVFP4's 10 ms fake_quant on a
-      # bf16 [2048, 2048] tensor, and two plain reductions take 1.8 ms.
-      a_src = jnp.where(fin, jnp.abs(xn), jnp.zeros((), xn.dtype))
-      if jax.default_backend() == "cpu":
-        a_fin, blk_bad = jnp.max(a_src, axis=red), jnp.any(~fin, axis=red)
-      else:
-        a_fin, blk_bad = lax.reduce(
-            (a_src, ~fin), (np.array(0, xn.dtype), np.array(False)),
-            lambda a, b: (lax.max(a[0], b[0]), lax.bitwise_or(a[1], b[1])), red)
+      # Both from one pass over x: a two-operand reduction (max, or) that
+      # XLA emits as one kernel (two separate reductions were fused one
+      # into the reduction and one into the scale kernel, reading x twice).
+      # XLA's CPU backend runs a two-operand reduction of 16-bit floats
+      # unvectorized (8.2 ms for a bf16 [2048, 2048] in NVFP4's blocks):
+      # there it reduces x converted to float32 in the same pass (0.46 ms).
+      xr = xn.astype(jnp.float32) if jax.default_backend() == "cpu" else xn
+      fin_r = jnp.isfinite(xr)
+      a_fin, blk_bad = lax.reduce(
+          (jnp.where(fin_r, jnp.abs(xr), jnp.zeros((), xr.dtype)), ~fin_r),
+          (np.array(0, xr.dtype), np.array(False)),
+          lambda a, b: (lax.max(a[0], b[0]), lax.bitwise_or(a[1], b[1])), red)
       a_fin = a_fin.astype(jnp.float32)
       a_dyn = jnp.where(blk_bad, np.float32(np.inf), a_fin)
     else:
@@ -618,18 +633,20 @@ def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None,
     inv_t = _div(np.float32(1.0), tn)
     mult = (lax.div(jnp.broadcast_to(inv_t, s_val.shape), s_val)
             if amax is None else _div(inv_t, s_val))
+    mult, ts_val = _per_block(xf.size, mult), _per_block(xf.size, tn * s_val)
     # x * 2**-p first: exact, and no larger than the tensor range over tn.
-    y = (xb * p_down) * jnp.expand_dims(_per_block(mult), red)
-    total = (tn * s_val, p_up)
+    y = (xb * p_down) * jnp.expand_dims(mult, red)
+    total = (ts_val, p_up)
   elif spec.scale_dtype == "e8m0":
     e = _e8m0_exponent(a, fmt, spec.scale_rounding)
     s_stored = jnp.where(bad, 255, e + _E8M0_BIAS).astype(jnp.uint8)
     # Two power-of-two factors each way (_pow2_pair): exact at e = +-127.
     i1, i2 = _pow2_pair(-e)
-    y = (xb * jnp.expand_dims(_per_block(jnp.where(bad, jnp.nan, i1)), red)
-         * jnp.expand_dims(_per_block(i2), red))
     t1, t2 = _pow2_pair(e)
-    total = (jnp.where(bad, jnp.nan, t1), t2)
+    i1, i2, t1, t2 = (_per_block(xf.size, v) for v in (
+        jnp.where(bad, jnp.nan, i1), i2, jnp.where(bad, jnp.nan, t1), t2))
+    y = xb * jnp.expand_dims(i1, red) * jnp.expand_dims(i2, red)
+    total = (t1, t2)
   else:
     # Scale 1 where the amax is 0 (the block is all zeros and codes 0); a grid
     # without 0 (binary) needs scale 0 there, or zeros would read back as +-1.
@@ -639,8 +656,9 @@ def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None,
                   zero_scale)
     s_stored, s_val = _store_float_scale(s, spec.scale_dtype)
     s_stored, s_val = _mark_bad(s_stored, s_val, bad)
-    y = _div_data(xb, jnp.expand_dims(_per_block(jnp.where(s_val == 0, 1.0, s_val)),
-                                      red))
+    s_div, s_val = (_per_block(xf.size, v) for v in (
+        jnp.where(s_val == 0, 1.0, s_val), s_val))
+    y = _div_data(xb, jnp.expand_dims(s_div, red))
     if not has_zero:
       # An all-zero block (scale 0) reads back as zeros of x's sign: +0 picks
       # the grid's positive end (a tie between -1 and 1 would pick -1: -0).
@@ -653,7 +671,7 @@ def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None,
     # clip_ratio < 1 or a static amax) are clipped. Comparing |y| with the max
     # instead would flag the amax element itself whenever the rounded scale
     # makes a / s land an ulp above it.
-    clipped = jnp.abs(xf) > _expand(_per_block(a_clip), bs, xf.shape)
+    clipped = jnp.abs(xf) > _expand(a_clip, bs, xf.shape)
   else:
     # E8M0 scales are powers of two, so y is exact: elements beyond the max
     # saturate (OCP MX floor rounding can do that by design).
@@ -728,8 +746,8 @@ def _grid_asym(x, xf, xb, red, vb, spec, bs, noise, amax, amin):
   s_stored, s_val = _mark_bad(s_stored, s_val, bad)
   zp = jnp.clip(jnp.round(_div(-lo, s_val)), 0, levels)
   zp = jnp.where(bad, 0.0, zp)
-  y = (_div_data(xb, jnp.expand_dims(_per_block(s_val), red))
-       + jnp.expand_dims(_per_block(zp), red))
+  s_val, zp = _per_block(xf.size, s_val), _per_block(xf.size, zp)
+  y = _div_data(xb, jnp.expand_dims(s_val, red)) + jnp.expand_dims(zp, red)
   y = y.reshape(xf.shape)
   clipped = (y < -0.5) | (y > levels + 0.5)
   q = _cast._cast_int(y, fmt, True, noise, lo=0, hi=int(levels))
@@ -806,18 +824,20 @@ def _grid_scaled(xf, xb, red, spec: QuantSpec, bs, noise, scale, zero_point):
       s_raw = jnp.clip(s_raw, _E4M3.min_normal, _E4M3.max)
     s_stored, s_val = _store_float_scale(s_raw, spec.scale_dtype)
     s_stored, s_val = _mark_bad(s_stored, s_val, bad)
-    total = (tn * s_val, p_up)
     mult = _div(_div(np.float32(1.0), tn), jnp.where(s_val == 0, 1.0, s_val))
-    y = (xb * p_down) * jnp.expand_dims(_per_block(mult), red)
+    mult, ts_val = _per_block(xf.size, mult), _per_block(xf.size, tn * s_val)
+    total = (ts_val, p_up)
+    y = (xb * p_down) * jnp.expand_dims(mult, red)
   elif spec.scale_dtype == "e8m0":
     e = _e8m0_round_scale(s_in, spec.scale_rounding)
     s_stored = jnp.where(bad, 255, e + _E8M0_BIAS).astype(jnp.uint8)
     # Two power-of-two factors each way, as in _grid: exact at e = +-127.
     t1, t2 = _pow2_pair(e)
-    total = (jnp.where(bad, jnp.nan, t1), t2)
     i1, i2 = _pow2_pair(-e)
-    y = (xb * jnp.expand_dims(_per_block(jnp.where(bad, jnp.nan, i1)), red)
-         * jnp.expand_dims(_per_block(i2), red))
+    i1, i2, t1, t2 = (_per_block(xf.size, v) for v in (
+        jnp.where(bad, jnp.nan, i1), i2, jnp.where(bad, jnp.nan, t1), t2))
+    total = (t1, t2)
+    y = xb * jnp.expand_dims(i1, red) * jnp.expand_dims(i2, red)
   else:
     s_stored, s_val = _store_float_scale(s_in, spec.scale_dtype)
     s_stored, s_val = _mark_bad(s_stored, s_val, bad)
@@ -895,12 +915,11 @@ def _values(q, total, zp, bs, shape):
   power-of-two factors, ``_pow2_pair``) applied one after the other.
   """
   if zp is not None:
-    q = q - _expand(_per_block(zp.astype(jnp.float32)), bs, shape)
+    q = q - _expand(zp.astype(jnp.float32), bs, shape)
   if isinstance(total, tuple):
-    out = (q * _expand(_per_block(total[0]), bs, shape)
-           * _expand(_per_block(total[1]), bs, shape))
+    out = q * _expand(total[0], bs, shape) * _expand(total[1], bs, shape)
   else:
-    out = q * _expand(_per_block(total), bs, shape)
+    out = q * _expand(total, bs, shape)
   # A range within an ulp of the float32 maximum (scale = amax / max rounded
   # up) can put the largest grid value a rounding beyond it: saturate there
   # instead of returning inf for finite data. NaN stays NaN.
@@ -1232,12 +1251,17 @@ def dequantize_jnp(q: QArray) -> jax.Array:
     t1, t2 = _pow2_pair(code - _E8M0_BIAS)
     if q.tensor_scale is not None:
       t1 = q.tensor_scale * t1
-    total = (jnp.where(code == 255, jnp.float32(jnp.nan), t1), t2)
+    total = (_per_block(vals.size, jnp.where(code == 255, jnp.float32(jnp.nan), t1)),
+             _per_block(vals.size, t2))
   else:
     total = _scale_value(q.scale, spec.scale_dtype)
     if q.tensor_scale is not None:
       tn, _, p_up = _split_pow2(q.tensor_scale)  # as _grid applies it
-      total = (tn * total, p_up)
+      total = (_per_block(vals.size, tn * total), p_up)
+    elif q.scale.dtype != jnp.float32:
+      # A stored scale other than float32 (an FP8 or half-precision one)
+      # converts once per block.
+      total = _per_block(vals.size, total)
   out = _values(vals, total, q.zero_point, bs, shape)
   out = out[tuple(slice(0, min(d, s)) for d, s in zip(q.shape, shape))]
   return out.astype(q.dtype)

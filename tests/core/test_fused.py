@@ -304,3 +304,58 @@ def test_lookup_rounding_matches_reference(name):
     _assert_same(got, want, f"{name} indices")
   got = jax.jit(lambda v: _cast._cast_lookup(v, fmt, None))(x)
   _assert_same(got, jax.jit(lambda v: ref._cast_lookup(v, fmt, None))(x), name)
+
+
+# Specs whose per-block arrays core._quantize._per_block materializes on CPU:
+# E8M0 pairs, NVFP4's tensor-scale multipliers, float scales, zero points, and
+# the given-scale (LSQ) path.
+_PER_BLOCK_SPECS = [
+    ("mxfp4", dict(axis=0)), ("mxint8", dict(axis=-1)), ("nvfp4", dict(axis=0)),
+    ("int8", dict(axis=0)), ("int4", dict(axis=0, group_size=32)),
+    ("uint8", dict(axis=0, symmetric=False)), ("fp8_e4m3", dict(axis=-1)),
+    ("binary", dict(axis=0)),
+]
+
+
+@pytest.mark.parametrize("fmt,kw", _PER_BLOCK_SPECS, ids=[s[0] for s in _PER_BLOCK_SPECS])
+def test_per_block_materialization_changes_no_bit(fmt, kw, monkeypatch):
+  """The CPU's materialized per-block arrays (an identity gather, used from
+  ``_PER_BLOCK_MIN_ELEMENTS`` elements on) give the same codes, scales,
+  values and gradients as the per-element recomputation, on data with zero,
+  NaN, inf and near-overflow blocks."""
+  from lowbit_jax.core import _quantize  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((64, 96)).astype(np.float32) * 4
+  x[:32, 0] = 0.0
+  x[5, 1] = np.nan
+  x[40, 2] = -np.inf
+  x[:, 3] = np.float32(3e38)
+  x[:32, 4] = np.float32(2.0 ** -120)
+  x = jnp.asarray(x, jnp.bfloat16)
+  spec = lb.QuantSpec(fmt, **kw)
+  xg = jnp.asarray(x, jnp.float32)[:, 32:]
+  s_given = lb.init_scale(xg, spec)
+
+  def run():
+    q = jax.jit(lambda v: lb.quantize(v, spec))(x)
+    fq = jax.jit(lambda v: lb.fake_quant(v, spec))(x)
+    g = jax.jit(jax.grad(lambda v: jnp.sum(lb.fake_quant(v, spec).astype(jnp.float32))))(x)
+    dq = jax.jit(lb.dequantize)(q)
+    given = jax.jit(lambda v, s: lb.fake_quant(v, spec, scale=s))(xg, s_given)
+    lowered = jax.jit(lb.dequantize).lower(q).as_text()
+    return [np.asarray(a) for a in jax.tree.leaves((q, fq, g, dq, given))], lowered
+
+  # The library's inner jits cache their traces: cleared at each switch.
+  monkeypatch.setattr(_quantize, "_PER_BLOCK_MIN_ELEMENTS", 1 << 62)
+  jax.clear_caches()
+  want, text_off = run()
+  monkeypatch.setattr(_quantize, "_PER_BLOCK_MIN_ELEMENTS", 0)
+  jax.clear_caches()
+  got, text_on = run()
+  jax.clear_caches()
+  for a, b in zip(want, got):
+    np.testing.assert_array_equal(np.atleast_1d(a).view(np.uint8),
+                                  np.atleast_1d(b).view(np.uint8))
+  if jax.default_backend() == "cpu" and fmt in ("mxfp4", "mxint8", "nvfp4"):
+    # The gather is really there on CPU (no gather in the dequantize otherwise).
+    assert "gather" in text_on and "gather" not in text_off
