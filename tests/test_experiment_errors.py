@@ -58,3 +58,21 @@ def test_ncu_probe_names_the_case_syntax_for_a_bad_case():
       ncu_probe._parse(bad)  # pylint: disable=protected-access
   r = _run("experiments.ncu_probe", "--cases=fq:mxfp4:8x8", module=True)
   assert r.returncode != 0 and "needs a Hopper GPU" in r.stderr
+
+
+def test_bench_variants_parses_variants_and_refuses_bad_ones():
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from experiments import bench_variants  # pylint: disable=g-import-not-at-top
+  from lowbit_jax.core import _quantize  # pylint: disable=g-import-not-at-top
+  got = bench_variants.parse_variants(
+      "a:lowbit_jax.core._quantize._PER_BLOCK_MIN_ELEMENTS=1<<62;"
+      " b:lowbit_jax.core._quantize._PER_BLOCK_MIN_ELEMENTS=0")
+  assert [(n, [(m, a, v) for m, a, v in items]) for n, items in got] == [
+      ("a", [(_quantize, "_PER_BLOCK_MIN_ELEMENTS", 1 << 62)]),
+      ("b", [(_quantize, "_PER_BLOCK_MIN_ELEMENTS", 0)])]
+  for bad, msg in [("a:lowbit_jax.core._quantize._NO_SUCH=1;b:x.y=2", "has no attribute"),
+                   ("a:lowbit_jax.core._quantize._PER_BLOCK_MIN_ELEMENTS=1", "at least two"),
+                   ("a:lowbit_jax.core._quantize._PER_BLOCK_MIN_ELEMENTS;b:q", "is not module"),
+                   ("a;b", "has no name")]:
+    with pytest.raises(app.UsageError, match=msg):
+      bench_variants.parse_variants(bad)
