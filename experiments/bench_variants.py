@@ -35,13 +35,25 @@ from absl import flags
 
 from experiments._primitive_formats import FORMATS
 
-_VARIANTS = flags.DEFINE_string("variants", "", "name:module.attr=expr[,...];...")
-_FORMATS = flags.DEFINE_list("formats", [], "format ids (default: all)")
-_OPS = flags.DEFINE_list("ops", ["quantize", "fake_quant", "dequantize"], "programs")
-_SHAPE = flags.DEFINE_string("shape", "2048x2048", "K x N of the bf16 tensor")
-_ITERS = flags.DEFINE_integer("iters", 7, "calls per timing")
-_ROUNDS = flags.DEFINE_integer("rounds", 5, "interleaved rounds (min of medians)")
-_OUT = flags.DEFINE_string("out", "", "markdown file (default: print)")
+
+
+class _Flags:
+  """The command-line flags, defined only when this file runs as a script
+  (importing it, as the tests do, defines no absl flag that could clash with
+  another experiment's)."""
+
+  def __init__(self):
+    self.variants = flags.DEFINE_string("variants", "", "name:module.attr=expr[,...];...")
+    self.formats = flags.DEFINE_list("formats", [], "format ids (default: all)")
+    self.ops = flags.DEFINE_list("ops", ["quantize", "fake_quant", "dequantize"],
+                                 "programs")
+    self.shape = flags.DEFINE_string("shape", "2048x2048", "K x N of the bf16 tensor")
+    self.iters = flags.DEFINE_integer("iters", 7, "calls per timing")
+    self.rounds = flags.DEFINE_integer("rounds", 5, "interleaved rounds (min of medians)")
+    self.out = flags.DEFINE_string("out", "", "markdown file (default: print)")
+
+
+_F = None
 
 
 def parse_variants(text: str):
@@ -75,12 +87,12 @@ def main(argv):
   import lowbit_jax as lb  # pylint: disable=g-import-not-at-top
   from lowbit_jax.core import _quantize  # pylint: disable=g-import-not-at-top
 
-  variants = parse_variants(_VARIANTS.value)
-  ids = _FORMATS.value or list(FORMATS)
+  variants = parse_variants(_F.variants.value)
+  ids = _F.formats.value or list(FORMATS)
   bad = [f for f in ids if f not in FORMATS]
   if bad:
     raise app.UsageError(f"unknown format ids {bad}; known: {sorted(FORMATS)}")
-  k, n = (int(v) for v in _SHAPE.value.lower().split("x"))
+  k, n = (int(v) for v in _F.shape.value.lower().split("x"))
   x = jax.random.normal(jax.random.key(0), (k, n), jnp.float32).astype(jnp.bfloat16)
 
   def with_variant(items, fn):
@@ -106,7 +118,7 @@ def main(argv):
 
   def timed(fn, arg):
     ts = []
-    for _ in range(_ITERS.value):
+    for _ in range(_F.iters.value):
       t0 = time.perf_counter()
       jax.block_until_ready(fn(arg))
       ts.append(time.perf_counter() - t0)
@@ -116,7 +128,7 @@ def main(argv):
   for fid in ids:
     fmt, kw = FORMATS[fid]
     spec = lb.QuantSpec(fmt, axis=0, **kw)
-    for op in _OPS.value:
+    for op in _F.ops.value:
       built = []
       for name, items in variants:
         def build(op=op, spec=spec):
@@ -130,7 +142,7 @@ def main(argv):
                              np.atleast_1d(np.asarray(o)).view(np.uint8))
               for r, o in zip(ref, b[3])) for b in built[1:])
       best = {b[0]: float("inf") for b in built}
-      for _ in range(_ROUNDS.value):
+      for _ in range(_F.rounds.value):
         for name, c, arg, _ in built:
           best[name] = min(best[name], timed(c, arg))
       rows.append((fid, op, best, same))
@@ -146,8 +158,8 @@ def main(argv):
       f"jax {jax.__version__}, device {jax.devices()[0].device_kind} "
       f"({jax.default_backend()}), host {platform.node() or '?'} "
       f"({os.cpu_count()} CPUs); bf16 [{k}, {n}], scales along axis 0. Each cell: "
-      f"the smallest of {_ROUNDS.value} interleaved rounds' medians of "
-      f"{_ITERS.value} calls, us; the last column divides the first variant's "
+      f"the smallest of {_F.rounds.value} interleaved rounds' medians of "
+      f"{_F.iters.value} calls, us; the last column divides the first variant's "
       "time by the last's (> 1: the last is faster).",
       "",
       "Variants: " + "; ".join(
@@ -162,13 +174,14 @@ def main(argv):
                  + f" | {best[names[0]] / best[names[-1]]:.2f}x | "
                  + ("same" if same else "**differ**") + " |")
   text = "\n".join(lines) + "\n"
-  if _OUT.value:
-    with open(_OUT.value, "w") as fh:
+  if _F.out.value:
+    with open(_F.out.value, "w") as fh:
       fh.write(text)
-    print("wrote", _OUT.value)
+    print("wrote", _F.out.value)
   else:
     print(text)
 
 
 if __name__ == "__main__":
+  _F = _Flags()
   app.run(main)
