@@ -56,7 +56,6 @@ _NATIVE_REDUCE = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16),
                   jnp.dtype(jnp.float16))
 
 
-
 # ---------------------------------------------------------------------------
 # Blocks
 
@@ -133,8 +132,9 @@ def _per_block(n: int, t: jax.Array) -> jax.Array:
   operand into the full-size loop that consumes it: an E8M0 scale's
   ``_pow2_pair`` (a floor division, two clamps, two shifts) then ran for each
   of the 4M elements of a [2048, 2048] MXINT8 dequantize instead of for its
-  131k blocks, and made it 1.6x slower than the unfused jnp reference
-  (benchmarks/primitives_cpu.md). A gather is never fused into its consumer
+  131k blocks, and made it slower than the unfused jnp reference (0.36x in
+  benchmarks/primitives_cpu_s26.json; materialized, 1.48x faster than
+  recomputed: benchmarks/cpu_per_block.md). A gather is never fused into its consumer
   there, so an identity gather (its indices behind an optimization barrier,
   which keeps the simplifier from seeing an iota) writes ``t`` out once. The
   values are the same bits. One gather per array: a single gather of several
