@@ -312,9 +312,13 @@ def _pow2_pair(e: jax.Array):
   ``x * f1 * f2`` equals ``x * 2**e`` rounded once, without ever forming
   ``2**e`` itself: an E8M0 scale of ``2**-127`` is a float32 subnormal, which
   XLA flushes to zero on CPU (and ``2**127``'s inverse likewise), though the
-  scaled value is a normal number.
+  scaled value is a normal number. ``floor(e / 2)`` is an arithmetic shift
+  (``jnp.floor_divide`` emits a sign, remainder and select chain, which XLA's
+  CPU fusion then ran once per element); this also runs inside the Mosaic
+  GPU kernels (lowbit_jax.kernels.gpu_quantize, gpu_dequantize).
   """
-  h = jnp.floor_divide(e, 2)
+  e = jnp.asarray(e, jnp.int32)
+  h = lax.shift_right_arithmetic(e, jnp.int32(1))
   return _pow2(h), _pow2(e - h)
 
 

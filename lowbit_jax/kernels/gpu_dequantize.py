@@ -54,7 +54,6 @@ from lowbit_jax.core._qarray import QArray, code_dtype, pack_unit
 from lowbit_jax.formats import BlockFormat, FloatFormat, IntFormat, LookupFormat
 from lowbit_jax.kernels import _gpu_common as common
 from lowbit_jax.kernels import gpu_quantize
-from lowbit_jax.kernels.gpu_quantize import _pow2_pair
 
 _F32_MAX = np.float32(np.finfo(np.float32).max)
 MAX_SMEM_BYTES = 227 * 1024  # what one Hopper CTA may use
@@ -377,7 +376,7 @@ def _build(plan: _Plan, k: int, n: int, cfg: Config, interpret):
     raw = s_smem[r]
     if plan.scale == "e8m0":
       code = raw.astype(jnp.int32)
-      f1, f2 = _pow2_pair(code - 127)
+      f1, f2 = _q._pow2_pair(code - 127)  # pylint: disable=protected-access
       if plan.has_t:
         f1 = scal[0] * f1
       f1 = jnp.where(code == 255, np.float32(np.nan), f1)

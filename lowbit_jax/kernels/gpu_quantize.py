@@ -701,18 +701,6 @@ def _div_full(a: jax.Array, b, interp: bool, tn: int) -> jax.Array:
   return div_v(a, b)
 
 
-def _pow2(e):
-  """``2.0**e`` from the exponent bits (core's ``_pow2``)."""
-  bits = (jnp.clip(e, -127, 128) + 127).astype(jnp.uint32) << 23
-  return lax.bitcast_convert_type(bits, jnp.float32)
-
-
-def _pow2_pair(e):
-  """Core's ``_pow2_pair`` (``floor(e / 2)`` as an arithmetic shift)."""
-  h = lax.shift_right_arithmetic(e, jnp.int32(1))
-  return _pow2(h), _pow2(e - h)
-
-
 def _rne_mantissa(v, man_bits: int):
   """Rounds finite normal float32 ``v`` to ``man_bits`` mantissa bits,
   half to even, on the bits (what ``lax.reduce_precision`` does there)."""
@@ -779,9 +767,9 @@ def _block_scale(kd: _Kind, amax, scal, interp: bool, tn: int):
   if kd.scale == "e8m0":
     e = _q._e8m0_exponent(amax, kd.fmt, kd.rounding)
     stored = jnp.where(bad, 255, e + 127).astype(jnp.uint8)
-    i1, i2 = _pow2_pair(-e)
+    i1, i2 = _q._pow2_pair(-e)  # pylint: disable=protected-access
     f1 = jnp.where(bad, np.float32(np.nan), i1)
-    t1, t2 = _pow2_pair(e)
+    t1, t2 = _q._pow2_pair(e)  # pylint: disable=protected-access
     g1 = jnp.where(bad, np.float32(np.nan), t1)
     lim = np.float32(kd.fmt.max)
     return (stored, (lambda r: r * f1 * i2), (lambda q: q * g1 * t2),
