@@ -76,3 +76,15 @@ def test_bench_variants_parses_variants_and_refuses_bad_ones():
                    ("a;b", "has no name")]:
     with pytest.raises(app.UsageError, match=msg):
       bench_variants.parse_variants(bad)
+
+
+def test_bench_gpu_dequantize_refuses_a_table_of_another_shape_before_timing(tmp_path):
+  old = tmp_path / "old.json"
+  old.write_text('{"shape": [8192, 8192], "dtype": "bfloat16", "enabled": [], '
+                 '"entries": {}}')
+  r = _run("experiments.bench_gpu_dequantize", "--smoke", "--formats=int4_g128",
+           f"--out_dir={tmp_path / 'out'}", "--write_configs",
+           f"--merge_configs={old}", module=True)
+  assert r.returncode != 0, r.stderr
+  assert "tilings for different shapes do not merge" in r.stderr
+  assert not (tmp_path / "out").exists()  # nothing was timed or written
