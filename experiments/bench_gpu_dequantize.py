@@ -61,6 +61,10 @@ _SWEEP = flags.DEFINE_integer("sweep", 3, "tilings timed per format (the "
 _ITERS = flags.DEFINE_integer("iters", 30, "timed calls per measurement")
 _BUDGET = flags.DEFINE_float("time_budget_s", 240.0, "start no new format after "
                              "this many seconds")
+_MAX_FIRST = flags.DEFINE_float("max_first_call_s", 20.0, "on a GPU, a tiling "
+                                 "whose first call (Mosaic's compile and one "
+                                 "call) took longer is timed but never chosen: "
+                                 "every user would pay it once per shape")
 _TAG = flags.DEFINE_string("tag", "", "file stem suffix (default: from the device)")
 _SMOKE = flags.DEFINE_bool("smoke", False, "CPU dry run in the interpreter "
                            "(256x256, 2 calls)")
@@ -117,22 +121,26 @@ def markdown(res: dict) -> str:
               f"{c['GBps']} GB/s. % = (QArray bytes read + output written) / "
               "that bandwidth / time.", ""]
   lines += ["| format | kernel id | XLA us (%) | kernel us (%) | tiling | exact | "
-            "XLA / kernel | other tilings (us) |", "|---|---|---|---|---|---|---|---|"]
+            "XLA / kernel | other tilings (us, first call s) |",
+            "|---|---|---|---|---|---|---|---|"]
   for r in res["rows"]:
     if "error" in r and "xla_us" not in r:
       lines.append(f"| {r['format']} | {r.get('kind', '')} | error: "
                    f"{r['error'][:120]} | | | | | |")
       continue
     best = r.get("best")
-    others = ", ".join(f"{t['tiling']}: {t.get('us', 'err')}" for t in r["tilings"]
+    others = ", ".join(f"{t['tiling']}: {t.get('us', 'err')}"
+                       f" ({t.get('first_call_s', '?')} s)" for t in r["tilings"]
                        if best is None or t["tiling"] != best["tiling"])
     if best is None:
       lines.append(f"| {r['format']} | {r['kind']} | {r['xla_us']} "
-                   f"({r['xla_pct']}%) | no exact tiling | | | | {others} |")
+                   f"({r['xla_pct']}%) | no exact tiling (or none compiled "
+                   f"within --max_first_call_s) | | | | {others} |")
       continue
     lines.append(
         f"| {r['format']} | {r['kind']} | {r['xla_us']} ({r['xla_pct']}%) | "
-        f"{best['us']} ({best['pct']}%) | {best['tiling']} | yes | "
+        f"{best['us']} ({best['pct']}%) | {best['tiling']} "
+        f"({best.get('first_call_s', '?')} s first call) | yes | "
         f"{r['xla_us'] / best['us']:.2f}x | {others} |")
   en = res.get("enabled")
   if en is not None:
@@ -236,14 +244,18 @@ def main(argv):
         try:
           kf = jax.jit(lambda qq, cfg=cfg: gd.dequantize(qq, config=cfg,
                                                          interpret=interp))
-          t["exact"] = bool(same(kf(q), ref))
+          t0 = time.time()
+          got = jax.block_until_ready(kf(q))
+          t["first_call_s"] = round(time.time() - t0, 1)  # compile + one call
+          t["exact"] = bool(same(got, ref))
           t["us"] = round(time_us(kf, q), 2)
           t["pct"] = pct(t["us"])
         except Exception as e:  # pylint: disable=broad-except
           traceback.print_exc()
           t["error"] = f"{type(e).__name__}: {e}"[:300]
         row["tilings"].append(t)
-      good = [t for t in row["tilings"] if t.get("exact") and "us" in t]
+      good = [t for t in row["tilings"] if t.get("exact") and "us" in t
+              and (not gpu or t["first_call_s"] <= _MAX_FIRST.value)]
       row["best"] = min(good, key=lambda t: t["us"]) if good else None
     except Exception as e:  # pylint: disable=broad-except
       traceback.print_exc()

@@ -605,8 +605,8 @@ def _lookup_decode(c: jax.Array, fmt: LookupFormat) -> jax.Array:
 def decode_arith(codes: jax.Array, fmt: Format) -> jax.Array:
   """``decode`` from arithmetic and selects only, no gather: what a Pallas
   kernel body can run (lowbit_jax.kernels.gpu_dequantize), and what
-  ``decode`` uses for integers and for floats narrower than 8 bits, where
-  XLA's CPU backend ran a table gather slower (dequantize of MXFP4, fp4,
+  ``decode`` uses for integers, and on CPU for floats narrower than 8 bits,
+  where XLA's CPU backend ran a table gather slower (dequantize of MXFP4, fp4,
   fp6, MXFP6 and NVFP4 1.3-4.1x faster without it:
   benchmarks/cpu_decode_s26/README.md). Integers by sign extension, floats
   from their fields (``decode_table``'s inf and NaN codes patched in),
@@ -639,7 +639,11 @@ def decode(codes: jax.Array, fmt: Format) -> jax.Array:
   if isinstance(fmt, LookupFormat):
     return jnp.asarray(fmt.table, jnp.float32)[codes]
   if isinstance(fmt, FloatFormat):
-    if fmt.bits < 8:
+    if fmt.bits < 8 and jax.default_backend() == "cpu":
       return decode_arith(codes, fmt)
+    # On the GPU the table gather is the faster XLA program: with the
+    # arithmetic decode, bf16 8192^2 dequantize on the H200 took 100 us for
+    # NVFP4 (83 with the gather) and 98 for fp6 e2m3 (82)
+    # (benchmarks/primitives_h200.md against primitives_h200_20261204.md).
     return jnp.asarray(fmt.decode_table())[codes]
   raise ValueError(f"decode() takes an element format, got {fmt.name!r}")

@@ -119,6 +119,32 @@ def test_dispatch_is_off_on_cpu_and_dequantize_unchanged():
     _same(lj.dequantize(q), core.dequantize_jnp(q))
 
 
+def test_the_shipped_table_is_consistent():
+  # lowbit_jax/kernels/gpu_dequantize_configs.json (bench_gpu_dequantize.py
+  # --write_configs, copied in after H200 runs): every enabled format has a
+  # measured entry that beat XLA's path by the bench's margin, and every
+  # entry is the tiling the dispatcher runs at the shape it was measured on.
+  import os  # pylint: disable=g-import-not-at-top
+  from experiments._quantize_table import MARGIN  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(gd.TABLE_PATH):
+    pytest.skip("no measured table shipped yet")
+  table = gd._table()  # pylint: disable=protected-access
+  k, n = table["shape"]
+  assert gd.ENABLED == frozenset(table["enabled"])
+  kinds = {}
+  for fid in FORMATS:
+    q = jax.eval_shape(lambda a, fid=fid: lj.quantize(a, _spec(fid)),
+                       jax.ShapeDtypeStruct((k, n), jnp.dtype(table["dtype"])))
+    kinds[gd.plan_of(q)[0].kind] = gd.plan_of(q)[0]
+  for kind in table["enabled"]:
+    e = table["entries"][kind]
+    assert e["us"] < (1.0 - MARGIN) * e["xla_us"], kind
+  for kind, e in table["entries"].items():
+    cfg = gd.Config(tile_n=e["tile_n"], tile_k=e["tile_k"],
+                    k_per_cta=e["k_per_cta"], stages=e["stages"], rows=e["rows"])
+    assert gd.default_config(kinds[kind], k, n) == cfg, kind
+
+
 @pytest.mark.parametrize("fid", list(FORMATS))
 def test_kernel_lowers_to_mosaic_gpu(fid):
   # The GPU build at the benchmark's shape, every candidate tiling, bf16 and
