@@ -101,6 +101,10 @@ _REFERENCE = flags.DEFINE_bool("reference", True, "also time the unfused jnp "
                                "reference (tests/core/_reference.py) when importable")
 _REPORT = flags.DEFINE_string("report", "", "rebuild the markdown from this JSON "
                               "(with --baseline) without timing anything")
+_PATCH = flags.DEFINE_list("patch", [], "with --report: JSONs of later partial "
+                           "runs whose primitive rows (format, op) replace the "
+                           "report's; the report JSON is rewritten with a note "
+                           "naming each patch's command and start")
 _SMOKE = flags.DEFINE_bool("smoke", False, "a dry run of every item in seconds: "
                            "256x256 tensors, matmul M in {1, 16}, 2 calls each, "
                            "tag 'smoke' (checks the script end to end on CPU)")
@@ -638,11 +642,46 @@ def _load_baseline(path: str):
                                    "command")}
 
 
+def patch_rows(res: dict, path: str):
+  """Replaces ``res``'s primitive rows by those of the run in ``path`` (same
+  format and op; new ones appended) and notes which rows came from it. Both
+  runs must have timed the same tensor on the same kind of device."""
+  with open(path) as f:
+    new = json.load(f)
+  for key in ("device", "prims_shape"):
+    if new.get(key) != res.get(key):
+      raise ValueError(f"--patch {path}: its {key} {new.get(key)!r} differs from "
+                       f"the report's {res.get(key)!r}; rows of different runs "
+                       "only merge for the same device and tensor")
+  where = {(r.get("format"), r.get("op")): i for i, r in enumerate(res["prims"])}
+  taken = []
+  for r in new.get("prims", []):
+    if "format" not in r or "us" not in r:
+      continue  # the ceiling row and failed items stay the report's
+    key = (r["format"], r["op"])
+    if key in where:
+      res["prims"][where[key]] = r
+    else:
+      res["prims"].append(r)
+    taken.append(f"{r['format']} {r['op']}")
+  res.setdefault("notes", []).append(
+      f"rows from a later run ({new.get('started')}, `{new.get('command')}`): "
+      + ", ".join(taken))
+
+
 def main(argv):
   del argv
   if _REPORT.value:
     with open(_REPORT.value) as f:
       res = json.load(f)
+    if _PATCH.value:
+      for path in _PATCH.value:
+        try:
+          patch_rows(res, path)
+        except ValueError as e:
+          raise app.UsageError(str(e)) from None
+      with open(_REPORT.value, "w") as f:
+        json.dump(res, f, indent=1)
     if _BASELINE.value:
       res["baseline"] = _load_baseline(_BASELINE.value)
     with open(os.path.splitext(_REPORT.value)[0] + ".md", "w") as f:

@@ -88,3 +88,35 @@ def test_bench_gpu_dequantize_refuses_a_table_of_another_shape_before_timing(tmp
   assert r.returncode != 0, r.stderr
   assert "tilings for different shapes do not merge" in r.stderr
   assert not (tmp_path / "out").exists()  # nothing was timed or written
+
+
+def test_bench_primitives_patch_replaces_rows_and_refuses_another_tensor(tmp_path):
+  # --report=run.json --patch=later.json (two recorded H200 runs): the later
+  # run's rows replace the same (format, op) rows, a note names the later run;
+  # a run of another tensor is refused and the report left as it was.
+  import json  # pylint: disable=g-import-not-at-top
+  bench = os.path.join(ROOT, "benchmarks")
+  with open(os.path.join(bench, "primitives_h200_s28.json")) as f:
+    base = json.load(f)
+  with open(os.path.join(bench, "primitives_h200_s28e.json")) as f:
+    later = json.load(f)
+  run, p = tmp_path / "run.json", tmp_path / "later.json"
+  run.write_text(json.dumps(base))
+  p.write_text(json.dumps(later))
+  r = _run("experiments.bench_primitives", f"--report={run}", f"--patch={p}", module=True)
+  assert r.returncode == 0, r.stderr
+  got = json.loads(run.read_text())
+  key = lambda x: (x.get("format"), x.get("op"))  # noqa: E731
+  new = {key(x): x for x in later["prims"] if "format" in x}
+  assert [key(x) for x in got["prims"]] == [key(x) for x in base["prims"]]
+  for old, now in zip(base["prims"], got["prims"]):
+    assert now == new.get(key(old), old)
+  assert got["prims"][0] == base["prims"][0]  # the ceiling row stays the run's
+  assert got["notes"][-1].startswith(f"rows from a later run ({later['started']}, ")
+  assert "nvfp4 dequantize" in got["notes"][-1]
+  assert "rows from a later run" in (tmp_path / "run.md").read_text()
+  later["prims_shape"] = [4096, 4096]
+  p.write_text(json.dumps(later))
+  r = _run("experiments.bench_primitives", f"--report={run}", f"--patch={p}", module=True)
+  assert r.returncode != 0 and "only merge for the same device and tensor" in r.stderr
+  assert json.loads(run.read_text()) == got
