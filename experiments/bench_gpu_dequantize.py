@@ -10,7 +10,10 @@ one process:
   ``gpu_dequantize.candidate_configs`` (up to ``--sweep`` of them, the
   heuristic's first);
 
-checks on the device that every kernel tiling's output equals XLA's bit for
+and the per-row kinds (``int8_row``, ``fp8_e4m3_row``, ``fp8_e5m2_row``: the
+same tensor quantized with one scale per row, ``axis=1``, the layout of the
+real-mode matmul's weights from ``ops.prepare_weight``); checks on the
+device that every kernel tiling's output equals XLA's bit for
 bit (NaN for NaN; one bool comes back), and measures the bandwidth ceiling
 ``x * 2`` in the same run. The input is normal noise whose blocks of 16 rows
 are scaled by 2**-8 .. 2**8, so neighbouring blocks get different scales.
@@ -49,13 +52,18 @@ from experiments import _cupti
 from experiments._primitive_formats import FORMATS
 from experiments._quantize_table import MARGIN
 
+# Per-row scales of the last axis (K-major weights): id -> element format.
+ROW_FORMATS = {"int8_row": "int8", "fp8_e4m3_row": "fp8_e4m3",
+               "fp8_e5m2_row": "fp8_e5m2"}
+KNOWN = list(FORMATS) + list(ROW_FORMATS)
+
 _OUT_DIR = flags.DEFINE_string("out_dir", "/tmp/bench_gpu_dequantize",
                                "where results go")
 _SHAPE = flags.DEFINE_string("shape", "8192x8192", "K x N of the tensor")
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "the tensor's dtype (what "
                              "dequantize returns)")
 _FORMATS = flags.DEFINE_list("formats", [], "format ids of _primitive_formats "
-                             "(default: all)")
+                             "and ROW_FORMATS (default: all)")
 _SWEEP = flags.DEFINE_integer("sweep", 3, "tilings timed per format (the "
                               "heuristic's first)")
 _ITERS = flags.DEFINE_integer("iters", 30, "timed calls per measurement")
@@ -163,10 +171,10 @@ def main(argv):
   gpu = jax.default_backend() == "gpu"
   if not gpu and not _SMOKE.value:
     raise app.UsageError("timing needs a GPU; pass --smoke for a CPU dry run")
-  ids = _FORMATS.value or list(FORMATS)
-  unknown = [f for f in ids if f not in FORMATS]
+  ids = _FORMATS.value or KNOWN
+  unknown = [f for f in ids if f not in KNOWN]
   if unknown:
-    raise app.UsageError(f"unknown --formats {unknown}; known: {list(FORMATS)}")
+    raise app.UsageError(f"unknown --formats {unknown}; known: {KNOWN}")
   k, n = _shape()
   dtype = jnp.dtype(_DTYPE.value)
   old = None
@@ -222,11 +230,12 @@ def main(argv):
     if time.time() - T0 > _BUDGET.value:
       res["errors"].append(dict(item=fid, error="skipped: time budget"))
       continue
-    fmt, kw = FORMATS[fid]
+    fmt, kw, axis = ((ROW_FORMATS[fid], {}, 1) if fid in ROW_FORMATS
+                     else FORMATS[fid] + (0,))
     row = dict(format=fid, tilings=[])
     t_item = time.time()
     try:
-      spec = lb.QuantSpec(fmt, axis=0, **kw)
+      spec = lb.QuantSpec(fmt, axis=axis, **kw)
       q = jax.block_until_ready(jax.jit(lambda v, spec=spec: lb.quantize(v, spec))(x))
       plan, why = gd.plan_of(q)
       if plan is None:

@@ -22,6 +22,14 @@ arithmetic or store, as in ``gpu_quantize``):
    split as ``_split_pow2`` splits it), saturates at the float32 range, and
    writes the original dtype through TMA.
 
+Per-row scales of the last axis (``<format>_row``, 8-bit codes: int8, fp8
+e4m3/e5m2, uint8 without a zero point) are the layout of the real-mode
+matmul's weights (``ops.prepare_weight``: ``[N, K]``, one scale per output
+channel, shared along K), which XLA's path dequantizes in a fusion of its own
+before the GEMM at large M. There the CTA's scales come in as one float per
+row (1-D TMA copies of up to 256) and each row is multiplied by its own scalar,
+loaded from shared memory.
+
 The output equals ``lowbit_jax.dequantize(q)`` bit for bit (NaN payloads
 aside); ``decode_codes`` (core's ``_cast.decode_arith``) is checked against
 each format's own table on every code of every registered format, and the kernel against the jnp path in the Mosaic GPU
@@ -99,6 +107,15 @@ class _Plan:
   has_t: bool        # a tensor scale above the block scales
   out_dtype: str     # what the kernel writes
   val_dtype: str     # q.dtype: values round to it first (dequantize's result)
+  row_scale: bool = False  # one scale per row of the last axis ("_row")
+
+
+def _kn(plan: _Plan, shape) -> tuple[int, int]:
+  """The ``[k, n]`` the kernel sees: rows along which scales are shared (or,
+  per row, every axis but the last) by the flattened rest."""
+  if plan.row_scale:
+    return math.prod(shape[:-1]), shape[-1]
+  return shape[0], math.prod(shape[1:])
 
 
 # ---------------------------------------------------------------------------
@@ -174,9 +191,12 @@ def plan_of(q: QArray) -> tuple[Optional[_Plan], str]:
   elif (q.scale.ndim == len(q.shape)
         and tuple(q.scale.shape[1:]) == tuple(q.shape[1:])):
     srows = q.scale.shape[0]
+  elif (q.scale.ndim == len(q.shape) and q.scale.shape[-1] == 1
+        and tuple(q.scale.shape[:-1]) == tuple(q.shape[:-1])):
+    return _row_plan(q, fmt, scale, sd)
   else:
     return None, (f"scale shape {tuple(q.scale.shape)}: blocked along more "
-                  "than axis 0")
+                  "than axis 0, and not one scale per row of the last axis")
   if k % srows:
     return None, "scale blocks do not tile axis 0"
   zp = q.zero_point
@@ -190,6 +210,23 @@ def plan_of(q: QArray) -> tuple[Optional[_Plan], str]:
                zp_dtype=None if zp is None else jnp.dtype(zp.dtype).name,
                has_t=q.tensor_scale is not None, out_dtype=q.dtype,
                val_dtype=q.dtype), ""
+
+
+def _row_plan(q: QArray, fmt, scale: str, sd) -> tuple[Optional[_Plan], str]:
+  """The per-row plan (one scale per row of the last axis), or why not."""
+  if fmt.bits != 8:
+    return None, (f"per-row scales of {fmt.bits}-bit codes (the per-row "
+                  "kernel takes 8-bit codes, which are not packed)")
+  if scale != "float":
+    return None, "per-row E8M0 scales"
+  if q.zero_point is not None:
+    return None, "per-row scales with a zero point"
+  if q.tensor_scale is not None:
+    return None, "per-row scales under a tensor scale"
+  return _Plan(kind=f"{fmt.name}_row", fmt=fmt, bits=8,
+               code_dtype=jnp.dtype(q.codes.dtype).name, scale=scale,
+               scale_dtype=sd.name, block=1, zp_dtype=None, has_t=False,
+               out_dtype=q.dtype, val_dtype=q.dtype, row_scale=True), ""
 
 
 def supports(q: QArray) -> bool:
@@ -235,6 +272,8 @@ def _smem(plan: _Plan, n_srows: int, cfg: Config) -> int:
   uc, ub = pack_unit(plan.bits)
   out_b = jnp.dtype(plan.out_dtype).itemsize
   per = cfg.tile_k // uc * ub * cfg.tile_n + cfg.tile_k * cfg.tile_n * out_b
+  if plan.row_scale:  # one float per row
+    return cfg.stages * per + cfg.k_per_cta * jnp.dtype(plan.scale_dtype).itemsize + 1024
   side = n_srows * cfg.tile_n * jnp.dtype(plan.scale_dtype).itemsize
   if plan.zp_dtype is not None:
     side += n_srows * cfg.tile_n * jnp.dtype(plan.zp_dtype).itemsize
@@ -264,7 +303,7 @@ def check_config(plan: _Plan, k: int, n: int, cfg: Config) -> None:
   if cfg.k_per_cta % bs and bs % cfg.k_per_cta:
     raise ValueError(f"k_per_cta={cfg.k_per_cta} and the scale block {bs} must "
                      "divide one another")
-  if _scale_rows(plan, cfg) > 256:
+  if not plan.row_scale and _scale_rows(plan, cfg) > 256:
     raise ValueError(f"k_per_cta={cfg.k_per_cta} spans more than 256 scale "
                      "rows (a TMA box); lower it")
   if cfg.stages < 1:
@@ -398,6 +437,24 @@ def _build(plan: _Plan, k: int, n: int, cfg: Config, interpret):
     return [(word >> np.uint32(plan.bits * i)) & mask if i else word & mask
             for i in range(uc)]
 
+  def do_rows(c_smem, v_smem, s_smem, i):
+    """A step's rows, per-row scales: row r times its own scalar."""
+
+    def chunk(ci, carry):
+      base = ci * rch
+      raws = [c_smem[base + j] for j in range(rch)]
+      fs = [s_smem[i * tk + base + j].astype(jnp.float32) for j in range(rch)]
+      outs = []
+      for raw, f in zip(raws, fs):
+        v = _decode_row(plan, raw) * f
+        o = jnp.clip(v, -_F32_MAX, _F32_MAX).astype(val_dt)
+        outs.append(o if val_dt == out_dt else o.astype(out_dt))
+      for j, o in enumerate(outs):
+        v_smem[base + j] = o
+      return carry
+
+    lax.fori_loop(0, tk // rch, chunk, 0)
+
   def do_span(c_smem, v_smem, r0, factors):
     zp, f1, f2 = factors
 
@@ -436,8 +493,14 @@ def _build(plan: _Plan, k: int, n: int, cfg: Config, interpret):
     col = pl.ds(pl.multiple_of(ni * tn, tn), tn)
     row0 = ki * kc
     srow0 = row0 // bs
-    plgpu.copy_gmem_to_smem(s_gmem.at[pl.ds(srow0, n_sr), col], s_smem,
-                            s_bar.at[0])
+    if plan.row_scale:  # the CTA's kc scales, in 1-D boxes of at most 256
+      for c0 in range(0, kc, 256):
+        w = min(256, kc - c0)
+        plgpu.copy_gmem_to_smem(s_gmem.at[pl.ds(row0 + c0, w)],
+                                s_smem.at[pl.ds(c0, w)], s_bar.at[0])
+    else:
+      plgpu.copy_gmem_to_smem(s_gmem.at[pl.ds(srow0, n_sr), col], s_smem,
+                              s_bar.at[0])
     if has_zp:
       plgpu.copy_gmem_to_smem(z_gmem.at[pl.ds(srow0, n_sr), col], z_smem,
                               s_bar.at[0])
@@ -455,7 +518,9 @@ def _build(plan: _Plan, k: int, n: int, cfg: Config, interpret):
       def _():
         plgpu.barrier_wait(s_bar.at[0])  # the scale rows
       cs, vs = c_smem.at[slot], v_smem.at[slot]
-      for b in range(nb):
+      if plan.row_scale:
+        do_rows(cs, vs, s_smem, i)
+      for b in range(0 if plan.row_scale else nb):
         r = (i * tk + b * span) // bs  # the scale row, relative to the CTA's
         do_span(cs, vs, b * span, scale_factors(s_smem, z_smem, scal, r))
       plgpu.commit_smem()
@@ -464,13 +529,15 @@ def _build(plan: _Plan, k: int, n: int, cfg: Config, interpret):
 
     common.tma_stream(steps, st, bar, fetch, step)
 
+  s_shape = (kc,) if plan.row_scale else (n_sr, tn)
+  s_copies = -(-kc // 256) if plan.row_scale else 1 + has_zp
   scratch = [plgpu.SMEM((st, crow, tn), jnp.dtype(plan.code_dtype)),
              plgpu.SMEM((st, tk, tn), out_dt),
-             plgpu.SMEM((n_sr, tn), jnp.dtype(plan.scale_dtype))]
+             plgpu.SMEM(s_shape, jnp.dtype(plan.scale_dtype))]
   if has_zp:
     scratch.append(plgpu.SMEM((n_sr, tn), jnp.dtype(plan.zp_dtype)))
   scratch += [plgpu.Barrier(num_arrivals=1, num_barriers=st),
-              plgpu.Barrier(num_arrivals=2 if has_zp else 1, num_barriers=1)]
+              plgpu.Barrier(num_arrivals=s_copies, num_barriers=1)]
   extra = {} if interpret is None else {"interpret": interpret}
   kern = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((k, n), out_dt),
                       scratch_types=scratch, grid=(n // tn, k // kc),
@@ -492,7 +559,9 @@ def dequantize(q: QArray, *, dtype=None, config: Optional[Config] = None,
 
   Args:
     q: a QArray with codes packed along axis 0 and scales shared along axis 0
-      (``plan_of(q)`` says which; rank >= 2, dims after the first flattened).
+      (rank >= 2, dims after the first flattened), or with 8-bit codes and
+      one scale per row of the last axis (dims before it flattened);
+      ``plan_of(q)`` says which.
     dtype: what to write (bfloat16, float16 or float32; default ``q.dtype``):
       ``dequantize(q).astype(dtype)`` bit for bit, in one pass (the real-mode
       matmul asks for its compute dtype, e.g. a float32-weight QArray in a
@@ -518,8 +587,7 @@ def dequantize(q: QArray, *, dtype=None, config: Optional[Config] = None,
     if name not in _OUT_DTYPES:
       raise ValueError(f"dtype must be one of {_OUT_DTYPES}, got {name}")
     plan = dataclasses.replace(plan, out_dtype=name)
-  k = q.shape[0]
-  n = math.prod(q.shape[1:])
+  k, n = _kn(plan, q.shape)
   cfg = config or default_config(plan, k, n)
   if cfg is None:
     raise ValueError(f"no tiling fits [{k}, {n}] for {plan.kind} (N must be a "
@@ -530,7 +598,9 @@ def dequantize(q: QArray, *, dtype=None, config: Optional[Config] = None,
   srows = k // plan.block
   out_dt = jnp.dtype(plan.out_dtype)
 
-  def rows(a):  # scales / zero points as [scale rows, n]
+  def rows(a):  # scales / zero points as [scale rows, n] (per row: [k])
+    if plan.row_scale:
+      return a.reshape(k)
     return jnp.broadcast_to(a.reshape(1, 1), (1, n)) if a.size == 1 else (
         a.reshape(srows, n))
 
@@ -596,4 +666,4 @@ def dispatch(q: QArray) -> bool:
   plan, _ = plan_of(q)
   if plan is None or plan.kind not in kinds:
     return False
-  return default_config(plan, q.shape[0], math.prod(q.shape[1:])) is not None
+  return default_config(plan, *_kn(plan, q.shape)) is not None

@@ -84,6 +84,33 @@ def test_interpreted_kernel_per_tensor(fmt):
   _same(gd.dequantize(q, interpret=True), core.dequantize_jnp(q))
 
 
+ROW_FORMATS = ("int8", "fp8_e4m3", "fp8_e5m2")
+
+
+@pytest.mark.parametrize("fmt", ROW_FORMATS)
+def test_interpreted_row_kernel_equals_dequantize(fmt):
+  # One scale per row of the last axis (the real-mode matmul's K-major weight,
+  # ops.prepare_weight): zero, NaN, inf, 2**100 and 2**-110 rows; bf16 with two
+  # CTAs of two steps, float32 in 3-D written as bf16, and a CTA of 512 rows
+  # whose scales come in two 1-D copies of 256.
+  x = _input(256, 256).astype(jnp.bfloat16)
+  x = x.at[200].set(0.0).at[201, 5].set(jnp.nan).at[202, 9].set(jnp.inf)
+  q = lj.quantize(x, lj.QuantSpec(fmt, axis=1))
+  assert gd.kind_of(q) == f"{fmt}_row" and q.scale.shape == (256, 1)
+  cfg = gd.Config(tile_n=128, tile_k=64, k_per_cta=128, stages=2)
+  _same(gd.dequantize(q, config=cfg, interpret=True), core.dequantize_jnp(q))
+  x3 = _input(256, 128).astype(jnp.float32).reshape(2, 128, 128)
+  q3 = lj.quantize(x3, lj.QuantSpec(fmt, axis=2))
+  got = gd.dequantize(q3, dtype=jnp.bfloat16, interpret=True)
+  assert got.shape == (2, 128, 128)
+  _same(got, core.dequantize_jnp(q3).astype(jnp.bfloat16))
+  w = _input(128, 1024).astype(jnp.bfloat16)  # [K, N] -> K-major [N, K]
+  qw = lj.ops.prepare_weight(w, lj.QuantSpec(fmt), 0)
+  assert gd.kind_of(qw) == f"{fmt}_row"
+  cfg = gd.Config(tile_n=128, tile_k=128, k_per_cta=512, stages=2)
+  _same(gd.dequantize(qw, config=cfg, interpret=True), core.dequantize_jnp(qw))
+
+
 def test_plan_refuses_with_the_reason():
   x = jnp.ones((100, 128), jnp.bfloat16)
   q = lj.quantize(x, lj.QuantSpec("int3", axis=0))  # 100 rows: padded codes
@@ -94,6 +121,8 @@ def test_plan_refuses_with_the_reason():
   assert gd.plan_of(q)[0] is None and "axis" in gd.plan_of(q)[1]
   q = lj.quantize(jnp.ones((256,), jnp.bfloat16), lj.QuantSpec("int8", axis=0))
   assert gd.plan_of(q) == (None, "rank below 2")
+  q = lj.quantize(jnp.ones((128, 128), jnp.bfloat16), lj.QuantSpec("uint8", axis=1))
+  assert gd.plan_of(q) == (None, "per-row scales with a zero point")
   q = lj.quantize(jnp.ones((128, 128), jnp.bfloat16), lj.QuantSpec("int4", axis=0))
   bad = dataclasses.replace(q, codes=q.codes.astype(jnp.int32))  # hand-built
   assert gd.plan_of(bad) == (None, "codes stored as int32, not uint8")
@@ -158,14 +187,30 @@ def test_kernel_lowers_to_mosaic_gpu(fid):
       assert "mosaic_gpu" in text
 
 
+@pytest.mark.parametrize("fmt", ROW_FORMATS)
+def test_row_kernel_lowers_to_mosaic_gpu(fmt):
+  # A K-major 8192x8192 weight, every candidate tiling (CTAs of up to 512
+  # rows: two 1-D scale copies), bf16 and float32.
+  for dtype in (jnp.bfloat16, jnp.float32):
+    x = jax.ShapeDtypeStruct((8192, 8192), dtype)
+    q = jax.eval_shape(lambda a: lj.quantize(a, lj.QuantSpec(fmt, axis=1)), x)
+    for cfg in gd.candidate_configs(gd.plan_of(q)[0], 8192, 8192, limit=6):
+      text = jax.jit(lambda qq, cfg=cfg: gd.dequantize(qq, config=cfg)).trace(
+          q).lower(lowering_platforms=("cuda",)).as_text()
+      assert "mosaic_gpu" in text
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("fid,dtype", [(f, "bfloat16") for f in FORMATS] + [
-    (f, "float32") for f in ("int4_g128", "mxfp4", "nvfp4", "uint8")])
+    (f, "float32") for f in ("int4_g128", "mxfp4", "nvfp4", "uint8")] + [
+        (f"{f}_row", "bfloat16") for f in ROW_FORMATS])
 def test_compiled_kernel_equals_dequantize(fid, dtype):
   if jax.default_backend() != "gpu":
     pytest.skip("needs a GPU")
   x = _input(1024, 512).astype(dtype)
-  q = jax.jit(lambda a: lj.quantize(a, _spec(fid)))(x)
+  spec = (lj.QuantSpec(fid[:-len("_row")], axis=1) if fid.endswith("_row")
+          else _spec(fid))
+  q = jax.jit(lambda a: lj.quantize(a, spec))(x)
   want = jax.jit(core.dequantize_jnp)(q)
   # The dispatcher's tiling and the second candidate (another stage count).
   for cfg in [None] + gd.candidate_configs(gd.plan_of(q)[0], 1024, 512)[1:2]:
