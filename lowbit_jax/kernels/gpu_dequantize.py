@@ -437,26 +437,10 @@ def _build(plan: _Plan, k: int, n: int, cfg: Config, interpret):
     return [(word >> np.uint32(plan.bits * i)) & mask if i else word & mask
             for i in range(uc)]
 
-  def do_rows(c_smem, v_smem, s_smem, i):
-    """A step's rows, per-row scales: row r times its own scalar."""
-
-    def chunk(ci, carry):
-      base = ci * rch
-      raws = [c_smem[base + j] for j in range(rch)]
-      fs = [s_smem[i * tk + base + j].astype(jnp.float32) for j in range(rch)]
-      outs = []
-      for raw, f in zip(raws, fs):
-        v = _decode_row(plan, raw) * f
-        o = jnp.clip(v, -_F32_MAX, _F32_MAX).astype(val_dt)
-        outs.append(o if val_dt == out_dt else o.astype(out_dt))
-      for j, o in enumerate(outs):
-        v_smem[base + j] = o
-      return carry
-
-    lax.fori_loop(0, tk // rch, chunk, 0)
-
-  def do_span(c_smem, v_smem, r0, factors):
-    zp, f1, f2 = factors
+  def do_span(c_smem, v_smem, r0, n_rows, factors):
+    """Rows ``r0 .. r0 + n_rows`` of a step: ``factors`` is (zero point, f1,
+    f2) for all of them, or per row (per-row scales) a function of the row
+    within the step; every load of a chunk comes before its stores."""
 
     def chunk(ci, carry):
       base = r0 + ci * rch
@@ -464,7 +448,8 @@ def _build(plan: _Plan, k: int, n: int, cfg: Config, interpret):
       for u in range(rch // uc):
         raws += unpack(c_smem, (base // uc) + u)
       outs = []
-      for raw in raws:
+      for j, raw in enumerate(raws):
+        zp, f1, f2 = factors(base + j) if callable(factors) else factors
         v = _decode_row(plan, raw)
         if zp is not None:
           v = v - zp
@@ -477,7 +462,7 @@ def _build(plan: _Plan, k: int, n: int, cfg: Config, interpret):
         v_smem[base + j] = o
       return carry
 
-    lax.fori_loop(0, span // rch, chunk, 0)
+    lax.fori_loop(0, n_rows // rch, chunk, 0)
 
   def body(*refs):
     refs = list(refs)
@@ -518,11 +503,12 @@ def _build(plan: _Plan, k: int, n: int, cfg: Config, interpret):
       def _():
         plgpu.barrier_wait(s_bar.at[0])  # the scale rows
       cs, vs = c_smem.at[slot], v_smem.at[slot]
-      if plan.row_scale:
-        do_rows(cs, vs, s_smem, i)
+      if plan.row_scale:  # row r of the step times the scale of its row
+        do_span(cs, vs, 0, tk, lambda r: (
+            None, s_smem[i * tk + r].astype(jnp.float32), None))
       for b in range(0 if plan.row_scale else nb):
         r = (i * tk + b * span) // bs  # the scale row, relative to the CTA's
-        do_span(cs, vs, b * span, scale_factors(s_smem, z_smem, scal, r))
+        do_span(cs, vs, b * span, span, scale_factors(s_smem, z_smem, scal, r))
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(vs, o_gmem.at[pl.ds(row0 + i * tk, tk), col],
                               commit_group=False)
