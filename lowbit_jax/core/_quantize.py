@@ -911,11 +911,13 @@ def _noise_for(spec: QuantSpec, key, shape):
   return None
 
 
-def _values(q, total, zp, bs, shape):
+def _values(q, total, zp, bs, shape, clip=True):
   """Dequantized float32 values from grid elements and per-block scales.
 
   ``total`` is a float32 array, or a pair of them (E8M0 scales as two
   power-of-two factors, ``_pow2_pair``) applied one after the other.
+  ``clip=False`` leaves out the saturation, for callers that know no value
+  can overflow (``_dequantize_cannot_overflow``).
   """
   if zp is not None:
     q = q - _expand(zp.astype(jnp.float32), bs, shape)
@@ -923,6 +925,8 @@ def _values(q, total, zp, bs, shape):
     out = q * _expand(total[0], bs, shape) * _expand(total[1], bs, shape)
   else:
     out = q * _expand(total, bs, shape)
+  if not clip:
+    return out
   # A range within an ulp of the float32 maximum (scale = amax / max rounded
   # up) can put the largest grid value a rounding beyond it: saturate there
   # instead of returning inf for finite data. NaN stays NaN.
@@ -1229,9 +1233,94 @@ def dequantize_as(q: QArray, dtype) -> jax.Array:
   return dequantize_jnp(q).astype(dtype)
 
 
+# On CPU, dequantize leaves out its saturating clip where no value can reach
+# the float32 range (``_dequantize_cannot_overflow``, a check on the per-block
+# scales): the clip's two extra operations per element cost XLA's CPU loop
+# 1.05-1.12x for the integer formats, fp8 e4m3, fp6, fp4, NF4, binary and
+# ternary (bf16 2048x2048, the two variants interleaved in one process, same
+# bits: benchmarks/cpu_dequant_clip.md). A ``lax.cond`` picks the program, so
+# both are compiled: only from ``_DEQUANT_SKIP_CLIP_MIN_ELEMENTS`` elements on
+# (the MiniLM sweep's weights, below it, are compile-bound). On GPU and TPU the
+# predicate would be a device-to-host copy, so the clip stays. Not for E8M0
+# scales or a tensor scale (MX, NVFP4): with their two factors the
+# conditional's programs were 1.1-1.25x slower than the clip in the same
+# comparison.
+_DEQUANT_SKIP_CLIP = True
+_DEQUANT_SKIP_CLIP_MIN_ELEMENTS = 1 << 22
+
+
+def _max_abs_element(fmt) -> Optional[float]:
+  """The largest finite |value| a format's codes decode to, None where some
+  code decodes to inf (the clip would turn it into the float32 maximum: the
+  fast path is off). NaN codes stay NaN with or without the clip."""
+  if isinstance(fmt, IntFormat):
+    return float(max(abs(fmt.qmin), abs(fmt.qmax)) * 2.0 ** -fmt.frac_bits)
+  if isinstance(fmt, LookupFormat):
+    t = np.asarray(fmt.table, np.float64)
+  elif isinstance(fmt, FloatFormat):
+    t = np.asarray(fmt.decode_table(), np.float64)
+  else:
+    return None
+  if np.any(np.isinf(t)):
+    return None
+  return float(np.max(np.abs(t[np.isfinite(t)])))
+
+
+def _dequantize_cannot_overflow(q: QArray, total, emax: float) -> jax.Array:
+  """True where every ``(code - zp) * total`` is finite: the same products
+  on the largest |code - zp| and the largest scale factors, in float32 and in
+  the same order, are finite (rounding is monotone, so no element's product
+  exceeds them). A NaN or inf scale makes it False."""
+  def amax(a):
+    return jnp.max(jnp.abs(a.astype(jnp.float32)))
+  b = jnp.float32(emax)
+  if q.zero_point is not None:
+    b = b + amax(q.zero_point)
+  for t in (total if isinstance(total, tuple) else (total,)):
+    b = b * amax(jnp.asarray(t))
+  return jnp.isfinite(b)
+
+
 def dequantize_jnp(q: QArray) -> jax.Array:
   """``dequantize``'s jnp path (the reference the GPU kernel is checked
   against; what runs on CPU and TPU)."""
+  emax = _max_abs_element(q.spec.storage_format)
+  if (not _DEQUANT_SKIP_CLIP or emax is None or jax.default_backend() != "cpu"
+      or q.codes.size * pack_unit(q.spec.storage_format.bits)[0]
+      < max(1, _DEQUANT_SKIP_CLIP_MIN_ELEMENTS) or q.spec.scale_dtype == "e8m0"
+      or q.tensor_scale is not None):
+    return _dequantize_jnp(q, True)
+  _, total = _dequant_totals(q)
+  return lax.cond(_dequantize_cannot_overflow(q, total, emax),
+                  lambda qq: _dequantize_jnp(qq, False),
+                  lambda qq: _dequantize_jnp(qq, True), q)
+
+
+def _dequant_totals(q: QArray):
+  """(per-block factors' count, ``total``): the factors ``_values`` applies
+  (E8M0 as a pair of powers of two, a tensor scale folded in as ``_grid``
+  applies it)."""
+  spec = q.spec
+  n = q.codes.size * max(1, pack_unit(spec.storage_format.bits)[0])
+  if spec.scale_dtype == "e8m0":
+    code = q.scale.astype(jnp.int32)
+    t1, t2 = _pow2_pair(code - _E8M0_BIAS)
+    if q.tensor_scale is not None:
+      t1 = q.tensor_scale * t1
+    return n, (_per_block(n, jnp.where(code == 255, jnp.float32(jnp.nan), t1)),
+               _per_block(n, t2))
+  total = _scale_value(q.scale, spec.scale_dtype)
+  if q.tensor_scale is not None:
+    tn, _, p_up = _split_pow2(q.tensor_scale)  # as _grid applies it
+    return n, (_per_block(n, tn * total), p_up)
+  if q.scale.dtype != jnp.float32:
+    # A stored scale other than float32 (an FP8 or half-precision one)
+    # converts once per block.
+    return n, _per_block(n, total)
+  return n, total
+
+
+def _dequantize_jnp(q: QArray, clip: bool) -> jax.Array:
   spec = q.spec
   fmt = spec.storage_format
   codes = unpack(q.codes, fmt, q.pack_axis)
@@ -1249,23 +1338,8 @@ def dequantize_jnp(q: QArray) -> jax.Array:
     vals = vals[tuple(slice(0, t) for t in target)]
   shape = vals.shape
   bs = _local_block_shape(q.scale.shape, shape)
-  if spec.scale_dtype == "e8m0":
-    code = q.scale.astype(jnp.int32)
-    t1, t2 = _pow2_pair(code - _E8M0_BIAS)
-    if q.tensor_scale is not None:
-      t1 = q.tensor_scale * t1
-    total = (_per_block(vals.size, jnp.where(code == 255, jnp.float32(jnp.nan), t1)),
-             _per_block(vals.size, t2))
-  else:
-    total = _scale_value(q.scale, spec.scale_dtype)
-    if q.tensor_scale is not None:
-      tn, _, p_up = _split_pow2(q.tensor_scale)  # as _grid applies it
-      total = (_per_block(vals.size, tn * total), p_up)
-    elif q.scale.dtype != jnp.float32:
-      # A stored scale other than float32 (an FP8 or half-precision one)
-      # converts once per block.
-      total = _per_block(vals.size, total)
-  out = _values(vals, total, q.zero_point, bs, shape)
+  _, total = _dequant_totals(q)
+  out = _values(vals, total, q.zero_point, bs, shape, clip=clip)
   out = out[tuple(slice(0, min(d, s)) for d, s in zip(q.shape, shape))]
   return out.astype(q.dtype)
 

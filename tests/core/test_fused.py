@@ -6,6 +6,8 @@ hold NaN and inf blocks, an all-zero block, exact ties, tiny (subnormal) and
 huge values; codes, scales, zero points, dequantized values, fake-quant values
 and the straight-through gradient must agree bit for bit.
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -359,3 +361,52 @@ def test_per_block_materialization_changes_no_bit(fmt, kw, monkeypatch):
   if jax.default_backend() == "cpu" and fmt in ("mxfp4", "mxint8", "nvfp4"):
     # The gather is really there on CPU (no gather in the dequantize otherwise).
     assert "gather" in text_on and "gather" not in text_off
+
+
+_CLIP_SPECS = _PER_BLOCK_SPECS + [
+    ("fp8_e5m2", dict(axis=0)), ("nf4", dict(axis=0)), ("ternary", dict(axis=0)),
+    ("fp6_e2m3", dict(axis=0)), ("int3", dict(axis=0, group_size=32))]
+
+
+@pytest.mark.parametrize("fmt,kw", _CLIP_SPECS, ids=[s[0] for s in _CLIP_SPECS])
+def test_dequantize_skips_its_clip_only_where_nothing_can_overflow(fmt, kw, monkeypatch):
+  """On CPU dequantize leaves out the saturating clip where the per-block
+  scales show that no value can overflow: the same bits as with the clip,
+  on clean data (the fast path runs), on data with near-overflow, NaN and inf
+  blocks, and on scales raised by hand until code * scale overflows, where the
+  clip must saturate at the float32 maximum (the fast path must not run)."""
+  from lowbit_jax.core import _quantize  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(_quantize, "_DEQUANT_SKIP_CLIP_MIN_ELEMENTS", 0)  # small arrays too
+  jax.clear_caches()
+  rng = np.random.default_rng(5)
+  clean = jnp.asarray(rng.standard_normal((64, 96)) * 4, jnp.bfloat16)
+  edgy = np.asarray(rng.standard_normal((64, 96)), np.float32)
+  edgy[:, 3] = np.float32(3e38)
+  edgy[5, 1] = np.nan
+  edgy[40, 2] = -np.inf
+  spec = lb.QuantSpec(fmt, **kw)
+  emax = _quantize._max_abs_element(spec.storage_format)  # pylint: disable=protected-access
+  with_clip = jax.jit(lambda qq: _quantize._dequantize_jnp(qq, True))  # pylint: disable=protected-access
+  can_skip = jax.jit(lambda qq: _quantize._dequantize_cannot_overflow(  # pylint: disable=protected-access
+      qq, _quantize._dequant_totals(qq)[1], emax))  # pylint: disable=protected-access
+  qs = [lb.quantize(clean, spec), lb.quantize(jnp.asarray(edgy, jnp.bfloat16), spec)]
+  if fmt in ("int8", "int4", "fp8_e4m3"):  # float32 scales, raised by hand
+    q32 = lb.quantize(clean.astype(jnp.float32), spec)  # float32 out: no bf16 inf
+    big = q32.scale.at[(0,) * q32.scale.ndim].set(np.float32(3e38))
+    qs.append(dataclasses.replace(q32, scale=big))
+  for i, q in enumerate(qs):
+    got = jax.jit(lb.dequantize)(q)
+    want = with_clip(q)
+    bits = np.uint16 if got.dtype == jnp.bfloat16 else np.uint32
+    np.testing.assert_array_equal(np.asarray(got).view(bits), np.asarray(want).view(bits))
+    if emax is None:  # a format with inf codes keeps the clip
+      assert fmt == "fp8_e5m2"
+      continue
+    assert bool(can_skip(q)) == (i == 0), i
+  if len(qs) == 3:  # the overflow really happened and saturated
+    assert np.isfinite(np.asarray(got, np.float32)).all()
+    assert np.abs(np.asarray(got, np.float32)).max() > 1e38
+  skips = emax is not None and spec.scale_dtype != "e8m0" and qs[0].tensor_scale is None
+  text = jax.jit(lb.dequantize).lower(qs[0]).as_text()
+  assert ("stablehlo.case" in text or "conditional" in text) == skips, text[:2000]
+  jax.clear_caches()
