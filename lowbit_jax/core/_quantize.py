@@ -1286,38 +1286,40 @@ def dequantize_jnp(q: QArray) -> jax.Array:
   against; what runs on CPU and TPU)."""
   emax = _max_abs_element(q.spec.storage_format)
   if (not _DEQUANT_SKIP_CLIP or emax is None or jax.default_backend() != "cpu"
-      or q.codes.size * pack_unit(q.spec.storage_format.bits)[0]
-      < max(1, _DEQUANT_SKIP_CLIP_MIN_ELEMENTS) or q.spec.scale_dtype == "e8m0"
-      or q.tensor_scale is not None):
+      or _n_elements(q) < max(1, _DEQUANT_SKIP_CLIP_MIN_ELEMENTS)
+      or q.spec.scale_dtype == "e8m0" or q.tensor_scale is not None):
     return _dequantize_jnp(q, True)
-  _, total = _dequant_totals(q)
-  return lax.cond(_dequantize_cannot_overflow(q, total, emax),
+  return lax.cond(_dequantize_cannot_overflow(q, _dequant_totals(q), emax),
                   lambda qq: _dequantize_jnp(qq, False),
                   lambda qq: _dequantize_jnp(qq, True), q)
 
 
+def _n_elements(q: QArray) -> int:
+  """Elements the codes hold (padding included)."""
+  return q.codes.size * pack_unit(q.spec.storage_format.bits)[0]
+
+
 def _dequant_totals(q: QArray):
-  """(per-block factors' count, ``total``): the factors ``_values`` applies
-  (E8M0 as a pair of powers of two, a tensor scale folded in as ``_grid``
-  applies it)."""
+  """``total``: the per-block factors ``_values`` applies (E8M0 as a pair of
+  powers of two, a tensor scale folded in as ``_grid`` applies it)."""
   spec = q.spec
-  n = q.codes.size * max(1, pack_unit(spec.storage_format.bits)[0])
+  n = _n_elements(q)
   if spec.scale_dtype == "e8m0":
     code = q.scale.astype(jnp.int32)
     t1, t2 = _pow2_pair(code - _E8M0_BIAS)
     if q.tensor_scale is not None:
       t1 = q.tensor_scale * t1
-    return n, (_per_block(n, jnp.where(code == 255, jnp.float32(jnp.nan), t1)),
-               _per_block(n, t2))
+    return (_per_block(n, jnp.where(code == 255, jnp.float32(jnp.nan), t1)),
+            _per_block(n, t2))
   total = _scale_value(q.scale, spec.scale_dtype)
   if q.tensor_scale is not None:
     tn, _, p_up = _split_pow2(q.tensor_scale)  # as _grid applies it
-    return n, (_per_block(n, tn * total), p_up)
+    return (_per_block(n, tn * total), p_up)
   if q.scale.dtype != jnp.float32:
     # A stored scale other than float32 (an FP8 or half-precision one)
     # converts once per block.
-    return n, _per_block(n, total)
-  return n, total
+    return _per_block(n, total)
+  return total
 
 
 def _dequantize_jnp(q: QArray, clip: bool) -> jax.Array:
@@ -1338,8 +1340,7 @@ def _dequantize_jnp(q: QArray, clip: bool) -> jax.Array:
     vals = vals[tuple(slice(0, t) for t in target)]
   shape = vals.shape
   bs = _local_block_shape(q.scale.shape, shape)
-  _, total = _dequant_totals(q)
-  out = _values(vals, total, q.zero_point, bs, shape, clip=clip)
+  out = _values(vals, _dequant_totals(q), q.zero_point, bs, shape, clip=clip)
   out = out[tuple(slice(0, min(d, s)) for d, s in zip(q.shape, shape))]
   return out.astype(q.dtype)
 

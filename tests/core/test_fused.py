@@ -388,7 +388,7 @@ def test_dequantize_skips_its_clip_only_where_nothing_can_overflow(fmt, kw, monk
   emax = _quantize._max_abs_element(spec.storage_format)  # pylint: disable=protected-access
   with_clip = jax.jit(lambda qq: _quantize._dequantize_jnp(qq, True))  # pylint: disable=protected-access
   can_skip = jax.jit(lambda qq: _quantize._dequantize_cannot_overflow(  # pylint: disable=protected-access
-      qq, _quantize._dequant_totals(qq)[1], emax))  # pylint: disable=protected-access
+      qq, _quantize._dequant_totals(qq), emax))  # pylint: disable=protected-access
   qs = [lb.quantize(clean, spec), lb.quantize(jnp.asarray(edgy, jnp.bfloat16), spec)]
   if fmt in ("int8", "int4", "fp8_e4m3"):  # float32 scales, raised by hand
     q32 = lb.quantize(clean.astype(jnp.float32), spec)  # float32 out: no bf16 inf
