@@ -96,7 +96,7 @@ from lowbit_jax.kernels import _gpu_common as common
 _F32_MAX = np.float32(np.finfo(np.float32).max)
 _E4M3_MAX = 448.0
 _GROUPS = (16, 32, 64, 128)
-_INT_FORMATS = ("int4", "int8")
+_INT_FORMATS = ("int4", "int8", "int3", "int2")
 MAX_SMEM_BYTES = 227 * 1024  # what one Hopper CTA may use
 
 
@@ -1294,7 +1294,7 @@ def _setup(x, spec, tensor_amax, config, values: bool):
   kd = _kind(spec, x.ndim)
   if kd is None:
     raise ValueError(f"the one-pass quantizer takes block scales along axis 0 "
-                     f"(MX, NVFP4, int4/int8/fp4/NF4 groups of {_GROUPS}), "
+                     f"(MX, NVFP4, int8/int4/int3/int2/fp4/NF4 groups of {_GROUPS}), "
                      f"per-channel scales of axis 0 ({_GIVEN_INTS + _GIVEN_FP8 + _GIVEN_NARROW}"
                      f", uint8, ternary, binary), per-tensor 8-bit ones or "
                      f"per-row ones of the last axis ({_ROW_FORMATS}); got {spec}")

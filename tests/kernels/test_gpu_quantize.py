@@ -45,6 +45,9 @@ KINDS = {
     "int4_g32": ("int4", dict(group_size=32)),
     "fp4_e2m1_g16": ("fp4_e2m1", dict(group_size=16)),
     "nf4_g64": ("nf4", dict(group_size=64)),
+    "int3_g128": ("int3", dict(group_size=128)),
+    "int2_g128": ("int2", dict(group_size=128)),
+    "int3_g32": ("int3", dict(group_size=32)),
 }
 FAST = ("mxfp8_e4m3", "mxfp4", "nvfp4", "int4_g128", "nf4_g64")
 K, N = 128, 128
@@ -107,7 +110,10 @@ def _bad_rows_mask(kind, x):
 def _keep_code_rows(bad, rows):
   """Code rows ([rows, N]) whose packing unit holds no element of ``bad``."""
   k, n = bad.shape
-  ui, uo = {k: (1, 1), k // 2: (2, 1), 3 * k // 4: (4, 3)}[rows]
+  # (elements, bytes) of a packing unit, e.g. 2 int4 rows to a byte, 8 int3
+  # rows to 3 bytes, 4 int2 rows to a byte, 4 fp6 rows to 3 bytes.
+  ui, uo = {k: (1, 1), k // 2: (2, 1), 3 * k // 4: (4, 3), 3 * k // 8: (8, 3),
+            k // 4: (4, 1)}[rows]
   unit_bad = bad.reshape(k // ui, ui, n).any(axis=1)
   return ~np.repeat(unit_bad, uo, axis=0)
 
