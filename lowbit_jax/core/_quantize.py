@@ -1253,41 +1253,32 @@ def _max_abs_element(fmt) -> Optional[float]:
   """The largest finite |value| a format's codes decode to, None where some
   code decodes to inf (the clip would turn it into the float32 maximum: the
   fast path is off). NaN codes stay NaN with or without the clip."""
-  if isinstance(fmt, IntFormat):
-    return float(max(abs(fmt.qmin), abs(fmt.qmax)) * 2.0 ** -fmt.frac_bits)
-  if isinstance(fmt, LookupFormat):
-    t = np.asarray(fmt.table, np.float64)
-  elif isinstance(fmt, FloatFormat):
-    t = np.asarray(fmt.decode_table(), np.float64)
-  else:
+  if isinstance(fmt, FloatFormat) and np.isinf(fmt.decode_table()).any():
     return None
-  if np.any(np.isinf(t)):
-    return None
-  return float(np.max(np.abs(t[np.isfinite(t)])))
+  return float(np.max(np.abs(fmt.values())))
 
 
 def _dequantize_cannot_overflow(q: QArray, total, emax: float) -> jax.Array:
-  """True where every ``(code - zp) * total`` is finite: the same products
-  on the largest |code - zp| and the largest scale factors, in float32 and in
-  the same order, are finite (rounding is monotone, so no element's product
-  exceeds them). A NaN or inf scale makes it False."""
-  def amax(a):
-    return jnp.max(jnp.abs(a.astype(jnp.float32)))
+  """True where every ``(code - zp) * total`` is finite (``total``: one
+  per-block scale array): the same product of the largest |code - zp| and the
+  largest scale, in float32, is finite (rounding is monotone, so no element's
+  product exceeds it). A NaN or inf scale makes it False."""
   b = jnp.float32(emax)
   if q.zero_point is not None:
-    b = b + amax(q.zero_point)
-  for t in (total if isinstance(total, tuple) else (total,)):
-    b = b * amax(jnp.asarray(t))
-  return jnp.isfinite(b)
+    b = b + jnp.max(jnp.abs(q.zero_point.astype(jnp.float32)))
+  return jnp.isfinite(b * jnp.max(jnp.abs(total)))
 
 
 def dequantize_jnp(q: QArray) -> jax.Array:
   """``dequantize``'s jnp path (the reference the GPU kernel is checked
   against; what runs on CPU and TPU)."""
-  emax = _max_abs_element(q.spec.storage_format)
-  if (not _DEQUANT_SKIP_CLIP or emax is None or jax.default_backend() != "cpu"
-      or _n_elements(q) < max(1, _DEQUANT_SKIP_CLIP_MIN_ELEMENTS)
-      or q.spec.scale_dtype == "e8m0" or q.tensor_scale is not None):
+  # One scale factor per block (not E8M0's pair, not under a tensor scale).
+  emax = (_max_abs_element(q.spec.storage_format)
+          if (_DEQUANT_SKIP_CLIP and jax.default_backend() == "cpu"
+              and _n_elements(q) >= max(1, _DEQUANT_SKIP_CLIP_MIN_ELEMENTS)
+              and q.spec.scale_dtype != "e8m0" and q.tensor_scale is None)
+          else None)
+  if emax is None:
     return _dequantize_jnp(q, True)
   return lax.cond(_dequantize_cannot_overflow(q, _dequant_totals(q), emax),
                   lambda qq: _dequantize_jnp(qq, False),
