@@ -680,8 +680,10 @@ def main(argv):
           patch_rows(res, path)
         except ValueError as e:
           raise app.UsageError(str(e)) from None
-      with open(_REPORT.value, "w") as f:
+      tmp = _REPORT.value + ".tmp"  # the report is replaced only once written
+      with open(tmp, "w") as f:
         json.dump(res, f, indent=1)
+      os.replace(tmp, _REPORT.value)
     if _BASELINE.value:
       res["baseline"] = _load_baseline(_BASELINE.value)
     with open(os.path.splitext(_REPORT.value)[0] + ".md", "w") as f:
