@@ -725,29 +725,39 @@ def _round_float_grid(y, fmt: FloatFormat):
 
 
 def _fp4_codes(y, fmt):
-  """E2M1 codes (uint32) of float32 ``y``: ``_cast.encode_nearest`` of the
-  values clamped to +-6, from the float32 bits (about 16 operations against
-  the midpoint comparisons' 25; the kernel is issue-bound on FP4 formats).
+  """E2M1 codes (uint32) of finite float32 ``y``: ``_cast.encode_nearest``
+  of the values clamped to +-6, from the float32 bits (about 14 operations
+  against the midpoint comparisons' 25; the kernel is issue-bound on FP4).
 
   ``|y| >= 1``: rounding the mantissa to one bit, half to even, on the bits
   (``_rne_mantissa``'s addition) leaves exponent and that bit in bits 22..30,
   and E2M1's code is them less 252 (float32's bias 127 against E2M1's 1,
-  shifted past the mantissa bit); 6.0 and the ties below it round as the
-  midpoints do (5.0 -> 4, 1.75 -> 2). ``|y| < 1``: the code is ``|y| * 2``
-  rounded half to even (0.25 -> 0, 0.75 -> 2, i.e. 1.0). NaN codes as
-  ``encode_nearest`` (+NaN -> -0, -NaN -> +0).
+  shifted past the mantissa bit), folded into the same addition; 6.0 and the
+  ties below it round as the midpoints do (5.0 -> 4, 1.75 -> 2). ``|y| < 1``:
+  the code is ``|y| * 2`` rounded half to even (0.25 -> 0, 0.75 -> 2, i.e.
+  1.0), by adding 2**23, whose float32 spacing is 1, and keeping the low
+  bits. The sign is float32's, moved to bit 3.
+
+  A NaN ``y`` only occurs in a block whose scale is NaN (the block's amax
+  marks it bad), which dequantizes to NaN whatever its codes: its codes are
+  left to the arithmetic (``encode_nearest`` would give +NaN -> -0, -NaN ->
+  +0; ``test_fp4_codes_and_grid_values_equal_the_reference_encoding``
+  compares finite ``y`` and infinities).
   """
   del fmt  # E2M1
   c = jnp.clip(y, np.float32(-6.0), np.float32(6.0))
   u = lax.bitcast_convert_type(c, jnp.uint32)
-  s = u >> np.uint32(31)
-  af = jnp.abs(c)
-  # (The mask _rne_mantissa ends with clears bits the shift drops anyway.)
-  code_n = (lax.bitcast_convert_type(_rne_mantissa(af, 1), jnp.uint32)
-            >> np.uint32(22)) - np.uint32(252)
-  code_s = jnp.round(af * np.float32(2.0)).astype(jnp.int32).astype(jnp.uint32)
-  code = (s << np.uint32(3)) | jnp.where(af >= np.float32(1.0), code_n, code_s)
-  return jnp.where(jnp.isnan(c), (np.uint32(1) - s) << np.uint32(3), code)
+  sign = (u >> np.uint32(28)) & np.uint32(8)
+  au = u & np.uint32(0x7FFFFFFF)
+  af = lax.bitcast_convert_type(au, jnp.float32)
+  lsb = (au >> np.uint32(22)) & np.uint32(1)
+  # au + (2**21 - 1) + lsb - (252 << 22), modulo 2**32: exact for |y| >= 1,
+  # where the sum's bits 22..31 are the code (0..7 after the bias).
+  code_n = (au + (lsb + np.uint32((0x1FFFFF - (252 << 22)) & 0xFFFFFFFF))
+            ) >> np.uint32(22)
+  code_s = lax.bitcast_convert_type(
+      af * np.float32(2.0) + np.float32(2.0 ** 23), jnp.uint32) & np.uint32(3)
+  return sign | jnp.where(af >= np.float32(1.0), code_n, code_s)
 
 
 # ---------------------------------------------------------------------------
@@ -805,6 +815,43 @@ def _block_scale(kd: _Kind, amax, scal, interp: bool, tn: int):
           (lambda r, y: jnp.abs(r) > a_clip))
 
 
+def _bisect_levels(n_thresholds: int) -> int:
+  """L where ``n_thresholds == 2**L - 1`` and L >= 2 (a table of 2**L
+  entries, e.g. NF4's 16), else 0: where ``_bisect_index`` applies."""
+  levels = (n_thresholds + 1).bit_length() - 1
+  return levels if levels >= 2 and n_thresholds == (1 << levels) - 1 else 0
+
+
+def _bisect_index(y, thresholds) -> jax.Array:
+  """The count of ``thresholds`` (sorted, ``2**L - 1`` of them) at or below
+  ``y``, as uint32, by binary search: L comparisons, each against a threshold
+  chosen by the bits found so far (a select tree of ``2**l - 1`` selects at
+  level l), about 25 operations for NF4 against the 45 of one comparison,
+  conversion and addition per threshold. The same count as
+  ``_cast._threshold_index`` for every float32 ``y``: both are the number of
+  thresholds ``<= y`` (NaN compares false everywhere: 0, as the count gives).
+  """
+  c = [np.float32(v) for v in thresholds]
+  levels = _bisect_levels(len(c))
+  if not levels:
+    raise ValueError(f"{len(c)} thresholds: need 2**L - 1 with L >= 2")
+  bits = []
+  for l in range(levels):
+    step = 1 << (levels - 1 - l)
+    # The threshold to test for each prefix p of the bits found so far: the
+    # last of the lower half of the index range that p leaves.
+    cands = [c[p * 2 * step + step - 1] for p in range(1 << l)]
+    for b in reversed(bits):  # least significant bit first
+      cands = [jnp.where(b, cands[i + 1], cands[i])
+               for i in range(0, len(cands), 2)]
+    bits.append(y >= cands[0])
+  idx = None
+  for l, b in enumerate(bits):
+    term = jnp.where(b, np.uint32(1 << (levels - 1 - l)), np.uint32(0))
+    idx = term if idx is None else idx | term
+  return idx
+
+
 def _elem_codes_values(kd: _Kind, y, want_codes: bool, want_values: bool):
   """(codes, grid values) of scaled rows ``y`` (either may be None)."""
   fmt = kd.fmt
@@ -825,6 +872,9 @@ def _elem_codes_values(kd: _Kind, y, want_codes: bool, want_values: bool):
       # whose scale is NaN), in about 14 operations against encoding (25) and
       # decoding (12).
       vals = _round_float_grid(y, fmt)
+  elif kd.elem in ("lookup", "binary") and want_codes and not want_values and (
+      _bisect_levels(len(fmt.table) - 1)):
+    codes = _bisect_index(y, _cast._nearest_thresholds(fmt.table))  # pylint: disable=protected-access
   elif kd.elem in ("lookup", "binary"):
     # core's _cast_lookup: the index is the count of nearest-rounding
     # thresholds at or below y (_cast._threshold_index), the value the table
