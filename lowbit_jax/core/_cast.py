@@ -566,20 +566,30 @@ def _encode_float_grid(q: jax.Array, fmt: FloatFormat) -> jax.Array:
 
 
 def _float_bits_decode(c: jax.Array, fmt: FloatFormat) -> jax.Array:
-  """float32 values of codes ``c`` (uint32) of a float format from the sign,
-  exponent and mantissa fields; the format's inf and NaN codes (read off its
-  ``decode_table``) are patched in afterwards."""
+  """float32 values of codes ``c`` (uint32) of a float format from its bits;
+  the format's inf and NaN codes (read off its ``decode_table``) are patched
+  in afterwards.
+
+  The magnitude bits go under float32's exponent field with the bias
+  difference added: a normal code's value exactly. A subnormal code
+  (exponent 0) gets exponent 1 instead, i.e. ``2**(1 - bias) * (1 + f)``,
+  and then ``2**(1 - bias)`` subtracted, which leaves ``2**(1 - bias) * f``
+  exactly (two floats within a factor of two subtract without rounding); no
+  float32 subnormal occurs on the way (XLA's CPU backend flushes those).
+  About 10 operations against the 17 of decoding sign, exponent and
+  mantissa fields separately; bit for bit the same values, -0 included.
+  """
   e_, m_ = fmt.exp_bits, fmt.man_bits
-  s = c >> np.uint32(e_ + m_)
-  ex = (c >> np.uint32(m_)) & np.uint32((1 << e_) - 1)
-  man = c & np.uint32((1 << m_) - 1)
-  normal = ((s << np.uint32(31))
-            | ((ex + np.uint32(127 - fmt.bias)) << np.uint32(23))
-            | (man << np.uint32(23 - m_)))
-  sub = man.astype(jnp.int32).astype(jnp.float32) * np.float32(
-      2.0 ** (1 - fmt.bias - m_))
-  sub = jnp.where(s != np.uint32(0), -sub, sub)
-  v = jnp.where(ex == np.uint32(0), sub, lax.bitcast_convert_type(normal, jnp.float32))
+  nb = e_ + m_
+  mag = c & np.uint32((1 << nb) - 1)
+  sub = mag < np.uint32(1 << m_)
+  bits = ((mag << np.uint32(23 - m_)) + np.uint32((127 - fmt.bias) << 23)
+          + jnp.where(sub, np.uint32(1 << 23), np.uint32(0)))
+  v = (lax.bitcast_convert_type(bits, jnp.float32)
+       - jnp.where(sub, np.float32(2.0 ** (1 - fmt.bias)), np.float32(0.0)))
+  sign = (c >> np.uint32(nb)) << np.uint32(31)
+  v = lax.bitcast_convert_type(lax.bitcast_convert_type(v, jnp.uint32) | sign,
+                               jnp.float32)
   table = fmt.decode_table()
   for code in np.flatnonzero(~np.isfinite(table)):
     v = jnp.where(c == np.uint32(code), np.float32(table[code]), v)
