@@ -27,7 +27,10 @@ float array written, over the ``x * 2`` bandwidth; the issue's target is
 whose fastest exact tiling beat XLA by at least ``_quantize_table.MARGIN``
 (2%; ``enabled``, what
 ``gpu_dequantize.ENABLED`` reads). ``--merge_configs`` keeps the entries of an
-earlier table for the formats this run did not time.
+earlier table for the formats this run did not time. ``--configs_from`` rebuilds
+the table from the JSON of an earlier run (e.g. one whose call was cut before
+its end, which writes the JSON after every format but the table only at the
+end), merged as ``--merge_configs`` says, without timing anything.
 
 Run on the GPU machine (repository root; about 3 minutes)::
 
@@ -44,6 +47,7 @@ import statistics
 import sys
 import time
 import traceback
+from typing import Optional
 
 from absl import app
 from absl import flags
@@ -81,6 +85,9 @@ _WRITE_CONFIGS = flags.DEFINE_bool("write_configs", False, "also write "
 _MERGE_CONFIGS = flags.DEFINE_string("merge_configs", "", "with --write_configs: "
                                      "an earlier table whose formats this run did "
                                      "not time are kept")
+_CONFIGS_FROM = flags.DEFINE_string(
+    "configs_from", "", "write <out_dir>/gpu_dequantize_configs.json from this "
+    "earlier run's JSON (merged into --merge_configs) and time nothing")
 
 T0 = time.time()
 
@@ -160,6 +167,50 @@ def markdown(res: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _load_merge(shape: list, dtype: str) -> Optional[dict]:
+  """The ``--merge_configs`` table (None without the flag); refuses one
+  measured on another shape or dtype."""
+  if not _MERGE_CONFIGS.value:
+    return None
+  with open(_MERGE_CONFIGS.value) as f:
+    old = json.load(f)
+  if old.get("shape") not in (None, list(shape)) or old.get("dtype") not in (None, dtype):
+    raise app.UsageError(
+        f"--merge_configs: {_MERGE_CONFIGS.value} was measured on "
+        f"{old.get('shape')} {old.get('dtype')}, this run on {list(shape)} "
+        f"{dtype}; tilings for different shapes do not merge (drop "
+        "--merge_configs or rerun with its --shape/--dtype)")
+  return old
+
+
+def _write_configs(res: dict, old: Optional[dict], out_dir: Optional[str]) -> list:
+  """The formats enabled after merging ``res``'s rows into the table ``old``
+  (None: a new table); writes ``<out_dir>/gpu_dequantize_configs.json`` unless
+  ``out_dir`` is None. Per format timed, the fastest exact tiling replaces the
+  old entry, and the format is enabled where it beat XLA by ``MARGIN``."""
+  entries = dict(old.get("entries", {})) if old is not None else {}
+  enabled = set(old.get("enabled", ())) if old is not None else set()
+  for r in res["rows"]:
+    if "kind" not in r:
+      continue
+    enabled.discard(r["kind"])
+    entries.pop(r["kind"], None)
+    best = r.get("best")
+    if best is None:
+      continue
+    entries[r["kind"]] = dict(best["config"], us=best["us"], xla_us=r["xla_us"])
+    if best["us"] < (1.0 - MARGIN) * r["xla_us"]:
+      enabled.add(r["kind"])
+  if out_dir is not None:
+    table = dict(source=res["command"], device=res["device"], jax=res["jax"],
+                 shape=res["shape"], dtype=res["dtype"], enabled=sorted(enabled),
+                 entries=entries)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "gpu_dequantize_configs.json"), "w") as f:
+      json.dump(table, f, indent=1, sort_keys=True)
+  return sorted(enabled)
+
+
 def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
@@ -168,6 +219,14 @@ def main(argv):
   from lowbit_jax.core import _quantize as core_q  # pylint: disable=g-import-not-at-top
   from lowbit_jax.kernels import gpu_dequantize as gd  # pylint: disable=g-import-not-at-top
 
+  if _CONFIGS_FROM.value:
+    with open(_CONFIGS_FROM.value) as f:
+      res = json.load(f)
+    old = _load_merge(res["shape"], res["dtype"])
+    enabled = _write_configs(res, old, _OUT_DIR.value)
+    _log(f"wrote {os.path.join(_OUT_DIR.value, 'gpu_dequantize_configs.json')} "
+         f"from {_CONFIGS_FROM.value}: enabled {enabled}")
+    return
   gpu = jax.default_backend() == "gpu"
   if not gpu and not _SMOKE.value:
     raise app.UsageError("timing needs a GPU; pass --smoke for a CPU dry run")
@@ -177,16 +236,7 @@ def main(argv):
     raise app.UsageError(f"unknown --formats {unknown}; known: {KNOWN}")
   k, n = _shape()
   dtype = jnp.dtype(_DTYPE.value)
-  old = None
-  if _MERGE_CONFIGS.value:  # checked before any timing
-    with open(_MERGE_CONFIGS.value) as f:
-      old = json.load(f)
-    if old.get("shape") not in (None, [k, n]) or old.get("dtype") not in (None, dtype.name):
-      raise app.UsageError(
-          f"--merge_configs: {_MERGE_CONFIGS.value} was measured on "
-          f"{old.get('shape')} {old.get('dtype')}, this run on {[k, n]} "
-          f"{dtype.name}; tilings for different shapes do not merge (drop "
-          "--merge_configs or rerun with its --shape/--dtype)")
+  old = _load_merge([k, n], dtype.name)  # checked before any timing
   dev = jax.devices()[0]
   kind = getattr(dev, "device_kind", str(dev))
   tag = _TAG.value or ("smoke" if _SMOKE.value else
@@ -274,31 +324,9 @@ def main(argv):
     res["rows"].append(row)
     _log(json.dumps({kk: v for kk, v in row.items() if kk != "tilings"}))
     write()
-  entries = {}
-  if old is not None:
-    entries.update(old.get("entries", {}))
-    enabled = set(old.get("enabled", ()))
-  else:
-    enabled = set()
-  for r in res["rows"]:
-    if "kind" not in r:
-      continue
-    enabled.discard(r["kind"])
-    entries.pop(r["kind"], None)
-    best = r.get("best")
-    if best is None:
-      continue
-    entries[r["kind"]] = dict(best["config"], us=best["us"], xla_us=r["xla_us"])
-    if best["us"] < (1.0 - MARGIN) * r["xla_us"]:
-      enabled.add(r["kind"])
-  res["enabled"] = sorted(enabled)
+  res["enabled"] = _write_configs(res, old, _OUT_DIR.value if _WRITE_CONFIGS.value
+                                  else None)
   write()
-  if _WRITE_CONFIGS.value:
-    table = dict(source=res["command"], device=kind, jax=jax.__version__,
-                 shape=[k, n], dtype=dtype.name, enabled=sorted(enabled),
-                 entries=entries)
-    with open(os.path.join(_OUT_DIR.value, "gpu_dequantize_configs.json"), "w") as f:
-      json.dump(table, f, indent=1, sort_keys=True)
   _log(f"done: {stem}.md")
 
 

@@ -90,6 +90,41 @@ def test_bench_gpu_dequantize_refuses_a_table_of_another_shape_before_timing(tmp
   assert not (tmp_path / "out").exists()  # nothing was timed or written
 
 
+def test_bench_gpu_dequantize_rebuilds_the_table_from_a_cut_run(tmp_path):
+  # --configs_from=<an earlier run's JSON> (a call cut before the table was
+  # written): its rows merge into --merge_configs as a finished run's would,
+  # nothing is timed (no GPU needed); another shape's table is refused.
+  import json  # pylint: disable=g-import-not-at-top
+  cfg = dict(tile_n=256, tile_k=64, k_per_cta=256, stages=2, rows=0)
+  run = dict(command="bench", device="NVIDIA H200", jax="0.11.2",
+             shape=[8192, 8192], dtype="bfloat16", rows=[
+                 dict(format="int8_row", kind="int8_row", xla_us=81.0,
+                      best=dict(config=cfg, us=73.0)),        # 1.11x: enabled
+                 dict(format="nf4", kind="nf4_g64", xla_us=85.0,
+                      best=dict(config=cfg, us=95.0)),        # slower: off
+                 dict(format="mxfp4", error="skipped")])      # not timed
+  old = dict(shape=[8192, 8192], dtype="bfloat16", enabled=["nf4_g64", "int4_pc"],
+             entries={"nf4_g64": dict(cfg, us=80.0, xla_us=85.0),
+                      "int4_pc": dict(cfg, us=59.0, xla_us=81.0)})
+  (tmp_path / "run.json").write_text(json.dumps(run))
+  (tmp_path / "old.json").write_text(json.dumps(old))
+  r = _run("experiments.bench_gpu_dequantize", f"--configs_from={tmp_path / 'run.json'}",
+           f"--merge_configs={tmp_path / 'old.json'}", f"--out_dir={tmp_path / 'out'}",
+           module=True)
+  assert r.returncode == 0, r.stderr
+  got = json.loads((tmp_path / "out" / "gpu_dequantize_configs.json").read_text())
+  assert got["enabled"] == ["int4_pc", "int8_row"]
+  assert got["entries"]["nf4_g64"]["us"] == 95.0  # the new measurement
+  assert got["entries"]["int4_pc"]["us"] == 59.0  # kept from the old table
+  assert got["jax"] == "0.11.2" and got["shape"] == [8192, 8192]
+  old["shape"] = [4096, 4096]
+  (tmp_path / "old.json").write_text(json.dumps(old))
+  r = _run("experiments.bench_gpu_dequantize", f"--configs_from={tmp_path / 'run.json'}",
+           f"--merge_configs={tmp_path / 'old.json'}", f"--out_dir={tmp_path / 'out2'}",
+           module=True)
+  assert r.returncode != 0 and "do not merge" in r.stderr
+
+
 def test_bench_primitives_patch_replaces_rows_and_refuses_another_tensor(tmp_path):
   # --report=run.json --patch=later.json (two recorded H200 runs): the later
   # run's rows replace the same (format, op) rows, a note names the later run;

@@ -161,9 +161,11 @@ def test_the_shipped_table_is_consistent():
   k, n = table["shape"]
   assert gd.ENABLED == frozenset(table["enabled"])
   kinds = {}
-  for fid in FORMATS:
-    q = jax.eval_shape(lambda a, fid=fid: lj.quantize(a, _spec(fid)),
-                       jax.ShapeDtypeStruct((k, n), jnp.dtype(table["dtype"])))
+  x = jax.ShapeDtypeStruct((k, n), jnp.dtype(table["dtype"]))
+  specs = [_spec(fid) for fid in FORMATS] + [  # and the per-row kinds
+      lj.QuantSpec(f, axis=1) for f in ROW_FORMATS]
+  for spec in specs:
+    q = jax.eval_shape(lambda a, spec=spec: lj.quantize(a, spec), x)
     kinds[gd.plan_of(q)[0].kind] = gd.plan_of(q)[0]
   for kind in table["enabled"]:
     e = table["entries"][kind]
