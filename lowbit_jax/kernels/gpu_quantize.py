@@ -27,10 +27,15 @@ The results equal ``lowbit_jax.quantize`` / ``fake_quant`` bit for bit (codes,
 scales, tensor scale; the values of the fake-quant forward), except for which
 NaN a block holding a NaN or an inf gets (its scale is NaN either way, the
 E8M0 code 255 or an E4M3 NaN, so it dequantizes to NaN). Divisions use the
-instruction XLA's GPU backend emits for a float32 ``/`` (``div.full.f32``,
-not correctly rounded; ``_div_full``), so a scale such as ``amax / 7`` is the
-same number the XLA path computes on the same GPU; in the interpreter (CPU)
-they are IEEE divisions, as the CPU reference's.
+instruction XLA's GPU backend emits for a float32 ``/`` (``_div_full``), so
+a scale such as ``amax / 7`` is the same number the XLA path computes on the
+same GPU; in the interpreter (CPU) they are IEEE divisions, as the CPU
+reference's. Which instruction that is (``div.full.f32``, within 2 ulp, or
+``div.rn.f32``) is XLA's choice, per version and fusion: ``DIVISION`` holds
+it per context (a block's scale, an element by its scale), and
+``experiments/probe_gpu_division.py`` measures which one matches on a GPU
+(uint8 per channel differed from XLA at float32 ties with ``div.full`` on
+the H200, jax 0.11.2).
 
 NVFP4's tensor scale needs the amax of the whole tensor before any block can
 be scaled: XLA reduces it first (one read of ``x``), the kernel takes the
@@ -637,9 +642,9 @@ def _check_config(kd: _Kind, k: int, n: int, x_dtype, cfg: Config, codes: bool,
 # Row arithmetic (register vectors of tile_n columns)
 
 
-def _div_full_regs(a, b):
-  """Elementwise ``div.full.f32`` of two Mosaic GPU fragmented arrays (or of
-  one and a Python float, held in a register)."""
+def _div_full_regs(a, b, instr: str = "div.full.f32"):
+  """Elementwise ``instr`` (``div.full.f32`` or ``div.rn.f32``) of two Mosaic
+  GPU fragmented arrays (or of one and a Python float, held in a register)."""
   _, fa, ir, _, llvm, _, _ = common._mlir()  # pylint: disable=protected-access
   f32 = ir.F32Type.get()
   i32 = ir.IntegerType.get_signless(32)
@@ -655,13 +660,23 @@ def _div_full_regs(a, b):
         y = llvm.ConstantOp(f32, ir.FloatAttr.get(f32, b)).result
       else:
         y = llvm.extractelement(breg, pos)
-      r = llvm.inline_asm(f32, [x, y], "div.full.f32 $0, $1, $2;", "=f,f,f")
+      r = llvm.inline_asm(f32, [x, y], f"{instr} $0, $1, $2;", "=f,f,f")
       out = llvm.insertelement(out, r, pos)
     new[idx] = out
   return fa.FragmentedArray(_registers=new, _layout=a.layout, _is_signed=None)
 
 
-def _div_full(a: jax.Array, b, interp: bool, tn: int) -> jax.Array:
+# The division each context of the kernel emits on the GPU: "full"
+# (``div.full.f32``) or "rn" (``div.rn.f32``, IEEE). ``scale``: a block's
+# scale from its amax (``amax / 7``, NVFP4's two); ``data``: an element by its
+# block's or channel's scale (core's ``_div_data``). The interpreter always
+# divides exactly (IEEE), as the CPU reference does. Read at build time
+# (``_build`` caches per tiling: ``_build.cache_clear()`` after a change).
+DIVISION = {"scale": "full", "data": "full"}
+
+
+def _div_full(a: jax.Array, b, interp: bool, tn: int,
+              context: str = "scale") -> jax.Array:
   """``a / b`` for float32 rows, rounded as XLA's GPU division rounds.
 
   XLA's GPU backend emits ``div.full.f32`` for a float32 division (within 2
@@ -677,10 +692,13 @@ def _div_full(a: jax.Array, b, interp: bool, tn: int) -> jax.Array:
     b: float32 ``[tn]`` row of the same layout, or a Python float.
     interp: interpreter (CPU) or GPU build.
     tn: the row length.
+    context: "scale" or "data": which ``DIVISION`` entry picks the GPU
+      instruction.
 
   Returns:
     The float32 ``[tn]`` quotient row.
   """
+  instr = {"full": "div.full.f32", "rn": "div.rn.f32"}[DIVISION[context]]
   if interp:
     bb = jnp.broadcast_to(jnp.asarray(b, jnp.float32), a.shape)
     return lax.div(a, lax.optimization_barrier(bb))
@@ -692,12 +710,12 @@ def _div_full(a: jax.Array, b, interp: bool, tn: int) -> jax.Array:
 
     @plgpu.inline_mgpu(arg_types=(lay,), return_type=ret)
     def div_c(_, av):
-      return _div_full_regs(av, bf)
+      return _div_full_regs(av, bf, instr)
     return div_c(a)
 
   @plgpu.inline_mgpu(arg_types=(lay, lay), return_type=ret)
   def div_v(_, av, bv):
-    return _div_full_regs(av, bv)
+    return _div_full_regs(av, bv, instr)
   return div_v(a, b)
 
 
@@ -788,7 +806,7 @@ def _block_scale(kd: _Kind, amax, scal, interp: bool, tn: int):
     s = _div_full(amax, float(kd.fmt.max), interp, tn)
     s = jnp.where(amax > 0, jnp.maximum(s, np.float32(2.0 ** -126)), np.float32(1.0))
     s = jnp.where(bad, np.float32(np.nan), s)
-    return (s, (lambda r: _div_full(r, s, interp, tn)), (lambda q: q * s),
+    return (s, (lambda r: _div_full(r, s, interp, tn, "data")), (lambda q: q * s),
             (lambda r, y: jnp.abs(r) > amax))
   # NVFP4: scal = (tn, 2**-p, 2**p, 1 / tn, tensor scale invalid: 1.0 / 0.0,
   # tensor amax).
@@ -1005,14 +1023,14 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
       # zp, values (q - zp) * s, clipped where y leaves [-0.5, max + 0.5].
       sv, zp = scal
       hi = np.float32(kd.fmt.qmax + 0.5)
-      to_grid = lambda r: _div_full(r, sv, interp, tn) + zp  # noqa: E731
+      to_grid = lambda r: _div_full(r, sv, interp, tn, "data") + zp  # noqa: E731
       from_grid = lambda q: (q - zp) * sv  # noqa: E731
       clip = lambda r, y: (y < np.float32(-0.5)) | (y > hi)  # noqa: E731
     elif given and kd.elem == "ternary":
       # Scale and threshold rows from XLA (core's TWN): q = sign(x) where
       # |x| > threshold, else 0; values q * s; clipped where |x / s| > 1.
       sv, thr = scal
-      to_grid = lambda r: _div_full(r, sv, interp, tn)  # noqa: E731
+      to_grid = lambda r: _div_full(r, sv, interp, tn, "data")  # noqa: E731
       from_grid = lambda q: q * sv  # noqa: E731
       clip = lambda r, y: jnp.abs(y) > np.float32(1.0)  # noqa: E731
     elif given and kd.elem == "binary":
@@ -1024,13 +1042,13 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
       def to_grid(r):
         sign = lax.bitcast_convert_type(r, jnp.uint32) & np.uint32(0x80000000)
         one = lax.bitcast_convert_type(sign | np.uint32(0x3F800000), jnp.float32)
-        return jnp.where(sv == np.float32(0.0), one, _div_full(r, dv, interp, tn))
+        return jnp.where(sv == np.float32(0.0), one, _div_full(r, dv, interp, tn, "data"))
       from_grid = lambda q: q * sv  # noqa: E731
       clip = lambda r, y: jnp.abs(y) > np.float32(1.0)  # noqa: E731
     elif given:
       # The scale row XLA computed (core's own code): y = x / s as core's
       # _div_data divides, values q * s as core's _values.
-      to_grid = lambda r: _div_full(r, scal, interp, tn)  # noqa: E731
+      to_grid = lambda r: _div_full(r, scal, interp, tn, "data")  # noqa: E731
       from_grid = lambda q: q * scal  # noqa: E731
       clip = None
     else:

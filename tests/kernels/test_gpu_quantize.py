@@ -757,6 +757,21 @@ def test_kernel_lowers_to_mosaic_gpu(kind, mode):
   _lower(lambda a: fn(a, gq.spec_for(kind)), x)
 
 
+@pytest.mark.parametrize("division", ["full", "rn"])
+def test_kernel_lowers_with_either_division(division, monkeypatch):
+  # gq.DIVISION picks div.full.f32 or div.rn.f32 per context (scale, data);
+  # both build. (Which one equals XLA's path is the GPU's to say:
+  # experiments/probe_gpu_division.py; the interpreter always divides
+  # exactly.)
+  monkeypatch.setitem(gq.DIVISION, "scale", division)
+  monkeypatch.setitem(gq.DIVISION, "data", division)
+  gq._build.cache_clear()  # pylint: disable=protected-access
+  x = jax.ShapeDtypeStruct((1024, 1024), jnp.bfloat16)
+  for kind in ("uint8_pc", "int4_g128", "nvfp4"):
+    _lower(lambda a, k=kind: gq.quantize(a, gq.spec_for(k)), x)
+  gq._build.cache_clear()  # pylint: disable=protected-access
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(1024, 1024), (8192, 8192)])
 @pytest.mark.parametrize("kind", list(KINDS))
