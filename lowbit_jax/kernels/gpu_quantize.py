@@ -642,9 +642,13 @@ def _check_config(kd: _Kind, k: int, n: int, x_dtype, cfg: Config, codes: bool,
 # Row arithmetic (register vectors of tile_n columns)
 
 
-def _div_full_regs(a, b, instr: str = "div.full.f32"):
+def _div_full_regs(a, b, instr: str = "div.full.f32", addend=None):
   """Elementwise ``instr`` (``div.full.f32`` or ``div.rn.f32``) of two Mosaic
-  GPU fragmented arrays (or of one and a Python float, held in a register)."""
+  GPU fragmented arrays (or of one and a Python float, held in a register),
+  plus ``addend`` (a fragmented array) if given, with ``add.rn.f32`` in the
+  same asm block: ptxas may not fuse the division's multiply into it (an
+  ``add.f32`` it may contract, which rounds once where XLA's path rounds
+  twice)."""
   _, fa, ir, _, llvm, _, _ = common._mlir()  # pylint: disable=protected-access
   f32 = ir.F32Type.get()
   i32 = ir.IntegerType.get_signless(32)
@@ -652,6 +656,7 @@ def _div_full_regs(a, b, instr: str = "div.full.f32"):
   for idx, reg in np.ndenumerate(a.registers):
     n_el = ir.VectorType(reg.type).shape[0]
     breg = None if isinstance(b, float) else b.registers[idx]
+    creg = None if addend is None else addend.registers[idx]
     out = llvm.mlir_undef(reg.type)
     for j in range(n_el):
       pos = llvm.ConstantOp(i32, ir.IntegerAttr.get(i32, j)).result
@@ -660,7 +665,14 @@ def _div_full_regs(a, b, instr: str = "div.full.f32"):
         y = llvm.ConstantOp(f32, ir.FloatAttr.get(f32, b)).result
       else:
         y = llvm.extractelement(breg, pos)
-      r = llvm.inline_asm(f32, [x, y], f"{instr} $0, $1, $2;", "=f,f,f")
+      if creg is None:
+        r = llvm.inline_asm(f32, [x, y], f"{instr} $0, $1, $2;", "=f,f,f")
+      else:
+        z = llvm.extractelement(creg, pos)
+        r = llvm.inline_asm(
+            f32, [x, y, z],
+            f"{{ .reg .f32 t; {instr} t, $1, $2; add.rn.f32 $0, t, $3; }}",
+            "=f,f,f,f")
       out = llvm.insertelement(out, r, pos)
     new[idx] = out
   return fa.FragmentedArray(_registers=new, _layout=a.layout, _is_signed=None)
@@ -676,7 +688,7 @@ DIVISION = {"scale": "full", "data": "full"}
 
 
 def _div_full(a: jax.Array, b, interp: bool, tn: int,
-              context: str = "scale") -> jax.Array:
+              context: str = "scale", add=None) -> jax.Array:
   """``a / b`` for float32 rows, rounded as XLA's GPU division rounds.
 
   XLA's GPU backend emits ``div.full.f32`` for a float32 division (within 2
@@ -694,6 +706,8 @@ def _div_full(a: jax.Array, b, interp: bool, tn: int,
     tn: the row length.
     context: "scale" or "data": which ``DIVISION`` entry picks the GPU
       instruction.
+    add: a float32 ``[tn]`` row added to the quotient (rounded on its own,
+      ``add.rn.f32``, as XLA's path adds), or None.
 
   Returns:
     The float32 ``[tn]`` quotient row.
@@ -701,10 +715,19 @@ def _div_full(a: jax.Array, b, interp: bool, tn: int,
   instr = {"full": "div.full.f32", "rn": "div.rn.f32"}[DIVISION[context]]
   if interp:
     bb = jnp.broadcast_to(jnp.asarray(b, jnp.float32), a.shape)
-    return lax.div(a, lax.optimization_barrier(bb))
+    q = lax.div(a, lax.optimization_barrier(bb))
+    return q if add is None else q + add
   import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
   lay = plgpu.Layout.WG_STRIDED((tn,), vec_size=tn // 128)
   ret = plgpu.ShapeDtypeStruct((tn,), jnp.float32, lay)
+  if add is not None:
+    if isinstance(b, (float, int, np.floating)):
+      raise ValueError("an addend goes with a row divisor")
+
+    @plgpu.inline_mgpu(arg_types=(lay, lay, lay), return_type=ret)
+    def div_add(_, av, bv, cv):
+      return _div_full_regs(av, bv, instr, cv)
+    return div_add(a, b, add)
   if isinstance(b, (float, int, np.floating)):
     bf = float(b)
 
@@ -1023,7 +1046,7 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
       # zp, values (q - zp) * s, clipped where y leaves [-0.5, max + 0.5].
       sv, zp = scal
       hi = np.float32(kd.fmt.qmax + 0.5)
-      to_grid = lambda r: _div_full(r, sv, interp, tn, "data") + zp  # noqa: E731
+      to_grid = lambda r: _div_full(r, sv, interp, tn, "data", add=zp)  # noqa: E731
       from_grid = lambda q: (q - zp) * sv  # noqa: E731
       clip = lambda r, y: (y < np.float32(-0.5)) | (y > hi)  # noqa: E731
     elif given and kd.elem == "ternary":
