@@ -187,7 +187,8 @@ def _write_configs(res: dict, old: Optional[dict], out_dir: Optional[str]) -> li
   """The formats enabled after merging ``res``'s rows into the table ``old``
   (None: a new table); writes ``<out_dir>/gpu_dequantize_configs.json`` unless
   ``out_dir`` is None. Per format timed, the fastest exact tiling replaces the
-  old entry, and the format is enabled where it beat XLA by ``MARGIN``."""
+  old entry, and the format is enabled where it beat XLA by ``MARGIN``; the
+  old table's ``notes`` (why a format was taken off by hand) are kept."""
   entries = dict(old.get("entries", {})) if old is not None else {}
   enabled = set(old.get("enabled", ())) if old is not None else set()
   for r in res["rows"]:
@@ -205,6 +206,8 @@ def _write_configs(res: dict, old: Optional[dict], out_dir: Optional[str]) -> li
     table = dict(source=res["command"], device=res["device"], jax=res["jax"],
                  shape=res["shape"], dtype=res["dtype"], enabled=sorted(enabled),
                  entries=entries)
+    if old is not None and old.get("notes"):  # hand notes on kept entries
+      table["notes"] = old["notes"]
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "gpu_dequantize_configs.json"), "w") as f:
       json.dump(table, f, indent=1, sort_keys=True)

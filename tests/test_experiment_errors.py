@@ -104,6 +104,7 @@ def test_bench_gpu_dequantize_rebuilds_the_table_from_a_cut_run(tmp_path):
                       best=dict(config=cfg, us=95.0)),        # slower: off
                  dict(format="mxfp4", error="skipped")])      # not timed
   old = dict(shape=[8192, 8192], dtype="bfloat16", enabled=["nf4_g64", "int4_pc"],
+             notes=["int4_g32: off by hand"],
              entries={"nf4_g64": dict(cfg, us=80.0, xla_us=85.0),
                       "int4_pc": dict(cfg, us=59.0, xla_us=81.0)})
   (tmp_path / "run.json").write_text(json.dumps(run))
@@ -117,6 +118,7 @@ def test_bench_gpu_dequantize_rebuilds_the_table_from_a_cut_run(tmp_path):
   assert got["entries"]["nf4_g64"]["us"] == 95.0  # the new measurement
   assert got["entries"]["int4_pc"]["us"] == 59.0  # kept from the old table
   assert got["jax"] == "0.11.2" and got["shape"] == [8192, 8192]
+  assert got["notes"] == ["int4_g32: off by hand"]  # kept from the old table
   old["shape"] = [4096, 4096]
   (tmp_path / "old.json").write_text(json.dumps(old))
   r = _run("experiments.bench_gpu_dequantize", f"--configs_from={tmp_path / 'run.json'}",
