@@ -643,27 +643,33 @@ def _load_baseline(path: str):
 
 
 def patch_rows(res: dict, path: str):
-  """Replaces ``res``'s primitive rows by those of the run in ``path`` (same
-  format and op; new ones appended) and notes which rows came from it. Both
-  runs must have timed the same tensor on the same kind of device."""
+  """Replaces ``res``'s primitive rows (same format and op) and matmul rows
+  (same weight and M) by those of the run in ``path``, new ones appended, and
+  notes which rows came from it. Both runs must have timed the same tensor
+  (and, for matmul rows, the same weight shape) on the same kind of device."""
   with open(path) as f:
     new = json.load(f)
-  for key in ("device", "prims_shape"):
+  keys = [("device", None), ("prims_shape", "prims"), ("matmul_kn", "matmul")]
+  for key, section in keys:
+    if section is not None and not new.get(section):
+      continue  # a run without that section says nothing about its shape
     if new.get(key) != res.get(key):
       raise ValueError(f"--patch {path}: its {key} {new.get(key)!r} differs from "
                        f"the report's {res.get(key)!r}; rows of different runs "
                        "only merge for the same device and tensor")
-  where = {(r.get("format"), r.get("op")): i for i, r in enumerate(res["prims"])}
   taken = []
-  for r in new.get("prims", []):
-    if "format" not in r or "us" not in r:
-      continue  # the ceiling row and failed items stay the report's
-    key = (r["format"], r["op"])
-    if key in where:
-      res["prims"][where[key]] = r
-    else:
-      res["prims"].append(r)
-    taken.append(f"{r['format']} {r['op']}")
+  for section, fields in (("prims", ("format", "op")), ("matmul", ("weight", "m"))):
+    rows = res.setdefault(section, [])
+    where = {tuple(r.get(f) for f in fields): i for i, r in enumerate(rows)}
+    for r in new.get(section, []):
+      if fields[0] not in r or ("us" not in r and "ours_us" not in r):
+        continue  # the ceiling row and failed items stay the report's
+      key = tuple(r[f] for f in fields)
+      if key in where:
+        rows[where[key]] = r
+      else:
+        rows.append(r)
+      taken.append(" ".join(str(v) for v in key) + (" (matmul)" if section == "matmul" else ""))
   res.setdefault("notes", []).append(
       f"rows from a later run ({new.get('started')}, `{new.get('command')}`): "
       + ", ".join(taken))

@@ -157,3 +157,23 @@ def test_bench_primitives_patch_replaces_rows_and_refuses_another_tensor(tmp_pat
   r = _run("experiments.bench_primitives", f"--report={run}", f"--patch={p}", module=True)
   assert r.returncode != 0 and "only merge for the same device and tensor" in r.stderr
   assert json.loads(run.read_text()) == got
+  # A matmul-only run (--sections=matmul, two of the four M) replaces those
+  # (weight, M) rows and leaves the others and every primitive row.
+  with open(os.path.join(bench, "primitives_h200_s29c.json")) as f:
+    mm = json.load(f)
+  p.write_text(json.dumps(mm))
+  r = _run("experiments.bench_primitives", f"--report={run}", f"--patch={p}", module=True)
+  assert r.returncode == 0, r.stderr
+  got2 = json.loads(run.read_text())
+  assert got2["prims"] == got["prims"]
+  mkey = lambda x: (x["weight"], x["m"])  # noqa: E731
+  new_mm = {mkey(x): x for x in mm["matmul"]}
+  assert {256, 4096} == {m for _, m in new_mm}
+  assert [mkey(x) for x in got2["matmul"]] == [mkey(x) for x in got["matmul"]]
+  for old, now in zip(got["matmul"], got2["matmul"]):
+    assert now == new_mm.get(mkey(old), old)
+  assert "int8 4096 (matmul)" in got2["notes"][-1]
+  mm["matmul_kn"] = [4096, 4096]
+  p.write_text(json.dumps(mm))
+  r = _run("experiments.bench_primitives", f"--report={run}", f"--patch={p}", module=True)
+  assert r.returncode != 0 and "matmul_kn" in r.stderr
