@@ -15,8 +15,10 @@ arithmetic or store, as in ``gpu_quantize``):
    in its bytes, e.g. two int4 rows to a byte, eight int3 rows to three);
 2. decodes them to float32 with ``decode_codes`` (integers by sign extension,
    8-bit floats by the hardware convert of their float8 storage, narrower
-   floats from their sign / exponent / mantissa fields, codebooks (NF4,
-   binary, ternary) by a tree of selects);
+   floats from their sign / exponent / mantissa fields, binary and ternary
+   by a tree of selects; codebooks of 8 to 32 values, NF4's 16, by one load
+   an element from the table in shared memory, copied in with the scales:
+   ``_lut_decode``);
 3. subtracts the zero point and multiplies by the scale exactly as core's
    ``dequantize`` does (E8M0 scales as two power-of-two factors, a tensor scale
    split as ``_split_pow2`` splits it), saturates at the float32 range, and
@@ -132,6 +134,51 @@ def _decode_row(plan: _Plan, raw):
     return raw.astype(jnp.float32)
   # int8 storage sign-extends; decode_codes' sign test then leaves it alone.
   return decode_codes(raw.astype(jnp.int32), plan.fmt)
+
+
+def _lut_size(plan: _Plan) -> int:
+  """Entries of the shared-memory table a codebook of 8 to 32 values (NF4's
+  16) is decoded from, padded to 32 (Mosaic GPU copies multiples of 128
+  bytes: the warpgroup's threads); 0 where the kernel decodes
+  arithmetically. Decoding NF4 by
+  ``decode_arith``'s tree took 15 selects and 4 bit tests an element (the
+  kernel at 55% of the roofline, 0.90x XLA's gather, in
+  benchmarks/gpu_dequantize_h200_s29a.md); a load from a table of at most 32
+  words has no bank conflicts (each word its own bank)."""
+  if not isinstance(plan.fmt, LookupFormat):
+    return 0
+  size = len(plan.fmt.table)
+  return 32 if 8 <= size <= 32 else 0
+
+
+def _lut_decode(raw, lut_ref, tn: int, interp: bool):
+  """``table[raw]`` for a uint32 ``[tn]`` row of codes (in range) with the
+  table in shared memory ``lut_ref``: one shared-memory load an element."""
+  if interp:
+    return jnp.take(lut_ref[...], raw.astype(jnp.int32), mode="clip")
+  import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+  lay = plgpu.Layout.WG_STRIDED((tn,), vec_size=tn // 128)
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), lay),
+                     return_type=plgpu.ShapeDtypeStruct((tn,), jnp.float32, lay))
+  def gather(_, table, codes):
+    _, fa, ir, arith, llvm, memref, _ = common._mlir()  # pylint: disable=protected-access
+    f32 = ir.F32Type.get()
+    i32 = ir.IntegerType.get_signless(32)
+    index = ir.IndexType.get()
+    new = np.empty_like(codes.registers)
+    for idx, reg in np.ndenumerate(codes.registers):
+      n_el = ir.VectorType(reg.type).shape[0]
+      out = llvm.mlir_undef(ir.VectorType.get((n_el,), f32))
+      for j in range(n_el):
+        pos = llvm.ConstantOp(i32, ir.IntegerAttr.get(i32, j)).result
+        c = llvm.extractelement(reg, pos)
+        v = memref.load(table, [arith.index_cast(index, c)])
+        out = llvm.insertelement(out, v, pos)
+      new[idx] = out
+    return fa.FragmentedArray(_registers=new, _layout=codes.layout,
+                              _is_signed=None)
+  return gather(lut_ref, raw.astype(jnp.uint32))
 
 
 # ---------------------------------------------------------------------------
@@ -408,6 +455,8 @@ def _build(plan: _Plan, k: int, n: int, cfg: Config, interpret):
   val_dt = jnp.dtype(plan.val_dtype)
   has_zp = plan.zp_dtype is not None
   mask = np.uint32((1 << plan.bits) - 1)
+  n_lut = _lut_size(plan)
+  interp = interpret is not None
 
   def scale_factors(s_smem, z_smem, scal, r):
     """(zero point, f1, f2) of scale row ``r`` (f2 None: one factor)."""
@@ -437,7 +486,7 @@ def _build(plan: _Plan, k: int, n: int, cfg: Config, interpret):
     return [(word >> np.uint32(plan.bits * i)) & mask if i else word & mask
             for i in range(uc)]
 
-  def do_span(c_smem, v_smem, r0, n_rows, factors):
+  def do_span(c_smem, v_smem, r0, n_rows, factors, lut_smem=None):
     """Rows ``r0 .. r0 + n_rows`` of a step: ``factors`` is (zero point, f1,
     f2) for all of them, or per row (per-row scales) a function of the row
     within the step; every load of a chunk comes before its stores."""
@@ -450,7 +499,8 @@ def _build(plan: _Plan, k: int, n: int, cfg: Config, interpret):
       outs = []
       for j, raw in enumerate(raws):
         zp, f1, f2 = factors(base + j) if callable(factors) else factors
-        v = _decode_row(plan, raw)
+        v = (_lut_decode(raw, lut_smem, tn, interp) if n_lut
+             else _decode_row(plan, raw))
         if zp is not None:
           v = v - zp
         v = v * f1
@@ -469,9 +519,11 @@ def _build(plan: _Plan, k: int, n: int, cfg: Config, interpret):
     c_gmem, s_gmem = refs.pop(0), refs.pop(0)
     z_gmem = refs.pop(0) if has_zp else None
     t_gmem = refs.pop(0) if plan.has_t else None
+    lut_gmem = refs.pop(0) if n_lut else None
     o_gmem = refs.pop(0)
     c_smem, v_smem, s_smem = refs.pop(0), refs.pop(0), refs.pop(0)
     z_smem = refs.pop(0) if has_zp else None
+    lut_smem = refs.pop(0) if n_lut else None
     bar, s_bar = refs.pop(0), refs.pop(0)
     ni = lax.axis_index("n")
     ki = lax.axis_index("k")
@@ -489,6 +541,8 @@ def _build(plan: _Plan, k: int, n: int, cfg: Config, interpret):
     if has_zp:
       plgpu.copy_gmem_to_smem(z_gmem.at[pl.ds(srow0, n_sr), col], z_smem,
                               s_bar.at[0])
+    if n_lut:  # the codebook, waited for with the scales
+      plgpu.copy_gmem_to_smem(lut_gmem, lut_smem, s_bar.at[0])
     scal = None
     if plan.has_t:
       scal = tuple(t_gmem[i] for i in range(3))
@@ -508,7 +562,8 @@ def _build(plan: _Plan, k: int, n: int, cfg: Config, interpret):
             None, s_smem[i * tk + r].astype(jnp.float32), None))
       for b in range(0 if plan.row_scale else nb):
         r = (i * tk + b * span) // bs  # the scale row, relative to the CTA's
-        do_span(cs, vs, b * span, span, scale_factors(s_smem, z_smem, scal, r))
+        do_span(cs, vs, b * span, span, scale_factors(s_smem, z_smem, scal, r),
+                lut_smem)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(vs, o_gmem.at[pl.ds(row0 + i * tk, tk), col],
                               commit_group=False)
@@ -516,12 +571,14 @@ def _build(plan: _Plan, k: int, n: int, cfg: Config, interpret):
     common.tma_stream(steps, st, bar, fetch, step)
 
   s_shape = (kc,) if plan.row_scale else (n_sr, tn)
-  s_copies = -(-kc // 256) if plan.row_scale else 1 + has_zp
+  s_copies = (-(-kc // 256) if plan.row_scale else 1 + has_zp) + bool(n_lut)
   scratch = [plgpu.SMEM((st, crow, tn), jnp.dtype(plan.code_dtype)),
              plgpu.SMEM((st, tk, tn), out_dt),
              plgpu.SMEM(s_shape, jnp.dtype(plan.scale_dtype))]
   if has_zp:
     scratch.append(plgpu.SMEM((n_sr, tn), jnp.dtype(plan.zp_dtype)))
+  if n_lut:
+    scratch.append(plgpu.SMEM((n_lut,), jnp.float32))
   scratch += [plgpu.Barrier(num_arrivals=1, num_barriers=st),
               plgpu.Barrier(num_arrivals=s_copies, num_barriers=1)]
   extra = {} if interpret is None else {"interpret": interpret}
@@ -596,6 +653,12 @@ def dequantize(q: QArray, *, dtype=None, config: Optional[Config] = None,
       args.append(rows(qq.zero_point))
     if plan.has_t:
       args.append(_tensor_scalars(qq.tensor_scale))
+    n_lut = _lut_size(plan)
+    if n_lut:
+      t = np.zeros(n_lut, np.float32)
+      t[:len(plan.fmt.table)] = np.asarray(plan.fmt.table, np.float32)
+      t[len(plan.fmt.table):] = t[len(plan.fmt.table) - 1]  # past the end: the last
+      args.append(jnp.asarray(t))
     out = kern(*args) if params is None else common.run_interpreted(kern, *args)
     return out.reshape(qq.shape)
 
