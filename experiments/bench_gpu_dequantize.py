@@ -302,7 +302,8 @@ def main(argv):
       row["xla_pct"] = pct(row["xla_us"])
       for cfg in gd.candidate_configs(plan, k, n, limit=_SWEEP.value):
         t = dict(tiling=f"{cfg.tile_n}:{cfg.tile_k}:{cfg.k_per_cta}:{cfg.stages}"
-                 f":{cfg.rows}", config=dataclasses.asdict(cfg))
+                 f":{cfg.rows}" + (":lut" if cfg.lut else ""),
+                 config=dataclasses.asdict(cfg))
         try:
           kf = jax.jit(lambda qq, cfg=cfg: gd.dequantize(qq, config=cfg,
                                                          interpret=interp))

@@ -16,9 +16,9 @@ arithmetic or store, as in ``gpu_quantize``):
 2. decodes them to float32 with ``decode_codes`` (integers by sign extension,
    8-bit floats by the hardware convert of their float8 storage, narrower
    floats from their sign / exponent / mantissa fields, binary and ternary
-   by a tree of selects; codebooks of 8 to 32 values, NF4's 16, by one load
-   an element from the table in shared memory, copied in with the scales:
-   ``_lut_decode``);
+   by a tree of selects; with ``Config.lut``, formats of 8 to 32 codes (NF4,
+   E2M1, 5-bit floats) by one load an element from their value table in
+   shared memory, copied in with the scales: ``_lut_decode``);
 3. subtracts the zero point and multiplies by the scale exactly as core's
    ``dequantize`` does (E8M0 scales as two power-of-two factors, a tensor scale
    split as ``_split_pow2`` splits it), saturates at the float32 range, and
@@ -87,12 +87,16 @@ class Config:
     rows: output rows decoded per chunk (loads of the chunk first; 0: as many
       as give each thread 16 elements), cut to a divisor of the rows a scale
       row covers within a step and a multiple of the packing unit.
+    lut: decode each code by one load from the format's value table in shared
+      memory (``_lut_decode``; formats of 8 to 32 codes: ``lut_applies``)
+      instead of arithmetic.
   """
   tile_n: int = 256
   tile_k: int = 64
   k_per_cta: int = 512
   stages: int = 2
   rows: int = 0
+  lut: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,19 +140,31 @@ def _decode_row(plan: _Plan, raw):
   return decode_codes(raw.astype(jnp.int32), plan.fmt)
 
 
-def _lut_size(plan: _Plan) -> int:
-  """Entries of the shared-memory table a codebook of 8 to 32 values (NF4's
-  16) is decoded from, padded to 32 (Mosaic GPU copies multiples of 128
-  bytes: the warpgroup's threads); 0 where the kernel decodes
-  arithmetically. Decoding NF4 by
-  ``decode_arith``'s tree took 15 selects and 4 bit tests an element (the
-  kernel at 55% of the roofline, 0.90x XLA's gather, in
-  benchmarks/gpu_dequantize_h200_s29a.md); a load from a table of at most 32
-  words has no bank conflicts (each word its own bank)."""
-  if not isinstance(plan.fmt, LookupFormat):
-    return 0
-  size = len(plan.fmt.table)
-  return 32 if 8 <= size <= 32 else 0
+def _lut_table(plan: _Plan) -> Optional[np.ndarray]:
+  """float32 values of every code of a format of 8 to 32 codes (NF4's 16
+  codebook entries, E2M1's 16 floats, E3M1 / E2M2's 32), padded to 32 with the
+  last (core's decode clamps a code past a short codebook to its last entry):
+  the table ``Config.lut`` decodes from; None for other formats. Decoding
+  NF4 arithmetically takes 15 selects and 4 bit tests an element (the kernel
+  at 55% of the roofline, 0.90x XLA's gather, in
+  benchmarks/gpu_dequantize_h200_s29a.md) and E2M1 about 10 operations; a
+  load from 32 words has no bank conflicts (each word its own bank), and 32
+  float32 are the 128 bytes Mosaic GPU copies at least (one per thread)."""
+  fmt = plan.fmt
+  if isinstance(fmt, LookupFormat) and 8 <= len(fmt.table) <= 32:
+    vals = np.asarray(fmt.table, np.float32)
+  elif isinstance(fmt, FloatFormat) and 3 <= fmt.bits <= 5:
+    vals = np.asarray(fmt.decode_table(), np.float32)
+  else:
+    return None
+  out = np.full(32, vals[-1], np.float32)
+  out[:len(vals)] = vals
+  return out
+
+
+def lut_applies(plan: _Plan) -> bool:
+  """Whether ``Config.lut`` can decode ``plan``'s format."""
+  return _lut_table(plan) is not None
 
 
 def _lut_decode(raw, lut_ref, tn: int, interp: bool):
@@ -324,6 +340,8 @@ def _smem(plan: _Plan, n_srows: int, cfg: Config) -> int:
   side = n_srows * cfg.tile_n * jnp.dtype(plan.scale_dtype).itemsize
   if plan.zp_dtype is not None:
     side += n_srows * cfg.tile_n * jnp.dtype(plan.zp_dtype).itemsize
+  if cfg.lut:
+    side += 128
   return cfg.stages * per + side + 1024
 
 
@@ -355,6 +373,9 @@ def check_config(plan: _Plan, k: int, n: int, cfg: Config) -> None:
                      "rows (a TMA box); lower it")
   if cfg.stages < 1:
     raise ValueError(f"stages must be at least 1, got {cfg.stages}")
+  if cfg.lut and not lut_applies(plan):
+    raise ValueError(f"lut=True decodes formats of 8 to 32 codes from a table; "
+                     f"{plan.kind} has {2 ** plan.bits} codes: use lut=False")
   need = _smem(plan, _scale_rows(plan, cfg), cfg)
   if need > MAX_SMEM_BYTES:
     raise ValueError(f"the tiling {cfg} needs {need} bytes of shared memory, "
@@ -403,10 +424,13 @@ def candidate_configs(plan: _Plan, k: int, n: int, limit: int = 4) -> list:
     return []
   out = [base]
   rep = dataclasses.replace
-  more = [_table_config(plan, k, n), rep(base, stages=3),
-          rep(base, tile_k=2 * base.tile_k, k_per_cta=2 * base.k_per_cta),
-          rep(base, stages=1), rep(base, tile_n=384 - base.tile_n),
-          rep(base, rows=2 * (base.rows or 8))]
+  more = [_table_config(plan, k, n)]
+  if lut_applies(plan):  # the table decode against the arithmetic one
+    more.append(rep(base, lut=not base.lut))
+  more += [rep(base, stages=3),
+           rep(base, tile_k=2 * base.tile_k, k_per_cta=2 * base.k_per_cta),
+           rep(base, stages=1), rep(base, tile_n=384 - base.tile_n),
+           rep(base, rows=2 * (base.rows or 8))]
   for c in more:
     if len(out) >= limit:
       break
@@ -420,7 +444,7 @@ def _table_config(plan: _Plan, k: int, n: int) -> Optional[Config]:
   if not ent:
     return None
   cfg = Config(**{f: ent[f] for f in ("tile_n", "tile_k", "k_per_cta", "stages")
-                  if f in ent}, rows=ent.get("rows", 0))
+                  if f in ent}, rows=ent.get("rows", 0), lut=ent.get("lut", False))
   return cfg if _fits(plan, k, n, cfg) else None
 
 
@@ -455,7 +479,7 @@ def _build(plan: _Plan, k: int, n: int, cfg: Config, interpret):
   val_dt = jnp.dtype(plan.val_dtype)
   has_zp = plan.zp_dtype is not None
   mask = np.uint32((1 << plan.bits) - 1)
-  n_lut = _lut_size(plan)
+  n_lut = 32 if cfg.lut else 0
   interp = interpret is not None
 
   def scale_factors(s_smem, z_smem, scal, r):
@@ -653,12 +677,8 @@ def dequantize(q: QArray, *, dtype=None, config: Optional[Config] = None,
       args.append(rows(qq.zero_point))
     if plan.has_t:
       args.append(_tensor_scalars(qq.tensor_scale))
-    n_lut = _lut_size(plan)
-    if n_lut:
-      t = np.zeros(n_lut, np.float32)
-      t[:len(plan.fmt.table)] = np.asarray(plan.fmt.table, np.float32)
-      t[len(plan.fmt.table):] = t[len(plan.fmt.table) - 1]  # past the end: the last
-      args.append(jnp.asarray(t))
+    if cfg.lut:
+      args.append(jnp.asarray(_lut_table(plan)))
     out = kern(*args) if params is None else common.run_interpreted(kern, *args)
     return out.reshape(qq.shape)
 

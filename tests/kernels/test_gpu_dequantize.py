@@ -67,6 +67,31 @@ def test_interpreted_kernel_equals_dequantize(fid):
   _same(got, core.dequantize_jnp(q))
 
 
+@pytest.mark.parametrize("fid", ["nf4", "mxfp4", "nvfp4", "fp4_e2m1_g32"])
+def test_interpreted_table_decode_equals_dequantize(fid):
+  # Config.lut: each code's value loaded from the format's table in shared
+  # memory (copied in with the scales) instead of computed; the same bits,
+  # the edge-case blocks included, and the tuner times both decodes.
+  x = _input(256, 256).astype(jnp.bfloat16)
+  q = lj.quantize(x, _spec(fid))
+  plan, _ = gd.plan_of(q)
+  assert gd.lut_applies(plan)
+  cands = gd.candidate_configs(plan, 256, 256, limit=6)
+  assert {c.lut for c in cands} == {False, True}
+  cfg = gd.Config(tile_n=128, tile_k=64, k_per_cta=128, stages=2, lut=True)
+  _same(gd.dequantize(q, config=cfg, interpret=True), core.dequantize_jnp(q))
+
+
+def test_table_decode_is_refused_where_it_does_not_apply():
+  q = lj.quantize(jnp.ones((256, 256), jnp.bfloat16), _spec("int4_g128"))
+  plan, _ = gd.plan_of(q)
+  assert not gd.lut_applies(plan)
+  assert all(not c.lut for c in gd.candidate_configs(plan, 256, 256, limit=6))
+  with pytest.raises(ValueError, match="lut=True decodes formats of 8 to 32 codes"):
+    gd.dequantize(q, config=gd.Config(tile_n=128, tile_k=64, k_per_cta=128, lut=True),
+                  interpret=True)
+
+
 @pytest.mark.parametrize("fid", ["int4_g128", "mxfp4", "nvfp4", "uint8"])
 def test_interpreted_kernel_float32_and_3d(fid):
   x = _input(128, 256).astype(jnp.float32).reshape(128, 16, 16)
@@ -172,7 +197,8 @@ def test_the_shipped_table_is_consistent():
     assert e["us"] < (1.0 - MARGIN) * e["xla_us"], kind
   for kind, e in table["entries"].items():
     cfg = gd.Config(tile_n=e["tile_n"], tile_k=e["tile_k"],
-                    k_per_cta=e["k_per_cta"], stages=e["stages"], rows=e["rows"])
+                    k_per_cta=e["k_per_cta"], stages=e["stages"], rows=e["rows"],
+                    lut=e.get("lut", False))
     assert gd.default_config(kinds[kind], k, n) == cfg, kind
 
 
