@@ -98,6 +98,7 @@ def config_table(res: dict) -> dict:
       ent[r["kind"]][r["op"]] = dict(tile_n=tn, tile_k=tk, k_per_cta=kpc,
                                      stages=st, reverse="rev" in parts[4:],
                                      unroll="loop" not in parts[4:],
+                                     lut="lut" in parts[4:],
                                      kernel_us=round(r["us"], 2),
                                      xla_us=_xla_us(res, r["kind"], r["op"]))
   return dict(device=res["device"], jax=res["jax"], command=res["command"],

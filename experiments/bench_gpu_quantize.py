@@ -195,9 +195,9 @@ def markdown(res: dict) -> str:
               "time: us per call (% of roofline = bytes that must move over that "
               "bandwidth). exact: the kernel's outputs equal XLA's bit for bit "
               "(checked on the device).", ""]
-  lines += ["Tiling: tile_n:tile_k:k_per_cta:stages[:rev][:loop] "
+  lines += ["Tiling: tile_n:tile_k:k_per_cta:stages[:rev][:loop][:lut] "
             "(`gpu_quantize.Config`; rev: the grid walked in reverse; loop: rows in "
-            "a loop, not unrolled); "
+            "a loop, not unrolled; lut: NF4's codes by the binned table); "
             "default = `heuristic_config`. fwd+bwd: `fake_quant`'s value and "
             "straight-through gradient, the dispatch forced off (XLA) and to the "
             "kernel.", "",
@@ -274,7 +274,8 @@ def _leaves(out) -> list:
 
 def _cfg_str(c) -> str:
   return (f"{c.tile_n}:{c.tile_k}:{c.k_per_cta}:{c.stages}"
-          + (":rev" if c.reverse else "") + ("" if c.unroll else ":loop"))
+          + (":rev" if c.reverse else "") + ("" if c.unroll else ":loop")
+          + (":lut" if c.lut else ""))
 
 
 def plan(gq, k: int, n: int, dtype, formats: list, extra: list, sweep: bool,

@@ -133,6 +133,9 @@ class Config:
       quantize of bf16 8192x8192 and int4 g128 fake_quant, one row per
       chunk) read 16-18 registers per thread, 19-25 instructions per
       element and issue slots 34-55% busy.
+    lut: NF4's quantize (codes, no values) by a binned table in shared
+      memory (``_lut_codes``: the bin of ``y`` gives the code below it and
+      the one threshold inside it) instead of the binary search.
   """
   tile_n: int = 256
   tile_k: int = 64
@@ -141,6 +144,7 @@ class Config:
   unroll: bool = True
   reverse: bool = False
   rows: int = 0
+  lut: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -376,7 +380,8 @@ def default_config(kind: str, k: int, n: int, x_dtype,
     cfg = Config(tile_n=ent["tile_n"], tile_k=ent["tile_k"],
                  k_per_cta=ent["k_per_cta"], stages=ent["stages"],
                  reverse=bool(ent.get("reverse", False)),
-                 unroll=bool(ent.get("unroll", True)))
+                 unroll=bool(ent.get("unroll", True)),
+                 lut=bool(ent.get("lut", False)))
     if _fits(kind, k, n, x_dtype, cfg, values):
       return cfg
   return heuristic_config(kind, k, n, x_dtype, values)
@@ -505,6 +510,8 @@ def candidate_configs(kind: str, k: int, n: int, x_dtype, values: bool = False,
       more = [rep(base, reverse=True)] + more
     elif _block_of(kind) >= 128:
       more = [rep(base, tile_n=256)] + more  # two columns per thread
+    if kind.startswith("nf4") and not values:  # the binned table's encode
+      more = [rep(base, lut=True)] + more
   for c in [tab] + more:
     if len(out) >= limit:
       break
@@ -631,8 +638,13 @@ def _check_config(kd: _Kind, k: int, n: int, x_dtype, cfg: Config, codes: bool,
                      "multiple of k_per_cta (itself of tile_k) and N of tile_n")
   if cfg.stages < 1:
     raise ValueError(f"stages must be at least 1, got {cfg.stages}")
+  if cfg.lut and not (kd.elem == "lookup" and codes and not values and not mask
+                      and _bisect_levels(len(kd.fmt.table) - 1)):
+    raise ValueError(f"lut=True is NF4's quantize (codes only) by a binned "
+                     f"table; {kd.kind} {'with values' if values else ''} "
+                     "computes its codes otherwise: use lut=False")
   need = _smem(kd.block, kd.bits, kd.scale == "float32", x_dtype, cfg, codes,
-               values, mask)
+               values, mask) + (2 * 4 * _LUT_BINS if cfg.lut else 0)
   if need > MAX_SMEM_BYTES:
     raise ValueError(f"the tiling {cfg} needs {need} bytes of shared memory, "
                      f"more than {MAX_SMEM_BYTES}; lower tile_k or stages")
@@ -893,6 +905,113 @@ def _bisect_index(y, thresholds) -> jax.Array:
   return idx
 
 
+_LUT_BINS = 256  # bins of [-1, 1] (the scaled values of an absmax codebook)
+
+
+@functools.lru_cache(maxsize=None)
+def lut_bins(table: tuple) -> tuple:
+  """(threshold, code below) per bin of ``Config.lut``'s NF4 encode: float32
+  ``[256]`` and int32 ``[256]``, exact by construction.
+
+  The kernel puts ``y`` in bin ``clip(floor(y * 128 + 128), 0, 255)`` (float32
+  arithmetic: ``y * 128`` is exact and the addition rounds monotonically, so
+  each bin is an interval of float32 values, here found by bisection over
+  the float32 order with that same arithmetic). A bin's code below is the
+  count of nearest-rounding thresholds (``_cast._nearest_thresholds``) at or
+  below its smallest value, its threshold the one inside the bin (+inf where
+  none is; no bin holds two: NF4's thresholds are at least 0.07 apart, the
+  bins 1/128 wide), and the code of ``y`` is ``below + (y >= threshold)``:
+  the count of thresholds at or below ``y``, as core's lookup rounding.
+  """
+  thr = np.asarray(_cast._nearest_thresholds(table), np.float32)  # pylint: disable=protected-access
+  half = np.float32(_LUT_BINS // 2)
+
+  def bin_of(y):
+    b = np.floor(np.float32(np.float32(y) * half) + half)
+    return int(min(max(b, 0), _LUT_BINS - 1))
+
+  order = lambda v: int(_cast._f32_order(np.float32(v)))  # pylint: disable=protected-access
+  value = lambda o: np.float32(_cast._f32_from_order(o))  # pylint: disable=protected-access
+  lo_o, hi_o = order(np.float32(-1.0)), order(np.float32(1.0))
+
+  def first_of(b):
+    """The float32 order of the smallest value in [-1, 1] with bin >= b."""
+    if bin_of(value(lo_o)) >= b:
+      return lo_o
+    a, z = lo_o, hi_o + 1  # bin_of(a) < b <= bin_of(z); hi_o + 1: past 1.0
+    while z - a > 1:
+      mid = (a + z) // 2
+      if bin_of(value(mid)) >= b:
+        z = mid
+      else:
+        a = mid
+    return z
+
+  starts = [first_of(b) for b in range(_LUT_BINS)] + [hi_o + 1]
+  out_t = np.full(_LUT_BINS, np.inf, np.float32)
+  out_c = np.zeros(_LUT_BINS, np.int32)
+  for b in range(_LUT_BINS):
+    if starts[b + 1] <= starts[b]:
+      raise ValueError(f"bin {b} holds no float32 value")
+    lo_v, hi_v = value(starts[b]), value(starts[b + 1] - 1)
+    out_c[b] = int(np.sum(thr <= lo_v))
+    inside = thr[(thr > lo_v) & (thr <= hi_v)]
+    if len(inside) > 1:
+      raise ValueError(f"bin {b} of [{lo_v}, {hi_v}] holds {len(inside)} "
+                       "thresholds: the table needs finer bins")
+    if len(inside):
+      out_t[b] = inside[0]
+  return out_t, out_c
+
+
+def _lut_codes(y, thr_ref, below_ref, interp: bool, tn: int):
+  """NF4 codes (uint32) of a float32 ``[tn]`` row ``y`` by the binned table
+  (``lut_bins``) in shared memory: a multiply-add, a floor, a clamp, two
+  shared-memory loads, a comparison and an addition an element, against the
+  binary search's 4 comparisons and 11 selects. A NaN ``y`` (only in a
+  NaN-scaled block) lands in some bin: its code is left to the arithmetic."""
+  half = np.float32(_LUT_BINS // 2)
+  # floor(t) clipped to the bins: the conversion truncates, which is floor on
+  # the clipped t >= 0 (Mosaic GPU lowers no floor)
+  bi = jnp.clip(y * half + half, np.float32(0.0),
+                np.float32(_LUT_BINS - 1)).astype(jnp.int32)
+  if interp:
+    t = jnp.take(thr_ref[...], bi, mode="clip")
+    c = jnp.take(below_ref[...], bi, mode="clip")
+  else:
+    t = _smem_gather(thr_ref, bi, jnp.float32, tn)
+    c = _smem_gather(below_ref, bi, jnp.int32, tn)
+  return (c + (y >= t).astype(jnp.int32)).astype(jnp.uint32)
+
+
+def _smem_gather(ref, idx, dtype, tn: int):
+  """``ref[idx]`` for an int32 ``[tn]`` row of in-range indices into a 1-D
+  shared-memory table: one load an element (Mosaic GPU has no vector gather;
+  each lane loads its own address)."""
+  import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+  lay = plgpu.Layout.WG_STRIDED((tn,), vec_size=tn // 128)
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), lay),
+                     return_type=plgpu.ShapeDtypeStruct((tn,), dtype, lay))
+  def gather(_, table, ids):
+    _, fa, ir, arith, llvm, memref, _ = common._mlir()  # pylint: disable=protected-access
+    i32 = ir.IntegerType.get_signless(32)
+    index = ir.IndexType.get()
+    el = ir.MemRefType(table.type).element_type
+    new = np.empty_like(ids.registers)
+    for i, reg in np.ndenumerate(ids.registers):
+      n_el = ir.VectorType(reg.type).shape[0]
+      out = llvm.mlir_undef(ir.VectorType.get((n_el,), el))
+      for j in range(n_el):
+        pos = llvm.ConstantOp(i32, ir.IntegerAttr.get(i32, j)).result
+        v = memref.load(table, [arith.index_cast(index, llvm.extractelement(reg, pos))])
+        out = llvm.insertelement(out, v, pos)
+      new[i] = out
+    return fa.FragmentedArray(_registers=new, _layout=ids.layout,
+                              _is_signed=True if dtype == jnp.int32 else None)
+  return gather(ref, idx)
+
+
 def _elem_codes_values(kd: _Kind, y, want_codes: bool, want_values: bool):
   """(codes, grid values) of scaled rows ``y`` (either may be None)."""
   fmt = kd.fmt
@@ -1023,7 +1142,7 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
   rch = math.gcd(rch, bs)
   rch = rch * ui // math.gcd(rch, ui)  # ui divides bs, so rch still does
 
-  def do_block(x_ref, c_ref, s_ref, v_ref, m_ref, b, scal):
+  def do_block(x_ref, c_ref, s_ref, v_ref, m_ref, b, scal, luts=None):
     r0 = b * bs
 
     def amax_of(rows):
@@ -1095,6 +1214,8 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
             q = jnp.where(jnp.abs(xr) > thr, jnp.sign(xr), np.float32(0.0))
             c = (q + np.float32(1.0)).astype(jnp.int32).astype(jnp.uint32)
             v = q
+          elif luts is not None:  # Config.lut: NF4's codes by the binned table
+            c, v = _lut_codes(y, luts[0], luts[1], interp, tn), None
           else:
             c, v = _elem_codes_values(kd, y, want_codes, want_values)
           if want_mask:
@@ -1127,6 +1248,7 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
 
     x_gmem = refs.pop(0)
     sc_gmem = refs.pop(0) if has_scal else None
+    lut_gmem = (refs.pop(0), refs.pop(0)) if cfg.lut else None
     c_gmem, s_gmem, v_gmem, m_gmem = outputs()
     x_smem = refs.pop(0)
     c_smem, s_smem, v_smem, m_smem = outputs()
@@ -1147,6 +1269,14 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
       scal = sc_smem[0] if g_rows == 1 else (sc_smem[0], sc_smem[1])
     elif has_scal:
       scal = tuple(sc_gmem[i] for i in range(6))
+    luts = None
+    if cfg.lut:  # the binned table, read once
+      lut_smem = (refs.pop(0), refs.pop(0))
+      lut_bar = refs.pop(0)
+      for g, sm in zip(lut_gmem, lut_smem):
+        plgpu.copy_gmem_to_smem(g, sm, lut_bar.at[0])
+      plgpu.barrier_wait(lut_bar.at[0])
+      luts = lut_smem
 
     def fetch(i, slot):
       plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(row0 + i * tk, tk), col],
@@ -1160,7 +1290,7 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
       ms = m_smem.at[slot] if want_mask else None
 
       def blk(b, carry):
-        do_block(xs, cs, ss, vs, ms, b, scal)
+        do_block(xs, cs, ss, vs, ms, b, scal, luts)
         return carry
 
       _loop(0, nb, blk, 0, unroll)
@@ -1198,13 +1328,22 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
   if given:
     scratch += [plgpu.SMEM((g_rows, tn), jnp.float32),
                 plgpu.Barrier(num_arrivals=1, num_barriers=1)]
+  if cfg.lut:
+    scratch += [plgpu.SMEM((_LUT_BINS,), jnp.float32),
+                plgpu.SMEM((_LUT_BINS,), jnp.int32),
+                plgpu.Barrier(num_arrivals=2, num_barriers=1)]
   extra = {} if interpret is None else {"interpret": interpret}
   kern = plgpu.kernel(body, out_type=tuple(out_types), scratch_types=scratch,
                       grid=(n // tn, k // kc), grid_names=("n", "k"), **extra)
+  lut_args = ()
+  if cfg.lut:
+    thr, below = lut_bins(tuple(float(v) for v in kd.fmt.table))
+    lut_args = (thr, below)
 
   @jax.jit
   def call(x, scal):
-    args = (x,) if scal is None else (x, scal)
+    args = ((x,) if scal is None else (x, scal)) + tuple(
+        jnp.asarray(a) for a in lut_args)
     return kern(*args)
 
   if interpret is None:

@@ -314,13 +314,15 @@ def _two_by_two():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["mxfp8_e4m3", "nf4_g64"])
-def test_quantize_kernel_equals_core(kind):
+@pytest.mark.parametrize("kind,lut", [("mxfp8_e4m3", False), ("nf4_g64", False),
+                                      ("nf4_g64", True)])
+def test_quantize_kernel_equals_core(kind, lut):
   # The production quantize kernel (codes and scales only: for NF4 the
-  # binary search, not the comparisons fake_quant shares with its values),
-  # pipeline slots reused across steps.
+  # binary search, or with lut=True the binned table, not the comparisons
+  # fake_quant shares with its values), pipeline slots reused across steps.
   x = _two_by_two()
-  cfg = gq.Config(tile_n=128, tile_k=64, k_per_cta=128, stages=2, unroll=False)
+  cfg = gq.Config(tile_n=128, tile_k=64, k_per_cta=128, stages=2, unroll=False,
+                  lut=lut)
   spec = _spec(kind)
   got = gq.quantize(x, spec, config=cfg, interpret=True)
   want = lj.quantize(x, spec)
@@ -356,6 +358,49 @@ def test_bisect_index_equals_the_threshold_count():
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want), fmt.name)
   with pytest.raises(ValueError, match="2\\*\\*L - 1"):
     gq._bisect_index(jnp.zeros(4), [0.5, 1.5])  # pylint: disable=protected-access
+
+
+def test_lut_bins_give_the_threshold_count():
+  # Config.lut's NF4 encode: bin clip(floor(y * 128 + 128), 0, 255), then the
+  # code below the bin plus (y >= the bin's threshold). On every float32 near
+  # a threshold or a bin edge, a dense sample of [-1, 1], and the ends.
+  from lowbit_jax.core import _cast  # pylint: disable=g-import-not-at-top
+  table = tuple(lj.formats.get("nf4").table)
+  thr, below = gq.lut_bins(table)
+  c = _cast._nearest_thresholds(table)  # pylint: disable=protected-access
+  edges = (np.arange(-128, 129, dtype=np.float32) / np.float32(128))
+  pts = np.concatenate([c, edges])
+  near = (pts.view(np.uint32).astype(np.int64)[:, None] + np.arange(-3, 4)[None, :])
+  near = np.concatenate([near.ravel(), (-pts).view(np.uint32).astype(np.int64)])
+  y = np.concatenate([near.astype(np.uint32).view(np.float32),
+                      np.linspace(-1, 1, 300_001, dtype=np.float32),
+                      np.float32([-1.0, 1.0, 0.0, -0.0, 1e-45, -1e-45])])
+  y = y[np.abs(y) <= 1]
+  bi = np.clip(np.floor(y * np.float32(128) + np.float32(128)), 0, 255).astype(np.int32)
+  got = below[bi] + (y >= thr[bi])
+  want = np.asarray(_cast._threshold_index(jnp.asarray(y), table))  # pylint: disable=protected-access
+  np.testing.assert_array_equal(got, want)
+
+
+def test_lut_is_refused_where_it_does_not_apply():
+  x = jnp.ones((256, 256), jnp.bfloat16)
+  cfg = gq.Config(tile_n=128, tile_k=64, k_per_cta=128, stages=2, unroll=False,
+                  lut=True)
+  with pytest.raises(ValueError, match="lut=True is NF4's quantize"):
+    gq.quantize(x, _spec("int4_g32"), config=cfg, interpret=True)
+  with pytest.raises(ValueError, match="lut=True is NF4's quantize"):
+    gq.fake_quant_forward(x, _spec("nf4_g64"), config=cfg, interpret=True)
+  cands = gq.candidate_configs("nf4_g64", 8192, 8192, jnp.bfloat16, limit=8)
+  assert any(c.lut for c in cands)
+  assert not any(c.lut for c in gq.candidate_configs(
+      "nf4_g64", 8192, 8192, jnp.bfloat16, values=True, limit=8))
+
+
+def test_lut_kernel_lowers_to_mosaic_gpu():
+  x = jax.ShapeDtypeStruct((1024, 1024), jnp.bfloat16)
+  cfg = gq.Config(tile_n=256, tile_k=64, k_per_cta=256, stages=1, unroll=False,
+                  lut=True)
+  _lower(lambda a: gq.quantize(a, gq.spec_for("nf4_g64"), config=cfg), x)
 
 
 @pytest.mark.slow
@@ -731,7 +776,8 @@ def test_the_shipped_tiling_table_is_consistent():
   for kind, ops in table["entries"].items():
     for op, e in ops.items():
       cfg = gq.Config(tile_n=e["tile_n"], tile_k=e["tile_k"], k_per_cta=e["k_per_cta"],
-                      stages=e["stages"], reverse=e["reverse"], unroll=e["unroll"])
+                      stages=e["stages"], reverse=e["reverse"], unroll=e["unroll"],
+                      lut=e.get("lut", False))
       assert gq.default_config(kind, k, n, jnp.bfloat16, op == "fake_quant") == cfg
 
 
