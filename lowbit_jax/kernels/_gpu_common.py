@@ -530,3 +530,33 @@ def plgpu_load(ref, layout):
 def transpose_ref(ref):
   """A transposed view of a 2-D Pallas ref (``ref.T``; works on jax 0.10 and 0.11)."""
   return ref.T
+
+
+def smem_gather(ref, idx, dtype, tn: int):
+  """``ref[idx]`` for an integer ``[tn]`` row (the warpgroup-strided layout
+  of a row of ``tn`` columns) of in-range indices into a 1-D shared-memory
+  table: one load an element (Mosaic GPU has no vector gather; each lane
+  loads its own address). A table of at most 32 4-byte words has no bank
+  conflicts. GPU build only: the interpreter takes ``jnp.take``."""
+  import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+  lay = plgpu.Layout.WG_STRIDED((tn,), vec_size=tn // 128)
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), lay),
+                     return_type=plgpu.ShapeDtypeStruct((tn,), dtype, lay))
+  def gather(_, table, ids):
+    _, fa, ir, arith, llvm, memref, _ = _mlir()
+    i32 = ir.IntegerType.get_signless(32)
+    index = ir.IndexType.get()
+    el = ir.MemRefType(table.type).element_type
+    new = np.empty_like(ids.registers)
+    for i, reg in np.ndenumerate(ids.registers):
+      n_el = ir.VectorType(reg.type).shape[0]
+      out = llvm.mlir_undef(ir.VectorType.get((n_el,), el))
+      for j in range(n_el):
+        pos = llvm.ConstantOp(i32, ir.IntegerAttr.get(i32, j)).result
+        v = memref.load(table, [arith.index_cast(index, llvm.extractelement(reg, pos))])
+        out = llvm.insertelement(out, v, pos)
+      new[i] = out
+    return fa.FragmentedArray(_registers=new, _layout=ids.layout,
+                              _is_signed=True if dtype == jnp.int32 else None)
+  return gather(ref, idx)

@@ -172,29 +172,7 @@ def _lut_decode(raw, lut_ref, tn: int, interp: bool):
   table in shared memory ``lut_ref``: one shared-memory load an element."""
   if interp:
     return jnp.take(lut_ref[...], raw.astype(jnp.int32), mode="clip")
-  import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
-  lay = plgpu.Layout.WG_STRIDED((tn,), vec_size=tn // 128)
-
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), lay),
-                     return_type=plgpu.ShapeDtypeStruct((tn,), jnp.float32, lay))
-  def gather(_, table, codes):
-    _, fa, ir, arith, llvm, memref, _ = common._mlir()  # pylint: disable=protected-access
-    f32 = ir.F32Type.get()
-    i32 = ir.IntegerType.get_signless(32)
-    index = ir.IndexType.get()
-    new = np.empty_like(codes.registers)
-    for idx, reg in np.ndenumerate(codes.registers):
-      n_el = ir.VectorType(reg.type).shape[0]
-      out = llvm.mlir_undef(ir.VectorType.get((n_el,), f32))
-      for j in range(n_el):
-        pos = llvm.ConstantOp(i32, ir.IntegerAttr.get(i32, j)).result
-        c = llvm.extractelement(reg, pos)
-        v = memref.load(table, [arith.index_cast(index, c)])
-        out = llvm.insertelement(out, v, pos)
-      new[idx] = out
-    return fa.FragmentedArray(_registers=new, _layout=codes.layout,
-                              _is_signed=None)
-  return gather(lut_ref, raw.astype(jnp.uint32))
+  return common.smem_gather(lut_ref, raw.astype(jnp.int32), jnp.float32, tn)
 
 
 # ---------------------------------------------------------------------------

@@ -979,37 +979,9 @@ def _lut_codes(y, thr_ref, below_ref, interp: bool, tn: int):
     t = jnp.take(thr_ref[...], bi, mode="clip")
     c = jnp.take(below_ref[...], bi, mode="clip")
   else:
-    t = _smem_gather(thr_ref, bi, jnp.float32, tn)
-    c = _smem_gather(below_ref, bi, jnp.int32, tn)
+    t = common.smem_gather(thr_ref, bi, jnp.float32, tn)
+    c = common.smem_gather(below_ref, bi, jnp.int32, tn)
   return (c + (y >= t).astype(jnp.int32)).astype(jnp.uint32)
-
-
-def _smem_gather(ref, idx, dtype, tn: int):
-  """``ref[idx]`` for an int32 ``[tn]`` row of in-range indices into a 1-D
-  shared-memory table: one load an element (Mosaic GPU has no vector gather;
-  each lane loads its own address)."""
-  import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
-  lay = plgpu.Layout.WG_STRIDED((tn,), vec_size=tn // 128)
-
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), lay),
-                     return_type=plgpu.ShapeDtypeStruct((tn,), dtype, lay))
-  def gather(_, table, ids):
-    _, fa, ir, arith, llvm, memref, _ = common._mlir()  # pylint: disable=protected-access
-    i32 = ir.IntegerType.get_signless(32)
-    index = ir.IndexType.get()
-    el = ir.MemRefType(table.type).element_type
-    new = np.empty_like(ids.registers)
-    for i, reg in np.ndenumerate(ids.registers):
-      n_el = ir.VectorType(reg.type).shape[0]
-      out = llvm.mlir_undef(ir.VectorType.get((n_el,), el))
-      for j in range(n_el):
-        pos = llvm.ConstantOp(i32, ir.IntegerAttr.get(i32, j)).result
-        v = memref.load(table, [arith.index_cast(index, llvm.extractelement(reg, pos))])
-        out = llvm.insertelement(out, v, pos)
-      new[i] = out
-    return fa.FragmentedArray(_registers=new, _layout=ids.layout,
-                              _is_signed=True if dtype == jnp.int32 else None)
-  return gather(ref, idx)
 
 
 def _elem_codes_values(kd: _Kind, y, want_codes: bool, want_values: bool):
