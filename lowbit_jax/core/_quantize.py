@@ -1278,11 +1278,13 @@ def dequantize_jnp(q: QArray) -> jax.Array:
               and _n_elements(q) >= max(1, _DEQUANT_SKIP_CLIP_MIN_ELEMENTS)
               and q.spec.scale_dtype != "e8m0" and q.tensor_scale is None)
           else None)
+  total = _dequant_totals(q)
   if emax is None:
-    return _dequantize_jnp(q, True)
-  return lax.cond(_dequantize_cannot_overflow(q, _dequant_totals(q), emax),
-                  lambda qq: _dequantize_jnp(qq, False),
-                  lambda qq: _dequantize_jnp(qq, True), q)
+    return _dequantize_jnp(q, total, True)
+  # The per-block factors are computed once and handed to both programs.
+  return lax.cond(_dequantize_cannot_overflow(q, total, emax),
+                  lambda qq, t: _dequantize_jnp(qq, t, False),
+                  lambda qq, t: _dequantize_jnp(qq, t, True), q, total)
 
 
 def _n_elements(q: QArray) -> int:
@@ -1313,7 +1315,7 @@ def _dequant_totals(q: QArray):
   return total
 
 
-def _dequantize_jnp(q: QArray, clip: bool) -> jax.Array:
+def _dequantize_jnp(q: QArray, total, clip: bool) -> jax.Array:
   spec = q.spec
   fmt = spec.storage_format
   codes = unpack(q.codes, fmt, q.pack_axis)
@@ -1331,7 +1333,7 @@ def _dequantize_jnp(q: QArray, clip: bool) -> jax.Array:
     vals = vals[tuple(slice(0, t) for t in target)]
   shape = vals.shape
   bs = _local_block_shape(q.scale.shape, shape)
-  out = _values(vals, _dequant_totals(q), q.zero_point, bs, shape, clip=clip)
+  out = _values(vals, total, q.zero_point, bs, shape, clip=clip)
   out = out[tuple(slice(0, min(d, s)) for d, s in zip(q.shape, shape))]
   return out.astype(q.dtype)
 

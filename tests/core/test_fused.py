@@ -386,7 +386,8 @@ def test_dequantize_skips_its_clip_only_where_nothing_can_overflow(fmt, kw, monk
   edgy[40, 2] = -np.inf
   spec = lb.QuantSpec(fmt, **kw)
   emax = _quantize._max_abs_element(spec.storage_format)  # pylint: disable=protected-access
-  with_clip = jax.jit(lambda qq: _quantize._dequantize_jnp(qq, True))  # pylint: disable=protected-access
+  with_clip = jax.jit(lambda qq: _quantize._dequantize_jnp(  # pylint: disable=protected-access
+      qq, _quantize._dequant_totals(qq), True))  # pylint: disable=protected-access
   can_skip = jax.jit(lambda qq: _quantize._dequantize_cannot_overflow(  # pylint: disable=protected-access
       qq, _quantize._dequant_totals(qq), emax))  # pylint: disable=protected-access
   qs = [lb.quantize(clean, spec), lb.quantize(jnp.asarray(edgy, jnp.bfloat16), spec)]
