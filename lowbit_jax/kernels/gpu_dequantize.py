@@ -140,6 +140,9 @@ def _decode_row(plan: _Plan, raw):
   return decode_codes(raw.astype(jnp.int32), plan.fmt)
 
 
+_LUT_WORDS = 32  # Config.lut's table: 32 float32, 128 bytes
+
+
 def _lut_table(plan: _Plan) -> Optional[np.ndarray]:
   """float32 values of every code of a format of 8 to 32 codes (NF4's 16
   codebook entries, E2M1's 16 floats, E3M1 / E2M2's 32), padded to 32 with the
@@ -151,13 +154,13 @@ def _lut_table(plan: _Plan) -> Optional[np.ndarray]:
   load from 32 words has no bank conflicts (each word its own bank), and 32
   float32 are the 128 bytes Mosaic GPU copies at least (one per thread)."""
   fmt = plan.fmt
-  if isinstance(fmt, LookupFormat) and 8 <= len(fmt.table) <= 32:
+  if isinstance(fmt, LookupFormat) and 8 <= len(fmt.table) <= _LUT_WORDS:
     vals = np.asarray(fmt.table, np.float32)
   elif isinstance(fmt, FloatFormat) and 3 <= fmt.bits <= 5:
     vals = np.asarray(fmt.decode_table(), np.float32)
   else:
     return None
-  out = np.full(32, vals[-1], np.float32)
+  out = np.full(_LUT_WORDS, vals[-1], np.float32)
   out[:len(vals)] = vals
   return out
 
@@ -319,7 +322,7 @@ def _smem(plan: _Plan, n_srows: int, cfg: Config) -> int:
   if plan.zp_dtype is not None:
     side += n_srows * cfg.tile_n * jnp.dtype(plan.zp_dtype).itemsize
   if cfg.lut:
-    side += 128
+    side += 4 * _LUT_WORDS
   return cfg.stages * per + side + 1024
 
 
@@ -421,8 +424,10 @@ def _table_config(plan: _Plan, k: int, n: int) -> Optional[Config]:
   ent = _table().get("entries", {}).get(plan.kind)
   if not ent:
     return None
-  cfg = Config(**{f: ent[f] for f in ("tile_n", "tile_k", "k_per_cta", "stages")
-                  if f in ent}, rows=ent.get("rows", 0), lut=ent.get("lut", False))
+  # Every Config field the entry holds (older entries lack the newer fields,
+  # which then keep their defaults); the entry's timings are not fields.
+  cfg = Config(**{f.name: ent[f.name] for f in dataclasses.fields(Config)
+                  if f.name in ent})
   return cfg if _fits(plan, k, n, cfg) else None
 
 
@@ -457,7 +462,6 @@ def _build(plan: _Plan, k: int, n: int, cfg: Config, interpret):
   val_dt = jnp.dtype(plan.val_dtype)
   has_zp = plan.zp_dtype is not None
   mask = np.uint32((1 << plan.bits) - 1)
-  n_lut = 32 if cfg.lut else 0
   interp = interpret is not None
 
   def scale_factors(s_smem, z_smem, scal, r):
@@ -501,7 +505,7 @@ def _build(plan: _Plan, k: int, n: int, cfg: Config, interpret):
       outs = []
       for j, raw in enumerate(raws):
         zp, f1, f2 = factors(base + j) if callable(factors) else factors
-        v = (_lut_decode(raw, lut_smem, tn, interp) if n_lut
+        v = (_lut_decode(raw, lut_smem, tn, interp) if cfg.lut
              else _decode_row(plan, raw))
         if zp is not None:
           v = v - zp
@@ -521,11 +525,11 @@ def _build(plan: _Plan, k: int, n: int, cfg: Config, interpret):
     c_gmem, s_gmem = refs.pop(0), refs.pop(0)
     z_gmem = refs.pop(0) if has_zp else None
     t_gmem = refs.pop(0) if plan.has_t else None
-    lut_gmem = refs.pop(0) if n_lut else None
+    lut_gmem = refs.pop(0) if cfg.lut else None
     o_gmem = refs.pop(0)
     c_smem, v_smem, s_smem = refs.pop(0), refs.pop(0), refs.pop(0)
     z_smem = refs.pop(0) if has_zp else None
-    lut_smem = refs.pop(0) if n_lut else None
+    lut_smem = refs.pop(0) if cfg.lut else None
     bar, s_bar = refs.pop(0), refs.pop(0)
     ni = lax.axis_index("n")
     ki = lax.axis_index("k")
@@ -543,7 +547,7 @@ def _build(plan: _Plan, k: int, n: int, cfg: Config, interpret):
     if has_zp:
       plgpu.copy_gmem_to_smem(z_gmem.at[pl.ds(srow0, n_sr), col], z_smem,
                               s_bar.at[0])
-    if n_lut:  # the codebook, waited for with the scales
+    if cfg.lut:  # the value table, waited for with the scales
       plgpu.copy_gmem_to_smem(lut_gmem, lut_smem, s_bar.at[0])
     scal = None
     if plan.has_t:
@@ -573,14 +577,14 @@ def _build(plan: _Plan, k: int, n: int, cfg: Config, interpret):
     common.tma_stream(steps, st, bar, fetch, step)
 
   s_shape = (kc,) if plan.row_scale else (n_sr, tn)
-  s_copies = (-(-kc // 256) if plan.row_scale else 1 + has_zp) + bool(n_lut)
+  s_copies = (-(-kc // 256) if plan.row_scale else 1 + has_zp) + cfg.lut
   scratch = [plgpu.SMEM((st, crow, tn), jnp.dtype(plan.code_dtype)),
              plgpu.SMEM((st, tk, tn), out_dt),
              plgpu.SMEM(s_shape, jnp.dtype(plan.scale_dtype))]
   if has_zp:
     scratch.append(plgpu.SMEM((n_sr, tn), jnp.dtype(plan.zp_dtype)))
-  if n_lut:
-    scratch.append(plgpu.SMEM((n_lut,), jnp.float32))
+  if cfg.lut:
+    scratch.append(plgpu.SMEM((_LUT_WORDS,), jnp.float32))
   scratch += [plgpu.Barrier(num_arrivals=1, num_barriers=st),
               plgpu.Barrier(num_arrivals=s_copies, num_barriers=1)]
   extra = {} if interpret is None else {"interpret": interpret}

@@ -377,11 +377,10 @@ def default_config(kind: str, k: int, n: int, x_dtype,
   ent = _table().get("entries", {}).get(kind, {}).get(
       "fake_quant" if values else "quantize")
   if ent:
-    cfg = Config(tile_n=ent["tile_n"], tile_k=ent["tile_k"],
-                 k_per_cta=ent["k_per_cta"], stages=ent["stages"],
-                 reverse=bool(ent.get("reverse", False)),
-                 unroll=bool(ent.get("unroll", True)),
-                 lut=bool(ent.get("lut", False)))
+    # Every Config field the entry holds (older entries lack the newer ones,
+    # which keep their defaults); the entry's timings are not fields.
+    cfg = Config(**{f.name: ent[f.name] for f in dataclasses.fields(Config)
+                    if f.name in ent})
     if _fits(kind, k, n, x_dtype, cfg, values):
       return cfg
   return heuristic_config(kind, k, n, x_dtype, values)
@@ -638,11 +637,10 @@ def _check_config(kd: _Kind, k: int, n: int, x_dtype, cfg: Config, codes: bool,
                      "multiple of k_per_cta (itself of tile_k) and N of tile_n")
   if cfg.stages < 1:
     raise ValueError(f"stages must be at least 1, got {cfg.stages}")
-  if cfg.lut and not (kd.elem == "lookup" and codes and not values and not mask
-                      and _bisect_levels(len(kd.fmt.table) - 1)):
+  if cfg.lut and not (kd.elem == "lookup" and codes and not values and not mask):
+    what = "fake_quant (values)" if values or mask else kd.kind
     raise ValueError(f"lut=True is NF4's quantize (codes only) by a binned "
-                     f"table; {kd.kind} {'with values' if values else ''} "
-                     "computes its codes otherwise: use lut=False")
+                     f"table; {what} is computed otherwise: use lut=False")
   need = _smem(kd.block, kd.bits, kd.scale == "float32", x_dtype, cfg, codes,
                values, mask) + (2 * 4 * _LUT_BINS if cfg.lut else 0)
   if need > MAX_SMEM_BYTES:
@@ -924,6 +922,10 @@ def lut_bins(table: tuple) -> tuple:
   the count of thresholds at or below ``y``, as core's lookup rounding.
   """
   thr = np.asarray(_cast._nearest_thresholds(table), np.float32)  # pylint: disable=protected-access
+  if not (-1.0 <= min(table) and max(table) <= 1.0):
+    raise ValueError(f"the binned encode covers [-1, 1], the scaled values of "
+                     f"an absmax codebook; this table spans [{min(table)}, "
+                     f"{max(table)}]: use lut=False")
   half = np.float32(_LUT_BINS // 2)
 
   def bin_of(y):
@@ -966,7 +968,7 @@ def lut_bins(table: tuple) -> tuple:
 
 def _lut_codes(y, thr_ref, below_ref, interp: bool, tn: int):
   """NF4 codes (uint32) of a float32 ``[tn]`` row ``y`` by the binned table
-  (``lut_bins``) in shared memory: a multiply-add, a floor, a clamp, two
+  (``lut_bins``) in shared memory: a multiply-add, a clamp, a conversion, two
   shared-memory loads, a comparison and an addition an element, against the
   binary search's 4 comparisons and 11 selects. A NaN ``y`` (only in a
   NaN-scaled block) lands in some bin: its code is left to the arithmetic."""

@@ -388,8 +388,10 @@ def test_lut_is_refused_where_it_does_not_apply():
                   lut=True)
   with pytest.raises(ValueError, match="lut=True is NF4's quantize"):
     gq.quantize(x, _spec("int4_g32"), config=cfg, interpret=True)
-  with pytest.raises(ValueError, match="lut=True is NF4's quantize"):
+  with pytest.raises(ValueError, match="fake_quant .values. is computed otherwise"):
     gq.fake_quant_forward(x, _spec("nf4_g64"), config=cfg, interpret=True)
+  with pytest.raises(ValueError, match="covers .-1, 1.*spans .0.0, 15.0."):
+    gq.lut_bins(tuple(float(v) for v in range(16)))  # not an absmax codebook
   cands = gq.candidate_configs("nf4_g64", 8192, 8192, jnp.bfloat16, limit=8)
   assert any(c.lut for c in cands)
   assert not any(c.lut for c in gq.candidate_configs(
