@@ -85,6 +85,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import glob
 import json
 import math
@@ -430,6 +431,23 @@ def candidates(wo, prob, tune: bool, few: bool = False, fast=None):
     # flight while chunk c + 1 is decoded), for the first tiling and the
     # first three candidates; not yet timed on a GPU.
     cands += [dataclasses.replace(c, k_chunks=2) for c in [out[0]] + cands[:3]]
+    # Two compute warpgroups, each half of the CTA's weight rows, one
+    # activation tile loaded for both (Config.n_split; not yet timed on a
+    # GPU). At decode, two warpgroups decoding per CTA; from M = 64 on, the
+    # activation tile read once per 128-256 weight rows instead of 64.
+    ns = functools.partial(C, ws=True, n_split=True, fast_decode=f and e2m1)
+    if m <= 16:
+      cands += [ns(128, 256, tm, 4, 2), ns(128, 256, tm, 4, 4),
+                ns(128, 128, tm, 4, 2), ns(256, 256, tm, 3, 2)]
+    elif m <= 64:
+      cands += [ns(128, 256, tm, 3, 1), ns(128, 128, tm, 4, 1),
+                ns(256, 128, tm, 3, 1)]
+    else:
+      # And the one-warpgroup 128-row tile with two stages (80 KB: two CTAs
+      # an SM, one's decode beside the other's MMA).
+      cands += [ns(128, 128, 128, 3, 1), ns(256, 128, 128, 3, 1),
+                ns(256, 128, 128, 3, 1, k_chunks=2), ns(256, 128, 128, 2, 1),
+                C(128, 128, 128, 2, 1)]
     for c in cands:
       if c not in out and wo._shape_ok(prob, c):  # pylint: disable=protected-access
         out.append(c)
@@ -1031,7 +1049,7 @@ def write_outputs(res, out_dir: str, tag: str):
             "| weight | K x N | M | XLA bf16 | XLA fused | dequant ref | kernel | "
             "dispatched | roofline | % roofline (kernel) | kernel vs bf16 | kernel "
             "vs fused | kernel vs ref | config (tile_n, tile_k, tile_m, stages, "
-            "split_k, ws, fast_decode[, k_chunks]) |",
+            "split_k, ws, fast_decode[, k_chunks[, n_split]]) |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for x in sorted(res["wo"], key=lambda r: (r["kernel"], r["k"], r["n"], r["m"])):
     ku = x.get("kernel_us")

@@ -22,12 +22,24 @@ interpreter (simulated shared memory, TMA and barriers, optional race detection)
 only the in-register helpers are swapped for whole-tile jnp twins there, because
 the interpreter cannot run raw MLIR (``tests/kernels/test_gpu_interpret.py``).
 
-Two variants: the default runs one warpgroup per CTA (``Config(ws=False)``, the
-one measured on an H100); ``Config(ws=True)`` is warp-specialized (a TMA
+Three variants: the default runs one warpgroup per CTA (``Config(ws=False)``,
+the one measured on an H100); ``Config(ws=True)`` is warp-specialized (a TMA
 warpgroup and two compute warpgroups that each take half of every K step and add
 their partial sums through shared memory), tested on CPU and the H200, where it
 was slower than the default on every decode row timed
 (benchmarks/kernels_h200_runs/run_tune2.md); the tuner no longer tries it.
+``Config(ws=True, n_split=True)`` gives the two compute warpgroups half of the
+CTA's weight rows each instead (a ``tile_n`` of 128 or 256): both read the one
+activation tile the TMA warpgroup loads, each dequantizes and multiplies its
+own rows, keeps its own accumulator and writes its own output columns, so no
+partial sums meet. It is the split the notes of run_tune2 and of the Nsight
+profile ask for (``benchmarks/kernels_h200_notes.md``): two warpgroups
+decoding while the other's WGMMA runs, and from M = 64 on an activation tile
+read once for 128-256 weight rows rather than for 64 (the activation re-reads
+through L2 are what the one-warpgroup kernel's 64x128 tiles pay for at
+M = 256). Tested in the interpreter; not yet timed on a GPU, so the tuner
+offers it as a candidate and the table keeps it only where it measures
+fastest.
 
 Dispatch is data: ``gpu_tuned_configs.json`` beside this file (written by
 ``experiments/bench_kernels.py --mode=tune``) holds, per weight case (``int4_g128``,
@@ -71,6 +83,10 @@ class Config:
     split_k: number of K slices computed by separate CTAs.
     ws: warp-specialized (a TMA warpgroup and two compute warpgroups, each
       taking half of every K step) instead of one warpgroup doing everything.
+    n_split: with ``ws``, the two compute warpgroups split the CTA's
+      ``tile_n`` weight rows (each ``tile_n // 2``, a multiple of 64) and the
+      whole of every K step, instead of half of every K step and all rows;
+      no reduction between them.
     fast_decode: for E2M1 weights (fp4_e2m1, MXFP4, NVFP4), decode two codes
       with byte permutes (``_E2M1_PTX``, about half the instructions of the
       bit-by-bit path) and convert NVFP4's E4M3 scales with the hardware
@@ -91,6 +107,7 @@ class Config:
   ws: bool = False
   fast_decode: bool = False
   k_chunks: int = 1
+  n_split: bool = False
 
 
 def _validate(problem: MatmulProblem) -> None:
@@ -296,7 +313,7 @@ def smem_bytes(problem: MatmulProblem, cfg: Config) -> int:
   itemsize = 1 if problem.w_format in ("mxfp4", "nvfp4") else 2
   groups = 1 if g is None else problem.k // cfg.split_k // g
   total = cfg.stages * per_stage + cfg.tile_n * groups * itemsize
-  if cfg.ws:
+  if cfg.ws and not cfg.n_split:
     total += cfg.tile_n * cfg.tile_m * 4
   return total
 
@@ -318,7 +335,9 @@ def _tiles_ok(problem: MatmulProblem, cfg: Config) -> bool:
     return False
   if m > cfg.tile_m and m % cfg.tile_m:
     return False
-  tkw = cfg.tile_k // (2 if cfg.ws else 1)
+  if cfg.n_split and not (cfg.ws and cfg.tile_n % 128 == 0):
+    return False  # two warpgroups of a multiple of 64 rows each
+  tkw = cfg.tile_k // (2 if cfg.ws and not cfg.n_split else 1)
   if cfg.k_chunks < 1 or tkw % cfg.k_chunks:
     return False
   ckw = tkw // cfg.k_chunks  # columns dequantized and multiplied at a time
@@ -840,8 +859,10 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
 
   With ``cfg.ws`` the kernel is warp-specialized: one warpgroup issues the TMA
   copies and two compute warpgroups each dequantize and multiply one half of every
-  K step, their partial sums are added through shared memory at the end. Without
-  it one warpgroup does everything with a software pipeline.
+  K step, their partial sums are added through shared memory at the end; with
+  ``cfg.n_split`` as well, each compute warpgroup takes half of the weight rows
+  and all of every K step, and writes its own output columns. Without ``ws``
+  one warpgroup does everything with a software pipeline.
 
   ``interpret`` (``InterpretGPUParams`` or None) runs the kernel in the Mosaic GPU
   interpreter, with the register helpers replaced by their ``_jnp_*`` twins.
@@ -851,8 +872,10 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
 
   tile_n, tile_k, tile_m = cfg.tile_n, cfg.tile_k, cfg.tile_m
   ws = cfg.ws
-  n_compute = 2 if ws else 1
-  tkw = tile_k // n_compute  # K columns each compute warpgroup handles per step
+  n_split = ws and cfg.n_split
+  k_parts = 2 if ws and not n_split else 1
+  tkw = tile_k // k_parts  # K columns each compute warpgroup handles per step
+  wrows = tile_n // 2 if n_split else tile_n  # weight rows per compute warpgroup
   kch = cfg.k_chunks
   ckw = tkw // kch  # K columns dequantized and multiplied at a time
   split = cfg.split_k
@@ -901,7 +924,7 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
 
     @plgpu.inline_mgpu(
         arg_types=(plgpu.Layout.WGMMA,),
-        return_type=plgpu.ShapeDtypeStruct((tile_n, ckw), jnp.bfloat16,
+        return_type=plgpu.ShapeDtypeStruct((wrows, ckw), jnp.bfloat16,
                                            plgpu.Layout.WGMMA))
     def to_bf16(_, wf):
       if cfg.fast_decode:
@@ -915,16 +938,18 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
 
     @plgpu.inline_mgpu(
         arg_types=(plgpu.RefType(), plgpu.Layout.WGMMA),
-        return_type=plgpu.ShapeDtypeStruct((tile_n, ckw), jnp.bfloat16,
+        return_type=plgpu.ShapeDtypeStruct((wrows, ckw), jnp.bfloat16,
                                            plgpu.Layout.WGMMA))
     def apply(_, s, wf):
       return _scale_regs(wf, s, group, ckw, kind, cfg.fast_decode)
     return apply(s_ref, w)
 
-  def mma_step(kk, x_ref, w_ref, acc_ref, s_smem, s_bar, part, stage=None):
+  def mma_step(kk, x_ref, w_ref, acc_ref, s_smem, s_bar, part, stage=None,
+               s_rows=slice(None)):
     """Dequantizes columns ``part`` of this step's tiles and accumulates,
     ``k_chunks`` column chunks at a time (each chunk's MMA in flight while
-    the next is decoded)."""
+    the next is decoded). ``w_ref`` holds this warpgroup's weight rows,
+    ``s_rows`` selects their rows of the group scales."""
     if not per_channel:
       @pl.when(kk == 0)
       def _():
@@ -937,7 +962,7 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
       if not per_channel:
         col0 = kk * tile_k + part * tkw + c * ckw
         g0 = col0 // group
-        w = scale_w(w, s_smem.at[g0 // scale_cw, :,
+        w = scale_w(w, s_smem.at[g0 // scale_cw, s_rows,
                                  pl.ds(g0 % scale_cw, ng_step)])
       if interp:
         common.interpret_wgmma(acc_ref, w, xc[...], stage)
@@ -960,9 +985,17 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
                       pl.ds(si * ng_total + c * scale_cw, scale_cw)],
             s_smem.at[c], s_bar.at[0])
 
-  def epilogue(acc, s_smem, s_bar, t_gmem, o_gmem, n0, mi, si):
+  def epilogue(acc, s_smem, s_bar, t_gmem, o_gmem, n0, mi, si, r0=None):
+    """Scales and stores an accumulator of ``acc.shape[0]`` weight rows: the
+    CTA's rows from ``n0``, or with ``r0`` those from ``n0 + r0`` (the
+    per-channel scales' rows from ``r0`` in ``s_smem``)."""
+    rows = acc.shape[0]
     if per_channel:
       plgpu.barrier_wait(s_bar.at[0])
+    if r0 is not None:
+      if per_channel:
+        s_smem = s_smem.at[pl.ds(r0, rows)]
+      n0 = n0 + r0
     if interp and (per_channel or has_t):
       acc = _jnp_scale_acc_rows(acc, s_smem[...] if per_channel else None, kind,
                                 t_gmem[0] if has_t else None)
@@ -975,16 +1008,16 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
 
       @plgpu.inline_mgpu(
           arg_types=tuple(arg_types),
-          return_type=plgpu.ShapeDtypeStruct((tile_n, tile_m), jnp.float32,
+          return_type=plgpu.ShapeDtypeStruct((rows, tile_m), jnp.float32,
                                              plgpu.Layout.WGMMA))
       def epi(_, a, s, *t):
         return _scale_acc_rows(a, s if per_channel else None, kind,
                                t[0] if t else None)
       acc = epi(*args)
     if split > 1:
-      o_view = o_gmem.at[si, pl.ds(mi * tile_m, rows_out), pl.ds(n0, tile_n)]
+      o_view = o_gmem.at[si, pl.ds(mi * tile_m, rows_out), pl.ds(n0, rows)]
     else:
-      o_view = o_gmem.at[pl.ds(mi * tile_m, rows_out), pl.ds(n0, tile_n)]
+      o_view = o_gmem.at[pl.ds(mi * tile_m, rows_out), pl.ds(n0, rows)]
 
     if interp:
       o_view[...] = acc.T[:rows_out].astype(acc_out_dtype)
@@ -1057,30 +1090,40 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
 
     ignore = lambda *_, **__: None
 
+    # The K split adds the two partial sums through shared memory; the N split
+    # has none to add.
+    red = {} if n_split else dict(
+        red_smem=plgpu.SMEM((tile_n, tile_m), jnp.float32),
+        red_bar=plgpu.Barrier(num_barriers=1))
+
     @functools.partial(
         pl.run_scoped,
         allocs=get_pipeline(ignore, ignore).get_allocations(x_view, w_view),
         s_smem=s_scratch,
         s_bar=plgpu.Barrier(num_arrivals=n_scale_copies, num_barriers=1),
-        red_smem=plgpu.SMEM((tile_n, tile_m), jnp.float32),
-        red_bar=plgpu.Barrier(num_barriers=1),
+        **red,
         # Interpret mode only: per-warpgroup operand staging for the wgmma.
         **({} if not interp else dict(
-            stage_a=plgpu.SMEM((2, tile_n, ckw), jnp.bfloat16),
+            stage_a=plgpu.SMEM((2, wrows, ckw), jnp.bfloat16),
             stage_b=plgpu.SMEM((2, ckw, tile_m), jnp.bfloat16))),
         collective_axes="wg",
     )
-    def _scope(allocs, s_smem, s_bar, red_smem, red_bar, **stage_refs):
+    def _scope(allocs, s_smem, s_bar, red_smem=None, red_bar=None,
+               **stage_refs):
       @pl.when(wg == 0)
       def _():
         issue_scale_copy(s_gmem, s_smem, s_bar, n0, si)
 
       def compute_context(run):
         @functools.partial(pl.run_scoped,
-                           acc_ref=plgpu.ACC((tile_n, tile_m), jnp.float32))
+                           acc_ref=plgpu.ACC((wrows, tile_m), jnp.float32))
         def _acc(acc_ref):
           run(acc_ref)
           acc = acc_ref[...]
+          if n_split:
+            epilogue(acc, s_smem, s_bar, t_gmem, o_gmem, n0, mi, si,
+                     r0=pl.multiple_of(wg * wrows, wrows))
+            return
 
           @pl.when(wg == 1)
           def _():
@@ -1096,11 +1139,16 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
             epilogue(total, s_smem, s_bar, t_gmem, o_gmem, n0, mi, si)
 
       def body(idx, x_smem, w_smem, acc_ref):
-        ks = pl.ds(wg * tkw, tkw)
         stage = (stage_refs["stage_a"].at[wg], stage_refs["stage_b"].at[wg]) if (
             interp) else None
-        mma_step(idx[0], x_smem.at[:, ks], w_smem.at[:, ks], acc_ref, s_smem,
-                 s_bar, wg, stage)
+        if n_split:
+          rows = pl.ds(pl.multiple_of(wg * wrows, wrows), wrows)
+          mma_step(idx[0], x_smem, w_smem.at[rows, :], acc_ref, s_smem, s_bar,
+                   0, stage, s_rows=rows)
+        else:
+          ks = pl.ds(wg * tkw, tkw)
+          mma_step(idx[0], x_smem.at[:, ks], w_smem.at[:, ks], acc_ref, s_smem,
+                   s_bar, wg, stage)
         return acc_ref
 
       get_pipeline(body, compute_context)(x_view, w_view, allocations=allocs)
@@ -1171,6 +1219,10 @@ def matmul(operands: MatmulOperands, problem: MatmulProblem, *,
   """
   params = common.interpret_params(interpret)
   _validate(problem)
+  if config is not None and config.n_split and not config.ws:
+    raise ValueError(f"Config(n_split=True) splits the rows between the two "
+                     f"compute warpgroups of the warp-specialized kernel: pass "
+                     f"ws=True as well (got {config})")
   cfg = config
   if cfg is None:
     cfg = tuned_config(problem)

@@ -131,6 +131,36 @@ def test_weight_only_warp_specialized_kernel(fmt, group, chunks):
   assert rel_err(out, np_weight_only(ops, prob)) < 1e-5
 
 
+@pytest.mark.parametrize("fmt,group,tile_n,m,extra", [
+    ("int4", 128, 128, 16, {}), ("int8", None, 128, 5, {}),
+    ("nvfp4", 16, 128, 16, {}), ("mxfp4", 32, 256, 8, {}),
+    ("fp4_e2m1", 32, 128, 16, dict(split_k=2)),
+    ("int4", None, 256, 16, dict(k_chunks=2)),
+    ("int4", 64, 128, 32, dict(tile_m=16))])
+def test_weight_only_n_split_kernel(fmt, group, tile_n, m, extra):
+  # ws with n_split: the TMA warpgroup loads one activation tile for both
+  # compute warpgroups, each dequantizes and multiplies its own half of the
+  # weight rows (its own group / channel scales) and writes its own output
+  # columns. 2 N tiles, 4 K steps through 2 stages; M = 5 in an 8-row tile,
+  # M = 32 in two M tiles, a K split, two K chunks.
+  cfg = _wo_cfg(tile_n=tile_n, tile_k=256, tile_m=max(8, -(-m // 8) * 8),
+                ws=True, n_split=True)
+  cfg = dataclasses.replace(cfg, **extra)
+  _check_wo(fmt, group, m, 2 * tile_n, 1024 * cfg.split_k, cfg, seed=9)
+
+
+def test_weight_only_n_split_is_refused_without_ws_or_half_tiles():
+  ops, prob = make_wo(jax.random.key(8), "int4", 128, 8, 256, 1024)
+  with pytest.raises(ValueError, match="pass ws=True"):
+    gpu_weight_only.matmul(ops, prob, config=_wo_cfg(tile_n=128, n_split=True),
+                           interpret=True)
+  # 64 weight rows leave 32 a warpgroup: not a WGMMA's 64.
+  cfg = _wo_cfg(tile_n=64, ws=True, n_split=True)
+  assert not gpu_weight_only._tiles_ok(prob, cfg)  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="does not fit the tiling"):
+    gpu_weight_only.matmul(ops, prob, config=cfg, interpret=True)
+
+
 def test_weight_only_kernel_has_no_races():
   ops, prob = make_wo(jax.random.key(6), "int4", 32, 16, 128, 2048)
   out = gpu_weight_only.matmul(

@@ -71,6 +71,25 @@ def test_weight_only_kernel_real_shape(ws):
   assert rel_err(out, gpu_weight_only.reference(ops, prob)) < 1e-2
 
 
+@pytest.mark.parametrize("fmt,group", [("int4", None), ("int4", 128),
+                                       ("int8", None), ("fp4_e2m1", 32),
+                                       ("mxfp4", 32), ("nvfp4", 16)])
+@pytest.mark.parametrize("m,tile_n,tile_m,tile_k", [(1, 128, 8, 256),
+                                                    (16, 256, 16, 256),
+                                                    (256, 128, 128, 128)])
+def test_weight_only_n_split_matches_reference(fmt, group, m, tile_n, tile_m,
+                                               tile_k):
+  # Config(ws=True, n_split=True): two compute warpgroups, each its half of
+  # the CTA's weight rows; decode and M = 256 (two M tiles of 128).
+  n, k = 2048, 4096
+  ops, prob = _wo_ops(fmt, group, m, n, k)
+  cfg = gpu_weight_only.Config(tile_n=tile_n, tile_k=tile_k, tile_m=tile_m,
+                               stages=3, split_k=1, ws=True, n_split=True)
+  out = _run_poisoned(lambda o: gpu_weight_only.matmul(o, prob, config=cfg),
+                      ops, (m, n), jnp.bfloat16)
+  assert rel_err(out, gpu_weight_only.reference(ops, prob)) < 1e-2
+
+
 @pytest.mark.parametrize("fmt,group", [("fp4_e2m1", 32), ("mxfp4", 32),
                                        ("nvfp4", 16)])
 @pytest.mark.parametrize("m,n,k", [(1, 1024, 2048), (16, 4096, 8192)])

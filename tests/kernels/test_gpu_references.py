@@ -235,7 +235,10 @@ def _lower(fn, ops):
     ("int4", 128, 16, True), ("nvfp4", 16, 1, True), ("mxfp4", 32, 16, "fast"),
     ("nvfp4", 16, 1, "fast"), ("int4", 128, 1, "chunks"), ("int4", None, 16, "chunks"),
     ("int8", None, 1, "chunks"), ("mxfp4", 32, 1, "fast+chunks"),
-    ("nvfp4", 16, 16, "fast+chunks")])
+    ("nvfp4", 16, 16, "fast+chunks"), ("int4", 128, 1, "nsplit"),
+    ("int4", None, 16, "nsplit"), ("int8", None, 128, "nsplit"),
+    ("mxfp4", 32, 64, "nsplit"), ("nvfp4", 16, 16, "nsplit+fast"),
+    ("fp4_e2m1", 128, 128, "nsplit256")])
 def test_weight_only_kernel_lowers_to_mosaic_gpu(fmt, group, m, ws):
   n, k = 1024, 4096
   four = fmt != "int8"
@@ -248,7 +251,13 @@ def test_weight_only_kernel_lowers_to_mosaic_gpu(fmt, group, m, ws):
   prob = MatmulProblem(m=m, n=n, k=k, x_dtype="bfloat16", w_format=fmt,
                        w_block=group)
   cfg = gpu_weight_only._decode_config(prob)  # pylint: disable=protected-access
-  if isinstance(ws, str):  # fast_decode and / or two K chunks a step
+  if isinstance(ws, str) and ws.startswith("nsplit"):
+    # Two compute warpgroups, each its half of 128 (or 256) weight rows.
+    cfg = dataclasses.replace(cfg, ws=True, n_split=True,
+                              tile_n=256 if "256" in ws else 128,
+                              fast_decode="fast" in ws)
+    assert gpu_weight_only._shape_ok(prob, cfg)  # pylint: disable=protected-access
+  elif isinstance(ws, str):  # fast_decode and / or two K chunks a step
     cfg = dataclasses.replace(cfg, fast_decode="fast" in ws,
                               k_chunks=2 if "chunks" in ws else 1)
     assert gpu_weight_only._shape_ok(prob, cfg)  # pylint: disable=protected-access
