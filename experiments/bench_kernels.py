@@ -385,13 +385,15 @@ def candidates(wo, prob, tune: bool, few: bool = False, fast=None):
     wo: the gpu_weight_only module.
     prob: the problem.
     tune: False: the table's (or the default) tiling, and for E2M1 weights the
-      same with ``fast_decode``; True: also the other candidates.
+      same with ``fast_decode`` flipped and with ``lut_decode`` flipped; True:
+      also the other candidates.
     few: at most three.
     fast: ``fast_decode`` for the other candidates of E2M1 weights (None: the
       first ones' setting, False).
 
   Returns:
-    Configs, the table's / default first (then its fast_decode twin).
+    Configs, the table's / default first (then its fast_decode and
+    lut_decode twins).
   """
   out = []
   for base in (wo.tuned_config(prob), wo._decode_config(prob)):  # pylint: disable=protected-access
@@ -401,6 +403,10 @@ def candidates(wo, prob, tune: bool, few: bool = False, fast=None):
   e2m1 = prob.w_format in ("fp4_e2m1", "mxfp4", "nvfp4")
   if out and e2m1:
     out.append(dataclasses.replace(out[0], fast_decode=not out[0].fast_decode))
+    # The table-lookup E2M1 decode (Config.lut_decode, session 30: about 4
+    # instructions a pair against fast_decode's 6.5 and the bit path's 13;
+    # not yet timed on a GPU), with the first tiling's scale conversion.
+    out.append(dataclasses.replace(out[0], lut_decode=not out[0].lut_decode))
   if tune and out:
     C = wo.Config
     m, n = prob.m, prob.n
@@ -431,6 +437,8 @@ def candidates(wo, prob, tune: bool, few: bool = False, fast=None):
     # flight while chunk c + 1 is decoded), for the first tiling and the
     # first three candidates; not yet timed on a GPU.
     cands += [dataclasses.replace(c, k_chunks=2) for c in [out[0]] + cands[:3]]
+    if e2m1:
+      cands += [dataclasses.replace(c, lut_decode=True) for c in cands[:3]]
     # Two compute warpgroups, each half of the CTA's weight rows, one
     # activation tile loaded for both (Config.n_split; not yet timed on a
     # GPU). At decode, two warpgroups decoding per CTA; from M = 64 on, the
@@ -1049,7 +1057,7 @@ def write_outputs(res, out_dir: str, tag: str):
             "| weight | K x N | M | XLA bf16 | XLA fused | dequant ref | kernel | "
             "dispatched | roofline | % roofline (kernel) | kernel vs bf16 | kernel "
             "vs fused | kernel vs ref | config (tile_n, tile_k, tile_m, stages, "
-            "split_k, ws, fast_decode[, k_chunks[, n_split]]) |",
+            "split_k, ws, fast_decode[, k_chunks[, n_split[, lut_decode]]]) |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for x in sorted(res["wo"], key=lambda r: (r["kernel"], r["k"], r["n"], r["m"])):
     ku = x.get("kernel_us")

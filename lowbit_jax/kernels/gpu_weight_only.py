@@ -87,6 +87,11 @@ class Config:
       ``tile_n`` weight rows (each ``tile_n // 2``, a multiple of 64) and the
       whole of every K step, instead of half of every K step and all rows;
       no reduction between them.
+    lut_decode: for E2M1 weights, decode by two byte-permute table lookups
+      (``_e2m1_regs_to_bf16_lut``: about 4 instructions a pair of codes and
+      the exact bf16 values, no multiply by 2**126), instead of the
+      bit-by-bit path or ``fast_decode``'s permutes (``fast_decode`` still
+      picks NVFP4's scale conversion); no effect on int4 / int8.
     fast_decode: for E2M1 weights (fp4_e2m1, MXFP4, NVFP4), decode two codes
       with byte permutes (``_E2M1_PTX``, about half the instructions of the
       bit-by-bit path) and convert NVFP4's E4M3 scales with the hardware
@@ -108,6 +113,7 @@ class Config:
   fast_decode: bool = False
   k_chunks: int = 1
   n_split: bool = False
+  lut_decode: bool = False
 
 
 def _validate(problem: MatmulProblem) -> None:
@@ -710,6 +716,105 @@ def _e2m1_regs_to_bf16_prmt(w):
                             _is_signed=None)
 
 
+def _e2m1_lut_tables() -> tuple[int, int, int, int]:
+  """The four 32-bit constants of ``_E2M1_LUT_PTX``: ``(u_lo, u_hi, t_lo,
+  t_hi)``.
+
+  ``t`` is an 8-byte table holding every byte a bf16 E2M1 value has: the low
+  bytes 00/40/80/C0 at even slots, the high bytes 00/3F/40 of the positive
+  magnitudes at slots 0-2 and their negatives 80/BF/C0 at the same slots
+  plus 4. ``u`` maps a magnitude (three bits) to one selector byte for the
+  lookup in ``t``: the slot of its value's low byte in the low nibble, of its
+  high byte in the high nibble. A negative code's high-byte slot is the same
+  or 4 (``| 0x40`` on the selector byte). No selector nibble has bit 3 set,
+  so both lookups stay in ``prmt``'s plain mode.
+  """
+  import ml_dtypes  # pylint: disable=g-import-not-at-top
+  t = [0x00, 0x3F, 0x40, 0x00, 0x80, 0xBF, 0xC0, 0x00]
+  u = []
+  for mag in common.E2M1_VALUES:
+    bits = int(np.array(mag, ml_dtypes.bfloat16).view(np.uint16))
+    lo, hi = bits & 0xFF, bits >> 8
+    lo_slot = t.index(lo, 0) if lo else 0
+    hi_slot = t.index(hi)
+    if lo_slot % 2 or hi_slot > 2 or t[hi_slot | 4] != hi | 0x80:
+      raise AssertionError(f"E2M1 value {mag} does not fit the lookup table")
+    u.append(lo_slot | hi_slot << 4)
+  word = lambda b: sum(v << (8 * i) for i, v in enumerate(b))  # noqa: E731
+  return word(u[:4]), word(u[4:]), word(t[:4]), word(t[4:])
+
+
+# Two-level E2M1 decode (Config.lut_decode). $1: four codes' magnitudes in the
+# low 16 bits (a nibble each), $2: the same four codes with their signs. The
+# first prmt turns each magnitude into its selector byte for the value table;
+# the second gives 0xFF for a negative code's byte (sign-replicate mode on
+# bytes of 0x80) and 0x80 for a positive one, whose bit 6 moves the high
+# byte's slot to the negative half of the table.
+_E2M1_LUT_IDX_PTX = """{{
+.reg .b32 s, k, ul, uh;
+mov.b32 k, 0x80808080;
+mov.b32 ul, {u_lo};
+mov.b32 uh, {u_hi};
+prmt.b32 s, k, k, $2;
+prmt.b32 $0, ul, uh, $1;
+lop3.b32 $0, $0, s, 0x40404040, 0xF8;
+}}"""
+# Two bf16 values (lanes 0, 1) from two selector bytes (the low 16 bits of $1).
+_E2M1_LUT_PTX = """{{
+.reg .b32 tl, th;
+mov.b32 tl, {t_lo};
+mov.b32 th, {t_hi};
+prmt.b32 $0, tl, th, $1;
+}}"""
+
+
+def _e2m1_regs_to_bf16_lut(w):
+  """``_e2m1_regs_to_bf16`` by table lookups (``_E2M1_LUT_IDX_PTX`` once per
+  four codes, ``_E2M1_LUT_PTX`` once per pair), exact bf16 values.
+
+  Where a register is a slice of a 32-bit vector, the selector word of each
+  16-bit half of the word is shared by its two byte pairs.
+  """
+  mgpu, fa, ir, arith, llvm, _, vector = common._mlir()
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils  # pylint: disable=g-import-not-at-top
+  bf16 = ir.BF16Type.get()
+  i8 = ir.IntegerType.get_signless(8)
+  i32 = ir.IntegerType.get_signless(32)
+  c32 = lambda v: arith.constant(i32, v)
+  u_lo, u_hi, t_lo, t_hi = _e2m1_lut_tables()
+  idx_ptx = _E2M1_LUT_IDX_PTX.format(u_lo=hex(u_lo), u_hi=hex(u_hi))
+  val_ptx = _E2M1_LUT_PTX.format(t_lo=hex(t_lo), t_hi=hex(t_hi))
+  selectors = {}
+  new_regs = w.registers.copy()
+  for idx, reg in np.ndenumerate(w.registers):
+    op = getattr(reg.owner, "opview", None)
+    if (isinstance(op, vector.ExtractStridedSliceOp)
+        and mgpu_utils.bitwidth(op.source.type) == 32
+        and op.strides[0].value == 1):
+      src, part = op.source, op.offsets[0].value // 2
+    else:
+      src, part = reg, 0
+    key = (src, part // 2)
+    sel = selectors.get(key) if src is not reg else None
+    if sel is None:
+      if src is reg:
+        word = arith.extui(i32, mgpu_utils.bitcast(reg, i8))
+      else:
+        word = mgpu_utils.bitcast(src, i32)
+      if part >= 2:
+        word = arith.shrui(word, c32(16))
+      mags = arith.andi(word, c32(0x7777))
+      sel = llvm.inline_asm(i32, [mags, word], idx_ptx, "=r,r,r")
+      if src is not reg:
+        selectors[key] = sel
+    if part % 2:
+      sel = arith.shrui(sel, c32(16))
+    bits = llvm.inline_asm(i32, [sel], val_ptx, "=r,r")
+    new_regs[idx] = mgpu_utils.bitcast(bits, ir.VectorType.get((2,), bf16))
+  return fa.FragmentedArray(_registers=new_regs, _layout=w.layout,
+                            _is_signed=None)
+
+
 def _scale_regs(w, s_ref, group: Optional[int], tile_k_total: int, kind: str,
                 fast: bool = False):
   """Multiplies a bf16 WGMMA fragment ``[rows, cols]`` by per-row/group scales.
@@ -927,6 +1032,8 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
         return_type=plgpu.ShapeDtypeStruct((wrows, ckw), jnp.bfloat16,
                                            plgpu.Layout.WGMMA))
     def to_bf16(_, wf):
+      if cfg.lut_decode:
+        return _e2m1_regs_to_bf16_lut(wf)
       if cfg.fast_decode:
         return _e2m1_regs_to_bf16_prmt(wf)
       return _e2m1_regs_to_bf16(wf)

@@ -144,3 +144,44 @@ def test_e2m1_byte_permute_decode_is_exact_on_random_words():
       np.testing.assert_array_equal(got, want[2 * part: 2 * part + 2])
   with pytest.raises(ValueError, match="0..3"):
     wo.e2m1_prmt_selectors(4)
+
+
+def test_e2m1_table_lookup_decode_is_exact_on_random_words():
+  # A model of Config.lut_decode (_E2M1_LUT_IDX_PTX once per 16-bit half of
+  # a word, _E2M1_LUT_PTX once per pair, with the kernel's own constants and
+  # shifts) against the exact decoder, bit for bit (signed zeros included),
+  # for all 4 byte positions of random words and every byte value.
+  from lowbit_jax.kernels import _gpu_common as common  # pylint: disable=g-import-not-at-top
+  import ml_dtypes  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  u_lo, u_hi, t_lo, t_hi = wo._e2m1_lut_tables()  # pylint: disable=protected-access
+  # The model's immediates are read from the PTX the kernel emits.
+  idx_ptx = wo._E2M1_LUT_IDX_PTX.format(u_lo=hex(u_lo), u_hi=hex(u_hi))  # pylint: disable=protected-access
+  val_ptx = wo._E2M1_LUT_PTX.format(t_lo=hex(t_lo), t_hi=hex(t_hi))  # pylint: disable=protected-access
+  movs = dict(re.findall(r"mov\.b32 (\w+), (0x[0-9a-fA-F]+);", idx_ptx + val_ptx))
+  assert [int(movs[r], 16) for r in ("ul", "uh", "tl", "th")] == [
+      u_lo, u_hi, t_lo, t_hi]
+  k = int(movs["k"], 16)
+  assert re.search(r"prmt\.b32 s, k, k, \$2;", idx_ptx)
+  assert re.search(r"prmt\.b32 \$0, ul, uh, \$1;", idx_ptx)
+  assert re.search(r"prmt\.b32 \$0, tl, th, \$1;", val_ptx)
+  mask, lut = (int(v, 16) for v in re.search(
+      r"lop3\.b32 \$0, \$0, s, (0x[0-9a-fA-F]+), (0x[0-9a-fA-F]+);",
+      idx_ptx).groups())
+  rng = np.random.default_rng(1)
+  words = [int(v) for v in rng.integers(0, 2 ** 32, 64, dtype=np.uint64)]
+  words += list(range(256))  # one byte, zero-extended (the fallback path)
+  for w in words:
+    nib = np.array([(w >> (4 * i)) & 0xF for i in range(8)], np.uint8)
+    want = np.asarray(common.decode_e2m1(nib), np.float32)
+    for part in range(4 if w > 255 else 1):
+      word = w >> 16 if part >= 2 else w
+      sign = _prmt(k, k, word)
+      sel = _lop3(_prmt(u_lo, u_hi, word & 0x7777), sign, mask, lut)
+      if part % 2:
+        sel >>= 16
+      r = _prmt(t_lo, t_hi, sel)
+      got = np.array([r & 0xFFFF, r >> 16], np.uint16).view(
+          ml_dtypes.bfloat16).astype(np.float32)
+      np.testing.assert_array_equal(got.view(np.uint32),
+                                    want[2 * part: 2 * part + 2].view(np.uint32))

@@ -91,11 +91,13 @@ def test_weight_only_n_split_matches_reference(fmt, group, m, tile_n, tile_m,
 
 
 @pytest.mark.parametrize("fmt,group", [("fp4_e2m1", 32), ("mxfp4", 32),
-                                       ("nvfp4", 16)])
+                                       ("nvfp4", 16), ("fp4_e2m1", None)])
 @pytest.mark.parametrize("m,n,k", [(1, 1024, 2048), (16, 4096, 8192)])
-def test_weight_only_fast_decode_matches_reference(fmt, group, m, n, k):
+@pytest.mark.parametrize("decode", ["fast", "lut", "lut+fast"])
+def test_weight_only_fast_decode_matches_reference(fmt, group, m, n, k, decode):
   # The byte-permute E2M1 decode and the hardware E4M3 scale conversion
-  # (Config.fast_decode), on every E4M3 scale code but NaN (subnormals too).
+  # (Config.fast_decode), the table-lookup decode (Config.lut_decode), on
+  # every E4M3 scale code but NaN (subnormals too).
   ops, prob = _wo_ops(fmt, group, m, n, k)
   if fmt == "nvfp4":
     codes = jax.random.randint(_key(), ops.w_scale.shape, 1, 0x7F).astype(
@@ -103,10 +105,36 @@ def test_weight_only_fast_decode_matches_reference(fmt, group, m, n, k):
     ops = dataclasses.replace(ops, w_scale=jax.lax.bitcast_convert_type(
         codes, jnp.float8_e4m3fn))
   cfg = dataclasses.replace(gpu_weight_only._decode_config(prob),  # pylint: disable=protected-access
-                            fast_decode=True)
+                            fast_decode="fast" in decode,
+                            lut_decode="lut" in decode)
   out = _run_poisoned(lambda o: gpu_weight_only.matmul(o, prob, config=cfg),
                       ops, (m, n), jnp.bfloat16)
   assert rel_err(out, gpu_weight_only.reference(ops, prob)) < 1e-2
+
+
+@pytest.mark.parametrize("fmt,group", [("fp4_e2m1", 32), ("fp4_e2m1", None),
+                                       ("mxfp4", 32)])
+@pytest.mark.parametrize("decode", ["bits", "fast", "lut"])
+def test_weight_only_e2m1_decode_is_exact_on_unit_activations(fmt, group,
+                                                              decode):
+  # Row i of x is the unit vector e_{k_i}: y[i, :] is column k_i of the
+  # dequantized weight times its scale, one product rounded once to bf16 on
+  # both sides, so every decoded code is checked element by element (16 K
+  # positions covering all 8 nibble positions of a 32-bit code word).
+  m, n, k = 16, 1024, 2048
+  ops, prob = _wo_ops(fmt, group, m, n, k)
+  cols = np.array([i * 8 + (i % 8) + 256 * (i // 8) for i in range(m)])
+  x = np.zeros((m, k), np.float32)
+  x[np.arange(m), cols] = 1.0
+  ops = dataclasses.replace(ops, x=jnp.asarray(x, jnp.bfloat16))
+  cfg = dataclasses.replace(gpu_weight_only._decode_config(prob),  # pylint: disable=protected-access
+                            fast_decode=decode == "fast",
+                            lut_decode=decode == "lut")
+  out = _run_poisoned(lambda o: gpu_weight_only.matmul(o, prob, config=cfg),
+                      ops, (m, n), jnp.bfloat16)
+  want = gpu_weight_only.reference(ops, prob)
+  np.testing.assert_allclose(np.asarray(out, np.float32),
+                             np.asarray(want, np.float32), rtol=2 ** -7, atol=0)
 
 
 @pytest.mark.parametrize("fmt,group", WO_CASES)

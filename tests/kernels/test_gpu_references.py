@@ -238,7 +238,9 @@ def _lower(fn, ops):
     ("nvfp4", 16, 16, "fast+chunks"), ("int4", 128, 1, "nsplit"),
     ("int4", None, 16, "nsplit"), ("int8", None, 128, "nsplit"),
     ("mxfp4", 32, 64, "nsplit"), ("nvfp4", 16, 16, "nsplit+fast"),
-    ("fp4_e2m1", 128, 128, "nsplit256")])
+    ("fp4_e2m1", 128, 128, "nsplit256"), ("mxfp4", 32, 1, "lut"),
+    ("nvfp4", 16, 16, "lut+fast"), ("fp4_e2m1", 32, 16, "lut+chunks"),
+    ("mxfp4", 32, 64, "nsplit+lut"), ("fp4_e2m1", None, 1, "lut")])
 def test_weight_only_kernel_lowers_to_mosaic_gpu(fmt, group, m, ws):
   n, k = 1024, 4096
   four = fmt != "int8"
@@ -255,10 +257,11 @@ def test_weight_only_kernel_lowers_to_mosaic_gpu(fmt, group, m, ws):
     # Two compute warpgroups, each its half of 128 (or 256) weight rows.
     cfg = dataclasses.replace(cfg, ws=True, n_split=True,
                               tile_n=256 if "256" in ws else 128,
-                              fast_decode="fast" in ws)
+                              fast_decode="fast" in ws, lut_decode="lut" in ws)
     assert gpu_weight_only._shape_ok(prob, cfg)  # pylint: disable=protected-access
   elif isinstance(ws, str):  # fast_decode and / or two K chunks a step
     cfg = dataclasses.replace(cfg, fast_decode="fast" in ws,
+                              lut_decode="lut" in ws,
                               k_chunks=2 if "chunks" in ws else 1)
     assert gpu_weight_only._shape_ok(prob, cfg)  # pylint: disable=protected-access
   elif ws:
