@@ -10,7 +10,8 @@ al. 2024, "MARLIN: Mixed-Precision Auto-Regressive Parallel Inference on Large
 Language Models"): a ``[tile_n, tile_k]`` weight tile is the WGMMA M side and is
 dequantized in registers (int4 -> bf16 through the magic-exponent trick Mosaic GPU
 implements; E2M1 -> bf16 by placing the three magnitude bits in the exponent/mantissa
-of a bf16 and multiplying by 2**126), while the activation tile ``[tile_m, K]``
+of a bf16 and multiplying by 2**126, or with ``Config.lut_decode`` by two byte-permute
+table lookups), while the activation tile ``[tile_m, K]``
 (tile_m = 8 .. 128) is the N side read transposed from shared memory. Weight and
 activation tiles stream through a TMA pipeline of several stages; group scales of a
 weight tile are loaded once per CTA and applied per register; per-channel and
@@ -717,8 +718,8 @@ def _e2m1_regs_to_bf16_prmt(w):
 
 
 def _e2m1_lut_tables() -> tuple[int, int, int, int]:
-  """The four 32-bit constants of ``_E2M1_LUT_PTX``: ``(u_lo, u_hi, t_lo,
-  t_hi)``.
+  """The four 32-bit table constants of ``Config.lut_decode``: ``(u_lo,
+  u_hi)`` of ``_E2M1_LUT_IDX_PTX``, ``(t_lo, t_hi)`` of ``_E2M1_LUT_PTX``.
 
   ``t`` is an 8-byte table holding every byte a bf16 E2M1 value has: the low
   bytes 00/40/80/C0 at even slots, the high bytes 00/3F/40 of the positive
@@ -735,7 +736,7 @@ def _e2m1_lut_tables() -> tuple[int, int, int, int]:
   for mag in common.E2M1_VALUES:
     bits = int(np.array(mag, ml_dtypes.bfloat16).view(np.uint16))
     lo, hi = bits & 0xFF, bits >> 8
-    lo_slot = t.index(lo, 0) if lo else 0
+    lo_slot = t.index(lo)
     hi_slot = t.index(hi)
     if lo_slot % 2 or hi_slot > 2 or t[hi_slot | 4] != hi | 0x80:
       raise AssertionError(f"E2M1 value {mag} does not fit the lookup table")
