@@ -22,11 +22,16 @@ two compute warpgroups each own a ``tile_m x tile_n`` half of the CTA tile.
 (simulated shared memory, TMA and barriers; optional race detection), with the
 in-register scaling swapped for whole-tile jnp twins
 (``tests/kernels/test_gpu_interpret.py``).
-``supports`` only accepts cases measured faster than XLA on an H100
-(``MEASURED_WINS``; numbers in ``benchmarks/kernels_h100.md``): today the
-per-channel mode. The block and MX modes were measured slower than XLA with
-128 x 128 tiles per warpgroup (two f32 accumulators do not fit in registers);
-their current 64 x 128 tiling has not been run on a GPU yet.
+``supports`` only accepts cases measured faster than XLA's own path
+(``MEASURED_WINS``): the per-channel mode (fp8 and int8, on an H100,
+``benchmarks/kernels_h100.md``, and again on the H200) and the block mode
+with fp8 codes (on the H200, ``benchmarks/kernels_h200.md``: 4096 x 8192 x
+8192 in 499 us against 869 us for XLA's dequantize-then-dot and 687 us for
+XLA's bf16 dot, with the 64 x 128 tiling per warpgroup). The block mode was
+slower than XLA on the H100 with 128 x 128 tiles per warpgroup (two f32
+accumulators do not fit in registers), the tiling it no longer uses; int8
+codes in the block mode were not timed. MXFP8 stays off: 1647 us on the H200
+against XLA's 851 (each 32-deep K block is its own MMA and rescale).
 """
 from __future__ import annotations
 
@@ -195,12 +200,17 @@ def _shape_ok(problem: MatmulProblem, cfg: Config) -> bool:
           and k % cfg.tile_k == 0 and cfg.tile_n % cfg.epi_n == 0)
 
 
-# Where the dispatcher may take the kernel: mode -> minimum (M, N, K). Measured on
-# an H100 at 4096 x 8192 x 8192 (benchmarks/kernels_h100.md): per-token x
-# per-channel fp8 1469 TFLOP/s (1.77x XLA bf16, 1.12x XLA's scaled fp8 dot) and
-# int8 1641 TOP/s (1.98x bf16, 1.33x XLA's int8 dot). Block-scaled and MXFP8 were
-# slower than XLA's dequantize-then-dot (0.61x and 0.22x) and are not claimed.
-MEASURED_WINS = {"channel": (4096, 8192, 8192)}
+# Where the dispatcher may take the kernel: (mode, codes) -> minimum (M, N, K).
+# Measured on an H100 at 4096 x 8192 x 8192 (benchmarks/kernels_h100.md):
+# per-token x per-channel fp8 1469 TFLOP/s (1.77x XLA bf16, 1.12x XLA's scaled
+# fp8 dot) and int8 1641 TOP/s (1.98x bf16, 1.33x XLA's int8 dot); on the H200
+# (benchmarks/kernels_h200.md, run_tune) 1416 / 1580, and block-scaled fp8 1102
+# TFLOP/s (1.38x bf16, 1.74x XLA's dequantize-then-dot). MXFP8 (0.42x bf16,
+# 0.52x XLA's path) and int8 codes with block scales (not timed) are not
+# claimed.
+MEASURED_WINS = {("channel", "fp8_e4m3"): (4096, 8192, 8192),
+                 ("channel", "int8"): (4096, 8192, 8192),
+                 ("block", "fp8_e4m3"): (4096, 8192, 8192)}
 
 
 def supports(problem: MatmulProblem) -> bool:
@@ -210,14 +220,15 @@ def supports(problem: MatmulProblem) -> bool:
     problem: the static description of the matmul.
 
   Returns:
-    True only on a Hopper GPU, for shapes that tile evenly and the modes and
-    batch sizes where the H100 benchmark showed a win over XLA.
+    True only on a Hopper GPU, for shapes that tile evenly and the modes,
+    codes and sizes where a benchmark (``MEASURED_WINS``) showed a win over
+    XLA's own path.
   """
   try:
     mode = mode_of(problem)
   except ValueError:
     return False
-  win = MEASURED_WINS.get(mode)
+  win = MEASURED_WINS.get((mode, problem.w_format))
   if win is None:
     return False
   if any(d < w for d, w in zip((problem.m, problem.n, problem.k), win)):

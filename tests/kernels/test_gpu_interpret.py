@@ -201,6 +201,38 @@ def test_w8a8_block_scaled_kernel(case):
   _check_w8(case, 384, 256, 384, seed=1)
 
 
+def test_w8a8_block_kernel_through_the_public_dot(monkeypatch):
+  # What the dispatcher runs for a 1x128 x 128x128 fp8 dot: QArrays from
+  # lowbit_jax.quantize (the activation in groups of 128 along K, the weight
+  # in 128x128 tiles, K-major), through ops.dot_general with the kernel
+  # forced (interpreted here), against the same dot without the kernel.
+  import lowbit_jax as lb  # pylint: disable=g-import-not-at-top
+  from lowbit_jax.core import ops  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(common, "on_hopper_gpu", lambda problem: True)
+  monkeypatch.setattr(gpu_w8a8, "MEASURED_WINS",
+                      {("block", "fp8_e4m3"): (128, 128, 128)})
+  run = gpu_w8a8.matmul
+  calls = []
+
+  def interpreted(operands, problem, **kw):
+    calls.append(problem)
+    return run(operands, problem, interpret=_params(), **kw)
+  monkeypatch.setattr(gpu_w8a8, "matmul", interpreted)
+  m, k, n = 256, 384, 256
+  kx, kw = jax.random.split(jax.random.key(3))
+  x = jax.random.normal(kx, (m, k), jnp.float32).astype(jnp.bfloat16)
+  w = jax.random.normal(kw, (k, n), jnp.float32) * 0.05
+  qw = ops.prepare_weight(w, lb.QuantSpec("fp8_e4m3", tile=(128, 128)))
+  qx = lb.quantize(x, lb.QuantSpec("fp8_e4m3", axis=-1, group_size=128))
+  dn = (((1,), (1,)), ((), ()))
+  got = ops.dot_general(qx, qw, dn, mode="real", use_kernel="always")
+  assert len(calls) == 1 and gpu_w8a8.mode_of(calls[0]) == "block"
+  assert not common.races_found()
+  want = ops.dot_general(qx, qw, dn, mode="real", use_kernel="never")
+  assert got.shape == want.shape == (m, n) and got.dtype == want.dtype
+  assert rel_err(got, want) < 8e-3  # both round to bf16 (2**-7 apart)
+
+
 def test_mxfp8_kernel_is_bit_exact_on_exact_block_sums():
   # Small-integer E4M3 codes: every 32-deep block sum is exact, so the kernel
   # must give the reference's bits. 3 tiles over 2 CTAs, 8 K blocks.

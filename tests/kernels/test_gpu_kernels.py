@@ -177,6 +177,29 @@ def test_mxfp8_kernel_is_bit_exact_on_exact_block_sums():
   np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
 
 
+def test_block_fp8_public_dot_takes_the_kernel():
+  # The dispatcher's block-scaled fp8 path at a measured shape, from the
+  # QArrays lowbit_jax.quantize makes, against the same dot without a kernel.
+  import lowbit_jax as lb  # pylint: disable=g-import-not-at-top
+  from lowbit_jax import kernels  # pylint: disable=g-import-not-at-top
+  from lowbit_jax.core import ops  # pylint: disable=g-import-not-at-top
+  m, k, n = 4096, 8192, 8192
+  kx, kw = jax.random.split(_key())
+  x = jax.random.normal(kx, (m, k), jnp.float32).astype(jnp.bfloat16)
+  w = jax.random.normal(kw, (k, n), jnp.float32) * 0.02
+  qw = ops.prepare_weight(w, lb.QuantSpec("fp8_e4m3", tile=(128, 128)))
+  qx = lb.quantize(x, lb.QuantSpec("fp8_e4m3", axis=-1, group_size=128))
+  dn = (((1,), (1,)), ((), ()))
+  prob, why = ops.kernel_problem(qx, qw, dn)
+  assert prob is not None, why
+  assert kernels.find(prob) is gpu_w8a8
+  got = jax.jit(lambda a, b: ops.dot_general(a, b, dn, mode="real",
+                                             use_kernel="always"))(qx, qw)
+  want = jax.jit(lambda a, b: ops.dot_general(a, b, dn, mode="real",
+                                              use_kernel="never"))(qx, qw)
+  assert rel_err(got, want) < 8e-3
+
+
 def test_supports_measured_cases_on_hopper():
   prob = MatmulProblem(m=1, n=8192, k=8192, x_dtype="bfloat16",
                        w_format="int4", w_block=128)
