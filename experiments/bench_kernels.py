@@ -24,7 +24,12 @@ tuning modes, the dispatch table ``<out_dir>/gpu_tuned_configs.json`` (copy it t
   M = 1, 16, 4096 on 8192x8192 and 8192x28672), run in a child process whose
   path starts with the wheels of ``--peer_wheels`` (default ``.whl``), skipped
   with the reason when they are absent or fail to import;
-* W8A8 kernels at M = 4096 (``--w8a8``).
+* W8A8 kernels at M = 4096 (``--w8a8``): XLA bf16, XLA's own path, the kernel
+  and (per-channel and block fp8) the public ``ops.dot_general`` path that
+  quantizes a bf16 activation first; in the tuning modes every tiling of
+  ``w8a8_candidates`` too, the table's ``"w8a8"`` section taking the fastest
+  correct one per case where it beat the heuristic's by ``--win_margin``
+  (``gpu_w8a8.tuned_config`` reads it).
 
 Timing: device time per call from CUPTI (``jax.experimental.mosaic.gpu.profiler``,
 median of ``--iters`` calls, every kernel of a call counted). Weights are jit
@@ -813,8 +818,33 @@ def run_tokamax(b: Bench):
       b.run_jobs(jobs)
 
 
-def run_w8a8(b: Bench, w8, api):
-  """The W8A8 kernels at M=4096 on 8192x8192 (XLA bf16, XLA's own path, ours)."""
+def w8a8_candidates(w8, prob, tune: bool) -> list:
+  """W8A8 tilings to time: the table's / heuristic's first, and with
+  ``tune`` the pipeline depths, snake widths, epilogue widths (and for the
+  block mode the other warpgroup split) that fit its shared memory."""
+  first = w8._default_config(prob)  # pylint: disable=protected-access
+  out = [first]
+  if tune:
+    base = w8.heuristic_config(prob)
+    r = functools.partial(dataclasses.replace, base)
+    mode = w8.mode_of(prob)
+    cands = [r(grid_tile_width=4), r(grid_tile_width=16), r(epi_n=128)]
+    if mode == "mx":
+      cands += [r(stages=6), r(stages=12), r(stages=16)]
+    else:
+      cands += [r(stages=3), r(stages=5), r(stages=6)]
+    if mode == "block":
+      cands.append(r(wg_dim="n"))  # two 64 x 128 warpgroups side by side
+    for c in [base] + cands:
+      if c not in out and w8._shape_ok(prob, c):  # pylint: disable=protected-access
+        out.append(c)
+  return out
+
+
+def run_w8a8(b: Bench, w8, api, tune: bool = False):
+  """The W8A8 kernels at M=4096 on 8192x8192 (XLA bf16, XLA's own path, ours);
+  with ``tune`` every tiling of ``w8a8_candidates`` (the row keeps each
+  variant's time, its ``kernel_us`` the fastest correct one)."""
   jax = b.jax
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   m, n, k = (256, 256, 512) if b.smoke else (4096, 8192, 8192)
@@ -827,7 +857,8 @@ def run_w8a8(b: Bench, w8, api):
   jobs = []
   for case in _W8A8.value:
     ops, prob = w8_operands(api, jax.random.fold_in(kk, len(case)), case, m, n, k)
-    row = dict(kernel=case, m=m, k=k, n=n)
+    row = dict(kernel=case, m=m, k=k, n=n, variants={},
+               heuristic=dataclasses.asdict(w8.heuristic_config(prob)))
     rows[case] = row
     st = {}
 
@@ -838,29 +869,43 @@ def run_w8a8(b: Bench, w8, api):
       row["xla_us"] = us
       st["ref"] = out
 
-    def d_k(us, out, row=row, st=st):
-      row["kernel_us"] = us
-      row["rel_err"] = rel_err(out, st["ref"]) if "ref" in st else None
+    def d_k(us, out, row=row, st=st, cfg=None):
+      err = rel_err(out, st["ref"]) if "ref" in st else None
+      row["variants"][str(dataclasses.astuple(cfg))] = dict(
+          us=us, rel_err=err, config=dataclasses.asdict(cfg))
+      if err is not None and err >= MAX_REL_ERR:
+        return  # a wrong tiling never becomes the row's time
+      if row.get("kernel_us") is None or us < row["kernel_us"]:
+        row["kernel_us"], row["rel_err"] = us, err
+        row["config"] = dataclasses.asdict(cfg)
     jobs += [dict(name=f"w8a8 bf16 {case}", fn=lambda a, c: a @ c, args=(xb, wb),
                   done=d_b),
              dict(name=f"w8a8 xla {case}", fn=lambda o, p=prob: w8.xla_matmul(o, p),
-                  args=(ops,), done=d_x),
-             dict(name=f"w8a8 kernel {case}",
-                  fn=lambda o, p=prob: w8.matmul(o, p, interpret=b.smoke),
-                  args=(ops,), done=d_k)]
-    if case in ("fp8_channel", "int8_channel"):
+                  args=(ops,), done=d_x)]
+    for cfg in w8a8_candidates(w8, prob, tune):
+      jobs.append(dict(
+          name=f"w8a8 kernel {case} {dataclasses.astuple(cfg)}",
+          fn=lambda o, p=prob, c=cfg: w8.matmul(o, p, config=c,
+                                                interpret=b.smoke),
+          args=(ops,), done=functools.partial(d_k, cfg=cfg)))
+    if case in ("fp8_channel", "int8_channel", "fp8_block"):
       # The public path a model runs: a bf16 activation quantized per token on
       # the fly (ops.dot_general's lhs_spec), the weight quantized ahead of time;
       # the difference to the kernel alone is the activation-quantization cost.
+      # (Block scales: the activation in groups of 128 along K, the weight in
+      # 128 x 128 tiles.)
       import lowbit_jax as lb  # pylint: disable=g-import-not-at-top
       fmt = "fp8_e4m3" if case.startswith("fp8") else "int8"
-      qw = jax.jit(lambda v, f=fmt: lb.ops.prepare_weight(v, f, 0))(wb)
+      blk = case.endswith("block")
+      w_spec = lb.QuantSpec(fmt, tile=(128, 128)) if blk else fmt
+      x_spec = lb.QuantSpec(fmt, axis=-1, group_size=128) if blk else fmt
+      qw = jax.jit(lambda v, f=w_spec: lb.ops.prepare_weight(v, f, 0))(wb)
       dn_nt = (((1,), (1,)), ((), ()))
 
       def d_p(us, out, row=row):
         row["public_us"] = us
       jobs.append(dict(name=f"w8a8 public {case}",
-                       fn=lambda a, q, f=fmt: lb.ops.dot_general(
+                       fn=lambda a, q, f=x_spec: lb.ops.dot_general(
                            a, q, dn_nt, lhs_spec=f, mode="real"),
                        args=(xb, qw), done=d_p))
   b.run_jobs(jobs)
@@ -978,7 +1023,8 @@ def target_rows(res) -> list[str]:
     if tgt and x.get("kernel_us") and x.get("bf16_us"):
       v = x["bf16_us"] / x["kernel_us"]
       add(f"{x['kernel']} M={x['m']} {x['k']}x{x['n']}: >= {tgt}x XLA bf16",
-          f"{v:.2f}x ({x['kernel_tflops']:.0f} TFLOP/s)", v >= tgt)
+          f"{v:.2f}x ({2 * x['m'] * x['k'] * x['n'] / x['kernel_us'] / 1e6:.0f} "
+          "TFLOP/s)", v >= tgt)
   if not rows:
     return []
   return ["## Targets (issue 13) vs measured", "", "| target | measured | |",
@@ -1088,16 +1134,23 @@ def write_outputs(res, out_dir: str, tag: str):
   if res["w8a8"]:
     lines += ["## W8A8, us (TFLOP/s)", "",
               "| case | M x K x N | XLA bf16 | XLA's own path | kernel | kernel vs "
-              "bf16 | public path (bf16 x, per-token quantize + kernel) | "
-              "rel. err vs XLA |", "|---|---|---|---|---|---|---|---|"]
+              "bf16 | public path (bf16 x, per-token / per-group quantize + "
+              "kernel) | rel. err vs XLA | tilings timed | kernel's tiling |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for x in res["w8a8"]:
-      t = lambda k_: (f"{x[k_ + '_us']:.1f} ({x[k_ + '_tflops']:.0f})"
+      t = lambda k_: (f"{x[k_ + '_us']:.1f} "  # noqa: E731
+                      f"({2 * x['m'] * x['k'] * x['n'] / x[k_ + '_us'] / 1e6:.0f})"
                       if x.get(k_ + "_us") else "-")
       v = (f"{x['bf16_us'] / x['kernel_us']:.2f}x"
            if x.get("kernel_us") and x.get("bf16_us") else "-")
+      cfg = x.get("config")
+      cfg = "-" if not cfg else ", ".join(
+          f"{k_}={v_}" for k_, v_ in cfg.items()
+          if x.get("heuristic", {}).get(k_) != v_) or "heuristic"
       lines.append(f"| {x['kernel']} | {x['m']}x{x['k']}x{x['n']} | {t('bf16')} | "
                    f"{t('xla')} | {t('kernel')} | {v} | {t('public')} | "
-                   f"{_f(x.get('rel_err'), '{:.1e}')} |")
+                   f"{_f(x.get('rel_err'), '{:.1e}')} | "
+                   f"{len(x.get('variants') or {}) or '-'} | {cfg} |")
     lines.append("")
   bad = [x for x in res["wo"] if x.get("bad_variants")]
   if bad:
@@ -1126,6 +1179,29 @@ def write_outputs(res, out_dir: str, tag: str):
     f.write("\n".join(lines))
 
 
+def w8a8_entries(rows) -> dict:
+  """The tuned table's ``"w8a8"`` section: per case, the fastest correct
+  tiling timed over every run's rows, where it beat the heuristic's tiling
+  (timed in the same run) by the win margin; cases without such a win keep
+  the heuristic (no entry)."""
+  best = {}
+  for row in rows:
+    variants = row.get("variants") or {}
+    heur = next((v for v in variants.values()
+                 if v.get("config") == row.get("heuristic")), None)
+    for v in variants.values():
+      if v.get("rel_err") is None or v["rel_err"] >= MAX_REL_ERR:
+        continue
+      if heur is None or v["us"] > _MARGIN.value * heur["us"]:
+        continue
+      case = row["kernel"]
+      if case not in best or v["us"] < best[case]["kernel_us"]:
+        best[case] = dict(config=v["config"], kernel_us=v["us"],
+                          heuristic_us=heur["us"],
+                          shape=f"{row['m']}x{row['k']}x{row['n']}")
+  return best
+
+
 def write_table(b: Bench, wo, path: str):
   meta = dict(device=b.res["meta"]["device"], jax=b.res["meta"]["jax"],
               command=b.command, margin=_MARGIN.value,
@@ -1133,6 +1209,9 @@ def write_table(b: Bench, wo, path: str):
                       "class and M bucket, the fastest correct tiling timed and "
                       "whether it beat xla_fused_matmul by the margin"))
   table = dict(meta=meta, entries=table_entries(wo, b.rows.values()))
+  w8 = w8a8_entries(b.res.get("w8a8", []))
+  if w8:
+    table["w8a8"] = w8
   with open(path, "w") as f:
     json.dump(table, f, indent=1)
   b.res["table"] = path
@@ -1462,7 +1541,7 @@ def main(argv):
         if b.over_budget():
           b.res["skipped"].append("W8A8 (time budget)")
         else:
-          run_w8a8(b, w8, api)
+          run_w8a8(b, w8, api, tune)
       else:
         for (k, n) in what:
           chunk = f"{stage} {k}x{n} M={ms}"

@@ -175,7 +175,40 @@ def xla_matmul(operands: MatmulOperands, problem: MatmulProblem) -> jax.Array:
 # Dispatch policy.
 # ----------------------------------------------------------------------------
 
-def _default_config(problem: MatmulProblem) -> Config:
+def case_of(problem: MatmulProblem) -> str:
+  """The benchmark's and the tuned table's name for a W8A8 problem:
+  ``"fp8_channel"``, ``"int8_channel"``, ``"fp8_block"``, ``"int8_block"`` or
+  ``"mxfp8"``."""
+  mode = mode_of(problem)
+  if mode == "mx":
+    return "mxfp8"
+  return ("int8" if problem.w_format == "int8" else "fp8") + "_" + mode
+
+
+def tuned_config(problem: MatmulProblem) -> Optional[Config]:
+  """The tiling the tuned table (``gpu_tuned_configs.json``, its ``"w8a8"``
+  section, written by ``experiments/bench_kernels.py --mode=tune`` with the
+  ``w8a8`` phase) measured fastest for this problem's case, where it tiles
+  the problem; else None.
+
+  Raises:
+    ValueError: the table's entry for the case is not a Config.
+  """
+  from lowbit_jax.kernels import gpu_weight_only  # pylint: disable=g-import-not-at-top
+  entry = gpu_weight_only.get_table().get("w8a8", {}).get(case_of(problem))
+  if not entry:
+    return None
+  try:
+    cfg = Config(**entry["config"])
+  except (KeyError, TypeError) as e:
+    raise ValueError(f"the tuned table's w8a8 entry {case_of(problem)!r} is "
+                     f"not a gpu_w8a8.Config ({e}): {entry}; regenerate it "
+                     "with experiments/bench_kernels.py --mode=tune") from e
+  return cfg if _shape_ok(problem, cfg) else None
+
+
+def heuristic_config(problem: MatmulProblem) -> Config:
+  """The tiling without a tuned entry (the one first measured)."""
   mode = mode_of(problem)
   if mode == "mx":
     # One 32-deep K block per pipeline step (a swizzled SMEM tile cannot be
@@ -188,16 +221,41 @@ def _default_config(problem: MatmulProblem) -> Config:
   return Config()
 
 
+def _default_config(problem: MatmulProblem) -> Config:
+  """The tuned table's tiling for the case where it fits, else the
+  heuristic's."""
+  return tuned_config(problem) or heuristic_config(problem)
+
+
 def _cta_tile(cfg: Config) -> tuple[int, int]:
   return (cfg.tile_m * (2 if cfg.wg_dim == "m" else 1),
           cfg.tile_n * (2 if cfg.wg_dim == "n" else 1))
+
+
+# Shared memory a Hopper CTA may use (227 KiB), less a little for barriers.
+MAX_SMEM_BYTES = 232448 - 1024
+
+
+def smem_bytes(problem: MatmulProblem, cfg: Config) -> int:
+  """Shared memory of one CTA: the pipeline's operand (and block / MX scale)
+  tiles and the two epilogue tiles."""
+  cta_m, cta_n = _cta_tile(cfg)
+  per_stage = (cta_m + cta_n) * cfg.tile_k  # 8-bit codes
+  mode = mode_of(problem)
+  if mode == "block":
+    per_stage += (cta_m + cta_n) * 4
+  elif mode == "mx":
+    per_stage += (cta_m + cta_n) * 4 * (cfg.tile_k // 32)
+  out_bytes = 2 * 64 * cfg.epi_n * jnp.dtype(problem.out_dtype).itemsize
+  return cfg.stages * per_stage + out_bytes
 
 
 def _shape_ok(problem: MatmulProblem, cfg: Config) -> bool:
   m, n, k = problem.m, problem.n, problem.k
   cta_m, cta_n = _cta_tile(cfg)
   return (m % cta_m == 0 and n % cta_n == 0
-          and k % cfg.tile_k == 0 and cfg.tile_n % cfg.epi_n == 0)
+          and k % cfg.tile_k == 0 and cfg.tile_n % cfg.epi_n == 0
+          and smem_bytes(problem, cfg) <= MAX_SMEM_BYTES)
 
 
 # Where the dispatcher may take the kernel: (mode, codes) -> minimum (M, N, K).
@@ -602,7 +660,9 @@ def matmul(operands: MatmulOperands, problem: MatmulProblem, *,
     common.check_interpreter_threads(3)
   if not _shape_ok(problem, cfg):
     raise ValueError(f"shape M={problem.m} N={problem.n} K={problem.k} does not "
-                     f"fit the tiling {cfg}")
+                     f"fit the tiling {cfg} (tiles must divide M, N and K; "
+                     f"{smem_bytes(problem, cfg)} bytes of shared memory "
+                     f"against {MAX_SMEM_BYTES})")
   code = problem.w_format if mode != "mx" else "fp8_e4m3"
   kern = _build(mode, code, problem.m, problem.n, problem.k, problem.out_dtype,
                 cfg, params)

@@ -29,6 +29,15 @@ def _result(rows, command):
               w8a8=[], skipped=[], errors=[], table=None)
 
 
+def _w8_row(case, variants, heuristic):
+  best = min((us for _, us, err in variants if err < 0.02), default=None)
+  return dict(kernel=case, m=4096, k=8192, n=8192, bf16_us=687.0,
+              xla_us=869.0, kernel_us=best, rel_err=3e-3, heuristic=heuristic,
+              variants={str(tuple(c.values())): dict(us=us, rel_err=err,
+                                                     config=c)
+                        for c, us, err in variants})
+
+
 def test_report_merges_runs_and_writes_the_table(tmp_path):
   fast = [64, 256, 8, 4, 2, False, False]
   wrong = [64, 512, 8, 3, 2, False, False]
@@ -46,6 +55,21 @@ def test_report_merges_runs_and_writes_the_table(tmp_path):
   better = [64, 256, 8, 4, 4, False, False]
   b = _result([_row("int4_g128", 1, 8192, 8192, [(better, 10.0, 2e-3)],
                     fused=91.0)], "run b")
+  # W8A8 tilings: the table keeps, per case, the fastest correct tiling over
+  # both runs where it beat the heuristic's (same run) by the margin.
+  cfg = lambda **kw: {**dict(tile_m=64, tile_n=128, tile_k=128, stages=4,  # noqa: E731
+                             grid_tile_width=8, epi_n=64, wg_dim="m",
+                             ctas=None), **kw}
+  a["w8a8"] = [
+      _w8_row("fp8_block", [(cfg(), 500.0, 3e-3), (cfg(stages=3), 450.0, 3e-3),
+                            (cfg(stages=6), 300.0, 0.5)], cfg()),
+      # 1% faster than the heuristic: within the margin, no entry.
+      _w8_row("mxfp8", [(cfg(tile_k=32), 1600.0, 4e-4),
+                        (cfg(tile_k=32, stages=12), 1590.0, 4e-4)],
+              cfg(tile_k=32))]
+  b["w8a8"] = [_w8_row("fp8_block", [(cfg(), 505.0, 3e-3),
+                                     (cfg(grid_tile_width=16), 440.0, 3e-3)],
+                       cfg())]
   paths = []
   for name, res in (("a.json", a), ("b.json", b)):
     paths.append(str(tmp_path / name))
@@ -59,6 +83,10 @@ def test_report_merges_runs_and_writes_the_table(tmp_path):
       env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT})
   assert r.returncode == 0, r.stderr[-2000:]
   table = json.loads((out / "gpu_tuned_configs.json").read_text())["entries"]
+  w8 = json.loads((out / "gpu_tuned_configs.json").read_text())["w8a8"]
+  assert set(w8) == {"fp8_block"}
+  assert w8["fp8_block"]["config"] == cfg(grid_tile_width=16)
+  assert w8["fp8_block"]["kernel_us"] == 440.0
   e = table["int4_g128"]["k8k_n8k"]["1"]
   assert e["use_kernel"] and e["config"] == better and e["kernel_us"] == 10.0
   assert table["int8_pc"]["k8k_n8k"]["16"]["use_kernel"] is False

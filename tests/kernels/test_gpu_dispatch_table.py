@@ -185,3 +185,34 @@ def test_e2m1_table_lookup_decode_is_exact_on_random_words():
           ml_dtypes.bfloat16).astype(np.float32)
       np.testing.assert_array_equal(got.view(np.uint32),
                                     want[2 * part: 2 * part + 2].view(np.uint32))
+
+
+def test_w8a8_tiling_comes_from_the_table_where_it_fits():
+  # The table's "w8a8" section (bench_kernels.w8a8_entries) names a tiling per
+  # case; gpu_w8a8 runs it where it tiles the problem, else its heuristic.
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from lowbit_jax.kernels import gpu_w8a8  # pylint: disable=g-import-not-at-top
+  block = MatmulProblem(m=4096, n=8192, k=8192, x_dtype="fp8_e4m3",
+                        w_format="fp8_e4m3", x_format="fp8_e4m3",
+                        w_block=(128, 128), x_block=128)
+  chan = dataclasses.replace(block, w_block=None, x_block=None)
+  assert gpu_w8a8.case_of(block) == "fp8_block"
+  assert gpu_w8a8.case_of(dataclasses.replace(
+      chan, x_dtype="int8", w_format="int8", x_format="int8")) == "int8_channel"
+  heur = gpu_w8a8.heuristic_config(block)
+  tuned = dataclasses.replace(heur, grid_tile_width=16, stages=3)
+  wo.set_table({"meta": {}, "entries": {},
+                "w8a8": {"fp8_block": dict(config=dataclasses.asdict(tuned))}})
+  assert gpu_w8a8._default_config(block) == tuned  # pylint: disable=protected-access
+  assert gpu_w8a8._default_config(chan) == gpu_w8a8.heuristic_config(chan)  # pylint: disable=protected-access
+  # A 64-row M does not tile the tuned (nor the heuristic) 128-row CTA.
+  assert gpu_w8a8.tuned_config(dataclasses.replace(block, m=64)) is None
+  # A tiling past the shared memory a CTA has is refused, with the reason.
+  big = dataclasses.replace(heur, stages=8)
+  assert not gpu_w8a8._shape_ok(block, big)  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="shared memory"):
+    gpu_w8a8.matmul(None, block, config=big)
+  wo.set_table({"meta": {}, "entries": {},
+                "w8a8": {"fp8_block": dict(config=dict(tile_q=3))}})
+  with pytest.raises(ValueError, match="not a gpu_w8a8.Config"):
+    gpu_w8a8.tuned_config(block)
