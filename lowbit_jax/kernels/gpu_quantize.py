@@ -485,7 +485,7 @@ def candidate_configs(kind: str, k: int, n: int, x_dtype, values: bool = False,
                       limit: int = 4) -> list:
   """Tilings worth timing for ``[k, n]`` (at most ``limit``, the heuristic's
   first): the heuristic, the table's entry, then (per-channel and per-tensor
-  formats) the grid reversed, (blocks of 128) 256 columns, then the other
+  formats, and NVFP4, whose tensor amax XLA reduces first) the grid reversed, (blocks of 128) 256 columns, then the other
   of one and two stages, three stages, the other ``tile_n``, twice the rows per CTA, and the rows
   unrolled; only those within the kernel's shared-memory and shape
   limits (per-row kinds: twice the rows a step, the other of one and two
@@ -505,7 +505,8 @@ def candidate_configs(kind: str, k: int, n: int, x_dtype, values: bool = False,
     more = [rep(base, stages=3 - base.stages), rep(base, stages=3),
             rep(base, tile_n=384 - base.tile_n),
             rep(base, k_per_cta=2 * base.k_per_cta), rep(base, unroll=True)]
-    if _block_of(kind) == 0:  # a scale reduced by XLA first: its L2 lines
+    if _block_of(kind) == 0 or kind == "nvfp4":
+      # A scale (NVFP4: the tensor amax) reduced by XLA first: its L2 lines.
       more = [rep(base, reverse=True)] + more
     elif _block_of(kind) >= 128:
       more = [rep(base, tile_n=256)] + more  # two columns per thread

@@ -102,9 +102,10 @@ def _bits(a):
 def _bad_rows_mask(kind, x):
   """[K, N] True where the element's block holds a NaN or an inf."""
   bs = _spec(kind).group_size
-  xb = np.asarray(x.astype(jnp.float32)).reshape(K // bs, bs, N)
+  k, n = x.shape
+  xb = np.asarray(x.astype(jnp.float32)).reshape(k // bs, bs, n)
   bad = ~np.isfinite(xb).all(axis=1, keepdims=True)
-  return np.broadcast_to(bad, xb.shape).reshape(K, N)
+  return np.broadcast_to(bad, xb.shape).reshape(k, n)
 
 
 def _keep_code_rows(bad, rows):
@@ -305,6 +306,28 @@ def _rows_check(kind, x):
 @pytest.mark.parametrize("kind", ["mxfp4", "int8_g128", "nvfp4"])
 def test_kernel_equals_core_on_float32_input(kind):
   _case(kind, _edge_cases(jnp.float32))
+
+
+def test_nvfp4_quantize_with_the_grid_reversed_equals_core():
+  # Config.reverse (a tuning candidate for NVFP4 since its tensor amax is an
+  # XLA pass over x first): the CTAs walk columns and rows from the end; the
+  # tensor scale, codes and block scales are core's.
+  x = _two_by_two()
+  spec = _spec("nvfp4")
+  cfg = gq.Config(tile_n=128, tile_k=64, k_per_cta=128, stages=1,
+                  unroll=False, reverse=True)
+  assert cfg in gq.candidate_configs("nvfp4", 8192, 8192, jnp.bfloat16) or (
+      gq._fits("nvfp4", 256, 256, jnp.bfloat16, cfg, False))  # pylint: disable=protected-access
+  got = gq.quantize(x, spec, config=cfg, interpret=True)
+  want = lj.quantize(x, spec)
+  np.testing.assert_array_equal(np.asarray(got.tensor_scale),
+                                np.asarray(want.tensor_scale))
+  # Scales bit for bit; codes too, but in blocks holding a NaN or an inf,
+  # whose NaN scale makes every code read as NaN.
+  _check_codes("nvfp4", got, want, x)
+  assert np.asarray(got.codes).any()
+  assert any(c.reverse for c in gq.candidate_configs(
+      "nvfp4", 8192, 8192, jnp.bfloat16, limit=8))
 
 
 def _two_by_two():
