@@ -15,6 +15,14 @@ mismatching codes and scales of each::
   PYTHONPATH=. python3 experiments/probe_gpu_division.py \\
       --kinds=uint8_pc,binary_pc,int8_pc,int4_g128,fp4_e2m1_g32,nvfp4
 
+Two tensors (``--data``): ``columns``, normal values with every column its
+own range (2**-30 .. 2**30), and ``blocks``, the quantizer bench's tensor
+(normal values times 2**e, e in -8 .. 8, per 16-row block), whose small
+blocks put many quotients near a binary code's threshold (2**-24 from 0)
+that the first one almost never reaches: session 29's bench found binary
+per channel inexact on it while this probe, on ``columns`` only, found it
+exact.
+
 On CPU it runs the interpreter (256x256), where every division is exact:
 a dry run of the script only.
 """
@@ -28,6 +36,9 @@ from absl import flags
 _KINDS = flags.DEFINE_list("kinds", ["uint8_pc", "binary_pc", "int8_pc",
                                      "int4_g128"], "gpu_quantize kinds")
 _SHAPE = flags.DEFINE_string("shape", "8192x8192", "K x N (GPU; 256x256 on CPU)")
+_DATA = flags.DEFINE_list("data", ["columns", "blocks"], "tensors to probe: "
+                          "columns (a range per column), blocks (the quantizer "
+                          "bench's 2**e per 16-row block)")
 
 
 def main(argv):
@@ -39,15 +50,25 @@ def main(argv):
   from lowbit_jax.kernels import gpu_quantize as gq  # pylint: disable=g-import-not-at-top
   gpu = jax.default_backend() == "gpu"
   k, n = (int(v) for v in _SHAPE.value.split("x")) if gpu else (256, 256)
-  rng = np.random.default_rng(2)
-  x = rng.standard_normal((k, n)).astype(np.float32)
-  x *= np.exp2(rng.integers(-30, 31, (1, n)))  # every column its own range
-  x = jnp.asarray(x).astype(jnp.bfloat16)
+  tensors = {}
+  for name in _DATA.value:
+    if name == "columns":
+      rng = np.random.default_rng(2)
+      x = rng.standard_normal((k, n)).astype(np.float32)
+      x *= np.exp2(rng.integers(-30, 31, (1, n)))  # every column its own range
+      tensors[name] = jnp.asarray(x).astype(jnp.bfloat16)
+    elif name == "blocks":  # as experiments/bench_gpu_quantize.py draws it
+      x = jax.random.normal(jax.random.key(0), (k, n), jnp.float32)
+      e = jax.random.randint(jax.random.key(1), (k // 16, 1, n), -8, 9)
+      x = (x.reshape(k // 16, 16, n) * jnp.exp2(e.astype(jnp.float32))).reshape(k, n)
+      tensors[name] = x.astype(jnp.bfloat16)
+    else:
+      raise app.UsageError(f"--data: unknown tensor {name!r} (columns, blocks)")
   print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {k}x{n}", flush=True)
   t0 = time.time()
   saved = dict(gq.DIVISION)
   try:
-    for kind in _KINDS.value:
+    for (data, x), kind in ((d, kk) for d in tensors.items() for kk in _KINDS.value):
       spec = gq.spec_for(kind)
       with gq.forced(()):
         want = jax.jit(lambda a, spec=spec: lj.quantize(a, spec))(x)
@@ -62,7 +83,8 @@ def main(argv):
         gs = np.asarray(got.scale).view(np.uint8)
         out.append(f"scale={sc} data={da}: codes {int((gc != wc).sum())}, "
                    f"scales {int((gs != ws).sum())}")
-      print(f"{kind}: " + " | ".join(out) + f"  [{time.time() - t0:.0f} s]", flush=True)
+      print(f"{kind} ({data}): " + " | ".join(out)
+            + f"  [{time.time() - t0:.0f} s]", flush=True)
   finally:
     gq.DIVISION.update(saved)
     gq._build.cache_clear()  # pylint: disable=protected-access
