@@ -673,6 +673,20 @@ lop3.b32 $0, t, g, 0x80008000, 0xF8;
 }}"""
 
 
+def _word_part(reg):
+  """``(word, byte)`` where a fragment register (two 4-bit codes) is byte
+  ``byte`` of a 32-bit vector ``word`` (as after a relayout from
+  ``WGMMA_UPCAST_4X``), else ``(reg, None)``."""
+  _, _, _, _, _, _, vector = common._mlir()
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils  # pylint: disable=g-import-not-at-top
+  op = getattr(reg.owner, "opview", None)
+  if (isinstance(op, vector.ExtractStridedSliceOp)
+      and mgpu_utils.bitwidth(op.source.type) == 32
+      and op.strides[0].value == 1):
+    return op.source, op.offsets[0].value // 2
+  return reg, None
+
+
 def _e2m1_regs_to_bf16_prmt(w):
   """``_e2m1_regs_to_bf16`` with byte permutes on whole 32-bit words.
 
@@ -680,7 +694,7 @@ def _e2m1_regs_to_bf16_prmt(w):
   ``WGMMA_UPCAST_4X``), the shifts of the word are shared by its four byte
   pairs; otherwise each byte is widened on its own.
   """
-  mgpu, fa, ir, arith, llvm, _, vector = common._mlir()
+  mgpu, fa, ir, arith, llvm, _, _ = common._mlir()
   from jax.experimental.mosaic.gpu import utils as mgpu_utils  # pylint: disable=g-import-not-at-top
   bf16 = ir.BF16Type.get()
   i8 = ir.IntegerType.get_signless(8)
@@ -690,13 +704,7 @@ def _e2m1_regs_to_bf16_prmt(w):
   words = {}
   new_regs = w.registers.copy()
   for idx, reg in np.ndenumerate(w.registers):
-    op = getattr(reg.owner, "opview", None)
-    if (isinstance(op, vector.ExtractStridedSliceOp)
-        and mgpu_utils.bitwidth(op.source.type) == 32
-        and op.strides[0].value == 1):
-      src, part = op.source, op.offsets[0].value // 2
-    else:
-      src, part = reg, None
+    src, part = _word_part(reg)
     shifted = words.get(src) if part is not None else None
     if shifted is None:
       if part is None:
@@ -776,7 +784,7 @@ def _e2m1_regs_to_bf16_lut(w):
   Where a register is a slice of a 32-bit vector, the selector word of each
   16-bit half of the word is shared by its two byte pairs.
   """
-  mgpu, fa, ir, arith, llvm, _, vector = common._mlir()
+  mgpu, fa, ir, arith, llvm, _, _ = common._mlir()
   from jax.experimental.mosaic.gpu import utils as mgpu_utils  # pylint: disable=g-import-not-at-top
   bf16 = ir.BF16Type.get()
   i8 = ir.IntegerType.get_signless(8)
@@ -788,13 +796,8 @@ def _e2m1_regs_to_bf16_lut(w):
   selectors = {}
   new_regs = w.registers.copy()
   for idx, reg in np.ndenumerate(w.registers):
-    op = getattr(reg.owner, "opview", None)
-    if (isinstance(op, vector.ExtractStridedSliceOp)
-        and mgpu_utils.bitwidth(op.source.type) == 32
-        and op.strides[0].value == 1):
-      src, part = op.source, op.offsets[0].value // 2
-    else:
-      src, part = reg, 0
+    src, part = _word_part(reg)
+    part = part or 0
     key = (src, part // 2)
     sel = selectors.get(key) if src is not reg else None
     if sel is None:
