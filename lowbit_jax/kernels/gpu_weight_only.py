@@ -687,6 +687,17 @@ def _word_part(reg):
   return reg, None
 
 
+def _code_word(src):
+  """``src`` of ``_word_part`` as an i32: the 32-bit word, or the lone byte
+  zero-extended."""
+  _, _, ir, arith, _, _, _ = common._mlir()
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils  # pylint: disable=g-import-not-at-top
+  i32 = ir.IntegerType.get_signless(32)
+  if mgpu_utils.bitwidth(src.type) == 32:
+    return mgpu_utils.bitcast(src, i32)
+  return arith.extui(i32, mgpu_utils.bitcast(src, ir.IntegerType.get_signless(8)))
+
+
 def _e2m1_regs_to_bf16_prmt(w):
   """``_e2m1_regs_to_bf16`` with byte permutes on whole 32-bit words.
 
@@ -697,7 +708,6 @@ def _e2m1_regs_to_bf16_prmt(w):
   mgpu, fa, ir, arith, llvm, _, _ = common._mlir()
   from jax.experimental.mosaic.gpu import utils as mgpu_utils  # pylint: disable=g-import-not-at-top
   bf16 = ir.BF16Type.get()
-  i8 = ir.IntegerType.get_signless(8)
   i32 = ir.IntegerType.get_signless(32)
   c32 = lambda v: arith.constant(i32, v)
   two126 = _bf16_const_vec(0x7E80)  # 2**126
@@ -707,10 +717,7 @@ def _e2m1_regs_to_bf16_prmt(w):
     src, part = _word_part(reg)
     shifted = words.get(src) if part is not None else None
     if shifted is None:
-      if part is None:
-        word = arith.extui(i32, mgpu_utils.bitcast(reg, i8))
-      else:
-        word = mgpu_utils.bitcast(src, i32)
+      word = _code_word(src)
       shifted = (word, arith.shrui(word, c32(4)), arith.shli(word, c32(4)))
       if part is not None:
         words[src] = shifted
@@ -787,7 +794,6 @@ def _e2m1_regs_to_bf16_lut(w):
   mgpu, fa, ir, arith, llvm, _, _ = common._mlir()
   from jax.experimental.mosaic.gpu import utils as mgpu_utils  # pylint: disable=g-import-not-at-top
   bf16 = ir.BF16Type.get()
-  i8 = ir.IntegerType.get_signless(8)
   i32 = ir.IntegerType.get_signless(32)
   c32 = lambda v: arith.constant(i32, v)
   u_lo, u_hi, t_lo, t_hi = _e2m1_lut_tables()
@@ -801,10 +807,7 @@ def _e2m1_regs_to_bf16_lut(w):
     key = (src, part // 2)
     sel = selectors.get(key) if src is not reg else None
     if sel is None:
-      if src is reg:
-        word = arith.extui(i32, mgpu_utils.bitcast(reg, i8))
-      else:
-        word = mgpu_utils.bitcast(src, i32)
+      word = _code_word(src)
       if part >= 2:
         word = arith.shrui(word, c32(16))
       mags = arith.andi(word, c32(0x7777))
