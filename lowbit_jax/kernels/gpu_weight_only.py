@@ -1337,6 +1337,11 @@ def matmul(operands: MatmulOperands, problem: MatmulProblem, *,
     raise ValueError(f"Config(n_split=True) splits the rows between the two "
                      f"compute warpgroups of the warp-specialized kernel: pass "
                      f"ws=True as well (got {config})")
+  if config is not None and config.n_split and config.tile_n % 128:
+    raise ValueError(f"Config(n_split=True) gives each of two warpgroups "
+                     f"tile_n / 2 weight rows, which must be a multiple of 64 "
+                     f"(a WGMMA's rows): tile_n must be a multiple of 128, got "
+                     f"{config.tile_n}")
   cfg = config
   if cfg is None:
     cfg = tuned_config(problem)

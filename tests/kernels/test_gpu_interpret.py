@@ -157,7 +157,7 @@ def test_weight_only_n_split_is_refused_without_ws_or_half_tiles():
   # 64 weight rows leave 32 a warpgroup: not a WGMMA's 64.
   cfg = _wo_cfg(tile_n=64, ws=True, n_split=True)
   assert not gpu_weight_only._tiles_ok(prob, cfg)  # pylint: disable=protected-access
-  with pytest.raises(ValueError, match="does not fit the tiling"):
+  with pytest.raises(ValueError, match="multiple of 128, got 64"):
     gpu_weight_only.matmul(ops, prob, config=cfg, interpret=True)
 
 
