@@ -461,6 +461,10 @@ def candidates(wo, prob, tune: bool, few: bool = False, fast=None):
       cands += [ns(128, 128, 128, 3, 1), ns(256, 128, 128, 3, 1),
                 ns(256, 128, 128, 3, 1, k_chunks=2), ns(256, 128, 128, 2, 1),
                 C(128, 128, 128, 2, 1)]
+      if m >= 256:
+        # 256 activation rows a CTA (WGMMA's widest N): at M = 256 the
+        # weight is read once, not once per 128-row tile.
+        cands += [ns(128, 128, 256, 2, 1), C(64, 128, 256, 2, 1)]
     for c in cands:
       if c not in out and wo._shape_ok(prob, c):  # pylint: disable=protected-access
         out.append(c)

@@ -12,7 +12,7 @@ dequantized in registers (int4 -> bf16 through the magic-exponent trick Mosaic G
 implements; E2M1 -> bf16 by placing the three magnitude bits in the exponent/mantissa
 of a bf16 and multiplying by 2**126, or with ``Config.lut_decode`` by two byte-permute
 table lookups), while the activation tile ``[tile_m, K]``
-(tile_m = 8 .. 128) is the N side read transposed from shared memory. Weight and
+(tile_m = 8 .. 256) is the N side read transposed from shared memory. Weight and
 activation tiles stream through a TMA pipeline of several stages; group scales of a
 weight tile are loaded once per CTA and applied per register; per-channel and
 tensor scales are applied to the f32 accumulator. A K split adds parallelism for
@@ -79,7 +79,9 @@ class Config:
   Attributes:
     tile_n: weight rows per CTA (a multiple of 64; the WGMMA M side).
     tile_k: K elements per pipeline step.
-    tile_m: activation rows per CTA (multiple of 8, at most 128; WGMMA N side).
+    tile_m: activation rows per CTA (multiple of 8, at most 256; WGMMA N
+      side). 256 reads the weight once for M = 256 (the accumulator is then
+      128 registers a thread for 64 weight rows a warpgroup).
     stages: pipeline depth (TMA copies in flight).
     split_k: number of K slices computed by separate CTAs.
     ws: warp-specialized (a TMA warpgroup and two compute warpgroups, each

@@ -136,17 +136,24 @@ def test_weight_only_warp_specialized_kernel(fmt, group, chunks):
     ("nvfp4", 16, 128, 16, {}), ("mxfp4", 32, 256, 8, {}),
     ("fp4_e2m1", 32, 128, 16, dict(split_k=2)),
     ("int4", None, 256, 16, dict(k_chunks=2)),
-    ("int4", 64, 128, 32, dict(tile_m=16))])
+    ("int4", 64, 128, 32, dict(tile_m=16)),
+    ("int8", 128, 128, 256, dict(tile_k=128))])
 def test_weight_only_n_split_kernel(fmt, group, tile_n, m, extra):
   # ws with n_split: the TMA warpgroup loads one activation tile for both
   # compute warpgroups, each dequantizes and multiplies its own half of the
   # weight rows (its own group / channel scales) and writes its own output
   # columns. 2 N tiles, 4 K steps through 2 stages; M = 5 in an 8-row tile,
-  # M = 32 in two M tiles, a K split, two K chunks.
+  # M = 32 in two M tiles, a K split, two K chunks, a 256-row activation tile.
   cfg = _wo_cfg(tile_n=tile_n, tile_k=256, tile_m=max(8, -(-m // 8) * 8),
                 ws=True, n_split=True)
   cfg = dataclasses.replace(cfg, **extra)
   _check_wo(fmt, group, m, 2 * tile_n, 1024 * cfg.split_k, cfg, seed=9)
+
+
+def test_weight_only_kernel_256_activation_rows():
+  # tile_m = 256 (WGMMA's widest N) with a ragged M of 200 in the one tile.
+  _check_wo("int4", None, 200, 128, 1024,
+            _wo_cfg(tile_k=128, tile_m=256), seed=10)
 
 
 def test_weight_only_n_split_is_refused_without_ws_or_half_tiles():

@@ -76,7 +76,8 @@ def test_weight_only_kernel_real_shape(ws):
                                        ("mxfp4", 32), ("nvfp4", 16)])
 @pytest.mark.parametrize("m,tile_n,tile_m,tile_k", [(1, 128, 8, 256),
                                                     (16, 256, 16, 256),
-                                                    (256, 128, 128, 128)])
+                                                    (256, 128, 128, 128),
+                                                    (256, 128, 256, 128)])
 def test_weight_only_n_split_matches_reference(fmt, group, m, tile_n, tile_m,
                                                tile_k):
   # Config(ws=True, n_split=True): two compute warpgroups, each its half of
@@ -84,7 +85,9 @@ def test_weight_only_n_split_matches_reference(fmt, group, m, tile_n, tile_m,
   n, k = 2048, 4096
   ops, prob = _wo_ops(fmt, group, m, n, k)
   cfg = gpu_weight_only.Config(tile_n=tile_n, tile_k=tile_k, tile_m=tile_m,
-                               stages=3, split_k=1, ws=True, n_split=True)
+                               stages=2 if tile_m == 256 else 3, split_k=1,
+                               ws=True, n_split=True)
+  assert gpu_weight_only._shape_ok(prob, cfg)  # pylint: disable=protected-access
   out = _run_poisoned(lambda o: gpu_weight_only.matmul(o, prob, config=cfg),
                       ops, (m, n), jnp.bfloat16)
   assert rel_err(out, gpu_weight_only.reference(ops, prob)) < 1e-2
