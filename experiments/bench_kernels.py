@@ -834,7 +834,11 @@ def w8a8_candidates(w8, prob, tune: bool) -> list:
     mode = w8.mode_of(prob)
     cands = [r(grid_tile_width=4), r(grid_tile_width=16), r(epi_n=128)]
     if mode == "mx":
-      cands += [r(stages=6), r(stages=12), r(stages=16)]
+      # And 2 or 4 32-deep blocks a pipeline step (Config.sub_blocks, session
+      # 30, untimed): the step's barrier and TMA issue amortized over them.
+      cands = [r(sub_blocks=4, stages=4), r(sub_blocks=2, stages=6),
+               r(sub_blocks=4, stages=3)] + cands + [
+                   r(stages=6), r(stages=12), r(stages=16)]
     else:
       cands += [r(stages=3), r(stages=5), r(stages=6)]
     if mode == "block":

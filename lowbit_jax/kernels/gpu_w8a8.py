@@ -31,7 +31,12 @@ XLA's bf16 dot, with the 64 x 128 tiling per warpgroup). The block mode was
 slower than XLA on the H100 with 128 x 128 tiles per warpgroup (two f32
 accumulators do not fit in registers), the tiling it no longer uses; int8
 codes in the block mode were not timed. MXFP8 stays off: 1647 us on the H200
-against XLA's 851 (each 32-deep K block is its own MMA and rescale).
+against XLA's 851 (each 32-deep K block is its own MMA and rescale). The
+rescale is about twice the block's MMA in issue slots (64 x 128 products and
+FMAs a warpgroup against a 64 x 128 x 32 fp8 MMA), so two warpgroups
+overlapping perfectly would reach about 1.2x bf16; one block a pipeline step
+also pays the step's barrier wait, TMA issue and release every 32-deep MMA,
+which ``Config.sub_blocks`` (several 32-wide tiles a step; untimed) amortizes.
 """
 from __future__ import annotations
 
@@ -62,6 +67,11 @@ class Config:
       if along M.
     ctas: persistent CTAs in the grid; None for one per SM (2 in interpret
       mode, so that each CTA walks several output tiles).
+    sub_blocks: MX only: 32-deep K blocks per pipeline step, each its own
+      32-wide shared-memory tile of x and W (a swizzled tile cannot be
+      sliced below its swizzle width, so a step of several blocks is several
+      tiles). One step a block pays the pipeline's barrier wait, TMA issue
+      and release for every 32-deep MMA; several amortize them.
   """
   tile_m: int = 128
   tile_n: int = 128
@@ -71,6 +81,7 @@ class Config:
   epi_n: int = 64
   wg_dim: str = "n"
   ctas: Optional[int] = None
+  sub_blocks: int = 1
 
 
 def mode_of(problem: MatmulProblem) -> str:
@@ -240,12 +251,13 @@ def smem_bytes(problem: MatmulProblem, cfg: Config) -> int:
   """Shared memory of one CTA: the pipeline's operand (and block / MX scale)
   tiles and the two epilogue tiles."""
   cta_m, cta_n = _cta_tile(cfg)
-  per_stage = (cta_m + cta_n) * cfg.tile_k  # 8-bit codes
   mode = mode_of(problem)
+  step_k = cfg.tile_k * (cfg.sub_blocks if mode == "mx" else 1)
+  per_stage = (cta_m + cta_n) * step_k  # 8-bit codes
   if mode == "block":
     per_stage += (cta_m + cta_n) * 4
   elif mode == "mx":
-    per_stage += (cta_m + cta_n) * 4 * (cfg.tile_k // 32)
+    per_stage += (cta_m + cta_n) * 4 * (step_k // 32)
   out_bytes = 2 * 64 * cfg.epi_n * jnp.dtype(problem.out_dtype).itemsize
   return cfg.stages * per_stage + out_bytes
 
@@ -253,8 +265,12 @@ def smem_bytes(problem: MatmulProblem, cfg: Config) -> int:
 def _shape_ok(problem: MatmulProblem, cfg: Config) -> bool:
   m, n, k = problem.m, problem.n, problem.k
   cta_m, cta_n = _cta_tile(cfg)
+  if cfg.sub_blocks != 1 and (mode_of(problem) != "mx" or cfg.sub_blocks < 1
+                              or cfg.tile_k != 32):
+    return False  # several 32-deep tiles a step: MX only
   return (m % cta_m == 0 and n % cta_n == 0
-          and k % cfg.tile_k == 0 and cfg.tile_n % cfg.epi_n == 0
+          and k % (cfg.tile_k * cfg.sub_blocks) == 0
+          and cfg.tile_n % cfg.epi_n == 0
           and smem_bytes(problem, cfg) <= MAX_SMEM_BYTES)
 
 
@@ -423,7 +439,9 @@ def _build(mode: str, code: str, m: int, n: int, k: int, out_dtype: str,
   tile_m, tile_n, tile_k = cfg.tile_m, cfg.tile_n, cfg.tile_k
   cta_m, cta_n = _cta_tile(cfg)
   wg_m = cfg.wg_dim == "m"
-  m_iters, n_iters, k_iters = m // cta_m, n // cta_n, k // tile_k
+  # MX: ``sub_blocks`` 32-deep tiles of x and W a pipeline step.
+  nb = cfg.sub_blocks if mode == "mx" else 1
+  m_iters, n_iters, k_iters = m // cta_m, n // cta_n, k // (tile_k * nb)
   is_int = code == "int8"
   acc_dtype = jnp.int32 if is_int else jnp.float32
   out_jdtype = jnp.dtype(out_dtype)
@@ -443,11 +461,9 @@ def _build(mode: str, code: str, m: int, n: int, k: int, out_dtype: str,
 
   def kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, o_gmem):
     in_specs = [
-        plgpu.BlockSpec((cta_m, tile_k), lambda kk: (0, kk),
-                        transforms=op_transforms, memory_space=plgpu.SMEM),
-        plgpu.BlockSpec((cta_n, tile_k), lambda kk: (0, kk),
-                        transforms=op_transforms, memory_space=plgpu.SMEM),
-    ]
+        plgpu.BlockSpec((rows, tile_k), lambda kk, t=t: (0, kk * nb + t),
+                        transforms=op_transforms, memory_space=plgpu.SMEM)
+        for rows in (cta_m, cta_n) for t in range(nb)]
     if mode == "block":
       # sx^T [K/128, M] and the weight scales expanded along N: [K/128, N].
       in_specs += [
@@ -457,7 +473,7 @@ def _build(mode: str, code: str, m: int, n: int, k: int, out_dtype: str,
                           memory_space=plgpu.SMEM),
       ]
     elif mode == "mx":
-      nsub = tile_k // 32
+      nsub = tile_k * nb // 32
       in_specs += [
           plgpu.BlockSpec((nsub, cta_m), lambda kk: (kk, 0),
                           memory_space=plgpu.SMEM),
@@ -473,9 +489,9 @@ def _build(mode: str, code: str, m: int, n: int, k: int, out_dtype: str,
 
     ignore = lambda *_, **__: None
     gm_args = lambda mi, ni: [
-        x_gmem.at[pl.ds(mi * cta_m, cta_m), :],
-        w_gmem.at[pl.ds(ni * cta_n, cta_n), :],
-    ] + ([] if mode == "channel" else [
+        x_gmem.at[pl.ds(mi * cta_m, cta_m), :]] * nb + [
+        w_gmem.at[pl.ds(ni * cta_n, cta_n), :]] * nb + (
+        [] if mode == "channel" else [
         sx_gmem.at[:, pl.ds(mi * cta_m, cta_m)],
         sw_gmem.at[:, pl.ds(ni * cta_n, cta_n)],
     ])
@@ -564,8 +580,12 @@ def _build(mode: str, code: str, m: int, n: int, k: int, out_dtype: str,
               init = plgpu.layout_cast(init, plgpu.Layout.WGMMA)
             epilogue(run(init))
 
-          def body(_, x_smem, w_smem, sx_smem, sw_smem, acc):
-            for j in range(tile_k // sub_k):
+          def body(_, *refs):
+            # nb tiles of x, nb of W, the scale rows of the step, the sum.
+            sx_smem, sw_smem, acc = refs[2 * nb:]
+            for blk, x_smem, w_smem, j in (
+                (t * (tile_k // sub_k) + j, refs[t], refs[nb + t], j)
+                for t in range(nb) for j in range(tile_k // sub_k)):
               ks = pl.ds(j * sub_k, sub_k)
 
               def mma(part_ref):
@@ -582,8 +602,8 @@ def _build(mode: str, code: str, m: int, n: int, k: int, out_dtype: str,
                 sw_cols = (pl.ds(wg_cols.start, 1) if mode == "block"
                            else wg_cols)
                 acc = _jnp_promote(acc, part,
-                                   sx_smem[0 if mode == "block" else j, wg_rows],
-                                   sw_smem[0 if mode == "block" else j, sw_cols])
+                                   sx_smem[0 if mode == "block" else blk, wg_rows],
+                                   sw_smem[0 if mode == "block" else blk, sw_cols])
               elif mode == "block":
                 @plgpu.inline_mgpu(
                     arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA,
@@ -602,8 +622,8 @@ def _build(mode: str, code: str, m: int, n: int, k: int, out_dtype: str,
                         (tile_m, tile_n), jnp.float32, plgpu.Layout.WGMMA))
                 def promote(_, a, p, ex, ew):
                   return _promote_mx(a, p, ex, ew)
-                acc = promote(acc, part, sx_smem.at[j, wg_rows],
-                              sw_smem.at[j, wg_cols])
+                acc = promote(acc, part, sx_smem.at[blk, wg_rows],
+                              sw_smem.at[blk, wg_cols])
             return acc
 
         get_pipeline(body, compute_context)(*gm_args(mi, ni), allocations=allocs)

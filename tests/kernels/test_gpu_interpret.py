@@ -252,6 +252,29 @@ def test_mxfp8_kernel_is_bit_exact_on_exact_block_sums():
                                 np.asarray(gpu_w8a8.reference(ops, prob)))
 
 
+@pytest.mark.parametrize("sub_blocks", [2, 4])
+def test_mxfp8_kernel_with_several_blocks_a_step_is_bit_exact(sub_blocks):
+  # Config.sub_blocks: 2 or 4 32-deep tiles of x and W a pipeline step (8 K
+  # blocks: 4 or 2 steps), each block its own MMA and rescale in K order as
+  # before, so the bits stay the reference's.
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  prob = make_w8(jax.random.key(2), "mxfp8", 256, 128, 256, exact=True)[1]
+  cfg = dataclasses.replace(gpu_w8a8.heuristic_config(prob),
+                            sub_blocks=sub_blocks, stages=4)
+  assert gpu_w8a8._shape_ok(prob, cfg)  # pylint: disable=protected-access
+  ops, prob, out = _check_w8("mxfp8", 256, 128, 256, cfg, exact=True, seed=2)
+  np.testing.assert_array_equal(np.asarray(out),
+                                np.asarray(gpu_w8a8.reference(ops, prob)))
+
+
+def test_w8a8_sub_blocks_are_mx_only():
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  ops, prob = make_w8(jax.random.key(0), "fp8_channel", 128, 256, 128)
+  cfg = dataclasses.replace(gpu_w8a8.heuristic_config(prob), sub_blocks=2)
+  with pytest.raises(ValueError, match="does not fit the tiling"):
+    gpu_w8a8.matmul(ops, prob, config=cfg, interpret=True)
+
+
 def test_mxfp8_kernel_random_codes():
   _check_w8("mxfp8", 256, 256, 256, seed=3)
 

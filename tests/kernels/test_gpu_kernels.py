@@ -172,10 +172,15 @@ def test_w8a8_kernel_matches_reference(case, m, n, k):
   assert rel_err(out, gpu_w8a8.reference(ops, prob)) < 1e-2
 
 
-def test_mxfp8_kernel_is_bit_exact_on_exact_block_sums():
+@pytest.mark.parametrize("sub_blocks", [1, 2, 4])
+def test_mxfp8_kernel_is_bit_exact_on_exact_block_sums(sub_blocks):
+  # (Config.sub_blocks: several 32-deep tiles a pipeline step.)
   ops, prob = _w8_ops("mxfp8", 256, 512, 1024, exact=True)
-  out = _run_poisoned(lambda o: gpu_w8a8.matmul(o, prob), ops, (256, 512),
-                      jnp.float32)
+  cfg = dataclasses.replace(gpu_w8a8.heuristic_config(prob),
+                            sub_blocks=sub_blocks,
+                            stages=8 if sub_blocks == 1 else 4)
+  out = _run_poisoned(lambda o: gpu_w8a8.matmul(o, prob, config=cfg), ops,
+                      (256, 512), jnp.float32)
   ref = gpu_w8a8.reference(ops, prob)
   np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
 

@@ -276,10 +276,10 @@ def test_weight_only_kernel_lowers_to_mosaic_gpu(fmt, group, m, ws):
 
 
 @pytest.mark.parametrize("case", ["fp8_channel", "int8_channel", "fp8_block",
-                                  "mxfp8"])
+                                  "mxfp8", "mxfp8_sub4"])
 def test_w8a8_kernel_lowers_to_mosaic_gpu(case):
   m, n, k = 256, 512, 1024
-  if case == "mxfp8":
+  if case.startswith("mxfp8"):
     prob = MatmulProblem(m=m, n=n, k=k, x_dtype="fp8_e4m3",
                          w_format="mxfp8_e4m3", x_format="mxfp8_e4m3")
     code, sx, sw = jnp.float8_e4m3fn, (m, k // 32), (n, k // 32)
@@ -296,7 +296,11 @@ def test_w8a8_kernel_lowers_to_mosaic_gpu(case):
     sdt = jnp.float32
   ops = MatmulOperands(x=_sds((m, k), code), w_codes=_sds((n, k), code),
                        w_scale=_sds(sw, sdt), x_scale=_sds(sx, sdt))
-  _lower(lambda o: gpu_w8a8.matmul(o, prob), ops)
+  cfg = None
+  if case == "mxfp8_sub4":  # four 32-deep tiles a pipeline step
+    cfg = dataclasses.replace(gpu_w8a8.heuristic_config(prob), sub_blocks=4,
+                              stages=4)
+  _lower(lambda o: gpu_w8a8.matmul(o, prob, config=cfg), ops)
 
 
 def test_weight_only_kernel_reports_smem_overflow():
