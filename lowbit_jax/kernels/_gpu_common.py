@@ -16,6 +16,7 @@ packed two per byte along K with element ``2j`` in the low nibble.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import threading
@@ -532,12 +533,23 @@ def transpose_ref(ref):
   return ref.T
 
 
-def smem_gather(ref, idx, dtype, tn: int):
-  """``ref[idx]`` for an integer ``[tn]`` row (the warpgroup-strided layout
+def config_from_entry(cls, entry: dict):
+  """A tiling dataclass ``cls`` from a measured table's entry: every field of
+  ``cls`` the entry holds (older entries lack the newer fields, which keep
+  their defaults); the entry's other keys (its timings) are not fields."""
+  return cls(**{f.name: entry[f.name] for f in dataclasses.fields(cls)
+                if f.name in entry})
+
+
+def smem_gather(ref, idx, dtype, tn: int, interp: bool = False):
+  """``ref[idx]`` for an int32 ``[tn]`` row (the warpgroup-strided layout
   of a row of ``tn`` columns) of in-range indices into a 1-D shared-memory
   table: one load an element (Mosaic GPU has no vector gather; each lane
   loads its own address). A table of at most 32 4-byte words has no bank
-  conflicts. GPU build only: the interpreter takes ``jnp.take``."""
+  conflicts. With ``interp`` (the Mosaic GPU interpreter, which runs no
+  raw MLIR) a ``jnp.take`` of the whole table."""
+  if interp:
+    return jnp.take(ref[...], idx, mode="clip").astype(dtype)
   import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
   lay = plgpu.Layout.WG_STRIDED((tn,), vec_size=tn // 128)
 

@@ -173,9 +173,8 @@ def lut_applies(plan: _Plan) -> bool:
 def _lut_decode(raw, lut_ref, tn: int, interp: bool):
   """``table[raw]`` for a uint32 ``[tn]`` row of codes (in range) with the
   table in shared memory ``lut_ref``: one shared-memory load an element."""
-  if interp:
-    return jnp.take(lut_ref[...], raw.astype(jnp.int32), mode="clip")
-  return common.smem_gather(lut_ref, raw.astype(jnp.int32), jnp.float32, tn)
+  return common.smem_gather(lut_ref, raw.astype(jnp.int32), jnp.float32, tn,
+                            interp)
 
 
 # ---------------------------------------------------------------------------
@@ -424,10 +423,7 @@ def _table_config(plan: _Plan, k: int, n: int) -> Optional[Config]:
   ent = _table().get("entries", {}).get(plan.kind)
   if not ent:
     return None
-  # Every Config field the entry holds (older entries lack the newer fields,
-  # which then keep their defaults); the entry's timings are not fields.
-  cfg = Config(**{f.name: ent[f.name] for f in dataclasses.fields(Config)
-                  if f.name in ent})
+  cfg = common.config_from_entry(Config, ent)
   return cfg if _fits(plan, k, n, cfg) else None
 
 

@@ -377,10 +377,7 @@ def default_config(kind: str, k: int, n: int, x_dtype,
   ent = _table().get("entries", {}).get(kind, {}).get(
       "fake_quant" if values else "quantize")
   if ent:
-    # Every Config field the entry holds (older entries lack the newer ones,
-    # which keep their defaults); the entry's timings are not fields.
-    cfg = Config(**{f.name: ent[f.name] for f in dataclasses.fields(Config)
-                    if f.name in ent})
+    cfg = common.config_from_entry(Config, ent)
     if _fits(kind, k, n, x_dtype, cfg, values):
       return cfg
   return heuristic_config(kind, k, n, x_dtype, values)
@@ -922,11 +919,11 @@ def lut_bins(table: tuple) -> tuple:
   bins 1/128 wide), and the code of ``y`` is ``below + (y >= threshold)``:
   the count of thresholds at or below ``y``, as core's lookup rounding.
   """
-  thr = np.asarray(_cast._nearest_thresholds(table), np.float32)  # pylint: disable=protected-access
   if not (-1.0 <= min(table) and max(table) <= 1.0):
     raise ValueError(f"the binned encode covers [-1, 1], the scaled values of "
                      f"an absmax codebook; this table spans [{min(table)}, "
                      f"{max(table)}]: use lut=False")
+  thr = np.asarray(_cast._nearest_thresholds(table), np.float32)  # pylint: disable=protected-access
   half = np.float32(_LUT_BINS // 2)
 
   def bin_of(y):
@@ -978,12 +975,8 @@ def _lut_codes(y, thr_ref, below_ref, interp: bool, tn: int):
   # the clipped t >= 0 (Mosaic GPU lowers no floor)
   bi = jnp.clip(y * half + half, np.float32(0.0),
                 np.float32(_LUT_BINS - 1)).astype(jnp.int32)
-  if interp:
-    t = jnp.take(thr_ref[...], bi, mode="clip")
-    c = jnp.take(below_ref[...], bi, mode="clip")
-  else:
-    t = common.smem_gather(thr_ref, bi, jnp.float32, tn)
-    c = common.smem_gather(below_ref, bi, jnp.int32, tn)
+  t = common.smem_gather(thr_ref, bi, jnp.float32, tn, interp)
+  c = common.smem_gather(below_ref, bi, jnp.int32, tn, interp)
   return (c + (y >= t).astype(jnp.int32)).astype(jnp.uint32)
 
 

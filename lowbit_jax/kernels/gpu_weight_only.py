@@ -734,6 +734,7 @@ def _e2m1_regs_to_bf16_prmt(w):
                             _is_signed=None)
 
 
+@functools.lru_cache(maxsize=None)
 def _e2m1_lut_tables() -> tuple[int, int, int, int]:
   """The four 32-bit table constants of ``Config.lut_decode``: ``(u_lo,
   u_hi)`` of ``_E2M1_LUT_IDX_PTX``, ``(t_lo, t_hi)`` of ``_E2M1_LUT_PTX``.
