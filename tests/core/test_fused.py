@@ -412,3 +412,105 @@ def test_dequantize_skips_its_clip_only_where_nothing_can_overflow(fmt, kw, monk
   text = jax.jit(lb.dequantize).lower(qs[0]).as_text()
   assert ("stablehlo.case" in text or "conditional" in text) == skips, text[:2000]
   jax.clear_caches()
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32],
+                         ids=["bf16", "f16", "f32"])
+def test_amax_keys_from_bits_equal_the_float_expressions(dtype):
+  """``_abs_key`` and ``_range_keys`` (the CPU's block amax and range from
+  the integer image of x) against numpy's ``where(isfinite(v), |v|, inf)``
+  and ``where(isfinite(v), v, +-inf)``: every 16-bit pattern (signed zeros,
+  subnormals, infs, NaNs of both signs and any payload), and 2**20 random
+  float32 patterns plus the same special values."""
+  from lowbit_jax.core import _quantize  # pylint: disable=g-import-not-at-top
+  if jnp.dtype(dtype).itemsize == 2:
+    bits = np.arange(1 << 16, dtype=np.uint16)
+  else:
+    rng = np.random.default_rng(7)
+    special = np.array([0, 0x80000000, 1, 0x807FFFFF, 0x7F800000, 0xFF800000,
+                        0x7F800001, 0xFFC00000, 0x7FFFFFFF, 0x7F7FFFFF], np.uint32)
+    bits = np.concatenate([special, rng.integers(0, 1 << 32, 1 << 20, dtype=np.uint32)])
+  v = bits.view(jnp.dtype(dtype))
+  vf = v.astype(np.float32)
+  fin = np.isfinite(vf)
+  ut = bits.dtype
+
+  def as_bits(a):
+    return np.asarray(a).view(ut)
+
+  got = jax.jit(_quantize._abs_key)(v)  # pylint: disable=protected-access
+  want = np.where(fin, np.abs(v), np.array(np.inf, v.dtype)).astype(v.dtype)
+  np.testing.assert_array_equal(as_bits(got), as_bits(want))
+  hi, lo = jax.jit(_quantize._range_keys)(v)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(
+      as_bits(hi), as_bits(np.where(fin, v, np.array(np.inf, v.dtype)).astype(v.dtype)))
+  np.testing.assert_array_equal(
+      as_bits(lo), as_bits(np.where(fin, v, np.array(-np.inf, v.dtype)).astype(v.dtype)))
+
+
+_CPU_PATH_SPECS = [
+    ("int8", dict(axis=0)), ("int4", dict(axis=0, group_size=32)),
+    ("int3", dict(axis=-1, group_size=16)), ("fp8_e4m3", dict(axis=0)),
+    ("fp8_e5m2", dict(axis=-1)), ("fp6_e2m3", dict(axis=0)), ("nf4", dict(axis=0)),
+    ("mxfp4", dict(axis=0)), ("mxint8", dict(axis=-1)), ("fp4_e2m1", dict(axis=0, group_size=32)),
+    ("uint8", dict(axis=0, symmetric=False)), ("int4", dict(axis=-1, symmetric=False)),
+]
+
+
+def _cpu_path_cases():
+  """Every spec on bf16; float16 and float32 inputs (the other key widths)
+  for int8 and asymmetric uint8 by default, for all with --runslow."""
+  out = []
+  for fmt, kw in _CPU_PATH_SPECS:
+    name = f"{fmt}-{'-'.join(map(str, kw.values()))}"
+    for dtype, dname in ((jnp.bfloat16, "bf16"), (jnp.float16, "f16"), (jnp.float32, "f32")):
+      slow = dname != "bf16" and name not in ("int8-0", "uint8-0-False")
+      out.append(pytest.param(fmt, kw, dtype, id=f"{name}-{dname}",
+                              marks=[pytest.mark.slow] if slow else []))
+  return out
+
+
+@pytest.mark.parametrize("fmt,kw,dtype", _cpu_path_cases())
+def test_cpu_amax_keys_and_single_use_quotient_change_no_bit(fmt, kw, dtype, monkeypatch):
+  """The CPU-only rewrites of core._quantize (``_CPU_AMAX_KEY``: the block
+  amax and range reduced from x's bits; ``_CPU_ONE_USE``: the scaled values
+  behind one no-op ReducePrecision so the division fuses into the rounding)
+  give the same codes, scales, values and gradients as the plain jnp
+  expressions, on data with zero, subnormal, NaN, inf and near-overflow
+  blocks (any two NaNs count as equal, as everywhere here: which NaN an
+  operation returns follows its operand order, which fusion may change)."""
+  from lowbit_jax.core import _quantize  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(11)
+  x = rng.standard_normal((64, 96)).astype(np.float32) * 4
+  big = float(jnp.finfo(dtype).max) * 0.9
+  tiny = float(jnp.finfo(dtype).smallest_subnormal) * 3
+  x[:32, 0] = 0.0
+  x[5, 1] = np.nan
+  x[6, 1] = -np.nan
+  x[40, 2] = -np.inf
+  x[41, 5] = np.inf
+  x[:, 3] = big
+  x[:32, 4] = tiny
+  x[32:, 4] = -tiny
+  x[7, 6] = -0.0
+  x = jnp.asarray(x, dtype)
+  spec = lb.QuantSpec(fmt, **kw)
+
+  def run():
+    q = jax.jit(lambda v: lb.quantize(v, spec))(x)
+    fq = jax.jit(lambda v: lb.fake_quant(v, spec))(x)
+    g = jax.jit(jax.grad(lambda v: jnp.sum(lb.fake_quant(v, spec).astype(jnp.float32))))(x)
+    return [np.asarray(a) for a in jax.tree.leaves((q, fq, g))]
+
+  monkeypatch.setattr(_quantize, "_CPU_AMAX_KEY", False)
+  monkeypatch.setattr(_quantize, "_CPU_ONE_USE", False)
+  jax.clear_caches()
+  want = run()
+  monkeypatch.setattr(_quantize, "_CPU_AMAX_KEY", True)
+  monkeypatch.setattr(_quantize, "_CPU_ONE_USE", True)
+  jax.clear_caches()
+  got = run()
+  jax.clear_caches()
+  assert len(got) == len(want)
+  for i, (a, b) in enumerate(zip(want, got)):
+    _assert_same(b, a, f"leaf {i}")
