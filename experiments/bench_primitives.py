@@ -30,7 +30,10 @@ and ``x * 2`` of the same tensor as the bandwidth ceiling in the same run:
 Time per call: on GPU the device time from CUPTI
 (``jax.experimental.mosaic.gpu.profiler.measure``, every kernel of a call
 counted; median of ``--iters`` calls); elsewhere the wall-clock median of
-``--iters`` calls after a warm-up call. Each item runs in its own try/except
+``--iters`` calls after a warm-up call, and a primitive's timings (ours, the
+reference, qwix; a matmul row's orders, XLA's bf16 dot and qwix) are taken
+interleaved in ``--rounds`` rounds, the smallest round median kept, so that a
+shared machine's load falls on all of them alike. Each item runs in its own try/except
 (the error goes into the JSON), the JSON and markdown are rewritten after
 every item, no item starts after ``--time_budget_s`` and a watchdog writes
 what there is and exits at ``--hard_limit_s``.
@@ -88,6 +91,11 @@ _MM_M = flags.DEFINE_list("matmul_m", [], "M values (default: 1,16,256,4096 on "
                           "GPU/TPU, 1,16,256,2048 on CPU)")
 _ITERS = flags.DEFINE_integer("iters", 0, "timed calls per measurement (default: "
                               "30 on GPU/TPU, 5 on CPU)")
+_ROUNDS = flags.DEFINE_integer("rounds", 0, "interleaved rounds of a primitive's "
+                               "timings (ours, the reference, qwix: each takes "
+                               "--iters calls a round, the cell is the smallest "
+                               "round median; default: 3 on CPU, whose load moves "
+                               "between one timing and the next, 1 on GPU/TPU)")
 _OUT_DIR = flags.DEFINE_string("out_dir", "benchmarks", "where results go")
 _TAG = flags.DEFINE_string("tag", "", "output file stem suffix (default: device)")
 _BUDGET = flags.DEFINE_float("time_budget_s", 330.0,
@@ -112,6 +120,18 @@ _SMOKE = flags.DEFINE_bool("smoke", False, "a dry run of every item in seconds: 
 T0 = time.time()
 L2_BYTES = 50 * 2 ** 20  # H100/H200 L2: matmul weight sets rotate past it
 
+class Jobs:
+  """Timings to take together (``Bench.time_jobs``): calling it registers
+  ``f(*args)`` and returns its index in the results."""
+
+  def __init__(self):
+    self.items = []
+
+  def __call__(self, f, *args, reps: int = 1, stats: dict | None = None) -> int:
+    self.items.append((f, args, reps, stats))
+    return len(self.items) - 1
+
+
 class Bench:
   """Results, the clock, the timer and the writers."""
 
@@ -124,6 +144,7 @@ class Bench:
     self.gpu = self.backend == "gpu"
     self.iters = _ITERS.value or (2 if _SMOKE.value else
                                   5 if self.backend == "cpu" else 30)
+    self.rounds = _ROUNDS.value or (3 if self.backend == "cpu" else 1)
     tag = _TAG.value or ("smoke" if _SMOKE.value else "")
     if not tag:
       kind = self.device.lower()
@@ -135,7 +156,8 @@ class Bench:
                     jax=jax.__version__, started=time.strftime("%Y-%m-%d %H:%M:%S"),
                     timer=("CUPTI device time per call (median)" if self.gpu else
                            "wall-clock per call (median, block_until_ready)"),
-                    iters=self.iters, prims=[], matmul=[], errors=[], notes=[],
+                    iters=self.iters, rounds=self.rounds, prims=[], matmul=[],
+                    errors=[], notes=[],
                     loadavg_start=_loadavg())
     self.lock = threading.Lock()
 
@@ -176,6 +198,36 @@ class Bench:
       jax.block_until_ready(jf(*args))
       ts.append(time.perf_counter() - t)
     return statistics.median(ts) * 1e6 / reps
+
+  def time_jobs(self, jobs: "Jobs") -> list:
+    """Median microseconds per call of each job (``Jobs``), the jobs timed
+    interleaved: ``self.rounds`` rounds of ``self.iters`` calls of each in
+    turn, the smallest round median kept. On a shared CPU, load from other
+    processes then falls on ours and the peers alike (timed one after the
+    other, a busy second made the reference look 2x faster than the same
+    computation of ours). With one round (GPU: CUPTI device time) each job is
+    ``time_us``."""
+    if self.rounds <= 1 or self.gpu:
+      return [self.time_us(f, *args, reps=reps, stats=st)
+              for f, args, reps, st in jobs.items]
+    jax = self.jax
+    compiled = []
+    for f, args, reps, st in jobs.items:
+      jf = jax.jit(f).lower(*args).compile()
+      if st is not None:
+        st.update(hlo_stats(jf.as_text()))
+      jax.block_until_ready(jf(*args))
+      compiled.append((jf, args, reps))
+    best = [float("inf")] * len(compiled)
+    for _ in range(self.rounds):
+      for i, (jf, args, reps) in enumerate(compiled):
+        ts = []
+        for _ in range(self.iters):
+          t = time.perf_counter()
+          jax.block_until_ready(jf(*args))
+          ts.append(time.perf_counter() - t)
+        best[i] = min(best[i], statistics.median(ts) * 1e6 / reps)
+    return best
 
   def note(self, msg: str):
     print(msg, flush=True)
@@ -267,21 +319,22 @@ def _import_reference():
     return None
 
 
-def _ref_time(b: Bench, ref, spec, op: str, x, g) -> float:
-  """The reference implementation doing the same job as ours."""
+def _ref_time(timer, ref, spec, op: str, x, g):
+  """The reference implementation doing the same job as ours, through
+  ``timer`` (``Bench.time_us``, or a ``Jobs`` to time it with ours)."""
   import jax  # pylint: disable=g-import-not-at-top
   if op == "quantize":
-    return b.time_us(lambda v: ref.quantize(v, spec), x)
+    return timer(lambda v: ref.quantize(v, spec), x)
   if op == "dequantize":
     q = jax.jit(lambda v: ref.quantize(v, spec))(x)
-    return b.time_us(ref.dequantize, q)
+    return timer(ref.dequantize, q)
   if op == "fake_quant":
-    return b.time_us(lambda v: ref.fake_quant(v, spec), x)
+    return timer(lambda v: ref.fake_quant(v, spec), x)
 
   def fb(v, ct):
     y, vjp = jax.vjp(lambda u: ref.fake_quant(u, spec), v)
     return y, vjp(ct)[0]
-  return b.time_us(fb, x, g)
+  return timer(fb, x, g)
 
 
 def _qwix_cfg(fmt: str, kw: dict):
@@ -346,21 +399,26 @@ def sec_prims(b: Bench, qwix, ids, ref=None):
           return y, vjp(ct)[0]
         args, nbytes = (x, g), 4 * xbytes
       st = {}
-      us = b.time_us(f, *args, stats=st)
+      jobs = Jobs()
+      jobs(f, *args, stats=st)
+      i_ref = None if ref is None else _ref_time(jobs, ref, spec, op, x, g)
+      i_qw = None if qw_cfg is None else _qwix_time(jobs, qwix, qw_cfg, op, x, g)
+      t = b.time_jobs(jobs)
+      us = t[0]
       row = dict(format=fid, op=op, us=round(us, 2), bytes=nbytes,
                  roofline_pct=round(100 * nbytes / bw / 1e3 / us, 1) if bw else None,
                  **st)
-      if ref is not None:
-        row["ref_us"] = round(_ref_time(b, ref, spec, op, x, g), 2)
-      if qw_cfg is not None:
-        row["qwix_us"] = round(_qwix_time(b, qwix, qw_cfg, op, x, g), 2)
+      if i_ref is not None:
+        row["ref_us"] = round(t[i_ref], 2)
+      if i_qw is not None:
+        row["qwix_us"] = round(t[i_qw], 2)
       return row
 
     for op in ("quantize", "dequantize", "fake_quant", "fwd+bwd"):
       b.item("prims", f"{fid} {op}", lambda op=op, one=one: one(op))
 
 
-def _qwix_time(b: Bench, qwix, cfg: dict, op: str, x, g) -> float:
+def _qwix_time(timer, qwix, cfg: dict, op: str, x, g):
   """qwix doing the same job: quantize, dequantize, qdq with a straight-through
   gradient (x + stop_gradient(qdq - x): absmax scales clip nothing)."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -369,17 +427,17 @@ def _qwix_time(b: Bench, qwix, cfg: dict, op: str, x, g) -> float:
     return v + jax.lax.stop_gradient(qwix.dequantize(qwix.quantize(v, **cfg)) - v)
 
   if op == "quantize":
-    return b.time_us(lambda v: qwix.quantize(v, **cfg), x)
+    return timer(lambda v: qwix.quantize(v, **cfg), x)
   if op == "dequantize":
     q = jax.jit(lambda v: qwix.quantize(v, **cfg))(x)
-    return b.time_us(qwix.dequantize, q)
+    return timer(qwix.dequantize, q)
   if op == "fake_quant":
-    return b.time_us(fq, x)
+    return timer(fq, x)
 
   def fb(v, ct):
     y, vjp = jax.vjp(fq, v)
     return y, vjp(ct)[0]
-  return b.time_us(fb, x, g)
+  return timer(fb, x, g)
 
 
 def _reference_order(ops, m, both, ct):
@@ -432,33 +490,43 @@ def sec_matmul(b: Bench, qwix):
 
       def run(m=m, x=x, qws=qws, ws=ws, qq=qq, fid=fid, reps=reps):
         st = {}
-        ours = b.time_us(lambda x_, ws_: [lb.ops.dot_general(
-            x_, q, dn_nt, mode="real", use_kernel="never") for q in ws_], x, qws,
-                         reps=reps, stats=st)
-        bf16 = b.time_us(lambda x_, ws_: [x_ @ v for v in ws_], x, ws, reps=reps)
+
+        def ours_in(name=None):
+          def f(x_, ws_):
+            # The order is the module thresholds' at trace time.
+            with (_order_forced(lb.ops, name) if name else contextlib.nullcontext()):
+              return [lb.ops.dot_general(x_, q, dn_nt, mode="real", use_kernel="never")
+                      for q in ws_]
+          return f
+
+        jobs = Jobs()
+        jobs(ours_in(), x, qws, reps=reps, stats=st)
+        jobs(lambda x_, ws_: [x_ @ v for v in ws_], x, ws, reps=reps)
         # Every order of the reference dot this weight allows: codes into the
         # dot with the scales on its output, dequantize fused into the dot,
         # dequantize materialized before the dot (ops._MATERIALIZE_MIN_ROWS).
         ct = lb.ops._compute_dtype(jnp.bfloat16)  # pylint: disable=protected-access
         both = lb.ops._scale_after_dot(qws[0], dn_nt, ct) is not None  # pylint: disable=protected-access
         cur = _reference_order(lb.ops, m, both, ct)
-        orders = {cur: ours}
+        others = {}
         for name in (("codes", "fused", "materialize") if both else ("fused", "materialize")):
-          if name in orders or (name == "materialize" and ct == jnp.float32):
+          if name == cur or (name == "materialize" and ct == jnp.float32):
             continue
-          with _order_forced(lb.ops, name):
-            orders[name] = round(b.time_us(lambda x_, ws_: [lb.ops.dot_general(
-                x_, q, dn_nt, mode="real", use_kernel="never") for q in ws_], x, qws,
-                                           reps=reps), 2)
+          others[name] = jobs(ours_in(name), x, qws, reps=reps)
+        i_qw = None
+        if qq is not None:
+          i_qw = jobs(lambda x_, ws_: [qwix.dot_general(x_, q, dn_kn) for q in ws_],
+                      x, qq, reps=reps)
+        t = b.time_jobs(jobs)
+        ours, bf16 = t[0], t[1]
+        orders = {cur: ours, **{name: round(t[i], 2) for name, i in others.items()}}
         row = dict(weight=fid, m=m, k=k, n=n, ours_us=round(ours, 2),
                    xla_bf16_us=round(bf16, 2), vs_bf16=round(bf16 / ours, 3),
                    kernels_per_weight=round(st["kernels"] / reps, 1),
                    top_kernels=st.get("top_kernels"), order=cur,
                    orders_us=orders, best_order=min(orders, key=orders.get))
-        if qq is not None:
-          qw_us = b.time_us(lambda x_, ws_: [qwix.dot_general(x_, q, dn_kn) for q in ws_],
-                            x, qq, reps=reps)
-          row.update(qwix_us=round(qw_us, 2), vs_qwix=round(qw_us / ours, 3))
+        if i_qw is not None:
+          row.update(qwix_us=round(t[i_qw], 2), vs_qwix=round(t[i_qw] / ours, 3))
         return row
 
       b.item("matmul", f"mm {fid} M={m}", run)
@@ -513,7 +581,10 @@ def markdown(res: dict) -> str:
   """The results as markdown tables."""
   out = [f"# Primitives: {res['device']} ({res['backend']})", "",
          f"Command: `{res['command']}`  ", f"jax {res['jax']}, {res['timer']}, "
-         f"{res['iters']} calls, started {res['started']}, host {res['host']} "
+         f"{res['iters']} calls"
+         + (f" a round, {res['rounds']} interleaved rounds (ours, the reference, "
+            "qwix; the smallest round median)" if res.get("rounds", 1) > 1 else "")
+         + f", started {res['started']}, host {res['host']} "
          f"({res['cpu_count']} CPUs)."
          + (f" Host load average (1 min): {res['loadavg_start']} at the start, "
             f"{res.get('loadavg_end')} at the end (a load above the CPU count "
