@@ -54,6 +54,17 @@ the last rows, which the amax pass may have left in L2). Two passes read
 ``x`` twice: bf16 int8 per channel moves 2 + 2 + 1 bytes per element against
 the roofline's 2 + 1, so its quantize reaches at most 60% of the roofline
 unless the L2 serves part of the second read (fake_quant: 6 against 4, 67%).
+One pass would need a CTA to hold a column's whole length: a strip of bf16
+[8192, w] fits the 227 KB of shared memory only for w <= 13 columns, a TMA
+box needs at least 16 bytes a row (8 bf16 columns, 16 int8 codes: the codes
+of an 8-column strip could not leave through TMA), int4/int3/int2 codes pack
+rows that such a strip spreads over different threads, and a strip of 128
+columns (the width a row of this kernel's layout needs) over the whole length
+is 2 MB, so 64 CTAs at once would hold 128 MB, far past the L2, for a second
+read from there. A cluster of CTAs splitting the length and exchanging their
+partial amax through distributed shared memory avoids all three; Pallas'
+Mosaic GPU interpreter does not model clusters, so it was not attempted
+without a GPU to test it on (session 31).
 
 Per-row scales of the last axis (per token, ``axis=-1``: int8 and fp8; ids
 ``<format>_tok``) run in their own kernel (``_build_rows``): a CTA holds a
