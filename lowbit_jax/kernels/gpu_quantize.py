@@ -884,29 +884,17 @@ def _bisect_levels(n_thresholds: int) -> int:
 
 def _bisect_index(y, thresholds) -> jax.Array:
   """The count of ``thresholds`` (sorted, ``2**L - 1`` of them) at or below
-  ``y``, as uint32, by binary search: L comparisons, each against a threshold
-  chosen by the bits found so far (a select tree of ``2**l - 1`` selects at
-  level l), about 25 operations for NF4 against the 45 of one comparison,
-  conversion and addition per threshold. The same count as
-  ``_cast._threshold_index`` for every float32 ``y``: both are the number of
-  thresholds ``<= y`` (NaN compares false everywhere: 0, as the count gives).
+  ``y``, as uint32, by binary search (``_cast.bisect_bits``: L comparisons,
+  each against a threshold chosen by the bits found so far), about 25
+  operations for NF4 against the 45 of one comparison, conversion and
+  addition per threshold. The same count as ``_cast._threshold_index`` for
+  every float32 ``y`` (NaN compares false everywhere: 0).
   """
-  c = [np.float32(v) for v in thresholds]
-  levels = _bisect_levels(len(c))
+  levels = _bisect_levels(len(thresholds))
   if not levels:
-    raise ValueError(f"{len(c)} thresholds: need 2**L - 1 with L >= 2")
-  bits = []
-  for l in range(levels):
-    step = 1 << (levels - 1 - l)
-    # The threshold to test for each prefix p of the bits found so far: the
-    # last of the lower half of the index range that p leaves.
-    cands = [c[p * 2 * step + step - 1] for p in range(1 << l)]
-    for b in reversed(bits):  # least significant bit first
-      cands = [jnp.where(b, cands[i + 1], cands[i])
-               for i in range(0, len(cands), 2)]
-    bits.append(y >= cands[0])
+    raise ValueError(f"{len(thresholds)} thresholds: need 2**L - 1 with L >= 2")
   idx = None
-  for l, b in enumerate(bits):
+  for l, b in enumerate(_cast.bisect_bits(y, thresholds)):
     term = jnp.where(b, np.uint32(1 << (levels - 1 - l)), np.uint32(0))
     idx = term if idx is None else idx | term
   return idx

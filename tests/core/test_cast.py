@@ -457,3 +457,61 @@ def test_decoders_equal_the_format_table_on_every_code(name):
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
     ok = ~np.isnan(want)
     np.testing.assert_array_equal(got[ok].view(np.uint32), want[ok].view(np.uint32))
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 7, 8, 15, 16, 31])
+def test_bisect_bits_count_the_thresholds_at_or_below(n):
+  """``_cast.bisect_bits`` (binary search, NaN-padded to 2**L - 1) gives the
+  count of sorted thresholds <= y that one comparison per threshold gives,
+  for thresholds with repeats and y on, beside and between them, signed
+  zeros, infinities and NaN."""
+  from lowbit_jax.core import _cast  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(n)
+  c = np.sort(np.round(rng.standard_normal(n), 1).astype(np.float32))
+  y = np.concatenate([
+      c, np.nextafter(c, np.float32(-np.inf)), np.nextafter(c, np.float32(np.inf)),
+      np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 3e38, -3e38], np.float32),
+      rng.standard_normal(4096).astype(np.float32) * 2]).astype(np.float32)
+
+  def count(v):
+    bits = _cast.bisect_bits(v, c)
+    return sum(b.astype(jnp.int32) << (len(bits) - 1 - i) for i, b in enumerate(bits))
+
+  got = np.asarray(jax.jit(count)(y))
+  # The oracle in XLA too: its CPU backend compares subnormals as zero
+  # (y = nextafter(-0.0, -inf) >= -0.0 there, not in numpy).
+  want = np.asarray(jax.jit(lambda v: sum((v >= t).astype(jnp.int32) for t in c)
+                            if n else jnp.zeros(v.shape, jnp.int32))(y))
+  np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("table", [
+    (-1.0, 1.0), (-1.0, 0.0, 1.0), (-1.0, -0.25, 0.0, 0.5, 1.0),
+    tuple(np.linspace(-1, 1, 9)), "nf4", tuple(np.unique(np.round(
+        np.random.default_rng(0).standard_normal(23), 2)).tolist())],
+    ids=["2", "3", "5", "9", "nf4", "21"])
+def test_lookup_rounding_by_bisection_equals_the_threshold_sum(table, monkeypatch):
+  """Short codebooks' nearest-entry indices (quantize) and values
+  (fake_quant) through ``bisect_bits`` equal the sum of one comparison per
+  threshold, bit for bit, at every threshold, its neighbours and random
+  values (NaN: its value is NaN either way)."""
+  from lowbit_jax.core import _cast  # pylint: disable=g-import-not-at-top
+  fmt = F.get(table) if isinstance(table, str) else F.LookupFormat(table, name="t")
+  c = _cast._nearest_thresholds(fmt.table)  # pylint: disable=protected-access
+  y = np.concatenate([c, np.nextafter(c, np.float32(-np.inf)),
+                      np.nextafter(c, np.float32(np.inf)), np.asarray(fmt.table, np.float32),
+                      np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 3e38], np.float32),
+                      np.random.default_rng(1).uniform(-1.5, 1.5, 8192).astype(np.float32)])
+  y = jnp.asarray(y, jnp.float32)
+
+  def run():
+    idx = jax.jit(lambda v: _cast.lookup_round_index(v, fmt))(y)
+    val = jax.jit(lambda v: _cast._cast_lookup(v, fmt, None))(y)  # pylint: disable=protected-access
+    return np.asarray(idx), np.asarray(val)
+
+  monkeypatch.setattr(_cast, "_LOOKUP_BISECT", False)
+  want = run()
+  monkeypatch.setattr(_cast, "_LOOKUP_BISECT", True)
+  got = run()
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[1].view(np.uint32), want[1].view(np.uint32))
