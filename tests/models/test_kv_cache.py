@@ -345,12 +345,21 @@ def test_bfloat16_model_decodes_with_a_quantized_cache():
 
 @pytest.mark.slow
 def test_weight_quantized_model_decodes_through_its_quantizer(model_vars):
-  """``apply_fn`` = a quantizer's wrapped apply: the cache path keeps its numbers."""
+  """``apply_fn`` = a quantizer's wrapped apply: the cache path keeps its
+  numbers (and they are the quantized model's, not the float model's).
+
+  Weight-only: the cache path's attention differs from the full forward's
+  in the last float32 bits (about 1e-6 here), and activation quantization
+  turns such a difference into a whole rounding step wherever a value sits
+  on a rounding boundary (int8 weights and activations: 0.03 at one token of
+  this seed), which says nothing about the cache path."""
   from lowbit_jax.flax import quantize_linen  # pylint: disable=g-import-not-at-top
-  model, v, _ = model_vars
-  q = quantize_linen([QuantRule(".*", weight="int8", activation="int8")])
+  model, v, apply = model_vars
   toks = _tokens(2, _T, seed=5)
-  full = q(model.apply)(v, toks)
-  got = decode.make_teacher_forced(model, _T, 2, prompt_len=_P,
-                                   apply_fn=q(model.apply))(v, toks)
-  np.testing.assert_allclose(np.asarray(got), np.asarray(full), atol=2e-5, rtol=1e-5)
+  for spec in ("int8", "int4"):
+    q = quantize_linen([QuantRule(".*", weight=spec)])
+    full = q(model.apply)(v, toks)
+    got = decode.make_teacher_forced(model, _T, 2, prompt_len=_P,
+                                     apply_fn=q(model.apply))(v, toks)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(full), atol=2e-5, rtol=1e-5)
+    assert float(jnp.max(jnp.abs(got - apply(v, toks)))) > 1e-3, spec
