@@ -76,13 +76,38 @@ def reference(kind: str):
   return losses, jax.device_get(state)
 
 
+# Per-tensor FP8 with a tensor-parallel mesh: a row-parallel matmul sums its
+# partial products across devices, in another order than one device, so its
+# outputs differ in the last float32 bits; an FP8 (e5m2) gradient rounding
+# near a boundary then takes the neighbouring value, and AdamW's normalized
+# step turns a near-zero gradient of the other sign into an update of about
+# the learning rate. Measured (fp8_delayed, tensor:2,data:4, 3 steps): the
+# amax histories of steps 1-2 equal one device's to 4e-7 (the global amax is
+# right), the parameters equal after step 1 (0.0), 5e-5 apart after step 2,
+# and after step 3 36 of the embedding's 8192 values differ by more than 1e-3
+# (at most 0.012), every parameter's mean |difference| is at most 2.2e-4, the
+# loss 3.5e-5 relative. Such cases are checked to those bounds: the loss to
+# 1e-4, each parameter's mean |difference| to 0.05 learning rates (5e-4; the
+# float and FP8 runs on one device, two different computations, are 1.4e-3
+# apart) and its largest to 2 learning rates.
+_FLIPS = {"fp8_delayed"}
+_LR = 1e-2
+
+
 def _check(kind, mesh_spec):
   ref_losses, ref_state = reference(kind)
   losses, state, _ = run(kind, mesh_spec)
-  np.testing.assert_allclose(losses, ref_losses, rtol=2e-5, atol=2e-5)
+  flips = kind in _FLIPS and "tensor" in mesh_spec
+  tol = 1e-4 if flips else 2e-5
+  np.testing.assert_allclose(losses, ref_losses, rtol=tol, atol=tol)
   assert losses[-1] != losses[0]   # it trained
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=2e-5)
+    a, b = np.asarray(a), np.asarray(b)
+    if not flips:
+      np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-5)
+      continue
+    d = np.abs(a - b)
+    assert d.mean() <= 0.05 * _LR and d.max() <= 2 * _LR, (d.mean(), d.max(), a.shape)
   for a, b in zip(jax.tree.leaves(state.quant_scales),
                   jax.tree.leaves(ref_state.quant_scales)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-6)
