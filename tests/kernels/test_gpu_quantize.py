@@ -882,16 +882,12 @@ def test_compiled_kernel_matches_jnp_path(kind, shape):
     np.testing.assert_array_equal(_bits(got_t.scale), _bits(want_t.scale))
 
 
-# uint8 per channel (zero point per column): the compiled kernel's codes and
-# values differed from XLA's on the H200 on both shapes (2026-12-04, jax
-# 0.11.2; benchmarks/gpu_quantize_h200_s24b.md also measured it inexact at
-# 8192x8192), while the interpreter's equal XLA's on the CPU and uint8 per
-# tensor is exact on the GPU. Not found yet; the dispatcher never enables an
-# inexact kernel (experiments/_quantize_table.enabled_from), so uint8 per
-# channel runs XLA's path. Strict: the test fails once the kernel is fixed.
-_GIVEN_ON_GPU = [pytest.param(k, marks=pytest.mark.xfail(
-    strict=True, reason="uint8 per channel: kernel differs from XLA on the H200"))
-                 if k == "uint8_pc" else k for k in GIVEN]
+# uint8 per channel (zero point per column) differed from XLA's path on the
+# H200 until its zero point was added with add.rn.f32 in the division's asm
+# block (XLA's rounding, twice); matched since on both shapes (session 31,
+# benchmarks/kernels_h200_runs/tests_quantize_s31.log, and the division probe
+# benchmarks/gpu_division_probe_h200_s31.txt: 0 codes apart).
+_GIVEN_ON_GPU = list(GIVEN)
 
 
 @pytest.mark.gpu
