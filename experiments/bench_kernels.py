@@ -383,6 +383,9 @@ def _nbytes(tree) -> int:
 # Candidate tilings.
 # ----------------------------------------------------------------------------
 
+_SMS = 132  # streaming multiprocessors of the H100 / H200 (SXM)
+
+
 def candidates(wo, prob, tune: bool, few: bool = False, fast=None):
   """Tilings to time for one problem.
 
@@ -465,6 +468,12 @@ def candidates(wo, prob, tune: bool, few: bool = False, fast=None):
         # 256 activation rows a CTA (WGMMA's widest N): at M = 256 the
         # weight is read once, not once per 128-row tile.
         cands += [ns(128, 128, 256, 2, 1), C(64, 128, 256, 2, 1)]
+      if (prob.n // 128) * -(-m // 128) < _SMS:
+        # Fewer split-tiling CTAs than SMs (14336x4096 at M = 256: 64 for
+        # 132, 0.58-0.63x XLA bf16 in run_mid5): K split in two, or 64
+        # activation rows a CTA (twice the CTAs); not yet timed on a GPU.
+        cands += [ns(128, 128, 128, 3, 2), ns(128, 128, 64, 3, 1),
+                  ns(128, 128, 64, 4, 1)]
     for c in cands:
       if c not in out and wo._shape_ok(prob, c):  # pylint: disable=protected-access
         out.append(c)
