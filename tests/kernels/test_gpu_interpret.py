@@ -141,7 +141,12 @@ _SLOW = pytest.mark.slow
     pytest.param("mxfp4", 32, 256, 8, {}, marks=_SLOW),
     pytest.param("fp4_e2m1", 32, 128, 16, dict(split_k=2), marks=_SLOW),
     pytest.param("int4", None, 256, 16, dict(k_chunks=2), marks=_SLOW),
-    pytest.param("int4", 64, 128, 32, dict(tile_m=16), marks=_SLOW)])
+    pytest.param("int4", 64, 128, 32, dict(tile_m=16), marks=_SLOW),
+    # (the tuner's candidates where the split tiling makes fewer CTAs than
+    # SMs: 64-row activation tiles, and K split in two at 128 rows)
+    pytest.param("int4", 128, 128, 256, dict(tile_k=128, tile_m=64), marks=_SLOW),
+    pytest.param("int4", 128, 128, 256, dict(tile_k=128, tile_m=128, split_k=2),
+                 marks=_SLOW)])
 def test_weight_only_n_split_kernel(fmt, group, tile_n, m, extra):
   # ws with n_split: the TMA warpgroup loads one activation tile for both
   # compute warpgroups, each dequantizes and multiplies its own half of the
