@@ -409,8 +409,14 @@ def test_dequantize_skips_its_clip_only_where_nothing_can_overflow(fmt, kw, monk
   if len(qs) == 3:  # the overflow really happened and saturated
     assert np.isfinite(np.asarray(got, np.float32)).all()
     assert np.abs(np.asarray(got, np.float32)).max() > 1e38
-  text = jax.jit(lb.dequantize).lower(qs[0]).as_text()
-  assert ("stablehlo.case" in text or "conditional" in text) == skips, text[:2000]
+  # The conditional picks the program for float32 QArrays; a 16-bit one never
+  # clips (core._quantize._DEQUANT_16BIT_NO_CLIP: the 16-bit convert takes the
+  # float32 maximum to inf as it takes inf), so it has no conditional at all.
+  text32 = jax.jit(lb.dequantize).lower(
+      lb.quantize(clean.astype(jnp.float32), spec)).as_text()
+  assert ("stablehlo.case" in text32 or "conditional" in text32) == skips, text32[:2000]
+  text16 = jax.jit(lb.dequantize).lower(qs[0]).as_text()
+  assert "stablehlo.case" not in text16 and "conditional" not in text16
   jax.clear_caches()
 
 
@@ -514,3 +520,33 @@ def test_cpu_amax_keys_and_single_use_quotient_change_no_bit(fmt, kw, dtype, mon
   assert len(got) == len(want)
   for i, (a, b) in enumerate(zip(want, got)):
     _assert_same(b, a, f"leaf {i}")
+
+
+@pytest.mark.parametrize("fmt,kw", [("int8", dict(axis=0)), ("mxfp4", dict(axis=0)),
+                                    ("nvfp4", dict(axis=0)), ("fp8_e4m3", dict(axis=-1))],
+                         ids=["int8", "mxfp4", "nvfp4", "fp8"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
+def test_16bit_dequantize_without_clip_changes_no_bit(fmt, kw, dtype, monkeypatch):
+  """A 16-bit QArray dequantizes without the saturating clip
+  (``_DEQUANT_16BIT_NO_CLIP``): the same bits as with it, on scales raised
+  by hand until code * scale overflows float32 (the clip's float32 maximum
+  and the overflow's inf both convert to the 16-bit inf), NaN and inf
+  blocks and clean data."""
+  from lowbit_jax.core import _quantize  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(6)
+  x = rng.standard_normal((64, 96)).astype(np.float32)
+  x[5, 1], x[40, 2] = np.nan, -np.inf
+  spec = lb.QuantSpec(fmt, **kw)
+  q = lb.quantize(jnp.asarray(x, dtype), spec)
+  qs = [q]
+  if q.scale.dtype == jnp.float32:
+    qs.append(dataclasses.replace(q, scale=q.scale.at[(0,) * q.scale.ndim].set(
+        np.float32(3e38))))
+  clip = jax.jit(lambda qq: _quantize._dequantize_jnp(  # pylint: disable=protected-access
+      qq, _quantize._dequant_totals(qq), True))  # pylint: disable=protected-access
+  for qq in qs:
+    got = np.asarray(jax.jit(lb.dequantize)(qq)).view(np.uint16)
+    want = np.asarray(clip(qq)).view(np.uint16)
+    np.testing.assert_array_equal(got, want)
+  if len(qs) == 2:  # the overflow happened: inf in 16 bits either way
+    assert np.isinf(np.asarray(jax.jit(lb.dequantize)(qs[1]), np.float32)).any()
