@@ -1298,9 +1298,10 @@ def dequantize_as(q: QArray, dtype) -> jax.Array:
   return dequantize_jnp(q).astype(dtype)
 
 
-# On CPU, dequantize leaves out its saturating clip where no value can reach
-# the float32 range (``_dequantize_cannot_overflow``, a check on the per-block
-# scales): the clip's two extra operations per element cost XLA's CPU loop
+# On CPU, dequantize of a float32 QArray (a 16-bit one never clips:
+# ``_DEQUANT_16BIT_NO_CLIP``) leaves out its saturating clip where no value
+# can reach the float32 range (``_dequantize_cannot_overflow``, a check on
+# the per-block scales): the clip's two extra operations per element cost XLA's CPU loop
 # 1.05-1.12x for the integer formats, fp8 e4m3, fp6, fp4, NF4, binary and
 # ternary (bf16 2048x2048, the two variants interleaved in one process, same
 # bits: benchmarks/cpu_dequant_clip.md). A ``lax.cond`` picks the program, so
