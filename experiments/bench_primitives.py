@@ -173,11 +173,7 @@ class Bench:
     anywhere in it), and on GPU ``top_kernels``: the costliest kernels of one
     call by CUPTI device time (name, us).
     """
-    jax = self.jax
-    jf = jax.jit(f).lower(*args).compile()
-    if stats is not None:
-      stats.update(hlo_stats(jf.as_text()))
-    jax.block_until_ready(jf(*args))
+    jf = self._compiled(f, args, stats)
     if self.gpu:
       try:
         from jax.experimental.mosaic.gpu import profiler  # pylint: disable=g-import-not-at-top
@@ -192,10 +188,22 @@ class Bench:
         return us * 1e3 / reps
       except Exception as e:  # pylint: disable=broad-except
         self.note(f"CUPTI timing failed ({type(e).__name__}: {e}); wall clock used")
+    return self._wall_us(jf, args, reps)
+
+  def _compiled(self, f, args, stats: dict | None):
+    """jit(f) compiled for args, its HLO counts into ``stats``, called once."""
+    jf = self.jax.jit(f).lower(*args).compile()
+    if stats is not None:
+      stats.update(hlo_stats(jf.as_text()))
+    self.jax.block_until_ready(jf(*args))
+    return jf
+
+  def _wall_us(self, jf, args, reps: int) -> float:
+    """Wall-clock median of ``self.iters`` calls, us, divided by reps."""
     ts = []
     for _ in range(self.iters):
       t = time.perf_counter()
-      jax.block_until_ready(jf(*args))
+      self.jax.block_until_ready(jf(*args))
       ts.append(time.perf_counter() - t)
     return statistics.median(ts) * 1e6 / reps
 
@@ -210,23 +218,12 @@ class Bench:
     if self.rounds <= 1 or self.gpu:
       return [self.time_us(f, *args, reps=reps, stats=st)
               for f, args, reps, st in jobs.items]
-    jax = self.jax
-    compiled = []
-    for f, args, reps, st in jobs.items:
-      jf = jax.jit(f).lower(*args).compile()
-      if st is not None:
-        st.update(hlo_stats(jf.as_text()))
-      jax.block_until_ready(jf(*args))
-      compiled.append((jf, args, reps))
+    compiled = [(self._compiled(f, args, st), args, reps)
+                for f, args, reps, st in jobs.items]
     best = [float("inf")] * len(compiled)
     for _ in range(self.rounds):
       for i, (jf, args, reps) in enumerate(compiled):
-        ts = []
-        for _ in range(self.iters):
-          t = time.perf_counter()
-          jax.block_until_ready(jf(*args))
-          ts.append(time.perf_counter() - t)
-        best[i] = min(best[i], statistics.median(ts) * 1e6 / reps)
+        best[i] = min(best[i], self._wall_us(jf, args, reps))
     return best
 
   def note(self, msg: str):
