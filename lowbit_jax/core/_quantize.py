@@ -74,9 +74,9 @@ def _abs_key(v: jax.Array) -> jax.Array:
   ``|v|`` for finite values and +inf for an inf or a NaN: the same array as
   the float expression, with no NaN left for a max to drop. XLA's CPU backend
   computes the float expression of a 16-bit array through float32 converts
-  and writes it out before its reduction; the integer one costs half as much
-  (a bf16 [2048, 2048] amax per column 1.2-1.8 ms -> 0.66-0.8 ms, per 32-row
-  block 1.5-2.5 -> 0.7-0.9 ms, interleaved in one process).
+  before its reduction; the integer one is cheaper (quantize and fake_quant
+  of a bf16 [2048, 2048] 1.1-1.6x faster with it alone:
+  benchmarks/cpu_amax_key.md's ``key`` column).
   """
   ut, mask, inf = _KEY_BITS[jnp.dtype(v.dtype)]
   k = jnp.minimum(lax.bitcast_convert_type(v, ut) & ut(mask), ut(inf))
