@@ -332,10 +332,15 @@ def _threshold_index(xf: jax.Array, table: tuple) -> jax.Array:
   c = _nearest_thresholds(table)
   if not _bisect_here():
     return sum((xf >= v).astype(jnp.int32) for v in c)
-  bits = bisect_bits(xf, c)
+  return bits_value(bisect_bits(xf, c), np.int32)
+
+
+def bits_value(bits: list, dtype) -> jax.Array:
+  """The number whose binary digits (most significant first) are the boolean
+  arrays ``bits``, in integer ``dtype``: an OR of selected powers of two."""
   idx = None
   for lvl, b in enumerate(bits):
-    term = jnp.where(b, np.int32(1 << (len(bits) - 1 - lvl)), np.int32(0))
+    term = jnp.where(b, dtype(1 << (len(bits) - 1 - lvl)), dtype(0))
     idx = term if idx is None else idx | term
   return idx
 

@@ -893,11 +893,7 @@ def _bisect_index(y, thresholds) -> jax.Array:
   levels = _bisect_levels(len(thresholds))
   if not levels:
     raise ValueError(f"{len(thresholds)} thresholds: need 2**L - 1 with L >= 2")
-  idx = None
-  for l, b in enumerate(_cast.bisect_bits(y, thresholds)):
-    term = jnp.where(b, np.uint32(1 << (levels - 1 - l)), np.uint32(0))
-    idx = term if idx is None else idx | term
-  return idx
+  return _cast.bits_value(_cast.bisect_bits(y, thresholds), np.uint32)
 
 
 _LUT_BINS = 256  # bins of [-1, 1] (the scaled values of an absmax codebook)
