@@ -689,6 +689,66 @@ def _word_part(reg):
   return reg, None
 
 
+# The order of 4-bit codes the kernel reads without a relayout ("wgmma").
+#
+# A 32-bit shared-memory load of ``WGMMA_UPCAST_4X`` gives a thread eight
+# consecutive codes of one row, where the WGMMA A fragment wants, of each 32
+# columns, columns 2q, 2q + 1, 2q + 8, 2q + 9, ..., 2q + 25 (q = lane % 4).
+# Mosaic GPU's relayout between the two moves them with two warp shuffles and
+# two byte permutes per word of eight codes. Stored with the bytes of every
+# 16-byte run (32 codes along K) transposed as a 4 x 4 grid, physical byte
+# 4q + i holds logical byte 4i + q (codes 8i + 2q and 8i + 2q + 1), so the
+# word a thread loads is already its WGMMA fragment: byte i is the register of
+# column tile i. The transpose is its own inverse.
+W_ORDERS = ("natural", "wgmma")
+
+
+def permute_codes(codes: jax.Array) -> jax.Array:
+  """Natural <-> ``"wgmma"`` order of packed 4-bit codes ``uint8 [..., K // 2]``.
+
+  Transposes the bytes of every 16-byte run of the last axis as a 4 x 4 grid
+  (an involution: applying it twice gives the input back). The last axis must
+  be a multiple of 16 bytes (K a multiple of 32).
+  """
+  if codes.ndim < 1 or codes.shape[-1] % 16:
+    raise ValueError(f"permute_codes takes packed 4-bit codes whose last axis "
+                     f"is a multiple of 16 bytes (K a multiple of 32), got "
+                     f"shape {codes.shape}")
+  lead = codes.shape[:-1]
+  runs = codes.reshape(*lead, codes.shape[-1] // 16, 4, 4)
+  return jnp.swapaxes(runs, -1, -2).reshape(codes.shape)
+
+
+def _upcast4x_as_wgmma(w):
+  """A ``WGMMA_UPCAST_4X`` fragment of ``"wgmma"``-ordered 4-bit codes as the
+  WGMMA-layout fragment of the logical codes, with no data movement: byte
+  ``i`` of the word for 32-column block ``b`` is the register of 8-column
+  tile ``4b + i`` (``permute_codes``)."""
+  mgpu, fa, _, _, _, _, _ = common._mlir()
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils  # pylint: disable=g-import-not-at-top
+  shape = tuple(w.shape)
+  src = w.registers
+  want = mgpu.WGMMA_LAYOUT.registers_shape(shape)
+  if (src.shape[1] * 4 != want[1] or src.shape[0] != want[0]
+      or tuple(src.shape[2:]) != tuple(want[2:])):
+    raise NotImplementedError(f"unexpected register shapes {src.shape} -> "
+                              f"{want} for {shape}")
+  new_regs = np.empty(want, dtype=object)
+  for idx, reg in np.ndenumerate(src):
+    for i in range(4):
+      new_regs[(idx[0], idx[1] * 4 + i, *idx[2:])] = mgpu_utils.vector_slice(
+          reg, slice(2 * i, 2 * i + 2))
+  return fa.FragmentedArray(_registers=new_regs, _layout=mgpu.WGMMA_LAYOUT,
+                            _is_signed=w.is_signed)
+
+
+def _jnp_unpermute_tile(w):
+  """``permute_codes`` on a ``[rows, cols]`` tile of logical 4-bit codes."""
+  rows, cols = w.shape
+  return jnp.swapaxes(w.reshape(rows, cols // 32, 4, 4, 2), 2, 3).reshape(
+      rows, cols)
+
+
 def _code_word(src):
   """``src`` of ``_word_part`` as an i32: the 32-bit word, or the lone byte
   zero-extended."""
@@ -969,7 +1029,8 @@ def _scale_kind(fmt: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
-           scale_dtype: str, out_dtype: str, cfg: Config, interpret=None):
+           scale_dtype: str, out_dtype: str, cfg: Config, interpret=None,
+           w_order: str = "natural"):
   """Builds the pallas kernel for one static problem; returns a callable.
 
   With ``cfg.ws`` the kernel is warp-specialized: one warpgroup issues the TMA
@@ -1003,6 +1064,7 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
   if m_tiles > 1 and valid_cols is not None:
     raise NotImplementedError("M must be a multiple of tile_m when M > tile_m")
   four_bit = fmt != "int8"
+  wgmma_order = w_order == "wgmma"
   w_bits = 4 if four_bit else 8
   w_swz = plgpu.find_swizzle(ckw * w_bits, "weight tile")
   w_transforms = (plgpu.TilingTransform((8, w_swz * 8 // w_bits)),
@@ -1027,21 +1089,31 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
   def load_w(w_ref):
     if interp:
       w = w_ref[...]
+      if wgmma_order:
+        w = _jnp_unpermute_tile(w)
       if fmt in ("int4", "int8"):
         return w.astype(jnp.bfloat16)
       return common.e2m1_from_int4(w).astype(jnp.bfloat16)
     layout = (plgpu.Layout.WGMMA_UPCAST_4X if four_bit
               else plgpu.Layout.WGMMA_UPCAST_2X)
     w = common.plgpu_load(w_ref, layout)
-    w = plgpu.layout_cast(w, plgpu.Layout.WGMMA)
-    if fmt in ("int4", "int8"):
+    in_layout = layout if wgmma_order else plgpu.Layout.WGMMA
+    if not wgmma_order:
+      w = plgpu.layout_cast(w, plgpu.Layout.WGMMA)
+    if fmt == "int8":
+      return w.astype(jnp.bfloat16)
+    if fmt == "int4" and not wgmma_order:
       return w.astype(jnp.bfloat16)
 
     @plgpu.inline_mgpu(
-        arg_types=(plgpu.Layout.WGMMA,),
+        arg_types=(in_layout,),
         return_type=plgpu.ShapeDtypeStruct((wrows, ckw), jnp.bfloat16,
                                            plgpu.Layout.WGMMA))
     def to_bf16(_, wf):
+      if wgmma_order:
+        wf = _upcast4x_as_wgmma(wf)
+      if fmt == "int4":
+        return wf.astype(common._mlir()[2].BF16Type.get(), is_signed=True)
       if cfg.lut_decode:
         return _e2m1_regs_to_bf16_lut(wf)
       if cfg.fast_decode:
@@ -1315,7 +1387,8 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
 
 
 def matmul(operands: MatmulOperands, problem: MatmulProblem, *,
-           config: Optional[Config] = None, interpret=False) -> jax.Array:
+           config: Optional[Config] = None, interpret=False,
+           w_order: str = "natural") -> jax.Array:
   """Runs the Mosaic GPU weight-only kernel.
 
   Args:
@@ -1327,6 +1400,9 @@ def matmul(operands: MatmulOperands, problem: MatmulProblem, *,
       ``InterpretGPUParams``, e.g. with ``detect_races=True``) to run the kernel
       on the CPU in the Mosaic GPU interpreter, for testing. See
       ``_gpu_common.interpret_params``.
+    w_order: ``"natural"`` (the ``_api`` storage), or ``"wgmma"`` for 4-bit
+      codes stored by ``permute_codes``, which the kernel reads without a
+      relayout in registers (see ``W_ORDERS``).
 
   Returns:
     ``[M, N]`` in ``problem.out_dtype``.
@@ -1336,6 +1412,12 @@ def matmul(operands: MatmulOperands, problem: MatmulProblem, *,
   """
   params = common.interpret_params(interpret)
   _validate(problem)
+  if w_order not in W_ORDERS:
+    raise ValueError(f"w_order must be one of {W_ORDERS}, got {w_order!r}")
+  if w_order == "wgmma" and (problem.w_format == "int8" or problem.k % 32):
+    raise ValueError(f"w_order='wgmma' reorders 4-bit codes in runs of 32 along "
+                     f"K: it needs a 4-bit format and K a multiple of 32, got "
+                     f"{problem.w_format} with K={problem.k}")
   if config is not None and config.n_split and not config.ws:
     raise ValueError(f"Config(n_split=True) splits the rows between the two "
                      f"compute warpgroups of the warp-specialized kernel: pass "
@@ -1364,6 +1446,6 @@ def matmul(operands: MatmulOperands, problem: MatmulProblem, *,
   g = common.weight_group(problem)
   fn = _build(problem.w_format, g, problem.m, problem.n, problem.k,
               jnp.dtype(operands.w_scale.dtype).name, problem.out_dtype, cfg,
-              params)
+              params, w_order)
   return fn(operands.x, operands.w_codes, operands.w_scale,
             operands.w_tensor_scale)

@@ -356,3 +356,49 @@ def test_interpret_argument_is_validated():
   bad = dataclasses.replace(prob, n=200)
   with pytest.raises(ValueError, match="does not fit the tiling"):
     gpu_w8a8.matmul(ops, bad, interpret=True)
+
+
+# ----------------------------------------------------------------------------
+# 4-bit codes stored in the kernel's register order (w_order="wgmma").
+# ----------------------------------------------------------------------------
+
+def test_permute_codes_is_a_byte_transpose_and_its_own_inverse():
+  codes = jnp.arange(2 * 48, dtype=jnp.uint8).reshape(2, 48)
+  p = gpu_weight_only.permute_codes(codes)
+  # Physical byte 4q + i of each 16-byte run holds logical byte 4i + q.
+  for q in range(4):
+    for i in range(4):
+      np.testing.assert_array_equal(p[:, 16 + 4 * q + i], codes[:, 16 + 4 * i + q])
+  np.testing.assert_array_equal(gpu_weight_only.permute_codes(p), codes)
+  with pytest.raises(ValueError, match="multiple of 16 bytes"):
+    gpu_weight_only.permute_codes(codes[:, :40])
+
+
+@pytest.mark.parametrize("fmt,group,extra", [
+    ("int4", 128, {}), ("nvfp4", 16, dict(lut_decode=True)),
+    ("mxfp4", 32, dict(ws=True, n_split=True, tile_n=128)),
+    pytest.param("int4", None, dict(k_chunks=2), marks=_SLOW),
+    pytest.param("fp4_e2m1", 32, dict(split_k=2), marks=_SLOW)])
+def test_weight_only_kernel_reads_wgmma_ordered_codes(fmt, group, extra):
+  # The same operands with the codes permuted give the same bits.
+  cfg = dataclasses.replace(_wo_cfg(), **extra)
+  m, n, k = 5, 2 * cfg.tile_n, 1024 * cfg.split_k
+  ops, prob = make_wo(jax.random.key(11), fmt, group, m, n, k)
+  params = _params(tail_rows=True)
+  want = gpu_weight_only.matmul(ops, prob, config=cfg, interpret=params)
+  perm = dataclasses.replace(ops, w_codes=gpu_weight_only.permute_codes(ops.w_codes))
+  got = gpu_weight_only.matmul(perm, prob, config=cfg, interpret=params,
+                               w_order="wgmma")
+  assert not common.races_found()
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert rel_err(got, np_weight_only(ops, prob)) < 1e-5
+
+
+def test_wgmma_order_is_refused_where_it_cannot_apply():
+  ops, prob = make_wo(jax.random.key(12), "int8", None, 8, 128, 1024)
+  with pytest.raises(ValueError, match="4-bit format"):
+    gpu_weight_only.matmul(ops, prob, config=_wo_cfg(), interpret=True,
+                           w_order="wgmma")
+  with pytest.raises(ValueError, match="w_order must be one of"):
+    gpu_weight_only.matmul(ops, prob, config=_wo_cfg(), interpret=True,
+                           w_order="marlin")

@@ -156,6 +156,47 @@ def test_weight_only_k_chunks_matches_reference(fmt, group, m, n, k):
   assert rel_err(out, gpu_weight_only.reference(ops, prob)) < 1e-2
 
 
+_FOUR_BIT = [("int4", 128), ("int4", 32), ("int4", None), ("fp4_e2m1", 32),
+             ("mxfp4", 32), ("nvfp4", 16)]
+
+
+@pytest.mark.parametrize("fmt,group", _FOUR_BIT)
+@pytest.mark.parametrize("variant", ["decode", "chunks", "nsplit", "lut"])
+def test_weight_only_wgmma_order_is_bit_identical(fmt, group, variant):
+  # Codes stored by permute_codes are read without the register relayout:
+  # byte i of a thread's word must be the register of column tile i, or the
+  # products land on the wrong activations. Unit activations on 16 K
+  # positions covering every nibble of a word check it element by element;
+  # the same tiling on natural codes must give the same bits.
+  m, n, k = 16, 1024, 2048
+  ops, prob = _wo_ops(fmt, group, m, n, k)
+  cols = np.array([i * 8 + (i % 8) + 256 * (i // 8) for i in range(m)])
+  x = np.zeros((m, k), np.float32)
+  x[np.arange(m), cols] = 1.0
+  cfg = gpu_weight_only._decode_config(prob)  # pylint: disable=protected-access
+  e2m1 = fmt != "int4"
+  if variant == "chunks":
+    cfg = dataclasses.replace(cfg, k_chunks=2)
+  elif variant == "nsplit":
+    cfg = dataclasses.replace(cfg, ws=True, n_split=True, tile_n=128)
+  elif variant == "lut":
+    if not e2m1:
+      pytest.skip("lut_decode is an E2M1 decode")
+    cfg = dataclasses.replace(cfg, lut_decode=True, fast_decode=True)
+  assert gpu_weight_only._shape_ok(prob, cfg)  # pylint: disable=protected-access
+  perm = dataclasses.replace(
+      ops, w_codes=gpu_weight_only.permute_codes(ops.w_codes))
+  for xs in (jnp.asarray(x, jnp.bfloat16), ops.x):
+    a = _run_poisoned(lambda o: gpu_weight_only.matmul(o, prob, config=cfg),
+                      dataclasses.replace(ops, x=xs), (m, n), jnp.bfloat16)
+    b = _run_poisoned(lambda o: gpu_weight_only.matmul(
+        o, prob, config=cfg, w_order="wgmma"),
+                      dataclasses.replace(perm, x=xs), (m, n), jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(b, np.float32),
+                                  np.asarray(a, np.float32))
+  assert rel_err(b, gpu_weight_only.reference(ops, prob)) < 1e-2
+
+
 def _w8_ops(case, m, n, k, exact=False):
   out = "float32" if (exact and case == "mxfp8") else "bfloat16"
   return make_w8(_key(), case, m, n, k, out_dtype=out, exact=exact,

@@ -246,7 +246,11 @@ def _lower(fn, ops):
     ("mxfp4", 32, 64, "nsplit"), ("nvfp4", 16, 16, "nsplit+fast"),
     ("fp4_e2m1", 128, 128, "nsplit256"), ("mxfp4", 32, 1, "lut"),
     ("nvfp4", 16, 16, "lut+fast"), ("fp4_e2m1", 32, 16, "lut+chunks"),
-    ("mxfp4", 32, 64, "nsplit+lut"), ("fp4_e2m1", None, 1, "lut")])
+    ("mxfp4", 32, 64, "nsplit+lut"), ("fp4_e2m1", None, 1, "lut"),
+    # 4-bit codes in the kernel's register order (no relayout)
+    ("int4", 128, 1, "wgmma"), ("int4", None, 16, "wgmma+chunks"),
+    ("mxfp4", 32, 1, "wgmma+lut"), ("nvfp4", 16, 16, "wgmma+lut+fast"),
+    ("fp4_e2m1", 32, 1, "wgmma"), ("int4", 128, 64, "nsplit+wgmma")])
 def test_weight_only_kernel_lowers_to_mosaic_gpu(fmt, group, m, ws):
   n, k = 1024, 4096
   four = fmt != "int8"
@@ -272,7 +276,9 @@ def test_weight_only_kernel_lowers_to_mosaic_gpu(fmt, group, m, ws):
     assert gpu_weight_only._shape_ok(prob, cfg)  # pylint: disable=protected-access
   elif ws:
     cfg = dataclasses.replace(cfg, ws=True, tile_k=512, split_k=1)
-  _lower(lambda o: gpu_weight_only.matmul(o, prob, config=cfg), ops)
+  order = "wgmma" if isinstance(ws, str) and "wgmma" in ws else "natural"
+  _lower(lambda o: gpu_weight_only.matmul(o, prob, config=cfg, w_order=order),
+         ops)
 
 
 @pytest.mark.parametrize("case", ["fp8_channel", "int8_channel", "fp8_block",
