@@ -159,6 +159,11 @@ _CHILD = flags.DEFINE_bool("child", False, "internal: the measuring child")
 _T0 = flags.DEFINE_float("t0", 0.0, "internal: the parent's start (epoch s)")
 _MAX_RESTARTS = flags.DEFINE_integer("max_restarts", 6,
                                      "child restarts after crashes")
+_W_ORDER = flags.DEFINE_enum(
+    "w_order", "natural", ["natural", "wgmma"],
+    "order of the 4-bit weight codes the kernel reads (QArray.code_order); "
+    "wgmma rows are named <case>@wgmma and the table keeps them apart; XLA's "
+    "paths read natural codes either way")
 _MARGIN = flags.DEFINE_float(
     "win_margin", 0.97, "the table takes the kernel where kernel_us <= margin x "
     "the fused XLA path's time")
@@ -172,6 +177,11 @@ WO_CASES = {
     "mxfp4": ("mxfp4", 32), "nvfp4": ("nvfp4", 16),
 }
 FOUR_BIT = ("int4", "fp4_e2m1", "mxfp4", "nvfp4")
+
+
+def case_format(label: str) -> tuple:
+  """(format, group) of a row's case, ``int4_g128`` or ``int4_g128@wgmma``."""
+  return WO_CASES[label.split("@")[0]]
 DECODE_M = (1, 4, 16)
 BLOCK_8B = (("q", 4096, 4096), ("k", 4096, 1024), ("v", 4096, 1024),
             ("o", 4096, 4096), ("gate", 4096, 14336), ("up", 4096, 14336),
@@ -550,6 +560,7 @@ def run_shape(b: Bench, wo, api, k: int, n: int, ms, cases, stage: str):
       b.res["skipped"].append(f"{stage}: {case} {k}x{n} M={ms} (time budget)")
       continue
     fmt, group = WO_CASES[case]
+    order = _W_ORDER.value if fmt in FOUR_BIT else "natural"
     seed = zlib.crc32(case.encode()) % 100000
     w0 = wo_weight(jax.random.fold_in(kx, seed), fmt, group, n, k)
     wbytes = _nbytes(w0[:2])
@@ -558,16 +569,21 @@ def run_shape(b: Bench, wo, api, k: int, n: int, ms, cases, stage: str):
                            group, n, k) for i in range(r - 1)]
     mk = lambda x, w: api.MatmulOperands(x=x, w_codes=w[0], w_scale=w[1],
                                          w_tensor_scale=w[2])
+    label = case if order == "natural" else f"{case}@{order}"
+    # The kernel's weights: the same codes, in its order (XLA reads natural).
+    wk = ws if order == "natural" else [
+        (wo.permute_codes(c), s, t) for c, s, t in ws]
     for m in ms:
       prob = api.MatmulProblem(m=m, n=n, k=k, x_dtype="bfloat16", w_format=fmt,
                                w_block=group)
-      key = (case, m, k, n)
+      prob_k = dataclasses.replace(prob, w_order=order)
+      key = (label, m, k, n)
       # A tuning run without base rows measures them itself.
       do_base = stage == "base" or key not in b.rows or key not in b.ref_out
       if do_base:
         flops = 2 * m * n * k
         b.rows[key] = dict(
-            kernel=case, m=m, k=k, n=n, reps=r, weight_bytes=wbytes,
+            kernel=label, m=m, k=k, n=n, reps=r, weight_bytes=wbytes,
             roofline_us=roofline_us(b, wbytes + m * k * 2 + m * n * 2, flops),
             bf16_roofline_us=roofline_us(b, k * n * 2 + m * k * 2 + m * n * 2,
                                          flops),
@@ -605,7 +621,7 @@ def run_shape(b: Bench, wo, api, k: int, n: int, ms, cases, stage: str):
                   if v["rel_err"] is not None and v["rel_err"] < MAX_REL_ERR),
                  default=None)
       fast = None if best is None or len(best[1]) < 7 else bool(best[1][6])
-      cands = candidates(wo, prob, stage == "tune", few=b.smoke, fast=fast)
+      cands = candidates(wo, prob_k, stage == "tune", few=b.smoke, fast=fast)
       if not cands:
         row["kernel_note"] = "no tiling fits this shape"
       n_base = 2 if fmt in ("fp4_e2m1", "mxfp4", "nvfp4") else 1
@@ -616,7 +632,7 @@ def run_shape(b: Bench, wo, api, k: int, n: int, ms, cases, stage: str):
       for cfg in cands:
         # One inner jit: the kernel is traced and lowered once per job, not
         # once per weight set.
-        inner = jax.jit(lambda o, prob=prob, cfg=cfg: wo.matmul(
+        inner = jax.jit(lambda o, prob=prob_k, cfg=cfg: wo.matmul(
             o, prob, config=cfg, interpret=interp))
 
         def done_k(us, out, row=row, cfg=cfg, key=key):
@@ -625,9 +641,9 @@ def run_shape(b: Bench, wo, api, k: int, n: int, ms, cases, stage: str):
           row["variants"][str(dataclasses.astuple(cfg))] = dict(
               us=us, rel_err=err, config=list(dataclasses.astuple(cfg)))
         jobs.append(dict(
-            name=f"kernel {case} {k}x{n} M={m} {dataclasses.astuple(cfg)}",
+            name=f"kernel {label} {k}x{n} M={m} {dataclasses.astuple(cfg)}",
             fn=lambda x, ws_, inner=inner, mk=mk: [inner(mk(x, w)) for w in ws_],
-            args=(xs[m], ws), reps=r, done=done_k))
+            args=(xs[m], wk), reps=r, done=done_k))
   b.run_jobs(jobs)
   if tail:
     b.run_jobs(tail)
@@ -992,7 +1008,7 @@ def target_rows(res) -> list[str]:
     rows.append(f"| {target} | {measured} | {'met' if ok else 'MISSED'} |")
 
   for case in sorted({x["kernel"] for x in wo}):
-    fmt = WO_CASES[case][0]
+    fmt = case_format(case)[0]
     for m in DECODE_M:
       a = _find(wo, case, m, 8192, 8192)
       if a and a.get("kernel_us") and a.get("bf16_us") and fmt != "int8":

@@ -109,6 +109,8 @@ def main(argv):
         cfg = wo.tuned_config(prob)
         if not wo._shape_ok(prob, cfg):  # pylint: disable=protected-access
           cfg = wo._decode_config(prob)  # pylint: disable=protected-access
+        probs = {"natural": prob,
+                 "wgmma": dataclasses.replace(prob, w_order="wgmma")}
         variants = {"natural": (cfg, "natural", ws), "wgmma": (cfg, "wgmma", wp)}
         for spec in _TILINGS.value:
           tn, tk, tm, st, sk = (int(v) for v in spec.split(":"))
@@ -120,8 +122,8 @@ def main(argv):
         for name, (c, order, wset) in variants.items():
           fns[name] = (lambda xx, wset_, c=c, order=order: [
               wo.matmul(MatmulOperands(x=xx, w_codes=a, w_scale=s_,
-                                       w_tensor_scale=t_), prob, config=c,
-                        w_order=order) for a, s_, t_ in wset_], wset)
+                                       w_tensor_scale=t_), probs[order],
+                        config=c) for a, s_, t_ in wset_], wset)
         times = {name: [] for name in fns}
         outs = {}
         err = None

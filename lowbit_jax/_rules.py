@@ -755,7 +755,8 @@ class QWeight(QArray):
 
 jax.tree_util.register_dataclass(
     QWeight, data_fields=["codes", "scale", "zero_point", "tensor_scale"],
-    meta_fields=["spec", "shape", "dtype", "pack_axis", "transposed"])
+    meta_fields=["spec", "shape", "dtype", "pack_axis", "code_order",
+                 "transposed"])
 
 
 def as_qweight(q: QArray, transposed: bool = False) -> QWeight:

@@ -420,6 +420,7 @@ def save(directory: str, params: Any, *, force: bool = False) -> None:
       meta.append({"kind": type(leaf).__name__, "spec": spec_to_json(leaf.spec),
                    "shape": list(leaf.shape), "dtype": leaf.dtype,
                    "pack_axis": leaf.pack_axis,
+                   "code_order": leaf.code_order,
                    "transposed": bool(getattr(leaf, "transposed", False)),
                    "fields": {f: {"shape": list(fields[f].shape),
                                   "stored": jnp.dtype(fields[f].dtype).name,
@@ -735,7 +736,8 @@ def restore(directory: str, *, sharding: ShardingLike = None,
     for f, fm in m["fields"].items():
       fields[f] = _unstore(stored[f], fm["dtype"])
     q = QArray(**fields, spec=spec_from_json(m["spec"]), shape=tuple(m["shape"]),
-               dtype=m["dtype"], pack_axis=m["pack_axis"])
+               dtype=m["dtype"], pack_axis=m["pack_axis"],
+               code_order=m.get("code_order", "natural"))
     if m["kind"] == "QWeight":
       q = _rules.as_qweight(q, transposed=m["transposed"])
     leaves.append(q)

@@ -12,6 +12,14 @@ Storage (``QArray.codes``), along ``pack_axis`` (the spec's axis, else the last)
   same little-endian bit order across the 24-bit word.
 * 5 and 7-bit codes: one per byte; 9 to 16-bit codes: one ``uint16`` each.
 
+``QArray.code_order`` says how the packed bytes are ordered along the pack
+axis: ``"natural"`` (the layout above) or, for 4-bit codes packed along the
+last axis in runs of 32, ``"wgmma"``: the bytes of every 16-byte run
+transposed as a 4 x 4 grid (``wgmma_byte_order``), the order in which the
+Hopper weight-only kernel's threads load their WGMMA fragments with no
+shuffles (``lowbit_jax.kernels.gpu_weight_only``). ``dequantize`` and every
+non-kernel path read either order; ``ops.set_code_order`` converts.
+
 Scales have one entry per block (``[d0 / b0, d1 / b1, ...]``): float32, bfloat16,
 float16, ``float8_e4m3fn``, or E8M0 as ``uint8`` biased exponents (255 = NaN).
 Zero points (asymmetric) are ``uint8`` (``uint16`` above 8 bits) codes on the
@@ -157,6 +165,30 @@ def unpack(packed: jax.Array, fmt: Format, axis: int) -> jax.Array:
   return c.reshape(shp[:axis] + (shp[axis] // n_bytes * n_codes,) + shp[axis + 1:])
 
 
+CODE_ORDERS = ("natural", "wgmma")
+
+
+def wgmma_byte_order(codes: jax.Array) -> jax.Array:
+  """Natural <-> ``"wgmma"`` order of packed bytes along the last axis.
+
+  Transposes the bytes of every 16-byte run as a 4 x 4 grid: byte ``4q + i``
+  of a run goes to ``4i + q``. It is its own inverse. For 4-bit codes, byte
+  ``4q + i`` of the result holds elements ``8i + 2q`` and ``8i + 2q + 1`` of
+  the run's 32, so a 32-bit word ``q`` holds the four element pairs a
+  WGMMA A fragment's thread ``q`` of a row quad takes from 32 columns.
+
+  Raises:
+    ValueError: the last axis is not a multiple of 16 bytes.
+  """
+  if codes.ndim < 1 or codes.shape[-1] % 16:
+    raise ValueError(f"the wgmma code order works on runs of 16 bytes (32 "
+                     f"4-bit codes) along the last axis, whose length must be a "
+                     f"multiple of 16; got codes of shape {tuple(codes.shape)}")
+  lead = codes.shape[:-1]
+  runs = codes.reshape(*lead, codes.shape[-1] // 16, 4, 4)
+  return jnp.swapaxes(runs, -1, -2).reshape(codes.shape)
+
+
 @dataclasses.dataclass(frozen=True)
 class QArray:
   """A quantized array: packed codes, scales, zero points and the static spec.
@@ -171,6 +203,7 @@ class QArray:
     shape: logical shape (before padding).
     dtype: name of the original dtype, which ``dequantize`` returns.
     pack_axis: the axis codes are packed along.
+    code_order: ``"natural"`` or ``"wgmma"`` (see the module docstring).
   """
   codes: jax.Array
   scale: jax.Array
@@ -180,6 +213,13 @@ class QArray:
   shape: tuple
   dtype: str
   pack_axis: int
+  code_order: str = "natural"
+
+  def natural_codes(self) -> jax.Array:
+    """The packed codes in natural order (``codes`` itself unless reordered)."""
+    if self.code_order == "natural":
+      return self.codes
+    return wgmma_byte_order(self.codes)
 
   @property
   def ndim(self) -> int:
@@ -205,11 +245,12 @@ class QArray:
     return dequantize(self)
 
   def __repr__(self) -> str:
+    order = "" if self.code_order == "natural" else f", code_order={self.code_order}"
     return (f"QArray(shape={self.shape}, dtype={self.dtype}, format="
             f"{self.spec.format.name}, codes={self.codes.dtype}{list(self.codes.shape)}"
-            f", scale={self.scale.dtype}{list(self.scale.shape)})")
+            f", scale={self.scale.dtype}{list(self.scale.shape)}{order})")
 
 
 jax.tree_util.register_dataclass(
     QArray, data_fields=["codes", "scale", "zero_point", "tensor_scale"],
-    meta_fields=["spec", "shape", "dtype", "pack_axis"])
+    meta_fields=["spec", "shape", "dtype", "pack_axis", "code_order"])

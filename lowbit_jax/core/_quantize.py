@@ -1396,7 +1396,7 @@ def _dequant_totals(q: QArray):
 def _dequantize_jnp(q: QArray, total, clip: bool) -> jax.Array:
   spec = q.spec
   fmt = spec.storage_format
-  codes = unpack(q.codes, fmt, q.pack_axis)
+  codes = unpack(q.natural_codes(), fmt, q.pack_axis)
   vals = _cast.decode(codes, fmt)
   # Drop code padding along the pack axis (to the scale grid's extent).
   n_blocks = q.scale.shape

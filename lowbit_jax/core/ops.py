@@ -69,7 +69,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from lowbit_jax.core import scaling
-from lowbit_jax.core._qarray import QArray, block_shape, normalize_axis
+from lowbit_jax.core._qarray import (CODE_ORDERS, QArray, block_shape, normalize_axis,
+                                     wgmma_byte_order)
 from lowbit_jax.core._quantize import (_as_key, _fake_quant_impl, _key_ct, dequantize,
                                        dequantize_as,
                                        fake_quant, quantize)
@@ -448,6 +449,7 @@ def kernel_problem(lhs, rhs: QArray, dimension_numbers, backend: Optional[str] =
     return None, "batched dot_general"
   if rhs.ndim != 2 or tuple(rc) != (1,) or rhs.pack_axis != 1:
     return None, "weight is not a K-major [N, K] QArray (see ops.prepare_weight)"
+
   lhs_shape = lhs.shape if not isinstance(lhs, QArray) else lhs.shape
   if tuple(lc) != (len(lhs_shape) - 1,):
     return None, "activation contraction is not its last axis"
@@ -482,7 +484,8 @@ def kernel_problem(lhs, rhs: QArray, dimension_numbers, backend: Optional[str] =
   try:
     prob = MatmulProblem(m=m, n=n, k=k, x_dtype=x_dtype, w_format=wf, w_block=w_block,
                          x_format=x_format, x_block=x_block, out_dtype=str(out_dtype),
-                         backend=backend or jax.default_backend())
+                         backend=backend or jax.default_backend(),
+                         w_order=rhs.code_order)
   except ValueError as e:
     return None, str(e)
   return prob, ""
@@ -1118,6 +1121,67 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                None if preferred_element_type is None
                else jnp.dtype(preferred_element_type))
   return _qgrad_conv(conv, gs, lv, rv, k_g)
+
+
+def _code_order_problem(q: QArray) -> Optional[str]:
+  """Why ``q``'s codes cannot take the ``"wgmma"`` order, or None."""
+  bits = q.spec.storage_format.bits
+  if bits != 4:
+    return f"its codes are {bits}-bit (the order is for 4-bit codes)"
+  if q.pack_axis != q.ndim - 1:
+    return (f"its codes are packed along axis {q.pack_axis}, not the last "
+            "(quantize the K-major [N, K] weight: ops.prepare_weight)")
+  if q.codes.shape[-1] % 16:
+    return (f"its last axis holds {q.codes.shape[-1]} bytes, not a multiple of "
+            "16 (K a multiple of 32)")
+  return None
+
+
+def set_code_order(tree, order: str, *, strict: bool = True):
+  """Puts the packed codes of every QArray in ``tree`` in ``order``.
+
+  ``"wgmma"`` stores 4-bit codes (int4, fp4, MXFP4, NVFP4 weights) in the order
+  the Hopper weight-only kernel's threads read their WGMMA fragments in, which
+  saves the kernel a relayout in registers; ``"natural"`` converts back. The
+  values are unchanged: ``dequantize`` and the non-kernel matmul paths read
+  either order (the XLA fallback then reorders the bytes first, one pass
+  over the codes), and the GPU kernel gives the same bits. Convert once after
+  ``quantize_params`` (or on a restored checkpoint, which keeps the order).
+
+  Args:
+    tree: a QArray or a pytree holding QArrays (and other leaves, kept).
+    order: one of ``CODE_ORDERS``.
+    strict: raise for a QArray that cannot take the order (``"wgmma"`` needs
+      4-bit codes packed along the last axis, which holds a multiple of 32
+      elements); False leaves such QArrays as they are.
+
+  Returns:
+    The tree with reordered QArrays (QWeights stay QWeights).
+
+  Raises:
+    ValueError: an unknown order, or (``strict``) a QArray it cannot apply to.
+  """
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  if order not in CODE_ORDERS:
+    raise ValueError(f"order must be one of {CODE_ORDERS}, got {order!r}")
+
+  def one(path, q):
+    if not isinstance(q, QArray) or q.code_order == order:
+      return q
+    if order == "wgmma":
+      why = _code_order_problem(q)
+      if why is not None:
+        if strict:
+          where = jax.tree_util.keystr(path) or "the QArray"
+          raise ValueError(f"{where} cannot take the 'wgmma' code order: {why}. "
+                           "Pass strict=False to leave such arrays in natural "
+                           "order")
+        return q
+    return dataclasses.replace(q, codes=wgmma_byte_order(q.codes),
+                               code_order=order)
+
+  return jax.tree_util.tree_map_with_path(
+      one, tree, is_leaf=lambda x: isinstance(x, QArray))
 
 
 def prepare_weight(w: jax.Array, spec, contracting: int | Sequence[int] = 0) -> QArray:

@@ -18,6 +18,10 @@ quantized along its last axis):
   low nibble and ``2j + 1`` in the high nibble. int4 nibbles are two's complement;
   fp4 nibbles are the E2M1 bit patterns (sign in bit 3).
 * fp8 codes: ``float8_e4m3fn [N, K]`` (or ``float8_e5m2``).
+* 4-bit codes may instead be stored in the ``"wgmma"`` order
+  (``MatmulProblem.w_order``; ``lowbit_jax.core._qarray.wgmma_byte_order``:
+  the bytes of each 16-byte run along K transposed as a 4 x 4 grid), which
+  only ``gpu_weight_only`` reads; every other kernel's ``supports`` says no.
 * Weight scales: per channel ``[N, 1]``; groups of ``g`` along K ``[N, K // g]``;
   2-D tiles ``[N // tn, K // tk]``. float32 or bfloat16, except MX (E8M0 codes as
   ``uint8``: scale ``2 ** (code - 127)``, 255 is NaN) and NVFP4 (``float8_e4m3fn``
@@ -52,6 +56,8 @@ class MatmulProblem:
     x_block: ``None`` for per-token scales, ``g`` for 1 x g groups along K.
     out_dtype: dtype name of the result.
     backend: "gpu", "tpu" or "cpu".
+    w_order: the order of the weight's packed codes, "natural" or "wgmma"
+      (``QArray.code_order``).
   """
   m: int
   n: int
@@ -63,8 +69,11 @@ class MatmulProblem:
   x_block: Optional[int] = None
   out_dtype: str = "bfloat16"
   backend: str = "gpu"
+  w_order: str = "natural"
 
   def __post_init__(self):
+    if self.w_order not in ("natural", "wgmma"):
+      raise ValueError(f"w_order must be 'natural' or 'wgmma', got {self.w_order!r}")
     if self.w_format not in WEIGHT_FORMATS:
       raise ValueError(f"w_format {self.w_format!r} is not one of {WEIGHT_FORMATS}")
     if self.x_format not in ACT_FORMATS:

@@ -192,6 +192,9 @@ def dequantize_weight(ops: MatmulOperands, problem: MatmulProblem) -> jax.Array:
   n, k = problem.n, problem.k
   fmt = problem.w_format
   codes = ops.w_codes
+  if problem.w_order != "natural":
+    from lowbit_jax.core._qarray import wgmma_byte_order  # pylint: disable=g-import-not-at-top
+    codes = wgmma_byte_order(codes)
   if fmt in ("int4", "fp4_e2m1", "mxfp4", "nvfp4"):
     nib = unpack_nibbles(codes)
     vals = decode_int4(nib) if fmt == "int4" else decode_e2m1(nib)

@@ -208,6 +208,8 @@ def plan_of(q: QArray) -> tuple[Optional[_Plan], str]:
   fmt = spec.storage_format
   if not isinstance(fmt, (IntFormat, FloatFormat, LookupFormat)) or fmt.bits > 8:
     return None, f"element format {fmt.name}"
+  if q.code_order != "natural":
+    return None, f"codes in {q.code_order!r} order"
   if q.pack_axis != 0 and fmt.bits != 8:  # 8-bit codes are not packed
     return None, f"codes packed along axis {q.pack_axis}, not 0"
   if isinstance(fmt, FloatFormat) and fmt.special == "e8m0":

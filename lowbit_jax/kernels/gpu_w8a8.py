@@ -298,6 +298,8 @@ def supports(problem: MatmulProblem) -> bool:
     codes and sizes where a benchmark (``MEASURED_WINS``) showed a win over
     XLA's own path.
   """
+  if problem.w_order != "natural":
+    return False  # 8-bit weights: no other order exists
   try:
     mode = mode_of(problem)
   except ValueError:

@@ -42,6 +42,14 @@ M = 256). Tested in the interpreter; not yet timed on a GPU, so the tuner
 offers it as a candidate and the table keeps it only where it measures
 fastest.
 
+4-bit codes may be stored in the kernel's register order
+(``permute_codes``, ``matmul(..., w_order="wgmma")``): the bytes of each
+16-byte run along K transposed as a 4 x 4 grid, so that the 32-bit word a
+thread loads from shared memory is already its WGMMA fragment and the
+relayout Mosaic GPU otherwise emits (two warp shuffles and two byte permutes
+per eight codes) disappears. The arithmetic and the bits are the same as with
+natural codes.
+
 Dispatch is data: ``gpu_tuned_configs.json`` beside this file (written by
 ``experiments/bench_kernels.py --mode=tune``) holds, per weight case (``int4_g128``,
 ``int8_pc``, ...), shape class (``shape_class``) and M bucket (``m_bucket``), the
@@ -64,6 +72,7 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
+from lowbit_jax.core._qarray import CODE_ORDERS, wgmma_byte_order
 from lowbit_jax.kernels import _gpu_common as common
 from lowbit_jax.kernels._api import MatmulOperands, MatmulProblem
 
@@ -132,6 +141,10 @@ def _validate(problem: MatmulProblem) -> None:
                      f"{_GROUPS[problem.w_format]}, got {g}")
   if g is not None and problem.k % g:
     raise ValueError(f"K={problem.k} is not a multiple of the group size {g}")
+  if problem.w_order == "wgmma" and (problem.w_format == "int8" or problem.k % 32):
+    raise ValueError(f"w_order='wgmma' reorders 4-bit codes in runs of 32 along "
+                     f"K: it needs a 4-bit format and K a multiple of 32, got "
+                     f"{problem.w_format} with K={problem.k}")
 
 
 def reference(operands: MatmulOperands, problem: MatmulProblem) -> jax.Array:
@@ -179,6 +192,8 @@ def _codes_to_bf16(operands: MatmulOperands, problem: MatmulProblem,
   codes = operands.w_codes
   if fmt == "int8":
     return codes.astype(jnp.bfloat16)
+  if problem.w_order != "natural":
+    codes = wgmma_byte_order(codes)
   if decode == "native":
     # Bitcasts to the 4-bit dtypes XLA converts (and fuses into the dot). The
     # barrier keeps the uint8 -> 4-bit bitcast out of the dot's fusion: XLA's
@@ -491,9 +506,15 @@ def tuned_entry(problem: MatmulProblem) -> Optional[dict[str, Any]]:
   except ValueError:
     return None
   entries = get_table()["entries"]
-  by_class = entries.get(case_name(problem.w_format, g), {})
-  return by_class.get(shape_class(problem.k, problem.n), {}).get(
-      str(m_bucket(problem.m)))
+  case = case_name(problem.w_format, g)
+  cls, mb = shape_class(problem.k, problem.n), str(m_bucket(problem.m))
+  if problem.w_order != "natural":
+    # Rows measured on reordered codes; else the natural codes' row (the
+    # same tilings, the kernel's work less a relayout).
+    e = entries.get(f"{case}@{problem.w_order}", {}).get(cls, {}).get(mb)
+    if e is not None:
+      return e
+  return entries.get(case, {}).get(cls, {}).get(mb)
 
 
 def tuned_config(problem: MatmulProblem) -> Config:
@@ -700,23 +721,8 @@ def _word_part(reg):
 # 4q + i holds logical byte 4i + q (codes 8i + 2q and 8i + 2q + 1), so the
 # word a thread loads is already its WGMMA fragment: byte i is the register of
 # column tile i. The transpose is its own inverse.
-W_ORDERS = ("natural", "wgmma")
-
-
-def permute_codes(codes: jax.Array) -> jax.Array:
-  """Natural <-> ``"wgmma"`` order of packed 4-bit codes ``uint8 [..., K // 2]``.
-
-  Transposes the bytes of every 16-byte run of the last axis as a 4 x 4 grid
-  (an involution: applying it twice gives the input back). The last axis must
-  be a multiple of 16 bytes (K a multiple of 32).
-  """
-  if codes.ndim < 1 or codes.shape[-1] % 16:
-    raise ValueError(f"permute_codes takes packed 4-bit codes whose last axis "
-                     f"is a multiple of 16 bytes (K a multiple of 32), got "
-                     f"shape {codes.shape}")
-  lead = codes.shape[:-1]
-  runs = codes.reshape(*lead, codes.shape[-1] // 16, 4, 4)
-  return jnp.swapaxes(runs, -1, -2).reshape(codes.shape)
+W_ORDERS = CODE_ORDERS
+permute_codes = wgmma_byte_order
 
 
 def _upcast4x_as_wgmma(w):
@@ -1387,8 +1393,7 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
 
 
 def matmul(operands: MatmulOperands, problem: MatmulProblem, *,
-           config: Optional[Config] = None, interpret=False,
-           w_order: str = "natural") -> jax.Array:
+           config: Optional[Config] = None, interpret=False) -> jax.Array:
   """Runs the Mosaic GPU weight-only kernel.
 
   Args:
@@ -1400,9 +1405,6 @@ def matmul(operands: MatmulOperands, problem: MatmulProblem, *,
       ``InterpretGPUParams``, e.g. with ``detect_races=True``) to run the kernel
       on the CPU in the Mosaic GPU interpreter, for testing. See
       ``_gpu_common.interpret_params``.
-    w_order: ``"natural"`` (the ``_api`` storage), or ``"wgmma"`` for 4-bit
-      codes stored by ``permute_codes``, which the kernel reads without a
-      relayout in registers (see ``W_ORDERS``).
 
   Returns:
     ``[M, N]`` in ``problem.out_dtype``.
@@ -1412,12 +1414,6 @@ def matmul(operands: MatmulOperands, problem: MatmulProblem, *,
   """
   params = common.interpret_params(interpret)
   _validate(problem)
-  if w_order not in W_ORDERS:
-    raise ValueError(f"w_order must be one of {W_ORDERS}, got {w_order!r}")
-  if w_order == "wgmma" and (problem.w_format == "int8" or problem.k % 32):
-    raise ValueError(f"w_order='wgmma' reorders 4-bit codes in runs of 32 along "
-                     f"K: it needs a 4-bit format and K a multiple of 32, got "
-                     f"{problem.w_format} with K={problem.k}")
   if config is not None and config.n_split and not config.ws:
     raise ValueError(f"Config(n_split=True) splits the rows between the two "
                      f"compute warpgroups of the warp-specialized kernel: pass "
@@ -1446,6 +1442,6 @@ def matmul(operands: MatmulOperands, problem: MatmulProblem, *,
   g = common.weight_group(problem)
   fn = _build(problem.w_format, g, problem.m, problem.n, problem.k,
               jnp.dtype(operands.w_scale.dtype).name, problem.out_dtype, cfg,
-              params, w_order)
+              params, problem.w_order)
   return fn(operands.x, operands.w_codes, operands.w_scale,
             operands.w_tensor_scale)

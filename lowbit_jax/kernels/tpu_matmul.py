@@ -112,6 +112,9 @@ def unsupported_reason(problem: MatmulProblem) -> Optional[str]:
   if problem.backend != "tpu":
     return (f"backend is {problem.backend!r}; these are Mosaic TPU kernels "
             "(backend='tpu')")
+  if problem.w_order != "natural":
+    return (f"weight codes in {problem.w_order!r} order (the Hopper kernel's); "
+            "ops.set_code_order(params, 'natural') for these kernels")
   kind = _kind(problem)
   if kind is None:
     return (f"w_format={problem.w_format!r} with x_format={problem.x_format!r} "

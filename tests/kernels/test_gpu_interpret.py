@@ -370,7 +370,7 @@ def test_permute_codes_is_a_byte_transpose_and_its_own_inverse():
     for i in range(4):
       np.testing.assert_array_equal(p[:, 16 + 4 * q + i], codes[:, 16 + 4 * i + q])
   np.testing.assert_array_equal(gpu_weight_only.permute_codes(p), codes)
-  with pytest.raises(ValueError, match="multiple of 16 bytes"):
+  with pytest.raises(ValueError, match="multiple of 16"):
     gpu_weight_only.permute_codes(codes[:, :40])
 
 
@@ -387,8 +387,13 @@ def test_weight_only_kernel_reads_wgmma_ordered_codes(fmt, group, extra):
   params = _params(tail_rows=True)
   want = gpu_weight_only.matmul(ops, prob, config=cfg, interpret=params)
   perm = dataclasses.replace(ops, w_codes=gpu_weight_only.permute_codes(ops.w_codes))
-  got = gpu_weight_only.matmul(perm, prob, config=cfg, interpret=params,
-                               w_order="wgmma")
+  got = gpu_weight_only.matmul(perm, dataclasses.replace(prob, w_order="wgmma"),
+                               config=cfg, interpret=params)
+  # The references read the order from the problem too.
+  np.testing.assert_array_equal(
+      np.asarray(gpu_weight_only.reference(
+          perm, dataclasses.replace(prob, w_order="wgmma"))),
+      np.asarray(gpu_weight_only.reference(ops, prob)))
   assert not common.races_found()
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
   assert rel_err(got, np_weight_only(ops, prob)) < 1e-5
@@ -397,8 +402,8 @@ def test_weight_only_kernel_reads_wgmma_ordered_codes(fmt, group, extra):
 def test_wgmma_order_is_refused_where_it_cannot_apply():
   ops, prob = make_wo(jax.random.key(12), "int8", None, 8, 128, 1024)
   with pytest.raises(ValueError, match="4-bit format"):
-    gpu_weight_only.matmul(ops, prob, config=_wo_cfg(), interpret=True,
-                           w_order="wgmma")
-  with pytest.raises(ValueError, match="w_order must be one of"):
-    gpu_weight_only.matmul(ops, prob, config=_wo_cfg(), interpret=True,
-                           w_order="marlin")
+    gpu_weight_only.matmul(ops, dataclasses.replace(prob, w_order="wgmma"),
+                           config=_wo_cfg(), interpret=True)
+  with pytest.raises(ValueError, match="w_order must be"):
+    dataclasses.replace(prob, w_order="marlin")
+  assert not gpu_w8a8.supports(dataclasses.replace(prob, w_order="wgmma"))

@@ -190,7 +190,7 @@ def test_weight_only_wgmma_order_is_bit_identical(fmt, group, variant):
     a = _run_poisoned(lambda o: gpu_weight_only.matmul(o, prob, config=cfg),
                       dataclasses.replace(ops, x=xs), (m, n), jnp.bfloat16)
     b = _run_poisoned(lambda o: gpu_weight_only.matmul(
-        o, prob, config=cfg, w_order="wgmma"),
+        o, dataclasses.replace(prob, w_order="wgmma"), config=cfg),
                       dataclasses.replace(perm, x=xs), (m, n), jnp.bfloat16)
     np.testing.assert_array_equal(np.asarray(b, np.float32),
                                   np.asarray(a, np.float32))
@@ -258,3 +258,25 @@ def test_supports_measured_cases_on_hopper():
   assert gpu_w8a8.supports(MatmulProblem(
       m=4096, n=8192, k=8192, x_dtype="fp8_e4m3", w_format="fp8_e4m3",
       x_format="fp8_e4m3"))
+
+
+@pytest.mark.parametrize("spec", [dict(format="int4", group_size=128),
+                                  dict(format="mxfp4"), dict(format="nvfp4")])
+@pytest.mark.parametrize("m", [1, 512])
+def test_public_dot_reads_wgmma_ordered_weights(spec, m):
+  # ops.set_code_order(q, "wgmma") through the quantized dot_general: the
+  # kernel where it takes the weight (M = 1), XLA's path after reordering the
+  # bytes back where it does not (M = 512); the same bits as natural codes.
+  from lowbit_jax.core import ops  # pylint: disable=g-import-not-at-top
+  from lowbit_jax.core._spec import QuantSpec  # pylint: disable=g-import-not-at-top
+  k, n = 8192, 8192
+  w = jax.random.normal(_key(), (k, n), jnp.float32).astype(jnp.bfloat16)
+  q = ops.prepare_weight(w, QuantSpec(**spec))
+  qw = ops.set_code_order(q, "wgmma")
+  x = jax.random.normal(_key(), (m, k), jnp.float32).astype(jnp.bfloat16)
+  dn = (((1,), (1,)), ((), ()))
+  prob, _ = ops.kernel_problem(x, qw, dn)
+  assert prob is not None
+  f = jax.jit(lambda a, b: ops.dot_general(a, b, dn, mode="real"))
+  np.testing.assert_array_equal(np.asarray(f(x, qw), np.float32),
+                                np.asarray(f(x, q), np.float32))

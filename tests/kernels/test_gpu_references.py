@@ -276,9 +276,9 @@ def test_weight_only_kernel_lowers_to_mosaic_gpu(fmt, group, m, ws):
     assert gpu_weight_only._shape_ok(prob, cfg)  # pylint: disable=protected-access
   elif ws:
     cfg = dataclasses.replace(cfg, ws=True, tile_k=512, split_k=1)
-  order = "wgmma" if isinstance(ws, str) and "wgmma" in ws else "natural"
-  _lower(lambda o: gpu_weight_only.matmul(o, prob, config=cfg, w_order=order),
-         ops)
+  if isinstance(ws, str) and "wgmma" in ws:
+    prob = dataclasses.replace(prob, w_order="wgmma")
+  _lower(lambda o: gpu_weight_only.matmul(o, prob, config=cfg), ops)
 
 
 @pytest.mark.parametrize("case", ["fp8_channel", "int8_channel", "fp8_block",
