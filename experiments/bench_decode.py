@@ -137,7 +137,8 @@ def weight_spec(name: str):
   """The weight-only QuantSpec of weight scheme ``name`` (None for ``bf16``).
 
   Args:
-    name: one of ``WEIGHT_SCHEMES`` (or ``int8_pc`` / ``int4_pc``).
+    name: one of ``WEIGHT_SCHEMES`` (or ``int8_pc`` / ``int4_pc``), optionally
+      followed by ``@wgmma`` (the code order does not change the spec).
 
   Returns:
     A QuantSpec with its axis unset (the contraction axis is filled in when
@@ -148,6 +149,7 @@ def weight_spec(name: str):
     ValueError: an unknown name.
   """
   from lowbit_jax import QuantSpec  # pylint: disable=g-import-not-at-top
+  name = name.partition("@")[0]
   name = _ALIASES.get(name, name)
   if name == "bf16":
     return None
@@ -183,7 +185,7 @@ def quantize_weights(model, variables, name: str, example_tokens):
   Args:
     model: a ``Llama``.
     variables: its float variables (``{"params": ...}``).
-    name: a weight scheme (``WEIGHT_SCHEMES``).
+    name: a weight scheme (``WEIGHT_SCHEMES``, optionally ``@wgmma``).
     example_tokens: int32 ``[B, T]`` tokens for the abstract planning pass.
 
   Returns:
@@ -192,12 +194,17 @@ def quantize_weights(model, variables, name: str, example_tokens):
   Raises:
     ValueError: an unknown scheme, or one that left some projection in float.
   """
+  from lowbit_jax.core import ops  # pylint: disable=g-import-not-at-top
   from lowbit_jax.flax import quantize_linen  # pylint: disable=g-import-not-at-top
-  rules = weight_rules(name)
+  base, order = _split_order(name)
+  rules = weight_rules(base)
   if rules is None:
     return variables, model.apply
   q = quantize_linen(rules, mode="real", strict=True, use_kernel="auto")
   qv = q.quantize_params(model, variables, example_tokens)
+  if order != "natural":
+    # 8-bit or unevenly padded weights stay natural (strict=False).
+    qv = ops.set_code_order(qv, order, strict=False)
   missing = [p for p, _ in _projection_leaves(qv["params"], quantized=False)]
   if missing:
     raise ValueError(f"weight scheme {name!r} left projections in float: "
@@ -460,13 +467,26 @@ def _compile(fn, *args):
   return compiled, text, time.perf_counter() - t0
 
 
+def _split_order(name: str) -> tuple:
+  """``("int4_g128", "wgmma")`` for ``int4_g128@wgmma``; ``(name, "natural")``."""
+  base, _, order = name.partition("@")
+  return base, order or "natural"
+
+
 def _weight_order(names) -> list:
-  """The weight schemes to run, validated, bf16 first (the others' baseline)."""
+  """The weight schemes to run, validated, bf16 first (the others' baseline).
+
+  A scheme may end in ``@wgmma``: its 4-bit codes are then stored in the
+  Hopper kernel's order (``ops.set_code_order``)."""
   names = [_ALIASES.get(w, w) for w in names]
   for w in names:
-    if w not in WEIGHT_SCHEMES:
+    base, order = _split_order(w)
+    base = _ALIASES.get(base, base)
+    if base not in WEIGHT_SCHEMES or order not in ("natural", "wgmma") or (
+        order != "natural" and base == "bf16"):
       raise app.UsageError(f"unknown --weights scheme {w!r}; choose from "
-                           f"{list(WEIGHT_SCHEMES)}")
+                           f"{list(WEIGHT_SCHEMES)}, a quantized one optionally "
+                           "followed by @wgmma")
   if len(set(names)) != len(names):
     raise app.UsageError(f"--weights lists a scheme twice: {names}")
   return sorted(names, key=lambda w: w != "bf16")
