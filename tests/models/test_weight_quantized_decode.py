@@ -101,6 +101,23 @@ def test_quantized_weight_decode_matches_fake_quant_reference(
   np.testing.assert_array_equal(out[clear], logits.argmax(-1)[clear])
 
 
+def test_wgmma_code_order_decodes_the_same_tokens(model_vars):
+  # ``mxfp4@wgmma`` stores the same weights with their bytes in the Hopper
+  # kernel's order; off the kernel (CPU) every matmul reorders them back, so
+  # the greedy decode is token for token the natural one's.
+  model, v = model_vars
+  toks = jax.random.randint(jax.random.key(4), (_B, _P), 0, _CFG.vocab)
+  lengths = jnp.full((_B,), _P, jnp.int32)
+  outs = []
+  for name in ("mxfp4", "mxfp4@wgmma"):
+    qv, apply = bd.quantize_weights(model, v, name, toks[:1])
+    orders = {w.code_order for _, w in bd._projection_leaves(qv["params"])}  # pylint: disable=protected-access
+    assert orders == {name.partition("@")[2] or "natural"}
+    outs.append(np.asarray(decode.generate(model, qv, toks, lengths, _N,
+                                           apply_fn=apply)))
+  np.testing.assert_array_equal(outs[1], outs[0])
+
+
 def test_llama8b_projections_dispatch_as_the_tuned_table_says():
   cfg = bd.llama8b_config(1)
   assert (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff, cfg.dtype) == (
