@@ -234,6 +234,8 @@ class Layout:
       ok = (n_blocks % n == 0 and c % n == 0
             and elems == n_blocks * bs[d]
             and (d != q.pack_axis or (c // n) % n_bytes == 0)
+            # wgmma-ordered codes move bytes within runs of 16
+            and (d != q.pack_axis or q.code_order == "natural" or (c // n) % 16 == 0)
             and (scale_rank == len(shape) and q.scale.shape[d] == n_blocks))
       if not ok:
         if self.on_block_split == "error":
@@ -241,7 +243,10 @@ class Layout:
               f"{path!r}: splitting dim {d} of the quantized array (shape {shape}, "
               f"format {q.spec.format.name}, scale blocks of {bs[d]} along it, "
               f"codes {tuple(q.codes.shape)}) over mesh axis {entry!r} of size {n} "
-              "would put one scale block or packed byte on two devices. Change the "
+              "would put one scale block or packed byte"
+              + ("" if q.code_order == "natural" else
+                 f" or 16-byte run of {q.code_order!r}-ordered codes")
+              + " on two devices. Change the "
               "mesh or the block size, add a sharding rule keeping this dim whole, "
               "or pass on_block_split='replicate' to keep it whole.")
         codes_part.append(None)

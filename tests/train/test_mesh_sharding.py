@@ -139,6 +139,27 @@ def test_real_quantized_weights_shard_without_splitting_blocks():
   assert rep.param_sharding("layers_0/attn/q_proj/kernel", q).codes.spec == P()
 
 
+def test_wgmma_ordered_codes_shard_in_whole_16_byte_runs():
+  from lowbit_jax.core import ops  # pylint: disable=g-import-not-at-top
+  w = jax.random.normal(jax.random.key(0), (64, 32))
+  plan = plan_weight(QuantSpec("int4", group_size=16), (64, 32), "dot_general",
+                     contracting=(0,))
+  q = quantize_weight(w, plan)   # codes [32, 32 bytes]: two runs a row
+  qw = ops.set_code_order(q, "wgmma")
+  two = train.Layout(train.make_mesh("fsdp:2"))
+  sh = two.param_sharding("layers_0/attn/q_proj/kernel", qw)
+  assert sh.codes.spec == P(None, "fsdp")
+  placed = jax.device_put(qw, sh)
+  assert np.array_equal(np.asarray(dequantize(placed)), np.asarray(dequantize(q)))
+  # Four devices would take 8 bytes each: whole groups of 16 in natural
+  # order, but half a run of the reordered codes.
+  four = train.Layout(train.make_mesh("fsdp:4"))
+  assert four.param_sharding("layers_0/attn/q_proj/kernel", q).codes.spec == P(
+      None, "fsdp")
+  with pytest.raises(ValueError, match=r"16-byte run of 'wgmma'-ordered codes"):
+    four.param_sharding("layers_0/attn/q_proj/kernel", qw)
+
+
 def test_learned_scales_follow_their_weight():
   params = {"layers_0": {"mlp": {"gate_proj": {"kernel": jnp.zeros((32, 64))}}}}
   scales = {"layers_0": {"mlp": {"gate_proj": {
