@@ -162,8 +162,9 @@ _MAX_RESTARTS = flags.DEFINE_integer("max_restarts", 6,
 _W_ORDER = flags.DEFINE_enum(
     "w_order", "natural", ["natural", "wgmma"],
     "order of the 4-bit weight codes the kernel reads (QArray.code_order); "
-    "wgmma rows are named <case>@wgmma and the table keeps them apart; XLA's "
-    "paths read natural codes either way")
+    "wgmma rows are named <case>@wgmma and the table keeps them apart; their "
+    "XLA fused path reorders the codes back first (the dispatcher's fallback "
+    "for such weights), the dequantize reference reads natural codes")
 _MARGIN = flags.DEFINE_float(
     "win_margin", 0.97, "the table takes the kernel where kernel_us <= margin x "
     "the fused XLA path's time")
@@ -591,7 +592,9 @@ def run_shape(b: Bench, wo, api, k: int, n: int, ms, cases, stage: str):
       row = b.rows[key]
       touched.append(row)
 
-      def fused_fn(x, ws_, prob=prob, decode="native", mk=mk):
+      # XLA's path for the weight as stored: on reordered codes it reorders
+      # them back first (what the dispatcher falls back to for them).
+      def fused_fn(x, ws_, prob=prob_k, decode="native", mk=mk):
         return [wo.xla_fused_matmul(mk(x, w), prob, decode=decode) for w in ws_]
 
       def done_x(us, out, row=row, key=key):
@@ -604,11 +607,11 @@ def run_shape(b: Bench, wo, api, k: int, n: int, ms, cases, stage: str):
         row["xla_fused_note"] = f"native decode failed ({type(e).__name__}); arith"
         tail.append(dict(
             name=f"xla_fused(arith) {row['kernel']} {k}x{n} M={m}",
-            fn=lambda x, ws_: fused_fn(x, ws_, prob, "arith"),
-            args=(xs[m], ws), reps=r, done=done_x))
+            fn=lambda x, ws_: fused_fn(x, ws_, prob_k, "arith"),
+            args=(xs[m], wk), reps=r, done=done_x))
       if do_base:
-        jobs.append(dict(name=f"xla_fused {case} {k}x{n} M={m}", fn=fused_fn,
-                         args=(xs[m], ws), reps=r, done=done_x, failed=failed_x))
+        jobs.append(dict(name=f"xla_fused {label} {k}x{n} M={m}", fn=fused_fn,
+                         args=(xs[m], wk), reps=r, done=done_x, failed=failed_x))
         if str(m) in _REF_BATCHES.value:
           def done_r(us, out, row=row):
             row["dequant_ref_us"] = us

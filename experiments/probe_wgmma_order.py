@@ -15,7 +15,8 @@ Run on the GPU machine (repository root)::
 
   PYTHONPATH=. python3 experiments/probe_wgmma_order.py --out_dir=$OUT
 
-Writes ``<out_dir>/<tag>.md`` and ``.json``.
+Writes ``<out_dir>/<tag>.md`` and ``.json``; ``--report=<tag>.json`` rebuilds
+the markdown from the JSON on any machine.
 """
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ _ITERS = flags.DEFINE_integer("iters", 20, "timed calls per measurement")
 _OUT_DIR = flags.DEFINE_string("out_dir", "benchmarks", "where results go")
 _TAG = flags.DEFINE_string("tag", "wgmma_order_h200", "output file stem")
 _BUDGET = flags.DEFINE_float("time_budget_s", 200.0, "no new row after this")
+_REPORT = flags.DEFINE_string("report", "", "rebuild <stem>.md from this JSON "
+                              "(no GPU) and exit")
 
 CASES = {"int4_pc": ("int4", None), "int4_g128": ("int4", 128),
          "int4_g32": ("int4", 32), "fp4_g32": ("fp4_e2m1", 32),
@@ -156,12 +159,22 @@ def main(argv):
   os.makedirs(_OUT_DIR.value, exist_ok=True)
   with open(os.path.join(_OUT_DIR.value, _TAG.value + ".json"), "w") as f:
     json.dump(res, f, indent=1)
-  md = [f"# 4-bit codes in natural vs wgmma order ({res['meta']['device']})", "",
-        f"jax {res['meta']['jax']}; CUPTI device time per call, median of "
-        f"{_ITERS.value} calls, the fastest of {_ROUNDS.value} interleaved rounds; "
-        f"stream bandwidth {bw:.2f} TB/s measured in the same run; roofline = "
-        "(weight + activation + output bytes) / that bandwidth.", "",
-        f"Command: `{res['meta']['command']}`", "",
+  write_md(res, os.path.join(_OUT_DIR.value, _TAG.value + ".md"))
+
+
+def write_md(res: dict, path: str):
+  """The markdown table of a run's JSON (``--report`` rebuilds it)."""
+  meta = res["meta"]
+  md = [f"# 4-bit codes in natural vs wgmma order ({meta['device']})", "",
+        f"jax {meta['jax']}; CUPTI device time per call, median of "
+        f"{meta['iters']} calls, the fastest of {meta['rounds']} interleaved "
+        f"rounds; stream bandwidth {meta['stream_TBps']:.2f} TB/s measured in "
+        "the same run; roofline = (weight + activation + output bytes) / that "
+        "bandwidth. natural and wgmma: the tuned table's tiling for the case "
+        "(the same for both); other tilings: wgmma order with "
+        "tile_n:tile_k:tile_m:stages:split_k changed. Same bits: the wgmma "
+        "kernel's output equals the natural one's bit for bit.", "",
+        f"Command: `{meta['command']}`", "",
         "| case | K x N | M | XLA bf16 | natural | wgmma | natural / wgmma | "
         "% roofline (natural -> wgmma) | vs bf16 (wgmma) | same bits | other tilings |",
         "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -173,17 +186,24 @@ def main(argv):
       continue
     others = ", ".join(f"{k[6:]}: {v:.1f}" for k, v in u.items()
                        if k.startswith("wgmma ") and v is not None)
+    same = r["same_bits"].get("wgmma")
     md.append(f"| {r['case']} | {r['shape']} | {r['m']} | {r['bf16_us']:.1f} | "
               f"{nat:.1f} | {wg:.1f} | {nat / wg:.2f}x | "
               f"{100 * r['roofline_us'] / nat:.0f}% -> {100 * r['roofline_us'] / wg:.0f}% | "
-              f"{r['bf16_us'] / wg:.2f}x | "
-              f"{'yes' if all(r['same_bits'].values()) else 'NO'} | {others} |")
+              f"{r['bf16_us'] / wg:.2f}x | {'yes' if same else 'NO'} | {others} |")
   if res["skipped"]:
     md += ["", "Skipped (time budget): " + "; ".join(res["skipped"])]
-  with open(os.path.join(_OUT_DIR.value, _TAG.value + ".md"), "w") as f:
+  with open(path, "w") as f:
     f.write("\n".join(md) + "\n")
   print("\n".join(md))
 
 
+def report_main(argv):
+  del argv
+  with open(_REPORT.value) as f:
+    res = json.load(f)
+  write_md(res, os.path.splitext(_REPORT.value)[0] + ".md")
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(lambda argv: report_main(argv) if _REPORT.value else main(argv))

@@ -5,6 +5,7 @@ The table (``lowbit_jax/kernels/gpu_tuned_configs.json``, written by
 and M bucket whether the kernel runs and with which tiling; ``xla_fused_matmul``
 is what runs everywhere else.
 """
+import functools
 import json
 
 import jax
@@ -60,6 +61,28 @@ def test_supports_follows_the_table(monkeypatch):
   assert not wo.supports(_prob(n=8192 + 64 * 3, k=8192))  # class ok, no tiling
   # Without a table entry, matmul's default tiling is the built-in one.
   assert wo.tuned_config(_prob(m=4)) == wo._decode_config(_prob(m=4))  # pylint: disable=protected-access
+
+
+def test_wgmma_ordered_weights_use_their_rows_else_a_reordering_estimate(
+    monkeypatch):
+  monkeypatch.setattr(common, "on_hopper_gpu", lambda problem: True)
+  cfg = [64, 256, 8, 4, 2, False]
+  slow = dict(_entry(False, cfg), kernel_us=25.0, xla_us=20.0)
+  wo.set_table({"meta": {}, "entries": {
+      "int4_g128": {"k8k_n8k": {"1": slow, "4": slow,
+                                "4096": dict(slow, kernel_us=80.0)}},
+      "int4_g128@wgmma": {"k8k_n8k": {"4": dict(slow, kernel_us=24.0)}}}})
+  w = functools.partial(_prob, w_order="wgmma")
+  assert not wo.supports(_prob())
+  # No measured wgmma row at M = 1: the natural row plus one read and write
+  # of the 32 MB of codes at the stream bandwidth (15.6 us) for XLA's path.
+  e = wo.tuned_entry(w())
+  assert e["estimated"] and e["xla_us"] == pytest.approx(20.0 + 2 * 8192 * 4096 / 4.30e6)
+  assert wo.supports(w())
+  assert not wo.supports(w(m=4096))   # 80 us against 35.6: XLA still wins
+  # A measured wgmma row is taken as it is (here: XLA measured faster).
+  assert "estimated" not in wo.tuned_entry(w(m=4))
+  assert not wo.supports(w(m=4))
 
 
 def test_supports_needs_a_hopper_gpu_even_where_the_table_wins():
