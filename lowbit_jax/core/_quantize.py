@@ -1416,12 +1416,26 @@ def _dequantize_jnp(q: QArray, total, clip: bool) -> jax.Array:
   return out.astype(q.dtype)
 
 
+# fake_quant of a 16-bit array leaves out ``_values``' saturating clip for
+# the same reason a 16-bit QArray's dequantize does (``_DEQUANT_16BIT_NO_CLIP``):
+# the result leaves through a convert to bf16 / f16, which takes the float32
+# maximum the clip saturates at to inf just as it takes inf, so the clip
+# cannot change a bit of the output.
+_FQ_16BIT_NO_CLIP = True
+
+
+def _fq_clip(dtype) -> bool:
+  """Whether fake_quant's values need the saturating clip for ``dtype``."""
+  return not (_FQ_16BIT_NO_CLIP
+              and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
+
+
 def _fake_quant_impl(x, spec, key, amax, amin, tensor_amax):
   shape, dtype = x.shape, x.dtype
   xp, spec, bs, valid, _ = _prepare(x, spec)
   q, total, _, zp, _, clipped = _grid(xp, spec, bs, valid, key, amax, amin,
                                       tensor_amax)
-  out = _values(q, total, zp, bs, xp.shape)
+  out = _values(q, total, zp, bs, xp.shape, clip=_fq_clip(dtype))
   sl = tuple(slice(0, d) for d in shape)
   return out[sl].astype(dtype), clipped[sl]
 
@@ -1522,7 +1536,7 @@ def _learned_impl(x, spec, key, scale, zero_point, clip):
   xp, spec, bs, valid, _ = _prepare(x, spec)
   q, total, _, zp, _, clipped, dxds = _grid_any(
       xp, spec, bs, valid, key, None, None, None, scale, zero_point, clip)
-  out = _values(q, total, zp, bs, xp.shape)
+  out = _values(q, total, zp, bs, xp.shape, clip=_fq_clip(dtype))
   sl = tuple(slice(0, d) for d in shape)
   # The LSQ factor is saved in x's dtype (float32 for wider ones): it is a
   # gradient term, within half a grid step inside the range.

@@ -43,12 +43,17 @@ offers it as a candidate and the table keeps it only where it measures
 fastest.
 
 4-bit codes may be stored in the kernel's register order
-(``permute_codes``, ``matmul(..., w_order="wgmma")``): the bytes of each
-16-byte run along K transposed as a 4 x 4 grid, so that the 32-bit word a
-thread loads from shared memory is already its WGMMA fragment and the
-relayout Mosaic GPU otherwise emits (two warp shuffles and two byte permutes
-per eight codes) disappears. The arithmetic and the bits are the same as with
-natural codes.
+(``MatmulProblem.w_order="wgmma"``, codes by ``permute_codes``; for QArrays
+``ops.set_code_order``): the bytes of each 16-byte run along K transposed as
+a 4 x 4 grid, so that the 32-bit word a thread loads from shared memory is
+already its WGMMA fragment and the relayout Mosaic GPU otherwise emits (two
+warp shuffles and two byte permutes per eight codes) disappears. The bits
+are the same as with natural codes; on the H200 the same tiling ran
+0.96-1.38x as fast (benchmarks/wgmma_order_h200.md) and the retuned decode at
+M = 1 and 16 1.09-1.39x the table's natural rows
+(benchmarks/kernels_h200_runs/run_wg1.md).
+The table keeps such rows as ``<case>@wgmma``; where it has none,
+``reordered_estimate`` adapts the natural row.
 
 Dispatch is data: ``gpu_tuned_configs.json`` beside this file (written by
 ``experiments/bench_kernels.py --mode=tune``) holds, per weight case (``int4_g128``,
@@ -72,7 +77,7 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
-from lowbit_jax.core._qarray import CODE_ORDERS, wgmma_byte_order
+from lowbit_jax.core._qarray import wgmma_byte_order
 from lowbit_jax.kernels import _gpu_common as common
 from lowbit_jax.kernels._api import MatmulOperands, MatmulProblem
 
@@ -748,7 +753,6 @@ def _word_part(reg):
 # 4q + i holds logical byte 4i + q (codes 8i + 2q and 8i + 2q + 1), so the
 # word a thread loads is already its WGMMA fragment: byte i is the register of
 # column tile i. The transpose is its own inverse.
-W_ORDERS = CODE_ORDERS
 permute_codes = wgmma_byte_order
 
 

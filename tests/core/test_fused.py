@@ -550,3 +550,39 @@ def test_16bit_dequantize_without_clip_changes_no_bit(fmt, kw, dtype, monkeypatc
     np.testing.assert_array_equal(got, want)
   if len(qs) == 2:  # the overflow happened: inf in 16 bits either way
     assert np.isinf(np.asarray(jax.jit(lb.dequantize)(qs[1]), np.float32)).any()
+
+
+@pytest.mark.parametrize("fmt,kw", [("int8", dict(axis=0)), ("mxfp4", dict(axis=0)),
+                                    ("nvfp4", dict(axis=0)), ("fp8_e4m3", dict(axis=-1)),
+                                    ("int4", dict(axis=0, group_size=32))],
+                         ids=["int8", "mxfp4", "nvfp4", "fp8", "int4_g32"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
+def test_16bit_fake_quant_without_clip_changes_no_bit(fmt, kw, dtype, monkeypatch):
+  """fake_quant of a 16-bit array leaves out the saturating clip
+  (``_FQ_16BIT_NO_CLIP``): the same bits as with it, values and gradients,
+  on NaN and inf entries, clean data, and learned scales large enough that
+  code * scale overflows float32 (the clip's float32 maximum and the
+  overflow's inf both convert to the 16-bit inf)."""
+  from lowbit_jax.core import _quantize  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(7)
+  x = rng.standard_normal((64, 96)).astype(np.float32)
+  x[5, 1], x[40, 2] = np.nan, -np.inf
+  x = jnp.asarray(x, dtype)
+  spec = lb.QuantSpec(fmt, **kw)
+  calls = [lambda a: lb.fake_quant(a, spec),
+           lambda a: jax.grad(lambda b: jnp.sum(lb.fake_quant(b, spec)
+                                                .astype(jnp.float32)))(a)]
+  overflow = fmt in ("int8", "int4") and dtype == jnp.bfloat16
+  if overflow:
+    # A learned scale of 2e38: an entry of 3.2e38 rounds to code 2, whose
+    # value 4e38 is past the float32 maximum.
+    big = jnp.full(lb.scale_shape(x.shape, spec), 2e38, jnp.float32)
+    calls.append(lambda a: lb.fake_quant(a.at[3, 3].set(3.2e38), spec, scale=big))
+  for f in calls:
+    monkeypatch.setattr(_quantize, "_FQ_16BIT_NO_CLIP", True)
+    got = np.asarray(jax.jit(lambda a: f(a))(x))
+    monkeypatch.setattr(_quantize, "_FQ_16BIT_NO_CLIP", False)
+    want = np.asarray(jax.jit(lambda a: f(a))(x))
+    np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+  if overflow:   # it happened: the 16-bit inf either way
+    assert np.isposinf(got.astype(np.float32)[3, 3])
