@@ -215,6 +215,11 @@ class QArray:
   pack_axis: int
   code_order: str = "natural"
 
+  def __post_init__(self):
+    if self.code_order not in CODE_ORDERS:
+      raise ValueError(f"QArray code_order must be one of {CODE_ORDERS}, got "
+                       f"{self.code_order!r}")
+
   def natural_codes(self) -> jax.Array:
     """The packed codes in natural order (``codes`` itself unless reordered)."""
     if self.code_order == "natural":

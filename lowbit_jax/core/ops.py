@@ -61,6 +61,7 @@ supports the case), "never", or "always" (raise when none supports it).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple, Optional, Sequence
 
@@ -449,7 +450,6 @@ def kernel_problem(lhs, rhs: QArray, dimension_numbers, backend: Optional[str] =
     return None, "batched dot_general"
   if rhs.ndim != 2 or tuple(rc) != (1,) or rhs.pack_axis != 1:
     return None, "weight is not a K-major [N, K] QArray (see ops.prepare_weight)"
-
   lhs_shape = lhs.shape if not isinstance(lhs, QArray) else lhs.shape
   if tuple(lc) != (len(lhs_shape) - 1,):
     return None, "activation contraction is not its last axis"
@@ -1161,7 +1161,6 @@ def set_code_order(tree, order: str, *, strict: bool = True):
   Raises:
     ValueError: an unknown order, or (``strict``) a QArray it cannot apply to.
   """
-  import dataclasses  # pylint: disable=g-import-not-at-top
   if order not in CODE_ORDERS:
     raise ValueError(f"order must be one of {CODE_ORDERS}, got {order!r}")
 

@@ -115,3 +115,10 @@ def test_checkpoint_keeps_the_order(tmp_path):
                                 np.asarray(tree["w"].codes))
   np.testing.assert_array_equal(_bits(got["w"].logical()),
                                 _bits(as_qweight(q, transposed=True).logical()))
+
+
+def test_an_unknown_order_is_refused_where_the_qarray_is_built():
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  q = ops.prepare_weight(_w(), _SPECS["int4_pc"])
+  with pytest.raises(ValueError, match="code_order must be one of"):
+    dataclasses.replace(q, code_order="marlin")
