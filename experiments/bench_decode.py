@@ -149,7 +149,7 @@ def weight_spec(name: str):
     ValueError: an unknown name.
   """
   from lowbit_jax import QuantSpec  # pylint: disable=g-import-not-at-top
-  name = name.partition("@")[0]
+  name = _split_order(name)[0]
   name = _ALIASES.get(name, name)
   if name == "bf16":
     return None

@@ -166,27 +166,31 @@ def unpack(packed: jax.Array, fmt: Format, axis: int) -> jax.Array:
 
 
 CODE_ORDERS = ("natural", "wgmma")
+WGMMA_RUN_BYTES = 16  # the "wgmma" order moves bytes within runs of this many
 
 
-def wgmma_byte_order(codes: jax.Array) -> jax.Array:
-  """Natural <-> ``"wgmma"`` order of packed bytes along the last axis.
+def wgmma_byte_order(codes: jax.Array, axis: int = -1) -> jax.Array:
+  """Natural <-> ``"wgmma"`` order of packed bytes along ``axis``.
 
   Transposes the bytes of every 16-byte run as a 4 x 4 grid: byte ``4q + i``
   of a run goes to ``4i + q``. It is its own inverse. For 4-bit codes, byte
   ``4q + i`` of the result holds elements ``8i + 2q`` and ``8i + 2q + 1`` of
   the run's 32, so a 32-bit word ``q`` holds the four element pairs a
-  WGMMA A fragment's thread ``q`` of a row quad takes from 32 columns.
+  WGMMA A fragment's thread ``q`` of a row quad takes from 32 columns. A
+  byte may be any unit: ``axis`` need not be the last (e.g. ``[rows, K // 2,
+  2]`` nibbles, ``axis=1``).
 
   Raises:
-    ValueError: the last axis is not a multiple of 16 bytes.
+    ValueError: ``axis`` is not a multiple of 16 long.
   """
-  if codes.ndim < 1 or codes.shape[-1] % 16:
+  ax = axis % codes.ndim if codes.ndim else 0
+  if codes.ndim < 1 or codes.shape[ax] % WGMMA_RUN_BYTES:
     raise ValueError(f"the wgmma code order works on runs of 16 bytes (32 "
-                     f"4-bit codes) along the last axis, whose length must be a "
+                     f"4-bit codes) along axis {axis}, whose length must be a "
                      f"multiple of 16; got codes of shape {tuple(codes.shape)}")
-  lead = codes.shape[:-1]
-  runs = codes.reshape(*lead, codes.shape[-1] // 16, 4, 4)
-  return jnp.swapaxes(runs, -1, -2).reshape(codes.shape)
+  shp = codes.shape
+  runs = codes.reshape(shp[:ax] + (shp[ax] // WGMMA_RUN_BYTES, 4, 4) + shp[ax + 1:])
+  return jnp.swapaxes(runs, ax + 1, ax + 2).reshape(shp)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1344,11 +1344,18 @@ def _dequantize_cannot_overflow(q: QArray, total, emax: float) -> jax.Array:
 _DEQUANT_16BIT_NO_CLIP = True
 
 
+def _is_16bit_float(dtype) -> bool:
+  """Whether ``dtype`` is bf16 or f16: their convert from float32 takes the
+  float32 maximum to inf as it takes inf, so a saturating clip before it
+  cannot change a bit (``_DEQUANT_16BIT_NO_CLIP``, ``_FQ_16BIT_NO_CLIP``)."""
+  dt = jnp.dtype(dtype)
+  return dt.itemsize == 2 and jnp.issubdtype(dt, jnp.floating)
+
+
 def dequantize_jnp(q: QArray) -> jax.Array:
   """``dequantize``'s jnp path (the reference the GPU kernel is checked
   against; what runs on CPU and TPU)."""
-  dt = jnp.dtype(q.dtype)
-  if _DEQUANT_16BIT_NO_CLIP and dt.itemsize == 2 and jnp.issubdtype(dt, jnp.floating):
+  if _DEQUANT_16BIT_NO_CLIP and _is_16bit_float(q.dtype):
     return _dequantize_jnp(q, _dequant_totals(q), False)
   # One scale factor per block (not E8M0's pair, not under a tensor scale).
   emax = (_max_abs_element(q.spec.storage_format)
@@ -1426,8 +1433,7 @@ _FQ_16BIT_NO_CLIP = True
 
 def _fq_clip(dtype) -> bool:
   """Whether fake_quant's values need the saturating clip for ``dtype``."""
-  return not (_FQ_16BIT_NO_CLIP
-              and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
+  return not (_FQ_16BIT_NO_CLIP and _is_16bit_float(dtype))
 
 
 def _fake_quant_impl(x, spec, key, amax, amin, tensor_amax):

@@ -70,8 +70,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from lowbit_jax.core import scaling
-from lowbit_jax.core._qarray import (CODE_ORDERS, QArray, block_shape, normalize_axis,
-                                     wgmma_byte_order)
+from lowbit_jax.core._qarray import (CODE_ORDERS, WGMMA_RUN_BYTES, QArray, block_shape,
+                                     normalize_axis, wgmma_byte_order)
 from lowbit_jax.core._quantize import (_as_key, _fake_quant_impl, _key_ct, dequantize,
                                        dequantize_as,
                                        fake_quant, quantize)
@@ -1131,9 +1131,9 @@ def _code_order_problem(q: QArray) -> Optional[str]:
   if q.pack_axis != q.ndim - 1:
     return (f"its codes are packed along axis {q.pack_axis}, not the last "
             "(quantize the K-major [N, K] weight: ops.prepare_weight)")
-  if q.codes.shape[-1] % 16:
+  if q.codes.shape[-1] % WGMMA_RUN_BYTES:
     return (f"its last axis holds {q.codes.shape[-1]} bytes, not a multiple of "
-            "16 (K a multiple of 32)")
+            f"{WGMMA_RUN_BYTES} (K a multiple of {2 * WGMMA_RUN_BYTES})")
   return None
 
 

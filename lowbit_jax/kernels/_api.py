@@ -36,6 +36,8 @@ from typing import Optional
 
 import jax
 
+from lowbit_jax.core._qarray import CODE_ORDERS
+
 WEIGHT_FORMATS = ("int8", "int4", "fp4_e2m1", "mxfp4", "nvfp4", "fp8_e4m3",
                   "fp8_e5m2", "mxfp8_e4m3")
 ACT_FORMATS = (None, "int8", "fp8_e4m3", "fp8_e5m2", "mxfp8_e4m3")
@@ -72,8 +74,8 @@ class MatmulProblem:
   w_order: str = "natural"
 
   def __post_init__(self):
-    if self.w_order not in ("natural", "wgmma"):
-      raise ValueError(f"w_order must be 'natural' or 'wgmma', got {self.w_order!r}")
+    if self.w_order not in CODE_ORDERS:
+      raise ValueError(f"w_order must be one of {CODE_ORDERS}, got {self.w_order!r}")
     if self.w_format not in WEIGHT_FORMATS:
       raise ValueError(f"w_format {self.w_format!r} is not one of {WEIGHT_FORMATS}")
     if self.x_format not in ACT_FORMATS:

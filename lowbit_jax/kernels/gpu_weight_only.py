@@ -780,9 +780,10 @@ def _upcast4x_as_wgmma(w):
 
 
 def _jnp_unpermute_tile(w):
-  """``permute_codes`` on a ``[rows, cols]`` tile of logical 4-bit codes."""
+  """``permute_codes`` on a ``[rows, cols]`` tile of logical 4-bit codes
+  (their pairs are the bytes)."""
   rows, cols = w.shape
-  return jnp.swapaxes(w.reshape(rows, cols // 32, 4, 4, 2), 2, 3).reshape(
+  return wgmma_byte_order(w.reshape(rows, cols // 2, 2), axis=1).reshape(
       rows, cols)
 
 

@@ -47,7 +47,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lowbit_jax._rules import QWeight, is_qarray, path_str
-from lowbit_jax.core._qarray import QArray, block_shape, pack_unit
+from lowbit_jax.core._qarray import WGMMA_RUN_BYTES, QArray, block_shape, pack_unit
 from lowbit_jax.train.mesh import FSDP, TENSOR
 
 Partition = tuple
@@ -234,8 +234,9 @@ class Layout:
       ok = (n_blocks % n == 0 and c % n == 0
             and elems == n_blocks * bs[d]
             and (d != q.pack_axis or (c // n) % n_bytes == 0)
-            # wgmma-ordered codes move bytes within runs of 16
-            and (d != q.pack_axis or q.code_order == "natural" or (c // n) % 16 == 0)
+            # wgmma-ordered codes move bytes within runs of WGMMA_RUN_BYTES
+            and (d != q.pack_axis or q.code_order == "natural"
+                 or (c // n) % WGMMA_RUN_BYTES == 0)
             and (scale_rank == len(shape) and q.scale.shape[d] == n_blocks))
       if not ok:
         if self.on_block_split == "error":
@@ -245,7 +246,7 @@ class Layout:
               f"codes {tuple(q.codes.shape)}) over mesh axis {entry!r} of size {n} "
               "would put one scale block or packed byte"
               + ("" if q.code_order == "natural" else
-                 f" or 16-byte run of {q.code_order!r}-ordered codes")
+                 f" or {WGMMA_RUN_BYTES}-byte run of {q.code_order!r}-ordered codes")
               + " on two devices. Change the "
               "mesh or the block size, add a sharding rule keeping this dim whole, "
               "or pass on_block_split='replicate' to keep it whole.")

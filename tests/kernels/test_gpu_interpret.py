@@ -362,18 +362,6 @@ def test_interpret_argument_is_validated():
 # 4-bit codes stored in the kernel's register order (w_order="wgmma").
 # ----------------------------------------------------------------------------
 
-def test_permute_codes_is_a_byte_transpose_and_its_own_inverse():
-  codes = jnp.arange(2 * 48, dtype=jnp.uint8).reshape(2, 48)
-  p = gpu_weight_only.permute_codes(codes)
-  # Physical byte 4q + i of each 16-byte run holds logical byte 4i + q.
-  for q in range(4):
-    for i in range(4):
-      np.testing.assert_array_equal(p[:, 16 + 4 * q + i], codes[:, 16 + 4 * i + q])
-  np.testing.assert_array_equal(gpu_weight_only.permute_codes(p), codes)
-  with pytest.raises(ValueError, match="multiple of 16"):
-    gpu_weight_only.permute_codes(codes[:, :40])
-
-
 @pytest.mark.parametrize("fmt,group,extra", [
     ("int4", 128, {}), ("nvfp4", 16, dict(lut_decode=True)),
     ("mxfp4", 32, dict(ws=True, n_split=True, tile_n=128)),

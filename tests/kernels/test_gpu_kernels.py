@@ -40,6 +40,15 @@ def _run_poisoned(fn, ops, shape, dtype):
   return jax.block_until_ready(jax.jit(fn)(ops))
 
 
+def _unit_activations(m, k):
+  """Row i is the unit vector e_{k_i}, the 16 first K positions covering all
+  8 nibble positions of a 32-bit code word (and two 256-column steps)."""
+  cols = np.array([i * 8 + (i % 8) + 256 * (i // 8) for i in range(m)])
+  x = np.zeros((m, k), np.float32)
+  x[np.arange(m), cols] = 1.0
+  return jnp.asarray(x, jnp.bfloat16)
+
+
 def _wo_ops(fmt, group, m, n, k):
   return make_wo(_key(), fmt, group, m, n, k, out_dtype="bfloat16",
                  scale_range=(0.001, 0.02))
@@ -126,10 +135,7 @@ def test_weight_only_e2m1_decode_is_exact_on_unit_activations(fmt, group,
   # positions covering all 8 nibble positions of a 32-bit code word).
   m, n, k = 16, 1024, 2048
   ops, prob = _wo_ops(fmt, group, m, n, k)
-  cols = np.array([i * 8 + (i % 8) + 256 * (i // 8) for i in range(m)])
-  x = np.zeros((m, k), np.float32)
-  x[np.arange(m), cols] = 1.0
-  ops = dataclasses.replace(ops, x=jnp.asarray(x, jnp.bfloat16))
+  ops = dataclasses.replace(ops, x=_unit_activations(m, k))
   cfg = dataclasses.replace(gpu_weight_only._decode_config(prob),  # pylint: disable=protected-access
                             fast_decode=decode == "fast",
                             lut_decode=decode == "lut")
@@ -170,9 +176,6 @@ def test_weight_only_wgmma_order_is_bit_identical(fmt, group, variant):
   # the same tiling on natural codes must give the same bits.
   m, n, k = 16, 1024, 2048
   ops, prob = _wo_ops(fmt, group, m, n, k)
-  cols = np.array([i * 8 + (i % 8) + 256 * (i // 8) for i in range(m)])
-  x = np.zeros((m, k), np.float32)
-  x[np.arange(m), cols] = 1.0
   cfg = gpu_weight_only._decode_config(prob)  # pylint: disable=protected-access
   e2m1 = fmt != "int4"
   if variant == "chunks":
@@ -186,7 +189,7 @@ def test_weight_only_wgmma_order_is_bit_identical(fmt, group, variant):
   assert gpu_weight_only._shape_ok(prob, cfg)  # pylint: disable=protected-access
   perm = dataclasses.replace(
       ops, w_codes=gpu_weight_only.permute_codes(ops.w_codes))
-  for xs in (jnp.asarray(x, jnp.bfloat16), ops.x):
+  for xs in (_unit_activations(m, k), ops.x):
     a = _run_poisoned(lambda o: gpu_weight_only.matmul(o, prob, config=cfg),
                       dataclasses.replace(ops, x=xs), (m, n), jnp.bfloat16)
     b = _run_poisoned(lambda o: gpu_weight_only.matmul(
