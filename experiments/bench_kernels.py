@@ -3,7 +3,10 @@ r"""Device-timed benchmark, tuner and correctness check of the low-bit GPU kerne
 One process measures everything issue 13 asks for and writes
 ``<out_dir>/<tag>.json`` and ``<tag>.md`` (default ``kernels_h200``), plus, in the
 tuning modes, the dispatch table ``<out_dir>/gpu_tuned_configs.json`` (copy it to
-``lowbit_jax/kernels/`` to make the dispatcher use it):
+``lowbit_jax/kernels/`` to make the dispatcher use it; measured on a device
+other than the H200, ``gpu_tuned_configs.<device>.json``, whose rows the
+dispatcher uses on that device: ``gpu_weight_only.table_for_device``;
+``--mode=report`` refuses runs of different devices):
 
 * the stream bandwidth (1 GiB f32 read + write) and the bf16 GEMM rate (8192^3),
   both measured in the same run, which give every row's roofline;
@@ -1196,8 +1199,9 @@ def write_outputs(res, out_dir: str, tag: str):
               for x in bad] + [""]
   if res.get("table"):
     lines += ["## Tuned table", "", f"Written to `{res['table']}`; copy it to "
-              "`lowbit_jax/kernels/gpu_tuned_configs.json` to make the dispatcher "
-              "use it.", ""]
+              f"`lowbit_jax/kernels/{os.path.basename(res['table'])}` to make "
+              "the dispatcher use it on this device "
+              "(`gpu_weight_only.table_for_device`).", ""]
   if res["skipped"]:
     lines += ["## Not measured (time budget)", ""] + [
         f"- {s}" for s in res["skipped"]] + [""]
@@ -1438,6 +1442,17 @@ def main(argv):
                                "=false").strip()
   if _MODE.value == "report":
     res, rows, cmds = None, {}, []
+    devices = {}
+    for path in _INPUTS.value:
+      with open(path) as f:
+        devices.setdefault(json.load(f)["meta"].get("device"), []).append(path)
+    if len(devices) > 1:
+      # Times from two GPU parts (an H100's against an H200's) cannot share
+      # one table or one roofline: report each device's runs separately.
+      raise SystemExit(
+          "--mode=report: the inputs were measured on different devices ("
+          + "; ".join(f"{dev}: {', '.join(ps)}" for dev, ps in devices.items())
+          + "); pass one device's runs at a time")
     for path in _INPUTS.value:
       with open(path) as f:
         d = json.load(f)
@@ -1468,7 +1483,8 @@ def main(argv):
     wo, _, _ = _import_kernels()
     rb.rows = rows
     os.makedirs(out_dir, exist_ok=True)
-    write_table(rb, wo, os.path.join(out_dir, "gpu_tuned_configs.json"))
+    write_table(rb, wo, os.path.join(
+        out_dir, wo.table_filename(res["meta"]["device"])))
     write_outputs(res, out_dir, _TAG.value)
     return
   isolate = (_ISOLATE.value == "true"
@@ -1507,7 +1523,8 @@ def main(argv):
       b.res["bf16"] = [[k, n, m, us] for (k, n, m), us in b.bf16.items()]
       b.res["meta"]["done_chunks"] = sorted(b.done_chunks)
       if tune and b.rows:
-        write_table(b, wo, os.path.join(out_dir, "gpu_tuned_configs.json"))
+        write_table(b, wo, os.path.join(
+            out_dir, wo.table_filename(b.res["meta"]["device"])))
       write_outputs(b.res, out_dir, _TAG.value)
 
   def watchdog():

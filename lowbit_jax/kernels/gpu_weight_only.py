@@ -61,6 +61,9 @@ Dispatch is data: ``gpu_tuned_configs.json`` beside this file (written by
 tiling measured fastest and whether it beat XLA's own fused path
 (``xla_fused_matmul``) there. ``supports`` says yes only where the table says the
 kernel won; everywhere else the quantized ``dot_general`` keeps the XLA path.
+That file was measured on the H200; a run on another Hopper part (the H100)
+writes ``gpu_tuned_configs.<device>.json``, whose rows win on that part
+(``table_for_device``).
 """
 from __future__ import annotations
 
@@ -69,6 +72,7 @@ import functools
 import json
 import math
 import os
+import re
 import threading
 from typing import Any, Optional
 
@@ -487,20 +491,109 @@ def load_table(path: Optional[str] = None) -> dict:
   return table
 
 
+# The device kind ``TABLE_PATH`` was measured on. A table measured on another
+# device kind lives beside it as ``gpu_tuned_configs.<slug>.json``
+# (``table_filename``); on such a device its rows win and the rows it lacks
+# come from ``TABLE_PATH``, marked with ``"table_device"``, so a partial
+# tuning run on a second Hopper part is usable at once and never mixed into
+# this device's file (a time measured on one part says little about another:
+# the H100's 3.0 TB/s against the H200's 4.3).
+DEFAULT_TABLE_DEVICE = "NVIDIA H200"
+
+
+def device_slug(device_kind: str) -> str:
+  """``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia_h100_80gb_hbm3"``."""
+  slug = re.sub(r"[^a-z0-9]+", "_", device_kind.lower()).strip("_")
+  if not slug:
+    raise ValueError(f"device kind {device_kind!r} has no letters or digits "
+                     "to name a table file by")
+  return slug
+
+
+def table_filename(device_kind: str) -> str:
+  """The file name a tuned table measured on ``device_kind`` is kept under."""
+  if device_kind == DEFAULT_TABLE_DEVICE:
+    return os.path.basename(TABLE_PATH)
+  return f"gpu_tuned_configs.{device_slug(device_kind)}.json"
+
+
+def _current_device_kind() -> Optional[str]:
+  try:
+    dev = jax.devices()[0]
+  except RuntimeError:
+    return None
+  return dev.device_kind if dev.platform == "gpu" else None
+
+
+def overlay_tables(own: dict, base: dict) -> dict:
+  """``own``'s rows (weight-only buckets, W8A8 cases) over ``base``'s.
+
+  The rows taken from ``base`` carry ``"table_device"`` (``base``'s device),
+  so what the dispatcher decides can be traced to where it was measured.
+  """
+  where = base.get("meta", {}).get("device", "?")
+  tag = lambda e: dict(e, table_device=where)
+  entries = {}
+  for case in set(base["entries"]) | set(own["entries"]):
+    b_cls, o_cls = base["entries"].get(case, {}), own["entries"].get(case, {})
+    entries[case] = {}
+    for cls in set(b_cls) | set(o_cls):
+      rows = {mb: tag(e) for mb, e in b_cls.get(cls, {}).items()}
+      rows.update(o_cls.get(cls, {}))
+      entries[case][cls] = rows
+  w8 = {c: tag(e) for c, e in base.get("w8a8", {}).items()}
+  w8.update(own.get("w8a8", {}))
+  meta = dict(own.get("meta", {}), fallback=base.get("meta", {}))
+  out = {"meta": meta, "entries": entries}
+  if w8:
+    out["w8a8"] = w8
+  return out
+
+
+def table_for_device(device_kind: Optional[str],
+                     table_dir: Optional[str] = None) -> dict:
+  """The table the dispatcher uses on ``device_kind`` (None: not a GPU).
+
+  ``TABLE_PATH``'s (or ``table_dir``'s default file), overlaid by the
+  device's own file where there is one (``table_filename``, ``overlay_tables``).
+
+  Raises:
+    ValueError: if the device's file says it was measured on another device.
+  """
+  d = table_dir or os.path.dirname(TABLE_PATH)
+  default = os.path.join(d, os.path.basename(TABLE_PATH))
+  base = (load_table(default) if os.path.exists(default)
+          else {"meta": {}, "entries": {}})
+  if device_kind is None or device_kind == DEFAULT_TABLE_DEVICE:
+    return base
+  own_path = os.path.join(d, table_filename(device_kind))
+  if not os.path.exists(own_path):
+    return base
+  own = load_table(own_path)
+  measured_on = own.get("meta", {}).get("device")
+  if measured_on != device_kind:
+    raise ValueError(
+        f"{own_path} is the tuned table for {device_kind!r} by its name but "
+        f"its meta says it was measured on {measured_on!r}; regenerate it on "
+        "that device (experiments/bench_kernels.py --mode=report writes the "
+        "file name from the runs' device)")
+  return overlay_tables(own, base)
+
+
 def set_table(table: Optional[dict]) -> None:
-  """Replaces the table the dispatcher reads (``None``: reload the file)."""
+  """Replaces the table the dispatcher reads (``None``: reload the files)."""
   global _table
   with _table_lock:
     _table = table
 
 
 def get_table() -> dict:
-  """The table the dispatcher reads (loaded from ``TABLE_PATH`` once)."""
+  """The table the dispatcher reads: ``table_for_device`` of the default
+  device, loaded once (or what ``set_table`` put there)."""
   global _table
   with _table_lock:
     if _table is None:
-      _table = (load_table() if os.path.exists(TABLE_PATH)
-                else {"meta": {}, "entries": {}})
+      _table = table_for_device(_current_device_kind())
     return _table
 
 

@@ -98,3 +98,28 @@ def test_report_merges_runs_and_writes_the_table(tmp_path):
   assert "| int4_g128 M=1 8192x8192: >= 2.5x XLA bf16 | 3.00x" in md
   assert "beat tokamax (its best tiling): int4_g128 8192x8192 M=1 | 4.00x" in md
   assert "rel. error vs the fused XLA path" in md  # the rejected tiling is listed
+
+
+def test_report_refuses_runs_of_two_devices(tmp_path):
+  # An H100's times next to an H200's would give one table wrong rows and
+  # one roofline the wrong bandwidth: the merge names both and stops.
+  paths = []
+  for name, dev in (("h200.json", "NVIDIA H200"),
+                    ("h100.json", "NVIDIA H100 80GB HBM3")):
+    res = _result([_row("int4_g128", 1, 8192, 8192,
+                        [([64, 256, 8, 4, 2, False, False], 12.0, 1e-3)],
+                        fused=90.0)], f"run {name}")
+    res["meta"]["device"] = dev
+    paths.append(str(tmp_path / name))
+    with open(paths[-1], "w") as f:
+      json.dump(res, f)
+  out = tmp_path / "out"
+  r = subprocess.run(
+      [sys.executable, "experiments/bench_kernels.py", "--mode=report",
+       f"--inputs={','.join(paths)}", f"--out_dir={out}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT})
+  assert r.returncode != 0
+  assert "different devices" in r.stderr
+  assert "NVIDIA H100 80GB HBM3: " + paths[1] in r.stderr
+  assert not out.exists()

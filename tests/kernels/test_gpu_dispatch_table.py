@@ -239,3 +239,46 @@ def test_w8a8_tiling_comes_from_the_table_where_it_fits():
                 "w8a8": {"fp8_block": dict(config=dict(tile_q=3))}})
   with pytest.raises(ValueError, match="not a gpu_w8a8.Config"):
     gpu_w8a8.tuned_config(block)
+
+
+def _table_file(path, device, entries, w8a8=None):
+  t = {"meta": {"device": device}, "entries": entries}
+  if w8a8 is not None:
+    t["w8a8"] = w8a8
+  path.write_text(json.dumps(t))
+
+
+def test_device_tables_named_and_overlaid(tmp_path):
+  h100 = "NVIDIA H100 80GB HBM3"
+  assert wo.table_filename(wo.DEFAULT_TABLE_DEVICE) == "gpu_tuned_configs.json"
+  assert wo.table_filename(h100) == "gpu_tuned_configs.nvidia_h100_80gb_hbm3.json"
+  with pytest.raises(ValueError, match="no letters or digits"):
+    wo.table_filename("--")
+  cfg = [64, 256, 8, 4, 2, False, False]
+  _table_file(tmp_path / "gpu_tuned_configs.json", wo.DEFAULT_TABLE_DEVICE, {
+      "int4_g128": {"k8k_n8k": {"1": _entry(True, cfg), "16": _entry(True, cfg)}},
+      "int8_pc": {"k8k_n8k": {"1": _entry(True, cfg)}}},
+      w8a8={"fp8_pc": {"config": None, "kernel_us": 1.0}})
+  # The H100's own run measured int4_g128 at M = 1 losing to XLA.
+  _table_file(tmp_path / wo.table_filename(h100), h100, {
+      "int4_g128": {"k8k_n8k": {"1": _entry(False, cfg)}}})
+  h200_t = wo.table_for_device(wo.DEFAULT_TABLE_DEVICE, str(tmp_path))
+  assert h200_t["entries"]["int4_g128"]["k8k_n8k"]["1"]["use_kernel"]
+  # A device without its own file (or the CPU) reads the default table as is.
+  assert wo.table_for_device("NVIDIA H20", str(tmp_path)) == h200_t
+  assert wo.table_for_device(None, str(tmp_path)) == h200_t
+  t = wo.table_for_device(h100, str(tmp_path))
+  own = t["entries"]["int4_g128"]["k8k_n8k"]["1"]
+  assert not own["use_kernel"] and "table_device" not in own
+  for e in (t["entries"]["int4_g128"]["k8k_n8k"]["16"],
+            t["entries"]["int8_pc"]["k8k_n8k"]["1"], t["w8a8"]["fp8_pc"]):
+    assert e["table_device"] == wo.DEFAULT_TABLE_DEVICE
+  assert t["meta"]["device"] == h100
+  # The dispatcher follows the overlaid rows.
+  wo.set_table(t)
+  assert not wo.table_says_kernel(_prob())
+  assert wo.table_says_kernel(_prob(m=16))
+  # A file whose name and measured device disagree is refused, with the fix.
+  _table_file(tmp_path / wo.table_filename(h100), wo.DEFAULT_TABLE_DEVICE, {})
+  with pytest.raises(ValueError, match="measured on 'NVIDIA H200'.*regenerate"):
+    wo.table_for_device(h100, str(tmp_path))
