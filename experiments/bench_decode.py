@@ -796,7 +796,9 @@ def _dispatch_table(rows) -> list:
            "What `ops.dot_general` runs for each projection (`ops.kernel_problem` + "
            "`kernels.find`, the dispatcher's own calls): the kernel module, or XLA "
            "with the reason. The GPU weight-only kernel's tuned table "
-           "(`lowbit_jax/kernels/gpu_tuned_configs.json`) decides on a Hopper GPU; "
+           "(`lowbit_jax/kernels/gpu_tuned_configs.json`, the H200's, under the "
+           "device's own `gpu_tuned_configs.<device>.json` where there is one: "
+           "`gpu_weight_only.table_for_device`) decides on a Hopper GPU; "
            "elsewhere every projection runs XLA.", "",
            head, "|" + "---|" * (head.count("|") - 1)]
   for (w, layer), v in seen.items():
