@@ -1245,6 +1245,7 @@ def w8a8_entries(rows) -> dict:
 def write_table(b: Bench, wo, path: str):
   meta = dict(device=b.res["meta"]["device"], jax=b.res["meta"]["jax"],
               command=b.command, margin=_MARGIN.value,
+              stream_TBps=(b.res.get("ceilings") or {}).get("stream_TBps"),
               source=("experiments/bench_kernels.py --mode=tune: per case, shape "
                       "class and M bucket, the fastest correct tiling timed and "
                       "whether it beat xla_fused_matmul by the margin"))

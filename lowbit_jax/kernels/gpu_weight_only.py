@@ -619,8 +619,15 @@ def tuned_entry(problem: MatmulProblem) -> Optional[dict[str, Any]]:
 
 
 # The H200's stream bandwidth (benchmarks/wgmma_order_h200.json: 4.30 TB/s,
-# 1 GiB f32 read + write), for ``reordered_estimate``.
+# 1 GiB f32 read + write), for ``reordered_estimate`` where the table's meta
+# does not give the bandwidth its run measured (``stream_TBps``).
 STREAM_BYTES_PER_US = 4.30e6
+
+
+def stream_bytes_per_us() -> float:
+  """The stream bandwidth the dispatcher's table was measured at (bytes/us)."""
+  tbps = get_table().get("meta", {}).get("stream_TBps")
+  return float(tbps) * 1e6 if tbps else STREAM_BYTES_PER_US
 
 
 def reordered_estimate(entry: dict, problem: MatmulProblem) -> dict:
@@ -629,14 +636,14 @@ def reordered_estimate(entry: dict, problem: MatmulProblem) -> dict:
   Not measured: the kernel's time is the natural row's (on the H200 the
   reordered codes' kernel was 0.96-1.38x faster with the same tiling,
   benchmarks/wgmma_order_h200.md), and XLA's path must first reorder the
-  codes, one read and one write of them at the stream bandwidth, added to
-  the natural row's XLA time. The kernel is taken where it beats that sum.
+  codes, one read and one write of them at the stream bandwidth of the
+  table's run (``stream_bytes_per_us``), added to the natural row's XLA time. The kernel is taken where it beats that sum.
   """
   out = dict(entry, estimated=True)
   kus, xus = entry.get("kernel_us"), entry.get("xla_us")
   if entry.get("config") is None or kus is None or xus is None:
     return out
-  reorder_us = 2 * (problem.n * problem.k // 2) / STREAM_BYTES_PER_US
+  reorder_us = 2 * (problem.n * problem.k // 2) / stream_bytes_per_us()
   out["xla_us"] = xus + reorder_us
   out["use_kernel"] = bool(entry.get("use_kernel")) or kus <= out["xla_us"]
   return out

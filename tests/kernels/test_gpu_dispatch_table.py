@@ -83,6 +83,12 @@ def test_wgmma_ordered_weights_use_their_rows_else_a_reordering_estimate(
   # A measured wgmma row is taken as it is (here: XLA measured faster).
   assert "estimated" not in wo.tuned_entry(w(m=4))
   assert not wo.supports(w(m=4))
+  # A table that measured its device's bandwidth (an H100's 3.03 TB/s) prices
+  # the reordering at that bandwidth.
+  wo.set_table({"meta": {"stream_TBps": 3.03}, "entries": {
+      "int4_g128": {"k8k_n8k": {"1": slow}}}})
+  assert wo.tuned_entry(w())["xla_us"] == pytest.approx(
+      20.0 + 2 * 8192 * 4096 / 3.03e6)
 
 
 def test_supports_needs_a_hopper_gpu_even_where_the_table_wins():
