@@ -38,6 +38,21 @@ def _w8_row(case, variants, heuristic):
                         for c, us, err in variants})
 
 
+def _report(tmp_path, runs, out):
+  """Writes ``runs`` ((file name, result dict), ...) and runs --mode=report."""
+  paths = []
+  for name, res in runs:
+    paths.append(str(tmp_path / name))
+    with open(paths[-1], "w") as f:
+      json.dump(res, f)
+  r = subprocess.run(
+      [sys.executable, "experiments/bench_kernels.py", "--mode=report",
+       f"--inputs={','.join(paths)}", f"--out_dir={out}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT})
+  return r, paths
+
+
 def test_report_merges_runs_and_writes_the_table(tmp_path):
   fast = [64, 256, 8, 4, 2, False, False]
   wrong = [64, 512, 8, 3, 2, False, False]
@@ -70,17 +85,8 @@ def test_report_merges_runs_and_writes_the_table(tmp_path):
   b["w8a8"] = [_w8_row("fp8_block", [(cfg(), 505.0, 3e-3),
                                      (cfg(grid_tile_width=16), 440.0, 3e-3)],
                        cfg())]
-  paths = []
-  for name, res in (("a.json", a), ("b.json", b)):
-    paths.append(str(tmp_path / name))
-    with open(paths[-1], "w") as f:
-      json.dump(res, f)
   out = tmp_path / "out"
-  r = subprocess.run(
-      [sys.executable, "experiments/bench_kernels.py", "--mode=report",
-       f"--inputs={','.join(paths)}", f"--out_dir={out}"],
-      cwd=ROOT, capture_output=True, text=True, timeout=300,
-      env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT})
+  r, _ = _report(tmp_path, (("a.json", a), ("b.json", b)), out)
   assert r.returncode == 0, r.stderr[-2000:]
   table = json.loads((out / "gpu_tuned_configs.json").read_text())["entries"]
   w8 = json.loads((out / "gpu_tuned_configs.json").read_text())["w8a8"]
@@ -103,22 +109,16 @@ def test_report_merges_runs_and_writes_the_table(tmp_path):
 def test_report_refuses_runs_of_two_devices(tmp_path):
   # An H100's times next to an H200's would give one table wrong rows and
   # one roofline the wrong bandwidth: the merge names both and stops.
-  paths = []
+  runs = []
   for name, dev in (("h200.json", "NVIDIA H200"),
                     ("h100.json", "NVIDIA H100 80GB HBM3")):
     res = _result([_row("int4_g128", 1, 8192, 8192,
                         [([64, 256, 8, 4, 2, False, False], 12.0, 1e-3)],
                         fused=90.0)], f"run {name}")
     res["meta"]["device"] = dev
-    paths.append(str(tmp_path / name))
-    with open(paths[-1], "w") as f:
-      json.dump(res, f)
+    runs.append((name, res))
   out = tmp_path / "out"
-  r = subprocess.run(
-      [sys.executable, "experiments/bench_kernels.py", "--mode=report",
-       f"--inputs={','.join(paths)}", f"--out_dir={out}"],
-      cwd=ROOT, capture_output=True, text=True, timeout=300,
-      env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT})
+  r, paths = _report(tmp_path, runs, out)
   assert r.returncode != 0
   assert "different devices" in r.stderr
   assert "NVIDIA H100 80GB HBM3: " + paths[1] in r.stderr
