@@ -7,6 +7,7 @@ is what runs everywhere else.
 """
 import functools
 import json
+import os
 
 import jax
 import numpy as np
@@ -105,6 +106,17 @@ def test_load_table_reads_the_shipped_file_and_rejects_bad_ones(tmp_path):
     for buckets in classes.values():
       for b, e in buckets.items():
         assert int(b) in wo.M_BUCKETS and isinstance(e["use_kernel"], bool), case
+  assert table["meta"]["device"] == wo.DEFAULT_TABLE_DEVICE
+  # Every other device's shipped table is named by the device it was
+  # measured on and overlays the default one there.
+  d = os.path.dirname(wo.TABLE_PATH)
+  others = [f for f in os.listdir(d)
+            if f.startswith("gpu_tuned_configs.") and f != "gpu_tuned_configs.json"]
+  assert others, "the H100's table (session 33) is shipped"
+  for f in others:
+    dev = wo.load_table(os.path.join(d, f))["meta"]["device"]
+    assert wo.table_filename(dev) == f
+    assert wo.table_for_device(dev)["meta"]["device"] == dev
   bad = tmp_path / "t.json"
   bad.write_text(json.dumps({"entries": {"int4_g128": {"k8k_n8k": {"3": {
       "use_kernel": True}}}}}))
