@@ -478,11 +478,12 @@ def _weight_order(names) -> list:
 
   A scheme may end in ``@wgmma``: its 4-bit codes are then stored in the
   Hopper kernel's order (``ops.set_code_order``)."""
+  from lowbit_jax.core._qarray import CODE_ORDERS  # pylint: disable=g-import-not-at-top
   names = [_ALIASES.get(w, w) for w in names]
   for w in names:
     base, order = _split_order(w)
     base = _ALIASES.get(base, base)
-    if base not in WEIGHT_SCHEMES or order not in ("natural", "wgmma") or (
+    if base not in WEIGHT_SCHEMES or order not in CODE_ORDERS or (
         order != "natural" and base == "bf16"):
       raise app.UsageError(f"unknown --weights scheme {w!r}; choose from "
                            f"{list(WEIGHT_SCHEMES)}, a quantized one optionally "

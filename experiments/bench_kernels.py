@@ -575,8 +575,9 @@ def run_shape(b: Bench, wo, api, k: int, n: int, ms, cases, stage: str):
                                          w_tensor_scale=w[2])
     label = case if order == "natural" else f"{case}@{order}"
     # The kernel's weights: the same codes, in its order (XLA reads natural).
+    from lowbit_jax.core._qarray import wgmma_byte_order  # pylint: disable=g-import-not-at-top
     wk = ws if order == "natural" else [
-        (wo.permute_codes(c), s, t) for c, s, t in ws]
+        (wgmma_byte_order(c), s, t) for c, s, t in ws]
     for m in ms:
       prob = api.MatmulProblem(m=m, n=n, k=k, x_dtype="bfloat16", w_format=fmt,
                                w_block=group)
@@ -1443,10 +1444,11 @@ def main(argv):
                                "=false").strip()
   if _MODE.value == "report":
     res, rows, cmds = None, {}, []
-    devices = {}
+    runs, devices = [], {}
     for path in _INPUTS.value:
       with open(path) as f:
-        devices.setdefault(json.load(f)["meta"].get("device"), []).append(path)
+        runs.append(json.load(f))
+      devices.setdefault(runs[-1]["meta"].get("device"), []).append(path)
     if len(devices) > 1:
       # Times from two GPU parts (an H100's against an H200's) cannot share
       # one table or one roofline: report each device's runs separately.
@@ -1454,9 +1456,7 @@ def main(argv):
           "--mode=report: the inputs were measured on different devices ("
           + "; ".join(f"{dev}: {', '.join(ps)}" for dev, ps in devices.items())
           + "); pass one device's runs at a time")
-    for path in _INPUTS.value:
-      with open(path) as f:
-        d = json.load(f)
+    for d in runs:
       cmds.append(d["meta"]["command"])
       if res is None:
         res = {**d, "wo": []}

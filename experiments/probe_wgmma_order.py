@@ -1,7 +1,7 @@
 r"""Times the weight-only kernel on 4-bit codes in natural and in "wgmma" order.
 
-``gpu_weight_only.permute_codes`` stores the codes so that a thread's 32-bit
-shared-memory word is already its WGMMA fragment; the kernel then skips Mosaic
+``lowbit_jax.core._qarray.wgmma_byte_order`` stores the codes so that a
+thread's 32-bit shared-memory word is already its WGMMA fragment; the kernel then skips Mosaic
 GPU's relayout (two warp shuffles and two byte permutes per word of eight
 codes). This probe measures what that is worth at decode: for each 4-bit
 case, weight shape and batch, the table's tiling (``tuned_config``) on natural
@@ -58,6 +58,7 @@ def main(argv):
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.experimental.mosaic.gpu import profiler  # pylint: disable=g-import-not-at-top
   from tests.kernels._gpu_operands import make_wo  # pylint: disable=g-import-not-at-top
+  from lowbit_jax.core._qarray import wgmma_byte_order  # pylint: disable=g-import-not-at-top
   from lowbit_jax.kernels import gpu_weight_only as wo  # pylint: disable=g-import-not-at-top
   from lowbit_jax.kernels._api import MatmulOperands, MatmulProblem  # pylint: disable=g-import-not-at-top
 
@@ -100,7 +101,7 @@ def main(argv):
       reps = max(1, min(8, math.ceil(3 * L2_BYTES / wbytes)))
       ws = [w0] + [wo_weight(jax.random.fold_in(kx, 2 + i), fmt, group, n, k)
                    for i in range(reps - 1)]
-      wp = [(wo.permute_codes(c), s, t) for c, s, t in ws]
+      wp = [(wgmma_byte_order(c), s, t) for c, s, t in ws]
       for m in (int(v) for v in _BATCHES.value):
         if time.time() - t0 > _BUDGET.value:
           res["skipped"].append(f"{case} {shape} M={m}")

@@ -43,7 +43,7 @@ offers it as a candidate and the table keeps it only where it measures
 fastest.
 
 4-bit codes may be stored in the kernel's register order
-(``MatmulProblem.w_order="wgmma"``, codes by ``permute_codes``; for QArrays
+(``MatmulProblem.w_order="wgmma"``, codes by ``_qarray.wgmma_byte_order``; for QArrays
 ``ops.set_code_order``): the bytes of each 16-byte run along K transposed as
 a 4 x 4 grid, so that the 32-bit word a thread loads from shared memory is
 already its WGMMA fragment and the relayout Mosaic GPU otherwise emits (two
@@ -637,7 +637,8 @@ def reordered_estimate(entry: dict, problem: MatmulProblem) -> dict:
   reordered codes' kernel was 0.96-1.38x faster with the same tiling,
   benchmarks/wgmma_order_h200.md), and XLA's path must first reorder the
   codes, one read and one write of them at the stream bandwidth of the
-  table's run (``stream_bytes_per_us``), added to the natural row's XLA time. The kernel is taken where it beats that sum.
+  table's run (``stream_bytes_per_us``), added to the natural row's XLA
+  time. The kernel is taken where it beats that sum.
   """
   out = dict(entry, estimated=True)
   kus, xus = entry.get("kernel_us"), entry.get("xla_us")
@@ -852,15 +853,15 @@ def _word_part(reg):
 # 16-byte run (32 codes along K) transposed as a 4 x 4 grid, physical byte
 # 4q + i holds logical byte 4i + q (codes 8i + 2q and 8i + 2q + 1), so the
 # word a thread loads is already its WGMMA fragment: byte i is the register of
-# column tile i. The transpose is its own inverse.
-permute_codes = wgmma_byte_order
+# column tile i. The transpose is its own inverse
+# (``lowbit_jax.core._qarray.wgmma_byte_order``).
 
 
 def _upcast4x_as_wgmma(w):
   """A ``WGMMA_UPCAST_4X`` fragment of ``"wgmma"``-ordered 4-bit codes as the
   WGMMA-layout fragment of the logical codes, with no data movement: byte
   ``i`` of the word for 32-column block ``b`` is the register of 8-column
-  tile ``4b + i`` (``permute_codes``)."""
+  tile ``4b + i`` (``wgmma_byte_order``)."""
   mgpu, fa, _, _, _, _, _ = common._mlir()
   from jax.experimental.mosaic.gpu import utils as mgpu_utils  # pylint: disable=g-import-not-at-top
   shape = tuple(w.shape)
@@ -880,7 +881,7 @@ def _upcast4x_as_wgmma(w):
 
 
 def _jnp_unpermute_tile(w):
-  """``permute_codes`` on a ``[rows, cols]`` tile of logical 4-bit codes
+  """``wgmma_byte_order`` on a ``[rows, cols]`` tile of logical 4-bit codes
   (their pairs are the bytes)."""
   rows, cols = w.shape
   return wgmma_byte_order(w.reshape(rows, cols // 2, 2), axis=1).reshape(

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lowbit_jax.core._qarray import wgmma_byte_order
 from lowbit_jax.kernels import _gpu_common as common
 from lowbit_jax.kernels import gpu_w8a8
 from lowbit_jax.kernels import gpu_weight_only
@@ -374,7 +375,7 @@ def test_weight_only_kernel_reads_wgmma_ordered_codes(fmt, group, extra):
   ops, prob = make_wo(jax.random.key(11), fmt, group, m, n, k)
   params = _params(tail_rows=True)
   want = gpu_weight_only.matmul(ops, prob, config=cfg, interpret=params)
-  perm = dataclasses.replace(ops, w_codes=gpu_weight_only.permute_codes(ops.w_codes))
+  perm = dataclasses.replace(ops, w_codes=wgmma_byte_order(ops.w_codes))
   got = gpu_weight_only.matmul(perm, dataclasses.replace(prob, w_order="wgmma"),
                                config=cfg, interpret=params)
   # The references read the order from the problem too.

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lowbit_jax.core._qarray import wgmma_byte_order
 from lowbit_jax.kernels import gpu_w8a8
 from lowbit_jax.kernels import gpu_weight_only
 from lowbit_jax.kernels._api import MatmulProblem
@@ -169,7 +170,7 @@ _FOUR_BIT = [("int4", 128), ("int4", 32), ("int4", None), ("fp4_e2m1", 32),
 @pytest.mark.parametrize("fmt,group", _FOUR_BIT)
 @pytest.mark.parametrize("variant", ["decode", "chunks", "nsplit", "lut"])
 def test_weight_only_wgmma_order_is_bit_identical(fmt, group, variant):
-  # Codes stored by permute_codes are read without the register relayout:
+  # Codes stored by wgmma_byte_order are read without the register relayout:
   # byte i of a thread's word must be the register of column tile i, or the
   # products land on the wrong activations. Unit activations on 16 K
   # positions covering every nibble of a word check it element by element;
@@ -188,7 +189,7 @@ def test_weight_only_wgmma_order_is_bit_identical(fmt, group, variant):
     cfg = dataclasses.replace(cfg, lut_decode=True, fast_decode=True)
   assert gpu_weight_only._shape_ok(prob, cfg)  # pylint: disable=protected-access
   perm = dataclasses.replace(
-      ops, w_codes=gpu_weight_only.permute_codes(ops.w_codes))
+      ops, w_codes=wgmma_byte_order(ops.w_codes))
   for xs in (_unit_activations(m, k), ops.x):
     a = _run_poisoned(lambda o: gpu_weight_only.matmul(o, prob, config=cfg),
                       dataclasses.replace(ops, x=xs), (m, n), jnp.bfloat16)
