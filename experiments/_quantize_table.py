@@ -83,6 +83,15 @@ def merge_tables(old: dict, new: dict, timed: dict) -> dict:
   return out
 
 
+def cfg_str(c) -> str:
+  """A ``gpu_quantize.Config`` as the bench writes it (``config_table`` reads
+  it back): tile_n:tile_k:k_per_cta:stages[:rev][:loop][:lut][:opCwWsS]."""
+  return (f"{c.tile_n}:{c.tile_k}:{c.k_per_cta}:{c.stages}"
+          + (":rev" if c.reverse else "") + ("" if c.unroll else ":loop")
+          + (":lut" if c.lut else "")
+          + (f":op{c.one_pass}w{c.warpgroups}s{c.strips}" if c.one_pass else ""))
+
+
 def config_table(res: dict) -> dict:
   """The dispatcher's data (``gpu_quantize_configs.json``): per format and
   operation the fastest exact tiling of the run, and the formats to enable."""
@@ -95,10 +104,15 @@ def config_table(res: dict) -> dict:
     if cur is None or r["us"] < cur["kernel_us"]:
       parts = r["tiling_used"].split(":")
       tn, tk, kpc, st = (int(v) for v in parts[:4])
+      one = [p for p in parts[4:] if p.startswith("op")]  # opCwWsS: one pass
+      one_pass, wgs, strips = ((int(v) for v in one[0][2:].replace("s", "w").split("w"))
+                               if one else (0, 1, 1))
       ent[r["kind"]][r["op"]] = dict(tile_n=tn, tile_k=tk, k_per_cta=kpc,
                                      stages=st, reverse="rev" in parts[4:],
                                      unroll="loop" not in parts[4:],
                                      lut="lut" in parts[4:],
+                                     **({"one_pass": one_pass, "warpgroups": wgs,
+                                         "strips": strips} if one_pass else {}),
                                      kernel_us=round(r["us"], 2),
                                      xla_us=_xla_us(res, r["kind"], r["op"]))
   return dict(device=res["device"], jax=res["jax"], command=res["command"],

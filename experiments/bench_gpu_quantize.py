@@ -75,15 +75,18 @@ from absl import app
 from absl import flags
 
 from experiments import _cupti
-from experiments._quantize_table import (MARGIN, config_table, enabled_from,
-                                         merge_tables, timed_kinds)
+from experiments._quantize_table import (MARGIN, cfg_str, config_table,
+                                         enabled_from, merge_tables, timed_kinds)
 
 _OUT_DIR = flags.DEFINE_string("out_dir", "/tmp/bench_gpu_quantize", "where results go")
 _SHAPE = flags.DEFINE_string("shape", "8192x8192", "K x N of the bf16 tensor")
 _FORMATS = flags.DEFINE_list("formats", [], "kinds to time (default: all of "
                              "gpu_quantize.supported_kinds() that bench by default)")
 _CONFIGS = flags.DEFINE_list("configs", [], "extra tilings, each "
-                             "tile_n:tile_k:k_per_cta:stages (e.g. 256:64:256:3)")
+                             "tile_n:tile_k:k_per_cta:stages[:one_pass[:warpgroups"
+                             "[:strips]]] (e.g. 256:64:256:3, or 128:64:1024:11:8:4:4 "
+                             "for one pass over K = 8192 in clusters of 8 CTAs of 4 "
+                             "warpgroups, 4 column strips each)")
 _ITERS = flags.DEFINE_integer("iters", 30, "timed calls per measurement")
 _BUDGET = flags.DEFINE_float("time_budget_s", 100.0, "start no new item after this")
 _HARD = flags.DEFINE_float("hard_limit_s", 115.0, "write what there is and exit")
@@ -195,9 +198,10 @@ def markdown(res: dict) -> str:
               "time: us per call (% of roofline = bytes that must move over that "
               "bandwidth). exact: the kernel's outputs equal XLA's bit for bit "
               "(checked on the device).", ""]
-  lines += ["Tiling: tile_n:tile_k:k_per_cta:stages[:rev][:loop][:lut] "
+  lines += ["Tiling: tile_n:tile_k:k_per_cta:stages[:rev][:loop][:lut][:opCwWsS] "
             "(`gpu_quantize.Config`; rev: the grid walked in reverse; loop: rows in "
-            "a loop, not unrolled; lut: NF4's codes by the binned table); "
+            "a loop, not unrolled; lut: NF4's codes by the binned table; opCwWsS: "
+            "one pass, C CTAs a cluster of W warpgroups each, walking S column strips); "
             "default = `heuristic_config`. fwd+bwd: `fake_quant`'s value and "
             "straight-through gradient, the dispatch forced off (XLA) and to the "
             "kernel.", "",
@@ -272,12 +276,6 @@ def _leaves(out) -> list:
   return list(out) if isinstance(out, tuple) else [out]
 
 
-def _cfg_str(c) -> str:
-  return (f"{c.tile_n}:{c.tile_k}:{c.k_per_cta}:{c.stages}"
-          + (":rev" if c.reverse else "") + ("" if c.unroll else ":loop")
-          + (":lut" if c.lut else ""))
-
-
 def plan(gq, k: int, n: int, dtype, formats: list, extra: list, sweep: bool,
          smoke: bool, unroll: bool = True) -> list:
   """The jobs in the order they run: (kind, op, label, config or None for
@@ -301,7 +299,7 @@ def plan(gq, k: int, n: int, dtype, formats: list, extra: list, sweep: bool,
         continue
       first.append((kind, op, "default", cands[0]))
       (sweep_main if kind in KINDS else sweep_rest).extend(
-          (kind, op, _cfg_str(c), c) for c in cands[1:])
+          (kind, op, cfg_str(c), c) for c in cands[1:])
       if values and not smoke:
         # fake_quant's forward under differentiation (the dispatcher's
         # fake_quant_grad), through lowbit_jax.fake_quant with the first
@@ -387,8 +385,14 @@ def main(argv):
 
   extra = []
   for c in _CONFIGS.value:
-    tn, tk, kpc, st = (int(v) for v in c.split(":"))
-    extra.append(gq.Config(tile_n=tn, tile_k=tk, k_per_cta=kpc, stages=st))
+    vals = [int(v) for v in c.split(":")]
+    if len(vals) not in (4, 5, 6, 7):
+      raise app.UsageError(f"--configs: {c!r} is not tile_n:tile_k:k_per_cta:stages"
+                           "[:one_pass[:warpgroups[:strips]]]")
+    extra.append(gq.Config(tile_n=vals[0], tile_k=vals[1], k_per_cta=vals[2],
+                           stages=vals[3], one_pass=vals[4] if len(vals) > 4 else 0,
+                           warpgroups=vals[5] if len(vals) > 5 else 1,
+                           strips=vals[6] if len(vals) > 6 else 1))
   formats = _FORMATS.value or (list(KINDS) if _SMOKE.value else
                                list(KINDS) + [f for f in gq.supported_kinds()
                                               if f not in KINDS])
@@ -426,7 +430,7 @@ def main(argv):
         row["exact"] = ref is not None and _bits_equal(
             list(zip(_leaves(out), _leaves(ref))))
         if cfg is not None:
-          row["tiling_used"] = _cfg_str(cfg)
+          row["tiling_used"] = cfg_str(cfg)
       if run.gpu or _SMOKE.value:
         row["us"] = run.time_us_compiled(fn, *args)
     except Exception as err:  # pylint: disable=broad-except

@@ -21,9 +21,11 @@ of the two changes fixed it was not isolated; a likely cause is the kernel
 replay's save and restore of the memory a kernel may touch, with the pool
 all of it). Case syntax:
 
-* ``wo:<case>:<K>x<N>:<M>[:<tile_n>,<tile_k>,<tile_m>,<stages>,<split_k>]``: the
-  weight-only kernel (``experiments/bench_kernels.WO_CASES`` names), with the
-  tuned table's tiling unless one is given.
+* ``wo:<case>[@wgmma]:<K>x<N>:<M>[:<tile_n>,<tile_k>,<tile_m>,<stages>,<split_k>,...]``:
+  the weight-only kernel (``experiments/bench_kernels.WO_CASES`` names), with
+  the tuned table's tiling unless one is given (the ``Config`` fields in order,
+  booleans as 0/1). ``@wgmma`` stores the 4-bit codes in the kernel's register
+  order (``QArray.code_order``), as the table's ``<case>@wgmma`` rows do.
 * ``q:<kind>:<K>x<N>`` / ``fq:<kind>:<K>x<N>``: ``lowbit_jax.quantize`` /
   ``fake_quant`` of a bf16 array with the kernel ``kind``'s spec
   (``gpu_quantize.spec_for``), through the GPU quantizer's dispatch with the
@@ -37,7 +39,7 @@ from absl import app
 from absl import flags
 
 _CASES = flags.DEFINE_list("cases", [], "cases (module docstring)")
-_SYNTAX = ("wo:<case>:<K>x<N>:<M>[:<tile_n>,<tile_k>,<tile_m>,<stages>,<split_k>], "
+_SYNTAX = ("wo:<case>[@wgmma]:<K>x<N>:<M>[:<tile_n>,<tile_k>,<tile_m>,<stages>,<split_k>,...], "
            "q:<kind>:<K>x<N> or fq:<kind>:<K>x<N>")
 
 
@@ -58,11 +60,17 @@ def _parse(spec: str):
 
 
 def _weight_only(name, k, n, rest):
+  import dataclasses  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from experiments import bench_kernels as bk  # pylint: disable=g-import-not-at-top
   from lowbit_jax.kernels import _api as api  # pylint: disable=g-import-not-at-top
   from lowbit_jax.kernels import gpu_weight_only as wo  # pylint: disable=g-import-not-at-top
+  name, _, order = name.partition("@")
+  order = order or "natural"
+  if order not in api.CODE_ORDERS:
+    raise app.UsageError(f"--cases: unknown code order {order!r}; one of "
+                         f"{api.CODE_ORDERS}")
   if name not in bk.WO_CASES:
     raise app.UsageError(f"--cases: unknown weight case {name!r}; one of "
                          f"{sorted(bk.WO_CASES)}")
@@ -70,12 +78,21 @@ def _weight_only(name, k, n, rest):
   fmt, group = bk.WO_CASES[name]
   with jax.default_device(jax.devices("cpu")[0]):
     codes, scale, ts = bk.wo_weight(jax.random.key(0), fmt, group, n, k)
+    if order == "wgmma":
+      from lowbit_jax.core._qarray import wgmma_byte_order  # pylint: disable=g-import-not-at-top
+      codes = wgmma_byte_order(codes)
   x = np.random.default_rng(0).standard_normal((m, k)).astype(jax.numpy.bfloat16)
   ops = jax.device_put(api.MatmulOperands(x=x, w_codes=codes, w_scale=scale,
                                           w_tensor_scale=ts), jax.devices()[0])
   prob = api.MatmulProblem(m=m, n=n, k=k, x_dtype="bfloat16", w_format=fmt,
-                           w_block=group)
-  cfg = wo.Config(*rest[1]) if len(rest) > 1 else None
+                           w_block=group, w_order=order)
+  fields = [f.type for f in dataclasses.fields(wo.Config)]
+  if len(rest) > 1 and len(rest[1]) > len(fields):
+    raise app.UsageError(f"--cases: a config has at most {len(fields)} fields "
+                         f"({[f.name for f in dataclasses.fields(wo.Config)]})")
+  cfg = (wo.Config(*(bool(v) if t in (bool, "bool") else v
+                     for v, t in zip(rest[1], fields)))
+         if len(rest) > 1 else None)
   fn = jax.jit(lambda o: wo.matmul(o, prob, config=cfg))
   return fn, (ops,), f"config={cfg or wo.tuned_config(prob)}"
 

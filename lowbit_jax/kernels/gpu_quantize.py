@@ -62,9 +62,26 @@ rows that such a strip spreads over different threads, and a strip of 128
 columns (the width a row of this kernel's layout needs) over the whole length
 is 2 MB, so 64 CTAs at once would hold 128 MB, far past the L2, for a second
 read from there. A cluster of CTAs splitting the length and exchanging their
-partial amax through distributed shared memory avoids all three; Pallas'
-Mosaic GPU interpreter does not model clusters, so it was not attempted
-without a GPU to test it on (session 31).
+partial amax through distributed shared memory avoids all three:
+``Config.one_pass`` (session 34) does that for the symmetric per-channel
+formats (``one_pass_kinds``): a cluster of up to 8 CTAs of up to 4
+warpgroups per column strip of 128, each CTA reducing its share of the rows
+while its last ``stages`` tiles stay in shared memory, the partial amax rows
+exchanged in PTX (``_CLUSTER_MAX_PTX``), the scale derived as a block's
+(``_block_scale``), then its rows quantized, the others read again from the
+L2. It is bit-exact (the interpreter, one CTA a strip; the H100, clusters
+of 8, on the bench's on-device check) but measured slower than the two
+passes on an H100 (bf16 8192x8192, jax 0.11.2,
+``benchmarks/kernels_h100_runs/gpu_quantize_h100_s34{c,d,e,f}.md``): int8
+quantize 159 us against 126 for the two-pass kernel and 143 for XLA,
+fake_quant 163 against 151; fp8 e4m3 quantize 145 against 123, fake_quant
+166 against 151. One CTA of 208 KB of shared memory is alone on its SM, so
+its load and its arithmetic do not overlap as four small two-pass CTAs'
+do (one warpgroup a CTA: 229 us; walking several strips a CTA so that the
+next strip's loads run under this one's quantize, ``Config.strips``: 175 to
+227 us). So it is not among the tuner's candidates (``candidate_configs``)
+and the dispatcher never picks it; ``one_pass_configs`` gives the tilings
+that were timed.
 
 Per-row scales of the last axis (per token, ``axis=-1``: int8 and fp8; ids
 ``<format>_tok``) run in their own kernel (``_build_rows``): a CTA holds a
@@ -147,6 +164,29 @@ class Config:
     lut: NF4's quantize (codes, no values) by a binned table in shared
       memory (``_lut_codes``: the bin of ``y`` gives the code below it and
       the one threshold inside it) instead of the binary search.
+    one_pass: per-channel scales of axis 0 (``<format>_pc`` of the int,
+      FP8, FP6 and FP4 formats) in one pass over ``x`` (see
+      ``one_pass_kinds``): this many CTAs (1, 2, 4 or 8; more than one run
+      as a thread-block cluster) split each column strip's ``K`` rows
+      (``k_per_cta`` must be ``K / one_pass``), each reduces its rows'
+      column amax, the cluster's CTAs exchange those through distributed
+      shared memory, and each derives the scale (``_block_scale``, as for
+      a block of the whole axis) and quantizes its rows. Of a CTA's rows
+      the last ``stages`` tiles stay in shared memory from the amax pass
+      and the others are read again (from the L2, which holds what the
+      cluster just read). 0: the two-pass path (XLA reduces the scale).
+      Bit-exact, but slower than the two-pass kernel on an H100 (the
+      module docstring has the numbers): not among the tuner's candidates.
+    warpgroups: with ``one_pass``, warpgroups a CTA (1, 2 or 4), each
+      taking its share of every tile's rows: a CTA holding most of the
+      shared memory is alone on its SM, and one warpgroup there leaves the
+      SM too few warps to hide the arithmetic's latency (H100, int8 per
+      channel 8192x8192 quantize: one warpgroup 229 us against 126 for the
+      two-pass path, ``benchmarks/kernels_h100_runs/gpu_quantize_h100_s34c.md``).
+    strips: with ``one_pass``, column strips (of ``tile_n``) each CTA, or
+      cluster, walks in turn, the next strip's loads issued under this
+      strip's quantize (a CTA alone on its SM otherwise leaves its memory
+      pipe idle while it quantizes, and its arithmetic while it loads).
   """
   tile_n: int = 256
   tile_k: int = 64
@@ -156,6 +196,12 @@ class Config:
   reverse: bool = False
   rows: int = 0
   lut: bool = False
+  one_pass: int = 0
+  warpgroups: int = 1
+  strips: int = 1
+
+
+ONE_PASS_CTAS = (1, 2, 4, 8)  # a portable cluster holds at most 8 CTAs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,6 +356,17 @@ def supported_kinds() -> tuple:
   out += [f"{f}_pt" for f in ("int8",) + _GIVEN_FP8 + ("uint8",)]
   out += [f"{f}_tok" for f in _ROW_FORMATS]
   return tuple(out + ["mxint8", "mxfp6_e2m3"])
+
+
+def one_pass_kinds() -> tuple:
+  """The per-channel ids ``Config.one_pass`` computes: symmetric scales from
+  the column amax alone (uint8's zero point needs the minimum too, TWN's
+  and BWN's scales are means, whose float32 sum order is XLA's)."""
+  return tuple(f"{f}_pc" for f in _GIVEN_INTS + _GIVEN_FP8 + _GIVEN_NARROW)
+
+
+def _one_pass_ok(kd: _Kind) -> bool:
+  return kd.kind in one_pass_kinds()
 
 
 def spec_for(kind: str) -> QuantSpec:
@@ -516,6 +573,7 @@ def candidate_configs(kind: str, k: int, n: int, x_dtype, values: bool = False,
     if _block_of(kind) == 0 or kind == "nvfp4":
       # A scale (NVFP4: the tensor amax) reduced by XLA first: its L2 lines.
       more = [rep(base, reverse=True)] + more
+
     elif _block_of(kind) >= 128:
       more = [rep(base, tile_n=256)] + more  # two columns per thread
     if kind.startswith("nf4") and not values:  # the binned table's encode
@@ -525,6 +583,32 @@ def candidate_configs(kind: str, k: int, n: int, x_dtype, values: bool = False,
       break
     if c is not None and c not in out and _fits(kind, k, n, x_dtype, c, values):
       out.append(c)
+  return out
+
+
+def one_pass_configs(kind: str, k: int, n: int, x_dtype,
+                     values: bool = False) -> list:
+  """``Config.one_pass`` tilings for ``[k, n]``: 128 columns and 64 rows a
+  step, four warpgroups a CTA, a cluster of 8 CTAs with as many resident
+  tiles as fit (one CTA an SM) and with 6 (two CTAs an SM); only those
+  within the limits. (Measured on an H100, int8 / fp8 / int4 per channel
+  8192x8192 quantize, ``benchmarks/kernels_h100_runs/gpu_quantize_h100_s34d.md``:
+  clusters of 4 CTAs and two warpgroups a CTA were slower still.)"""
+  out = []
+  for ctas, st in ((8, None), (8, 6)):
+    if k % (ctas * 64):
+      continue
+    steps = k // ctas // 64
+    cfg = Config(tile_n=128, tile_k=64, k_per_cta=k // ctas, stages=1,
+                 unroll=True, one_pass=ctas, warpgroups=4)
+    if st is None:  # the most tiles that fit, at most the CTA's steps
+      st = 1
+      while st < steps and _fits(kind, k, n, x_dtype,
+                                 dataclasses.replace(cfg, stages=st + 1), values):
+        st += 1
+    cfg = dataclasses.replace(cfg, stages=min(st, steps))
+    if _fits(kind, k, n, x_dtype, cfg, values) and cfg not in out:
+      out.append(cfg)
   return out
 
 
@@ -572,6 +656,15 @@ def _smem(block: int, bits: int, f32_scale: bool, x_dtype, cfg: Config,
   if mask:
     per += cfg.tile_k * cfg.tile_n
   given = 0 if block else cfg.tile_n * 4  # the scale row, read once
+  if cfg.one_pass:
+    # x: ``stages`` tiles; outputs: two; the amax, warpgroup and scale rows;
+    # the barriers (8 bytes each: Mosaic GPU counted 232648 bytes for 12
+    # stages of int8 fake_quant with two warpgroups, 200 past the estimate
+    # without them)
+    xt = cfg.tile_k * cfg.tile_n * xb
+    return (cfg.stages * xt + 2 * (per - xt)
+            + (2 + cfg.warpgroups) * cfg.tile_n * 4 + 8 * (2 * cfg.stages + 2)
+            + 1024)
   return cfg.stages * per + given + 1024
 
 
@@ -646,6 +739,30 @@ def _check_config(kd: _Kind, k: int, n: int, x_dtype, cfg: Config, codes: bool,
                      "multiple of k_per_cta (itself of tile_k) and N of tile_n")
   if cfg.stages < 1:
     raise ValueError(f"stages must be at least 1, got {cfg.stages}")
+  if cfg.one_pass:
+    if not _one_pass_ok(kd):
+      raise ValueError(f"one_pass computes per-channel scales of axis 0 from the "
+                       f"amax ({one_pass_kinds()}), not {kd.kind}: use one_pass=0")
+    if cfg.one_pass not in ONE_PASS_CTAS:
+      raise ValueError(f"one_pass must be one of {ONE_PASS_CTAS} CTAs (a portable "
+                       f"cluster holds at most 8), got {cfg.one_pass}")
+    if cfg.warpgroups not in (1, 2, 4) or cfg.tile_k % (cfg.warpgroups * ui):
+      raise ValueError(f"warpgroups must be 1, 2 or 4 and divide tile_k={cfg.tile_k} "
+                       f"into whole packing units of {ui} rows, got {cfg.warpgroups}")
+    if cfg.tile_n != 128:
+      raise ValueError(f"one_pass takes tile_n=128 (a column a thread in the "
+                       f"cluster's amax exchange), got {cfg.tile_n}")
+    if cfg.k_per_cta * cfg.one_pass != k:
+      raise ValueError(f"one_pass={cfg.one_pass} splits K={k} over its CTAs: "
+                       f"k_per_cta must be {k // cfg.one_pass}, got {cfg.k_per_cta}")
+    if mask:
+      raise ValueError(f"{kd.kind} never clips: there is no clip mask to write")
+  if (cfg.warpgroups != 1 or cfg.strips != 1) and not cfg.one_pass:
+    raise ValueError(f"warpgroups={cfg.warpgroups} and strips={cfg.strips} apply "
+                     "to one_pass only")
+  if cfg.one_pass and (cfg.strips < 1 or n % (cfg.tile_n * cfg.strips)):
+    raise ValueError(f"strips={cfg.strips}: N={n} must be a multiple of "
+                     f"tile_n * strips = {cfg.tile_n * max(cfg.strips, 1)}")
   if cfg.lut and not (kd.elem == "lookup" and codes and not values and not mask):
     what = "fake_quant (values)" if values or mask else kd.kind
     raise ValueError(f"lut=True is NF4's quantize (codes only) by a binned "
@@ -1077,6 +1194,54 @@ def _loop(lo: int, hi: int, body, init, unroll: bool):
   return lax.fori_loop(lo, hi, body, init)
 
 
+# The amax exchange of Config.one_pass, per thread (its column's value $1, its
+# word's shared-memory address $2): store, a cluster barrier (arrive has
+# release and wait acquire semantics, so every CTA's store is seen after it),
+# the max over every CTA's word through distributed shared memory (mapa gives
+# the peer's address of the same word), and a second barrier, so that no CTA
+# leaves, freeing its shared memory, while a peer still reads it. Written as
+# PTX: a peer view of a Pallas ref (plgpu.cluster_ref) did not lower on jax
+# 0.11.2 (a memref offset mismatch in Mosaic GPU's dialect lowering).
+_CLUSTER_MAX_PTX = """{{
+.reg .b32 r;
+.reg .f32 v;
+mov.b32 $0, $1;
+st.shared.f32 [$2], $0;
+barrier.cluster.arrive.aligned;
+barrier.cluster.wait.aligned;
+{loads}
+barrier.cluster.arrive.aligned;
+barrier.cluster.wait.aligned;
+}}"""
+_CLUSTER_LOAD_PTX = ("mapa.shared::cluster.u32 r, $2, {j};\n"
+                     "ld.shared::cluster.f32 v, [r];\n"
+                     "max.f32 $0, $0, v;")
+
+
+def _cluster_max_regs(mf, ref, ctas: int):
+  """``_CLUSTER_MAX_PTX`` on a ``[128]`` float32 row in the warpgroup-strided
+  layout (one element a thread) and a ``[128]`` float32 shared-memory ref."""
+  _, fa, ir, arith, llvm, _, vector = common._mlir()  # pylint: disable=protected-access
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils  # pylint: disable=g-import-not-at-top
+  f32 = ir.F32Type.get()
+  i32 = ir.IntegerType.get_signless(32)
+  if mf.registers.size != 1:
+    raise NotImplementedError(f"one element a thread, got {mf.registers.shape}")
+  base = llvm.ptrtoint(i32, mgpu_utils.memref_ptr(ref))
+  # the thread's column: its index within its warpgroup (every warpgroup of
+  # the CTA stores the same row to the same words)
+  lane = arith.remui(mgpu_utils.thread_idx(), arith.constant(i32, 128))
+  addr = arith.addi(base, arith.muli(lane, arith.constant(i32, 4)))
+  loads = "\n".join(_CLUSTER_LOAD_PTX.format(j=j) for j in range(ctas))
+  (idx, reg), = np.ndenumerate(mf.registers)
+  val = llvm.inline_asm(f32, [llvm.extractelement(reg, arith.constant(i32, 0)), addr],
+                        _CLUSTER_MAX_PTX.format(loads=loads), "=&f,f,r",
+                        has_side_effects=True)
+  new = mf.registers.copy()
+  new[idx] = vector.broadcast(reg.type, val)
+  return fa.FragmentedArray(_registers=new, _layout=mf.layout, _is_signed=None)
+
+
 @functools.lru_cache(maxsize=None)
 def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
            want_values: bool, want_mask: bool, cfg: Config, interpret):
@@ -1102,22 +1267,24 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
 
   # Rows per chunk (Config.rows): loads first, then arithmetic, then stores.
   rch = cfg.rows or max(1, 16 * 128 // tn)
-  rch = math.gcd(rch, bs)
+  rch = math.gcd(rch, bs // (cfg.warpgroups if cfg.one_pass else 1))
   rch = rch * ui // math.gcd(rch, ui)  # ui divides bs, so rch still does
 
-  def do_block(x_ref, c_ref, s_ref, v_ref, m_ref, b, scal, luts=None):
-    r0 = b * bs
+  def amax_of(rows):
+    """Column amax of rows (inf where any is NaN or inf), as a tree."""
+    vals = []
+    for xr in rows:
+      a = jnp.abs(xr)
+      vals.append(jnp.where(a <= _F32_MAX, a, np.float32(np.inf)))
+    while len(vals) > 1:
+      vals = [jnp.maximum(vals[i], vals[i + 1]) if i + 1 < len(vals)
+              else vals[i] for i in range(0, len(vals), 2)]
+    return vals[0]
 
-    def amax_of(rows):
-      """Column amax of rows (inf where any is NaN or inf), as a tree."""
-      vals = []
-      for xr in rows:
-        a = jnp.abs(xr)
-        vals.append(jnp.where(a <= _F32_MAX, a, np.float32(np.inf)))
-      while len(vals) > 1:
-        vals = [jnp.maximum(vals[i], vals[i + 1]) if i + 1 < len(vals)
-                else vals[i] for i in range(0, len(vals), 2)]
-      return vals[0]
+  def do_block(x_ref, c_ref, s_ref, v_ref, m_ref, b, scal, luts=None,
+               n_rows=None):
+    r0 = b * bs
+    blk = n_rows or bs  # rows of the refs this call computes
 
     def amax_body(c, m):
       rows = [row(x_ref, r0 + c * rch + j) for j in range(rch)]
@@ -1158,7 +1325,7 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
       clip = None
     else:
       m = amax_of([row(x_ref, r0 + j) for j in range(rch)])
-      m = _loop(1, bs // rch, amax_body, m, unroll)
+      m = _loop(1, blk // rch, amax_body, m, unroll)
       stored, to_grid, from_grid, clip = _block_scale(kd, m, scal, interp, tn)
       if want_codes:
         s_ref[b] = stored.astype(s_ref.dtype)
@@ -1194,7 +1361,7 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
         ref[r] = val.astype(ref.dtype)
       return carry
 
-    _loop(0, bs // rch, chunk_body, 0, unroll)
+    _loop(0, blk // rch, chunk_body, 0, unroll)
 
   def body(*refs):
     refs = list(refs)
@@ -1273,6 +1440,227 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
                                 commit_group=False)
 
     common.tma_stream(steps, st, bar, fetch, step)
+
+  one = cfg.one_pass  # CTAs a column strip's rows are split over (0: two passes)
+  if one:
+    kc_rows = k // one
+    n_steps = kc_rows // tk
+    resident = min(n_steps, st)
+    kd_amax = dataclasses.replace(kd, scale="float32")
+    nwg = cfg.warpgroups
+    rw = tk // nwg  # rows of a tile each warpgroup takes
+    n_strips_cta = cfg.strips  # column strips each CTA walks
+    n_groups = n // tn // n_strips_cta  # CTAs (clusters) side by side
+    loads_per_strip = 2 * n_steps - st if n_steps > st else n_steps
+    total_loads = n_strips_cta * loads_per_strip
+
+  def cluster_amax(m, amax_ref):
+    """The elementwise max of ``m`` (the column amax row, one column a
+    thread) over the cluster's CTAs (``_CLUSTER_MAX_PTX``)."""
+    strided = plgpu.Layout.WG_STRIDED((tn,), vec_size=1)
+
+    @plgpu.inline_mgpu(arg_types=(strided, plgpu.RefType()),
+                       return_type=plgpu.ShapeDtypeStruct((tn,), jnp.float32,
+                                                          strided))
+    def ex(_, mf, ref):
+      return _cluster_max_regs(mf, ref, one)
+    return ex(m, amax_ref)
+
+  def body_one(*refs):
+    """Config.one_pass: per column strip, the amax of the CTA's rows
+    (cluster-wide through distributed shared memory), the scale, then the
+    codes / values.
+
+    The CTA walks ``Config.strips`` column strips in turn as one stream of
+    TMA loads through a ring of ``stages`` slots: a strip's ``n_steps``
+    tiles for the amax, then, where they did not all stay resident, its
+    first ``n_steps - stages`` tiles again. Load ``j`` goes to slot ``j %
+    stages`` and is issued once load ``j - stages`` has had its last use
+    (last uses come in load order: a tile that does not stay is done after
+    the amax pass, a resident one after its quantize), so the next strip's
+    loads run under this strip's quantize. With ``Config.warpgroups`` = W,
+    warpgroup w takes rows ``[w * tk / W, (w + 1) * tk / W)`` of every
+    tile and stores its own rows of the outputs; warpgroup 0 issues the
+    loads, each once every warpgroup has arrived on the slot's ``done``
+    barrier."""
+    refs = list(refs)
+    x_gmem = refs.pop(0)
+    c_gmem = refs.pop(0) if want_codes else None
+    sr_gmem = refs.pop(0) if want_codes else None
+    v_gmem = refs.pop(0) if want_values else None
+    x_smem = refs.pop(0)
+    c_smem = refs.pop(0) if want_codes else None
+    v_smem = refs.pop(0) if want_values else None
+    amax_smem = refs.pop(0)  # [tn] f32: this CTA's amax, read by the cluster
+    wg_smem = refs.pop(0)  # [W, tn] f32: each warpgroup's amax
+    scale_smem = refs.pop(0)  # [1, tn] f32: the scale row, stored by TMA
+    bar = refs.pop(0)  # a slot's load arrived
+    done = refs.pop(0)  # every warpgroup is done reading a slot
+    wg_bar = refs.pop(0)  # [2]: every warpgroup wrote / read its amax row
+    gi = lax.axis_index("n")
+    ci = lax.axis_index("c") if one > 1 else 0
+    wg = lax.axis_index("wg") if nwg > 1 else 0
+    row0 = ci * kc_rows
+
+    def strip_cols(t):
+      """The columns of this CTA's ``t``-th strip (clusters side by side)."""
+      return pl.ds(pl.multiple_of((gi + t * n_groups) * tn, tn), tn)
+
+    def issue(j):
+      """Load ``j`` of the stream into slot ``j % stages``."""
+      t = j // loads_per_strip
+      p = j % loads_per_strip
+      d = p if loads_per_strip == n_steps else jnp.where(p < n_steps, p, p - n_steps)
+
+      @pl.when(wg == 0)
+      def _():
+        plgpu.copy_gmem_to_smem(
+            x_gmem.at[pl.ds(row0 + d * tk, tk), strip_cols(t)],
+            x_smem.at[lax.rem(j, st)], bar.at[lax.rem(j, st)])
+
+    def release(j, cond=True):
+      """Load ``j`` had its last use: once every warpgroup is done reading
+      its slot, issue load ``j + stages`` there (where there is one)."""
+      @pl.when(jnp.logical_and(cond, j + st < total_loads))
+      def _():
+        plgpu.commit_smem()  # this warpgroup's reads are done
+        if nwg > 1:
+          slot = lax.rem(j, st)
+          plgpu.barrier_arrive(done.at[slot])
+
+          @pl.when(wg == 0)
+          def _():
+            plgpu.barrier_wait(done.at[slot])
+        issue(j + st)
+
+    def my_rows(ref, unit_in: int = 1, unit_out: int = 1):
+      """This warpgroup's rows of a tile ref (``rw`` input rows, stored
+      ``unit_out`` rows for every ``unit_in``)."""
+      if nwg == 1:
+        return ref
+      n_rows = rw * unit_out // unit_in
+      return ref.at[pl.ds(pl.multiple_of(wg * n_rows, n_rows), n_rows)]
+
+    def chunk_amax(x_ref, c):
+      return amax_of([row(x_ref, c * rch + j) for j in range(rch)])
+
+    def tile_amax(x_ref, m, first: int = 0):
+      def chunk(c, m):
+        return jnp.maximum(m, chunk_amax(x_ref, c))
+      return _loop(first, rw // rch, chunk, m, unroll)
+
+    for j in range(min(st, total_loads)):
+      issue(j)
+
+    def strip(t, carry):
+      base = t * loads_per_strip  # the stream index of the strip's first load
+      cols = strip_cols(t)
+
+      def pass1(i, m):
+        j = base + i
+        plgpu.barrier_wait(bar.at[lax.rem(j, st)])
+        xs = my_rows(x_smem.at[lax.rem(j, st)])
+        if m is None:  # step 0: the carry starts as its first rows' amax
+          m = tile_amax(xs, chunk_amax(xs, 0), 1)
+        else:
+          m = tile_amax(xs, m)
+        if n_steps > st:  # a tile that does not stay: done with it
+          release(j, i < n_steps - st)
+        return m
+
+      m = pass1(0, None)  # (a carry of the loop's own layout)
+      m = lax.fori_loop(1, n_steps, pass1, m)
+      if nwg > 1:  # the CTA's amax from its warpgroups' rows
+        wg_smem[wg] = m
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(wg_bar.at[0])
+        plgpu.barrier_wait(wg_bar.at[0])
+        m = wg_smem[0]
+        for w in range(1, nwg):
+          m = jnp.maximum(m, wg_smem[w])
+        # every warpgroup has read the rows before the next strip writes them
+        plgpu.barrier_arrive(wg_bar.at[1])
+        plgpu.barrier_wait(wg_bar.at[1])
+      if one > 1:
+        m = cluster_amax(m, amax_smem)
+      stored, _, _, _ = _block_scale(kd_amax, m, None, interp, tn)
+      if want_codes:
+        @pl.when(jnp.logical_and(wg == 0, ci == 0))
+        def _():
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last strip's
+          scale_smem[0] = stored
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(scale_smem, sr_gmem.at[pl.ds(0, 1), cols])
+      # core divides by the scale as stored (never 0: 1 where the amax is 0)
+      scale = stored
+
+      def pass2(d, j, o):
+        """Quantizes this warpgroup's rows of data step ``d`` (load ``j``)
+        into output slot ``o`` and stores them."""
+        plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+        xs = my_rows(x_smem.at[lax.rem(j, st)])
+        cs = my_rows(c_smem.at[o], ui, uo) if want_codes else None
+        vs = my_rows(v_smem.at[o]) if want_values else None
+        do_block(xs, cs, None, vs, None, 0, scale, n_rows=rw)
+        plgpu.commit_smem()
+        r = row0 + d * tk + wg * rw
+        if want_codes:
+          plgpu.copy_smem_to_gmem(
+              cs, c_gmem.at[pl.ds(r // ui * uo, rw * uo // ui), cols],
+              commit_group=False)
+        if want_values:
+          plgpu.copy_smem_to_gmem(vs, v_gmem.at[pl.ds(r, rw), cols],
+                                  commit_group=False)
+        plgpu.commit_smem_to_gmem_group()
+
+      # The tiles still in shared memory first (the last ``resident`` data
+      # steps), then the first ones, read again.
+      def resident_step(jj, carry):
+        d = n_steps - resident + jj
+        pass2(d, base + d, lax.rem(t * n_steps + jj, 2))
+        release(base + d)
+        return carry
+
+      lax.fori_loop(0, resident, resident_step, 0)
+      if n_steps > st:
+        def refill_step(e, carry):
+          j = base + n_steps + e
+          plgpu.barrier_wait(bar.at[lax.rem(j, st)])
+          pass2(e, j, lax.rem(t * n_steps + resident + e, 2))
+          release(j)
+          return carry
+        lax.fori_loop(0, n_steps - st, refill_step, 0)
+      return carry
+
+    lax.fori_loop(0, n_strips_cta, strip, 0)
+    plgpu.wait_smem_to_gmem(0)
+
+  if one:
+    out_types, scratch = [], [plgpu.SMEM((st, tk, tn), xdt)]
+    if want_codes:
+      out_types += [jax.ShapeDtypeStruct((k * uo // ui, n), _code_dtype(kd)),
+                    jax.ShapeDtypeStruct((1, n), jnp.float32)]
+      scratch.append(plgpu.SMEM((2, crow, tn), _code_dtype(kd)))
+    if want_values:
+      out_types.append(jax.ShapeDtypeStruct((k, n), xdt))
+      scratch.append(plgpu.SMEM((2, tk, tn), xdt))
+    scratch += [plgpu.SMEM((tn,), jnp.float32), plgpu.SMEM((nwg, tn), jnp.float32),
+                plgpu.SMEM((1, tn), jnp.float32),
+                plgpu.Barrier(num_arrivals=1, num_barriers=st),
+                plgpu.Barrier(num_arrivals=nwg, num_barriers=st),
+                plgpu.Barrier(num_arrivals=nwg, num_barriers=2)]
+    extra = {} if interpret is None else {"interpret": interpret}
+    if one > 1:
+      extra.update(cluster=(one,), cluster_names=("c",))
+    if nwg > 1:
+      extra.update(num_threads=nwg, thread_name="wg")
+    kern = plgpu.kernel(body_one, out_type=tuple(out_types),
+                        scratch_types=scratch, grid=(n_groups,),
+                        grid_names=("n",), **extra)
+    call = jax.jit(lambda x, scal: kern(x))
+    if interpret is None:
+      return call
+    return lambda x, scal: common.run_interpreted(call, x, scal)
 
   out_types, scratch = [], [plgpu.SMEM((st, tk, tn), xdt)]
   if want_codes:
@@ -1544,9 +1932,16 @@ def _run(x, spec, tensor_amax, config, interpret, values: bool,
     t = scal = stored = zp = None
     if nvfp4:
       t, scal = _nvfp4_scalars(x2, ta[0] if ta else None)
-    if given:
+    if given and cfg.one_pass:  # the kernel derives the scale itself
+      outs = list(fn(x2, None))
+      if codes:
+        c = outs.pop(0)
+        stored = outs.pop(0).reshape((1,) + rest)
+        outs.insert(0, c)
+    elif given:
       stored, zp, scal = _given_scale(xa, spec, n)
-    outs = list(fn(x2, scal))
+    if not (given and cfg.one_pass):
+      outs = list(fn(x2, scal))
     res = ()
     if codes and row:
       res = (outs.pop(0).reshape(xa.shape),

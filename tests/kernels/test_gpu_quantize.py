@@ -735,6 +735,122 @@ def test_given_scale_kernel_equals_core_bit_for_bit(kind):
     assert bool(jnp.isnan(vn).all())
 
 
+ONE_PASS_FAST = ("int4_pc", "fp8_e4m3_pc")
+
+
+@pytest.mark.parametrize("kind", [
+    k if k in ONE_PASS_FAST else pytest.param(k, marks=pytest.mark.slow)
+    for k in gq.one_pass_kinds()])
+def test_one_pass_kernel_equals_core_bit_for_bit(kind):
+  # Config.one_pass: the kernel reduces each column's amax itself and derives
+  # the scale. The interpreter runs one CTA a column strip (a cluster's
+  # exchange needs the GPU: test_compiled_one_pass_kernel_matches_jnp_path):
+  # 512 rows in 8 steps, with 2 tiles resident (6 read again) and with all 8,
+  # one warpgroup and two (each a half of every tile; four would block the
+  # interpreter's threads on a 2-core CPU), races checked.
+  spec = gq.spec_for(kind)
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((512, 128)).astype(np.float32)
+  x *= np.exp2(rng.integers(-20, 21, (1, 128)))  # every channel its own range
+  x = jnp.asarray(x).astype(jnp.bfloat16)
+  x = x.at[:K, :N].set(_edge_cases()[:, :N])  # zero, NaN, inf, subnormal columns
+  want = lj.quantize(x, spec)
+  want_v = lj.fake_quant(x, spec)
+  bad = ~np.isfinite(np.asarray(x.astype(jnp.float32))).all(axis=0)
+  assert bad.any() and not bad.all()
+  params = gq.common.interpret_params(True, detect_races=True)
+  for stages, wgs in ((2, 2), (8, 1)):
+    cfg = gq.Config(tile_n=128, tile_k=64, k_per_cta=512, stages=stages,
+                    unroll=False, one_pass=1, warpgroups=wgs)
+    q, v, m = gq._quantize_and_values(x, spec, config=cfg, interpret=params)  # pylint: disable=protected-access
+    assert not gq.common.races_found()
+    assert m is None  # symmetric per channel never clips
+    assert q.codes.dtype == want.codes.dtype and q.codes.shape == want.codes.shape
+    assert q.pack_axis == want.pack_axis and q.spec == want.spec
+    _check_scales(q, want)
+    gc, wc = np.asarray(q.codes).view(np.uint8), np.asarray(want.codes).view(np.uint8)
+    np.testing.assert_array_equal(gc[:, ~bad], wc[:, ~bad])
+    _check_values(v, want_v)
+
+
+def test_one_pass_is_refused_where_it_does_not_apply():
+  x = jnp.ones((1024, 128), jnp.bfloat16)
+  cfg = gq.Config(tile_n=128, tile_k=64, k_per_cta=128, stages=2, one_pass=8)
+  with pytest.raises(ValueError, match="not uint8_pc"):  # min and max: zero point
+    gq.quantize(x, gq.spec_for("uint8_pc"), config=cfg, interpret=True)
+  with pytest.raises(ValueError, match="not int4_g32"):
+    gq.quantize(x, gq.spec_for("int4_g32"), config=cfg, interpret=True)
+  with pytest.raises(ValueError, match="k_per_cta must be 256"):
+    gq.quantize(x, gq.spec_for("int8_pc"), interpret=True,
+                config=dataclasses.replace(cfg, one_pass=4))
+  with pytest.raises(ValueError, match="at most 8"):
+    gq.quantize(x, gq.spec_for("int8_pc"), interpret=True,
+                config=dataclasses.replace(cfg, one_pass=16, k_per_cta=64))
+  with pytest.raises(ValueError, match="shared memory"):
+    gq.quantize(x, gq.spec_for("int8_pc"), interpret=True,
+                config=dataclasses.replace(cfg, stages=16))
+  with pytest.raises(ValueError, match="warpgroups must be"):
+    gq.quantize(x, gq.spec_for("int8_pc"), interpret=True,
+                config=dataclasses.replace(cfg, warpgroups=3))
+  with pytest.raises(ValueError, match="warpgroups must be"):  # 8-row units
+    gq.quantize(x, gq.spec_for("int3_pc"), interpret=True,
+                config=dataclasses.replace(cfg, warpgroups=4, tile_k=16))
+  with pytest.raises(ValueError, match="one_pass only"):
+    gq.quantize(x, gq.spec_for("int8_pc"), interpret=True,
+                config=dataclasses.replace(cfg, one_pass=0, warpgroups=2))
+  assert gq.one_pass_configs("int8_pc", 1000, 128, jnp.bfloat16) == []
+  for c in gq.one_pass_configs("int8_pc", 8192, 8192, jnp.bfloat16):
+    assert c.one_pass * c.k_per_cta == 8192 and c.stages <= 8192 // c.one_pass // 64
+
+
+@pytest.mark.parametrize("kind,one", [("int4_pc", 8), pytest.param("fp8_e4m3_pc", 4, marks=pytest.mark.slow)])
+def test_one_pass_kernel_lowers_to_mosaic_gpu(kind, one):
+  # A cluster of CTAs (their amax rows through distributed shared memory),
+  # half the tiles read again, codes and values.
+  x = jax.ShapeDtypeStruct((4096, 256), jnp.bfloat16)
+  cfg = gq.Config(tile_n=128, tile_k=64, k_per_cta=4096 // one, stages=4,
+                  unroll=True, one_pass=one, warpgroups=4)
+  _lower(lambda a: gq.quantize(a, gq.spec_for(kind), config=cfg), x)
+  _lower(lambda a: gq.fake_quant_forward(a, gq.spec_for(kind), config=cfg), x)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(1024, 1024), (8192, 8192)])
+@pytest.mark.parametrize("kind", gq.one_pass_kinds())
+def test_compiled_one_pass_kernel_matches_jnp_path(kind, shape):
+  if jax.default_backend() != "gpu":
+    pytest.skip("needs a GPU")
+  k, n = shape
+  if k == 8192 and kind not in ("int8_pc", "int4_pc"):
+    pytest.skip("the large shape for two formats (compile time)")
+  rng = np.random.default_rng(2)
+  x = rng.standard_normal((k, n)).astype(np.float32)
+  x *= np.exp2(rng.integers(-30, 31, (1, n)))  # every channel its own range
+  x = jnp.asarray(x).astype(jnp.bfloat16)
+  if k == 1024:  # the edge cases in the first columns
+    x = x.at[:K, :N].set(_edge_cases())
+  spec = gq.spec_for(kind)
+  with gq.forced(()):
+    want_q = jax.jit(lambda a: lj.quantize(a, spec))(x)
+    want_v = jax.jit(lambda a: lj.fake_quant(a, spec))(x)
+  bad = ~np.isfinite(np.asarray(x.astype(jnp.float32))).all(axis=0)
+  # (rows in a loop: the same arithmetic as the unrolled build, compiled faster)
+  cfgs = [dataclasses.replace(c, unroll=False)
+          for c in gq.one_pass_configs(kind, k, n, jnp.bfloat16)]
+  assert cfgs
+  for cfg in cfgs if k == 8192 else cfgs[:1] + [
+      dataclasses.replace(cfgs[0], one_pass=2, k_per_cta=k // 2, stages=2)]:
+    got_q = jax.jit(lambda a, c=cfg: gq.quantize(a, spec, config=c))(x)
+    vcfg = cfg if gq._fits(kind, k, n, jnp.bfloat16, cfg, True) else dataclasses.replace(  # pylint: disable=protected-access
+        cfg, stages=cfg.stages - 1)
+    got_v = jax.jit(lambda a, c=vcfg: gq.fake_quant_forward(a, spec, config=c))(x)
+    gc = np.asarray(got_q.codes).view(np.uint8)
+    wc = np.asarray(want_q.codes).view(np.uint8)
+    np.testing.assert_array_equal(gc[:, ~bad], wc[:, ~bad])
+    _check_scales(got_q, want_q)
+    _check_values(got_v, want_v)
+
+
 @pytest.mark.slow
 def test_given_scale_kernel_takes_higher_rank_and_float32():
   spec = lj.QuantSpec("int4", axis=0)
@@ -964,6 +1080,24 @@ def test_bench_merges_a_partial_run_into_the_table():
   assert [r["command"] for r in out["runs"]] == ["run 1", "run 2"]
   with pytest.raises(ValueError, match="shape"):
     bgq.merge_tables(old, dict(new, shape=[4096, 4096]), timed)
+
+
+def test_bench_table_keeps_a_one_pass_tiling():
+  # A one-pass row's tiling (":opCwWsS") comes back as the Config it timed.
+  from experiments import _quantize_table as bgq  # pylint: disable=g-import-not-at-top
+  cfg = gq.Config(tile_n=128, tile_k=64, k_per_cta=1024, stages=12, one_pass=8,
+                  warpgroups=4, strips=2)
+  assert bgq.cfg_str(cfg) == "128:64:1024:12:op8w4s2"
+  res = dict(device="H100", jax="0.11.2", command="c", started="t", rows=[
+      dict(kind="int8_pc", op="quantize", tiling="xla", us=143.0, exact=True),
+      dict(kind="int8_pc", op="quantize", tiling="x", tiling_used=bgq.cfg_str(cfg),
+           us=100.0, exact=True),
+      dict(kind="int8_pc", op="quantize", tiling="y", tiling_used="256:32:256:2:loop",
+           us=126.0, exact=True)])
+  ent = bgq.config_table(res)["entries"]["int8_pc"]["quantize"]
+  assert gq.common.config_from_entry(gq.Config, ent) == cfg
+  assert "one_pass" not in bgq.config_table(dict(res, rows=res["rows"][::2]))[
+      "entries"]["int8_pc"]["quantize"]
 
 
 def test_each_operation_is_enabled_by_its_own_rows():
