@@ -782,27 +782,17 @@ def test_one_pass_is_refused_where_it_does_not_apply():
     gq.quantize(x, gq.spec_for("uint8_pc"), config=cfg, interpret=True)
   with pytest.raises(ValueError, match="not int4_g32"):
     gq.quantize(x, gq.spec_for("int4_g32"), config=cfg, interpret=True)
-  with pytest.raises(ValueError, match="k_per_cta must be 256"):
-    gq.quantize(x, gq.spec_for("int8_pc"), interpret=True,
-                config=dataclasses.replace(cfg, one_pass=4))
-  with pytest.raises(ValueError, match="at most 8"):
-    gq.quantize(x, gq.spec_for("int8_pc"), interpret=True,
-                config=dataclasses.replace(cfg, one_pass=16, k_per_cta=64))
-  with pytest.raises(ValueError, match="shared memory"):
-    gq.quantize(x, gq.spec_for("int8_pc"), interpret=True,
-                config=dataclasses.replace(cfg, stages=16))
-  with pytest.raises(ValueError, match="warpgroups must be"):
-    gq.quantize(x, gq.spec_for("int8_pc"), interpret=True,
-                config=dataclasses.replace(cfg, warpgroups=3))
-  with pytest.raises(ValueError, match="warpgroups must be"):  # 8-row units
-    gq.quantize(x, gq.spec_for("int3_pc"), interpret=True,
-                config=dataclasses.replace(cfg, warpgroups=4, tile_k=16))
-  with pytest.raises(ValueError, match="one_pass only"):
-    gq.quantize(x, gq.spec_for("int8_pc"), interpret=True,
-                config=dataclasses.replace(cfg, one_pass=0, warpgroups=2))
-  with pytest.raises(ValueError, match="multiple of tile_n \\* strips = 256"):
-    gq.quantize(x, gq.spec_for("int8_pc"), interpret=True,
-                config=dataclasses.replace(cfg, strips=2))
+  for kind, change, message in [
+      ("int8_pc", dict(one_pass=4), "k_per_cta must be 256"),
+      ("int8_pc", dict(one_pass=16, k_per_cta=64), "at most 8"),
+      ("int8_pc", dict(stages=16), "shared memory"),
+      ("int8_pc", dict(warpgroups=3), "warpgroups must be"),
+      ("int3_pc", dict(warpgroups=4, tile_k=16), "warpgroups must be"),  # 8-row units
+      ("int8_pc", dict(one_pass=0, warpgroups=2), "one_pass only"),
+      ("int8_pc", dict(strips=2), "multiple of tile_n \\* strips = 256")]:
+    with pytest.raises(ValueError, match=message):
+      gq.quantize(x, gq.spec_for(kind), interpret=True,
+                  config=dataclasses.replace(cfg, **change))
   assert gq.one_pass_configs("int8_pc", 1000, 128, jnp.bfloat16) == []
   for c in gq.one_pass_configs("int8_pc", 8192, 8192, jnp.bfloat16):
     assert c.one_pass * c.k_per_cta == 8192 and c.stages <= 8192 // c.one_pass // 64
