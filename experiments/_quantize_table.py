@@ -3,6 +3,8 @@ from ``experiments/bench_gpu_quantize.py``'s rows: which formats to enable,
 each format's fastest exact tiling, and merging a partial run into an earlier
 table. No flags here, so tests can import it beside other benches.
 """
+import re
+
 from lowbit_jax.kernels import gpu_quantize
 
 
@@ -83,6 +85,9 @@ def merge_tables(old: dict, new: dict, timed: dict) -> dict:
   return out
 
 
+_ONE_PASS = re.compile(r"op(\d+)w(\d+)s(\d+)")  # cfg_str's one-pass part
+
+
 def cfg_str(c) -> str:
   """A ``gpu_quantize.Config`` as the bench writes it (``config_table`` reads
   it back): tile_n:tile_k:k_per_cta:stages[:rev][:loop][:lut][:opCwWsS]."""
@@ -104,9 +109,8 @@ def config_table(res: dict) -> dict:
     if cur is None or r["us"] < cur["kernel_us"]:
       parts = r["tiling_used"].split(":")
       tn, tk, kpc, st = (int(v) for v in parts[:4])
-      one = [p for p in parts[4:] if p.startswith("op")]  # opCwWsS: one pass
-      one_pass, wgs, strips = ((int(v) for v in one[0][2:].replace("s", "w").split("w"))
-                               if one else (0, 1, 1))
+      one = [m for m in map(_ONE_PASS.fullmatch, parts[4:]) if m]
+      one_pass, wgs, strips = (int(v) for v in one[0].groups()) if one else (0, 1, 1)
       ent[r["kind"]][r["op"]] = dict(tile_n=tn, tile_k=tk, k_per_cta=kpc,
                                      stages=st, reverse="rev" in parts[4:],
                                      unroll="loop" not in parts[4:],

@@ -553,6 +553,7 @@ def run_shape(b: Bench, wo, api, k: int, n: int, ms, cases, stage: str):
       jobs.append(dict(name=f"bf16 {k}x{n} M={m}",
                        fn=lambda x, ws: [x @ w for w in ws],
                        args=(xs[m], wb), reps=rb, done=done_b))
+  from lowbit_jax.core._qarray import wgmma_byte_order  # pylint: disable=g-import-not-at-top
   interp = False
   if b.smoke:
     from lowbit_jax.kernels import _gpu_common  # pylint: disable=g-import-not-at-top
@@ -575,7 +576,6 @@ def run_shape(b: Bench, wo, api, k: int, n: int, ms, cases, stage: str):
                                          w_tensor_scale=w[2])
     label = case if order == "natural" else f"{case}@{order}"
     # The kernel's weights: the same codes, in its order (XLA reads natural).
-    from lowbit_jax.core._qarray import wgmma_byte_order  # pylint: disable=g-import-not-at-top
     wk = ws if order == "natural" else [
         (wgmma_byte_order(c), s, t) for c, s, t in ws]
     for m in ms:

@@ -365,10 +365,6 @@ def one_pass_kinds() -> tuple:
   return tuple(f"{f}_pc" for f in _GIVEN_INTS + _GIVEN_FP8 + _GIVEN_NARROW)
 
 
-def _one_pass_ok(kd: _Kind) -> bool:
-  return kd.kind in one_pass_kinds()
-
-
 def spec_for(kind: str) -> QuantSpec:
   """The QuantSpec (blocks along axis 0) whose ``kind_of`` is ``kind``.
 
@@ -573,7 +569,6 @@ def candidate_configs(kind: str, k: int, n: int, x_dtype, values: bool = False,
     if _block_of(kind) == 0 or kind == "nvfp4":
       # A scale (NVFP4: the tensor amax) reduced by XLA first: its L2 lines.
       more = [rep(base, reverse=True)] + more
-
     elif _block_of(kind) >= 128:
       more = [rep(base, tile_n=256)] + more  # two columns per thread
     if kind.startswith("nf4") and not values:  # the binned table's encode
@@ -740,7 +735,7 @@ def _check_config(kd: _Kind, k: int, n: int, x_dtype, cfg: Config, codes: bool,
   if cfg.stages < 1:
     raise ValueError(f"stages must be at least 1, got {cfg.stages}")
   if cfg.one_pass:
-    if not _one_pass_ok(kd):
+    if kd.kind not in one_pass_kinds():
       raise ValueError(f"one_pass computes per-channel scales of axis 0 from the "
                        f"amax ({one_pass_kinds()}), not {kd.kind}: use one_pass=0")
     if cfg.one_pass not in ONE_PASS_CTAS:
@@ -755,14 +750,14 @@ def _check_config(kd: _Kind, k: int, n: int, x_dtype, cfg: Config, codes: bool,
     if cfg.k_per_cta * cfg.one_pass != k:
       raise ValueError(f"one_pass={cfg.one_pass} splits K={k} over its CTAs: "
                        f"k_per_cta must be {k // cfg.one_pass}, got {cfg.k_per_cta}")
+    if cfg.strips < 1 or n % (cfg.tile_n * cfg.strips):
+      raise ValueError(f"strips={cfg.strips}: N={n} must be a multiple of "
+                       f"tile_n * strips = {cfg.tile_n * max(cfg.strips, 1)}")
     if mask:
       raise ValueError(f"{kd.kind} never clips: there is no clip mask to write")
   if (cfg.warpgroups != 1 or cfg.strips != 1) and not cfg.one_pass:
     raise ValueError(f"warpgroups={cfg.warpgroups} and strips={cfg.strips} apply "
                      "to one_pass only")
-  if cfg.one_pass and (cfg.strips < 1 or n % (cfg.tile_n * cfg.strips)):
-    raise ValueError(f"strips={cfg.strips}: N={n} must be a multiple of "
-                     f"tile_n * strips = {cfg.tile_n * max(cfg.strips, 1)}")
   if cfg.lut and not (kd.elem == "lookup" and codes and not values and not mask):
     what = "fake_quant (values)" if values or mask else kd.kind
     raise ValueError(f"lut=True is NF4's quantize (codes only) by a binned "
@@ -1281,14 +1276,22 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
               else vals[i] for i in range(0, len(vals), 2)]
     return vals[0]
 
+  def rows_amax(x_ref, r0, n_rows, m=None):
+    """Column amax of rows ``[r0, r0 + n_rows)``, ``rch`` rows at a time,
+    maxed into ``m`` (None: the carry starts as the first chunk's, in the
+    layout a loop carry needs)."""
+    def chunk(c, m):
+      rows = [row(x_ref, r0 + c * rch + j) for j in range(rch)]
+      return jnp.maximum(m, amax_of(rows))
+    if m is None:
+      return _loop(1, n_rows // rch, chunk,
+                   amax_of([row(x_ref, r0 + j) for j in range(rch)]), unroll)
+    return _loop(0, n_rows // rch, chunk, m, unroll)
+
   def do_block(x_ref, c_ref, s_ref, v_ref, m_ref, b, scal, luts=None,
                n_rows=None):
     r0 = b * bs
     blk = n_rows or bs  # rows of the refs this call computes
-
-    def amax_body(c, m):
-      rows = [row(x_ref, r0 + c * rch + j) for j in range(rch)]
-      return jnp.maximum(m, amax_of(rows))
 
     if given and kd.elem == "uint":
       # Scale and zero-point rows from XLA (core's _grid_asym): y = x / s +
@@ -1324,8 +1327,7 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
       from_grid = lambda q: q * scal  # noqa: E731
       clip = None
     else:
-      m = amax_of([row(x_ref, r0 + j) for j in range(rch)])
-      m = _loop(1, blk // rch, amax_body, m, unroll)
+      m = rows_amax(x_ref, r0, blk)
       stored, to_grid, from_grid, clip = _block_scale(kd, m, scal, interp, tn)
       if want_codes:
         s_ref[b] = stored.astype(s_ref.dtype)
@@ -1541,14 +1543,6 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
       n_rows = rw * unit_out // unit_in
       return ref.at[pl.ds(pl.multiple_of(wg * n_rows, n_rows), n_rows)]
 
-    def chunk_amax(x_ref, c):
-      return amax_of([row(x_ref, c * rch + j) for j in range(rch)])
-
-    def tile_amax(x_ref, m, first: int = 0):
-      def chunk(c, m):
-        return jnp.maximum(m, chunk_amax(x_ref, c))
-      return _loop(first, rw // rch, chunk, m, unroll)
-
     for j in range(min(st, total_loads)):
       issue(j)
 
@@ -1559,16 +1553,12 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
       def pass1(i, m):
         j = base + i
         plgpu.barrier_wait(bar.at[lax.rem(j, st)])
-        xs = my_rows(x_smem.at[lax.rem(j, st)])
-        if m is None:  # step 0: the carry starts as its first rows' amax
-          m = tile_amax(xs, chunk_amax(xs, 0), 1)
-        else:
-          m = tile_amax(xs, m)
+        m = rows_amax(my_rows(x_smem.at[lax.rem(j, st)]), 0, rw, m)
         if n_steps > st:  # a tile that does not stay: done with it
           release(j, i < n_steps - st)
         return m
 
-      m = pass1(0, None)  # (a carry of the loop's own layout)
+      m = pass1(0, None)  # step 0 outside: a carry of the loop's own layout
       m = lax.fori_loop(1, n_steps, pass1, m)
       if nwg > 1:  # the CTA's amax from its warpgroups' rows
         wg_smem[wg] = m
@@ -1932,16 +1922,11 @@ def _run(x, spec, tensor_amax, config, interpret, values: bool,
     t = scal = stored = zp = None
     if nvfp4:
       t, scal = _nvfp4_scalars(x2, ta[0] if ta else None)
-    if given and cfg.one_pass:  # the kernel derives the scale itself
-      outs = list(fn(x2, None))
-      if codes:
-        c = outs.pop(0)
-        stored = outs.pop(0).reshape((1,) + rest)
-        outs.insert(0, c)
-    elif given:
+    if given and not cfg.one_pass:  # (one_pass: the kernel derives the scale)
       stored, zp, scal = _given_scale(xa, spec, n)
-    if not (given and cfg.one_pass):
-      outs = list(fn(x2, scal))
+    outs = list(fn(x2, scal))
+    if given and cfg.one_pass and codes:  # its scale row follows the codes
+      stored = outs.pop(1).reshape((1,) + rest)
     res = ()
     if codes and row:
       res = (outs.pop(0).reshape(xa.shape),
