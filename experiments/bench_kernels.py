@@ -407,8 +407,9 @@ def candidates(wo, prob, tune: bool, few: bool = False, fast=None):
     wo: the gpu_weight_only module.
     prob: the problem.
     tune: False: the table's (or the default) tiling, and for E2M1 weights the
-      same with ``fast_decode`` flipped and with ``lut_decode`` flipped; True:
-      also the other candidates.
+      same with ``fast_decode`` flipped and with ``lut_decode`` flipped, and
+      each of those that splits K with ``cluster_reduce``; True: also the
+      other candidates.
     few: at most three.
     fast: ``fast_decode`` for the other candidates of E2M1 weights (None: the
       first ones' setting, False).
@@ -429,6 +430,14 @@ def candidates(wo, prob, tune: bool, few: bool = False, fast=None):
     # instructions a pair against fast_decode's 6.5 and the bit path's 13;
     # not yet timed on a GPU), with the first tiling's scale conversion.
     out.append(dataclasses.replace(out[0], lut_decode=not out[0].lut_decode))
+  if out:
+    # The K slices as one cluster summing their partials through distributed
+    # shared memory (Config.cluster_reduce, session 35: no XLA reduction
+    # after the kernel, 3.4-3.6 us of each decode call in the Nsight profile;
+    # not yet timed on a GPU), for every tiling so far that splits K.
+    out += [dataclasses.replace(c, cluster_reduce=True) for c in list(out)
+            if c.split_k in wo.CLUSTER_SPLITS and not c.ws
+            and not c.cluster_reduce]
   if tune and out:
     C = wo.Config
     m, n = prob.m, prob.n
@@ -461,6 +470,9 @@ def candidates(wo, prob, tune: bool, few: bool = False, fast=None):
     cands += [dataclasses.replace(c, k_chunks=2) for c in [out[0]] + cands[:3]]
     if e2m1:
       cands += [dataclasses.replace(c, lut_decode=True) for c in cands[:3]]
+    # and the cluster reduction for the first four candidates that split K
+    cands += [dataclasses.replace(c, cluster_reduce=True) for c in cands
+              if c.split_k in wo.CLUSTER_SPLITS and not c.ws][:4]
     # Two compute warpgroups, each half of the CTA's weight rows, one
     # activation tile loaded for both (Config.n_split; not yet timed on a
     # GPU). At decode, two warpgroups decoding per CTA; from M = 64 on, the
@@ -1143,7 +1155,8 @@ def write_outputs(res, out_dir: str, tag: str):
             "| weight | K x N | M | XLA bf16 | XLA fused | dequant ref | kernel | "
             "dispatched | roofline | % roofline (kernel) | kernel vs bf16 | kernel "
             "vs fused | kernel vs ref | config (tile_n, tile_k, tile_m, stages, "
-            "split_k, ws, fast_decode[, k_chunks[, n_split[, lut_decode]]]) |",
+            "split_k, ws, fast_decode[, k_chunks[, n_split[, lut_decode[, "
+            "cluster_reduce]]]]) |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for x in sorted(res["wo"], key=lambda r: (r["kernel"], r["k"], r["n"], r["m"])):
     ku = x.get("kernel_us")

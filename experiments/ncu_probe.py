@@ -43,6 +43,19 @@ _SYNTAX = ("wo:<case>[@wgmma]:<K>x<N>:<M>[:<tile_n>,<tile_k>,<tile_m>,<stages>,<
            "q:<kind>:<K>x<N> or fq:<kind>:<K>x<N>")
 
 
+def case_list(values) -> list[str]:
+  """The cases of ``--cases``: absl splits a list flag at every comma, which
+  also splits a case's ``Config`` fields; a piece that does not start a case
+  (``wo:``, ``q:``, ``fq:``) is joined back onto the case before it."""
+  out = []
+  for v in values:
+    if out and not v.startswith(("wo:", "q:", "fq:")):
+      out[-1] += "," + v
+    else:
+      out.append(v)
+  return out
+
+
 def _parse(spec: str):
   """(op, name, k, n, rest) of one case, or a UsageError saying what is wrong."""
   parts = spec.split(":")
@@ -129,7 +142,7 @@ def main(argv):
   if not _CASES.value:
     raise app.UsageError(f"give --cases: {_SYNTAX}")
   built = []
-  for spec in _CASES.value:
+  for spec in case_list(_CASES.value):
     op, name, k, n, rest = _parse(spec)
     fn, args, note = (_weight_only(name, k, n, rest) if op == "wo"
                       else _quantizer(op, name, k, n))

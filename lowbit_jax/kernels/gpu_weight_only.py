@@ -16,7 +16,9 @@ table lookups), while the activation tile ``[tile_m, K]``
 activation tiles stream through a TMA pipeline of several stages; group scales of a
 weight tile are loaded once per CTA and applied per register; per-channel and
 tensor scales are applied to the f32 accumulator. A K split adds parallelism for
-short N (partials in f32, summed by XLA).
+short N (partials in f32, summed by XLA; with ``Config.cluster_reduce`` the K
+slices of a tile are one thread-block cluster and sum their partials through
+distributed shared memory, so the kernel writes the output itself).
 
 ``matmul(..., interpret=True)`` runs the same kernel on the CPU in the Mosaic GPU
 interpreter (simulated shared memory, TMA and barriers, optional race detection);
@@ -124,6 +126,13 @@ class Config:
       step's decode waits for the previous step's MMA). The registers in
       flight are the same (the step's whole tile is held either way); the
       shared-memory tiles are swizzled by the chunk's width.
+    cluster_reduce: with ``split_k`` of 2, 4 or 8 (one warpgroup, not
+      ``ws``), the K slices of one output tile run as one thread-block
+      cluster and add their partial sums through distributed shared memory
+      (``_cluster_sum_acc``): the kernel writes the output itself, in its
+      dtype, instead of ``[split_k, M, N]`` float32 partials that XLA sums in
+      a second kernel (3.4-3.6 us after each decode kernel in the Nsight
+      profile of ``benchmarks/kernels_h200_notes.md``).
   """
   tile_n: int = 64
   tile_k: int = 256
@@ -135,6 +144,11 @@ class Config:
   k_chunks: int = 1
   n_split: bool = False
   lut_decode: bool = False
+  cluster_reduce: bool = False
+
+
+# A portable thread-block cluster holds at most 8 CTAs.
+CLUSTER_SPLITS = (2, 4, 8)
 
 
 def _validate(problem: MatmulProblem) -> None:
@@ -346,8 +360,8 @@ def smem_bytes(problem: MatmulProblem, cfg: Config) -> int:
   itemsize = 1 if problem.w_format in ("mxfp4", "nvfp4") else 2
   groups = 1 if g is None else problem.k // cfg.split_k // g
   total = cfg.stages * per_stage + cfg.tile_n * groups * itemsize
-  if cfg.ws and not cfg.n_split:
-    total += cfg.tile_n * cfg.tile_m * 4
+  if (cfg.ws and not cfg.n_split) or cfg.cluster_reduce:
+    total += cfg.tile_n * cfg.tile_m * 4  # partial sums exchanged
   return total
 
 
@@ -370,6 +384,8 @@ def _tiles_ok(problem: MatmulProblem, cfg: Config) -> bool:
     return False
   if cfg.n_split and not (cfg.ws and cfg.tile_n % 128 == 0):
     return False  # two warpgroups of a multiple of 64 rows each
+  if cfg.cluster_reduce and (cfg.ws or cfg.split_k not in CLUSTER_SPLITS):
+    return False  # one warpgroup a CTA, the K slices one portable cluster
   tkw = cfg.tile_k // (2 if cfg.ws and not cfg.n_split else 1)
   if cfg.k_chunks < 1 or tkw % cfg.k_chunks:
     return False
@@ -1115,6 +1131,98 @@ def _store_acc_transposed(acc, o_ref, valid_cols: Optional[int]):
           memref.store(val, o_ref, [c, row])
 
 
+# Config.cluster_reduce, in four steps per thread (``_cluster_sum_acc``,
+# ``_cluster_wait``): (1) each register pair of the partial accumulator is
+# stored to this CTA's exchange buffer, (2) a cluster barrier (arrive has
+# release and wait acquire semantics: every CTA's stores are seen after it),
+# (3) every CTA of the cluster, the CTA itself included, is read at the same
+# word through distributed shared memory (``mapa`` gives the peer's address)
+# and summed in rank order, so that the sum is the same bits whichever CTA
+# stores it, then an arrive, and (4) after the output is written, the wait
+# that keeps every CTA's shared memory alive until all reads are done. The
+# CTA's rank is never needed: every CTA holds the whole sum. Written as PTX,
+# as the amax exchange of ``gpu_quantize.Config.one_pass`` (a peer view of a
+# Pallas ref did not lower on jax 0.11.2).
+_CLUSTER_STORE_PTX = "st.shared.v2.f32 [$0], {$1, $2};"
+_CLUSTER_SYNC_PTX = """barrier.cluster.arrive.aligned;
+barrier.cluster.wait.aligned;"""
+_CLUSTER_SUM_PTX = """{{
+.reg .b32 r;
+.reg .f32 a, b;
+mapa.shared::cluster.u32 r, $2, 0;
+ld.shared::cluster.v2.f32 {{$0, $1}}, [r];
+{peers}
+}}"""
+_CLUSTER_PEER_PTX = """mapa.shared::cluster.u32 r, $2, {j};
+ld.shared::cluster.v2.f32 {{a, b}}, [r];
+add.f32 $0, $0, a;
+add.f32 $1, $1, b;"""
+_CLUSTER_ARRIVE_PTX = "barrier.cluster.arrive.aligned;"
+_CLUSTER_WAIT_PTX = "barrier.cluster.wait.aligned;"
+
+
+def cluster_sum_ptx(ctas: int) -> str:
+  """The PTX of step (3) of ``Config.cluster_reduce`` for ``ctas`` CTAs: the
+  register pair at shared-memory address ``$2`` summed over ranks 0 ..
+  ``ctas - 1`` into ``$0, $1``."""
+  if ctas < 2:
+    raise ValueError(f"a cluster reduction needs 2 or more CTAs, got {ctas}")
+  return _CLUSTER_SUM_PTX.format(peers="\n".join(
+      _CLUSTER_PEER_PTX.format(j=j) for j in range(1, ctas)))
+
+
+def _cluster_sum_acc(acc, ref, ctas: int):
+  """Steps (1)-(3) of ``Config.cluster_reduce``: ``acc`` (an f32 WGMMA
+  fragment, one warpgroup) summed over the cluster's ``ctas`` CTAs through
+  ``ref``, a float32 shared-memory buffer of ``acc.size`` words."""
+  _, fa, ir, arith, llvm, _, vector = common._mlir()
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils  # pylint: disable=g-import-not-at-top
+  f32 = ir.F32Type.get()
+  i32 = ir.IntegerType.get_signless(32)
+  void = ir.Type.parse("!llvm.void")
+  regs = acc.registers
+  if ir.MemRefType(ref.type).element_type != f32 or math.prod(
+      ir.MemRefType(ref.type).shape) != 2 * 128 * regs.size:
+    raise ValueError(f"the exchange buffer must hold {2 * 128 * regs.size} "
+                     f"float32 words, got {ref.type}")
+  base = llvm.ptrtoint(i32, mgpu_utils.memref_ptr(ref))
+  lane = arith.remui(mgpu_utils.thread_idx(), arith.constant(i32, 128))
+  # register r of thread t at word pair r * 128 + t: a warp's stores and loads
+  # are 256 consecutive bytes
+  addrs, pairs = [], []
+  for r, (idx, reg) in enumerate(np.ndenumerate(regs)):
+    off = arith.addi(arith.muli(lane, arith.constant(i32, 8)),
+                     arith.constant(i32, r * 128 * 8))
+    addrs.append(arith.addi(base, off))
+    pairs.append(idx)
+    a, b = (vector.extract(reg, dynamic_position=[],
+                           static_position=ir.DenseI64ArrayAttr.get([v]))
+            for v in range(2))
+    llvm.inline_asm(void, [addrs[-1], a, b], _CLUSTER_STORE_PTX, "r,f,f",
+                    has_side_effects=True)
+  llvm.inline_asm(void, [], _CLUSTER_SYNC_PTX, "", has_side_effects=True)
+  pair_ty = ir.Type.parse("!llvm.struct<(f32, f32)>")
+  sum_ptx = cluster_sum_ptx(ctas)
+  new = regs.copy()
+  for idx, addr in zip(pairs, addrs):
+    out = llvm.inline_asm(pair_ty, [addr], sum_ptx, "=&f,=&f,r",
+                          has_side_effects=True)
+    a = llvm.extractvalue(f32, out, [0])
+    b = llvm.extractvalue(f32, out, [1])
+    v = vector.broadcast(regs[idx].type, a)
+    new[idx] = vector.insert(b, v, dynamic_position=[],
+                             static_position=ir.DenseI64ArrayAttr.get([1]))
+  llvm.inline_asm(void, [], _CLUSTER_ARRIVE_PTX, "", has_side_effects=True)
+  return fa.FragmentedArray(_registers=new, _layout=acc.layout, _is_signed=None)
+
+
+def _cluster_wait():
+  """Step (4) of ``Config.cluster_reduce``."""
+  _, _, ir, _, llvm, _, _ = common._mlir()
+  llvm.inline_asm(ir.Type.parse("!llvm.void"), [], _CLUSTER_WAIT_PTX, "",
+                  has_side_effects=True)
+
+
 # ----------------------------------------------------------------------------
 # Interpret-mode twins of the register helpers above (whole-tile jnp).
 #
@@ -1213,10 +1321,16 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
                   plgpu.SwizzleTransform(x_swz))
   kind = _scale_kind(fmt)
   interp = interpret is not None
+  # Config.cluster_reduce: the K slices are one cluster and add their partial
+  # sums themselves. The interpreter cannot run the exchange (PTX through
+  # distributed shared memory): there the cluster's CTAs write float32
+  # partials that XLA sums, as without it.
+  cluster = cfg.cluster_reduce and split > 1
+  partials = split > 1 and (not cluster or interp)
   per_channel = group is None
   ng_total = None if per_channel else kps // group
   ng_step = None if per_channel else max(1, ckw // group)
-  acc_out_dtype = jnp.float32 if split > 1 else jnp.dtype(out_dtype)
+  acc_out_dtype = jnp.float32 if partials else jnp.dtype(out_dtype)
   s_jdtype = jnp.dtype(scale_dtype)
   has_t = fmt == "nvfp4"
   if per_channel:
@@ -1313,13 +1427,38 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
                       pl.ds(si * ng_total + c * scale_cw, scale_cw)],
             s_smem.at[c], s_bar.at[0])
 
-  def epilogue(acc, s_smem, s_bar, t_gmem, o_gmem, n0, mi, si, r0=None):
+  def epilogue(acc, s_smem, s_bar, t_gmem, o_gmem, n0, mi, si, r0=None,
+               red_smem=None):
     """Scales and stores an accumulator of ``acc.shape[0]`` weight rows: the
     CTA's rows from ``n0``, or with ``r0`` those from ``n0 + r0`` (the
     per-channel scales' rows from ``r0`` in ``s_smem``)."""
     rows = acc.shape[0]
     if per_channel:
       plgpu.barrier_wait(s_bar.at[0])
+    if cluster and not interp:
+      # every CTA sums the cluster's partials; the first K slice's stores them
+      @plgpu.inline_mgpu(
+          arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()),
+          return_type=plgpu.ShapeDtypeStruct((rows, tile_m), jnp.float32,
+                                             plgpu.Layout.WGMMA))
+      def exchange(_, a, red):
+        return _cluster_sum_acc(a, red, split)
+      acc = exchange(acc, red_smem)
+
+      @pl.when(si == 0)
+      def _():
+        _finish(acc, s_smem, t_gmem, o_gmem, n0, mi, si, rows, r0)
+
+      @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
+      def wait(_, red):
+        del red  # the buffer the peers read, alive until they are done
+        _cluster_wait()
+      wait(red_smem)
+      return
+    _finish(acc, s_smem, t_gmem, o_gmem, n0, mi, si, rows, r0)
+
+  def _finish(acc, s_smem, t_gmem, o_gmem, n0, mi, si, rows, r0):
+    """The per-row scales and the store of ``epilogue``."""
     if r0 is not None:
       if per_channel:
         s_smem = s_smem.at[pl.ds(r0, rows)]
@@ -1342,7 +1481,7 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
         return _scale_acc_rows(a, s if per_channel else None, kind,
                                t[0] if t else None)
       acc = epi(*args)
-    if split > 1:
+    if partials:
       o_view = o_gmem.at[si, pl.ds(mi * tile_m, rows_out), pl.ds(n0, rows)]
     else:
       o_view = o_gmem.at[pl.ds(mi * tile_m, rows_out), pl.ds(n0, rows)]
@@ -1372,7 +1511,8 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
     s_scratch = plgpu.SMEM((n_scale_copies, tile_n, scale_cw), s_jdtype)
 
   def body_single(*refs):
-    x_gmem, w_gmem, s_gmem, t_gmem, o_gmem, (s_smem, s_bar) = split_refs(refs)
+    x_gmem, w_gmem, s_gmem, t_gmem, o_gmem, rest = split_refs(refs)
+    s_smem, s_bar, *red = rest
     ni = lax.axis_index("n")
     mi = lax.axis_index("m")
     si = lax.axis_index("s")
@@ -1394,7 +1534,8 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
       return acc_ref[...]
 
     acc = pl.run_scoped(compute, plgpu.ACC((tile_n, tile_m), jnp.float32))
-    epilogue(acc, s_smem, s_bar, t_gmem, o_gmem, n0, mi, si)
+    epilogue(acc, s_smem, s_bar, t_gmem, o_gmem, n0, mi, si,
+             red_smem=red[0] if red else None)
 
   def body_ws(*refs):
     x_gmem, w_gmem, s_gmem, t_gmem, o_gmem, rest = split_refs(refs)
@@ -1481,7 +1622,7 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
 
       get_pipeline(body, compute_context)(x_view, w_view, allocations=allocs)
 
-  out_shape = (split, m, n) if split > 1 else (m, n)
+  out_shape = (split, m, n) if partials else (m, n)
   extra = {} if interpret is None else {"interpret": interpret}
   if ws:
     kern = plgpu.kernel(
@@ -1494,14 +1635,21 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
         **extra,
     )
   else:
+    scratch = [s_scratch, plgpu.Barrier(num_arrivals=n_scale_copies,
+                                        num_barriers=1)]
+    if cluster:
+      # the K slices of an output tile: one cluster (axis "s")
+      grid = dict(grid=(n_tiles, m_tiles), grid_names=("n", "m"),
+                  cluster=(split,), cluster_names=("s",))
+      if not interp:
+        scratch.append(plgpu.SMEM((tile_n * tile_m,), jnp.float32))
+    else:
+      grid = dict(grid=(n_tiles, m_tiles, split), grid_names=("n", "m", "s"))
     kern = plgpu.kernel(
         body_single,
         out_type=jax.ShapeDtypeStruct(out_shape, acc_out_dtype),
-        scratch_types=[s_scratch,
-                       plgpu.Barrier(num_arrivals=n_scale_copies,
-                                     num_barriers=1)],
-        grid=(n_tiles, m_tiles, split),
-        grid_names=("n", "m", "s"),
+        scratch_types=scratch,
+        **grid,
         **extra,
     )
 
@@ -1518,7 +1666,7 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
       args.append(t)
     out = kern(*args) if interpret is None else common.run_interpreted(
         kern, *args)
-    if split > 1:
+    if partials:
       out = out.sum(axis=0)
     return out.astype(out_dtype)
 
@@ -1551,6 +1699,12 @@ def matmul(operands: MatmulOperands, problem: MatmulProblem, *,
     raise ValueError(f"Config(n_split=True) splits the rows between the two "
                      f"compute warpgroups of the warp-specialized kernel: pass "
                      f"ws=True as well (got {config})")
+  if config is not None and config.cluster_reduce and (
+      config.ws or config.split_k not in CLUSTER_SPLITS):
+    raise ValueError(f"Config(cluster_reduce=True) runs the split_k K slices "
+                     f"of the one-warpgroup kernel as one cluster: it needs "
+                     f"ws=False and split_k in {CLUSTER_SPLITS} (a portable "
+                     f"cluster holds at most 8 CTAs), got {config}")
   if config is not None and config.n_split and config.tile_n % 128:
     raise ValueError(f"Config(n_split=True) gives each of two warpgroups "
                      f"tile_n / 2 weight rows, which must be a multiple of 64 "

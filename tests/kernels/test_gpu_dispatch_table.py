@@ -5,6 +5,7 @@ The table (``lowbit_jax/kernels/gpu_tuned_configs.json``, written by
 and M bucket whether the kernel runs and with which tiling; ``xla_fused_matmul``
 is what runs everywhere else.
 """
+import dataclasses
 import functools
 import json
 import os
@@ -300,3 +301,22 @@ def test_device_tables_named_and_overlaid(tmp_path):
   _table_file(tmp_path / wo.table_filename(h100), wo.DEFAULT_TABLE_DEVICE, {})
   with pytest.raises(ValueError, match="measured on 'NVIDIA H200'.*regenerate"):
     wo.table_for_device(h100, str(tmp_path))
+
+
+def test_bench_candidates_pair_k_splits_with_the_cluster_reduction():
+  # experiments/bench_kernels.candidates: every tiling that splits K over 2,
+  # 4 or 8 CTAs (one warpgroup) comes with its cluster_reduce twin in the
+  # bench phase; the tune phase adds at most four more, each fitting.
+  from experiments import bench_kernels  # pylint: disable=g-import-not-at-top
+  prob = MatmulProblem(m=1, n=8192, k=8192, x_dtype="bfloat16",
+                       w_format="mxfp4", w_block=32)
+  base = bench_kernels.candidates(wo, prob, tune=False)
+  plain = [c for c in base if not c.cluster_reduce]
+  twins = [c for c in base if c.cluster_reduce]
+  assert twins == [dataclasses.replace(c, cluster_reduce=True) for c in plain
+                   if c.split_k in wo.CLUSTER_SPLITS and not c.ws]
+  tuned = bench_kernels.candidates(wo, prob, tune=True)
+  extra = [c for c in tuned[len(base):] if c.cluster_reduce]
+  assert 1 <= len(extra) <= 4
+  assert all(wo._shape_ok(prob, c) for c in tuned)  # pylint: disable=protected-access
+  assert len(set(tuned)) == len(tuned)

@@ -178,6 +178,31 @@ def test_weight_only_n_split_is_refused_without_ws_or_half_tiles():
     gpu_weight_only.matmul(ops, prob, config=cfg, interpret=True)
 
 
+@pytest.mark.parametrize("fmt,group,split,m", [("int4", 128, 2, 5),
+                                               ("nvfp4", 16, 4, 16)])
+def test_weight_only_cluster_reduce_grid(fmt, group, split, m):
+  # Config.cluster_reduce launches the K slices as one cluster (axis "s");
+  # the interpreter runs that grid, each CTA's K slice and its output tile
+  # (its exchange through distributed shared memory is PTX, which the
+  # interpreter cannot run: there the partials are summed after the kernel).
+  _check_wo(fmt, group, m, 128, 1024 * split,
+            _wo_cfg(tile_m=8 if m < 8 else 16, split_k=split,
+                    cluster_reduce=True), seed=11)
+
+
+def test_weight_only_cluster_reduce_is_refused_where_it_cannot_apply():
+  ops, prob = make_wo(jax.random.key(8), "int4", 128, 8, 256, 2048)
+  for bad in (dict(split_k=1), dict(split_k=2, ws=True)):
+    cfg = _wo_cfg(cluster_reduce=True, **bad)
+    assert not gpu_weight_only._tiles_ok(prob, cfg)  # pylint: disable=protected-access
+    with pytest.raises(ValueError, match="split_k in"):
+      gpu_weight_only.matmul(ops, prob, config=cfg, interpret=True)
+  ops, prob = make_wo(jax.random.key(8), "int4", 128, 8, 256, 256 * 16)
+  with pytest.raises(ValueError, match="at most 8 CTAs"):
+    gpu_weight_only.matmul(ops, prob, config=_wo_cfg(
+        cluster_reduce=True, split_k=16), interpret=True)
+
+
 def test_weight_only_kernel_has_no_races():
   ops, prob = make_wo(jax.random.key(6), "int4", 32, 16, 128, 2048)
   out = gpu_weight_only.matmul(

@@ -163,6 +163,38 @@ def test_weight_only_k_chunks_matches_reference(fmt, group, m, n, k):
   assert rel_err(out, gpu_weight_only.reference(ops, prob)) < 1e-2
 
 
+@pytest.mark.parametrize("fmt,group", WO_CASES)
+@pytest.mark.parametrize("m,n,k,split", [(1, 1024, 2048, 2), (1, 8192, 8192, 4),
+                                         (16, 4096, 8192, 8), (64, 1024, 8192, 4)])
+def test_weight_only_cluster_reduce_matches_split_partials(fmt, group, m, n, k,
+                                                           split):
+  # Config.cluster_reduce: the K slices of a tile are one cluster and sum
+  # their partials through distributed shared memory in rank order; the
+  # kernel writes the output itself. Against the same tiling whose float32
+  # partials XLA sums, and against the reference; on unit activations (each
+  # output one product, so every slice but one adds zeros) bit for bit.
+  ops, prob = _wo_ops(fmt, group, m, n, k)
+  base = dataclasses.replace(gpu_weight_only._decode_config(prob),  # pylint: disable=protected-access
+                             split_k=split, ws=False, n_split=False)
+  cfg = dataclasses.replace(base, cluster_reduce=True)
+  if not gpu_weight_only._shape_ok(prob, cfg):  # pylint: disable=protected-access
+    pytest.skip(f"{cfg} does not tile {prob}")
+  for xs in (ops.x, _unit_activations(m, k) if m >= 16 else None):
+    if xs is None:
+      continue
+    o = dataclasses.replace(ops, x=xs)
+    got = _run_poisoned(lambda a: gpu_weight_only.matmul(a, prob, config=cfg),
+                        o, (m, n), jnp.bfloat16)
+    want = _run_poisoned(lambda a: gpu_weight_only.matmul(a, prob, config=base),
+                         o, (m, n), jnp.bfloat16)
+    assert rel_err(got, gpu_weight_only.reference(o, prob)) < 1e-2
+    if xs is not ops.x:
+      np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                    np.asarray(want, np.float32))
+    else:
+      assert rel_err(got, want) < 1e-2
+
+
 _FOUR_BIT = [("int4", 128), ("int4", 32), ("int4", None), ("fp4_e2m1", 32),
              ("mxfp4", 32), ("nvfp4", 16)]
 

@@ -250,7 +250,10 @@ def _lower(fn, ops):
     # 4-bit codes in the kernel's register order (no relayout)
     ("int4", 128, 1, "wgmma"), ("int4", None, 16, "wgmma+chunks"),
     ("mxfp4", 32, 1, "wgmma+lut"), ("nvfp4", 16, 16, "wgmma+lut+fast"),
-    ("fp4_e2m1", 32, 1, "wgmma"), ("int4", 128, 64, "nsplit+wgmma")])
+    ("fp4_e2m1", 32, 1, "wgmma"), ("int4", 128, 64, "nsplit+wgmma"),
+    # the K slices as one cluster, summing through distributed shared memory
+    ("int4", None, 1, "cluster"), ("mxfp4", 32, 16, "cluster+wgmma+lut"),
+    ("nvfp4", 16, 1, "cluster+fast")])
 def test_weight_only_kernel_lowers_to_mosaic_gpu(fmt, group, m, ws):
   n, k = 1024, 4096
   four = fmt != "int8"
@@ -273,6 +276,8 @@ def test_weight_only_kernel_lowers_to_mosaic_gpu(fmt, group, m, ws):
     cfg = dataclasses.replace(cfg, fast_decode="fast" in ws,
                               lut_decode="lut" in ws,
                               k_chunks=2 if "chunks" in ws else 1)
+    if "cluster" in ws:
+      cfg = dataclasses.replace(cfg, split_k=4, cluster_reduce=True)
     assert gpu_weight_only._shape_ok(prob, cfg)  # pylint: disable=protected-access
   elif ws:
     cfg = dataclasses.replace(cfg, ws=True, tile_k=512, split_k=1)

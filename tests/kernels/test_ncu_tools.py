@@ -60,3 +60,10 @@ def test_ncu_probe_takes_the_code_order_and_a_whole_config():
   assert rest == [1, [64, 256, 8, 4, 4, 0, 1, 1, 0, 1]]
   with pytest.raises(Exception, match="is not"):
     ncu_probe._parse("wo:mxfp4:8192x28672")  # pylint: disable=protected-access
+
+
+def test_ncu_probe_rejoins_config_fields_that_the_list_flag_split():
+  # absl splits --cases at every comma, a case's Config fields included.
+  pieces = "wo:int4_pc:4096x1024:1:64,256,8,4,4,wo:mxfp4:64x64:1,q:int8_pc:64x64".split(",")
+  assert ncu_probe.case_list(pieces) == [
+      "wo:int4_pc:4096x1024:1:64,256,8,4,4", "wo:mxfp4:64x64:1", "q:int8_pc:64x64"]

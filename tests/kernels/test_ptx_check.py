@@ -1,0 +1,145 @@
+"""Every inline-PTX block of the Mosaic GPU kernels assembles for sm_90a.
+
+The kernels are lowered for CUDA on the CPU; ``experiments/ptx_check.py``
+reads each ``llvm.inline_asm`` out of the Mosaic GPU module and runs
+``ptxas`` on a one-block kernel of it. Skipped where no ``ptxas`` is
+installed (the CUDA toolkit). What the blocks compute is checked elsewhere
+(on the GPU, and by the interpreter's twins).
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from experiments import ptx_check
+from lowbit_jax.kernels import gpu_quantize as gq
+from lowbit_jax.kernels import gpu_w8a8
+from lowbit_jax.kernels import gpu_weight_only as wo
+from lowbit_jax.kernels._api import MatmulOperands, MatmulProblem
+
+PTXAS = ptx_check.find_ptxas()
+needs_ptxas = pytest.mark.skipif(PTXAS is None, reason="no ptxas (CUDA toolkit)")
+
+
+def _sds(shape, dtype):
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _lower(fn, *args):
+  return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+
+
+def _assert_assembles(lowered, min_blocks=1):
+  rows = ptx_check.check_lowered(lowered, PTXAS)
+  assert len(rows) >= min_blocks
+  bad = [(b.asm, b.constraints, msg) for b, ok, msg in rows if not ok]
+  assert not bad, bad
+  return rows
+
+
+def _wo_lowered(fmt, group, m, cfg, order="natural", n=1024, k=4096):
+  four = fmt != "int8"
+  sdt = {"mxfp4": jnp.uint8, "nvfp4": jnp.float8_e4m3fn}.get(fmt, jnp.bfloat16)
+  ops = MatmulOperands(
+      x=_sds((m, k), jnp.bfloat16),
+      w_codes=_sds((n, k // 2), jnp.uint8) if four else _sds((n, k), jnp.int8),
+      w_scale=_sds((n, 1 if group is None else k // group), sdt),
+      w_tensor_scale=_sds((), jnp.float32) if fmt == "nvfp4" else None)
+  prob = MatmulProblem(m=m, n=n, k=k, x_dtype="bfloat16", w_format=fmt,
+                       w_block=group, w_order=order)
+  assert wo._shape_ok(prob, cfg)  # pylint: disable=protected-access
+  return _lower(lambda o: wo.matmul(o, prob, config=cfg), ops)
+
+
+_C = wo.Config
+
+
+@needs_ptxas
+@pytest.mark.parametrize("fmt,group,m,cfg,order", [
+    ("int4", None, 1, _C(64, 256, 8, 4, 4, cluster_reduce=True), "natural"),
+    ("int4", 128, 16, _C(64, 256, 16, 4, 2, k_chunks=2), "wgmma"),
+    ("int8", None, 1, _C(64, 256, 8, 4, 8, cluster_reduce=True), "natural"),
+    ("fp4_e2m1", 32, 1, _C(64, 256, 8, 4, 2, fast_decode=True), "natural"),
+    ("mxfp4", 32, 1, _C(64, 256, 8, 4, 4, lut_decode=True,
+                       cluster_reduce=True), "wgmma"),
+    ("nvfp4", 16, 16, _C(64, 256, 16, 4, 2, fast_decode=True, lut_decode=True),
+     "natural"),
+    ("nvfp4", 16, 1, _C(128, 256, 8, 4, 2, ws=True, n_split=True,
+                        fast_decode=True), "wgmma"),
+])
+def test_weight_only_inline_ptx_assembles(fmt, group, m, cfg, order):
+  rows = _assert_assembles(_wo_lowered(fmt, group, m, cfg, order))
+  text = "\n".join(b.asm for b, _, _ in rows)
+  assert "wgmma.mma_async" in text  # Mosaic GPU's own blocks are checked too
+  if cfg.cluster_reduce:
+    assert wo.cluster_sum_ptx(cfg.split_k) in text
+  if fmt in ("fp4_e2m1", "mxfp4", "nvfp4") and (cfg.fast_decode or
+                                                cfg.lut_decode):
+    assert "prmt.b32" in text
+  if fmt == "nvfp4" and cfg.fast_decode:
+    assert "cvt.rn.f16x2.e4m3x2" in text
+
+
+@needs_ptxas
+@pytest.mark.parametrize("kind,cfg", [
+    ("int8_pc", None), ("nvfp4", None),
+    ("int4_pc", gq.Config(tile_n=128, tile_k=64, k_per_cta=1024, stages=4,
+                          unroll=True, one_pass=4, warpgroups=2))])
+def test_quantizer_inline_ptx_assembles(kind, cfg):
+  x = _sds((4096, 256), jnp.bfloat16)
+  if cfg is None:
+    cfg = gq.default_config(kind, 4096, 256, jnp.bfloat16)
+  rows = _assert_assembles(
+      _lower(lambda a: gq.quantize(a, gq.spec_for(kind), config=cfg), x))
+  text = "\n".join(b.asm for b, _, _ in rows)
+  if cfg.one_pass > 1:
+    assert "ld.shared::cluster.f32" in text
+
+
+@needs_ptxas
+@pytest.mark.parametrize("case", ["fp8_block", "mxfp8"])
+def test_w8a8_inline_ptx_assembles(case):
+  m, n, k = 256, 512, 1024
+  if case == "mxfp8":
+    prob = MatmulProblem(m=m, n=n, k=k, x_dtype="fp8_e4m3",
+                         w_format="mxfp8_e4m3", x_format="mxfp8_e4m3")
+    sx, sw, sdt = (m, k // 32), (n, k // 32), jnp.uint8
+  else:
+    prob = MatmulProblem(m=m, n=n, k=k, x_dtype="fp8_e4m3",
+                         w_format="fp8_e4m3", x_format="fp8_e4m3",
+                         w_block=(128, 128), x_block=128)
+    sx, sw, sdt = (m, k // 128), (n // 128, k // 128), jnp.float32
+  code = jnp.float8_e4m3fn
+  ops = MatmulOperands(x=_sds((m, k), code), w_codes=_sds((n, k), code),
+                       w_scale=_sds(sw, sdt), x_scale=_sds(sx, sdt))
+  _assert_assembles(_lower(lambda o: gpu_w8a8.matmul(o, prob), ops))
+
+
+@needs_ptxas
+def test_a_wrong_block_is_rejected():
+  # The check is not vacuous: a misspelt state space and an operand of the
+  # wrong width are both refused, with ptxas' message.
+  good = ptx_check.AsmBlock(wo.cluster_sum_ptx(2), "=&f,=&f,r")
+  ok, _ = ptx_check.assemble(ptx_check.probe_kernel(good), PTXAS)
+  assert ok
+  typo = dataclasses.replace(good, asm=good.asm.replace("shared::cluster.v2",
+                                                        "shared::clustr.v2"))
+  ok, msg = ptx_check.assemble(ptx_check.probe_kernel(typo), PTXAS)
+  assert not ok and "clustr" in msg
+  wide = ptx_check.AsmBlock("add.f32 $0, $1, $2;", "=l,l,l")
+  ok, msg = ptx_check.assemble(ptx_check.probe_kernel(wide), PTXAS)
+  assert not ok and msg
+
+
+def test_probe_kernel_binds_operands_by_constraint():
+  block = ptx_check.AsmBlock(
+      "{ .reg .pred p; setp.ne.b32 p, $3, 0; mov.b32 $0, $2; $$x; }",
+      "=r,=f,r,n,0,~{memory}", immediates=((1, 7),))
+  ptx = ptx_check.probe_kernel(block)
+  assert ".reg .b32 %o0;" in ptx and ".reg .f32 %o1;" in ptx
+  assert "setp.ne.b32 p, 7, 0; mov.b32 %o0, %i0; $x;" in ptx
+  with pytest.raises(ValueError, match="uses \\$5"):
+    ptx_check.probe_kernel(ptx_check.AsmBlock("mov.b32 $0, $5;", "=r,r"))
+  with pytest.raises(ValueError, match="no constant value"):
+    ptx_check.probe_kernel(ptx_check.AsmBlock("mov.b32 $0, $1;", "=r,n"))
