@@ -407,9 +407,9 @@ def candidates(wo, prob, tune: bool, few: bool = False, fast=None):
     wo: the gpu_weight_only module.
     prob: the problem.
     tune: False: the table's (or the default) tiling, and for E2M1 weights the
-      same with ``fast_decode`` flipped and with ``lut_decode`` flipped, and
-      each of those that splits K with ``cluster_reduce``; True: also the
-      other candidates.
+      same with ``fast_decode`` flipped and with ``lut_decode`` flipped, each
+      of those that splits K with ``cluster_reduce``, and for MXFP4 / NVFP4
+      the first three with ``scale_words``; True: also the other candidates.
     few: at most three.
     fast: ``fast_decode`` for the other candidates of E2M1 weights (None: the
       first ones' setting, False).
@@ -438,6 +438,11 @@ def candidates(wo, prob, tune: bool, few: bool = False, fast=None):
     out += [dataclasses.replace(c, cluster_reduce=True) for c in list(out)
             if c.split_k in wo.CLUSTER_SPLITS and not c.ws
             and not c.cluster_reduce]
+  if out and prob.w_format in ("mxfp4", "nvfp4"):
+    # Group scales four at a time (Config.scale_words, session 35; not yet
+    # timed on a GPU), for the first three.
+    out += [dataclasses.replace(c, scale_words=True) for c in out[:3]
+            if not c.scale_words]
   if tune and out:
     C = wo.Config
     m, n = prob.m, prob.n
@@ -473,6 +478,8 @@ def candidates(wo, prob, tune: bool, few: bool = False, fast=None):
     # and the cluster reduction for the first four candidates that split K
     cands += [dataclasses.replace(c, cluster_reduce=True) for c in cands
               if c.split_k in wo.CLUSTER_SPLITS and not c.ws][:4]
+    if prob.w_format in ("mxfp4", "nvfp4"):
+      cands += [dataclasses.replace(c, scale_words=True) for c in cands[:3]]
     # Two compute warpgroups, each half of the CTA's weight rows, one
     # activation tile loaded for both (Config.n_split; not yet timed on a
     # GPU). At decode, two warpgroups decoding per CTA; from M = 64 on, the
@@ -1156,7 +1163,7 @@ def write_outputs(res, out_dir: str, tag: str):
             "dispatched | roofline | % roofline (kernel) | kernel vs bf16 | kernel "
             "vs fused | kernel vs ref | config (tile_n, tile_k, tile_m, stages, "
             "split_k, ws, fast_decode[, k_chunks[, n_split[, lut_decode[, "
-            "cluster_reduce]]]]) |",
+            "cluster_reduce[, scale_words]]]]]) |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for x in sorted(res["wo"], key=lambda r: (r["kernel"], r["k"], r["n"], r["m"])):
     ku = x.get("kernel_us")

@@ -176,6 +176,99 @@ def probe_kernel(block: AsmBlock) -> str:
                     *decls, body, "ret;", "}", ""])
 
 
+_LD = {".b32": "ld.global.b32", ".b64": "ld.global.b64", ".b16": "ld.global.b16",
+       ".f32": "ld.global.f32", ".f64": "ld.global.f64"}
+_ST = {k: v.replace("ld.", "st.") for k, v in _LD.items()}
+
+
+def io_probe_kernel(block: AsmBlock, smem_words: int = 0) -> str:
+  """Like ``probe_kernel``, but each input is loaded from global memory and
+  each output stored there (so that ptxas can fold nothing away): the
+  kernel whose SASS ``sass_histogram`` counts. ``smem_words`` 32-bit words of
+  shared memory are declared (``probe_smem``) for blocks that load from it;
+  a ``.b32`` input may be an address in it. Predicate inputs are not
+  supported."""
+  parts = [c for c in _split(block.constraints) if not c.startswith("~")]
+  outs = [c.lstrip("=&") for c in parts if c.startswith("=")]
+  ins = [c for c in parts if not c.startswith("=")]
+  if "b" in outs + ins:
+    raise ValueError(f"{block.asm!r}: predicate operands are not supported here")
+  plain = probe_kernel(block).split("\n")
+  body_start = plain.index("{") + 1
+  decls = [l for l in plain[body_start:] if l.startswith(".reg ")
+           and (" %o" in l or " %i" in l)]
+  rest = plain[body_start + len(decls):]
+  loads, stores = [], []
+  off = 0
+  for j, c in enumerate(ins):
+    if c in _REG:
+      loads.append(f"{_LD[_REG[c]]} %i{j}, [%pa+{off}];")
+      off += 8
+  for i, c in enumerate(outs):
+    stores.append(f"{_ST[_REG[c]]} [%pa+{off}], %o{i};")
+    off += 8
+  head = plain[:body_start - 2] + [".visible .entry probe(.param .u64 p)", "{",
+                                   ".reg .u64 %pa;", *decls]
+  if smem_words:
+    head.append(f".shared .align 16 .b32 probe_smem[{smem_words}];")
+  head.append("ld.param.u64 %pa, [p];")
+  body = rest[:-3]  # the block (probe_kernel ends with "ret;", "}", "")
+  return "\n".join(head + loads + body + stores + ["ret;", "}", ""])
+
+
+def find_nvdisasm(path: str = "") -> Optional[str]:
+  """``nvdisasm``: ``path``, on PATH, beside ``ptxas``, or from the
+  ``nvidia-cuda-nvdisasm`` wheel; else None."""
+  if path:
+    return path if os.path.exists(path) else None
+  found = shutil.which("nvdisasm")
+  if found:
+    return found
+  ptxas = find_ptxas()
+  if ptxas:
+    cand = os.path.join(os.path.dirname(os.path.realpath(ptxas)), "nvdisasm")
+    if os.path.exists(cand):
+      return cand
+  try:
+    import nvidia  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  for root in getattr(nvidia, "__path__", []):
+    for sub in ("cu13", "cu12", "cuda_nvdisasm"):
+      cand = os.path.join(root, sub, "bin", "nvdisasm")
+      if os.path.exists(cand):
+        return cand
+  return None
+
+
+# Instructions of the probe's frame, not of the block.
+_FRAME_OPS = ("LDG", "STG", "LDC", "ULDC", "EXIT", "BRA", "NOP", "S2R", "S2UR")
+
+
+def sass_histogram(ptx: str, ptxas: str, nvdisasm: str,
+                   arch: str = "sm_90a") -> dict[str, int]:
+  """Opcode -> count of the SASS ``ptxas`` makes of ``ptx``, without the
+  frame's loads, stores, constant reads and exit (``_FRAME_OPS``)."""
+  with tempfile.TemporaryDirectory() as d:
+    src, out = os.path.join(d, "p.ptx"), os.path.join(d, "p.cubin")
+    with open(src, "w") as f:
+      f.write(ptx.replace(".target sm_90a", f".target {arch}"))
+    subprocess.run([ptxas, "--gpu-name", arch, src, "-o", out], check=True,
+                   capture_output=True, text=True, timeout=120)
+    listing = subprocess.run([nvdisasm, "-c", out], check=True,
+                             capture_output=True, text=True, timeout=120).stdout
+  hist: dict[str, int] = {}
+  for line in listing.splitlines():
+    m = re.match(r"\s*/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+    if not m:
+      continue
+    op = m.group(1)
+    if op.split(".")[0] in _FRAME_OPS:
+      continue
+    hist[op] = hist.get(op, 0) + 1
+  return hist
+
+
 def assemble(ptx: str, ptxas: str, arch: str = "sm_90a") -> tuple[bool, str]:
   """(whether ptxas accepted ``ptx``, its messages)."""
   with tempfile.TemporaryDirectory() as d:
@@ -197,6 +290,153 @@ def check_lowered(lowered, ptxas: str, arch: str = "sm_90a"):
       ok, msg = assemble(probe_kernel(block), ptxas, arch)
       out.append((block, ok, msg))
   return out
+
+
+# ----------------------------------------------------------------------------
+# A bit-exact emulator of the integer and conversion PTX the kernels' blocks
+# use, to check what a block computes on every input, on the CPU.
+# ----------------------------------------------------------------------------
+
+_MASK = {8: 0xFF, 16: 0xFFFF, 32: 0xFFFFFFFF, 64: (1 << 64) - 1}
+
+
+def _prmt(a: int, b: int, sel: int) -> int:
+  """``prmt.b32`` in its default mode: byte ``i`` of the result is byte
+  ``sel[i] & 7`` of ``{b, a}``, or that byte's sign replicated when
+  ``sel[i] & 8``."""
+  src = (b << 32) | a
+  out = 0
+  for i in range(4):
+    nib = (sel >> (4 * i)) & 0xF
+    byte = (src >> (8 * (nib & 7))) & 0xFF
+    if nib & 8:
+      byte = 0xFF if byte & 0x80 else 0
+    out |= byte << (8 * i)
+  return out
+
+
+def _lop3(a: int, b: int, c: int, lut: int) -> int:
+  """``lop3.b32``: bit ``k`` of the result is bit ``(a_k << 2) | (b_k << 1) |
+  c_k`` of ``lut`` (the table PTX builds from a = 0xF0, b = 0xCC, c = 0xAA)."""
+  out = 0
+  for bit in range(32):
+    idx = (((a >> bit) & 1) << 2) | (((b >> bit) & 1) << 1) | ((c >> bit) & 1)
+    out |= ((lut >> idx) & 1) << bit
+  return out
+
+
+def _cvt(kind: str, src: int) -> int:
+  import ml_dtypes  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  if kind == "rn.f16x2.e4m3x2":
+    lo, hi = (np.array(v, np.uint8).view(ml_dtypes.float8_e4m3fn).astype(
+        np.float16).view(np.uint16) for v in (src & 0xFF, src >> 8))
+    return int(lo) | (int(hi) << 16)
+  if kind == "f32.f16":
+    return int(np.array(src, np.uint16).view(np.float16).astype(
+        np.float32).view(np.uint32))
+  if kind == "rn.bf16.f16":
+    return int(np.array(src, np.uint16).view(np.float16).astype(
+        np.float32).astype(ml_dtypes.bfloat16).view(np.uint16))
+  raise NotImplementedError(f"cvt.{kind}")
+
+
+def _cvt2(kind: str, a: int, b: int) -> int:
+  import ml_dtypes  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  if kind == "rn.bf16x2.f32":  # upper half from a, lower from b
+    f = lambda v: int(np.array(v, np.uint32).view(np.float32).astype(  # noqa: E731
+        ml_dtypes.bfloat16).view(np.uint16))
+    return (f(a) << 16) | f(b)
+  raise NotImplementedError(f"cvt.{kind}")
+
+
+def emulate(asm: str, inputs, n_out: int, smem: Optional[dict] = None) -> list:
+  """Runs an inline-asm block on integer register values.
+
+  Args:
+    asm: the block's text with ``$i`` operands (outputs first).
+    inputs: the input operands' bit patterns (ints), in order.
+    n_out: how many outputs the block has.
+    smem: ``{address: 32-bit word}`` for ``ld.shared.b32``.
+
+  Returns:
+    The outputs' bit patterns.
+
+  Supports the instructions the kernels' decode blocks use (mov, and, or,
+  xor, not, shl, shr, add, sub, lop3, prmt in its default mode, ld.shared.b32
+  and the cvt forms of ``_cvt``); anything else raises NotImplementedError.
+  """
+  regs = {f"${i}": v for i, v in enumerate([0] * n_out + list(inputs))}
+  imm = re.compile(r"-?(0x[0-9a-fA-F]+|\d+)")
+
+  def val(tok):
+    tok = tok.strip()
+    if tok in regs:
+      return regs[tok]
+    if imm.fullmatch(tok):
+      return int(tok, 0) & _MASK[32]
+    raise KeyError(f"unknown operand {tok!r} in {asm!r}")
+
+  def operands(rest):
+    """Top-level comma-separated operands; a ``{a, b}`` list stays one."""
+    out, depth, cur = [], 0, ""
+    for ch in rest:
+      depth += (ch == "{") - (ch == "}")
+      if ch == "," and depth == 0:
+        out.append(cur.strip())
+        cur = ""
+      else:
+        cur += ch
+    return out + [cur.strip()] if cur.strip() else out
+
+  def halves(tok):
+    return [t.strip() for t in tok.strip("{} ").split(",")]
+
+  for stmt in re.sub(r"//[^\n]*", "", asm).split(";"):
+    stmt = " ".join(stmt.split()).lstrip("{} ").strip()  # scope braces
+    if not stmt or stmt.startswith(".reg"):
+      continue
+    op, _, rest = stmt.partition(" ")
+    args = operands(rest)
+    base = op.split(".")[0]
+    if base == "mov" and args[0].startswith("{"):  # mov.b32 {lo, hi}, w
+      lo, hi = halves(args[0])
+      w = val(args[1])
+      regs[lo], regs[hi] = w & 0xFFFF, w >> 16
+    elif base == "mov" and args[1].startswith("{"):  # mov.b32 w, {lo, hi}
+      lo, hi = (val(t) & 0xFFFF for t in halves(args[1]))
+      regs[args[0]] = lo | (hi << 16)
+    elif base == "mov":
+      regs[args[0]] = val(args[1])
+    elif base in ("and", "or", "xor"):
+      f = {"and": int.__and__, "or": int.__or__, "xor": int.__xor__}[base]
+      regs[args[0]] = f(val(args[1]), val(args[2]))
+    elif base == "not":
+      regs[args[0]] = ~val(args[1]) & _MASK[32]
+    elif base == "shl":
+      regs[args[0]] = (val(args[1]) << min(val(args[2]), 32)) & _MASK[32]
+    elif base == "shr" and op.endswith((".b32", ".u32")):
+      regs[args[0]] = val(args[1]) >> min(val(args[2]), 32)
+    elif base in ("add", "sub") and op.endswith((".u32", ".s32")):
+      sign = 1 if base == "add" else -1
+      regs[args[0]] = (val(args[1]) + sign * val(args[2])) & _MASK[32]
+    elif op == "lop3.b32":
+      regs[args[0]] = _lop3(*(val(t) for t in args[1:5]))
+    elif op == "prmt.b32":
+      regs[args[0]] = _prmt(val(args[1]), val(args[2]), val(args[3]))
+    elif op == "ld.shared.b32":
+      addr = val(args[1].strip("[] "))
+      if smem is None or addr not in smem:
+        raise KeyError(f"ld.shared.b32 from {addr:#x}, not in smem")
+      regs[args[0]] = smem[addr]
+    elif base == "cvt" and len(args) == 2:
+      regs[args[0]] = _cvt(op[4:], val(args[1]))
+    elif base == "cvt" and len(args) == 3:
+      regs[args[0]] = _cvt2(op[4:], val(args[1]), val(args[2]))
+    else:
+      raise NotImplementedError(f"{op} in {asm!r}")
+  return [regs[f"${i}"] for i in range(n_out)]
 
 
 def lower_weight_only(spec: str):

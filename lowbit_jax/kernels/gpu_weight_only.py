@@ -133,6 +133,11 @@ class Config:
       dtype, instead of ``[split_k, M, N]`` float32 partials that XLA sums in
       a second kernel (3.4-3.6 us after each decode kernel in the Nsight
       profile of ``benchmarks/kernels_h200_notes.md``).
+    scale_words: MXFP4 / NVFP4 only: a row's group scales are read four at a
+      time (one 32-bit shared-memory load) and converted together
+      (``_E8M0_WORD_PTX``: about 3 instructions a scale against 7;
+      ``_E4M3_WORD_PTX``: about 2.5 against 4), where a K chunk holds a
+      multiple of four groups.
   """
   tile_n: int = 64
   tile_k: int = 256
@@ -145,6 +150,7 @@ class Config:
   n_split: bool = False
   lut_decode: bool = False
   cluster_reduce: bool = False
+  scale_words: bool = False
 
 
 # A portable thread-block cluster holds at most 8 CTAs.
@@ -386,6 +392,8 @@ def _tiles_ok(problem: MatmulProblem, cfg: Config) -> bool:
     return False  # two warpgroups of a multiple of 64 rows each
   if cfg.cluster_reduce and (cfg.ws or cfg.split_k not in CLUSTER_SPLITS):
     return False  # one warpgroup a CTA, the K slices one portable cluster
+  if cfg.scale_words and problem.w_format not in ("mxfp4", "nvfp4"):
+    return False  # one-byte group scales only
   tkw = cfg.tile_k // (2 if cfg.ws and not cfg.n_split else 1)
   if cfg.k_chunks < 1 or tkw % cfg.k_chunks:
     return False
@@ -1040,8 +1048,98 @@ def _e2m1_regs_to_bf16_lut(w):
                             _is_signed=None)
 
 
+# Config.scale_words: a row's group scales read four at a time (one 32-bit
+# shared-memory load) and converted in registers, each to a bf16 pair holding
+# the scale twice, ready for the per-register multiply.
+#
+# E8M0 (MXFP4): the bf16 of 2**(c - 127) is c << 7, except c = 0 (the
+# subnormal 2**-127, 0x0040) and c = 255 (NaN, 0x7FC0): both are c << 7 with
+# 0x40 or'd in. A byte is 0 or 255 when its bits all agree, which the word
+# finds for its four bytes at once: z = (w ^ w >> 1) & 0x7F7F7F7F has a zero
+# byte there, z + 0x7F7F7F7F a clear top bit (no carry leaves a byte), and
+# f = ~(that) & 0x80808080 is 0x80 in the bytes of those codes. Then one
+# prmt per scale lays out (f_i | c_i << 8) in both lanes and one shift right
+# gives (c_i << 7) | (f_i >> 1) in each. Four instructions for the word and
+# two a scale, against a byte load, a shift, two compares and two selects a
+# scale (the Nsight profile of benchmarks/kernels_h200_notes.md: about 0.75
+# instructions an element of the MXFP4 kernel). $0..$3: the four scales,
+# $4: the word's shared-memory address.
+_E8M0_WORD_PTX = """{{
+.reg .b32 w, z, f;
+ld.shared.b32 w, [$4];
+shr.b32 z, w, 1;
+lop3.b32 z, w, z, 0x7F7F7F7F, 0x28;
+add.u32 z, z, 0x7F7F7F7F;
+lop3.b32 f, z, 0x80808080, 0, 0x0C;
+{scales}
+}}"""
+_E8M0_SCALE_PTX = """prmt.b32 ${i}, w, f, {sel};
+shr.b32 ${i}, ${i}, 1;"""
+
+
+def e8m0_word_selector(i: int) -> int:
+  """The ``prmt`` selector of ``_E8M0_WORD_PTX`` for byte ``i`` of the word:
+  lanes of (f_i, c_i) from ``{f, w}``."""
+  if not 0 <= i < 4:
+    raise ValueError(f"byte must be in 0..3, got {i}")
+  return (4 + i) | (i << 4) | ((4 + i) << 8) | (i << 12)
+
+
+def e8m0_word_ptx() -> str:
+  return _E8M0_WORD_PTX.format(scales="\n".join(
+      _E8M0_SCALE_PTX.format(i=i, sel=hex(e8m0_word_selector(i)))
+      for i in range(4)))
+
+
+# E4M3 (NVFP4): the hardware converts a byte pair to f16x2 exactly, each f16
+# to bf16 exactly (an E4M3 value has four significant bits) in one
+# instruction, and the bf16 is repeated in both lanes: per scale half a
+# conversion, one F2F and one move, against a byte load and three conversions.
+_E4M3_WORD_PTX = """{
+.reg .b32 w, h;
+.reg .b16 p, q, a, b;
+ld.shared.b32 w, [$4];
+mov.b32 {p, q}, w;
+cvt.rn.f16x2.e4m3x2 h, p;
+mov.b32 {a, b}, h;
+cvt.rn.bf16.f16 a, a;
+mov.b32 $0, {a, a};
+cvt.rn.bf16.f16 b, b;
+mov.b32 $1, {b, b};
+cvt.rn.f16x2.e4m3x2 h, q;
+mov.b32 {a, b}, h;
+cvt.rn.bf16.f16 a, a;
+mov.b32 $2, {a, a};
+cvt.rn.bf16.f16 b, b;
+mov.b32 $3, {b, b};
+}"""
+
+
+def scale_word_ptx(kind: str) -> str:
+  """The block of ``Config.scale_words`` for scales ``kind`` ("e8m0", "e4m3")."""
+  if kind == "e8m0":
+    return e8m0_word_ptx()
+  if kind == "e4m3":
+    return _E4M3_WORD_PTX
+  raise ValueError(f"scale_words converts e8m0 or e4m3 scales, got {kind!r}")
+
+
+def _scale_words_ok(s_ref, group: Optional[int], tile_k_total: int) -> bool:
+  """Whether a row's scales of this tile come in whole aligned words: four
+  or more a row, a multiple of four, rows of a multiple of 4 bytes."""
+  _, _, ir, _, _, _, _ = common._mlir()
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils  # pylint: disable=g-import-not-at-top
+  if group is None or group >= tile_k_total or (tile_k_total // group) % 4:
+    return False
+  ty = ir.MemRefType(s_ref.type)
+  strides, _ = ty.get_strides_and_offset()
+  return (mgpu_utils.bitwidth(ty.element_type) == 8
+          and len(strides) == 2 and strides[1] == 1 and strides[0] > 0
+          and strides[0] % 4 == 0 and ty.shape[1] % 4 == 0)
+
+
 def _scale_regs(w, s_ref, group: Optional[int], tile_k_total: int, kind: str,
-                fast: bool = False):
+                fast: bool = False, words: bool = False):
   """Multiplies a bf16 WGMMA fragment ``[rows, cols]`` by per-row/group scales.
 
   Args:
@@ -1051,17 +1149,39 @@ def _scale_regs(w, s_ref, group: Optional[int], tile_k_total: int, kind: str,
     tile_k_total: number of columns of ``w``.
     kind: scale encoding, see ``_scale_to_bf16``.
     fast: E4M3 scales through the hardware conversion.
+    words: E8M0 / E4M3 scales four at a time (``Config.scale_words``) where
+      a row's scales come in whole words (``_scale_words_ok``).
   """
-  mgpu, fa, ir, arith, _, memref, vector = common._mlir()
+  mgpu, fa, ir, arith, llvm, memref, vector = common._mlir()
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils  # pylint: disable=g-import-not-at-top
   bf16 = ir.BF16Type.get()
+  i32 = ir.IntegerType.get_signless(32)
   index = ir.IndexType.get()
   shape = tuple(w.shape)
   rows = common.wgmma_row_index(shape)
+  words = (words and kind in ("e8m0", "e4m3")
+           and _scale_words_ok(s_ref, group, tile_k_total))
+  if words:
+    base = llvm.ptrtoint(i32, mgpu_utils.memref_ptr(s_ref))
+    stride = ir.MemRefType(s_ref.type).get_strides_and_offset()[0][0]
+    word_ptx = scale_word_ptx(kind)
+    pair_ty = ir.VectorType.get((2,), bf16)
+    quad_ty = ir.Type.parse("!llvm.struct<(i32, i32, i32, i32)>")
   cache = {}
   new_regs = w.registers.copy()
   for idx, row_key, col_tile in common.wgmma_reg_rows_cols(shape):
     gi = 0 if group is None or group >= tile_k_total else (col_tile * 8) // group
     key = (row_key, gi)
+    if key not in cache and words:
+      row = arith.index_cast(i32, rows[row_key])
+      addr = arith.addi(base, arith.addi(
+          arith.muli(row, arith.constant(i32, stride)),
+          arith.constant(i32, gi - gi % 4)))
+      quad = llvm.inline_asm(quad_ty, [addr], word_ptx, "=r,=r,=r,=r,r",
+                             has_side_effects=True)
+      for j in range(4):
+        bits = llvm.extractvalue(i32, quad, [j])
+        cache[(row_key, gi - gi % 4 + j)] = mgpu_utils.bitcast(bits, pair_ty)
     if key not in cache:
       s = memref.load(s_ref, [rows[row_key], arith.constant(index, gi)])
       s = _scale_to_bf16(s, kind, fast)
@@ -1383,7 +1503,8 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
         return_type=plgpu.ShapeDtypeStruct((wrows, ckw), jnp.bfloat16,
                                            plgpu.Layout.WGMMA))
     def apply(_, s, wf):
-      return _scale_regs(wf, s, group, ckw, kind, cfg.fast_decode)
+      return _scale_regs(wf, s, group, ckw, kind, cfg.fast_decode,
+                         cfg.scale_words)
     return apply(s_ref, w)
 
   def mma_step(kk, x_ref, w_ref, acc_ref, s_smem, s_bar, part, stage=None,
@@ -1705,6 +1826,11 @@ def matmul(operands: MatmulOperands, problem: MatmulProblem, *,
                      f"of the one-warpgroup kernel as one cluster: it needs "
                      f"ws=False and split_k in {CLUSTER_SPLITS} (a portable "
                      f"cluster holds at most 8 CTAs), got {config}")
+  if config is not None and config.scale_words and problem.w_format not in (
+      "mxfp4", "nvfp4"):
+    raise ValueError(f"Config(scale_words=True) reads one-byte group scales "
+                     f"(MXFP4's E8M0, NVFP4's E4M3) four at a time; "
+                     f"{problem.w_format} has none")
   if config is not None and config.n_split and config.tile_n % 128:
     raise ValueError(f"Config(n_split=True) gives each of two warpgroups "
                      f"tile_n / 2 weight rows, which must be a multiple of 64 "

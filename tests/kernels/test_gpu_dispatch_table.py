@@ -311,10 +311,16 @@ def test_bench_candidates_pair_k_splits_with_the_cluster_reduction():
   prob = MatmulProblem(m=1, n=8192, k=8192, x_dtype="bfloat16",
                        w_format="mxfp4", w_block=32)
   base = bench_kernels.candidates(wo, prob, tune=False)
-  plain = [c for c in base if not c.cluster_reduce]
-  twins = [c for c in base if c.cluster_reduce]
+  plain = [c for c in base if not (c.cluster_reduce or c.scale_words)]
+  twins = [c for c in base if c.cluster_reduce and not c.scale_words]
   assert twins == [dataclasses.replace(c, cluster_reduce=True) for c in plain
                    if c.split_k in wo.CLUSTER_SPLITS and not c.ws]
+  # MXFP4 / NVFP4: the first three with their scales read four at a time
+  assert [c for c in base if c.scale_words] == [
+      dataclasses.replace(c, scale_words=True) for c in base[:3]]
+  int4 = dataclasses.replace(prob, w_format="int4", w_block=128)
+  assert not any(c.scale_words
+                 for c in bench_kernels.candidates(wo, int4, tune=True))
   tuned = bench_kernels.candidates(wo, prob, tune=True)
   extra = [c for c in tuned[len(base):] if c.cluster_reduce]
   assert 1 <= len(extra) <= 4

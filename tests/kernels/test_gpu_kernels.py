@@ -195,6 +195,41 @@ def test_weight_only_cluster_reduce_matches_split_partials(fmt, group, m, n, k,
       assert rel_err(got, want) < 1e-2
 
 
+@pytest.mark.parametrize("fmt,group", [("mxfp4", 32), ("nvfp4", 16)])
+@pytest.mark.parametrize("m,n,k,tile_k,chunks", [(1, 1024, 2048, 256, 1),
+                                                 (16, 4096, 8192, 256, 2),
+                                                 (64, 1024, 4096, 128, 1)])
+def test_weight_only_scale_words_are_bit_identical(fmt, group, m, n, k, tile_k,
+                                                   chunks):
+  # Config.scale_words reads a row's group scales four at a time and converts
+  # them in one PTX block; every scale must be the same bf16 as the per-scale
+  # path's, so the outputs are the same bits. The MXFP4 scales include the
+  # E8M0 codes 0 (2**-127), 1, 254 and 255 (NaN) in every byte position of
+  # a word (rows whose outputs then hold NaN or huge values on both sides).
+  ops, prob = _wo_ops(fmt, group, m, n, k)
+  if fmt == "mxfp4":
+    s = np.array(ops.w_scale)
+    special = np.array([0, 1, 254, 255], np.uint8)
+    for r in range(4):
+      s[r, :4 * 4] = np.roll(np.tile(special, 4), r)
+    ops = dataclasses.replace(ops, w_scale=jnp.asarray(s))
+  base = dataclasses.replace(gpu_weight_only._decode_config(prob),  # pylint: disable=protected-access
+                             tile_k=tile_k, k_chunks=chunks, fast_decode=True,
+                             lut_decode=True)
+  cfg = dataclasses.replace(base, scale_words=True)
+  assert gpu_weight_only._shape_ok(prob, cfg)  # pylint: disable=protected-access
+  for xs in (ops.x, _unit_activations(m, k) if m >= 16 else None):
+    if xs is None:
+      continue
+    o = dataclasses.replace(ops, x=xs)
+    got = _run_poisoned(lambda a: gpu_weight_only.matmul(a, prob, config=cfg),
+                        o, (m, n), jnp.bfloat16)
+    want = _run_poisoned(lambda a: gpu_weight_only.matmul(a, prob, config=base),
+                         o, (m, n), jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                  np.asarray(want, np.float32))
+
+
 _FOUR_BIT = [("int4", 128), ("int4", 32), ("int4", None), ("fp4_e2m1", 32),
              ("mxfp4", 32), ("nvfp4", 16)]
 

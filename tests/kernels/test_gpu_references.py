@@ -253,7 +253,9 @@ def _lower(fn, ops):
     ("fp4_e2m1", 32, 1, "wgmma"), ("int4", 128, 64, "nsplit+wgmma"),
     # the K slices as one cluster, summing through distributed shared memory
     ("int4", None, 1, "cluster"), ("mxfp4", 32, 16, "cluster+wgmma+lut"),
-    ("nvfp4", 16, 1, "cluster+fast")])
+    ("nvfp4", 16, 1, "cluster+fast"),
+    # group scales four at a time
+    ("mxfp4", 32, 1, "words+lut"), ("nvfp4", 16, 16, "words+fast+chunks")])
 def test_weight_only_kernel_lowers_to_mosaic_gpu(fmt, group, m, ws):
   n, k = 1024, 4096
   four = fmt != "int8"
@@ -278,6 +280,7 @@ def test_weight_only_kernel_lowers_to_mosaic_gpu(fmt, group, m, ws):
                               k_chunks=2 if "chunks" in ws else 1)
     if "cluster" in ws:
       cfg = dataclasses.replace(cfg, split_k=4, cluster_reduce=True)
+    cfg = dataclasses.replace(cfg, scale_words="words" in ws)
     assert gpu_weight_only._shape_ok(prob, cfg)  # pylint: disable=protected-access
   elif ws:
     cfg = dataclasses.replace(cfg, ws=True, tile_k=512, split_k=1)

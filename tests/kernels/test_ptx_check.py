@@ -67,6 +67,10 @@ _C = wo.Config
      "natural"),
     ("nvfp4", 16, 1, _C(128, 256, 8, 4, 2, ws=True, n_split=True,
                         fast_decode=True), "wgmma"),
+    ("mxfp4", 32, 16, _C(64, 256, 16, 4, 2, lut_decode=True, scale_words=True),
+     "wgmma"),
+    ("nvfp4", 16, 1, _C(64, 256, 8, 4, 4, fast_decode=True, lut_decode=True,
+                        cluster_reduce=True, scale_words=True), "natural"),
 ])
 def test_weight_only_inline_ptx_assembles(fmt, group, m, cfg, order):
   rows = _assert_assembles(_wo_lowered(fmt, group, m, cfg, order))
@@ -79,6 +83,8 @@ def test_weight_only_inline_ptx_assembles(fmt, group, m, cfg, order):
     assert "prmt.b32" in text
   if fmt == "nvfp4" and cfg.fast_decode:
     assert "cvt.rn.f16x2.e4m3x2" in text
+  if cfg.scale_words:
+    assert wo.scale_word_ptx({"mxfp4": "e8m0", "nvfp4": "e4m3"}[fmt]) in text
 
 
 @needs_ptxas
@@ -143,3 +149,83 @@ def test_probe_kernel_binds_operands_by_constraint():
     ptx_check.probe_kernel(ptx_check.AsmBlock("mov.b32 $0, $5;", "=r,r"))
   with pytest.raises(ValueError, match="no constant value"):
     ptx_check.probe_kernel(ptx_check.AsmBlock("mov.b32 $0, $1;", "=r,n"))
+
+
+@pytest.mark.parametrize("kind", ["e8m0", "e4m3"])
+def test_scale_word_blocks_convert_every_code_in_every_byte(kind):
+  # Config.scale_words' blocks, run by the emulator on the PTX text itself:
+  # each of the four scales of a word becomes its bf16 in both lanes, for all
+  # 256 codes in every byte position (E8M0's 0 and 255, E4M3's subnormals
+  # and NaN included), whatever the other three bytes hold.
+  import ml_dtypes  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from lowbit_jax.kernels import _gpu_common as common  # pylint: disable=g-import-not-at-top
+  codes = np.arange(256, dtype=np.uint8)
+  if kind == "e8m0":
+    want = np.asarray(common.bf16_from_e8m0(jnp.asarray(codes)))
+  else:
+    want = codes.view(ml_dtypes.float8_e4m3fn).astype(ml_dtypes.bfloat16)
+  want = want.view(np.uint16)
+  ptx = wo.scale_word_ptx(kind)
+  rng = np.random.default_rng(0)
+  for pos in range(4):
+    for c in range(256):
+      other = rng.integers(0, 256, 4, dtype=np.uint8)
+      other[pos] = c
+      word = int.from_bytes(other.tobytes(), "little")
+      outs = ptx_check.emulate(ptx, [0x80], 4, smem={0x80: word})
+      for i, o in enumerate(outs):
+        w = int(want[other[i]])
+        lanes = (o & 0xFFFF, o >> 16)
+        if kind == "e4m3" and other[i] & 0x7F == 0x7F:  # NaN: any NaN bits
+          assert all((v & 0x7F80) == 0x7F80 and v & 0x7F for v in lanes)
+        else:
+          assert lanes == (w, w), (kind, pos, c, i, hex(o), hex(w))
+
+
+def test_emulator_runs_the_e2m1_table_decode_exactly():
+  # The emulator on the kernels' shipped LUT decode blocks: every 16-bit
+  # group of four codes gives the exact E2M1 values (the tables' own check
+  # at import time covers the constants, this the PTX text).
+  import ml_dtypes  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from lowbit_jax.kernels import _gpu_common as common  # pylint: disable=g-import-not-at-top
+  u_lo, u_hi, t_lo, t_hi = wo._e2m1_lut_tables()  # pylint: disable=protected-access
+  idx = wo._E2M1_LUT_IDX_PTX.format(u_lo=hex(u_lo), u_hi=hex(u_hi))  # pylint: disable=protected-access
+  val = wo._E2M1_LUT_PTX.format(t_lo=hex(t_lo), t_hi=hex(t_hi))  # pylint: disable=protected-access
+  table = np.array([v * s for s in (1, -1) for v in common.E2M1_VALUES],
+                   ml_dtypes.bfloat16).view(np.uint16)
+  for w16 in range(0, 1 << 16, 7):
+    sel, = ptx_check.emulate(idx, [w16 & 0x7777, w16], 1)
+    for pair in range(2):
+      bits, = ptx_check.emulate(val, [sel >> (16 * pair)], 1)
+      byte = (w16 >> (8 * pair)) & 0xFF
+      assert (bits & 0xFFFF, bits >> 16) == (table[byte & 15], table[byte >> 4])
+
+
+def test_emulator_refuses_what_it_does_not_know():
+  with pytest.raises(NotImplementedError, match="fma.rn.f32"):
+    ptx_check.emulate("fma.rn.f32 $0, $1, $2, $3;", [1, 2, 3], 1)
+  with pytest.raises(KeyError, match="not in smem"):
+    ptx_check.emulate("ld.shared.b32 $0, [$1];", [4], 1, smem={})
+
+
+NVDISASM = ptx_check.find_nvdisasm()
+
+
+@needs_ptxas
+@pytest.mark.skipif(NVDISASM is None,
+                    reason="no nvdisasm (pip install nvidia-cuda-nvdisasm)")
+def test_scale_words_take_fewer_sass_instructions():
+  # experiments/scale_words_sass: the word blocks against the per-scale
+  # paths, counted in ptxas' SASS for sm_90a (one shared-memory load for
+  # four scales instead of four).
+  from experiments import scale_words_sass  # pylint: disable=g-import-not-at-top
+  got = {(k, p.split()[0]): h for k, p, h in scale_words_sass.rows()}
+  for kind in ("e8m0", "e4m3"):
+    word, per = got[(kind, "word")], got[(kind, "per")]
+    assert word["LDS"] == 1 and per["LDS"] == 4
+    assert sum(word.values()) < sum(per.values())
+  assert sum(got[("e8m0", "word")].values()) <= 14
+  text = scale_words_sass.report(scale_words_sass.rows())
+  assert "| e8m0 | word (scale_words) |" in text
