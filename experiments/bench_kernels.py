@@ -95,6 +95,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import glob
+import itertools
 import json
 import math
 import os
@@ -136,8 +137,9 @@ _TOKAMAX = flags.DEFINE_bool("tokamax", True, "time tokamax's ragged_dot")
 _TOKAMAX_ONLY = flags.DEFINE_bool(
     "tokamax_only", False, "internal: the child process that times tokamax")
 _PHASES = flags.DEFINE_list(
-    "phases", [], "run only these of base, tokamax, w8a8, tune (default: all; "
-    "tune needs base rows of the same run)")
+    "phases", [], "run only these of base, tokamax, w8a8, tune, refine "
+    "(default: all; tune and refine need base rows of the same run; refine "
+    "gives the fastest tiling timed so far session 35's options)")
 _PEER_WHEELS = flags.DEFINE_string(
     "peer_wheels", ".whl", "folder of the qwix/tokamax wheels (and their deps)")
 _BLOCK8B = flags.DEFINE_bool("block8b", True, "time the Llama-3-8B block shapes")
@@ -407,9 +409,8 @@ def candidates(wo, prob, tune: bool, few: bool = False, fast=None):
     wo: the gpu_weight_only module.
     prob: the problem.
     tune: False: the table's (or the default) tiling, and for E2M1 weights the
-      same with ``fast_decode`` flipped and with ``lut_decode`` flipped, each
-      of those that splits K with ``cluster_reduce``, and for MXFP4 / NVFP4
-      the first three with ``scale_words``; True: also the other candidates.
+      same with ``fast_decode`` flipped and with ``lut_decode`` flipped; True:
+      also the other candidates.
     few: at most three.
     fast: ``fast_decode`` for the other candidates of E2M1 weights (None: the
       first ones' setting, False).
@@ -430,19 +431,6 @@ def candidates(wo, prob, tune: bool, few: bool = False, fast=None):
     # instructions a pair against fast_decode's 6.5 and the bit path's 13;
     # not yet timed on a GPU), with the first tiling's scale conversion.
     out.append(dataclasses.replace(out[0], lut_decode=not out[0].lut_decode))
-  if out:
-    # The K slices as one cluster summing their partials through distributed
-    # shared memory (Config.cluster_reduce, session 35: no XLA reduction
-    # after the kernel, 3.4-3.6 us of each decode call in the Nsight profile;
-    # not yet timed on a GPU), for every tiling so far that splits K.
-    out += [dataclasses.replace(c, cluster_reduce=True) for c in list(out)
-            if c.split_k in wo.CLUSTER_SPLITS and not c.ws
-            and not c.cluster_reduce]
-  if out and prob.w_format in ("mxfp4", "nvfp4"):
-    # Group scales four at a time (Config.scale_words, session 35; not yet
-    # timed on a GPU), for the first three.
-    out += [dataclasses.replace(c, scale_words=True) for c in out[:3]
-            if not c.scale_words]
   if tune and out:
     C = wo.Config
     m, n = prob.m, prob.n
@@ -475,11 +463,6 @@ def candidates(wo, prob, tune: bool, few: bool = False, fast=None):
     cands += [dataclasses.replace(c, k_chunks=2) for c in [out[0]] + cands[:3]]
     if e2m1:
       cands += [dataclasses.replace(c, lut_decode=True) for c in cands[:3]]
-    # and the cluster reduction for the first four candidates that split K
-    cands += [dataclasses.replace(c, cluster_reduce=True) for c in cands
-              if c.split_k in wo.CLUSTER_SPLITS and not c.ws][:4]
-    if prob.w_format in ("mxfp4", "nvfp4"):
-      cands += [dataclasses.replace(c, scale_words=True) for c in cands[:3]]
     # Two compute warpgroups, each half of the CTA's weight rows, one
     # activation tile loaded for both (Config.n_split; not yet timed on a
     # GPU). At decode, two warpgroups decoding per CTA; from M = 64 on, the
@@ -511,6 +494,29 @@ def candidates(wo, prob, tune: bool, few: bool = False, fast=None):
       if c not in out and wo._shape_ok(prob, c):  # pylint: disable=protected-access
         out.append(c)
   return out[:3] if few else out
+
+
+def refine_candidates(wo, prob, best) -> list:
+  """The "refine" phase's tilings: ``best`` (a row's fastest so far) with
+  every combination of the options session 35 built without a GPU that
+  apply to it: ``cluster_reduce`` where it splits K over 2, 4 or 8 CTAs of
+  one warpgroup, ``lut_regs`` (with the table decode) for E2M1 weights,
+  ``scale_words`` for MXFP4 / NVFP4. At most seven, each fitting the shape,
+  instead of each option on every candidate of the tune phase."""
+  opts = []
+  if best.split_k in wo.CLUSTER_SPLITS and not best.ws:
+    opts.append(dict(cluster_reduce=True))
+  if prob.w_format in ("fp4_e2m1", "mxfp4", "nvfp4"):
+    opts.append(dict(lut_decode=True, lut_regs=True))
+  if prob.w_format in ("mxfp4", "nvfp4"):
+    opts.append(dict(scale_words=True))
+  out = []
+  for r in range(1, len(opts) + 1):
+    for combo in itertools.combinations(opts, r):
+      c = dataclasses.replace(best, **{k: v for o in combo for k, v in o.items()})
+      if c != best and c not in out and wo._shape_ok(prob, c):  # pylint: disable=protected-access
+        out.append(c)
+  return out
 
 
 # ----------------------------------------------------------------------------
@@ -551,7 +557,9 @@ def run_shape(b: Bench, wo, api, k: int, n: int, ms, cases, stage: str):
     ms: batch sizes.
     cases: weight cases (keys of ``WO_CASES``).
     stage: "base": the baselines and the table's (or the default) tiling;
-      "tune": the other candidate tilings of rows measured in "base".
+      "tune": the other candidate tilings of rows measured in "base";
+      "refine": the fastest tiling so far with session 35's options
+      (``refine_candidates``).
   """
   jax = b.jax
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -647,13 +655,19 @@ def run_shape(b: Bench, wo, api, k: int, n: int, ms, cases, stage: str):
                   if v["rel_err"] is not None and v["rel_err"] < MAX_REL_ERR),
                  default=None)
       fast = None if best is None or len(best[1]) < 7 else bool(best[1][6])
-      cands = candidates(wo, prob_k, stage == "tune", few=b.smoke, fast=fast)
+      if stage == "refine":
+        cands = [] if best is None else refine_candidates(
+            wo, prob_k, wo._config_from_json(best[1]))  # pylint: disable=protected-access
+        if b.smoke:
+          cands = cands[:3]
+      else:
+        cands = candidates(wo, prob_k, stage == "tune", few=b.smoke, fast=fast)
       if not cands:
         row["kernel_note"] = "no tiling fits this shape"
       n_base = 2 if fmt in ("fp4_e2m1", "mxfp4", "nvfp4") else 1
       if stage == "base":
         cands = cands[:n_base]
-      elif not do_base:
+      elif not do_base and stage == "tune":
         cands = cands[n_base:]
       for cfg in cands:
         # One inner jit: the kernel is traced and lowered once per job, not
@@ -1163,7 +1177,7 @@ def write_outputs(res, out_dir: str, tag: str):
             "dispatched | roofline | % roofline (kernel) | kernel vs bf16 | kernel "
             "vs fused | kernel vs ref | config (tile_n, tile_k, tile_m, stages, "
             "split_k, ws, fast_decode[, k_chunks[, n_split[, lut_decode[, "
-            "cluster_reduce[, scale_words]]]]]) |",
+            "cluster_reduce[, scale_words[, lut_regs]]]]]]) |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for x in sorted(res["wo"], key=lambda r: (r["kernel"], r["k"], r["n"], r["m"])):
     ku = x.get("kernel_us")
@@ -1596,6 +1610,9 @@ def main(argv):
     phases.append(("tune", shapes[2:] + extra, tune_m))
     if mid:
       phases.append(("tune", shapes, mid))
+    phases.append(("refine", shapes + extra, tune_m))
+    if mid:
+      phases.append(("refine", shapes, mid))
   only = set(_PHASES.value)
   if only:
     phases = [p for p in phases if p[0] in only]

@@ -38,6 +38,9 @@ from experiments import ncu_probe  # defines --cases (its wo: syntax)
 _PTXAS = flags.DEFINE_string("ptxas", "", "ptxas binary (default: on PATH)")
 _ARCH = flags.DEFINE_string("arch", "sm_90a", "ptxas --gpu-name")
 _SHOW = flags.DEFINE_bool("show", False, "print each block's PTX kernel")
+# the report file of experiments/decode_sass.py and scale_words_sass.py
+MD_OUT = flags.DEFINE_string("md_out", "", "markdown report to write (the SASS "
+                             "count scripts; default: print)")
 
 PTX_VERSION = "8.4"  # wgmma, mapa, barrier.cluster, cvt e4m3x2: 7.8 - 8.0
 _REG = {"r": ".b32", "l": ".b64", "h": ".b16", "f": ".f32", "d": ".f64",
@@ -253,8 +256,10 @@ def sass_histogram(ptx: str, ptxas: str, nvdisasm: str,
     src, out = os.path.join(d, "p.ptx"), os.path.join(d, "p.cubin")
     with open(src, "w") as f:
       f.write(ptx.replace(".target sm_90a", f".target {arch}"))
-    subprocess.run([ptxas, "--gpu-name", arch, src, "-o", out], check=True,
-                   capture_output=True, text=True, timeout=120)
+    r = subprocess.run([ptxas, "--gpu-name", arch, src, "-o", out],
+                       check=False, capture_output=True, text=True, timeout=120)
+    if r.returncode:
+      raise RuntimeError(f"ptxas rejected the kernel: {r.stderr.strip()}")
     listing = subprocess.run([nvdisasm, "-c", out], check=True,
                              capture_output=True, text=True, timeout=120).stdout
   hist: dict[str, int] = {}

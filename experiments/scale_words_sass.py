@@ -27,11 +27,9 @@ from __future__ import annotations
 import subprocess
 
 from absl import app
-from absl import flags
 
 from experiments import ptx_check
 
-_OUT = flags.DEFINE_string("md_out", "", "markdown file to write (default: print)")
 
 # The per-scale paths as LLVM lowers the kernel's MLIR (arith.extui, shli,
 # cmpi + select twice; or the E4M3 asm block then arith.truncf), then the
@@ -114,8 +112,8 @@ def report(results) -> str:
 def main(argv):
   del argv
   text = report(rows())
-  if _OUT.value:
-    with open(_OUT.value, "w") as f:
+  if ptx_check.MD_OUT.value:
+    with open(ptx_check.MD_OUT.value, "w") as f:
       f.write(text)
   print(text)
 

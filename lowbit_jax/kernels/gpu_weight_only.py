@@ -88,6 +88,7 @@ from lowbit_jax.kernels import _gpu_common as common
 from lowbit_jax.kernels._api import MatmulOperands, MatmulProblem
 
 _FORMATS = ("int4", "int8", "fp4_e2m1", "mxfp4", "nvfp4")
+_E2M1 = ("fp4_e2m1", "mxfp4", "nvfp4")
 _GROUPS = {"int4": (None, 32, 64, 128), "int8": (None, 32, 64, 128),
            "fp4_e2m1": (None, 32, 64, 128), "mxfp4": (32,), "nvfp4": (16,)}
 
@@ -138,6 +139,10 @@ class Config:
       (``_E8M0_WORD_PTX``: about 3 instructions a scale against 7;
       ``_E4M3_WORD_PTX``: about 2.5 against 4), where a K chunk holds a
       multiple of four groups.
+    lut_regs: with ``lut_decode``: the lookup tables' words are stored to
+      shared memory at the kernel's start and read from there by each
+      decode, so that ptxas keeps them in registers instead of rebuilding
+      a constant before every lookup (``_E2M1_LUT_IDX_REGS_PTX``).
   """
   tile_n: int = 64
   tile_k: int = 256
@@ -151,6 +156,7 @@ class Config:
   lut_decode: bool = False
   cluster_reduce: bool = False
   scale_words: bool = False
+  lut_regs: bool = False
 
 
 # A portable thread-block cluster holds at most 8 CTAs.
@@ -394,6 +400,8 @@ def _tiles_ok(problem: MatmulProblem, cfg: Config) -> bool:
     return False  # one warpgroup a CTA, the K slices one portable cluster
   if cfg.scale_words and problem.w_format not in ("mxfp4", "nvfp4"):
     return False  # one-byte group scales only
+  if cfg.lut_regs and not (cfg.lut_decode and problem.w_format in _E2M1):
+    return False  # the table decode's tables
   tkw = cfg.tile_k // (2 if cfg.ws and not cfg.n_split else 1)
   if cfg.k_chunks < 1 or tkw % cfg.k_chunks:
     return False
@@ -1010,12 +1018,69 @@ prmt.b32 $0, tl, th, $1;
 }}"""
 
 
-def _e2m1_regs_to_bf16_lut(w):
+# Config.lut_regs: the same two lookups with the table words as operands
+# ($3..$5 and $2, $3), read from shared memory where each thread stored them
+# at the kernel's start (``_lut_table_fill``, ``_lut_table_load``). Written
+# into the blocks as constants, ptxas rebuilds a table word with an
+# IMAD.MOV before nearly every lookup (a prmt takes at most one immediate),
+# 0.70 instructions an element of the MXFP4 kernel in the Nsight listing;
+# a loaded word it cannot rebuild, so it stays in a register
+# (experiments/decode_sass.py: 3.62 -> 2.98 instructions an element for the
+# MXFP4 step with scale_words, all of the IMADs gone).
+_E2M1_LUT_IDX_REGS_PTX = """{
+.reg .b32 s;
+prmt.b32 s, $3, $3, $2;
+prmt.b32 $0, $4, $5, $1;
+lop3.b32 $0, $0, s, 0x40404040, 0xF8;
+}"""
+_E2M1_LUT_REGS_PTX = "prmt.b32 $0, $2, $3, $1;"
+LUT_TABLE_WORDS = 5  # k, u_lo, u_hi, t_lo, t_hi
+
+
+def lut_table_words() -> tuple[int, ...]:
+  """The words ``Config.lut_regs`` keeps in shared memory: the sign
+  replicator 0x80808080 of ``_E2M1_LUT_IDX_PTX``, then ``_e2m1_lut_tables``."""
+  return (0x80808080,) + _e2m1_lut_tables()
+
+
+def _lut_table_fill(ref):
+  """Every thread stores the table words to ``ref`` (``[8]`` uint32 in
+  shared memory): the same values, so the writes of different threads do
+  not conflict, and each thread reads back its own. In PTX, so that LLVM
+  does not forward the constants to the loads."""
+  _, _, ir, arith, llvm, _, _ = common._mlir()
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils  # pylint: disable=g-import-not-at-top
+  i32 = ir.IntegerType.get_signless(32)
+  base = llvm.ptrtoint(i32, mgpu_utils.memref_ptr(ref))
+  for i, v in enumerate(lut_table_words()):
+    llvm.inline_asm(ir.Type.parse("!llvm.void"), [base],
+                    f"st.shared.b32 [$0+{4 * i}], {hex(v)};", "r",
+                    has_side_effects=True)
+
+
+_LUT_TABLE_LOAD_PTX = """ld.shared.v4.b32 {$0, $1, $2, $3}, [$5];
+ld.shared.b32 $4, [$5+16];"""
+
+
+def _lut_table_load(ref):
+  """The table words ``_lut_table_fill`` stored, as five i32 values."""
+  _, _, ir, _, llvm, _, _ = common._mlir()
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils  # pylint: disable=g-import-not-at-top
+  i32 = ir.IntegerType.get_signless(32)
+  base = llvm.ptrtoint(i32, mgpu_utils.memref_ptr(ref))
+  ty = ir.Type.parse("!llvm.struct<(i32, i32, i32, i32, i32)>")
+  out = llvm.inline_asm(ty, [base], _LUT_TABLE_LOAD_PTX, "=r,=r,=r,=r,=r,r",
+                        has_side_effects=True)
+  return [llvm.extractvalue(i32, out, [i]) for i in range(LUT_TABLE_WORDS)]
+
+
+def _e2m1_regs_to_bf16_lut(w, table_ref=None):
   """``_e2m1_regs_to_bf16`` by table lookups (``_E2M1_LUT_IDX_PTX`` once per
   four codes, ``_E2M1_LUT_PTX`` once per pair), exact bf16 values.
 
   Where a register is a slice of a 32-bit vector, the selector word of each
-  16-bit half of the word is shared by its two byte pairs.
+  16-bit half of the word is shared by its two byte pairs. With
+  ``table_ref`` (``Config.lut_regs``) the table words come from there.
   """
   mgpu, fa, ir, arith, llvm, _, _ = common._mlir()
   from jax.experimental.mosaic.gpu import utils as mgpu_utils  # pylint: disable=g-import-not-at-top
@@ -1025,6 +1090,11 @@ def _e2m1_regs_to_bf16_lut(w):
   u_lo, u_hi, t_lo, t_hi = _e2m1_lut_tables()
   idx_ptx = _E2M1_LUT_IDX_PTX.format(u_lo=hex(u_lo), u_hi=hex(u_hi))
   val_ptx = _E2M1_LUT_PTX.format(t_lo=hex(t_lo), t_hi=hex(t_hi))
+  idx_args, val_args = [], []
+  if table_ref is not None:
+    k, ul, uh, tl, th = _lut_table_load(table_ref)
+    idx_ptx, val_ptx = _E2M1_LUT_IDX_REGS_PTX, _E2M1_LUT_REGS_PTX
+    idx_args, val_args = [k, ul, uh], [tl, th]
   selectors = {}
   new_regs = w.registers.copy()
   for idx, reg in np.ndenumerate(w.registers):
@@ -1037,12 +1107,14 @@ def _e2m1_regs_to_bf16_lut(w):
       if part >= 2:
         word = arith.shrui(word, c32(16))
       mags = arith.andi(word, c32(0x7777))
-      sel = llvm.inline_asm(i32, [mags, word], idx_ptx, "=r,r,r")
+      sel = llvm.inline_asm(i32, [mags, word] + idx_args, idx_ptx,
+                            "=r" + ",r" * (2 + len(idx_args)))
       if src is not reg:
         selectors[key] = sel
     if part % 2:
       sel = arith.shrui(sel, c32(16))
-    bits = llvm.inline_asm(i32, [sel], val_ptx, "=r,r")
+    bits = llvm.inline_asm(i32, [sel] + val_args, val_ptx,
+                           "=r" + ",r" * (1 + len(val_args)))
     new_regs[idx] = mgpu_utils.bitcast(bits, ir.VectorType.get((2,), bf16))
   return fa.FragmentedArray(_registers=new_regs, _layout=w.layout,
                             _is_signed=None)
@@ -1447,6 +1519,8 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
   # partials that XLA sums, as without it.
   cluster = cfg.cluster_reduce and split > 1
   partials = split > 1 and (not cluster or interp)
+  # Config.lut_regs: compiled kernels only (the interpreter's decode is jnp)
+  lut_regs = cfg.lut_regs and cfg.lut_decode and not interp
   per_channel = group is None
   ng_total = None if per_channel else kps // group
   ng_step = None if per_channel else max(1, ckw // group)
@@ -1459,7 +1533,8 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
     scale_cw = scale_chunk(fmt, ng_total, ng_step, s_jdtype.itemsize)
     n_scale_copies = ng_total // scale_cw
 
-  def load_w(w_ref):
+  def load_w(w_ref, tab=None):
+    """The bf16 weight tile; ``tab``: the table words (``Config.lut_regs``)."""
     if interp:
       w = w_ref[...]
       if wgmma_order:
@@ -1479,20 +1554,31 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
       return w.astype(jnp.bfloat16)
 
     @plgpu.inline_mgpu(
-        arg_types=(in_layout,),
+        arg_types=(in_layout,) + ((plgpu.RefType(),) if tab is not None
+                                  else ()),
         return_type=plgpu.ShapeDtypeStruct((wrows, ckw), jnp.bfloat16,
                                            plgpu.Layout.WGMMA))
-    def to_bf16(_, wf):
+    def to_bf16(_, wf, *table):
       if wgmma_order:
         wf = _upcast4x_as_wgmma(wf)
       if fmt == "int4":
         return wf.astype(common._mlir()[2].BF16Type.get(), is_signed=True)
       if cfg.lut_decode:
-        return _e2m1_regs_to_bf16_lut(wf)
+        return _e2m1_regs_to_bf16_lut(wf, table[0] if table else None)
       if cfg.fast_decode:
         return _e2m1_regs_to_bf16_prmt(wf)
       return _e2m1_regs_to_bf16(wf)
-    return to_bf16(w)
+    return to_bf16(w) if tab is None else to_bf16(w, tab)
+
+  def fill_tables(tab):
+    """``Config.lut_regs``: every thread stores the table words."""
+    if tab is None:
+      return
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
+    def fill(_, ref):
+      _lut_table_fill(ref)
+    fill(tab)
 
   def scale_w(w, s_ref):
     if interp:
@@ -1508,7 +1594,7 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
     return apply(s_ref, w)
 
   def mma_step(kk, x_ref, w_ref, acc_ref, s_smem, s_bar, part, stage=None,
-               s_rows=slice(None)):
+               s_rows=slice(None), tab=None):
     """Dequantizes columns ``part`` of this step's tiles and accumulates,
     ``k_chunks`` column chunks at a time (each chunk's MMA in flight while
     the next is decoded). ``w_ref`` holds this warpgroup's weight rows,
@@ -1521,7 +1607,7 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
       cols = pl.ds(c * ckw, ckw)
       wc = w_ref if kch == 1 else w_ref.at[:, cols]
       xc = x_ref if kch == 1 else x_ref.at[:, cols]
-      w = load_w(wc)
+      w = load_w(wc, tab)
       if not per_channel:
         col0 = kk * tile_k + part * tkw + c * ckw
         g0 = col0 // group
@@ -1633,16 +1719,19 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
 
   def body_single(*refs):
     x_gmem, w_gmem, s_gmem, t_gmem, o_gmem, rest = split_refs(refs)
-    s_smem, s_bar, *red = rest
+    s_smem, s_bar, *rest = rest
+    red = rest.pop(0) if cluster and not interp else None
+    tab = rest.pop(0) if lut_regs else None
     ni = lax.axis_index("n")
     mi = lax.axis_index("m")
     si = lax.axis_index("s")
     n0 = pl.multiple_of(ni * tile_n, tile_n)
     issue_scale_copy(s_gmem, s_smem, s_bar, n0, si)
+    fill_tables(tab)
 
     def compute(acc_ref):
       def step(idx, x_smem, w_smem):
-        mma_step(idx[0], x_smem, w_smem, acc_ref, s_smem, s_bar, 0)
+        mma_step(idx[0], x_smem, w_smem, acc_ref, s_smem, s_bar, 0, tab=tab)
 
       xs = plgpu.BlockSpec((tile_m, tile_k), lambda kk: (mi, kk),
                            transforms=x_transforms)
@@ -1655,8 +1744,7 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
       return acc_ref[...]
 
     acc = pl.run_scoped(compute, plgpu.ACC((tile_n, tile_m), jnp.float32))
-    epilogue(acc, s_smem, s_bar, t_gmem, o_gmem, n0, mi, si,
-             red_smem=red[0] if red else None)
+    epilogue(acc, s_smem, s_bar, t_gmem, o_gmem, n0, mi, si, red_smem=red)
 
   def body_ws(*refs):
     x_gmem, w_gmem, s_gmem, t_gmem, o_gmem, rest = split_refs(refs)
@@ -1692,17 +1780,19 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
         s_smem=s_scratch,
         s_bar=plgpu.Barrier(num_arrivals=n_scale_copies, num_barriers=1),
         **red,
+        **({} if not lut_regs else dict(tab=plgpu.SMEM((8,), jnp.uint32))),
         # Interpret mode only: per-warpgroup operand staging for the wgmma.
         **({} if not interp else dict(
             stage_a=plgpu.SMEM((2, wrows, ckw), jnp.bfloat16),
             stage_b=plgpu.SMEM((2, ckw, tile_m), jnp.bfloat16))),
         collective_axes="wg",
     )
-    def _scope(allocs, s_smem, s_bar, red_smem=None, red_bar=None,
+    def _scope(allocs, s_smem, s_bar, red_smem=None, red_bar=None, tab=None,
                **stage_refs):
       @pl.when(wg == 0)
       def _():
         issue_scale_copy(s_gmem, s_smem, s_bar, n0, si)
+      fill_tables(tab)  # every warpgroup, for its own threads
 
       def compute_context(run):
         @functools.partial(pl.run_scoped,
@@ -1734,11 +1824,11 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
         if n_split:
           rows = pl.ds(pl.multiple_of(wg * wrows, wrows), wrows)
           mma_step(idx[0], x_smem, w_smem.at[rows, :], acc_ref, s_smem, s_bar,
-                   0, stage, s_rows=rows)
+                   0, stage, s_rows=rows, tab=tab)
         else:
           ks = pl.ds(wg * tkw, tkw)
           mma_step(idx[0], x_smem.at[:, ks], w_smem.at[:, ks], acc_ref, s_smem,
-                   s_bar, wg, stage)
+                   s_bar, wg, stage, tab=tab)
         return acc_ref
 
       get_pipeline(body, compute_context)(x_view, w_view, allocations=allocs)
@@ -1766,6 +1856,8 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
         scratch.append(plgpu.SMEM((tile_n * tile_m,), jnp.float32))
     else:
       grid = dict(grid=(n_tiles, m_tiles, split), grid_names=("n", "m", "s"))
+    if lut_regs:
+      scratch.append(plgpu.SMEM((8,), jnp.uint32))
     kern = plgpu.kernel(
         body_single,
         out_type=jax.ShapeDtypeStruct(out_shape, acc_out_dtype),
@@ -1831,6 +1923,12 @@ def matmul(operands: MatmulOperands, problem: MatmulProblem, *,
     raise ValueError(f"Config(scale_words=True) reads one-byte group scales "
                      f"(MXFP4's E8M0, NVFP4's E4M3) four at a time; "
                      f"{problem.w_format} has none")
+  if config is not None and config.lut_regs and not (
+      config.lut_decode and problem.w_format in _E2M1):
+    raise ValueError(f"Config(lut_regs=True) keeps the table decode's tables "
+                     f"in registers: it needs lut_decode=True and an E2M1 "
+                     f"format (fp4_e2m1, mxfp4, nvfp4), got {config} for "
+                     f"{problem.w_format}")
   if config is not None and config.n_split and config.tile_n % 128:
     raise ValueError(f"Config(n_split=True) gives each of two warpgroups "
                      f"tile_n / 2 weight rows, which must be a multiple of 64 "

@@ -303,26 +303,26 @@ def test_device_tables_named_and_overlaid(tmp_path):
     wo.table_for_device(h100, str(tmp_path))
 
 
-def test_bench_candidates_pair_k_splits_with_the_cluster_reduction():
-  # experiments/bench_kernels.candidates: every tiling that splits K over 2,
-  # 4 or 8 CTAs (one warpgroup) comes with its cluster_reduce twin in the
-  # bench phase; the tune phase adds at most four more, each fitting.
+def test_bench_refine_phase_tries_the_new_options_on_the_fastest_tiling():
+  # experiments/bench_kernels: the tune phase's candidates carry none of
+  # session 35's options; the refine phase gives the fastest tiling every
+  # combination of those that apply (cluster_reduce where K is split over a
+  # portable cluster, lut_regs for E2M1, scale_words for MXFP4 / NVFP4).
   from experiments import bench_kernels  # pylint: disable=g-import-not-at-top
   prob = MatmulProblem(m=1, n=8192, k=8192, x_dtype="bfloat16",
                        w_format="mxfp4", w_block=32)
-  base = bench_kernels.candidates(wo, prob, tune=False)
-  plain = [c for c in base if not (c.cluster_reduce or c.scale_words)]
-  twins = [c for c in base if c.cluster_reduce and not c.scale_words]
-  assert twins == [dataclasses.replace(c, cluster_reduce=True) for c in plain
-                   if c.split_k in wo.CLUSTER_SPLITS and not c.ws]
-  # MXFP4 / NVFP4: the first three with their scales read four at a time
-  assert [c for c in base if c.scale_words] == [
-      dataclasses.replace(c, scale_words=True) for c in base[:3]]
-  int4 = dataclasses.replace(prob, w_format="int4", w_block=128)
-  assert not any(c.scale_words
-                 for c in bench_kernels.candidates(wo, int4, tune=True))
   tuned = bench_kernels.candidates(wo, prob, tune=True)
-  extra = [c for c in tuned[len(base):] if c.cluster_reduce]
-  assert 1 <= len(extra) <= 4
-  assert all(wo._shape_ok(prob, c) for c in tuned)  # pylint: disable=protected-access
-  assert len(set(tuned)) == len(tuned)
+  assert not any(c.cluster_reduce or c.scale_words or c.lut_regs for c in tuned)
+  best = wo.Config(64, 256, 8, 4, 4, fast_decode=True)
+  got = bench_kernels.refine_candidates(wo, prob, best)
+  assert len(got) == 7 and len(set(got)) == 7 and best not in got
+  assert all(wo._shape_ok(prob, c) for c in got)  # pylint: disable=protected-access
+  assert all(c.lut_decode for c in got if c.lut_regs)
+  assert dataclasses.replace(best, cluster_reduce=True, scale_words=True,
+                             lut_decode=True, lut_regs=True) in got
+  # int4: only the cluster reduction, and none without a K split
+  int4 = dataclasses.replace(prob, w_format="int4", w_block=128)
+  assert bench_kernels.refine_candidates(wo, int4, best) == [
+      dataclasses.replace(best, cluster_reduce=True)]
+  assert bench_kernels.refine_candidates(
+      wo, int4, dataclasses.replace(best, split_k=1)) == []

@@ -190,6 +190,24 @@ def test_weight_only_cluster_reduce_grid(fmt, group, split, m):
                     cluster_reduce=True), seed=11)
 
 
+def test_weight_only_register_tables_and_scale_words_run_interpreted():
+  # Config.lut_regs and scale_words change only in-register code, which the
+  # interpreter swaps for its jnp twins: the same kernel, the same numbers.
+  cfg = _wo_cfg(lut_decode=True, lut_regs=True, scale_words=True)
+  _check_wo("mxfp4", 32, 5, 128, 1024, cfg, seed=12)
+  ops, prob = make_wo(jax.random.key(8), "int4", 128, 8, 256, 1024)
+  with pytest.raises(ValueError, match="lut_regs=True"):
+    gpu_weight_only.matmul(ops, prob, config=_wo_cfg(lut_regs=True),
+                           interpret=True)
+  with pytest.raises(ValueError, match="scale_words=True"):
+    gpu_weight_only.matmul(ops, prob, config=_wo_cfg(scale_words=True),
+                           interpret=True)
+  ops, prob = make_wo(jax.random.key(8), "mxfp4", 32, 8, 256, 1024)
+  with pytest.raises(ValueError, match="needs lut_decode=True"):
+    gpu_weight_only.matmul(ops, prob, config=_wo_cfg(lut_regs=True),
+                           interpret=True)
+
+
 def test_weight_only_cluster_reduce_is_refused_where_it_cannot_apply():
   ops, prob = make_wo(jax.random.key(8), "int4", 128, 8, 256, 2048)
   for bad in (dict(split_k=1), dict(split_k=2, ws=True)):

@@ -199,13 +199,16 @@ def test_weight_only_cluster_reduce_matches_split_partials(fmt, group, m, n, k,
 @pytest.mark.parametrize("m,n,k,tile_k,chunks", [(1, 1024, 2048, 256, 1),
                                                  (16, 4096, 8192, 256, 2),
                                                  (64, 1024, 4096, 128, 1)])
+@pytest.mark.parametrize("variant", ["scale_words", "lut_regs", "both"])
 def test_weight_only_scale_words_are_bit_identical(fmt, group, m, n, k, tile_k,
-                                                   chunks):
+                                                   chunks, variant):
   # Config.scale_words reads a row's group scales four at a time and converts
   # them in one PTX block; every scale must be the same bf16 as the per-scale
   # path's, so the outputs are the same bits. The MXFP4 scales include the
   # E8M0 codes 0 (2**-127), 1, 254 and 255 (NaN) in every byte position of
   # a word (rows whose outputs then hold NaN or huge values on both sides).
+  # Config.lut_regs reads the lookup tables from shared memory: the same
+  # decoded values.
   ops, prob = _wo_ops(fmt, group, m, n, k)
   if fmt == "mxfp4":
     s = np.array(ops.w_scale)
@@ -216,7 +219,8 @@ def test_weight_only_scale_words_are_bit_identical(fmt, group, m, n, k, tile_k,
   base = dataclasses.replace(gpu_weight_only._decode_config(prob),  # pylint: disable=protected-access
                              tile_k=tile_k, k_chunks=chunks, fast_decode=True,
                              lut_decode=True)
-  cfg = dataclasses.replace(base, scale_words=True)
+  cfg = dataclasses.replace(base, scale_words=variant != "lut_regs",
+                            lut_regs=variant != "scale_words")
   assert gpu_weight_only._shape_ok(prob, cfg)  # pylint: disable=protected-access
   for xs in (ops.x, _unit_activations(m, k) if m >= 16 else None):
     if xs is None:
