@@ -29,9 +29,22 @@ from __future__ import annotations
 
 import subprocess
 
+import collections
+import gzip
+
 from absl import app
+from absl import flags
 
 from experiments import ptx_check
+
+_LISTING = flags.DEFINE_string(
+    "nsight_listing", "benchmarks/kernels_h100_runs/ncu_sass_wgmma_s34a.txt.gz",
+    "an Nsight Compute SASS listing of the kernels (experiments/ncu_sass_mix.py "
+    "reads the same) whose loop bodies the estimate is compared with; empty: "
+    "no comparison")
+# The listing's kernels, in its launch order, and the estimate of each.
+_LISTED = (("int4_g128@wgmma", "int4_g128"), ("mxfp4@wgmma", "mxfp4 (table)"),
+           ("nvfp4@wgmma", "nvfp4 (table)"))
 
 
 ELEMENTS = 128  # weight elements a thread decodes in one 64 x 256 step
@@ -210,6 +223,45 @@ def rows():
           for name, case in CASES.items()]
 
 
+def loop_bodies(path: str) -> list:
+  """Per kernel of an Nsight SASS listing: (case, opcode counts of its K
+  loop's body), the body being the instructions executed most often (once
+  per warp and K step)."""
+  from experiments import ncu_sass_mix  # pylint: disable=g-import-not-at-top
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rt") as f:
+    text = f.read()
+  cases, kernels = ncu_sass_mix.parse(text)
+  out = []
+  for case, rows in zip(cases, kernels):
+    top = max(ex for _, ex, _ in rows)
+    ops = collections.Counter(op.split(".")[0] for op, ex, _ in rows if ex == top)
+    out.append((case, ops))
+  return out
+
+
+def comparison(results, path: str) -> list[str]:
+  """Rows comparing the estimate with the kernels' loop bodies in ``path``."""
+  est = {name: collections.Counter() for name, _ in results}
+  for name, hist in results:
+    for op, n in hist.items():
+      est[name][op.split(".")[0]] += n
+  lines = ["", f"Against the kernels themselves: the loop body of each kernel in "
+           f"`{path}` (Nsight Compute SASS listing, H100, session 34; the "
+           "instructions executed once per warp and K step) and the estimate of "
+           "the same step, instructions by opcode (listing / estimate):", "",
+           "| kernel | listing | estimate | by opcode |", "|---|---|---|---|"]
+  for (case, body), (listed, name) in zip(loop_bodies(path), _LISTED):
+    if listed not in case or name not in est:
+      continue
+    e = est[name]
+    keys = sorted(set(body) | set(e), key=lambda k: (-body.get(k, 0), k))
+    mix = ", ".join(f"{k} {body.get(k, 0)}/{e.get(k, 0)}" for k in keys)
+    lines.append(f"| {case} ({name}) | {sum(body.values())} | "
+                 f"{sum(e.values())} | {mix} |")
+  return lines
+
+
 def report(results) -> str:
   ptxas = ptx_check.find_ptxas()
   version = subprocess.run([ptxas, "--version"], capture_output=True, text=True,
@@ -231,6 +283,8 @@ def report(results) -> str:
     mix = ", ".join(f"{k} {v / ELEMENTS:.2f}" for k, v in
                     sorted(hist.items(), key=lambda kv: -kv[1]))
     lines.append(f"| {name} | {n / ELEMENTS:.2f} | {mix} |")
+  if _LISTING.value:
+    lines += comparison(results, _LISTING.value)
   return "\n".join(lines) + "\n"
 
 
