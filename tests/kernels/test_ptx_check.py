@@ -227,13 +227,14 @@ def test_scale_words_take_fewer_sass_instructions():
   # paths, counted in ptxas' SASS for sm_90a (one shared-memory load for
   # four scales instead of four).
   from experiments import scale_words_sass  # pylint: disable=g-import-not-at-top
-  got = {(k, p.split()[0]): h for k, p, h in scale_words_sass.rows()}
+  rows = scale_words_sass.rows()
+  got = {(k, p.split()[0]): h for k, p, h in rows}
   for kind in ("e8m0", "e4m3"):
     word, per = got[(kind, "word")], got[(kind, "per")]
     assert word["LDS"] == 1 and per["LDS"] == 4
     assert sum(word.values()) < sum(per.values())
   assert sum(got[("e8m0", "word")].values()) <= 14
-  text = scale_words_sass.report(scale_words_sass.rows())
+  text = scale_words_sass.report(rows)
   assert "| e8m0 | word (scale_words) |" in text
 
 
