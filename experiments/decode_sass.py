@@ -27,8 +27,6 @@ nvidia-cuda-nvdisasm``).
 """
 from __future__ import annotations
 
-import subprocess
-
 import collections
 import gzip
 
@@ -215,10 +213,7 @@ def step_ptx(fmt: str, decode, scales) -> str:
 
 def rows():
   """``[(case, histogram)]``."""
-  ptxas, nvdisasm = ptx_check.find_ptxas(), ptx_check.find_nvdisasm()
-  if ptxas is None or nvdisasm is None:
-    raise app.UsageError("needs ptxas (CUDA toolkit) and nvdisasm "
-                         "(pip install nvidia-cuda-nvdisasm)")
+  ptxas, nvdisasm = ptx_check.require_tools()
   return [(name, ptx_check.sass_histogram(step_ptx(*case), ptxas, nvdisasm))
           for name, case in CASES.items()]
 
@@ -263,9 +258,7 @@ def comparison(results, path: str) -> list[str]:
 
 
 def report(results) -> str:
-  ptxas = ptx_check.find_ptxas()
-  version = subprocess.run([ptxas, "--version"], capture_output=True, text=True,
-                           check=False).stdout.strip().splitlines()[-1]
+  version = ptx_check.ptxas_version()
   lines = ["# Decode step: SASS instructions per weight element (static)", "",
            "Command: `PYTHONPATH=. python3 -m experiments.decode_sass "
            "--md_out=benchmarks/decode_sass.md` (CPU; " + version + ", sm_90a; "
@@ -290,11 +283,7 @@ def report(results) -> str:
 
 def main(argv):
   del argv
-  text = report(rows())
-  if ptx_check.MD_OUT.value:
-    with open(ptx_check.MD_OUT.value, "w") as f:
-      f.write(text)
-  print(text)
+  ptx_check.write_report(report(rows()))
 
 
 if __name__ == "__main__":

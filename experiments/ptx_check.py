@@ -274,6 +274,31 @@ def sass_histogram(ptx: str, ptxas: str, nvdisasm: str,
   return hist
 
 
+def require_tools() -> tuple[str, str]:
+  """(ptxas, nvdisasm) for the SASS count scripts, or a UsageError saying
+  how to get them."""
+  ptxas, nvdisasm = find_ptxas(), find_nvdisasm()
+  if ptxas is None or nvdisasm is None:
+    raise app.UsageError("needs ptxas (CUDA toolkit) and nvdisasm "
+                         "(pip install nvidia-cuda-nvdisasm)")
+  return ptxas, nvdisasm
+
+
+def ptxas_version() -> str:
+  """ptxas' version line (``Build cuda_13.0...``)."""
+  out = subprocess.run([find_ptxas(), "--version"], capture_output=True,
+                       text=True, check=False).stdout
+  return out.strip().splitlines()[-1]
+
+
+def write_report(text: str) -> None:
+  """Prints a SASS count script's report and writes it to ``--md_out``."""
+  if MD_OUT.value:
+    with open(MD_OUT.value, "w") as f:
+      f.write(text)
+  print(text)
+
+
 def assemble(ptx: str, ptxas: str, arch: str = "sm_90a") -> tuple[bool, str]:
   """(whether ptxas accepted ``ptx``, its messages)."""
   with tempfile.TemporaryDirectory() as d:

@@ -24,8 +24,6 @@ nvidia-cuda-nvdisasm``)::
 """
 from __future__ import annotations
 
-import subprocess
-
 from absl import app
 
 from experiments import ptx_check
@@ -69,10 +67,7 @@ def per_scale_ptx(kind: str) -> str:
 def rows():
   """``[(kind, path, histogram)]`` for both scale kinds and both paths."""
   from lowbit_jax.kernels import gpu_weight_only as wo  # pylint: disable=g-import-not-at-top
-  ptxas, nvdisasm = ptx_check.find_ptxas(), ptx_check.find_nvdisasm()
-  if ptxas is None or nvdisasm is None:
-    raise app.UsageError("needs ptxas (CUDA toolkit) and nvdisasm "
-                         "(pip install nvidia-cuda-nvdisasm)")
+  ptxas, nvdisasm = ptx_check.require_tools()
   out = []
   for kind in ("e8m0", "e4m3"):
     for path, asm in (("per scale", per_scale_ptx(kind)),
@@ -84,9 +79,7 @@ def rows():
 
 
 def report(results) -> str:
-  ptxas = ptx_check.find_ptxas()
-  version = subprocess.run([ptxas, "--version"], capture_output=True, text=True,
-                           check=False).stdout.strip().splitlines()[-1]
+  version = ptx_check.ptxas_version()
   lines = ["# Group-scale conversion: SASS per four scales", "",
            "Command: `PYTHONPATH=. python3 -m experiments.scale_words_sass "
            "--md_out=benchmarks/scale_words_sass.md` (CPU; " + version +
@@ -111,11 +104,7 @@ def report(results) -> str:
 
 def main(argv):
   del argv
-  text = report(rows())
-  if ptx_check.MD_OUT.value:
-    with open(ptx_check.MD_OUT.value, "w") as f:
-      f.write(text)
-  print(text)
+  ptx_check.write_report(report(rows()))
 
 
 if __name__ == "__main__":

@@ -1167,24 +1167,19 @@ def e8m0_word_ptx() -> str:
 # to bf16 exactly (an E4M3 value has four significant bits) in one
 # instruction, and the bf16 is repeated in both lanes: per scale half a
 # conversion, one F2F and one move, against a byte load and three conversions.
+_E4M3_PAIR_PTX = """cvt.rn.f16x2.e4m3x2 h, {half};
+mov.b32 {{a, b}}, h;
+cvt.rn.bf16.f16 a, a;
+mov.b32 ${lo}, {{a, a}};
+cvt.rn.bf16.f16 b, b;
+mov.b32 ${hi}, {{b, b}};"""
 _E4M3_WORD_PTX = """{
 .reg .b32 w, h;
 .reg .b16 p, q, a, b;
 ld.shared.b32 w, [$4];
 mov.b32 {p, q}, w;
-cvt.rn.f16x2.e4m3x2 h, p;
-mov.b32 {a, b}, h;
-cvt.rn.bf16.f16 a, a;
-mov.b32 $0, {a, a};
-cvt.rn.bf16.f16 b, b;
-mov.b32 $1, {b, b};
-cvt.rn.f16x2.e4m3x2 h, q;
-mov.b32 {a, b}, h;
-cvt.rn.bf16.f16 a, a;
-mov.b32 $2, {a, a};
-cvt.rn.bf16.f16 b, b;
-mov.b32 $3, {b, b};
-}"""
+""" + _E4M3_PAIR_PTX.format(half="p", lo=0, hi=1) + "\n" + _E4M3_PAIR_PTX.format(
+    half="q", lo=2, hi=3) + "\n}"
 
 
 def scale_word_ptx(kind: str) -> str:

@@ -53,6 +53,22 @@ def make_wo(key, fmt, group, m, n, k, *, out_dtype="float32",
                         w_tensor_scale=ts), prob
 
 
+def abstract_wo(fmt, group, m, n, k):
+  """``(MatmulOperands, MatmulProblem)`` of ShapeDtypeStructs for a weight-only
+  problem (codes K-major, the scale dtype of each format), for lowering."""
+  sds = jax.ShapeDtypeStruct
+  four = fmt != "int8"
+  sdt = {"mxfp4": jnp.uint8, "nvfp4": jnp.float8_e4m3fn}.get(fmt, jnp.bfloat16)
+  ops = MatmulOperands(
+      x=sds((m, k), jnp.bfloat16),
+      w_codes=sds((n, k // 2), jnp.uint8) if four else sds((n, k), jnp.int8),
+      w_scale=sds((n, 1 if group is None else k // group), sdt),
+      w_tensor_scale=sds((), jnp.float32) if fmt == "nvfp4" else None)
+  prob = MatmulProblem(m=m, n=n, k=k, x_dtype="bfloat16", w_format=fmt,
+                       w_block=group)
+  return ops, prob
+
+
 def make_w8(key, case, m, n, k, *, out_dtype="float32", exact=False,
             e8m0_range=(110, 140)):
   """W8A8 operands for ``case`` in {fp8,int8}_{channel,block} or "mxfp8".

@@ -163,6 +163,21 @@ def test_weight_only_k_chunks_matches_reference(fmt, group, m, n, k):
   assert rel_err(out, gpu_weight_only.reference(ops, prob)) < 1e-2
 
 
+def _two_tilings(ops, prob, cfg, base):
+  """``(unit, out with cfg, out with base, operands)`` as float32 arrays, on
+  the operands' activations and, where M >= 16, on unit activations."""
+  m, n, k = prob.m, prob.n, prob.k
+  for xs in (ops.x, _unit_activations(m, k) if m >= 16 else None):
+    if xs is None:
+      continue
+    o = dataclasses.replace(ops, x=xs)
+    got, want = (_run_poisoned(
+        lambda a, c=c: gpu_weight_only.matmul(a, prob, config=c), o, (m, n),
+        jnp.bfloat16) for c in (cfg, base))
+    yield (xs is not ops.x, np.asarray(got, np.float32),
+           np.asarray(want, np.float32), o)
+
+
 @pytest.mark.parametrize("fmt,group", WO_CASES)
 @pytest.mark.parametrize("m,n,k,split", [(1, 1024, 2048, 2), (1, 8192, 8192, 4),
                                          (16, 4096, 8192, 8), (64, 1024, 8192, 4)])
@@ -179,18 +194,10 @@ def test_weight_only_cluster_reduce_matches_split_partials(fmt, group, m, n, k,
   cfg = dataclasses.replace(base, cluster_reduce=True)
   if not gpu_weight_only._shape_ok(prob, cfg):  # pylint: disable=protected-access
     pytest.skip(f"{cfg} does not tile {prob}")
-  for xs in (ops.x, _unit_activations(m, k) if m >= 16 else None):
-    if xs is None:
-      continue
-    o = dataclasses.replace(ops, x=xs)
-    got = _run_poisoned(lambda a: gpu_weight_only.matmul(a, prob, config=cfg),
-                        o, (m, n), jnp.bfloat16)
-    want = _run_poisoned(lambda a: gpu_weight_only.matmul(a, prob, config=base),
-                         o, (m, n), jnp.bfloat16)
+  for unit, got, want, o in _two_tilings(ops, prob, cfg, base):
     assert rel_err(got, gpu_weight_only.reference(o, prob)) < 1e-2
-    if xs is not ops.x:
-      np.testing.assert_array_equal(np.asarray(got, np.float32),
-                                    np.asarray(want, np.float32))
+    if unit:
+      np.testing.assert_array_equal(got, want)
     else:
       assert rel_err(got, want) < 1e-2
 
@@ -222,16 +229,8 @@ def test_weight_only_scale_words_are_bit_identical(fmt, group, m, n, k, tile_k,
   cfg = dataclasses.replace(base, scale_words=variant != "lut_regs",
                             lut_regs=variant != "scale_words")
   assert gpu_weight_only._shape_ok(prob, cfg)  # pylint: disable=protected-access
-  for xs in (ops.x, _unit_activations(m, k) if m >= 16 else None):
-    if xs is None:
-      continue
-    o = dataclasses.replace(ops, x=xs)
-    got = _run_poisoned(lambda a: gpu_weight_only.matmul(a, prob, config=cfg),
-                        o, (m, n), jnp.bfloat16)
-    want = _run_poisoned(lambda a: gpu_weight_only.matmul(a, prob, config=base),
-                         o, (m, n), jnp.bfloat16)
-    np.testing.assert_array_equal(np.asarray(got, np.float32),
-                                  np.asarray(want, np.float32))
+  for _, got, want, _ in _two_tilings(ops, prob, cfg, base):
+    np.testing.assert_array_equal(got, want)
 
 
 _FOUR_BIT = [("int4", 128), ("int4", 32), ("int4", None), ("fp4_e2m1", 32),

@@ -17,7 +17,8 @@ from lowbit_jax.kernels import _gpu_common as common
 from lowbit_jax.kernels import gpu_w8a8
 from lowbit_jax.kernels import gpu_weight_only
 from lowbit_jax.kernels._api import MatmulOperands, MatmulProblem
-from tests.kernels._gpu_operands import (WO_CASES, make_w8, make_wo, np_e2m1,
+from tests.kernels._gpu_operands import (WO_CASES, abstract_wo, make_w8,
+                                         make_wo, np_e2m1,
                                          np_e4m3, np_e8m0, np_w8a8, np_weight,
                                          rel_err)
 
@@ -257,16 +258,7 @@ def _lower(fn, ops):
     # group scales four at a time
     ("mxfp4", 32, 1, "words+lut"), ("nvfp4", 16, 16, "words+fast+chunks")])
 def test_weight_only_kernel_lowers_to_mosaic_gpu(fmt, group, m, ws):
-  n, k = 1024, 4096
-  four = fmt != "int8"
-  sdt = {"mxfp4": jnp.uint8, "nvfp4": jnp.float8_e4m3fn}.get(fmt, jnp.bfloat16)
-  ops = MatmulOperands(
-      x=_sds((m, k), jnp.bfloat16),
-      w_codes=_sds((n, k // 2), jnp.uint8) if four else _sds((n, k), jnp.int8),
-      w_scale=_sds((n, 1 if group is None else k // group), sdt),
-      w_tensor_scale=_sds((), jnp.float32) if fmt == "nvfp4" else None)
-  prob = MatmulProblem(m=m, n=n, k=k, x_dtype="bfloat16", w_format=fmt,
-                       w_block=group)
+  ops, prob = abstract_wo(fmt, group, m, 1024, 4096)
   cfg = gpu_weight_only._decode_config(prob)  # pylint: disable=protected-access
   if isinstance(ws, str) and ws.startswith("nsplit"):
     # Two compute warpgroups, each its half of 128 (or 256) weight rows.

@@ -17,6 +17,7 @@ from lowbit_jax.kernels import gpu_quantize as gq
 from lowbit_jax.kernels import gpu_w8a8
 from lowbit_jax.kernels import gpu_weight_only as wo
 from lowbit_jax.kernels._api import MatmulOperands, MatmulProblem
+from tests.kernels._gpu_operands import abstract_wo
 
 PTXAS = ptx_check.find_ptxas()
 NVDISASM = ptx_check.find_nvdisasm()
@@ -40,15 +41,8 @@ def _assert_assembles(lowered, min_blocks=1):
 
 
 def _wo_lowered(fmt, group, m, cfg, order="natural", n=1024, k=4096):
-  four = fmt != "int8"
-  sdt = {"mxfp4": jnp.uint8, "nvfp4": jnp.float8_e4m3fn}.get(fmt, jnp.bfloat16)
-  ops = MatmulOperands(
-      x=_sds((m, k), jnp.bfloat16),
-      w_codes=_sds((n, k // 2), jnp.uint8) if four else _sds((n, k), jnp.int8),
-      w_scale=_sds((n, 1 if group is None else k // group), sdt),
-      w_tensor_scale=_sds((), jnp.float32) if fmt == "nvfp4" else None)
-  prob = MatmulProblem(m=m, n=n, k=k, x_dtype="bfloat16", w_format=fmt,
-                       w_block=group, w_order=order)
+  ops, prob = abstract_wo(fmt, group, m, n, k)
+  prob = dataclasses.replace(prob, w_order=order)
   assert wo._shape_ok(prob, cfg)  # pylint: disable=protected-access
   return _lower(lambda o: wo.matmul(o, prob, config=cfg), ops)
 
@@ -70,13 +64,14 @@ _C = wo.Config
                         fast_decode=True), "wgmma"),
     ("mxfp4", 32, 16, _C(64, 256, 16, 4, 2, lut_decode=True, scale_words=True),
      "wgmma"),
-    ("nvfp4", 16, 1, _C(64, 256, 8, 4, 4, fast_decode=True, lut_decode=True,
-                        cluster_reduce=True, scale_words=True), "natural"),
+    # (CI runs every other case: tests/conftest.py's SLOW_EVERY_OTHER)
     ("mxfp4", 32, 1, _C(64, 256, 8, 4, 4, lut_decode=True, lut_regs=True,
                         scale_words=True, cluster_reduce=True), "wgmma"),
+    ("nvfp4", 16, 1, _C(64, 256, 8, 4, 4, fast_decode=True, lut_decode=True,
+                        cluster_reduce=True, scale_words=True), "natural"),
     ("nvfp4", 16, 16, _C(128, 256, 16, 4, 2, ws=True, n_split=True,
-                         fast_decode=True, lut_decode=True, lut_regs=True),
-     "natural"),
+                         fast_decode=True, lut_decode=True, lut_regs=True,
+                         scale_words=True), "natural"),
 ])
 def test_weight_only_inline_ptx_assembles(fmt, group, m, cfg, order):
   rows = _assert_assembles(_wo_lowered(fmt, group, m, cfg, order))
