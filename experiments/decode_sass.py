@@ -93,6 +93,8 @@ CASES = {
     # name: (format, decode, scale path)
     "int4_pc": ("int4", None, None),
     "int4_g128": ("int4", None, "bf16"),
+    "fp4_g32 (table)": ("fp4_e2m1", "lut", "bf16"),
+    "fp4_g32 (table, lut_regs)": ("fp4_e2m1", "lut_regs", "bf16"),
     "mxfp4 (fast)": ("mxfp4", "fast", "per scale"),
     "mxfp4 (table)": ("mxfp4", "lut", "per scale"),
     "mxfp4 (table, scale_words)": ("mxfp4", "lut", "words"),
@@ -176,9 +178,10 @@ def step_ptx(fmt: str, decode, scales) -> str:
                                   2: "%ttl", 3: "%tth"}))
   # group scales, one bf16 pair a (row, group)
   if scales is not None:
-    if fmt == "int4":  # groups of 128: 4 words a scale
-      per_word = {j: j // 4 for j in range(_WORDS)}
-      for g in range(_WORDS // 4):
+    # bf16 scales: int4 in groups of 128 (four words a scale), fp4 of 32 (one)
+    words_per_group = 4 if fmt == "int4" else 1
+    if scales == "bf16":
+      for g in range(_WORDS // words_per_group):
         lines.append(_BF16_ONE.format(addr=f"%ss+{2 * g}", out=f"%s{g}"))
     elif scales == "per scale":
       one = _E8M0_ONE if fmt == "mxfp4" else _E4M3_ONE
@@ -195,8 +198,8 @@ def step_ptx(fmt: str, decode, scales) -> str:
                 "ld.shared.b32 w, [%t6]", f"ld.shared.b32 w, [%ss+{4 * q}]"))
     for j in range(_WORDS):
       for i in range(4):
-        if fmt == "int4":
-          g = j // 4
+        if scales == "bf16":
+          g = j // words_per_group
         elif fmt == "mxfp4":
           g = j
         else:
