@@ -157,6 +157,12 @@ SLOW_CASES = frozenset({
     "tests/kernels/test_ptx_check.py::test_quantizer_inline_ptx_assembles[nvfp4-None]",
     "tests/kernels/test_ptx_check.py::test_w8a8_inline_ptx_assembles[fp8_block]",
     "tests/kernels/test_gpu_interpret.py::test_weight_only_cluster_reduce_grid[nvfp4-16-4-16]",
+    # and, to keep the suite's time where it was: e5m2's row dequantizer
+    # (e4m3 takes the same float path), the one-pass quantizer (never
+    # dispatched: slower than two passes on the H100; its lowering and PTX
+    # tests stay)
+    "tests/kernels/test_gpu_dequantize.py::test_interpreted_row_kernel_equals_dequantize[fp8_e5m2]",
+    "tests/kernels/test_gpu_quantize.py::test_one_pass_kernel_equals_core_bit_for_bit[int4_pc]",
 })
 
 # Long parametrized families: every other case (in collection order) runs
