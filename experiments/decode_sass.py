@@ -274,11 +274,9 @@ def report(results) -> str:
            "channel 2.56, int4 g128 3.02, MXFP4 table decode 4.75, NVFP4 "
            "table decode 5.29.", "",
            "| case | SASS / element | instructions per element |", "|---|---|---|"]
-  for name, hist in results:
-    n = sum(hist.values())
-    mix = ", ".join(f"{k} {v / ELEMENTS:.2f}" for k, v in
-                    sorted(hist.items(), key=lambda kv: -kv[1]))
-    lines.append(f"| {name} | {n / ELEMENTS:.2f} | {mix} |")
+  lines += [f"| {name} | {sum(h.values()) / ELEMENTS:.2f} | "
+            f"{ptx_check.opcode_mix(h, ELEMENTS, by_count=True)} |"
+            for name, h in results]
   if _LISTING.value:
     lines += comparison(results, _LISTING.value)
   return "\n".join(lines) + "\n"

@@ -291,6 +291,15 @@ def ptxas_version() -> str:
   return out.strip().splitlines()[-1]
 
 
+def opcode_mix(hist: dict, per: float = 1.0, by_count: bool = False) -> str:
+  """``"OP n, ..."`` of a SASS histogram, each count divided by ``per``
+  (two decimals unless ``per`` is 1), most frequent first or by name."""
+  items = (sorted(hist.items(), key=lambda kv: -kv[1]) if by_count
+           else sorted(hist.items()))
+  fmt = (lambda v: f"{v}") if per == 1 else (lambda v: f"{v / per:.2f}")  # noqa: E731
+  return ", ".join(f"{k} {fmt(v)}" for k, v in items)
+
+
 def write_report(text: str) -> None:
   """Prints a SASS count script's report and writes it to ``--md_out``."""
   if MD_OUT.value:

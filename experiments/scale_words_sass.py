@@ -95,10 +95,8 @@ def report(results) -> str:
            "the conversion itself.", "",
            "| scales | path | SASS / 4 scales | per scale | instructions |",
            "|---|---|---|---|---|"]
-  for kind, path, hist in results:
-    n = sum(hist.values())
-    mix = ", ".join(f"{k} {v}" for k, v in sorted(hist.items()))
-    lines.append(f"| {kind} | {path} | {n} | {n / 4:.2f} | {mix} |")
+  lines += [f"| {kind} | {path} | {sum(h.values())} | {sum(h.values()) / 4:.2f} "
+            f"| {ptx_check.opcode_mix(h)} |" for kind, path, h in results]
   return "\n".join(lines) + "\n"
 
 
