@@ -84,8 +84,12 @@ start-up plus the crashed shape's work. ``experiments/xla_gemm_fusion_check.py``
 compiles every XLA program of the default lists for an H200 target on a
 machine without a GPU, one process each, to find such aborts beforehand.
 
-``--mode=tune`` = ``all``; ``--mode=bench`` times only the table's tiling (no
-candidates, no table written); ``--mode=report --inputs=a.json,...`` rebuilds the
+``--mode=tune`` = ``all``; its phases end with ``refine``: each row's fastest
+tiling so far with every combination of the options session 35 built
+without a GPU (``refine_candidates``: ``cluster_reduce``, ``lut_regs``,
+``scale_words``), so ``--phases=base,refine`` tries them on the table's own
+tilings; ``--mode=bench`` times only the table's tiling (no candidates, no
+table written); ``--mode=report --inputs=a.json,...`` rebuilds the
 markdown from result JSON on any machine; ``--smoke`` runs every step on tiny
 shapes on the CPU (kernels in the Mosaic GPU interpreter, wall-clock timing).
 """
