@@ -143,7 +143,8 @@ _TOKAMAX_ONLY = flags.DEFINE_bool(
 _PHASES = flags.DEFINE_list(
     "phases", [], "run only these of base, tokamax, w8a8, tune, refine "
     "(default: all; tune and refine need base rows of the same run; refine "
-    "gives the fastest tiling timed so far session 35's options)")
+    "times the fastest tiling so far with session 35's options, "
+    "refine_candidates)")
 _PEER_WHEELS = flags.DEFINE_string(
     "peer_wheels", ".whl", "folder of the qwix/tokamax wheels (and their deps)")
 _BLOCK8B = flags.DEFINE_bool("block8b", True, "time the Llama-3-8B block shapes")
@@ -510,7 +511,7 @@ def refine_candidates(wo, prob, best) -> list:
   opts = []
   if best.split_k in wo.CLUSTER_SPLITS and not best.ws:
     opts.append(dict(cluster_reduce=True))
-  if prob.w_format in ("fp4_e2m1", "mxfp4", "nvfp4"):
+  if prob.w_format in wo.E2M1_FORMATS:
     opts.append(dict(lut_decode=True, lut_regs=True))
   if prob.w_format in ("mxfp4", "nvfp4"):
     opts.append(dict(scale_words=True))

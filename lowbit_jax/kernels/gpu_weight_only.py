@@ -88,7 +88,7 @@ from lowbit_jax.kernels import _gpu_common as common
 from lowbit_jax.kernels._api import MatmulOperands, MatmulProblem
 
 _FORMATS = ("int4", "int8", "fp4_e2m1", "mxfp4", "nvfp4")
-_E2M1 = ("fp4_e2m1", "mxfp4", "nvfp4")
+E2M1_FORMATS = ("fp4_e2m1", "mxfp4", "nvfp4")  # E2M1 codes
 _GROUPS = {"int4": (None, 32, 64, 128), "int8": (None, 32, 64, 128),
            "fp4_e2m1": (None, 32, 64, 128), "mxfp4": (32,), "nvfp4": (16,)}
 
@@ -136,9 +136,9 @@ class Config:
       profile of ``benchmarks/kernels_h200_notes.md``).
     scale_words: MXFP4 / NVFP4 only: a row's group scales are read four at a
       time (one 32-bit shared-memory load) and converted together
-      (``_E8M0_WORD_PTX``: about 3 instructions a scale against 7;
-      ``_E4M3_WORD_PTX``: about 2.5 against 4), where a K chunk holds a
-      multiple of four groups.
+      (``_E8M0_WORD_PTX``: 3.25 SASS instructions a scale against 7;
+      ``_E4M3_WORD_PTX``: 2.75 against 5; benchmarks/scale_words_sass.md),
+      where a K chunk holds a multiple of four groups.
     lut_regs: with ``lut_decode``: the lookup tables' words are stored to
       shared memory at the kernel's start and read from there by each
       decode, so that ptxas keeps them in registers instead of rebuilding
@@ -394,14 +394,8 @@ def _tiles_ok(problem: MatmulProblem, cfg: Config) -> bool:
     return False
   if m > cfg.tile_m and m % cfg.tile_m:
     return False
-  if cfg.n_split and not (cfg.ws and cfg.tile_n % 128 == 0):
-    return False  # two warpgroups of a multiple of 64 rows each
-  if cfg.cluster_reduce and (cfg.ws or cfg.split_k not in CLUSTER_SPLITS):
-    return False  # one warpgroup a CTA, the K slices one portable cluster
-  if cfg.scale_words and problem.w_format not in ("mxfp4", "nvfp4"):
-    return False  # one-byte group scales only
-  if cfg.lut_regs and not (cfg.lut_decode and problem.w_format in _E2M1):
-    return False  # the table decode's tables
+  if _config_refusal(problem, cfg) is not None:
+    return False
   tkw = cfg.tile_k // (2 if cfg.ws and not cfg.n_split else 1)
   if cfg.k_chunks < 1 or tkw % cfg.k_chunks:
     return False
@@ -421,6 +415,32 @@ def _tiles_ok(problem: MatmulProblem, cfg: Config) -> bool:
     if (cw * itemsize) % 16:
       return False
   return True
+
+
+def _config_refusal(problem: MatmulProblem, cfg: Config) -> Optional[str]:
+  """Why ``cfg``'s options cannot apply to ``problem`` (whatever the shape),
+  or None: ``_tiles_ok`` refuses such tilings, ``matmul`` raises with it."""
+  if cfg.n_split and not cfg.ws:
+    return (f"Config(n_split=True) splits the rows between the two compute "
+            f"warpgroups of the warp-specialized kernel: pass ws=True as well "
+            f"(got {cfg})")
+  if cfg.n_split and cfg.tile_n % 128:
+    return (f"Config(n_split=True) gives each of two warpgroups tile_n / 2 "
+            f"weight rows, which must be a multiple of 64 (a WGMMA's rows): "
+            f"tile_n must be a multiple of 128, got {cfg.tile_n}")
+  if cfg.cluster_reduce and (cfg.ws or cfg.split_k not in CLUSTER_SPLITS):
+    return (f"Config(cluster_reduce=True) runs the split_k K slices of the "
+            f"one-warpgroup kernel as one cluster: it needs ws=False and "
+            f"split_k in {CLUSTER_SPLITS} (a portable cluster holds at most 8 "
+            f"CTAs), got {cfg}")
+  if cfg.scale_words and problem.w_format not in ("mxfp4", "nvfp4"):
+    return (f"Config(scale_words=True) reads one-byte group scales (MXFP4's "
+            f"E8M0, NVFP4's E4M3) four at a time; {problem.w_format} has none")
+  if cfg.lut_regs and not (cfg.lut_decode and problem.w_format in E2M1_FORMATS):
+    return (f"Config(lut_regs=True) keeps the table decode's tables in "
+            f"registers: it needs lut_decode=True and an E2M1 format "
+            f"({', '.join(E2M1_FORMATS)}), got {cfg} for {problem.w_format}")
+  return None
 
 
 def scale_chunk(fmt: str, ng_total: int, ng_step: int, itemsize: int) -> int:
@@ -1025,8 +1045,8 @@ prmt.b32 $0, tl, th, $1;
 # IMAD.MOV before nearly every lookup (a prmt takes at most one immediate),
 # 0.70 instructions an element of the MXFP4 kernel in the Nsight listing;
 # a loaded word it cannot rebuild, so it stays in a register
-# (experiments/decode_sass.py: 3.62 -> 2.98 instructions an element for the
-# MXFP4 step with scale_words, all of the IMADs gone).
+# (benchmarks/decode_sass.md: the MXFP4 step with scale_words 3.62 -> 3.04
+# instructions an element, the IMADs 0.62 -> 0.04).
 _E2M1_LUT_IDX_REGS_PTX = """{
 .reg .b32 s;
 prmt.b32 s, $3, $3, $2;
@@ -1515,7 +1535,7 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
   cluster = cfg.cluster_reduce and split > 1
   partials = split > 1 and (not cluster or interp)
   # Config.lut_regs: compiled kernels only (the interpreter's decode is jnp)
-  lut_regs = cfg.lut_regs and cfg.lut_decode and not interp
+  lut_regs = cfg.lut_regs and not interp
   per_channel = group is None
   ng_total = None if per_channel else kps // group
   ng_step = None if per_channel else max(1, ckw // group)
@@ -1903,32 +1923,9 @@ def matmul(operands: MatmulOperands, problem: MatmulProblem, *,
   """
   params = common.interpret_params(interpret)
   _validate(problem)
-  if config is not None and config.n_split and not config.ws:
-    raise ValueError(f"Config(n_split=True) splits the rows between the two "
-                     f"compute warpgroups of the warp-specialized kernel: pass "
-                     f"ws=True as well (got {config})")
-  if config is not None and config.cluster_reduce and (
-      config.ws or config.split_k not in CLUSTER_SPLITS):
-    raise ValueError(f"Config(cluster_reduce=True) runs the split_k K slices "
-                     f"of the one-warpgroup kernel as one cluster: it needs "
-                     f"ws=False and split_k in {CLUSTER_SPLITS} (a portable "
-                     f"cluster holds at most 8 CTAs), got {config}")
-  if config is not None and config.scale_words and problem.w_format not in (
-      "mxfp4", "nvfp4"):
-    raise ValueError(f"Config(scale_words=True) reads one-byte group scales "
-                     f"(MXFP4's E8M0, NVFP4's E4M3) four at a time; "
-                     f"{problem.w_format} has none")
-  if config is not None and config.lut_regs and not (
-      config.lut_decode and problem.w_format in _E2M1):
-    raise ValueError(f"Config(lut_regs=True) keeps the table decode's tables "
-                     f"in registers: it needs lut_decode=True and an E2M1 "
-                     f"format (fp4_e2m1, mxfp4, nvfp4), got {config} for "
-                     f"{problem.w_format}")
-  if config is not None and config.n_split and config.tile_n % 128:
-    raise ValueError(f"Config(n_split=True) gives each of two warpgroups "
-                     f"tile_n / 2 weight rows, which must be a multiple of 64 "
-                     f"(a WGMMA's rows): tile_n must be a multiple of 128, got "
-                     f"{config.tile_n}")
+  refusal = None if config is None else _config_refusal(problem, config)
+  if refusal is not None:
+    raise ValueError(refusal)
   cfg = config
   if cfg is None:
     cfg = tuned_config(problem)
