@@ -34,6 +34,7 @@ from absl import app
 from absl import flags
 
 from experiments import ptx_check
+from experiments import scale_words_sass
 
 _LISTING = flags.DEFINE_string(
     "nsight_listing", "benchmarks/kernels_h100_runs/ncu_sass_wgmma_s34a.txt.gz",
@@ -60,29 +61,6 @@ mov.b32 s3, 0x43084308;
 sub.bf16x2 {out}, s2, s3;
 }}"""
 
-# _scale_to_bf16 without scale_words, as LLVM lowers its arith ops.
-_E8M0_ONE = """{{
-.reg .b16 c, t;
-.reg .pred p, q;
-ld.shared.u8 c, [{addr}];
-shl.b16 t, c, 7;
-setp.eq.s16 p, c, 0;
-selp.b16 t, 0x0040, t, p;
-setp.eq.s16 q, c, 255;
-selp.b16 t, 0x7FC0, t, q;
-mov.b32 {out}, {{t, t}};
-}}"""
-_E4M3_ONE = """{{
-.reg .b16 c, lo, hi, b;
-.reg .b32 t;
-.reg .f32 f;
-ld.shared.u8 c, [{addr}];
-cvt.rn.f16x2.e4m3x2 t, c;
-mov.b32 {{lo, hi}}, t;
-cvt.f32.f16 f, lo;
-cvt.rn.bf16.f32 b, f;
-mov.b32 {out}, {{b, b}};
-}}"""
 _BF16_ONE = """{{
 .reg .b16 b;
 ld.shared.b16 b, [{addr}];
@@ -104,13 +82,6 @@ CASES = {
     "mxfp4 (table, lut_regs, scale_words)": ("mxfp4", "lut_regs", "words"),
     "nvfp4 (table, lut_regs, scale_words)": ("nvfp4", "lut_regs", "words"),
 }
-
-
-def _sub(block: str, ops: dict) -> str:
-  """A kernel PTX block with its ``$i`` operands named."""
-  for i in sorted(ops, reverse=True):  # $10 before $1
-    block = block.replace(f"${i}", ops[i])
-  return block
 
 
 def step_ptx(fmt: str, decode, scales) -> str:
@@ -144,8 +115,8 @@ def step_ptx(fmt: str, decode, scales) -> str:
       for i in range(4):
         sm, ss = wo.e2m1_prmt_selectors(i)
         blk = wo._E2M1_PTX.format(sel_mag=hex(sm), sel_sign=hex(ss))  # pylint: disable=protected-access
-        lines.append(_sub(blk, {0: f"%a{4 * j + i}", 1: f"%w{j}", 2: "%t0",
-                                3: "%t1"}))
+        lines.append(ptx_check.bind_operands(
+            blk, [f"%a{4 * j + i}", f"%w{j}", "%t0", "%t1"]))
         lines.append(f"mul.rn.bf16x2 %a{4 * j + i}, %a{4 * j + i}, %t7;")
   else:  # table decode
     u_lo, u_hi, t_lo, t_hi = wo._e2m1_lut_tables()  # pylint: disable=protected-access
@@ -167,15 +138,15 @@ def step_ptx(fmt: str, decode, scales) -> str:
         if half:
           lines.append(f"shr.b32 %t2, %w{j}, 16;")
         lines.append(f"and.b32 %t3, {src}, 0x7777;")
-        lines.append(_sub(idx, {0: "%t4", 1: "%t3", 2: src, 3: "%tk",
-                                4: "%tul", 5: "%tuh"}))
+        lines.append(ptx_check.bind_operands(
+            idx, ["%t4", "%t3", src, "%tk", "%tul", "%tuh"]))
         for part in range(2):
           sel = "%t4"
           if part:
             lines.append("shr.b32 %t5, %t4, 16;")
             sel = "%t5"
-          lines.append(_sub(val, {0: f"%a{4 * j + 2 * half + part}", 1: sel,
-                                  2: "%ttl", 3: "%tth"}))
+          lines.append(ptx_check.bind_operands(
+              val, [f"%a{4 * j + 2 * half + part}", sel, "%ttl", "%tth"]))
   # group scales, one bf16 pair a (row, group)
   if scales is not None:
     # bf16 scales: int4 in groups of 128 (four words a scale), fp4 of 32 (one)
@@ -184,7 +155,7 @@ def step_ptx(fmt: str, decode, scales) -> str:
       for g in range(_WORDS // words_per_group):
         lines.append(_BF16_ONE.format(addr=f"%ss+{2 * g}", out=f"%s{g}"))
     elif scales == "per scale":
-      one = _E8M0_ONE if fmt == "mxfp4" else _E4M3_ONE
+      one = scale_words_sass.PER_SCALE_PTX["e8m0" if fmt == "mxfp4" else "e4m3"]
       n = _WORDS if fmt == "mxfp4" else 2 * _WORDS  # a word: 1 or 2 groups
       for g in range(n):
         lines.append(one.format(addr=f"%ss+{g}", out=f"%s{g}"))
@@ -192,10 +163,9 @@ def step_ptx(fmt: str, decode, scales) -> str:
       kind = "e8m0" if fmt == "mxfp4" else "e4m3"
       n = _WORDS if fmt == "mxfp4" else 2 * _WORDS
       for q in range(n // 4):
-        lines.append(_sub(wo.scale_word_ptx(kind), {
-            0: f"%s{4 * q}", 1: f"%s{4 * q + 1}", 2: f"%s{4 * q + 2}",
-            3: f"%s{4 * q + 3}", 4: "%t6"}).replace(
-                "ld.shared.b32 w, [%t6]", f"ld.shared.b32 w, [%ss+{4 * q}]"))
+        lines.append(ptx_check.bind_operands(
+            wo.scale_word_ptx(kind),
+            [f"%s{4 * q + i}" for i in range(4)] + [f"%ss+{4 * q}"]))
     for j in range(_WORDS):
       for i in range(4):
         if scales == "bf16":

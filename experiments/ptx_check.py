@@ -134,18 +134,32 @@ def _split(constraints: str) -> list[str]:
   return [c for c in constraints.split(",") if c]
 
 
-def probe_kernel(block: AsmBlock) -> str:
-  """A PTX module of one kernel running ``block`` on fresh registers."""
+def bind_operands(asm: str, names) -> str:
+  """``asm`` with each ``$i`` replaced by ``names[i]`` (``$$`` by ``$``)."""
+  def sub(m):
+    if m.group(0) == "$$":
+      return "$"
+    i = int(m.group(1))
+    if i >= len(names):
+      raise ValueError(f"{asm!r} uses ${i} but has {len(names)} operands")
+    return names[i]
+  return re.sub(r"\$\$|\$(\d+)", sub, asm)
+
+
+def _bind(block: AsmBlock):
+  """``(declarations, body, inputs, outputs)``: a register (``%o<i>``,
+  ``%i<j>``) for each operand of ``block`` of the type its constraint names,
+  the block with its operands bound, and the input and output constraint
+  kinds."""
   parts = [c for c in _split(block.constraints) if not c.startswith("~")]
-  outs = [c for c in parts if c.startswith("=")]
+  outs = [c.lstrip("=&") for c in parts if c.startswith("=")]
   ins = [c for c in parts if not c.startswith("=")]
   imms = dict(block.immediates)
   decls, names = [], []
-  for i, c in enumerate(outs):
-    kind = c.lstrip("=&")
+  for i, kind in enumerate(outs):
     if kind not in _REG:
-      raise ValueError(f"output constraint {c!r} of {block.asm!r} is not one "
-                       f"of {sorted(_REG)}")
+      raise ValueError(f"output constraint {kind!r} of {block.asm!r} is not "
+                       f"one of {sorted(_REG)}")
     names.append(f"%o{i}")
     decls.append(f".reg {_REG[kind]} %o{i};")
   for j, c in enumerate(ins):
@@ -163,25 +177,23 @@ def probe_kernel(block: AsmBlock) -> str:
     else:
       raise ValueError(f"input constraint {c!r} of {block.asm!r} is not one of "
                        f"{sorted(_REG)}, n or a tied output")
+  return decls, bind_operands(block.asm, names), ins, outs
 
-  def sub(m):
-    tok = m.group(0)
-    if tok == "$$":
-      return "$"
-    i = int(m.group(1))
-    if i >= len(names):
-      raise ValueError(f"{block.asm!r} uses ${i} but has {len(names)} operands")
-    return names[i]
 
-  body = re.sub(r"\$\$|\$(\d+)", sub, block.asm)
+def _module(entry: str, lines) -> str:
   return "\n".join([f".version {PTX_VERSION}", ".target sm_90a",
-                    ".address_size 64", ".visible .entry probe()", "{",
-                    *decls, body, "ret;", "}", ""])
+                    ".address_size 64", f".visible .entry {entry}", "{",
+                    *lines, "ret;", "}", ""])
+
+
+def probe_kernel(block: AsmBlock) -> str:
+  """A PTX module of one kernel running ``block`` on fresh registers."""
+  decls, body, _, _ = _bind(block)
+  return _module("probe()", decls + [body])
 
 
 _LD = {".b32": "ld.global.b32", ".b64": "ld.global.b64", ".b16": "ld.global.b16",
        ".f32": "ld.global.f32", ".f64": "ld.global.f64"}
-_ST = {k: v.replace("ld.", "st.") for k, v in _LD.items()}
 
 
 def io_probe_kernel(block: AsmBlock, smem_words: int = 0) -> str:
@@ -189,34 +201,22 @@ def io_probe_kernel(block: AsmBlock, smem_words: int = 0) -> str:
   each output stored there (so that ptxas can fold nothing away): the
   kernel whose SASS ``sass_histogram`` counts. ``smem_words`` 32-bit words of
   shared memory are declared (``probe_smem``) for blocks that load from it;
-  a ``.b32`` input may be an address in it. Predicate inputs are not
+  a ``.b32`` input may be an address in it. Predicate operands are not
   supported."""
-  parts = [c for c in _split(block.constraints) if not c.startswith("~")]
-  outs = [c.lstrip("=&") for c in parts if c.startswith("=")]
-  ins = [c for c in parts if not c.startswith("=")]
+  decls, body, ins, outs = _bind(block)
   if "b" in outs + ins:
     raise ValueError(f"{block.asm!r}: predicate operands are not supported here")
-  plain = probe_kernel(block).split("\n")
-  body_start = plain.index("{") + 1
-  decls = [l for l in plain[body_start:] if l.startswith(".reg ")
-           and (" %o" in l or " %i" in l)]
-  rest = plain[body_start + len(decls):]
-  loads, stores = [], []
-  off = 0
-  for j, c in enumerate(ins):
-    if c in _REG:
-      loads.append(f"{_LD[_REG[c]]} %i{j}, [%pa+{off}];")
-      off += 8
-  for i, c in enumerate(outs):
-    stores.append(f"{_ST[_REG[c]]} [%pa+{off}], %o{i};")
-    off += 8
-  head = plain[:body_start - 2] + [".visible .entry probe(.param .u64 p)", "{",
-                                   ".reg .u64 %pa;", *decls]
+  head = [".reg .u64 %pa;", *decls]
   if smem_words:
     head.append(f".shared .align 16 .b32 probe_smem[{smem_words}];")
   head.append("ld.param.u64 %pa, [p];")
-  body = rest[:-3]  # the block (probe_kernel ends with "ret;", "}", "")
-  return "\n".join(head + loads + body + stores + ["ret;", "}", ""])
+  regs = [(f"%i{j}", c) for j, c in enumerate(ins) if c in _REG]
+  regs += [(f"%o{i}", c) for i, c in enumerate(outs)]
+  loads = [f"{_LD[_REG[c]]} {r}, [%pa+{8 * k}];"
+           for k, (r, c) in enumerate(regs) if r.startswith("%i")]
+  stores = [f"{_LD[_REG[c]].replace('ld.', 'st.')} [%pa+{8 * k}], {r};"
+            for k, (r, c) in enumerate(regs) if r.startswith("%o")]
+  return _module("probe(.param .u64 p)", head + loads + [body] + stores)
 
 
 def find_nvdisasm(path: str = "") -> Optional[str]:
@@ -253,14 +253,10 @@ def sass_histogram(ptx: str, ptxas: str, nvdisasm: str,
   """Opcode -> count of the SASS ``ptxas`` makes of ``ptx``, without the
   frame's loads, stores, constant reads and exit (``_FRAME_OPS``)."""
   with tempfile.TemporaryDirectory() as d:
-    src, out = os.path.join(d, "p.ptx"), os.path.join(d, "p.cubin")
-    with open(src, "w") as f:
-      f.write(ptx.replace(".target sm_90a", f".target {arch}"))
-    r = subprocess.run([ptxas, "--gpu-name", arch, src, "-o", out],
-                       check=False, capture_output=True, text=True, timeout=120)
-    if r.returncode:
-      raise RuntimeError(f"ptxas rejected the kernel: {r.stderr.strip()}")
-    listing = subprocess.run([nvdisasm, "-c", out], check=True,
+    ok, msg, cubin = _ptxas(ptx, ptxas, arch, d)
+    if not ok:
+      raise RuntimeError(f"ptxas rejected the kernel: {msg}")
+    listing = subprocess.run([nvdisasm, "-c", cubin], check=True,
                              capture_output=True, text=True, timeout=120).stdout
   hist: dict[str, int] = {}
   for line in listing.splitlines():
@@ -308,16 +304,22 @@ def write_report(text: str) -> None:
   print(text)
 
 
+def _ptxas(ptx: str, ptxas: str, arch: str, folder: str):
+  """Compiles ``ptx`` for ``arch`` in ``folder``: (accepted, ptxas' messages,
+  the cubin's path)."""
+  src, cubin = os.path.join(folder, "p.ptx"), os.path.join(folder, "p.cubin")
+  with open(src, "w") as f:
+    f.write(ptx.replace(".target sm_90a", f".target {arch}"))
+  r = subprocess.run([ptxas, "--gpu-name", arch, src, "-o", cubin],
+                     capture_output=True, text=True, timeout=120, check=False)
+  return r.returncode == 0, (r.stdout + r.stderr).strip(), cubin
+
+
 def assemble(ptx: str, ptxas: str, arch: str = "sm_90a") -> tuple[bool, str]:
   """(whether ptxas accepted ``ptx``, its messages)."""
   with tempfile.TemporaryDirectory() as d:
-    src = os.path.join(d, "probe.ptx")
-    with open(src, "w") as f:
-      f.write(ptx.replace(".target sm_90a", f".target {arch}"))
-    r = subprocess.run([ptxas, "--gpu-name", arch, src, "-o",
-                        os.path.join(d, "probe.cubin")],
-                       capture_output=True, text=True, timeout=120, check=False)
-  return r.returncode == 0, (r.stdout + r.stderr).strip()
+    ok, msg, _ = _ptxas(ptx, ptxas, arch, d)
+  return ok, msg
 
 
 def check_lowered(lowered, ptxas: str, arch: str = "sm_90a"):
@@ -336,7 +338,7 @@ def check_lowered(lowered, ptxas: str, arch: str = "sm_90a"):
 # use, to check what a block computes on every input, on the CPU.
 # ----------------------------------------------------------------------------
 
-_MASK = {8: 0xFF, 16: 0xFFFF, 32: 0xFFFFFFFF, 64: (1 << 64) - 1}
+_M32 = 0xFFFFFFFF
 
 
 def _prmt(a: int, b: int, sel: int) -> int:
@@ -380,16 +382,6 @@ def _cvt(kind: str, src: int) -> int:
   raise NotImplementedError(f"cvt.{kind}")
 
 
-def _cvt2(kind: str, a: int, b: int) -> int:
-  import ml_dtypes  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  if kind == "rn.bf16x2.f32":  # upper half from a, lower from b
-    f = lambda v: int(np.array(v, np.uint32).view(np.float32).astype(  # noqa: E731
-        ml_dtypes.bfloat16).view(np.uint16))
-    return (f(a) << 16) | f(b)
-  raise NotImplementedError(f"cvt.{kind}")
-
-
 def emulate(asm: str, inputs, n_out: int, smem: Optional[dict] = None) -> list:
   """Runs an inline-asm block on integer register values.
 
@@ -414,7 +406,7 @@ def emulate(asm: str, inputs, n_out: int, smem: Optional[dict] = None) -> list:
     if tok in regs:
       return regs[tok]
     if imm.fullmatch(tok):
-      return int(tok, 0) & _MASK[32]
+      return int(tok, 0) & _M32
     raise KeyError(f"unknown operand {tok!r} in {asm!r}")
 
   def operands(rest):
@@ -452,14 +444,14 @@ def emulate(asm: str, inputs, n_out: int, smem: Optional[dict] = None) -> list:
       f = {"and": int.__and__, "or": int.__or__, "xor": int.__xor__}[base]
       regs[args[0]] = f(val(args[1]), val(args[2]))
     elif base == "not":
-      regs[args[0]] = ~val(args[1]) & _MASK[32]
+      regs[args[0]] = ~val(args[1]) & _M32
     elif base == "shl":
-      regs[args[0]] = (val(args[1]) << min(val(args[2]), 32)) & _MASK[32]
+      regs[args[0]] = (val(args[1]) << min(val(args[2]), 32)) & _M32
     elif base == "shr" and op.endswith((".b32", ".u32")):
       regs[args[0]] = val(args[1]) >> min(val(args[2]), 32)
     elif base in ("add", "sub") and op.endswith((".u32", ".s32")):
       sign = 1 if base == "add" else -1
-      regs[args[0]] = (val(args[1]) + sign * val(args[2])) & _MASK[32]
+      regs[args[0]] = (val(args[1]) + sign * val(args[2])) & _M32
     elif op == "lop3.b32":
       regs[args[0]] = _lop3(*(val(t) for t in args[1:5]))
     elif op == "prmt.b32":
@@ -471,8 +463,6 @@ def emulate(asm: str, inputs, n_out: int, smem: Optional[dict] = None) -> list:
       regs[args[0]] = smem[addr]
     elif base == "cvt" and len(args) == 2:
       regs[args[0]] = _cvt(op[4:], val(args[1]))
-    elif base == "cvt" and len(args) == 3:
-      regs[args[0]] = _cvt2(op[4:], val(args[1]), val(args[2]))
     else:
       raise NotImplementedError(f"{op} in {asm!r}")
   return [regs[f"${i}"] for i in range(n_out)]

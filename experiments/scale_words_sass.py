@@ -31,37 +31,38 @@ from experiments import ptx_check
 
 # The per-scale paths as LLVM lowers the kernel's MLIR (arith.extui, shli,
 # cmpi + select twice; or the E4M3 asm block then arith.truncf), then the
-# broadcast to both lanes. $0..$3: outputs, $4: the first scale's address.
-_E8M0_PER_SCALE = """{{
+# broadcast to both lanes: one scale at shared address {addr} to {out}.
+# experiments/decode_sass.py writes its per-scale steps with these too.
+PER_SCALE_PTX = {
+    "e8m0": """{{
 .reg .b16 c, t;
 .reg .pred p, q;
-{scales}
-}}"""
-_E8M0_ONE = """ld.shared.u8 c, [$4+{i}];
+ld.shared.u8 c, [{addr}];
 shl.b16 t, c, 7;
 setp.eq.s16 p, c, 0;
 selp.b16 t, 0x0040, t, p;
 setp.eq.s16 q, c, 255;
 selp.b16 t, 0x7FC0, t, q;
-mov.b32 ${i}, {{t, t}};"""
-_E4M3_PER_SCALE = """{{
+mov.b32 {out}, {{t, t}};
+}}""",
+    "e4m3": """{{
 .reg .b16 c, lo, hi, b;
 .reg .b32 t;
 .reg .f32 f;
-{scales}
-}}"""
-_E4M3_ONE = """ld.shared.u8 c, [$4+{i}];
+ld.shared.u8 c, [{addr}];
 cvt.rn.f16x2.e4m3x2 t, c;
 mov.b32 {{lo, hi}}, t;
 cvt.f32.f16 f, lo;
 cvt.rn.bf16.f32 b, f;
-mov.b32 ${i}, {{b, b}};"""
+mov.b32 {out}, {{b, b}};
+}}""",
+}
 
 
 def per_scale_ptx(kind: str) -> str:
-  one, whole = {"e8m0": (_E8M0_ONE, _E8M0_PER_SCALE),
-                "e4m3": (_E4M3_ONE, _E4M3_PER_SCALE)}[kind]
-  return whole.format(scales="\n".join(one.format(i=i) for i in range(4)))
+  """Four scales by the per-scale path: $0..$3 from the bytes at $4."""
+  return "\n".join(PER_SCALE_PTX[kind].format(addr=f"$4+{i}", out=f"${i}")
+                   for i in range(4))
 
 
 def rows():

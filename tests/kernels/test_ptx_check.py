@@ -1,10 +1,12 @@
-"""Every inline-PTX block of the Mosaic GPU kernels assembles for sm_90a.
+"""The Mosaic GPU kernels' inline PTX, on the CPU.
 
-The kernels are lowered for CUDA on the CPU; ``experiments/ptx_check.py``
-reads each ``llvm.inline_asm`` out of the Mosaic GPU module and runs
-``ptxas`` on a one-block kernel of it. Skipped where no ``ptxas`` is
-installed (the CUDA toolkit). What the blocks compute is checked elsewhere
-(on the GPU, and by the interpreter's twins).
+Every block assembles for sm_90a: the kernels are lowered for CUDA and
+``experiments/ptx_check.py`` reads each ``llvm.inline_asm`` out of the Mosaic
+GPU module and runs ``ptxas`` on a one-block kernel of it (skipped where no
+``ptxas`` is installed, the CUDA toolkit). The decode blocks compute the
+exact values: its PTX emulator runs them on every code. The SASS counts of
+``experiments/scale_words_sass.py`` and ``decode_sass.py`` need ``nvdisasm``
+as well.
 """
 import dataclasses
 
@@ -50,6 +52,8 @@ def _wo_lowered(fmt, group, m, cfg, order="natural", n=1024, k=4096):
 _C = wo.Config
 
 
+# CI runs every other case (tests/conftest.py's SLOW_EVERY_OTHER): the last
+# three cover lut_regs, scale_words and cluster_reduce together.
 @needs_ptxas
 @pytest.mark.parametrize("fmt,group,m,cfg,order", [
     ("int4", None, 1, _C(64, 256, 8, 4, 4, cluster_reduce=True), "natural"),
@@ -64,7 +68,6 @@ _C = wo.Config
                         fast_decode=True), "wgmma"),
     ("mxfp4", 32, 16, _C(64, 256, 16, 4, 2, lut_decode=True, scale_words=True),
      "wgmma"),
-    # (CI runs every other case: tests/conftest.py's SLOW_EVERY_OTHER)
     ("mxfp4", 32, 1, _C(64, 256, 8, 4, 4, lut_decode=True, lut_regs=True,
                         scale_words=True, cluster_reduce=True), "wgmma"),
     ("nvfp4", 16, 1, _C(64, 256, 8, 4, 4, fast_decode=True, lut_decode=True,
@@ -272,3 +275,19 @@ def test_decode_step_estimate_counts_the_table_rebuilds():
   assert rhist.get("IMAD", 0) / decode_sass.ELEMENTS < 0.25
   assert regs < table and both < 0.8 * table
   assert got["int4_pc"][0] < got["int4_g128"][0] < table
+
+
+def test_emulator_runs_the_shipped_e4m3_scale_conversion_exactly():
+  # _E4M3_PTX (fast_decode's NVFP4 scale, one byte in a 16-bit register):
+  # the float32 of every E4M3 code, NaN for 0x7F and 0xFF.
+  import ml_dtypes  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  codes = np.arange(256, dtype=np.uint8)
+  want = codes.view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+  for c in range(256):
+    bits, = ptx_check.emulate(wo._E4M3_PTX, [c], 1)  # pylint: disable=protected-access
+    got = np.array(bits, np.uint32).view(np.float32)
+    if np.isnan(want[c]):
+      assert np.isnan(got)
+    else:
+      assert got == want[c] and np.signbit(got) == np.signbit(want[c]), c
