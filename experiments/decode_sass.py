@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 import gzip
 
+import jax
 from absl import app
 from absl import flags
 
@@ -234,7 +235,7 @@ def report(results) -> str:
   version = ptx_check.ptxas_version()
   lines = ["# Decode step: SASS instructions per weight element (static)", "",
            "Command: `PYTHONPATH=. python3 -m experiments.decode_sass "
-           "--md_out=benchmarks/decode_sass.md` (CPU; " + version + ", sm_90a; "
+           "--md_out=benchmarks/decode_sass.md` (CPU, no GPU; jax " + jax.__version__ + ", " + version + ", sm_90a; "
            "nvdisasm). One K step of one thread of the one-warpgroup decode "
            "kernel on wgmma-ordered codes (64 x 256 weights, 128 elements a "
            "thread, M <= 8), written in PTX from the kernel's own blocks "

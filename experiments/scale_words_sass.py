@@ -24,6 +24,7 @@ nvidia-cuda-nvdisasm``)::
 """
 from __future__ import annotations
 
+import jax
 from absl import app
 
 from experiments import ptx_check
@@ -83,7 +84,7 @@ def report(results) -> str:
   version = ptx_check.ptxas_version()
   lines = ["# Group-scale conversion: SASS per four scales", "",
            "Command: `PYTHONPATH=. python3 -m experiments.scale_words_sass "
-           "--md_out=benchmarks/scale_words_sass.md` (CPU; " + version +
+           "--md_out=benchmarks/scale_words_sass.md` (CPU, no GPU; jax " + jax.__version__ + ", " + version +
            ", sm_90a; nvdisasm). Static instruction counts of the "
            "conversion alone (experiments/scale_words_sass.py says how the "
            "per-scale path is written), not timings. Here each output is "
