@@ -507,7 +507,17 @@ def refine_candidates(wo, prob, best) -> list:
   apply to it: ``cluster_reduce`` where it splits K over 2, 4 or 8 CTAs of
   one warpgroup, ``lut_regs`` (with the table decode) for E2M1 weights,
   ``scale_words`` for MXFP4 / NVFP4. At most seven, each fitting the shape,
-  instead of each option on every candidate of the tune phase."""
+  instead of each option on every candidate of the tune phase; and each
+  ``cluster_reduce`` one again with a stage fewer (where ``best`` has more
+  than two), at most eleven in all.
+
+  Why the twin: a cluster's CTAs are resident together or not at all, and
+  its exchange buffer adds to each CTA's shared memory. Nsight Compute on an
+  H100 (session 36, ``benchmarks/kernels_h200_notes.md``, "The three options
+  timed") found int4 g128 on 8192x8192 at M = 1 (512 CTAs, four an SM by
+  shared memory) allowed 124 active 4-CTA clusters of the 128 the grid
+  needs, so 16 CTAs ran as a second wave (21.1 us against 18.6 with XLA's
+  reduction); a stage fewer lets five CTAs share an SM."""
   opts = []
   if best.split_k in wo.CLUSTER_SPLITS and not best.ws:
     opts.append(dict(cluster_reduce=True))
@@ -520,6 +530,11 @@ def refine_candidates(wo, prob, best) -> list:
     for combo in itertools.combinations(opts, r):
       c = dataclasses.replace(best, **{k: v for o in combo for k, v in o.items()})
       if c != best and c not in out and wo._shape_ok(prob, c):  # pylint: disable=protected-access
+        out.append(c)
+  if best.stages > 2:
+    for c in [c for c in out if c.cluster_reduce]:
+      c = dataclasses.replace(c, stages=best.stages - 1)
+      if c not in out and wo._shape_ok(prob, c):  # pylint: disable=protected-access
         out.append(c)
   return out
 

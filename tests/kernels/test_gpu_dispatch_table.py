@@ -315,7 +315,11 @@ def test_bench_refine_phase_tries_the_new_options_on_the_fastest_tiling():
   assert not any(c.cluster_reduce or c.scale_words or c.lut_regs for c in tuned)
   best = wo.Config(64, 256, 8, 4, 4, fast_decode=True)
   got = bench_kernels.refine_candidates(wo, prob, best)
-  assert len(got) == 7 and len(set(got)) == 7 and best not in got
+  # seven combinations, and the four with cluster_reduce again a stage fewer
+  # (a cluster is resident whole or not at all: more CTAs an SM)
+  assert len(got) == 11 and len(set(got)) == 11 and best not in got
+  assert sorted(c.stages for c in got if c.cluster_reduce) == [3] * 4 + [4] * 4
+  assert all(c.cluster_reduce for c in got if c.stages == 3)
   assert all(wo._shape_ok(prob, c) for c in got)  # pylint: disable=protected-access
   assert all(c.lut_decode for c in got if c.lut_regs)
   assert dataclasses.replace(best, cluster_reduce=True, scale_words=True,
@@ -323,6 +327,10 @@ def test_bench_refine_phase_tries_the_new_options_on_the_fastest_tiling():
   # int4: only the cluster reduction, and none without a K split
   int4 = dataclasses.replace(prob, w_format="int4", w_block=128)
   assert bench_kernels.refine_candidates(wo, int4, best) == [
-      dataclasses.replace(best, cluster_reduce=True)]
+      dataclasses.replace(best, cluster_reduce=True),
+      dataclasses.replace(best, cluster_reduce=True, stages=3)]
+  two = dataclasses.replace(best, stages=2)
+  assert bench_kernels.refine_candidates(wo, int4, two) == [
+      dataclasses.replace(two, cluster_reduce=True)]
   assert bench_kernels.refine_candidates(
       wo, int4, dataclasses.replace(best, split_k=1)) == []
