@@ -34,19 +34,22 @@ import pytest  # noqa: E402
 # however quick its compile, removed when the run ends. The same run: 23% of
 # those compilations were hits, 105 s instead of 127. Nothing compiled
 # changes (the flags and the programs are the users'), only how often.
-if "LOWBIT_JAX_TEST_XLA_CACHE" not in os.environ:
-  # the first process of the run (the xdist controller or a lone pytest):
-  # its workers start later and inherit the variable
-  _root = os.path.join(tempfile.gettempdir(), "lowbit_jax_test_xla_cache")
-  os.makedirs(_root, exist_ok=True)
-  os.environ["LOWBIT_JAX_TEST_XLA_CACHE"] = tempfile.mkdtemp(dir=_root)
-  _OWNS_CACHE = True
-else:
-  _OWNS_CACHE = False
-_CACHE_DIR = os.environ["LOWBIT_JAX_TEST_XLA_CACHE"]
-jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+# CPU runs only (CI's): on the GPU machine the tests time and profile
+# kernels, and a program read from a cache there is not what they mean to
+# check.
+_OWNS_CACHE = False
+if jax.default_backend() == "cpu":
+  if "LOWBIT_JAX_TEST_XLA_CACHE" not in os.environ:
+    # the first process of the run (the xdist controller or a lone pytest):
+    # its workers start later and inherit the variable
+    _root = os.path.join(tempfile.gettempdir(), "lowbit_jax_test_xla_cache")
+    os.makedirs(_root, exist_ok=True)
+    os.environ["LOWBIT_JAX_TEST_XLA_CACHE"] = tempfile.mkdtemp(dir=_root)
+    _OWNS_CACHE = True
+  jax.config.update("jax_compilation_cache_dir",
+                    os.environ["LOWBIT_JAX_TEST_XLA_CACHE"])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def pytest_addoption(parser):
@@ -257,4 +260,4 @@ def pytest_sessionfinish(session):
   # pytest).
   del session
   if _OWNS_CACHE:
-    shutil.rmtree(_CACHE_DIR, ignore_errors=True)
+    shutil.rmtree(os.environ["LOWBIT_JAX_TEST_XLA_CACHE"], ignore_errors=True)
