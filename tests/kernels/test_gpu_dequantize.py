@@ -208,7 +208,7 @@ def test_kernel_lowers_to_mosaic_gpu(fid):
   # out, and float32 out with the tiling dispatch would use (a tiling's code
   # differs between the two only in the output tile's dtype, whose size
   # candidate_configs already checks against shared memory; lowering every
-  # float32 candidate too took 40% of this family's 82 s in CI). The
+  # float32 candidate too took 40% of this family's 82 s on a 2-core VM). The
   # interpreter runs another lowering.
   for dtype in (jnp.bfloat16, jnp.float32):
     x = jax.ShapeDtypeStruct((8192, 8192), dtype)
