@@ -517,9 +517,11 @@ def refine_candidates(wo, prob, best) -> list:
   timed") found int4 g128 on 8192x8192 at M = 1 (512 CTAs, four an SM by
   shared memory) allowed 124 active 4-CTA clusters of the 128 the grid
   needs, so 16 CTAs ran as a second wave (21.1 us against 18.6 with XLA's
-  reduction). A stage fewer should let five CTAs share an SM there (about
-  41 KB of shared memory a CTA against 53; 95 registers a thread allow five):
-  an estimate from the tile sizes, not yet timed."""
+  reduction). A stage fewer lets five CTAs share an SM there by shared
+  memory (``gpu_weight_only.smem_bytes``: 40,960 bytes a CTA against 53,248,
+  which Nsight read as 53.3 KB) and by registers (95 a thread); NVFP4's
+  8192x28672 tiling goes from three to four (47,104 against 59,392 bytes).
+  Whether the time follows is not yet measured."""
   opts = []
   if best.split_k in wo.CLUSTER_SPLITS and not best.ws:
     opts.append(dict(cluster_reduce=True))
