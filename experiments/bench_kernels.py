@@ -508,8 +508,8 @@ def refine_candidates(wo, prob, best) -> list:
   one warpgroup, ``lut_regs`` (with the table decode) for E2M1 weights,
   ``scale_words`` for MXFP4 / NVFP4. At most seven, each fitting the shape,
   instead of each option on every candidate of the tune phase; and each
-  ``cluster_reduce`` one again with a stage fewer (where ``best`` has more
-  than two), at most eleven in all.
+  ``cluster_reduce`` tiling, ``best`` included, again with a stage fewer
+  (where ``best`` has more than two), at most eleven in all.
 
   Why the twin: a cluster's CTAs are resident together or not at all, and
   its exchange buffer adds to each CTA's shared memory. Nsight Compute on an
@@ -535,8 +535,8 @@ def refine_candidates(wo, prob, best) -> list:
       c = dataclasses.replace(best, **{k: v for o in combo for k, v in o.items()})
       if c != best and c not in out and wo._shape_ok(prob, c):  # pylint: disable=protected-access
         out.append(c)
-  if best.stages > 2:
-    for c in [c for c in out if c.cluster_reduce]:
+  if best.stages > 2:  # best itself too: a table row may already cluster
+    for c in [c for c in [best] + out if c.cluster_reduce]:
       c = dataclasses.replace(c, stages=best.stages - 1)
       if c not in out and wo._shape_ok(prob, c):  # pylint: disable=protected-access
         out.append(c)

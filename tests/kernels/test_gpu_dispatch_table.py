@@ -329,6 +329,10 @@ def test_bench_refine_phase_tries_the_new_options_on_the_fastest_tiling():
   assert bench_kernels.refine_candidates(wo, int4, best) == [
       dataclasses.replace(best, cluster_reduce=True),
       dataclasses.replace(best, cluster_reduce=True, stages=3)]
+  # a table row that already clusters (session 36's H100 rows) gets its twin
+  clustered = dataclasses.replace(best, cluster_reduce=True)
+  assert bench_kernels.refine_candidates(wo, int4, clustered) == [
+      dataclasses.replace(clustered, stages=3)]
   two = dataclasses.replace(best, stages=2)
   assert bench_kernels.refine_candidates(wo, int4, two) == [
       dataclasses.replace(two, cluster_reduce=True)]
