@@ -52,8 +52,9 @@ def _wo_lowered(fmt, group, m, cfg, order="natural", n=1024, k=4096):
 _C = wo.Config
 
 
-# CI runs every other case (tests/conftest.py's SLOW_EVERY_OTHER): the last
-# three cover lut_regs, scale_words and cluster_reduce together.
+# CI runs every other case, the first, third, ... (tests/conftest.py's
+# SLOW_EVERY_OTHER): of those, the last two (MXFP4 with all three options,
+# NVFP4 n_split with lut_regs and scale_words) cover the options together.
 @needs_ptxas
 @pytest.mark.parametrize("fmt,group,m,cfg,order", [
     ("int4", None, 1, _C(64, 256, 8, 4, 4, cluster_reduce=True), "natural"),
