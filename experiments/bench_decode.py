@@ -476,18 +476,21 @@ def _split_order(name: str) -> tuple:
 def _weight_order(names) -> list:
   """The weight schemes to run, validated, bf16 first (the others' baseline).
 
-  A scheme may end in ``@wgmma``: its 4-bit codes are then stored in the
-  Hopper kernel's order (``ops.set_code_order``)."""
+  A scheme may end in ``@wgmma`` (or ``@wgmma_e2m1`` for E2M1 codes): its
+  4-bit codes are then stored in that order of the Hopper kernel
+  (``ops.set_code_order``)."""
   from lowbit_jax.core._qarray import CODE_ORDERS  # pylint: disable=g-import-not-at-top
   names = [_ALIASES.get(w, w) for w in names]
   for w in names:
     base, order = _split_order(w)
     base = _ALIASES.get(base, base)
     if base not in WEIGHT_SCHEMES or order not in CODE_ORDERS or (
-        order != "natural" and base == "bf16"):
+        order != "natural" and base == "bf16") or (
+            order == "wgmma_e2m1" and base not in ("fp4_g32", "mxfp4", "nvfp4")):
       raise app.UsageError(f"unknown --weights scheme {w!r}; choose from "
                            f"{list(WEIGHT_SCHEMES)}, a quantized one optionally "
-                           "followed by @wgmma")
+                           "followed by @wgmma, an E2M1 one (fp4_g32, mxfp4, "
+                           "nvfp4) by @wgmma_e2m1")
   if len(set(names)) != len(names):
     raise app.UsageError(f"--weights lists a scheme twice: {names}")
   return sorted(names, key=lambda w: w != "bf16")

@@ -170,9 +170,10 @@ _T0 = flags.DEFINE_float("t0", 0.0, "internal: the parent's start (epoch s)")
 _MAX_RESTARTS = flags.DEFINE_integer("max_restarts", 6,
                                      "child restarts after crashes")
 _W_ORDER = flags.DEFINE_enum(
-    "w_order", "natural", ["natural", "wgmma"],
-    "order of the 4-bit weight codes the kernel reads (QArray.code_order); "
-    "wgmma rows are named <case>@wgmma and the table keeps them apart; their "
+    "w_order", "natural", ["natural", "wgmma", "wgmma_e2m1"],
+    "order of the 4-bit weight codes the kernel reads (QArray.code_order; "
+    "wgmma_e2m1 applies to the E2M1 cases, the int4 ones then take wgmma); "
+    "reordered rows are named <case>@<order> and the table keeps them apart; their "
     "XLA fused path reorders the codes back first (the dispatcher's fallback "
     "for such weights), the dequantize reference reads natural codes")
 _MARGIN = flags.DEFINE_float(
@@ -498,7 +499,25 @@ def candidates(wo, prob, tune: bool, few: bool = False, fast=None):
     for c in cands:
       if c not in out and wo._shape_ok(prob, c):  # pylint: disable=protected-access
         out.append(c)
+  out = _for_order(wo, prob, out)
   return out[:3] if few else out
+
+
+def _for_order(wo, prob, cands) -> list:
+  """``cands`` as they apply to ``prob``'s code order: for "wgmma_e2m1" codes
+  (decoded by rotations) the table decode's options go
+  (``gpu_weight_only.e2m1_split_config``) and, but for NVFP4, whose scale
+  conversion it picks, ``fast_decode`` too; duplicates dropped."""
+  if prob.w_order != "wgmma_e2m1":
+    return cands
+  out = []
+  for c in cands:
+    c = wo.e2m1_split_config(c)
+    if prob.w_format != "nvfp4":
+      c = dataclasses.replace(c, fast_decode=False)
+    if c not in out and wo._shape_ok(prob, c):  # pylint: disable=protected-access
+      out.append(c)
+  return out
 
 
 def refine_candidates(wo, prob, best) -> list:
@@ -540,7 +559,7 @@ def refine_candidates(wo, prob, best) -> list:
       c = dataclasses.replace(c, stages=best.stages - 1)
       if c not in out and wo._shape_ok(prob, c):  # pylint: disable=protected-access
         out.append(c)
-  return out
+  return [c for c in _for_order(wo, prob, out) if c != best]
 
 
 # ----------------------------------------------------------------------------
@@ -604,7 +623,7 @@ def run_shape(b: Bench, wo, api, k: int, n: int, ms, cases, stage: str):
       jobs.append(dict(name=f"bf16 {k}x{n} M={m}",
                        fn=lambda x, ws: [x @ w for w in ws],
                        args=(xs[m], wb), reps=rb, done=done_b))
-  from lowbit_jax.core._qarray import wgmma_byte_order  # pylint: disable=g-import-not-at-top
+  from lowbit_jax.core._qarray import to_code_order  # pylint: disable=g-import-not-at-top
   interp = False
   if b.smoke:
     from lowbit_jax.kernels import _gpu_common  # pylint: disable=g-import-not-at-top
@@ -617,6 +636,8 @@ def run_shape(b: Bench, wo, api, k: int, n: int, ms, cases, stage: str):
       continue
     fmt, group = WO_CASES[case]
     order = _W_ORDER.value if fmt in FOUR_BIT else "natural"
+    if order == "wgmma_e2m1" and fmt not in wo.E2M1_FORMATS:
+      order = "wgmma"  # int4: the byte order only
     seed = zlib.crc32(case.encode()) % 100000
     w0 = wo_weight(jax.random.fold_in(kx, seed), fmt, group, n, k)
     wbytes = _nbytes(w0[:2])
@@ -628,7 +649,7 @@ def run_shape(b: Bench, wo, api, k: int, n: int, ms, cases, stage: str):
     label = case if order == "natural" else f"{case}@{order}"
     # The kernel's weights: the same codes, in its order (XLA reads natural).
     wk = ws if order == "natural" else [
-        (wgmma_byte_order(c), s, t) for c, s, t in ws]
+        (to_code_order(c, order), s, t) for c, s, t in ws]
     for m in ms:
       prob = api.MatmulProblem(m=m, n=n, k=k, x_dtype="bfloat16", w_format=fmt,
                                w_block=group)

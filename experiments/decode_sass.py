@@ -6,7 +6,8 @@ writes a PTX kernel of one K step of one thread of the one-warpgroup decode
 kernel on wgmma-ordered 4-bit codes (a 64 x 256 weight tile, 128 elements a
 thread, M = 1..8): the sixteen code words loaded from shared memory, decoded
 with the kernel's own PTX blocks (Mosaic GPU's int4 conversion as the lowered
-kernel emits it, ``_E2M1_PTX`` or the table decode, the scale conversions of
+kernel emits it, ``_E2M1_PTX``, the table decode or, for codes in the
+``"wgmma_e2m1"`` order, ``e2m1_split_ptx``, the scale conversions of
 ``_scale_to_bf16`` written as LLVM emits them or ``scale_word_ptx``), each
 register multiplied by its group scale, and the sixteen WGMMAs
 (m64n8k16, A from registers) that consume them. ``ptxas`` compiles it for
@@ -82,6 +83,9 @@ CASES = {
     "mxfp4 (table, lut_regs)": ("mxfp4", "lut_regs", "per scale"),
     "mxfp4 (table, lut_regs, scale_words)": ("mxfp4", "lut_regs", "words"),
     "nvfp4 (table, lut_regs, scale_words)": ("nvfp4", "lut_regs", "words"),
+    "fp4_g32 (wgmma_e2m1)": ("fp4_e2m1", "split", "bf16"),
+    "mxfp4 (wgmma_e2m1, scale_words)": ("mxfp4", "split", "words"),
+    "nvfp4 (wgmma_e2m1, scale_words)": ("nvfp4", "split", "words"),
 }
 
 
@@ -119,6 +123,11 @@ def step_ptx(fmt: str, decode, scales) -> str:
         lines.append(ptx_check.bind_operands(
             blk, [f"%a{4 * j + i}", f"%w{j}", "%t0", "%t1"]))
         lines.append(f"mul.rn.bf16x2 %a{4 * j + i}, %a{4 * j + i}, %t7;")
+  elif decode == "split":  # "wgmma_e2m1" codes: the kernel's own blocks
+    for j in range(_WORDS):
+      for i in range(4):
+        lines.append(ptx_check.bind_operands(
+            wo.e2m1_split_ptx(i), [f"%a{4 * j + i}", f"%w{j}"]))
   else:  # table decode
     u_lo, u_hi, t_lo, t_hi = wo._e2m1_lut_tables()  # pylint: disable=protected-access
     idx = wo._E2M1_LUT_IDX_PTX.format(u_lo=hex(u_lo), u_hi=hex(u_hi))  # pylint: disable=protected-access

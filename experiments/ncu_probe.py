@@ -91,9 +91,9 @@ def _weight_only(name, k, n, rest):
   fmt, group = bk.WO_CASES[name]
   with jax.default_device(jax.devices("cpu")[0]):
     codes, scale, ts = bk.wo_weight(jax.random.key(0), fmt, group, n, k)
-    if order == "wgmma":
-      from lowbit_jax.core._qarray import wgmma_byte_order  # pylint: disable=g-import-not-at-top
-      codes = wgmma_byte_order(codes)
+    if order != "natural":
+      from lowbit_jax.core._qarray import to_code_order  # pylint: disable=g-import-not-at-top
+      codes = to_code_order(codes, order)
   x = np.random.default_rng(0).standard_normal((m, k)).astype(jax.numpy.bfloat16)
   ops = jax.device_put(api.MatmulOperands(x=x, w_codes=codes, w_scale=scale,
                                           w_tensor_scale=ts), jax.devices()[0])

@@ -23,6 +23,7 @@ the CUDA toolkit (``nvcc``'s folder, or ``--ptxas``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import shutil
@@ -32,6 +33,7 @@ from typing import Optional
 
 from absl import app
 from absl import flags
+import numpy as np
 
 from experiments import ncu_probe  # defines --cases (its wo: syntax)
 
@@ -382,6 +384,34 @@ def _cvt(kind: str, src: int) -> int:
   raise NotImplementedError(f"cvt.{kind}")
 
 
+def _bf16_bits(x: float) -> int:
+  """The bf16 bits of ``x`` rounded to nearest even (subnormals kept,
+  overflow to inf), from the exact value."""
+  if math.isnan(x):
+    return 0x7FC0
+  sign = 0x8000 if math.copysign(1.0, x) < 0 else 0
+  a = abs(x)
+  if a == 0:
+    return sign
+  _, e = math.frexp(a)  # a = f * 2**e, f in [0.5, 1)
+  quantum = math.ldexp(1.0, max(e - 8, -133))  # 8 significant bits; 2**-133
+  r = round(a / quantum) * quantum  # Python's round: half to even
+  if r >= 2.0 ** 128:
+    return sign | 0x7F80
+  bits = int(np.array(r, np.float32).view(np.uint32)) >> 16
+  return sign | bits
+
+
+def _mul_bf16x2(a: int, b: int) -> int:
+  """``mul.rn.bf16x2``: each 16-bit lane's product, rounded once."""
+  out = 0
+  for lane in range(2):
+    va, vb = ((v >> (16 * lane)) & 0xFFFF for v in (a, b))
+    fa, fb = (float(np.array(v << 16, np.uint32).view(np.float32)) for v in (va, vb))
+    out |= _bf16_bits(fa * fb) << (16 * lane)
+  return out
+
+
 def emulate(asm: str, inputs, n_out: int, smem: Optional[dict] = None) -> list:
   """Runs an inline-asm block on integer register values.
 
@@ -395,8 +425,9 @@ def emulate(asm: str, inputs, n_out: int, smem: Optional[dict] = None) -> list:
     The outputs' bit patterns.
 
   Supports the instructions the kernels' decode blocks use (mov, and, or,
-  xor, not, shl, shr, add, sub, lop3, prmt in its default mode, ld.shared.b32
-  and the cvt forms of ``_cvt``); anything else raises NotImplementedError.
+  xor, not, shl, shr, shf.r.wrap, add, sub, lop3, prmt in its default mode,
+  mul.rn.bf16x2, ld.shared.b32 and the cvt forms of ``_cvt``); anything
+  else raises NotImplementedError.
   """
   regs = {f"${i}": v for i, v in enumerate([0] * n_out + list(inputs))}
   imm = re.compile(r"-?(0x[0-9a-fA-F]+|\d+)")
@@ -452,6 +483,11 @@ def emulate(asm: str, inputs, n_out: int, smem: Optional[dict] = None) -> list:
     elif base in ("add", "sub") and op.endswith((".u32", ".s32")):
       sign = 1 if base == "add" else -1
       regs[args[0]] = (val(args[1]) + sign * val(args[2])) & _M32
+    elif op == "shf.r.wrap.b32":  # funnel shift right of (b:a), by c mod 32
+      a, b, c = (val(t) for t in args[1:4])
+      regs[args[0]] = (((b << 32) | a) >> (c % 32)) & _M32
+    elif op == "mul.rn.bf16x2":
+      regs[args[0]] = _mul_bf16x2(val(args[1]), val(args[2]))
     elif op == "lop3.b32":
       regs[args[0]] = _lop3(*(val(t) for t in args[1:5]))
     elif op == "prmt.b32":

@@ -17,8 +17,12 @@ axis: ``"natural"`` (the layout above) or, for 4-bit codes packed along the
 last axis in runs of 32, ``"wgmma"``: the bytes of every 16-byte run
 transposed as a 4 x 4 grid (``wgmma_byte_order``), the order in which the
 Hopper weight-only kernel's threads load their WGMMA fragments with no
-shuffles (``lowbit_jax.kernels.gpu_weight_only``). ``dequantize`` and every
-non-kernel path read either order; ``ops.set_code_order`` converts.
+shuffles (``lowbit_jax.kernels.gpu_weight_only``), or, for E2M1 codes (fp4,
+MXFP4, NVFP4), ``"wgmma_e2m1"``: the ``"wgmma"`` bytes with the 32 bits of
+every 4-byte word then permuted (``e2m1_split_bits``) so that the kernel
+turns each pair of codes into its bf16 pair with a rotate and a mask
+instead of table lookups. ``dequantize`` and every non-kernel path read any
+order; ``ops.set_code_order`` converts.
 
 Scales have one entry per block (``[d0 / b0, d1 / b1, ...]``): float32, bfloat16,
 float16, ``float8_e4m3fn``, or E8M0 as ``uint8`` biased exponents (255 = NaN).
@@ -165,8 +169,8 @@ def unpack(packed: jax.Array, fmt: Format, axis: int) -> jax.Array:
   return c.reshape(shp[:axis] + (shp[axis] // n_bytes * n_codes,) + shp[axis + 1:])
 
 
-CODE_ORDERS = ("natural", "wgmma")
-WGMMA_RUN_BYTES = 16  # the "wgmma" order moves bytes within runs of this many
+CODE_ORDERS = ("natural", "wgmma", "wgmma_e2m1")
+WGMMA_RUN_BYTES = 16  # the "wgmma" orders move bytes within runs of this many
 
 
 def wgmma_byte_order(codes: jax.Array, axis: int = -1) -> jax.Array:
@@ -193,6 +197,105 @@ def wgmma_byte_order(codes: jax.Array, axis: int = -1) -> jax.Array:
   return jnp.swapaxes(runs, ax + 1, ax + 2).reshape(shp)
 
 
+# The "wgmma_e2m1" order: where each bit of a "wgmma" word goes.
+#
+# A 32-bit word of "wgmma"-ordered codes holds four code pairs, pair i in
+# byte i (its low nibble the pair's first code), and the kernel makes one
+# bf16 pair of each. An E2M1 code ``s e1 e0 m`` read with ``e1 e0`` as the
+# low two bits of a bf16 exponent field and ``m`` as the top mantissa bit
+# (bits 8, 7, 6 of a 16-bit lane, the sign in bit 15) is the bf16 of its
+# value times 2**-126, the code 0.5 (``e = 0, m = 1``) included, which lands on
+# the bf16 subnormal 2**-127; one exact multiply by 2**126 restores the value.
+# ``E2M1_SPLIT_POS[i][lane][b]`` is the position of bit ``b`` (m, e0, e1, s)
+# of pair ``i``'s code ``lane`` in the permuted word, chosen so that pair 0 is
+# ``word & 0x81C081C0``, pairs 1 and 2 the same mask after a rotation right
+# by 6 and 12 bits, and pair 3 ``rotr(word, 2) & 0x81808180 | rotr(word, 10) &
+# 0x00400040`` (no three rotations of the mask tile the 32 bits, so the last
+# pair takes two): nine integer instructions for eight codes, against
+# seventeen for the table decode of the "wgmma" order
+# (benchmarks/decode_sass.md).
+E2M1_SPLIT_POS = (((6, 7, 8, 15), (22, 23, 24, 31)),
+                  ((12, 13, 14, 21), (28, 29, 30, 5)),
+                  ((18, 19, 20, 27), (2, 3, 4, 11)),
+                  ((16, 9, 10, 17), (0, 25, 26, 1)))
+E2M1_SPLIT_MASK = 0x81C081C0  # the bits of a bf16 pair an E2M1 pair sets
+
+
+def _split_moves(inverse: bool) -> dict:
+  """``{shift: [(source bit, destination bit), ...]}`` of the bit permutation
+  (or its inverse), grouped by the left shift that moves each bit."""
+  moves = {}
+  for i, lanes in enumerate(E2M1_SPLIT_POS):
+    for lane, bits in enumerate(lanes):
+      for b, pos in enumerate(bits):
+        src, dst = 8 * i + 4 * lane + b, pos
+        if inverse:
+          src, dst = dst, src
+        moves.setdefault(dst - src, []).append((src, dst))
+  return moves
+
+
+def _permute_words(w: jax.Array, inverse: bool) -> jax.Array:
+  """``E2M1_SPLIT_POS``'s permutation of every uint32 in ``w``: one mask and
+  shift per distinct distance a bit moves."""
+  out = jnp.zeros_like(w)
+  for shift, pairs in sorted(_split_moves(inverse).items()):
+    mask = np.uint32(sum(1 << s for s, _ in pairs))
+    part = w & mask
+    out = out | (part << np.uint32(shift) if shift >= 0
+                 else part >> np.uint32(-shift))
+  return out
+
+
+def e2m1_split_bits(codes: jax.Array, axis: int = -1, *,
+                    inverse: bool = False) -> jax.Array:
+  """``"wgmma"`` -> ``"wgmma_e2m1"`` order of packed E2M1 bytes along ``axis``
+  (``inverse``: back): ``E2M1_SPLIT_POS``'s permutation of the bits of every
+  4 consecutive bytes, read as a little-endian 32-bit word.
+
+  Raises:
+    ValueError: ``axis`` is not a multiple of 4 bytes long.
+  """
+  ax = axis % codes.ndim if codes.ndim else 0
+  if codes.ndim < 1 or codes.shape[ax] % 4:
+    raise ValueError(f"the wgmma_e2m1 code order permutes the bits of 4-byte "
+                     f"words along axis {axis}, whose length must be a multiple "
+                     f"of 4; got codes of shape {tuple(codes.shape)}")
+  shp = codes.shape
+  c = jnp.moveaxis(codes, ax, -1).astype(jnp.uint32)
+  c = c.reshape(c.shape[:-1] + (c.shape[-1] // 4, 4))
+  words = (c[..., 0] | c[..., 1] << 8 | c[..., 2] << 16 | c[..., 3] << 24)
+  words = _permute_words(words, inverse)
+  byts = jnp.stack([(words >> np.uint32(8 * j)) & 0xFF for j in range(4)],
+                   axis=-1).astype(jnp.uint8)
+  byts = byts.reshape(byts.shape[:-2] + (byts.shape[-2] * 4,))
+  return jnp.moveaxis(byts, -1, ax).reshape(shp)
+
+
+def to_code_order(codes: jax.Array, order: str, axis: int = -1) -> jax.Array:
+  """Packed 4-bit codes in natural order -> ``order`` (``CODE_ORDERS``)."""
+  if order == "natural":
+    return codes
+  out = wgmma_byte_order(codes, axis)
+  if order == "wgmma_e2m1":
+    out = e2m1_split_bits(out, axis)
+  elif order != "wgmma":
+    raise ValueError(f"code order must be one of {CODE_ORDERS}, got {order!r}")
+  return out
+
+
+def from_code_order(codes: jax.Array, order: str, axis: int = -1) -> jax.Array:
+  """Packed 4-bit codes in ``order`` -> natural order (``to_code_order``'s
+  inverse)."""
+  if order == "natural":
+    return codes
+  if order == "wgmma_e2m1":
+    codes = e2m1_split_bits(codes, axis, inverse=True)
+  elif order != "wgmma":
+    raise ValueError(f"code order must be one of {CODE_ORDERS}, got {order!r}")
+  return wgmma_byte_order(codes, axis)
+
+
 @dataclasses.dataclass(frozen=True)
 class QArray:
   """A quantized array: packed codes, scales, zero points and the static spec.
@@ -207,7 +310,8 @@ class QArray:
     shape: logical shape (before padding).
     dtype: name of the original dtype, which ``dequantize`` returns.
     pack_axis: the axis codes are packed along.
-    code_order: ``"natural"`` or ``"wgmma"`` (see the module docstring).
+    code_order: ``"natural"``, ``"wgmma"`` or ``"wgmma_e2m1"`` (see the
+      module docstring).
   """
   codes: jax.Array
   scale: jax.Array
@@ -226,9 +330,7 @@ class QArray:
 
   def natural_codes(self) -> jax.Array:
     """The packed codes in natural order (``codes`` itself unless reordered)."""
-    if self.code_order == "natural":
-      return self.codes
-    return wgmma_byte_order(self.codes)
+    return from_code_order(self.codes, self.code_order)
 
   @property
   def ndim(self) -> int:

@@ -71,7 +71,8 @@ from jax import lax
 
 from lowbit_jax.core import scaling
 from lowbit_jax.core._qarray import (CODE_ORDERS, WGMMA_RUN_BYTES, QArray, block_shape,
-                                     normalize_axis, wgmma_byte_order)
+                                     from_code_order, normalize_axis,
+                                     to_code_order)
 from lowbit_jax.core._quantize import (_as_key, _fake_quant_impl, _key_ct, dequantize,
                                        dequantize_as,
                                        fake_quant, quantize)
@@ -1123,11 +1124,22 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   return _qgrad_conv(conv, gs, lv, rv, k_g)
 
 
-def _code_order_problem(q: QArray) -> Optional[str]:
-  """Why ``q``'s codes cannot take the ``"wgmma"`` order, or None."""
+def _is_e2m1(fmt) -> bool:
+  """Whether ``fmt`` is the standard E2M1 (exponent bias 1, no inf or NaN),
+  whose codes the ``"wgmma_e2m1"`` decode reads."""
+  return (isinstance(fmt, FloatFormat) and fmt.exp_bits == 2
+          and fmt.man_bits == 1 and fmt.special == "none"
+          and (fmt.bias is None or fmt.bias == 1))
+
+
+def _code_order_problem(q: QArray, order: str = "wgmma") -> Optional[str]:
+  """Why ``q``'s codes cannot take ``order`` (a ``"wgmma"`` order), or None."""
   bits = q.spec.storage_format.bits
   if bits != 4:
     return f"its codes are {bits}-bit (the order is for 4-bit codes)"
+  if order == "wgmma_e2m1" and not _is_e2m1(q.spec.storage_format):
+    return (f"its element format is {q.spec.storage_format.name}, not E2M1 "
+            "(the order is for fp4_e2m1, MXFP4 and NVFP4 codes; use 'wgmma')")
   if q.pack_axis != q.ndim - 1:
     return (f"its codes are packed along axis {q.pack_axis}, not the last "
             "(quantize the K-major [N, K] weight: ops.prepare_weight)")
@@ -1142,18 +1154,22 @@ def set_code_order(tree, order: str, *, strict: bool = True):
 
   ``"wgmma"`` stores 4-bit codes (int4, fp4, MXFP4, NVFP4 weights) in the order
   the Hopper weight-only kernel's threads read their WGMMA fragments in, which
-  saves the kernel a relayout in registers; ``"natural"`` converts back. The
+  saves the kernel a relayout in registers; ``"wgmma_e2m1"`` (E2M1 codes:
+  fp4_e2m1, MXFP4, NVFP4) is that order with the bits of each 32-bit word
+  permuted so that the kernel decodes a pair of codes with a rotate and a
+  mask (``_qarray.E2M1_SPLIT_POS``); ``"natural"`` converts back. The
   values are unchanged: ``dequantize`` and the non-kernel matmul paths read
-  either order (the XLA fallback then reorders the bytes first, one pass
+  any order (the XLA fallback then reorders the bytes first, one pass
   over the codes), and the GPU kernel gives the same bits. Convert once after
   ``quantize_params`` (or on a restored checkpoint, which keeps the order).
 
   Args:
     tree: a QArray or a pytree holding QArrays (and other leaves, kept).
     order: one of ``CODE_ORDERS``.
-    strict: raise for a QArray that cannot take the order (``"wgmma"`` needs
-      4-bit codes packed along the last axis, which holds a multiple of 32
-      elements); False leaves such QArrays as they are.
+    strict: raise for a QArray that cannot take the order (the ``"wgmma"``
+      orders need 4-bit codes packed along the last axis, which holds a
+      multiple of 32 elements; ``"wgmma_e2m1"`` E2M1 codes as well);
+      False leaves such QArrays as they are.
 
   Returns:
     The tree with reordered QArrays (QWeights stay QWeights).
@@ -1167,17 +1183,17 @@ def set_code_order(tree, order: str, *, strict: bool = True):
   def one(path, q):
     if not isinstance(q, QArray) or q.code_order == order:
       return q
-    if order == "wgmma":
-      why = _code_order_problem(q)
+    if order != "natural":
+      why = _code_order_problem(q, order)
       if why is not None:
         if strict:
           where = jax.tree_util.keystr(path) or "the QArray"
-          raise ValueError(f"{where} cannot take the 'wgmma' code order: {why}. "
-                           "Pass strict=False to leave such arrays in natural "
-                           "order")
+          raise ValueError(f"{where} cannot take the {order!r} code order: "
+                           f"{why}. Pass strict=False to leave such arrays "
+                           "as they are")
         return q
-    return dataclasses.replace(q, codes=wgmma_byte_order(q.codes),
-                               code_order=order)
+    codes = to_code_order(from_code_order(q.codes, q.code_order), order)
+    return dataclasses.replace(q, codes=codes, code_order=order)
 
   return jax.tree_util.tree_map_with_path(
       one, tree, is_leaf=lambda x: isinstance(x, QArray))

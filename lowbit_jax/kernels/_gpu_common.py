@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowbit_jax.core._qarray import wgmma_byte_order
+from lowbit_jax.core._qarray import from_code_order
 from lowbit_jax.kernels._api import MatmulOperands, MatmulProblem
 
 # E2M1 magnitudes indexed by the low three bits of a nibble (OCP MX spec v1.0).
@@ -193,8 +193,7 @@ def dequantize_weight(ops: MatmulOperands, problem: MatmulProblem) -> jax.Array:
   n, k = problem.n, problem.k
   fmt = problem.w_format
   codes = ops.w_codes
-  if problem.w_order != "natural":
-    codes = wgmma_byte_order(codes)
+  codes = from_code_order(codes, problem.w_order)
   if fmt in ("int4", "fp4_e2m1", "mxfp4", "nvfp4"):
     nib = unpack_nibbles(codes)
     vals = decode_int4(nib) if fmt == "int4" else decode_e2m1(nib)

@@ -57,6 +57,19 @@ M = 1 and 16 1.09-1.39x the table's natural rows
 The table keeps such rows as ``<case>@wgmma``; where it has none,
 ``reordered_estimate`` adapts the natural row.
 
+E2M1 codes (fp4_e2m1, MXFP4, NVFP4) may go one step further
+(``w_order="wgmma_e2m1"``, ``_qarray.e2m1_split_bits``): the bits of each
+32-bit word permuted so that each pair of codes is a rotation and a mask of
+the word away from the bf16 bits of its values times 2**-126, which one
+exact multiply by 2**126 restores (``e2m1_split_ptx``). The E2M1 rows were
+issue-bound on the H200 (MXFP4 on 8192x28672 at M = 1 took the same time on
+the H100, with half the bandwidth), and the table decode spends 2.2 integer
+instructions an element on the ALU pipe against int4's 1.1; this decode
+1.3-1.5 (benchmarks/decode_sass.md), the second multiply going to the FMA
+pipe. The table decode's options do not apply (``e2m1_split_config``); the
+table keeps such rows as ``<case>@wgmma_e2m1`` and, where it has none, takes
+the ``@wgmma`` row.
+
 Dispatch is data: ``gpu_tuned_configs.json`` beside this file (written by
 ``experiments/bench_kernels.py --mode=tune``) holds, per weight case (``int4_g128``,
 ``int8_pc``, ...), shape class (``shape_class``) and M bucket (``m_bucket``), the
@@ -83,7 +96,8 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
-from lowbit_jax.core._qarray import wgmma_byte_order
+from lowbit_jax.core._qarray import (E2M1_SPLIT_MASK, e2m1_split_bits,
+                                     from_code_order, wgmma_byte_order)
 from lowbit_jax.kernels import _gpu_common as common
 from lowbit_jax.kernels._api import MatmulOperands, MatmulProblem
 
@@ -176,10 +190,14 @@ def _validate(problem: MatmulProblem) -> None:
                      f"{_GROUPS[problem.w_format]}, got {g}")
   if g is not None and problem.k % g:
     raise ValueError(f"K={problem.k} is not a multiple of the group size {g}")
-  if problem.w_order == "wgmma" and (problem.w_format == "int8" or problem.k % 32):
-    raise ValueError(f"w_order='wgmma' reorders 4-bit codes in runs of 32 along "
-                     f"K: it needs a 4-bit format and K a multiple of 32, got "
-                     f"{problem.w_format} with K={problem.k}")
+  if problem.w_order != "natural" and (problem.w_format == "int8" or problem.k % 32):
+    raise ValueError(f"w_order={problem.w_order!r} reorders 4-bit codes in runs "
+                     f"of 32 along K: it needs a 4-bit format and K a multiple "
+                     f"of 32, got {problem.w_format} with K={problem.k}")
+  if problem.w_order == "wgmma_e2m1" and problem.w_format not in E2M1_FORMATS:
+    raise ValueError(f"w_order='wgmma_e2m1' lays out E2M1 codes "
+                     f"({', '.join(E2M1_FORMATS)}) for their decode, got "
+                     f"{problem.w_format}; use w_order='wgmma'")
 
 
 def reference(operands: MatmulOperands, problem: MatmulProblem) -> jax.Array:
@@ -227,8 +245,7 @@ def _codes_to_bf16(operands: MatmulOperands, problem: MatmulProblem,
   codes = operands.w_codes
   if fmt == "int8":
     return codes.astype(jnp.bfloat16)
-  if problem.w_order != "natural":
-    codes = wgmma_byte_order(codes)
+  codes = from_code_order(codes, problem.w_order)
   if decode == "native":
     # Bitcasts to the 4-bit dtypes XLA converts (and fuses into the dot). The
     # barrier keeps the uint8 -> 4-bit bitcast out of the dot's fusion: XLA's
@@ -436,6 +453,9 @@ def _config_refusal(problem: MatmulProblem, cfg: Config) -> Optional[str]:
   if cfg.scale_words and problem.w_format not in ("mxfp4", "nvfp4"):
     return (f"Config(scale_words=True) reads one-byte group scales (MXFP4's "
             f"E8M0, NVFP4's E4M3) four at a time; {problem.w_format} has none")
+  if problem.w_order == "wgmma_e2m1" and (cfg.lut_decode or cfg.lut_regs):
+    return (f"codes in the 'wgmma_e2m1' order decode by rotations, with no "
+            f"tables: pass lut_decode=False and lut_regs=False, got {cfg}")
   if cfg.lut_regs and not (cfg.lut_decode and problem.w_format in E2M1_FORMATS):
     return (f"Config(lut_regs=True) keeps the table decode's tables in "
             f"registers: it needs lut_decode=True and an E2M1 format "
@@ -666,6 +686,13 @@ def tuned_entry(problem: MatmulProblem) -> Optional[dict[str, Any]]:
     own = entries.get(f"{case}@{problem.w_order}", {}).get(cls, {}).get(mb)
     if own is not None:
       return own
+    if problem.w_order == "wgmma_e2m1":
+      # The same bytes as "wgmma" with their bits permuted: that order's
+      # row (a table decode's time, more instructions than the rotations),
+      # its tiling without the tables (``e2m1_split_config``).
+      wg = entries.get(f"{case}@wgmma", {}).get(cls, {}).get(mb)
+      if wg is not None:
+        return dict(wg, estimated=True)
     return None if e is None else reordered_estimate(e, problem)
   return e
 
@@ -710,7 +737,14 @@ def tuned_config(problem: MatmulProblem) -> Config:
   if cfg is None:
     return _decode_config(problem)
   tm = min(cfg.tile_m, max(8, -(-problem.m // 8) * 8))
-  return dataclasses.replace(cfg, tile_m=tm)
+  cfg = dataclasses.replace(cfg, tile_m=tm)
+  return e2m1_split_config(cfg) if problem.w_order == "wgmma_e2m1" else cfg
+
+
+def e2m1_split_config(cfg: Config) -> Config:
+  """``cfg`` for codes in the ``"wgmma_e2m1"`` order: the same tiling with
+  the table decode's options off (its codes decode by rotations)."""
+  return dataclasses.replace(cfg, lut_decode=False, lut_regs=False)
 
 
 def table_says_kernel(problem: MatmulProblem) -> bool:
@@ -938,6 +972,63 @@ def _jnp_unpermute_tile(w):
   rows, cols = w.shape
   return wgmma_byte_order(w.reshape(rows, cols // 2, 2), axis=1).reshape(
       rows, cols)
+
+
+def _jnp_unsplit_tile(w):
+  """``e2m1_split_bits`` undone on a ``[rows, cols]`` tile of 4-bit codes
+  (int4-typed, as the interpreter moves them; pairs are the bytes), giving
+  the ``"wgmma"``-ordered tile."""
+  rows, cols = w.shape
+  nib = w.astype(jnp.int32) & 0xF
+  byts = (nib[:, 0::2] | nib[:, 1::2] << 4).astype(jnp.uint8)
+  byts = e2m1_split_bits(byts, axis=1, inverse=True).astype(jnp.int32)
+  out = jnp.stack([byts & 0xF, byts >> 4], axis=-1).reshape(rows, cols)
+  return jnp.where(out >= 8, out - 16, out).astype(w.dtype)
+
+
+# The decode of "wgmma_e2m1"-ordered codes (``_qarray.E2M1_SPLIT_POS``): pair
+# ``i`` of a 32-bit word is ``rotr(word, r) & mask`` (pair 3 the OR of two
+# such), which is the bf16 pair of its E2M1 values times 2**-126, exactly
+# (the code 0.5 the bf16 subnormal 2**-127); the exact multiply by 2**126
+# (0x7E80 a lane) gives the values. Nine integer instructions a word of eight
+# codes (benchmarks/decode_sass.md), against the table decode's seventeen.
+_E2M1_SPLIT_PICK = {
+    0: "and.b32 t, $1, {m};",
+    1: "shf.r.wrap.b32 t, $1, $1, 6;\nand.b32 t, t, {m};",
+    2: "shf.r.wrap.b32 t, $1, $1, 12;\nand.b32 t, t, {m};",
+    3: ("shf.r.wrap.b32 t, $1, $1, 2;\nshf.r.wrap.b32 u, $1, $1, 10;\n"
+        "and.b32 u, u, 0x00400040;\nlop3.b32 t, t, 0x81808180, u, 0xEA;"),
+}
+
+
+def e2m1_split_ptx(part: int) -> str:
+  """The PTX block decoding byte pair ``part`` (0..3) of a ``"wgmma_e2m1"``
+  word ($1) into its bf16 pair ($0)."""
+  pick = _E2M1_SPLIT_PICK[part].format(m=hex(E2M1_SPLIT_MASK))
+  return ("{\n.reg .b32 t, u, k;\n" + pick + "\nmov.b32 k, 0x7E807E80;\n"
+          "mul.rn.bf16x2 $0, t, k;\n}")
+
+
+def _e2m1_split_regs_to_bf16(w):
+  """The bf16 fragment of ``"wgmma_e2m1"``-ordered E2M1 codes (registers
+  that are byte ``i`` of a loaded 32-bit word, as ``_upcast4x_as_wgmma``
+  gives them): ``e2m1_split_ptx(i)`` on the word."""
+  mgpu, fa, ir, _, llvm, _, _ = common._mlir()
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils  # pylint: disable=g-import-not-at-top
+  bf16 = ir.BF16Type.get()
+  i32 = ir.IntegerType.get_signless(32)
+  new_regs = w.registers.copy()
+  for idx, reg in np.ndenumerate(w.registers):
+    src, part = _word_part(reg)
+    if part is None or mgpu_utils.bitwidth(src.type) != 32:
+      raise NotImplementedError(
+          "the wgmma_e2m1 decode reads whole 32-bit words of codes; got a "
+          f"register {reg.type} that is not a byte of one")
+    bits = llvm.inline_asm(i32, [_code_word(src)], e2m1_split_ptx(part),
+                           "=r,r")
+    new_regs[idx] = mgpu_utils.bitcast(bits, ir.VectorType.get((2,), bf16))
+  return fa.FragmentedArray(_registers=new_regs, _layout=w.layout,
+                            _is_signed=None)
 
 
 def _code_word(src):
@@ -1518,7 +1609,8 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
   if m_tiles > 1 and valid_cols is not None:
     raise NotImplementedError("M must be a multiple of tile_m when M > tile_m")
   four_bit = fmt != "int8"
-  wgmma_order = w_order == "wgmma"
+  wgmma_order = w_order in ("wgmma", "wgmma_e2m1")
+  split_bits = w_order == "wgmma_e2m1"  # E2M1 codes decoded by rotations
   w_bits = 4 if four_bit else 8
   w_swz = plgpu.find_swizzle(ckw * w_bits, "weight tile")
   w_transforms = (plgpu.TilingTransform((8, w_swz * 8 // w_bits)),
@@ -1552,6 +1644,8 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
     """The bf16 weight tile; ``tab``: the table words (``Config.lut_regs``)."""
     if interp:
       w = w_ref[...]
+      if split_bits:
+        w = _jnp_unsplit_tile(w)
       if wgmma_order:
         w = _jnp_unpermute_tile(w)
       if fmt in ("int4", "int8"):
@@ -1578,6 +1672,8 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
         wf = _upcast4x_as_wgmma(wf)
       if fmt == "int4":
         return wf.astype(common._mlir()[2].BF16Type.get(), is_signed=True)
+      if split_bits:
+        return _e2m1_split_regs_to_bf16(wf)
       if cfg.lut_decode:
         return _e2m1_regs_to_bf16_lut(wf, table[0] if table else None)
       if cfg.fast_decode:

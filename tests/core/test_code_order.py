@@ -2,9 +2,10 @@
 
 ``ops.set_code_order(tree, "wgmma")`` transposes the bytes of every 16-byte
 run along K (the order in which the Hopper weight-only kernel's threads load
-their WGMMA fragments, tests/kernels for the kernel itself). The values must
-not change anywhere: dequantize, the real-mode matmul off the kernel,
-checkpoints and jit all read either order.
+their WGMMA fragments, tests/kernels for the kernel itself); ``"wgmma_e2m1"``
+(E2M1 codes) then permutes the bits of every 32-bit word for the kernel's
+rotate-and-mask decode. The values must not change anywhere: dequantize, the
+real-mode matmul off the kernel, checkpoints and jit all read any order.
 """
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ import lowbit_jax as lb
 from lowbit_jax import checkpoint
 from lowbit_jax._rules import QWeight, as_qweight
 from lowbit_jax.core import ops
+from lowbit_jax.core import _qarray
 from lowbit_jax.core._qarray import wgmma_byte_order
 
 _SPECS = {
@@ -46,11 +48,15 @@ def test_byte_order_is_a_transpose_of_each_16_byte_run():
   np.testing.assert_array_equal(np.asarray(wgmma_byte_order(p)), c)
 
 
-@pytest.mark.parametrize("name", sorted(_SPECS))
-def test_values_do_not_change(name):
+_E2M1 = ("fp4_g32", "mxfp4", "nvfp4")
+
+
+@pytest.mark.parametrize("name,order", [(n, "wgmma") for n in sorted(_SPECS)]
+                         + [(n, "wgmma_e2m1") for n in _E2M1])
+def test_values_do_not_change(name, order):
   q = ops.prepare_weight(_w(), _SPECS[name])
-  qw = ops.set_code_order(q, "wgmma")
-  assert qw.code_order == "wgmma" and q.code_order == "natural"
+  qw = ops.set_code_order(q, order)
+  assert qw.code_order == order and q.code_order == "natural"
   assert not np.array_equal(np.asarray(qw.codes), np.asarray(q.codes))
   np.testing.assert_array_equal(_bits(lb.dequantize(qw)), _bits(lb.dequantize(q)))
   back = ops.set_code_order(qw, "natural")
@@ -62,6 +68,53 @@ def test_values_do_not_change(name):
   want = ops.dot_general(x, q, dn, mode="real")
   got = jax.jit(lambda a, b: ops.dot_general(a, b, dn, mode="real"))(x, qw)
   np.testing.assert_array_equal(_bits(got), _bits(want))
+
+
+def test_e2m1_split_order_decodes_by_rotate_and_mask():
+  # Every byte value in every position of a word: pair i of a "wgmma_e2m1"
+  # word, rotated and masked as the kernel's PTX does (gpu_weight_only's
+  # e2m1_split_ptx), is the bf16 pair of its two E2M1 values times 2**-126,
+  # bit for bit (the value 0.5 as the bf16 subnormal 2**-127, -0 as -0).
+  import ml_dtypes  # pylint: disable=g-import-not-at-top
+  vals = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+  want16 = np.array([(-1.0 if c & 8 else 1.0) * vals[c & 7] * 2.0 ** -126
+                     for c in range(16)], ml_dtypes.bfloat16).view(np.uint16)
+  byts = np.arange(256, dtype=np.uint8)
+  for part in range(4):
+    wg = np.zeros((256, 4), np.uint8)
+    wg[:, part] = byts
+    wg[:, (part + 1) % 4] = byts[::-1]  # the neighbours must not leak in
+    sp = np.asarray(_qarray.e2m1_split_bits(jnp.asarray(wg.reshape(1, -1))))
+    words = sp.reshape(256, 4).astype(np.uint64)
+    q = words[:, 0] | words[:, 1] << 8 | words[:, 2] << 16 | words[:, 3] << 24
+    rotr = lambda v, r: ((v >> r) | (v << (32 - r))) & 0xFFFFFFFF  # noqa: E731
+    m = _qarray.E2M1_SPLIT_MASK
+    out = [q & m, rotr(q, 6) & m, rotr(q, 12) & m,
+           rotr(q, 2) & 0x81808180 | rotr(q, 10) & 0x00400040][part]
+    np.testing.assert_array_equal(out & 0xFFFF, want16[byts & 0xF])
+    np.testing.assert_array_equal(out >> 16, want16[byts >> 4])
+
+
+def test_e2m1_split_bits_is_a_permutation():
+  pos = [p for pair in _qarray.E2M1_SPLIT_POS for lane in pair for p in lane]
+  assert sorted(pos) == list(range(32))
+  c = jnp.asarray(np.random.default_rng(0).integers(0, 256, (3, 64), np.uint8))
+  s = _qarray.e2m1_split_bits(c)
+  np.testing.assert_array_equal(
+      np.asarray(_qarray.e2m1_split_bits(s, inverse=True)), np.asarray(c))
+  np.testing.assert_array_equal(
+      np.asarray(_qarray.from_code_order(_qarray.to_code_order(c, "wgmma_e2m1"),
+                                         "wgmma_e2m1")), np.asarray(c))
+
+
+def test_orders_convert_into_each_other():
+  q = ops.prepare_weight(_w(), _SPECS["mxfp4"])
+  direct = ops.set_code_order(q, "wgmma_e2m1")
+  via = ops.set_code_order(ops.set_code_order(q, "wgmma"), "wgmma_e2m1")
+  np.testing.assert_array_equal(np.asarray(via.codes), np.asarray(direct.codes))
+  back = ops.set_code_order(direct, "wgmma")
+  np.testing.assert_array_equal(
+      np.asarray(back.codes), np.asarray(ops.set_code_order(q, "wgmma").codes))
 
 
 def test_trees_keep_qweights_and_other_leaves():
@@ -91,6 +144,13 @@ def test_bad_requests_say_what_is_wrong():
     ops.set_code_order(qk, "wgmma")
   with pytest.raises(ValueError, match="order must be one of"):
     ops.set_code_order(q8, "marlin")
+  q4 = ops.prepare_weight(_w(), lb.QuantSpec("int4", group_size=128))
+  with pytest.raises(ValueError, match="not E2M1.*use 'wgmma'"):
+    ops.set_code_order(q4, "wgmma_e2m1")
+  nf4 = ops.prepare_weight(_w(), lb.QuantSpec("nf4", group_size=64))
+  with pytest.raises(ValueError, match="not E2M1"):
+    ops.set_code_order(nf4, "wgmma_e2m1")
+  assert ops.set_code_order(q4, "wgmma_e2m1", strict=False).code_order == "natural"
 
 
 def test_kernels_see_the_order_and_only_the_gpu_one_takes_it():
@@ -105,12 +165,13 @@ def test_kernels_see_the_order_and_only_the_gpu_one_takes_it():
     ops.dot_general(x, q, dn, mode="real", use_kernel="always")
 
 
-def test_checkpoint_keeps_the_order(tmp_path):
+@pytest.mark.parametrize("order", ["wgmma", "wgmma_e2m1"])
+def test_checkpoint_keeps_the_order(tmp_path, order):
   q = ops.prepare_weight(_w(), _SPECS["nvfp4"])
-  tree = {"w": as_qweight(ops.set_code_order(q, "wgmma"), transposed=True)}
+  tree = {"w": as_qweight(ops.set_code_order(q, order), transposed=True)}
   checkpoint.save(tmp_path / "ck", tree)
   got = checkpoint.restore(tmp_path / "ck")
-  assert got["w"].code_order == "wgmma" and isinstance(got["w"], QWeight)
+  assert got["w"].code_order == order and isinstance(got["w"], QWeight)
   np.testing.assert_array_equal(np.asarray(got["w"].codes),
                                 np.asarray(tree["w"].codes))
   np.testing.assert_array_equal(_bits(got["w"].logical()),

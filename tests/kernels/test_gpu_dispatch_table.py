@@ -93,6 +93,51 @@ def test_wgmma_ordered_weights_use_their_rows_else_a_reordering_estimate(
       20.0 + 2 * 8192 * 4096 / 3.03e6)
 
 
+def test_e2m1_split_weights_use_their_rows_else_the_wgmma_ones(monkeypatch):
+  # "wgmma_e2m1" codes are "wgmma" bytes with their bits permuted: without a
+  # row of their own the dispatcher takes the "wgmma" row (estimated), its
+  # tiling without the table decode's options (refused for this order).
+  monkeypatch.setattr(common, "on_hopper_gpu", lambda problem: True)
+  table_cfg = [64, 256, 8, 4, 4, False, True, 1, False, True, False, True, True]
+  row = dict(_entry(True, table_cfg), kernel_us=19.3, xla_us=205.7)
+  nat = dict(_entry(True, [64, 256, 8, 4, 2, False]), kernel_us=30.0, xla_us=200.0)
+  wo.set_table({"meta": {}, "entries": {
+      "mxfp4": {"k8k_n8k": {"1": nat, "16": nat}},
+      "mxfp4@wgmma": {"k8k_n8k": {"1": row}},
+      "mxfp4@wgmma_e2m1": {"k8k_n8k": {"4": dict(row, kernel_us=15.0)}}}})
+  sp = functools.partial(_prob, w_format="mxfp4", w_block=32,
+                         w_order="wgmma_e2m1")
+  e = wo.tuned_entry(sp())
+  assert e["estimated"] and e["kernel_us"] == 19.3
+  cfg = wo.tuned_config(sp())
+  assert not cfg.lut_decode and not cfg.lut_regs and cfg.scale_words
+  assert wo._config_refusal(sp(), cfg) is None  # pylint: disable=protected-access
+  assert wo.supports(sp())
+  assert wo.tuned_entry(sp(m=4))["kernel_us"] == 15.0  # its own row
+  assert wo.tuned_entry(sp(m=16))["estimated"]  # the natural row, reordering priced
+  # int4 codes cannot take the order: refused, never dispatched
+  with pytest.raises(ValueError, match="E2M1 codes"):
+    wo._validate(_prob(w_order="wgmma_e2m1"))  # pylint: disable=protected-access
+  assert not wo.supports(_prob(w_order="wgmma_e2m1"))
+
+
+def test_bench_candidates_for_e2m1_split_codes():
+  # bench_kernels --w_order=wgmma_e2m1: no table-decode options (the codes
+  # decode by rotations), fast_decode only where it picks NVFP4's scale
+  # conversion, no duplicates; the refine phase the same.
+  from experiments import bench_kernels  # pylint: disable=g-import-not-at-top
+  for fmt, g in (("mxfp4", 32), ("nvfp4", 16), ("fp4_e2m1", 32)):
+    prob = MatmulProblem(m=1, n=8192, k=8192, x_dtype="bfloat16", w_format=fmt,
+                         w_block=g, w_order="wgmma_e2m1")
+    for got in (bench_kernels.candidates(wo, prob, tune=True),
+                bench_kernels.refine_candidates(
+                    wo, prob, wo.Config(64, 256, 8, 4, 4, fast_decode=True))):
+      assert got and len(set(got)) == len(got)
+      assert not any(c.lut_decode or c.lut_regs for c in got)
+      assert fmt == "nvfp4" or not any(c.fast_decode for c in got)
+      assert all(wo._shape_ok(prob, c) for c in got)  # pylint: disable=protected-access
+
+
 def test_supports_needs_a_hopper_gpu_even_where_the_table_wins():
   wo.set_table({"meta": {}, "entries": {"int4_g128": {"k8k_n8k": {
       "1": _entry(True)}}}})

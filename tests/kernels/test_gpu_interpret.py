@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lowbit_jax.core._qarray import wgmma_byte_order
+from lowbit_jax.core._qarray import to_code_order, wgmma_byte_order
 from lowbit_jax.kernels import _gpu_common as common
 from lowbit_jax.kernels import gpu_w8a8
 from lowbit_jax.kernels import gpu_weight_only
@@ -431,6 +431,28 @@ def test_weight_only_kernel_reads_wgmma_ordered_codes(fmt, group, extra):
   assert rel_err(got, np_weight_only(ops, prob)) < 1e-5
 
 
+@pytest.mark.parametrize("fmt,group,extra", [
+    ("mxfp4", 32, dict(scale_words=True)),
+    ("nvfp4", 16, dict(k_chunks=2, fast_decode=True)),
+    pytest.param("fp4_e2m1", 32, dict(split_k=2), marks=_SLOW)])
+def test_weight_only_kernel_reads_e2m1_split_codes(fmt, group, extra):
+  # E2M1 codes in the "wgmma_e2m1" order (bits of each word permuted for
+  # the rotate-and-mask decode) give the natural codes' bits.
+  cfg = dataclasses.replace(_wo_cfg(), **extra)
+  m, n, k = 5, 2 * cfg.tile_n, 1024 * cfg.split_k
+  ops, prob = make_wo(jax.random.key(13), fmt, group, m, n, k)
+  params = _params(tail_rows=True)
+  want = gpu_weight_only.matmul(ops, prob, config=cfg, interpret=params)
+  split = dataclasses.replace(ops, w_codes=to_code_order(ops.w_codes, "wgmma_e2m1"))
+  sprob = dataclasses.replace(prob, w_order="wgmma_e2m1")
+  got = gpu_weight_only.matmul(split, sprob, config=cfg, interpret=params)
+  np.testing.assert_array_equal(
+      np.asarray(gpu_weight_only.reference(split, sprob)),
+      np.asarray(gpu_weight_only.reference(ops, prob)))
+  assert not common.races_found()
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_wgmma_order_is_refused_where_it_cannot_apply():
   ops, prob = make_wo(jax.random.key(12), "int8", None, 8, 128, 1024)
   with pytest.raises(ValueError, match="4-bit format"):
@@ -439,3 +461,12 @@ def test_wgmma_order_is_refused_where_it_cannot_apply():
   with pytest.raises(ValueError, match="w_order must be"):
     dataclasses.replace(prob, w_order="marlin")
   assert not gpu_w8a8.supports(dataclasses.replace(prob, w_order="wgmma"))
+  ops4, prob4 = make_wo(jax.random.key(12), "int4", 128, 8, 128, 1024)
+  with pytest.raises(ValueError, match="E2M1 codes"):
+    gpu_weight_only.matmul(ops4, dataclasses.replace(prob4, w_order="wgmma_e2m1"),
+                           config=_wo_cfg(), interpret=True)
+  opsf, probf = make_wo(jax.random.key(12), "mxfp4", 32, 8, 128, 1024)
+  with pytest.raises(ValueError, match="decode by rotations"):
+    gpu_weight_only.matmul(
+        opsf, dataclasses.replace(probf, w_order="wgmma_e2m1"),
+        config=_wo_cfg(lut_decode=True), interpret=True)

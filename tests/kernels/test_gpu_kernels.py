@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lowbit_jax.core._qarray import wgmma_byte_order
+from lowbit_jax.core._qarray import to_code_order, wgmma_byte_order
 from lowbit_jax.kernels import gpu_w8a8
 from lowbit_jax.kernels import gpu_weight_only
 from lowbit_jax.kernels._api import MatmulProblem
@@ -271,6 +271,51 @@ def test_weight_only_wgmma_order_is_bit_identical(fmt, group, variant):
   assert rel_err(b, gpu_weight_only.reference(ops, prob)) < 1e-2
 
 
+@pytest.mark.parametrize("fmt,group", [("fp4_e2m1", 32), ("mxfp4", 32),
+                                       ("nvfp4", 16)])
+@pytest.mark.parametrize("variant", ["decode", "chunks", "nsplit",
+                                     "scale_words", "cluster"])
+def test_weight_only_e2m1_split_order_is_bit_identical(fmt, group, variant):
+  # Codes in the "wgmma_e2m1" order decode by rotate, mask and a multiply by
+  # 2**126 (the code 0.5 through the bf16 subnormal 2**-127); each must be
+  # the value the table decode gives, and the scale the same multiply, so
+  # the outputs are the same bits as the "wgmma" order's with the same
+  # tiling. Unit activations on 16 K positions check every nibble of a
+  # word; MXFP4's scales include the E8M0 codes 0, 1, 254 and 255.
+  m, n, k = 16, 1024, 2048
+  ops, prob = _wo_ops(fmt, group, m, n, k)
+  if fmt == "mxfp4":
+    s = np.array(ops.w_scale)
+    special = np.array([0, 1, 254, 255], np.uint8)
+    for r in range(4):
+      s[r, :4 * 4] = np.roll(np.tile(special, 4), r)
+    ops = dataclasses.replace(ops, w_scale=jnp.asarray(s))
+  cfg = gpu_weight_only._decode_config(prob)  # pylint: disable=protected-access
+  if variant == "chunks":
+    cfg = dataclasses.replace(cfg, k_chunks=2)
+  elif variant == "nsplit":
+    cfg = dataclasses.replace(cfg, ws=True, n_split=True, tile_n=128)
+  elif variant == "scale_words":
+    if fmt == "fp4_e2m1":
+      pytest.skip("scale_words reads one-byte scales (MXFP4, NVFP4)")
+    cfg = dataclasses.replace(cfg, scale_words=True, fast_decode=True)
+  elif variant == "cluster":
+    cfg = dataclasses.replace(cfg, split_k=2, cluster_reduce=True)
+  assert gpu_weight_only._shape_ok(prob, cfg)  # pylint: disable=protected-access
+  wg = dataclasses.replace(ops, w_codes=to_code_order(ops.w_codes, "wgmma"))
+  sp = dataclasses.replace(ops, w_codes=to_code_order(ops.w_codes, "wgmma_e2m1"))
+  table = dataclasses.replace(cfg, lut_decode=True, fast_decode=True)
+  for xs in (_unit_activations(m, k), ops.x):
+    a = _run_poisoned(lambda o: gpu_weight_only.matmul(
+        o, dataclasses.replace(prob, w_order="wgmma"), config=table),
+                      dataclasses.replace(wg, x=xs), (m, n), jnp.bfloat16)
+    b = _run_poisoned(lambda o: gpu_weight_only.matmul(
+        o, dataclasses.replace(prob, w_order="wgmma_e2m1"), config=cfg),
+                      dataclasses.replace(sp, x=xs), (m, n), jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(b, np.float32),
+                                  np.asarray(a, np.float32))
+
+
 def _w8_ops(case, m, n, k, exact=False):
   out = "float32" if (exact and case == "mxfp8") else "bfloat16"
   return make_w8(_key(), case, m, n, k, out_dtype=out, exact=exact,
@@ -334,10 +379,12 @@ def test_supports_measured_cases_on_hopper():
       x_format="fp8_e4m3"))
 
 
-@pytest.mark.parametrize("spec", [dict(format="int4", group_size=128),
-                                  dict(format="mxfp4"), dict(format="nvfp4")])
+@pytest.mark.parametrize("spec,order", [
+    (dict(format="int4", group_size=128), "wgmma"),
+    (dict(format="mxfp4"), "wgmma"), (dict(format="nvfp4"), "wgmma"),
+    (dict(format="mxfp4"), "wgmma_e2m1"), (dict(format="nvfp4"), "wgmma_e2m1")])
 @pytest.mark.parametrize("m", [1, 512])
-def test_public_dot_reads_wgmma_ordered_weights(spec, m):
+def test_public_dot_reads_wgmma_ordered_weights(spec, order, m):
   # ops.set_code_order(q, "wgmma") through the quantized dot_general. The
   # dispatcher may send the two orders to different paths (reordered codes
   # make XLA's path pay a reorder pass, ``reordered_estimate``; at M = 512 on
@@ -352,7 +399,7 @@ def test_public_dot_reads_wgmma_ordered_weights(spec, m):
   k, n = 8192, 8192
   w = jax.random.normal(_key(), (k, n), jnp.float32).astype(jnp.bfloat16)
   q = ops.prepare_weight(w, QuantSpec(**spec))
-  qw = ops.set_code_order(q, "wgmma")
+  qw = ops.set_code_order(q, order)
   x = jax.random.normal(_key(), (m, k), jnp.float32).astype(jnp.bfloat16)
   dn = (((1,), (1,)), ((), ()))
   prob, _ = ops.kernel_problem(x, qw, dn)

@@ -53,8 +53,9 @@ _C = wo.Config
 
 
 # CI runs every other case, the first, third, ... (tests/conftest.py's
-# SLOW_EVERY_OTHER): of those, the last two (MXFP4 with all three options,
-# NVFP4 n_split with lut_regs and scale_words) cover the options together.
+# SLOW_EVERY_OTHER): of those, the ninth and eleventh (MXFP4 with all three
+# options, NVFP4 n_split with lut_regs and scale_words) cover the options
+# together, the thirteenth the "wgmma_e2m1" decode with clusters.
 @needs_ptxas
 @pytest.mark.parametrize("fmt,group,m,cfg,order", [
     ("int4", None, 1, _C(64, 256, 8, 4, 4, cluster_reduce=True), "natural"),
@@ -76,6 +77,9 @@ _C = wo.Config
     ("nvfp4", 16, 16, _C(128, 256, 16, 4, 2, ws=True, n_split=True,
                          fast_decode=True, lut_decode=True, lut_regs=True,
                          scale_words=True), "natural"),
+    ("fp4_e2m1", 32, 16, _C(64, 256, 16, 4, 2), "wgmma_e2m1"),
+    ("mxfp4", 32, 1, _C(64, 256, 8, 4, 4, scale_words=True,
+                        cluster_reduce=True), "wgmma_e2m1"),
 ])
 def test_weight_only_inline_ptx_assembles(fmt, group, m, cfg, order):
   rows = _assert_assembles(_wo_lowered(fmt, group, m, cfg, order))
@@ -86,6 +90,9 @@ def test_weight_only_inline_ptx_assembles(fmt, group, m, cfg, order):
   if fmt in ("fp4_e2m1", "mxfp4", "nvfp4") and (cfg.fast_decode or
                                                 cfg.lut_decode):
     assert "prmt.b32" in text
+  if order == "wgmma_e2m1":
+    for part in range(4):
+      assert wo.e2m1_split_ptx(part) in text
   if fmt == "nvfp4" and cfg.fast_decode:
     assert "cvt.rn.f16x2.e4m3x2" in text
   if cfg.scale_words:
@@ -208,6 +215,29 @@ def test_emulator_runs_the_e2m1_table_decode_exactly():
     for pair in range(2):
       bits, = ptx_check.emulate(val, [sel >> (16 * pair)], 1)
       byte = (w16 >> (8 * pair)) & 0xFF
+      assert (bits & 0xFFFF, bits >> 16) == (table[byte & 15], table[byte >> 4])
+
+
+def test_emulator_runs_the_e2m1_split_decode_exactly():
+  # The "wgmma_e2m1" decode blocks (rotate, mask, multiply by 2**126) on
+  # words of "wgmma_e2m1"-ordered codes: every code value in every pair and
+  # lane gives its exact E2M1 value (0.5 through the bf16 subnormal).
+  import ml_dtypes  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from lowbit_jax.core import _qarray  # pylint: disable=g-import-not-at-top
+  from lowbit_jax.kernels import _gpu_common as common  # pylint: disable=g-import-not-at-top
+  table = np.array([v * s for s in (1, -1) for v in common.E2M1_VALUES],
+                   ml_dtypes.bfloat16).view(np.uint16)
+  rng = np.random.default_rng(0)
+  wg = rng.integers(0, 256, (512, 4), np.uint8)
+  wg[:256, 0] = wg[:256, 1] = wg[:256, 2] = wg[:256, 3] = np.arange(256)
+  sp = np.asarray(_qarray.e2m1_split_bits(jnp.asarray(wg.reshape(1, -1))))
+  sp = sp.reshape(-1, 4).astype(np.uint32)
+  words = sp[:, 0] | sp[:, 1] << 8 | sp[:, 2] << 16 | sp[:, 3] << 24
+  for row, q in enumerate(words):
+    for part in range(4):
+      bits, = ptx_check.emulate(wo.e2m1_split_ptx(part), [int(q)], 1)
+      byte = int(wg[row, part])
       assert (bits & 0xFFFF, bits >> 16) == (table[byte & 15], table[byte >> 4])
 
 
