@@ -63,10 +63,10 @@ E2M1 codes (fp4_e2m1, MXFP4, NVFP4) may go one step further
 the word away from the bf16 bits of its values times 2**-126, which one
 exact multiply by 2**126 restores (``e2m1_split_ptx``). The E2M1 rows were
 issue-bound on the H200 (MXFP4 on 8192x28672 at M = 1 took the same time on
-the H100, with half the bandwidth), and the table decode spends 2.2 integer
-instructions an element on the ALU pipe against int4's 1.1; this decode
-1.3-1.5 (benchmarks/decode_sass.md), the second multiply going to the FMA
-pipe. The table decode's options do not apply (``e2m1_split_config``); the
+the H100, with 70% of its bandwidth), and with scale_words and lut_regs
+the table decode still spends 1.9-2.2 integer instructions an element on
+the ALU pipe (PRMT, LOP3, SHF) against int4's 1.1; this decode 1.1-1.5
+(benchmarks/decode_sass.md), the second multiply going to the FMA pipe. The table decode's options do not apply (``e2m1_split_config``); the
 table keeps such rows as ``<case>@wgmma_e2m1`` and, where it has none, takes
 the ``@wgmma`` row.
 
