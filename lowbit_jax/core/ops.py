@@ -1162,10 +1162,13 @@ def set_code_order(tree, order: str, *, strict: bool = True):
   any order (the XLA fallback then reorders the bytes first, one pass
   over the codes), and the GPU kernel gives the same bits. Convert once after
   ``quantize_params`` (or on a restored checkpoint, which keeps the order).
+  ``order="kernel"`` gives each QArray the fastest order its format takes
+  (``"wgmma_e2m1"`` for E2M1 codes, ``"wgmma"`` for the other 4-bit ones,
+  natural for the rest), so a model mixing formats needs one call.
 
   Args:
     tree: a QArray or a pytree holding QArrays (and other leaves, kept).
-    order: one of ``CODE_ORDERS``.
+    order: one of ``CODE_ORDERS``, or ``"kernel"``.
     strict: raise for a QArray that cannot take the order (the ``"wgmma"``
       orders need 4-bit codes packed along the last axis, which holds a
       multiple of 32 elements; ``"wgmma_e2m1"`` E2M1 codes as well);
@@ -1177,11 +1180,19 @@ def set_code_order(tree, order: str, *, strict: bool = True):
   Raises:
     ValueError: an unknown order, or (``strict``) a QArray it cannot apply to.
   """
-  if order not in CODE_ORDERS:
-    raise ValueError(f"order must be one of {CODE_ORDERS}, got {order!r}")
+  if order not in CODE_ORDERS + ("kernel",):
+    raise ValueError(f"order must be one of {CODE_ORDERS} or 'kernel', got "
+                     f"{order!r}")
+  request = order
 
   def one(path, q):
-    if not isinstance(q, QArray) or q.code_order == order:
+    if not isinstance(q, QArray):
+      return q
+    order = request
+    if request == "kernel":
+      order = next((o for o in ("wgmma_e2m1", "wgmma")
+                    if _code_order_problem(q, o) is None), "natural")
+    if q.code_order == order:
       return q
     if order != "natural":
       why = _code_order_problem(q, order)

@@ -117,6 +117,24 @@ def test_orders_convert_into_each_other():
       np.asarray(back.codes), np.asarray(ops.set_code_order(q, "wgmma").codes))
 
 
+def test_kernel_order_picks_each_formats_fastest():
+  tree = {"mx": ops.prepare_weight(_w(), _SPECS["mxfp4"]),
+          "i4": ops.set_code_order(ops.prepare_weight(_w(seed=1),
+                                                      _SPECS["int4_g128"]),
+                                   "wgmma_e2m1", strict=False),
+          "i8": ops.prepare_weight(_w(seed=2), lb.QuantSpec("int8")),
+          "odd": ops.prepare_weight(_w(k=48, seed=3), _SPECS["nvfp4"])}
+  out = ops.set_code_order(tree, "kernel")
+  assert [out[k].code_order for k in ("mx", "i4", "i8", "odd")] == [
+      "wgmma_e2m1", "wgmma", "natural", "natural"]
+  for k in tree:
+    np.testing.assert_array_equal(_bits(lb.dequantize(out[k])),
+                                  _bits(lb.dequantize(tree[k])))
+  back = ops.set_code_order(out, "natural")
+  np.testing.assert_array_equal(np.asarray(back["mx"].codes),
+                                np.asarray(tree["mx"].codes))
+
+
 def test_trees_keep_qweights_and_other_leaves():
   q = ops.prepare_weight(_w(), _SPECS["int4_g128"])
   tree = {"w": as_qweight(q, transposed=True), "b": jnp.ones(3),
