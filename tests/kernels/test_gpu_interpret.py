@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lowbit_jax.core._qarray import to_code_order, wgmma_byte_order
+from lowbit_jax.core._qarray import to_code_order
 from lowbit_jax.kernels import _gpu_common as common
 from lowbit_jax.kernels import gpu_w8a8
 from lowbit_jax.kernels import gpu_weight_only
@@ -406,51 +406,33 @@ def test_interpret_argument_is_validated():
 # 4-bit codes stored in the kernel's register order (w_order="wgmma").
 # ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fmt,group,extra", [
-    ("int4", 128, {}), ("nvfp4", 16, dict(lut_decode=True)),
-    ("mxfp4", 32, dict(ws=True, n_split=True, tile_n=128)),
-    pytest.param("int4", None, dict(k_chunks=2), marks=_SLOW),
-    pytest.param("fp4_e2m1", 32, dict(split_k=2), marks=_SLOW)])
-def test_weight_only_kernel_reads_wgmma_ordered_codes(fmt, group, extra):
-  # The same operands with the codes permuted give the same bits.
+@pytest.mark.parametrize("fmt,group,extra,order", [
+    ("int4", 128, {}, "wgmma"), ("nvfp4", 16, dict(lut_decode=True), "wgmma"),
+    ("mxfp4", 32, dict(ws=True, n_split=True, tile_n=128), "wgmma"),
+    ("mxfp4", 32, dict(scale_words=True), "wgmma_e2m1"),
+    ("nvfp4", 16, dict(k_chunks=2, fast_decode=True), "wgmma_e2m1"),
+    pytest.param("int4", None, dict(k_chunks=2), "wgmma", marks=_SLOW),
+    pytest.param("fp4_e2m1", 32, dict(split_k=2), "wgmma", marks=_SLOW),
+    pytest.param("fp4_e2m1", 32, dict(split_k=2), "wgmma_e2m1", marks=_SLOW)])
+def test_weight_only_kernel_reads_reordered_codes(fmt, group, extra, order):
+  # The same operands with the codes in the kernel's orders give the same
+  # bits: "wgmma" (bytes permuted) and, for E2M1, "wgmma_e2m1" (then the bits
+  # of each word permuted for the rotate-and-mask decode).
   cfg = dataclasses.replace(_wo_cfg(), **extra)
   m, n, k = 5, 2 * cfg.tile_n, 1024 * cfg.split_k
   ops, prob = make_wo(jax.random.key(11), fmt, group, m, n, k)
   params = _params(tail_rows=True)
   want = gpu_weight_only.matmul(ops, prob, config=cfg, interpret=params)
-  perm = dataclasses.replace(ops, w_codes=wgmma_byte_order(ops.w_codes))
-  got = gpu_weight_only.matmul(perm, dataclasses.replace(prob, w_order="wgmma"),
-                               config=cfg, interpret=params)
+  perm = dataclasses.replace(ops, w_codes=to_code_order(ops.w_codes, order))
+  pprob = dataclasses.replace(prob, w_order=order)
+  got = gpu_weight_only.matmul(perm, pprob, config=cfg, interpret=params)
   # The references read the order from the problem too.
   np.testing.assert_array_equal(
-      np.asarray(gpu_weight_only.reference(
-          perm, dataclasses.replace(prob, w_order="wgmma"))),
+      np.asarray(gpu_weight_only.reference(perm, pprob)),
       np.asarray(gpu_weight_only.reference(ops, prob)))
   assert not common.races_found()
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
   assert rel_err(got, np_weight_only(ops, prob)) < 1e-5
-
-
-@pytest.mark.parametrize("fmt,group,extra", [
-    ("mxfp4", 32, dict(scale_words=True)),
-    ("nvfp4", 16, dict(k_chunks=2, fast_decode=True)),
-    pytest.param("fp4_e2m1", 32, dict(split_k=2), marks=_SLOW)])
-def test_weight_only_kernel_reads_e2m1_split_codes(fmt, group, extra):
-  # E2M1 codes in the "wgmma_e2m1" order (bits of each word permuted for
-  # the rotate-and-mask decode) give the natural codes' bits.
-  cfg = dataclasses.replace(_wo_cfg(), **extra)
-  m, n, k = 5, 2 * cfg.tile_n, 1024 * cfg.split_k
-  ops, prob = make_wo(jax.random.key(13), fmt, group, m, n, k)
-  params = _params(tail_rows=True)
-  want = gpu_weight_only.matmul(ops, prob, config=cfg, interpret=params)
-  split = dataclasses.replace(ops, w_codes=to_code_order(ops.w_codes, "wgmma_e2m1"))
-  sprob = dataclasses.replace(prob, w_order="wgmma_e2m1")
-  got = gpu_weight_only.matmul(split, sprob, config=cfg, interpret=params)
-  np.testing.assert_array_equal(
-      np.asarray(gpu_weight_only.reference(split, sprob)),
-      np.asarray(gpu_weight_only.reference(ops, prob)))
-  assert not common.races_found()
-  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_wgmma_order_is_refused_where_it_cannot_apply():

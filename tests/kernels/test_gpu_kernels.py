@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lowbit_jax.core._qarray import to_code_order, wgmma_byte_order
+from lowbit_jax.core._qarray import to_code_order
 from lowbit_jax.kernels import gpu_w8a8
 from lowbit_jax.kernels import gpu_weight_only
 from lowbit_jax.kernels._api import MatmulProblem
@@ -202,6 +202,16 @@ def test_weight_only_cluster_reduce_matches_split_partials(fmt, group, m, n, k,
       assert rel_err(got, want) < 1e-2
 
 
+def _special_e8m0_scales(ops):
+  """MXFP4 operands whose first four rows hold the E8M0 scale codes 0
+  (2**-127), 1, 254 and 255 (NaN) in every byte position of a 32-bit word."""
+  s = np.array(ops.w_scale)
+  special = np.array([0, 1, 254, 255], np.uint8)
+  for r in range(4):
+    s[r, :4 * 4] = np.roll(np.tile(special, 4), r)
+  return dataclasses.replace(ops, w_scale=jnp.asarray(s))
+
+
 @pytest.mark.parametrize("fmt,group", [("mxfp4", 32), ("nvfp4", 16)])
 @pytest.mark.parametrize("m,n,k,tile_k,chunks", [(1, 1024, 2048, 256, 1),
                                                  (16, 4096, 8192, 256, 2),
@@ -218,11 +228,7 @@ def test_weight_only_scale_words_are_bit_identical(fmt, group, m, n, k, tile_k,
   # decoded values.
   ops, prob = _wo_ops(fmt, group, m, n, k)
   if fmt == "mxfp4":
-    s = np.array(ops.w_scale)
-    special = np.array([0, 1, 254, 255], np.uint8)
-    for r in range(4):
-      s[r, :4 * 4] = np.roll(np.tile(special, 4), r)
-    ops = dataclasses.replace(ops, w_scale=jnp.asarray(s))
+    ops = _special_e8m0_scales(ops)
   base = dataclasses.replace(gpu_weight_only._decode_config(prob),  # pylint: disable=protected-access
                              tile_k=tile_k, k_chunks=chunks, fast_decode=True,
                              lut_decode=True)
@@ -233,6 +239,27 @@ def test_weight_only_scale_words_are_bit_identical(fmt, group, m, n, k, tile_k,
     np.testing.assert_array_equal(got, want)
 
 
+def _same_bits_in_two_orders(ops, prob, first, second):
+  """Runs the kernel on ``ops``'s codes in each ``(config, code order)``,
+  with unit activations on 16 K positions (every nibble of a code word,
+  element by element) and with ``ops.x``; asserts the same bits each time.
+  Returns the second's output on ``ops.x``."""
+  m, n, k = prob.m, prob.n, prob.k
+  outs = []
+  for xs in (_unit_activations(m, k), ops.x):
+    outs = []
+    for cfg, order in (first, second):
+      o = dataclasses.replace(ops, x=xs,
+                              w_codes=to_code_order(ops.w_codes, order))
+      pr = dataclasses.replace(prob, w_order=order)
+      outs.append(_run_poisoned(
+          lambda a, pr=pr, cfg=cfg: gpu_weight_only.matmul(a, pr, config=cfg),
+          o, (m, n), jnp.bfloat16))
+    np.testing.assert_array_equal(np.asarray(outs[1], np.float32),
+                                  np.asarray(outs[0], np.float32))
+  return outs[1]
+
+
 _FOUR_BIT = [("int4", 128), ("int4", 32), ("int4", None), ("fp4_e2m1", 32),
              ("mxfp4", 32), ("nvfp4", 16)]
 
@@ -240,7 +267,7 @@ _FOUR_BIT = [("int4", 128), ("int4", 32), ("int4", None), ("fp4_e2m1", 32),
 @pytest.mark.parametrize("fmt,group", _FOUR_BIT)
 @pytest.mark.parametrize("variant", ["decode", "chunks", "nsplit", "lut"])
 def test_weight_only_wgmma_order_is_bit_identical(fmt, group, variant):
-  # Codes stored by wgmma_byte_order are read without the register relayout:
+  # Codes stored in the "wgmma" order are read without the register relayout:
   # byte i of a thread's word must be the register of column tile i, or the
   # products land on the wrong activations. Unit activations on 16 K
   # positions covering every nibble of a word check it element by element;
@@ -258,16 +285,7 @@ def test_weight_only_wgmma_order_is_bit_identical(fmt, group, variant):
       pytest.skip("lut_decode is an E2M1 decode")
     cfg = dataclasses.replace(cfg, lut_decode=True, fast_decode=True)
   assert gpu_weight_only._shape_ok(prob, cfg)  # pylint: disable=protected-access
-  perm = dataclasses.replace(
-      ops, w_codes=wgmma_byte_order(ops.w_codes))
-  for xs in (_unit_activations(m, k), ops.x):
-    a = _run_poisoned(lambda o: gpu_weight_only.matmul(o, prob, config=cfg),
-                      dataclasses.replace(ops, x=xs), (m, n), jnp.bfloat16)
-    b = _run_poisoned(lambda o: gpu_weight_only.matmul(
-        o, dataclasses.replace(prob, w_order="wgmma"), config=cfg),
-                      dataclasses.replace(perm, x=xs), (m, n), jnp.bfloat16)
-    np.testing.assert_array_equal(np.asarray(b, np.float32),
-                                  np.asarray(a, np.float32))
+  b = _same_bits_in_two_orders(ops, prob, (cfg, "natural"), (cfg, "wgmma"))
   assert rel_err(b, gpu_weight_only.reference(ops, prob)) < 1e-2
 
 
@@ -285,11 +303,7 @@ def test_weight_only_e2m1_split_order_is_bit_identical(fmt, group, variant):
   m, n, k = 16, 1024, 2048
   ops, prob = _wo_ops(fmt, group, m, n, k)
   if fmt == "mxfp4":
-    s = np.array(ops.w_scale)
-    special = np.array([0, 1, 254, 255], np.uint8)
-    for r in range(4):
-      s[r, :4 * 4] = np.roll(np.tile(special, 4), r)
-    ops = dataclasses.replace(ops, w_scale=jnp.asarray(s))
+    ops = _special_e8m0_scales(ops)
   cfg = gpu_weight_only._decode_config(prob)  # pylint: disable=protected-access
   if variant == "chunks":
     cfg = dataclasses.replace(cfg, k_chunks=2)
@@ -302,18 +316,8 @@ def test_weight_only_e2m1_split_order_is_bit_identical(fmt, group, variant):
   elif variant == "cluster":
     cfg = dataclasses.replace(cfg, split_k=2, cluster_reduce=True)
   assert gpu_weight_only._shape_ok(prob, cfg)  # pylint: disable=protected-access
-  wg = dataclasses.replace(ops, w_codes=to_code_order(ops.w_codes, "wgmma"))
-  sp = dataclasses.replace(ops, w_codes=to_code_order(ops.w_codes, "wgmma_e2m1"))
   table = dataclasses.replace(cfg, lut_decode=True, fast_decode=True)
-  for xs in (_unit_activations(m, k), ops.x):
-    a = _run_poisoned(lambda o: gpu_weight_only.matmul(
-        o, dataclasses.replace(prob, w_order="wgmma"), config=table),
-                      dataclasses.replace(wg, x=xs), (m, n), jnp.bfloat16)
-    b = _run_poisoned(lambda o: gpu_weight_only.matmul(
-        o, dataclasses.replace(prob, w_order="wgmma_e2m1"), config=cfg),
-                      dataclasses.replace(sp, x=xs), (m, n), jnp.bfloat16)
-    np.testing.assert_array_equal(np.asarray(b, np.float32),
-                                  np.asarray(a, np.float32))
+  _same_bits_in_two_orders(ops, prob, (table, "wgmma"), (cfg, "wgmma_e2m1"))
 
 
 def _w8_ops(case, m, n, k, exact=False):
