@@ -210,10 +210,10 @@ def wgmma_byte_order(codes: jax.Array, axis: int = -1) -> jax.Array:
 # of pair ``i``'s code ``lane`` in the permuted word, chosen so that pair 0 is
 # ``word & 0x81C081C0``, pairs 1 and 2 the same mask after a rotation right
 # by 6 and 12 bits, and pair 3 ``rotr(word, 2) & 0x81808180 | rotr(word, 10) &
-# 0x00400040`` (no three rotations of the mask tile the 32 bits, so the last
-# pair takes two): nine integer instructions for eight codes, against
-# seventeen for the table decode of the "wgmma" order
-# (benchmarks/decode_sass.md).
+# 0x00400040`` (no four rotations of the mask tile the 32 bits, an
+# exhaustive search found, so the last pair takes two): nine integer
+# instructions for eight codes, against about seventeen for the table decode
+# of the "wgmma" order (benchmarks/decode_sass.md).
 E2M1_SPLIT_POS = (((6, 7, 8, 15), (22, 23, 24, 31)),
                   ((12, 13, 14, 21), (28, 29, 30, 5)),
                   ((18, 19, 20, 27), (2, 3, 4, 11)),
