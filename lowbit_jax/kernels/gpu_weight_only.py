@@ -66,9 +66,11 @@ issue-bound on the H200 (MXFP4 on 8192x28672 at M = 1 took the same time on
 the H100, with 70% of its bandwidth), and with scale_words and lut_regs
 the table decode still spends 1.9-2.2 integer instructions an element on
 the ALU pipe (PRMT, LOP3, SHF) against int4's 1.1; this decode 1.1-1.5
-(benchmarks/decode_sass.md), the second multiply going to the FMA pipe. The table decode's options do not apply (``e2m1_split_config``); the
-table keeps such rows as ``<case>@wgmma_e2m1`` and, where it has none, takes
-the ``@wgmma`` row.
+(benchmarks/decode_sass.md), the second multiply going to the FMA pipe. On
+the H200 it took MXFP4 on 8192x28672 at M = 1 from 53.5 to 43.9 us
+(benchmarks/kernels_h200_runs/run_sp1.md). The table decode's options do
+not apply (``e2m1_split_config``); the table keeps such rows as
+``<case>@wgmma_e2m1`` and, where it has none, takes the ``@wgmma`` row.
 
 Dispatch is data: ``gpu_tuned_configs.json`` beside this file (written by
 ``experiments/bench_kernels.py --mode=tune``) holds, per weight case (``int4_g128``,
@@ -991,7 +993,8 @@ def _jnp_unsplit_tile(w):
 # such), which is the bf16 pair of its E2M1 values times 2**-126, exactly
 # (the code 0.5 the bf16 subnormal 2**-127); the exact multiply by 2**126
 # (0x7E80 a lane) gives the values. Nine integer instructions a word of eight
-# codes (benchmarks/decode_sass.md), against the table decode's seventeen.
+# codes (benchmarks/decode_sass.md), against about seventeen for the table
+# decode.
 _E2M1_SPLIT_PICK = {
     0: "and.b32 t, $1, {m};",
     1: "shf.r.wrap.b32 t, $1, $1, 6;\nand.b32 t, t, {m};",
