@@ -476,7 +476,8 @@ def _split_order(name: str) -> tuple:
 def _weight_order(names) -> list:
   """The weight schemes to run, validated, bf16 first (the others' baseline).
 
-  A scheme may end in ``@wgmma`` (or ``@wgmma_e2m1`` for E2M1 codes): its
+  A scheme may end in ``@wgmma`` (or ``@wgmma_e2m1`` for E2M1 codes,
+  ``@wgmma_int4`` for int4 ones): its
   4-bit codes are then stored in that order of the Hopper kernel
   (``ops.set_code_order``)."""
   from lowbit_jax.core._qarray import CODE_ORDERS  # pylint: disable=g-import-not-at-top
@@ -486,11 +487,12 @@ def _weight_order(names) -> list:
     base = _ALIASES.get(base, base)
     if base not in WEIGHT_SCHEMES or order not in CODE_ORDERS or (
         order != "natural" and base == "bf16") or (
-            order == "wgmma_e2m1" and base not in ("fp4_g32", "mxfp4", "nvfp4")):
+            order == "wgmma_e2m1" and base not in ("fp4_g32", "mxfp4", "nvfp4")) or (
+                order == "wgmma_int4" and base not in ("int4", "int4_g128")):
       raise app.UsageError(f"unknown --weights scheme {w!r}; choose from "
                            f"{list(WEIGHT_SCHEMES)}, a quantized one optionally "
                            "followed by @wgmma, an E2M1 one (fp4_g32, mxfp4, "
-                           "nvfp4) by @wgmma_e2m1")
+                           "nvfp4) by @wgmma_e2m1, an int4 one by @wgmma_int4")
   if len(set(names)) != len(names):
     raise app.UsageError(f"--weights lists a scheme twice: {names}")
   return sorted(names, key=lambda w: w != "bf16")

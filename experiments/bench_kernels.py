@@ -170,9 +170,12 @@ _T0 = flags.DEFINE_float("t0", 0.0, "internal: the parent's start (epoch s)")
 _MAX_RESTARTS = flags.DEFINE_integer("max_restarts", 6,
                                      "child restarts after crashes")
 _W_ORDER = flags.DEFINE_enum(
-    "w_order", "natural", ["natural", "wgmma", "wgmma_e2m1"],
+    "w_order", "natural", ["natural", "wgmma", "wgmma_e2m1", "wgmma_int4",
+                           "kernel"],
     "order of the 4-bit weight codes the kernel reads (QArray.code_order; "
-    "wgmma_e2m1 applies to the E2M1 cases, the int4 ones then take wgmma); "
+    "wgmma_e2m1 applies to the E2M1 cases and wgmma_int4 to the int4 ones, "
+    "the others then take wgmma; kernel: each case its own, as "
+    "ops.set_code_order(params, 'kernel') picks); "
     "reordered rows are named <case>@<order> and the table keeps them apart; their "
     "XLA fused path reorders the codes back first (the dispatcher's fallback "
     "for such weights), the dequantize reference reads natural codes")
@@ -503,6 +506,21 @@ def candidates(wo, prob, tune: bool, few: bool = False, fast=None):
   return out[:3] if few else out
 
 
+def case_order(requested: str, fmt: str) -> str:
+  """The code order ``--w_order=requested`` gives a case of format ``fmt``:
+  the split orders apply to their own formats (``wgmma_e2m1`` to E2M1,
+  ``wgmma_int4`` to int4), the other 4-bit cases then take ``wgmma``;
+  ``kernel`` gives each 4-bit case its split order; 8-bit stays natural."""
+  if fmt not in FOUR_BIT:
+    return "natural"
+  own = "wgmma_int4" if fmt == "int4" else "wgmma_e2m1"
+  if requested == "kernel":
+    return own
+  if requested in ("wgmma_e2m1", "wgmma_int4") and requested != own:
+    return "wgmma"
+  return requested
+
+
 def _for_order(wo, prob, cands) -> list:
   """``cands`` as they apply to ``prob``'s code order: for "wgmma_e2m1" codes
   (decoded by rotations) the table decode's options go
@@ -635,9 +653,7 @@ def run_shape(b: Bench, wo, api, k: int, n: int, ms, cases, stage: str):
       b.res["skipped"].append(f"{stage}: {case} {k}x{n} M={ms} (time budget)")
       continue
     fmt, group = WO_CASES[case]
-    order = _W_ORDER.value if fmt in FOUR_BIT else "natural"
-    if order == "wgmma_e2m1" and fmt not in wo.E2M1_FORMATS:
-      order = "wgmma"  # int4: the byte order only
+    order = case_order(_W_ORDER.value, fmt)
     seed = zlib.crc32(case.encode()) % 100000
     w0 = wo_weight(jax.random.fold_in(kx, seed), fmt, group, n, k)
     wbytes = _nbytes(w0[:2])

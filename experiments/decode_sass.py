@@ -83,6 +83,8 @@ CASES = {
     "mxfp4 (table, lut_regs)": ("mxfp4", "lut_regs", "per scale"),
     "mxfp4 (table, lut_regs, scale_words)": ("mxfp4", "lut_regs", "words"),
     "nvfp4 (table, lut_regs, scale_words)": ("nvfp4", "lut_regs", "words"),
+    "int4_pc (wgmma_int4)": ("int4", "split", None),
+    "int4_g128 (wgmma_int4)": ("int4", "split", "bf16"),
     "fp4_g32 (wgmma_e2m1)": ("fp4_e2m1", "split", "bf16"),
     "mxfp4 (wgmma_e2m1, scale_words)": ("mxfp4", "split", "words"),
     "nvfp4 (wgmma_e2m1, scale_words)": ("nvfp4", "split", "words"),
@@ -106,7 +108,12 @@ def step_ptx(fmt: str, decode, scales) -> str:
     lines.append(f"ld.shared.v4.b32 {{%w{4*q}, %w{4*q+1}, %w{4*q+2}, "
                  f"%w{4*q+3}}}, [%sw+{16 * q}];")
   # words 0..7: row r, 32 columns each; words 8..15: row r + 8
-  if fmt == "int4":
+  if fmt == "int4" and decode == "split":  # "wgmma_int4" codes
+    for j in range(_WORDS):
+      for i in range(4):
+        lines.append(ptx_check.bind_operands(
+            wo.int4_split_ptx(i), [f"%a{4 * j + i}", f"%w{j}"]))
+  elif fmt == "int4":
     for j in range(_WORDS):
       lines.append(f"shr.b32 %t0, %w{j}, 4;")
       for i in range(4):

@@ -23,6 +23,7 @@ the CUDA toolkit (``nvcc``'s folder, or ``--ptxas``).
 from __future__ import annotations
 
 import dataclasses
+import fractions
 import math
 import os
 import re
@@ -384,31 +385,43 @@ def _cvt(kind: str, src: int) -> int:
   raise NotImplementedError(f"cvt.{kind}")
 
 
-def _bf16_bits(x: float) -> int:
-  """The bf16 bits of ``x`` rounded to nearest even (subnormals kept,
-  overflow to inf), from the exact value."""
-  if math.isnan(x):
+def _bf16_bits(x) -> int:
+  """The bf16 bits of the exact value ``x`` (a Fraction, or a float that is
+  exact) rounded to nearest even (subnormals kept, overflow to inf)."""
+  if isinstance(x, float) and math.isnan(x):
     return 0x7FC0
-  sign = 0x8000 if math.copysign(1.0, x) < 0 else 0
-  a = abs(x)
+  sign = 0x8000 if (x < 0 or (x == 0 and math.copysign(1.0, float(x)) < 0)) else 0
+  a = abs(fractions.Fraction(x))
   if a == 0:
     return sign
-  _, e = math.frexp(a)  # a = f * 2**e, f in [0.5, 1)
-  quantum = math.ldexp(1.0, max(e - 8, -133))  # 8 significant bits; 2**-133
-  r = round(a / quantum) * quantum  # Python's round: half to even
-  if r >= 2.0 ** 128:
+  e = a.numerator.bit_length() - a.denominator.bit_length()
+  if fractions.Fraction(2) ** e > a:
+    e -= 1  # 2**e <= a < 2**(e + 1)
+  quantum = fractions.Fraction(2) ** max(e - 7, -133)  # 8 significant bits
+  r = round(a / quantum) * quantum  # half to even
+  if r >= 2 ** 128:
     return sign | 0x7F80
-  bits = int(np.array(r, np.float32).view(np.uint32)) >> 16
+  bits = int(np.array(float(r), np.float32).view(np.uint32)) >> 16
   return sign | bits
 
 
-def _mul_bf16x2(a: int, b: int) -> int:
-  """``mul.rn.bf16x2``: each 16-bit lane's product, rounded once."""
+def _bf16x2(op, a: int, b: int) -> int:
+  """``mul`` / ``add`` / ``sub.rn.bf16x2``: each 16-bit lane's exact result,
+  rounded once."""
   out = 0
   for lane in range(2):
     va, vb = ((v >> (16 * lane)) & 0xFFFF for v in (a, b))
     fa, fb = (float(np.array(v << 16, np.uint32).view(np.float32)) for v in (va, vb))
-    out |= _bf16_bits(fa * fb) << (16 * lane)
+    if math.isnan(fa) or math.isnan(fb) or math.isinf(fa) or math.isinf(fb):
+      r = {"mul": fa * fb, "add": fa + fb, "sub": fa - fb}[op]
+      bits = 0x7FC0 if math.isnan(r) else (0xFF80 if r < 0 else 0x7F80)
+    else:
+      qa, qb = fractions.Fraction(fa), fractions.Fraction(fb)
+      r = {"mul": qa * qb, "add": qa + qb, "sub": qa - qb}[op]
+      bits = _bf16_bits(r)
+      if r == 0 and op == "mul" and (math.copysign(1, fa) * math.copysign(1, fb) < 0):
+        bits = 0x8000
+    out |= bits << (16 * lane)
   return out
 
 
@@ -426,8 +439,9 @@ def emulate(asm: str, inputs, n_out: int, smem: Optional[dict] = None) -> list:
 
   Supports the instructions the kernels' decode blocks use (mov, and, or,
   xor, not, shl, shr, shf.r.wrap, add, sub, lop3, prmt in its default mode,
-  mul.rn.bf16x2, ld.shared.b32 and the cvt forms of ``_cvt``); anything
-  else raises NotImplementedError.
+  mul / add / sub of bf16x2 (rounded once to nearest even),
+  ld.shared.b32 and the cvt forms of ``_cvt``); anything else raises
+  NotImplementedError.
   """
   regs = {f"${i}": v for i, v in enumerate([0] * n_out + list(inputs))}
   imm = re.compile(r"-?(0x[0-9a-fA-F]+|\d+)")
@@ -486,8 +500,9 @@ def emulate(asm: str, inputs, n_out: int, smem: Optional[dict] = None) -> list:
     elif op == "shf.r.wrap.b32":  # funnel shift right of (b:a), by c mod 32
       a, b, c = (val(t) for t in args[1:4])
       regs[args[0]] = (((b << 32) | a) >> (c % 32)) & _M32
-    elif op == "mul.rn.bf16x2":
-      regs[args[0]] = _mul_bf16x2(val(args[1]), val(args[2]))
+    elif op in ("mul.rn.bf16x2", "add.rn.bf16x2", "sub.rn.bf16x2",
+                "sub.bf16x2", "add.bf16x2", "mul.bf16x2"):
+      regs[args[0]] = _bf16x2(base, val(args[1]), val(args[2]))
     elif op == "lop3.b32":
       regs[args[0]] = _lop3(*(val(t) for t in args[1:5]))
     elif op == "prmt.b32":

@@ -21,8 +21,10 @@ shuffles (``lowbit_jax.kernels.gpu_weight_only``), or, for E2M1 codes (fp4,
 MXFP4, NVFP4), ``"wgmma_e2m1"``: the ``"wgmma"`` bytes with the 32 bits of
 every 4-byte word then permuted (``e2m1_split_bits``) so that the kernel
 turns each pair of codes into its bf16 pair with a rotate and a mask
-instead of table lookups. ``dequantize`` and every non-kernel path read any
-order; ``ops.set_code_order`` converts.
+instead of table lookups, and for signed int4 codes ``"wgmma_int4"``: each
+code pair in nibbles ``i`` and ``i + 4`` of its word (``INT4_SPLIT_POS``), a
+shift from the conversion's input. ``dequantize`` and every non-kernel path
+read any order; ``ops.set_code_order`` converts.
 
 Scales have one entry per block (``[d0 / b0, d1 / b1, ...]``): float32, bfloat16,
 float16, ``float8_e4m3fn``, or E8M0 as ``uint8`` biased exponents (255 = NaN).
@@ -169,7 +171,7 @@ def unpack(packed: jax.Array, fmt: Format, axis: int) -> jax.Array:
   return c.reshape(shp[:axis] + (shp[axis] // n_bytes * n_codes,) + shp[axis + 1:])
 
 
-CODE_ORDERS = ("natural", "wgmma", "wgmma_e2m1")
+CODE_ORDERS = ("natural", "wgmma", "wgmma_e2m1", "wgmma_int4")
 WGMMA_RUN_BYTES = 16  # the "wgmma" orders move bytes within runs of this many
 
 
@@ -219,27 +221,35 @@ E2M1_SPLIT_POS = (((6, 7, 8, 15), (22, 23, 24, 31)),
                   ((18, 19, 20, 27), (2, 3, 4, 11)),
                   ((16, 9, 10, 17), (0, 25, 26, 1)))
 E2M1_SPLIT_MASK = 0x81C081C0  # the bits of a bf16 pair an E2M1 pair sets
+# The "wgmma_int4" order: the "wgmma" word's code pair i in nibbles i and
+# i + 4 (bits 4i..4i+3 of each 16-bit lane), so that one shift right by 4i
+# puts both codes of the pair in their lanes' low bits, where the int4
+# conversion's mask and magic number take them (no byte permute).
+INT4_SPLIT_POS = tuple(tuple(tuple(4 * (i + 4 * lane) + b for b in range(4))
+                             for lane in range(2)) for i in range(4))
+_SPLIT_POS = {"wgmma_e2m1": E2M1_SPLIT_POS, "wgmma_int4": INT4_SPLIT_POS}
 
 
-def _split_moves(inverse: bool) -> dict:
+def _split_moves(pos, inverse: bool) -> dict:
   """``{shift: [(source bit, destination bit), ...]}`` of the bit permutation
-  (or its inverse), grouped by the left shift that moves each bit."""
+  ``pos`` (or its inverse), grouped by the left shift that moves each bit."""
   moves = {}
-  for i, lanes in enumerate(E2M1_SPLIT_POS):
+  for i, lanes in enumerate(pos):
     for lane, bits in enumerate(lanes):
-      for b, pos in enumerate(bits):
-        src, dst = 8 * i + 4 * lane + b, pos
+      for b, p in enumerate(bits):
+        src, dst = 8 * i + 4 * lane + b, p
         if inverse:
           src, dst = dst, src
         moves.setdefault(dst - src, []).append((src, dst))
   return moves
 
 
-def _permute_words(w: jax.Array, inverse: bool) -> jax.Array:
-  """``E2M1_SPLIT_POS``'s permutation of every uint32 in ``w``: one mask and
-  shift per distinct distance a bit moves."""
+def _permute_words(w: jax.Array, pos, inverse: bool) -> jax.Array:
+  """The permutation ``pos`` (``E2M1_SPLIT_POS`` or ``INT4_SPLIT_POS``) of
+  every uint32 in ``w``: one mask and shift per distinct distance a bit
+  moves."""
   out = jnp.zeros_like(w)
-  for shift, pairs in sorted(_split_moves(inverse).items()):
+  for shift, pairs in sorted(_split_moves(pos, inverse).items()):
     mask = np.uint32(sum(1 << s for s, _ in pairs))
     part = w & mask
     out = out | (part << np.uint32(shift) if shift >= 0
@@ -256,16 +266,29 @@ def e2m1_split_bits(codes: jax.Array, axis: int = -1, *,
   Raises:
     ValueError: ``axis`` is not a multiple of 4 bytes long.
   """
+  return split_bits(codes, "wgmma_e2m1", axis, inverse=inverse)
+
+
+def split_bits(codes: jax.Array, order: str, axis: int = -1, *,
+               inverse: bool = False) -> jax.Array:
+  """``"wgmma"`` -> ``order`` (``"wgmma_e2m1"`` or ``"wgmma_int4"``) of packed
+  bytes along ``axis`` (``inverse``: back): the order's permutation of the
+  bits of every 4 consecutive bytes, read as a little-endian 32-bit word.
+
+  Raises:
+    ValueError: ``axis`` is not a multiple of 4 bytes long.
+  """
+  pos = _SPLIT_POS[order]
   ax = axis % codes.ndim if codes.ndim else 0
   if codes.ndim < 1 or codes.shape[ax] % 4:
-    raise ValueError(f"the wgmma_e2m1 code order permutes the bits of 4-byte "
+    raise ValueError(f"the {order} code order permutes the bits of 4-byte "
                      f"words along axis {axis}, whose length must be a multiple "
                      f"of 4; got codes of shape {tuple(codes.shape)}")
   shp = codes.shape
   c = jnp.moveaxis(codes, ax, -1).astype(jnp.uint32)
   c = c.reshape(c.shape[:-1] + (c.shape[-1] // 4, 4))
   words = (c[..., 0] | c[..., 1] << 8 | c[..., 2] << 16 | c[..., 3] << 24)
-  words = _permute_words(words, inverse)
+  words = _permute_words(words, pos, inverse)
   byts = jnp.stack([(words >> np.uint32(8 * j)) & 0xFF for j in range(4)],
                    axis=-1).astype(jnp.uint8)
   byts = byts.reshape(byts.shape[:-2] + (byts.shape[-2] * 4,))
@@ -277,8 +300,8 @@ def to_code_order(codes: jax.Array, order: str, axis: int = -1) -> jax.Array:
   if order == "natural":
     return codes
   out = wgmma_byte_order(codes, axis)
-  if order == "wgmma_e2m1":
-    out = e2m1_split_bits(out, axis)
+  if order in _SPLIT_POS:
+    out = split_bits(out, order, axis)
   elif order != "wgmma":
     raise ValueError(f"code order must be one of {CODE_ORDERS}, got {order!r}")
   return out
@@ -289,8 +312,8 @@ def from_code_order(codes: jax.Array, order: str, axis: int = -1) -> jax.Array:
   inverse)."""
   if order == "natural":
     return codes
-  if order == "wgmma_e2m1":
-    codes = e2m1_split_bits(codes, axis, inverse=True)
+  if order in _SPLIT_POS:
+    codes = split_bits(codes, order, axis, inverse=True)
   elif order != "wgmma":
     raise ValueError(f"code order must be one of {CODE_ORDERS}, got {order!r}")
   return wgmma_byte_order(codes, axis)
@@ -310,8 +333,8 @@ class QArray:
     shape: logical shape (before padding).
     dtype: name of the original dtype, which ``dequantize`` returns.
     pack_axis: the axis codes are packed along.
-    code_order: ``"natural"``, ``"wgmma"`` or ``"wgmma_e2m1"`` (see the
-      module docstring).
+    code_order: ``"natural"``, ``"wgmma"``, ``"wgmma_e2m1"`` or
+      ``"wgmma_int4"`` (see the module docstring).
   """
   codes: jax.Array
   scale: jax.Array

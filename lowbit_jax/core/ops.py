@@ -1137,9 +1137,13 @@ def _code_order_problem(q: QArray, order: str = "wgmma") -> Optional[str]:
   bits = q.spec.storage_format.bits
   if bits != 4:
     return f"its codes are {bits}-bit (the order is for 4-bit codes)"
-  if order == "wgmma_e2m1" and not _is_e2m1(q.spec.storage_format):
-    return (f"its element format is {q.spec.storage_format.name}, not E2M1 "
+  fmt = q.spec.storage_format
+  if order == "wgmma_e2m1" and not _is_e2m1(fmt):
+    return (f"its element format is {fmt.name}, not E2M1 "
             "(the order is for fp4_e2m1, MXFP4 and NVFP4 codes; use 'wgmma')")
+  if order == "wgmma_int4" and not (isinstance(fmt, IntFormat) and fmt.signed):
+    return (f"its codes are {fmt.name}, not signed int4 (the order is for "
+            "two's-complement int4 codes; use 'wgmma')")
   if q.pack_axis != q.ndim - 1:
     return (f"its codes are packed along axis {q.pack_axis}, not the last "
             "(quantize the K-major [N, K] weight: ops.prepare_weight)")
@@ -1157,14 +1161,17 @@ def set_code_order(tree, order: str, *, strict: bool = True):
   saves the kernel a relayout in registers; ``"wgmma_e2m1"`` (E2M1 codes:
   fp4_e2m1, MXFP4, NVFP4) is that order with the bits of each 32-bit word
   permuted so that the kernel decodes a pair of codes with a rotate and a
-  mask (``_qarray.E2M1_SPLIT_POS``); ``"natural"`` converts back. The
+  mask (``_qarray.E2M1_SPLIT_POS``); ``"wgmma_int4"`` (signed int4 codes)
+  puts each code pair of a word a shift away from the int4 conversion's
+  input (``_qarray.INT4_SPLIT_POS``); ``"natural"`` converts back. The
   values are unchanged: ``dequantize`` and the non-kernel matmul paths read
   any order (the XLA fallback then reorders the bytes first, one pass
   over the codes), and the GPU kernel gives the same bits. Convert once after
   ``quantize_params`` (or on a restored checkpoint, which keeps the order).
   ``order="kernel"`` gives each QArray the fastest order its format takes
-  (``"wgmma_e2m1"`` for E2M1 codes, ``"wgmma"`` for the other 4-bit ones,
-  natural for the rest), so a model mixing formats needs one call.
+  (``"wgmma_e2m1"`` for E2M1 codes, ``"wgmma_int4"`` for signed int4,
+  ``"wgmma"`` for the other 4-bit ones, natural for the rest), so a model
+  mixing formats needs one call.
 
   Args:
     tree: a QArray or a pytree holding QArrays (and other leaves, kept).
@@ -1190,7 +1197,7 @@ def set_code_order(tree, order: str, *, strict: bool = True):
       return q
     order = request
     if request == "kernel":
-      order = next((o for o in ("wgmma_e2m1", "wgmma")
+      order = next((o for o in ("wgmma_e2m1", "wgmma_int4", "wgmma")
                     if _code_order_problem(q, o) is None), "natural")
     if q.code_order == order:
       return q

@@ -71,6 +71,11 @@ the H200 it took MXFP4 on 8192x28672 at M = 1 from 53.5 to 43.9 us
 (benchmarks/kernels_h200_runs/run_sp1.md). The table decode's options do
 not apply (``e2m1_split_config``); the table keeps such rows as
 ``<case>@wgmma_e2m1`` and, where it has none, takes the ``@wgmma`` row.
+Signed int4 codes likewise (``w_order="wgmma_int4"``, ``int4_split_ptx``):
+each pair of a word in nibbles ``i`` and ``i + 4``, one shift from the input
+of Mosaic GPU's own int4 conversion, which then needs no byte permute
+(1.84 -> 1.59 instructions an element for int4 per channel, 2.37 -> 2.12 in
+groups of 128, benchmarks/decode_sass.md; not yet timed on a GPU).
 
 Dispatch is data: ``gpu_tuned_configs.json`` beside this file (written by
 ``experiments/bench_kernels.py --mode=tune``) holds, per weight case (``int4_g128``,
@@ -98,8 +103,8 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
-from lowbit_jax.core._qarray import (E2M1_SPLIT_MASK, e2m1_split_bits,
-                                     from_code_order, wgmma_byte_order)
+from lowbit_jax.core._qarray import (E2M1_SPLIT_MASK, from_code_order,
+                                     split_bits, wgmma_byte_order)
 from lowbit_jax.kernels import _gpu_common as common
 from lowbit_jax.kernels._api import MatmulOperands, MatmulProblem
 
@@ -200,6 +205,9 @@ def _validate(problem: MatmulProblem) -> None:
     raise ValueError(f"w_order='wgmma_e2m1' lays out E2M1 codes "
                      f"({', '.join(E2M1_FORMATS)}) for their decode, got "
                      f"{problem.w_format}; use w_order='wgmma'")
+  if problem.w_order == "wgmma_int4" and problem.w_format != "int4":
+    raise ValueError(f"w_order='wgmma_int4' lays out int4 codes for their "
+                     f"decode, got {problem.w_format}; use w_order='wgmma'")
 
 
 def reference(operands: MatmulOperands, problem: MatmulProblem) -> jax.Array:
@@ -688,10 +696,10 @@ def tuned_entry(problem: MatmulProblem) -> Optional[dict[str, Any]]:
     own = entries.get(f"{case}@{problem.w_order}", {}).get(cls, {}).get(mb)
     if own is not None:
       return own
-    if problem.w_order == "wgmma_e2m1":
+    if problem.w_order in ("wgmma_e2m1", "wgmma_int4"):
       # The same bytes as "wgmma" with their bits permuted: that order's
-      # row (a table decode's time, more instructions than the rotations),
-      # its tiling without the tables (``e2m1_split_config``).
+      # row (a decode of more instructions than the split orders'), its
+      # tiling (for E2M1 without the tables: ``e2m1_split_config``).
       wg = entries.get(f"{case}@wgmma", {}).get(cls, {}).get(mb)
       if wg is not None:
         return dict(wg, estimated=True)
@@ -976,14 +984,14 @@ def _jnp_unpermute_tile(w):
       rows, cols)
 
 
-def _jnp_unsplit_tile(w):
-  """``e2m1_split_bits`` undone on a ``[rows, cols]`` tile of 4-bit codes
-  (int4-typed, as the interpreter moves them; pairs are the bytes), giving
-  the ``"wgmma"``-ordered tile."""
+def _jnp_unsplit_tile(w, order: str):
+  """``split_bits(..., order)`` undone on a ``[rows, cols]`` tile of 4-bit
+  codes (int4-typed, as the interpreter moves them; pairs are the bytes),
+  giving the ``"wgmma"``-ordered tile."""
   rows, cols = w.shape
   nib = w.astype(jnp.int32) & 0xF
   byts = (nib[:, 0::2] | nib[:, 1::2] << 4).astype(jnp.uint8)
-  byts = e2m1_split_bits(byts, axis=1, inverse=True).astype(jnp.int32)
+  byts = split_bits(byts, order, axis=1, inverse=True).astype(jnp.int32)
   out = jnp.stack([byts & 0xF, byts >> 4], axis=-1).reshape(rows, cols)
   return jnp.where(out >= 8, out - 16, out).astype(w.dtype)
 
@@ -1012,11 +1020,39 @@ def e2m1_split_ptx(part: int) -> str:
           "mul.rn.bf16x2 $0, t, k;\n}")
 
 
+# The decode of "wgmma_int4"-ordered int4 codes (``_qarray.INT4_SPLIT_POS``):
+# pair ``i`` of a 32-bit word sits in nibbles ``i`` and ``i + 4`` (bits
+# ``4i..4i+3`` of each 16-bit lane), so one shift right by ``4i`` puts both
+# codes in their lanes' low bits, where Mosaic GPU's own int4 conversion
+# (the magic-number trick: ``(n & 0xF) ^ 0x4308`` is the bf16 of ``136 + v``
+# for the two's-complement code ``v``, less 136) takes them without its byte
+# permute: seven integer instructions a word of eight codes against nine.
+def int4_split_ptx(part: int) -> str:
+  """The PTX block decoding code pair ``part`` (0..3) of a ``"wgmma_int4"``
+  word ($1) into its bf16 pair ($0)."""
+  shift = f"shr.b32 t, $1, {4 * part};\n" if part else "mov.b32 t, $1;\n"
+  return ("{\n.reg .b32 t, k;\n" + shift
+          + "lop3.b32 t, t, 0x000F000F, 0x43084308, 0x6A;\n"
+          "mov.b32 k, 0x43084308;\nsub.bf16x2 $0, t, k;\n}")
+
+
 def _e2m1_split_regs_to_bf16(w):
   """The bf16 fragment of ``"wgmma_e2m1"``-ordered E2M1 codes (registers
   that are byte ``i`` of a loaded 32-bit word, as ``_upcast4x_as_wgmma``
   gives them): ``e2m1_split_ptx(i)`` on the word."""
-  mgpu, fa, ir, _, llvm, _, _ = common._mlir()
+  return _word_blocks_to_bf16(w, e2m1_split_ptx, "wgmma_e2m1")
+
+
+def _int4_split_regs_to_bf16(w):
+  """The bf16 fragment of ``"wgmma_int4"``-ordered int4 codes:
+  ``int4_split_ptx(i)`` on the word."""
+  return _word_blocks_to_bf16(w, int4_split_ptx, "wgmma_int4")
+
+
+def _word_blocks_to_bf16(w, block_of, order: str):
+  """Each register of ``w`` (byte ``i`` of a loaded 32-bit word of codes)
+  as the bf16 pair ``block_of(i)``'s PTX makes of the whole word."""
+  _, fa, ir, _, llvm, _, _ = common._mlir()
   from jax.experimental.mosaic.gpu import utils as mgpu_utils  # pylint: disable=g-import-not-at-top
   bf16 = ir.BF16Type.get()
   i32 = ir.IntegerType.get_signless(32)
@@ -1025,10 +1061,9 @@ def _e2m1_split_regs_to_bf16(w):
     src, part = _word_part(reg)
     if part is None or mgpu_utils.bitwidth(src.type) != 32:
       raise NotImplementedError(
-          "the wgmma_e2m1 decode reads whole 32-bit words of codes; got a "
+          f"the {order} decode reads whole 32-bit words of codes; got a "
           f"register {reg.type} that is not a byte of one")
-    bits = llvm.inline_asm(i32, [_code_word(src)], e2m1_split_ptx(part),
-                           "=r,r")
+    bits = llvm.inline_asm(i32, [_code_word(src)], block_of(part), "=r,r")
     new_regs[idx] = mgpu_utils.bitcast(bits, ir.VectorType.get((2,), bf16))
   return fa.FragmentedArray(_registers=new_regs, _layout=w.layout,
                             _is_signed=None)
@@ -1612,8 +1647,9 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
   if m_tiles > 1 and valid_cols is not None:
     raise NotImplementedError("M must be a multiple of tile_m when M > tile_m")
   four_bit = fmt != "int8"
-  wgmma_order = w_order in ("wgmma", "wgmma_e2m1")
-  split_bits = w_order == "wgmma_e2m1"  # E2M1 codes decoded by rotations
+  wgmma_order = w_order in ("wgmma", "wgmma_e2m1", "wgmma_int4")
+  # codes whose word bits are permuted for a shorter decode
+  split_order = w_order if w_order in ("wgmma_e2m1", "wgmma_int4") else None
   w_bits = 4 if four_bit else 8
   w_swz = plgpu.find_swizzle(ckw * w_bits, "weight tile")
   w_transforms = (plgpu.TilingTransform((8, w_swz * 8 // w_bits)),
@@ -1647,8 +1683,8 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
     """The bf16 weight tile; ``tab``: the table words (``Config.lut_regs``)."""
     if interp:
       w = w_ref[...]
-      if split_bits:
-        w = _jnp_unsplit_tile(w)
+      if split_order:
+        w = _jnp_unsplit_tile(w, split_order)
       if wgmma_order:
         w = _jnp_unpermute_tile(w)
       if fmt in ("int4", "int8"):
@@ -1673,9 +1709,11 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
     def to_bf16(_, wf, *table):
       if wgmma_order:
         wf = _upcast4x_as_wgmma(wf)
+      if fmt == "int4" and split_order:
+        return _int4_split_regs_to_bf16(wf)
       if fmt == "int4":
         return wf.astype(common._mlir()[2].BF16Type.get(), is_signed=True)
-      if split_bits:
+      if split_order:
         return _e2m1_split_regs_to_bf16(wf)
       if cfg.lut_decode:
         return _e2m1_regs_to_bf16_lut(wf, table[0] if table else None)

@@ -52,7 +52,8 @@ _E2M1 = ("fp4_g32", "mxfp4", "nvfp4")
 
 
 @pytest.mark.parametrize("name,order", [(n, "wgmma") for n in sorted(_SPECS)]
-                         + [(n, "wgmma_e2m1") for n in _E2M1])
+                         + [(n, "wgmma_e2m1") for n in _E2M1]
+                         + [(n, "wgmma_int4") for n in ("int4_pc", "int4_g128")])
 def test_values_do_not_change(name, order):
   q = ops.prepare_weight(_w(), _SPECS[name])
   qw = ops.set_code_order(q, order)
@@ -95,16 +96,33 @@ def test_e2m1_split_order_decodes_by_rotate_and_mask():
     np.testing.assert_array_equal(out >> 16, want16[byts >> 4])
 
 
-def test_e2m1_split_bits_is_a_permutation():
-  pos = [p for pair in _qarray.E2M1_SPLIT_POS for lane in pair for p in lane]
+@pytest.mark.parametrize("order", ["wgmma_e2m1", "wgmma_int4"])
+def test_split_orders_are_permutations(order):
+  table = {"wgmma_e2m1": _qarray.E2M1_SPLIT_POS,
+           "wgmma_int4": _qarray.INT4_SPLIT_POS}[order]
+  pos = [p for pair in table for lane in pair for p in lane]
   assert sorted(pos) == list(range(32))
   c = jnp.asarray(np.random.default_rng(0).integers(0, 256, (3, 64), np.uint8))
-  s = _qarray.e2m1_split_bits(c)
+  s = _qarray.split_bits(c, order)
   np.testing.assert_array_equal(
-      np.asarray(_qarray.e2m1_split_bits(s, inverse=True)), np.asarray(c))
+      np.asarray(_qarray.split_bits(s, order, inverse=True)), np.asarray(c))
   np.testing.assert_array_equal(
-      np.asarray(_qarray.from_code_order(_qarray.to_code_order(c, "wgmma_e2m1"),
-                                         "wgmma_e2m1")), np.asarray(c))
+      np.asarray(_qarray.from_code_order(_qarray.to_code_order(c, order),
+                                         order)), np.asarray(c))
+
+
+def test_int4_split_order_puts_each_pair_a_shift_away():
+  # Pair i of a "wgmma_int4" word, shifted right by 4i and masked with
+  # 0x000F000F, is the pair's two nibbles in its lanes' low bits.
+  wg = np.random.default_rng(1).integers(0, 256, (512, 4), np.uint8)
+  sp = np.asarray(_qarray.split_bits(jnp.asarray(wg.reshape(1, -1)),
+                                     "wgmma_int4")).reshape(-1, 4)
+  q = (sp[:, 0].astype(np.uint64) | sp[:, 1].astype(np.uint64) << 8
+       | sp[:, 2].astype(np.uint64) << 16 | sp[:, 3].astype(np.uint64) << 24)
+  for i in range(4):
+    t = (q >> (4 * i)) & 0x000F000F
+    np.testing.assert_array_equal(t & 0xF, wg[:, i] & 0xF)
+    np.testing.assert_array_equal(t >> 16, wg[:, i] >> 4)
 
 
 def test_orders_convert_into_each_other():
@@ -126,7 +144,7 @@ def test_kernel_order_picks_each_formats_fastest():
           "odd": ops.prepare_weight(_w(k=48, seed=3), _SPECS["nvfp4"])}
   out = ops.set_code_order(tree, "kernel")
   assert [out[k].code_order for k in ("mx", "i4", "i8", "odd")] == [
-      "wgmma_e2m1", "wgmma", "natural", "natural"]
+      "wgmma_e2m1", "wgmma_int4", "natural", "natural"]
   for k in tree:
     np.testing.assert_array_equal(_bits(lb.dequantize(out[k])),
                                   _bits(lb.dequantize(tree[k])))
@@ -169,6 +187,8 @@ def test_bad_requests_say_what_is_wrong():
   with pytest.raises(ValueError, match="not E2M1"):
     ops.set_code_order(nf4, "wgmma_e2m1")
   assert ops.set_code_order(q4, "wgmma_e2m1", strict=False).code_order == "natural"
+  with pytest.raises(ValueError, match="not signed int4"):
+    ops.set_code_order(ops.prepare_weight(_w(), _SPECS["mxfp4"]), "wgmma_int4")
 
 
 def test_kernels_see_the_order_and_only_the_gpu_one_takes_it():

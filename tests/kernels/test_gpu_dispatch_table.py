@@ -115,10 +115,31 @@ def test_e2m1_split_weights_use_their_rows_else_the_wgmma_ones(monkeypatch):
   assert wo.supports(sp())
   assert wo.tuned_entry(sp(m=4))["kernel_us"] == 15.0  # its own row
   assert wo.tuned_entry(sp(m=16))["estimated"]  # the natural row, reordering priced
-  # int4 codes cannot take the order: refused, never dispatched
+  # int4 codes cannot take the order (nor E2M1 ones "wgmma_int4"): refused,
+  # never dispatched
   with pytest.raises(ValueError, match="E2M1 codes"):
     wo._validate(_prob(w_order="wgmma_e2m1"))  # pylint: disable=protected-access
   assert not wo.supports(_prob(w_order="wgmma_e2m1"))
+  with pytest.raises(ValueError, match="int4 codes"):
+    wo._validate(sp(w_order="wgmma_int4"))  # pylint: disable=protected-access
+  # "wgmma_int4" int4 weights take the "wgmma" row the same way
+  wo.set_table({"meta": {}, "entries": {"int4_g128@wgmma": {"k8k_n8k": {
+      "1": dict(_entry(True, [64, 256, 8, 4, 2, False]), kernel_us=15.3)}}}})
+  e = wo.tuned_entry(_prob(w_order="wgmma_int4"))
+  assert e["estimated"] and e["kernel_us"] == 15.3
+  assert wo.supports(_prob(w_order="wgmma_int4"))
+
+
+def test_bench_code_order_per_case():
+  from experiments import bench_kernels  # pylint: disable=g-import-not-at-top
+  got = {(r, f): bench_kernels.case_order(r, f)
+         for r in ("natural", "wgmma", "wgmma_e2m1", "wgmma_int4", "kernel")
+         for f in ("int4", "mxfp4", "int8")}
+  assert got[("kernel", "int4")] == "wgmma_int4"
+  assert got[("kernel", "mxfp4")] == "wgmma_e2m1"
+  assert got[("wgmma_e2m1", "int4")] == got[("wgmma_int4", "mxfp4")] == "wgmma"
+  assert got[("wgmma_int4", "int4")] == "wgmma_int4"
+  assert {got[(r, "int8")] for r in ("wgmma", "kernel")} == {"natural"}
 
 
 def test_bench_candidates_for_e2m1_split_codes():

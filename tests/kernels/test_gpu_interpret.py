@@ -411,13 +411,16 @@ def test_interpret_argument_is_validated():
     ("mxfp4", 32, dict(ws=True, n_split=True, tile_n=128), "wgmma"),
     ("mxfp4", 32, dict(scale_words=True), "wgmma_e2m1"),
     ("nvfp4", 16, dict(k_chunks=2, fast_decode=True), "wgmma_e2m1"),
+    ("int4", 128, {}, "wgmma_int4"),
     pytest.param("int4", None, dict(k_chunks=2), "wgmma", marks=_SLOW),
+    pytest.param("int4", None, dict(k_chunks=2), "wgmma_int4", marks=_SLOW),
     pytest.param("fp4_e2m1", 32, dict(split_k=2), "wgmma", marks=_SLOW),
     pytest.param("fp4_e2m1", 32, dict(split_k=2), "wgmma_e2m1", marks=_SLOW)])
 def test_weight_only_kernel_reads_reordered_codes(fmt, group, extra, order):
   # The same operands with the codes in the kernel's orders give the same
   # bits: "wgmma" (bytes permuted) and, for E2M1, "wgmma_e2m1" (then the bits
-  # of each word permuted for the rotate-and-mask decode).
+  # of each word permuted for the rotate-and-mask decode), for int4
+  # "wgmma_int4" (each pair a shift from the conversion's input).
   cfg = dataclasses.replace(_wo_cfg(), **extra)
   m, n, k = 5, 2 * cfg.tile_n, 1024 * cfg.split_k
   ops, prob = make_wo(jax.random.key(11), fmt, group, m, n, k)

@@ -290,16 +290,19 @@ def test_weight_only_wgmma_order_is_bit_identical(fmt, group, variant):
 
 
 @pytest.mark.parametrize("fmt,group", [("fp4_e2m1", 32), ("mxfp4", 32),
-                                       ("nvfp4", 16)])
+                                       ("nvfp4", 16), ("int4", None),
+                                       ("int4", 128), ("int4", 32)])
 @pytest.mark.parametrize("variant", ["decode", "chunks", "nsplit",
                                      "scale_words", "cluster"])
-def test_weight_only_e2m1_split_order_is_bit_identical(fmt, group, variant):
-  # Codes in the "wgmma_e2m1" order decode by rotate, mask and a multiply by
-  # 2**126 (the code 0.5 through the bf16 subnormal 2**-127); each must be
-  # the value the table decode gives, and the scale the same multiply, so
-  # the outputs are the same bits as the "wgmma" order's with the same
-  # tiling. Unit activations on 16 K positions check every nibble of a
-  # word; MXFP4's scales include the E8M0 codes 0, 1, 254 and 255.
+def test_weight_only_split_orders_are_bit_identical(fmt, group, variant):
+  # E2M1 codes in the "wgmma_e2m1" order decode by rotate, mask and a
+  # multiply by 2**126 (the code 0.5 through the bf16 subnormal 2**-127);
+  # each must be the value the table decode gives, and the scale the same
+  # multiply. int4 codes in the "wgmma_int4" order sit a shift from the
+  # conversion's input. Either way the outputs are the same bits as the
+  # "wgmma" order's with the same tiling. Unit activations on 16 K positions
+  # check every nibble of a word; MXFP4's scales include the E8M0 codes 0,
+  # 1, 254 and 255.
   m, n, k = 16, 1024, 2048
   ops, prob = _wo_ops(fmt, group, m, n, k)
   if fmt == "mxfp4":
@@ -310,14 +313,20 @@ def test_weight_only_e2m1_split_order_is_bit_identical(fmt, group, variant):
   elif variant == "nsplit":
     cfg = dataclasses.replace(cfg, ws=True, n_split=True, tile_n=128)
   elif variant == "scale_words":
-    if fmt == "fp4_e2m1":
+    if fmt not in ("mxfp4", "nvfp4"):
       pytest.skip("scale_words reads one-byte scales (MXFP4, NVFP4)")
     cfg = dataclasses.replace(cfg, scale_words=True, fast_decode=True)
   elif variant == "cluster":
     cfg = dataclasses.replace(cfg, split_k=2, cluster_reduce=True)
   assert gpu_weight_only._shape_ok(prob, cfg)  # pylint: disable=protected-access
-  table = dataclasses.replace(cfg, lut_decode=True, fast_decode=True)
-  _same_bits_in_two_orders(ops, prob, (table, "wgmma"), (cfg, "wgmma_e2m1"))
+  if fmt == "int4":
+    first, order = cfg, "wgmma_int4"
+  else:
+    first = dataclasses.replace(cfg, lut_decode=True, fast_decode=True)
+    order = "wgmma_e2m1"
+  b = _same_bits_in_two_orders(ops, prob, (first, "wgmma"), (cfg, order))
+  if fmt != "mxfp4":  # (MXFP4's special scales put NaN and inf in outputs)
+    assert rel_err(b, gpu_weight_only.reference(ops, prob)) < 1e-2
 
 
 def _w8_ops(case, m, n, k, exact=False):
@@ -386,7 +395,8 @@ def test_supports_measured_cases_on_hopper():
 @pytest.mark.parametrize("spec,order", [
     (dict(format="int4", group_size=128), "wgmma"),
     (dict(format="mxfp4"), "wgmma"), (dict(format="nvfp4"), "wgmma"),
-    (dict(format="mxfp4"), "wgmma_e2m1"), (dict(format="nvfp4"), "wgmma_e2m1")])
+    (dict(format="mxfp4"), "wgmma_e2m1"), (dict(format="nvfp4"), "wgmma_e2m1"),
+    (dict(format="int4", group_size=128), "wgmma_int4")])
 @pytest.mark.parametrize("m", [1, 512])
 def test_public_dot_reads_wgmma_ordered_weights(spec, order, m):
   # ops.set_code_order(q, "wgmma") through the quantized dot_general. The

@@ -55,7 +55,8 @@ _C = wo.Config
 # CI runs every other case, the first, third, ... (tests/conftest.py's
 # SLOW_EVERY_OTHER): of those, the ninth and eleventh (MXFP4 with all three
 # options, NVFP4 n_split with lut_regs and scale_words) cover the options
-# together, the thirteenth the "wgmma_e2m1" decode with clusters.
+# together, the thirteenth the "wgmma_e2m1" decode with clusters, the
+# fifteenth the "wgmma_int4" decode.
 @needs_ptxas
 @pytest.mark.parametrize("fmt,group,m,cfg,order", [
     ("int4", None, 1, _C(64, 256, 8, 4, 4, cluster_reduce=True), "natural"),
@@ -80,6 +81,8 @@ _C = wo.Config
     ("fp4_e2m1", 32, 16, _C(64, 256, 16, 4, 2), "wgmma_e2m1"),
     ("mxfp4", 32, 1, _C(64, 256, 8, 4, 4, scale_words=True,
                         cluster_reduce=True), "wgmma_e2m1"),
+    ("int4", None, 1, _C(64, 256, 8, 4, 2), "wgmma_int4"),
+    ("int4", 128, 16, _C(64, 256, 16, 4, 2, k_chunks=2), "wgmma_int4"),
 ])
 def test_weight_only_inline_ptx_assembles(fmt, group, m, cfg, order):
   rows = _assert_assembles(_wo_lowered(fmt, group, m, cfg, order))
@@ -90,9 +93,10 @@ def test_weight_only_inline_ptx_assembles(fmt, group, m, cfg, order):
   if fmt in ("fp4_e2m1", "mxfp4", "nvfp4") and (cfg.fast_decode or
                                                 cfg.lut_decode):
     assert "prmt.b32" in text
-  if order == "wgmma_e2m1":
+  if order in ("wgmma_e2m1", "wgmma_int4"):
+    block = wo.e2m1_split_ptx if order == "wgmma_e2m1" else wo.int4_split_ptx
     for part in range(4):
-      assert wo.e2m1_split_ptx(part) in text
+      assert block(part) in text
   if fmt == "nvfp4" and cfg.fast_decode:
     assert "cvt.rn.f16x2.e4m3x2" in text
   if cfg.scale_words:
@@ -239,6 +243,26 @@ def test_emulator_runs_the_e2m1_split_decode_exactly():
       bits, = ptx_check.emulate(wo.e2m1_split_ptx(part), [int(q)], 1)
       byte = int(wg[row, part])
       assert (bits & 0xFFFF, bits >> 16) == (table[byte & 15], table[byte >> 4])
+
+
+def test_emulator_runs_the_int4_split_decode_exactly():
+  # The "wgmma_int4" decode blocks (shift, mask and magic number, subtract)
+  # give every two's-complement code of every pair and lane.
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from lowbit_jax.core import _qarray  # pylint: disable=g-import-not-at-top
+  wg = np.random.default_rng(1).integers(0, 256, (384, 4), np.uint8)
+  wg[:256] = np.arange(256)[:, None]
+  sp = np.asarray(_qarray.split_bits(jnp.asarray(wg.reshape(1, -1)),
+                                     "wgmma_int4")).reshape(-1, 4).astype(np.uint32)
+  words = sp[:, 0] | sp[:, 1] << 8 | sp[:, 2] << 16 | sp[:, 3] << 24
+  bf16 = {v: int(np.array(v, np.float32).view(np.uint32)) >> 16
+          for v in range(-8, 8)}
+  for row, q in enumerate(words):
+    for part in range(4):
+      bits, = ptx_check.emulate(wo.int4_split_ptx(part), [int(q)], 1)
+      lo, hi = int(wg[row, part]) & 15, int(wg[row, part]) >> 4
+      assert (bits & 0xFFFF, bits >> 16) == (bf16[lo - 16 * (lo > 7)],
+                                             bf16[hi - 16 * (hi > 7)])
 
 
 def test_emulator_refuses_what_it_does_not_know():
