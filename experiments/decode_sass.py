@@ -201,11 +201,11 @@ def step_ptx(fmt: str, decode, scales) -> str:
   return "\n".join(lines)
 
 
-def rows():
-  """``[(case, histogram)]``."""
+def rows(names=None):
+  """``[(case, histogram)]`` of ``names`` (default: every case)."""
   ptxas, nvdisasm = ptx_check.require_tools()
   return [(name, ptx_check.sass_histogram(step_ptx(*case), ptxas, nvdisasm))
-          for name, case in CASES.items()]
+          for name, case in CASES.items() if names is None or name in names]
 
 
 def loop_bodies(path: str) -> list:

@@ -320,16 +320,26 @@ def test_decode_step_estimate_counts_the_table_rebuilds():
   # loses the IMADs that rebuild them (0.74 an element in the estimate, 0.70
   # in the Nsight listing of the kernel), and with the scale words the MXFP4
   # step drops by a fifth or more.
+  # The split code orders: "wgmma_int4" drops int4's byte permutes,
+  # "wgmma_e2m1" cuts MXFP4's integer (ALU-pipe) instructions by a third.
   from experiments import decode_sass  # pylint: disable=g-import-not-at-top
+  names = ("mxfp4 (table)", "mxfp4 (table, lut_regs)",
+           "mxfp4 (table, lut_regs, scale_words)", "int4_pc", "int4_g128",
+           "int4_pc (wgmma_int4)", "mxfp4 (wgmma_e2m1, scale_words)")
   got = {name: (sum(h.values()) / decode_sass.ELEMENTS, h)
-         for name, h in decode_sass.rows()}
+         for name, h in decode_sass.rows(names)}
   table, hist = got["mxfp4 (table)"]
   regs, rhist = got["mxfp4 (table, lut_regs)"]
-  both, _ = got["mxfp4 (table, lut_regs, scale_words)"]
+  both, bhist = got["mxfp4 (table, lut_regs, scale_words)"]
   assert hist["IMAD"] / decode_sass.ELEMENTS > 0.5
   assert rhist.get("IMAD", 0) / decode_sass.ELEMENTS < 0.25
   assert regs < table and both < 0.8 * table
   assert got["int4_pc"][0] < got["int4_g128"][0] < table
+  i4, i4hist = got["int4_pc (wgmma_int4)"]
+  assert i4 < 0.9 * got["int4_pc"][0] and "PRMT" not in i4hist
+  alu = lambda h: sum(h.get(op, 0) for op in ("PRMT", "LOP3", "SHF"))  # noqa: E731
+  sp, sphist = got["mxfp4 (wgmma_e2m1, scale_words)"]
+  assert sp < both and alu(sphist) < 0.7 * alu(bhist)
 
 
 def test_emulator_runs_the_shipped_e4m3_scale_conversion_exactly():
