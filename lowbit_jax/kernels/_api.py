@@ -21,9 +21,10 @@ quantized along its last axis):
 * 4-bit codes may instead be stored in the ``"wgmma"`` order
   (``MatmulProblem.w_order``; ``lowbit_jax.core._qarray.wgmma_byte_order``:
   the bytes of each 16-byte run along K transposed as a 4 x 4 grid), or E2M1
-  codes in ``"wgmma_e2m1"`` (that order with the bits of each 32-bit word
-  permuted: ``_qarray.e2m1_split_bits``), which only ``gpu_weight_only``
-  reads; every other kernel's ``supports`` says no.
+  codes in ``"wgmma_e2m1"`` and signed int4 codes in ``"wgmma_int4"`` (that
+  order with the bits of each 32-bit word permuted: ``_qarray.split_bits``),
+  which only ``gpu_weight_only`` reads; every other kernel's ``supports``
+  says no.
 * Weight scales: per channel ``[N, 1]``; groups of ``g`` along K ``[N, K // g]``;
   2-D tiles ``[N // tn, K // tk]``. float32 or bfloat16, except MX (E8M0 codes as
   ``uint8``: scale ``2 ** (code - 127)``, 255 is NaN) and NVFP4 (``float8_e4m3fn``
@@ -60,8 +61,8 @@ class MatmulProblem:
     x_block: ``None`` for per-token scales, ``g`` for 1 x g groups along K.
     out_dtype: dtype name of the result.
     backend: "gpu", "tpu" or "cpu".
-    w_order: the order of the weight's packed codes, "natural", "wgmma" or
-      "wgmma_e2m1" (``QArray.code_order``).
+    w_order: the order of the weight's packed codes (``QArray.code_order``,
+      one of ``CODE_ORDERS``).
   """
   m: int
   n: int
