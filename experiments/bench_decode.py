@@ -480,15 +480,16 @@ def _weight_order(names) -> list:
   ``@wgmma_int4`` for int4 ones): its
   4-bit codes are then stored in that order of the Hopper kernel
   (``ops.set_code_order``)."""
-  from lowbit_jax.core._qarray import CODE_ORDERS  # pylint: disable=g-import-not-at-top
+  from lowbit_jax.core._qarray import CODE_ORDERS, SPLIT_ORDERS  # pylint: disable=g-import-not-at-top
+  from lowbit_jax.kernels import gpu_weight_only as wo  # pylint: disable=g-import-not-at-top
   names = [_ALIASES.get(w, w) for w in names]
   for w in names:
     base, order = _split_order(w)
     base = _ALIASES.get(base, base)
+    fmt = _WEIGHT_CASES.get(base, (None,))[0]
     if base not in WEIGHT_SCHEMES or order not in CODE_ORDERS or (
         order != "natural" and base == "bf16") or (
-            order == "wgmma_e2m1" and base not in ("fp4_g32", "mxfp4", "nvfp4")) or (
-                order == "wgmma_int4" and base not in ("int4", "int4_g128")):
+            order in SPLIT_ORDERS and wo.split_order_for(fmt) != order):
       raise app.UsageError(f"unknown --weights scheme {w!r}; choose from "
                            f"{list(WEIGHT_SCHEMES)}, a quantized one optionally "
                            "followed by @wgmma, an E2M1 one (fp4_g32, mxfp4, "

@@ -508,15 +508,17 @@ def candidates(wo, prob, tune: bool, few: bool = False, fast=None):
 
 def case_order(requested: str, fmt: str) -> str:
   """The code order ``--w_order=requested`` gives a case of format ``fmt``:
-  the split orders apply to their own formats (``wgmma_e2m1`` to E2M1,
-  ``wgmma_int4`` to int4), the other 4-bit cases then take ``wgmma``;
-  ``kernel`` gives each 4-bit case its split order; 8-bit stays natural."""
+  a split order applies to its own formats
+  (``gpu_weight_only.SPLIT_ORDER_FORMATS``), the other 4-bit cases then take
+  ``wgmma``; ``kernel`` gives each 4-bit case its split order; 8-bit stays
+  natural."""
+  from lowbit_jax.kernels import gpu_weight_only as wo  # pylint: disable=g-import-not-at-top
   if fmt not in FOUR_BIT:
     return "natural"
-  own = "wgmma_int4" if fmt == "int4" else "wgmma_e2m1"
+  own = wo.split_order_for(fmt) or "wgmma"
   if requested == "kernel":
     return own
-  if requested in ("wgmma_e2m1", "wgmma_int4") and requested != own:
+  if requested in wo.SPLIT_ORDER_FORMATS and requested != own:
     return "wgmma"
   return requested
 

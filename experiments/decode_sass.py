@@ -7,7 +7,7 @@ kernel on wgmma-ordered 4-bit codes (a 64 x 256 weight tile, 128 elements a
 thread, M = 1..8): the sixteen code words loaded from shared memory, decoded
 with the kernel's own PTX blocks (Mosaic GPU's int4 conversion as the lowered
 kernel emits it, ``_E2M1_PTX``, the table decode or, for codes in the
-``"wgmma_e2m1"`` order, ``e2m1_split_ptx``, the scale conversions of
+split orders, ``int4_split_ptx`` / ``e2m1_split_ptx``, the scale conversions of
 ``_scale_to_bf16`` written as LLVM emits them or ``scale_word_ptx``), each
 register multiplied by its group scale, and the sixteen WGMMAs
 (m64n8k16, A from registers) that consume them. ``ptxas`` compiles it for
@@ -108,11 +108,12 @@ def step_ptx(fmt: str, decode, scales) -> str:
     lines.append(f"ld.shared.v4.b32 {{%w{4*q}, %w{4*q+1}, %w{4*q+2}, "
                  f"%w{4*q+3}}}, [%sw+{16 * q}];")
   # words 0..7: row r, 32 columns each; words 8..15: row r + 8
-  if fmt == "int4" and decode == "split":  # "wgmma_int4" codes
+  if decode == "split":  # "wgmma_int4" / "wgmma_e2m1" codes: the kernel's blocks
+    block = wo.int4_split_ptx if fmt == "int4" else wo.e2m1_split_ptx
     for j in range(_WORDS):
       for i in range(4):
         lines.append(ptx_check.bind_operands(
-            wo.int4_split_ptx(i), [f"%a{4 * j + i}", f"%w{j}"]))
+            block(i), [f"%a{4 * j + i}", f"%w{j}"]))
   elif fmt == "int4":
     for j in range(_WORDS):
       lines.append(f"shr.b32 %t0, %w{j}, 4;")
@@ -130,11 +131,6 @@ def step_ptx(fmt: str, decode, scales) -> str:
         lines.append(ptx_check.bind_operands(
             blk, [f"%a{4 * j + i}", f"%w{j}", "%t0", "%t1"]))
         lines.append(f"mul.rn.bf16x2 %a{4 * j + i}, %a{4 * j + i}, %t7;")
-  elif decode == "split":  # "wgmma_e2m1" codes: the kernel's own blocks
-    for j in range(_WORDS):
-      for i in range(4):
-        lines.append(ptx_check.bind_operands(
-            wo.e2m1_split_ptx(i), [f"%a{4 * j + i}", f"%w{j}"]))
   else:  # table decode
     u_lo, u_hi, t_lo, t_hi = wo._e2m1_lut_tables()  # pylint: disable=protected-access
     idx = wo._E2M1_LUT_IDX_PTX.format(u_lo=hex(u_lo), u_hi=hex(u_hi))  # pylint: disable=protected-access

@@ -500,8 +500,7 @@ def emulate(asm: str, inputs, n_out: int, smem: Optional[dict] = None) -> list:
     elif op == "shf.r.wrap.b32":  # funnel shift right of (b:a), by c mod 32
       a, b, c = (val(t) for t in args[1:4])
       regs[args[0]] = (((b << 32) | a) >> (c % 32)) & _M32
-    elif op in ("mul.rn.bf16x2", "add.rn.bf16x2", "sub.rn.bf16x2",
-                "sub.bf16x2", "add.bf16x2", "mul.bf16x2"):
+    elif base in ("mul", "add", "sub") and op.endswith(".bf16x2"):
       regs[args[0]] = _bf16x2(base, val(args[1]), val(args[2]))
     elif op == "lop3.b32":
       regs[args[0]] = _lop3(*(val(t) for t in args[1:5]))

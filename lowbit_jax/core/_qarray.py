@@ -19,7 +19,7 @@ transposed as a 4 x 4 grid (``wgmma_byte_order``), the order in which the
 Hopper weight-only kernel's threads load their WGMMA fragments with no
 shuffles (``lowbit_jax.kernels.gpu_weight_only``), or, for E2M1 codes (fp4,
 MXFP4, NVFP4), ``"wgmma_e2m1"``: the ``"wgmma"`` bytes with the 32 bits of
-every 4-byte word then permuted (``e2m1_split_bits``) so that the kernel
+every 4-byte word then permuted (``split_bits``) so that the kernel
 turns each pair of codes into its bf16 pair with a rotate and a mask
 instead of table lookups, and for signed int4 codes ``"wgmma_int4"``: each
 code pair in nibbles ``i`` and ``i + 4`` of its word (``INT4_SPLIT_POS``), a
@@ -228,6 +228,9 @@ E2M1_SPLIT_MASK = 0x81C081C0  # the bits of a bf16 pair an E2M1 pair sets
 INT4_SPLIT_POS = tuple(tuple(tuple(4 * (i + 4 * lane) + b for b in range(4))
                              for lane in range(2)) for i in range(4))
 _SPLIT_POS = {"wgmma_e2m1": E2M1_SPLIT_POS, "wgmma_int4": INT4_SPLIT_POS}
+# The orders whose words' bits are permuted (``split_bits``) on top of the
+# "wgmma" byte order.
+SPLIT_ORDERS = tuple(_SPLIT_POS)
 
 
 def _split_moves(pos, inverse: bool) -> dict:
@@ -255,18 +258,6 @@ def _permute_words(w: jax.Array, pos, inverse: bool) -> jax.Array:
     out = out | (part << np.uint32(shift) if shift >= 0
                  else part >> np.uint32(-shift))
   return out
-
-
-def e2m1_split_bits(codes: jax.Array, axis: int = -1, *,
-                    inverse: bool = False) -> jax.Array:
-  """``"wgmma"`` -> ``"wgmma_e2m1"`` order of packed E2M1 bytes along ``axis``
-  (``inverse``: back): ``E2M1_SPLIT_POS``'s permutation of the bits of every
-  4 consecutive bytes, read as a little-endian 32-bit word.
-
-  Raises:
-    ValueError: ``axis`` is not a multiple of 4 bytes long.
-  """
-  return split_bits(codes, "wgmma_e2m1", axis, inverse=inverse)
 
 
 def split_bits(codes: jax.Array, order: str, axis: int = -1, *,

@@ -70,9 +70,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from lowbit_jax.core import scaling
-from lowbit_jax.core._qarray import (CODE_ORDERS, WGMMA_RUN_BYTES, QArray, block_shape,
-                                     from_code_order, normalize_axis,
-                                     to_code_order)
+from lowbit_jax.core._qarray import (CODE_ORDERS, SPLIT_ORDERS, WGMMA_RUN_BYTES,
+                                     QArray, block_shape, from_code_order,
+                                     normalize_axis, to_code_order)
 from lowbit_jax.core._quantize import (_as_key, _fake_quant_impl, _key_ct, dequantize,
                                        dequantize_as,
                                        fake_quant, quantize)
@@ -1197,7 +1197,7 @@ def set_code_order(tree, order: str, *, strict: bool = True):
       return q
     order = request
     if request == "kernel":
-      order = next((o for o in ("wgmma_e2m1", "wgmma_int4", "wgmma")
+      order = next((o for o in SPLIT_ORDERS + ("wgmma",)
                     if _code_order_problem(q, o) is None), "natural")
     if q.code_order == order:
       return q

@@ -58,7 +58,7 @@ The table keeps such rows as ``<case>@wgmma``; where it has none,
 ``reordered_estimate`` adapts the natural row.
 
 E2M1 codes (fp4_e2m1, MXFP4, NVFP4) may go one step further
-(``w_order="wgmma_e2m1"``, ``_qarray.e2m1_split_bits``): the bits of each
+(``w_order="wgmma_e2m1"``, ``_qarray.split_bits``): the bits of each
 32-bit word permuted so that each pair of codes is a rotation and a mask of
 the word away from the bf16 bits of its values times 2**-126, which one
 exact multiply by 2**126 restores (``e2m1_split_ptx``). The E2M1 rows were
@@ -103,13 +103,24 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
-from lowbit_jax.core._qarray import (E2M1_SPLIT_MASK, from_code_order,
-                                     split_bits, wgmma_byte_order)
+from lowbit_jax.core._qarray import (E2M1_SPLIT_MASK, SPLIT_ORDERS, from_code_order,
+                                     pack, split_bits, wgmma_byte_order)
+from lowbit_jax.formats import IntFormat
 from lowbit_jax.kernels import _gpu_common as common
 from lowbit_jax.kernels._api import MatmulOperands, MatmulProblem
 
 _FORMATS = ("int4", "int8", "fp4_e2m1", "mxfp4", "nvfp4")
 E2M1_FORMATS = ("fp4_e2m1", "mxfp4", "nvfp4")  # E2M1 codes
+# The codes each split code order (``_qarray.SPLIT_ORDERS``) lays out: their
+# kind and the weight formats that have them.
+SPLIT_ORDER_FORMATS = {"wgmma_e2m1": ("E2M1", E2M1_FORMATS),
+                       "wgmma_int4": ("int4", ("int4",))}
+
+
+def split_order_for(fmt: str) -> Optional[str]:
+  """The split code order that lays out ``fmt``'s codes, or None."""
+  return next((o for o, (_, fs) in SPLIT_ORDER_FORMATS.items() if fmt in fs),
+              None)
 _GROUPS = {"int4": (None, 32, 64, 128), "int8": (None, 32, 64, 128),
            "fp4_e2m1": (None, 32, 64, 128), "mxfp4": (32,), "nvfp4": (16,)}
 
@@ -201,13 +212,12 @@ def _validate(problem: MatmulProblem) -> None:
     raise ValueError(f"w_order={problem.w_order!r} reorders 4-bit codes in runs "
                      f"of 32 along K: it needs a 4-bit format and K a multiple "
                      f"of 32, got {problem.w_format} with K={problem.k}")
-  if problem.w_order == "wgmma_e2m1" and problem.w_format not in E2M1_FORMATS:
-    raise ValueError(f"w_order='wgmma_e2m1' lays out E2M1 codes "
-                     f"({', '.join(E2M1_FORMATS)}) for their decode, got "
+  if (problem.w_order in SPLIT_ORDERS
+      and split_order_for(problem.w_format) != problem.w_order):
+    kind, fmts = SPLIT_ORDER_FORMATS[problem.w_order]
+    raise ValueError(f"w_order={problem.w_order!r} lays out {kind} codes "
+                     f"({', '.join(fmts)}) for their decode, got "
                      f"{problem.w_format}; use w_order='wgmma'")
-  if problem.w_order == "wgmma_int4" and problem.w_format != "int4":
-    raise ValueError(f"w_order='wgmma_int4' lays out int4 codes for their "
-                     f"decode, got {problem.w_format}; use w_order='wgmma'")
 
 
 def reference(operands: MatmulOperands, problem: MatmulProblem) -> jax.Array:
@@ -696,7 +706,7 @@ def tuned_entry(problem: MatmulProblem) -> Optional[dict[str, Any]]:
     own = entries.get(f"{case}@{problem.w_order}", {}).get(cls, {}).get(mb)
     if own is not None:
       return own
-    if problem.w_order in ("wgmma_e2m1", "wgmma_int4"):
+    if problem.w_order in SPLIT_ORDERS:
       # The same bytes as "wgmma" with their bits permuted: that order's
       # row (a decode of more instructions than the split orders'), its
       # tiling (for E2M1 without the tables: ``e2m1_split_config``).
@@ -988,11 +998,10 @@ def _jnp_unsplit_tile(w, order: str):
   """``split_bits(..., order)`` undone on a ``[rows, cols]`` tile of 4-bit
   codes (int4-typed, as the interpreter moves them; pairs are the bytes),
   giving the ``"wgmma"``-ordered tile."""
-  rows, cols = w.shape
-  nib = w.astype(jnp.int32) & 0xF
-  byts = (nib[:, 0::2] | nib[:, 1::2] << 4).astype(jnp.uint8)
-  byts = split_bits(byts, order, axis=1, inverse=True).astype(jnp.int32)
-  out = jnp.stack([byts & 0xF, byts >> 4], axis=-1).reshape(rows, cols)
+  nib = (w.astype(jnp.int32) & 0xF).astype(jnp.uint32)
+  byts = split_bits(pack(nib, IntFormat(4, signed=False), axis=1), order,
+                    axis=1, inverse=True)
+  out = common.unpack_nibbles(byts).astype(jnp.int32)
   return jnp.where(out >= 8, out - 16, out).astype(w.dtype)
 
 
@@ -1647,9 +1656,9 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
   if m_tiles > 1 and valid_cols is not None:
     raise NotImplementedError("M must be a multiple of tile_m when M > tile_m")
   four_bit = fmt != "int8"
-  wgmma_order = w_order in ("wgmma", "wgmma_e2m1", "wgmma_int4")
+  wgmma_order = w_order != "natural"
   # codes whose word bits are permuted for a shorter decode
-  split_order = w_order if w_order in ("wgmma_e2m1", "wgmma_int4") else None
+  split_order = w_order if w_order in SPLIT_ORDERS else None
   w_bits = 4 if four_bit else 8
   w_swz = plgpu.find_swizzle(ckw * w_bits, "weight tile")
   w_transforms = (plgpu.TilingTransform((8, w_swz * 8 // w_bits)),

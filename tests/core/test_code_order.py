@@ -85,7 +85,8 @@ def test_e2m1_split_order_decodes_by_rotate_and_mask():
     wg = np.zeros((256, 4), np.uint8)
     wg[:, part] = byts
     wg[:, (part + 1) % 4] = byts[::-1]  # the neighbours must not leak in
-    sp = np.asarray(_qarray.e2m1_split_bits(jnp.asarray(wg.reshape(1, -1))))
+    sp = np.asarray(_qarray.split_bits(jnp.asarray(wg.reshape(1, -1)),
+                                       "wgmma_e2m1"))
     words = sp.reshape(256, 4).astype(np.uint64)
     q = words[:, 0] | words[:, 1] << 8 | words[:, 2] << 16 | words[:, 3] << 24
     rotr = lambda v, r: ((v >> r) | (v << (32 - r))) & 0xFFFFFFFF  # noqa: E731

@@ -222,47 +222,34 @@ def test_emulator_runs_the_e2m1_table_decode_exactly():
       assert (bits & 0xFFFF, bits >> 16) == (table[byte & 15], table[byte >> 4])
 
 
-def test_emulator_runs_the_e2m1_split_decode_exactly():
-  # The "wgmma_e2m1" decode blocks (rotate, mask, multiply by 2**126) on
-  # words of "wgmma_e2m1"-ordered codes: every code value in every pair and
-  # lane gives its exact E2M1 value (0.5 through the bf16 subnormal).
+@pytest.mark.parametrize("order", ["wgmma_e2m1", "wgmma_int4"])
+def test_emulator_runs_the_split_order_decodes_exactly(order):
+  # The split orders' decode blocks (wgmma_e2m1: rotate, mask, multiply by
+  # 2**126; wgmma_int4: shift, mask and magic number, subtract) on words of
+  # codes in that order: every code of every pair and lane gives its exact
+  # value (E2M1's 0.5 through the bf16 subnormal), every byte value in every
+  # position of a word.
   import ml_dtypes  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from lowbit_jax.core import _qarray  # pylint: disable=g-import-not-at-top
   from lowbit_jax.kernels import _gpu_common as common  # pylint: disable=g-import-not-at-top
-  table = np.array([v * s for s in (1, -1) for v in common.E2M1_VALUES],
-                   ml_dtypes.bfloat16).view(np.uint16)
-  rng = np.random.default_rng(0)
-  wg = rng.integers(0, 256, (512, 4), np.uint8)
-  wg[:256, 0] = wg[:256, 1] = wg[:256, 2] = wg[:256, 3] = np.arange(256)
-  sp = np.asarray(_qarray.e2m1_split_bits(jnp.asarray(wg.reshape(1, -1))))
+  if order == "wgmma_e2m1":
+    values = [v * s for s in (1, -1) for v in common.E2M1_VALUES]
+    block = wo.e2m1_split_ptx
+  else:
+    values = [c - 16 * (c > 7) for c in range(16)]  # two's complement
+    block = wo.int4_split_ptx
+  table = np.array(values, ml_dtypes.bfloat16).view(np.uint16)
+  wg = np.random.default_rng(0).integers(0, 256, (384, 4), np.uint8)
+  wg[:256] = np.arange(256)[:, None]
+  sp = np.asarray(_qarray.split_bits(jnp.asarray(wg.reshape(1, -1)), order))
   sp = sp.reshape(-1, 4).astype(np.uint32)
   words = sp[:, 0] | sp[:, 1] << 8 | sp[:, 2] << 16 | sp[:, 3] << 24
   for row, q in enumerate(words):
     for part in range(4):
-      bits, = ptx_check.emulate(wo.e2m1_split_ptx(part), [int(q)], 1)
+      bits, = ptx_check.emulate(block(part), [int(q)], 1)
       byte = int(wg[row, part])
       assert (bits & 0xFFFF, bits >> 16) == (table[byte & 15], table[byte >> 4])
-
-
-def test_emulator_runs_the_int4_split_decode_exactly():
-  # The "wgmma_int4" decode blocks (shift, mask and magic number, subtract)
-  # give every two's-complement code of every pair and lane.
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from lowbit_jax.core import _qarray  # pylint: disable=g-import-not-at-top
-  wg = np.random.default_rng(1).integers(0, 256, (384, 4), np.uint8)
-  wg[:256] = np.arange(256)[:, None]
-  sp = np.asarray(_qarray.split_bits(jnp.asarray(wg.reshape(1, -1)),
-                                     "wgmma_int4")).reshape(-1, 4).astype(np.uint32)
-  words = sp[:, 0] | sp[:, 1] << 8 | sp[:, 2] << 16 | sp[:, 3] << 24
-  bf16 = {v: int(np.array(v, np.float32).view(np.uint32)) >> 16
-          for v in range(-8, 8)}
-  for row, q in enumerate(words):
-    for part in range(4):
-      bits, = ptx_check.emulate(wo.int4_split_ptx(part), [int(q)], 1)
-      lo, hi = int(wg[row, part]) & 15, int(wg[row, part]) >> 4
-      assert (bits & 0xFFFF, bits >> 16) == (bf16[lo - 16 * (lo > 7)],
-                                             bf16[hi - 16 * (hi > 7)])
 
 
 def test_emulator_refuses_what_it_does_not_know():
