@@ -67,8 +67,9 @@ the H100, with 70% of its bandwidth), and with scale_words and lut_regs
 the table decode still spends 1.9-2.2 integer instructions an element on
 the ALU pipe (PRMT, LOP3, SHF) against int4's 1.1; this decode 1.1-1.5
 (benchmarks/decode_sass.md), the second multiply going to the FMA pipe. On
-the H200 it took MXFP4 on 8192x28672 at M = 1 from 53.5 to 43.9 us
-(benchmarks/kernels_h200_runs/run_sp1.md). The table decode's options do
+the H200 it took MXFP4 on 8192x28672 at M = 1 from 53.5 to 43.9 us (two
+calls: benchmarks/kernels_h200_runs/run_wg3.md, run_sp1.md). The table
+decode's options do
 not apply (``e2m1_split_config``); the table keeps such rows as
 ``<case>@wgmma_e2m1`` and, where it has none, takes the ``@wgmma`` row.
 Signed int4 codes likewise (``w_order="wgmma_int4"``, ``int4_split_ptx``):
