@@ -307,3 +307,42 @@ def test_learned_scales_at_the_ends_of_the_range(name, scale, amax):
   want = _flush(grid.astype(np.float64) * scale)
   np.testing.assert_array_equal(_flush(fq), want)
   assert np.count_nonzero(fq) > 16
+
+
+def test_twn_scale_off_the_cpu_equals_the_cpu_formulation(monkeypatch):
+  """TWN's scale off the CPU (``_quantize._selected_mean``: the count and the
+  selected sum in one reduction, blocks whose sum could overflow scaled by
+  2**-64 first) gives the CPU formulation's codes, scales and values bit for
+  bit. Every column's sums are exact in float32, so the order of the additions
+  cannot differ: ordinary values, a huge column (mean near 2**116), one whose
+  selected sum overflows float32 (the CPU path's rescaled sum), one holding a
+  NaN and one of zeros."""
+  rng = np.random.default_rng(7)
+  k = 256
+  x = rng.integers(-64, 65, (k, 6)).astype(np.float32) / 8
+  x[:, 1] *= np.float32(2.0 ** 115)
+  big = np.where(rng.random(k) < 0.5, 1.5 * 2.0 ** 126, 2.0 ** 120)
+  x[:, 2] = (big * np.where(rng.random(k) < 0.5, -1, 1)).astype(np.float32)
+  x[5, 3] = np.nan
+  x[:, 4] = 0
+  spec = lb.QuantSpec("ternary", axis=0)
+  # The plain selected sum of column 2 overflows: the rescaled path is taken.
+  sel = np.abs(x[:, 2]) > 0.7 * np.mean(np.abs(x[:, 2].astype(np.float64)))
+  with np.errstate(over="ignore"):
+    assert np.isinf(np.sum(np.abs(x[sel, 2])))
+
+  def run():
+    jax.clear_caches()  # the jitted primitives were traced for the CPU
+    q = lb.quantize(jnp.asarray(x), spec)
+    return (np.asarray(q.codes), np.asarray(q.scale),
+            np.asarray(lb.fake_quant(jnp.asarray(x), spec)))
+  cpu = run()
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  gpu = run()
+  monkeypatch.undo()
+  jax.clear_caches()
+  for a, b in zip(cpu, gpu):
+    np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
+  scale = cpu[1].reshape(-1)
+  assert np.isnan(scale[3]) and np.isfinite(scale[[0, 1, 2, 5]]).all()
+  assert scale[2] == np.float32(1.5 * 2.0 ** 126)

@@ -190,6 +190,10 @@ _GPU_BUDGET = {
     ("nf4", "quantize"): (4, 330), ("nf4", "fake_quant"): (4, 435),
     ("int4_g128", "quantize"): (4, 317), ("int4_g128", "fake_quant"): (4, 420),
     ("mxfp6_e2m3", "quantize"): (3, 365), ("mxfp6_e2m3", "fake_quant"): (3, 482),
+    # TWN: two passes for the scale (mean |x|, then the count and the sum of
+    # the selected |x| in one reduction) and one for the codes; 575 / 693 MB
+    # while the count was a reduction of its own.
+    ("ternary", "quantize"): (10, 440), ("ternary", "fake_quant"): (10, 558),
 }
 
 
