@@ -444,7 +444,9 @@ def _sum_div(v: jax.Array, red, n, rebuild=None) -> jax.Array:
 
   def rescaled():
     vv = v if rebuild is None else rebuild()
-    return _sum_div_finish(total, jnp.sum(vv * np.float32(2.0 ** -64), axis=red), n)
+    small = _div(jnp.sum(vv * np.float32(2.0 ** -64), axis=red), n) * np.float32(2.0 ** 64)
+    return jnp.where((total == np.float32(np.inf)) & jnp.isfinite(small), small,
+                     _div(total, n))
   if jax.default_backend() == "cpu":
     return lax.cond(jnp.any(total == np.float32(np.inf)), rescaled,
                     lambda: _div(total, n))
@@ -477,13 +479,6 @@ def _mark_bad(stored: jax.Array, value: jax.Array, bad: jax.Array):
   return stored, jnp.where(bad, jnp.float32(jnp.nan), value)
 
 
-def _sum_div_finish(total, small_sum, n) -> jax.Array:
-  """``_sum_div``'s mean from the plain sum and the sum of ``v * 2**-64``."""
-  small = _div(small_sum, n) * np.float32(2.0 ** 64)
-  return jnp.where((total == np.float32(np.inf)) & jnp.isfinite(small), small,
-                   _div(total, n))
-
-
 def _selected_mean(absx, sel, red, mean_abs, n_max: int) -> jax.Array:
   """TWN's mean of ``|x|`` where ``sel`` (at least one element), off the CPU.
 
@@ -494,12 +489,17 @@ def _selected_mean(absx, sel, red, mean_abs, n_max: int) -> jax.Array:
   rescaled sum instead; with the count that made three sums, and XLA's GPU
   compiler, which fused the two sums into one kernel, left the count in a
   kernel of its own: a third full read of ``x`` (ternary quantize of a bf16
-  [8192, 8192]: 575 -> 437 MB of traffic in XLA's deviceless compile).
+  [8192, 8192]: 575 -> 437 MB of traffic in XLA's deviceless compile). The
+  two sums are one variadic reduction: as two ``jnp.sum`` XLA put them in one
+  kernel for fake_quant but not for quantize.
 
-  The same numbers as ``_sum_div``: in a scaled block every selected element
-  exceeds ``0.7 * 2**120 / n_max``, so the scaled values and their sums are
-  normal floats, scaling by a power of two commutes with each rounding, and
-  the mean equals the unscaled one wherever that sum is finite.
+  The same mean as ``_sum_div``'s for the same order of additions: in a
+  scaled block every selected element exceeds ``0.7 * 2**120 / n_max``, so
+  the scaled values and their partial sums are normal floats, scaling by a
+  power of two commutes with each rounding, and the mean equals the unscaled
+  one wherever that sum is finite (``test_extreme_ranges``'s
+  ``test_twn_scale_off_the_cpu_equals_the_cpu_formulation`` checks it bit for
+  bit against the CPU formulation on sums that are exact in any order).
   """
   big = mean_abs > np.float32(2.0 ** 120 / n_max)
   f = jnp.where(big, np.float32(2.0 ** -64), np.float32(1.0))
