@@ -71,6 +71,13 @@ def test_values_do_not_change(name, order):
   np.testing.assert_array_equal(_bits(got), _bits(want))
 
 
+def _words(byts):
+  """Each 4 consecutive bytes as the little-endian 32-bit word the kernel
+  loads (uint64, so that the tests' rotations do not wrap)."""
+  b = np.asarray(byts).reshape(-1, 4).astype(np.uint64)
+  return b[:, 0] | b[:, 1] << 8 | b[:, 2] << 16 | b[:, 3] << 24
+
+
 def test_e2m1_split_order_decodes_by_rotate_and_mask():
   # Every byte value in every position of a word: pair i of a "wgmma_e2m1"
   # word, rotated and masked as the kernel's PTX does (gpu_weight_only's
@@ -87,8 +94,7 @@ def test_e2m1_split_order_decodes_by_rotate_and_mask():
     wg[:, (part + 1) % 4] = byts[::-1]  # the neighbours must not leak in
     sp = np.asarray(_qarray.split_bits(jnp.asarray(wg.reshape(1, -1)),
                                        "wgmma_e2m1"))
-    words = sp.reshape(256, 4).astype(np.uint64)
-    q = words[:, 0] | words[:, 1] << 8 | words[:, 2] << 16 | words[:, 3] << 24
+    q = _words(sp)
     rotr = lambda v, r: ((v >> r) | (v << (32 - r))) & 0xFFFFFFFF  # noqa: E731
     m = _qarray.E2M1_SPLIT_MASK
     out = [q & m, rotr(q, 6) & m, rotr(q, 12) & m,
@@ -118,8 +124,7 @@ def test_int4_split_order_puts_each_pair_a_shift_away():
   wg = np.random.default_rng(1).integers(0, 256, (512, 4), np.uint8)
   sp = np.asarray(_qarray.split_bits(jnp.asarray(wg.reshape(1, -1)),
                                      "wgmma_int4")).reshape(-1, 4)
-  q = (sp[:, 0].astype(np.uint64) | sp[:, 1].astype(np.uint64) << 8
-       | sp[:, 2].astype(np.uint64) << 16 | sp[:, 3].astype(np.uint64) << 24)
+  q = _words(sp)
   for i in range(4):
     t = (q >> (4 * i)) & 0x000F000F
     np.testing.assert_array_equal(t & 0xF, wg[:, i] & 0xF)
