@@ -40,9 +40,10 @@ profile ask for (``benchmarks/kernels_h200_notes.md``): two warpgroups
 decoding while the other's WGMMA runs, and from M = 64 on an activation tile
 read once for 128-256 weight rows rather than for 64 (the activation re-reads
 through L2 are what the one-warpgroup kernel's 64x128 tiles pay for at
-M = 256). Tested in the interpreter; not yet timed on a GPU, so the tuner
-offers it as a candidate and the table keeps it only where it measures
-fastest.
+M = 256). The tuner offers it as a candidate and the table keeps it only
+where it measures fastest: on the H200 that is M = 64 and 256 on
+8192x28672 for int4 per channel, int4 g128 and int8 per channel
+(``benchmarks/kernels_h200.md``).
 
 4-bit codes may be stored in the kernel's register order
 (``MatmulProblem.w_order="wgmma"``, codes by ``_qarray.wgmma_byte_order``; for QArrays
@@ -76,7 +77,10 @@ Signed int4 codes likewise (``w_order="wgmma_int4"``, ``int4_split_ptx``):
 each pair of a word in nibbles ``i`` and ``i + 4``, one shift from the input
 of Mosaic GPU's own int4 conversion, which then needs no byte permute
 (1.84 -> 1.59 instructions an element for int4 per channel, 2.37 -> 2.12 in
-groups of 128, benchmarks/decode_sass.md; not yet timed on a GPU).
+groups of 128, benchmarks/decode_sass.md). On an H100 it took int4 g128
+at M = 1 from 18.2 to 15.5 us on 8192x8192 and from 51.6 to 48.3 on
+8192x28672, int4 per channel level there (46.0 / 46.6 us), two calls of
+session 38 (``benchmarks/kernels_h100_s38.md``); the H200 has not timed it.
 
 Dispatch is data: ``gpu_tuned_configs.json`` beside this file (written by
 ``experiments/bench_kernels.py --mode=tune``) holds, per weight case (``int4_g128``,
