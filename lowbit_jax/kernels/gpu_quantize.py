@@ -15,8 +15,8 @@ tile_n]`` tile of ``x`` once (TMA into shared memory, a pipeline of
    does (E8M0 exponents from the amax's bits; float32 scales ``amax / max``;
    NVFP4's E4M3 block scale over the tensor scale);
 3. scales, rounds and encodes each row (E4M3 through the hardware convert,
-   E2M1 by comparisons with the grid's midpoints, E2M3 by a round-to-nearest-
-   even on the float32 bits, integers by ``round``), packs 4-bit codes two rows
+   E2M1 and E2M3 codes by a round-to-nearest-even on the float32 bits
+   (``_float_codes``), integers by ``round``), packs 4-bit codes two rows
    to a byte and 6-bit codes four rows to three bytes (``QArray``'s layout
    along axis 0), and writes codes and scales (``quantize``) or the
    dequantized values (``fake_quant``'s forward; under differentiation also
@@ -896,40 +896,53 @@ def _round_float_grid(y, fmt: FloatFormat):
   return jnp.where(jnp.abs(c) < np.float32(fmt.min_normal), sub, nrm)
 
 
-def _fp4_codes(y, fmt):
-  """E2M1 codes (uint32) of finite float32 ``y``: ``_cast.encode_nearest``
-  of the values clamped to +-6, from the float32 bits (about 14 operations
-  against the midpoint comparisons' 25; the kernel is issue-bound on FP4).
+def _float_codes(y, fmt: FloatFormat):
+  """Codes (uint32) of finite float32 ``y`` in a float format without
+  infinities or NaN (E2M1, E2M3, E3M2): ``_cast.encode_nearest`` of the
+  values clamped to the format's max, from the float32 bits (about 14
+  operations; E2M1's midpoint comparisons take 25, and rounding onto the grid
+  and then encoding the grid value, FP6's path until session 39, about 27:
+  the kernel is issue-bound on both).
 
-  ``|y| >= 1``: rounding the mantissa to one bit, half to even, on the bits
-  (``_rne_mantissa``'s addition) leaves exponent and that bit in bits 22..30,
-  and E2M1's code is them less 252 (float32's bias 127 against E2M1's 1,
-  shifted past the mantissa bit), folded into the same addition; 6.0 and the
-  ties below it round as the midpoints do (5.0 -> 4, 1.75 -> 2). ``|y| < 1``:
-  the code is ``|y| * 2`` rounded half to even (0.25 -> 0, 0.75 -> 2, i.e.
-  1.0), by adding 2**23, whose float32 spacing is 1, and keeping the low
-  bits. The sign is float32's, moved to bit 3.
+  ``|y| >= min_normal``: rounding the mantissa to ``man_bits``, half to even,
+  on the bits (``_rne_mantissa``'s addition) leaves the exponent and those
+  bits in bits ``23 - man_bits`` and up, and the code is them less float32's
+  bias over the format's (``(127 - bias) << man_bits``), folded into the same
+  addition (exact modulo 2**32: the sum is at least that much for a normal);
+  a carry into the exponent is the next binade's code, and the clamp to the
+  max (a grid value) leaves nothing above the last code. Below it: the code
+  is ``|y|`` over the subnormal spacing ``2**(1 - bias - man_bits)`` rounded
+  half to even, by adding 2**23 (whose float32 spacing is 1) and keeping the
+  low bits; a rounding up to ``2**man_bits`` is the smallest normal's code.
+  The sign is float32's, moved above the magnitude (so -0.0 and values
+  rounding to zero from below keep it, as the reference's encoding does).
 
   A NaN ``y`` only occurs in a block whose scale is NaN (the block's amax
   marks it bad), which dequantizes to NaN whatever its codes: its codes are
   left to the arithmetic (``encode_nearest`` would give +NaN -> -0, -NaN ->
-  +0; ``test_fp4_codes_and_grid_values_equal_the_reference_encoding``
+  +0; ``test_float_codes_and_grid_values_equal_the_reference_encoding``
   compares finite ``y`` and infinities).
   """
-  del fmt  # E2M1
-  c = jnp.clip(y, np.float32(-6.0), np.float32(6.0))
+  e_, m_ = fmt.exp_bits, fmt.man_bits
+  if fmt.special != "none" or e_ + m_ + 1 > 8:
+    raise ValueError(f"_float_codes encodes narrow formats without inf/NaN "
+                     f"codes (E2M1, E2M3, E3M2), not {fmt.name}")
+  sh = 23 - m_
+  mx = np.float32(fmt.max)
+  c = jnp.clip(y, -mx, mx)
   u = lax.bitcast_convert_type(c, jnp.uint32)
-  sign = (u >> np.uint32(28)) & np.uint32(8)
+  sign = (u >> np.uint32(31 - e_ - m_)) & np.uint32(1 << (e_ + m_))
   au = u & np.uint32(0x7FFFFFFF)
   af = lax.bitcast_convert_type(au, jnp.float32)
-  lsb = (au >> np.uint32(22)) & np.uint32(1)
-  # au + (2**21 - 1) + lsb - (252 << 22), modulo 2**32: exact for |y| >= 1,
-  # where the sum's bits 22..31 are the code (0..7 after the bias).
-  code_n = (au + (lsb + np.uint32((0x1FFFFF - (252 << 22)) & 0xFFFFFFFF))
-            ) >> np.uint32(22)
+  lsb = (au >> np.uint32(sh)) & np.uint32(1)
+  # au + (2**(sh-1) - 1) + lsb - ((127 - bias) << 23), modulo 2**32
+  bias_off = ((1 << (sh - 1)) - 1 - ((127 - fmt.bias) << 23)) & 0xFFFFFFFF
+  code_n = (au + (lsb + np.uint32(bias_off))) >> np.uint32(sh)
+  inv_step = np.float32(2.0 ** (fmt.bias - 1 + m_))  # a power of two: exact
   code_s = lax.bitcast_convert_type(
-      af * np.float32(2.0) + np.float32(2.0 ** 23), jnp.uint32) & np.uint32(3)
-  return sign | jnp.where(af >= np.float32(1.0), code_n, code_s)
+      af * inv_step + np.float32(2.0 ** 23), jnp.uint32) & np.uint32(
+          (1 << (m_ + 1)) - 1)
+  return sign | jnp.where(af >= np.float32(fmt.min_normal), code_n, code_s)
 
 
 # ---------------------------------------------------------------------------
@@ -1099,7 +1112,7 @@ def _elem_codes_values(kd: _Kind, y, want_codes: bool, want_values: bool):
       vals = c8.astype(jnp.float32)
   elif kd.elem == "fp4":
     if want_codes:
-      codes = _fp4_codes(y, fmt)
+      codes = _float_codes(y, fmt)
     if want_values:
       # Rounded onto the grid directly, also where codes are written (one
       # path, the one fake_quant runs): fp6's path; the values
@@ -1127,10 +1140,11 @@ def _elem_codes_values(kd: _Kind, y, want_codes: bool, want_values: bool):
     codes = idx
     vals = v
   elif kd.elem == "fp6":
-    q = _round_float_grid(y, fmt)
-    vals = q
+    # as fp4: codes from the bits, values rounded onto the grid
     if want_codes:
-      codes = _cast._encode_float_grid(q, fmt)
+      codes = _float_codes(y, fmt)
+    if want_values:
+      vals = _round_float_grid(y, fmt)
   else:  # integers (int2..int8; MXINT8's int8 with 6 fraction bits; uint8)
     f = float(1 << fmt.frac_bits)
     lim = float(fmt.qmax)

@@ -239,34 +239,46 @@ def _rows_op_by_op(kind, x, tensor_amax=None):
   return stored, codes, vals, masks
 
 
-def test_fp4_codes_and_grid_values_equal_the_reference_encoding():
-  # The kernel's E2M1 codes come from the float32 bits and its fake_quant
-  # values from rounding onto the grid; the reference encodes by comparing
-  # with the midpoints and decodes the codes. Every float32 within 64 ulps
-  # of a grid value or midpoint (both signs), random values, and specials.
-  fmt = gq._kind(gq.spec_for("mxfp4"), 2).fmt  # pylint: disable=protected-access
-  pts = np.float32([0, .25, .5, .75, 1, 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 5,
-                    6, 7])
+@pytest.mark.parametrize("kind", ["mxfp4", "mxfp6_e2m3", "fp6_e3m2_pc"])
+def test_float_codes_and_grid_values_equal_the_reference_encoding(kind):
+  # The kernel's E2M1 / E2M3 / E3M2 codes come from the float32 bits
+  # (_float_codes) and its fake_quant values from rounding onto the grid; the
+  # reference encodes to the nearest code and decodes it. Every float32
+  # within 64 ulps of a grid value or a midpoint between two (both signs,
+  # so ties either way, the smallest normal, the subnormal spacing and the
+  # max), random values at the format's scale, and specials.
+  from lowbit_jax.core import _cast  # pylint: disable=g-import-not-at-top
+  fmt = gq._kind(gq.spec_for(kind), 2).fmt  # pylint: disable=protected-access
+  grid = np.unique(np.abs(np.asarray(fmt.decode_table(), np.float32)))
+  grid = grid[np.isfinite(grid)]
+  mids = (grid[:-1] + grid[1:]) / np.float32(2)  # exact: one more bit
+  pts = np.concatenate([grid, mids, [np.float32(fmt.max) * 2]]).astype(np.float32)
   near = (pts.view(np.uint32).astype(np.int64)[:, None]
           + np.arange(-64, 65)[None, :]).clip(0).astype(np.uint32).view(np.float32)
   rng = np.random.default_rng(0)
   y = np.concatenate([near.ravel(), -near.ravel(),
-                      rng.standard_normal(100_000).astype(np.float32) * 3,
-                      np.float32([np.inf, -np.inf, 1e-45, -1e-45, 3e38]),
+                      rng.standard_normal(100_000).astype(np.float32) * fmt.max / 2,
+                      np.float32([np.inf, -np.inf, 1e-45, -1e-45, 3e38, -0.0]),
                       np.uint32([0x7FFFFFFF, 0xFFFFFFFF, 0x7FC00000,
                                  0xFFC00000]).view(np.float32)])
   y = jnp.asarray(y)
-  from lowbit_jax.core import _cast  # pylint: disable=g-import-not-at-top
-  from lowbit_jax.kernels._gpu_common import decode_e2m1  # pylint: disable=g-import-not-at-top
-  want = _cast.encode_nearest(jnp.clip(y, -6.0, 6.0), fmt)
+  want = _cast.encode_nearest(jnp.clip(y, -fmt.max, fmt.max), fmt)
   # NaN sits in a NaN-scaled block, whose codes are the arithmetic's.
   num = ~np.isnan(np.asarray(y))
-  np.testing.assert_array_equal(np.asarray(gq._fp4_codes(y, fmt))[num],  # pylint: disable=protected-access
-                                np.asarray(want)[num])
+  got = np.asarray(gq._float_codes(y, fmt))  # pylint: disable=protected-access
+  np.testing.assert_array_equal(got[num], np.asarray(want)[num])
+  assert len(np.unique(got[num])) == 1 << fmt.bits  # every code, both zeros
   got_v = np.asarray(gq._round_float_grid(y, fmt)).view(np.uint32)  # pylint: disable=protected-access
-  want_v = np.asarray(decode_e2m1(want.astype(jnp.int32))).view(np.uint32)
+  want_v = np.asarray(_cast.decode_arith(want.astype(jnp.uint32), fmt),
+                      np.float32).view(np.uint32)
   fin = np.isfinite(np.asarray(y))
   np.testing.assert_array_equal(got_v[fin], want_v[fin])
+
+
+def test_float_codes_refuse_formats_with_special_codes():
+  from lowbit_jax import formats  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="without inf/NaN codes"):
+    gq._float_codes(jnp.zeros(4), formats.get("fp8_e4m3"))  # pylint: disable=protected-access
 
 
 @pytest.mark.parametrize("kind", [
