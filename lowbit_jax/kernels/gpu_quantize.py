@@ -908,9 +908,12 @@ def _float_codes(y, fmt: FloatFormat):
   on the bits (``_rne_mantissa``'s addition) leaves the exponent and those
   bits in bits ``23 - man_bits`` and up, and the code is them less float32's
   bias over the format's (``(127 - bias) << man_bits``), folded into the same
-  addition (exact modulo 2**32: the sum is at least that much for a normal);
-  a carry into the exponent is the next binade's code, and the clamp to the
-  max (a grid value) leaves nothing above the last code. Below it: the code
+  addition (exact modulo 2**32: the sum is at least that much for a normal,
+  and below 2**32 for any ``|y|``, infinity included); a carry into the
+  exponent is the next binade's code. Clamping to the max is an integer
+  ``min`` with the largest magnitude code (these formats' max is the
+  all-ones magnitude, and anything above it rounds to it or beyond), one
+  operation where clipping ``y`` to ``+-max`` first took two. Below it: the code
   is ``|y|`` over the subnormal spacing ``2**(1 - bias - man_bits)`` rounded
   half to even, by adding 2**23 (whose float32 spacing is 1) and keeping the
   low bits; a rounding up to ``2**man_bits`` is the smallest normal's code.
@@ -928,16 +931,19 @@ def _float_codes(y, fmt: FloatFormat):
     raise ValueError(f"_float_codes encodes narrow formats without inf/NaN "
                      f"codes (E2M1, E2M3, E3M2), not {fmt.name}")
   sh = 23 - m_
-  mx = np.float32(fmt.max)
-  c = jnp.clip(y, -mx, mx)
-  u = lax.bitcast_convert_type(c, jnp.uint32)
+  top = (1 << (e_ + m_)) - 1  # the largest magnitude code: the max
+  if float(fmt.decode_table()[top]) != float(fmt.max):
+    raise ValueError(f"_float_codes needs the max as the all-ones magnitude "
+                     f"code, as E2M1/E2M3/E3M2 have it; {fmt.name} does not")
+  u = lax.bitcast_convert_type(y, jnp.uint32)
   sign = (u >> np.uint32(31 - e_ - m_)) & np.uint32(1 << (e_ + m_))
   au = u & np.uint32(0x7FFFFFFF)
   af = lax.bitcast_convert_type(au, jnp.float32)
   lsb = (au >> np.uint32(sh)) & np.uint32(1)
   # au + (2**(sh-1) - 1) + lsb - ((127 - bias) << 23), modulo 2**32
   bias_off = ((1 << (sh - 1)) - 1 - ((127 - fmt.bias) << 23)) & 0xFFFFFFFF
-  code_n = (au + (lsb + np.uint32(bias_off))) >> np.uint32(sh)
+  code_n = jnp.minimum((au + (lsb + np.uint32(bias_off))) >> np.uint32(sh),
+                       np.uint32(top))
   inv_step = np.float32(2.0 ** (fmt.bias - 1 + m_))  # a power of two: exact
   code_s = lax.bitcast_convert_type(
       af * inv_step + np.float32(2.0 ** 23), jnp.uint32) & np.uint32(
@@ -947,6 +953,12 @@ def _float_codes(y, fmt: FloatFormat):
 
 # ---------------------------------------------------------------------------
 # The kernel
+
+
+def _bad_to_inf(amax):
+  """A block amax row with NaN (a block holding a NaN) made inf, as core's
+  amax of such a block; ``_block_scale`` marks inf blocks bad."""
+  return jnp.where(amax <= _F32_MAX, amax, np.float32(np.inf))
 
 
 def _block_scale(kd: _Kind, amax, scal, interp: bool, tn: int):
@@ -1280,11 +1292,12 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
   rch = rch * ui // math.gcd(rch, ui)  # ui divides bs, so rch still does
 
   def amax_of(rows):
-    """Column amax of rows (inf where any is NaN or inf), as a tree."""
-    vals = []
-    for xr in rows:
-      a = jnp.abs(xr)
-      vals.append(jnp.where(a <= _F32_MAX, a, np.float32(np.inf)))
+    """Column amax of rows, as a tree: NaN where any is NaN (``jnp.maximum``
+    propagates it: ``max.NaN``, one ``FMNMX.NAN`` with the absolute value
+    folded in), else inf where any is inf. ``_bad_to_inf`` turns a NaN
+    into inf once a block, where mapping each element took two more
+    operations (a comparison and a select) in the amax pass."""
+    vals = [jnp.abs(xr) for xr in rows]
     while len(vals) > 1:
       vals = [jnp.maximum(vals[i], vals[i + 1]) if i + 1 < len(vals)
               else vals[i] for i in range(0, len(vals), 2)]
@@ -1341,7 +1354,7 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
       from_grid = lambda q: q * scal  # noqa: E731
       clip = None
     else:
-      m = rows_amax(x_ref, r0, blk)
+      m = _bad_to_inf(rows_amax(x_ref, r0, blk))
       stored, to_grid, from_grid, clip = _block_scale(kd, m, scal, interp, tn)
       if want_codes:
         s_ref[b] = stored.astype(s_ref.dtype)
@@ -1574,6 +1587,8 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
 
       m = pass1(0, None)  # step 0 outside: a carry of the loop's own layout
       m = lax.fori_loop(1, n_steps, pass1, m)
+      # before the exchanges: _CLUSTER_MAX_PTX's max.f32 would drop a NaN
+      m = _bad_to_inf(m)
       if nwg > 1:  # the CTA's amax from its warpgroups' rows
         wg_smem[wg] = m
         plgpu.commit_smem()
