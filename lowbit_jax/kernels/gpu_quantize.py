@@ -1206,12 +1206,6 @@ def _scale_dtype(kd: _Kind):
   return jnp.float32 if kd.scale == "float32" else jnp.uint8
 
 
-# Float32 values a thread may hold for a block read once (do_block's
-# ``held``): MX and 32-row groups at tile_n 256 (64), NVFP4 and 16-row groups
-# (32); groups of 64 or 128 rows re-read the rows from shared memory.
-_HELD_VALUES = 64
-
-
 def _loop(lo: int, hi: int, body, init, unroll: bool):
   if unroll:
     c = init
@@ -1296,12 +1290,6 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
   rch = cfg.rows or max(1, 16 * 128 // tn)
   rch = math.gcd(rch, bs // (cfg.warpgroups if cfg.one_pass else 1))
   rch = rch * ui // math.gcd(rch, ui)  # ui divides bs, so rch still does
-  # A block scaled here (not given) whose rows a thread can hold in registers
-  # (_HELD_VALUES a thread: bs rows of tn // 128 columns each) is read from
-  # shared memory and converted to float32 once, for its amax and its
-  # quantization, instead of once for each; the one-pass path keeps its own.
-  held = (not given and not cfg.one_pass
-          and bs * max(1, tn // 128) <= _HELD_VALUES)
 
   def amax_of(rows):
     """Column amax of rows, as a tree: NaN where any is NaN (``jnp.maximum``
@@ -1366,21 +1354,14 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
       from_grid = lambda q: q * scal  # noqa: E731
       clip = None
     else:
-      if held:  # the block's rows read once, kept for the quantize below
-        rows_held = [row(x_ref, r0 + j) for j in range(blk)]
-        m = _bad_to_inf(amax_of(rows_held))
-      else:
-        m = _bad_to_inf(rows_amax(x_ref, r0, blk))
+      m = _bad_to_inf(rows_amax(x_ref, r0, blk))
       stored, to_grid, from_grid, clip = _block_scale(kd, m, scal, interp, tn)
       if want_codes:
         s_ref[b] = stored.astype(s_ref.dtype)
 
     def chunk_body(ci, carry):
       base = r0 + ci * rch
-      if held:
-        xs = rows_held[ci * rch:(ci + 1) * rch]
-      else:
-        xs = [row(x_ref, base + j) for j in range(rch)]
+      xs = [row(x_ref, base + j) for j in range(rch)]
       stores = []  # (ref, row, value): after every load of the chunk
       for u in range(rch // ui):
         codes = []
@@ -1409,11 +1390,7 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
         ref[r] = val.astype(ref.dtype)
       return carry
 
-    if held and not given:
-      for ci in range(blk // rch):  # static slices of the held rows
-        chunk_body(ci, 0)
-    else:
-      _loop(0, blk // rch, chunk_body, 0, unroll)
+    _loop(0, blk // rch, chunk_body, 0, unroll)
 
   def body(*refs):
     refs = list(refs)
