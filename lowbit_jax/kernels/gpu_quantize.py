@@ -896,6 +896,28 @@ def _round_float_grid(y, fmt: FloatFormat):
   return jnp.where(jnp.abs(c) < np.float32(fmt.min_normal), sub, nrm)
 
 
+@functools.lru_cache(maxsize=None)
+def _float_code_consts(fmt: FloatFormat) -> tuple:
+  """``_float_codes``'s constants for ``fmt``, checked once a format (the
+  kernel body calls it once a row while it is traced): the sign's shift and
+  bit, the mantissa rounding's shift, the bias folded into the rounding
+  addition (``2**(sh-1) - 1 - ((127 - bias) << 23)`` modulo 2**32), the
+  largest magnitude code, the subnormal spacing's inverse and mask."""
+  e_, m_ = fmt.exp_bits, fmt.man_bits
+  if fmt.special != "none" or e_ + m_ + 1 > 8:
+    raise ValueError(f"_float_codes encodes narrow formats without inf/NaN "
+                     f"codes (E2M1, E2M3, E3M2), not {fmt.name}")
+  top = (1 << (e_ + m_)) - 1  # the largest magnitude code: the max
+  if float(fmt.decode_table()[top]) != float(fmt.max):
+    raise ValueError(f"_float_codes needs the max as the all-ones magnitude "
+                     f"code, as E2M1/E2M3/E3M2 have it; {fmt.name} does not")
+  sh = 23 - m_
+  bias_off = ((1 << (sh - 1)) - 1 - ((127 - fmt.bias) << 23)) & 0xFFFFFFFF
+  inv_step = np.float32(2.0 ** (fmt.bias - 1 + m_))  # a power of two: exact
+  return (31 - e_ - m_, 1 << (e_ + m_), sh, bias_off, top, inv_step,
+          (1 << (m_ + 1)) - 1)
+
+
 def _float_codes(y, fmt: FloatFormat):
   """Codes (uint32) of finite float32 ``y`` in a float format without
   infinities or NaN (E2M1, E2M3, E3M2): ``_cast.encode_nearest`` of the
@@ -926,28 +948,16 @@ def _float_codes(y, fmt: FloatFormat):
   +0; ``test_float_codes_and_grid_values_equal_the_reference_encoding``
   compares finite ``y`` and infinities).
   """
-  e_, m_ = fmt.exp_bits, fmt.man_bits
-  if fmt.special != "none" or e_ + m_ + 1 > 8:
-    raise ValueError(f"_float_codes encodes narrow formats without inf/NaN "
-                     f"codes (E2M1, E2M3, E3M2), not {fmt.name}")
-  sh = 23 - m_
-  top = (1 << (e_ + m_)) - 1  # the largest magnitude code: the max
-  if float(fmt.decode_table()[top]) != float(fmt.max):
-    raise ValueError(f"_float_codes needs the max as the all-ones magnitude "
-                     f"code, as E2M1/E2M3/E3M2 have it; {fmt.name} does not")
+  sign_sh, sign_bit, sh, bias_off, top, inv_step, sub_mask = _float_code_consts(fmt)
   u = lax.bitcast_convert_type(y, jnp.uint32)
-  sign = (u >> np.uint32(31 - e_ - m_)) & np.uint32(1 << (e_ + m_))
+  sign = (u >> np.uint32(sign_sh)) & np.uint32(sign_bit)
   au = u & np.uint32(0x7FFFFFFF)
   af = lax.bitcast_convert_type(au, jnp.float32)
   lsb = (au >> np.uint32(sh)) & np.uint32(1)
-  # au + (2**(sh-1) - 1) + lsb - ((127 - bias) << 23), modulo 2**32
-  bias_off = ((1 << (sh - 1)) - 1 - ((127 - fmt.bias) << 23)) & 0xFFFFFFFF
   code_n = jnp.minimum((au + (lsb + np.uint32(bias_off))) >> np.uint32(sh),
                        np.uint32(top))
-  inv_step = np.float32(2.0 ** (fmt.bias - 1 + m_))  # a power of two: exact
   code_s = lax.bitcast_convert_type(
-      af * inv_step + np.float32(2.0 ** 23), jnp.uint32) & np.uint32(
-          (1 << (m_ + 1)) - 1)
+      af * inv_step + np.float32(2.0 ** 23), jnp.uint32) & np.uint32(sub_mask)
   return sign | jnp.where(af >= np.float32(fmt.min_normal), code_n, code_s)
 
 
@@ -1122,15 +1132,14 @@ def _elem_codes_values(kd: _Kind, y, want_codes: bool, want_values: bool):
     codes = c8
     if want_values:
       vals = c8.astype(jnp.float32)
-  elif kd.elem == "fp4":
+  elif kd.elem in ("fp4", "fp6"):
     if want_codes:
       codes = _float_codes(y, fmt)
     if want_values:
       # Rounded onto the grid directly, also where codes are written (one
-      # path, the one fake_quant runs): fp6's path; the values
-      # decode(encode_nearest) gives for finite y (a NaN y sits in a block
-      # whose scale is NaN), in about 14 operations against encoding (25) and
-      # decoding (12).
+      # path, the one fake_quant runs): the values decode(encode_nearest)
+      # gives for finite y (a NaN y sits in a block whose scale is NaN), in
+      # about 14 operations against encoding and decoding (E2M1: 25 and 12).
       vals = _round_float_grid(y, fmt)
   elif kd.elem in ("lookup", "binary") and want_codes and not want_values and (
       _bisect_levels(len(fmt.table) - 1)):
@@ -1151,12 +1160,6 @@ def _elem_codes_values(kd: _Kind, y, want_codes: bool, want_values: bool):
              else jnp.where(up, t[i + 1], v))
     codes = idx
     vals = v
-  elif kd.elem == "fp6":
-    # as fp4: codes from the bits, values rounded onto the grid
-    if want_codes:
-      codes = _float_codes(y, fmt)
-    if want_values:
-      vals = _round_float_grid(y, fmt)
   else:  # integers (int2..int8; MXINT8's int8 with 6 fraction bits; uint8)
     f = float(1 << fmt.frac_bits)
     lim = float(fmt.qmax)
