@@ -210,10 +210,9 @@ def _rows_op_by_op(kind, x, tensor_amax=None):
   with jax.disable_jit():
     rows = [xb[:, j] for j in range(bs)]
     m = None
-    for r in rows:
-      a = jnp.abs(r)
-      a = jnp.where(a <= np.float32(np.finfo(np.float32).max), a, np.float32(np.inf))
-      m = a if m is None else jnp.maximum(m, a)
+    for r in rows:  # NaN propagates through the max; inf once a block
+      m = jnp.abs(r) if m is None else jnp.maximum(m, jnp.abs(r))
+    m = gq._bad_to_inf(m)  # pylint: disable=protected-access
     stored, to_grid, from_grid, clip = gq._block_scale(kd, m, scal, True, N)  # pylint: disable=protected-access
     codes, vals, masks = [], [], []
     ui, _ = gq._units(kd.bits)  # pylint: disable=protected-access
