@@ -87,7 +87,7 @@ machine without a GPU, one process each, to find such aborts beforehand.
 ``--mode=tune`` = ``all``; its phases end with ``refine``: each row's fastest
 tiling so far with every combination of the options session 35 built
 without a GPU (``refine_candidates``: ``cluster_reduce``, ``lut_regs``,
-``scale_words``, and session 40's ``sem_reduce``), so ``--phases=base,refine`` tries them on the table's own
+``scale_words``), so ``--phases=base,refine`` tries them on the table's own
 tilings; ``--mode=bench`` times only the table's tiling (no candidates, no
 table written); ``--mode=report --inputs=a.json,...`` rebuilds the
 markdown from result JSON on any machine; ``--smoke`` runs every step on tiny
@@ -548,9 +548,7 @@ def refine_candidates(wo, prob, best) -> list:
   ``scale_words`` for MXFP4 / NVFP4. At most seven, each fitting the shape,
   instead of each option on every candidate of the tune phase; and each
   ``cluster_reduce`` tiling, ``best`` included, again with a stage fewer
-  (where ``best`` has more than two), and each tiling without a cluster,
-  ``best`` included, with ``sem_reduce`` (where K is split), at most fifteen
-  in all.
+  (where ``best`` has more than two), at most eleven in all.
 
   Why the twin: a cluster's CTAs are resident together or not at all, and
   its exchange buffer adds to each CTA's shared memory. Nsight Compute on an
@@ -581,12 +579,6 @@ def refine_candidates(wo, prob, best) -> list:
       c = dataclasses.replace(c, stages=best.stages - 1)
       if c not in out and wo._shape_ok(prob, c):  # pylint: disable=protected-access
         out.append(c)
-  # Session 40: each tiling that splits K without a cluster, best included,
-  # with the K slices' partials added by the last slice (sem_reduce)
-  for c in [c for c in [best] + out if not c.cluster_reduce]:
-    c = dataclasses.replace(c, sem_reduce=True)
-    if c not in out and c != best and wo._shape_ok(prob, c):  # pylint: disable=protected-access
-      out.append(c)
   return [c for c in _for_order(wo, prob, out) if c != best]
 
 
@@ -1248,7 +1240,7 @@ def write_outputs(res, out_dir: str, tag: str):
             "dispatched | roofline | % roofline (kernel) | kernel vs bf16 | kernel "
             "vs fused | kernel vs ref | config (tile_n, tile_k, tile_m, stages, "
             "split_k, ws, fast_decode[, k_chunks[, n_split[, lut_decode[, "
-            "cluster_reduce[, scale_words[, lut_regs[, sem_reduce]]]]]]]) |",
+            "cluster_reduce[, scale_words[, lut_regs]]]]]]) |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for x in sorted(res["wo"], key=lambda r: (r["kernel"], r["k"], r["n"], r["m"])):
     ku = x.get("kernel_us")

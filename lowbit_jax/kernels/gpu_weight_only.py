@@ -170,27 +170,10 @@ class Config:
       (``_cluster_sum_acc``): the kernel writes the output itself, in its
       dtype, instead of ``[split_k, M, N]`` float32 partials that XLA sums in
       a second kernel (3.4-3.6 us after each decode kernel in the Nsight
-      profile of ``benchmarks/kernels_h200_notes.md``).
-    sem_reduce: with ``split_k`` of 2 or more (one warpgroup, not ``ws``,
-      not ``cluster_reduce``), the K slices of an output tile add their
-      partial sums through global memory instead of a second kernel: every
-      slice but the last stores its raw float32 accumulator to a scratch
-      output and signals the tile's semaphore (a release add at GPU scope,
-      ``plgpu.semaphore_signal``); the last slice waits until all have
-      (``plgpu.semaphore_wait``, acquire; the wait takes the count back to
-      zero), loads their partials at the addresses its own threads would
-      have stored (``_load_acc_partials``), adds them in slice order, then
-      scales and writes the output in its dtype. No cluster: the CTAs are
-      placed one by one, so the placement limits that made
-      ``cluster_reduce`` lose where K is split in four (124 active 4-CTA
-      clusters where the grid needed 128, ``benchmarks/kernels_h200_notes.md``)
-      do not arise. It cannot hang: the grid's K-slice axis is the slowest
-      (``grid=(n_tiles, m_tiles, split_k)``, CUDA dispatches CTAs in
-      increasing linear order), so every CTA the last slice waits for was
-      dispatched before it, and those never wait. Pallas zeroes the
-      semaphores before each call (one small memset). The interpreter has
-      no global semaphores: there the kernel writes the partials that XLA
-      sums, as without the option.
+      profile of ``benchmarks/kernels_h200_notes.md``, caches flushed; 1.1-1.7
+      us with warm caches as the benchmarks time it, on an H100 in session
+      40, where a reduction through a global semaphore instead of a cluster
+      lost to both: BUILD.md).
     scale_words: MXFP4 / NVFP4 only: a row's group scales are read four at a
       time (one 32-bit shared-memory load) and converted together
       (``_E8M0_WORD_PTX``: 3.25 SASS instructions a scale against 7;
@@ -214,7 +197,6 @@ class Config:
   cluster_reduce: bool = False
   scale_words: bool = False
   lut_regs: bool = False
-  sem_reduce: bool = False
 
 
 # A portable thread-block cluster holds at most 8 CTAs.
@@ -496,10 +478,6 @@ def _config_refusal(problem: MatmulProblem, cfg: Config) -> Optional[str]:
             f"one-warpgroup kernel as one cluster: it needs ws=False and "
             f"split_k in {CLUSTER_SPLITS} (a portable cluster holds at most 8 "
             f"CTAs), got {cfg}")
-  if cfg.sem_reduce and (cfg.ws or cfg.cluster_reduce or cfg.split_k < 2):
-    return (f"Config(sem_reduce=True) adds the partial sums of the split_k K "
-            f"slices of the one-warpgroup kernel in its last slice: it needs "
-            f"ws=False, cluster_reduce=False and split_k >= 2, got {cfg}")
   if cfg.scale_words and problem.w_format not in ("mxfp4", "nvfp4"):
     return (f"Config(scale_words=True) reads one-byte group scales (MXFP4's "
             f"E8M0, NVFP4's E4M3) four at a time; {problem.w_format} has none")
@@ -1506,48 +1484,6 @@ def _store_acc_transposed(acc, o_ref, valid_cols: Optional[int]):
           memref.store(val, o_ref, [c, row])
 
 
-def _load_acc_partials(acc, p_ref, valid_cols: Optional[int]):
-  """``Config.sem_reduce``'s sum: ``acc`` plus the other K slices' partials.
-
-  Args:
-    acc: the last K slice's f32 accumulator ``[rows, cols]`` (WGMMA layout).
-    p_ref: GMEM memref ``[parts, cols_or_less, rows]``: the other slices'
-      raw accumulators, as ``_store_acc_transposed`` stored them (each thread
-      reads the words the same thread of a peer CTA wrote).
-    valid_cols: if not None, columns ``>= valid_cols`` were not stored; those
-      registers read column ``valid_cols - 1`` instead (in bounds; the output
-      store drops them).
-
-  Returns:
-    ``p[0] + p[1] + ... + acc`` per element, added in that order (the same
-    bits whichever slice finishes first).
-  """
-  _, fa, ir, arith, _, memref, vector = common._mlir()
-  index = ir.IndexType.get()
-  parts = ir.MemRefType(p_ref.type).shape[0]
-  shape = tuple(acc.shape)
-  bases = common.thread_col_base(shape)
-  new = acc.registers.copy()
-  for idx, _, _ in common.wgmma_reg_rows_cols(shape):
-    row, col = bases[idx]
-    reg = acc.registers[idx]
-    for v in range(2):
-      own = vector.extract(reg, dynamic_position=[],
-                           static_position=ir.DenseI64ArrayAttr.get([v]))
-      c = arith.addi(col, arith.constant(index, v))
-      if valid_cols is not None:
-        c = arith.minui(c, arith.constant(index, valid_cols - 1))
-      total = None
-      for j in range(parts):
-        val = memref.load(p_ref, [arith.constant(index, j), c, row])
-        total = val if total is None else arith.addf(total, val)
-      total = arith.addf(total, own)
-      reg = vector.insert(total, reg, dynamic_position=[],
-                          static_position=ir.DenseI64ArrayAttr.get([v]))
-    new[idx] = reg
-  return fa.FragmentedArray(_registers=new, _layout=acc.layout, _is_signed=None)
-
-
 # Config.cluster_reduce, in four steps per thread (``_cluster_sum_acc``,
 # ``_cluster_wait``): (1) each register pair of the partial accumulator is
 # stored to this CTA's exchange buffer, (2) a cluster barrier (arrive has
@@ -1745,11 +1681,7 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
   # distributed shared memory): there the cluster's CTAs write float32
   # partials that XLA sums, as without it.
   cluster = cfg.cluster_reduce and split > 1
-  # Config.sem_reduce: the last K slice adds the others' partials, read from
-  # global memory once a semaphore says they are all there. The interpreter
-  # has no global semaphores: there too the slices write partials XLA sums.
-  sem = cfg.sem_reduce and split > 1 and not interp
-  partials = split > 1 and (not cluster or interp) and not sem
+  partials = split > 1 and (not cluster or interp)
   # Config.lut_regs: compiled kernels only (the interpreter's decode is jnp)
   lut_regs = cfg.lut_regs and not interp
   per_channel = group is None
@@ -1872,39 +1804,13 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
             s_smem.at[c], s_bar.at[0])
 
   def epilogue(acc, s_smem, s_bar, t_gmem, o_gmem, n0, mi, si, r0=None,
-               red_smem=None, p_gmem=None, sem_ref=None):
+               red_smem=None):
     """Scales and stores an accumulator of ``acc.shape[0]`` weight rows: the
     CTA's rows from ``n0``, or with ``r0`` those from ``n0 + r0`` (the
     per-channel scales' rows from ``r0`` in ``s_smem``)."""
     rows = acc.shape[0]
-    if per_channel:  # every CTA: none may exit with the scales' copy in flight
+    if per_channel:
       plgpu.barrier_wait(s_bar.at[0])
-    if sem:
-      m_rows = pl.ds(mi * tile_m, rows_out)
-
-      @pl.when(si < split - 1)
-      def _():
-        @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))
-        def store(_, a, p):
-          _store_acc_transposed(a, p, valid_cols)
-        store(acc, p_gmem.at[si, m_rows, pl.ds(n0, rows)])
-        # a warpgroup barrier, then one thread's release add
-        plgpu.semaphore_signal(sem_ref, 1, memory_scope="gpu")
-
-      @pl.when(si == split - 1)
-      def _():
-        plgpu.semaphore_wait(sem_ref, split - 1, decrement=True,
-                             memory_scope="gpu")
-
-        @plgpu.inline_mgpu(
-            arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()),
-            return_type=plgpu.ShapeDtypeStruct((rows, tile_m), jnp.float32,
-                                               plgpu.Layout.WGMMA))
-        def add(_, a, p):
-          return _load_acc_partials(a, p, valid_cols)
-        total = add(acc, p_gmem.at[:, m_rows, pl.ds(n0, rows)])
-        _finish(total, s_smem, t_gmem, o_gmem, n0, mi, si, rows, r0)
-      return
     if cluster and not interp:
       # every CTA sums the cluster's partials; the first K slice's stores them
       @plgpu.inline_mgpu(
@@ -1982,8 +1888,6 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
 
   def body_single(*refs):
     x_gmem, w_gmem, s_gmem, t_gmem, o_gmem, rest = split_refs(refs)
-    rest = list(rest)
-    p_gmem = rest.pop(0) if sem else None  # the other slices' partials
     s_smem, s_bar, *rest = rest
     red = rest.pop(0) if cluster and not interp else None
     tab = rest.pop(0) if lut_regs else None
@@ -2009,12 +1913,7 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
       return acc_ref[...]
 
     acc = pl.run_scoped(compute, plgpu.ACC((tile_n, tile_m), jnp.float32))
-    sem_ref = None
-    if sem:
-      sems = pl.get_global(plgpu.SemaphoreType.REGULAR((n_tiles * m_tiles,)))
-      sem_ref = sems.at[ni * m_tiles + mi]
-    epilogue(acc, s_smem, s_bar, t_gmem, o_gmem, n0, mi, si, red_smem=red,
-             p_gmem=p_gmem, sem_ref=sem_ref)
+    epilogue(acc, s_smem, s_bar, t_gmem, o_gmem, n0, mi, si, red_smem=red)
 
   def body_ws(*refs):
     x_gmem, w_gmem, s_gmem, t_gmem, o_gmem, rest = split_refs(refs)
@@ -2128,13 +2027,9 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
       grid = dict(grid=(n_tiles, m_tiles, split), grid_names=("n", "m", "s"))
     if lut_regs:
       scratch.append(plgpu.SMEM((8,), jnp.uint32))
-    out_type = jax.ShapeDtypeStruct(out_shape, acc_out_dtype)
-    if sem:  # and the partials of every K slice but the last
-      out_type = (out_type,
-                  jax.ShapeDtypeStruct((split - 1, m, n), jnp.float32))
     kern = plgpu.kernel(
         body_single,
-        out_type=out_type,
+        out_type=jax.ShapeDtypeStruct(out_shape, acc_out_dtype),
         scratch_types=scratch,
         **grid,
         **extra,
@@ -2153,8 +2048,6 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
       args.append(t)
     out = kern(*args) if interpret is None else common.run_interpreted(
         kern, *args)
-    if sem:
-      out = out[0]
     if partials:
       out = out.sum(axis=0)
     return out.astype(out_dtype)

@@ -381,33 +381,26 @@ def test_bench_refine_phase_tries_the_new_options_on_the_fastest_tiling():
   assert not any(c.cluster_reduce or c.scale_words or c.lut_regs for c in tuned)
   best = wo.Config(64, 256, 8, 4, 4, fast_decode=True)
   got = bench_kernels.refine_candidates(wo, prob, best)
-  # seven combinations, the four with cluster_reduce again a stage fewer
-  # (a cluster is resident whole or not at all: more CTAs an SM), and the
-  # four without a cluster (best among them) with sem_reduce
-  assert len(got) == 15 and len(set(got)) == 15 and best not in got
+  # seven combinations, and the four with cluster_reduce again a stage fewer
+  # (a cluster is resident whole or not at all: more CTAs an SM)
+  assert len(got) == 11 and len(set(got)) == 11 and best not in got
   assert sorted(c.stages for c in got if c.cluster_reduce) == [3] * 4 + [4] * 4
   assert all(c.cluster_reduce for c in got if c.stages == 3)
   assert all(wo._shape_ok(prob, c) for c in got)  # pylint: disable=protected-access
   assert all(c.lut_decode for c in got if c.lut_regs)
   assert dataclasses.replace(best, cluster_reduce=True, scale_words=True,
                              lut_decode=True, lut_regs=True) in got
-  sem = [c for c in got if c.sem_reduce]
-  assert len(sem) == 4 and not any(c.cluster_reduce for c in sem)
-  assert dataclasses.replace(best, sem_reduce=True, scale_words=True,
-                             lut_decode=True, lut_regs=True) in sem
-  # int4: only the two reductions, and none without a K split
+  # int4: only the cluster reduction, and none without a K split
   int4 = dataclasses.replace(prob, w_format="int4", w_block=128)
   assert bench_kernels.refine_candidates(wo, int4, best) == [
       dataclasses.replace(best, cluster_reduce=True),
-      dataclasses.replace(best, cluster_reduce=True, stages=3),
-      dataclasses.replace(best, sem_reduce=True)]
+      dataclasses.replace(best, cluster_reduce=True, stages=3)]
   # a table row that already clusters (session 36's H100 rows) gets its twin
   clustered = dataclasses.replace(best, cluster_reduce=True)
   assert bench_kernels.refine_candidates(wo, int4, clustered) == [
       dataclasses.replace(clustered, stages=3)]
   two = dataclasses.replace(best, stages=2)
   assert bench_kernels.refine_candidates(wo, int4, two) == [
-      dataclasses.replace(two, cluster_reduce=True),
-      dataclasses.replace(two, sem_reduce=True)]
+      dataclasses.replace(two, cluster_reduce=True)]
   assert bench_kernels.refine_candidates(
       wo, int4, dataclasses.replace(best, split_k=1)) == []

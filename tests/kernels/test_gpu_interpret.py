@@ -221,19 +221,6 @@ def test_weight_only_cluster_reduce_is_refused_where_it_cannot_apply():
         cluster_reduce=True, split_k=16), interpret=True)
 
 
-def test_weight_only_sem_reduce_is_refused_where_it_cannot_apply():
-  # Config.sem_reduce: the last K slice of the one-warpgroup kernel adds the
-  # others' partials; nothing to add without a split, and the warp-specialized
-  # and cluster variants sum theirs another way.
-  ops, prob = make_wo(jax.random.key(8), "int4", 128, 8, 256, 2048)
-  for bad in (dict(split_k=1), dict(split_k=2, ws=True),
-              dict(split_k=2, cluster_reduce=True)):
-    cfg = _wo_cfg(sem_reduce=True, **bad)
-    assert not gpu_weight_only._tiles_ok(prob, cfg)  # pylint: disable=protected-access
-    with pytest.raises(ValueError, match="sem_reduce=True.*split_k >= 2"):
-      gpu_weight_only.matmul(ops, prob, config=cfg, interpret=True)
-
-
 def test_weight_only_kernel_has_no_races():
   ops, prob = make_wo(jax.random.key(6), "int4", 32, 16, 128, 2048)
   out = gpu_weight_only.matmul(

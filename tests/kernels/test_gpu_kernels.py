@@ -202,47 +202,6 @@ def test_weight_only_cluster_reduce_matches_split_partials(fmt, group, m, n, k,
       assert rel_err(got, want) < 1e-2
 
 
-@pytest.mark.parametrize("fmt,group", WO_CASES)
-@pytest.mark.parametrize("m,n,k,split", [(1, 1024, 2048, 2), (1, 8192, 8192, 4),
-                                         (5, 2048, 4096, 4), (16, 4096, 8192, 8),
-                                         (256, 1024, 16384, 4)])
-def test_weight_only_sem_reduce_matches_split_partials(fmt, group, m, n, k,
-                                                       split):
-  # Config.sem_reduce: every K slice but the last stores its partial and
-  # signals the tile's semaphore; the last waits, adds them in slice order
-  # and writes the output. Against the same tiling whose float32 partials XLA
-  # sums, and against the reference; on unit activations (each output one
-  # product, so every slice but one adds zeros) bit for bit. M = 5 leaves
-  # columns of the tile unstored, M = 256 makes two M tiles.
-  ops, prob = _wo_ops(fmt, group, m, n, k)
-  base = dataclasses.replace(gpu_weight_only._decode_config(prob),  # pylint: disable=protected-access
-                             split_k=split, ws=False, n_split=False)
-  cfg = dataclasses.replace(base, sem_reduce=True)
-  if not gpu_weight_only._shape_ok(prob, cfg):  # pylint: disable=protected-access
-    pytest.skip(f"{cfg} does not tile {prob}")
-  for unit, got, want, o in _two_tilings(ops, prob, cfg, base):
-    assert rel_err(got, gpu_weight_only.reference(o, prob)) < 1e-2
-    if unit:
-      np.testing.assert_array_equal(got, want)
-    else:
-      assert rel_err(got, want) < 1e-2
-
-
-def test_weight_only_sem_reduce_is_deterministic_under_load():
-  # Many CTAs (8192 / 64 tiles x 8 K slices, several waves), called again and
-  # again: a slice that read a peer's partial before it was stored, or a
-  # semaphore left non-zero, would change some output between calls.
-  ops, prob = _wo_ops("int4", 128, 1, 8192, 8192)
-  cfg = dataclasses.replace(gpu_weight_only._decode_config(prob),  # pylint: disable=protected-access
-                            tile_n=64, split_k=8, ws=False, sem_reduce=True)
-  assert gpu_weight_only._shape_ok(prob, cfg)  # pylint: disable=protected-access
-  fn = jax.jit(lambda o: gpu_weight_only.matmul(o, prob, config=cfg))
-  first = np.asarray(fn(ops), np.float32)
-  for _ in range(20):
-    np.testing.assert_array_equal(np.asarray(fn(ops), np.float32), first)
-  assert rel_err(first, gpu_weight_only.reference(ops, prob)) < 1e-2
-
-
 def _special_e8m0_scales(ops):
   """MXFP4 operands whose first four rows hold the E8M0 scale codes 0
   (2**-127), 1, 254 and 255 (NaN) in every byte position of a 32-bit word."""

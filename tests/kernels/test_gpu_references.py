@@ -255,8 +255,6 @@ def _lower(fn, ops):
     # the K slices as one cluster, summing through distributed shared memory
     ("int4", None, 1, "cluster"), ("mxfp4", 32, 16, "cluster+wgmma+lut"),
     ("nvfp4", 16, 1, "cluster+fast"),
-    # the K slices' partials added by the last slice, after a semaphore
-    ("int4", 128, 5, "sem"), ("nvfp4", 16, 16, "sem+wgmma+fast"),
     # group scales four at a time
     ("mxfp4", 32, 1, "words+lut"), ("nvfp4", 16, 16, "words+fast+chunks")])
 def test_weight_only_kernel_lowers_to_mosaic_gpu(fmt, group, m, ws):
@@ -274,8 +272,6 @@ def test_weight_only_kernel_lowers_to_mosaic_gpu(fmt, group, m, ws):
                               k_chunks=2 if "chunks" in ws else 1)
     if "cluster" in ws:
       cfg = dataclasses.replace(cfg, split_k=4, cluster_reduce=True)
-    if "sem" in ws:
-      cfg = dataclasses.replace(cfg, split_k=4, sem_reduce=True)
     cfg = dataclasses.replace(cfg, scale_words="words" in ws)
     assert gpu_weight_only._shape_ok(prob, cfg)  # pylint: disable=protected-access
   elif ws:
