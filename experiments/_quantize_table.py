@@ -90,11 +90,12 @@ _ONE_PASS = re.compile(r"op(\d+)w(\d+)s(\d+)")  # cfg_str's one-pass part
 
 def cfg_str(c) -> str:
   """A ``gpu_quantize.Config`` as the bench writes it (``config_table`` reads
-  it back): tile_n:tile_k:k_per_cta:stages[:rev][:loop][:lut][:opCwWsS]."""
+  it back): tile_n:tile_k:k_per_cta:stages[:rev][:loop][:lut][:opCwWsS][:amax]."""
   return (f"{c.tile_n}:{c.tile_k}:{c.k_per_cta}:{c.stages}"
           + (":rev" if c.reverse else "") + ("" if c.unroll else ":loop")
           + (":lut" if c.lut else "")
-          + (f":op{c.one_pass}w{c.warpgroups}s{c.strips}" if c.one_pass else ""))
+          + (f":op{c.one_pass}w{c.warpgroups}s{c.strips}" if c.one_pass else "")
+          + (":amax" if getattr(c, "amax_kernel", False) else ""))
 
 
 def config_table(res: dict) -> dict:
@@ -115,6 +116,8 @@ def config_table(res: dict) -> dict:
                                      stages=st, reverse="rev" in parts[4:],
                                      unroll="loop" not in parts[4:],
                                      lut="lut" in parts[4:],
+                                     **({"amax_kernel": True}
+                                        if "amax" in parts[4:] else {}),
                                      **({"one_pass": one_pass, "warpgroups": wgs,
                                          "strips": strips} if one_pass else {}),
                                      kernel_us=round(r["us"], 2),

@@ -198,10 +198,11 @@ def markdown(res: dict) -> str:
               "time: us per call (% of roofline = bytes that must move over that "
               "bandwidth). exact: the kernel's outputs equal XLA's bit for bit "
               "(checked on the device).", ""]
-  lines += ["Tiling: tile_n:tile_k:k_per_cta:stages[:rev][:loop][:lut][:opCwWsS] "
+  lines += ["Tiling: tile_n:tile_k:k_per_cta:stages[:rev][:loop][:lut][:opCwWsS][:amax] "
             "(`gpu_quantize.Config`; rev: the grid walked in reverse; loop: rows in "
             "a loop, not unrolled; lut: NF4's codes by the binned table; opCwWsS: "
-            "one pass, C CTAs a cluster of W warpgroups each, walking S column strips); "
+            "one pass, C CTAs a cluster of W warpgroups each, walking S column strips; "
+            "amax: the range from the module's own amax kernel, walked the other way); "
             "default = `heuristic_config`. fwd+bwd: `fake_quant`'s value and "
             "straight-through gradient, the dispatch forced off (XLA) and to the "
             "kernel.", "",

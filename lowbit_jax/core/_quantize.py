@@ -572,12 +572,17 @@ def _prepare(x, spec: QuantSpec):
 
 
 def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None,
-          for_codes=False):
+          for_codes=False, block_amax=None):
   """Elements on the format's grid (float32), scales and zero points.
 
   ``tensor_amax`` (formats with a tensor scale only) fixes the per-tensor range
   that sets the tensor scale; the block scales still follow the data.
   ``for_codes``: the elements only go to ``_cast.encode_grid`` (quantize).
+  ``block_amax``: the dynamic range of each block, already reduced (float32,
+  one value per block; a block holding a NaN or an inf has inf), as the
+  reduction below computes it, for symmetric absmax scales without a tensor
+  scale or padding only: ``kernels.gpu_quantize``'s amax kernel passes it, so
+  that the scale arithmetic stays this function's.
   Float formats with a native type (``_cast._native_dtype``: FP8 on GPU and
   TPU) then come back as the scaled values clamped to the format's range,
   unrounded: XLA's convert to the float8 type rounds them to nearest even in
@@ -617,8 +622,16 @@ def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None,
     # rescaled sums' rebuild (_sum_div), whose operand is then x as it lies
     # in memory.
     return jnp.abs(xn).astype(jnp.float32)
+  if block_amax is not None and (method != "absmax" or spec.tensor_scale
+                                 or valid is not None):
+    raise ValueError("block_amax stands for the absmax reduction of a "
+                     "symmetric scale without a tensor scale or padding; "
+                     f"this spec ({spec}) reduces otherwise")
   if method == "absmax" or amax is not None or spec.tensor_scale:
-    if spec.tensor_scale:
+    if block_amax is not None:
+      a_dyn = jnp.asarray(block_amax, jnp.float32).reshape(nb)
+      blk_bad = a_dyn == np.float32(np.inf)
+    elif spec.tensor_scale:
       # The block amax over finite values also gives the tensor amax (over
       # finite values: a NaN or inf block turns only itself into NaN).
       # Both from one pass over x: a two-operand reduction (max, or) that

@@ -54,7 +54,12 @@ the last rows, which the amax pass may have left in L2). Two passes read
 ``x`` twice: bf16 int8 per channel moves 2 + 2 + 1 bytes per element against
 the roofline's 2 + 1, so its quantize reaches at most 60% of the roofline
 unless the L2 serves part of the second read (fake_quant: 6 against 4, 67%).
-One pass would need a CTA to hold a column's whole length: a strip of bf16
+``Config.amax_kernel`` runs that range reduction as this module's own
+kernel (``_build_amax``) for the symmetric absmax formats, its partials
+maxed by XLA and handed to ``_grid``: the same scale, a reduction whose
+walk is the quantize kernel's reversed (measured level with XLA's on an
+H100, untimed on the H200; ``Config``). One pass would need a CTA to hold a
+column's whole length: a strip of bf16
 [8192, w] fits the 227 KB of shared memory only for w <= 13 columns, a TMA
 box needs at least 16 bytes a row (8 bf16 columns, 16 int8 codes: the codes
 of an 8-column strip could not leave through TMA), int4/int3/int2 codes pack
@@ -187,6 +192,25 @@ class Config:
       cluster, walks in turn, the next strip's loads issued under this
       strip's quantize (a CTA alone on its SM otherwise leaves its memory
       pipe idle while it quantizes, and its arithmetic while it loads).
+    amax_kernel: the symmetric per-channel and per-tensor formats
+      (``amax_kernel_kinds``): the range pass is this module's own kernel
+      (``_build_amax``: each CTA the column amax of its ``k_per_cta`` rows
+      of ``tile_n`` columns, the same tiles as the quantize kernel's,
+      float32 partials that XLA maxes and hands to core's ``_grid`` as
+      ``block_amax``, so the scale is still the reference's bit for bit)
+      instead of XLA's reduction, and it walks the grid in the order
+      opposite to the quantize kernel's (``reverse``): the tiles it reads
+      last, those the L2 still holds, are the ones the quantize kernel
+      reads first. On the H200 XLA's reduction of a bf16 8192x8192 took
+      46.5-49.2 us (2.7 TB/s) and two small kernels after it 3.6
+      (``benchmarks/primitives_h200_s31.json``'s ``top_kernels``), against
+      40.6 us for the same bytes at the ``x * 2`` rate. On an H100 (session
+      40, ``benchmarks/kernels_h100_runs/gpu_quantize_h100_s40amax.md``,
+      nine formats, bit-exact on the device) it gained 0-1% (int8 per
+      channel quantize 124.4 -> 123.8 us), with the quantize grid reversed
+      or not: XLA's reduction there runs as fast as this kernel, and the L2
+      served no measurable part of the second read. It is a tuning
+      candidate (``candidate_configs``) for the H200 to decide.
   """
   tile_n: int = 256
   tile_k: int = 64
@@ -199,6 +223,7 @@ class Config:
   one_pass: int = 0
   warpgroups: int = 1
   strips: int = 1
+  amax_kernel: bool = False
 
 
 ONE_PASS_CTAS = (1, 2, 4, 8)  # a portable cluster holds at most 8 CTAs
@@ -363,6 +388,16 @@ def one_pass_kinds() -> tuple:
   the column amax alone (uint8's zero point needs the minimum too, TWN's
   and BWN's scales are means, whose float32 sum order is XLA's)."""
   return tuple(f"{f}_pc" for f in _GIVEN_INTS + _GIVEN_FP8 + _GIVEN_NARROW)
+
+
+def amax_kernel_kinds() -> tuple:
+  """The kinds ``Config.amax_kernel`` applies to: scales given for the whole
+  axis (per channel) or tensor whose range is the absmax (the symmetric
+  int, FP8, FP6 and FP4 formats; not uint8's min and max, nor ternary's and
+  binary's means)."""
+  return tuple(k for k in supported_kinds()
+               if (k.endswith("_pc") or k.endswith("_pt"))
+               and _kind_by_id(k).elem not in ("uint", "ternary", "binary"))
 
 
 def spec_for(kind: str) -> QuantSpec:
@@ -545,7 +580,9 @@ ENABLED: dict = enabled_of(_table())
 def candidate_configs(kind: str, k: int, n: int, x_dtype, values: bool = False,
                       limit: int = 4) -> list:
   """Tilings worth timing for ``[k, n]`` (at most ``limit``, the heuristic's
-  first): the heuristic, the table's entry, then (per-channel and per-tensor
+  first): the heuristic, the table's entry, then (the symmetric per-channel
+  and per-tensor formats) ``amax_kernel`` with the quantize grid reversed and
+  not, then (per-channel and per-tensor
   formats, and NVFP4, whose tensor amax XLA reduces first) the grid reversed, (blocks of 128) 256 columns, then the other
   of one and two stages, three stages, the other ``tile_n``, twice the rows per CTA, and the rows
   unrolled; only those within the kernel's shared-memory and shape
@@ -569,6 +606,11 @@ def candidate_configs(kind: str, k: int, n: int, x_dtype, values: bool = False,
     if _block_of(kind) == 0 or kind == "nvfp4":
       # A scale (NVFP4: the tensor amax) reduced by XLA first: its L2 lines.
       more = [rep(base, reverse=True)] + more
+    if kind in amax_kernel_kinds():
+      # The range from our own kernel, whose last tiles the quantize reads
+      # first (session 40).
+      more = [rep(base, amax_kernel=True, reverse=True),
+              rep(base, amax_kernel=True)] + more
     elif _block_of(kind) >= 128:
       more = [rep(base, tile_n=256)] + more  # two columns per thread
     if kind.startswith("nf4") and not values:  # the binned table's encode
@@ -755,6 +797,12 @@ def _check_config(kd: _Kind, k: int, n: int, x_dtype, cfg: Config, codes: bool,
                        f"tile_n * strips = {cfg.tile_n * max(cfg.strips, 1)}")
     if mask:
       raise ValueError(f"{kd.kind} never clips: there is no clip mask to write")
+  if cfg.amax_kernel and (kd.kind not in amax_kernel_kinds() or cfg.one_pass):
+    raise ValueError(f"amax_kernel reduces the absmax range of the symmetric "
+                     f"per-channel and per-tensor formats ({amax_kernel_kinds()}) "
+                     f"before the two-pass kernel, not {kd.kind}"
+                     + (" with one_pass" if cfg.one_pass else "")
+                     + ": use amax_kernel=False")
   if (cfg.warpgroups != 1 or cfg.strips != 1) and not cfg.one_pass:
     raise ValueError(f"warpgroups={cfg.warpgroups} and strips={cfg.strips} apply "
                      "to one_pass only")
@@ -1266,6 +1314,106 @@ def _cluster_max_regs(mf, ref, ctas: int):
   return fa.FragmentedArray(_registers=new, _layout=mf.layout, _is_signed=None)
 
 
+def _amax_of(rows):
+  """Column amax of rows, as a tree: NaN where any is NaN (``jnp.maximum``
+  propagates it: ``max.NaN``, one ``FMNMX.NAN`` with the absolute value
+  folded in), else inf where any is inf. ``_bad_to_inf`` turns a NaN into
+  inf once a block, where mapping each element took two more operations (a
+  comparison and a select) in the amax pass."""
+  vals = [jnp.abs(xr) for xr in rows]
+  while len(vals) > 1:
+    vals = [jnp.maximum(vals[i], vals[i + 1]) if i + 1 < len(vals)
+            else vals[i] for i in range(0, len(vals), 2)]
+  return vals[0]
+
+
+def _rows_amax_fn(rch: int, unroll: bool):
+  """``rows_amax(x_ref, r0, n_rows, m=None)``: the column amax (float32) of
+  rows ``[r0, r0 + n_rows)`` of a shared-memory tile, ``rch`` rows at a
+  time (every load of a chunk first), maxed into ``m`` (None: the carry
+  starts as the first chunk's, in the layout a loop carry needs)."""
+  def row(ref, r):
+    return ref[r].astype(jnp.float32)
+
+  def rows_amax(x_ref, r0, n_rows, m=None):
+    def chunk(c, m):
+      rows = [row(x_ref, r0 + c * rch + j) for j in range(rch)]
+      return jnp.maximum(m, _amax_of(rows))
+    if m is None:
+      return _loop(1, n_rows // rch, chunk,
+                   _amax_of([row(x_ref, r0 + j) for j in range(rch)]), unroll)
+    return _loop(0, n_rows // rch, chunk, m, unroll)
+  return rows_amax
+
+
+@functools.lru_cache(maxsize=None)
+def _build_amax(k: int, n: int, x_dtype: str, cfg: Config, interpret):
+  """``Config.amax_kernel``'s range pass: ``x [k, n] -> [k // k_per_cta, n]``
+  float32, each CTA the column amax of its ``k_per_cta`` rows of ``tile_n``
+  columns (inf where any is a NaN or an inf, as core's reduction), through a
+  TMA pipeline of ``stages`` tiles of ``tile_k`` rows. The grid is the
+  quantize kernel's, walked in the other order (``not cfg.reverse``), so
+  that the tiles read last are the ones the quantize kernel reads first."""
+  import jax.experimental.pallas as pl  # pylint: disable=g-import-not-at-top
+  import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+  interp = interpret is not None
+  tn, tk, kc, st = cfg.tile_n, cfg.tile_k, cfg.k_per_cta, cfg.stages
+  steps = kc // tk
+  rch = math.gcd(cfg.rows or max(1, 16 * 128 // tn), tk)
+  rows_amax = _rows_amax_fn(rch, cfg.unroll and not interp)
+  rev = not cfg.reverse
+
+  def body(x_gmem, o_gmem, x_smem, o_smem, bar):
+    ni = lax.axis_index("n")
+    ki = lax.axis_index("k")
+    if rev:
+      ni = n // tn - 1 - ni
+      ki = k // kc - 1 - ki
+    col = pl.ds(pl.multiple_of(ni * tn, tn), tn)
+    row0 = ki * kc
+
+    def fetch(i):
+      slot = lax.rem(i, st)
+      plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(row0 + i * tk, tk), col],
+                              x_smem.at[slot], bar.at[slot])
+
+    for i in range(min(st, steps)):
+      fetch(i)
+
+    def step(i, m):
+      slot = lax.rem(i, st)
+      plgpu.barrier_wait(bar.at[slot])
+      m = rows_amax(x_smem.at[slot], 0, tk, m)
+      def refill():
+        plgpu.commit_smem()  # this warpgroup's reads of the slot are done
+        fetch(i + st)
+      if isinstance(i, int):
+        if i + st < steps:
+          refill()
+      elif st < steps:
+        pl.when(i + st < steps)(refill)
+      return m
+
+    m = step(0, None)  # a carry of the loop's own layout
+    m = lax.fori_loop(1, steps, step, m)
+    o_smem[0] = _bad_to_inf(m)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds(ki, 1), col])
+    plgpu.wait_smem_to_gmem(0)
+
+  extra = {} if interpret is None else {"interpret": interpret}
+  kern = plgpu.kernel(
+      body, out_type=jax.ShapeDtypeStruct((k // kc, n), jnp.float32),
+      scratch_types=[plgpu.SMEM((st, tk, tn), jnp.dtype(x_dtype)),
+                     plgpu.SMEM((1, tn), jnp.float32),
+                     plgpu.Barrier(num_arrivals=1, num_barriers=st)],
+      grid=(n // tn, k // kc), grid_names=("n", "k"), **extra)
+  call = jax.jit(kern)
+  if interpret is None:
+    return call
+  return lambda x: common.run_interpreted(call, x)
+
+
 @functools.lru_cache(maxsize=None)
 def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
            want_values: bool, want_mask: bool, cfg: Config, interpret):
@@ -1294,29 +1442,7 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
   rch = math.gcd(rch, bs // (cfg.warpgroups if cfg.one_pass else 1))
   rch = rch * ui // math.gcd(rch, ui)  # ui divides bs, so rch still does
 
-  def amax_of(rows):
-    """Column amax of rows, as a tree: NaN where any is NaN (``jnp.maximum``
-    propagates it: ``max.NaN``, one ``FMNMX.NAN`` with the absolute value
-    folded in), else inf where any is inf. ``_bad_to_inf`` turns a NaN
-    into inf once a block, where mapping each element took two more
-    operations (a comparison and a select) in the amax pass."""
-    vals = [jnp.abs(xr) for xr in rows]
-    while len(vals) > 1:
-      vals = [jnp.maximum(vals[i], vals[i + 1]) if i + 1 < len(vals)
-              else vals[i] for i in range(0, len(vals), 2)]
-    return vals[0]
-
-  def rows_amax(x_ref, r0, n_rows, m=None):
-    """Column amax of rows ``[r0, r0 + n_rows)``, ``rch`` rows at a time,
-    maxed into ``m`` (None: the carry starts as the first chunk's, in the
-    layout a loop carry needs)."""
-    def chunk(c, m):
-      rows = [row(x_ref, r0 + c * rch + j) for j in range(rch)]
-      return jnp.maximum(m, amax_of(rows))
-    if m is None:
-      return _loop(1, n_rows // rch, chunk,
-                   amax_of([row(x_ref, r0 + j) for j in range(rch)]), unroll)
-    return _loop(0, n_rows // rch, chunk, m, unroll)
+  rows_amax = _rows_amax_fn(rch, unroll)
 
   def do_block(x_ref, c_ref, s_ref, v_ref, m_ref, b, scal, luts=None,
                n_rows=None):
@@ -1856,17 +1982,18 @@ def _nvfp4_scalars(x2, tensor_amax):
 # Per-channel and per-tensor scales (XLA, before the kernel)
 
 
-def _given_scale(x, spec: QuantSpec, n: int):
+def _given_scale(x, spec: QuantSpec, n: int, block_amax=None):
   """(stored scale, zero point or None, float32 ``[rows, n]`` kernel input)
   of a per-channel or per-tensor spec, from core's own ``_grid``: XLA keeps
   only its range reduction and scale arithmetic (the rest of ``_grid`` is
   unused and removed), so scale and zero point are the reference's bit for
   bit. The kernel input holds the scale row, and for asymmetric specs the
   zero point's row under it. ``n``: the columns of ``x`` flattened to
-  ``[K, n]``."""
+  ``[K, n]``. ``block_amax``: the range, already reduced (``Config.amax_kernel``),
+  for ``_grid``'s arithmetic in place of its reduction."""
   xp, spec, bs, valid, _ = _q._prepare(x, spec)  # pylint: disable=protected-access
   _, total, stored, zp, _, _ = _q._grid(xp, spec, bs, valid, None, None, None,  # pylint: disable=protected-access
-                                        for_codes=True)
+                                        for_codes=True, block_amax=block_amax)
   # core divides by where(s == 0, 1, s) (symmetric) or s; s is never 0 for
   # these formats (1 where the range is 0), kept for the same numbers.
   s = jnp.where(total == 0, np.float32(1.0), total)
@@ -1949,13 +2076,22 @@ def _run(x, spec, tensor_amax, config, interpret, values: bool,
   given = kd.scale == "given"
   asym = kd.elem == "uint"
 
+  amax_fn = None
+  if cfg.amax_kernel:
+    amax_fn = _build_amax(k, n, jnp.dtype(x.dtype).name, cfg, params)
+
   def kernel(xa, *ta):
     x2 = xa.reshape(k, n)
     t = scal = stored = zp = None
     if nvfp4:
       t, scal = _nvfp4_scalars(x2, ta[0] if ta else None)
     if given and not cfg.one_pass:  # (one_pass: the kernel derives the scale)
-      stored, zp, scal = _given_scale(xa, spec, n)
+      block_amax = None
+      if amax_fn is not None:  # the range from our kernel's partials
+        part = amax_fn(x2)
+        block_amax = (jnp.max(part) if kd.kind.endswith("_pt")
+                      else jnp.max(part, axis=0))
+      stored, zp, scal = _given_scale(xa, spec, n, block_amax)
     outs = list(fn(x2, scal))
     if given and cfg.one_pass and codes:  # its scale row follows the codes
       stored = outs.pop(1).reshape((1,) + rest)

@@ -746,6 +746,65 @@ def test_given_scale_kernel_equals_core_bit_for_bit(kind):
     assert bool(jnp.isnan(vn).all())
 
 
+AMAX_FAST = ("int4_pc", "fp8_e4m3_pt")
+
+
+@pytest.mark.parametrize("kind", [
+    k if k in AMAX_FAST else pytest.param(k, marks=pytest.mark.slow)
+    for k in gq.amax_kernel_kinds()])
+def test_amax_kernel_equals_core_bit_for_bit(kind):
+  # Config.amax_kernel: the range from this module's own kernel (per CTA the
+  # column amax of its rows, inf where a NaN or an inf is among them; XLA
+  # maxes the partials) goes into core's scale arithmetic. Four CTAs down
+  # the rows, each two steps through two slots, walked in both orders.
+  spec = gq.spec_for(kind)
+  x = _edge_cases()
+  if kind.endswith("_pt"):  # one scale for all: no NaN or inf but one column
+    x = x.at[:, 8:11].set(jnp.asarray([1.0, -2.0, 3e-3], jnp.bfloat16))
+  xf = np.abs(np.asarray(x.astype(jnp.float32)))
+  want_part = np.where(np.isfinite(xf), xf, np.inf).reshape(4, K // 4, N).max(1)
+  # XLA's CPU backend, which runs the interpreter, flushes float32 subnormals
+  want_part[want_part < np.finfo(np.float32).tiny] = 0
+  want = lj.quantize(x, spec)
+  for reverse in (False, True):
+    cfg = gq.Config(tile_n=128, tile_k=16, k_per_cta=K // 4, stages=2,
+                    unroll=False, reverse=reverse, amax_kernel=True)
+    part = gq._build_amax(K, N, "bfloat16", cfg, gq.common.interpret_params(True))(x)  # pylint: disable=protected-access
+    np.testing.assert_array_equal(np.asarray(part), want_part)
+    q, v, _ = gq._quantize_and_values(x, spec, config=cfg, interpret=True)  # pylint: disable=protected-access
+    _check_scales(q, want)
+    bad = ~np.isfinite(np.asarray(x.astype(jnp.float32))).all(axis=0)
+    gc, wc = np.asarray(q.codes).view(np.uint8), np.asarray(want.codes).view(np.uint8)
+    np.testing.assert_array_equal(gc[:, ~bad], wc[:, ~bad])
+    _check_values(v, lj.fake_quant(x, spec))
+
+
+def test_amax_kernel_is_refused_where_it_does_not_apply():
+  x = _edge_cases()
+  for kind in ("uint8_pc", "ternary_pc", "mxfp4", "int4_g128"):
+    cfg = gq.Config(tile_n=128, tile_k=128, k_per_cta=K, stages=1, unroll=False,
+                    amax_kernel=True)
+    with pytest.raises(ValueError, match="amax_kernel reduces the absmax range"):
+      gq.quantize(x, gq.spec_for(kind), config=cfg, interpret=True)
+  cfg = gq.Config(tile_n=128, tile_k=64, k_per_cta=K, stages=1, one_pass=1,
+                  amax_kernel=True)
+  with pytest.raises(ValueError, match="with one_pass"):
+    gq.quantize(x, gq.spec_for("int8_pc"), config=cfg, interpret=True)
+  # core's scale arithmetic takes a reduced range only for an absmax scale
+  spec = gq.spec_for("ternary_pc")
+  xp, spec, bs, valid, _ = core._prepare(x, spec)  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="block_amax stands for the absmax"):
+    core._grid(xp, spec, bs, valid, None, None, None,  # pylint: disable=protected-access
+               block_amax=jnp.ones((1, N), jnp.float32))
+
+
+def test_amax_kernel_lowers_to_mosaic_gpu():
+  x = jax.ShapeDtypeStruct((1024, 1024), jnp.bfloat16)
+  cfg = dataclasses.replace(gq.heuristic_config("int8_pc", 1024, 1024, jnp.bfloat16),
+                            amax_kernel=True, reverse=True)
+  _lower(lambda a: gq.quantize(a, gq.spec_for("int8_pc"), config=cfg), x)
+
+
 ONE_PASS_FAST = ("int4_pc",)
 
 
@@ -1032,8 +1091,12 @@ def test_compiled_given_scale_kernel_matches_jnp_path(kind, shape):
   # The table's (or heuristic's) tiling, and another with three stages, the
   # grid reversed and (on the small shape, where the compile is short) the
   # rows unrolled.
-  for cfg in (None, gq.Config(tile_n=128, tile_k=64, k_per_cta=256, stages=3,
-                              reverse=True, unroll=k == 1024)):
+  cfgs = [None, gq.Config(tile_n=128, tile_k=64, k_per_cta=256, stages=3,
+                          reverse=True, unroll=k == 1024)]
+  if kind in gq.amax_kernel_kinds():  # the range from our own kernel
+    cfgs.append(dataclasses.replace(gq.heuristic_config(kind, k, n, x.dtype),
+                                    amax_kernel=True, reverse=True))
+  for cfg in cfgs:
     got_q = jax.jit(lambda a, c=cfg: gq.quantize(a, spec, config=c))(x)
     got_v = jax.jit(lambda a, c=cfg: gq.fake_quant_forward(a, spec, config=c))(x)
     bad = ~np.isfinite(np.asarray(x.astype(jnp.float32))).all(axis=0)
@@ -1104,6 +1167,14 @@ def test_bench_table_keeps_a_one_pass_tiling():
   assert gq.common.config_from_entry(gq.Config, ent) == cfg
   assert "one_pass" not in bgq.config_table(dict(res, rows=res["rows"][::2]))[
       "entries"]["int8_pc"]["quantize"]
+  # and an amax-kernel row's (":amax")
+  amax = gq.Config(tile_n=256, tile_k=32, k_per_cta=256, stages=2, unroll=False,
+                   reverse=True, amax_kernel=True)
+  assert bgq.cfg_str(amax) == "256:32:256:2:rev:loop:amax"
+  rows = [dict(r, tiling_used=bgq.cfg_str(amax)) if r["tiling"] == "x" else r
+          for r in res["rows"]]
+  ent = bgq.config_table(dict(res, rows=rows))["entries"]["int8_pc"]["quantize"]
+  assert gq.common.config_from_entry(gq.Config, ent) == amax
 
 
 def test_each_operation_is_enabled_by_its_own_rows():
