@@ -166,9 +166,15 @@ class Config:
       quantize of bf16 8192x8192 and int4 g128 fake_quant, one row per
       chunk) read 16-18 registers per thread, 19-25 instructions per
       element and issue slots 34-55% busy.
-    lut: NF4's quantize (codes, no values) by a binned table in shared
-      memory (``_lut_codes``: the bin of ``y`` gives the code below it and
-      the one threshold inside it) instead of the binary search.
+    lut: NF4's codes by a binned table in shared memory (``_lut_codes``:
+      the bin of ``y`` gives the code below it and the one threshold inside
+      it) instead of the binary search, and (fake_quant, session 40) each
+      value by the codebook's entry at that code, one more shared-memory
+      load, where the values otherwise take one comparison and one select
+      per threshold. On an H100 (bf16 8192x8192, bit-exact on the device,
+      ``benchmarks/kernels_h100_runs/gpu_quantize_h100_s40nf4.md``) NF4
+      fake_quant went from 167.6-187.6 us to 112.8-128.4 (49-55% -> 72-82%
+      of the roofline), quantize from 97.8-133.4 to 74.9-86.1.
     one_pass: per-channel scales of axis 0 (``<format>_pc`` of the int,
       FP8, FP6 and FP4 formats) in one pass over ``x`` (see
       ``one_pass_kinds``): this many CTAs (1, 2, 4 or 8; more than one run
@@ -613,7 +619,7 @@ def candidate_configs(kind: str, k: int, n: int, x_dtype, values: bool = False,
               rep(base, amax_kernel=True)] + more
     elif _block_of(kind) >= 128:
       more = [rep(base, tile_n=256)] + more  # two columns per thread
-    if kind.startswith("nf4") and not values:  # the binned table's encode
+    if kind.startswith("nf4"):  # the binned table's encode (and values)
       more = [rep(base, lut=True)] + more
   for c in [tab] + more:
     if len(out) >= limit:
@@ -806,12 +812,12 @@ def _check_config(kd: _Kind, k: int, n: int, x_dtype, cfg: Config, codes: bool,
   if (cfg.warpgroups != 1 or cfg.strips != 1) and not cfg.one_pass:
     raise ValueError(f"warpgroups={cfg.warpgroups} and strips={cfg.strips} apply "
                      "to one_pass only")
-  if cfg.lut and not (kd.elem == "lookup" and codes and not values and not mask):
-    what = "fake_quant (values)" if values or mask else kd.kind
-    raise ValueError(f"lut=True is NF4's quantize (codes only) by a binned "
-                     f"table; {what} is computed otherwise: use lut=False")
+  if cfg.lut and (kd.elem != "lookup" or len(kd.fmt.table) > _LUT_VALUES):
+    raise ValueError(f"lut=True is NF4's codes (and values) by a binned "
+                     f"table (a codebook of at most {_LUT_VALUES} values); "
+                     f"{kd.kind} is computed otherwise: use lut=False")
   need = _smem(kd.block, kd.bits, kd.scale == "float32", x_dtype, cfg, codes,
-               values, mask) + (2 * 4 * _LUT_BINS if cfg.lut else 0)
+               values, mask) + ((2 * 4 * _LUT_BINS + 4 * _LUT_VALUES) if cfg.lut else 0)
   if need > MAX_SMEM_BYTES:
     raise ValueError(f"the tiling {cfg} needs {need} bytes of shared memory, "
                      f"more than {MAX_SMEM_BYTES}; lower tile_k or stages")
@@ -1092,6 +1098,7 @@ def _bisect_index(y, thresholds) -> jax.Array:
 
 
 _LUT_BINS = 256  # bins of [-1, 1] (the scaled values of an absmax codebook)
+_LUT_VALUES = 32  # the codebook's words in shared memory (16 used, 128 bytes)
 
 
 @functools.lru_cache(maxsize=None)
@@ -1504,6 +1511,9 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
             v = q
           elif luts is not None:  # Config.lut: NF4's codes by the binned table
             c, v = _lut_codes(y, luts[0], luts[1], interp, tn), None
+            if want_values:  # the value of the code, from the codebook
+              v = common.smem_gather(luts[2], c.astype(jnp.int32),
+                                     jnp.float32, tn, interp)
           else:
             c, v = _elem_codes_values(kd, y, want_codes, want_values)
           if want_mask:
@@ -1536,7 +1546,7 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
 
     x_gmem = refs.pop(0)
     sc_gmem = refs.pop(0) if has_scal else None
-    lut_gmem = (refs.pop(0), refs.pop(0)) if cfg.lut else None
+    lut_gmem = (refs.pop(0), refs.pop(0), refs.pop(0)) if cfg.lut else None
     c_gmem, s_gmem, v_gmem, m_gmem = outputs()
     x_smem = refs.pop(0)
     c_smem, s_smem, v_smem, m_smem = outputs()
@@ -1559,7 +1569,7 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
       scal = tuple(sc_gmem[i] for i in range(6))
     luts = None
     if cfg.lut:  # the binned table, read once
-      lut_smem = (refs.pop(0), refs.pop(0))
+      lut_smem = (refs.pop(0), refs.pop(0), refs.pop(0))
       lut_bar = refs.pop(0)
       for g, sm in zip(lut_gmem, lut_smem):
         plgpu.copy_gmem_to_smem(g, sm, lut_bar.at[0])
@@ -1830,14 +1840,18 @@ def _build(kd: _Kind, k: int, n: int, x_dtype: str, want_codes: bool,
   if cfg.lut:
     scratch += [plgpu.SMEM((_LUT_BINS,), jnp.float32),
                 plgpu.SMEM((_LUT_BINS,), jnp.int32),
-                plgpu.Barrier(num_arrivals=2, num_barriers=1)]
+                plgpu.SMEM((_LUT_VALUES,), jnp.float32),
+                plgpu.Barrier(num_arrivals=3, num_barriers=1)]
   extra = {} if interpret is None else {"interpret": interpret}
   kern = plgpu.kernel(body, out_type=tuple(out_types), scratch_types=scratch,
                       grid=(n // tn, k // kc), grid_names=("n", "k"), **extra)
   lut_args = ()
   if cfg.lut:
     thr, below = lut_bins(tuple(float(v) for v in kd.fmt.table))
-    lut_args = (thr, below)
+    # the codebook, padded: a copy must move a multiple of 128 bytes
+    vals = np.zeros(_LUT_VALUES, np.float32)
+    vals[:len(kd.fmt.table)] = kd.fmt.table
+    lut_args = (thr, below, vals)
 
   @jax.jit
   def call(x, scal):

@@ -420,16 +420,31 @@ def test_lut_is_refused_where_it_does_not_apply():
   x = jnp.ones((256, 256), jnp.bfloat16)
   cfg = gq.Config(tile_n=128, tile_k=64, k_per_cta=128, stages=2, unroll=False,
                   lut=True)
-  with pytest.raises(ValueError, match="lut=True is NF4's quantize"):
+  with pytest.raises(ValueError, match="lut=True is NF4's codes"):
     gq.quantize(x, _spec("int4_g32"), config=cfg, interpret=True)
-  with pytest.raises(ValueError, match="fake_quant .values. is computed otherwise"):
-    gq.fake_quant_forward(x, _spec("nf4_g64"), config=cfg, interpret=True)
+  with pytest.raises(ValueError, match="int4_g32 is computed otherwise"):
+    gq.fake_quant_forward(x, _spec("int4_g32"), config=cfg, interpret=True)
   with pytest.raises(ValueError, match="covers .-1, 1.*spans .0.0, 15.0."):
     gq.lut_bins(tuple(float(v) for v in range(16)))  # not an absmax codebook
-  cands = gq.candidate_configs("nf4_g64", 8192, 8192, jnp.bfloat16, limit=8)
-  assert any(c.lut for c in cands)
-  assert not any(c.lut for c in gq.candidate_configs(
-      "nf4_g64", 8192, 8192, jnp.bfloat16, values=True, limit=8))
+  for values in (False, True):  # quantize, and fake_quant's values (session 40)
+    assert any(c.lut for c in gq.candidate_configs(
+        "nf4_g64", 8192, 8192, jnp.bfloat16, values=values, limit=8))
+
+
+def test_lut_fake_quant_equals_core():
+  # Config.lut for fake_quant: the code from the binned table, the value the
+  # codebook's entry there (one shared-memory load), NaN and inf blocks,
+  # the clip mask under differentiation too.
+  x = _two_by_two()
+  spec = _spec("nf4_g64")
+  cfg = gq.Config(tile_n=128, tile_k=64, k_per_cta=128, stages=2, unroll=False,
+                  lut=True)
+  want = jax.jit(lambda a: lj.fake_quant(a, spec))(x)
+  _check_values(gq.fake_quant_forward(x, spec, config=cfg, interpret=True), want)
+  v, m = gq.fake_quant_forward_with_mask(x, spec, config=cfg, interpret=True)
+  _check_values(v, want)
+  _, want_m = jax.jit(lambda a: core._fake_quant_impl(a, spec, None, None, None, None))(x)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(np.asarray(m), np.asarray(want_m).astype(np.uint8))
 
 
 def test_lut_kernel_lowers_to_mosaic_gpu():
@@ -437,6 +452,7 @@ def test_lut_kernel_lowers_to_mosaic_gpu():
   cfg = gq.Config(tile_n=256, tile_k=64, k_per_cta=256, stages=1, unroll=False,
                   lut=True)
   _lower(lambda a: gq.quantize(a, gq.spec_for("nf4_g64"), config=cfg), x)
+  _lower(lambda a: gq.fake_quant_forward(a, gq.spec_for("nf4_g64"), config=cfg), x)
 
 
 @pytest.mark.slow
@@ -1061,6 +1077,13 @@ def test_compiled_kernel_matches_jnp_path(kind, shape):
       want_t = jax.jit(lambda a: lj.quantize(a, spec))(xt)
     got_t = jax.jit(lambda a: gq.quantize(a, spec))(xt)
     np.testing.assert_array_equal(_bits(got_t.scale), _bits(want_t.scale))
+  if kind.startswith("nf4"):  # Config.lut's codes and values (session 40)
+    cfg = dataclasses.replace(gq.heuristic_config(kind, k, n, x.dtype), lut=True)
+    got_q = jax.jit(lambda a: gq.quantize(a, spec, config=cfg))(x)
+    np.testing.assert_array_equal(np.asarray(got_q.codes).view(np.uint8)[keep],
+                                  np.asarray(want_q.codes).view(np.uint8)[keep])
+    _check_values(jax.jit(lambda a: gq.fake_quant_forward(a, spec, config=cfg))(x),
+                  want_v)
 
 
 # uint8 per channel (zero point per column) differed from XLA's path on the
