@@ -80,9 +80,37 @@ def merge_tables(old: dict, new: dict, timed: dict) -> dict:
   enabled = {op: sorted({k for k in was[op] if k not in timed.get(op, ())}
                         | {k for k in now[op] if k in timed.get(op, ())})
              for op in gpu_quantize.OPS}
-  out = dict(new, entries=entries, enabled=enabled)
+  if old.get("device") and new.get("device") and old["device"] != new["device"]:
+    raise ValueError(f"--merge_configs: the old table was measured on "
+                     f"{old['device']!r}, this run on {new['device']!r}; each "
+                     "device keeps its own table (gpu_quantize.table_filename)")
+  was_timed = gpu_quantize.timed_of(old)
+  out = dict(new, entries=entries, enabled=enabled,
+             timed={op: sorted(was_timed[op] | set(timed.get(op, ())))
+                    for op in gpu_quantize.OPS})
   out["runs"] = [r for r in runs(old) if r not in runs(new)] + runs(new)
   return out
+
+
+def table_from_results(results: list, base=None) -> dict:
+  """The tiling table of several runs' result JSONs (dicts), each merged
+  over the ones before it (``merge_tables``), the first over ``base`` where
+  given: a device's table rebuilt from its runs without a GPU.
+
+  Raises:
+    ValueError: no results, or results of different devices or shapes.
+  """
+  if not results:
+    raise ValueError("--from_results: no result files")
+  devices = {r["device"] for r in results}
+  if len(devices) > 1:
+    raise ValueError(f"--from_results: runs of several devices {sorted(devices)}; "
+                     "a table holds one device's measurements")
+  table = base
+  for res in results:
+    new = config_table(res)
+    table = new if table is None else merge_tables(table, new, timed_kinds(res))
+  return table
 
 
 _ONE_PASS = re.compile(r"op(\d+)w(\d+)s(\d+)")  # cfg_str's one-pass part
@@ -124,7 +152,8 @@ def config_table(res: dict) -> dict:
                                      xla_us=_xla_us(res, r["kind"], r["op"]))
   return dict(device=res["device"], jax=res["jax"], command=res["command"],
               shape=res.get("shape"), started=res["started"],
-              enabled=enabled_from(res), entries=ent)
+              enabled=enabled_from(res), entries=ent,
+              timed={op: sorted(v) for op, v in timed_kinds(res).items()})
 
 
 def _xla_us(res, kind, op):

@@ -76,7 +76,8 @@ from absl import flags
 
 from experiments import _cupti
 from experiments._quantize_table import (MARGIN, cfg_str, config_table,
-                                         enabled_from, merge_tables, timed_kinds)
+                                         enabled_from, merge_tables,
+                                         table_from_results, timed_kinds)
 
 _OUT_DIR = flags.DEFINE_string("out_dir", "/tmp/bench_gpu_quantize", "where results go")
 _SHAPE = flags.DEFINE_string("shape", "8192x8192", "K x N of the bf16 tensor")
@@ -104,8 +105,15 @@ _UNROLL = flags.DEFINE_bool("unroll", True, "time each candidate tiling as "
 _WORKERS = flags.DEFINE_integer("workers", 6, "compile threads (compiles run ahead "
                                 "of the timing)")
 _WRITE_CONFIGS = flags.DEFINE_bool("write_configs", False, "also write "
-                                   "<out_dir>/gpu_quantize_configs.json (copy it "
-                                   "to lowbit_jax/kernels/ for the dispatcher)")
+                                   "<out_dir>/gpu_quantize_configs.json (on the "
+                                   "H200; another device's file is named for it, "
+                                   "gpu_quantize.table_filename; copy it to "
+                                   "lowbit_jax/kernels/ for the dispatcher)")
+_FROM_RESULTS = flags.DEFINE_list(
+    "from_results", [], "no timing: write the tiling table of these result "
+    "JSONs (gpu_quantize_<tag>.json of one device, oldest first, each merged "
+    "over the ones before it and the first over --merge_configs where given) "
+    "to <out_dir>/<gpu_quantize.table_filename(device)>")
 _MERGE_CONFIGS = flags.DEFINE_string(
     "merge_configs", "", "with --write_configs: a table of earlier runs (e.g. "
     "lowbit_jax/kernels/gpu_quantize_configs.json) whose formats this run did not "
@@ -346,6 +354,9 @@ def _compile(run, lj, gq, job, x, interp):
 
 def main(argv):
   del argv
+  if _FROM_RESULTS.value:
+    write_from_results()
+    return
   os.environ.setdefault("XLA_FLAGS", "")
   if _SMOKE.value:
     os.environ["XLA_FLAGS"] += " --xla_cpu_enable_concurrency_optimized_scheduler=false"
@@ -452,9 +463,28 @@ def finish(run, gq):
     if _MERGE_CONFIGS.value:
       with open(_MERGE_CONFIGS.value) as f:
         table = merge_tables(json.load(f), table, timed_kinds(run.res))
-    path = os.path.join(_OUT_DIR.value, "gpu_quantize_configs.json")
+    path = os.path.join(_OUT_DIR.value, gq.table_filename(run.res["device"]))
     with open(path, "w") as f:
       json.dump(table, f, indent=1)
+
+
+def write_from_results():
+  """``--from_results``: the table of earlier runs, no GPU needed."""
+  from lowbit_jax.kernels import gpu_quantize as gq  # pylint: disable=g-import-not-at-top
+  results = []
+  for p in _FROM_RESULTS.value:
+    with open(p) as f:
+      results.append(json.load(f))
+  base = None
+  if _MERGE_CONFIGS.value:
+    with open(_MERGE_CONFIGS.value) as f:
+      base = json.load(f)
+  table = table_from_results(results, base)
+  os.makedirs(_OUT_DIR.value, exist_ok=True)
+  path = os.path.join(_OUT_DIR.value, gq.table_filename(table["device"]))
+  with open(path, "w") as f:
+    json.dump(table, f, indent=1)
+  print(f"wrote {path} from {len(results)} runs", flush=True)
 
 
 if __name__ == "__main__":

@@ -487,6 +487,17 @@ def thread_col_base(shape: tuple[int, int]):
   return out
 
 
+def device_slug(device_kind: str) -> str:
+  """``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia_h100_80gb_hbm3"``: how a table
+  measured on a device is named."""
+  import re  # pylint: disable=g-import-not-at-top
+  slug = re.sub(r"[^a-z0-9]+", "_", device_kind.lower()).strip("_")
+  if not slug:
+    raise ValueError(f"device kind {device_kind!r} has no letters or digits "
+                     "to name a table file by")
+  return slug
+
+
 def tma_stream(steps: int, stages: int, bar, fetch, body) -> None:
   """The streaming loop of the quantizer and dequantizer kernels.
 

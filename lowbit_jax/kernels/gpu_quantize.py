@@ -96,7 +96,9 @@ derives the scale as the block path does, so the codes take one read of
 
 ``dispatch(x, spec, ...)`` is what ``lowbit_jax.quantize`` and ``fake_quant``
 ask on every call: a kernel runs only on a GPU backend, for a format
-``ENABLED`` lists for that operation (quantize, fake_quant, fake_quant under
+``ENABLED`` lists for that operation (the shipped table's, measured on the
+H200; on a GPU with a table of its own, ``gpu_quantize_configs.<device>.json``
+beside it, that table over the shipped one: ``table_for_device``) (quantize, fake_quant, fake_quant under
 differentiation: the formats a measured run found faster than XLA's path for
 it; see ``experiments/bench_gpu_quantize.py``), for the default keywords only (no
 static ranges, learned scales, clipping, stochastic rounding, padding), where
@@ -439,6 +441,10 @@ TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                           "gpu_quantize_configs.json")
 
 
+# The device the shipped table (``TABLE_PATH``) was measured on.
+DEFAULT_TABLE_DEVICE = "NVIDIA H200"
+
+
 @functools.lru_cache(maxsize=None)
 def _table() -> dict:
   """The measured tilings (``gpu_quantize_configs.json`` beside this file,
@@ -448,6 +454,106 @@ def _table() -> dict:
     return {}
   with open(TABLE_PATH) as f:
     return json.load(f)
+
+
+def table_filename(device_kind: str) -> str:
+  """The file name a tiling table measured on ``device_kind`` is kept under
+  (beside ``TABLE_PATH``): the shipped one for ``DEFAULT_TABLE_DEVICE``, else
+  ``gpu_quantize_configs.<device>.json``."""
+  if device_kind == DEFAULT_TABLE_DEVICE:
+    return os.path.basename(TABLE_PATH)
+  return f"gpu_quantize_configs.{common.device_slug(device_kind)}.json"
+
+
+def timed_of(table: dict) -> dict:
+  """``{op: frozenset of formats}`` a table's runs timed (XLA and kernel) for
+  each operation: its ``"timed"`` entry, or for a table without one the
+  formats it has an entry or an enabled state for."""
+  t = table.get("timed")
+  if t is not None:
+    return {op: frozenset(t.get(op, ())) for op in OPS}
+  ents = table.get("entries", {})
+  en = enabled_of(table)
+  return {op: frozenset({k for k, ops in ents.items() if op in ops} | en[op])
+          for op in OPS}
+
+
+def overlay_tables(own: dict, base: dict) -> dict:
+  """``own`` (a device's table) over ``base`` (the shipped one), per
+  operation: the formats ``own``'s runs timed take ``own``'s tiling and
+  enabled state, the others ``base``'s (their entries tagged
+  ``"table_device"``, so a decision traces to where it was measured)."""
+  timed = timed_of(own)
+  where = base.get("device", DEFAULT_TABLE_DEVICE)
+  entries = {}
+  for kind, ops in base.get("entries", {}).items():
+    for op, e in ops.items():
+      if kind not in timed.get(op, ()):
+        entries.setdefault(kind, {})[op] = dict(e, table_device=where)
+  for kind, ops in own.get("entries", {}).items():
+    for op, e in ops.items():
+      if kind in timed.get(op, ()):
+        entries.setdefault(kind, {})[op] = e
+  was, now = enabled_of(base), enabled_of(own, "the device's table")
+  enabled = {op: sorted({k for k in was[op] if k not in timed[op]}
+                        | {k for k in now[op] if k in timed[op]}) for op in OPS}
+  return dict(own, entries=entries, enabled=enabled, fallback_device=where)
+
+
+def table_for_device(device_kind: Optional[str],
+                     table_dir: Optional[str] = None) -> dict:
+  """The table the dispatcher uses on ``device_kind`` (None: not a GPU): the
+  shipped one, overlaid by the device's own file where there is one
+  (``table_filename``, ``overlay_tables``).
+
+  Raises:
+    ValueError: if the device's file says it was measured on another device.
+  """
+  d = table_dir or os.path.dirname(TABLE_PATH)
+  default = os.path.join(d, os.path.basename(TABLE_PATH))
+  base = _table() if table_dir is None else {}
+  if table_dir is not None and os.path.exists(default):
+    with open(default) as f:
+      base = json.load(f)
+  if device_kind is None or device_kind == DEFAULT_TABLE_DEVICE:
+    return base
+  own_path = os.path.join(d, table_filename(device_kind))
+  if not os.path.exists(own_path):
+    return base
+  with open(own_path) as f:
+    own = json.load(f)
+  if own.get("device") != device_kind:
+    raise ValueError(
+        f"{own_path} is the quantizer's tiling table for {device_kind!r} by its "
+        f"name but says it was measured on {own.get('device')!r}; regenerate it "
+        "on that device (experiments/bench_gpu_quantize.py --write_configs, or "
+        "--from_results over that device's runs)")
+  return overlay_tables(own, base)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_table(device_kind: Optional[str]) -> Optional[dict]:
+  """``table_for_device`` where the device has a file of its own, else None
+  (the shipped table and ``ENABLED`` apply)."""
+  if device_kind is None or device_kind == DEFAULT_TABLE_DEVICE or not (
+      os.path.exists(os.path.join(os.path.dirname(TABLE_PATH),
+                                  table_filename(device_kind)))):
+    return None
+  return table_for_device(device_kind)
+
+
+def _current_device_kind() -> Optional[str]:
+  try:
+    dev = jax.devices()[0]
+  except RuntimeError:
+    return None
+  return dev.device_kind if dev.platform == "gpu" else None
+
+
+def _active_table() -> dict:
+  """The device's overlaid table on a GPU that has one, else the shipped."""
+  t = _device_table(_current_device_kind())
+  return _table() if t is None else t
 
 
 def _fits(kind: str, k: int, n: int, x_dtype, cfg: Config, values: bool) -> bool:
@@ -479,7 +585,7 @@ def default_config(kind: str, k: int, n: int, x_dtype,
   forced_cfg = _forced.config(kind)
   if forced_cfg is not None and _fits(kind, k, n, x_dtype, forced_cfg, values):
     return forced_cfg
-  ent = _table().get("entries", {}).get(kind, {}).get(
+  ent = _active_table().get("entries", {}).get(kind, {}).get(
       "fake_quant" if values else "quantize")
   if ent:
     cfg = common.config_from_entry(Config, ent)
@@ -2254,7 +2360,10 @@ def forced(kinds, configs: Optional[dict] = None):
 
 
 def _enabled_kinds(op: str) -> frozenset:
-  return _forced.kinds(ENABLED[op])
+  """``ENABLED[op]`` (the shipped table's), or on a GPU with a table of its
+  own (``table_for_device``) that table's, unless ``forced``."""
+  t = _device_table(_current_device_kind())
+  return _forced.kinds(ENABLED[op] if t is None else enabled_of(t)[op])
 
 
 def _on_hopper() -> bool:

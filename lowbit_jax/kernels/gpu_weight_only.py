@@ -99,7 +99,6 @@ import functools
 import json
 import math
 import os
-import re
 import threading
 from typing import Any, Optional
 
@@ -601,13 +600,7 @@ def load_table(path: Optional[str] = None) -> dict:
 DEFAULT_TABLE_DEVICE = "NVIDIA H200"
 
 
-def device_slug(device_kind: str) -> str:
-  """``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia_h100_80gb_hbm3"``."""
-  slug = re.sub(r"[^a-z0-9]+", "_", device_kind.lower()).strip("_")
-  if not slug:
-    raise ValueError(f"device kind {device_kind!r} has no letters or digits "
-                     "to name a table file by")
-  return slug
+device_slug = common.device_slug
 
 
 def table_filename(device_kind: str) -> str:

@@ -1200,6 +1200,107 @@ def test_bench_table_keeps_a_one_pass_tiling():
   assert gq.common.config_from_entry(gq.Config, ent) == amax
 
 
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+def test_a_device_table_overlays_the_shipped_one(tmp_path, monkeypatch):
+  # gpu_quantize_configs.<device>.json: the formats its runs timed take its
+  # tiling and enabled state, per operation; the others keep the shipped
+  # (H200) table's, tagged with where they were measured.
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  e = lambda tn: dict(tile_n=tn, tile_k=32, k_per_cta=256, stages=1, unroll=False)  # noqa: E731
+  base = dict(device=gq.DEFAULT_TABLE_DEVICE, shape=[8192, 8192],
+              enabled={"quantize": ["ternary_pc", "mxfp4"], "fake_quant": ["mxfp4"],
+                       "fake_quant_grad": []},
+              entries={"ternary_pc": {"quantize": e(256)},
+                       "mxfp4": {"quantize": e(256), "fake_quant": e(256)}})
+  own = dict(device=H100, shape=[8192, 8192],
+             enabled={"quantize": ["nf4_g64"], "fake_quant": ["nf4_g64"],
+                      "fake_quant_grad": []},
+             timed={"quantize": ["ternary_pc", "nf4_g64"], "fake_quant": ["nf4_g64"],
+                    "fake_quant_grad": []},
+             entries={"ternary_pc": {"quantize": e(128)},
+                      "nf4_g64": {"quantize": dict(e(128), lut=True),
+                                  "fake_quant": dict(e(128), lut=True)}})
+  for name, t in ((gq.table_filename(gq.DEFAULT_TABLE_DEVICE), base),
+                  (gq.table_filename(H100), own)):
+    with open(tmp_path / name, "w") as f:
+      json.dump(t, f)
+  assert gq.table_filename(H100) == "gpu_quantize_configs.nvidia_h100_80gb_hbm3.json"
+  got = gq.table_for_device(H100, str(tmp_path))
+  en = gq.enabled_of(got)
+  assert en["quantize"] == {"mxfp4", "nf4_g64"}  # ternary lost on this device
+  assert en["fake_quant"] == {"mxfp4", "nf4_g64"}
+  assert got["entries"]["ternary_pc"]["quantize"]["tile_n"] == 128
+  assert got["entries"]["mxfp4"]["quantize"]["table_device"] == gq.DEFAULT_TABLE_DEVICE
+  assert gq.table_for_device(gq.DEFAULT_TABLE_DEVICE, str(tmp_path)) == base
+  assert gq.table_for_device("NVIDIA A100", str(tmp_path)) == base  # no file
+  with open(tmp_path / gq.table_filename(H100), "w") as f:
+    json.dump(dict(own, device="NVIDIA H200"), f)
+  with pytest.raises(ValueError, match="measured on 'NVIDIA H200'; regenerate"):
+    gq.table_for_device(H100, str(tmp_path))
+  # The dispatcher reads the device's table on that device, the shipped one
+  # elsewhere (and ``forced`` still wins).
+  if os.path.exists(os.path.join(os.path.dirname(gq.TABLE_PATH), gq.table_filename(H100))):
+    monkeypatch.setattr(gq, "_current_device_kind", lambda: H100)
+    shipped = gq.table_for_device(H100)
+    assert gq._enabled_kinds("fake_quant") == gq.enabled_of(shipped)["fake_quant"]  # pylint: disable=protected-access
+    assert "nf4_g64" in gq._enabled_kinds("fake_quant")  # pylint: disable=protected-access
+    assert gq.default_config("nf4_g64", 8192, 8192, jnp.bfloat16, values=True).lut
+    with gq.forced(()):
+      assert not gq._enabled_kinds("quantize")  # pylint: disable=protected-access
+
+
+def test_the_shipped_device_tables_are_consistent():
+  # Every shipped device table: its meta names its device, and each tiling
+  # the dispatcher would run fits the kernel's limits for the measured shape.
+  import glob  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  paths = glob.glob(os.path.join(os.path.dirname(gq.TABLE_PATH),
+                                 "gpu_quantize_configs.*.json"))
+  if not paths:
+    pytest.skip("no device tables shipped")
+  for p in paths:
+    with open(p) as f:
+      own = json.load(f)
+    assert gq.table_filename(own["device"]) == os.path.basename(p)
+    t = gq.table_for_device(own["device"])
+    k, n = own["shape"]
+    for kind, ops in t["entries"].items():
+      for op, e in ops.items():
+        cfg = gq.common.config_from_entry(gq.Config, e)
+        assert gq._fits(kind, k, n, jnp.bfloat16, cfg, op == "fake_quant"), (p, kind, op)  # pylint: disable=protected-access
+    for op, kinds in gq.enabled_of(t).items():
+      for kind in kinds:
+        assert ("quantize" if op == "quantize" else "fake_quant") in t["entries"][kind]
+
+
+def test_bench_builds_a_device_table_from_its_runs():
+  # bench_gpu_quantize --from_results: runs of one device, each merged over
+  # the ones before; its "timed" lists accumulate; devices do not mix.
+  from experiments import _quantize_table as bgq  # pylint: disable=g-import-not-at-top
+  def run(started, kind, xla, us, device=H100):
+    return dict(device=device, jax="0.11.2", command="c", started=started,
+                shape=[8192, 8192], rows=[
+                    dict(kind=kind, op="quantize", tiling="xla", us=xla),
+                    dict(kind=kind, op="quantize", tiling="default",
+                         tiling_used="256:32:256:1:loop", us=us, exact=True)])
+  t = bgq.table_from_results([run("t1", "mxfp4", 150.0, 70.0),
+                              run("t2", "ternary_pc", 248.0, 267.0),
+                              run("t3", "mxfp4", 150.0, 69.0)])
+  assert t["device"] == H100 and t["timed"]["quantize"] == ["mxfp4", "ternary_pc"]
+  assert t["enabled"]["quantize"] == ["mxfp4"]
+  assert t["entries"]["mxfp4"]["quantize"]["kernel_us"] == 69.0
+  with pytest.raises(ValueError, match="several devices"):
+    bgq.table_from_results([run("t1", "mxfp4", 150.0, 70.0),
+                            run("t2", "mxfp4", 150.0, 70.0, device="NVIDIA H200")])
+  with pytest.raises(ValueError, match="each device keeps its own table"):
+    bgq.merge_tables(dict(t, device="NVIDIA H200"), bgq.config_table(
+        run("t4", "mxfp4", 150.0, 68.0)), {"quantize": {"mxfp4"}})
+
+
 def test_each_operation_is_enabled_by_its_own_rows():
   # MXFP4 in the H200 run of benchmarks/gpu_quantize_h200_s24.md: the kernel
   # wins quantize and fake_quant but loses fwd+bwd (it also writes the clip
