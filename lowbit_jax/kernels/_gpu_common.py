@@ -498,6 +498,16 @@ def device_slug(device_kind: str) -> str:
   return slug
 
 
+def current_gpu_kind():
+  """The default device's kind (``"NVIDIA H200"``) where it is a GPU, else
+  None: what picks a measured table."""
+  try:
+    dev = jax.devices()[0]
+  except RuntimeError:
+    return None
+  return dev.device_kind if dev.platform == "gpu" else None
+
+
 def tma_stream(steps: int, stages: int, bar, fetch, body) -> None:
   """The streaming loop of the quantizer and dequantizer kernels.
 

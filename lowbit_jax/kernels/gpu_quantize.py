@@ -542,12 +542,7 @@ def _device_table(device_kind: Optional[str]) -> Optional[dict]:
   return table_for_device(device_kind)
 
 
-def _current_device_kind() -> Optional[str]:
-  try:
-    dev = jax.devices()[0]
-  except RuntimeError:
-    return None
-  return dev.device_kind if dev.platform == "gpu" else None
+_current_device_kind = common.current_gpu_kind
 
 
 def _active_table() -> dict:

@@ -610,12 +610,7 @@ def table_filename(device_kind: str) -> str:
   return f"gpu_tuned_configs.{device_slug(device_kind)}.json"
 
 
-def _current_device_kind() -> Optional[str]:
-  try:
-    dev = jax.devices()[0]
-  except RuntimeError:
-    return None
-  return dev.device_kind if dev.platform == "gpu" else None
+_current_device_kind = common.current_gpu_kind
 
 
 def overlay_tables(own: dict, base: dict) -> dict:
