@@ -713,13 +713,13 @@ def candidate_configs(kind: str, k: int, n: int, x_dtype, values: bool = False,
     if _block_of(kind) == 0 or kind == "nvfp4":
       # A scale (NVFP4: the tensor amax) reduced by XLA first: its L2 lines.
       more = [rep(base, reverse=True)] + more
+    elif _block_of(kind) >= 128:
+      more = [rep(base, tile_n=256)] + more  # two columns per thread
     if kind in amax_kernel_kinds():
       # The range from our own kernel, whose last tiles the quantize reads
       # first (session 40).
       more = [rep(base, amax_kernel=True, reverse=True),
               rep(base, amax_kernel=True)] + more
-    elif _block_of(kind) >= 128:
-      more = [rep(base, tile_n=256)] + more  # two columns per thread
     if kind.startswith("nf4"):  # the binned table's encode (and values)
       more = [rep(base, lut=True)] + more
   for c in [tab] + more:
