@@ -123,7 +123,7 @@ def cfg_str(c) -> str:
           + (":rev" if c.reverse else "") + ("" if c.unroll else ":loop")
           + (":lut" if c.lut else "")
           + (f":op{c.one_pass}w{c.warpgroups}s{c.strips}" if c.one_pass else "")
-          + (":amax" if getattr(c, "amax_kernel", False) else ""))
+          + (":amax" if c.amax_kernel else ""))
 
 
 def config_table(res: dict) -> dict:
