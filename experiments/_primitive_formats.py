@@ -27,3 +27,17 @@ FORMATS = {
 # Matmul weights: id -> (format, QuantSpec keywords; the axis is K).
 MM_FORMATS = {"int4_g128": ("int4", dict(group_size=128)), "int8": ("int8", {}),
               "fp8_e4m3": ("fp8_e4m3", {})}
+
+
+def fwd_bwd_bytes(f, x, ct) -> int:
+  """The bytes ``f(x, ct) -> (fake-quant value, gradient)`` must move: ``x``
+  read and the value written, and, unless the gradient is the cotangent
+  itself (a straight-through estimator that never clips: jit hands the
+  cotangent back without a kernel), the cotangent read and the gradient
+  written. Counting those four always put such formats at 130-190% of the
+  roofline (``benchmarks/primitives_h200.md`` before session 40)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  jp = jax.make_jaxpr(f)(x, ct).jaxpr
+  nbytes = x.size * x.dtype.itemsize
+  passthrough = jp.outvars[1] is jp.invars[1]
+  return (2 if passthrough else 4) * nbytes

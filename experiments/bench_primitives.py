@@ -10,8 +10,10 @@ and ``x * 2`` of the same tensor as the bandwidth ceiling in the same run:
   (``jax.vjp``), as one call.
 * % of roofline: the bytes that must move (input read + output written: bf16
   in, packed codes + scales out, and back; fwd+bwd reads x and the cotangent
-  and writes the value and the gradient) over the ``x * 2`` bandwidth,
-  divided by the measured time.
+  and writes the value and the gradient, or where the gradient is the
+  cotangent itself, as for formats that never clip, only reads x and writes
+  the value: ``_primitive_formats.fwd_bwd_bytes``) over the ``x * 2``
+  bandwidth, divided by the measured time.
 * The jnp reference: the unfused implementation frozen in
   ``tests/core/_reference.py`` (what the library was before the fused
   rewrite; the tests check the library against it bit for bit), timed in the
@@ -78,7 +80,7 @@ from absl import app
 from absl import flags
 
 from experiments import _cupti
-from experiments._primitive_formats import FORMATS, MM_FORMATS
+from experiments._primitive_formats import FORMATS, MM_FORMATS, fwd_bwd_bytes
 
 _SHAPE = flags.DEFINE_string("shape", "", "K x N of the tensor (default: 8192x8192 "
                              "on GPU/TPU, 2048x2048 on CPU)")
@@ -109,6 +111,11 @@ _REFERENCE = flags.DEFINE_bool("reference", True, "also time the unfused jnp "
                                "reference (tests/core/_reference.py) when importable")
 _REPORT = flags.DEFINE_string("report", "", "rebuild the markdown from this JSON "
                               "(with --baseline) without timing anything")
+_RECOUNT = flags.DEFINE_bool(
+    "recount_fwd_bwd", False, "with --report: recount the fwd+bwd rows' bytes "
+    "with _primitive_formats.fwd_bwd_bytes (the cotangent and gradient only "
+    "where the gradient is not the cotangent itself; runs before session 40 "
+    "counted them always) and their % of the roofline from the row's time")
 _PATCH = flags.DEFINE_list("patch", [], "with --report: JSONs of later partial "
                            "runs whose primitive rows (format, op) replace the "
                            "report's; the report JSON is rewritten with a note "
@@ -394,7 +401,7 @@ def sec_prims(b: Bench, qwix, ids, ref=None):
         def f(v, ct):
           y, vjp = jax.vjp(lambda u: lb.fake_quant(u, spec), v)
           return y, vjp(ct)[0]
-        args, nbytes = (x, g), 4 * xbytes
+        args, nbytes = (x, g), fwd_bwd_bytes(f, x, g)
       st = {}
       jobs = Jobs()
       jobs(f, *args, stats=st)
@@ -743,17 +750,55 @@ def patch_rows(res: dict, path: str):
       + ", ".join(taken))
 
 
+def recount_fwd_bwd(res: dict) -> list:
+  """The fwd+bwd rows' bytes and % of the roofline as ``fwd_bwd_bytes``
+  counts them (traced on the CPU on a small tensor: whether the gradient is
+  the cotangent does not depend on the shape), from each row's own time and
+  the run's bandwidth; notes it. Returns the formats whose count changed."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import lowbit_jax as lb  # pylint: disable=g-import-not-at-top
+  k, n = res["prims_shape"]
+  xbytes = k * n * 2  # the bf16 tensor the run timed
+  bw = res.get("bandwidth_GBps")
+  small = jnp.ones((256, 256), jnp.bfloat16)
+  changed = []
+  for r in res.get("prims", []):
+    if r.get("op") != "fwd+bwd" or r.get("format") not in FORMATS:
+      continue
+    fmt, kw = FORMATS[r["format"]]
+    spec = lb.QuantSpec(fmt, axis=0, **kw)
+
+    def f(v, ct, spec=spec):
+      y, vjp = jax.vjp(lambda u: lb.fake_quant(u, spec), v)
+      return y, vjp(ct)[0]
+    nbytes = fwd_bwd_bytes(f, small, small) // small.nbytes * xbytes
+    if nbytes != r.get("bytes"):
+      changed.append(r["format"])
+    r["bytes"] = nbytes
+    if bw and r.get("us"):
+      r["roofline_pct"] = round(100 * nbytes / bw / 1e3 / r["us"], 1)
+  res.setdefault("notes", []).append(
+      "fwd+bwd bytes recounted (`--recount_fwd_bwd`): x read and the value "
+      "written, plus the cotangent read and the gradient written only where the "
+      "gradient is not the cotangent itself; changed for "
+      + (", ".join(changed) or "none"))
+  return changed
+
+
 def main(argv):
   del argv
   if _REPORT.value:
     with open(_REPORT.value) as f:
       res = json.load(f)
-    if _PATCH.value:
+    if _PATCH.value or _RECOUNT.value:
       for path in _PATCH.value:
         try:
           patch_rows(res, path)
         except ValueError as e:
           raise app.UsageError(str(e)) from None
+      if _RECOUNT.value:
+        recount_fwd_bwd(res)
       tmp = _REPORT.value + ".tmp"  # the report is replaced only once written
       with open(tmp, "w") as f:
         json.dump(res, f, indent=1)
