@@ -77,9 +77,9 @@ from absl import app
 from absl import flags
 
 from experiments import _cupti
-from experiments._primitive_formats import fwd_bwd_bytes
 from experiments._quantize_table import (MARGIN, cfg_str, config_table,
-                                         enabled_from, merge_tables,
+                                         enabled_from, fwd_bwd_moved,
+                                         merge_tables, recount_fwd_bwd,
                                          table_from_results, timed_kinds)
 
 _OUT_DIR = flags.DEFINE_string("out_dir", "/tmp/bench_gpu_quantize", "where results go")
@@ -112,6 +112,14 @@ _WRITE_CONFIGS = flags.DEFINE_bool("write_configs", False, "also write "
                                    "H200; another device's file is named for it, "
                                    "gpu_quantize.table_filename; copy it to "
                                    "lowbit_jax/kernels/ for the dispatcher)")
+_REPORT = flags.DEFINE_string(
+    "report", "", "no timing: rewrite this result JSON's markdown (and, with "
+    "--recount_fwd_bwd, the JSON) from its rows")
+_RECOUNT = flags.DEFINE_bool(
+    "recount_fwd_bwd", False, "with --report: recount the fwd+bwd rows' "
+    "roofline with _primitive_formats.fwd_bwd_bytes (runs before session 40 "
+    "counted the cotangent and gradient always: 120-190% for formats whose "
+    "gradient is the cotangent itself)")
 _FROM_RESULTS = flags.DEFINE_list(
     "from_results", [], "no timing: write the tiling table of these result "
     "JSONs (gpu_quantize_<tag>.json of one device, oldest first, each merged "
@@ -246,7 +254,24 @@ def markdown(res: dict) -> str:
               f"(kind op tiling): {', '.join(res['skipped'])}."]
   if res["errors"]:
     lines += ["", "Errors:", ""] + [f"- {e['item']}: {e['error']}" for e in res["errors"]]
+  if res.get("notes"):
+    lines += ["", "Notes:", ""] + [f"- {n}" for n in res["notes"]]
   return "\n".join(lines) + "\n"
+
+
+def write_report():
+  """``--report``: the markdown (and with ``--recount_fwd_bwd`` the JSON)
+  rebuilt from a result JSON, no GPU needed."""
+  with open(_REPORT.value) as f:
+    res = json.load(f)
+  if _RECOUNT.value:
+    recount_fwd_bwd(res)
+    tmp = _REPORT.value + ".tmp"  # replaced only once written
+    with open(tmp, "w") as f:
+      json.dump(res, f, indent=1)
+    os.replace(tmp, _REPORT.value)
+  with open(os.path.splitext(_REPORT.value)[0] + ".md", "w") as f:
+    f.write(markdown(res))
 
 
 def _bits_equal(pairs) -> bool:
@@ -329,18 +354,6 @@ def build(run, lj, gq, job, x, interp):
   return fn, args, time.time() - t
 
 
-def _fwd_bwd_moved(jax, lj, gq, kind, x) -> int:
-  """The bytes fwd+bwd must move (``_primitive_formats.fwd_bwd_bytes``: the
-  cotangent and gradient only where the gradient is not the cotangent)."""
-  spec = gq.spec_for(kind)
-
-  def f(a, ct):
-    y, vjp = jax.vjp(lambda b: lj.fake_quant(b, spec), a)
-    return y, vjp(ct)[0]
-  with gq.forced(()):
-    return fwd_bwd_bytes(f, x, x)
-
-
 def _compile(run, lj, gq, job, x, interp):
   jax = run.jax
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -371,6 +384,9 @@ def main(argv):
   del argv
   if _FROM_RESULTS.value:
     write_from_results()
+    return
+  if _REPORT.value:
+    write_report()
     return
   os.environ.setdefault("XLA_FLAGS", "")
   if _SMOKE.value:
@@ -450,7 +466,7 @@ def main(argv):
         if op == "quantize":
           moved = xbytes + sum(a.size * a.dtype.itemsize for a in _leaves(out)[:2])
         elif op == "fwd+bwd":
-          moved = _fwd_bwd_moved(jax, lj, gq, kind, x)
+          moved = fwd_bwd_moved(kind, x)
         else:
           moved = 2 * xbytes
         row["roof_us"] = moved / bw / 1e3 if bw else None

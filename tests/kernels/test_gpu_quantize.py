@@ -1332,3 +1332,18 @@ def test_forced_configs_replace_the_tiling_within_the_block():
     assert gq.default_config("mxfp4", K, N, jnp.bfloat16, True) == loop
     assert gq.default_config("nvfp4", K, N, jnp.bfloat16, True) == other
   assert gq.default_config("mxfp4", K, N, jnp.bfloat16, True) == base
+
+
+def test_bench_recounts_fwd_bwd_where_the_gradient_is_the_cotangent():
+  # bench_gpu_quantize --report --recount_fwd_bwd: a format whose straight-
+  # through gradient is the cotangent itself moves x and the value only (its
+  # roofline halves); one that clips (MXFP4's E8M0 range) moves all four.
+  from experiments import _quantize_table as bgq  # pylint: disable=g-import-not-at-top
+  roof = 4 * 8192 * 8192 * 2 / 3000.0 / 1e3
+  res = dict(ceiling=dict(k=8192, n=8192, us=90.0, gbps=3000.0), rows=[
+      dict(kind=k, op="fwd+bwd", tiling="xla", us=200.0, roof_us=roof)
+      for k in ("int4_g128", "mxfp4")])
+  assert bgq.recount_fwd_bwd(res) == ["int4_g128"]
+  assert res["rows"][0]["roof_us"] == pytest.approx(roof / 2)
+  assert res["rows"][1]["roof_us"] == pytest.approx(roof)
+  assert "recount" in res["notes"][-1]
