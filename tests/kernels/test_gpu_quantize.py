@@ -786,7 +786,9 @@ def test_amax_kernel_equals_core_bit_for_bit(kind):
   for reverse in (False, True):
     cfg = gq.Config(tile_n=128, tile_k=16, k_per_cta=K // 2, stages=2,
                     unroll=False, reverse=reverse, amax_kernel=True)
-    part = gq._build_amax(K, N, "bfloat16", cfg, gq.common.interpret_params(True))(x)  # pylint: disable=protected-access
+    params = gq.common.interpret_params(True, detect_races=True)
+    part = gq._build_amax(K, N, "bfloat16", cfg, params)(x)  # pylint: disable=protected-access
+    assert not gq.common.races_found()  # a slot refilled while still read
     np.testing.assert_array_equal(np.asarray(part), want_part)
     q, v, _ = gq._quantize_and_values(x, spec, config=cfg, interpret=True)  # pylint: disable=protected-access
     _check_scales(q, want)
