@@ -29,6 +29,19 @@ MM_FORMATS = {"int4_g128": ("int4", dict(group_size=128)), "int8": ("int8", {}),
               "fp8_e4m3": ("fp8_e4m3", {})}
 
 
+
+def fake_quant_fwd_bwd(fake_quant, spec):
+  """``(x, ct) -> (fake_quant(x, spec), its gradient for the cotangent ct)``:
+  the fwd+bwd the benches time (``fake_quant``: the library's, or the frozen
+  reference's)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  def f(v, ct):
+    y, vjp = jax.vjp(lambda u: fake_quant(u, spec), v)
+    return y, vjp(ct)[0]
+  return f
+
+
 def fwd_bwd_bytes(f, x, ct) -> int:
   """The bytes ``f(x, ct) -> (fake-quant value, gradient)`` must move: ``x``
   read and the value written, and, unless the gradient is the cotangent
@@ -41,3 +54,15 @@ def fwd_bwd_bytes(f, x, ct) -> int:
   nbytes = x.size * x.dtype.itemsize
   passthrough = jp.outvars[1] is jp.invars[1]
   return (2 if passthrough else 4) * nbytes
+
+
+def fwd_bwd_passes(spec) -> int:
+  """How many times ``lowbit_jax.fake_quant``'s fwd+bwd must move a tensor
+  of the input's size (4, or 2 where the gradient is the cotangent itself):
+  ``fwd_bwd_bytes`` traced on a small tensor, as that does not depend on the
+  shape."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import lowbit_jax as lb  # pylint: disable=g-import-not-at-top
+  small = jnp.ones((256, 256), jnp.bfloat16)
+  return fwd_bwd_bytes(fake_quant_fwd_bwd(lb.fake_quant, spec), small,
+                       small) // small.nbytes

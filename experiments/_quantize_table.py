@@ -5,7 +5,7 @@ table. No flags here, so tests can import it beside other benches.
 """
 import re
 
-from experiments._primitive_formats import fwd_bwd_bytes
+from experiments._primitive_formats import fwd_bwd_passes
 from lowbit_jax.kernels import gpu_quantize
 
 
@@ -164,39 +164,22 @@ def _xla_us(res, kind, op):
   return None
 
 
-def fwd_bwd_moved(kind: str, x) -> int:
-  """The bytes fwd+bwd must move (``_primitive_formats.fwd_bwd_bytes``: the
-  cotangent and gradient only where the gradient is not the cotangent)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import lowbit_jax as lj  # pylint: disable=g-import-not-at-top
-  gq = gpu_quantize
-  spec = gq.spec_for(kind)
-
-  def f(a, ct):
-    y, vjp = jax.vjp(lambda b: lj.fake_quant(b, spec), a)
-    return y, vjp(ct)[0]
-  with gq.forced(()):
-    return fwd_bwd_bytes(f, x, x)
-
-
 def recount_fwd_bwd(res: dict) -> list:
   """The fwd+bwd rows' roofline (on the XLA row, which the kernel rows
-  share) as ``fwd_bwd_bytes`` counts the bytes, traced on a small tensor
-  (whether the gradient is the cotangent does not depend on the shape);
-  notes it. Returns the kinds whose count changed."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  share) from ``fwd_bwd_passes`` of the run's tensor; notes it. Returns the
+  kinds whose count changed."""
   c = res.get("ceiling") or {}
   if not c.get("gbps"):
     return []
   xbytes = c["k"] * c["n"] * 2
-  small = jnp.ones((256, 256), jnp.bfloat16)
   changed = []
   for r in res["rows"]:
     if r["op"] != "fwd+bwd" or r["tiling"] != "xla" or not r.get("roof_us"):
       continue
     if r["kind"] not in gpu_quantize.supported_kinds():
       continue
-    moved = fwd_bwd_moved(r["kind"], small) // small.nbytes * xbytes
+    with gpu_quantize.forced(()):  # XLA's path, as the row timed
+      moved = fwd_bwd_passes(gpu_quantize.spec_for(r["kind"])) * xbytes
     roof = moved / c["gbps"] / 1e3
     if abs(roof - r["roof_us"]) > 1e-6 * roof:
       changed.append(r["kind"])

@@ -77,9 +77,10 @@ from absl import app
 from absl import flags
 
 from experiments import _cupti
+from experiments._primitive_formats import fake_quant_fwd_bwd, fwd_bwd_passes
 from experiments._quantize_table import (MARGIN, cfg_str, config_table,
-                                         enabled_from, fwd_bwd_moved,
-                                         merge_tables, recount_fwd_bwd,
+                                         enabled_from, merge_tables,
+                                         recount_fwd_bwd,
                                          table_from_results, timed_kinds)
 
 _OUT_DIR = flags.DEFINE_string("out_dir", "/tmp/bench_gpu_quantize", "where results go")
@@ -361,10 +362,7 @@ def _compile(run, lj, gq, job, x, interp):
   spec = gq.spec_for(kind)
   if op == "fwd+bwd":
     g = jnp.ones_like(x)
-
-    def f(a, ct):
-      y, vjp = jax.vjp(lambda b: lj.fake_quant(b, spec), a)
-      return y, vjp(ct)[0]
+    f = fake_quant_fwd_bwd(lj.fake_quant, spec)
     with gq.forced(() if label == "xla" else (kind,),
                    configs=None if cfg is None else {kind: cfg}):
       return jax.jit(f).lower(x, g).compile(), (x, g)
@@ -466,7 +464,8 @@ def main(argv):
         if op == "quantize":
           moved = xbytes + sum(a.size * a.dtype.itemsize for a in _leaves(out)[:2])
         elif op == "fwd+bwd":
-          moved = fwd_bwd_moved(kind, x)
+          with gq.forced(()):
+            moved = fwd_bwd_passes(gq.spec_for(kind)) * xbytes
         else:
           moved = 2 * xbytes
         row["roof_us"] = moved / bw / 1e3 if bw else None

@@ -80,7 +80,8 @@ from absl import app
 from absl import flags
 
 from experiments import _cupti
-from experiments._primitive_formats import FORMATS, MM_FORMATS, fwd_bwd_bytes
+from experiments._primitive_formats import (FORMATS, MM_FORMATS, fake_quant_fwd_bwd,
+                                            fwd_bwd_bytes, fwd_bwd_passes)
 
 _SHAPE = flags.DEFINE_string("shape", "", "K x N of the tensor (default: 8192x8192 "
                              "on GPU/TPU, 2048x2048 on CPU)")
@@ -334,11 +335,7 @@ def _ref_time(timer, ref, spec, op: str, x, g):
     return timer(ref.dequantize, q)
   if op == "fake_quant":
     return timer(lambda v: ref.fake_quant(v, spec), x)
-
-  def fb(v, ct):
-    y, vjp = jax.vjp(lambda u: ref.fake_quant(u, spec), v)
-    return y, vjp(ct)[0]
-  return timer(fb, x, g)
+  return timer(fake_quant_fwd_bwd(ref.fake_quant, spec), x, g)
 
 
 def _qwix_cfg(fmt: str, kw: dict):
@@ -398,9 +395,7 @@ def sec_prims(b: Bench, qwix, ids, ref=None):
       elif op == "fake_quant":
         f, args, nbytes = (lambda v: lb.fake_quant(v, spec)), (x,), 2 * xbytes
       else:
-        def f(v, ct):
-          y, vjp = jax.vjp(lambda u: lb.fake_quant(u, spec), v)
-          return y, vjp(ct)[0]
+        f = fake_quant_fwd_bwd(lb.fake_quant, spec)
         args, nbytes = (x, g), fwd_bwd_bytes(f, x, g)
       st = {}
       jobs = Jobs()
@@ -751,28 +746,19 @@ def patch_rows(res: dict, path: str):
 
 
 def recount_fwd_bwd(res: dict) -> list:
-  """The fwd+bwd rows' bytes and % of the roofline as ``fwd_bwd_bytes``
-  counts them (traced on the CPU on a small tensor: whether the gradient is
-  the cotangent does not depend on the shape), from each row's own time and
-  the run's bandwidth; notes it. Returns the formats whose count changed."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  """The fwd+bwd rows' bytes (``fwd_bwd_passes`` times the run's tensor) and
+  % of the roofline, from each row's own time and the run's bandwidth;
+  notes it. Returns the formats whose count changed."""
   import lowbit_jax as lb  # pylint: disable=g-import-not-at-top
   k, n = res["prims_shape"]
   xbytes = k * n * 2  # the bf16 tensor the run timed
   bw = res.get("bandwidth_GBps")
-  small = jnp.ones((256, 256), jnp.bfloat16)
   changed = []
   for r in res.get("prims", []):
     if r.get("op") != "fwd+bwd" or r.get("format") not in FORMATS:
       continue
     fmt, kw = FORMATS[r["format"]]
-    spec = lb.QuantSpec(fmt, axis=0, **kw)
-
-    def f(v, ct, spec=spec):
-      y, vjp = jax.vjp(lambda u: lb.fake_quant(u, spec), v)
-      return y, vjp(ct)[0]
-    nbytes = fwd_bwd_bytes(f, small, small) // small.nbytes * xbytes
+    nbytes = fwd_bwd_passes(lb.QuantSpec(fmt, axis=0, **kw)) * xbytes
     if nbytes != r.get("bytes"):
       changed.append(r["format"])
     r["bytes"] = nbytes

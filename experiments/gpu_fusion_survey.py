@@ -172,7 +172,7 @@ def main(argv):
                          "and pass it as --plugin_site (module docstring)") from e
   jax.default_backend = lambda: "gpu"  # trace the GPU paths of lowbit_jax
   import lowbit_jax as lb  # pylint: disable=g-import-not-at-top
-  from experiments._primitive_formats import FORMATS, MM_FORMATS  # pylint: disable=g-import-not-at-top
+  from experiments._primitive_formats import FORMATS, MM_FORMATS, fake_quant_fwd_bwd  # pylint: disable=g-import-not-at-top
   sh = jax.sharding.SingleDeviceSharding(topo.devices[0])
 
   def compiled(f, *args):
@@ -207,10 +207,7 @@ def main(argv):
       elif op == "fake_quant":
         text = compiled(lambda v, s=spec: lb.fake_quant(v, s), x)
       else:
-        def fb(v, ct, s=spec):
-          y, vjp = jax.vjp(lambda u: lb.fake_quant(u, s), v)
-          return y, vjp(ct)[0]
-        text = compiled(fb, x, x)
+        text = compiled(fake_quant_fwd_bwd(lb.fake_quant, spec), x, x)
       rows.append((fid, op, dict(program_stats(text), ptx=dict(last_ptx))))
       _dump(f"{fid}_{op}", text)
       print(fid, op, rows[-1][2], flush=True)

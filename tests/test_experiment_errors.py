@@ -184,18 +184,15 @@ def test_fwd_bwd_bytes_count_the_gradient_only_where_it_is_written():
   # read and the gradient written only where the straight-through gradient
   # is not the cotangent itself (formats that clip: MX's E8M0 scales, NVFP4,
   # uint8's zero point); where it is, jit returns the cotangent unmoved.
-  import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import lowbit_jax as lb  # pylint: disable=g-import-not-at-top
-  from experiments._primitive_formats import FORMATS, fwd_bwd_bytes  # pylint: disable=g-import-not-at-top
-  x = jnp.ones((256, 256), jnp.bfloat16)
+  from experiments._primitive_formats import (FORMATS, fake_quant_fwd_bwd,  # pylint: disable=g-import-not-at-top
+                                              fwd_bwd_bytes, fwd_bwd_passes)
+  x = jnp.ones((128, 512), jnp.bfloat16)
   got = {}
   for fid in ("int8", "int4_g128", "mxfp4", "nvfp4", "uint8"):
     fmt, kw = FORMATS[fid]
     spec = lb.QuantSpec(fmt, axis=0, **kw)
-
-    def f(v, ct, spec=spec):
-      y, vjp = jax.vjp(lambda u: lb.fake_quant(u, spec), v)
-      return y, vjp(ct)[0]
-    got[fid] = fwd_bwd_bytes(f, x, x) // x.nbytes
+    got[fid] = fwd_bwd_bytes(fake_quant_fwd_bwd(lb.fake_quant, spec), x, x) // x.nbytes
+    assert fwd_bwd_passes(spec) == got[fid]  # the same on the small tensor
   assert got == {"int8": 2, "int4_g128": 2, "mxfp4": 4, "nvfp4": 4, "uint8": 4}
