@@ -67,24 +67,13 @@ def merge_tables(old: dict, new: dict, timed: dict) -> dict:
     raise ValueError(f"--merge_configs: the old table was measured on shape "
                      f"{old.get('shape')}, this run on {new.get('shape')}; tilings "
                      "for different shapes do not merge")
-  entries = {}
-  for kind, ops in old.get("entries", {}).items():
-    for op, e in ops.items():
-      if kind not in timed.get(op, ()):
-        entries.setdefault(kind, {})[op] = {"started": old.get("started"), **e}
-  for kind, ops in new.get("entries", {}).items():
-    for op, e in ops.items():
-      if kind in timed.get(op, ()):
-        entries.setdefault(kind, {})[op] = {**e, "started": new.get("started")}
-  was = gpu_quantize.enabled_of(old, "--merge_configs' old table")
-  now = gpu_quantize.enabled_of(new, "this run's table")
-  enabled = {op: sorted({k for k in was[op] if k not in timed.get(op, ())}
-                        | {k for k in now[op] if k in timed.get(op, ())})
-             for op in gpu_quantize.OPS}
   if old.get("device") and new.get("device") and old["device"] != new["device"]:
     raise ValueError(f"--merge_configs: the old table was measured on "
                      f"{old['device']!r}, this run on {new['device']!r}; each "
                      "device keeps its own table (gpu_quantize.table_filename)")
+  entries, enabled = gpu_quantize.merge_by_operation(
+      old, new, timed, {"started": old.get("started")},
+      {"started": new.get("started")})
   was_timed = gpu_quantize.timed_of(old)
   out = dict(new, entries=entries, enabled=enabled,
              timed={op: sorted(was_timed[op] | set(timed.get(op, ())))

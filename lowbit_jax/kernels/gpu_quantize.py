@@ -478,25 +478,38 @@ def timed_of(table: dict) -> dict:
           for op in OPS}
 
 
+def merge_by_operation(base: dict, own: dict, timed: dict,
+                       base_tag: dict, own_tag: dict) -> tuple:
+  """``(entries, enabled)`` of ``own`` over ``base``, per operation: the
+  formats in ``timed[op]`` take ``own``'s tiling and enabled state for it,
+  the others keep ``base``'s. Each entry taken from ``base`` gets the keys of
+  ``base_tag`` it lacks, each taken from ``own`` those of ``own_tag`` (over
+  its own). ``overlay_tables`` (a device's table over the shipped one) and
+  ``experiments/_quantize_table.merge_tables`` (a run over earlier ones)."""
+  entries = {}
+  for kind, ops in base.get("entries", {}).items():
+    for op, e in ops.items():
+      if kind not in timed.get(op, ()):
+        entries.setdefault(kind, {})[op] = {**base_tag, **e}
+  for kind, ops in own.get("entries", {}).items():
+    for op, e in ops.items():
+      if kind in timed.get(op, ()):
+        entries.setdefault(kind, {})[op] = {**e, **own_tag}
+  was, now = enabled_of(base, "the earlier table"), enabled_of(own, "the newer table")
+  enabled = {op: sorted({k for k in was[op] if k not in timed.get(op, ())}
+                        | {k for k in now[op] if k in timed.get(op, ())})
+             for op in OPS}
+  return entries, enabled
+
+
 def overlay_tables(own: dict, base: dict) -> dict:
   """``own`` (a device's table) over ``base`` (the shipped one), per
   operation: the formats ``own``'s runs timed take ``own``'s tiling and
   enabled state, the others ``base``'s (their entries tagged
   ``"table_device"``, so a decision traces to where it was measured)."""
-  timed = timed_of(own)
   where = base.get("device", DEFAULT_TABLE_DEVICE)
-  entries = {}
-  for kind, ops in base.get("entries", {}).items():
-    for op, e in ops.items():
-      if kind not in timed.get(op, ()):
-        entries.setdefault(kind, {})[op] = dict(e, table_device=where)
-  for kind, ops in own.get("entries", {}).items():
-    for op, e in ops.items():
-      if kind in timed.get(op, ()):
-        entries.setdefault(kind, {})[op] = e
-  was, now = enabled_of(base), enabled_of(own, "the device's table")
-  enabled = {op: sorted({k for k in was[op] if k not in timed[op]}
-                        | {k for k in now[op] if k in timed[op]}) for op in OPS}
+  entries, enabled = merge_by_operation(base, own, timed_of(own),
+                                        {"table_device": where}, {})
   return dict(own, entries=entries, enabled=enabled, fallback_device=where)
 
 
@@ -533,20 +546,17 @@ def table_for_device(device_kind: Optional[str],
 
 @functools.lru_cache(maxsize=None)
 def _device_table(device_kind: Optional[str]) -> Optional[dict]:
-  """``table_for_device`` where the device has a file of its own, else None
-  (the shipped table and ``ENABLED`` apply)."""
-  if device_kind is None or device_kind == DEFAULT_TABLE_DEVICE or not (
-      os.path.exists(os.path.join(os.path.dirname(TABLE_PATH),
-                                  table_filename(device_kind)))):
-    return None
-  return table_for_device(device_kind)
+  """``table_for_device``, read once a device kind, where the device has a
+  file of its own; else None (the shipped table and ``ENABLED`` apply)."""
+  t = table_for_device(device_kind)
+  return None if t is _table() else t
 
 
 _current_device_kind = common.current_gpu_kind
 
 
 def _active_table() -> dict:
-  """The device's overlaid table on a GPU that has one, else the shipped."""
+  """The table the dispatcher reads on the default device."""
   t = _device_table(_current_device_kind())
   return _table() if t is None else t
 
