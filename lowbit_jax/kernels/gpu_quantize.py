@@ -200,7 +200,8 @@ class Config:
       cluster, walks in turn, the next strip's loads issued under this
       strip's quantize (a CTA alone on its SM otherwise leaves its memory
       pipe idle while it quantizes, and its arithmetic while it loads).
-    amax_kernel: the symmetric per-channel and per-tensor formats
+    amax_kernel: the symmetric per-channel and per-tensor formats, and
+      NVFP4's tensor range where no static ``tensor_amax`` is given
       (``amax_kernel_kinds``): the range pass is this module's own kernel
       (``_build_amax``: each CTA the column amax of its ``k_per_cta`` rows
       of ``tile_n`` columns, the same tiles as the quantize kernel's,
@@ -218,7 +219,14 @@ class Config:
       channel quantize 124.4 -> 123.8 us), with the quantize grid reversed
       or not: XLA's reduction there runs as fast as this kernel, and the L2
       served no measurable part of the second read. It is a tuning
-      candidate (``candidate_configs``) for the H200 to decide.
+      candidate (``candidate_configs``) for the H200 to decide. For NVFP4
+      (session 41) the kernel takes the amax of the finite values (NaN and
+      inf count as 0, as core's tensor range does, two more operations an
+      element) and XLA maxes its partials to the one tensor amax: XLA's
+      full reduction of that range was 155 MB of traffic for a bf16
+      8192x8192 in its deviceless compile for the H200
+      (``experiments/gpu_fusion_survey.py --formats=nvfp4``), where 134 MB
+      is the tensor itself.
   """
   tile_n: int = 256
   tile_k: int = 64
@@ -402,10 +410,12 @@ def amax_kernel_kinds() -> tuple:
   """The kinds ``Config.amax_kernel`` applies to: scales given for the whole
   axis (per channel) or tensor whose range is the absmax (the symmetric
   int, FP8, FP6 and FP4 formats; not uint8's min and max, nor ternary's and
-  binary's means)."""
+  binary's means), and NVFP4, whose tensor scale comes from the amax of the
+  finite values (session 41)."""
   return tuple(k for k in supported_kinds()
-               if (k.endswith("_pc") or k.endswith("_pt"))
-               and _kind_by_id(k).elem not in ("uint", "ternary", "binary"))
+               if ((k.endswith("_pc") or k.endswith("_pt"))
+                   and _kind_by_id(k).elem not in ("uint", "ternary", "binary"))
+               or _kind_by_id(k).scale == "nvfp4")
 
 
 def spec_for(kind: str) -> QuantSpec:
@@ -920,7 +930,8 @@ def _check_config(kd: _Kind, k: int, n: int, x_dtype, cfg: Config, codes: bool,
       raise ValueError(f"{kd.kind} never clips: there is no clip mask to write")
   if cfg.amax_kernel and (kd.kind not in amax_kernel_kinds() or cfg.one_pass):
     raise ValueError(f"amax_kernel reduces the absmax range of the symmetric "
-                     f"per-channel and per-tensor formats ({amax_kernel_kinds()}) "
+                     f"per-channel and per-tensor formats, and NVFP4's tensor "
+                     f"range ({amax_kernel_kinds()}) "
                      f"before the two-pass kernel, not {kd.kind}"
                      + (" with one_pass" if cfg.one_pass else "")
                      + ": use amax_kernel=False")
@@ -1436,43 +1447,52 @@ def _cluster_max_regs(mf, ref, ctas: int):
   return fa.FragmentedArray(_registers=new, _layout=mf.layout, _is_signed=None)
 
 
-def _amax_of(rows):
+def _amax_of(rows, finite: bool = False):
   """Column amax of rows, as a tree: NaN where any is NaN (``jnp.maximum``
   propagates it: ``max.NaN``, one ``FMNMX.NAN`` with the absolute value
   folded in), else inf where any is inf. ``_bad_to_inf`` turns a NaN into
   inf once a block, where mapping each element took two more operations (a
-  comparison and a select) in the amax pass."""
+  comparison and a select) in the amax pass. ``finite``: the amax of the
+  finite values only (NaN and inf count as 0, NVFP4's tensor range), which
+  does cost those two operations an element."""
   vals = [jnp.abs(xr) for xr in rows]
+  if finite:  # NaN < inf is false: a NaN goes to 0 as well
+    vals = [jnp.where(v < np.float32(np.inf), v, np.float32(0.0)) for v in vals]
   while len(vals) > 1:
     vals = [jnp.maximum(vals[i], vals[i + 1]) if i + 1 < len(vals)
             else vals[i] for i in range(0, len(vals), 2)]
   return vals[0]
 
 
-def _rows_amax_fn(rch: int, unroll: bool):
+def _rows_amax_fn(rch: int, unroll: bool, finite: bool = False):
   """``rows_amax(x_ref, r0, n_rows, m=None)``: the column amax (float32) of
   rows ``[r0, r0 + n_rows)`` of a shared-memory tile, ``rch`` rows at a
   time (every load of a chunk first), maxed into ``m`` (None: the carry
-  starts as the first chunk's, in the layout a loop carry needs)."""
+  starts as the first chunk's, in the layout a loop carry needs);
+  ``finite``: of the finite values only (``_amax_of``)."""
   def row(ref, r):
     return ref[r].astype(jnp.float32)
 
   def rows_amax(x_ref, r0, n_rows, m=None):
     def chunk(c, m):
       rows = [row(x_ref, r0 + c * rch + j) for j in range(rch)]
-      return jnp.maximum(m, _amax_of(rows))
+      return jnp.maximum(m, _amax_of(rows, finite))
     if m is None:
       return _loop(1, n_rows // rch, chunk,
-                   _amax_of([row(x_ref, r0 + j) for j in range(rch)]), unroll)
+                   _amax_of([row(x_ref, r0 + j) for j in range(rch)], finite),
+                   unroll)
     return _loop(0, n_rows // rch, chunk, m, unroll)
   return rows_amax
 
 
 @functools.lru_cache(maxsize=None)
-def _build_amax(k: int, n: int, x_dtype: str, cfg: Config, interpret):
+def _build_amax(k: int, n: int, x_dtype: str, cfg: Config, interpret,
+                finite: bool = False):
   """``Config.amax_kernel``'s range pass: ``x [k, n] -> [k // k_per_cta, n]``
   float32, each CTA the column amax of its ``k_per_cta`` rows of ``tile_n``
-  columns (inf where any is a NaN or an inf, as core's reduction), through a
+  columns (inf where any is a NaN or an inf, as core's reduction; with
+  ``finite``, of the finite values only, NaN and inf counting as 0, as
+  NVFP4's tensor range), through a
   TMA pipeline of ``stages`` tiles of ``tile_k`` rows. The grid is the
   quantize kernel's, walked in the other order (``not cfg.reverse``), so
   that the tiles read last are the ones the quantize kernel reads first."""
@@ -1482,7 +1502,7 @@ def _build_amax(k: int, n: int, x_dtype: str, cfg: Config, interpret):
   tn, tk, kc, st = cfg.tile_n, cfg.tile_k, cfg.k_per_cta, cfg.stages
   steps = kc // tk
   rch = math.gcd(cfg.rows or max(1, 16 * 128 // tn), tk)
-  rows_amax = _rows_amax_fn(rch, cfg.unroll and not interp)
+  rows_amax = _rows_amax_fn(rch, cfg.unroll and not interp, finite)
   rev = not cfg.reverse
 
   def body(x_gmem, o_gmem, x_smem, o_smem, bar):
@@ -1518,7 +1538,7 @@ def _build_amax(k: int, n: int, x_dtype: str, cfg: Config, interpret):
 
     m = step(0, None)  # a carry of the loop's own layout
     m = lax.fori_loop(1, steps, step, m)
-    o_smem[0] = _bad_to_inf(m)
+    o_smem[0] = m if finite else _bad_to_inf(m)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds(ki, 1), col])
     plgpu.wait_smem_to_gmem(0)
@@ -2084,15 +2104,19 @@ def _build_rows(kd: _Kind, m: int, n: int, x_dtype: str, want_codes: bool,
 # NVFP4's tensor scale (XLA, before the kernel)
 
 
-def _nvfp4_scalars(x2, tensor_amax):
+def _nvfp4_scalars(x2, tensor_amax, finite_amax=None):
   """(tensor scale, the kernel's float32[5] scalars) as core's ``_grid``
   derives them: ``t = max(amax / (6 * 448), 2**-126)`` (1 for a zero amax),
   split into ``tn * 2**p``, and ``1 / tn``; then a flag for an invalid static
   range (``tensor_amax <= 0`` or NaN), which turns blocks with data into NaN,
-  and the tensor amax (the clip range of the straight-through gradient)."""
+  and the tensor amax (the clip range of the straight-through gradient).
+  ``finite_amax``: the amax of the finite values of ``x2``, already reduced
+  (``Config.amax_kernel``; a max is exact in any order, so it is XLA's
+  reduction's bit for bit)."""
   if tensor_amax is None:
-    emax = jnp.max(jnp.where(jnp.isfinite(x2), jnp.abs(x2),
-                             jnp.zeros((), x2.dtype))).astype(jnp.float32)
+    emax = finite_amax if finite_amax is not None else jnp.max(
+        jnp.where(jnp.isfinite(x2), jnp.abs(x2),
+                  jnp.zeros((), x2.dtype))).astype(jnp.float32)
     t_pos = emax > 0
     t_bad = jnp.float32(0.0)
   else:
@@ -2206,14 +2230,16 @@ def _run(x, spec, tensor_amax, config, interpret, values: bool,
   asym = kd.elem == "uint"
 
   amax_fn = None
-  if cfg.amax_kernel:
-    amax_fn = _build_amax(k, n, jnp.dtype(x.dtype).name, cfg, params)
+  if cfg.amax_kernel and not (nvfp4 and tensor_amax is not None):
+    amax_fn = _build_amax(k, n, jnp.dtype(x.dtype).name, cfg, params,
+                          finite=nvfp4)
 
   def kernel(xa, *ta):
     x2 = xa.reshape(k, n)
     t = scal = stored = zp = None
     if nvfp4:
-      t, scal = _nvfp4_scalars(x2, ta[0] if ta else None)
+      fin = None if amax_fn is None else jnp.max(amax_fn(x2))
+      t, scal = _nvfp4_scalars(x2, ta[0] if ta else None, fin)
     if given and not cfg.one_pass:  # (one_pass: the kernel derives the scale)
       block_amax = None
       if amax_fn is not None:  # the range from our kernel's partials

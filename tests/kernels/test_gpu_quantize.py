@@ -762,7 +762,7 @@ def test_given_scale_kernel_equals_core_bit_for_bit(kind):
     assert bool(jnp.isnan(vn).all())
 
 
-AMAX_FAST = ("int4_pc", "fp8_e4m3_pt")
+AMAX_FAST = ("int4_pc", "fp8_e4m3_pt", "nvfp4")
 
 
 @pytest.mark.parametrize("kind", [
@@ -774,12 +774,15 @@ def test_amax_kernel_equals_core_bit_for_bit(kind):
   # maxes the partials) goes into core's scale arithmetic. Two CTAs down
   # the rows, each four steps through two slots (so each slot is refilled),
   # walked in both orders.
+  # NVFP4 (session 41): the amax of the finite values, NaN and inf as 0,
+  # for its tensor scale.
   spec = gq.spec_for(kind)
   x = _edge_cases()
   if kind.endswith("_pt"):  # one scale for all: no NaN or inf but one column
     x = x.at[:, 8:11].set(jnp.asarray([1.0, -2.0, 3e-3], jnp.bfloat16))
   xf = np.abs(np.asarray(x.astype(jnp.float32)))
-  want_part = np.where(np.isfinite(xf), xf, np.inf).reshape(2, K // 2, N).max(1)
+  bad_as = 0.0 if kind == "nvfp4" else np.inf
+  want_part = np.where(np.isfinite(xf), xf, bad_as).reshape(2, K // 2, N).max(1)
   # XLA's CPU backend, which runs the interpreter, flushes float32 subnormals
   want_part[want_part < np.finfo(np.float32).tiny] = 0
   want = lj.quantize(x, spec)
@@ -787,7 +790,8 @@ def test_amax_kernel_equals_core_bit_for_bit(kind):
     cfg = gq.Config(tile_n=128, tile_k=16, k_per_cta=K // 2, stages=2,
                     unroll=False, reverse=reverse, amax_kernel=True)
     params = gq.common.interpret_params(True, detect_races=True)
-    part = gq._build_amax(K, N, "bfloat16", cfg, params)(x)  # pylint: disable=protected-access
+    part = gq._build_amax(K, N, "bfloat16", cfg, params,  # pylint: disable=protected-access
+                          finite=kind == "nvfp4")(x)
     assert not gq.common.races_found()  # a slot refilled while still read
     np.testing.assert_array_equal(np.asarray(part), want_part)
     q, v, _ = gq._quantize_and_values(x, spec, config=cfg, interpret=True)  # pylint: disable=protected-access
@@ -796,6 +800,9 @@ def test_amax_kernel_equals_core_bit_for_bit(kind):
     gc, wc = np.asarray(q.codes).view(np.uint8), np.asarray(want.codes).view(np.uint8)
     np.testing.assert_array_equal(gc[:, ~bad], wc[:, ~bad])
     _check_values(v, lj.fake_quant(x, spec))
+  if kind == "nvfp4":  # a static range: core's, no amax pass
+    q = gq.quantize(x, spec, tensor_amax=jnp.float32(3.0), config=cfg, interpret=True)
+    _check_scales(q, lj.quantize(x, spec, tensor_amax=jnp.float32(3.0)))
 
 
 def test_amax_kernel_is_refused_where_it_does_not_apply():
@@ -819,9 +826,10 @@ def test_amax_kernel_is_refused_where_it_does_not_apply():
 
 def test_amax_kernel_lowers_to_mosaic_gpu():
   x = jax.ShapeDtypeStruct((1024, 1024), jnp.bfloat16)
-  cfg = dataclasses.replace(gq.heuristic_config("int8_pc", 1024, 1024, jnp.bfloat16),
-                            amax_kernel=True, reverse=True)
-  _lower(lambda a: gq.quantize(a, gq.spec_for("int8_pc"), config=cfg), x)
+  for kind in ("int8_pc", "nvfp4"):
+    cfg = dataclasses.replace(gq.heuristic_config(kind, 1024, 1024, jnp.bfloat16),
+                              amax_kernel=True, reverse=True)
+    _lower(lambda a, kind=kind, cfg=cfg: gq.quantize(a, gq.spec_for(kind), config=cfg), x)
 
 
 ONE_PASS_FAST = ("int4_pc",)
@@ -1080,6 +1088,15 @@ def test_compiled_kernel_matches_jnp_path(kind, shape):
       want_t = jax.jit(lambda a: lj.quantize(a, spec))(xt)
     got_t = jax.jit(lambda a: gq.quantize(a, spec))(xt)
     np.testing.assert_array_equal(_bits(got_t.scale), _bits(want_t.scale))
+  if kind == "nvfp4":  # the tensor range from our own kernel (session 41)
+    cfg = dataclasses.replace(gq.heuristic_config(kind, k, n, x.dtype),
+                              amax_kernel=True, reverse=True)
+    got_q = jax.jit(lambda a: gq.quantize(a, spec, config=cfg))(x)
+    np.testing.assert_array_equal(np.asarray(got_q.codes).view(np.uint8)[keep],
+                                  np.asarray(want_q.codes).view(np.uint8)[keep])
+    _check_scales(got_q, want_q)
+    _check_values(jax.jit(lambda a: gq.fake_quant_forward(a, spec, config=cfg))(x),
+                  want_v)
   if kind.startswith("nf4"):  # Config.lut's codes and values (session 40)
     cfg = dataclasses.replace(gq.heuristic_config(kind, k, n, x.dtype), lut=True)
     got_q = jax.jit(lambda a: gq.quantize(a, spec, config=cfg))(x)
