@@ -69,7 +69,8 @@ is 2 MB, so 64 CTAs at once would hold 128 MB, far past the L2, for a second
 read from there. A cluster of CTAs splitting the length and exchanging their
 partial amax through distributed shared memory avoids all three:
 ``Config.one_pass`` (session 34) does that for the symmetric per-channel
-formats (``one_pass_kinds``): a cluster of up to 8 CTAs of up to 4
+formats (``one_pass_kinds``): a cluster of up to 8 CTAs (16, Hopper's
+non-portable size, since session 41) of up to 4
 warpgroups per column strip of 128, each CTA reducing its share of the rows
 while its last ``stages`` tiles stay in shared memory, the partial amax rows
 exchanged in PTX (``_CLUSTER_MAX_PTX``), the scale derived as a block's
@@ -84,9 +85,12 @@ fake_quant 163 against 151; fp8 e4m3 quantize 145 against 123, fake_quant
 its load and its arithmetic do not overlap as four small two-pass CTAs'
 do (one warpgroup a CTA: 229 us; walking several strips a CTA so that the
 next strip's loads run under this one's quantize, ``Config.strips``: 175 to
-227 us). So it is not among the tuner's candidates (``candidate_configs``)
-and the dispatcher never picks it; ``one_pass_configs`` gives the tilings
-that were timed.
+227 us). Clusters of 16, each CTA holding all of its 512 rows so that
+nothing is read twice, were slower again (session 41, int8 quantize 179 us,
+``gpu_quantize_h100_s41op16.md``): the L2 re-read is not the cost, the
+serialized load and arithmetic are. So it is not among the tuner's
+candidates (``candidate_configs``) and the dispatcher never picks it;
+``one_pass_configs`` gives the tilings that were timed.
 
 Per-row scales of the last axis (per token, ``axis=-1``: int8 and fp8; ids
 ``<format>_tok``) run in their own kernel (``_build_rows``): a CTA holds a
@@ -242,7 +246,10 @@ class Config:
   amax_kernel: bool = False
 
 
-ONE_PASS_CTAS = (1, 2, 4, 8)  # a portable cluster holds at most 8 CTAs
+# A portable cluster holds at most 8 CTAs; Hopper takes 16 by opting in (a
+# non-portable size: whether a launch gets it is the driver's to say, and a
+# cluster of 16 CTAs alone on their SMs needs a GPC with 16 of them free).
+ONE_PASS_CTAS = (1, 2, 4, 8, 16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -754,12 +761,14 @@ def one_pass_configs(kind: str, k: int, n: int, x_dtype,
                      values: bool = False) -> list:
   """``Config.one_pass`` tilings for ``[k, n]``: 128 columns and 64 rows a
   step, four warpgroups a CTA, a cluster of 8 CTAs with as many resident
-  tiles as fit (one CTA an SM) and with 6 (two CTAs an SM); only those
-  within the limits. (Measured on an H100, int8 / fp8 / int4 per channel
-  8192x8192 quantize, ``benchmarks/kernels_h100_runs/gpu_quantize_h100_s34d.md``:
+  tiles as fit (one CTA an SM) and with 6 (two CTAs an SM), then a cluster
+  of 16 (Hopper's non-portable size) with as many as fit: for K = 8192 all
+  of a CTA's 512 rows, so that nothing is read twice; only those within the
+  limits. (Measured on an H100, int8 / fp8 / int4 per channel 8192x8192
+  quantize, ``benchmarks/kernels_h100_runs/gpu_quantize_h100_s34d.md``:
   clusters of 4 CTAs and two warpgroups a CTA were slower still.)"""
   out = []
-  for ctas, st in ((8, None), (8, 6)):
+  for ctas, st in ((8, None), (8, 6), (16, None)):
     if k % (ctas * 64):
       continue
     steps = k // ctas // 64
@@ -913,7 +922,8 @@ def _check_config(kd: _Kind, k: int, n: int, x_dtype, cfg: Config, codes: bool,
                        f"amax ({one_pass_kinds()}), not {kd.kind}: use one_pass=0")
     if cfg.one_pass not in ONE_PASS_CTAS:
       raise ValueError(f"one_pass must be one of {ONE_PASS_CTAS} CTAs (a portable "
-                       f"cluster holds at most 8), got {cfg.one_pass}")
+                       f"cluster holds at most 8, Hopper's non-portable one 16), "
+                       f"got {cfg.one_pass}")
     if cfg.warpgroups not in (1, 2, 4) or cfg.tile_k % (cfg.warpgroups * ui):
       raise ValueError(f"warpgroups must be 1, 2 or 4 and divide tile_k={cfg.tile_k} "
                        f"into whole packing units of {ui} rows, got {cfg.warpgroups}")

@@ -881,7 +881,7 @@ def test_one_pass_is_refused_where_it_does_not_apply():
     gq.quantize(x, gq.spec_for("int4_g32"), config=cfg, interpret=True)
   for kind, change, message in [
       ("int8_pc", dict(one_pass=4), "k_per_cta must be 256"),
-      ("int8_pc", dict(one_pass=16, k_per_cta=64), "at most 8"),
+      ("int8_pc", dict(one_pass=32, tile_k=32, k_per_cta=32), "non-portable one 16"),
       ("int8_pc", dict(stages=16), "shared memory"),
       ("int8_pc", dict(warpgroups=3), "warpgroups must be"),
       ("int3_pc", dict(warpgroups=4, tile_k=16), "warpgroups must be"),  # 8-row units
@@ -891,11 +891,15 @@ def test_one_pass_is_refused_where_it_does_not_apply():
       gq.quantize(x, gq.spec_for(kind), interpret=True,
                   config=dataclasses.replace(cfg, **change))
   assert gq.one_pass_configs("int8_pc", 1000, 128, jnp.bfloat16) == []
-  for c in gq.one_pass_configs("int8_pc", 8192, 8192, jnp.bfloat16):
+  cfgs = gq.one_pass_configs("int8_pc", 8192, 8192, jnp.bfloat16)
+  for c in cfgs:
     assert c.one_pass * c.k_per_cta == 8192 and c.stages <= 8192 // c.one_pass // 64
+  # a cluster of 16 holds all of a CTA's rows: nothing read twice
+  assert any(c.one_pass == 16 and c.stages == 8 for c in cfgs)
 
 
-@pytest.mark.parametrize("kind,one", [("int4_pc", 8), pytest.param("fp8_e4m3_pc", 4, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kind,one", [("int4_pc", 8), ("int8_pc", 16),
+                                      pytest.param("fp8_e4m3_pc", 4, marks=pytest.mark.slow)])
 def test_one_pass_kernel_lowers_to_mosaic_gpu(kind, one):
   # A cluster of CTAs (their amax rows through distributed shared memory),
   # half the tiles read again, codes and values.
