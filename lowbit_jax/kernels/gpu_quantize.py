@@ -55,8 +55,8 @@ the last rows, which the amax pass may have left in L2). Two passes read
 the roofline's 2 + 1, so its quantize reaches at most 60% of the roofline
 unless the L2 serves part of the second read (fake_quant: 6 against 4, 67%).
 ``Config.amax_kernel`` runs that range reduction as this module's own
-kernel (``_build_amax``) for the symmetric absmax formats, its partials
-maxed by XLA and handed to ``_grid``: the same scale, a reduction whose
+kernel (``_build_amax``) for the symmetric absmax formats (and NVFP4's
+tensor range), its partials maxed by XLA and handed to ``_grid``: the same scale, a reduction whose
 walk is the quantize kernel's reversed (measured level with XLA's on an
 H100, untimed on the H200; ``Config``). One pass would need a CTA to hold a
 column's whole length: a strip of bf16
@@ -100,13 +100,14 @@ derives the scale as the block path does, so the codes take one read of
 
 ``dispatch(x, spec, ...)`` is what ``lowbit_jax.quantize`` and ``fake_quant``
 ask on every call: a kernel runs only on a GPU backend, for a format
-``ENABLED`` lists for that operation (the shipped table's, measured on the
-H200; on a GPU with a table of its own, ``gpu_quantize_configs.<device>.json``
-beside it, that table over the shipped one: ``table_for_device``) (quantize, fake_quant, fake_quant under
+``ENABLED`` lists for that operation (quantize, fake_quant, fake_quant under
 differentiation: the formats a measured run found faster than XLA's path for
 it; see ``experiments/bench_gpu_quantize.py``), for the default keywords only (no
 static ranges, learned scales, clipping, stochastic rounding, padding), where
-the shape fits the tiling. The jnp path stays the reference, and is what runs
+the shape fits the tiling. ``ENABLED`` and the tilings are the shipped
+table's, measured on the H200; on a GPU with a table of its own
+(``gpu_quantize_configs.<device>.json`` beside it) that table over the
+shipped one is read instead (``table_for_device``). The jnp path stays the reference, and is what runs
 on CPU and TPU. Under ``vmap`` the jnp path runs (the kernel has no batching
 rule). Inside ``shard_map`` the kernel sees the local shard. Under ``jit``
 with sharded operands (not tried): the kernel is a custom call without a
@@ -183,8 +184,8 @@ class Config:
       of the roofline), quantize from 97.8-133.4 to 74.9-86.1.
     one_pass: per-channel scales of axis 0 (``<format>_pc`` of the int,
       FP8, FP6 and FP4 formats) in one pass over ``x`` (see
-      ``one_pass_kinds``): this many CTAs (1, 2, 4 or 8; more than one run
-      as a thread-block cluster) split each column strip's ``K`` rows
+      ``one_pass_kinds``): this many CTAs (``ONE_PASS_CTAS``: 1, 2, 4, 8 or
+      Hopper's non-portable 16; more than one run as a thread-block cluster) split each column strip's ``K`` rows
       (``k_per_cta`` must be ``K / one_pass``), each reduces its rows'
       column amax, the cluster's CTAs exchange those through distributed
       shared memory, and each derives the scale (``_block_scale``, as for
@@ -716,9 +717,9 @@ ENABLED: dict = enabled_of(_table())
 def candidate_configs(kind: str, k: int, n: int, x_dtype, values: bool = False,
                       limit: int = 4) -> list:
   """Tilings worth timing for ``[k, n]`` (at most ``limit``, the heuristic's
-  first): the heuristic, the table's entry, then (the symmetric per-channel
-  and per-tensor formats) ``amax_kernel`` with the quantize grid reversed and
-  not, then (per-channel and per-tensor
+  first): the heuristic, the table's entry, then (``amax_kernel_kinds``: the
+  symmetric per-channel and per-tensor formats, and NVFP4) ``amax_kernel``
+  with the quantize grid reversed and not, then (per-channel and per-tensor
   formats, and NVFP4, whose tensor amax XLA reduces first) the grid reversed, (blocks of 128) 256 columns, then the other
   of one and two stages, three stages, the other ``tile_n``, twice the rows per CTA, and the rows
   unrolled; only those within the kernel's shared-memory and shape
@@ -2249,15 +2250,14 @@ def _run(x, spec, tensor_amax, config, interpret, values: bool,
   def kernel(xa, *ta):
     x2 = xa.reshape(k, n)
     t = scal = stored = zp = None
+    # Config.amax_kernel: the range from our kernel's per-CTA partials
+    part = None if amax_fn is None else amax_fn(x2)
     if nvfp4:
-      fin = None if amax_fn is None else jnp.max(amax_fn(x2))
-      t, scal = _nvfp4_scalars(x2, ta[0] if ta else None, fin)
+      t, scal = _nvfp4_scalars(x2, ta[0] if ta else None,
+                               None if part is None else jnp.max(part))
     if given and not cfg.one_pass:  # (one_pass: the kernel derives the scale)
-      block_amax = None
-      if amax_fn is not None:  # the range from our kernel's partials
-        part = amax_fn(x2)
-        block_amax = (jnp.max(part) if kd.kind.endswith("_pt")
-                      else jnp.max(part, axis=0))
+      block_amax = None if part is None else (
+          jnp.max(part) if kd.kind.endswith("_pt") else jnp.max(part, axis=0))
       stored, zp, scal = _given_scale(xa, spec, n, block_amax)
     outs = list(fn(x2, scal))
     if given and cfg.one_pass and codes:  # its scale row follows the codes
