@@ -765,6 +765,17 @@ def test_given_scale_kernel_equals_core_bit_for_bit(kind):
 AMAX_FAST = ("int4_pc", "fp8_e4m3_pt")
 
 
+def _want_amax_partials(x, finite: bool):
+  """The amax kernel's partials for two CTAs down the rows, in numpy: the
+  column amax of each half, NaN and inf as inf (as 0 with ``finite``)."""
+  xf = np.abs(np.asarray(x.astype(jnp.float32)))
+  want = np.where(np.isfinite(xf), xf, 0.0 if finite else np.inf)
+  want = want.reshape(2, K // 2, N).max(1)
+  # XLA's CPU backend, which runs the interpreter, flushes float32 subnormals
+  want[want < np.finfo(np.float32).tiny] = 0
+  return want
+
+
 @pytest.mark.parametrize("kind", [
     k if k in AMAX_FAST else pytest.param(k, marks=pytest.mark.slow)
     for k in gq.amax_kernel_kinds()])
@@ -780,11 +791,7 @@ def test_amax_kernel_equals_core_bit_for_bit(kind):
   x = _edge_cases()
   if kind.endswith("_pt"):  # one scale for all: no NaN or inf but one column
     x = x.at[:, 8:11].set(jnp.asarray([1.0, -2.0, 3e-3], jnp.bfloat16))
-  xf = np.abs(np.asarray(x.astype(jnp.float32)))
-  bad_as = 0.0 if kind == "nvfp4" else np.inf
-  want_part = np.where(np.isfinite(xf), xf, bad_as).reshape(2, K // 2, N).max(1)
-  # XLA's CPU backend, which runs the interpreter, flushes float32 subnormals
-  want_part[want_part < np.finfo(np.float32).tiny] = 0
+  want_part = _want_amax_partials(x, finite=kind == "nvfp4")
   want = lj.quantize(x, spec)
   for reverse in (False, True):
     cfg = gq.Config(tile_n=128, tile_k=16, k_per_cta=K // 2, stages=2,
@@ -814,10 +821,7 @@ def test_amax_kernel_gives_nvfp4_the_finite_tensor_amax():
                   unroll=False, amax_kernel=True)
   part = gq._build_amax(K, N, "bfloat16", cfg, gq.common.interpret_params(True),  # pylint: disable=protected-access
                         finite=True)(x)
-  xf = np.abs(np.asarray(x.astype(jnp.float32)))
-  want = np.where(np.isfinite(xf), xf, 0.0).reshape(2, K // 2, N).max(1)
-  want[want < np.finfo(np.float32).tiny] = 0  # the interpreter's CPU flushes subnormals
-  np.testing.assert_array_equal(np.asarray(part), want)
+  np.testing.assert_array_equal(np.asarray(part), _want_amax_partials(x, True))
   t_kernel, _ = gq._nvfp4_scalars(x, None, jnp.max(part))  # pylint: disable=protected-access
   t_core, _ = gq._nvfp4_scalars(x, None)  # pylint: disable=protected-access
   np.testing.assert_array_equal(_bits(t_kernel), _bits(t_core))
