@@ -174,8 +174,8 @@ def recount_fwd_bwd(res: dict) -> list:
       changed.append(r["kind"])
     r["roof_us"] = roof
   res.setdefault("notes", []).append(
-      "fwd+bwd's roofline recounted (`--report=... --recount_fwd_bwd`, session "
-      "40): x read and the value written, plus the cotangent read and the "
+      "fwd+bwd's roofline recounted with `_primitive_formats.fwd_bwd_bytes` "
+      "(`--report=... --recount_fwd_bwd`): x read and the value written, plus the cotangent read and the "
       "gradient written only where the gradient is not the cotangent itself; "
       "changed for " + (", ".join(changed) or "none"))
   return changed

@@ -470,7 +470,7 @@ def main(argv):
           moved = 2 * xbytes
         row["roof_us"] = moved / bw / 1e3 if bw else None
       else:
-        ref = refs.get((kind, op if op != "fwd+bwd" else "fwd+bwd"))
+        ref = refs.get((kind, op))
         row["exact"] = ref is not None and _bits_equal(
             list(zip(_leaves(out), _leaves(ref))))
         if cfg is not None:
@@ -495,9 +495,19 @@ def finish(run, gq):
     if _MERGE_CONFIGS.value:
       with open(_MERGE_CONFIGS.value) as f:
         table = merge_tables(json.load(f), table, timed_kinds(run.res))
-    path = os.path.join(_OUT_DIR.value, gq.table_filename(run.res["device"]))
-    with open(path, "w") as f:
-      json.dump(table, f, indent=1)
+    write_table(gq, table)
+
+
+def write_table(gq, table: dict) -> str:
+  """Writes a tiling table to ``<out_dir>/<gq.table_filename(device)>``
+  (through a temporary file, so an interrupted write leaves the last one
+  whole) and returns the path."""
+  os.makedirs(_OUT_DIR.value, exist_ok=True)
+  path = os.path.join(_OUT_DIR.value, gq.table_filename(table["device"]))
+  with open(path + ".tmp", "w") as f:
+    json.dump(table, f, indent=1)
+  os.replace(path + ".tmp", path)
+  return path
 
 
 def write_from_results():
@@ -511,11 +521,7 @@ def write_from_results():
   if _MERGE_CONFIGS.value:
     with open(_MERGE_CONFIGS.value) as f:
       base = json.load(f)
-  table = table_from_results(results, base)
-  os.makedirs(_OUT_DIR.value, exist_ok=True)
-  path = os.path.join(_OUT_DIR.value, gq.table_filename(table["device"]))
-  with open(path, "w") as f:
-    json.dump(table, f, indent=1)
+  path = write_table(gq, table_from_results(results, base))
   print(f"wrote {path} from {len(results)} runs", flush=True)
 
 
