@@ -278,6 +278,22 @@ def _div_computed(a, b) -> jax.Array:
   return _div(a, b)
 
 
+def _div_scalar_data(a, b, data) -> jax.Array:
+  """IEEE float32 ``a / b`` for scalars, where ``data`` is computed from x.
+
+  ``_div``'s barrier makes each division a kernel of its own on the GPU: for
+  NVFP4's tensor scale (``amax / 2688``, then ``1 / tn``) that is two dependent
+  launches of a scalar per quantized tensor. Here the divisor goes through a
+  select on ``data`` (a scalar reduced from x, never a constant), as in
+  ``_div_data``: XLA cannot fold it into a constant, so it keeps a true
+  division, and the scalar arithmetic fuses. ``data`` must not be NaN where
+  the quotient matters (a NaN ``data`` gives NaN).
+  """
+  a = jnp.asarray(a, jnp.float32)
+  b = jnp.asarray(b, jnp.float32)
+  return lax.div(a, jnp.where(jnp.isnan(data), np.float32(np.nan), b))
+
+
 def _div_data(x: jax.Array, s: jax.Array) -> jax.Array:
   """IEEE float32 ``x / s`` of full-size data by a per-block scale, fused.
 
@@ -720,14 +736,31 @@ def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None,
       emax_t = jnp.max(a)
       t_pos = jnp.any(pos)
     smax = _E4M3.max if spec.scale_dtype == "fp8_e4m3" else 1.0
+    # The tensor amax reduced from x (no static range, which may be a
+    # constant) divides without a barrier (_div_scalar_data).
+    from_x = tensor_amax is None and amax is None
     # The tensor scale is a normal float32 (at least 2**-126).
-    t = _clamp_scale(_div(emax_t, np.float32(fmt.max * smax)), "float32")
+    t_max = np.float32(fmt.max * smax)
+    t = _clamp_scale(_div_scalar_data(emax_t, t_max, emax_t) if from_x
+                     else _div(emax_t, t_max), "float32")
     t = jnp.where(t_pos, t, np.float32(1.0))  # 1 where the amax is 0
     tscale = t
     # Everything below runs on tn = t / 2**p in [1, 2) (_split_pow2): t * s
     # and (1 / t) / s would leave float32's normal range for a tensor scale
     # near either end of it.
     tn, p_down, p_up = _split_pow2(t)
+    inv_t = (_div_scalar_data(np.float32(1.0), tn, emax_t) if from_x
+             else _div(np.float32(1.0), tn))
+    if from_x and not for_codes:
+      # fake_quant: the tensor scale's scalars in one vector behind a barrier,
+      # so that XLA computes them in one kernel (a deviceless compile for the
+      # H200, experiments.gpu_fusion_survey: NVFP4's fake_quant went from 8
+      # kernels to 6, its QAT step of the base LM from 1675 to 1595). Without
+      # it XLA splits them into sibling scalar fusions, one dependent launch
+      # each. quantize keeps them apart: its tensor scale is an output, and
+      # a slice of the vector would be one more kernel.
+      packed = lax.optimization_barrier(jnp.stack([tn, p_down, p_up, inv_t, emax_t]))
+      tn, p_down, p_up, inv_t, emax_t = (packed[i] for i in range(5))
     a_n = a * p_down
     # Block amaxes reduced from x (no static amax) divide without a barrier.
     bdiv = _div if amax is not None else _div_computed
@@ -743,7 +776,6 @@ def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None,
           jnp.where(pos, bdiv(bdiv(a_n, np.float32(fmt.max)), tn), 1.0),
           spec.scale_dtype)
     s_stored, s_val = _mark_bad(s_stored, s_val, bad)
-    inv_t = _div(np.float32(1.0), tn)
     mult = (lax.div(jnp.broadcast_to(inv_t, s_val.shape), s_val)
             if amax is None else _div(inv_t, s_val))
     mult, ts_val = _per_block(xf.size, mult), _per_block(xf.size, tn * s_val)
