@@ -20,7 +20,6 @@ each one.
 """
 from __future__ import annotations
 
-import functools
 import json
 import pathlib
 import statistics
@@ -39,23 +38,7 @@ _SEQ = flags.DEFINE_integer("seq", 512, "Tokens per sequence.")
 _ONLY = flags.DEFINE_string("only", "", "Comma-separated variant names to run.")
 _QWIX = flags.DEFINE_bool("qwix", True, "Also time qwix's QAT where importable.")
 
-# name: (scheme of lowbit_jax.train.qat.SCHEMES, overrides of config.quant)
-OURS = {
-    "int8 W+A (STE)": ("w8a8", dict(learn_weight="none", learn_activation="none")),
-    "int8 W+A (LSQ)": ("w8a8", {}),
-    "W4A8 int4 g128 (LSQ)": ("w4a8", dict(group_size=128)),
-    "fp8 W+A": ("fp8", dict(grad="none")),
-    "fp8 training (e5m2 grads)": ("fp8", {}),
-    "fp8 training, delayed scaling": ("fp8_delayed", {}),
-    "MXFP8 training": ("mxfp8", {}),
-    "MXFP4 W+A": ("w4a4_mxfp4", {}),
-    "NVFP4 W+A": ("w4a4_nvfp4", {}),
-    "MXFP4 W (weight-only)": ("w4a4_mxfp4", dict(activation="none")),
-}
-TARGET = {"int8 W+A (STE)": 1.15, "int8 W+A (LSQ)": 1.15, "fp8 W+A": 1.15,
-          "fp8 training (e5m2 grads)": 1.15, "fp8 training, delayed scaling": 1.15,
-          "MXFP4 W+A": 1.3, "NVFP4 W+A": 1.3}
-DENSE_RE = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+from experiments._qat_step import BASELINE, DENSE_RE, OURS, TARGET, make_step  # pylint: disable=g-bad-import-order
 
 
 def _timer():
@@ -104,11 +87,9 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
-  from ml_collections import ConfigDict  # pylint: disable=g-import-not-at-top
 
   from lowbit_jax.models.llama import Llama, LlamaConfig  # pylint: disable=g-import-not-at-top
-  from lowbit_jax.train import loop, qat, state as state_lib  # pylint: disable=g-import-not-at-top
+  from lowbit_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
 
   if _SMOKE.value:
     cfg = LlamaConfig.smoke(dtype="bfloat16")
@@ -138,52 +119,25 @@ def main(argv):
 
   only = set(filter(None, _ONLY.value.split(",")))
 
-  def run_config(scheme, overrides):
-    c = ConfigDict(dict(lr=1e-3, warmup_steps=10, steps=1000, min_lr_ratio=0.1,
-                        weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0,
-                        quant=dict(rules=scheme, weight="", activation="", grad="",
-                                   group_size=0, grad_stochastic=False, scaling="",
-                                   amax_history_len=16, learn_weight="",
-                                   learn_activation="", scale_lr_mult=1.0,
-                                   freeze_scales=False, lsq_grad_scale=True,
-                                   start_step=0, layers=DENSE_RE, exclude=""),
-                        optim=dict(state_format="float32")))
-    for k, v in overrides.items():
-      c.quant[k] = v
-    return c
-
   params = state_lib.init_params(model, jax.random.key(0))
   res["meta"]["params"] = int(sum(p.size for p in jax.tree.leaves(params)))
   base_us = base_loss = None
 
-  def ours(name, scheme, overrides):
-    c = run_config(scheme, overrides)
-    recipe = qat.recipe_from_config(c) if scheme != "none" else None
-    tx, schedule = loop.run_optimizer(c, recipe)
-    mesh = loop.make_mesh(1)
-    layout = loop.run_layout(c, mesh)
-    if recipe is None:
-      state = state_lib.init_state(model, tx, jax.random.key(1), params=params)
-    else:
-      scales, qstate = recipe.placeholder_vars(model, params)
-      state = state_lib.init_state(model, tx, jax.random.key(1), params=params,
-                                   quant_scales=scales, quant_state=qstate,
-                                   trainable=recipe.trainable)
-      state = recipe.init_from_data(model, state, batch[:, :-1], layout)
-    step = jax.jit(functools.partial(loop.train_step, model=model, tx=tx,
-                                     schedule=schedule, recipe=recipe))
-    st = measure(step, (state, batch), _ITERS.value)
+  def ours(scheme, overrides):
+    step, state = make_step(model, params, batch, scheme, overrides)
+    recipe = step.keywords["recipe"]
+    st = measure(jax.jit(step), (state, batch), _ITERS.value)
     st["rules"] = None if recipe is None else [repr(r) for r in recipe.rules]
     return st
 
-  variants = [("bf16 (no quantization)", "none", {})] + [
+  variants = [(BASELINE, "none", {})] + [
       (k, s, o) for k, (s, o) in OURS.items()]
   for name, scheme, overrides in variants:
     if only and name not in only and scheme != "none":
       continue
     row = {"name": name, "lib": "lowbit_jax"}
     try:
-      row.update(ours(name, scheme, overrides))
+      row.update(ours(scheme, overrides))
       if scheme == "none":
         base_us, base_loss = row["us"], row["loss"]
       elif row["loss"] == base_loss:

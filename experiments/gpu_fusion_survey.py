@@ -22,13 +22,26 @@ cuDNN or GPU), installed outside the project's environment, e.g.::
   PYTHONPATH=. python3 -m experiments.gpu_fusion_survey \
       --plugin_site=/tmp/cuda_site --out=/tmp/survey.md
 
+``--qat`` also compiles the QAT training step of the decoder LM that
+``experiments/bench_qat.py`` times (``experiments/_qat_step.py``'s variants),
+and counts its ops and its tiny ones (scalars, whose GPU time is their launch):
+in a step of small tensors those launches, not the bytes, are what a
+format's fake quantization adds. With ``--baseline`` (a JSON of the same
+command on another commit) the table shows before -> after::
+
+  PYTHONPATH=. python3 -m experiments.gpu_fusion_survey --plugin_site=/tmp/cuda_site \
+      --formats=nvfp4 --ops=fake_quant --matmul_m= \
+      --qat="bf16 (no quantization),MXFP4 W+A,NVFP4 W+A"
+
 Code that picks a path by backend (``jax.default_backend()``) is traced as on
 the GPU: the script reports "gpu" for it while the process itself runs on CPU.
 """
 from __future__ import annotations
 
+import collections
 import os
 import re
+import shlex
 import sys
 
 from absl import app
@@ -56,6 +69,13 @@ _BASE_LABEL = flags.DEFINE_string("baseline_label", "", "what the baseline is "
                                   "(default: its file name)")
 _DUMP = flags.DEFINE_string("dump_dir", "", "also write each program's optimized "
                             "HLO there, as <format>_<program>.txt")
+_QAT = flags.DEFINE_list("qat", [], "also compile the QAT training step of the "
+                         "decoder LM (LlamaConfig.base, --qat_tokens) for these "
+                         "variants of experiments/_qat_step.py (e.g. 'bf16 (no "
+                         "quantization)','NVFP4 W+A'; 'all': each of them): the "
+                         "step experiments/bench_qat.py times")
+_QAT_TOKENS = flags.DEFINE_string("qat_tokens", "16x512", "sequences x tokens "
+                                  "of the QAT step's batch (bench_qat's default)")
 
 # An H200-like compile target (HBM3e bandwidth, 132 SMs, sm_90).
 TARGET = """
@@ -78,6 +98,10 @@ device_description_str: "NVIDIA H200"
 _BYTES = dict(bf16=2, f16=2, f32=4, f64=8, s8=1, u8=1, s16=2, u16=2, s32=4, u32=4,
               s64=8, u64=8, pred=1, f8e4m3fn=1, f8e5m2=1, s4=0.5, u4=0.5)
 _FREE = ("parameter", "constant", "tuple", "get-tuple-element", "bitcast")
+# An op that reads and writes less than this works on scalars or a few
+# vectors: its time on the GPU is its launch (a QAT step of small tensors has
+# hundreds of them).
+_TINY = 10_000
 
 
 def _size(shape: str) -> float:
@@ -107,7 +131,8 @@ def program_stats(text: str) -> dict:
     ops.append((op + (":" + kind.group(1) if kind else "") + ":" + name,
                 sum(_size(shapes.get(a, "")) for a in args) + _size(shape)))
   moved = sum(b for _, b in ops)
-  return dict(kernels=len(ops), MB=round(moved / 1e6, 1),
+  return dict(kernels=len(ops), tiny=sum(1 for _, b in ops if b < _TINY),
+              MB=round(moved / 1e6, 1),
               est_us=round(moved / _BW.value * 1e6, 1),
               transposes=len(re.findall(r"\btranspose\(", text)),
               ops=[(k, round(b / 1e6, 1)) for k, b in ops])
@@ -170,6 +195,7 @@ def main(argv):
     raise app.UsageError(f"no CUDA compiler plugin found ({e}); install "
                          "jax-cuda13-pjrt/-plugin of jax's version into a folder "
                          "and pass it as --plugin_site (module docstring)") from e
+  cpu_backend = jax.default_backend
   jax.default_backend = lambda: "gpu"  # trace the GPU paths of lowbit_jax
   import lowbit_jax as lb  # pylint: disable=g-import-not-at-top
   from experiments._primitive_formats import FORMATS, MM_FORMATS, fake_quant_fwd_bwd  # pylint: disable=g-import-not-at-top
@@ -223,24 +249,56 @@ def main(argv):
           a_, q_, dn, mode="real", use_kernel="never"), a, qw)
       rows.append((fid, f"matmul M={m}", dict(program_stats(text), ptx=dict(last_ptx))))
       print(fid, m, rows[-1][2], flush=True)
+  if _QAT.value:
+    from experiments import _qat_step  # pylint: disable=g-import-not-at-top
+    from lowbit_jax.models.llama import Llama, LlamaConfig  # pylint: disable=g-import-not-at-top
+    from lowbit_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+    names = ([_qat_step.BASELINE, *_qat_step.OURS] if _QAT.value == ["all"]
+             else _QAT.value)
+    for name in names:
+      _qat_step.variant(name)  # an unknown name fails before any compile
+    b, t = (int(v) for v in _QAT_TOKENS.value.lower().split("x"))
+    model = Llama(LlamaConfig.base())
+    batch = jnp.zeros((b, t + 1), jnp.int32)
+    for name in names:
+      # the state is built by running code on this process's CPU: its paths
+      jax.default_backend = cpu_backend
+      params = state_lib.init_params(model, jax.random.key(0))
+      step, state = _qat_step.make_step(model, params, batch, *_qat_step.variant(name),
+                                        init_from_data=False)
+      jax.default_backend = lambda: "gpu"
+      text = compiled(step, state, batch)
+      rows.append((name, "QAT step", dict(program_stats(text), ptx=dict(last_ptx))))
+      _dump(f"qat_{name}", text)
+      print(name, {k: v for k, v in rows[-1][2].items() if k != "ops"}, flush=True)
   out = [f"# XLA GPU programs of the primitives (deviceless compile, jax "
          f"{jax.__version__}, H200-like target)", "",
-         f"Command: `python3 -m experiments.gpu_fusion_survey {' '.join(sys.argv[1:])}`",
+         f"Command: `python3 -m experiments.gpu_fusion_survey {shlex.join(sys.argv[1:])}`",
          "", f"bf16 [{k}, {n}], scales along axis 0. MB: bytes the top-level ops "
          f"read and write; us: that traffic at {_BW.value / 1e12:.1f} TB/s."
          + (" `(N ins)`: the kernel's PTX instructions (a loop kernel handles "
             "2 to 8 elements per thread; about 100 per 4 bf16 elements is where "
             "the H200 turns compute-bound: int8 fake_quant's 61 runs at the copy "
-            "rate, fp8's 150 at 60% of it)." if _PTX.value else ""), "",
-         "| format | program | kernels | MB | us | transposes | ops (MB each) |",
-         "|---|---|---|---|---|---|---|"]
+            "rate, fp8's 150 at 60% of it)." if _PTX.value else "")
+         + (f" QAT step: the training step of experiments/bench_qat.py "
+            f"(LlamaConfig.base, {_QAT_TOKENS.value} tokens), its ops by kind "
+            "(the most frequent first)." if _QAT.value else "")
+         + f" tiny: ops that move less than {_TINY // 1000} kB (scalars; on the "
+         "GPU their time is their launch).", "",
+         "| format | program | kernels | tiny | MB | us | transposes | ops (MB each) |",
+         "|---|---|---|---|---|---|---|---|"]
   for fid, op, r in rows:
     ptx = r.get("ptx") or {}
-    ops = ", ".join(f"{o.split(':')[-1]} {b}"
-                    + (f" ({ptx[_kname(o)]} ins)" if _kname(o) in ptx else "")
-                    for o, b in r["ops"])
-    out.append(f"| {fid} | {op} | {r['kernels']} | {r['MB']} | {r['est_us']} | "
-               f"{r['transposes']} | {ops} |")
+    if op == "QAT step":
+      kinds = collections.Counter(re.sub(r"[.\d]+$", "", o.split(":")[-1])
+                                  for o, _ in r["ops"])
+      ops = ", ".join(f"{k} x{c}" for k, c in kinds.most_common(12))
+    else:
+      ops = ", ".join(f"{o.split(':')[-1]} {b}"
+                      + (f" ({ptx[_kname(o)]} ins)" if _kname(o) in ptx else "")
+                      for o, b in r["ops"])
+    out.append(f"| {fid} | {op} | {r['kernels']} | {r['tiny']} | {r['MB']} | "
+               f"{r['est_us']} | {r['transposes']} | {ops} |")
   if _BASE.value:
     import json  # pylint: disable=g-import-not-at-top
     with open(_BASE.value) as f:
@@ -249,21 +307,23 @@ def main(argv):
             f"({_BASE_LABEL.value or 'an earlier run of this command'}): before -> "
             "after. PTX: the instructions of the kernel that "
             "moves the most bytes (the elementwise pass, as a rule).", "",
-            "| format | program | kernels | MB | PTX of the main kernel |",
-            "|---|---|---|---|---|"]
+            "| format | program | kernels | tiny | MB | PTX of the main kernel |",
+            "|---|---|---|---|---|---|"]
     for fid, op, r in rows:
       o = old.get((fid, op))
       if o is None:
         continue
       px_new, px_old = _main_ptx(r), _main_ptx(o)
       out.append(f"| {fid} | {op} | {o['kernels']} -> {r['kernels']} | "
+                 f"{o.get('tiny', '?')} -> {r['tiny']} | "
                  f"{o['MB']} -> {r['MB']} | "
                  + (f"{px_old} -> {px_new} |" if px_new and px_old else " |"))
   text = "\n".join(out) + "\n"
   if _JSON.value:
     import json  # pylint: disable=g-import-not-at-top
     with open(_JSON.value, "w") as f:
-      json.dump([dict(format=fid, program=op, kernels=r["kernels"], MB=r["MB"],
+      json.dump([dict(format=fid, program=op, kernels=r["kernels"], tiny=r["tiny"],
+                      MB=r["MB"],
                       transposes=r["transposes"], ops=r["ops"], ptx=r.get("ptx"))
                  for fid, op, r in rows], f, indent=1)
   if _OUT.value:

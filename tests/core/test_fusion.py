@@ -227,3 +227,33 @@ def test_gpu_programs_within_budget(tmp_path):
       # the block amax as a loop kernel, not the tiled column reduction
       assert not any(k.startswith("fusion:kInput") and "reduce" in k and b > 100
                      for k, b in r["ops"]), r
+
+
+# variant -> (most kernels, most tiny ops) of the base LM's QAT step on the
+# H200-like target (gpu_fusion_survey --qat; benchmarks/qat_step_programs.md):
+# a fake quantization that adds launches per quantized tensor shows here.
+_QAT_BUDGET = {"NVFP4 W+A": (1595, 446)}
+
+
+@pytest.mark.slow
+def test_gpu_qat_step_within_budget(tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  site = _cuda_site()
+  if site is None:
+    pytest.skip(f"no CUDA PJRT plugin {jax.__version__} (set LOWBIT_CUDA_PLUGIN_SITE)")
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  out = tmp_path / "survey.json"
+  env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
+  subprocess.run([sys.executable, "-m", "experiments.gpu_fusion_survey",
+                  f"--plugin_site={site}", "--formats=nvfp4", "--ops=fake_quant",
+                  "--matmul_m=", f"--qat={','.join(_QAT_BUDGET)}",
+                  f"--json_out={out}", f"--out={tmp_path / 'survey.md'}"],
+                 cwd=root, env=env, check=True, capture_output=True, timeout=900)
+  rows = {(r["format"], r["program"]): r for r in json.loads(out.read_text())}
+  for name, (kernels, tiny) in _QAT_BUDGET.items():
+    r = rows[(name, "QAT step")]
+    assert r["kernels"] <= kernels and r["tiny"] <= tiny, (name, r["kernels"], r["tiny"])
+  assert rows[("nvfp4", "fake_quant")]["kernels"] <= _GPU_BUDGET[("nvfp4", "fake_quant")][0]
