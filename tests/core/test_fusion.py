@@ -199,8 +199,9 @@ _GPU_BUDGET = {
 }
 
 
-@pytest.mark.slow
-def test_gpu_programs_within_budget(tmp_path):
+def _survey(tmp_path, *flags) -> list:
+  """The rows of ``experiments.gpu_fusion_survey`` with ``flags`` (skips
+  without the CUDA plugin)."""
   import json  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
@@ -210,14 +211,18 @@ def test_gpu_programs_within_budget(tmp_path):
     pytest.skip(f"no CUDA PJRT plugin {jax.__version__} (set LOWBIT_CUDA_PLUGIN_SITE)")
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   out = tmp_path / "survey.json"
-  fmts = sorted({f for f, _ in _GPU_BUDGET})
   env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
   subprocess.run([sys.executable, "-m", "experiments.gpu_fusion_survey",
-                  f"--plugin_site={site}", f"--formats={','.join(fmts)}",
-                  "--ops=quantize,fake_quant", "--matmul_m=", f"--json_out={out}",
+                  f"--plugin_site={site}", "--matmul_m=", *flags, f"--json_out={out}",
                   f"--out={tmp_path / 'survey.md'}"], cwd=root, env=env, check=True,
-                 capture_output=True, timeout=600)
-  rows = json.loads(out.read_text())
+                 capture_output=True, timeout=900)
+  return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_gpu_programs_within_budget(tmp_path):
+  fmts = sorted({f for f, _ in _GPU_BUDGET})
+  rows = _survey(tmp_path, f"--formats={','.join(fmts)}", "--ops=quantize,fake_quant")
   assert len(rows) == len(_GPU_BUDGET)
   for r in rows:
     kernels, mb = _GPU_BUDGET[(r["format"], r["program"])]
@@ -237,22 +242,8 @@ _QAT_BUDGET = {"NVFP4 W+A": (1595, 446)}
 
 @pytest.mark.slow
 def test_gpu_qat_step_within_budget(tmp_path):
-  import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  site = _cuda_site()
-  if site is None:
-    pytest.skip(f"no CUDA PJRT plugin {jax.__version__} (set LOWBIT_CUDA_PLUGIN_SITE)")
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  out = tmp_path / "survey.json"
-  env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
-  subprocess.run([sys.executable, "-m", "experiments.gpu_fusion_survey",
-                  f"--plugin_site={site}", "--formats=nvfp4", "--ops=fake_quant",
-                  "--matmul_m=", f"--qat={','.join(_QAT_BUDGET)}",
-                  f"--json_out={out}", f"--out={tmp_path / 'survey.md'}"],
-                 cwd=root, env=env, check=True, capture_output=True, timeout=900)
-  rows = {(r["format"], r["program"]): r for r in json.loads(out.read_text())}
+  rows = {(r["format"], r["program"]): r for r in _survey(
+      tmp_path, "--formats=nvfp4", "--ops=fake_quant", f"--qat={','.join(_QAT_BUDGET)}")}
   for name, (kernels, tiny) in _QAT_BUDGET.items():
     r = rows[(name, "QAT step")]
     assert r["kernels"] <= kernels and r["tiny"] <= tiny, (name, r["kernels"], r["tiny"])
