@@ -165,9 +165,10 @@ def test_bad_tiling_is_refused_with_a_fix():
                   interpret=True)
 
 
-def test_dispatch_is_off_on_cpu_and_dequantize_unchanged():
+def test_dispatch_is_off_on_cpu_and_dequantize_unchanged(monkeypatch):
   x = _input(128, 128).astype(jnp.bfloat16)
   q = lj.quantize(x, _spec("mxfp4"))
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")  # on a GPU too
   with gd.forced(["mxfp4"]):
     assert not gd.dispatch(q)  # CPU backend
     _same(lj.dequantize(q), core.dequantize_jnp(q))

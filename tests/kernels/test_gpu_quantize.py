@@ -166,6 +166,7 @@ def _case(kind, x, **kw):
   return q, v, m
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("kind", [
     k if k in FAST else pytest.param(k, marks=pytest.mark.slow) for k in KINDS])
 def test_kernel_equals_core_bit_for_bit(kind):
@@ -319,6 +320,7 @@ def test_kernel_equals_core_on_float32_input(kind):
   _case(kind, _edge_cases(jnp.float32))
 
 
+@pytest.mark.cpu
 def test_nvfp4_quantize_with_the_grid_reversed_equals_core():
   # Config.reverse (a tuning candidate for NVFP4 since its tensor amax is an
   # XLA pass over x first): the CTAs walk columns and rows from the end; the
@@ -513,6 +515,9 @@ def test_kind_of_names_only_the_formats_it_computes():
 def test_dispatch_takes_only_what_the_kernel_computes(monkeypatch):
   spec = _spec("mxfp4")
   x = jax.ShapeDtypeStruct((1024, 512), jnp.bfloat16)
+  # the shipped table, also on a GPU with a table of its own
+  monkeypatch.setattr(gq, "_current_device_kind", lambda: None)
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
   assert not gq.dispatch(x, spec)  # on the CPU backend: never
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   assert not gq.dispatch(x, spec)  # not a Hopper GPU
@@ -656,6 +661,7 @@ def _row_cases(dtype=jnp.bfloat16):
   return jnp.asarray(x).astype(dtype)
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("kind", ROW_KINDS)
 def test_row_kernel_equals_core_bit_for_bit(kind):
   # Per-row scales of the last axis (per token): two steps of 4 rows a CTA,
@@ -776,6 +782,7 @@ def _want_amax_partials(x, finite: bool):
   return want
 
 
+@pytest.mark.cpu
 @pytest.mark.parametrize("kind", [
     k if k in AMAX_FAST else pytest.param(k, marks=pytest.mark.slow)
     for k in gq.amax_kernel_kinds()])
@@ -812,6 +819,7 @@ def test_amax_kernel_equals_core_bit_for_bit(kind):
     _check_scales(q, lj.quantize(x, spec, tensor_amax=jnp.float32(3.0)))
 
 
+@pytest.mark.cpu
 def test_amax_kernel_gives_nvfp4_the_finite_tensor_amax():
   # NVFP4's range pass (session 41; the whole quantize with it is the slow
   # case of the test above): per CTA the column amax of the finite values,
@@ -1010,6 +1018,8 @@ def test_default_config_takes_the_measured_table(monkeypatch):
              unroll=False)
   table = {"entries": {"mxfp4": {"quantize": ent}}}
   monkeypatch.setattr(gq, "_table", lambda: table)
+  # the shipped table is the active one (on a GPU with a table of its own too)
+  monkeypatch.setattr(gq, "_current_device_kind", lambda: None)
   assert gq.default_config("mxfp4", 8192, 8192, jnp.bfloat16) == gq.Config(
       tile_n=128, tile_k=32, k_per_cta=1024, stages=3, reverse=True, unroll=False)
   # Not for the other op, nor where the entry does not tile the shape.
@@ -1019,14 +1029,17 @@ def test_default_config_takes_the_measured_table(monkeypatch):
       "mxfp4", 512, 8192, jnp.bfloat16)
 
 
-def test_the_shipped_tiling_table_is_consistent():
+def test_the_shipped_tiling_table_is_consistent(monkeypatch):
   # lowbit_jax/kernels/gpu_quantize_configs.json (bench_gpu_quantize.py
   # --write_configs, copied in after a GPU run): every entry a tiling within
   # the kernel's limits for the shape it was measured on, every enabled format
-  # one the kernel computes and measured exact for both operations.
+  # one the kernel computes and measured exact for both operations. (Each
+  # device's own table: test_the_shipped_device_tables_are_consistent.)
   import os  # pylint: disable=g-import-not-at-top
   if not os.path.exists(gq.TABLE_PATH):
     pytest.skip("no measured table shipped yet")
+  # the shipped table is the active one (on a GPU with a table of its own too)
+  monkeypatch.setattr(gq, "_current_device_kind", lambda: None)
   table = gq._table()  # pylint: disable=protected-access
   k, n = table["shape"]
   assert set(table["enabled"]) == set(gq.OPS)
@@ -1037,11 +1050,8 @@ def test_the_shipped_tiling_table_is_consistent():
       assert ("quantize" if op == "quantize" else "fake_quant") in table["entries"][kind]
   for kind, ops in table["entries"].items():
     for op, e in ops.items():
-      cfg = gq.Config(tile_n=e["tile_n"], tile_k=e["tile_k"], k_per_cta=e["k_per_cta"],
-                      stages=e["stages"], reverse=e["reverse"], unroll=e["unroll"],
-                      lut=e.get("lut", False))
+      cfg = gq.common.config_from_entry(gq.Config, e)
       assert gq.default_config(kind, k, n, jnp.bfloat16, op == "fake_quant") == cfg
-
 
 def _lower(fn, *args):
   text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
