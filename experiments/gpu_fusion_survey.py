@@ -138,6 +138,13 @@ def program_stats(text: str) -> dict:
               ops=[(k, round(b / 1e6, 1)) for k, b in ops])
 
 
+def _by_kind(ops: list) -> list:
+  """``[(kind, count)]`` of ``program_stats``' ops, the most frequent first
+  (a kind: the op's name without its numeric suffix)."""
+  kinds = collections.Counter(re.sub(r"[.\d]+$", "", o.split(":")[-1]) for o, _ in ops)
+  return [list(kc) for kc in kinds.most_common()]
+
+
 def ptx_instructions(text: str) -> dict:
   """Kernel name -> instructions in its body, for a PTX module.
 
@@ -268,7 +275,11 @@ def main(argv):
                                         init_from_data=False)
       jax.default_backend = lambda: "gpu"
       text = compiled(step, state, batch)
-      rows.append((name, "QAT step", dict(program_stats(text), ptx=dict(last_ptx))))
+      st = program_stats(text)
+      # a step is some thousand ops: kept as counts by kind, the most frequent
+      # first
+      st["ops"] = _by_kind(st["ops"])
+      rows.append((name, "QAT step", dict(st, ptx=dict(last_ptx))))
       _dump(f"qat_{name}", text)
       print(name, {k: v for k, v in rows[-1][2].items() if k != "ops"}, flush=True)
   out = [f"# XLA GPU programs of the primitives (deviceless compile, jax "
@@ -290,9 +301,7 @@ def main(argv):
   for fid, op, r in rows:
     ptx = r.get("ptx") or {}
     if op == "QAT step":
-      kinds = collections.Counter(re.sub(r"[.\d]+$", "", o.split(":")[-1])
-                                  for o, _ in r["ops"])
-      ops = ", ".join(f"{k} x{c}" for k, c in kinds.most_common(12))
+      ops = ", ".join(f"{k} x{c}" for k, c in r["ops"][:12])
     else:
       ops = ", ".join(f"{o.split(':')[-1]} {b}"
                       + (f" ({ptx[_kname(o)]} ins)" if _kname(o) in ptx else "")
