@@ -180,8 +180,27 @@ def _dump(name: str, text: str):
       f.write(text)
 
 
+def _qat_plan() -> tuple:
+  """``(variant names, (sequences, tokens))`` of ``--qat`` / ``--qat_tokens``,
+  checked before anything compiles."""
+  from experiments import _qat_step  # pylint: disable=g-import-not-at-top
+  names = ([_qat_step.BASELINE, *_qat_step.OURS] if _QAT.value == ["all"]
+           else _QAT.value)
+  for name in names:
+    try:
+      _qat_step.variant(name)
+    except ValueError as e:
+      raise app.UsageError(f"--qat: {e}") from e
+  m = re.fullmatch(r"(\d+)x(\d+)", _QAT_TOKENS.value.lower())
+  if not m or not all(int(v) > 0 for v in m.groups()):
+    raise app.UsageError(f"--qat_tokens={_QAT_TOKENS.value!r}: give sequences "
+                         "x tokens a sequence, e.g. 16x512")
+  return names, tuple(int(v) for v in m.groups())
+
+
 def main(argv):
   del argv
+  qat_plan = _qat_plan()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
   if _SITE.value:
@@ -260,20 +279,19 @@ def main(argv):
     from experiments import _qat_step  # pylint: disable=g-import-not-at-top
     from lowbit_jax.models.llama import Llama, LlamaConfig  # pylint: disable=g-import-not-at-top
     from lowbit_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
-    names = ([_qat_step.BASELINE, *_qat_step.OURS] if _QAT.value == ["all"]
-             else _QAT.value)
-    for name in names:
-      _qat_step.variant(name)  # an unknown name fails before any compile
-    b, t = (int(v) for v in _QAT_TOKENS.value.lower().split("x"))
+    names, (b, t) = qat_plan
     model = Llama(LlamaConfig.base())
     batch = jnp.zeros((b, t + 1), jnp.int32)
     for name in names:
       # the state is built by running code on this process's CPU: its paths
       jax.default_backend = cpu_backend
-      params = state_lib.init_params(model, jax.random.key(0))
-      step, state = _qat_step.make_step(model, params, batch, *_qat_step.variant(name),
-                                        init_from_data=False)
-      jax.default_backend = lambda: "gpu"
+      try:
+        params = state_lib.init_params(model, jax.random.key(0))
+        step, state = _qat_step.make_step(model, params, batch,
+                                          *_qat_step.variant(name),
+                                          init_from_data=False)
+      finally:
+        jax.default_backend = lambda: "gpu"
       text = compiled(step, state, batch)
       st = program_stats(text)
       # a step is some thousand ops: kept as counts by kind, the most frequent
