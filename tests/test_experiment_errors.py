@@ -196,3 +196,12 @@ def test_fwd_bwd_bytes_count_the_gradient_only_where_it_is_written():
     got[fid] = fwd_bwd_bytes(fake_quant_fwd_bwd(lb.fake_quant, spec), x, x) // x.nbytes
     assert fwd_bwd_passes(spec) == got[fid]  # the same on the small tensor
   assert got == {"int8": 2, "int4_g128": 2, "mxfp4": 4, "nvfp4": 4, "uint8": 4}
+
+
+def test_fusion_survey_checks_its_qat_flags_before_compiling():
+  for flag, msg in (("--qat=NVFP5 W+A", "unknown QAT variant 'NVFP5 W+A'"),
+                    ("--qat_tokens=16x", "give sequences x tokens a sequence")):
+    r = _run("experiments.gpu_fusion_survey", "--qat=NVFP4 W+A", flag,
+             "--plugin_site=/nonexistent", module=True)
+    assert r.returncode != 0 and msg in r.stderr, r.stderr
+    assert r.stdout == ""  # nothing was compiled
