@@ -39,6 +39,7 @@ the GPU: the script reports "gpu" for it while the process itself runs on CPU.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import re
 import shlex
@@ -282,16 +283,24 @@ def main(argv):
     names, (b, t) = qat_plan
     model = Llama(LlamaConfig.base())
     batch = jnp.zeros((b, t + 1), jnp.int32)
-    for name in names:
-      # the state is built by running code on this process's CPU: its paths
+
+    @contextlib.contextmanager
+    def on_cpu():
+      # parameters and states are built by running code on this process's
+      # CPU: its paths
       jax.default_backend = cpu_backend
       try:
-        params = state_lib.init_params(model, jax.random.key(0))
+        yield
+      finally:
+        jax.default_backend = lambda: "gpu"
+
+    with on_cpu():
+      params = state_lib.init_params(model, jax.random.key(0))
+    for name in names:
+      with on_cpu():
         step, state = _qat_step.make_step(model, params, batch,
                                           *_qat_step.variant(name),
                                           init_from_data=False)
-      finally:
-        jax.default_backend = lambda: "gpu"
       text = compiled(step, state, batch)
       st = program_stats(text)
       # a step is some thousand ops: kept as counts by kind, the most frequent
