@@ -290,11 +290,12 @@ def pytest_collection_modifyitems(config, items):
       item.add_marker(pytest.mark.skip(reason="needs a GPU backend"))
     if "cpu" in item.keywords and backend != "cpu":
       # Interpreted kernels against core on edge cases (subnormals, NaN, inf,
-      # FP8 ties): the expected bits are XLA's CPU arithmetic. Under XLA's GPU
-      # backend core flushes subnormals to zero and leaves FP8 rounding to the
-      # convert, which the interpreter's jnp twins do not do (an H100 run of
-      # session 42: 4 subnormal amax partials, 89% of MXFP8's values). The
-      # compiled tests (test_compiled_*) check the kernels on the GPU.
+      # FP8 ties): the expected bits are XLA's CPU arithmetic. On a GPU
+      # backend they are not (an H100 run of session 42: the interpreter's
+      # amax partials kept 4 subnormals that XLA's GPU arithmetic flushed, and
+      # its MXFP8 and per-token FP8 values came back off the FP8 grid, where
+      # core's GPU path leaves the rounding to XLA's convert). The compiled
+      # tests (test_compiled_*) check the kernels on the GPU.
       item.add_marker(pytest.mark.skip(
           reason="interpreter bit-exactness against XLA's CPU arithmetic: CPU only"))
     if "tpu" in item.keywords and backend != "tpu":

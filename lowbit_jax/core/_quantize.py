@@ -778,11 +778,10 @@ def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None,
              else _div(np.float32(1.0), tn))
     if from_x and not for_codes:
       # fake_quant: the tensor scale's scalars in one vector behind a barrier,
-      # so that XLA computes them in one kernel (a deviceless compile for the
-      # H200, experiments.gpu_fusion_survey: NVFP4's fake_quant went from 8
-      # kernels to 6, its QAT step of the base LM from 1675 to 1595). Without
-      # it XLA splits them into sibling scalar fusions, one dependent launch
-      # each. quantize keeps them apart: its tensor scale is an output, and
+      # so that XLA computes them in one kernel (NVFP4's fake_quant went from
+      # 8 kernels to 6 in a deviceless compile for the H200:
+      # benchmarks/qat_step_programs.md). Without it XLA splits them into
+      # sibling scalar fusions, one dependent launch each. quantize keeps them apart: its tensor scale is an output, and
       # a slice of the vector would be one more kernel.
       packed = lax.optimization_barrier(jnp.stack([tn, p_down, p_up, inv_t, emax_t]))
       tn, p_down, p_up, inv_t, emax_t = (packed[i] for i in range(5))

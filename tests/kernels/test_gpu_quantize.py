@@ -1053,6 +1053,7 @@ def test_the_shipped_tiling_table_is_consistent(monkeypatch):
       cfg = gq.common.config_from_entry(gq.Config, e)
       assert gq.default_config(kind, k, n, jnp.bfloat16, op == "fake_quant") == cfg
 
+
 def _lower(fn, *args):
   text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
