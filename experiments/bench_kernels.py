@@ -85,9 +85,9 @@ compiles every XLA program of the default lists for an H200 target on a
 machine without a GPU, one process each, to find such aborts beforehand.
 
 ``--mode=tune`` = ``all``; its phases end with ``refine``: each row's fastest
-tiling so far with every combination of the options session 35 built
-without a GPU (``refine_candidates``: ``cluster_reduce``, ``lut_regs``,
-``scale_words``), so ``--phases=base,refine`` tries them on the table's own
+tiling so far with every combination of the options sessions 35 and 43
+built without a GPU (``refine_candidates``: ``cluster_reduce``, ``lut_regs``,
+``scale_words``, ``acc_scale``), so ``--phases=base,refine`` tries them on the table's own
 tilings; ``--mode=bench`` times only the table's tiling (no candidates, no
 table written); ``--mode=report --inputs=a.json,...`` rebuilds the
 markdown from result JSON on any machine; ``--smoke`` runs every step on tiny
@@ -545,7 +545,8 @@ def refine_candidates(wo, prob, best) -> list:
   every combination of the options session 35 built without a GPU that
   apply to it: ``cluster_reduce`` where it splits K over 2, 4 or 8 CTAs of
   one warpgroup, ``lut_regs`` (with the table decode) for E2M1 weights,
-  ``scale_words`` for MXFP4 / NVFP4. At most seven, each fitting the shape,
+  ``scale_words`` for MXFP4 / NVFP4, and session 43's ``acc_scale`` for
+  int4 / int8 / fp4 in groups of 64 or 128. At most seven, each fitting the shape,
   instead of each option on every candidate of the tune phase; and each
   ``cluster_reduce`` tiling, ``best`` included, again with a stage fewer
   (where ``best`` has more than two), at most eleven in all.
@@ -568,6 +569,12 @@ def refine_candidates(wo, prob, best) -> list:
     opts.append(dict(lut_decode=True, lut_regs=True))
   if prob.w_format in ("mxfp4", "nvfp4"):
     opts.append(dict(scale_words=True))
+  acc = wo.acc_scale_config(prob, dataclasses.replace(best, ws=False,
+                                                      n_split=False))
+  if acc is not None and not best.ws:
+    # Session 43: group scales on the accumulator (int4 / int8 / fp4 in
+    # groups of 64 or 128), one K chunk a group; not yet timed on a GPU.
+    opts.append(dict(acc_scale=True, k_chunks=acc.k_chunks))
   out = []
   for r in range(1, len(opts) + 1):
     for combo in itertools.combinations(opts, r):
@@ -1240,7 +1247,7 @@ def write_outputs(res, out_dir: str, tag: str):
             "dispatched | roofline | % roofline (kernel) | kernel vs bf16 | kernel "
             "vs fused | kernel vs ref | config (tile_n, tile_k, tile_m, stages, "
             "split_k, ws, fast_decode[, k_chunks[, n_split[, lut_decode[, "
-            "cluster_reduce[, scale_words[, lut_regs]]]]]]) |",
+            "cluster_reduce[, scale_words[, lut_regs[, acc_scale]]]]]]]) |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for x in sorted(res["wo"], key=lambda r: (r["kernel"], r["k"], r["n"], r["m"])):
     ku = x.get("kernel_us")

@@ -88,7 +88,13 @@ CASES = {
     "fp4_g32 (wgmma_e2m1)": ("fp4_e2m1", "split", "bf16"),
     "mxfp4 (wgmma_e2m1, scale_words)": ("mxfp4", "split", "words"),
     "nvfp4 (wgmma_e2m1, scale_words)": ("nvfp4", "split", "words"),
+    # Config.acc_scale: no multiply in the decode; each group of 128 its own
+    # accumulator, promoted after the wait with one FMA per accumulator
+    # register (a thread's two rows: two bf16 scales widened to f32).
+    "int4_g128 (acc_scale)": ("int4", None, "acc"),
+    "int4_g128 (wgmma_int4, acc_scale)": ("int4", "split", "acc"),
 }
+_ACC_GROUPS = 2  # groups of 128 in the 256-deep step
 
 
 def step_ptx(fmt: str, decode, scales) -> str:
@@ -161,7 +167,7 @@ def step_ptx(fmt: str, decode, scales) -> str:
           lines.append(ptx_check.bind_operands(
               val, [f"%a{4 * j + 2 * half + part}", sel, "%ttl", "%tth"]))
   # group scales, one bf16 pair a (row, group)
-  if scales is not None:
+  if scales is not None and scales != "acc":
     # bf16 scales: int4 in groups of 128 (four words a scale), fp4 of 32 (one)
     words_per_group = 4 if fmt == "int4" else 1
     if scales == "bf16":
@@ -189,9 +195,29 @@ def step_ptx(fmt: str, decode, scales) -> str:
           g = 2 * j + i // 2
         lines.append(f"mul.rn.bf16x2 %a{4 * j + i}, %a{4 * j + i}, %s{g};")
   lines.append("wgmma.fence.sync.aligned;")
-  for k in range(_WORDS):
-    lines.append(_WGMMA.format(4 * k, 4 * k + 1, 4 * k + 2, 4 * k + 3))
+  if scales == "acc":
+    # a fresh (zeroed) accumulator a group, the group's WGMMAs into it
+    per = _WORDS // _ACC_GROUPS
+    lines.append(f".reg .f32 %e<{4 * _ACC_GROUPS}>, %f<{2 * _ACC_GROUPS}>;")
+    lines.append(".reg .b16 %h<{0}>;".format(2 * _ACC_GROUPS))
+    lines += [f"mov.f32 %e{i}, 0f00000000;" for i in range(4 * _ACC_GROUPS)]
+    for k in range(_WORDS):
+      g = k // per
+      wg = _WGMMA.replace("%d0, %d1, %d2, %d3", ", ".join(
+          f"%e{4 * g + i}" for i in range(4)))
+      lines.append(wg.format(4 * k, 4 * k + 1, 4 * k + 2, 4 * k + 3))
+  else:
+    for k in range(_WORDS):
+      lines.append(_WGMMA.format(4 * k, 4 * k + 1, 4 * k + 2, 4 * k + 3))
   lines += ["wgmma.commit_group.sync.aligned;", "wgmma.wait_group.sync.aligned 0;"]
+  if scales == "acc":
+    # each group's scales of the thread's two rows, widened, and the FMAs
+    for g in range(_ACC_GROUPS):
+      for r in range(2):
+        lines.append(f"ld.shared.b16 %h{2 * g + r}, [%ss+{2 * (2 * g + r)}];")
+        lines.append(f"cvt.f32.bf16 %f{2 * g + r}, %h{2 * g + r};")
+      for i in range(4):
+        lines.append(f"fma.rn.f32 %d{i}, %e{4 * g + i}, %f{2 * g + i // 2}, %d{i};")
   lines += [f"st.global.f32 [%pa+{8 + 4 * i}], %d{i};" for i in range(4)]
   lines += ["ret;", "}", ""]
   return "\n".join(lines)

@@ -182,6 +182,21 @@ class Config:
       shared memory at the kernel's start and read from there by each
       decode, so that ptxas keeps them in registers instead of rebuilding
       a constant before every lookup (``_E2M1_LUT_IDX_REGS_PTX``).
+    acc_scale: group scales of int4 / int8 / fp4 weights (bf16 or float32,
+      in groups of 64 or 128 along K) applied to the accumulator instead of
+      the weight tile: each K chunk is exactly one group
+      (``tile_k // k_chunks == group``), its MMA goes into a fresh
+      accumulator, and the chunk's float32 scale multiplies that partial
+      sum into the running one with one FMA per element
+      (``_promote_rows``). The decode then has no multiply: 0.5 fewer
+      instructions an element for a 2-byte-scale format, against about 0.1
+      for the promotion (a thread's two scale loads and its accumulator
+      FMAs per group). The weights also stay exact (the codes are exact in
+      bf16), where the weight-tile path rounds each ``code * scale`` (and a
+      float32 scale) to bf16, so the sums are closer to ``reference``'s
+      float32 ones and not bit-identical to the other path's. One
+      warpgroup (not ``ws``); for MXFP4's and NVFP4's groups of 32 and 16
+      the promotion would cost as much as the multiply it saves.
   """
   tile_n: int = 64
   tile_k: int = 256
@@ -196,6 +211,7 @@ class Config:
   cluster_reduce: bool = False
   scale_words: bool = False
   lut_regs: bool = False
+  acc_scale: bool = False
 
 
 # A portable thread-block cluster holds at most 8 CTAs.
@@ -483,11 +499,48 @@ def _config_refusal(problem: MatmulProblem, cfg: Config) -> Optional[str]:
   if problem.w_order == "wgmma_e2m1" and (cfg.lut_decode or cfg.lut_regs):
     return (f"codes in the 'wgmma_e2m1' order decode by rotations, with no "
             f"tables: pass lut_decode=False and lut_regs=False, got {cfg}")
+  if cfg.acc_scale:
+    why = _acc_scale_refusal(problem, cfg)
+    if why is not None:
+      return why
   if cfg.lut_regs and not (cfg.lut_decode and problem.w_format in E2M1_FORMATS):
     return (f"Config(lut_regs=True) keeps the table decode's tables in "
             f"registers: it needs lut_decode=True and an E2M1 format "
             f"({', '.join(E2M1_FORMATS)}), got {cfg} for {problem.w_format}")
   return None
+
+
+ACC_SCALE_FORMATS = ("int4", "int8", "fp4_e2m1")  # bf16 / float32 group scales
+ACC_SCALE_GROUPS = (64, 128)
+
+
+def _acc_scale_refusal(problem: MatmulProblem, cfg: Config) -> Optional[str]:
+  g = common.weight_group(problem)
+  if problem.w_format not in ACC_SCALE_FORMATS or g not in ACC_SCALE_GROUPS:
+    return (f"Config(acc_scale=True) applies group scales of "
+            f"{'/'.join(ACC_SCALE_FORMATS)} weights in groups of "
+            f"{' or '.join(map(str, ACC_SCALE_GROUPS))} to the accumulator; got "
+            f"{problem.w_format} with w_block={g}")
+  if cfg.ws:
+    return (f"Config(acc_scale=True) runs in the one-warpgroup kernel: pass "
+            f"ws=False (got {cfg})")
+  if cfg.tile_k % g or cfg.k_chunks != cfg.tile_k // g:
+    return (f"Config(acc_scale=True) multiplies one group's partial sum at a "
+            f"time: each K chunk must be one group, k_chunks = tile_k // "
+            f"{g} = {cfg.tile_k // g if cfg.tile_k % g == 0 else 'a whole number'}"
+            f" (tile_k={cfg.tile_k} a multiple of {g}), got k_chunks="
+            f"{cfg.k_chunks}")
+  return None
+
+
+def acc_scale_config(problem: MatmulProblem, cfg: Config) -> Optional[Config]:
+  """``cfg`` with ``acc_scale`` (and the K chunks it needs), or None where it
+  cannot apply (``_acc_scale_refusal``) or the tiling no longer fits."""
+  g = common.weight_group(problem)
+  if g is None or cfg.tile_k % g:
+    return None
+  out = dataclasses.replace(cfg, acc_scale=True, k_chunks=cfg.tile_k // g)
+  return out if _shape_ok(problem, out) else None
 
 
 def scale_chunk(fmt: str, ng_total: int, ng_step: int, itemsize: int) -> int:
@@ -1440,6 +1493,34 @@ def _scale_acc_rows(acc, s_ref, kind: str, t_ref=None):
                             _is_signed=None)
 
 
+def _promote_rows(acc, part, s_ref):
+  """``acc + part * s[row]`` in float32, one FMA an element (``Config.acc_scale``).
+
+  ``part`` is one group's partial sum (f32 WGMMA accumulator ``[rows, cols]``),
+  ``s_ref`` the SMEM ``[rows, 1]`` of that group's scales (bf16 or float32,
+  widened exactly).
+  """
+  mgpu, fa, ir, arith, _, memref, vector = common._mlir()
+  f32 = ir.F32Type.get()
+  index = ir.IndexType.get()
+  shape = tuple(acc.shape)
+  rows = common.wgmma_row_index(shape)
+  vty = ir.VectorType.get((2,), f32)
+  zero = arith.constant(index, 0)
+  cache = {}
+  new_regs = acc.registers.copy()
+  for idx, row_key, _ in common.wgmma_reg_rows_cols(shape):
+    if row_key not in cache:
+      s = memref.load(s_ref, [rows[row_key], zero])
+      if s.type != f32:
+        s = arith.extf(f32, s)
+      cache[row_key] = vector.broadcast(vty, s)
+    new_regs[idx] = vector.fma(part.registers[idx], cache[row_key],
+                               acc.registers[idx])
+  return fa.FragmentedArray(_registers=new_regs, _layout=acc.layout,
+                            _is_signed=None)
+
+
 def _store_acc_transposed(acc, o_ref, valid_cols: Optional[int]):
   """Stores ``acc [rows, cols]`` (WGMMA layout) to ``o_ref [cols, rows]``.
 
@@ -1594,6 +1675,13 @@ def _jnp_scale_regs(w, s, group: Optional[int], tile_k_total: int, kind: str):
   else:
     s = jnp.repeat(s, group, axis=1)
   return w * s
+
+
+def _jnp_promote_rows(acc, part, s):
+  """``_promote_rows`` on a whole f32 tile (``s``: ``[rows, 1]``). The
+  compiled kernel fuses the multiply-add (one rounding); this twin rounds
+  twice."""
+  return acc + part * s.astype(jnp.float32)
 
 
 def _jnp_scale_acc_rows(acc, s, kind: str, t):
@@ -1778,6 +1866,49 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
     # MMAs must be complete before the body returns.
     plgpu.wgmma_wait(0)
 
+  def mma_step_acc(kk, x_ref, w_ref, carry, s_smem, s_bar, tab=None):
+    """``Config.acc_scale``: each K chunk (one group) decoded with no scale,
+    its MMA into a fresh accumulator (every chunk's MMA issued before the
+    one wait, so chunk c's runs while chunk c + 1 is decoded), then each
+    partial sum times its group's scales added to the running sum
+    ``carry``, in K order."""
+    @pl.when(kk == 0)
+    def _():
+      plgpu.barrier_wait(s_bar.at[0])
+
+    def mmas(*parts):
+      for c in range(kch):
+        cols = pl.ds(c * ckw, ckw)
+        wc = w_ref if kch == 1 else w_ref.at[:, cols]
+        xc = x_ref if kch == 1 else x_ref.at[:, cols]
+        w = load_w(wc, tab)
+        if interp:
+          common.interpret_wgmma(parts[c], w, xc[...])
+        else:
+          plgpu.wgmma(parts[c], w, common.transpose_ref(xc))
+      plgpu.wgmma_wait(0)
+      return tuple(p[...] for p in parts)
+
+    parts = pl.run_scoped(
+        mmas, *[plgpu.ACC((tile_n, tile_m), jnp.float32) for _ in range(kch)])
+    for c, part in enumerate(parts):
+      g0 = (kk * tile_k + c * ckw) // group
+      carry = promote(carry, part,
+                      s_smem.at[g0 // scale_cw, :, pl.ds(g0 % scale_cw, 1)])
+    return carry
+
+  def promote(acc, part, s_ref):
+    if interp:
+      return _jnp_promote_rows(acc, part, s_ref[...])
+
+    @plgpu.inline_mgpu(
+        arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA, plgpu.RefType()),
+        return_type=plgpu.ShapeDtypeStruct((tile_n, tile_m), jnp.float32,
+                                           plgpu.Layout.WGMMA))
+    def fma(_, a, p, s):
+      return _promote_rows(a, p, s)
+    return fma(acc, part, s_ref)
+
   def issue_scale_copy(s_gmem, s_smem, s_bar, n0, si):
     if per_channel:
       plgpu.copy_gmem_to_smem(s_gmem.at[pl.ds(n0, tile_n)], s_smem,
@@ -1886,21 +2017,36 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
     issue_scale_copy(s_gmem, s_smem, s_bar, n0, si)
     fill_tables(tab)
 
+    xs = plgpu.BlockSpec((tile_m, tile_k), lambda kk: (mi, kk),
+                         transforms=x_transforms)
+    wsp = plgpu.BlockSpec((tile_n, tile_k), lambda kk: (0, kk),
+                          transforms=w_transforms)
+    views = (x_gmem.at[:, pl.ds(si * kps, kps)],
+             w_gmem.at[pl.ds(n0, tile_n), pl.ds(si * kps, kps)])
+
     def compute(acc_ref):
       def step(idx, x_smem, w_smem):
         mma_step(idx[0], x_smem, w_smem, acc_ref, s_smem, s_bar, 0, tab=tab)
 
-      xs = plgpu.BlockSpec((tile_m, tile_k), lambda kk: (mi, kk),
-                           transforms=x_transforms)
-      wsp = plgpu.BlockSpec((tile_n, tile_k), lambda kk: (0, kk),
-                            transforms=w_transforms)
       plgpu.emit_pipeline(step, grid=(k_steps,), in_specs=[xs, wsp],
-                          max_concurrent_steps=cfg.stages)(
-                              x_gmem.at[:, pl.ds(si * kps, kps)],
-                              w_gmem.at[pl.ds(n0, tile_n), pl.ds(si * kps, kps)])
+                          max_concurrent_steps=cfg.stages)(*views)
       return acc_ref[...]
 
-    acc = pl.run_scoped(compute, plgpu.ACC((tile_n, tile_m), jnp.float32))
+    if cfg.acc_scale:
+      # The running sum is the pipeline's carry; each step's groups go
+      # through accumulators of their own (mma_step_acc).
+      def step_acc(idx, x_smem, w_smem, carry):
+        return mma_step_acc(idx[0], x_smem, w_smem, carry, s_smem, s_bar,
+                            tab=tab)
+
+      init = jnp.zeros((tile_n, tile_m), jnp.float32)
+      if not interp:  # the interpreter has no layouts
+        init = plgpu.layout_cast(init, plgpu.Layout.WGMMA)
+      acc = plgpu.emit_pipeline(step_acc, grid=(k_steps,), in_specs=[xs, wsp],
+                                max_concurrent_steps=cfg.stages,
+                                init_carry=init)(*views)
+    else:
+      acc = pl.run_scoped(compute, plgpu.ACC((tile_n, tile_m), jnp.float32))
     epilogue(acc, s_smem, s_bar, t_gmem, o_gmem, n0, mi, si, red_smem=red)
 
   def body_ws(*refs):

@@ -172,12 +172,14 @@ def _bf16(a):
   return np.asarray(a, np.float32).astype(jnp.bfloat16).astype(np.float64)
 
 
-def np_weight_only(ops, prob):
+def np_weight_only(ops, prob, acc_scale=False):
   """float64 result of the weight-only kernel's arithmetic.
 
   Group scales multiply the decoded codes in bfloat16 (one rounding, as the
   kernel scales its bf16 weight tile); per-channel scales and NVFP4's tensor
-  scale multiply the accumulator. Everything else is exact here.
+  scale multiply the accumulator. Everything else is exact here. With
+  ``acc_scale`` (``Config.acc_scale``) the group scales multiply each group's
+  partial sum, in their own precision: nothing is rounded.
   """
   fmt, g, n, k = prob.w_format, prob.w_block, prob.n, prob.k
   vals = np_weight_codes(fmt, ops.w_codes)
@@ -185,11 +187,15 @@ def np_weight_only(ops, prob):
     s = np_e8m0(ops.w_scale)
   elif fmt == "nvfp4":
     s = np_e4m3(ops.w_scale)
+  elif acc_scale:
+    s = np.asarray(ops.w_scale, np.float32).astype(np.float64)
   else:
     s = _bf16(np.asarray(ops.w_scale, np.float32))
   x = np.asarray(ops.x, np.float64)
   if g is None:
     y = (x @ vals.T) * s.reshape(1, n)
+  elif acc_scale:
+    y = x @ (vals * np.repeat(s.reshape(n, k // g), g, axis=1)).T
   else:
     y = x @ _bf16(vals * np.repeat(s.reshape(n, k // g), g, axis=1)).T
   if ops.w_tensor_scale is not None:

@@ -373,7 +373,8 @@ def test_bench_refine_phase_tries_the_new_options_on_the_fastest_tiling():
   # experiments/bench_kernels: the tune phase's candidates carry none of
   # session 35's options; the refine phase gives the fastest tiling every
   # combination of those that apply (cluster_reduce where K is split over a
-  # portable cluster, lut_regs for E2M1, scale_words for MXFP4 / NVFP4).
+  # portable cluster, lut_regs for E2M1, scale_words for MXFP4 / NVFP4,
+  # acc_scale for int4 / int8 / fp4 in groups of 64 or 128).
   from experiments import bench_kernels  # pylint: disable=g-import-not-at-top
   prob = MatmulProblem(m=1, n=8192, k=8192, x_dtype="bfloat16",
                        w_format="mxfp4", w_block=32)
@@ -390,8 +391,9 @@ def test_bench_refine_phase_tries_the_new_options_on_the_fastest_tiling():
   assert all(c.lut_decode for c in got if c.lut_regs)
   assert dataclasses.replace(best, cluster_reduce=True, scale_words=True,
                              lut_decode=True, lut_regs=True) in got
-  # int4: only the cluster reduction, and none without a K split
-  int4 = dataclasses.replace(prob, w_format="int4", w_block=128)
+  # int4 in groups of 32: only the cluster reduction, and none without a K
+  # split
+  int4 = dataclasses.replace(prob, w_format="int4", w_block=32)
   assert bench_kernels.refine_candidates(wo, int4, best) == [
       dataclasses.replace(best, cluster_reduce=True),
       dataclasses.replace(best, cluster_reduce=True, stages=3)]
@@ -404,3 +406,17 @@ def test_bench_refine_phase_tries_the_new_options_on_the_fastest_tiling():
       dataclasses.replace(two, cluster_reduce=True)]
   assert bench_kernels.refine_candidates(
       wo, int4, dataclasses.replace(best, split_k=1)) == []
+  # in groups of 128 also acc_scale (session 43), with the K chunks it needs
+  # (one a group), alone and with the cluster
+  g128 = dataclasses.replace(prob, w_format="int4", w_block=128)
+  acc = dataclasses.replace(best, acc_scale=True, k_chunks=2)
+  assert bench_kernels.refine_candidates(wo, g128, best) == [
+      clustered, acc, dataclasses.replace(acc, cluster_reduce=True),
+      dataclasses.replace(clustered, stages=3),
+      dataclasses.replace(acc, cluster_reduce=True, stages=3)]
+  assert bench_kernels.refine_candidates(
+      wo, g128, dataclasses.replace(best, split_k=1)) == [
+          dataclasses.replace(acc, split_k=1)]
+  # a warp-specialized best gets none of it
+  assert not any(c.acc_scale for c in bench_kernels.refine_candidates(
+      wo, g128, dataclasses.replace(best, ws=True, tile_k=512)))

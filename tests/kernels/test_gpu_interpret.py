@@ -221,6 +221,55 @@ def test_weight_only_cluster_reduce_is_refused_where_it_cannot_apply():
         cluster_reduce=True, split_k=16), interpret=True)
 
 
+@pytest.mark.parametrize("fmt,group,m,extra", [
+    ("int4", 128, 5, dict(tile_k=256)),
+    ("int8", 64, 8, dict(tile_k=256)),
+    ("fp4_e2m1", 128, 16, dict(tile_k=512, tile_m=16, split_k=2)),
+    ("int4", 128, 8, dict(tile_k=128, stages=3)),
+    ("int8", 128, 16, dict(tile_k=256, tile_m=16, split_k=2,
+                           cluster_reduce=True))])
+def test_weight_only_acc_scale_kernel(fmt, group, m, extra):
+  # Config.acc_scale: each K chunk is one group, its MMA into a fresh
+  # accumulator, the group's scales multiplying that partial sum into the
+  # running one (the pipeline's carry). Nothing is rounded to bf16, so the
+  # result is the float64 sum to float32 accumulation error, where the
+  # weight-tile path's bf16 products sit 2**-9 away: the assertions tell the
+  # two paths apart. A K split (partials after the kernel), a one-group step,
+  # the cluster grid.
+  k = 1024 * extra.get("split_k", 1)
+  cfg = gpu_weight_only.acc_scale_config(
+      make_wo(jax.random.key(0), fmt, group, m, 128, k)[1],
+      _wo_cfg(**extra))
+  assert cfg is not None and cfg.acc_scale
+  assert cfg.k_chunks == cfg.tile_k // group
+  ops, prob = make_wo(jax.random.key(13), fmt, group, m, 128, k)
+  out = gpu_weight_only.matmul(
+      ops, prob, config=cfg, interpret=_params(tail_rows=m % cfg.tile_m != 0))
+  assert not common.races_found()
+  assert rel_err(out, np_weight_only(ops, prob, acc_scale=True)) < 1e-6
+  assert rel_err(out, np_weight_only(ops, prob)) > 1e-4
+
+
+def test_weight_only_acc_scale_is_refused_where_it_cannot_apply():
+  cases = [
+      (("mxfp4", 32), _wo_cfg(acc_scale=True), "groups of 64 or 128"),
+      (("int4", 32), _wo_cfg(acc_scale=True, k_chunks=2), "w_block=32"),
+      (("int4", None), _wo_cfg(acc_scale=True), "w_block=None"),
+      (("int4", 128), _wo_cfg(acc_scale=True), "k_chunks = tile_k // 128 = 2"),
+      (("int4", 128), _wo_cfg(acc_scale=True, tile_k=512, k_chunks=2, ws=True),
+       "pass ws=False")]
+  for (fmt, group), cfg, msg in cases:
+    ops, prob = make_wo(jax.random.key(8), fmt, group, 8, 128, 1024)
+    assert not gpu_weight_only._tiles_ok(prob, cfg)  # pylint: disable=protected-access
+    with pytest.raises(ValueError, match=msg):
+      gpu_weight_only.matmul(ops, prob, config=cfg, interpret=True)
+  # The helper the tuner uses sets the chunks, or says no.
+  prob = make_wo(jax.random.key(8), "int4", 128, 8, 128, 1024)[1]
+  assert gpu_weight_only.acc_scale_config(prob, _wo_cfg()).k_chunks == 2
+  prob = make_wo(jax.random.key(8), "nvfp4", 16, 8, 128, 1024)[1]
+  assert gpu_weight_only.acc_scale_config(prob, _wo_cfg()) is None
+
+
 def test_weight_only_kernel_has_no_races():
   ops, prob = make_wo(jax.random.key(6), "int4", 32, 16, 128, 2048)
   out = gpu_weight_only.matmul(

@@ -329,6 +329,41 @@ def test_weight_only_split_orders_are_bit_identical(fmt, group, variant):
     assert rel_err(b, gpu_weight_only.reference(ops, prob)) < 1e-2
 
 
+@pytest.mark.parametrize("fmt,group", [("int4", 128), ("int8", 128),
+                                       ("int8", 64), ("fp4_e2m1", 128)])
+@pytest.mark.parametrize("m,n,k,split,order", [
+    (1, 1024, 2048, 2, "natural"), (16, 4096, 8192, 2, "kernel"),
+    (1, 8192, 8192, 4, "wgmma"), (5, 2048, 4096, 1, "kernel")])
+def test_weight_only_acc_scale_matches_its_model(fmt, group, m, n, k, split,
+                                                 order):
+  # Config.acc_scale: each group's MMA into its own accumulator, multiplied
+  # by the group's scale into the running sum. The weights stay exact, so
+  # the float32 output must sit within float32 accumulation error of the
+  # float64 sum (the weight-tile path is 2**-9 away: it rounds code * scale
+  # to bf16); in every code order the kernel reads, with K chunks of 128
+  # int4 / fp4 columns (two of 64 int8 ones make a group of 128 two chunks:
+  # refused) and with the K split's partials summed after the kernel.
+  from tests.kernels._gpu_operands import np_weight_only  # pylint: disable=g-import-not-at-top
+  ops, prob = make_wo(_key(), fmt, group, m, n, k, scale_range=(0.001, 0.02))
+  model = np_weight_only(ops, prob, acc_scale=True)
+  ref = gpu_weight_only.reference(ops, prob)
+  if order == "kernel":
+    order = gpu_weight_only.split_order_for(fmt) or (
+        "wgmma" if fmt != "int8" else "natural")
+  if fmt == "int8":
+    order = "natural"
+  ops = dataclasses.replace(ops, w_codes=to_code_order(ops.w_codes, order))
+  prob = dataclasses.replace(prob, w_order=order)
+  base = dataclasses.replace(gpu_weight_only._decode_config(prob),  # pylint: disable=protected-access
+                             split_k=split, tile_k=256)
+  cfg = gpu_weight_only.acc_scale_config(prob, base)
+  assert cfg is not None and cfg.acc_scale and cfg.k_chunks == 256 // group
+  out = _run_poisoned(lambda o: gpu_weight_only.matmul(o, prob, config=cfg),
+                      ops, (m, n), jnp.float32)
+  assert rel_err(out, model) < 2e-5
+  assert rel_err(out, ref) < 2e-5
+
+
 def _w8_ops(case, m, n, k, exact=False):
   out = "float32" if (exact and case == "mxfp8") else "bfloat16"
   return make_w8(_key(), case, m, n, k, out_dtype=out, exact=exact,

@@ -256,7 +256,10 @@ def _lower(fn, ops):
     ("int4", None, 1, "cluster"), ("mxfp4", 32, 16, "cluster+wgmma+lut"),
     ("nvfp4", 16, 1, "cluster+fast"),
     # group scales four at a time
-    ("mxfp4", 32, 1, "words+lut"), ("nvfp4", 16, 16, "words+fast+chunks")])
+    ("mxfp4", 32, 1, "words+lut"), ("nvfp4", 16, 16, "words+fast+chunks"),
+    # group scales on the accumulator, one K chunk a group
+    ("int4", 128, 1, "acc"), ("int8", 64, 16, "acc+cluster"),
+    ("fp4_e2m1", 128, 1, "acc+wgmma_e2m1"), ("int4", 128, 16, "acc+wgmma_int4")])
 def test_weight_only_kernel_lowers_to_mosaic_gpu(fmt, group, m, ws):
   ops, prob = abstract_wo(fmt, group, m, 1024, 4096)
   cfg = gpu_weight_only._decode_config(prob)  # pylint: disable=protected-access
@@ -277,7 +280,12 @@ def test_weight_only_kernel_lowers_to_mosaic_gpu(fmt, group, m, ws):
   elif ws:
     cfg = dataclasses.replace(cfg, ws=True, tile_k=512, split_k=1)
   if isinstance(ws, str) and "wgmma" in ws:
-    prob = dataclasses.replace(prob, w_order="wgmma")
+    prob = dataclasses.replace(
+        prob, w_order=next((o for o in ("wgmma_e2m1", "wgmma_int4") if o in ws),
+                           "wgmma"))
+  if isinstance(ws, str) and ws.startswith("acc"):
+    cfg = gpu_weight_only.acc_scale_config(prob, cfg)
+    assert cfg is not None
   _lower(lambda o: gpu_weight_only.matmul(o, prob, config=cfg), ops)
 
 

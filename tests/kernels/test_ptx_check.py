@@ -312,7 +312,8 @@ def test_decode_step_estimate_counts_the_table_rebuilds():
   from experiments import decode_sass  # pylint: disable=g-import-not-at-top
   names = ("mxfp4 (table)", "mxfp4 (table, lut_regs)",
            "mxfp4 (table, lut_regs, scale_words)", "int4_pc", "int4_g128",
-           "int4_pc (wgmma_int4)", "mxfp4 (wgmma_e2m1, scale_words)")
+           "int4_pc (wgmma_int4)", "mxfp4 (wgmma_e2m1, scale_words)",
+           "int4_g128 (acc_scale)")
   got = {name: (sum(h.values()) / decode_sass.ELEMENTS, h)
          for name, h in decode_sass.rows(names)}
   table, hist = got["mxfp4 (table)"]
@@ -327,6 +328,11 @@ def test_decode_step_estimate_counts_the_table_rebuilds():
   alu = lambda h: sum(h.get(op, 0) for op in ("PRMT", "LOP3", "SHF"))  # noqa: E731
   sp, sphist = got["mxfp4 (wgmma_e2m1, scale_words)"]
   assert sp < both and alu(sphist) < 0.7 * alu(bhist)
+  # Config.acc_scale: int4 g128 without the weight multiply (HMUL2), its
+  # promotion (FFMA) about a tenth of an instruction an element.
+  acc, ahist = got["int4_g128 (acc_scale)"]
+  assert "HMUL2" not in ahist and 0 < ahist["FFMA"] / decode_sass.ELEMENTS < 0.1
+  assert acc < got["int4_g128"][0] - 0.35
 
 
 def test_emulator_runs_the_shipped_e4m3_scale_conversion_exactly():
