@@ -453,8 +453,13 @@ def candidates(wo, prob, tune: bool, few: bool = False, fast=None):
       cands = [C(64, 256, tm, 4, 2), C(64, 512, tm, 3, 2), C(64, 256, tm, 4, 4),
                C(64, 256, tm, 4, 1), C(64, 256, tm, 3, 2), C(64, 256, tm, 2, 2),
                C(64, 128, tm, 4, 2), C(64, 128, tm, 6, 2), C(64, 128, tm, 4, 4)]
-      if n // 64 < 66:
-        cands.append(C(64, 256, tm, 4, 8))
+      # K split in eight: on 8192x28672 3584 CTAs, 6.8 waves of the 528
+      # that four an SM make, where splits of 2 and 4 leave their last
+      # waves 70% and 39% full (Nsight Compute on the split-2 grid,
+      # benchmarks/kernels_h100_runs/ncu_sections_wgmma_s34a.txt.gz: "1
+      # full waves and a partial wave of 369 thread blocks"); not yet timed
+      # beyond N < 4224.
+      cands.append(C(64, 256, tm, 4, 8))
     elif m <= 64:
       cands = [C(64, 256, tm, 3, 1), C(64, 256, tm, 3, 2), C(128, 256, tm, 3, 1),
                C(64, 128, tm, 4, 1), C(64, 256, tm, 2, 1)]
