@@ -578,7 +578,9 @@ def refine_candidates(wo, prob, best) -> list:
                                                       n_split=False))
   if acc is not None and not best.ws:
     # Session 43: group scales on the accumulator (int4 / int8 / fp4 in
-    # groups of 64 or 128), one K chunk a group; not yet timed on a GPU.
+    # groups of 64 or 128), one K chunk a group; 1-3% slower on an H100
+    # (benchmarks/kernels_h100_runs/run_acc_h100.md), not yet timed on the
+    # H200.
     opts.append(dict(acc_scale=True, k_chunks=acc.k_chunks))
   out = []
   for r in range(1, len(opts) + 1):

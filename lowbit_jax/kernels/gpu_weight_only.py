@@ -196,7 +196,15 @@ class Config:
       float32 scale) to bf16, so the sums are closer to ``reference``'s
       float32 ones and not bit-identical to the other path's. One
       warpgroup (not ``ws``); for MXFP4's and NVFP4's groups of 32 and 16
-      the promotion would cost as much as the multiply it saves.
+      the promotion would cost as much as the multiply it saves. On an
+      H100 (session 43, ``benchmarks/kernels_h100_runs/run_acc_h100.md``,
+      int4 g128 on ``"wgmma_int4"`` codes) it was 1-3% slower than the
+      same tiling without it (8192x28672 at M = 1: 49.6 against 48.4 us;
+      8192x8192: 15.6 against 15.4): there the kernel sits at 80-83% of the
+      roofline, where fewer instructions buy little; the H200, where the
+      decode's instructions cost time (``benchmarks/kernels_h200_notes.md``),
+      has not timed it. The tuner offers it (``refine``) and the table keeps
+      it only where it measures fastest.
   """
   tile_n: int = 64
   tile_k: int = 256
