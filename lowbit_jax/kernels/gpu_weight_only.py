@@ -1473,32 +1473,42 @@ def _scale_regs(w, s_ref, group: Optional[int], tile_k_total: int, kind: str,
                             _is_signed=None)
 
 
-def _scale_acc_rows(acc, s_ref, kind: str, t_ref=None):
-  """Multiplies an f32 WGMMA accumulator by a per-row scale (and a scalar)."""
-  mgpu, fa, ir, arith, _, memref, vector = common._mlir()
-  f32 = ir.F32Type.get()
-  index = ir.IndexType.get()
+def _map_acc_rows(acc, row_scale, combine):
+  """A new f32 WGMMA fragment of ``acc``'s shape and layout: register ``idx``
+  is ``combine(idx, s)``, ``s`` the f32 pair of its row's value
+  ``row_scale(row)`` (an f32 scalar, computed once a row; ``row`` the row's
+  index value)."""
+  _, fa, ir, _, _, _, vector = common._mlir()
   shape = tuple(acc.shape)
   rows = common.wgmma_row_index(shape)
-  vty = ir.VectorType.get((2,), f32)
-  t = None
-  if t_ref is not None:
-    t = memref.load(t_ref, [arith.constant(index, 0)])
+  vty = ir.VectorType.get((2,), ir.F32Type.get())
   cache = {}
   new_regs = acc.registers.copy()
   for idx, row_key, _ in common.wgmma_reg_rows_cols(shape):
     if row_key not in cache:
-      if s_ref is not None:
-        s = memref.load(s_ref, [rows[row_key]])
-        s = arith.extf(f32, _scale_to_bf16(s, kind)) if s.type != f32 else s
-        if t is not None:
-          s = arith.mulf(s, t)
-      else:
-        s = t
-      cache[row_key] = vector.broadcast(vty, s)
-    new_regs[idx] = arith.mulf(acc.registers[idx], cache[row_key])
+      cache[row_key] = vector.broadcast(vty, row_scale(rows[row_key]))
+    new_regs[idx] = combine(idx, cache[row_key])
   return fa.FragmentedArray(_registers=new_regs, _layout=acc.layout,
                             _is_signed=None)
+
+
+def _scale_acc_rows(acc, s_ref, kind: str, t_ref=None):
+  """Multiplies an f32 WGMMA accumulator by a per-row scale (and a scalar)."""
+  _, _, ir, arith, _, memref, _ = common._mlir()
+  f32 = ir.F32Type.get()
+  index = ir.IndexType.get()
+  t = None
+  if t_ref is not None:
+    t = memref.load(t_ref, [arith.constant(index, 0)])
+
+  def row_scale(row):
+    if s_ref is None:
+      return t
+    s = memref.load(s_ref, [row])
+    s = arith.extf(f32, _scale_to_bf16(s, kind)) if s.type != f32 else s
+    return s if t is None else arith.mulf(s, t)
+  return _map_acc_rows(acc, row_scale,
+                       lambda idx, s: arith.mulf(acc.registers[idx], s))
 
 
 def _promote_rows(acc, part, s_ref):
@@ -1508,25 +1518,15 @@ def _promote_rows(acc, part, s_ref):
   ``s_ref`` the SMEM ``[rows, 1]`` of that group's scales (bf16 or float32,
   widened exactly).
   """
-  mgpu, fa, ir, arith, _, memref, vector = common._mlir()
+  _, _, ir, arith, _, memref, vector = common._mlir()
   f32 = ir.F32Type.get()
-  index = ir.IndexType.get()
-  shape = tuple(acc.shape)
-  rows = common.wgmma_row_index(shape)
-  vty = ir.VectorType.get((2,), f32)
-  zero = arith.constant(index, 0)
-  cache = {}
-  new_regs = acc.registers.copy()
-  for idx, row_key, _ in common.wgmma_reg_rows_cols(shape):
-    if row_key not in cache:
-      s = memref.load(s_ref, [rows[row_key], zero])
-      if s.type != f32:
-        s = arith.extf(f32, s)
-      cache[row_key] = vector.broadcast(vty, s)
-    new_regs[idx] = vector.fma(part.registers[idx], cache[row_key],
-                               acc.registers[idx])
-  return fa.FragmentedArray(_registers=new_regs, _layout=acc.layout,
-                            _is_signed=None)
+  zero = arith.constant(ir.IndexType.get(), 0)
+
+  def row_scale(row):
+    s = memref.load(s_ref, [row, zero])
+    return s if s.type == f32 else arith.extf(f32, s)
+  return _map_acc_rows(acc, row_scale, lambda idx, s: vector.fma(
+      part.registers[idx], s, acc.registers[idx]))
 
 
 def _store_acc_transposed(acc, o_ref, valid_cols: Optional[int]):
