@@ -88,6 +88,12 @@ def programs(k: int, n: int, bands):
   return {name: jax.jit(f) for name, f in progs.items()}
 
 
+def fusions(fn, *args) -> int:
+  """The fusions (kernels, but for library calls) of ``fn``'s compiled entry."""
+  text = fn.lower(*args).compile().as_text()
+  return text.split("\nENTRY")[-1].count(" fusion(")
+
+
 def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
@@ -109,9 +115,7 @@ def main(argv):
     jax.block_until_ready(fn(*args))
     ts = _cupti.call_times_ms(fn, *args, iters=_ITERS.value)
     us = 1e3 * statistics.median(ts)
-    kernels = len(fn.lower(*args).compile().as_text().split("\nENTRY")[-1]
-                  .count(" fusion(") )
-    rows.append(dict(program=name, us=round(us, 2), fusions=kernels))
+    rows.append(dict(program=name, us=round(us, 2), fusions=fusions(fn, *args)))
     print(f"{name:24s} {us:9.2f} us", flush=True)
   res = dict(device=dev, jax=jax.__version__, shape=[k, n], iters=_ITERS.value,
              command="python3 -m experiments.probe_l2_bands " + " ".join(sys.argv[1:]),
