@@ -18,7 +18,7 @@ from lowbit_jax.core._qarray import to_code_order
 from lowbit_jax.kernels import gpu_w8a8
 from lowbit_jax.kernels import gpu_weight_only
 from lowbit_jax.kernels._api import MatmulProblem
-from tests.kernels._gpu_operands import make_w8, make_wo, rel_err
+from tests.kernels._gpu_operands import make_w8, make_wo, np_weight_only, rel_err
 
 pytestmark = pytest.mark.gpu
 
@@ -340,10 +340,9 @@ def test_weight_only_acc_scale_matches_its_model(fmt, group, m, n, k, split,
   # by the group's scale into the running sum. The weights stay exact, so
   # the float32 output must sit within float32 accumulation error of the
   # float64 sum (the weight-tile path is 2**-9 away: it rounds code * scale
-  # to bf16); in every code order the kernel reads, with K chunks of 128
-  # int4 / fp4 columns (two of 64 int8 ones make a group of 128 two chunks:
-  # refused) and with the K split's partials summed after the kernel.
-  from tests.kernels._gpu_operands import np_weight_only  # pylint: disable=g-import-not-at-top
+  # to bf16); in every code order the kernel reads, with K chunks of one
+  # group each (128 int4 / fp4 columns, 64 or 128 int8 ones) and with the K
+  # split's partials summed after the kernel.
   ops, prob = make_wo(_key(), fmt, group, m, n, k, scale_range=(0.001, 0.02))
   model = np_weight_only(ops, prob, acc_scale=True)
   ref = gpu_weight_only.reference(ops, prob)
