@@ -430,14 +430,18 @@ def _decode_config(problem: MatmulProblem) -> Config:
 MAX_SMEM_BYTES = 232448 - 512
 
 
-def smem_bytes(problem: MatmulProblem, cfg: Config) -> int:
+def smem_bytes(problem: MatmulProblem, cfg: Config,
+               scale_itemsize: Optional[int] = None) -> int:
   """Shared memory of one CTA: the pipeline's weight and activation tiles, the
   weight scales of the CTA's rows for its whole K slice, the warp-specialized
-  reduction buffer."""
+  reduction buffer. Group scales count one byte (MXFP4, NVFP4) or two (the
+  bf16 ``matmul`` hands the kernel, ``kernel_scales``), or
+  ``scale_itemsize``."""
   bits = 8 if problem.w_format == "int8" else 4
   per_stage = cfg.tile_n * cfg.tile_k * bits // 8 + cfg.tile_m * cfg.tile_k * 2
   g = common.weight_group(problem)
-  itemsize = 1 if problem.w_format in ("mxfp4", "nvfp4") else 2
+  itemsize = scale_itemsize or (1 if problem.w_format in ("mxfp4", "nvfp4")
+                                else 2)
   groups = 1 if g is None else problem.k // cfg.split_k // g
   total = cfg.stages * per_stage + cfg.tile_n * groups * itemsize
   if (cfg.ws and not cfg.n_split) or cfg.cluster_reduce:
@@ -2197,6 +2201,31 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
   return call
 
 
+def kernel_scales(w_scale: jax.Array, problem: MatmulProblem,
+                  cfg: Config) -> jax.Array:
+  """The group scales as the kernel takes them.
+
+  Float group scales (int4 / int8 / fp4) multiply the bf16 weight tile in
+  bf16: ``_scale_to_bf16`` rounds each one in registers. Rounded here once
+  instead (the same round-to-nearest-even, so the same bits), they take half
+  the shared memory and half the traffic, and the tuned tilings, measured
+  with bf16 scales (``benchmarks/``), fit as measured: with the float32 scales
+  a ``QuantSpec`` gives by default, three of the H200 table's tilings of
+  28672x8192 overflowed shared memory (``smem_bytes`` counted two bytes).
+  ``Config.acc_scale`` multiplies in float32 and keeps float32 (or float16)
+  scales where they fit. Per-channel scales (the float32 epilogue's) and MXFP4's /
+  NVFP4's one-byte scales pass unchanged.
+  """
+  g = common.weight_group(problem)
+  if (g is None or _scale_kind(problem.w_format) != "float"
+      or w_scale.dtype == jnp.bfloat16):
+    return w_scale
+  if cfg.acc_scale and smem_bytes(
+      problem, cfg, scale_itemsize=jnp.dtype(w_scale.dtype).itemsize) <= MAX_SMEM_BYTES:
+    return w_scale
+  return w_scale.astype(jnp.bfloat16)
+
+
 def matmul(operands: MatmulOperands, problem: MatmulProblem, *,
            config: Optional[Config] = None, interpret=False) -> jax.Array:
   """Runs the Mosaic GPU weight-only kernel.
@@ -2239,8 +2268,8 @@ def matmul(operands: MatmulOperands, problem: MatmulProblem, *,
         f"{MAX_SMEM_BYTES} a Hopper CTA may use; lower stages or tile_k, or "
         "raise split_k")
   g = common.weight_group(problem)
+  scales = kernel_scales(operands.w_scale, problem, cfg)
   fn = _build(problem.w_format, g, problem.m, problem.n, problem.k,
-              jnp.dtype(operands.w_scale.dtype).name, problem.out_dtype, cfg,
+              jnp.dtype(scales.dtype).name, problem.out_dtype, cfg,
               params, problem.w_order)
-  return fn(operands.x, operands.w_codes, operands.w_scale,
-            operands.w_tensor_scale)
+  return fn(operands.x, operands.w_codes, scales, operands.w_tensor_scale)
