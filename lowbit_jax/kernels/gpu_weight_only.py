@@ -193,7 +193,8 @@ class Config:
       for the promotion (a thread's two scale loads and its accumulator
       FMAs per group). The weights also stay exact (the codes are exact in
       bf16), where the weight-tile path rounds each ``code * scale`` (and a
-      float32 scale) to bf16, so the sums are closer to ``reference``'s
+      float32 scale, ``kernel_scales``) to bf16; float32 scales stay float32
+      where they fit in shared memory. So the sums are closer to ``reference``'s
       float32 ones and not bit-identical to the other path's. One
       warpgroup (not ``ws``); for MXFP4's and NVFP4's groups of 32 and 16
       the promotion would cost as much as the multiply it saves. On an
