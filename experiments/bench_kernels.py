@@ -457,8 +457,10 @@ def candidates(wo, prob, tune: bool, few: bool = False, fast=None):
       # that four an SM make, where splits of 2 and 4 leave their last
       # waves 70% and 39% full (Nsight Compute on the split-2 grid,
       # benchmarks/kernels_h100_runs/ncu_sections_wgmma_s34a.txt.gz: "1
-      # full waves and a partial wave of 369 thread blocks"); not yet timed
-      # beyond N < 4224.
+      # full waves and a partial wave of 369 thread blocks"). On an H100
+      # (session 43, benchmarks/kernels_h100_runs/run_split8*_h100.md) it
+      # won every M = 1 row of 8192x28672, by 1-6%, and none of the 8B
+      # block's other shapes by more than noise.
       cands.append(C(64, 256, tm, 4, 8))
     elif m <= 64:
       cands = [C(64, 256, tm, 3, 1), C(64, 256, tm, 3, 2), C(128, 256, tm, 3, 1),

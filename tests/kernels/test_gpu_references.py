@@ -259,7 +259,8 @@ def _lower(fn, ops):
     ("mxfp4", 32, 1, "words+lut"), ("nvfp4", 16, 16, "words+fast+chunks"),
     # group scales on the accumulator, one K chunk a group
     ("int4", 128, 1, "acc"), ("int8", 64, 16, "acc+cluster"),
-    ("fp4_e2m1", 128, 1, "acc+wgmma_e2m1"), ("int4", 128, 16, "acc+wgmma_int4")])
+    ("fp4_e2m1", 128, 1, "acc+wgmma_e2m1"), ("int4", 128, 16, "acc+wgmma_int4"),
+    ("int4", 128, 1, "acc+f32")])  # float32 scales, kept by kernel_scales
 def test_weight_only_kernel_lowers_to_mosaic_gpu(fmt, group, m, ws):
   ops, prob = abstract_wo(fmt, group, m, 1024, 4096)
   cfg = gpu_weight_only._decode_config(prob)  # pylint: disable=protected-access
@@ -286,6 +287,9 @@ def test_weight_only_kernel_lowers_to_mosaic_gpu(fmt, group, m, ws):
   if isinstance(ws, str) and ws.startswith("acc"):
     cfg = gpu_weight_only.acc_scale_config(prob, cfg)
     assert cfg is not None
+    if "f32" in ws:
+      ops = dataclasses.replace(
+          ops, w_scale=_sds(ops.w_scale.shape, jnp.float32))
   _lower(lambda o: gpu_weight_only.matmul(o, prob, config=cfg), ops)
 
 
