@@ -193,8 +193,8 @@ class Config:
       for the promotion (a thread's two scale loads and its accumulator
       FMAs per group). The weights also stay exact (the codes are exact in
       bf16), where the weight-tile path rounds each ``code * scale`` (and a
-      float32 scale, ``kernel_scales``) to bf16; float32 scales stay float32
-      where they fit in shared memory. So the sums are closer to ``reference``'s
+      float32 scale) to bf16; float32 scales stay float32 where they fit in
+      shared memory (``kernel_scales``). So the sums are closer to ``reference``'s
       float32 ones and not bit-identical to the other path's. One
       warpgroup (not ``ws``); for MXFP4's and NVFP4's groups of 32 and 16
       the promotion would cost as much as the multiply it saves. On an
@@ -2204,25 +2204,28 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
 
 def kernel_scales(w_scale: jax.Array, problem: MatmulProblem,
                   cfg: Config) -> jax.Array:
-  """The group scales as the kernel takes them.
+  """The group scales as the kernel takes them: as given, or as bf16 where
+  the given ones would not fit in shared memory.
 
-  Float group scales (int4 / int8 / fp4) multiply the bf16 weight tile in
-  bf16: ``_scale_to_bf16`` rounds each one in registers. Rounded here once
-  instead (the same round-to-nearest-even, so the same bits), they take half
-  the shared memory and half the traffic, and the tuned tilings, measured
-  with bf16 scales (``benchmarks/``), fit as measured: with the float32 scales
-  a ``QuantSpec`` gives by default, three of the H200 table's tilings of
-  28672x8192 overflowed shared memory (``smem_bytes`` counted two bytes).
-  ``Config.acc_scale`` multiplies in float32 and keeps float32 (or float16)
-  scales where they fit. Per-channel scales (the float32 epilogue's) and MXFP4's /
-  NVFP4's one-byte scales pass unchanged.
+  ``smem_bytes`` counts two bytes a float group scale (the tuned tilings
+  were measured with bf16 scales), but a ``QuantSpec``'s group scales are
+  float32 by default: three of the H200 table's tilings of 28672x8192
+  needed 238-340 KB of shared memory with them. Where the given dtype does
+  not fit, the scales are rounded to bf16 first. The weight-tile path
+  multiplies in bf16 anyway (``_scale_to_bf16`` rounds each scale in
+  registers, to nearest even as ``astype`` does), so its bits do not change;
+  ``Config.acc_scale`` then multiplies by the bf16 values. Where they fit,
+  the scales pass unchanged: a conversion before the kernel would be an XLA
+  op of its own on every call, a launch's time at decode. Per-channel scales
+  (the float32 epilogue's) and MXFP4's / NVFP4's one-byte scales always pass
+  unchanged.
   """
   g = common.weight_group(problem)
   if (g is None or _scale_kind(problem.w_format) != "float"
       or w_scale.dtype == jnp.bfloat16):
     return w_scale
-  if cfg.acc_scale and smem_bytes(
-      problem, cfg, scale_itemsize=jnp.dtype(w_scale.dtype).itemsize) <= MAX_SMEM_BYTES:
+  if smem_bytes(problem, cfg, scale_itemsize=jnp.dtype(w_scale.dtype).itemsize
+                ) <= MAX_SMEM_BYTES:
     return w_scale
   return w_scale.astype(jnp.bfloat16)
 

@@ -506,13 +506,14 @@ def test_wgmma_order_is_refused_where_it_cannot_apply():
         config=_wo_cfg(lut_decode=True), interpret=True)
 
 
-def test_weight_only_kernel_takes_float32_group_scales_as_bf16(monkeypatch):
-  # A QuantSpec's group scales are float32 by default. The weight-tile path
-  # multiplies in bf16 (each scale rounded in registers): matmul rounds them
-  # once before the kernel instead, the same bits in half the shared memory
-  # (the tuned tilings were measured with bf16 scales; float32 ones pushed
-  # three H200 tilings of 28672x8192 past shared memory). acc_scale keeps
-  # float32 scales where they fit, and multiplies by them exactly.
+def test_weight_only_kernel_takes_float32_group_scales_that_do_not_fit_as_bf16(
+    monkeypatch):
+  # A QuantSpec's group scales are float32 by default, but the tilings'
+  # shared memory counts bf16 ones. Where float32 scales fit, they reach the
+  # kernel as they are (no XLA op before it); where they would not, matmul
+  # rounds them to bf16 first, as the weight-tile path rounds each one in
+  # registers anyway: the same bits. acc_scale multiplies by float32 scales
+  # exactly where they fit.
   ops, prob = make_wo(jax.random.key(14), "int4", 128, 8, 128, 1024)
   f32 = dataclasses.replace(
       ops, w_scale=ops.w_scale.astype(jnp.float32) * (1 + 2.0 ** -12))
@@ -532,17 +533,21 @@ def test_weight_only_kernel_takes_float32_group_scales_as_bf16(monkeypatch):
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   acc = gpu_weight_only.acc_scale_config(prob, cfg)
   c = gpu_weight_only.matmul(f32, prob, config=acc, interpret=True)
-  assert seen == ["bfloat16", "bfloat16", "float32"]
+  assert seen == ["float32", "bfloat16", "float32"]
   assert rel_err(c, np_weight_only(f32, prob, acc_scale=True)) < 1e-6
-  # Where float32 scales would not fit, acc_scale takes them as bf16 too.
+  # A long K whose float32 scales would not fit: bf16, for either path.
   big = dataclasses.replace(prob, k=28672)
-  tight = gpu_weight_only.Config(tile_n=128, tile_k=128, tile_m=128,
-                                 stages=3, k_chunks=1, acc_scale=True)
-  assert gpu_weight_only._shape_ok(big, tight)  # pylint: disable=protected-access
   s = jnp.ones((128, 28672 // 128), jnp.float32)
-  assert gpu_weight_only.kernel_scales(s, big, tight).dtype == jnp.bfloat16
-  assert gpu_weight_only.kernel_scales(
-      s, big, dataclasses.replace(tight, stages=2)).dtype == jnp.float32
-  # Per-channel and MX scales pass as they are.
+  for tight in (gpu_weight_only.Config(tile_n=128, tile_k=128, tile_m=128,
+                                       stages=3, k_chunks=1, acc_scale=True),
+                gpu_weight_only.Config(tile_n=128, tile_k=128, tile_m=128,
+                                       stages=3)):
+    assert gpu_weight_only._shape_ok(big, tight)  # pylint: disable=protected-access
+    assert gpu_weight_only.smem_bytes(big, tight, scale_itemsize=4) > (
+        gpu_weight_only.MAX_SMEM_BYTES)
+    assert gpu_weight_only.kernel_scales(s, big, tight).dtype == jnp.bfloat16
+    fits = dataclasses.replace(tight, stages=2)
+    assert gpu_weight_only.kernel_scales(s, big, fits).dtype == jnp.float32
+  # Per-channel scales pass as they are.
   pc = make_wo(jax.random.key(15), "int4", None, 8, 128, 1024)[1]
   assert gpu_weight_only.kernel_scales(s[:, :1], pc, cfg).dtype == jnp.float32
