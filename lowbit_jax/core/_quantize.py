@@ -278,31 +278,6 @@ def _div_computed(a, b) -> jax.Array:
   return _div(a, b)
 
 
-# Rows of the first stage of _max_to_scalar.
-_MAX_ROWS = 32
-
-
-def _max_to_scalar(v: jax.Array) -> jax.Array:
-  """``jnp.max(v)`` (exact: a max is the same in any order) for a NaN-free
-  ``v``, as a reduction to ``_MAX_ROWS`` partials and a chain of maxima.
-
-  XLA's GPU compiler splits a reduction to a scalar into two kernels (one
-  to partials, one of a single block); the chain of scalar maxima instead
-  fuses into the kernel that consumes the result. For NVFP4's tensor amax in
-  a QAT step, whose tensors are small (a reduction of up to a few hundred
-  thousand block amaxes, one kernel to the partials), that is one launch
-  fewer per quantized tensor (``experiments/gpu_fusion_survey.py --qat``).
-  A ``v`` whose size is not a multiple of the rows reduces as ``jnp.max``.
-  """
-  if v.size % _MAX_ROWS or v.size <= _MAX_ROWS:
-    return jnp.max(v)
-  part = jnp.max(v.reshape(_MAX_ROWS, -1), axis=1)
-  m = part[0]
-  for i in range(1, _MAX_ROWS):
-    m = jnp.maximum(m, part[i])
-  return m
-
-
 def _div_scalar_data(a, b, data) -> jax.Array:
   """IEEE float32 ``a / b`` for scalars, where ``data`` is computed from x.
 
@@ -755,7 +730,7 @@ def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None,
       t_pos = t_amax > 0
       bad = bad | (~t_pos & (a > 0))  # a traced static range <= 0 or NaN
     elif amax is None:
-      emax_t = _max_to_scalar(a_fin)
+      emax_t = jnp.max(a_fin)
       t_pos = emax_t > 0
     else:
       emax_t = jnp.max(a)
@@ -781,8 +756,9 @@ def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None,
       # so that XLA computes them in one kernel (NVFP4's fake_quant went from
       # 8 kernels to 6 in a deviceless compile for the H200:
       # benchmarks/qat_step_programs.md). Without it XLA splits them into
-      # sibling scalar fusions, one dependent launch each. quantize keeps them apart: its tensor scale is an output, and
-      # a slice of the vector would be one more kernel.
+      # sibling scalar fusions, one dependent launch each. quantize keeps
+      # them apart: its tensor scale is an output, and a slice of the vector
+      # would be one more kernel.
       packed = lax.optimization_barrier(jnp.stack([tn, p_down, p_up, inv_t, emax_t]))
       tn, p_down, p_up, inv_t, emax_t = (packed[i] for i in range(5))
     a_n = a * p_down

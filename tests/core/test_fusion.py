@@ -237,7 +237,7 @@ def test_gpu_programs_within_budget(tmp_path):
 # variant -> (most kernels, most tiny ops) of the base LM's QAT step on the
 # H200-like target (gpu_fusion_survey --qat; benchmarks/qat_step_programs.md):
 # a fake quantization that adds launches per quantized tensor shows here.
-_QAT_BUDGET = {"NVFP4 W+A": (1515, 356)}
+_QAT_BUDGET = {"NVFP4 W+A": (1595, 446)}
 
 
 @pytest.mark.slow
