@@ -1856,7 +1856,9 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
     """Dequantizes columns ``part`` of this step's tiles and accumulates,
     ``k_chunks`` column chunks at a time (each chunk's MMA in flight while
     the next is decoded). ``w_ref`` holds this warpgroup's weight rows,
-    ``s_rows`` selects their rows of the group scales."""
+    ``s_rows`` selects their rows of the group scales. ``acc_ref``: one
+    accumulator, or (``Config.acc_scale``) one a chunk, whose group scales
+    the caller applies to the sums."""
     if not per_channel:
       @pl.when(kk == 0)
       def _():
@@ -1865,41 +1867,29 @@ def _build(fmt: str, group: Optional[int], m: int, n: int, k: int,
       cols = pl.ds(c * ckw, ckw)
       wc = w_ref if kch == 1 else w_ref.at[:, cols]
       xc = x_ref if kch == 1 else x_ref.at[:, cols]
+      dest = acc_ref[c] if cfg.acc_scale else acc_ref
       w = load_w(wc, tab)
-      if not per_channel:
+      if not per_channel and not cfg.acc_scale:
         col0 = kk * tile_k + part * tkw + c * ckw
         g0 = col0 // group
         w = scale_w(w, s_smem.at[g0 // scale_cw, s_rows,
                                  pl.ds(g0 % scale_cw, ng_step)])
       if interp:
-        common.interpret_wgmma(acc_ref, w, xc[...], stage)
+        common.interpret_wgmma(dest, w, xc[...], stage)
       else:
-        plgpu.wgmma(acc_ref, w, common.transpose_ref(xc))
+        plgpu.wgmma(dest, w, common.transpose_ref(xc))
     # The A operands live in registers that the next step overwrites: the
     # MMAs must be complete before the body returns.
     plgpu.wgmma_wait(0)
 
   def mma_step_acc(kk, x_ref, w_ref, carry, s_smem, s_bar, tab=None):
     """``Config.acc_scale``: each K chunk (one group) decoded with no scale,
-    its MMA into a fresh accumulator (every chunk's MMA issued before the
-    one wait, so chunk c's runs while chunk c + 1 is decoded), then each
-    partial sum times its group's scales added to the running sum
+    its MMA into a fresh accumulator (``mma_step``: every chunk's MMA issued
+    before the one wait, so chunk c's runs while chunk c + 1 is decoded),
+    then each partial sum times its group's scales added to the running sum
     ``carry``, in K order."""
-    @pl.when(kk == 0)
-    def _():
-      plgpu.barrier_wait(s_bar.at[0])
-
     def mmas(*parts):
-      for c in range(kch):
-        cols = pl.ds(c * ckw, ckw)
-        wc = w_ref if kch == 1 else w_ref.at[:, cols]
-        xc = x_ref if kch == 1 else x_ref.at[:, cols]
-        w = load_w(wc, tab)
-        if interp:
-          common.interpret_wgmma(parts[c], w, xc[...])
-        else:
-          plgpu.wgmma(parts[c], w, common.transpose_ref(xc))
-      plgpu.wgmma_wait(0)
+      mma_step(kk, x_ref, w_ref, parts, s_smem, s_bar, 0, tab=tab)
       return tuple(p[...] for p in parts)
 
     parts = pl.run_scoped(
