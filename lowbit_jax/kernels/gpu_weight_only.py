@@ -193,9 +193,10 @@ class Config:
       for the promotion (a thread's two scale loads and its accumulator
       FMAs per group). The weights also stay exact (the codes are exact in
       bf16), where the weight-tile path rounds each ``code * scale`` (and a
-      float32 scale) to bf16; float32 scales stay float32 where they fit in
-      shared memory (``kernel_scales``). So the sums are closer to ``reference``'s
-      float32 ones and not bit-identical to the other path's. One
+      float32 scale) to bf16; float32 scales stay float32 where they fit
+      in shared memory (``kernel_scales``). So the sums are closer to
+      ``reference``'s float32 ones and not bit-identical to the other
+      path's. One
       warpgroup (not ``ws``); for MXFP4's and NVFP4's groups of 32 and 16
       the promotion would cost as much as the multiply it saves. On an
       H100 (session 43, ``benchmarks/kernels_h100_runs/run_acc_h100.md``,
@@ -435,9 +436,9 @@ def smem_bytes(problem: MatmulProblem, cfg: Config,
                scale_itemsize: Optional[int] = None) -> int:
   """Shared memory of one CTA: the pipeline's weight and activation tiles, the
   weight scales of the CTA's rows for its whole K slice, the warp-specialized
-  reduction buffer. Group scales count one byte (MXFP4, NVFP4) or two (the
-  bf16 ``matmul`` hands the kernel, ``kernel_scales``), or
-  ``scale_itemsize``."""
+  reduction buffer. Group scales count one byte (MXFP4, NVFP4) or two (bf16,
+  as the benchmarks and so the tuned tilings have them), or
+  ``scale_itemsize`` (``kernel_scales`` checks the given scales' size)."""
   bits = 8 if problem.w_format == "int8" else 4
   per_stage = cfg.tile_n * cfg.tile_k * bits // 8 + cfg.tile_m * cfg.tile_k * 2
   g = common.weight_group(problem)
