@@ -29,7 +29,6 @@ prints a table::
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 
 from absl import app
@@ -55,7 +54,8 @@ def programs(k: int, n: int, bands):
     return jnp.clip(jnp.round(x.astype(jnp.float32) / s), -127, 127).astype(jnp.int8)
 
   def two_pass(x):
-    return quant(x, amax(x)), amax(x)
+    a = amax(x)
+    return quant(x, a), a
 
   def banded(nb: int, assemble: bool):
     w = n // nb
@@ -113,8 +113,7 @@ def main(argv):
   for name, fn in programs(k, n, bands).items():
     args = (x, a) if name == "quantize_given_amax" else (x,)
     jax.block_until_ready(fn(*args))
-    ts = _cupti.call_times_ms(fn, *args, iters=_ITERS.value)
-    us = 1e3 * statistics.median(ts)
+    us = 1e3 * _cupti.median_ms(fn, *args, iters=_ITERS.value)
     rows.append(dict(program=name, us=round(us, 2), fusions=fusions(fn, *args)))
     print(f"{name:24s} {us:9.2f} us", flush=True)
   res = dict(device=dev, jax=jax.__version__, shape=[k, n], iters=_ITERS.value,
