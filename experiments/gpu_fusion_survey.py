@@ -194,8 +194,9 @@ def _qat_plan() -> tuple:
       raise app.UsageError(f"--qat: {e}") from e
   m = re.fullmatch(r"(\d+)x(\d+)", _QAT_TOKENS.value.lower())
   if not m or not all(int(v) > 0 for v in m.groups()):
-    raise app.UsageError(f"--qat_tokens={_QAT_TOKENS.value!r}: give sequences "
-                         "x tokens a sequence, e.g. 16x512")
+    raise app.UsageError(f"--qat_tokens={_QAT_TOKENS.value!r}: give "
+                         "<sequences>x<tokens per sequence>, both positive, "
+                         "e.g. 16x512")
   return names, tuple(int(v) for v in m.groups())
 
 
