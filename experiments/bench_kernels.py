@@ -576,9 +576,8 @@ def refine_candidates(wo, prob, best) -> list:
     opts.append(dict(lut_decode=True, lut_regs=True))
   if prob.w_format in ("mxfp4", "nvfp4"):
     opts.append(dict(scale_words=True))
-  acc = wo.acc_scale_config(prob, dataclasses.replace(best, ws=False,
-                                                      n_split=False))
-  if acc is not None and not best.ws:
+  acc = None if best.ws else wo.acc_scale_config(prob, best)
+  if acc is not None:
     # Session 43: group scales on the accumulator (int4 / int8 / fp4 in
     # groups of 64 or 128), one K chunk a group; 1-3% slower on an H100
     # (benchmarks/kernels_h100_runs/run_acc_h100.md), not yet timed on the
