@@ -363,6 +363,56 @@ def test_weight_only_acc_scale_matches_its_model(fmt, group, m, n, k, split,
   assert rel_err(out, ref) < 2e-5
 
 
+# Tuned tilings (every table beside the kernel) whose float32 group scales
+# would not fit in shared memory: ``kernel_scales`` rounds them to bf16. The
+# table's shape classes stand for their largest Llama-style dimension.
+_CLASS_DIM = {"1k": 1024, "4k": 4096, "8k": 8192, "16k": 14336, "32k": 28672}
+
+
+def _f32_scale_overflows():
+  import glob  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  cases = {gpu_weight_only.case_name(f, g): (f, g) for f, g in WO_CASES
+           if g is not None and f not in ("mxfp4", "nvfp4")}
+  found = []
+  pattern = os.path.join(os.path.dirname(gpu_weight_only.TABLE_PATH),
+                         "gpu_tuned_configs*.json")
+  for path in sorted(glob.glob(pattern)):
+    for case, classes in gpu_weight_only.load_table(path)["entries"].items():
+      if case not in cases:
+        continue
+      fmt, group = cases[case]
+      for cls, buckets in classes.items():
+        k, n = (_CLASS_DIM[d[1:]] for d in cls.split("_"))
+        for b, e in buckets.items():
+          cfg = gpu_weight_only._config_from_json(e.get("config"))  # pylint: disable=protected-access
+          prob = MatmulProblem(m=int(b), n=n, k=k, x_dtype="bfloat16",
+                               w_format=fmt, w_block=group,
+                               out_dtype="float32")
+          if (cfg is not None and gpu_weight_only.smem_bytes(
+              prob, cfg, scale_itemsize=4) > gpu_weight_only.MAX_SMEM_BYTES):
+            found.append(pytest.param(prob, cfg, id=f"{os.path.basename(path)}"
+                                      f"-{case}-{cls}-m{b}"))
+  return found
+
+
+@pytest.mark.parametrize("prob,cfg", _f32_scale_overflows())
+def test_tuned_tilings_take_float32_group_scales(prob, cfg):
+  # A QuantSpec's group scales are float32; these tilings were tuned with
+  # bf16 ones and would need more shared memory than Hopper has with float32.
+  # Through kernel_scales they compile and give the bf16-scale kernel's bits.
+  ops, _ = make_wo(_key(), prob.w_format, prob.w_block, prob.m, prob.n,
+                   prob.k, scale_range=(0.001, 0.02))
+  f32 = dataclasses.replace(ops, w_scale=ops.w_scale.astype(jnp.float32))
+  assert gpu_weight_only.kernel_scales(f32.w_scale, prob, cfg).dtype == (
+      jnp.bfloat16)
+  run = lambda o: gpu_weight_only.matmul(o, prob, config=cfg)  # noqa: E731
+  got = _run_poisoned(run, f32, (prob.m, prob.n), jnp.float32)
+  np.testing.assert_array_equal(np.asarray(got),
+                                np.asarray(jax.jit(run)(ops)))
+  assert rel_err(got, gpu_weight_only.reference(ops, prob)) < 1e-2
+
+
 def _w8_ops(case, m, n, k, exact=False):
   out = "float32" if (exact and case == "mxfp8") else "bfloat16"
   return make_w8(_key(), case, m, n, k, out_dtype=out, exact=exact,
