@@ -141,10 +141,12 @@ _TOKAMAX = flags.DEFINE_bool("tokamax", True, "time tokamax's ragged_dot")
 _TOKAMAX_ONLY = flags.DEFINE_bool(
     "tokamax_only", False, "internal: the child process that times tokamax")
 _PHASES = flags.DEFINE_list(
-    "phases", [], "run only these of base, tokamax, w8a8, tune, refine "
-    "(default: all; tune and refine need base rows of the same run; refine "
-    "times the fastest tiling so far with session 35's options, "
-    "refine_candidates)")
+    "phases", [], "run only these of base, tokamax, w8a8, tune, refine, "
+    "fallback (default: all but fallback; tune and refine need base rows of "
+    "the same run; refine times the fastest tiling so far with session 35's "
+    "options, refine_candidates; fallback times only the public dot's own "
+    "path, ops.dot_general with use_kernel='never', at every batch, for "
+    "merging with --mode=report into earlier runs, whose rows predate it)")
 _PEER_WHEELS = flags.DEFINE_string(
     "peer_wheels", ".whl", "folder of the qwix/tokamax wheels (and their deps)")
 _BLOCK8B = flags.DEFINE_bool("block8b", True, "time the Llama-3-8B block shapes")
@@ -397,6 +399,32 @@ def wo_weight(key, fmt, group, n, k):
     scale = jax.random.uniform(k3, (n, ng), jnp.float32, 0.001, 0.02).astype(
         jnp.bfloat16)
   return (codes, scale, ts)
+
+
+_DN_NT = (((1,), (1,)), ((), ()))  # x[M, K] . W[N, K]
+
+
+def public_weights(jax, fmt, group, n, k, weights, order):
+  """``weights`` (codes, scales, tensor scale) as the QArrays a user's
+  ``ops.prepare_weight`` makes of a bf16 [K, N] weight: the same codes (in
+  ``order``), the scales in the spec's own dtype (float32 for int / fp4)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import lowbit_jax as lb  # pylint: disable=g-import-not-at-top
+  from lowbit_jax.core import ops as lops  # pylint: disable=g-import-not-at-top
+  kw = {} if group is None or fmt in ("mxfp4", "nvfp4") else dict(group_size=group)
+  spec = lb.QuantSpec(fmt, **kw)
+  tmpl = jax.eval_shape(lambda v: lops.prepare_weight(v, spec, 0),
+                        jax.ShapeDtypeStruct((k, n), jnp.bfloat16))
+  out = []
+  for codes, scale, ts in weights:
+    if codes.shape != tmpl.codes.shape or scale.shape != tmpl.scale.shape:
+      raise ValueError(f"{fmt} g{group}: bench weights {codes.shape}/"
+                       f"{scale.shape} are not prepare_weight's "
+                       f"{tmpl.codes.shape}/{tmpl.scale.shape}")
+    out.append(dataclasses.replace(
+        tmpl, codes=codes, scale=scale.astype(tmpl.scale.dtype),
+        zero_point=None, tensor_scale=ts, code_order=order))
+  return out
 
 
 def _nbytes(tree) -> int:
@@ -658,6 +686,7 @@ def run_shape(b: Bench, wo, api, k: int, n: int, ms, cases, stage: str):
       jobs.append(dict(name=f"bf16 {k}x{n} M={m}",
                        fn=lambda x, ws: [x @ w for w in ws],
                        args=(xs[m], wb), reps=rb, done=done_b))
+  from lowbit_jax.core import ops as lops  # pylint: disable=g-import-not-at-top
   from lowbit_jax.core._qarray import to_code_order  # pylint: disable=g-import-not-at-top
   interp = False
   if b.smoke:
@@ -683,14 +712,16 @@ def run_shape(b: Bench, wo, api, k: int, n: int, ms, cases, stage: str):
     # The kernel's weights: the same codes, in its order (XLA reads natural).
     wk = ws if order == "natural" else [
         (to_code_order(c, order), s, t) for c, s, t in ws]
+    qs = public_weights(jax, fmt, group, n, k, wk, order)
     for m in ms:
       prob = api.MatmulProblem(m=m, n=n, k=k, x_dtype="bfloat16", w_format=fmt,
                                w_block=group)
       prob_k = dataclasses.replace(prob, w_order=order)
       key = (label, m, k, n)
       # A tuning run without base rows measures them itself.
-      do_base = stage == "base" or key not in b.rows or key not in b.ref_out
-      if do_base:
+      do_base = stage != "fallback" and (
+          stage == "base" or key not in b.rows or key not in b.ref_out)
+      if do_base or (stage == "fallback" and key not in b.rows):
         flops = 2 * m * n * k
         b.rows[key] = dict(
             kernel=label, m=m, k=k, n=n, reps=r, weight_bytes=wbytes,
@@ -700,6 +731,22 @@ def run_shape(b: Bench, wo, api, k: int, n: int, ms, cases, stage: str):
             variants={})
       row = b.rows[key]
       touched.append(row)
+
+      # What the public quantized dot runs where the table declines the kernel
+      # (ops.dot_general with use_kernel="never", the weight as
+      # ops.prepare_weight stores it): the table's decisions are made against
+      # this path, the one the kernel replaces.
+      if do_base or stage == "fallback":
+        def done_f(us, out, row=row):
+          row["fallback_us"] = us
+        jobs.append(dict(
+            name=f"fallback {label} {k}x{n} M={m}",
+            fn=lambda x, qs_: [lops.dot_general(x, q, _DN_NT, mode="real",
+                                                use_kernel="never")
+                               for q in qs_],
+            args=(xs[m], qs), reps=r, done=done_f))
+      if stage == "fallback":
+        continue
 
       # XLA's path for the weight as stored: on reordered codes it reorders
       # them back first (what the dispatcher falls back to for them).
@@ -777,18 +824,23 @@ def finish_row(b: Bench, row: dict):
   bad = [(c, v["rel_err"]) for c, v in row["variants"].items()
          if v["rel_err"] is None or v["rel_err"] >= MAX_REL_ERR]
   row["bad_variants"] = bad
-  xla = row.get("xla_fused_us")
+  # The path the kernel replaces: the public dot's own (``fallback_us``,
+  # measured since session 44), else XLA's fused path (older runs).
+  path = "fallback" if row.get("fallback_us") is not None else "xla_fused"
+  xla = row.get(path + "_us")
   row.pop("kernel_us", None)
   if good:
     us, cfg, cfg_list = min(good)
     row["kernel_us"], row["config"], row["config_list"] = us, cfg, cfg_list
   use = bool(good) and xla is not None and row["kernel_us"] <= _MARGIN.value * xla
   row["table_use_kernel"] = use
+  row["baseline"], row["baseline_us"] = path, xla
   row["dispatched_us"] = row["kernel_us"] if use else xla
-  row["dispatched"] = "kernel" if use else "xla_fused"
+  row["dispatched"] = "kernel" if use else path
   f = lambda v: "-" if v is None else f"{v:.1f}"
   b.log(f"WO {row['kernel']:9s} {row['k']}x{row['n']} M={row['m']:<5d} "
-        f"bf16={f(row.get('bf16_us'))} fused={f(xla)} "
+        f"bf16={f(row.get('bf16_us'))} fused={f(row.get('xla_fused_us'))} "
+        f"fallback={f(row.get('fallback_us'))} "
         f"ref={f(row.get('dequant_ref_us'))} kernel={f(row.get('kernel_us'))} "
         f"roof={f(row['roofline_us'])} -> {row['dispatched']} "
         f"{row.get('config', '')} ({len(row['variants'])} tilings)")
@@ -798,13 +850,14 @@ def table_entries(wo, rows) -> dict:
   """The dispatch table from the measured rows (only M at a bucket's top)."""
   entries = {}
   for row in rows:
-    if row.get("xla_fused_us") is None or wo.m_bucket(row["m"]) != row["m"]:
+    if row.get("baseline_us") is None or wo.m_bucket(row["m"]) != row["m"]:
       continue
     cls = wo.shape_class(row["k"], row["n"])
     entries.setdefault(row["kernel"], {}).setdefault(cls, {})[str(row["m"])] = dict(
         use_kernel=row["table_use_kernel"], config=row.get("config_list"),
         shape=f"{row['k']}x{row['n']}", m=row["m"], kernel_us=row.get("kernel_us"),
-        xla_us=row["xla_fused_us"], bf16_us=row.get("bf16_us"))
+        xla_us=row["baseline_us"], baseline=row["baseline"],
+        fused_us=row.get("xla_fused_us"), bf16_us=row.get("bf16_us"))
   return entries
 
 
@@ -1150,8 +1203,8 @@ def target_rows(res) -> list[str]:
         v = a["bf16_us"] / a["dispatched_us"]
         add(f"{case} M=256 {k}x{n}: dispatched path >= 1.0x XLA bf16",
             f"{v:.2f}x ({a['dispatched']})", v >= 1.0)
-  slow = [x for x in wo if x.get("dispatched_us") and x.get("xla_fused_us")
-          and x["dispatched_us"] > 1.03 * x["xla_fused_us"]]
+  slow = [x for x in wo if x.get("dispatched_us") and x.get("baseline_us")
+          and x["dispatched_us"] > 1.03 * x["baseline_us"]]
   n_rows = len([x for x in wo if x.get("dispatched_us")])
   if n_rows:
     add("dispatch never slower than the XLA path it replaces (all rows, 3% noise)",
@@ -1222,7 +1275,8 @@ def block_rows(res) -> list[str]:
   return ["## Llama-3-8B block, decode matmuls summed",
           "", "q, o: 4096x4096; k, v: 4096x1024; gate, up: 4096x14336; down: "
           "14336x4096 (K x N). Dispatched = the kernel where the tuned table "
-          "takes it, else XLA's fused path.", ""] + lines
+          "takes it, else the path it replaces (the public dot's own, or in "
+          "rows measured before session 44 XLA's fused path).", ""] + lines
 
 
 def write_outputs(res, out_dir: str, tag: str):
@@ -1248,22 +1302,29 @@ def write_outputs(res, out_dir: str, tag: str):
   lines += target_rows(res)
   lines += ["## Weight-only (bf16 activations), us per call", "",
             "XLA fused = `(x @ w.astype(bf16)) * scale` (`xla_fused_matmul`, the "
-            "convert fused into the dot; what runs without a kernel). Dequant ref = "
+            "convert fused into the dot; issue 13's baseline). Fallback = what the "
+            "public `ops.dot_general` runs without a kernel (`use_kernel=\"never\"`, "
+            "the weight as `ops.prepare_weight` stores it; '-' in runs before "
+            "session 44). Dequant ref = "
             "our dequantize-then-dot (`xla_dequant_matmul`). Kernel = fastest "
-            "correct tiling timed. Dispatched = what the tuned table picks.", "",
-            "| weight | K x N | M | XLA bf16 | XLA fused | dequant ref | kernel | "
+            "correct tiling timed. Dispatched = what the tuned table picks: the "
+            "kernel where it beat the fallback (else, in older rows, the fused "
+            "path) by the margin.", "",
+            "| weight | K x N | M | XLA bf16 | XLA fused | fallback | dequant ref | "
+            "kernel | "
             "dispatched | roofline | % roofline (kernel) | kernel vs bf16 | kernel "
             "vs fused | kernel vs ref | config (tile_n, tile_k, tile_m, stages, "
             "split_k, ws, fast_decode[, k_chunks[, n_split[, lut_decode[, "
             "cluster_reduce[, scale_words[, lut_regs[, acc_scale]]]]]]]) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for x in sorted(res["wo"], key=lambda r: (r["kernel"], r["k"], r["n"], r["m"])):
     ku = x.get("kernel_us")
     ratio = lambda a: "-" if (a is None or ku is None) else f"{a / ku:.2f}x"
     pct = "-" if ku is None else f"{100 * x['roofline_us'] / ku:.0f}%"
     lines.append(
         f"| {x['kernel']} | {x['k']}x{x['n']} | {x['m']} | {_f(x.get('bf16_us'))} | "
-        f"{_f(x.get('xla_fused_us'))} | {_f(x.get('dequant_ref_us'))} | {_f(ku)} | "
+        f"{_f(x.get('xla_fused_us'))} | {_f(x.get('fallback_us'))} | "
+        f"{_f(x.get('dequant_ref_us'))} | {_f(ku)} | "
         f"{_f(x.get('dispatched_us'))} ({x.get('dispatched', '-')}) | "
         f"{_f(x['roofline_us'])} | "
         f"{pct} | "
@@ -1583,7 +1644,7 @@ def main(argv):
           rows[key] = row
         else:  # the same row from two runs: keep every tiling timed
           rows[key]["variants"].update(row["variants"])
-          for f_ in ("bf16_us", "xla_fused_us", "dequant_ref_us"):
+          for f_ in ("bf16_us", "xla_fused_us", "dequant_ref_us", "fallback_us"):
             if rows[key].get(f_) is None:
               rows[key][f_] = row.get(f_)
     rb = Bench(command)
@@ -1692,6 +1753,10 @@ def main(argv):
     if mid:
       phases.append(("refine", shapes, mid))
   only = set(_PHASES.value)
+  if "fallback" in only:
+    phases.append(("fallback", shapes, batches))
+    if extra:
+      phases.append(("fallback", extra, [1, 16]))
   if only:
     phases = [p for p in phases if p[0] in only]
   b.res["meta"]["phases"] = [(p, [f"{k}x{n}" for k, n in (sh or [])], ms)

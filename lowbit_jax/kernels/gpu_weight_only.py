@@ -85,9 +85,17 @@ session 38 (``benchmarks/kernels_h100_s38.md``); the H200 has not timed it.
 Dispatch is data: ``gpu_tuned_configs.json`` beside this file (written by
 ``experiments/bench_kernels.py --mode=tune``) holds, per weight case (``int4_g128``,
 ``int8_pc``, ...), shape class (``shape_class``) and M bucket (``m_bucket``), the
-tiling measured fastest and whether it beat XLA's own fused path
-(``xla_fused_matmul``) there. ``supports`` says yes only where the table says the
-kernel won; everywhere else the quantized ``dot_general`` keeps the XLA path.
+tiling measured fastest and whether it beat the path it replaces there: the
+quantized ``dot_general``'s own XLA path (``ops.dot_general`` with
+``use_kernel="never"``, the entry's ``baseline`` ``"fallback"``), or, in rows
+measured before session 44, XLA's fused path (``xla_fused_matmul``, baseline
+``"xla_fused"``), which is not what the public dot runs without a kernel and is
+slower than it for group scales (on the H200, int4 g128 on 8192x8192: 136
+against 95 us at M = 256, 831 against 714 at M = 4096; the fused column of
+``benchmarks/kernels_h200.md`` against the matmul table of
+``benchmarks/primitives_h200.md``, two runs). ``supports`` says yes
+only where the table says the kernel won; everywhere else the quantized
+``dot_general`` keeps its XLA path.
 That file was measured on the H200; a run on another Hopper part (the H100)
 writes ``gpu_tuned_configs.<device>.json``, whose rows win on that part
 (``table_for_device``).
@@ -353,8 +361,10 @@ def xla_fused_matmul(operands: MatmulOperands, problem: MatmulProblem, *,
   f32 result; group scales cannot leave the sum, so they multiply the bf16
   weight (``w.reshape(N, K/g, g) * s``) inside the same fusion. NVFP4's
   tensor scale multiplies the f32 result, as the kernel applies it. This is
-  the baseline a kernel must beat (issue 13), and what runs where
-  ``supports`` says no. (MXFP4's E8M0 code 0, 2**-127, is a subnormal scale
+  the baseline issue 13 names for a weight-only kernel. Where ``supports``
+  says no, the public ``ops.dot_general`` runs its own path (per-channel
+  codes into the dot as here, group scales dequantized before the dot),
+  which the tuned table's newer rows are decided against. (MXFP4's E8M0 code 0, 2**-127, is a subnormal scale
   here: exact on GPU, flushed to 0 by XLA on CPU.)
 
   Args:
@@ -845,8 +855,8 @@ def supports(problem: MatmulProblem) -> bool:
   Returns:
     True only on a Hopper GPU, for bf16 activations, where the tuned table
     (``gpu_tuned_configs.json``) has an entry for this weight case, shape class
-    and M bucket that beat ``xla_fused_matmul``, and the shape tiles evenly
-    with that entry's tiling.
+    and M bucket that beat the path it replaces (the entry's ``baseline``),
+    and the shape tiles evenly with that entry's tiling.
   """
   try:
     _validate(problem)

@@ -123,3 +123,32 @@ def test_report_refuses_runs_of_two_devices(tmp_path):
   assert "different devices" in r.stderr
   assert "NVIDIA H100 80GB HBM3: " + paths[1] in r.stderr
   assert not out.exists()
+
+
+def test_report_decides_against_the_public_fallback_where_measured(tmp_path):
+  # The public dot without a kernel (fallback_us) can beat XLA's fused path
+  # (group scales dequantized before the dot): a later --phases=fallback run,
+  # merged in any order with the run that timed the kernel, decides the row
+  # against it; rows it did not time keep the fused path as their baseline.
+  cfg = [64, 128, 128, 3, 1, False, False]
+  old = _result([
+      _row("fp4_g32", 256, 8192, 8192, [(cfg, 109.0, 1e-3)], fused=175.0),
+      _row("int4_g128", 256, 8192, 8192, [(cfg, 58.0, 1e-3)], fused=136.0),
+      _row("int4_g128", 64, 8192, 8192, [(cfg, 29.0, 1e-3)], fused=126.0),
+  ], "kernel run")
+  fb = lambda case, us: dict(  # noqa: E731
+      _row(case, 256, 8192, 8192, [], fused=None, bf16=47.0), fallback_us=us)
+  new = _result([fb("fp4_g32", 96.0), fb("int4_g128", 95.0)], "fallback run")
+  out = tmp_path / "out"
+  r, _ = _report(tmp_path, (("fb.json", new), ("old.json", old)), out)
+  assert r.returncode == 0, r.stderr[-2000:]
+  table = json.loads((out / "gpu_tuned_configs.json").read_text())["entries"]
+  fp4 = table["fp4_g32"]["k8k_n8k"]["256"]
+  assert not fp4["use_kernel"] and fp4["baseline"] == "fallback"
+  assert fp4["xla_us"] == 96.0 and fp4["fused_us"] == 175.0
+  i4 = table["int4_g128"]["k8k_n8k"]
+  assert i4["256"]["use_kernel"] and i4["256"]["xla_us"] == 95.0
+  assert i4["64"]["use_kernel"] and i4["64"]["baseline"] == "xla_fused"
+  md = (out / "kernels_h200.md").read_text()
+  assert "| fp4_g32 | 8192x8192 | 256 | 47.0 | 175.0 | 96.0 |" in md
+  assert "96.0 (fallback)" in md
