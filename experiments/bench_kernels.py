@@ -850,7 +850,10 @@ def table_entries(wo, rows) -> dict:
   """The dispatch table from the measured rows (only M at a bucket's top)."""
   entries = {}
   for row in rows:
-    if row.get("baseline_us") is None or wo.m_bucket(row["m"]) != row["m"]:
+    # A row without a kernel timed (a --phases=fallback run's alone) decides
+    # nothing: no entry, so the table a device's rows overlay keeps its own.
+    if (row.get("baseline_us") is None or not row.get("variants")
+        or wo.m_bucket(row["m"]) != row["m"]):
       continue
     cls = wo.shape_class(row["k"], row["n"])
     entries.setdefault(row["kernel"], {}).setdefault(cls, {})[str(row["m"])] = dict(

@@ -138,7 +138,9 @@ def test_report_decides_against_the_public_fallback_where_measured(tmp_path):
   ], "kernel run")
   fb = lambda case, us: dict(  # noqa: E731
       _row(case, 256, 8192, 8192, [], fused=None, bf16=47.0), fallback_us=us)
-  new = _result([fb("fp4_g32", 96.0), fb("int4_g128", 95.0)], "fallback run")
+  # A row the fallback run timed alone (no kernel anywhere) gets no entry.
+  new = _result([fb("fp4_g32", 96.0), fb("int4_g128", 95.0), fb("nvfp4", 99.0)],
+                "fallback run")
   out = tmp_path / "out"
   r, _ = _report(tmp_path, (("fb.json", new), ("old.json", old)), out)
   assert r.returncode == 0, r.stderr[-2000:]
@@ -149,6 +151,7 @@ def test_report_decides_against_the_public_fallback_where_measured(tmp_path):
   i4 = table["int4_g128"]["k8k_n8k"]
   assert i4["256"]["use_kernel"] and i4["256"]["xla_us"] == 95.0
   assert i4["64"]["use_kernel"] and i4["64"]["baseline"] == "xla_fused"
+  assert "nvfp4" not in table
   md = (out / "kernels_h200.md").read_text()
   assert "| fp4_g32 | 8192x8192 | 256 | 47.0 | 175.0 | 96.0 |" in md
   assert "96.0 (fallback)" in md
