@@ -25,8 +25,8 @@ FORMATS = {
     "ternary": ("ternary", {}),
 }
 # Matmul weights: id -> (format, QuantSpec keywords; the axis is K).
-MM_FORMATS = {"int4_g128": ("int4", dict(group_size=128)), "int8": ("int8", {}),
-              "fp8_e4m3": ("fp8_e4m3", {})}
+MM_FORMATS = {"int4_g128": ("int4", dict(group_size=128)), "int4": ("int4", {}),
+              "int8": ("int8", {}), "fp8_e4m3": ("fp8_e4m3", {})}
 
 
 

@@ -165,18 +165,27 @@ def test_prepare_weight_is_k_major():
 
 @pytest.mark.parametrize("fmt,kw,after", [
     ("int8", {}, True), ("fp8_e4m3", {}, True), ("fp8_e5m2", dict(axis="tensor"), True),
-    ("int4", {}, False), ("int8", dict(group_size=64), False), ("uint8", {}, False)])
+    ("int4", {}, True), ("fp4_e2m1", {}, True), ("int4", dict(group_size=32), False),
+    ("int8", dict(group_size=64), False), ("uint8", {}, False), ("int3", {}, False)])
 def test_16bit_reference_dot_scales_after_the_dot(fmt, kw, after, monkeypatch):
   """A bf16 dot (the path off the CPU) takes per-channel 8-bit codes as they are
-  stored and scales its output; other weights are dequantized first."""
+  stored, and packed int4 / E2M1 codes as XLA's 4-bit dtypes, and scales its
+  output; other weights are dequantized first."""
   monkeypatch.setattr(ops, "_compute_dtype", lambda dt: jnp.bfloat16)
   x, w = _xw(m=4, k=128, n=24, seed=12)
   xb = x.astype(jnp.bfloat16)
   w = w.at[:, 5].set(jnp.nan)  # a NaN channel stays NaN
   qw = ops.prepare_weight(w, lb.QuantSpec(fmt, **kw))
   dn = (((1,), (1,)), ((), ()))
-  assert (ops._scale_after_dot(qw, dn, jnp.bfloat16) is not None) == after
+  post = ops._scale_after_dot(qw, dn, jnp.bfloat16)
+  assert (post is not None) == after
   assert ops._scale_after_dot(qw, dn, jnp.float32) is None  # float32: exact order
+  if post is not None:
+    # The codes the dot converts, times the output scale, are the weight
+    # dequantize gives, bit for bit (4-bit codes: their nibble order too).
+    codes, s = post
+    got_w = np.asarray(codes.astype(jnp.float32)) * np.asarray(s)[:, None]
+    np.testing.assert_array_equal(got_w, np.asarray(lb.dequantize(qw), np.float32))
   y = jax.jit(lambda a, q: ops.dot_general(a, q, dn, mode="real",
                                            use_kernel="never"))(xb, qw)
   assert y.dtype == jnp.bfloat16
