@@ -73,7 +73,8 @@ from lowbit_jax.core import scaling
 from lowbit_jax.core._qarray import (CODE_ORDERS, SPLIT_ORDERS, WGMMA_RUN_BYTES,
                                      QArray, block_shape, from_code_order,
                                      normalize_axis, to_code_order)
-from lowbit_jax.core._quantize import (_as_key, _fake_quant_impl, _key_ct, dequantize,
+from lowbit_jax.core._quantize import (_E8M0_BIAS, _as_key, _fake_quant_impl,
+                                       _key_ct, _pow2_pair, dequantize,
                                        dequantize_as,
                                        fake_quant, quantize)
 from lowbit_jax.core._spec import TENSOR, QuantSpec, as_spec
@@ -639,6 +640,10 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None,
     y = lax.dot_general(lv.astype(ct), codes.astype(ct), dn, precision,
                         preferred_element_type=jnp.float32)
     return (y * scale).astype(preferred_element_type or out_dtype)
+  if isinstance(rq, QArray):
+    y = _group_scaled_dot(lv, rq, dn, ct, rows, precision)
+    if y is not None:
+      return y.astype(preferred_element_type or out_dtype)
   rv = dequantize_as(rq, out_dtype) if isinstance(rq, QArray) else rq
   # Dequantized operands round to the activation's dtype first, as fake mode's
   # operands do, so a bf16 model's real mode equals its fake mode also where
@@ -764,6 +769,88 @@ def _scale_after_dot(rq: QArray, dn, ct):
   free = tuple(i for i in range(rq.ndim) if i not in rc)
   s = rq.scale.astype(jnp.float32).reshape(tuple(sshape[i] for i in free))
   return codes, s
+
+
+# A weight with group scales along the contraction goes into the dot one
+# group at a time (``_group_scaled_dot``) while ``rows * this <= group``: its
+# float32 partial sums (``rows x groups x N``, written and read once) then
+# move at most an eighth of the bytes a dequantized bf16 copy of the weight
+# does (written and read once).
+_GROUP_DOT_ROWS_PER_GROUP = 8
+_GROUP_DOT_BACKENDS = ("gpu",)
+
+
+def _group_scaled_dot(lv, rq: QArray, dn, ct, rows: int, precision):
+  """``lv . rq`` for a weight with group scales along the contraction, its
+  codes converted inside the dot, or None where it does not apply.
+
+  ``x . W = sum_g s_g (x_g . c_g)``: the contraction splits into its groups
+  (a reshape), one batched dot over the groups takes the codes as they are
+  stored (8-bit codes, or packed int4 / E2M1 as XLA's 4-bit dtypes,
+  ``_native_4bit_codes``) and writes each group's float32 partial sum, and
+  the group scales (E8M0 as ``_pow2_pair``'s two factors, NVFP4's tensor
+  scale after the sum) multiply the partials as they are summed. The
+  dequantize-first order writes a 16-bit copy of the whole weight and reads
+  it back; at decode that is most of the time (int4 g128 on the H200,
+  x[1, 8192] @ W[8192, 8192]: 84 us against bf16's 34, the matmul table of
+  ``benchmarks/primitives_h200.md``). The sums are more exact than that
+  order's (no 16-bit rounding of ``code * scale``), as the Mosaic kernel's
+  ``Config.acc_scale`` is, so not its bits. GPU only, a 16-bit dot, small M
+  (``_GROUP_DOT_ROWS_PER_GROUP``): on TPU this order is unmeasured.
+  """
+  if (jnp.dtype(ct).itemsize != 2
+      or jax.default_backend() not in _GROUP_DOT_BACKENDS):
+    return None
+  (lc, rc), (lb, rb) = dn
+  spec = rq.spec
+  fmt = spec.storage_format
+  if (lb or rb or len(lc) != 1 or len(rc) != 1 or spec.tile is not None
+      or rq.zero_point is not None or not isinstance(spec.axis, int)
+      or spec.group_size is None):
+    return None
+  la, ra = lc[0], rc[0]
+  k, g = rq.shape[ra], spec.group_size
+  if spec.axis != ra or k % g or k == g or rows * _GROUP_DOT_ROWS_PER_GROUP > g:
+    return None
+  n_groups = k // g
+  sshape = tuple(rq.scale.shape)
+  if len(sshape) != rq.ndim or sshape[ra] != n_groups or any(
+      n not in (1, d) for i, (n, d) in enumerate(zip(sshape, rq.shape)) if i != ra):
+    return None
+  if fmt.bits == 4:
+    codes = _native_4bit_codes(rq, fmt, rc)
+  elif fmt.bits == 8 and tuple(rq.codes.shape) == tuple(rq.shape) and (
+      (isinstance(fmt, IntFormat) and not fmt.frac_bits
+       and rq.codes.dtype == (jnp.int8 if fmt.signed else jnp.uint8))
+      or (isinstance(fmt, FloatFormat)
+          and jnp.issubdtype(rq.codes.dtype, jnp.floating) and _holds(ct, fmt))):
+    codes = rq.codes
+  else:
+    codes = None
+  if codes is None:
+    return None
+  split = lambda a, ax: a.reshape(  # noqa: E731
+      a.shape[:ax] + (n_groups, g) + a.shape[ax + 1:])
+  # [groups, lhs free..., rhs free...]: the groups are the dot's batch.
+  part = lax.dot_general(
+      split(lv.astype(ct), la), split(codes.astype(ct), ra),
+      (((la + 1,), (ra + 1,)), ((la,), (ra,))), precision,
+      preferred_element_type=jnp.float32)
+  # The scales as [groups, 1 (lhs free)..., rhs free...].
+  n_free_l = lv.ndim - 1
+  if spec.scale_dtype == "e8m0":
+    code = rq.scale.astype(jnp.int32)
+    f1, f2 = _pow2_pair(code - _E8M0_BIAS)
+    factors = [jnp.where(code == 255, jnp.float32(jnp.nan), f1), f2]
+  else:
+    factors = [rq.scale.astype(jnp.float32)]
+  for f in factors:
+    f = jnp.moveaxis(f, ra, 0)
+    part = part * f.reshape(f.shape[:1] + (1,) * n_free_l + f.shape[1:])
+  y = jnp.sum(part, axis=0)
+  if rq.tensor_scale is not None:
+    y = y * rq.tensor_scale
+  return y
 
 
 def _native_4bit_codes(rq: QArray, fmt, rc):

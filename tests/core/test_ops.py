@@ -199,6 +199,54 @@ def test_16bit_reference_dot_scales_after_the_dot(fmt, kw, after, monkeypatch):
   np.testing.assert_allclose(got[ok], ref[ok], rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("fmt,kw,layout", [
+    ("int4", dict(group_size=128), "nk"), ("int4", dict(group_size=32), "nk"),
+    ("int8", dict(group_size=64), "nk"), ("fp4_e2m1", dict(group_size=32), "nk"),
+    ("fp8_e4m3", dict(group_size=64), "nk"), ("mxfp4", {}, "nk"), ("nvfp4", {}, "nk"),
+    # [K, N] weights, scales along K: 8-bit codes (4-bit ones pack along N).
+    ("int8", dict(group_size=64), "kn"), ("fp8_e4m3", dict(group_size=32), "kn")])
+def test_16bit_reference_dot_sums_group_scaled_partials(fmt, kw, layout,
+                                                        monkeypatch):
+  """At small M a bf16 dot (off the CPU) takes a group-scaled weight's codes
+  into a dot batched over the groups and sums the scaled partials: within
+  float32 accumulation error of the float64 product with the dequantized
+  weight, in both weight layouts; NaN channels stay NaN; a weight it cannot
+  take (too many rows, a zero point) keeps the dequantize-first order."""
+  monkeypatch.setattr(ops, "_compute_dtype", lambda dt: jnp.bfloat16)
+  monkeypatch.setattr(ops, "_GROUP_DOT_BACKENDS", (jax.default_backend(),))
+  k, n = 256, 24
+  x, w = _xw(m=2, k=k, n=n, seed=14)
+  xb = x.astype(jnp.bfloat16)
+  w = w.at[:, 5].set(jnp.nan)
+  spec = lb.QuantSpec(fmt, **kw)
+  if layout == "nk":
+    qw, dn = ops.prepare_weight(w, spec), (((1,), (1,)), ((), ()))
+  else:
+    qw, dn = lb.quantize(w, spec.replace(axis=0)), (((1,), (0,)), ((), ()))
+  ct = jnp.bfloat16
+  got = jax.jit(lambda a, q: ops._group_scaled_dot(a, q, dn, ct, 2, None))(xb, qw)
+  assert got is not None
+  y = jax.jit(lambda a, q: ops.dot_general(
+      a, q, dn, mode="real", use_kernel="never",
+      preferred_element_type=jnp.float32))(xb, qw)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(got))
+  wq = np.asarray(lb.dequantize(qw), np.float64)
+  ref = np.asarray(xb, np.float64) @ (wq.T if layout == "nk" else wq)
+  out = np.asarray(y, np.float64)
+  assert np.isnan(out[:, 5]).all()
+  ok = ~np.isnan(ref)
+  np.testing.assert_array_equal(np.isnan(out), ~ok)
+  err = np.abs(out[ok] - ref[ok]).max() / np.abs(ref[ok]).max()
+  assert err < 1e-5, err
+  # Rows beyond the group's share, and a weight with zero points: no.
+  rows = qw.spec.group_size // ops._GROUP_DOT_ROWS_PER_GROUP + 1
+  assert ops._group_scaled_dot(xb, qw, dn, ct, rows, None) is None
+  assert ops._group_scaled_dot(xb, qw, dn, jnp.float32, 2, None) is None
+  if fmt == "int4":
+    asym = ops.prepare_weight(w, lb.QuantSpec("uint4", symmetric=False, **kw))
+    assert ops._group_scaled_dot(xb, asym, dn, ct, 2, None) is None
+
+
 @pytest.mark.parametrize("fmt,kw,materialized", [
     ("int4", dict(group_size=32), True), ("int8", {}, False)])
 def test_16bit_reference_dot_materializes_the_weight_at_large_m(fmt, kw, materialized,
