@@ -777,7 +777,10 @@ def _scale_after_dot(rq: QArray, dn, ct):
 # move at most an eighth of the bytes a dequantized bf16 copy of the weight
 # does (written and read once).
 _GROUP_DOT_ROWS_PER_GROUP = 8
-_GROUP_DOT_BACKENDS = ("gpu",)
+# Where 4-bit codes go into the dot as XLA's 4-bit dtypes and group-scaled
+# weights as a dot batched over their groups: measured on GPU only (TPU keeps
+# the dequantize-first order until timed there).
+_NATIVE_CODE_BACKENDS = ("gpu",)
 
 
 def _group_scaled_dot(lv, rq: QArray, dn, ct, rows: int, precision):
@@ -795,11 +798,11 @@ def _group_scaled_dot(lv, rq: QArray, dn, ct, rows: int, precision):
   x[1, 8192] @ W[8192, 8192]: 84 us against bf16's 34, the matmul table of
   ``benchmarks/primitives_h200.md``). The sums are more exact than that
   order's (no 16-bit rounding of ``code * scale``), as the Mosaic kernel's
-  ``Config.acc_scale`` is, so not its bits. GPU only, a 16-bit dot, small M
-  (``_GROUP_DOT_ROWS_PER_GROUP``): on TPU this order is unmeasured.
+  ``Config.acc_scale`` is, so not its bits. A 16-bit dot, small M
+  (``_GROUP_DOT_ROWS_PER_GROUP``), ``_NATIVE_CODE_BACKENDS``.
   """
   if (jnp.dtype(ct).itemsize != 2
-      or jax.default_backend() not in _GROUP_DOT_BACKENDS):
+      or jax.default_backend() not in _NATIVE_CODE_BACKENDS):
     return None
   (lc, rc), (lb, rb) = dn
   spec = rq.spec
@@ -871,7 +874,8 @@ def _native_4bit_codes(rq: QArray, fmt, rc):
   reads the 4-bit array in its stored width.
   """
   last = rq.ndim - 1
-  if (rq.code_order != "natural" or rq.pack_axis != last or last not in rc
+  if (jax.default_backend() not in _NATIVE_CODE_BACKENDS
+      or rq.code_order != "natural" or rq.pack_axis != last or last not in rc
       or rq.codes.dtype != jnp.uint8 or rq.codes.shape[:-1] != rq.shape[:-1]
       or 2 * rq.codes.shape[-1] != rq.shape[-1]):
     return None

@@ -172,6 +172,7 @@ def test_16bit_reference_dot_scales_after_the_dot(fmt, kw, after, monkeypatch):
   stored, and packed int4 / E2M1 codes as XLA's 4-bit dtypes, and scales its
   output; other weights are dequantized first."""
   monkeypatch.setattr(ops, "_compute_dtype", lambda dt: jnp.bfloat16)
+  monkeypatch.setattr(ops, "_NATIVE_CODE_BACKENDS", (jax.default_backend(),))
   x, w = _xw(m=4, k=128, n=24, seed=12)
   xb = x.astype(jnp.bfloat16)
   w = w.at[:, 5].set(jnp.nan)  # a NaN channel stays NaN
@@ -179,6 +180,11 @@ def test_16bit_reference_dot_scales_after_the_dot(fmt, kw, after, monkeypatch):
   dn = (((1,), (1,)), ((), ()))
   post = ops._scale_after_dot(qw, dn, jnp.bfloat16)
   assert (post is not None) == after
+  if after and qw.spec.storage_format.bits == 4:
+    # 4-bit codes only where that order was measured (the GPU).
+    with monkeypatch.context() as mp:
+      mp.setattr(ops, "_NATIVE_CODE_BACKENDS", ())
+      assert ops._scale_after_dot(qw, dn, jnp.bfloat16) is None
   assert ops._scale_after_dot(qw, dn, jnp.float32) is None  # float32: exact order
   if post is not None:
     # The codes the dot converts, times the output scale, are the weight
@@ -213,7 +219,7 @@ def test_16bit_reference_dot_sums_group_scaled_partials(fmt, kw, layout,
   weight, in both weight layouts; NaN channels stay NaN; a weight it cannot
   take (too many rows, a zero point) keeps the dequantize-first order."""
   monkeypatch.setattr(ops, "_compute_dtype", lambda dt: jnp.bfloat16)
-  monkeypatch.setattr(ops, "_GROUP_DOT_BACKENDS", (jax.default_backend(),))
+  monkeypatch.setattr(ops, "_NATIVE_CODE_BACKENDS", (jax.default_backend(),))
   k, n = 256, 24
   x, w = _xw(m=2, k=k, n=n, seed=14)
   xb = x.astype(jnp.bfloat16)
