@@ -248,3 +248,23 @@ def test_gpu_qat_step_within_budget(tmp_path):
     r = rows[(name, "QAT step")]
     assert r["kernels"] <= kernels and r["tiny"] <= tiny, (name, r["kernels"], r["tiny"])
   assert rows[("nvfp4", "fake_quant")]["kernels"] <= _GPU_BUDGET[("nvfp4", "fake_quant")][0]
+
+
+# (weight, M) -> most MB moved by the non-kernel real-mode matmul x[M, 8192] @
+# a [8192, 8192] weight on the H200-like target: 4-bit per-channel codes go
+# into the GEMM as XLA's int4 (ops._native_4bit_codes), a group-scaled weight
+# at small M into a dot batched over its groups (ops._group_scaled_dot);
+# before either, both wrote a dequantized bf16 copy of the weight (304-313 MB).
+_MATMUL_BUDGET = {("int4", 1): 40, ("int4", 16): 50, ("int4_g128", 1): 45,
+                  ("int4_g128", 16): 115}
+
+
+@pytest.mark.slow
+def test_gpu_small_m_matmul_reads_the_codes_once(tmp_path):
+  ms = sorted({m for _, m in _MATMUL_BUDGET})
+  rows = {(r["format"], r["program"]): r for r in _survey(
+      tmp_path, "--formats=int4", "--ops=dequantize",
+      f"--matmul_m={','.join(map(str, ms))}")}
+  for (fid, m), mb in _MATMUL_BUDGET.items():
+    r = rows[(fid, f"matmul M={m}")]
+    assert r["MB"] <= mb, (fid, m, r)
