@@ -363,8 +363,9 @@ def xla_fused_matmul(operands: MatmulOperands, problem: MatmulProblem, *,
   tensor scale multiplies the f32 result, as the kernel applies it. This is
   the baseline issue 13 names for a weight-only kernel. Where ``supports``
   says no, the public ``ops.dot_general`` runs its own path (per-channel
-  codes into the dot as here, group scales dequantized before the dot),
-  which the tuned table's newer rows are decided against. (MXFP4's E8M0 code 0, 2**-127, is a subnormal scale
+  codes into the dot as here; group scales in a dot batched over the
+  groups at small M, else dequantized before the dot), which the tuned
+  table's newer rows are decided against. (MXFP4's E8M0 code 0, 2**-127, is a subnormal scale
   here: exact on GPU, flushed to 0 by XLA on CPU.)
 
   Args:
