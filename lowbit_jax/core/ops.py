@@ -701,7 +701,8 @@ _MATERIALIZE_MIN_ROWS = 1 << 62
 # 121 / 123 / 129 / 251 / 760 at M = 1, 16, 256, 1024, 4096; fp8 24 / 23 /
 # 69 / 224 / 777 against 122 / 123 / 130 / 252 / 758. At M = 4096 XLA converts
 # the codes in a pass of their own (81 us) and the GEMM writes float32 for the
-# scale to multiply. Between 1024 and 4096 not timed.
+# scale to multiply. Between 1024 and 4096 not timed. Packed 4-bit codes
+# (``_native_4bit_codes``) share the threshold, untimed on a GPU as yet.
 _CODES_IN_DOT_MAX_ROWS = 1024
 
 
