@@ -236,6 +236,12 @@ def test_16bit_reference_dot_sums_group_scaled_partials(fmt, kw, layout,
       a, q, dn, mode="real", use_kernel="never",
       preferred_element_type=jnp.float32))(xb, qw)
   np.testing.assert_array_equal(np.asarray(y), np.asarray(got))
+  # Leading activation axes (a [batch, tokens, K] input) come out in place.
+  dn3 = ((((2,), dn[0][1])), ((), ()))
+  y3 = jax.jit(lambda a, q: ops._group_scaled_dot(a, q, dn3, ct, 2, None))(
+      xb.reshape(1, 2, k), qw)
+  np.testing.assert_allclose(np.asarray(y3).reshape(2, n), np.asarray(got),
+                             rtol=1e-6, atol=1e-6)
   wq = np.asarray(lb.dequantize(qw), np.float64)
   ref = np.asarray(xb, np.float64) @ (wq.T if layout == "nk" else wq)
   out = np.asarray(y, np.float64)
