@@ -746,26 +746,14 @@ def _scale_after_dot(rq: QArray, dn, ct):
   fmt = spec.storage_format
   (_, rc), (_, rb) = dn
   if (rb or rq.zero_point is not None or rq.tensor_scale is not None
-      or spec.scale_dtype == "e8m0" or rq.codes.dtype.itemsize != 1):
+      or spec.scale_dtype == "e8m0"):
     return None
   sshape = tuple(rq.scale.shape)
   if len(sshape) != rq.ndim or any(sshape[i] != 1 for i in rc) or any(
       n not in (1, d) for n, d in zip(sshape, rq.shape)):
     return None
-  if fmt.bits == 4:
-    codes = _native_4bit_codes(rq, fmt, rc)
-    if codes is None:
-      return None
-  elif fmt.bits != 8 or tuple(rq.codes.shape) != tuple(rq.shape):
-    return None
-  elif isinstance(fmt, IntFormat):
-    if fmt.frac_bits or rq.codes.dtype != (jnp.int8 if fmt.signed else jnp.uint8):
-      return None
-    codes = rq.codes
-  elif (isinstance(fmt, FloatFormat) and jnp.issubdtype(rq.codes.dtype, jnp.floating)
-        and _holds(ct, fmt)):
-    codes = rq.codes
-  else:
+  codes = _codes_for_dot(rq, fmt, rc, ct)
+  if codes is None:
     return None
   free = tuple(i for i in range(rq.ndim) if i not in rc)
   s = rq.scale.astype(jnp.float32).reshape(tuple(sshape[i] for i in free))
@@ -821,16 +809,7 @@ def _group_scaled_dot(lv, rq: QArray, dn, ct, rows: int, precision):
   if len(sshape) != rq.ndim or sshape[ra] != n_groups or any(
       n not in (1, d) for i, (n, d) in enumerate(zip(sshape, rq.shape)) if i != ra):
     return None
-  if fmt.bits == 4:
-    codes = _native_4bit_codes(rq, fmt, rc)
-  elif fmt.bits == 8 and tuple(rq.codes.shape) == tuple(rq.shape) and (
-      (isinstance(fmt, IntFormat) and not fmt.frac_bits
-       and rq.codes.dtype == (jnp.int8 if fmt.signed else jnp.uint8))
-      or (isinstance(fmt, FloatFormat)
-          and jnp.issubdtype(rq.codes.dtype, jnp.floating) and _holds(ct, fmt))):
-    codes = rq.codes
-  else:
-    codes = None
+  codes = _codes_for_dot(rq, fmt, rc, ct)
   if codes is None:
     return None
   split = lambda a, ax: a.reshape(  # noqa: E731
@@ -857,6 +836,24 @@ def _group_scaled_dot(lv, rq: QArray, dn, ct, rows: int, precision):
   return y
 
 
+def _codes_for_dot(rq: QArray, fmt, rc, ct):
+  """``rq``'s codes as a ``ct`` dot can convert them while it loads them (each
+  code's value exact in ``ct``), or None: 8-bit codes stored one per byte
+  whose value is the code itself (integers without fraction bits, float8
+  types), or packed 4-bit ones (``_native_4bit_codes``)."""
+  if fmt.bits == 4:
+    return _native_4bit_codes(rq, fmt, rc)
+  if (fmt.bits != 8 or tuple(rq.codes.shape) != tuple(rq.shape)
+      or rq.codes.dtype.itemsize != 1):
+    return None
+  if isinstance(fmt, IntFormat):
+    ok = not fmt.frac_bits and rq.codes.dtype == (jnp.int8 if fmt.signed else jnp.uint8)
+  else:
+    ok = (isinstance(fmt, FloatFormat) and jnp.issubdtype(rq.codes.dtype, jnp.floating)
+          and _holds(ct, fmt))
+  return rq.codes if ok else None
+
+
 def _native_4bit_codes(rq: QArray, fmt, rc):
   """Packed 4-bit codes as XLA's own 4-bit dtype (``int4`` / ``uint4`` /
   ``float4_e2m1fn``), ``rq.shape``, for the dot to convert as it loads them.
@@ -865,10 +862,11 @@ def _native_4bit_codes(rq: QArray, fmt, rc):
   contracted, in natural order and without padding: a bitcast of the bytes
   is then the array itself (the first code in the low nibble, as ``pack``
   stores it). Without it the weight was dequantized to 16 bits in memory
-  before the dot (for int4 per channel on an H100, x[1, 8192] @ W[8192,
-  8192]: 108 us, against 46 us for the bf16 weight; the same dot through
-  ``gpu_weight_only.xla_fused_matmul``, which converts the 4-bit codes
-  inside the GEMM, took 27 us on the H200). The optimization barrier keeps
+  before the dot (int4 per channel, x[1, 8192] @ W[8192, 8192]: 108 us on
+  an H100 against the bf16 weight's 46, ``benchmarks/kernels_h100_runs/
+  run_fb_h100.md``; ``gpu_weight_only.xla_fused_matmul``, which converts the
+  4-bit codes inside the GEMM, took 27 us on the H200 against bf16's 34,
+  ``benchmarks/kernels_h200.md``). The optimization barrier keeps
   the bitcast out of the GEMM's fusion: XLA's GPU GemmFusion aborts the
   process when it traces the convert back through the element-count-changing
   bitcast (``gpu_weight_only._codes_to_bf16``); behind it the GEMM still
