@@ -404,10 +404,11 @@ def wo_weight(key, fmt, group, n, k):
 _DN_NT = (((1,), (1,)), ((), ()))  # x[M, K] . W[N, K]
 
 
-def public_weights(jax, fmt, group, n, k, weights, order):
+def public_weights(fmt, group, n, k, weights, order):
   """``weights`` (codes, scales, tensor scale) as the QArrays a user's
   ``ops.prepare_weight`` makes of a bf16 [K, N] weight: the same codes (in
   ``order``), the scales in the spec's own dtype (float32 for int / fp4)."""
+  import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import lowbit_jax as lb  # pylint: disable=g-import-not-at-top
   from lowbit_jax.core import ops as lops  # pylint: disable=g-import-not-at-top
@@ -712,7 +713,10 @@ def run_shape(b: Bench, wo, api, k: int, n: int, ms, cases, stage: str):
     # The kernel's weights: the same codes, in its order (XLA reads natural).
     wk = ws if order == "natural" else [
         (to_code_order(c, order), s, t) for c, s, t in ws]
-    qs = public_weights(jax, fmt, group, n, k, wk, order)
+    # The public path's QArrays, made when a row first times it.
+    qs = functools.lru_cache(maxsize=1)(
+        lambda fmt=fmt, group=group, wk=wk, order=order: public_weights(
+            fmt, group, n, k, wk, order))
     for m in ms:
       prob = api.MatmulProblem(m=m, n=n, k=k, x_dtype="bfloat16", w_format=fmt,
                                w_block=group)
@@ -744,7 +748,7 @@ def run_shape(b: Bench, wo, api, k: int, n: int, ms, cases, stage: str):
             fn=lambda x, qs_: [lops.dot_general(x, q, _DN_NT, mode="real",
                                                 use_kernel="never")
                                for q in qs_],
-            args=(xs[m], qs), reps=r, done=done_f))
+            args=(xs[m], qs()), reps=r, done=done_f))
       if stage == "fallback":
         continue
 
