@@ -439,26 +439,41 @@ def _qwix_time(timer, qwix, cfg: dict, op: str, x, g):
   return timer(fb, x, g)
 
 
-def _reference_order(ops, m, both, ct):
-  """Which order ``ops.dot_general``'s reference dot runs at M rows."""
+def _reference_order(ops, m, both, ct, grouped=False):
+  """Which order ``ops.dot_general``'s reference dot runs at M rows
+  (``grouped``: the group-batched dot takes the weight at this M)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   # pylint: disable=protected-access
   if both and m <= ops._CODES_IN_DOT_MAX_ROWS:
     return "codes"
+  if grouped:
+    return "groups"
   return "materialize" if ct != jnp.float32 and m >= ops._MATERIALIZE_MIN_ROWS else "fused"
+
+
+def _groups_apply(ops, x, q, dn, ct, m) -> bool:
+  """Whether ``ops._group_scaled_dot`` takes ``q`` at ``m`` rows (under the
+  module's thresholds as they are when called)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  # pylint: disable=protected-access
+  return jax.eval_shape(
+      lambda a, w: ops._group_scaled_dot(a, w, dn, ct, m, None), x, q) is not None
 
 
 @contextlib.contextmanager
 def _order_forced(ops, name):
   """Forces the reference dot's order (module thresholds) for one timing."""
   # pylint: disable=protected-access
-  old = ops._CODES_IN_DOT_MAX_ROWS, ops._MATERIALIZE_MIN_ROWS
+  old = (ops._CODES_IN_DOT_MAX_ROWS, ops._MATERIALIZE_MIN_ROWS,
+         ops._GROUP_DOT_ROWS_PER_GROUP)
   ops._CODES_IN_DOT_MAX_ROWS = -1 if name != "codes" else 1 << 62
   ops._MATERIALIZE_MIN_ROWS = 0 if name == "materialize" else 1 << 62
+  ops._GROUP_DOT_ROWS_PER_GROUP = 0 if name == "groups" else 1 << 62
   try:
     yield
   finally:
-    ops._CODES_IN_DOT_MAX_ROWS, ops._MATERIALIZE_MIN_ROWS = old
+    (ops._CODES_IN_DOT_MAX_ROWS, ops._MATERIALIZE_MIN_ROWS,
+     ops._GROUP_DOT_ROWS_PER_GROUP) = old
 
 
 def sec_matmul(b: Bench, qwix):
@@ -502,13 +517,20 @@ def sec_matmul(b: Bench, qwix):
         jobs(ours_in(), x, qws, reps=reps, stats=st)
         jobs(lambda x_, ws_: [x_ @ v for v in ws_], x, ws, reps=reps)
         # Every order of the reference dot this weight allows: codes into the
-        # dot with the scales on its output, dequantize fused into the dot,
-        # dequantize materialized before the dot (ops._MATERIALIZE_MIN_ROWS).
+        # dot with the scales on its output, a dot batched over the weight's
+        # scale groups (ops._group_scaled_dot), dequantize fused into the
+        # dot, dequantize materialized before the dot
+        # (ops._MATERIALIZE_MIN_ROWS).
         ct = lb.ops._compute_dtype(jnp.bfloat16)  # pylint: disable=protected-access
         both = lb.ops._scale_after_dot(qws[0], dn_nt, ct) is not None  # pylint: disable=protected-access
-        cur = _reference_order(lb.ops, m, both, ct)
+        grouped = _groups_apply(lb.ops, x, qws[0], dn_nt, ct, m)
+        with _order_forced(lb.ops, "groups"):
+          can_group = _groups_apply(lb.ops, x, qws[0], dn_nt, ct, m)
+        cur = _reference_order(lb.ops, m, both, ct, grouped)
         others = {}
-        for name in (("codes", "fused", "materialize") if both else ("fused", "materialize")):
+        names = (("codes",) if both else ()) + (("groups",) if can_group else ()) + (
+            "fused", "materialize")
+        for name in names:
           if name == cur or (name == "materialize" and ct == jnp.float32):
             continue
           others[name] = jobs(ours_in(name), x, qws, reps=reps)
@@ -632,20 +654,25 @@ def markdown(res: dict) -> str:
             "(`ops.dot_general(x, QArray, mode='real', use_kernel='never')`), us per "
             "call; ratios > 1 mean ours is faster.", "",
             "| weight | M | ours | XLA bf16 | bf16 / ours | qwix | qwix / ours | "
-            "codes in dot | fused | materialized |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "codes in dot | group dot | fused | materialized |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in mm:
       od = r.get("orders_us") or {}
       if not od and r.get("other_order_us") is not None:  # runs before the three orders
         od = {"codes" if r.get("order") != "codes in the dot" else "fused": r["other_order_us"]}
-      cells = [f"{od[o]:.0f}" if o in od else "" for o in ("codes", "fused", "materialize")]
+      cells = [f"{od[o]:.0f}" if o in od else ""
+               for o in ("codes", "groups", "fused", "materialize")]
       out.append(f"| {r['weight']} | {r['m']} | {r['ours_us']:.0f} | "
                  f"{r['xla_bf16_us']:.0f} | {r['vs_bf16']:.2f} | "
                  f"{r.get('qwix_us', '')} | {r.get('vs_qwix', '')} | "
                  + " | ".join(cells) + " |")
-    out += ["", "Ours runs the order in the JSON's `order`; the last three columns "
-            "time every order the weight allows: int8/fp8 per-channel codes into the "
+    out += ["", "Ours runs the order in the JSON's `order`; the last four columns "
+            "time every order the weight allows: per-channel codes (8-bit, or "
+            "int4 / E2M1 as XLA's 4-bit dtypes) into the "
             "16-bit dot with the scales on its output (`ops._CODES_IN_DOT_MAX_ROWS`), "
+            "group-scaled codes into a dot batched over the groups, their "
+            "scaled partials summed (`ops._group_scaled_dot`; runs before "
+            "session 44 lack it), "
             "the dequantize fused into the dot, and the dequantize written out "
             "before the dot (`ops._MATERIALIZE_MIN_ROWS`). On CPU the reference dot "
             "runs in float32 and dequantizes first."]
