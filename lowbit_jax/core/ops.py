@@ -636,10 +636,15 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None,
   if post is not None:
     # Codes converted straight into the dot (XLA fuses the convert into the
     # GEMM's operand load), the per-channel scales applied to its output.
-    codes, scale = post
-    y = lax.dot_general(lv.astype(ct), codes.astype(ct), dn, precision,
-                        preferred_element_type=jnp.float32)
-    return (y * scale).astype(preferred_element_type or out_dtype)
+    codes, scale, shift = post
+    xc = lv.astype(ct)
+    y = lax.dot_general(xc, codes.astype(ct), dn, precision,
+                        preferred_element_type=jnp.float32) * scale
+    if shift is not None:
+      # x . ((c - z) s) = (x . c) s - (sum of x) (z s), per output channel.
+      xsum = jnp.sum(xc.astype(jnp.float32), axis=dn[0][0])
+      y = y - xsum.reshape(xsum.shape + (1,) * shift.ndim) * shift
+    return y.astype(preferred_element_type or out_dtype)
   if isinstance(rq, QArray):
     y = _group_scaled_dot(lv, rq, dn, ct, rows, precision)
     if y is not None:
@@ -730,34 +735,39 @@ def _scale_after_dot(rq: QArray, dn, ct):
   one per byte whose value is the code itself (integers without fraction
   bits, float8 types: exact in bfloat16 and float16) or 4-bit integer / E2M1
   codes packed along the contracted last axis (``_native_4bit_codes``),
-  float scales, no zero
-  point, tensor scale or padding, and a 16-bit compute dtype: the product then
+  float scales (a zero point ``z`` comes off the output as ``(sum of x) *
+  z * s``), no tensor scale or padding, and a 16-bit compute dtype: the product then
   rounds like the dequantize-first path does (one rounding of each product
   to float32 accumulation, then one to the output), not bit for bit. Float32
   compute keeps the dequantize-first order, which equals fake quantization
   exactly.
 
   Returns:
-    None, or (codes, scale broadcastable to the dot's output).
+    None, or (codes, scale broadcastable to the dot's output, ``z * s``
+    likewise or None).
   """
   if jnp.dtype(ct).itemsize != 2:
     return None
   spec = rq.spec
   fmt = spec.storage_format
   (_, rc), (_, rb) = dn
-  if (rb or rq.zero_point is not None or rq.tensor_scale is not None
-      or spec.scale_dtype == "e8m0"):
+  if rb or rq.tensor_scale is not None or spec.scale_dtype == "e8m0":
     return None
   sshape = tuple(rq.scale.shape)
   if len(sshape) != rq.ndim or any(sshape[i] != 1 for i in rc) or any(
       n not in (1, d) for n, d in zip(sshape, rq.shape)):
     return None
+  zp = rq.zero_point
+  if zp is not None and tuple(zp.shape) != sshape:
+    return None
   codes = _codes_for_dot(rq, fmt, rc, ct)
   if codes is None:
     return None
   free = tuple(i for i in range(rq.ndim) if i not in rc)
-  s = rq.scale.astype(jnp.float32).reshape(tuple(sshape[i] for i in free))
-  return codes, s
+  fshape = tuple(sshape[i] for i in free)
+  s = rq.scale.astype(jnp.float32).reshape(fshape)
+  shift = None if zp is None else s * zp.astype(jnp.float32).reshape(fshape)
+  return codes, s, shift
 
 
 # A weight with group scales along the contraction goes into the dot one
@@ -781,7 +791,8 @@ def _group_scaled_dot(lv, rq: QArray, dn, ct, rows: int, precision):
   stored (8-bit codes, or packed int4 / E2M1 as XLA's 4-bit dtypes,
   ``_native_4bit_codes``) and writes each group's float32 partial sum, and
   the group scales (E8M0 as ``_pow2_pair``'s two factors, NVFP4's tensor
-  scale after the sum) multiply the partials as they are summed. The
+  scale after the sum) multiply the partials as they are summed; a zero
+  point comes off as ``sum_g (sum of x_g) z_g s_g``. The
   dequantize-first order writes a 16-bit copy of the whole weight and reads
   it back; at decode that is most of the time (int4 g128 on the H200,
   x[1, 8192] @ W[8192, 8192]: 84 us against bf16's 34, the matmul table of
@@ -796,9 +807,12 @@ def _group_scaled_dot(lv, rq: QArray, dn, ct, rows: int, precision):
   (lc, rc), (lb, rb) = dn
   spec = rq.spec
   fmt = spec.storage_format
+  zp = rq.zero_point
   if (lb or rb or len(lc) != 1 or len(rc) != 1 or spec.tile is not None
-      or rq.zero_point is not None or not isinstance(spec.axis, int)
-      or spec.group_size is None):
+      or not isinstance(spec.axis, int) or spec.group_size is None
+      or (zp is not None and (tuple(zp.shape) != tuple(rq.scale.shape)
+                              or spec.scale_dtype == "e8m0"
+                              or rq.tensor_scale is not None))):
     return None
   la, ra = lc[0], rc[0]
   k, g = rq.shape[ra], spec.group_size
@@ -814,9 +828,10 @@ def _group_scaled_dot(lv, rq: QArray, dn, ct, rows: int, precision):
     return None
   split = lambda a, ax: a.reshape(  # noqa: E731
       a.shape[:ax] + (n_groups, g) + a.shape[ax + 1:])
+  xg = split(lv.astype(ct), la)
   # [groups, lhs free..., rhs free...]: the groups are the dot's batch.
   part = lax.dot_general(
-      split(lv.astype(ct), la), split(codes.astype(ct), ra),
+      xg, split(codes.astype(ct), ra),
       (((la + 1,), (ra + 1,)), ((la,), (ra,))), precision,
       preferred_element_type=jnp.float32)
   # The scales as [groups, 1 (lhs free)..., rhs free...].
@@ -831,6 +846,14 @@ def _group_scaled_dot(lv, rq: QArray, dn, ct, rows: int, precision):
     f = jnp.moveaxis(f, ra, 0)
     part = part * f.reshape(f.shape[:1] + (1,) * n_free_l + f.shape[1:])
   y = jnp.sum(part, axis=0)
+  if zp is not None:
+    # Less sum_g (sum of x_g) z_g s_g: a small float32 dot at full precision
+    # (not TF32: the two terms can nearly cancel).
+    xs = jnp.sum(xg.astype(jnp.float32), axis=la + 1)
+    zs = rq.scale.astype(jnp.float32) * zp.astype(jnp.float32)
+    y = y - lax.dot_general(xs, zs, (((la,), (ra,)), ((), ())),
+                            precision=lax.Precision.HIGHEST,
+                            preferred_element_type=jnp.float32)
   if rq.tensor_scale is not None:
     y = y * rq.tensor_scale
   return y

@@ -166,7 +166,8 @@ def test_prepare_weight_is_k_major():
 @pytest.mark.parametrize("fmt,kw,after", [
     ("int8", {}, True), ("fp8_e4m3", {}, True), ("fp8_e5m2", dict(axis="tensor"), True),
     ("int4", {}, True), ("fp4_e2m1", {}, True), ("int4", dict(group_size=32), False),
-    ("int8", dict(group_size=64), False), ("uint8", {}, False), ("int3", {}, False)])
+    ("int8", dict(group_size=64), False), ("uint8", {}, True), ("uint4", {}, True),
+    ("int3", {}, False)])
 def test_16bit_reference_dot_scales_after_the_dot(fmt, kw, after, monkeypatch):
   """A bf16 dot (the path off the CPU) takes per-channel 8-bit codes as they are
   stored, and packed int4 / E2M1 codes as XLA's 4-bit dtypes, and scales its
@@ -188,10 +189,17 @@ def test_16bit_reference_dot_scales_after_the_dot(fmt, kw, after, monkeypatch):
   assert ops._scale_after_dot(qw, dn, jnp.float32) is None  # float32: exact order
   if post is not None:
     # The codes the dot converts, times the output scale, are the weight
-    # dequantize gives, bit for bit (4-bit codes: their nibble order too).
-    codes, s = post
+    # dequantize gives, bit for bit (4-bit codes: their nibble order too);
+    # with a zero point, less its shift, to a float32 rounding.
+    codes, s, shift = post
     got_w = np.asarray(codes.astype(jnp.float32)) * np.asarray(s)[:, None]
-    np.testing.assert_array_equal(got_w, np.asarray(lb.dequantize(qw), np.float32))
+    want_w = np.asarray(lb.dequantize(qw), np.float32)
+    assert (shift is not None) == (qw.zero_point is not None)
+    if shift is None:
+      np.testing.assert_array_equal(got_w, want_w)
+    else:
+      got_w = got_w - np.asarray(shift)[:, None]
+      np.testing.assert_allclose(got_w, want_w, rtol=1e-5, atol=1e-6)
   y = jax.jit(lambda a, q: ops.dot_general(a, q, dn, mode="real",
                                            use_kernel="never"))(xb, qw)
   assert y.dtype == jnp.bfloat16
@@ -209,15 +217,18 @@ def test_16bit_reference_dot_scales_after_the_dot(fmt, kw, after, monkeypatch):
     ("int4", dict(group_size=128), "nk"), ("int4", dict(group_size=32), "nk"),
     ("int8", dict(group_size=64), "nk"), ("fp4_e2m1", dict(group_size=32), "nk"),
     ("fp8_e4m3", dict(group_size=64), "nk"), ("mxfp4", {}, "nk"), ("nvfp4", {}, "nk"),
+    # Zero points (asymmetric, as AWQ / GPTQ store int4).
+    ("uint4", dict(group_size=128), "nk"), ("uint8", dict(group_size=32), "nk"),
     # [K, N] weights, scales along K: 8-bit codes (4-bit ones pack along N).
-    ("int8", dict(group_size=64), "kn"), ("fp8_e4m3", dict(group_size=32), "kn")])
+    ("int8", dict(group_size=64), "kn"), ("fp8_e4m3", dict(group_size=32), "kn"),
+    ("uint8", dict(group_size=64), "kn")])
 def test_16bit_reference_dot_sums_group_scaled_partials(fmt, kw, layout,
                                                         monkeypatch):
   """At small M a bf16 dot (off the CPU) takes a group-scaled weight's codes
   into a dot batched over the groups and sums the scaled partials: within
   float32 accumulation error of the float64 product with the dequantized
-  weight, in both weight layouts; NaN channels stay NaN; a weight it cannot
-  take (too many rows, a zero point) keeps the dequantize-first order."""
+  weight, in both weight layouts and with zero points; NaN channels stay
+  NaN; too many rows, or a float32 dot, keep the dequantize-first order."""
   monkeypatch.setattr(ops, "_compute_dtype", lambda dt: jnp.bfloat16)
   monkeypatch.setattr(ops, "_NATIVE_CODE_BACKENDS", (jax.default_backend(),))
   k, n = 256, 24
@@ -250,13 +261,10 @@ def test_16bit_reference_dot_sums_group_scaled_partials(fmt, kw, layout,
   np.testing.assert_array_equal(np.isnan(out), ~ok)
   err = np.abs(out[ok] - ref[ok]).max() / np.abs(ref[ok]).max()
   assert err < 1e-5, err
-  # Rows beyond the group's share, and a weight with zero points: no.
+  # Rows beyond the group's share: no.
   rows = qw.spec.group_size // ops._GROUP_DOT_ROWS_PER_GROUP + 1
   assert ops._group_scaled_dot(xb, qw, dn, ct, rows, None) is None
   assert ops._group_scaled_dot(xb, qw, dn, jnp.float32, 2, None) is None
-  if fmt == "int4":
-    asym = ops.prepare_weight(w, lb.QuantSpec("uint4", symmetric=False, **kw))
-    assert ops._group_scaled_dot(xb, asym, dn, ct, 2, None) is None
 
 
 @pytest.mark.parametrize("fmt,kw,materialized", [
