@@ -57,11 +57,11 @@ for it in "${@:-g}"; do
   esac
   case $it in
     g)
-      run 100 tests_ops python3 -m pytest -q -p no:cacheprovider tests/core/test_ops.py -k 16bit
       run 140 run_fb2 $BK --mode=tune --phases=fallback --shapes=8192x8192,8192x28672 \
           --batches=1,4,16,64 --block8b=false \
           --kernels=int4_g128,int4_g32,int4_pc,int8_pc,int8_g128,fp4_g32,mxfp4,nvfp4 \
           --time_budget_s=105 --hard_limit_s=125 --tag=run_fb2 --out_dir="$R"
+      run 70 tests_ops python3 -m pytest -q -p no:cacheprovider tests/core/test_ops.py -k 16bit
       mm ;;
     h)
       run 90 tests_ops python3 -m pytest -q -p no:cacheprovider tests/core/test_ops.py -k 16bit
