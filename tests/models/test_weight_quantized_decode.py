@@ -217,3 +217,44 @@ def test_step_kernels_keep_the_decode_loops_launches():
   # the prefill lowers no Mosaic call, mosaic_calls_prefill_hlo)
   np.testing.assert_allclose(per["body_mosaic_gpu_kernel"],
                              1e3 * (0.5 + 0.01 * 2 * steps) / steps)
+
+
+@pytest.mark.parametrize("name,rows_taken", [
+    ("int4", (2, 12)),       # per-channel int4 codes into the dot at any M
+    ("mxfp4", (2,)),         # groups of 32: the group-batched dot up to M = 4
+    ("fp4_g32", (2,))])
+def test_gpu_dot_orders_give_the_model_the_same_logits(model_vars, name,
+                                                       rows_taken, monkeypatch):
+  # The GPU's non-kernel orders (ops._native_4bit_codes, _group_scaled_dot),
+  # forced on the CPU with the 16-bit dot they run in there, through the
+  # public rules path of a whole bf16 model: the logits are those of the
+  # dequantize-first order to bf16 rounding, at the rows where each order
+  # takes the projections (counted), and the prefill rows where it does not.
+  from lowbit_jax.core import ops  # pylint: disable=g-import-not-at-top
+  model, v = model_vars
+  toks = jax.random.randint(jax.random.key(5), (_B, _P), 0, _CFG.vocab)
+  qv, apply = bd.quantize_weights(model, v, name, toks[:1])
+  monkeypatch.setattr(ops, "_compute_dtype", lambda dt: jnp.dtype(dt) if jnp.dtype(
+      dt) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) else jnp.float32)
+  taken = []
+  for t in (toks[:1, :2], toks):
+    # A fresh function each time: jit's trace cache is keyed on the function,
+    # and the orders are chosen at trace time.
+    want = np.asarray(jax.jit(lambda a, b: apply(a, b))(qv, t), np.float32)
+    with monkeypatch.context() as mp:
+      mp.setattr(ops, "_NATIVE_CODE_BACKENDS", (jax.default_backend(),))
+      for fn in ("_group_scaled_dot", "_native_4bit_codes"):
+        orig = getattr(ops, fn)
+
+        def spy(*a, orig=orig, **kw):
+          out = orig(*a, **kw)
+          if out is not None:
+            taken.append(t.size)
+          return out
+        mp.setattr(ops, fn, spy)
+      got = np.asarray(jax.jit(lambda a, b: apply(a, b))(qv, t), np.float32)
+    scale = np.abs(want).max()
+    # bf16 rounding of the products and the output: 0.6% of the largest
+    # logit here.
+    assert np.abs(got - want).max() < 0.02 * scale, (t.shape, np.abs(got - want).max(), scale)
+  assert sorted(set(taken)) == sorted(rows_taken), taken
