@@ -864,7 +864,7 @@ def table_entries(wo, rows) -> dict:
         use_kernel=row["table_use_kernel"], config=row.get("config_list"),
         shape=f"{row['k']}x{row['n']}", m=row["m"], kernel_us=row.get("kernel_us"),
         xla_us=row["baseline_us"], baseline=row["baseline"],
-        fused_us=row.get("xla_fused_us"), bf16_us=row.get("bf16_us"))
+        bf16_us=row.get("bf16_us"))
   return entries
 
 
@@ -1429,7 +1429,10 @@ def write_table(b: Bench, wo, path: str):
               stream_TBps=(b.res.get("ceilings") or {}).get("stream_TBps"),
               source=("experiments/bench_kernels.py --mode=tune: per case, shape "
                       "class and M bucket, the fastest correct tiling timed and "
-                      "whether it beat xla_fused_matmul by the margin"))
+                      "whether it beat the path it replaces by the margin (each "
+                      "entry's baseline: the public dot without a kernel, "
+                      "'fallback', or in rows timed before session 44 "
+                      "xla_fused_matmul, 'xla_fused'; its time is xla_us)"))
   table = dict(meta=meta, entries=table_entries(wo, b.rows.values()))
   w8 = w8a8_entries(b.res.get("w8a8", []))
   if w8:

@@ -147,7 +147,7 @@ def test_report_decides_against_the_public_fallback_where_measured(tmp_path):
   table = json.loads((out / "gpu_tuned_configs.json").read_text())["entries"]
   fp4 = table["fp4_g32"]["k8k_n8k"]["256"]
   assert not fp4["use_kernel"] and fp4["baseline"] == "fallback"
-  assert fp4["xla_us"] == 96.0 and fp4["fused_us"] == 175.0
+  assert fp4["xla_us"] == 96.0
   i4 = table["int4_g128"]["k8k_n8k"]
   assert i4["256"]["use_kernel"] and i4["256"]["xla_us"] == 95.0
   assert i4["64"]["use_kernel"] and i4["64"]["baseline"] == "xla_fused"
