@@ -751,20 +751,15 @@ def _scale_after_dot(rq: QArray, dn, ct):
   spec = rq.spec
   fmt = spec.storage_format
   (_, rc), (_, rb) = dn
-  if rb or rq.tensor_scale is not None or spec.scale_dtype == "e8m0":
-    return None
-  sshape = tuple(rq.scale.shape)
-  if len(sshape) != rq.ndim or any(sshape[i] != 1 for i in rc) or any(
-      n not in (1, d) for n, d in zip(sshape, rq.shape)):
-    return None
-  zp = rq.zero_point
-  if zp is not None and tuple(zp.shape) != sshape:
+  if (rb or rq.tensor_scale is not None or spec.scale_dtype == "e8m0"
+      or not _scales_along(rq, rc, 1)):
     return None
   codes = _codes_for_dot(rq, fmt, rc, ct)
   if codes is None:
     return None
+  zp = rq.zero_point
   free = tuple(i for i in range(rq.ndim) if i not in rc)
-  fshape = tuple(sshape[i] for i in free)
+  fshape = tuple(rq.scale.shape[i] for i in free)
   s = rq.scale.astype(jnp.float32).reshape(fshape)
   shift = None if zp is None else s * zp.astype(jnp.float32).reshape(fshape)
   return codes, s, shift
@@ -810,19 +805,15 @@ def _group_scaled_dot(lv, rq: QArray, dn, ct, rows: int, precision):
   zp = rq.zero_point
   if (lb or rb or len(lc) != 1 or len(rc) != 1 or spec.tile is not None
       or not isinstance(spec.axis, int) or spec.group_size is None
-      or (zp is not None and (tuple(zp.shape) != tuple(rq.scale.shape)
-                              or spec.scale_dtype == "e8m0"
+      or (zp is not None and (spec.scale_dtype == "e8m0"
                               or rq.tensor_scale is not None))):
     return None
   la, ra = lc[0], rc[0]
   k, g = rq.shape[ra], spec.group_size
-  if spec.axis != ra or k % g or k == g or rows * _GROUP_DOT_ROWS_PER_GROUP > g:
+  if (spec.axis != ra or k % g or k == g or rows * _GROUP_DOT_ROWS_PER_GROUP > g
+      or not _scales_along(rq, rc, k // g)):
     return None
   n_groups = k // g
-  sshape = tuple(rq.scale.shape)
-  if len(sshape) != rq.ndim or sshape[ra] != n_groups or any(
-      n not in (1, d) for i, (n, d) in enumerate(zip(sshape, rq.shape)) if i != ra):
-    return None
   codes = _codes_for_dot(rq, fmt, rc, ct)
   if codes is None:
     return None
@@ -857,6 +848,18 @@ def _group_scaled_dot(lv, rq: QArray, dn, ct, rows: int, precision):
   if rq.tensor_scale is not None:
     y = y * rq.tensor_scale
   return y
+
+
+def _scales_along(rq: QArray, rc, n_groups: int) -> bool:
+  """Whether ``rq``'s scales (and its zero points, same shape) number
+  ``n_groups`` along each contracted axis in ``rc`` and, along every other
+  axis, one per element or one shared."""
+  sshape = tuple(rq.scale.shape)
+  zp = rq.zero_point
+  return (len(sshape) == rq.ndim and all(sshape[i] == n_groups for i in rc)
+          and all(n in (1, d) for i, (n, d) in enumerate(zip(sshape, rq.shape))
+                  if i not in rc)
+          and (zp is None or tuple(zp.shape) == sshape))
 
 
 def _codes_for_dot(rq: QArray, fmt, rc, ct):
