@@ -254,7 +254,8 @@ def test_gpu_qat_step_within_budget(tmp_path):
 # a [8192, 8192] weight on the H200-like target: 4-bit per-channel codes go
 # into the GEMM as XLA's int4 (ops._native_4bit_codes), a group-scaled weight
 # at small M into a dot batched over its groups (ops._group_scaled_dot);
-# before either, both wrote a dequantized bf16 copy of the weight (304-313 MB).
+# before either, both wrote a dequantized bf16 copy of the weight (302-313 MB,
+# benchmarks/matmul_programs.md).
 _MATMUL_BUDGET = {("int4", 1): 40, ("int4", 16): 50, ("int4_g128", 1): 45,
                   ("int4_g128", 16): 115}
 
