@@ -27,6 +27,26 @@ FORMATS = {
 # Matmul weights: id -> (format, QuantSpec keywords; the axis is K).
 MM_FORMATS = {"int4_g128": ("int4", dict(group_size=128)), "int4": ("int4", {}),
               "int8": ("int8", {}), "fp8_e4m3": ("fp8_e4m3", {})}
+# More matmul weights on request (bench_primitives --matmul_formats, which also
+# takes any id of FORMATS): the group sizes the non-kernel orders' thresholds
+# depend on.
+MM_MORE = {"int4_g32": ("int4", dict(group_size=32)),
+           "int4_g64": ("int4", dict(group_size=64)),
+           "int8_g32": ("int8", dict(group_size=32))}
+
+
+def matmul_formats(ids):
+  """id -> (format, keywords) for the matmul table: MM_FORMATS for no ids,
+  else each id from MM_FORMATS, MM_MORE or FORMATS (ValueError naming the
+  ids there are for an unknown one)."""
+  if not ids:
+    return dict(MM_FORMATS)
+  known = {**FORMATS, **MM_MORE, **MM_FORMATS}
+  bad = [i for i in ids if i not in known]
+  if bad:
+    raise ValueError(f"unknown matmul format id(s) {bad}: use ids of "
+                     f"{sorted(known)}")
+  return {i: known[i] for i in ids}
 
 
 

@@ -80,7 +80,7 @@ from absl import app
 from absl import flags
 
 from experiments import _cupti
-from experiments._primitive_formats import (FORMATS, MM_FORMATS, fake_quant_fwd_bwd,
+from experiments._primitive_formats import (FORMATS, fake_quant_fwd_bwd, matmul_formats,
                                             fwd_bwd_bytes, fwd_bwd_passes)
 
 _SHAPE = flags.DEFINE_string("shape", "", "K x N of the tensor (default: 8192x8192 "
@@ -90,6 +90,9 @@ _SECTIONS = flags.DEFINE_list("sections", ["prims", "matmul", "qat"],
                                "what to run: prims, matmul, qat (the QAT step)")
 _MM_KN = flags.DEFINE_string("matmul_kn", "", "K x N of the matmul weight "
                              "(default: 8192x8192 on GPU/TPU, 2048x2048 on CPU)")
+_MM_FMT = flags.DEFINE_list("matmul_formats", [], "matmul weight ids (default: "
+                            "int4_g128,int4,int8,fp8_e4m3; also int4_g32, "
+                            "int4_g64, int8_g32 and the prims table's ids)")
 _MM_M = flags.DEFINE_list("matmul_m", [], "M values (default: 1,16,256,4096 on "
                           "GPU/TPU, 1,16,256,2048 on CPU)")
 _ITERS = flags.DEFINE_integer("iters", 0, "timed calls per measurement (default: "
@@ -488,7 +491,7 @@ def sec_matmul(b: Bench, qwix):
   w = jax.random.normal(jax.random.key(1), (k, n), jnp.float32).astype(jnp.bfloat16)
   dn_nt = (((1,), (1,)), ((), ()))  # x[M, K] . W[N, K] (our K-major QArray)
   dn_kn = (((1,), (0,)), ((), ()))  # x[M, K] . W[K, N]
-  for fid, (fmt, kw) in MM_FORMATS.items():
+  for fid, (fmt, kw) in matmul_formats(_MM_FMT.value).items():
     spec = lb.QuantSpec(fmt, **kw)
     prep = jax.jit(lambda v, spec=spec: lb.ops.prepare_weight(v, spec, 0))
     qbytes = jax.eval_shape(prep, w).nbytes
@@ -668,7 +671,8 @@ def markdown(res: dict) -> str:
                  + " | ".join(cells) + " |")
     out += ["", "Ours runs the order in the JSON's `order`; the last four columns "
             "time every order the weight allows: per-channel codes (8-bit, or "
-            "int4 / E2M1 as XLA's 4-bit dtypes) into the "
+            "int4 as XLA's 4-bit dtype; E2M1 only where `ops._NATIVE_4BIT_DTYPES` "
+            "lists it, which since session 45 it does not) into the "
             "16-bit dot with the scales on its output (`ops._CODES_IN_DOT_MAX_ROWS`), "
             "group-scaled codes into a dot batched over the groups, their "
             "scaled partials summed (`ops._group_scaled_dot`; runs before "
@@ -846,6 +850,10 @@ def main(argv):
     if fid not in FORMATS:
       raise app.UsageError(f"--formats: unknown format id {fid!r}; known: "
                            f"{', '.join(FORMATS)}")
+  try:
+    matmul_formats(_MM_FMT.value)
+  except ValueError as e:
+    raise app.UsageError(f"--matmul_formats: {e}") from None
   ref = _import_reference() if _REFERENCE.value else None
   if ref is None:
     b.note("the jnp reference (tests/core/_reference.py) is not timed here")

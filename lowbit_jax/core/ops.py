@@ -733,8 +733,9 @@ def _scale_after_dot(rq: QArray, dn, ct):
   dot as they are stored, and XLA fuses their convert into the GEMM instead of
   writing a dequantized copy of the weight first. Only for 8-bit codes stored
   one per byte whose value is the code itself (integers without fraction
-  bits, float8 types: exact in bfloat16 and float16) or 4-bit integer / E2M1
-  codes packed along the contracted last axis (``_native_4bit_codes``),
+  bits, float8 types: exact in bfloat16 and float16) or 4-bit integer codes
+  packed along the contracted last axis (``_native_4bit_codes``; E2M1 codes
+  where ``_NATIVE_4BIT_DTYPES`` lists them),
   float scales (a zero point ``z`` comes off the output as ``(sum of x) *
   z * s``), no tensor scale or padding, and a 16-bit compute dtype: the product then
   rounds like the dequantize-first path does (one rounding of each product
@@ -775,6 +776,16 @@ _GROUP_DOT_ROWS_PER_GROUP = 8
 # weights as a dot batched over their groups: measured on GPU only (TPU keeps
 # the dequantize-first order until timed there).
 _NATIVE_CODE_BACKENDS = ("gpu",)
+# The 4-bit dtypes whose codes go into the dot (``_native_4bit_codes``). Not
+# E2M1 (``float4_e2m1fn``): on an H100 (jax 0.11.2, the public path of
+# benchmarks/kernels_h100_runs/run_fb_s45.md against run_fb_h100.md, before
+# the change) its group-batched dot took fp4 g32 on 8192x8192 at M = 4 from
+# 114 to 212 us and MXFP4 from 129 to 222, 28672x8192 at M = 1 from 393 to
+# 476 (MXFP4 420 -> 497, NVFP4 379 -> 444), where int4 codes gained 2-4x
+# (int4 g128 on 8192x8192 at M = 1: 110 -> 33 us; per channel 108 -> 33).
+# Per-channel E2M1 codes go through the same 4-bit convert, so they keep the
+# dequantize-first order as well until timed.
+_NATIVE_4BIT_DTYPES = (jnp.dtype(jnp.int4), jnp.dtype(jnp.uint4))
 
 
 def _group_scaled_dot(lv, rq: QArray, dn, ct, rows: int, precision):
@@ -783,7 +794,7 @@ def _group_scaled_dot(lv, rq: QArray, dn, ct, rows: int, precision):
 
   ``x . W = sum_g s_g (x_g . c_g)``: the contraction splits into its groups
   (a reshape), one batched dot over the groups takes the codes as they are
-  stored (8-bit codes, or packed int4 / E2M1 as XLA's 4-bit dtypes,
+  stored (8-bit codes, or packed int4 as XLA's 4-bit dtype,
   ``_native_4bit_codes``) and writes each group's float32 partial sum, and
   the group scales (E8M0 as ``_pow2_pair``'s two factors, NVFP4's tensor
   scale after the sum) multiply the partials as they are summed; a zero
@@ -881,8 +892,9 @@ def _codes_for_dot(rq: QArray, fmt, rc, ct):
 
 
 def _native_4bit_codes(rq: QArray, fmt, rc):
-  """Packed 4-bit codes as XLA's own 4-bit dtype (``int4`` / ``uint4`` /
-  ``float4_e2m1fn``), ``rq.shape``, for the dot to convert as it loads them.
+  """Packed 4-bit codes as XLA's own 4-bit dtype (``int4`` / ``uint4``; and
+  ``float4_e2m1fn`` where ``_NATIVE_4BIT_DTYPES`` lists it, which it does not
+  by default), ``rq.shape``, for the dot to convert as it loads them.
 
   Only for codes packed two to a byte along the last axis, that axis
   contracted, in natural order and without padding: a bitcast of the bytes
@@ -912,6 +924,8 @@ def _native_4bit_codes(rq: QArray, fmt, rc):
         and jnp.dtype(fmt.ml_dtype) == jnp.dtype(jnp.float4_e2m1fn)):
     narrow = jnp.float4_e2m1fn
   else:
+    return None
+  if jnp.dtype(narrow) not in _NATIVE_4BIT_DTYPES:
     return None
   w4 = lax.bitcast_convert_type(rq.codes, narrow).reshape(rq.shape)
   return lax.optimization_barrier(w4)

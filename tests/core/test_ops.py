@@ -163,6 +163,34 @@ def test_prepare_weight_is_k_major():
     ops.prepare_weight(jnp.ones((2, 3, 4)), spec)
 
 
+_ALL_4BIT = (jnp.dtype(jnp.int4), jnp.dtype(jnp.uint4), jnp.dtype(jnp.float4_e2m1fn))
+
+
+@pytest.mark.parametrize("fmt,kw", [
+    ("fp4_e2m1", {}), ("fp4_e2m1", dict(group_size=32)), ("mxfp4", {}), ("nvfp4", {})])
+def test_e2m1_codes_keep_the_dequantize_first_order(fmt, kw, monkeypatch):
+  """E2M1 codes do not go into the dot by default (``ops._NATIVE_4BIT_DTYPES``:
+  slower than dequantize-first on an H100), per channel or in groups, while
+  int4 codes of the same layout do; the product is dequantize-first's."""
+  monkeypatch.setattr(ops, "_compute_dtype", lambda dt: jnp.bfloat16)
+  monkeypatch.setattr(ops, "_NATIVE_CODE_BACKENDS", (jax.default_backend(),))
+  x, w = _xw(m=1, k=256, n=24, seed=15)
+  xb = x.astype(jnp.bfloat16)
+  dn = (((1,), (1,)), ((), ()))
+  qw = ops.prepare_weight(w, lb.QuantSpec(fmt, **kw))
+  grouped = qw.spec.group_size is not None
+  qi = ops.prepare_weight(w, lb.QuantSpec("int4", group_size=qw.spec.group_size))
+  order = ((lambda q: ops._group_scaled_dot(xb, q, dn, jnp.bfloat16, 1, None))
+           if grouped else (lambda q: ops._scale_after_dot(q, dn, jnp.bfloat16)))
+  assert order(qw) is None
+  assert order(qi) is not None
+  y = ops.dot_general(xb, qw, dn, mode="real", use_kernel="never")
+  with monkeypatch.context() as mp:
+    mp.setattr(ops, "_NATIVE_CODE_BACKENDS", ())
+    want = ops.dot_general(xb, qw, dn, mode="real", use_kernel="never")
+  np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(want, np.float32))
+
+
 @pytest.mark.parametrize("fmt,kw,after", [
     ("int8", {}, True), ("fp8_e4m3", {}, True), ("fp8_e5m2", dict(axis="tensor"), True),
     ("int4", {}, True), ("fp4_e2m1", {}, True), ("int4", dict(group_size=32), False),
@@ -170,10 +198,12 @@ def test_prepare_weight_is_k_major():
     ("int3", {}, False)])
 def test_16bit_reference_dot_scales_after_the_dot(fmt, kw, after, monkeypatch):
   """A bf16 dot (the path off the CPU) takes per-channel 8-bit codes as they are
-  stored, and packed int4 / E2M1 codes as XLA's 4-bit dtypes, and scales its
+  stored, and packed int4 / E2M1 codes as XLA's 4-bit dtypes (E2M1 where
+  enabled: test_e2m1_codes_keep_the_dequantize_first_order), and scales its
   output; other weights are dequantized first."""
   monkeypatch.setattr(ops, "_compute_dtype", lambda dt: jnp.bfloat16)
   monkeypatch.setattr(ops, "_NATIVE_CODE_BACKENDS", (jax.default_backend(),))
+  monkeypatch.setattr(ops, "_NATIVE_4BIT_DTYPES", _ALL_4BIT)
   x, w = _xw(m=4, k=128, n=24, seed=12)
   xb = x.astype(jnp.bfloat16)
   w = w.at[:, 5].set(jnp.nan)  # a NaN channel stays NaN
@@ -228,9 +258,11 @@ def test_16bit_reference_dot_sums_group_scaled_partials(fmt, kw, layout,
   into a dot batched over the groups and sums the scaled partials: within
   float32 accumulation error of the float64 product with the dequantized
   weight, in both weight layouts and with zero points; NaN channels stay
-  NaN; too many rows, or a float32 dot, keep the dequantize-first order."""
+  NaN; too many rows, or a float32 dot, keep the dequantize-first order.
+  (E2M1 codes with the order enabled for them.)"""
   monkeypatch.setattr(ops, "_compute_dtype", lambda dt: jnp.bfloat16)
   monkeypatch.setattr(ops, "_NATIVE_CODE_BACKENDS", (jax.default_backend(),))
+  monkeypatch.setattr(ops, "_NATIVE_4BIT_DTYPES", _ALL_4BIT)
   k, n = 256, 24
   x, w = _xw(m=2, k=k, n=n, seed=14)
   xb = x.astype(jnp.bfloat16)

@@ -226,7 +226,7 @@ def test_step_kernels_keep_the_decode_loops_launches():
 def test_gpu_dot_orders_give_the_model_the_same_logits(model_vars, name,
                                                        rows_taken, monkeypatch):
   # The GPU's non-kernel orders (ops._native_4bit_codes, _group_scaled_dot),
-  # forced on the CPU with the 16-bit dot they run in there, through the
+  # forced on the CPU (for E2M1 codes as well) with the 16-bit dot they run in there, through the
   # public rules path of a whole bf16 model: the logits are those of the
   # dequantize-first order to bf16 rounding, at the rows where each order
   # takes the projections (counted), and the prefill rows where it does not.
@@ -243,6 +243,9 @@ def test_gpu_dot_orders_give_the_model_the_same_logits(model_vars, name,
     want = np.asarray(jax.jit(lambda a, b: apply(a, b))(qv, t), np.float32)
     with monkeypatch.context() as mp:
       mp.setattr(ops, "_NATIVE_CODE_BACKENDS", (jax.default_backend(),))
+      # E2M1 codes too, which are off by default (ops._NATIVE_4BIT_DTYPES).
+      mp.setattr(ops, "_NATIVE_4BIT_DTYPES", (jnp.dtype(jnp.int4), jnp.dtype(jnp.uint4),
+                                              jnp.dtype(jnp.float4_e2m1fn)))
       for fn in ("_group_scaled_dot", "_native_4bit_codes"):
         orig = getattr(ops, fn)
 
