@@ -11,6 +11,11 @@
 #       group-batched dot): their GPU tests, the public path at M = 1..64
 #       (bench_kernels --phases=fallback) and bench_primitives' matmul table;
 #       any Hopper GPU (an H100's run compares with run_fb_h100.json)
+#   g2  after g (session 45): the E2M1 weights' public path again at M = 1 / 4
+#       (their codes left out of the new orders), the group-batched dot
+#       against the fused order at M = 16..128 (ops._GROUP_DOT_ROWS_PER_GROUP)
+#       and per-channel codes at M = 512..2048 (ops._CODES_IN_DOT_MAX_ROWS);
+#       any Hopper GPU
 #   h   the H200's: g's tests and table, and the public path on every shape
 #       and M, to decide the H200's tuned table against it (--mode=report
 #       with the inputs in benchmarks/kernels_h200.md's header)
@@ -47,13 +52,13 @@ mm() {
 }
 for it in "${@:-g}"; do
   case $it in
-    g|t) ;;
+    g|g2|t) ;;
     h|i4|b|c)
        if ! grep -q H200 "$R/gpu.txt" && [ -z "$FORCE" ]; then
          echo "skip $it (an H200 item; FORCE=1 runs it here)" | tee -a "$R/rcs.txt"
          continue
        fi ;;
-    *) echo "unknown item $it (one of g h t i4 b c)" | tee -a "$R/rcs.txt"; continue ;;
+    *) echo "unknown item $it (one of g g2 h t i4 b c)" | tee -a "$R/rcs.txt"; continue ;;
   esac
   case $it in
     g)
@@ -63,6 +68,17 @@ for it in "${@:-g}"; do
           --time_budget_s=105 --hard_limit_s=125 --tag=run_fb2 --out_dir="$R"
       run 70 tests_ops python3 -m pytest -q -p no:cacheprovider tests/core/test_ops.py -k 16bit
       mm ;;
+    g2)
+      run 90 run_fb_e2m1 $BK --mode=tune --phases=fallback --batches=1,4 \
+          --kernels=fp4_g32,mxfp4,nvfp4 --block8b=false \
+          --time_budget_s=70 --hard_limit_s=85 --tag=run_fb_e2m1 --out_dir="$R"
+      run 120 prims_groups python3 -m experiments.bench_primitives --sections=matmul \
+          --noreference --matmul_formats=int4_g128,int8_g128,int4_g64,int4_g32 \
+          --matmul_m=16,32,64,128 --time_budget_s=95 --hard_limit_s=110 \
+          --tag=groups --out_dir="$R"
+      run 90 prims_codes python3 -m experiments.bench_primitives --sections=matmul \
+          --noreference --matmul_formats=int4,int8 --matmul_m=512,1024,2048 \
+          --time_budget_s=70 --hard_limit_s=85 --tag=codes --out_dir="$R" ;;
     h)
       run 90 tests_ops python3 -m pytest -q -p no:cacheprovider tests/core/test_ops.py -k 16bit
       run 300 run_fb $BK --mode=tune --phases=fallback --batches=1,4,16,64,256,512,4096 \
