@@ -122,7 +122,11 @@ _MODE = flags.DEFINE_enum("mode", "all", ["all", "tune", "bench", "report"],
                           "bench: only the table's tiling; report: rebuild md")
 _SMOKE = flags.DEFINE_bool("smoke", False,
                            "tiny shapes on CPU (interpreter, wall clock)")
-_INPUTS = flags.DEFINE_list("inputs", [], "result JSON files for --mode=report")
+_INPUTS = flags.DEFINE_list(
+    "inputs", [], "result JSON files for --mode=report; where two hold the same "
+    "row, the first one's times win (its tilings are pooled). PATH@k1+k2 takes "
+    "only those kernels' weight-only rows from PATH (e.g. a run's public-path "
+    "times for formats whose path has not changed since)")
 _SHAPES = flags.DEFINE_list(
     "shapes", ["8192x8192", "8192x28672", "28672x8192", "4096x14336",
                "14336x4096"], "K x N of the weight (x[M, K] @ W[K, N])")
@@ -1628,9 +1632,17 @@ def main(argv):
   if _MODE.value == "report":
     res, rows, cmds = None, {}, []
     runs, devices = [], {}
-    for path in _INPUTS.value:
+    only = {}
+    for entry in _INPUTS.value:
+      path, _, kernels = entry.partition("@")
       with open(path) as f:
         runs.append(json.load(f))
+      if kernels:
+        only[len(runs) - 1] = set(kernels.split("+"))
+        have = {r["kernel"] for r in runs[-1].get("wo", [])}
+        if not only[len(runs) - 1] <= have:
+          raise SystemExit(f"--inputs {entry}: {path} has no weight-only rows of "
+                           f"{sorted(only[len(runs) - 1] - have)} (it has {sorted(have)})")
       devices.setdefault(runs[-1]["meta"].get("device"), []).append(path)
     if len(devices) > 1:
       # Times from two GPU parts (an H100's against an H200's) cannot share
@@ -1639,7 +1651,7 @@ def main(argv):
           "--mode=report: the inputs were measured on different devices ("
           + "; ".join(f"{dev}: {', '.join(ps)}" for dev, ps in devices.items())
           + "); pass one device's runs at a time")
-    for d in runs:
+    for i, d in enumerate(runs):
       cmds.append(d["meta"]["command"])
       if res is None:
         res = {**d, "wo": []}
@@ -1649,6 +1661,8 @@ def main(argv):
         if not res.get("ceilings"):
           res["ceilings"] = d.get("ceilings", {})
       for row in d.get("wo", []):
+        if i in only and row["kernel"] not in only[i]:
+          continue
         key = (row["kernel"], row["m"], row["k"], row["n"])
         if key not in rows:
           rows[key] = row

@@ -40,14 +40,15 @@ def _w8_row(case, variants, heuristic):
 
 def _report(tmp_path, runs, out):
   """Writes ``runs`` ((file name, result dict), ...) and runs --mode=report."""
-  paths = []
-  for name, res in runs:
+  paths, entries = [], []
+  for name, res, *only in runs:  # only: "k1+k2", the kernels taken from it
     paths.append(str(tmp_path / name))
+    entries.append(paths[-1] + "".join("@" + o for o in only))
     with open(paths[-1], "w") as f:
       json.dump(res, f)
   r = subprocess.run(
       [sys.executable, "experiments/bench_kernels.py", "--mode=report",
-       f"--inputs={','.join(paths)}", f"--out_dir={out}"],
+       f"--inputs={','.join(entries)}", f"--out_dir={out}"],
       cwd=ROOT, capture_output=True, text=True, timeout=300,
       env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT})
   return r, paths
@@ -155,3 +156,30 @@ def test_report_decides_against_the_public_fallback_where_measured(tmp_path):
   md = (out / "kernels_h200.md").read_text()
   assert "| fp4_g32 | 8192x8192 | 256 | 47.0 | 175.0 | 96.0 |" in md
   assert "96.0 (fallback)" in md
+
+
+def test_report_takes_only_the_named_kernels_of_an_input(tmp_path):
+  # PATH@k1+k2: a newer public-path run whose fp4 rows timed an order the
+  # library has since dropped gives only its int4 rows; fp4's come from the
+  # older run that timed the order the library runs again.
+  cfg = [64, 128, 128, 3, 1, False, False]
+  old = _result([
+      _row("fp4_g32", 256, 8192, 8192, [(cfg, 109.0, 1e-3)], fused=175.0),
+      _row("int4_g128", 256, 8192, 8192, [(cfg, 58.0, 1e-3)], fused=136.0),
+  ], "kernel run")
+  fb = lambda case, us: dict(  # noqa: E731
+      _row(case, 256, 8192, 8192, [], fused=None, bf16=47.0), fallback_us=us)
+  newer = _result([fb("fp4_g32", 300.0), fb("int4_g128", 95.0)], "newer fallback")
+  older = _result([fb("fp4_g32", 96.0), fb("int4_g128", 150.0)], "older fallback")
+  out = tmp_path / "out"
+  r, _ = _report(tmp_path, (("new.json", newer, "int4_g128"), ("older.json", older),
+                            ("old.json", old)), out)
+  assert r.returncode == 0, r.stderr[-2000:]
+  table = json.loads((out / "gpu_tuned_configs.json").read_text())["entries"]
+  assert table["int4_g128"]["k8k_n8k"]["256"]["xla_us"] == 95.0
+  fp4 = table["fp4_g32"]["k8k_n8k"]["256"]
+  assert fp4["xla_us"] == 96.0 and not fp4["use_kernel"]
+  # A kernel the input has no rows of is refused, by name.
+  r, _ = _report(tmp_path, (("new.json", newer, "mxfp4"), ("old.json", old)),
+                 tmp_path / "out2")
+  assert r.returncode != 0 and "no weight-only rows of ['mxfp4']" in r.stderr
