@@ -706,8 +706,11 @@ _MATERIALIZE_MIN_ROWS = 1 << 62
 # 121 / 123 / 129 / 251 / 760 at M = 1, 16, 256, 1024, 4096; fp8 24 / 23 /
 # 69 / 224 / 777 against 122 / 123 / 130 / 252 / 758. At M = 4096 XLA converts
 # the codes in a pass of their own (81 us) and the GEMM writes float32 for the
-# scale to multiply. Between 1024 and 4096 not timed. Packed 4-bit codes
-# (``_native_4bit_codes``) share the threshold, untimed on a GPU as yet.
+# scale to multiply. Packed int4 codes (``_native_4bit_codes``) share the
+# threshold; on an H100 (benchmarks/kernels_h100_runs/
+# primitives_codes_h100_s45.md, codes against dequantize-first) int4 takes
+# 118 / 149 us at M = 512, 232 / 236 at 1024 and 439 / 407 at 2048, int8
+# 127 / 171, 253 / 256 and 451 / 425.
 _CODES_IN_DOT_MAX_ROWS = 1024
 
 
@@ -769,9 +772,16 @@ def _scale_after_dot(rq: QArray, dn, ct):
 # A weight with group scales along the contraction goes into the dot one
 # group at a time (``_group_scaled_dot``) while ``rows * this <= group``: its
 # float32 partial sums (``rows x groups x N``, written and read once) then
-# move at most an eighth of the bytes a dequantized bf16 copy of the weight
-# does (written and read once).
-_GROUP_DOT_ROWS_PER_GROUP = 8
+# move at most a quarter of the bytes a dequantized bf16 copy of the weight
+# does (written and read once). Measured on an H100 (jax 0.11.2,
+# x[M, 8192] @ W[8192, 8192], group dot against the fused dequantize-first
+# order, us; benchmarks/kernels_h100_runs/primitives_groups_h100_s45.md and
+# run_fb_s45.md): rows * 8 = group wins (int4 g128 at M = 16: 51 / 114;
+# int4 g32 at M = 4: 71 / 114), rows * 4 = group wins (int4 g128 at M = 32:
+# 80 / 118, int8 g128 86 / 142, int4 g64 at M = 16: 79 / 115), rows * 2 =
+# group loses (int4 g128 at M = 64: 139 / 118, int4 g64 at M = 32: 127 /
+# 119, int4 g32 at M = 16: 139 / 117).
+_GROUP_DOT_ROWS_PER_GROUP = 4
 # Where 4-bit codes go into the dot as XLA's 4-bit dtypes and group-scaled
 # weights as a dot batched over their groups: measured on GPU only (TPU keeps
 # the dequantize-first order until timed there).
