@@ -19,6 +19,8 @@
 #   h   the H200's: g's tests and table, and the public path on every shape
 #       and M, to decide the H200's tuned table against it (--mode=report
 #       with the inputs in benchmarks/kernels_h200.md's header)
+#   hf  h's public-path run alone (run_fb: what the H200's table decision
+#       needs), for a call with less than h's time
 #   t   GPU tests: split orders, the public dot on reordered weights,
 #       acc_scale, float32 group scales on the tuned tilings
 #   i4  int4 weights on "wgmma_int4" codes, decode shapes (run_i4)
@@ -53,12 +55,12 @@ mm() {
 for it in "${@:-g}"; do
   case $it in
     g|g2|t) ;;
-    h|i4|b|c)
+    h|hf|i4|b|c)
        if ! grep -q H200 "$R/gpu.txt" && [ -z "$FORCE" ]; then
          echo "skip $it (an H200 item; FORCE=1 runs it here)" | tee -a "$R/rcs.txt"
          continue
        fi ;;
-    *) echo "unknown item $it (one of g g2 h t i4 b c)" | tee -a "$R/rcs.txt"; continue ;;
+    *) echo "unknown item $it (one of g g2 h hf t i4 b c)" | tee -a "$R/rcs.txt"; continue ;;
   esac
   case $it in
     g)
@@ -79,12 +81,13 @@ for it in "${@:-g}"; do
       run 90 prims_codes python3 -m experiments.bench_primitives --sections=matmul \
           --noreference --matmul_formats=int4,int8 --matmul_m=512,1024,2048 \
           --time_budget_s=70 --hard_limit_s=85 --tag=codes --out_dir="$R" ;;
-    h)
-      run 90 tests_ops python3 -m pytest -q -p no:cacheprovider tests/core/test_ops.py -k 16bit
+    h|hf)
+      [ "$it" = h ] && run 90 tests_ops python3 -m pytest -q -p no:cacheprovider \
+          tests/core/test_ops.py -k 16bit
       run 300 run_fb $BK --mode=tune --phases=fallback --batches=1,4,16,64,256,512,4096 \
           --kernels=int4_g128,int4_pc,int8_pc,fp4_g32,mxfp4,nvfp4,int4_g32,int8_g128 \
           --time_budget_s=265 --hard_limit_s=290 --tag=run_fb --out_dir="$R"
-      mm --baseline=benchmarks/primitives_h200.json ;;
+      [ "$it" = h ] && mm --baseline=benchmarks/primitives_h200.json ;;
     t)
       run 150 tests_t python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gpu_kernels.py \
           -k "split_orders or public_dot_reads or acc_scale or float32_group_scales" ;;
