@@ -32,7 +32,8 @@ MM_FORMATS = {"int4_g128": ("int4", dict(group_size=128)), "int4": ("int4", {}),
 # depend on.
 MM_MORE = {"int4_g32": ("int4", dict(group_size=32)),
            "int4_g64": ("int4", dict(group_size=64)),
-           "int8_g32": ("int8", dict(group_size=32))}
+           "int8_g32": ("int8", dict(group_size=32)),
+           "fp4_e2m1": ("fp4_e2m1", {})}
 
 
 def matmul_formats(ids):

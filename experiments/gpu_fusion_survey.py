@@ -56,6 +56,12 @@ _OPS = flags.DEFINE_list("ops", ["quantize", "dequantize", "fake_quant", "fwd+bw
 _SHAPE = flags.DEFINE_string("shape", "8192x8192", "K x N")
 _MATMUL_M = flags.DEFINE_list("matmul_m", ["1", "16", "4096"], "M of the matmul "
                               "programs (x[M, K] @ a [K, N] weight); empty: none")
+_MM_FMT = flags.DEFINE_list("matmul_formats", [], "matmul weight ids (default: "
+                            "bench_primitives' four; as its --matmul_formats)")
+_NATIVE4 = flags.DEFINE_list("native_4bit", [], "4-bit dtypes whose codes the "
+                             "non-kernel dot takes (ops._NATIVE_4BIT_DTYPES; "
+                             "default: the library's), e.g. "
+                             "int4,uint4,float4_e2m1fn")
 _BW = flags.DEFINE_float("bandwidth", 4.3e12, "bytes/s for the time column (the "
                          "H200's measured copy rate)")
 _OUT = flags.DEFINE_string("out", "", "markdown file to write (default: print)")
@@ -77,6 +83,9 @@ _QAT = flags.DEFINE_list("qat", [], "also compile the QAT training step of the "
                          "step experiments/bench_qat.py times")
 _QAT_TOKENS = flags.DEFINE_string("qat_tokens", "16x512", "sequences x tokens "
                                   "of the QAT step's batch (bench_qat's default)")
+
+# The 4-bit dtypes --native_4bit may name (jax.numpy's names).
+NATIVE_4BIT_NAMES = ("int4", "uint4", "float4_e2m1fn")
 
 # An H200-like compile target (HBM3e bandwidth, 132 SMs, sm_90).
 TARGET = """
@@ -203,6 +212,16 @@ def _qat_plan() -> tuple:
 def main(argv):
   del argv
   qat_plan = _qat_plan()
+  # The matmul flags, checked before anything compiles.
+  from experiments._primitive_formats import matmul_formats  # pylint: disable=g-import-not-at-top
+  try:
+    mm_formats = matmul_formats(_MM_FMT.value)
+  except ValueError as e:
+    raise app.UsageError(f"--matmul_formats: {e}") from None
+  bad = sorted(set(_NATIVE4.value) - set(NATIVE_4BIT_NAMES))
+  if bad:
+    raise app.UsageError(f"--native_4bit: unknown {bad}; use some of "
+                         f"{','.join(NATIVE_4BIT_NAMES)}")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
   if _SITE.value:
@@ -226,7 +245,10 @@ def main(argv):
   cpu_backend = jax.default_backend
   jax.default_backend = lambda: "gpu"  # trace the GPU paths of lowbit_jax
   import lowbit_jax as lb  # pylint: disable=g-import-not-at-top
-  from experiments._primitive_formats import FORMATS, MM_FORMATS, fake_quant_fwd_bwd  # pylint: disable=g-import-not-at-top
+  from experiments._primitive_formats import FORMATS, fake_quant_fwd_bwd  # pylint: disable=g-import-not-at-top
+  if _NATIVE4.value:
+    lb.ops._NATIVE_4BIT_DTYPES = tuple(  # pylint: disable=protected-access
+        jnp.dtype(getattr(jnp, d)) for d in _NATIVE4.value)
   sh = jax.sharding.SingleDeviceSharding(topo.devices[0])
 
   def compiled(f, *args):
@@ -266,7 +288,7 @@ def main(argv):
       _dump(f"{fid}_{op}", text)
       print(fid, op, rows[-1][2], flush=True)
   dn = (((1,), (1,)), ((), ()))
-  for fid, (fmt, kw) in MM_FORMATS.items():
+  for fid, (fmt, kw) in mm_formats.items():
     if not _MATMUL_M.value:
       break
     spec = lb.QuantSpec(fmt, **kw)
@@ -276,6 +298,7 @@ def main(argv):
       text = compiled(lambda a_, q_: lb.ops.dot_general(
           a_, q_, dn, mode="real", use_kernel="never"), a, qw)
       rows.append((fid, f"matmul M={m}", dict(program_stats(text), ptx=dict(last_ptx))))
+      _dump(f"{fid}_matmul_M{m}", text)
       print(fid, m, rows[-1][2], flush=True)
   if _QAT.value:
     from experiments import _qat_step  # pylint: disable=g-import-not-at-top

@@ -200,7 +200,9 @@ def test_fwd_bwd_bytes_count_the_gradient_only_where_it_is_written():
 
 def test_fusion_survey_checks_its_qat_flags_before_compiling():
   for flag, msg in (("--qat=NVFP5 W+A", "unknown QAT variant 'NVFP5 W+A'"),
-                    ("--qat_tokens=16x", "give <sequences>x<tokens per sequence>")):
+                    ("--qat_tokens=16x", "give <sequences>x<tokens per sequence>"),
+                    ("--matmul_formats=int5", "unknown matmul format id(s) ['int5']"),
+                    ("--native_4bit=int4,fp4", "--native_4bit: unknown ['fp4']")):
     r = _run("experiments.gpu_fusion_survey", "--qat=NVFP4 W+A", flag,
              "--plugin_site=/nonexistent", module=True)
     assert r.returncode != 0 and msg in r.stderr, r.stderr
