@@ -9,7 +9,9 @@ r"""Device time of one QAT / low-bit training step of the decoder LM, vs bf16 an
 Every "ours" variant is the training step users run: ``lowbit_jax.train``'s
 ``train_step`` (value_and_grad of the LM loss through ``quantize_linen`` fake
 quantization, learned-scale gradients, overwrite-with-gradient amax histories,
-AdamW with clipping, the recipe's ``optax.multi_transform``), jitted once,
+AdamW with clipping, the recipe's ``optax.multi_transform``), jitted once as
+the training loop jits it (``train.split_constant_metrics``: metrics known at
+trace time come back from the host, since session 45),
 params float32, compute bf16 (``LlamaConfig.base``: 56M parameters, batch
 ``--batch`` x ``--seq`` tokens). qwix's QAT (``qwix.QtProvider``) runs the same
 model under an equivalent step (value_and_grad + the same optimizer). Time per
@@ -37,6 +39,9 @@ _BATCH = flags.DEFINE_integer("batch", 16, "Sequences per step.")
 _SEQ = flags.DEFINE_integer("seq", 512, "Tokens per sequence.")
 _ONLY = flags.DEFINE_string("only", "", "Comma-separated variant names to run.")
 _QWIX = flags.DEFINE_bool("qwix", True, "Also time qwix's QAT where importable.")
+_PLAIN = flags.DEFINE_bool("plain_jit", False, "Time train_step under a plain "
+                           "jax.jit, its metrics known at trace time copied into "
+                           "outputs on the device (the step before session 45).")
 
 from experiments._qat_step import BASELINE, DENSE_RE, OURS, TARGET, make_step  # pylint: disable=g-bad-import-order
 
@@ -52,12 +57,15 @@ def _timer():
   return None
 
 
-def measure(fn, args, iters: int) -> dict:
-  """Median time per call of the jitted ``fn(*args)`` (CUPTI on GPU)."""
+def measure(fn, args, iters: int, rebuild=None) -> dict:
+  """Median time per call of the jitted ``fn(*args)`` (CUPTI on GPU);
+  ``rebuild`` maps its output to the step's ``(state, metrics)``."""
   import jax  # pylint: disable=g-import-not-at-top
   t = time.perf_counter()
   out = fn(*args)
   jax.block_until_ready(out)
+  if rebuild is not None:
+    out = rebuild(out)
   compile_s = time.perf_counter() - t
   prof = _timer()
   if prof is not None:
@@ -89,7 +97,7 @@ def main(argv):
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from lowbit_jax.models.llama import Llama, LlamaConfig  # pylint: disable=g-import-not-at-top
-  from lowbit_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  from lowbit_jax.train import loop, state as state_lib  # pylint: disable=g-import-not-at-top
 
   if _SMOKE.value:
     cfg = LlamaConfig.smoke(dtype="bfloat16")
@@ -107,7 +115,9 @@ def main(argv):
                       command="python3 -m experiments.bench_qat " + " ".join(sys.argv[1:]),
                       step="lowbit_jax.train.train_step: value_and_grad of the LM "
                            "loss + AdamW (clip 1.0, wd 0.1) [+ learned scales' "
-                           "optimizer]; params f32, compute bf16",
+                           "optimizer]; params f32, compute bf16; "
+                           + ("a plain jax.jit" if _PLAIN.value else
+                              "jitted as split_constant_metrics splits it"),
                       quantized_layers="q/k/v/o, gate/up/down (lm_head and "
                                        "attention einsums in bf16)"),
          "rows": []}
@@ -126,7 +136,14 @@ def main(argv):
   def ours(scheme, overrides):
     step, state = make_step(model, params, batch, scheme, overrides)
     recipe = step.keywords["recipe"]
-    st = measure(jax.jit(step), (state, batch), _ITERS.value)
+    # As the training loop jits it (train.ShardedStep): the metrics known at
+    # trace time come back from the host, not as device copies.
+    if _PLAIN.value:
+      st = measure(jax.jit(step), (state, batch), _ITERS.value)
+    else:
+      traced, rebuild = loop.split_constant_metrics(step)
+      st = measure(jax.jit(traced), (state, batch), _ITERS.value,
+                   rebuild=lambda out: (out[0], rebuild(out[1])))
     st["rules"] = None if recipe is None else [repr(r) for r in recipe.rules]
     return st
 

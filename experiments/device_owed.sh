@@ -16,6 +16,9 @@
 #       against the fused order at M = 16..128 (ops._GROUP_DOT_ROWS_PER_GROUP)
 #       and per-channel codes at M = 512..2048 (ops._CODES_IN_DOT_MAX_ROWS);
 #       any Hopper GPU
+#   q   the QAT step with its trace-time metrics kept on the host (session
+#       45's split_constant_metrics: 142 fewer device ops a quantized step)
+#       against a plain jax.jit of it, in one call; any Hopper GPU
 #   h   the H200's: g's tests and table, and the public path on every shape
 #       and M, to decide the H200's tuned table against it (--mode=report
 #       with the inputs in benchmarks/kernels_h200.md's header)
@@ -54,13 +57,13 @@ mm() {
 }
 for it in "${@:-g}"; do
   case $it in
-    g|g2|t) ;;
+    g|g2|q|t) ;;
     h|hf|i4|b|c)
        if ! grep -q H200 "$R/gpu.txt" && [ -z "$FORCE" ]; then
          echo "skip $it (an H200 item; FORCE=1 runs it here)" | tee -a "$R/rcs.txt"
          continue
        fi ;;
-    *) echo "unknown item $it (one of g g2 h hf t i4 b c)" | tee -a "$R/rcs.txt"; continue ;;
+    *) echo "unknown item $it (one of g g2 q h hf t i4 b c)" | tee -a "$R/rcs.txt"; continue ;;
   esac
   case $it in
     g)
@@ -81,6 +84,12 @@ for it in "${@:-g}"; do
       run 90 prims_codes python3 -m experiments.bench_primitives --sections=matmul \
           --noreference --matmul_formats=int4,int8 --matmul_m=512,1024,2048 \
           --time_budget_s=70 --hard_limit_s=85 --tag=codes --out_dir="$R" ;;
+    q)
+      QV='bf16 (no quantization),int8 W+A (STE),MXFP4 W+A,NVFP4 W+A'
+      run 200 qat_split python3 -m experiments.bench_qat --only "$QV" --iters 10 \
+          --noqwix --out "$R/qat_split.json"
+      run 200 qat_plain python3 -m experiments.bench_qat --only "$QV" --iters 10 \
+          --noqwix --plain_jit --out "$R/qat_plain.json" ;;
     h|hf)
       [ "$it" = h ] && run 90 tests_ops python3 -m pytest -q -p no:cacheprovider \
           tests/core/test_ops.py -k 16bit

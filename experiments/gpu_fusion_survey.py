@@ -81,6 +81,11 @@ _QAT = flags.DEFINE_list("qat", [], "also compile the QAT training step of the "
                          "variants of experiments/_qat_step.py (e.g. 'bf16 (no "
                          "quantization)','NVFP4 W+A'; 'all': each of them): the "
                          "step experiments/bench_qat.py times")
+_QAT_PLAIN = flags.DEFINE_bool("qat_plain_jit", False, "compile the QAT step "
+                                "under a plain jax.jit, its metrics known at "
+                                "trace time copied into outputs on the device "
+                                "(as before session 45), instead of as the "
+                                "training loop jits it (split_constant_metrics)")
 _QAT_TOKENS = flags.DEFINE_string("qat_tokens", "16x512", "sequences x tokens "
                                   "of the QAT step's batch (bench_qat's default)")
 
@@ -303,7 +308,7 @@ def main(argv):
   if _QAT.value:
     from experiments import _qat_step  # pylint: disable=g-import-not-at-top
     from lowbit_jax.models.llama import Llama, LlamaConfig  # pylint: disable=g-import-not-at-top
-    from lowbit_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+    from lowbit_jax.train import loop, state as state_lib  # pylint: disable=g-import-not-at-top
     names, (b, t) = qat_plan
     model = Llama(LlamaConfig.base())
     batch = jnp.zeros((b, t + 1), jnp.int32)
@@ -325,7 +330,9 @@ def main(argv):
         step, state = _qat_step.make_step(model, params, batch,
                                           *_qat_step.variant(name),
                                           init_from_data=False)
-      text = compiled(step, state, batch)
+      # As the training loop jits it (train.ShardedStep), or plainly.
+      text = compiled(step if _QAT_PLAIN.value
+                      else loop.split_constant_metrics(step)[0], state, batch)
       st = program_stats(text)
       # a step is some thousand ops: kept as counts by kind, the most frequent
       # first

@@ -1187,7 +1187,12 @@ class SiteCall:
 
   def record(self, name: str, value) -> None:
     if self.metrics:
-      self.recorded[name] = lax.stop_gradient(value)
+      # A value known at trace time (a dynamic range's clipped fraction, zero
+      # by construction) stays a numpy constant: a jitted training step then
+      # returns it from the host instead of copying a constant into an output
+      # buffer on the device (``train.loop.split_constant_metrics``).
+      self.recorded[name] = (value if isinstance(value, (np.ndarray, np.generic))
+                             else lax.stop_gradient(value))
 
 
 def site_key(site: Site, call: SiteCall):
@@ -1314,15 +1319,17 @@ def clipped_fraction(x, spec: QuantSpec, *, amax=None, tensor_amax=None, scale=N
     clip: a learned PACT clip.
 
   Returns:
-    A float32 scalar in [0, 1]. Dynamic ranges clip only with a
+    A float32 scalar in [0, 1] (a numpy constant where it is zero by
+    construction, else a jax array). Dynamic ranges clip only with a
     ``clip_ratio`` below 1 (and MX's E8M0 floor scales may saturate the
     largest elements of a block, which this does not count).
   """
   if (clip is None and scale is None and amax is None and tensor_amax is None
       and spec.clip_ratio >= 1.0):
     # A dynamic range holds its whole block: nothing to count (and no second
-    # pass over x to find that out).
-    return jnp.zeros((), jnp.float32)
+    # pass over x to find that out). A numpy zero, known at trace time
+    # (``SiteCall.record``).
+    return np.float32(0.0)
   xs = _float(x).astype(jnp.float32)
   xf = jnp.abs(xs)
   if clip is not None:

@@ -275,7 +275,7 @@ class QuantOp(nnx.Module):
       getattr(self, n).set_value(v)
     for n, v in call.recorded.items():
       if hasattr(self, n):
-        getattr(self, n).set_value(v)
+        getattr(self, n).set_value(jnp.asarray(v))  # a Variable holds arrays
 
   def __call__(self, *args, **kwargs):
     if kwargs.pop("out_sharding", None) is not None:

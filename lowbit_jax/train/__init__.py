@@ -27,7 +27,7 @@ from lowbit_jax.train.loop import (STATE_FORMATS, LMData, ShardedStep, adamw,
                                    evaluate, load_data, loss_fn, make_optimizer,
                                    make_schedule, make_train_step, model_config,
                                    run_layout, run_mesh, run_optimizer, shard_state,
-                                   train, train_step)
+                                   split_constant_metrics, train, train_step)
 
 __all__ = ["AXES", "BATCH_AXES", "DATA", "FSDP", "TENSOR", "batch_sharding",
            "batch_size_multiple", "data_mesh", "make_mesh", "mesh_string",
@@ -39,5 +39,5 @@ __all__ = ["AXES", "BATCH_AXES", "DATA", "FSDP", "TENSOR", "batch_sharding",
            "recipe_from_config", "recipe_from_meta", "scale_stats", "STATE_FORMATS",
            "LMData", "ShardedStep", "adamw", "evaluate", "load_data", "loss_fn",
            "make_optimizer", "make_schedule", "make_train_step", "model_config",
-           "run_layout", "run_mesh", "run_optimizer", "shard_state", "train",
-           "train_step"]
+           "run_layout", "run_mesh", "run_optimizer", "shard_state",
+           "split_constant_metrics", "train", "train_step"]

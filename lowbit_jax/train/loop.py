@@ -167,7 +167,8 @@ def loss_fn(params: Any, batch: jax.Array, *, model: Llama,
                            key)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
   aux_terms = jax.tree.leaves(extra.get("losses", {}))
-  aux = (sum(aux_terms) / len(aux_terms)) if aux_terms else jnp.zeros((), jnp.float32)
+  # Without MoE layers a numpy zero, known at trace time (split_constant_metrics).
+  aux = (sum(aux_terms) / len(aux_terms)) if aux_terms else np.float32(0.0)
   parts = {"loss": ce, "moe_aux_loss": aux}
   if recipe is not None:
     parts["quant_metrics"] = extra.get(qat_lib.METRICS, {})
@@ -177,7 +178,7 @@ def loss_fn(params: Any, batch: jax.Array, *, model: Llama,
 def _global_norm(tree: Any) -> jax.Array:
   leaves = jax.tree.leaves(tree)
   if not leaves:
-    return jnp.zeros((), jnp.float32)
+    return np.float32(0.0)  # known at trace time (split_constant_metrics)
   return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in leaves))
 
 
@@ -257,6 +258,44 @@ def train_step(state: TrainState, batch: jax.Array, *, model: Llama,
   return new_state, metrics
 
 
+def split_constant_metrics(step_fn: Callable) -> tuple[Callable, Callable]:
+  """``step_fn`` with the metrics known at trace time kept out of its outputs.
+
+  A quantized step's metrics hold constants (the clipped fraction of every
+  dynamic-range site is zero by construction, a numpy value at trace time:
+  ``_rules.clipped_fraction``). Returned from a jitted function, each becomes
+  an output buffer the device copies the constant into, one op each (143
+  ``copy`` ops in the base LM's QAT step against bf16's 2,
+  ``benchmarks/qat_step_programs.md``).
+
+  Returns:
+    ``(traced, rebuild)``: ``traced(state, batch)`` returns ``(new_state,
+    [the metrics' other leaves])``, to jit; ``rebuild(leaves)`` puts the
+    constants back and returns the metrics as ``step_fn`` returns them (valid
+    once ``traced`` has been traced; each trace records the structure).
+  """
+  meta: dict = {}
+
+  def traced(state, batch):
+    new_state, metrics = step_fn(state, batch)
+    leaves, treedef = jax.tree.flatten(metrics)
+    consts = {i: v for i, v in enumerate(leaves)
+              if isinstance(v, (np.ndarray, np.generic))}
+    meta.update(treedef=treedef, consts=consts)
+    return new_state, [v for i, v in enumerate(leaves) if i not in consts]
+
+  def rebuild(dynamic):
+    if "treedef" not in meta:
+      raise RuntimeError("split_constant_metrics: rebuild before the step was traced")
+    it = iter(dynamic)
+    consts = meta["consts"]
+    leaves = [consts[i] if i in consts else next(it)
+              for i in range(meta["treedef"].num_leaves)]
+    return jax.tree.unflatten(meta["treedef"], leaves)
+
+  return traced, rebuild
+
+
 class ShardedStep:
   """``train_step`` jitted on a mesh with the state laid out by rules.
 
@@ -276,18 +315,22 @@ class ShardedStep:
 
   def _compiled(self, state: TrainState):
     key = jax.tree.structure(state)
-    fn = self._jitted.get(key)
-    if fn is None:
+    entry = self._jitted.get(key)
+    if entry is None:
       shard = self.shardings(state)
-      fn = jax.jit(self._fn,
+      # Metrics known at trace time come back from the host, not the device.
+      traced, rebuild = split_constant_metrics(self._fn)
+      fn = jax.jit(traced,
                    in_shardings=(shard, mesh_lib.batch_sharding(self.layout.mesh)),
                    out_shardings=(shard, self.layout.replicated), donate_argnums=0)
-      self._jitted[key] = fn
-    return fn
+      entry = self._jitted[key] = (fn, rebuild)
+    return entry
 
   def __call__(self, state: TrainState, batch: jax.Array
                ) -> tuple[TrainState, dict[str, Any]]:
-    return self._compiled(state)(state, batch)
+    fn, rebuild = self._compiled(state)
+    new_state, dynamic = fn(state, batch)
+    return new_state, rebuild(dynamic)
 
 
 def make_train_step(model: Llama, tx: optax.GradientTransformation,
@@ -698,7 +741,8 @@ def _eval_fake(recipe, model, apply_fn, state, data, config, mesh, max_tokens, *
 
 
 __all__ = ["STATE_FORMATS", "make_schedule", "adamw", "make_optimizer", "loss_fn",
-           "train_step", "ShardedStep", "make_train_step", "shard_batch",
+           "train_step", "ShardedStep", "make_train_step", "split_constant_metrics",
+           "shard_batch",
            "make_mesh", "replicate", "shard_state", "model_config", "LMData",
            "load_data", "evaluate", "run_mesh", "run_layout", "run_optimizer",
            "train"]

@@ -1,0 +1,64 @@
+"""The jitted training step returns the metrics known at trace time from the
+host: the same metrics as ``train_step``, without a device copy for each
+constant (``train.split_constant_metrics``)."""
+import functools
+import re
+
+import jax
+import numpy as np
+
+from lowbit_jax import train
+from lowbit_jax.models.llama import Llama
+
+from tests.train._helpers import batches, synthetic_data, tiny_config
+
+
+def _constant_copies(hlo: str) -> int:
+  """``copy`` ops of constants in a compiled program (one per constant output)."""
+  consts = set(re.findall(r"%(\S+) = \S+ constant\(", hlo))
+  return sum(1 for a in re.findall(r"= \S+ copy\(%(\S+)\)", hlo) if a in consts)
+
+
+def test_sharded_step_returns_constant_metrics_from_the_host():
+  # MXFP8 weights and activations: dynamic ranges, whose clipped fractions are
+  # zero by construction.
+  model = Llama(tiny_config())
+  recipe = train.recipe_from_config({"quant": {"rules": "mxfp8"}})
+  tx = recipe.optimizer(train.make_optimizer(1e-2, 1, 10), train.make_schedule(1e-2, 1, 10),
+                        b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0)
+  mesh = train.make_mesh("data:1")
+  layout = train.Layout(mesh)
+  init = functools.partial(train.loop._fresh_state, model, tx, recipe, None)  # pylint: disable=protected-access
+  batch = train.shard_batch(batches(synthetic_data(n_train=2000, n_heldout=100), 1)[0], mesh)
+  fresh = lambda: recipe.init_from_data(  # noqa: E731
+      model, init(jax.random.key(0)), batch[:, :-1], layout)
+
+  plain = functools.partial(train.train_step, model=model, tx=tx, recipe=recipe)
+  want_state, want = jax.jit(plain)(fresh(), batch)
+  step = train.make_train_step(model, tx, layout, recipe=recipe)
+  got_state, got = step(fresh(), batch)
+
+  # The same metrics, leaf for leaf; the clipped fractions are numpy zeros.
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  clipped = [v for p, v in jax.tree.leaves_with_path(got["quant_metrics"])
+             if "clipped" in jax.tree_util.keystr(p)]
+  assert clipped and all(isinstance(v, np.generic) and v == 0 for v in clipped)
+  for a, b in zip(jax.tree.leaves(got_state.params), jax.tree.leaves(want_state.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+  # The plain step copies each constant into an output on the device; the
+  # split one has none of those copies and returns fewer arrays.
+  traced, rebuild = train.split_constant_metrics(plain)
+  hlo_plain = jax.jit(plain).lower(fresh(), batch).compile().as_text()
+  hlo_split = jax.jit(traced).lower(fresh(), batch).compile().as_text()
+  assert _constant_copies(hlo_plain) >= len(clipped)
+  assert _constant_copies(hlo_split) == 0
+  _, dynamic = jax.jit(traced)(fresh(), batch)
+  # (also moe_aux_loss and scale_grad_norm: no MoE layer, no learned scale)
+  consts = [v for v in jax.tree.leaves(got) if isinstance(v, np.generic)]
+  assert len(consts) == len(clipped) + 2
+  assert len(dynamic) == len(jax.tree.leaves(want)) - len(consts)
+  np.testing.assert_array_equal(np.asarray(rebuild(dynamic)["loss"]),
+                                np.asarray(want["loss"]))
