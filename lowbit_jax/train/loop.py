@@ -287,8 +287,15 @@ def split_constant_metrics(step_fn: Callable) -> tuple[Callable, Callable]:
   def rebuild(dynamic):
     if "treedef" not in meta:
       raise RuntimeError("split_constant_metrics: rebuild before the step was traced")
-    it = iter(dynamic)
     consts = meta["consts"]
+    if len(dynamic) + len(consts) != meta["treedef"].num_leaves:
+      # A trace of another structure than the last one's (jit keeps one per
+      # input structure): give each its own split_constant_metrics.
+      raise RuntimeError(
+          f"split_constant_metrics: {len(dynamic)} traced metrics, but the last "
+          f"trace recorded {meta['treedef'].num_leaves - len(consts)}; split "
+          "each step function (and input structure) separately")
+    it = iter(dynamic)
     leaves = [consts[i] if i in consts else next(it)
               for i in range(meta["treedef"].num_leaves)]
     return jax.tree.unflatten(meta["treedef"], leaves)
