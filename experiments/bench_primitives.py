@@ -92,7 +92,8 @@ _MM_KN = flags.DEFINE_string("matmul_kn", "", "K x N of the matmul weight "
                              "(default: 8192x8192 on GPU/TPU, 2048x2048 on CPU)")
 _MM_FMT = flags.DEFINE_list("matmul_formats", [], "matmul weight ids (default: "
                             "int4_g128,int4,int8,fp8_e4m3; also int4_g32, "
-                            "int4_g64, int8_g32 and the prims table's ids)")
+                            "int4_g64, int8_g32, fp4_e2m1 and the prims table's "
+                            "ids)")
 _MM_M = flags.DEFINE_list("matmul_m", [], "M values (default: 1,16,256,4096 on "
                           "GPU/TPU, 1,16,256,2048 on CPU)")
 _ITERS = flags.DEFINE_integer("iters", 0, "timed calls per measurement (default: "
