@@ -34,7 +34,8 @@ def test_sharded_step_returns_constant_metrics_from_the_host():
       model, init(jax.random.key(0)), batch[:, :-1], layout)
 
   plain = functools.partial(train.train_step, model=model, tx=tx, recipe=recipe)
-  want_state, want = jax.jit(plain)(fresh(), batch)
+  plain_c = jax.jit(plain).lower(fresh(), batch).compile()
+  want_state, want = plain_c(fresh(), batch)
   step = train.make_train_step(model, tx, layout, recipe=recipe)
   got_state, got = step(fresh(), batch)
 
@@ -51,11 +52,10 @@ def test_sharded_step_returns_constant_metrics_from_the_host():
   # The plain step copies each constant into an output on the device; the
   # split one has none of those copies and returns fewer arrays.
   traced, rebuild = train.split_constant_metrics(plain)
-  hlo_plain = jax.jit(plain).lower(fresh(), batch).compile().as_text()
-  hlo_split = jax.jit(traced).lower(fresh(), batch).compile().as_text()
-  assert _constant_copies(hlo_plain) >= len(clipped)
-  assert _constant_copies(hlo_split) == 0
-  _, dynamic = jax.jit(traced)(fresh(), batch)
+  split_c = jax.jit(traced).lower(fresh(), batch).compile()
+  assert _constant_copies(plain_c.as_text()) >= len(clipped)
+  assert _constant_copies(split_c.as_text()) == 0
+  _, dynamic = split_c(fresh(), batch)
   # (also moe_aux_loss and scale_grad_norm: no MoE layer, no learned scale)
   consts = [v for v in jax.tree.leaves(got) if isinstance(v, np.generic)]
   assert len(consts) == len(clipped) + 2
