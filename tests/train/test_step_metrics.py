@@ -6,6 +6,7 @@ import re
 
 import jax
 import numpy as np
+import pytest
 
 from lowbit_jax import train
 from lowbit_jax.models.llama import Llama
@@ -51,14 +52,32 @@ def test_sharded_step_returns_constant_metrics_from_the_host():
 
   # The plain step copies each constant into an output on the device; the
   # split one has none of those copies and returns fewer arrays.
-  traced, rebuild = train.split_constant_metrics(plain)
-  split_c = jax.jit(traced).lower(fresh(), batch).compile()
+  # The program ShardedStep runs (train.split_constant_metrics of the step).
+  fn, rebuild = step._compiled(got_state)  # pylint: disable=protected-access
   assert _constant_copies(plain_c.as_text()) >= len(clipped)
-  assert _constant_copies(split_c.as_text()) == 0
-  _, dynamic = split_c(fresh(), batch)
+  assert _constant_copies(fn.lower(fresh(), batch).compile().as_text()) == 0
+  _, dynamic = fn(fresh(), batch)
   # (also moe_aux_loss and scale_grad_norm: no MoE layer, no learned scale)
   consts = [v for v in jax.tree.leaves(got) if isinstance(v, np.generic)]
   assert len(consts) == len(clipped) + 2
   assert len(dynamic) == len(jax.tree.leaves(want)) - len(consts)
   np.testing.assert_array_equal(np.asarray(rebuild(dynamic)["loss"]),
                                 np.asarray(want["loss"]))
+
+
+def test_split_constant_metrics_puts_the_constants_back_and_refuses_mixups():
+  def step(state, batch):
+    return state + 1, {"loss": jax.numpy.sum(batch), "zero": np.float32(0.0),
+                       "more": {"c": np.float32(2.0), "d": state * 2}}
+
+  traced, rebuild = train.split_constant_metrics(step)
+  with pytest.raises(RuntimeError, match="before the step was traced"):
+    rebuild([])
+  fn = jax.jit(traced)
+  new, dynamic = fn(jax.numpy.float32(1.0), jax.numpy.ones(3))
+  assert float(new) == 2.0 and len(dynamic) == 2   # loss and d; not the constants
+  m = rebuild(dynamic)
+  assert m["zero"] == 0 and isinstance(m["zero"], np.generic)
+  assert m["more"]["c"] == 2.0 and float(m["more"]["d"]) == 2.0 and float(m["loss"]) == 3.0
+  with pytest.raises(RuntimeError, match="1 traced metrics, but the last trace recorded 2"):
+    rebuild(dynamic[:1])
