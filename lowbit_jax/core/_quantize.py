@@ -1457,18 +1457,24 @@ def _n_elements(q: QArray) -> int:
   return q.codes.size * pack_unit(q.spec.storage_format.bits)[0]
 
 
+def _e8m0_factors(stored: jax.Array):
+  """E8M0 scale codes as two float32 powers of two whose product is the scale
+  (``_pow2_pair``: exact at +-127), the NaN code 255 as NaN in the first."""
+  code = stored.astype(jnp.int32)
+  t1, t2 = _pow2_pair(code - _E8M0_BIAS)
+  return jnp.where(code == 255, jnp.float32(jnp.nan), t1), t2
+
+
 def _dequant_totals(q: QArray):
   """``total``: the per-block factors ``_values`` applies (E8M0 as a pair of
   powers of two, a tensor scale folded in as ``_grid`` applies it)."""
   spec = q.spec
   n = _n_elements(q)
   if spec.scale_dtype == "e8m0":
-    code = q.scale.astype(jnp.int32)
-    t1, t2 = _pow2_pair(code - _E8M0_BIAS)
+    t1, t2 = _e8m0_factors(q.scale)
     if q.tensor_scale is not None:
       t1 = q.tensor_scale * t1
-    return (_per_block(n, jnp.where(code == 255, jnp.float32(jnp.nan), t1)),
-            _per_block(n, t2))
+    return _per_block(n, t1), _per_block(n, t2)
   total = _scale_value(q.scale, spec.scale_dtype)
   if q.tensor_scale is not None:
     tn, _, p_up = _split_pow2(q.tensor_scale)  # as _grid applies it

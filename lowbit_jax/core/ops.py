@@ -73,8 +73,8 @@ from lowbit_jax.core import scaling
 from lowbit_jax.core._qarray import (CODE_ORDERS, SPLIT_ORDERS, WGMMA_RUN_BYTES,
                                      QArray, block_shape, from_code_order,
                                      normalize_axis, to_code_order)
-from lowbit_jax.core._quantize import (_E8M0_BIAS, _as_key, _fake_quant_impl,
-                                       _key_ct, _pow2_pair, dequantize,
+from lowbit_jax.core._quantize import (_as_key, _e8m0_factors, _fake_quant_impl,
+                                       _key_ct, dequantize,
                                        dequantize_as,
                                        fake_quant, quantize)
 from lowbit_jax.core._spec import TENSOR, QuantSpec, as_spec
@@ -806,7 +806,7 @@ def _group_scaled_dot(lv, rq: QArray, dn, ct, rows: int, precision):
   (a reshape), one batched dot over the groups takes the codes as they are
   stored (8-bit codes, or packed int4 as XLA's 4-bit dtype,
   ``_native_4bit_codes``) and writes each group's float32 partial sum, and
-  the group scales (E8M0 as ``_pow2_pair``'s two factors, NVFP4's tensor
+  the group scales (E8M0 as ``_e8m0_factors``' two factors, NVFP4's tensor
   scale after the sum) multiply the partials as they are summed; a zero
   point comes off as ``sum_g (sum of x_g) z_g s_g``. The
   dequantize-first order writes a 16-bit copy of the whole weight and reads
@@ -849,9 +849,7 @@ def _group_scaled_dot(lv, rq: QArray, dn, ct, rows: int, precision):
   # The scales as [groups, 1 (lhs free)..., rhs free...].
   n_free_l = lv.ndim - 1
   if spec.scale_dtype == "e8m0":
-    code = rq.scale.astype(jnp.int32)
-    f1, f2 = _pow2_pair(code - _E8M0_BIAS)
-    factors = [jnp.where(code == 255, jnp.float32(jnp.nan), f1), f2]
+    factors = list(_e8m0_factors(rq.scale))
   else:
     factors = [rq.scale.astype(jnp.float32)]
   for f in factors:
