@@ -136,11 +136,11 @@ def main(argv):
   def ours(scheme, overrides):
     step, state = make_step(model, params, batch, scheme, overrides)
     recipe = step.keywords["recipe"]
-    # As the training loop jits it (train.ShardedStep): the metrics known at
-    # trace time come back from the host, not as device copies.
     if _PLAIN.value:
       st = measure(jax.jit(step), (state, batch), _ITERS.value)
     else:
+      # As the training loop jits it (train.ShardedStep): the metrics known
+      # at trace time come back from the host, not as device copies.
       traced, rebuild = loop.split_constant_metrics(step)
       st = measure(jax.jit(traced), (state, batch), _ITERS.value,
                    rebuild=lambda out: (out[0], rebuild(out[1])))

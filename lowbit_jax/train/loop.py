@@ -175,7 +175,7 @@ def loss_fn(params: Any, batch: jax.Array, *, model: Llama,
   return ce + moe_aux_weight * aux, parts
 
 
-def _global_norm(tree: Any) -> jax.Array:
+def _global_norm(tree: Any) -> jax.Array | np.float32:
   leaves = jax.tree.leaves(tree)
   if not leaves:
     return np.float32(0.0)  # known at trace time (split_constant_metrics)
