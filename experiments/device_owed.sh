@@ -30,8 +30,8 @@
 #   b   E2M1 on "wgmma_e2m1" codes at M = 64 / 256 (run_sp3), the quantizer's
 #       tilings again (--write_configs), bench_primitives for NF4 / ternary / fp6
 #   c   the tuner at M = 256 / 512 (run_mid6), the L2 band probe
-# Items other than g and t time the H200 (its tuned tables and notes): on
-# another GPU they stop unless FORCE=1.
+# Items h, hf, i4, b and c time the H200 (its tuned tables and notes): on
+# another GPU they stop unless FORCE=1; g, g2, q and t run on any Hopper GPU.
 START=$(date +%s); LIMIT=${LIMIT:-560}
 mkdir -p "$OUT/r"; R=$OUT/r
 trap 'cd "$OUT" && tar czf all.tgz r && rm -rf r' EXIT

@@ -221,13 +221,14 @@ def test_step_kernels_keep_the_decode_loops_launches():
 
 @pytest.mark.parametrize("name,rows_taken", [
     ("int4", (2, 12)),       # per-channel int4 codes into the dot at any M
-    ("mxfp4", (2,)),         # groups of 32: the group-batched dot up to M = 4
+    ("mxfp4", (2,)),         # groups of 32: the group-batched dot up to M = 8
     ("fp4_g32", (2,))])
 def test_gpu_dot_orders_give_the_model_the_same_logits(model_vars, name,
                                                        rows_taken, monkeypatch):
   # The GPU's non-kernel orders (ops._native_4bit_codes, _group_scaled_dot),
-  # forced on the CPU (for E2M1 codes as well) with the 16-bit dot they run in there, through the
-  # public rules path of a whole bf16 model: the logits are those of the
+  # forced on the CPU (for E2M1 codes as well) with the 16-bit dot they run in
+  # there, through the public rules path of a whole bf16 model: the logits are
+  # those of the
   # dequantize-first order to bf16 rounding, at the rows where each order
   # takes the projections (counted), and the prefill rows where it does not.
   from lowbit_jax.core import ops  # pylint: disable=g-import-not-at-top
