@@ -771,16 +771,16 @@ def _scale_after_dot(rq: QArray, dn, ct):
 
 # A weight with group scales along the contraction goes into the dot one
 # group at a time (``_group_scaled_dot``) while ``rows * this <= group``: its
-# float32 partial sums (``rows x groups x N``, written and read once) then
-# move at most a quarter of the bytes a dequantized bf16 copy of the weight
-# does (written and read once). Measured on an H100 (jax 0.11.2,
-# x[M, 8192] @ W[8192, 8192], group dot against the fused dequantize-first
-# order, us; benchmarks/kernels_h100_runs/primitives_groups_h100_s45.md and
-# run_fb_s45.md): rows * 8 = group wins (int4 g128 at M = 16: 51 / 114;
-# int4 g32 at M = 4: 71 / 114), rows * 4 = group wins (int4 g128 at M = 32:
-# 80 / 118, int8 g128 86 / 142, int4 g64 at M = 16: 79 / 115), rows * 2 =
-# group loses (int4 g128 at M = 64: 139 / 118, int4 g64 at M = 32: 127 /
-# 119, int4 g32 at M = 16: 139 / 117).
+# float32 partial sums (``rows x groups x N``, 2 * rows / group of the bytes
+# of a bf16 copy of the weight; each written and read once) then move at
+# most half of what the dequantize-first order's copy does. Measured on an
+# H100 (jax 0.11.2, x[M, 8192] @ W[8192, 8192], group dot against the fused
+# dequantize-first order, us; benchmarks/kernels_h100_runs/
+# primitives_groups_h100_s45.md): rows * 8 = group wins (int4 g128 at
+# M = 16: 51 / 114), rows * 4 = group wins (int4 g128 at M = 32: 80 / 118,
+# int8 g128 86 / 142, int4 g64 at M = 16: 79 / 115), rows * 2 = group loses
+# (int4 g128 at M = 64: 139 / 118, int4 g64 at M = 32: 127 / 119, int4 g32
+# at M = 16: 139 / 117).
 _GROUP_DOT_ROWS_PER_GROUP = 4
 # Where 4-bit codes go into the dot as XLA's 4-bit dtypes and group-scaled
 # weights as a dot batched over their groups: measured on GPU only (TPU keeps
