@@ -475,7 +475,7 @@ def candidates(wo, prob, tune: bool, few: bool = False, fast=None):
     out.append(dataclasses.replace(out[0], lut_decode=not out[0].lut_decode))
   if tune and out:
     C = wo.Config
-    m, n = prob.m, prob.n
+    m = prob.m
     tm = max(8, -(-m // 8) * 8) if m <= 128 else 128
     if m <= 16:
       # The last five trade pipeline depth for CTAs per SM: Nsight Compute on
