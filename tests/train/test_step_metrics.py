@@ -22,9 +22,10 @@ def _constant_copies(hlo: str) -> int:
 
 def test_sharded_step_returns_constant_metrics_from_the_host():
   # MXFP8 weights and activations: dynamic ranges, whose clipped fractions are
-  # zero by construction.
+  # zero by construction (gradients left unquantized: a smaller program to
+  # compile, the same metrics).
   model = Llama(tiny_config())
-  recipe = train.recipe_from_config({"quant": {"rules": "mxfp8"}})
+  recipe = train.recipe_from_config({"quant": {"rules": "mxfp8", "grad": "none"}})
   tx = recipe.optimizer(train.make_optimizer(1e-2, 1, 10), train.make_schedule(1e-2, 1, 10),
                         b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0)
   mesh = train.make_mesh("data:1")
