@@ -145,7 +145,7 @@ def test_quarot_lowers_w4a4_error_below_rtn_with_outlier_channels():
       return x + 0.3 * jax.random.normal(next(keys), x.shape)
     return x.at[:, :4].multiply(25.0) if kp[-1].key == "embedding" else x
   v = {"params": jax.tree_util.tree_map_with_path(perturb, params)}
-  ref = model.apply(v, toks)
+  ref = jax.jit(model.apply)(v, toks)
   w4a4 = [QuantRule(".*", weight="int4", activation="int4")]
   rtn = lb.ptq_params(model, v, [toks], w4a4, method="rtn")
   rot = lb.ptq_params(model, v, [toks], w4a4, method="quarot",
