@@ -268,11 +268,22 @@ def split_constant_metrics(step_fn: Callable) -> tuple[Callable, Callable]:
   ``copy`` ops in the base LM's QAT step against bf16's 2,
   ``benchmarks/qat_step_programs.md``).
 
+  The constants of the last trace are the ones ``rebuild`` puts back, and a
+  jitted function keeps the program of every trace (one per input shape):
+  constants that depend on the inputs' shapes (say, a token count from
+  ``batch.shape``) would come back from the last shape traced for a call of
+  another. So a trace whose constants differ from the previous trace's
+  raises instead; ``ShardedStep`` splits each batch shape on its own.
+
   Returns:
     ``(traced, rebuild)``: ``traced(state, batch)`` returns ``(new_state,
     [the metrics' other leaves])``, to jit; ``rebuild(leaves)`` puts the
     constants back and returns the metrics as ``step_fn`` returns them (valid
     once ``traced`` has been traced; each trace records the structure).
+
+  Raises:
+    ValueError: (at trace time) a trace's constant metrics differ from the
+      previous trace's.
   """
   meta: dict = {}
 
@@ -281,6 +292,16 @@ def split_constant_metrics(step_fn: Callable) -> tuple[Callable, Callable]:
     leaves, treedef = jax.tree.flatten(metrics)
     consts = {i: v for i, v in enumerate(leaves)
               if isinstance(v, (np.ndarray, np.generic))}
+    if "treedef" in meta:
+      changed = _constants_changed(meta["treedef"], meta["consts"], treedef, consts)
+      if changed:
+        raise ValueError(
+            "split_constant_metrics: this trace of the step returns other "
+            f"trace-time metrics than the previous trace ({changed}); the "
+            "jitted function keeps both programs, so the host could not tell "
+            "whose constants a call's metrics take. Split each input shape "
+            "separately (ShardedStep does, per batch shape) or return those "
+            "metrics as arrays (jnp.asarray).")
     meta.update(treedef=treedef, consts=consts)
     return new_state, [v for i, v in enumerate(leaves) if i not in consts]
 
@@ -303,6 +324,22 @@ def split_constant_metrics(step_fn: Callable) -> tuple[Callable, Callable]:
   return traced, rebuild
 
 
+def _constants_changed(treedef_a, consts_a: dict, treedef_b, consts_b: dict
+                       ) -> str:
+  """What differs between two traces' constant metrics ('' if nothing)."""
+  if treedef_a != treedef_b:
+    return "another metrics structure"
+  if consts_a.keys() != consts_b.keys():
+    return "other leaves known at trace time"
+  for i, a in consts_a.items():
+    b = consts_b[i]
+    if (np.shape(a) != np.shape(b) or np.result_type(a) != np.result_type(b)
+        or not np.array_equal(a, b, equal_nan=np.issubdtype(np.result_type(a),
+                                                            np.inexact))):
+      return f"metric {i} of {treedef_a.num_leaves}: {a!r} then {b!r}"
+  return ""
+
+
 class ShardedStep:
   """``train_step`` jitted on a mesh with the state laid out by rules.
 
@@ -320,8 +357,12 @@ class ShardedStep:
     """The NamedShardings of ``state`` under this step's layout."""
     return state_lib.state_shardings(state, self.layout)
 
-  def _compiled(self, state: TrainState):
-    key = jax.tree.structure(state)
+  def _compiled(self, state: TrainState, batch: Any = None):
+    # One program (and split_constant_metrics) per state structure and batch
+    # shape: metrics known at trace time may depend on the batch's shape.
+    key = (jax.tree.structure(state),
+           tuple((np.shape(x), getattr(x, "dtype", type(x)))
+                 for x in jax.tree.leaves(batch)))
     entry = self._jitted.get(key)
     if entry is None:
       shard = self.shardings(state)
@@ -335,7 +376,7 @@ class ShardedStep:
 
   def __call__(self, state: TrainState, batch: jax.Array
                ) -> tuple[TrainState, dict[str, Any]]:
-    fn, rebuild = self._compiled(state)
+    fn, rebuild = self._compiled(state, batch)
     new_state, dynamic = fn(state, batch)
     return new_state, rebuild(dynamic)
 

@@ -54,7 +54,7 @@ def test_sharded_step_returns_constant_metrics_from_the_host():
   # The plain step copies each constant into an output on the device; the
   # split one has none of those copies and returns fewer arrays.
   # The program ShardedStep runs (train.split_constant_metrics of the step).
-  fn, rebuild = step._compiled(got_state)  # pylint: disable=protected-access
+  fn, rebuild = step._compiled(got_state, batch)  # pylint: disable=protected-access
   assert _constant_copies(plain_c.as_text()) >= len(clipped)
   assert _constant_copies(fn.lower(fresh(), batch).compile().as_text()) == 0
   _, dynamic = fn(fresh(), batch)
@@ -82,3 +82,37 @@ def test_split_constant_metrics_puts_the_constants_back_and_refuses_mixups():
   assert m["more"]["c"] == 2.0 and float(m["more"]["d"]) == 2.0 and float(m["loss"]) == 3.0
   with pytest.raises(RuntimeError, match="1 traced metrics, but the last trace recorded 2"):
     rebuild(dynamic[:1])
+
+
+def test_constants_that_depend_on_the_batch_shape_follow_each_call():
+  # A step whose trace-time metric comes from the batch's shape: each shape
+  # has its own program, and each call gets its own shape's constant (one
+  # split for all shapes gave the last traced shape's to every call).
+  from lowbit_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  traces = []
+
+  def step(s, batch):
+    traces.append(batch.shape)
+    return s, {"loss": jax.numpy.sum(batch), "rows": np.float32(batch.shape[0])}
+
+  ss = train.ShardedStep(step, train.Layout(train.make_mesh("data:1")))
+  st = state_lib.TrainState(step=jax.numpy.int32(0),
+                            params={"w": jax.numpy.ones((4, 4))}, opt_state={})
+  for rows in (2, 4, 2, 4, 4, 2):
+    st, m = ss(st, jax.numpy.ones((rows, 8), jax.numpy.int32))
+    assert m["rows"] == rows and int(m["loss"]) == 8 * rows
+  assert sorted(set(traces)) == [(2, 8), (4, 8)]
+
+
+def test_split_constant_metrics_refuses_a_trace_with_other_constants():
+  def step(state, batch):
+    return state, {"loss": jax.numpy.sum(batch), "rows": np.float32(batch.shape[0]),
+                   "nan": np.float32(np.nan)}
+
+  traced, rebuild = train.split_constant_metrics(step)
+  fn = jax.jit(traced)
+  _, dyn = fn(jax.numpy.float32(0), jax.numpy.ones(3))
+  assert rebuild(dyn)["rows"] == 3 and np.isnan(rebuild(dyn)["nan"])
+  fn(jax.numpy.float32(0), jax.numpy.ones(3, jax.numpy.int32))  # equal constants (NaN too)
+  with pytest.raises(ValueError, match=r"other trace-time metrics .*3\.0.* then .*5\.0"):
+    fn(jax.numpy.float32(0), jax.numpy.ones(5))
