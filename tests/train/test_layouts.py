@@ -89,7 +89,10 @@ def reference(kind: str):
 # loss 3.5e-5 relative. Such cases are checked to those bounds: the loss to
 # 1e-4, each parameter's mean |difference| to 0.05 learning rates (5e-4; the
 # float and FP8 runs on one device, two different computations, are 1.4e-3
-# apart) and its largest to 2 learning rates.
+# apart) and its largest to 2 learning rates. An FSDP mesh flips the same
+# roundings (session 46, 3 steps: fsdp:8's loss 3.5e-5 relative from one
+# device's and its parameters' mean |difference| at most 2.2e-4, as
+# tensor:2,data:4's; data:8's loss 1.6e-7).
 _FLIPS = {"fp8_delayed"}
 _LR = 1e-2
 
@@ -97,7 +100,7 @@ _LR = 1e-2
 def _check(kind, mesh_spec):
   ref_losses, ref_state = reference(kind)
   losses, state, _ = run(kind, mesh_spec)
-  flips = kind in _FLIPS and "tensor" in mesh_spec
+  flips = kind in _FLIPS and ("tensor" in mesh_spec or "fsdp" in mesh_spec)
   tol = 1e-4 if flips else 2e-5
   np.testing.assert_allclose(losses, ref_losses, rtol=tol, atol=tol)
   assert losses[-1] != losses[0]   # it trained
