@@ -336,7 +336,9 @@ def _constants_changed(treedef_a, consts_a: dict, treedef_b, consts_b: dict
     if (np.shape(a) != np.shape(b) or np.result_type(a) != np.result_type(b)
         or not np.array_equal(a, b, equal_nan=np.issubdtype(np.result_type(a),
                                                             np.inexact))):
-      return f"metric {i} of {treedef_a.num_leaves}: {a!r} then {b!r}"
+      paths = jax.tree_util.tree_flatten_with_path(
+          jax.tree.unflatten(treedef_a, list(range(treedef_a.num_leaves))))[0]
+      return f"metrics{jax.tree_util.keystr(paths[i][0])}: {a!r} then {b!r}"
   return ""
 
 
