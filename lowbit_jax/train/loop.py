@@ -310,12 +310,12 @@ def split_constant_metrics(step_fn: Callable) -> tuple[Callable, Callable]:
       raise RuntimeError("split_constant_metrics: rebuild before the step was traced")
     consts = meta["consts"]
     if len(dynamic) + len(consts) != meta["treedef"].num_leaves:
-      # A trace of another structure than the last one's (jit keeps one per
-      # input structure): give each its own split_constant_metrics.
+      # Every trace has the same metrics structure (``traced`` refuses
+      # another), so this is a list the traced step did not return.
       raise RuntimeError(
           f"split_constant_metrics: {len(dynamic)} traced metrics, but the last "
-          f"trace recorded {meta['treedef'].num_leaves - len(consts)}; split "
-          "each step function (and input structure) separately")
+          f"trace recorded {meta['treedef'].num_leaves - len(consts)}; pass "
+          "rebuild the metrics list the traced step returned")
     it = iter(dynamic)
     leaves = [consts[i] if i in consts else next(it)
               for i in range(meta["treedef"].num_leaves)]
@@ -332,10 +332,9 @@ def _constants_changed(treedef_a, consts_a: dict, treedef_b, consts_b: dict
   if consts_a.keys() != consts_b.keys():
     return "other leaves known at trace time"
   for i, a in consts_a.items():
-    b = consts_b[i]
-    if (np.shape(a) != np.shape(b) or np.result_type(a) != np.result_type(b)
-        or not np.array_equal(a, b, equal_nan=np.issubdtype(np.result_type(a),
-                                                            np.inexact))):
+    b, dt = consts_b[i], np.result_type(a)
+    if (np.shape(a) != np.shape(b) or dt != np.result_type(b)
+        or not np.array_equal(a, b, equal_nan=np.issubdtype(dt, np.inexact))):
       paths = jax.tree_util.tree_flatten_with_path(
           jax.tree.unflatten(treedef_a, list(range(treedef_a.num_leaves))))[0]
       return f"metrics{jax.tree_util.keystr(paths[i][0])}: {a!r} then {b!r}"
