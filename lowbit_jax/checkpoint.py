@@ -16,9 +16,21 @@ Layout of ``directory``::
   lowbit_jax.json       format version, tree skeleton, per-leaf metadata with a
                         SHA-256 of every stored array, a SHA-256 of every file
                         under arrays/, and a SHA-256 of the metadata itself
+  <extra files>         what the caller passed as save(..., extra_files=)
 
 8-bit float codes and scales (``float8_*``) are stored bit-cast to ``uint8``
-and cast back on restore, so no tensorstore float8 support is needed.
+and cast back on restore, so no tensorstore float8 support is needed. JAX PRNG
+key arrays are stored as their key data and rewrapped with their
+implementation; empty arrays (which orbax cannot store) live in the metadata
+alone. A numpy 64-bit array is refused unless ``jax_enable_x64`` is on: JAX
+would narrow it to 32 bits and change its values.
+
+Formats (version 3): every QArray's format is stored by its fields as well as
+its registry name, so a custom format restores without being registered, and a
+name that this process registers as a different format (the codes would
+decode to other values) raises ``FormatMismatchError`` instead of restoring
+wrong numbers. Version 2 checkpoints store the name alone and still restore
+where that name is registered.
 
 Crash safety: ``save`` writes the whole checkpoint into a hidden sibling
 directory (``.<name>.tmp-*``), flushes it to disk, and only then puts it in
@@ -27,7 +39,11 @@ place: on Linux by atomically exchanging it with the old directory
 the next ``save`` undo if a crash falls between them. A save killed at any
 moment leaves the old checkpoint or the new one, never neither. Saves to the
 same directory are serialized by an advisory lock (``.<name>.lowbit_jax.lock``
-beside it): a second concurrent save raises ``SaveInProgressError``.
+beside it): a second concurrent save raises ``SaveInProgressError``. Files a
+caller keeps with the checkpoint (a run's own metadata) go in through
+``save(..., extra_files=)``, so they are replaced in the same step. ``restore``
+takes no lock: when a save replaces the checkpoint while it is being read, it
+notices (the directory is another one afterwards) and reads it again.
 
 Integrity: ``restore`` verifies the metadata's checksum, every file's checksum
 and every restored array's checksum (``verify=False`` skips the last two, which
@@ -66,7 +82,7 @@ from lowbit_jax import formats as _formats
 from lowbit_jax.core._qarray import QArray
 from lowbit_jax.core._spec import QuantSpec
 
-VERSION = 2
+VERSION = 3
 _META = "lowbit_jax.json"
 _ARRAYS = "arrays"
 _FIELDS = ("codes", "scale", "zero_point", "tensor_scale")
@@ -100,23 +116,49 @@ def _from_json_value(v):
 
 
 def _format_json(fmt: _formats.Format) -> dict:
-  try:
-    if fmt.name and _formats.get(fmt.name) == fmt:
-      return {"format": fmt.name}
-  except (KeyError, ValueError):
-    pass
+  """A format as JSON: its registry name (where it is the registered format) and
+  always its fields, so that restore rebuilds exactly the saved format."""
   fields = {f.name: _json_value(getattr(fmt, f.name))
             for f in dataclasses.fields(fmt) if f.init}
-  return {"format_type": type(fmt).__name__, "fields": fields}
+  out = {"format_type": type(fmt).__name__, "fields": fields}
+  try:
+    if fmt.name and _formats.get(fmt.name) == fmt:
+      out["format"] = fmt.name
+  except (KeyError, ValueError):
+    pass
+  return out
+
+
+class FormatMismatchError(ValueError):
+  """A checkpoint's format differs from the one registered under its name."""
 
 
 def _format_from_json(d: dict) -> _formats.Format:
-  if "format" in d:
-    return _formats.get(d["format"])
+  name = d.get("format")
+  if "fields" not in d:  # version 2: the registry name alone
+    try:
+      return _formats.get(name)
+    except (KeyError, ValueError, TypeError):
+      raise FormatMismatchError(
+          f"the checkpoint uses format {name!r}, which is not registered in this "
+          "process; register the same format under that name "
+          "(lowbit_jax.formats.register) before restoring") from None
   cls = _FORMAT_TYPES.get(d.get("format_type"))
   if cls is None:
     raise ValueError(f"unknown format type in checkpoint metadata: {d!r}")
-  return cls(**{k: _from_json_value(v) for k, v in d["fields"].items()})
+  fmt = cls(**{k: _from_json_value(v) for k, v in d["fields"].items()})
+  if name is not None:
+    try:
+      registered = _formats.get(name)
+    except (KeyError, ValueError):
+      registered = None  # not registered here: the saved fields stand alone
+    if registered is not None and registered != fmt:
+      raise FormatMismatchError(
+          f"the checkpoint's format {name!r} ({fmt!r}) differs from the format "
+          f"registered as {name!r} in this process ({registered!r}); its codes "
+          "mean the saved format's values: register that format under "
+          f"{name!r} (or restore in a process that does not redefine it)")
+  return fmt
 
 
 def spec_to_json(spec: QuantSpec) -> dict:
@@ -132,16 +174,27 @@ def spec_from_json(d: dict) -> QuantSpec:
 # Tree skeleton
 
 
-def _skeleton(tree, leaves: list):
+def _skeleton(tree, leaves: list, path: str = ""):
   if isinstance(tree, QArray) or tree is None or not _is_container(tree):
     if tree is None:
       return None
+    if not isinstance(tree, (QArray, jax.Array, np.ndarray)):
+      where = f"leaf {path!r}" if path else "the tree"
+      inner = jax.tree_util.tree_leaves(tree)
+      hint = ("only arrays, QArrays and None can be saved"
+              if len(inner) == 1 and inner[0] is tree else
+              "save() takes nested dicts, lists and tuples: convert it first "
+              "(flax.serialization.to_state_dict, nnx.State.to_pure_dict) and "
+              "restore with target= to get the original containers back")
+      raise TypeError(f"{where} is a {type(tree).__name__}; {hint}")
     leaves.append(tree)
     return {"leaf": len(leaves) - 1}
+  join = lambda k: f"{path}/{k}" if path else str(k)
   if isinstance(tree, dict):
-    return {"dict": [[_key_json(k), _skeleton(v, leaves)] for k, v in tree.items()]}
+    return {"dict": [[_key_json(k), _skeleton(v, leaves, join(k))]
+                     for k, v in tree.items()]}
   kind = "list" if isinstance(tree, list) else "tuple"
-  return {kind: [_skeleton(v, leaves) for v in tree]}
+  return {kind: [_skeleton(v, leaves, join(i)) for i, v in enumerate(tree)]}
 
 
 def _is_container(x) -> bool:
@@ -380,81 +433,142 @@ class _SaveLock:
 # Save and restore
 
 
-def save(directory: str, params: Any, *, force: bool = False) -> None:
+def _leaf_record(name: str, leaf) -> tuple:
+  """(what orbax stores for one leaf or None, the leaf's metadata)."""
+  if isinstance(leaf, QArray):
+    fields, dtypes = {}, {}
+    for f in _FIELDS:
+      a = getattr(leaf, f)
+      if a is not None:
+        fields[f], dtypes[f] = _storable(a)
+    return fields, {
+        "kind": type(leaf).__name__, "spec": spec_to_json(leaf.spec),
+        "shape": list(leaf.shape), "dtype": leaf.dtype, "pack_axis": leaf.pack_axis,
+        "code_order": leaf.code_order,
+        "transposed": bool(getattr(leaf, "transposed", False)),
+        "fields": {f: {"shape": list(fields[f].shape),
+                       "stored": jnp.dtype(fields[f].dtype).name, "dtype": dtypes[f],
+                       "sha256": _sha256_array(fields[f])} for f in fields}}
+  kind = "array"
+  if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype,
+                                                          jax.dtypes.prng_key):
+    impl = str(jax.random.key_impl(leaf))
+    leaf, kind = jax.random.key_data(leaf), "key"
+  elif isinstance(leaf, np.ndarray):
+    narrow = jax.dtypes.canonicalize_dtype(leaf.dtype)
+    if narrow != leaf.dtype:
+      raise ValueError(
+          f"save: leaf {name!r} is a numpy {leaf.dtype} array, which JAX without "
+          f"jax_enable_x64 holds as {narrow}, changing its values; cast it yourself "
+          f"(x.astype(np.{narrow})) or enable x64 "
+          "(jax.config.update('jax_enable_x64', True))")
+  arr, dtype = _storable(jnp.asarray(leaf))
+  m = {"kind": kind, "shape": list(arr.shape), "stored": jnp.dtype(arr.dtype).name,
+       "dtype": dtype, "sha256": _sha256_array(arr)}
+  if kind == "key":
+    m["impl"] = impl
+  if arr.size == 0:  # orbax refuses empty arrays: the metadata alone rebuilds it
+    m["empty"] = True
+    return None, m
+  return arr, m
+
+
+def _check_extra_files(extra_files) -> dict:
+  out = {}
+  for name, data in (extra_files or {}).items():
+    if (not isinstance(name, str) or name in (_META, _ARRAYS, "", ".", "..")
+        or os.sep in name or (os.altsep and os.altsep in name)
+        or name.startswith(".")):
+      raise ValueError(f"save: extra file name {name!r} must be a plain file name, "
+                       f"not {_META!r}, {_ARRAYS!r} or hidden")
+    if isinstance(data, str):
+      data = data.encode("utf-8")
+    if not isinstance(data, bytes):
+      raise TypeError(f"save: extra file {name!r} must be str or bytes, got "
+                      f"{type(data).__name__}")
+    out[name] = data
+  return out
+
+
+def save(directory: str, params: Any, *, force: bool = False,
+         extra_files: dict | None = None) -> None:
   """Saves a parameter pytree (arrays and QArrays) to ``directory``, atomically.
 
   The checkpoint is written completely beside ``directory`` and then put in
   its place in one step (see the module docstring): if the process dies at
-  any moment, ``directory`` holds the old checkpoint or the new one.
+  any moment, ``directory`` holds the old checkpoint or the new one. A
+  ``directory`` that is a symbolic link is written where the link points.
 
   Args:
     directory: a path that does not exist yet (or ``force=True``).
     params: nested dicts/lists/tuples of arrays, QArrays and QWeights (use
       ``nnx.State.to_pure_dict()`` or ``flax.core.unfreeze`` for other
-      containers; restore with ``target=`` to get them back).
+      containers; restore with ``target=`` to get them back). JAX PRNG key
+      arrays and empty arrays round-trip too; numpy 64-bit arrays need
+      ``jax_enable_x64`` (without it they are refused, not narrowed).
     force: replace an existing checkpoint (the whole directory: files other
-      code wrote into it are not kept).
+      code wrote into it are not kept; pass them as ``extra_files``).
+    extra_files: ``{file name: str or bytes}`` written into the checkpoint
+      directory with it, so they are replaced in the same atomic step (e.g. a
+      run's own JSON metadata). ``restore`` ignores them.
 
   Raises:
     TypeError: a leaf that is not an array or QArray, or an unsupported
       container.
+    ValueError: two leaves with the same path (a dict key holding "/" and a
+      nested dict spelling the same path), a numpy 64-bit array without x64,
+      or ``force`` is True but ``directory`` is not a lowbit_jax checkpoint
+      and holds other files (it is never deleted).
     FileExistsError: ``directory`` exists and ``force`` is False.
-    ValueError: ``force`` is True but ``directory`` is a non-empty directory
-      that is not a lowbit_jax checkpoint (it is never deleted).
     SaveInProgressError: another save to ``directory`` is running.
   """
-  directory = os.path.abspath(os.fspath(directory))
+  directory = os.path.realpath(os.path.abspath(os.fspath(directory)))
   if os.path.exists(directory) and not force:
     raise FileExistsError(f"{directory} exists; pass force=True to overwrite it")
+  extra = _check_extra_files(extra_files)
   skeleton, leaves = _to_json_tree(params, "save")
+  names = [None] * len(leaves)
+  _leaf_paths(skeleton, "", names)
+  seen = {}
+  for name in names:
+    if name in seen:
+      raise ValueError(f"save: two leaves have the path {name!r} (a dict key "
+                       "containing '/' spells the same path as nested dicts); "
+                       "rename one of them")
+    seen[name] = True
   tree, meta = {}, []
   for i, leaf in enumerate(leaves):
-    key = f"leaf_{i}"
-    if isinstance(leaf, QArray):
-      fields, dtypes = {}, {}
-      for f in _FIELDS:
-        a = getattr(leaf, f)
-        if a is not None:
-          fields[f], dtypes[f] = _storable(a)
-      tree[key] = fields
-      meta.append({"kind": type(leaf).__name__, "spec": spec_to_json(leaf.spec),
-                   "shape": list(leaf.shape), "dtype": leaf.dtype,
-                   "pack_axis": leaf.pack_axis,
-                   "code_order": leaf.code_order,
-                   "transposed": bool(getattr(leaf, "transposed", False)),
-                   "fields": {f: {"shape": list(fields[f].shape),
-                                  "stored": jnp.dtype(fields[f].dtype).name,
-                                  "dtype": dtypes[f],
-                                  "sha256": _sha256_array(fields[f])}
-                              for f in fields}})
-    elif isinstance(leaf, (jax.Array, np.ndarray)):
-      arr, name = _storable(jnp.asarray(leaf))
-      tree[key] = arr
-      meta.append({"kind": "array", "shape": list(arr.shape),
-                   "stored": jnp.dtype(arr.dtype).name, "dtype": name,
-                   "sha256": _sha256_array(arr)})
-    else:
-      raise TypeError(f"save: leaf {i} is a {type(leaf).__name__}; only arrays and "
-                      "QArrays can be saved")
+    stored, m = _leaf_record(names[i], leaf)
+    if stored is not None:
+      tree[f"leaf_{i}"] = stored
+    meta.append(m)
   os.makedirs(os.path.dirname(directory), exist_ok=True)
   with _SaveLock(directory):
     _recover(directory)
     if os.path.exists(directory):
       if not force:
         raise FileExistsError(f"{directory} exists; pass force=True to overwrite it")
-      if not os.path.isdir(directory) or (os.listdir(directory)
-                                          and not _is_checkpoint(directory)
-                                          and not os.path.isdir(
-                                              os.path.join(directory, _ARRAYS))):
+      entries = os.listdir(directory) if os.path.isdir(directory) else None
+      # A checkpoint, an empty directory, or one whose metadata is gone but
+      # that holds nothing except arrays/ (a damaged checkpoint) is replaced.
+      if entries is None or (entries and not _is_checkpoint(directory)
+                             and set(entries) != {_ARRAYS}):
         raise ValueError(f"{directory} exists and is not a lowbit_jax checkpoint; "
                          "save() replaces the whole directory, so it refuses to "
                          "delete it: remove it yourself or save elsewhere")
     tmp = f"{_sibling(directory, 'tmp')}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     os.makedirs(tmp)
     try:
-      _write_arrays(os.path.join(tmp, _ARRAYS), tree)
+      arrays = os.path.join(tmp, _ARRAYS)
+      if tree:
+        _write_arrays(arrays, tree)
+      else:  # nothing for orbax (every leaf empty or None)
+        os.makedirs(arrays)
+      for fname, data in extra.items():
+        with open(os.path.join(tmp, fname), "wb") as f:
+          f.write(data)
       record = {"version": VERSION, "skeleton": skeleton, "leaves": meta,
-                "files": _file_manifest(os.path.join(tmp, _ARRAYS))}
+                "files": _file_manifest(arrays)}
       record["sha256"] = _meta_digest(record)
       _write_meta(os.path.join(tmp, _META), record)
       _fsync_tree(tmp)
@@ -534,7 +648,9 @@ def _damaged_files(directory: str, manifest: dict, *, contents: bool = True) -> 
 def _stored_arrays(leaf_meta: list, names: list):
   """(orbax key, leaf path, field metadata) of every stored array."""
   for i, m in enumerate(leaf_meta):
-    if m["kind"] == "array":
+    if m.get("empty"):
+      continue
+    if m["kind"] in ("array", "key"):
       yield f"leaf_{i}", names[i], m
     else:
       for f, fm in m["fields"].items():
@@ -557,7 +673,8 @@ def _damaged_leaves(directory: str, leaf_meta: list, names: list) -> list:
   root = os.path.join(directory, _ARRAYS)
   out = []
   for key, name, fm in _stored_arrays(leaf_meta, names):
-    spec = {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{root}/",
+    spec = {"driver": "zarr", "kvstore": {"driver": "ocdbt",
+                                          "base": {"driver": "file", "path": f"{root}/"},
                                           "path": f"{key}/"}}
     try:
       arr = ts.open(spec, open=True, read=True).result().read().result()
@@ -604,6 +721,8 @@ def _check_spec(name: str, m: dict, meta_path: str) -> None:
   try:
     spec = spec_from_json(m["spec"])
     expect = _expected_fields(spec, tuple(m["shape"]), str(m["dtype"]))
+  except FormatMismatchError as e:
+    raise FormatMismatchError(f"leaf {name!r}: {e}") from None
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointCorruptedError(
         f"{meta_path} is damaged: leaf {name!r} has a spec or shape that cannot "
@@ -648,16 +767,53 @@ def restore(directory: str, *, sharding: ShardingLike = None,
       for speed). The metadata's own checksum, the specs and the files' sizes
       are always checked.
 
+  A checkpoint that a concurrent ``save`` replaces while it is read is read
+  again (up to ``_RESTORE_ATTEMPTS`` times), so the result is always one
+  whole checkpoint, never parts of two.
+
   Returns:
     The restored pytree (QArrays and QWeights rebuilt with their specs).
 
   Raises:
     ValueError: not a lowbit_jax checkpoint, a newer format version, or a
-      ``target`` whose paths differ from the saved ones.
+      ``target`` whose paths or shapes differ from the saved ones.
+    FormatMismatchError: (a ValueError) a format the checkpoint names is
+      registered here as a different format, or (version 2) not registered.
     CheckpointCorruptedError: (a ValueError) damaged metadata, files or
       arrays; the message names the files and leaves.
   """
-  directory = _locate(os.path.abspath(os.fspath(directory)))
+  directory = os.path.abspath(os.fspath(directory))
+  for attempt in range(_RESTORE_ATTEMPTS):
+    where = _locate(directory)
+    before = _identity(where)
+    try:
+      out = _restore_once(where, sharding, target, verify)
+    except (ValueError, OSError):
+      if attempt + 1 < _RESTORE_ATTEMPTS and _identity(_locate(directory)) != before:
+        continue  # a save replaced the checkpoint while it was read: read again
+      raise
+    if _identity(_locate(directory)) == before:
+      return out
+  raise CheckpointCorruptedError(
+      f"the checkpoint in {directory} was replaced by a save {_RESTORE_ATTEMPTS} "
+      "times while it was being read; restore it when the saves pause")
+
+
+_RESTORE_ATTEMPTS = 5
+
+
+def _identity(path: str):
+  """What changes when a save puts a new checkpoint at ``path``."""
+  try:
+    st = os.stat(path)
+  except FileNotFoundError:
+    return None
+  return (st.st_dev, st.st_ino)
+
+
+def _restore_once(directory: str, sharding: ShardingLike, target: Any,
+                  verify: bool) -> Any:
+  """One read of the checkpoint at ``directory`` (``restore`` retries it)."""
   meta_path = os.path.join(directory, _META)
   if not os.path.exists(meta_path):
     raise ValueError(f"{directory} is not a lowbit_jax checkpoint (no {_META}); "
@@ -668,7 +824,7 @@ def restore(directory: str, *, sharding: ShardingLike = None,
   try:
     _leaf_paths(skeleton, "", names)
     for i, m in enumerate(leaf_meta):
-      if m["kind"] != "array":
+      if m["kind"] not in ("array", "key"):
         _check_spec(names[i], m, meta_path)
   except (KeyError, TypeError, IndexError, AttributeError) as e:
     raise CheckpointCorruptedError(
@@ -689,13 +845,17 @@ def restore(directory: str, *, sharding: ShardingLike = None,
   abstract = {}
   for i, m in enumerate(leaf_meta):
     key = f"leaf_{i}"
-    if m["kind"] == "array":
+    if m.get("empty"):
+      continue
+    if m["kind"] in ("array", "key"):
       abstract[key] = sds(names[i], m)
     else:
       abstract[key] = {f: sds(f"{names[i]}/{f}", fm) for f, fm in m["fields"].items()}
   try:
-    with ocp.StandardCheckpointer() as ckptr:
-      tree = ckptr.restore(os.path.join(directory, _ARRAYS), abstract)
+    tree = {}
+    if abstract:  # a tree of only empty arrays and Nones stores nothing in orbax
+      with ocp.StandardCheckpointer() as ckptr:
+        tree = ckptr.restore(os.path.join(directory, _ARRAYS), abstract)
   except Exception as e:  # pylint: disable=broad-except
     bad_files = (_damaged_files(directory, meta["files"]) if not verify and "files"
                  in meta else [])
@@ -713,8 +873,10 @@ def restore(directory: str, *, sharding: ShardingLike = None,
   bad_leaves = []
   if verify:
     for i, m in enumerate(leaf_meta):
+      if m.get("empty"):
+        continue
       stored = tree[f"leaf_{i}"]
-      if m["kind"] == "array":
+      if m["kind"] in ("array", "key"):
         pairs = [(names[i], stored, m)]
       else:
         pairs = [(f"{names[i]}/{f}", stored[f], fm) for f, fm in m["fields"].items()]
@@ -728,7 +890,15 @@ def restore(directory: str, *, sharding: ShardingLike = None,
         f"(in {os.path.join(directory, _ARRAYS)})")
   leaves = []
   for i, m in enumerate(leaf_meta):
-    stored = tree[f"leaf_{i}"]
+    if m.get("empty"):
+      stored = jax.device_put(
+          np.zeros(m["shape"], m["stored"]),
+          _sharding_for(sharding, names[i], tuple(m["shape"]), jnp.dtype(m["dtype"])))
+    else:
+      stored = tree[f"leaf_{i}"]
+    if m["kind"] == "key":
+      leaves.append(jax.random.wrap_key_data(stored, impl=m["impl"]))
+      continue
     if m["kind"] == "array":
       leaves.append(_unstore(stored, m["dtype"]))
       continue
@@ -769,6 +939,13 @@ def _onto_target(target, names: list, leaves: list):
     extra = sorted(set(paths) - set(by_path))[:5]
     raise ValueError(f"target does not have the saved paths: saved but not in target "
                      f"{missing}, in target but not saved {extra}")
+  wrong = [f"{p!r} (saved {tuple(by_path[p].shape)}, target {tuple(t.shape)})"
+           for p, (_, t) in zip(paths, flat)
+           if hasattr(t, "shape") and tuple(t.shape) != tuple(by_path[p].shape)]
+  if wrong:
+    raise ValueError(f"target's shapes differ from the saved ones at {len(wrong)} "
+                     f"leaves: {', '.join(wrong[:5])}; restore without target= to "
+                     "see what was saved")
   return jax.tree_util.tree_unflatten(treedef, [by_path[p] for p in paths])
 
 
@@ -782,4 +959,4 @@ def disk_bytes(directory: str) -> int:
 
 
 __all__ = ["save", "restore", "disk_bytes", "spec_to_json", "spec_from_json",
-           "CheckpointCorruptedError", "SaveInProgressError"]
+           "CheckpointCorruptedError", "SaveInProgressError", "FormatMismatchError"]

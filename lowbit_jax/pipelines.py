@@ -585,9 +585,9 @@ def minilm_save_quantized(scheme: str, target: str, directory: str, *,
                                             "token_type_ids"))
   q = quantize_linen(_rules(sch, target, weights_in_params=False), mode="real")
   qv = q.quantize_params(model, {"params": params}, *args)
-  checkpoint.save(directory, qv["params"], force=force)
-  with open(os.path.join(directory, "ptq_point.json"), "w") as f:
-    json.dump({"model": "minilm", "scheme": scheme, "target": target}, f)
+  checkpoint.save(directory, qv["params"], force=force, extra_files={
+      "ptq_point.json": json.dumps({"model": "minilm", "scheme": scheme,
+                                    "target": target})})
   fp_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
   q_bytes = sum(int(getattr(x, "nbytes", 0)) for x in jax.tree_util.tree_leaves(
       qv["params"], is_leaf=lambda x: hasattr(x, "codes")))

@@ -1,4 +1,6 @@
 """Orbax checkpoints of quantized params: bit-exact, packed on disk, any mesh."""
+import json
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -126,3 +128,99 @@ def test_restore_into_a_target_structure(tmp_path):
     checkpoint.restore(tmp_path / "x", target={"b": jnp.zeros(4)})
   with pytest.raises(ValueError, match="not a lowbit_jax checkpoint"):
     checkpoint.restore(tmp_path)
+
+
+def test_custom_formats_restore_from_their_fields_and_a_redefined_name_is_refused(
+    tmp_path, monkeypatch):
+  from lowbit_jax.formats import _registry  # pylint: disable=g-import-not-at-top
+  fmts = lb.formats
+  lut = fmts.LookupFormat((-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0), name="ck_lut")
+  blk = fmts.BlockFormat(fmts.get("e3m2"), "e8m0", 16, name="ck_mx6")
+  monkeypatch.setitem(_registry._REGISTRY, "ck_lut", lut)
+  monkeypatch.setitem(_registry._REGISTRY, "ck_mx6", blk)
+  x = jax.random.normal(jax.random.key(3), (32, 64))
+  tree = {"lut": lb.quantize(x, lb.QuantSpec("ck_lut", axis=-1, group_size=16)),
+          "blk": lb.quantize(x, lb.QuantSpec("ck_mx6", axis=-1))}
+  checkpoint.save(tmp_path / "c", tree)
+  # Not registered in the restoring process: the stored fields rebuild them.
+  monkeypatch.delitem(_registry._REGISTRY, "ck_lut")
+  monkeypatch.delitem(_registry._REGISTRY, "ck_mx6")
+  back = checkpoint.restore(tmp_path / "c")
+  _assert_same(back, tree)
+  for k in tree:
+    np.testing.assert_array_equal(np.asarray(back[k].dequantize()),
+                                  np.asarray(tree[k].dequantize()))
+  # The name means another format here: its codes would decode to other values.
+  other = fmts.LookupFormat((-3.0, -2.0, -1.0, 0.0, 0.25, 0.5, 0.75, 1.0),
+                            name="ck_lut")
+  monkeypatch.setitem(_registry._REGISTRY, "ck_lut", other)
+  with pytest.raises(checkpoint.FormatMismatchError,
+                     match=r"leaf 'lut': .*'ck_lut'.* differs from the format "
+                     r"registered as 'ck_lut'"):
+    checkpoint.restore(tmp_path / "c")
+  # Version 2 stored the name alone: restored where registered, else told so.
+  monkeypatch.setitem(_registry._REGISTRY, "ck_lut", lut)
+  meta_path = tmp_path / "c" / "lowbit_jax.json"
+  meta = json.loads(meta_path.read_text())
+  meta["version"] = 2
+  for m in meta["leaves"]:
+    m["spec"]["format"] = {"format": m["spec"]["format"]["format"]}
+  meta["sha256"] = checkpoint._meta_digest(meta)  # pylint: disable=protected-access
+  meta_path.write_text(json.dumps(meta))
+  with pytest.raises(checkpoint.FormatMismatchError,
+                     match="'ck_mx6', which is not registered in this process"):
+    checkpoint.restore(tmp_path / "c")
+  monkeypatch.setitem(_registry._REGISTRY, "ck_mx6", blk)
+  _assert_same(checkpoint.restore(tmp_path / "c"), tree)
+
+
+def test_keys_empty_arrays_and_empty_trees_round_trip(tmp_path):
+  keys = jax.random.split(jax.random.key(1, impl="rbg"), 3)
+  tree = {"key": jax.random.key(0), "keys": keys,
+          "empty": jnp.zeros((0, 4), jnp.bfloat16), "w": jnp.arange(3.0),
+          "nothing": {"a": {}, "b": [], "c": None}}
+  checkpoint.save(tmp_path / "t", tree)
+  back = checkpoint.restore(tmp_path / "t")
+  assert jax.random.key_impl(back["keys"]) == jax.random.key_impl(keys)
+  for k in ("key", "keys"):
+    assert back[k].dtype == tree[k].dtype
+    np.testing.assert_array_equal(jax.random.key_data(back[k]),
+                                  jax.random.key_data(tree[k]))
+  np.testing.assert_array_equal(jax.random.normal(back["keys"][1], (4,)),
+                                jax.random.normal(keys[1], (4,)))
+  assert back["empty"].shape == (0, 4) and back["empty"].dtype == jnp.bfloat16
+  assert back["nothing"] == {"a": {}, "b": [], "c": None}
+  for i, t in enumerate([{}, None, {"e": jnp.zeros((0,), jnp.int8)}]):
+    checkpoint.save(tmp_path / f"e{i}", t)
+    r = checkpoint.restore(tmp_path / f"e{i}")
+    assert jax.tree.structure(r) == jax.tree.structure(t)
+    assert [x.shape for x in jax.tree.leaves(r)] == [x.shape for x in jax.tree.leaves(t)]
+
+
+def test_numpy_64_bit_arrays_are_refused_not_narrowed(tmp_path):
+  for a in (np.array([2**40 + 1]), np.array([1.0000000001]),
+            np.array([2**63], np.uint64)):
+    with pytest.raises(ValueError, match=r"leaf 'p/a' is a numpy \w+64 array.*"
+                       r"x\.astype\(np\.\w+32\)"):
+      checkpoint.save(tmp_path / "n", {"p": {"a": a}})
+    assert not (tmp_path / "n").exists()
+  checkpoint.save(tmp_path / "n", {"p": {"a": np.array([1.5], np.float32)}})
+  assert checkpoint.restore(tmp_path / "n")["p"]["a"].dtype == jnp.float32
+
+
+def test_bad_trees_name_the_leaf_and_targets_must_match_shapes(tmp_path):
+  import optax  # pylint: disable=g-import-not-at-top
+  opt = optax.adam(1e-3).init({"w": jnp.ones((4, 4))})
+  with pytest.raises(TypeError, match=r"leaf 'opt/0' is a ScaleByAdamState; .*"
+                     "flax.serialization.to_state_dict"):
+    checkpoint.save(tmp_path / "o", {"opt": opt})
+  checkpoint.save(tmp_path / "o", {"opt": flax.serialization.to_state_dict(opt)})
+  back = checkpoint.restore(tmp_path / "o", target={"opt": opt})
+  assert jax.tree.structure(back["opt"]) == jax.tree.structure(opt)
+  with pytest.raises(TypeError, match=r"leaf 'a/1' is a float; only arrays"):
+    checkpoint.save(tmp_path / "f", {"a": [jnp.ones(1), 1.0]})
+  with pytest.raises(ValueError, match="two leaves have the path 'a/b'"):
+    checkpoint.save(tmp_path / "c", {"a/b": jnp.ones(1), "a": {"b": jnp.zeros(1)}})
+  checkpoint.save(tmp_path / "s", {"w": jnp.ones((2, 2)), "b": jnp.ones(3)})
+  with pytest.raises(ValueError, match=r"'w' \(saved \(2, 2\), target \(5,\)\)"):
+    checkpoint.restore(tmp_path / "s", target={"w": jnp.zeros(5), "b": jnp.zeros(3)})

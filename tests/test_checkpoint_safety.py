@@ -247,7 +247,7 @@ def test_metadata_that_contradicts_the_arrays_is_rejected(tmp_path):
   checkpoint.save(d, _tree(0))
   meta = json.loads((d / "lowbit_jax.json").read_text())
   leaf = next(m for m in meta["leaves"] if m["kind"] != "array"
-              and m["spec"]["format"] == {"format": "int4"})
+              and m["spec"]["format"].get("format") == "int4")
   leaf["spec"]["group_size"] = 16  # the stored scales are per 32
   meta["sha256"] = checkpoint._meta_digest(meta)
   (d / "lowbit_jax.json").write_text(json.dumps(meta))
@@ -293,3 +293,74 @@ def test_force_never_deletes_a_directory_that_is_not_a_checkpoint(tmp_path):
   with pytest.raises(ValueError, match="not a lowbit_jax checkpoint"):
     checkpoint.save(d, _tree(0), force=True)
   assert (d / "notes.txt").read_text() == "keep me"
+  (d / "arrays").mkdir()  # looks like a damaged checkpoint, but holds more
+  with pytest.raises(ValueError, match="not a lowbit_jax checkpoint"):
+    checkpoint.save(d, _tree(0), force=True)
+  assert (d / "notes.txt").read_text() == "keep me"
+  (d / "notes.txt").unlink()  # arrays/ alone: a checkpoint that lost its metadata
+  checkpoint.save(d, _tree(1), force=True)
+  assert _which(checkpoint.restore(d)) == 1
+
+
+def test_extra_files_are_replaced_with_the_checkpoint(tmp_path, monkeypatch):
+  d, old = tmp_path / "ck", tmp_path / "old"
+  checkpoint.save(old, _tree(0), extra_files={"run.json": '{"seed": 0}'})
+  for k in range(1, 8):
+    shutil.rmtree(d, ignore_errors=True)
+    shutil.copytree(old, d)
+    with monkeypatch.context() as m:
+      _inject(m, k)
+      try:
+        checkpoint.save(d, _tree(1), force=True,
+                        extra_files={"run.json": b'{"seed": 1}'})
+      except _Boom:
+        pass
+    seed = _which(checkpoint.restore(d))
+    assert json.loads((d / "run.json").read_text()) == {"seed": seed}, k
+  for bad in ("lowbit_jax.json", "arrays", "a/b", ".hidden"):
+    with pytest.raises(ValueError, match="must be a plain file name"):
+      checkpoint.save(tmp_path / "x", _tree(0), extra_files={bad: "x"})
+
+
+def test_a_symlink_is_saved_where_it_points(tmp_path):
+  real, link = tmp_path / "real", tmp_path / "latest"
+  checkpoint.save(real, _tree(0))
+  os.symlink(real, link)
+  checkpoint.save(link, _tree(1), force=True)
+  assert os.path.islink(link) and _which(checkpoint.restore(link)) == 1
+  assert _which(checkpoint.restore(real)) == 1
+  assert sorted(os.listdir(tmp_path)) == ["latest", "real"]
+
+
+@pytest.mark.parametrize("name", ["run%41", "run#1", "a b"])
+def test_damage_reports_read_leaves_under_any_path(tmp_path, name):
+  d = tmp_path / name
+  checkpoint.save(d, _tree(0))
+  meta = checkpoint._read_meta(str(d))
+  names = [None] * len(meta["leaves"])
+  checkpoint._leaf_paths(meta["skeleton"], "", names)
+  assert checkpoint._damaged_leaves(str(d), meta["leaves"], names) == []
+  _flip(d / "arrays" / "_METADATA", 5)
+  with pytest.raises(checkpoint.CheckpointCorruptedError,
+                     match="every leaf's array still reads back"):
+    checkpoint.restore(d)
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_restore_overlapping_a_save_reads_one_whole_checkpoint(
+    tmp_path, monkeypatch, verify):
+  # The metadata is read from the old checkpoint, then a save replaces it
+  # before the arrays are read: restore notices and reads the new one whole.
+  d = tmp_path / "ck"
+  checkpoint.save(d, _tree(0))
+  orig, calls = checkpoint._read_meta, []
+
+  def read_then_replace(directory):
+    meta = orig(directory)
+    calls.append(1)
+    if len(calls) == 1:
+      checkpoint.save(d, _tree(1), force=True)
+    return meta
+  monkeypatch.setattr(checkpoint, "_read_meta", read_then_replace)
+  assert _which(checkpoint.restore(d, verify=verify)) == 1
+  assert len(calls) == 2

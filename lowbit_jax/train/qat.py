@@ -394,14 +394,16 @@ class Recipe:
     metrics["param_bytes"] = _nbytes(qvars["params"])
     metrics["float_param_bytes"] = _nbytes(state.params)
     host = jax.device_get(_plain(qvars))
-    checkpoint.save(str(directory), host, force=True)
     meta = {"kind": "llama_qat", "model": dataclasses.asdict(model.config),
             "quant": _jsonable(self.settings), "seq_len": int(config.seq_len),
             "vocab": int(model.config.vocab),
             "cache_dir": str(_get(config, "cache_dir", "")),
             "train_metrics": {k: v for k, v in metrics.items()
                               if isinstance(v, (int, float))}}
-    (directory / META_FILE).write_text(json.dumps(meta, indent=1))
+    # META_FILE goes in with the arrays, in save's one atomic replacement: a
+    # crash never leaves a new export without it, nor the old one without its.
+    checkpoint.save(str(directory), host, force=True,
+                    extra_files={META_FILE: json.dumps(meta, indent=1)})
     return metrics
 
 
