@@ -111,6 +111,12 @@ def _moment(fmt: Optional[FormatLike], block_size: Optional[int],
     block = _default_block(spec)
   spec = spec.replace(axis=0, group_size=block, pad=True)
   guard = False
+  if not second and spec.symmetric and not np.any(spec.element.values() < 0):
+    raise ValueError(
+        f"{spec.element.name!r} holds no negative values, but the first moment "
+        "is signed; pass a pair with a signed first-moment format, e.g. "
+        f"state_format=('dynamic8', {spec.element.name!r}), or a preset ('8bit', "
+        "'4bit')")
   if second:
     el = spec.element
     if isinstance(el, LookupFormat) and el.scale_method == "twn":
@@ -170,10 +176,12 @@ def _quantize_moment(x: jax.Array, moment: _Moment) -> QArray:
   return quantize(jnp.where(lost, floor, x), moment.spec)
 
 
-def _init_moment(p, moment: Optional[_Moment], min_size: int):
+def _init_moment(p, moment: Optional[_Moment], min_size: int, first: bool):
   if p is None:
     return None
-  if (moment is None or p.size < min_size
+  if jnp.iscomplexobj(p):  # as optax: a complex first moment, a real second
+    return jnp.zeros(p.shape, jnp.complex64 if first else jnp.float32)
+  if (moment is None or p.size == 0 or p.size < min_size
       or not jnp.issubdtype(p.dtype, jnp.floating)):
     return jnp.zeros(p.shape, jnp.float32)
   return quantize(jnp.zeros((p.size,), jnp.float32), moment.spec)
@@ -232,15 +240,21 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
   """
   _check_unit("b1", b1)
   _check_unit("b2", b2)
+  for name, v in (("min_size", min_size), ("block_size", block_size)):
+    if isinstance(v, (jax.Array, np.ndarray, np.generic)):
+      raise ValueError(
+          f"{name} must be a Python int, got {v!r}; it "
+          "sets the states' shapes, so it cannot be a traced hyper-parameter: with "
+          "optax.inject_hyperparams pass static_args=('min_size', 'block_size')")
   if not isinstance(min_size, int) or isinstance(min_size, bool) or min_size < 0:
     raise ValueError(f"min_size must be a non-negative int, got {min_size!r}")
   m_moment, v_moment = _resolve(state_format, block_size)
 
   def init_fn(params):
     is_none = lambda x: x is None  # noqa: E731
-    mu = jax.tree.map(lambda p: _init_moment(p, m_moment, min_size), params,
+    mu = jax.tree.map(lambda p: _init_moment(p, m_moment, min_size, True), params,
                       is_leaf=is_none)
-    nu = jax.tree.map(lambda p: _init_moment(p, v_moment, min_size), params,
+    nu = jax.tree.map(lambda p: _init_moment(p, v_moment, min_size, False), params,
                       is_leaf=is_none)
     return QuantizedAdamState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
 
@@ -260,9 +274,14 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
         new_mu.append(mu)
         new_nu.append(nu)
         continue
-      gf = g.astype(jnp.float32)
+      if jnp.iscomplexobj(g):  # optax: |g|**2 for the second moment
+        gf = g.astype(jnp.complex64)
+        g2 = jnp.real(gf * jnp.conj(gf))
+      else:
+        gf = g.astype(jnp.float32)
+        g2 = gf ** 2
       m = (1 - b1) * gf + b1 * _read(mu, g.shape)
-      v = (1 - b2) * (gf ** 2) + b2 * _read(nu, g.shape)
+      v = (1 - b2) * g2 + b2 * _read(nu, g.shape)
       m_hat = m / bc1.astype(m.dtype)
       v_hat = v / bc2.astype(v.dtype)
       u = m_hat / (jnp.sqrt(v_hat + eps_root) + eps)
@@ -309,7 +328,9 @@ def adamw(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
     else the format's own block (block formats), else 128 for formats of 4
     bits or fewer and 2048 for wider ones. The spec's scale dtype, symmetry
     and clip ratio are kept; its axis is replaced (blocks run along the
-    flattened tensor, zero-padded at the end).
+    flattened tensor, zero-padded at the end). A format without negative
+    values (``"linear4_unsigned"``, ``"dynamic8_unsigned"``) cannot hold the
+    signed first moment and is refused: name it in a pair.
   * a pair ``(first, second)`` of any of the above but the preset names (a
     name in a pair is always the format of that name, so ``("int8",
     "dynamic8_unsigned")`` is a linear int8 first moment); ``None`` in the pair
@@ -323,8 +344,10 @@ def adamw(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
   instead of dividing by ``eps``; blockwise-linear maps still lose much of the
   second moment's range, so prefer the unsigned maps.
 
-  Tensors with fewer than ``min_size`` elements (biases, norms) and
-  non-float parameters keep float32 moments, as in both papers.
+  Tensors with fewer than ``min_size`` elements (biases, norms), empty
+  tensors and non-float parameters keep float32 moments, as in both papers.
+  Complex parameters keep a complex64 first moment and a float32 second
+  moment of ``|g|**2``, as ``optax.adamw`` does.
 
   Different learning rates (e.g. for learned quantization scales, LSQ step
   sizes) come from ``optax.multi_transform``::

@@ -323,8 +323,48 @@ def test_spec_options_are_kept_and_blocks_follow_the_rules():
     ({"state_format": "mxfp4", "block_size": 64}, "blocks of 32"),
     ({"b2": 1.0}, r"\[0, 1\)"),
     ({"min_size": -1}, "min_size"),
+    ({"state_format": "dynamic8_unsigned"}, r"no negative values.*pair"),
+    ({"state_format": ("linear4_unsigned", None)}, "no negative values"),
+    ({"state_format": "8bit", "min_size": jnp.int32(4096)},
+     r"static_args=\('min_size', 'block_size'\)"),
 ])
 def test_bad_arguments_say_how_to_fix(kw, match):
   with pytest.raises(ValueError, match=match):
     lo.adamw(1e-3, **kw)
 
+
+
+def test_bad_arguments_under_inject_hyperparams_say_how_to_fix():
+  with pytest.raises(ValueError, match=r"static_args=\('min_size'"):
+    optax.inject_hyperparams(lo.adamw)(learning_rate=1e-3, state_format="8bit").init(
+        {"w": jnp.ones((64, 64))})
+  tx = optax.inject_hyperparams(lo.adamw, static_args=("min_size",))(
+      learning_rate=1e-3, state_format="8bit", min_size=16)
+  state = tx.init({"w": jnp.ones((64, 64))})
+  assert isinstance(state.inner_state[0].mu["w"], QArray)
+
+
+def test_complex_and_empty_parameters_match_optax_adamw():
+  params = {"c": jnp.array([1 + 1j, 2 - 1j, -0.5j], jnp.complex64),
+            "w": jax.random.normal(jax.random.key(0), (64, 64)),
+            "lora_b": jnp.zeros((0, 8))}
+  grads = {"c": jnp.array([0.5 + 2j, -1 + 0.5j, 3 + 0j], jnp.complex64),
+           "w": jax.random.normal(jax.random.key(1), (64, 64)),
+           "lora_b": jnp.zeros((0, 8))}
+  ref = optax.adamw(1e-2)
+  for fmt in (None, "8bit"):
+    tx = lo.adamw(1e-2, state_format=fmt, min_size=0)
+    s, r = tx.init(params), ref.init(params)
+    assert s[0].mu["c"].dtype == jnp.complex64 and s[0].nu["c"].dtype == jnp.float32
+    assert s[0].mu["lora_b"].shape == (0, 8)
+    for _ in range(3):
+      u, s = tx.update(grads, s, params)
+      v, r = ref.update(grads, r, params)
+      # With b2 = 0.999, 1 - b2**t at t <= 3 turns one float32 ulp of b2**t
+      # (6e-8, which differs between two compiled programs' pow) into 2e-5
+      # relative; optax also keeps nu complex (complex division and sqrt).
+      np.testing.assert_allclose(np.asarray(u["c"]), np.asarray(v["c"]), rtol=3e-5)
+      assert u["lora_b"].shape == (0, 8)
+      if fmt is None:
+        np.testing.assert_allclose(np.asarray(u["w"]), np.asarray(v["w"]),
+                                   rtol=3e-5)
