@@ -169,7 +169,9 @@ def _quantize_moment(x: jax.Array, moment: _Moment) -> QArray:
   fmt = moment.spec.storage_format
   code = encode(jnp.float32(_smallest_positive(fmt)), fmt)
   n_codes, n_bytes = pack_unit(fmt.bits)
-  n = q.codes.shape[0] // n_bytes * n_codes
+  # codes-array elements per packing unit: bytes, or one uint16 a code (> 8 bits)
+  unit = max(1, n_bytes // q.codes.dtype.itemsize)
+  n = q.codes.shape[0] // unit * n_codes
   probe = pack(jnp.full((n,), code, jnp.uint32), fmt, 0)
   floor = dequantize(dataclasses.replace(q, codes=probe))
   lost = (x > 0) & (dequantize(q) <= 0)

@@ -96,6 +96,11 @@ def as_rules(rules: Sequence[Any]) -> tuple[Rule, ...]:
                        f"expression: {e}") from None
     if part is None:
       part = ()
+    if isinstance(part, str):
+      raise ValueError(f"sharding rule {i} ({regex!r}): the partition is the string "
+                       f"{part!r}, not a tuple with one entry per dim (aligned to "
+                       f"the parameter's trailing dims): ({part!r},) shards the "
+                       f"last dim, ({part!r}, None) the one before it.")
     entries = []
     for e in tuple(part):
       if e is None or isinstance(e, str):
@@ -220,6 +225,9 @@ class Layout:
     shape = tuple(q.shape)
     bs = block_shape(q.spec, shape)
     n_codes, n_bytes = pack_unit(q.spec.storage_format.bits)
+    # A packing unit in codes-array elements: bytes for uint8 codes, one
+    # uint16 per code above 8 bits.
+    unit = max(1, n_bytes // q.codes.dtype.itemsize)
     scale_rank = q.scale.ndim
     codes_part, scale_part = [], []
     for d, entry in enumerate(partition):
@@ -230,10 +238,10 @@ class Layout:
         continue
       n_blocks = -(-shape[d] // bs[d])
       c = q.codes.shape[d]
-      elems = c * n_codes // n_bytes if d == q.pack_axis else c
+      elems = c * n_codes // unit if d == q.pack_axis else c
       ok = (n_blocks % n == 0 and c % n == 0
             and elems == n_blocks * bs[d]
-            and (d != q.pack_axis or (c // n) % n_bytes == 0)
+            and (d != q.pack_axis or (c // n) % unit == 0)
             # wgmma-ordered codes move bytes within runs of WGMMA_RUN_BYTES
             and (d != q.pack_axis or q.code_order == "natural"
                  or (c // n) % WGMMA_RUN_BYTES == 0)

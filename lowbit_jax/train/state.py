@@ -93,13 +93,19 @@ def init_state(model: Any, tx: optax.GradientTransformation, rng: jax.Array, *,
                     quant_state=quant_state, rng=key)
 
 
-def state_shardings(state: TrainState, layout: Layout) -> TrainState:
+def state_shardings(state: TrainState, layout: Layout | Mesh) -> TrainState:
   """The ``TrainState`` of NamedShardings ``layout`` gives ``state``.
 
   Parameters follow the rules; optimizer leaves follow their parameter
   (quantized moments block-wise); learned scales follow their weight;
-  the step, quantization state and key are replicated.
+  the step, quantization state and key are replicated. A ``Mesh`` stands for
+  ``Layout(mesh)`` (``LLAMA_RULES``), as in ``shard_state``.
   """
+  if isinstance(layout, Mesh):
+    layout = Layout(layout)
+  elif not isinstance(layout, Layout):
+    raise TypeError(f"layout must be a train.Layout or a jax Mesh, got "
+                    f"{type(layout).__name__}")
   rep = layout.replicated
   owners = layout.owners(state.params, state.quant_scales)
   return TrainState(

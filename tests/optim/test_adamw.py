@@ -106,8 +106,9 @@ def test_linear_second_moment_blows_up_where_ours_does_not(float_loss):
 
 
 # A zero-free map, and formats that code 0 (so the guard acts): integer,
-# power-of-two (E8M0) block scales, then two-level NVFP4 scales and more.
-V_FORMATS = ["dynamic8_unsigned", "int8", "mxfp4"]
+# power-of-two (E8M0) block scales, 9-bit floats (one uint16 code each), then
+# two-level NVFP4 scales and more.
+V_FORMATS = ["dynamic8_unsigned", "int8", "mxfp4", "e5m3"]
 V_FORMATS_MORE = ["dynamic4_unsigned", "linear4_unsigned", "int4", "fp8_e4m3", "nf4",
                   "nvfp4", lb.QuantSpec("uint8", group_size=256)]
 

@@ -69,6 +69,9 @@ def test_indivisible_layouts_name_parameter_shape_and_axis():
                  rules=[(".*", ("expert",))]).params(params)
   with pytest.raises(ValueError, match="not a valid regular expression"):
     train.Layout(train.make_mesh("data:8"), rules=[("(", ())])
+  with pytest.raises(ValueError, match=r"the partition is the string 'fsdp'.*"
+                     r"\('fsdp',\) shards the last dim"):
+    train.Layout(train.make_mesh("fsdp:8"), rules=[(".*kernel", "fsdp")])
   with pytest.raises(ValueError, match="one of"):
     train.Layout(train.make_mesh("data:8"), on_block_split="ignore")
 
@@ -137,6 +140,34 @@ def test_real_quantized_weights_shard_without_splitting_blocks():
     eight.param_sharding("layers_0/attn/q_proj/kernel", q)   # 8 elems per device
   rep = train.Layout(train.make_mesh("fsdp:8"), on_block_split="replicate")
   assert rep.param_sharding("layers_0/attn/q_proj/kernel", q).codes.spec == P()
+
+
+@pytest.mark.parametrize("fmt", ["e5m3", "int8", "int3", "fp6_e2m3"])
+def test_codes_of_any_width_split_along_their_pack_axis(fmt):
+  # 9- to 16-bit codes are one uint16 each; packed narrower ones split in
+  # whole packing units. 64 elements over fsdp:2: two groups of 16 a device.
+  x = jax.random.normal(jax.random.key(0), (8, 64))
+  q = quantize(x, QuantSpec(fmt, axis=1, group_size=16))
+  layout = train.Layout(train.make_mesh("fsdp:2"), rules=[(".*", (None, "fsdp"))])
+  sh = layout.param_sharding("w", q)
+  assert sh.codes.spec == P(None, "fsdp") and sh.scale.spec == P(None, "fsdp")
+  placed = jax.device_put(q, sh)
+  assert placed.scale.addressable_shards[0].data.shape == (8, 2)
+  np.testing.assert_array_equal(np.asarray(dequantize(placed)),
+                                np.asarray(dequantize(q)))
+
+
+def test_a_mesh_stands_for_its_default_layout_in_state_shardings():
+  from lowbit_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  mesh = train.make_mesh("fsdp:2")
+  st = state_lib.TrainState(step=jnp.zeros([], jnp.int32),
+                            params={"mlp": {"up_proj": {"kernel": jnp.zeros((8, 4))}}},
+                            opt_state=(), quant_scales={}, quant_state={}, rng=None)
+  got = state_lib.state_shardings(st, mesh)
+  want = state_lib.state_shardings(st, train.Layout(mesh))
+  assert got.params == want.params
+  with pytest.raises(TypeError, match="train.Layout or a jax Mesh"):
+    state_lib.state_shardings(st, "fsdp:2")
 
 
 def test_wgmma_ordered_codes_shard_in_whole_16_byte_runs():
