@@ -282,6 +282,12 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
       else:
         gf = g.astype(jnp.float32)
         g2 = gf ** 2
+      if isinstance(nu, QArray):
+        # A finite |g| above 1.8e19 squares to inf, and inf in a block makes its
+        # scale inf and every element inf / inf = NaN for good (float32 moments
+        # keep the inf to that element). Capped, the block's other elements
+        # only lose precision under its absmax, as any outlier makes them.
+        g2 = jnp.minimum(g2, jnp.finfo(jnp.float32).max)
       m = (1 - b1) * gf + b1 * _read(mu, g.shape)
       v = (1 - b2) * g2 + b2 * _read(nu, g.shape)
       m_hat = m / bc1.astype(m.dtype)
