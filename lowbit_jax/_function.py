@@ -327,7 +327,7 @@ class _Interpreter:
     self.config.record_site(key, site)
     return site, key
 
-  def _stats(self, site: Site, key: str, act):
+  def _stats(self, site: Site, key: str):
     if site.collects_stats:
       if self._traced_region:
         raise ValueError(
@@ -335,15 +335,14 @@ class _Interpreter:
             "lax.while_loop, whose body cannot hand statistics back. Calibrate a "
             "version of the function with the loop unrolled (a Python loop), or "
             "use a dynamic activation rule (static=False) there")
-      self.stats_out[key] = _rules.observe(site, self.stats_out.get(key), _mat(act))
-      return None
+      return None  # SiteCall.observe folds the op's activation in
     if site.needs_stats:
       return self.stats_in.get(key)
     return None
 
-  def _call(self, site: Site, key: str, act) -> _rules.SiteCall:
+  def _call(self, site: Site, key: str) -> _rules.SiteCall:
     """The SiteCall of a site: its entries of the dicts passed in, its key."""
-    stats = self._stats(site, key, act)
+    stats = self._stats(site, key)
     if stats is None and site.rule.learn_activation == "pact":
       stats = self.stats_in.get(key)  # a calibrated range starts the clip
     if self._traced_region and (site.scale_names() or site.history_names()
@@ -357,8 +356,13 @@ class _Interpreter:
     if site.stochastic and self.rng is not None:
       idx = self._index.setdefault(key, len(self._index))
       rng = jax.random.fold_in(self.rng, idx)  # its own key per site
-    return _rules.SiteCall(scales=self.scales_in.get(key), state=self.state_in.get(key),
+    call = _rules.SiteCall(scales=self.scales_in.get(key), state=self.state_in.get(key),
                            key=rng, stats=stats, init=self.init, metrics=self.metrics)
+    if site.collects_stats:
+      def fold(x):
+        self.stats_out[key] = _rules.observe(site, self.stats_out.get(key), x)
+      call.observe = fold
+    return call
 
   def _finish(self, key: str, call: _rules.SiteCall) -> None:
     if call.new_scales:
@@ -379,7 +383,7 @@ class _Interpreter:
     w = weight.q if isinstance(weight, _QRef) else weight
     act = _mat(lhs if side == "rhs" else rhs)
     lhs2, rhs2 = (act, w) if side == "rhs" else (w, act)
-    call = self._call(site, key, act)
+    call = self._call(site, key)
     p = eqn.params
     out = _rules.site_dot_general(site, lhs2, rhs2, p["dimension_numbers"],
                                   p.get("precision"), p.get("preferred_element_type"),
@@ -396,7 +400,7 @@ class _Interpreter:
       return _bind(eqn, invals)
     w = rhs.q if isinstance(rhs, _QRef) else rhs
     act = _mat(lhs)
-    call = self._call(site, key, act)
+    call = self._call(site, key)
     p = eqn.params
     out = _rules.site_conv(site, act, w, p["window_strides"], p["padding"],
                            p["lhs_dilation"], p["rhs_dilation"],
@@ -422,7 +426,7 @@ class _Interpreter:
                        f"({why}); exclude the weight with a float rule")
     w = rhs.q if isinstance(rhs, _QRef) else rhs
     act = _mat(lhs)
-    call = self._call(site, key, act)
+    call = self._call(site, key)
     out = _rules.site_ragged_dot(site, act, w, group_sizes, p.get("precision"),
                                  p.get("preferred_element_type"), call=call)
     self._finish(key, call)

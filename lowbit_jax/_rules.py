@@ -975,13 +975,12 @@ def observer_for(spec: QuantSpec) -> calibration.Observer:
 def observe(site: Site, state, x: jax.Array):
   """Folds one activation batch into ``state`` (None: start a new state).
 
-  A rule with ``input_rotation`` observes the rotated activation (rotated
-  along its last axis, the contraction axis of Dense-like layers).
+  ``x`` is the activation as the site's op quantizes it: ``site_dot_general``
+  and its kin hand it to ``SiteCall.observe`` after an ``input_rotation``
+  (along the op's own contraction axis) and an einsum's lhs-only sums.
   """
   spec = site.rule.static_activation
   obs = observer_for(spec)
-  if site.rule.input_rotation is not None:
-    x = hadamard_transform(_float(x), -1)
   if state is None:
     state = obs.init(x, spec)
   return obs.update(state, x)
@@ -1138,6 +1137,8 @@ class SiteCall:
       both ``init_scales`` and ``init_state``, which front ends may set
       apart: a Linen collection is created only where it is mutable).
     metrics: record the fraction of weight and activation values clipped.
+    observe: (calibrating a static rule) called with the activation as the
+      op would quantize it (rotated, summed), to fold into the statistics.
     new_scales, new_state: what the call created (``init``).
     recorded: ``{name: scalar}`` clipped fractions (``metrics``), e.g.
       ``{"weight_clipped": ..., "act_clipped": ...}``.
@@ -1151,6 +1152,7 @@ class SiteCall:
     self.stats = stats
     self.init_scales = self.init_state = bool(init)
     self.metrics = bool(metrics)
+    self.observe: Optional[Callable[[jax.Array], None]] = None
     self.new_scales: dict = {}
     self.new_state: dict = {}
     self.recorded: dict = {}
@@ -1576,6 +1578,8 @@ def site_dot_general(site: Site, lhs, rhs, dimension_numbers, precision=None,
     if site.is_act:   # both operands: (x H)(y H)^T = x y^T (SpinQuant's R3 on q.k)
       rhs = hadamard_transform(_float(rhs), rc[0])
   if site.mode == "calibrate":
+    if call.observe is not None:
+      call.observe(_float(lhs))
     rec = input_recorder()
     if rec is not None and not site.is_act:
       rec(site, "dot_general", _float(lhs), rhs, {"dimension_numbers": (
@@ -1698,6 +1702,8 @@ def site_ragged_dot(site: Site, lhs, rhs, group_sizes, precision=None,
     lhs = hadamard_transform(_float(lhs), 1)
   if site.mode == "calibrate":
     x = _float(lhs)
+    if call.observe is not None:
+      call.observe(x)
     rec = input_recorder()
     if rec is not None:
       rec(site, "ragged_dot", x, rhs, {"group_sizes": group_sizes})
@@ -1735,6 +1741,8 @@ def site_conv(site: Site, lhs, rhs, window_strides, padding, lhs_dilation=None,
   rhs = logical_value(rhs) if isinstance(rhs, QWeight) and rhs.transposed else rhs
   if site.mode == "calibrate":
     x = _float(lhs)
+    if call.observe is not None:
+      call.observe(x)
     rec = input_recorder()
     if rec is not None:
       rec(site, "conv", x, rhs, {

@@ -291,3 +291,23 @@ def test_python_config_arguments_are_static():
   np.testing.assert_allclose(qf(v, x, act="gelu"), jax.nn.gelu(h), rtol=1e-5,
                              atol=1e-6)
   assert list(qf.config.sites) == ["params/Dense_0/kernel"]
+
+
+def test_static_calibration_observes_the_rotation_along_the_contraction_axis():
+  # The activation contracts along axis 1 (not the last): the calibrated range
+  # is the range of the activation rotated there, as the op quantizes it.
+  from lowbit_jax.core._hadamard import hadamard_transform  # pylint: disable=g-import-not-at-top
+  w = jax.random.normal(jax.random.key(0), (16, 4))
+  wr = hadamard_transform(w.T, -1).T
+  r = jax.random.normal(jax.random.key(1), (2, 1, 8))
+  x = r + 0.05 * jax.random.normal(jax.random.key(2), (2, 16, 8))
+  f = lambda p, x: jnp.einsum("bkt,kn->btn", x, p["w"])  # noqa: E731
+  rule = [QuantRule(".*", activation="int8", static=True, input_rotation="hadamard")]
+  cal = quantize_function(f, rule, mode="calibrate")
+  _, stats = cal({"w": wr}, x)
+  rng = cal.finalize_stats(stats)
+  np.testing.assert_allclose(float(rng["w"]["amax"]),
+                             float(jnp.max(jnp.abs(hadamard_transform(x, 1)))),
+                             rtol=1e-6)
+  y = quantize_function(f, rule)({"w": wr}, x, quant_stats=rng)
+  assert float(jnp.max(jnp.abs(y - f({"w": w}, x)))) < 0.3  # 2.99 when clipped

@@ -408,6 +408,11 @@ _OP = {"dense": "dot_general", "attend": "dot_general", "einsum": "einsum",
 _KINDS = {"ragged": ("ragged_dot", "einsum")}
 
 
+def _record(plan: dict, path: str, shape, weight_plan) -> None:
+  """Notes a planned kernel with the shape its layer saw it in."""
+  plan.setdefault(path, []).append((weight_plan, tuple(shape)))
+
+
 class _SiteOp:
   """The quantized op a matched Linen layer calls (or the interceptor runs)."""
 
@@ -415,17 +420,15 @@ class _SiteOp:
     self.quantizer = quantizer
     self.mod = mod
     self.site = site
+    self.calls = 0  # how often the layer reached this op (0: it went around it)
 
-  def _stats(self, act):
+  def _stats(self):
     site, mod = self.site, self.mod
     if site.collects_stats:
       if not mod.is_mutable_collection(STATS):
         raise ValueError(f"mode='calibrate' records statistics in the {STATS!r} "
                          f"collection: call apply(..., mutable=[{STATS!r}])")
-      state = (mod.get_variable(STATS, _STAT_NAME)
-               if mod.has_variable(STATS, _STAT_NAME) else None)
-      mod.put_variable(STATS, _STAT_NAME, _rules.observe(site, state, act))
-      return None
+      return None  # SiteCall.observe folds the op's activation in
     if site.needs_stats or site.rule.learn_activation == "pact":
       # (A PACT clip starts at the calibrated range when there is one.)
       if mod.has_variable(STATS, _STAT_NAME):
@@ -433,10 +436,10 @@ class _SiteOp:
       return None
     return None
 
-  def _call(self, act) -> _rules.SiteCall:
+  def _call(self) -> _rules.SiteCall:
     """The SiteCall of this call: variables from the layer's scope, its key."""
     site, mod = self.site, self.mod
-    stats = self._stats(act)
+    stats = self._stats()
     scales = {n: mod.get_variable(SCALES, n) for n in site.scale_names()
               if mod.has_variable(SCALES, n)}
     state = {n: mod.get_variable(STATE, n) for n in site.history_names()
@@ -449,6 +452,12 @@ class _SiteOp:
                                     and not mod.is_initializing()))
     call.init_scales = mod.is_mutable_collection(SCALES)
     call.init_state = mod.is_mutable_collection(STATE)
+    if site.collects_stats:
+      def fold(x):
+        state = (mod.get_variable(STATS, _STAT_NAME)
+                 if mod.has_variable(STATS, _STAT_NAME) else None)
+        mod.put_variable(STATS, _STAT_NAME, _rules.observe(site, state, x))
+      call.observe = fold
     return call
 
   def _finish(self, call: _rules.SiteCall) -> None:
@@ -462,6 +471,7 @@ class _SiteOp:
 
   def dot_general(self, lhs, rhs, dimension_numbers, precision=None,
                   preferred_element_type=None, **kw):
+    self.calls += 1
     if kw.get("out_sharding") is not None:
       raise ValueError("quantized layers do not take out_sharding; shard the output "
                        "with jax.lax.with_sharding_constraint instead")
@@ -470,12 +480,12 @@ class _SiteOp:
     if plan is not None:
       (_, rc), (_, rb) = dimension_numbers
       if not isinstance(rhs, QArray) and self.site.weight is not None:
-        plan.setdefault(self.site.path, []).append(_rules.plan_weight(
+        _record(plan, self.site.path, rhs.shape, _rules.plan_weight(
             self.site.weight, tuple(rhs.shape), self.site.op, contracting=rc,
             batch=rb, compute_dtype=rhs.dtype))
       return jax.lax.dot_general(lhs, _rules.logical_value(rhs), dimension_numbers,
                                  precision, preferred_element_type)
-    call = self._call(lhs)
+    call = self._call()
     y = _rules.site_dot_general(self.site, lhs, rhs, dimension_numbers, precision,
                                 preferred_element_type, call=call)
     self._finish(call)
@@ -485,6 +495,7 @@ class _SiteOp:
                            rhs_dilation=None, dimension_numbers=None,
                            feature_group_count=1, batch_group_count=1,
                            precision=None, preferred_element_type=None, **kw):
+    self.calls += 1
     if kw.get("out_sharding") is not None:
       raise ValueError("quantized layers do not take out_sharding")
     rhs = _unwrap(rhs)
@@ -494,11 +505,11 @@ class _SiteOp:
     if plan is not None:
       if not isinstance(rhs, QArray) and self.site.weight is not None:
         dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-        plan.setdefault(self.site.path, []).append(_rules.plan_weight(
+        _record(plan, self.site.path, rhs.shape, _rules.plan_weight(
             self.site.weight, tuple(rhs.shape), "conv", out_axis=dn.rhs_spec[0],
             in_axis=dn.rhs_spec[1], compute_dtype=rhs.dtype))
       return jax.lax.conv_general_dilated(lhs, _rules.logical_value(rhs), *args)
-    call = self._call(lhs)
+    call = self._call()
     y = _rules.site_conv(self.site, lhs, rhs, *args, call=call)
     self._finish(call)
     return y
@@ -510,12 +521,12 @@ class _SiteOp:
       if not isinstance(rhs, QArray) and self.site.weight is not None:
         _, dn, _ = _rules.einsum_dims(subscripts, lhs.shape, rhs.shape)
         (_, rc), (_, rb) = dn
-        plan.setdefault(self.site.path, []).append(_rules.plan_weight(
+        _record(plan, self.site.path, rhs.shape, _rules.plan_weight(
             self.site.weight, tuple(rhs.shape), "einsum", contracting=rc, batch=rb,
             compute_dtype=rhs.dtype))
       return jnp.einsum(subscripts, lhs, _rules.logical_value(rhs), precision=precision,
                         preferred_element_type=preferred_element_type)
-    call = self._call(lhs)
+    call = self._call()
     y = _rules.site_einsum(self.site, subscripts, lhs, rhs, precision=precision,
                            preferred_element_type=preferred_element_type, call=call)
     self._finish(call)
@@ -526,12 +537,12 @@ class _SiteOp:
     plan = self.quantizer._planning  # pylint: disable=protected-access
     if plan is not None:
       if not isinstance(rhs, QArray) and self.site.weight is not None:
-        plan.setdefault(self.site.path, []).append(_rules.plan_weight(
+        _record(plan, self.site.path, rhs.shape, _rules.plan_weight(
             self.site.weight, tuple(rhs.shape), "ragged_dot", contracting=(1,),
             compute_dtype=rhs.dtype))
       return jax.lax.ragged_dot(lhs, _rules.logical_value(rhs).astype(lhs.dtype),
                                 group_sizes, precision=precision)
-    call = self._call(lhs)
+    call = self._call()
     y = _rules.site_ragged_dot(self.site, lhs, rhs, group_sizes, precision, call=call)
     self._finish(call)
     return y
@@ -541,7 +552,7 @@ class _SiteOp:
     if self.quantizer._planning is not None:  # pylint: disable=protected-access
       return jnp.einsum(subscripts, lhs, rhs, precision=precision,
                         preferred_element_type=preferred_element_type)
-    call = self._call(lhs)
+    call = self._call()
     y = _rules.site_einsum(self.site, subscripts, lhs, rhs, precision=precision,
                            preferred_element_type=preferred_element_type, call=call)
     self._finish(call)
@@ -624,10 +635,21 @@ class LinenQuantizer:
       found = self._planning
     finally:
       self._planning = None
+    stored = {_rules.path_str(kp): tuple(x.shape) for kp, x in
+              jax.tree_util.tree_flatten_with_path(variables.get("params", {}))[0]}
     plan = {}
     for path, ps in found.items():
-      if len(set(ps)) == 1:
-        plan[path] = ps[0]
+      seen = sorted({shape for _, shape in ps})
+      if path in stored and any(shape != stored[path] for shape in seen):
+        raise ValueError(
+            f"{path}: its layer sees the kernel as {seen[0]} but the params store "
+            f"{stored[path]}: a layer under nn.scan or nn.vmap sees one slice of a "
+            "stacked kernel, and real mode stores whole kernels only. Quantize it "
+            "in mode='fake', exclude it with a float rule, or quantize the apply "
+            "function with lowbit_jax.quantize_function")
+      plans = {p for p, _ in ps}
+      if len(plans) == 1:
+        plan[path] = ps[0][0]
     return plan
 
   def quantize_params(self, model: nn.Module, variables, *args, donate: bool = False,
@@ -780,9 +802,19 @@ class LinenQuantizer:
     clone = mod.clone(parent=mod.scope, **over)
     busy.add(id(clone))
     try:
-      return getattr(clone, context.method_name)(*args, **kwargs)
+      out = getattr(clone, context.method_name)(*args, **kwargs)
     finally:
       busy.discard(id(clone))
+    if op.calls == 0:  # e.g. a subclass whose __call__ multiplies by itself
+      fn = "dot_general" if kind == "dense" else "conv_general_dilated"
+      raise ValueError(
+          f"{path}: rule {rule.path!r} matches this {type(mod).__name__}, but its "
+          f"{context.method_name} never called self.{fn}, so its kernel would stay "
+          "in float: a subclass overriding __call__ must compute through "
+          f"self.{fn} (or super().__call__). Exclude it with a float rule, "
+          f"QuantRule({path!r}), or quantize the whole apply function with "
+          "lowbit_jax.quantize_function")
+    return out
 
   def _check_unsupported(self, mod) -> None:
     if mod.scope is None:

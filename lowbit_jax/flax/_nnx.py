@@ -184,6 +184,20 @@ class NnxRaggedDense(nnx.Module):
 
 
 
+def _overridden_call(node) -> Optional[type]:
+  """The NNX layer class whose ``__call__`` ``node``'s class replaces, if any.
+
+  The interceptor swaps the layer's op (``dot_general``, ``einsum_op``, ...);
+  a subclass's own ``__call__`` may compute without it and leave the kernel
+  in float while the rule reports it quantized.
+  """
+  for base in (NnxActEinsum, NnxRaggedDense, nnx.Linear, nnx.LinearGeneral,
+               nnx.Einsum, nnx.Conv):
+    if isinstance(node, base):
+      return base if type(node).__call__ is not base.__call__ else None
+  return None
+
+
 def _layer_op(node) -> Optional[str]:
   if isinstance(node, NnxActEinsum):
     return "act_matmul"
@@ -249,26 +263,30 @@ class QuantOp(nnx.Module):
         setattr(self, n, QuantMetric(jnp.zeros((), jnp.float32)))
     self.rngs = rngs
 
-  def _stats(self, act):
+  def _stats(self):
     site = self.site
     if site.collects_stats:
-      self.stats.set_value(_rules.observe(site, self.stats.get_value(), act))
-      return None
+      return None  # SiteCall.observe folds the op's activation in
     if site.needs_stats or (site.rule.learn_activation == "pact"
                             and self.stats is not None):
       return self.stats.get_value()
     return None
 
-  def _call(self, act) -> _rules.SiteCall:
+  def _call(self) -> _rules.SiteCall:
     site = self.site
     # (A converted model's weight_scale lives in its QWeight.)
     scales = {n: getattr(self, n).get_value() for n in site.scale_names()
               if hasattr(self, n)}
     state = {n: getattr(self, n).get_value() for n in site.history_names()}
     key = self.rngs() if (site.stochastic and self.rngs is not None) else None
-    return _rules.SiteCall(scales=scales, state=state, key=key,
-                           stats=self._stats(act), init=self._init,
+    call = _rules.SiteCall(scales=scales, state=state, key=key,
+                           stats=self._stats(), init=self._init,
                            metrics=self._metrics)
+    if site.collects_stats:
+      def fold(x):
+        self.stats.set_value(_rules.observe(site, self.stats.get_value(), x))
+      call.observe = fold
+    return call
 
   def _finish(self, call: _rules.SiteCall) -> None:
     for n, v in list(call.new_scales.items()) + list(call.new_state.items()):
@@ -292,7 +310,7 @@ class QuantOp(nnx.Module):
 
   def _ragged(self, lhs, rhs, group_sizes, precision=None,
               preferred_element_type=None):
-    call = self._call(lhs)
+    call = self._call()
     y = _rules.site_ragged_dot(self.site, lhs, rhs, group_sizes, precision,
                                preferred_element_type, call=call)
     self._finish(call)
@@ -300,7 +318,7 @@ class QuantOp(nnx.Module):
 
   def _dot(self, lhs, rhs, dimension_numbers, precision=None,
            preferred_element_type=None):
-    call = self._call(lhs)
+    call = self._call()
     y = _rules.site_dot_general(self.site, lhs, rhs, dimension_numbers, precision,
                                 preferred_element_type, call=call)
     self._finish(call)
@@ -313,7 +331,7 @@ class QuantOp(nnx.Module):
       # The caller rotated both operands (NnxActEinsum, R3): not again here.
       site = dataclasses.replace(
           site, rule=dataclasses.replace(site.rule, input_rotation=None))
-    call = self._call(lhs)
+    call = self._call()
     y = _rules.site_einsum(site, subscripts, lhs, rhs, precision=precision,
                            preferred_element_type=preferred_element_type, call=call)
     self._finish(call)
@@ -322,7 +340,7 @@ class QuantOp(nnx.Module):
   def _conv(self, lhs, rhs, window_strides, padding, lhs_dilation=None,
             rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
             batch_group_count=1, precision=None, preferred_element_type=None):
-    call = self._call(lhs)
+    call = self._call()
     y = _rules.site_conv(self.site, lhs, rhs, window_strides, padding,
                          lhs_dilation, rhs_dilation, dimension_numbers,
                          feature_group_count, batch_group_count, precision,
@@ -331,9 +349,38 @@ class QuantOp(nnx.Module):
     return y
 
 
-def _plan(node, op: str, spec) -> _rules.WeightPlan:
+def _stacked(node, shape: tuple) -> bool:
+  """Whether a kernel has more dims than its layer's own (layers stacked by
+  nnx.vmap / nnx.scan hold one kernel per layer along a leading axis)."""
+  if isinstance(node, NnxRaggedDense):
+    return len(shape) != 3
+  if isinstance(node, nnx.Linear):
+    return len(shape) != 2
+  if isinstance(node, nnx.LinearGeneral):
+    feats = node.out_features
+    nf = len(feats) if isinstance(feats, (tuple, list)) else 1
+    return len(shape) != len(node.batch_axis) + len(node.axis) + nf
+  if isinstance(node, nnx.Conv):
+    ks = node.kernel_size
+    return len(shape) != (len(ks) if isinstance(ks, (tuple, list)) else 1) + 2
+  if isinstance(node, nnx.Einsum) and node.einsum_str is not None:
+    ins = node.einsum_str.replace(" ", "").split("->")[0].split(",")
+    return "..." not in ins[1] and len(shape) != len(ins[1])
+  return False
+
+
+def _plan(node, op: str, spec, path: str = "") -> _rules.WeightPlan:
   """The WeightPlan of a layer's kernel, from the layer's attributes."""
   shape = tuple(node.kernel.get_value().shape)
+  if _stacked(node, shape):
+    raise ValueError(
+        f"{path or 'a layer'}: this {type(node).__name__} holds a kernel of shape "
+        f"{shape}, more dims than "
+        "the layer's own: layers stacked by nnx.vmap / nnx.scan, and real mode "
+        "quantizes whole per-layer kernels only (one scale grid per layer would "
+        "be shared across them). Quantize it in mode='fake', exclude it with a "
+        "float rule, or quantize the forward function with "
+        "lowbit_jax.quantize_function")
   # The layer promotes its kernel to its dtype before the op (fake mode
   # quantizes those values); None: the kernel reaches the op as stored.
   cd = getattr(node, "dtype", None)
@@ -491,6 +538,16 @@ def quantize_nnx(model: nnx.Module, rules, mode: str = "fake", *, strict: bool =
         if isinstance(getattr(node, "promote_dtype", None), _NNXPromote):
           node.promote_dtype = node.promote_dtype.orig
       return node
+    base = _overridden_call(node)
+    if base is not None:
+      raise ValueError(
+          f"{p}: rule {rule.path!r} matches this {type(node).__name__}, which "
+          f"overrides {'nnx.' if base.__module__.startswith('flax') else ''}"
+          f"{base.__name__}.__call__; "
+          f"whether its __call__ reaches self.{_HOOKS[op]} (which quantize_nnx "
+          "replaces) cannot be checked, and if it does not, its kernel stays in "
+          f"float. Exclude it with a float rule, QuantRule({p!r}), or quantize the "
+          "model's forward function with lowbit_jax.quantize_function")
     site = Site(wpath, op, rule, mode, use_kernel)
     config.record_site(wpath, site)
     learned = None
@@ -513,7 +570,7 @@ def quantize_nnx(model: nnx.Module, rules, mode: str = "fake", *, strict: bool =
       var = node.kernel
       w = var.get_value()
       if not isinstance(w, QArray):
-        q = _rules.quantize_weight(w, _plan(node, op, rule.weight_spec), learned)
+        q = _rules.quantize_weight(w, _plan(node, op, rule.weight_spec, p), learned)
         var.set_value(q)
         if learned is not None and hasattr(qop, "weight_scale"):  # now in the QWeight
           del qop.weight_scale

@@ -211,3 +211,47 @@ def test_real_mode_quantizes_the_weight_the_bf16_layer_computes_with():
   np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
   from_f32 = lb.dequantize(lb.quantize(k.T, lb.QuantSpec("int4", group_size=32, axis=1)))
   assert not np.array_equal(np.asarray(from_f32), np.asarray(want))  # the test can fail
+
+
+def test_a_dense_subclass_that_goes_around_dot_general_is_refused():
+  class Scaled(nn.Dense):  # computes by itself: the interceptor never reaches it
+    @nn.compact
+    def __call__(self, x):
+      k = self.param("kernel", nn.initializers.normal(), (x.shape[-1], self.features))
+      return jnp.dot(x, k) * 0.5
+
+  class ViaSuper(nn.Dense):  # reaches dot_general through Dense.__call__
+    @nn.compact
+    def __call__(self, x):
+      return super().__call__(x) * 0.5
+
+  x = jax.random.normal(jax.random.key(0), (4, 16))
+  q = quantize_linen([QuantRule(".*", weight="int2")])
+  v = Scaled(8).init(jax.random.key(1), x)
+  with pytest.raises(ValueError, match=r"never called self.dot_general.*float rule"):
+    q(Scaled(8).apply)(v, x)
+  v = ViaSuper(8).init(jax.random.key(1), x)
+  want = x @ lb.fake_quant(v["params"]["kernel"], "int2", axis=0) * 0.5
+  got = q(ViaSuper(8).apply)(v, x)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_real_mode_refuses_kernels_stacked_by_scan():
+  class Blk(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+      return nn.Dense(8, name="d")(x), None
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      scanned = nn.scan(Blk, variable_axes={"params": 0},
+                        split_rngs={"params": True}, length=3)
+      return scanned(name="layers")(x, None)[0]
+
+  x = jnp.ones((2, 8))
+  v = Net().init(jax.random.key(0), x)
+  q = quantize_linen([QuantRule(".*", weight="int4")], mode="real")
+  with pytest.raises(ValueError, match=r"layers/d/kernel: its layer sees the kernel "
+                     r"as \(8, 8\) but the params store \(3, 8, 8\)"):
+    q.quantize_params(Net(), v, x)

@@ -143,3 +143,31 @@ def test_unsupported_layer_and_unknown_format():
     quantize_nnx(m, cfg.rules, strict=True)
   with pytest.raises(ValueError, match="unknown format 'int7x'"):
     quantize_nnx(m, [QuantRule(".*", weight="int7x")])
+
+
+def test_a_layer_subclass_with_its_own_call_is_refused():
+  class Scaled(nnx.Linear):
+    def __call__(self, x):
+      return jnp.dot(x, self.kernel[...]) * 0.5
+
+  m = Scaled(16, 8, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"overrides nnx.Linear.__call__.*float rule"):
+    quantize_nnx(m, [QuantRule(".*", weight="int4")])
+  quantize_nnx(m, [QuantRule(".*")])  # a float rule leaves it alone
+
+
+def test_real_mode_refuses_kernels_stacked_by_vmap():
+  class Block(nnx.Module):
+    def __init__(self, rngs):
+      self.lin = nnx.Linear(8, 8, rngs=rngs)
+
+  @nnx.split_rngs(splits=3)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def make(rngs):
+    return Block(rngs)
+
+  stack = make(nnx.Rngs(0))
+  assert stack.lin.kernel[...].shape == (3, 8, 8)
+  with pytest.raises(ValueError, match=r"lin: this Linear holds a kernel of shape "
+                     r"\(3, 8, 8\).*nnx.vmap"):
+    quantize_nnx(stack, [QuantRule(".*", weight="int4")], mode="real")
