@@ -445,6 +445,13 @@ def capture_hessians(model, params, calib_batches: Sequence[Any], rules, *,
         f"matched no dot_general, einsum or conv with a parameter operand{why}. "
         "Rules match parameter paths such as 'layers_0/mlp/up/kernel' or their "
         "layer path ('layers_0/mlp/up'); give a rule a weight spec")
+  bad = [p for p, (h, _) in total.items() if not bool(jnp.all(jnp.isfinite(h)))]
+  if bad:
+    raise ValueError(
+        f"the calibration inputs of {bad[:5]}{' ...' if len(bad) > 5 else ''} are "
+        "not finite: their Hessian X^T X holds NaN or inf (a NaN or inf in the "
+        "activations, or values above ~1e19 whose squares overflow float32); "
+        "check the calibration batches (and the model on them) before PTQ")
   stats = {p: SiteStats(h, n, *rec.meta[p]) for p, (h, n) in total.items()}
   inputs = {p: InputStats(a, m, r[:max_samples], *[g[:max_samples] for g in grp])
             for p, (a, m, r, *grp) in inputs.items()}
@@ -501,6 +508,20 @@ def quantize_site(method: str, w: jax.Array, st: SiteStats, spec: QuantSpec, *,
         f"layout (spec {spec}); the spec's blocks do not map onto the [K, N] matrix "
         "(a group_size must divide the last contraction axis)")
   return wq, scale
+
+
+# Why a two-level (NVFP4) PTQ result may not store exactly: real mode rebuilds
+# the float32 tensor scale from the per-block scales (the largest over the
+# top E4M3 code), and for some weights that lands an ulp from the one the
+# rounding used, so the packed codes would decode an ulp away from the PTQ
+# result (fl(fl(448 t) / 448) is not always t); GPTQ's blocks may also miss
+# the top code.
+TENSOR_SCALE_INEXACT = (
+    "a two-level format's (NVFP4's) tensor scale, rebuilt from the block scales "
+    "for real mode, lands an ulp off the one this rounding used here, so real "
+    "mode would not equal fake mode: try another method for this layer ('rtn' "
+    "and 'awq' store exactly for most weights), or a one-level format (mxfp4, or "
+    "fp4_e2m1 with group_size=16)")
 
 
 def _site(w, hessian, count, *, method, meta, spec, path, opts):
@@ -792,8 +813,10 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
     if not bool(exact):
       raise ValueError(
           f"{path}: the scales {method} chose do not reproduce its codes in the "
-          f"weight's layout (spec {spec}); the spec's blocks do not map onto the "
-          "[K, N] matrix (a group_size must divide the last contraction axis)")
+          f"weight's layout (spec {spec}); "
+          + (TENSOR_SCALE_INEXACT if getattr(spec, "tensor_scale", False) else
+             "the spec's blocks do not map onto the [K, N] matrix (a group_size "
+             "must divide the last contraction axis)"))
     new_leaves[path] = wq
     if scale is not None:
       scales[path] = scale

@@ -316,8 +316,18 @@ def check_folds(fn, args, kwargs, tree0, tree, applied: list, folds_report: list
       saying that the folds do together.
   """
   from lowbit_jax import _ptq
+  from lowbit_jax import _ptq_rotation  # pylint: disable=g-import-not-at-top
   get = _ptq._get_path   # pylint: disable=protected-access
   fwd = jax.jit(lambda p: fn(p, *args, **kwargs))
+  # A bf16 model's output moves by its own rounding when a fold rescales its
+  # weights: widen as the rotation check does (8 epsilons of its compute dtype).
+  # (A float32 model keeps the fold_rtol asked for, 0 included.)
+  eps = _ptq_rotation.compute_eps(lambda p, *a: fn(p, *a, **kwargs), tree0, args)
+  asked = fold_rtol
+  if eps > float(jnp.finfo(jnp.float32).eps):
+    fold_rtol = max(fold_rtol, _ptq_rotation._LOW_PRECISION_ULPS * eps)  # pylint: disable=protected-access
+  widened = (f" (widened from fold_rtol={asked} for the model's {eps:.3g}-epsilon "
+             "compute dtype)" if fold_rtol > asked else "")
   with jax.default_matmul_precision("float32"):
     ref = fwd(tree0)
     if _close(ref, fwd(tree), fold_rtol):
@@ -331,10 +341,10 @@ def check_folds(fn, args, kwargs, tree0, tree, applied: list, folds_report: list
         raise ValueError(
             f"folding the {method} scaling of {list(fr['readers'])} into "
             f"{fold.producer!r} changes the float model's output beyond "
-            f"rtol={fold_rtol}; the fold analysis missed a use of it: exclude "
-            "these layers from the rules or report the model")
+            f"rtol={fold_rtol}{widened}; the fold analysis missed a use of it: "
+            "exclude these layers from the rules or report the model")
     raise ValueError(f"the {method} folds together change the float model's "
-                     f"output beyond rtol={fold_rtol}")
+                     f"output beyond rtol={fold_rtol}{widened}")
 
 
 def capture_with_folds(model, params, batches: list, rules, *, who: str, front: str,
@@ -480,8 +490,11 @@ def scaling_ptq(model, params, batches: list, rules, *, method: str, front: str,
     wq, scale, exact, err, rerr = _round(w_in, w, ones if sr is None else sr,
                                          st.hessian, st.count, meta=tuple(st[2:]), spec=spec)
     if not bool(exact):
+      from lowbit_jax import _ptq as _ptq_lib  # pylint: disable=g-import-not-at-top
       raise ValueError(f"{p}: rounding with its own scales does not reproduce the "
-                       f"codes (spec {spec})")
+                       f"codes (spec {spec})"
+                       + (f": {_ptq_lib.TENSOR_SCALE_INEXACT}"
+                          if getattr(spec, "tensor_scale", False) else ""))
     new[p] = wq
     if scale is not None:
       scales[p] = scale

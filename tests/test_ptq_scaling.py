@@ -276,3 +276,34 @@ def test_awq_on_the_smoke_llama_as_a_function():
   qr = lb.quantize_function(fn, rules, mode="real")
   rp = qr.quantize_params(res.params, toks, **lb.real_mode_kwargs(res, "function"))
   np.testing.assert_allclose(qr(rp, toks), fn(res.params, toks), rtol=1e-5, atol=1e-5)
+
+
+def test_folds_into_a_bf16_model_pass_within_its_rounding():
+  # The fold check widens fold_rtol to 8 bf16 epsilons, as the rotation check
+  # does: at 1e-3 every AWQ / SmoothQuant fold of a bf16 model was refused as
+  # a use the fold analysis had missed.
+  d, f, v = 64, 128, 20
+
+  def rms(x, g):
+    xf = x.astype(jnp.float32)
+    return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + 1e-6)
+            ).astype(x.dtype) * g
+
+  def fn(p, t):
+    x = p["embed"][t]
+    h = rms(x, p["n1"])
+    x = x + (h @ p["a"]["kernel"]) @ p["o"]["kernel"]
+    h = rms(x, p["n2"])
+    return x + jax.nn.gelu(h @ p["up"]["kernel"]) @ p["down"]["kernel"]
+
+  ks = iter(jax.random.split(jax.random.key(0), 8))
+  r = lambda *s: jax.random.normal(next(ks), s)  # noqa: E731
+  p = {"embed": r(v, d), "n1": 1 + 0.3 * r(d), "n2": 1 + 0.3 * r(d),
+       "a": {"kernel": r(d, d) / 8}, "o": {"kernel": r(d, d) / 8},
+       "up": {"kernel": r(d, f) / 8}, "down": {"kernel": r(f, d) / 11}}
+  p = jax.tree.map(lambda a: a.astype(jnp.bfloat16), p)
+  t = jax.random.randint(next(ks), (4, 16), 0, v)
+  rules = [lb.QuantRule("(a|o|up|down)", weight=lb.QuantSpec("int4", group_size=16))]
+  for method in ("awq", "smoothquant"):
+    res = lb.ptq_params(fn, p, [t], rules, method=method)
+    assert any(f["status"] == "folded" for f in res.report["folds"]), method

@@ -185,4 +185,13 @@ def rtn_scale(w: jax.Array, spec: SpecLike) -> jax.Array:
     bits = jnp.where(code == 0, jnp.uint32(0x00400000), code << 23)
     bits = jnp.where(code == 255, jnp.uint32(0x7FC00000), bits)
     return jax.lax.bitcast_convert_type(bits, jnp.float32)
+  if spec.tensor_scale:
+    # Two levels (NVFP4): the block scales RTN stored (E4M3) times the tensor
+    # scale. quantize(..., scale=) rebuilds the tensor scale from their
+    # largest, whose E4M3 code is the format's top (the block holding the
+    # tensor's amax), so each block's E4M3 code comes back; the raw
+    # amax / element-max per block (init_scale) rounds to other codes under a
+    # tensor scale an ulp away.
+    q = quantize(w, spec)
+    return q.scale.astype(jnp.float32) * q.tensor_scale
   return init_scale(w, spec, "amax")
