@@ -934,15 +934,20 @@ def mixed_precision_rules(model, params, capture: Capture,
     mat = st.as_matrix(_rules.logical_value(_get_path(tree, path)))
     specs = {n: None if c is None else _matrix_spec(as_spec(c), path)
              for n, c in candidates.items()}
-    if st.op == "ragged_dot":   # experts: each on its own Hessian, summed
-      per = [mp.weight_sensitivity(mat[e], st.hessian[e], specs)
-             for e in range(mat.shape[0])]
-      costs[path] = {n: sum(c[n] for c in per) for n in specs}
-    else:
-      costs[path] = mp.weight_sensitivity(mat, st.hessian, specs)
-    sizes[path] = int(mat.size)
-    bits[path] = {n: mp.spec_bits(sp, mat.shape[-2:], float_bits)
-                  for n, sp in specs.items()}
+    try:
+      if st.op == "ragged_dot":   # experts: each on its own Hessian, summed
+        per = [mp.weight_sensitivity(mat[e], st.hessian[e], specs)
+               for e in range(mat.shape[0])]
+        costs[path] = {n: sum(c[n] for c in per) for n in specs}
+      else:
+        costs[path] = mp.weight_sensitivity(mat, st.hessian, specs)
+      sizes[path] = int(mat.size)
+      bits[path] = {n: mp.spec_bits(sp, mat.shape[-2:], float_bits)
+                    for n, sp in specs.items()}
+    except ValueError as e:  # e.g. a candidate's group does not divide K
+      raise ValueError(f"{path} (a [K, N] = {tuple(mat.shape[-2:])} weight): a "
+                       f"candidate does not fit it: {e}; give each layer "
+                       "candidates that do, or exclude it from the rules") from e
   alloc = mp.allocate_bits(costs, sizes, bits, budget, method=method)
   return mp.assignment_to_rules(alloc.assignment, candidates,
                                 activation=activation), alloc

@@ -210,8 +210,17 @@ def allocate_bits(costs: Mapping[str, Mapping[str, float]], sizes: Mapping[str, 
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
   layers, names, c_rows, w_rows = _table(costs, sizes, bits)
+  try:
+    b = float(budget)
+  except (TypeError, ValueError):
+    b = math.nan
+  if math.isnan(b) or b <= 0:
+    raise ValueError(f"budget must be a positive number of bits per weight, got "
+                     f"{budget!r}")
   total = float(sum(int(sizes[l]) for l in layers))
-  capacity = float(budget) * total
+  # Above the dearest assignment every choice fits: cap there (an inf budget
+  # means no constraint, and the DP's budget axis stays finite).
+  capacity = min(b * total, float(sum(max(w) for w in w_rows)))
   cheapest = sum(min(w) for w in w_rows)
   if cheapest > capacity * (1 + 1e-12):
     raise ValueError(f"budget {budget} bits/weight is below the cheapest assignment "

@@ -73,6 +73,13 @@ def test_infeasible_budget_and_bad_tables():
     allocate_bits(costs, sizes, BITS, 4.0, method="ilp")
   with pytest.raises(ValueError, match="no bits"):
     allocate_bits(costs, sizes, {"int4": 4.0}, 4.0)
+  for bad in (float("nan"), 0.0, -1.0, "four"):
+    with pytest.raises(ValueError, match="budget must be a positive number"):
+      allocate_bits(costs, sizes, BITS, bad)
+  top = max(BITS.values())  # at or above the dearest choice: unconstrained
+  for method in ("dp", "greedy"):
+    free = allocate_bits(costs, sizes, BITS, float("inf"), method=method)
+    assert free == allocate_bits(costs, sizes, BITS, top, method=method)
 
 
 def test_from_real_sensitivities_to_rules():
