@@ -312,7 +312,24 @@ def minilm_point(scheme: str, target: str = "weights", method: str = "rtn", *,
   return m
 
 
+def _check_attention(kv: str, qk: str, r3: bool) -> None:
+  """``kv``/``qk`` are "none" or registered formats; R3 needs one of them."""
+  from lowbit_jax import formats  # pylint: disable=g-import-not-at-top
+  for name, val in (("kv", kv), ("qk", qk)):
+    if val != "none" and val not in formats.names():
+      raise ValueError(f"{name} must be 'none' or a registered format name "
+                       f"(lowbit_jax.formats.names()), got {val!r}")
+  if r3 and kv == "none" and qk == "none":
+    raise ValueError("r3=True rotates the queries and keys for a quantized KV cache "
+                     "or q.k; set kv= or qk= to a format name (or r3=False)")
+
+
 def _mean(vals) -> float:
+  """Mean SQNR over layers: lossless (+inf) layers left out, all lossless is
+  +inf, and a NaN layer makes it NaN (never read as a good number)."""
+  vals = list(vals)
+  if any(math.isnan(x) for x in vals):
+    return float("nan")
   v = [x for x in vals if math.isfinite(x)]
   return float(np.mean(v)) if v else float("inf")
 
@@ -406,14 +423,7 @@ def llama_point(scheme: str, target: str = "weights", method: str = "rtn", *,
       change nothing).
   """
   _check(method, target)
-  from lowbit_jax import formats  # pylint: disable=g-import-not-at-top
-  for name, val in (("kv", kv), ("qk", qk)):
-    if val != "none" and val not in formats.names():
-      raise ValueError(f"{name} must be 'none' or a registered format name "
-                       f"(lowbit_jax.formats.names()), got {val!r}")
-  if r3 and kv == "none" and qk == "none":
-    raise ValueError("r3=True rotates the queries and keys for a quantized KV cache "
-                     "or q.k; set kv= or qk= to a format name (or r3=False)")
+  _check_attention(kv, qk, r3)
   from lowbit_jax import train_lm  # pylint: disable=g-import-not-at-top
   from lowbit_jax.flax import quantize_linen  # pylint: disable=g-import-not-at-top
   from lowbit_jax.flax import ptq as ptq_lib  # pylint: disable=g-import-not-at-top
@@ -523,6 +533,8 @@ def run_sweep_config(config, log=None) -> dict:
   for p in points:  # fail on a typo before hours of work, not at that point
     schemes_lib.get(p["scheme"])
     _check(p.get("method", "rtn"), p.get("target", "weights"))
+    if any(k in p for k in ("kv", "qk", "r3")):
+      _check_attention(p.get("kv", "none"), p.get("qk", "none"), p.get("r3", False))
   kwargs = dict(config.get("point_kwargs", {}))
   os.makedirs(config.out_dir, exist_ok=True)
   results = os.path.join(config.out_dir, "results.jsonl")
@@ -531,7 +543,7 @@ def run_sweep_config(config, log=None) -> dict:
     args = {k: v for k, v in p.items() if k != "model"}
     return fn(**args, **kwargs)
 
-  rows = sweep.run(points, run_point, results, log=log)
+  rows = sweep.run(points, run_point, results, log=log, settings=kwargs)
   metrics = list(config.metrics)
   keys = [k for k in axes]
   table = sweep.markdown_table(rows, keys, metrics)

@@ -2,8 +2,12 @@
 write one JSON line per point, then tables and plots.
 
 A rerun skips every point already in the results file (matched by its id, a
-hash of the point's canonical JSON), so an interrupted sweep resumes where it
+hash of the point's canonical JSON and of the settings every point shares, so
+a rerun with other settings runs its points again instead of reusing rows
+measured under the old ones), so an interrupted sweep resumes where it
 stopped and finished work is never lost: each line is flushed as it is written.
+Non-finite metrics (a NaN perplexity) stay in the table as they are but are
+never on a Pareto front.
 """
 from __future__ import annotations
 
@@ -39,9 +43,14 @@ def expand(axes: dict, exclude: Sequence[dict] = ()) -> list[dict]:
           if not any(all(p.get(k) == v for k, v in ex.items()) for ex in exclude)]
 
 
-def point_id(point: dict) -> str:
-  """Stable id of a point: sha1 of its canonical JSON, 12 hex digits."""
-  return hashlib.sha1(json.dumps(point, sort_keys=True).encode()).hexdigest()[:12]
+def point_id(point: dict, settings: Optional[dict] = None) -> str:
+  """Stable id of a point: sha1 of its canonical JSON, 12 hex digits.
+
+  ``settings`` (what every point of the sweep shares, e.g. the evaluation
+  size) is part of the id when given and not empty.
+  """
+  key = dict(point, _settings=settings) if settings else point
+  return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def load_results(path: str) -> list[dict]:
@@ -62,8 +71,20 @@ def load_results(path: str) -> list[dict]:
   return rows
 
 
+def _end_with_newline(path: str) -> None:
+  """A killed run can leave a torn last line: end it, so the next row appended
+  starts a line of its own (the fragment stays an unreadable line, skipped)."""
+  if not os.path.exists(path) or os.path.getsize(path) == 0:
+    return
+  with open(path, "rb+") as f:
+    f.seek(-1, os.SEEK_END)
+    if f.read(1) != b"\n":
+      f.write(b"\n")
+
+
 def run(points: Sequence[dict], fn: Callable[[dict], dict], results_path: str, *,
-        resume: bool = True, log: Callable[[str], None] = None) -> list[dict]:
+        resume: bool = True, log: Callable[[str], None] = None,
+        settings: Optional[dict] = None) -> list[dict]:
   """Runs ``fn`` on every point not yet in ``results_path``.
 
   Args:
@@ -75,24 +96,38 @@ def run(points: Sequence[dict], fn: Callable[[dict], dict], results_path: str, *
       the load than the wall clock does).
     resume: skip points already present (by id).
     log: progress printer (default: stderr).
+    settings: what every point shares (JSON-able; e.g. a config's fixed
+      keyword arguments): part of each id and stored in each row, so rows
+      measured under other settings are not reused.
 
   Returns:
-    All rows for ``points`` (old and new), in point order.
+    All rows for ``points`` (old and new), in point order; a point given
+    twice runs once.
   """
   log = log or (lambda s: print(s, file=sys.stderr, flush=True))
   os.makedirs(os.path.dirname(os.path.abspath(results_path)), exist_ok=True)
+  settings = dict(settings) if settings else None
+  pid = lambda p: point_id(p, settings)  # noqa: E731
+  unique = list({pid(p): p for p in points}.values())
+  if len(unique) < len(points):
+    log(f"sweep: {len(points) - len(unique)} repeated points dropped")
+  points = unique
   done = {r["id"]: r for r in load_results(results_path)} if resume else {}
-  todo = [p for p in points if point_id(p) not in done]
+  todo = [p for p in points if pid(p) not in done]
   log(f"sweep: {len(points)} points, {len(points) - len(todo)} already done, "
       f"{len(todo)} to run -> {results_path}")
   t_start = time.time()
   mode = "a" if resume else "w"
+  if resume:
+    _end_with_newline(results_path)
   with open(results_path, mode) as f:
     for i, p in enumerate(todo):
       t0, c0 = time.time(), time.process_time()
       metrics = fn(p)
-      row = dict(p, id=point_id(p), metrics=metrics, seconds=round(time.time() - t0, 3),
+      row = dict(p, id=pid(p), metrics=metrics, seconds=round(time.time() - t0, 3),
                  cpu_seconds=round(time.process_time() - c0, 3))
+      if settings:
+        row["settings"] = settings
       f.write(json.dumps(row, sort_keys=True) + "\n")
       f.flush()
       done[row["id"]] = row
@@ -102,7 +137,7 @@ def run(points: Sequence[dict], fn: Callable[[dict], dict], results_path: str, *
           ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()
                     if not isinstance(v, (dict, list))) +
           f"  ({row['seconds']:.1f}s, eta {eta:.0f}s)")
-  return [done[point_id(p)] for p in points]
+  return [done[pid(p)] for p in points]
 
 
 def _label(p: dict) -> str:
@@ -132,8 +167,14 @@ def markdown_table(rows: Sequence[dict], keys: Sequence[str],
 
 def pareto_front(rows: Sequence[dict], x: str, y: str, *,
                  maximize_y: bool = True) -> list[dict]:
-  """Rows not dominated in (lower ``x``, better ``y``), sorted by x."""
-  pts = sorted((r for r in rows if x in r["metrics"] and y in r["metrics"]),
+  """Rows not dominated in (lower ``x``, better ``y``), sorted by x; rows
+  whose ``x`` or ``y`` is missing or not finite are never on it."""
+  def finite(r):
+    m = r["metrics"]
+    return (x in m and y in m and isinstance(m[x], (int, float))
+            and isinstance(m[y], (int, float))
+            and math.isfinite(m[x]) and math.isfinite(m[y]))
+  pts = sorted((r for r in rows if finite(r)),
                key=lambda r: (r["metrics"][x],
                               -r["metrics"][y] if maximize_y else r["metrics"][y]))
   front, best = [], None
@@ -193,7 +234,13 @@ def plot_heatmap(matrix: Sequence[Sequence[float]], row_labels: Sequence[str],
                                   max(3, 0.35 * len(row_labels) + 1.5)))
   finite = m[np.isfinite(m)]
   vmax = float(finite.max()) if finite.size else 1.0
-  im = ax.imshow(np.where(np.isfinite(m), m, vmax), aspect="auto", cmap="viridis")
+  vmin = float(finite.min()) if finite.size else 0.0
+  # +inf (a lossless layer) takes the top colour, -inf the bottom; NaN (no
+  # number) is masked and drawn grey, never as a value.
+  shown = np.ma.masked_invalid(np.where(np.isposinf(m), vmax,
+                                        np.where(np.isneginf(m), vmin, m)))
+  cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
+  im = ax.imshow(shown, aspect="auto", cmap=cmap)
   ax.set_yticks(range(len(row_labels)), row_labels, fontsize=8)
   ax.set_xticks(range(len(col_labels)), col_labels, rotation=90, fontsize=6)
   ax.set_title(title)

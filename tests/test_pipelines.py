@@ -98,6 +98,11 @@ def test_bad_point_arguments():
   c.axes.scheme = ["int8", "mxfp44"]
   with pytest.raises(KeyError, match="mxfp44"):
     pipelines.run_sweep_config(c, log=lambda s: None)
+  # A KV-cache format typo is refused before any point (and any training) runs.
+  c = _config("sweep_llama_methods", "smoke")
+  c.axes.kv = ["none", "int4x"]
+  with pytest.raises(ValueError, match="kv must be 'none' or a registered format"):
+    pipelines.run_sweep_config(c, log=lambda s: pytest.fail(f"ran: {s}"))
 
 
 def test_llama_workdir_with_a_final_eval_but_no_checkpoint_says_so(tmp_path):

@@ -46,6 +46,33 @@ def test_torn_line_is_ignored_and_point_rerun(tmp_path):
     f.write('{"a": 2, "id": "')  # killed mid-write
   rows = sweep.load_results(path)
   assert len(rows) == 1
+  # The next run's rows start lines of their own (they were glued onto the
+  # fragment, unreadable, and their points ran again on every resume).
+  fn = lambda p: {"v": p["a"] * 1.0}  # noqa: E731
+  sweep.run([{"a": 1}, {"a": 2}], fn, path, log=lambda s: None)
+  assert sorted(r["a"] for r in sweep.load_results(path)) == [1, 2]
+  calls = []
+  sweep.run([{"a": 1}, {"a": 2}], lambda p: calls.append(p) or {}, path,
+            log=lambda s: None)
+  assert not calls
+
+
+def test_settings_are_part_of_a_points_identity_and_repeats_run_once(tmp_path):
+  path = str(tmp_path / "r.jsonl")
+  calls = []
+
+  def fn(p):
+    calls.append(p)
+    return {"v": 1.0}
+
+  pts = [{"a": 1}, {"a": 2}, {"a": 1}]
+  rows = sweep.run(pts, fn, path, log=lambda s: None, settings={"n_eval": 16})
+  assert len(calls) == 2 and [r["a"] for r in rows] == [1, 2]
+  assert rows[0]["settings"] == {"n_eval": 16}
+  sweep.run(pts, fn, path, log=lambda s: None, settings={"n_eval": 16})
+  assert len(calls) == 2   # same settings: resumed
+  sweep.run(pts, fn, path, log=lambda s: None, settings={"n_eval": 64})
+  assert len(calls) == 4   # other settings: measured again, not reused
 
 
 def test_pareto_front():
@@ -53,6 +80,19 @@ def test_pareto_front():
           [(4, 0.9), (8, 0.99), (6, 0.8), (2, 0.5), (32, 1.0)]]
   front = sweep.pareto_front(rows, "bits", "q")
   assert [r["metrics"]["bits"] for r in front] == [2, 4, 8, 32]
+  # A point whose metric is NaN (it failed numerically) is never on the front.
+  rows.append({"metrics": {"bits": 1, "q": float("nan")}})
+  front = sweep.pareto_front(rows, "bits", "q")
+  assert [r["metrics"]["bits"] for r in front] == [2, 4, 8, 32]
+  assert [r["metrics"]["bits"] for r in sweep.pareto_front(
+      rows, "bits", "q", maximize_y=False)] == [2]
+
+
+def test_mean_sqnr_is_nan_when_a_layer_is():
+  from lowbit_jax import pipelines  # pylint: disable=g-import-not-at-top
+  assert np.isnan(pipelines._mean([float("nan"), 40.0]))  # pylint: disable=protected-access
+  assert pipelines._mean([float("inf"), 40.0]) == 40.0  # pylint: disable=protected-access
+  assert pipelines._mean([float("inf")]) == float("inf")  # pylint: disable=protected-access
 
 
 def test_table_and_plots(tmp_path):
