@@ -12,8 +12,12 @@ branches on the data or quantizes.
 
 Prompts of different lengths are left-padded (``left_pad``): every row then
 writes the same cache slot at each step, pads are masked out of attention, and
-row ``b``'s tokens sit at rotary positions ``slot - pad[b]``, so a padded row
-decodes as it would alone.
+row ``b``'s tokens sit at rotary positions ``slot - pad[b]``, so with a float
+cache a padded row decodes as it would alone. A quantized cache groups slots,
+not a row's own tokens: padding moves a row's tokens across the group
+boundaries (and its zeros join the first groups' ranges), so a padded row's
+logits differ from its lone run by quantization error, of the order of the
+cache's own distance from the float cache.
 
 >>> from lowbit_jax.models import decode, kv_cache
 >>> tokens, lengths = decode.left_pad([[5, 6, 7], [8, 9]])
@@ -195,6 +199,12 @@ def make_generate(model, max_new_tokens: int, *, prompt_len: int, batch: int,
   if prompt_len + max_new_tokens > slots:
     raise ValueError(f"prompt_len + max_new_tokens = {prompt_len + max_new_tokens} "
                      f"exceeds max_len={slots}")
+  if slots > cfg.max_len:
+    raise ValueError(f"a cache of {slots} slots (prompt_len + max_new_tokens = "
+                     f"{prompt_len + max_new_tokens}) goes past the model's "
+                     f"LlamaConfig.max_len={cfg.max_len}, the longest sequence it "
+                     "accepts (its forward pass refuses longer ones); generate "
+                     "fewer tokens or raise max_len")
   apply = apply_fn if apply_fn is not None else model.apply
   # Validate the cache layout now, outside the trace (errors name the rule).
   window = kv_lib.init_cache(cfg, batch, rules=cache_rules, residual=residual,
@@ -267,6 +277,15 @@ def generate(model, variables, tokens: jax.Array, lengths: jax.Array,
   _check_sampling(temperature, top_k, key)
   tokens = jnp.asarray(tokens, jnp.int32)
   b, p = tokens.shape
+  try:
+    ln = np.asarray(lengths)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    ln = None  # traced: the caller's jit owns the check
+  if ln is not None and (ln.shape != (b,) or ln.size == 0 or ln.min() < 1
+                         or ln.max() > p):
+    raise ValueError(f"lengths must be [batch] = [{b}] real prompt lengths in "
+                     f"[1, prompt_len={p}] (left_pad returns them), got "
+                     f"{ln.tolist()}")
   if cache_rules is not None and not isinstance(cache_rules, QuantRule):
     cache_rules = tuple(cache_rules)
   fn = _cached_generate(model, max_new_tokens, p, b, cache_rules, residual, rotate,

@@ -286,10 +286,25 @@ def cache_rotations(n_layers: int, rules) -> tuple:
 
 
 def _token_block(spec: QuantSpec, shape: tuple) -> int:
-  """Slots one scale spans along the token axis, from ``quantize``'s layout."""
-  q = jax.eval_shape(lambda x: quantize(x, spec), jax.ShapeDtypeStruct(shape,
-                                                                       jnp.float32))
-  return shape[_TOKEN_AXIS] // max(q.scale.shape[_TOKEN_AXIS], 1)
+  """Slots one scale spans along the token axis, from ``quantize``'s layout.
+
+  The cache quantizes chunks of whole blocks, so its length need not be a
+  multiple of the block: a group that does not divide it is read off a cache
+  rounded up to whole groups.
+  """
+  def block(shp):
+    q = jax.eval_shape(lambda x: quantize(x, spec),
+                       jax.ShapeDtypeStruct(shp, jnp.float32))
+    return shp[_TOKEN_AXIS] // max(q.scale.shape[_TOKEN_AXIS], 1)
+  try:
+    return block(shape)
+  except ValueError:
+    if spec.group_size is None:
+      raise
+    g = spec.group_size
+    up = list(shape)
+    up[_TOKEN_AXIS] = -(-shape[_TOKEN_AXIS] // g) * g
+    return block(tuple(up))
 
 
 def _check_spec(spec: QuantSpec, path: str) -> None:

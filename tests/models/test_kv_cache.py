@@ -104,6 +104,28 @@ def test_generate_needs_a_key_to_sample(model_vars):
     decode.generate(model, v, *decode.left_pad([[1, 2]]), 3, temperature=1.0)
 
 
+def test_generate_refuses_impossible_lengths_and_decoding_past_max_len(model_vars):
+  model, v, _ = model_vars
+  toks, _ = decode.left_pad([[5, 6, 7]])
+  for bad in ([0], [4], [-1], [3, 3]):
+    with pytest.raises(ValueError, match=r"lengths must be \[batch\] = \[1\]"):
+      decode.generate(model, v, toks, jnp.asarray(bad), 2)
+  with pytest.raises(ValueError, match=r"goes past the model's LlamaConfig.max_len=32"):
+    decode.generate(model, v, *decode.left_pad([[5, 6, 7]]), 30)
+
+
+def test_kivi_cache_with_a_length_its_key_groups_do_not_divide(model_vars):
+  # generate sizes the cache prompt_len + max_new_tokens (here 3 + 20 = 23
+  # slots, groups of 4 along the tokens): the default float window is still
+  # one key group, and the tokens match an explicit residual of 4.
+  model, v, _ = model_vars
+  toks, lengths = decode.left_pad([[5, 6, 7], [8, 9]])
+  rules = kv.kivi_rules(4, group_size=4)
+  got = decode.generate(model, v, toks, lengths, 20, cache_rules=rules)
+  want = decode.generate(model, v, toks, lengths, 20, cache_rules=rules, residual=4)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def _reference(apply, v, toks, pad, prompt_len, rules, residual):
   """Decoding through a float cache whose full chunks are fake-quantized when read.
 
