@@ -933,7 +933,11 @@ def _leaf_paths(sk, prefix: str, names: list) -> None:
 def _onto_target(target, names: list, leaves: list):
   by_path = dict(zip(names, leaves))
   flat, treedef = jax.tree_util.tree_flatten_with_path(target, is_leaf=_rules.is_qarray)
+  # An nnx.State's leaves sit under each Variable's "value" (".../kernel/value")
+  # where its to_pure_dict(), which save() takes, has ".../kernel".
   paths = [_rules.path_str(kp) for kp, _ in flat]
+  paths = [p[:-len("/value")] if p.endswith("/value") and p not in by_path
+           and p[:-len("/value")] in by_path else p for p in paths]
   if sorted(paths) != sorted(by_path):
     missing = sorted(set(by_path) - set(paths))[:5]
     extra = sorted(set(paths) - set(by_path))[:5]

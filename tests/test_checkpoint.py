@@ -224,3 +224,16 @@ def test_bad_trees_name_the_leaf_and_targets_must_match_shapes(tmp_path):
   checkpoint.save(tmp_path / "s", {"w": jnp.ones((2, 2)), "b": jnp.ones(3)})
   with pytest.raises(ValueError, match=r"'w' \(saved \(2, 2\), target \(5,\)\)"):
     checkpoint.restore(tmp_path / "s", target={"w": jnp.zeros(5), "b": jnp.zeros(3)})
+
+
+def test_restore_onto_an_nnx_state(tmp_path):
+  # save() takes the state's pure dict; restore(target=) gives the state back
+  # (its leaves sit under each Variable's "value").
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  m = nnx.Linear(16, 8, rngs=nnx.Rngs(0))
+  m.kernel.set_value(_q(m.kernel.get_value(), "int4", axis=0, group_size=8))
+  st = nnx.state(m)
+  checkpoint.save(tmp_path / "c", nnx.to_pure_dict(st))
+  back = checkpoint.restore(tmp_path / "c", target=st)
+  assert type(back) is type(st)
+  _assert_same(nnx.to_pure_dict(back), nnx.to_pure_dict(st))
