@@ -21,6 +21,7 @@ import fcntl
 import functools
 import math
 import os
+import sys
 import time
 
 
@@ -545,6 +546,17 @@ def run_sweep_config(config, log=None) -> dict:
 
   rows = sweep.run(points, run_point, results, log=log, settings=kwargs)
   metrics = list(config.metrics)
+  returned = set().union(*(r["metrics"] for r in rows)) if rows else set()
+  unknown = [m for m in metrics + [config.plot.x, config.plot.y]
+             if m not in returned]
+  if rows and unknown:  # a typo gives an empty column or an empty plot: say so
+    # (a name only some kinds of point return, e.g. activation SQNR of
+    # weight-only points, is legitimately absent, so this warns, not raises)
+    (log or (lambda m: print(m, file=sys.stderr, flush=True)))(
+        f"sweep: config.metrics / config.plot name {sorted(set(unknown))}, which no "
+        f"point returned (they return {sorted(returned)}): their columns and plot "
+        "are empty; fix a misspelled name and rerun (finished points do not run "
+        "again)")
   keys = [k for k in axes]
   table = sweep.markdown_table(rows, keys, metrics)
   paths = {"results": results}

@@ -50,6 +50,10 @@ def test_sweep_config_smoke_runs_and_resumes(tmp_path):
   logs = []
   pipelines.run_sweep_config(c, log=logs.append)
   assert "2 already done, 0 to run" in logs[0]
+  c.metrics = list(c.metrics) + ["worst_coss"]  # a typo is named, nothing reruns
+  logs = []
+  pipelines.run_sweep_config(c, log=logs.append)
+  assert any("'worst_coss'" in m and "which no point returned" in m for m in logs)
   with open(out["paths"]["results"]) as f:
     rows = [json.loads(l) for l in f]
   assert len(rows) == 2
