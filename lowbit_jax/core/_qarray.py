@@ -63,6 +63,14 @@ def pack_unit(bits: int) -> tuple[int, int]:
   return (1, 1) if bits <= 8 else (1, 2)
 
 
+def codes_unit(bits: int) -> tuple[int, int]:
+  """(codes, codes-array elements) of one packing unit: ``pack_unit``'s bytes
+  for packed codes, one element a code otherwise (uint8 up to 8 bits, one
+  uint16 from 9 to 16: ``pack_unit`` counts those as 2 bytes)."""
+  n_codes, n_bytes = pack_unit(bits)
+  return (n_codes, n_bytes) if n_codes > 1 else (1, 1)
+
+
 def normalize_axis(axis, ndim: int):
   """Non-negative axis (or tuple); 'tensor' and None pass through."""
   if axis is None or axis == TENSOR:

@@ -39,8 +39,9 @@ from jax import custom_batching
 from jax import lax
 
 from lowbit_jax.core import _cast
-from lowbit_jax.core._qarray import (QArray, block_shape, default_pack_axis,
-                                     normalize_axis, pack, pack_unit, unpack)
+from lowbit_jax.core._qarray import (QArray, block_shape, codes_unit,
+                                     default_pack_axis, normalize_axis, pack,
+                                     pack_unit, unpack)
 from lowbit_jax.core._spec import QuantSpec, as_spec
 from lowbit_jax.formats import BlockFormat, FloatFormat, IntFormat, LookupFormat
 from lowbit_jax.formats import get as get_format
@@ -1454,7 +1455,8 @@ def dequantize_jnp(q: QArray) -> jax.Array:
 
 def _n_elements(q: QArray) -> int:
   """Elements the codes hold (padding included)."""
-  return q.codes.size * pack_unit(q.spec.storage_format.bits)[0]
+  n_codes, unit = codes_unit(q.spec.storage_format.bits)
+  return q.codes.size // unit * n_codes
 
 
 def _e8m0_factors(stored: jax.Array):

@@ -27,7 +27,7 @@ import numpy as np
 import optax
 
 from lowbit_jax.core import QArray, QuantSpec, dequantize, encode, quantize
-from lowbit_jax.core._qarray import pack, pack_unit
+from lowbit_jax.core._qarray import codes_unit, pack
 from lowbit_jax.formats import BlockFormat, Format, LookupFormat
 
 FormatLike = Union[str, Format, QuantSpec]
@@ -168,9 +168,7 @@ def _quantize_moment(x: jax.Array, moment: _Moment) -> QArray:
     return q
   fmt = moment.spec.storage_format
   code = encode(jnp.float32(_smallest_positive(fmt)), fmt)
-  n_codes, n_bytes = pack_unit(fmt.bits)
-  # codes-array elements per packing unit: bytes, or one uint16 a code (> 8 bits)
-  unit = max(1, n_bytes // q.codes.dtype.itemsize)
+  n_codes, unit = codes_unit(fmt.bits)
   n = q.codes.shape[0] // unit * n_codes
   probe = pack(jnp.full((n,), code, jnp.uint32), fmt, 0)
   floor = dequantize(dataclasses.replace(q, codes=probe))

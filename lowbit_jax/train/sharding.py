@@ -47,7 +47,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lowbit_jax._rules import QWeight, is_qarray, path_str
-from lowbit_jax.core._qarray import WGMMA_RUN_BYTES, QArray, block_shape, pack_unit
+from lowbit_jax.core._qarray import WGMMA_RUN_BYTES, QArray, block_shape, codes_unit
 from lowbit_jax.train.mesh import FSDP, TENSOR
 
 Partition = tuple
@@ -224,10 +224,7 @@ class Layout:
     """
     shape = tuple(q.shape)
     bs = block_shape(q.spec, shape)
-    n_codes, n_bytes = pack_unit(q.spec.storage_format.bits)
-    # A packing unit in codes-array elements: bytes for uint8 codes, one
-    # uint16 per code above 8 bits.
-    unit = max(1, n_bytes // q.codes.dtype.itemsize)
+    n_codes, unit = codes_unit(q.spec.storage_format.bits)
     scale_rank = q.scale.ndim
     codes_part, scale_part = [], []
     for d, entry in enumerate(partition):
