@@ -184,32 +184,18 @@ class NnxRaggedDense(nnx.Module):
 
 
 
-def _overridden_call(node) -> Optional[type]:
-  """The NNX layer class whose ``__call__`` ``node``'s class replaces, if any.
+# The layers quantize_nnx reaches, most specific first: (class, op).
+_LAYERS = ((NnxActEinsum, "act_matmul"), (NnxRaggedDense, "ragged_dot"),
+           (nnx.Linear, "dot_general"), (nnx.LinearGeneral, "dot_general"),
+           (nnx.Einsum, "einsum"), (nnx.Conv, "conv"))
 
-  The interceptor swaps the layer's op (``dot_general``, ``einsum_op``, ...);
-  a subclass's own ``__call__`` may compute without it and leave the kernel
-  in float while the rule reports it quantized.
-  """
-  for base in (NnxActEinsum, NnxRaggedDense, nnx.Linear, nnx.LinearGeneral,
-               nnx.Einsum, nnx.Conv):
+
+def _layer(node) -> tuple[Optional[type], Optional[str]]:
+  """``(layer class, op)`` of a node quantize_nnx reaches, else (None, None)."""
+  for base, op in _LAYERS:
     if isinstance(node, base):
-      return base if type(node).__call__ is not base.__call__ else None
-  return None
-
-
-def _layer_op(node) -> Optional[str]:
-  if isinstance(node, NnxActEinsum):
-    return "act_matmul"
-  if isinstance(node, NnxRaggedDense):
-    return "ragged_dot"
-  if isinstance(node, (nnx.Linear, nnx.LinearGeneral)):
-    return "dot_general"
-  if isinstance(node, nnx.Einsum):
-    return "einsum"
-  if isinstance(node, nnx.Conv):
-    return "conv"
-  return None
+      return base, op
+  return None, None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -521,7 +507,7 @@ def quantize_nnx(model: nnx.Module, rules, mode: str = "fake", *, strict: bool =
     if not isinstance(node, nnx.Module) or isinstance(node, QuantOp):
       return node
     p = "/".join(str(k) for k in path)
-    op = _layer_op(node)
+    base, op = _layer(node)
     if op is None:
       _check_unsupported(node, p, config)
       return node
@@ -538,8 +524,9 @@ def quantize_nnx(model: nnx.Module, rules, mode: str = "fake", *, strict: bool =
         if isinstance(getattr(node, "promote_dtype", None), _NNXPromote):
           node.promote_dtype = node.promote_dtype.orig
       return node
-    base = _overridden_call(node)
-    if base is not None:
+    # The interceptor swaps the layer's op; a subclass's own __call__ may
+    # compute without it and leave the kernel in float, reported quantized.
+    if type(node).__call__ is not base.__call__:
       raise ValueError(
           f"{p}: rule {rule.path!r} matches this {type(node).__name__}, which "
           f"overrides {'nnx.' if base.__module__.startswith('flax') else ''}"
