@@ -814,7 +814,7 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
       raise ValueError(
           f"{path}: the scales {method} chose do not reproduce its codes in the "
           f"weight's layout (spec {spec}); "
-          + (TENSOR_SCALE_INEXACT if getattr(spec, "tensor_scale", False) else
+          + (TENSOR_SCALE_INEXACT if spec.tensor_scale else
              "the spec's blocks do not map onto the [K, N] matrix (a group_size "
              "must divide the last contraction axis)"))
     new_leaves[path] = wq

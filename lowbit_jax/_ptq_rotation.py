@@ -65,6 +65,19 @@ def compute_eps(fn, params, args) -> float:
   return eps
 
 
+def float_check_rtol(fn, params, args, rtol: float) -> tuple[float, str]:
+  """``(tolerance, note)`` for checking that a fold or rotation keeps ``fn``'s
+  float output: ``rtol``, widened to ``_LOW_PRECISION_ULPS`` epsilons of the
+  model's compute dtype where it is narrower than float32 (a float32 model
+  keeps the ``rtol`` asked for, 0 included); ``note`` says so for errors."""
+  eps = compute_eps(fn, params, args)
+  if eps <= float(jnp.finfo(jnp.float32).eps):
+    return rtol, ""
+  tol = max(rtol, _LOW_PRECISION_ULPS * eps)
+  return tol, (f" (widened from fold_rtol={rtol} for the model's {eps:.3g}-epsilon "
+               "compute dtype)" if tol > rtol else "")
+
+
 def quantizer_for(front: str) -> Callable:
   """``quantize(fn, rules)``: the front end's fake-mode quantizer of a function
   of the parameter tree (Linen: its interceptor; otherwise ``quantize_function``)."""
@@ -129,15 +142,12 @@ def rotate_checked(fn: Callable, params: Any, batches: Sequence[Any], method: st
           config=config or SpinQuantConfig(seed=seed), online=online, heads=heads,
           quantize=quantize)
     out = jax.jit(quantize(bound, rotated.rules()))(new, *args)
-  eps = compute_eps(bound, params, args)
-  tol = max(rtol, _LOW_PRECISION_ULPS * eps)
+  tol, note = float_check_rtol(bound, params, args, rtol)
   if not _close(ref, out, tol):
     raise ValueError(
         f"the {_NAMES[method]} rotation changed the float model's output beyond "
-        f"fold_rtol={rtol}" + (f" (widened to {tol:.3g} for the model's {eps:.3g}-"
-                               "epsilon compute dtype)" if tol > rtol else "")
-        + "; the model's structure is not what the rotation assumes (report this "
-        "model)")
+        f"rtol={tol}{note}; the model's structure is not what the rotation assumes "
+        "(report this model)")
   return new, rotated, history
 
 

@@ -320,14 +320,9 @@ def check_folds(fn, args, kwargs, tree0, tree, applied: list, folds_report: list
   get = _ptq._get_path   # pylint: disable=protected-access
   fwd = jax.jit(lambda p: fn(p, *args, **kwargs))
   # A bf16 model's output moves by its own rounding when a fold rescales its
-  # weights: widen as the rotation check does (8 epsilons of its compute dtype).
-  # (A float32 model keeps the fold_rtol asked for, 0 included.)
-  eps = _ptq_rotation.compute_eps(lambda p, *a: fn(p, *a, **kwargs), tree0, args)
-  asked = fold_rtol
-  if eps > float(jnp.finfo(jnp.float32).eps):
-    fold_rtol = max(fold_rtol, _ptq_rotation._LOW_PRECISION_ULPS * eps)  # pylint: disable=protected-access
-  widened = (f" (widened from fold_rtol={asked} for the model's {eps:.3g}-epsilon "
-             "compute dtype)" if fold_rtol > asked else "")
+  # weights: the rotation check's tolerance.
+  fold_rtol, widened = _ptq_rotation.float_check_rtol(
+      lambda p, *a: fn(p, *a, **kwargs), tree0, args, fold_rtol)
   with jax.default_matmul_precision("float32"):
     ref = fwd(tree0)
     if _close(ref, fwd(tree), fold_rtol):
@@ -494,7 +489,7 @@ def scaling_ptq(model, params, batches: list, rules, *, method: str, front: str,
       raise ValueError(f"{p}: rounding with its own scales does not reproduce the "
                        f"codes (spec {spec})"
                        + (f": {_ptq_lib.TENSOR_SCALE_INEXACT}"
-                          if getattr(spec, "tensor_scale", False) else ""))
+                          if spec.tensor_scale else ""))
     new[p] = wq
     if scale is not None:
       scales[p] = scale
