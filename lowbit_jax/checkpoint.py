@@ -174,7 +174,9 @@ def spec_from_json(d: dict) -> QuantSpec:
 # Tree skeleton
 
 
-def _skeleton(tree, leaves: list, path: str = ""):
+def _skeleton(tree, leaves: list, names: list, path: str = ""):
+  """The JSON skeleton of ``tree``; appends its leaves and their paths (as
+  ``_leaf_paths`` reads them back) to ``leaves`` and ``names``."""
   if isinstance(tree, QArray) or tree is None or not _is_container(tree):
     if tree is None:
       return None
@@ -184,17 +186,18 @@ def _skeleton(tree, leaves: list, path: str = ""):
       hint = ("only arrays, QArrays and None can be saved"
               if len(inner) == 1 and inner[0] is tree else
               "save() takes nested dicts, lists and tuples: convert it first "
-              "(flax.serialization.to_state_dict, nnx.State.to_pure_dict) and "
+              "(flax.serialization.to_state_dict, nnx.to_pure_dict) and "
               "restore with target= to get the original containers back")
       raise TypeError(f"{where} is a {type(tree).__name__}; {hint}")
     leaves.append(tree)
+    names.append(path)
     return {"leaf": len(leaves) - 1}
   join = lambda k: f"{path}/{k}" if path else str(k)
   if isinstance(tree, dict):
-    return {"dict": [[_key_json(k), _skeleton(v, leaves, join(k))]
+    return {"dict": [[_key_json(k), _skeleton(v, leaves, names, join(k))]
                      for k, v in tree.items()]}
   kind = "list" if isinstance(tree, list) else "tuple"
-  return {kind: [_skeleton(v, leaves, join(i)) for i, v in enumerate(tree)]}
+  return {kind: [_skeleton(v, leaves, names, join(i)) for i, v in enumerate(tree)]}
 
 
 def _is_container(x) -> bool:
@@ -244,12 +247,13 @@ def _array_meta(x) -> dict:
 
 
 def _to_json_tree(params, what: str):
-  leaves: list = []
+  """``(skeleton, leaves, their paths)`` of a tree to save."""
+  leaves, names = [], []
   try:
-    skeleton = _skeleton(params, leaves)
+    skeleton = _skeleton(params, leaves, names)
   except TypeError as e:
     raise TypeError(f"{what}: {e}") from None
-  return skeleton, leaves
+  return skeleton, leaves, names
 
 
 class CheckpointCorruptedError(ValueError):
@@ -502,7 +506,7 @@ def save(directory: str, params: Any, *, force: bool = False,
   Args:
     directory: a path that does not exist yet (or ``force=True``).
     params: nested dicts/lists/tuples of arrays, QArrays and QWeights (use
-      ``nnx.State.to_pure_dict()`` or ``flax.core.unfreeze`` for other
+      ``nnx.to_pure_dict(state)`` or ``flax.core.unfreeze`` for other
       containers; restore with ``target=`` to get them back). JAX PRNG key
       arrays and empty arrays round-trip too; numpy 64-bit arrays need
       ``jax_enable_x64`` (without it they are refused, not narrowed).
@@ -526,16 +530,14 @@ def save(directory: str, params: Any, *, force: bool = False,
   if os.path.exists(directory) and not force:
     raise FileExistsError(f"{directory} exists; pass force=True to overwrite it")
   extra = _check_extra_files(extra_files)
-  skeleton, leaves = _to_json_tree(params, "save")
-  names = [None] * len(leaves)
-  _leaf_paths(skeleton, "", names)
-  seen = {}
+  skeleton, leaves, names = _to_json_tree(params, "save")
+  seen = set()
   for name in names:
     if name in seen:
       raise ValueError(f"save: two leaves have the path {name!r} (a dict key "
                        "containing '/' spells the same path as nested dicts); "
                        "rename one of them")
-    seen[name] = True
+    seen.add(name)
   tree, meta = {}, []
   for i, leaf in enumerate(leaves):
     stored, m = _leaf_record(names[i], leaf)
