@@ -21,7 +21,6 @@ import fcntl
 import functools
 import math
 import os
-import sys
 import time
 
 
@@ -524,6 +523,7 @@ def run_sweep_config(config, log=None) -> dict:
     dict with ``rows``, ``table`` (markdown) and the written ``paths``.
   """
   from lowbit_jax import sweep  # pylint: disable=g-import-not-at-top
+  log = log or sweep.log_stderr
   if config.model not in POINTS:
     raise ValueError(f"config.model must be one of {sorted(POINTS)}, got "
                      f"{config.model!r}")
@@ -534,8 +534,7 @@ def run_sweep_config(config, log=None) -> dict:
   for p in points:  # fail on a typo before hours of work, not at that point
     schemes_lib.get(p["scheme"])
     _check(p.get("method", "rtn"), p.get("target", "weights"))
-    if any(k in p for k in ("kv", "qk", "r3")):
-      _check_attention(p.get("kv", "none"), p.get("qk", "none"), p.get("r3", False))
+    _check_attention(p.get("kv", "none"), p.get("qk", "none"), p.get("r3", False))
   kwargs = dict(config.get("point_kwargs", {}))
   os.makedirs(config.out_dir, exist_ok=True)
   results = os.path.join(config.out_dir, "results.jsonl")
@@ -552,8 +551,7 @@ def run_sweep_config(config, log=None) -> dict:
   if rows and unknown:  # a typo gives an empty column or an empty plot: say so
     # (a name only some kinds of point return, e.g. activation SQNR of
     # weight-only points, is legitimately absent, so this warns, not raises)
-    (log or (lambda m: print(m, file=sys.stderr, flush=True)))(
-        f"sweep: config.metrics / config.plot name {sorted(set(unknown))}, which no "
+    log(f"sweep: config.metrics / config.plot name {sorted(set(unknown))}, which no "
         f"point returned (they return {sorted(returned)}): their columns and plot "
         "are empty; fix a misspelled name and rerun (finished points do not run "
         "again)")

@@ -104,7 +104,7 @@ def run(points: Sequence[dict], fn: Callable[[dict], dict], results_path: str, *
     All rows for ``points`` (old and new), in point order; a point given
     twice runs once.
   """
-  log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+  log = log or log_stderr
   os.makedirs(os.path.dirname(os.path.abspath(results_path)), exist_ok=True)
   settings = dict(settings) if settings else None
   pid = lambda p: point_id(p, settings)  # noqa: E731
@@ -140,6 +140,11 @@ def run(points: Sequence[dict], fn: Callable[[dict], dict], results_path: str, *
   return [done[pid(p)] for p in points]
 
 
+def log_stderr(msg: str) -> None:
+  """The default progress printer of ``run`` (and the sweep front ends)."""
+  print(msg, file=sys.stderr, flush=True)
+
+
 def _label(p: dict) -> str:
   return " ".join(f"{k}={v}" for k, v in p.items())
 
@@ -170,10 +175,8 @@ def pareto_front(rows: Sequence[dict], x: str, y: str, *,
   """Rows not dominated in (lower ``x``, better ``y``), sorted by x; rows
   whose ``x`` or ``y`` is missing or not finite are never on it."""
   def finite(r):
-    m = r["metrics"]
-    return (x in m and y in m and isinstance(m[x], (int, float))
-            and isinstance(m[y], (int, float))
-            and math.isfinite(m[x]) and math.isfinite(m[y]))
+    return all(isinstance(r["metrics"].get(k), (int, float))
+               and math.isfinite(r["metrics"][k]) for k in (x, y))
   pts = sorted((r for r in rows if finite(r)),
                key=lambda r: (r["metrics"][x],
                               -r["metrics"][y] if maximize_y else r["metrics"][y]))
@@ -237,8 +240,7 @@ def plot_heatmap(matrix: Sequence[Sequence[float]], row_labels: Sequence[str],
   vmin = float(finite.min()) if finite.size else 0.0
   # +inf (a lossless layer) takes the top colour, -inf the bottom; NaN (no
   # number) is masked and drawn grey, never as a value.
-  shown = np.ma.masked_invalid(np.where(np.isposinf(m), vmax,
-                                        np.where(np.isneginf(m), vmin, m)))
+  shown = np.ma.masked_invalid(np.clip(m, vmin, vmax))
   cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
   im = ax.imshow(shown, aspect="auto", cmap=cmap)
   ax.set_yticks(range(len(row_labels)), row_labels, fontsize=8)
