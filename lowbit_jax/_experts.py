@@ -22,6 +22,7 @@ from lowbit_jax._rules import _expand_grid
 from lowbit_jax.algorithms.awq import awq_clip_search
 from lowbit_jax.algorithms.gptq import gptq
 from lowbit_jax.algorithms.rtn import rtn
+from lowbit_jax.core import fake_quant
 from lowbit_jax.core._spec import QuantSpec
 
 _HI = jax.lax.Precision.HIGHEST
@@ -85,27 +86,36 @@ def quantize_experts(w: jax.Array, grams: jax.Array, counts, spec: QuantSpec,
     blocksize, percdamp, act_order: GPTQ's options.
 
   Returns:
-    ``(w_q [G, K, N] float32, amax [G, K, N], fallback)``: the fake-quantized
-    stack, the range each element's block was rounded with (GPTQ's, or the
-    weight's own magnitude for RTN; ``init_scale(amax, expert_spec(spec),
-    "amax")`` is the stack's scale grid), and the experts GPTQ rounded to
-    nearest because no calibration row reached them.
+    ``(w_q [G, K, N] float32, amax [G, K, N], fallback, tensor_amax)``: the
+    fake-quantized stack, the range each element's block was rounded with
+    (GPTQ's, or the weight's own magnitude for RTN; ``rtn_scales(amax,
+    expert_spec(spec), tensor_amax)`` gives the stack's scale grid), the
+    experts GPTQ rounded to nearest because no calibration row reached them,
+    and a two-level (NVFP4) spec's tensor range (the stack's, which every
+    expert is rounded under, as real mode stores the stack as one tensor),
+    else None.
   """
   counts = [float(c) for c in np.asarray(counts)]
   outs, amaxs, fallback = [], [], []
+  t_amax = None
+  if spec.tensor_scale:
+    # Over finite values, as quantize takes a tensor's range.
+    t_amax = jnp.max(jnp.where(jnp.isfinite(w), jnp.abs(w), 0)).astype(jnp.float32)
+    t_amax = jnp.where(t_amax > 0, t_amax, jnp.float32(1.0))
   for e in range(w.shape[0]):
     we = w[e]
     if method == "gptq" and counts[e] > 0:
       res = gptq(we, grams[e], spec, blocksize=blocksize, percdamp=percdamp,
-                 act_order=act_order)
+                 act_order=act_order, tensor_amax=t_amax)
       outs.append(res.weight)
       amaxs.append(jnp.broadcast_to(_expand_grid(res.amax, we.shape), we.shape))
     else:
       if method == "gptq":
         fallback.append(e)
-      outs.append(rtn(we, spec))
+      outs.append(rtn(we, spec) if t_amax is None
+                  else fake_quant(we, spec, tensor_amax=t_amax))
       amaxs.append(jnp.abs(we))
-  return jnp.stack(outs), jnp.stack(amaxs), fallback
+  return jnp.stack(outs), jnp.stack(amaxs), fallback, t_amax
 
 
 def clip_experts(w: jax.Array, x, groups, spec: QuantSpec) -> tuple:

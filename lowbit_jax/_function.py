@@ -835,8 +835,10 @@ class QuantizedFunction:
       donate: delete each float leaf once it is quantized (see
         ``lowbit_jax.quantize_params``).
       on_step: ``on_step(path, qweight)`` after each leaf.
-      quant_scales: a QAT run's learned scales: a planned weight with a
-        ``weight_scale`` is stored with exactly that scale. Keep passing
+      quant_scales: a QAT run's learned scales, or a PTQ result's
+        (``real_mode_kwargs``): a planned weight with a ``weight_scale`` is
+        stored with exactly that scale (and a two-level spec's under its
+        ``weight_tensor_scale`` where given). Keep passing
         ``quant_scales`` to the real-mode function (activation scales and
         PACT clips act as static ranges there; weight scales of QWeights are
         not read).
@@ -848,15 +850,17 @@ class QuantizedFunction:
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
         if isinstance(x, jax.Array) else x, params)
     plan = self.plan(abstract, *args, **kwargs)
-    learned = None
+    learned = tensor = None
     if quant_scales is not None:
-      learned = {}
+      learned, tensor = {}, {}
       for path in plan:
-        ws = (quant_scales.get(path) or {}).get("weight_scale")
-        if ws is not None:
-          learned[path] = ws
+        entry = quant_scales.get(path) or {}
+        if entry.get("weight_scale") is not None:
+          learned[path] = entry["weight_scale"]
+        if entry.get("weight_tensor_scale") is not None:
+          tensor[path] = entry["weight_tensor_scale"]
     return _rules.quantize_params(params, plan, donate=donate, on_step=on_step,
-                                  scales=learned)
+                                  scales=learned, tensor_scales=tensor)
 
   def finalize_stats(self, quant_stats: dict) -> dict:
     """Observer states turned into ranges ``{"amax", "amin"}`` (done once).

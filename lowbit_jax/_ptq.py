@@ -45,6 +45,7 @@ import dataclasses
 import functools
 import math
 import time
+import types
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import jax
@@ -58,7 +59,7 @@ from lowbit_jax import _ptq_rotation
 from lowbit_jax import _ptq_scaling
 from lowbit_jax._ptq_scaling import AWQ_CLIP_SKIP
 from lowbit_jax.algorithms.gptq import gptq
-from lowbit_jax.algorithms.rtn import hessian_error, kernel_spec, rtn_scale
+from lowbit_jax.algorithms.rtn import hessian_error, kernel_spec, rtn_scales
 from lowbit_jax.core import fake_quant
 from lowbit_jax.core._spec import QuantSpec, as_spec
 
@@ -162,6 +163,13 @@ class PTQResult(NamedTuple):
     weight_scales: ``{parameter path: scale grid}`` (symmetric specs): the
       scales each weight was rounded with, in the weight's own layout, as real
       mode takes them (``real_mode_kwargs`` puts them in each front end's form).
+    weight_tensor_scales: ``{parameter path: float32 scalar}``: the tensor
+      scale a two-level (NVFP4) weight's block scales were chosen under, which
+      real mode stores them under (``quantize(..., tensor_scale=)``; without
+      it the tensor scale would be rebuilt from the largest block scale, which
+      for GPTQ's blocks need not be the one it rounded with). Empty for
+      one-level formats and for methods whose scales define their tensor
+      scale that way (OmniQuant's learned scales).
     report: ``{"method", "seconds", "layers": {path: {"spec", "error",
       "rtn_error", "error_vs_rtn", "rows", "seconds"}}, "skipped"}`` (a
       layer's ``seconds``: gptq/rtn only); ``error`` is the
@@ -175,6 +183,7 @@ class PTQResult(NamedTuple):
   weight_scales: dict
   report: dict
   rules: Optional[tuple] = None
+  weight_tensor_scales: Mapping[str, jax.Array] = types.MappingProxyType({})
 
 
 def _split_batch(batch: Any) -> tuple:
@@ -489,43 +498,38 @@ def quantize_site(method: str, w: jax.Array, st: SiteStats, spec: QuantSpec, *,
     blocksize, percdamp, act_order: GPTQ's options (``algorithms.gptq``).
 
   Returns:
-    ``(w_q, scale)``: the fake-quantized weight (w's layout and dtype) and the
-    scale grid it was rounded with in the layout real mode stores
-    (``quantize_weight(w_q, plan, scale)`` reproduces its codes), or None for
-    asymmetric specs.
+    ``SiteResult(weight, scale, tensor_scale)``: the fake-quantized weight
+    (w's layout and dtype), the scale grid it was rounded with in the layout
+    real mode stores, or None for asymmetric specs, and a two-level (NVFP4)
+    spec's float32 tensor scale, else None (``quantize_weight(w_q, plan,
+    scale, tensor_scale)`` reproduces its codes).
 
   Raises:
     ValueError: an unknown method, a spec GPTQ cannot take as a matrix, or
       scales that do not reproduce the codes (the spec's blocks straddle the
       weight's axes).
   """
-  wq, scale, exact, _, _ = _site(w, st.hessian, st.count, method=method,
-                                 meta=tuple(st[2:]), spec=spec, path=path,
-                                 opts=(blocksize, float(percdamp), bool(act_order)))
+  wq, scale, tscale, exact, _, _ = _site(
+      w, st.hessian, st.count, method=method, meta=tuple(st[2:]), spec=spec,
+      path=path, opts=(blocksize, float(percdamp), bool(act_order)))
   if not bool(exact):
     raise ValueError(
         f"{path}: the scales GPTQ chose do not reproduce its codes in the weight's "
         f"layout (spec {spec}); the spec's blocks do not map onto the [K, N] matrix "
         "(a group_size must divide the last contraction axis)")
-  return wq, scale
+  return SiteResult(wq, scale, tscale)
 
 
-# Why a two-level (NVFP4) PTQ result may not store exactly: real mode rebuilds
-# the float32 tensor scale from the per-block scales (the largest over the
-# top E4M3 code), and for some weights that lands an ulp from the one the
-# rounding used, so the packed codes would decode an ulp away from the PTQ
-# result (fl(fl(448 t) / 448) is not always t); GPTQ's blocks may also miss
-# the top code.
-TENSOR_SCALE_INEXACT = (
-    "a two-level format's (NVFP4's) tensor scale, rebuilt from the block scales "
-    "for real mode, lands an ulp off the one this rounding used here, so real "
-    "mode would not equal fake mode: try another method for this layer ('rtn' "
-    "and 'awq' store exactly for most weights), or a one-level format (mxfp4, or "
-    "fp4_e2m1 with group_size=16)")
+class SiteResult(NamedTuple):
+  """What ``quantize_site`` returns (see there)."""
+  weight: jax.Array
+  scale: Optional[jax.Array]
+  tensor_scale: Optional[jax.Array]
 
 
 def _site(w, hessian, count, *, method, meta, spec, path, opts):
-  """``(w_q, scale, codes reproduced, error, RTN's error)`` of one site.
+  """``(w_q, scale, tensor scale, codes reproduced, error, RTN's error)`` of
+  one site (the tensor scale: two-level specs, else None).
 
   GPTQ runs on its own (``algorithms.gptq`` compiles once per matrix shape and
   spec); what comes before and after it is jitted per site.
@@ -546,7 +550,8 @@ def _site(w, hessian, count, *, method, meta, spec, path, opts):
   except ValueError as e:
     msg = str(e)
     raise ValueError(msg if msg.startswith(f"{path}: ") else f"{path}: {msg}") from e
-  return _finish(w, res.weight, res.amax, hessian, count, meta=meta, spec=spec)
+  return _finish(w, res.weight, res.amax, hessian, count, res.tensor_amax, meta=meta,
+                 spec=spec)
 
 
 def _expert_site(w, hessian, count, *, method, meta, spec, path, opts):
@@ -559,31 +564,46 @@ def _expert_site(w, hessian, count, *, method, meta, spec, path, opts):
     return _finish_experts(w, None, None, hessian, count, meta=meta, spec=spec)
   blocksize, percdamp, act_order = opts
   try:
-    wq, amax, _ = _experts.quantize_experts(
+    wq, amax, _, t_amax = _experts.quantize_experts(
         w, hessian, count, _matrix_spec(spec, path), method, blocksize=blocksize,
         percdamp=percdamp, act_order=act_order)
   except ValueError as e:
     msg = str(e)
     raise ValueError(msg if msg.startswith(f"{path}: ") else f"{path}: {msg}") from e
-  return _finish_experts(w, wq, amax, hessian, count, meta=meta, spec=spec)
+  return _finish_experts(w, wq, amax, hessian, count, t_amax, meta=meta, spec=spec)
+
+
+def _scales_exact(wq, spec: QuantSpec, scale, tscale):
+  """Whether re-quantizing ``wq`` with its scales reproduces it (as real mode
+  stores it); True without scales (asymmetric specs)."""
+  if scale is None:
+    return jnp.bool_(True)
+  return jnp.array_equal(fake_quant(wq, spec, scale=scale, tensor_scale=tscale), wq)
 
 
 @functools.partial(jax.jit, static_argnames=("meta", "spec"))
-def _finish_experts(w, wq, amax, hessian, count, *, meta, spec):
-  """``_finish`` of an expert stack ``[E, K, N]`` (jitted); per-expert errors."""
+def _finish_experts(w, wq, amax, hessian, count, t_amax=None, *, meta, spec):
+  """``_finish`` of an expert stack ``[E, K, N]`` (jitted); per-expert errors.
+
+  The stack is one tensor to the spec: a two-level format's experts share
+  one tensor scale (``t_amax``: the stack's range GPTQ rounded under).
+  """
   plan = _plan(SiteStats(hessian, count, *meta), spec)
   rtn_w = fake_quant(w, plan.spec)
+  scale = tscale = None
   if wq is None:   # RTN
-    wq, scale = rtn_w, (rtn_scale(w, plan.spec) if plan.spec.symmetric else None)
+    wq = rtn_w
+    if plan.spec.symmetric:
+      scale, tscale = rtn_scales(w, plan.spec)
   else:   # the range each block was rounded with (GPTQ's, or the weight's own)
     wq = wq.astype(w.dtype)
-    scale = rtn_scale(amax, plan.spec) if plan.spec.symmetric else None
-  exact = (jnp.array_equal(fake_quant(wq, plan.spec, scale=scale), wq)
-           if scale is not None else jnp.bool_(True))
+    if plan.spec.symmetric:
+      scale, tscale = rtn_scales(amax, plan.spec, t_amax)
+  exact = _scales_exact(wq, plan.spec, scale, tscale)
   rows = jnp.maximum(count, 1.0)
   err = jax.vmap(hessian_error)(hessian, w, wq) / rows
   rerr = jax.vmap(hessian_error)(hessian, w, rtn_w) / rows
-  return wq, scale, exact, err, rerr
+  return wq, scale, tscale, exact, err, rerr
 
 
 @functools.partial(jax.jit, static_argnames=("meta",))
@@ -592,25 +612,30 @@ def _as_matrix(w, *, meta):
 
 
 @functools.partial(jax.jit, static_argnames=("meta", "spec"))
-def _finish(w, wq_matrix, amax, hessian, count, *, meta, spec):
-  """The quantized weight in its layout, its scales, and the errors (jitted)."""
+def _finish(w, wq_matrix, amax, hessian, count, t_amax=None, *, meta, spec):
+  """The quantized weight in its layout, its scales (and a two-level spec's
+  tensor scale: the one GPTQ rounded under, from ``t_amax``), whether they
+  reproduce it, and the errors (jitted)."""
   st = SiteStats(hessian, count, *meta)
   plan = _plan(st, spec)
   rtn_w = fake_quant(w, plan.spec)
+  scale = tscale = None
   if wq_matrix is None:   # RTN
-    wq, scale = rtn_w, (rtn_scale(w, plan.spec) if plan.spec.symmetric else None)
+    wq = rtn_w
+    if plan.spec.symmetric:
+      scale, tscale = rtn_scales(w, plan.spec)
   else:
-    wq, scale = st.from_matrix(wq_matrix).astype(w.dtype), None
+    wq = st.from_matrix(wq_matrix).astype(w.dtype)
     if plan.spec.symmetric:   # the range each block was rounded with
       full = jnp.broadcast_to(_rules._expand_grid(amax, wq_matrix.shape),  # pylint: disable=protected-access
                               wq_matrix.shape)
-      scale = rtn_scale(st.from_matrix(full.astype(jnp.float32)), plan.spec)
-  exact = (jnp.array_equal(fake_quant(wq, plan.spec, scale=scale), wq)
-           if scale is not None else jnp.bool_(True))
+      scale, tscale = rtn_scales(st.from_matrix(full.astype(jnp.float32)), plan.spec,
+                                 t_amax)
+  exact = _scales_exact(wq, plan.spec, scale, tscale)
   mw, rows = st.as_matrix(w), jnp.maximum(count, 1.0)
   err = hessian_error(hessian, mw, st.as_matrix(wq)) / rows
   rerr = hessian_error(hessian, mw, st.as_matrix(rtn_w)) / rows
-  return wq, scale, exact, err, rerr
+  return wq, scale, tscale, exact, err, rerr
 
 
 def _is_variables(params, front: str) -> bool:
@@ -787,39 +812,40 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
       raise ValueError("calib_batches is empty; pass at least one batch")
     if method == "omniquant":
       from lowbit_jax import _ptq_omni   # pylint: disable=g-import-not-at-top
-      changed, scales, report = _ptq_omni.omniquant_ptq(
+      changed, scales, tscales, report = _ptq_omni.omniquant_ptq(
           model, params, batches, rules, front=front, token_mask=token_mask,
           options=omniquant, max_samples=max_samples, seed=seed, fold_rtol=fold_rtol)
     else:
-      changed, scales, report = _ptq_scaling.scaling_ptq(
+      changed, scales, tscales, report = _ptq_scaling.scaling_ptq(
           model, params, batches, rules, method=method, front=front,
           token_mask=token_mask, alpha=alpha, n_grid=n_grid, max_samples=max_samples,
           seed=seed, fold_rtol=fold_rtol, awq_clip_skip=awq_clip_skip,
           rotation_block_size=rotation_block_size)
-    return PTQResult(_write_back(model, params, front, changed), scales, report)
+    return PTQResult(_write_back(model, params, front, changed), scales, report,
+                     weight_tensor_scales=tscales)
   cap = capture if capture is not None else capture_hessians(
       model, params, calib_batches, rules, token_mask=token_mask)
   tree = _param_tree(model, params, front)
-  new_leaves, scales, layers = {}, {}, {}
+  new_leaves, scales, tscales, layers = {}, {}, {}, {}
   skipped = dict(cap.skipped)
   opts = (blocksize, float(percdamp), bool(act_order))
   for path, st in cap.stats.items():
     t_site = time.perf_counter()
     spec = cap.sites[path].weight
     w = _rules.logical_value(_get_path(tree, path))
-    wq, scale, exact, err, rerr = _site(w, st.hessian, st.count, method=method,
-                                        meta=tuple(st[2:]), spec=spec, path=path,
-                                        opts=opts)
+    wq, scale, tscale, exact, err, rerr = _site(
+        w, st.hessian, st.count, method=method, meta=tuple(st[2:]), spec=spec,
+        path=path, opts=opts)
     if not bool(exact):
       raise ValueError(
           f"{path}: the scales {method} chose do not reproduce its codes in the "
-          f"weight's layout (spec {spec}); "
-          + (TENSOR_SCALE_INEXACT if spec.tensor_scale else
-             "the spec's blocks do not map onto the [K, N] matrix (a group_size "
-             "must divide the last contraction axis)"))
+          f"weight's layout (spec {spec}); the spec's blocks do not map onto the "
+          "[K, N] matrix (a group_size must divide the last contraction axis)")
     new_leaves[path] = wq
     if scale is not None:
       scales[path] = scale
+    if tscale is not None:
+      tscales[path] = tscale
     extra = {}
     if st.op == "ragged_dot":
       err, rerr, extra = _expert_entry(path, st, err, rerr, method, skipped)
@@ -830,7 +856,8 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
                     "seconds": time.perf_counter() - t_site}
   report = {"method": method, "layers": layers, "skipped": skipped,
             "seconds": time.perf_counter() - t0}
-  return PTQResult(_write_back(model, params, front, new_leaves), scales, report)
+  return PTQResult(_write_back(model, params, front, new_leaves), scales, report,
+                   weight_tensor_scales=tscales)
 
 
 def _check_rotation_options(method: str, quantizer: str, online, heads, spinquant,
@@ -964,23 +991,33 @@ def real_mode_kwargs(result: PTQResult, front: str) -> dict:
       (``quantize_nnx(model, rules, mode="real", weight_scales=...)``).
 
   Returns:
-    ``{"quant_scales": ...}`` or ``{"weight_scales": ...}``.
+    ``{"quant_scales": ...}`` (each weight's ``weight_scale``, and a
+    two-level spec's ``weight_tensor_scale``) or ``{"weight_scales": ...,
+    "weight_tensor_scales": ...}``.
   """
+  tensor = dict(result.weight_tensor_scales)
+
+  def entry(p, s):
+    e = {"weight_scale": s}
+    if p in tensor:
+      e["weight_tensor_scale"] = tensor[p]
+    return e
   if front == "function":
-    return {"quant_scales": {p: {"weight_scale": s}
-                             for p, s in result.weight_scales.items()}}
+    return {"quant_scales": {p: entry(p, s) for p, s in result.weight_scales.items()}}
   if front == "linen":
     nested: dict = {}
     for p, s in result.weight_scales.items():
       node = nested
       for k in p.split("/")[:-1]:
         node = node.setdefault(k, {})
-      node["weight_scale"] = s
+      node.update(entry(p, s))
     return {"quant_scales": nested}
   if front == "nnx":
-    return {"weight_scales": dict(result.weight_scales)}
+    return {"weight_scales": dict(result.weight_scales),
+            "weight_tensor_scales": tensor}
   raise ValueError(f"front must be 'function', 'linen' or 'nnx', got {front!r}")
 
 
-__all__ = ["SiteStats", "InputStats", "Capture", "PTQResult", "capture_hessians", "quantize_site",
+__all__ = ["SiteStats", "InputStats", "Capture", "PTQResult", "SiteResult",
+           "capture_hessians", "quantize_site",
            "ptq_params", "mixed_precision_rules", "real_mode_kwargs"]

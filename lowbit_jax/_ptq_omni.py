@@ -203,9 +203,11 @@ def omniquant_ptq(model, params, batches: list, rules, *, front: str, token_mask
     fold_rtol: see ``ptq_params``.
 
   Returns:
-    ``(changed, weight_scales, report)``: parameter path -> new value of
-    every folded or quantized parameter, the learned steps in each weight's
-    layout, and the report.
+    ``(changed, weight_scales, weight_tensor_scales, report)``: parameter
+    path -> new value of every folded or quantized parameter, the learned
+    steps in each weight's layout, the tensor scales of two-level experts
+    (rounded to nearest; a learned site's tensor scale is rebuilt from its
+    steps, as they were learned), and the report.
 
   Raises:
     TypeError: options that are not an ``OmniQuantOptions``.
@@ -344,14 +346,16 @@ def omniquant_ptq(model, params, batches: list, rules, *, front: str, token_mask
     if not float(loss) < float(rtn):
       rtn_sites.add(p)
 
-  new, scales, layers = {}, {}, {}
+  new, scales, tscales, layers = {}, {}, {}, {}
   for p in experts:   # round to nearest per expert (unscaled: no fold was applied)
     st = cap.stats[p]
-    new[p], scale, layers[p], _ = _expert_layer(
+    new[p], scale, tscale, layers[p], _ = _expert_layer(
         p, st, cap.sites[p].weight, _rules.logical_value(get(tree, p)),
         np.ones((st.shape[1],), np.float32), sample=None, rot=None)
     if scale is not None:
       scales[p] = scale
+    if tscale is not None:
+      tscales[p] = tscale
     layers[p].update(fold=None, reason=OMNI_EXPERT_REASON)
   for p, st in cap.stats.items():
     if p in experts:
@@ -388,4 +392,4 @@ def omniquant_ptq(model, params, batches: list, rules, *, front: str, token_mask
   report = {"method": "omniquant", "layers": layers, "folds": folds_report,
             "skipped": dict(cap.skipped), "objective": "layer-wise",
             "omniquant": opts, "seconds": time.perf_counter() - t0}
-  return changed, scales, report
+  return changed, scales, tscales, report

@@ -62,7 +62,7 @@ from __future__ import annotations
 import functools
 import re
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -72,7 +72,7 @@ from lowbit_jax import _experts
 from lowbit_jax import _rules
 from lowbit_jax._fold import apply_scaling, feature_index, find_scaling_folds, rotate_param
 from lowbit_jax.algorithms.awq import awq_clip_search, awq_scales, awq_search
-from lowbit_jax.algorithms.rtn import hessian_error, rtn_scale
+from lowbit_jax.algorithms.rtn import hessian_error, rtn_scales
 from lowbit_jax.algorithms.rotation import random_hadamard
 from lowbit_jax.algorithms.smoothquant import smoothquant_scales
 from lowbit_jax.core import fake_quant
@@ -202,22 +202,21 @@ def _from_matrix(m, *, meta):
 
 @functools.partial(jax.jit, static_argnames=("meta", "spec"))
 def _round(w_in, w, sr, hessian, count, *, meta, spec):
-  """RTN of one (scaled, clipped) kernel ``w_in``: ``(w_q, scale, codes reproduced,
-  error, RTN's error)``. The errors are those of ``w_q / s`` and of plain RTN
+  """RTN of one (scaled, clipped) kernel ``w_in``: ``(w_q, scale, tensor scale,
+  codes reproduced, error, RTN's error)`` (the tensor scale: two-level specs). The errors are those of ``w_q / s`` and of plain RTN
   against the float kernel on unscaled inputs (``w / s``, ``w`` unclipped),
   ``tr(dW^T H dW) / rows`` (jitted per site kind)."""
   from lowbit_jax import _ptq
   st = _ptq.SiteStats(hessian, count, *meta)
   plan = _ptq._plan(st, spec)   # pylint: disable=protected-access
   wq = fake_quant(w_in, plan.spec)
-  scale = rtn_scale(w_in, plan.spec) if plan.spec.symmetric else None
-  exact = (jnp.array_equal(fake_quant(wq, plan.spec, scale=scale), wq)
-           if scale is not None else jnp.bool_(True))
+  scale, tscale = rtn_scales(w_in, plan.spec) if plan.spec.symmetric else (None, None)
+  exact = _ptq._scales_exact(wq, plan.spec, scale, tscale)   # pylint: disable=protected-access
   ref = st.as_matrix(w).astype(jnp.float32) / sr[:, None]
   qm = st.as_matrix(wq).astype(jnp.float32) / sr[:, None]
   rtn_m = st.as_matrix(fake_quant(st.from_matrix(ref), plan.spec))
   rows = jnp.maximum(count, 1.0)
-  return (wq, scale, exact, hessian_error(hessian, ref, qm) / rows,
+  return (wq, scale, tscale, exact, hessian_error(hessian, ref, qm) / rows,
           hessian_error(hessian, ref, rtn_m) / rows)
 
 
@@ -229,15 +228,15 @@ def _round_experts(w_in, w, sr, hessian, count, *, meta, spec):
   from lowbit_jax import _ptq
   plan = _ptq._plan(_ptq.SiteStats(hessian, count, *meta), spec)   # pylint: disable=protected-access
   wq = fake_quant(w_in, plan.spec)
-  scale = rtn_scale(w_in, plan.spec) if plan.spec.symmetric else None
-  exact = (jnp.array_equal(fake_quant(wq, plan.spec, scale=scale), wq)
-           if scale is not None else jnp.bool_(True))
+  scale, tscale = rtn_scales(w_in, plan.spec) if plan.spec.symmetric else (None, None)
+  exact = _ptq._scales_exact(wq, plan.spec, scale, tscale)   # pylint: disable=protected-access
   inv = 1.0 / sr[None, :, None]
   ref = w.astype(jnp.float32) * inv
   rtn_w = fake_quant(ref, plan.spec)
   rows = jnp.maximum(count, 1.0)
   err = jax.vmap(hessian_error)(hessian, ref, wq.astype(jnp.float32) * inv) / rows
-  return wq, scale, exact, err, jax.vmap(hessian_error)(hessian, ref, rtn_w) / rows
+  return (wq, scale, tscale, exact, err,
+          jax.vmap(hessian_error)(hessian, ref, rtn_w) / rows)
 
 
 @functools.partial(jax.jit, static_argnames=("meta", "spec"))
@@ -256,7 +255,8 @@ def _rot_errors(w, back, hessian, count, *, meta, spec):
 
 
 def _expert_layer(p: str, st, spec, w, sr, *, sample, rot) -> tuple:
-  """One expert stack's rounding: ``(w_q, scale, report entry, skipped)``.
+  """One expert stack's rounding: ``(w_q, scale, tensor scale, report entry,
+  skipped)``.
 
   ``w`` is the stack as folded: rows scaled by ``sr``, or rotated (``rot`` =
   ``(layout, R, the float stack before R)``; errors in the original domain).
@@ -281,8 +281,8 @@ def _expert_layer(p: str, st, spec, w, sr, *, sample, rot) -> tuple:
       skipped[name] = (f"no calibration row routed to expert {e} was retained: AWQ's "
                        "clip search did not run on it; rounded to nearest (RTN)")
   meta = tuple(st[2:])
-  wq, scale, exact, err, rerr = _round_experts(w_in, w, sr, st.hessian, st.count,
-                                               meta=meta, spec=spec)
+  wq, scale, tscale, exact, err, rerr = _round_experts(
+      w_in, w, sr, st.hessian, st.count, meta=meta, spec=spec)
   if not bool(exact):
     raise ValueError(f"{p}: rounding with its own scales does not reproduce the "
                      f"codes (spec {spec})")
@@ -294,7 +294,7 @@ def _expert_layer(p: str, st, spec, w, sr, *, sample, rot) -> tuple:
   entry.update({"spec": str(spec), "error": err, "rtn_error": rerr,
                 "error_vs_rtn": err / rerr if rerr > 0 else 1.0,
                 "rows": float(jnp.sum(st.count)), **extra})
-  return wq, scale, entry, skipped
+  return wq, scale, tscale, entry, skipped
 
 
 def check_folds(fn, args, kwargs, tree0, tree, applied: list, folds_report: list, *,
@@ -386,8 +386,9 @@ def scaling_ptq(model, params, batches: list, rules, *, method: str, front: str,
   """``ptq_params``'s AWQ/SmoothQuant path (see the module docstring).
 
   Returns:
-    ``(changed, weight_scales, report)``: parameter path -> new value of
-    every folded or quantized parameter, the scales, and the report.
+    ``(changed, weight_scales, weight_tensor_scales, report)``: parameter
+    path -> new value of every folded or quantized parameter, the scales, the
+    tensor scales of two-level specs, and the report.
 
   Raises:
     ValueError: no rows retained, a spec the matrix search cannot take, or a
@@ -448,7 +449,7 @@ def scaling_ptq(model, params, batches: list, rules, *, method: str, front: str,
   check_folds(fn, args, kwargs, tree0, tree, applied, folds_report,
               fold_rtol=fold_rtol, method=method)
 
-  new, scales, layers, skipped = {}, {}, {}, dict(cap.skipped)
+  new, scales, tscales, layers, skipped = {}, {}, {}, {}, dict(cap.skipped)
   clip_skip = re.compile(awq_clip_skip) if awq_clip_skip else None
   for p, st in cap.stats.items():
     spec = cap.sites[p].weight
@@ -457,11 +458,13 @@ def scaling_ptq(model, params, batches: list, rules, *, method: str, front: str,
     clip = method == "awq" and not (clip_skip and clip_skip.fullmatch(layer))
     if st.op == "ragged_dot":   # experts: per expert (clip search on its own rows)
       sr = row_s.get(p, np.ones((st.shape[1],), np.float32))
-      new[p], scale, layers[p], why = _expert_layer(
+      new[p], scale, tscale, layers[p], why = _expert_layer(
           p, st, spec, w, sr, sample=cap.inputs[p] if clip else None, rot=rot.get(p))
       skipped.update(why)
       if scale is not None:
         scales[p] = scale
+      if tscale is not None:
+        tscales[p] = tscale
       if p in row_s or p in rot:
         layers[p]["fold"] = plan.reader_of.get(p)
       else:
@@ -482,17 +485,17 @@ def scaling_ptq(model, params, batches: list, rules, *, method: str, front: str,
       w_in = _from_matrix(res.clipped, meta=tuple(st[2:])).astype(w.dtype)
       entry["clip_mean_ratio"] = float(jnp.mean(res.ratios))
     ones = np.ones((mat.shape[0],), np.float32)
-    wq, scale, exact, err, rerr = _round(w_in, w, ones if sr is None else sr,
-                                         st.hessian, st.count, meta=tuple(st[2:]), spec=spec)
+    wq, scale, tscale, exact, err, rerr = _round(
+        w_in, w, ones if sr is None else sr, st.hessian, st.count, meta=tuple(st[2:]),
+        spec=spec)
     if not bool(exact):
-      from lowbit_jax import _ptq as _ptq_lib  # pylint: disable=g-import-not-at-top
       raise ValueError(f"{p}: rounding with its own scales does not reproduce the "
-                       f"codes (spec {spec})"
-                       + (f": {_ptq_lib.TENSOR_SCALE_INEXACT}"
-                          if spec.tensor_scale else ""))
+                       f"codes (spec {spec})")
     new[p] = wq
     if scale is not None:
       scales[p] = scale
+    if tscale is not None:
+      tscales[p] = tscale
     if p in rot:   # errors in the original domain: R Q(R^T W) against W
       lay, r, pre = rot[p]
       err, rerr = _rot_errors(pre, rotate_param(wq, lay, r.T), st.hessian, st.count,
@@ -513,4 +516,4 @@ def scaling_ptq(model, params, batches: list, rules, *, method: str, front: str,
   changed.update(new)
   report = {"method": method, "layers": layers, "folds": folds_report,
             "skipped": skipped, "seconds": time.perf_counter() - t0}
-  return changed, scales, report
+  return changed, scales, tscales, report

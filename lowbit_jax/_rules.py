@@ -877,38 +877,53 @@ def _quantize_leaf(w: jax.Array, plan: WeightPlan) -> QWeight:
 
 
 @functools.partial(jax.jit, static_argnums=1)
-def _quantize_leaf_scaled(w: jax.Array, plan: WeightPlan, scale) -> QWeight:
+def _quantize_leaf_scaled(w: jax.Array, plan: WeightPlan, scale,
+                          tensor_scale=None) -> QWeight:
   w = _as_op_sees(w, plan)
   if plan.transpose:
-    q = quantize(w.T, _transpose_spec(plan.spec), scale=jnp.transpose(scale))
+    q = quantize(w.T, _transpose_spec(plan.spec), scale=jnp.transpose(scale),
+                 tensor_scale=tensor_scale)
     return as_qweight(q, transposed=True)
-  return as_qweight(quantize(w, plan.spec, scale=scale), transposed=False)
+  return as_qweight(quantize(w, plan.spec, scale=scale, tensor_scale=tensor_scale),
+                    transposed=False)
 
 
-def quantize_weight(w: jax.Array, plan: WeightPlan, scale=None) -> QWeight:
+def quantize_weight(w: jax.Array, plan: WeightPlan, scale=None,
+                    tensor_scale=None) -> QWeight:
   """Quantizes one float weight as ``plan`` says (jitted per shape and plan).
 
   Args:
     w: the float weight, in the layer's layout.
     plan: its WeightPlan.
     scale: a learned (LSQ) scale grid of ``plan.spec`` over ``w`` (the
-      ``weight_scale`` a QAT run trained): the QWeight then holds exactly
-      these scales. None: scales from the weight's amax.
+      ``weight_scale`` a QAT run trained, or a PTQ result's): the QWeight
+      then holds exactly these scales. None: scales from the weight's amax.
+    tensor_scale: with ``scale``, a two-level (NVFP4) spec's float32 tensor
+      scale the block scales were chosen under (a PTQ result's
+      ``weight_tensor_scales``; ``quantize``'s keyword). None: rebuilt from
+      the largest block scale.
   """
   if isinstance(w, QArray):
     raise TypeError("this weight is already quantized")
   if scale is None:
+    if tensor_scale is not None:
+      raise ValueError("a tensor scale is given without the block scales it goes "
+                       "with; pass scale= too (a PTQ result's weight_scales and "
+                       "weight_tensor_scales come together)")
     return _quantize_leaf(w, plan)
   if plan.transpose and jnp.ndim(scale) != 2:
     raise ValueError(f"a K-major weight takes a 2-d scale grid, got shape "
                      f"{jnp.shape(scale)}")
-  return _quantize_leaf_scaled(w, plan, jnp.asarray(scale, jnp.float32))
+  return _quantize_leaf_scaled(
+      w, plan, jnp.asarray(scale, jnp.float32),
+      None if tensor_scale is None else jnp.asarray(tensor_scale, jnp.float32))
 
 
 def quantize_params(params: Any, plan: Mapping[str, WeightPlan], *,
                     donate: bool = False,
                     on_step: Optional[Callable[[str, QWeight], None]] = None,
-                    scales: Optional[Mapping[str, jax.Array]] = None) -> Any:
+                    scales: Optional[Mapping[str, jax.Array]] = None,
+                    tensor_scales: Optional[Mapping[str, jax.Array]] = None) -> Any:
   """Replaces the planned float leaves of ``params`` by QWeights, one at a time.
 
   Only one leaf is in flight at a time, so the peak memory is the float
@@ -927,6 +942,9 @@ def quantize_params(params: Any, plan: Mapping[str, WeightPlan], *,
     scales: ``{parameter path: learned scale grid}`` (QAT with
       ``learn_weight="lsq"``): those leaves are quantized with exactly these
       scales (``quantize(..., scale=)``).
+    tensor_scales: ``{parameter path: float32 tensor scale}`` of two-level
+      (NVFP4) weights in ``scales`` (a PTQ result's ``weight_tensor_scales``):
+      their block scales are stored under exactly that tensor scale.
 
   Returns:
     ``params`` with the planned leaves replaced.
@@ -941,6 +959,11 @@ def quantize_params(params: Any, plan: Mapping[str, WeightPlan], *,
   if extra:
     raise ValueError(f"learned scales for {extra} have no planned weight; plan "
                      "those weights (a rule with a weight spec must match them)")
+  lone = sorted(set(tensor_scales or {}) - set(scales or {}))
+  if lone:
+    raise ValueError(f"tensor scales for {lone} come without their block scales; "
+                     "pass a PTQ result's weight_scales with its "
+                     "weight_tensor_scales (lowbit_jax.real_mode_kwargs)")
   if missing:
     raise ValueError(f"planned weights {missing} are not leaves of params (its "
                      f"leaves include {paths[:6]}); build the plan from the same "
@@ -953,7 +976,8 @@ def quantize_params(params: Any, plan: Mapping[str, WeightPlan], *,
     leaf = leaves[i]
     if isinstance(leaf, QArray):
       raise ValueError(f"{p} is already quantized")
-    q = quantize_weight(leaf, plan[p], None if scales is None else scales.get(p))
+    q = quantize_weight(leaf, plan[p], None if scales is None else scales.get(p),
+                        None if tensor_scales is None else tensor_scales.get(p))
     leaves[i] = q
     if on_step is not None:
       on_step(p, q)

@@ -141,8 +141,9 @@ def test_gptq_lowers_each_experts_error_and_the_starved_expert_falls_back(setup)
   assert not rtn.report["skipped"]
   # The pure per-site function gives the same stack and scales.
   cap = lb.capture_hessians(moe_fn, params, batches, RULES)
-  wq, scale = lb.quantize_site("gptq", params["up"]["kernel"], cap.stats["up/kernel"],
-                               SPEC, path="up/kernel")
+  wq, scale, tscale = lb.quantize_site("gptq", params["up"]["kernel"],
+                                       cap.stats["up/kernel"], SPEC, path="up/kernel")
+  assert tscale is None   # a one-level spec
   np.testing.assert_array_equal(wq, res.params["up"]["kernel"])
   np.testing.assert_array_equal(scale, res.weight_scales["up/kernel"])
   with pytest.raises(ValueError, match=r"rounded by one of \('rtn', 'gptq'\)"):

@@ -42,12 +42,13 @@ from lowbit_jax.algorithms.spinquant import (CayleySGDState, SpinQuantConfig,
                                              cayley_sgd, cayley_step, next_token_loss,
                                              orthogonality_error, spinquant_model)
 from lowbit_jax.algorithms.rtn import (hessian_error, kernel_spec, output_error, rtn,
-                                       rtn_scale, sqnr_db)
+                                       rtn_scale, rtn_scales, sqnr_db)
 from lowbit_jax.algorithms.smoothquant import (smooth_inputs, smooth_weights,
                                                smoothquant_scales)
 
 __all__ = [
-    "rtn", "rtn_scale", "kernel_spec", "sqnr_db", "output_error", "hessian_error",
+    "rtn", "rtn_scale", "rtn_scales", "kernel_spec", "sqnr_db", "output_error",
+    "hessian_error",
     "gptq", "GPTQResult", "gram",
     "awq_search", "awq_scales", "AWQResult", "awq_clip_search", "AWQClipResult",
     "clip_ratios",

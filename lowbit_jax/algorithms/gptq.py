@@ -35,6 +35,7 @@ from jax import lax
 
 from lowbit_jax.algorithms.rtn import SpecLike, check_kernel, kernel_spec
 from lowbit_jax.core import QuantSpec, fake_quant
+from lowbit_jax.core._quantize import check_static_range
 from lowbit_jax.core._qarray import block_shape
 from lowbit_jax.formats import LookupFormat
 
@@ -50,14 +51,18 @@ class GPTQResult(NamedTuple):
       spec's scale grid ``[ceil(K / bk), ceil(N / bn)]`` (the block maximum
       for asymmetric specs, else the block absmax).
     amin: the block minimum (asymmetric specs), else None.
+    tensor_amax: a two-level spec's (NVFP4's) tensor range, the one its
+      float32 tensor scale was taken from (a scalar), else None.
 
-  ``quantize(weight, spec, amax=amax, amin=amin)`` stores exactly these
-  values (a plain ``quantize(weight, spec)`` may not: a group's final values
-  need not reach the range its scale was chosen for).
+  ``quantize(weight, spec, amax=amax, amin=amin, tensor_amax=tensor_amax)``
+  stores exactly these values (a plain ``quantize(weight, spec)`` may not: a
+  group's final values need not reach the range its scale was chosen for,
+  and GPTQ's updated groups need not reach the tensor's range).
   """
   weight: jax.Array
   amax: jax.Array
   amin: Optional[jax.Array]
+  tensor_amax: Optional[jax.Array] = None
 
 
 def _check_spec(spec: QuantSpec) -> None:
@@ -104,7 +109,8 @@ def _inverse_cholesky(h: jax.Array, damp: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "blocksize", "act_order"))
-def _gptq(w, h, percdamp, *, spec: QuantSpec, blocksize: int, act_order: bool):
+def _gptq(w, h, percdamp, tensor_amax, *, spec: QuantSpec, blocksize: int,
+          act_order: bool):
   k, n = w.shape
   bk, bn = block_shape(spec, (k, n))
   b = _row_block(bk, blocksize)
@@ -121,7 +127,10 @@ def _gptq(w, h, percdamp, *, spec: QuantSpec, blocksize: int, act_order: bool):
   dead = diag <= 0
   hp = hp + jnp.diag(jnp.where(dead, 1.0, 0.0))
   damp = percdamp * jnp.mean(jnp.diagonal(hp)[:k])
-  t_amax = jnp.max(jnp.abs(wp)) if tensor_scale else None
+  t_amax = None
+  if tensor_scale:
+    t_amax = (jnp.max(jnp.abs(wp)) if tensor_amax is None
+              else jnp.asarray(tensor_amax, jnp.float32))
 
   def stats(rows):
     """Per-column range of a group's rows, reduced over column blocks of bn."""
@@ -232,11 +241,13 @@ def _gptq(w, h, percdamp, *, spec: QuantSpec, blocksize: int, act_order: bool):
     grid_hi, grid_lo = g_hi, g_lo
   n_gk, n_gn = -(-k // bk), -(-n // bn)
   amin = None if grid_lo is None else grid_lo[:n_gk, :n_gn]
-  return GPTQResult(wq[:k, :n].astype(w.dtype), grid_hi[:n_gk, :n_gn], amin)
+  return GPTQResult(wq[:k, :n].astype(w.dtype), grid_hi[:n_gk, :n_gn], amin,
+                    t_amax)
 
 
 def gptq(w: jax.Array, hessian: jax.Array, spec: SpecLike, *, blocksize: int = 128,
-         percdamp: float = 0.01, act_order: bool = False) -> GPTQResult:
+         percdamp: float = 0.01, act_order: bool = False,
+         tensor_amax: Optional[jax.Array] = None) -> GPTQResult:
   """Quantizes a Dense kernel with GPTQ (Frantar et al. 2023).
 
   Args:
@@ -252,9 +263,13 @@ def gptq(w: jax.Array, hessian: jax.Array, spec: SpecLike, *, blocksize: int = 1
       (times 10, at least to 1e-3, up to 8 times) if the damped Hessian is not
       numerically positive definite.
     act_order: visit inputs in descending ``diag(H)`` order (static groups).
+    tensor_amax: a two-level spec's (NVFP4's) tensor range, a positive
+      scalar: the tensor scale every block is stored under, and the cap of
+      every group's range. Default: ``max|w|``. An expert stack quantized as
+      one tensor passes the stack's, so its experts share one tensor scale.
 
   Returns:
-    ``GPTQResult(weight, amax, amin)``.
+    ``GPTQResult(weight, amax, amin, tensor_amax)``.
 
   Raises:
     ValueError: shapes disagree, the spec does not fit ``w`` (axis not a
@@ -273,14 +288,23 @@ def gptq(w: jax.Array, hessian: jax.Array, spec: SpecLike, *, blocksize: int = 1
     raise ValueError(f"percdamp must be >= 0 (e.g. 0.01), got {percdamp!r}")
   spec = kernel_spec(spec)
   _check_spec(spec)
+  if tensor_amax is not None:
+    if not spec.tensor_scale:
+      raise ValueError(f"tensor_amax is the tensor range of a two-level format "
+                       f"(NVFP4); {spec.format.name!r} has none: drop it")
+    check_static_range(None, tensor_amax=tensor_amax)
+    if jnp.ndim(tensor_amax) != 0:
+      raise ValueError(f"tensor_amax must be a scalar, got shape "
+                       f"{jnp.shape(tensor_amax)}")
   bk, bn = block_shape(spec, (k, n))
   if (k % bk or n % bn) and not spec.pad:
     ax, d, bsz = (0, k, bk) if k % bk else (1, n, bn)
     raise ValueError(f"kernel axis {ax} has length {d}, not a multiple of the block "
                      f"size {bsz}; pass pad=True in the spec or choose a group size "
                      f"that divides {d}")
-  return _gptq(w, hessian, jnp.float32(percdamp), spec=spec, blocksize=blocksize,
-               act_order=bool(act_order))
+  return _gptq(w, hessian, jnp.float32(percdamp),
+               None if tensor_amax is None else jnp.asarray(tensor_amax, jnp.float32),
+               spec=spec, blocksize=blocksize, act_order=bool(act_order))
 
 
 def gram(x: jax.Array, weights: Optional[jax.Array] = None) -> jax.Array:

@@ -153,7 +153,8 @@ def as_kernels(weights) -> tuple:
   return ws
 
 
-def rtn_scale(w: jax.Array, spec: SpecLike) -> jax.Array:
+def rtn_scale(w: jax.Array, spec: SpecLike,
+              tensor_amax: Optional[jax.Array] = None) -> jax.Array:
   """The scale grid RTN rounds a kernel with, as ``quantize(..., scale=)`` takes it.
 
   ``fake_quant(w, spec, scale=rtn_scale(w, spec))`` equals ``rtn(w, spec)``,
@@ -162,14 +163,33 @@ def rtn_scale(w: jax.Array, spec: SpecLike) -> jax.Array:
   For most specs this is ``init_scale(w, spec, "amax")``; power-of-two (E8M0,
   OCP MX) scales follow the format's own rule ``2**(floor(log2 amax) -
   emax)``, which ``amax / element max`` rounded down to a power of two is not,
-  so their stored exponents are decoded instead.
+  so their stored exponents are decoded instead. Two-level (NVFP4) specs:
+  each block's stored E4M3 scale times the tensor scale, to be stored under
+  that same tensor scale (``rtn_scales``).
 
   Args:
     w: float kernel ``[K, N]``.
     spec: weight QuantSpec or format name (unset axis: K).
+    tensor_amax: two-level specs: the tensor range (``quantize``'s
+      keyword; GPTQ's ``GPTQResult.tensor_amax``), default ``w``'s own.
 
   Returns:
     float32 scales shaped ``scale_shape(w.shape, spec)``.
+  """
+  return rtn_scales(w, spec, tensor_amax)[0]
+
+
+def rtn_scales(w: jax.Array, spec: SpecLike,
+               tensor_amax: Optional[jax.Array] = None) -> tuple:
+  """``(rtn_scale(w, spec), tensor scale)``: the tensor scale is the float32
+  one a two-level (NVFP4) spec stores ``w`` under, None for other specs.
+
+  ``quantize(w, spec, scale=s, tensor_scale=t)`` with ``s, t = rtn_scales(w,
+  spec)`` stores ``rtn(w, spec)`` exactly. Without ``tensor_scale`` it is
+  rebuilt from the largest block scale, ``max(s) / 448``, which can land an
+  ulp off ``t`` (``fl(fl(448 t) / 448)`` is not always ``t``), and for a
+  GPTQ result, whose groups need not reach the tensor's range, far off it.
+  ``tensor_amax`` as ``rtn_scale``'s.
   """
   spec = kernel_spec(spec)
   if spec.scale_dtype == "e8m0":
@@ -184,14 +204,15 @@ def rtn_scale(w: jax.Array, spec: SpecLike) -> jax.Array:
     code = q.scale.astype(jnp.uint32)
     bits = jnp.where(code == 0, jnp.uint32(0x00400000), code << 23)
     bits = jnp.where(code == 255, jnp.uint32(0x7FC00000), bits)
-    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32), None
   if spec.tensor_scale:
     # Two levels (NVFP4): the block scales RTN stored (E4M3) times the tensor
-    # scale. quantize(..., scale=) rebuilds the tensor scale from their
-    # largest, whose E4M3 code is the format's top (the block holding the
-    # tensor's amax), so each block's E4M3 code comes back; the raw
-    # amax / element-max per block (init_scale) rounds to other codes under a
-    # tensor scale an ulp away.
-    q = quantize(w, spec)
-    return q.scale.astype(jnp.float32) * q.tensor_scale
-  return init_scale(w, spec, "amax")
+    # scale, so that under that tensor scale each block's E4M3 code comes
+    # back; the raw amax / element-max per block (init_scale) rounds to
+    # other codes under a tensor scale an ulp away.
+    q = quantize(w, spec, tensor_amax=tensor_amax)
+    return q.scale.astype(jnp.float32) * q.tensor_scale, q.tensor_scale
+  if tensor_amax is not None:
+    raise ValueError(f"tensor_amax is the tensor range of a two-level format "
+                     f"(NVFP4); {spec.format.name!r} has none: drop it")
+  return init_scale(w, spec, "amax"), None

@@ -931,8 +931,12 @@ def _grid_bounds(spec: QuantSpec) -> tuple:
   return -float(fmt.max), float(fmt.max)
 
 
-def _grid_scaled(xf, xb, red, spec: QuantSpec, bs, noise, scale, zero_point):
+def _grid_scaled(xf, xb, red, spec: QuantSpec, bs, noise, scale, zero_point,
+                 tensor_scale=None):
   """``_grid`` with a given (learned) scale per block (LSQ / LSQ+).
+
+  A two-level spec's float32 tensor scale is ``tensor_scale`` where given,
+  else rebuilt from the largest block scale (``max(scale) / 448``).
 
   Returns ``_grid``'s tuple plus ``dxds``: the derivative of each output value
   with respect to its block's effective scale (Esser et al. 2019, eq. 3):
@@ -961,10 +965,13 @@ def _grid_scaled(xf, xb, red, spec: QuantSpec, bs, noise, scale, zero_point):
     y = _div(xb, jnp.expand_dims(s_safe, red)) + jnp.expand_dims(zp, red)
   elif spec.tensor_scale:
     smax = _E4M3.max if spec.scale_dtype == "fp8_e4m3" else 1.0
-    s_fin = jnp.where(bad, 0.0, s_in)
-    s_top = jnp.max(s_fin)
-    t = _clamp_scale(_div(s_top, np.float32(smax)), "float32")
-    t = jnp.where(s_top > 0, t, np.float32(1.0))
+    if tensor_scale is not None:
+      t = jnp.asarray(tensor_scale, jnp.float32)
+    else:
+      s_fin = jnp.where(bad, 0.0, s_in)
+      s_top = jnp.max(s_fin)
+      t = _clamp_scale(_div(s_top, np.float32(smax)), "float32")
+      t = jnp.where(s_top > 0, t, np.float32(1.0))
     tscale = t
     # On tn = t / 2**p, as in _grid: t * s and 1 / (t * s) stay normal.
     tn, p_down, p_up = _split_pow2(t)
@@ -1024,14 +1031,14 @@ def _pact_mask(xf, alpha_full, symmetric: bool):
 
 
 def _grid_any(xp, spec, bs, valid, key, amax, amin, tensor_amax, scale, zero_point,
-              clip, for_codes=False):
+              clip, for_codes=False, tensor_scale=None):
   """``_grid`` for every keyword: (q, total, stored scale, zero point, tensor
   scale, clipped mask, dxds or None)."""
   if scale is not None:
     noise = _noise_for(spec, key, xp.shape)
     xf = xp.astype(jnp.float32)
     return _grid_scaled(xf, _to_blocks(xf, bs), _red_axes(xf.ndim), spec, bs, noise,
-                        scale, zero_point)
+                        scale, zero_point, tensor_scale)
   if clip is not None:
     grid = tuple(d // b for d, b in zip(xp.shape, bs))
     alpha = jnp.broadcast_to(jnp.asarray(clip, jnp.float32), grid)
@@ -1145,9 +1152,6 @@ def _check_tensor_amax(spec: QuantSpec, amax, tensor_amax, amin=None) -> None:
     raise ValueError(f"tensor_amax sets the per-tensor scale of a two-level block "
                      f"format (NVFP4); {spec.format.name!r} has none. Pass amax= "
                      "for a static range instead")
-  if amax is not None:
-    raise ValueError("give amax (a static range for every block) or tensor_amax "
-                     "(a static tensor scale over dynamic block scales), not both")
   if jnp.ndim(tensor_amax) != 0:
     raise ValueError(f"tensor_amax must be a scalar, got shape "
                      f"{jnp.shape(tensor_amax)}")
@@ -1220,9 +1224,10 @@ def _check_empty(x, what: str) -> None:
 
 
 def _check_learned(spec: QuantSpec, x_shape, amax, amin, tensor_amax, scale,
-                   zero_point, clip):
-  """Validates the learned-range keywords; returns (scale, zero_point, clip) as
-  float32 arrays (or None)."""
+                   zero_point, clip, tensor_scale=None):
+  """Validates the learned-range keywords; returns (scale, zero_point, clip,
+  tensor_scale) as float32 arrays (or None)."""
+  tensor_scale = _check_tensor_scale(spec, scale, tensor_scale)
   if scale is not None and (amax is not None or amin is not None
                             or tensor_amax is not None or clip is not None):
     raise ValueError("scale sets the quantization step directly; it cannot be "
@@ -1241,7 +1246,7 @@ def _check_learned(spec: QuantSpec, x_shape, amax, amin, tensor_amax, scale,
                        "here is symmetric (use e.g. 'uint8' or symmetric=False)")
   if scale is None and clip is None:
     _check_range_shapes(spec, x_shape, amax, amin)
-    return None, None, None
+    return None, None, None, None
   grid = scale_shape(x_shape, spec)
   out = []
   for name, v in (("scale", scale), ("zero_point", zero_point), ("clip", clip)):
@@ -1261,14 +1266,41 @@ def _check_learned(spec: QuantSpec, x_shape, amax, amin, tensor_amax, scale,
                        f"{tuple(x_shape)} under this spec; pass an array of shape "
                        f"{grid} (lowbit_jax.scale_shape(x.shape, spec))")
     out.append(v)
-  return tuple(out)
+  return tuple(out) + (tensor_scale,)
+
+
+def _check_tensor_scale(spec: QuantSpec, scale, tensor_scale):
+  """Validates ``tensor_scale=`` (with ``scale=``, two-level specs, a positive
+  finite scalar where concrete); returns it as a float32 array, or None."""
+  if tensor_scale is None:
+    return None
+  if not spec.tensor_scale:
+    raise ValueError(f"tensor_scale fixes the per-tensor scale of a two-level block "
+                     f"format (NVFP4); {spec.format.name!r} has none: drop it")
+  if scale is None:
+    raise ValueError("tensor_scale fixes the tensor scale under given block scales: "
+                     "pass scale= with it (for a static tensor range over dynamic "
+                     "block scales, pass tensor_amax= instead)")
+  t = jnp.asarray(tensor_scale)
+  if t.ndim != 0:
+    raise ValueError(f"tensor_scale must be a scalar, got shape {t.shape}")
+  if not jnp.issubdtype(t.dtype, jnp.floating):
+    t = t.astype(jnp.float32)
+  if not isinstance(t, jax.core.Tracer):
+    v = float(t)
+    if not (np.isfinite(v) and v >= np.finfo(np.float32).tiny):
+      raise ValueError(f"tensor_scale must be a positive finite float32 normal "
+                       f"number, got {v!r}; pass the tensor scale the block scales "
+                       "were chosen under (QArray.tensor_scale, algorithms.rtn_scales)")
+  return t.astype(jnp.float32)
 
 
 def quantize(x: jax.Array, spec=None, *, key: Optional[jax.Array] = None,
              amax: Optional[jax.Array] = None, amin: Optional[jax.Array] = None,
              tensor_amax: Optional[jax.Array] = None,
              scale: Optional[jax.Array] = None, clip: Optional[jax.Array] = None,
-             zero_point: Optional[jax.Array] = None, **spec_kwargs) -> QArray:
+             zero_point: Optional[jax.Array] = None,
+             tensor_scale: Optional[jax.Array] = None, **spec_kwargs) -> QArray:
   """Quantizes ``x`` to a packed QArray.
 
   Args:
@@ -1284,13 +1316,24 @@ def quantize(x: jax.Array, spec=None, *, key: Optional[jax.Array] = None,
       still comes from the block's own amax (the two-level recipe: static
       global scale from calibration, dynamic block scales). A scalar. Under
       ``shard_map`` it also makes shards agree, e.g.
-      ``tensor_amax=lax.pmax(jnp.max(jnp.abs(x)), "data")``.
+      ``tensor_amax=lax.pmax(jnp.max(jnp.abs(x)), "data")``. With ``amax``
+      too, the blocks take those static ranges under this tensor range
+      (without it: under the largest ``amax``), as GPTQ rounds a two-level
+      spec (``GPTQResult.tensor_amax``).
     scale: an explicit (e.g. learned, LSQ) scale per block, shaped like
       ``scale_shape(x.shape, spec)`` or broadcastable to it; stored rounded to
       the spec's scale dtype (see ``fake_quant``).
     clip: a PACT clipping level per block (see ``fake_quant``).
     zero_point: with ``scale``, an asymmetric spec's zero point (rounded to the
       grid, see ``fake_quant``).
+    tensor_scale: with ``scale``, for formats with a tensor scale (NVFP4): the
+      float32 tensor scale itself (a positive scalar, as ``QArray.tensor_scale``
+      holds it), under which each block's ``scale`` is stored as
+      ``e4m3(scale / tensor_scale)``. Without it the tensor scale is rebuilt
+      as ``max(scale) / 448``, which for a scale grid another quantizer chose
+      under its own tensor scale (GPTQ, whose blocks may miss the top E4M3
+      code) can differ from it, so the stored codes would not reproduce that
+      quantizer's values; PTQ results carry it (``algorithms.rtn_scales``).
 
   Returns:
     QArray whose ``dequantize()`` equals ``fake_quant(x, spec)`` called with
@@ -1310,22 +1353,22 @@ def quantize(x: jax.Array, spec=None, *, key: Optional[jax.Array] = None,
                 zero_point=zero_point):
     from lowbit_jax.kernels import gpu_quantize  # pylint: disable=g-import-not-at-top
     return gpu_quantize.quantize(x, spec, tensor_amax=tensor_amax)
-  scale, zero_point, clip = _check_learned(spec, x.shape, amax, amin, tensor_amax,
-                                           scale, zero_point, clip)
+  scale, zero_point, clip, tensor_scale = _check_learned(
+      spec, x.shape, amax, amin, tensor_amax, scale, zero_point, clip, tensor_scale)
   # One jit per (spec, shape): run eagerly, the dozens of small ops would each
   # compile on first use (seconds for a new shape); inside a trace it inlines.
   return _quantize_jit(x, spec, key, amax, amin, tensor_amax, scale, zero_point,
-                       clip)
+                       clip, tensor_scale)
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
 def _quantize_jit(x, spec, key, amax, amin, tensor_amax, scale=None, zero_point=None,
-                  clip=None):
+                  clip=None, tensor_scale=None):
   shape, dtype = tuple(x.shape), x.dtype
   xp, spec, bs, valid, pa = _prepare(x, spec)
   q, total, s_stored, zp, tscale, _, _ = _grid_any(
       xp, spec, bs, valid, key, amax, amin, tensor_amax, scale, zero_point, clip,
-      for_codes=True)
+      for_codes=True, tensor_scale=tensor_scale)
   del total
   fmt = spec.storage_format
   codes = _cast.encode_grid(q, fmt)
@@ -1625,11 +1668,12 @@ def _block_sum(v: jax.Array, bs: tuple) -> jax.Array:
   return jnp.sum(_to_blocks(v, bs), axis=_red_axes(v.ndim), dtype=jnp.float32)
 
 
-def _learned_impl(x, spec, key, scale, zero_point, clip):
+def _learned_impl(x, spec, key, scale, zero_point, clip, tensor_scale=None):
   shape, dtype = x.shape, x.dtype
   xp, spec, bs, valid, _ = _prepare(x, spec)
   q, total, _, zp, _, clipped, dxds = _grid_any(
-      xp, spec, bs, valid, key, None, None, None, scale, zero_point, clip)
+      xp, spec, bs, valid, key, None, None, None, scale, zero_point, clip,
+      tensor_scale=tensor_scale)
   out = _values(q, total, zp, bs, xp.shape, clip=_fq_clip(dtype))
   sl = tuple(slice(0, d) for d in shape)
   # The LSQ factor is saved in x's dtype (float32 for wider ones): it is a
@@ -1640,19 +1684,21 @@ def _learned_impl(x, spec, key, scale, zero_point, clip):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _fake_quant_learned(x, spec, key, scale, zero_point, clip):
-  return _learned_impl(x, spec, key, scale, zero_point, clip)[0]
+def _fake_quant_learned(x, spec, key, scale, zero_point, clip, tensor_scale):
+  return _learned_impl(x, spec, key, scale, zero_point, clip, tensor_scale)[0]
 
 
-def _fql_fwd(x, spec, key, scale, zero_point, clip):
-  y, (clipped, dxds, total) = _learned_impl(x, spec, key, scale, zero_point, clip)
+def _fql_fwd(x, spec, key, scale, zero_point, clip, tensor_scale):
+  y, (clipped, dxds, total) = _learned_impl(x, spec, key, scale, zero_point, clip,
+                                            tensor_scale)
   res = (clipped, dxds, total if zero_point is not None else None,
-         x if clip is not None else None, key, scale, zero_point, clip)
+         x if clip is not None else None, key, scale, zero_point, clip,
+         tensor_scale)
   return y, res
 
 
 def _fql_bwd(spec, res, g):
-  clipped, dxds, total, x, key, scale, zero_point, clip = res
+  clipped, dxds, total, x, key, scale, zero_point, clip, tensor_scale = res
   shape = g.shape
   ax = normalize_axis(spec.axis, len(shape))
   bs = block_shape(spec if ax == spec.axis else spec.replace(axis=ax), clipped.shape)
@@ -1679,7 +1725,10 @@ def _fql_bwd(spec, res, g):
     else:
       d_alpha = jnp.where(clipped & (xf > 0), 1.0, 0.0)
     g_clip = _sum_to(_block_sum(gf * d_alpha, bs), clip.shape).astype(clip.dtype)
-  return gx, _key_ct(key), g_scale, g_zp, g_clip
+  # A given tensor scale is a constant of the grid (no gradient), as a
+  # static range is.
+  g_t = None if tensor_scale is None else jnp.zeros_like(tensor_scale)
+  return gx, _key_ct(key), g_scale, g_zp, g_clip, g_t
 
 
 _fake_quant_learned.defvjp(_fql_fwd, _fql_bwd)
@@ -1696,6 +1745,7 @@ def fake_quant(x: jax.Array, spec=None, *, key: Optional[jax.Array] = None,
                tensor_amax: Optional[jax.Array] = None,
                scale: Optional[jax.Array] = None, clip: Optional[jax.Array] = None,
                zero_point: Optional[jax.Array] = None,
+               tensor_scale: Optional[jax.Array] = None,
                **spec_kwargs) -> jax.Array:
   """Quantize-dequantize with a straight-through, LSQ or PACT gradient.
 
@@ -1723,7 +1773,8 @@ def fake_quant(x: jax.Array, spec=None, *, key: Optional[jax.Array] = None,
   the float32 tensor scale ``t = max(scale) / 448`` (1 if that is 0) and E4M3
   block scales ``e4m3(clamp(scale / t, 2**-6, 448))``, so the largest block
   scale is stored exactly; the LSQ gradient treats ``t * block`` as the
-  scale.
+  scale. ``tensor_scale=t`` fixes that tensor scale instead (a constant: no
+  gradient), as ``quantize`` takes it.
 
   LSQ+ (Bhalgat et al. 2020): for asymmetric integer specs, ``zero_point`` is
   a learned float offset in grid units; the forward uses it rounded and
@@ -1756,6 +1807,8 @@ def fake_quant(x: jax.Array, spec=None, *, key: Optional[jax.Array] = None,
     clip: PACT clipping level alpha, a scalar or broadcastable to the scale
       grid. Not with amax/amin/tensor_amax.
     zero_point: LSQ+ zero point (asymmetric specs, with ``scale``).
+    tensor_scale: with ``scale``, a two-level (NVFP4) spec's float32 tensor
+      scale, as ``quantize``.
 
   Returns:
     An array of x's shape and dtype.
@@ -1771,11 +1824,11 @@ def fake_quant(x: jax.Array, spec=None, *, key: Optional[jax.Array] = None,
   key = _as_key(key)
   if x.size == 0 and x.ndim > 0 and jnp.issubdtype(x.dtype, jnp.floating):
     return x  # nothing to quantize: an empty array is its own fake quantization
-  scale, zero_point, clip = _check_learned(spec, x.shape, amax, amin, tensor_amax,
-                                           scale, zero_point, clip)
+  scale, zero_point, clip, tensor_scale = _check_learned(
+      spec, x.shape, amax, amin, tensor_amax, scale, zero_point, clip, tensor_scale)
   if scale is None and clip is None:
     return _fake_quant(x, spec, key, amax, amin, tensor_amax)
-  return _fake_quant_learned(x, spec, key, scale, zero_point, clip)
+  return _fake_quant_learned(x, spec, key, scale, zero_point, clip, tensor_scale)
 
 
 def init_scale(x: jax.Array, spec=None, method: str = "lsq", **spec_kwargs) -> jax.Array:

@@ -669,9 +669,10 @@ class LinenQuantizer:
     """
     plan = self.plan(model, variables, *args, **kwargs)
     out = dict(variables)
-    scales, rest = _split_weight_scales(variables.get(SCALES), plan)
+    scales, tensor, rest = _split_weight_scales(variables.get(SCALES), plan)
     out["params"] = _rules.quantize_params(variables["params"], plan, donate=donate,
-                                           on_step=on_step, scales=scales)
+                                           on_step=on_step, scales=scales,
+                                           tensor_scales=tensor)
     if SCALES in variables:
       out[SCALES] = rest
     return out
@@ -916,16 +917,18 @@ def _plain(tree):
 
 
 def _split_weight_scales(scales, plan: dict):
-  """(``{weight path: learned scale}`` of planned weights, the other scales).
+  """(``{weight path: learned scale}`` and ``{weight path: tensor scale}`` of
+  planned weights, the other scales).
 
-  A learned ``weight_scale`` of a planned kernel goes into its QWeight (so it
-  leaves ``quant_scales``); the rest (activation scales, clips, weight scales
+  A learned (or PTQ) ``weight_scale`` of a planned kernel, and a two-level
+  spec's ``weight_tensor_scale`` beside it, go into its QWeight (so they
+  leave ``quant_scales``); the rest (activation scales, clips, weight scales
   of kernels that stay float) stays.
   """
   if scales is None:
-    return None, None
+    return None, None, None
   rest = _plain(scales)
-  found = {}
+  found, tensor = {}, {}
   for wpath in plan:
     parts = wpath.split("/")[:-1]
     node = rest
@@ -935,7 +938,9 @@ def _split_weight_scales(scales, plan: dict):
         break
     if isinstance(node, dict) and "weight_scale" in node:
       found[wpath] = node.pop("weight_scale")
-  return found, rest
+    if isinstance(node, dict) and "weight_tensor_scale" in node:
+      tensor[wpath] = node.pop("weight_tensor_scale")
+  return found, tensor, rest
 
 
 def quantize_linen(rules, mode: str = "fake", *, strict: bool = False,

@@ -448,7 +448,8 @@ def quantize_nnx(model: nnx.Module, rules, mode: str = "fake", *, strict: bool =
                  use_kernel: str = "auto", donate: bool = False,
                  on_step: Optional[Callable] = None, rngs=None,
                  metrics: bool = False,
-                 weight_scales: Optional[Mapping[str, jax.Array]] = None
+                 weight_scales: Optional[Mapping[str, jax.Array]] = None,
+                 weight_tensor_scales: Optional[Mapping[str, jax.Array]] = None
                  ) -> nnx.Module:
   """Returns ``model`` with its matched layers running quantized ops.
 
@@ -481,6 +482,10 @@ def quantize_nnx(model: nnx.Module, rules, mode: str = "fake", *, strict: bool =
       rounded those kernels with (``lowbit_jax.ptq_params``'s
       ``weight_scales``); each is stored with exactly that scale, so the codes
       equal the PTQ result's.
+    weight_tensor_scales: real mode, with ``weight_scales``: ``{kernel path:
+      float32 tensor scale}`` of two-level (NVFP4) kernels (a PTQ result's
+      ``weight_tensor_scales``); their block scales are stored under exactly
+      that tensor scale (``lowbit_jax.real_mode_kwargs`` gives both).
 
   QAT and low-bit training: rules that learn scales give their QuantOps
   ``QuantScale`` Params (``weight_scale``, ``act_scale``, ``act_clip``), None
@@ -502,6 +507,11 @@ def quantize_nnx(model: nnx.Module, rules, mode: str = "fake", *, strict: bool =
   _rules.check_use_kernel(use_kernel)
   config = _rules.as_config(rules, strict)
   stream_in = _rng_stream(rngs)
+  lone = sorted(set(weight_tensor_scales or {}) - set(weight_scales or {}))
+  if lone:
+    raise ValueError(f"weight_tensor_scales for {lone} come without their "
+                     "weight_scales; pass both from the PTQ result "
+                     "(lowbit_jax.real_mode_kwargs(result, 'nnx'))")
 
   def fn(path, node):
     if not isinstance(node, nnx.Module) or isinstance(node, QuantOp):
@@ -543,8 +553,10 @@ def quantize_nnx(model: nnx.Module, rules, mode: str = "fake", *, strict: bool =
       learned = ws.get_value() if isinstance(ws, QuantScale) else None
     stream = stream_in if stream_in is not None else (
         old_op.rngs if old_op is not None else None)
+    tensor = None
     if mode == "real" and weight_scales is not None and wpath in weight_scales:
       learned = weight_scales[wpath]
+      tensor = (weight_tensor_scales or {}).get(wpath)
     qop = QuantOp(site, old_stats, old_op, stream, metrics)
     setattr(node, hook, nnx.data(qop))
     if op == "dot_general" and hasattr(node, "dot_general_cls"):
@@ -557,7 +569,8 @@ def quantize_nnx(model: nnx.Module, rules, mode: str = "fake", *, strict: bool =
       var = node.kernel
       w = var.get_value()
       if not isinstance(w, QArray):
-        q = _rules.quantize_weight(w, _plan(node, op, rule.weight_spec, p), learned)
+        q = _rules.quantize_weight(w, _plan(node, op, rule.weight_spec, p), learned,
+                                   tensor)
         var.set_value(q)
         if learned is not None and hasattr(qop, "weight_scale"):  # now in the QWeight
           del qop.weight_scale

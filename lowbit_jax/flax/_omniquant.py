@@ -40,7 +40,7 @@ import numpy as np
 
 from lowbit_jax._rules import QuantRule
 from lowbit_jax.algorithms.omniquant import LETGroup, OmniQuantOptions, omniquant_block
-from lowbit_jax.algorithms.rtn import rtn, rtn_scale, sqnr_db
+from lowbit_jax.algorithms.rtn import rtn, rtn_scales, sqnr_db
 from lowbit_jax.flax._capture import capture_dense_stats, layer_path, split_batch
 from lowbit_jax.algorithms._tree import with_leaves
 
@@ -261,7 +261,9 @@ def run(model, cur, calib_batches, weight_spec, aspec, *, layers: str,
     x_fp = (y_fp,) + tuple(x_fp[1:])
     for rel, spec in bspecs.items():
       full = f"{b}/{rel}"
-      weight_scales[full] = res.scales[rel]
+      # Learned scales: the tensor scale of a two-level spec is rebuilt from
+      # them as the learning defined it (quantize(..., scale=) alone).
+      weight_scales[full] = (res.scales[rel], None)
       wf = node_at(res.folded, rel)["kernel"]
       report_layers[full] = {
           "spec": ptq_lib._spec_name(spec), "transform": "omniquant",  # pylint: disable=protected-access
@@ -281,18 +283,17 @@ def run(model, cur, calib_batches, weight_spec, aspec, *, layers: str,
         report_layers[p] = {"spec": None, "transform": "none", "fold": "none"}
       continue
     w = node_at(cur, p)["kernel"]
-    s = rtn_scale(w, spec)
     wq = rtn(w, spec)
     cur = with_leaves(cur, p, kernel=wq.astype(w.dtype))
-    weight_scales[p] = s
+    weight_scales[p] = rtn_scales(w, spec)
     report_layers[p] = {"spec": ptq_lib._spec_name(spec), "transform": "none",  # pylint: disable=protected-access
                         "fold": "none", "weight_sqnr_db": sqnr_db(w, wq)}
   report = {"method": "omniquant", "quantizer": "omniquant", "layers": report_layers,
             "folds": folds, "blocks": blocks_report, "capture_seconds": capture_seconds,
             "omniquant": {"lwc": opts.lwc, "let": use_let, "steps": opts.steps},
             "total_seconds": time.perf_counter() - t_start,
-            "quant_scales": _ptq_linen._nest({f"{p}/weight_scale": v  # pylint: disable=protected-access
-                                           for p, v in weight_scales.items()})}
+            "quant_scales": _ptq_linen._nest(  # pylint: disable=protected-access
+                _ptq_linen._scale_entries(weight_scales))}  # pylint: disable=protected-access
   return cur, report
 
 

@@ -59,9 +59,9 @@ from lowbit_jax.algorithms._tree import with_leaves
 from lowbit_jax.algorithms.awq import awq_clip_search, awq_scales, awq_search
 from lowbit_jax.algorithms.gptq import gptq
 from lowbit_jax.algorithms.rotation import random_hadamard
-from lowbit_jax.algorithms.rtn import rtn, rtn_scale, sqnr_db
+from lowbit_jax.algorithms.rtn import rtn, rtn_scales, sqnr_db
 from lowbit_jax.algorithms.smoothquant import smoothquant_scales
-from lowbit_jax.core import QuantSpec, init_scale
+from lowbit_jax.core import QuantSpec
 from lowbit_jax.flax._capture import (Capture, DenseStats, ExpertStats,
                                      capture_dense_stats, conv_matrix, conv_unmatrix,
                                      split_batch)
@@ -314,8 +314,7 @@ def linen_ptq(model: nn.Module, cur: dict, calib_batches: list, method: str,
 
   return cur, {"method": method, "quantizer": quantizer, "layers": report_layers,
                "folds": folds, "capture_seconds": capture_seconds,
-               "quant_scales": _nest({f"{p}/weight_scale": v
-                                      for p, v in weight_scales.items()})}
+               "quant_scales": _nest(_scale_entries(weight_scales))}
 
 
 def _fold_why(params, producer, members: list, experts: list, diagonal: bool, key,
@@ -373,7 +372,8 @@ def _quantize_dense(path: str, w: jax.Array, st: DenseStats, spec: Optional[Quan
   regex of paths it skips).
 
   Returns:
-    ``(new kernel, report entry, scale grid or None)``.
+    ``(new kernel, report entry, (scale grid, tensor scale) or None)`` (the
+    tensor scale: two-level specs, else None; ``rtn_scales``).
   """
   t1 = time.perf_counter()
   simulated = status == "simulated"
@@ -384,14 +384,15 @@ def _quantize_dense(path: str, w: jax.Array, st: DenseStats, spec: Optional[Quan
     w_q = w_in
   else:
     w_in, clip_entry = _awq_clip(*clip, path, st, w_in, spec)
+    t_amax = None
     if quantizer == "gptq":
       res = gptq(w_in, st.gram, spec, **gptq_kw)
-      w_q = res.weight
+      w_q, t_amax = res.weight, res.tensor_amax
       full = jnp.broadcast_to(_expand_grid(res.amax, w_in.shape), w_in.shape)
     else:
       w_q, full = rtn(w_in, spec), w_in
     if spec.symmetric and not simulated:   # the range each block was rounded with
-      scale = rtn_scale(full, spec)
+      scale = rtn_scales(full, spec, t_amax)
   # Quality, measured in the domain the kernel was quantized in; the weight
   # SQNR maps rows back to the input's original scale.
   to_orig = (lambda a: a) if tr is None else tr.unweight
@@ -414,7 +415,7 @@ def _quantize_expert_layer(path: str, w: jax.Array, st: ExpertStats,
   as ``R Q(R^T w_e)``, no scale: off the spec's grid), or None.
 
   Returns:
-    ``(new kernel, report entry, scale grid or None)``.
+    ``(new kernel, report entry, (scale grid, tensor scale) or None)``.
   """
   w_rot = w
   if sim is not None:   # each expert's kernel in the rotated domain: R^T w_e
@@ -633,15 +634,17 @@ def _quantize_convs(cur, cap: Capture, stats: dict, method: str,
     w2 = conv_matrix(w, *axes)
     st = stats[p]
     w_in, clip_entry = _awq_clip(awq_clip, awq_clip_skip, p, st, w2, spec)
+    t_amax = None
     if base_quant == "gptq":
       res = gptq(w_in, st.gram, spec, **gptq_kw)
-      w_q = res.weight
+      w_q, t_amax = res.weight, res.tensor_amax
       full = jnp.broadcast_to(_expand_grid(res.amax, w2.shape), w2.shape)
     else:
       w_q = rtn(w_in, spec)
       full = w_in
     if spec.symmetric:
-      weight_scales[p] = rtn_scale(conv_unmatrix(full, w.shape, *axes), spec_n)
+      weight_scales[p] = rtn_scales(conv_unmatrix(full, w.shape, *axes), spec_n,
+                                    t_amax)
     cur = with_leaves(cur, p, kernel=conv_unmatrix(w_q, w.shape, *axes).astype(w.dtype))
     # The weight SQNR with the rows at the input's original scale.
     s_rows = (jnp.tile(scalings[p], w2.shape[0] // scalings[p].shape[0])[:, None]
@@ -801,14 +804,15 @@ def _quantize_experts(w: jax.Array, st: ExpertStats, spec: Optional[QuantSpec],
   if spec is None:
     entry.update(weight_sqnr_db=float("inf"), seconds=time.perf_counter() - t0)
     return w, entry, None
-  w_q, amaxs, entry["rtn_fallback"] = quantize_experts(
+  w_q, amaxs, entry["rtn_fallback"], t_amax = quantize_experts(
       w, st.gram, st.count, spec, quant, blocksize=blocksize, percdamp=percdamp,
       act_order=act_order)
   w_q = w_q.astype(w.dtype)
   scale = None
   if spec.symmetric and spec.tile is None:
-    # The range each block was rounded with (GPTQ's, or the weight's own).
-    scale = init_scale(amaxs, expert_spec(spec), "amax")
+    # The range each block was rounded with (GPTQ's, or the weight's own),
+    # under the stack's tensor range for a two-level spec.
+    scale = rtn_scales(amaxs, expert_spec(spec), t_amax)
   w = w if ref is None else ref
   entry["weight_sqnr_db"] = sqnr_db(w, w_q)
   if st.sample.shape[0]:
@@ -849,6 +853,17 @@ def _awq_clip_experts(on: bool, skip: Optional[str], path: str, st: ExpertStats,
   if ratios:
     entry["clip_mean_ratio"] = float(np.mean(list(ratios.values())))
   return clipped, entry
+
+
+def _scale_entries(weight_scales: Mapping[str, tuple]) -> dict:
+  """``{"<layer>/weight_scale": scale, "<layer>/weight_tensor_scale": t}`` from
+  ``{kernel path: (scale, tensor scale or None)}`` (``rtn_scales``)."""
+  flat = {}
+  for p, (s, t) in weight_scales.items():
+    flat[f"{p}/weight_scale"] = s
+    if t is not None:
+      flat[f"{p}/weight_tensor_scale"] = t
+  return flat
 
 
 def _nest(flat: Mapping[str, Any]) -> dict:

@@ -304,10 +304,64 @@ def test_nvfp4_tensor_amax_gradient_and_errors():
   assert float(gt) == 0.0
   with pytest.raises(ValueError, match="tensor scale"):
     lb.fake_quant(x, "int8", tensor_amax=ta)
-  with pytest.raises(ValueError, match="not both"):
-    lb.quantize(x, spec, amax=ta, tensor_amax=ta)
   with pytest.raises(ValueError, match="scalar"):
     lb.quantize(x, spec, tensor_amax=jnp.ones((4,)))
+
+
+def test_nvfp4_static_block_ranges_under_a_tensor_range():
+  # amax per block with tensor_amax: the blocks take their static ranges under
+  # the tensor scale tensor_amax gives (GPTQ's NVFP4 rounding), not under the
+  # largest amax; equal to the largest amax it is the amax-only result.
+  x = jax.random.normal(jax.random.key(0), (4, 64)) * 3
+  spec = lb.QuantSpec("nvfp4", axis=-1)
+  a = jnp.max(jnp.abs(x.reshape(4, 4, 16)), axis=-1) * 0.5
+  ta = jnp.float32(40.0)
+  q = lb.quantize(x, spec, amax=a, tensor_amax=ta)
+  ref_t = lb.quantize(x, spec, tensor_amax=ta).tensor_scale
+  assert np.asarray(q.tensor_scale).view(np.uint32) == np.asarray(ref_t).view(np.uint32)
+  # Each block's E4M3 scale is its amax / 6 under that tensor scale.
+  s = np.asarray(q.scale.astype(jnp.float32))
+  want = np.asarray((a / 6 / ref_t).astype(jnp.float8_e4m3fn).astype(jnp.float32))
+  np.testing.assert_array_equal(s, want)
+  _same_bits(np.asarray(lb.fake_quant(x, spec, amax=a, tensor_amax=ta)),
+             np.asarray(lb.dequantize(q)))
+  _same_bits(np.asarray(lb.fake_quant(x, spec, amax=a, tensor_amax=jnp.max(a))),
+             np.asarray(lb.fake_quant(x, spec, amax=a)))
+
+
+def test_nvfp4_given_scale_under_a_given_tensor_scale():
+  # quantize(..., scale=, tensor_scale=) stores the block scales under that
+  # tensor scale; rebuilt from the largest block scale (max(scale) / 448) it
+  # can differ: GPTQ-like scales whose top block misses E4M3's 448.
+  x = jax.random.normal(jax.random.key(1), (8, 64))
+  spec = lb.QuantSpec("nvfp4", axis=-1)
+  t = jnp.float32(0.0123)
+  e4 = jnp.asarray([[16.0, 104.0, 240.0, 320.0]] * 8)  # top code 320 < 448
+  scale = e4 * t
+  q = lb.quantize(x, spec, scale=scale, tensor_scale=t)
+  assert np.asarray(q.tensor_scale).view(np.uint32) == np.asarray(t).view(np.uint32)
+  np.testing.assert_array_equal(np.asarray(q.scale.astype(jnp.float32)),
+                                np.asarray(e4))
+  y = lb.fake_quant(x, spec, scale=scale, tensor_scale=t)
+  _same_bits(np.asarray(y), np.asarray(lb.dequantize(q)))
+  rebuilt = lb.quantize(x, spec, scale=scale)
+  assert float(rebuilt.tensor_scale) != float(t)   # 320 t / 448
+  # The tensor scale is a constant: x and the block scales get LSQ's
+  # gradients, the tensor scale none.
+  gs, gt = jax.grad(lambda s_, t_: jnp.sum(lb.fake_quant(x, spec, scale=s_,
+                                                         tensor_scale=t_) ** 2),
+                    argnums=(0, 1))(scale, t)
+  assert np.all(np.isfinite(np.asarray(gs))) and np.any(np.asarray(gs) != 0)
+  assert float(gt) == 0.0
+  with pytest.raises(ValueError, match="pass scale= with it"):
+    lb.quantize(x, spec, tensor_scale=t)
+  with pytest.raises(ValueError, match="has none"):
+    lb.quantize(x, lb.QuantSpec("fp4_e2m1", axis=-1, group_size=16),
+                scale=scale, tensor_scale=t)
+  with pytest.raises(ValueError, match="must be a scalar"):
+    lb.quantize(x, spec, scale=scale, tensor_scale=jnp.ones((2,)))
+  with pytest.raises(ValueError, match="positive finite"):
+    lb.quantize(x, spec, scale=scale, tensor_scale=0.0)
 
 
 # ---------------------------------------------------------------------------

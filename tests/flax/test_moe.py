@@ -199,3 +199,22 @@ def test_gptq_on_moe_layer_beats_rtn_and_real_mode_reproduces_it(moe):
       model, {"params": qp, "quant_scales": rep["quant_scales"]}, x)
   np.testing.assert_array_equal(jax.jit(real(model.apply))(variables, x),
                                 apply({"params": qp}, x))
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_block_format_experts_store_exactly(moe, fmt):
+  # apply_ptq's expert scales for E8M0 (MX) and two-level (NVFP4) blocks are
+  # the stored ones (rtn_scales), and NVFP4's under the stack's tensor scale:
+  # real mode stores exactly the per-expert codes GPTQ chose.
+  model, params, x = moe
+  spec = QuantSpec(fmt)
+  batches = [_hidden(i + 2, (2, 32)) for i in range(2)]
+  qp, rep = apply_ptq(model, params, batches, "gptq", spec, layers=_EXPERTS)
+  scales = rep["quant_scales"]["up_proj"]
+  assert ("weight_tensor_scale" in scales) == (fmt == "nvfp4")
+  real = quantize_linen([QuantRule(_EXPERTS, weight=spec)], "real")
+  variables = real.quantize_params(
+      model, {"params": qp, "quant_scales": rep["quant_scales"]}, x)
+  for name in ("gate_proj", "up_proj", "down_proj"):
+    np.testing.assert_array_equal(variables["params"][name]["kernel"].logical(),
+                                  qp[name]["kernel"])

@@ -23,11 +23,17 @@ def setup():
   return m, m.init(jax.random.key(1), x)["params"], x
 
 
-@pytest.mark.parametrize("method", ["gptq", "smoothquant", "awq"])
-def test_real_mode_equals_ptq_result(setup, method):
+@pytest.mark.parametrize("method,fmt", [("gptq", "int4"), ("smoothquant", "int4"),
+                                        ("awq", "int4"), ("gptq", "nvfp4"),
+                                        ("awq", "nvfp4")])
+def test_real_mode_equals_ptq_result(setup, method, fmt):
   m, params, x = setup
-  spec = QuantSpec("int4", group_size=32)
+  # NVFP4: its block scales are stored under the tensor scale GPTQ rounded
+  # with (quant_scales' weight_tensor_scale), not one rebuilt from them.
+  spec = QuantSpec("int4", group_size=32) if fmt == "int4" else QuantSpec("nvfp4")
   qp, rep = apply_ptq(m, params, [x], method, spec)
+  for layer in ("a", "b"):
+    assert ("weight_tensor_scale" in rep["quant_scales"][layer]) == (fmt == "nvfp4")
   if method == "awq":   # the clip search ran and its ranges are what is stored
     assert all(0.5 <= rep["layers"][p]["clip_mean_ratio"] <= 1.0 for p in ("a", "b"))
     assert rep["layers"]["b"]["clip_error_vs_rtn"] <= 1.02
