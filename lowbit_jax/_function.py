@@ -826,7 +826,8 @@ class QuantizedFunction:
 
   def quantize_params(self, params, *args, donate: bool = False,
                       on_step: Optional[Callable] = None,
-                      quant_scales: Optional[dict] = None, **kwargs):
+                      quant_scales: Optional[dict] = None,
+                      quant_state: Optional[dict] = None, **kwargs):
     """``params`` with every planned weight replaced by a QWeight, leaf by leaf.
 
     Args:
@@ -842,6 +843,9 @@ class QuantizedFunction:
         ``quant_scales`` to the real-mode function (activation scales and
         PACT clips act as static ranges there; weight scales of QWeights are
         not read).
+      quant_state: a delayed-scaling run's amax histories: a planned weight
+        with a ``weight_history`` is stored with the range it gives (the one
+        fake mode quantized it with), not its current amax.
 
     Returns:
       The parameter pytree for mode ``"real"``.
@@ -859,8 +863,16 @@ class QuantizedFunction:
           learned[path] = entry["weight_scale"]
         if entry.get("weight_tensor_scale") is not None:
           tensor[path] = entry["weight_tensor_scale"]
+    histories = {}
+    for path in plan:
+      h = (quant_state or {}).get(path, {}).get("weight_history")
+      rule = None if h is None else self._plan_rule(
+          path, _DOT_KINDS + _RAGGED_KINDS + ("conv",))
+      if rule is not None and rule.delayed:
+        histories[path] = (rule, h)
     return _rules.quantize_params(params, plan, donate=donate, on_step=on_step,
-                                  scales=learned, tensor_scales=tensor)
+                                  scales=learned, tensor_scales=tensor,
+                                  histories=histories)
 
   def finalize_stats(self, quant_stats: dict) -> dict:
     """Observer states turned into ranges ``{"amax", "amin"}`` (done once).

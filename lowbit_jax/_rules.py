@@ -184,7 +184,9 @@ class QuantRule:
   (train them like parameters); amax histories live in ``"quant_state"``:
   the gradient ``jax.grad`` returns for a history *is* the updated history
   (overwrite-with-gradient), which the training step writes back in place
-  of applying it. Stochastic rounding (``rounding="stochastic"`` in any of
+  of applying it; a layer applied twice in one step sums its two new
+  histories (``core.ops``' module docstring: use current scaling for shared
+  layers). Stochastic rounding (``rounding="stochastic"`` in any of
   the specs) takes a key from the front end (Linen: the ``"quant"`` rng
   stream; NNX: ``quantize_nnx(..., rngs=)``; ``quantize_function``:
   ``rng=``), a different one for every site.
@@ -877,6 +879,25 @@ def _quantize_leaf(w: jax.Array, plan: WeightPlan) -> QWeight:
 
 
 @functools.partial(jax.jit, static_argnums=1)
+def _quantize_leaf_ranged(w: jax.Array, plan: WeightPlan, amax) -> QWeight:
+  w = _as_op_sees(w, plan)
+  k = "tensor_amax" if plan.spec.tensor_scale else "amax"
+  if plan.transpose:
+    q = quantize(w.T, _transpose_spec(plan.spec), **{k: amax})
+    return as_qweight(q, transposed=True)
+  return as_qweight(quantize(w, plan.spec, **{k: amax}), transposed=False)
+
+
+def delayed_range(rule: "QuantRule", history, w) -> jax.Array:
+  """The range a delayed-scaling weight is quantized with: its amax history
+  reduced by the rule's ``amax_reduce``, or the weight's own amax where the
+  history is all zero (never trained), as the fake ops take it. Real mode
+  stores the weight with it, so the exported model is the one trained."""
+  a = scaling.amax_from_history(jnp.asarray(history, jnp.float32), rule.amax_reduce)
+  return jnp.where(a > 0, a, scaling.current_amax(_float(w)))
+
+
+@functools.partial(jax.jit, static_argnums=1)
 def _quantize_leaf_scaled(w: jax.Array, plan: WeightPlan, scale,
                           tensor_scale=None) -> QWeight:
   w = _as_op_sees(w, plan)
@@ -889,7 +910,7 @@ def _quantize_leaf_scaled(w: jax.Array, plan: WeightPlan, scale,
 
 
 def quantize_weight(w: jax.Array, plan: WeightPlan, scale=None,
-                    tensor_scale=None) -> QWeight:
+                    tensor_scale=None, amax=None) -> QWeight:
   """Quantizes one float weight as ``plan`` says (jitted per shape and plan).
 
   Args:
@@ -902,9 +923,16 @@ def quantize_weight(w: jax.Array, plan: WeightPlan, scale=None,
       scale the block scales were chosen under (a PTQ result's
       ``weight_tensor_scales``; ``quantize``'s keyword). None: rebuilt from
       the largest block scale.
+    amax: a static range (a scalar: the per-tensor range of a delayed-scaling
+      weight, ``delayed_range``; NVFP4: its tensor range). Not with
+      ``scale``.
   """
   if isinstance(w, QArray):
     raise TypeError("this weight is already quantized")
+  if amax is not None:
+    if scale is not None:
+      raise ValueError("a weight takes a learned scale or a static range, not both")
+    return _quantize_leaf_ranged(w, plan, jnp.asarray(amax, jnp.float32))
   if scale is None:
     if tensor_scale is not None:
       raise ValueError("a tensor scale is given without the block scales it goes "
@@ -923,7 +951,8 @@ def quantize_params(params: Any, plan: Mapping[str, WeightPlan], *,
                     donate: bool = False,
                     on_step: Optional[Callable[[str, QWeight], None]] = None,
                     scales: Optional[Mapping[str, jax.Array]] = None,
-                    tensor_scales: Optional[Mapping[str, jax.Array]] = None) -> Any:
+                    tensor_scales: Optional[Mapping[str, jax.Array]] = None,
+                    histories: Optional[Mapping[str, tuple]] = None) -> Any:
   """Replaces the planned float leaves of ``params`` by QWeights, one at a time.
 
   Only one leaf is in flight at a time, so the peak memory is the float
@@ -945,6 +974,10 @@ def quantize_params(params: Any, plan: Mapping[str, WeightPlan], *,
     tensor_scales: ``{parameter path: float32 tensor scale}`` of two-level
       (NVFP4) weights in ``scales`` (a PTQ result's ``weight_tensor_scales``):
       their block scales are stored under exactly that tensor scale.
+    histories: ``{parameter path: (QuantRule, amax history)}`` of
+      delayed-scaling weights (their ``weight_history``): each is stored with
+      the range its history gives (``delayed_range``), the range fake
+      mode quantized it with, not its current amax.
 
   Returns:
     ``params`` with the planned leaves replaced.
@@ -976,8 +1009,13 @@ def quantize_params(params: Any, plan: Mapping[str, WeightPlan], *,
     leaf = leaves[i]
     if isinstance(leaf, QArray):
       raise ValueError(f"{p} is already quantized")
+    amax = None
+    if histories is not None and p in histories:
+      rule, hist = histories[p]
+      amax = delayed_range(rule, hist, _as_op_sees(leaf, plan[p]))
     q = quantize_weight(leaf, plan[p], None if scales is None else scales.get(p),
-                        None if tensor_scales is None else tensor_scales.get(p))
+                        None if tensor_scales is None else tensor_scales.get(p),
+                        amax)
     leaves[i] = q
     if on_step is not None:
       on_step(p, q)
@@ -1484,16 +1522,15 @@ def _delayed_as_static(site: Site, hist: dict, x, lspec, w, wspec):
   An all-zero history (never trained) falls back to the operand's own amax,
   as the fake ops do on their first step. The activation's range goes to ops
   as ``lhs_amax`` (``lhs_tensor_amax`` for NVFP4); a second activation (an
-  activation matmul) is quantized here. Float weights keep their amax (a
-  weight's range is its own).
+  activation matmul) is quantized here. Weights were stored ahead of time
+  with their history's range (``quantize_params``' ``histories``).
 
   Returns:
     ``(x, lspec, w, wspec, ops keywords)``.
   """
 
   def rng(h, v):
-    a = scaling.amax_from_history(h, site.rule.amax_reduce)
-    return jnp.where(a > 0, a, scaling.current_amax(_float(v)))
+    return delayed_range(site.rule, h, v)
   kw = {}
   if "lhs" in hist and lspec is not None:
     a = rng(hist["lhs"], x)

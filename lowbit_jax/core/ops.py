@@ -46,7 +46,15 @@ gradient" style (as flax's fp8_ops): the gradient ``jax.grad`` returns for
 each history IS the new history (rolled, this step's amax at index 0), so a
 training step must replace those leaves with their gradient rather than let
 an optimizer update them (and must not average them across devices with a
-mean: take a max). A history whose range is 0 (all zeros: the first step)
+mean: take a max). A history must feed one op call per differentiated step:
+autodiff sums the cotangents of a value used twice, so a history shared by
+two calls (a layer applied twice, a ``lax.scan`` body, a ``vmap`` that
+broadcasts it) comes back as the sum of their new histories, a range too
+wide. Give each call its own history (map it along the vmapped or scanned
+axis and reduce with a max afterwards), or use current scaling there (a max-
+accumulating cotangent dtype, as flax's ``fp32_max_grad``, would change the
+histories' dtype for every optimizer, checkpoint and sharding rule that
+holds them). A history whose range is 0 (all zeros: the first step)
 falls back to the current amax for that step. An unset axis of an operand
 with a history means per tensor; other granularities are refused, except
 formats with a tensor scale (NVFP4), whose tensor scale then follows the
@@ -153,11 +161,12 @@ def _check_histories(amax_history, reduce: str, mode: str) -> dict:
   if mode != "fake":
     raise ValueError("amax_history (delayed scaling) is a training recipe: use "
                      "mode='fake'; for inference pass a static lhs_amax instead")
-  for k, h in amax_history.items():
+  out = {k: v for k, v in amax_history.items() if v is not None}  # None: no history
+  for k, h in out.items():
     if jnp.ndim(h) != 1:
       raise ValueError(f"amax_history[{k!r}] must be a 1-d history "
                        f"(scaling.init_history(n)), got shape {jnp.shape(h)}")
-  return {k: v for k, v in amax_history.items() if v is not None}
+  return out
 
 
 def _resolve(spec, contract, ndim: int, has_history: bool, name: str):
@@ -212,13 +221,16 @@ def _split_keys(key, specs):
 
 
 def _history_range(history, reduce: str, x):
-  cur = scaling.current_amax(x)
+  # An empty operand (e.g. an empty batch) has no amax: it adds 0.
+  cur = scaling.current_amax(x) if x.size else jnp.zeros((), jnp.float32)
   a = scaling.amax_from_history(history, reduce)
   return jnp.where(a > 0, a, cur), cur
 
 
 def _fq_values(x, spec: QuantSpec, key, amax=None):
   """Fake-quantized values only (no gradient rule: used inside backward rules)."""
+  if x.size == 0:
+    return x  # an empty cotangent or operand (an empty batch): nothing to quantize
   if spec.tensor_scale and amax is not None:
     return _fake_quant_impl(x, spec, key, None, None, amax)[0]
   return _fake_quant_impl(x, spec, key, amax, None, None)[0]
@@ -267,9 +279,7 @@ def _qdq_operand(x, spec: Optional[QuantSpec], key, mode: str, amax=None,
   (fake: fake_quant with its gradients; real: dequantize(quantize(x)))."""
   learned = scale is not None or clip is not None
   if isinstance(x, QArray):
-    if learned or history is not None:
-      raise ValueError(f"{name} is a QArray (quantized ahead of time): it takes no "
-                       f"{name}_scale, {name}_clip or amax history")
+    _check_qarray_operand(name, amax, tensor_amax, scale, clip, history)
     return dequantize(x)
   if spec is None:
     if learned:
@@ -288,6 +298,20 @@ def _qdq_operand(x, spec: Optional[QuantSpec], key, mode: str, amax=None,
                       clip=clip)
   return dequantize(quantize(x, spec, key=k, amax=amax, tensor_amax=tensor_amax,
                              scale=scale, clip=clip))
+
+
+def _check_qarray_operand(name: str, amax=None, tensor_amax=None, scale=None,
+                          clip=None, history=None) -> None:
+  """Refuses range keywords for an operand quantized ahead of time (its codes
+  and scales are fixed: a range would be silently ignored)."""
+  given = [k for k, v in (("amax", amax), ("tensor_amax", tensor_amax),
+                          ("scale", scale), ("clip", clip)) if v is not None]
+  if given or history is not None:
+    what = ", ".join(f"{name}_{k}" for k in given) or "an amax history"
+    raise ValueError(f"{name} is a QArray (quantized ahead of time): it takes no "
+                     f"{name}_amax, {name}_tensor_amax, {name}_scale, {name}_clip or "
+                     f"amax history (got {what}); pass the float array to quantize "
+                     "it with those, or drop them")
 
 
 # ---------------------------------------------------------------------------
@@ -309,7 +333,7 @@ def _check_fits(shape, spec: QuantSpec, what: str):
   ax = normalize_axis(spec.axis, len(shape))
   bs = block_shape(spec if ax == spec.axis else spec.replace(axis=ax), tuple(shape))
   for i, (d, b) in enumerate(zip(shape, bs)):
-    if d % b and not spec.pad:
+    if d and d % b and not spec.pad:  # an empty axis: nothing to quantize
       raise ValueError(f"{what}: axis {i} has length {d}, not a multiple of the "
                        f"block size {b} the backward pass quantizes along; pass "
                        "pad=True in that spec, or pick a block size that divides it")
@@ -611,6 +635,11 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None,
     rsrc = rhs if cfg.r_bwd is not None else None
     return _qgrad_dot(cfg, lv, rv, lsrc, rsrc, (k_g, k_l, k_r), hist.get("grad"))
   # real
+  if r_is_q:
+    _check_qarray_operand("rhs", scale=rhs_scale, history=hist.get("rhs"))
+  if l_is_q:
+    _check_qarray_operand("lhs", lhs_amax, lhs_tensor_amax, lhs_scale, lhs_clip,
+                          hist.get("lhs"))
   rq = rhs if r_is_q else (
       quantize(rhs, rs, key=k_r if _stoch(rs) else None, scale=rhs_scale)
       if rs is not None and rhs.size else rhs)

@@ -670,9 +670,10 @@ class LinenQuantizer:
     plan = self.plan(model, variables, *args, **kwargs)
     out = dict(variables)
     scales, tensor, rest = _split_weight_scales(variables.get(SCALES), plan)
-    out["params"] = _rules.quantize_params(variables["params"], plan, donate=donate,
-                                           on_step=on_step, scales=scales,
-                                           tensor_scales=tensor)
+    out["params"] = _rules.quantize_params(
+        variables["params"], plan, donate=donate, on_step=on_step, scales=scales,
+        tensor_scales=tensor,
+        histories=_weight_histories(variables.get(STATE), plan, self.config))
     if SCALES in variables:
       out[SCALES] = rest
     return out
@@ -914,6 +915,28 @@ def _plain(tree):
   if hasattr(tree, "items"):
     return {k: _plain(v) for k, v in tree.items()}
   return tree
+
+
+def _weight_histories(state, plan: dict, config) -> dict:
+  """``{weight path: (rule, weight_history)}`` of the planned delayed-scaling
+  kernels with a history in ``"quant_state"`` (real mode stores each with
+  its history's range, the one fake mode quantized it with)."""
+  out = {}
+  if not state:
+    return out
+  state = _plain(state)
+  for wpath in plan:
+    site = config.sites.get(wpath)
+    if site is None or not site.rule.delayed:
+      continue
+    node = state
+    for p in wpath.split("/")[:-1]:
+      node = node.get(p) if isinstance(node, dict) else None
+      if node is None:
+        break
+    if isinstance(node, dict) and "weight_history" in node:
+      out[wpath] = (site.rule, node["weight_history"])
+  return out
 
 
 def _split_weight_scales(scales, plan: dict):

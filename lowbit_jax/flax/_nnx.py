@@ -553,10 +553,14 @@ def quantize_nnx(model: nnx.Module, rules, mode: str = "fake", *, strict: bool =
       learned = ws.get_value() if isinstance(ws, QuantScale) else None
     stream = stream_in if stream_in is not None else (
         old_op.rngs if old_op is not None else None)
-    tensor = None
+    tensor = history = None
     if mode == "real" and weight_scales is not None and wpath in weight_scales:
       learned = weight_scales[wpath]
       tensor = (weight_tensor_scales or {}).get(wpath)
+    if mode == "real" and rule.delayed and old_op is not None and learned is None:
+      # Stored with the range its amax history gives, as fake mode used it.
+      wh = getattr(old_op, "weight_history", None)
+      history = wh.get_value() if isinstance(wh, QuantHistory) else None
     qop = QuantOp(site, old_stats, old_op, stream, metrics)
     setattr(node, hook, nnx.data(qop))
     if op == "dot_general" and hasattr(node, "dot_general_cls"):
@@ -569,8 +573,10 @@ def quantize_nnx(model: nnx.Module, rules, mode: str = "fake", *, strict: bool =
       var = node.kernel
       w = var.get_value()
       if not isinstance(w, QArray):
-        q = _rules.quantize_weight(w, _plan(node, op, rule.weight_spec, p), learned,
-                                   tensor)
+        plan = _plan(node, op, rule.weight_spec, p)
+        amax = (None if history is None else
+                _rules.delayed_range(rule, history, _rules._as_op_sees(w, plan)))  # pylint: disable=protected-access
+        q = _rules.quantize_weight(w, plan, learned, tensor, amax)
         var.set_value(q)
         if learned is not None and hasattr(qop, "weight_scale"):  # now in the QWeight
           del qop.weight_scale

@@ -318,13 +318,16 @@ class Recipe:
 
     The scales' learning rate is ``scale_lr_mult * schedule(step)``, without
     weight decay, with its own global-norm clip; ``freeze_scales`` zeroes
-    their updates.
+    their updates. ``step`` is the training step: the scales' Adam counts only
+    its own updates, which start at ``start_step`` (``keep_scale_state`` holds
+    its state through the float warm-up), so its count is offset by it.
     """
     if self.freeze_scales:
       scale_tx = optax.set_to_zero()
     else:
-      mult = self.scale_lr_mult
-      scale_tx = optax.adam(lambda s: mult * schedule(s), b1=b1, b2=b2, eps=eps)
+      mult, start = self.scale_lr_mult, self.start_step
+      scale_tx = optax.adam(lambda s: mult * schedule(s + start), b1=b1, b2=b2,
+                            eps=eps)
       if clip_norm > 0:
         scale_tx = optax.chain(optax.clip_by_global_norm(clip_norm), scale_tx)
 

@@ -272,3 +272,52 @@ def test_cast_nan_behaviour_is_documented():
   import pathlib
   doc = (pathlib.Path(__file__).parents[2] / "docs" / "formats.md").read_text()
   assert "## NaN and inf" in doc and "| fp4_e2m1 | False | -0 | 0 |" in doc
+
+
+# ---------------------------------------------------------------------------
+# Empty batches with quantized gradients; range keywords on QArray operands
+
+
+def test_empty_batch_with_a_grad_spec_differentiates():
+  # An empty batch has nothing to quantize, forward or backward: the
+  # gradients are the (empty / zero) float ones.
+  dn = (((1,), (0,)), ((), ()))
+  x0, w = jnp.zeros((0, 16)), jnp.ones((16, 8))
+  for f in (
+      lambda x, w: ops.dot_general(x, w, dn, lhs_spec="int8", rhs_spec="int4",
+                                   grad_spec="int8"),
+      lambda x, w: ops.einsum("mk,kn->mn", x, w, lhs_spec="int8", rhs_spec="int4",
+                              grad_spec="int8"),
+      lambda x, w: ops.ragged_dot(x, jnp.ones((2, 16, 8)) * w[None],
+                                  jnp.zeros((2,), jnp.int32), lhs_spec="int8",
+                                  rhs_spec="int4", grad_spec="int8")):
+    assert f(x0, w).shape == (0, 8)
+    gx, gw = jax.grad(lambda x, w: jnp.sum(f(x, w)), (0, 1))(x0, w)
+    assert gx.shape == (0, 16)
+    np.testing.assert_array_equal(gw, np.zeros((16, 8)))
+
+
+@pytest.mark.parametrize("mode", ["fake", "real"])
+def test_qarray_operands_refuse_range_keywords(mode):
+  # A weight quantized ahead of time has fixed scales: a scale given for it
+  # would be ignored, so both modes refuse it (real mode used to ignore it).
+  dn = (((1,), (0,)), ((), ()))
+  x = jax.random.normal(jax.random.key(0), (4, 16))
+  wq = lb.quantize(jax.random.normal(jax.random.key(1), (16, 8)), "int8", axis=0)
+  with pytest.raises(ValueError, match=r"rhs is a QArray .*got rhs_scale"):
+    ops.dot_general(x, wq, dn, rhs_scale=jnp.full((1, 8), 100.0), mode=mode)
+  xq = lb.quantize(x, "int8", axis=1)
+  with pytest.raises(ValueError, match=r"lhs is a QArray .*got lhs_amax"):
+    ops.dot_general(xq, wq, dn, lhs_amax=jnp.float32(3.0), mode=mode)
+
+
+def test_a_none_history_entry_means_no_history():
+  dn = (((1,), (0,)), ((), ()))
+  x = jax.random.normal(jax.random.key(0), (4, 16))
+  w = jax.random.normal(jax.random.key(1), (16, 8))
+  h = jnp.zeros((4,), jnp.float32)
+  got = ops.dot_general(x, w, dn, lhs_spec="int8", rhs_spec="int8",
+                        amax_history={"lhs": h, "rhs": None})
+  want = ops.dot_general(x, w, dn, lhs_spec="int8", rhs_spec="int8",
+                         amax_history={"lhs": h})
+  np.testing.assert_array_equal(got, want)

@@ -108,6 +108,22 @@ def test_scales_train_with_their_own_learning_rate():
     train.recipe_from_config({"quant": {"rules": "w4a8", "start_step": -1}})
 
 
+def test_scale_learning_rate_follows_the_training_step():
+  # The scales' Adam starts counting at start_step (its state is held through
+  # the float warm-up): its first update takes schedule(start_step), not
+  # schedule(0) (a warm-up schedule's 0 froze the scales on that step).
+  recipe = train.recipe_from_config({"quant": {"rules": "w4a8", "start_step": 3}})
+  schedule = optax.linear_schedule(0.0, 1e-2, 5)
+  tx = recipe.optimizer(optax.sgd(schedule), schedule, b1=0.9, b2=0.95, eps=1e-12,
+                        clip_norm=0.0)
+  tree = recipe.trainable({"w": jnp.ones(3)}, {"s": jnp.ones(2)})
+  state = tx.init(tree)
+  for step in (3, 4):
+    updates, state = tx.update(tree, state, tree)
+    np.testing.assert_allclose(updates["quant_scales"]["s"], -schedule(step),
+                               rtol=1e-5)
+
+
 def test_scale_stats():
   stats = train.scale_stats({"a": {"weight_scale": jnp.array([[1.0, 3.0]])},
                              "b": {"act_scale": jnp.float32(2.0)}})

@@ -1,0 +1,73 @@
+"""Delayed scaling: real mode stores each weight with its amax history's range.
+
+Fake mode quantizes a delayed-scaling weight with the range its history gives
+(not its current amax), so an exported (real-mode) model must too, or it is
+not the model that was trained and evaluated. Each front end reads the
+``weight_history`` beside the weight (Linen: ``"quant_state"``; functions:
+``quantize_params(..., quant_state=)``; NNX: the layer's ``QuantHistory``).
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import lowbit_jax as lb
+from lowbit_jax import QuantRule
+from lowbit_jax.flax import QuantHistory, quantize_linen, quantize_nnx, update_histories
+
+RULES = [QuantRule(".*", weight="fp8_e4m3", activation="fp8_e4m3", scaling="delayed",
+                   amax_history_len=4)]
+X = jax.random.normal(jax.random.key(0), (24, 16))
+
+
+class _MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(8, name="fc2")(nn.relu(nn.Dense(32, name="fc1")(x)))
+
+
+def _shrink(params):
+  # A training step moves the weights after their history was recorded.
+  return jax.tree.map(lambda a: a * 0.9, params)
+
+
+def test_linen_export_equals_fake_after_a_step():
+  model = _MLP()
+  params = model.init(jax.random.key(2), X)["params"]
+  qf = quantize_linen(RULES, mode="fake")
+  st = qf.init_quant_vars(model, {"params": params}, X)["quant_state"]
+  st = jax.grad(lambda s: jnp.sum(qf(model.apply)({"params": params, "quant_state": s},
+                                                  X)))(st)
+  v = {"params": _shrink(params), "quant_state": st}
+  qr = quantize_linen(RULES, mode="real")
+  y_real = qr(model.apply)(qr.quantize_params(model, v, X), X)
+  np.testing.assert_array_equal(y_real, qf(model.apply)(v, X))
+
+
+def test_function_export_equals_fake_after_a_step():
+  def fn(p, x):
+    return jax.nn.relu(x @ p["a"]["w"]) @ p["b"]["w"]
+  params = {"a": {"w": jax.random.normal(jax.random.key(1), (16, 32))},
+            "b": {"w": jax.random.normal(jax.random.key(2), (32, 8))}}
+  qf = lb.quantize_function(fn, RULES)
+  st = qf.init_quant_vars(params, X)["quant_state"]
+  st = jax.grad(lambda s: jnp.sum(qf(params, X, quant_state=s)))(st)
+  p2 = _shrink(params)
+  qr = lb.quantize_function(fn, RULES, mode="real")
+  rp = qr.quantize_params(p2, X, quant_state=st)
+  np.testing.assert_array_equal(qr(rp, X, quant_state=st), qf(p2, X, quant_state=st))
+  # Without the histories the weights take their own amax: another model.
+  rp_own = qr.quantize_params(p2, X)
+  assert not np.array_equal(qr(rp_own, X, quant_state=st), qf(p2, X, quant_state=st))
+
+
+def test_nnx_export_equals_fake_after_a_step():
+  m = quantize_nnx(nnx.Linear(16, 8, use_bias=False, rngs=nnx.Rngs(2)), RULES)
+  diff = nnx.DiffState(0, nnx.Any(nnx.Param, QuantHistory))
+  grads = nnx.grad(lambda m: jnp.sum(m(X)), argnums=diff)(m)
+  update_histories(m, grads)
+  m.kernel.set_value(m.kernel.get_value() * 0.9)
+  y_fake = m(X)
+  qm = quantize_nnx(m, RULES, mode="real")
+  np.testing.assert_array_equal(qm(X), y_fake)
