@@ -157,6 +157,49 @@ def test_percentile_within_one_bin_of_numpy(p):
   assert abs(float(r["amin"]) - np.percentile(allx, 100 - p)) <= width
 
 
+def _np_quantile_of_hist(h, lo_edge, width, q, bottom, top):
+  """The observer's documented estimate (ranks placed inside their bins, the
+  extremes exact), in float64: the reference at counts past float32's 2**24."""
+  h = np.asarray(h, np.float64)
+  total, cum = h.sum(), np.cumsum(h)
+  pos = q * (total - 1)
+  k0 = np.floor(pos)
+
+  def stat(m):
+    if m <= 1:
+      return bottom
+    if m >= total:
+      return top
+    j = min(int(np.searchsorted(cum, m, side="left")), len(h) - 1)
+    frac = (m - (cum[j] - h[j]) - 0.5) / h[j] if h[j] > 0 else 0.5
+    return lo_edge + (j + np.clip(frac, 0, 1)) * width
+  v0, v1 = stat(k0 + 1), stat(min(k0 + 2, total))
+  return float(np.clip(v0 + (pos - k0) * (v1 - v0), bottom, top))
+
+
+@pytest.mark.parametrize("p", [99.9999, 99.999, 0.0001])
+def test_percentile_ranks_exactly_past_float32_counts(p):
+  # 6e7 values: float32 ranks q (N - 1) to +-4 and the running count to
+  # several ranks, which the sparse tail spreads over bins (p = 99.9999 was
+  # 5 bins off); ranked from the nearer end, the tail counts are exact.
+  bins, r = 2048, 8.0
+  centers = (np.arange(2 * bins) + 0.5) / bins * r - r
+  dens = np.exp(-0.5 * centers ** 2)
+  h = np.floor(dens / dens.sum() * 6e7)
+  h[bins + 1200] += 3.0   # a sparse tail: a few values far out
+  h[bins - 1300] += 2.0
+  st = {"batches": jnp.ones((), jnp.int32), "min": jnp.float32(-5.0),
+        "max": jnp.float32(5.0), "range": jnp.float32(r),
+        "hist": jnp.asarray(h, jnp.float32)}
+  spec = lb.QuantSpec("uint8", axis="tensor")
+  out = cal.get("percentile", percentile=max(p, 100 - p), bins=bins).finalize(st, spec)
+  w = r / bins
+  hi = _np_quantile_of_hist(h, -r, w, max(p, 100 - p) / 100, -5.0, 5.0)
+  lo = _np_quantile_of_hist(h, -r, w, min(p, 100 - p) / 100, -5.0, 5.0)
+  assert abs(float(out["amax"]) - hi) <= 0.05 * w
+  assert abs(float(out["amin"]) - lo) <= 0.05 * w
+
+
 def test_percentile_per_channel():
   rng = np.random.default_rng(4)
   x = rng.standard_t(3, size=(3000, 3)).astype(np.float32) * np.array([1, 5, 0.1],
