@@ -116,10 +116,14 @@ def _reduce_precision_ok(fmt: Format) -> bool:
   so only the grid matters: formats without inf/NaN codes (``"none"``: FP6,
   FP4) round the same way as ``"fn"``/``"ieee"`` ones, at a quarter of the
   emulation's integer ops (the emulation's count-leading-zeros chain kept the
-  FP4/FP6 kernels compute-bound on the GPU).
+  FP4/FP6 kernels compute-bound on the GPU). The format's exponents must lie
+  in ReducePrecision's normal range (one bit wider, standard bias): a bias in
+  ``[0, 2**exp_bits - 1]``; a custom format biased beyond it takes the
+  emulation (ReducePrecision would overflow its top values to inf or flush
+  its smallest to 0).
   """
   return (isinstance(fmt, FloatFormat) and fmt.special in ("fn", "ieee", "none")
-          and fmt.exp_bits <= 7)
+          and fmt.exp_bits <= 7 and 0 <= fmt.bias <= 2 ** fmt.exp_bits - 1)
 
 
 def _cast_float_rp(x: jax.Array, fmt: FloatFormat) -> jax.Array:

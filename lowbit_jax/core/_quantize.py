@@ -1346,6 +1346,7 @@ def quantize(x: jax.Array, spec=None, *, key: Optional[jax.Array] = None,
   """
   spec = as_spec(spec, **spec_kwargs)
   x = jnp.asarray(x)
+  key = _as_key(key)
   _check_tensor_amax(spec, amax, tensor_amax, amin)
   _check_empty(x, "quantize")
   if _kernel_ok(x, spec, False, key=key, amax=amax, amin=amin,
@@ -1388,7 +1389,23 @@ def dequantize(q: QArray) -> jax.Array:
   """The float array a QArray stands for (dtype and shape of the original)."""
   if not isinstance(q, QArray):
     raise TypeError(f"dequantize() takes a QArray, got {type(q).__name__}")
+  _check_rank(q)
   return _dequantize_jit(q)
+
+
+def _check_rank(q: QArray) -> None:
+  """Refuses a QArray whose codes do not have its recorded rank: one built
+  under ``jax.vmap`` carries its batch axis in the arrays but not in its
+  static shape (its metadata is per example), and read outside the vmap its
+  codes would be unpacked along the wrong axis."""
+  if jnp.ndim(q.codes) != len(q.shape):
+    raise ValueError(
+        f"this QArray records shape {tuple(q.shape)} but its codes have "
+        f"{jnp.ndim(q.codes)} dims ({tuple(jnp.shape(q.codes))}): it was made "
+        "under jax.vmap (or its arrays were stacked), so its static shape is "
+        "that of one example. Dequantize it under the same vmap "
+        "(jax.vmap(lowbit_jax.dequantize)(q)), or quantize the stacked array "
+        "in one call")
 
 
 def _dequant_kernel(q: QArray):
@@ -1416,6 +1433,7 @@ def dequantize_as(q: QArray, dtype) -> jax.Array:
   where the GPU dequantizer takes ``q``, one kernel writes ``dtype`` directly
   (no float32 array written and converted for a float32-weight QArray in a
   bf16 model); elsewhere the jnp path, whose cast XLA fuses."""
+  _check_rank(q)
   kernel = _dequant_kernel(q)
   if kernel is not None:
     return kernel.dequantize(q, dtype=dtype)
@@ -1735,9 +1753,18 @@ _fake_quant_learned.defvjp(_fql_fwd, _fql_bwd)
 
 
 def _as_key(key):
-  if key is not None and not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    key = jax.random.wrap_key_data(key) if key.dtype == jnp.uint32 else key
-  return key
+  """A typed PRNG key from ``key=`` (raw uint32 key data is wrapped); a seed
+  or another array is refused with the call to make."""
+  if key is None:
+    return None
+  dt = getattr(key, "dtype", None)
+  if dt is not None and jnp.issubdtype(dt, jax.dtypes.prng_key):
+    return key
+  if dt == jnp.uint32 and jnp.ndim(key) >= 1:
+    return jax.random.wrap_key_data(key)
+  raise TypeError(f"key must be a PRNG key, e.g. jax.random.key(0), got "
+                  f"{type(key).__name__}"
+                  + (f" of dtype {dt}" if dt is not None else f" {key!r}"))
 
 
 def fake_quant(x: jax.Array, spec=None, *, key: Optional[jax.Array] = None,

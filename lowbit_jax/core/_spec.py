@@ -188,6 +188,12 @@ class QuantSpec:
     if self.rounding not in ("nearest", "stochastic"):
       raise ValueError(f"rounding must be 'nearest' or 'stochastic', got "
                        f"{self.rounding!r}")
+    el = self.element
+    if (self.rounding == "stochastic" and isinstance(el, LookupFormat)
+        and el.scale_method == "twn"):
+      raise ValueError(f"{el.name!r} quantizes by a threshold (TWN: |x| > 0.7 "
+                       "mean|x| -> +-1), not by rounding to a grid, so stochastic "
+                       "rounding has no meaning for it; use rounding='nearest'")
     if not 0 < float(self.clip_ratio) <= 1:
       raise ValueError(f"clip_ratio must be in (0, 1], got {self.clip_ratio!r}")
     object.__setattr__(self, "clip_ratio", float(self.clip_ratio))
@@ -213,10 +219,13 @@ class QuantSpec:
 
   @property
   def storage_format(self) -> Format:
-    """Element format codes are stored in (asymmetric: unsigned grid)."""
+    """Element format codes are stored in (asymmetric: the unsigned integer
+    grid ``[0, 2**bits - 1]`` in whole codes: the zero point and scale place
+    it, so a fixed-point element's ``frac_bits``, a relabelling of codes, do
+    not apply)."""
     e = self.element
-    if isinstance(e, IntFormat) and not self.symmetric and e.signed:
-      return IntFormat(e.bits, signed=False, frac_bits=e.frac_bits)
+    if isinstance(e, IntFormat) and not self.symmetric and (e.signed or e.frac_bits):
+      return IntFormat(e.bits, signed=False)
     return e
 
   def with_axis(self, axis: Axis) -> "QuantSpec":

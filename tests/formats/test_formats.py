@@ -375,3 +375,54 @@ def test_spec_defaults():
 def test_a_non_integer_axis_is_a_type_error_naming_the_field():
   with pytest.raises(TypeError, match="axis"):
     lb.QuantSpec("int8", axis=1.5)
+
+
+@pytest.mark.parametrize("bias", [-1, 4, 9])
+def test_custom_float_bias_beyond_the_standard_range(bias):
+  # A FloatFormat whose exponent bias lies outside [0, 2**exp_bits - 1] has
+  # exponents ReducePrecision's one-bit-wider type cannot hold: its saturating
+  # cast (fake_quant's) takes the integer emulation, so the grid maps to
+  # itself and fake_quant equals dequantize(quantize(x)) (the top values came
+  # back inf and the smallest 0).
+  f = lb.formats.FloatFormat(2, 1, bias=bias)
+  grid = jnp.asarray(f.values(), jnp.float32)
+  np.testing.assert_array_equal(lb.cast(grid, f, saturate=True), grid)
+  x = jax.random.normal(jax.random.key(0), (4, 32))
+  fq = lb.fake_quant(x, f, axis=-1)
+  np.testing.assert_array_equal(fq, lb.dequantize(lb.quantize(x, f, axis=-1)))
+  # Up to the scale it is fp4_e2m1's grid (the bias only shifts exponents).
+  np.testing.assert_allclose(fq, lb.fake_quant(x, "fp4_e2m1", axis=-1), rtol=1e-6)
+
+
+def test_fixed_point_ints_quantize_asymmetrically_on_whole_codes():
+  # frac_bits relabel codes; an asymmetric spec's zero point and scale place
+  # the unsigned grid, so the values equal plain uint8's (they collapsed).
+  x = jnp.asarray([[-1.0, -0.3, 0.2, 0.7, 1.5]])
+  want = lb.fake_quant(x, "uint8", axis=-1)
+  for f, kw in ((lb.formats.IntFormat(8, signed=False, frac_bits=4), {}),
+                (lb.formats.IntFormat(8, frac_bits=6), {"symmetric": False})):
+    np.testing.assert_array_equal(lb.fake_quant(x, f, axis=-1, **kw), want)
+    np.testing.assert_array_equal(
+        lb.dequantize(lb.quantize(x, f, axis=-1, **kw)), want)
+
+
+def test_bad_keys_and_meaningless_specs_are_refused():
+  x = jax.random.normal(jax.random.key(0), (4, 32))
+  spec = lb.QuantSpec("int4", axis=-1, rounding="stochastic")
+  for fn in (lb.fake_quant, lb.quantize):
+    with pytest.raises(TypeError, match=r"jax.random.key\(0\)"):
+      fn(x, spec, key=0)
+  # Old-style raw key data still works.
+  lb.fake_quant(x, spec, key=jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match="threshold"):
+    lb.QuantSpec("ternary", rounding="stochastic")
+
+
+def test_a_qarray_made_under_vmap_is_refused_outside_it():
+  xs = jax.random.normal(jax.random.key(0), (4, 8, 32))
+  q = jax.vmap(lambda w: lb.quantize(w, "int4", axis=-1))(xs)
+  with pytest.raises(ValueError, match="made under jax.vmap"):
+    lb.dequantize(q)
+  np.testing.assert_array_equal(
+      jax.vmap(lb.dequantize)(q),
+      jnp.stack([lb.fake_quant(w, "int4", axis=-1) for w in xs]))
