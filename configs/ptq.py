@@ -5,8 +5,8 @@
       --config.target=weights+acts --config.method=gptq
   python -m experiments.ptq --config configs/ptq.py:smoke
 
-With ``save_dir`` set, the weights are also real-quantized (packed QArrays) and
-saved with orbax; ``experiments/evaluate.py`` evaluates such a checkpoint. An
+With ``save_dir`` set (MiniLM, ``--config.method=rtn``), the weights are also
+real-quantized (packed QArrays) and saved with orbax; ``experiments/evaluate.py`` evaluates such a checkpoint. An
 existing ``save_dir`` is an error (checked before anything runs) unless
 ``--config.force=True``.
 """

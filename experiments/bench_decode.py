@@ -511,6 +511,9 @@ def main(argv):
                          "prefill's)")
   if _LAYERS.value is not None and _LAYERS.value < 1:
     raise app.UsageError(f"--layers must be >= 1, got {_LAYERS.value}")
+  if _ITERS.value < 1:
+    raise app.UsageError(f"--iters must be >= 1 (timed calls per measurement), got "
+                         f"{_ITERS.value}")
   weights = _weight_order(_WEIGHTS.value)
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top

@@ -118,6 +118,12 @@ def main(argv):
   from lowbit_jax.models import kv_cache  # pylint: disable=g-import-not-at-top
   from lowbit_jax.train import loop  # pylint: disable=g-import-not-at-top
 
+  # Checked before any model is trained or loaded.
+  unknown = sorted(set(_SCHEMES.value or ()) - set(_schemes()))
+  if unknown:
+    raise app.UsageError(f"--schemes: unknown {unknown}; one of {sorted(_schemes())}")
+  if _MAX_TOKENS.value < 1:
+    raise app.UsageError(f"--max_tokens must be >= 1, got {_MAX_TOKENS.value}")
   model, params, run_cfg = _load(_WORKDIR.value)
   data = loop.load_data(model.config.vocab, run_cfg.get("cache_dir", "") or None)
   seq, b = _SEQ_LEN.value, _BATCH.value

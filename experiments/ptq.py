@@ -23,7 +23,8 @@ def main(argv):
     raise app.UsageError(f"--config.model must be one of {sorted(pipelines.POINTS)}")
   if c.save_dir:  # checked before any computing
     if c.model != "minilm" or c.method != "rtn":
-      raise app.UsageError("save_dir is supported for model=minilm, method=rtn")
+      raise app.UsageError("save_dir is supported for model=minilm, method=rtn: pass "
+                           "--config.method=rtn (the default method is gptq)")
     if os.path.exists(c.save_dir) and not c.force:
       raise FileExistsError(f"--config.save_dir={c.save_dir} exists; pass "
                             "--config.force=True to replace it")

@@ -61,6 +61,7 @@ from lowbit_jax._ptq_scaling import AWQ_CLIP_SKIP
 from lowbit_jax.algorithms.gptq import gptq
 from lowbit_jax.algorithms.rtn import hessian_error, kernel_spec, rtn_scales
 from lowbit_jax.core import fake_quant
+from lowbit_jax.core._qarray import block_shape
 from lowbit_jax.core._spec import QuantSpec, as_spec
 
 _HI = lax.Precision.HIGHEST
@@ -627,8 +628,9 @@ def _finish(w, wq_matrix, amax, hessian, count, t_amax=None, *, meta, spec):
   else:
     wq = st.from_matrix(wq_matrix).astype(w.dtype)
     if plan.spec.symmetric:   # the range each block was rounded with
-      full = jnp.broadcast_to(_rules._expand_grid(amax, wq_matrix.shape),  # pylint: disable=protected-access
-                              wq_matrix.shape)
+      full = jnp.broadcast_to(_rules._expand_grid(  # pylint: disable=protected-access
+          amax, wq_matrix.shape, block_shape(kernel_spec(spec), wq_matrix.shape)),
+          wq_matrix.shape)
       scale, tscale = rtn_scales(st.from_matrix(full.astype(jnp.float32)), plan.spec,
                                  t_amax)
   exact = _scales_exact(wq, plan.spec, scale, tscale)

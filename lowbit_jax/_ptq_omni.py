@@ -163,7 +163,8 @@ def _finish(w, logits, sr, hessian, count, x, *, meta, spec, kspec, aspec, rtn):
     clip = jnp.mean(jax.nn.sigmoid(logits["gamma"]))
   qm = fake_quant(m, kspec, scale=step, zero_point=z)
   wq = st.from_matrix(qm).astype(w.dtype)
-  full = jnp.broadcast_to(_rules._expand_grid(step, m.shape), m.shape)  # pylint: disable=protected-access
+  full = jnp.broadcast_to(_rules._expand_grid(  # pylint: disable=protected-access
+      step, m.shape, block_shape(kspec, tuple(m.shape))), m.shape)
   scale = _grid_max(st.from_matrix(full), plan.spec, w.shape)
   exact = jnp.array_equal(fake_quant(wq, plan.spec, scale=scale), wq)
   ref = m / sr[:, None]

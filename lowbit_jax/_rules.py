@@ -1343,14 +1343,19 @@ def _pact_clip(site: Site, call: SiteCall, x):
   return call.scale(site, "act_clip", make)
 
 
-def _expand_grid(s, shape):
-  """A per-block array broadcast to ``shape`` (blocks may pad the last one)."""
+def _expand_grid(s, shape, block):
+  """A per-block array broadcast to ``shape``: along each dim its entry i
+  covers elements ``[i * b, (i + 1) * b)`` for that dim's block size ``b``
+  (``block``, from ``block_shape``; a padded last block is cut short). The
+  block sizes must be given: ``ceil(d / n)`` is not the group size when the
+  last group is padded (176 rows in groups of 128 are 128 + 48, not 88 + 88).
+  """
   s = jnp.asarray(s, jnp.float32)
   if s.ndim == 0:
     return s
-  for i, (n, d) in enumerate(zip(s.shape, shape)):
+  for i, (n, d, b) in enumerate(zip(s.shape, shape, block)):
     if n not in (1, d):
-      s = jnp.repeat(s, -(-d // n), axis=i)
+      s = jnp.repeat(s, b, axis=i)
       s = lax.slice_in_dim(s, 0, d, axis=i)
   return s
 
@@ -1366,7 +1371,7 @@ def _block_amax(x, spec: QuantSpec):
   for d, b in zip(padded, bs):
     new += [d // b, b]
   m = jnp.max(ax.reshape(new), axis=tuple(range(1, len(new), 2)))
-  return _expand_grid(m, tuple(x.shape))
+  return _expand_grid(m, tuple(x.shape), bs)
 
 
 def clipped_fraction(x, spec: QuantSpec, *, amax=None, tensor_amax=None, scale=None,
@@ -1396,15 +1401,16 @@ def clipped_fraction(x, spec: QuantSpec, *, amax=None, tensor_amax=None, scale=N
     return np.float32(0.0)
   xs = _float(x).astype(jnp.float32)
   xf = jnp.abs(xs)
+  bs = block_shape(spec, tuple(x.shape))
   if clip is not None:
     thr = jnp.asarray(clip, jnp.float32)
     if not spec.symmetric:  # PACT's unsigned range [0, alpha]
       return jnp.mean(((xs < 0) | (xs > thr)).astype(jnp.float32))
   elif scale is not None:
-    thr = _expand_grid(scale, tuple(x.shape)) * np.float32(_qp(spec))
+    thr = _expand_grid(scale, tuple(x.shape), bs) * np.float32(_qp(spec))
   else:
     if amax is not None:
-      a = _expand_grid(amax, tuple(x.shape))
+      a = _expand_grid(amax, tuple(x.shape), bs)
     else:
       a = _block_amax(x, spec)
     if tensor_amax is not None:

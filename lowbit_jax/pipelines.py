@@ -149,6 +149,9 @@ def _minilm():
 
 @functools.lru_cache(maxsize=4)
 def _minilm_data(n_calib: int, n_eval: int):
+  if n_calib < 1 or n_eval < 0:
+    raise ValueError(f"n_calib must be >= 1 and n_eval >= 0 (0: every sentence "
+                     f"not used to calibrate), got n_calib={n_calib}, n_eval={n_eval}")
   minilm, model, params = _minilm()
   sents = minilm.sample_sentences()
   if n_calib + 8 > len(sents):
@@ -424,6 +427,10 @@ def llama_point(scheme: str, target: str = "weights", method: str = "rtn", *,
   """
   _check(method, target)
   _check_attention(kv, qk, r3)
+  for name, v, low in (("n_calib", n_calib, 1), ("batch", batch, 1),
+                       ("seq_len", seq_len, 2), ("max_eval_tokens", max_eval_tokens, 1)):
+    if v < low:
+      raise ValueError(f"{name} must be >= {low}, got {v}")
   from lowbit_jax import train_lm  # pylint: disable=g-import-not-at-top
   from lowbit_jax.flax import quantize_linen  # pylint: disable=g-import-not-at-top
   from lowbit_jax.flax import ptq as ptq_lib  # pylint: disable=g-import-not-at-top

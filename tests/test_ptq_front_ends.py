@@ -282,3 +282,32 @@ def test_non_finite_calibration_inputs_are_named(method):
   with pytest.raises(ValueError, match=r"calibration inputs of \['l/kernel'\] are "
                      "not finite"):
     lb.ptq_params(fn, {"l": {"kernel": w}}, [x], rules, method=method)
+
+
+def test_gptq_on_padded_groups_stores_exactly():
+  # 176 rows in groups of 128 (pad=True) are a group of 128 and one of 48;
+  # the group ranges were spread as two groups of 88, so the scales did not
+  # reproduce GPTQ's codes and every d_ff = 176 / 704 / 1728 model failed.
+  from lowbit_jax._rules import logical_value  # pylint: disable=g-import-not-at-top
+  fn = lambda p, x: x @ p["l"]["kernel"]  # noqa: E731
+  w = jax.random.normal(jax.random.key(0), (176, 64))
+  x = jax.random.normal(jax.random.key(1), (64, 176))
+  rules = [lb.QuantRule(".*", weight=lb.QuantSpec("int4", group_size=128, pad=True))]
+  res = lb.ptq_params(fn, {"l": {"kernel": w}}, [x], rules, method="gptq")
+  e = res.report["layers"]["l/kernel"]
+  assert e["error"] < e["rtn_error"]
+  qf = lb.quantize_function(fn, rules, mode="real")
+  qp = qf.quantize_params(res.params, x, **lb.real_mode_kwargs(res, "function"))
+  np.testing.assert_array_equal(np.asarray(logical_value(qp["l"]["kernel"])),
+                                np.asarray(res.params["l"]["kernel"]))
+  # apply_ptq's Linen path spreads the ranges the same way.
+  from lowbit_jax.flax import apply_ptq  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
+  class One(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(64, use_bias=False, name="l")(x)
+  qp2, _ = apply_ptq(One(), {"l": {"kernel": w}}, [x], "gptq", rules[0].weight)
+  np.testing.assert_array_equal(np.asarray(qp2["l"]["kernel"]),
+                                np.asarray(res.params["l"]["kernel"]))

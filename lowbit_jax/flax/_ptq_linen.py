@@ -59,9 +59,10 @@ from lowbit_jax.algorithms._tree import with_leaves
 from lowbit_jax.algorithms.awq import awq_clip_search, awq_scales, awq_search
 from lowbit_jax.algorithms.gptq import gptq
 from lowbit_jax.algorithms.rotation import random_hadamard
-from lowbit_jax.algorithms.rtn import rtn, rtn_scales, sqnr_db
+from lowbit_jax.algorithms.rtn import kernel_spec, rtn, rtn_scales, sqnr_db
 from lowbit_jax.algorithms.smoothquant import smoothquant_scales
 from lowbit_jax.core import QuantSpec
+from lowbit_jax.core._qarray import block_shape
 from lowbit_jax.flax._capture import (Capture, DenseStats, ExpertStats,
                                      capture_dense_stats, conv_matrix, conv_unmatrix,
                                      split_batch)
@@ -388,7 +389,10 @@ def _quantize_dense(path: str, w: jax.Array, st: DenseStats, spec: Optional[Quan
     if quantizer == "gptq":
       res = gptq(w_in, st.gram, spec, **gptq_kw)
       w_q, t_amax = res.weight, res.tensor_amax
-      full = jnp.broadcast_to(_expand_grid(res.amax, w_in.shape), w_in.shape)
+      full = jnp.broadcast_to(
+          _expand_grid(res.amax, w_in.shape,
+                       block_shape(kernel_spec(spec), tuple(w_in.shape))),
+          w_in.shape)
     else:
       w_q, full = rtn(w_in, spec), w_in
     if spec.symmetric and not simulated:   # the range each block was rounded with
@@ -638,7 +642,10 @@ def _quantize_convs(cur, cap: Capture, stats: dict, method: str,
     if base_quant == "gptq":
       res = gptq(w_in, st.gram, spec, **gptq_kw)
       w_q, t_amax = res.weight, res.tensor_amax
-      full = jnp.broadcast_to(_expand_grid(res.amax, w2.shape), w2.shape)
+      full = jnp.broadcast_to(
+          _expand_grid(res.amax, w2.shape,
+                       block_shape(kernel_spec(spec), tuple(w2.shape))),
+          w2.shape)
     else:
       w_q = rtn(w_in, spec)
       full = w_in
