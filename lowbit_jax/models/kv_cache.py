@@ -414,6 +414,11 @@ def init_cache(config, batch: int, *, rules=None, residual: Optional[int] = None
         raise ValueError(f"a cache spec does not fit a [batch, slot, kv_head, "
                          f"head_dim] = {(batch, slots, kvh, d)} cache: {e}") from None
       r = max(blocks) if max(blocks) > 1 else 32
+      if max(blocks) > slots:
+        # Shorter than one group: no group ever fills, so every token stays in
+        # the float window; the cache takes one group's slots (the ones past
+        # max_len are never written or read).
+        slots = max(blocks)
       r = min(r, slots)
     else:
       r = residual

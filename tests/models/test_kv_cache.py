@@ -126,6 +126,18 @@ def test_kivi_cache_with_a_length_its_key_groups_do_not_divide(model_vars):
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+def test_kivi_cache_shorter_than_one_key_group_stays_float(model_vars):
+  # 3 + 8 = 11 slots, key groups of 32: no group ever fills, so every token
+  # stays in the float window and the tokens are the float cache's (the
+  # cache refused the length, suggesting options generate never set).
+  model, v, _ = model_vars
+  toks, lengths = decode.left_pad([[5, 6, 7], [8, 9]])
+  got = decode.generate(model, v, toks, lengths, 8,
+                        cache_rules=kv.kivi_rules(4, group_size=32))
+  want = decode.generate(model, v, toks, lengths, 8)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def _reference(apply, v, toks, pad, prompt_len, rules, residual):
   """Decoding through a float cache whose full chunks are fake-quantized when read.
 
