@@ -122,8 +122,9 @@ def main(argv):
   unknown = sorted(set(_SCHEMES.value or ()) - set(_schemes()))
   if unknown:
     raise app.UsageError(f"--schemes: unknown {unknown}; one of {sorted(_schemes())}")
-  if _MAX_TOKENS.value < 1:
-    raise app.UsageError(f"--max_tokens must be >= 1, got {_MAX_TOKENS.value}")
+  if _MAX_TOKENS.value < 0:
+    raise app.UsageError(f"--max_tokens must be >= 0 (0: the whole held-out split), "
+                         f"got {_MAX_TOKENS.value}")
   model, params, run_cfg = _load(_WORKDIR.value)
   data = loop.load_data(model.config.vocab, run_cfg.get("cache_dir", "") or None)
   seq, b = _SEQ_LEN.value, _BATCH.value

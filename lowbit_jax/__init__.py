@@ -10,9 +10,9 @@ from lowbit_jax import calibration
 from lowbit_jax import formats
 from lowbit_jax._fold import FoldPlan, ScalingFold, find_scaling_folds
 from lowbit_jax._function import QuantizedFunction, quantize_function
-from lowbit_jax._ptq import (Capture, InputStats, PTQResult, SiteStats, capture_hessians,
-                             mixed_precision_rules, ptq_params, quantize_site,
-                             real_mode_kwargs)
+from lowbit_jax._ptq import (Capture, InputStats, PTQResult, SiteResult, SiteStats,
+                             capture_hessians, mixed_precision_rules, ptq_params,
+                             quantize_site, real_mode_kwargs)
 from lowbit_jax._rules import (QuantConfig, QuantRule, QWeight, WeightPlan, plan_weight,
                                quantize_params)
 from lowbit_jax.core import (TENSOR, QArray, QuantSpec, cast, dequantize, fake_quant,
@@ -26,5 +26,6 @@ __all__ = ["formats", "calibration", "cast", "quantize", "dequantize", "fake_qua
            "QWeight", "WeightPlan", "plan_weight", "quantize_params",
            "quantize_function", "QuantizedFunction", "capture_hessians", "ptq_params",
            "quantize_site", "real_mode_kwargs", "mixed_precision_rules", "SiteStats",
-           "Capture", "PTQResult", "InputStats", "find_scaling_folds", "ScalingFold",
+           "Capture", "PTQResult", "SiteResult", "InputStats", "find_scaling_folds",
+           "ScalingFold",
            "FoldPlan"]

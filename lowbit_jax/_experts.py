@@ -18,12 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowbit_jax._rules import _expand_grid
 from lowbit_jax.algorithms.awq import awq_clip_search
-from lowbit_jax.algorithms.gptq import gptq
+from lowbit_jax.algorithms.gptq import block_ranges, gptq
 from lowbit_jax.algorithms.rtn import rtn
 from lowbit_jax.core import fake_quant
-from lowbit_jax.core._qarray import block_shape
 from lowbit_jax.core._spec import QuantSpec
 
 _HI = jax.lax.Precision.HIGHEST
@@ -109,9 +107,7 @@ def quantize_experts(w: jax.Array, grams: jax.Array, counts, spec: QuantSpec,
       res = gptq(we, grams[e], spec, blocksize=blocksize, percdamp=percdamp,
                  act_order=act_order, tensor_amax=t_amax)
       outs.append(res.weight)
-      amaxs.append(jnp.broadcast_to(
-          _expand_grid(res.amax, we.shape, block_shape(spec, tuple(we.shape))),
-          we.shape))
+      amaxs.append(block_ranges(res.amax, we.shape, spec))
     else:
       if method == "gptq":
         fallback.append(e)

@@ -58,10 +58,9 @@ from lowbit_jax import _rules
 from lowbit_jax import _ptq_rotation
 from lowbit_jax import _ptq_scaling
 from lowbit_jax._ptq_scaling import AWQ_CLIP_SKIP
-from lowbit_jax.algorithms.gptq import gptq
+from lowbit_jax.algorithms.gptq import block_ranges, gptq
 from lowbit_jax.algorithms.rtn import hessian_error, kernel_spec, rtn_scales
 from lowbit_jax.core import fake_quant
-from lowbit_jax.core._qarray import block_shape
 from lowbit_jax.core._spec import QuantSpec, as_spec
 
 _HI = lax.Precision.HIGHEST
@@ -486,8 +485,8 @@ def _matrix_spec(spec: QuantSpec, path: str) -> QuantSpec:
 
 def quantize_site(method: str, w: jax.Array, st: SiteStats, spec: QuantSpec, *,
                   path: str = "", blocksize: int = 128, percdamp: float = 0.01,
-                  act_order: bool = False) -> tuple:
-  """One site's weight by ``method``: a pure ``(weight, stats, spec) -> (weight, scale)``.
+                  act_order: bool = False) -> "SiteResult":
+  """One site's weight by ``method``: a pure ``(weight, stats, spec) -> SiteResult``.
 
   Args:
     method: "gptq" or "rtn".
@@ -628,9 +627,7 @@ def _finish(w, wq_matrix, amax, hessian, count, t_amax=None, *, meta, spec):
   else:
     wq = st.from_matrix(wq_matrix).astype(w.dtype)
     if plan.spec.symmetric:   # the range each block was rounded with
-      full = jnp.broadcast_to(_rules._expand_grid(  # pylint: disable=protected-access
-          amax, wq_matrix.shape, block_shape(kernel_spec(spec), wq_matrix.shape)),
-          wq_matrix.shape)
+      full = block_ranges(amax, wq_matrix.shape, spec)
       scale, tscale = rtn_scales(st.from_matrix(full.astype(jnp.float32)), plan.spec,
                                  t_amax)
   exact = _scales_exact(wq, plan.spec, scale, tscale)

@@ -58,6 +58,7 @@ from lowbit_jax import calibration
 from lowbit_jax.core import ops, scaling
 from lowbit_jax.core._hadamard import hadamard_transform
 from lowbit_jax.core._qarray import QArray, block_shape
+from lowbit_jax.core._qarray import expand_grid as _expand_grid
 from lowbit_jax.core._quantize import (check_static_range, dequantize, fake_quant,
                                        init_scale, quantize,
                                        scale_shape)
@@ -879,13 +880,28 @@ def _quantize_leaf(w: jax.Array, plan: WeightPlan) -> QWeight:
 
 
 @functools.partial(jax.jit, static_argnums=1)
-def _quantize_leaf_ranged(w: jax.Array, plan: WeightPlan, amax) -> QWeight:
+def _quantize_leaf_given(w: jax.Array, plan: WeightPlan, scale=None, tensor_scale=None,
+                         amax=None) -> QWeight:
+  """``_quantize_leaf`` with a given scale grid (and tensor scale) or a static
+  per-tensor range (NVFP4: its tensor range)."""
   w = _as_op_sees(w, plan)
-  k = "tensor_amax" if plan.spec.tensor_scale else "amax"
+  if amax is not None:
+    kw = {"tensor_amax" if plan.spec.tensor_scale else "amax": amax}
+  else:
+    kw = {"scale": jnp.transpose(scale) if plan.transpose else scale,
+          "tensor_scale": tensor_scale}
   if plan.transpose:
-    q = quantize(w.T, _transpose_spec(plan.spec), **{k: amax})
-    return as_qweight(q, transposed=True)
-  return as_qweight(quantize(w, plan.spec, **{k: amax}), transposed=False)
+    return as_qweight(quantize(w.T, _transpose_spec(plan.spec), **kw), transposed=True)
+  return as_qweight(quantize(w, plan.spec, **kw), transposed=False)
+
+
+def check_tensor_scales_paired(tensor_scales, scales, hint: str) -> None:
+  """Refuses tensor scales (of two-level weights) given without the block
+  scales they go with (``hint``: where both come from)."""
+  lone = sorted(set(tensor_scales or {}) - set(scales or {}))
+  if lone:
+    raise ValueError(f"tensor scales for {lone} come without their block scales; "
+                     f"pass both: {hint}")
 
 
 def delayed_range(rule: "QuantRule", history, w) -> jax.Array:
@@ -895,18 +911,6 @@ def delayed_range(rule: "QuantRule", history, w) -> jax.Array:
   stores the weight with it, so the exported model is the one trained."""
   a = scaling.amax_from_history(jnp.asarray(history, jnp.float32), rule.amax_reduce)
   return jnp.where(a > 0, a, scaling.current_amax(_float(w)))
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _quantize_leaf_scaled(w: jax.Array, plan: WeightPlan, scale,
-                          tensor_scale=None) -> QWeight:
-  w = _as_op_sees(w, plan)
-  if plan.transpose:
-    q = quantize(w.T, _transpose_spec(plan.spec), scale=jnp.transpose(scale),
-                 tensor_scale=tensor_scale)
-    return as_qweight(q, transposed=True)
-  return as_qweight(quantize(w, plan.spec, scale=scale, tensor_scale=tensor_scale),
-                    transposed=False)
 
 
 def quantize_weight(w: jax.Array, plan: WeightPlan, scale=None,
@@ -932,7 +936,7 @@ def quantize_weight(w: jax.Array, plan: WeightPlan, scale=None,
   if amax is not None:
     if scale is not None:
       raise ValueError("a weight takes a learned scale or a static range, not both")
-    return _quantize_leaf_ranged(w, plan, jnp.asarray(amax, jnp.float32))
+    return _quantize_leaf_given(w, plan, amax=jnp.asarray(amax, jnp.float32))
   if scale is None:
     if tensor_scale is not None:
       raise ValueError("a tensor scale is given without the block scales it goes "
@@ -942,7 +946,7 @@ def quantize_weight(w: jax.Array, plan: WeightPlan, scale=None,
   if plan.transpose and jnp.ndim(scale) != 2:
     raise ValueError(f"a K-major weight takes a 2-d scale grid, got shape "
                      f"{jnp.shape(scale)}")
-  return _quantize_leaf_scaled(
+  return _quantize_leaf_given(
       w, plan, jnp.asarray(scale, jnp.float32),
       None if tensor_scale is None else jnp.asarray(tensor_scale, jnp.float32))
 
@@ -992,11 +996,9 @@ def quantize_params(params: Any, plan: Mapping[str, WeightPlan], *,
   if extra:
     raise ValueError(f"learned scales for {extra} have no planned weight; plan "
                      "those weights (a rule with a weight spec must match them)")
-  lone = sorted(set(tensor_scales or {}) - set(scales or {}))
-  if lone:
-    raise ValueError(f"tensor scales for {lone} come without their block scales; "
-                     "pass a PTQ result's weight_scales with its "
-                     "weight_tensor_scales (lowbit_jax.real_mode_kwargs)")
+  check_tensor_scales_paired(tensor_scales, scales,
+                             "a PTQ result's weight_scales and weight_tensor_scales "
+                             "(lowbit_jax.real_mode_kwargs)")
   if missing:
     raise ValueError(f"planned weights {missing} are not leaves of params (its "
                      f"leaves include {paths[:6]}); build the plan from the same "
@@ -1341,23 +1343,6 @@ def _pact_clip(site: Site, call: SiteCall, x):
       return jnp.reshape(observer_for(spec).finalize(st, spec)["amax"], ())
     return jnp.max(jnp.abs(lax.stop_gradient(_float(x)).astype(jnp.float32)))
   return call.scale(site, "act_clip", make)
-
-
-def _expand_grid(s, shape, block):
-  """A per-block array broadcast to ``shape``: along each dim its entry i
-  covers elements ``[i * b, (i + 1) * b)`` for that dim's block size ``b``
-  (``block``, from ``block_shape``; a padded last block is cut short). The
-  block sizes must be given: ``ceil(d / n)`` is not the group size when the
-  last group is padded (176 rows in groups of 128 are 128 + 48, not 88 + 88).
-  """
-  s = jnp.asarray(s, jnp.float32)
-  if s.ndim == 0:
-    return s
-  for i, (n, d, b) in enumerate(zip(s.shape, shape, block)):
-    if n not in (1, d):
-      s = jnp.repeat(s, b, axis=i)
-      s = lax.slice_in_dim(s, 0, d, axis=i)
-  return s
 
 
 def _block_amax(x, spec: QuantSpec):

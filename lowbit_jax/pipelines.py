@@ -428,7 +428,8 @@ def llama_point(scheme: str, target: str = "weights", method: str = "rtn", *,
   _check(method, target)
   _check_attention(kv, qk, r3)
   for name, v, low in (("n_calib", n_calib, 1), ("batch", batch, 1),
-                       ("seq_len", seq_len, 2), ("max_eval_tokens", max_eval_tokens, 1)):
+                       ("seq_len", seq_len, 2),
+                       ("max_eval_tokens", max_eval_tokens, 0)):  # 0: all of them
     if v < low:
       raise ValueError(f"{name} must be >= {low}, got {v}")
   from lowbit_jax import train_lm  # pylint: disable=g-import-not-at-top

@@ -268,7 +268,7 @@ def test_nvfp4_gptq_stores_exactly_on_linen_and_nnx():
   want = np.asarray(model.kernel.get_value())
   qm = quantize_nnx(model, rules, mode="real", **kw)
   np.testing.assert_array_equal(qm.kernel.get_value().logical(), want)
-  with pytest.raises(ValueError, match="without their weight_scales"):
+  with pytest.raises(ValueError, match="without their block scales"):
     quantize_nnx(model, rules, mode="real",
                  weight_tensor_scales=kw["weight_tensor_scales"])
 
@@ -308,6 +308,11 @@ def test_gptq_on_padded_groups_stores_exactly():
     @nn.compact
     def __call__(self, x):
       return nn.Dense(64, use_bias=False, name="l")(x)
-  qp2, _ = apply_ptq(One(), {"l": {"kernel": w}}, [x], "gptq", rules[0].weight)
+  qp2, rep = apply_ptq(One(), {"l": {"kernel": w}}, [x], "gptq", rules[0].weight)
   np.testing.assert_array_equal(np.asarray(qp2["l"]["kernel"]),
                                 np.asarray(res.params["l"]["kernel"]))
+  from lowbit_jax.flax import quantize_linen  # pylint: disable=g-import-not-at-top
+  q = quantize_linen(rules, mode="real")
+  qv = q.quantize_params(One(), {"params": qp2, "quant_scales": rep["quant_scales"]}, x)
+  np.testing.assert_array_equal(qv["params"]["l"]["kernel"].logical(),
+                                qp2["l"]["kernel"])

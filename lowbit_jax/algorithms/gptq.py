@@ -36,7 +36,7 @@ from jax import lax
 from lowbit_jax.algorithms.rtn import SpecLike, check_kernel, kernel_spec
 from lowbit_jax.core import QuantSpec, fake_quant
 from lowbit_jax.core._quantize import check_static_range
-from lowbit_jax.core._qarray import block_shape
+from lowbit_jax.core._qarray import block_shape, expand_grid
 from lowbit_jax.formats import LookupFormat
 
 _HI = lax.Precision.HIGHEST
@@ -243,6 +243,17 @@ def _gptq(w, h, percdamp, tensor_amax, *, spec: QuantSpec, blocksize: int,
   amin = None if grid_lo is None else grid_lo[:n_gk, :n_gn]
   return GPTQResult(wq[:k, :n].astype(w.dtype), grid_hi[:n_gk, :n_gn], amin,
                     t_amax)
+
+
+def block_ranges(amax: jax.Array, shape: tuple, spec: SpecLike) -> jax.Array:
+  """``GPTQResult.amax`` spread over the ``[K, N]`` kernel: each element gets
+  its block's range (padded last groups cut short), so ``rtn_scales(
+  block_ranges(res.amax, w.shape, spec), spec, res.tensor_amax)`` gives the
+  scale grid (and a two-level spec's tensor scale) that stores ``res.weight``
+  exactly."""
+  shape = tuple(shape)
+  return jnp.broadcast_to(
+      expand_grid(amax, shape, block_shape(kernel_spec(spec), shape)), shape)
 
 
 def gptq(w: jax.Array, hessian: jax.Array, spec: SpecLike, *, blocksize: int = 128,

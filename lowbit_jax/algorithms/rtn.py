@@ -192,6 +192,9 @@ def rtn_scales(w: jax.Array, spec: SpecLike,
   ``tensor_amax`` as ``rtn_scale``'s.
   """
   spec = kernel_spec(spec)
+  if tensor_amax is not None and not spec.tensor_scale:
+    raise ValueError(f"tensor_amax is the tensor range of a two-level format "
+                     f"(NVFP4); {spec.format.name!r} has none: drop it")
   if spec.scale_dtype == "e8m0":
     q = quantize(w, spec)
     if q.tensor_scale is not None:  # quantize refuses these today
@@ -212,7 +215,4 @@ def rtn_scales(w: jax.Array, spec: SpecLike,
     # other codes under a tensor scale an ulp away.
     q = quantize(w, spec, tensor_amax=tensor_amax)
     return q.scale.astype(jnp.float32) * q.tensor_scale, q.tensor_scale
-  if tensor_amax is not None:
-    raise ValueError(f"tensor_amax is the tensor range of a two-level format "
-                     f"(NVFP4); {spec.format.name!r} has none: drop it")
   return init_scale(w, spec, "amax"), None

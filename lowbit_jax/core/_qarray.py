@@ -101,6 +101,23 @@ def block_shape(spec: QuantSpec, shape: tuple) -> tuple:
   return tuple(b)
 
 
+def expand_grid(s, shape: tuple, block: tuple) -> jax.Array:
+  """A per-block array broadcast to ``shape``: along each dim its entry i
+  covers elements ``[i * b, (i + 1) * b)`` for that dim's block size ``b``
+  (``block``, from ``block_shape``; a padded last block is cut short). The
+  block sizes must be given: ``ceil(d / n)`` is not the group size when the
+  last group is padded (176 rows in groups of 128 are 128 + 48, not 88 + 88).
+  """
+  s = jnp.asarray(s, jnp.float32)
+  if s.ndim == 0:
+    return s
+  for i, (n, d, b) in enumerate(zip(s.shape, shape, block)):
+    if n not in (1, d):
+      s = jnp.repeat(s, b, axis=i)
+      s = lax.slice_in_dim(s, 0, d, axis=i)
+  return s
+
+
 def default_pack_axis(spec: QuantSpec, ndim: int) -> int:
   ax = normalize_axis(spec.axis, ndim)
   if isinstance(ax, int) and spec.tile is None:

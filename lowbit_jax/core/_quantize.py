@@ -1348,6 +1348,7 @@ def quantize(x: jax.Array, spec=None, *, key: Optional[jax.Array] = None,
   x = jnp.asarray(x)
   key = _as_key(key)
   _check_tensor_amax(spec, amax, tensor_amax, amin)
+  _check_tensor_scale(spec, scale, tensor_scale)  # before any kernel takes the call
   _check_empty(x, "quantize")
   if _kernel_ok(x, spec, False, key=key, amax=amax, amin=amin,
                 tensor_amax=tensor_amax, scale=scale, clip=clip,

@@ -304,14 +304,15 @@ def _check_qarray_operand(name: str, amax=None, tensor_amax=None, scale=None,
                           clip=None, history=None) -> None:
   """Refuses range keywords for an operand quantized ahead of time (its codes
   and scales are fixed: a range would be silently ignored)."""
-  given = [k for k, v in (("amax", amax), ("tensor_amax", tensor_amax),
-                          ("scale", scale), ("clip", clip)) if v is not None]
-  if given or history is not None:
-    what = ", ".join(f"{name}_{k}" for k in given) or "an amax history"
-    raise ValueError(f"{name} is a QArray (quantized ahead of time): it takes no "
-                     f"{name}_amax, {name}_tensor_amax, {name}_scale, {name}_clip or "
-                     f"amax history (got {what}); pass the float array to quantize "
-                     "it with those, or drop them")
+  given = [f"{name}_{k}" for k, v in (("amax", amax), ("tensor_amax", tensor_amax),
+                                      ("scale", scale), ("clip", clip)) if v is not None]
+  if history is not None:
+    given.append("an amax history")
+  if given:
+    raise ValueError(f"{name} is a QArray (quantized ahead of time), whose codes and "
+                     f"scales are fixed: it takes no range keywords (got "
+                     f"{', '.join(given)}); pass the float array to quantize it with "
+                     "those, or drop them")
 
 
 # ---------------------------------------------------------------------------
@@ -635,11 +636,10 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None,
     rsrc = rhs if cfg.r_bwd is not None else None
     return _qgrad_dot(cfg, lv, rv, lsrc, rsrc, (k_g, k_l, k_r), hist.get("grad"))
   # real
-  if r_is_q:
-    _check_qarray_operand("rhs", scale=rhs_scale, history=hist.get("rhs"))
+  if r_is_q:   # (histories are fake mode only: _check_histories)
+    _check_qarray_operand("rhs", scale=rhs_scale)
   if l_is_q:
-    _check_qarray_operand("lhs", lhs_amax, lhs_tensor_amax, lhs_scale, lhs_clip,
-                          hist.get("lhs"))
+    _check_qarray_operand("lhs", lhs_amax, lhs_tensor_amax, lhs_scale, lhs_clip)
   rq = rhs if r_is_q else (
       quantize(rhs, rs, key=k_r if _stoch(rs) else None, scale=rhs_scale)
       if rs is not None and rhs.size else rhs)

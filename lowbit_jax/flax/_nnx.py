@@ -507,11 +507,10 @@ def quantize_nnx(model: nnx.Module, rules, mode: str = "fake", *, strict: bool =
   _rules.check_use_kernel(use_kernel)
   config = _rules.as_config(rules, strict)
   stream_in = _rng_stream(rngs)
-  lone = sorted(set(weight_tensor_scales or {}) - set(weight_scales or {}))
-  if lone:
-    raise ValueError(f"weight_tensor_scales for {lone} come without their "
-                     "weight_scales; pass both from the PTQ result "
-                     "(lowbit_jax.real_mode_kwargs(result, 'nnx'))")
+  _rules.check_tensor_scales_paired(
+      weight_tensor_scales, weight_scales,
+      "weight_scales= and weight_tensor_scales= from the PTQ result "
+      "(lowbit_jax.real_mode_kwargs(result, 'nnx'))")
 
   def fn(path, node):
     if not isinstance(node, nnx.Module) or isinstance(node, QuantOp):

@@ -54,15 +54,13 @@ import numpy as np
 
 from lowbit_jax._experts import clip_experts, expert_spec, quantize_experts
 from lowbit_jax._ptq_scaling import _close
-from lowbit_jax._rules import _expand_grid
 from lowbit_jax.algorithms._tree import with_leaves
 from lowbit_jax.algorithms.awq import awq_clip_search, awq_scales, awq_search
-from lowbit_jax.algorithms.gptq import gptq
+from lowbit_jax.algorithms.gptq import block_ranges, gptq
 from lowbit_jax.algorithms.rotation import random_hadamard
-from lowbit_jax.algorithms.rtn import kernel_spec, rtn, rtn_scales, sqnr_db
+from lowbit_jax.algorithms.rtn import rtn, rtn_scales, sqnr_db
 from lowbit_jax.algorithms.smoothquant import smoothquant_scales
 from lowbit_jax.core import QuantSpec
-from lowbit_jax.core._qarray import block_shape
 from lowbit_jax.flax._capture import (Capture, DenseStats, ExpertStats,
                                      capture_dense_stats, conv_matrix, conv_unmatrix,
                                      split_batch)
@@ -389,10 +387,7 @@ def _quantize_dense(path: str, w: jax.Array, st: DenseStats, spec: Optional[Quan
     if quantizer == "gptq":
       res = gptq(w_in, st.gram, spec, **gptq_kw)
       w_q, t_amax = res.weight, res.tensor_amax
-      full = jnp.broadcast_to(
-          _expand_grid(res.amax, w_in.shape,
-                       block_shape(kernel_spec(spec), tuple(w_in.shape))),
-          w_in.shape)
+      full = block_ranges(res.amax, w_in.shape, spec)
     else:
       w_q, full = rtn(w_in, spec), w_in
     if spec.symmetric and not simulated:   # the range each block was rounded with
@@ -642,10 +637,7 @@ def _quantize_convs(cur, cap: Capture, stats: dict, method: str,
     if base_quant == "gptq":
       res = gptq(w_in, st.gram, spec, **gptq_kw)
       w_q, t_amax = res.weight, res.tensor_amax
-      full = jnp.broadcast_to(
-          _expand_grid(res.amax, w2.shape,
-                       block_shape(kernel_spec(spec), tuple(w2.shape))),
-          w2.shape)
+      full = block_ranges(res.amax, w2.shape, spec)
     else:
       w_q = rtn(w_in, spec)
       full = w_in

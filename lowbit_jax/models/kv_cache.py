@@ -384,6 +384,7 @@ def init_cache(config, batch: int, *, rules=None, residual: Optional[int] = None
   slots = int(max_len if max_len is not None else config.max_len)
   if slots < 1:
     raise ValueError(f"max_len must be positive, got {slots}")
+  asked = slots   # the cache's max_len (what the model lets it hold)
   dt = jnp.dtype(dtype if dtype is not None else config.compute_dtype)
   specs = cache_specs(n_layers, rules, strict=strict)
   rotations = tuple((bool(rotate) or k, bool(rotate) or v)
@@ -416,8 +417,8 @@ def init_cache(config, batch: int, *, rules=None, residual: Optional[int] = None
       r = max(blocks) if max(blocks) > 1 else 32
       if max(blocks) > slots:
         # Shorter than one group: no group ever fills, so every token stays in
-        # the float window; the cache takes one group's slots (the ones past
-        # max_len are never written or read).
+        # the float window; the stores take one group's slots (the ones past
+        # max_len, which stays the one asked for, are never written or read).
         slots = max(blocks)
       r = min(r, slots)
     else:
@@ -449,7 +450,7 @@ def init_cache(config, batch: int, *, rules=None, residual: Optional[int] = None
   pad = jnp.asarray(pad, jnp.int32)
   if pad.shape != (batch,):
     raise ValueError(f"pad must have shape [batch] = [{batch}], got {pad.shape}")
-  return KVCache(tuple(layers), jnp.zeros((), jnp.int32), pad, slots, r, bool(rotate))
+  return KVCache(tuple(layers), jnp.zeros((), jnp.int32), pad, asked, r, bool(rotate))
 
 
 # ---------------------------------------------------------------------------
