@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 import lowbit_jax as lb
@@ -71,3 +72,18 @@ def test_nnx_export_equals_fake_after_a_step():
   y_fake = m(X)
   qm = quantize_nnx(m, RULES, mode="real")
   np.testing.assert_array_equal(qm(X), y_fake)
+
+
+def test_a_shared_delayed_layer_warns_that_its_histories_sum():
+  class Twice(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      d = nn.Dense(16, name="shared")
+      return d(jax.nn.relu(d(x)))
+  model = Twice()
+  params = model.init(jax.random.key(1), X)["params"]
+  qf = quantize_linen(RULES, mode="fake")
+  with pytest.warns(UserWarning, match=r"\['shared/kernel'\].*sum"):
+    st = qf.init_quant_vars(model, {"params": params}, X)["quant_state"]
+  with pytest.warns(UserWarning, match=r"\['shared/kernel'\].*sum"):
+    qf(model.apply)({"params": params, "quant_state": st}, X)

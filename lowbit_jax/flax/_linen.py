@@ -62,9 +62,11 @@ as static ranges, so the real model computes the fake-quant forward pass.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import threading
+import warnings
 from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
@@ -588,8 +590,22 @@ class LinenQuantizer:
 
     @functools.wraps(apply_fn)
     def wrapped(variables, *args, **kwargs):
-      with nn.intercept_methods(self._intercept):
-        out = apply_fn(box_qarrays(variables), *args, **kwargs)
+      self._local.delayed = collections.Counter()
+      try:
+        with nn.intercept_methods(self._intercept):
+          out = apply_fn(box_qarrays(variables), *args, **kwargs)
+        shared = sorted(p for p, n in self._local.delayed.items() if n > 1)
+      finally:
+        self._local.delayed = None
+      if shared:
+        # Each call returns its new history as the history's gradient, and
+        # autodiff sums the gradients of a value used twice (core.ops).
+        warnings.warn(
+            f"{shared}: a delayed-scaling layer called more than once in one apply "
+            "shares its amax histories; differentiated, their gradient (the new "
+            "history) is the sum of the calls' new histories, a range too wide. "
+            "Use current scaling (scaling='current') for shared layers",
+            UserWarning, stacklevel=2)
       self.config.check()
       return out
 
@@ -777,6 +793,9 @@ class LinenQuantizer:
       return next_fun(*args, **kwargs)
     site = Site(wpath, _OP[kind], rule, self.mode, self.use_kernel)
     self.config.record_site(wpath, site)
+    counts = getattr(self._local, "delayed", None)
+    if counts is not None and rule.delayed and self.mode == "fake":
+      counts[wpath] += 1
     op = _SiteOp(self, mod, site)
     if kind == "einsum":
       return self._einsum(mod, op, *args, **kwargs)
