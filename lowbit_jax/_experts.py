@@ -21,7 +21,7 @@ import numpy as np
 from lowbit_jax.algorithms.awq import awq_clip_search
 from lowbit_jax.algorithms.gptq import block_ranges, gptq
 from lowbit_jax.algorithms.rtn import rtn
-from lowbit_jax.core import fake_quant
+from lowbit_jax.core import fake_quant, scaling
 from lowbit_jax.core._spec import QuantSpec
 
 _HI = jax.lax.Precision.HIGHEST
@@ -98,8 +98,9 @@ def quantize_experts(w: jax.Array, grams: jax.Array, counts, spec: QuantSpec,
   outs, amaxs, fallback = [], [], []
   t_amax = None
   if spec.tensor_scale:
-    # Over finite values, as quantize takes a tensor's range.
-    t_amax = jnp.max(jnp.where(jnp.isfinite(w), jnp.abs(w), 0)).astype(jnp.float32)
+    # Over finite values, as quantize takes a tensor's range (any positive
+    # range for an all-zero stack: its blocks are zero under every scale).
+    t_amax = scaling.current_amax(w)
     t_amax = jnp.where(t_amax > 0, t_amax, jnp.float32(1.0))
   for e in range(w.shape[0]):
     we = w[e]

@@ -866,8 +866,7 @@ class QuantizedFunction:
     histories = {}
     for path in plan:
       h = (quant_state or {}).get(path, {}).get("weight_history")
-      rule = None if h is None else self._plan_rule(
-          path, _DOT_KINDS + _RAGGED_KINDS + ("conv",))
+      rule = None if h is None else self._plan_rule(path, _RAGGED_KINDS + ("conv",))
       if rule is not None and rule.delayed:
         histories[path] = (rule, h)
     return _rules.quantize_params(params, plan, donate=donate, on_step=on_step,

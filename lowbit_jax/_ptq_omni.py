@@ -69,6 +69,7 @@ from lowbit_jax._ptq_scaling import (_expert_layer, _put, _row_features,
                                      quantized_folds)
 from lowbit_jax.algorithms.omniquant import (OmniQuantOptions, _grid_layout, lwc_init,
                                              lwc_quant, lwc_step)
+from lowbit_jax.algorithms.gptq import block_ranges
 from lowbit_jax.algorithms.rtn import hessian_error, rtn_scale
 from lowbit_jax.core import fake_quant, scale_shape
 from lowbit_jax.core._qarray import block_shape
@@ -163,8 +164,7 @@ def _finish(w, logits, sr, hessian, count, x, *, meta, spec, kspec, aspec, rtn):
     clip = jnp.mean(jax.nn.sigmoid(logits["gamma"]))
   qm = fake_quant(m, kspec, scale=step, zero_point=z)
   wq = st.from_matrix(qm).astype(w.dtype)
-  full = jnp.broadcast_to(_rules._expand_grid(  # pylint: disable=protected-access
-      step, m.shape, block_shape(kspec, tuple(m.shape))), m.shape)
+  full = block_ranges(step, m.shape, kspec)
   scale = _grid_max(st.from_matrix(full), plan.spec, w.shape)
   exact = jnp.array_equal(fake_quant(wq, plan.spec, scale=scale), wq)
   ref = m / sr[:, None]

@@ -203,9 +203,10 @@ def _from_matrix(m, *, meta):
 @functools.partial(jax.jit, static_argnames=("meta", "spec"))
 def _round(w_in, w, sr, hessian, count, *, meta, spec):
   """RTN of one (scaled, clipped) kernel ``w_in``: ``(w_q, scale, tensor scale,
-  codes reproduced, error, RTN's error)`` (the tensor scale: two-level specs). The errors are those of ``w_q / s`` and of plain RTN
-  against the float kernel on unscaled inputs (``w / s``, ``w`` unclipped),
-  ``tr(dW^T H dW) / rows`` (jitted per site kind)."""
+  codes reproduced, error, RTN's error)`` (the tensor scale: two-level specs).
+  The errors are those of ``w_q / s`` and of plain RTN against the float
+  kernel on unscaled inputs (``w / s``, ``w`` unclipped), ``tr(dW^T H dW) /
+  rows`` (jitted per site kind)."""
   from lowbit_jax import _ptq
   st = _ptq.SiteStats(hessian, count, *meta)
   plan = _ptq._plan(st, spec)   # pylint: disable=protected-access

@@ -914,7 +914,7 @@ def delayed_range(rule: "QuantRule", history, w) -> jax.Array:
 
 
 def quantize_weight(w: jax.Array, plan: WeightPlan, scale=None,
-                    tensor_scale=None, amax=None) -> QWeight:
+                    tensor_scale=None, history: Optional[tuple] = None) -> QWeight:
   """Quantizes one float weight as ``plan`` says (jitted per shape and plan).
 
   Args:
@@ -927,16 +927,19 @@ def quantize_weight(w: jax.Array, plan: WeightPlan, scale=None,
       scale the block scales were chosen under (a PTQ result's
       ``weight_tensor_scales``; ``quantize``'s keyword). None: rebuilt from
       the largest block scale.
-    amax: a static range (a scalar: the per-tensor range of a delayed-scaling
-      weight, ``delayed_range``; NVFP4: its tensor range). Not with
-      ``scale``.
+    history: ``(QuantRule, weight_history)`` of a delayed-scaling weight: it
+      is stored with the per-tensor range the history gives
+      (``delayed_range``; NVFP4: its tensor range), the one fake mode
+      quantized it with. Not with ``scale``.
   """
   if isinstance(w, QArray):
     raise TypeError("this weight is already quantized")
-  if amax is not None:
+  if history is not None:
     if scale is not None:
-      raise ValueError("a weight takes a learned scale or a static range, not both")
-    return _quantize_leaf_given(w, plan, amax=jnp.asarray(amax, jnp.float32))
+      raise ValueError("a weight takes a learned scale or an amax history, not both")
+    rule, h = history
+    return _quantize_leaf_given(w, plan,
+                                amax=delayed_range(rule, h, _as_op_sees(w, plan)))
   if scale is None:
     if tensor_scale is not None:
       raise ValueError("a tensor scale is given without the block scales it goes "
@@ -1011,13 +1014,9 @@ def quantize_params(params: Any, plan: Mapping[str, WeightPlan], *,
     leaf = leaves[i]
     if isinstance(leaf, QArray):
       raise ValueError(f"{p} is already quantized")
-    amax = None
-    if histories is not None and p in histories:
-      rule, hist = histories[p]
-      amax = delayed_range(rule, hist, _as_op_sees(leaf, plan[p]))
     q = quantize_weight(leaf, plan[p], None if scales is None else scales.get(p),
                         None if tensor_scales is None else tensor_scales.get(p),
-                        amax)
+                        None if histories is None else histories.get(p))
     leaves[i] = q
     if on_step is not None:
       on_step(p, q)
@@ -1519,15 +1518,12 @@ def _delayed_as_static(site: Site, hist: dict, x, lspec, w, wspec):
   Returns:
     ``(x, lspec, w, wspec, ops keywords)``.
   """
-
-  def rng(h, v):
-    return delayed_range(site.rule, h, v)
   kw = {}
   if "lhs" in hist and lspec is not None:
-    a = rng(hist["lhs"], x)
+    a = delayed_range(site.rule, hist["lhs"], x)
     kw["lhs_tensor_amax" if lspec.tensor_scale else "lhs_amax"] = a
   if site.is_act and "rhs" in hist and wspec is not None:
-    a = rng(hist["rhs"], w)
+    a = delayed_range(site.rule, hist["rhs"], w)
     k = "tensor_amax" if wspec.tensor_scale else "amax"
     w = quantize(w, wspec, **{k: a})
     wspec = None

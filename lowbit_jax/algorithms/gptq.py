@@ -35,7 +35,7 @@ from jax import lax
 
 from lowbit_jax.algorithms.rtn import SpecLike, check_kernel, kernel_spec
 from lowbit_jax.core import QuantSpec, fake_quant
-from lowbit_jax.core._quantize import check_static_range
+from lowbit_jax.core._quantize import _check_tensor_amax
 from lowbit_jax.core._qarray import block_shape, expand_grid
 from lowbit_jax.formats import LookupFormat
 
@@ -299,14 +299,7 @@ def gptq(w: jax.Array, hessian: jax.Array, spec: SpecLike, *, blocksize: int = 1
     raise ValueError(f"percdamp must be >= 0 (e.g. 0.01), got {percdamp!r}")
   spec = kernel_spec(spec)
   _check_spec(spec)
-  if tensor_amax is not None:
-    if not spec.tensor_scale:
-      raise ValueError(f"tensor_amax is the tensor range of a two-level format "
-                       f"(NVFP4); {spec.format.name!r} has none: drop it")
-    check_static_range(None, tensor_amax=tensor_amax)
-    if jnp.ndim(tensor_amax) != 0:
-      raise ValueError(f"tensor_amax must be a scalar, got shape "
-                       f"{jnp.shape(tensor_amax)}")
+  _check_tensor_amax(spec, None, tensor_amax)
   bk, bn = block_shape(spec, (k, n))
   if (k % bk or n % bn) and not spec.pad:
     ax, d, bsz = (0, k, bk) if k % bk else (1, n, bn)

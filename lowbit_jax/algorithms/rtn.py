@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowbit_jax.core import QuantSpec, as_spec, fake_quant, init_scale, quantize
+from lowbit_jax.core._quantize import _check_tensor_amax
 from lowbit_jax.formats import Format
 
 SpecLike = Union[QuantSpec, str, Format]
@@ -192,9 +193,7 @@ def rtn_scales(w: jax.Array, spec: SpecLike,
   ``tensor_amax`` as ``rtn_scale``'s.
   """
   spec = kernel_spec(spec)
-  if tensor_amax is not None and not spec.tensor_scale:
-    raise ValueError(f"tensor_amax is the tensor range of a two-level format "
-                     f"(NVFP4); {spec.format.name!r} has none: drop it")
+  _check_tensor_amax(spec, None, tensor_amax)
   if spec.scale_dtype == "e8m0":
     q = quantize(w, spec)
     if q.tensor_scale is not None:  # quantize refuses these today

@@ -1348,15 +1348,15 @@ def quantize(x: jax.Array, spec=None, *, key: Optional[jax.Array] = None,
   x = jnp.asarray(x)
   key = _as_key(key)
   _check_tensor_amax(spec, amax, tensor_amax, amin)
-  _check_tensor_scale(spec, scale, tensor_scale)  # before any kernel takes the call
   _check_empty(x, "quantize")
+  # Validated before a kernel can take the call (it takes none of them).
+  scale, zero_point, clip, tensor_scale = _check_learned(
+      spec, x.shape, amax, amin, tensor_amax, scale, zero_point, clip, tensor_scale)
   if _kernel_ok(x, spec, False, key=key, amax=amax, amin=amin,
                 tensor_amax=tensor_amax, scale=scale, clip=clip,
                 zero_point=zero_point):
     from lowbit_jax.kernels import gpu_quantize  # pylint: disable=g-import-not-at-top
     return gpu_quantize.quantize(x, spec, tensor_amax=tensor_amax)
-  scale, zero_point, clip, tensor_scale = _check_learned(
-      spec, x.shape, amax, amin, tensor_amax, scale, zero_point, clip, tensor_scale)
   # One jit per (spec, shape): run eagerly, the dozens of small ops would each
   # compile on first use (seconds for a new shape); inside a trace it inlines.
   return _quantize_jit(x, spec, key, amax, amin, tensor_amax, scale, zero_point,

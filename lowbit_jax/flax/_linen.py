@@ -948,14 +948,20 @@ def _weight_histories(state, plan: dict, config) -> dict:
     site = config.sites.get(wpath)
     if site is None or not site.rule.delayed:
       continue
-    node = state
-    for p in wpath.split("/")[:-1]:
-      node = node.get(p) if isinstance(node, dict) else None
-      if node is None:
-        break
-    if isinstance(node, dict) and "weight_history" in node:
+    node = _layer_node(state, wpath)
+    if "weight_history" in node:
       out[wpath] = (site.rule, node["weight_history"])
   return out
+
+
+def _layer_node(tree: dict, wpath: str) -> dict:
+  """The dict of ``tree`` at the layer owning weight ``wpath`` ({} if none)."""
+  node = tree
+  for p in wpath.split("/")[:-1]:
+    node = node.get(p) if isinstance(node, dict) else None
+    if node is None:
+      return {}
+  return node if isinstance(node, dict) else {}
 
 
 def _split_weight_scales(scales, plan: dict):
@@ -972,15 +978,10 @@ def _split_weight_scales(scales, plan: dict):
   rest = _plain(scales)
   found, tensor = {}, {}
   for wpath in plan:
-    parts = wpath.split("/")[:-1]
-    node = rest
-    for p in parts:
-      node = node.get(p) if isinstance(node, dict) else None
-      if node is None:
-        break
-    if isinstance(node, dict) and "weight_scale" in node:
+    node = _layer_node(rest, wpath)   # popped in place: they leave ``rest``
+    if "weight_scale" in node:
       found[wpath] = node.pop("weight_scale")
-    if isinstance(node, dict) and "weight_tensor_scale" in node:
+    if "weight_tensor_scale" in node:
       tensor[wpath] = node.pop("weight_tensor_scale")
   return found, tensor, rest
 

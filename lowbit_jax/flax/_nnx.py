@@ -572,10 +572,8 @@ def quantize_nnx(model: nnx.Module, rules, mode: str = "fake", *, strict: bool =
       var = node.kernel
       w = var.get_value()
       if not isinstance(w, QArray):
-        plan = _plan(node, op, rule.weight_spec, p)
-        amax = (None if history is None else
-                _rules.delayed_range(rule, history, _rules._as_op_sees(w, plan)))  # pylint: disable=protected-access
-        q = _rules.quantize_weight(w, plan, learned, tensor, amax)
+        q = _rules.quantize_weight(w, _plan(node, op, rule.weight_spec, p), learned,
+                                   tensor, None if history is None else (rule, history))
         var.set_value(q)
         if learned is not None and hasattr(qop, "weight_scale"):  # now in the QWeight
           del qop.weight_scale
