@@ -412,8 +412,10 @@ def test_bad_keys_and_meaningless_specs_are_refused():
   for fn in (lb.fake_quant, lb.quantize):
     with pytest.raises(TypeError, match=r"jax.random.key\(0\)"):
       fn(x, spec, key=0)
-  # Old-style raw key data still works.
-  lb.fake_quant(x, spec, key=jax.random.PRNGKey(0))
+  # Old-style raw key data is the same key.
+  np.testing.assert_array_equal(
+      lb.fake_quant(x, spec, key=jax.random.PRNGKey(0)),
+      lb.fake_quant(x, spec, key=jax.random.wrap_key_data(jax.random.PRNGKey(0))))
   with pytest.raises(ValueError, match="threshold"):
     lb.QuantSpec("ternary", rounding="stochastic")
 
