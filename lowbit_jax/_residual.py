@@ -227,12 +227,14 @@ def find_residual_stream(fn: Callable, params: Any, *args, **kwargs) -> Residual
   gainf = _VDict()    # var -> (gain path, axis): gain x (per-token uniform)
   uniform = _VSet()   # vars constant along their last axis
   zero = _VSet()      # vars known to be all zeros
-  rotate: dict = {}      # (path, axis) -> role
+  rotate: dict = {}      # (path, axis) -> {roles}
   fusion: dict = {}      # gain path -> {(kernel, axis)}
   readers, writers = [], []
   width = [None]
   last_param = ["(no parameter yet)"]
-  used_gain_elsewhere: set = set()
+  used_gain_elsewhere: dict = {}   # gain path -> where it is used off the norm
+  param_used: dict = {}            # param path -> where it meets a non-view op
+  offstream_reads: dict = {}       # (path, axis) contracted with a non-stream value
 
   for v, p, (_, leaf) in zip(jaxpr.invars, paths, flat):
     if jnp.issubdtype(leaf.dtype, jnp.inexact):
@@ -271,8 +273,31 @@ def find_residual_stream(fn: Callable, params: Any, *args, **kwargs) -> Residual
     elif width[0] != d:
       fail(eqn, f"a second stream of width {d} (the first has width {width[0]})")
 
+  def note_other_uses(eqn, ins, outs):
+    """Records gains and parameters that reach an op other than a view of
+    themselves or a gain factor (e.g. a gain applied to a non-stream value):
+    a fused gain must be used by its norm only."""
+    for v in ins:
+      if isinstance(v, _Literal):
+        continue
+      if v in gainf and not any(o in gainf and gainf[o][0] == gainf[v][0]
+                                for o in outs):
+        used_gain_elsewhere.setdefault(gainf[v][0], where(eqn))
+      if v in pview:
+        path = pview[v][0]
+        if not any((o in pview and pview[o][0] == path)
+                   or (o in gainf and gainf[o][0] == path) for o in outs):
+          param_used.setdefault(path, where(eqn))
+
+  def note_offstream_read(eqn, path, axes):
+    for ax in axes:
+      if ax is not None:
+        offstream_reads.setdefault((path, ax), where(eqn))
+
   def add_rotate(path, axis, role):
-    rotate[(path, axis)] = role
+    # A parameter axis can be both written and read (a tied embedding and
+    # head): the roles are kept as a set, so the tie check below sees both.
+    rotate.setdefault((path, axis), set()).add(role)
 
   def writer_of(v, eqn):
     """Records the parameters behind ``v`` (added to the stream) as writers."""
@@ -379,6 +404,7 @@ def find_residual_stream(fn: Callable, params: Any, *args, **kwargs) -> Residual
       path, amap = pview[w]
       free = [i for i in range(len(w.aval.shape)) if i not in rc and i != 0]
       if sx is None:
+        note_offstream_read(eqn, path, [amap[i] for i in rc])
         if free and amap[free[-1]] is not None:
           lin[out] = [(path, amap[free[-1]])]
         continue
@@ -405,6 +431,11 @@ def find_residual_stream(fn: Callable, params: Any, *args, **kwargs) -> Residual
         if x is ins[1]:
           lc, rc = rc, lc
       if sx is None and state(w) is None:
+        note_other_uses(eqn, ins, outs)
+        for v, c in zip(ins[:2], eqn.params["dimension_numbers"][0]
+                        if name == "dot_general" else ((), ())):
+          if not isinstance(v, _Literal) and v in pview:
+            note_offstream_read(eqn, pview[v][0], [pview[v][1][i] for i in c])
         if w in pview and name == "dot_general":
           path, amap = pview[w]
           (lc0, rc0), (lb0, rb0) = eqn.params["dimension_numbers"]
@@ -478,10 +509,7 @@ def find_residual_stream(fn: Callable, params: Any, *args, **kwargs) -> Residual
       if any(s == "inv" for s in states) and out is not None:
         for o in outs:
           st[o] = "inv"
-      for v in ins:
-        if v in gainf and name not in ("mul", "broadcast_in_dim") and (
-            name not in _SAME):
-          used_gain_elsewhere.add(gainf[v][0])
+      note_other_uses(eqn, ins, outs)
       continue
     # Operations on the stream.
     s0 = states[0] if states else None
@@ -601,19 +629,32 @@ def find_residual_stream(fn: Callable, params: Any, *args, **kwargs) -> Residual
                      "gather from a 2-d float parameter) was found in the function, "
                      "so there is no residual stream to rotate")
   fusions = []
+  for (p, ax), at in sorted(offstream_reads.items()):
+    if (p, ax) in rotate:
+      raise ValueError(
+          f"rotation of the residual stream: {p!r} (axis {ax}) is part of the "
+          f"stream's rotation but is also contracted with a value that is not the "
+          f"stream {at.strip()}, which a rotation of that axis would change; give that "
+          "second use a parameter of its own")
   for g, rs in sorted(fusion.items()):
-    if g in used_gain_elsewhere:
+    at = used_gain_elsewhere.get(g, param_used.get(g))
+    if at is not None:
       raise ValueError(f"rotation of the residual stream: norm gain {g!r} is also "
-                       "used outside the norm, so it cannot be fused into the "
-                       "layers that read the norm")
+                       f"used outside the norm {at.strip()}, so it cannot be fused into the "
+                       "layers that read the norm; give that use a parameter of "
+                       "its own")
     if (g, 0) in rotate or any(p == g for p, _ in rotate):
       raise ValueError(f"rotation of the residual stream: norm gain {g!r} is also "
                        "read or written as a stream parameter")
     for kp, ax in rs:
-      if rotate.get((kp, ax)) in ("writer", "embedding"):
+      if rotate.get((kp, ax), set()) & {"writer", "embedding"}:
         raise ValueError(f"rotation of the residual stream: {kp!r} reads norm gain "
                          f"{g!r} but also writes into the stream (a tied embedding "
-                         "and head with a final norm gain); untie them")
+                         "and output head after a norm with a gain): fusing the gain "
+                         "would rescale the embedding lookups. Untie them: give the "
+                         "head a kernel of its own (for lowbit_jax.models.Llama, "
+                         "tie_embeddings=False with lm_head/kernel = "
+                         "embed/embedding.T)")
     fusions.append(GainFusion(g, tuple(sorted(rs))))
   fused = {}
   for f in fusions:

@@ -150,6 +150,44 @@ def test_models_that_cannot_rotate_name_the_layer(post_norm, match):
     rotate_model(lambda p, t: m.apply({"params": p}, t), p, t, key=jax.random.key(0))
 
 
+def test_tied_embedding_and_head_after_a_gained_norm_is_refused():
+  # Fusing the final gain into the tied table would rescale every lookup.
+  cfg = LlamaConfig.smoke(tie_embeddings=True)
+  m = Llama(cfg)
+  t = jnp.zeros((1, 4), jnp.int32)
+  p = m.init(jax.random.key(0), t)["params"]
+  with pytest.raises(ValueError, match="'embed/embedding' reads norm gain "
+                     "'final_norm/scale' but also writes.*Untie them"):
+    rotate_model(lambda p, t: m.apply({"params": p}, t), p, t, key=jax.random.key(0))
+
+
+def _rms(x, g):
+  return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * g
+
+
+@pytest.mark.parametrize("shared", ["gain", "kernel"])
+def test_a_stream_parameter_also_used_off_the_stream_is_refused(shared):
+  # A gain also applied to a hidden state, or a reader kernel also applied to
+  # a non-stream value: the fold would change that second use.
+  k = iter(jax.random.split(jax.random.key(0), 8))
+  p = {n: jax.random.normal(next(k), s) for n, s in
+       (("emb", (16, 8)), ("g", (8,)), ("w", (8, 8)), ("down", (8, 8)),
+        ("head", (8, 16)))}
+
+  def fn(p, t):
+    x = p["emb"][t]
+    h = _rms(x, p["g"]) @ p["w"]
+    h = _rms(h, p["g"]) if shared == "gain" else jnp.tanh(h) @ p["w"]
+    x = x + h @ p["down"]
+    return _rms(x, 1.0) @ p["head"]
+
+  match = ("norm gain 'g' is also used outside the norm" if shared == "gain" else
+           "'w' \\(axis 0\\) is part of the stream's rotation but is also "
+           "contracted with a value that is not the stream")
+  with pytest.raises(ValueError, match=match):
+    rotate_model(fn, p, jnp.arange(6)[None], key=jax.random.key(1))
+
+
 def test_input_rotation_rule_validation():
   with pytest.raises(ValueError, match="input_rotation must be one of"):
     QuantRule(".*", input_rotation="random")
