@@ -118,7 +118,10 @@ def _table(costs, sizes, bits):
 
 
 def _integerize(w_rows, capacity: float, max_states: int):
-  """Integer weights and capacity; exact when a small rational scaling exists."""
+  """``(integer weights, capacity, exact)``: exact when a small rational
+  scaling exists, else weights rounded up to ``capacity / max_states`` units
+  (every integer solution then fits the real budget, but some real solutions
+  no longer fit)."""
   flat = [v for row in w_rows for v in row]
   fr = [fractions.Fraction(v).limit_denominator(1 << 16) for v in flat]
   if all(abs(float(f) - v) <= 1e-9 * max(1.0, abs(v)) for f, v in zip(fr, flat)):
@@ -128,9 +131,9 @@ def _integerize(w_rows, capacity: float, max_states: int):
     cap = math.floor(capacity * den / g * (1 + 1e-12))
     if cap <= max_states:
       it = iter(v // g for v in ints)
-      return [[next(it) for _ in row] for row in w_rows], cap
+      return [[next(it) for _ in row] for row in w_rows], cap, True
   unit = capacity / max_states
-  return [[math.ceil(v / unit) for v in row] for row in w_rows], max_states
+  return [[math.ceil(v / unit) for v in row] for row in w_rows], max_states, False
 
 
 def _dp(c_rows, wi, cap):
@@ -194,11 +197,15 @@ def allocate_bits(costs: Mapping[str, Mapping[str, float]], sizes: Mapping[str, 
     bits: candidate -> bits per weight, or layer -> candidate -> bits per
       weight (scale overhead depends on the shape; see ``spec_bits``).
     budget: the largest allowed average bits per weight.
-    method: "dp" (exact multiple-choice knapsack; exact when the bit budget
-      integerizes into at most ``max_states`` units, otherwise weights are
-      rounded up to ``budget_total / max_states`` units, which never exceeds
-      the budget), "greedy" (best cost decrease per extra bit first) or
-      "auto" (dp up to 512 layers, else greedy).
+    method: "dp" (multiple-choice knapsack by dynamic programming: exact
+      when the bit budget integerizes into at most ``max_states`` units;
+      otherwise weights are rounded up to ``budget_total / max_states``
+      units, which never exceeds the budget but can miss the optimum by up
+      to one unit per layer, and the cheaper of that and greedy's answer is
+      returned), "greedy" (best cost decrease per extra bit first) or
+      "auto" (dp up to 512 layers, else greedy). Whatever the method, when
+      every layer's lowest-cost candidate fits the budget together, that
+      assignment is returned.
     max_states: size of the dynamic program's budget axis.
 
   Returns:
@@ -228,11 +235,24 @@ def allocate_bits(costs: Mapping[str, Mapping[str, float]], sizes: Mapping[str, 
                      "a cheaper candidate")
   if method == "auto":
     method = "dp" if len(layers) <= 512 else "greedy"
-  if method == "dp":
-    wi, cap = _integerize(w_rows, capacity, max_states)
+  # Each layer's lowest-cost choice (the fewest bits among ties): when
+  # that fits, it is the optimum whatever the method.
+  best = [min(range(len(cs)), key=lambda j, cs=cs, ws=ws: (cs[j], ws[j]))
+          for cs, ws in zip(c_rows, w_rows)]
+  if sum(w_rows[i][j] for i, j in enumerate(best)) <= capacity * (1 + 1e-12):
+    picks = best
+  elif method == "dp":
+    wi, cap, exact = _integerize(w_rows, capacity, max_states)
     picks = _dp(c_rows, wi, cap)
-    if picks is None:  # conservative rounding made it infeasible
-      picks = _greedy(c_rows, w_rows, capacity)
+    if not exact:
+      # The rounded-up weights can exclude real solutions (one unit lost per
+      # layer at most), so greedy's answer, which fits the real budget, may
+      # be better: keep the cheaper of the two.
+      alt = _greedy(c_rows, w_rows, capacity)
+      if picks is None or (alt is not None and sum(
+          c_rows[i][j] for i, j in enumerate(alt)) < sum(
+              c_rows[i][j] for i, j in enumerate(picks))):
+        picks = alt
   else:
     picks = _greedy(c_rows, w_rows, capacity)
   assignment = {l: names[i][j] for i, (l, j) in enumerate(zip(layers, picks))}

@@ -65,6 +65,36 @@ def test_dp_is_optimal():
     assert greedy.cost >= res.cost - 1e-12
 
 
+def test_dp_when_the_bits_do_not_integerize():
+  # Scale overheads of 16 / K bits (K = 768, 3072, 50257) leave no small
+  # common denominator, so dp rounds weights up; at a budget every layer's
+  # best choice fits it must still return that optimum, and below it never
+  # lose to greedy.
+  shapes = {"head": (768, 50257)} | {f"l{i}": (768 if i % 2 else 3072, 2304)
+                                     for i in range(8)}
+  sizes = {l: k * n for l, (k, n) in shapes.items()}
+  bits = {l: {"int4": 4.125, "int8": 8 + 16 / k} for l, (k, _) in shapes.items()}
+  rng = np.random.default_rng(0)
+  costs = {l: {"int4": float(rng.uniform(0.5, 2)), "int8": float(rng.uniform(0, .02))}
+           for l in shapes}
+  total = sum(sizes.values())
+  all8 = sum(bits[l]["int8"] * sizes[l] for l in sizes) / total
+  for budget in (all8, all8 + 0.5, 16.0):
+    for method in ("dp", "greedy", "auto"):
+      res = allocate_bits(costs, sizes, bits, budget, method=method)
+      assert set(res.assignment.values()) == {"int8"}, (budget, method)
+  for budget in (5.0, 6.0, 7.0, 7.9):
+    best = min((dict(zip(costs, combo)) for combo in
+                itertools.product(("int4", "int8"), repeat=len(costs))
+                if sum(bits[l][c] * sizes[l] for l, c in zip(costs, combo))
+                <= budget * total), key=lambda a: _cost(a, costs))
+    dp = allocate_bits(costs, sizes, bits, budget, method="dp")
+    greedy = allocate_bits(costs, sizes, bits, budget, method="greedy")
+    assert dp.avg_bits <= budget
+    assert _cost(best, costs) <= dp.cost <= greedy.cost + 1e-12
+    np.testing.assert_allclose(dp.cost, _cost(best, costs), rtol=1e-9)
+
+
 def test_infeasible_budget_and_bad_tables():
   costs, sizes = _table()
   with pytest.raises(ValueError, match="below the cheapest"):
