@@ -791,6 +791,11 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
   if omniquant is not None and method != "omniquant":
     raise ValueError(f"omniquant= options apply to method='omniquant', not {method!r}")
   _check_rotation_options(method, quantizer, online, heads, spinquant, capture)
+  _check_method_options(method, quantizer, blocksize=blocksize, percdamp=percdamp,
+                        act_order=act_order, alpha=alpha, n_grid=n_grid,
+                        max_samples=max_samples, seed=seed, fold_rtol=fold_rtol,
+                        awq_clip_skip=awq_clip_skip,
+                        rotation_block_size=rotation_block_size)
   t0 = time.perf_counter()
   front = _front_end(model)
   if method in _ptq_rotation.METHODS:
@@ -857,6 +862,41 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
             "seconds": time.perf_counter() - t0}
   return PTQResult(_write_back(model, params, front, new_leaves), scales, report,
                    weight_tensor_scales=tscales)
+
+
+# ptq_params' per-method options: (default, the methods that read it). GPTQ's
+# options also serve "quarot"/"spinquant" with quantizer="gptq"; "spinquant"
+# reads seed only without a SpinQuantConfig (checked where it is used).
+_GPTQ = ("gptq",)
+_SAMPLED = _ptq_scaling.SCALING_METHODS + ("omniquant",)
+_METHOD_OPTIONS = {
+    "blocksize": (128, _GPTQ), "percdamp": (0.01, _GPTQ), "act_order": (False, _GPTQ),
+    "alpha": (0.5, ("smoothquant",)), "n_grid": (20, ("awq", "awq_noclip")),
+    "awq_clip_skip": (AWQ_CLIP_SKIP, ("awq",)),
+    "rotation_block_size": (None, ("rotation",)),
+    "max_samples": (512, _SAMPLED),
+    "seed": (0, _SAMPLED + _ptq_rotation.METHODS),
+    "fold_rtol": (1e-3, _SAMPLED + _ptq_rotation.METHODS),
+}
+
+
+def _check_method_options(method: str, quantizer: str, **given) -> None:
+  """Raises for an option set away from its default that ``method`` never
+  reads (it would be silently ignored)."""
+  runs = {method} | ({quantizer} if method in _ptq_rotation.METHODS else set())
+  unused = []
+  for name, value in given.items():
+    default, methods = _METHOD_OPTIONS[name]
+    if runs.isdisjoint(methods) and not (value is default or value == default):
+      unused.append(f"{name}={value!r} (read by method "
+                    f"{' / '.join(repr(m) for m in methods)})")
+  if unused:
+    raise ValueError(f"method={method!r}"
+                     + (f" with quantizer={quantizer!r}"
+                        if method in _ptq_rotation.METHODS else "")
+                     + f" does not use {', '.join(unused)}; leave "
+                     + ("it" if len(unused) == 1 else "them")
+                     + " at the default or choose a method that uses it")
 
 
 def _check_rotation_options(method: str, quantizer: str, online, heads, spinquant,

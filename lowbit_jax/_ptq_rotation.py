@@ -198,7 +198,8 @@ def rotation_ptq(model, params, batches: list, rules, *, front: str, method: str
   run_rules = rotated.rules(base)
   res = _ptq.ptq_params(target, None if front == "nnx" else rotated_params, batches,
                         run_rules, method=quantizer, token_mask=token_mask,
-                        blocksize=blocksize, percdamp=percdamp, act_order=act_order)
+                        **({"blocksize": blocksize, "percdamp": percdamp,
+                            "act_order": act_order} if quantizer == "gptq" else {}))
   out = res.params
   if front == "nnx":
     out = write_back(model, None, front, _by_path(nnx.to_pure_dict(out)))

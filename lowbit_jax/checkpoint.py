@@ -70,7 +70,7 @@ import re
 import shutil
 import sys
 import uuid
-from typing import Any, Callable, Union
+from typing import Any, Callable, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -226,10 +226,27 @@ def _from_skeleton(sk, leaves: list):
 # Arrays
 
 
+# Sub-byte dtypes orbax (tensorstore) stores as they are; the others (uint4,
+# uint2, float4_e2m1fn, ...) are widened to one uint8 per element.
+_NATIVE_SUB_BYTE = ("int4", "int2")
+
+
+def _bits(dt) -> int:
+  try:
+    return jnp.iinfo(dt).bits if jnp.issubdtype(dt, jnp.integer) else jnp.finfo(dt).bits
+  except ValueError:
+    return 8 * dt.itemsize
+
+
 def _storable(x: jax.Array):
   """(array orbax can store, dtype name to restore)."""
   dt = jnp.dtype(x.dtype)
   name = dt.name
+  bits = _bits(dt) if jnp.issubdtype(dt, jnp.number) else 8 * dt.itemsize
+  if bits < 8 and name not in _NATIVE_SUB_BYTE:
+    if jnp.issubdtype(dt, jnp.floating):   # its bits, as an unsigned int
+      x = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{bits}"))
+    return x.astype(jnp.uint8), name
   if dt.itemsize == 1 and jnp.issubdtype(dt, jnp.floating):
     return jax.lax.bitcast_convert_type(x, jnp.uint8), name
   return x, name
@@ -237,9 +254,14 @@ def _storable(x: jax.Array):
 
 def _unstore(x: jax.Array, name: str) -> jax.Array:
   dt = jnp.dtype(name)
-  if dt != x.dtype:
-    return jax.lax.bitcast_convert_type(x, dt)
-  return x
+  if dt == x.dtype:
+    return x
+  bits = _bits(dt)
+  if bits < 8:   # widened to uint8 by _storable
+    if jnp.issubdtype(dt, jnp.floating):
+      return jax.lax.bitcast_convert_type(x.astype(jnp.dtype(f"uint{bits}")), dt)
+    return x.astype(dt)
+  return jax.lax.bitcast_convert_type(x, dt)
 
 
 def _array_meta(x) -> dict:
@@ -383,6 +405,20 @@ def _replace(tmp: str, directory: str) -> None:
 
 def _is_checkpoint(path: str) -> bool:
   return os.path.isfile(os.path.join(path, _META))
+
+
+# Files orbax's StandardCheckpointer writes into the arrays directory.
+_ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "manifest.ocdbt", "_METADATA",
+                  "commit_success.txt")
+
+
+def _orbax_arrays(path: str) -> bool:
+  """Whether ``path/arrays`` is empty or written by orbax (not a user's folder)."""
+  arrays = os.path.join(path, _ARRAYS)
+  if not os.path.isdir(arrays):
+    return False
+  names = os.listdir(arrays)
+  return not names or any(m in names for m in _ORBAX_MARKERS)
 
 
 def _recover(directory: str) -> None:
@@ -552,9 +588,11 @@ def save(directory: str, params: Any, *, force: bool = False,
         raise FileExistsError(f"{directory} exists; pass force=True to overwrite it")
       entries = os.listdir(directory) if os.path.isdir(directory) else None
       # A checkpoint, an empty directory, or one whose metadata is gone but
-      # that holds nothing except arrays/ (a damaged checkpoint) is replaced.
+      # that holds nothing except orbax's arrays/ (a damaged checkpoint) is
+      # replaced; a user's own folder that happens to be named arrays/ is not.
       if entries is None or (entries and not _is_checkpoint(directory)
-                             and set(entries) != {_ARRAYS}):
+                             and not (set(entries) == {_ARRAYS}
+                                      and _orbax_arrays(directory))):
         raise ValueError(f"{directory} exists and is not a lowbit_jax checkpoint; "
                          "save() replaces the whole directory, so it refuses to "
                          "delete it: remove it yourself or save elsewhere")
@@ -591,17 +629,31 @@ def _write_meta(path: str, record: dict) -> None:
     json.dump(record, f)
 
 
+def _fitting(s: jax.sharding.Sharding, path: str, shape: tuple):
+  """``s``, or a ValueError naming the leaf when it cannot lay out ``shape``."""
+  try:
+    s.shard_shape(tuple(shape))
+  except Exception as e:  # pylint: disable=broad-except
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    raise ValueError(
+        f"restore: the sharding given for {path!r} (shape {tuple(shape)}) does not "
+        f"fit it ({type(e).__name__}: {first}); pass a sharding function "
+        "(path, shape, dtype) -> Sharding that splits only dims its mesh axes "
+        "divide (e.g. replicated for small or odd-sized arrays)") from None
+  return s
+
+
 def _sharding_for(sharding: ShardingLike, path: str, shape: tuple, dtype):
   if sharding is None:
     return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   if isinstance(sharding, jax.sharding.Sharding):
-    return sharding
+    return _fitting(sharding, path, shape)
   if callable(sharding):
     s = sharding(path, shape, dtype)
     if not isinstance(s, jax.sharding.Sharding):
       raise TypeError(f"the sharding function returned {type(s).__name__} for "
                       f"{path}; it must return a jax.sharding.Sharding")
-    return s
+    return _fitting(s, path, shape)
   raise TypeError(f"sharding must be None, a jax.sharding.Sharding or a function "
                   f"(path, shape, dtype) -> Sharding; got {type(sharding).__name__}")
 
@@ -751,7 +803,8 @@ def _locate(directory: str) -> str:
 
 
 def restore(directory: str, *, sharding: ShardingLike = None,
-            target: Any = None, verify: bool = True) -> Any:
+            target: Any = None, verify: bool = True,
+            files: Sequence[str] = ()) -> Any:
   """Restores a pytree saved by ``save``, bit for bit, checking its integrity.
 
   Args:
@@ -769,16 +822,25 @@ def restore(directory: str, *, sharding: ShardingLike = None,
       for speed). The metadata's own checksum, the specs and the files' sizes
       are always checked.
 
+    files: names of ``extra_files`` the save wrote, read in the same attempt
+      as the arrays (so they always belong to the same checkpoint, which
+      reading them apart from ``restore`` does not guarantee when a save may
+      run concurrently).
+
   A checkpoint that a concurrent ``save`` replaces while it is read is read
   again (up to ``_RESTORE_ATTEMPTS`` times), so the result is always one
   whole checkpoint, never parts of two.
 
   Returns:
-    The restored pytree (QArrays and QWeights rebuilt with their specs).
+    The restored pytree (QArrays and QWeights rebuilt with their specs); with
+    ``files``, ``(pytree, {name: bytes})``.
 
   Raises:
-    ValueError: not a lowbit_jax checkpoint, a newer format version, or a
-      ``target`` whose paths or shapes differ from the saved ones.
+    ValueError: not a lowbit_jax checkpoint, a newer format version, a
+      ``target`` whose paths, shapes or dtypes differ from the saved ones, a
+      ``sharding`` that does not fit a leaf, or 64-bit arrays while
+      ``jax_enable_x64`` is off.
+    FileNotFoundError: one of ``files`` is not in the checkpoint.
     FormatMismatchError: (a ValueError) a format the checkpoint names is
       registered here as a different format, or (version 2) not registered.
     CheckpointCorruptedError: (a ValueError) damaged metadata, files or
@@ -790,6 +852,8 @@ def restore(directory: str, *, sharding: ShardingLike = None,
     before = _identity(where)
     try:
       out = _restore_once(where, sharding, target, verify)
+      if files:
+        out = (out, {name: _read_extra(where, name) for name in files})
     except (ValueError, OSError):
       if attempt + 1 < _RESTORE_ATTEMPTS and _identity(_locate(directory)) != before:
         continue  # a save replaced the checkpoint while it was read: read again
@@ -802,6 +866,18 @@ def restore(directory: str, *, sharding: ShardingLike = None,
 
 
 _RESTORE_ATTEMPTS = 5
+
+
+def _read_extra(directory: str, name: str) -> bytes:
+  if os.path.basename(name) != name or name in (_META, _ARRAYS):
+    raise ValueError(f"files: {name!r} is not an extra file's name (save's "
+                     "extra_files keys are plain file names)")
+  path = os.path.join(directory, name)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"the checkpoint in {directory} has no file {name!r} "
+                            "(the save that wrote it did not pass it in extra_files)")
+  with open(path, "rb") as f:
+    return f.read()
 
 
 def _identity(path: str):
@@ -832,6 +908,17 @@ def _restore_once(directory: str, sharding: ShardingLike, target: Any,
     raise CheckpointCorruptedError(
         f"{meta_path} is damaged (malformed metadata: {type(e).__name__} {e})"
     ) from None
+  wide = sorted({names[i] + (f"/{f}" if f else "") + f" ({dt})"
+                 for i, m in enumerate(leaf_meta)
+                 for f, fm in ([("", m)] if "stored" in m else m.get("fields", {}).items())
+                 for dt in (fm["stored"], fm["dtype"])
+                 if jax.dtypes.canonicalize_dtype(jnp.dtype(dt)) != jnp.dtype(dt)})
+  if wide:
+    raise ValueError(
+        f"the checkpoint in {directory} holds 64-bit arrays ({', '.join(wide[:5])}"
+        + (f" and {len(wide) - 5} more" if len(wide) > 5 else "") + "), which "
+        "JAX without jax_enable_x64 would narrow to 32 bits, changing their values; "
+        "enable it (jax.config.update('jax_enable_x64', True)) before restoring")
   if "files" in meta:  # without verify, only missing and resized files (no reads)
     bad_files = _damaged_files(directory, meta["files"], contents=verify)
     if bad_files:  # orbax is not asked to read them: it would fail noisily or not at all
@@ -952,6 +1039,16 @@ def _onto_target(target, names: list, leaves: list):
     raise ValueError(f"target's shapes differ from the saved ones at {len(wrong)} "
                      f"leaves: {', '.join(wrong[:5])}; restore without target= to "
                      "see what was saved")
+  wrong = [f"{p!r} (saved {jnp.dtype(by_path[p].dtype).name}, target "
+           f"{jnp.dtype(t.dtype).name})" for p, (_, t) in zip(paths, flat)
+           if getattr(t, "dtype", None) is not None
+           and getattr(by_path[p], "dtype", None) is not None
+           and jnp.dtype(t.dtype) != jnp.dtype(by_path[p].dtype)]
+  if wrong:
+    raise ValueError(f"target's dtypes differ from the saved ones at {len(wrong)} "
+                     f"leaves: {', '.join(wrong[:5])}; restore returns the saved "
+                     "dtypes bit for bit: restore without target= and cast, or "
+                     "give a target of the saved dtypes")
   return jax.tree_util.tree_unflatten(treedef, [by_path[p] for p in paths])
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import hashlib
+import json
 import math
 import os
 import time
@@ -341,6 +343,56 @@ def _mean(vals) -> float:
 # Decoder LM
 
 
+# Config fields that do not change the trained model (logging, evaluation,
+# checkpoint cadence, where caches live, how the run was laid out).
+_RUN_ONLY_FIELDS = ("cache_dir", "mesh", "num_devices", "sharding", "log_every",
+                    "eval_every", "eval_tokens", "eval_batch", "final_eval_full",
+                    "ckpt_every", "keep_checkpoints")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def _check_workdir_config(workdir: str, config) -> None:
+  """Raises unless the training run in ``workdir`` (its ``config.json``) was
+  made with ``config``, so a sweep never measures a model other than the one
+  it asked for. Fields only one side has (an option added since) and the
+  run-only fields are not compared."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    stored = _flat(json.load(f))
+  asked = _flat(json.loads(config.to_json()))
+  diff = sorted(k for k in stored.keys() & asked.keys()
+                if k.split(".")[0] not in _RUN_ONLY_FIELDS and stored[k] != asked[k])
+  if diff:
+    raise ValueError(
+        f"{workdir} holds a model trained with another config: "
+        + ", ".join(f"{k}={stored[k]!r} (asked: {asked[k]!r})" for k in diff[:8])
+        + ("" if len(diff) <= 8 else f" and {len(diff) - 8} more")
+        + ". Point point_kwargs.workdir at another directory, or delete "
+        f"{workdir} to train this one there.")
+
+
+def llama_fingerprint(workdir: str) -> str:
+  """12 hex digits identifying the finished model in ``workdir`` (its config
+  and final evaluation): sweep rows carry it, so rows measured on a model
+  since retrained there are not reused."""
+  h = hashlib.sha1()
+  for name in ("config.json", "final_eval.json"):
+    with open(os.path.join(workdir, name), "rb") as f:
+      h.update(f.read())
+  return h.hexdigest()[:12]
+
+
 @functools.lru_cache(maxsize=2)
 def _llama(workdir: str, variant: str, train_steps: int = 0):
   """A trained decoder: restored from ``workdir`` or trained there first.
@@ -369,6 +421,7 @@ def _llama(workdir: str, variant: str, train_steps: int = 0):
   with open(os.path.join(workdir, ".train.lock"), "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:
+      _check_workdir_config(workdir, config)
       if not os.path.exists(final):
         train_lm.train(config, workdir)
     finally:
@@ -551,7 +604,20 @@ def run_sweep_config(config, log=None) -> dict:
     args = {k: v for k, v in p.items() if k != "model"}
     return fn(**args, **kwargs)
 
-  rows = sweep.run(points, run_point, results, log=log, settings=kwargs)
+  settings = dict(kwargs)
+  if config.model == "llama" and "workdir" in kwargs:
+    # Train (or find) the model first: its fingerprint joins every point's
+    # id, so a workdir retrained since (other data, steps, code) reruns them.
+    models = {(p.get("variant", kwargs.get("variant", "smoke")),
+               int(p.get("train_steps", kwargs.get("train_steps", 0))))
+              for p in points}
+    if len(models) > 1:
+      raise ValueError(f"the sweep asks for {len(models)} models (variant, "
+                       f"train_steps) = {sorted(models)} in one workdir "
+                       f"{kwargs['workdir']!r}; sweep each in a workdir of its own")
+    _llama(kwargs["workdir"], *models.pop())
+    settings["model_fingerprint"] = llama_fingerprint(kwargs["workdir"])
+  rows = sweep.run(points, run_point, results, log=log, settings=settings)
   metrics = list(config.metrics)
   returned = set().union(*(r["metrics"] for r in rows)) if rows else set()
   unknown = [m for m in metrics + [config.plot.x, config.plot.y]
@@ -631,16 +697,20 @@ def minilm_evaluate_checkpoint(directory: str, *, n_calib: int = 32, n_eval: int
   import json  # pylint: disable=g-import-not-at-top
   from lowbit_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from lowbit_jax.flax import quantize_linen  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"{directory} does not exist (save one with "
+                            "experiments/ptq.py --config.save_dir=...)")
   meta_path = os.path.join(directory, "ptq_point.json")
   if not os.path.exists(meta_path):
     raise FileNotFoundError(f"{meta_path} is missing: {directory} was not written by "
                             "experiments/ptq.py (minilm_save_quantized)")
-  with open(meta_path) as f:
-    meta = json.load(f)
+  # The point's description is read with the arrays, so a concurrent save
+  # cannot pair one point's label with another's weights.
+  qparams, extra = checkpoint.restore(directory, files=("ptq_point.json",))
+  meta = json.loads(extra["ptq_point.json"])
   sch = schemes_lib.get(meta["scheme"])
   minilm, model, _ = _minilm()
   _, evals, ref = _minilm_data(n_calib, n_eval)
-  qparams = checkpoint.restore(directory)
   q = quantize_linen(_rules(sch, meta["target"], weights_in_params=False), mode="real",
                      use_kernel=use_kernel)
   emb = _encode(evals, model=model, params=qparams, apply_fn=q(model.apply))

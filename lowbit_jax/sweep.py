@@ -94,7 +94,9 @@ def run(points: Sequence[dict], fn: Callable[[dict], dict], results_path: str, *
       ``id``, ``metrics``, ``seconds`` (wall clock) and ``cpu_seconds`` (this
       process's CPU time, all threads: on a shared machine it moves less with
       the load than the wall clock does).
-    resume: skip points already present (by id).
+    resume: skip points already present (by id); False runs every point
+      again, its new rows superseding the old ones of the same ids (rows of
+      other points stay; the file keeps one row per id when the run ends).
     log: progress printer (default: stderr).
     settings: what every point shares (JSON-able; e.g. a config's fixed
       keyword arguments): part of each id and stored in each row, so rows
@@ -117,10 +119,11 @@ def run(points: Sequence[dict], fn: Callable[[dict], dict], results_path: str, *
   log(f"sweep: {len(points)} points, {len(points) - len(todo)} already done, "
       f"{len(todo)} to run -> {results_path}")
   t_start = time.time()
-  mode = "a" if resume else "w"
-  if resume:
-    _end_with_newline(results_path)
-  with open(results_path, mode) as f:
+  # Rows are always appended, so an interrupted run (resume=False included)
+  # never loses the rows already there; a rerun point's new row supersedes
+  # its old one (last row wins), and the file is compacted at the end.
+  _end_with_newline(results_path)
+  with open(results_path, "a") as f:
     for i, p in enumerate(todo):
       t0, c0 = time.time(), time.process_time()
       metrics = fn(p)
@@ -137,7 +140,22 @@ def run(points: Sequence[dict], fn: Callable[[dict], dict], results_path: str, *
           ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()
                     if not isinstance(v, (dict, list))) +
           f"  ({row['seconds']:.1f}s, eta {eta:.0f}s)")
+  if not resume and todo:
+    _compact(results_path)
   return [done[pid(p)] for p in points]
+
+
+def _compact(path: str) -> None:
+  """Rewrites a results file with one row per id (the last), atomically."""
+  rows = load_results(path)
+  last = {r["id"]: r for r in rows}
+  if len(last) == len(rows):
+    return
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    for r in last.values():
+      f.write(json.dumps(r, sort_keys=True) + "\n")
+  os.replace(tmp, path)
 
 
 def log_stderr(msg: str) -> None:

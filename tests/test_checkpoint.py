@@ -113,6 +113,12 @@ def test_restore_onto_a_new_mesh(tmp_path):
   np.testing.assert_allclose(jax.jit(qf)(r, x), qf(qp, x), rtol=1e-5, atol=1e-5)
   r2 = checkpoint.restore(tmp_path / "q", sharding=NamedSharding(mesh8, P()))
   assert r2["layers"][1]["b"].sharding.mesh == mesh8
+  # A sharding that does not fit a leaf is the caller's error, named as such
+  # (not reported as a damaged checkpoint).
+  with pytest.raises(ValueError, match=r"the sharding given for 'layers/0/b' "
+                     r"\(shape \(64,\)\) does not fit"):
+    checkpoint.restore(tmp_path / "q", sharding=NamedSharding(
+        jax.make_mesh((8,), ("x",)), P(None, "x")))
 
 
 def test_restore_into_a_target_structure(tmp_path):
@@ -208,6 +214,42 @@ def test_numpy_64_bit_arrays_are_refused_not_narrowed(tmp_path):
   assert checkpoint.restore(tmp_path / "n")["p"]["a"].dtype == jnp.float32
 
 
+def test_64_bit_checkpoints_need_x64_to_restore(tmp_path):
+  # Without x64 they would come back narrowed (2**40 + 3 as 3) or be called
+  # damaged; either is wrong: the error says to enable x64.
+  jax.config.update("jax_enable_x64", True)
+  try:
+    tree = {"step": jnp.asarray(2**40 + 3, jnp.int64),
+            "f": jnp.asarray([1 + 1e-12], jnp.float64)}
+    checkpoint.save(tmp_path / "x", tree)
+    assert int(checkpoint.restore(tmp_path / "x")["step"]) == 2**40 + 3
+  finally:
+    jax.config.update("jax_enable_x64", False)
+  for verify in (True, False):
+    with pytest.raises(ValueError, match=r"64-bit arrays \(f \(float64\), step "
+                       r"\(int64\)\).*jax_enable_x64"):
+      checkpoint.restore(tmp_path / "x", verify=verify)
+
+
+def test_sub_byte_dtypes_round_trip_bit_exact(tmp_path):
+  import ml_dtypes  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  tree = {}
+  for name in ("int4", "uint4", "int2", "uint2", "float4_e2m1fn"):
+    dt = np.dtype(getattr(ml_dtypes, name))
+    bits = 2 if name.endswith("2") else 4
+    codes = rng.integers(0, 2**bits, (3, 5), dtype=np.uint8)
+    if name.startswith("float"):
+      tree[name] = jax.lax.bitcast_convert_type(jnp.asarray(codes).astype(jnp.uint4),
+                                                dt)
+    else:
+      tree[name] = jnp.asarray(codes.astype(np.int64) - (2**(bits - 1) if
+                                                         name.startswith("int")
+                                                         else 0)).astype(dt)
+  checkpoint.save(tmp_path / "s", tree)
+  _assert_same(checkpoint.restore(tmp_path / "s"), tree)
+
+
 def test_bad_trees_name_the_leaf_and_targets_must_match_shapes(tmp_path):
   import optax  # pylint: disable=g-import-not-at-top
   opt = optax.adam(1e-3).init({"w": jnp.ones((4, 4))})
@@ -224,6 +266,10 @@ def test_bad_trees_name_the_leaf_and_targets_must_match_shapes(tmp_path):
   checkpoint.save(tmp_path / "s", {"w": jnp.ones((2, 2)), "b": jnp.ones(3)})
   with pytest.raises(ValueError, match=r"'w' \(saved \(2, 2\), target \(5,\)\)"):
     checkpoint.restore(tmp_path / "s", target={"w": jnp.zeros(5), "b": jnp.zeros(3)})
+  with pytest.raises(ValueError, match=r"dtypes differ.*'b' \(saved float32, target "
+                     r"bfloat16\)"):
+    checkpoint.restore(tmp_path / "s", target={"w": jnp.zeros((2, 2)),
+                                               "b": jnp.zeros(3, jnp.bfloat16)})
 
 
 def test_restore_onto_an_nnx_state(tmp_path):

@@ -297,9 +297,18 @@ def test_force_never_deletes_a_directory_that_is_not_a_checkpoint(tmp_path):
   with pytest.raises(ValueError, match="not a lowbit_jax checkpoint"):
     checkpoint.save(d, _tree(0), force=True)
   assert (d / "notes.txt").read_text() == "keep me"
-  (d / "notes.txt").unlink()  # arrays/ alone: a checkpoint that lost its metadata
+  (d / "arrays" / "mine.npy").write_bytes(b"x")   # a user's own arrays/ folder
+  (d / "notes.txt").unlink()
+  with pytest.raises(ValueError, match="not a lowbit_jax checkpoint"):
+    checkpoint.save(d, _tree(0), force=True)
+  assert (d / "arrays" / "mine.npy").read_bytes() == b"x"
+  (d / "arrays" / "mine.npy").unlink()
+  # arrays/ alone (empty, or orbax's): a checkpoint that lost its metadata
   checkpoint.save(d, _tree(1), force=True)
   assert _which(checkpoint.restore(d)) == 1
+  os.remove(d / "lowbit_jax.json")   # orbax's arrays/ without the metadata
+  checkpoint.save(d, _tree(0), force=True)
+  assert _which(checkpoint.restore(d)) == 0
 
 
 def test_extra_files_are_replaced_with_the_checkpoint(tmp_path, monkeypatch):
@@ -364,3 +373,24 @@ def test_a_restore_overlapping_a_save_reads_one_whole_checkpoint(
   monkeypatch.setattr(checkpoint, "_read_meta", read_then_replace)
   assert _which(checkpoint.restore(d, verify=verify)) == 1
   assert len(calls) == 2
+
+
+def test_extra_files_are_read_with_their_arrays(tmp_path, monkeypatch):
+  # restore(files=) reads the extra files in the same attempt as the arrays,
+  # so a save between the two never pairs one checkpoint's file with
+  # another's arrays.
+  d = tmp_path / "ck"
+  checkpoint.save(d, _tree(0), extra_files={"run.json": '{"seed": 0}'})
+  orig, calls = checkpoint._restore_once, []
+
+  def restore_then_replace(*a, **k):
+    out = orig(*a, **k)
+    calls.append(1)
+    if len(calls) == 1:
+      checkpoint.save(d, _tree(1), force=True, extra_files={"run.json": '{"seed": 1}'})
+    return out
+  monkeypatch.setattr(checkpoint, "_restore_once", restore_then_replace)
+  tree, files = checkpoint.restore(d, files=("run.json",))
+  assert json.loads(files["run.json"]) == {"seed": _which(tree)} == {"seed": 1}
+  with pytest.raises(FileNotFoundError, match="has no file 'other.json'"):
+    checkpoint.restore(d, files=("other.json",))

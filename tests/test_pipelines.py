@@ -141,3 +141,40 @@ def test_llama_methods_attention_rows_and_arguments(tmp_path):
   rules = pipelines._attn_rules("int4", "fp8_e4m3")
   assert rules[0].matches("layers_1/attn/cache/value") and rules[0].ops == ("kv_cache",)
   assert rules[1].matches("layers_0/attn/qk") and not rules[1].matches("layers_0/attn/pv")
+
+
+def test_llama_workdir_trained_with_another_config_is_refused(tmp_path):
+  # A workdir trained for 2 steps must not be measured as the 6-step model.
+  cfg = _config("train_lm", "smoke")
+  cfg.steps = 2
+  (tmp_path / "config.json").write_text(cfg.to_json())
+  (tmp_path / "final_eval.json").write_text(json.dumps({"step": 2}))
+  pipelines._llama.cache_clear()
+  with pytest.raises(ValueError, match=r"trained with another config: steps=2 "
+                     r"\(asked: 6\).*another directory, or delete"):
+    pipelines._llama(str(tmp_path), "smoke", 6)
+  with pytest.raises(ValueError, match="model.*asked"):
+    pipelines._llama(str(tmp_path), "small", 2)
+
+
+def test_llama_sweep_rows_follow_the_model_in_the_workdir(tmp_path, monkeypatch):
+  # Rows measured on a model since retrained in the same workdir are rerun.
+  work = tmp_path / "work"
+  work.mkdir()
+  (work / "config.json").write_text("{}")
+  (work / "final_eval.json").write_text(json.dumps({"loss": 6.1}))
+  monkeypatch.setattr(pipelines, "_llama", lambda *a: None)
+  calls = []
+  monkeypatch.setitem(pipelines.POINTS, "llama",
+                      lambda **kw: calls.append(kw) or {"ppl": 1.0})
+  c = _config("sweep_llama", "smoke")
+  c.out_dir = str(tmp_path / "out")
+  c.point_kwargs.workdir = str(work)
+  n = len(pipelines.run_sweep_config(c, log=lambda s: None)["rows"])
+  assert len(calls) == n
+  assert pipelines.run_sweep_config(c, log=lambda s: None)["rows"][0]["settings"][
+      "model_fingerprint"] == pipelines.llama_fingerprint(str(work))
+  assert len(calls) == n                      # same model: resumed
+  (work / "final_eval.json").write_text(json.dumps({"loss": 5.2}))   # retrained
+  pipelines.run_sweep_config(c, log=lambda s: None)
+  assert len(calls) == 2 * n

@@ -213,3 +213,11 @@ def test_option_errors(setup):
                   spinquant=SpinQuantConfig())
   with pytest.raises(ValueError, match="positional arguments"):
     lb.ptq_params(toy.toy_apply, p, [{"toks": batches[0]}], W4A8, method="spinquant")
+  # An option another method reads, set away from its default, is refused
+  # rather than silently ignored.
+  for method, opt in (("gptq", {"rotation_block_size": 4}), ("awq", {"alpha": 0.9}),
+                      ("rotation", {"n_grid": 3}), ("rtn", {"max_samples": 7}),
+                      ("quarot", {"blocksize": 64})):
+    with pytest.raises(ValueError, match=f"method='{method}'.* does not use "
+                       f"{next(iter(opt))}="):
+      lb.ptq_params(toy.toy_apply, p, batches, W4A8, method=method, **opt)

@@ -75,6 +75,24 @@ def test_settings_are_part_of_a_points_identity_and_repeats_run_once(tmp_path):
   assert len(calls) == 4   # other settings: measured again, not reused
 
 
+def test_rerun_without_resume_keeps_rows_until_replaced(tmp_path):
+  # resume=False must not empty the file before its points have run again.
+  path = str(tmp_path / "r.jsonl")
+  fn = lambda p: {"v": p["a"] * 1.0}  # noqa: E731
+  sweep.run([{"a": 1}, {"a": 2}, {"a": 3}], fn, path, log=lambda s: None)
+
+  def killed(p):
+    raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    sweep.run([{"a": 1}], killed, path, resume=False, log=lambda s: None)
+  assert sorted(r["a"] for r in sweep.load_results(path)) == [1, 2, 3]
+  sweep.run([{"a": 1}], lambda p: {"v": 9.0}, path, resume=False, log=lambda s: None)
+  rows = sweep.load_results(path)
+  assert sorted(r["a"] for r in rows) == [1, 2, 3]   # one row per point
+  assert {r["a"]: r["metrics"]["v"] for r in rows} == {1: 9.0, 2: 2.0, 3: 3.0}
+
+
 def test_pareto_front():
   rows = [{"metrics": {"bits": b, "q": q}} for b, q in
           [(4, 0.9), (8, 0.99), (6, 0.8), (2, 0.5), (32, 1.0)]]

@@ -506,7 +506,8 @@ def _shared_ptq(model: nn.Module, params: dict, batches: list, method: str,
     if st.op == "conv" and specs[p] is not None:   # real mode's grid, or why not
       _conv_spec(kernel_spec(specs[p]), _layer(p), st.shape, (st.in_axis, st.out_axis))
   res = _ptq.ptq_params(model, {"params": params, **extra}, batches, [], method=quant,
-                        capture=_with_specs(cap, specs), **gptq_kw)
+                        capture=_with_specs(cap, specs),
+                        **(gptq_kw if quant == "gptq" else {}))
   new = res.params["params"]
   report["folds"] = _shared_folds(cap, method, quant)
   report["layers"] = {

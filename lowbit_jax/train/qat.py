@@ -424,12 +424,17 @@ def load_quantized(directory: str | os.PathLike[str]) -> tuple[Any, dict, Any]:
   from lowbit_jax.models.llama import Llama, LlamaConfig  # pylint: disable=g-import-not-at-top
   directory = pathlib.Path(directory)
   meta_path = directory / META_FILE
+  if not directory.is_dir():
+    raise FileNotFoundError(f"{directory} does not exist.")
   if not meta_path.exists():
     raise FileNotFoundError(f"{meta_path} is missing: {directory} was not written by "
                             "a QAT run (experiments/train_qat.py).")
-  meta = json.loads(meta_path.read_text())
+  # Read with the arrays: a concurrent export cannot pair one run's metadata
+  # with another's weights.
+  params, extra = checkpoint.restore(str(directory), files=(META_FILE,))
+  meta = json.loads(extra[META_FILE])
   model = Llama(LlamaConfig(**meta["model"]))
-  return model, meta, checkpoint.restore(str(directory))
+  return model, meta, params
 
 
 def recipe_from_meta(meta: Mapping[str, Any]) -> Recipe:
