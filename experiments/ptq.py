@@ -9,7 +9,7 @@ import experiments
 from absl import app
 from absl import logging
 
-from lowbit_jax import pipelines
+from lowbit_jax import checkpoint, pipelines
 
 _CONFIG = experiments.define_config("configs/ptq.py", "PTQ config")
 
@@ -28,6 +28,7 @@ def main(argv):
     if os.path.exists(c.save_dir) and not c.force:
       raise FileExistsError(f"--config.save_dir={c.save_dir} exists; pass "
                             "--config.force=True to replace it")
+    checkpoint.check_save_target(c.save_dir, force=c.force)
   m = pipelines.POINTS[c.model](c.scheme, c.target, c.method, **dict(c.point_kwargs))
   m.pop("layers", None)
   print(json.dumps(m, indent=1, sort_keys=True))

@@ -403,6 +403,36 @@ def _replace(tmp: str, directory: str) -> None:
   _fsync_dir(os.path.dirname(directory))
 
 
+def _check_replaceable(directory: str) -> None:
+  """Raises unless ``save(force=True)`` may replace the existing ``directory``:
+  a checkpoint, an empty directory, or one whose metadata is gone but that
+  holds nothing except orbax's arrays/ (a damaged checkpoint); a user's own
+  folder (even one that happens to hold an arrays/ folder) is never replaced."""
+  entries = os.listdir(directory) if os.path.isdir(directory) else None
+  if entries is None or (entries and not _is_checkpoint(directory)
+                         and not (set(entries) == {_ARRAYS}
+                                  and _orbax_arrays(directory))):
+    raise ValueError(f"{directory} exists and is not a lowbit_jax checkpoint; "
+                     "save() replaces the whole directory, so it refuses to "
+                     "delete it: remove it yourself or save elsewhere")
+
+
+def check_save_target(directory: str, *, force: bool = False) -> None:
+  """Raises now what ``save(directory, ..., force=force)`` would raise about
+  the target directory, for callers with a long computation before the save.
+
+  Raises:
+    FileExistsError: ``directory`` exists and ``force`` is False.
+    ValueError: ``force`` is True but ``directory`` is not a checkpoint that
+      ``save`` may replace.
+  """
+  directory = os.path.abspath(os.fspath(directory))
+  if os.path.exists(directory):
+    if not force:
+      raise FileExistsError(f"{directory} exists; pass force=True to overwrite it")
+    _check_replaceable(directory)
+
+
 def _is_checkpoint(path: str) -> bool:
   return os.path.isfile(os.path.join(path, _META))
 
@@ -586,16 +616,7 @@ def save(directory: str, params: Any, *, force: bool = False,
     if os.path.exists(directory):
       if not force:
         raise FileExistsError(f"{directory} exists; pass force=True to overwrite it")
-      entries = os.listdir(directory) if os.path.isdir(directory) else None
-      # A checkpoint, an empty directory, or one whose metadata is gone but
-      # that holds nothing except orbax's arrays/ (a damaged checkpoint) is
-      # replaced; a user's own folder that happens to be named arrays/ is not.
-      if entries is None or (entries and not _is_checkpoint(directory)
-                             and not (set(entries) == {_ARRAYS}
-                                      and _orbax_arrays(directory))):
-        raise ValueError(f"{directory} exists and is not a lowbit_jax checkpoint; "
-                         "save() replaces the whole directory, so it refuses to "
-                         "delete it: remove it yourself or save elsewhere")
+      _check_replaceable(directory)
     tmp = f"{_sibling(directory, 'tmp')}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     os.makedirs(tmp)
     try:
@@ -1061,5 +1082,5 @@ def disk_bytes(directory: str) -> int:
   return total
 
 
-__all__ = ["save", "restore", "disk_bytes", "spec_to_json", "spec_from_json",
+__all__ = ["save", "restore", "check_save_target", "disk_bytes", "spec_to_json", "spec_from_json",
            "CheckpointCorruptedError", "SaveInProgressError", "FormatMismatchError"]

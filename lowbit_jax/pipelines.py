@@ -350,34 +350,20 @@ _RUN_ONLY_FIELDS = ("cache_dir", "mesh", "num_devices", "sharding", "log_every",
                     "ckpt_every", "keep_checkpoints")
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def _check_workdir_config(workdir: str, config) -> None:
   """Raises unless the training run in ``workdir`` (its ``config.json``) was
   made with ``config``, so a sweep never measures a model other than the one
   it asked for. Fields only one side has (an option added since) and the
   run-only fields are not compared."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  from lowbit_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(os.path.join(workdir, "config.json")):
     return
-  with open(path) as f:
-    stored = _flat(json.load(f))
-  asked = _flat(json.loads(config.to_json()))
-  diff = sorted(k for k in stored.keys() & asked.keys()
-                if k.split(".")[0] not in _RUN_ONLY_FIELDS and stored[k] != asked[k])
+  diff = state_lib.config_differences(state_lib.read_run_config(workdir), config,
+                                      ignore=_RUN_ONLY_FIELDS)
   if diff:
     raise ValueError(
         f"{workdir} holds a model trained with another config: "
-        + ", ".join(f"{k}={stored[k]!r} (asked: {asked[k]!r})" for k in diff[:8])
-        + ("" if len(diff) <= 8 else f" and {len(diff) - 8} more")
+        + ", ".join(diff[:8]) + ("" if len(diff) <= 8 else f" and {len(diff) - 8} more")
         + ". Point point_kwargs.workdir at another directory, or delete "
         f"{workdir} to train this one there.")
 

@@ -291,6 +291,10 @@ def test_force_never_deletes_a_directory_that_is_not_a_checkpoint(tmp_path):
   d.mkdir()
   (d / "notes.txt").write_text("keep me")
   with pytest.raises(ValueError, match="not a lowbit_jax checkpoint"):
+    checkpoint.check_save_target(d, force=True)   # before a long computation
+  with pytest.raises(FileExistsError, match="pass force=True"):
+    checkpoint.check_save_target(d)
+  with pytest.raises(ValueError, match="not a lowbit_jax checkpoint"):
     checkpoint.save(d, _tree(0), force=True)
   assert (d / "notes.txt").read_text() == "keep me"
   (d / "arrays").mkdir()  # looks like a damaged checkpoint, but holds more

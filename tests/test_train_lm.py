@@ -163,6 +163,23 @@ def test_killed_run_resumes_at_the_right_step_and_matches(tmp_path, data):
   assert final["step"] == 12 and final["bits_per_byte"] > 0
 
 
+def test_resume_with_another_model_is_refused_and_keeps_the_run(tmp_path, data):
+  # Checkpoints of one model must not be resumed under another config, and
+  # the failed attempt must not overwrite the run's config.json (init_from
+  # and the sweeps read it). Steps may change: that extends the run.
+  config = _smoke_config(steps=2, ckpt_every=0, warmup_steps=1)
+  train_lm.train(config, tmp_path / "run", data=data)
+  before = (tmp_path / "run" / "config.json").read_text()
+  other = _smoke_config(steps=2, ckpt_every=0, warmup_steps=1)
+  other.model.d_ff = config.model.d_ff * 2
+  with pytest.raises(ValueError, match=r"another config: model.d_ff=\d+ \(asked: "
+                     r"\d+\).*use another --workdir"):
+    train_lm.train(other, tmp_path / "run", data=data)
+  assert (tmp_path / "run" / "config.json").read_text() == before
+  longer = _smoke_config(steps=3, ckpt_every=0, warmup_steps=1)
+  assert train_lm.train(longer, tmp_path / "run", data=data)["step"] == 3
+
+
 def _bigram_apply(table, x):
   return table[x]
 
@@ -206,6 +223,22 @@ def test_optimizer_schedule_and_bad_config(tmp_path):
     np.testing.assert_array_equal(np.asarray(new["scale"]), 1.0)  # never decayed
   with pytest.raises(ValueError, match="warmup_steps"):
     train_lm.make_schedule(1.0, 20, 10)
+  all_warmup = train_lm.make_schedule(1.0, 10, 10)   # no decay phase left
+  np.testing.assert_allclose([float(all_warmup(s)) for s in (0, 5, 10)],
+                             [0.0, 0.5, 1.0])
+  with pytest.raises(ValueError, match="config.log_every must be >= 1"):
+    train_lm.train(_smoke_config(log_every=0), tmp_path / "run")
+  with pytest.raises(ValueError, match="config.ckpt_every must be >= 0"):
+    train_lm.train(_smoke_config(ckpt_every=-1), tmp_path / "run")
+  spec = importlib.util.spec_from_file_location(
+      "train_qat_config", _CONFIG_FILE.parent / "train_qat.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  qat = module.get_config("smoke")
+  qat.quant.start_step = qat.steps
+  with pytest.raises(ValueError, match="quant.start_step=.* is not below "
+                     "config.steps.*never switch on"):
+    train_lm.train(qat, tmp_path / "run")
   with pytest.raises(ValueError, match="seq_len"):
     train_lm.train(_smoke_config(seq_len=1000), tmp_path / "run")
   assert not (tmp_path / "run").exists()

@@ -195,7 +195,12 @@ def _read(state, shape) -> jax.Array:
 
 def _write(x: jax.Array, state, moment: Optional[_Moment]):
   if isinstance(state, QArray):
-    return _quantize_moment(x.reshape(-1), moment)
+    # An inf or NaN gradient element makes its moment non-finite; stored, it
+    # would make its block's scale non-finite and every element of the block
+    # NaN for good (float32 moments keep it to that one element). It is
+    # stored as 0: that step's update is non-finite there, as optax's, and
+    # the element's moments then restart from zero.
+    return _quantize_moment(jnp.where(jnp.isfinite(x), x, 0).reshape(-1), moment)
   return x
 
 
@@ -216,7 +221,9 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
   quantized. Each step dequantizes them, updates them in float32, computes
   the update from the float32 moments, and requantizes them (Dettmers et al.
   2022, "8-bit Optimizers via Block-wise Quantization"; Li et al. 2023,
-  "Memory Efficient Optimizers with 4-bit States"). Combine it with
+  "Memory Efficient Optimizers with 4-bit States"). A non-finite gradient
+  element gives a non-finite update there, as in optax, but its quantized
+  moments are stored as zero (not spread to its whole block). Combine it with
   ``optax.add_decayed_weights`` and ``optax.scale_by_learning_rate``, or use
   ``adamw``.
 

@@ -60,9 +60,12 @@ def make_schedule(lr: float, warmup_steps: int, total_steps: int,
   """
   if total_steps < 1 or not 0 <= warmup_steps <= total_steps:
     raise ValueError(f"need total_steps >= 1 and 0 <= warmup_steps <= total_steps, "
-                     f"got warmup_steps={warmup_steps}, total_steps={total_steps}.")
+                     f"got warmup_steps={warmup_steps}, total_steps={total_steps} "
+                     "(--config.warmup_steps, --config.steps).")
   if not 0.0 <= min_lr_ratio <= 1.0:
     raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}.")
+  if warmup_steps == total_steps:   # all warm-up: no decay phase is left
+    return optax.linear_schedule(0.0, lr, warmup_steps)
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=lr, warmup_steps=warmup_steps,
       decay_steps=total_steps, end_value=lr * min_lr_ratio)
@@ -564,6 +567,32 @@ def _validate(config: Any, cfg: LlamaConfig, mesh: Mesh) -> None:
                      "--config.mesh / --config.num_devices or the batch size.")
   if config.steps < 1:
     raise ValueError(f"config.steps must be >= 1, got {config.steps}.")
+  if config.log_every < 1:
+    raise ValueError(f"config.log_every must be >= 1, got {config.log_every}.")
+  if config.ckpt_every < 0:
+    raise ValueError(f"config.ckpt_every must be >= 0 (0: only the final "
+                     f"checkpoint), got {config.ckpt_every}.")
+
+
+# What a resumed run's checkpoints were laid out by: a change here cannot
+# restore them (or restores a different run).
+_RESUME_FIELDS = ("model", "quant", "optim")
+
+
+def _check_resume(workdir: pathlib.Path, config: Any, manager) -> None:
+  """Raises when ``workdir`` holds checkpoints of a run made with another
+  model, quantization or optimizer state than ``config`` asks for (before
+  its ``config.json`` is overwritten)."""
+  if not (workdir / "config.json").exists() or manager.latest_step() is None:
+    return
+  diff = state_lib.config_differences(state_lib.read_run_config(workdir), config,
+                                      only=_RESUME_FIELDS)
+  if diff:
+    raise ValueError(
+        f"{workdir} holds checkpoints of a run with another config: "
+        + ", ".join(diff[:8]) + ("" if len(diff) <= 8 else f" and {len(diff) - 8} more")
+        + ". It cannot resume from them: use another --workdir, or delete this one "
+        "to start over (steps, learning rate and logging may change on resume).")
 
 
 def run_optimizer(config: Any, recipe: "qat_lib.Recipe | None"
@@ -662,6 +691,12 @@ def train(config: Any, workdir: str | os.PathLike[str], *,
   _validate(config, cfg, mesh)
   layout = run_layout(config, mesh)
   recipe = qat_lib.recipe_from_config(config)
+  if recipe is not None and recipe.start_step >= config.steps:
+    raise ValueError(
+        f"config.quant.start_step={recipe.start_step} is not below config.steps="
+        f"{config.steps}: quantization would never switch on, and the exported "
+        "model would carry its learned scales' zero placeholders. Lower "
+        "--config.quant.start_step or raise --config.steps.")
   model = Llama(cfg)
   tx, schedule = run_optimizer(config, recipe)
   # Lay the model out once, abstractly: a layout that does not fit fails here.
@@ -684,11 +719,16 @@ def train(config: Any, workdir: str | os.PathLike[str], *,
   apply_fn = lambda p, x: model.apply({"params": p}, x)
   start_step = recipe.start_step if recipe is not None else 0
 
+  manager = state_lib.checkpoint_manager(workdir / "checkpoints",
+                                         keep=config.keep_checkpoints)
+  try:
+    _check_resume(workdir, config, manager)
+  except ValueError:
+    manager.close()
+    raise
   (workdir / "config.json").write_text(config.to_json(indent=1)
                                        if hasattr(config, "to_json")
                                        else json.dumps(dict(config), indent=1))
-  manager = state_lib.checkpoint_manager(workdir / "checkpoints",
-                                         keep=config.keep_checkpoints)
   log = _JsonlLog(workdir / "log.jsonl")
 
   def batch_at(step):
@@ -746,7 +786,7 @@ def train(config: Any, workdir: str | os.PathLike[str], *,
         log.write({"event": "eval", "step": done, **ev})
         logging.info("eval at step %d: %s", done, ev)
         t0, tokens_since = time.perf_counter(), 0
-      if done % config.ckpt_every == 0 or done == config.steps:
+      if (config.ckpt_every and done % config.ckpt_every == 0) or done == config.steps:
         state_lib.save_checkpoint(manager, state)
     final, final_real, qdir = None, None, None
     if int(state.step) == config.steps:

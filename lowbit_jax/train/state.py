@@ -194,6 +194,38 @@ def read_run_config(workdir: str | os.PathLike[str]) -> dict:
   return json.loads(path.read_text())
 
 
+def _flat(d: Any, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def config_differences(stored: dict, asked: Any, *, only: tuple = (),
+                       ignore: tuple = ()) -> list:
+  """``["field=stored (asked: new)", ...]``: where a run's ``config.json``
+  (``stored``) and a config differ, by dotted field name.
+
+  Args:
+    stored: the JSON dict a run wrote (``read_run_config``).
+    asked: a config (``ml_collections.ConfigDict`` or a dict).
+    only: compare only fields under these top-level names (empty: all).
+    ignore: top-level names never compared.
+
+  Fields only one side has (an option added since the run) are not compared.
+  """
+  asked = json.loads(asked.to_json()) if hasattr(asked, "to_json") else dict(asked)
+  a, b = _flat(stored), _flat(asked)
+  keys = sorted(k for k in a.keys() & b.keys()
+                if (not only or k.split(".")[0] in only)
+                and k.split(".")[0] not in ignore and a[k] != b[k])
+  return [f"{k}={a[k]!r} (asked: {b[k]!r})" for k in keys]
+
+
 __all__ = ["TrainState", "init_params", "init_state", "state_shardings", "place",
            "abstract_like", "abstract_state", "checkpoint_manager",
-           "save_checkpoint", "restore_checkpoint", "read_run_config"]
+           "save_checkpoint", "restore_checkpoint", "read_run_config",
+           "config_differences"]

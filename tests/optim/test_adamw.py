@@ -384,3 +384,20 @@ def test_a_gradient_whose_square_overflows_leaves_the_block_finite(fmt):
     u, s = tx.update(jnp.full_like(p, 0.5), s, p)
     assert bool(jnp.all(jnp.isfinite(u))), int(jnp.sum(~jnp.isfinite(u)))
   assert bool(jnp.all(jnp.isfinite(lb.dequantize(s[0].nu))))
+
+
+@pytest.mark.parametrize("fmt", ["8bit", "4bit"])
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_a_non_finite_gradient_element_stays_in_that_element(fmt, bad):
+  # optax: that element's update is non-finite; quantized moments must not
+  # carry it into the other 2047 (8-bit) or 127 (4-bit) elements of its block.
+  p = jnp.ones((4096,))
+  g = jnp.full_like(p, 0.5)
+  tx, ref = lo.adamw(1e-2, state_format=fmt), optax.adamw(1e-2)
+  s, r = tx.init(p), ref.init(p)
+  u, s = tx.update(g.at[0].set(bad), s, p)
+  v, _ = ref.update(g.at[0].set(bad), r, p)
+  np.testing.assert_array_equal(np.isfinite(np.asarray(u)), np.isfinite(np.asarray(v)))
+  for _ in range(3):
+    u, s = tx.update(g, s, p)
+    assert bool(jnp.all(jnp.isfinite(u))), int(jnp.sum(~jnp.isfinite(u)))
