@@ -461,6 +461,10 @@ def _weight_format_name(spec: QuantSpec) -> Optional[str]:
   if not spec.symmetric:
     return None
   if isinstance(f, BlockFormat):
+    # The kernels decode the format's own scale codes (E8M0 / E4M3); a block
+    # format stored with float scales (scale_dtype=) goes to the XLA path.
+    if spec.scale_dtype != f.scale:
+      return None
     return {"mxfp4": "mxfp4", "nvfp4": "nvfp4", "mxfp8_e4m3": "mxfp8_e4m3"}.get(f.name)
   if isinstance(f, IntFormat) and f.signed and f.frac_bits == 0 and f.bits in (4, 8):
     return f"int{f.bits}" if spec.scale_dtype in ("float32", "bfloat16") else None
@@ -469,8 +473,13 @@ def _weight_format_name(spec: QuantSpec) -> Optional[str]:
   return None
 
 
-def kernel_problem(lhs, rhs: QArray, dimension_numbers, backend: Optional[str] = None):
-  """The kernel MatmulProblem for ``lhs x rhs``, or (None, reason)."""
+def kernel_problem(lhs, rhs: QArray, dimension_numbers, backend: Optional[str] = None,
+                   out_dtype=None):
+  """The kernel MatmulProblem for ``lhs x rhs``, or (None, reason).
+
+  ``out_dtype``: the result's dtype (``preferred_element_type``); None: the
+  activation's (a quantized activation's logical dtype).
+  """
   from lowbit_jax.kernels._api import MatmulProblem  # pylint: disable=g-import-not-at-top
   (lc, rc), (lb, rb) = dimension_numbers
   if lb or rb:
@@ -502,9 +511,9 @@ def kernel_problem(lhs, rhs: QArray, dimension_numbers, backend: Optional[str] =
     g = lhs.spec.group_size
     x_block = None if g in (None, k) else g
     x_dtype = str(lhs.codes.dtype)
-    out_dtype = lhs.dtype
+    out_dtype = lhs.dtype if out_dtype is None else str(jnp.dtype(out_dtype))
   else:
-    out_dtype = str(jnp.dtype(lhs.dtype))
+    out_dtype = str(jnp.dtype(lhs.dtype if out_dtype is None else out_dtype))
   m = 1
   for d in lhs_shape[:-1]:
     m *= d
@@ -648,7 +657,7 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None,
                tensor_amax=lhs_tensor_amax, scale=lhs_scale, clip=lhs_clip)
       if ls is not None and lhs.size else lhs)  # empty: nothing to quantize
   if isinstance(rq, QArray) and use_kernel != "never":
-    prob, why = kernel_problem(lq, rq, dn)
+    prob, why = kernel_problem(lq, rq, dn, out_dtype=preferred_element_type)
     if prob is not None:
       y = _run_kernel(lq, rq, prob, use_kernel)
       if y is not None:

@@ -110,3 +110,29 @@ jax.tree_util.register_dataclass(
     MatmulOperands,
     data_fields=["x", "w_codes", "w_scale", "x_scale", "w_tensor_scale"],
     meta_fields=[])
+
+
+# The scale dtypes the kernels read for each weight format (see the layouts
+# above): E8M0 codes as uint8 for MX, E4M3 for NVFP4, else float scales.
+_BLOCK_SCALE_DTYPES = {"mxfp4": ("uint8",), "mxfp8_e4m3": ("uint8",),
+                       "nvfp4": ("float8_e4m3fn",)}
+
+
+def check_scale_dtypes(operands: MatmulOperands, problem: MatmulProblem,
+                       kernel: str) -> None:
+  """Raises unless the operands' scales have the dtypes ``kernel`` decodes
+  for ``problem``'s formats (it would read other scales as the wrong codes).
+  """
+  pairs = [("w_scale", operands.w_scale, problem.w_format)]
+  if problem.x_format is not None:
+    pairs.append(("x_scale", operands.x_scale, problem.x_format))
+  for name, arr, fmt in pairs:
+    want = _BLOCK_SCALE_DTYPES.get(fmt, ("float32", "bfloat16"))
+    got = getattr(arr, "dtype", None)
+    got = None if got is None else jax.numpy.dtype(got).name
+    if got not in want:
+      raise ValueError(
+          f"{kernel}: {name} of a {fmt} operand must be {' or '.join(want)}, got "
+          f"{got}; quantize with the format's own scale dtype, or run the XLA "
+          "path (use_kernel='never')")
+

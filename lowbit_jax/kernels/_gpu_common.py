@@ -253,6 +253,36 @@ def dequantize_activation(ops: MatmulOperands,
 # Predicates.
 # ----------------------------------------------------------------------------
 
+def config_from_json(cls, value, where: str):
+  """A tiling dataclass ``cls`` from a tuned table's JSON (a dict of fields
+  or a list in field order), checked: int fields positive ints, bool fields
+  bools, str fields strings, an Optional int None or positive.
+
+  Raises:
+    ValueError: naming ``where`` (the file and entry) and the bad field.
+  """
+  try:
+    cfg = cls(**value) if isinstance(value, dict) else cls(*value)
+  except TypeError as e:
+    raise ValueError(f"{where}: config {value!r} is not a {cls.__name__} ({e})"
+                     ) from None
+  for f in dataclasses.fields(cls):
+    v, d = getattr(cfg, f.name), f.default
+    if isinstance(d, bool):
+      ok, want = isinstance(v, bool), "true or false"
+    elif isinstance(d, int) or d is None:
+      ok = (isinstance(v, int) and not isinstance(v, bool) and v >= 1) or (
+          d is None and v is None)
+      want = "a positive int" + (" or null" if d is None else "")
+    elif isinstance(d, str):
+      ok, want = isinstance(v, str), "a string"
+    else:
+      ok, want = True, ""
+    if not ok:
+      raise ValueError(f"{where}: config field {f.name}={v!r} must be {want}")
+  return cfg
+
+
 def on_hopper_gpu(problem: MatmulProblem) -> bool:
   """Whether the problem targets a GPU and the default device is a Hopper GPU."""
   if problem.backend != "gpu":

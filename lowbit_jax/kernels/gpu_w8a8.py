@@ -49,7 +49,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lowbit_jax.kernels import _gpu_common as common
-from lowbit_jax.kernels._api import MatmulOperands, MatmulProblem
+from lowbit_jax.kernels._api import MatmulOperands, MatmulProblem, check_scale_dtypes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,6 +298,9 @@ def supports(problem: MatmulProblem) -> bool:
     codes and sizes where a benchmark (``MEASURED_WINS``) showed a win over
     XLA's own path.
   """
+  # The backend first: a CPU or TPU process never reads the GPU's table.
+  if not common.on_hopper_gpu(problem):
+    return False
   if problem.w_order != "natural":
     return False  # 8-bit weights: no other order exists
   try:
@@ -311,9 +314,7 @@ def supports(problem: MatmulProblem) -> bool:
     return False
   if problem.out_dtype not in ("bfloat16", "float32"):
     return False
-  if not _shape_ok(problem, _default_config(problem)):
-    return False
-  return common.on_hopper_gpu(problem)
+  return _shape_ok(problem, _default_config(problem))
 
 
 # ----------------------------------------------------------------------------
@@ -685,6 +686,7 @@ def matmul(operands: MatmulOperands, problem: MatmulProblem, *,
                      f"fit the tiling {cfg} (tiles must divide M, N and K; "
                      f"{smem_bytes(problem, cfg)} bytes of shared memory "
                      f"against {MAX_SMEM_BYTES})")
+  check_scale_dtypes(operands, problem, "gpu_w8a8")
   code = problem.w_format if mode != "mx" else "fp8_e4m3"
   kern = _build(mode, code, problem.m, problem.n, problem.k, problem.out_dtype,
                 cfg, params)

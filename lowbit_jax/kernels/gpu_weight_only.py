@@ -119,7 +119,7 @@ from lowbit_jax.core._qarray import (E2M1_SPLIT_MASK, SPLIT_ORDERS, from_code_or
                                      pack, split_bits, wgmma_byte_order)
 from lowbit_jax.formats import IntFormat
 from lowbit_jax.kernels import _gpu_common as common
-from lowbit_jax.kernels._api import MatmulOperands, MatmulProblem
+from lowbit_jax.kernels._api import MatmulOperands, MatmulProblem, check_scale_dtypes
 
 _FORMATS = ("int4", "int8", "fp4_e2m1", "mxfp4", "nvfp4")
 E2M1_FORMATS = ("fp4_e2m1", "mxfp4", "nvfp4")  # E2M1 codes
@@ -654,17 +654,47 @@ def load_table(path: Optional[str] = None) -> dict:
     ValueError: if the file is not such a table.
   """
   path = path or TABLE_PATH
+  fix = "; regenerate it with experiments/bench_kernels.py --mode=tune"
   with open(path) as f:
-    table = json.load(f)
+    try:
+      table = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path} is not valid JSON ({e}){fix}") from None
   if not isinstance(table, dict) or not isinstance(table.get("entries"), dict):
-    raise ValueError(f"{path} is not a tuned kernel table (no 'entries' dict); "
-                     "regenerate it with experiments/bench_kernels.py --mode=tune")
+    raise ValueError(f"{path} is not a tuned kernel table (no 'entries' dict){fix}")
   for case, classes in table["entries"].items():
+    if not isinstance(classes, dict):
+      raise ValueError(f"{path}: entry {case!r} is not a dict of shape classes{fix}")
     for cls, buckets in classes.items():
+      if not isinstance(buckets, dict):
+        raise ValueError(f"{path}: entry {case}/{cls} is not a dict of M buckets{fix}")
       for b, e in buckets.items():
-        if int(b) not in M_BUCKETS or "use_kernel" not in e:
-          raise ValueError(f"{path}: bad entry {case}/{cls}/{b}: {e}")
-        _config_from_json(e.get("config"))
+        where = f"{path}: entry {case}/{cls}/{b}"
+        if not (isinstance(b, str) and b.isdigit() and int(b) in M_BUCKETS):
+          raise ValueError(f"{where}: the M bucket must be one of {M_BUCKETS}{fix}")
+        if not isinstance(e, dict) or not isinstance(e.get("use_kernel"), bool):
+          raise ValueError(f"{where}: {e!r} is not a dict with use_kernel true or "
+                           f"false{fix}")
+        if e.get("config") is not None:
+          try:
+            common.config_from_json(Config, e["config"], where)
+          except ValueError as err:
+            raise ValueError(f"{err}{fix}") from None
+  w8 = table.get("w8a8", {})
+  if not isinstance(w8, dict):
+    raise ValueError(f"{path}: 'w8a8' is not a dict of cases{fix}")
+  if w8:
+    from lowbit_jax.kernels import gpu_w8a8  # pylint: disable=g-import-not-at-top
+    for case, e in w8.items():
+      if not isinstance(e, dict):
+        raise ValueError(f"{path}: w8a8 entry {case!r} is not a dict{fix}")
+      if e.get("config") is None:
+        continue
+      try:
+        common.config_from_json(gpu_w8a8.Config, e["config"],
+                                f"{path}: w8a8 entry {case!r}")
+      except ValueError as err:
+        raise ValueError(f"{err}{fix}") from None
   return table
 
 
@@ -859,6 +889,9 @@ def supports(problem: MatmulProblem) -> bool:
     and M bucket that beat the path it replaces (the entry's ``baseline``),
     and the shape tiles evenly with that entry's tiling.
   """
+  # The backend first: a CPU or TPU process never reads the GPU's table.
+  if not common.on_hopper_gpu(problem):
+    return False
   try:
     _validate(problem)
   except ValueError:
@@ -868,9 +901,7 @@ def supports(problem: MatmulProblem) -> bool:
     return False
   if not table_says_kernel(problem):
     return False
-  if not _shape_ok(problem, tuned_config(problem)):
-    return False
-  return common.on_hopper_gpu(problem)
+  return _shape_ok(problem, tuned_config(problem))
 
 
 # ----------------------------------------------------------------------------
@@ -2254,6 +2285,7 @@ def matmul(operands: MatmulOperands, problem: MatmulProblem, *,
   """
   params = common.interpret_params(interpret)
   _validate(problem)
+  check_scale_dtypes(operands, problem, "gpu_weight_only")
   refusal = None if config is None else _config_refusal(problem, config)
   if refusal is not None:
     raise ValueError(refusal)

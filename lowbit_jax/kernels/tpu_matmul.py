@@ -132,6 +132,9 @@ def unsupported_reason(problem: MatmulProblem) -> Optional[str]:
     if problem.w_block is not None:
       return (f"W8A8 supports per-channel weight scales only (w_block=None), "
               f"got w_block={problem.w_block!r}")
+    if problem.k >= _W8A8_MAX_K:
+      return (f"K={problem.k} could overflow W8A8's int32 accumulator (exact for "
+              f"K < {_W8A8_MAX_K}: K products of at most 128 * 128)")
   else:
     if problem.x_dtype != "bfloat16":
       return (f"weight-only kernels take bfloat16 activations, got "
@@ -151,6 +154,10 @@ def unsupported_reason(problem: MatmulProblem) -> Optional[str]:
     return (f"K={problem.k} is not a multiple of {quantum} (lane tiling of "
             f"{problem.w_format} codes and whole groups per K block)")
   return None
+
+
+# W8A8 sums K int8 x int8 products (|p| <= 2**14) in int32: exact below 2**17.
+_W8A8_MAX_K = 2 ** 17
 
 
 def supports(problem: MatmulProblem) -> bool:

@@ -164,6 +164,59 @@ def test_supports_needs_a_hopper_gpu_even_where_the_table_wins():
       "1": _entry(True)}}}})
   assert jax.default_backend() != "gpu"
   assert not wo.supports(_prob())
+  # Off a GPU the table is never read: an entry it could not use does not
+  # break a CPU matmul.
+  wo.set_table({"meta": {}, "entries": {"int4_g128": {"k8k_n8k": {
+      "1": _entry(True, {"tile_n": 0, "tile_k": 0})}}}})
+  assert not wo.supports(_prob())
+
+
+def test_block_formats_with_float_scales_stay_off_the_kernels():
+  # The kernels decode E8M0 / E4M3 scale codes: an MX or NVFP4 weight stored
+  # with bf16 or float32 scales (scale_dtype=) goes to XLA's path, and a
+  # kernel given such scales refuses them rather than misreading them.
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from lowbit_jax.core import ops  # pylint: disable=g-import-not-at-top
+  from lowbit_jax.core._spec import QuantSpec  # pylint: disable=g-import-not-at-top
+  from lowbit_jax.kernels import gpu_w8a8  # pylint: disable=g-import-not-at-top
+  from lowbit_jax.kernels._api import MatmulOperands  # pylint: disable=g-import-not-at-top
+  w = jax.random.normal(jax.random.key(0), (512, 128))
+  x = jnp.ones((1, 512), jnp.bfloat16)
+  dn = (((1,), (1,)), ((), ()))
+  for fmt in ("mxfp4", "nvfp4"):
+    assert ops.kernel_problem(x, ops.prepare_weight(w, QuantSpec(fmt)), dn,
+                              backend="gpu")[0].w_format == fmt
+    for sd in ("bfloat16", "float32"):
+      prob, why = ops.kernel_problem(
+          x, ops.prepare_weight(w, QuantSpec(fmt, scale_dtype=sd)), dn, backend="gpu")
+      assert prob is None and "no kernel" in why
+  prob = _prob(n=128, k=512, w_format="mxfp4", w_block=32)
+  q = ops.prepare_weight(w, QuantSpec("mxfp4", scale_dtype="bfloat16"))
+  with pytest.raises(ValueError, match="w_scale of a mxfp4 operand must be uint8, "
+                     "got bfloat16"):
+    wo.matmul(MatmulOperands(x, q.codes, q.scale), prob, interpret=True)
+  w8 = MatmulProblem(m=128, n=128, k=512, x_dtype="float8_e4m3fn",
+                     w_format="mxfp8_e4m3", w_block=32, x_format="mxfp8_e4m3",
+                     x_block=32)
+  with pytest.raises(ValueError, match="x_scale of a mxfp8_e4m3 operand"):
+    gpu_w8a8.matmul(MatmulOperands(jnp.zeros((128, 512), jnp.float8_e4m3fn),
+                                   jnp.zeros((128, 512), jnp.float8_e4m3fn),
+                                   jnp.zeros((128, 16), jnp.uint8),
+                                   jnp.ones((128, 16), jnp.float32)), w8,
+                    interpret=True)
+
+
+def test_preferred_element_type_reaches_the_kernel_problem():
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from lowbit_jax.core import ops  # pylint: disable=g-import-not-at-top
+  from lowbit_jax.core._spec import QuantSpec  # pylint: disable=g-import-not-at-top
+  q = ops.prepare_weight(jax.random.normal(jax.random.key(0), (512, 128)),
+                         QuantSpec("int8"))
+  x = jnp.ones((1, 512), jnp.bfloat16)
+  dn = (((1,), (1,)), ((), ()))
+  assert ops.kernel_problem(x, q, dn, backend="gpu")[0].out_dtype == "bfloat16"
+  assert ops.kernel_problem(x, q, dn, backend="gpu",
+                            out_dtype=jnp.float32)[0].out_dtype == "float32"
 
 
 def test_load_table_reads_the_shipped_file_and_rejects_bad_ones(tmp_path):
@@ -187,7 +240,27 @@ def test_load_table_reads_the_shipped_file_and_rejects_bad_ones(tmp_path):
   bad = tmp_path / "t.json"
   bad.write_text(json.dumps({"entries": {"int4_g128": {"k8k_n8k": {"3": {
       "use_kernel": True}}}}}))
-  with pytest.raises(ValueError, match="bad entry"):
+  with pytest.raises(ValueError, match="k8k_n8k/3: the M bucket must be one of"):
+    wo.load_table(str(bad))
+  # An entry that loads but would break the dispatcher later is refused
+  # here, naming the file, the entry and the field.
+  good = {"tile_n": 64, "tile_k": 256, "tile_m": 16, "stages": 3}
+  for entry, match in (
+      ({"use_kernel": "false"}, "use_kernel true or false"),
+      ({"use_kernel": True, "config": {**good, "tilek": 1}}, "is not a Config"),
+      ({"use_kernel": True, "config": {**good, "tile_n": 0}},
+       "tile_n=0 must be a positive int"),
+      ({"use_kernel": True, "config": {**good, "tile_k": "256"}},
+       "tile_k='256' must be a positive int"),
+      ({"use_kernel": True, "config": {**good, "ws": 1}}, "ws=1 must be true or false"),
+      ("yes", "is not a dict")):
+    bad.write_text(json.dumps({"entries": {"int4_g128": {"k8k_n8k": {"1": entry}}}}))
+    with pytest.raises(ValueError, match=f"t.json: entry int4_g128/k8k_n8k/1.*{match}"
+                       ".*--mode=tune"):
+      wo.load_table(str(bad))
+  bad.write_text(json.dumps({"entries": {}, "w8a8": {"fp8_channel": {
+      "config": {"tile_m": 0}}}}))
+  with pytest.raises(ValueError, match="w8a8 entry 'fp8_channel'.*tile_m=0"):
     wo.load_table(str(bad))
   bad.write_text(json.dumps({"rows": []}))
   with pytest.raises(ValueError, match="--mode=tune"):

@@ -240,6 +240,7 @@ def test_reference_int4_nibble_convention():
     (_problem(1, 256, 512, "w8a8", 128), "per-channel"),
     (_problem(1, 256, 512, "w8a8", None, x_block=128), "per-token"),
     (_problem(1, 256, 512, "w8a16", None, out="int32"), "out_dtype"),
+    (_problem(1, 256, 2 ** 17, "w8a8", None), "int32 accumulator"),
 ])
 def test_supports_says_no_with_a_reason(problem, reason):
   assert not tpu_matmul.supports(problem)
