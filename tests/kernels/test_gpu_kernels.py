@@ -509,3 +509,26 @@ def test_public_dot_reads_wgmma_ordered_weights(spec, order, m):
   ref = (np.asarray(x, np.float32)
          @ np.asarray(lowbit_jax.dequantize(q), np.float32).T)
   assert rel_err(run(x, qw, "auto"), ref) < 1e-2
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("scale_dtype", [None, "bfloat16", "float32"])
+@pytest.mark.parametrize("m", [1, 16])
+def test_block_formats_with_any_scale_dtype_through_the_public_dot(fmt, scale_dtype, m):
+  # Float-scaled MX / NVFP4 weights crashed in the kernel (it decodes E8M0 /
+  # E4M3 scale codes); they now take XLA's path, and every scale dtype gives
+  # the exact product to bf16 accuracy under the default dispatch.
+  import lowbit_jax  # pylint: disable=g-import-not-at-top
+  from lowbit_jax.core import ops  # pylint: disable=g-import-not-at-top
+  from lowbit_jax.core._spec import QuantSpec  # pylint: disable=g-import-not-at-top
+  k, n = 4096, 1024
+  w = jax.random.normal(_key(), (k, n), jnp.float32) * 0.05
+  q = ops.prepare_weight(w, QuantSpec(fmt, scale_dtype=scale_dtype))
+  x = jax.random.normal(_key(), (m, k), jnp.float32).astype(jnp.bfloat16)
+  dn = (((1,), (1,)), ((), ()))
+  exact = (np.asarray(x, np.float64)
+           @ np.asarray(lowbit_jax.dequantize(q), np.float64).T)
+  for use in ("auto", "never"):
+    y = jax.jit(lambda a, b: ops.dot_general(a, b, dn, mode="real", use_kernel=use))(
+        x, q)
+    assert rel_err(np.asarray(y, np.float32), exact) < 1e-2, use
