@@ -204,6 +204,19 @@ def test_perplexity_scores_every_token_once():
   assert uniform["bits_per_byte"] is None
   with pytest.raises(ValueError, match="at least 2 tokens"):
     perplexity(_bigram_apply, table, tokens[:1], 4, 1)
+  # Ids a model cannot look up are refused, not wrapped (-1 read as vocab - 1)
+  # or turned into NaN (ids past the table).
+  with pytest.raises(ValueError, match=r"ids must be in \[0, vocab\), got ids from -1"):
+    perplexity(_bigram_apply, table, np.array([1, 2, -1, 3]), 4, 1)
+  with pytest.raises(ValueError, match="token id 7 is outside the model's "
+                     "vocabulary of 7"):
+    perplexity(_bigram_apply, table, np.array([1, 2, 7, 3]), 4, 1)
+  with pytest.raises(ValueError, match="integer ids"):
+    perplexity(_bigram_apply, table, np.array([1.5, 2.0, 3.0]), 4, 1)
+  # A hopeless model's perplexity overflows to inf, with its loss kept.
+  hopeless = perplexity(lambda p, x: jax.nn.one_hot(x, vocab) * 5000.0, None,
+                        tokens, 16, 2)   # sure the next token repeats this one
+  assert hopeless["perplexity"] == math.inf and hopeless["loss"] > 709
 
 
 def test_optimizer_schedule_and_bad_config(tmp_path):

@@ -12,6 +12,7 @@ Weight layout everywhere in ``lowbit_jax.algorithms``: a Flax Dense kernel
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional, Union
 
 import jax
@@ -89,16 +90,32 @@ def _rtn(w, key, *, spec: QuantSpec):
 def sqnr_db(ref: jax.Array, approx: jax.Array) -> float:
   """Signal-to-quantization-noise ratio ``10 log10(|ref|^2 / |ref - approx|^2)``.
 
+  The one definition the library uses (PTQ reports, the sweeps' per-layer
+  SQNR, the format report).
+
   Args:
     ref: the exact values.
     approx: their approximation, same shape.
 
   Returns:
-    The SQNR in dB (``inf`` when they are equal).
+    The SQNR in dB: ``inf`` when they are equal, ``-inf`` when ``ref`` is all
+    zeros and they differ, NaN when either holds a NaN (never a good-looking
+    number).
+
+  Raises:
+    ValueError: the shapes differ (no broadcasting) or the arrays are empty.
   """
   r = np.asarray(ref, np.float64)
-  e = r - np.asarray(approx, np.float64)
+  a = np.asarray(approx, np.float64)
+  if r.shape != a.shape:
+    raise ValueError(f"sqnr_db needs two arrays of one shape, got {r.shape} and "
+                     f"{a.shape}")
+  if r.size == 0:
+    raise ValueError("sqnr_db of empty arrays is undefined")
+  e = r - a
   num, den = float(np.sum(r * r)), float(np.sum(e * e))
+  if math.isnan(num) or math.isnan(den):
+    return float("nan")
   if den == 0.0:
     return float("inf")
   if num == 0.0:

@@ -204,6 +204,11 @@ def train_tokenizer(texts: Iterable[str],
       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
       show_progress=False)
   tok.train_from_iterator(texts, trainer=trainer)
+  # The text "<|endoftext|>" is bytes like any other, not the EOS token: a
+  # literal in a document must neither end it nor drop its bytes from the
+  # bits-per-byte count. (The flag is not saved in tokenizer.json, so
+  # get_tokenizer and encode_documents set it too.)
+  tok.encode_special_tokens = True
   return tok
 
 
@@ -297,7 +302,9 @@ def get_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE, *,
   """
   path = corpus_dir(vocab_size, cache_dir=cache_dir) / "tokenizer.json"
   if path.exists():
-    return tokenizers.Tokenizer.from_file(str(path))
+    tok = tokenizers.Tokenizer.from_file(str(path))
+    tok.encode_special_tokens = True
+    return tok
   tok = train_tokenizer((d.text for d in load_corpus("train")), vocab_size)
   _atomic_write_bytes(path, tok.to_str().encode("utf-8"))
   return tok
@@ -325,8 +332,13 @@ def encode_documents(docs: Sequence[Document],
   if tokenizer.get_vocab_size() > 65536:
     raise ValueError("token ids must fit uint16: vocabulary size must be <= 65536, "
                      f"got {tokenizer.get_vocab_size()}.")
-  encodings = tokenizer.encode_batch([d.text for d in docs],
-                                     add_special_tokens=False)
+  flag = tokenizer.encode_special_tokens
+  tokenizer.encode_special_tokens = True   # "<|endoftext|>" in a text is text
+  try:
+    encodings = tokenizer.encode_batch([d.text for d in docs],
+                                       add_special_tokens=False)
+  finally:
+    tokenizer.encode_special_tokens = flag
   parts = []
   for enc in encodings:
     parts.append(np.asarray([eos], np.uint16))

@@ -25,6 +25,7 @@ import ml_dtypes
 import numpy as np
 
 from lowbit_jax import formats
+from lowbit_jax.algorithms.rtn import sqnr_db
 from lowbit_jax.core import QuantSpec, dequantize, quantize
 
 ROW = 1024  # elements per row: the quantized (last) axis
@@ -89,14 +90,6 @@ def make_data(n: int, seed: int = 0) -> dict[str, np.ndarray]:
   shape = (n // ROW, ROW)
   return {"normal": rng.standard_normal(shape).astype(np.float32),
           "student_t3": rng.standard_t(3, shape).astype(np.float32)}
-
-
-def sqnr_db(x: np.ndarray, y: np.ndarray) -> float:
-  """Signal to quantization noise ratio in dB (inf when y == x)."""
-  x = np.asarray(x, np.float64)
-  noise = float(np.sum((x - np.asarray(y, np.float64)) ** 2))
-  signal = float(np.sum(x ** 2))
-  return math.inf if noise == 0 else 10.0 * math.log10(signal / noise)
 
 
 def measure(case: FormatCase, data: dict[str, np.ndarray]) -> dict:

@@ -32,10 +32,11 @@ def _windows(tokens: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _nll_sum(apply_fn, params, x, mask):
+  """``(summed nll, the logits' vocabulary size)``."""
   logits = apply_fn(params, x[:, :-1]).astype(jnp.float32)
   logz = jax.nn.logsumexp(logits, axis=-1)
   picked = jnp.take_along_axis(logits, x[:, 1:, None], axis=-1)[..., 0]
-  return jnp.sum((logz - picked) * mask)
+  return jnp.sum((logz - picked) * mask), jnp.int32(logits.shape[-1])
 
 
 # Compiled once per (apply_fn, shapes): pass the same apply_fn object to reuse it.
@@ -67,12 +68,18 @@ def perplexity(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any,
     "num_tokens": scored tokens}``.
 
   Raises:
-    ValueError: for a stream shorter than 2 tokens or non-positive sizes.
+    ValueError: for a stream shorter than 2 tokens, ids that are not integers
+      in [0, vocab), or non-positive sizes.
   """
   tokens = np.asarray(tokens)
   if tokens.ndim != 1 or tokens.size < 2:
     raise ValueError(f"tokens must be a 1-D stream of at least 2 tokens, got shape "
                      f"{tokens.shape}.")
+  if not np.issubdtype(tokens.dtype, np.integer):
+    raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}.")
+  if tokens.min() < 0 or tokens.max() > np.iinfo(np.int32).max:
+    raise ValueError(f"token ids must be in [0, vocab), got ids from {tokens.min()} "
+                     f"to {tokens.max()}.")
   if seq_len < 1 or batch < 1:
     raise ValueError(f"seq_len and batch must be >= 1, got {seq_len}, {batch}.")
   if num_bytes is not None and num_bytes < 1:
@@ -96,12 +103,17 @@ def perplexity(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any,
     x, m = windows[i:i + batch], mask[i:i + batch]
     if batch_sharding is not None:
       x, m = jax.device_put((x, m), batch_sharding)
-    total += float(nll_sum(params, x, m))
+    part, vocab = nll_sum(params, x, m)
+    if i == 0 and tokens.max() >= int(vocab):  # an embedding gather past its end
+      raise ValueError(f"token id {tokens.max()} is outside the model's vocabulary "
+                       f"of {int(vocab)} (its logits' last axis).")
+    total += float(part)
   count = int(mask.sum())
   loss = total / count
   return {
       "loss": loss,
-      "perplexity": math.exp(loss),
+      # exp overflows a float above ~709 nats: a hopeless model, not an error.
+      "perplexity": math.exp(loss) if loss < 709.0 else math.inf,
       "bits_per_byte": (total / math.log(2) / num_bytes
                         if num_bytes is not None else None),
       "num_tokens": count,

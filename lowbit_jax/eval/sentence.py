@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from lowbit_jax.algorithms.rtn import sqnr_db  # noqa: F401  (re-exported)
+
 
 def _rank(a: np.ndarray) -> np.ndarray:
   """Ranks with ties averaged (as Spearman's rho needs), float64."""
@@ -19,12 +21,14 @@ def _rank(a: np.ndarray) -> np.ndarray:
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
-  """Spearman rank correlation of two 1-d samples."""
+  """Spearman rank correlation of two 1-d samples (NaN if either holds a NaN)."""
   a = np.asarray(a, np.float64).ravel()
   b = np.asarray(b, np.float64).ravel()
   if a.shape != b.shape or a.size < 2:
     raise ValueError(f"spearman needs two samples of equal length >= 2, got "
                      f"{a.shape} and {b.shape}")
+  if np.isnan(a).any() or np.isnan(b).any():   # NaN has no rank
+    return float("nan")
   ra, rb = _rank(a), _rank(b)
   ra -= ra.mean()
   rb -= rb.mean()
@@ -63,14 +67,3 @@ def embedding_metrics(ref: np.ndarray, quant: np.ndarray) -> dict:
   sim_q = (q @ q.T)[iu]
   return {"mean_cos": float(cos.mean()), "worst_cos": float(cos.min()),
           "spearman": spearman(sim_r, sim_q)}
-
-
-def sqnr_db(ref, approx) -> float:
-  """Signal-to-quantization-noise ratio in dB: 10 log10(|ref|^2 / |ref - approx|^2)."""
-  ref = np.asarray(ref, np.float64)
-  approx = np.asarray(approx, np.float64)
-  noise = np.sum((ref - approx) ** 2)
-  sig = np.sum(ref ** 2)
-  if noise == 0:
-    return float("inf")
-  return float(10 * np.log10(sig / noise)) if sig > 0 else float("-inf")

@@ -31,6 +31,7 @@ wrapped apply: ``apply_fn=quantize_linen(rules)(model.apply)``.
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -92,7 +93,8 @@ def sample_token(logits: jax.Array, key: Optional[jax.Array], temperature: float
 
 
 def _check_sampling(temperature, top_k, key) -> None:
-  if not isinstance(temperature, (int, float)) or temperature < 0:
+  if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
+      or not temperature >= 0):
     raise ValueError(f"temperature must be a number >= 0 (0: greedy), got "
                      f"{temperature!r}")
   if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
@@ -275,6 +277,19 @@ def generate(model, variables, tokens: jax.Array, lengths: jax.Array,
   The jitted function is kept (per model, shapes and options) for later calls.
   """
   _check_sampling(temperature, top_k, key)
+  if isinstance(temperature, numbers.Real) and not isinstance(temperature, float):
+    temperature = float(temperature)   # a numpy scalar: hashable, one cache entry
+  try:
+    toks = np.asarray(tokens)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    toks = None  # traced: the caller's jit owns the check
+  if np.ndim(tokens) != 2:
+    raise ValueError(f"tokens must be [batch, prompt_len] (left_pad makes them), got "
+                     f"shape {np.shape(tokens)}")
+  vocab = model.config.vocab
+  if toks is not None and toks.size and (toks.min() < 0 or toks.max() >= vocab):
+    raise ValueError(f"prompt token ids must be in [0, vocab={vocab}), got ids from "
+                     f"{toks.min()} to {toks.max()}")
   tokens = jnp.asarray(tokens, jnp.int32)
   b, p = tokens.shape
   try:

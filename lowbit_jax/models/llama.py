@@ -111,6 +111,14 @@ class LlamaConfig:
     if self.head_dim % 2:
       raise ValueError(f"head_dim = d_model / n_heads = {self.head_dim} must be "
                        "even for rotary embeddings.")
+    for name in ("n_experts", "top_k"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"LlamaConfig.{name} must be an int, got {value!r}.")
+    for name in ("rope_theta", "norm_eps"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"LlamaConfig.{name} must be a number, got {value!r}.")
     if self.n_experts < 0:
       raise ValueError(f"n_experts must be >= 0 (0 = dense), got {self.n_experts}.")
     if self.n_experts and not 1 <= self.top_k <= self.n_experts:

@@ -66,6 +66,14 @@ def test_tokenizer_training_is_deterministic_and_round_trips_heldout():
     assert a.decode(a.encode(doc.text).ids) == doc.text, doc.path
   odd = "x = 'héllo 🐍'\n\t\tpass  \r\n\x00"
   assert a.decode(a.encode(odd).ids) == odd
+  # The EOS token's text inside a document is text: no fake document boundary,
+  # and its bytes count for bits per byte.
+  literal = "a<|endoftext|>b"
+  ids = a.encode(literal, add_special_tokens=False).ids
+  assert a.decode(ids) == literal and a.token_to_id(sc.EOS) not in ids
+  stream = sc.encode_documents([sc.Document("x.py", literal)], a)
+  assert list(stream).count(a.token_to_id(sc.EOS)) == 1
+  assert int(sc.token_byte_lengths(a)[stream].sum()) == len(literal.encode())
   with pytest.raises(ValueError, match="vocab_size"):
     sc.train_tokenizer(texts, 100)
 

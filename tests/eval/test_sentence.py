@@ -30,6 +30,21 @@ def test_sqnr_db():
   x = np.ones(100)
   assert sentence.sqnr_db(x, x * 1.1) == pytest.approx(20.0)
   assert sentence.sqnr_db(x, x) == float("inf")
+  assert sentence.sqnr_db(np.zeros(3), np.ones(3)) == float("-inf")
+  assert np.isnan(sentence.sqnr_db(x, np.where(np.arange(100) == 3, np.nan, x)))
+  # No broadcasting: identical values in another shape are an error, not 0.7 dB.
+  with pytest.raises(ValueError, match=r"one shape, got \(3, 1\) and \(3,\)"):
+    sentence.sqnr_db(x[:3, None], x[:3])
+  with pytest.raises(ValueError, match="empty"):
+    sentence.sqnr_db(np.zeros(0), np.zeros(0))
+
+
+def test_a_nan_sample_has_no_spearman():
+  # NaN has no rank: a NaN model must not get a good-looking correlation.
+  assert np.isnan(sentence.spearman([1, np.nan, 3, 4], [1, 2, 3, 4]))
+  e = np.random.default_rng(0).normal(size=(5, 4))
+  m = sentence.embedding_metrics(e, np.where(np.arange(5)[:, None] == 2, np.nan, e))
+  assert np.isnan(m["spearman"]) and np.isnan(m["mean_cos"])
 
 
 def test_bad_shapes():

@@ -112,6 +112,18 @@ def test_generate_refuses_impossible_lengths_and_decoding_past_max_len(model_var
       decode.generate(model, v, toks, jnp.asarray(bad), 2)
   with pytest.raises(ValueError, match=r"goes past the model's LlamaConfig.max_len=32"):
     decode.generate(model, v, *decode.left_pad([[5, 6, 7]]), 30)
+  # Prompt ids the embedding cannot look up are refused (they decoded as
+  # NaN logits, or wrapped: -1 as vocab - 1), and so is a 1-D prompt.
+  vocab = model.config.vocab
+  for bad in (vocab, -1):
+    with pytest.raises(ValueError, match=rf"ids must be in \[0, vocab={vocab}\)"):
+      decode.generate(model, v, jnp.asarray([[1, 2, bad]]), jnp.asarray([3]), 2)
+  with pytest.raises(ValueError, match=r"tokens must be \[batch, prompt_len\]"):
+    decode.generate(model, v, jnp.asarray([1, 2, 3]), jnp.asarray([3]), 2)
+  # A numpy temperature is a number.
+  out = decode.generate(model, v, *decode.left_pad([[5, 6, 7]]), 2,
+                        key=jax.random.key(0), temperature=np.float32(0.8))
+  assert out.shape == (1, 2)
 
 
 def test_kivi_cache_with_a_length_its_key_groups_do_not_divide(model_vars):

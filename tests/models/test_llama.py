@@ -197,6 +197,10 @@ def test_presets_sizes():
     (dict(n_experts=2, top_k=3), "top_k"),
     (dict(dtype="int8"), "dtype"),
     (dict(vocab=0), "positive int"),
+    (dict(n_experts=2.5), "n_experts must be an int"),
+    (dict(n_experts=4, top_k=2.0), "top_k must be an int"),
+    (dict(n_experts=True), "n_experts must be an int"),
+    (dict(rope_theta="1e4"), "rope_theta must be a number"),
 ])
 def test_config_validation(changes, match):
   with pytest.raises(ValueError, match=match):
