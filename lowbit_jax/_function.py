@@ -13,12 +13,15 @@ leaf runs through
 Data flow from a parameter passes through views of it: ``transpose``,
 ``reshape``, ``convert_element_type``, ``broadcast_in_dim``, ``squeeze``,
 ``expand_dims``, ``slice``, ``dynamic_slice`` (e.g. ``w[i]`` of stacked layers),
-``copy`` and sharding constraints; and into ``jit`` calls, ``custom_jvp`` /
-``custom_vjp`` functions, ``jax.checkpoint``, ``lax.scan`` (stacked weights
-scanned over), ``lax.cond`` and ``lax.while_loop``. A ``gather`` (an embedding
-lookup) or arithmetic on a weight ends it: what comes out is an activation.
-Nothing inside a ``pallas_call`` is ever rewritten, and other higher-order
-primitives (``shard_map``, ...) run unchanged.
+``copy``, ``stop_gradient``, ``optimization_barrier`` and sharding
+constraints; and into ``jit`` calls, ``custom_jvp`` / ``custom_vjp``
+functions, ``jax.checkpoint``, ``lax.scan`` (stacked weights scanned over),
+``lax.cond`` and ``lax.while_loop``. A ``gather`` (an embedding lookup) or
+arithmetic on a weight ends it: what comes out is an activation. Nothing
+inside a ``pallas_call`` is ever rewritten; a weight that a rule quantizes
+entering another higher-order primitive (``shard_map``, ...) raises, since its
+matmuls there would stay float (exclude it with a float rule, or quantize the
+function inside).
 
 Rewriting inside a custom_jvp/custom_vjp function drops its custom derivative
 rule (the function is inlined; fake quantization brings its straight-through
@@ -48,10 +51,13 @@ _DropVar = jex.core.DropVar
 # Primitives whose output is a view of their first operand.
 _VIEWS = frozenset({"transpose", "reshape", "convert_element_type", "broadcast_in_dim",
                     "squeeze", "expand_dims", "slice", "dynamic_slice", "copy",
-                    "copy_p", "sharding_constraint", "reduce_precision"})
+                    "copy_p", "sharding_constraint", "reduce_precision",
+                    "stop_gradient"})
 # Views that a quantized leaf goes through without being dequantized.
 _QVIEWS = frozenset({"transpose", "convert_element_type", "copy", "copy_p",
-                     "sharding_constraint"})
+                     "sharding_constraint", "stop_gradient"})
+# Primitives whose i-th output is their i-th operand, unchanged.
+_PASS = frozenset({"optimization_barrier"})
 _CALLS = frozenset({"jit", "pjit", "closed_call", "core_call"})
 _CUSTOM = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"})
 _REMAT = frozenset({"remat2", "checkpoint", "remat"})
@@ -77,6 +83,34 @@ class _QRef:
 
 def _mat(v):
   return v.value() if isinstance(v, _QRef) else v
+
+
+_MATMULS = frozenset({"dot_general", "conv_general_dilated", _RAGGED})
+
+
+def _sub_jaxprs(params) -> list:
+  """The jaxprs in an equation's params (a higher-order primitive's bodies)."""
+  out = []
+  for v in params.values():
+    for x in (v if isinstance(v, (tuple, list)) else (v,)):
+      if isinstance(x, jex.core.ClosedJaxpr):
+        out.append(x.jaxpr)
+      elif isinstance(x, jex.core.Jaxpr):
+        out.append(x)
+  return out
+
+
+def _runs_matmul(params) -> bool:
+  """Whether a higher-order primitive's bodies hold a matmul (at any depth);
+  a scatter's or reduction's combining jaxpr holds none."""
+  todo = _sub_jaxprs(params)
+  while todo:
+    j = todo.pop()
+    for e in j.eqns:
+      if e.primitive.name in _MATMULS:
+        return True
+      todo.extend(_sub_jaxprs(e.params))
+  return False
 
 
 def _bind(eqn, invals):
@@ -184,6 +218,8 @@ class _Interpreter:
       outs = [None] * len(eqn.outvars)
       if name in _VIEWS:
         outs[0] = it[0]
+      elif name in _PASS:
+        outs = list(it)
       elif name == "dot_general":
         t = it[1] or it[0]
         found = found or self._rule(t, _DOT_KINDS) is not None
@@ -217,6 +253,8 @@ class _Interpreter:
                                      it[:cn] + [None] * ncarry)[0]
                  or self._flow(_closed(p["body_jaxpr"])[0],
                                it[cn:cn + bn] + [None] * ncarry)[0])
+      else:
+        self._check_unfollowed(eqn, it)
       for v, t in zip(eqn.outvars, outs):
         if t is not None and not isinstance(v, _DropVar):
           env[v] = t
@@ -286,7 +324,37 @@ class _Interpreter:
       return self._cond(eqn, invals, intags), none
     if name == "while" and self._flow_while(eqn, intags):
       return self._while(eqn, invals, intags), none
+    if name in _PASS:
+      # Quantized leaves pass as they are; the rest through the primitive.
+      rest = [i for i, v in enumerate(invals) if not isinstance(v, _QRef)]
+      outs = list(invals)
+      if rest:
+        bound = eqn.primitive.bind(*[invals[i] for i in rest], **eqn.params)
+        for i, o in zip(rest, bound):
+          outs[i] = o
+      return outs, list(intags)
+    if name not in (_CALLS | _CUSTOM | _REMAT | {"scan", "cond", "while"}):
+      self._check_unfollowed(eqn, intags)
     return _bind(eqn, invals), none
+
+  def _check_unfollowed(self, eqn, tags) -> None:
+    """Raises when a weight a rule would quantize enters a higher-order
+    primitive the interpreter does not rewrite (``shard_map``, ...): its
+    matmuls inside would silently stay float."""
+    if eqn.primitive.name == "pallas_call" or not _runs_matmul(eqn.params):
+      return
+    for t in tags:
+      if t is None:
+        continue
+      kinds = _DOT_KINDS + ("conv",) + _RAGGED_KINDS
+      if self._rule(t, kinds) is not None:
+        raise ValueError(
+            f"the weight {t.path!r}, which a rule quantizes, enters "
+            f"`{eqn.primitive.name}`, which quantize_function does not rewrite: "
+            "its matmuls there would stay float. Quantize inside it (apply "
+            "quantize_function to the function that primitive runs), or exclude "
+            f"the weight with a float rule (QuantRule({t.path!r}) before the "
+            "others)")
 
   def _view(self, eqn, invals, intags):
     name = eqn.primitive.name

@@ -155,6 +155,33 @@ def test_pallas_call_is_never_rewritten():
                              rtol=1e-5, atol=1e-5)
 
 
+def test_barriers_are_views_and_unrewritten_bodies_are_refused():
+  # A frozen (stop_gradient) or barriered weight is still the weight; a weight
+  # entering a shard_map, whose matmuls the interpreter does not rewrite,
+  # raises rather than staying float silently.
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  p = {"w": jax.random.normal(jax.random.key(3), (16, 8))}
+  x = jax.random.normal(jax.random.key(4), (4, 16))
+  want = x @ _fq(p["w"], lb.QuantSpec("int4", axis=0))
+  rules = [QuantRule("w", weight="int4")]
+  for wrap in (lax.stop_gradient, lambda w: lax.optimization_barrier((w, w))[1]):
+    qf = quantize_function(lambda p, x: x @ wrap(p["w"]), rules)
+    np.testing.assert_allclose(qf(p, x), want, rtol=1e-5, atol=1e-5)
+    assert list(qf.config.sites) == ["w"]
+  # Frozen stays frozen: no gradient reaches the weight.
+  g = jax.grad(lambda p: quantize_function(
+      lambda p, x: x @ lax.stop_gradient(p["w"]), rules)(p, x).sum())(p)
+  assert not np.any(np.asarray(g["w"]))
+  mesh = jax.make_mesh((1,), ("d",), devices=jax.devices()[:1])
+  smap = jax.shard_map(lambda a, b: a @ b, mesh=mesh, in_specs=(P(), P()),
+                       out_specs=P())
+  with pytest.raises(ValueError, match="weight 'w', which a rule quantizes, "
+                     "enters `shard_map`.*float rule"):
+    quantize_function(lambda p, x: smap(x, p["w"]), rules)(p, x)
+  # A scatter's combining function holds no matmul: the weight just ends there.
+  quantize_function(lambda p, x: x @ p["w"].at[0].add(1.0), rules)(p, x)
+
+
 def test_gather_ends_data_flow():
   def f(p, tok):
     return jnp.take(p["emb"], tok, axis=0) @ p["w"]
