@@ -296,8 +296,8 @@ def _qdq_operand(x, spec: Optional[QuantSpec], key, mode: str, amax=None,
   if mode == "fake":
     return fake_quant(x, spec, key=k, amax=amax, tensor_amax=tensor_amax, scale=scale,
                       clip=clip)
-  return dequantize(quantize(x, spec, key=k, amax=amax, tensor_amax=tensor_amax,
-                             scale=scale, clip=clip))
+  return dequantize(quantize(_real_mode_input(x), spec, key=k, amax=amax,
+                             tensor_amax=tensor_amax, scale=scale, clip=clip))
 
 
 def _check_qarray_operand(name: str, amax=None, tensor_amax=None, scale=None,
@@ -650,11 +650,13 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None,
   if l_is_q:
     _check_qarray_operand("lhs", lhs_amax, lhs_tensor_amax, lhs_scale, lhs_clip)
   rq = rhs if r_is_q else (
-      quantize(rhs, rs, key=k_r if _stoch(rs) else None, scale=rhs_scale)
+      quantize(_real_mode_input(rhs), rs, key=k_r if _stoch(rs) else None,
+               scale=rhs_scale)
       if rs is not None and rhs.size else rhs)
   lq = lhs if l_is_q else (
-      quantize(lhs, ls, key=k_l if _stoch(ls) else None, amax=lhs_amax,
-               tensor_amax=lhs_tensor_amax, scale=lhs_scale, clip=lhs_clip)
+      quantize(_real_mode_input(lhs), ls, key=k_l if _stoch(ls) else None,
+               amax=lhs_amax, tensor_amax=lhs_tensor_amax, scale=lhs_scale,
+               clip=lhs_clip)
       if ls is not None and lhs.size else lhs)  # empty: nothing to quantize
   if isinstance(rq, QArray) and use_kernel != "never":
     prob, why = kernel_problem(lq, rq, dn, out_dtype=preferred_element_type)
@@ -702,6 +704,25 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None,
   y = lax.dot_general(lv.astype(out_dtype).astype(ct), rv,
                       dn, precision, preferred_element_type=_dot_dtype(ct, res))
   return y.astype(res)
+
+
+@jax.custom_jvp
+def _real_mode_input(x):
+  """A float operand real mode quantizes in the call: identity, but
+  differentiating through it raises (rounding to codes has no derivative, so
+  the gradient would be silently zero)."""
+  return x
+
+
+@_real_mode_input.defjvp
+def _real_mode_input_jvp(primals, tangents):
+  del primals, tangents
+  raise ValueError(
+      "mode='real' quantizes this float operand to codes in the call, which has "
+      "no derivative (the gradient would be silently zero): differentiate "
+      "mode='fake' (straight-through gradients) instead, or quantize the weight "
+      "ahead of time (a QArray / QWeight; real mode is then differentiable with "
+      "respect to a float activation)")
 
 
 def _dot_dtype(ct, result_dtype):

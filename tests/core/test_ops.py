@@ -355,6 +355,30 @@ def test_fake_mode_gradients_are_straight_through():
   np.testing.assert_allclose(np.asarray(gw), np.asarray(ref_gw), rtol=1e-4, atol=1e-4)
 
 
+def test_real_mode_refuses_gradients_through_quantizing_in_the_call():
+  # Rounding to codes has no derivative: the gradient was silently zero. A
+  # weight quantized ahead of time stays differentiable in the activation.
+  x, w = _xw(seed=15)
+  for kw, argnums in ((dict(lhs_spec="int8"), 0), (dict(rhs_spec="int4"), 1),
+                      (dict(lhs_spec="int8", rhs_spec="int4"), 0),
+                      (dict(lhs_spec="int8", rhs_spec="int4"), 1)):
+    with pytest.raises(ValueError, match="mode='real' quantizes this float "
+                       "operand.*mode='fake'"):
+      jax.grad(lambda a, b: ops.dot_general(a, b, DN, mode="real", **kw).sum(),
+               argnums=argnums)(x, w)
+  for f in (lambda a: ops.einsum("bk,kn->bn", a, w, lhs_spec="int8", mode="real"),):
+    with pytest.raises(ValueError, match="mode='real' quantizes"):
+      jax.grad(lambda a: f(a).sum())(x)
+  qw = ops.prepare_weight(w, lb.QuantSpec("int4"))
+  gx = jax.grad(lambda a: ops.dot_general(a, qw, (((1,), (1,)), ((), ())),
+                                          mode="real").sum())(x)
+  np.testing.assert_allclose(np.asarray(gx), np.broadcast_to(
+      np.asarray(lb.dequantize(qw)).sum(0), x.shape), rtol=1e-5, atol=1e-5)
+  # Not differentiated, or differentiated elsewhere: no error.
+  jax.grad(lambda a: ops.dot_general(a, jax.lax.stop_gradient(w), DN,
+                                     rhs_spec="int4", mode="real").sum())(x)
+
+
 def test_static_activation_range_and_stochastic_key():
   x, w = _xw(seed=13)
   y = ops.dot_general(x, w, DN, lhs_spec=lb.QuantSpec("int8", axis="tensor"),
