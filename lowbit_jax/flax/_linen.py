@@ -152,7 +152,21 @@ def promote_passing(orig: Callable, args: tuple, dtype=None, **kw) -> list:
     dts += [jnp.dtype(args[i].dtype) for i in qpos]
     dtype = jnp.result_type(*dts)
   done = iter(orig(*rest, dtype=dtype, **kw) if rest else [])
-  return [args[i] if i in qpos else next(done) for i in range(len(args))]
+  # A quantized weight is promoted as the float one is: it dequantizes into
+  # the layer's compute dtype (a bf16 weight in a float32 layer to float32,
+  # as fake mode quantizes the promoted float32 weight), not its stored one.
+  return [_as_dtype(args[i], dtype) if i in qpos else next(done)
+          for i in range(len(args))]
+
+
+def _as_dtype(a, dtype):
+  """A quantized argument whose logical dtype is ``dtype``."""
+  dtype = jnp.dtype(dtype)
+  if jnp.dtype(a.dtype) == dtype or not jnp.issubdtype(dtype, jnp.floating):
+    return a
+  if isinstance(a, QuantizedParam):
+    return QuantizedParam(dataclasses.replace(a.q, dtype=dtype.name))
+  return dataclasses.replace(a, dtype=dtype.name)
 
 
 @dataclasses.dataclass(frozen=True)

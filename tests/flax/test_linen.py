@@ -213,6 +213,23 @@ def test_real_mode_quantizes_the_weight_the_bf16_layer_computes_with():
   assert not np.array_equal(np.asarray(from_f32), np.asarray(want))  # the test can fail
 
 
+@pytest.mark.parametrize("spec", ["int4", lb.QuantSpec("int4", group_size=8), "fp8_e4m3",
+                                  "nvfp4"])
+def test_bf16_params_in_a_float32_layer_real_equals_fake(spec):
+  """bf16 params promoted to a float32 computation: real mode's weight must
+  dequantize into float32 (as fake mode's quantized promoted weight is), not
+  round code * scale to bf16 first."""
+  layer = nn.Dense(64, param_dtype=jnp.bfloat16)
+  x = jax.random.normal(jax.random.key(0), (4, 128), jnp.float32)
+  v = layer.init(jax.random.key(1), x)
+  rules = [QuantRule(".*", weight=spec)]
+  fake = quantize_linen(rules, mode="fake")(layer.apply)(v, x)
+  qr = quantize_linen(rules, mode="real")
+  real = qr(layer.apply)(qr.quantize_params(layer, v, x), x)
+  assert real.dtype == fake.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(real), np.asarray(fake), rtol=1e-6, atol=1e-6)
+
+
 def test_a_dense_subclass_that_goes_around_dot_general_is_refused():
   class Scaled(nn.Dense):  # computes by itself: the interceptor never reaches it
     @nn.compact
