@@ -1467,8 +1467,28 @@ def _act(site: Site, x, stats, call: Optional[SiteCall] = None, contract=(),
   return quantize(x, spec, amax=rng["amax"], amin=rng["amin"]), None, {}
 
 
+def _check_stored_weight(site: Site, w: QArray) -> None:
+  """Raises when a weight stored quantized is not in the format its rule
+  names (params quantized under other rules would run as they are, and the
+  site report would name the rule's format)."""
+  want = as_spec(site.weight)
+  got = w.spec
+  diffs = [f"{f} {getattr(got, f)!r} (the rule: {getattr(want, f)!r})"
+           for f in ("group_size", "tile", "scale_dtype", "symmetric")
+           if getattr(got, f) != getattr(want, f)]
+  if got.format.name != want.format.name:
+    diffs.insert(0, f"format {got.format.name!r} (the rule: {want.format.name!r})")
+  if diffs:
+    raise ValueError(
+        f"{site.path}: the weight is stored quantized with {', '.join(diffs)}; "
+        "quantize the params with these rules (quantize_params / "
+        "real_mode_kwargs), or apply the rules they were quantized with")
+
+
 def _weight(site: Site, w, call: SiteCall, contract, conv_spec=None):
   """The weight spec and ops keywords (``scale``) of a float weight operand."""
+  if isinstance(w, QArray) and site.weight is not None:
+    _check_stored_weight(site, w)
   if isinstance(w, QArray) or site.weight is None:
     return None, {}
   spec = site.weight if conv_spec is None else conv_spec

@@ -666,6 +666,12 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None,
         return y.astype(preferred_element_type or out_dtype)
     elif use_kernel == "always":
       raise ValueError(f"use_kernel='always' but this matmul cannot use a kernel: {why}")
+  if isinstance(rq, QArray) and rq.code_order != "natural":
+    # The XLA paths read natural order: the bytes are reordered back first
+    # (one pass over the packed codes), so every order takes the same path and
+    # gives the same bits (a kernel-ordered weight went to the bf16 dequantize
+    # path instead of the group-batched dot on its 4-bit codes).
+    rq = set_code_order(rq, "natural")
   lv = dequantize(lq) if isinstance(lq, QArray) else lq
   ct = _compute_dtype(out_dtype)
   rows = lv.size // max(1, _prod(lv.shape[a] for a in dn[0][0]))

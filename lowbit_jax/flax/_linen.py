@@ -438,9 +438,29 @@ class _SiteOp:
     self.site = site
     self.calls = 0  # how often the layer reached this op (0: it went around it)
 
+  def _check_lifted(self, collection: str) -> None:
+    """Raises when ``collection`` is mutable in the apply but not in this
+    layer's scope: a lifted transform (nn.scan, nn.vmap, ...) around it does
+    not pass the collection through."""
+    mod = self.mod
+    if mod.is_mutable_collection(collection):
+      return
+    # (A lifted transform's scopes do not link to the outer ones: the apply's
+    # own mutable= says whether the collection was asked for.)
+    top = getattr(self.quantizer._local, "mutable", None)  # pylint: disable=protected-access
+    if top is True or top == collection or (
+        isinstance(top, (list, tuple, set, frozenset)) and collection in top):
+      raise ValueError(
+          f"layer {'/'.join(mod.path) or mod.name!r} runs inside a lifted transform "
+          f"(nn.scan, nn.vmap, ...) that does not pass the {collection!r} "
+          f"collection through: add {collection!r} to that transform's "
+          f"variable_axes (e.g. variable_axes={{'params': 0, {collection!r}: 0}}), "
+          "so each step has its own quantization variables")
+
   def _stats(self):
     site, mod = self.site, self.mod
     if site.collects_stats:
+      self._check_lifted(STATS)
       if not mod.is_mutable_collection(STATS):
         raise ValueError(f"mode='calibrate' records statistics in the {STATS!r} "
                          f"collection: call apply(..., mutable=[{STATS!r}])")
@@ -466,6 +486,10 @@ class _SiteOp:
     call = _rules.SiteCall(scales=scales, state=state, key=key, stats=stats,
                            metrics=(mod.is_mutable_collection(METRICS)
                                     and not mod.is_initializing()))
+    for coll, names, have in ((SCALES, site.scale_names(), scales),
+                              (STATE, site.history_names(), state)):
+      if names and len(have) < len(names):
+        self._check_lifted(coll)
     call.init_scales = mod.is_mutable_collection(SCALES)
     call.init_state = mod.is_mutable_collection(STATE)
     if site.collects_stats:
@@ -605,12 +629,14 @@ class LinenQuantizer:
     @functools.wraps(apply_fn)
     def wrapped(variables, *args, **kwargs):
       self._local.delayed = collections.Counter()
+      self._local.mutable = kwargs.get("mutable")
       try:
         with nn.intercept_methods(self._intercept):
           out = apply_fn(box_qarrays(variables), *args, **kwargs)
-        shared = sorted(p for p, n in self._local.delayed.items() if n > 1)
+        shared = sorted({p for (p, _), n in self._local.delayed.items() if n > 1})
       finally:
         self._local.delayed = None
+        self._local.mutable = None
       if shared:
         # Each call returns its new history as the history's gradient, and
         # autodiff sums the gradients of a value used twice (core.ops).
@@ -809,7 +835,9 @@ class LinenQuantizer:
     self.config.record_site(wpath, site)
     counts = getattr(self._local, "delayed", None)
     if counts is not None and rule.delayed and self.mode == "fake":
-      counts[wpath] += 1
+      # Per scope: a lifted transform (nn.scan) may trace its body again in
+      # a fresh scope, which is not a second use of the same histories.
+      counts[(wpath, id(mod.scope))] += 1
     op = _SiteOp(self, mod, site)
     if kind == "einsum":
       return self._einsum(mod, op, *args, **kwargs)

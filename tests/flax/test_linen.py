@@ -272,3 +272,61 @@ def test_real_mode_refuses_kernels_stacked_by_scan():
   with pytest.raises(ValueError, match=r"layers/d/kernel: its layer sees the kernel "
                      r"as \(8, 8\) but the params store \(3, 8, 8\)"):
     q.quantize_params(Net(), v, x)
+
+
+def _scanned_net(axes):
+  class Blk(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+      return nn.Dense(8, name="d")(x) + x, None
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      scanned = nn.scan(Blk, variable_axes=axes, split_rngs={"params": True},
+                        length=3)
+      return scanned(name="layers")(x, None)[0]
+  return Net()
+
+
+def test_scan_without_the_quant_collections_says_to_add_them():
+  # Asked for at the apply but not passed through nn.scan: the error names the
+  # collection and the variable_axes fix (it told the user to pass mutable=,
+  # which they had).
+  x = jnp.ones((2, 8))
+  net = _scanned_net({"params": 0})
+  v = net.init(jax.random.key(0), x)
+  static = [QuantRule(".*", weight="int8", activation="int8", static=True)]
+  with pytest.raises(ValueError, match=r"'layers/d' runs inside a lifted transform.*"
+                     r"add 'quant_stats' to that transform's variable_axes"):
+    quantize_linen(static, "calibrate")(net.apply)(v, x, mutable=["quant_stats"])
+  delayed = [QuantRule(".*", weight="fp8_e4m3", activation="fp8_e4m3",
+                       scaling="delayed")]
+  with pytest.raises(ValueError, match="add 'quant_state' to that transform's"):
+    quantize_linen(delayed).init_quant_vars(net, v, x)
+  # With the collections in variable_axes both work, and one history per
+  # step is no shared history (no warning: warnings are errors here).
+  net = _scanned_net({"params": 0, "quant_stats": 0, "quant_state": 0})
+  v = net.init(jax.random.key(0), x)
+  _, st = quantize_linen(static, "calibrate")(net.apply)(v, x, mutable=["quant_stats"])
+  assert st["quant_stats"]["layers"]["d"]["act"]["max"].shape == (3,)
+  qv = quantize_linen(delayed).init_quant_vars(net, v, x)
+  assert qv["quant_state"]["layers"]["d"]["act_history"].shape[0] == 3
+
+
+def test_stored_weights_of_another_format_are_refused():
+  # Params quantized under int8 rules applied with an int4 rule ran as int8
+  # while the site report said int4.
+  layer = nn.Dense(16)
+  x = jax.random.normal(jax.random.key(0), (2, 32))
+  v = layer.init(jax.random.key(1), x)
+  int8 = quantize_linen([QuantRule(".*", weight="int8")], mode="real")
+  qv = int8.quantize_params(layer, v, x)
+  for rule, match in ((QuantRule(".*", weight="int4"), "format 'int8' \\(the rule: "
+                       "'int4'\\)"),
+                      (QuantRule(".*", weight=lb.QuantSpec("int8", group_size=8)),
+                       "group_size None \\(the rule: 8\\)")):
+    with pytest.raises(ValueError, match=f"kernel: the weight is stored quantized "
+                       f"with {match}"):
+      quantize_linen([rule], mode="real")(layer.apply)(qv, x)
+  int8(layer.apply)(qv, x)   # its own rules run it
