@@ -721,8 +721,13 @@ class LinenQuantizer:
       on_step: ``on_step(path, qweight)`` after each leaf.
 
     Returns:
-      The variables for mode "real".
+      The variables for mode "real". Partitioning boxes (``nn.Partitioned``
+      of ``nn.with_partitioning``) come back unboxed: the quantized codes and
+      scales do not take the float kernel's partition metadata.
     """
+    # The plan and the leaves are read from the plain arrays (a boxed leaf's
+    # path has an extra "/value" and would not match its kernel's).
+    variables = meta.unbox(variables)
     plan = self.plan(model, variables, *args, **kwargs)
     out = dict(variables)
     scales, tensor, rest = _split_weight_scales(variables.get(SCALES), plan)

@@ -44,6 +44,7 @@ from typing import Callable, Mapping, Optional
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.nnx import graph
 
 from lowbit_jax import _rules
 from lowbit_jax._rules import QuantConfig, Site
@@ -416,6 +417,39 @@ def _check_unsupported(node, path: str, config: QuantConfig) -> None:
       "of the model's state with lowbit_jax.quantize_function")
 
 
+def _module_paths(model) -> dict:
+  """``{id(module): [path, ...]}``: every path a module is reached at (a
+  shared module has several; the graph walk visits it at one)."""
+  paths: dict = {}
+
+  def visit(node, path, stack):
+    if id(node) in stack or not graph.is_graph_node(node):
+      return
+    if isinstance(node, nnx.Module):
+      paths.setdefault(id(node), []).append("/".join(str(k) for k in path))
+    impl = graph.get_node_impl(node)
+    if impl is None or isinstance(node, nnx.Variable):
+      return
+    for k, v in impl.node_dict(node).items():
+      if not (isinstance(k, str) and k.startswith("_")):
+        visit(v, path + (k,), stack | {id(node)})
+  visit(model, (), frozenset())
+  return paths
+
+
+def _shared_rule(config: QuantConfig, node, p: str, rule, others, act: bool, kinds):
+  """Raises unless every other path of a shared layer gets ``rule`` too."""
+  for a in others:
+    r = config.match((a,) if act else (a, f"{a}/kernel" if a else "kernel"), kinds)
+    r = None if r is None or r.is_float else r
+    if r != rule:
+      name = lambda x: "float" if x is None else repr(x.path)  # noqa: E731
+      raise ValueError(
+          f"{p!r} and {a!r} are one shared {type(node).__name__}, but the rules "
+          f"treat them differently ({name(rule)} at {p!r}, {name(r)} at {a!r}); "
+          "one layer has one quantization: make the rules agree for both paths")
+
+
 def _walk(fn, model):
   if hasattr(nnx, "recursive_map"):
     return nnx.recursive_map(fn, model)
@@ -527,6 +561,9 @@ def quantize_nnx(model: nnx.Module, rules, mode: str = "fake", *, strict: bool =
     old_op = old if isinstance(old, QuantOp) else None
     old_stats = old_op.stats if old_op is not None else None
     rule = config.match((p,) if act else (p, wpath), _KINDS.get(op, (op,)))
+    others = [a for a in all_paths.get(p, [p]) if a != p]
+    _shared_rule(config, node, p, None if rule is None or rule.is_float else rule,
+                 others, act, _KINDS.get(op, (op,)))
     if rule is None or rule.is_float:
       if isinstance(old, QuantOp):  # quantized before: back to the float op
         setattr(node, hook, _static(_FLOAT_OPS[op]))
@@ -584,6 +621,8 @@ def quantize_nnx(model: nnx.Module, rules, mode: str = "fake", *, strict: bool =
         del w
     return node
 
+  # Every path of each module, by path (the walk may rebuild the nodes).
+  all_paths = {q: ps for ps in _module_paths(model).values() for q in ps}
   out = _walk(fn, model)
   config.check()
   if weight_scales is not None:

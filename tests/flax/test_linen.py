@@ -330,3 +330,20 @@ def test_stored_weights_of_another_format_are_refused():
                        f"with {match}"):
       quantize_linen([rule], mode="real")(layer.apply)(qv, x)
   int8(layer.apply)(qv, x)   # its own rules run it
+
+
+def test_partitioned_params_quantize_for_real_mode():
+  # nn.with_partitioning boxes: real mode's params come back unboxed (the
+  # codes do not take the kernel's partition names), and equal fake mode.
+  layer = nn.Dense(16, kernel_init=nn.with_partitioning(
+      nn.initializers.lecun_normal(), (None, "model")))
+  x = jax.random.normal(jax.random.key(0), (2, 32))
+  v = layer.init(jax.random.key(1), x)
+  assert isinstance(v["params"]["kernel"], nn.Partitioned)
+  rules = [QuantRule(".*", weight="int4")]
+  fake = quantize_linen(rules)(layer.apply)(v, x)
+  q = quantize_linen(rules, mode="real")
+  qv = q.quantize_params(layer, v, x)
+  assert isinstance(qv["params"]["kernel"], QWeight)
+  np.testing.assert_allclose(np.asarray(q(layer.apply)(qv, x)), np.asarray(fake),
+                             rtol=1e-6, atol=1e-6)

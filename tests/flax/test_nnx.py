@@ -171,3 +171,28 @@ def test_real_mode_refuses_kernels_stacked_by_vmap():
   with pytest.raises(ValueError, match=r"lin: this Linear holds a kernel of shape "
                      r"\(3, 8, 8\).*nnx.vmap"):
     quantize_nnx(stack, [QuantRule(".*", weight="int4")], mode="real")
+
+
+def test_a_module_shared_at_two_paths_gets_one_rule():
+  # The graph walk visits a shared layer at one path: a float rule naming the
+  # other path was ignored and the layer quantized. Disagreeing rules now
+  # raise; agreeing ones quantize it once, under both paths' rules.
+  class Tied(nnx.Module):
+    def __init__(self, rngs):
+      self.enc = nnx.Linear(16, 16, rngs=rngs)
+      self.dec = self.enc
+
+    def __call__(self, x):
+      return self.dec(jax.nn.relu(self.enc(x)))
+
+  with pytest.raises(ValueError, match=r"'dec' and 'enc' are one shared Linear.*"
+                     r"float at 'enc'"):
+    quantize_nnx(Tied(nnx.Rngs(0)), [QuantRule("enc"), QuantRule(".*", weight="int4")])
+  m = quantize_nnx(Tied(nnx.Rngs(0)), [QuantRule(".*", weight="int4")])
+  assert isinstance(m.enc.dot_general, QuantOp) and m.enc is m.dec
+  x = jax.random.normal(jax.random.key(1), (2, 16))
+  w = lb.fake_quant(Tied(nnx.Rngs(0)).enc.kernel.get_value(), "int4", axis=0)
+  b = Tied(nnx.Rngs(0)).enc.bias.get_value()
+  np.testing.assert_allclose(np.asarray(m(x)),
+                             np.asarray(jax.nn.relu(x @ w + b) @ w + b),
+                             rtol=1e-5, atol=1e-5)
