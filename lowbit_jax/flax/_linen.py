@@ -840,9 +840,11 @@ class LinenQuantizer:
     self.config.record_site(wpath, site)
     counts = getattr(self._local, "delayed", None)
     if counts is not None and rule.delayed and self.mode == "fake":
-      # Per scope: a lifted transform (nn.scan) may trace its body again in
-      # a fresh scope, which is not a second use of the same histories.
-      counts[(wpath, id(mod.scope))] += 1
+      # Per JAX trace of the input: a lifted transform (nn.scan) may trace
+      # its body more than once, which is not a second use of the histories
+      # (two calls of a shared layer run in one trace).
+      x0 = args[0] if args else None
+      counts[(wpath, id(getattr(x0, "_trace", None)))] += 1
     op = _SiteOp(self, mod, site)
     if kind == "einsum":
       return self._einsum(mod, op, *args, **kwargs)
