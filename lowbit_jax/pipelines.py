@@ -356,16 +356,12 @@ def _check_workdir_config(workdir: str, config) -> None:
   it asked for. Fields only one side has (an option added since) and the
   run-only fields are not compared."""
   from lowbit_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
-  if not os.path.exists(os.path.join(workdir, "config.json")):
-    return
-  diff = state_lib.config_differences(state_lib.read_run_config(workdir), config,
-                                      ignore=_RUN_ONLY_FIELDS)
+  diff = state_lib.run_config_mismatch(workdir, config, ignore=_RUN_ONLY_FIELDS)
   if diff:
     raise ValueError(
-        f"{workdir} holds a model trained with another config: "
-        + ", ".join(diff[:8]) + ("" if len(diff) <= 8 else f" and {len(diff) - 8} more")
-        + ". Point point_kwargs.workdir at another directory, or delete "
-        f"{workdir} to train this one there.")
+        f"{workdir} holds a model trained with another config: {diff}. Point "
+        f"point_kwargs.workdir at another directory, or delete {workdir} to train "
+        "this one there.")
 
 
 def llama_fingerprint(workdir: str) -> str:

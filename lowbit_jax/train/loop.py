@@ -583,16 +583,14 @@ def _check_resume(workdir: pathlib.Path, config: Any, manager) -> None:
   """Raises when ``workdir`` holds checkpoints of a run made with another
   model, quantization or optimizer state than ``config`` asks for (before
   its ``config.json`` is overwritten)."""
-  if not (workdir / "config.json").exists() or manager.latest_step() is None:
+  if manager.latest_step() is None:
     return
-  diff = state_lib.config_differences(state_lib.read_run_config(workdir), config,
-                                      only=_RESUME_FIELDS)
+  diff = state_lib.run_config_mismatch(workdir, config, only=_RESUME_FIELDS)
   if diff:
     raise ValueError(
-        f"{workdir} holds checkpoints of a run with another config: "
-        + ", ".join(diff[:8]) + ("" if len(diff) <= 8 else f" and {len(diff) - 8} more")
-        + ". It cannot resume from them: use another --workdir, or delete this one "
-        "to start over (steps, learning rate and logging may change on resume).")
+        f"{workdir} holds checkpoints of a run with another config: {diff}. It "
+        "cannot resume from them: use another --workdir, or delete this one to "
+        "start over (steps, learning rate and logging may change on resume).")
 
 
 def run_optimizer(config: Any, recipe: "qat_lib.Recipe | None"

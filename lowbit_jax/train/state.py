@@ -225,7 +225,21 @@ def config_differences(stored: dict, asked: Any, *, only: tuple = (),
   return [f"{k}={a[k]!r} (asked: {b[k]!r})" for k in keys]
 
 
+def run_config_mismatch(workdir: str | os.PathLike[str], config: Any, *,
+                        only: tuple = (), ignore: tuple = ()) -> str | None:
+  """How the run in ``workdir`` (its ``config.json``) differs from ``config``
+  (``config_differences``, at most 8 named), or None: no difference, or no
+  run there."""
+  if not (pathlib.Path(workdir) / "config.json").exists():
+    return None
+  diff = config_differences(read_run_config(workdir), config, only=only,
+                            ignore=ignore)
+  if not diff:
+    return None
+  return ", ".join(diff[:8]) + ("" if len(diff) <= 8 else f" and {len(diff) - 8} more")
+
+
 __all__ = ["TrainState", "init_params", "init_state", "state_shardings", "place",
            "abstract_like", "abstract_state", "checkpoint_manager",
            "save_checkpoint", "restore_checkpoint", "read_run_config",
-           "config_differences"]
+           "config_differences", "run_config_mismatch"]
