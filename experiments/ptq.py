@@ -3,7 +3,6 @@ r"""Runs one PTQ point and prints its metrics as JSON (see configs/ptq.py).
   python -m experiments.ptq --config configs/ptq.py
 """
 import json
-import os
 
 import experiments
 from absl import app
@@ -25,10 +24,11 @@ def main(argv):
     if c.model != "minilm" or c.method != "rtn":
       raise app.UsageError("save_dir is supported for model=minilm, method=rtn: pass "
                            "--config.method=rtn (the default method is gptq)")
-    if os.path.exists(c.save_dir) and not c.force:
+    try:
+      checkpoint.check_save_target(c.save_dir, force=c.force)
+    except FileExistsError:
       raise FileExistsError(f"--config.save_dir={c.save_dir} exists; pass "
-                            "--config.force=True to replace it")
-    checkpoint.check_save_target(c.save_dir, force=c.force)
+                            "--config.force=True to replace it") from None
   m = pipelines.POINTS[c.model](c.scheme, c.target, c.method, **dict(c.point_kwargs))
   m.pop("layers", None)
   print(json.dumps(m, indent=1, sort_keys=True))

@@ -343,18 +343,25 @@ class _Interpreter:
     matmuls inside would silently stay float."""
     if eqn.primitive.name == "pallas_call" or not _runs_matmul(eqn.params):
       return
-    for t in tags:
-      if t is None:
+    kinds = _DOT_KINDS + ("conv",) + _RAGGED_KINDS
+    bodies = [b for b in _sub_jaxprs(eqn.params) if len(b.invars) == len(tags)]
+    for i, t in enumerate(tags):
+      if t is None or self._rule(t, kinds) is None:
         continue
-      kinds = _DOT_KINDS + ("conv",) + _RAGGED_KINDS
-      if self._rule(t, kinds) is not None:
-        raise ValueError(
-            f"the weight {t.path!r}, which a rule quantizes, enters "
-            f"`{eqn.primitive.name}`, which quantize_function does not rewrite: "
-            "its matmuls there would stay float. Quantize inside it (apply "
-            "quantize_function to the function that primitive runs), or exclude "
-            f"the weight with a float rule (QuantRule({t.path!r}) before the "
-            "others)")
+      if bodies:
+        # A body whose inputs are the operands (shard_map's): whether this
+        # parameter reaches a site there, by the same data flow as elsewhere.
+        one = [None] * len(tags)
+        one[i] = t
+        if not any(self._flow(b, one)[0] for b in bodies):
+          continue
+      raise ValueError(
+          f"the weight {t.path!r}, which a rule quantizes, enters "
+          f"`{eqn.primitive.name}`, which quantize_function does not rewrite: "
+          "its matmuls there would stay float. Quantize inside it (apply "
+          "quantize_function to the function that primitive runs), or exclude "
+          f"the weight with a float rule (QuantRule({t.path!r}) before the "
+          "others)")
 
   def _view(self, eqn, invals, intags):
     name = eqn.primitive.name

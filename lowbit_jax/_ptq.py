@@ -790,7 +790,7 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
   if omniquant is not None and method != "omniquant":
     raise ValueError(f"omniquant= options apply to method='omniquant', not {method!r}")
-  _check_rotation_options(method, quantizer, online, heads, spinquant, capture)
+  _check_rotation_options(method, quantizer, online, heads, spinquant, capture, seed)
   _check_method_options(method, quantizer, blocksize=blocksize, percdamp=percdamp,
                         act_order=act_order, alpha=alpha, n_grid=n_grid,
                         max_samples=max_samples, seed=seed, fold_rtol=fold_rtol,
@@ -866,7 +866,7 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
 
 # ptq_params' per-method options: (default, the methods that read it). GPTQ's
 # options also serve "quarot"/"spinquant" with quantizer="gptq"; "spinquant"
-# reads seed only without a SpinQuantConfig (checked where it is used).
+# reads seed only without a SpinQuantConfig (_check_rotation_options).
 _GPTQ = ("gptq",)
 _SAMPLED = _ptq_scaling.SCALING_METHODS + ("omniquant",)
 _METHOD_OPTIONS = {
@@ -900,7 +900,7 @@ def _check_method_options(method: str, quantizer: str, **given) -> None:
 
 
 def _check_rotation_options(method: str, quantizer: str, online, heads, spinquant,
-                            capture) -> None:
+                            capture, seed: int = 0) -> None:
   """Raises unless the whole-model rotation options fit ``method``."""
   if method not in _ptq_rotation.METHODS:
     given = [n for n, v in (("online", online), ("heads", heads),
@@ -916,6 +916,9 @@ def _check_rotation_options(method: str, quantizer: str, online, heads, spinquan
                      f"{quantizer!r}")
   if spinquant is not None and method != "spinquant":
     raise ValueError(f"spinquant= applies to method='spinquant', not {method!r}")
+  if spinquant is not None and seed != 0:
+    raise ValueError("method='spinquant' with a SpinQuantConfig takes its seed from "
+                     "the config (SpinQuantConfig(seed=...)); seed= is not used")
   if capture is not None:
     raise ValueError(f"capture= is for gptq/rtn; {method} captures the rotated "
                      "model itself")

@@ -1472,6 +1472,8 @@ def _check_stored_weight(site: Site, w: QArray) -> None:
   names (params quantized under other rules would run as they are, and the
   site report would name the rule's format)."""
   want = as_spec(site.weight)
+  if isinstance(w, QWeight) and w.transposed and w.ndim == 2:
+    want = _transpose_spec(want)   # the stored K-major layout's spec
   got = w.spec
   diffs = [f"{f} {getattr(got, f)!r} (the rule: {getattr(want, f)!r})"
            for f in ("group_size", "tile", "scale_dtype", "symmetric")

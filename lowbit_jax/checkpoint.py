@@ -655,7 +655,7 @@ def _fitting(s: jax.sharding.Sharding, path: str, shape: tuple):
   try:
     s.shard_shape(tuple(shape))
   except Exception as e:  # pylint: disable=broad-except
-    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
     raise ValueError(
         f"restore: the sharding given for {path!r} (shape {tuple(shape)}) does not "
         f"fit it ({type(e).__name__}: {first}); pass a sharding function "

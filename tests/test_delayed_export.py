@@ -87,3 +87,8 @@ def test_a_shared_delayed_layer_warns_that_its_histories_sum():
     st = qf.init_quant_vars(model, {"params": params}, X)["quant_state"]
   with pytest.warns(UserWarning, match=r"\['shared/kernel'\].*sum"):
     qf(model.apply)({"params": params, "quant_state": st}, X)
+  # Differentiated, the very case the warning is about (the calls' inputs
+  # then live in different traces).
+  with pytest.warns(UserWarning, match=r"\['shared/kernel'\].*sum"):
+    jax.grad(lambda p: qf(model.apply)({"params": p, "quant_state": st}, X).sum())(
+        params)

@@ -178,6 +178,12 @@ def test_barriers_are_views_and_unrewritten_bodies_are_refused():
   with pytest.raises(ValueError, match="weight 'w', which a rule quantizes, "
                      "enters `shard_map`.*float rule"):
     quantize_function(lambda p, x: smap(x, p["w"]), rules)(p, x)
+  # A parameter that reaches no matmul weight inside the body (a gain on the
+  # activation) is no reason to refuse.
+  gain = jax.shard_map(lambda a, g: (a * g) @ (a * g).T, mesh=mesh,
+                       in_specs=(P(), P()), out_specs=P())
+  quantize_function(lambda p, x: gain(x, p["g"]),
+                    [QuantRule(".*", weight="int8")])({"g": jnp.ones(16)}, x)
   # A scatter's combining function holds no matmul: the weight just ends there.
   quantize_function(lambda p, x: x @ p["w"].at[0].add(1.0), rules)(p, x)
 

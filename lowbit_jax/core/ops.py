@@ -296,7 +296,7 @@ def _qdq_operand(x, spec: Optional[QuantSpec], key, mode: str, amax=None,
   if mode == "fake":
     return fake_quant(x, spec, key=k, amax=amax, tensor_amax=tensor_amax, scale=scale,
                       clip=clip)
-  return dequantize(quantize(_real_mode_input(x), spec, key=k, amax=amax,
+  return dequantize(quantize(_real_mode_input(name, x), spec, key=k, amax=amax,
                              tensor_amax=tensor_amax, scale=scale, clip=clip))
 
 
@@ -650,11 +650,11 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None,
   if l_is_q:
     _check_qarray_operand("lhs", lhs_amax, lhs_tensor_amax, lhs_scale, lhs_clip)
   rq = rhs if r_is_q else (
-      quantize(_real_mode_input(rhs), rs, key=k_r if _stoch(rs) else None,
+      quantize(_real_mode_input("rhs", rhs), rs, key=k_r if _stoch(rs) else None,
                scale=rhs_scale)
       if rs is not None and rhs.size else rhs)
   lq = lhs if l_is_q else (
-      quantize(_real_mode_input(lhs), ls, key=k_l if _stoch(ls) else None,
+      quantize(_real_mode_input("lhs", lhs), ls, key=k_l if _stoch(ls) else None,
                amax=lhs_amax, tensor_amax=lhs_tensor_amax, scale=lhs_scale,
                clip=lhs_clip)
       if ls is not None and lhs.size else lhs)  # empty: nothing to quantize
@@ -712,23 +712,27 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None,
   return y.astype(res)
 
 
-@jax.custom_jvp
-def _real_mode_input(x):
-  """A float operand real mode quantizes in the call: identity, but
-  differentiating through it raises (rounding to codes has no derivative, so
-  the gradient would be silently zero)."""
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _real_mode_input(name: str, x):
+  """A float operand (``name``: "lhs" or "rhs") real mode quantizes in the
+  call: identity, but differentiating through it raises (rounding to codes has
+  no derivative, so the gradient would be silently zero)."""
+  del name
   return x
 
 
 @_real_mode_input.defjvp
-def _real_mode_input_jvp(primals, tangents):
+def _real_mode_input_jvp(name, primals, tangents):
   del primals, tangents
+  fix = ("drop its activation spec, or differentiate mode='fake' "
+         "(straight-through gradients)" if name == "lhs" else
+         "differentiate mode='fake' (straight-through gradients), or quantize "
+         "the weight ahead of time (a QArray / QWeight: real mode is then "
+         "differentiable with respect to a float activation)")
   raise ValueError(
-      "mode='real' quantizes this float operand to codes in the call, which has "
-      "no derivative (the gradient would be silently zero): differentiate "
-      "mode='fake' (straight-through gradients) instead, or quantize the weight "
-      "ahead of time (a QArray / QWeight; real mode is then differentiable with "
-      "respect to a float activation)")
+      f"mode='real' quantizes this float {'activation' if name == 'lhs' else 'weight'}"
+      f" ({name}) to codes in the call, which has no derivative (the gradient "
+      f"would be silently zero): {fix}")
 
 
 def _dot_dtype(ct, result_dtype):

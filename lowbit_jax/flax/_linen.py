@@ -840,11 +840,14 @@ class LinenQuantizer:
     self.config.record_site(wpath, site)
     counts = getattr(self._local, "delayed", None)
     if counts is not None and rule.delayed and self.mode == "fake":
-      # Per JAX trace of the input: a lifted transform (nn.scan) may trace
-      # its body more than once, which is not a second use of the histories
-      # (two calls of a shared layer run in one trace).
-      x0 = args[0] if args else None
-      counts[(wpath, id(getattr(x0, "_trace", None)))] += 1
+      # Per JAX trace of the kernel: a lifted transform (nn.scan) may trace
+      # its body more than once, each time with the kernel a value of that
+      # trace, which is not a second use of the histories; two calls of a
+      # shared layer read one kernel value (under jax.grad too, where the
+      # calls' inputs live in different traces).
+      kv = (mod.get_variable("params", wname)
+            if mod.has_variable("params", wname) else None)
+      counts[(wpath, id(getattr(kv, "_trace", None)))] += 1
     op = _SiteOp(self, mod, site)
     if kind == "einsum":
       return self._einsum(mod, op, *args, **kwargs)

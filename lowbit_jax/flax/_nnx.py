@@ -442,7 +442,11 @@ def _shared_rule(config: QuantConfig, node, p: str, rule, others, act: bool, kin
   for a in others:
     r = config.match((a,) if act else (a, f"{a}/kernel" if a else "kernel"), kinds)
     r = None if r is None or r.is_float else r
-    if r != rule:
+    # The same settings under another regex quantize the layer the same way.
+    same = (r is None and rule is None) or (
+        r is not None and rule is not None
+        and dataclasses.replace(r, path=rule.path) == rule)
+    if not same:
       name = lambda x: "float" if x is None else repr(x.path)  # noqa: E731
       raise ValueError(
           f"{p!r} and {a!r} are one shared {type(node).__name__}, but the rules "

@@ -264,8 +264,8 @@ def config_from_json(cls, value, where: str):
   try:
     cfg = cls(**value) if isinstance(value, dict) else cls(*value)
   except TypeError as e:
-    raise ValueError(f"{where}: config {value!r} is not a {cls.__name__} ({e})"
-                     ) from None
+    name = f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
+    raise ValueError(f"{where}: config {value!r} is not a {name} ({e})") from None
   for f in dataclasses.fields(cls):
     v, d = getattr(cfg, f.name), f.default
     if isinstance(d, bool):

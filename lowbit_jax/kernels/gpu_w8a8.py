@@ -210,11 +210,11 @@ def tuned_config(problem: MatmulProblem) -> Optional[Config]:
   if not entry:
     return None
   try:
-    cfg = Config(**entry["config"])
-  except (KeyError, TypeError) as e:
-    raise ValueError(f"the tuned table's w8a8 entry {case_of(problem)!r} is "
-                     f"not a gpu_w8a8.Config ({e}): {entry}; regenerate it "
-                     "with experiments/bench_kernels.py --mode=tune") from e
+    cfg = common.config_from_json(Config, entry.get("config"),
+                                  f"the tuned table's w8a8 entry {case_of(problem)!r}")
+  except ValueError as e:
+    raise ValueError(f"{e}; regenerate it with experiments/bench_kernels.py "
+                     "--mode=tune") from None
   return cfg if _shape_ok(problem, cfg) else None
 
 

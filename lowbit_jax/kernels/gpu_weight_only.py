@@ -633,12 +633,11 @@ def shape_class(k: int, n: int) -> str:
   return f"k{_dim_class(k)}_n{_dim_class(n)}"
 
 
-def _config_from_json(value) -> Optional[Config]:
+def _config_from_json(value, where: str = "the tuned table's entry"
+                      ) -> Optional[Config]:
   if value is None:
     return None
-  if isinstance(value, dict):
-    return Config(**value)
-  return Config(*value)
+  return common.config_from_json(Config, value, where)
 
 
 def load_table(path: Optional[str] = None) -> dict:
@@ -675,11 +674,10 @@ def load_table(path: Optional[str] = None) -> dict:
         if not isinstance(e, dict) or not isinstance(e.get("use_kernel"), bool):
           raise ValueError(f"{where}: {e!r} is not a dict with use_kernel true or "
                            f"false{fix}")
-        if e.get("config") is not None:
-          try:
-            common.config_from_json(Config, e["config"], where)
-          except ValueError as err:
-            raise ValueError(f"{err}{fix}") from None
+        try:
+          _config_from_json(e.get("config"), where)
+        except ValueError as err:
+          raise ValueError(f"{err}{fix}") from None
   w8 = table.get("w8a8", {})
   if not isinstance(w8, dict):
     raise ValueError(f"{path}: 'w8a8' is not a dict of cases{fix}")

@@ -362,8 +362,9 @@ def test_real_mode_refuses_gradients_through_quantizing_in_the_call():
   for kw, argnums in ((dict(lhs_spec="int8"), 0), (dict(rhs_spec="int4"), 1),
                       (dict(lhs_spec="int8", rhs_spec="int4"), 0),
                       (dict(lhs_spec="int8", rhs_spec="int4"), 1)):
-    with pytest.raises(ValueError, match="mode='real' quantizes this float "
-                       "operand.*mode='fake'"):
+    side = r"activation \(lhs\)" if argnums == 0 else r"weight \(rhs\)"
+    with pytest.raises(ValueError, match=f"mode='real' quantizes this float {side}"
+                       ".*mode='fake'"):
       jax.grad(lambda a, b: ops.dot_general(a, b, DN, mode="real", **kw).sum(),
                argnums=argnums)(x, w)
   for f in (lambda a: ops.einsum("bk,kn->bn", a, w, lhs_spec="int8", mode="real"),):
