@@ -247,7 +247,8 @@ def test_load_table_reads_the_shipped_file_and_rejects_bad_ones(tmp_path):
   good = {"tile_n": 64, "tile_k": 256, "tile_m": 16, "stages": 3}
   for entry, match in (
       ({"use_kernel": "false"}, "use_kernel true or false"),
-      ({"use_kernel": True, "config": {**good, "tilek": 1}}, "is not a Config"),
+      ({"use_kernel": True, "config": {**good, "tilek": 1}},
+       "is not a gpu_weight_only.Config"),
       ({"use_kernel": True, "config": {**good, "tile_n": 0}},
        "tile_n=0 must be a positive int"),
       ({"use_kernel": True, "config": {**good, "tile_k": "256"}},
