@@ -178,12 +178,19 @@ class PTQResult(NamedTuple):
       rotated model with (``report["rotation"].rules(rules)``: the online
       Hadamard rules, then the given rules); None for the other methods (run
       with the given rules).
+    real_mode_inexact: paths whose returned kernels real mode cannot store
+      exactly: asymmetric GPTQ, whose blocks need not reach the ranges they
+      were rounded with (no scales or zero points are carried for asymmetric
+      specs, so real mode would re-derive other ranges). Their report entry
+      has ``"real_mode_exact": False`` and ``real_mode_kwargs`` refuses the
+      result; fake mode runs them as returned.
   """
   params: Any
   weight_scales: dict
   report: dict
   rules: Optional[tuple] = None
   weight_tensor_scales: Mapping[str, jax.Array] = types.MappingProxyType({})
+  real_mode_inexact: tuple = ()
 
 
 def _split_batch(batch: Any) -> tuple:
@@ -512,7 +519,7 @@ def quantize_site(method: str, w: jax.Array, st: SiteStats, spec: QuantSpec, *,
   wq, scale, tscale, exact, _, _ = _site(
       w, st.hessian, st.count, method=method, meta=tuple(st[2:]), spec=spec,
       path=path, opts=(blocksize, float(percdamp), bool(act_order)))
-  if not bool(exact):
+  if not bool(exact) and scale is not None:
     raise ValueError(
         f"{path}: the scales GPTQ chose do not reproduce its codes in the weight's "
         f"layout (spec {spec}); the spec's blocks do not map onto the [K, N] matrix "
@@ -573,11 +580,14 @@ def _expert_site(w, hessian, count, *, method, meta, spec, path, opts):
   return _finish_experts(w, wq, amax, hessian, count, t_amax, meta=meta, spec=spec)
 
 
-def _scales_exact(wq, spec: QuantSpec, scale, tscale):
-  """Whether re-quantizing ``wq`` with its scales reproduces it (as real mode
-  stores it); True without scales (asymmetric specs)."""
+def _scales_exact(wq, spec: QuantSpec, scale, tscale, rounded: bool = False):
+  """Whether real mode reproduces ``wq``: re-quantizing it with its scales,
+  or, without scales (asymmetric specs), from its own ranges, which RTN's
+  result always reaches but GPTQ's (``rounded``) need not."""
   if scale is None:
-    return jnp.bool_(True)
+    if not rounded:
+      return jnp.bool_(True)
+    return jnp.array_equal(fake_quant(wq, spec), wq)
   return jnp.array_equal(fake_quant(wq, spec, scale=scale, tensor_scale=tscale), wq)
 
 
@@ -599,7 +609,7 @@ def _finish_experts(w, wq, amax, hessian, count, t_amax=None, *, meta, spec):
     wq = wq.astype(w.dtype)
     if plan.spec.symmetric:
       scale, tscale = rtn_scales(amax, plan.spec, t_amax)
-  exact = _scales_exact(wq, plan.spec, scale, tscale)
+  exact = _scales_exact(wq, plan.spec, scale, tscale, rounded=amax is not None)
   rows = jnp.maximum(count, 1.0)
   err = jax.vmap(hessian_error)(hessian, w, wq) / rows
   rerr = jax.vmap(hessian_error)(hessian, w, rtn_w) / rows
@@ -630,7 +640,7 @@ def _finish(w, wq_matrix, amax, hessian, count, t_amax=None, *, meta, spec):
       full = block_ranges(amax, wq_matrix.shape, spec)
       scale, tscale = rtn_scales(st.from_matrix(full.astype(jnp.float32)), plan.spec,
                                  t_amax)
-  exact = _scales_exact(wq, plan.spec, scale, tscale)
+  exact = _scales_exact(wq, plan.spec, scale, tscale, rounded=wq_matrix is not None)
   mw, rows = st.as_matrix(w), jnp.maximum(count, 1.0)
   err = hessian_error(hessian, mw, st.as_matrix(wq)) / rows
   rerr = hessian_error(hessian, mw, st.as_matrix(rtn_w)) / rows
@@ -831,6 +841,7 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
       model, params, calib_batches, rules, token_mask=token_mask)
   tree = _param_tree(model, params, front)
   new_leaves, scales, tscales, layers = {}, {}, {}, {}
+  inexact: list = []
   skipped = dict(cap.skipped)
   opts = (blocksize, float(percdamp), bool(act_order))
   for path, st in cap.stats.items():
@@ -840,7 +851,12 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
     wq, scale, tscale, exact, err, rerr = _site(
         w, st.hessian, st.count, method=method, meta=tuple(st[2:]), spec=spec,
         path=path, opts=opts)
-    if not bool(exact):
+    if not bool(exact) and scale is None:
+      # Asymmetric GPTQ: its blocks need not reach the ranges they were
+      # rounded with, and real mode (no scales or zero points carried for
+      # asymmetric specs) would re-derive other ranges: refused there.
+      inexact.append(path)
+    elif not bool(exact):
       raise ValueError(
           f"{path}: the scales {method} chose do not reproduce its codes in the "
           f"weight's layout (spec {spec}); the spec's blocks do not map onto the "
@@ -860,8 +876,10 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
                     "seconds": time.perf_counter() - t_site}
   report = {"method": method, "layers": layers, "skipped": skipped,
             "seconds": time.perf_counter() - t0}
+  for p in inexact:
+    layers[p]["real_mode_exact"] = False
   return PTQResult(_write_back(model, params, front, new_leaves), scales, report,
-                   weight_tensor_scales=tscales)
+                   weight_tensor_scales=tscales, real_mode_inexact=tuple(inexact))
 
 
 # ptq_params' per-method options: (default, the methods that read it). GPTQ's
@@ -1037,6 +1055,14 @@ def real_mode_kwargs(result: PTQResult, front: str) -> dict:
     two-level spec's ``weight_tensor_scale``) or ``{"weight_scales": ...,
     "weight_tensor_scales": ...}``.
   """
+  if result.real_mode_inexact:
+    bad = list(result.real_mode_inexact)
+    raise ValueError(
+        f"real mode cannot store these weights as the PTQ result returned them: "
+        f"{bad[:5]}{' and more' if len(bad) > 5 else ''} (asymmetric GPTQ: its "
+        "blocks need not reach the ranges they were rounded with, and no zero "
+        "points are carried into real mode). Use a symmetric spec, or RTN, for "
+        "real mode; fake mode runs the returned kernels as they are")
   tensor = dict(result.weight_tensor_scales)
 
   def entry(p, s):

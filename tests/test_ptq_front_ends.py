@@ -316,3 +316,21 @@ def test_gptq_on_padded_groups_stores_exactly():
   qv = q.quantize_params(One(), {"params": qp2, "quant_scales": rep["quant_scales"]}, x)
   np.testing.assert_array_equal(qv["params"]["l"]["kernel"].logical(),
                                 qp2["l"]["kernel"])
+
+
+def test_asymmetric_gptq_that_real_mode_cannot_store_is_named_not_stored():
+  # GPTQ's asymmetric blocks need not reach the ranges they were rounded
+  # with; real mode carries no zero points and would re-derive other ranges,
+  # so the result names those weights and real_mode_kwargs refuses it.
+  rng = np.random.default_rng(0)
+  w = jnp.asarray(rng.standard_normal((64, 32)), jnp.float32)
+  xs = [jnp.asarray(rng.standard_normal((48, 64)), jnp.float32) for _ in range(2)]
+  rules = [QuantRule("w", weight=lb.QuantSpec("int4", symmetric=False, group_size=16))]
+  res = lb.ptq_params(lambda p, x: x @ p["w"], {"w": w}, xs, rules)
+  assert res.real_mode_inexact == ("w",)
+  assert res.report["layers"]["w"]["real_mode_exact"] is False
+  with pytest.raises(ValueError, match=r"cannot store these weights.*\['w'\].*"
+                     "symmetric spec, or RTN"):
+    lb.real_mode_kwargs(res, "function")
+  rtn = lb.ptq_params(lambda p, x: x @ p["w"], {"w": w}, xs, rules, method="rtn")
+  assert rtn.real_mode_inexact == () and lb.real_mode_kwargs(rtn, "function")

@@ -355,7 +355,10 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
     to ``LinenQuantizer.quantize_params`` for real mode, whose codes then
     equal the PTQ result exactly: re-deriving a scale from a GPTQ kernel's
     amax changes some codes, since a group's final values need not reach the
-    range it was rounded with); for "quarot" and "spinquant" also
+    range it was rounded with), ``real_mode_inexact`` (on the shared path:
+    layers whose asymmetric GPTQ kernels real mode cannot store exactly, for
+    no zero points are carried; fake mode runs them as returned); for
+    "quarot" and "spinquant" also
     ``rotation`` (the ``RotatedModel``: run inference with
     ``rotation.rules(rules)``); for "spinquant" ``spinquant`` (the learning
     history of ``spinquant_model``: quantized loss before/after); for
@@ -514,7 +517,11 @@ def _shared_ptq(model: nn.Module, params: dict, batches: list, method: str,
       _layer(p): _layer_entry(st, specs[p], res.report["layers"].get(p, {}),
                               _node(params, p), _node(new, p), cap.inputs.get(p), aspec)
       for p, st in cap.stats.items()}
-  report["quant_scales"] = _ptq.real_mode_kwargs(res, "linen")["quant_scales"]
+  # Asymmetric GPTQ kernels real mode cannot store exactly are named in the
+  # report (the scales of the others are still given).
+  report["real_mode_inexact"] = [_layer(p) for p in res.real_mode_inexact]
+  report["quant_scales"] = _ptq.real_mode_kwargs(
+      res._replace(real_mode_inexact=()), "linen")["quant_scales"]
   return new, report
 
 
