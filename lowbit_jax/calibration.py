@@ -349,7 +349,11 @@ def _hist_update(n: int):
     # R is a power of two strictly above every |x| seen (0 until a nonzero).
     r = state["range"]
     _, e_b = jnp.frexp(bmax)  # bmax < 2**e_b
-    need = jnp.where(bmax > 0, jnp.ldexp(jnp.ones_like(bmax), e_b), 0.0)
+    # (At most 2**127: float32's largest power of two; 2**128 would be inf
+    # and every bin width with it. The top binade then folds into the last
+    # bin, as values past the range do.)
+    need = jnp.where(bmax > 0, jnp.ldexp(jnp.ones_like(bmax), jnp.minimum(e_b, 127)),
+                     0.0)
     r_new = jnp.maximum(r, need)
     _, e_old = jnp.frexp(r)
     _, e_new = jnp.frexp(r_new)
@@ -521,6 +525,16 @@ def _kl_levels(spec: QuantSpec) -> int:
   return int(math.ceil(v.size / 2))
 
 
+def _clip_most(div: jax.Array, clipped: jax.Array, h: jax.Array) -> jax.Array:
+  """``div``, or inf for a threshold that clips more than half the values.
+
+  Such a threshold folds most of the mass into its edge bin; when that leaves
+  one populated level, P and its merged Q are the same spike, KL is 0, and
+  the argmin would pick a range below every value (N(5, 1) data: amax 1.1,
+  everything clipped)."""
+  return jnp.where(clipped > 0.5 * jnp.sum(h), jnp.inf, div)
+
+
 def _kl_div(p: jax.Array, q: jax.Array) -> jax.Array:
   p = p / jnp.maximum(jnp.sum(p), 1e-30)
   q = q / jnp.maximum(jnp.sum(q), 1e-30)
@@ -561,7 +575,7 @@ def _kl_finalize(n: int, start_bin: Optional[int], stride: int):
         tail = jnp.sum(jnp.where(inside, 0.0, h))
         p = jnp.where(inside, h, 0.0) + jnp.where(j == i - 1, tail, 0.0)
         qv = _fq(c, es, i * w / clip, None)
-        return _kl_div(p, _merge_by_grid(h, inside, qv))
+        return _clip_most(_kl_div(p, _merge_by_grid(h, inside, qv)), tail, h)
     else:
       h = hist
       c = -r + (jnp.arange(2 * n, dtype=jnp.float32) + 0.5) * w
@@ -575,7 +589,7 @@ def _kl_finalize(n: int, start_bin: Optional[int], stride: int):
              + jnp.where(j == n + i - 1, right, 0.0))
         t = i * w
         qv = _fq(c, es, jnp.minimum(t, hi) / clip, jnp.maximum(-t, lo) / clip)
-        return _kl_div(p, _merge_by_grid(h, inside, qv))
+        return _clip_most(_kl_div(p, _merge_by_grid(h, inside, qv)), left + right, h)
 
     divs = lax.map(kl, cand)
     t = cand[jnp.argmin(divs)] * w

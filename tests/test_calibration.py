@@ -309,6 +309,26 @@ def test_kl_threshold_below_amax_on_heavy_tails():
   assert float(r["amin"]) > x.min()
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_kl_never_clips_most_of_the_data(symmetric):
+  # All-positive data far from 0: a threshold below every value folded all
+  # the mass into one bin, KL 0, and was picked (amax 1.1 for N(5, 1)).
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(5, 1, 4096), jnp.float32)
+  spec = lb.QuantSpec("int8", axis="tensor", symmetric=symmetric)
+  r = cal.calibrate(lambda b: b, [x], spec, "kl")
+  assert float(jnp.mean(x > r["amax"])) < 0.01
+  y = lb.fake_quant(x, spec, **r)
+  assert float(jnp.sqrt(jnp.mean((y - x) ** 2))) < 0.05
+
+
+def test_percentile_of_values_near_the_float32_maximum_is_finite():
+  x = jnp.asarray(np.random.default_rng(0).uniform(-3e38, 3e38, 4096), jnp.float32)
+  spec = lb.QuantSpec("int8", axis="tensor")
+  r = cal.calibrate(lambda b: b, [x], spec, "percentile")
+  assert np.isfinite(float(r["amax"])) and float(r["amax"]) > 1e38
+
+
 def test_kl_and_mse_respect_clip_ratio():
   rng = np.random.default_rng(10)
   x = rng.standard_t(3, size=(5000,)).astype(np.float32)

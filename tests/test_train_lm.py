@@ -257,3 +257,10 @@ def test_optimizer_schedule_and_bad_config(tmp_path):
   assert not (tmp_path / "run").exists()
   with pytest.raises(ValueError, match="multiple of the number of devices"):
     train_lm.train(_smoke_config(batch_size=6, num_devices=4), tmp_path / "run")
+
+
+def test_evaluate_refuses_a_negative_token_count(data):
+  # tokens[:-5] silently dropped the last 5 tokens instead of keeping a prefix.
+  with pytest.raises(ValueError, match="max_tokens must be an int >= 0"):
+    train_lm.evaluate(lambda p, x: jnp.zeros(x.shape + (8,)), None, data,
+                      seq_len=16, batch=2, max_tokens=-5)

@@ -488,6 +488,9 @@ def evaluate(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any,
   Returns:
     ``perplexity(...)``'s dict; ``bits_per_byte`` is exact for the prefix.
   """
+  if not isinstance(max_tokens, (int, np.integer)) or max_tokens < 0:
+    raise ValueError(f"max_tokens must be an int >= 0 (0: the whole held-out "
+                     f"split), got {max_tokens!r}")
   tokens = data.heldout_tokens
   if max_tokens:
     tokens = tokens[:max_tokens]
