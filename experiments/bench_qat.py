@@ -100,6 +100,8 @@ def main(argv):
   from lowbit_jax.train import loop, state as state_lib  # pylint: disable=g-import-not-at-top
 
   if _SMOKE.value:
+    if _BATCH.present or _SEQ.present:
+      raise app.UsageError("--smoke fixes batch 2 and seq 32; drop --batch / --seq")
     cfg = LlamaConfig.smoke(dtype="bfloat16")
     batch_size, seq = 2, 32
   else:
@@ -128,9 +130,14 @@ def main(argv):
     out.write_text(json.dumps(res, indent=1))
 
   only = set(filter(None, _ONLY.value.split(",")))
+  unknown = sorted(only - set(OURS) - {BASELINE})
+  if unknown:
+    raise app.UsageError(f"--only names {unknown}, which are not variants; the "
+                         f"variants are {sorted(OURS)}")
 
   params = state_lib.init_params(model, jax.random.key(0))
   res["meta"]["params"] = int(sum(p.size for p in jax.tree.leaves(params)))
+  res["meta"]["model"] = "LlamaConfig.smoke" if _SMOKE.value else "LlamaConfig.base"
   base_us = base_loss = None
 
   def ours(scheme, overrides):
@@ -231,7 +238,7 @@ def _markdown(res, path):
   m = res["meta"]
   lines = ["# One training step of the decoder LM: QAT and low-bit training vs bf16",
            "", f"Device: {m['device']}; jax {m['jax']}; qwix {m.get('qwix', '-')}. "
-           f"Model: LlamaConfig.base ({m['params']:,} parameters), "
+           f"Model: {m.get('model', 'LlamaConfig.base')} ({m['params']:,} parameters), "
            f"{m['tokens_per_step']} tokens per step. Step: {m['step']}. Quantized: "
            f"{m['quantized_layers']}. Device time per step (median).", "",
            f"Command: `{m['command']}`", "",

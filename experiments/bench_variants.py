@@ -48,8 +48,9 @@ class _Flags:
     self.ops = flags.DEFINE_list("ops", ["quantize", "fake_quant", "dequantize"],
                                  "programs")
     self.shape = flags.DEFINE_string("shape", "2048x2048", "K x N of the bf16 tensor")
-    self.iters = flags.DEFINE_integer("iters", 7, "calls per timing")
-    self.rounds = flags.DEFINE_integer("rounds", 5, "interleaved rounds (min of medians)")
+    self.iters = flags.DEFINE_integer("iters", 7, "calls per timing", lower_bound=1)
+    self.rounds = flags.DEFINE_integer("rounds", 5, "interleaved rounds (min of medians)",
+                                       lower_bound=1)
     self.out = flags.DEFINE_string("out", "", "markdown file (default: print)")
 
 
@@ -92,7 +93,12 @@ def main(argv):
   bad = [f for f in ids if f not in FORMATS]
   if bad:
     raise app.UsageError(f"unknown format ids {bad}; known: {sorted(FORMATS)}")
-  k, n = (int(v) for v in _F.shape.value.lower().split("x"))
+  try:
+    k, n = (int(v) for v in _F.shape.value.lower().split("x"))
+  except ValueError:
+    k = n = 0
+  if k < 1 or n < 1:
+    raise app.UsageError(f"--shape must be KxN with K, N >= 1, got {_F.shape.value!r}")
   x = jax.random.normal(jax.random.key(0), (k, n), jnp.float32).astype(jnp.bfloat16)
 
   def with_variant(items, fn):

@@ -79,12 +79,19 @@ def main(argv):
   far = toks.size // seq // 2
   os.makedirs(_OUT.value, exist_ok=True)
   path = os.path.join(_OUT.value, "results.jsonl")
+  # A row is reused only under the settings it was measured with (a W3 row
+  # must not fill a W8 table).
+  settings = {"workdir": os.path.abspath(_WORKDIR.value), "variant": _VARIANT.value,
+              "bits": _BITS.value, "group": _GROUP.value, "seq_len": seq,
+              "max_eval_tokens": _EVAL_TOKENS.value,
+              "heldout_seqs": _HELDOUT_SEQS.value}
   done = {}
   if os.path.exists(path):
     with open(path) as f:
       for line in f:
         r = json.loads(line)
-        done[r["variant"]] = r
+        if r.get("settings") == settings:
+          done[r["variant"]] = r
   names = _ONLY.value or list(VARIANTS)
   grams = {}
 
@@ -135,7 +142,7 @@ def main(argv):
            "n_layers": len(ratios["heldout"]),
            "layers_worse_heldout": [p for p, r in zip(layer_paths, ratios["heldout"])
                                     if r > 1],
-           "seconds": round(time.time() - t0, 1)}
+           "seconds": round(time.time() - t0, 1), "settings": settings}
     print(json.dumps(row), flush=True)
     with open(path, "a") as f:
       f.write(json.dumps(row) + "\n")

@@ -361,7 +361,9 @@ def main(argv: list[str]) -> None:
     if p in parts:
       out = fns[p](c, root)
       if out:
-        (root / f"{p}.json").write_text(json.dumps(out, indent=1))
+        # Merged with the entries earlier runs of the part wrote (a part
+        # split over several runs keeps them all).
+        _save_partial(root, p, out[p])
 
 
 if __name__ == "__main__":

@@ -31,12 +31,15 @@ _WORKDIR = flags.DEFINE_string("workdir", "/tmp/lowbit_jax_lm_smoke",
                                "a trained decoder run (trained here if empty)")
 _VARIANT = flags.DEFINE_string("variant", "smoke", "configs/train_lm.py variant")
 _SCHEME = flags.DEFINE_string("scheme", "int4", "a lowbit_jax.schemes name")
-_TARGET = flags.DEFINE_string("target", "weights+acts", "weights or weights+acts")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 64, "tokens per sequence")
-_N_CALIB = flags.DEFINE_integer("n_calib", 8, "calibration (and held-out) sequences")
-_STEPS = flags.DEFINE_integer("steps", 100, "Cayley SGD steps")
+_TARGET = flags.DEFINE_enum("target", "weights+acts", ["weights", "weights+acts"],
+                            "quantize the weights, or the weights and activations")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 64, "tokens per sequence", lower_bound=2)
+_N_CALIB = flags.DEFINE_integer("n_calib", 8, "calibration (and held-out) sequences",
+                                lower_bound=1)
+_STEPS = flags.DEFINE_integer("steps", 100, "Cayley SGD steps", lower_bound=0)
 _LR = flags.DEFINE_float("lr", 1.5, "Cayley SGD learning rate (linear decay)")
-_MAX_EVAL = flags.DEFINE_integer("max_eval_tokens", 2048, "held-out tokens (perplexity)")
+_MAX_EVAL = flags.DEFINE_integer("max_eval_tokens", 2048, "held-out tokens (perplexity)",
+                                 lower_bound=0)
 _PPL = flags.DEFINE_bool("perplexity", True, "also run the sweep points (perplexity)")
 _OUT = flags.DEFINE_string("out_dir", "/tmp/spinquant_smoke", "results written here")
 
@@ -53,6 +56,11 @@ def main(argv):
   from lowbit_jax.flax import quantize_linen  # pylint: disable=g-import-not-at-top
 
   t0 = time.time()
+  if _SCHEME.value not in schemes.SCHEMES:
+    raise app.UsageError(f"--scheme={_SCHEME.value!r} is not a scheme; one of "
+                         f"{sorted(schemes.SCHEMES)}")
+  if os.path.exists(_OUT.value) and not os.path.isdir(_OUT.value):
+    raise app.UsageError(f"--out_dir={_OUT.value} is a file; give a folder")
   sch = schemes.get(_SCHEME.value)
   # pylint: disable-next=protected-access
   _, model, params, data = pipelines._llama(_WORKDIR.value, _VARIANT.value)

@@ -207,3 +207,16 @@ def test_fusion_survey_checks_its_qat_flags_before_compiling():
              "--plugin_site=/nonexistent", module=True)
     assert r.returncode != 0 and msg in r.stderr, r.stderr
     assert r.stdout == ""  # nothing was compiled
+
+
+def test_flag_values_are_checked_before_any_work():
+  # A typo'd target was silently weights-only; a bad shape or zero iterations
+  # gave a traceback or a table of inf.
+  r = _run("experiments.spinquant", "--target=weights+act", module=True)
+  assert r.returncode != 0 and "value should be one of <weights|weights+acts>" in r.stderr
+  r = _run("experiments.spinquant", "--scheme=int5", "--workdir=/nonexistent",
+           module=True)
+  assert r.returncode != 0 and "'int5' is not a scheme" in r.stderr
+  assert not os.path.exists("/nonexistent")
+  r = _run("experiments.bench_variants", "--iters=0", module=True)
+  assert r.returncode != 0 and "--iters" in r.stderr
