@@ -56,21 +56,43 @@ def define_config(default: str, help_: str = "the experiment's config"):
     the flag holder (``.value`` is the ConfigDict).
   """
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  _DEFAULT_CONFIG[0] = default
   try:
     return config_flags.DEFINE_config_file("config", default, help_)
   except (AttributeError, KeyError) as e:
-    m = re.search(r"[A-Za-z_][A-Za-z0-9_]*", str(e))
-    field = m.group(0) if m else str(e)
-    given = [a.split("=", 1)[0][len("--config."):] for a in sys.argv[1:]
-             if a.startswith("--config.")]
-    bad = next((g for g in given if g.split(".")[-1] == field), field)
-    close = difflib.get_close_matches(bad, _config_keys(sys.argv[1:], default), n=3,
-                                      cutoff=0.6)
-    _fail(f"--config.{bad} is not a field of the config"
-          + (f"; close matches: {', '.join('--config.' + c for c in close)}"
-             if close else ""))
+    _field_error(e, default)
   except (FileNotFoundError, ImportError, SyntaxError) as e:
     _fail(f"cannot load the config: {e}")
+
+
+# The config file define_config was given: a --config.field typo applied while
+# app.run parses the flags (an explicit --config=...) is reported like one
+# applied at definition.
+_DEFAULT_CONFIG = [None]
+
+
+def _field_error(e: Exception, default) -> None:
+  """Exits with one line naming a --config.field that is not in the config."""
+  m = re.search(r"[A-Za-z_][A-Za-z0-9_]*", str(e))
+  field = m.group(0) if m else str(e)
+  given = [a.split("=", 1)[0][len("--config."):] for a in sys.argv[1:]
+           if a.startswith("--config.")]
+  bad = next((g for g in given if g.split(".")[-1] == field), field)
+  close = difflib.get_close_matches(bad, _config_keys(sys.argv[1:], default), n=3,
+                                    cutoff=0.6)
+  _fail(f"--config.{bad} is not a field of the config"
+        + (f"; close matches: {', '.join('--config.' + c for c in close)}"
+           if close else ""))
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with a --config.field typo as one line (exit 2)."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    if any(a.startswith("--config.") for a in argv[1:]):
+      _field_error(e, _DEFAULT_CONFIG[0])
+    raise
 
 
 def run(main) -> None:
@@ -82,4 +104,4 @@ def run(main) -> None:
       msg = str(e).strip().splitlines()
       _fail(f"{type(e).__name__}: {msg[0] if msg else ''}"
             + (" ..." if len(msg) > 1 else ""))
-  app.run(wrapped)
+  app.run(wrapped, flags_parser=_parse_flags)

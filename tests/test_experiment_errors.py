@@ -220,3 +220,15 @@ def test_flag_values_are_checked_before_any_work():
   assert not os.path.exists("/nonexistent")
   r = _run("experiments.bench_variants", "--iters=0", module=True)
   assert r.returncode != 0 and "--iters" in r.stderr
+
+
+def test_config_field_typo_is_one_line_with_an_explicit_config_too():
+  # With --config given, the overrides apply while app.run parses the flags,
+  # where the typo used to surface as ml_collections' chained traceback.
+  for args in (["--config", "configs/evaluate.py", "--config.checkpont=/tmp/x"],
+               ["--config.checkpont=/tmp/x"]):
+    r = _run("experiments.evaluate", *args, module=True)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "error: --config.checkpont is not a field of the config; close matches: "
+        "--config.checkpoint"], r.stderr
