@@ -30,6 +30,7 @@ import statistics
 import sys
 import time
 
+import experiments
 from absl import app
 from absl import flags
 
@@ -114,4 +115,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  experiments.run(main)

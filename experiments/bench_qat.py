@@ -29,6 +29,7 @@ import sys
 import time
 import traceback
 
+import experiments
 from absl import app, flags
 
 _OUT = flags.DEFINE_string("out", "/tmp/bench_qat.json", "JSON output.")
@@ -260,4 +261,4 @@ def _markdown(res, path):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  experiments.run(main)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 
+import experiments
 from absl import app, flags
 
 from lowbit_jax.eval import format_report
@@ -40,4 +41,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  experiments.run(main)

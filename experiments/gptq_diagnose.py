@@ -23,6 +23,7 @@ import platform
 import sys
 import time
 
+import experiments
 from absl import app
 from absl import flags
 
@@ -176,4 +177,4 @@ def _write_table(rows) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  experiments.run(main)

@@ -27,6 +27,7 @@ import platform
 import sys
 import time
 
+import experiments
 from absl import app
 from absl import flags
 
@@ -125,6 +126,21 @@ def main(argv):
   if _MAX_TOKENS.value < 0:
     raise app.UsageError(f"--max_tokens must be >= 0 (0: the whole held-out split), "
                          f"got {_MAX_TOKENS.value}")
+  if _SEQ_LEN.value < 2 or _BATCH.value < 1:
+    raise app.UsageError(f"--seq_len must be >= 2 and --batch >= 1, got "
+                         f"{_SEQ_LEN.value} and {_BATCH.value}")
+  if os.path.isdir(_OUT.value):
+    raise app.UsageError(f"--out={_OUT.value} is a folder; give the markdown file")
+  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+  # A window no longer than a scheme's float window never reaches its
+  # quantized cache: that scheme would report the float perplexity.
+  chosen = _SCHEMES.value or list(_schemes())
+  short = [n for n in chosen if _schemes()[n][0] is not None
+           and _SEQ_LEN.value <= (_schemes()[n][1] or 0)]
+  if short:
+    raise app.UsageError(f"--seq_len={_SEQ_LEN.value} is within the float window of "
+                         f"{short}: their quantized cache would never be read; use "
+                         "a longer --seq_len")
   model, params, run_cfg = _load(_WORKDIR.value)
   data = loop.load_data(model.config.vocab, run_cfg.get("cache_dir", "") or None)
   seq, b = _SEQ_LEN.value, _BATCH.value
@@ -221,4 +237,4 @@ def _render(rows, meta) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  experiments.run(main)

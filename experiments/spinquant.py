@@ -24,6 +24,7 @@ import platform
 import sys
 import time
 
+import experiments
 from absl import app
 from absl import flags
 
@@ -103,4 +104,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  experiments.run(main)
