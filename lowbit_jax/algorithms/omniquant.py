@@ -168,7 +168,9 @@ class OmniQuantBlockResult(NamedTuple):
     let_scales: ``{producer path: learned s}``.
     loss_rtn: block output MSE of RTN (no LWC, no LET) on all inputs.
     loss_init: the same at the start of training (LET start, strength 0.98).
-    loss: the same after training.
+    loss: the same after training (it can end above ``loss_rtn``: training
+      starts from LET's 0.98 strength, not from RTN; ``apply_ptq`` then rounds
+      that block to nearest and reports ``rtn_fallback``).
     losses: ``[steps]`` the training minibatch losses.
   """
   params: Any

@@ -91,6 +91,12 @@ def run(model, cur, calib_batches, weight_spec, aspec, *, layers: str,
   selected = [p for p in cap.order
               if node_at(cur, p) is not None and "kernel" in node_at(cur, p)
               and node_at(cur, p)["kernel"].ndim == 2]
+  # Expert stacks ([E, K, N] kernels of RaggedDense) are not trained here:
+  # named in the report as left float, never silently.
+  experts = [p for p in cap.order
+             if node_at(cur, p) is not None and "kernel" in node_at(cur, p)
+             and node_at(cur, p)["kernel"].ndim == 3
+             and ptq_lib._resolve_spec(weight_spec, p) is not None]  # pylint: disable=protected-access
   specs = {p: ptq_lib._resolve_spec(weight_spec, p) for p in selected}  # pylint: disable=protected-access
 
   # Blocks and their inputs.
@@ -256,11 +262,23 @@ def run(model, cur, calib_batches, weight_spec, aspec, *, layers: str,
       continue
     res = omniquant_block(q_fn, bparams, x_q, y_fp, bspecs, groups=let_groups[b],
                           options=opts, with_activations=aspec is not None)
-    cur = _replace(cur, b, res.params)
-    x_q = (run_chunks(q_jit, res.params, x_q),) + tuple(x_q[1:])
-    x_fp = (y_fp,) + tuple(x_fp[1:])
+    # A block that ends above RTN's loss (training from LET's start can) is
+    # rounded to nearest instead: never worse than RTN without saying so.
+    fallback = not res.loss <= res.loss_rtn
+    new_b = bparams
     for rel, spec in bspecs.items():
       full = f"{b}/{rel}"
+      if fallback:
+        w = node_at(bparams, rel)["kernel"]
+        wq = rtn(w, spec)
+        new_b = with_leaves(new_b, rel, kernel=wq.astype(w.dtype))
+        weight_scales[full] = rtn_scales(w, spec)
+        report_layers[full] = {
+            "spec": ptq_lib._spec_name(spec), "transform": "rtn_fallback",  # pylint: disable=protected-access
+            "fold": "none", "weight_sqnr_db": sqnr_db(w, wq),
+            "reason": f"the block's OmniQuant loss {res.loss:.4g} ended above "
+                      f"RTN's {res.loss_rtn:.4g}: rounded to nearest"}
+        continue
       # Learned scales: the tensor scale of a two-level spec is rebuilt from
       # them as the learning defined it (quantize(..., scale=) alone).
       weight_scales[full] = (res.scales[rel], None)
@@ -270,9 +288,15 @@ def run(model, cur, calib_batches, weight_spec, aspec, *, layers: str,
           "fold": "let" if any(rel in g.consumers for g in let_groups[b]) else "none",
           "lwc_mean_clip": res.clip[rel],
           "weight_sqnr_db": sqnr_db(wf, node_at(res.params, rel)["kernel"])}
+    if not fallback:
+      new_b = res.params
+    cur = _replace(cur, b, new_b)
+    x_q = (run_chunks(q_jit, new_b, x_q),) + tuple(x_q[1:])
+    x_fp = (y_fp,) + tuple(x_fp[1:])
     blocks_report[b] = {"loss_rtn": res.loss_rtn, "loss_init": res.loss_init,
                         "loss": res.loss, "steps": int(res.losses.shape[0]),
                         "let_groups": len(let_groups[b]) if use_let else 0,
+                        "rtn_fallback": fallback,
                         "seconds": time.perf_counter() - t1}
 
   # Selected layers outside every block: RTN.
@@ -288,7 +312,16 @@ def run(model, cur, calib_batches, weight_spec, aspec, *, layers: str,
     weight_scales[p] = rtn_scales(w, spec)
     report_layers[p] = {"spec": ptq_lib._spec_name(spec), "transform": "none",  # pylint: disable=protected-access
                         "fold": "none", "weight_sqnr_db": sqnr_db(w, wq)}
+  skipped = {}
+  for p in experts:
+    why = ("an expert stack: apply_ptq's OmniQuant trains dense kernels only, so "
+           "it stays float; quantize experts with ptq_params(..., "
+           "method='omniquant') (per-expert RTN) or another method")
+    report_layers[p] = {"spec": None, "transform": "none", "fold": "none",
+                        "reason": why}
+    skipped[p] = why
   report = {"method": "omniquant", "quantizer": "omniquant", "layers": report_layers,
+            "skipped": skipped,
             "folds": folds, "blocks": blocks_report, "capture_seconds": capture_seconds,
             "omniquant": {"lwc": opts.lwc, "let": use_let, "steps": opts.steps},
             "total_seconds": time.perf_counter() - t_start,

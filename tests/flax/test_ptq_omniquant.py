@@ -97,3 +97,30 @@ def test_omniquant_errors(setup):
     apply_ptq(m, params, [x], "omniquant", None)
   with pytest.raises(ValueError, match="awq_clip applies to method='awq'"):
     apply_ptq(m, params, [x], "gptq", W_SPEC, awq_clip=False)
+
+
+def test_a_block_that_ends_above_rtn_is_rounded_to_nearest(setup, monkeypatch):
+  # OmniQuant trains from LET's start, not from RTN, and can end above RTN's
+  # block loss: that block is then rounded to nearest, and the report says so.
+  from lowbit_jax.algorithms import rtn  # pylint: disable=g-import-not-at-top
+  from lowbit_jax.flax import _omniquant  # pylint: disable=g-import-not-at-top
+  m, params, x = setup
+  orig = _omniquant.omniquant_block
+
+  def worse(*a, **k):
+    res = orig(*a, **k)
+    return res._replace(loss=res.loss_rtn * 2)
+  monkeypatch.setattr(_omniquant, "omniquant_block", worse)
+  opts = OmniQuantOptions(steps=2, batch_size=6, blocks=r"blocks_\d+")
+  qp, rep = apply_ptq(m, params, [x], "omniquant", W_SPEC, omniquant=opts)
+  assert all(b["rtn_fallback"] for b in rep["blocks"].values())
+  entry = rep["layers"]["blocks_0/fc1"]
+  assert entry["transform"] == "rtn_fallback" and "above RTN" in entry["reason"]
+  np.testing.assert_array_equal(qp["blocks_0"]["fc1"]["kernel"],
+                                rtn(params["blocks_0"]["fc1"]["kernel"], W_SPEC))
+  np.testing.assert_array_equal(qp["blocks_0"]["ln"]["scale"],
+                                params["blocks_0"]["ln"]["scale"])   # no LET fold
+  q = quantize_linen([QuantRule(".*", weight=W_SPEC)], mode="real")
+  qv = q.quantize_params(m, {"params": qp, "quant_scales": rep["quant_scales"]}, x)
+  np.testing.assert_array_equal(qv["params"]["blocks_0"]["fc1"]["kernel"].logical(),
+                                qp["blocks_0"]["fc1"]["kernel"])
