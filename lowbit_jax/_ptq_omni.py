@@ -40,8 +40,11 @@ fake-quantized with its learned step, which is returned as its scale grid so
 real mode stores exactly these codes. Each training keeps its iterate with
 the lowest objective (the start included); where none beats round to nearest
 (no LET, no clipping) on the objective, the group is not folded (its readers
-get LWC alone) and a site is rounded to nearest (``rtn_fallback``), so no
-site ends above RTN's objective on the retained rows.
+get LWC alone) and a site is rounded to nearest (``rtn_fallback``). A site
+trained alone thus never ends above RTN's objective on the retained rows; a
+LET group is judged on its readers' summed objective, so one reader of a
+folded group can end above its own RTN objective while the group is below
+(its report entry has both, ``objective`` and ``objective_rtn``).
 
 MoE experts (``ragged_dot`` stacks ``[E, K, N]``, captured with one Hessian
 per expert) are not trained: each expert is rounded to nearest with its own
