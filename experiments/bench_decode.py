@@ -514,6 +514,17 @@ def main(argv):
   if _ITERS.value < 1:
     raise app.UsageError(f"--iters must be >= 1 (timed calls per measurement), got "
                          f"{_ITERS.value}")
+  if not all(b.strip().isdigit() and int(b) >= 1 for b in _BATCHES.value):
+    raise app.UsageError(f"--batches must be positive ints, got {_BATCHES.value}")
+  if _PROMPT.value < 1 or _RESIDUAL.value < 0 or _KIVI_GROUP.value < 1:
+    raise app.UsageError(f"--prompt_len must be >= 1, --residual >= 0 and "
+                         f"--kivi_group >= 1, got {_PROMPT.value}, {_RESIDUAL.value}, "
+                         f"{_KIVI_GROUP.value}")
+  if (any(n.startswith("kivi") for n in _SCHEMES.value)
+      and _RESIDUAL.value % _KIVI_GROUP.value):
+    raise app.UsageError(f"--kivi_group={_KIVI_GROUP.value} must divide --residual="
+                         f"{_RESIDUAL.value} (KIVI flushes the float window a key "
+                         "group at a time)")
   weights = _weight_order(_WEIGHTS.value)
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top

@@ -36,13 +36,16 @@ from absl import flags
 
 _CONFIG = flags.DEFINE_enum("config", "small", ["smoke", "small", "base"],
                             "LlamaConfig variant")
-_EXPERTS = flags.DEFINE_integer("n_experts", 8, "experts per MoE layer")
-_TOP_K = flags.DEFINE_integer("top_k", 2, "experts per token")
-_BATCH = flags.DEFINE_integer("batch", 4, "sequences per batch")
-_SEQ = flags.DEFINE_integer("seq", 128, "tokens per sequence")
-_ITERS = flags.DEFINE_integer("iters", 10, "timed calls per measurement")
+_EXPERTS = flags.DEFINE_integer("n_experts", 8, "experts per MoE layer", lower_bound=1)
+_TOP_K = flags.DEFINE_integer("top_k", 2, "experts per token", lower_bound=1)
+_BATCH = flags.DEFINE_integer("batch", 4, "sequences per batch", lower_bound=1)
+_SEQ = flags.DEFINE_integer("seq", 128, "tokens per sequence", lower_bound=1)
+_ITERS = flags.DEFINE_integer("iters", 10, "timed calls per measurement", lower_bound=1)
 _TAG = flags.DEFINE_string("tag", "", "output file stem (default moe_<device>)")
 _OUT_DIR = flags.DEFINE_string("out_dir", "benchmarks", "where results go")
+flags.register_validator("top_k", lambda k: k <= flags.FLAGS.n_experts if
+                         "n_experts" in flags.FLAGS else True,
+                         message="--top_k must be at most --n_experts")
 
 
 def _median_seconds(jax, fn, *args) -> float:

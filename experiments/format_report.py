@@ -2,8 +2,9 @@ r"""Format report: bits per element and SQNR of every registered format.
 
 Quantizes 1M standard-normal and 1M Student-t (3 dof) values along the last
 axis of a [1024, 1024] tensor in every format of ``lowbit_jax.formats`` and
-prints the table; with ``--out`` it writes the markdown document (docs/formats.md
-is this command's output)::
+prints the table; with ``--out`` it writes the markdown document (docs/formats.md's
+table is this command's output; an existing document keeps its hand-written
+sections, from its first ``## `` heading on)::
 
   python -m experiments.format_report --out docs/formats.md
 
@@ -32,9 +33,19 @@ def main(argv: list[str]) -> None:
   md = format_report.to_markdown(rows, n=_N.value, seed=_SEED.value,
                                  command=command.strip())
   if _OUT.value:
+    if os.path.isdir(_OUT.value):
+      raise app.UsageError(f"--out={_OUT.value} is a folder; give the markdown file")
     os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
+    # An existing document keeps its hand-written sections (from its first
+    # "## " heading on): only the generated table above them is replaced.
+    kept = ""
+    if os.path.exists(_OUT.value):
+      with open(_OUT.value) as f:
+        old = f.read()
+      i = old.find("\n## ")
+      kept = old[i:] if i >= 0 else ""
     with open(_OUT.value, "w") as f:
-      f.write(md)
+      f.write(md.rstrip("\n") + "\n" + kept)
     print(f"wrote {_OUT.value}")
   else:
     print(md)

@@ -232,3 +232,16 @@ def test_config_field_typo_is_one_line_with_an_explicit_config_too():
     assert r.stderr.strip().splitlines() == [
         "error: --config.checkpont is not a field of the config; close matches: "
         "--config.checkpoint"], r.stderr
+
+
+@pytest.mark.slow  # quantizes every format in a subprocess (~8 s)
+def test_format_report_keeps_a_documents_hand_written_sections(tmp_path):
+  # docs/formats.md's own regeneration command used to drop its NaN/inf and
+  # range sections.
+  out = tmp_path / "formats.md"
+  out.write_text("# old table\n\n| a |\n\n## Notes\n\nkeep me\n")
+  r = _run("experiments.format_report", "--n", "1024", "--out", str(out), module=True)
+  assert r.returncode == 0, r.stderr
+  text = out.read_text()
+  assert text.startswith("# Number formats") and "| a |" not in text
+  assert text.endswith("\n## Notes\n\nkeep me\n")
