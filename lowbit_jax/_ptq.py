@@ -60,7 +60,8 @@ from lowbit_jax import _ptq_scaling
 from lowbit_jax._ptq_scaling import AWQ_CLIP_SKIP
 from lowbit_jax.algorithms.gptq import block_ranges, gptq
 from lowbit_jax.algorithms.rtn import hessian_error, kernel_spec, rtn_scales
-from lowbit_jax.core import fake_quant
+from lowbit_jax.core import fake_quant, quantize
+from lowbit_jax.core._qarray import block_shape
 from lowbit_jax.core._spec import QuantSpec, as_spec
 
 _HI = lax.Precision.HIGHEST
@@ -160,9 +161,11 @@ class PTQResult(NamedTuple):
     params: the parameters with each treated weight replaced by its
       fake-quantized value (the same pytree kind as given; for an NNX model
       its ``nnx.State`` of Params, the model being updated in place).
-    weight_scales: ``{parameter path: scale grid}`` (symmetric specs): the
-      scales each weight was rounded with, in the weight's own layout, as real
-      mode takes them (``real_mode_kwargs`` puts them in each front end's form).
+    weight_scales: ``{parameter path: scale grid}``: the scales each weight
+      was rounded with, in the weight's own layout, as real mode takes them
+      (``real_mode_kwargs`` puts them in each front end's form); for GPTQ with
+      an asymmetric spec a ``(scale grid, zero point grid)`` pair (RTN's
+      asymmetric weights need none: real mode re-derives their ranges).
     weight_tensor_scales: ``{parameter path: float32 scalar}``: the tensor
       scale a two-level (NVFP4) weight's block scales were chosen under, which
       real mode stores them under (``quantize(..., tensor_scale=)``; without
@@ -179,10 +182,10 @@ class PTQResult(NamedTuple):
       Hadamard rules, then the given rules); None for the other methods (run
       with the given rules).
     real_mode_inexact: paths whose returned kernels real mode cannot store
-      exactly: asymmetric GPTQ, whose blocks need not reach the ranges they
-      were rounded with (no scales or zero points are carried for asymmetric
-      specs, so real mode would re-derive other ranges). Their report entry
-      has ``"real_mode_exact": False`` and ``real_mode_kwargs`` refuses the
+      exactly: asymmetric GPTQ on expert stacks, whose blocks need not reach
+      the ranges they were rounded with (their zero points are not carried,
+      so real mode would re-derive other ranges). Their report entry has
+      ``"real_mode_exact": False`` and ``real_mode_kwargs`` refuses the
       result; fake mode runs them as returned.
   """
   params: Any
@@ -519,7 +522,7 @@ def quantize_site(method: str, w: jax.Array, st: SiteStats, spec: QuantSpec, *,
   wq, scale, tscale, exact, _, _ = _site(
       w, st.hessian, st.count, method=method, meta=tuple(st[2:]), spec=spec,
       path=path, opts=(blocksize, float(percdamp), bool(act_order)))
-  if not bool(exact) and scale is not None:
+  if not bool(exact) and scale is not None and not isinstance(scale, tuple):
     raise ValueError(
         f"{path}: the scales GPTQ chose do not reproduce its codes in the weight's "
         f"layout (spec {spec}); the spec's blocks do not map onto the [K, N] matrix "
@@ -557,8 +560,8 @@ def _site(w, hessian, count, *, method, meta, spec, path, opts):
   except ValueError as e:
     msg = str(e)
     raise ValueError(msg if msg.startswith(f"{path}: ") else f"{path}: {msg}") from e
-  return _finish(w, res.weight, res.amax, hessian, count, res.tensor_amax, meta=meta,
-                 spec=spec)
+  return _finish(w, res.weight, res.amax, hessian, count, res.tensor_amax, res.amin,
+                 meta=meta, spec=spec)
 
 
 def _expert_site(w, hessian, count, *, method, meta, spec, path, opts):
@@ -588,6 +591,9 @@ def _scales_exact(wq, spec: QuantSpec, scale, tscale, rounded: bool = False):
     if not rounded:
       return jnp.bool_(True)
     return jnp.array_equal(fake_quant(wq, spec), wq)
+  if isinstance(scale, tuple):   # an asymmetric spec's (scale, zero point)
+    return jnp.array_equal(fake_quant(wq, spec, scale=scale[0], zero_point=scale[1]),
+                           wq)
   return jnp.array_equal(fake_quant(wq, spec, scale=scale, tensor_scale=tscale), wq)
 
 
@@ -621,11 +627,19 @@ def _as_matrix(w, *, meta):
   return SiteStats(None, None, *meta).as_matrix(w)
 
 
+def _block_grid(full: jax.Array, spec: QuantSpec) -> jax.Array:
+  """A per-block grid from an array constant within each block (``full``, in
+  the layout ``spec`` quantizes): each block's first element."""
+  bs = block_shape(spec, full.shape)
+  return full[tuple(slice(None, None, b) for b in bs)]
+
+
 @functools.partial(jax.jit, static_argnames=("meta", "spec"))
-def _finish(w, wq_matrix, amax, hessian, count, t_amax=None, *, meta, spec):
+def _finish(w, wq_matrix, amax, hessian, count, t_amax=None, amin=None, *, meta, spec):
   """The quantized weight in its layout, its scales (and a two-level spec's
-  tensor scale: the one GPTQ rounded under, from ``t_amax``), whether they
-  reproduce it, and the errors (jitted)."""
+  tensor scale: the one GPTQ rounded under, from ``t_amax``; an asymmetric
+  spec's scale and zero point, from GPTQ's block ranges ``amax``/``amin``, as
+  a pair), whether they reproduce it, and the errors (jitted)."""
   st = SiteStats(hessian, count, *meta)
   plan = _plan(st, spec)
   rtn_w = fake_quant(w, plan.spec)
@@ -640,6 +654,12 @@ def _finish(w, wq_matrix, amax, hessian, count, t_amax=None, *, meta, spec):
       full = block_ranges(amax, wq_matrix.shape, spec)
       scale, tscale = rtn_scales(st.from_matrix(full.astype(jnp.float32)), plan.spec,
                                  t_amax)
+    elif amin is not None:   # the scale and zero point of those ranges
+      hi, lo = (_block_grid(st.from_matrix(
+          block_ranges(a, wq_matrix.shape, spec).astype(jnp.float32)), plan.spec)
+                for a in (amax, amin))
+      q = quantize(wq, plan.spec, amax=hi, amin=lo)
+      scale = (q.scale.astype(jnp.float32), q.zero_point)
   exact = _scales_exact(wq, plan.spec, scale, tscale, rounded=wq_matrix is not None)
   mw, rows = st.as_matrix(w), jnp.maximum(count, 1.0)
   err = hessian_error(hessian, mw, st.as_matrix(wq)) / rows
@@ -851,10 +871,10 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
     wq, scale, tscale, exact, err, rerr = _site(
         w, st.hessian, st.count, method=method, meta=tuple(st[2:]), spec=spec,
         path=path, opts=opts)
-    if not bool(exact) and scale is None:
-      # Asymmetric GPTQ: its blocks need not reach the ranges they were
-      # rounded with, and real mode (no scales or zero points carried for
-      # asymmetric specs) would re-derive other ranges: refused there.
+    if not bool(exact) and (scale is None or isinstance(scale, tuple)):
+      # Asymmetric GPTQ whose (scale, zero point) pair is not carried
+      # (expert stacks) or does not reproduce it: real mode would re-derive
+      # other ranges, so real_mode_kwargs refuses it.
       inexact.append(path)
     elif not bool(exact):
       raise ValueError(
@@ -862,7 +882,7 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
           f"weight's layout (spec {spec}); the spec's blocks do not map onto the "
           "[K, N] matrix (a group_size must divide the last contraction axis)")
     new_leaves[path] = wq
-    if scale is not None:
+    if scale is not None and path not in inexact:
       scales[path] = scale
     if tscale is not None:
       tscales[path] = tscale
@@ -1059,10 +1079,11 @@ def real_mode_kwargs(result: PTQResult, front: str) -> dict:
     bad = list(result.real_mode_inexact)
     raise ValueError(
         f"real mode cannot store these weights as the PTQ result returned them: "
-        f"{bad[:5]}{' and more' if len(bad) > 5 else ''} (asymmetric GPTQ: its "
-        "blocks need not reach the ranges they were rounded with, and no zero "
-        "points are carried into real mode). Use a symmetric spec, or RTN, for "
-        "real mode; fake mode runs the returned kernels as they are")
+        f"{bad[:5]}{' and more' if len(bad) > 5 else ''} (asymmetric GPTQ on "
+        "expert stacks: their blocks need not reach the ranges they were rounded "
+        "with, and their zero points are not carried into real mode). Use a "
+        "symmetric spec, or RTN, for real mode; fake mode runs the returned "
+        "kernels as they are")
   tensor = dict(result.weight_tensor_scales)
 
   def entry(p, s):

@@ -881,15 +881,18 @@ def _quantize_leaf(w: jax.Array, plan: WeightPlan) -> QWeight:
 
 @functools.partial(jax.jit, static_argnums=1)
 def _quantize_leaf_given(w: jax.Array, plan: WeightPlan, scale=None, tensor_scale=None,
-                         amax=None) -> QWeight:
-  """``_quantize_leaf`` with a given scale grid (and tensor scale) or a static
-  per-tensor range (NVFP4: its tensor range)."""
+                         amax=None, zero_point=None) -> QWeight:
+  """``_quantize_leaf`` with a given scale grid (and tensor scale, or an
+  asymmetric spec's zero point) or a static per-tensor range (NVFP4: its
+  tensor range)."""
   w = _as_op_sees(w, plan)
   if amax is not None:
     kw = {"tensor_amax" if plan.spec.tensor_scale else "amax": amax}
   else:
-    kw = {"scale": jnp.transpose(scale) if plan.transpose else scale,
-          "tensor_scale": tensor_scale}
+    t = jnp.transpose if plan.transpose else (lambda a: a)
+    kw = {"scale": t(scale), "tensor_scale": tensor_scale}
+    if zero_point is not None:
+      kw["zero_point"] = t(zero_point)
   if plan.transpose:
     return as_qweight(quantize(w.T, _transpose_spec(plan.spec), **kw), transposed=True)
   return as_qweight(quantize(w, plan.spec, **kw), transposed=False)
@@ -922,7 +925,9 @@ def quantize_weight(w: jax.Array, plan: WeightPlan, scale=None,
     plan: its WeightPlan.
     scale: a learned (LSQ) scale grid of ``plan.spec`` over ``w`` (the
       ``weight_scale`` a QAT run trained, or a PTQ result's): the QWeight
-      then holds exactly these scales. None: scales from the weight's amax.
+      then holds exactly these scales; for an asymmetric spec a ``(scale,
+      zero point)`` pair (a GPTQ result's). None: scales from the weight's
+      amax.
     tensor_scale: with ``scale``, a two-level (NVFP4) spec's float32 tensor
       scale the block scales were chosen under (a PTQ result's
       ``weight_tensor_scales``; ``quantize``'s keyword). None: rebuilt from
@@ -946,12 +951,19 @@ def quantize_weight(w: jax.Array, plan: WeightPlan, scale=None,
                        "with; pass scale= too (a PTQ result's weight_scales and "
                        "weight_tensor_scales come together)")
     return _quantize_leaf(w, plan)
+  zero_point = None
+  if isinstance(scale, (tuple, list)):   # an asymmetric spec's (scale, zero point)
+    if len(scale) != 2 or plan.spec.symmetric:
+      raise ValueError("a (scale, zero point) pair is for an asymmetric spec; "
+                       f"{plan.spec} takes a scale grid")
+    scale, zero_point = scale
   if plan.transpose and jnp.ndim(scale) != 2:
     raise ValueError(f"a K-major weight takes a 2-d scale grid, got shape "
                      f"{jnp.shape(scale)}")
   return _quantize_leaf_given(
       w, plan, jnp.asarray(scale, jnp.float32),
-      None if tensor_scale is None else jnp.asarray(tensor_scale, jnp.float32))
+      None if tensor_scale is None else jnp.asarray(tensor_scale, jnp.float32),
+      zero_point=zero_point)
 
 
 def quantize_params(params: Any, plan: Mapping[str, WeightPlan], *,

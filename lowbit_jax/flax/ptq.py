@@ -355,9 +355,11 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
     to ``LinenQuantizer.quantize_params`` for real mode, whose codes then
     equal the PTQ result exactly: re-deriving a scale from a GPTQ kernel's
     amax changes some codes, since a group's final values need not reach the
-    range it was rounded with), ``real_mode_inexact`` (on the shared path:
-    layers whose asymmetric GPTQ kernels real mode cannot store exactly, for
-    no zero points are carried; fake mode runs them as returned); for
+    range it was rounded with; an asymmetric GPTQ kernel's entry is a
+    ``(scale, zero point)`` pair), ``real_mode_inexact`` (on the shared path:
+    expert layers whose asymmetric GPTQ kernels real mode cannot store
+    exactly, for their zero points are not carried; fake mode runs them as
+    returned); for
     "quarot" and "spinquant" also
     ``rotation`` (the ``RotatedModel``: run inference with
     ``rotation.rules(rules)``); for "spinquant" ``spinquant`` (the learning
