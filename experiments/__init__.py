@@ -13,7 +13,7 @@ import sys
 from absl import app
 
 USER_ERRORS = (app.UsageError, ValueError, TypeError, FileExistsError,
-               FileNotFoundError, KeyError)
+               FileNotFoundError, KeyError, OSError)
 
 
 def _flat_keys(cfg, prefix=""):

@@ -28,13 +28,13 @@ _OUT = flags.DEFINE_string("out", None, "write the markdown report here")
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _OUT.value and os.path.isdir(_OUT.value):
+    raise app.UsageError(f"--out={_OUT.value} is a folder; give the markdown file")
   rows = format_report.report(n=_N.value, seed=_SEED.value, log=print)
   command = "python -m experiments.format_report " + " ".join(sys.argv[1:])
   md = format_report.to_markdown(rows, n=_N.value, seed=_SEED.value,
                                  command=command.strip())
   if _OUT.value:
-    if os.path.isdir(_OUT.value):
-      raise app.UsageError(f"--out={_OUT.value} is a folder; give the markdown file")
     os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
     # An existing document keeps its hand-written sections (from its first
     # "## " heading on): only the generated table above them is replaced.

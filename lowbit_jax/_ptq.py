@@ -510,7 +510,8 @@ def quantize_site(method: str, w: jax.Array, st: SiteStats, spec: QuantSpec, *,
   Returns:
     ``SiteResult(weight, scale, tensor_scale)``: the fake-quantized weight
     (w's layout and dtype), the scale grid it was rounded with in the layout
-    real mode stores, or None for asymmetric specs, and a two-level (NVFP4)
+    real mode stores (an asymmetric spec: a ``(scale, zero point)`` pair for
+    GPTQ, None for RTN, whose ranges real mode re-derives), and a two-level (NVFP4)
     spec's float32 tensor scale, else None (``quantize_weight(w_q, plan,
     scale, tensor_scale)`` reproduces its codes).
 
@@ -522,7 +523,7 @@ def quantize_site(method: str, w: jax.Array, st: SiteStats, spec: QuantSpec, *,
   wq, scale, tscale, exact, _, _ = _site(
       w, st.hessian, st.count, method=method, meta=tuple(st[2:]), spec=spec,
       path=path, opts=(blocksize, float(percdamp), bool(act_order)))
-  if not bool(exact) and scale is not None and not isinstance(scale, tuple):
+  if not bool(exact) and scale is not None:
     raise ValueError(
         f"{path}: the scales GPTQ chose do not reproduce its codes in the weight's "
         f"layout (spec {spec}); the spec's blocks do not map onto the [K, N] matrix "
@@ -634,6 +635,16 @@ def _block_grid(full: jax.Array, spec: QuantSpec) -> jax.Array:
   return full[tuple(slice(None, None, b) for b in bs)]
 
 
+def asym_pair(wq: jax.Array, hi_full: jax.Array, lo_full: jax.Array,
+              spec: QuantSpec) -> tuple:
+  """The ``(scale, zero point)`` grids an asymmetric ``spec`` stores ``wq``
+  with, from GPTQ's block ranges spread over ``wq``'s layout (``block_ranges``
+  of ``GPTQResult.amax`` / ``amin``)."""
+  q = quantize(wq, spec, amax=_block_grid(hi_full.astype(jnp.float32), spec),
+               amin=_block_grid(lo_full.astype(jnp.float32), spec))
+  return q.scale.astype(jnp.float32), q.zero_point
+
+
 @functools.partial(jax.jit, static_argnames=("meta", "spec"))
 def _finish(w, wq_matrix, amax, hessian, count, t_amax=None, amin=None, *, meta, spec):
   """The quantized weight in its layout, its scales (and a two-level spec's
@@ -655,11 +666,8 @@ def _finish(w, wq_matrix, amax, hessian, count, t_amax=None, amin=None, *, meta,
       scale, tscale = rtn_scales(st.from_matrix(full.astype(jnp.float32)), plan.spec,
                                  t_amax)
     elif amin is not None:   # the scale and zero point of those ranges
-      hi, lo = (_block_grid(st.from_matrix(
-          block_ranges(a, wq_matrix.shape, spec).astype(jnp.float32)), plan.spec)
-                for a in (amax, amin))
-      q = quantize(wq, plan.spec, amax=hi, amin=lo)
-      scale = (q.scale.astype(jnp.float32), q.zero_point)
+      scale = asym_pair(wq, *(st.from_matrix(block_ranges(a, wq_matrix.shape, spec))
+                              for a in (amax, amin)), plan.spec)
   exact = _scales_exact(wq, plan.spec, scale, tscale, rounded=wq_matrix is not None)
   mw, rows = st.as_matrix(w), jnp.maximum(count, 1.0)
   err = hessian_error(hessian, mw, st.as_matrix(wq)) / rows
@@ -871,10 +879,10 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
     wq, scale, tscale, exact, err, rerr = _site(
         w, st.hessian, st.count, method=method, meta=tuple(st[2:]), spec=spec,
         path=path, opts=opts)
-    if not bool(exact) and (scale is None or isinstance(scale, tuple)):
+    if not bool(exact) and scale is None:
       # Asymmetric GPTQ whose (scale, zero point) pair is not carried
-      # (expert stacks) or does not reproduce it: real mode would re-derive
-      # other ranges, so real_mode_kwargs refuses it.
+      # (expert stacks): real mode would re-derive other ranges, so
+      # real_mode_kwargs refuses it.
       inexact.append(path)
     elif not bool(exact):
       raise ValueError(

@@ -290,6 +290,12 @@ def run(model, cur, calib_batches, weight_spec, aspec, *, layers: str,
           "weight_sqnr_db": sqnr_db(wf, node_at(res.params, rel)["kernel"])}
     if not fallback:
       new_b = res.params
+    else:   # the block's learned LET folds were discarded with it
+      for f in folds:
+        if f.get("status") == "learned" and str(f.get("producer", "")).startswith(
+            f"{b}/"):
+          f["status"] = "discarded"
+          f["reason"] = "the block ended above RTN's loss and was rounded to nearest"
     cur = _replace(cur, b, new_b)
     x_q = (run_chunks(q_jit, new_b, x_q),) + tuple(x_q[1:])
     x_fp = (y_fp,) + tuple(x_fp[1:])

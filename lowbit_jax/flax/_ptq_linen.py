@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowbit_jax import _ptq as ptq_lib
 from lowbit_jax._experts import clip_experts, expert_spec, quantize_experts
 from lowbit_jax._ptq_scaling import _close
 from lowbit_jax.algorithms._tree import with_leaves
@@ -384,6 +385,7 @@ def _quantize_dense(path: str, w: jax.Array, st: DenseStats, spec: Optional[Quan
   else:
     w_in, clip_entry = _awq_clip(*clip, path, st, w_in, spec)
     t_amax = None
+    res = None
     if quantizer == "gptq":
       res = gptq(w_in, st.gram, spec, **gptq_kw)
       w_q, t_amax = res.weight, res.tensor_amax
@@ -392,6 +394,9 @@ def _quantize_dense(path: str, w: jax.Array, st: DenseStats, spec: Optional[Quan
       w_q, full = rtn(w_in, spec), w_in
     if spec.symmetric and not simulated:   # the range each block was rounded with
       scale = rtn_scales(full, spec, t_amax)
+    elif res is not None and not simulated:   # asymmetric GPTQ: its ranges' pair
+      scale = (ptq_lib.asym_pair(w_q, full, block_ranges(res.amin, w_in.shape, spec),
+                                 spec), None)   # (weight_scale, no tensor scale)
   # Quality, measured in the domain the kernel was quantized in; the weight
   # SQNR maps rows back to the input's original scale.
   to_orig = (lambda a: a) if tr is None else tr.unweight
@@ -633,7 +638,7 @@ def _quantize_convs(cur, cap: Capture, stats: dict, method: str,
     w2 = conv_matrix(w, *axes)
     st = stats[p]
     w_in, clip_entry = _awq_clip(awq_clip, awq_clip_skip, p, st, w2, spec)
-    t_amax = None
+    t_amax = res = None
     if base_quant == "gptq":
       res = gptq(w_in, st.gram, spec, **gptq_kw)
       w_q, t_amax = res.weight, res.tensor_amax
@@ -644,6 +649,12 @@ def _quantize_convs(cur, cap: Capture, stats: dict, method: str,
     if spec.symmetric:
       weight_scales[p] = rtn_scales(conv_unmatrix(full, w.shape, *axes), spec_n,
                                     t_amax)
+    elif res is not None:   # asymmetric GPTQ: the pair of its ranges
+      weight_scales[p] = (ptq_lib.asym_pair(
+          conv_unmatrix(w_q, w.shape, *axes).astype(jnp.float32),
+          conv_unmatrix(full, w.shape, *axes),
+          conv_unmatrix(block_ranges(res.amin, w2.shape, spec), w.shape, *axes),
+          spec_n), None)   # (weight_scale, no tensor scale)
     cur = with_leaves(cur, p, kernel=conv_unmatrix(w_q, w.shape, *axes).astype(w.dtype))
     # The weight SQNR with the rows at the input's original scale.
     s_rows = (jnp.tile(scalings[p], w2.shape[0] // scalings[p].shape[0])[:, None]
@@ -856,7 +867,8 @@ def _awq_clip_experts(on: bool, skip: Optional[str], path: str, st: ExpertStats,
 
 def _scale_entries(weight_scales: Mapping[str, tuple]) -> dict:
   """``{"<layer>/weight_scale": scale, "<layer>/weight_tensor_scale": t}`` from
-  ``{kernel path: (scale, tensor scale or None)}`` (``rtn_scales``)."""
+  ``{kernel path: (scale, tensor scale or None)}`` (``rtn_scales``; an
+  asymmetric GPTQ kernel's scale is its ``(scale, zero point)`` pair)."""
   flat = {}
   for p, (s, t) in weight_scales.items():
     flat[f"{p}/weight_scale"] = s

@@ -59,3 +59,29 @@ def test_quant_rules_as_weight_spec(setup):
   assert rep["layers"]["b"]["spec"] is None
   np.testing.assert_array_equal(qp["b"]["kernel"], params["b"]["kernel"])
   assert len(np.unique(np.asarray(qp["a"]["kernel"])[:, 0])) <= 16
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "smoothquant"])
+def test_asymmetric_gptq_is_stored_exactly_by_every_driver_path(method):
+  # Every apply_ptq path that rounds with GPTQ hands real mode its asymmetric
+  # ranges as (scale, zero point) pairs; re-derived ranges changed up to a
+  # fifth of the codes.
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((64, 64)), jnp.float32)
+
+  class M(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.Dense(48, use_bias=False, name="a")(nn.LayerNorm(name="ln")(x))
+      return nn.Dense(40, use_bias=False, name="b")(jax.nn.relu(h))
+
+  m = M()
+  v = m.init(jax.random.key(0), x)
+  spec = QuantSpec("int4", symmetric=False, group_size=16)
+  kw = {} if method == "gptq" else {"quantizer": "gptq"}
+  qp, rep = apply_ptq(m, v["params"], [x], method, spec, **kw)
+  q = quantize_linen([QuantRule(".*/kernel", weight=spec)], mode="real")
+  qv = q.quantize_params(m, {"params": qp, "quant_scales": rep["quant_scales"]}, x)
+  for layer in "ab":
+    np.testing.assert_array_equal(np.asarray(qv["params"][layer]["kernel"].logical()),
+                                  np.asarray(qp[layer]["kernel"]))

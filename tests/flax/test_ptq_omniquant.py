@@ -111,9 +111,11 @@ def test_a_block_that_ends_above_rtn_is_rounded_to_nearest(setup, monkeypatch):
     res = orig(*a, **k)
     return res._replace(loss=res.loss_rtn * 2)
   monkeypatch.setattr(_omniquant, "omniquant_block", worse)
-  opts = OmniQuantOptions(steps=2, batch_size=6, blocks=r"blocks_\d+")
+  opts = OmniQuantOptions(steps=2, batch_size=6, let=True, blocks=r"blocks_\d+")
   qp, rep = apply_ptq(m, params, [x], "omniquant", W_SPEC, omniquant=opts)
   assert all(b["rtn_fallback"] for b in rep["blocks"].values())
+  lets = [f for f in rep["folds"] if f["producer"] in ("blocks_0/ln", "blocks_1/ln")]
+  assert lets and all(f["status"] == "discarded" for f in lets)
   entry = rep["layers"]["blocks_0/fc1"]
   assert entry["transform"] == "rtn_fallback" and "above RTN" in entry["reason"]
   np.testing.assert_array_equal(qp["blocks_0"]["fc1"]["kernel"],
