@@ -525,14 +525,18 @@ def _kl_levels(spec: QuantSpec) -> int:
   return int(math.ceil(v.size / 2))
 
 
-def _clip_most(div: jax.Array, clipped: jax.Array, h: jax.Array) -> jax.Array:
-  """``div``, or inf for a threshold that clips more than half the values.
+def _clip_most(div: jax.Array, clipped: jax.Array, h: jax.Array,
+               zero_bin: int) -> jax.Array:
+  """``div``, or inf for a threshold that clips more than half the values
+  outside the bin of zero.
 
   Such a threshold folds most of the mass into its edge bin; when that leaves
   one populated level, P and its merged Q are the same spike, KL is 0, and
   the argmin would pick a range below every value (N(5, 1) data: amax 1.1,
-  everything clipped)."""
-  return jnp.where(clipped > 0.5 * jnp.sum(h), jnp.inf, div)
+  everything clipped). Exact zeros (ReLU outputs, sparse activations) are
+  not counted as kept: with 80% zeros a threshold clipping nearly every
+  non-zero value kept "most" of the data."""
+  return jnp.where(clipped > 0.5 * (jnp.sum(h) - h[zero_bin]), jnp.inf, div)
 
 
 def _kl_div(p: jax.Array, q: jax.Array) -> jax.Array:
@@ -575,7 +579,7 @@ def _kl_finalize(n: int, start_bin: Optional[int], stride: int):
         tail = jnp.sum(jnp.where(inside, 0.0, h))
         p = jnp.where(inside, h, 0.0) + jnp.where(j == i - 1, tail, 0.0)
         qv = _fq(c, es, i * w / clip, None)
-        return _clip_most(_kl_div(p, _merge_by_grid(h, inside, qv)), tail, h)
+        return _clip_most(_kl_div(p, _merge_by_grid(h, inside, qv)), tail, h, 0)
     else:
       h = hist
       c = -r + (jnp.arange(2 * n, dtype=jnp.float32) + 0.5) * w
@@ -589,7 +593,8 @@ def _kl_finalize(n: int, start_bin: Optional[int], stride: int):
              + jnp.where(j == n + i - 1, right, 0.0))
         t = i * w
         qv = _fq(c, es, jnp.minimum(t, hi) / clip, jnp.maximum(-t, lo) / clip)
-        return _clip_most(_kl_div(p, _merge_by_grid(h, inside, qv)), left + right, h)
+        return _clip_most(_kl_div(p, _merge_by_grid(h, inside, qv)), left + right, h,
+                          n)
 
     divs = lax.map(kl, cand)
     t = cand[jnp.argmin(divs)] * w

@@ -322,6 +322,17 @@ def test_kl_never_clips_most_of_the_data(symmetric):
   assert float(jnp.sqrt(jnp.mean((y - x) ** 2))) < 0.05
 
 
+def test_kl_keeps_most_non_zero_values_of_sparse_data():
+  # 80% exact zeros (a ReLU's output): the zeros must not count as kept mass
+  # (KL clipped 93-98% of the non-zero values).
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal(8192).astype(np.float32)
+  x = jnp.asarray(np.where(rng.random(8192) < 0.8, 0.0, np.abs(x)))
+  r = cal.calibrate(lambda b: b, [x], lb.QuantSpec("int4", axis="tensor"), "kl")
+  nz = x[x > 0]
+  assert float(jnp.mean(nz > r["amax"])) <= 0.5
+
+
 def test_percentile_of_values_near_the_float32_maximum_is_finite():
   x = jnp.asarray(np.random.default_rng(0).uniform(-3e38, 3e38, 4096), jnp.float32)
   spec = lb.QuantSpec("int8", axis="tensor")
