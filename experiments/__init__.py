@@ -61,6 +61,10 @@ def define_config(default: str, help_: str = "the experiment's config"):
     return config_flags.DEFINE_config_file("config", default, help_)
   except (AttributeError, KeyError) as e:
     _field_error(e, default)
+  except TypeError:
+    if not any(a.startswith("--config.") for a in sys.argv[1:]):
+      raise   # the config file's own error, not a command-line path
+    _path_error(sys.argv)
   except (FileNotFoundError, ImportError, SyntaxError) as e:
     _fail(f"cannot load the config: {e}")
 
@@ -89,10 +93,21 @@ def _parse_flags(argv):
   """absl's flag parsing, with a --config.field typo as one line (exit 2)."""
   try:
     return app.parse_flags_with_usage(argv)
-  except (AttributeError, KeyError) as e:
+  except (AttributeError, KeyError, TypeError) as e:
+    # (TypeError: a dotted path through a field that holds no fields, e.g.
+    # --config.model.x=1 where model is a string.)
     if any(a.startswith("--config.") for a in argv[1:]):
+      if isinstance(e, TypeError):
+        _path_error(argv)
       _field_error(e, _DEFAULT_CONFIG[0])
     raise
+
+
+def _path_error(argv) -> None:
+  """Exits with one line for a dotted --config path through a plain value."""
+  given = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+  _fail(f"one of {given} goes through a config field that holds a value, not "
+        "fields; check the dotted path")
 
 
 def run(main) -> None:

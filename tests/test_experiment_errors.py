@@ -245,3 +245,13 @@ def test_format_report_keeps_a_documents_hand_written_sections(tmp_path):
   text = out.read_text()
   assert text.startswith("# Number formats") and "| a |" not in text
   assert text.endswith("\n## Notes\n\nkeep me\n")
+
+
+def test_a_dotted_path_through_a_plain_value_is_one_line():
+  for args in (["--config.model.bogus=1"],
+               ["--config=configs/sweep_llama.py", "--config.model.bogus=1"]):
+    r = _run("experiments.sweep", *args, module=True)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "error: one of ['--config.model.bogus'] goes through a config field that "
+        "holds a value, not fields; check the dotted path"], r.stderr
