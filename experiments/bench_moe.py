@@ -43,9 +43,9 @@ _SEQ = flags.DEFINE_integer("seq", 128, "tokens per sequence", lower_bound=1)
 _ITERS = flags.DEFINE_integer("iters", 10, "timed calls per measurement", lower_bound=1)
 _TAG = flags.DEFINE_string("tag", "", "output file stem (default moe_<device>)")
 _OUT_DIR = flags.DEFINE_string("out_dir", "benchmarks", "where results go")
-flags.register_validator("top_k", lambda k: k <= flags.FLAGS.n_experts if
-                         "n_experts" in flags.FLAGS else True,
-                         message="--top_k must be at most --n_experts")
+flags.register_multi_flags_validator(
+    ["top_k", "n_experts"], lambda f: f["top_k"] <= f["n_experts"],
+    message="--top_k must be at most --n_experts")
 
 
 def _median_seconds(jax, fn, *args) -> float:

@@ -120,9 +120,10 @@ def main(argv):
   from lowbit_jax.train import loop  # pylint: disable=g-import-not-at-top
 
   # Checked before any model is trained or loaded.
-  unknown = sorted(set(_SCHEMES.value or ()) - set(_schemes()))
+  all_schemes = _schemes()
+  unknown = sorted(set(_SCHEMES.value or ()) - set(all_schemes))
   if unknown:
-    raise app.UsageError(f"--schemes: unknown {unknown}; one of {sorted(_schemes())}")
+    raise app.UsageError(f"--schemes: unknown {unknown}; one of {sorted(all_schemes)}")
   if _MAX_TOKENS.value < 0:
     raise app.UsageError(f"--max_tokens must be >= 0 (0: the whole held-out split), "
                          f"got {_MAX_TOKENS.value}")
@@ -134,9 +135,9 @@ def main(argv):
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   # A window no longer than a scheme's float window never reaches its
   # quantized cache: that scheme would report the float perplexity.
-  chosen = _SCHEMES.value or list(_schemes())
-  short = [n for n in chosen if _schemes()[n][0] is not None
-           and _SEQ_LEN.value <= (_schemes()[n][1] or 0)]
+  chosen = _SCHEMES.value or list(all_schemes)
+  short = [n for n in chosen if all_schemes[n][0] is not None
+           and _SEQ_LEN.value <= (all_schemes[n][1] or 0)]
   if short:
     raise app.UsageError(f"--seq_len={_SEQ_LEN.value} is within the float window of "
                          f"{short}: their quantized cache would never be read; use "
@@ -144,7 +145,7 @@ def main(argv):
   model, params, run_cfg = _load(_WORKDIR.value)
   data = loop.load_data(model.config.vocab, run_cfg.get("cache_dir", "") or None)
   seq, b = _SEQ_LEN.value, _BATCH.value
-  schemes = _schemes()
+  schemes = all_schemes
   names = _SCHEMES.value or list(schemes)
   rows = []
   for name in names:

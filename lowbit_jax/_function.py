@@ -61,6 +61,8 @@ _PASS = frozenset({"optimization_barrier"})
 _CALLS = frozenset({"jit", "pjit", "closed_call", "core_call"})
 _CUSTOM = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"})
 _REMAT = frozenset({"remat2", "checkpoint", "remat"})
+# Higher-order primitives the interpreter follows (when a site is inside).
+_FOLLOWED = _CALLS | _CUSTOM | _REMAT | {"scan", "cond", "while"}
 _DOT_KINDS = ("dot_general", "einsum")
 _RAGGED = "ragged_dot_general"
 _RAGGED_KINDS = ("ragged_dot",) + _DOT_KINDS
@@ -333,7 +335,7 @@ class _Interpreter:
         for i, o in zip(rest, bound):
           outs[i] = o
       return outs, list(intags)
-    if name not in (_CALLS | _CUSTOM | _REMAT | {"scan", "cond", "while"}):
+    if name not in _FOLLOWED:
       self._check_unfollowed(eqn, intags)
     return _bind(eqn, invals), none
 

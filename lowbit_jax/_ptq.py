@@ -890,7 +890,7 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
           f"weight's layout (spec {spec}); the spec's blocks do not map onto the "
           "[K, N] matrix (a group_size must divide the last contraction axis)")
     new_leaves[path] = wq
-    if scale is not None and path not in inexact:
+    if scale is not None:
       scales[path] = scale
     if tscale is not None:
       tscales[path] = tscale

@@ -613,10 +613,7 @@ def save(directory: str, params: Any, *, force: bool = False,
   os.makedirs(os.path.dirname(directory), exist_ok=True)
   with _SaveLock(directory):
     _recover(directory)
-    if os.path.exists(directory):
-      if not force:
-        raise FileExistsError(f"{directory} exists; pass force=True to overwrite it")
-      _check_replaceable(directory)
+    check_save_target(directory, force=force)   # again, under the lock
     tmp = f"{_sibling(directory, 'tmp')}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     os.makedirs(tmp)
     try:
@@ -1082,5 +1079,6 @@ def disk_bytes(directory: str) -> int:
   return total
 
 
-__all__ = ["save", "restore", "check_save_target", "disk_bytes", "spec_to_json", "spec_from_json",
-           "CheckpointCorruptedError", "SaveInProgressError", "FormatMismatchError"]
+__all__ = ["save", "restore", "check_save_target", "disk_bytes", "spec_to_json",
+           "spec_from_json", "CheckpointCorruptedError", "SaveInProgressError",
+           "FormatMismatchError"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -590,8 +591,8 @@ def run_sweep_config(config, log=None) -> dict:
   if config.model == "llama" and "workdir" in kwargs:
     # Train (or find) the model first: its fingerprint joins every point's
     # id, so a workdir retrained since (other data, steps, code) reruns them.
-    models = {(p.get("variant", kwargs.get("variant", "smoke")),
-               int(p.get("train_steps", kwargs.get("train_steps", 0))))
+    dflt = {k: v.default for k, v in inspect.signature(llama_point).parameters.items()}
+    models = {tuple({**dflt, **kwargs, **p}[k] for k in ("variant", "train_steps"))
               for p in points}
     if len(models) > 1:
       raise ValueError(f"the sweep asks for {len(models)} models (variant, "

@@ -77,9 +77,9 @@ def perplexity(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any,
                      f"{tokens.shape}.")
   if not np.issubdtype(tokens.dtype, np.integer):
     raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}.")
-  if tokens.min() < 0 or tokens.max() > np.iinfo(np.int32).max:
-    raise ValueError(f"token ids must be in [0, vocab), got ids from {tokens.min()} "
-                     f"to {tokens.max()}.")
+  lo, hi = int(tokens.min()), int(tokens.max())
+  if lo < 0 or hi > np.iinfo(np.int32).max:
+    raise ValueError(f"token ids must be in [0, vocab), got ids from {lo} to {hi}.")
   if seq_len < 1 or batch < 1:
     raise ValueError(f"seq_len and batch must be >= 1, got {seq_len}, {batch}.")
   if num_bytes is not None and num_bytes < 1:
@@ -104,8 +104,8 @@ def perplexity(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any,
     if batch_sharding is not None:
       x, m = jax.device_put((x, m), batch_sharding)
     part, vocab = nll_sum(params, x, m)
-    if i == 0 and tokens.max() >= int(vocab):  # an embedding gather past its end
-      raise ValueError(f"token id {tokens.max()} is outside the model's vocabulary "
+    if i == 0 and hi >= int(vocab):  # an embedding gather past its end
+      raise ValueError(f"token id {hi} is outside the model's vocabulary "
                        f"of {int(vocab)} (its logits' last axis).")
     total += float(part)
   count = int(mask.sum())

@@ -418,8 +418,9 @@ def _check_unsupported(node, path: str, config: QuantConfig) -> None:
 
 
 def _module_paths(model) -> dict:
-  """``{id(module): [path, ...]}``: every path a module is reached at (a
-  shared module has several; the graph walk visits it at one)."""
+  """``{path: [every path of the module there]}``: a shared module is reached
+  at several paths, and the graph walk visits it at one (keyed by path: the
+  walk may rebuild the nodes)."""
   paths: dict = {}
 
   def visit(node, path, stack):
@@ -434,7 +435,7 @@ def _module_paths(model) -> dict:
       if not (isinstance(k, str) and k.startswith("_")):
         visit(v, path + (k,), stack | {id(node)})
   visit(model, (), frozenset())
-  return paths
+  return {p: ps for ps in paths.values() for p in ps}
 
 
 def _shared_rule(config: QuantConfig, node, p: str, rule, others, act: bool, kinds):
@@ -625,8 +626,7 @@ def quantize_nnx(model: nnx.Module, rules, mode: str = "fake", *, strict: bool =
         del w
     return node
 
-  # Every path of each module, by path (the walk may rebuild the nodes).
-  all_paths = {q: ps for ps in _module_paths(model).values() for q in ps}
+  all_paths = _module_paths(model)
   out = _walk(fn, model)
   config.check()
   if weight_scales is not None:
