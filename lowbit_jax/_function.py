@@ -68,8 +68,30 @@ _RAGGED = "ragged_dot_general"
 _RAGGED_KINDS = ("ragged_dot",) + _DOT_KINDS
 
 
-class _Tag(collections.namedtuple("_Tag", ["path", "prequantized"])):
-  """Marks a value that flows from the parameter leaf at ``path``."""
+class _Tag(collections.namedtuple("_Tag", ["path", "prequantized", "view"],
+                                  defaults=((),))):
+  """Marks a value that flows from the parameter leaf at ``path``.
+
+  ``view`` maps the leaf's axes to the value's: ``()`` the leaf as stored
+  (dtype casts and copies included), ``(1, 0)`` a 2-D transpose of it, None
+  any other view (a reshape, slice or broadcast). A site's ``SiteCall``
+  carries it (``weight_view``) so the PTQ capture records its input Hessian
+  in the stored weight's layout.
+  """
+
+
+def _view_after(view, eqn):
+  """A float parameter's ``_Tag.view`` after the view ``eqn`` of it."""
+  name = eqn.primitive.name
+  if view is None:
+    return None
+  if name == "transpose":
+    if tuple(eqn.params["permutation"]) == (1, 0):
+      return () if view else (1, 0)
+    return None
+  if name in _QVIEWS or name == "reduce_precision":
+    return view   # the same layout
+  return None
 
 
 class _QRef:
@@ -380,7 +402,7 @@ class _Interpreter:
             q, dtype=str(jnp.dtype(eqn.params["new_dtype"]))))], [tag]
       else:
         return [x], [tag]
-    return _bind(eqn, invals), [tag]
+    return _bind(eqn, invals), [tag._replace(view=_view_after(tag.view, eqn))]
 
   def _key(self, eqn, path: str) -> str:
     k = self._keys.get(id(eqn))
@@ -417,8 +439,9 @@ class _Interpreter:
       return self.stats_in.get(key)
     return None
 
-  def _call(self, site: Site, key: str) -> _rules.SiteCall:
-    """The SiteCall of a site: its entries of the dicts passed in, its key."""
+  def _call(self, site: Site, key: str, view=()) -> _rules.SiteCall:
+    """The SiteCall of a site: its entries of the dicts passed in, its key
+    (``view``: the weight's ``_Tag.view``)."""
     stats = self._stats(site, key)
     if stats is None and site.rule.learn_activation == "pact":
       stats = self.stats_in.get(key)  # a calibrated range starts the clip
@@ -434,7 +457,8 @@ class _Interpreter:
       idx = self._index.setdefault(key, len(self._index))
       rng = jax.random.fold_in(self.rng, idx)  # its own key per site
     call = _rules.SiteCall(scales=self.scales_in.get(key), state=self.state_in.get(key),
-                           key=rng, stats=stats, init=self.init, metrics=self.metrics)
+                           key=rng, stats=stats, init=self.init, metrics=self.metrics,
+                           weight_view=view)
     if site.collects_stats:
       def fold(x):
         self.stats_out[key] = _rules.observe(site, self.stats_out.get(key), x)
@@ -460,7 +484,7 @@ class _Interpreter:
     w = weight.q if isinstance(weight, _QRef) else weight
     act = _mat(lhs if side == "rhs" else rhs)
     lhs2, rhs2 = (act, w) if side == "rhs" else (w, act)
-    call = self._call(site, key)
+    call = self._call(site, key, tag.view)
     p = eqn.params
     out = _rules.site_dot_general(site, lhs2, rhs2, p["dimension_numbers"],
                                   p.get("precision"), p.get("preferred_element_type"),
@@ -477,7 +501,7 @@ class _Interpreter:
       return _bind(eqn, invals)
     w = rhs.q if isinstance(rhs, _QRef) else rhs
     act = _mat(lhs)
-    call = self._call(site, key)
+    call = self._call(site, key, intags[1].view)
     p = eqn.params
     out = _rules.site_conv(site, act, w, p["window_strides"], p["padding"],
                            p["lhs_dilation"], p["rhs_dilation"],
@@ -503,7 +527,7 @@ class _Interpreter:
                        f"({why}); exclude the weight with a float rule")
     w = rhs.q if isinstance(rhs, _QRef) else rhs
     act = _mat(lhs)
-    call = self._call(site, key)
+    call = self._call(site, key, intags[1].view)
     out = _rules.site_ragged_dot(site, act, w, group_sizes, p.get("precision"),
                                  p.get("preferred_element_type"), call=call)
     self._finish(key, call)

@@ -7,7 +7,11 @@ parameter operand: the same sites and paths fake and real mode quantize),
 accumulates the input Hessian ``H = sum x x^T`` over the op's contraction
 features (float32, rows optionally weighted by a token mask) and the number of
 rows. A conv's rows are its im2col patches, features in the kernel's own
-layout order (the output-feature axis left out).
+layout order (the output-feature axis left out). A 2-D weight the op reads
+transposed (``x @ w.T``: PyTorch-style ``[out, in]`` weights, a tied head's
+``Embed.attend``) is captured in its stored layout (``SiteCall.weight_view``);
+one read through a reshape, slice or broadcast is not captured, and is listed
+in ``Capture.skipped`` with the reason.
 
 ``ptq_params`` then runs an algorithm per site as a pure function of
 (weight, statistics, spec) -- GPTQ (Frantar et al. 2023, "GPTQ: Accurate
@@ -294,6 +298,17 @@ class _Recorder:
           "version of the model with the loop unrolled (a Python loop) and without "
           "an inner jit")
     shape = _rules.logical_shape(w)
+    view = params.get("weight_view", ())
+    if view != ():
+      if view != (1, 0) or op != "dot_general" or len(params["dimension_numbers"][0][1]) != 1:
+        self.skipped[path] = (
+            "the weight reaches this op through a reshape, slice or broadcast of "
+            "the stored parameter, whose layout its input Hessian does not map "
+            "onto: not captured (fake and real mode still round it per call). "
+            "Store the parameter in the shape the op reads (reshape it once, "
+            "outside the model) for GPTQ, AWQ or SmoothQuant on it")
+        return
+      shape = shape[::-1]   # the stored layout: the op reads its transpose
     if op == "ragged_dot":
       self._experts(site, x, params["group_sizes"], tuple(shape))
       return
@@ -305,6 +320,8 @@ class _Recorder:
         return
       pairs = sorted(zip(lc, rc), key=lambda p: p[1])
       lcs, contract = tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+      if view == (1, 0):   # x @ w.T: the op's contraction axis is the stored one's other
+        contract = (1 - contract[0],)
       nd = x.ndim
       free = tuple(i for i in range(nd) if i not in lcs)
       rows_shape = tuple(x.shape[i] for i in free)

@@ -1214,14 +1214,20 @@ class SiteCall:
     metrics: record the fraction of weight and activation values clipped.
     observe: (calibrating a static rule) called with the activation as the
       op would quantize it (rotated, summed), to fold into the statistics.
+    weight_view: how the weight operand is laid out against the stored
+      parameter: ``()`` as stored, ``(1, 0)`` a 2-D transpose of it (``x @
+      w.T``, ``Embed.attend``), None another view (a reshape, slice or
+      broadcast). The PTQ capture reads it to record the input Hessian in the
+      stored weight's layout.
     new_scales, new_state: what the call created (``init``).
     recorded: ``{name: scalar}`` clipped fractions (``metrics``), e.g.
       ``{"weight_clipped": ..., "act_clipped": ...}``.
   """
 
   def __init__(self, *, scales=None, state=None, key=None, stats=None,
-               init: bool = False, metrics: bool = False):
+               init: bool = False, metrics: bool = False, weight_view=()):
     self.scales = dict(scales or {})
+    self.weight_view = weight_view
     self.state = dict(state or {})
     self.key = key
     self.stats = stats
@@ -1665,7 +1671,8 @@ def site_dot_general(site: Site, lhs, rhs, dimension_numbers, precision=None,
     rec = input_recorder()
     if rec is not None and not site.is_act:
       rec(site, "dot_general", _float(lhs), rhs, {"dimension_numbers": (
-          (tuple(lc), tuple(rc)), (tuple(lb), tuple(rb)))})
+          (tuple(lc), tuple(rc)), (tuple(lb), tuple(rb))),
+          "weight_view": call.weight_view})
     return lax.dot_general(_float(lhs), _float(rhs).astype(_float(lhs).dtype),
                            dimension_numbers, precision, preferred_element_type)
   # Contraction pairs in weight-axis order: the result does not depend on it,
@@ -1788,7 +1795,8 @@ def site_ragged_dot(site: Site, lhs, rhs, group_sizes, precision=None,
       call.observe(x)
     rec = input_recorder()
     if rec is not None:
-      rec(site, "ragged_dot", x, rhs, {"group_sizes": group_sizes})
+      rec(site, "ragged_dot", x, rhs, {"group_sizes": group_sizes,
+                                       "weight_view": call.weight_view})
     return lax.ragged_dot(x, _float(rhs).astype(x.dtype), group_sizes,
                           precision=precision,
                           preferred_element_type=preferred_element_type)
@@ -1832,7 +1840,7 @@ def site_conv(site: Site, lhs, rhs, window_strides, padding, lhs_dilation=None,
           "lhs_dilation": lhs_dilation, "rhs_dilation": rhs_dilation,
           "dimension_numbers": dimension_numbers,
           "feature_group_count": feature_group_count,
-          "batch_group_count": batch_group_count})
+          "batch_group_count": batch_group_count, "weight_view": call.weight_view})
     return lax.conv_general_dilated(x, _float(rhs).astype(x.dtype), window_strides,
                                     padding, lhs_dilation, rhs_dilation,
                                     dimension_numbers, feature_group_count,

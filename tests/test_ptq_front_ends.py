@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import flax.linen as nn
 from flax import nnx
 
 import lowbit_jax as lb
@@ -246,7 +247,6 @@ def test_nvfp4_ptq_stores_exactly(method):
 
 def test_nvfp4_gptq_stores_exactly_on_linen_and_nnx():
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   from lowbit_jax.flax import quantize_linen, quantize_nnx  # pylint: disable=g-import-not-at-top
   x = jax.random.normal(jax.random.key(0), (256, 128))
   w = (jax.random.normal(jax.random.key(7), (128, 64))
@@ -302,7 +302,6 @@ def test_gptq_on_padded_groups_stores_exactly():
                                 np.asarray(res.params["l"]["kernel"]))
   # apply_ptq's Linen path spreads the ranges the same way.
   from lowbit_jax.flax import apply_ptq  # pylint: disable=g-import-not-at-top
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
 
   class One(nn.Module):
     @nn.compact
@@ -346,3 +345,50 @@ def test_asymmetric_gptq_stores_exactly_with_its_zero_points():
   assert res.report["layers"]["e"]["real_mode_exact"] is False
   with pytest.raises(ValueError, match=r"cannot store these weights.*\['e'\]"):
     lb.real_mode_kwargs(res, "function")
+
+
+def _transposed_problem():
+  k = jax.random.split(jax.random.key(3), 4)
+  x = jax.random.normal(k[0], (4, 16, 32)) * jnp.exp(jax.random.normal(k[1], (32,)))
+  return x, jax.random.normal(k[2], (32, 32)) / 6   # square: [in, out]
+
+
+def test_gptq_on_a_weight_read_transposed_equals_gptq_on_its_transpose():
+  # PyTorch-style [out, in] weights (x @ w.T) and tied heads (Embed.attend):
+  # the Hessian is over the stored weight's columns. A square weight used to
+  # take GPTQ along its rows, silently.
+  x, w_in_out = _transposed_problem()
+  spec = lb.QuantSpec("int4", group_size=16)
+  rules = [QuantRule(".*", weight=spec)]
+  ref = lb.ptq_params(lambda p, a: a @ p["w"], {"w": w_in_out}, [x], rules)
+  fn_t = lambda p, a: a @ p["w"].T
+  got = lb.ptq_params(fn_t, {"w": w_in_out.T}, [x], rules)
+  np.testing.assert_array_equal(got.params["w"], ref.params["w"].T)
+  assert got.report["layers"]["w"]["error"] == pytest.approx(
+      ref.report["layers"]["w"]["error"], rel=1e-6)
+  qr = lb.quantize_function(fn_t, rules, mode="real")
+  qp = qr.quantize_params(got.params, x, **lb.real_mode_kwargs(got, "function"))
+  np.testing.assert_array_equal(qr(qp, x), fn_t(got.params, x))   # GPTQ's codes
+
+  class Tied(nn.Module):   # only the head reads the table: it is stored quantized
+    @nn.compact
+    def __call__(self, a):
+      return nn.Embed(32, 32, name="emb").attend(a)
+
+  lin = lb.ptq_params(Tied(), {"emb": {"embedding": w_in_out.T}}, [x], rules)
+  np.testing.assert_array_equal(lin.params["emb"]["embedding"], ref.params["w"].T)
+
+
+def test_a_reshaped_weight_is_skipped_with_the_reason():
+  x, w = _transposed_problem()
+
+  def fn(p, a):   # heads by a reshape of the stored [32, 32] weight, then a Dense
+    h = jnp.einsum("btd,dhk->bthk", a, p["w"].reshape(32, 2, 16))
+    return h.sum(-1) @ p["v"]
+
+  rules = [QuantRule("w", weight=lb.QuantSpec("int4", group_size=16)),
+           QuantRule("v", weight="int8")]
+  res = lb.ptq_params(fn, {"w": w, "v": w[:2]}, [x], rules)
+  assert "reshape" in res.report["skipped"]["w"]
+  assert list(res.report["layers"]) == ["v"]
+  np.testing.assert_array_equal(res.params["w"], w)   # left float: rounded per call

@@ -396,9 +396,13 @@ class QArray:
 
   def __repr__(self) -> str:
     order = "" if self.code_order == "natural" else f", code_order={self.code_order}"
+    def leaf(a):   # (a tree.map may have put anything in a data field)
+      if hasattr(a, "dtype") and hasattr(a, "shape"):
+        return f"{a.dtype}{list(a.shape)}"
+      return repr(a)
     return (f"QArray(shape={self.shape}, dtype={self.dtype}, format="
-            f"{self.spec.format.name}, codes={self.codes.dtype}{list(self.codes.shape)}"
-            f", scale={self.scale.dtype}{list(self.scale.shape)}{order})")
+            f"{self.spec.format.name}, codes={leaf(self.codes)}"
+            f", scale={leaf(self.scale)}{order})")
 
 
 jax.tree_util.register_dataclass(

@@ -510,7 +510,9 @@ class _SiteOp:
       mod.sow(METRICS, n, v)
 
   def dot_general(self, lhs, rhs, dimension_numbers, precision=None,
-                  preferred_element_type=None, **kw):
+                  preferred_element_type=None, *, weight_view=(), **kw):
+    """The layer's ``dot_general`` (``weight_view``: ``SiteCall.weight_view``,
+    ``(1, 0)`` for ``Embed.attend``'s transposed table)."""
     self.calls += 1
     if kw.get("out_sharding") is not None:
       raise ValueError("quantized layers do not take out_sharding; shard the output "
@@ -526,6 +528,7 @@ class _SiteOp:
       return jax.lax.dot_general(lhs, _rules.logical_value(rhs), dimension_numbers,
                                  precision, preferred_element_type)
     call = self._call()
+    call.weight_view = weight_view
     y = _rules.site_dot_general(self.site, lhs, rhs, dimension_numbers, precision,
                                 preferred_element_type, call=call)
     self._finish(call)
@@ -978,7 +981,7 @@ class LinenQuantizer:
       # The table is also gathered by __call__: it stays in float.
       return jnp.dot(query, _rules.logical_value(_unwrap(embedding)).T)
     return op.dot_general(query, embedding.T,
-                          (((query.ndim - 1,), (0,)), ((), ())))
+                          (((query.ndim - 1,), (0,)), ((), ())), weight_view=(1, 0))
 
 
 def _plain(tree):

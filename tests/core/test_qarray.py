@@ -192,3 +192,10 @@ def test_dequantize_keeps_dtype_and_shape():
   assert q.size == 384
   y = jax.jit(lb.dequantize)(q)
   assert y.dtype == jnp.bfloat16 and y.shape == x.shape
+
+
+def test_repr_survives_a_tree_map_over_the_data_fields():
+  q = lb.quantize(jnp.ones((4, 8)), lb.QuantSpec("int8", axis=1))
+  assert "codes=int8[4, 8]" in repr(q)
+  shapes = jax.tree.map(lambda a: a.shape, q)   # what users print to inspect
+  assert "codes=(4, 8)" in repr(shapes)
