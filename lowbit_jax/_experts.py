@@ -20,8 +20,9 @@ import numpy as np
 
 from lowbit_jax.algorithms.awq import awq_clip_search
 from lowbit_jax.algorithms.gptq import block_ranges, gptq
-from lowbit_jax.algorithms.rtn import rtn
+from lowbit_jax.algorithms.rtn import kernel_spec, rtn
 from lowbit_jax.core import fake_quant, scaling
+from lowbit_jax.core._qarray import block_shape
 from lowbit_jax.core._spec import QuantSpec
 
 _HI = jax.lax.Precision.HIGHEST
@@ -85,17 +86,20 @@ def quantize_experts(w: jax.Array, grams: jax.Array, counts, spec: QuantSpec,
     blocksize, percdamp, act_order: GPTQ's options.
 
   Returns:
-    ``(w_q [G, K, N] float32, amax [G, K, N], fallback, tensor_amax)``: the
-    fake-quantized stack, the range each element's block was rounded with
+    ``(w_q [G, K, N] float32, amax [G, K, N], fallback, tensor_amax, amin)``:
+    the fake-quantized stack, the range each element's block was rounded with
     (GPTQ's, or the weight's own magnitude for RTN; ``rtn_scales(amax,
     expert_spec(spec), tensor_amax)`` gives the stack's scale grid), the
     experts GPTQ rounded to nearest because no calibration row reached them,
-    and a two-level (NVFP4) spec's tensor range (the stack's, which every
-    expert is rounded under, as real mode stores the stack as one tensor),
+    a two-level (NVFP4) spec's tensor range (the stack's, which every expert
+    is rounded under, as real mode stores the stack as one tensor), else
+    None, and for an asymmetric spec the block minimum each element's block
+    was rounded with (``amax`` then holds the block maximum: GPTQ's ranges,
+    or an RTN expert's own; the pair gives the stack's scale and zero point),
     else None.
   """
   counts = [float(c) for c in np.asarray(counts)]
-  outs, amaxs, fallback = [], [], []
+  outs, amaxs, amins, fallback = [], [], [], []
   t_amax = None
   if spec.tensor_scale:
     # Over finite values, as quantize takes a tensor's range (any positive
@@ -109,13 +113,33 @@ def quantize_experts(w: jax.Array, grams: jax.Array, counts, spec: QuantSpec,
                  act_order=act_order, tensor_amax=t_amax)
       outs.append(res.weight)
       amaxs.append(block_ranges(res.amax, we.shape, spec))
+      if not spec.symmetric:
+        amins.append(block_ranges(res.amin, we.shape, spec))
     else:
       if method == "gptq":
         fallback.append(e)
       outs.append(rtn(we, spec) if t_amax is None
                   else fake_quant(we, spec, tensor_amax=t_amax))
-      amaxs.append(jnp.abs(we))
-  return jnp.stack(outs), jnp.stack(amaxs), fallback, t_amax
+      if spec.symmetric:
+        amaxs.append(jnp.abs(we))
+      else:
+        hi, lo = _block_extremes(we, spec)
+        amaxs.append(hi)
+        amins.append(lo)
+  return (jnp.stack(outs), jnp.stack(amaxs), fallback, t_amax,
+          jnp.stack(amins) if amins else None)
+
+
+def _block_extremes(w: jax.Array, spec: QuantSpec) -> tuple:
+  """The maximum and minimum of each block of a ``[K, N]`` kernel, spread over
+  it (an asymmetric spec's RTN ranges, as ``block_ranges`` spreads GPTQ's)."""
+  w = w.astype(jnp.float32)
+  bs = block_shape(kernel_spec(spec), w.shape)
+  pads = [(0, -d % b) for d, b in zip(w.shape, bs)]
+  split = [n for d, b in zip(w.shape, bs) for n in (-(-d // b), b)]
+  hi = jnp.pad(w, pads, constant_values=-np.inf).reshape(split).max(axis=(1, 3))
+  lo = jnp.pad(w, pads, constant_values=np.inf).reshape(split).min(axis=(1, 3))
+  return block_ranges(hi, w.shape, spec), block_ranges(lo, w.shape, spec)
 
 
 def clip_experts(w: jax.Array, x, groups, spec: QuantSpec) -> tuple:

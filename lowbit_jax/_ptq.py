@@ -185,19 +185,12 @@ class PTQResult(NamedTuple):
       rotated model with (``report["rotation"].rules(rules)``: the online
       Hadamard rules, then the given rules); None for the other methods (run
       with the given rules).
-    real_mode_inexact: paths whose returned kernels real mode cannot store
-      exactly: asymmetric GPTQ on expert stacks, whose blocks need not reach
-      the ranges they were rounded with (their zero points are not carried,
-      so real mode would re-derive other ranges). Their report entry has
-      ``"real_mode_exact": False`` and ``real_mode_kwargs`` refuses the
-      result; fake mode runs them as returned.
   """
   params: Any
   weight_scales: dict
   report: dict
   rules: Optional[tuple] = None
   weight_tensor_scales: Mapping[str, jax.Array] = types.MappingProxyType({})
-  real_mode_inexact: tuple = ()
 
 
 def _split_batch(batch: Any) -> tuple:
@@ -592,13 +585,14 @@ def _expert_site(w, hessian, count, *, method, meta, spec, path, opts):
     return _finish_experts(w, None, None, hessian, count, meta=meta, spec=spec)
   blocksize, percdamp, act_order = opts
   try:
-    wq, amax, _, t_amax = _experts.quantize_experts(
+    wq, amax, _, t_amax, amin = _experts.quantize_experts(
         w, hessian, count, _matrix_spec(spec, path), method, blocksize=blocksize,
         percdamp=percdamp, act_order=act_order)
   except ValueError as e:
     msg = str(e)
     raise ValueError(msg if msg.startswith(f"{path}: ") else f"{path}: {msg}") from e
-  return _finish_experts(w, wq, amax, hessian, count, t_amax, meta=meta, spec=spec)
+  return _finish_experts(w, wq, amax, hessian, count, t_amax, amin, meta=meta,
+                         spec=spec)
 
 
 def _scales_exact(wq, spec: QuantSpec, scale, tscale, rounded: bool = False):
@@ -616,11 +610,14 @@ def _scales_exact(wq, spec: QuantSpec, scale, tscale, rounded: bool = False):
 
 
 @functools.partial(jax.jit, static_argnames=("meta", "spec"))
-def _finish_experts(w, wq, amax, hessian, count, t_amax=None, *, meta, spec):
+def _finish_experts(w, wq, amax, hessian, count, t_amax=None, amin=None, *, meta,
+                    spec):
   """``_finish`` of an expert stack ``[E, K, N]`` (jitted); per-expert errors.
 
   The stack is one tensor to the spec: a two-level format's experts share
-  one tensor scale (``t_amax``: the stack's range GPTQ rounded under).
+  one tensor scale (``t_amax``: the stack's range GPTQ rounded under); an
+  asymmetric spec's scale and zero point come from each block's range
+  (``amax``/``amin``: GPTQ's, or an RTN-fallback expert's own) as a pair.
   """
   plan = _plan(SiteStats(hessian, count, *meta), spec)
   rtn_w = fake_quant(w, plan.spec)
@@ -633,6 +630,8 @@ def _finish_experts(w, wq, amax, hessian, count, t_amax=None, *, meta, spec):
     wq = wq.astype(w.dtype)
     if plan.spec.symmetric:
       scale, tscale = rtn_scales(amax, plan.spec, t_amax)
+    elif amin is not None:
+      scale = asym_pair(wq, amax, amin, plan.spec)
   exact = _scales_exact(wq, plan.spec, scale, tscale, rounded=amax is not None)
   rows = jnp.maximum(count, 1.0)
   err = jax.vmap(hessian_error)(hessian, w, wq) / rows
@@ -886,7 +885,6 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
       model, params, calib_batches, rules, token_mask=token_mask)
   tree = _param_tree(model, params, front)
   new_leaves, scales, tscales, layers = {}, {}, {}, {}
-  inexact: list = []
   skipped = dict(cap.skipped)
   opts = (blocksize, float(percdamp), bool(act_order))
   for path, st in cap.stats.items():
@@ -896,12 +894,7 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
     wq, scale, tscale, exact, err, rerr = _site(
         w, st.hessian, st.count, method=method, meta=tuple(st[2:]), spec=spec,
         path=path, opts=opts)
-    if not bool(exact) and scale is None:
-      # Asymmetric GPTQ whose (scale, zero point) pair is not carried
-      # (expert stacks): real mode would re-derive other ranges, so
-      # real_mode_kwargs refuses it.
-      inexact.append(path)
-    elif not bool(exact):
+    if not bool(exact):
       raise ValueError(
           f"{path}: the scales {method} chose do not reproduce its codes in the "
           f"weight's layout (spec {spec}); the spec's blocks do not map onto the "
@@ -921,10 +914,8 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
                     "seconds": time.perf_counter() - t_site}
   report = {"method": method, "layers": layers, "skipped": skipped,
             "seconds": time.perf_counter() - t0}
-  for p in inexact:
-    layers[p]["real_mode_exact"] = False
   return PTQResult(_write_back(model, params, front, new_leaves), scales, report,
-                   weight_tensor_scales=tscales, real_mode_inexact=tuple(inexact))
+                   weight_tensor_scales=tscales)
 
 
 # ptq_params' per-method options: (default, the methods that read it). GPTQ's
@@ -1100,15 +1091,6 @@ def real_mode_kwargs(result: PTQResult, front: str) -> dict:
     two-level spec's ``weight_tensor_scale``) or ``{"weight_scales": ...,
     "weight_tensor_scales": ...}``.
   """
-  if result.real_mode_inexact:
-    bad = list(result.real_mode_inexact)
-    raise ValueError(
-        f"real mode cannot store these weights as the PTQ result returned them: "
-        f"{bad[:5]}{' and more' if len(bad) > 5 else ''} (asymmetric GPTQ on "
-        "expert stacks: their blocks need not reach the ranges they were rounded "
-        "with, and their zero points are not carried into real mode). Use a "
-        "symmetric spec, or RTN, for real mode; fake mode runs the returned "
-        "kernels as they are")
   tensor = dict(result.weight_tensor_scales)
 
   def entry(p, s):

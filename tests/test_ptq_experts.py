@@ -212,6 +212,31 @@ def test_linen_equals_apply_ptq_and_real_equals_fake(setup):
                              jax.jit(model.apply)(res.params, x), rtol=1e-5, atol=1e-5)
 
 
+def test_asymmetric_gptq_experts_store_exactly_with_their_zero_points(setup):
+  # Each GPTQ expert's block ranges (and the starved expert's own, rounded to
+  # nearest) become the stack's (scale, zero point) pair; re-deriving the
+  # ranges from the rounded experts changes codes (checked: the test can fail).
+  model, params, batches, _ = setup
+  spec = lb.QuantSpec("int4", symmetric=False, group_size=16)
+  rules = [QuantRule("(up|down)", weight=spec)]
+  x = _batch(9)
+  res = lb.ptq_params(moe_fn, params, batches, rules)
+  up = res.params["up"]["kernel"]
+  assert not np.array_equal(lb.fake_quant(up, spec.replace(axis=1)), up)
+  qr = lb.quantize_function(moe_fn, rules, mode="real")
+  rp = qr.quantize_params(res.params, x, **lb.real_mode_kwargs(res, "function"))
+  for p in ("up/kernel", "down/kernel"):
+    assert isinstance(res.weight_scales[p], tuple)
+    np.testing.assert_array_equal(_leaves(rp)[p].logical(), _leaves(res.params)[p])
+  # apply_ptq's own path (here AWQ's scales, then GPTQ per expert) carries them too.
+  qp, rep = apply_ptq(model, params, batches, "awq", spec, layers="(up|down)",
+                      quantizer="gptq", awq_clip=False)
+  ql = quantize_linen(rules, mode="real")
+  rv = ql.quantize_params(model, {"params": qp, "quant_scales": rep["quant_scales"]}, x)
+  for p in ("up/kernel", "down/kernel"):
+    np.testing.assert_array_equal(_leaves(rv["params"])[p].logical(), _leaves(qp)[p])
+
+
 def test_scaling_methods_round_experts_without_a_producer_unscaled(setup):
   from lowbit_jax._ptq_scaling import EXPERT_REASON
   _, params, batches, _ = setup

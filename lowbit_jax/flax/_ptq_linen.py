@@ -804,7 +804,9 @@ def _quantize_experts(w: jax.Array, st: ExpertStats, spec: Optional[QuantSpec],
   None: ``w``).
 
   Returns:
-    ``(new kernel, report entry, scale grid over [G, K, N] or None)``.
+    ``(new kernel, report entry, (scale grid over [G, K, N], tensor scale) or
+    None)``; an asymmetric GPTQ stack's grid is its ``(scale, zero point)``
+    pair.
   """
   g = w.shape[0]
   counts = [int(c) for c in np.asarray(st.count)]
@@ -814,15 +816,17 @@ def _quantize_experts(w: jax.Array, st: ExpertStats, spec: Optional[QuantSpec],
   if spec is None:
     entry.update(weight_sqnr_db=float("inf"), seconds=time.perf_counter() - t0)
     return w, entry, None
-  w_q, amaxs, entry["rtn_fallback"], t_amax = quantize_experts(
+  w_q, amaxs, entry["rtn_fallback"], t_amax, amins = quantize_experts(
       w, st.gram, st.count, spec, quant, blocksize=blocksize, percdamp=percdamp,
       act_order=act_order)
-  w_q = w_q.astype(w.dtype)
   scale = None
   if spec.symmetric and spec.tile is None:
     # The range each block was rounded with (GPTQ's, or the weight's own),
     # under the stack's tensor range for a two-level spec.
     scale = rtn_scales(amaxs, expert_spec(spec), t_amax)
+  elif spec.tile is None and quant == "gptq":   # asymmetric: the ranges' pair
+    scale = (ptq_lib.asym_pair(w_q, amaxs, amins, expert_spec(spec)), None)
+  w_q = w_q.astype(w.dtype)
   w = w if ref is None else ref
   entry["weight_sqnr_db"] = sqnr_db(w, w_q)
   if st.sample.shape[0]:

@@ -356,10 +356,7 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
     equal the PTQ result exactly: re-deriving a scale from a GPTQ kernel's
     amax changes some codes, since a group's final values need not reach the
     range it was rounded with; an asymmetric GPTQ kernel's entry is a
-    ``(scale, zero point)`` pair), ``real_mode_inexact`` (on the shared path:
-    expert layers whose asymmetric GPTQ kernels real mode cannot store
-    exactly, for their zero points are not carried; fake mode runs them as
-    returned); for
+    ``(scale, zero point)`` pair); for
     "quarot" and "spinquant" also
     ``rotation`` (the ``RotatedModel``: run inference with
     ``rotation.rules(rules)``); for "spinquant" ``spinquant`` (the learning
@@ -519,11 +516,7 @@ def _shared_ptq(model: nn.Module, params: dict, batches: list, method: str,
       _layer(p): _layer_entry(st, specs[p], res.report["layers"].get(p, {}),
                               _node(params, p), _node(new, p), cap.inputs.get(p), aspec)
       for p, st in cap.stats.items()}
-  # Asymmetric GPTQ kernels real mode cannot store exactly are named in the
-  # report (the scales of the others are still given).
-  report["real_mode_inexact"] = [_layer(p) for p in res.real_mode_inexact]
-  report["quant_scales"] = _ptq.real_mode_kwargs(
-      res._replace(real_mode_inexact=()), "linen")["quant_scales"]
+  report["quant_scales"] = _ptq.real_mode_kwargs(res, "linen")["quant_scales"]
   return new, report
 
 
