@@ -239,6 +239,8 @@ class _Recorder:
     self.sites: dict = {}
     self.skipped: dict = {}
     self.meta: dict = {}
+    self.row_shapes: set = set()   # the leading shapes a mask could have matched
+    self.masked = False            # whether the mask matched one
     self.begin(None, None)
 
   def begin(self, mask, trace, key=None, keep: int = 0) -> None:
@@ -346,8 +348,10 @@ class _Recorder:
       st_extra = (contract, out_axis, in_axis)
     xm = xm.astype(jnp.float32)
     wts = None
+    self.row_shapes.add(tuple(rows_shape))
     if self.mask is not None and tuple(self.mask.shape) == tuple(rows_shape):
       wts = jnp.asarray(self.mask, jnp.float32).reshape(-1)
+      self.masked = True
     if wts is None:
       h = jnp.matmul(xm.T, xm, precision=_HI)
       n = jnp.float32(xm.shape[0])
@@ -474,6 +478,12 @@ def capture_hessians(model, params, calib_batches: Sequence[Any], rules, *,
         f"matched no dot_general, einsum or conv with a parameter operand{why}. "
         "Rules match parameter paths such as 'layers_0/mlp/up/kernel' or their "
         "layer path ('layers_0/mlp/up'); give a rule a weight spec")
+  if token_mask is not None and not rec.masked and rec.row_shapes:
+    raise ValueError(
+        f"token_mask returned a mask of shape {tuple(mask.shape)}, which matches the "
+        f"rows of no captured site (their leading shapes: {sorted(rec.row_shapes)}): "
+        "it would weight nothing. Return a mask of the activations' leading "
+        "(non-contraction) shape, e.g. [batch, seq] for [batch, seq, features] inputs")
   bad = [p for p, (h, _) in total.items() if not bool(jnp.all(jnp.isfinite(h)))]
   if bad:
     raise ValueError(
@@ -792,7 +802,10 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
     token_mask: optional ``batch -> mask`` (see ``capture_hessians``).
     blocksize, percdamp, act_order: GPTQ's options.
     capture: a ``Capture`` from an earlier ``capture_hessians`` to reuse
-      (gptq/rtn only).
+      (gptq/rtn only; ``calib_batches`` and ``token_mask`` are then unused):
+      its sites are rounded with the specs ``rules`` give them (e.g.
+      ``mixed_precision_rules``' choice), the sites the rules leave float
+      stay float.
     alpha: SmoothQuant's migration strength.
     n_grid: AWQ's grid size over its exponent.
     max_samples: input rows retained per site for AWQ's searches.
@@ -881,8 +894,13 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
           rotation_block_size=rotation_block_size)
     return PTQResult(_write_back(model, params, front, changed), scales, report,
                      weight_tensor_scales=tscales)
-  cap = capture if capture is not None else capture_hessians(
-      model, params, calib_batches, rules, token_mask=token_mask)
+  if capture is not None:
+    if token_mask is not None:
+      raise ValueError("token_mask applies while capturing: pass it to "
+                       "capture_hessians, not with capture=")
+    cap = _respec(capture, rules)
+  else:
+    cap = capture_hessians(model, params, calib_batches, rules, token_mask=token_mask)
   tree = _param_tree(model, params, front)
   new_leaves, scales, tscales, layers = {}, {}, {}, {}
   skipped = dict(cap.skipped)
@@ -976,6 +994,36 @@ def _check_rotation_options(method: str, quantizer: str, online, heads, spinquan
   if capture is not None:
     raise ValueError(f"capture= is for gptq/rtn; {method} captures the rotated "
                      "model itself")
+
+
+# The op kinds of a captured site's rules (as the function front end matches
+# them: the widest of the front ends).
+_SITE_KINDS = {"ragged_dot": ("ragged_dot", "dot_general", "einsum"), "conv": ("conv",)}
+
+
+def _respec(cap: Capture, rules) -> Capture:
+  """The captured sites under ``rules``: each with the weight spec of the first
+  rule matching its parameter path or layer path, those the rules leave float
+  (or match no rule) dropped, as a capture under ``rules`` would have them.
+  Rules with weight specs that match none of them raise (rules without any
+  leave every site float)."""
+  config = (rules if isinstance(rules, _rules.QuantConfig)
+            else _rules.QuantConfig(_rules.as_rules(rules)))
+  sites = {}
+  for p, site in cap.sites.items():
+    i = config.find(_rules.candidates(p),
+                    _SITE_KINDS.get(site.op, ("dot_general", "einsum")))
+    if i is not None and config.rules[i].weight is not None:
+      sites[p] = dataclasses.replace(site, rule=config.rules[i])
+  if not sites and any(r.weight is not None for r in config.rules):   # a typo
+    raise ValueError(
+        f"the rules quantize none of the captured weights ({list(cap.sites)[:5]}"
+        f"{' ...' if len(cap.sites) > 5 else ''}); give a rule with a weight spec "
+        "that matches them, or capture with the rules you round with")
+  return cap._replace(stats={p: cap.stats[p] for p in sites}, sites=sites,
+                      skipped={p: why for p, why in cap.skipped.items()
+                               if config.find(_rules.candidates(p), _rules.OPS)
+                               is not None})
 
 
 def _expert_entry(path: str, st: SiteStats, err, rerr, method: str,

@@ -178,7 +178,9 @@ def _finish(w, logits, sr, hessian, count, x, *, meta, spec, kspec, aspec, rtn):
   xs = x / sr[None, :]
   xa = xs if aspec is None else fake_quant(xs, aspec)
   xr = x if aspec is None else fake_quant(x, aspec)
-  obj = jnp.mean(jnp.sum((jnp.matmul(xa, qm, precision=_HI) - y) ** 2, axis=1))
+  # (Of the kernel returned, in its dtype: a bf16 one is qm rounded again.)
+  q_w = st.as_matrix(wq).astype(jnp.float32)
+  obj = jnp.mean(jnp.sum((jnp.matmul(xa, q_w, precision=_HI) - y) ** 2, axis=1))
   obj_rtn = jnp.mean(jnp.sum((jnp.matmul(xr, rtn_m, precision=_HI) - y) ** 2, axis=1))
   return (wq, scale, exact, hessian_error(hessian, ref, q_ref) / rows,
           hessian_error(hessian, ref, rtn_m) / rows, obj, obj_rtn, clip)

@@ -141,6 +141,13 @@ def test_clear_errors(setup):
                  weight_scales={"layers_0/q/kernel": jnp.ones((2, 2, 16))})
   with pytest.raises(ValueError, match="NNX model holds its parameters"):
     lb.capture_hessians(nm, v["params"], batches, RULES)
+  # A mask that fits no site's rows would weight nothing (it was dropped).
+  bad_mask = lambda b: _mask(b)[..., None]   # noqa: E731  [B, T, 1]
+  with pytest.raises(ValueError, match=r"shape \(2, 8, 1\), which matches the rows of "
+                     "no captured site"):
+    lb.capture_hessians(toy.toy_apply, v["params"], batches, RULES, token_mask=bad_mask)
+  with pytest.raises(ValueError, match="matches the leading .* of no captured layer"):
+    capture_dense_stats(setup[0], v["params"], batches, token_mask=bad_mask)
 
   def scanned(params, x):
     def body(h, w):
@@ -170,6 +177,23 @@ def test_mixed_precision_rules_run_on_every_front_end(setup):
   plan = lb.quantize_function(toy.toy_apply, rules, strict=True).plan(
       v["params"], toy.tokens(7))
   assert set(plan) == quantized
+  # The capture is reused with the chosen rules: each layer at its own
+  # format (it was rounded with the capture's specs, the rules ignored).
+  res = lb.ptq_params(toy.toy_apply, v["params"], batches, rules, capture=cap,
+                      method="rtn")
+  assert set(res.report["layers"]) == quantized
+  for p in quantized:
+    assert res.report["layers"][p]["spec"] == str(lb.core.as_spec(
+        cands[alloc.assignment[p]]).replace(axis=None))
+  fresh = lb.ptq_params(toy.toy_apply, v["params"], batches, rules, method="rtn")
+  for p in quantized:
+    np.testing.assert_array_equal(_leaves(res.params)[p], _leaves(fresh.params)[p])
+  with pytest.raises(ValueError, match="token_mask applies while capturing"):
+    lb.ptq_params(toy.toy_apply, v["params"], batches, rules, capture=cap,
+                  token_mask=_mask)
+  with pytest.raises(ValueError, match="quantize none of the captured"):
+    lb.ptq_params(toy.toy_apply, v["params"], batches, [QuantRule("nothing", weight="int8")],
+                  capture=cap)
 
 
 @pytest.mark.slow

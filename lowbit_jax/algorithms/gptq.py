@@ -126,14 +126,25 @@ def _gptq(w, h, percdamp, tensor_amax, *, spec: QuantSpec, blocksize: int,
   diag = jnp.diagonal(hp)
   dead = diag <= 0
   hp = hp + jnp.diag(jnp.where(dead, 1.0, 0.0))
-  damp = percdamp * jnp.mean(jnp.diagonal(hp)[:k])
+  # Dampening from the live inputs' mean (the 1s of dead ones would set it
+  # for small activations: the result would depend on the Hessian's scale).
+  n_live = jnp.sum(~dead[:k])
+  damp = percdamp * jnp.where(
+      n_live > 0, jnp.sum(jnp.where(dead[:k], 0.0, diag[:k])) / jnp.maximum(n_live, 1),
+      1.0)
+  livef = (~dead).astype(jnp.float32)
   t_amax = None
   if tensor_scale:
     t_amax = (jnp.max(jnp.abs(wp)) if tensor_amax is None
               else jnp.asarray(tensor_amax, jnp.float32))
 
-  def stats(rows):
-    """Per-column range of a group's rows, reduced over column blocks of bn."""
+  def stats(rows, live):
+    """Per-column range of a group's rows, reduced over column blocks of bn.
+
+    Rows of dead inputs (``live`` 0) are left out where the group has a live
+    one: their weights meet only zeros, so they must not widen the live
+    rows' scale (they are rounded on that grid, clipped to it)."""
+    rows = jnp.where(jnp.any(live > 0), rows * live[:, None], rows)
     if sym:
       hi = jnp.max(jnp.abs(rows), axis=0).reshape(np_ // bn, bn).max(axis=1)
       if tensor_scale:
@@ -160,7 +171,7 @@ def _gptq(w, h, percdamp, tensor_amax, *, spec: QuantSpec, blocksize: int,
     perm = jnp.argsort(-diag[:k], stable=True)
     perm = jnp.concatenate([perm, jnp.arange(k, kp)])
     groups = wp.reshape(kp // bk, bk, np_)
-    g_hi, g_lo = jax.vmap(stats)(groups)
+    g_hi, g_lo = jax.vmap(stats)(groups, livef.reshape(kp // bk, bk))
     row_hi = jnp.repeat(g_hi, bk, axis=0)[perm]
     row_lo = None if g_lo is None else jnp.repeat(g_lo, bk, axis=0)[perm]
     wp = wp[perm]
@@ -206,7 +217,8 @@ def _gptq(w, h, percdamp, tensor_amax, *, spec: QuantSpec, blocksize: int,
       # starts, from the rows as they stand then (all earlier updates applied).
       g = i1 // bk
       starts = (i1 % bk) == 0
-      new_hi, new_lo = stats(lax.dynamic_slice(wcur, (g * bk, 0), (bk, np_)))
+      new_hi, new_lo = stats(lax.dynamic_slice(wcur, (g * bk, 0), (bk, np_)),
+                             lax.dynamic_slice(livef, (g * bk,), (bk,)))
       cur_hi = jnp.where(starts, new_hi, cur_hi)
       g_hi_ = lax.dynamic_update_index_in_dim(g_hi_, cur_hi, g, 0)
       if not sym:
@@ -217,7 +229,8 @@ def _gptq(w, h, percdamp, tensor_amax, *, spec: QuantSpec, blocksize: int,
     else:
       def group_body(gi, c):
         w1, q1, e1, g_hi_, g_lo_ = c
-        hi, lo = stats(lax.dynamic_slice(w1, (gi * bk, 0), (bk, np_)))
+        hi, lo = stats(lax.dynamic_slice(w1, (gi * bk, 0), (bk, np_)),
+                       lax.dynamic_slice(livef, (i1 + gi * bk,), (bk,)))
         g = i1 // bk + gi
         g_hi_ = lax.dynamic_update_index_in_dim(g_hi_, hi, g, 0)
         if not sym:
@@ -265,7 +278,10 @@ def gptq(w: jax.Array, hessian: jax.Array, spec: SpecLike, *, blocksize: int = 1
     w: float kernel ``[K, N]`` (``y = x @ w``).
     hessian: ``[K, K]`` Gram matrix ``X^T X`` of the layer's calibration inputs
       (any positive multiple gives the same result). Inputs that are always
-      zero (``H[i, i] == 0``) are rounded without compensation.
+      zero (``H[i, i] == 0``) are rounded without compensation and left out
+      of their group's range, so their weights do not widen the scale of the
+      live ones (AutoGPTQ zeroes them instead; either way the outputs on the
+      calibration inputs are the same), and out of the dampening's mean.
     spec: weight QuantSpec or format name; an unset axis becomes K (axis 0):
       per output channel, or groups along K with ``group_size``.
     blocksize: rows per lazy batch update (made a multiple of the group size,
@@ -283,7 +299,8 @@ def gptq(w: jax.Array, hessian: jax.Array, spec: SpecLike, *, blocksize: int = 1
     ``GPTQResult(weight, amax, amin, tensor_amax)``.
 
   Raises:
-    ValueError: shapes disagree, the spec does not fit ``w`` (axis not a
+    ValueError: the Hessian is not finite or not positive semi-definite,
+      shapes disagree, the spec does not fit ``w`` (axis not a
       multiple of the group without ``pad=True``), or the spec rounds
       stochastically / sets its scale by mean magnitude (binary, ternary).
   """
@@ -306,9 +323,20 @@ def gptq(w: jax.Array, hessian: jax.Array, spec: SpecLike, *, blocksize: int = 1
     raise ValueError(f"kernel axis {ax} has length {d}, not a multiple of the block "
                      f"size {bsz}; pass pad=True in the spec or choose a group size "
                      f"that divides {d}")
-  return _gptq(w, hessian, jnp.float32(percdamp),
-               None if tensor_amax is None else jnp.asarray(tensor_amax, jnp.float32),
-               spec=spec, blocksize=blocksize, act_order=bool(act_order))
+  concrete = not isinstance(hessian, jax.core.Tracer) and not isinstance(w, jax.core.Tracer)
+  if concrete and not bool(jnp.all(jnp.isfinite(hessian))):
+    raise ValueError("hessian holds NaN or inf (non-finite calibration inputs, or "
+                     "values above ~1e19 whose squares overflow float32); check the "
+                     "inputs it was built from")
+  res = _gptq(w, hessian, jnp.float32(percdamp),
+              None if tensor_amax is None else jnp.asarray(tensor_amax, jnp.float32),
+              spec=spec, blocksize=blocksize, act_order=bool(act_order))
+  if (concrete and not bool(jnp.all(jnp.isfinite(res.weight)))
+      and bool(jnp.all(jnp.isfinite(w)))):
+    raise ValueError("hessian is not positive semi-definite (its Cholesky factor "
+                     "failed even with the dampening raised 10^8-fold); pass X^T X "
+                     "of the layer's inputs (lowbit_jax.algorithms.gptq.gram)")
+  return res
 
 
 def gram(x: jax.Array, weights: Optional[jax.Array] = None) -> jax.Array:

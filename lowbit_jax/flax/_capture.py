@@ -336,6 +336,7 @@ def capture_dense_stats(model: nn.Module, params: Any, calib_batches: Sequence[A
         rows.append(x.reshape(-1, k).astype(jnp.float32))
         if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]):
           wts.append(mask.reshape(-1).astype(jnp.float32))
+          masked.add(path)
         else:
           wts.append(jnp.ones((math.prod(x.shape[:-1]),), jnp.float32))
       xr = jnp.concatenate(rows)
@@ -352,6 +353,7 @@ def capture_dense_stats(model: nn.Module, params: Any, calib_batches: Sequence[A
       result[path] = (gram, absmax, abssum, jnp.sum(wt), xr[idx], valid[idx])
     return result, {p: e for p, e in errs}
 
+  masked: set = set()   # the layers whose inputs the mask weighted (at trace time)
   fwd = jax.jit(run)
   base = jax.random.key(seed)
   acc: dict = {}
@@ -379,6 +381,13 @@ def capture_dense_stats(model: nn.Module, params: Any, calib_batches: Sequence[A
     raise ValueError(f"no nn.Dense (or RaggedDense) layer whose path fully matches "
                      f"{layers!r} was called; check the regex against paths like "
                      "'block/query'")
+  dense = [p for p in structure["order"] if len(acc[p]) != 5]
+  if token_mask is not None and dense and not masked:
+    raise ValueError(
+        "token_mask returned a mask whose shape matches the leading (non-feature) "
+        f"shape of no captured layer's input ({dense[:3]}...): it would weight "
+        "nothing. Return a mask of the activations' leading shape, e.g. [batch, "
+        "seq] for [batch, seq, features] inputs")
   stats = {}
   for path in structure["order"]:
     if len(acc[path]) == 5:  # a grouped matmul

@@ -507,8 +507,9 @@ def _shared_ptq(model: nn.Module, params: dict, batches: list, method: str,
   for p, st in cap.stats.items():
     if st.op == "conv" and specs[p] is not None:   # real mode's grid, or why not
       _conv_spec(kernel_spec(specs[p]), _layer(p), st.shape, (st.in_axis, st.out_axis))
-  res = _ptq.ptq_params(model, {"params": params, **extra}, batches, [], method=quant,
-                        capture=_with_specs(cap, specs),
+  rounded = [QuantRule(re.escape(p), weight=s) for p, s in specs.items() if s is not None]
+  res = _ptq.ptq_params(model, {"params": params, **extra}, batches, rounded,
+                        method=quant, capture=cap,
                         **(gptq_kw if quant == "gptq" else {}))
   new = res.params["params"]
   report["folds"] = _shared_folds(cap, method, quant)
@@ -573,13 +574,6 @@ def _capture_layers(model, variables, batches, rules, layers: str, *, token_mask
                       inputs={p: v for p, v in cap.inputs.items() if p in keep},
                       skipped={p: w for p, w in cap.skipped.items()
                                if p.endswith("/kernel")})
-
-
-def _with_specs(cap: _ptq.Capture, specs: Mapping[str, Optional[QuantSpec]]):
-  """The capture of the quantized sites only, each with its own weight spec."""
-  sites = {p: dataclasses.replace(cap.sites[p], rule=QuantRule(re.escape(p), weight=s))
-           for p, s in specs.items() if s is not None}
-  return cap._replace(stats={p: cap.stats[p] for p in sites}, sites=sites)
 
 
 def _layer_entry(st: _ptq.SiteStats, spec: Optional[QuantSpec], shared: dict, w, wq,

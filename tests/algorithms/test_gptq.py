@@ -98,6 +98,42 @@ def test_dead_inputs_and_padding():
   assert float(output_error(x, w, res.weight)) < float(output_error(x, w, rtn(w, spec)))
 
 
+@pytest.mark.parametrize("spec,act_order", [
+    (QuantSpec("int4", group_size=16), False), (QuantSpec("int4", group_size=16), True),
+    (QuantSpec("int4", group_size=16, symmetric=False), False),
+    (QuantSpec("int4", group_size=64), False)],   # groups longer than blocksize
+    ids=["g16", "g16_act_order", "g16_asym", "g64_blocks"])
+def test_a_dead_input_neither_widens_its_group_nor_sets_the_dampening(spec, act_order):
+  # Input 5 is always 0 and its weights are 10x larger: they must not set the
+  # scale of the live rows of its group (AutoGPTQ zeroes them first: the same
+  # outputs), and the result must not depend on the Hessian's scale (the
+  # dead input's unit diagonal once entered the dampening's mean).
+  k1, k2 = jax.random.split(jax.random.key(4))
+  x = jax.random.normal(k1, (128, 64)).at[:, 5].set(0.0)
+  w = jax.random.normal(k2, (64, 32))
+  w_big = w.at[5].multiply(10.0)
+  h = gram(x)
+  kw = dict(act_order=act_order, blocksize=32)
+  got = gptq(w_big, h, spec, **kw)
+  zeroed = gptq(w.at[5].set(0.0), h, spec, **kw)   # AutoGPTQ's treatment
+  np.testing.assert_allclose(output_error(x, w_big, got.weight),
+                             output_error(x, w, zeroed.weight), rtol=1e-5)
+  np.testing.assert_array_equal(np.delete(got.weight, 5, 0), np.delete(zeroed.weight, 5, 0))
+  small = gptq(w_big, h * 1e-4, spec, **kw)
+  np.testing.assert_allclose(small.weight, got.weight, atol=1e-5)
+  q = quantize(got.weight, kernel_spec(spec), amax=got.amax,   # it stores exactly
+               **({} if spec.symmetric else {"amin": got.amin}))
+  np.testing.assert_array_equal(dequantize(q), got.weight)
+
+
+def test_a_non_finite_or_indefinite_hessian_is_refused(layer):
+  _, w, h = layer
+  with pytest.raises(ValueError, match="NaN or inf"):
+    gptq(w, h.at[3, 5].set(jnp.nan), "int4")
+  with pytest.raises(ValueError, match="NaN or inf"):
+    gptq(w, h.at[3, 3].set(jnp.inf), "int4")
+
+
 def test_singular_hessian_is_damped():
   x = jax.random.normal(jax.random.key(2), (8, 128))     # rank 8 << 128
   w = jax.random.normal(jax.random.key(3), (128, 16))
