@@ -120,10 +120,14 @@ def _reduce_precision_ok(fmt: Format) -> bool:
   in ReducePrecision's normal range (one bit wider, standard bias): a bias in
   ``[0, 2**exp_bits - 1]``; a custom format biased beyond it takes the
   emulation (ReducePrecision would overflow its top values to inf or flush
-  its smallest to 0).
+  its smallest to 0). The subnormal step ``2**-(bias - 1 + man_bits)`` must
+  have a float32 reciprocal (a larger one is inf: 0 * inf gives NaN), and
+  the format needs a mantissa bit: with none, ReducePrecision rounds ties
+  down where the emulation (and ml_dtypes' e8m0) round them up.
   """
   return (isinstance(fmt, FloatFormat) and fmt.special in ("fn", "ieee", "none")
-          and fmt.exp_bits <= 7 and 0 <= fmt.bias <= 2 ** fmt.exp_bits - 1)
+          and fmt.exp_bits <= 7 and 0 <= fmt.bias <= 2 ** fmt.exp_bits - 1
+          and fmt.man_bits >= 1 and fmt.bias - 1 + fmt.man_bits <= 126)
 
 
 def _cast_float_rp(x: jax.Array, fmt: FloatFormat) -> jax.Array:

@@ -14,7 +14,8 @@ The scale rules:
   NaN code 255) and dequantizes to NaN; other blocks are unaffected.
 * NVFP4 (two-level): per-tensor ``t = amax / (6 * 448)`` (1 when amax is 0; the
   amax over finite values),
-  block ``s = e4m3(clamp(block_amax / 6 / t, 2**-6, 448))``, elements
+  block ``s = e4m3(clamp(block_amax / (6 * t), 2**-6, 448))`` (one division
+  by the rounded product, in every program and in the GPU kernel), elements
   ``fp4(clamp(x * ((1 / t) / s), -6, 6))``, value ``element * (t * s)``.
 * binary (BWN, Rastegari et al. 2016): ``scale = mean |x|``; ternary (TWN, Li &
   Liu 2016): threshold ``0.7 * mean |x|``, scale the mean |x| above it.
@@ -769,12 +770,16 @@ def _grid(x, spec: QuantSpec, bs, valid, key, amax, amin, tensor_amax=None,
       # E4M3 block scales clamp at 448, so nothing beyond the tensor range
       # survives (only a static tensor_amax can lie below a block's amax).
       a_clip = jnp.minimum(a, emax_t)
-      s_raw = jnp.clip(bdiv(bdiv(a_n, np.float32(fmt.max)), tn), _E4M3.min_normal,
+      # One division by the rounded product: XLA's simplifier rewrites a
+      # (a_n / 6) / tn into this where it sees tn (quantize) and not where
+      # tn sits behind fake_quant's barrier, which gave the two programs
+      # scales an E4M3 step apart on rare blocks.
+      s_raw = jnp.clip(bdiv(a_n, np.float32(fmt.max) * tn), _E4M3.min_normal,
                        _E4M3.max)
       s_stored, s_val = _store_float_scale(s_raw, "fp8_e4m3")
     else:
       s_stored, s_val = _store_float_scale(
-          jnp.where(pos, bdiv(bdiv(a_n, np.float32(fmt.max)), tn), 1.0),
+          jnp.where(pos, bdiv(a_n, np.float32(fmt.max) * tn), 1.0),
           spec.scale_dtype)
     s_stored, s_val = _mark_bad(s_stored, s_val, bad)
     mult = (lax.div(jnp.broadcast_to(inv_t, s_val.shape), s_val)

@@ -176,6 +176,10 @@ class QuantSpec:
       raise ValueError(f"scale_dtype must be one of {SCALE_DTYPES}, got {sd!r}")
     if sd == "e8m0" and not sym:
       raise ValueError("power-of-two (e8m0) scales are symmetric only")
+    if sd == "e8m0" and isinstance(fmt, BlockFormat) and fmt.tensor_scale:
+      raise ValueError(f"{fmt.name!r} has a second-level tensor scale, which needs "
+                       "float block scales (fp8_e4m3, float32, bfloat16, float16), "
+                       "not scale_dtype='e8m0'")
     object.__setattr__(self, "scale_dtype", sd)
     sr = self.scale_rounding
     if sr is None:

@@ -140,6 +140,10 @@ class FloatFormat(Format):
       raise ValueError("special='e8m0' is an exponent-only format: man_bits=0")
     if self.special == "fn" and y == 0:
       raise ValueError("special='fn' needs man_bits >= 1 (the all-ones code is NaN)")
+    if self.special == "ieee" and y == 0:
+      raise ValueError("special='ieee' needs man_bits >= 1 (its top exponent holds "
+                       "inf and NaN, and with no mantissa bit there is no NaN code); "
+                       "use special='none' for a power-of-two format")
     if self.bias is None:
       object.__setattr__(self, "bias", (1 << (x - 1)) - 1)
     if self.min_exponent - y < -149:
@@ -312,6 +316,14 @@ class BlockFormat(Format):
                        f"{self.scale_rounding!r}")
     if isinstance(self.element, IntFormat) and not self.element.signed:
       raise ValueError("block formats use symmetric (signed) elements")
+    if isinstance(self.element, FloatFormat) and self.element.special == "e8m0":
+      raise ValueError("e8m0 (unsigned, no zero) is a block scale, not an element: "
+                       "BlockFormat(element, 'e8m0', block_size), e.g. with "
+                       "get('fp8_e4m3') as the element (MXFP8)")
+    if self.tensor_scale and self.scale == "e8m0":
+      raise ValueError("a second-level tensor scale needs a float block scale "
+                       "(fp8_e4m3 as NVFP4, or float32/bfloat16/float16), not e8m0: "
+                       "a power-of-two block scale takes no tensor scale")
     if not self.name:
       object.__setattr__(self, "name", f"{self.element.name}_{self.scale}"
                          f"_b{self.block_size}" + ("_ts" if self.tensor_scale else ""))

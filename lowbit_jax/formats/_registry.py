@@ -5,6 +5,8 @@ import re
 import statistics
 import threading
 
+import numpy as np
+
 from lowbit_jax.formats._formats import (BlockFormat, FloatFormat, Format, IntFormat,
                                          LookupFormat)
 
@@ -20,19 +22,25 @@ def _nf4_table() -> tuple:
   Dettmers et al. 2023 (QLoRA), Appendix E: 8 positive quantiles and 7 negative
   ones of N(0, 1), taken at evenly spaced probabilities from 0.5 to
   ``offset = (1 - 1/(2*15) + 1 - 1/(2*16)) / 2``, an exact zero, all scaled so
-  the extremes are +-1.
+  the extremes are +-1. Computed as the reference implementation
+  (bitsandbytes) computes them, so that codes read back bit for bit the
+  float32 levels its checkpoints hold: the offset to the 7 digits it uses
+  (0.9677083), the probabilities in float32 (a linspace stepping from both
+  ends), the quantiles in float64 rounded to float32, scaled in float32.
   """
-  offset = 0.5 * ((1 - 1 / 30) + (1 - 1 / 32))
+  f32 = np.float32
+  offset = f32(0.9677083)
   nd = statistics.NormalDist()
 
-  def lin(a, b, n):
-    return [a + (b - a) * i / (n - 1) for i in range(n)]
+  def lin(a, b, n):   # float32, the first half stepped from a, the rest from b
+    step = f32((f32(b) - a) / f32(n - 1))
+    return [a + step * f32(i) if i < n // 2 else f32(b) - step * f32(n - 1 - i)
+            for i in range(n)]
 
-  pos = [nd.inv_cdf(p) for p in lin(offset, 0.5, 9)[:-1]]
-  neg = [-nd.inv_cdf(p) for p in lin(offset, 0.5, 8)[:-1]]
-  vals = sorted(pos + neg + [0.0])
-  top = max(abs(v) for v in vals)
-  return tuple(v / top for v in vals)
+  pos = [nd.inv_cdf(float(p)) for p in lin(offset, 0.5, 9)[:-1]]
+  neg = [-nd.inv_cdf(float(p)) for p in lin(offset, 0.5, 8)[:-1]]
+  vals = np.array(sorted(pos + neg + [0.0]), np.float32)
+  return tuple(float(v) for v in vals / np.max(np.abs(vals)))
 
 
 def _dynamic_table(bits: int, signed: bool) -> tuple:

@@ -1196,9 +1196,8 @@ def _block_scale(kd: _Kind, amax, scal, interp: bool, tn: int):
   bad = bad | ((t_bad > 0) & (amax > 0))
   a_n = amax * p_down
   zero = amax * np.float32(0.0)  # a row of zeros (inf: NaN, masked below)
-  # Core writes (a_n / 6) / tn; XLA's algebraic simplifier rewrites it to
-  # a_n / (6 * tn) on CPU and GPU alike (seen in the optimized HLO of both,
-  # jax 0.10.2): one division by the rounded product, as here.
+  # One division by the rounded product, as core writes it (core once wrote
+  # (a_n / 6) / tn, which XLA's simplifier rewrote to this where it could).
   s_raw = _div_full(a_n, zero + np.float32(6.0) * tnorm, interp, tn)
   s_raw = jnp.clip(s_raw, np.float32(2.0 ** -6), np.float32(_E4M3_MAX))
   s8 = s_raw.astype(jnp.float8_e4m3fn)

@@ -512,3 +512,24 @@ def test_lookup_rounding_by_bisection_equals_the_threshold_sum(table, monkeypatc
   got = run()
   np.testing.assert_array_equal(got[0], want[0])
   np.testing.assert_array_equal(got[1].view(np.uint32), want[1].view(np.uint32))
+
+
+def test_custom_formats_round_alike_on_every_path():
+  # A large bias (subnormal step 2**-129: its reciprocal was inf, so zeros and
+  # tiny values became NaN on the saturating path) and no mantissa bit (ties
+  # went down on the saturating path, up in cast(), as ml_dtypes' e8m0 does).
+  big_bias = lb.formats.FloatFormat(7, 2, bias=127)
+  x = jnp.asarray([0.0, -0.0, 0.5, 1e-38, -3e-39, 1.0], jnp.float32)
+  for sat in (False, True):
+    got = np.asarray(lb.cast(x, big_bias, saturate=sat))
+    assert np.all(np.isfinite(got)), (sat, got)
+    np.testing.assert_array_equal(got[[0, 2, 5]], [0.0, 0.5, 1.0])
+  q = lb.QuantSpec(big_bias, axis=-1)
+  z = jnp.zeros((2, 8)).at[1].set(jnp.linspace(-1, 1, 8))
+  np.testing.assert_array_equal(lb.fake_quant(z, q), lb.dequantize(lb.quantize(z, q)))
+  m0 = lb.formats.FloatFormat(3, 0)
+  ties = jnp.asarray([0.75, 3.0, 12.0, -6.0], jnp.float32)
+  want = [1.0, 4.0, 16.0, -8.0]   # ties up (ml_dtypes: e8m0(3.0) == 4.0)
+  assert float(np.float32(3.0).astype(ml_dtypes.float8_e8m0fnu)) == 4.0
+  for sat in (False, True):
+    np.testing.assert_array_equal(lb.cast(ties, m0, saturate=sat), want)

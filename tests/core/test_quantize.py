@@ -319,9 +319,9 @@ def test_nvfp4_static_block_ranges_under_a_tensor_range():
   q = lb.quantize(x, spec, amax=a, tensor_amax=ta)
   ref_t = lb.quantize(x, spec, tensor_amax=ta).tensor_scale
   assert np.asarray(q.tensor_scale).view(np.uint32) == np.asarray(ref_t).view(np.uint32)
-  # Each block's E4M3 scale is its amax / 6 under that tensor scale.
+  # Each block's E4M3 scale is its amax / (6 * t) under that tensor scale.
   s = np.asarray(q.scale.astype(jnp.float32))
-  want = np.asarray((a / 6 / ref_t).astype(jnp.float8_e4m3fn).astype(jnp.float32))
+  want = np.asarray((a / (6 * ref_t)).astype(jnp.float8_e4m3fn).astype(jnp.float32))
   np.testing.assert_array_equal(s, want)
   _same_bits(np.asarray(lb.fake_quant(x, spec, amax=a, tensor_amax=ta)),
              np.asarray(lb.dequantize(q)))
@@ -758,3 +758,22 @@ def test_errors_for_bad_inputs():
     lb.dequantize(jnp.ones(4))
   with pytest.raises(ValueError, match="needs at least 2 dims"):
     lb.quantize(jnp.ones(8), "int8", tile=(2, 2))
+
+
+def test_nvfp4_block_scale_is_one_division_in_every_program():
+  # A block amax whose (a / 6) / t and a / (6 * t) straddle an E4M3 midpoint:
+  # XLA rewrote quantize's (a / 6) / t into the second and left fake_quant's
+  # (tn behind a barrier), so the stored scale was 320 and fake_quant's 288,
+  # an 11% error on the whole block.
+  t_amax, a = np.float32(61.056942), np.float32(41.43149)
+  x = np.zeros((1, 32), np.float32)
+  x[0, 0], x[0, 16] = t_amax, a
+  x[0, 17:] = a * np.linspace(-0.9, 0.9, 15).astype(np.float32)
+  x = jnp.asarray(x)
+  q = lb.quantize(x, "nvfp4", axis=-1)
+  t = np.float32(t_amax / np.float32(6 * 448))
+  want = np.float32(a / (np.float32(6) * t)).astype(jnp.float8_e4m3fn)
+  assert float(q.scale[0, 1].astype(jnp.float32)) == float(want.astype(np.float32))
+  _same_bits(np.asarray(lb.fake_quant(x, "nvfp4", axis=-1)), np.asarray(lb.dequantize(q)))
+  _same_bits(np.asarray(jax.jit(lambda v: lb.fake_quant(v, "nvfp4", axis=-1))(x)),
+             np.asarray(lb.dequantize(q)))
