@@ -151,11 +151,14 @@ class Capture(NamedTuple):
     sites: parameter path -> the matched ``Site`` (its rule and weight spec).
     skipped: parameter path -> why a matched weight site was not captured.
     inputs: parameter path -> ``InputStats`` (``max_samples`` > 0 only).
+    unused_rules: the given rules that matched no site (a typo quantizes
+      nothing); a ``QuantConfig(strict=True)`` raises on them instead.
   """
   stats: dict
   sites: dict
   skipped: dict
   inputs: dict = {}
+  unused_rules: tuple = ()
 
 
 class PTQResult(NamedTuple):
@@ -178,8 +181,10 @@ class PTQResult(NamedTuple):
       one-level formats and for methods whose scales define their tensor
       scale that way (OmniQuant's learned scales).
     report: ``{"method", "seconds", "layers": {path: {"spec", "error",
-      "rtn_error", "error_vs_rtn", "rows", "seconds"}}, "skipped"}`` (a
-      layer's ``seconds``: gptq/rtn only); ``error`` is the
+      "rtn_error", "error_vs_rtn", "rows", "seconds"}}, "skipped",
+      "unused_rules"}`` (a layer's ``seconds``: gptq/rtn only; ``unused_rules``
+      the regexes of the rules that matched no site, a ``QuantConfig(strict=
+      True)`` raising on them instead); ``error`` is the
       output error on the captured inputs, ``tr(dW^T H dW) / rows``.
     rules: "quarot" / "spinquant": the rules fake and real mode must run the
       rotated model with (``report["rotation"].rules(rules)``: the online
@@ -288,10 +293,13 @@ class _Recorder:
     path = site.path
     if isinstance(x, jax.core.Tracer) and getattr(x, "_trace", None) is not self.trace:
       raise ValueError(
-          f"{path}: this site runs inside lax.scan, lax.cond, lax.while_loop or a "
-          "nested jax.jit, whose body cannot hand its Hessian back; capture a "
-          "version of the model with the loop unrolled (a Python loop) and without "
-          "an inner jit")
+          f"{path}: this site runs inside lax.scan, lax.cond, lax.while_loop, a "
+          "nested jax.jit or a remat (nn.remat, nnx.remat, jax.checkpoint around "
+          "a Linen or NNX layer), whose body cannot hand its Hessian back; capture "
+          "a version of the model with the loop unrolled (a Python loop), without "
+          "an inner jit and without remat (remat changes memory, not values); "
+          "for remat, a function of the parameters (lambda p, *a: model.apply("
+          "{'params': p}, *a)) also works: its front end follows remat")
     shape = _rules.logical_shape(w)
     view = params.get("weight_view", ())
     if view != ():
@@ -372,9 +380,10 @@ class _Recorder:
 
 
 def _runner(model, params, rules, front: str):
-  """``(run(args, kwargs), state)``: one calibrate-mode call of the model, to
-  trace inside ``jax.jit`` (``state`` is what the call reads as an argument)."""
-  crules = _capture_rules(rules)
+  """``(run(args, kwargs), state, config)``: one calibrate-mode call of the
+  model, to trace inside ``jax.jit`` (``state`` is what the call reads as an
+  argument; ``config`` records which of the capture's rules matched)."""
+  crules = _rules.QuantConfig(_capture_rules(rules))
   if front == "function":
     from lowbit_jax._function import quantize_function
     qf = quantize_function(model, crules, mode="calibrate")
@@ -382,7 +391,7 @@ def _runner(model, params, rules, front: str):
 
     def run(p, args, kwargs):
       qf._run(p, args, kwargs, extras)   # its un-jitted body: traced here
-    return run, params
+    return run, params, crules
   if front == "linen":
     from lowbit_jax.flax import quantize_linen
     variables = params if _is_variables(params, front) else {"params": params}
@@ -390,7 +399,7 @@ def _runner(model, params, rules, front: str):
 
     def run(v, args, kwargs):
       fn(v, *args, **kwargs, mutable=["quant_stats"])
-    return run, variables
+    return run, variables, crules
   from flax import nnx
   from lowbit_jax.flax import quantize_nnx
   graph, state = nnx.split(quantize_nnx(model, crules, mode="calibrate"))
@@ -398,7 +407,7 @@ def _runner(model, params, rules, front: str):
   def run(st, args, kwargs):
     m = nnx.merge(graph, st)
     m(*args, **kwargs)
-  return run, state
+  return run, state, crules
 
 
 def capture_hessians(model, params, calib_batches: Sequence[Any], rules, *,
@@ -440,7 +449,7 @@ def capture_hessians(model, params, calib_batches: Sequence[Any], rules, *,
   if not isinstance(max_samples, int) or max_samples < 0:
     raise ValueError(f"max_samples must be an int >= 0, got {max_samples!r}")
   keep = -(-max_samples // len(batches)) if max_samples else 0
-  run, state = _runner(model, params, rules, front)
+  run, state, config = _runner(model, params, rules, front)
   rec = _Recorder()
 
   @jax.jit
@@ -494,7 +503,19 @@ def capture_hessians(model, params, calib_batches: Sequence[Any], rules, *,
   stats = {p: SiteStats(h, n, *rec.meta[p]) for p, (h, n) in total.items()}
   inputs = {p: InputStats(a, m, r[:max_samples], *[g[:max_samples] for g in grp])
             for p, (a, m, r, *grp) in inputs.items()}
-  return Capture(stats, {p: rec.sites[p] for p in stats}, dict(rec.skipped), inputs)
+  return Capture(stats, {p: rec.sites[p] for p in stats}, dict(rec.skipped), inputs,
+                 _unused(rules, config))
+
+
+def _unused(rules, config) -> tuple:
+  """The caller's ``rules`` whose capture copies (``config``, same order)
+  matched no site; raises as ``QuantConfig.check`` does for a strict config."""
+  given = rules.rules if isinstance(rules, _rules.QuantConfig) else _rules.as_rules(rules)
+  unused = {id(r) for r in config.unused_rules()}
+  out = tuple(r for r, c in zip(given, config.rules) if id(c) in unused)
+  if isinstance(rules, _rules.QuantConfig) and rules.strict and out:
+    _rules.QuantConfig(list(out), strict=True).check()
+  return out
 
 
 def _plan(st: SiteStats, spec: QuantSpec) -> _rules.WeightPlan:
@@ -569,20 +590,20 @@ def _site(w, hessian, count, *, method, meta, spec, path, opts):
     raise ValueError(f"a site is rounded by one of {ROUNDING}, got {method!r} "
                      "(the other methods transform weights before rounding: "
                      "ptq_params)")
-  if meta[0] == "ragged_dot":
-    return _expert_site(w, hessian, count, method=method, meta=meta, spec=spec,
-                        path=path, opts=opts)
-  if method == "rtn":
-    return _finish(w, None, None, hessian, count, meta=meta, spec=spec)
-  blocksize, percdamp, act_order = opts
   try:
+    if meta[0] == "ragged_dot":
+      return _expert_site(w, hessian, count, method=method, meta=meta, spec=spec,
+                          path=path, opts=opts)
+    if method == "rtn":
+      return _finish(w, None, None, hessian, count, meta=meta, spec=spec)
+    blocksize, percdamp, act_order = opts
     res = gptq(_as_matrix(w, meta=meta), hessian, _matrix_spec(spec, path),
                blocksize=blocksize, percdamp=percdamp, act_order=act_order)
+    return _finish(w, res.weight, res.amax, hessian, count, res.tensor_amax, res.amin,
+                   meta=meta, spec=spec)
   except ValueError as e:
     msg = str(e)
     raise ValueError(msg if msg.startswith(f"{path}: ") else f"{path}: {msg}") from e
-  return _finish(w, res.weight, res.amax, hessian, count, res.tensor_amax, res.amin,
-                 meta=meta, spec=spec)
 
 
 def _expert_site(w, hessian, count, *, method, meta, spec, path, opts):
@@ -715,10 +736,21 @@ def _param_tree(model, params, front: str):
 
 
 def _get_path(tree, path: str):
+  """The leaf at ``path`` (``_rules.path_str`` of its key path) in ``tree``."""
   node = tree
-  for k in path.split("/"):
-    node = node[int(k)] if isinstance(node, (list, tuple)) else node[k]
-  return node
+  try:   # nested dicts and lists: a walk
+    for k in path.split("/"):
+      node = node[int(k)] if isinstance(node, list) else node[k]
+    if _rules.is_qarray(node) or isinstance(node, (jax.Array, np.ndarray)):
+      return node
+  except (KeyError, IndexError, TypeError, ValueError):
+    pass
+  # Any other pytree (integer dict keys of an NNX state, a NamedTuple, a
+  # dataclass): its leaves by their path strings, as _write_back writes them.
+  for kp, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_rules.is_qarray)[0]:
+    if _rules.path_str(kp) == path:
+      return leaf
+  raise KeyError(f"no parameter at {path!r}")
 
 
 def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
@@ -931,6 +963,7 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
                     "rows": float(jnp.sum(st.count)), **extra,
                     "seconds": time.perf_counter() - t_site}
   report = {"method": method, "layers": layers, "skipped": skipped,
+            "unused_rules": [r.path for r in cap.unused_rules],
             "seconds": time.perf_counter() - t0}
   return PTQResult(_write_back(model, params, front, new_leaves), scales, report,
                    weight_tensor_scales=tscales)
@@ -1065,6 +1098,22 @@ def _write_back(model, params, front: str, new_leaves: dict):
   return {**params, "params": new_tree} if _is_variables(params, front) else new_tree
 
 
+def _layout_problem(w, st: SiteStats, spec: QuantSpec) -> Optional[str]:
+  """Why rounding ``w`` in its own layout (as fake and real mode do) differs
+  from rounding its ``[K, N]`` matrix (the sensitivities' view), or None."""
+  if st.op == "ragged_dot":
+    return None   # (the stack is the matrices; quantize_experts checks them)
+  try:
+    a = fake_quant(w, _plan(st, spec).spec)
+    b = st.from_matrix(fake_quant(st.as_matrix(w), kernel_spec(spec)))
+  except ValueError as e:
+    return str(e)
+  if not bool(jnp.array_equal(a, b)):
+    return ("its blocks would span the weight's own axes in the [K, N] matrix "
+            "(a block must fit the last contraction axis)")
+  return None
+
+
 def mixed_precision_rules(model, params, capture: Capture,
                           candidates: Mapping[str, Any], budget: float, *,
                           method: str = "auto", activation: Any = None,
@@ -1094,17 +1143,37 @@ def mixed_precision_rules(model, params, capture: Capture,
     ``(rules, allocation)``: the QuantRules and the ``Allocation``
     (``assignment``, ``avg_bits``, ``cost``).
 
+  A candidate that does not fit a weight (its blocks do not divide the axis
+  they run along, or would span the weight's own axes in its ``[K, N]``
+  matrix: fake and real mode could not round it as the sensitivity assumed)
+  is left out for that weight.
+
   Raises:
-    ValueError: no assignment fits the budget, or a candidate's spec has an
-      axis set (see ``ptq_params``).
+    ValueError: no assignment fits the budget, no candidate fits a weight, or
+      a candidate's spec has an axis set (see ``ptq_params``).
   """
   from lowbit_jax.algorithms import mixed_precision as mp
+  if not isinstance(candidates, Mapping):
+    raise TypeError(f"candidates must map a name to a weight spec (or None: float), "
+                    f"e.g. {{'int4': QuantSpec('int4', group_size=128), 'int8': "
+                    f"'int8'}}; got {type(candidates).__name__}")
   tree = _param_tree(model, params, _front_end(model))
   costs, sizes, bits = {}, {}, {}
   for path, st in capture.stats.items():
-    mat = st.as_matrix(_rules.logical_value(_get_path(tree, path)))
-    specs = {n: None if c is None else _matrix_spec(as_spec(c), path)
-             for n, c in candidates.items()}
+    w = _rules.logical_value(_get_path(tree, path))
+    mat = st.as_matrix(w)
+    specs, unfit = {}, {}
+    for n, c in candidates.items():
+      ms = None if c is None else _matrix_spec(as_spec(c), path)   # (an axis set raises)
+      why = None if c is None else _layout_problem(w, st, as_spec(c))
+      if why is None:
+        specs[n] = ms
+      else:
+        unfit[n] = why
+    if not specs:
+      raise ValueError(f"{path}: no candidate fits this weight of shape {w.shape} "
+                       f"({unfit}); add one that does, or exclude the weight from "
+                       "the capture's rules")
     try:
       if st.op == "ragged_dot":   # experts: each on its own Hessian, summed
         per = [mp.weight_sensitivity(mat[e], st.hessian[e], specs)
@@ -1115,7 +1184,7 @@ def mixed_precision_rules(model, params, capture: Capture,
       sizes[path] = int(mat.size)
       bits[path] = {n: mp.spec_bits(sp, mat.shape[-2:], float_bits)
                     for n, sp in specs.items()}
-    except ValueError as e:  # e.g. a candidate's group does not divide K
+    except ValueError as e:  # e.g. an expert's group does not divide K
       raise ValueError(f"{path} (a [K, N] = {tuple(mat.shape[-2:])} weight): a "
                        f"candidate does not fit it: {e}; give each layer "
                        "candidates that do, or exclude it from the rules") from e

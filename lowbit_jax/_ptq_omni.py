@@ -397,5 +397,6 @@ def omniquant_ptq(model, params, batches: list, rules, *, front: str, token_mask
   changed.update(new)
   report = {"method": "omniquant", "layers": layers, "folds": folds_report,
             "skipped": dict(cap.skipped), "objective": "layer-wise",
+            "unused_rules": [r.path for r in cap.unused_rules],
             "omniquant": opts, "seconds": time.perf_counter() - t0}
   return changed, scales, tscales, report

@@ -75,7 +75,7 @@ from lowbit_jax.algorithms.awq import awq_clip_search, awq_scales, awq_search
 from lowbit_jax.algorithms.rtn import hessian_error, rtn_scales
 from lowbit_jax.algorithms.rotation import random_hadamard
 from lowbit_jax.algorithms.smoothquant import smoothquant_scales
-from lowbit_jax.core import fake_quant
+from lowbit_jax.core import fake_quant, quantize
 
 SCALING_METHODS = ("awq", "awq_noclip", "smoothquant", "rotation")
 # The clip search leaves the query and key projections alone (their error
@@ -200,6 +200,18 @@ def _from_matrix(m, *, meta):
   return _ptq.SiteStats(None, None, *meta).from_matrix(m)
 
 
+def _grid(w_in, spec):
+  """``(scale, tensor scale)`` that ``w_in`` was rounded with, for real mode to
+  store exactly those codes: an asymmetric spec's is the ``(scale, zero
+  point)`` pair of ``w_in``'s own ranges (re-derived from the rounded kernel,
+  whose blocks need not reach them, they would give other codes: AWQ's
+  clipped kernels did)."""
+  if spec.symmetric:
+    return rtn_scales(w_in, spec)
+  q = quantize(w_in, spec)
+  return (q.scale.astype(jnp.float32), q.zero_point), None
+
+
 @functools.partial(jax.jit, static_argnames=("meta", "spec"))
 def _round(w_in, w, sr, hessian, count, *, meta, spec):
   """RTN of one (scaled, clipped) kernel ``w_in``: ``(w_q, scale, tensor scale,
@@ -211,7 +223,7 @@ def _round(w_in, w, sr, hessian, count, *, meta, spec):
   st = _ptq.SiteStats(hessian, count, *meta)
   plan = _ptq._plan(st, spec)   # pylint: disable=protected-access
   wq = fake_quant(w_in, plan.spec)
-  scale, tscale = rtn_scales(w_in, plan.spec) if plan.spec.symmetric else (None, None)
+  scale, tscale = _grid(w_in, plan.spec)
   exact = _ptq._scales_exact(wq, plan.spec, scale, tscale)   # pylint: disable=protected-access
   ref = st.as_matrix(w).astype(jnp.float32) / sr[:, None]
   qm = st.as_matrix(wq).astype(jnp.float32) / sr[:, None]
@@ -229,7 +241,7 @@ def _round_experts(w_in, w, sr, hessian, count, *, meta, spec):
   from lowbit_jax import _ptq
   plan = _ptq._plan(_ptq.SiteStats(hessian, count, *meta), spec)   # pylint: disable=protected-access
   wq = fake_quant(w_in, plan.spec)
-  scale, tscale = rtn_scales(w_in, plan.spec) if plan.spec.symmetric else (None, None)
+  scale, tscale = _grid(w_in, plan.spec)
   exact = _ptq._scales_exact(wq, plan.spec, scale, tscale)   # pylint: disable=protected-access
   inv = 1.0 / sr[None, :, None]
   ref = w.astype(jnp.float32) * inv
@@ -516,5 +528,6 @@ def scaling_ptq(model, params, batches: list, rules, *, method: str, front: str,
   changed = {p: get(tree, p) for f in applied for p, _ in f.divide + f.readers}
   changed.update(new)
   report = {"method": method, "layers": layers, "folds": folds_report,
-            "skipped": skipped, "seconds": time.perf_counter() - t0}
+            "skipped": skipped, "unused_rules": [r.path for r in cap.unused_rules],
+            "seconds": time.perf_counter() - t0}
   return changed, scales, tscales, report

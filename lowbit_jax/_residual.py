@@ -663,6 +663,14 @@ def find_residual_stream(fn: Callable, params: Any, *args, **kwargs) -> Residual
         raise ValueError(f"rotation of the residual stream: {r[0]!r} reads two "
                          f"norms ({fused[r]!r} and {f.gain!r})")
       fused[r] = f.gain
+  tables = {kp for (kp, _), roles in rotate.items() if "embedding" in roles}
+  if writers and set(writers) <= tables:
+    raise ValueError(
+        "rotation of the residual stream: nothing but the embedding writes into the "
+        f"stream (no residual addition; its readers: {list(dict.fromkeys(readers))}), "
+        "so a rotation there reaches none of the layers it is for. A model whose "
+        "stream starts after a projection of the embedding (x = E[t] @ w_in) needs "
+        "that projection folded into the table first (E @ w_in as the embedding)")
   return ResidualStream(width[0], tuple(sorted(rotate)), tuple(fusions),
                         tuple(dict.fromkeys(readers)), tuple(dict.fromkeys(writers)))
 

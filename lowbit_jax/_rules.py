@@ -1026,9 +1026,12 @@ def quantize_params(params: Any, plan: Mapping[str, WeightPlan], *,
     leaf = leaves[i]
     if isinstance(leaf, QArray):
       raise ValueError(f"{p} is already quantized")
-    q = quantize_weight(leaf, plan[p], None if scales is None else scales.get(p),
-                        None if tensor_scales is None else tensor_scales.get(p),
-                        None if histories is None else histories.get(p))
+    try:
+      q = quantize_weight(leaf, plan[p], None if scales is None else scales.get(p),
+                          None if tensor_scales is None else tensor_scales.get(p),
+                          None if histories is None else histories.get(p))
+    except ValueError as e:   # (e.g. a spec whose blocks do not divide its axis)
+      raise ValueError(f"{p}: {e}") from e
     leaves[i] = q
     if on_step is not None:
       on_step(p, q)

@@ -406,3 +406,104 @@ def test_a_reshaped_weight_is_skipped_with_the_reason():
   assert "reshape" in res.report["skipped"]["w"]
   assert list(res.report["layers"]) == ["v"]
   np.testing.assert_array_equal(res.params["w"], w)   # left float: rounded per call
+
+
+def test_ptq_reads_weights_from_any_pytree():
+  # Layers in an nnx.List (integer keys in its state), params in a NamedTuple:
+  # every method looked weights up by string keys and failed.
+  import typing
+
+  class P(typing.NamedTuple):
+    w0: jax.Array
+    w1: jax.Array
+
+  x, w = _transposed_problem()
+  rules = [QuantRule(".*", weight=lb.QuantSpec("int4", group_size=16))]
+  as_dict = lb.ptq_params(lambda p, a: jnp.tanh(a @ p["w0"]) @ p["w1"],
+                          {"w0": w, "w1": w.T}, [x], rules)
+  as_tuple = lb.ptq_params(lambda p, a: jnp.tanh(a @ p.w0) @ p.w1, P(w, w.T), [x], rules)
+  for n in ("w0", "w1"):
+    np.testing.assert_array_equal(getattr(as_tuple.params, n), as_dict.params[n])
+
+  class Net(nnx.Module):
+    def __init__(self):
+      self.layers = nnx.List([nnx.Linear(32, 32, use_bias=False, rngs=nnx.Rngs(0))
+                              for _ in range(2)])
+      self.layers[0].kernel.set_value(w)
+      self.layers[1].kernel.set_value(w.T)
+
+    def __call__(self, a):
+      return self.layers[1](jnp.tanh(self.layers[0](a)))
+
+  net = Net()
+  for method in ("gptq", "awq"):
+    res = lb.ptq_params(nnx.clone(net), None, [x], rules, method=method)
+    assert sorted(res.report["layers"]) == ["layers/0/kernel", "layers/1/kernel"]
+  res = lb.ptq_params(net, None, [x], rules)
+  np.testing.assert_array_equal(net.layers[0].kernel.get_value(), as_dict.params["w0"])
+
+
+def test_mixed_precision_leaves_out_candidates_a_weight_cannot_take():
+  # An [H, Dh, D] output projection (Dh = 8) cannot take MXFP4's blocks of 32
+  # along Dh (its [H * Dh, D] matrix could): it was assigned anyway, and fake
+  # and real mode then failed. Errors at a site name its parameter.
+  x, w = _transposed_problem()
+  params = {"o": w.reshape(4, 8, 32), "d": w}
+  fn = lambda p, a: jnp.einsum("bthk,hkd->btd", a.reshape(4, 16, 4, 8), p["o"]) @ p["d"]  # noqa: E731
+  rules = [QuantRule(".*", weight="int8")]
+  cap = lb.capture_hessians(fn, params, [x], rules)
+  cands = {"int8": "int8", "mxfp4": "mxfp4"}
+  mp_rules, alloc = lb.mixed_precision_rules(fn, params, cap, cands, 7.0)
+  assert alloc.assignment == {"o": "int8", "d": "mxfp4"}
+  lb.quantize_function(fn, mp_rules)(params, x)   # runs
+  with pytest.raises(ValueError, match="budget 5.0 bits/weight is below"):
+    lb.mixed_precision_rules(fn, params, cap, cands, 5.0)
+  with pytest.raises(ValueError, match="^o: .*block size 32"):
+    lb.ptq_params(fn, params, [x], [QuantRule("o", weight="mxfp4")], method="rtn")
+
+
+def test_remat_and_untreated_layers_name_the_way_out():
+  from lowbit_jax.flax import apply_ptq
+
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, a):
+      return a + nn.Dense(32)(jnp.tanh(a))
+
+  class Remat(nn.Module):
+    @nn.compact
+    def __call__(self, a):
+      return nn.remat(Block)(name="b0")(a)
+
+  x, _ = _transposed_problem()
+  m = Remat()
+  v = m.init(jax.random.key(0), x)
+  rules = [QuantRule(".*", weight="int4")]
+  with pytest.raises(ValueError, match="remat.*a function of the parameters"):
+    lb.ptq_params(m, v, [x], rules)
+  res = lb.ptq_params(lambda p, a: m.apply({"params": p}, a), v["params"], [x], rules)
+  assert list(res.report["layers"]) == ["b0/Dense_0/kernel"]   # that route works
+  with pytest.raises(ValueError, match="lifted transform .*nn.remat"):
+    apply_ptq(m, v["params"], [x], "awq", "int4")   # (was a raw tracer leak)
+
+  class Attn(nn.Module):
+    @nn.compact
+    def __call__(self, a):
+      return nn.MultiHeadDotProductAttention(num_heads=4, name="attn")(a)
+
+  a_m = Attn()
+  a_v = a_m.init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match="none of the kinds apply_ptq treats"):
+    apply_ptq(a_m, a_v["params"], [x], "gptq", "int8")
+
+
+def test_ptq_reports_rules_that_matched_nothing():
+  # A typo'd per-layer override was silently ignored, and strict=True did not raise.
+  x, w = _transposed_problem()
+  fn = lambda p, a: a @ p["w"]  # noqa: E731
+  rules = [QuantRule("ww", weight="int4"), QuantRule(".*", weight="int8")]
+  for method in ("gptq", "awq"):
+    res = lb.ptq_params(fn, {"w": w}, [x], rules, method=method)
+    assert res.report["unused_rules"] == ["ww"]
+  with pytest.raises(ValueError, match="matched no layer or parameter path: 'ww'"):
+    lb.ptq_params(fn, {"w": w}, [x], lb.QuantConfig(rules, strict=True))

@@ -307,3 +307,39 @@ def test_folds_into_a_bf16_model_pass_within_its_rounding():
   for method in ("awq", "smoothquant"):
     res = lb.ptq_params(fn, p, [t], rules, method=method)
     assert any(f["status"] == "folded" for f in res.report["folds"]), method
+
+
+def test_asymmetric_awq_with_its_clip_search_stores_exactly():
+  # AWQ's own format (uint4 groups): the clipped kernel's rounded blocks need
+  # not reach the ranges they were rounded with, so the result carries each
+  # weight's (scale, zero point) pair (real mode re-derived other codes:
+  # 396 of 4096 differed), through ptq_params and apply_ptq alike.
+  import dataclasses
+
+  import flax.linen as nn
+
+  from lowbit_jax.flax import apply_ptq, quantize_linen
+
+  class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(64, name="up")(nn.RMSNorm(name="norm")(x))
+
+  x = jax.random.normal(jax.random.key(0), (64, 64)) * jnp.where(
+      jnp.arange(64) % 9 == 0, 10.0, 1.0)
+  m = MLP()
+  v = m.init(jax.random.key(1), x)
+  spec = lb.QuantSpec("uint4", group_size=16)
+  rules = [QuantRule(".*", weight=spec)]
+  ql = quantize_linen(rules, mode="real")
+  res = lb.ptq_params(m, v, [(x,)], rules, method="awq")
+  assert isinstance(res.weight_scales["up/kernel"], tuple)
+  k = res.params["params"]["up"]["kernel"]
+  assert not np.array_equal(lb.fake_quant(k, spec.replace(axis=0)), k)  # can fail
+  vr = ql.quantize_params(m, {**res.params, **lb.real_mode_kwargs(res, "linen")}, x)
+  np.testing.assert_array_equal(vr["params"]["up"]["kernel"].logical(), k)
+  fake = quantize_linen([dataclasses.replace(r, weight=None) for r in rules])(m.apply)
+  np.testing.assert_allclose(ql(m.apply)(vr, x), fake(res.params, x), atol=1e-5)
+  qp, rep = apply_ptq(m, v["params"], [(x,)], "awq", spec)
+  vr = ql.quantize_params(m, {"params": qp, "quant_scales": rep["quant_scales"]}, x)
+  np.testing.assert_array_equal(vr["params"]["up"]["kernel"].logical(), qp["up"]["kernel"])

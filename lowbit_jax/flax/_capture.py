@@ -215,6 +215,20 @@ def capture_dense_stats(model: nn.Module, params: Any, calib_batches: Sequence[A
   structure: dict = {}
 
   def run(p, batch, key):
+    outer = getattr(jax.tree.leaves(p)[0], "_trace", None)
+
+    def recorded(path, x):
+      """``x``, unless it lives in an inner trace (nn.remat, nn.scan, ...)."""
+      if isinstance(x, jax.core.Tracer) and getattr(x, "_trace", None) is not outer:
+        raise ValueError(
+            f"layer {path!r} runs inside a lifted transform (nn.remat, nn.scan, "
+            "nn.vmap, a nested jit) whose body cannot hand its inputs back to the "
+            "capture; capture a version of the model without it (remat changes "
+            "memory, not values), or use ptq_params on a function of the "
+            "parameters (lambda p, *a: model.apply({'params': p}, *a)), whose "
+            "front end follows remat")
+      return x
+
     order, calls, ragged = [], {}, {}
     outputs = {}   # id(output array) -> (kind, path)
     keep = []      # keeps traced arrays alive so ids are not reused
@@ -285,7 +299,7 @@ def capture_dense_stats(model: nn.Module, params: Any, calib_batches: Sequence[A
         errs.append((path, err))
         keep.extend([x_in, x])
         new = path not in calls
-        first_seen(path, x_in, calls).append(x)
+        first_seen(path, x_in, calls).append(recorded(path, x))
         if new:
           convs.append(path)
           if producers[path] is None:
@@ -300,7 +314,7 @@ def capture_dense_stats(model: nn.Module, params: Any, calib_batches: Sequence[A
         outputs[id(out)] = ("dense", path)
         recent.append((tuple(out.shape), "dense", path))
         if pattern.fullmatch(path):
-          first_seen(path, x, calls).append(x)
+          first_seen(path, x, calls).append(recorded(path, x))
         return out
       if isinstance(mod, RaggedDense):
         path = layer_path(mod)
@@ -308,7 +322,7 @@ def capture_dense_stats(model: nn.Module, params: Any, calib_batches: Sequence[A
         out = next_fun(*args, **kwargs)
         keep.extend([x, out])
         if pattern.fullmatch(path):
-          first_seen(path, x, ragged).append((x, group_sizes))
+          first_seen(path, x, ragged).append((recorded(path, x), group_sizes))
         return out
       if isinstance(mod, NORM_TYPES):
         out = next_fun(*args, **kwargs)

@@ -125,7 +125,8 @@ class QBox(struct.PyTreeNode, meta.AxisMetadata):
   def add_axis(self, index, params):
     del index, params
     raise ValueError("quantized (real-mode) parameters cannot cross nn.scan/nn.vmap; "
-                     "use mode='fake' for such models, or quantize_function")
+                     "use mode='fake' for such models, or unroll the layers (a "
+                     "Python loop) to store them quantized")
 
   def remove_axis(self, index, params):
     return self.add_axis(index, params)
@@ -704,8 +705,10 @@ class LinenQuantizer:
             f"{path}: its layer sees the kernel as {seen[0]} but the params store "
             f"{stored[path]}: a layer under nn.scan or nn.vmap sees one slice of a "
             "stacked kernel, and real mode stores whole kernels only. Quantize it "
-            "in mode='fake', exclude it with a float rule, or quantize the apply "
-            "function with lowbit_jax.quantize_function")
+            "in mode='fake', exclude it with a float rule, or unroll the layers (a "
+            "Python loop) to store them quantized (lowbit_jax.quantize_function "
+            "runs a scanned model in real mode, but keeps the stacked kernels in "
+            "float and rounds them per call)")
       plans = {p for p, _ in ps}
       if len(plans) == 1:
         plan[path] = ps[0][0]

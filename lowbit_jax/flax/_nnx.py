@@ -366,8 +366,9 @@ def _plan(node, op: str, spec, path: str = "") -> _rules.WeightPlan:
         "the layer's own: layers stacked by nnx.vmap / nnx.scan, and real mode "
         "quantizes whole per-layer kernels only (one scale grid per layer would "
         "be shared across them). Quantize it in mode='fake', exclude it with a "
-        "float rule, or quantize the forward function with "
-        "lowbit_jax.quantize_function")
+        "float rule, or unroll the layers (a Python loop) to store them quantized "
+        "(lowbit_jax.quantize_function runs a scanned model in real mode, but "
+        "keeps the stacked kernels in float and rounds them per call)")
   # The layer promotes its kernel to its dtype before the op (fake mode
   # quantizes those values); None: the kernel reaches the op as stored.
   cd = getattr(node, "dtype", None)

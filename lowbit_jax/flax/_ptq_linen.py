@@ -54,7 +54,7 @@ import numpy as np
 
 from lowbit_jax import _ptq as ptq_lib
 from lowbit_jax._experts import clip_experts, expert_spec, quantize_experts
-from lowbit_jax._ptq_scaling import _close
+from lowbit_jax._ptq_scaling import _close, _grid
 from lowbit_jax.algorithms._tree import with_leaves
 from lowbit_jax.algorithms.awq import awq_clip_search, awq_scales, awq_search
 from lowbit_jax.algorithms.gptq import block_ranges, gptq
@@ -397,6 +397,8 @@ def _quantize_dense(path: str, w: jax.Array, st: DenseStats, spec: Optional[Quan
     elif res is not None and not simulated:   # asymmetric GPTQ: its ranges' pair
       scale = (ptq_lib.asym_pair(w_q, full, block_ranges(res.amin, w_in.shape, spec),
                                  spec), None)   # (weight_scale, no tensor scale)
+    elif not simulated:   # asymmetric RTN (of a clipped kernel): its own ranges' pair
+      scale = _grid(w_in, spec)
   # Quality, measured in the domain the kernel was quantized in; the weight
   # SQNR maps rows back to the input's original scale.
   to_orig = (lambda a: a) if tr is None else tr.unweight
@@ -655,6 +657,8 @@ def _quantize_convs(cur, cap: Capture, stats: dict, method: str,
           conv_unmatrix(full, w.shape, *axes),
           conv_unmatrix(block_ranges(res.amin, w2.shape, spec), w.shape, *axes),
           spec_n), None)   # (weight_scale, no tensor scale)
+    else:   # asymmetric RTN (of a clipped kernel): its own ranges' pair
+      weight_scales[p] = _grid(conv_unmatrix(w_in, w.shape, *axes), spec_n)
     cur = with_leaves(cur, p, kernel=conv_unmatrix(w_q, w.shape, *axes).astype(w.dtype))
     # The weight SQNR with the rows at the input's original scale.
     s_rows = (jnp.tile(scalings[p], w2.shape[0] // scalings[p].shape[0])[:, None]
@@ -824,7 +828,7 @@ def _quantize_experts(w: jax.Array, st: ExpertStats, spec: Optional[QuantSpec],
     # The range each block was rounded with (GPTQ's, or the weight's own),
     # under the stack's tensor range for a two-level spec.
     scale = rtn_scales(amaxs, expert_spec(spec), t_amax)
-  elif spec.tile is None and quant == "gptq":   # asymmetric: the ranges' pair
+  elif spec.tile is None:   # asymmetric: the ranges' pair (GPTQ's or RTN's own)
     scale = (ptq_lib.asym_pair(w_q, amaxs, amins, expert_spec(spec)), None)
   w_q = w_q.astype(w.dtype)
   w = w if ref is None else ref

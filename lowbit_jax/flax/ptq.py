@@ -568,7 +568,12 @@ def _capture_layers(model, variables, batches, rules, layers: str, *, token_mask
     raise
   keep = [p for p, st in cap.stats.items() if _is_linen_layer(p, st, cap.sites[p].op)]
   if not keep:
-    raise ValueError(_NO_LAYER.format(layers))
+    raise ValueError(
+        f"the layers {layers!r} selects ({sorted(cap.stats)[:4]}"
+        f"{' ...' if len(cap.stats) > 4 else ''}) are none of the kinds apply_ptq "
+        "treats (nn.Dense, convs, RaggedDense): Einsum layers, DenseGeneral over "
+        "several axes (nn.MultiHeadDotProductAttention's) and Embed.attend stay "
+        "float here; lowbit_jax.ptq_params quantizes those too")
   return cap._replace(stats={p: cap.stats[p] for p in keep},
                       sites={p: cap.sites[p] for p in keep},
                       inputs={p: v for p, v in cap.inputs.items() if p in keep},

@@ -243,3 +243,21 @@ def _leaf(tree, path):
   for k in path:
     tree = tree[k.key]
   return tree
+
+
+def test_a_stream_only_the_embedding_writes_is_refused():
+  # x = E[t] @ w_in, then a pre-norm block: the search follows the table's
+  # lookup, whose only reader is w_in; it returned that one-reader stream and
+  # QuaRot rotated nothing the quantization sees, silently.
+  from lowbit_jax._residual import find_residual_stream
+  k = jax.random.split(jax.random.key(0), 3)
+  p = {"embed": jax.random.normal(k[0], (16, 8)), "w_in": jax.random.normal(k[1], (8, 8)),
+       "up": jax.random.normal(k[2], (8, 8))}
+
+  def fn(pp, tt):
+    x = pp["embed"][tt] @ pp["w_in"]
+    h = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6)
+    return x + h @ pp["up"]
+
+  with pytest.raises(ValueError, match="nothing but the embedding writes"):
+    find_residual_stream(fn, p, jnp.zeros((2, 3), jnp.int32))
