@@ -1536,7 +1536,8 @@ def _history_grad_key(site: Site, call: Optional[SiteCall], operands: dict, x, l
   """
   hist = _histories(site, call, operands)
   if hist and site.mode == "real":
-    x, lspec, w, wspec, more = _delayed_as_static(site, hist, x, lspec, w, wspec)
+    x, lspec, w, wspec, more = _delayed_as_static(
+        site, hist, x, lspec, w, wspec, operands.get("rhs", (None, None, wspec))[2])
     kw.update(more)
   elif hist:
     kw["amax_history"] = hist
@@ -1549,14 +1550,21 @@ def _history_grad_key(site: Site, call: Optional[SiteCall], operands: dict, x, l
   return x, lspec, w, wspec
 
 
-def _delayed_as_static(site: Site, hist: dict, x, lspec, w, wspec):
+def _delayed_as_static(site: Site, hist: dict, x, lspec, w, wspec, wfilled=None):
   """Real mode of a delayed site: each history's range as a static range.
 
   An all-zero history (never trained) falls back to the operand's own amax,
   as the fake ops do on their first step. The activation's range goes to ops
   as ``lhs_amax`` (``lhs_tensor_amax`` for NVFP4); a second activation (an
-  activation matmul) is quantized here. Weights were stored ahead of time
-  with their history's range (``quantize_params``' ``histories``).
+  activation matmul) is quantized here, and so is a weight that reaches real
+  mode in float (one ``quantize_params`` leaves float: a tied embedding the
+  lookup also reads, or params never stored): with its history's range, the
+  one fake mode quantized it with (its current amax gave other codes).
+  Weights stored ahead of time carry that range already (``quantize_params``'
+  ``histories``).
+
+  Args:
+    wfilled: ``wspec`` with its axis filled for ``w``'s layout.
 
   Returns:
     ``(x, lspec, w, wspec, ops keywords)``.
@@ -1565,10 +1573,10 @@ def _delayed_as_static(site: Site, hist: dict, x, lspec, w, wspec):
   if "lhs" in hist and lspec is not None:
     a = delayed_range(site.rule, hist["lhs"], x)
     kw["lhs_tensor_amax" if lspec.tensor_scale else "lhs_amax"] = a
-  if site.is_act and "rhs" in hist and wspec is not None:
+  if "rhs" in hist and wspec is not None and not isinstance(w, QArray):
     a = delayed_range(site.rule, hist["rhs"], w)
     k = "tensor_amax" if wspec.tensor_scale else "amax"
-    w = quantize(w, wspec, **{k: a})
+    w = quantize(w, wfilled if wfilled is not None else wspec, **{k: a})
     wspec = None
   return x, lspec, w, wspec, kw
 

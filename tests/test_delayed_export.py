@@ -92,3 +92,31 @@ def test_a_shared_delayed_layer_warns_that_its_histories_sum():
   with pytest.warns(UserWarning, match=r"\['shared/kernel'\].*sum"):
     jax.grad(lambda p: qf(model.apply)({"params": p, "quant_state": st}, X).sum())(
         params)
+
+
+class _Tied(nn.Module):
+  @nn.compact
+  def __call__(self, t):
+    e = nn.Embed(32, 16, name="embed")
+    return e.attend(nn.Dense(16, name="fc")(e(t)))
+
+
+@pytest.mark.parametrize("weight", ["fp8_e4m3", lb.QuantSpec("nvfp4", axis=0)])
+def test_a_weight_real_mode_keeps_in_float_takes_its_history_range(weight):
+  # A tied table (the lookup also reads it) stays float in real mode and is
+  # quantized per call: with its history's range, as fake mode was (its
+  # current amax gave other codes: a trained tied model exported wrong).
+  rules = [QuantRule(".*", weight=weight, activation="fp8_e4m3", scaling="delayed",
+                     amax_history_len=4)]
+  model = _Tied()
+  t = jax.random.randint(jax.random.key(1), (4, 8), 0, 32)
+  params = model.init(jax.random.key(2), t)["params"]
+  qf = quantize_linen(rules, mode="fake")
+  st = qf.init_quant_vars(model, {"params": params}, t)["quant_state"]
+  st = jax.grad(lambda s: jnp.sum(qf(model.apply)({"params": params, "quant_state": s},
+                                                  t)))(st)
+  v = {"params": _shrink(params), "quant_state": st}
+  qr = quantize_linen(rules, mode="real")
+  stored = qr.quantize_params(model, v, t)
+  assert not isinstance(stored["params"]["embed"]["embedding"], lb.QArray)
+  np.testing.assert_array_equal(qr(model.apply)(stored, t), qf(model.apply)(v, t))

@@ -178,6 +178,19 @@ def test_resume_with_another_model_is_refused_and_keeps_the_run(tmp_path, data):
   assert (tmp_path / "run" / "config.json").read_text() == before
   longer = _smoke_config(steps=3, ckpt_every=0, warmup_steps=1)
   assert train_lm.train(longer, tmp_path / "run", data=data)["step"] == 3
+  # A float run resumed with QAT on (its config has no quant fields to
+  # compare): refused before anything is written (Orbax failed on the tree
+  # structure after config.json had been overwritten).
+  spec = importlib.util.spec_from_file_location(
+      "train_qat_config", _CONFIG_FILE.parent / "train_qat.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  qat = module.get_config("smoke")
+  qat.model = longer.model
+  before = (tmp_path / "run" / "config.json").read_text()
+  with pytest.raises(ValueError, match=r"quantization-aware training off \(asked: on\)"):
+    train_lm.train(qat, tmp_path / "run", data=data)
+  assert (tmp_path / "run" / "config.json").read_text() == before
 
 
 def _bigram_apply(table, x):

@@ -1081,6 +1081,30 @@ def _einsum_dot(subscripts: str, lhs_nd: int, rhs_nd: int):
   return dn, perm
 
 
+def _grad_spec_through(gs: QuantSpec, perm: tuple) -> QuantSpec:
+  """An einsum's ``grad_spec`` (axes of its output) for the ``dot_general``
+  whose output ``transpose(perm)`` gives it: output axis ``i`` is axis
+  ``perm[i]`` there."""
+  n = len(perm)
+  if perm == tuple(range(n)):
+    return gs
+  ax = gs.axis
+  if isinstance(ax, int):
+    gs = gs.replace(axis=perm[ax % n])
+  elif isinstance(ax, tuple):
+    gs = gs.replace(axis=tuple(perm[a % n] for a in ax))
+  if gs.tile is not None:
+    last = tuple(perm[-2:])
+    if last == (n - 1, n - 2):
+      gs = gs.replace(tile=tuple(gs.tile[::-1]))
+    elif last != (n - 2, n - 1):
+      raise ValueError(f"grad_spec tiles the output's last two axes, which this "
+                       f"einsum computes as axes {last} of its dot_general: give "
+                       "the output labels in (batch, lhs-free, rhs-free) order, or "
+                       "use a per-axis grad_spec")
+  return gs
+
+
 def einsum(subscripts: str, lhs, rhs, *, lhs_spec=None, rhs_spec=None, grad_spec=None,
            mode: str = "fake", key=None, lhs_amax=None, lhs_tensor_amax=None,
            lhs_scale=None, rhs_scale=None, lhs_clip=None,
@@ -1119,6 +1143,7 @@ def einsum(subscripts: str, lhs, rhs, *, lhs_spec=None, rhs_spec=None, grad_spec
                                                      "rhs" in hist, "rhs")
   if gs is not None:
     dn, perm = _einsum_dot(subscripts, lhs_nd, rhs_nd)
+    gs = _grad_spec_through(gs, perm)
     y = dot_general(lhs, rhs, dn, precision, preferred_element_type, lhs_spec=ls,
                     rhs_spec=rs, grad_spec=gs, mode=mode, key=key, lhs_amax=lhs_amax,
                     lhs_tensor_amax=lhs_tensor_amax, lhs_scale=lhs_scale,

@@ -589,6 +589,14 @@ def _check_resume(workdir: pathlib.Path, config: Any, manager) -> None:
   if manager.latest_step() is None:
     return
   diff = state_lib.run_config_mismatch(workdir, config, only=_RESUME_FIELDS)
+  if (workdir / "config.json").exists():
+    # A recipe on one side only (a float run has no quant fields to compare).
+    was = qat_lib.recipe_from_config(state_lib.read_run_config(workdir)) is not None
+    now = qat_lib.recipe_from_config(config) is not None
+    if was != now:
+      diff = ", ".join(filter(None, [
+          f"quantization-aware training {'on' if was else 'off'} "
+          f"(asked: {'on' if now else 'off'})", diff]))
   if diff:
     raise ValueError(
         f"{workdir} holds checkpoints of a run with another config: {diff}. It "
@@ -727,9 +735,6 @@ def train(config: Any, workdir: str | os.PathLike[str], *,
   except ValueError:
     manager.close()
     raise
-  (workdir / "config.json").write_text(config.to_json(indent=1)
-                                       if hasattr(config, "to_json")
-                                       else json.dumps(dict(config), indent=1))
   log = _JsonlLog(workdir / "log.jsonl")
 
   def batch_at(step):
@@ -750,6 +755,11 @@ def train(config: Any, workdir: str | os.PathLike[str], *,
       resumed_from = None
     else:
       resumed_from = int(state.step)
+    # Written once the state is in hand: a failed restore leaves the run's
+    # own config (init_from and resume read it).
+    (workdir / "config.json").write_text(config.to_json(indent=1)
+                                         if hasattr(config, "to_json")
+                                         else json.dumps(dict(config), indent=1))
     start = int(state.step)
     log.write({"event": "start", "step": start, "resumed_from": resumed_from,
                "num_params": num_params(state.params), "devices": mesh.size,

@@ -404,3 +404,19 @@ def test_bf16_operands_keep_their_dtype():
   assert f.dtype == jnp.bfloat16 and r.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(f, np.float32), np.asarray(r, np.float32),
                              rtol=2e-2, atol=2e-2)
+
+
+def test_einsum_grad_spec_axes_are_the_outputs():
+  # 'td,fd->ft' runs as a dot_general giving 'tf', then a transpose: an
+  # explicit grad_spec axis was taken in that internal layout (dW off by 17).
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(6, 16)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(4, 16)), jnp.float32)
+  dy = jnp.asarray(rng.normal(size=(4, 6)), jnp.float32) * jnp.array(
+      [1e-3, 1.0, 1e2, 1e-2])[:, None]
+  gs = lb.QuantSpec("int4", axis=1)   # one scale per output row f
+  _, vjp = jax.vjp(lambda a, b: ops.einsum("td,fd->ft", a, b, grad_spec=gs), x, w)
+  np.testing.assert_allclose(vjp(dy)[1], lb.fake_quant(dy, gs) @ x, rtol=1e-5, atol=1e-6)
+  tiles = lb.QuantSpec("int8", tile=(2, 3))
+  _, vjp = jax.vjp(lambda a, b: ops.einsum("td,fd->ft", a, b, grad_spec=tiles), x, w)
+  np.testing.assert_allclose(vjp(dy)[1], lb.fake_quant(dy, tiles) @ x, rtol=1e-5, atol=1e-6)
