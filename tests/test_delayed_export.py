@@ -33,14 +33,19 @@ def _shrink(params):
   return jax.tree.map(lambda a: a * 0.9, params)
 
 
+def _linen_step(model, rules, x):
+  """``(fake quantizer, variables)`` after one history update and a weight step."""
+  params = model.init(jax.random.key(2), x)["params"]
+  qf = quantize_linen(rules, mode="fake")
+  st = qf.init_quant_vars(model, {"params": params}, x)["quant_state"]
+  st = jax.grad(lambda s: jnp.sum(qf(model.apply)({"params": params, "quant_state": s},
+                                                  x)))(st)
+  return qf, {"params": _shrink(params), "quant_state": st}
+
+
 def test_linen_export_equals_fake_after_a_step():
   model = _MLP()
-  params = model.init(jax.random.key(2), X)["params"]
-  qf = quantize_linen(RULES, mode="fake")
-  st = qf.init_quant_vars(model, {"params": params}, X)["quant_state"]
-  st = jax.grad(lambda s: jnp.sum(qf(model.apply)({"params": params, "quant_state": s},
-                                                  X)))(st)
-  v = {"params": _shrink(params), "quant_state": st}
+  qf, v = _linen_step(model, RULES, X)
   qr = quantize_linen(RULES, mode="real")
   y_real = qr(model.apply)(qr.quantize_params(model, v, X), X)
   np.testing.assert_array_equal(y_real, qf(model.apply)(v, X))
@@ -110,12 +115,7 @@ def test_a_weight_real_mode_keeps_in_float_takes_its_history_range(weight):
                      amax_history_len=4)]
   model = _Tied()
   t = jax.random.randint(jax.random.key(1), (4, 8), 0, 32)
-  params = model.init(jax.random.key(2), t)["params"]
-  qf = quantize_linen(rules, mode="fake")
-  st = qf.init_quant_vars(model, {"params": params}, t)["quant_state"]
-  st = jax.grad(lambda s: jnp.sum(qf(model.apply)({"params": params, "quant_state": s},
-                                                  t)))(st)
-  v = {"params": _shrink(params), "quant_state": st}
+  qf, v = _linen_step(model, rules, t)
   qr = quantize_linen(rules, mode="real")
   stored = qr.quantize_params(model, v, t)
   assert not isinstance(stored["params"]["embed"]["embedding"], lb.QArray)
