@@ -153,12 +153,15 @@ class Capture(NamedTuple):
     inputs: parameter path -> ``InputStats`` (``max_samples`` > 0 only).
     unused_rules: the given rules that matched no site (a typo quantizes
       nothing); a ``QuantConfig(strict=True)`` raises on them instead.
+    kinds: parameter path -> the op kinds its front end matched rules with
+      (``ptq_params(capture=)`` matches its rules the same way).
   """
   stats: dict
   sites: dict
   skipped: dict
   inputs: dict = {}
   unused_rules: tuple = ()
+  kinds: dict = {}
 
 
 class PTQResult(NamedTuple):
@@ -504,7 +507,8 @@ def capture_hessians(model, params, calib_batches: Sequence[Any], rules, *,
   inputs = {p: InputStats(a, m, r[:max_samples], *[g[:max_samples] for g in grp])
             for p, (a, m, r, *grp) in inputs.items()}
   return Capture(stats, {p: rec.sites[p] for p in stats}, dict(rec.skipped), inputs,
-                 _unused(rules, config))
+                 _unused(rules, config),
+                 {p: _site_kinds(front, rec.sites[p].op) for p in stats})
 
 
 def _unused(rules, config) -> tuple:
@@ -727,12 +731,22 @@ def _is_variables(params, front: str) -> bool:
   return front == "linen" and isinstance(params, Mapping) and "params" in params
 
 
-def _param_tree(model, params, front: str):
-  """The nested dict of parameters the sites' paths index."""
+def _param_tree(model, params, front: str, unbox: bool = True):
+  """The nested dict of parameters the sites' paths index (Linen's metadata
+  boxes, ``nn.with_partitioning``'s, unboxed unless ``unbox`` is False)."""
   if front == "nnx":
     from flax import nnx
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  return params["params"] if _is_variables(params, front) else params
+  tree = params["params"] if _is_variables(params, front) else params
+  if front == "linen" and unbox:
+    from flax.core import meta
+    tree = meta.unbox(tree)
+  return tree
+
+
+def _is_box(x) -> bool:
+  from flax.core import meta
+  return isinstance(x, meta.AxisMetadata)
 
 
 def _get_path(tree, path: str):
@@ -837,7 +851,9 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
       (gptq/rtn only; ``calib_batches`` and ``token_mask`` are then unused):
       its sites are rounded with the specs ``rules`` give them (e.g.
       ``mixed_precision_rules``' choice), the sites the rules leave float
-      stay float.
+      stay float; sites the capture did not record are not rounded (capture
+      with rules that select every layer to round), and ``unused_rules``
+      lists the rules with a weight spec that round no captured site.
     alpha: SmoothQuant's migration strength.
     n_grid: AWQ's grid size over its exponent.
     max_samples: input rows retained per site for AWQ's searches.
@@ -1029,34 +1045,51 @@ def _check_rotation_options(method: str, quantizer: str, online, heads, spinquan
                      "model itself")
 
 
-# The op kinds of a captured site's rules (as the function front end matches
-# them: the widest of the front ends).
-_SITE_KINDS = {"ragged_dot": ("ragged_dot", "dot_general", "einsum"), "conv": ("conv",)}
+def _site_kinds(front: str, op: str) -> tuple:
+  """The op kinds a front end matches a weight site's rules with (a rule's
+  ``ops``): the function front end's matmuls also match einsum rules (and its
+  experts dot_general ones); a Linen/NNX layer matches its own op, experts
+  also einsum rules."""
+  if op == "conv":
+    return ("conv",)
+  if front == "function":
+    return ("ragged_dot", "dot_general", "einsum") if op == "ragged_dot" else (
+        "dot_general", "einsum")
+  return ("ragged_dot", "einsum") if op == "ragged_dot" else (op,)
 
 
 def _respec(cap: Capture, rules) -> Capture:
   """The captured sites under ``rules``: each with the weight spec of the first
-  rule matching its parameter path or layer path, those the rules leave float
-  (or match no rule) dropped, as a capture under ``rules`` would have them.
-  Rules with weight specs that match none of them raise (rules without any
-  leave every site float)."""
+  rule matching its parameter path or layer path (the op kinds as at
+  capture), those the rules leave float (or match no rule) dropped, as a
+  capture under ``rules`` would have them. ``unused_rules`` become the rules
+  with a weight spec that round no captured site (a strict QuantConfig raises
+  on them); rules with weight specs that round none raise (rules without any
+  leave every site float). Sites the capture did not record are not known
+  here: capture with rules that select every layer to round."""
   config = (rules if isinstance(rules, _rules.QuantConfig)
             else _rules.QuantConfig(_rules.as_rules(rules)))
-  sites = {}
+  sites, used = {}, set()
   for p, site in cap.sites.items():
     i = config.find(_rules.candidates(p),
-                    _SITE_KINDS.get(site.op, ("dot_general", "einsum")))
+                    cap.kinds.get(p) or _site_kinds("function", site.op))
     if i is not None and config.rules[i].weight is not None:
       sites[p] = dataclasses.replace(site, rule=config.rules[i])
-  if not sites and any(r.weight is not None for r in config.rules):   # a typo
+      used.add(i)
+  unused = tuple(r for i, r in enumerate(config.rules)
+                 if r.weight is not None and i not in used)
+  if not sites and unused:   # a typo
     raise ValueError(
         f"the rules quantize none of the captured weights ({list(cap.sites)[:5]}"
         f"{' ...' if len(cap.sites) > 5 else ''}); give a rule with a weight spec "
         "that matches them, or capture with the rules you round with")
+  if config.strict and unused:
+    _rules.QuantConfig(list(unused), strict=True).check()
   return cap._replace(stats={p: cap.stats[p] for p in sites}, sites=sites,
                       skipped={p: why for p, why in cap.skipped.items()
                                if config.find(_rules.candidates(p), _rules.OPS)
-                               is not None})
+                               is not None},
+                      unused_rules=unused)
 
 
 def _expert_entry(path: str, st: SiteStats, err, rerr, method: str,
@@ -1090,11 +1123,15 @@ def _write_back(model, params, front: str, new_leaves: dict):
         node = node[int(k)] if k.isdigit() and not hasattr(node, k) else getattr(node, k)
       node.set_value(wq)
     return nnx.state(model, nnx.Param)
-  tree = _param_tree(model, params, front)
+  tree = _param_tree(model, params, front, unbox=False)
 
   def put(kp, leaf):
-    return new_leaves.get(_rules.path_str(kp), leaf)
-  new_tree = jax.tree_util.tree_map_with_path(put, tree, is_leaf=_rules.is_qarray)
+    new = new_leaves.get(_rules.path_str(kp))
+    if new is None:
+      return leaf
+    return leaf.replace_boxed(new) if _is_box(leaf) else new   # (keeps its metadata)
+  new_tree = jax.tree_util.tree_map_with_path(
+      put, tree, is_leaf=lambda x: _rules.is_qarray(x) or _is_box(x))
   return {**params, "params": new_tree} if _is_variables(params, front) else new_tree
 
 

@@ -94,11 +94,9 @@ def as_function(model, params, front: str):
   if front == "function":
     return model, params
   if front == "linen":
-    if _ptq._is_variables(params, front):   # pylint: disable=protected-access
-      rest = {k: v for k, v in params.items() if k != "params"}
-      tree = params["params"]
-    else:
-      rest, tree = {}, params
+    rest = ({k: v for k, v in params.items() if k != "params"}
+            if _ptq._is_variables(params, front) else {})   # pylint: disable=protected-access
+    tree = _ptq._param_tree(model, params, front)   # (unboxed)  pylint: disable=protected-access
 
     def fn(p, *args, **kwargs):
       return model.apply({**rest, "params": p}, *args, **kwargs)

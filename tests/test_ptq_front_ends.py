@@ -507,3 +507,27 @@ def test_ptq_reports_rules_that_matched_nothing():
     assert res.report["unused_rules"] == ["ww"]
   with pytest.raises(ValueError, match="matched no layer or parameter path: 'ww'"):
     lb.ptq_params(fn, {"w": w}, [x], lb.QuantConfig(rules, strict=True))
+
+
+def test_linen_params_boxed_by_with_partitioning():
+  # nn.with_partitioning's boxes: every method failed to find the kernel.
+  x, _ = _transposed_problem()
+
+  class M(nn.Module):
+    boxed: bool
+
+    @nn.compact
+    def __call__(self, a):
+      init = nn.initializers.lecun_normal()
+      return nn.Dense(32, name="up", kernel_init=nn.with_partitioning(
+          init, (None, "model")) if self.boxed else init)(nn.RMSNorm(name="norm")(a))
+
+  rules = [QuantRule(".*kernel", weight=lb.QuantSpec("int4", group_size=16))]
+  v = M(True).init(jax.random.key(1), x)
+  plain = nn.unbox(v)
+  for method in ("gptq", "awq"):
+    got = lb.ptq_params(M(True), v, [x], rules, method=method)
+    want = lb.ptq_params(M(False), plain, [x], rules, method=method)
+    k = got.params["params"]["up"]["kernel"]
+    assert isinstance(k, nn.Partitioned) and k.names == (None, "model")
+    np.testing.assert_array_equal(k.value, want.params["params"]["up"]["kernel"])

@@ -299,8 +299,10 @@ def gptq(w: jax.Array, hessian: jax.Array, spec: SpecLike, *, blocksize: int = 1
     ``GPTQResult(weight, amax, amin, tensor_amax)``.
 
   Raises:
-    ValueError: the Hessian is not finite or not positive semi-definite,
-      shapes disagree, the spec does not fit ``w`` (axis not a
+    ValueError: the Hessian is not finite, has a negative diagonal entry or
+      cannot be factorized even with the dampening raised (an indefinite
+      Hessian with a positive diagonal is damped until it factorizes: pass
+      ``X^T X``), shapes disagree, the spec does not fit ``w`` (axis not a
       multiple of the group without ``pad=True``), or the spec rounds
       stochastically / sets its scale by mean magnitude (binary, ternary).
   """
@@ -328,14 +330,18 @@ def gptq(w: jax.Array, hessian: jax.Array, spec: SpecLike, *, blocksize: int = 1
     raise ValueError("hessian holds NaN or inf (non-finite calibration inputs, or "
                      "values above ~1e19 whose squares overflow float32); check the "
                      "inputs it was built from")
+  if concrete and bool(jnp.any(jnp.diagonal(hessian) < 0)):
+    raise ValueError("hessian has a negative diagonal entry, which no X^T X has; "
+                     "pass the Gram matrix of the layer's inputs "
+                     "(lowbit_jax.algorithms.gptq.gram)")
   res = _gptq(w, hessian, jnp.float32(percdamp),
               None if tensor_amax is None else jnp.asarray(tensor_amax, jnp.float32),
               spec=spec, blocksize=blocksize, act_order=bool(act_order))
   if (concrete and not bool(jnp.all(jnp.isfinite(res.weight)))
       and bool(jnp.all(jnp.isfinite(w)))):
-    raise ValueError("hessian is not positive semi-definite (its Cholesky factor "
-                     "failed even with the dampening raised 10^8-fold); pass X^T X "
-                     "of the layer's inputs (lowbit_jax.algorithms.gptq.gram)")
+    raise ValueError("hessian could not be factorized even with the dampening "
+                     "raised 10^8-fold (it is no X^T X); pass the Gram matrix of "
+                     "the layer's inputs (lowbit_jax.algorithms.gptq.gram)")
   return res
 
 

@@ -126,12 +126,14 @@ def test_a_dead_input_neither_widens_its_group_nor_sets_the_dampening(spec, act_
   np.testing.assert_array_equal(dequantize(q), got.weight)
 
 
-def test_a_non_finite_or_indefinite_hessian_is_refused(layer):
+def test_a_non_finite_or_negative_hessian_is_refused(layer):
   _, w, h = layer
   with pytest.raises(ValueError, match="NaN or inf"):
     gptq(w, h.at[3, 5].set(jnp.nan), "int4")
   with pytest.raises(ValueError, match="NaN or inf"):
     gptq(w, h.at[3, 3].set(jnp.inf), "int4")
+  with pytest.raises(ValueError, match="negative diagonal"):
+    gptq(w, -h, "int4")   # (was taken as all-dead inputs: worse than RTN)
 
 
 def test_singular_hessian_is_damped():

@@ -259,5 +259,12 @@ def test_a_stream_only_the_embedding_writes_is_refused():
     h = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6)
     return x + h @ pp["up"]
 
-  with pytest.raises(ValueError, match="nothing but the embedding writes"):
+  with pytest.raises(ValueError, match="read only by matmuls .*no norm and no residual"):
     find_residual_stream(fn, p, jnp.zeros((2, 3), jnp.int32))
+
+  def no_residual(pp, tt):   # E[t] -> RMSNorm -> up: no addition, still a stream
+    x = pp["embed"][tt]
+    return (x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6)) @ pp["up"]
+
+  st = find_residual_stream(no_residual, p, jnp.zeros((2, 3), jnp.int32))
+  assert st.readers == ("up",) and st.writers == ("embed",)
