@@ -404,8 +404,9 @@ def _quantile(h: jax.Array, lo_edge, width, q, bottom, top) -> jax.Array:
 
   ``np.quantile`` (method "linear") interpolates between the order statistics
   of rank ``floor(q (N - 1))`` and the next; each is located inside its bin
-  (the first and last exactly: ``bottom`` and ``top``, the observed extremes),
-  so the result is within one bin width of ``np.quantile`` of the raw data.
+  (the first and last exactly: ``bottom`` and ``top``, the observed extremes,
+  where known: None places that one in its bin like the others), so the
+  result is within one bin width of ``np.quantile`` of the raw data.
   """
   total = jnp.sum(h)
   cum = jnp.cumsum(h)
@@ -415,7 +416,7 @@ def _quantile(h: jax.Array, lo_edge, width, q, bottom, top) -> jax.Array:
 
   def stat(m):
     v = _order_stat(h, cum, lo_edge, width, m)
-    v = jnp.where(m >= total, top, v)
+    v = v if top is None else jnp.where(m >= total, top, v)
     return v if bottom is None else jnp.where(m <= 1, bottom, v)
 
   v0 = stat(k0 + 1.0)
@@ -436,8 +437,10 @@ def _quantile_at(h: jax.Array, lo_edge, width, q: float, bottom, top) -> jax.Arr
   if q <= 0.5:
     return _quantile(h, lo_edge, width, np.float32(q), bottom, top)
   hi_edge = lo_edge + h.shape[-1] * width
+  # (Without an observed minimum, the smallest value is placed in its bin:
+  # the histogram's lower edge is no value, e.g. 0 for magnitudes.)
   return -_quantile(h[..., ::-1], -hi_edge, width, np.float32(1.0 - q), -top,
-                    -lo_edge if bottom is None else -bottom)
+                    None if bottom is None else -bottom)
 
 
 def _percentile_finalize(n: int, p: float):
@@ -485,7 +488,9 @@ def _bin_points(h: jax.Array, lo_edge, width, per_bin: int):
 
 
 def _mse_finalize(n: int, num: int, min_ratio: float):
-  ratios = jnp.linspace(min_ratio, 1.0, num, dtype=jnp.float32)
+  # numpy, not jnp: observers are cached (``get``), and one first built
+  # inside a trace would keep a tracer (later calls: UnexpectedTracerError).
+  ratios = np.linspace(min_ratio, 1.0, num, dtype=np.float32)
 
   def one(hist, r, lo, hi, spec):
     es = _eval_spec(spec)
@@ -501,9 +506,10 @@ def _mse_finalize(n: int, num: int, min_ratio: float):
       c, h = _bin_points(hist, -r, w, _MSE_POINTS)
       err = lambda t: jnp.sum(  # noqa: E731
           h * (_fq(c, es, t * hi / clip, t * lo / clip) - c) ** 2)
-    errs = lax.map(err, ratios)
+    rs = jnp.asarray(ratios)
+    errs = lax.map(err, rs)
     # Ties go to the larger ratio (less clipping).
-    best = ratios[num - 1 - jnp.argmin(errs[::-1])]
+    best = rs[num - 1 - jnp.argmin(errs[::-1])]
     if spec.symmetric:
       return jnp.where(seen, best * a0 / clip, 0.0), None
     return (jnp.where(seen, best * hi / clip, 0.0),

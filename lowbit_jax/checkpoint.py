@@ -1040,11 +1040,16 @@ def _leaf_paths(sk, prefix: str, names: list) -> None:
 def _onto_target(target, names: list, leaves: list):
   by_path = dict(zip(names, leaves))
   flat, treedef = jax.tree_util.tree_flatten_with_path(target, is_leaf=_rules.is_qarray)
-  # An nnx.State's leaves sit under each Variable's "value" (".../kernel/value")
-  # where its to_pure_dict(), which save() takes, has ".../kernel".
-  paths = [_rules.path_str(kp) for kp, _ in flat]
-  paths = [p[:-len("/value")] if p.endswith("/value") and p not in by_path
-           and p[:-len("/value")] in by_path else p for p in paths]
+  # An nnx.State's leaves sit under each Variable's "value" (".../kernel/value",
+  # ".../stats/value/amax" for a Variable holding a dict) where its
+  # to_pure_dict(), which save() takes, has ".../kernel" (".../stats/amax").
+
+  def pure(p):
+    if p in by_path:
+      return p
+    q = "/".join(part for part in p.split("/") if part != "value")
+    return q if q in by_path else p
+  paths = [pure(_rules.path_str(kp)) for kp, _ in flat]
   if sorted(paths) != sorted(by_path):
     missing = sorted(set(by_path) - set(paths))[:5]
     extra = sorted(set(paths) - set(by_path))[:5]

@@ -449,3 +449,39 @@ def test_bad_arrays_and_arguments():
   with pytest.raises(TypeError, match="options"):
     cal.calibrate(lambda b: b, [np.ones(3, np.float32)], PER_TENSOR,
                   observer=cal.get("minmax"), decay=0.5)
+
+
+def test_an_mse_observer_first_built_inside_a_trace_keeps_no_tracer():
+  # Observers are cached by options; the MSE one held its ratio grid as a jnp
+  # array, so one first built inside a trace (a static rule's calibrate call)
+  # leaked a tracer into every later use in the process.
+  spec = lb.QuantSpec("int8", axis="tensor", calibration="mse")
+  x = jnp.asarray(np.random.default_rng(0).standard_normal(256), jnp.float32)
+  opts = {"num_ratios": 37}   # options no other test builds first
+
+  @jax.jit
+  def inside(v):
+    obs = cal.get("mse", **opts)
+    return obs.finalize(obs.update(obs.init(v, spec), v), spec)["amax"]
+
+  got = inside(x)
+  obs = cal.get("mse", **opts)
+  np.testing.assert_array_equal(obs.finalize(obs.update(obs.init(x, spec), x), spec)["amax"],
+                                got)
+
+
+def test_percentile_of_two_values_is_within_a_bin():
+  # Above the median the rank counts from the top; the smallest magnitude was
+  # then taken as the histogram's lower edge (0), not placed in its bin.
+  spec = lb.QuantSpec("int8", axis="tensor")
+  obs = cal.get("percentile", percentile=75.0, bins=2048)
+  x = jnp.asarray([2.0, -4.0])
+  st = obs.update(obs.init(x, spec), x)
+  width = float(st["range"]) / 2048
+  assert abs(float(obs.finalize(st, spec)["amax"]) - 3.5) <= width   # was 3.0
+  x = jnp.asarray([[1.0, 3.0], [-3.0, 1.5]])
+  spec = lb.QuantSpec("int8", axis=0)
+  obs = cal.get("percentile", percentile=99.0)
+  st = obs.update(obs.init(x, spec), x)
+  np.testing.assert_allclose(obs.finalize(st, spec)["amax"],
+                             np.percentile(np.abs(np.asarray(x)), 99, axis=0), atol=3e-3)

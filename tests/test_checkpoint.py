@@ -283,3 +283,20 @@ def test_restore_onto_an_nnx_state(tmp_path):
   back = checkpoint.restore(tmp_path / "c", target=st)
   assert type(back) is type(st)
   _assert_same(nnx.to_pure_dict(back), nnx.to_pure_dict(st))
+
+
+def test_restore_onto_an_nnx_state_with_static_ranges(tmp_path):
+  # A calibrated range is a Variable holding a dict: its leaves sit at
+  # ".../stats/value/amax" in the state, ".../stats/amax" in the pure dict
+  # (restore(target=) named them missing).
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from lowbit_jax.flax import finalize_nnx, quantize_nnx  # pylint: disable=g-import-not-at-top
+  rules = [QuantRule(".*", weight="int8", activation="int8", static=True)]
+  m = quantize_nnx(nnx.Linear(16, 8, rngs=nnx.Rngs(0)), rules, mode="calibrate")
+  x = jax.random.normal(jax.random.key(1), (4, 16))
+  m(x)
+  m = finalize_nnx(quantize_nnx(m, rules, mode="real"))
+  graph, st = nnx.split(m)
+  checkpoint.save(tmp_path / "c", nnx.to_pure_dict(st))
+  back = checkpoint.restore(tmp_path / "c", target=st)
+  np.testing.assert_array_equal(nnx.merge(graph, back)(x), m(x))

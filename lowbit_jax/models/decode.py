@@ -87,8 +87,11 @@ def sample_token(logits: jax.Array, key: Optional[jax.Array], temperature: float
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = logits / jnp.float32(temperature)
   if top_k is not None and top_k < logits.shape[-1]:
-    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-    logits = jnp.where(logits >= kth, logits, -jnp.inf)
+    # Exactly k candidates (a threshold at the k-th value kept every tie:
+    # bf16 logits tie often); ties go to the lower token id, as argmax's.
+    vals, idx = jax.lax.top_k(logits, top_k)
+    pick = jax.random.categorical(key, vals, axis=-1)
+    return jnp.take_along_axis(idx, pick[:, None], axis=-1)[:, 0].astype(jnp.int32)
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 

@@ -83,6 +83,12 @@ def test_sample_token_temperature_top_k_and_keys():
   assert frac == pytest.approx(1 / (1 + math.exp(-0.1)), abs=0.03)
   hot = sample(logits, key, 1.0, None)
   assert set(np.unique(np.asarray(hot))) == {0, 1, 2, 3, 4}
+  # Exactly k candidates where logits tie (bf16 logits often do): top_k=1 is
+  # greedy, top_k=2 with a tie at the second place keeps the lower id.
+  tied = jnp.asarray([[1.0, 3.0, 3.0, 0.5]] * 2000)
+  np.testing.assert_array_equal(np.asarray(sample(tied, key, 1.0, 1)), 1)
+  tied2 = jnp.asarray([[1.0, 3.0, 2.0, 2.0]] * 2000)
+  assert set(np.unique(np.asarray(sample(tied2, key, 1.0, 2)))) == {1, 2}
 
 
 @pytest.mark.slow
