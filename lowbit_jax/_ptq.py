@@ -1076,6 +1076,10 @@ def _respec(cap: Capture, rules) -> Capture:
     if i is not None and config.rules[i].weight is not None:
       sites[p] = dataclasses.replace(site, rule=config.rules[i])
       used.add(i)
+  for p in cap.skipped:   # matched at capture, not capturable: still used
+    i = config.find(_rules.candidates(p), _rules.OPS)
+    if i is not None:
+      used.add(i)
   unused = tuple(r for i, r in enumerate(config.rules)
                  if r.weight is not None and i not in used)
   if not sites and unused:   # a typo

@@ -230,7 +230,6 @@ def find_residual_stream(fn: Callable, params: Any, *args, **kwargs) -> Residual
   rotate: dict = {}      # (path, axis) -> {roles}
   fusion: dict = {}      # gain path -> {(kernel, axis)}
   readers, writers = [], []
-  normed = [False]   # whether an RMS norm reads the stream
   width = [None]
   last_param = ["(no parameter yet)"]
   used_gain_elsewhere: dict = {}   # gain path -> where it is used off the norm
@@ -586,7 +585,6 @@ def find_residual_stream(fn: Callable, params: Any, *args, **kwargs) -> Residual
       nd = len(ins[0].aval.shape)
       if s0 == "square" and nd - 1 in eqn.params["axes"]:
         st[out] = "inv"
-        normed[0] = True
       else:
         fail(eqn, "a sum over the stream's features that is not a sum of squares "
              "(e.g. a LayerNorm's mean subtraction)")
@@ -666,14 +664,14 @@ def find_residual_stream(fn: Callable, params: Any, *args, **kwargs) -> Residual
                          f"norms ({fused[r]!r} and {f.gain!r})")
       fused[r] = f.gain
   tables = {kp for (kp, _), roles in rotate.items() if "embedding" in roles}
-  if writers and set(writers) <= tables and not normed[0]:
+  if writers and set(writers) <= tables:
     raise ValueError(
-        "rotation of the residual stream: the embedding lookup is read only by "
-        f"matmuls ({list(dict.fromkeys(readers))}), with no norm and no residual "
-        "addition, so a rotation there reaches none of the layers it is for. A "
-        "model whose stream starts after a projection of the embedding (x = E[t] "
-        "@ w_in) needs that projection folded into the table first (E @ w_in as "
-        "the embedding)")
+        "rotation of the residual stream: nothing but the embedding writes into "
+        "the stream (no residual addition); its readers "
+        f"({list(dict.fromkeys(readers))}) project it away, so a residual stream "
+        "that starts after them (x = E[t] @ w_in, or rms(E[t]) @ w_in) would stay "
+        "unrotated. Fold such a projection into the table first (E @ w_in as the "
+        "embedding); a model without residual additions is not one QuaRot rotates")
   return ResidualStream(width[0], tuple(sorted(rotate)), tuple(fusions),
                         tuple(dict.fromkeys(readers)), tuple(dict.fromkeys(writers)))
 

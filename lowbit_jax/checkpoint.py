@@ -1047,8 +1047,13 @@ def _onto_target(target, names: list, leaves: list):
   def pure(p):
     if p in by_path:
       return p
-    q = "/".join(part for part in p.split("/") if part != "value")
-    return q if q in by_path else p
+    parts = p.split("/")
+    for i in reversed(range(len(parts))):   # the Variable's own "value" (the
+      if parts[i] == "value":               # last one: a module may be named so)
+        q = "/".join(parts[:i] + parts[i + 1:])
+        if q in by_path:
+          return q
+    return p
   paths = [pure(_rules.path_str(kp)) for kp, _ in flat]
   if sorted(paths) != sorted(by_path):
     missing = sorted(set(by_path) - set(paths))[:5]

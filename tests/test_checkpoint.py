@@ -300,3 +300,14 @@ def test_restore_onto_an_nnx_state_with_static_ranges(tmp_path):
   checkpoint.save(tmp_path / "c", nnx.to_pure_dict(st))
   back = checkpoint.restore(tmp_path / "c", target=st)
   np.testing.assert_array_equal(nnx.merge(graph, back)(x), m(x))
+
+
+def test_restore_onto_an_nnx_state_with_a_module_named_value(tmp_path):
+  # nnx.MultiHeadAttention's "value" projection: only each Variable's own
+  # "value" segment maps onto the pure dict's path.
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  m = nnx.MultiHeadAttention(num_heads=2, in_features=8, decode=False, rngs=nnx.Rngs(0))
+  st = nnx.state(m)
+  checkpoint.save(tmp_path / "c", nnx.to_pure_dict(st))
+  back = checkpoint.restore(tmp_path / "c", target=st)
+  _assert_same(nnx.to_pure_dict(back), nnx.to_pure_dict(st))

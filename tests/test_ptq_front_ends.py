@@ -531,3 +531,30 @@ def test_linen_params_boxed_by_with_partitioning():
     k = got.params["params"]["up"]["kernel"]
     assert isinstance(k, nn.Partitioned) and k.names == (None, "model")
     np.testing.assert_array_equal(k.value, want.params["params"]["up"]["kernel"])
+  for method in ("gptq", "awq"):   # apply_ptq too (it failed on the boxes)
+    from lowbit_jax.flax import apply_ptq
+    got, _ = apply_ptq(M(True), v["params"], [x], method, lb.QuantSpec("int4", group_size=16))
+    want, _ = apply_ptq(M(False), plain["params"], [x], method,
+                        lb.QuantSpec("int4", group_size=16))
+    assert isinstance(got["up"]["kernel"], nn.Partitioned)
+    np.testing.assert_array_equal(got["up"]["kernel"].value, want["up"]["kernel"])
+
+
+def test_capture_reuse_counts_rules_of_skipped_sites_as_used():
+  # A grouped conv is matched but not captured: with capture= its rule read as
+  # unused, and a strict config raised where the direct call did not.
+  class M(nn.Module):
+    @nn.compact
+    def __call__(self, a):
+      a = nn.Conv(8, (3,), feature_group_count=2, name="g")(a)
+      return nn.Dense(8, name="d")(a)
+
+  x = jax.random.normal(jax.random.key(0), (2, 6, 8))
+  m = M()
+  v = m.init(jax.random.key(1), x)
+  cfg = lb.QuantConfig([QuantRule("g", weight="int8"), QuantRule("d", weight="int8")],
+                       strict=True)
+  cap = lb.capture_hessians(m, v, [x], cfg)
+  assert "g/kernel" in cap.skipped
+  res = lb.ptq_params(m, v, [x], cfg, capture=cap)
+  assert res.report["unused_rules"] == [] and list(res.report["layers"]) == ["d/kernel"]

@@ -130,17 +130,19 @@ calibrated in parallel, not sequentially on quantized predecessors).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import flax
 import flax.linen as nn
+from flax.core import meta as flax_meta
 import jax
 import jax.numpy as jnp
 
 from lowbit_jax import _ptq, _ptq_rotation
-from lowbit_jax._rules import QuantRule, conv_weight_spec
+from lowbit_jax._rules import QuantRule, conv_weight_spec, path_str
 from lowbit_jax.algorithms.rotation import R3_PATHS
 from lowbit_jax.algorithms.rtn import kernel_spec, sqnr_db
 from lowbit_jax.algorithms.spinquant import SpinQuantConfig
@@ -202,6 +204,30 @@ def _resolve_spec(weight_spec: WeightSpec, path: str) -> Optional[QuantSpec]:
   return None if spec is None else kernel_spec(spec)
 
 
+def _is_box(x) -> bool:
+  return isinstance(x, flax_meta.AxisMetadata)
+
+
+def _keeps_boxes(fn):
+  """``apply_ptq`` on params boxed by ``nn.with_partitioning`` (or any Flax
+  metadata box): it runs on the unboxed values and returns the new ones in
+  the same boxes."""
+  @functools.wraps(fn)
+  def wrapped(model, params, *args, **kwargs):
+    if not any(_is_box(x) for x in jax.tree.leaves(params, is_leaf=_is_box)):
+      return fn(model, params, *args, **kwargs)
+    new, report = fn(model, flax_meta.unbox(params), *args, **kwargs)
+    flat = {path_str(kp): leaf
+            for kp, leaf in jax.tree_util.tree_flatten_with_path(new)[0]}
+
+    def put(kp, x):
+      v = flat.get(path_str(kp), x)
+      return x.replace_boxed(v) if _is_box(x) else v
+    return jax.tree_util.tree_map_with_path(put, params, is_leaf=_is_box), report
+  return wrapped
+
+
+@_keeps_boxes
 def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], method: str,
               weight_spec: WeightSpec, act_spec: Optional[Any] = None, *,
               quantizer: str = "rtn", layers: str = ".*", alpha: float = 0.5,
