@@ -173,9 +173,10 @@ class PTQResult(NamedTuple):
       its ``nnx.State`` of Params, the model being updated in place).
     weight_scales: ``{parameter path: scale grid}``: the scales each weight
       was rounded with, in the weight's own layout, as real mode takes them
-      (``real_mode_kwargs`` puts them in each front end's form); for GPTQ with
-      an asymmetric spec a ``(scale grid, zero point grid)`` pair (RTN's
-      asymmetric weights need none: real mode re-derives their ranges).
+      (``real_mode_kwargs`` puts them in each front end's form); for an
+      asymmetric spec a ``(scale grid, zero point grid)`` pair (method "rtn"
+      gives none: its weights reach their own ranges, which real mode
+      re-derives; GPTQ's and the scaling methods' need not).
     weight_tensor_scales: ``{parameter path: float32 scalar}``: the tensor
       scale a two-level (NVFP4) weight's block scales were chosen under, which
       real mode stores them under (``quantize(..., tensor_scale=)``; without
@@ -517,9 +518,15 @@ def _unused(rules, config) -> tuple:
   given = rules.rules if isinstance(rules, _rules.QuantConfig) else _rules.as_rules(rules)
   unused = {id(r) for r in config.unused_rules()}
   out = tuple(r for r, c in zip(given, config.rules) if id(c) in unused)
-  if isinstance(rules, _rules.QuantConfig) and rules.strict and out:
-    _rules.QuantConfig(list(out), strict=True).check()
+  _check_strict(rules, out)
   return out
+
+
+def _check_strict(rules, unused: tuple) -> None:
+  """Raises as ``QuantConfig.check`` does when ``rules`` is a strict config
+  and some of them matched nothing."""
+  if isinstance(rules, _rules.QuantConfig) and rules.strict and unused:
+    _rules.QuantConfig(list(unused), strict=True).check()
 
 
 def _plan(st: SiteStats, spec: QuantSpec) -> _rules.WeightPlan:
@@ -568,7 +575,7 @@ def quantize_site(method: str, w: jax.Array, st: SiteStats, spec: QuantSpec, *,
   wq, scale, tscale, exact, _, _ = _site(
       w, st.hessian, st.count, method=method, meta=tuple(st[2:]), spec=spec,
       path=path, opts=(blocksize, float(percdamp), bool(act_order)))
-  if not bool(exact) and scale is not None:
+  if not bool(exact):
     raise ValueError(
         f"{path}: the scales GPTQ chose do not reproduce its codes in the weight's "
         f"layout (spec {spec}); the spec's blocks do not map onto the [K, N] matrix "
@@ -630,14 +637,12 @@ def _expert_site(w, hessian, count, *, method, meta, spec, path, opts):
                          spec=spec)
 
 
-def _scales_exact(wq, spec: QuantSpec, scale, tscale, rounded: bool = False):
-  """Whether real mode reproduces ``wq``: re-quantizing it with its scales,
-  or, without scales (asymmetric specs), from its own ranges, which RTN's
-  result always reaches but GPTQ's (``rounded``) need not."""
+def _scales_exact(wq, spec: QuantSpec, scale, tscale):
+  """Whether re-quantizing ``wq`` with its scales reproduces it (as real mode
+  stores it); True without scales (asymmetric RTN, whose result reaches the
+  ranges real mode re-derives)."""
   if scale is None:
-    if not rounded:
-      return jnp.bool_(True)
-    return jnp.array_equal(fake_quant(wq, spec), wq)
+    return jnp.bool_(True)
   if isinstance(scale, tuple):   # an asymmetric spec's (scale, zero point)
     return jnp.array_equal(fake_quant(wq, spec, scale=scale[0], zero_point=scale[1]),
                            wq)
@@ -665,9 +670,9 @@ def _finish_experts(w, wq, amax, hessian, count, t_amax=None, amin=None, *, meta
     wq = wq.astype(w.dtype)
     if plan.spec.symmetric:
       scale, tscale = rtn_scales(amax, plan.spec, t_amax)
-    elif amin is not None:
+    else:
       scale = asym_pair(wq, amax, amin, plan.spec)
-  exact = _scales_exact(wq, plan.spec, scale, tscale, rounded=amax is not None)
+  exact = _scales_exact(wq, plan.spec, scale, tscale)
   rows = jnp.maximum(count, 1.0)
   err = jax.vmap(hessian_error)(hessian, w, wq) / rows
   rerr = jax.vmap(hessian_error)(hessian, w, rtn_w) / rows
@@ -716,10 +721,10 @@ def _finish(w, wq_matrix, amax, hessian, count, t_amax=None, amin=None, *, meta,
       full = block_ranges(amax, wq_matrix.shape, spec)
       scale, tscale = rtn_scales(st.from_matrix(full.astype(jnp.float32)), plan.spec,
                                  t_amax)
-    elif amin is not None:   # the scale and zero point of those ranges
+    else:   # the scale and zero point of those ranges
       scale = asym_pair(wq, *(st.from_matrix(block_ranges(a, wq_matrix.shape, spec))
                               for a in (amax, amin)), plan.spec)
-  exact = _scales_exact(wq, plan.spec, scale, tscale, rounded=wq_matrix is not None)
+  exact = _scales_exact(wq, plan.spec, scale, tscale)
   mw, rows = st.as_matrix(w), jnp.maximum(count, 1.0)
   err = hessian_error(hessian, mw, st.as_matrix(wq)) / rows
   rerr = hessian_error(hessian, mw, st.as_matrix(rtn_w)) / rows
@@ -742,11 +747,6 @@ def _param_tree(model, params, front: str, unbox: bool = True):
     from flax.core import meta
     tree = meta.unbox(tree)
   return tree
-
-
-def _is_box(x) -> bool:
-  from flax.core import meta
-  return isinstance(x, meta.AxisMetadata)
 
 
 def _get_path(tree, path: str):
@@ -1076,10 +1076,12 @@ def _respec(cap: Capture, rules) -> Capture:
     if i is not None and config.rules[i].weight is not None:
       sites[p] = dataclasses.replace(site, rule=config.rules[i])
       used.add(i)
-  for p in cap.skipped:   # matched at capture, not capturable: still used
+  skipped = {}
+  for p, why in cap.skipped.items():   # matched, not capturable: still used
     i = config.find(_rules.candidates(p), _rules.OPS)
     if i is not None:
       used.add(i)
+      skipped[p] = why
   unused = tuple(r for i, r in enumerate(config.rules)
                  if r.weight is not None and i not in used)
   if not sites and unused:   # a typo
@@ -1087,13 +1089,9 @@ def _respec(cap: Capture, rules) -> Capture:
         f"the rules quantize none of the captured weights ({list(cap.sites)[:5]}"
         f"{' ...' if len(cap.sites) > 5 else ''}); give a rule with a weight spec "
         "that matches them, or capture with the rules you round with")
-  if config.strict and unused:
-    _rules.QuantConfig(list(unused), strict=True).check()
+  _check_strict(config, unused)
   return cap._replace(stats={p: cap.stats[p] for p in sites}, sites=sites,
-                      skipped={p: why for p, why in cap.skipped.items()
-                               if config.find(_rules.candidates(p), _rules.OPS)
-                               is not None},
-                      unused_rules=unused)
+                      skipped=skipped, unused_rules=unused)
 
 
 def _expert_entry(path: str, st: SiteStats, err, rerr, method: str,
@@ -1127,26 +1125,21 @@ def _write_back(model, params, front: str, new_leaves: dict):
         node = node[int(k)] if k.isdigit() and not hasattr(node, k) else getattr(node, k)
       node.set_value(wq)
     return nnx.state(model, nnx.Param)
-  tree = _param_tree(model, params, front, unbox=False)
-
-  def put(kp, leaf):
-    new = new_leaves.get(_rules.path_str(kp))
-    if new is None:
-      return leaf
-    return leaf.replace_boxed(new) if _is_box(leaf) else new   # (keeps its metadata)
-  new_tree = jax.tree_util.tree_map_with_path(
-      put, tree, is_leaf=lambda x: _rules.is_qarray(x) or _is_box(x))
+  new_tree = _ptq_scaling._put(_param_tree(model, params, front, unbox=False),   # pylint: disable=protected-access
+                               new_leaves)
   return {**params, "params": new_tree} if _is_variables(params, front) else new_tree
 
 
-def _layout_problem(w, st: SiteStats, spec: QuantSpec) -> Optional[str]:
+def _layout_problem(w, st: SiteStats, spec: QuantSpec,
+                    matrix_spec: QuantSpec) -> Optional[str]:
   """Why rounding ``w`` in its own layout (as fake and real mode do) differs
-  from rounding its ``[K, N]`` matrix (the sensitivities' view), or None."""
+  from rounding its ``[K, N]`` matrix with ``matrix_spec`` (the
+  sensitivities' view), or None."""
   if st.op == "ragged_dot":
     return None   # (the stack is the matrices; quantize_experts checks them)
   try:
     a = fake_quant(w, _plan(st, spec).spec)
-    b = st.from_matrix(fake_quant(st.as_matrix(w), kernel_spec(spec)))
+    b = st.from_matrix(fake_quant(st.as_matrix(w), matrix_spec))
   except ValueError as e:
     return str(e)
   if not bool(jnp.array_equal(a, b)):
@@ -1205,8 +1198,11 @@ def mixed_precision_rules(model, params, capture: Capture,
     mat = st.as_matrix(w)
     specs, unfit = {}, {}
     for n, c in candidates.items():
-      ms = None if c is None else _matrix_spec(as_spec(c), path)   # (an axis set raises)
-      why = None if c is None else _layout_problem(w, st, as_spec(c))
+      if c is None:
+        specs[n] = None
+        continue
+      ms = _matrix_spec(as_spec(c), path)   # (an axis set raises)
+      why = _layout_problem(w, st, as_spec(c), ms)
       if why is None:
         specs[n] = ms
       else:

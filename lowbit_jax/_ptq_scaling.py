@@ -111,11 +111,25 @@ def as_function(model, params, front: str):
   return fn, nnx.to_pure_dict(pstate)
 
 
+def is_box(x) -> bool:
+  """Whether ``x`` is a Flax metadata box (``nn.with_partitioning``'s)."""
+  from flax.core import meta   # pylint: disable=g-import-not-at-top
+  return isinstance(x, meta.AxisMetadata)
+
+
 def _put(tree, new: dict):
+  """``tree`` with the leaves at the paths of ``new`` (``_rules.path_str``)
+  replaced; a leaf in a metadata box is replaced inside it (the box kept)."""
   if not new:
     return tree
+
+  def put(kp, x):
+    v = new.get(_rules.path_str(kp))
+    if v is None:
+      return x
+    return x.replace_boxed(v) if is_box(x) else v
   return jax.tree_util.tree_map_with_path(
-      lambda kp, x: new.get(_rules.path_str(kp), x), tree, is_leaf=_rules.is_qarray)
+      put, tree, is_leaf=lambda x: _rules.is_qarray(x) or is_box(x))
 
 
 def _row_features(st, layout, shape) -> np.ndarray:

@@ -141,7 +141,8 @@ from flax.core import meta as flax_meta
 import jax
 import jax.numpy as jnp
 
-from lowbit_jax import _ptq, _ptq_rotation
+from lowbit_jax import _ptq, _ptq_rotation, _ptq_scaling
+from lowbit_jax._ptq_scaling import is_box
 from lowbit_jax._rules import QuantRule, conv_weight_spec, path_str
 from lowbit_jax.algorithms.rotation import R3_PATHS
 from lowbit_jax.algorithms.rtn import kernel_spec, sqnr_db
@@ -204,26 +205,18 @@ def _resolve_spec(weight_spec: WeightSpec, path: str) -> Optional[QuantSpec]:
   return None if spec is None else kernel_spec(spec)
 
 
-def _is_box(x) -> bool:
-  return isinstance(x, flax_meta.AxisMetadata)
-
-
 def _keeps_boxes(fn):
   """``apply_ptq`` on params boxed by ``nn.with_partitioning`` (or any Flax
   metadata box): it runs on the unboxed values and returns the new ones in
   the same boxes."""
   @functools.wraps(fn)
   def wrapped(model, params, *args, **kwargs):
-    if not any(_is_box(x) for x in jax.tree.leaves(params, is_leaf=_is_box)):
+    if not any(is_box(x) for x in jax.tree.leaves(params, is_leaf=is_box)):
       return fn(model, params, *args, **kwargs)
     new, report = fn(model, flax_meta.unbox(params), *args, **kwargs)
     flat = {path_str(kp): leaf
             for kp, leaf in jax.tree_util.tree_flatten_with_path(new)[0]}
-
-    def put(kp, x):
-      v = flat.get(path_str(kp), x)
-      return x.replace_boxed(v) if _is_box(x) else v
-    return jax.tree_util.tree_map_with_path(put, params, is_leaf=_is_box), report
+    return _ptq_scaling._put(params, flat), report   # pylint: disable=protected-access
   return wrapped
 
 
@@ -381,8 +374,9 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
     to ``LinenQuantizer.quantize_params`` for real mode, whose codes then
     equal the PTQ result exactly: re-deriving a scale from a GPTQ kernel's
     amax changes some codes, since a group's final values need not reach the
-    range it was rounded with; an asymmetric GPTQ kernel's entry is a
-    ``(scale, zero point)`` pair); for
+    range it was rounded with; an asymmetric kernel's entry is a ``(scale,
+    zero point)`` pair, except plain RTN's, whose ranges real mode
+    re-derives); for
     "quarot" and "spinquant" also
     ``rotation`` (the ``RotatedModel``: run inference with
     ``rotation.rules(rules)``); for "spinquant" ``spinquant`` (the learning
