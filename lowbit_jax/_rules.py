@@ -1536,8 +1536,8 @@ def _history_grad_key(site: Site, call: Optional[SiteCall], operands: dict, x, l
   """
   hist = _histories(site, call, operands)
   if hist and site.mode == "real":
-    x, lspec, w, wspec, more = _delayed_as_static(
-        site, hist, x, lspec, w, wspec, operands.get("rhs", (None, None, wspec))[2])
+    x, lspec, w, wspec, more = _delayed_as_static(site, hist, operands, x, lspec, w,
+                                                  wspec)
     kw.update(more)
   elif hist:
     kw["amax_history"] = hist
@@ -1550,7 +1550,7 @@ def _history_grad_key(site: Site, call: Optional[SiteCall], operands: dict, x, l
   return x, lspec, w, wspec
 
 
-def _delayed_as_static(site: Site, hist: dict, x, lspec, w, wspec, wfilled=None):
+def _delayed_as_static(site: Site, hist: dict, operands: dict, x, lspec, w, wspec):
   """Real mode of a delayed site: each history's range as a static range.
 
   An all-zero history (never trained) falls back to the operand's own amax,
@@ -1564,7 +1564,7 @@ def _delayed_as_static(site: Site, hist: dict, x, lspec, w, wspec, wfilled=None)
   ``histories``).
 
   Args:
-    wfilled: ``wspec`` with its axis filled for ``w``'s layout.
+    operands: ``_histories``' operands (their specs filled for each layout).
 
   Returns:
     ``(x, lspec, w, wspec, ops keywords)``.
@@ -1573,10 +1573,10 @@ def _delayed_as_static(site: Site, hist: dict, x, lspec, w, wspec, wfilled=None)
   if "lhs" in hist and lspec is not None:
     a = delayed_range(site.rule, hist["lhs"], x)
     kw["lhs_tensor_amax" if lspec.tensor_scale else "lhs_amax"] = a
-  if "rhs" in hist and wspec is not None and not isinstance(w, QArray):
+  if "rhs" in hist:   # (a float operand: a stored weight has no history here)
     a = delayed_range(site.rule, hist["rhs"], w)
     k = "tensor_amax" if wspec.tensor_scale else "amax"
-    w = quantize(w, wfilled if wfilled is not None else wspec, **{k: a})
+    w = quantize(w, operands["rhs"][2], **{k: a})
     wspec = None
   return x, lspec, w, wspec, kw
 
