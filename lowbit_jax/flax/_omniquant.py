@@ -63,6 +63,17 @@ def _record_blocks(model, params, batch, regex: str, apply_kwargs, other_variabl
   return rec
 
 
+def _rounded(tree, path: str, spec, transform: str, **extra) -> tuple:
+  """``(tree with path's kernel rounded to nearest, its scale grid, its report
+  entry)``."""
+  from lowbit_jax.flax import ptq as ptq_lib   # (it imports this module)
+  w = ptq_lib._node(tree, path)["kernel"]   # pylint: disable=protected-access
+  wq = rtn(w, spec)
+  entry = {"spec": ptq_lib._spec_name(spec), "transform": transform,  # pylint: disable=protected-access
+           "fold": "none", "weight_sqnr_db": sqnr_db(w, wq), **extra}
+  return with_leaves(tree, path, kernel=wq.astype(w.dtype)), rtn_scales(w, spec), entry
+
+
 def run(model, cur, calib_batches, weight_spec, aspec, *, layers: str,
         extra_folds: Mapping[str, str], token_mask, max_samples: int, fold_rtol: float,
         apply_kwargs, other_variables, options: Optional[OmniQuantOptions]):
@@ -269,15 +280,10 @@ def run(model, cur, calib_batches, weight_spec, aspec, *, layers: str,
     for rel, spec in bspecs.items():
       full = f"{b}/{rel}"
       if fallback:
-        w = node_at(bparams, rel)["kernel"]
-        wq = rtn(w, spec)
-        new_b = with_leaves(new_b, rel, kernel=wq.astype(w.dtype))
-        weight_scales[full] = rtn_scales(w, spec)
-        report_layers[full] = {
-            "spec": ptq_lib._spec_name(spec), "transform": "rtn_fallback",  # pylint: disable=protected-access
-            "fold": "none", "weight_sqnr_db": sqnr_db(w, wq),
-            "reason": f"the block's OmniQuant loss {res.loss:.4g} ended above "
-                      f"RTN's {res.loss_rtn:.4g}: rounded to nearest"}
+        new_b, weight_scales[full], report_layers[full] = _rounded(
+            new_b, rel, spec, "rtn_fallback",
+            reason=f"the block's OmniQuant loss {res.loss:.4g} ended above "
+                   f"RTN's {res.loss_rtn:.4g}: rounded to nearest")
         continue
       # Learned scales: the tensor scale of a two-level spec is rebuilt from
       # them as the learning defined it (quantize(..., scale=) alone).
@@ -312,12 +318,7 @@ def run(model, cur, calib_batches, weight_spec, aspec, *, layers: str,
       if spec is None:
         report_layers[p] = {"spec": None, "transform": "none", "fold": "none"}
       continue
-    w = node_at(cur, p)["kernel"]
-    wq = rtn(w, spec)
-    cur = with_leaves(cur, p, kernel=wq.astype(w.dtype))
-    weight_scales[p] = rtn_scales(w, spec)
-    report_layers[p] = {"spec": ptq_lib._spec_name(spec), "transform": "none",  # pylint: disable=protected-access
-                        "fold": "none", "weight_sqnr_db": sqnr_db(w, wq)}
+    cur, weight_scales[p], report_layers[p] = _rounded(cur, p, spec, "none")
   skipped = {}
   for p in experts:
     why = ("an expert stack: apply_ptq's OmniQuant trains dense kernels only, so "
