@@ -120,10 +120,11 @@ def main(argv):
   from lowbit_jax.train import loop  # pylint: disable=g-import-not-at-top
 
   # Checked before any model is trained or loaded.
-  all_schemes = _schemes()
-  unknown = sorted(set(_SCHEMES.value or ()) - set(all_schemes))
+  schemes = _schemes()
+  unknown = sorted(set(_SCHEMES.value or ()) - set(schemes))
   if unknown:
-    raise app.UsageError(f"--schemes: unknown {unknown}; one of {sorted(all_schemes)}")
+    raise app.UsageError(f"--schemes: unknown {unknown}; one of {sorted(schemes)}")
+  names = _SCHEMES.value or list(schemes)
   if _MAX_TOKENS.value < 0:
     raise app.UsageError(f"--max_tokens must be >= 0 (0: the whole held-out split), "
                          f"got {_MAX_TOKENS.value}")
@@ -135,9 +136,8 @@ def main(argv):
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   # A window no longer than a scheme's float window never reaches its
   # quantized cache: that scheme would report the float perplexity.
-  chosen = _SCHEMES.value or list(all_schemes)
-  short = [n for n in chosen if all_schemes[n][0] is not None
-           and _SEQ_LEN.value <= (all_schemes[n][1] or 0)]
+  short = [n for n in names if schemes[n][0] is not None
+           and _SEQ_LEN.value <= (schemes[n][1] or 0)]
   if short:
     raise app.UsageError(f"--seq_len={_SEQ_LEN.value} is within the float window of "
                          f"{short}: their quantized cache would never be read; use "
@@ -145,8 +145,6 @@ def main(argv):
   model, params, run_cfg = _load(_WORKDIR.value)
   data = loop.load_data(model.config.vocab, run_cfg.get("cache_dir", "") or None)
   seq, b = _SEQ_LEN.value, _BATCH.value
-  schemes = all_schemes
-  names = _SCHEMES.value or list(schemes)
   rows = []
   for name in names:
     rules, residual, rotate, desc = schemes[name]
