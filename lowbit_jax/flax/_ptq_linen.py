@@ -809,8 +809,7 @@ def _quantize_experts(w: jax.Array, st: ExpertStats, spec: Optional[QuantSpec],
 
   Returns:
     ``(new kernel, report entry, (scale grid over [G, K, N], tensor scale) or
-    None)``; an asymmetric GPTQ stack's grid is its ``(scale, zero point)``
-    pair.
+    None)``; an asymmetric stack's grid is its ``(scale, zero point)`` pair.
   """
   g = w.shape[0]
   counts = [int(c) for c in np.asarray(st.count)]
@@ -876,7 +875,7 @@ def _awq_clip_experts(on: bool, skip: Optional[str], path: str, st: ExpertStats,
 def _scale_entries(weight_scales: Mapping[str, tuple]) -> dict:
   """``{"<layer>/weight_scale": scale, "<layer>/weight_tensor_scale": t}`` from
   ``{kernel path: (scale, tensor scale or None)}`` (``rtn_scales``; an
-  asymmetric GPTQ kernel's scale is its ``(scale, zero point)`` pair)."""
+  asymmetric kernel's scale is its ``(scale, zero point)`` pair)."""
   flat = {}
   for p, (s, t) in weight_scales.items():
     flat[f"{p}/weight_scale"] = s
