@@ -67,12 +67,17 @@ class ResidualStream:
     fusions: the norm gains to fuse first (``GainFusion``).
     readers: kernel paths that read the stream (after a norm).
     writers: kernel or parameter paths that write into it.
+    biases: ``(kernel path, bias path, bias axis)`` for every parameter added
+      to a parameter matmul's output anywhere in the function (a projection's
+      bias), so a fold into that output's axis (``rotate_heads``) can fold
+      into its bias too.
   """
   width: int
   rotate: tuple
   fusions: tuple
   readers: tuple
   writers: tuple
+  biases: tuple = ()
 
 
 def param_path(keypath) -> str:
@@ -235,6 +240,7 @@ def find_residual_stream(fn: Callable, params: Any, *args, **kwargs) -> Residual
   used_gain_elsewhere: dict = {}   # gain path -> where it is used off the norm
   param_used: dict = {}            # param path -> where it meets a non-view op
   offstream_reads: dict = {}       # (path, axis) contracted with a non-stream value
+  biases: set = set()              # (kernel, bias, bias axis): biases of matmul outputs
 
   for v, p, (_, leaf) in zip(jaxpr.invars, paths, flat):
     if jnp.issubdtype(leaf.dtype, jnp.inexact):
@@ -353,8 +359,9 @@ def find_residual_stream(fn: Callable, params: Any, *args, **kwargs) -> Residual
       src_last = [i for i, d in enumerate(dims) if d == nd - 1]
       if not src_last or ins[0].aval.shape[src_last[0]] == 1 or is_uniform(ins[0]):
         uniform.add(out)
-    elif name in _SAME and ins and is_zero(ins[0]):
-      zero.add(out)
+    elif (name in _SAME or name in ("reshape", "transpose", "squeeze",
+                                    "expand_dims")) and ins and is_zero(ins[0]):
+      zero.add(out)   # (nnx.RMSNorm subtracts a reshaped broadcast zero)
     if (out is not None and name not in ("broadcast_in_dim", "reshape")
         and not eqn.primitive.multiple_results and ins
         and all(is_uniform(v) for v in ins)
@@ -506,6 +513,7 @@ def find_residual_stream(fn: Callable, params: Any, *args, **kwargs) -> Residual
           if l_ in lin and not isinstance(o, _Literal) and o in pview and (
               pview[o][1] and pview[o][1][-1] is not None):
             lin[out] = lin[l_] + [(pview[o][0], pview[o][1][-1])]
+            biases.add((lin[l_][0][0], pview[o][0], pview[o][1][-1]))
       if any(s == "inv" for s in states) and out is not None:
         for o in outs:
           st[o] = "inv"
@@ -513,6 +521,9 @@ def find_residual_stream(fn: Callable, params: Any, *args, **kwargs) -> Residual
       continue
     # Operations on the stream.
     s0 = states[0] if states else None
+    if name == "select_n":
+      # select_n(predicate, *cases): the stream's state is its cases'.
+      s0 = next((s for s in states[1:] if s is not None), None)
     if name in _SAME:
       st[out] = s0
     elif name in ("add", "sub"):
@@ -605,8 +616,10 @@ def find_residual_stream(fn: Callable, params: Any, *args, **kwargs) -> Residual
       if name == "broadcast_in_dim":
         keeps = keeps and eqn.params["broadcast_dimensions"][-1] == nd_out - 1
       if name == "select_n":
-        keeps = keeps and states[0] is None and all(
-            s == s0 or is_zero(v) for s, v in zip(states[1:], ins[1:]))
+        # A choice per token (a padding mask) commutes with the rotation; a
+        # choice that varies along the features does not.
+        keeps = keeps and states[0] is None and is_uniform(ins[0]) and all(
+            s == s0 or (s is None and is_zero(v)) for s, v in zip(states[1:], ins[1:]))
       if name == "concatenate":
         keeps = keeps and eqn.params["dimension"] != nd_out - 1 and all(
             s == s0 for s in states)
@@ -673,7 +686,8 @@ def find_residual_stream(fn: Callable, params: Any, *args, **kwargs) -> Residual
         "unrotated. Fold such a projection into the table first (E @ w_in as the "
         "embedding); a model without residual additions is not one QuaRot rotates")
   return ResidualStream(width[0], tuple(sorted(rotate)), tuple(fusions),
-                        tuple(dict.fromkeys(readers)), tuple(dict.fromkeys(writers)))
+                        tuple(dict.fromkeys(readers)), tuple(dict.fromkeys(writers)),
+                        tuple(sorted(biases)))
 
 
 def matmul_input_axes(fn: Callable, params: Any, *args, **kwargs) -> dict:

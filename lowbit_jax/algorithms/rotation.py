@@ -439,14 +439,17 @@ def head_pairs(params: Any, heads: tuple) -> tuple:
 
 
 def rotate_heads(params: Any, pairs: Sequence[tuple], head_dim: int, hs, *,
-                 traceable: bool = False) -> Any:
+                 traceable: bool = False, biases: Sequence[tuple] = ()) -> Any:
   """Folds a per-head rotation into value outputs and output-projection inputs.
 
   For each pair, every ``head_dim`` block of the value kernel's last axis is
   multiplied by ``h`` (each head's values become ``v h``) and every block of
   the output kernel's first axis by ``h`` too (``W_o -> h^T W_o`` per head):
   attention mixes tokens within a head, so ``(p v h)(h^T W_o) = p v W_o`` and
-  the output is unchanged for an orthogonal ``h``.
+  the output is unchanged for an orthogonal ``h``. A bias added to the
+  value projection's output (Qwen2's, say) is part of ``v`` and takes ``h``
+  too, per head along its own axis: pass ``biases`` (``rotate_model`` finds
+  them in the function's jaxpr).
 
   Args:
     params: the parameter pytree.
@@ -456,13 +459,16 @@ def rotate_heads(params: Any, pairs: Sequence[tuple], head_dim: int, hs, *,
       per pair (``[len(pairs), head_dim, head_dim]``).
     traceable: fold with float32 jax ops (differentiable, jit-able) instead of
       float64 on the host.
+    biases: ``(kernel path, bias path, bias axis)`` triples
+      (``ResidualStream.biases``); those whose kernel is a pair's value kernel
+      are rotated with it.
 
   Returns:
     Params of the same structure.
 
   Raises:
-    ValueError: hs has the wrong shape, or a kernel is not a whole number of
-      heads.
+    ValueError: hs has the wrong shape, or a kernel (or a value bias) is not a
+      whole number of heads.
   """
   n = len(pairs)
   if tuple(hs.shape) == (head_dim, head_dim):
@@ -476,6 +482,9 @@ def rotate_heads(params: Any, pairs: Sequence[tuple], head_dim: int, hs, *,
     h = hs[i]
     upd[vp] = _rotate_heads(cur[vp], cur[vp].ndim - 1, int(head_dim), h, traceable)
     upd[op] = _rotate_heads(cur[op], 0, int(head_dim), h, traceable)
+    for kp, bp, ax in biases:
+      if kp == vp:
+        upd[bp] = _rotate_heads(cur[bp], ax, int(head_dim), h, traceable)
   return _map_leaves(params, upd)
 
 
@@ -571,5 +580,5 @@ def rotate_model(fn: Callable, params: Any, *args, key: Optional[jax.Array] = No
         raise ValueError(f"heads: {vp!r} / {op!r} also take an online Hadamard")
     hs = (jnp.asarray(hadamard(head_dim)) if head_rotations is None
           else jnp.asarray(head_rotations, jnp.float32))
-    new = rotate_heads(new, pairs, head_dim, hs)
+    new = rotate_heads(new, pairs, head_dim, hs, biases=stream.biases)
   return new, RotatedModel(stream, tuple(done), q, hs)

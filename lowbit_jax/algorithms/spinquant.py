@@ -335,7 +335,8 @@ def spinquant_model(fn: Callable, params: Any, batches: Sequence[Any], rules: An
     r = {**fixed, **learn}
     p = rotate_residual(p_base, stream, r["residual"], fuse=False, traceable=True)
     if heads is not None:
-      p = rotate_heads(p, pairs, head_dim, r["heads"], traceable=True)
+      p = rotate_heads(p, pairs, head_dim, r["heads"], traceable=True,
+                       biases=stream.biases)
     return loss_of(qfn(p, *args), args)
 
   steps = config.steps

@@ -268,3 +268,78 @@ def test_a_stream_only_the_embedding_writes_is_refused():
   for f in (fn, normed):
     with pytest.raises(ValueError, match="nothing but the embedding writes"):
       find_residual_stream(f, p, jnp.zeros((2, 3), jnp.int32))
+
+
+def _attention_lm(p, t, mask=None):
+  """A one-block pre-norm attention LM with biased q/k/v (Qwen2-style), 2
+  heads of 4; ``mask`` (per token, or per feature) zeroes stream entries."""
+  b, s = t.shape
+  x = p["emb"][t]
+  if mask is not None:
+    x = jnp.where(mask, x, 0.0)
+  h = _rms(x, p["g1"])
+  q, k, v = ((h @ p[n]["kernel"] + p[n]["bias"]).reshape(b, s, 2, 4) for n in "qkv")
+  a = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / 2.0, -1)
+  o = jnp.einsum("bhqk,bkhd->bqhd", a, v).reshape(b, s, 8)
+  x = x + o @ p["o"]["kernel"] + p["o"]["bias"]
+  return _rms(x, p["g2"]) @ p["head"]
+
+
+def _attention_params():
+  k = iter(jax.random.split(jax.random.key(0), 16))
+  p = {"emb": jax.random.normal(next(k), (16, 8)), "head": jax.random.normal(next(k), (8, 16)),
+       "g1": 1 + 0.3 * jax.random.normal(next(k), (8,)),
+       "g2": 1 + 0.3 * jax.random.normal(next(k), (8,))}
+  for n in "qkvo":
+    p[n] = {"kernel": jax.random.normal(next(k), (8, 8)) / 3,
+            "bias": 0.5 * jax.random.normal(next(k), (8,))}
+  return p
+
+
+def test_per_head_rotation_folds_into_the_value_bias():
+  # heads= rotated the value kernel's output per head but not the bias added
+  # to it: with a nonzero v bias the output moved by 0.29 (relative), silently.
+  p, t = _attention_params(), jax.random.randint(jax.random.key(1), (2, 6), 0, 16)
+  new, rot = rotate_model(_attention_lm, p, t, key=jax.random.key(2),
+                          heads=("v/kernel", "o/kernel", 4))
+  assert ("v/kernel", "v/bias", 0) in rot.stream.biases
+  assert not np.allclose(np.asarray(new["v"]["bias"]), np.asarray(p["v"]["bias"]))
+  assert _rel(_attention_lm(new, t), _attention_lm(p, t)) < 1e-5
+
+
+def test_a_per_token_mask_on_the_stream_rotates_and_a_per_feature_one_is_refused():
+  # jnp.where(mask, x, 0) on the stream (padding) was refused with a wrong
+  # reason: select_n's state was read from its predicate.
+  p, t = _attention_params(), jax.random.randint(jax.random.key(1), (2, 6), 0, 16)
+  tok_mask = (jnp.arange(6) < 4)[None, :, None]
+  fn = lambda pp, tt: _attention_lm(pp, tt, tok_mask)
+  new, _ = rotate_model(fn, p, t, key=jax.random.key(2))
+  assert _rel(fn(new, t), fn(p, t)) < 1e-5
+  feat_mask = (jnp.arange(8) < 6)[None, None, :]
+  with pytest.raises(ValueError, match="select_n.*mixes the stream's feature axis"):
+    rotate_model(lambda pp, tt: _attention_lm(pp, tt, feat_mask), p, t,
+                 key=jax.random.key(2))
+
+
+def test_nnx_rmsnorm_model_rotates():
+  # flax.nnx.RMSNorm subtracts a reshaped broadcast zero "mean"; the stream
+  # finder did not know a reshaped zero is zero and refused every such model.
+  class LM(nnx.Module):
+    def __init__(self, rngs):
+      self.embed = nnx.Embed(16, 8, rngs=rngs)
+      self.n1 = nnx.RMSNorm(8, rngs=rngs)
+      self.ff = nnx.Linear(8, 8, rngs=rngs)
+      self.norm = nnx.RMSNorm(8, rngs=rngs)
+      self.head = nnx.Linear(8, 16, rngs=rngs)
+
+    def __call__(self, t):
+      x = self.embed(t)
+      x = x + self.ff(self.n1(x))
+      return self.head(self.norm(x))
+
+  g, st = nnx.split(LM(nnx.Rngs(0)))
+  st = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(jax.random.key(3), a.shape), st)
+  fn = lambda pp, tt: nnx.merge(g, pp)(tt)
+  t = jnp.arange(8).reshape(2, 4)
+  new, _ = rotate_model(fn, st, t, key=jax.random.key(0))
+  assert _rel(fn(new, t), fn(st, t)) < 1e-5
