@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend import core as jex_core
 
 from lowbit_jax import _rules
@@ -42,9 +43,14 @@ _LOW_PRECISION_ULPS = 8
 
 
 def compute_eps(fn, params, args) -> float:
-  """Machine epsilon of the lowest-precision float dtype any matmul of ``fn`` takes."""
+  """Machine epsilon of the lowest-precision float dtype any matmul of ``fn``
+  takes or any float parameter is stored in (a bf16 checkpoint computed in
+  float32: the folded parameters are written back in bf16, so the fold's
+  float change is bf16 rounding)."""
   closed = jax.make_jaxpr(fn)(params, *args)
-  eps = 0.0
+  eps = max((float(jnp.finfo(leaf.dtype).eps) for leaf in jax.tree.leaves(params)
+             if jnp.issubdtype(getattr(leaf, "dtype", np.int32), jnp.floating)),
+            default=0.0)
 
   def walk(jaxpr):
     nonlocal eps

@@ -343,3 +343,19 @@ def test_nnx_rmsnorm_model_rotates():
   t = jnp.arange(8).reshape(2, 4)
   new, _ = rotate_model(fn, st, t, key=jax.random.key(0))
   assert _rel(fn(new, t), fn(st, t)) < 1e-5
+
+
+def test_bf16_stored_float32_computed_model_folds():
+  # Parameters stored in bf16, computed in float32 (as Flax promotes them):
+  # the folded parameters are written back in bf16, so the float check must
+  # allow bf16 rounding; at float32's tolerance QuaRot (and SmoothQuant, AWQ)
+  # refused every such model.
+  from lowbit_jax import _ptq_rotation
+  p = jax.tree.map(lambda a: a.astype(jnp.bfloat16), _attention_params())
+  t = jax.random.randint(jax.random.key(1), (2, 6), 0, 16)
+  fn = lambda pp, tt: _attention_lm(jax.tree.map(lambda a: a.astype(jnp.float32), pp), tt)
+  assert _ptq_rotation.compute_eps(fn, p, (t,)) == float(jnp.finfo(jnp.bfloat16).eps)
+  new, _, _ = _ptq_rotation.rotate_checked(
+      fn, p, [(t,)], "quarot", rules=None, seed=0, online=None, heads=None,
+      config=None, rtol=1e-3, quantize=_ptq_rotation.quantizer_for("function"))
+  assert new["emb"].dtype == jnp.bfloat16
