@@ -3,8 +3,10 @@
 A Hadamard matrix ``H`` of order n has entries +-1 and ``H H^T = n I``; scaled
 by ``1/sqrt(n)`` it is orthogonal. Sylvester's construction gives every power of
 two; Paley's constructions (R. E. A. C. Paley, "On orthogonal matrices", J. Math.
-Phys. 1933) give order ``q + 1`` for a prime ``q = 3 mod 4`` (type I) and
-``2 (q + 1)`` for a prime ``q = 1 mod 4`` (type II), e.g. 12, 20, 28, 44. An
+Phys. 1933) give order ``q + 1`` for a prime power ``q = 3 mod 4`` (type I) and
+``2 (q + 1)`` for a prime power ``q = 1 mod 4`` (type II), e.g. 12, 20, 28, 44,
+and through the fields GF(p^k) 52, 100 and 344 (11008, Llama-2-7B's MLP width,
+is 344 * 32). An
 order ``n = b * 2^k`` is the Kronecker product ``H_b kron H_{2^k}``, whose
 transform costs one Walsh-Hadamard butterfly of ``n log 2^k`` and one small
 ``b x b`` matmul per row: ``O(n (log n + b))``. QuaRot (Ashkboos et al. 2024,
@@ -21,39 +23,112 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _is_prime(q: int) -> bool:
+def _prime_power(q: int):
+  """``(p, k)`` with ``q = p^k``, p prime and k >= 1, or None."""
   if q < 2:
-    return False
-  return all(q % d for d in range(2, int(math.isqrt(q)) + 1))
+    return None
+  p = next(d for d in range(2, q + 1) if q % d == 0)
+  k = 0
+  while q % p == 0:
+    q //= p
+    k += 1
+  return (p, k) if q == 1 else None
+
+
+def _poly_mod(a: list, f: list, p: int) -> list:
+  """``a mod f`` over GF(p); coefficient lists lowest degree first, f monic."""
+  a = list(a)
+  while len(a) >= len(f):
+    c = a[-1]
+    if c:
+      for i in range(len(f)):
+        a[len(a) - len(f) + i] = (a[len(a) - len(f) + i] - c * f[i]) % p
+    a.pop()
+  return a
+
+
+def _irreducible(p: int, k: int) -> list:
+  """A monic irreducible polynomial of degree k over GF(p) (lowest degree first):
+  the first one with no monic factor of degree 1..k/2."""
+  def polys(d):
+    for n in range(p ** d):
+      yield [(n // p ** i) % p for i in range(d)] + [1]
+  for f in polys(k):
+    if f[0] and not any(not any(_poly_mod(f, g, p)) for d in range(1, k // 2 + 1)
+                        for g in polys(d)):
+      return f
+  raise AssertionError(f"no irreducible polynomial of degree {k} over GF({p})")
+
+
+def _quadratic_character(q: int) -> tuple:
+  """``(chi, sub)`` of GF(q), q an odd prime power, its elements numbered by
+  their base-p digits (coefficients of polynomials modulo an irreducible one):
+  ``chi[a]`` is 0, 1 or -1 as a is zero, a nonzero square or not a square, and
+  ``sub[i, j]`` is the number of ``j - i``."""
+  p, k = _prime_power(q)
+  digits = np.array([[(n // p ** i) % p for i in range(k)] for n in range(q)], np.int64)
+  weights = p ** np.arange(k, dtype=np.int64)
+  if k == 1:
+    squares = np.unique(np.arange(1, q, dtype=np.int64) ** 2 % q)
+  else:
+    f = _irreducible(p, k)
+    sq = set()
+    for row in digits[1:]:
+      prod = [0] * (2 * k - 1)
+      for i in range(k):
+        for j in range(k):
+          prod[i + j] += int(row[i]) * int(row[j])
+      r = _poly_mod([c % p for c in prod], f, p) + [0] * k
+      sq.add(int(np.dot(r[:k], weights)))
+    squares = np.array(sorted(sq), np.int64)
+  chi = -np.ones(q, np.int8)
+  chi[0] = 0
+  chi[squares] = 1
+  sub = ((digits[None, :, :] - digits[:, None, :]) % p) @ weights
+  return chi, sub
 
 
 def _jacobsthal(q: int) -> np.ndarray:
-  """``Q[i, j] = chi(j - i)``, chi the quadratic character of GF(q), q prime."""
-  squares = {(i * i) % q for i in range(1, q)}
-  chi = np.array([0] + [1 if a in squares else -1 for a in range(1, q)], np.int64)
-  idx = (np.arange(q)[None, :] - np.arange(q)[:, None]) % q
-  return chi[idx]
+  """``Q[i, j] = chi(j - i)``, chi the quadratic character of GF(q)."""
+  chi, sub = _quadratic_character(q)
+  return chi[sub]
 
 
+def _paley_q(order: int):
+  """``(type, q)`` of the Paley construction that reaches ``order``, or None."""
+  pk = _prime_power(order - 1)
+  if pk and pk[0] > 2 and (order - 1) % 4 == 3:
+    return "I", order - 1
+  if order % 2 == 0:
+    pk = _prime_power(order // 2 - 1)
+    if pk and pk[0] > 2 and (order // 2 - 1) % 4 == 1:
+      return "II", order // 2 - 1
+  return None
+
+
+@functools.lru_cache(maxsize=None)
 def _paley(order: int):
-  """An unnormalized +-1 Hadamard matrix of ``order`` by Paley's I or II, or None."""
-  q = order - 1
-  if _is_prime(q) and q % 4 == 3:
-    s = np.zeros((order, order), np.int64)
+  """An unnormalized +-1 Hadamard matrix of ``order`` by Paley's I or II
+  (read-only int8, cached), or None."""
+  kind = _paley_q(order)
+  if kind is None:
+    return None
+  kind, q = kind
+  if kind == "I":
+    s = np.zeros((order, order), np.int8)
     s[0, 1:] = 1
     s[1:, 0] = -1
     s[1:, 1:] = _jacobsthal(q)
-    return np.eye(order, dtype=np.int64) + s
-  if order % 2 == 0:
-    q = order // 2 - 1
-    if _is_prime(q) and q % 4 == 1:
-      c = np.zeros((q + 1, q + 1), np.int64)
-      c[0, 1:] = 1
-      c[1:, 0] = 1
-      c[1:, 1:] = _jacobsthal(q)
-      return (np.kron(c, np.array([[1, 1], [1, -1]]))
-              + np.kron(np.eye(q + 1, dtype=np.int64), np.array([[1, -1], [-1, -1]])))
-  return None
+    h = np.eye(order, dtype=np.int8) + s
+  else:
+    c = np.zeros((q + 1, q + 1), np.int8)
+    c[0, 1:] = 1
+    c[1:, 0] = 1
+    c[1:, 1:] = _jacobsthal(q)
+    h = (np.kron(c, np.array([[1, 1], [1, -1]], np.int8))
+         + np.kron(np.eye(q + 1, dtype=np.int8), np.array([[1, -1], [-1, -1]], np.int8)))
+  h.setflags(write=False)
+  return h
 
 
 def _sylvester(n: int) -> np.ndarray:
@@ -88,13 +163,13 @@ def hadamard_factors(n: int) -> tuple:
   c = 1
   while m << c <= n:
     b = m << c
-    if _paley(b) is not None:
+    if _paley_q(b) is not None:
       return b, n // b
     c += 1
   raise ValueError(
       f"no Hadamard matrix of order {n} is constructed here: orders are 2^k and "
-      "b * 2^k for b a Paley order (q + 1, q prime = 3 mod 4; 2 (q + 1), q prime "
-      f"= 1 mod 4), e.g. 12, 20, 28, 44. Pad the dimension to such an order, or "
+      "b * 2^k for b a Paley order (q + 1, q a prime power = 3 mod 4; 2 (q + 1), "
+      f"q a prime power = 1 mod 4), e.g. 12, 20, 28, 44, 52, 100, 344. Pad the dimension to such an order, or "
       "use a random orthogonal rotation (lowbit_jax.algorithms.random_orthogonal)")
 
 
@@ -102,7 +177,7 @@ def hadamard_factors(n: int) -> tuple:
 def _unnormalized(n: int) -> np.ndarray:
   b, p = hadamard_factors(n)
   sp = _sylvester(p)
-  return sp if b == 1 else np.kron(_paley(b), sp)
+  return sp if b == 1 else np.kron(_paley(b).astype(np.int64), sp)
 
 
 def hadamard(n: int) -> np.ndarray:

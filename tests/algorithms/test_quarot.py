@@ -30,6 +30,21 @@ def test_hadamard_orders_and_fast_transform():
                                np.einsum("anb,nk->akb", x, h), rtol=1e-5, atol=1e-5)
 
 
+def test_hadamard_orders_from_prime_power_fields():
+  # 11008 (Llama-2-7B's MLP width) was 5504 x 2: a dense 5504-wide block,
+  # costlier than the matmul it precedes. GF(7^3) gives Paley I of order 344,
+  # GF(7^2) Paley II of order 100.
+  from lowbit_jax.core import _hadamard
+  assert _hadamard.hadamard_factors(11008) == (344, 32)
+  for n in (100, 344, 52):
+    h = _hadamard._paley(n).astype(np.int64)
+    np.testing.assert_array_equal(h @ h.T, n * np.eye(n, dtype=np.int64))
+  assert _hadamard._paley(344) is _hadamard._paley(344)   # built once
+  x = np.asarray(jax.random.normal(jax.random.key(0), (2, 200)))
+  np.testing.assert_allclose(np.asarray(hadamard_transform(x)),
+                             x @ np.asarray(hadamard(200), np.float64), rtol=1e-5, atol=1e-5)
+
+
 def test_hadamard_order_without_construction():
   with pytest.raises(ValueError, match="no Hadamard matrix of order 172"):
     hadamard(172)
