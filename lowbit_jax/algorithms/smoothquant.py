@@ -10,8 +10,9 @@ it, an identity in exact arithmetic: ``x @ w == (x / s) @ (diag(s) w)``, with
 
     s_j = max|x_j|^alpha / max|w_j|^(1 - alpha)
 
-(``alpha`` = 0.5 by default; both maxima clamped at 1e-5, as the paper's code
-does). ``max|w_j|`` runs over the outputs of every kernel that reads the same
+(``alpha`` = 0.5 by default; ``max|w_j|`` and then ``s_j`` clamped at 1e-5,
+as the paper's code does: a channel whose activations were all zero gets
+``s_j = 1e-5``). ``max|w_j|`` runs over the outputs of every kernel that reads the same
 input (q, k, v after one LayerNorm share ``s``). The division by ``s`` is
 folded into the layer before: a norm's scale and bias, or a linear layer's
 output columns.
@@ -37,7 +38,7 @@ def smoothquant_scales(act_absmax: jax.Array, weights: Kernels, alpha: float = 0
     weights: a kernel ``[K, N]`` or the kernels ``[K, N_i]`` sharing the input.
     alpha: migration strength in [0, 1]: 0 leaves activations alone, 1 moves
       all of their range into the weights.
-    eps: floor of both maxima.
+    eps: floor of ``max|w_j|`` and of ``s`` (the paper's code's 1e-5).
 
   Returns:
     float32 ``s[K]``: use ``x / s`` and ``s[:, None] * w``.
@@ -53,9 +54,8 @@ def smoothquant_scales(act_absmax: jax.Array, weights: Kernels, alpha: float = 0
     raise ValueError(f"act_absmax must have shape ({ws[0].shape[0]},), got {a.shape}")
   wmax = jnp.max(jnp.stack([jnp.max(jnp.abs(w.astype(jnp.float32)), axis=1)
                             for w in ws]), axis=0)
-  a = jnp.maximum(a, eps)
   wmax = jnp.maximum(wmax, eps)
-  return jnp.power(a, alpha) / jnp.power(wmax, 1.0 - alpha)
+  return jnp.maximum(jnp.power(a, alpha) / jnp.power(wmax, 1.0 - alpha), eps)
 
 
 def smooth_weights(weights: Kernels, scales: jax.Array) -> tuple:

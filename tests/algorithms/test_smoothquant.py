@@ -60,6 +60,17 @@ def test_exact_in_float_and_formula(data):
                              np.ones(K), rtol=1e-5)
 
 
+def test_clamps_as_the_papers_code():
+  # smooth.py of mit-han-lab/smoothquant: max|w| clamped at 1e-5, then s; the
+  # activation maxima are not clamped (a zero channel got s = 6e-3 here).
+  amax = np.array([0.0, 1e-9, 2.0, 3.0], np.float32)
+  w = np.array([[0.5, -0.2], [0.3, 0.1], [0.0, 0.0], [1e-7, 0.0]], np.float32)
+  wmax = np.maximum(np.abs(w).max(1), 1e-5)
+  want = np.maximum(amax.astype(np.float64) ** 0.5 / wmax ** 0.5, 1e-5)
+  np.testing.assert_allclose(np.asarray(smoothquant_scales(amax, w)), want, rtol=1e-6)
+  assert float(smoothquant_scales(amax, w)[0]) == np.float32(1e-5)
+
+
 def test_bad_arguments(data):
   x, w = data
   with pytest.raises(ValueError, match="alpha"):
