@@ -1001,20 +1001,26 @@ _METHOD_OPTIONS = {
 }
 
 
-def _check_method_options(method: str, quantizer: str, **given) -> None:
+def _check_method_options(method: str, quantizer: str, *, table: Optional[dict] = None,
+                          quantizer_runs: Optional[bool] = None, **given) -> None:
   """Raises for an option set away from its default that ``method`` never
-  reads (it would be silently ignored)."""
-  runs = {method} | ({quantizer} if method in _ptq_rotation.METHODS else set())
+  reads (it would be silently ignored). ``table``: option -> (default, the
+  methods that read it) (``_METHOD_OPTIONS``: ``ptq_params``'); the
+  ``quantizer`` runs too where ``quantizer_runs`` (default: for the
+  rotations)."""
+  table = _METHOD_OPTIONS if table is None else table
+  if quantizer_runs is None:
+    quantizer_runs = method in _ptq_rotation.METHODS
+  runs = {method} | ({quantizer} if quantizer_runs else set())
   unused = []
   for name, value in given.items():
-    default, methods = _METHOD_OPTIONS[name]
+    default, methods = table[name]
     if runs.isdisjoint(methods) and not (value is default or value == default):
       unused.append(f"{name}={value!r} (read by method "
                     f"{' / '.join(repr(m) for m in methods)})")
   if unused:
     raise ValueError(f"method={method!r}"
-                     + (f" with quantizer={quantizer!r}"
-                        if method in _ptq_rotation.METHODS else "")
+                     + (f" with quantizer={quantizer!r}" if quantizer_runs else "")
                      + f" does not use {', '.join(unused)}; leave "
                      + ("it" if len(unused) == 1 else "them")
                      + " at the default or choose a method that uses it")

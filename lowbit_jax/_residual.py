@@ -665,7 +665,7 @@ def find_residual_stream(fn: Callable, params: Any, *args, **kwargs) -> Residual
                          f"{g!r} but also writes into the stream (a tied embedding "
                          "and output head after a norm with a gain): fusing the gain "
                          "would rescale the embedding lookups. Untie them: give the "
-                         "head a kernel of its own (for lowbit_jax.models.Llama, "
+                         "head a kernel of its own (for lowbit_jax.models.llama.Llama, "
                          "tie_embeddings=False with lm_head/kernel = "
                          "embed/embedding.T)")
     fusions.append(GainFusion(g, tuple(sorted(rs))))

@@ -286,9 +286,10 @@ def minilm_point(scheme: str, target: str = "weights", method: str = "rtn", *,
   if method != "rtn" and sch.weight is not None:
     act = sch.activation if target == "weights+acts" else None
     name, extra = _ptq_method(method)
+    if name == "gptq":
+      extra["act_order"] = gptq_act_order
     qparams, report = ptq_lib.apply_ptq(
-        model, params, calib_batches, name, sch.weight, act, token_mask=mask,
-        act_order=gptq_act_order, **extra)
+        model, params, calib_batches, name, sch.weight, act, token_mask=mask, **extra)
   elif sch.weight is not None:
     # RTN: the weights fake-quantized once, ahead of the model (the same
     # fake_quant the rule would apply inside it): a weight-only point then runs

@@ -333,7 +333,7 @@ def gptq(w: jax.Array, hessian: jax.Array, spec: SpecLike, *, blocksize: int = 1
   if concrete and bool(jnp.any(jnp.diagonal(hessian) < 0)):
     raise ValueError("hessian has a negative diagonal entry, which no X^T X has; "
                      "pass the Gram matrix of the layer's inputs "
-                     "(lowbit_jax.algorithms.gptq.gram)")
+                     "(lowbit_jax.algorithms.gram)")
   res = _gptq(w, hessian, jnp.float32(percdamp),
               None if tensor_amax is None else jnp.asarray(tensor_amax, jnp.float32),
               spec=spec, blocksize=blocksize, act_order=bool(act_order))
@@ -341,7 +341,7 @@ def gptq(w: jax.Array, hessian: jax.Array, spec: SpecLike, *, blocksize: int = 1
       and bool(jnp.all(jnp.isfinite(w)))):
     raise ValueError("hessian could not be factorized even with the dampening "
                      "raised 10^8-fold (it is no X^T X); pass the Gram matrix of "
-                     "the layer's inputs (lowbit_jax.algorithms.gptq.gram)")
+                     "the layer's inputs (lowbit_jax.algorithms.gram)")
   return res
 
 

@@ -400,6 +400,12 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
                  unfoldable=unfoldable, online=online, heads=heads, r3=r3,
                  spinquant=spinquant, awq_clip=awq_clip, awq_clip_skip=awq_clip_skip,
                  omniquant=omniquant, apply_kwargs=apply_kwargs)
+  _ptq._check_method_options(   # pylint: disable=protected-access
+      method, quantizer, table=_APPLY_OPTIONS, quantizer_runs=quantizer != "rtn",
+      alpha=alpha, n_grid=n_grid, blocksize=blocksize, percdamp=percdamp,
+      act_order=act_order, rotation_seed=rotation_seed,
+      rotation_block_size=rotation_block_size, extra_folds=extra_folds or None,
+      fold_rtol=fold_rtol)
   aspec = None
   if act_spec is not None:
     aspec = as_spec(act_spec)
@@ -436,6 +442,22 @@ def apply_ptq(model: nn.Module, params: Any, calib_batches: Sequence[Any], metho
         gptq_kw={"blocksize": blocksize, "percdamp": percdamp, "act_order": act_order})
   report["total_seconds"] = time.perf_counter() - t_start
   return (flax.core.freeze(cur) if frozen else cur), report
+
+
+_LINEN_SCALINGS = ("awq", "smoothquant", "rotation")
+# apply_ptq's options -> (default, the methods or quantizers that read them):
+# one set away from its default for a method that never reads it raises
+# (``_ptq._check_method_options``), as ptq_params' do.
+_APPLY_OPTIONS = {
+    "alpha": (0.5, ("smoothquant",)), "n_grid": (20, ("awq",)),
+    "blocksize": (128, ("gptq",)), "percdamp": (0.01, ("gptq",)),
+    "act_order": (False, ("gptq",)),
+    # (every method but omniquant draws its retained rows with it)
+    "rotation_seed": (0, tuple(m for m in METHODS if m != "omniquant")),
+    "rotation_block_size": (None, ("rotation",)),
+    "extra_folds": (None, _LINEN_SCALINGS + ("omniquant",)),
+    "fold_rtol": (1e-3, _LINEN_SCALINGS + ("omniquant", "quarot", "spinquant")),
+}
 
 
 def _check_options(method: str, weight_spec, act_spec, *, quantizer: str,

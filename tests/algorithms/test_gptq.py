@@ -132,8 +132,15 @@ def test_a_non_finite_or_negative_hessian_is_refused(layer):
     gptq(w, h.at[3, 5].set(jnp.nan), "int4")
   with pytest.raises(ValueError, match="NaN or inf"):
     gptq(w, h.at[3, 3].set(jnp.inf), "int4")
-  with pytest.raises(ValueError, match="negative diagonal"):
+  with pytest.raises(ValueError, match="negative diagonal") as e:
     gptq(w, -h, "int4")   # (was taken as all-dead inputs: worse than RTN)
+  # The advice names a function that resolves (algorithms.gptq is the
+  # function, which hides its module).
+  import functools   # pylint: disable=g-import-not-at-top
+  import lowbit_jax   # pylint: disable=g-import-not-at-top
+  named = str(e.value).rsplit("(", 1)[1].rstrip(")")
+  assert named == "lowbit_jax.algorithms.gram"
+  assert callable(functools.reduce(getattr, named.split(".")[1:], lowbit_jax))
 
 
 def test_singular_hessian_is_damped():

@@ -77,6 +77,23 @@ def test_layers_left_float_and_options_of_the_linen_path(toy_setup):
   assert SHARED_METHODS == ("rtn", "gptq", "quarot", "spinquant")
 
 
+@pytest.mark.parametrize("method,kw,read_by", [
+    ("rtn", {"act_order": True}, "'gptq'"),
+    ("awq", {"blocksize": 64}, "'gptq'"),
+    ("gptq", {"alpha": 0.9}, "'smoothquant'"),
+    ("smoothquant", {"n_grid": 4}, "'awq'"),
+    ("awq", {"rotation_block_size": 8}, "'rotation'"),
+    ("gptq", {"extra_folds": {"a": "b"}}, "'awq' / 'smoothquant'"),
+    ("rtn", {"fold_rtol": 1e-2}, "'awq'"),
+])
+def test_options_the_method_never_reads_are_refused(toy_setup, method, kw, read_by):
+  # apply_ptq accepted them and returned the defaults' result bit for bit;
+  # ptq_params already refused the same options.
+  model, params, batches = toy_setup
+  with pytest.raises(ValueError, match=f"method={method!r} does not use .*{read_by}"):
+    apply_ptq(model, params, batches, method, SPEC, **kw)
+
+
 @pytest.fixture(scope="module")
 def llama():
   from lowbit_jax.models.llama import Llama, LlamaConfig
