@@ -28,6 +28,7 @@ from ml_collections import ConfigDict, config_flags
 
 from lowbit_jax import optim
 from lowbit_jax.train import loop
+from lowbit_jax.train import state as state_lib
 
 _CONFIG = experiments.define_config("configs/qat_study.py",
                                           "Study config (file:variant).")
@@ -82,12 +83,29 @@ def _tokens_per_s(workdir: pathlib.Path) -> float | None:
   return float(np.median(vals[1:] if len(vals) > 1 else vals)) if vals else None
 
 
+# Fields that do not change what a run computes: a study split over machines
+# may differ in them.
+_RUN_ONLY = ("cache_dir", "mesh", "num_devices", "sharding")
+
+
 def _train(rc: ConfigDict, workdir: pathlib.Path) -> dict:
-  """Runs (or reuses, when its final eval exists) one training run."""
+  """Runs (or reuses, when its final eval exists) one training run.
+
+  Raises:
+    ValueError: ``workdir`` holds a run made with other settings (its
+      ``config.json``): reusing it would report its numbers under this
+      study's settings, and redoing it would delete it.
+  """
   done = workdir / "final_eval.json"
+  mismatch = state_lib.run_config_mismatch(workdir, rc, ignore=_RUN_ONLY)
+  if mismatch:
+    raise ValueError(
+        f"{workdir} holds a run made with other settings: {mismatch}. The study "
+        "reuses a run only when it was made with the settings asked for: use "
+        f"another --workdir, or delete {workdir} to redo that run.")
   if done.exists():
     logging.info("reusing %s", workdir)
-    final = json.loads(done.read_text())
+    final = state_lib.read_json(done)
     return {"final_eval": {k: v for k, v in final.items() if k != "real"},
             "final_eval_real": final.get("real"), "reused": True}
   if workdir.exists():
@@ -115,8 +133,8 @@ def _save_partial(root: pathlib.Path, part: str, out: dict) -> None:
   ``--config.state_formats=float32`` then ``=int8,4bit``).
   """
   path = root / f"{part}.json"
-  old = json.loads(path.read_text()).get(part, {}) if path.exists() else {}
-  path.write_text(json.dumps({part: {**old, **out}}, indent=1))
+  old = state_lib.read_json(path).get(part, {}) if path.exists() else {}
+  state_lib.write_text_atomic(path, json.dumps({part: {**old, **out}}, indent=1))
 
 
 def part_float(c, root: pathlib.Path) -> dict:
@@ -215,8 +233,8 @@ def part_report(c, root: pathlib.Path) -> dict:
   for p in ("float", "qat", "scratch", "optim"):
     f = root / f"{p}.json"
     if f.exists():
-      res.update(json.loads(f.read_text()))
-  meta = json.loads((root / "meta.json").read_text()) if (root / "meta.json").exists() \
+      res.update(state_lib.read_json(f))
+  meta = state_lib.read_json(root / "meta.json") if (root / "meta.json").exists() \
       else {}
   lines = [f"# QAT, low-bit training and quantized optimizer states ({c.variant})", "",
            f"Device: {meta.get('device', '?')}; jax {meta.get('jax', '?')}; "
@@ -306,8 +324,8 @@ def part_report(c, root: pathlib.Path) -> dict:
   text = "\n".join(lines)
   if c.report:
     pathlib.Path(c.report).parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(c.report).write_text(text)
-  (root / "report.md").write_text(text)
+    state_lib.write_text_atomic(pathlib.Path(c.report), text)
+  state_lib.write_text_atomic(root / "report.md", text)
   print(text)
   return {}
 
@@ -344,7 +362,7 @@ def main(argv: list[str]) -> None:
   root.mkdir(parents=True, exist_ok=True)
   loop.quiet_orbax_logs()
   meta_f = root / "meta.json"
-  meta = json.loads(meta_f.read_text()) if meta_f.exists() else {"commands": []}
+  meta = state_lib.read_json(meta_f) if meta_f.exists() else {"commands": []}
   dev = jax.devices()[0]
   if any(p != "report" for p in parts):  # a report-only run keeps the producer's device
     meta.update(device=f"{dev.platform}: {getattr(dev, 'device_kind', '?')} x "
@@ -354,7 +372,7 @@ def main(argv: list[str]) -> None:
       shlex.quote(a) for a in sys.argv[1:])
   if cmd not in meta["commands"]:
     meta["commands"].append(cmd)
-  meta_f.write_text(json.dumps(meta, indent=1))
+  state_lib.write_text_atomic(meta_f, json.dumps(meta, indent=1))
   fns = {"float": part_float, "qat": part_qat, "scratch": part_scratch,
          "optim": part_optim, "report": part_report}
   for p in PARTS:

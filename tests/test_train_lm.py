@@ -178,6 +178,29 @@ def test_resume_with_another_model_is_refused_and_keeps_the_run(tmp_path, data):
   assert (tmp_path / "run" / "config.json").read_text() == before
   longer = _smoke_config(steps=3, ckpt_every=0, warmup_steps=1)
   assert train_lm.train(longer, tmp_path / "run", data=data)["step"] == 3
+  # Another data stream is refused too (its config.json recorded only the
+  # new one); so is a run already past the steps asked for, which trained
+  # nothing, evaluated nothing and rewrote config.json.
+  before = (tmp_path / "run" / "config.json").read_text()
+  for field, value, match in (("batch_size", 16, r"batch_size=8 \(asked: 16\)"),
+                              ("data_seed", 7, r"data_seed=0 \(asked: 7\)"),
+                              ("steps", 2, r"at step 3, past config.steps=2")):
+    changed = _smoke_config(steps=3, ckpt_every=0, warmup_steps=1)
+    changed[field] = value
+    with pytest.raises(ValueError, match=match):
+      train_lm.train(changed, tmp_path / "run", data=data)
+    assert (tmp_path / "run" / "config.json").read_text() == before
+  # A changed schedule is taken and recorded in the log's start event.
+  relr = _smoke_config(steps=4, ckpt_every=0, warmup_steps=1, lr=1e-3)
+  assert train_lm.train(relr, tmp_path / "run", data=data)["step"] == 4
+  starts = [json.loads(line) for line in
+            (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+            if json.loads(line)["event"] == "start"]
+  assert "steps=3 (asked: 4)" in starts[-1]["config_changes"]
+  assert any(c.startswith("lr=") for c in starts[-1]["config_changes"])
+  with pytest.raises(ValueError, match="keep_checkpoints must be an int >= 1"):
+    train_lm.train(_smoke_config(steps=4, keep_checkpoints=0), tmp_path / "k0", data=data)
+  longer = relr
   # A float run resumed with QAT on (its config has no quant fields to
   # compare): refused before anything is written (Orbax failed on the tree
   # structure after config.json had been overwritten).

@@ -575,19 +575,35 @@ def _validate(config: Any, cfg: LlamaConfig, mesh: Mesh) -> None:
   if config.ckpt_every < 0:
     raise ValueError(f"config.ckpt_every must be >= 0 (0: only the final "
                      f"checkpoint), got {config.ckpt_every}.")
+  keep = _get(config, "keep_checkpoints", 1)
+  if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+    raise ValueError(f"config.keep_checkpoints must be an int >= 1 (the newest "
+                     f"checkpoints kept; Orbax keeps none at 0), got {keep!r}.")
 
 
-# What a resumed run's checkpoints were laid out by: a change here cannot
-# restore them (or restores a different run).
-_RESUME_FIELDS = ("model", "quant", "optim")
+# What a resumed run's checkpoints were laid out by (a change here cannot
+# restore them, or restores a different run) and what its data stream and
+# start were: a resumed run keeps them. The schedule, optimizer
+# hyperparameters, mesh, logging and evaluation may change; each change is
+# recorded in the log's "start" event.
+_RESUME_FIELDS = ("model", "quant", "optim", "data", "seq_len", "batch_size",
+                  "data_seed", "seed", "init_from")
 
 
-def _check_resume(workdir: pathlib.Path, config: Any, manager) -> None:
+def _check_resume(workdir: pathlib.Path, config: Any, manager) -> list:
   """Raises when ``workdir`` holds checkpoints of a run made with another
-  model, quantization or optimizer state than ``config`` asks for (before
-  its ``config.json`` is overwritten)."""
-  if manager.latest_step() is None:
-    return
+  model, quantization, optimizer state or data than ``config`` asks for, or
+  one already past ``config.steps`` (before its ``config.json`` is
+  overwritten). Returns the fields that do change (``field=old (asked:
+  new)``), for the log."""
+  latest = manager.latest_step()
+  if latest is None:
+    return []
+  if config.steps < latest:
+    raise ValueError(
+        f"{workdir} holds a run at step {latest}, past config.steps={config.steps}: "
+        "nothing would train and its final evaluation would not be redone. Ask for "
+        f"--config.steps >= {latest} to continue it, or use another --workdir.")
   diff = state_lib.run_config_mismatch(workdir, config, only=_RESUME_FIELDS)
   if (workdir / "config.json").exists():
     # A recipe on one side only (a float run has no quant fields to compare).
@@ -601,7 +617,11 @@ def _check_resume(workdir: pathlib.Path, config: Any, manager) -> None:
     raise ValueError(
         f"{workdir} holds checkpoints of a run with another config: {diff}. It "
         "cannot resume from them: use another --workdir, or delete this one to "
-        "start over (steps, learning rate and logging may change on resume).")
+        "start over (steps, the schedule, optimizer hyperparameters, the mesh, "
+        "logging and evaluation may change on resume).")
+  if not (workdir / "config.json").exists():
+    return []
+  return state_lib.config_differences(state_lib.read_run_config(workdir), config)
 
 
 def run_optimizer(config: Any, recipe: "qat_lib.Recipe | None"
@@ -731,7 +751,7 @@ def train(config: Any, workdir: str | os.PathLike[str], *,
   manager = state_lib.checkpoint_manager(workdir / "checkpoints",
                                          keep=config.keep_checkpoints)
   try:
-    _check_resume(workdir, config, manager)
+    changes = _check_resume(workdir, config, manager)
   except ValueError:
     manager.close()
     raise
@@ -757,11 +777,13 @@ def train(config: Any, workdir: str | os.PathLike[str], *,
       resumed_from = int(state.step)
     # Written once the state is in hand: a failed restore leaves the run's
     # own config (init_from and resume read it).
-    (workdir / "config.json").write_text(config.to_json(indent=1)
-                                         if hasattr(config, "to_json")
-                                         else json.dumps(dict(config), indent=1))
+    state_lib.write_text_atomic(workdir / "config.json",
+                                config.to_json(indent=1) if hasattr(config, "to_json")
+                                else json.dumps(dict(config), indent=1))
     start = int(state.step)
     log.write({"event": "start", "step": start, "resumed_from": resumed_from,
+               **({"config_changes": changes} if resumed_from is not None and changes
+                  else {}),
                "num_params": num_params(state.params), "devices": mesh.size,
                "mesh": mesh_lib.mesh_string(mesh),
                "backend": jax.default_backend(),
@@ -815,7 +837,7 @@ def train(config: Any, workdir: str | os.PathLike[str], *,
       out = {"step": config.steps, **final}
       if final_real is not None:
         out["real"] = final_real
-      (workdir / "final_eval.json").write_text(json.dumps(out, indent=1))
+      state_lib.write_text_atomic(workdir / "final_eval.json", json.dumps(out, indent=1))
     manager.wait_until_finished()
     result = {"step": int(state.step), "last_metrics": metrics, "final_eval": final,
               "num_params": num_params(state.params)}

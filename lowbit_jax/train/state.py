@@ -14,6 +14,7 @@ import functools
 import json
 import os
 import pathlib
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -191,7 +192,38 @@ def read_run_config(workdir: str | os.PathLike[str]) -> dict:
   if not path.exists():
     raise FileNotFoundError(f"{path} is missing: {workdir} is not the workdir of a "
                             "lowbit_jax training run (experiments/train_lm.py).")
-  return json.loads(path.read_text())
+  return read_json(path)
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+  """A JSON file a run wrote; one that does not parse raises naming it.
+
+  Raises:
+    ValueError: the file is not valid JSON (written by hand, or torn by a
+      version that did not write atomically): the message names it.
+  """
+  text = pathlib.Path(path).read_text()
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON ({e}): it was cut short or edited. "
+                     "Restore it, or delete it (a run's checkpoints stay; its "
+                     "config is then not checked on resume)") from e
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+  """Writes ``text`` to ``path`` through a temporary file and a rename, so a
+  crash mid-write leaves the old file (or none), never a torn one."""
+  path = pathlib.Path(path)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
 
 
 def _flat(d: Any, prefix: str = "") -> dict:
@@ -242,4 +274,5 @@ def run_config_mismatch(workdir: str | os.PathLike[str], config: Any, *,
 __all__ = ["TrainState", "init_params", "init_state", "state_shardings", "place",
            "abstract_like", "abstract_state", "checkpoint_manager",
            "save_checkpoint", "restore_checkpoint", "read_run_config",
-           "config_differences", "run_config_mismatch"]
+           "config_differences", "run_config_mismatch", "read_json",
+           "write_text_atomic"]
