@@ -352,6 +352,14 @@ _RUN_ONLY_FIELDS = ("cache_dir", "mesh", "num_devices", "sharding", "log_every",
                     "ckpt_every", "keep_checkpoints")
 
 
+def _folded_weight_sqnr(report: dict) -> dict:
+  """Kernel path -> weight SQNR (dB) from an ``apply_ptq`` report (the folded
+  domain of a rotation or OmniQuant), keyed by kernel as ``layer_sqnr`` keys
+  its rows, so every method's row fills the same heatmap columns."""
+  return {f"{p}/kernel": e["weight_sqnr_db"] for p, e in report["layers"].items()
+          if "weight_sqnr_db" in e}
+
+
 def _check_workdir_config(workdir: str, config) -> None:
   """Raises unless the training run in ``workdir`` (its ``config.json``) was
   made with ``config``, so a sweep never measures a model other than the one
@@ -519,9 +527,7 @@ def llama_point(scheme: str, target: str = "weights", method: str = "rtn", *,
   ex = (calib_batches[0][0][:1],)
   m["bits_per_weight"] = measured_weight_bits(model, {"params": params}, sch, ex)
   if "rotation" in report or method == "omniquant":   # SQNR in the folded domain
-    layers = {"weight": {p: e["weight_sqnr_db"] for p, e in report["layers"].items()
-                         if "weight_sqnr_db" in e},
-              "activation": {}}
+    layers = {"weight": _folded_weight_sqnr(report), "activation": {}}
   else:
     layers = layer_sqnr(params, qparams if method != "rtn" else params, sch, target)
   if layers["weight"]:
@@ -630,7 +636,7 @@ def run_sweep_config(config, log=None) -> dict:
     sel = [r for r in rows if r["metrics"].get("layers", {}).get(kind)]
     if not sel:
       continue
-    cols = list(sel[0]["metrics"]["layers"][kind])
+    cols = list(dict.fromkeys(c for r in sel for c in r["metrics"]["layers"][kind]))
     mat = [[r["metrics"]["layers"][kind].get(c, float("nan")) for c in cols]
            for r in sel]
     short = [c.replace("/kernel", "").replace("encoder/", "") for c in cols]

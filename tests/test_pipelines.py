@@ -178,3 +178,31 @@ def test_llama_sweep_rows_follow_the_model_in_the_workdir(tmp_path, monkeypatch)
   (work / "final_eval.json").write_text(json.dumps({"loss": 5.2}))   # retrained
   pipelines.run_sweep_config(c, log=lambda s: None)
   assert len(calls) == 2 * n
+
+
+def test_layer_heatmaps_give_every_method_its_columns(tmp_path, monkeypatch):
+  # The rotations' and OmniQuant's rows were keyed by layer, the others by
+  # kernel, and the columns came from the first row only: those rows drew
+  # all grey.
+  assert pipelines._folded_weight_sqnr(
+      {"layers": {"layers_0/attn/q_proj": {"weight_sqnr_db": 20.0}, "x": {}}}) == {
+          "layers_0/attn/q_proj/kernel": 20.0}
+  from lowbit_jax import sweep
+  work = tmp_path / "work"
+  work.mkdir()
+  (work / "config.json").write_text("{}")
+  (work / "final_eval.json").write_text(json.dumps({"loss": 6.1}))
+  monkeypatch.setattr(pipelines, "_llama", lambda *a: None)
+  kernels = {"rtn": ["a/kernel"], "gptq": ["a/kernel", "b/kernel"]}
+  monkeypatch.setitem(pipelines.POINTS, "llama", lambda **kw: {
+      "ppl": 1.0, "layers": {"weight": {k: 10.0 for k in kernels.get(kw["method"], [])},
+                             "activation": {}}})
+  drawn = {}
+  monkeypatch.setattr(sweep, "plot_heatmap",
+                      lambda mat, rows, cols, path, title: drawn.setdefault(path, cols))
+  c = _config("sweep_llama", "smoke")
+  c.out_dir = str(tmp_path / "out")
+  c.point_kwargs.workdir = str(work)
+  c.axes = {"scheme": ["int4"], "target": ["weights"], "method": ["rtn", "gptq"]}
+  pipelines.run_sweep_config(c, log=lambda s: None)
+  assert list(drawn.values()) == [["a", "b"]]
