@@ -30,17 +30,33 @@ def expand(axes: dict, exclude: Sequence[dict] = ()) -> list[dict]:
 
   Returns:
     Points as dicts, in product order.
+
+  Raises:
+    ValueError: no axes, an axis that is not a non-empty list, an exclusion
+      naming a key that is no axis (it would exclude nothing), or no point
+      left (a sweep of zero points would rewrite its table empty).
   """
   if not axes:
     raise ValueError("a sweep needs at least one axis")
   for k, v in axes.items():
     if isinstance(v, (str, bytes)) or not isinstance(v, Iterable):
       raise ValueError(f"axis {k!r} must be a list of values, got {v!r}")
+    if not list(v):
+      raise ValueError(f"axis {k!r} has no values: give it at least one")
   names = list(axes)
+  for ex in exclude:
+    unknown = sorted(set(ex) - set(names))
+    if unknown:
+      raise ValueError(f"exclude entry {dict(ex)!r} names {unknown}, which "
+                       f"{'is no axis' if len(unknown) == 1 else 'are no axes'} "
+                       f"(the axes: {names}): it would exclude nothing")
   pts = [dict(zip(names, vals)) for vals in itertools.product(*(list(axes[n])
                                                                 for n in names))]
-  return [p for p in pts
-          if not any(all(p.get(k) == v for k, v in ex.items()) for ex in exclude)]
+  pts = [p for p in pts
+         if not any(all(p.get(k) == v for k, v in ex.items()) for ex in exclude)]
+  if not pts:
+    raise ValueError("every point of the sweep is excluded: nothing would run")
+  return pts
 
 
 def point_id(point: dict, settings: Optional[dict] = None) -> str:

@@ -18,6 +18,14 @@ def test_expand_product_and_exclude():
 def test_expand_rejects_scalar_axis():
   with pytest.raises(ValueError, match="must be a list"):
     sweep.expand({"a": "abc"})
+  # An empty axis or an all-excluded product ran zero points and rewrote the
+  # table empty; an exclusion naming no axis excluded nothing, silently.
+  with pytest.raises(ValueError, match="axis 'b' has no values"):
+    sweep.expand({"a": [1], "b": []})
+  with pytest.raises(ValueError, match="every point of the sweep is excluded"):
+    sweep.expand({"a": [1]}, exclude=[{"a": 1}])
+  with pytest.raises(ValueError, match=r"names \['schme'\], which is no axis"):
+    sweep.expand({"scheme": ["fp32", "int8"]}, exclude=[{"schme": "fp32"}])
 
 
 def test_run_skips_finished_points(tmp_path):
