@@ -436,6 +436,15 @@ def _llama(workdir: str, variant: str, train_steps: int = 0):
   return config, model, state.params, data
 
 
+def _check_llama_sizes(n_calib: int, batch: int, seq_len: int,
+                       max_eval_tokens: int) -> None:
+  for name, v, low in (("n_calib", n_calib, 1), ("batch", batch, 1),
+                       ("seq_len", seq_len, 2),
+                       ("max_eval_tokens", max_eval_tokens, 0)):  # 0: all of them
+    if v < low:
+      raise ValueError(f"{name} must be >= {low}, got {v}")
+
+
 def llama_point(scheme: str, target: str = "weights", method: str = "rtn", *,
                 workdir: str, variant: str = "smoke", seq_len: int = 128,
                 batch: int = 8, max_eval_tokens: int = 32768, n_calib: int = 8,
@@ -472,11 +481,7 @@ def llama_point(scheme: str, target: str = "weights", method: str = "rtn", *,
   """
   _check(method, target)
   _check_attention(kv, qk, r3)
-  for name, v, low in (("n_calib", n_calib, 1), ("batch", batch, 1),
-                       ("seq_len", seq_len, 2),
-                       ("max_eval_tokens", max_eval_tokens, 0)):  # 0: all of them
-    if v < low:
-      raise ValueError(f"{name} must be >= {low}, got {v}")
+  _check_llama_sizes(n_calib, batch, seq_len, max_eval_tokens)
   from lowbit_jax import train_lm  # pylint: disable=g-import-not-at-top
   from lowbit_jax.flax import quantize_linen  # pylint: disable=g-import-not-at-top
   from lowbit_jax.flax import ptq as ptq_lib  # pylint: disable=g-import-not-at-top
@@ -587,6 +592,22 @@ def run_sweep_config(config, log=None) -> dict:
     _check(p.get("method", "rtn"), p.get("target", "weights"))
     _check_attention(p.get("kv", "none"), p.get("qk", "none"), p.get("r3", False))
   kwargs = dict(config.get("point_kwargs", {}))
+  for p in points:   # arguments the point function cannot take, before training
+    args = {k: v for k, v in p.items() if k != "model"}
+    clash = sorted(set(args) & set(kwargs))
+    if clash:
+      raise ValueError(f"config.point_kwargs sets {clash}, which the sweep's axes "
+                       "set per point: drop them from one of the two")
+    try:
+      bound = inspect.signature(fn).bind(**args, **kwargs)
+    except TypeError as e:
+      raise ValueError(f"config.point_kwargs or axes do not fit the {config.model!r} "
+                       f"point function ({e}); its arguments: "
+                       f"{list(inspect.signature(fn).parameters)}") from None
+    if fn is llama_point:
+      bound.apply_defaults()
+      _check_llama_sizes(*(bound.arguments[k] for k in
+                           ("n_calib", "batch", "seq_len", "max_eval_tokens")))
   os.makedirs(config.out_dir, exist_ok=True)
   results = os.path.join(config.out_dir, "results.jsonl")
 

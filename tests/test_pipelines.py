@@ -102,6 +102,16 @@ def test_bad_point_arguments():
   c.axes.scheme = ["int8", "mxfp44"]
   with pytest.raises(KeyError, match="mxfp44"):
     pipelines.run_sweep_config(c, log=lambda s: None)
+  # Point arguments the point function cannot take, or sizes it refuses, are
+  # refused before the model trains (that took up to 50 minutes first).
+  c = _config("sweep_llama", "smoke")
+  c.point_kwargs.batch = 0
+  with pytest.raises(ValueError, match="batch must be >= 1"):
+    pipelines.run_sweep_config(c, log=lambda s: pytest.fail(f"ran: {s}"))
+  c = _config("sweep_llama", "smoke")
+  c.point_kwargs.max_eval_token = 10
+  with pytest.raises(ValueError, match="unexpected keyword argument 'max_eval_token'"):
+    pipelines.run_sweep_config(c, log=lambda s: pytest.fail(f"ran: {s}"))
   # A KV-cache format typo is refused before any point (and any training) runs.
   c = _config("sweep_llama_methods", "smoke")
   c.axes.kv = ["none", "int4x"]
