@@ -4,6 +4,8 @@
   python -m experiments.ptq --config configs/ptq.py --config.scheme=nvfp4 \
       --config.target=weights+acts --config.method=gptq
   python -m experiments.ptq --config configs/ptq.py:smoke
+  python -m experiments.ptq --config configs/ptq.py:llama   # the decoder LM
+      # (trained in point_kwargs.workdir first when it holds no finished run)
 
 With ``save_dir`` set (MiniLM, ``--config.method=rtn``), the weights are also
 real-quantized (packed QArrays) and saved with orbax; ``experiments/evaluate.py`` evaluates such a checkpoint. An
@@ -26,6 +28,11 @@ def get_config(arg: str = "default"):
     c.method = "rtn"
     c.point_kwargs.n_calib = 8
     c.point_kwargs.n_eval = 16
+  elif arg == "llama":   # the decoder LM's point arguments (pipelines.llama_point)
+    c.model = "llama"
+    c.point_kwargs = ml_collections.ConfigDict({
+        "workdir": "results/train_lm_small", "variant": "small", "seq_len": 128,
+        "batch": 8, "max_eval_tokens": 32768, "n_calib": 8})
   elif arg != "default":
-    raise ValueError(f"unknown variant {arg!r}: default or smoke")
+    raise ValueError(f"unknown variant {arg!r}: default, smoke or llama")
   return c

@@ -2,6 +2,7 @@ r"""Runs one PTQ point and prints its metrics as JSON (see configs/ptq.py).
 
   python -m experiments.ptq --config configs/ptq.py
 """
+import inspect
 import json
 
 import experiments
@@ -20,6 +21,13 @@ def main(argv):
   c = _CONFIG.value
   if c.model not in pipelines.POINTS:
     raise app.UsageError(f"--config.model must be one of {sorted(pipelines.POINTS)}")
+  fn = pipelines.POINTS[c.model]
+  try:   # point_kwargs of another model (the default ones are MiniLM's)
+    inspect.signature(fn).bind(c.scheme, c.target, c.method, **dict(c.point_kwargs))
+  except TypeError as e:
+    raise app.UsageError(
+        f"--config.point_kwargs do not fit model {c.model!r} ({e}); for the decoder "
+        "LM start from its variant: --config configs/ptq.py:llama") from None
   if c.save_dir:  # checked before any computing
     if c.model != "minilm" or c.method != "rtn":
       raise app.UsageError("save_dir is supported for model=minilm, method=rtn: pass "
@@ -29,7 +37,7 @@ def main(argv):
     except FileExistsError:
       raise FileExistsError(f"--config.save_dir={c.save_dir} exists; pass "
                             "--config.force=True to replace it") from None
-  m = pipelines.POINTS[c.model](c.scheme, c.target, c.method, **dict(c.point_kwargs))
+  m = fn(c.scheme, c.target, c.method, **dict(c.point_kwargs))
   m.pop("layers", None)
   print(json.dumps(m, indent=1, sort_keys=True))
   if c.save_dir:

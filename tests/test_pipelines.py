@@ -216,3 +216,14 @@ def test_layer_heatmaps_give_every_method_its_columns(tmp_path, monkeypatch):
   c.axes = {"scheme": ["int4"], "target": ["weights"], "method": ["rtn", "gptq"]}
   pipelines.run_sweep_config(c, log=lambda s: None)
   assert list(drawn.values()) == [["a", "b"]]
+
+
+def test_every_ptq_config_variant_fits_its_point_function():
+  # configs/ptq.py let model=llama through with MiniLM's point arguments,
+  # which llama_point cannot take: it now has a llama variant, and
+  # experiments/ptq.py checks the fit before running.
+  import inspect
+  for variant in ("default", "smoke", "llama"):
+    c = _config("ptq", variant)
+    inspect.signature(pipelines.POINTS[c.model]).bind(
+        c.scheme, c.target, c.method, **dict(c.point_kwargs))
