@@ -1399,19 +1399,63 @@ def dequantize(q: QArray) -> jax.Array:
   return _dequantize_jit(q)
 
 
+QARRAY_FIELDS = ("codes", "scale", "zero_point", "tensor_scale")
+
+
+@functools.lru_cache(maxsize=1024)
+def expected_fields(spec: QuantSpec, shape: tuple, dtype: str) -> QArray:
+  """The abstract QArray ``quantize`` makes of a ``shape`` / ``dtype`` array
+  (one trace per spec and shape): the shapes and dtypes its fields must have."""
+  return jax.eval_shape(lambda x: quantize(x, spec), jax.ShapeDtypeStruct(shape, dtype))
+
+
 def _check_rank(q: QArray) -> None:
-  """Refuses a QArray whose codes do not have its recorded rank: one built
-  under ``jax.vmap`` carries its batch axis in the arrays but not in its
-  static shape (its metadata is per example), and read outside the vmap its
-  codes would be unpacked along the wrong axis."""
-  if jnp.ndim(q.codes) != len(q.shape):
+  """Refuses a QArray whose arrays are not those ``quantize`` makes for its
+  recorded spec, shape and dtype, which dequantize would read silently
+  wrong: codes of another rank (built under ``jax.vmap`` or stacked, or a
+  stack quantized whole and then mapped over), of another shape (a
+  ``shard_map`` output records its per-shard shape), or fields of another
+  dtype (a ``tree.map`` cast of the parameters reached the codes or scales)."""
+  nd = jnp.ndim(q.codes)
+  if nd > len(q.shape):
     raise ValueError(
         f"this QArray records shape {tuple(q.shape)} but its codes have "
-        f"{jnp.ndim(q.codes)} dims ({tuple(jnp.shape(q.codes))}): it was made "
+        f"{nd} dims ({tuple(jnp.shape(q.codes))}): it was made "
         "under jax.vmap (or its arrays were stacked), so its static shape is "
         "that of one example. Dequantize it under the same vmap "
-        "(jax.vmap(lowbit_jax.dequantize)(q)), or quantize the stacked array "
-        "in one call")
+        "(jax.vmap(lowbit_jax.dequantize)(q)) or a lax.scan over that axis, or "
+        "quantize the stacked array in one call")
+  if nd < len(q.shape):
+    raise ValueError(
+        f"this QArray records shape {tuple(q.shape)} but its codes have "
+        f"{nd} dims ({tuple(jnp.shape(q.codes))}): a jax.vmap or lax.scan maps "
+        "over a QArray quantized as one stacked array, whose static shape is the "
+        "whole stack. To map over layers, quantize each one under the same map: "
+        "jax.vmap(lambda w: lowbit_jax.quantize(w, spec))(stacked)")
+  try:
+    want = expected_fields(q.spec, tuple(q.shape), str(jnp.dtype(q.dtype)))
+  except Exception:   # pylint: disable=broad-except
+    return   # a spec and shape quantize does not make: nothing to compare with
+  for f in QARRAY_FIELDS:
+    w, g = getattr(want, f), getattr(q, f)
+    if w is None or g is None:
+      continue
+    if tuple(jnp.shape(g)) != tuple(w.shape):
+      raise ValueError(
+          f"this QArray records a {tuple(q.shape)} array, whose {f} quantize "
+          f"makes {tuple(w.shape)}, but it holds {f} of shape "
+          f"{tuple(jnp.shape(g))}: its recorded shape is not its arrays' (a "
+          "shard_map or a pytree map changed the arrays but not the QArray's "
+          "static shape). Dequantize it inside the same shard_map, or quantize "
+          "the full array outside it")
+    if jnp.result_type(g) != jnp.dtype(w.dtype):
+      raise ValueError(
+          f"this QArray's {f} are {jnp.result_type(g)}, not the "
+          f"{jnp.dtype(w.dtype)} its spec {q.spec.format} stores: a cast of the "
+          "parameter tree (jax.tree.map(lambda a: a.astype(...), params)) reached "
+          "the QArray and would decode its codes as values. Leave QArrays out of "
+          "the cast: jax.tree.map(f, params, is_leaf=lambda x: isinstance(x, "
+          "lowbit_jax.QArray)) with f returning a QArray unchanged")
 
 
 def _dequant_kernel(q: QArray):

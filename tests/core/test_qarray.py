@@ -185,6 +185,29 @@ def test_qarray_vmap_and_scan():
   np.testing.assert_allclose(float(total), float(jnp.sum(ref)), rtol=1e-5)
 
 
+def test_dequantize_refuses_arrays_that_do_not_fit_the_recorded_shape_or_dtype():
+  # A QArray returned by shard_map recorded its shard's shape over the full
+  # arrays: dequantize returned the first shard's rows, silently. A tree.map
+  # cast of a parameter tree reached the codes and decoded them as values.
+  x = jax.random.normal(jax.random.key(7), (16, 256))
+  q = lb.quantize(x, lb.QuantSpec("int4", axis=-1, group_size=128))
+  shard = jax.tree.map(lambda a: a, q)
+  object.__setattr__(shard, "shape", (2, 256))   # what shard_map's out_specs gives
+  with pytest.raises(ValueError, match=r"records a \(2, 256\) array.*shard_map"):
+    lb.dequantize(shard)
+  q8 = lb.quantize(x, lb.QuantSpec("int8", axis=-1))
+  with pytest.raises(ValueError, match="codes are bfloat16, not the int8"):
+    lb.dequantize(jax.tree.map(lambda a: a.astype(jnp.bfloat16), q8))
+  # Mapping over a stack quantized whole names the way that works.
+  w = jax.random.normal(jax.random.key(8), (3, 64, 16))
+  whole = lb.quantize(w, lb.QuantSpec("int4", axis=1, group_size=32))
+  with pytest.raises(ValueError, match="jax.vmap\\(lambda w: lowbit_jax.quantize"):
+    jax.lax.scan(lambda c, ql: (c, lb.dequantize(ql)), None, whole)
+  per = jax.vmap(lambda v: lb.quantize(v, lb.QuantSpec("int4", axis=0, group_size=32)))(w)
+  ys = jax.lax.scan(lambda c, ql: (c, lb.dequantize(ql)), None, per)[1]
+  np.testing.assert_array_equal(np.asarray(ys), np.asarray(lb.dequantize(whole)))
+
+
 def test_dequantize_keeps_dtype_and_shape():
   x = jax.random.normal(jax.random.key(6), (2, 3, 64)).astype(jnp.bfloat16)
   q = jax.jit(lambda v: lb.quantize(v, "mxfp4", axis=-1))(x)
