@@ -41,6 +41,7 @@ never held twice.
 from __future__ import annotations
 
 import contextlib
+import collections
 import dataclasses
 import functools
 import re
@@ -784,16 +785,7 @@ def logical_value(x) -> jax.Array:
   return x
 
 
-def _transpose_spec(spec: QuantSpec) -> QuantSpec:
-  """The spec of a 2-D weight's transpose (axes and tiles swapped)."""
-  ax = spec.axis
-  if isinstance(ax, int):
-    spec = spec.replace(axis=1 - ax % 2)
-  elif isinstance(ax, tuple):
-    spec = spec.replace(axis=tuple(1 - a % 2 for a in ax))
-  if spec.tile is not None:
-    spec = spec.replace(tile=spec.tile[::-1])
-  return spec
+_transpose_spec = ops.transpose_spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -874,7 +866,7 @@ def _as_op_sees(w: jax.Array, plan: WeightPlan) -> jax.Array:
 def _quantize_leaf(w: jax.Array, plan: WeightPlan) -> QWeight:
   w = _as_op_sees(w, plan)
   if plan.transpose:
-    q = ops.prepare_weight(w, _transpose_spec(plan.spec), contracting=0)
+    q = ops.prepare_weight(w, plan.spec, contracting=0)
     return as_qweight(q, transposed=True)
   return as_qweight(quantize(w, plan.spec), transposed=False)
 
@@ -1020,6 +1012,10 @@ def quantize_params(params: Any, plan: Mapping[str, WeightPlan], *,
                      "parameter pytree")
   leaves = [leaf for _, leaf in flat]
   del flat
+  # donate: an array at several paths (tied weights) is deleted only once no
+  # planned path still has it to quantize, and never while an unplanned path
+  # holds it.
+  holders = collections.Counter(id(leaf) for leaf in leaves)
   for i, p in enumerate(paths):
     if p not in plan:
       continue
@@ -1035,7 +1031,8 @@ def quantize_params(params: Any, plan: Mapping[str, WeightPlan], *,
     leaves[i] = q
     if on_step is not None:
       on_step(p, q)
-    if donate and isinstance(leaf, jax.Array):
+    holders[id(leaf)] -= 1
+    if donate and isinstance(leaf, jax.Array) and not holders[id(leaf)]:
       leaf.delete()
     del leaf
   return jax.tree_util.tree_unflatten(treedef, leaves)

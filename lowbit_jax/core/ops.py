@@ -252,9 +252,14 @@ def _fq_history_fwd(spec, reduce, x, history, key):
 
 def _fq_history_bwd(spec, reduce, res, g):
   del spec, reduce
-  clipped, key, new_history = res
-  # The history's "gradient" is its update (overwrite-with-gradient).
-  return jnp.where(clipped, jnp.zeros_like(g), g), new_history, _key_ct(key)
+  _, key, new_history = res
+  # The history's "gradient" is its update (overwrite-with-gradient). The
+  # value's is straight through, saturated elements too, as Transformer
+  # Engine's and flax's fp8 casts pass it: a delayed range is only stale (the
+  # history catches up next step), unlike a calibrated static range, whose
+  # clip is part of the model (clipped STE). Masking it zeroed the gradient
+  # of a weight growing past its history on every other step.
+  return g, new_history, _key_ct(key)
 
 
 _fq_history.defvjp(_fq_history_fwd, _fq_history_bwd)
@@ -529,13 +534,46 @@ def kernel_problem(lhs, rhs: QArray, dimension_numbers, backend: Optional[str] =
 
 def _run_kernel(lhs, rhs: QArray, prob, use_kernel: str):
   from lowbit_jax import kernels  # pylint: disable=g-import-not-at-top
-  from lowbit_jax.kernels._api import MatmulOperands  # pylint: disable=g-import-not-at-top
   kern = kernels.find(prob)
   if kern is None:
     if use_kernel == "always":
       raise ValueError(f"use_kernel='always' but no kernel supports {prob}; "
                        "use_kernel='auto' falls back to the reference")
     return None
+  if isinstance(lhs, QArray):
+    return _kernel_call(lhs, rhs, prob)
+  return _kernel_dot(lhs, rhs, prob)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _kernel_dot(x: jax.Array, rhs: QArray, prob) -> jax.Array:
+  """A Pallas kernel's ``x . W^T`` with a gradient for the float activation
+  (a frozen quantized weight in training, e.g. QLoRA's base): the kernels
+  have no differentiation rule of their own."""
+  return _kernel_call(x, rhs, prob)
+
+
+def _kernel_dot_fwd(x, rhs, prob):
+  return _kernel_call(x, rhs, prob), (rhs, jnp.zeros((0,), x.dtype))
+
+
+def _kernel_dot_bwd(prob, res, g):
+  del prob
+  rhs, x_like = res
+  w = dequantize(rhs).astype(jnp.float32)   # [N, K]
+  dx = jnp.einsum("...n,nk->...k", g.astype(jnp.float32), w,
+                  precision=lax.Precision.HIGHEST)
+  # (The codes and scales of a stored weight take no gradient.)
+  return dx.astype(x_like.dtype), jax.tree.map(lambda _: None, rhs)
+
+
+_kernel_dot.defvjp(_kernel_dot_fwd, _kernel_dot_bwd)
+
+
+def _kernel_call(lhs, rhs: QArray, prob):
+  from lowbit_jax import kernels  # pylint: disable=g-import-not-at-top
+  from lowbit_jax.kernels._api import MatmulOperands  # pylint: disable=g-import-not-at-top
+  kern = kernels.find(prob)
   if isinstance(lhs, QArray):
     x = lhs.codes.reshape(-1, lhs.codes.shape[-1])
     x_scale = lhs.scale.reshape(-1, lhs.scale.shape[-1])
@@ -1494,11 +1532,26 @@ def set_code_order(tree, order: str, *, strict: bool = True):
       one, tree, is_leaf=lambda x: isinstance(x, QArray))
 
 
+def transpose_spec(spec: QuantSpec) -> QuantSpec:
+  """The spec of a 2-D weight's transpose (axes and tiles swapped)."""
+  ax = spec.axis
+  if isinstance(ax, int):
+    spec = spec.replace(axis=1 - ax % 2)
+  elif isinstance(ax, tuple):
+    spec = spec.replace(axis=tuple(1 - a % 2 for a in ax))
+  if spec.tile is not None:
+    spec = spec.replace(tile=spec.tile[::-1])
+  return spec
+
+
 def prepare_weight(w: jax.Array, spec, contracting: int | Sequence[int] = 0) -> QArray:
   """Quantizes a 2-D weight K-major for kernels: ``[K, N]`` -> QArray ``[N, K]``.
 
   Use the result with ``dot_general(x, qw, (((x.ndim - 1,), (1,)), ((), ())))``.
-  An unset spec axis becomes the contraction axis (now axis 1).
+  A spec's axis and tile refer to ``w`` as given (``axis=0`` with
+  ``contracting=0``: groups along K, as ``quantize(w, spec)``); they are
+  swapped for the stored transpose. An unset axis becomes the contraction
+  axis.
   """
   if isinstance(contracting, int):
     contracting = (contracting,)
@@ -1511,4 +1564,6 @@ def prepare_weight(w: jax.Array, spec, contracting: int | Sequence[int] = 0) -> 
   spec = as_spec(spec)
   if spec.axis is None and spec.tile is None:
     spec = spec.replace(axis=1)
+  elif c == 0:
+    spec = transpose_spec(spec)
   return quantize(wt, spec)

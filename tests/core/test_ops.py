@@ -420,3 +420,14 @@ def test_einsum_grad_spec_axes_are_the_outputs():
   tiles = lb.QuantSpec("int8", tile=(2, 3))
   _, vjp = jax.vjp(lambda a, b: ops.einsum("td,fd->ft", a, b, grad_spec=tiles), x, w)
   np.testing.assert_allclose(vjp(dy)[1], lb.fake_quant(dy, tiles) @ x, rtol=1e-5, atol=1e-6)
+
+
+def test_prepare_weight_reads_an_explicit_axis_in_the_given_layout():
+  # QuantSpec(axis=0, group_size=128) of a [K, N] weight means groups along K;
+  # prepare_weight applied it to the transpose (groups along N), silently.
+  w = jax.random.normal(jax.random.key(0), (256, 128))
+  for spec in (lb.QuantSpec("int4", axis=0, group_size=128),
+               lb.QuantSpec("int8", axis=-1), lb.QuantSpec("int8", tile=(64, 32))):
+    q = ops.prepare_weight(w, spec)
+    np.testing.assert_array_equal(np.asarray(lb.dequantize(q)).T,
+                                  np.asarray(lb.dequantize(lb.quantize(w, spec))))

@@ -66,6 +66,18 @@ def test_delayed_scaling_three_steps():
                              rtol=1e-7)
 
 
+def test_delayed_scaling_gradient_is_straight_through_past_the_history():
+  # A value above its history's range saturates in the forward; its gradient
+  # passes straight through, as Transformer Engine's and flax's fp8 casts do
+  # (it was zeroed: a weight growing past its history learned every other step).
+  w = jnp.array([[1.0], [2.0], [3.0], [0.5]])
+  x = jnp.ones((1, 4))
+  h = {"rhs": scaling.update_history(scaling.init_history(4), 2.9)}
+  g = jax.grad(lambda w: jnp.sum(ops.dot_general(
+      x, w, DN, rhs_spec="fp8_e4m3", amax_history=h)))(w)
+  np.testing.assert_array_equal(np.asarray(g), np.ones((4, 1)))
+
+
 def test_history_needs_a_per_tensor_spec():
   x, w = jnp.ones((4, 8)), jnp.ones((8, 2))
   h = scaling.init_history(4)

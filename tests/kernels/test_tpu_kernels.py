@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from lowbit_jax.kernels import tpu_matmul
+from lowbit_jax.core import QuantSpec
 from lowbit_jax.kernels._api import MatmulOperands, MatmulProblem
 
 # (kind, weight group size): every kernel and group size the brief asks for.
@@ -322,3 +323,31 @@ def test_kernels_lower_to_mosaic_tpu(kind, g):
   lowered = jax.jit(lambda o: tpu_matmul.matmul(o, p)).trace(ops).lower(
       lowering_platforms=("tpu",))
   assert "tpu_custom_call" in lowered.as_text()
+
+
+def test_grad_through_the_dispatched_kernel(monkeypatch):
+  # Real mode with a stored weight is differentiable in the float activation
+  # (a frozen quantized base under LoRA); where a Pallas kernel served the
+  # matmul, jax.grad failed inside Pallas' JVP rule with a bare AssertionError.
+  from lowbit_jax.core import ops
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((4, 256)), jnp.bfloat16)
+  qw = ops.prepare_weight(jnp.asarray(rng.standard_normal((256, 128)) * 0.05,
+                                      jnp.float32), QuantSpec("int8"))
+  dn = (((1,), (1,)), ((), ()))
+
+  def loss(a, use_kernel):
+    y = ops.dot_general(a, qw, dn, mode="real", use_kernel=use_kernel)
+    return jnp.sum(y.astype(jnp.float32) ** 2)
+
+  want = jax.grad(loss)(x, "never")
+  kp, mm = ops.kernel_problem, tpu_matmul.matmul
+  monkeypatch.setattr(ops, "kernel_problem",
+                      lambda *a, **kw: kp(*a, **{**kw, "backend": "tpu"}))
+  monkeypatch.setattr(tpu_matmul, "matmul",
+                      lambda o, p, **kw: mm(o, p, **{**kw, "interpret": True}))
+  got = jax.grad(loss)(x, "always")
+  assert got.dtype == jnp.bfloat16
+  # (bf16 activations: the kernel's and XLA's forward round differently)
+  err = np.linalg.norm(np.asarray(got, np.float32) - np.asarray(want, np.float32))
+  assert err < 1e-2 * np.linalg.norm(np.asarray(want, np.float32))
