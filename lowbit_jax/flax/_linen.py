@@ -439,17 +439,18 @@ class _SiteOp:
     self.site = site
     self.calls = 0  # how often the layer reached this op (0: it went around it)
 
-  def _check_lifted(self, collection: str) -> None:
+  def _check_lifted(self, collection: str, named: bool = False) -> None:
     """Raises when ``collection`` is mutable in the apply but not in this
     layer's scope: a lifted transform (nn.scan, nn.vmap, ...) around it does
-    not pass the collection through."""
+    not pass the collection through. ``named``: only where the apply names
+    the collection (``mutable=True`` asks for no metrics in particular)."""
     mod = self.mod
     if mod.is_mutable_collection(collection):
       return
     # (A lifted transform's scopes do not link to the outer ones: the apply's
     # own mutable= says whether the collection was asked for.)
     top = getattr(self.quantizer._local, "mutable", None)  # pylint: disable=protected-access
-    if top is True or top == collection or (
+    if (top is True and not named) or top == collection or (
         isinstance(top, (list, tuple, set, frozenset)) and collection in top):
       raise ValueError(
           f"layer {'/'.join(mod.path) or mod.name!r} runs inside a lifted transform "
@@ -491,6 +492,8 @@ class _SiteOp:
                               (STATE, site.history_names(), state)):
       if names and len(have) < len(names):
         self._check_lifted(coll)
+    if not mod.is_initializing():   # metrics asked for must not drop layers
+      self._check_lifted(METRICS, named=True)
     call.init_scales = mod.is_mutable_collection(SCALES)
     call.init_state = mod.is_mutable_collection(STATE)
     if site.collects_stats:
@@ -624,6 +627,7 @@ class LinenQuantizer:
     self._local = threading.local()
     self._planning: Optional[dict] = None
     self._cms: list = []
+    self._intercepted = 0   # interceptor calls (a `with` block checks it ran)
 
   # -- entry points -------------------------------------------------------------
 
@@ -662,13 +666,21 @@ class LinenQuantizer:
   def __enter__(self) -> "LinenQuantizer":
     cm = nn.intercept_methods(self._intercept)
     cm.__enter__()
-    self._cms.append(cm)
+    self._cms.append((cm, self._intercepted))
     return self
 
   def __exit__(self, *exc):
-    cm = self._cms.pop()
+    cm, before = self._cms.pop()
     cm.__exit__(*exc)
     if exc[0] is None:
+      if self._intercepted == before:
+        # The interceptor acts while a module traces: a function jitted and
+        # traced before the block runs its cached (float) program.
+        warnings.warn(
+            "no Flax module method ran inside `with quantizer:`, so nothing was "
+            "quantized: a jax.jit-ed apply traced before the block runs its cached "
+            "float program. Trace it inside the block (a fresh jax.jit) or wrap "
+            "it: quantizer(model.apply)", UserWarning, stacklevel=2)
       self.config.check()
     return False
 
@@ -818,6 +830,7 @@ class LinenQuantizer:
     return b
 
   def _intercept(self, next_fun, args, kwargs, context):
+    self._intercepted += 1
     mod = context.module
     busy = self._busy()
     if id(mod) in busy:

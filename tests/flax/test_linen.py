@@ -62,6 +62,13 @@ def test_context_manager_equals_wrapper(toy_model):
   np.testing.assert_array_equal(a, b)
   assert sorted(q.config.sites) == [f"layers_{i}/{n}/kernel" for i in (0, 1)
                                     for n in ("down", "up")]
+  # A function jitted and traced before the block runs its cached float
+  # program inside it: nothing is quantized, and that is said.
+  f = jax.jit(lambda vv, tt: model.apply(vv, tt))
+  f(v, t)
+  with pytest.warns(UserWarning, match="no Flax module method ran inside"):
+    with quantize_linen(rules):
+      f(v, t)
 
 
 def test_real_params_are_packed_and_equal_fake(toy_model):
@@ -304,6 +311,10 @@ def test_scan_without_the_quant_collections_says_to_add_them():
                        scaling="delayed")]
   with pytest.raises(ValueError, match="add 'quant_state' to that transform's"):
     quantize_linen(delayed).init_quant_vars(net, v, x)
+  # Metrics asked for were dropped for the scanned layers, silently.
+  with pytest.raises(ValueError, match="add 'quant_metrics' to that transform's"):
+    quantize_linen([QuantRule(".*", weight="int8", activation="int8")])(net.apply)(
+        v, x, mutable=["quant_metrics"])
   # With the collections in variable_axes both work, and one history per
   # step is no shared history (no warning: warnings are errors here).
   net = _scanned_net({"params": 0, "quant_stats": 0, "quant_state": 0})
