@@ -212,3 +212,27 @@ def test_quantize_params_leaf_by_leaf_peak_memory():
   del out
   with pytest.raises(ValueError, match="not leaves of params"):
     _rules.quantize_params({"a": jnp.ones(3)}, {"b": plan["l0/w"]})
+
+
+def test_donate_keeps_an_array_held_at_two_paths_until_both_are_quantized():
+  # One array at two paths: it was deleted after the first and the second
+  # failed ("Array has been deleted"), losing the float weights and the result.
+  w = jax.random.normal(jax.random.key(0), (64, 64))
+  p = _rules.plan_weight(lb.QuantSpec("int8"), (64, 64), "dot_general", contracting=(0,))
+  out = _rules.quantize_params({"a": w, "b": w}, {"a": p, "b": p}, donate=True)
+  np.testing.assert_array_equal(out["a"].logical(), out["b"].logical())
+  assert w.is_deleted()
+  v = jax.random.normal(jax.random.key(1), (64, 64))
+  _rules.quantize_params({"a": v, "c": v}, {"a": p}, donate=True)
+  assert not v.is_deleted()   # an unplanned path still holds it
+  from flax import nnx   # pylint: disable=g-import-not-at-top
+  from lowbit_jax.flax import quantize_nnx   # pylint: disable=g-import-not-at-top
+
+  class Two(nnx.Module):
+    def __init__(self):
+      self.a = nnx.Linear(64, 64, rngs=nnx.Rngs(0))
+      self.b = nnx.Linear(64, 64, rngs=nnx.Rngs(1))
+      self.b.kernel = nnx.Param(self.a.kernel.get_value())   # same array
+
+  m = quantize_nnx(Two(), [lb.QuantRule(".*", weight="int8")], mode="real", donate=True)
+  assert isinstance(m.b.kernel.get_value(), lb.QArray)

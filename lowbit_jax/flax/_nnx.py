@@ -38,6 +38,7 @@ reached where the model writes them with ``NnxActEinsum``, by rules listing
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Callable, Mapping, Optional
 
@@ -552,6 +553,12 @@ def quantize_nnx(model: nnx.Module, rules, mode: str = "fake", *, strict: bool =
       "weight_scales= and weight_tensor_scales= from the PTQ result "
       "(lowbit_jax.real_mode_kwargs(result, 'nnx'))")
 
+  # donate: an array several Variables hold (one array assigned to two
+  # layers) is deleted once the last of them is quantized, never while an
+  # unquantized Variable still holds it.
+  holders = collections.Counter(
+      id(a) for a in jax.tree.leaves(nnx.state(model))) if donate else None
+
   def fn(path, node):
     if not isinstance(node, nnx.Module) or isinstance(node, QuantOp):
       return node
@@ -623,7 +630,9 @@ def quantize_nnx(model: nnx.Module, rules, mode: str = "fake", *, strict: bool =
         if on_step is not None:
           on_step(wpath, q)
         if donate and isinstance(w, jax.Array):
-          w.delete()
+          holders[id(w)] -= 1
+          if holders[id(w)] <= 0:
+            w.delete()
         del w
     return node
 
