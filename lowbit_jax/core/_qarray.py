@@ -408,3 +408,30 @@ class QArray:
 jax.tree_util.register_dataclass(
     QArray, data_fields=["codes", "scale", "zero_point", "tensor_scale"],
     meta_fields=["spec", "shape", "dtype", "pack_axis", "code_order"])
+
+
+def register_flax_serialization() -> None:
+  """Lets ``flax.serialization`` (``to_bytes`` / ``from_bytes`` /
+  ``to_state_dict``) save and restore QArrays: the state dict holds the
+  arrays, the target QArray its static fields (spec, shape, ...). Called by
+  ``lowbit_jax.optim`` and ``lowbit_jax.flax`` (``import lowbit_jax`` does
+  not load flax); repeated calls are harmless."""
+  from flax import serialization   # pylint: disable=g-import-not-at-top
+  fields = ("codes", "scale", "zero_point", "tensor_scale")
+
+  def to_state_dict(q):
+    return {f: serialization.to_state_dict(getattr(q, f)) for f in fields
+            if getattr(q, f) is not None}
+
+  def from_state_dict(target, state):
+    want = sorted(f for f in fields if getattr(target, f) is not None)
+    if sorted(state) != want:
+      raise ValueError(f"the saved QArray holds {sorted(state)}, the target QArray "
+                       f"({target.spec}) {want}: restore onto a target of the "
+                       "same format")
+    return dataclasses.replace(target, **{
+        f: serialization.from_state_dict(getattr(target, f), state[f]) for f in want})
+
+  serialization.register_serialization_state(QArray, to_state_dict, from_state_dict,
+                                             override=True)
+

@@ -28,6 +28,7 @@ import optax
 
 from lowbit_jax.core import QArray, QuantSpec, dequantize, encode, quantize
 from lowbit_jax.core._qarray import codes_unit, pack
+from lowbit_jax.core._quantize import QARRAY_FIELDS, expected_fields
 from lowbit_jax.formats import BlockFormat, Format, LookupFormat
 
 FormatLike = Union[str, Format, QuantSpec]
@@ -187,6 +188,20 @@ def _init_moment(p, moment: Optional[_Moment], min_size: int, first: bool):
   return quantize(jnp.zeros((p.size,), jnp.float32), moment.spec)
 
 
+def _as_qarray(state, moment: Optional[_Moment], g):
+  """A quantized moment handed back as the mapping of its fields (``codes``,
+  ``scale``, ...) -> its QArray again. ``nnx.Optimizer`` does this: its
+  update (``nnx.update``) writes the new state into its Variables as
+  ``nnx.State`` mappings, dropping the QArray's static fields, which are
+  those of ``_init_moment``'s flat float32 moment of ``g``'s size."""
+  if (g is None or moment is None or isinstance(state, (QArray, jax.Array))
+      or not hasattr(state, "keys") or "codes" not in state.keys()):
+    return state
+  meta = expected_fields(moment.spec, (int(np.prod(g.shape)),), "float32")
+  fields = {f: state[f] for f in QARRAY_FIELDS if f in state.keys()}
+  return dataclasses.replace(meta, **{f: fields.get(f) for f in QARRAY_FIELDS})
+
+
 def _read(state, shape) -> jax.Array:
   if isinstance(state, QArray):
     return dequantize(state).reshape(shape)
@@ -276,6 +291,7 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
     bc2 = 1 - b2 ** count
     out, new_mu, new_nu = [], [], []
     for g, mu, nu in zip(grads, mus, nus):
+      mu, nu = _as_qarray(mu, m_moment, g), _as_qarray(nu, v_moment, g)
       if g is None:
         out.append(None)
         new_mu.append(mu)

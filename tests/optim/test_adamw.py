@@ -401,3 +401,31 @@ def test_a_non_finite_gradient_element_stays_in_that_element(fmt, bad):
   for _ in range(3):
     u, s = tx.update(g, s, p)
     assert bool(jnp.all(jnp.isfinite(u))), int(jnp.sum(~jnp.isfinite(u)))
+
+
+def test_nnx_optimizer_and_flax_serialization():
+  # nnx.Optimizer writes the new state back as nnx.State mappings, which
+  # turned each quantized moment into a mapping of its fields: the second
+  # step failed. flax.serialization could not save a QArray at all.
+  from flax import nnx, serialization   # pylint: disable=g-import-not-at-top
+  x, y = jnp.ones((4, 64)), jnp.ones((4, 80))
+  loss = lambda m: jnp.mean((m(x) - y) ** 2)  # noqa: E731
+  model = nnx.Linear(64, 80, rngs=nnx.Rngs(0))
+  gd, params = nnx.split(model, nnx.Param)
+  ref_p = jax.tree.map(jnp.array, params)   # a copy: the model's own change
+  opt = nnx.Optimizer(model, lo.adamw(1e-2, state_format="8bit"), wrt=nnx.Param)
+  tx = lo.adamw(1e-2, state_format="8bit")
+  ref_s = tx.init(ref_p)
+  for _ in range(3):
+    opt.update(model, nnx.grad(loss)(model))
+    g = jax.grad(lambda p: loss(nnx.merge(gd, p)))(ref_p)
+    u, ref_s = tx.update(g, ref_s, ref_p)
+    ref_p = optax.apply_updates(ref_p, u)
+  for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(ref_p)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  p = {"w": jnp.ones((64, 80)), "b": jnp.ones((80,))}
+  state = tx.update(p, tx.init(p), p)[1]
+  back = serialization.from_bytes(state, serialization.to_bytes(state))
+  assert isinstance(back[0].mu["w"], QArray)
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(back)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
