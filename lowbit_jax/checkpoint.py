@@ -70,7 +70,7 @@ import re
 import shutil
 import sys
 import uuid
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -506,6 +506,20 @@ class _SaveLock:
 def _leaf_record(name: str, leaf) -> tuple:
   """(what orbax stores for one leaf or None, the leaf's metadata)."""
   if isinstance(leaf, QArray):
+    # What restore would refuse as damaged is refused here, before writing.
+    from lowbit_jax.core._quantize import expected_fields  # pylint: disable=g-import-not-at-top
+    try:
+      expect = expected_fields(leaf.spec, tuple(leaf.shape), str(jnp.dtype(leaf.dtype)))
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"save: QArray {name!r} has a spec and shape quantize cannot "
+                       f"make ({type(e).__name__}: {e})") from None
+    why = _fields_mismatch(expect, {f: (jnp.shape(getattr(leaf, f)),
+                                        jnp.result_type(getattr(leaf, f)))
+                                    for f in _FIELDS if getattr(leaf, f) is not None})
+    if why is not None:
+      raise ValueError(f"save: QArray {name!r} holds {why}: its arrays are not "
+                       f"those of its recorded {tuple(leaf.shape)} {leaf.spec} "
+                       "(cast or reshaped by a tree map?); nothing was written")
     fields, dtypes = {}, {}
     for f in _FIELDS:
       a = getattr(leaf, f)
@@ -781,34 +795,50 @@ def _damage_report(directory: str, bad_files: list, leaf_meta: list,
                 "skips the checksums and may still read it")
 
 
-@functools.lru_cache(maxsize=1024)
-def _expected_fields(spec: QuantSpec, shape: tuple, dtype: str) -> QArray:
-  """The abstract QArray ``quantize`` makes (one trace per spec and shape)."""
-  from lowbit_jax.core._quantize import quantize  # pylint: disable=g-import-not-at-top
-  return jax.eval_shape(lambda x: quantize(x, spec), jax.ShapeDtypeStruct(shape, dtype))
+def _fields_mismatch(expect: QArray, got: dict) -> Optional[str]:
+  """None when ``got`` (field -> (shape, dtype name)) are the arrays
+  ``quantize`` makes (``expect``, abstract), else what differs. A leading
+  stack every field shares is allowed: per-layer QArrays stacked for a
+  ``lax.scan`` (``jax.vmap(quantize)`` of the layers) record one layer's
+  shape."""
+  lead = None
+  for f in _FIELDS:
+    want, g = getattr(expect, f), got.get(f)
+    exp = None if want is None else (tuple(want.shape), jnp.dtype(want.dtype).name)
+    desc = None if g is None else (tuple(g[0]), jnp.dtype(g[1]).name)
+    if (want is None) != (g is None):
+      return f"{f} as {desc}, where quantize makes {exp}"
+    if want is None:
+      continue
+    n = len(desc[0]) - len(exp[0])
+    if n < 0 or desc[0][n:] != exp[0] or desc[1] != exp[1]:
+      return f"{f} as {desc}, where quantize makes {exp}"
+    if lead is None:
+      lead = desc[0][:n]
+    elif desc[0][:n] != lead:
+      return (f"{f} with leading axes {desc[0][:n]}, the other fields {lead} (a "
+              "stack of QArrays shares its leading axes)")
+  return None
 
 
 def _check_spec(name: str, m: dict, meta_path: str) -> None:
   """The stored arrays of a QArray leaf have the shapes its spec implies."""
+  from lowbit_jax.core._quantize import expected_fields  # pylint: disable=g-import-not-at-top
   try:
     spec = spec_from_json(m["spec"])
-    expect = _expected_fields(spec, tuple(m["shape"]), str(m["dtype"]))
+    expect = expected_fields(spec, tuple(m["shape"]), str(m["dtype"]))
   except FormatMismatchError as e:
     raise FormatMismatchError(f"leaf {name!r}: {e}") from None
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointCorruptedError(
         f"{meta_path} is damaged: leaf {name!r} has a spec or shape that cannot "
         f"be quantized ({type(e).__name__}: {e})") from None
-  for f in _FIELDS:
-    want, got = getattr(expect, f), m["fields"].get(f)
-    if (want is None) != (got is None) or (want is not None and (
-        tuple(got["shape"]) != tuple(want.shape)
-        or jnp.dtype(got["dtype"]) != jnp.dtype(want.dtype))):
-      desc = None if got is None else (tuple(got["shape"]), got["dtype"])
-      exp = None if want is None else (tuple(want.shape), jnp.dtype(want.dtype).name)
-      raise CheckpointCorruptedError(
-          f"{meta_path} is damaged: leaf {name!r} stores {f} as {desc} but its spec "
-          f"{spec} of a {tuple(m['shape'])} array gives {exp}")
+  why = _fields_mismatch(expect, {f: (g["shape"], g["dtype"])
+                                  for f, g in m["fields"].items()})
+  if why is not None:
+    raise CheckpointCorruptedError(
+        f"{meta_path} is damaged: leaf {name!r} stores {why} (its spec {spec} of a "
+        f"{tuple(m['shape'])} array)")
 
 
 def _locate(directory: str) -> str:

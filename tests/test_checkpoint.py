@@ -311,3 +311,21 @@ def test_restore_onto_an_nnx_state_with_a_module_named_value(tmp_path):
   checkpoint.save(tmp_path / "c", nnx.to_pure_dict(st))
   back = checkpoint.restore(tmp_path / "c", target=st)
   _assert_same(nnx.to_pure_dict(back), nnx.to_pure_dict(st))
+
+
+def test_stacked_qarrays_round_trip_and_mismatched_ones_are_refused_at_save(tmp_path):
+  # Per-layer QArrays stacked for a lax.scan saved fine and restore called
+  # the checkpoint damaged; a QArray whose codes a tree.map cast was written
+  # and only refused at restore.
+  w = jax.random.normal(jax.random.key(0), (3, 64, 16))
+  spec = lb.QuantSpec("int4", axis=0, group_size=32)
+  stacked = jax.vmap(lambda v: lb.quantize(v, spec))(w)
+  checkpoint.save(str(tmp_path / "s"), {"layers": stacked})
+  back = checkpoint.restore(str(tmp_path / "s"))["layers"]
+  for f in ("codes", "scale"):
+    np.testing.assert_array_equal(np.asarray(getattr(back, f)),
+                                  np.asarray(getattr(stacked, f)))
+  cast = jax.tree.map(lambda a: a.astype(jnp.float32), lb.quantize(w[0], spec))
+  with pytest.raises(ValueError, match="save: QArray 'q' holds codes as"):
+    checkpoint.save(str(tmp_path / "c"), {"q": cast})
+  assert not (tmp_path / "c").exists()
