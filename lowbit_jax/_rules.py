@@ -1058,6 +1058,8 @@ def observe(site: Site, state, x: jax.Array):
   obs = observer_for(spec)
   if state is None:
     state = obs.init(x, spec)
+  if x.size == 0:   # an empty batch adds nothing (and has no min or max)
+    return state
   return obs.update(state, x)
 
 

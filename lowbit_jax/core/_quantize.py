@@ -1195,7 +1195,9 @@ def scale_shape(shape, spec=None, **spec_kwargs) -> tuple:
   if ax is not None and ax != spec.axis:
     spec = spec.replace(axis=ax)
   bs = block_shape(spec, shape)
-  return tuple(-(-d // b) for d, b in zip(shape, bs))
+  # (an empty axis whole in one block, e.g. a per-tensor scale of an empty
+  # batch, is one block of size 0)
+  return tuple(-(-d // b) if b else 1 for d, b in zip(shape, bs))
 
 
 def _check_range_shapes(spec: QuantSpec, x_shape, amax, amin) -> None:

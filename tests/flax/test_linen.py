@@ -358,3 +358,22 @@ def test_partitioned_params_quantize_for_real_mode():
   assert isinstance(qv["params"]["kernel"], QWeight)
   np.testing.assert_allclose(np.asarray(q(layer.apply)(qv, x)), np.asarray(fake),
                              rtol=1e-6, atol=1e-6)
+
+
+def test_an_empty_batch_runs_through_learned_scales_and_calibration():
+  # Plain fake and real modes returned (0, N); an LSQ activation raised a bare
+  # ZeroDivisionError and calibrate mode numpy's "zero-size array" error.
+  m = nn.Dense(16)
+  x, e = jnp.ones((3, 32)), jnp.ones((0, 32))
+  v = m.init(jax.random.key(0), x)
+  q = quantize_linen([QuantRule(".*", weight="int4", activation="int8",
+                                learn_activation="lsq")])
+  vv = {**v, **q.init_quant_vars(m, v, x)}
+  assert q(m.apply)(vv, e).shape == (0, 16)
+  qc = quantize_linen([QuantRule(".*", weight="int8", activation="int8", static=True)],
+                      "calibrate")
+  _, st = qc(m.apply)(v, x, mutable=["quant_stats"])
+  y, st2 = qc(m.apply)({**v, **st}, e, mutable=["quant_stats"])
+  assert y.shape == (0, 16)
+  for a, b in zip(jax.tree.leaves(st), jax.tree.leaves(st2)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
