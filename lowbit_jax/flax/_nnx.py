@@ -230,7 +230,11 @@ class QuantOp(nnx.Module):
   """
 
   def __init__(self, site: Site, stats: Optional[QuantStat] = None,
-               old: Optional["QuantOp"] = None, rngs=None, metrics: bool = False):
+               old: Optional["QuantOp"] = None, rngs=None, metrics: bool = False,
+               stack: tuple = ()):
+    # stack: the leading dims of a layer stacked by nnx.vmap (its kernel's
+    # extra axes): one history and one metric per layer, so nnx.scan slices
+    # them with the layer's other Variables.
     self.site = site
     if site.rule.static or (site.rule.learn_activation == "pact"
                             and stats is not None):
@@ -243,12 +247,13 @@ class QuantOp(nnx.Module):
       setattr(self, n, prev if isinstance(prev, QuantScale) else QuantScale(None))
     for n in site.history_names():
       prev = getattr(old, n, None) if old is not None else None
+      fresh = scaling.init_history(site.rule.amax_history_len)
       setattr(self, n, prev if isinstance(prev, QuantHistory) else
-              QuantHistory(scaling.init_history(site.rule.amax_history_len)))
+              QuantHistory(jnp.broadcast_to(fresh, tuple(stack) + fresh.shape)))
     self._metrics = bool(metrics)
     if metrics:
       for n in _METRIC_NAMES[site.is_act]:
-        setattr(self, n, QuantMetric(jnp.zeros((), jnp.float32)))
+        setattr(self, n, QuantMetric(jnp.zeros(tuple(stack), jnp.float32)))
     self.rngs = rngs
 
   def _stats(self):
@@ -337,24 +342,40 @@ class QuantOp(nnx.Module):
     return y
 
 
-def _stacked(node, shape: tuple) -> bool:
-  """Whether a kernel has more dims than its layer's own (layers stacked by
-  nnx.vmap / nnx.scan hold one kernel per layer along a leading axis)."""
+def _own_ndim(node) -> Optional[int]:
+  """The number of dims of a layer's own kernel (None: not known)."""
   if isinstance(node, NnxRaggedDense):
-    return len(shape) != 3
+    return 3
   if isinstance(node, nnx.Linear):
-    return len(shape) != 2
+    return 2
   if isinstance(node, nnx.LinearGeneral):
     feats = node.out_features
     nf = len(feats) if isinstance(feats, (tuple, list)) else 1
-    return len(shape) != len(node.batch_axis) + len(node.axis) + nf
+    return len(node.batch_axis) + len(node.axis) + nf
   if isinstance(node, nnx.Conv):
     ks = node.kernel_size
-    return len(shape) != (len(ks) if isinstance(ks, (tuple, list)) else 1) + 2
+    return (len(ks) if isinstance(ks, (tuple, list)) else 1) + 2
   if isinstance(node, nnx.Einsum) and node.einsum_str is not None:
     ins = node.einsum_str.replace(" ", "").split("->")[0].split(",")
-    return "..." not in ins[1] and len(shape) != len(ins[1])
-  return False
+    return None if "..." in ins[1] else len(ins[1])
+  return None
+
+
+def _stacked(node, shape: tuple) -> bool:
+  """Whether a kernel has more dims than its layer's own (layers stacked by
+  nnx.vmap / nnx.scan hold one kernel per layer along a leading axis)."""
+  own = _own_ndim(node)
+  return own is not None and len(shape) != own
+
+
+def _stack_dims(node) -> tuple:
+  """The leading (layer-stack) dims of a stacked layer's kernel, else ()."""
+  kernel = getattr(node, "kernel", None)
+  if kernel is None or not hasattr(kernel, "get_value"):
+    return ()
+  shape = tuple(jnp.shape(kernel.get_value()))
+  own = _own_ndim(node)
+  return shape[:len(shape) - own] if own is not None and len(shape) > own else ()
 
 
 def _plan(node, op: str, spec, path: str = "") -> _rules.WeightPlan:
@@ -610,7 +631,15 @@ def quantize_nnx(model: nnx.Module, rules, mode: str = "fake", *, strict: bool =
       # Stored with the range its amax history gives, as fake mode used it.
       wh = getattr(old_op, "weight_history", None)
       history = wh.get_value() if isinstance(wh, QuantHistory) else None
-    qop = QuantOp(site, old_stats, old_op, stream, metrics)
+    stack = _stack_dims(node)
+    if stack and site.stochastic:
+      raise ValueError(
+          f"{wpath}: stochastic rounding on layers stacked by nnx.vmap (kernel "
+          f"stack {stack}) would draw every layer's noise from one unsplit rng "
+          "stream inside nnx.scan; use rounding='nearest' for these layers, or "
+          "lowbit_jax.quantize_function(fn, rules, rng=key) on the scanned forward "
+          "function (a key per site and call)")
+    qop = QuantOp(site, old_stats, old_op, stream, metrics, stack)
     setattr(node, hook, nnx.data(qop))
     if op == "dot_general" and hasattr(node, "dot_general_cls"):
       node.dot_general_cls = None

@@ -115,6 +115,48 @@ def test_delayed_histories_update_through_the_gradient():
   np.testing.assert_allclose(op.grad_history.get_value(), [jnp.max(jnp.abs(ct)), 0, 0])
 
 
+def test_layers_stacked_by_nnx_vmap_get_a_history_and_metric_per_layer():
+  # nnx.scan over layers built by nnx.vmap: delayed scaling and metrics=True
+  # failed inside the scan (one history for the whole stack); stochastic
+  # rounding would share one unsplit stream, and is refused with the way out.
+  class Blk(nnx.Module):
+    def __init__(self, rngs):
+      self.d = nnx.Linear(16, 16, use_bias=False, rngs=rngs)
+
+    def __call__(self, h):
+      return jnp.tanh(self.d(h)) + h
+
+  class Scanned(nnx.Module):
+    def __init__(self, rngs):
+      @nnx.split_rngs(splits=3)
+      @nnx.vmap(in_axes=(0,), out_axes=0)
+      def make(r):
+        return Blk(r)
+      self.layers = make(rngs)
+
+    def __call__(self, h):
+      @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+      def f(blk, h):
+        return blk(h)
+      return f(self.layers, h)
+
+  x = jax.random.normal(jax.random.key(0), (4, 16))
+  rules = [QuantRule(".*", weight="fp8_e4m3", activation="fp8_e4m3",
+                     scaling="delayed", amax_history_len=2)]
+  m = quantize_nnx(Scanned(nnx.Rngs(0)), rules, metrics=True)
+  op = m.layers.d.dot_general
+  assert op.weight_history.get_value().shape == (3, 2)
+  diff = nnx.DiffState(0, nnx.Any(nnx.Param, QuantHistory))
+  update_histories(m, nnx.grad(lambda mm: jnp.sum(mm(x)), argnums=diff)(m))
+  w = m.layers.d.kernel.get_value()
+  np.testing.assert_allclose(op.weight_history.get_value()[:, 0],
+                             jnp.max(jnp.abs(w), axis=(1, 2)), rtol=1e-6)
+  assert op.weight_clipped.get_value().shape == (3,)
+  with pytest.raises(ValueError, match="stochastic rounding on layers stacked"):
+    quantize_nnx(Scanned(nnx.Rngs(0)), [QuantRule(".*", weight=lb.QuantSpec(
+        "int4", rounding="stochastic"))], rngs=nnx.Rngs(quant=0))
+
+
 def test_stochastic_rounding_keys_from_rngs_and_error_without():
   x, _ = _data()
   rules = [QuantRule(".*", weight="int8", grad=lb.QuantSpec("int4",
