@@ -537,7 +537,9 @@ def _run_kernel(lhs, rhs: QArray, prob, use_kernel: str):
   kern = kernels.find(prob)
   if kern is None:
     if use_kernel == "always":
-      raise ValueError(f"use_kernel='always' but no kernel supports {prob}; "
+      where = (" (the Pallas kernels run on GPU and TPU backends, not the CPU)"
+               if prob.backend == "cpu" else "")
+      raise ValueError(f"use_kernel='always' but no kernel supports {prob}{where}; "
                        "use_kernel='auto' falls back to the reference")
     return None
   if isinstance(lhs, QArray):
@@ -704,6 +706,10 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None,
         return y.astype(preferred_element_type or out_dtype)
     elif use_kernel == "always":
       raise ValueError(f"use_kernel='always' but this matmul cannot use a kernel: {why}")
+  elif use_kernel == "always":
+    raise ValueError("use_kernel='always' but the weight (rhs) is neither a QArray nor "
+                     "given an rhs_spec, so no kernel can take this matmul; quantize "
+                     "it (ops.prepare_weight) or use use_kernel='auto'")
   if isinstance(rq, QArray) and rq.code_order != "natural":
     # The XLA paths read natural order: the bytes are reordered back first
     # (one pass over the packed codes), so every order takes the same path and
@@ -1191,6 +1197,10 @@ def einsum(subscripts: str, lhs, rhs, *, lhs_spec=None, rhs_spec=None, grad_spec
     return y if perm == tuple(range(len(perm))) else jnp.transpose(y, perm)
   if "grad" in hist:
     raise ValueError("amax_history['grad'] needs a grad_spec")
+  if mode == "real" and use_kernel == "always":
+    raise ValueError("use_kernel='always': einsum runs XLA's einsum and never a "
+                     "kernel; write the matmul as dot_general with a K-major weight "
+                     "(ops.prepare_weight), or use use_kernel='auto'")
   k_l, k_r, _ = _split_keys(key, (("lhs", ls), ("rhs", rs)))
   out_dtype = _common_dtype(lhs.dtype, rhs.dtype)
   lv, rv = _qdq_operands(lhs, rhs, ls, rs, k_l, k_r, mode, lhs_amax,

@@ -335,6 +335,11 @@ def test_use_kernel_always_without_a_kernel_raises_on_cpu():
     ops.dot_general(x, qw, dn, mode="real", use_kernel="always")
   with pytest.raises(ValueError, match="use_kernel='always'.*K-major"):
     ops.dot_general(x, w, DN, rhs_spec="int4", mode="real", use_kernel="always")
+  # Where no kernel is even tried, "always" was ignored and XLA ran.
+  with pytest.raises(ValueError, match="neither a QArray nor given an rhs_spec"):
+    ops.dot_general(x, w, DN, mode="real", use_kernel="always")
+  with pytest.raises(ValueError, match="einsum runs XLA's einsum and never a kernel"):
+    ops.einsum("mk,kn->mn", x, w, rhs_spec="int4", mode="real", use_kernel="always")
   with pytest.raises(ValueError, match="mode must be"):
     ops.dot_general(x, w, DN, rhs_spec="int4", mode="int")
   with pytest.raises(ValueError, match="use_kernel must be"):
