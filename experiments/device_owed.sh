@@ -99,7 +99,7 @@ for it in "${@:-g}"; do
       [ "$it" = h ] && mm --baseline=benchmarks/primitives_h200.json ;;
     t)
       run 150 tests_t python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gpu_kernels.py \
-          -k "split_orders or public_dot_reads or acc_scale or float32_group_scales" ;;
+          -k "split_orders or public_dot_reads or acc_scale or float32_group_scales or grad_through" ;;
     i4)
       run 420 run_i4 $BK --mode=tune --phases=base,tune,refine --w_order=wgmma_int4 \
           --shapes=8192x28672,8192x8192,4096x14336,14336x4096,4096x4096,4096x1024 --batches=1,16 \

@@ -465,6 +465,30 @@ def test_block_fp8_public_dot_takes_the_kernel():
   assert rel_err(got, want) < 8e-3
 
 
+def test_grad_through_the_weight_only_kernel():
+  # Real mode with a stored weight is differentiable in the activation (a
+  # frozen quantized base under LoRA): the kernel's custom VJP gives dx from
+  # the dequantized weight; Pallas has no differentiation rule of its own.
+  import lowbit_jax as lb  # pylint: disable=g-import-not-at-top
+  from lowbit_jax import kernels  # pylint: disable=g-import-not-at-top
+  from lowbit_jax.core import ops  # pylint: disable=g-import-not-at-top
+  kx, kw = jax.random.split(_key())
+  x = jax.random.normal(kx, (16, 4096), jnp.float32).astype(jnp.bfloat16)
+  qw = ops.prepare_weight(jax.random.normal(kw, (4096, 4096), jnp.float32) * 0.02,
+                          lb.QuantSpec("int4", group_size=128))
+  dn = (((1,), (1,)), ((), ()))
+  prob, why = ops.kernel_problem(x, qw, dn)
+  assert prob is not None and kernels.find(prob) is not None, why
+
+  def loss(a, use_kernel):
+    y = ops.dot_general(a, qw, dn, mode="real", use_kernel=use_kernel)
+    return jnp.sum(y.astype(jnp.float32) ** 2)
+
+  got = jax.jit(jax.grad(loss), static_argnums=1)(x, "always")
+  want = jax.jit(jax.grad(loss), static_argnums=1)(x, "never")
+  assert got.dtype == jnp.bfloat16 and rel_err(got, want) < 2e-2
+
+
 def test_supports_measured_cases_on_hopper():
   prob = MatmulProblem(m=1, n=8192, k=8192, x_dtype="bfloat16",
                        w_format="int4", w_block=128)
