@@ -325,6 +325,11 @@ def test_stacked_qarrays_round_trip_and_mismatched_ones_are_refused_at_save(tmp_
   for f in ("codes", "scale"):
     np.testing.assert_array_equal(np.asarray(getattr(back, f)),
                                   np.asarray(getattr(stacked, f)))
+  # A stochastically rounded QArray (its shapes are nearest rounding's).
+  sto = lb.quantize(w[0], spec.replace(rounding="stochastic"), key=jax.random.key(1))
+  checkpoint.save(str(tmp_path / "r"), {"q": sto})
+  np.testing.assert_array_equal(np.asarray(lb.dequantize(
+      checkpoint.restore(str(tmp_path / "r"))["q"])), np.asarray(lb.dequantize(sto)))
   cast = jax.tree.map(lambda a: a.astype(jnp.float32), lb.quantize(w[0], spec))
   with pytest.raises(ValueError, match="save: QArray 'q' holds codes as"):
     checkpoint.save(str(tmp_path / "c"), {"q": cast})

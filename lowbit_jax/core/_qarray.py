@@ -412,11 +412,13 @@ jax.tree_util.register_dataclass(
 
 def register_flax_serialization() -> None:
   """Lets ``flax.serialization`` (``to_bytes`` / ``from_bytes`` /
-  ``to_state_dict``) save and restore QArrays: the state dict holds the
-  arrays, the target QArray its static fields (spec, shape, ...). Called by
-  ``lowbit_jax.optim`` and ``lowbit_jax.flax`` (``import lowbit_jax`` does
-  not load flax); repeated calls are harmless."""
+  ``to_state_dict``) save and restore QArrays and real mode's QWeights: the
+  state dict holds the arrays, the target its static fields (spec, shape,
+  ``transposed``, ...). Called by ``lowbit_jax.optim`` and ``lowbit_jax.flax``
+  (``import lowbit_jax`` does not load flax; call it yourself otherwise);
+  repeated calls are harmless."""
   from flax import serialization   # pylint: disable=g-import-not-at-top
+  from lowbit_jax._rules import QWeight   # pylint: disable=g-import-not-at-top
   fields = ("codes", "scale", "zero_point", "tensor_scale")
 
   def to_state_dict(q):
@@ -432,6 +434,8 @@ def register_flax_serialization() -> None:
     return dataclasses.replace(target, **{
         f: serialization.from_state_dict(getattr(target, f), state[f]) for f in want})
 
-  serialization.register_serialization_state(QArray, to_state_dict, from_state_dict,
-                                             override=True)
+  # (flax looks serializers up by exact type)
+  for cls in (QArray, QWeight):
+    serialization.register_serialization_state(cls, to_state_dict, from_state_dict,
+                                               override=True)
 

@@ -672,15 +672,18 @@ class LinenQuantizer:
   def __exit__(self, *exc):
     cm, before = self._cms.pop()
     cm.__exit__(*exc)
+    del before
     if exc[0] is None:
-      if self._intercepted == before:
+      if not self._intercepted:
         # The interceptor acts while a module traces: a function jitted and
-        # traced before the block runs its cached (float) program.
+        # traced before the block runs its cached (float) program. (Once any
+        # module has run under this quantizer, a block without one may be a
+        # program it traced before, quantized: no warning then.)
         warnings.warn(
-            "no Flax module method ran inside `with quantizer:`, so nothing was "
-            "quantized: a jax.jit-ed apply traced before the block runs its cached "
-            "float program. Trace it inside the block (a fresh jax.jit) or wrap "
-            "it: quantizer(model.apply)", UserWarning, stacklevel=2)
+            "no Flax module method has run under this quantizer, so nothing was "
+            "quantized: a jax.jit-ed apply traced before the `with` block runs "
+            "its cached float program. Trace it inside the block (a fresh "
+            "jax.jit) or wrap it: quantizer(model.apply)", UserWarning, stacklevel=2)
       self.config.check()
     return False
 

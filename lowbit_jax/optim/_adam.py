@@ -202,6 +202,15 @@ def _as_qarray(state, moment: Optional[_Moment], g):
   return dataclasses.replace(meta, **{f: fields.get(f) for f in QARRAY_FIELDS})
 
 
+def _like(new, original):
+  """``new`` (a QArray) in ``original``'s container: the mapping of its
+  fields when the moment came in as one (``_as_qarray``), else itself."""
+  if isinstance(new, QArray) and not isinstance(original, QArray) and hasattr(
+      original, "keys"):
+    return type(original)({f: getattr(new, f) for f in original.keys()})
+  return new
+
+
 def _read(state, shape) -> jax.Array:
   if isinstance(state, QArray):
     return dequantize(state).reshape(shape)
@@ -290,8 +299,8 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
     bc1 = 1 - b1 ** count
     bc2 = 1 - b2 ** count
     out, new_mu, new_nu = [], [], []
-    for g, mu, nu in zip(grads, mus, nus):
-      mu, nu = _as_qarray(mu, m_moment, g), _as_qarray(nu, v_moment, g)
+    for g, mu_in, nu_in in zip(grads, mus, nus):
+      mu, nu = _as_qarray(mu_in, m_moment, g), _as_qarray(nu_in, v_moment, g)
       if g is None:
         out.append(None)
         new_mu.append(mu)
@@ -315,8 +324,10 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
       v_hat = v / bc2.astype(v.dtype)
       u = m_hat / (jnp.sqrt(v_hat + eps_root) + eps)
       out.append(u.astype(g.dtype))
-      new_mu.append(_write(m, mu, m_moment))
-      new_nu.append(_write(v, nu, v_moment))
+      # (A moment handed in as a mapping goes back as one: wrappers such as
+      # optax.MultiSteps or apply_if_finite combine old and new states.)
+      new_mu.append(_like(_write(m, mu, m_moment), mu_in))
+      new_nu.append(_like(_write(v, nu, v_moment), nu_in))
     return (treedef.unflatten(out),
             QuantizedAdamState(count=count, mu=treedef.unflatten(new_mu),
                                nu=treedef.unflatten(new_nu)))

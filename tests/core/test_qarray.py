@@ -208,6 +208,22 @@ def test_dequantize_refuses_arrays_that_do_not_fit_the_recorded_shape_or_dtype()
   np.testing.assert_array_equal(np.asarray(ys), np.asarray(lb.dequantize(whole)))
 
 
+def test_dequantize_inside_shard_map_reads_the_local_blocks():
+  # Inside shard_map the body sees the global QArray's local blocks (arrays
+  # smaller than the record): dequantize reads them; only arrays larger than
+  # the record (a shard_map output) are refused.
+  from jax.sharding import Mesh, PartitionSpec as P   # pylint: disable=g-import-not-at-top
+  mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
+  w = jax.random.normal(jax.random.key(0), (64, 32))
+  for spec in (lb.QuantSpec("int8", axis=0), lb.QuantSpec("int4", axis=0, group_size=16),
+               lb.QuantSpec("int8", axis=0, rounding="stochastic")):
+    q = lb.quantize(w, spec, key=jax.random.key(1) if spec.rounding != "nearest" else None)
+    specs = jax.tree.map(lambda _: P(None, "x"), q)
+    f = jax.jit(jax.shard_map(lb.dequantize, mesh=mesh, in_specs=(specs,),
+                              out_specs=P(None, "x")))
+    np.testing.assert_array_equal(np.asarray(f(q)), np.asarray(lb.dequantize(q)))
+
+
 def test_dequantize_keeps_dtype_and_shape():
   x = jax.random.normal(jax.random.key(6), (2, 3, 64)).astype(jnp.bfloat16)
   q = jax.jit(lambda v: lb.quantize(v, "mxfp4", axis=-1))(x)

@@ -66,9 +66,15 @@ def test_context_manager_equals_wrapper(toy_model):
   # program inside it: nothing is quantized, and that is said.
   f = jax.jit(lambda vv, tt: model.apply(vv, tt))
   f(v, t)
-  with pytest.warns(UserWarning, match="no Flax module method ran inside"):
+  with pytest.warns(UserWarning, match="no Flax module method has run under this"):
     with quantize_linen(rules):
       f(v, t)
+  # A function traced in an earlier block of the same quantizer runs its
+  # cached quantized program: no warning (warnings are errors here).
+  g, q2 = jax.jit(lambda vv, tt: model.apply(vv, tt)), quantize_linen(rules)
+  for _ in range(2):
+    with q2:
+      np.testing.assert_array_equal(g(v, t), b)
 
 
 def test_real_params_are_packed_and_equal_fake(toy_model):

@@ -423,9 +423,25 @@ def test_nnx_optimizer_and_flax_serialization():
     ref_p = optax.apply_updates(ref_p, u)
   for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(ref_p)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # A wrapper that combines old and new states (their structures must agree).
+  model2 = nnx.Linear(64, 80, rngs=nnx.Rngs(0))
+  opt2 = nnx.Optimizer(model2, optax.MultiSteps(lo.adamw(1e-2, state_format="8bit"), 2),
+                       wrt=nnx.Param)
+  for _ in range(4):
+    opt2.update(model2, nnx.grad(loss)(model2))
   p = {"w": jnp.ones((64, 80)), "b": jnp.ones((80,))}
   state = tx.update(p, tx.init(p), p)[1]
   back = serialization.from_bytes(state, serialization.to_bytes(state))
   assert isinstance(back[0].mu["w"], QArray)
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(back)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Real mode's QWeights too (flax looks serializers up by exact type).
+  from lowbit_jax.flax import quantize_linen   # pylint: disable=g-import-not-at-top
+  import flax.linen as nn   # pylint: disable=g-import-not-at-top
+  layer, xs = nn.Dense(16), jnp.ones((2, 32))
+  qv = quantize_linen([lb.QuantRule(".*", weight="int8")], mode="real").quantize_params(
+      layer, layer.init(jax.random.key(0), xs), xs)
+  back = serialization.from_bytes(qv, serialization.to_bytes(qv))
+  assert back["params"]["kernel"].transposed == qv["params"]["kernel"].transposed
+  np.testing.assert_array_equal(np.asarray(back["params"]["kernel"].codes),
+                                np.asarray(qv["params"]["kernel"].codes))
