@@ -30,9 +30,11 @@ def get_config(arg: str = "default"):
     c.point_kwargs.n_eval = 16
   elif arg == "llama":   # the decoder LM's point arguments (pipelines.llama_point)
     c.model = "llama"
-    c.point_kwargs = ml_collections.ConfigDict({
+    c.point_kwargs = ml_collections.ConfigDict({   # every keyword of llama_point
         "workdir": "results/train_lm_small", "variant": "small", "seq_len": 128,
-        "batch": 8, "max_eval_tokens": 32768, "n_calib": 8})
+        "batch": 8, "max_eval_tokens": 32768, "n_calib": 8, "train_steps": 0,
+        "omniquant_steps": 200, "kv": "none", "qk": "none", "r3": False,
+        "kv_window": 32})
   elif arg != "default":
     raise ValueError(f"unknown variant {arg!r}: default, smoke or llama")
   return c

@@ -85,7 +85,7 @@ def _tokens_per_s(workdir: pathlib.Path) -> float | None:
 
 # Fields that do not change what a run computes: a study split over machines
 # may differ in them.
-_RUN_ONLY = ("cache_dir", "mesh", "num_devices", "sharding")
+_RUN_ONLY = state_lib.RUN_ONLY_FIELDS
 
 
 def _train(rc: ConfigDict, workdir: pathlib.Path) -> dict:
@@ -99,10 +99,12 @@ def _train(rc: ConfigDict, workdir: pathlib.Path) -> dict:
   done = workdir / "final_eval.json"
   mismatch = state_lib.run_config_mismatch(workdir, rc, ignore=_RUN_ONLY)
   if mismatch:
+    why = (" (it was trained from another float model: the float run has been "
+           "redone since)" if "init_from_run=" in mismatch else "")
     raise ValueError(
-        f"{workdir} holds a run made with other settings: {mismatch}. The study "
-        "reuses a run only when it was made with the settings asked for: use "
-        f"another --workdir, or delete {workdir} to redo that run.")
+        f"{workdir} holds a run made with other settings: {mismatch}{why}. The "
+        "study reuses a run only when it was made with the settings asked for: "
+        f"use another --workdir, or delete {workdir} to redo that run.")
   if done.exists():
     logging.info("reusing %s", workdir)
     final = state_lib.read_json(done)
@@ -159,7 +161,8 @@ def part_qat(c, root: pathlib.Path) -> dict:
   out = {}
   # The float model trained on for the same steps: what QAT would reach
   # without quantization (QAT also trains the weights further).
-  rc = _run_config(c, steps=c.qat_steps, init_from=str(fdir), lr=c.qat_lr,
+  rc = _run_config(c, steps=c.qat_steps, init_from=str(fdir),
+                   init_from_run=state_lib.run_fingerprint(fdir), lr=c.qat_lr,
                    warmup_steps=c.qat_warmup, save_quantized=False)
   wd = root / "qat_float_continued"
   out["float_continued"] = _summary(_train(rc, wd), wd)
@@ -177,7 +180,8 @@ def part_qat(c, root: pathlib.Path) -> dict:
       steps = 1 if method == "rtn" else c.qat_steps
       lr = 0.0 if method == "rtn" else c.qat_lr
       rc = _run_config(
-          c, steps=steps, init_from=str(fdir), lr=lr,
+          c, steps=steps, init_from=str(fdir),
+          init_from_run=state_lib.run_fingerprint(fdir), lr=lr,
           warmup_steps=0 if method == "rtn" else c.qat_warmup,
           quant=dict(rules=scheme, learn_weight=learn_w, learn_activation=learn_a,
                      scale_lr_mult=c.scale_lr_mult, scale_init=c.scale_init,

@@ -44,13 +44,17 @@ _LOW_PRECISION_ULPS = 8
 
 def compute_eps(fn, params, args) -> float:
   """Machine epsilon of the lowest-precision float dtype any matmul of ``fn``
-  takes or any float parameter is stored in (a bf16 checkpoint computed in
-  float32: the folded parameters are written back in bf16, so the fold's
-  float change is bf16 rounding)."""
+  takes, or of the dtype most of its float parameters are stored in (a bf16
+  checkpoint computed in float32: the folded parameters are written back in
+  bf16, so the fold's float change is bf16 rounding; one bf16 scalar in a
+  float32 model does not widen the check)."""
   closed = jax.make_jaxpr(fn)(params, *args)
-  eps = max((float(jnp.finfo(leaf.dtype).eps) for leaf in jax.tree.leaves(params)
-             if jnp.issubdtype(getattr(leaf, "dtype", np.int32), jnp.floating)),
-            default=0.0)
+  sizes: dict = {}
+  for leaf in jax.tree.leaves(params):
+    dt = getattr(leaf, "dtype", None)
+    if dt is not None and jnp.issubdtype(dt, jnp.floating):
+      sizes[jnp.dtype(dt)] = sizes.get(jnp.dtype(dt), 0) + int(np.size(leaf))
+  eps = float(jnp.finfo(max(sizes, key=sizes.get)).eps) if sizes else 0.0
 
   def walk(jaxpr):
     nonlocal eps
@@ -150,10 +154,13 @@ def rotate_checked(fn: Callable, params: Any, batches: Sequence[Any], method: st
     out = jax.jit(quantize(bound, rotated.rules()))(new, *args)
   tol, note = float_check_rtol(bound, params, args, rtol)
   if not _close(ref, out, tol):
+    hint = ("; with heads=, a value projection's bias must be added to its "
+            "kernel's output before the heads are split (x @ w_v + b_v), where "
+            "the fold finds it" if heads is not None else "")
     raise ValueError(
         f"the {_NAMES[method]} rotation changed the float model's output beyond "
         f"rtol={tol}{note}; the model's structure is not what the rotation assumes "
-        "(report this model)")
+        f"(report this model){hint}")
   return new, rotated, history
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import fcntl
 import functools
-import hashlib
 import inspect
 import json
 import math
@@ -347,9 +346,9 @@ def _mean(vals) -> float:
 
 # Config fields that do not change the trained model (logging, evaluation,
 # checkpoint cadence, where caches live, how the run was laid out).
-_RUN_ONLY_FIELDS = ("cache_dir", "mesh", "num_devices", "sharding", "log_every",
-                    "eval_every", "eval_tokens", "eval_batch", "final_eval_full",
-                    "ckpt_every", "keep_checkpoints")
+def _run_only_fields() -> tuple:
+  from lowbit_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  return state_lib.RUN_ONLY_FIELDS
 
 
 def _folded_weight_sqnr(report: dict) -> dict:
@@ -366,7 +365,7 @@ def _check_workdir_config(workdir: str, config) -> None:
   it asked for. Fields only one side has (an option added since) and the
   run-only fields are not compared."""
   from lowbit_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
-  diff = state_lib.run_config_mismatch(workdir, config, ignore=_RUN_ONLY_FIELDS)
+  diff = state_lib.run_config_mismatch(workdir, config, ignore=_run_only_fields())
   if diff:
     raise ValueError(
         f"{workdir} holds a model trained with another config: {diff}. Point "
@@ -378,11 +377,8 @@ def llama_fingerprint(workdir: str) -> str:
   """12 hex digits identifying the finished model in ``workdir`` (its config
   and final evaluation): sweep rows carry it, so rows measured on a model
   since retrained there are not reused."""
-  h = hashlib.sha1()
-  for name in ("config.json", "final_eval.json"):
-    with open(os.path.join(workdir, name), "rb") as f:
-      h.update(f.read())
-  return h.hexdigest()[:12]
+  from lowbit_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  return state_lib.run_fingerprint(workdir)
 
 
 @functools.lru_cache(maxsize=2)

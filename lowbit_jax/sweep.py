@@ -41,7 +41,9 @@ def expand(axes: dict, exclude: Sequence[dict] = ()) -> list[dict]:
   for k, v in axes.items():
     if isinstance(v, (str, bytes)) or not isinstance(v, Iterable):
       raise ValueError(f"axis {k!r} must be a list of values, got {v!r}")
-    if not list(v):
+  axes = {k: list(v) for k, v in axes.items()}   # (an iterator is read once)
+  for k, v in axes.items():
+    if not v:
       raise ValueError(f"axis {k!r} has no values: give it at least one")
   names = list(axes)
   for ex in exclude:

@@ -227,3 +227,7 @@ def test_every_ptq_config_variant_fits_its_point_function():
     c = _config("ptq", variant)
     inspect.signature(pipelines.POINTS[c.model]).bind(
         c.scheme, c.target, c.method, **dict(c.point_kwargs))
+  # The llama variant names every keyword, so each can be set by a flag.
+  keywords = {n for n, p in inspect.signature(pipelines.llama_point).parameters.items()
+              if p.kind == p.KEYWORD_ONLY}
+  assert set(_config("ptq", "llama").point_kwargs) == keywords

@@ -26,6 +26,7 @@ def test_expand_rejects_scalar_axis():
     sweep.expand({"a": [1]}, exclude=[{"a": 1}])
   with pytest.raises(ValueError, match=r"names \['schme'\], which is no axis"):
     sweep.expand({"scheme": ["fp32", "int8"]}, exclude=[{"schme": "fp32"}])
+  assert sweep.expand({"bits": (b for b in (4, 8))}) == [{"bits": 4}, {"bits": 8}]
 
 
 def test_run_skips_finished_points(tmp_path):

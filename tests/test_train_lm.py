@@ -1,6 +1,7 @@
 """Tests of the LM training library, its config and held-out perplexity."""
 import importlib.util
 import json
+import os
 import math
 import pathlib
 
@@ -178,6 +179,11 @@ def test_resume_with_another_model_is_refused_and_keeps_the_run(tmp_path, data):
   assert (tmp_path / "run" / "config.json").read_text() == before
   longer = _smoke_config(steps=3, ckpt_every=0, warmup_steps=1)
   assert train_lm.train(longer, tmp_path / "run", data=data)["step"] == 3
+  # Written atomically, with a plain open()'s mode (mkstemp's is 0600).
+  umask = os.umask(0)
+  os.umask(umask)
+  for name in ("config.json", "final_eval.json"):
+    assert (tmp_path / "run" / name).stat().st_mode & 0o777 == 0o666 & ~umask
   # Another data stream is refused too (its config.json recorded only the
   # new one); so is a run already past the steps asked for, which trained
   # nothing, evaluated nothing and rewrote config.json.

@@ -189,6 +189,8 @@ def run(model, cur, calib_batches, weight_spec, aspec, *, layers: str,
   let_groups = {b: [] for b in paths}
   if use_let:
     ref_out = forward(cur)
+    fold_rtol, _ = _ptq_linen.fold_tolerance(model, cur, other, ref_args, ref_kwargs,
+                                             akw, fold_rtol)
     probe_key = jax.random.key(opts.seed + 1)
     for gi, (members, producer) in enumerate(_ptq_linen._groups_with_extra(  # pylint: disable=protected-access
         cap, extra_folds)):
@@ -214,8 +216,10 @@ def run(model, cur, calib_batches, weight_spec, aspec, *, layers: str,
         for m in members:
           trial = with_leaves(trial, m, kernel=test.weight(node_at(trial, m)["kernel"]))
         if not _close(ref_out, forward(trial), fold_rtol):
-          why = (f"folding into {producer[1]!r} changes the model output (its output "
-                 "is used elsewhere too, e.g. by a residual connection)")
+          why = (f"folding into {producer[1]!r} changes the model output beyond "
+                 f"fold_rtol={fold_rtol:.3g} (its output is used elsewhere too, e.g. "
+                 "by a residual connection; or a low-precision model's rounding "
+                 "exceeds the tolerance: raise fold_rtol)")
       if why is not None:
         folds.append({**entry, "status": "skipped", "reason": why})
         continue

@@ -206,6 +206,8 @@ def linen_ptq(model: nn.Module, cur: dict, calib_batches: list, method: str,
       return forward_(p)
 
   ref_out = forward(cur)
+  fold_rtol, widened = fold_tolerance(model, cur, variables_extra, args, kwargs,
+                                      apply_kwargs_, fold_rtol)
   probe_key = jax.random.key(rotation_seed + 1)
   rot_key = jax.random.key(rotation_seed)
   cur = _conv_transforms(cur, cap, stats, method, weight_spec, aspec, forward,
@@ -340,9 +342,23 @@ def _fold_why(params, producer, members: list, experts: list, diagonal: bool, ke
   for m in experts:
     trial = with_leaves(trial, m, kernel=_scale_rows(_node(trial, m)["kernel"], probe.s))
   if not _close(ref_out, forward(trial), rtol):
-    return (f"folding into {producer[1]!r} changes the model output (its output "
-            "is used elsewhere too, e.g. by a residual connection)")
+    return (f"folding into {producer[1]!r} changes the model output beyond "
+            f"fold_rtol={rtol:.3g} (its output is used elsewhere too, e.g. by a "
+            "residual connection; or a low-precision model's rounding exceeds "
+            "the tolerance: raise fold_rtol)")
   return None
+
+
+def fold_tolerance(model, params, other_variables: dict, args, kwargs,
+                   apply_kwargs: dict, fold_rtol: float) -> tuple:
+  """``(tolerance, note)`` of the numerical fold checks: ``fold_rtol``,
+  widened to a few epsilons of a 16-bit model (bf16 parameters or compute),
+  whose output moves by its own rounding when a fold rescales its weights
+  (the shared path's ``_ptq_rotation.float_check_rtol``)."""
+  from lowbit_jax import _ptq_rotation  # pylint: disable=g-import-not-at-top
+  return _ptq_rotation.float_check_rtol(
+      lambda p, *a: model.apply({"params": p, **other_variables}, *a, **kwargs,
+                                **apply_kwargs), params, args, fold_rtol)
 
 
 def _group_transform(method: str, st: DenseStats, kernels: list, kspecs: list,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import pathlib
@@ -195,6 +196,23 @@ def read_run_config(workdir: str | os.PathLike[str]) -> dict:
   return read_json(path)
 
 
+# Config fields that change how a run is driven, not what it computes: a
+# finished run is reused (a sweep, a study) whatever they are.
+RUN_ONLY_FIELDS = ("cache_dir", "mesh", "num_devices", "sharding", "log_every",
+                   "eval_every", "eval_tokens", "eval_batch", "final_eval_full",
+                   "ckpt_every", "keep_checkpoints")
+
+
+def run_fingerprint(workdir: str | os.PathLike[str]) -> str:
+  """12 hex digits identifying the finished run in ``workdir`` (its
+  ``config.json`` and ``final_eval.json``): what was trained from it, or
+  measured on it, records it, so a run retrained there since is noticed."""
+  h = hashlib.sha1()
+  for name in ("config.json", "final_eval.json"):
+    h.update((pathlib.Path(workdir) / name).read_bytes())
+  return h.hexdigest()[:12]
+
+
 def read_json(path: str | os.PathLike[str]) -> Any:
   """A JSON file a run wrote; one that does not parse raises naming it.
 
@@ -219,6 +237,15 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
   try:
     with os.fdopen(fd, "w") as f:
       f.write(text)
+    # mkstemp makes the file 0600: give it the mode the file had, or the one
+    # a plain open() would (0666 less the umask).
+    if path.exists():
+      mode = path.stat().st_mode & 0o777
+    else:
+      umask = os.umask(0)
+      os.umask(umask)
+      mode = 0o666 & ~umask
+    os.chmod(tmp, mode)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
@@ -275,4 +302,4 @@ __all__ = ["TrainState", "init_params", "init_state", "state_shardings", "place"
            "abstract_like", "abstract_state", "checkpoint_manager",
            "save_checkpoint", "restore_checkpoint", "read_run_config",
            "config_differences", "run_config_mismatch", "read_json",
-           "write_text_atomic"]
+           "write_text_atomic", "run_fingerprint", "RUN_ONLY_FIELDS"]

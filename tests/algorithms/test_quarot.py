@@ -374,3 +374,8 @@ def test_bf16_stored_float32_computed_model_folds():
       fn, p, [(t,)], "quarot", rules=None, seed=0, online=None, heads=None,
       config=None, rtol=1e-3, quantize=_ptq_rotation.quantizer_for("function"))
   assert new["emb"].dtype == jnp.bfloat16
+  # One bf16 scalar in a float32 model does not widen the check.
+  p32 = {**_attention_params(), "temp": jnp.ones((), jnp.bfloat16)}
+  assert _ptq_rotation.compute_eps(
+      lambda pp, tt: _attention_lm(pp, tt) * pp["temp"].astype(jnp.float32), p32,
+      (t,)) == float(jnp.finfo(jnp.float32).eps)
