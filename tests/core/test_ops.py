@@ -376,8 +376,9 @@ def test_real_mode_refuses_gradients_through_quantizing_in_the_call():
     with pytest.raises(ValueError, match="mode='real' quantizes"):
       jax.grad(lambda a: f(a).sum())(x)
   qw = ops.prepare_weight(w, lb.QuantSpec("int4"))
-  gx = jax.grad(lambda a: ops.dot_general(a, qw, (((1,), (1,)), ((), ())),
-                                          mode="real").sum())(x)
+  with jax.default_matmul_precision("float32"):   # (a GPU's default is TF32)
+    gx = jax.grad(lambda a: ops.dot_general(a, qw, (((1,), (1,)), ((), ())),
+                                            mode="real").sum())(x)
   np.testing.assert_allclose(np.asarray(gx), np.broadcast_to(
       np.asarray(lb.dequantize(qw)).sum(0), x.shape), rtol=1e-5, atol=1e-5)
   # Not differentiated, or differentiated elsewhere: no error.
