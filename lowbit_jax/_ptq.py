@@ -1142,7 +1142,13 @@ def _layout_problem(w, st: SiteStats, spec: QuantSpec,
   from rounding its ``[K, N]`` matrix with ``matrix_spec`` (the
   sensitivities' view), or None."""
   if st.op == "ragged_dot":
-    return None   # (the stack is the matrices; quantize_experts checks them)
+    # The stack is the matrices: each expert's [K, N] must take the spec.
+    from lowbit_jax._experts import expert_spec  # pylint: disable=g-import-not-at-top
+    try:
+      jax.eval_shape(lambda a: fake_quant(a, expert_spec(matrix_spec)), w)
+    except ValueError as e:
+      return str(e)
+    return None
   try:
     a = fake_quant(w, _plan(st, spec).spec)
     b = st.from_matrix(fake_quant(st.as_matrix(w), matrix_spec))

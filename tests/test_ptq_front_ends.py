@@ -558,3 +558,19 @@ def test_capture_reuse_counts_rules_of_skipped_sites_as_used():
   assert "g/kernel" in cap.skipped
   res = lb.ptq_params(m, v, [x], cfg, capture=cap)
   assert res.report["unused_rules"] == [] and list(res.report["layers"]) == ["d/kernel"]
+
+
+def test_mixed_precision_leaves_out_candidates_an_expert_stack_cannot_take():
+  # Expert matrices [K=48, N] cannot take groups of 32 along K: the whole
+  # allocation failed on them, where a dense weight leaves the candidate out.
+  kx, kw, kd = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, (16, 48))
+  params = {"e": jax.random.normal(kw, (2, 48, 32)) * 0.1,
+            "d": jax.random.normal(kd, (32, 64)) * 0.1}
+  gs = jnp.array([10, 6], jnp.int32)
+  fn = lambda p, a: jax.lax.ragged_dot(a, p["e"], gs) @ p["d"]  # noqa: E731
+  cap = lb.capture_hessians(fn, params, [x], [QuantRule(".*", weight="int8")])
+  cands = {"int8": "int8", "int4g32": lb.QuantSpec("int4", group_size=32)}
+  mp_rules, alloc = lb.mixed_precision_rules(fn, params, cap, cands, 7.5)
+  assert alloc.assignment == {"e": "int8", "d": "int4g32"}
+  lb.quantize_function(fn, mp_rules)(params, x)   # runs
