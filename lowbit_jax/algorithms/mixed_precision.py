@@ -318,14 +318,30 @@ def rules_bits(rules: Sequence[tuple], shapes: Mapping[str, Sequence[int]],
 
   Args:
     rules: QuantRules (``assignment_to_rules``) or ``[(regex, spec or None)]``.
-    shapes: layer path -> kernel shape.
+    shapes: layer path -> the shape of its ``[K, N]`` matrix (an expert stack
+      ``[G, K, N]`` with its experts: its matrices are the last two axes; a
+      conv's ``[kh * kw * cin, cout]``), as ``mixed_precision_rules`` counts.
     float_bits: bits per weight of a float kernel.
 
   Returns:
     The weighted average bits per weight.
+
+  Raises:
+    ValueError: a shape of another rank (its matrix axes are ambiguous).
   """
   tot_bits = tot = 0.0
   for path, shape in shapes.items():
+    if len(shape) == 3:   # an expert stack: G matrices [K, N]
+      n = float(np.prod(shape))
+      spec = next((s for m, s in _rule_pairs(rules) if m(path)), None)
+      spec = None if spec is None else kernel_spec(spec)
+      tot_bits += n * spec_bits(spec, tuple(shape)[-2:], float_bits)
+      tot += n
+      continue
+    if len(shape) != 2:
+      raise ValueError(f"{path}: shape {tuple(shape)} is not a [K, N] matrix (or "
+                       "a [G, K, N] expert stack); give its matrix view, e.g. a "
+                       "conv's [kh * kw * cin, cout]")
     spec = next((s for m, s in _rule_pairs(rules) if m(path)), None)
     spec = None if spec is None else kernel_spec(spec)
     n = float(np.prod(shape))

@@ -264,6 +264,10 @@ def lwc_step(w: jax.Array, spec, logits: Mapping[str, jax.Array]):
       base = jax.lax.stop_gradient(rtn_scale(wf, spec)).reshape(grid)
       if spec.scale_rounding == "floor":
         base = 2.0 * base
+        # A strength of exactly 1 (a sigmoid saturated in float32) would make
+        # the step 2 * base itself, a power of two the floor keeps: twice
+        # RTN's. Just below 1 it floors to RTN's step.
+        g = jnp.minimum(g, np.float32(1.0 - 2.0 ** -24))
     else:
       amax = _block_reduce(jnp.abs(wf), bs, grid, jnp.max, 0.0)
       base = amax * np.float32(spec.clip_ratio) / np.float32(spec.element.max)

@@ -138,3 +138,10 @@ def test_from_real_sensitivities_to_rules():
     assert cfg.find((p, p + "/kernel"), ("dot_general",)) is not None
   np.testing.assert_allclose(rules_bits(rules, shapes), res.avg_bits)
   assert res.avg_bits <= 5.0
+  # An expert stack [G, K, N] counts its [K, N] matrices (the expert axis was
+  # taken for K: int4 g16 counted 12 bits for 6); other ranks are refused.
+  for spec, want in ((QuantSpec("int4", group_size=16), 6.0), (QuantSpec("int8"), 9.0),
+                     (QuantSpec("mxfp4"), 4.25)):
+    np.testing.assert_allclose(rules_bits([("e", spec)], {"e": (4, 32, 64)}), want)
+  with pytest.raises(ValueError, match="is not a \\[K, N\\] matrix"):
+    rules_bits([("c", QuantSpec("int8"))], {"c": (3, 3, 8, 16)})

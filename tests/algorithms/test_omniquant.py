@@ -67,6 +67,19 @@ def _block(p, x):
   return x + jnp.matmul(jax.nn.gelu(a) * b, p["o"]["kernel"], precision=hi)
 
 
+def test_lwc_on_mx_with_a_saturated_strength_keeps_the_rtn_step():
+  # On E8M0 (floor) scales a strength of exactly 1.0 (sigmoid saturated in
+  # float32) doubled the step; any strength above 1/2 keeps RTN's.
+  from lowbit_jax.algorithms.omniquant import lwc_quant  # pylint: disable=g-import-not-at-top
+  from lowbit_jax.algorithms.rtn import kernel_spec  # pylint: disable=g-import-not-at-top
+  from lowbit_jax.core import fake_quant  # pylint: disable=g-import-not-at-top
+  w = jax.random.normal(jax.random.key(0), (64, 16))
+  spec = kernel_spec(QuantSpec("mxfp4"))
+  for g0 in (4.0, 20.0):
+    q, _ = lwc_quant(w, spec, lwc_init(w, spec, g0))
+    np.testing.assert_array_equal(np.asarray(q), np.asarray(fake_quant(w, spec)))
+
+
 def test_let_fold_leaves_the_float_block_unchanged():
   rng = np.random.default_rng(1)
   f32 = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
