@@ -1802,7 +1802,7 @@ def site_ragged_dot(site: Site, lhs, rhs, group_sizes, precision=None,
   if site.mode == "calibrate":
     x = _float(lhs)
     if call.observe is not None:
-      call.observe(x)
+      call.observe(ops.routed_rows_only(x, group_sizes))   # (padding rows: none)
     rec = input_recorder()
     if rec is not None:
       rec(site, "ragged_dot", x, rhs, {"group_sizes": group_sizes,

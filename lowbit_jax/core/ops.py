@@ -1254,6 +1254,13 @@ def _qgrad_ragged_bwd(cfg, res, g):
 _qgrad_ragged.defvjp(_qgrad_ragged_fwd, _qgrad_ragged_bwd)
 
 
+def routed_rows_only(x: jax.Array, group_sizes) -> jax.Array:
+  """``x`` ``[M, K]`` with its rows at or past ``sum(group_sizes)`` (rows of no
+  group, e.g. an MoE's padding) set to zero."""
+  keep = jnp.arange(x.shape[0]) < jnp.sum(group_sizes)
+  return jnp.where(keep[:, None], x, jnp.zeros((), x.dtype))
+
+
 def ragged_dot(lhs, rhs, group_sizes, precision=None, preferred_element_type=None, *,
                lhs_spec=None, rhs_spec=None, grad_spec=None, mode: str = "fake",
                key=None, lhs_amax=None, lhs_tensor_amax=None, lhs_scale=None,
@@ -1312,6 +1319,11 @@ def ragged_dot(lhs, rhs, group_sizes, precision=None, preferred_element_type=Non
   l_is_q, r_is_q = isinstance(lhs, QArray), isinstance(rhs, QArray)
   ls = None if l_is_q else _resolve(lhs_spec, (1,), 2, "lhs" in hist, "lhs")
   rs = None if r_is_q else _resolve(rhs_spec, (1,), 3, "rhs" in hist, "rhs")
+  if ls is not None:
+    # Rows past sum(group_sizes) belong to no group (their outputs are zero):
+    # they must not enter the activation's range (a per-tensor scale, an
+    # amax history), so they are zeroed first.
+    lhs = routed_rows_only(lhs, group_sizes)
   if "grad" in hist and gs is None:
     raise ValueError("amax_history['grad'] needs a grad_spec")
   if gs is not None:

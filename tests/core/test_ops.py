@@ -437,3 +437,16 @@ def test_prepare_weight_reads_an_explicit_axis_in_the_given_layout():
     q = ops.prepare_weight(w, spec)
     np.testing.assert_array_equal(np.asarray(lb.dequantize(q)).T,
                                   np.asarray(lb.dequantize(lb.quantize(w, spec))))
+
+
+def test_ragged_dot_rows_of_no_group_do_not_enter_the_ranges():
+  # Rows past sum(group_sizes) belong to no expert; with 1000 in them a
+  # per-tensor activation scale (and a calibrated range) was theirs.
+  x = jax.random.normal(jax.random.key(0), (12, 32))
+  w = jax.random.normal(jax.random.key(1), (2, 32, 16)) * 0.1
+  gs = jnp.array([5, 3], jnp.int32)
+  for mode in ("fake", "real"):
+    f = lambda a: ops.ragged_dot(a, w, gs, lhs_spec=lb.QuantSpec("int8", axis="tensor"),  # noqa: E731
+                                 rhs_spec="int8", mode=mode)
+    np.testing.assert_array_equal(np.asarray(f(x.at[8:].set(1000.0))[:8]),
+                                  np.asarray(f(x.at[8:].set(0.0))[:8]))
