@@ -23,17 +23,19 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import pathlib
 import sys
 import sysconfig
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from lowbit_jax import _io
 
 SPLITS = ("train", "heldout")
 EOS = "<|endoftext|>"
@@ -270,15 +272,7 @@ def corpus_key(vocab_size: int, *, root: str | os.PathLike[str] | None = None,
 
 def _atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  _io.write_atomic(path, data)
 
 
 def corpus_dir(vocab_size: int = DEFAULT_VOCAB_SIZE, *,
@@ -373,17 +367,9 @@ def token_stream(split: str, tokenizer: tokenizers.Tokenizer, *,
     return np.load(path)
   docs = load_corpus(split)
   tokens = encode_documents(docs, tokenizer)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp",
-                             suffix=".npy")
-  os.close(fd)
-  try:
-    np.save(tmp, tokens)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  buf = io.BytesIO()
+  np.save(buf, tokens)
+  _atomic_write_bytes(path, buf.getvalue())
   meta = path.with_suffix(".json")
   _atomic_write_bytes(meta, json.dumps({
       "split": split, "num_docs": len(docs), "num_tokens": int(tokens.size),

@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import pathlib
-import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +25,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
+from lowbit_jax import _io
 from lowbit_jax.train.sharding import Layout
 
 
@@ -231,26 +231,9 @@ def read_json(path: str | os.PathLike[str]) -> Any:
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
   """Writes ``text`` to ``path`` through a temporary file and a rename, so a
-  crash mid-write leaves the old file (or none), never a torn one."""
-  path = pathlib.Path(path)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-    # mkstemp makes the file 0600: give it the mode the file had, or the one
-    # a plain open() would (0666 less the umask).
-    if path.exists():
-      mode = path.stat().st_mode & 0o777
-    else:
-      umask = os.umask(0)
-      os.umask(umask)
-      mode = 0o666 & ~umask
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  crash mid-write leaves the old file (or none), never a torn one
+  (``lowbit_jax._io.write_atomic``)."""
+  _io.write_atomic(path, text)
 
 
 def _flat(d: Any, prefix: str = "") -> dict:
