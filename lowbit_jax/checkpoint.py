@@ -79,13 +79,13 @@ import orbax.checkpoint as ocp
 
 from lowbit_jax import _rules
 from lowbit_jax import formats as _formats
+from lowbit_jax.core._qarray import FIELDS as _FIELDS
 from lowbit_jax.core._qarray import QArray
 from lowbit_jax.core._spec import QuantSpec
 
 VERSION = 3
 _META = "lowbit_jax.json"
 _ARRAYS = "arrays"
-_FIELDS = ("codes", "scale", "zero_point", "tensor_scale")
 _FORMAT_TYPES = {c.__name__: c for c in (_formats.IntFormat, _formats.FloatFormat,
                                          _formats.LookupFormat, _formats.BlockFormat)}
 

@@ -405,37 +405,9 @@ class QArray:
             f", scale={leaf(self.scale)}{order})")
 
 
+# The array fields of a QArray (its pytree children), in order.
+FIELDS = ("codes", "scale", "zero_point", "tensor_scale")
+
 jax.tree_util.register_dataclass(
-    QArray, data_fields=["codes", "scale", "zero_point", "tensor_scale"],
+    QArray, data_fields=list(FIELDS),
     meta_fields=["spec", "shape", "dtype", "pack_axis", "code_order"])
-
-
-def register_flax_serialization() -> None:
-  """Lets ``flax.serialization`` (``to_bytes`` / ``from_bytes`` /
-  ``to_state_dict``) save and restore QArrays and real mode's QWeights: the
-  state dict holds the arrays, the target its static fields (spec, shape,
-  ``transposed``, ...). Called by ``lowbit_jax.optim`` and ``lowbit_jax.flax``
-  (``import lowbit_jax`` does not load flax; call it yourself otherwise);
-  repeated calls are harmless."""
-  from flax import serialization   # pylint: disable=g-import-not-at-top
-  from lowbit_jax._rules import QWeight   # pylint: disable=g-import-not-at-top
-  fields = ("codes", "scale", "zero_point", "tensor_scale")
-
-  def to_state_dict(q):
-    return {f: serialization.to_state_dict(getattr(q, f)) for f in fields
-            if getattr(q, f) is not None}
-
-  def from_state_dict(target, state):
-    want = sorted(f for f in fields if getattr(target, f) is not None)
-    if sorted(state) != want:
-      raise ValueError(f"the saved QArray holds {sorted(state)}, the target QArray "
-                       f"({target.spec}) {want}: restore onto a target of the "
-                       "same format")
-    return dataclasses.replace(target, **{
-        f: serialization.from_state_dict(getattr(target, f), state[f]) for f in want})
-
-  # (flax looks serializers up by exact type)
-  for cls in (QArray, QWeight):
-    serialization.register_serialization_state(cls, to_state_dict, from_state_dict,
-                                               override=True)
-

@@ -40,7 +40,7 @@ from jax import custom_batching
 from jax import lax
 
 from lowbit_jax.core import _cast
-from lowbit_jax.core._qarray import (QArray, block_shape, codes_unit,
+from lowbit_jax.core._qarray import (FIELDS, QArray, block_shape, codes_unit,
                                      default_pack_axis, normalize_axis, pack,
                                      pack_unit, unpack)
 from lowbit_jax.core._spec import QuantSpec, as_spec
@@ -1397,11 +1397,8 @@ def dequantize(q: QArray) -> jax.Array:
   """The float array a QArray stands for (dtype and shape of the original)."""
   if not isinstance(q, QArray):
     raise TypeError(f"dequantize() takes a QArray, got {type(q).__name__}")
-  _check_rank(q)
+  _check_arrays(q)
   return _dequantize_jit(q)
-
-
-QARRAY_FIELDS = ("codes", "scale", "zero_point", "tensor_scale")
 
 
 @functools.lru_cache(maxsize=1024)
@@ -1424,7 +1421,7 @@ def _expected_or_none(spec: QuantSpec, shape: tuple, dtype: str) -> Optional[QAr
     return None
 
 
-def _check_rank(q: QArray) -> None:
+def _check_arrays(q: QArray) -> None:
   """Refuses a QArray whose arrays are not those ``quantize`` makes for its
   recorded spec, shape and dtype, which dequantize would read silently
   wrong: codes of another rank (built under ``jax.vmap`` or stacked, or a
@@ -1450,7 +1447,7 @@ def _check_rank(q: QArray) -> None:
   want = _expected_or_none(q.spec, tuple(q.shape), str(jnp.dtype(q.dtype)))
   if want is None:
     return   # a spec and shape quantize does not make: nothing to compare with
-  for f in QARRAY_FIELDS:
+  for f in FIELDS:
     w, g = getattr(want, f), getattr(q, f)
     if w is None or g is None:
       continue
@@ -1500,7 +1497,7 @@ def dequantize_as(q: QArray, dtype) -> jax.Array:
   where the GPU dequantizer takes ``q``, one kernel writes ``dtype`` directly
   (no float32 array written and converted for a float32-weight QArray in a
   bf16 model); elsewhere the jnp path, whose cast XLA fuses."""
-  _check_rank(q)
+  _check_arrays(q)
   kernel = _dequant_kernel(q)
   if kernel is not None:
     return kernel.dequantize(q, dtype=dtype)

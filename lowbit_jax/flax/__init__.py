@@ -22,9 +22,7 @@ from lowbit_jax.flax._nnx import (NnxActEinsum, NnxRaggedDense, QuantHistory, Qu
                                   init_quant_nnx, nnx_stats, quantize_nnx,
                                   update_histories)
 
-from lowbit_jax.core._qarray import register_flax_serialization as _register
-
-_register()   # flax.serialization saves QArrays (optimizer states, params)
+from lowbit_jax.flax import _serialization  # noqa: F401  (flax.serialization of QArrays)
 
 __all__ = ["quantize_linen", "LinenQuantizer", "QBox", "QuantizedParam", "STATS",
            "SCALES", "STATE", "METRICS", "RNG", "ActEinsum",

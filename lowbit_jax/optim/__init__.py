@@ -11,8 +11,4 @@ quantization scales their own learning rate with ``optax.multi_transform``.
 from lowbit_jax.optim._adam import (PRESETS, QuantizedAdamState, adamw, scale_by_adam,
                                     state_nbytes)
 
-from lowbit_jax.core._qarray import register_flax_serialization as _register
-
-_register()   # flax.serialization saves QArrays (optimizer states, params)
-
 __all__ = ["adamw", "scale_by_adam", "state_nbytes", "QuantizedAdamState", "PRESETS"]

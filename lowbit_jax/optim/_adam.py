@@ -27,8 +27,8 @@ import numpy as np
 import optax
 
 from lowbit_jax.core import QArray, QuantSpec, dequantize, encode, quantize
-from lowbit_jax.core._qarray import codes_unit, pack
-from lowbit_jax.core._quantize import QARRAY_FIELDS, expected_fields
+from lowbit_jax.core._qarray import FIELDS, codes_unit, pack
+from lowbit_jax.core._quantize import expected_fields
 from lowbit_jax.formats import BlockFormat, Format, LookupFormat
 
 FormatLike = Union[str, Format, QuantSpec]
@@ -198,8 +198,9 @@ def _as_qarray(state, moment: Optional[_Moment], g):
       or not hasattr(state, "keys") or "codes" not in state.keys()):
     return state
   meta = expected_fields(moment.spec, (int(np.prod(g.shape)),), "float32")
-  fields = {f: state[f] for f in QARRAY_FIELDS if f in state.keys()}
-  return dataclasses.replace(meta, **{f: fields.get(f) for f in QARRAY_FIELDS})
+  have = set(state.keys())
+  return dataclasses.replace(meta, **{f: state[f] if f in have else None
+                                      for f in FIELDS})
 
 
 def _like(new, original):
@@ -346,8 +347,10 @@ def adamw(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
   (Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization"; Li et
   al. 2023, "Memory Efficient Optimizers with 4-bit States"). With
   ``state_format=None`` it is ``optax.adamw`` (float32 moments). The state is
-  a pytree of arrays and QArrays: it jits, shards and checkpoints like any
-  other; ``state_nbytes`` measures it.
+  a pytree of arrays and QArrays: it jits and shards like any other and
+  checkpoints with Orbax or ``lowbit_jax.checkpoint`` (with
+  ``flax.serialization`` once ``lowbit_jax.flax`` is imported);
+  ``state_nbytes`` measures it.
 
   ``state_format`` names:
 

@@ -408,6 +408,7 @@ def test_nnx_optimizer_and_flax_serialization():
   # turned each quantized moment into a mapping of its fields: the second
   # step failed. flax.serialization could not save a QArray at all.
   from flax import nnx, serialization   # pylint: disable=g-import-not-at-top
+  import lowbit_jax.flax   # noqa: F401  pylint: disable=g-import-not-at-top,unused-import  (registers QArrays with flax.serialization)
   x, y = jnp.ones((4, 64)), jnp.ones((4, 80))
   loss = lambda m: jnp.mean((m(x) - y) ** 2)  # noqa: E731
   model = nnx.Linear(64, 80, rngs=nnx.Rngs(0))
