@@ -1143,9 +1143,8 @@ def _layout_problem(w, st: SiteStats, spec: QuantSpec,
   sensitivities' view), or None."""
   if st.op == "ragged_dot":
     # The stack is the matrices: each expert's [K, N] must take the spec.
-    from lowbit_jax._experts import expert_spec  # pylint: disable=g-import-not-at-top
     try:
-      jax.eval_shape(lambda a: fake_quant(a, expert_spec(matrix_spec)), w)
+      jax.eval_shape(lambda a: fake_quant(a, _experts.expert_spec(matrix_spec)), w)
     except ValueError as e:
       return str(e)
     return None

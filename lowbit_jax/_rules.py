@@ -785,9 +785,6 @@ def logical_value(x) -> jax.Array:
   return x
 
 
-_transpose_spec = ops.transpose_spec
-
-
 @dataclasses.dataclass(frozen=True)
 class WeightPlan:
   """How ``quantize_params`` stores one weight.
@@ -886,7 +883,7 @@ def _quantize_leaf_given(w: jax.Array, plan: WeightPlan, scale=None, tensor_scal
     if zero_point is not None:
       kw["zero_point"] = t(zero_point)
   if plan.transpose:
-    return as_qweight(quantize(w.T, _transpose_spec(plan.spec), **kw), transposed=True)
+    return as_qweight(quantize(w.T, ops.transpose_spec(plan.spec), **kw), transposed=True)
   return as_qweight(quantize(w, plan.spec, **kw), transposed=False)
 
 
@@ -1493,7 +1490,7 @@ def _check_stored_weight(site: Site, w: QArray) -> None:
   site report would name the rule's format)."""
   want = as_spec(site.weight)
   if isinstance(w, QWeight) and w.transposed and w.ndim == 2:
-    want = _transpose_spec(want)   # the stored K-major layout's spec
+    want = ops.transpose_spec(want)   # the stored K-major layout's spec
   got = w.spec
   diffs = [f"{f} {getattr(got, f)!r} (the rule: {getattr(want, f)!r})"
            for f in ("group_size", "tile", "scale_dtype", "symmetric")

@@ -169,8 +169,9 @@ def hadamard_factors(n: int) -> tuple:
   raise ValueError(
       f"no Hadamard matrix of order {n} is constructed here: orders are 2^k and "
       "b * 2^k for b a Paley order (q + 1, q a prime power = 3 mod 4; 2 (q + 1), "
-      f"q a prime power = 1 mod 4), e.g. 12, 20, 28, 44, 52, 100, 344. Pad the dimension to such an order, or "
-      "use a random orthogonal rotation (lowbit_jax.algorithms.random_orthogonal)")
+      "q a prime power = 1 mod 4), e.g. 12, 20, 28, 44, 52, 100, 344. Pad the "
+      "dimension to such an order, or use a random orthogonal rotation "
+      "(lowbit_jax.algorithms.random_orthogonal)")
 
 
 @functools.lru_cache(maxsize=None)

@@ -543,24 +543,24 @@ def _run_kernel(lhs, rhs: QArray, prob, use_kernel: str):
                        "use_kernel='auto' falls back to the reference")
     return None
   if isinstance(lhs, QArray):
-    return _kernel_call(lhs, rhs, prob)
-  return _kernel_dot(lhs, rhs, prob)
+    return _kernel_call(lhs, rhs, prob, kern)
+  return _kernel_dot(lhs, rhs, prob, kern)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _kernel_dot(x: jax.Array, rhs: QArray, prob) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _kernel_dot(x: jax.Array, rhs: QArray, prob, kern) -> jax.Array:
   """A Pallas kernel's ``x . W^T`` with a gradient for the float activation
   (a frozen quantized weight in training, e.g. QLoRA's base): the kernels
   have no differentiation rule of their own."""
-  return _kernel_call(x, rhs, prob)
+  return _kernel_call(x, rhs, prob, kern)
 
 
-def _kernel_dot_fwd(x, rhs, prob):
-  return _kernel_call(x, rhs, prob), (rhs, jnp.zeros((0,), x.dtype))
+def _kernel_dot_fwd(x, rhs, prob, kern):
+  return _kernel_call(x, rhs, prob, kern), (rhs, jnp.zeros((0,), x.dtype))
 
 
-def _kernel_dot_bwd(prob, res, g):
-  del prob
+def _kernel_dot_bwd(prob, kern, res, g):
+  del prob, kern
   rhs, x_like = res
   w = dequantize(rhs).astype(jnp.float32)   # [N, K]
   dx = jnp.einsum("...n,nk->...k", g.astype(jnp.float32), w,
@@ -572,10 +572,9 @@ def _kernel_dot_bwd(prob, res, g):
 _kernel_dot.defvjp(_kernel_dot_fwd, _kernel_dot_bwd)
 
 
-def _kernel_call(lhs, rhs: QArray, prob):
-  from lowbit_jax import kernels  # pylint: disable=g-import-not-at-top
+def _kernel_call(lhs, rhs: QArray, prob, kern):
+  """``kern`` (a kernel module ``kernels.find`` gave for ``prob``) on the operands."""
   from lowbit_jax.kernels._api import MatmulOperands  # pylint: disable=g-import-not-at-top
-  kern = kernels.find(prob)
   if isinstance(lhs, QArray):
     x = lhs.codes.reshape(-1, lhs.codes.shape[-1])
     x_scale = lhs.scale.reshape(-1, lhs.scale.shape[-1])

@@ -627,7 +627,7 @@ class LinenQuantizer:
     self._local = threading.local()
     self._planning: Optional[dict] = None
     self._cms: list = []
-    self._intercepted = 0   # interceptor calls (a `with` block checks it ran)
+    self._intercepted = 0   # interceptor calls (`with` warns while it is 0)
 
   # -- entry points -------------------------------------------------------------
 
@@ -666,13 +666,12 @@ class LinenQuantizer:
   def __enter__(self) -> "LinenQuantizer":
     cm = nn.intercept_methods(self._intercept)
     cm.__enter__()
-    self._cms.append((cm, self._intercepted))
+    self._cms.append(cm)
     return self
 
   def __exit__(self, *exc):
-    cm, before = self._cms.pop()
+    cm = self._cms.pop()
     cm.__exit__(*exc)
-    del before
     if exc[0] is None:
       if not self._intercepted:
         # The interceptor acts while a module traces: a function jitted and

@@ -361,15 +361,10 @@ def _own_ndim(node) -> Optional[int]:
   return None
 
 
-def _stacked(node, shape: tuple) -> bool:
-  """Whether a kernel has more dims than its layer's own (layers stacked by
-  nnx.vmap / nnx.scan hold one kernel per layer along a leading axis)."""
-  own = _own_ndim(node)
-  return own is not None and len(shape) != own
-
-
 def _stack_dims(node) -> tuple:
-  """The leading (layer-stack) dims of a stacked layer's kernel, else ()."""
+  """The leading dims of a kernel with more dims than its layer's own (layers
+  stacked by nnx.vmap / nnx.scan hold one kernel per layer along a leading
+  axis), else ()."""
   kernel = getattr(node, "kernel", None)
   if kernel is None or not hasattr(kernel, "get_value"):
     return ()
@@ -381,7 +376,7 @@ def _stack_dims(node) -> tuple:
 def _plan(node, op: str, spec, path: str = "") -> _rules.WeightPlan:
   """The WeightPlan of a layer's kernel, from the layer's attributes."""
   shape = tuple(node.kernel.get_value().shape)
-  if _stacked(node, shape):
+  if _stack_dims(node):
     raise ValueError(
         f"{path or 'a layer'}: this {type(node).__name__} holds a kernel of shape "
         f"{shape}, more dims than "

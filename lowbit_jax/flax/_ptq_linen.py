@@ -206,7 +206,7 @@ def linen_ptq(model: nn.Module, cur: dict, calib_batches: list, method: str,
       return forward_(p)
 
   ref_out = forward(cur)
-  fold_rtol, widened = fold_tolerance(model, cur, variables_extra, args, kwargs,
+  fold_rtol, _ = fold_tolerance(model, cur, variables_extra, args, kwargs,
                                       apply_kwargs_, fold_rtol)
   probe_key = jax.random.key(rotation_seed + 1)
   rot_key = jax.random.key(rotation_seed)
