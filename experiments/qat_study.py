@@ -26,7 +26,7 @@ import experiments
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
-from lowbit_jax import optim
+from lowbit_jax import _io, optim
 from lowbit_jax.train import loop
 from lowbit_jax.train import state as state_lib
 
@@ -83,11 +83,6 @@ def _tokens_per_s(workdir: pathlib.Path) -> float | None:
   return float(np.median(vals[1:] if len(vals) > 1 else vals)) if vals else None
 
 
-# Fields that do not change what a run computes: a study split over machines
-# may differ in them.
-_RUN_ONLY = state_lib.RUN_ONLY_FIELDS
-
-
 def _train(rc: ConfigDict, workdir: pathlib.Path) -> dict:
   """Runs (or reuses, when its final eval exists) one training run.
 
@@ -97,7 +92,7 @@ def _train(rc: ConfigDict, workdir: pathlib.Path) -> dict:
       study's settings, and redoing it would delete it.
   """
   done = workdir / "final_eval.json"
-  mismatch = state_lib.run_config_mismatch(workdir, rc, ignore=_RUN_ONLY)
+  mismatch = state_lib.run_config_mismatch(workdir, rc, ignore=state_lib.RUN_ONLY_FIELDS)
   if mismatch:
     why = (" (it was trained from another float model: the float run has been "
            "redone since)" if "init_from_run=" in mismatch else "")
@@ -136,7 +131,7 @@ def _save_partial(root: pathlib.Path, part: str, out: dict) -> None:
   """
   path = root / f"{part}.json"
   old = state_lib.read_json(path).get(part, {}) if path.exists() else {}
-  state_lib.write_text_atomic(path, json.dumps({part: {**old, **out}}, indent=1))
+  _io.write_atomic(path, json.dumps({part: {**old, **out}}, indent=1))
 
 
 def part_float(c, root: pathlib.Path) -> dict:
@@ -161,8 +156,11 @@ def part_qat(c, root: pathlib.Path) -> dict:
   out = {}
   # The float model trained on for the same steps: what QAT would reach
   # without quantization (QAT also trains the weights further).
+  # Each run records the float run it starts from: one retrained since is
+  # noticed (_train refuses the stale run).
+  float_run = state_lib.run_fingerprint(fdir)
   rc = _run_config(c, steps=c.qat_steps, init_from=str(fdir),
-                   init_from_run=state_lib.run_fingerprint(fdir), lr=c.qat_lr,
+                   init_from_run=float_run, lr=c.qat_lr,
                    warmup_steps=c.qat_warmup, save_quantized=False)
   wd = root / "qat_float_continued"
   out["float_continued"] = _summary(_train(rc, wd), wd)
@@ -181,7 +179,7 @@ def part_qat(c, root: pathlib.Path) -> dict:
       lr = 0.0 if method == "rtn" else c.qat_lr
       rc = _run_config(
           c, steps=steps, init_from=str(fdir),
-          init_from_run=state_lib.run_fingerprint(fdir), lr=lr,
+          init_from_run=float_run, lr=lr,
           warmup_steps=0 if method == "rtn" else c.qat_warmup,
           quant=dict(rules=scheme, learn_weight=learn_w, learn_activation=learn_a,
                      scale_lr_mult=c.scale_lr_mult, scale_init=c.scale_init,
@@ -328,8 +326,8 @@ def part_report(c, root: pathlib.Path) -> dict:
   text = "\n".join(lines)
   if c.report:
     pathlib.Path(c.report).parent.mkdir(parents=True, exist_ok=True)
-    state_lib.write_text_atomic(pathlib.Path(c.report), text)
-  state_lib.write_text_atomic(root / "report.md", text)
+    _io.write_atomic(pathlib.Path(c.report), text)
+  _io.write_atomic(root / "report.md", text)
   print(text)
   return {}
 
@@ -376,7 +374,7 @@ def main(argv: list[str]) -> None:
       shlex.quote(a) for a in sys.argv[1:])
   if cmd not in meta["commands"]:
     meta["commands"].append(cmd)
-  state_lib.write_text_atomic(meta_f, json.dumps(meta, indent=1))
+  _io.write_atomic(meta_f, json.dumps(meta, indent=1))
   fns = {"float": part_float, "qat": part_qat, "scratch": part_scratch,
          "optim": part_optim, "report": part_report}
   for p in PARTS:

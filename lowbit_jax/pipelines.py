@@ -583,23 +583,23 @@ def run_sweep_config(config, log=None) -> dict:
   axes = {k: list(v) for k, v in dict(config.axes).items()}
   exclude = [dict(e) for e in config.get("exclude", [])]
   points = [dict(p, model=config.model) for p in sweep.expand(axes, exclude)]
-  for p in points:  # fail on a typo before hours of work, not at that point
+  kwargs = dict(config.get("point_kwargs", {}))
+  sig = inspect.signature(fn)
+  for p in points:  # fail on a typo before hours of work (training), not at that point
     schemes_lib.get(p["scheme"])
     _check(p.get("method", "rtn"), p.get("target", "weights"))
     _check_attention(p.get("kv", "none"), p.get("qk", "none"), p.get("r3", False))
-  kwargs = dict(config.get("point_kwargs", {}))
-  for p in points:   # arguments the point function cannot take, before training
     args = {k: v for k, v in p.items() if k != "model"}
     clash = sorted(set(args) & set(kwargs))
     if clash:
       raise ValueError(f"config.point_kwargs sets {clash}, which the sweep's axes "
                        "set per point: drop them from one of the two")
     try:
-      bound = inspect.signature(fn).bind(**args, **kwargs)
+      bound = sig.bind(**args, **kwargs)
     except TypeError as e:
       raise ValueError(f"config.point_kwargs or axes do not fit the {config.model!r} "
                        f"point function ({e}); its arguments: "
-                       f"{list(inspect.signature(fn).parameters)}") from None
+                       f"{list(sig.parameters)}") from None
     if fn is llama_point:
       bound.apply_defaults()
       _check_llama_sizes(*(bound.arguments[k] for k in

@@ -35,6 +35,7 @@ import tokenizers
 from absl import logging
 from jax.sharding import Mesh
 
+from lowbit_jax import _io
 from lowbit_jax.data import stdlib_corpus
 from lowbit_jax.eval.perplexity import perplexity
 from lowbit_jax.models.llama import Llama, LlamaConfig, num_params
@@ -777,9 +778,9 @@ def train(config: Any, workdir: str | os.PathLike[str], *,
       resumed_from = int(state.step)
     # Written once the state is in hand: a failed restore leaves the run's
     # own config (init_from and resume read it).
-    state_lib.write_text_atomic(workdir / "config.json",
-                                config.to_json(indent=1) if hasattr(config, "to_json")
-                                else json.dumps(dict(config), indent=1))
+    _io.write_atomic(workdir / "config.json",
+                     config.to_json(indent=1) if hasattr(config, "to_json")
+                     else json.dumps(dict(config), indent=1))
     start = int(state.step)
     log.write({"event": "start", "step": start, "resumed_from": resumed_from,
                **({"config_changes": changes} if resumed_from is not None and changes
@@ -837,7 +838,7 @@ def train(config: Any, workdir: str | os.PathLike[str], *,
       out = {"step": config.steps, **final}
       if final_real is not None:
         out["real"] = final_real
-      state_lib.write_text_atomic(workdir / "final_eval.json", json.dumps(out, indent=1))
+      _io.write_atomic(workdir / "final_eval.json", json.dumps(out, indent=1))
     manager.wait_until_finished()
     result = {"step": int(state.step), "last_metrics": metrics, "final_eval": final,
               "num_params": num_params(state.params)}

@@ -25,7 +25,6 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from lowbit_jax import _io
 from lowbit_jax.train.sharding import Layout
 
 
@@ -229,13 +228,6 @@ def read_json(path: str | os.PathLike[str]) -> Any:
                      "config is then not checked on resume)") from e
 
 
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
-  """Writes ``text`` to ``path`` through a temporary file and a rename, so a
-  crash mid-write leaves the old file (or none), never a torn one
-  (``lowbit_jax._io.write_atomic``)."""
-  _io.write_atomic(path, text)
-
-
 def _flat(d: Any, prefix: str = "") -> dict:
   out = {}
   for k, v in d.items():
@@ -285,4 +277,4 @@ __all__ = ["TrainState", "init_params", "init_state", "state_shardings", "place"
            "abstract_like", "abstract_state", "checkpoint_manager",
            "save_checkpoint", "restore_checkpoint", "read_run_config",
            "config_differences", "run_config_mismatch", "read_json",
-           "write_text_atomic", "run_fingerprint", "RUN_ONLY_FIELDS"]
+           "run_fingerprint", "RUN_ONLY_FIELDS"]
