@@ -148,10 +148,10 @@ def _format_from_json(d: dict) -> _formats.Format:
     raise ValueError(f"unknown format type in checkpoint metadata: {d!r}")
   fmt = cls(**{k: _from_json_value(v) for k, v in d["fields"].items()})
   if name is not None:
-    try:
-      registered = _formats.get(name)
-    except (KeyError, ValueError):
-      registered = None  # not registered here: the saved fields stand alone
+    # Only a registration (or a built-in alias) can clash: a bare ``eXmY``
+    # name that nothing registered means get()'s on-demand format, which a
+    # custom format saved under that name need not be.
+    registered = _formats.get(name) if name in _formats.names() else None
     if registered is not None and registered != fmt:
       raise FormatMismatchError(
           f"the checkpoint's format {name!r} ({fmt!r}) differs from the format "

@@ -334,3 +334,20 @@ def test_stacked_qarrays_round_trip_and_mismatched_ones_are_refused_at_save(tmp_
   with pytest.raises(ValueError, match="save: QArray 'q' holds codes as"):
     checkpoint.save(str(tmp_path / "c"), {"q": cast})
   assert not (tmp_path / "c").exists()
+
+
+def test_a_custom_format_named_like_a_bare_float_restores_unregistered(
+    tmp_path, monkeypatch):
+  # Saved as "e2m4" with bias 3: restoring where nothing registers "e2m4" was
+  # refused as differing from the on-demand e2m4 (bias 1), though the saved
+  # fields define it.
+  from lowbit_jax.formats import _registry  # pylint: disable=g-import-not-at-top
+  f = lb.formats.FloatFormat(2, 4, bias=3, name="e2m4")
+  monkeypatch.setitem(_registry._REGISTRY, "e2m4", f)
+  x = jax.random.normal(jax.random.key(0), (8, 32))
+  q = lb.quantize(x, lb.QuantSpec("e2m4", axis=-1))
+  checkpoint.save(tmp_path / "c", {"q": q})
+  monkeypatch.delitem(_registry._REGISTRY, "e2m4")
+  back = checkpoint.restore(tmp_path / "c")["q"]
+  assert back.spec.format == f
+  np.testing.assert_array_equal(back.dequantize(), q.dequantize())

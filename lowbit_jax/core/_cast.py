@@ -495,7 +495,8 @@ def encode(y: jax.Array, fmt: Format) -> jax.Array:
   bits. Lookup: the table index.
   """
   if isinstance(fmt, IntFormat):
-    c = jnp.round(y.astype(jnp.float32) * (1 << fmt.frac_bits)).astype(jnp.int32)
+    c = jnp.round(y.astype(jnp.float32) * np.float32(2.0 ** fmt.frac_bits)).astype(
+        jnp.int32)
     c = jnp.where(jnp.isnan(y), 0, c)
     return (c.astype(_U32) & ((1 << fmt.bits) - 1))
   if isinstance(fmt, LookupFormat):
@@ -586,9 +587,13 @@ def encode_grid(q: jax.Array, fmt: Format) -> jax.Array:
 
 
 def _rounds_by_thresholds(fmt: Format) -> bool:
-  """Whether ``encode_nearest`` takes ``fmt``'s codes (FP4: 8 magnitudes)."""
+  """Whether ``encode_nearest`` takes ``fmt``'s codes (FP4: 8 magnitudes).
+
+  Not formats without mantissa bits (e2m0, e3m0): their ties lie between two
+  powers of two, where ``cast`` (like ml_dtypes' e8m0) rounds up in
+  magnitude, not to the even code."""
   return (isinstance(fmt, FloatFormat) and fmt.special == "none"
-          and fmt.exp_bits + fmt.man_bits <= 3)
+          and fmt.man_bits >= 1 and fmt.exp_bits + fmt.man_bits <= 3)
 
 
 def encode_nearest(y: jax.Array, fmt: FloatFormat) -> jax.Array:
@@ -661,6 +666,16 @@ def _float_bits_decode(c: jax.Array, fmt: FloatFormat) -> jax.Array:
   About 10 operations against the 17 of decoding sign, exponent and
   mantissa fields separately; bit for bit the same values, -0 included.
   """
+  if fmt.bias > 127:
+    # Its normals reach below float32's (exponent 1 - bias < -126): the bit
+    # construction below would need float32 subnormals on the way, which
+    # XLA's CPU backend flushes. A select chain over the decoded table (these
+    # formats are narrow: at most 128 codes) keeps the exact values.
+    table = fmt.decode_table()
+    if len(table) > 256:
+      return jnp.asarray(table)[c.astype(jnp.int32)]
+    return _table_at(tuple(table), jnp.minimum(c, np.uint32(len(table) - 1)).astype(
+        jnp.int32))
   e_, m_ = fmt.exp_bits, fmt.man_bits
   nb = e_ + m_
   mag = c & np.uint32((1 << nb) - 1)

@@ -431,7 +431,10 @@ _MIN_SCALE = {"float32": np.float32(2.0 ** -126), "bfloat16": np.float32(2.0 ** 
 # of the float32 maximum), and the block would read back as NaN; it is held
 # at the maximum instead, and the block's largest elements saturate.
 _MAX_SCALE = {"float16": np.float32(65504.0),
-              "bfloat16": np.float32((2.0 - 2.0 ** -7) * 2.0 ** 127)}
+              "bfloat16": np.float32((2.0 - 2.0 ** -7) * 2.0 ** 127),
+              # amax / max overflows where an element format's max is below 1
+              # (a custom codebook of +-0.01, say) and amax is near float32's.
+              "float32": np.float32(np.finfo(np.float32).max)}
 
 
 def _clamp_scale(s: jax.Array, dtype: str) -> jax.Array:

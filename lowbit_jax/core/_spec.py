@@ -250,7 +250,9 @@ class QuantSpec:
     n_scales = math.prod(-(-d // b) for d, b in zip(shape, bs))
     scale_bits = {"float32": 32, "bfloat16": 16, "float16": 16, "e8m0": 8,
                   "fp8_e4m3": 8}[self.scale_dtype]
-    zp_bits = 8 if not self.symmetric else 0
+    # Zero points are stored as the codes are: uint8, or uint16 for codes of
+    # 9 to 16 bits (core._quantize).
+    zp_bits = 0 if self.symmetric else (8 if self.storage_format.bits <= 8 else 16)
     extra = 32 if self.tensor_scale else 0
     return storage_bits(self.storage_format) + (n_scales * (scale_bits + zp_bits)
                                                 + extra) / n

@@ -82,8 +82,8 @@ class IntFormat(Format):
     if self.signed and self.bits < 2:
       raise ValueError("a signed IntFormat needs at least 2 bits; use "
                        "formats.get('binary') for sign-only codes")
-    if not 0 <= self.frac_bits < 32:
-      raise ValueError(f"frac_bits must be in [0, 32), got {self.frac_bits}")
+    if not isinstance(self.frac_bits, int) or not 0 <= self.frac_bits < 32:
+      raise ValueError(f"frac_bits must be an int in [0, 32), got {self.frac_bits!r}")
     if not self.name:
       base = f"{'int' if self.signed else 'uint'}{self.bits}"
       object.__setattr__(self, "name",
@@ -114,7 +114,8 @@ class FloatFormat(Format):
 
   Attributes:
     exp_bits: exponent field width X (1 to 8).
-    man_bits: mantissa field width Y (0 to 22).
+    man_bits: mantissa field width Y (0 to 15; a code, sign included, has at
+      most 16 bits: QArrays store codes in uint8 or uint16).
     bias: exponent bias; default ``2**(X-1) - 1``.
     special: how inf and NaN are coded, one of ``FLOAT_SPECIALS``.
     name: registry name; derived when empty.
@@ -133,6 +134,14 @@ class FloatFormat(Format):
                        "be represented)")
     if not isinstance(y, int) or not 0 <= y <= 22:
       raise ValueError(f"man_bits must be an int in [0, 22], got {y!r}")
+    n_bits = x + y + (0 if self.special == "e8m0" else 1)
+    if n_bits > 16:
+      raise ValueError(
+          f"e{x}m{y} codes take {n_bits} bits (sign, exponent and mantissa); a "
+          "format's codes are stored in at most 16 bits (uint16), so at most "
+          f"{15 - x} mantissa bits with {x} exponent bits. To emulate a wider "
+          "float (TF32, say) on values, round with a 16-bit-or-narrower format's "
+          "mantissa or keep that computation in float32")
     if self.special not in FLOAT_SPECIALS:
       raise ValueError(f"special must be one of {FLOAT_SPECIALS}, got "
                        f"{self.special!r}")
@@ -239,7 +248,8 @@ class LookupFormat(Format):
       (scale = amax / max|table|), "mean_abs" (binary weights, BWN:
       scale = mean |x|; Rastegari et al. 2016) or "twn" (ternary weights:
       threshold 0.7 * mean |x|, scale = mean |x| above it; Li & Liu 2016).
-    default_block: block size a spec uses when it names none (NF4: 64).
+    default_block: block size a spec uses when it names none (NF4: 64), a
+      positive int, or None (a spec naming no block quantizes per row).
   """
   table: tuple
   name: str
@@ -255,9 +265,26 @@ class LookupFormat(Format):
     if any(b <= a for a, b in zip(t, t[1:])):
       raise ValueError("LookupFormat values must be sorted ascending and distinct, "
                        f"got {t}")
+    f32_max = float(np.finfo(np.float32).max)
+    if any(abs(v) > f32_max for v in t):
+      raise ValueError(f"LookupFormat values must lie within float32's range "
+                       f"(+-{f32_max:.4g}): codes are decoded in float32; got {t}")
+    t32 = [float(np.float32(v)) for v in t]
+    if any(b <= a for a, b in zip(t32, t32[1:])):
+      raise ValueError("LookupFormat values must stay distinct in float32 (the "
+                       "arithmetic quantization runs in); got values that round to "
+                       f"the same float32 in {t}")
     if self.scale_method not in ("absmax", "mean_abs", "twn"):
       raise ValueError("scale_method must be 'absmax', 'mean_abs' or 'twn', got "
                        f"{self.scale_method!r}")
+    if self.scale_method == "twn" and t != (-1.0, 0.0, 1.0):
+      raise ValueError("scale_method='twn' is ternary weight quantization: it "
+                       "codes each element as -1, 0 or +1 times the block's scale, "
+                       f"so its table must be (-1.0, 0.0, 1.0), got {t}; use "
+                       "scale_method='absmax' for another codebook")
+    b = self.default_block
+    if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
+      raise ValueError(f"default_block must be a positive int or None, got {b!r}")
     object.__setattr__(self, "table", t)
 
   @property

@@ -436,3 +436,68 @@ def test_a_qarray_made_under_vmap_is_refused_outside_it():
   np.testing.assert_array_equal(
       jax.vmap(lb.dequantize)(q),
       jnp.stack([lb.fake_quant(w, "int4", axis=-1) for w in xs]))
+
+
+def test_float_formats_wider_than_16_bits_are_refused():
+  # Codes live in uint8 or uint16: an 18-bit e5m12 was accepted and its codes
+  # cut to 16 bits (dequantize off by 2.6 on N(0, 1) data).
+  for x, y in ((5, 12), (8, 10), (4, 16), (3, 20)):
+    with pytest.raises(ValueError, match=rf"e{x}m{y} codes take {x + y + 1} bits.*"
+                       "at most 16 bits"):
+      F.FloatFormat(x, y, bias=128 if x == 8 else None)
+  f = F.FloatFormat(5, 10)  # 16 bits: exact
+  x = jax.random.normal(jax.random.key(0), (8, 64))
+  np.testing.assert_array_equal(lb.dequantize(lb.quantize(x, f, axis=-1)),
+                                lb.fake_quant(x, f, axis=-1))
+
+
+@pytest.mark.parametrize("fmt", [F.FloatFormat(3, 0), F.FloatFormat(2, 0),
+                                 F.FloatFormat(3, 3, bias=130),
+                                 F.FloatFormat(2, 3, bias=128),
+                                 F.IntFormat(8, frac_bits=31)],
+                         ids=lambda f: f.name)
+def test_exotic_custom_elements_quantize_as_they_fake_quantize(fmt):
+  # e3m0 / e2m0: quantize's codes rounded ties (0.75 between 0.5 and 1) to
+  # the even code, fake_quant up, as ml_dtypes' e8m0 does. Narrow formats of
+  # bias >= 128 and frac_bits=31 raised a bare numpy/JAX OverflowError.
+  x = jnp.asarray([[0.75, 3.0, 12.0, -3.0, 1.5, 6.0, -0.4, 5.0, 0.0, 2.25, 1.0, -7.0]])
+  x = jnp.concatenate([x, jax.random.normal(jax.random.key(1), (3, 12))])
+  for spec in (lb.QuantSpec(fmt, axis=-1), lb.QuantSpec(fmt, axis=-1, group_size=4)):
+    np.testing.assert_array_equal(lb.dequantize(lb.quantize(x, spec)),
+                                  lb.fake_quant(x, spec))
+
+
+def test_codebook_parameters_are_checked():
+  with pytest.raises(ValueError, match="table must be \\(-1.0, 0.0, 1.0\\)"):
+    F.LookupFormat((-0.5, 0.0, 0.5), name="t", scale_method="twn")
+  with pytest.raises(ValueError, match="within float32's range"):
+    F.LookupFormat((-1e39, 0.0, 1e39), name="t")
+  with pytest.raises(ValueError, match="distinct in float32"):
+    F.LookupFormat((1.0, 1.000000000001, 2.0), name="t")
+  for b in (0, -4, 2.5, True):
+    with pytest.raises(ValueError, match="default_block must be a positive int"):
+      F.LookupFormat((-1.0, 0.0, 1.0), name="t", default_block=b)
+  assert F.LookupFormat((-1.0, 0.0, 1.0), name="t", default_block=32).default_block == 32
+
+
+def test_zero_points_of_wide_unsigned_codes_count_16_bits():
+  # uint12's zero points are stored as uint16 (as its codes): 12 + 32/32 +
+  # 16/32 bits an element, not 17.25.
+  f = F.IntFormat(12, signed=False)
+  spec = lb.QuantSpec(f, axis=-1, group_size=32, symmetric=False)
+  q = lb.quantize(jnp.ones((4, 64)), spec)
+  assert q.zero_point.dtype == jnp.uint16
+  assert spec.bits_per_element((4, 64)) == 17.5
+  assert lb.QuantSpec("uint8", axis=-1, group_size=32,
+                      symmetric=False).bits_per_element((4, 64)) == 9.25
+
+
+def test_an_element_max_below_one_saturates_a_huge_block_instead_of_nan():
+  # amax / max overflowed to an inf float32 scale: finite data came back NaN.
+  for f in (F.FloatFormat(4, 3, bias=20, special="fn"),
+            F.LookupFormat((-0.01, 0.0, 0.01), name="tiny")):
+    x = jnp.asarray([[3e38, -3e38, 1.0, 0.0]])
+    for out in (lb.fake_quant(x, f, axis=-1),
+                lb.dequantize(lb.quantize(x, f, axis=-1))):
+      assert np.all(np.isfinite(out)), out
+      assert out[0, 0] > 1e36 and out[0, 1] < -1e36
