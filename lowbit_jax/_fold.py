@@ -503,6 +503,12 @@ def find_scaling_folds(fn: Callable, params: Any, *args, **kwargs) -> FoldPlan:
         if cout > 1 and new_source(path, "linear", cout, lay_p, eqn):
           if lay_p is None:
             bad(path, "its kernel reaches the convolution through a reshape")
+          if (eqn.params["feature_group_count"] != 1
+              or eqn.params["batch_group_count"] != 1):
+            # Each output channel reads its own group's inputs: scaling an
+            # output channel folds, mixing channels (a rotation) does not.
+            no_rot(path, "a grouped or depthwise convolution's output channels "
+                   "each read only their own group's inputs", eqn)
           d[path] = tuple(lay_o)
       dep[out] = d
     elif name == "gather" and not deps(ins[1]):

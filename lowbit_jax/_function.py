@@ -52,7 +52,7 @@ _DropVar = jex.core.DropVar
 _VIEWS = frozenset({"transpose", "reshape", "convert_element_type", "broadcast_in_dim",
                     "squeeze", "expand_dims", "slice", "dynamic_slice", "copy",
                     "copy_p", "sharding_constraint", "reduce_precision",
-                    "stop_gradient"})
+                    "stop_gradient", "rev"})
 # Views that a quantized leaf goes through without being dequantized.
 _QVIEWS = frozenset({"transpose", "convert_element_type", "copy", "copy_p",
                      "sharding_constraint", "stop_gradient"})
@@ -64,6 +64,7 @@ _REMAT = frozenset({"remat2", "checkpoint", "remat"})
 # Higher-order primitives the interpreter follows (when a site is inside).
 _FOLLOWED = _CALLS | _CUSTOM | _REMAT | {"scan", "cond", "while"}
 _DOT_KINDS = ("dot_general", "einsum")
+_REMAT_REGION = "jax.checkpoint (remat)"
 _RAGGED = "ragged_dot_general"
 _RAGGED_KINDS = ("ragged_dot",) + _DOT_KINDS
 
@@ -213,10 +214,15 @@ class _Interpreter:
     self.new_scales: dict = {}
     self.new_state: dict = {}
     self.metrics_out: dict = {}
-    self._keys: dict[int, str] = {}
+    self._keys: dict[tuple, str] = {}
     self._index: dict[str, int] = {}
     self._count: collections.Counter = collections.Counter()
-    self._traced_region = 0
+    # The equations being evaluated, outermost first: a site's key is its
+    # equation in this context, since jax reuses one inner jaxpr for every
+    # call of a jitted (or checkpointed) function with the same shapes.
+    self._stack: list = []
+    # The traced bodies (scan, cond, while, jax.checkpoint) being evaluated.
+    self._regions: list[str] = []
 
   # -- analysis ---------------------------------------------------------------
 
@@ -315,10 +321,16 @@ class _Interpreter:
     return [read(v) for v in jaxpr.outvars], [rtag(v) for v in jaxpr.outvars]
 
   def eqn(self, eqn, invals, intags):
-    n_out = len(eqn.outvars)
-    none = [None] * n_out
     if not any(intags):
-      return _bind(eqn, invals), none
+      return _bind(eqn, invals), [None] * len(eqn.outvars)
+    self._stack.append(id(eqn))
+    try:
+      return self._eqn(eqn, invals, intags)
+    finally:
+      self._stack.pop()
+
+  def _eqn(self, eqn, invals, intags):
+    none = [None] * len(eqn.outvars)
     name = eqn.primitive.name
     if name in _VIEWS:
       return self._view(eqn, invals, intags)
@@ -405,12 +417,15 @@ class _Interpreter:
     return _bind(eqn, invals), [tag._replace(view=_view_after(tag.view, eqn))]
 
   def _key(self, eqn, path: str) -> str:
-    k = self._keys.get(id(eqn))
+    """The site's key: its path, ``#n`` for the n-th other use of the leaf
+    (one per equation in its context of enclosing calls, see ``_stack``)."""
+    ctx = (tuple(self._stack), id(eqn), path)
+    k = self._keys.get(ctx)
     if k is None:
       n = self._count[path]
       self._count[path] += 1
       k = path if n == 0 else f"{path}#{n}"
-      self._keys[id(eqn)] = k
+      self._keys[ctx] = k
     return k
 
   def _site(self, eqn, tag: _Tag, kinds, op: str, weight):
@@ -428,12 +443,12 @@ class _Interpreter:
 
   def _stats(self, site: Site, key: str):
     if site.collects_stats:
-      if self._traced_region:
+      if self._regions:
         raise ValueError(
-            f"cannot calibrate {site.path!r}: it runs inside lax.scan, lax.cond or "
-            "lax.while_loop, whose body cannot hand statistics back. Calibrate a "
-            "version of the function with the loop unrolled (a Python loop), or "
-            "use a dynamic activation rule (static=False) there")
+            f"cannot calibrate {site.path!r}: it runs inside {self._regions[-1]}, "
+            "whose body cannot hand statistics back. Calibrate a version of the "
+            f"function {self._way_out()}, or use a dynamic activation rule "
+            "(static=False) there")
       return None  # SiteCall.observe folds the op's activation in
     if site.needs_stats:
       return self.stats_in.get(key)
@@ -445,13 +460,16 @@ class _Interpreter:
     stats = self._stats(site, key)
     if stats is None and site.rule.learn_activation == "pact":
       stats = self.stats_in.get(key)  # a calibrated range starts the clip
-    if self._traced_region and (site.scale_names() or site.history_names()
-                                or self.metrics):
+    # Learned scales are only read after initialization; a checkpointed
+    # body (no loop: one scale per use) reads them as any other input.
+    in_loop = any(r != _REMAT_REGION for r in self._regions)
+    if self._regions and ((in_loop and site.scale_names()) or site.history_names()
+                          or self.metrics):
       raise ValueError(
-          f"{site.path!r} runs inside lax.scan, lax.cond or lax.while_loop, whose "
-          "body cannot hand learned scales, amax histories or metrics back; unroll "
-          "the loop (a Python loop), or use rules without learn_*, "
-          "scaling='delayed' and quant_metrics there")
+          f"{site.path!r} runs inside {self._regions[-1]}, whose body cannot hand "
+          "learned scales, amax histories or metrics back; call the function "
+          f"{self._way_out()}, or use rules without learn_*, scaling='delayed' "
+          "and quant_metrics there")
     rng = None
     if site.stochastic and self.rng is not None:
       idx = self._index.setdefault(key, len(self._index))
@@ -534,12 +552,17 @@ class _Interpreter:
     return [out]
 
   @contextlib.contextmanager
-  def _region(self):
-    self._traced_region += 1
+  def _region(self, kind: str):
+    self._regions.append(kind)
     try:
       yield
     finally:
-      self._traced_region -= 1
+      self._regions.pop()
+
+  def _way_out(self) -> str:
+    if self._regions[-1] == _REMAT_REGION:
+      return "without jax.checkpoint (rematerialization changes no value)"
+    return "with the loop unrolled (a Python loop)"
 
   def _scan_tags(self, eqn, intags):
     nc, ncar = _scan_counts(eqn.params)
@@ -561,7 +584,7 @@ class _Interpreter:
       if outer is not None:  # stochastic rounding: new noise every iteration
         self.rng = jax.random.fold_in(outer, x[-1])
       try:
-        with self._region():
+        with self._region("lax.scan"):
           outs, _ = self.eval(j, jc, list(consts) + list(carry) + list(x[:-1]), tags)
       finally:
         self.rng = outer
@@ -579,7 +602,7 @@ class _Interpreter:
       j, jc = _closed(b)
 
       def run():
-        with self._region():
+        with self._region("lax.cond"):
           outs, _ = self.eval(j, jc, operands, intags[1:])
         return [_mat(o) for o in outs]
       return run
@@ -608,14 +631,14 @@ class _Interpreter:
     outer = self.rng
 
     def cond_fun(c):
-      with self._region():
+      with self._region("lax.while_loop"):
         return self.eval(cj, cjc, list(cconsts) + list(c[:-1]), ctags + blank)[0][0]
 
     def body_fun(c):
       if outer is not None:  # stochastic rounding: new noise every iteration
         self.rng = jax.random.fold_in(outer, c[-1])
       try:
-        with self._region():
+        with self._region("lax.while_loop"):
           outs, _ = self.eval(bj, bjc, list(bconsts) + list(c[:-1]), btags + blank)
       finally:
         self.rng = outer
@@ -626,9 +649,10 @@ class _Interpreter:
   def _remat(self, eqn, invals, intags):
     p = eqn.params
     j, jc = _closed(p["jaxpr"])
-    if self.qf.mode == "calibrate":
-      # Statistics cannot leave a checkpointed trace; calibration needs no
-      # rematerialization, so run the body inline.
+    if self.qf.mode == "calibrate" or self.init:
+      # Statistics and initial scales cannot leave a checkpointed trace;
+      # calibration and initialization need no rematerialization (it changes
+      # no value), so run the body inline.
       return [_mat(o) for o in self.eval(j, jc, invals, intags)[0]]
     arr_pos = [i for i, v in enumerate(invals) if not isinstance(v, _QRef)]
 
@@ -636,7 +660,7 @@ class _Interpreter:
       vals = list(invals)
       for i, a in zip(arr_pos, arrs):
         vals[i] = a
-      with self._region():
+      with self._region(_REMAT_REGION):
         outs, _ = self.eval(j, jc, vals, intags)
       return [_mat(o) for o in outs]
 
@@ -677,9 +701,12 @@ class QuantizedFunction:
     metrics)`` when calibrating).
 
   Sites are keyed by the weight's parameter path (``#n`` added for its n-th
-  further use). Learned scales, histories and metrics are not available to
-  sites inside ``lax.scan`` / ``lax.cond`` / ``lax.while_loop`` (unroll the
-  loop). Only matmuls with a weight are reached: activation x activation
+  further use; a jitted or checkpointed function called twice gives each
+  call's sites their own keys). Learned scales, histories and metrics are not
+  available to sites inside ``lax.scan`` / ``lax.cond`` / ``lax.while_loop``
+  (unroll the loop); inside ``jax.checkpoint`` learned scales are (their
+  initialization and calibration run the body without it), histories and
+  metrics are not (call the function without it there). Only matmuls with a weight are reached: activation x activation
   matmuls (attention's q.k and p.v) have no parameter path to match, so
   rules of kind ``"act_matmul"`` reach them through the Flax front ends
   (``lowbit_jax.flax.ActEinsum`` in Linen, ``NnxActEinsum`` in NNX).

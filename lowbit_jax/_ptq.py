@@ -91,8 +91,9 @@ class SiteStats(NamedTuple):
     count: float32 scalar, the number of rows (mask-weighted; ``[E]`` for
       experts).
     op: "dot_general", "conv" or "ragged_dot".
-    contract: the weight's contraction axes (a conv: every axis but the
-      output-feature one), ascending; the matrix's rows flatten them in order.
+    contract: the weight's contraction axes, in the order the matrix's rows
+      flatten them (a matmul: ascending; a conv: its window axes, then its
+      input-feature axis, which varies fastest).
     out_axis: a conv kernel's output-feature axis (None for matmuls).
     in_axis: a conv kernel's input-feature axis (None for matmuls).
     shape: the weight's logical shape.
@@ -341,14 +342,20 @@ class _Recorder:
         return
       dn = lax.conv_dimension_numbers(x.shape, shape, params["dimension_numbers"])
       out_axis, in_axis = dn.rhs_spec[0], dn.rhs_spec[1]
-      contract = tuple(i for i in range(len(shape)) if i != out_axis)
+      # Rows in (*window, cin) order, input features fastest whatever the
+      # layout (OIHW too): the order group_size blocks run in, as real and fake
+      # mode group a conv kernel along its input features (and as the Flax
+      # capture's conv_matrix orders them).
+      contract = tuple(i for i in range(len(shape))
+                       if i not in (out_axis, in_axis)) + (in_axis,)
       k = math.prod(shape[i] for i in contract)
       # The identity kernel: output feature f is the one-hot of kernel entry f
-      # (the non-output axes flattened in layout order), so the conv gives each
-      # output position's patch in the kernel's row order.
+      # (the non-output axes flattened in ``contract`` order), so the conv
+      # gives each output position's patch in that row order.
       eye = jnp.eye(k, dtype=jnp.float32).reshape(
           tuple(shape[i] for i in contract) + (k,))
-      eye = jnp.moveaxis(eye, -1, out_axis)
+      order = contract + (out_axis,)
+      eye = jnp.transpose(eye, [order.index(j) for j in range(len(shape))])
       patches = lax.conv_general_dilated(
           x.astype(jnp.float32), eye, params["window_strides"], params["padding"],
           params["lhs_dilation"], params["rhs_dilation"],

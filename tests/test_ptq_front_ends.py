@@ -574,3 +574,50 @@ def test_mixed_precision_leaves_out_candidates_an_expert_stack_cannot_take():
   mp_rules, alloc = lb.mixed_precision_rules(fn, params, cap, cands, 7.5)
   assert alloc.assignment == {"e": "int8", "d": "int4g32"}
   lb.quantize_function(fn, mp_rules)(params, x)   # runs
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_oihw_conv_kernels_take_the_same_ptq_as_hwio(method):
+  # lax.conv's default OIHW layout flattened the [K, N] rows as (I, H, W), so
+  # group_size blocks ran along the kernel window while real and fake mode
+  # group along the input features: GPTQ refused, AWQ's clip search tuned
+  # other blocks than the ones stored (and did worse than without it).
+  from jax import lax  # pylint: disable=g-import-not-at-top
+  k = jax.random.split(jax.random.key(0), 2)
+  x = jax.random.normal(k[0], (2, 6, 6, 16))
+  w = jax.random.normal(k[1], (3, 3, 16, 8))
+  hwio = lambda p, a: lax.conv_general_dilated(  # noqa: E731
+      a, p["w"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  oihw = lambda p, a: lax.conv(a, p["w"], (1, 1), "SAME")  # noqa: E731
+  to_oihw = lambda t: jnp.transpose(t, (3, 2, 0, 1))  # noqa: E731
+  rules = [QuantRule(".*", weight=lb.QuantSpec("int4", group_size=8))]
+  ref = lb.ptq_params(hwio, {"w": w}, [(x,)], rules, method=method)
+  got = lb.ptq_params(oihw, {"w": to_oihw(w)}, [(jnp.transpose(x, (0, 3, 1, 2)),)],
+                      rules, method=method)
+  np.testing.assert_array_equal(got.params["w"], to_oihw(ref.params["w"]))
+  assert got.report["layers"]["w"]["error"] == pytest.approx(
+      ref.report["layers"]["w"]["error"], rel=1e-5)
+
+
+def test_rotation_leaves_a_depthwise_conv_producer_unrotated():
+  # A grouped conv's output channels each read their own group: a rotation of
+  # them does not fold. The analysis offered it and the float check then
+  # aborted the whole run.
+  from jax import lax  # pylint: disable=g-import-not-at-top
+  dn = ("NHWC", "HWIO", "NHWC")
+  def f(p, a):
+    h = lax.conv_general_dilated(a, p["dw"], (1, 1), "SAME", dimension_numbers=dn,
+                                 feature_group_count=8)
+    return lax.conv_general_dilated(h, p["pw"], (1, 1), "SAME", dimension_numbers=dn)
+  k = jax.random.split(jax.random.key(1), 3)
+  params = {"dw": jax.random.normal(k[0], (3, 3, 1, 8)),
+            "pw": jax.random.normal(k[1], (1, 1, 8, 16))}
+  x = jax.random.normal(k[2], (2, 6, 6, 8))
+  fold = lb.find_scaling_folds(f, params, x).folds["dw"]
+  assert "grouped or depthwise" in fold.rotation_why
+  res = lb.ptq_params(f, params, [(x,)], [QuantRule(".*", weight="int4")],
+                      method="rotation")
+  assert res.report["layers"]["pw"]["fold"] is None
+  np.testing.assert_array_equal(
+      res.params["pw"], lb.ptq_params(f, params, [(x,)], [QuantRule(
+          ".*", weight="int4")], method="rtn").params["pw"])

@@ -344,3 +344,76 @@ def test_static_calibration_observes_the_rotation_along_the_contraction_axis():
                              rtol=1e-6)
   y = quantize_function(f, rule)({"w": wr}, x, quant_stats=rng)
   assert float(jnp.max(jnp.abs(y - f({"w": w}, x)))) < 0.3  # 2.99 when clipped
+
+
+def test_a_kernel_flipped_by_conv_transpose_is_quantized():
+  # lax.conv_transpose(transpose_kernel=True) flips the kernel (rev): the
+  # flow from the parameter stopped there and the conv ran in float, with
+  # '.*' reported as matching nothing.
+  k = jax.random.split(jax.random.key(0), 2)
+  x = jax.random.normal(k[0], (2, 8, 8, 8))
+  w = jax.random.normal(k[1], (3, 3, 16, 8))
+  f = lambda p, x: lax.conv_transpose(x, p["w"], (2, 2), "SAME",  # noqa: E731
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                      transpose_kernel=True)
+  qf = quantize_function(f, [QuantRule(".*", weight=INT4_G8)])
+  y = qf({"w": w}, x)
+  assert sorted(qf.config.sites) == ["w"]
+  # The flipped kernel's input features are the stored axis 3: groups there.
+  want = f({"w": _fq(w, INT4_G8.replace(axis=3))}, x)
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-4)
+  assert float(jnp.max(jnp.abs(y - f({"w": w}, x)))) > 1e-2
+
+
+@pytest.mark.parametrize("wrap", ["jit", "checkpoint"])
+def test_weights_through_one_shared_inner_jaxpr_get_their_own_sites(wrap):
+  # jax reuses one inner jaxpr for every call of a jitted (or checkpointed)
+  # layer with the same shapes: both weights' sites got the first's key, so
+  # w2 used w1's calibrated range and LSQ scale.
+  k = jax.random.split(jax.random.key(1), 3)
+  x = jax.random.normal(k[0], (8, 16))
+  p = {"w1": jax.random.normal(k[1], (16, 16)),
+       "w2": jax.random.normal(k[2], (16, 16)) * 0.01}
+  layer = getattr(jax, wrap)(lambda h, w: jnp.tanh(h @ w))
+  f = lambda p, x: layer(layer(x, p["w1"]) * 100.0, p["w2"])  # noqa: E731
+  plain = lambda p, x: jnp.tanh(jnp.tanh(x @ p["w1"]) * 100.0 @ p["w2"])  # noqa: E731
+  rules = [QuantRule("w1", weight="int8", activation="int8", static=True),
+           QuantRule("w2", weight="int4", activation="int8", static=True)]
+  outs = []
+  for fn in (f, plain):
+    _, stats = quantize_function(fn, rules, mode="calibrate")(p, x)
+    assert sorted(stats) == ["w1", "w2"]
+    qf = quantize_function(fn, rules)
+    outs.append(qf(p, x, quant_stats=stats))
+    assert {k: s.path for k, s in qf.config.sites.items()} == {"w1": "w1", "w2": "w2"}
+  np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+  lsq = quantize_function(f, [QuantRule(".*", weight="int4", learn_weight="lsq",
+                                        scale_init="amax")])
+  v = lsq.init_quant_vars(p, x)
+  assert sorted(v["quant_scales"]) == ["w1", "w2"]
+  man = f({n: lb.fake_quant(p[n], lb.QuantSpec("int4", axis=0)) for n in p}, x)
+  np.testing.assert_allclose(lsq(p, x, **v), man, rtol=1e-5, atol=1e-5)
+
+
+def test_metrics_under_jax_checkpoint_name_it_and_lsq_initializes_through_it():
+  w = jax.random.normal(jax.random.key(2), (16, 16))
+  x = jax.random.normal(jax.random.key(3), (4, 16))
+  f = lambda p, x: jax.checkpoint(lambda h, w: h @ w)(x, p["w"])  # noqa: E731
+  qf = quantize_function(f, [QuantRule("w", weight="int4")])
+  with pytest.raises(ValueError, match=r"'w' runs inside jax.checkpoint \(remat\).*"
+                     "without jax.checkpoint"):
+    qf({"w": w}, x, quant_metrics=True)
+  lsq = quantize_function(f, [QuantRule("w", weight="int4", learn_weight="lsq",
+                                        scale_init="amax")])
+  v = lsq.init_quant_vars({"w": w}, x)
+  np.testing.assert_allclose(lsq({"w": w}, x, **v),
+                             x @ lb.fake_quant(w, lb.QuantSpec("int4", axis=0)),
+                             rtol=1e-5, atol=1e-5)
+  # The learned scale's gradient is the same with and without the checkpoint.
+  plain = quantize_function(lambda p, x: x @ p["w"], [QuantRule(
+      "w", weight="int4", learn_weight="lsq", scale_init="amax")])
+  grads = [jax.grad(lambda s, q=q: q({"w": w}, x, quant_scales=s).sum())(
+      v["quant_scales"]) for q in (lsq, plain)]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+               *grads)
+  assert float(jnp.abs(jax.tree.leaves(grads[0])[0]).sum()) > 0

@@ -855,8 +855,9 @@ def _scale_after_dot(rq: QArray, dn, ct):
   z * s``), no tensor scale or padding, and a 16-bit compute dtype: the product then
   rounds like the dequantize-first path does (one rounding of each product
   to float32 accumulation, then one to the output), not bit for bit. Float32
-  compute keeps the dequantize-first order, which equals fake quantization
-  exactly.
+  compute keeps the dequantize-first order: the products fake quantization
+  forms, summed by a dot whose order can depend on the layout the weight is
+  stored in (a few ulp apart from fake mode on some CPUs).
 
   Returns:
     None, or (codes, scale broadcastable to the dot's output, ``z * s``
