@@ -1087,11 +1087,13 @@ def static_range(site: Site, stats) -> dict:
         f"for {site.path!r}: run the model with mode='calibrate' over some batches "
         "first and pass the statistics it recorded")
   spec = site.rule.static_activation
+  where = f"layer {site.path!r} (rule {site.rule.path!r}): "
   if is_range(stats):
     r = {"amax": stats["amax"], "amin": stats.get("amin")}
   else:
-    r = observer_for(spec).finalize(stats, spec)
-  where = f"layer {site.path!r} (rule {site.rule.path!r}): "
+    obs = observer_for(spec)
+    calibration.check_state(obs, stats, spec, where)
+    r = obs.finalize(stats, spec)
   check_static_range(r["amax"], r.get("amin"), symmetric=spec.symmetric, where=where)
   _check_traced_range(r, spec, where)
   return r
@@ -1356,7 +1358,9 @@ def _pact_clip(site: Site, call: SiteCall, x):
       if is_range(st):
         return jnp.reshape(jnp.asarray(st["amax"], jnp.float32), ())
       spec = site.activation
-      return jnp.reshape(observer_for(spec).finalize(st, spec)["amax"], ())
+      obs = observer_for(spec)
+      calibration.check_state(obs, st, spec, f"layer {site.path!r}: ")
+      return jnp.reshape(obs.finalize(st, spec)["amax"], ())
     return jnp.max(jnp.abs(lax.stop_gradient(_float(x)).astype(jnp.float32)))
   return call.scale(site, "act_clip", make)
 
@@ -1480,8 +1484,8 @@ def _act(site: Site, x, stats, call: Optional[SiteCall] = None, contract=(),
         ((xf > rng["amax"]) | (xf < rng["amin"])).astype(jnp.float32)))
   # ops take only a static amax: quantize asymmetric ranges here (core calls).
   if site.mode == "fake":
-    return fake_quant(x, spec, amax=rng["amax"], amin=rng["amin"]), None, {}
-  return quantize(x, spec, amax=rng["amax"], amin=rng["amin"]), None, {}
+    return fake_quant(x, filled, amax=rng["amax"], amin=rng["amin"]), None, {}
+  return quantize(x, filled, amax=rng["amax"], amin=rng["amin"]), None, {}
 
 
 def _check_stored_weight(site: Site, w: QArray) -> None:

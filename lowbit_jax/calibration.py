@@ -102,6 +102,7 @@ import dataclasses
 import functools
 import inspect
 import math
+from collections.abc import Mapping
 from typing import Any, Callable, Iterable, Optional, Union
 
 import jax
@@ -248,8 +249,14 @@ def _minmax_init(x_example, spec) -> State:
           "max": jnp.full(c, -jnp.inf, jnp.float32)}
 
 
+def _empty(x) -> bool:
+  return math.prod(jnp.shape(x)) == 0
+
+
 def _minmax_update(state: State, x) -> State:
   axes = _reduce_axes(state, x)
+  if _empty(x):   # an empty batch adds nothing (and has no min or max)
+    return state
   lo, hi = _finite_minmax(jnp.asarray(x, jnp.float32), axes)
   return {"batches": state["batches"] + 1,
           "min": jnp.minimum(state["min"], lo),
@@ -275,6 +282,8 @@ def _ema_observer(decay: float) -> Observer:
 
   def update(state: State, x) -> State:
     axes = _reduce_axes(state, x)
+    if _empty(x):   # an empty batch adds nothing (and has no min or max)
+      return state
     lo, hi = _finite_minmax(jnp.asarray(x, jnp.float32), axes)
     valid = hi >= lo  # a channel with no finite value in this batch is skipped
     a = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
@@ -342,6 +351,8 @@ def _scatter_rows(w: jax.Array, idx: jax.Array, n: int) -> jax.Array:
 def _hist_update(n: int):
   def update(state: State, x) -> State:
     axes = _reduce_axes(state, x)
+    if _empty(x):   # an empty batch adds nothing (and has no min or max)
+      return state
     xf = jnp.asarray(x, jnp.float32)
     fin = jnp.isfinite(xf)
     lo, hi = _finite_minmax(xf, axes)
@@ -749,7 +760,9 @@ def calibrate(fn: Callable[[Any], jax.Array], batches: Iterable, spec,
 
   Returns:
     ``{"amax": ..., "amin": ... or None}``, ready for
-    ``fake_quant(x, spec, **result)``.
+    ``fake_quant(x, spec, **result)``; for a two-level spec (NVFP4:
+    ``tensor_scale``) ``{"tensor_amax": ...}``, the range its tensor scale
+    takes (its block scales stay dynamic, as a static rule quantizes it).
 
   Raises:
     ValueError: ``batches`` is empty, or the spec cannot be static (per-token).
@@ -774,7 +787,32 @@ def calibrate(fn: Callable[[Any], jax.Array], batches: Iterable, spec,
     state = update(state, y)
   if state is None:
     raise ValueError("calibrate() got no batches; pass a non-empty iterable")
-  return jax.jit(observer.finalize, static_argnums=1)(state, spec)
+  r = jax.jit(observer.finalize, static_argnums=1)(state, spec)
+  return {"tensor_amax": r["amax"]} if spec.tensor_scale else r
 
 
-__all__ = ["Observer", "get", "names", "calibrate", "static_channels"]
+@functools.lru_cache(maxsize=256)
+def _state_fields(observer: Observer, spec: QuantSpec) -> Optional[list]:
+  """The sorted fields of ``observer``'s states for ``spec`` (None: a spec a
+  one-channel probe cannot take)."""
+  try:
+    return sorted(jax.eval_shape(lambda x: observer.init(x, spec),
+                                 jax.ShapeDtypeStruct((1, 1), jnp.float32)))
+  except (ValueError, TypeError):
+    return None
+
+
+def check_state(observer: Observer, state, spec: QuantSpec, where: str = "") -> None:
+  """Raises a ValueError unless ``state`` has the fields ``observer``'s own
+  states have (a state of another observer would be read as this one's)."""
+  want = _state_fields(observer, as_spec(spec))
+  got = sorted(state) if isinstance(state, Mapping) else None
+  if want is not None and got != want:
+    raise ValueError(
+        f"{where}the calibration statistics {got if got is not None else type(state).__name__} "
+        f"are not a state of the {observer.name!r} observer the spec names "
+        f"(calibration={spec.calibration!r}: fields {sorted(want)}); calibrate "
+        "with the same spec, or pass a finalized range {'amax': ..., 'amin': ...}")
+
+
+__all__ = ["Observer", "get", "names", "calibrate", "check_state", "static_channels"]

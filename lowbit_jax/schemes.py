@@ -2,8 +2,11 @@
 
 A scheme names what one sweep point quantizes with. ``rules(scheme, target)``
 turns it into QuantRules: ``target="weights"`` quantizes weights only,
-``target="weights+acts"`` quantizes activations with the same format (per token
-for per-channel formats, groups/blocks along K otherwise), dynamically.
+``target="weights+acts"`` quantizes activations too, dynamically, with the
+scheme's activation spec: the weight's format (per token for per-channel
+formats, groups/blocks along K otherwise), or int8 per token for the schemes
+whose weights are too narrow for activations (``w4a8``, ``int2_g64``,
+``ternary``).
 Grouped specs zero-pad a contraction dim that is not a multiple of the group.
 """
 from __future__ import annotations

@@ -485,3 +485,82 @@ def test_percentile_of_two_values_is_within_a_bin():
   st = obs.update(obs.init(x, spec), x)
   np.testing.assert_allclose(obs.finalize(st, spec)["amax"],
                              np.percentile(np.abs(np.asarray(x)), 99, axis=0), atol=3e-3)
+
+
+def test_empty_batches_add_nothing_to_any_observer():
+  # calibrate() and Observer.update raised numpy's "zero-size array to
+  # reduction operation" on an empty batch (the rules' observe skipped it).
+  x = jax.random.normal(jax.random.key(0), (16, 4))
+  empty = jnp.zeros((0, 4))
+  for name in cal.names():
+    want = cal.calibrate(lambda b: b, [x], PER_TENSOR, name)
+    got = cal.calibrate(lambda b: b, [empty, x, empty], PER_TENSOR, name)
+    np.testing.assert_array_equal(got["amax"], want["amax"])
+
+
+def test_a_state_of_another_observer_is_refused_naming_both():
+  # minmax statistics given to a percentile rule raised a bare KeyError;
+  # absmax_ema's were read as a minmax range (amax 5.1 for a true 26.7).
+  def fn(p, x):
+    return x @ p["w"]
+  p = {"w": jax.random.normal(jax.random.key(1), (16, 8))}
+  x = jax.random.normal(jax.random.key(2), (4, 16))
+  rule = lambda c: [lb.QuantRule(".*", activation=lb.QuantSpec(  # noqa: E731
+      "int8", calibration=c), static=True)]
+  for made, used in (("minmax", "percentile"), ("absmax_ema", "minmax")):
+    _, st = lb.quantize_function(fn, rule(made), mode="calibrate")(p, x)
+    qf = lb.quantize_function(fn, rule(used))
+    for call in (lambda: qf(p, x, quant_stats=st), lambda: qf.finalize_stats(st)):
+      with pytest.raises(ValueError, match=rf"not a state of the '{used}' observer"):
+        call()
+  # The observer's own state, and a finalized range, still run.
+  _, st = lb.quantize_function(fn, rule("kl"), mode="calibrate")(p, x)
+  qf = lb.quantize_function(fn, rule("kl"))
+  np.testing.assert_array_equal(qf(p, x, quant_stats=st),
+                                qf(p, x, quant_stats=qf.finalize_stats(st)))
+
+
+def test_calibrate_gives_a_two_level_spec_its_tensor_range():
+  # NVFP4: calibrate() returned {"amax"}, which fake_quant takes as every
+  # block's range (error 0.31 on a small row against the static rule's 0.03).
+  x = jax.random.normal(jax.random.key(3), (8, 64)) * jnp.logspace(-2, 2, 8)[:, None]
+  spec = lb.QuantSpec("nvfp4", axis=-1)
+  r = cal.calibrate(lambda b: b, [x], spec)
+  assert set(r) == {"tensor_amax"}
+  np.testing.assert_array_equal(r["tensor_amax"], jnp.max(jnp.abs(x)))
+  np.testing.assert_array_equal(lb.fake_quant(x, spec, **r), lb.fake_quant(
+      x, spec, tensor_amax=jnp.max(jnp.abs(x))))
+
+
+@pytest.mark.parametrize("spec", [lb.QuantSpec("uint4", group_size=128, pad=True),
+                                  lb.QuantSpec("int8", group_size=64, symmetric=False)],
+                         ids=["uint4_g128", "int8_g64_asym"])
+def test_static_asymmetric_grouped_activations_run(spec):
+  # Calibrated fine, then every call raised "group_size=... needs the axis
+  # its groups run along": the rule's unfilled spec went to fake_quant.
+  def fn(p, x):
+    return x @ p["w"]
+  p = {"w": jax.random.normal(jax.random.key(1), (256, 8))}
+  x = jax.random.normal(jax.random.key(2), (4, 256))
+  rules = [lb.QuantRule(".*", activation=spec, static=True)]
+  _, st = lb.quantize_function(fn, rules, mode="calibrate")(p, x)
+  outs = {m: lb.quantize_function(fn, rules, mode=m) for m in ("fake", "real")}
+  ys = {m: q(p, x, quant_stats=st) for m, q in outs.items()}
+  rng = outs["fake"].finalize_stats(st)["w"]
+  want = fn(p, lb.fake_quant(x, spec.replace(axis=-1), amax=rng["amax"],
+                             amin=rng["amin"]))
+  for y in ys.values():
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("amax,amin", [(1.0, 1.0), (1.0, 2.0)])
+def test_a_traced_empty_asymmetric_range_gives_nan_not_a_widened_one(amax, amin):
+  # amin >= amax was widened to [0, amax] under jit: finite, wrong output.
+  spec = lb.QuantSpec("uint8", axis="tensor")
+  x = jax.random.normal(jax.random.key(4), (4, 16))
+  y = jax.jit(lambda a, b: lb.fake_quant(x, spec, amax=a, amin=b))(
+      jnp.float32(amax), jnp.float32(amin))
+  assert bool(jnp.all(jnp.isnan(y)))
+  ok = jax.jit(lambda a, b: lb.fake_quant(x, spec, amax=a, amin=b))(
+      jnp.float32(1.0), jnp.float32(0.5))   # a positive range: widened to [0, 1]
+  assert not bool(jnp.any(jnp.isnan(ok)))

@@ -881,6 +881,9 @@ def _grid_asym(x, xf, xb, red, vb, spec, bs, noise, amax, amin):
     lo = jnp.broadcast_to(jnp.asarray(amin, jnp.float32), shp)
   else:
     hi, lo = d_hi, d_lo
+  # A static range's own width, before 0 joins it: amin >= amax is no range
+  # (the eager check refuses it; traced, it must not read as [0, amax]).
+  raw_width = hi - lo
   # Whether the range is wider than 0, before clip_ratio: a clipped range of
   # normal numbers can be a float32 subnormal (flushed to 0 on CPU).
   pos = (hi > 0) | (lo < 0)
@@ -899,7 +902,7 @@ def _grid_asym(x, xf, xb, red, vb, spec, bs, noise, amax, amin):
   s_stored, s_val = _store_float_scale(s, spec.scale_dtype)
   bad = ~(jnp.isfinite(hi) & jnp.isfinite(lo)) | blk_bad  # NaN/inf: NaN scale
   if amax is not None:  # a traced static range of width 0 cannot hold nonzero data
-    bad = bad | ((rng <= 0) & ((d_hi > 0) | (d_lo < 0)))
+    bad = bad | (((rng <= 0) | (raw_width <= 0)) & ((d_hi > 0) | (d_lo < 0)))
   s_stored, s_val = _mark_bad(s_stored, s_val, bad)
   zp = jnp.clip(jnp.round(_div(-lo, s_val)), 0, levels)
   zp = jnp.where(bad, 0.0, zp)
