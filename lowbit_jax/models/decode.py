@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowbit_jax._rules import QuantRule
+from lowbit_jax._rules import as_rules
 from lowbit_jax.models import kv_cache as kv_lib
 
 
@@ -162,6 +162,11 @@ def _scan_steps(step: Callable, carry: tuple, xs, *, start: int, residual: int):
   return carry, jax.tree.map(lambda *a: jnp.concatenate(a), *ys)
 
 
+def _rules_tuple(rules):
+  """None, or the rules as a tuple (hashable, and an iterator read once)."""
+  return None if rules is None else as_rules(rules)
+
+
 def make_generate(model, max_new_tokens: int, *, prompt_len: int, batch: int,
                   cache_rules=None, residual: Optional[int] = None,
                   rotate: bool = False, temperature: float = 0.0,
@@ -199,6 +204,7 @@ def make_generate(model, max_new_tokens: int, *, prompt_len: int, batch: int,
                   ("batch", batch)):
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
       raise ValueError(f"{name} must be a positive int, got {v!r}")
+  cache_rules = _rules_tuple(cache_rules)   # an iterator is read once, here
   _check_sampling(temperature, top_k, key=0)  # (the key comes with each call)
   slots = max_len if max_len is not None else prompt_len + max_new_tokens
   if prompt_len + max_new_tokens > slots:
@@ -304,8 +310,7 @@ def generate(model, variables, tokens: jax.Array, lengths: jax.Array,
     raise ValueError(f"lengths must be [batch] = [{b}] real prompt lengths in "
                      f"[1, prompt_len={p}] (left_pad returns them), got "
                      f"{ln.tolist()}")
-  if cache_rules is not None and not isinstance(cache_rules, QuantRule):
-    cache_rules = tuple(cache_rules)
+  cache_rules = _rules_tuple(cache_rules)
   fn = _cached_generate(model, max_new_tokens, p, b, cache_rules, residual, rotate,
                         temperature, top_k, max_len, apply_fn)
   if key is None:
@@ -338,13 +343,25 @@ def make_teacher_forced(model, seq_len: int, batch: int, *, prompt_len: int = 1,
     The jitted function.
   """
   cfg = model.config
+  for name, v in (("seq_len", seq_len), ("batch", batch), ("prompt_len", prompt_len)):
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+      raise ValueError(f"{name} must be a positive int, got {v!r}")
   if not 1 <= prompt_len <= seq_len:
     raise ValueError(f"prompt_len must be in [1, seq_len={seq_len}], got {prompt_len}")
+  if seq_len > cfg.max_len:
+    raise ValueError(f"seq_len={seq_len} goes past the model's LlamaConfig.max_len="
+                     f"{cfg.max_len}, the longest sequence it accepts (its forward "
+                     "pass refuses longer ones); score shorter windows or raise "
+                     "max_len")
+  cache_rules = _rules_tuple(cache_rules)   # an iterator is read once, here
   apply = apply_fn if apply_fn is not None else model.apply
   window = kv_lib.init_cache(cfg, batch, rules=cache_rules, residual=residual,
                              max_len=seq_len, rotate=rotate).residual
 
   def run(variables, tokens):
+    if tokens.shape != (batch, seq_len):
+      raise ValueError(f"tokens must be [batch, seq_len] = {(batch, seq_len)}, got "
+                       f"{tokens.shape}")
     cache = kv_lib.init_cache(cfg, batch, rules=cache_rules, residual=residual,
                               max_len=seq_len, rotate=rotate)
     logits, cache = apply(variables, tokens[:, :prompt_len], cache=cache)

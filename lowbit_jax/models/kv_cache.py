@@ -57,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lowbit_jax._rules import CACHE_OPS, QuantConfig, QuantRule
+from lowbit_jax._rules import CACHE_OPS, QuantConfig, QuantRule, as_rules
 from lowbit_jax.core._hadamard import hadamard
 from lowbit_jax.core._qarray import QArray
 from lowbit_jax.core._quantize import dequantize, fake_quant, quantize
@@ -229,7 +229,9 @@ def _check_rule(rule: QuantRule, path: str) -> None:
 
 def _cache_rules(n_layers: int, rules, strict: bool) -> tuple:
   """``((key_rule, value_rule), ...)`` per layer: the matched rules or None."""
-  if rules is None or (not isinstance(rules, QuantRule) and not list(rules)):
+  if rules is not None:
+    rules = as_rules(rules)
+  if not rules:
     return tuple((None, None) for _ in range(n_layers))
   config = QuantConfig(rules)
   out = []
@@ -327,8 +329,8 @@ def _check_chunks(spec: QuantSpec, path: str, batch: int, slots: int, r: int,
   advice = ("A scale may span tokens only in groups that divide the residual "
             "window: use axis=-1 (per token), or axis=1 with a group_size that "
             "divides residual (per channel, KIVI), and a residual that is a "
-            "multiple of the packing unit (2 tokens for 4-bit codes packed along "
-            "tokens)")
+            "multiple of the packing unit of codes packed along tokens (2 tokens "
+            "for 4-bit codes, 4 for 2-bit, 8 for 3-bit)")
   try:
     store = jax.eval_shape(lambda x: quantize(x, spec),
                            jax.ShapeDtypeStruct((batch, slots, kvh, d), dtype))
@@ -346,6 +348,15 @@ def _check_chunks(spec: QuantSpec, path: str, batch: int, slots: int, r: int,
     if not ok:
       raise ValueError(f"{path}: {desc} (its {name} is {list(a.shape)} for the store "
                        f"and {list(b.shape)} for one chunk). {advice}")
+
+
+def _chunks_fit(spec: QuantSpec, batch: int, slots: int, r: int, kvh: int, d: int,
+                dtype) -> bool:
+  try:
+    _check_chunks(spec, "", batch, slots, r, kvh, d, dtype)
+  except ValueError:
+    return False
+  return True
 
 
 def init_cache(config, batch: int, *, rules=None, residual: Optional[int] = None,
@@ -374,16 +385,23 @@ def init_cache(config, batch: int, *, rules=None, residual: Optional[int] = None
   Returns:
     A ``KVCache`` with ``index`` 0. Default ``residual``: the largest number of
     tokens one scale spans in any spec (a per-channel group), or 32 when every
-    quantized spec is per token (KIVI's window keeps recent tokens exact).
+    quantized spec is per token (KIVI's window keeps recent tokens exact);
+    doubled (up to 8x) until codes packed along the tokens fit it.
 
   Raises:
     ValueError: a spec that cannot be filled chunk by chunk, a residual that
       does not fit, a head_dim no Hadamard matrix exists for with a rotation.
   """
   n_layers, kvh, d = config.n_layers, config.n_kv_heads, config.head_dim
-  slots = int(max_len if max_len is not None else config.max_len)
-  if slots < 1:
-    raise ValueError(f"max_len must be positive, got {slots}")
+  if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+    raise ValueError(f"batch must be a positive int, got {batch!r}")
+  slots = max_len if max_len is not None else config.max_len
+  if (isinstance(slots, bool) or not isinstance(slots, (int, np.integer))
+      or slots < 1):
+    raise ValueError(f"max_len must be a positive int, got {slots!r}")
+  batch, slots = int(batch), int(slots)
+  if rules is not None:
+    rules = as_rules(rules)   # an iterator is read once, here
   asked = slots   # the cache's max_len (what the model lets it hold)
   dt = jnp.dtype(dtype if dtype is not None else config.compute_dtype)
   specs = cache_specs(n_layers, rules, strict=strict)
@@ -421,6 +439,15 @@ def init_cache(config, batch: int, *, rules=None, residual: Optional[int] = None
         # max_len, which stays the one asked for, are never written or read).
         slots = max(blocks)
       r = min(r, slots)
+      # Codes narrower than a byte pack along the tokens too (2 tokens a byte
+      # for 4-bit codes, 4 for 2-bit, 8 in 3 bytes for 3-bit): the first
+      # multiple of the group that every spec's chunks fit.
+      for m in (1, 2, 4, 8):
+        cand = min(r * m, slots)
+        if all(_chunks_fit(s, batch, (slots // cand) * cand, cand, kvh, d, dt)
+               for s in quantized):
+          r = cand
+          break
     else:
       r = residual
     if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= slots:

@@ -415,3 +415,47 @@ def test_weight_quantized_model_decodes_through_its_quantizer(model_vars):
                                      apply_fn=q(model.apply))(v, toks)
     np.testing.assert_allclose(np.asarray(got), np.asarray(full), atol=2e-5, rtol=1e-5)
     assert float(jnp.max(jnp.abs(got - apply(v, toks)))) > 1e-3, spec
+
+
+def test_rules_given_as_an_iterator_are_read_once_and_kept(model_vars):
+  # init_cache's emptiness check consumed an iterator: the cache stayed float.
+  model, v, _ = model_vars
+  want = kv.init_cache(_CFG, 2, max_len=16, rules=_KIVI4, residual=4)
+  for rules in (iter(_KIVI4), (r for r in _KIVI4)):
+    got = kv.init_cache(_CFG, 2, max_len=16, rules=rules, residual=4)
+    assert got.nbytes == want.nbytes and isinstance(got.layers[0].key.store, QArray)
+  toks = _tokens(2, _T, seed=4)
+  np.testing.assert_array_equal(
+      decode.make_teacher_forced(model, _T, 2, prompt_len=_P,
+                                 cache_rules=iter(_KIVI4), residual=4)(v, toks),
+      decode.make_teacher_forced(model, _T, 2, prompt_len=_P, cache_rules=_KIVI4,
+                                 residual=4)(v, toks))
+
+
+def test_bad_cache_sizes_and_teacher_forced_shapes_are_refused(model_vars):
+  model, v, _ = model_vars
+  for kw, msg in (({"batch": -1}, "batch must be a positive int"),
+                  ({"batch": 2.0}, "batch must be a positive int"),
+                  ({"batch": 2, "max_len": 7.9}, "max_len must be a positive int")):
+    with pytest.raises(ValueError, match=msg):
+      kv.init_cache(_CFG, **kw)
+  fn = decode.make_teacher_forced(model, 6, 1)
+  with pytest.raises(ValueError, match=r"tokens must be \[batch, seq_len\] = \(1, 6\)"):
+    fn(v, _tokens(1, 9))
+  with pytest.raises(ValueError, match="max_len=32"):
+    decode.make_teacher_forced(model, 40, 1)
+  with pytest.raises(ValueError, match="batch must be a positive int"):
+    decode.make_teacher_forced(model, 6, 0)
+
+
+@pytest.mark.parametrize("bits,group", [(2, 2), (4, 3)])
+def test_the_default_residual_fits_codes_packed_along_tokens(model_vars, bits, group):
+  # kivi_rules(2, group_size=2): the default residual (the group, 2 tokens)
+  # could not hold 2-bit codes packed 4 tokens a byte, and init_cache refused
+  # a residual the user never passed.
+  model, v, apply = model_vars
+  rules = kv.kivi_rules(bits, group_size=group)
+  cache = kv.init_cache(_CFG, 1, max_len=24, rules=rules)
+  assert cache.residual % group == 0 and cache.residual > group
+  toks = decode.generate(model, v, _tokens(1, 5), jnp.array([5]), 6, cache_rules=rules)
+  assert toks.shape == (1, 6)
