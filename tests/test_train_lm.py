@@ -306,3 +306,11 @@ def test_evaluate_refuses_a_negative_token_count(data):
   with pytest.raises(ValueError, match="max_tokens must be an int >= 0"):
     train_lm.evaluate(lambda p, x: jnp.zeros(x.shape + (8,)), None, data,
                       seq_len=16, batch=2, max_tokens=-5)
+
+
+def test_a_negative_data_seed_is_refused_before_any_work(tmp_path):
+  # It reached numpy's generator after the tokenizer and model were built
+  # (81 s), which said only "expected non-negative integer".
+  with pytest.raises(ValueError, match="config.data_seed must be an int >= 0, got -1"):
+    train_lm.train(_smoke_config(data_seed=-1), tmp_path / "r")
+  assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())

@@ -12,7 +12,8 @@ def _rank(a: np.ndarray) -> np.ndarray:
   ranks = np.empty(len(a), np.float64)
   sorted_a = a[order]
   # Average ranks over runs of equal values.
-  boundaries = np.flatnonzero(np.diff(sorted_a)) + 1
+  # (Compared, not subtracted: inf - inf is NaN, which would split a tie.)
+  boundaries = np.flatnonzero(sorted_a[1:] != sorted_a[:-1]) + 1
   starts = np.concatenate([[0], boundaries])
   ends = np.concatenate([boundaries, [len(a)]])
   for s, e in zip(starts, ends):

@@ -571,6 +571,9 @@ def _validate(config: Any, cfg: LlamaConfig, mesh: Mesh) -> None:
                      "--config.mesh / --config.num_devices or the batch size.")
   if config.steps < 1:
     raise ValueError(f"config.steps must be >= 1, got {config.steps}.")
+  v = _get(config, "data_seed", 0)   # numpy's generator takes no negative seed
+  if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+    raise ValueError(f"config.data_seed must be an int >= 0, got {v!r}.")
   if config.log_every < 1:
     raise ValueError(f"config.log_every must be >= 1, got {config.log_every}.")
   if config.ckpt_every < 0:

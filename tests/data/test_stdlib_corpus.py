@@ -134,3 +134,26 @@ def test_batches_are_deterministic_windows_and_resume_exactly():
 def test_bad_root_raises(tmp_path):
   with pytest.raises(ValueError, match="not a directory"):
     sc.list_files(tmp_path / "missing")
+
+
+def test_near_copies_lists_held_out_files_seen_in_training(tmp_path):
+  # Path-hashed splits put template-generated files on both sides (the
+  # stdlib's codec tables): held-out perplexity is optimistic there.
+  text = "".join(f"line_{i} = {i}\n" for i in range(40))
+  names = [f"m{i}.py" for i in range(40)]
+  for n in names:
+    (tmp_path / n).write_text(text)
+  (tmp_path / "unique.py").write_text("something = 'else'\n")
+  held = [n for n in names if sc.split_of(n) == "heldout"]
+  assert held and len(held) < len(names)
+  got = sc.near_copies(root=tmp_path)
+  assert [p for p, _, _ in got] == sorted(held)
+  assert all(f == 1.0 and b == len(text) for _, f, b in got)
+  with pytest.raises(ValueError, match="threshold"):
+    sc.near_copies(0.0, root=tmp_path)
+
+
+def test_a_negative_data_seed_is_refused_by_name():
+  tokens = np.arange(100, dtype=np.uint16)
+  with pytest.raises(ValueError, match="seed must be an int >= 0, got -1"):
+    sc.batch_at(tokens, 0, 2, 8, -1)

@@ -50,3 +50,10 @@ def test_a_nan_sample_has_no_spearman():
 def test_bad_shapes():
   with pytest.raises(ValueError, match="same|one shape"):
     sentence.embedding_metrics(np.zeros((4, 3)), np.zeros((5, 3)))
+
+
+def test_tied_infinities_share_their_rank():
+  # inf - inf is NaN, which split the tie: -0.5 instead of scipy's -0.866.
+  got = sentence.spearman(np.array([np.inf, np.inf, 1.0]), np.array([1.0, 2.0, 3.0]))
+  want = sentence.spearman(np.array([1e300, 1e300, 1.0]), np.array([1.0, 2.0, 3.0]))
+  assert got == pytest.approx(want) and got == pytest.approx(-0.8660254)
