@@ -570,6 +570,7 @@ def sec_qat(b: Bench, hard: float):
   Runs experiments/bench_qat.py in a child process (a fresh GPU allocator; its
   own CUPTI timing) for the variants of ``QAT_VARIANTS`` and copies its rows.
   """
+  import shlex  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   import tempfile  # pylint: disable=g-import-not-at-top
   left = hard - (time.time() - T0) - 5
@@ -594,7 +595,8 @@ def sec_qat(b: Bench, hard: float):
       with open(out) as f:
         data = json.load(f)
       rows = data.get("rows", data) if isinstance(data, dict) else data
-    b.res["qat"] = dict(command=" ".join(["python3"] + cmd[1:-2] + ["--out", "..."]),
+    shown = ["python3"] + [("..." if c == out else c) for c in cmd[1:]]
+    b.res["qat"] = dict(command=shlex.join(shown),
                         rows=rows, seconds=round(time.time() - t, 1),
                         model="LlamaConfig." + ("smoke" if "--smoke" in cmd else "base"))
     if err:

@@ -63,7 +63,12 @@ def compare(fast: dict, slow: dict) -> str:
   if not keys:
     raise ValueError("the two runs share no (case, K, N, M) row")
   dev_f, dev_s = fast["meta"]["device"], slow["meta"]["device"]
+  def run_of(meta):
+    return ", ".join(f"{k} {meta[k]}" for k in ("jax", "date", "started")
+                     if meta.get(k))
   lines = [
+      f"Runs: {dev_f}: {run_of(fast['meta']) or 'jax version not recorded'}; "
+      f"{dev_s}: {run_of(slow['meta']) or 'jax version not recorded'}.", "",
       f"{dev_f} ({bw_f:.2f} TB/s) vs {dev_s} ({bw_s:.2f} TB/s): stream "
       f"bandwidth ratio {bw:.2f}. Bandwidth-bound share = log(time ratio) / "
       f"log(bandwidth ratio): 0 = the same time on both (bound on chip), "
