@@ -241,6 +241,13 @@ class FloatFormat(Format):
 class LookupFormat(Format):
   """A codebook format: each element is the index of one of ``table``'s values.
 
+  Rounding picks the entry at the smaller float32 distance ``|x - t|`` (ties
+  to the even index), as the reference, the CPU path and the GPU kernels all
+  compute it. Within an ulp of the midpoint of two entries of different
+  magnitudes (entries either side of 0, or far apart) the two distances can
+  round to the same float32, and the tie rule may then pick the entry that is
+  farther in exact arithmetic; the built-in codebooks have no such case.
+
   Attributes:
     table: sorted, distinct values (2 to 256 of them).
     name: registry name.
