@@ -21,7 +21,7 @@ import numpy as np
 
 from lowbit_jax.core import QuantSpec, as_spec, fake_quant, init_scale, quantize
 from lowbit_jax.core._quantize import _check_tensor_amax
-from lowbit_jax.formats import Format
+from lowbit_jax.formats import Format, LookupFormat
 
 SpecLike = Union[QuantSpec, str, Format]
 
@@ -175,9 +175,11 @@ def rtn_scale(w: jax.Array, spec: SpecLike,
               tensor_amax: Optional[jax.Array] = None) -> jax.Array:
   """The scale grid RTN rounds a kernel with, as ``quantize(..., scale=)`` takes it.
 
-  ``fake_quant(w, spec, scale=rtn_scale(w, spec))`` equals ``rtn(w, spec)``,
-  and re-quantizing that result with the same scale reproduces its codes, so
+  ``fake_quant(w, spec, scale=rtn_scale(w, spec))`` equals ``rtn(w, spec)``
+  (not for ternary, whose 0.7 mean|x| threshold no scale alone gives), and
+  re-quantizing ``rtn(w, spec)`` with that scale reproduces its codes, so
   a PTQ result can be stored packed exactly (real mode equals fake mode).
+  Binary and ternary take the scale their mean-magnitude rule stores.
   For most specs this is ``init_scale(w, spec, "amax")``; power-of-two (E8M0,
   OCP MX) scales follow the format's own rule ``2**(floor(log2 amax) -
   emax)``, which ``amax / element max`` rounded down to a power of two is not,
@@ -231,4 +233,9 @@ def rtn_scales(w: jax.Array, spec: SpecLike,
     # other codes under a tensor scale an ulp away.
     q = quantize(w, spec, tensor_amax=tensor_amax)
     return q.scale.astype(jnp.float32) * q.tensor_scale, q.tensor_scale
+  fmt = spec.format
+  if isinstance(fmt, LookupFormat) and fmt.scale_method != "absmax":
+    # Binary (mean |x|) and ternary (mean |x| above 0.7 mean |x|): the scale
+    # their own rule stores, not amax / element max.
+    return quantize(w, spec).scale.astype(jnp.float32), None
   return init_scale(w, spec, "amax"), None

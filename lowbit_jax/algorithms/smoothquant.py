@@ -36,8 +36,11 @@ def smoothquant_scales(act_absmax: jax.Array, weights: Kernels, alpha: float = 0
   Args:
     act_absmax: ``[K]`` max |x_j| per input channel over calibration data.
     weights: a kernel ``[K, N]`` or the kernels ``[K, N_i]`` sharing the input.
-    alpha: migration strength in [0, 1]: 0 leaves activations alone, 1 moves
-      all of their range into the weights.
+    alpha: migration strength in [0, 1]: ``s_j = max|x_j|**alpha /
+      max|w_j|**(1 - alpha)``, so 1 moves all of the activations' range into
+      the weights (``s = max|x|``) and 0 moves all of the weights' range into
+      the activations (``s = 1 / max|w|``: every weight row's max becomes 1);
+      the paper's 0.5 balances them.
     eps: floor of ``max|w_j|`` and of ``s`` (the paper's code's 1e-5).
 
   Returns:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional, Union
 
 import numpy as np
@@ -242,7 +243,16 @@ class QuantSpec:
     return dataclasses.replace(self, **kw)
 
   def bits_per_element(self, shape: tuple) -> float:
-    """Storage bits per element including scales and zero points, for ``shape``."""
+    """Storage bits per element including scales and zero points, for ``shape``.
+
+    What ``quantize(x, self)`` of that shape stores (``QArray.bits_per_element``:
+    padded blocks and whole packing units included), counted from its shapes
+    without computing it; for a spec that cannot quantize ``shape`` as given
+    (an unset axis the ops fill in), the count from the blocks alone.
+    """
+    exact = _stored_bits(self, tuple(int(d) for d in shape))
+    if exact is not None:
+      return exact
     from lowbit_jax.core._qarray import block_shape, storage_bits  # pylint: disable=g-import-not-at-top
     import math
     n = math.prod(shape)
@@ -256,6 +266,25 @@ class QuantSpec:
     extra = 32 if self.tensor_scale else 0
     return storage_bits(self.storage_format) + (n_scales * (scale_bits + zp_bits)
                                                 + extra) / n
+
+
+@functools.lru_cache(maxsize=4096)
+def _stored_bits(spec: QuantSpec, shape: tuple) -> Optional[float]:
+  """Bits per element a QArray of ``shape`` quantized with ``spec`` stores, from
+  ``jax.eval_shape`` of ``quantize`` (None where it cannot quantize it)."""
+  import math  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from lowbit_jax.core._quantize import quantize  # pylint: disable=g-import-not-at-top
+  n = math.prod(shape)
+  if n == 0:
+    return None
+  try:
+    q = jax.eval_shape(lambda x: quantize(x, spec), jax.ShapeDtypeStruct(shape, jnp.float32))
+  except (ValueError, TypeError):
+    return None
+  nbytes = sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(q))
+  return 8.0 * nbytes / n
 
 
 def as_spec(spec: Union[QuantSpec, str, Format], **kwargs) -> QuantSpec:
