@@ -142,6 +142,41 @@ def _unwrap(x):
   return x.q if isinstance(x, QuantizedParam) else x
 
 
+# A layer's own op (nn.Dense(dot_general=...)): quantize_linen replaces the op
+# with the quantized one, which would drop what the layer's op does.
+_OWN_OPS = {"dense": (("dot_general", "dot_general_cls"), (None, jax.lax.dot_general)),
+            "conv": (("conv_general_dilated", "conv_general_dilated_cls"),
+                     (None, jax.lax.conv_general_dilated))}
+
+
+def _check_own_op(mod, kind: str, path: str, rule) -> None:
+  names, plain = _OWN_OPS.get(kind, ((), ()))
+  own = [n for n in names if all(getattr(mod, n, None) is not p for p in plain)]
+  if own:
+    raise ValueError(
+        f"{path}: rule {rule.path!r} matches this {type(mod).__name__}, built with "
+        f"its own {own[0]}; quantize_linen computes the layer through the quantized "
+        f"op instead, which would drop what that op does. Exclude it with a float "
+        f"rule, QuantRule({path!r}), or quantize the whole apply function with "
+        "lowbit_jax.quantize_function")
+
+
+def _check_float_weight(mod, wname: str, wpath: str) -> None:
+  """Raises when a layer the rules leave float holds a quantized weight."""
+  try:
+    if not mod.has_variable("params", wname):
+      return
+    w = mod.get_variable("params", wname)
+  except Exception:  # pylint: disable=broad-except
+    return
+  w = _unwrap(w.value if isinstance(w, QBox) else w)
+  if isinstance(w, QArray):
+    raise ValueError(
+        f"{wpath}: the rules leave this layer float, but its weight is stored "
+        f"quantized ({w.spec.format.name}); give it a rule with that weight spec, "
+        "or dequantize the stored weight (lowbit_jax.dequantize) first")
+
+
 def promote_passing(orig: Callable, args: tuple, dtype=None, **kw) -> list:
   """Runs a layer's ``promote_dtype`` on ``args``, passing quantized ones through."""
   qpos = [i for i, a in enumerate(args) if isinstance(a, (QuantizedParam, QArray))]
@@ -856,7 +891,9 @@ class LinenQuantizer:
     wpath = f"{path}/{wname}" if path else wname
     rule = self.config.match((path, wpath), _KINDS.get(kind, (_OP[kind],)))
     if rule is None or rule.is_float:
+      _check_float_weight(mod, wname, wpath)
       return next_fun(*args, **kwargs)
+    _check_own_op(mod, kind, path, rule)
     site = Site(wpath, _OP[kind], rule, self.mode, self.use_kernel)
     self.config.record_site(wpath, site)
     counts = getattr(self._local, "delayed", None)
@@ -993,6 +1030,11 @@ class LinenQuantizer:
 
   def _attend(self, mod, op: _SiteOp, query):
     """nn.Embed.attend with the quantized matmul."""
+    if type(mod).attend is not nn.Embed.attend:
+      raise ValueError(f"{type(mod).__name__} overrides nn.Embed.attend, so its "
+                       "logits cannot be reached (they would lose what the override "
+                       "adds); exclude it with a float rule or use "
+                       "lowbit_jax.quantize_function")
     query, embedding = promote_passing(mod.promote_dtype, (query, mod.embedding),
                                        dtype=mod.dtype)
     if op.quantizer._planning is not None:  # pylint: disable=protected-access

@@ -593,7 +593,19 @@ def quantize_nnx(model: nnx.Module, rules, mode: str = "fake", *, strict: bool =
     others = [a for a in all_paths.get(p, [p]) if a != p]
     _shared_rule(config, node, p, None if rule is None or rule.is_float else rule,
                  others, act, _KINDS.get(op, (op,)))
+    if not act:
+      kvar = getattr(node, "kernel", None)
+      if isinstance(kvar, nnx.Variable):
+        kernels.setdefault(id(kvar), []).append(
+            (p, None if rule is None or rule.is_float or rule.weight is None
+             else rule.weight_spec))
     if rule is None or rule.is_float:
+      if not act and isinstance(getattr(getattr(node, "kernel", None), "get_value",
+                                        lambda: None)(), QArray):
+        raise ValueError(
+            f"{wpath}: the rules leave this layer float, but its kernel is stored "
+            "quantized; give it a rule with that weight spec, or dequantize the "
+            "stored kernel (lowbit_jax.dequantize) first")
       if isinstance(old, QuantOp):  # quantized before: back to the float op
         setattr(node, hook, _static(_FLOAT_OPS[op]))
         if isinstance(getattr(node, "promote_dtype", None), _NNXPromote):
@@ -610,6 +622,14 @@ def quantize_nnx(model: nnx.Module, rules, mode: str = "fake", *, strict: bool =
           "replaces) cannot be checked, and if it does not, its kernel stays in "
           f"float. Exclude it with a float rule, QuantRule({p!r}), or quantize the "
           "model's forward function with lowbit_jax.quantize_function")
+    if (old is not None and not isinstance(old, QuantOp)
+        and getattr(old, "__wrapped__", old) is not _FLOAT_OPS[op]):
+      raise ValueError(
+          f"{p}: rule {rule.path!r} matches this {type(node).__name__}, built with "
+          f"its own {hook}; quantize_nnx computes the layer through the quantized "
+          "op instead, which would drop what that op does. Exclude it with a "
+          f"float rule, QuantRule({p!r}), or quantize the model's forward function "
+          "with lowbit_jax.quantize_function")
     site = Site(wpath, op, rule, mode, use_kernel)
     config.record_site(wpath, site)
     learned = None
@@ -646,9 +666,17 @@ def quantize_nnx(model: nnx.Module, rules, mode: str = "fake", *, strict: bool =
       var = node.kernel
       w = var.get_value()
       if not isinstance(w, QArray):
-        q = _rules.quantize_weight(w, _plan(node, op, rule.weight_spec, p), learned,
-                                   tensor, None if history is None else (rule, history))
-        var.set_value(q)
+        try:
+          q = _rules.quantize_weight(w, _plan(node, op, rule.weight_spec, p), learned,
+                                     tensor, None if history is None else (rule, history))
+        except ValueError as e:
+          raise ValueError(f"{wpath}: {e}") from None
+        if donate:
+          var.set_value(q)   # at once: the float kernel's memory goes now
+        else:
+          # Assigned once every layer has quantized: a failure leaves the
+          # model's Variables (shared with the result) as they were.
+          pending.append((var, q))
         if learned is not None and hasattr(qop, "weight_scale"):  # now in the QWeight
           del qop.weight_scale
         if on_step is not None:
@@ -661,8 +689,20 @@ def quantize_nnx(model: nnx.Module, rules, mode: str = "fake", *, strict: bool =
     return node
 
   all_paths = _module_paths(model)
+  kernels: dict = {}
+  pending: list = []
   out = _walk(fn, model)
+  for holders_of in kernels.values():
+    if len({spec for _, spec in holders_of}) > 1:
+      raise ValueError(
+          "one kernel Variable is held by layers the rules quantize differently: "
+          + ", ".join(f"{p!r} ({'float' if sp is None else sp.format.name})"
+                      for p, sp in holders_of)
+          + "; a shared kernel has one storage: make the rules agree for all of "
+          "its layers")
   config.check()
+  for var, q in pending:
+    var.set_value(q)
   if weight_scales is not None:
     used = {p for p, st in config.sites.items()
             if mode == "real" and st.weight is not None}

@@ -383,3 +383,38 @@ def test_an_empty_batch_runs_through_learned_scales_and_calibration():
   assert y.shape == (0, 16)
   for a, b in zip(jax.tree.leaves(st), jax.tree.leaves(st2)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_layers_quantize_linen_would_change_are_refused():
+  # A layer's own dot_general, an Embed.attend override, and a stored
+  # quantized kernel under a float rule: silently dropped or a cryptic crash.
+  x = jax.random.normal(jax.random.key(0), (2, 16))
+  twice = lambda *a, **k: 2 * jax.lax.dot_general(*a, **k)  # noqa: E731
+  m = nn.Dense(8, dot_general=twice)
+  v = m.init(jax.random.key(1), x)
+  with pytest.raises(ValueError, match="built with its own dot_general"):
+    quantize_linen([QuantRule(".*", weight="int8")])(m.apply)(v, x)
+  plain = nn.Dense(8, dot_general=jax.lax.dot_general)   # the plain op is fine
+  quantize_linen([QuantRule(".*", weight="int8")])(plain.apply)(v, x)
+
+  class Capped(nn.Embed):
+    def attend(self, query):
+      return jnp.tanh(super().attend(query))
+  e = Capped(12, 16)
+  ve = e.init(jax.random.key(2), jnp.zeros((2,), jnp.int32))
+  with pytest.raises(ValueError, match="overrides nn.Embed.attend"):
+    quantize_linen([QuantRule(".*", weight="int8")])(
+        lambda v, q: e.apply(v, q, method="attend"))(ve, x)
+
+  class M(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(8, name="head")(nn.Dense(16, name="body")(x))
+  mm = M()
+  vm = mm.init(jax.random.key(3), x)
+  q = quantize_linen([QuantRule(".*", weight="int8")], "real")
+  qv = q.quantize_params(mm, vm, x)
+  with pytest.raises(ValueError, match="head/kernel: the rules leave this layer float, "
+                     "but its weight is stored quantized"):
+    quantize_linen([QuantRule("head"), QuantRule(".*", weight="int8")], "real")(
+        mm.apply)(qv, x)

@@ -196,3 +196,37 @@ def test_a_module_shared_at_two_paths_gets_one_rule():
   np.testing.assert_allclose(np.asarray(m(x)),
                              np.asarray(jax.nn.relu(x @ w + b) @ w + b),
                              rtol=1e-5, atol=1e-5)
+
+
+def test_nnx_refuses_what_it_would_change_and_keeps_the_model_on_failure():
+  x = jax.random.normal(jax.random.key(0), (2, 16))
+  twice = lambda *a, **k: 2 * jax.lax.dot_general(*a, **k)  # noqa: E731
+  lin = nnx.Linear(16, 8, dot_general=twice, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="built with its own dot_general"):
+    quantize_nnx(lin, [QuantRule(".*", weight="int8")])
+
+  class Tied(nnx.Module):   # one kernel Variable, two layers
+    def __init__(self):
+      self.enc = nnx.Linear(16, 16, use_bias=False, rngs=nnx.Rngs(1))
+      self.dec = nnx.Linear(16, 16, use_bias=False, rngs=nnx.Rngs(2))
+      self.dec.kernel = self.enc.kernel
+    def __call__(self, x):
+      return self.dec(self.enc(x))
+  with pytest.raises(ValueError, match=r"one kernel Variable is held by layers.*"
+                     r"'dec' \(float\).*'enc' \(int8\)"):
+    quantize_nnx(Tied(), [QuantRule("dec"), QuantRule(".*", weight="int8")], "real")
+
+  class Two(nnx.Module):
+    def __init__(self):
+      self.a = nnx.Linear(16, 32, rngs=nnx.Rngs(3))
+      self.b = nnx.Linear(32, 24, rngs=nnx.Rngs(4))
+    def __call__(self, x):
+      return self.b(self.a(x))
+  m = Two()
+  before = m(x)
+  # b's 32-blocks do not fit its 24 outputs along axis 1: a fails to quantize
+  # only after a was quantized. Its float kernel must survive, the layer named.
+  with pytest.raises(ValueError, match="b/kernel: "):
+    quantize_nnx(m, [QuantRule(".*", weight=lb.QuantSpec("mxfp4", axis=1))], "real")
+  assert not isinstance(m.a.kernel.get_value(), lb.QArray)
+  np.testing.assert_array_equal(m(x), before)
