@@ -576,7 +576,7 @@ def test_mixed_precision_leaves_out_candidates_an_expert_stack_cannot_take():
   lb.quantize_function(fn, mp_rules)(params, x)   # runs
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq"])
+@pytest.mark.parametrize("method", [pytest.param("gptq", marks=pytest.mark.slow), "awq"])
 def test_oihw_conv_kernels_take_the_same_ptq_as_hwio(method):
   # lax.conv's default OIHW layout flattened the [K, N] rows as (I, H, W), so
   # group_size blocks ran along the kernel window while real and fake mode

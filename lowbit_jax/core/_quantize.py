@@ -1514,9 +1514,9 @@ def dequantize_as(q: QArray, dtype) -> jax.Array:
 # ``_DEQUANT_16BIT_NO_CLIP``) leaves out its saturating clip where no value
 # can reach the float32 range (``_dequantize_cannot_overflow``, a check on
 # the per-block scales): the clip's two extra operations per element cost XLA's CPU loop
-# 1.05-1.12x for the integer formats, fp8 e4m3, fp6, fp4, NF4, binary and
-# ternary (bf16 2048x2048, the two variants interleaved in one process, same
-# bits: benchmarks/cpu_dequant_clip.md). A ``lax.cond`` picks the program, so
+# 1.05-1.12x for the integer formats in a first run (bf16 2048x2048, the two
+# variants interleaved in one process, same bits), and 0.93-1.14x, within the
+# noise, on a second host (benchmarks/cpu_dequant_clip.md). A ``lax.cond`` picks the program, so
 # both are compiled: only from ``_DEQUANT_SKIP_CLIP_MIN_ELEMENTS`` elements on
 # (the MiniLM sweep's weights, below it, are compile-bound). On GPU and TPU the
 # predicate would be a device-to-host copy, so the clip stays. Not for E8M0
