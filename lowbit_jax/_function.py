@@ -418,8 +418,10 @@ class _Interpreter:
 
   def _key(self, eqn, path: str) -> str:
     """The site's key: its path, ``#n`` for the n-th other use of the leaf
-    (one per equation in its context of enclosing calls, see ``_stack``)."""
-    ctx = (tuple(self._stack), id(eqn), path)
+    (one per equation in its context of enclosing calls: ``_stack``, which
+    ends with ``eqn`` itself)."""
+    del eqn   # (on the stack)
+    ctx = (tuple(self._stack), path)
     k = self._keys.get(ctx)
     if k is None:
       n = self._count[path]

@@ -1055,9 +1055,7 @@ def observe(site: Site, state, x: jax.Array):
   obs = observer_for(spec)
   if state is None:
     state = obs.init(x, spec)
-  if x.size == 0:   # an empty batch adds nothing (and has no min or max)
-    return state
-  return obs.update(state, x)
+  return obs.update(state, x)   # (an empty batch leaves the state as it is)
 
 
 def is_range(stats) -> bool:

@@ -811,7 +811,7 @@ def check_state(observer: Observer, state, spec: QuantSpec, where: str = "") -> 
     raise ValueError(
         f"{where}the calibration statistics {got if got is not None else type(state).__name__} "
         f"are not a state of the {observer.name!r} observer the spec names "
-        f"(calibration={spec.calibration!r}: fields {sorted(want)}); calibrate "
+        f"(calibration={spec.calibration!r}: fields {want}); calibrate "
         "with the same spec, or pass a finalized range {'amax': ..., 'amin': ...}")
 
 

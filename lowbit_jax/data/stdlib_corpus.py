@@ -146,7 +146,8 @@ def near_copies(threshold: float = 0.95, *,
   quantization formats on this one split are unaffected (every format is
   scored on the same files); absolute perplexities are optimistic. On
   Python 3.11's stdlib this lists 4 files (cp858, cp865, iso8859_6,
-  mac_iceland), 92,964 of the 467,598 held-out bytes (19.9%); ``python -c "from lowbit_jax.data import stdlib_corpus as c;
+  mac_iceland), 92,964 of the 467,598 held-out bytes (19.9%);
+  ``python -c "from lowbit_jax.data import stdlib_corpus as c;
   print(c.near_copies())"`` lists them for the running interpreter.
 
   Args:

@@ -526,7 +526,9 @@ def quantize_nnx(model: nnx.Module, rules, mode: str = "fake", *, strict: bool =
     mode: "fake", "real" or "calibrate".
     strict: raise if some rule matched nothing.
     use_kernel: real-mode kernel dispatch ("auto", "never", "always").
-    donate: real mode: delete each float kernel once quantized.
+    donate: real mode: delete each float kernel once quantized (assigned as
+      it goes, for memory; without donate the quantized kernels are assigned
+      only once every layer has quantized, so a failure changes nothing).
     on_step: real mode: ``on_step(path, qweight)`` after each kernel.
     rngs: where stochastic rounding (``rounding="stochastic"`` in a weight,
       activation or grad spec) draws keys: an ``nnx.Rngs`` (its ``"quant"``
@@ -593,15 +595,15 @@ def quantize_nnx(model: nnx.Module, rules, mode: str = "fake", *, strict: bool =
     others = [a for a in all_paths.get(p, [p]) if a != p]
     _shared_rule(config, node, p, None if rule is None or rule.is_float else rule,
                  others, act, _KINDS.get(op, (op,)))
-    if not act:
-      kvar = getattr(node, "kernel", None)
-      if isinstance(kvar, nnx.Variable):
-        kernels.setdefault(id(kvar), []).append(
-            (p, None if rule is None or rule.is_float or rule.weight is None
-             else rule.weight_spec))
+    kvar = None if act else getattr(node, "kernel", None)
+    if not isinstance(kvar, nnx.Variable):
+      kvar = None
+    if kvar is not None:
+      kernels.setdefault(id(kvar), []).append(
+          (p, None if rule is None or rule.is_float or rule.weight is None
+           else rule.weight_spec))
     if rule is None or rule.is_float:
-      if not act and isinstance(getattr(getattr(node, "kernel", None), "get_value",
-                                        lambda: None)(), QArray):
+      if kvar is not None and isinstance(kvar.get_value(), QArray):
         raise ValueError(
             f"{wpath}: the rules leave this layer float, but its kernel is stored "
             "quantized; give it a rule with that weight spec, or dequantize the "

@@ -114,7 +114,7 @@ class FloatFormat(Format):
 
   Attributes:
     exp_bits: exponent field width X (1 to 8).
-    man_bits: mantissa field width Y (0 to 15; a code, sign included, has at
+    man_bits: mantissa field width Y (0 to 14; a code, sign included, has at
       most 16 bits: QArrays store codes in uint8 or uint16).
     bias: exponent bias; default ``2**(X-1) - 1``.
     special: how inf and NaN are coded, one of ``FLOAT_SPECIALS``.
