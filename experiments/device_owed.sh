@@ -30,6 +30,9 @@
 #   b   E2M1 on "wgmma_e2m1" codes at M = 64 / 256 (run_sp3), the quantizer's
 #       tilings again (--write_configs), bench_primitives for NF4 / ternary / fp6
 #   c   the tuner at M = 256 / 512 (run_mid6), the L2 band probe
+#   gt  the GPU test files whole, a run each, four workers with XLA's
+#       preallocation off (eight preallocating workers ran out of memory in
+#       session 52); any Hopper GPU
 # Items h, hf, i4, b and c time the H200 (its tuned tables and notes): on
 # another GPU they stop unless FORCE=1; g, g2, q and t run on any Hopper GPU.
 START=$(date +%s); LIMIT=${LIMIT:-560}
@@ -57,13 +60,13 @@ mm() {
 }
 for it in "${@:-g}"; do
   case $it in
-    g|g2|q|t) ;;
+    g|g2|q|t|gt) ;;
     h|hf|i4|b|c)
        if ! grep -q H200 "$R/gpu.txt" && [ -z "$FORCE" ]; then
          echo "skip $it (an H200 item; FORCE=1 runs it here)" | tee -a "$R/rcs.txt"
          continue
        fi ;;
-    *) echo "unknown item $it (one of g g2 q h hf t i4 b c)" | tee -a "$R/rcs.txt"; continue ;;
+    *) echo "unknown item $it (one of g g2 q h hf t i4 b c gt)" | tee -a "$R/rcs.txt"; continue ;;
   esac
   case $it in
     g)
@@ -100,6 +103,16 @@ for it in "${@:-g}"; do
     t)
       run 150 tests_t python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gpu_kernels.py \
           -k "split_orders or public_dot_reads or acc_scale or float32_group_scales or grad_through" ;;
+    gt)
+      for f in tests/kernels/test_gpu_quantize.py tests/formats/test_formats.py \
+          tests/core/test_qarray.py tests/core/test_fused_gpu.py tests/core/test_ops.py \
+          tests/kernels/test_gpu_dequantize.py tests/kernels/test_gpu_extreme_scales.py \
+          tests/kernels/test_gpu_kernels.py; do
+        left=$(( LIMIT - $(date +%s) + START - 15 )); [ "$left" -gt 240 ] && left=240
+        [ "$left" -lt 60 ] && left=60  # too little: run() then skips it
+        XLA_PYTHON_CLIENT_PREALLOCATE=false run "$left" "gt_$(basename "$f" .py)" \
+            python3 -m pytest -q -p no:cacheprovider -n 4 "$f"
+      done ;;
     i4)
       run 420 run_i4 $BK --mode=tune --phases=base,tune,refine --w_order=wgmma_int4 \
           --shapes=8192x28672,8192x8192,4096x14336,14336x4096,4096x4096,4096x1024 --batches=1,16 \
