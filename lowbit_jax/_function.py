@@ -416,11 +416,10 @@ class _Interpreter:
         return [x], [tag]
     return _bind(eqn, invals), [tag._replace(view=_view_after(tag.view, eqn))]
 
-  def _key(self, eqn, path: str) -> str:
+  def _key(self, path: str) -> str:
     """The site's key: its path, ``#n`` for the n-th other use of the leaf
     (one per equation in its context of enclosing calls: ``_stack``, which
-    ends with ``eqn`` itself)."""
-    del eqn   # (on the stack)
+    ends with the site's own equation)."""
     ctx = (tuple(self._stack), path)
     k = self._keys.get(ctx)
     if k is None:
@@ -430,7 +429,7 @@ class _Interpreter:
       self._keys[ctx] = k
     return k
 
-  def _site(self, eqn, tag: _Tag, kinds, op: str, weight):
+  def _site(self, tag: _Tag, kinds, op: str, weight):
     rule = self.config.match(_rules.candidates(tag.path), kinds)
     if rule is None or rule.is_float:
       return None, None
@@ -439,7 +438,7 @@ class _Interpreter:
       # quantize it a second time.
       rule = dataclasses.replace(rule, weight=None)
     site = Site(tag.path, op, rule, self.qf.mode, self.qf.use_kernel)
-    key = self._key(eqn, tag.path)
+    key = self._key(tag.path)
     self.config.record_site(key, site)
     return site, key
 
@@ -498,7 +497,7 @@ class _Interpreter:
     lt, rt = intags
     side, tag = ("rhs", rt) if rt is not None else ("lhs", lt)
     weight = rhs if side == "rhs" else lhs
-    site, key = self._site(eqn, tag, _DOT_KINDS, "dot_general", weight)
+    site, key = self._site(tag, _DOT_KINDS, "dot_general", weight)
     if site is None:
       return _bind(eqn, invals)
     w = weight.q if isinstance(weight, _QRef) else weight
@@ -516,7 +515,7 @@ class _Interpreter:
     lhs, rhs = invals
     if intags[1] is None:
       return _bind(eqn, invals)
-    site, key = self._site(eqn, intags[1], ("conv",), "conv", rhs)
+    site, key = self._site(intags[1], ("conv",), "conv", rhs)
     if site is None:
       return _bind(eqn, invals)
     w = rhs.q if isinstance(rhs, _QRef) else rhs
@@ -536,7 +535,7 @@ class _Interpreter:
     lhs, rhs, group_sizes = invals[:3]
     if intags[1] is None or intags[0] is not None:
       return _bind(eqn, invals)
-    site, key = self._site(eqn, intags[1], _RAGGED_KINDS, "ragged_dot", rhs)
+    site, key = self._site(intags[1], _RAGGED_KINDS, "ragged_dot", rhs)
     if site is None:
       return _bind(eqn, invals)
     p = eqn.params

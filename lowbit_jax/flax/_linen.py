@@ -149,16 +149,31 @@ _OWN_OPS = {"dense": (("dot_general", "dot_general_cls"), (None, jax.lax.dot_gen
                      (None, jax.lax.conv_general_dilated))}
 
 
+def own_op_error(path: str, rule, layer: str, op: str, front: str) -> ValueError:
+  """The error of a layer built with its own op that a rule matches (Linen
+  and NNX): quantizing computes the layer through the quantized op."""
+  return ValueError(
+      f"{path}: rule {rule.path!r} matches this {layer}, built with its own "
+      f"{op}; {front} computes the layer through the quantized op instead, "
+      f"which would drop what that op does. Exclude it with a float rule, "
+      f"QuantRule({path!r}), or quantize the model's forward function with "
+      "lowbit_jax.quantize_function")
+
+
+def quantized_under_float_rule_error(wpath: str, w: QArray) -> ValueError:
+  """The error of a layer the rules leave float whose weight is stored
+  quantized (Linen and NNX)."""
+  return ValueError(
+      f"{wpath}: the rules leave this layer float, but its weight is stored "
+      f"quantized ({w.spec.format.name}); give it a rule with that weight spec, "
+      "or dequantize the stored weight (lowbit_jax.dequantize) first")
+
+
 def _check_own_op(mod, kind: str, path: str, rule) -> None:
   names, plain = _OWN_OPS.get(kind, ((), ()))
   own = [n for n in names if all(getattr(mod, n, None) is not p for p in plain)]
   if own:
-    raise ValueError(
-        f"{path}: rule {rule.path!r} matches this {type(mod).__name__}, built with "
-        f"its own {own[0]}; quantize_linen computes the layer through the quantized "
-        f"op instead, which would drop what that op does. Exclude it with a float "
-        f"rule, QuantRule({path!r}), or quantize the whole apply function with "
-        "lowbit_jax.quantize_function")
+    raise own_op_error(path, rule, type(mod).__name__, own[0], "quantize_linen")
 
 
 def _check_float_weight(mod, wname: str, wpath: str) -> None:
@@ -171,10 +186,7 @@ def _check_float_weight(mod, wname: str, wpath: str) -> None:
     return
   w = _unwrap(w.value if isinstance(w, QBox) else w)
   if isinstance(w, QArray):
-    raise ValueError(
-        f"{wpath}: the rules leave this layer float, but its weight is stored "
-        f"quantized ({w.spec.format.name}); give it a rule with that weight spec, "
-        "or dequantize the stored weight (lowbit_jax.dequantize) first")
+    raise quantized_under_float_rule_error(wpath, w)
 
 
 def promote_passing(orig: Callable, args: tuple, dtype=None, **kw) -> list:

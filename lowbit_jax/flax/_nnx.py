@@ -51,7 +51,8 @@ from lowbit_jax import _rules
 from lowbit_jax._rules import QuantConfig, Site
 from lowbit_jax.core import scaling
 from lowbit_jax.core._qarray import QArray
-from lowbit_jax.flax._linen import promote_passing
+from lowbit_jax.flax._linen import (own_op_error, promote_passing,
+                                    quantized_under_float_rule_error)
 
 
 class QuantStat(nnx.Variable):
@@ -604,10 +605,7 @@ def quantize_nnx(model: nnx.Module, rules, mode: str = "fake", *, strict: bool =
            else rule.weight_spec))
     if rule is None or rule.is_float:
       if kvar is not None and isinstance(kvar.get_value(), QArray):
-        raise ValueError(
-            f"{wpath}: the rules leave this layer float, but its kernel is stored "
-            "quantized; give it a rule with that weight spec, or dequantize the "
-            "stored kernel (lowbit_jax.dequantize) first")
+        raise quantized_under_float_rule_error(wpath, kvar.get_value())
       if isinstance(old, QuantOp):  # quantized before: back to the float op
         setattr(node, hook, _static(_FLOAT_OPS[op]))
         if isinstance(getattr(node, "promote_dtype", None), _NNXPromote):
@@ -626,12 +624,7 @@ def quantize_nnx(model: nnx.Module, rules, mode: str = "fake", *, strict: bool =
           "model's forward function with lowbit_jax.quantize_function")
     if (old is not None and not isinstance(old, QuantOp)
         and getattr(old, "__wrapped__", old) is not _FLOAT_OPS[op]):
-      raise ValueError(
-          f"{p}: rule {rule.path!r} matches this {type(node).__name__}, built with "
-          f"its own {hook}; quantize_nnx computes the layer through the quantized "
-          "op instead, which would drop what that op does. Exclude it with a "
-          f"float rule, QuantRule({p!r}), or quantize the model's forward function "
-          "with lowbit_jax.quantize_function")
+      raise own_op_error(p, rule, type(node).__name__, hook, "quantize_nnx")
     site = Site(wpath, op, rule, mode, use_kernel)
     config.record_site(wpath, site)
     learned = None

@@ -216,6 +216,14 @@ def test_nnx_refuses_what_it_would_change_and_keeps_the_model_on_failure():
                      r"'dec' \(float\).*'enc' \(int8\)"):
     quantize_nnx(Tied(), [QuantRule("dec"), QuantRule(".*", weight="int8")], "real")
 
+  # a kernel stored quantized under a rule set that now leaves its layer float
+  seq = nnx.Sequential(nnx.Linear(16, 16, rngs=nnx.Rngs(3)),
+                       nnx.Linear(16, 8, rngs=nnx.Rngs(4)))
+  quantize_nnx(seq, [QuantRule(".*", weight="int8")], "real")
+  with pytest.raises(ValueError, match=r"layers/1/kernel: the rules leave this layer "
+                     r"float, but its weight is stored quantized \(int8\)"):
+    quantize_nnx(seq, [QuantRule("layers/1"), QuantRule(".*", weight="int8")], "real")
+
   class Two(nnx.Module):
     def __init__(self):
       self.a = nnx.Linear(16, 32, rngs=nnx.Rngs(3))
