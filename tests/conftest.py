@@ -31,8 +31,9 @@ def _accelerator_plugin_installed() -> bool:
 # XLA's CPU compiler is most of the suite's time (below), and on the 2-core
 # hosts CI now runs on a compile costs two to three times what it did (the
 # suite 1940 s against 733 s, session 53). LLVM's optimization level 0 with
-# its expensive passes off cuts a small program's compile from about 69 to
-# 45 ms there and the whole suite from 1940 to 1377 s, every test passing
+# its expensive passes off cuts a small program's compile from 90-102 to
+# 58-71 ms there (three runs of `python3 -m experiments.probe_test_compile_flags`,
+# jax 0.10.2) and the whole suite from 1940 to 1377 s, every test passing
 # either way. What changes in the programs: XLA's fusion and layout passes
 # are its own and run as before, but at level 0 LLVM no longer contracts a
 # float multiply and add into one FMA (XLA allows the contraction; a*b+c
@@ -41,7 +42,9 @@ def _accelerator_plugin_installed() -> bool:
 # level's contractions are checked where a developer runs the suite with
 # LOWBIT_JAX_TEST_XLA_DEFAULTS=1 (BUILD.md records those runs). The older
 # fusion emitters (--xla_cpu_use_fusion_emitters=false) compile faster still
-# but change more: test_properties' FP8 idempotence fails with them. CPU-only
+# (28-29 ms) but change more: test_properties' FP8 idempotence
+# (`XLA_FLAGS=--xla_cpu_use_fusion_emitters=false python3 -m pytest
+# tests/core/test_properties.py -k idempotent`) fails with them. CPU-only
 # installs only: on a GPU or TPU machine the flag would also lower the
 # device compiler's level, and the tests there time kernels.
 _FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0",
