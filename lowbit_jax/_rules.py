@@ -1801,7 +1801,9 @@ def site_ragged_dot(site: Site, lhs, rhs, group_sizes, precision=None,
   if site.mode == "calibrate":
     x = _float(lhs)
     if call.observe is not None:
-      call.observe(ops.routed_rows_only(x, group_sizes))   # (padding rows: none)
+      # Rows of no group are NaN, which observers skip (zeros would enter a
+      # min or a percentile).
+      call.observe(ops.routed_rows_only(x, group_sizes, fill=jnp.nan))
     rec = input_recorder()
     if rec is not None:
       rec(site, "ragged_dot", x, rhs, {"group_sizes": group_sizes,

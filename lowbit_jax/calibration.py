@@ -131,6 +131,8 @@ class Observer:
       shape and dtype are read) quantized with ``spec``.
     update: ``update(state, x) -> state``: folds one batch in. Jit-able; ``x``
       may have any leading shape (the last dim must match for per-channel).
+      Non-finite values (NaN, inf) are skipped: a grouped matmul's rows of
+      no group reach it as NaN.
     finalize: ``finalize(state, spec) -> {"amax": ..., "amin": ... or None}``:
       the static range, float32, scalar or ``[K]``; ``amin`` only for
       asymmetric specs. Jit-able with ``spec`` static.

@@ -1254,11 +1254,15 @@ def _qgrad_ragged_bwd(cfg, res, g):
 _qgrad_ragged.defvjp(_qgrad_ragged_fwd, _qgrad_ragged_bwd)
 
 
-def routed_rows_only(x: jax.Array, group_sizes) -> jax.Array:
+def routed_rows_only(x: jax.Array, group_sizes, fill=0) -> jax.Array:
   """``x`` ``[M, K]`` with its rows at or past ``sum(group_sizes)`` (rows of no
-  group, e.g. an MoE's padding) set to zero."""
+  group, e.g. an MoE's padding) set to ``fill``.
+
+  Zero (the default) leaves a max-based scale as the routed rows give it;
+  calibration passes NaN, which every observer skips, so that a min,
+  percentile or histogram sees the routed rows alone."""
   keep = jnp.arange(x.shape[0]) < jnp.sum(group_sizes)
-  return jnp.where(keep[:, None], x, jnp.zeros((), x.dtype))
+  return jnp.where(keep[:, None], x, jnp.asarray(fill, x.dtype))
 
 
 def ragged_dot(lhs, rhs, group_sizes, precision=None, preferred_element_type=None, *,

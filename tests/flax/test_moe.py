@@ -218,3 +218,29 @@ def test_block_format_experts_store_exactly(moe, fmt):
   for name in ("gate_proj", "up_proj", "down_proj"):
     np.testing.assert_array_equal(variables["params"][name]["kernel"].logical(),
                                   qp[name]["kernel"])
+
+
+@pytest.mark.parametrize("fmt,calibration", [("uint8", "minmax"), ("int8", "percentile"),
+                                             ("uint8", "absmax_ema")])
+def test_calibration_sees_the_routed_rows_only(fmt, calibration):
+  # Rows past sum(group_sizes) belong to no expert. They were zeroed before
+  # the observer: an asymmetric range then reached down to 0 (0.50 without
+  # them) and a percentile moved. They are skipped now, whatever they hold.
+  def fn(p, x, gs):
+    return jax.lax.ragged_dot(x, p["experts"], gs)
+
+  kx, kw = jax.random.split(jax.random.key(3))
+  x = jnp.abs(jax.random.normal(kx, (10, 32))) + 0.5
+  p = {"experts": jax.random.normal(kw, (2, 32, 16))}
+  gs = jnp.array([5, 3], jnp.int32)
+  spec = QuantSpec(fmt, axis="tensor", calibration=calibration)
+  cal = quantize_function(fn, [QuantRule(".*", activation=spec, static=True)],
+                          mode="calibrate")
+  want = cal.finalize_stats(cal(p, x[:8], gs)[1])["experts"]
+  assert float(want["amax"]) > 3.0
+  if fmt == "uint8":
+    assert float(want["amin"]) >= 0.5
+  for pad in (0.0, 7.0, jnp.inf):
+    got = cal.finalize_stats(cal(p, x.at[8:].set(pad), gs)[1])["experts"]
+    for name, v in want.items():
+      np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(v))
