@@ -72,6 +72,15 @@ def expert_spec(spec: QuantSpec) -> QuantSpec:
   return spec
 
 
+def stack_tensor_amax(w: jax.Array) -> jax.Array:
+  """The tensor range a two-level (NVFP4) spec rounds every expert of the
+  stack ``w`` under: real mode stores the stack as one tensor. Over finite
+  values, as quantize takes a tensor's range (any positive range for an
+  all-zero stack: its blocks are zero under every scale)."""
+  t_amax = scaling.current_amax(w)
+  return jnp.where(t_amax > 0, t_amax, jnp.float32(1.0))
+
+
 def quantize_experts(w: jax.Array, grams: jax.Array, counts, spec: QuantSpec,
                      method: str, *, blocksize: int = 128, percdamp: float = 0.01,
                      act_order: bool = False) -> tuple:
@@ -100,12 +109,7 @@ def quantize_experts(w: jax.Array, grams: jax.Array, counts, spec: QuantSpec,
   """
   counts = [float(c) for c in np.asarray(counts)]
   outs, amaxs, amins, fallback = [], [], [], []
-  t_amax = None
-  if spec.tensor_scale:
-    # Over finite values, as quantize takes a tensor's range (any positive
-    # range for an all-zero stack: its blocks are zero under every scale).
-    t_amax = scaling.current_amax(w)
-    t_amax = jnp.where(t_amax > 0, t_amax, jnp.float32(1.0))
+  t_amax = stack_tensor_amax(w) if spec.tensor_scale else None
   for e in range(w.shape[0]):
     we = w[e]
     if method == "gptq" and counts[e] > 0:

@@ -1231,7 +1231,9 @@ def mixed_precision_rules(model, params, capture: Capture,
                        "the capture's rules")
     try:
       if st.op == "ragged_dot":   # experts: each on its own Hessian, summed
-        per = [mp.weight_sensitivity(mat[e], st.hessian[e], specs)
+        # (under the stack's tensor range, which real mode stores it with)
+        t_amax = _experts.stack_tensor_amax(mat)
+        per = [mp.weight_sensitivity(mat[e], st.hessian[e], specs, tensor_amax=t_amax)
                for e in range(mat.shape[0])]
         costs[path] = {n: sum(c[n] for c in per) for n in specs}
       else:

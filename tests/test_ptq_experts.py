@@ -278,6 +278,28 @@ def test_mixed_precision_sums_each_experts_sensitivity(setup):
   assert sorted(res.report["layers"]) == ["down/kernel", "up/kernel"]
 
 
+def test_nvfp4_sensitivity_rounds_experts_under_the_stacks_tensor_range(setup):
+  # Real mode stores an expert stack as one tensor: NVFP4's tensor scale is
+  # the stack's. The sensitivity took each expert's own (about 3% off on the
+  # smoke Llama's down_proj; 0.8% here, with one expert 8x larger: a hundred
+  # times the tolerance the cost is checked to).
+  from lowbit_jax.algorithms.rtn import hessian_error
+  _, params, batches, _ = setup
+  params = {**params, "up": {"kernel": params["up"]["kernel"].at[0].multiply(8.0)}}
+  cap = lb.capture_hessians(moe_fn, params, batches, RULES)
+  nv = lb.QuantSpec("nvfp4")
+  _, alloc = lb.mixed_precision_rules(moe_fn, params, cap, {"nvfp4": nv}, 16.0)
+  want, own = 0.0, 0.0
+  for p, st in cap.stats.items():
+    w = params[p.split("/")[0]]["kernel"]
+    stack = lb.fake_quant(w, nv.replace(axis=1))   # as ops.ragged_dot rounds it
+    for e in range(E):
+      want += float(hessian_error(st.hessian[e], w[e], stack[e]))
+      own += float(hessian_error(st.hessian[e], w[e], lb.fake_quant(w[e], nv.replace(axis=0))))
+  np.testing.assert_allclose(alloc.cost, want, rtol=1e-5)
+  assert abs(own - want) > 1e-3 * want
+
+
 class NormMoE(nn.Module):
   """An RMSNorm, then ``LinenMoE``: the router and the up experts read its output."""
 

@@ -65,7 +65,8 @@ def spec_bits(spec: Optional[SpecLike], shape: Sequence[int],
 
 
 def weight_sensitivity(w: jax.Array, hessian: jax.Array,
-                       candidates: Mapping[str, Optional[SpecLike]]) -> dict:
+                       candidates: Mapping[str, Optional[SpecLike]], *,
+                       tensor_amax=None) -> dict:
   """Output squared error ``trace(E^T H E)`` of RTN with each candidate format.
 
   Args:
@@ -73,6 +74,10 @@ def weight_sensitivity(w: jax.Array, hessian: jax.Array,
       the Gram matrix of its im2col patches from ``capture_dense_stats``).
     hessian: ``[K, K]`` Gram matrix ``X^T X`` of its calibration inputs.
     candidates: name -> weight spec (None: keep float, cost 0).
+    tensor_amax: the tensor range of candidates with a tensor scale (NVFP4)
+      when ``w`` is part of a larger tensor, e.g. one expert of a stack that
+      is quantized as one tensor; None takes ``w``'s own. Other candidates
+      ignore it.
 
   Returns:
     name -> float cost.
@@ -83,13 +88,15 @@ def weight_sensitivity(w: jax.Array, hessian: jax.Array,
     if spec is None:
       out[name] = 0.0
     else:
-      out[name] = float(_rtn_error(w, jnp.asarray(hessian), spec=kernel_spec(spec)))
+      spec = kernel_spec(spec)
+      t = tensor_amax if spec.tensor_scale else None
+      out[name] = float(_rtn_error(w, jnp.asarray(hessian), t, spec=spec))
   return out
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
-def _rtn_error(w, hessian, *, spec):
-  return hessian_error(hessian, w, fake_quant(w, spec))
+def _rtn_error(w, hessian, tensor_amax, *, spec):
+  return hessian_error(hessian, w, fake_quant(w, spec, tensor_amax=tensor_amax))
 
 
 def _table(costs, sizes, bits):
