@@ -289,13 +289,17 @@ def test_nvfp4_sensitivity_rounds_experts_under_the_stacks_tensor_range(setup):
   cap = lb.capture_hessians(moe_fn, params, batches, RULES)
   nv = lb.QuantSpec("nvfp4")
   _, alloc = lb.mixed_precision_rules(moe_fn, params, cap, {"nvfp4": nv}, 16.0)
-  want, own = 0.0, 0.0
-  for p, st in cap.stats.items():
-    w = params[p.split("/")[0]]["kernel"]
-    stack = lb.fake_quant(w, nv.replace(axis=1))   # as ops.ragged_dot rounds it
-    for e in range(E):
-      want += float(hessian_error(st.hessian[e], w[e], stack[e]))
-      own += float(hessian_error(st.hessian[e], w[e], lb.fake_quant(w[e], nv.replace(axis=0))))
+
+  @jax.jit
+  def errors(w, grams):   # the stack as ops.ragged_dot rounds it; each expert alone
+    stack = lb.fake_quant(w, nv.replace(axis=1))
+    alone = jax.vmap(lambda we: lb.fake_quant(we, nv.replace(axis=0)))(w)
+    err = jax.vmap(hessian_error)
+    return jnp.sum(err(grams, w, stack)), jnp.sum(err(grams, w, alone))
+
+  sums = [errors(params[p.split("/")[0]]["kernel"], st.hessian)
+          for p, st in cap.stats.items()]
+  want, own = (sum(float(s[i]) for s in sums) for i in range(2))
   np.testing.assert_allclose(alloc.cost, want, rtol=1e-5)
   assert abs(own - want) > 1e-3 * want
 
