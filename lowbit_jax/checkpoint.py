@@ -54,7 +54,13 @@ line naming the damaged files and the leaves (pytree paths) whose arrays they
 ruin: each stored array is then read on its own and checked, since an orbax
 data file holds several arrays. ``restore`` never returns an array that differs
 from the one saved, except with ``verify=False`` and a byte changed inside a
-file without changing its size.
+file without changing its size. Extra files are checked the same way (their
+sizes and SHA-256 are in the metadata) when ``restore(files=)`` reads them.
+
+Paths: orbax reads ``[...]`` in its directory's path as a glob character class
+and tensorstore splits paths at a backslash, so arrays saved under such a path
+land elsewhere or cannot be found; ``save`` and ``restore`` refuse those paths,
+and ``save`` refuses a name too long for its temporary sibling.
 """
 from __future__ import annotations
 
@@ -77,7 +83,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lowbit_jax import _rules
+from lowbit_jax import _io, _rules
 from lowbit_jax import formats as _formats
 from lowbit_jax.core._qarray import FIELDS as _FIELDS
 from lowbit_jax.core._qarray import QArray
@@ -347,13 +353,16 @@ def _sibling(directory: str, kind: str) -> str:
 
 
 def _leftovers(directory: str, kind: str) -> list:
+  """The ``.<name>.<kind>-<pid>-<8 hex>`` siblings a save of ``directory``
+  made. The whole name must match: those of a checkpoint named, say,
+  ``<name>.old-1`` start with the same prefix and are another checkpoint's."""
   parent, name = os.path.split(directory)
-  prefix = f".{name}.{kind}-"
+  own = re.compile(re.escape(f".{name}.{kind}-") + r"[0-9]+-[0-9a-f]{8}")
   try:
     entries = os.listdir(parent)
   except FileNotFoundError:
     return []
-  return sorted(os.path.join(parent, e) for e in entries if e.startswith(prefix))
+  return sorted(os.path.join(parent, e) for e in entries if own.fullmatch(e))
 
 
 def _exchange_fn():
@@ -417,6 +426,31 @@ def _check_replaceable(directory: str) -> None:
                      "delete it: remove it yourself or save elsewhere")
 
 
+# Beside the checkpoint, save adds at most this many bytes to its name: the
+# temporary ".<name>.tmp-<pid>-<8 hex>" (a pid has at most 7 digits).
+_SIBLING_EXTRA = len(".") + len(".tmp-") + 7 + len("-") + 8
+
+
+def _check_path(directory: str, doing: str) -> None:
+  """Raises for a path orbax cannot store arrays under, or a name too long
+  for the temporary and lock files ``save`` puts beside it."""
+  _io.check_orbax_path(directory, doing)
+  if doing == "restore:":
+    return
+  parent, name = os.path.split(directory)
+  try:
+    limit = os.pathconf(parent if os.path.isdir(parent) else "/", "PC_NAME_MAX")
+  except (OSError, ValueError):
+    limit = 255
+  n = len(os.fsencode(name))
+  if n + _SIBLING_EXTRA > limit:
+    raise ValueError(
+        f"{doing} {directory}: its name is {n} bytes; save writes the checkpoint "
+        f"beside it first, under a name {_SIBLING_EXTRA} bytes longer, and this "
+        f"file system allows {limit}: use a name of at most "
+        f"{limit - _SIBLING_EXTRA} bytes")
+
+
 def check_save_target(directory: str, *, force: bool = False) -> None:
   """Raises now what ``save(directory, ..., force=force)`` would raise about
   the target directory, for callers with a long computation before the save.
@@ -424,9 +458,12 @@ def check_save_target(directory: str, *, force: bool = False) -> None:
   Raises:
     FileExistsError: ``directory`` exists and ``force`` is False.
     ValueError: ``force`` is True but ``directory`` is not a checkpoint that
-      ``save`` may replace.
+      ``save`` may replace; a path orbax cannot store arrays under (with
+      ``[...]`` or a backslash), or a name too long for the temporary
+      directory ``save`` writes beside it.
   """
   directory = os.path.abspath(os.fspath(directory))
+  _check_path(os.path.realpath(directory), "save:")
   if os.path.exists(directory):
     if not force:
       raise FileExistsError(f"{directory} exists; pass force=True to overwrite it")
@@ -607,6 +644,7 @@ def save(directory: str, params: Any, *, force: bool = False,
     SaveInProgressError: another save to ``directory`` is running.
   """
   directory = os.path.realpath(os.path.abspath(os.fspath(directory)))
+  _check_path(directory, "save:")
   if os.path.exists(directory) and not force:
     raise FileExistsError(f"{directory} exists; pass force=True to overwrite it")
   extra = _check_extra_files(extra_files)
@@ -640,7 +678,10 @@ def save(directory: str, params: Any, *, force: bool = False,
         with open(os.path.join(tmp, fname), "wb") as f:
           f.write(data)
       record = {"version": VERSION, "skeleton": skeleton, "leaves": meta,
-                "files": _file_manifest(arrays)}
+                "files": _file_manifest(arrays),
+                "extra_files": {fname: {"size": len(data),
+                                        "sha256": hashlib.sha256(data).hexdigest()}
+                                for fname, data in extra.items()}}
       record["sha256"] = _meta_digest(record)
       _write_meta(os.path.join(tmp, _META), record)
       _fsync_tree(tmp)
@@ -895,13 +936,14 @@ def restore(directory: str, *, sharding: ShardingLike = None,
       arrays; the message names the files and leaves.
   """
   directory = os.path.abspath(os.fspath(directory))
+  _check_path(os.path.realpath(directory), "restore:")
   for attempt in range(_RESTORE_ATTEMPTS):
     where = _locate(directory)
     before = _identity(where)
     try:
       out = _restore_once(where, sharding, target, verify)
       if files:
-        out = (out, {name: _read_extra(where, name) for name in files})
+        out = (out, {name: _read_extra(where, name, verify) for name in files})
     except (ValueError, OSError):
       if attempt + 1 < _RESTORE_ATTEMPTS and _identity(_locate(directory)) != before:
         continue  # a save replaced the checkpoint while it was read: read again
@@ -916,7 +958,9 @@ def restore(directory: str, *, sharding: ShardingLike = None,
 _RESTORE_ATTEMPTS = 5
 
 
-def _read_extra(directory: str, name: str) -> bytes:
+def _read_extra(directory: str, name: str, verify: bool) -> bytes:
+  """An extra file, checked against the size and (``verify``) SHA-256 the
+  save recorded (checkpoints from before lowbit_jax recorded them: unchecked)."""
   if os.path.basename(name) != name or name in (_META, _ARRAYS):
     raise ValueError(f"files: {name!r} is not an extra file's name (save's "
                      "extra_files keys are plain file names)")
@@ -925,7 +969,16 @@ def _read_extra(directory: str, name: str) -> bytes:
     raise FileNotFoundError(f"the checkpoint in {directory} has no file {name!r} "
                             "(the save that wrote it did not pass it in extra_files)")
   with open(path, "rb") as f:
-    return f.read()
+    data = f.read()
+  want = _read_meta(directory).get("extra_files", {}).get(name)
+  if want is not None and (len(data) != want["size"] or (
+      verify and hashlib.sha256(data).hexdigest() != want["sha256"])):
+    why = (f"size {len(data)}, saved {want['size']}" if len(data) != want["size"]
+           else "checksum mismatch")
+    raise CheckpointCorruptedError(
+        f"the checkpoint in {directory} is damaged: its file {path} ({why}) does "
+        "not match what save() stored")
+  return data
 
 
 def _identity(path: str):

@@ -398,3 +398,70 @@ def test_extra_files_are_read_with_their_arrays(tmp_path, monkeypatch):
   assert json.loads(files["run.json"]) == {"seed": _which(tree)} == {"seed": 1}
   with pytest.raises(FileNotFoundError, match="has no file 'other.json'"):
     checkpoint.restore(d, files=("other.json",))
+
+
+@pytest.mark.parametrize("name", ["run[1]/ck", "sweep[lr=1e-3]/ck", "run\\2"])
+def test_paths_orbax_cannot_keep_arrays_under_are_refused(tmp_path, name):
+  # Orbax globs its own directory ([1] is a character class there) and
+  # tensorstore splits paths at a backslash: such a save wrote an unreadable
+  # checkpoint and returned normally, with force=True over a good one.
+  from lowbit_jax.train import state  # pylint: disable=g-import-not-at-top
+  d = tmp_path / name
+  match = "glob pattern|backslash"
+  with pytest.raises(ValueError, match=match):
+    checkpoint.check_save_target(d)
+  with pytest.raises(ValueError, match=match):
+    checkpoint.save(d, _tree(0))
+  assert sorted(os.listdir(tmp_path)) == []
+  # A good checkpoint moved there is named as unreadable there, and kept.
+  checkpoint.save(tmp_path / "good", _tree(0))
+  d.parent.mkdir(exist_ok=True)
+  os.rename(tmp_path / "good", d)
+  with pytest.raises(ValueError, match=match):
+    checkpoint.save(d, _tree(1), force=True)
+  with pytest.raises(ValueError, match=match):
+    checkpoint.restore(d)
+  os.rename(d, tmp_path / "back")
+  assert _which(checkpoint.restore(tmp_path / "back")) == 0
+  with pytest.raises(ValueError, match=match):   # a training run's checkpoints
+    state.checkpoint_manager(d / "checkpoints")
+
+
+def test_another_checkpoints_leftovers_are_not_taken_for_ours(tmp_path):
+  # A save of "ck.old-1" killed before its swap leaves ".ck.old-1.tmp-*",
+  # which starts like a leftover of "ck" (".ck.old-"): restore("ck") returned
+  # its arrays, and save("ck") moved it into place and refused to overwrite.
+  foreign = tmp_path / ".ck.old-1.tmp-123-abcdef12"
+  checkpoint.save(tmp_path / "src", _tree(1))
+  os.rename(tmp_path / "src", foreign)
+  with pytest.raises(ValueError, match="not a lowbit_jax checkpoint"):
+    checkpoint.restore(tmp_path / "ck")
+  checkpoint.save(tmp_path / "ck", _tree(0))
+  assert _which(checkpoint.restore(tmp_path / "ck")) == 0
+  assert _which(checkpoint.restore(foreign)) == 1   # not touched
+
+
+def test_damaged_extra_files_are_caught(tmp_path):
+  # Extra files (a run's metadata, read to rebuild its model) were returned
+  # unchecked: a flipped bit turned vocab 8192 into 9192.
+  d = tmp_path / "ck"
+  checkpoint.save(d, _tree(0), extra_files={"run.json": '{"vocab": 8192}'})
+  _, files = checkpoint.restore(d, files=("run.json",))
+  assert json.loads(files["run.json"]) == {"vocab": 8192}
+  (d / "run.json").write_bytes(b'{"vocab": 9192}')
+  with pytest.raises(checkpoint.CheckpointCorruptedError, match="run.json.*checksum"):
+    checkpoint.restore(d, files=("run.json",))
+  (d / "run.json").write_bytes(b'{"vocab": 81920}')   # caught without checksums too
+  with pytest.raises(checkpoint.CheckpointCorruptedError, match="run.json.*size 16"):
+    checkpoint.restore(d, files=("run.json",), verify=False)
+
+
+def test_names_too_long_for_the_temporaries_beside_them_are_refused(tmp_path):
+  from lowbit_jax import _io  # pylint: disable=g-import-not-at-top
+  limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+  with pytest.raises(ValueError, match=f"use a name of at most {limit - 22} bytes"):
+    checkpoint.save(tmp_path / ("r" * (limit - 10)), _tree(0))
+  checkpoint.save(tmp_path / ("r" * (limit - 22)), _tree(0))
+  # An atomic file write takes any legal name (its temporary's is short).
+  _io.write_atomic(tmp_path / ("j" * limit), "{}")
+  assert (tmp_path / ("j" * limit)).read_text() == "{}"

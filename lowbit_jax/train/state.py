@@ -25,6 +25,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
+from lowbit_jax import _io
 from lowbit_jax.train.sharding import Layout
 
 
@@ -154,7 +155,13 @@ def abstract_state(model: Any, tx: optax.GradientTransformation,
 
 def checkpoint_manager(directory: str | os.PathLike[str], *,
                        keep: int = 2) -> ocp.CheckpointManager:
-  """An Orbax ``CheckpointManager`` keeping the ``keep`` latest checkpoints."""
+  """An Orbax ``CheckpointManager`` keeping the ``keep`` latest checkpoints.
+
+  Raises:
+    ValueError: ``directory`` holds ``[...]`` or a backslash, under which
+      orbax writes checkpoints that cannot be restored (a run could not resume).
+  """
+  _io.check_orbax_path(directory, "training checkpoints in")
   return ocp.CheckpointManager(
       pathlib.Path(directory).absolute(),
       options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
