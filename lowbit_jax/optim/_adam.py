@@ -47,6 +47,7 @@ DEFAULT_MIN_SIZE = 4096
 # optax >= 0.2.5 names it safe_increment; older releases safe_int32_increment.
 _safe_increment = getattr(optax, "safe_increment", None) or optax.safe_int32_increment
 _BLOCK_8BIT = 2048  # Dettmers et al. 2022
+_G_CAP = np.float32(2.0 ** 63)  # the largest |g| whose square stays finite, capped
 _BLOCK_4BIT = 128  # Li et al. 2023
 
 
@@ -307,18 +308,22 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
         new_mu.append(mu)
         new_nu.append(nu)
         continue
-      if jnp.iscomplexobj(g):  # optax: |g|**2 for the second moment
-        gf = g.astype(jnp.complex64)
-        g2 = jnp.real(gf * jnp.conj(gf))
-      else:
-        gf = g.astype(jnp.float32)
-        g2 = gf ** 2
+      gf = g.astype(jnp.complex64 if jnp.iscomplexobj(g) else jnp.float32)
       if isinstance(nu, QArray):
         # A finite |g| above 1.8e19 squares to inf, and inf in a block makes its
         # scale inf and every element inf / inf = NaN for good (float32 moments
-        # keep the inf to that element). Capped, the block's other elements
-        # only lose precision under its absmax, as any outlier makes them.
-        g2 = jnp.minimum(g2, jnp.finfo(jnp.float32).max)
+        # keep the inf to that element). |g| is capped at 2**63 (squared:
+        # 2**126) for both moments alike: capping g**2 alone left m at 1e29
+        # against a finite v, an update of 5e10 for g = 1e30 (Adam's first
+        # step is at most 1) and hundreds of steps more like it. The block's
+        # other elements only lose precision under its absmax, as any outlier
+        # makes them.
+        a = jnp.abs(gf)
+        gf = jnp.where(a > _G_CAP, gf * (_G_CAP / jnp.where(a > _G_CAP, a, 1.0)), gf)
+      if jnp.iscomplexobj(gf):  # optax: |g|**2 for the second moment
+        g2 = jnp.real(gf * jnp.conj(gf))
+      else:
+        g2 = gf ** 2
       m = (1 - b1) * gf + b1 * _read(mu, g.shape)
       v = (1 - b2) * g2 + b2 * _read(nu, g.shape)
       m_hat = m / bc1.astype(m.dtype)

@@ -21,6 +21,7 @@ import functools
 import json
 import logging as py_logging
 import math
+import numbers
 import os
 import pathlib
 import time
@@ -52,6 +53,10 @@ STATE_FORMATS = ("float32", "int8", "fp8_e4m3", "4bit")
 # Optimizer
 
 
+def _real(v) -> bool:
+  return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 def make_schedule(lr: float, warmup_steps: int, total_steps: int,
                   min_lr_ratio: float = 0.1) -> optax.Schedule:
   """Linear warmup from 0 to ``lr``, then cosine decay to ``lr * min_lr_ratio``.
@@ -59,6 +64,9 @@ def make_schedule(lr: float, warmup_steps: int, total_steps: int,
   Raises:
     ValueError: if the step counts or the ratio are out of range.
   """
+  if not _real(lr) or not (math.isfinite(lr) and lr >= 0):
+    raise ValueError(f"the learning rate must be a finite number >= 0, got {lr!r} "
+                     "(--config.lr).")
   if total_steps < 1 or not 0 <= warmup_steps <= total_steps:
     raise ValueError(f"need total_steps >= 1 and 0 <= warmup_steps <= total_steps, "
                      f"got warmup_steps={warmup_steps}, total_steps={total_steps} "
@@ -92,6 +100,13 @@ def adamw(learning_rate: optax.ScalarOrSchedule, *, b1: float, b2: float,
   if state_format not in STATE_FORMATS:
     raise ValueError(f"optim.state_format must be one of {STATE_FORMATS}, got "
                      f"{state_format!r}.")
+  for name, v, hi in (("b1", b1, 1.0), ("b2", b2, 1.0), ("eps", eps, math.inf),
+                      ("weight_decay", weight_decay, math.inf)):
+    # (optax takes any value: b1 = 1 or b2 = 1 divides by zero in the bias
+    # correction, and a negative weight decay or eps trains something else)
+    if not _real(v) or not 0 <= v < hi:
+      raise ValueError(f"AdamW's {name} must be in [0, {hi:g}), got {v!r} "
+                       f"(--config.{name}).")
   if state_format == "float32":
     return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps,
                        weight_decay=weight_decay, mask=mask)
@@ -125,12 +140,16 @@ def make_optimizer(lr: float, warmup_steps: int, total_steps: int, *,
   Returns:
     An ``optax.GradientTransformation``.
   """
+  if not _real(clip_norm) or not 0 <= clip_norm < math.inf:
+    raise ValueError(f"clip_norm must be a finite number >= 0 (0 disables "
+                     f"clipping), got {clip_norm!r} (--config.clip_norm).")
   schedule = make_schedule(lr, warmup_steps, total_steps, min_lr_ratio)
   opt = adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
               mask=_decay_mask, state_format=state_format)
-  if clip_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(clip_norm), opt)
-  return opt
+  # Always a chain, so that its state has one structure whatever clip_norm is
+  # (a run resumed with clipping switched on or off restores it).
+  return optax.chain(optax.clip_by_global_norm(clip_norm) if clip_norm > 0
+                     else optax.identity(), opt)
 
 
 # ---------------------------------------------------------------------------
@@ -559,6 +578,27 @@ def run_layout(config: Any, mesh: Mesh) -> Layout:
                 on_block_split=_get(config, "sharding.on_block_split", "error"))
 
 
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def _check_finite_state(state: TrainState, done: int, manager, *,
+                        scales: bool) -> None:
+  """Raises before a save of parameters (or, ``scales``, learned scales) that
+  are not finite."""
+  if not bool(_all_finite((state.params, state.quant_scales if scales else {}))):
+    manager.wait_until_finished()
+    kept = manager.latest_step()
+    raise FloatingPointError(
+        f"non-finite parameters after step {done}; not saved, so the last "
+        + (f"checkpoint (step {kept}) is kept" if kept is not None else
+           "checkpoint is kept (there is none yet)")
+        + "; lower config.lr or config.clip_norm and resume.")
+
+
 def _validate(config: Any, cfg: LlamaConfig, mesh: Mesh) -> None:
   if config.seq_len > cfg.max_len:
     raise ValueError(f"config.seq_len={config.seq_len} exceeds model.max_len="
@@ -608,6 +648,16 @@ def _check_resume(workdir: pathlib.Path, config: Any, manager) -> list:
         f"{workdir} holds a run at step {latest}, past config.steps={config.steps}: "
         "nothing would train and its final evaluation would not be redone. Ask for "
         f"--config.steps >= {latest} to continue it, or use another --workdir.")
+  if not (workdir / "config.json").exists():
+    # Orbax checks shapes and dtypes only: moments of another state format
+    # (int8 and fp8_e4m3 have the same) or another model would restore as
+    # wrong numbers, so checkpoints whose run config is gone are not resumed.
+    raise ValueError(
+        f"{workdir} holds checkpoints (latest step {latest}) but not the "
+        "config.json of the run that wrote them, so they cannot be checked "
+        "against this config (orbax checks only shapes and dtypes: another "
+        "optimizer state format restores as wrong numbers). Put the run's "
+        "config.json back, or use another --workdir.")
   diff = state_lib.run_config_mismatch(workdir, config, only=_RESUME_FIELDS)
   if (workdir / "config.json").exists():
     # A recipe on one side only (a float run has no quant fields to compare).
@@ -623,8 +673,6 @@ def _check_resume(workdir: pathlib.Path, config: Any, manager) -> list:
         "cannot resume from them: use another --workdir, or delete this one to "
         "start over (steps, the schedule, optimizer hyperparameters, the mesh, "
         "logging and evaluation may change on resume).")
-  if not (workdir / "config.json").exists():
-    return []
   return state_lib.config_differences(state_lib.read_run_config(workdir), config)
 
 
@@ -824,6 +872,11 @@ def train(config: Any, workdir: str | os.PathLike[str], *,
         logging.info("eval at step %d: %s", done, ev)
         t0, tokens_since = time.perf_counter(), 0
       if (config.ckpt_every and done % config.ckpt_every == 0) or done == config.steps:
+        # The loss is checked every log_every steps only: a state gone
+        # non-finite in between must not replace the last good checkpoint.
+        # (Learned scales are placeholders, NaN, until quantization starts.)
+        _check_finite_state(state, done, manager,
+                            scales=recipe is not None and done > start_step)
         state_lib.save_checkpoint(manager, state)
     final, final_real, qdir = None, None, None
     if int(state.step) == config.steps:

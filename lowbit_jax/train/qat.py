@@ -274,14 +274,38 @@ class Recipe:
   def _init_vars(self, model, params, inputs) -> tuple[Any, Any]:
     kw = {"rngs": {"quant": jax.random.key(0)}} if self.stochastic else {}
     out = self.fake.init_quant_vars(model, {"params": params}, inputs, **kw)
+    self._check_rules_matched(params)
     return dict(out.get(SCALES, {})), dict(out.get(STATE, {}))
 
+  def _check_rules_matched(self, params) -> None:
+    """Raises when a rule matched no layer: a ``config.quant.layers`` that
+    matches nothing would train (and export) a float model, silently."""
+    unused = self.fake.unused_rules()
+    if not unused:
+      return
+    layers = sorted({"/".join(str(getattr(k, "key", k)) for k in path[:-1])
+                     for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+                     if str(getattr(path[-1], "key", "")) == "kernel"})
+    raise ValueError(
+        "config.quant: the layer regex "
+        + ", ".join(repr(r.path) for r in unused)
+        + " matched no layer of the model (as config.quant.layers it would "
+        "quantize nothing and train a float model; as config.quant.exclude it "
+        "excludes nothing). A regex must match a whole layer path, e.g. "
+        + ", ".join(repr(p) for p in layers[:4])
+        + (f" ({len(layers)} layers)" if len(layers) > 4 else "")
+        + "; use '.*' around a fragment ('.*q_proj').")
+
   def placeholder_vars(self, model, params) -> tuple[Any, Any]:
-    """Zero ``quant_scales``/``quant_state`` of the right structure (no data)."""
+    """``quant_scales``/``quant_state`` of the right structure, without data:
+    NaN learned scales and zero histories. ``init_from_data`` must replace
+    them before a quantized step: a step on the placeholders gives a NaN loss
+    (zero scales gave zero gradients, and the scales never moved)."""
     t = min(8, model.config.max_len)
-    shapes = jax.eval_shape(
+    scales, qstate = jax.eval_shape(
         lambda p: self._init_vars(model, p, jnp.zeros((1, t), jnp.int32)), params)
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    return (jax.tree.map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), scales),
+            jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), qstate))
 
   def init_from_data(self, model, state, inputs: jax.Array, layout):
     """``state`` with scales and histories initialised from a batch's inputs.
@@ -328,8 +352,9 @@ class Recipe:
       mult, start = self.scale_lr_mult, self.start_step
       scale_tx = optax.adam(lambda s: mult * schedule(s + start), b1=b1, b2=b2,
                             eps=eps)
-      if clip_norm > 0:
-        scale_tx = optax.chain(optax.clip_by_global_norm(clip_norm), scale_tx)
+      # (a chain either way: one state structure, whatever clip_norm is)
+      scale_tx = optax.chain(optax.clip_by_global_norm(clip_norm) if clip_norm > 0
+                             else optax.identity(), scale_tx)
 
     def labels(tree):
       return {"params": jax.tree.map(lambda _: "params", tree["params"]),

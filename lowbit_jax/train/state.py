@@ -180,7 +180,11 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract: TrainState,
     manager: the checkpoint manager.
     abstract: a ``TrainState`` of ``jax.ShapeDtypeStruct`` (with shardings)
       giving the structure and placement to restore into; its mesh may differ
-      from the one the checkpoint was saved from.
+      from the one the checkpoint was saved from. Orbax checks only shapes and
+      dtypes: it must come from the optimizer that wrote the checkpoint (a
+      quantized moment's format is not stored: int8 and fp8_e4m3 moments
+      have the same arrays). ``train`` checks this against the run's
+      ``config.json``.
     step: the step to restore; None for the latest.
   """
   step = manager.latest_step() if step is None else step
@@ -231,8 +235,8 @@ def read_json(path: str | os.PathLike[str]) -> Any:
     return json.loads(text)
   except json.JSONDecodeError as e:
     raise ValueError(f"{path} is not valid JSON ({e}): it was cut short or edited. "
-                     "Restore it, or delete it (a run's checkpoints stay; its "
-                     "config is then not checked on resume)") from e
+                     "Restore it (a run's checkpoints are resumed only when its "
+                     "config.json says what wrote them)") from e
 
 
 def _flat(d: Any, prefix: str = "") -> dict:

@@ -3,6 +3,7 @@ import dataclasses
 import importlib.util
 import json
 import pathlib
+import re
 
 import jax
 import ml_collections
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from lowbit_jax import train
+from lowbit_jax.models.llama import Llama
 
 from tests.train import test_layouts
 from tests.train._helpers import batches, synthetic_data, tiny_config
@@ -151,3 +153,80 @@ def test_bad_configs_fail_before_training(tmp_path):
   with pytest.raises(ValueError, match="not a scheme"):
     train.train(config, tmp_path / "c", data=synthetic_data(n_train=100))
   assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_bad_optimizer_settings_are_refused():
+  # optax takes them all: b1 or b2 = 1 divides by zero in the bias correction
+  # (NaN updates), a negative lr ascends, a negative clip_norm turned
+  # clipping off, and lr = nan trained NaN into the checkpoints.
+  for lr in (float("nan"), float("inf"), -1e-2):
+    with pytest.raises(ValueError, match="learning rate must be a finite number"):
+      train.make_schedule(lr, 1, 10)
+  for kw, name in ((dict(b1=1.0), "b1"), (dict(b2=1.0), "b2"), (dict(b1=-0.5), "b1"),
+                   (dict(eps=-1.0), "eps"), (dict(weight_decay=-0.1), "weight_decay"),
+                   (dict(eps=float("nan")), "eps")):
+    for fmt in ("float32", "int8"):
+      with pytest.raises(ValueError, match=f"AdamW's {name} must be in"):
+        train.make_optimizer(1e-3, 1, 10, state_format=fmt, **kw)
+  with pytest.raises(ValueError, match="clip_norm must be a finite number >= 0"):
+    train.make_optimizer(1e-3, 1, 10, clip_norm=-1.0)
+  train.make_optimizer(0.0, 0, 1, clip_norm=0.0)   # lr 0 (an RTN "step") is fine
+
+
+def _float_config(**changes):
+  c = _config("train_lm")
+  c.model = ml_collections.ConfigDict(dataclasses.asdict(tiny_config()))
+  c.seq_len, c.batch_size, c.steps, c.warmup_steps = 16, 8, 8, 1
+  c.log_every, c.eval_every, c.ckpt_every, c.keep_checkpoints = 8, 0, 1, 1
+  c.eval_tokens, c.eval_batch, c.final_eval_full = 256, 8, False
+  for k, v in changes.items():
+    setattr(c, k, v)
+  return c
+
+
+def test_a_non_finite_state_never_replaces_the_last_checkpoint(tmp_path):
+  # The loss is checked every log_every steps; a checkpoint was saved every
+  # ckpt_every steps regardless, and max_to_keep then deleted the last good one.
+  data = synthetic_data(4000, 600)
+  wd = tmp_path / "run"
+  train.train(_float_config(), wd, data=data, stop_at=2)
+  # Clipping switched off on resume: one optimizer state structure either way
+  # (orbax refused the tree before).
+  assert train.train(_float_config(clip_norm=0.0), wd, data=data, stop_at=3)["step"] == 3
+  with pytest.raises(FloatingPointError, match=r"non-finite parameters after step "
+                     r"(\d+); not saved, so the last checkpoint \(step \d+\) is kept") as e:
+    train.train(_float_config(lr=1e6), wd, data=data)
+  bad, kept = map(int, re.findall(r"step (\d+)", str(e.value)))
+  assert 3 <= kept == bad - 1 < 8
+  mgr = train.checkpoint_manager(wd / "checkpoints")
+  try:
+    assert mgr.latest_step() == kept
+    model = Llama(tiny_config())
+    tx, _ = train.run_optimizer(_float_config(), None)
+    st = train.restore_checkpoint(mgr, train.abstract_state(model, tx,
+                                                            train.make_mesh("data:1")))
+    assert int(st.step) == kept
+    assert all(bool(np.isfinite(np.asarray(x)).all()) for x in jax.tree.leaves(st.params))
+  finally:
+    mgr.close()
+  # Checkpoints whose run config is gone are not resumed: orbax checks only
+  # shapes, and another state format (int8 vs fp8_e4m3) restores as noise.
+  (wd / "config.json").unlink()
+  with pytest.raises(ValueError, match="not the config.json of the run"):
+    train.train(_float_config(), wd, data=data)
+
+
+def test_layer_regexes_that_match_nothing_and_placeholder_scales_are_loud():
+  model = Llama(tiny_config())
+  params = train.init_params(model, jax.random.key(0))
+  for quant in ({"layers": "q_proj"}, {"exclude": "lm_heads"}):
+    recipe = train.recipe_from_config({"quant": {"rules": "w4a8", **quant}})
+    with pytest.raises(ValueError, match=r"matched no layer of the model.*"
+                       r"'layers_0/attn/k_proj'"):
+      recipe.placeholder_vars(model, params)
+  # Placeholder learned scales are NaN until init_from_data: a quantized
+  # step on them gave zero gradients and the scales never moved.
+  recipe = train.recipe_from_config({"quant": {"rules": "w4a8", "layers": ".*q_proj"}})
+  scales, _ = recipe.placeholder_vars(model, params)
+  assert jax.tree.leaves(scales) and all(
+      bool(np.isnan(np.asarray(s)).all()) for s in jax.tree.leaves(scales))
