@@ -61,6 +61,39 @@ def _check(method: str, target: str):
     raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
 
 
+# Methods MiniLM cannot take, and why (checked before a sweep runs any point).
+MINILM_UNSUPPORTED = {
+    "quarot": "MiniLM is post-LN: its residual stream passes through LayerNorm, "
+              "so a rotation of the stream does not fold",
+    "spinquant": "MiniLM is post-LN: its residual stream passes through LayerNorm, "
+                 "so a rotation of the stream does not fold",
+    "omniquant": "it is wired for the decoder LM (llama_point); MiniLM's post-LN "
+                 "blocks would need their own block regex",
+}
+
+
+def _check_minilm(method: str, n_calib: int, n_eval: int) -> None:
+  """Raises for a method MiniLM cannot take or sizes its 230 sentences cannot
+  give (before any work: the sweep checks every point up front)."""
+  if method in MINILM_UNSUPPORTED:
+    raise ValueError(f"method {method!r} does not apply to MiniLM: "
+                     f"{MINILM_UNSUPPORTED[method]}; MiniLM takes "
+                     f"{[m for m in METHODS if m not in MINILM_UNSUPPORTED]}")
+  from lowbit_jax.models import minilm  # pylint: disable=g-import-not-at-top
+  total = len(minilm.sample_sentences())
+  if isinstance(n_calib, bool) or not isinstance(n_calib, int) or not (
+      1 <= n_calib <= total - 8):
+    raise ValueError(f"n_calib must be an int in [1, {total - 8}] (the first "
+                     f"n_calib of the {total} sample sentences calibrate; at least "
+                     f"8 are left to evaluate on), got {n_calib!r}")
+  left = total - n_calib
+  if isinstance(n_eval, bool) or not isinstance(n_eval, int) or not (
+      n_eval == 0 or 3 <= n_eval <= left):
+    raise ValueError(f"n_eval must be 0 (all {left} sentences not used to "
+                     f"calibrate) or an int in [3, {left}] (the rank correlation "
+                     f"needs 3), got {n_eval!r}")
+
+
 def _rules(scheme, target: str, weights_in_params: bool) -> list:
   act = scheme.activation if target == "weights+acts" else None
   w = None if weights_in_params else scheme.weight
@@ -151,14 +184,9 @@ def _minilm():
 
 @functools.lru_cache(maxsize=4)
 def _minilm_data(n_calib: int, n_eval: int):
-  if n_calib < 1 or n_eval < 0:
-    raise ValueError(f"n_calib must be >= 1 and n_eval >= 0 (0: every sentence "
-                     f"not used to calibrate), got n_calib={n_calib}, n_eval={n_eval}")
+  _check_minilm("rtn", n_calib, n_eval)
   minilm, model, params = _minilm()
   sents = minilm.sample_sentences()
-  if n_calib + 8 > len(sents):
-    raise ValueError(f"n_calib={n_calib} leaves too few of the {len(sents)} sample "
-                     "sentences to evaluate on")
   calib, evals = sents[:n_calib], sents[n_calib:]
   if n_eval:
     evals = evals[:n_eval]
@@ -261,6 +289,7 @@ def minilm_point(scheme: str, target: str = "weights", method: str = "rtn", *,
     stage, and ``layers`` (per-layer SQNR).
   """
   _check(method, target)
+  _check_minilm(method, n_calib, n_eval)
   sch = schemes_lib.get(scheme)
   minilm, model, params = _minilm()
   calib, evals, ref = _minilm_data(n_calib, n_eval)
@@ -279,9 +308,6 @@ def minilm_point(scheme: str, target: str = "weights", method: str = "rtn", *,
     capture = _minilm_capture(n_calib)
   qparams = params
   report = {}
-  if method == "omniquant":
-    raise ValueError("method 'omniquant' is wired for the decoder LM (llama_point); "
-                     "MiniLM's post-LN blocks would need their own block regex")
   if method != "rtn" and sch.weight is not None:
     act = sch.activation if target == "weights+acts" else None
     name, extra = _ptq_method(method)
@@ -332,10 +358,13 @@ def _check_attention(kv: str, qk: str, r3: bool) -> None:
 
 def _mean(vals) -> float:
   """Mean SQNR over layers: lossless (+inf) layers left out, all lossless is
-  +inf, and a NaN layer makes it NaN (never read as a good number)."""
+  +inf, and a NaN or -inf layer (nothing of the signal left) makes it NaN or
+  -inf (never read as a good number)."""
   vals = list(vals)
   if any(math.isnan(x) for x in vals):
     return float("nan")
+  if any(x == -math.inf for x in vals):
+    return -math.inf
   v = [x for x in vals if math.isfinite(x)]
   return float(np.mean(v)) if v else float("inf")
 
@@ -555,11 +584,17 @@ POINTS = {"minilm": minilm_point, "llama": llama_point}
 # Sweeps from a config
 
 
-def _label(row: dict) -> str:
+_LABELLED = ("scheme", "target", "method", "kv", "qk", "r3", "model")
+
+
+def _label(row: dict, axes=()) -> str:
+  """A point's short label; axes beyond the usual ones (e.g. n_calib) are
+  added as ``name=value``, so that two points never share a label."""
   attn = "".join(f"/{k}:{row[k]}" for k in ("kv", "qk")
                  if row.get(k, "none") != "none") + ("/R3" if row.get("r3") else "")
+  other = "".join(f"/{k}={row[k]}" for k in axes if k not in _LABELLED)
   return f"{row.get('scheme')}/{'W' if row.get('target') == 'weights' else 'W+A'}" + (
-      f"/{row['method']}" if row.get("method", "rtn") != "rtn" else "") + attn
+      f"/{row['method']}" if row.get("method", "rtn") != "rtn" else "") + attn + other
 
 
 def run_sweep_config(config, log=None) -> dict:
@@ -582,7 +617,7 @@ def run_sweep_config(config, log=None) -> dict:
   fn = POINTS[config.model]
   axes = {k: list(v) for k, v in dict(config.axes).items()}
   exclude = [dict(e) for e in config.get("exclude", [])]
-  points = [dict(p, model=config.model) for p in sweep.expand(axes, exclude)]
+  points = [dict(p, model=config.model) for p in sweep.expand(axes, exclude, log=log)]
   kwargs = dict(config.get("point_kwargs", {}))
   sig = inspect.signature(fn)
   for p in points:  # fail on a typo before hours of work (training), not at that point
@@ -604,6 +639,15 @@ def run_sweep_config(config, log=None) -> dict:
       bound.apply_defaults()
       _check_llama_sizes(*(bound.arguments[k] for k in
                            ("n_calib", "batch", "seq_len", "max_eval_tokens")))
+    elif fn is minilm_point:
+      bound.apply_defaults()
+      _check_minilm(*(bound.arguments[k] for k in ("method", "n_calib", "n_eval")))
+  if config.model == "llama" and "workdir" in axes:
+    raise ValueError("config.axes has 'workdir': a llama sweep's model is one "
+                     "workdir, set as config.point_kwargs.workdir (its fingerprint "
+                     "joins every point's id, so a retrained model's points run "
+                     "again; an axis of workdirs would reuse rows of an older "
+                     "model). Sweep each workdir as a sweep of its own")
   os.makedirs(config.out_dir, exist_ok=True)
   results = os.path.join(config.out_dir, "results.jsonl")
 
@@ -644,7 +688,7 @@ def run_sweep_config(config, log=None) -> dict:
   paths["table"] = os.path.join(config.out_dir, "table.md")
   px, py = config.plot.x, config.plot.y
   for r in rows:
-    r["label"] = _label(r)
+    r["label"] = _label(r, axes)
   paths["tradeoff"] = sweep.plot_tradeoff(
       rows, px, py, "label", "target" if "target" in axes else None,
       os.path.join(config.out_dir, "tradeoff.png"),

@@ -7,7 +7,8 @@ a rerun with other settings runs its points again instead of reusing rows
 measured under the old ones), so an interrupted sweep resumes where it
 stopped and finished work is never lost: each line is flushed as it is written.
 Non-finite metrics (a NaN perplexity) stay in the table as they are but are
-never on a Pareto front.
+never on a Pareto front. The results file is only ever appended to (several
+processes may share it); ``load_results`` reads the last row of each id.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ import time
 from typing import Callable, Iterable, Optional, Sequence
 
 
-def expand(axes: dict, exclude: Sequence[dict] = ()) -> list[dict]:
+def expand(axes: dict, exclude: Sequence[dict] = (), *,
+           log: Optional[Callable[[str], None]] = None) -> list[dict]:
   """The product of ``axes`` (name -> list of values), minus excluded points.
 
   Args:
@@ -35,6 +37,10 @@ def expand(axes: dict, exclude: Sequence[dict] = ()) -> list[dict]:
     ValueError: no axes, an axis that is not a non-empty list, an exclusion
       naming a key that is no axis (it would exclude nothing), or no point
       left (a sweep of zero points would rewrite its table empty).
+
+  An exclusion whose value is not among its axis's values matches no point:
+  ``log`` (default: stderr) says so, naming the value and the axis's values
+  (a typo, or an axis narrowed on the command line, where it is expected).
   """
   if not axes:
     raise ValueError("a sweep needs at least one axis")
@@ -52,6 +58,13 @@ def expand(axes: dict, exclude: Sequence[dict] = ()) -> list[dict]:
       raise ValueError(f"exclude entry {dict(ex)!r} names {unknown}, which "
                        f"{'is no axis' if len(unknown) == 1 else 'are no axes'} "
                        f"(the axes: {names}): it would exclude nothing")
+  for ex in exclude:
+    absent = {k: v for k, v in ex.items() if v not in axes[k]}
+    if absent:
+      (log or log_stderr)(
+          f"sweep: exclude entry {dict(ex)!r} matches no point: "
+          + ", ".join(f"{k}={v!r} is not among axis {k!r}'s values {axes[k]!r}"
+                      for k, v in absent.items()))
   pts = [dict(zip(names, vals)) for vals in itertools.product(*(list(axes[n])
                                                                 for n in names))]
   pts = [p for p in pts
@@ -72,21 +85,32 @@ def point_id(point: dict, settings: Optional[dict] = None) -> str:
 
 
 def load_results(path: str) -> list[dict]:
-  """Rows of a results file (a missing file gives []); a torn last line from a
-  killed run is ignored."""
+  """Rows of a results file, one per point id (the last written: a rerun's
+  row supersedes the old one), in the order the ids first appear; a missing
+  file gives []. A torn or garbled line from a killed run is ignored.
+
+  Raises:
+    ValueError: a row without an ``id`` (not a sweep's results file).
+  """
   if not os.path.exists(path):
     return []
-  rows = []
-  with open(path) as f:
-    for line in f:
+  rows = {}
+  # (Rows are ASCII JSON: undecodable bytes can only be a torn line's.)
+  with open(path, encoding="utf-8", errors="replace") as f:
+    for n, line in enumerate(f, 1):
       line = line.strip()
       if not line:
         continue
       try:
-        rows.append(json.loads(line))
+        row = json.loads(line)
       except json.JSONDecodeError:
         continue
-  return rows
+      if not isinstance(row, dict) or "id" not in row:
+        raise ValueError(f"{path} line {n} is not a sweep row (no 'id'): the "
+                         "file was not written by lowbit_jax.sweep; give the "
+                         "sweep another results path (out_dir)")
+      rows[row["id"]] = row
+  return list(rows.values())
 
 
 def _end_with_newline(path: str) -> None:
@@ -114,7 +138,9 @@ def run(points: Sequence[dict], fn: Callable[[dict], dict], results_path: str, *
       the load than the wall clock does).
     resume: skip points already present (by id); False runs every point
       again, its new rows superseding the old ones of the same ids (rows of
-      other points stay; the file keeps one row per id when the run ends).
+      other points stay). Rows are only ever appended, never rewritten, so
+      several processes may append to one results file: ``load_results``
+      reads the last row of each id.
     log: progress printer (default: stderr).
     settings: what every point shares (JSON-able; e.g. a config's fixed
       keyword arguments): part of each id and stored in each row, so rows
@@ -139,12 +165,13 @@ def run(points: Sequence[dict], fn: Callable[[dict], dict], results_path: str, *
   t_start = time.time()
   # Rows are always appended, so an interrupted run (resume=False included)
   # never loses the rows already there; a rerun point's new row supersedes
-  # its old one (last row wins), and the file is compacted at the end.
+  # its old one (last row wins). The file is never rewritten: another
+  # process may be appending to it (a compaction here lost its rows).
   _end_with_newline(results_path)
   with open(results_path, "a") as f:
     for i, p in enumerate(todo):
       t0, c0 = time.time(), time.process_time()
-      metrics = fn(p)
+      metrics = _check_metrics(fn(p), p)
       row = dict(p, id=pid(p), metrics=metrics, seconds=round(time.time() - t0, 3),
                  cpu_seconds=round(time.process_time() - c0, 3))
       if settings:
@@ -158,22 +185,41 @@ def run(points: Sequence[dict], fn: Callable[[dict], dict], results_path: str, *
           ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()
                     if not isinstance(v, (dict, list))) +
           f"  ({row['seconds']:.1f}s, eta {eta:.0f}s)")
-  if not resume and todo:
-    _compact(results_path)
   return [done[pid(p)] for p in points]
 
 
-def _compact(path: str) -> None:
-  """Rewrites a results file with one row per id (the last), atomically."""
-  rows = load_results(path)
-  last = {r["id"]: r for r in rows}
-  if len(last) == len(rows):
-    return
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    for r in last.values():
-      f.write(json.dumps(r, sort_keys=True) + "\n")
-  os.replace(tmp, path)
+def _jsonable(v, where: str):
+  """``v`` as plain JSON values: numpy and JAX scalars and arrays become
+  numbers and lists; anything else JSON cannot hold raises naming ``where``."""
+  if isinstance(v, dict):
+    out = {}
+    for k, x in v.items():
+      if not isinstance(k, str):
+        raise TypeError(f"{where}: key {k!r} is not a string (JSON object keys "
+                        "are strings)")
+      out[k] = _jsonable(x, f"{where}[{k!r}]")
+    return out
+  if isinstance(v, (list, tuple)):
+    return [_jsonable(x, f"{where}[{i}]") for i, x in enumerate(v)]
+  if v is None or isinstance(v, (bool, int, float, str)):
+    return v
+  if hasattr(v, "__array__") and hasattr(v, "dtype") and hasattr(v, "shape"):
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    a = np.asarray(v)
+    if a.dtype.kind in "biuf":
+      return a.item() if a.ndim == 0 else a.tolist()
+  raise TypeError(f"{where} is a {type(v).__name__}, which a results row cannot "
+                  "hold: return numbers, strings, lists and dicts of them")
+
+
+def _check_metrics(metrics, point: dict) -> dict:
+  """The point function's metrics as JSON values, checked before they are
+  written (a None was written, then every later run crashed reading it)."""
+  if not isinstance(metrics, dict):
+    raise TypeError(f"the point function returned {type(metrics).__name__} for "
+                    f"{point!r}; it must return a dict of metrics (nothing was "
+                    "written for this point)")
+  return _jsonable(metrics, f"metrics of {point!r}")
 
 
 def log_stderr(msg: str) -> None:
@@ -189,8 +235,16 @@ def _fmt(v) -> str:
   if isinstance(v, float):
     if math.isinf(v) or math.isnan(v):
       return str(v)
-    return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
+    out = f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
+    if float(out) in (0.0, 1.0, -1.0) and float(out) != v:
+      # (a cosine of 0.99996 printed as 1 reads as lossless)
+      out = f"{v:.8g}"
+    return out
   return str(v)
+
+
+def _cell(v) -> str:
+  return str(v).replace("|", "\\|")
 
 
 def markdown_table(rows: Sequence[dict], keys: Sequence[str],
@@ -201,7 +255,8 @@ def markdown_table(rows: Sequence[dict], keys: Sequence[str],
   lines = [head, sep]
   for r in rows:
     m = r.get("metrics", {})
-    cells = [str(r.get(k, "")) for k in keys] + [_fmt(m.get(k, "")) for k in metrics]
+    cells = [_cell(r.get(k, "")) for k in keys] + [_cell(_fmt(m.get(k, "")))
+                                                   for k in metrics]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 

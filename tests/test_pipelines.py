@@ -115,8 +115,40 @@ def test_bad_point_arguments():
   # A KV-cache format typo is refused before any point (and any training) runs.
   c = _config("sweep_llama_methods", "smoke")
   c.axes.kv = ["none", "int4x"]
+  said = []
+
+  def no_point_runs(s):
+    said.append(s)
+    if not s.startswith("sweep: exclude entry"):
+      pytest.fail(f"ran: {s}")
   with pytest.raises(ValueError, match="kv must be 'none' or a registered format"):
-    pipelines.run_sweep_config(c, log=lambda s: pytest.fail(f"ran: {s}"))
+    pipelines.run_sweep_config(c, log=no_point_runs)
+  # (the config's exclusions of kv='int4' now match nothing, and are named)
+  assert any("kv='int4' is not among axis 'kv'" in s for s in said)
+  # MiniLM refuses QuaRot, SpinQuant and OmniQuant (post-LN) and sizes its
+  # 230 sentences cannot give before any point runs: a sweep ran every
+  # earlier point first, and n_eval=5000 was cut to 222 silently.
+  c = _config("sweep_minilm", "smoke")
+  c.axes.method = ["rtn", "quarot"]
+  with pytest.raises(ValueError, match="'quarot' does not apply to MiniLM: MiniLM "
+                     "is post-LN"):
+    pipelines.run_sweep_config(c, log=no_point_runs)
+  for n_eval, match in ((5000, r"n_eval must be 0 .* or an int in \[3, 198\]"),
+                        (2, "the rank correlation needs 3")):
+    with pytest.raises(ValueError, match=match):
+      pipelines.minilm_point("int8", "weights", n_eval=n_eval)
+  with pytest.raises(ValueError, match=r"n_calib must be an int in \[1, 222\]"):
+    pipelines.minilm_point("int8", "weights", n_calib=225)
+  # A llama sweep over workdirs skipped the model fingerprint: rows of an
+  # older model were reused.
+  c = _config("sweep_llama", "smoke")
+  c.axes.workdir = [c.point_kwargs.workdir, "/tmp/b"]
+  del c.point_kwargs["workdir"]
+  with pytest.raises(ValueError, match="config.axes has 'workdir'"):
+    pipelines.run_sweep_config(c, log=no_point_runs)
+  # Points that differ in another axis get labels that differ.
+  row = {"scheme": "int8", "target": "weights", "n_calib": 8}
+  assert pipelines._label(row, ["scheme", "target", "n_calib"]) == "int8/W/n_calib=8"
 
 
 def test_llama_workdir_with_a_final_eval_but_no_checkpoint_says_so(tmp_path):

@@ -120,6 +120,58 @@ def test_mean_sqnr_is_nan_when_a_layer_is():
   assert np.isnan(pipelines._mean([float("nan"), 40.0]))  # pylint: disable=protected-access
   assert pipelines._mean([float("inf"), 40.0]) == 40.0  # pylint: disable=protected-access
   assert pipelines._mean([float("inf")]) == float("inf")  # pylint: disable=protected-access
+  # A layer with nothing of its signal left (-inf dB) was dropped as lossless.
+  assert pipelines._mean([-float("inf"), 40.0]) == -float("inf")  # pylint: disable=protected-access
+
+
+def test_exclusions_that_match_nothing_are_named():
+  said = []
+  pts = sweep.expand({"scheme": ["fp32", "int8"], "target": ["weights", "weights+acts"]},
+                     exclude=[{"scheme": "fp32", "target": "weights+act"}],
+                     log=said.append)
+  assert len(pts) == 4 and len(said) == 1
+  assert "target='weights+act' is not among axis 'target'" in said[0]
+  said.clear()
+  sweep.expand({"r3": [False, True]}, exclude=[{"r3": "True"}], log=said.append)
+  assert "r3='True' is not among" in said[0]
+
+
+def test_rows_are_appended_only_and_checked_before_they_are_written(tmp_path):
+  path = str(tmp_path / "r.jsonl")
+  quiet = lambda s: None  # noqa: E731
+  # Another process appending to the same file while a rerun (resume=False)
+  # ran: the rerun's compaction replaced the file and the other's rows went
+  # to the deleted copy.
+  other = open(path, "a")   # pylint: disable=consider-using-with
+  try:
+    sweep.run([{"a": 0}], lambda p: {"v": 1.0}, path, log=quiet)
+    sweep.run([{"a": 0}], lambda p: {"v": 9.0}, path, resume=False, log=quiet)
+    other.write(json.dumps({"a": 1, "id": "x1", "metrics": {"v": 2.0}}) + "\n")
+    other.flush()
+  finally:
+    other.close()
+  rows = sweep.load_results(path)
+  assert {r["id"]: r["metrics"]["v"] for r in rows} == {sweep.point_id({"a": 0}): 9.0,
+                                                        "x1": 2.0}
+  # Metrics that are not a dict, or hold what JSON cannot, were written (None:
+  # every later run crashed reading it) or lost the point's work unnamed.
+  with pytest.raises(TypeError, match="returned NoneType.*must return a dict"):
+    sweep.run([{"a": 2}], lambda p: None, path, log=quiet)
+  with pytest.raises(TypeError, match=r"\['bad'\] is a object"):
+    sweep.run([{"a": 2}], lambda p: {"bad": object()}, path, log=quiet)
+  assert len(sweep.load_results(path)) == 2
+  row, = sweep.run([{"a": 3}], lambda p: {"v": np.float32(0.5), "l": np.arange(2)},
+                   path, log=quiet)
+  assert row["metrics"] == {"v": 0.5, "l": [0, 1]}
+  # A foreign results file is named; garbage bytes of a torn line are skipped.
+  with open(path, "ab") as f:
+    f.write(b"\xff\xfe torn")
+  assert len(sweep.load_results(path)) == 3
+  with open(tmp_path / "foreign.jsonl", "w") as f:
+    f.write('{"loss": 1.0}\n')
+  with pytest.raises(ValueError, match="line 1 is not a sweep row"):
+    sweep.run([{"a": 0}], lambda p: {"v": 1.0}, str(tmp_path / "foreign.jsonl"),
+              log=quiet)
 
 
 def test_table_and_plots(tmp_path):
@@ -128,6 +180,10 @@ def test_table_and_plots(tmp_path):
   md = sweep.markdown_table(rows, ["scheme", "target"], ["bits", "q"])
   assert md.splitlines()[0] == "| scheme | target | bits | q |"
   assert "| mxfp4 | weights | 4.25 | 0.9 |" in md
+  # A cosine of 0.99996 printed as 1 read as lossless; a '|' split a cell.
+  near = [{"scheme": "a|b", "metrics": {"q": 0.99996}}, {"scheme": "c", "metrics": {"q": 1.0}}]
+  md = sweep.markdown_table(near, ["scheme"], ["q"])
+  assert "| a\\|b | 0.99996 |" in md and "| c | 1 |" in md
   p = sweep.plot_tradeoff(rows, "bits", "q", "scheme", "target", str(tmp_path / "a.png"))
   h = sweep.plot_heatmap(np.array([[1.0, np.inf], [3.0, 4.0]]), ["a", "b"], ["l0", "l1"],
                          str(tmp_path / "h.png"))
