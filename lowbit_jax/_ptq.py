@@ -569,16 +569,17 @@ def quantize_site(method: str, w: jax.Array, st: SiteStats, spec: QuantSpec, *,
   Returns:
     ``SiteResult(weight, scale, tensor_scale)``: the fake-quantized weight
     (w's layout and dtype), the scale grid it was rounded with in the layout
-    real mode stores (an asymmetric spec: a ``(scale, zero point)`` pair for
-    GPTQ, None for RTN, whose ranges real mode re-derives), and a two-level (NVFP4)
+    real mode stores (an asymmetric spec: a ``(scale, zero point)`` pair),
+    and a two-level (NVFP4)
     spec's float32 tensor scale, else None (``quantize_weight(w_q, plan,
     scale, tensor_scale)`` reproduces its codes).
 
   Raises:
-    ValueError: an unknown method, a spec GPTQ cannot take as a matrix, or
-      scales that do not reproduce the codes (the spec's blocks straddle the
-      weight's axes).
+    ValueError: an unknown method, a spec GPTQ cannot take as a matrix, a
+      weight holding NaN or inf, or scales that do not reproduce the codes
+      (the spec's blocks straddle the weight's axes).
   """
+  _check_finite_weight(w, path)
   wq, scale, tscale, exact, _, _ = _site(
       w, st.hessian, st.count, method=method, meta=tuple(st[2:]), spec=spec,
       path=path, opts=(blocksize, float(percdamp), bool(act_order)))
@@ -588,6 +589,16 @@ def quantize_site(method: str, w: jax.Array, st: SiteStats, spec: QuantSpec, *,
         f"layout (spec {spec}); the spec's blocks do not map onto the [K, N] matrix "
         "(a group_size must divide the last contraction axis)")
   return SiteResult(wq, scale, tscale)
+
+
+def _check_finite_weight(w: jax.Array, path: str) -> None:
+  """Raises for a weight holding NaN or inf (its scales then failed the
+  exactness check, blamed on group_size, or NaNs came back silently)."""
+  bad = int(jnp.sum(~jnp.isfinite(w)))
+  if bad:
+    raise ValueError(f"{path}: the weight holds {bad} NaN or inf value(s); PTQ "
+                     "rounds finite weights: repair the checkpoint, or exclude "
+                     "this layer with a float rule (QuantRule(path)) first")
 
 
 class SiteResult(NamedTuple):
@@ -644,10 +655,21 @@ def _expert_site(w, hessian, count, *, method, meta, spec, path, opts):
                          spec=spec)
 
 
+def _rtn_grids(w: jax.Array, spec: QuantSpec) -> tuple:
+  """``(scale, tensor scale)`` RTN rounded ``w`` with; an asymmetric spec's
+  scale is the ``(scale, zero point)`` pair. Real mode needs them: its own
+  ranges, taken again from the rounded weight, differ from ``w``'s (an
+  asymmetric block's ends move when rounded: 30 of 128 entries of an int4
+  g8 weight stored differently in float32, up to 0.0078 in bfloat16)."""
+  if spec.symmetric:
+    return rtn_scales(w, spec)
+  q = quantize(w, spec)
+  return (q.scale.astype(jnp.float32), q.zero_point), None
+
+
 def _scales_exact(wq, spec: QuantSpec, scale, tscale):
   """Whether re-quantizing ``wq`` with its scales reproduces it (as real mode
-  stores it); True without scales (asymmetric RTN, whose result reaches the
-  ranges real mode re-derives)."""
+  stores it)."""
   if scale is None:
     return jnp.bool_(True)
   if isinstance(scale, tuple):   # an asymmetric spec's (scale, zero point)
@@ -671,8 +693,7 @@ def _finish_experts(w, wq, amax, hessian, count, t_amax=None, amin=None, *, meta
   scale = tscale = None
   if wq is None:   # RTN
     wq = rtn_w
-    if plan.spec.symmetric:
-      scale, tscale = rtn_scales(w, plan.spec)
+    scale, tscale = _rtn_grids(w, plan.spec)
   else:   # the range each block was rounded with (GPTQ's, or the weight's own)
     wq = wq.astype(w.dtype)
     if plan.spec.symmetric:
@@ -720,8 +741,7 @@ def _finish(w, wq_matrix, amax, hessian, count, t_amax=None, amin=None, *, meta,
   scale = tscale = None
   if wq_matrix is None:   # RTN
     wq = rtn_w
-    if plan.spec.symmetric:
-      scale, tscale = rtn_scales(w, plan.spec)
+    scale, tscale = _rtn_grids(w, plan.spec)
   else:
     wq = st.from_matrix(wq_matrix).astype(w.dtype)
     if plan.spec.symmetric:   # the range each block was rounded with
@@ -964,6 +984,7 @@ def ptq_params(model, params, calib_batches: Sequence[Any], rules, *,
     t_site = time.perf_counter()
     spec = cap.sites[path].weight
     w = _rules.logical_value(_get_path(tree, path))
+    _check_finite_weight(w, path)
     wq, scale, tscale, exact, err, rerr = _site(
         w, st.hessian, st.count, method=method, meta=tuple(st[2:]), spec=spec,
         path=path, opts=opts)

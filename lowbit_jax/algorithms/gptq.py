@@ -150,8 +150,10 @@ def _gptq(w, h, percdamp, tensor_amax, *, spec: QuantSpec, blocksize: int,
       if tensor_scale:
         hi = jnp.minimum(hi, t_amax)
       return hi, None
-    hi = jnp.max(rows, axis=0).reshape(np_ // bn, bn).max(axis=1)
-    lo = jnp.min(rows, axis=0).reshape(np_ // bn, bn).min(axis=1)
+    # Widened to hold 0, as a range taken from the data is: a constant block
+    # (hi == lo != 0) is no static range to core, which made it NaN.
+    hi = jnp.maximum(jnp.max(rows, axis=0).reshape(np_ // bn, bn).max(axis=1), 0.0)
+    lo = jnp.minimum(jnp.min(rows, axis=0).reshape(np_ // bn, bn).min(axis=1), 0.0)
     return hi, lo
 
   def expand(v):

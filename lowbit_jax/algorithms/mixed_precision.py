@@ -90,13 +90,23 @@ def weight_sensitivity(w: jax.Array, hessian: jax.Array,
     else:
       spec = kernel_spec(spec)
       t = tensor_amax if spec.tensor_scale else None
-      out[name] = float(_rtn_error(w, jnp.asarray(hessian), t, spec=spec))
+      val, e_max, h_max = _rtn_error(w, jnp.asarray(hessian), t, spec=spec)
+      # (the float32 trace of the normalized terms, scaled back in float64:
+      # weights near 1e20 overflowed float32 to inf or NaN)
+      out[name] = float(val) * float(e_max) ** 2 * float(h_max)
   return out
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
 def _rtn_error(w, hessian, tensor_amax, *, spec):
-  return hessian_error(hessian, w, fake_quant(w, spec, tensor_amax=tensor_amax))
+  """``trace(E^T H E)`` as (the trace of E and H each divided by its largest
+  magnitude, those magnitudes)."""
+  e = (w - fake_quant(w, spec, tensor_amax=tensor_amax)).astype(jnp.float32)
+  h = hessian.astype(jnp.float32)
+  e_max, h_max = jnp.max(jnp.abs(e)), jnp.max(jnp.abs(h))
+  en = e / jnp.where(e_max > 0, e_max, 1.0)
+  hn = h / jnp.where(h_max > 0, h_max, 1.0)
+  return jnp.sum(en * (hn @ en)), e_max, h_max
 
 
 def _table(costs, sizes, bits):
@@ -119,7 +129,16 @@ def _table(costs, sizes, bits):
       if c not in row_bits:
         raise ValueError(f"no bits given for candidate {c!r} (layer {l!r})")
     names.append(cands)
-    c_rows.append([float(costs[l][c]) for c in cands])
+    row = [float(costs[l][c]) for c in cands]
+    bad = [c for c, v in zip(cands, row) if math.isnan(v) or v == -math.inf]
+    if bad:
+      raise ValueError(f"layer {l!r}: the cost of {bad} is NaN or -inf (a weight "
+                       "or Hessian that is not finite?); costs are finite, or "
+                       "+inf to forbid a candidate")
+    if all(v == math.inf for v in row):
+      raise ValueError(f"layer {l!r}: every candidate costs +inf (forbidden); "
+                       "allow at least one")
+    c_rows.append(row)
     w_rows.append([float(row_bits[c]) * int(size) for c in cands])
   return layers, names, c_rows, w_rows
 
@@ -180,7 +199,9 @@ def _greedy(c_rows, w_rows, capacity):
       j0 = picks[l]
       for j, (c, w) in enumerate(zip(cs, ws)):
         gain, extra = cs[j0] - c, w - ws[j0]
-        if gain <= 0 or used + extra > capacity * (1 + 1e-12):
+        # (not gain > 0: a NaN gain, of inf - inf, is no move; it was, to the
+        # same pick, forever)
+        if j == j0 or not gain > 0 or used + extra > capacity * (1 + 1e-12):
           continue
         ratio = gain / extra if extra > 0 else math.inf
         if ratio > best:
@@ -219,7 +240,8 @@ def allocate_bits(costs: Mapping[str, Mapping[str, float]], sizes: Mapping[str, 
     ``Allocation(assignment, avg_bits, cost)``.
 
   Raises:
-    ValueError: no assignment fits the budget, or the tables are inconsistent.
+    ValueError: no assignment fits the budget, the tables are inconsistent, or
+      a cost is NaN or -inf (+inf forbids a candidate).
   """
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -262,6 +284,10 @@ def allocate_bits(costs: Mapping[str, Mapping[str, float]], sizes: Mapping[str, 
         picks = alt
   else:
     picks = _greedy(c_rows, w_rows, capacity)
+  if picks is None or any(c_rows[i][j] == math.inf for i, j in enumerate(picks)):
+    raise ValueError(f"no assignment of finite cost fits the budget of {budget} "
+                     "bits/weight (the candidates that fit are forbidden, +inf); "
+                     "raise the budget or allow a cheaper candidate")
   assignment = {l: names[i][j] for i, (l, j) in enumerate(zip(layers, picks))}
   used = sum(w_rows[i][j] for i, j in enumerate(picks))
   cost = sum(c_rows[i][j] for i, j in enumerate(picks))

@@ -402,6 +402,16 @@ def capture_dense_stats(model: nn.Module, params: Any, calib_batches: Sequence[A
         f"shape of no captured layer's input ({dense[:3]}...): it would weight "
         "nothing. Return a mask of the activations' leading shape, e.g. [batch, "
         "seq] for [batch, seq, features] inputs")
+  # (as capture_hessians refuses them: a NaN calibration batch made every
+  # layer fall back to RTN silently, blaming a residual connection)
+  bad = [p for p in structure["order"]
+         if not bool(jnp.all(jnp.isfinite(acc[p][0])) & jnp.all(jnp.isfinite(acc[p][1])))]
+  if bad:
+    raise ValueError(
+        f"the calibration inputs of {bad[:5]}{' ...' if len(bad) > 5 else ''} are "
+        "not finite: their Hessian X^T X or range holds NaN or inf (a NaN or inf "
+        "in the activations, or values above ~1e19 whose squares overflow "
+        "float32); check the calibration batches (and the model on them) before PTQ")
   stats = {}
   for path in structure["order"]:
     if len(acc[path]) == 5:  # a grouped matmul
