@@ -47,7 +47,7 @@ DEFAULT_MIN_SIZE = 4096
 # optax >= 0.2.5 names it safe_increment; older releases safe_int32_increment.
 _safe_increment = getattr(optax, "safe_increment", None) or optax.safe_int32_increment
 _BLOCK_8BIT = 2048  # Dettmers et al. 2022
-_G_CAP = np.float32(2.0 ** 63)  # the largest |g| whose square stays finite, capped
+_G_CAP = np.float32(2.0 ** 63)  # |g| is capped here: its square, 2**126, is finite
 _BLOCK_4BIT = 128  # Li et al. 2023
 
 
@@ -249,8 +249,11 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
   2022, "8-bit Optimizers via Block-wise Quantization"; Li et al. 2023,
   "Memory Efficient Optimizers with 4-bit States"). A non-finite gradient
   element gives a non-finite update there, as in optax, but its quantized
-  moments are stored as zero (not spread to its whole block). Combine it with
-  ``optax.add_decayed_weights`` and ``optax.scale_by_learning_rate``, or use
+  moments are stored as zero (not spread to its whole block); a finite |g|
+  above 2**63, whose square would overflow, is capped there for both moments
+  (optax's second moment becomes inf and that element stops for good).
+  Combine it with ``optax.add_decayed_weights`` and
+  ``optax.scale_by_learning_rate``, or use
   ``adamw``.
 
   Args:

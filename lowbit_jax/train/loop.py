@@ -659,14 +659,13 @@ def _check_resume(workdir: pathlib.Path, config: Any, manager) -> list:
         "optimizer state format restores as wrong numbers). Put the run's "
         "config.json back, or use another --workdir.")
   diff = state_lib.run_config_mismatch(workdir, config, only=_RESUME_FIELDS)
-  if (workdir / "config.json").exists():
-    # A recipe on one side only (a float run has no quant fields to compare).
-    was = qat_lib.recipe_from_config(state_lib.read_run_config(workdir)) is not None
-    now = qat_lib.recipe_from_config(config) is not None
-    if was != now:
-      diff = ", ".join(filter(None, [
-          f"quantization-aware training {'on' if was else 'off'} "
-          f"(asked: {'on' if now else 'off'})", diff]))
+  # A recipe on one side only (a float run has no quant fields to compare).
+  was = qat_lib.recipe_from_config(state_lib.read_run_config(workdir)) is not None
+  now = qat_lib.recipe_from_config(config) is not None
+  if was != now:
+    diff = ", ".join(filter(None, [
+        f"quantization-aware training {'on' if was else 'off'} "
+        f"(asked: {'on' if now else 'off'})", diff]))
   if diff:
     raise ValueError(
         f"{workdir} holds checkpoints of a run with another config: {diff}. It "
