@@ -946,10 +946,21 @@ class QuantizedFunction:
     if not isinstance(other, _Literal) and other is eqn.invars[pos]:
       return None
     contract, batch = (rc, rb) if pos == 1 else (lc, lb)
+    spec = rule.weight_spec
     if perm:
       contract = tuple(perm[c] for c in contract)
       batch = tuple(perm[b] for b in batch)
-    return _rules.plan_weight(rule.weight_spec, shape, "dot_general",
+      # An explicit axis names the op's view of the weight (as fake mode reads
+      # it): the stored weight's axis is perm of it. Real mode applied it to
+      # the stored layout, quantizing another axis than fake mode did. A tile
+      # is left to the op (the leaf is not planned; it is quantized per call).
+      if spec.tile is not None:
+        return None
+      if isinstance(spec.axis, (int, tuple)):
+        axes = spec.axis if isinstance(spec.axis, tuple) else (spec.axis,)
+        mapped = tuple(perm[a % len(perm)] for a in axes)
+        spec = spec.replace(axis=mapped if isinstance(spec.axis, tuple) else mapped[0])
+    return _rules.plan_weight(spec, shape, "dot_general",
                               contracting=tuple(contract), batch=tuple(batch),
                               compute_dtype=eqn.invars[pos].aval.dtype)
 

@@ -223,6 +223,26 @@ def test_real_equals_fake_and_memory_drops():
   np.testing.assert_allclose(real(p, x), fake, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("spec", [lb.QuantSpec("int4", axis=0), lb.QuantSpec("int4", axis=1),
+                                  lb.QuantSpec("int4", axis=1, group_size=8),
+                                  lb.QuantSpec("int8", tile=(4, 8))])
+def test_an_explicit_axis_means_the_ops_view_in_real_mode_too(spec):
+  # x @ w.T: fake mode reads an explicit axis on the op's view of w; real
+  # mode planned it on the stored layout, another axis (outputs 0.78 apart).
+  p = {"w": jax.random.normal(jax.random.key(0), (8, 16))}
+  x = jax.random.normal(jax.random.key(1), (4, 16))
+
+  def f(p, x):
+    return x @ p["w"].T
+
+  rules = [QuantRule(".*", weight=spec)]
+  fake = quantize_function(f, rules)(p, x)
+  np.testing.assert_array_equal(fake, x @ _fq(p["w"].T, spec))
+  real = quantize_function(f, rules, mode="real")
+  np.testing.assert_allclose(real(real.quantize_params(p, x), x), fake, rtol=1e-5,
+                             atol=1e-5)
+
+
 def test_plan_leaves_gathered_tables_in_float():
   def f(p, tok):
     h = jnp.take(p["emb"], tok, axis=0)
