@@ -259,6 +259,15 @@ def test_perplexity_scores_every_token_once():
   hopeless = perplexity(lambda p, x: jax.nn.one_hot(x, vocab) * 5000.0, None,
                         tokens, 16, 2)   # sure the next token repeats this one
   assert hopeless["perplexity"] == math.inf and hopeless["loss"] > 709
+  # NaN logits (a broken quantized model) were reported as perplexity inf.
+  broken = perplexity(lambda p, x: jnp.full(x.shape + (vocab,), jnp.nan), None,
+                      tokens, 16, 2, num_bytes=50)
+  assert all(math.isnan(broken[k]) for k in ("loss", "perplexity", "bits_per_byte"))
+  # Sizes that are not ints were refused deep in numpy, unnamed.
+  for kw in (dict(seq_len=2.5, batch=1), dict(seq_len=2, batch=1.5),
+             dict(seq_len=True, batch=1)):
+    with pytest.raises(ValueError, match="must be an int >= 1"):
+      perplexity(_bigram_apply, table, tokens, **kw)
 
 
 def test_optimizer_schedule_and_bad_config(tmp_path):

@@ -80,8 +80,9 @@ def perplexity(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any,
   lo, hi = int(tokens.min()), int(tokens.max())
   if lo < 0 or hi > np.iinfo(np.int32).max:
     raise ValueError(f"token ids must be in [0, vocab), got ids from {lo} to {hi}.")
-  if seq_len < 1 or batch < 1:
-    raise ValueError(f"seq_len and batch must be >= 1, got {seq_len}, {batch}.")
+  for name, v in (("seq_len", seq_len), ("batch", batch)):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+      raise ValueError(f"{name} must be an int >= 1, got {v!r}.")
   if num_bytes is not None and num_bytes < 1:
     raise ValueError(f"num_bytes must be >= 1 or None, got {num_bytes}.")
 
@@ -108,12 +109,18 @@ def perplexity(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any,
       raise ValueError(f"token id {hi} is outside the model's vocabulary "
                        f"of {int(vocab)} (its logits' last axis).")
     total += float(part)
-  count = int(mask.sum())
+  # Every target is scored once (an integer: a float32 sum of the mask was
+  # off by one above 2**24 tokens).
+  count = tokens.size - 1
   loss = total / count
   return {
       "loss": loss,
       # exp overflows a float above ~709 nats: a hopeless model, not an error.
-      "perplexity": math.exp(loss) if loss < 709.0 else math.inf,
+      # A NaN loss (NaN logits, a broken quantized model) stays NaN: it was
+      # reported as inf, a finite-loss model's number. Sweeps keep NaN rows
+      # in their tables and off their Pareto fronts.
+      "perplexity": (math.nan if math.isnan(loss) else
+                     math.exp(loss) if loss < 709.0 else math.inf),
       "bits_per_byte": (total / math.log(2) / num_bytes
                         if num_bytes is not None else None),
       "num_tokens": count,
