@@ -62,11 +62,11 @@ def _check(method: str, target: str):
 
 
 # Methods MiniLM cannot take, and why (checked before a sweep runs any point).
+_POST_LN = ("MiniLM is post-LN: its residual stream passes through LayerNorm, so a "
+            "rotation of the stream does not fold")
 MINILM_UNSUPPORTED = {
-    "quarot": "MiniLM is post-LN: its residual stream passes through LayerNorm, "
-              "so a rotation of the stream does not fold",
-    "spinquant": "MiniLM is post-LN: its residual stream passes through LayerNorm, "
-                 "so a rotation of the stream does not fold",
+    "quarot": _POST_LN,
+    "spinquant": _POST_LN,
     "omniquant": "it is wired for the decoder LM (llama_point); MiniLM's post-LN "
                  "blocks would need their own block regex",
 }
