@@ -447,7 +447,10 @@ def _llama(workdir: str, variant: str, train_steps: int = 0):
   model = Llama(mcfg)
   data = train_lm.load_data(config.data.vocab_size if "data" in config and
                             "vocab_size" in config.data else mcfg.vocab)
-  tx = train_lm.make_optimizer(config.lr if "lr" in config else 1e-3, 1, 2)
+  # The run's own optimizer: its state's tree (clipping, quantized moments)
+  # is what the checkpoint holds.
+  from lowbit_jax.train import run_optimizer  # pylint: disable=g-import-not-at-top
+  tx, _ = run_optimizer(config, None)
   mesh = train_lm.make_mesh(1)
   mgr = train_lm.checkpoint_manager(os.path.join(workdir, "checkpoints"))
   state = train_lm.restore_checkpoint(mgr, train_lm.abstract_state(model, tx, mesh))
