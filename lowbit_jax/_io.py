@@ -29,15 +29,15 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | str) -> None:
       mode = 0o666 & ~umask
     os.chmod(tmp, mode)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
   except BaseException:
     if os.path.exists(tmp):
       os.unlink(tmp)
     raise
 
 
-def _fsync_dir(path: pathlib.Path) -> None:
-  """Flushes a rename in ``path`` to disk, where the file system can."""
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+  """Flushes a rename in directory ``path`` to disk, where the file system can."""
   fd = os.open(path, os.O_RDONLY)
   try:
     os.fsync(fd)

@@ -333,14 +333,7 @@ def _fsync_tree(root: str) -> None:
     _fsync_dir(dirpath)
 
 
-def _fsync_dir(path: str) -> None:
-  fd = os.open(path, os.O_RDONLY)
-  try:
-    os.fsync(fd)
-  except OSError:  # some filesystems cannot fsync a directory
-    pass
-  finally:
-    os.close(fd)
+_fsync_dir = _io.fsync_dir   # (a name of this module: the fault-injection tests patch it)
 
 
 # ---------------------------------------------------------------------------
@@ -431,12 +424,11 @@ def _check_replaceable(directory: str) -> None:
 _SIBLING_EXTRA = len(".") + len(".tmp-") + 7 + len("-") + 8
 
 
-def _check_path(directory: str, doing: str) -> None:
+def _check_save_path(directory: str) -> None:
   """Raises for a path orbax cannot store arrays under, or a name too long
   for the temporary and lock files ``save`` puts beside it."""
+  doing = "save:"
   _io.check_orbax_path(directory, doing)
-  if doing == "restore:":
-    return
   parent, name = os.path.split(directory)
   try:
     limit = os.pathconf(parent if os.path.isdir(parent) else "/", "PC_NAME_MAX")
@@ -463,7 +455,7 @@ def check_save_target(directory: str, *, force: bool = False) -> None:
       directory ``save`` writes beside it.
   """
   directory = os.path.abspath(os.fspath(directory))
-  _check_path(os.path.realpath(directory), "save:")
+  _check_save_path(os.path.realpath(directory))
   if os.path.exists(directory):
     if not force:
       raise FileExistsError(f"{directory} exists; pass force=True to overwrite it")
@@ -644,7 +636,7 @@ def save(directory: str, params: Any, *, force: bool = False,
     SaveInProgressError: another save to ``directory`` is running.
   """
   directory = os.path.realpath(os.path.abspath(os.fspath(directory)))
-  _check_path(directory, "save:")
+  _check_save_path(directory)
   if os.path.exists(directory) and not force:
     raise FileExistsError(f"{directory} exists; pass force=True to overwrite it")
   extra = _check_extra_files(extra_files)
@@ -936,14 +928,16 @@ def restore(directory: str, *, sharding: ShardingLike = None,
       arrays; the message names the files and leaves.
   """
   directory = os.path.abspath(os.fspath(directory))
-  _check_path(os.path.realpath(directory), "restore:")
+  _io.check_orbax_path(os.path.realpath(directory), "restore:")
   for attempt in range(_RESTORE_ATTEMPTS):
     where = _locate(directory)
     before = _identity(where)
     try:
       out = _restore_once(where, sharding, target, verify)
       if files:
-        out = (out, {name: _read_extra(where, name, verify) for name in files})
+        recorded = _read_meta(where).get("extra_files", {})
+        out = (out, {name: _read_extra(where, name, recorded.get(name), verify)
+                     for name in files})
     except (ValueError, OSError):
       if attempt + 1 < _RESTORE_ATTEMPTS and _identity(_locate(directory)) != before:
         continue  # a save replaced the checkpoint while it was read: read again
@@ -958,9 +952,11 @@ def restore(directory: str, *, sharding: ShardingLike = None,
 _RESTORE_ATTEMPTS = 5
 
 
-def _read_extra(directory: str, name: str, verify: bool) -> bytes:
+def _read_extra(directory: str, name: str, want: Optional[dict],
+                verify: bool) -> bytes:
   """An extra file, checked against the size and (``verify``) SHA-256 the
-  save recorded (checkpoints from before lowbit_jax recorded them: unchecked)."""
+  save recorded, ``want`` (None: a checkpoint from before lowbit_jax recorded
+  them, unchecked)."""
   if os.path.basename(name) != name or name in (_META, _ARRAYS):
     raise ValueError(f"files: {name!r} is not an extra file's name (save's "
                      "extra_files keys are plain file names)")
@@ -970,7 +966,6 @@ def _read_extra(directory: str, name: str, verify: bool) -> bytes:
                             "(the save that wrote it did not pass it in extra_files)")
   with open(path, "rb") as f:
     data = f.read()
-  want = _read_meta(directory).get("extra_files", {}).get(name)
   if want is not None and (len(data) != want["size"] or (
       verify and hashlib.sha256(data).hexdigest() != want["sha256"])):
     why = (f"size {len(data)}, saved {want['size']}" if len(data) != want["size"]
