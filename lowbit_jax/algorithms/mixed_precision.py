@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowbit_jax.algorithms.rtn import SpecLike, check_kernel, hessian_error, kernel_spec
+from lowbit_jax.algorithms.rtn import SpecLike, check_kernel, hessian_error_parts, kernel_spec
 from lowbit_jax.core import fake_quant
 
 Bits = Union[Mapping[str, float], Mapping[str, Mapping[str, float]]]
@@ -90,23 +90,16 @@ def weight_sensitivity(w: jax.Array, hessian: jax.Array,
     else:
       spec = kernel_spec(spec)
       t = tensor_amax if spec.tensor_scale else None
+      # (in parts, multiplied in float64: weights near 1e20 overflowed the
+      # float32 error to inf or NaN)
       val, e_max, h_max = _rtn_error(w, jnp.asarray(hessian), t, spec=spec)
-      # (the float32 trace of the normalized terms, scaled back in float64:
-      # weights near 1e20 overflowed float32 to inf or NaN)
       out[name] = float(val) * float(e_max) ** 2 * float(h_max)
   return out
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
 def _rtn_error(w, hessian, tensor_amax, *, spec):
-  """``trace(E^T H E)`` as (the trace of E and H each divided by its largest
-  magnitude, those magnitudes)."""
-  e = (w - fake_quant(w, spec, tensor_amax=tensor_amax)).astype(jnp.float32)
-  h = hessian.astype(jnp.float32)
-  e_max, h_max = jnp.max(jnp.abs(e)), jnp.max(jnp.abs(h))
-  en = e / jnp.where(e_max > 0, e_max, 1.0)
-  hn = h / jnp.where(h_max > 0, h_max, 1.0)
-  return jnp.sum(en * (hn @ en)), e_max, h_max
+  return hessian_error_parts(hessian, w, fake_quant(w, spec, tensor_amax=tensor_amax))
 
 
 def _table(costs, sizes, bits):

@@ -157,6 +157,19 @@ def hessian_error(gram: jax.Array, w: jax.Array, w_q: jax.Array) -> jax.Array:
   return jnp.sum(e * jnp.matmul(gram.astype(jnp.float32), e, precision=hi))
 
 
+def hessian_error_parts(gram: jax.Array, w: jax.Array, w_q: jax.Array) -> tuple:
+  """``hessian_error`` as ``(t, e_max, g_max)`` with the error equal to
+  ``t * e_max**2 * g_max``: E and G each divided by its largest magnitude, so
+  that the parts stay finite in float32 where the error itself overflows
+  (weights near 1e20). Multiply them in float64 on the host."""
+  e = (w - w_q).astype(jnp.float32)
+  g = gram.astype(jnp.float32)
+  e_max, g_max = jnp.max(jnp.abs(e)), jnp.max(jnp.abs(g))
+  t = hessian_error(g / jnp.where(g_max > 0, g_max, 1.0),
+                    e / jnp.where(e_max > 0, e_max, 1.0), jnp.zeros((), jnp.float32))
+  return t, e_max, g_max
+
+
 def as_kernels(weights) -> tuple:
   """One kernel or several sharing an input, checked: a tuple of [K, N_i]."""
   if isinstance(weights, (list, tuple)):
