@@ -57,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lowbit_jax import _experts
+from lowbit_jax import _experts, calibration
 from lowbit_jax import _rules
 from lowbit_jax import _ptq_rotation
 from lowbit_jax import _ptq_scaling
@@ -506,11 +506,7 @@ def capture_hessians(model, params, calib_batches: Sequence[Any], rules, *,
         "(non-contraction) shape, e.g. [batch, seq] for [batch, seq, features] inputs")
   bad = [p for p, (h, _) in total.items() if not bool(jnp.all(jnp.isfinite(h)))]
   if bad:
-    raise ValueError(
-        f"the calibration inputs of {bad[:5]}{' ...' if len(bad) > 5 else ''} are "
-        "not finite: their Hessian X^T X holds NaN or inf (a NaN or inf in the "
-        "activations, or values above ~1e19 whose squares overflow float32); "
-        "check the calibration batches (and the model on them) before PTQ")
+    raise calibration.non_finite_inputs_error(bad)
   stats = {p: SiteStats(h, n, *rec.meta[p]) for p, (h, n) in total.items()}
   inputs = {p: InputStats(a, m, r[:max_samples], *[g[:max_samples] for g in grp])
             for p, (a, m, r, *grp) in inputs.items()}

@@ -103,7 +103,7 @@ import functools
 import inspect
 import math
 from collections.abc import Mapping
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -190,6 +190,16 @@ def static_channels(spec: QuantSpec, shape: tuple) -> Optional[int]:
       "scales, or for a static one use axis='tensor' (per-tensor) or an axis that "
       f"covers every dim but the last, e.g. axis={tuple(range(ndim - 1))!r} "
       "(per-channel along the feature axis)")
+
+
+def non_finite_inputs_error(paths: Sequence[str]) -> ValueError:
+  """The error of calibration inputs whose Hessian or range is not finite
+  (``capture_hessians`` and the Linen capture raise it)."""
+  return ValueError(
+      f"the calibration inputs of {list(paths[:5])}{' ...' if len(paths) > 5 else ''} "
+      "are not finite: their Hessian X^T X holds NaN or inf (a NaN or inf in the "
+      "activations, or values above ~1e19 whose squares overflow float32); check "
+      "the calibration batches (and the model on them) before PTQ")
 
 
 def _check_x(x) -> jax.Array:

@@ -72,6 +72,12 @@ MINILM_UNSUPPORTED = {
 }
 
 
+@functools.lru_cache(maxsize=1)
+def _minilm_sentence_count() -> int:
+  from lowbit_jax.models import minilm  # pylint: disable=g-import-not-at-top
+  return len(minilm.sample_sentences())
+
+
 def _check_minilm(method: str, n_calib: int, n_eval: int) -> None:
   """Raises for a method MiniLM cannot take or sizes its 230 sentences cannot
   give (before any work: the sweep checks every point up front)."""
@@ -79,8 +85,7 @@ def _check_minilm(method: str, n_calib: int, n_eval: int) -> None:
     raise ValueError(f"method {method!r} does not apply to MiniLM: "
                      f"{MINILM_UNSUPPORTED[method]}; MiniLM takes "
                      f"{[m for m in METHODS if m not in MINILM_UNSUPPORTED]}")
-  from lowbit_jax.models import minilm  # pylint: disable=g-import-not-at-top
-  total = len(minilm.sample_sentences())
+  total = _minilm_sentence_count()
   if isinstance(n_calib, bool) or not isinstance(n_calib, int) or not (
       1 <= n_calib <= total - 8):
     raise ValueError(f"n_calib must be an int in [1, {total - 8}] (the first "

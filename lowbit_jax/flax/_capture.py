@@ -56,6 +56,7 @@ import jax
 import jax.numpy as jnp
 
 from lowbit_jax._experts import routed_rows
+from lowbit_jax.calibration import non_finite_inputs_error
 from lowbit_jax.flax._linen import RaggedDense, conv_transpose_lowering
 
 _HI = jax.lax.Precision.HIGHEST
@@ -407,11 +408,7 @@ def capture_dense_stats(model: nn.Module, params: Any, calib_batches: Sequence[A
   bad = [p for p in structure["order"]
          if not bool(jnp.all(jnp.isfinite(acc[p][0])) & jnp.all(jnp.isfinite(acc[p][1])))]
   if bad:
-    raise ValueError(
-        f"the calibration inputs of {bad[:5]}{' ...' if len(bad) > 5 else ''} are "
-        "not finite: their Hessian X^T X or range holds NaN or inf (a NaN or inf "
-        "in the activations, or values above ~1e19 whose squares overflow "
-        "float32); check the calibration batches (and the model on them) before PTQ")
+    raise non_finite_inputs_error(bad)
   stats = {}
   for path in structure["order"]:
     if len(acc[path]) == 5:  # a grouped matmul

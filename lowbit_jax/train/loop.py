@@ -146,10 +146,7 @@ def make_optimizer(lr: float, warmup_steps: int, total_steps: int, *,
   schedule = make_schedule(lr, warmup_steps, total_steps, min_lr_ratio)
   opt = adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
               mask=_decay_mask, state_format=state_format)
-  # Always a chain, so that its state has one structure whatever clip_norm is
-  # (a run resumed with clipping switched on or off restores it).
-  return optax.chain(optax.clip_by_global_norm(clip_norm) if clip_norm > 0
-                     else optax.identity(), opt)
+  return optax.chain(qat_lib.global_norm_clip(clip_norm), opt)
 
 
 # ---------------------------------------------------------------------------

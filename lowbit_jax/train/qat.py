@@ -198,6 +198,13 @@ def recipe_from_config(config: Any) -> "Recipe | None":
       settings=dict(quant.to_dict() if hasattr(quant, "to_dict") else quant))
 
 
+def global_norm_clip(clip_norm: float) -> optax.GradientTransformation:
+  """Global-norm clipping at ``clip_norm``, or identity at 0. Chained first
+  either way, so that an optimizer's state has one structure whatever
+  ``clip_norm`` is (a run resumed with clipping switched on or off restores)."""
+  return optax.clip_by_global_norm(clip_norm) if clip_norm > 0 else optax.identity()
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Recipe:
   """A QAT / low-bit training recipe (see the module docstring).
@@ -283,9 +290,9 @@ class Recipe:
     unused = self.fake.unused_rules()
     if not unused:
       return
-    layers = sorted({"/".join(str(getattr(k, "key", k)) for k in path[:-1])
-                     for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
-                     if str(getattr(path[-1], "key", "")) == "kernel"})
+    layers = sorted({path_str(kp[:-1])
+                     for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+                     if path_str(kp[-1:]) == "kernel"})
     raise ValueError(
         "config.quant: the layer regex "
         + ", ".join(repr(r.path) for r in unused)
@@ -352,9 +359,7 @@ class Recipe:
       mult, start = self.scale_lr_mult, self.start_step
       scale_tx = optax.adam(lambda s: mult * schedule(s + start), b1=b1, b2=b2,
                             eps=eps)
-      # (a chain either way: one state structure, whatever clip_norm is)
-      scale_tx = optax.chain(optax.clip_by_global_norm(clip_norm) if clip_norm > 0
-                             else optax.identity(), scale_tx)
+      scale_tx = optax.chain(global_norm_clip(clip_norm), scale_tx)
 
     def labels(tree):
       return {"params": jax.tree.map(lambda _: "params", tree["params"]),
