@@ -32,7 +32,10 @@
 #   c   the tuner at M = 256 / 512 (run_mid6), the L2 band probe
 #   gt  the GPU test files whole, a run each, four workers with XLA's
 #       preallocation off (eight preallocating workers ran out of memory in
-#       session 52); any Hopper GPU
+#       session 52; six without preallocation ran every file in session
+#       55); any Hopper GPU
+#   gs  the same files' cases marked slow (--runslow -m slow), as far as the
+#       call's time goes; any Hopper GPU
 # Items h, hf, i4, b and c time the H200 (its tuned tables and notes): on
 # another GPU they stop unless FORCE=1; g, g2, q and t run on any Hopper GPU.
 START=$(date +%s); LIMIT=${LIMIT:-560}
@@ -60,13 +63,13 @@ mm() {
 }
 for it in "${@:-g}"; do
   case $it in
-    g|g2|q|t|gt) ;;
+    g|g2|q|t|gt|gs) ;;
     h|hf|i4|b|c)
        if ! grep -q H200 "$R/gpu.txt" && [ -z "$FORCE" ]; then
          echo "skip $it (an H200 item; FORCE=1 runs it here)" | tee -a "$R/rcs.txt"
          continue
        fi ;;
-    *) echo "unknown item $it (one of g g2 q h hf t i4 b c gt)" | tee -a "$R/rcs.txt"; continue ;;
+    *) echo "unknown item $it (one of g g2 q h hf t i4 b c gt gs)" | tee -a "$R/rcs.txt"; continue ;;
   esac
   case $it in
     g)
@@ -111,7 +114,17 @@ for it in "${@:-g}"; do
         left=$(( LIMIT - $(date +%s) + START - 15 )); [ "$left" -gt 240 ] && left=240
         [ "$left" -lt 60 ] && left=60  # too little: run() then skips it
         XLA_PYTHON_CLIENT_PREALLOCATE=false run "$left" "gt_$(basename "$f" .py)" \
-            python3 -m pytest -q -p no:cacheprovider -n 4 "$f"
+            python3 -m pytest -q -p no:cacheprovider -n 6 --durations=15 "$f"
+      done ;;
+    gs)
+      for f in tests/kernels/test_gpu_kernels.py tests/kernels/test_gpu_dequantize.py \
+          tests/kernels/test_gpu_extreme_scales.py tests/core/test_ops.py \
+          tests/formats/test_formats.py tests/kernels/test_gpu_quantize.py; do
+        left=$(( LIMIT - $(date +%s) + START - 15 )); [ "$left" -gt 300 ] && left=300
+        [ "$left" -lt 60 ] && left=60
+        XLA_PYTHON_CLIENT_PREALLOCATE=false run "$left" "gs_$(basename "$f" .py)" \
+            python3 -m pytest -q -p no:cacheprovider -n 6 --runslow -m slow \
+            --durations=15 "$f"
       done ;;
     i4)
       run 420 run_i4 $BK --mode=tune --phases=base,tune,refine --w_order=wgmma_int4 \

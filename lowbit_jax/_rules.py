@@ -57,6 +57,7 @@ from opt_einsum.parser import parse_einsum_input
 
 from lowbit_jax import calibration
 from lowbit_jax.core import ops, scaling
+from lowbit_jax.core._cast import round_to_dtype
 from lowbit_jax.core._hadamard import hadamard_transform
 from lowbit_jax.core._qarray import QArray, block_shape
 from lowbit_jax.core._qarray import expand_grid as _expand_grid
@@ -851,12 +852,14 @@ def plan_weight(spec: QuantSpec, shape: tuple, op: str, *, contracting=(),
 
 
 def _as_op_sees(w: jax.Array, plan: WeightPlan) -> jax.Array:
-  """``w`` rounded to the dtype its op computes in (``plan.compute_dtype``)."""
+  """``w`` rounded to the dtype its op computes in (``plan.compute_dtype``),
+  with ``round_to_dtype``: an astype pair would be dropped by XLA on a GPU,
+  and the quantizer would see the unrounded weight there."""
   cd = plan.compute_dtype
   if (cd is None or not jnp.issubdtype(w.dtype, jnp.floating)
       or jnp.dtype(cd).itemsize >= jnp.dtype(w.dtype).itemsize):
     return w
-  return w.astype(cd).astype(w.dtype)
+  return round_to_dtype(w, cd)
 
 
 @functools.partial(jax.jit, static_argnums=1)

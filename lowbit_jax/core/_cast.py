@@ -211,6 +211,58 @@ def _cast_float(x: jax.Array, fmt: FloatFormat, saturate: bool,
   return _bits_f32(out).astype(x.dtype)
 
 
+@functools.lru_cache(maxsize=None)
+def _float_format_of(dtype) -> Optional[FloatFormat]:
+  """The FloatFormat with ``dtype``'s semantics (float16 and the ml_dtypes
+  narrow floats), None for bfloat16 (rounded by ReducePrecision) and others."""
+  from lowbit_jax.formats import _formats  # pylint: disable=import-outside-toplevel
+  dt = jnp.dtype(dtype)
+  if dt == jnp.dtype(jnp.float16):
+    return FloatFormat(5, 10, 15, "ieee", name="float16")
+  for (e, m, b, sp), ml in _formats._ML_DTYPE_BY_KEY.items():  # pylint: disable=protected-access
+    if dt == jnp.dtype(ml):
+      return FloatFormat(e, m, b, sp, name=dt.name)
+  return None
+
+
+def round_to_dtype(x: jax.Array, dtype) -> jax.Array:
+  """``x`` rounded to ``dtype``'s values and kept in ``x``'s dtype: what
+  ``x.astype(dtype).astype(x.dtype)`` gives on CPU, in a form no backend
+  drops.
+
+  XLA on the GPU allows excess precision: a narrowing float convert that is
+  converted straight back inside one program is removed (its
+  SimplifyFPConversions pass), so that pair leaves ``x`` unrounded there
+  (a bf16 QArray dequantized to float32 came back with float32 values, in
+  an H100 run of session 55). Bfloat16 rounds with ReducePrecision (same
+  exponent width as float32: bit for bit, subnormals included); float16
+  and the ml_dtypes narrow floats with ``_cast_float``'s emulation
+  (ReducePrecision flushes float16's subnormals), bit for bit with their
+  converts (tests/core/test_cast.py). A ``dtype`` at least as wide as
+  ``x``'s, or a non-float one, is the plain pair (nothing to drop); so is
+  a float64 ``x`` (x64 mode), which rounds once from float64.
+  """
+  dt, src = jnp.dtype(dtype), jnp.dtype(x.dtype)
+  floats = jnp.issubdtype(dt, jnp.floating) and jnp.issubdtype(src, jnp.floating)
+  if not floats or dt == src:
+    return x.astype(dt).astype(src)
+  fi, fs = jnp.finfo(dt), jnp.finfo(src)
+  if fi.nmant >= fs.nmant and fi.maxexp >= fs.maxexp and fi.minexp <= fs.minexp:
+    return x  # every value of x's dtype is one of dtype's
+  if src.itemsize > 4:  # float64 (x64 mode): round once, from float64
+    return x.astype(dt).astype(src)
+  x32 = x.astype(jnp.float32)
+  if dt == jnp.dtype(jnp.bfloat16):
+    r = lax.reduce_precision(x32, exponent_bits=8, mantissa_bits=7)
+  else:
+    fmt = _float_format_of(dt)
+    if fmt is None:
+      raise ValueError(f"round_to_dtype: no rounding for {dt.name}; it rounds "
+                       f"to bfloat16, float16 and the ml_dtypes narrow floats")
+    r = _cast_float(x32, fmt, False, None)
+  return r.astype(src)
+
+
 def _cast_int(x: jax.Array, fmt: IntFormat, saturate: bool, noise, lo=None, hi=None):
   del saturate  # integers have no inf/NaN codes: they always clamp.
   scale = float(1 << fmt.frac_bits)

@@ -1502,12 +1502,20 @@ def dequantize_as(q: QArray, dtype) -> jax.Array:
   """``dequantize(q).astype(dtype)`` (what the real-mode matmul asks for):
   where the GPU dequantizer takes ``q``, one kernel writes ``dtype`` directly
   (no float32 array written and converted for a float32-weight QArray in a
-  bf16 model); elsewhere the jnp path, whose cast XLA fuses."""
+  bf16 model); elsewhere the jnp path, whose cast XLA fuses. Either way a
+  wider ``dtype`` holds ``q.dtype``'s values (a bf16 QArray as float32 holds
+  bf16 values): the jnp path rounds them again with ``round_to_dtype`` after
+  widening, since XLA on a GPU drops the float32 -> bf16 -> float32 convert
+  pair (idempotent where it does not)."""
   _check_arrays(q)
   kernel = _dequant_kernel(q)
   if kernel is not None:
     return kernel.dequantize(q, dtype=dtype)
-  return dequantize_jnp(q).astype(dtype)
+  v = dequantize_jnp(q)
+  out = v.astype(dtype)
+  if jnp.issubdtype(jnp.dtype(dtype), jnp.floating) and out.dtype != v.dtype:
+    out = _cast.round_to_dtype(out, v.dtype)
+  return out
 
 
 # On CPU, dequantize of a float32 QArray (a 16-bit one never clips:

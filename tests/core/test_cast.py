@@ -533,3 +533,50 @@ def test_custom_formats_round_alike_on_every_path():
   assert float(np.float32(3.0).astype(ml_dtypes.float8_e8m0fnu)) == 4.0
   for sat in (False, True):
     np.testing.assert_array_equal(lb.cast(ties, m0, saturate=sat), want)
+
+
+# round_to_dtype: x.astype(dtype).astype(x.dtype) in a form XLA keeps on a GPU
+# (which drops such a convert pair: excess precision).
+ROUND_TARGETS = [ml for _, ml in ML_TYPES] + [np.float16, jnp.bfloat16]
+
+
+@pytest.mark.parametrize("dt", ROUND_TARGETS, ids=lambda d: np.dtype(d).name)
+def test_round_to_dtype_equals_the_convert_pair_bit_for_bit(dt):
+  from lowbit_jax.core._cast import round_to_dtype  # pylint: disable=import-outside-toplevel
+  fmt_inputs = [_special_inputs(), _random_bits(1 << 16, seed=3),
+                _all_bf16_as_f32()]
+  if np.dtype(dt) not in (np.dtype(np.float16), np.dtype(jnp.bfloat16)):
+    fmt = F.get(dict((np.dtype(m).name, n) for n, m in ML_TYPES)[np.dtype(dt).name])
+    fmt_inputs += [_grid_inputs(fmt), _in_range_random(fmt)]
+  else:
+    with np.errstate(invalid="ignore"):  # nextafter of NaN
+      fmt_inputs.append(_ulp_neighbours(_ml(_all_bf16_as_f32(), dt).astype(np.float32)))
+  x = np.concatenate(fmt_inputs)
+  for src in (np.float32, jnp.bfloat16):
+    xs = _ml(x, src)
+    got = np.asarray(jax.jit(lambda v, dt=dt: round_to_dtype(v, dt))(xs))
+    want = _ml(_ml(xs, dt), src)
+    assert got.dtype == want.dtype
+    g32, w32 = got.astype(np.float32), want.astype(np.float32)
+    np.testing.assert_array_equal(np.isnan(g32), np.isnan(w32))
+    ok = ~np.isnan(w32)
+    np.testing.assert_array_equal(g32[ok].view(np.uint32), w32[ok].view(np.uint32))
+    if np.dtype(dt) != np.dtype(src):  # it rounded something
+      assert (g32[ok] != xs.astype(np.float32)[ok]).any()
+
+
+def test_round_to_dtype_leaves_no_narrowing_convert_for_xla_to_drop():
+  # What keeps it on a GPU: no value of the narrow type is left in the
+  # program (XLA drops a convert into it that is converted straight back),
+  # where the plain pair has one.
+  from lowbit_jax.core._cast import round_to_dtype  # pylint: disable=import-outside-toplevel
+  x = jnp.linspace(-3.0, 3.0, 64, dtype=jnp.float32)
+  for dt, hlo_type in ((jnp.bfloat16, "xbf16>"), (jnp.float16, "xf16>"),
+                       (jnp.float8_e4m3fn, "xf8E4M3FN>")):
+    pair = jax.jit(lambda v, dt=dt: v.astype(dt).astype(v.dtype)).lower(x).as_text()
+    assert hlo_type in pair
+    ours = jax.jit(lambda v, dt=dt: round_to_dtype(v, dt)).lower(x).as_text()
+    assert hlo_type not in ours, ours
+  # a dtype holding every value of x's: x itself, nothing added
+  xb = x.astype(jnp.bfloat16)
+  assert round_to_dtype(xb, jnp.float32) is xb

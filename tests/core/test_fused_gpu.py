@@ -67,3 +67,31 @@ def test_dequantize_of_quantize_is_fake_quant(fmt, kw):
   dq = jax.jit(lambda v: lb.dequantize(lb.quantize(v, spec)))(x)
   fq = jax.jit(lambda v: lb.fake_quant(v, spec))(x)
   np.testing.assert_array_equal(np.asarray(dq, np.float32), np.asarray(fq, np.float32))
+
+
+def test_narrow_rounding_survives_the_backends_convert_elision():
+  # XLA on a GPU drops a narrowing convert that is converted straight back
+  # (excess precision): x.astype(bf16).astype(f32) is x there. The library's
+  # roundings that must hold use _cast.round_to_dtype; checked here on the
+  # accelerator against numpy's rounding.
+  rng = np.random.default_rng(4)
+  x = (rng.standard_normal((256, 256)) * np.exp2(rng.integers(-8, 8, (256, 1)))
+       ).astype(np.float32)
+  for dt in (jnp.bfloat16, jnp.float16, jnp.float8_e4m3fn):
+    got = np.asarray(jax.jit(lambda v, dt=dt: _cast.round_to_dtype(v * 1.0, dt) * 1.0)(x))
+    np.testing.assert_array_equal(got, x.astype(dt).astype(np.float32))
+
+
+def test_dequantize_as_holds_the_qarrays_values_when_widening():
+  # A bf16 QArray read as float32 on the jnp path (the kernel off): bf16
+  # values, as on CPU, inside one program with the dequantize.
+  from lowbit_jax.kernels import gpu_dequantize as gd  # pylint: disable=import-outside-toplevel
+  from lowbit_jax.core import _quantize  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.standard_normal((512, 256)), jnp.bfloat16)
+  for spec in (lb.QuantSpec("int4", axis=0, group_size=128), lb.QuantSpec("nvfp4", axis=0)):
+    q = lb.quantize(x, spec)
+    want = np.asarray(lb.dequantize(q)).astype(np.float32)  # bf16, widened here
+    with gd.forced(()):
+      got = np.asarray(jax.jit(lambda qq: _quantize.dequantize_as(qq, jnp.float32) * 1.0)(q))
+    np.testing.assert_array_equal(got, want)

@@ -314,8 +314,18 @@ def _rows_check(kind, x):
   np.testing.assert_array_equal(np.asarray(masks), np.asarray(want_m))
 
 
+# Interpreted kernel bodies whose values pass through a float8 convert and
+# back (FP8 elements; NVFP4's E4M3 block scale) are checked on CPU only: in
+# the interpreter XLA compiles the body, and on a GPU it drops such a convert
+# pair (excess precision; the H100 run of session 55 got unrounded FP8
+# values and 2 NVFP4 codes off by one in 8168). Mosaic keeps the convert: the
+# compiled tests check those formats on the GPU.
+_CPU_PAIR = pytest.mark.cpu
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["mxfp4", "int8_g128", "nvfp4"])
+@pytest.mark.parametrize("kind", ["mxfp4", "int8_g128",
+                                  pytest.param("nvfp4", marks=_CPU_PAIR)])
 def test_kernel_equals_core_on_float32_input(kind):
   _case(kind, _edge_cases(jnp.float32))
 
@@ -735,7 +745,9 @@ GIVEN = GIVEN_FAST + ("int3_pc", "fp8_e5m2_pt", "uint8_pt", "int8_pc", "int2_pc"
 
 
 @pytest.mark.parametrize("kind", [
-    k if k in GIVEN_FAST else pytest.param(k, marks=pytest.mark.slow) for k in GIVEN])
+    k if k in GIVEN_FAST else pytest.param(
+        k, marks=[pytest.mark.slow] + ([_CPU_PAIR] if k.startswith("fp8") else []))
+    for k in GIVEN])
 def test_given_scale_kernel_equals_core_bit_for_bit(kind):
   spec = gq.spec_for(kind)
   x = _edge_cases()
@@ -868,7 +880,8 @@ ONE_PASS_FAST = ("int4_pc",)
 
 
 @pytest.mark.parametrize("kind", [
-    k if k in ONE_PASS_FAST else pytest.param(k, marks=pytest.mark.slow)
+    k if k in ONE_PASS_FAST else pytest.param(
+        k, marks=[pytest.mark.slow] + ([_CPU_PAIR] if k.startswith("fp8") else []))
     for k in gq.one_pass_kinds()])
 def test_one_pass_kernel_equals_core_bit_for_bit(kind):
   # Config.one_pass: the kernel reduces each column's amax itself and derives
