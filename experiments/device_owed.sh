@@ -110,7 +110,7 @@ for it in "${@:-g}"; do
       for f in tests/kernels/test_gpu_quantize.py tests/formats/test_formats.py \
           tests/core/test_qarray.py tests/core/test_fused_gpu.py tests/core/test_ops.py \
           tests/kernels/test_gpu_dequantize.py tests/kernels/test_gpu_extreme_scales.py \
-          tests/kernels/test_gpu_kernels.py; do
+          tests/kernels/test_gpu_kernels.py tests/core/test_excess_precision.py; do
         left=$(( LIMIT - $(date +%s) + START - 15 )); [ "$left" -gt 240 ] && left=240
         [ "$left" -lt 60 ] && left=60  # too little: run() then skips it
         XLA_PYTHON_CLIENT_PREALLOCATE=false run "$left" "gt_$(basename "$f" .py)" \

@@ -57,7 +57,7 @@ from opt_einsum.parser import parse_einsum_input
 
 from lowbit_jax import calibration
 from lowbit_jax.core import ops, scaling
-from lowbit_jax.core._cast import round_to_dtype
+from lowbit_jax.core._cast import astype_holding, round_to_dtype
 from lowbit_jax.core._hadamard import hadamard_transform
 from lowbit_jax.core._qarray import QArray, block_shape
 from lowbit_jax.core._qarray import expand_grid as _expand_grid
@@ -1685,7 +1685,7 @@ def site_dot_general(site: Site, lhs, rhs, dimension_numbers, precision=None,
       rec(site, "dot_general", _float(lhs), rhs, {"dimension_numbers": (
           (tuple(lc), tuple(rc)), (tuple(lb), tuple(rb))),
           "weight_view": call.weight_view})
-    return lax.dot_general(_float(lhs), _float(rhs).astype(_float(lhs).dtype),
+    return lax.dot_general(_float(lhs), astype_holding(_float(rhs), _float(lhs).dtype),
                            dimension_numbers, precision, preferred_element_type)
   # Contraction pairs in weight-axis order: the result does not depend on it,
   # but a group_size spec groups along the last one (jnp.einsum orders them by
@@ -1811,7 +1811,7 @@ def site_ragged_dot(site: Site, lhs, rhs, group_sizes, precision=None,
     if rec is not None:
       rec(site, "ragged_dot", x, rhs, {"group_sizes": group_sizes,
                                        "weight_view": call.weight_view})
-    return lax.ragged_dot(x, _float(rhs).astype(x.dtype), group_sizes,
+    return lax.ragged_dot(x, astype_holding(_float(rhs), x.dtype), group_sizes,
                           precision=precision,
                           preferred_element_type=preferred_element_type)
   x, lspec, lkw = _act(site, lhs, call.stats, call, (1,))
@@ -1855,7 +1855,7 @@ def site_conv(site: Site, lhs, rhs, window_strides, padding, lhs_dilation=None,
           "dimension_numbers": dimension_numbers,
           "feature_group_count": feature_group_count,
           "batch_group_count": batch_group_count, "weight_view": call.weight_view})
-    return lax.conv_general_dilated(x, _float(rhs).astype(x.dtype), window_strides,
+    return lax.conv_general_dilated(x, astype_holding(_float(rhs), x.dtype), window_strides,
                                     padding, lhs_dilation, rhs_dilation,
                                     dimension_numbers, feature_group_count,
                                     batch_group_count, precision,

@@ -236,9 +236,9 @@ def round_to_dtype(x: jax.Array, dtype) -> jax.Array:
   (a bf16 QArray dequantized to float32 came back with float32 values, in
   an H100 run of session 55). Bfloat16 rounds with ReducePrecision (same
   exponent width as float32: bit for bit, subnormals included); float16
-  and the ml_dtypes narrow floats with ``_cast_float``'s emulation
-  (ReducePrecision flushes float16's subnormals), bit for bit with their
-  converts (tests/core/test_cast.py). A ``dtype`` at least as wide as
+  with ReducePrecision and its subnormals apart (ReducePrecision flushes
+  them); the ml_dtypes narrow floats with ``_cast_float``'s emulation; all
+  bit for bit with their converts (tests/core/test_cast.py). A ``dtype`` at least as wide as
   ``x``'s, or a non-float one, is the plain pair (nothing to drop); so is
   a float64 ``x`` (x64 mode), which rounds once from float64.
   """
@@ -254,6 +254,12 @@ def round_to_dtype(x: jax.Array, dtype) -> jax.Array:
   x32 = x.astype(jnp.float32)
   if dt == jnp.dtype(jnp.bfloat16):
     r = lax.reduce_precision(x32, exponent_bits=8, mantissa_bits=7)
+  elif dt == jnp.dtype(jnp.float16):
+    # ReducePrecision for normals (and overflow to inf), float16's fixed
+    # subnormal spacing 2**-24 with round (half to even) below 2**-14.
+    n = lax.reduce_precision(x32, exponent_bits=5, mantissa_bits=10)
+    sub = jnp.round(x32 * np.float32(2.0 ** 24)) * np.float32(2.0 ** -24)
+    r = jnp.where(jnp.abs(x32) < np.float32(2.0 ** -14), sub, n)
   else:
     fmt = _float_format_of(dt)
     if fmt is None:
@@ -261,6 +267,34 @@ def round_to_dtype(x: jax.Array, dtype) -> jax.Array:
                        f"to bfloat16, float16 and the ml_dtypes narrow floats")
     r = _cast_float(x32, fmt, False, None)
   return r.astype(src)
+
+
+# Whether ``astype_holding`` (and the quantizer's ``_f32_of``) round a
+# widened 16-bit value again. "auto": on every backend but CPU, whose XLA
+# keeps a convert pair (there the rounding would change no bit and cost up
+# to a few percent of a memory-bound op); True / False force it (tests
+# force it on CPU under tests/_excess_precision.py's emulation of the GPU).
+_KEEP_NARROW_ROUNDING = "auto"
+
+
+def keeps_narrow_rounding() -> bool:
+  """Whether widened narrow values are rounded again (``_KEEP_NARROW_ROUNDING``)."""
+  on = _KEEP_NARROW_ROUNDING
+  return jax.default_backend() != "cpu" if on == "auto" else bool(on)
+
+
+def astype_holding(v: jax.Array, dtype) -> jax.Array:
+  """``v.astype(dtype)`` that holds ``v``'s values where ``dtype`` is a wider
+  float: a bf16 ``v`` made in the same program (a dequantized or fake
+  quantized operand, a cast activation) reaches XLA on a GPU as the float32
+  value it was narrowed from, and its widening would hand that on unrounded;
+  ``round_to_dtype`` after the widening keeps ``v``'s rounding."""
+  out = v.astype(dtype)
+  if (out.dtype != v.dtype and jnp.issubdtype(out.dtype, jnp.floating)
+      and jnp.issubdtype(v.dtype, jnp.floating)
+      and out.dtype.itemsize > v.dtype.itemsize and keeps_narrow_rounding()):
+    out = round_to_dtype(out, v.dtype)
+  return out
 
 
 def _cast_int(x: jax.Array, fmt: IntFormat, saturate: bool, noise, lo=None, hi=None):

@@ -78,6 +78,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lowbit_jax.core import scaling
+from lowbit_jax.core._cast import astype_holding
 from lowbit_jax.core._qarray import (CODE_ORDERS, SPLIT_ORDERS, WGMMA_RUN_BYTES,
                                      QArray, block_shape, from_code_order,
                                      normalize_axis, to_code_order)
@@ -440,11 +441,11 @@ def _qgrad_dot_bwd(cfg, res, g):
   w = rv
   if cfg.r_bwd is not None:
     k = jax.random.fold_in(k_r, 1) if _stoch(cfg.r_bwd) else None
-    w = _fq_values(rsrc, cfg.r_bwd, k).astype(rv.dtype)
+    w = astype_holding(_fq_values(rsrc, cfg.r_bwd, k), rv.dtype)
   x = lv
   if cfg.l_bwd is not None:
     k = jax.random.fold_in(k_l, 1) if _stoch(cfg.l_bwd) else None
-    x = _fq_values(lsrc, cfg.l_bwd, k).astype(lv.dtype)
+    x = astype_holding(_fq_values(lsrc, cfg.l_bwd, k), lv.dtype)
   dot = functools.partial(lax.dot_general, dimension_numbers=cfg.dn,
                           precision=cfg.precision, preferred_element_type=cfg.pet)
   # Transposes of the linear maps (no forward recomputed): dx = q(dy) . W^T,
@@ -562,7 +563,7 @@ def _kernel_dot_fwd(x, rhs, prob, kern):
 def _kernel_dot_bwd(prob, kern, res, g):
   del prob, kern
   rhs, x_like = res
-  w = dequantize(rhs).astype(jnp.float32)   # [N, K]
+  w = astype_holding(dequantize(rhs), jnp.float32)   # [N, K]
   dx = jnp.einsum("...n,nk->...k", g.astype(jnp.float32), w,
                   precision=lax.Precision.HIGHEST)
   # (The codes and scales of a stored weight take no gradient.)
@@ -677,7 +678,7 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None,
     lv, rv = _qdq_operands(lhs, rhs, ls, rs, k_l, k_r, mode, lhs_amax,
                             lhs_tensor_amax, lhs_scale, lhs_clip, rhs_scale,
                             hist, history_reduce)
-    lv, rv = lv.astype(out_dtype), rv.astype(out_dtype)
+    lv, rv = astype_holding(lv, out_dtype), astype_holding(rv, out_dtype)
     if cfg is None:
       return lax.dot_general(lv, rv, dn, precision, preferred_element_type)
     lsrc = lhs if cfg.l_bwd is not None else None
@@ -731,7 +732,7 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None,
                         preferred_element_type=jnp.float32) * scale
     if shift is not None:
       # x . ((c - z) s) = (x . c) s - (sum of x) (z s), per output channel.
-      xsum = jnp.sum(xc.astype(jnp.float32), axis=dn[0][0])
+      xsum = jnp.sum(astype_holding(xc, jnp.float32), axis=dn[0][0])
       y = y - xsum.reshape(xsum.shape + (1,) * shift.ndim) * shift
     return y.astype(preferred_element_type or out_dtype)
   if isinstance(rq, QArray):
@@ -1209,10 +1210,10 @@ def einsum(subscripts: str, lhs, rhs, *, lhs_spec=None, rhs_spec=None, grad_spec
   if mode == "real":
     ct = _compute_dtype(out_dtype)
     res = jnp.dtype(preferred_element_type or out_dtype)
-    y = jnp.einsum(subscripts, lv.astype(ct), rv.astype(ct),
+    y = jnp.einsum(subscripts, astype_holding(lv, ct), astype_holding(rv, ct),
                    precision=precision, preferred_element_type=_dot_dtype(ct, res))
     return y.astype(res)
-  return jnp.einsum(subscripts, lv.astype(out_dtype), rv.astype(out_dtype),
+  return jnp.einsum(subscripts, astype_holding(lv, out_dtype), astype_holding(rv, out_dtype),
                     precision=precision, preferred_element_type=preferred_element_type)
 
 
@@ -1347,7 +1348,7 @@ def ragged_dot(lhs, rhs, group_sizes, precision=None, preferred_element_type=Non
     lv, rv = _qdq_operands(lhs, rhs, ls, rs, k_l, k_r, mode, lhs_amax,
                             lhs_tensor_amax, lhs_scale, lhs_clip, rhs_scale,
                             hist, history_reduce)
-    lv, rv = lv.astype(out_dtype), rv.astype(out_dtype)
+    lv, rv = astype_holding(lv, out_dtype), astype_holding(rv, out_dtype)
     if gs is None:
       return _ragged(lv, rv, group_sizes, precision, preferred_element_type)
     cfg = _RaggedGradConfig(_norm_precision(precision),
@@ -1360,7 +1361,8 @@ def ragged_dot(lhs, rhs, group_sizes, precision=None, preferred_element_type=Non
   rv = _qdq_operand(rhs, rs, k_r, mode, None, None, rhs_scale, name="rhs")
   ct = _compute_dtype(out_dtype)
   res = jnp.dtype(preferred_element_type or out_dtype)
-  y = _ragged(lv.astype(ct), rv.astype(ct), group_sizes, precision, _dot_dtype(ct, res))
+  y = _ragged(astype_holding(lv, ct), astype_holding(rv, ct), group_sizes, precision,
+              _dot_dtype(ct, res))
   return y.astype(res)
 
 
@@ -1451,7 +1453,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   lv = _qdq_operand(lhs, ls, k_l, mode, lhs_amax, lhs_tensor_amax)
   rv = _qdq_operand(rhs, rs, k_r, mode, name="rhs")
   ct = _common_dtype(lhs.dtype, rhs.dtype)
-  lv, rv = lv.astype(ct), rv.astype(ct)
+  lv, rv = astype_holding(lv, ct), astype_holding(rv, ct)
   if gs is None:
     return lax.conv_general_dilated(lv, rv, window_strides, padding,
                                     lhs_dilation, rhs_dilation, dimension_numbers,

@@ -60,7 +60,7 @@ from jax import lax
 from lowbit_jax._rules import CACHE_OPS, QuantConfig, QuantRule, as_rules
 from lowbit_jax.core._hadamard import hadamard
 from lowbit_jax.core._qarray import QArray
-from lowbit_jax.core._quantize import dequantize, fake_quant, quantize
+from lowbit_jax.core._quantize import dequantize_as, fake_quant, quantize
 from lowbit_jax.core._spec import QuantSpec
 
 CACHE_OP = CACHE_OPS[0]
@@ -505,7 +505,7 @@ def read(t: CacheTensor, cache: KVCache, dtype) -> jax.Array:
     return vals
   r = cache.residual
   n_q = (cache.index // r) * r
-  deq = dequantize(t.store).astype(dtype)
+  deq = dequantize_as(t.store, dtype)
   deq = jnp.pad(deq, ((0, 0), (0, n - deq.shape[_TOKEN_AXIS]), (0, 0), (0, 0)))
   res = jnp.tile(t.residual.astype(dtype), (1, n // r, 1, 1))  # slot s at s % r
   slots = jnp.arange(n, dtype=jnp.int32)[None, :, None, None]
