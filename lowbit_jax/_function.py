@@ -17,7 +17,11 @@ Data flow from a parameter passes through views of it: ``transpose``,
 constraints; and into ``jit`` calls, ``custom_jvp`` / ``custom_vjp``
 functions, ``jax.checkpoint``, ``lax.scan`` (stacked weights scanned over),
 ``lax.cond`` and ``lax.while_loop``. A ``gather`` (an embedding lookup) or
-arithmetic on a weight ends it: what comes out is an activation. Nothing
+arithmetic with an activation ends it: what comes out is an activation. A
+value made from parameters and constants alone (a QKV weight concatenated in
+the function, a padded, masked, scattered or scaled weight) that a matmul
+reads raises: the matmul would run on the float weight (compute it outside
+and pass it as a parameter, or keep its leaves float with a float rule). Nothing
 inside a ``pallas_call`` is ever rewritten; a weight that a rule quantizes
 entering another higher-order primitive (``shard_map``, ...) raises, since its
 matmuls there would stay float (exclude it with a float rule, or quantize the
@@ -69,8 +73,8 @@ _RAGGED = "ragged_dot_general"
 _RAGGED_KINDS = ("ragged_dot",) + _DOT_KINDS
 
 
-class _Tag(collections.namedtuple("_Tag", ["path", "prequantized", "view"],
-                                  defaults=((),))):
+class _Tag(collections.namedtuple("_Tag", ["path", "prequantized", "view", "via"],
+                                  defaults=((), None))):
   """Marks a value that flows from the parameter leaf at ``path``.
 
   ``view`` maps the leaf's axes to the value's: ``()`` the leaf as stored
@@ -78,6 +82,12 @@ class _Tag(collections.namedtuple("_Tag", ["path", "prequantized", "view"],
   any other view (a reshape, slice or broadcast). A site's ``SiteCall``
   carries it (``weight_view``) so the PTQ capture records its input Hessian
   in the stored weight's layout.
+
+  ``via``: None for the leaf and its views; else the primitive that made
+  the value from parameters alone (``_derived_tags``: a concatenation of
+  weights, a padded or scaled weight). A matmul reading such a value as its
+  weight raises (``_Interpreter._site``): quantize_function quantizes the
+  leaves a matmul reads, and the matmul would run on the float weight.
   """
 
 
@@ -189,6 +199,29 @@ def _is_static(x) -> bool:
                             jax.ShapeDtypeStruct))
 
 
+def _const_vars(jaxpr, arg_const=None) -> set:
+  """The variables of ``jaxpr`` known to be constants: its closed-over
+  constants and the inputs a caller passed constants to (``arg_const``);
+  ``_note_const`` adds what equations compute from constants alone."""
+  out = set(jaxpr.constvars)
+  out.update(v for v, c in zip(jaxpr.invars, arg_const or ()) if c)
+  return out
+
+
+def _note_const(eqn, cset: set) -> None:
+  """Adds ``eqn``'s outputs to ``cset`` when its operands are all constants
+  (literals or members) and it runs no body (a call's outputs are left out)."""
+  if _sub_jaxprs(eqn.params):
+    return
+  if all(isinstance(v, _Literal) or v in cset for v in eqn.invars):
+    cset.update(v for v in eqn.outvars if not isinstance(v, _DropVar))
+
+
+def _operands_const(eqn, cset: set) -> list:
+  """Per operand of ``eqn``: whether it is a constant (a literal or in ``cset``)."""
+  return [isinstance(v, _Literal) or v in cset for v in eqn.invars]
+
+
 def _custom_jaxpr(params):
   for k in ("call_jaxpr", "fun_jaxpr"):
     if k in params:
@@ -223,6 +256,9 @@ class _Interpreter:
     self._stack: list = []
     # The traced bodies (scan, cond, while, jax.checkpoint) being evaluated.
     self._regions: list[str] = []
+    # The constant variables (``_const_vars``) of each jaxpr being evaluated,
+    # innermost last.
+    self._csets: list[set] = []
 
   # -- analysis ---------------------------------------------------------------
 
@@ -237,12 +273,14 @@ class _Interpreter:
     """Whether a quantized site is reachable from the tagged inputs."""
     return self._flow(jaxpr, tags)[0]
 
-  def _flow(self, jaxpr, tags):
+  def _flow(self, jaxpr, tags, arg_const=None):
     env = {v: t for v, t in zip(jaxpr.invars, tags) if t is not None}
+    cset = _const_vars(jaxpr, arg_const)
     found = False
     for eqn in jaxpr.eqns:
       it = [None if isinstance(v, _Literal) else env.get(v) for v in eqn.invars]
       if not any(it):
+        _note_const(eqn, cset)
         continue
       name = eqn.primitive.name
       outs = [None] * len(eqn.outvars)
@@ -262,7 +300,8 @@ class _Interpreter:
       elif name == "pallas_call":
         pass
       elif name in _CALLS:
-        f, outs = self._flow(_closed(eqn.params["jaxpr"])[0], it)
+        f, outs = self._flow(_closed(eqn.params["jaxpr"])[0], it,
+                             _operands_const(eqn, cset))
         found = found or f
       elif name in _CUSTOM and _custom_jaxpr(eqn.params) is not None:
         found = found or self._flow(_closed(_custom_jaxpr(eqn.params))[0], it)[0]
@@ -285,6 +324,7 @@ class _Interpreter:
                                it[cn:cn + bn] + [None] * ncarry)[0])
       else:
         self._check_unfollowed(eqn, it)
+        outs = self._derived_tags(eqn, it, cset)
       for v, t in zip(eqn.outvars, outs):
         if t is not None and not isinstance(v, _DropVar):
           env[v] = t
@@ -293,8 +333,9 @@ class _Interpreter:
 
   # -- evaluation -------------------------------------------------------------
 
-  def eval(self, jaxpr, consts, args, tags):
+  def eval(self, jaxpr, consts, args, tags, arg_const=None):
     env, tenv = {}, {}
+    cset = _const_vars(jaxpr, arg_const)
 
     def read(v):
       return v.val if isinstance(v, _Literal) else env[v]
@@ -311,7 +352,13 @@ class _Interpreter:
     for eqn in jaxpr.eqns:
       invals = [read(v) for v in eqn.invars]
       intags = [rtag(v) for v in eqn.invars]
-      outs, otags = self.eqn(eqn, invals, intags)
+      if not any(intags):
+        _note_const(eqn, cset)
+      self._csets.append(cset)
+      try:
+        outs, otags = self.eqn(eqn, invals, intags)
+      finally:
+        self._csets.pop()
       for v, o, t in zip(eqn.outvars, outs, otags):
         if isinstance(v, _DropVar):
           continue
@@ -344,7 +391,8 @@ class _Interpreter:
       return _bind(eqn, invals), none
     if name in _CALLS:
       j, consts = _closed(eqn.params["jaxpr"])
-      return self.eval(j, consts, invals, intags)
+      return self.eval(j, consts, invals, intags,
+                       _operands_const(eqn, self._csets[-1]))
     if name in _CUSTOM and _custom_jaxpr(eqn.params) is not None:
       j, consts = _closed(_custom_jaxpr(eqn.params))
       if self.has_sites(j, intags):
@@ -371,7 +419,28 @@ class _Interpreter:
       return outs, list(intags)
     if name not in _FOLLOWED:
       self._check_unfollowed(eqn, intags)
+      return _bind(eqn, invals), self._derived_tags(eqn, intags, self._csets[-1])
     return _bind(eqn, invals), none
+
+  def _derived_tags(self, eqn, tags, cset) -> list:
+    """Output tags of a primitive the interpreter does not follow (arithmetic,
+    ``concatenate``, ``pad``, ...): ``_Tag.via`` marks what it made from
+    parameters and constants alone (every operand not a constant, ``cset``
+    or a literal, flows from a parameter, one of them a leaf a rule
+    quantizes); anything with an activation among its operands is an
+    activation (None)."""
+    none = [None] * len(eqn.outvars)
+    if _runs_matmul(eqn.params):
+      return none  # a higher-order primitive: _check_unfollowed's concern
+    it = [t for v, t in zip(eqn.invars, tags)
+          if not isinstance(v, _Literal) and v not in cset]
+    if not it or any(t is None for t in it):
+      return none
+    kinds = _DOT_KINDS + ("conv",) + _RAGGED_KINDS
+    t = next((t for t in it if self._rule(t, kinds) is not None), None)
+    if t is None:
+      return none
+    return [t._replace(view=None, via=t.via or eqn.primitive.name)] * len(eqn.outvars)
 
   def _check_unfollowed(self, eqn, tags) -> None:
     """Raises when a weight a rule would quantize enters a higher-order
@@ -430,6 +499,18 @@ class _Interpreter:
     return k
 
   def _site(self, tag: _Tag, kinds, op: str, weight):
+    if tag.via is not None:
+      rule = self._rule(tag, kinds)
+      if rule is None:
+        return None, None
+      raise ValueError(
+          f"the weight {tag.path!r}, which a rule quantizes, reaches a {op} only "
+          f"through `{tag.via}` (a value made from parameters alone, not a view "
+          "of the weight): quantize_function quantizes the parameters a matmul "
+          "reads, so this matmul would run on the float weight. Compute the "
+          "combined weight outside the function and pass it as a parameter (the "
+          f"rule then matches it), or exclude the weight with a float rule "
+          f"(QuantRule({tag.path!r}) before the others) to keep it float")
     rule = self.config.match(_rules.candidates(tag.path), kinds)
     if rule is None or rule.is_float:
       return None, None
@@ -495,7 +576,12 @@ class _Interpreter:
   def _dot(self, eqn, invals, intags):
     lhs, rhs = invals
     lt, rt = intags
-    side, tag = ("rhs", rt) if rt is not None else ("lhs", lt)
+    # The weight: a parameter (or a view of one) on either side, the rhs
+    # first; else a value made from parameters (``_Tag.via``: _site raises).
+    if lt is not None and lt.via is None and (rt is None or rt.via is not None):
+      side, tag = "lhs", lt
+    else:
+      side, tag = ("rhs", rt) if rt is not None else ("lhs", lt)
     weight = rhs if side == "rhs" else lhs
     site, key = self._site(tag, _DOT_KINDS, "dot_general", weight)
     if site is None:

@@ -184,8 +184,60 @@ def test_barriers_are_views_and_unrewritten_bodies_are_refused():
                        in_specs=(P(), P()), out_specs=P())
   quantize_function(lambda p, x: gain(x, p["g"]),
                     [QuantRule(".*", weight="int8")])({"g": jnp.ones(16)}, x)
-  # A scatter's combining function holds no matmul: the weight just ends there.
-  quantize_function(lambda p, x: x @ p["w"].at[0].add(1.0), rules)(p, x)
+  # A scatter's combining function holds no matmul: not refused as a body;
+  # the scattered weight is made from the parameter and a constant, which
+  # the matmul cannot read quantized (test_a_weight_made_from_parameters_...).
+  with pytest.raises(ValueError, match="through `scatter-add`"):
+    quantize_function(lambda p, x: x @ p["w"].at[0].add(1.0), rules)(p, x)
+
+
+MASK = np.tril(np.ones((16, 16), bool))
+
+
+def test_a_weight_made_from_parameters_is_refused_not_left_float():
+  # A matmul reading a value made from parameters alone (a fused QKV
+  # concatenated in the function, a padded or scaled weight) would run on
+  # the float weight: quantize_function quantizes the leaves a matmul reads.
+  # It raises, naming the weight and the primitive; a float rule for the
+  # leaves keeps them float knowingly. Activations mixed with parameters (a
+  # bias, a norm's gain, an embedding lookup) stay activations.
+  k = jax.random.split(jax.random.key(11), 4)
+  p = {"wq": jax.random.normal(k[0], (16, 8)), "wk": jax.random.normal(k[1], (16, 8)),
+       "b": jax.random.normal(k[2], (16,)), "g": jnp.ones(16),
+       "w": jax.random.normal(k[3], (16, 16))}
+  x = jax.random.normal(jax.random.key(12), (4, 16))
+  rules = [QuantRule(".*", weight="int8")]
+  made = {
+      "concatenate": lambda p, x: x @ jnp.concatenate([p["wq"], p["wk"]], axis=1),
+      "pad": lambda p, x: x @ jnp.pad(p["wq"], ((0, 0), (0, 8))),
+      "mul": lambda p, x: x @ (p["w"] * 0.5),
+      "add": lambda p, x: x @ (p["w"] + p["w"].T),
+      # with a closed-over constant
+      "select_n": lambda p, x: x @ jnp.where(MASK, p["w"], 0.0),
+  }
+  for via, f in made.items():
+    with pytest.raises(ValueError, match=rf"weight '(wq|w)', which a rule quantizes, "
+                       rf"reaches a dot_general only through `{via}`.*float rule"):
+      quantize_function(f, rules)(p, x)
+  # inside a scanned body, and as the lhs of x.T-style products
+  with pytest.raises(ValueError, match="through `concatenate`"):
+    quantize_function(lambda p, x: lax.scan(
+        lambda c, _: (c @ jnp.concatenate([p["wq"], p["wk"]], axis=1), None),
+        x, None, length=2)[0], rules)(p, x)
+  with pytest.raises(ValueError, match="through `mul`"):
+    quantize_function(lambda p, x: (p["w"] * 2.0) @ x.T, rules)(p, x)
+  # Kept float on purpose: the float rules come first.
+  f = made["concatenate"]
+  out = quantize_function(f, [QuantRule("wq"), QuantRule("wk")] + rules)(p, x)
+  np.testing.assert_allclose(out, f(p, x), rtol=1e-6)
+  # Mixed with activations: the weights are read directly and quantized.
+  def g(p, x):
+    h = (x @ p["w"] + p["b"]) * (1.0 + p["g"])
+    return h @ p["w"]
+  qf = quantize_function(g, rules)
+  w8 = _fq(p["w"], lb.QuantSpec("int8", axis=0))
+  want = ((x @ w8 + p["b"]) * (1.0 + p["g"])) @ w8
+  np.testing.assert_allclose(qf(p, x), want, rtol=1e-5, atol=1e-5)
 
 
 def test_gather_ends_data_flow():
