@@ -238,9 +238,11 @@ def round_to_dtype(x: jax.Array, dtype) -> jax.Array:
   exponent width as float32: bit for bit, subnormals included); float16
   with ReducePrecision and its subnormals apart (ReducePrecision flushes
   them); the ml_dtypes narrow floats with ``_cast_float``'s emulation; all
-  bit for bit with their converts (tests/core/test_cast.py). A ``dtype`` at least as wide as
-  ``x``'s, or a non-float one, is the plain pair (nothing to drop); so is
-  a float64 ``x`` (x64 mode), which rounds once from float64.
+  bit for bit with their converts (tests/core/test_cast.py). A ``dtype`` at
+  least as wide as ``x``'s, or a non-float one, is the plain pair (nothing
+  to drop); so is a float64 ``x`` (x64 mode), which rounds once from
+  float64. Its derivative is the identity, as the convert pair's is (the
+  subnormal ``round`` and the emulation's bit operations have none).
   """
   dt, src = jnp.dtype(dtype), jnp.dtype(x.dtype)
   floats = jnp.issubdtype(dt, jnp.floating) and jnp.issubdtype(src, jnp.floating)
@@ -251,6 +253,16 @@ def round_to_dtype(x: jax.Array, dtype) -> jax.Array:
     return x  # every value of x's dtype is one of dtype's
   if src.itemsize > 4:  # float64 (x64 mode): round once, from float64
     return x.astype(dt).astype(src)
+  if dt != jnp.dtype(jnp.bfloat16) and _float_format_of(dt) is None:
+    raise ValueError(f"round_to_dtype: no rounding for {dt.name}; it rounds "
+                     f"to bfloat16, float16 and the ml_dtypes narrow floats")
+  return _round_to(x, dt)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _round_to(x: jax.Array, dt) -> jax.Array:
+  """``round_to_dtype``'s rounding of a 16/32-bit float ``x`` to ``dt``."""
+  src = x.dtype
   x32 = x.astype(jnp.float32)
   if dt == jnp.dtype(jnp.bfloat16):
     r = lax.reduce_precision(x32, exponent_bits=8, mantissa_bits=7)
@@ -261,12 +273,14 @@ def round_to_dtype(x: jax.Array, dtype) -> jax.Array:
     sub = jnp.round(x32 * np.float32(2.0 ** 24)) * np.float32(2.0 ** -24)
     r = jnp.where(jnp.abs(x32) < np.float32(2.0 ** -14), sub, n)
   else:
-    fmt = _float_format_of(dt)
-    if fmt is None:
-      raise ValueError(f"round_to_dtype: no rounding for {dt.name}; it rounds "
-                       f"to bfloat16, float16 and the ml_dtypes narrow floats")
-    r = _cast_float(x32, fmt, False, None)
+    r = _cast_float(x32, _float_format_of(dt), False, None)
   return r.astype(src)
+
+
+@_round_to.defjvp
+def _round_to_jvp(dt, primals, tangents):
+  (x,), (t,) = primals, tangents
+  return _round_to(x, dt), t
 
 
 # Whether ``astype_holding`` (and the quantizer's ``_f32_of``) round a

@@ -580,3 +580,16 @@ def test_round_to_dtype_leaves_no_narrowing_convert_for_xla_to_drop():
   # a dtype holding every value of x's: x itself, nothing added
   xb = x.astype(jnp.bfloat16)
   assert round_to_dtype(xb, jnp.float32) is xb
+
+
+def test_round_to_dtype_passes_gradients_as_the_convert_pair_does():
+  # The pair's derivative is the identity; the float16 subnormal branch
+  # (round) and the float8 emulation (bit operations) would give none.
+  from lowbit_jax.core._cast import round_to_dtype  # pylint: disable=import-outside-toplevel
+  x = jnp.asarray([1e-6, 3e-8, 0.3, 2.0, -5e-7], jnp.float32)
+  w = jnp.arange(1.0, 6.0)
+  for dt in (jnp.bfloat16, jnp.float16, jnp.float8_e4m3fn, jnp.float8_e5m2):
+    g = jax.grad(lambda a, dt=dt: (round_to_dtype(a, dt) * w).sum())(x)
+    np.testing.assert_array_equal(g, w)
+    _, t = jax.jvp(lambda a, dt=dt: round_to_dtype(a, dt), (x,), (jnp.ones_like(x),))
+    np.testing.assert_array_equal(t, np.ones(5, np.float32))
