@@ -16,12 +16,15 @@ Data flow from a parameter passes through views of it: ``transpose``,
 ``copy``, ``stop_gradient``, ``optimization_barrier`` and sharding
 constraints; and into ``jit`` calls, ``custom_jvp`` / ``custom_vjp``
 functions, ``jax.checkpoint``, ``lax.scan`` (stacked weights scanned over),
-``lax.cond`` and ``lax.while_loop``. A ``gather`` (an embedding lookup) or
-arithmetic with an activation ends it: what comes out is an activation. A
-value made from parameters and constants alone (a QKV weight concatenated in
-the function, a padded, masked, scattered or scaled weight) that a matmul
-reads raises: the matmul would run on the float weight (compute it outside
-and pass it as a parameter, or keep its leaves float with a float rule). Nothing
+``lax.cond`` and ``lax.while_loop``. A ``gather`` by activations (an
+embedding lookup) or arithmetic with an activation ends it: what comes out is
+an activation. A value made from parameters and constants alone (a QKV weight
+concatenated in the function; a padded, masked, scattered, scaled or
+normalized weight; rows gathered with constant indices), also inside
+checkpointed, scanned, conditional and custom-derivative functions, that a
+matmul reads raises: the matmul would run on the float weight (compute it
+outside and pass it as a parameter, or keep its leaves float with a float
+rule). Values closed over from an enclosing trace count as activations. Nothing
 inside a ``pallas_call`` is ever rewritten; a weight that a rule quantizes
 entering another higher-order primitive (``shard_map``, ...) raises, since its
 matmuls there would stay float (exclude it with a float rule, or quantize the
@@ -199,22 +202,49 @@ def _is_static(x) -> bool:
                             jax.ShapeDtypeStruct))
 
 
-def _const_vars(jaxpr, arg_const=None) -> set:
+def _const_vars(jaxpr, arg_const=None, consts=None) -> set:
   """The variables of ``jaxpr`` known to be constants: its closed-over
-  constants and the inputs a caller passed constants to (``arg_const``);
+  constants (not those bound to an enclosing trace's tracers, which
+  ``jax.make_jaxpr`` under an outer jit or grad makes constants: they may be
+  activations) and the inputs a caller passed constants to (``arg_const``);
   ``_note_const`` adds what equations compute from constants alone."""
-  out = set(jaxpr.constvars)
+  if consts is None:
+    out = set(jaxpr.constvars)
+  else:
+    out = {v for v, c in zip(jaxpr.constvars, consts)
+           if not isinstance(c, jax.core.Tracer)}
   out.update(v for v, c in zip(jaxpr.invars, arg_const or ()) if c)
   return out
 
 
 def _note_const(eqn, cset: set) -> None:
   """Adds ``eqn``'s outputs to ``cset`` when its operands are all constants
-  (literals or members) and it runs no body (a call's outputs are left out)."""
-  if _sub_jaxprs(eqn.params):
-    return
+  (literals or members): a call, loop or plain primitive of constants."""
   if all(isinstance(v, _Literal) or v in cset for v in eqn.invars):
     cset.update(v for v in eqn.outvars if not isinstance(v, _DropVar))
+
+
+def _body_const(eqn, cset: set, which: str = "body") -> list:
+  """Per input of a higher-order equation's body (``which``: "body", or a
+  while loop's "cond"): whether it is a constant. Loop carries and scanned
+  slices count as varying."""
+  c = _operands_const(eqn, cset)
+  name, p = eqn.primitive.name, eqn.params
+  if name == "scan":
+    nc, ncar = _scan_counts(p)
+    return c[:nc] + [False] * (len(c) - nc)
+  if name == "cond":
+    return c[1:]
+  if name == "while":
+    cn, bn = p["cond_nconsts"], p["body_nconsts"]
+    ncarry = len(c) - cn - bn
+    return (c[:cn] if which == "cond" else c[cn:cn + bn]) + [False] * ncarry
+  return c
+
+
+def _derived_only(tags) -> list:
+  """The derived tags (``_Tag.via``) of a body's outputs; None for the rest."""
+  return [t if t is not None and t.via is not None else None for t in tags]
 
 
 def _operands_const(eqn, cset: set) -> list:
@@ -269,11 +299,13 @@ class _Interpreter:
     r = self.config.rules[i]
     return None if r.is_float else r
 
-  def has_sites(self, jaxpr, tags) -> bool:
+  def has_sites(self, jaxpr, tags, arg_const=None) -> bool:
     """Whether a quantized site is reachable from the tagged inputs."""
-    return self._flow(jaxpr, tags)[0]
+    return self._flow(jaxpr, tags, arg_const)[0]
 
   def _flow(self, jaxpr, tags, arg_const=None):
+    """(whether a quantized site is reachable, the output tags) of ``jaxpr``
+    given its inputs' tags and which inputs are constants (``arg_const``)."""
     env = {v: t for v, t in zip(jaxpr.invars, tags) if t is not None}
     cset = _const_vars(jaxpr, arg_const)
     found = False
@@ -304,24 +336,22 @@ class _Interpreter:
                              _operands_const(eqn, cset))
         found = found or f
       elif name in _CUSTOM and _custom_jaxpr(eqn.params) is not None:
-        found = found or self._flow(_closed(_custom_jaxpr(eqn.params))[0], it)[0]
+        f, o = self._flow(_closed(_custom_jaxpr(eqn.params))[0], it,
+                          _body_const(eqn, cset))
+        found, outs = found or f, _derived_only(o)
       elif name in _REMAT:
-        found = found or self._flow(_closed(eqn.params["jaxpr"])[0], it)[0]
+        f, o = self._flow(_closed(eqn.params["jaxpr"])[0], it, _body_const(eqn, cset))
+        found, outs = found or f, _derived_only(o)
       elif name == "scan":
         nc, ncar = _scan_counts(eqn.params)
         inner = it[:nc] + [None] * ncar + it[nc + ncar:]
-        found = found or self._flow(_closed(eqn.params["jaxpr"])[0], inner)[0]
+        found = found or self._flow(_closed(eqn.params["jaxpr"])[0], inner,
+                                    _body_const(eqn, cset))[0]
       elif name == "cond":
-        found = found or any(self._flow(_closed(b)[0], it[1:])[0]
+        found = found or any(self._flow(_closed(b)[0], it[1:], _body_const(eqn, cset))[0]
                              for b in eqn.params["branches"])
       elif name == "while":
-        p = eqn.params
-        cn, bn = p["cond_nconsts"], p["body_nconsts"]
-        ncarry = len(it) - cn - bn
-        found = (found or self._flow(_closed(p["cond_jaxpr"])[0],
-                                     it[:cn] + [None] * ncarry)[0]
-                 or self._flow(_closed(p["body_jaxpr"])[0],
-                               it[cn:cn + bn] + [None] * ncarry)[0])
+        found = found or self._flow_while(eqn, it, cset)
       else:
         self._check_unfollowed(eqn, it)
         outs = self._derived_tags(eqn, it, cset)
@@ -335,7 +365,7 @@ class _Interpreter:
 
   def eval(self, jaxpr, consts, args, tags, arg_const=None):
     env, tenv = {}, {}
-    cset = _const_vars(jaxpr, arg_const)
+    cset = _const_vars(jaxpr, arg_const, consts)
 
     def read(v):
       return v.val if isinstance(v, _Literal) else env[v]
@@ -393,20 +423,29 @@ class _Interpreter:
       j, consts = _closed(eqn.params["jaxpr"])
       return self.eval(j, consts, invals, intags,
                        _operands_const(eqn, self._csets[-1]))
+    cset = self._csets[-1]
     if name in _CUSTOM and _custom_jaxpr(eqn.params) is not None:
       j, consts = _closed(_custom_jaxpr(eqn.params))
-      if self.has_sites(j, intags):
-        return self.eval(j, consts, invals, intags)[0], none
-      return _bind(eqn, invals), none
-    if name in _REMAT and self.has_sites(_closed(eqn.params["jaxpr"])[0], intags):
-      return self._remat(eqn, invals, intags), none
+      found, otags = self._flow(j, intags, _body_const(eqn, cset))
+      if found:
+        return self.eval(j, consts, invals, intags, _body_const(eqn, cset))[0], none
+      # (a weight made in it, e.g. jax.nn.relu of a weight, stays derived)
+      return _bind(eqn, invals), _derived_only(otags)
+    if name in _REMAT:
+      found, otags = self._flow(_closed(eqn.params["jaxpr"])[0], intags,
+                                _body_const(eqn, cset))
+      if found:
+        return self._remat(eqn, invals, intags), none
+      return _bind(eqn, invals), _derived_only(otags)
     if name == "scan" and self.has_sites(_closed(eqn.params["jaxpr"])[0],
-                                         self._scan_tags(eqn, intags)):
+                                         self._scan_tags(eqn, intags),
+                                         _body_const(eqn, cset)):
       return self._scan(eqn, invals, intags), none
-    if name == "cond" and any(self.has_sites(_closed(b)[0], intags[1:])
+    if name == "cond" and any(self.has_sites(_closed(b)[0], intags[1:],
+                                             _body_const(eqn, cset))
                               for b in eqn.params["branches"]):
       return self._cond(eqn, invals, intags), none
-    if name == "while" and self._flow_while(eqn, intags):
+    if name == "while" and self._flow_while(eqn, intags, cset):
       return self._while(eqn, invals, intags), none
     if name in _PASS:
       # Quantized leaves pass as they are; the rest through the primitive.
@@ -619,7 +658,9 @@ class _Interpreter:
   def _ragged(self, eqn, invals, intags):
     """``jax.lax.ragged_dot`` with a weight ``[G, K, N]`` (MoE experts)."""
     lhs, rhs, group_sizes = invals[:3]
-    if intags[1] is None or intags[0] is not None:
+    # a parameter on the lhs: not lax.ragged_dot's activation-by-experts
+    # shape; a value made from parameters there is an input like any other
+    if intags[1] is None or (intags[0] is not None and intags[0].via is None):
       return _bind(eqn, invals)
     site, key = self._site(intags[1], _RAGGED_KINDS, "ragged_dot", rhs)
     if site is None:
@@ -656,6 +697,7 @@ class _Interpreter:
     return intags[:nc] + [None] * ncar + intags[nc + ncar:]
 
   def _scan(self, eqn, invals, intags):
+    flags = _body_const(eqn, self._csets[-1])
     p = eqn.params
     nc, ncar = _scan_counts(p)
     j, jc = _closed(p["jaxpr"])
@@ -672,7 +714,8 @@ class _Interpreter:
         self.rng = jax.random.fold_in(outer, x[-1])
       try:
         with self._region("lax.scan"):
-          outs, _ = self.eval(j, jc, list(consts) + list(carry) + list(x[:-1]), tags)
+          outs, _ = self.eval(j, jc, list(consts) + list(carry) + list(x[:-1]), tags,
+                              flags)
       finally:
         self.rng = outer
       outs = [_mat(o) for o in outs]
@@ -683,6 +726,7 @@ class _Interpreter:
     return list(carry) + list(ys)
 
   def _cond(self, eqn, invals, intags):
+    flags = _body_const(eqn, self._csets[-1])
     index, operands = invals[0], invals[1:]
 
     def branch(b):
@@ -690,22 +734,26 @@ class _Interpreter:
 
       def run():
         with self._region("lax.cond"):
-          outs, _ = self.eval(j, jc, operands, intags[1:])
+          outs, _ = self.eval(j, jc, operands, intags[1:], flags)
         return [_mat(o) for o in outs]
       return run
 
     return list(lax.switch(index, [branch(b) for b in eqn.params["branches"]]))
 
-  def _flow_while(self, eqn, intags):
+  def _flow_while(self, eqn, intags, cset):
     p = eqn.params
     cn, bn = p["cond_nconsts"], p["body_nconsts"]
     ncarry = len(intags) - cn - bn
     return (self.has_sites(_closed(p["cond_jaxpr"])[0],
-                           intags[:cn] + [None] * ncarry)
+                           intags[:cn] + [None] * ncarry,
+                           _body_const(eqn, cset, "cond"))
             or self.has_sites(_closed(p["body_jaxpr"])[0],
-                              intags[cn:cn + bn] + [None] * ncarry))
+                              intags[cn:cn + bn] + [None] * ncarry,
+                              _body_const(eqn, cset)))
 
   def _while(self, eqn, invals, intags):
+    flags = _body_const(eqn, self._csets[-1])
+    cflags = _body_const(eqn, self._csets[-1], "cond")
     p = eqn.params
     cn, bn = p["cond_nconsts"], p["body_nconsts"]
     cconsts, bconsts = invals[:cn], invals[cn:cn + bn]
@@ -719,14 +767,16 @@ class _Interpreter:
 
     def cond_fun(c):
       with self._region("lax.while_loop"):
-        return self.eval(cj, cjc, list(cconsts) + list(c[:-1]), ctags + blank)[0][0]
+        return self.eval(cj, cjc, list(cconsts) + list(c[:-1]), ctags + blank,
+                         cflags)[0][0]
 
     def body_fun(c):
       if outer is not None:  # stochastic rounding: new noise every iteration
         self.rng = jax.random.fold_in(outer, c[-1])
       try:
         with self._region("lax.while_loop"):
-          outs, _ = self.eval(bj, bjc, list(bconsts) + list(c[:-1]), btags + blank)
+          outs, _ = self.eval(bj, bjc, list(bconsts) + list(c[:-1]), btags + blank,
+                              flags)
       finally:
         self.rng = outer
       return [_mat(o) for o in outs] + [c[-1] + 1]
@@ -734,13 +784,14 @@ class _Interpreter:
     return list(lax.while_loop(cond_fun, body_fun, init + [jnp.int32(0)]))[:-1]
 
   def _remat(self, eqn, invals, intags):
+    flags = _body_const(eqn, self._csets[-1])
     p = eqn.params
     j, jc = _closed(p["jaxpr"])
     if self.qf.mode == "calibrate" or self.init:
       # Statistics and initial scales cannot leave a checkpointed trace;
       # calibration and initialization need no rematerialization (it changes
       # no value), so run the body inline.
-      return [_mat(o) for o in self.eval(j, jc, invals, intags)[0]]
+      return [_mat(o) for o in self.eval(j, jc, invals, intags, flags)[0]]
     arr_pos = [i for i, v in enumerate(invals) if not isinstance(v, _QRef)]
 
     def body(*arrs):
@@ -748,7 +799,7 @@ class _Interpreter:
       for i, a in zip(arr_pos, arrs):
         vals[i] = a
       with self._region(_REMAT_REGION):
-        outs, _ = self.eval(j, jc, vals, intags)
+        outs, _ = self.eval(j, jc, vals, intags, flags)
       return [_mat(o) for o in outs]
 
     ck = jax.checkpoint(body, prevent_cse=p.get("prevent_cse", True),

@@ -2,8 +2,9 @@
 
 XLA on a GPU allows excess precision (``xla_allow_excess_precision``, on by
 default): a float value narrowed (float32 -> bf16, float16 or a float8) and
-converted straight back to its own type is not rounded there (the
-SimplifyFPConversions pass removes the pair). XLA's CPU backend keeps the
+converted straight on (back to its own type, or to another float type) is
+not rounded to the narrow type there (the SimplifyFPConversions pass turns
+A -> narrow -> C into A -> C). XLA's CPU backend keeps the
 pair, so CPU tests cannot see a result that relied on it. ``as_gpu_xla(fn)``
 evaluates ``fn``'s jaxpr on the current backend with every such pair
 replaced by the unrounded value, across jit and custom_jvp/custom_vjp
@@ -75,10 +76,13 @@ def _eval(jaxpr, consts, args, counter, arg_wide=None):
       x, = invals
       src_var = eqn.invars[0]
       new = jnp.dtype(eqn.params["new_dtype"])
-      if (not isinstance(src_var, jex.core.Literal) and src_var in wide
-          and jnp.dtype(wide[src_var].dtype) == new):
-        outs = [wide[src_var]]       # the pair: dropped
+      orig = (None if isinstance(src_var, jex.core.Literal) else wide.get(src_var))
+      if orig is not None and jnp.issubdtype(new, jnp.floating):
+        # A -> narrow -> C becomes A -> C (C = A: the value itself)
+        outs = [orig if jnp.dtype(orig.dtype) == new
+                else eqn.primitive.bind(orig, **eqn.params)]
         counter.dropped += 1
+        wide[eqn.outvars[0]] = orig
       else:
         outs = [eqn.primitive.bind(x, **eqn.params)]
         if _narrower_float(x.dtype, new):

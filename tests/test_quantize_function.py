@@ -240,6 +240,46 @@ def test_a_weight_made_from_parameters_is_refused_not_left_float():
   np.testing.assert_allclose(qf(p, x), want, rtol=1e-5, atol=1e-5)
 
 
+def test_derived_weights_are_found_in_bodies_and_closures_are_not_constants():
+  # Constants reach bodies (checkpoint, scan, cond, a custom_jvp function, a
+  # jitted helper), so a masked weight raises there as at the top level; a
+  # value closed over from an enclosing jit is an activation, not a
+  # constant; a ragged_dot whose input is made from parameters and a fixed
+  # batch still quantizes its experts.
+  p = {"w": jax.random.normal(jax.random.key(13), (16, 16))}
+  x = jax.random.normal(jax.random.key(14), (4, 16))
+  rules = [QuantRule(".*", weight="int8")]
+  masked = lambda w: jnp.where(MASK, w, 0.0)
+  bodies = {
+      "checkpoint": lambda p, x: jax.checkpoint(lambda a: a @ masked(p["w"]))(x),
+      "scan": lambda p, x: lax.scan(lambda c, _: (c @ masked(p["w"]), None), x, None,
+                                    length=2)[0],
+      "cond": lambda p, x: lax.cond(True, lambda a: a @ masked(p["w"]), lambda a: a, x),
+      "custom_jvp": lambda p, x: x @ jax.nn.relu(p["w"]),
+      "jitted helper": lambda p, x: x @ (p["w"] * jnp.tril(jnp.ones((16, 16)))),
+  }
+  for where, f in bodies.items():
+    with pytest.raises(ValueError, match="reaches a dot_general only through"):
+      quantize_function(f, rules)(p, x)
+      pytest.fail(where)
+
+  @jax.jit
+  def outer(p, x, g):  # g: an activation closed over by the quantized function
+    return quantize_function(lambda p, x: x @ (p["w"] * g), rules)(p, x)
+  np.testing.assert_allclose(outer(p, x, jnp.ones(16) * 2.0), x @ (p["w"] * 2.0),
+                             rtol=1e-5, atol=1e-5)
+
+  experts = {"g": jnp.full((16,), 1.5), "e": jax.random.normal(jax.random.key(15),
+                                                               (2, 16, 8))}
+  batch = np.asarray(jax.random.normal(jax.random.key(16), (8, 16)))
+  sizes = jnp.asarray([3, 5], jnp.int32)
+  out = quantize_function(lambda p: lax.ragged_dot(batch * p["g"], p["e"], sizes),
+                          rules)(experts)
+  want = lax.ragged_dot(batch * experts["g"],
+                        _fq(experts["e"], lb.QuantSpec("int8", axis=1)), sizes)
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
 def test_gather_ends_data_flow():
   def f(p, tok):
     return jnp.take(p["emb"], tok, axis=0) @ p["w"]

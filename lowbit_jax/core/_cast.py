@@ -240,9 +240,10 @@ def round_to_dtype(x: jax.Array, dtype) -> jax.Array:
   them); the ml_dtypes narrow floats with ``_cast_float``'s emulation; all
   bit for bit with their converts (tests/core/test_cast.py). A ``dtype`` at
   least as wide as ``x``'s, or a non-float one, is the plain pair (nothing
-  to drop); so is a float64 ``x`` (x64 mode), which rounds once from
-  float64. Its derivative is the identity, as the convert pair's is (the
-  subnormal ``round`` and the emulation's bit operations have none).
+  to drop). A float64 ``x`` (x64 mode) rounds through float32, as XLA's
+  convert from float64 to a narrower type does on CPU (twice). Its
+  derivative is the identity (the subnormal ``round`` and the emulation's
+  bit operations have none; the convert pair would round the cotangent).
   """
   dt, src = jnp.dtype(dtype), jnp.dtype(x.dtype)
   floats = jnp.issubdtype(dt, jnp.floating) and jnp.issubdtype(src, jnp.floating)
@@ -251,8 +252,8 @@ def round_to_dtype(x: jax.Array, dtype) -> jax.Array:
   fi, fs = jnp.finfo(dt), jnp.finfo(src)
   if fi.nmant >= fs.nmant and fi.maxexp >= fs.maxexp and fi.minexp <= fs.minexp:
     return x  # every value of x's dtype is one of dtype's
-  if src.itemsize > 4:  # float64 (x64 mode): round once, from float64
-    return x.astype(dt).astype(src)
+  if src.itemsize > 4:  # float64 (x64 mode): through float32 (see above)
+    return round_to_dtype(x.astype(jnp.float32), dt).astype(src)
   if dt != jnp.dtype(jnp.bfloat16) and _float_format_of(dt) is None:
     raise ValueError(f"round_to_dtype: no rounding for {dt.name}; it rounds "
                      f"to bfloat16, float16 and the ml_dtypes narrow floats")
