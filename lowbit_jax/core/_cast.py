@@ -286,8 +286,8 @@ def _round_to_jvp(dt, primals, tangents):
 
 # Whether ``astype_holding`` (and the quantizer's ``_f32_of``) round a
 # widened 16-bit value again. "auto": on every backend but CPU, whose XLA
-# keeps a convert pair (there the rounding would change no bit and cost up
-# to a few percent of a memory-bound op); True / False force it (tests
+# keeps a convert pair (there the rounding would change no bit; its cost
+# is experiments/bench_narrow_rounding.py's); True / False force it (tests
 # force it on CPU under tests/_excess_precision.py's emulation of the GPU).
 _KEEP_NARROW_ROUNDING = "auto"
 

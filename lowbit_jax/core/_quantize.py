@@ -226,7 +226,8 @@ def _f32_of(x: jax.Array) -> jax.Array:
   (tests/core/test_excess_precision.py emulates the GPU's rule on CPU). A
   16-bit ``x`` is rounded again after widening (``_cast.astype_holding``:
   one ReducePrecision an element for bf16; off on CPU, whose XLA keeps the
-  rounding, where it cost 0-16% of a bf16 quantize run to run).
+  rounding: there it changes no bit, and its cost was lost in the host's
+  noise, experiments/bench_narrow_rounding.py).
   """
   return _cast.astype_holding(x, jnp.float32)
 
