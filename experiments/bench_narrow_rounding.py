@@ -67,7 +67,10 @@ def main(argv):
       rows.append({"format": name, "op": op, "off_ms": off, "on_ms": on,
                    "ratio": on / off})
       print(f"{name:12s} {op:10s} off {off:7.2f} ms  on {on:7.2f} ms  x{on / off:.3f}")
-  out = {"device": str(jax.devices()[0]), "jax": jax.__version__,
+  out = {"command": "python3 -m experiments.bench_narrow_rounding " + " ".join(
+             f"--{k}={v}" for k, v in (("out", _OUT.value), ("rows", _ROWS.value),
+                                       ("cols", _COLS.value), ("reps", _REPS.value))),
+         "device": str(jax.devices()[0]), "jax": jax.__version__,
          "shape": [_ROWS.value, _COLS.value], "reps": _REPS.value, "rows": rows}
   pathlib.Path(_OUT.value).write_text(json.dumps(out, indent=1))
 
