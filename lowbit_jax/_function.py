@@ -348,7 +348,8 @@ class _Interpreter:
         found = found or self._flow(_closed(eqn.params["jaxpr"])[0], inner,
                                     _body_const(eqn, cset))[0]
       elif name == "cond":
-        found = found or any(self._flow(_closed(b)[0], it[1:], _body_const(eqn, cset))[0]
+        flags = _body_const(eqn, cset)
+        found = found or any(self._flow(_closed(b)[0], it[1:], flags)[0]
                              for b in eqn.params["branches"])
       elif name == "while":
         found = found or self._flow_while(eqn, it, cset)
@@ -419,16 +420,16 @@ class _Interpreter:
       return self._ragged(eqn, invals, intags), none
     if name == "pallas_call":
       return _bind(eqn, invals), none
+    cset = self._csets[-1]
     if name in _CALLS:
       j, consts = _closed(eqn.params["jaxpr"])
-      return self.eval(j, consts, invals, intags,
-                       _operands_const(eqn, self._csets[-1]))
-    cset = self._csets[-1]
+      return self.eval(j, consts, invals, intags, _operands_const(eqn, cset))
     if name in _CUSTOM and _custom_jaxpr(eqn.params) is not None:
       j, consts = _closed(_custom_jaxpr(eqn.params))
-      found, otags = self._flow(j, intags, _body_const(eqn, cset))
+      flags = _body_const(eqn, cset)
+      found, otags = self._flow(j, intags, flags)
       if found:
-        return self.eval(j, consts, invals, intags, _body_const(eqn, cset))[0], none
+        return self.eval(j, consts, invals, intags, flags)[0], none
       # (a weight made in it, e.g. jax.nn.relu of a weight, stays derived)
       return _bind(eqn, invals), _derived_only(otags)
     if name in _REMAT:
@@ -441,10 +442,11 @@ class _Interpreter:
                                          self._scan_tags(eqn, intags),
                                          _body_const(eqn, cset)):
       return self._scan(eqn, invals, intags), none
-    if name == "cond" and any(self.has_sites(_closed(b)[0], intags[1:],
-                                             _body_const(eqn, cset))
-                              for b in eqn.params["branches"]):
-      return self._cond(eqn, invals, intags), none
+    if name == "cond":
+      flags = _body_const(eqn, cset)
+      if any(self.has_sites(_closed(b)[0], intags[1:], flags)
+             for b in eqn.params["branches"]):
+        return self._cond(eqn, invals, intags), none
     if name == "while" and self._flow_while(eqn, intags, cset):
       return self._while(eqn, invals, intags), none
     if name in _PASS:
@@ -458,7 +460,7 @@ class _Interpreter:
       return outs, list(intags)
     if name not in _FOLLOWED:
       self._check_unfollowed(eqn, intags)
-      return _bind(eqn, invals), self._derived_tags(eqn, intags, self._csets[-1])
+      return _bind(eqn, invals), self._derived_tags(eqn, intags, cset)
     return _bind(eqn, invals), none
 
   def _derived_tags(self, eqn, tags, cset) -> list:

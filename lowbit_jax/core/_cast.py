@@ -233,8 +233,8 @@ def round_to_dtype(x: jax.Array, dtype) -> jax.Array:
   XLA on the GPU allows excess precision: a narrowing float convert that is
   converted straight back inside one program is removed (its
   SimplifyFPConversions pass), so that pair leaves ``x`` unrounded there
-  (a bf16 QArray dequantized to float32 came back with float32 values, in
-  an H100 run of session 55). Bfloat16 rounds with ReducePrecision (same
+  (the interpreted dequantizer's bf16 values, written as float32, came back
+  unrounded in an H100 run of session 55). Bfloat16 rounds with ReducePrecision (same
   exponent width as float32: bit for bit, subnormals included); float16
   with ReducePrecision and its subnormals apart (ReducePrecision flushes
   them); the ml_dtypes narrow floats with ``_cast_float``'s emulation; all

@@ -563,7 +563,7 @@ def _kernel_dot_fwd(x, rhs, prob, kern):
 def _kernel_dot_bwd(prob, kern, res, g):
   del prob, kern
   rhs, x_like = res
-  w = astype_holding(dequantize(rhs), jnp.float32)   # [N, K]
+  w = dequantize_as(rhs, jnp.float32)   # [N, K]
   dx = jnp.einsum("...n,nk->...k", g.astype(jnp.float32), w,
                   precision=lax.Precision.HIGHEST)
   # (The codes and scales of a stored weight take no gradient.)
