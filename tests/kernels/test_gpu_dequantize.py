@@ -256,6 +256,23 @@ def test_compiled_kernel_equals_dequantize(fid, dtype):
     _same(jax.jit(lj.dequantize)(q), want)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("fid", ["int4_g128", "mxfp4", "nvfp4"])
+@pytest.mark.parametrize("src,dst", [("float32", "bfloat16"), ("bfloat16", "float32")])
+def test_compiled_kernel_writes_another_dtype(fid, src, dst):
+  # The compiled kernel's dtype= output: q's values rounded to q's dtype
+  # first (a bf16 QArray written as float32 holds bf16 values), as the jnp
+  # path's result materialized in q's dtype and converted on the host.
+  if jax.default_backend() != "gpu":
+    pytest.skip("needs a GPU")
+  x = _input(1024, 512).astype(src)
+  q = jax.jit(lambda a: lj.quantize(a, _spec(fid)))(x)
+  want = np.asarray(jax.jit(core.dequantize_jnp)(q)).astype(jnp.dtype(dst))
+  got = jax.jit(lambda qq: gd.dequantize(qq, dtype=dst))(q)
+  _same(got, jnp.asarray(want))
+  _same(jax.jit(lambda qq: core.dequantize_as(qq, dst))(q), jnp.asarray(want))
+
+
 @pytest.mark.parametrize("fid", ["int4_g128", "mxfp4", "nvfp4"])
 @pytest.mark.parametrize("src,dst", [
     ("float32", "bfloat16"),
